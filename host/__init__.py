@@ -1,0 +1,1 @@
+"""The host harness: runs the provisioner component the way the Temper runtime would."""

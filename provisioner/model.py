@@ -1,0 +1,63 @@
+"""Invocation and outcome, mirroring the WIT `provisioner` interface in plain Python."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Outcome actions: the Temper runtime dispatches these into the entity's state machine.
+SANDBOX_READY = "SandboxReady"
+SANDBOX_QUEUED = "SandboxQueued"
+SANDBOX_RELEASED = "SandboxReleased"
+SANDBOX_STATUS = "SandboxStatus"
+SANDBOX_FAILED = "SandboxFailed"
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    tenant: str
+    entity_type: str
+    entity_id: str
+    trigger_action: str
+    trigger_params: str
+    entity_state: str
+    config: tuple[tuple[str, str], ...]
+    session_id: str | None
+    trace_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    code: str
+    message: str
+    retryable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    action: str
+    params: dict[str, Any] = field(default_factory=dict)
+    success: bool = True
+    error: Failure | None = None
+
+    def params_json(self) -> str:
+        return json.dumps(self.params, sort_keys=True, separators=(",", ":"))
+
+
+class ProvisionerError(Exception):
+    """A typed failure raised inside the guest and turned into a SandboxFailed outcome."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.failure = Failure(code=code, message=message, retryable=retryable)
+
+
+def failed(failure: Failure, **params: Any) -> Outcome:
+    body: dict[str, Any] = {
+        "code": failure.code,
+        "message": failure.message,
+        "retryable": failure.retryable,
+    }
+    body.update(params)
+    return Outcome(action=SANDBOX_FAILED, params=body, success=False, error=failure)
