@@ -1,0 +1,46 @@
+"""One epoch ticker per engine, shared by every runtime that uses the engine.
+
+Deadlines are counted in ticks, so two tickers on one engine would halve every deadline.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import wasmtime
+
+
+class EpochTicker:
+    _lock = threading.Lock()
+    _tickers: dict[int, EpochTicker] = {}
+
+    def __init__(self, engine: wasmtime.Engine, tick_ms: int) -> None:
+        self._engine = engine
+        self._tick = tick_ms / 1000
+        self._users = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="epoch-ticker", daemon=True)
+
+    @classmethod
+    def acquire(cls, engine: wasmtime.Engine, tick_ms: int) -> EpochTicker:
+        with cls._lock:
+            ticker = cls._tickers.get(id(engine))
+            if ticker is None:
+                ticker = cls(engine, tick_ms)
+                cls._tickers[id(engine)] = ticker
+                ticker._thread.start()
+            ticker._users += 1
+            return ticker
+
+    def release(self) -> None:
+        with EpochTicker._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            EpochTicker._tickers.pop(id(self._engine), None)
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick):
+            self._engine.increment_epoch()

@@ -1,0 +1,59 @@
+"""Assembling a host: component + storage + HTTP gateway + telemetry, as one runtime."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from host.component_cache import LoadedComponent, load_component
+from host.http_gateway import HttpGateway
+from host.runtime import Budgets, ComponentRuntime, HostServices
+from host.storage import storage_from_uri
+from host.telemetry import LoggingTelemetry, TelemetrySink
+
+API_KEY_ENV = "E2B_API_KEY"
+
+
+def default_state_dir() -> Path:
+    configured = os.environ.get("SANDBOX_PROVISIONER_STATE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sandbox-provisioner"
+
+
+def default_storage_url() -> str:
+    return f"sqlite:///{(default_state_dir() / 'state.db').resolve()}"
+
+
+@contextmanager
+def open_runtime(
+    *,
+    e2b_url: str,
+    api_key: str,
+    storage_url: str | None = None,
+    account: str = "default",
+    component: Path | None = None,
+    loaded: LoadedComponent | None = None,
+    telemetry: TelemetrySink | None = None,
+    budgets: Budgets | None = None,
+) -> Iterator[ComponentRuntime]:
+    """A ready runtime; closes its storage, HTTP client and epoch ticker on exit."""
+    loaded = loaded or load_component(component)
+    storage = storage_from_uri(storage_url or default_storage_url())
+    gateway = HttpGateway(e2b_url, api_key)
+    services = HostServices(
+        storage=storage,
+        http=gateway,
+        telemetry=telemetry or LoggingTelemetry(),
+        account=account,
+    )
+    runtime = ComponentRuntime(loaded, services, budgets)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+        gateway.close()
+        storage.close()

@@ -1,0 +1,142 @@
+"""Outbound HTTP for the guest: only to the E2B API, with the key attached by the host.
+
+The guest names a URL; the gateway checks it against the configured base (scheme, host,
+port, path prefix), never follows redirects, strips credentials the guest tried to set,
+adds `X-API-Key`, bounds the wait and the body size, and scrubs the key from anything
+that flows back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from provisioner.ports import HttpError, HttpErrorKind, HttpRequest, HttpResponse
+
+MAX_RESPONSE_BYTES = 1 << 20
+MAX_REQUEST_BYTES = 1 << 20
+_FORBIDDEN_REQUEST_HEADERS = frozenset(
+    {
+        "x-api-key",
+        "authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "accept-encoding",
+    }
+)
+_METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH"})
+
+
+@dataclass(frozen=True)
+class AllowedBase:
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str
+
+    @classmethod
+    def parse(cls, base_url: str) -> AllowedBase:
+        parts = urlsplit(base_url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"E2B API URL must be http(s)://host[:port][/path], got {base_url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname.lower(), port, parts.path.rstrip("/"))
+
+    def check(self, url: str) -> str | None:
+        """None when the URL is allowed, else why not."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as error:
+            return f"unparsable URL: {error}"
+        if parts.scheme != self.scheme:
+            return f"scheme {parts.scheme!r} is not allowed"
+        if (parts.hostname or "").lower() != self.host or port != self.port:
+            return f"host {parts.hostname}:{port} is not the configured E2B API"
+        if parts.username or parts.password:
+            return "credentials in the URL are not allowed"
+        path = parts.path
+        if self.path_prefix and not (
+            path == self.path_prefix or path.startswith(self.path_prefix + "/")
+        ):
+            return "path is outside the configured E2B API"
+        if "/../" in path + "/" or "/./" in path + "/":
+            return "dot segments are not allowed"
+        return None
+
+
+class HttpGateway:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._allowed = AllowedBase.parse(base_url)
+        self._api_key = api_key
+        self._key_bytes = api_key.encode()
+        self._max_response_bytes = max_response_bytes
+        self._client = httpx.Client(
+            follow_redirects=False,
+            transport=transport,
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        method = request.method.upper()
+        if method not in _METHODS:
+            raise HttpError(HttpErrorKind.INVALID_REQUEST, f"method {request.method!r} not allowed")
+        refusal = self._allowed.check(request.url)
+        if refusal is not None:
+            raise HttpError(HttpErrorKind.DENIED, refusal)
+        if len(request.body) > MAX_REQUEST_BYTES:
+            raise HttpError(HttpErrorKind.INVALID_REQUEST, "request body too large")
+        timeout_ms = max(1, request.timeout_ms)
+        if deadline_ms is not None:
+            timeout_ms = min(timeout_ms, max(1, deadline_ms))
+        headers = [
+            (name, value)
+            for name, value in request.headers
+            if name.lower() not in _FORBIDDEN_REQUEST_HEADERS
+        ]
+        headers.append(("X-API-Key", self._api_key))
+        # Decoded bytes are what is capped, so ask for no compression (no zip bombs).
+        headers.append(("Accept-Encoding", "identity"))
+        try:
+            with self._client.stream(
+                method,
+                request.url,
+                headers=headers,
+                content=request.body or None,
+                timeout=timeout_ms / 1000,
+            ) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > self._max_response_bytes:
+                        raise HttpError(HttpErrorKind.TOO_LARGE, str(self._max_response_bytes))
+                status = response.status_code
+                response_headers = tuple(
+                    (name, self._scrub(value)) for name, value in response.headers.multi_items()
+                )
+        except httpx.TimeoutException:
+            raise HttpError(HttpErrorKind.TIMEOUT) from None
+        except httpx.TransportError as error:
+            raise HttpError(HttpErrorKind.CONNECTION, self._scrub(str(error))[:300]) from None
+        data = bytes(body)
+        if self._key_bytes and self._key_bytes in data:
+            data = data.replace(self._key_bytes, b"[redacted]")
+        return HttpResponse(status, response_headers, data)

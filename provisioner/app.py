@@ -1,0 +1,28 @@
+"""The guest's single entry point: never lets an exception escape."""
+
+from __future__ import annotations
+
+from provisioner.invocation import validate
+from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, failed
+from provisioner.operations import dispatch
+from provisioner.ports import LogLevel, Ports, StorageError, StorageInvalidKey, StorageTooLarge
+
+
+def run(invocation: Invocation, ports: Ports) -> Outcome:
+    try:
+        return dispatch(validate(invocation), ports)
+    except ProvisionerError as error:
+        return failed(error.failure)
+    except (StorageInvalidKey, StorageTooLarge) as error:
+        return failed(Failure("invalid_invocation", f"storage refused: {error}", retryable=False))
+    except StorageError as error:
+        # Fail closed: nothing was granted, the caller may try again later.
+        return failed(Failure("storage_unavailable", f"storage failed: {error}", retryable=True))
+    except Exception as error:
+        try:
+            ports.telemetry.log(LogLevel.ERROR, f"internal error: {type(error).__name__}: {error}")
+        except Exception:
+            pass
+        return failed(
+            Failure("internal_error", f"{type(error).__name__}: {error}", retryable=False)
+        )

@@ -1,0 +1,174 @@
+"""The component's entry point: binds the guest's ports to the generated WIT imports.
+
+This module only runs inside the component (the `wit_world` bindings exist only there);
+everything it does is translation. Errors from imports arrive as `Err` and become the
+ports' exceptions, and nothing escapes `run`: an escaping exception would trap.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from componentize_py_types import Err
+from wit_world import exports
+from wit_world.exports import provisioner as wit
+from wit_world.imports import clock, http, randomness, storage, telemetry
+
+from provisioner.app import run
+from provisioner.model import Invocation, Outcome
+from provisioner.ports import (
+    Entry,
+    HttpError,
+    HttpErrorKind,
+    HttpRequest,
+    HttpResponse,
+    LogLevel,
+    Ports,
+    Scope,
+    StorageConflict,
+    StorageError,
+    StorageInvalidKey,
+    StorageTooLarge,
+    StorageUnavailable,
+)
+
+_SCOPES = {Scope.TENANT: storage.Scope.TENANT, Scope.ACCOUNT: storage.Scope.ACCOUNT}
+_LEVELS = {
+    LogLevel.DEBUG: telemetry.Level.DEBUG,
+    LogLevel.INFO: telemetry.Level.INFO,
+    LogLevel.WARN: telemetry.Level.WARN,
+    LogLevel.ERROR: telemetry.Level.ERROR,
+}
+
+
+def _storage_error(error: Err[Any]) -> StorageError:
+    value = error.value
+    if isinstance(value, storage.StorageError_Conflict):
+        return StorageConflict("version moved")
+    if isinstance(value, storage.StorageError_InvalidKey):
+        return StorageInvalidKey(value.value)
+    if isinstance(value, storage.StorageError_TooLarge):
+        return StorageTooLarge(value.value)
+    if isinstance(value, storage.StorageError_Unavailable):
+        return StorageUnavailable(value.value)
+    return StorageUnavailable(repr(value))
+
+
+class WitStorage:
+    def get(self, scope: Scope, key: str) -> Entry | None:
+        try:
+            found = storage.get(_SCOPES[scope], key)
+        except Err as error:
+            raise _storage_error(error) from None
+        return None if found is None else Entry(found.value, found.version)
+
+    def compare_and_swap(
+        self, scope: Scope, key: str, expected_version: int | None, value: bytes, ttl_ms: int | None
+    ) -> int:
+        try:
+            return storage.compare_and_swap(_SCOPES[scope], key, expected_version, value, ttl_ms)
+        except Err as error:
+            raise _storage_error(error) from None
+
+    def delete(self, scope: Scope, key: str, expected_version: int | None) -> bool:
+        try:
+            return storage.delete(_SCOPES[scope], key, expected_version)
+        except Err as error:
+            raise _storage_error(error) from None
+
+
+def _http_error(error: Err[Any]) -> HttpError:
+    value = error.value
+    if isinstance(value, http.HttpError_Denied):
+        return HttpError(HttpErrorKind.DENIED, value.value)
+    if isinstance(value, http.HttpError_Timeout):
+        return HttpError(HttpErrorKind.TIMEOUT)
+    if isinstance(value, http.HttpError_Connection):
+        return HttpError(HttpErrorKind.CONNECTION, value.value)
+    if isinstance(value, http.HttpError_TooLarge):
+        return HttpError(HttpErrorKind.TOO_LARGE, f"body over {value.value} bytes")
+    if isinstance(value, http.HttpError_InvalidRequest):
+        return HttpError(HttpErrorKind.INVALID_REQUEST, value.value)
+    return HttpError(HttpErrorKind.CONNECTION, repr(value))
+
+
+class WitHttp:
+    def send(self, request: HttpRequest) -> HttpResponse:
+        try:
+            response = http.send(
+                http.Request(
+                    request.method,
+                    request.url,
+                    list(request.headers),
+                    request.body,
+                    request.timeout_ms,
+                )
+            )
+        except Err as error:
+            raise _http_error(error) from None
+        return HttpResponse(response.status, tuple(response.headers), response.body)
+
+
+class WitClock:
+    def now_ms(self) -> int:
+        return clock.now_ms()
+
+
+class WitRandom:
+    def next_u64(self) -> int:
+        return randomness.next_u64()
+
+
+class WitTelemetry:
+    def log(self, level: LogLevel, message: str) -> None:
+        telemetry.log(_LEVELS[level], message)
+
+    def progress(self, event: dict[str, Any]) -> None:
+        telemetry.progress(json.dumps(event, separators=(",", ":")))
+
+
+_PORTS = Ports(
+    storage=WitStorage(),
+    http=WitHttp(),
+    clock=WitClock(),
+    random=WitRandom(),
+    telemetry=WitTelemetry(),
+)
+
+
+def _to_wit(outcome: Outcome) -> wit.Outcome:
+    error = outcome.error
+    return wit.Outcome(
+        action=outcome.action,
+        params=outcome.params_json(),
+        success=outcome.success,
+        error=None if error is None else wit.Failure(error.code, error.message, error.retryable),
+    )
+
+
+class Provisioner(exports.Provisioner):
+    def run(self, invocation: wit.Invocation) -> wit.Outcome:
+        try:
+            outcome = run(
+                Invocation(
+                    tenant=invocation.tenant,
+                    entity_type=invocation.entity_type,
+                    entity_id=invocation.entity_id,
+                    trigger_action=invocation.trigger_action,
+                    trigger_params=invocation.trigger_params,
+                    entity_state=invocation.entity_state,
+                    config=tuple(invocation.config),
+                    session_id=invocation.session_id,
+                    trace_id=invocation.trace_id,
+                ),
+                _PORTS,
+            )
+            return _to_wit(outcome)
+        except Exception as error:  # the last line of defence: never trap on a bug
+            return wit.Outcome(
+                action="SandboxFailed",
+                params=json.dumps({"code": "internal_error", "retryable": False}),
+                success=False,
+                error=wit.Failure("internal_error", f"{type(error).__name__}: {error}", False),
+            )

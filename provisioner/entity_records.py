@@ -1,0 +1,76 @@
+"""What the tenant's storage remembers about each entity's sandbox.
+
+One small record per entity, under the tenant scope:
+- `pending`: a provisioning cycle has begun; its nonce fixes the E2B idempotency key, so a
+  create retried after a crash adopts the sandbox the first attempt made.
+- `ready`: the sandbox exists; a repeated Provision returns it.
+Release deletes the record, so the next cycle draws a new nonce and a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+from urllib.parse import quote
+
+from provisioner.ports import Entry, Scope, Storage
+
+PENDING = "pending"
+READY = "ready"
+
+
+@dataclass(frozen=True, slots=True)
+class EntityRecord:
+    state: str
+    nonce: str
+    since_ms: int
+    attempts: int = 0
+    sandbox_id: str = ""
+    template_id: str = ""
+    client_id: str = ""
+    envd_version: str = ""
+    queued_ms: int = 0
+
+    def with_attempt(self, attempt: int) -> EntityRecord:
+        return replace(self, attempts=max(self.attempts, attempt))
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> EntityRecord:
+        data: dict[str, Any] = json.loads(raw)
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+def idempotency_key(tenant: str, entity: str, nonce: str) -> str:
+    """E2B accepts 1-255 of [a-z0-9-]: a digest of who asks and which cycle this is."""
+    digest = hashlib.sha256(f"{tenant}\0{entity}\0{nonce}".encode()).hexdigest()
+    return "tsp-" + digest[:48]
+
+
+class EntityRecords:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    @staticmethod
+    def key(entity: str) -> str:
+        return "entity/" + quote(entity, safe="")
+
+    def load(self, entity: str) -> tuple[EntityRecord, int] | None:
+        entry: Entry | None = self._storage.get(Scope.TENANT, self.key(entity))
+        if entry is None:
+            return None
+        return EntityRecord.decode(entry.value), entry.version
+
+    def put(
+        self, entity: str, record: EntityRecord, expected_version: int | None, ttl_ms: int
+    ) -> int:
+        return self._storage.compare_and_swap(
+            Scope.TENANT, self.key(entity), expected_version, record.encode(), ttl_ms
+        )
+
+    def remove(self, entity: str, expected_version: int) -> bool:
+        return self._storage.delete(Scope.TENANT, self.key(entity), expected_version)

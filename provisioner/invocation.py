@@ -1,0 +1,96 @@
+"""Validating an invocation: a bad input becomes a typed failure before any state changes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from provisioner.model import Invocation, ProvisionerError
+
+MAX_ID_CHARS = 128
+MAX_JSON_BYTES = 64 * 1024
+MAX_CONFIG_ENTRIES = 64
+MAX_CONFIG_VALUE_CHARS = 2048
+
+OPERATIONS = ("provision", "release", "status")
+
+
+def _check_id(field: str, value: str) -> str:
+    if not value:
+        raise ProvisionerError("invalid_invocation", f"{field} is missing")
+    if len(value) > MAX_ID_CHARS:
+        raise ProvisionerError(
+            "invalid_invocation", f"{field} is longer than {MAX_ID_CHARS} characters"
+        )
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        raise ProvisionerError("invalid_invocation", f"{field} holds control characters")
+    return value
+
+
+def _json_object(field: str, text: str) -> dict[str, Any]:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_JSON_BYTES:
+        raise ProvisionerError("invalid_invocation", f"{field} is larger than {MAX_JSON_BYTES} bytes")
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ProvisionerError("invalid_invocation", f"{field} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ProvisionerError("invalid_invocation", f"{field} must be a JSON object")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A validated invocation."""
+
+    tenant: str
+    entity_type: str
+    entity_id: str
+    operation: str
+    config: dict[str, str]
+    trigger_params: dict[str, Any]
+    session_id: str | None
+    trace_id: str
+
+    @property
+    def entity(self) -> str:
+        return f"{self.entity_type}/{self.entity_id}"
+
+
+def validate(invocation: Invocation) -> Request:
+    tenant = _check_id("tenant", invocation.tenant)
+    entity_type = _check_id("entity_type", invocation.entity_type)
+    entity_id = _check_id("entity_id", invocation.entity_id)
+    if len(invocation.config) > MAX_CONFIG_ENTRIES:
+        raise ProvisionerError("invalid_config", f"more than {MAX_CONFIG_ENTRIES} config entries")
+    config: dict[str, str] = {}
+    for key, value in invocation.config:
+        if len(value) > MAX_CONFIG_VALUE_CHARS:
+            raise ProvisionerError("invalid_config", f"config value of {key!r} is too long")
+        config[key] = value
+    operation = config.get("operation", "provision").strip().lower() or "provision"
+    if operation not in OPERATIONS:
+        raise ProvisionerError(
+            "unknown_operation",
+            f"operation {operation!r} is not one of {', '.join(OPERATIONS)}",
+        )
+    trigger_params = _json_object("trigger_params", invocation.trigger_params)
+    _json_object("entity_state", invocation.entity_state)
+    session_id = invocation.session_id
+    if session_id is not None:
+        _check_id("session_id", session_id)
+    if len(invocation.trace_id) > MAX_ID_CHARS:
+        raise ProvisionerError("invalid_invocation", "trace_id is too long")
+    return Request(
+        tenant=tenant,
+        entity_type=entity_type,
+        entity_id=entity_id,
+        operation=operation,
+        config=config,
+        trigger_params=trigger_params,
+        session_id=session_id,
+        trace_id=invocation.trace_id,
+    )

@@ -1,0 +1,246 @@
+"""The three operations: provision, release and status.
+
+Order matters for "nothing is lost": the entity record (and so the idempotency key) is
+written before any create is sent, and the record is deleted only after E2B confirmed the
+kill, so a crash at any point leaves state from which the next invocation recovers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from provisioner.admission import (
+    AdmissionConfig,
+    AdmissionController,
+    Created,
+    Grant,
+    Queued,
+    Rejected,
+    Waiter,
+)
+from provisioner.e2b import E2BClient, SandboxInfo
+from provisioner.entity_records import (
+    PENDING,
+    READY,
+    EntityRecord,
+    EntityRecords,
+    idempotency_key,
+)
+from provisioner.invocation import Request
+from provisioner.model import (
+    SANDBOX_FAILED,
+    SANDBOX_QUEUED,
+    SANDBOX_READY,
+    SANDBOX_RELEASED,
+    SANDBOX_STATUS,
+    Failure,
+    Outcome,
+    ProvisionerError,
+    failed,
+)
+from provisioner.ports import Ports, StorageConflict
+from provisioner.settings import SandboxSettings
+
+# A pending record outlives the longest a waiter may queue, then vanishes on its own.
+_PENDING_GRACE_MS = 10 * 60 * 1000
+_RECORD_CAS_TRIES = 4
+
+
+def _ready(record: EntityRecord) -> Outcome:
+    return Outcome(
+        action=SANDBOX_READY,
+        params={
+            "sandbox_id": record.sandbox_id,
+            "template_id": record.template_id,
+            "client_id": record.client_id,
+            "envd_version": record.envd_version,
+            "attempts": record.attempts,
+            "queued_ms": record.queued_ms,
+        },
+    )
+
+
+def _queued(queued: Queued) -> Outcome:
+    return Outcome(action=SANDBOX_QUEUED, params=queued.params())
+
+
+def _rejected(rejected: Rejected) -> Outcome:
+    return failed(rejected.failure)
+
+
+class Operations:
+    def __init__(self, request: Request, ports: Ports) -> None:
+        self.request = request
+        self.ports = ports
+        self.settings = SandboxSettings.from_config(request.config)
+        self.admission_config = AdmissionConfig.from_config(request.config)
+        self.records = EntityRecords(ports.storage)
+        self.waiter = Waiter(tenant=request.tenant, entity=request.entity)
+
+    def _metadata(self, key: str) -> dict[str, str]:
+        return {
+            "temper_tenant": self.request.tenant,
+            "temper_entity_type": self.request.entity_type,
+            "temper_entity_id": self.request.entity_id,
+            "temper_idempotency_key": key,
+        }
+
+    def _pending_ttl_ms(self) -> int:
+        return self.admission_config.queue_timeout_ms + _PENDING_GRACE_MS
+
+    def _ensure_record(self) -> tuple[EntityRecord, int]:
+        for _ in range(_RECORD_CAS_TRIES):
+            loaded = self.records.load(self.request.entity)
+            if loaded is not None:
+                return loaded
+            nonce = f"{self.ports.random.next_u64():016x}"
+            record = EntityRecord(state=PENDING, nonce=nonce, since_ms=self.ports.clock.now_ms())
+            try:
+                version = self.records.put(self.request.entity, record, None, self._pending_ttl_ms())
+            except StorageConflict:
+                continue
+            return record, version
+        raise ProvisionerError(
+            "storage_contention", "the entity record kept changing; try again", retryable=True
+        )
+
+    def provision(self) -> Outcome:
+        record, version = self._ensure_record()
+        if record.state == READY:
+            return _ready(record)
+        controller = AdmissionController(self.ports, self.admission_config)
+        decision: Grant | Queued | Rejected | None = controller.admit(self.waiter)
+        while isinstance(decision, Grant):
+            grant = decision
+            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+            result, info = E2BClient(self.ports.http, self.settings).create(
+                idempotency_key=key, metadata=self._metadata(key)
+            )
+            record = record.with_attempt(grant.attempt)
+            decision = controller.settle(self.waiter, grant, result)
+            if isinstance(result, Created) and info is not None:
+                return self._record_ready(controller, record, version, info, grant.queued_ms)
+        if isinstance(decision, Queued):
+            return _queued(decision)
+        if isinstance(decision, Rejected):
+            self._forget(version)
+            return _rejected(decision)
+        raise ProvisionerError("internal_error", "admission gave no decision")
+
+    def _record_ready(
+        self,
+        controller: AdmissionController,
+        record: EntityRecord,
+        version: int,
+        info: SandboxInfo,
+        queued_ms: int,
+    ) -> Outcome:
+        ready = EntityRecord(
+            state=READY,
+            nonce=record.nonce,
+            since_ms=self.ports.clock.now_ms(),
+            attempts=record.attempts,
+            sandbox_id=info.sandbox_id,
+            template_id=info.template_id or self.settings.template_id,
+            client_id=info.client_id,
+            envd_version=info.envd_version,
+            queued_ms=queued_ms,
+        )
+        try:
+            self.records.put(
+                self.request.entity, ready, version, self.settings.sandbox_timeout_s * 1000
+            )
+        except StorageConflict:
+            # Released while the create was in flight: the sandbox belongs to nobody now.
+            kill_failure = E2BClient(self.ports.http, self.settings).kill(info.sandbox_id)
+            controller.release(self.waiter)
+            return failed(
+                Failure(
+                    "released_during_create",
+                    "the entity was released while its sandbox was being created"
+                    + ("" if kill_failure is None else f"; kill failed: {kill_failure.message}"),
+                    retryable=False,
+                )
+            )
+        self.ports.telemetry.progress(
+            {
+                "event": "sandbox_ready",
+                "tenant": self.request.tenant,
+                "entity": self.request.entity,
+                "sandbox_id": info.sandbox_id,
+                "attempts": record.attempts,
+                "queued_ms": queued_ms,
+            }
+        )
+        return _ready(ready)
+
+    def _forget(self, version: int) -> None:
+        try:
+            self.records.remove(self.request.entity, version)
+        except StorageConflict:
+            pass
+
+    def release(self) -> Outcome:
+        loaded = self.records.load(self.request.entity)
+        controller = AdmissionController(self.ports, self.admission_config)
+        if loaded is None:
+            held = controller.release(self.waiter)
+            return Outcome(SANDBOX_RELEASED, {"released": False, "held_permit": held})
+        record, version = loaded
+        client = E2BClient(self.ports.http, self.settings)
+        if record.state == READY:
+            doomed = [record.sandbox_id]
+        else:
+            # A create may have succeeded without being recorded (a crash mid-create):
+            # find it by the idempotency key it carries, so no sandbox is orphaned.
+            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+            try:
+                doomed = client.find_by_metadata("temper_idempotency_key", key)
+            except Exception as error:  # HttpError: the kill would fail too
+                return failed(
+                    Failure("e2b_unavailable", f"could not list sandboxes: {error}", retryable=True)
+                )
+        for sandbox_id in doomed:
+            failure = client.kill(sandbox_id)
+            if failure is not None:
+                return failed(failure, sandbox_id=sandbox_id)
+        controller.release(self.waiter)
+        self._forget(version)
+        self.ports.telemetry.progress(
+            {
+                "event": "sandbox_released",
+                "tenant": self.request.tenant,
+                "entity": self.request.entity,
+                "sandbox_ids": doomed,
+            }
+        )
+        return Outcome(
+            SANDBOX_RELEASED,
+            {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None},
+        )
+
+    def status(self) -> Outcome:
+        loaded = self.records.load(self.request.entity)
+        entity: dict[str, Any] | None = None
+        if loaded is not None:
+            record = loaded[0]
+            entity = {
+                "state": record.state,
+                "sandbox_id": record.sandbox_id or None,
+                "attempts": record.attempts,
+                "since_ms": record.since_ms,
+            }
+        gates = AdmissionController(self.ports, self.admission_config).status(self.request.tenant)
+        return Outcome(SANDBOX_STATUS, {"entity": entity, "gates": gates})
+
+
+def dispatch(request: Request, ports: Ports) -> Outcome:
+    operations = Operations(request, ports)
+    if request.operation == "release":
+        return operations.release()
+    if request.operation == "status":
+        return operations.status()
+    return operations.provision()
+
+
+__all__ = ["SANDBOX_FAILED", "dispatch"]
