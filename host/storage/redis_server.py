@@ -1,0 +1,220 @@
+"""A throwaway `redis-server` process on a free loopback port, for tests and simulations.
+
+    with RedisServer() as server:
+        backend = storage_from_uri(server.url)
+        server.stop()      # clean shutdown (persists to the append-only file)
+        server.start()     # same port, same data directory
+        server.restart()
+        server.kill()      # SIGKILL: a crash
+
+The port stays the same across restarts, so clients keep their URL. With `persistent=True`
+(the default) data survives `stop`/`start` through the append-only file in the temporary
+directory; with `persistent=False` every start begins empty, like a Redis without
+persistence. Readiness is awaited on the server's own "Ready to accept connections" line.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from types import TracebackType
+
+_READY_LINE = "Ready to accept connections"
+_PORT_ATTEMPTS = 5
+
+
+def find_redis_server() -> str | None:
+    """The redis-server executable: `$REDIS_SERVER`, else on PATH, else Debian's path."""
+    configured = os.environ.get("REDIS_SERVER")
+    if configured:
+        return configured if os.access(configured, os.X_OK) else None
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found
+    for candidate in ("/usr/bin/redis-server", "/usr/sbin/redis-server"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class RedisServerError(RuntimeError):
+    """redis-server is missing, or did not start."""
+
+
+class RedisServer:
+    def __init__(
+        self,
+        *,
+        executable: str | None = None,
+        persistent: bool = True,
+        startup_timeout_s: float = 10.0,
+    ) -> None:
+        found = executable or find_redis_server()
+        if found is None:
+            raise RedisServerError(
+                "redis-server not found (apt-get install redis-server, or set REDIS_SERVER)"
+            )
+        self.executable = found
+        self.persistent = persistent
+        self.startup_timeout_s = startup_timeout_s
+        self.port = 0
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        self._process: subprocess.Popen[str] | None = None
+        self._log: collections.deque[str] = collections.deque(maxlen=200)
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        if not self.port:
+            raise RedisServerError("the server has never been started")
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
+    def data_dir(self) -> Path:
+        if self._tempdir is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="redis-server-")
+        return Path(self._tempdir.name)
+
+    def log_tail(self) -> str:
+        return "".join(self._log)
+
+    def start(self) -> None:
+        if self.running:
+            return
+        if self.port:
+            self._launch(self.port)
+            return
+        # A free port can be taken between probing and binding: try a few.
+        for _ in range(_PORT_ATTEMPTS):
+            port = _free_loopback_port()
+            try:
+                self._launch(port)
+            except RedisServerError:
+                if "Address already in use" in self.log_tail():
+                    continue
+                raise
+            self.port = port
+            return
+        raise RedisServerError(f"no free port after {_PORT_ATTEMPTS} attempts")
+
+    def stop(self) -> None:
+        """Shut down cleanly (SIGTERM: Redis saves its append-only file, then exits)."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL)."""
+        self._end(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.kill()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _launch(self, port: int) -> None:
+        args = [
+            self.executable,
+            "--port", str(port),
+            "--bind", self.host,
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--daemonize", "no",
+            "--logfile", "",
+            "--loglevel", "notice",
+        ]  # fmt: skip
+        if not self.persistent:
+            for leftover in self.data_dir.glob("*"):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+        self._log.clear()
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        outcome = _StartOutcome()
+        threading.Thread(
+            target=self._drain, args=(process, outcome), name=f"redis-server-{port}", daemon=True
+        ).start()
+        outcome.decided.wait(self.startup_timeout_s)
+        if not outcome.ready:
+            process.kill()
+            process.wait()
+            raise RedisServerError(f"redis-server on port {port} did not start:\n{self.log_tail()}")
+        self._process = process
+
+    def _drain(self, process: subprocess.Popen[str], outcome: _StartOutcome) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self._log.append(line)
+            if _READY_LINE in line:
+                outcome.ready = True
+                outcome.decided.set()
+        # Output ended, so the process did: wake a starter still waiting for readiness.
+        outcome.decided.set()
+
+    def _end(self, how: signal.Signals) -> None:
+        process = self._process
+        if process is None:
+            return
+        self._process = None
+        if process.poll() is None:
+            process.send_signal(how)
+            try:
+                process.wait(timeout=self.startup_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+class _StartOutcome:
+    def __init__(self) -> None:
+        self.decided = threading.Event()
+        self.ready = False
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
