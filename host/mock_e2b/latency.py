@@ -1,0 +1,19 @@
+"""Seeded create latency: lognormal around a median, optionally capped."""
+
+from __future__ import annotations
+
+import math
+import random
+
+
+class LatencySampler:
+    """Draws create latencies from its own seeded stream, so faults do not shift it."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(f"latency:{seed}")
+
+    def sample_ms(self, median_ms: float, sigma: float, max_ms: float | None) -> float:
+        if median_ms <= 0:
+            return 0.0
+        value = median_ms if sigma <= 0 else median_ms * math.exp(self._rng.gauss(0.0, sigma))
+        return value if max_ms is None else min(value, max_ms)
