@@ -75,6 +75,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(storage_url=args.storage, component=args.component)
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from host.simulate import run_simulate
+
+    return run_simulate(args)
+
+
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=None, metavar="URL",
                         help="storage backend: memory://, sqlite:///path.db, redis://host:port/db "
@@ -113,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="provision and release one sandbox through the mock")
     _add_host_options(demo)
     demo.set_defaults(handler=_cmd_demo)
+
+    simulate = commands.add_parser(
+        "simulate", help="replay the incident: Temper-style sessions against the mock E2B"
+    )
+    from host.simulate import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(handler=_cmd_simulate)
     return parser
 
 
