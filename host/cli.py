@@ -82,11 +82,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", default=None, metavar="URL",
-                        help="storage backend: memory://, sqlite:///path.db, redis://host:port/db "
-                             f"(default {default_storage_url()})")
-    parser.add_argument("--component", type=Path, default=None,
-                        help="the component (default dist/sandbox_provisioner.wasm)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="storage backend: memory://, sqlite:///path.db, redis://host:port/db "
+        f"(default {default_storage_url()})",
+    )
+    parser.add_argument(
+        "--component",
+        type=Path,
+        default=None,
+        help="the component (default dist/sandbox_provisioner.wasm)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,15 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     invoke = commands.add_parser("invoke", help="run one invocation context through the component")
-    invoke.add_argument("context", nargs="?", default="-",
-                        help="invocation context JSON file, or - for stdin (default)")
+    invoke.add_argument(
+        "context",
+        nargs="?",
+        default="-",
+        help="invocation context JSON file, or - for stdin (default)",
+    )
     invoke.add_argument("--e2b-url", default="https://api.e2b.app", help="the E2B API base URL")
-    invoke.add_argument("--api-key-env", default=API_KEY_ENV,
-                        help=f"environment variable holding the E2B API key (default {API_KEY_ENV})")
-    invoke.add_argument("--account", default="default",
-                        help="the E2B account namespace whose gates this host shares")
-    invoke.add_argument("--operation", choices=("provision", "release", "status"),
-                        help="override the context's integration_config.operation")
+    invoke.add_argument(
+        "--api-key-env",
+        default=API_KEY_ENV,
+        help=f"environment variable holding the E2B API key (default {API_KEY_ENV})",
+    )
+    invoke.add_argument(
+        "--account",
+        default="default",
+        help="the E2B account namespace whose gates this host shares",
+    )
+    invoke.add_argument(
+        "--operation",
+        choices=("provision", "release", "status"),
+        help="override the context's integration_config.operation",
+    )
     _add_host_options(invoke)
     invoke.set_defaults(handler=_cmd_invoke)
 

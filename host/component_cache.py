@@ -79,7 +79,7 @@ def load_component(
     return LoadedComponent(engine, component, path, digest, False, time.perf_counter() - started)
 
 
-def _store_atomically(target: Path, data: bytes) -> None:
+def _store_atomically(target: Path, data: bytes | bytearray) -> None:
     """Write-then-rename, so a concurrent host never reads half an artefact."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,11 @@ def outcome_to_json(outcome: Any) -> dict[str, Any]:
         "action": outcome.action,
         "params": outcome.params,
         "success": outcome.success,
-        "error": None if error is None else {
-            "code": error.code, "message": error.message, "retryable": error.retryable,
+        "error": None
+        if error is None
+        else {
+            "code": error.code,
+            "message": error.message,
+            "retryable": error.retryable,
         },
     }

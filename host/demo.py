@@ -29,8 +29,10 @@ def demo_invocation(e2b_url: str, operation: str) -> Invocation:
 
 
 def run_demo(*, storage_url: str | None, component: Path | None) -> int:
-    with tempfile.TemporaryDirectory(prefix="sandbox-provisioner-demo-") as scratch, \
-            MockE2BServer(MockE2BConfig(api_key=DEMO_KEY)) as mock:
+    with (
+        tempfile.TemporaryDirectory(prefix="sandbox-provisioner-demo-") as scratch,
+        MockE2BServer(MockE2BConfig(api_key=DEMO_KEY)) as mock,
+    ):
         storage = storage_url or f"sqlite:///{Path(scratch) / 'state.db'}"
         print(f"mock E2B at {mock.url}; storage {storage}")
         with open_runtime(

@@ -6,13 +6,14 @@ Deadlines are counted in ticks, so two tickers on one engine would halve every d
 from __future__ import annotations
 
 import threading
+from typing import ClassVar
 
 import wasmtime
 
 
 class EpochTicker:
-    _lock = threading.Lock()
-    _tickers: dict[int, EpochTicker] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _tickers: ClassVar[dict[int, EpochTicker]] = {}
 
     def __init__(self, engine: wasmtime.Engine, tick_ms: int) -> None:
         self._engine = engine

@@ -83,8 +83,12 @@ class _Call:
 
 
 _SCOPES = {"tenant": Scope.TENANT, "account": Scope.ACCOUNT}
-_LEVELS = {"debug": LogLevel.DEBUG, "info": LogLevel.INFO, "warn": LogLevel.WARN,
-           "error": LogLevel.ERROR}
+_LEVELS = {
+    "debug": LogLevel.DEBUG,
+    "info": LogLevel.INFO,
+    "warn": LogLevel.WARN,
+    "error": LogLevel.ERROR,
+}
 
 
 def _record(**fields: Any) -> wc.Record:
@@ -111,8 +115,11 @@ def _http_error(error: HttpError) -> wc.Variant:
         return wc.Variant("timeout")
     if error.kind is HttpErrorKind.TOO_LARGE:
         return wc.Variant("too-large", int(error.detail or 0))
-    tag = {HttpErrorKind.DENIED: "denied", HttpErrorKind.CONNECTION: "connection",
-           HttpErrorKind.INVALID_REQUEST: "invalid-request"}[error.kind]
+    tag = {
+        HttpErrorKind.DENIED: "denied",
+        HttpErrorKind.CONNECTION: "connection",
+        HttpErrorKind.INVALID_REQUEST: "invalid-request",
+    }[error.kind]
     return wc.Variant(tag, error.detail)
 
 
@@ -185,7 +192,12 @@ class ComponentRuntime:
         return None if entry is None else _record(value=entry.value, version=entry.version)
 
     def _storage_cas(
-        self, _store: object, scope: str, key: str, expected: int | None, value: bytes,
+        self,
+        _store: object,
+        scope: str,
+        key: str,
+        expected: int | None,
+        value: bytes,
         ttl_ms: int | None,
     ) -> object:
         try:
@@ -209,10 +221,10 @@ class ComponentRuntime:
                 return wc.Variant("timeout")
             response = self.services.http.send(
                 HttpRequest(
-                    method=request.method,
-                    url=request.url,
-                    headers=tuple((str(k), str(v)) for k, v in request.headers),
-                    body=bytes(request.body),
+                    method=str(getattr(request, "method")),  # noqa: B009
+                    url=str(getattr(request, "url")),  # noqa: B009
+                    headers=tuple((str(k), str(v)) for k, v in getattr(request, "headers")),  # noqa: B009
+                    body=bytes(getattr(request, "body")),  # noqa: B009
                     timeout_ms=int(getattr(request, "timeout-ms")),
                 ),
                 deadline_ms=remaining_ms,
@@ -264,7 +276,9 @@ class ComponentRuntime:
                 self.services.storage, tenant=invocation.tenant, account=self.services.account
             ),
             tag=InvocationTag(
-                invocation.tenant, invocation.entity_type, invocation.entity_id,
+                invocation.tenant,
+                invocation.entity_type,
+                invocation.entity_id,
                 invocation.trace_id,
             ),
             deadline=time.monotonic() + budgets.deadline_ms / 1000,
@@ -274,17 +288,20 @@ class ComponentRuntime:
             func = instance.get_func(store, self._run_index)
             if func is None:
                 return failed(Failure("host_error", "run export not found", retryable=False))
-            raw = func(store, _record(
-                tenant=invocation.tenant,
-                entity_type=invocation.entity_type,
-                entity_id=invocation.entity_id,
-                trigger_action=invocation.trigger_action,
-                trigger_params=invocation.trigger_params,
-                entity_state=invocation.entity_state,
-                config=list(invocation.config),
-                session_id=invocation.session_id,
-                trace_id=invocation.trace_id,
-            ))
+            raw = func(
+                store,
+                _record(
+                    tenant=invocation.tenant,
+                    entity_type=invocation.entity_type,
+                    entity_id=invocation.entity_id,
+                    trigger_action=invocation.trigger_action,
+                    trigger_params=invocation.trigger_params,
+                    entity_state=invocation.entity_state,
+                    config=list(invocation.config),
+                    session_id=invocation.session_id,
+                    trace_id=invocation.trace_id,
+                ),
+            )
             func.post_return(store)
         except (wasmtime.WasmtimeError, wasmtime.Trap) as error:
             return failed(_classify_trap(error, store, budgets))
@@ -322,25 +339,35 @@ def _outcome_from_wit(raw: Any, budgets: Budgets) -> Outcome:
         action = str(raw.action)
         params_text = str(raw.params)
         error = raw.error
-        size = len(action) + len(params_text) + (
-            0 if error is None else len(str(error.code)) + len(str(error.message))
+        size = (
+            len(action)
+            + len(params_text)
+            + (0 if error is None else len(str(error.code)) + len(str(error.message)))
         )
         if size > budgets.result_bytes:
-            return failed(Failure(
-                "result_too_large",
-                f"the guest's result is {size} bytes, over the {budgets.result_bytes} byte limit",
-                retryable=False,
-            ))
+            return failed(
+                Failure(
+                    "result_too_large",
+                    f"the guest's result is {size} bytes,"
+                    f" over the {budgets.result_bytes} byte limit",
+                    retryable=False,
+                )
+            )
         params = json.loads(params_text) if params_text else {}
         if not isinstance(params, dict):
             raise ValueError("params is not a JSON object")
-        failure = None if error is None else Failure(
-            str(error.code), str(error.message), bool(error.retryable)
+        failure = (
+            None
+            if error is None
+            else Failure(str(error.code), str(error.message), bool(error.retryable))
         )
         return Outcome(action=action, params=params, success=bool(raw.success), error=failure)
     except (ValueError, AttributeError) as problem:
-        return failed(Failure("malformed_result", f"the guest's result is malformed: {problem}",
-                              retryable=False))
+        return failed(
+            Failure(
+                "malformed_result", f"the guest's result is malformed: {problem}", retryable=False
+            )
+        )
 
 
 __all__ = ["SANDBOX_FAILED", "Budgets", "ComponentRuntime", "HostServices", "interface"]

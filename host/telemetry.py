@@ -42,8 +42,9 @@ class LoggingTelemetry:
         self._on_progress = on_progress
 
     def log(self, tag: InvocationTag, level: LogLevel, message: str) -> None:
-        _LOG.log(_PY_LEVELS[level], "[%s %s/%s] %s", tag.tenant, tag.entity_type, tag.entity_id,
-                 message)
+        _LOG.log(
+            _PY_LEVELS[level], "[%s %s/%s] %s", tag.tenant, tag.entity_type, tag.entity_id, message
+        )
 
     def progress(self, tag: InvocationTag, event: dict[str, Any]) -> None:
         _LOG.debug("[%s %s/%s] progress %s", tag.tenant, tag.entity_type, tag.entity_id, event)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from provisioner.invocation import validate
 from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, failed
 from provisioner.operations import dispatch
@@ -19,10 +21,8 @@ def run(invocation: Invocation, ports: Ports) -> Outcome:
         # Fail closed: nothing was granted, the caller may try again later.
         return failed(Failure("storage_unavailable", f"storage failed: {error}", retryable=True))
     except Exception as error:
-        try:
+        with contextlib.suppress(Exception):
             ports.telemetry.log(LogLevel.ERROR, f"internal error: {type(error).__name__}: {error}")
-        except Exception:
-            pass
         return failed(
             Failure("internal_error", f"{type(error).__name__}: {error}", retryable=False)
         )

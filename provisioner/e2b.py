@@ -102,7 +102,9 @@ class E2BClient:
         self._http = http
         self._settings = settings
 
-    def _send(self, method: str, path: str, body: bytes, timeout_ms: int, *extra: tuple[str, str]) -> HttpResponse:
+    def _send(
+        self, method: str, path: str, body: bytes, timeout_ms: int, *extra: tuple[str, str]
+    ) -> HttpResponse:
         return self._http.send(
             HttpRequest(
                 method=method,
@@ -148,7 +150,9 @@ class E2BClient:
     def find_by_metadata(self, key: str, value: str) -> list[str]:
         """Ids of running sandboxes whose metadata has key=value."""
         query = urlencode({"metadata": urlencode({key: value})})
-        response = self._send("GET", f"/v2/sandboxes?{query}", b"", self._settings.request_timeout_ms)
+        response = self._send(
+            "GET", f"/v2/sandboxes?{query}", b"", self._settings.request_timeout_ms
+        )
         if response.status != 200:
             raise HttpError(HttpErrorKind.CONNECTION, f"list answered {response.status}")
         try:
@@ -166,10 +170,17 @@ class E2BClient:
         """Kill a sandbox; one that is already gone counts as killed."""
         try:
             response = self._send(
-                "DELETE", "/sandboxes/" + quote(sandbox_id, safe=""), b"", self._settings.request_timeout_ms
+                "DELETE",
+                "/sandboxes/" + quote(sandbox_id, safe=""),
+                b"",
+                self._settings.request_timeout_ms,
             )
         except HttpError as error:
-            return Failure("e2b_unavailable", f"kill failed: {error}", retryable=error.kind is not HttpErrorKind.DENIED)
+            return Failure(
+                "e2b_unavailable",
+                f"kill failed: {error}",
+                retryable=error.kind is not HttpErrorKind.DENIED,
+            )
         if response.status in (200, 204, 404):
             return None
         if response.status in (401, 403):
@@ -183,7 +194,11 @@ class E2BClient:
 
 def _transport_failure(error: HttpError) -> CreateResult:
     if error.kind is HttpErrorKind.DENIED:
-        return CreateFailed(Failure("e2b_denied", f"the host refused the request: {error.detail}", retryable=False))
+        return CreateFailed(
+            Failure("e2b_denied", f"the host refused the request: {error.detail}", retryable=False)
+        )
     if error.kind is HttpErrorKind.INVALID_REQUEST:
-        return CreateFailed(Failure("e2b_bad_request", f"invalid request: {error.detail}", retryable=False))
+        return CreateFailed(
+            Failure("e2b_bad_request", f"invalid request: {error.detail}", retryable=False)
+        )
     return Unavailable(status=None)

@@ -30,13 +30,17 @@ def _check_id(field: str, value: str) -> str:
 
 def _json_object(field: str, text: str) -> dict[str, Any]:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_JSON_BYTES:
-        raise ProvisionerError("invalid_invocation", f"{field} is larger than {MAX_JSON_BYTES} bytes")
+        raise ProvisionerError(
+            "invalid_invocation", f"{field} is larger than {MAX_JSON_BYTES} bytes"
+        )
     if not text.strip():
         return {}
     try:
         value = json.loads(text)
     except ValueError as error:
-        raise ProvisionerError("invalid_invocation", f"{field} is not valid JSON: {error}") from None
+        raise ProvisionerError(
+            "invalid_invocation", f"{field} is not valid JSON: {error}"
+        ) from None
     if not isinstance(value, dict):
         raise ProvisionerError("invalid_invocation", f"{field} must be a JSON object")
     return value

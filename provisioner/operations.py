@@ -7,6 +7,8 @@ kill, so a crash at any point leaves state from which the next invocation recove
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 from provisioner.admission import (
@@ -96,7 +98,9 @@ class Operations:
             nonce = f"{self.ports.random.next_u64():016x}"
             record = EntityRecord(state=PENDING, nonce=nonce, since_ms=self.ports.clock.now_ms())
             try:
-                version = self.records.put(self.request.entity, record, None, self._pending_ttl_ms())
+                version = self.records.put(
+                    self.request.entity, record, None, self._pending_ttl_ms()
+                )
             except StorageConflict:
                 continue
             return record, version
@@ -175,10 +179,8 @@ class Operations:
         return _ready(ready)
 
     def _forget(self, version: int) -> None:
-        try:
+        with contextlib.suppress(StorageConflict):
             self.records.remove(self.request.entity, version)
-        except StorageConflict:
-            pass
 
     def release(self) -> Outcome:
         loaded = self.records.load(self.request.entity)

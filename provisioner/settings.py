@@ -75,7 +75,8 @@ class SandboxSettings:
         if not _TEMPLATE_ID.fullmatch(template_id):
             raise ProvisionerError(
                 "invalid_config",
-                "template_id must be 1-128 letters, digits or ._:/- starting with a letter or digit",
+                "template_id must be 1-128 letters, digits or ._:/-,"
+                " starting with a letter or digit",
             )
         return cls(
             api_url=api_url,

@@ -16,28 +16,39 @@ from tests.conftest import API_KEY
 pytestmark = pytest.mark.component
 
 
-def run_cli(args: list[str], stdin: str, env_extra: dict[str, str], cache: Path
-            ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "E2B_API_KEY": API_KEY, "SANDBOX_PROVISIONER_CACHE": str(cache),
-           **env_extra}
+def run_cli(
+    args: list[str], stdin: str, env_extra: dict[str, str], cache: Path
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "E2B_API_KEY": API_KEY,
+        "SANDBOX_PROVISIONER_CACHE": str(cache),
+        **env_extra,
+    }
     return subprocess.run(
         [sys.executable, "-m", "host.cli", *args],
-        input=stdin, capture_output=True, text=True, env=env, timeout=120,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
 def context(operation: str = "provision") -> str:
-    return json.dumps({
-        "tenant": "acme",
-        "entity_type": "CurationJob",
-        "entity_id": "job-7",
-        "trigger_action": "Submit",
-        "trigger_params": {"style": "watercolor"},
-        "entity_state": {"status": "Provisioning"},
-        "integration_config": {"operation": operation, "template_id": "base"},
-        "session_id": "session-7",
-        "trace_id": "trace-7",
-    })
+    return json.dumps(
+        {
+            "tenant": "acme",
+            "entity_type": "CurationJob",
+            "entity_id": "job-7",
+            "trigger_action": "Submit",
+            "trigger_params": {"style": "watercolor"},
+            "entity_state": {"status": "Provisioning"},
+            "integration_config": {"operation": operation, "template_id": "base"},
+            "session_id": "session-7",
+            "trace_id": "trace-7",
+        }
+    )
 
 
 def test_invoke_provisions_reuses_and_releases(
@@ -68,9 +79,16 @@ def test_invoke_provisions_reuses_and_releases(
         ("{not json", "not valid JSON"),
         ("[1, 2]", "must be a JSON object"),
         (json.dumps({"entity_type": "E", "entity_id": "1"}), "tenant is missing"),
-        (json.dumps({"tenant": 5, "entity_type": "E", "entity_id": "1"}), "tenant must be a string"),
-        (json.dumps({"tenant": "t", "entity_type": "E", "entity_id": "1",
-                     "integration_config": [1]}), "integration_config"),
+        (
+            json.dumps({"tenant": 5, "entity_type": "E", "entity_id": "1"}),
+            "tenant must be a string",
+        ),
+        (
+            json.dumps(
+                {"tenant": "t", "entity_type": "E", "entity_id": "1", "integration_config": [1]}
+            ),
+            "integration_config",
+        ),
     ],
 )
 def test_a_malformed_context_is_refused_clearly_and_stores_nothing(
@@ -79,7 +97,9 @@ def test_a_malformed_context_is_refused_clearly_and_stores_nothing(
     db = tmp_path / "state.db"
     result = run_cli(
         ["invoke", "-", "--e2b-url", "http://127.0.0.1:9", "--storage", f"sqlite:///{db}"],
-        stdin, {}, component_cache_dir,
+        stdin,
+        {},
+        component_cache_dir,
     )
     assert result.returncode == 2
     assert complaint in result.stderr
@@ -88,7 +108,11 @@ def test_a_malformed_context_is_refused_clearly_and_stores_nothing(
 
 
 def test_a_missing_api_key_is_a_usage_error(tmp_path: Path, component_cache_dir: Path) -> None:
-    result = run_cli(["invoke", "-", "--e2b-url", "http://127.0.0.1:9"], context(),
-                     {"E2B_API_KEY": ""}, component_cache_dir)
+    result = run_cli(
+        ["invoke", "-", "--e2b-url", "http://127.0.0.1:9"],
+        context(),
+        {"E2B_API_KEY": ""},
+        component_cache_dir,
+    )
     assert result.returncode == 2
     assert "E2B_API_KEY" in result.stderr

@@ -23,8 +23,13 @@ from tests.conftest import API_KEY
 pytestmark = pytest.mark.component
 
 
-def invocation(url: str, entity_id: str = "job-1", operation: str = "provision",
-               tenant: str = "acme", **config: str) -> Invocation:
+def invocation(
+    url: str,
+    entity_id: str = "job-1",
+    operation: str = "provision",
+    tenant: str = "acme",
+    **config: str,
+) -> Invocation:
     return Invocation(
         tenant=tenant,
         entity_type="CurationJob",
@@ -65,8 +70,9 @@ class Host:
         return self.runtime.invoke(invocation(self.url, entity_id, operation, **config))
 
 
-def make_host(loaded: LoadedComponent, url: str, storage: Any = None,
-              budgets: Budgets | None = None) -> Host:
+def make_host(
+    loaded: LoadedComponent, url: str, storage: Any = None, budgets: Budgets | None = None
+) -> Host:
     backend = storage if storage is not None else MemoryBackend()
     gateway = SpyGateway(url, API_KEY)
     telemetry = RecordingTelemetrySink()
@@ -86,8 +92,10 @@ def test_the_component_imports_exactly_the_projects_interfaces(
     loaded_component: LoadedComponent,
 ) -> None:
     imports = set(loaded_component.component.type.imports(loaded_component.engine))
-    expected = {f"temper:sandbox-provisioner/{name}@0.1.0"
-                for name in ("storage", "http", "clock", "randomness", "telemetry")}
+    expected = {
+        f"temper:sandbox-provisioner/{name}@0.1.0"
+        for name in ("storage", "http", "clock", "randomness", "telemetry")
+    }
     assert imports == expected
     exports = set(loaded_component.component.type.exports(loaded_component.engine))
     assert exports == {"temper:sandbox-provisioner/provisioner@0.1.0"}
@@ -140,9 +148,11 @@ def test_a_second_load_uses_the_compile_cache(component_path: Path, tmp_path: Pa
     warm = load_component(component_path, cache_dir=tmp_path)
     assert not cold.from_cache
     assert warm.from_cache
-    print(f"\ncomponent load: compile {cold.load_seconds * 1000:.0f} ms, "
-          f"cached {warm.load_seconds * 1000:.1f} ms "
-          f"({cold.load_seconds / warm.load_seconds:.0f}x)")
+    print(
+        f"\ncomponent load: compile {cold.load_seconds * 1000:.0f} ms, "
+        f"cached {warm.load_seconds * 1000:.1f} ms "
+        f"({cold.load_seconds / warm.load_seconds:.0f}x)"
+    )
 
 
 def test_a_corrupt_cache_entry_is_recompiled(component_path: Path, tmp_path: Path) -> None:
@@ -190,8 +200,9 @@ class SlowStorage(MemoryBackend):
 def test_the_deadline_interrupts_a_slow_invocation(
     loaded_component: LoadedComponent, mock_e2b: Any
 ) -> None:
-    slow = make_host(loaded_component, mock_e2b.url, storage=SlowStorage(),
-                     budgets=Budgets(deadline_ms=50))
+    slow = make_host(
+        loaded_component, mock_e2b.url, storage=SlowStorage(), budgets=Budgets(deadline_ms=50)
+    )
     outcome = slow.run()
     assert outcome.error is not None and outcome.error.code == "deadline_exceeded", outcome
 

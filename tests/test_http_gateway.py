@@ -51,8 +51,13 @@ def test_urls_outside_the_allow_list_are_denied_without_a_request(url: str) -> N
 def test_the_host_attaches_the_key_and_drops_the_guests_credentials() -> None:
     seen: list[httpx.Request] = []
     gw = gateway(echo_transport(seen))
-    gw.send(request("https://api.e2b.test/v1/sandboxes", ("X-API-Key", "guess"),
-                    ("Authorization", "Bearer x")))
+    gw.send(
+        request(
+            "https://api.e2b.test/v1/sandboxes",
+            ("X-API-Key", "guess"),
+            ("Authorization", "Bearer x"),
+        )
+    )
     sent = seen[0]
     assert sent.headers.get_list("x-api-key") == [KEY]
     assert "authorization" not in sent.headers

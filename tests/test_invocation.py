@@ -11,8 +11,15 @@ from provisioner.model import Invocation, ProvisionerError
 from provisioner.settings import SandboxSettings
 
 GOOD = Invocation(
-    tenant="acme", entity_type="CurationJob", entity_id="job-1", trigger_action="Submit",
-    trigger_params="{}", entity_state="{}", config=(), session_id=None, trace_id="t",
+    tenant="acme",
+    entity_type="CurationJob",
+    entity_id="job-1",
+    trigger_action="Submit",
+    trigger_params="{}",
+    entity_state="{}",
+    config=(),
+    session_id=None,
+    trace_id="t",
 )
 
 
@@ -38,8 +45,8 @@ def test_a_good_invocation_defaults_to_provision() -> None:
         ({"tenant": "a\x00b"}, "invalid_invocation"),
         ({"trigger_params": "{oops"}, "invalid_invocation"),
         ({"trigger_params": "[1]"}, "invalid_invocation"),
-        ({"entity_state": "\"text\""}, "invalid_invocation"),
-        ({"trigger_params": "{\"a\": \"" + "x" * 70_000 + "\"}"}, "invalid_invocation"),
+        ({"entity_state": '"text"'}, "invalid_invocation"),
+        ({"trigger_params": '{"a": "' + "x" * 70_000 + '"}'}, "invalid_invocation"),
         ({"config": (("operation", "explode"),)}, "unknown_operation"),
         ({"config": tuple((f"k{i}", "v") for i in range(65))}, "invalid_config"),
         ({"session_id": "s\x7f"}, "invalid_invocation"),
