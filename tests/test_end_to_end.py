@@ -1,4 +1,5 @@
-"""The built component end to end: through wasmtime, the host's imports and the mock E2B."""
+"""The guest end to end against the mock E2B: through the built component (wasmtime and
+the host's imports) and, for the behaviour both share, natively with the same services."""
 
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ import pytest
 
 from host.component_cache import LoadedComponent, load_component
 from host.http_gateway import HttpGateway
+from host.native_runtime import NativeRuntime
 from host.runtime import Budgets, ComponentRuntime, HostServices
 from host.storage.memory import MemoryBackend
 from host.telemetry import RecordingTelemetrySink
 from provisioner.model import Invocation, Outcome
 from provisioner.ports import Entry, HttpRequest, HttpResponse
 from tests.conftest import API_KEY
-
-pytestmark = pytest.mark.component
 
 
 def invocation(
@@ -60,7 +60,7 @@ class SpyGateway(HttpGateway):
 
 @dataclass
 class Host:
-    runtime: ComponentRuntime
+    runtime: ComponentRuntime | NativeRuntime
     storage: MemoryBackend
     gateway: SpyGateway
     telemetry: RecordingTelemetrySink
@@ -71,18 +71,26 @@ class Host:
 
 
 def make_host(
-    loaded: LoadedComponent, url: str, storage: Any = None, budgets: Budgets | None = None
+    loaded: LoadedComponent | None,
+    url: str,
+    storage: Any = None,
+    budgets: Budgets | None = None,
 ) -> Host:
+    """A component host, or a native one when `loaded` is None."""
     backend = storage if storage is not None else MemoryBackend()
     gateway = SpyGateway(url, API_KEY)
     telemetry = RecordingTelemetrySink()
-    runtime = ComponentRuntime(loaded, HostServices(backend, gateway, telemetry), budgets)
+    services = HostServices(backend, gateway, telemetry)
+    runtime: ComponentRuntime | NativeRuntime = (
+        NativeRuntime(services) if loaded is None else ComponentRuntime(loaded, services, budgets)
+    )
     return Host(runtime, backend, gateway, telemetry, url)
 
 
-@pytest.fixture
-def host(loaded_component: LoadedComponent, mock_e2b: Any) -> Iterator[Host]:
-    built = make_host(loaded_component, mock_e2b.url)
+@pytest.fixture(params=["component", "native"])
+def host(request: pytest.FixtureRequest, mock_e2b: Any) -> Iterator[Host]:
+    loaded = request.getfixturevalue("loaded_component") if request.param == "component" else None
+    built = make_host(loaded, mock_e2b.url)
     yield built
     built.runtime.close()
     built.gateway.close()
