@@ -55,6 +55,7 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
             storage_url=args.storage,
             account=args.account,
             component=args.component,
+            allow_private_network=args.allow_private_network,
         ) as runtime:
             outcome = runtime.invoke(with_api_url(invocation, args.e2b_url))
     except (FileNotFoundError, ValueError) as error:

@@ -36,7 +36,11 @@ def run_demo(*, storage_url: str | None, component: Path | None) -> int:
         storage = storage_url or f"sqlite:///{Path(scratch) / 'state.db'}"
         print(f"mock E2B at {mock.url}; storage {storage}")
         with open_runtime(
-            e2b_url=mock.url, api_key=DEMO_KEY, storage_url=storage, component=component
+            e2b_url=mock.url,
+            api_key=DEMO_KEY,
+            storage_url=storage,
+            component=component,
+            allow_private_network=True,
         ) as runtime:
             first = runtime.invoke(demo_invocation(mock.url, "provision"))
             print_outcome("provision", first)

@@ -39,11 +39,15 @@ def open_runtime(
     loaded: LoadedComponent | None = None,
     telemetry: TelemetrySink | None = None,
     budgets: Budgets | None = None,
+    allow_private_network: bool = False,
 ) -> Iterator[ComponentRuntime]:
-    """A ready runtime; closes its storage, HTTP client and epoch ticker on exit."""
+    """A ready runtime; closes its storage, HTTP client and epoch ticker on exit.
+
+    `allow_private_network` lets the E2B URL resolve to loopback or private addresses
+    (a mock E2B on this machine); a production host leaves it off."""
     loaded = loaded or load_component(component)
     storage = storage_from_uri(storage_url or default_storage_url())
-    gateway = HttpGateway(e2b_url, api_key)
+    gateway = HttpGateway(e2b_url, api_key, allow_private_network=allow_private_network)
     services = HostServices(
         storage=storage,
         http=gateway,

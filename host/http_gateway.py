@@ -8,6 +8,10 @@ that flows back.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -69,17 +73,68 @@ class AllowedBase:
         return None
 
 
+_RESOLVE_TTL_S = 30.0
+
+
+def _is_private(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+class AddressPolicy:
+    """Refuses an E2B host that resolves to a loopback, private or link-local address,
+    unless allowed (the mock E2B runs on loopback, so tests and simulations allow it)."""
+
+    def __init__(self, host: str, port: int, allow_private_network: bool) -> None:
+        self._host = host
+        self._port = port
+        self._allow = allow_private_network
+        self._lock = threading.Lock()
+        self._checked_at = -_RESOLVE_TTL_S
+        self._refusal: str | None = None
+
+    def refusal(self) -> str | None:
+        if self._allow:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at >= _RESOLVE_TTL_S:
+                self._refusal = self._resolve()
+                self._checked_at = now
+            return self._refusal
+
+    def _resolve(self) -> str | None:
+        try:
+            infos = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            return f"cannot resolve {self._host}: {error}"
+        for info in infos:
+            address = str(info[4][0])
+            if _is_private(address):
+                return (
+                    f"{self._host} resolves to the non-public address {address};"
+                    " allow it explicitly with allow_private_network"
+                )
+        return None
+
+
 class HttpGateway:
     def __init__(
         self,
         base_url: str,
         api_key: str,
         *,
+        allow_private_network: bool = False,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._allowed = AllowedBase.parse(base_url)
+        self._addresses = AddressPolicy(
+            self._allowed.host, self._allowed.port, allow_private_network
+        )
         self._api_key = api_key
         self._key_bytes = api_key.encode()
         self._max_response_bytes = max_response_bytes
@@ -100,6 +155,9 @@ class HttpGateway:
         if method not in _METHODS:
             raise HttpError(HttpErrorKind.INVALID_REQUEST, f"method {request.method!r} not allowed")
         refusal = self._allowed.check(request.url)
+        if refusal is not None:
+            raise HttpError(HttpErrorKind.DENIED, refusal)
+        refusal = self._addresses.refusal()
         if refusal is not None:
             raise HttpError(HttpErrorKind.DENIED, refusal)
         if len(request.body) > MAX_REQUEST_BYTES:

@@ -55,7 +55,15 @@ def test_invoke_provisions_reuses_and_releases(
     mock_e2b: Any, tmp_path: Path, component_path: Path, component_cache_dir: Path
 ) -> None:
     storage = f"sqlite:///{tmp_path / 'state.db'}"
-    args = ["invoke", "-", "--e2b-url", mock_e2b.url, "--storage", storage]
+    args = [
+        "invoke",
+        "-",
+        "--e2b-url",
+        mock_e2b.url,
+        "--storage",
+        storage,
+        "--allow-private-network",
+    ]
 
     first = run_cli(args, context(), {}, component_cache_dir)
     assert first.returncode == 0, first.stderr
@@ -116,3 +124,20 @@ def test_a_missing_api_key_is_a_usage_error(tmp_path: Path, component_cache_dir:
     )
     assert result.returncode == 2
     assert "E2B_API_KEY" in result.stderr
+
+
+def test_a_loopback_e2b_url_needs_the_explicit_setting(
+    mock_e2b: Any, tmp_path: Path, component_cache_dir: Path
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'state.db'}"
+    result = run_cli(
+        ["invoke", "-", "--e2b-url", mock_e2b.url, "--storage", storage],
+        context(),
+        {},
+        component_cache_dir,
+    )
+    assert result.returncode == 1
+    failure = json.loads(result.stdout)["error"]
+    assert failure["code"] == "e2b_denied"
+    assert "allow_private_network" in failure["message"]
+    assert mock_e2b.running_sandboxes() == []

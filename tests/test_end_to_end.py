@@ -47,7 +47,7 @@ class SpyGateway(HttpGateway):
     """Records what the guest asked for and what it got back."""
 
     def __init__(self, base_url: str, api_key: str) -> None:
-        super().__init__(base_url, api_key)
+        super().__init__(base_url, api_key, allow_private_network=True)
         self.requests: list[HttpRequest] = []
         self.responses: list[HttpResponse] = []
 

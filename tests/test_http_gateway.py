@@ -16,7 +16,9 @@ def request(url: str, *headers: tuple[str, str], method: str = "GET") -> HttpReq
 
 
 def gateway(handler: httpx.MockTransport, base: str = "https://api.e2b.test/v1") -> HttpGateway:
-    return HttpGateway(base, KEY, max_response_bytes=1000, transport=handler)
+    return HttpGateway(
+        base, KEY, max_response_bytes=1000, transport=handler, allow_private_network=True
+    )
 
 
 def echo_transport(seen: list[httpx.Request]) -> httpx.MockTransport:
@@ -117,3 +119,35 @@ def test_unknown_methods_are_invalid_requests() -> None:
     with pytest.raises(HttpError) as invalid:
         gateway(echo_transport([])).send(request("https://api.e2b.test/v1/x", method="TRACE"))
     assert invalid.value.kind is HttpErrorKind.INVALID_REQUEST
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://127.0.0.1:3000",
+        "http://10.1.2.3",
+        "http://192.168.0.10",
+        "http://[::1]:80",
+        "http://169.254.169.254",
+        "http://localhost:8080",
+        "http://0.0.0.0:80",
+    ],
+)
+def test_private_and_loopback_addresses_are_refused_unless_allowed(base: str) -> None:
+    seen: list[httpx.Request] = []
+    strict = HttpGateway(base, KEY, transport=echo_transport(seen))
+    with pytest.raises(HttpError) as denied:
+        strict.send(request(base + "/sandboxes"))
+    assert denied.value.kind is HttpErrorKind.DENIED
+    assert "allow_private_network" in denied.value.detail
+    assert seen == []
+    relaxed = HttpGateway(base, KEY, transport=echo_transport(seen), allow_private_network=True)
+    assert relaxed.send(request(base + "/sandboxes")).status == 200
+
+
+def test_a_public_address_is_allowed_by_default() -> None:
+    # The transport is a mock: nothing leaves this process.
+    seen: list[httpx.Request] = []
+    globally = HttpGateway("https://8.8.8.8", KEY, transport=echo_transport(seen))
+    assert globally.send(request("https://8.8.8.8/sandboxes")).status == 200
+    assert len(seen) == 1
