@@ -1,0 +1,50 @@
+"""Admission control inside the guest: fair leased gates in front of E2B creates.
+
+Gates: create slots (concurrent creates), create rate (GCRA), sandbox capacity (with
+multiplicative shrink on the concurrent-cap 429 and additive regrowth), a shared cooldown
+after 429/5xx, and a retry budget. Waiters queue FIFO per tenant, round-robin across
+tenants. All state lives in host storage (account scope) and changes only by
+compare-and-swap; see `state.py` for the stored representation.
+"""
+
+from provisioner.admission.config import AdmissionConfig
+from provisioner.admission.controller import AdmissionController
+from provisioner.admission.results import (
+    REASON_BACKOFF,
+    REASON_CAPACITY,
+    REASON_CREATE_SLOTS,
+    REASON_RATE,
+    REASON_STORAGE,
+    CapacityExhausted,
+    Created,
+    CreateFailed,
+    CreateResult,
+    Decision,
+    Grant,
+    Queued,
+    RateLimited,
+    Rejected,
+    Unavailable,
+    Waiter,
+)
+
+__all__ = [
+    "REASON_BACKOFF",
+    "REASON_CAPACITY",
+    "REASON_CREATE_SLOTS",
+    "REASON_RATE",
+    "REASON_STORAGE",
+    "AdmissionConfig",
+    "AdmissionController",
+    "CapacityExhausted",
+    "CreateFailed",
+    "CreateResult",
+    "Created",
+    "Decision",
+    "Grant",
+    "Queued",
+    "RateLimited",
+    "Rejected",
+    "Unavailable",
+    "Waiter",
+]

@@ -1,0 +1,85 @@
+"""The three gates a create must pass: create slots, create rate, sandbox capacity."""
+
+from __future__ import annotations
+
+import math
+
+from provisioner.admission.config import AdmissionConfig
+from provisioner.admission.state import GateState
+
+
+def slots_in_use(state: GateState) -> int:
+    return len(state.create_leases)
+
+
+def slots_free(state: GateState, config: AdmissionConfig) -> int:
+    return max(0, config.create_slots - slots_in_use(state))
+
+
+# Rate: GCRA. `rate_tat_ms` is when the next create would be due if creates ran exactly at
+# the rate; a create is allowed while it is at most `burst - 1` intervals in the future.
+
+
+def rate_available(state: GateState, config: AdmissionConfig, now_ms: int) -> int:
+    interval = config.rate_interval_ms
+    ahead = max(state.rate_tat_ms, now_ms) - now_ms
+    return max(0, math.floor((config.create_burst * interval - ahead) / interval + 1e-9))
+
+
+def rate_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, nth: int) -> int:
+    """How long until the nth create from now is allowed by the rate."""
+    interval = config.rate_interval_ms
+    due = max(state.rate_tat_ms, now_ms) + (nth - config.create_burst) * interval
+    return max(0, math.ceil(due - now_ms))
+
+
+def take_rate(state: GateState, config: AdmissionConfig, now_ms: int) -> None:
+    state.rate_tat_ms = max(state.rate_tat_ms, float(now_ms)) + config.rate_interval_ms
+
+
+def rate_in_use(state: GateState, config: AdmissionConfig, now_ms: int) -> int:
+    return config.create_burst - rate_available(state, config, now_ms)
+
+
+# Capacity: creates in flight count too, since each may become a running sandbox.
+
+
+def capacity_limit(state: GateState, config: AdmissionConfig) -> int:
+    if state.capacity is None:
+        return config.max_sandboxes
+    return max(1, min(state.capacity, config.max_sandboxes))
+
+
+def capacity_in_use(state: GateState) -> int:
+    return len(state.sandbox_leases) + len(state.create_leases)
+
+
+def capacity_free(state: GateState, config: AdmissionConfig) -> int:
+    return max(0, capacity_limit(state, config) - capacity_in_use(state))
+
+
+def tenant_has_room(state: GateState, config: AdmissionConfig, tenant: str) -> bool:
+    limit = config.max_sandboxes_per_tenant
+    return limit is None or state.tenant_in_use(tenant) < limit
+
+
+def shrink_capacity(state: GateState, config: AdmissionConfig) -> int:
+    """Multiplicative decrease to what was observed: the account is full at our current
+    count, so someone else holds the rest. Never below one. Call it after the failed
+    create's own lease was dropped."""
+    observed = len(state.sandbox_leases) + len(state.create_leases)
+    state.capacity = max(1, min(capacity_limit(state, config), observed))
+    state.success_streak = 0
+    return state.capacity
+
+
+def note_created(state: GateState, config: AdmissionConfig) -> None:
+    """Additive increase: one more after a run of successes, never above the configured."""
+    if state.capacity is None:
+        return
+    state.success_streak += 1
+    if state.success_streak >= config.capacity_grow_after:
+        state.success_streak = 0
+        state.capacity += 1
+        if state.capacity >= config.max_sandboxes:
+            state.capacity = None

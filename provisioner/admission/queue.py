@@ -1,0 +1,103 @@
+"""The fair queue: FIFO within a tenant, round-robin across tenants.
+
+Each waiting tenant has an entry in the ring with ticket counters; the ring is ordered by
+service: a tenant served moves to the back, a tenant that starts waiting joins at the
+back, so a tenant's first waiter is at most one round (one grant per other waiting
+tenant) behind. Waiters whose create failed retryably wait in `retries`, ahead of every
+fresh ticket, since they were already at the head. Positions come from the counters, so
+computing one costs O(tenants), whatever the number of waiters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from provisioner.admission.state import GateState, RetryEntry, TenantQueue
+
+# Out-of-order removals remembered per tenant; beyond this, only the head is served.
+MAX_SERVED_OUT_OF_ORDER = 64
+
+Eligible = Callable[[str], bool]
+
+
+def enqueue(state: GateState, tenant: str) -> int:
+    queue = state.queue_of(tenant)
+    if queue is None:
+        # A fresh entry starts past every ticket ever issued, so ticket keys never repeat.
+        queue = TenantQueue(tenant, state.ticket_epoch, state.ticket_epoch)
+        state.ring.append(queue)
+    ticket = queue.tail
+    queue.tail += 1
+    state.ticket_epoch = max(state.ticket_epoch, queue.tail)
+    return ticket
+
+
+def can_remove(queue: TenantQueue, ticket: int) -> bool:
+    return ticket == queue.head or len(queue.served) < MAX_SERVED_OUT_OF_ORDER
+
+
+def remove_ticket(state: GateState, tenant: str, ticket: int, *, served: bool) -> None:
+    """Take a ticket out; a served tenant moves to the back of the ring."""
+    queue = state.queue_of(tenant)
+    if queue is None or not queue.holds(ticket):
+        return
+    queue.remove(ticket)
+    if queue.length() <= 0:
+        state.ring.remove(queue)
+    elif served:
+        state.ring.remove(queue)
+        state.ring.append(queue)
+
+
+def ticket_at(queue: TenantQueue, index: int) -> int:
+    """The ticket `index` places behind the head (costs index + out-of-order removals)."""
+    served = set(queue.served)
+    ticket = queue.head
+    remaining = index
+    while True:
+        if ticket not in served:
+            if remaining == 0:
+                return ticket
+            remaining -= 1
+        ticket += 1
+
+
+def eligible_retries(state: GateState, eligible: Eligible, retry_tokens: float) -> list[RetryEntry]:
+    """Retries that may be granted now: tenant has room and the budget pays for them."""
+    affordable = int(retry_tokens + 1e-9)
+    chosen: list[RetryEntry] = []
+    for entry in state.retries:
+        if len(chosen) >= affordable:
+            break
+        if eligible(entry.tenant):
+            chosen.append(entry)
+    return chosen
+
+
+def fair_order(state: GateState, eligible: Eligible) -> Iterator[tuple[str, int]]:
+    """Fresh tickets in service order: round r serves each tenant's r-th ticket."""
+    queues = [q for q in state.ring if eligible(q.tenant)]
+    rounds = max((q.length() for q in queues), default=0)
+    for index in range(rounds):
+        for queue in queues:
+            if queue.length() > index:
+                yield queue.tenant, ticket_at(queue, index)
+
+
+def fresh_position(state: GateState, tenant: str, ticket: int, eligible: Eligible) -> int:
+    """1-based place of a fresh ticket among fresh tickets, counting eligible tenants only
+    (plus its own)."""
+    own = state.queue_of(tenant)
+    if own is None or not own.holds(ticket):
+        return 0
+    index = own.index_of(ticket)
+    position = index + 1
+    before = True
+    for queue in state.ring:
+        if queue is own:
+            before = False
+            continue
+        if not eligible(queue.tenant):
+            continue
+        position += min(queue.length(), index + 1 if before else index)
+    return position

@@ -1,0 +1,102 @@
+"""What admission control answers, and what a granted create came back with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from provisioner.model import Failure
+
+# Why a waiter is still waiting; each names the gate that holds it back.
+REASON_CREATE_SLOTS = "create_slots"
+REASON_RATE = "rate"
+REASON_CAPACITY = "capacity"
+REASON_BACKOFF = "backoff"
+REASON_STORAGE = "storage"
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    """One entity asking for a sandbox; `entity` is unique within its tenant."""
+
+    tenant: str
+    entity: str
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Permission to send ONE create request now; settle it with its outcome."""
+
+    lease_id: str
+    attempt: int
+    queued_ms: int
+    expires_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    position: int
+    queue_length: int
+    in_use: int
+    limit: int
+    reason: str
+    retry_after_ms: int
+    eta_ms: int
+    waited_ms: int
+
+    def params(self) -> dict[str, object]:
+        """The SandboxQueued outcome params."""
+        return {
+            "position": self.position,
+            "queue_length": self.queue_length,
+            "in_use": self.in_use,
+            "limit": self.limit,
+            "reason": self.reason,
+            "retry_after_ms": self.retry_after_ms,
+            "eta_ms": self.eta_ms,
+            "waited_ms": self.waited_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    failure: Failure
+
+
+Decision = Grant | Queued | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    sandbox_id: str
+    sandbox_timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    """A 429 from the route rate limiter; `retry_after_ms` from its headers when sent."""
+
+    retry_after_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityExhausted:
+    """The account's concurrent-sandbox cap: someone else shares the account."""
+
+    reported_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """5xx, timeout or connection error: the create may or may not have happened."""
+
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateFailed:
+    """A non-retryable answer (401, 400, ...)."""
+
+    failure: Failure
+
+
+CreateResult = Created | RateLimited | CapacityExhausted | Unavailable | CreateFailed

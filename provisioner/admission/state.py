@@ -1,0 +1,207 @@
+"""The stored representation: one small account gate document plus one key per waiter.
+
+The gate document holds everything a limit depends on, so a single compare-and-swap
+decides a grant atomically: the create and sandbox leases (at most `create_slots` and
+`max_sandboxes` of them), the rate and backoff clocks, the retry budget, and the fair
+queue as per-tenant ticket counters (bounded by the number of waiting tenants, never by
+the number of waiters). Each waiter has its own record key and each queued ticket its own
+liveness key, both with a TTL, so a waiter that stops polling vanishes by itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+GATE_KEY = "adm/gate"
+
+
+def waiter_key(tenant: str, entity: str) -> str:
+    return f"adm/w/{quote(tenant, safe='')}/{quote(entity, safe='')}"
+
+
+def ticket_key(tenant: str, ticket: int) -> str:
+    return f"adm/t/{quote(tenant, safe='')}/{ticket}"
+
+
+@dataclass(slots=True)
+class CreateLease:
+    lease_id: str
+    tenant: str
+    entity: str
+    expires_ms: int
+    started_ms: int
+    attempt: int
+
+
+@dataclass(slots=True)
+class SandboxLease:
+    lease_id: str
+    tenant: str
+    entity: str
+    expires_ms: int
+    started_ms: int
+    sandbox_id: str
+
+
+@dataclass(slots=True)
+class TenantQueue:
+    """Tickets head..tail-1 of one tenant, minus those served out of order."""
+
+    tenant: str
+    head: int
+    tail: int
+    served: list[int] = field(default_factory=list)
+
+    def length(self) -> int:
+        return self.tail - self.head - len(self.served)
+
+    def holds(self, ticket: int) -> bool:
+        return self.head <= ticket < self.tail and ticket not in self.served
+
+    def index_of(self, ticket: int) -> int:
+        return ticket - self.head - sum(1 for s in self.served if s < ticket)
+
+    def remove(self, ticket: int) -> None:
+        if ticket == self.head:
+            self.head += 1
+        elif self.holds(ticket):
+            self.served.append(ticket)
+        self.served.sort()
+        while self.served and self.served[0] <= self.head:
+            if self.served[0] == self.head:
+                self.head += 1
+            self.served.pop(0)
+
+
+@dataclass(slots=True)
+class RetryEntry:
+    """A waiter whose create failed retryably: it keeps its place ahead of fresh tickets."""
+
+    tenant: str
+    entity: str
+    attempt: int
+    since_ms: int
+
+
+@dataclass(slots=True)
+class GateState:
+    create_leases: list[CreateLease] = field(default_factory=list)
+    sandbox_leases: list[SandboxLease] = field(default_factory=list)
+    # GCRA theoretical arrival time of the next create.
+    rate_tat_ms: float = 0.0
+    cooldown_until_ms: int = 0
+    backoff_failures: int = 0
+    # Effective capacity after a concurrent-cap 429 (None: the configured maximum).
+    capacity: int | None = None
+    success_streak: int = 0
+    retry_tokens: float | None = None
+    retry_refilled_ms: int = 0
+    ring: list[TenantQueue] = field(default_factory=list)
+    retries: list[RetryEntry] = field(default_factory=list)
+    ticket_epoch: int = 0
+    latency_ms: int | None = None
+    hold_ms: int | None = None
+    grants: int = 0
+
+    def queue_of(self, tenant: str) -> TenantQueue | None:
+        for queue in self.ring:
+            if queue.tenant == tenant:
+                return queue
+        return None
+
+    def retry_of(self, tenant: str, entity: str) -> RetryEntry | None:
+        for entry in self.retries:
+            if entry.tenant == tenant and entry.entity == entity:
+                return entry
+        return None
+
+    def create_lease(self, lease_id: str) -> CreateLease | None:
+        for lease in self.create_leases:
+            if lease.lease_id == lease_id:
+                return lease
+        return None
+
+    def tenant_in_use(self, tenant: str) -> int:
+        return sum(1 for c in self.create_leases if c.tenant == tenant) + sum(
+            1 for s in self.sandbox_leases if s.tenant == tenant
+        )
+
+    def waiting(self) -> int:
+        return len(self.retries) + sum(q.length() for q in self.ring)
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {
+            "c": [
+                [c.lease_id, c.tenant, c.entity, c.expires_ms, c.started_ms, c.attempt]
+                for c in self.create_leases
+            ],
+            "s": [
+                [s.lease_id, s.tenant, s.entity, s.expires_ms, s.started_ms, s.sandbox_id]
+                for s in self.sandbox_leases
+            ],
+            "r": round(self.rate_tat_ms, 3),
+            "cd": self.cooldown_until_ms,
+            "bf": self.backoff_failures,
+            "cap": self.capacity,
+            "ok": self.success_streak,
+            "rb": None if self.retry_tokens is None else round(self.retry_tokens, 4),
+            "rbt": self.retry_refilled_ms,
+            "q": [[q.tenant, q.head, q.tail, q.served] for q in self.ring],
+            "rq": [[e.tenant, e.entity, e.attempt, e.since_ms] for e in self.retries],
+            "ep": self.ticket_epoch,
+            "lat": self.latency_ms,
+            "hold": self.hold_ms,
+            "n": self.grants,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> GateState:
+        doc = json.loads(raw)
+        return cls(
+            create_leases=[CreateLease(*item) for item in doc["c"]],
+            sandbox_leases=[SandboxLease(*item) for item in doc["s"]],
+            rate_tat_ms=float(doc["r"]),
+            cooldown_until_ms=int(doc["cd"]),
+            backoff_failures=int(doc["bf"]),
+            capacity=doc["cap"],
+            success_streak=int(doc["ok"]),
+            retry_tokens=doc["rb"],
+            retry_refilled_ms=int(doc["rbt"]),
+            ring=[TenantQueue(t, h, tl, list(s)) for t, h, tl, s in doc["q"]],
+            retries=[RetryEntry(*item) for item in doc["rq"]],
+            ticket_epoch=int(doc["ep"]),
+            latency_ms=doc["lat"],
+            hold_ms=doc["hold"],
+            grants=int(doc["n"]),
+        )
+
+
+# Waiter record states.
+QUEUED = "q"
+RETRYING = "r"
+CREATING = "c"
+HOLDING = "h"
+
+
+@dataclass(slots=True)
+class WaiterRecord:
+    state: str
+    since_ms: int
+    attempt: int
+    ticket: int = -1
+    lease_id: str = ""
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            [self.state, self.since_ms, self.attempt, self.ticket, self.lease_id],
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> WaiterRecord:
+        state, since, attempt, ticket, lease = json.loads(raw)
+        return cls(str(state), int(since), int(attempt), int(ticket), str(lease))
