@@ -158,6 +158,7 @@ class MockE2BConfig:
     # Sandbox lifetime bounds, seconds (E2B: default 300, at most 24 h on Pro).
     default_timeout_s: int = 300
     max_timeout_s: int = 86_400
+    # Rules; JSON objects and command-line strings are accepted too and turned into rules.
     faults: tuple[FaultRule, ...] = ()
     hang_s: float = 3600.0
     slow_body_ms: float = 2000.0
@@ -183,8 +184,8 @@ class MockE2BConfig:
             raise ValueError(f"create_overload_mode must be one of {OVERLOAD_MODES}")
         if self.default_timeout_s <= 0 or self.max_timeout_s < self.default_timeout_s:
             raise ValueError("need 0 < default_timeout_s <= max_timeout_s")
-        if not all(isinstance(rule, FaultRule) for rule in self.faults):
-            raise TypeError("faults must be FaultRule values (see coerce_faults)")
+        # Faults may be given as rules, JSON objects or command-line strings.
+        object.__setattr__(self, "faults", coerce_faults(self.faults))
 
     def replace(self, **changes: Any) -> MockE2BConfig:
         """A copy with ``changes``; faults may be given as rules, dicts or CLI strings."""
@@ -192,8 +193,6 @@ class MockE2BConfig:
         unknown = set(changes) - known
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        if "faults" in changes:
-            changes["faults"] = coerce_faults(changes["faults"])
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:

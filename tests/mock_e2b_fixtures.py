@@ -1,0 +1,89 @@
+"""Shared helpers for the mock E2B server's tests (import them explicitly)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from host.mock_e2b import MockE2BConfig, MockE2BServer
+
+API_KEY = "e2b_test"
+
+
+class SteerableClock:
+    """Real monotonic time plus an offset tests can move forward, so expiry, the kill lag
+    and the rate limiter can be stepped over without sleeping."""
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return time.monotonic() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._offset += seconds
+
+
+class FrozenClock:
+    """A clock that moves only when told to (exact GCRA arithmetic in tests)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@contextmanager
+def running_mock(
+    clock: Callable[[], float] | None = None, **config: Any
+) -> Iterator[MockE2BServer]:
+    config.setdefault("api_key", API_KEY)
+    kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
+    with MockE2BServer(MockE2BConfig(**config), **kwargs) as server:
+        yield server
+
+
+def client(server: MockE2BServer, timeout: float = 10.0) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=timeout)
+
+
+def create(http: httpx.Client, key: str | None = None, **body: Any) -> httpx.Response:
+    body.setdefault("templateID", "base")
+    headers = {} if key is None else {"Idempotency-Key": key}
+    return http.post("/v2/sandboxes", json=body, headers=headers)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Waits for a condition on the server's state (its stats have no change event)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Runs ``fn`` in a thread; the list receives its result or exception."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
