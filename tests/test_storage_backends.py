@@ -297,6 +297,10 @@ def test_ttl_boundary_with_injected_clock(kind: str, tmp_path: Path) -> None:
     assert b.get(NS, "lease") == Entry(b"held", version)
     clock.now += 1
     assert b.get(NS, "lease") is None
+    with pytest.raises(StorageConflict):
+        b.compare_and_swap(NS, "lease", version, b"renewed at the expiry instant", 100)
+    assert b.delete(NS, "lease", version) is False
+    assert b.compare_and_swap(NS, "lease", None, b"taken over", 100) != version
     assert b.now_ms() == clock.now
     b.close()
 

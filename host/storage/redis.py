@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -147,7 +147,8 @@ class RedisBackend:
             raise ValueError(f"clock_refresh_ms must be an integer in {url!r}") from None
         return cls(
             client,
-            key_prefix=unquote(own.get("key_prefix", DEFAULT_KEY_PREFIX)),
+            # parse_qsl has already percent-decoded the value: decoding again would be wrong.
+            key_prefix=own.get("key_prefix", DEFAULT_KEY_PREFIX),
             clock_refresh_ms=refresh,
         )
 
