@@ -185,11 +185,12 @@ class RedisServer:
 
     def _drain(self, process: subprocess.Popen[str], outcome: _StartOutcome) -> None:
         assert process.stdout is not None
-        for line in process.stdout:
-            self._log.append(line)
-            if _READY_LINE in line:
-                outcome.ready = True
-                outcome.decided.set()
+        with process.stdout:
+            for line in process.stdout:
+                self._log.append(line)
+                if _READY_LINE in line:
+                    outcome.ready = True
+                    outcome.decided.set()
         # Output ended, so the process did: wake a starter still waiting for readiness.
         outcome.decided.set()
 
