@@ -419,6 +419,13 @@ def test_uri_sqlite_absolute_creates_parent_directories(tmp_path: Path) -> None:
     assert path.is_file()
 
 
+def test_uri_sqlite_four_slashes_is_the_same_absolute_path(tmp_path: Path) -> None:
+    backend = storage_from_uri(f"sqlite:///{tmp_path}/state.db")
+    assert isinstance(backend, SqliteBackend)
+    assert backend.path == tmp_path / "state.db"
+    backend.close()
+
+
 def test_uri_sqlite_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     backend = storage_from_uri("sqlite://state/relative.db")

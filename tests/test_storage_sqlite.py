@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import sqlite3
+import subprocess
+import sys
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
@@ -147,4 +150,28 @@ def test_expired_rows_are_purged_lazily(tmp_path: Path) -> None:
     rows = sqlite3.connect(path).execute("SELECT count(*) FROM entries").fetchone()[0]
     assert rows == 1
     assert backend.keys(NS) == ["ticker"]
+    backend.close()
+
+
+_DIE_MID_WRITE = """
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("UPDATE entries SET value = x'68616c66', version = version + 1000")
+conn.execute("UPDATE meta SET value = value + 1000")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_process_killed_mid_write_leaves_no_partial_write_and_no_lock(tmp_path: Path) -> None:
+    """Bug caught (issue 6, kill -9 a host): a crashed writer leaving a half-applied write
+    or a write lock that blocks every other host."""
+    path = tmp_path / "state.db"
+    backend = SqliteBackend(path, busy_timeout_ms=2_000)
+    version = backend.compare_and_swap(NS, "k", None, b"whole", None)
+    crashed = subprocess.run([sys.executable, "-c", _DIE_MID_WRITE, str(path)], check=False)
+    assert crashed.returncode == -signal.SIGKILL
+    assert backend.get(NS, "k") == Entry(b"whole", version)
+    after = backend.compare_and_swap(NS, "k", version, b"next", None)
+    assert after < version + 1000, "the crashed writer's counter bump must not survive"
     backend.close()

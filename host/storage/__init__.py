@@ -2,7 +2,8 @@
 
 Accepted URIs:
 - `memory://` — in-process (`MemoryBackend`); nothing after the scheme is allowed.
-- `sqlite:///abs/path/state.db` — a SQLite file at an absolute path (`SqliteBackend`).
+- `sqlite:///abs/path/state.db` — a SQLite file at an absolute path (`SqliteBackend`);
+  `sqlite:////abs/path/state.db` (SQLAlchemy's spelling) means the same file.
 - `sqlite://relative/path/state.db` — a SQLite file relative to the current directory.
   Parent directories are created. Option: `?busy_timeout_ms=N` (default 5000), how long
   a writer waits for another writer's lock before StorageUnavailable.
@@ -55,6 +56,9 @@ def storage_from_uri(uri: str, *, clock: Callable[[], int] | None = None) -> Sto
 def _sqlite_from_uri(uri: str, clock: Callable[[], int] | None) -> SqliteBackend:
     parts = urlsplit(uri)
     path = parts.netloc + parts.path
+    if path.startswith("//"):
+        # `sqlite:////abs/path` (SQLAlchemy's spelling of an absolute path) means /abs/path.
+        path = "/" + path.lstrip("/")
     if not path or path == "/":
         raise ValueError(f"sqlite URI names no file: {uri!r}")
     if parts.fragment:
