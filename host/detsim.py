@@ -327,6 +327,53 @@ class Simulation:
         self._note(result, "released")
 
 
+class Harness:
+    """Shared storage and virtual clock, with a fresh controller per invocation: the
+    building block of the unit, stateful and concurrency tests."""
+
+    def __init__(
+        self,
+        config: AdmissionConfig | None = None,
+        *,
+        seed: int = 0,
+        backend: Any = None,
+    ) -> None:
+        self.config = config or AdmissionConfig()
+        self.clock = ManualClock(START_MS)
+        self.backend = backend if backend is not None else MemoryBackend(self.clock.now_ms)
+        self.random = SeededRandom(seed)
+        self.telemetry = RecordingTelemetry()
+
+    def controller(self, tenant: str, config: AdmissionConfig | None = None) -> AdmissionController:
+        ports = native_ports(
+            self.backend,
+            tenant=tenant,
+            account=ACCOUNT,
+            http=_NoHttp(),
+            clock=self.clock,
+            random=self.random,
+            telemetry=self.telemetry,
+        )
+        return AdmissionController(ports, config or self.config)
+
+    def admit(self, waiter: Waiter) -> Grant | Queued | Rejected:
+        return self.controller(waiter.tenant).admit(waiter)
+
+    def settle(
+        self, waiter: Waiter, grant: Grant, result: CreateResult
+    ) -> Grant | Queued | Rejected | None:
+        return self.controller(waiter.tenant).settle(waiter, grant, result)
+
+    def release(self, waiter: Waiter) -> bool:
+        return self.controller(waiter.tenant).release(waiter)
+
+    def status(self, tenant: str = "tenant-a") -> dict[str, Any]:
+        return self.controller(tenant).status(tenant)
+
+    def advance(self, ms: int) -> None:
+        self.clock.advance(ms)
+
+
 def uniform_sessions(
     count: int, *, tenant: str = "tenant-a", hold_ms: int = 20_000, arrive_ms: int = 0
 ) -> list[SessionSpec]:

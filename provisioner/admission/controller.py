@@ -140,10 +140,12 @@ class AdmissionController:
     def release(self, waiter: Waiter) -> bool:
         """Free everything the waiter holds or waits for; True when something was held."""
         try:
-            return self._retrying(lambda: self._release(waiter))
+            held = self._retrying(lambda: self._release(waiter))
         except Exception as error:  # fail closed: held leases expire on their own
             self._log(LogLevel.WARN, f"admission release failed: {error!r}")
-            return False
+            held = False
+        self._emit(waiter, "release", held)
+        return held
 
     def status(self, tenant: str) -> dict[str, Any]:
         """A JSON-serialisable snapshot of every gate for the tenant and the account."""
@@ -322,22 +324,27 @@ class AdmissionController:
                     retryable=True,
                 )
             )
-        front = self._front(state, now)
         mine = self._key_of(waiter, place)
-        if mine in front and self._removable(state, waiter, place):
-            return self._grant(waiter, loaded, place)
-        if front and self._skip_dead(state, front, mine):
-            self._save_gate(loaded)
-            raise _Again("skipped dead waiters ahead")
+        skipped = False
+        # Each pass drops at least one dead waiter from the front, so it ends.
+        for _ in range(config.create_slots + len(state.retries) + 2):
+            front = self._front(state, now)
+            if mine in front and self._removable(state, waiter, place):
+                return self._grant(waiter, loaded, place)
+            if not front or not self._skip_dead(state, front, mine):
+                break
+            skipped = True
         queued = self._queued(state, now, waiter, place)
         ttl = queued.retry_after_ms + config.waiter_ttl_ms
         fresh = loaded.record is None or not self._record_matches(loaded.record, place)
-        if fresh:
+        if fresh or skipped:
             self._save_gate(loaded)
         state_name = RETRYING if place.retry is not None else QUEUED
-        record = WaiterRecord(state_name, place.since_ms, place.attempt, place.ticket)
+        record = WaiterRecord(
+            state_name, place.since_ms, place.attempt, place.ticket, "", now + ttl
+        )
         try:
-            self._save_record(waiter, loaded, record, ttl)
+            self._save_record(waiter, loaded, record, ttl + config.queue_timeout_ms)
         except StorageConflict:
             # Another invocation of this waiter moved first; a ticket made here has no
             # liveness key, so it is skipped as dead.
@@ -463,7 +470,12 @@ class AdmissionController:
             if kind == "r":
                 tenant, entity = name.split("\x00", 1)
                 entry = storage.get(_A, waiter_key(tenant, entity))
-                alive = entry is not None and WaiterRecord.from_bytes(entry.value).state == RETRYING
+                record = None if entry is None else WaiterRecord.from_bytes(entry.value)
+                alive = (
+                    record is not None
+                    and record.state == RETRYING
+                    and record.alive_until_ms > self._ports.clock.now_ms()
+                )
                 if not alive:
                     state.retries = [
                         e for e in state.retries if (e.tenant, e.entity) != (tenant, entity)
@@ -639,11 +651,12 @@ class AdmissionController:
                 queued, REASON_CAPACITY, capacity_in_use(state), capacity_limit(state, config)
             )
         self._save_gate(loaded)
+        ttl = queued.retry_after_ms + config.waiter_ttl_ms
         self._write_record(
             waiter,
             loaded,
-            WaiterRecord(RETRYING, since, attempt),
-            queued.retry_after_ms + config.waiter_ttl_ms,
+            WaiterRecord(RETRYING, since, attempt, -1, "", now + ttl),
+            ttl + config.queue_timeout_ms,
         )
         return queued
 

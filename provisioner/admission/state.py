@@ -189,19 +189,31 @@ HOLDING = "h"
 
 @dataclass(slots=True)
 class WaiterRecord:
+    """A waiter's own key. It outlives the waiter's liveness (`alive_until_ms`) by the
+    queue timeout, so a waiter that comes back after being dropped keeps its first
+    `since_ms`: dying and returning cannot dodge the queue timeout."""
+
     state: str
     since_ms: int
     attempt: int
     ticket: int = -1
     lease_id: str = ""
+    alive_until_ms: int = 0
 
     def to_bytes(self) -> bytes:
         return json.dumps(
-            [self.state, self.since_ms, self.attempt, self.ticket, self.lease_id],
+            [
+                self.state,
+                self.since_ms,
+                self.attempt,
+                self.ticket,
+                self.lease_id,
+                self.alive_until_ms,
+            ],
             separators=(",", ":"),
         ).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> WaiterRecord:
-        state, since, attempt, ticket, lease = json.loads(raw)
-        return cls(str(state), int(since), int(attempt), int(ticket), str(lease))
+        state, since, attempt, ticket, lease, alive = json.loads(raw)
+        return cls(str(state), int(since), int(attempt), int(ticket), str(lease), int(alive))
