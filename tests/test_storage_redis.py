@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from host.storage.redis import RedisBackend
 from host.storage.redis_server import RedisServer, find_redis_server
@@ -269,6 +270,27 @@ def test_cached_clock_never_goes_back_and_survives_an_outage(server: RedisServer
     during = [backend.now_ms() for _ in range(50)]
     assert during == sorted(during)
     assert during[0] >= readings[-1]
+    backend.close()
+
+
+def test_unreachable_clock_is_not_asked_again_before_the_refresh_interval(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bug caught: every clock read retrying TIME against a hung Redis, each waiting out a
+    socket timeout (the guest reads the clock often)."""
+    backend = RedisBackend.from_url(f"{server.url}?clock_refresh_ms=60000")
+    attempts = []
+
+    def hung() -> tuple[int, int]:
+        attempts.append(1)
+        raise redis.TimeoutError("simulated hung server")
+
+    monkeypatch.setattr(backend.client, "time", hung)
+    wall_before = time.time_ns() // 1_000_000
+    readings = [backend.now_ms() for _ in range(50)]
+    assert len(attempts) == 1
+    assert readings == sorted(readings)
+    assert readings[0] >= wall_before, "with no server time yet, the local wall clock"
     backend.close()
 
 

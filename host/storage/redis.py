@@ -117,7 +117,7 @@ class RedisBackend:
         self._clock_lock = threading.Lock()
         # server_ms = local monotonic ns / 1e6 + offset; None until Redis first answers TIME.
         self._offset_ms: float | None = None
-        self._offset_taken_ns = 0
+        self._refresh_due_ns = 0
         self._last_now_ms = 0
 
     @classmethod
@@ -211,8 +211,7 @@ class RedisBackend:
 
     def now_ms(self) -> int:
         with self._clock_lock:
-            since_refresh_ns = time.monotonic_ns() - self._offset_taken_ns
-            if self._offset_ms is None or since_refresh_ns >= self._clock_refresh_ns:
+            if time.monotonic_ns() >= self._refresh_due_ns:
                 self._refresh_offset()
             offset = self._offset_ms
             if offset is None:
@@ -227,18 +226,17 @@ class RedisBackend:
 
     def _refresh_offset(self) -> None:
         before = time.monotonic_ns()
+        # Due again one interval later even when this attempt fails, so that an unreachable
+        # or hung Redis does not stall every clock read for a socket timeout.
+        self._refresh_due_ns = before + self._clock_refresh_ns
         try:
             seconds, micros = self._client.time()
         except redis.RedisError:
-            # Keep the last offset; ask again only after the next refresh interval, so a
-            # hung Redis does not stall every clock read for a socket timeout.
-            self._offset_taken_ns = before
-            return
+            return  # keep the last offset
         after = time.monotonic_ns()
         server_ms = seconds * 1000 + micros / 1000
         # The server read its clock somewhere in the round trip: assume the middle.
         self._offset_ms = server_ms - (before + after) / 2 / 1_000_000
-        self._offset_taken_ns = after
 
     def _entry_key(self, namespace: str, key: str) -> bytes:
         # Percent-encoding keeps ':' in a namespace from reaching into another namespace.
