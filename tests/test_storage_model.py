@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from host.storage.base import StorageBackend
@@ -135,7 +135,6 @@ def _delete(backend: StorageBackend, ns: str, key: str, version: int | None) -> 
         return "conflict"
 
 
-@settings(max_examples=150, deadline=None)
 @given(ops=clocked_ops)
 def test_sqlite_matches_the_reference(ops: list[tuple[object, ...]]) -> None:
     clock = [1_000_000]
@@ -158,7 +157,6 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-@settings(max_examples=100, deadline=None)
 @given(ops=redis_ops)
 def test_redis_matches_the_reference(
     redis_server: RedisServer, ops: list[tuple[object, ...]]
