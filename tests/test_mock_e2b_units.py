@@ -120,7 +120,7 @@ def test_config_defaults_are_permissive_and_bad_values_are_refused() -> None:
         {"create_latency_ms": -1},
     ):
         with pytest.raises(ValueError):
-            MockE2BConfig(**bad)  # type: ignore[arg-type]
+            MockE2BConfig(**bad)
     with pytest.raises(ValueError):
         config.replace(no_such_field=1)
 
