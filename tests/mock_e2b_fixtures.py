@@ -65,15 +65,6 @@ def create(http: httpx.Client, key: str | None = None, **body: Any) -> httpx.Res
     return http.post("/v2/sandboxes", json=body, headers=headers)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Waits for a condition on the server's state (its stats have no change event)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     """Runs ``fn`` in a thread; the list receives its result or exception."""
     out: list[Any] = []

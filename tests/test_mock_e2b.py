@@ -22,7 +22,6 @@ from tests.mock_e2b_fixtures import (
     create,
     in_thread,
     running_mock,
-    wait_until,
 )
 
 CLOCK = SteerableClock()
@@ -305,7 +304,7 @@ def test_concurrent_creates_past_the_cap_are_refused_in_reject_mode() -> None:
     # Catches a concurrent-create cap that is not enforced, or enforced on finished creates.
     with running_mock(max_concurrent_creates=2, create_latency_ms=60_000) as server:
         holders = [in_thread(lambda: create(client(server))) for _ in range(2)]
-        wait_until(lambda: server.stats().creates_in_flight == 2)
+        server.wait_for(lambda s: s.creates_in_flight == 2)
         with client(server) as http:
             refused = create(http)
         assert refused.status_code == 429
@@ -323,7 +322,7 @@ def test_concurrent_creates_past_the_cap_wait_then_time_out_in_slow_mode() -> No
     with running_mock(max_concurrent_creates=1, create_overload_mode="slow",
                       create_overload_timeout_ms=200, create_latency_ms=60_000) as server:
         holder = in_thread(lambda: create(client(server)))
-        wait_until(lambda: server.stats().creates_in_flight == 1)
+        server.wait_for(lambda s: s.creates_in_flight == 1)
         with client(server) as http:
             timed_out = create(http)
             assert timed_out.status_code == 504
@@ -561,3 +560,15 @@ def test_server_stops_cleanly_and_frees_its_port() -> None:
     assert set(threading.enumerate()) <= before
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", port))
+
+
+def test_wait_for_wakes_on_a_change_and_times_out_otherwise(server: MockE2BServer) -> None:
+    # Catches a wait_for that misses notifications (it would time out here).
+    waiter = in_thread(lambda: server.wait_for(lambda s: s.sandboxes_created == 3, timeout=10))
+    with client(server) as http:
+        for _ in range(3):
+            create(http)
+    waiter[0].join()
+    assert waiter[1][0].sandboxes_created == 3
+    with pytest.raises(TimeoutError):
+        server.wait_for(lambda s: s.sandboxes_created == 99, timeout=0.1)

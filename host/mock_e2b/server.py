@@ -7,6 +7,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -165,6 +166,13 @@ class MockE2BServer:
 
     def stats(self) -> MockE2BStats:
         return self._state.stats()
+
+    def wait_for(
+        self, predicate: Callable[[MockE2BStats], bool], timeout: float = 10.0
+    ) -> MockE2BStats:
+        """Blocks until ``predicate(stats)`` holds and returns those stats, e.g.
+        ``server.wait_for(lambda s: s.creates_in_flight == 4)``; TimeoutError otherwise."""
+        return self._state.wait_for(predicate, timeout)
 
     def running_sandboxes(self) -> list[dict[str, Any]]:
         """Running sandboxes: sandbox_id, template_id, metadata, started_at, end_at,

@@ -13,7 +13,8 @@ import string
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,7 @@ from host.mock_e2b.stats import MockE2BStats
 
 Clock = Callable[[], float]
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+_RECHECK_S = 0.05
 
 
 @dataclass
@@ -70,6 +72,9 @@ class MockState:
 
     def __init__(self, config: MockE2BConfig, clock: Clock = time.monotonic) -> None:
         self._lock = threading.Lock()
+        # Signalled after every change, for wait_for; separate from _lock so a waiter can
+        # read stats while holding it.
+        self._changed = threading.Condition()
         self._clock = clock
         self._config = config
         self._clear(config)
@@ -106,7 +111,7 @@ class MockState:
             return self._config
 
     def configure(self, config: MockE2BConfig) -> None:
-        with self._lock:
+        with self._mutating():
             old = self._config
             self._config = config
             if (old.create_rate_per_s, old.create_burst) != (
@@ -121,11 +126,8 @@ class MockState:
 
     def reset(self) -> None:
         """Forget every sandbox, key and counter; restart the seeded streams."""
-        with self._lock:
+        with self._mutating():
             self._clear(self._config)
-
-    def now(self) -> float:
-        return self._clock()
 
     def wall_time(self, clock_time: float) -> datetime:
         return datetime.fromtimestamp(self._wall_origin + clock_time - self._clock_origin, UTC)
@@ -134,26 +136,26 @@ class MockState:
 
     def count_request(self, route: str) -> int:
         """Counts a request on ``route`` and returns its number there (from 1)."""
-        with self._lock:
+        with self._mutating():
             self._counters.requests_total += 1
             self._ordinals[route] += 1
             self._sweep(self._clock())
             return self._ordinals[route]
 
     def count_unauthorized(self) -> None:
-        with self._lock:
+        with self._mutating():
             self._counters.requests_total += 1
             self._counters.unauthorized += 1
 
     def count_bad_request(self, new_request: bool = False) -> None:
         """Counts a 400; ``new_request`` when ``count_request`` did not count it already."""
-        with self._lock:
+        with self._mutating():
             self._counters.bad_requests += 1
             if new_request:
                 self._counters.requests_total += 1
 
     def pick_fault(self, route: str, ordinal: int, after_create: bool) -> FaultRule | None:
-        with self._lock:
+        with self._mutating():
             rule = self._faults.pick(self._config.faults, route, ordinal, after_create)
             if rule is not None:
                 name = f"{rule.status}" if rule.kind == "status" else rule.kind
@@ -170,7 +172,7 @@ class MockState:
     # -- creates -------------------------------------------------------------------------
 
     def begin_create(self) -> None:
-        with self._lock:
+        with self._mutating():
             counters = self._counters
             counters.creates_attempted += 1
             counters.creates_in_flight += 1
@@ -179,26 +181,20 @@ class MockState:
             )
 
     def end_create(self) -> None:
-        with self._lock:
+        with self._mutating():
             self._counters.creates_in_flight -= 1
 
-    def creates_past_cap(self) -> bool:
-        """Whether more create requests are in flight than the cap allows (this one included)."""
-        with self._lock:
-            cap = self._config.max_concurrent_creates
-            return cap is not None and self._counters.creates_in_flight > cap
-
     def count_concurrency_limited(self) -> None:
-        with self._lock:
+        with self._mutating():
             self._counters.concurrency_limited += 1
 
     def count_overload_timeout(self) -> None:
-        with self._lock:
+        with self._mutating():
             self._counters.overload_timeouts += 1
 
     def take_rate(self) -> RateDecision | None:
         """Spends one unit of the create rate; None when no rate limit is configured."""
-        with self._lock:
+        with self._mutating():
             if self._gcra is None:
                 return None
             decision = self._gcra.take(self._clock())
@@ -208,7 +204,7 @@ class MockState:
 
     def replay(self, key: str) -> SandboxRecord | None:
         """The sandbox an earlier create with ``key`` made, counted as a replay."""
-        with self._lock:
+        with self._mutating():
             sandbox_id = self._by_key.get(key)
             if sandbox_id is None:
                 return None
@@ -218,7 +214,7 @@ class MockState:
 
     def reserve_capacity(self) -> int | None:
         """Reserves a sandbox slot; returns None on success, else the cap that was hit."""
-        with self._lock:
+        with self._mutating():
             now = self._clock()
             self._sweep(now)
             cap = self._config.max_sandboxes
@@ -229,7 +225,7 @@ class MockState:
             return None
 
     def release_reservation(self) -> None:
-        with self._lock:
+        with self._mutating():
             self._reserved -= 1
 
     def commit_create(
@@ -244,7 +240,7 @@ class MockState:
         idempotency_key: str | None,
     ) -> SandboxRecord:
         """Turns a reservation into a running sandbox."""
-        with self._lock:
+        with self._mutating():
             now = self._clock()
             self._reserved -= 1
             sandbox_id = "i" + "".join(self._ids.choices(_ID_ALPHABET, k=19))
@@ -286,7 +282,7 @@ class MockState:
             return sorted(self._sandboxes.values(), key=lambda r: (r.started_at, r.sandbox_id))
 
     def kill(self, sandbox_id: str) -> bool:
-        with self._lock:
+        with self._mutating():
             now = self._clock()
             self._sweep(now)
             record = self._sandboxes.pop(sandbox_id, None)
@@ -302,7 +298,7 @@ class MockState:
 
     def set_end(self, sandbox_id: str, timeout_s: int, extend_only: bool) -> bool:
         """Moves a sandbox's end to ``now + timeout_s`` (never earlier, with ``extend_only``)."""
-        with self._lock:
+        with self._mutating():
             now = self._clock()
             self._sweep(now)
             record = self._sandboxes.get(sandbox_id)
@@ -357,6 +353,33 @@ class MockState:
 
     def orphans(self, held_ids: set[str]) -> list[str]:
         return [r.sandbox_id for r in self.all_running() if r.sandbox_id not in held_ids]
+
+    def wait_for(
+        self, predicate: Callable[[MockE2BStats], bool], timeout: float
+    ) -> MockE2BStats:
+        """Waits until ``predicate(stats)`` holds; raises TimeoutError after ``timeout`` s.
+
+        Wakes on every change a request makes; changes that only the clock makes (expiry,
+        the end of a kill lag) are seen within a short re-check period."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                stats = self.stats()
+                if predicate(stats):
+                    return stats
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"mock E2B stats never matched; last: {stats}")
+                self._changed.wait(min(remaining, _RECHECK_S))
+
+    # -- internals -----------------------------------------------------------------------
+
+    @contextmanager
+    def _mutating(self) -> Iterator[None]:
+        with self._lock:
+            yield
+        with self._changed:
+            self._changed.notify_all()
 
     # -- internals (lock held) -----------------------------------------------------------
 
