@@ -164,6 +164,12 @@ def test_cli_flags_build_the_config_and_explicit_flags_beat_the_plan() -> None:
     assert config.kill_capacity_lag_ms == 2000
     assert config.capacity_should_retry is None
     assert config.faults == (parse_fault("503:n=3-6"), parse_fault("reset:p=0.1"))
+    assert MockE2BConfig.for_plan("hobby", api_key="e2b_x", max_sandboxes=5) == (
+        config.replace(create_latency_ms=0.0, create_latency_sigma=0.0, seed=0,
+                       max_concurrent_creates=None, create_overload_mode="reject",
+                       create_overload_timeout_ms=None, kill_capacity_lag_ms=0.0,
+                       capacity_should_retry="false", faults=())
+    )
     plain = config_from_args(parser.parse_args(["--api-key", "k"]))
     assert plain == MockE2BConfig(api_key="k")
 

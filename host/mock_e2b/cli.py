@@ -11,14 +11,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from host.mock_e2b.config import OVERLOAD_MODES, MockE2BConfig, parse_fault
+from host.mock_e2b.config import OVERLOAD_MODES, PLANS, MockE2BConfig, parse_fault
 from host.mock_e2b.server import MockE2BServer
-
-# E2B's documented plan limits: concurrent sandboxes and sandbox creations per second.
-PLANS: dict[str, dict[str, Any]] = {
-    "hobby": {"max_sandboxes": 20, "create_rate_per_s": 1.0},
-    "pro": {"max_sandboxes": 100, "create_rate_per_s": 5.0},
-}
 
 # flag destination -> config field, for flags that map one to one.
 _FIELDS = {

@@ -22,6 +22,12 @@ FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 FAULT_ROUTES: tuple[str, ...] = get_args(FaultRoute)
 OVERLOAD_MODES: tuple[str, ...] = get_args(OverloadMode)
 
+# E2B's documented plan limits: concurrent sandboxes and sandbox creations per second.
+PLANS: dict[str, dict[str, Any]] = {
+    "hobby": {"max_sandboxes": 20, "create_rate_per_s": 1.0},
+    "pro": {"max_sandboxes": 100, "create_rate_per_s": 5.0},
+}
+
 
 @dataclass(frozen=True)
 class FaultRule:
@@ -186,6 +192,14 @@ class MockE2BConfig:
             raise ValueError("need 0 < default_timeout_s <= max_timeout_s")
         # Faults may be given as rules, JSON objects or command-line strings.
         object.__setattr__(self, "faults", coerce_faults(self.faults))
+
+    @classmethod
+    def for_plan(cls, plan: str, **changes: Any) -> MockE2BConfig:
+        """An E2B plan's limits (``hobby``: 20 sandboxes, 1 create/s; ``pro``: 100, 5/s),
+        then ``changes``."""
+        if plan not in PLANS:
+            raise ValueError(f"unknown plan {plan!r}; expected one of {sorted(PLANS)}")
+        return cls().replace(**{**PLANS[plan], **changes})
 
     def replace(self, **changes: Any) -> MockE2BConfig:
         """A copy with ``changes``; faults may be given as rules, dicts or CLI strings."""
