@@ -572,3 +572,16 @@ def test_wait_for_wakes_on_a_change_and_times_out_otherwise(server: MockE2BServe
     assert waiter[1][0].sandboxes_created == 3
     with pytest.raises(TimeoutError):
         server.wait_for(lambda s: s.sandboxes_created == 99, timeout=0.1)
+
+
+@pytest.mark.parametrize("fault", ["malformed:n=1:route=kill:after-create",
+                                   "slow-body:n=1:route=kill:after-create"])
+def test_body_faults_on_a_kill_still_kill(
+    server: MockE2BServer, http: httpx.Client, fault: str
+) -> None:
+    # Catches body faults on body-less answers (204) breaking the connection instead.
+    server.configure(faults=[fault], slow_body_ms=50)
+    sandbox_id = create(http).json()["sandboxID"]
+    response = http.delete(f"/sandboxes/{sandbox_id}")
+    assert response.status_code == 200
+    assert server.stats().running_sandboxes == 0

@@ -154,12 +154,14 @@ def build_app(
             return error_response(rule.status, "injected fault: upstream error", headers)
         if rule.kind == "reset" and await reset_connection(request.scope):
             return Response(status_code=500)
+        # A server that hides its transport cannot reset: the client then times out instead.
         if rule.kind in ("hang", "reset"):
             await rt.wait_or_close(config.hang_s)
             return error_response(504, "injected fault: request hung")
         payload = json.dumps(body if body is not None else {"ok": True}).encode()
+        status = 200 if status == 204 else status  # a 204 cannot carry the garbled body
         if rule.kind == "malformed_json":
-            return Response(payload[: max(1, len(payload) // 2)], status or 200,
+            return Response(payload[: max(1, len(payload) // 2)], status,
                             media_type="application/json")
         chunks = [payload[i : i + 16] for i in range(0, len(payload), 16)]
         pause = config.slow_body_ms / 1000.0 / max(1, len(chunks))
@@ -169,7 +171,7 @@ def build_app(
                 yield chunk
                 await rt.wait_or_close(pause)
 
-        return StreamingResponse(trickle(), status or 200, media_type="application/json")
+        return StreamingResponse(trickle(), status, media_type="application/json")
 
     async def with_faults(
         request: Request,
@@ -180,7 +182,8 @@ def build_app(
         ordinal = state.count_request(route)
         before = state.pick_fault(route, ordinal, after_create=False)
         if before is not None:
-            return await fault_response(before, request, 0, None)
+            # A garbled or slow success answer for an action that never happened.
+            return await fault_response(before, request, 201 if route == "create" else 200, None)
         response, status, body = await act(ordinal)
         if 200 <= status < 300:
             after = state.pick_fault(route, ordinal, after_create=True)
