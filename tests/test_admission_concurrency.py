@@ -10,11 +10,13 @@ import os
 import random
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from host.detsim import Harness
+from host.storage.memory import MemoryBackend
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
@@ -25,6 +27,7 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
+from provisioner.ports import Entry
 
 
 @pytest.fixture(autouse=True)
@@ -117,9 +120,11 @@ def play(
             for waiter in [w for w in mine if w not in holding]:
                 if invoke(harness, meter, rng, waiter):
                     holding.append(waiter)
-            harness.clock.advance(rng.randrange(5))
+            harness.clock.advance(rng.randrange(1, 30))
         for waiter in holding:
             meter.released(waiter.tenant)
+        # Leave nothing queued: a waiter nobody polls would hold the front until its TTL.
+        for waiter in mine:
             harness.release(waiter)
     except BaseException as error:  # surfaced by the test thread
         errors.append(error)
@@ -144,17 +149,66 @@ def test_threads_never_exceed_any_limit() -> None:
     meter = Meter()
     errors: list[BaseException] = []
     threads = [
-        threading.Thread(target=play, args=(harness, meter, t, 60, errors)) for t in range(6)
+        threading.Thread(target=play, args=(harness, meter, t, 100, errors)) for t in range(6)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert errors == []
-    assert meter.grants > 40, "the run must actually contend"
+    assert meter.grants > 30, "the run must actually contend"
     assert meter.max_creating <= 3
     assert meter.max_running <= 7
     assert meter.max_per_tenant <= 3
     status = harness.status()["account"]
     assert status["create_slots"]["in_use"] == 0
     assert status["capacity"]["running"] == 0
+
+
+class InterleavingBackend:
+    """Runs `interloper` once, just before the first gate write, as if another invocation
+    had decided between this one's read and its write."""
+
+    def __init__(self, inner: Any, interloper: Callable[[], object]) -> None:
+        self.inner = inner
+        self.interloper: Callable[[], object] | None = interloper
+
+    def get(self, namespace: str, key: str) -> Entry | None:
+        found: Entry | None = self.inner.get(namespace, key)
+        return found
+
+    def compare_and_swap(self, namespace: str, key: str, *rest: Any) -> int:
+        if key == "adm/gate" and self.interloper is not None:
+            interloper, self.interloper = self.interloper, None
+            interloper()
+        version: int = self.inner.compare_and_swap(namespace, key, *rest)
+        return version
+
+    def delete(self, *args: Any) -> bool:
+        deleted: bool = self.inner.delete(*args)
+        return deleted
+
+    def now_ms(self) -> int:
+        now: int = self.inner.now_ms()
+        return now
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("contended", ["create_slots", "max_sandboxes"])
+def test_an_invocation_deciding_between_read_and_write_cannot_share_the_last_permit(
+    contended: str,
+) -> None:
+    # Catches: a blind write (no compare-and-swap) letting two invokers take one permit.
+    config = AdmissionConfig(create_rate_per_s=1000, create_burst=10, **{contended: 1})
+    harness = Harness(config)
+    first, second = Waiter("tenant-a", "Job/1"), Waiter("tenant-b", "Job/2")
+    decisions: list[object] = []
+    harness.backend = InterleavingBackend(
+        MemoryBackend(harness.clock.now_ms), lambda: decisions.append(harness.admit(second))
+    )
+    decisions.append(harness.admit(first))
+    assert sum(isinstance(d, Grant) for d in decisions) == 1
+    assert isinstance(decisions[0], Grant), "the interloper decided first"
+    assert harness.status()["account"]["create_slots"]["in_use"] == 1

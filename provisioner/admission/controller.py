@@ -250,8 +250,12 @@ class AdmissionController:
     def _forget_record(self, waiter: Waiter) -> None:
         self._ports.storage.delete(_A, waiter_key(waiter.tenant, waiter.entity), None)
 
-    def _eligible(self, state: GateState) -> Any:
-        return lambda tenant: tenant_has_room(state, self._config, tenant)
+    def _eligible(self, state: GateState) -> Callable[[str], bool]:
+        limit = self._config.max_sandboxes_per_tenant
+        if limit is None:
+            return lambda tenant: True
+        usage = state.usage_by_tenant()
+        return lambda tenant: usage.get(tenant, 0) < limit
 
     # ------------------------------------------------------------------ admit
 
@@ -384,14 +388,14 @@ class AdmissionController:
                 return front
             front.append(("r", f"{entry.tenant}\x00{entry.entity}", 0))
         # A grant can fill a tenant's room, so count grants per tenant along the way.
-        extra: dict[str, int] = {}
+        usage = state.usage_by_tenant()
         limit = config.max_sandboxes_per_tenant
         for tenant, ticket in fair_order(state, eligible):
             if len(front) >= free:
                 break
-            if limit is not None and state.tenant_in_use(tenant) + extra.get(tenant, 0) >= limit:
+            if limit is not None and usage.get(tenant, 0) >= limit:
                 continue
-            extra[tenant] = extra.get(tenant, 0) + 1
+            usage[tenant] = usage.get(tenant, 0) + 1
             front.append(("t", tenant, ticket))
         return front
 

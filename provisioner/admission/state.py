@@ -129,6 +129,15 @@ class GateState:
             1 for s in self.sandbox_leases if s.tenant == tenant
         )
 
+    def usage_by_tenant(self) -> dict[str, int]:
+        """Creates in flight plus running sandboxes, per tenant."""
+        usage: dict[str, int] = {}
+        for tenant in [c.tenant for c in self.create_leases] + [
+            s.tenant for s in self.sandbox_leases
+        ]:
+            usage[tenant] = usage.get(tenant, 0) + 1
+        return usage
+
     def waiting(self) -> int:
         return len(self.retries) + sum(q.length() for q in self.ring)
 
