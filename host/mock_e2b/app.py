@@ -30,6 +30,8 @@ from host.mock_e2b.wire import (
 )
 
 Handler = Callable[[Request], Awaitable[Response]]
+# What a route did: the answer, its status and its JSON body (what a body fault garbles).
+Outcome = tuple[Response, int, dict[str, Any] | None]
 MAX_PAGE = 100
 _RATE_MESSAGE = "Rate limit exceeded, please try again later."
 _CONCURRENCY_MESSAGE = "too many concurrent sandbox create requests, please try again later"
@@ -176,7 +178,7 @@ def build_app(
     async def with_faults(
         request: Request,
         route: str,
-        act: Callable[[int], Awaitable[tuple[Response, int, dict[str, Any] | None]]],
+        act: Callable[[], Awaitable[Outcome]],
     ) -> Response:
         """Runs ``act`` between the faults that fire before and after it on ``route``."""
         ordinal = state.count_request(route)
@@ -184,7 +186,7 @@ def build_app(
         if before is not None:
             # A garbled or slow success answer for an action that never happened.
             return await fault_response(before, request, 201 if route == "create" else 200, None)
-        response, status, body = await act(ordinal)
+        response, status, body = await act()
         if 200 <= status < 300:
             after = state.pick_fault(route, ordinal, after_create=True)
             if after is not None:
@@ -209,13 +211,13 @@ def build_app(
                 except BadRequest as exc:
                     state.count_bad_request(new_request=True)
                     return error_response(400, str(exc))
-                return await with_faults(request, "create", lambda _: admit(parsed))
+                return await with_faults(request, "create", lambda: admit(parsed))
             finally:
                 state.end_create()
 
         return create
 
-    async def admit(parsed: CreateRequest) -> tuple[Response, int, dict[str, Any] | None]:
+    async def admit(parsed: CreateRequest) -> Outcome:
         key = parsed.idempotency_key
         if key is None:
             return await create_sandbox(parsed)
@@ -228,7 +230,7 @@ def build_app(
 
     async def create_sandbox(
         parsed: CreateRequest,
-    ) -> tuple[Response, int, dict[str, Any] | None]:
+    ) -> Outcome:
         rt = runtime()
         decision = state.take_rate()
         rate_headers = {} if decision is None else decision.headers()
@@ -273,7 +275,7 @@ def build_app(
 
     def list_handler(version: int) -> Handler:
         async def list_sandboxes(request: Request) -> Response:
-            async def act(_: int) -> tuple[Response, int, dict[str, Any] | None]:
+            async def act() -> Outcome:
                 params = request.query_params
                 try:
                     wanted = parse_metadata_filter(params.get("metadata"))
@@ -310,7 +312,7 @@ def build_app(
     async def get_sandbox(request: Request) -> Response:
         sandbox_id = request.path_params["sandbox_id"]
 
-        async def act(_: int) -> tuple[Response, int, dict[str, Any] | None]:
+        async def act() -> Outcome:
             record = state.get(sandbox_id)
             if record is None:
                 return not_found(sandbox_id), 404, None
@@ -328,7 +330,7 @@ def build_app(
     async def kill_sandbox(request: Request) -> Response:
         sandbox_id = request.path_params["sandbox_id"]
 
-        async def act(_: int) -> tuple[Response, int, dict[str, Any] | None]:
+        async def act() -> Outcome:
             if not state.kill(sandbox_id):
                 return not_found(sandbox_id), 404, None
             return Response(status_code=204), 204, None
@@ -343,7 +345,7 @@ def build_app(
             except (ValueError, UnicodeDecodeError):
                 body = {}
 
-            async def act(_: int) -> tuple[Response, int, dict[str, Any] | None]:
+            async def act() -> Outcome:
                 config = state.config
                 default = config.default_timeout_s if extend_only else None
                 try:
