@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the E2B account namespace whose gates this host shares",
     )
     invoke.add_argument(
+        "--allow-private-network",
+        action="store_true",
+        help="let the E2B URL be a loopback or private address (a local mock E2B)",
+    )
+    invoke.add_argument(
         "--operation",
         choices=("provision", "release", "status"),
         help="override the context's integration_config.operation",
@@ -132,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.set_defaults(handler=_cmd_invoke)
 
     mock = commands.add_parser("mock-e2b", help="run the mock E2B API server on loopback")
-    mock.add_argument("--host", default="127.0.0.1")
     from host.mock_e2b.cli import add_arguments
 
     add_arguments(mock)
