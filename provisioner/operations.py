@@ -8,7 +8,6 @@ kill, so a crash at any point leaves state from which the next invocation recove
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any
 
 from provisioner.admission import (
