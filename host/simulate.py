@@ -11,6 +11,7 @@ import argparse
 import json
 import secrets
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -169,6 +170,7 @@ def run_mode(
     storage_url: str = "memory://",
     loaded: LoadedComponent | None = None,
     live: LiveLog | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> ModeRun:
     """Starts a mock E2B, runs the scenario's jobs in `mode`, stops everything it started."""
     if mode not in MODES:
@@ -177,6 +179,8 @@ def run_mode(
     jobs = scenario.job_list(run_id)
     mock = MockE2BServer(scenario.mock_config(SIM_API_KEY)).start()
     try:
+        if announce is not None:
+            announce(f"mock E2B at {mock.url}")
         config = scenario.integration_config(mock.url)
         settings = scenario.driver_settings(mode, config, run_id)
         on_event = live.event if live is not None else None
@@ -272,7 +276,14 @@ def run_simulate(args: argparse.Namespace) -> int:
         if not args.json:
             print(_header(scenario, mode), file=out, flush=True)
         live = None if args.quiet else LiveLog(out)
-        done = run_mode(scenario, mode, storage_url=args.storage, loaded=loaded, live=live)
+        done = run_mode(
+            scenario,
+            mode,
+            storage_url=args.storage,
+            loaded=loaded,
+            live=live,
+            announce=None if args.quiet else lambda line: print(line, file=out, flush=True),
+        )
         runs.append(done)
         if not args.json:
             print(format_table(done.report, done.run.results), file=out, flush=True)

@@ -67,6 +67,8 @@ class Scenario:
     turn_sim_s: float = 300.0
     liveness_sim_s: float = 1800.0
     workers: int | None = None
+    # Queued sessions woken per freed permit, nearest the head first.
+    wake_per_permit: int = 1
 
     @property
     def session_s(self) -> float:
@@ -146,7 +148,7 @@ class Scenario:
             liveness_s=self.scale.real_s(self.liveness_sim_s),
             batch_size=BATCH_SIZE if mode == "batches" else None,
             workers=workers,
-            wake_per_permit=1 if mode == "provisioner" else 0,
+            wake_per_permit=self.wake_per_permit if mode == "provisioner" else 0,
             config=config,
             run_id=run_id,
         )
