@@ -78,7 +78,7 @@ def test_ctrl_c_mid_run_exits_cleanly_and_stops_the_mock_e2b(
         assert port is not None
         helpers = children_of(process.pid)
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
+        _out, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
