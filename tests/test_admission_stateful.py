@@ -150,11 +150,12 @@ class AdmissionMachine(RuleBasedStateMachine):
         account = self.harness.status()["account"]
         if account["backoff"]["cooling_ms"] > 0:
             return 0
-        return min(
+        free: int = min(
             account["create_slots"]["limit"] - account["create_slots"]["in_use"],
             account["capacity"]["limit"] - account["capacity"]["in_use"],
             account["rate"]["available"],
         )
+        return free
 
     def decided(self, waiter: Waiter, decision: Grant | Queued | Rejected | None) -> None:
         seen = self.seen[waiter]
@@ -248,14 +249,15 @@ class AdmissionMachine(RuleBasedStateMachine):
         seen = self.seen[waiter]
         if seen.phase != "creating" or seen.grant is None:
             return
-        result: CreateResult = {
+        answers: dict[str, CreateResult] = {
             "created": Created(f"sbx-{waiter.entity}", SANDBOX_TIMEOUT_MS),
             "429": RateLimited(None),
             "429-retry-after": RateLimited(1_500),
             "503": Unavailable(503),
             "cap": CapacityExhausted(self.config.max_sandboxes),
             "400": CreateFailed(Failure("e2b_bad_request", "bad template", False)),
-        }[answer]
+        }
+        result = answers[answer]
         decision = self.harness.settle(waiter, seen.grant, result)
         if isinstance(result, Created):
             assert decision is None
