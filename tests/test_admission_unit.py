@@ -436,3 +436,30 @@ def test_the_gate_document_does_not_grow_with_waiters(count: int) -> None:
     entry = harness.backend.get(account_namespace(ACCOUNT), "adm/gate")
     assert entry is not None
     assert len(entry.value) < 600
+
+
+def test_a_late_created_answer_takes_the_waiter_out_of_the_queue() -> None:
+    # Catches: a waiter that got its sandbox still holding a queue place (blocking others).
+    config = AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_lease_ms=5_000)
+    harness = Harness(config)
+    slow, other = waiters(2)
+    grant = grant_of(harness.admit(slow))
+    harness.advance(5_000)  # its lease expired: asking again will make it a retry
+    harness.settle(other, grant_of(harness.admit(other)), RateLimited(10_000))
+    assert queued_of(harness.admit(slow)).reason == "backoff"
+    assert harness.status()["account"]["retrying"] == 2
+    assert harness.settle(slow, grant, Created("sbx-late", 600_000)) is None
+    assert harness.status()["account"]["retrying"] == 1
+    assert harness.status()["account"]["capacity"]["running"] == 1
+
+
+def test_very_long_names_still_make_valid_keys() -> None:
+    # Catches: a tenant or entity name over the host's 512-byte key limit failing forever.
+    harness = Harness(FAST)
+    waiter = Waiter("t" * 600, "CurationJob/" + "é" * 400)
+    assert isinstance(harness.admit(waiter), Grant)
+
+
+def test_temper_spelling_of_the_queue_timeout_is_accepted() -> None:
+    # Catches: the [admission] block's queue_timeout_seconds silently ignored.
+    assert AdmissionConfig.from_config({"queue_timeout_seconds": "90"}).queue_timeout_ms == 90_000

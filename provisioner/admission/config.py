@@ -9,7 +9,7 @@ Keys (all optional; times in the config are seconds unless the key ends in `_ms`
 | create_burst | 1 | creates allowed back to back before the rate applies |
 | max_sandboxes | 20 | running sandboxes per account (E2B Hobby: 20, Pro: 100) |
 | max_sandboxes_per_tenant | none | running sandboxes per tenant |
-| queue_timeout_s | 1800 | longest a waiter may queue before `queue_timeout` |
+| queue_timeout_s (or _seconds) | 1800 | longest a waiter may queue before `queue_timeout` |
 | waiter_ttl_s | 60 | a waiter that stops asking drops out this long after its last poll is due |
 | create_lease_s | 150 | a create slot's lease: longer than an invocation (120 s) can live |
 | backoff_base_ms / backoff_cap_ms | 500 / 30000 | exponential backoff with full jitter |
@@ -179,6 +179,12 @@ _SPECS: tuple[_Spec, ...] = (
     ),
     _Spec("queue_timeout_s", "queue_timeout_ms", _positive_int("queue_timeout_s", _DAY_MS, 1000)),
     _Spec("queue_timeout_ms", "queue_timeout_ms", _positive_int("queue_timeout_ms", _DAY_MS)),
+    # The Temper [admission] block's spelling.
+    _Spec(
+        "queue_timeout_seconds",
+        "queue_timeout_ms",
+        _positive_int("queue_timeout_seconds", _DAY_MS, 1000),
+    ),
     _Spec("waiter_ttl_s", "waiter_ttl_ms", _positive_int("waiter_ttl_s", _DAY_MS, 1000)),
     _Spec("waiter_ttl_ms", "waiter_ttl_ms", _positive_int("waiter_ttl_ms", _DAY_MS)),
     _Spec("create_lease_s", "create_lease_ms", _positive_int("create_lease_s", _DAY_MS, 1000)),

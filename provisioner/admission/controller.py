@@ -501,10 +501,8 @@ class AdmissionController:
         )
 
     def _drop_ticket_key(self, waiter: Waiter, place: _Place) -> None:
-        if place.retry is None and place.ticket >= 0:
-            # On failure it expires on its own, and its ticket is no longer queued anyway.
-            with contextlib.suppress(StorageError):
-                self._ports.storage.delete(_A, ticket_key(waiter.tenant, place.ticket), None)
+        if place.retry is None:
+            self._forget_ticket(waiter, place.ticket)
 
     def _exhausted(self, attempts: int) -> Rejected:
         return Rejected(
@@ -613,9 +611,12 @@ class AdmissionController:
                 now,
                 max(1, result.sandbox_timeout_ms),
             )
+            # A late answer for a waiter that had been queued again must not leave it queued.
+            ticket = self._leave_queue(state, waiter, record)
             record_success(state)
             note_created(state, config)
             self._save_gate(loaded)
+            self._forget_ticket(waiter, ticket)
             self._write_record(
                 waiter,
                 loaded,
@@ -624,9 +625,10 @@ class AdmissionController:
             )
             return None
         if isinstance(result, CreateFailed):
-            self._drop_everything_queued(state, waiter)
+            ticket = self._leave_queue(state, waiter, record)
             self._save_gate(loaded)
             self._forget_record(waiter)
+            self._forget_ticket(waiter, ticket)
             return Rejected(result.failure)
         if lease is None and record is not None and record.state != CREATING:
             # Settled already (or the waiter moved on): report where it stands now.
@@ -640,9 +642,10 @@ class AdmissionController:
             record_failure(state, config, now, retry_after, self._ports.uniform())
         attempt = grant.attempt + 1
         if attempt > config.max_create_attempts:
-            self._drop_everything_queued(state, waiter)
+            ticket = self._leave_queue(state, waiter, record)
             self._save_gate(loaded)
             self._forget_record(waiter)
+            self._forget_ticket(waiter, ticket)
             return self._exhausted(grant.attempt)
         entry = state.retry_of(waiter.tenant, waiter.entity)
         if entry is None:
@@ -688,10 +691,24 @@ class AdmissionController:
                 entry = storage.get(_A, key)
                 version = None if entry is None else entry.version
 
-    def _drop_everything_queued(self, state: GateState, waiter: Waiter) -> None:
+    def _leave_queue(self, state: GateState, waiter: Waiter, record: WaiterRecord | None) -> int:
+        """Take the waiter out of the retries and its tenant's queue (in memory); returns
+        the ticket whose liveness key should go, or -1."""
         state.retries = [
             e for e in state.retries if (e.tenant, e.entity) != (waiter.tenant, waiter.entity)
         ]
+        if record is None or record.state != QUEUED:
+            return -1
+        queue = state.queue_of(waiter.tenant)
+        if queue is not None and can_remove(queue, record.ticket):
+            remove_ticket(state, waiter.tenant, record.ticket, served=False)
+        return record.ticket
+
+    def _forget_ticket(self, waiter: Waiter, ticket: int) -> None:
+        if ticket >= 0:
+            # On failure it expires on its own; it is out of the queue either way.
+            with contextlib.suppress(StorageError):
+                self._ports.storage.delete(_A, ticket_key(waiter.tenant, ticket), None)
 
     # ------------------------------------------------------------------ release
 
@@ -706,19 +723,12 @@ class AdmissionController:
                 )
         held = drop_leases_of(state, waiter.tenant, waiter.entity) > 0
         before = state.waiting()
-        self._drop_everything_queued(state, waiter)
-        ticket = -1
-        if record is not None and record.state == QUEUED:
-            ticket = record.ticket
-            queue = state.queue_of(waiter.tenant)
-            if queue is not None and can_remove(queue, ticket):
-                remove_ticket(state, waiter.tenant, ticket, served=False)
-        waited = before != state.waiting() or (record is not None and record.state == QUEUED)
+        ticket = self._leave_queue(state, waiter, record)
+        waited = before != state.waiting() or ticket >= 0
         if held or before != state.waiting():
             self._save_gate(loaded)
         self._forget_record(waiter)
-        if ticket >= 0:
-            self._ports.storage.delete(_A, ticket_key(waiter.tenant, ticket), None)
+        self._forget_ticket(waiter, ticket)
         return held or waited
 
 

@@ -10,6 +10,7 @@ liveness key, both with a TTL, so a waiter that stops polling vanishes by itself
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +19,23 @@ from urllib.parse import quote
 GATE_KEY = "adm/gate"
 
 
+# Host keys are at most 512 bytes; longer names are replaced by their digest.
+_MAX_NAME = 160
+
+
+def _name(raw: str) -> str:
+    quoted = quote(raw, safe="")
+    if len(quoted) <= _MAX_NAME:
+        return quoted
+    return "~" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def waiter_key(tenant: str, entity: str) -> str:
-    return f"adm/w/{quote(tenant, safe='')}/{quote(entity, safe='')}"
+    return f"adm/w/{_name(tenant)}/{_name(entity)}"
 
 
 def ticket_key(tenant: str, ticket: int) -> str:
-    return f"adm/t/{quote(tenant, safe='')}/{ticket}"
+    return f"adm/t/{_name(tenant)}/{ticket}"
 
 
 @dataclass(slots=True)
