@@ -3,9 +3,12 @@
 Lowering a value into an untagged WIT variant (a `result`/`option` whose cases have
 distinct Python types, e.g. what the storage and http imports return) goes through one
 module-level scratch set, `wasmtime.component._types.case_test_cache`, which is cleared
-and refilled on every call. Two threads lowering at once corrupt each other's set, and a
-valid host return value fails with "value not valid for this variant" or "expected Variant
-type" (seen here with 32+ concurrent invocations). Giving each thread its own scratch set
+and refilled on every call. A thread switch between the refill and the `isinstance` that
+reads it lets another thread's lowering corrupt it, and a valid host return value then
+fails: a compare-and-swap's version (an `int`) judged against the error case gave
+"expected Variant type" with 64 concurrent invocations. (Most "value not valid for this
+variant" errors seen at the same time were another, deterministic bug: error values for
+`result<option<T>, E>`, fixed in host/runtime.py.) Giving each thread its own scratch set
 removes the race; the bindings' behaviour is otherwise unchanged.
 """
 
