@@ -9,11 +9,12 @@ that flows back.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
@@ -33,6 +34,10 @@ _FORBIDDEN_REQUEST_HEADERS = frozenset(
     }
 )
 _METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH"})
+# RFC 9110 field names (tokens) and values (visible ASCII, spaces and tabs): anything else
+# could split a header or a request on the wire.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,14 @@ class AllowedBase:
             path == self.path_prefix or path.startswith(self.path_prefix + "/")
         ):
             return "path is outside the configured E2B API"
-        if "/../" in path + "/" or "/./" in path + "/":
-            return "dot segments are not allowed"
+        # Checked decoded too: a server that decodes `%2e%2e` or `%2f` before normalising
+        # would otherwise walk out of the prefix.
+        decoded = unquote(path)
+        for form in (path, decoded):
+            if "/../" in form + "/" or "/./" in form + "/":
+                return "dot segments are not allowed"
+        if "\\" in decoded:
+            return "backslashes are not allowed in the path"
         return None
 
 
@@ -165,6 +176,11 @@ class HttpGateway:
         timeout_ms = max(1, request.timeout_ms)
         if deadline_ms is not None:
             timeout_ms = min(timeout_ms, max(1, deadline_ms))
+        for name, value in request.headers:
+            if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
+                raise HttpError(
+                    HttpErrorKind.INVALID_REQUEST, f"header {name[:40]!r} is not a valid field"
+                )
         headers = [
             (name, value)
             for name, value in request.headers
@@ -192,6 +208,8 @@ class HttpGateway:
                 )
         except httpx.TimeoutException:
             raise HttpError(HttpErrorKind.TIMEOUT) from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as error:
+            raise HttpError(HttpErrorKind.INVALID_REQUEST, self._scrub(str(error))[:300]) from None
         except httpx.TransportError as error:
             raise HttpError(HttpErrorKind.CONNECTION, self._scrub(str(error))[:300]) from None
         data = bytes(body)

@@ -13,12 +13,18 @@ from host.storage.base import StorageBackend
 from provisioner.ports import Entry, Scope
 
 
+def _encoded(name: str) -> str:
+    # surrogatepass: a lone surrogate (possible in a JSON context) still gets a namespace of
+    # its own instead of an exception; valid UTF-8 never produces those bytes, so no clash.
+    return quote(name.encode("utf-8", "surrogatepass"), safe="")
+
+
 def tenant_namespace(tenant: str) -> str:
-    return "tenant/" + quote(tenant, safe="")
+    return "tenant/" + _encoded(tenant)
 
 
 def account_namespace(account: str) -> str:
-    return "account/" + quote(account, safe="")
+    return "account/" + _encoded(account)
 
 
 class ScopedStorage:

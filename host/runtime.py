@@ -9,6 +9,7 @@ failure becomes a WIT error value (the bindings' exception plumbing is not threa
 
 from __future__ import annotations
 
+import ctypes
 import json
 import secrets
 import threading
@@ -18,8 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import wasmtime
+from wasmtime import _ffi as wasmtime_ffi
 from wasmtime import component as wc
+from wasmtime.component._types import ResultType
 
+from host import wasmtime_compat
 from host.component_cache import LoadedComponent
 from host.epochs import EpochTicker
 from host.http_gateway import HttpGateway
@@ -38,6 +42,8 @@ from provisioner.ports import (
     StorageTooLarge,
     StorageUnavailable,
 )
+
+wasmtime_compat.install()
 
 PACKAGE = "temper:sandbox-provisioner"
 VERSION = "0.1.0"
@@ -98,16 +104,52 @@ def _record(**fields: Any) -> wc.Record:
     return record
 
 
-def _storage_error(error: Exception) -> wc.Variant:
+@dataclass(frozen=True)
+class WitErr:
+    """The `err` case of a WIT `result`, whatever its `ok` type.
+
+    wasmtime-py picks the case of an untagged result by the Python type of the value, and an
+    `option<T>` ok case claims every type (its `none` is "any object"), so a plain error
+    value returned for `result<option<entry>, storage-error>` was lowered as the ok case and
+    failed ("value not valid for this variant"), trapping the guest: a storage failure on
+    `get` became `host_error` instead of the guest's retryable `storage_unavailable`.
+    """
+
+    payload: object
+
+
+def _install_result_err_lowering() -> None:
+    original = ResultType._lower
+    if getattr(original, "_lowers_wit_err", False):
+        return
+
+    def lower(self: ResultType, store: Any, val: Any) -> Any:
+        if isinstance(val, WitErr):
+            err_type = self.err
+            if err_type is None:
+                return ("err", None)
+            raw = wasmtime_ffi.wasmtime_component_val_t()
+            err_type.convert_to_c(store, val.payload, ctypes.pointer(raw))
+            return ("err", wasmtime_ffi.wasmtime_component_val_new(ctypes.byref(raw)))
+        return original(self, store, val)
+
+    lower._lowers_wit_err = True  # type: ignore[attr-defined]
+    ResultType._lower = lower  # type: ignore[method-assign, assignment]
+
+
+_install_result_err_lowering()
+
+
+def _storage_error(error: Exception) -> WitErr:
     if isinstance(error, StorageConflict):
-        return wc.Variant("conflict")
+        return WitErr(wc.Variant("conflict"))
     if isinstance(error, StorageInvalidKey):
-        return wc.Variant("invalid-key", str(error))
+        return WitErr(wc.Variant("invalid-key", str(error)))
     if isinstance(error, StorageTooLarge):
-        return wc.Variant("too-large", error.limit)
+        return WitErr(wc.Variant("too-large", error.limit))
     if isinstance(error, StorageUnavailable):
-        return wc.Variant("unavailable", str(error)[:500])
-    return wc.Variant("unavailable", f"host error: {type(error).__name__}")
+        return WitErr(wc.Variant("unavailable", str(error)[:500]))
+    return WitErr(wc.Variant("unavailable", f"host error: {type(error).__name__}"))
 
 
 def _http_error(error: HttpError) -> wc.Variant:
@@ -266,6 +308,16 @@ class ComponentRuntime:
     # -- invoking ----------------------------------------------------------------
 
     def invoke(self, invocation: Invocation) -> Outcome:
+        unencodable = _unencodable_field(invocation)
+        if unencodable is not None:
+            # WIT strings are Unicode scalar values: a lone surrogate cannot cross the boundary.
+            return failed(
+                Failure(
+                    "invalid_invocation",
+                    f"{unencodable} is not valid Unicode (it holds a lone surrogate)",
+                    retryable=False,
+                )
+            )
         budgets = self.budgets
         store = wasmtime.Store(self.loaded.engine)
         store.set_fuel(budgets.fuel)
@@ -314,6 +366,29 @@ class ComponentRuntime:
 
     def loaded_instance(self, store: wasmtime.Store) -> wc.Instance:
         return self._linker.instantiate(store, self.loaded.component)
+
+
+def _unencodable_field(invocation: Invocation) -> str | None:
+    fields: list[tuple[str, str | None]] = [
+        ("tenant", invocation.tenant),
+        ("entity_type", invocation.entity_type),
+        ("entity_id", invocation.entity_id),
+        ("trigger_action", invocation.trigger_action),
+        ("trigger_params", invocation.trigger_params),
+        ("entity_state", invocation.entity_state),
+        ("session_id", invocation.session_id),
+        ("trace_id", invocation.trace_id),
+    ]
+    for key, value in invocation.config:
+        fields += [("a config key", key), (f"config value {key[:40]!r}", value)]
+    for name, text in fields:
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return name
+    return None
 
 
 def _classify_trap(error: Exception, store: wasmtime.Store, budgets: Budgets) -> Failure:
