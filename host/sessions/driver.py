@@ -118,6 +118,11 @@ class _Session:
     liveness_deadline: float = 0.0
     liveness_armed: bool = False
     queued_since: float = 0.0
+    # Sandboxes handed out (run-wide) when the last position was reported: positions only
+    # move forward, by about one per grant, so this dates the position.
+    grants_at_position: int = 0
+    # How many wake-ups led to the provision in flight (0: its own timer).
+    wake_depth: int = 0
     release_attempts: int = 0
     # True while a release runs (or will) only to clean up after a failure.
     cleaning: bool = False
@@ -178,6 +183,7 @@ class SessionDriver:
         self._order: list[str] = []
         self._next_batch = 0
         self._open_calls = 0
+        self._grants = 0
         self._started = 0.0
         self._last_finish = 0.0
 
@@ -361,8 +367,11 @@ class SessionDriver:
         self._progress(session)
         self._provision(session, trigger_action="Submit")
 
-    def _provision(self, session: _Session, trigger_action: str = "Provision") -> None:
+    def _provision(
+        self, session: _Session, trigger_action: str = "Provision", wake_depth: int = 0
+    ) -> None:
         session.token += 1
+        session.wake_depth = wake_depth
         session.phase = Phase.PROVISIONING
         session.provision_call = self._invoke(session, PROVISION, trigger_action)
 
@@ -394,6 +403,7 @@ class SessionDriver:
             result.sandbox_id = str(outcome.params.get("sandbox_id") or "") or None
             result.ready_at_s = now
             result.waited_ms = round((now - (result.submitted_at_s or 0.0)) * 1000)
+            self._grants += 1
             self._progress(session)
             self._emit(session, "ready", sandbox_id=result.sandbox_id, waited_ms=result.waited_ms)
             self._wake_queued(self.settings.wake_per_permit)
@@ -409,11 +419,15 @@ class SessionDriver:
                 session.queued_since = self._now()
             previous = result.last_queue
             result.last_queue = dict(outcome.params)
+            session.grants_at_position = self._grants
             self._progress(session)
             if previous is None or _queue_line(previous) != _queue_line(outcome.params):
                 self._emit(session, "queued", **outcome.params)
             retry_ms = _int(outcome.params.get("retry_after_ms"), 1000)
             self._schedule(session, _Timer.POLL, retry_ms / 1000)
+            if session.wake_depth and _permit_free(outcome.params):
+                # Woken for a permit that someone nearer the head should take: pass it on.
+                self._wake_queued(1, depth=session.wake_depth + 1, skip=session)
         elif outcome.action == SANDBOX_FAILED:
             failure = outcome.error or Failure("unknown", "SandboxFailed", retryable=False)
             self._wake_queued(self.settings.wake_per_permit)
@@ -501,18 +515,23 @@ class SessionDriver:
         ):
             self._submit_next_batch()
 
-    def _wake_queued(self, count: int) -> None:
-        if count <= 0:
+    def _wake_queued(self, count: int, depth: int = 1, skip: _Session | None = None) -> None:
+        """Invokes the `count` queued sessions likely nearest the head now."""
+        if count <= 0 or depth > _MAX_WAKE_DEPTH:
             return
         waiting = [
             s
             for s in self._sessions.values()
             if s.phase is Phase.QUEUED and s.provision_call is None and s.result.last_queue
+            and s is not skip
         ]
-        waiting.sort(key=lambda s: (_int((s.result.last_queue or {}).get("position"), 1 << 30),
-                                    s.queued_since))
+        waiting.sort(key=lambda s: (self._estimated_position(s), s.queued_since))
         for session in waiting[:count]:
-            self._provision(session)
+            self._provision(session, wake_depth=depth)
+
+    def _estimated_position(self, session: _Session) -> int:
+        reported = _int((session.result.last_queue or {}).get("position"), 1 << 30)
+        return max(1, reported - (self._grants - session.grants_at_position))
 
     def _fail_unfinished(self, reason: str) -> None:
         for session in self._sessions.values():
@@ -520,6 +539,18 @@ class SessionDriver:
                 session.phase = Phase.FAILED
                 session.result.state = Phase.FAILED
                 session.result.reason = reason
+
+
+# A freed permit is passed on at most this many times before timers take over again.
+_MAX_WAKE_DEPTH = 4
+
+
+def _permit_free(params: dict[str, Any]) -> bool:
+    """Whether a SandboxQueued answer says the gate holding it has room."""
+    in_use, limit = params.get("in_use"), params.get("limit")
+    if params.get("reason") not in ("create_slots", "capacity"):
+        return False
+    return isinstance(in_use, int) and isinstance(limit, int) and in_use < limit
 
 
 def _int(value: object, default: int) -> int:

@@ -141,7 +141,10 @@ class Scenario:
     def driver_settings(
         self, mode: str, config: tuple[tuple[str, str], ...], run_id: str
     ) -> DriverSettings:
-        workers = self.workers or max(16, min(self.jobs, 64))
+        # The old provisioner fires every create at once, so give it a thread each; the
+        # component's invocations mostly answer in milliseconds, and more threads only
+        # add compare-and-swap contention on the account's gate.
+        workers = self.workers or (16 if mode == "provisioner" else max(16, min(self.jobs, 64)))
         return DriverSettings(
             turns=self.turns,
             turn_s=self.scale.real_s(self.turn_sim_s),
