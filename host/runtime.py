@@ -405,7 +405,9 @@ def _classify_trap(error: Exception, store: wasmtime.Store, budgets: Budgets) ->
         )
     if "memory" in text and ("limit" in text or "grow" in text):
         return Failure("memory_exhausted", "the guest hit its memory cap", retryable=False)
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    # wasmtime puts the backtrace first and the reason after "Caused by:".
+    reason = text.rsplit("Caused by:", 1)[-1].strip()
+    first_line = reason.splitlines()[0].strip() if reason else type(error).__name__
     return Failure("guest_trap", f"the guest trapped: {first_line[:300]}", retryable=False)
 
 
