@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,43 @@ def test_json_report_from_the_command_line(capsys: pytest.CaptureFixture[str]) -
     assert {j["id"].rsplit("-", 1)[1] for j in report["jobs"]} == {"001", "002", "003"}
     assert set(report["jobs"][0]) == {"id", "tenant", "state", "reason", "sandbox_id", "turns",
                                       "waited_ms", "invocations"}
+
+
+FAST_E2B = ["--e2b-create-latency-ms", "100", "--turns", "2", "--turn-ms", "60000"]
+
+
+def test_compare_runs_all_three_modes_and_ends_with_the_comparison(
+    loaded_component: LoadedComponent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bug caught: a mode missing from the comparison, the batches replay overlapping its
+    batches (more than four creates at once), or a storage URL other than memory://
+    ignored."""
+    code = main(["simulate", "--mode", "compare", "--jobs", "6", "--component",
+                 str(loaded_component.path), "--storage", f"sqlite:///{tmp_path / 's.db'}",
+                 "--json", *FAST_E2B])
+    assert code == 0
+    document = json.loads(capsys.readouterr().out)
+    modes = document["modes"]
+    assert list(modes) == ["direct", "batches", "provisioner"]
+    assert document["comparison"].startswith("compare: direct ")
+    assert modes["direct"]["summary"]["completed"] == 4
+    for mode in ("batches", "provisioner"):
+        summary = modes[mode]["summary"]
+        assert summary["completed"] == 6, mode
+        assert summary["max_concurrent_creates_seen"] <= 4, mode
+        assert summary["orphaned_sandboxes"] == 0, mode
+    assert (tmp_path / "s.db").is_file()
+
+
+def test_live_lines_show_queue_positions_and_turns(
+    loaded_component: LoadedComponent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bug caught: the live view losing the queue position or the turn count."""
+    code = main(["simulate", "--mode", "provisioner", "--jobs", "6", "--component",
+                 str(loaded_component.path), *FAST_E2B])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "mock E2B at http://127.0.0.1:" in out
+    assert " queued #" in out and "(create_slots: 4/4 in use)" in out
+    assert "turn 2/2" in out and "released, Completed" in out
+    assert out.rstrip().splitlines()[-1].startswith("provisioner: 6/6 completed")
