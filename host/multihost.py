@@ -1,0 +1,395 @@
+"""Several host processes sharing one storage and one E2B account, as several Temper nodes.
+
+    cluster = Cluster(settings, hosts=3, workdir=tmp)
+    with cluster:
+        cluster.start()                      # N `python -m host.multihost_worker` processes
+        cluster.assign(jobs)                 # round-robin over the live hosts
+        cluster.wait_for(lambda events: ...) # awaits what the hosts report
+        cluster.kill("host-2")               # kill -9; its unfinished jobs go to survivors
+        outcome = cluster.finish(timeout=60) # every job ended; hosts exited
+
+A killed host's sessions are re-driven by the survivors, the way Temper re-dispatches an
+entity's pending action on another node: a job counts as finished only when a live host
+reports its result. Every host reports JSON lines (see host.multihost_worker), stamped
+with the storage's clock, which all hosts share when the storage is Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from host.multihost_worker import WorkerSettings
+from host.sessions.model import Job
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Event = dict[str, Any]
+
+
+class ClusterError(RuntimeError):
+    """A host failed, or the run did not end in time."""
+
+
+@dataclass
+class HostProcess:
+    """One worker process and everything it reported."""
+
+    name: str
+    process: subprocess.Popen[str]
+    stderr_path: Path
+    events: list[Event] = field(default_factory=list)
+    assigned: list[Job] = field(default_factory=list)
+    killed: bool = False
+    reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self.killed and self.process.poll() is None
+
+    def stderr_tail(self, limit: int = 4000) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    def results(self) -> list[Event]:
+        return [e for e in self.events if e["event"] == "result"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "killed": self.killed,
+            "exit_code": self.process.returncode,
+            "jobs_assigned": [job.id for job in self.assigned],
+            "results": self.results(),
+            "outcomes": outcome_counts(self.events),
+        }
+
+
+@dataclass
+class ClusterOutcome:
+    """Where every job ended, and what each host reported."""
+
+    results: dict[str, Event]
+    hosts: list[HostProcess]
+    events: list[Event]
+    reassigned: dict[str, list[str]]
+
+    def grant_order(self) -> list[Event]:
+        """Each job's first create grant, in the shared clock's order."""
+        return self._first_per_job(lambda e: e["event"] == "granted")
+
+    def ready_order(self) -> list[Event]:
+        """Each job's first SandboxReady, in the shared clock's order (a re-driven job
+        counts once)."""
+        return self._first_per_job(lambda e: e["event"] == "session" and e["kind"] == "ready")
+
+    def _first_per_job(self, wanted: Callable[[Event], bool]) -> list[Event]:
+        seen: set[str] = set()
+        order = []
+        for event in sorted(self.events, key=lambda e: e["at_ms"]):
+            if wanted(event) and event["job"] not in seen:
+                seen.add(event["job"])
+                order.append(event)
+        return order
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "results": self.results,
+            "hosts": [host.to_json() for host in self.hosts],
+            "reassigned": self.reassigned,
+            "outcomes": outcome_counts(self.events),
+        }
+
+
+def outcome_counts(events: Sequence[Event]) -> dict[str, int]:
+    """Invocation outcomes by action and reason/code, e.g. `SandboxQueued:storage`."""
+    counts: dict[str, int] = {}
+    for event in events:
+        if event["event"] != "outcome":
+            continue
+        label = event["action"]
+        detail = event.get("reason") or event.get("code")
+        if detail:
+            label += f":{detail}"
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def max_tenant_lead(order: Sequence[Event]) -> int:
+    """Over every prefix of the ready order, the largest gap between the most and the least
+    served tenant (tenants counted from the whole order). Round-robin grants keep it near 1;
+    first-come-first-served across a burst of one tenant lets it grow to that burst."""
+    tenants = sorted({event["tenant"] for event in order})
+    served = dict.fromkeys(tenants, 0)
+    worst = 0
+    for event in order:
+        served[event["tenant"]] += 1
+        worst = max(worst, max(served.values()) - min(served.values()))
+    return worst
+
+
+def mean_rank_gap(order: Sequence[Event]) -> float:
+    """The spread of the tenants' mean places in the order (0: perfectly interleaved; two
+    tenants of n jobs served one after the other: n)."""
+    ranks: dict[str, list[int]] = {}
+    for rank, event in enumerate(order):
+        ranks.setdefault(event["tenant"], []).append(rank)
+    means = [sum(r) / len(r) for r in ranks.values()]
+    return max(means) - min(means) if means else 0.0
+
+
+class Cluster:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        hosts: int,
+        workdir: Path,
+        python: str = sys.executable,
+    ) -> None:
+        if hosts < 1:
+            raise ValueError("at least one host")
+        self.settings = settings
+        self.workdir = workdir
+        self.python = python
+        self.host_count = hosts
+        self.hosts: list[HostProcess] = []
+        self._cond = threading.Condition()
+        self._events: list[Event] = []
+        self._jobs: dict[str, Job] = {}
+        self._owner: dict[str, str] = {}
+        self._results: dict[str, Event] = {}
+        self._reassigned: dict[str, list[str]] = {}
+        self._round_robin = itertools.count()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Starts every host and waits until each can take work."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        settings_path = self.workdir / "worker-settings.json"
+        settings_path.write_text(json.dumps(self.settings.to_json()))
+        for index in range(self.host_count):
+            name = f"host-{index + 1}"
+            stderr_path = self.workdir / f"{name}.stderr"
+            with stderr_path.open("w") as stderr:
+                process = subprocess.Popen(
+                    [
+                        self.python,
+                        "-m",
+                        "host.multihost_worker",
+                        str(settings_path),
+                        "--name",
+                        name,
+                    ],
+                    cwd=ROOT,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                    bufsize=1,
+                )
+            host = HostProcess(name, process, stderr_path)
+            host.reader = threading.Thread(
+                target=self._read, args=(host,), name=f"read-{name}", daemon=True
+            )
+            self.hosts.append(host)
+            host.reader.start()
+        self.wait_for(
+            lambda _: all(any(e["event"] == "ready" for e in h.events) for h in self.hosts),
+            timeout,
+            "every host ready",
+        )
+
+    def close(self) -> None:
+        """Ends every host still running (kill -9: nothing is left to finish)."""
+        for host in self.hosts:
+            if host.process.poll() is None:
+                host.process.kill()
+            host.process.wait()
+            if host.process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    host.process.stdin.close()
+            if host.reader is not None:
+                host.reader.join(timeout=10)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- work --------------------------------------------------------------------------
+
+    def live_hosts(self) -> list[HostProcess]:
+        return [host for host in self.hosts if host.alive]
+
+    def host(self, name: str) -> HostProcess:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    def assign(self, jobs: Sequence[Job]) -> dict[str, list[Job]]:
+        """Deals the jobs round-robin over the live hosts (each host gets its share as one
+        assignment, so its sessions start together)."""
+        live = self.live_hosts()
+        if not live:
+            raise ClusterError("no live host to assign jobs to")
+        shares: dict[str, list[Job]] = {host.name: [] for host in live}
+        for job in jobs:
+            host = live[next(self._round_robin) % len(live)]
+            shares[host.name].append(job)
+        for name, share in shares.items():
+            if share:
+                self._send(self.host(name), share)
+        return shares
+
+    def _send(self, host: HostProcess, jobs: list[Job]) -> None:
+        with self._cond:
+            for job in jobs:
+                self._jobs[job.id] = job
+                self._owner[job.id] = host.name
+            host.assigned.extend(jobs)
+        line = json.dumps({"jobs": [{"id": j.id, "tenant": j.tenant} for j in jobs]})
+        assert host.process.stdin is not None
+        host.process.stdin.write(line + "\n")
+        host.process.stdin.flush()
+
+    def kill(self, name: str) -> list[Job]:
+        """kill -9 the host, then hand its unfinished jobs to the survivors; returns them."""
+        host = self.host(name)
+        host.killed = True
+        host.process.send_signal(signal.SIGKILL)
+        host.process.wait()
+        # Read what it said before it died: a result it reported is a finished job.
+        if host.reader is not None:
+            host.reader.join(timeout=10)
+        with self._cond:
+            unfinished = [
+                self._jobs[job_id]
+                for job_id, owner in self._owner.items()
+                if owner == name and job_id not in self._results
+            ]
+        survivors = self.live_hosts()
+        if unfinished and not survivors:
+            raise ClusterError(f"{name} died with {len(unfinished)} jobs and no survivor")
+        for index, survivor in enumerate(survivors):
+            share = unfinished[index :: len(survivors)]
+            if share:
+                self._reassigned.setdefault(survivor.name, []).extend(j.id for j in share)
+                self._send(survivor, share)
+        return unfinished
+
+    def finish(self, timeout: float = 120.0) -> ClusterOutcome:
+        """Waits until every assigned job has a result from a live host, then lets the
+        hosts exit and collects everything."""
+        self.wait_for(lambda _: len(self._results) == len(self._jobs), timeout, "every job ended")
+        for host in self.live_hosts():
+            assert host.process.stdin is not None
+            host.process.stdin.close()
+        deadline = time.monotonic() + timeout
+        for host in self.hosts:
+            if host.killed:
+                continue
+            try:
+                host.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise ClusterError(f"{host.name} did not exit:\n{host.stderr_tail()}") from None
+            if host.reader is not None:
+                host.reader.join(timeout=10)
+            if host.process.returncode != 0:
+                raise ClusterError(
+                    f"{host.name} exited with {host.process.returncode}:\n{host.stderr_tail()}"
+                )
+        with self._cond:
+            return ClusterOutcome(
+                results=dict(self._results),
+                hosts=list(self.hosts),
+                events=list(self._events),
+                reassigned={k: list(v) for k, v in self._reassigned.items()},
+            )
+
+    # -- what the hosts report ---------------------------------------------------------
+
+    def events(self) -> list[Event]:
+        with self._cond:
+            return list(self._events)
+
+    def wait_for(
+        self, predicate: Callable[[list[Event]], bool], timeout: float, what: str = "condition"
+    ) -> list[Event]:
+        """Blocks until `predicate(all events so far)` holds; woken by every event."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._events):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ClusterError(f"timed out waiting for {what}\n{self._diagnosis()}")
+                died = [h for h in self.hosts if not h.killed and h.process.poll() not in (None, 0)]
+                if died:
+                    raise ClusterError(
+                        f"{died[0].name} exited with {died[0].process.returncode} while "
+                        f"waiting for {what}:\n{died[0].stderr_tail()}"
+                    )
+                self._cond.wait(min(left, 0.5))
+            return list(self._events)
+
+    def _diagnosis(self) -> str:
+        missing = sorted(set(self._jobs) - set(self._results))
+        lines = [f"jobs without a result: {missing[:20]}"]
+        for host in self.hosts:
+            lines.append(f"--- {host.name} (pid {host.pid}, killed={host.killed}) stderr:")
+            lines.append(host.stderr_tail(1500))
+        return "\n".join(lines)
+
+    def _read(self, host: HostProcess) -> None:
+        stdout: IO[str] | None = host.process.stdout
+        assert stdout is not None
+        with stdout:
+            for line in stdout:
+                try:
+                    event: Event = json.loads(line)
+                except ValueError:
+                    continue
+                event["host"] = host.name
+                with self._cond:
+                    host.events.append(event)
+                    self._events.append(event)
+                    # A dead host's stream ends with what it wrote before it died.
+                    if event["event"] == "result" and self._owner.get(event["id"]) == host.name:
+                        self._results[event["id"]] = event
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+
+def iter_jobs(run_id: str, tenants: Sequence[str], per_tenant: int) -> Iterator[Job]:
+    """Each tenant's jobs together, the first tenant's first: a first-come-first-served
+    queue would serve them one tenant after the other."""
+    for tenant in tenants:
+        for index in range(per_tenant):
+            yield Job(id=f"{run_id}-{tenant}-{index + 1:02d}", tenant=tenant)

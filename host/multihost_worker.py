@@ -1,0 +1,264 @@
+"""One host process of a multi-host run: `python -m host.multihost_worker SETTINGS.json`.
+
+The process loads the component, opens the shared storage (a `redis://` URL, so every host
+shares one store and one clock) and the shared mock E2B, then runs CurationJob sessions with
+the session driver. Work arrives on stdin, one JSON line per assignment
+(`{"jobs": [{"id": ..., "tenant": ...}, ...]}`), and each assignment runs in its own driver
+at once, so a coordinator can hand this host a dead host's jobs mid-run. End of stdin means
+no more work: the process exits once its sessions have ended.
+
+Everything the coordinator needs comes back on stdout as JSON lines, each stamped with the
+storage backend's clock (`at_ms`), which all hosts share:
+- `ready` once the host can take work;
+- `granted` when the component grants a create slot to one of this host's sessions;
+- `outcome` for every invocation (action, and the queue reason or failure code);
+- `session` for each session event (queued, ready, completed, failed, ...);
+- `result` when a session has ended (and released what it held);
+- `exit` last.
+Diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from host.component_cache import load_component
+from host.harness import open_runtime
+from host.sessions.driver import DriverSettings, SessionDriver
+from host.sessions.invokers import ComponentInvoker
+from host.sessions.model import Job, SessionEvent
+from host.telemetry import InvocationTag
+from provisioner.model import SANDBOX_FAILED, SANDBOX_QUEUED, Invocation, Outcome
+from provisioner.ports import LogLevel
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every host process of one run shares (written as JSON for the processes)."""
+
+    storage_url: str
+    e2b_url: str
+    api_key: str
+    account: str
+    run_id: str
+    config: tuple[tuple[str, str], ...] = ()
+    turns: int = 2
+    turn_s: float = 0.2
+    # Liveness is not under test here: long enough that only a real hang trips it.
+    liveness_s: float = 60.0
+    # A host outlives storage and E2B outages by retrying retryable failures, as Temper
+    # re-dispatches them; these bound a run that never recovers.
+    failure_retries: int = 1_000
+    failure_retry_delay_s: float = 0.2
+    release_attempts: int = 1_000
+    session_threads: int = 16
+    component: str | None = None
+    cache_dir: str | None = None
+
+    def driver_settings(self) -> DriverSettings:
+        return DriverSettings(
+            turns=self.turns,
+            turn_s=self.turn_s,
+            liveness_s=self.liveness_s,
+            failure_retries=self.failure_retries,
+            failure_retry_delay_s=self.failure_retry_delay_s,
+            release_attempts=self.release_attempts,
+            workers=self.session_threads,
+            wake_per_permit=1,
+            config=self.config,
+            run_id=self.run_id,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["config"] = [list(pair) for pair in self.config]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerSettings:
+        values = dict(data)
+        values["config"] = tuple((str(k), str(v)) for k, v in values.get("config", ()))
+        return cls(**values)
+
+
+class EventWriter:
+    """JSON lines on stdout, one writer at a time, stamped with the shared clock."""
+
+    def __init__(self, out: TextIO, clock: Callable[[], int]) -> None:
+        self._out = out
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, "at_ms": self._clock(), **fields}, default=str)
+        with self._lock:
+            self._out.write(line + "\n")
+            self._out.flush()
+
+
+@dataclass
+class _Routing:
+    """Which driver runs which job, so progress events reach the right session."""
+
+    drivers: dict[str, SessionDriver] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, jobs: list[Job], driver: SessionDriver) -> None:
+        with self.lock:
+            for job in jobs:
+                self.drivers[job.id] = driver
+
+    def get(self, job_id: str) -> SessionDriver | None:
+        with self.lock:
+            return self.drivers.get(job_id)
+
+
+class _HostTelemetry:
+    """Progress events are signs of life for their session; grants are reported."""
+
+    def __init__(self, routing: _Routing) -> None:
+        self.routing = routing
+        self.writer: EventWriter | None = None
+
+    def log(self, tag: InvocationTag, level: LogLevel, message: str) -> None:
+        if level in (LogLevel.WARN, LogLevel.ERROR):
+            print(f"guest {level.value} [{tag.tenant} {tag.entity_id}] {message}", file=sys.stderr)
+
+    def progress(self, tag: InvocationTag, event: dict[str, Any]) -> None:
+        if event.get("event") == "admission_granted" and self.writer is not None:
+            self.writer.emit(
+                "granted",
+                job=tag.entity_id,
+                tenant=tag.tenant,
+                lease_id=event.get("lease_id"),
+                attempt=event.get("attempt"),
+            )
+        driver = self.routing.get(tag.entity_id)
+        if driver is not None:
+            driver.sign_of_life(tag.entity_id)
+
+
+class _RecordingInvoker:
+    """The component, with every outcome reported."""
+
+    def __init__(self, inner: ComponentInvoker, writer: EventWriter) -> None:
+        self._inner = inner
+        self._writer = writer
+
+    def invoke(self, invocation: Invocation) -> Outcome:
+        outcome = self._inner.invoke(invocation)
+        operation = dict(invocation.config).get("operation", "provision")
+        detail: dict[str, Any] = {}
+        if outcome.action == SANDBOX_QUEUED:
+            detail["reason"] = outcome.params.get("reason")
+            detail["in_use"] = outcome.params.get("in_use")
+            detail["limit"] = outcome.params.get("limit")
+        if outcome.action == SANDBOX_FAILED and outcome.error is not None:
+            detail["code"] = outcome.error.code
+            detail["retryable"] = outcome.error.retryable
+        if outcome.action != SANDBOX_FAILED and "sandbox_id" in outcome.params:
+            detail["sandbox_id"] = outcome.params.get("sandbox_id")
+        self._writer.emit(
+            "outcome",
+            job=invocation.entity_id,
+            operation=operation,
+            action=outcome.action,
+            **detail,
+        )
+        return outcome
+
+
+def _jobs_from_line(line: str) -> list[Job]:
+    data = json.loads(line)
+    return [Job(id=str(item["id"]), tenant=str(item["tenant"])) for item in data["jobs"]]
+
+
+def _run_assignment(
+    jobs: list[Job],
+    invoker: _RecordingInvoker,
+    settings: WorkerSettings,
+    routing: _Routing,
+    writer: EventWriter,
+) -> None:
+    def on_event(event: SessionEvent) -> None:
+        writer.emit(
+            "session",
+            job=event.job.id,
+            tenant=event.job.tenant,
+            kind=event.kind,
+            phase=str(event.phase),
+            detail=event.detail,
+        )
+
+    driver = SessionDriver(invoker, settings.driver_settings(), on_event=on_event)
+    routing.add(jobs, driver)
+    try:
+        run = driver.run(jobs)
+    finally:
+        driver.close()
+    for result in run.results:
+        writer.emit(
+            "result",
+            **result.to_json(),
+            release_error=result.release_error,
+            failure_retries=result.failure_retries,
+        )
+
+
+def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int:
+    loaded = load_component(
+        Path(settings.component) if settings.component else None,
+        cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
+    )
+    routing = _Routing()
+    telemetry = _HostTelemetry(routing)
+    with open_runtime(
+        e2b_url=settings.e2b_url,
+        api_key=settings.api_key,
+        storage_url=settings.storage_url,
+        account=settings.account,
+        loaded=loaded,
+        telemetry=telemetry,
+        allow_private_network=True,
+    ) as runtime:
+        writer = EventWriter(out, runtime.services.storage.now_ms)
+        telemetry.writer = writer
+        invoker = _RecordingInvoker(ComponentInvoker(runtime), writer)
+        writer.emit("ready", host=name, pid=os.getpid(), from_cache=loaded.from_cache)
+        threads: list[threading.Thread] = []
+        for line in work:
+            if not line.strip():
+                continue
+            jobs = _jobs_from_line(line)
+            thread = threading.Thread(
+                target=_run_assignment,
+                args=(jobs, invoker, settings, routing, writer),
+                name=f"assignment-{len(threads)}",
+            )
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+        writer.emit("exit", host=name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m host.multihost_worker")
+    parser.add_argument("settings", type=Path, help="a JSON file of WorkerSettings")
+    parser.add_argument("--name", default=f"host-{os.getpid()}")
+    args = parser.parse_args(argv)
+    settings = WorkerSettings.from_json(json.loads(args.settings.read_text()))
+    return serve(settings, args.name, sys.stdin, sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
