@@ -48,7 +48,7 @@ def test_forty_eight_threads_invoking_at_once_get_only_well_formed_outcomes(
             return outcome.action
 
         with ThreadPoolExecutor(48) as pool:
-            outcomes = Counter(pool.map(one, range(720)))
+            outcomes = Counter(pool.map(one, range(480)))
         stats = mock.stats()
     assert set(outcomes) <= {"SandboxReady", "SandboxQueued"}, outcomes
     assert stats.max_concurrent_creates <= 4

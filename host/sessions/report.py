@@ -139,6 +139,16 @@ def format_table(report: dict[str, Any], results: Sequence[SessionResult]) -> st
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    tenants = report.get("tenants", {})
+    if len(tenants) > 1:
+        lines.append("tenants (a fair share is a median place near the middle of the run):")
+        for tenant, t in tenants.items():
+            wait = t["median_waited_ms"]
+            lines.append(
+                f"  {tenant}: {t['completed']}/{t['jobs']} completed, median wait "
+                + ("-" if wait is None else f"{wait / 1000:.1f}s")
+                + f", median place {t['median_ready_rank']} of {len(results)}"
+            )
     s = report["summary"]
     lines.append(
         f"{s['mode']}: {s['completed']}/{s['jobs']} completed, "
