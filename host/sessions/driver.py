@@ -192,6 +192,8 @@ class SessionDriver:
     def run(self, jobs: Sequence[Job]) -> RunResult:
         """Runs every job to Completed or Failed; returns when all are done and released.
         Raises whatever interrupts it (KeyboardInterrupt) after cancelling queued calls."""
+        if self._sessions:
+            raise RuntimeError("a SessionDriver runs once; make a new one")
         if len({job.id for job in jobs}) != len(jobs):
             raise ValueError("job ids must be unique")
         self._sessions = {job.id: _Session(SessionResult(job)) for job in jobs}
