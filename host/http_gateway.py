@@ -176,6 +176,10 @@ class HttpGateway:
         timeout_ms = max(1, request.timeout_ms)
         if deadline_ms is not None:
             timeout_ms = min(timeout_ms, max(1, deadline_ms))
+        # httpx's timeout bounds each read, not the exchange: a body trickled a byte at a
+        # time would hold the call (and the host thread, which the guest's epoch deadline
+        # cannot interrupt) for as long as the server likes.
+        give_up_at = time.monotonic() + timeout_ms / 1000
         for name, value in request.headers:
             if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
                 raise HttpError(
@@ -202,6 +206,10 @@ class HttpGateway:
                     body += chunk
                     if len(body) > self._max_response_bytes:
                         raise HttpError(HttpErrorKind.TOO_LARGE, str(self._max_response_bytes))
+                    if time.monotonic() > give_up_at:
+                        raise HttpError(HttpErrorKind.TIMEOUT)
+                if time.monotonic() > give_up_at:
+                    raise HttpError(HttpErrorKind.TIMEOUT)
                 status = response.status_code
                 response_headers = tuple(
                     (name, self._scrub(value)) for name, value in response.headers.multi_items()
