@@ -31,7 +31,11 @@ from types import TracebackType
 from typing import IO, Any
 
 from host.multihost_worker import WorkerSettings
+from host.namespaces import account_namespace
 from host.sessions.model import Job
+from host.storage import storage_from_uri
+from provisioner.admission.leases import prune_expired
+from provisioner.admission.state import GATE_KEY, GateState
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -385,6 +389,45 @@ class Cluster:
                     self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
+
+
+def read_gate(storage_url: str, account: str, *, pruned: bool = True) -> tuple[GateState, int]:
+    """The account's gate document as stored, and the storage clock's now; `pruned` drops
+    the leases that have expired by then (what the next decision will see)."""
+    storage = storage_from_uri(storage_url)
+    try:
+        entry = storage.get(account_namespace(account), GATE_KEY)
+        now = storage.now_ms()
+    finally:
+        storage.close()
+    state = GateState() if entry is None else GateState.from_bytes(entry.value)
+    if pruned:
+        prune_expired(state, now)
+    return state, now
+
+
+def wait_until_leases_leave(
+    storage_url: str,
+    account: str,
+    lease_ids: set[str],
+    *,
+    timeout: float,
+    poll_s: float = 0.05,
+) -> int:
+    """Waits until none of `lease_ids` is left in the stored gate (a decision pruned them
+    after expiry, or their holder gave them back); returns the storage clock then.
+    Storage offers no change notification, so this polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state, now = read_gate(storage_url, account, pruned=False)
+        held = {c.lease_id for c in state.create_leases} | {
+            s.lease_id for s in state.sandbox_leases
+        }
+        if not held & lease_ids:
+            return now
+        if time.monotonic() >= deadline:
+            raise ClusterError(f"leases {sorted(held & lease_ids)} still held after {timeout}s")
+        time.sleep(poll_s)
 
 
 def iter_jobs(run_id: str, tenants: Sequence[str], per_tenant: int) -> Iterator[Job]:

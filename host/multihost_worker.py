@@ -11,6 +11,7 @@ Everything the coordinator needs comes back on stdout as JSON lines, each stampe
 storage backend's clock (`at_ms`), which all hosts share:
 - `ready` once the host can take work;
 - `granted` when the component grants a create slot to one of this host's sessions;
+- `create_sent` / `create_answered` around each create request to E2B (by idempotency key);
 - `outcome` for every invocation (action, and the queue reason or failure code);
 - `session` for each session event (queued, ready, completed, failed, ...);
 - `result` when a session has ended (and released what it held);
@@ -31,13 +32,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from host.component_cache import load_component
-from host.harness import open_runtime
+from host.http_gateway import HttpGateway
+from host.runtime import ComponentRuntime, HostServices
 from host.sessions.driver import DriverSettings, SessionDriver
 from host.sessions.invokers import ComponentInvoker
 from host.sessions.model import Job, SessionEvent
+from host.storage import storage_from_uri
 from host.telemetry import InvocationTag
 from provisioner.model import SANDBOX_FAILED, SANDBOX_QUEUED, Invocation, Outcome
-from provisioner.ports import LogLevel
+from provisioner.ports import HttpError, HttpRequest, HttpResponse, LogLevel
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,30 @@ class _HostTelemetry:
             driver.sign_of_life(tag.entity_id)
 
 
+class _ReportingGateway(HttpGateway):
+    """Reports each create as it leaves for E2B and when it is answered, so a coordinator
+    can kill this host while a create is in flight."""
+
+    writer: EventWriter | None = None
+
+    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        writer = self.writer
+        is_create = request.method.upper() == "POST" and request.url.rstrip("/").endswith(
+            "/sandboxes"
+        )
+        if not is_create or writer is None:
+            return super().send(request, deadline_ms=deadline_ms)
+        key = dict((k.lower(), v) for k, v in request.headers).get("idempotency-key")
+        writer.emit("create_sent", key=key)
+        try:
+            response = super().send(request, deadline_ms=deadline_ms)
+        except HttpError as error:
+            writer.emit("create_answered", key=key, error=error.kind.value)
+            raise
+        writer.emit("create_answered", key=key, status=response.status)
+        return response
+
+
 class _RecordingInvoker:
     """The component, with every outcome reported."""
 
@@ -220,34 +247,35 @@ def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int
     )
     routing = _Routing()
     telemetry = _HostTelemetry(routing)
-    with open_runtime(
-        e2b_url=settings.e2b_url,
-        api_key=settings.api_key,
-        storage_url=settings.storage_url,
-        account=settings.account,
-        loaded=loaded,
-        telemetry=telemetry,
-        allow_private_network=True,
-    ) as runtime:
-        writer = EventWriter(out, runtime.services.storage.now_ms)
-        telemetry.writer = writer
-        invoker = _RecordingInvoker(ComponentInvoker(runtime), writer)
-        writer.emit("ready", host=name, pid=os.getpid(), from_cache=loaded.from_cache)
-        threads: list[threading.Thread] = []
-        for line in work:
-            if not line.strip():
-                continue
-            jobs = _jobs_from_line(line)
-            thread = threading.Thread(
-                target=_run_assignment,
-                args=(jobs, invoker, settings, routing, writer),
-                name=f"assignment-{len(threads)}",
-            )
-            thread.start()
-            threads.append(thread)
-        for thread in threads:
-            thread.join()
-        writer.emit("exit", host=name)
+    storage = storage_from_uri(settings.storage_url)
+    gateway = _ReportingGateway(settings.e2b_url, settings.api_key, allow_private_network=True)
+    services = HostServices(
+        storage=storage, http=gateway, telemetry=telemetry, account=settings.account
+    )
+    try:
+        with ComponentRuntime(loaded, services) as runtime:
+            writer = EventWriter(out, storage.now_ms)
+            telemetry.writer = writer
+            gateway.writer = writer
+            invoker = _RecordingInvoker(ComponentInvoker(runtime), writer)
+            writer.emit("ready", host=name, pid=os.getpid(), from_cache=loaded.from_cache)
+            threads: list[threading.Thread] = []
+            for line in work:
+                if not line.strip():
+                    continue
+                thread = threading.Thread(
+                    target=_run_assignment,
+                    args=(_jobs_from_line(line), invoker, settings, routing, writer),
+                    name=f"assignment-{len(threads)}",
+                )
+                thread.start()
+                threads.append(thread)
+            for thread in threads:
+                thread.join()
+            writer.emit("exit", host=name)
+    finally:
+        gateway.close()
+        storage.close()
     return 0
 
 

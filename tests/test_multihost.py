@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +19,16 @@ from host.mock_e2b import MockE2BConfig, MockE2BServer
 from host.multihost import (
     Cluster,
     ClusterOutcome,
+    Event,
     iter_jobs,
     max_tenant_lead,
     mean_rank_gap,
+    read_gate,
+    wait_until_leases_leave,
 )
 from host.multihost_worker import WorkerSettings
-from host.namespaces import account_namespace
-from host.storage.redis import RedisBackend
+from host.sessions.context import ENTITY_TYPE
 from host.storage.redis_server import RedisServer, find_redis_server
-from provisioner.admission.leases import prune_expired
-from provisioner.admission.state import GATE_KEY, GateState
 
 API_KEY = "e2b_multihost_key_0123456789"
 CREATE_SLOTS = 4
@@ -109,19 +109,6 @@ def _mock(**changes: object) -> MockE2BServer:
     return MockE2BServer(config)
 
 
-def _gate(redis_server: RedisServer, account: str) -> tuple[GateState, int]:
-    """The account's stored gate, pruned at the shared clock's now, and that now."""
-    backend = RedisBackend.from_url(redis_server.url)
-    try:
-        entry = backend.get(account_namespace(account), GATE_KEY)
-        now = backend.now_ms()
-    finally:
-        backend.close()
-    state = GateState() if entry is None else GateState.from_bytes(entry.value)
-    prune_expired(state, now)
-    return state, now
-
-
 def _assert_every_job_completed(outcome: ClusterOutcome, jobs: int) -> None:
     states = {job_id: result["state"] for job_id, result in outcome.results.items()}
     assert len(states) == jobs
@@ -137,7 +124,7 @@ def _assert_nothing_left(
     assert mock.orphans(set()) == []
     assert stats.duplicates == 0, "two sandboxes for one idempotency key"
     assert stats.sandboxes_created == jobs, "one sandbox per job, no more"
-    gate, _ = _gate(redis_server, account)
+    gate, _ = read_gate(redis_server.url, account)
     assert gate.create_leases == [], "a create slot leaked"
     assert gate.sandbox_leases == [], "a capacity permit leaked"
     assert gate.waiting() == 0, "a waiter was left in the queue"
@@ -195,3 +182,98 @@ def test_three_hosts_share_the_limits_and_stay_fair(
 
 def _letters(order: list[dict[str, object]]) -> str:
     return "".join(str(event["tenant"])[-1] for event in order)
+
+
+def _creating_with_sessions_queued(host: str) -> Callable[[list[Event]], bool]:
+    """The host has a create in flight at E2B and a session waiting in the queue."""
+
+    def holds(events: list[Event]) -> bool:
+        mine = [e for e in events if e["host"] == host]
+        sent = {e["key"] for e in mine if e["event"] == "create_sent"}
+        answered = {e["key"] for e in mine if e["event"] == "create_answered"}
+        queued = any(e["event"] == "session" and e["kind"] == "queued" for e in mine)
+        return bool(sent - answered) and queued
+
+    return holds
+
+
+def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
+    redis_server: RedisServer,
+    loaded_component: LoadedComponent,
+    component_cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """kill -9 one host while its creates are in flight (1 s each at E2B) and its other
+    sessions wait in the queue; the survivors re-drive its jobs.
+
+    Bugs caught: a dead host's create slots held forever (leases that never expire, or
+    expiry read from a host's own clock), a re-driven provision creating a second sandbox
+    instead of adopting the one the dead host's create made (idempotency key not kept),
+    a sandbox nobody releases, a limit overrun while the dead host's slots come back."""
+    jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
+    victim = "host-2"
+    with _mock(create_latency_ms=1000) as mock:
+        settings = _settings(
+            redis_server,
+            mock,
+            loaded_component,
+            component_cache_dir,
+            turns=3,
+            turn_s=0.3,
+            create_latency_ms="1000",
+        )
+        with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
+            cluster.start()
+            cluster.assign(jobs)
+            events = cluster.wait_for(
+                _creating_with_sessions_queued(victim),
+                timeout=30,
+                what=f"{victim} creating with sessions queued",
+            )
+            # Every create sent so far has reached E2B, the victim's among them.
+            sent = sum(1 for e in events if e["event"] == "create_sent")
+            mock.wait_for(lambda stats: stats.creates_attempted >= sent, timeout=10)
+            victim_jobs = {job.id for job in cluster.host(victim).assigned}
+            victim_entities = {f"{ENTITY_TYPE}/{job_id}" for job_id in victim_jobs}
+            unfinished = cluster.kill(victim)
+            gate, killed_at_ms = read_gate(redis_server.url, settings.account)
+            orphaned_leases = {
+                lease.lease_id for lease in gate.create_leases if lease.entity in victim_entities
+            }
+            # Killed while holding create slots, with sessions still queued.
+            assert orphaned_leases, "the victim held no create slot when it died"
+            assert len(unfinished) == len(victim_jobs)
+            lease_expiry_ms = (
+                max(
+                    lease.expires_ms
+                    for lease in gate.create_leases
+                    if lease.lease_id in orphaned_leases
+                )
+                - killed_at_ms
+            )
+            reclaimed_at_ms = wait_until_leases_leave(
+                redis_server.url, settings.account, orphaned_leases, timeout=30
+            )
+            outcome = cluster.finish(timeout=90)
+        stats = mock.stats()
+        print(
+            f"\nkilled {victim} holding {len(orphaned_leases)} create slot(s) with "
+            f"{len(unfinished)} unfinished jobs; its leases expired {lease_expiry_ms} ms and "
+            f"were reclaimed {reclaimed_at_ms - killed_at_ms} ms after the kill (create lease "
+            f"{CREATE_LEASE_MS} ms); creates in flight at E2B at most "
+            f"{stats.max_concurrent_creates} (limit {CREATE_SLOTS}); sandboxes created "
+            f"{stats.sandboxes_created} for {len(jobs)} jobs, adopted by idempotency key "
+            f"{stats.idempotent_replays}; outcomes {outcome.to_json()['outcomes']}"
+        )
+        assert stats.max_concurrent_creates <= CREATE_SLOTS
+        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        assert stats.throttled == 0
+        _assert_every_job_completed(outcome, len(jobs))
+        # The victim's create went on at E2B after it died; a survivor adopted the sandbox.
+        assert stats.idempotent_replays >= 1
+        # The survivors finished every one of the victim's jobs.
+        assert {outcome.results[job_id]["host"] for job_id in victim_jobs} <= {
+            "host-1",
+            "host-3",
+        }
+        _assert_nothing_left(mock, redis_server, settings.account, len(jobs))
