@@ -163,11 +163,16 @@ def format_table(report: dict[str, Any], results: Sequence[SessionResult]) -> st
 
 def comparison_line(reports: Sequence[dict[str, Any]]) -> str:
     parts = []
+    ideal = None
     for report in reports:
         s = report["summary"]
         ratio = s["makespan_ratio"]
-        parts.append(
-            f"{s['mode']} {s['completed']}/{s['jobs']} in {s['makespan_s']:.1f}s"
-            + ("" if ratio is None else f" ({ratio:.2f}x ideal)")
-        )
-    return "compare: " + " | ".join(parts)
+        ideal = s["ideal_makespan_s"]
+        text = f"{s['mode']} {s['completed']}/{s['jobs']} completed in {s['makespan_s']:.1f}s"
+        if s["failed"]:
+            text += f" ({s['failed']} failed, {s['killed_by_liveness']} by liveness)"
+        elif ratio is not None:
+            text += f" ({ratio:.2f}x ideal)"
+        parts.append(text)
+    tail = "" if ideal is None else f" [ideal {ideal:.1f}s]"
+    return "compare: " + " | ".join(parts) + tail
