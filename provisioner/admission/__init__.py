@@ -3,8 +3,22 @@
 Gates: create slots (concurrent creates), create rate (GCRA), sandbox capacity (with
 multiplicative shrink on the concurrent-cap 429 and additive regrowth), a shared cooldown
 after 429/5xx, and a retry budget. Waiters queue FIFO per tenant, round-robin across
-tenants. All state lives in host storage (account scope) and changes only by
-compare-and-swap; see `state.py` for the stored representation.
+tenants. All state lives in host storage (account scope, keys under `adm/`) and changes
+only by compare-and-swap; see `state.py` for the stored representation.
+
+Use (a fresh controller per invocation)::
+
+    controller = AdmissionController(ports, AdmissionConfig.from_config(config))
+    decision = controller.admit(Waiter(tenant, f"{entity_type}/{entity_id}"))
+    if isinstance(decision, Grant):           # send ONE create now, then:
+        decision = controller.settle(waiter, decision, result)  # None once Created
+    # Queued -> SandboxQueued(decision.params()); Rejected -> SandboxFailed(decision.failure)
+    controller.release(waiter)                # when the sandbox is killed
+    controller.status(tenant)                 # every gate, JSON-serialisable
+
+Module map: config (settings), results (answers), state (stored shapes), leases,
+gates (slots, rate, capacity), queue (fair order), backoff, budget, status (estimates
+and snapshot), controller (the decisions).
 """
 
 from provisioner.admission.config import AdmissionConfig

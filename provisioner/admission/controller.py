@@ -134,7 +134,10 @@ class AdmissionController:
         Queued("capacity"). CreateFailed -> Rejected(its failure). Queued("storage") means
         the result could not be recorded: settle again with the same arguments."""
         return self._guard(
-            waiter, "settle", lambda: self._retrying(lambda: self._settle(waiter, grant, result))
+            waiter,
+            "settle",
+            lambda: self._retrying(lambda: self._settle(waiter, grant, result)),
+            {"e2b_answer": type(result).__name__, "attempt": grant.attempt},
         )
 
     def release(self, waiter: Waiter) -> bool:
@@ -161,7 +164,13 @@ class AdmissionController:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _guard(self, waiter: Waiter, what: str, decide: Callable[[], _T]) -> _T | Queued:
+    def _guard(
+        self,
+        waiter: Waiter,
+        what: str,
+        decide: Callable[[], _T],
+        extra: dict[str, Any] | None = None,
+    ) -> _T | Queued:
         result: _T | Queued
         try:
             result = decide()
@@ -170,7 +179,7 @@ class AdmissionController:
         except Exception as error:  # a bug must not grant: fail closed
             self._log(LogLevel.ERROR, f"admission {what} failed: {error!r}")
             result = self._storage_queued(waiter, f"{what}: {error!r}")
-        self._emit(waiter, what, result)
+        self._emit(waiter, what, result, extra)
         return result
 
     def _retrying(self, decide: Callable[[], _T]) -> _T:
@@ -191,8 +200,11 @@ class AdmissionController:
         with contextlib.suppress(Exception):
             self._ports.telemetry.log(level, message)
 
-    def _emit(self, waiter: Waiter, what: str, result: object) -> None:
+    def _emit(
+        self, waiter: Waiter, what: str, result: object, extra: dict[str, Any] | None = None
+    ) -> None:
         event: dict[str, Any] = {"tenant": waiter.tenant, "entity": waiter.entity, "step": what}
+        event.update(extra or {})
         if isinstance(result, Grant):
             event.update(
                 event="admission_granted",
