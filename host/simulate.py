@@ -11,6 +11,7 @@ import argparse
 import json
 import secrets
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,15 +141,29 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
 
 class _SessionTelemetry:
     """Hands the guest's progress events to the driver as signs of life (the way a runtime
-    should count them against liveness timeouts); prints only the guest's warnings."""
+    should count them against liveness timeouts); prints the guest's first few warnings
+    and counts the rest."""
+
+    MAX_PRINTED = 5
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
+        self._lock = threading.Lock()
+        self.warnings = 0
         self.driver: SessionDriver | None = None
 
     def log(self, tag: InvocationTag, level: LogLevel, message: str) -> None:
-        if level in (LogLevel.WARN, LogLevel.ERROR):
-            print(f"guest {level.value} [{tag.tenant} {tag.entity_id}] {message}", file=self._out)
+        if level not in (LogLevel.WARN, LogLevel.ERROR):
+            return
+        with self._lock:
+            self.warnings += 1
+            count = self.warnings
+        if count <= self.MAX_PRINTED:
+            print(f"guest {level.value} [{tag.tenant} {tag.entity_id}] {message[:300]}",
+                  file=self._out, flush=True)
+        elif count == self.MAX_PRINTED + 1:
+            print("guest warnings: further ones are counted, not shown", file=self._out,
+                  flush=True)
 
     def progress(self, tag: InvocationTag, event: dict[str, Any]) -> None:
         driver = self.driver
@@ -184,6 +199,7 @@ def run_mode(
         config = scenario.integration_config(mock.url)
         settings = scenario.driver_settings(mode, config, run_id)
         on_event = live.event if live is not None else None
+        telemetry = None
         if mode == "provisioner":
             telemetry = _SessionTelemetry(sys.stderr)
             with open_runtime(
@@ -206,7 +222,9 @@ def run_mode(
     finally:
         mock.stop()
     ideal = ideal_makespan_s(len(jobs), scenario.e2b.limits(), scenario.session_s)
-    return ModeRun(mode, run, build_report(run, mode=mode, e2b=figures, ideal_s=ideal))
+    report = build_report(run, mode=mode, e2b=figures, ideal_s=ideal)
+    report["summary"]["guest_warnings"] = telemetry.warnings if telemetry is not None else 0
+    return ModeRun(mode, run, report)
 
 
 def _drive(
