@@ -26,6 +26,11 @@ from provisioner.settings import SandboxSettings
 
 _CAPACITY_MESSAGE = re.compile(r"maximum number of concurrent E2B sandboxes(?:\s*\((\d+)\))?", re.I)
 _JSON_HEADERS = (("content-type", "application/json"), ("accept", "application/json"))
+# E2B sandbox ids are short lowercase alphanumerics (older APIs append "-<client id>"). An id
+# outside this shape is not trusted: it would be stored, returned to the runtime and put in
+# the kill URL (a lone surrogate from a JSON escape made `quote` raise, so the sandbox could
+# never be released through the provisioner).
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,14 +41,20 @@ class SandboxInfo:
     envd_version: str
 
 
+def _printable(text: str, limit: int) -> str:
+    """Only what can cross the WIT boundary and be shown safely: a lone surrogate (from a
+    JSON escape) cannot be lowered to a WIT string, and control characters garble logs."""
+    return "".join(ch for ch in text[:limit] if ch.isprintable())
+
+
 def _error_message(response: HttpResponse) -> str:
     try:
         body = json.loads(response.body)
     except ValueError:
-        return response.body[:200].decode("utf-8", "replace")
+        return _printable(response.body[:200].decode("utf-8", "replace"), 200)
     if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return str(body["message"])[:300]
-    return response.body[:200].decode("utf-8", "replace")
+        return _printable(str(body["message"]), 300)
+    return _printable(response.body[:200].decode("utf-8", "replace"), 200)
 
 
 def _retry_after_ms(response: HttpResponse) -> int | None:
@@ -87,12 +98,14 @@ def _sandbox_info(body: Any) -> SandboxInfo | None:
     if not isinstance(body, dict):
         return None
     sandbox_id = body.get("sandboxID")
-    if not isinstance(sandbox_id, str) or not sandbox_id or len(sandbox_id) > 128:
+    if not isinstance(sandbox_id, str) or not _SANDBOX_ID.fullmatch(sandbox_id):
         return None
 
     def text(key: str) -> str:
         value = body.get(key)
-        return value[:128] if isinstance(value, str) else ""
+        if not isinstance(value, str):
+            return ""
+        return _printable(value, 128)
 
     return SandboxInfo(sandbox_id, text("templateID"), text("clientID"), text("envdVersion"))
 
