@@ -1,0 +1,179 @@
+"""Figure 1: what one `run` through the component costs, against the floor and natively.
+
+Side by side, in rounds (so drift on a shared machine hits every series alike):
+
+- floor: the probe guest (tests/guests/probe) with `probe_mode=noop`, built with the
+  same componentize-py against the same WIT and run by the same host: a fresh Store,
+  instantiate, one call that returns at once;
+- held: `provision` of an entity that already holds its sandbox (instantiate, call,
+  the storage reads that find it; no HTTP), through the component and natively;
+- create: `provision` of a new entity against the mock E2B with zero latency (admission
+  decision, the POST, the settle), through the component and natively; each is
+  released again outside the timing so the gates stay empty.
+
+Cold start: compiling the component (an empty cache) against loading the cached
+artefact.
+
+Run alone: .venv/bin/python -m benchmarks.invocation [--calls 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.support import Hosts, invocation, mock_e2b, open_hosts
+from benchmarks.table import Row, ms, percentile, times
+from host.component_cache import LoadedComponent, load_component
+from host.probe_guest import build_probe_component
+from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Outcome
+
+FLOOR_TARGET = 1.5
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    seconds: list[float]
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.seconds, 0.99)
+
+
+@dataclass(frozen=True)
+class InvocationFigures:
+    series: dict[str, Series]
+    compile_s: float
+    cached_load_s: float
+
+
+def _timed(call: Callable[[], Outcome], expect: str) -> float:
+    started = time.perf_counter()
+    outcome = call()
+    elapsed = time.perf_counter() - started
+    if outcome.action != expect:
+        raise RuntimeError(f"expected {expect}, got {outcome}")
+    return elapsed
+
+
+def measure_calls(
+    loaded: LoadedComponent, probe: LoadedComponent, calls: int, warmup: int = 5
+) -> dict[str, Series]:
+    samples: dict[str, list[float]] = {
+        name: [] for name in ("floor", "held", "held_native", "create", "create_native")
+    }
+    with mock_e2b() as mock:
+        url = mock.url
+        hosts = open_hosts(loaded, url, probe=probe)
+        try:
+            assert hosts.probe is not None
+            probe_host = hosts.probe
+            noop = invocation(url, "probe", config=(("probe_mode", "noop"),))
+            held = invocation(url, "held")
+            _timed(lambda: hosts.component.invoke(held), SANDBOX_READY)
+            creates_before = mock.stats().creates_attempted
+            for index in range(warmup + calls):
+                round_samples = {
+                    "floor": _timed(lambda: probe_host.invoke(noop), "ProbeDone"),
+                    "held": _timed(lambda: hosts.component.invoke(held), SANDBOX_READY),
+                    "held_native": _timed(lambda: hosts.native.invoke(held), SANDBOX_READY),
+                    "create": _create(hosts, url, f"c-{index}", native=False),
+                    "create_native": _create(hosts, url, f"n-{index}", native=True),
+                }
+                if index >= warmup:
+                    for name, seconds in round_samples.items():
+                        samples[name].append(seconds)
+            # Two creates per round and nothing else: the held path never reached E2B.
+            made = mock.stats().creates_attempted - creates_before
+            if made != 2 * (warmup + calls):
+                raise RuntimeError(f"expected {2 * (warmup + calls)} creates, E2B saw {made}")
+        finally:
+            hosts.close()
+    return {name: Series(name, seconds) for name, seconds in samples.items()}
+
+
+def _create(hosts: Hosts, url: str, entity: str, *, native: bool) -> float:
+    runtime = hosts.native if native else hosts.component
+    seconds = _timed(lambda: runtime.invoke(invocation(url, entity)), SANDBOX_READY)
+    released = runtime.invoke(invocation(url, entity, operation="release"))
+    if released.action != SANDBOX_RELEASED:
+        raise RuntimeError(f"release failed: {released}")
+    return seconds
+
+
+def measure_cold_start(path: Path | None) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+        cold = load_component(path, cache_dir=Path(cache))
+        warm = load_component(path, cache_dir=Path(cache))
+    assert not cold.from_cache and warm.from_cache
+    return cold.load_seconds, warm.load_seconds
+
+
+def measure(
+    loaded: LoadedComponent, calls: int, *, component_path: Path | None = None
+) -> InvocationFigures:
+    probe = load_component(build_probe_component())
+    series = measure_calls(loaded, probe, calls)
+    compile_s, cached_s = measure_cold_start(component_path)
+    return InvocationFigures(series, compile_s, cached_s)
+
+
+def rows(figures: InvocationFigures) -> list[Row]:
+    s = figures.series
+    floor = s["floor"]
+
+    def p(series: Series) -> str:
+        return f"p50 {ms(series.p50)}, p99 {ms(series.p99)}"
+
+    def vs(series: Series, base: Series) -> str:
+        return f"{times(series.p50 / base.p50)} p50, {times(series.p99 / base.p99)} p99"
+
+    held, create = s["held"], s["create"]
+    return [
+        Row("1", "empty component call (floor: probe noop)", p(floor), "1.00x", "itself"),
+        Row(
+            "1",
+            "provision, sandbox already held (no E2B)",
+            p(held),
+            vs(held, floor),
+            "floor",
+            f"<= {FLOOR_TARGET}x floor (p50)",
+            held.p50 / floor.p50 <= FLOOR_TARGET,
+        ),
+        Row("1", "provision, full create (mock, 0 ms latency)", p(create), vs(create, floor),
+            "floor"),
+        Row("1", "same logic natively: held", p(s["held_native"]), vs(s["held_native"], held),
+            "component, held"),
+        Row("1", "same logic natively: full create", p(s["create_native"]),
+            vs(s["create_native"], create), "component, create"),
+        Row(
+            "1",
+            "cold start: compile vs cached load",
+            f"{ms(figures.compile_s)} vs {ms(figures.cached_load_s)}",
+            times(figures.compile_s / figures.cached_load_s),
+            "cached load",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    from benchmarks.table import format_text
+
+    print(format_text(rows(measure(load_component(), args.calls))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Figure 4: peak RSS with 50 invocations in flight at once.
+
+Runs in its own process (`python -m benchmarks.memory --json`), so the high-water mark is
+this figure's alone. The mock E2B answers creates after 4 s, so 50 threads that each
+provision a new entity all sit inside a component call (each with its own Store and
+instance) while the mock holds their creates; the figure is read when the mock reports
+all 50 creates in flight, and from VmHWM afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from benchmarks.support import WIDE_OPEN, Hosts, invocation, mock_e2b, open_hosts
+from benchmarks.table import Row, times
+from host.component_cache import load_component
+from host.mock_e2b import MockE2BServer
+from provisioner.model import SANDBOX_READY
+
+IN_FLIGHT = 50
+CREATE_LATENCY_MS = 4000.0
+MIB = 1 << 20
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def hwm_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def _in_flight(count: int, tag: str, hosts: Hosts, mock: MockE2BServer) -> int:
+    """Starts `count` provisions at once; returns RSS when all `count` creates are held."""
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def provision(index: int) -> None:
+        outcome = hosts.component.invoke(
+            invocation(mock.url, f"{tag}-{index}", config=WIDE_OPEN)
+        )
+        with lock:
+            outcomes.append(outcome.action)
+
+    threads = [threading.Thread(target=provision, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    # All `count` inside their call at once, or the figure would price fewer.
+    mock.wait_for(lambda stats: stats.creates_in_flight >= count, timeout=CREATE_LATENCY_MS / 1000)
+    during = rss_bytes()
+    for thread in threads:
+        thread.join()
+    if outcomes.count(SANDBOX_READY) != count:
+        raise RuntimeError(f"not every invocation got its sandbox: {outcomes}")
+    return during
+
+
+def measure_here() -> dict[str, int]:
+    loaded = load_component()
+    with mock_e2b(create_latency_ms=CREATE_LATENCY_MS) as mock:
+        hosts = open_hosts(loaded, mock.url)
+        try:
+            warm = hosts.component.invoke(invocation(mock.url, "warm-up", config=WIDE_OPEN))
+            assert warm.action == SANDBOX_READY, warm
+            idle = rss_bytes()
+            one = _in_flight(1, "one", hosts, mock)
+            many = _in_flight(IN_FLIGHT, "many", hosts, mock)
+            peak = hwm_bytes()
+        finally:
+            hosts.close()
+    return {"idle": idle, "one_in_flight": one, "many_in_flight": many, "peak_hwm": peak,
+            "in_flight": IN_FLIGHT}
+
+
+def measure() -> dict[str, int]:
+    """In a fresh interpreter, so earlier benchmarks do not raise the high-water mark."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory benchmark failed:\n{result.stderr[-2000:]}")
+    figures: dict[str, int] = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def rows(figures: dict[str, int]) -> list[Row]:
+    idle, one = figures["idle"], figures["one_in_flight"]
+    many, peak = figures["many_in_flight"], figures["peak_hwm"]
+    count = figures["in_flight"]
+    per_call = (many - idle) / count
+    return [
+        Row(
+            "4",
+            f"peak RSS, {count} invocations in flight",
+            f"{peak / MIB:.0f} MiB peak (VmHWM); {many / MIB:.0f} MiB with all {count} held",
+            times(peak / idle),
+            f"idle host, {idle / MIB:.0f} MiB",
+        ),
+        Row(
+            "4",
+            "RSS per invocation in flight",
+            f"{per_call / MIB:.1f} MiB ({count} in flight); {(one - idle) / MIB:.1f} MiB (1)",
+            times(per_call / max(1, one - idle)) if one > idle else "",
+            "1 in flight",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="measure here, print JSON")
+    args = parser.parse_args()
+    if args.json:
+        print(json.dumps(measure_here()))
+        return
+    from benchmarks.table import format_text
+
+    print(format_text(rows(measure())))
+
+
+if __name__ == "__main__":
+    main()

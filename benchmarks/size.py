@@ -1,0 +1,130 @@
+"""Figure 5: the component's size against the Temper runtime's 10 MiB module cap, what
+takes the space, and what the lossless shrinks in benchmarks/wasm_sections.py save.
+
+The probe guest (a ~200-line app built the same way) is measured beside it: the
+difference is what the provisioner's own code adds. Each shrink is applied to a copy;
+unless --quick, the shrunk copy is compiled and runs one provision and one release
+against the mock, so "safe" means it was run, not assumed.
+
+Run alone: .venv/bin/python -m benchmarks.size [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.support import invocation, mock_e2b, open_hosts
+from benchmarks.table import Row, times
+from benchmarks.wasm_sections import (
+    MIN_ZERO_RUN,
+    Breakdown,
+    breakdown,
+    drop_zero_runs,
+    strip_custom_sections,
+)
+from host.component_cache import DEFAULT_COMPONENT, load_component
+from host.probe_guest import build_probe_component
+from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED
+
+MIB = 1 << 20
+TEMPER_MODULE_CAP = 10 * MIB
+
+
+def mib(size: int) -> str:
+    return f"{size / MIB:.2f} MiB"
+
+
+@dataclass(frozen=True)
+class SizeFigures:
+    size: int
+    gzipped: int
+    parts: Breakdown
+    probe_size: int
+    stripped: int
+    shrunk: int
+    shrunk_runs: bool | None
+
+
+def verify_runs(component: Path) -> bool:
+    """Compiles `component` (an empty cache) and runs a provision and a release with it."""
+    with tempfile.TemporaryDirectory(prefix="bench-size-") as cache:
+        loaded = load_component(component, cache_dir=Path(cache), use_cache=False)
+        with mock_e2b() as mock:
+            hosts = open_hosts(loaded, mock.url)
+            try:
+                ready = hosts.component.invoke(invocation(mock.url, "shrunk"))
+                released = hosts.component.invoke(
+                    invocation(mock.url, "shrunk", operation="release")
+                )
+            finally:
+                hosts.close()
+    return ready.action == SANDBOX_READY and released.action == SANDBOX_RELEASED
+
+
+def measure(path: Path | None, quick: bool) -> SizeFigures:
+    wasm = Path(path or DEFAULT_COMPONENT).read_bytes()
+    stripped = strip_custom_sections(wasm)
+    shrunk = drop_zero_runs(stripped)
+    verified: bool | None = None
+    if not quick:
+        with tempfile.TemporaryDirectory(prefix="bench-shrunk-") as scratch:
+            target = Path(scratch) / "shrunk.wasm"
+            target.write_bytes(shrunk)
+            verified = verify_runs(target)
+    return SizeFigures(
+        size=len(wasm),
+        gzipped=len(gzip.compress(wasm, 9)),
+        parts=breakdown(wasm),
+        probe_size=build_probe_component().stat().st_size,
+        stripped=len(stripped),
+        shrunk=len(shrunk),
+        shrunk_runs=verified,
+    )
+
+
+def rows(f: SizeFigures) -> list[Row]:
+    parts = f.parts
+    custom = ", ".join(f"{name} {size / 1024:.0f} KiB"
+                       for name, size in sorted(parts.custom.items(), key=lambda kv: -kv[1]))
+    ran = {None: "not run (--quick)", True: "compiled and ran provision+release",
+           False: "FAILED to run"}[f.shrunk_runs]
+    cap = "<= 10 MiB (Temper's module cap)"
+    return [
+        Row("5", "component size (dist/sandbox_provisioner.wasm)", mib(f.size),
+            times(f.size / TEMPER_MODULE_CAP), "10 MiB cap", cap, f.size <= TEMPER_MODULE_CAP),
+        Row("5", "  pre-initialised memory image (data segments)",
+            f"{mib(parts.data_segments)}, of which {mib(parts.data_zero_bytes)} zero bytes",
+            f"{parts.data_segments / f.size:.0%}", "component"),
+        Row("5", "  code (CPython interpreter, runtime, adapters)", mib(parts.code),
+            f"{parts.code / f.size:.0%}", "component"),
+        Row("5", "  custom sections", f"{mib(parts.custom_total)} ({custom})",
+            f"{parts.custom_total / f.size:.1%}", "component"),
+        Row("5", "  everything else (types, imports, exports, glue)", mib(parts.other),
+            f"{parts.other / f.size:.1%}", "component"),
+        Row("5", "  the probe guest, built the same way", mib(f.probe_size),
+            f"{(f.probe_size - f.size) / 1024:+.0f} KiB", "component"),
+        Row("5", "gzip -9 of the component", mib(f.gzipped),
+            times(f.gzipped / TEMPER_MODULE_CAP), "10 MiB cap"),
+        Row("5", "shrink: strip custom sections", mib(f.stripped),
+            f"-{(f.size - f.stripped) / f.size:.1%}", "component"),
+        Row("5", f"shrink: + drop zero runs >= {MIN_ZERO_RUN} B from the memory image",
+            f"{mib(f.shrunk)} ({ran})", times(f.shrunk / TEMPER_MODULE_CAP), "10 MiB cap", cap,
+            f.shrunk <= TEMPER_MODULE_CAP),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    from benchmarks.table import format_text
+
+    print(format_text(rows(measure(None, args.quick))))
+
+
+if __name__ == "__main__":
+    main()

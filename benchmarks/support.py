@@ -1,0 +1,110 @@
+"""What several benchmarks share: a quiet telemetry sink, hosts over a mock E2B, loading."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from host.component_cache import LoadedComponent, load_component
+from host.http_gateway import HttpGateway
+from host.mock_e2b import MockE2BConfig, MockE2BServer
+from host.native_runtime import NativeRuntime
+from host.runtime import ComponentRuntime, HostServices
+from host.sessions.wasmtime_threads import make_variant_lowering_thread_safe
+from host.storage.base import StorageBackend
+from host.storage.memory import MemoryBackend
+from host.telemetry import InvocationTag
+from provisioner.model import Invocation
+from provisioner.ports import LogLevel
+
+API_KEY = "e2b_bench_key"
+# The admission gates opened wide: a benchmark that is not about pacing must not be paced.
+WIDE_OPEN = (
+    ("create_rate_per_s", "1000"),
+    ("create_burst", "1000"),
+    ("create_slots", "1000"),
+    ("max_sandboxes", "100000"),
+)
+
+
+class QuietTelemetry:
+    """Drops everything: the benchmarks price the guest, not the host's logging."""
+
+    def log(self, tag: InvocationTag, level: LogLevel, message: str) -> None:
+        pass
+
+    def progress(self, tag: InvocationTag, event: dict[str, Any]) -> None:
+        pass
+
+
+@contextmanager
+def mock_e2b(**config: Any) -> Iterator[MockE2BServer]:
+    with MockE2BServer(MockE2BConfig(api_key=API_KEY, **config)) as server:
+        yield server
+
+
+@dataclass
+class Hosts:
+    """A component host, a probe host and a native host sharing the same services."""
+
+    services: HostServices
+    component: ComponentRuntime
+    native: NativeRuntime
+    probe: ComponentRuntime | None
+
+    def close(self) -> None:
+        self.component.close()
+        if self.probe is not None:
+            self.probe.close()
+        self.services.http.close()
+        self.services.storage.close()
+
+
+def open_hosts(
+    loaded: LoadedComponent,
+    e2b_url: str,
+    *,
+    probe: LoadedComponent | None = None,
+    storage: StorageBackend | None = None,
+) -> Hosts:
+    make_variant_lowering_thread_safe()
+    services = HostServices(
+        storage=storage if storage is not None else MemoryBackend(),
+        http=HttpGateway(e2b_url, API_KEY, allow_private_network=True),
+        telemetry=QuietTelemetry(),
+        account="bench",
+    )
+    return Hosts(
+        services=services,
+        component=ComponentRuntime(loaded, services),
+        native=NativeRuntime(services),
+        probe=None if probe is None else ComponentRuntime(probe, services),
+    )
+
+
+def invocation(
+    e2b_url: str,
+    entity_id: str,
+    *,
+    operation: str = "provision",
+    tenant: str = "bench",
+    config: tuple[tuple[str, str], ...] = WIDE_OPEN,
+) -> Invocation:
+    return Invocation(
+        tenant=tenant,
+        entity_type="CurationJob",
+        entity_id=entity_id,
+        trigger_action="Provision",
+        trigger_params="{}",
+        entity_state="{}",
+        config=(("operation", operation), ("e2b_api_url", e2b_url), *config),
+        session_id=f"session-{entity_id}",
+        trace_id=f"trace-{entity_id}",
+    )
+
+
+def load(path: Path | None = None, cache_dir: Path | None = None) -> LoadedComponent:
+    return load_component(path, cache_dir=cache_dir)
