@@ -102,7 +102,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--e2b-max-sandboxes", type=_limit, default=e2b.max_sandboxes,
                        metavar="N", help=f"concurrent sandboxes (default {e2b.max_sandboxes})")
     group.add_argument("--e2b-create-latency-ms", type=float, default=e2b.create_latency_ms,
-                       metavar="MS", help=f"create latency (default {e2b.create_latency_ms:g})")
+                       metavar="MS", help=f"create latency (default {e2b.create_latency_ms:g}); "
+                       "keep it under the real liveness timeout: a create in flight shows "
+                       "no sign of life until it returns")
     group.add_argument("--e2b-overload", choices=("reject", "slow"), default=e2b.overload,
                        help="past the concurrent-create cap: 429 at once (default) or wait")
     timing = parser.add_argument_group("sessions (simulated time, scaled)")
