@@ -577,7 +577,14 @@ class AdmissionController:
             # The permits ahead belong to waiters that have not polled yet.
             reason = REASON_CREATE_SLOTS
             in_use, limit = usage[reason]
-        retry_after = max(config.poll_min_ms, min(eta, config.poll_max_ms))
+        # Only the rate gate's estimate is exact, so a waiter held by it comes back right
+        # when its turn is due (else a fast rate would be throttled to one grant per
+        # poll_min). Slot and capacity estimates are guesses from observed times, and an
+        # unused rate token means the permit waits on someone else's turn: poll_min keeps
+        # those from spinning.
+        exact = reason == REASON_RATE and eta > 0 and frees[REASON_RATE] == 0
+        floor = 1 if exact else config.poll_min_ms
+        retry_after = max(floor, min(eta, config.poll_max_ms))
         if cooling > 0:
             # Spread the herd that comes back when the cooldown ends.
             retry_after = max(cooling, retry_after) + int(
