@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from host.component_cache import LoadedComponent
 from host.mock_e2b import MockE2BConfig, MockE2BServer
@@ -276,4 +278,75 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
             "host-1",
             "host-3",
         }
+        _assert_nothing_left(mock, redis_server, settings.account, len(jobs))
+
+
+def _fsync_every_write(redis_server: RedisServer) -> None:
+    """Redis acknowledges a write before the append-only file is synced (`everysec`), so a
+    crash may lose the last second: a lost grant would let its slot be granted twice. A
+    deployment that must hold its limits across a Redis crash syncs every write."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.config_set("appendfsync", "always")
+    finally:
+        client.close()
+
+
+def _storage_trouble(event: Event) -> bool:
+    return event["event"] == "outcome" and (
+        event.get("reason") == "storage" or event.get("code") == "storage_unavailable"
+    )
+
+
+def test_redis_killed_and_restarted_mid_run(
+    redis_server: RedisServer,
+    loaded_component: LoadedComponent,
+    component_cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """kill -9 Redis while three hosts are mid-run, then start it again.
+
+    Bugs caught: a storage error escaping as a trap or a non-retryable failure (the session
+    would be lost), a host granting without storage (fail open: a limit overrun), a backend
+    that stays broken after Redis returns, a create answered during the outage leaving an
+    orphan or being made twice."""
+    _fsync_every_write(redis_server)
+    jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
+    with _mock() as mock:
+        settings = _settings(redis_server, mock, loaded_component, component_cache_dir)
+        with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
+            cluster.start()
+            cluster.assign(jobs)
+            cluster.wait_for(
+                lambda events: sum(e["event"] == "granted" for e in events) >= 6,
+                timeout=30,
+                what="six grants",
+            )
+            redis_server.kill()
+            down_at = time.monotonic()
+            cluster.wait_for(
+                lambda events: len({e["host"] for e in events if _storage_trouble(e)}) == 3,
+                timeout=30,
+                what="every host answering with storage outcomes",
+            )
+            redis_server.start()
+            outage_s = time.monotonic() - down_at
+            _fsync_every_write(redis_server)
+            outcome = cluster.finish(timeout=90)
+        stats = mock.stats()
+        counts = outcome.to_json()["outcomes"]
+        print(
+            f"\nRedis down {outage_s:.2f} s; creates in flight at E2B at most "
+            f"{stats.max_concurrent_creates} (limit {CREATE_SLOTS}); sandboxes created "
+            f"{stats.sandboxes_created} for {len(jobs)} jobs, adopted "
+            f"{stats.idempotent_replays}; outcomes {counts}"
+        )
+        failures = [e for e in outcome.events if e["event"] == "outcome" and "code" in e]
+        assert all(e["retryable"] for e in failures), failures
+        assert {e.get("code") for e in failures} <= {"storage_unavailable"}, failures
+        assert any(_storage_trouble(e) for e in outcome.events)
+        assert stats.max_concurrent_creates <= CREATE_SLOTS
+        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        assert stats.throttled == 0
+        _assert_every_job_completed(outcome, len(jobs))
         _assert_nothing_left(mock, redis_server, settings.account, len(jobs))
