@@ -15,6 +15,7 @@ import pytest
 
 from host.component_cache import LoadedComponent
 from host.mock_e2b import MockE2BConfig, MockE2BServer
+from host.mock_e2b.config import parse_fault
 from host.storage.memory import MemoryBackend
 from provisioner.model import Outcome
 from tests.conftest import API_KEY
@@ -112,7 +113,9 @@ def test_a_misbehaving_e2b_gets_a_typed_answer_and_no_duplicate(
 ) -> None:
     """Breaks if a garbled, slow, hung or odd answer escapes as an untyped failure, leaks a
     create slot, or leaves a second sandbox behind once E2B recovers."""
-    config = MockE2BConfig(api_key=API_KEY, faults=(fault,), hang_s=5.0, slow_body_ms=4000.0)
+    config = MockE2BConfig(
+        api_key=API_KEY, faults=(parse_fault(fault),), hang_s=5.0, slow_body_ms=4000.0
+    )
     with MockE2BServer(config) as mock:
         first, _ = first_and_recovery(loaded_component, mock.url, mock.running_sandboxes)
         assert mock.stats().faults_injected == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -165,7 +165,7 @@ class LoopbackServer:
         self._server.server_close()
 
 
-def serving(answer: Callable[[SeenRequest], Reply]) -> Iterator[LoopbackServer]:
+def serving(answer: Callable[[SeenRequest], Reply]) -> Generator[LoopbackServer, None, None]:
     server = LoopbackServer(answer)
     try:
         yield server
