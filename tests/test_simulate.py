@@ -158,3 +158,20 @@ def test_live_lines_show_queue_positions_and_turns(
     assert " queued #" in out and "(create_slots: 4/4 in use)" in out
     assert "turn 2/2" in out and "released, Completed" in out
     assert out.rstrip().splitlines()[-1].startswith("provisioner: 6/6 completed")
+
+
+def test_pacing_under_a_hobby_plan_rate_limit_draws_no_429(
+    loaded_component: LoadedComponent,
+) -> None:
+    """Bug caught: the component's rate gate set exactly at E2B's 1/s with no burst, so a
+    request delayed on the way arrives early by E2B's clock and is throttled."""
+    scenario = Scenario(
+        jobs=6,
+        e2b=E2BLimits(create_rate_per_s=1.0, create_burst=1, create_latency_ms=200.0),
+        turns=2,
+        turn_sim_s=60.0,
+    )
+    done = run_mode(scenario, "provisioner", loaded=loaded_component)
+    s = done.report["summary"]
+    print(f"\nhobby rate: {s}")
+    assert (s["completed"], s["e2b_429"]) == (6, 0)
