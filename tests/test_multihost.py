@@ -292,6 +292,16 @@ def _fsync_every_write(redis_server: RedisServer) -> None:
         client.close()
 
 
+def _answered(events: list[Event]) -> set[str]:
+    """Idempotency keys of creates E2B has answered."""
+    return {e["key"] for e in events if e["event"] == "create_answered"}
+
+
+def _creates_in_flight(events: list[Event]) -> set[str]:
+    """Idempotency keys of creates sent and not yet answered."""
+    return {e["key"] for e in events if e["event"] == "create_sent"} - _answered(events)
+
+
 def _storage_trouble(event: Event) -> bool:
     return event["event"] == "outcome" and (
         event.get("reason") == "storage" or event.get("code") == "storage_unavailable"
@@ -312,22 +322,36 @@ def test_redis_killed_and_restarted_mid_run(
     orphan or being made twice."""
     _fsync_every_write(redis_server)
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
-    with _mock() as mock:
-        settings = _settings(redis_server, mock, loaded_component, component_cache_dir)
+    with _mock(create_latency_ms=1000) as mock:
+        settings = _settings(
+            redis_server, mock, loaded_component, component_cache_dir, create_latency_ms="1000"
+        )
         with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
             cluster.start()
             cluster.assign(jobs)
             cluster.wait_for(
-                lambda events: sum(e["event"] == "granted" for e in events) >= 6,
+                lambda events: (
+                    sum(e["event"] == "granted" for e in events) >= 6
+                    and bool(_creates_in_flight(events))
+                ),
                 timeout=30,
-                what="six grants",
+                what="six grants and a create in flight",
             )
             redis_server.kill()
             down_at = time.monotonic()
+            # Answers already on their way may still land before the kill: a create of
+            # 1 s leaves the next ones in flight.
+            in_flight = _creates_in_flight(cluster.events())
+            assert in_flight
+            # Redis stays down until E2B has answered the creates in flight (so their
+            # results cannot be recorded) and every host has met the outage.
             cluster.wait_for(
-                lambda events: len({e["host"] for e in events if _storage_trouble(e)}) == 3,
+                lambda events: (
+                    in_flight <= _answered(events)
+                    and len({e["host"] for e in events if _storage_trouble(e)}) == 3
+                ),
                 timeout=30,
-                what="every host answering with storage outcomes",
+                what="the creates in flight answered and every host meeting the outage",
             )
             redis_server.start()
             outage_s = time.monotonic() - down_at
@@ -345,6 +369,8 @@ def test_redis_killed_and_restarted_mid_run(
         assert all(e["retryable"] for e in failures), failures
         assert {e.get("code") for e in failures} <= {"storage_unavailable"}, failures
         assert any(_storage_trouble(e) for e in outcome.events)
+        # A create answered while Redis was down was adopted afterwards, not made again.
+        assert stats.idempotent_replays >= 1
         assert stats.max_concurrent_creates <= CREATE_SLOTS
         assert stats.max_running_sandboxes <= MAX_SANDBOXES
         assert stats.throttled == 0
