@@ -191,3 +191,13 @@ def test_thousands_of_sessions_across_tenants_respect_every_limit() -> None:
     assert report.e2b.max_sandboxes <= 100
     ideal = max(2_000 / 20 * 2_500, 2_000 / 50 * 1000, math.ceil(2_000 / 100) * 10_500)
     assert report.makespan_ms <= 1.25 * ideal
+
+
+def test_a_fast_rate_is_not_throttled_by_the_polling_interval() -> None:
+    # Catches: waiters held only by the rate told to come back after poll_min (200 ms),
+    # which caps grants at 5/s whatever the configured rate.
+    config = AdmissionConfig(create_slots=20, create_rate_per_s=20.0, max_sandboxes=200)
+    e2b = FakeE2BConfig(create_latency_ms=500)
+    report = run(uniform_sessions(200, hold_ms=1_000), admission=config, e2b=e2b, seed=13)
+    assert_everyone_served(report)
+    assert report.makespan_ms <= 1.10 * lower_bound_ms(200, 20, 500, 20.0, 1_000)

@@ -584,7 +584,12 @@ class AdmissionController:
         # those from spinning.
         exact = reason == REASON_RATE and eta > 0 and frees[REASON_RATE] == 0
         floor = 1 if exact else config.poll_min_ms
-        retry_after = max(floor, min(eta, config.poll_max_ms))
+        wait = eta
+        if not exact and state.latency_ms is None:
+            # The estimate rests on the assumed create latency: come back by the time the
+            # first create should have answered, when a measured latency is known.
+            wait = min(wait, config.create_latency_ms // 2)
+        retry_after = max(floor, min(wait, config.poll_max_ms))
         if cooling > 0:
             # Spread the herd that comes back when the cooldown ends.
             retry_after = max(cooling, retry_after) + int(
