@@ -179,7 +179,9 @@ def test_three_hosts_share_the_limits_and_stay_fair(
     )
     assert max_tenant_lead(grants) <= 2 * CREATE_SLOTS
     assert max_tenant_lead(ready) <= 2 * CREATE_SLOTS
-    assert mean_rank_gap(grants) <= CREATE_SLOTS
+    # On average each tenant's grants sit no more than half a burst behind the other's
+    # (a lead of 1 or 2 held for the whole run already shifts the means by that much).
+    assert mean_rank_gap(grants) <= 12 / 2
 
 
 def _letters(order: list[dict[str, object]]) -> str:
