@@ -1,0 +1,196 @@
+"""What one provision decision costs through the component on Redis against SQLite.
+
+A decision here is one whole invocation of the component (fresh instance, Temper's
+budgets) that answers SandboxQueued: the common case of a waiting session polling. The
+account is full (one sandbox held, `max_sandboxes = 1`), N waiters over five tenants are
+queued, and the waiters poll in turn. For each backend and N the benchmark prints the
+median wall time per decision, the storage operations per decision, and the ratio against
+SQLite (a file on local disk: the single-host default). memory:// is the floor: what the
+component costs with free storage. Redis runs on loopback, so its round trips are the
+cheapest a network store can offer; a real network adds its RTT per operation.
+
+Run: .venv/bin/python -m benchmarks.storage_decision [--ops 200] [--waiters 10 100]
+Figures, not assertions: they depend on the machine (and on what else runs on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+from benchmarks.support import invocation, load, mock_e2b, open_hosts
+from benchmarks.table import Row, format_text, times
+from host.component_cache import LoadedComponent
+from host.storage import storage_from_uri
+from host.storage.base import StorageBackend
+from host.storage.redis_server import RedisServer, find_redis_server
+from provisioner.model import SANDBOX_QUEUED, SANDBOX_READY
+from provisioner.ports import Entry
+
+TENANTS = 5
+WAITERS = (10, 100)
+# The account holds one sandbox and admits no other, so every waiter stays queued.
+FULL_ACCOUNT = (
+    ("create_slots", "4"),
+    ("create_rate_per_s", "1000"),
+    ("create_burst", "1000"),
+    ("max_sandboxes", "1"),
+    ("waiter_ttl_s", "3600"),
+    ("queue_timeout_s", "3600"),
+    ("sandbox_timeout_s", "3600"),
+)
+
+
+class CountingBackend:
+    """Counts the storage operations a decision makes."""
+
+    def __init__(self, inner: StorageBackend) -> None:
+        self.inner = inner
+        self.ops = 0
+
+    def get(self, namespace: str, key: str) -> Entry | None:
+        self.ops += 1
+        return self.inner.get(namespace, key)
+
+    def compare_and_swap(
+        self, namespace: str, key: str, expected: int | None, value: bytes, ttl: int | None
+    ) -> int:
+        self.ops += 1
+        return self.inner.compare_and_swap(namespace, key, expected, value, ttl)
+
+    def delete(self, namespace: str, key: str, expected: int | None) -> bool:
+        self.ops += 1
+        return self.inner.delete(namespace, key, expected)
+
+    def now_ms(self) -> int:
+        return self.inner.now_ms()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass(frozen=True)
+class DecisionCost:
+    backend: str
+    waiters: int
+    median_ms: float
+    mean_ms: float
+    ops_per_decision: float
+
+
+def measure(
+    loaded: LoadedComponent, name: str, storage: StorageBackend, waiters: int, ops: int
+) -> DecisionCost:
+    """Fills the queue with `waiters`, then times `ops` queued polls."""
+    counting = CountingBackend(storage)
+    with mock_e2b() as mock:
+        hosts = open_hosts(loaded, mock.url, storage=counting)
+        try:
+
+            def poll(entity: str, tenant: str) -> str:
+                return hosts.component.invoke(
+                    invocation(mock.url, entity, tenant=tenant, config=FULL_ACCOUNT)
+                ).action
+
+            if poll("holder", "tenant-0") != SANDBOX_READY:
+                raise RuntimeError(f"{name}: the holder got no sandbox")
+            entities = [(f"waiter-{i}", f"tenant-{i % TENANTS}") for i in range(waiters)]
+            for entity, tenant in entities:
+                if poll(entity, tenant) != SANDBOX_QUEUED:
+                    raise RuntimeError(f"{name}: {entity} was not queued")
+            samples: list[float] = []
+            counting.ops = 0
+            for index in range(ops):
+                entity, tenant = entities[index % waiters]
+                started = time.perf_counter()
+                action = poll(entity, tenant)
+                samples.append((time.perf_counter() - started) * 1000)
+                if action != SANDBOX_QUEUED:
+                    raise RuntimeError(f"{name}: {entity} answered {action}")
+            return DecisionCost(
+                name,
+                waiters,
+                statistics.median(samples),
+                statistics.fmean(samples),
+                counting.ops / ops,
+            )
+        finally:
+            hosts.close()
+
+
+@contextmanager
+def backends() -> Iterator[dict[str, Callable[[], StorageBackend]]]:
+    """Fresh-store factories: memory, SQLite on local disk, and Redis when installed."""
+    with ExitStack() as stack:
+        state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-decision-"))
+        made = iter(range(1_000_000))
+        factories: dict[str, Callable[[], StorageBackend]] = {
+            "memory": lambda: storage_from_uri("memory://"),
+            "sqlite": lambda: storage_from_uri(f"sqlite://{state_dir}/{next(made)}.db"),
+        }
+        if find_redis_server() is not None:
+            server = stack.enter_context(RedisServer())
+            # A fresh key prefix per store keeps runs apart on one server.
+            factories["redis"] = lambda: storage_from_uri(
+                f"{server.url}?key_prefix=bench{next(made)}:"
+            )
+        yield factories
+
+
+def run(loaded: LoadedComponent, ops: int, waiter_counts: tuple[int, ...]) -> list[DecisionCost]:
+    results = []
+    with backends() as factories:
+        for waiters in waiter_counts:
+            for name, factory in factories.items():
+                storage = factory()
+                try:
+                    results.append(measure(loaded, name, storage, waiters, ops))
+                finally:
+                    storage.close()
+    return results
+
+
+def rows(results: list[DecisionCost]) -> list[Row]:
+    sqlite = {r.waiters: r for r in results if r.backend == "sqlite"}
+    return [
+        Row(
+            "3",
+            f"queued provision decision on {r.backend}, {r.waiters} waiters",
+            f"{r.median_ms:.2f} ms median ({r.mean_ms:.2f} mean), "
+            f"{r.ops_per_decision:.1f} storage ops",
+            times(r.median_ms / sqlite[r.waiters].median_ms),
+            "sqlite",
+        )
+        for r in results
+    ]
+
+
+def bench_rows(ops: int) -> list[Row]:
+    """The rows benchmarks/scaling.py shows for the storage backends."""
+    return rows(run(load(), ops, WAITERS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.storage_decision")
+    parser.add_argument("--ops", type=int, default=200, help="timed decisions per case")
+    parser.add_argument("--waiters", type=int, nargs="+", default=list(WAITERS))
+    args = parser.parse_args(argv)
+    if find_redis_server() is None:
+        print("redis-server not installed: Redis is left out")
+    results = run(load(), args.ops, tuple(args.waiters))
+    print(format_text(rows(results)))
+    for waiters in args.waiters:
+        by_name = {r.backend: r for r in results if r.waiters == waiters}
+        if "redis" in by_name:
+            ratio = by_name["redis"].median_ms / by_name["sqlite"].median_ms
+            print(f"{waiters} waiters: Redis / SQLite = {ratio:.2f}x per decision")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
