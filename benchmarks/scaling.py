@@ -7,10 +7,10 @@ compare-and-swap conflicts with 8 concurrent invokers, and the storage backends.
   SQLite, and Redis when a redis-server is installed), each provisioning its own entities
   through a 4-slot gate until granted, then releasing; every compare-and-swap that loses
   to another invocation is counted. A decision is one invocation.
-- Backends: one guest-like decision (get + compare-and-swap) per backend, from
-  benchmarks/storage_ops.py (`per_decision_us`), 1 thread and 4 threads on one key;
-  benchmarks/storage_decision.py (Redis against SQLite through the admission logic) is
-  used instead when present.
+- Backends: the raw cost of one get + compare-and-swap per backend, from
+  benchmarks/storage_ops.py (`per_decision_us`), 1 thread and 4 threads on one key; then
+  a whole queued provision decision through the component on each backend, from
+  benchmarks/storage_decision.py (`bench_rows`), when that module is present.
 
 Run alone: .venv/bin/python -m benchmarks.scaling [--quick]
 """
@@ -199,14 +199,16 @@ def conflict_rows(loaded: LoadedComponent, grants_each: int) -> list[Row]:
     return rows
 
 
-def backend_rows(ops: int) -> list[Row]:
+def decision_on_backend_rows(ops: int) -> list[Row]:
     try:
         storage_decision: Any = importlib.import_module("benchmarks.storage_decision")
     except ImportError:
-        storage_decision = None
-    if storage_decision is not None and hasattr(storage_decision, "bench_rows"):
-        rows: list[Row] = storage_decision.bench_rows(ops)
-        return rows
+        return []
+    rows: list[Row] = storage_decision.bench_rows(ops)
+    return rows
+
+
+def backend_rows(ops: int) -> list[Row]:
     results: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ops-") as state_dir, \
             backends(state_dir) as factories:
@@ -237,6 +239,7 @@ def measure(loaded: LoadedComponent, quick: bool) -> list[Row]:
         decision_rows(60 if quick else 300)
         + conflict_rows(loaded, 4 if quick else 15)
         + backend_rows(300 if quick else 2000)
+        + decision_on_backend_rows(30 if quick else 150)
     )
 
 
