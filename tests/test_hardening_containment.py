@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 from host.component_cache import LoadedComponent
 from host.http_gateway import AddressPolicy, HttpGateway
 from host.namespaces import ScopedStorage, account_namespace, tenant_namespace
+from host.storage import storage_from_uri
 from host.storage.base import MAX_VALUE_BYTES, StorageBackend, StorageTooLarge
 from host.storage.memory import MemoryBackend
+from host.storage.redis_server import RedisServer, find_redis_server
 from host.storage.sqlite import SqliteBackend
 from provisioner.ports import HttpError, HttpErrorKind, HttpRequest, Scope
 from tests.conftest import API_KEY
@@ -288,17 +290,34 @@ def test_the_api_key_never_reaches_the_guest_even_when_echoed(
 # -- tenant namespaces ---------------------------------------------------------------------
 
 
-def backends(tmp_path: Path) -> dict[str, StorageBackend]:
-    return {"memory": MemoryBackend(), "sqlite": SqliteBackend(str(tmp_path / "state.db"))}
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StorageBackend]:
+    """Each backend composes namespace and key its own way (Redis: into one string)."""
+    name = request.param
+    if name == "memory":
+        yield MemoryBackend()
+    elif name == "sqlite":
+        sqlite = SqliteBackend(str(tmp_path / "state.db"))
+        yield sqlite
+        sqlite.close()
+    else:
+        if find_redis_server() is None:
+            pytest.skip("redis-server not installed")
+        with RedisServer(persistent=False) as server:
+            redis_backend = storage_from_uri(server.url)
+            yield redis_backend
+            redis_backend.close()
 
 
-@pytest.mark.parametrize("backend_name", ["memory", "sqlite"])
+BACKENDS = ["memory", "sqlite", "redis"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_crafted_keys_and_scopes_stay_in_the_tenants_namespace(
-    probe_component: LoadedComponent, backend_name: str, tmp_path: Path
+    probe_component: LoadedComponent, backend: StorageBackend
 ) -> None:
     """Breaks if a crafted key reads or writes outside the invoking tenant's namespace, if a
     forbidden key is accepted, or if a value over the size limit is stored."""
-    backend = backends(tmp_path)[backend_name]
     victim = tenant_namespace("victim")
     planted = ["secret", "victim:secret", "../attacker/secret", "tenant/attacker/secret"]
     for key in planted:
@@ -326,7 +345,6 @@ def test_crafted_keys_and_scopes_stay_in_the_tenants_namespace(
         entry = own.get(Scope.TENANT, key)
         assert entry is not None and entry.value == b"written-by-probe", key
     assert own.get(Scope.TENANT, "oversized") is None
-    backend.close()
 
 
 CRAFTED_TENANTS = ["a/b", "a%2Fb", "a", "a%252Fb", "../a", "tenant/a", "%", "ünï/😀", "a b"]
@@ -392,10 +410,9 @@ def test_one_tenant_cannot_read_or_write_anothers_keys() -> None:
 # -- stored values are bounded ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend_name", ["memory", "sqlite"])
-def test_stored_values_have_a_size_limit(backend_name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_stored_values_have_a_size_limit(backend: StorageBackend) -> None:
     """Breaks if a backend stores a value over MAX_VALUE_BYTES (or refuses one at it)."""
-    backend = backends(tmp_path)[backend_name]
     namespace = tenant_namespace("acme")
     with pytest.raises(StorageTooLarge) as refused:
         backend.compare_and_swap(namespace, "big", None, b"x" * (MAX_VALUE_BYTES + 1), None)
@@ -406,4 +423,3 @@ def test_stored_values_have_a_size_limit(backend_name: str, tmp_path: Path) -> N
         backend.compare_and_swap(namespace, "big", version, b"x" * (MAX_VALUE_BYTES + 1), None)
     entry = backend.get(namespace, "big")
     assert entry is not None and len(entry.value) == MAX_VALUE_BYTES
-    backend.close()
