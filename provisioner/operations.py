@@ -11,12 +11,16 @@ import contextlib
 from typing import Any
 
 from provisioner.admission import (
+    REASON_STORAGE,
     AdmissionConfig,
     AdmissionController,
     Created,
+    CreateFailed,
+    CreateResult,
     Grant,
     Queued,
     Rejected,
+    Unavailable,
     Waiter,
 )
 from provisioner.e2b import E2BClient, SandboxInfo
@@ -45,6 +49,7 @@ from provisioner.settings import SandboxSettings
 # A pending record outlives the longest a waiter may queue, then vanishes on its own.
 _PENDING_GRACE_MS = 10 * 60 * 1000
 _RECORD_CAS_TRIES = 4
+_SETTLE_TRIES = 3
 
 
 def _ready(record: EntityRecord) -> Outcome:
@@ -113,14 +118,21 @@ class Operations:
             return _ready(record)
         controller = AdmissionController(self.ports, self.admission_config)
         decision: Grant | Queued | Rejected | None = controller.admit(self.waiter)
-        while isinstance(decision, Grant):
+        if isinstance(decision, Grant):
             grant = decision
             key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
-            result, info = E2BClient(self.ports.http, self.settings).create(
-                idempotency_key=key, metadata=self._metadata(key)
-            )
+            try:
+                result, info = E2BClient(self.ports.http, self.settings).create(
+                    idempotency_key=key, metadata=self._metadata(key)
+                )
+            except Exception as error:
+                # The slot goes back now rather than when its lease runs out; the fault is
+                # ours, not E2B's, so no shared backoff.
+                failure = Failure("internal_error", f"create failed: {error!r}", retryable=False)
+                self._settle(controller, grant, CreateFailed(failure))
+                raise
             record = record.with_attempt(grant.attempt)
-            decision = controller.settle(self.waiter, grant, result)
+            decision = self._settle(controller, grant, result)
             if isinstance(result, Created) and info is not None:
                 return self._record_ready(controller, record, version, info, grant.queued_ms)
         if isinstance(decision, Queued):
@@ -129,6 +141,21 @@ class Operations:
             self._forget(version)
             return _rejected(decision)
         raise ProvisionerError("internal_error", "admission gave no decision")
+
+    def _settle(
+        self, controller: AdmissionController, grant: Grant, result: CreateResult
+    ) -> Grant | Queued | Rejected | None:
+        """Settle a grant; a settle that met a storage failure is safe to repeat, and
+        repeating it now returns the create slot sooner than its lease expiry would."""
+        decision = controller.settle(self.waiter, grant, result)
+        for _ in range(_SETTLE_TRIES - 1):
+            if not (isinstance(decision, Queued) and decision.reason == REASON_STORAGE):
+                break
+            decision = controller.settle(self.waiter, grant, result)
+        if isinstance(decision, Grant):
+            # Admission never hands out a grant from a settle; if it did, give it back.
+            return controller.settle(self.waiter, decision, Unavailable(status=None))
+        return decision
 
     def _record_ready(
         self,
