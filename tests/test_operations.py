@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from host.native import ManualClock
 from host.native_runtime import NativeRuntime
 from host.runtime import HostServices
 from host.storage.memory import MemoryBackend
@@ -47,11 +48,18 @@ def provision(runtime: NativeRuntime, entity_id: str) -> Outcome:
 def test_a_grant_is_settled_even_when_the_create_blows_up() -> None:
     """With create_slots=1, a slot kept after the failure would queue the next entity
     (reason create_slots) until its 150 s lease expired."""
+    clock = ManualClock()
     e2b = ExplodingE2B()
     runtime = NativeRuntime(
-        HostServices(MemoryBackend(), e2b, RecordingTelemetrySink())  # type: ignore[arg-type]
+        HostServices(
+            MemoryBackend(clock.now_ms),
+            e2b,  # type: ignore[arg-type]
+            RecordingTelemetrySink(),
+            clock_ms=clock.now_ms,
+        )
     )
     broken = provision(runtime, "job-1")
     assert broken.error is not None and broken.error.code == "internal_error"
+    clock.advance(10)  # past the rate gate's spacing, far inside the slot's lease
     after = provision(runtime, "job-2")
     assert after.action == "SandboxReady", after
