@@ -193,33 +193,48 @@ class HttpGateway:
         headers.append(("X-API-Key", self._api_key))
         # Decoded bytes are what is capped, so ask for no compression (no zip bombs).
         headers.append(("Accept-Encoding", "identity"))
-        try:
-            with self._client.stream(
-                method,
-                request.url,
-                headers=headers,
-                content=request.body or None,
-                timeout=timeout_ms / 1000,
-            ) as response:
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) > self._max_response_bytes:
-                        raise HttpError(HttpErrorKind.TOO_LARGE, str(self._max_response_bytes))
+        # A pooled keep-alive connection the server has just closed fails before any
+        # answer; sending once more is safe for every request the guest makes (GET and
+        # DELETE are idempotent, and a create carries an Idempotency-Key).
+        for attempt in (1, 2):
+            answered = False
+            try:
+                with self._client.stream(
+                    method,
+                    request.url,
+                    headers=headers,
+                    content=request.body or None,
+                    timeout=timeout_ms / 1000,
+                ) as response:
+                    answered = True
+                    body = bytearray()
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if len(body) > self._max_response_bytes:
+                            raise HttpError(HttpErrorKind.TOO_LARGE, str(self._max_response_bytes))
+                        if time.monotonic() > give_up_at:
+                            raise HttpError(HttpErrorKind.TIMEOUT)
                     if time.monotonic() > give_up_at:
                         raise HttpError(HttpErrorKind.TIMEOUT)
-                if time.monotonic() > give_up_at:
-                    raise HttpError(HttpErrorKind.TIMEOUT)
-                status = response.status_code
-                response_headers = tuple(
-                    (name, self._scrub(value)) for name, value in response.headers.multi_items()
-                )
-        except httpx.TimeoutException:
-            raise HttpError(HttpErrorKind.TIMEOUT) from None
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as error:
-            raise HttpError(HttpErrorKind.INVALID_REQUEST, self._scrub(str(error))[:300]) from None
-        except httpx.TransportError as error:
-            raise HttpError(HttpErrorKind.CONNECTION, self._scrub(str(error))[:300]) from None
+                    status = response.status_code
+                    response_headers = tuple(
+                        (name, self._scrub(value)) for name, value in response.headers.multi_items()
+                    )
+                break
+            except httpx.TimeoutException:
+                raise HttpError(HttpErrorKind.TIMEOUT) from None
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as error:
+                raise HttpError(
+                    HttpErrorKind.INVALID_REQUEST, self._scrub(str(error))[:300]
+                ) from None
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as error:
+                stale = not answered and attempt == 1 and time.monotonic() < give_up_at
+                if not stale:
+                    raise HttpError(
+                        HttpErrorKind.CONNECTION, self._scrub(str(error))[:300]
+                    ) from None
+            except httpx.TransportError as error:
+                raise HttpError(HttpErrorKind.CONNECTION, self._scrub(str(error))[:300]) from None
         data = bytes(body)
         if self._key_bytes and self._key_bytes in data:
             data = data.replace(self._key_bytes, b"[redacted]")

@@ -151,3 +151,34 @@ def test_a_public_address_is_allowed_by_default() -> None:
     globally = HttpGateway("https://8.8.8.8", KEY, transport=echo_transport(seen))
     assert globally.send(request("https://8.8.8.8/sandboxes")).status == 200
     assert len(seen) == 1
+
+
+def test_a_stale_keep_alive_connection_is_retried_once() -> None:
+    """uvicorn closes idle connections after 5 s; a request sent on one as it closes fails
+    before any answer. Without the retry a release would fail for no reason."""
+    attempts: list[httpx.Request] = []
+
+    def flaky(req: httpx.Request) -> httpx.Response:
+        attempts.append(req)
+        if len(attempts) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(204)
+
+    response = gateway(httpx.MockTransport(flaky)).send(
+        request("https://api.e2b.test/v1/sandboxes/x", method="DELETE")
+    )
+    assert response.status == 204
+    assert len(attempts) == 2
+
+
+def test_a_connection_that_keeps_failing_is_reported_after_one_retry() -> None:
+    attempts: list[httpx.Request] = []
+
+    def dead(req: httpx.Request) -> httpx.Response:
+        attempts.append(req)
+        raise httpx.ReadError("connection reset by peer")
+
+    with pytest.raises(HttpError) as failed:
+        gateway(httpx.MockTransport(dead)).send(request("https://api.e2b.test/v1/x"))
+    assert failed.value.kind is HttpErrorKind.CONNECTION
+    assert len(attempts) == 2
