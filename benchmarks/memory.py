@@ -67,8 +67,8 @@ def _in_flight(count: int, tag: str, hosts: Hosts, mock: MockE2BServer) -> int:
     return during
 
 
-def measure_here() -> dict[str, int]:
-    loaded = load_component()
+def measure_here(component: Path | None = None) -> dict[str, int]:
+    loaded = load_component(component)
     with mock_e2b(create_latency_ms=CREATE_LATENCY_MS) as mock:
         hosts = open_hosts(loaded, mock.url)
         try:
@@ -84,10 +84,15 @@ def measure_here() -> dict[str, int]:
             "in_flight": IN_FLIGHT}
 
 
-def measure() -> dict[str, int]:
-    """In a fresh interpreter, so earlier benchmarks do not raise the high-water mark."""
+def measure(component: Path | None = None) -> dict[str, int]:
+    """In a fresh interpreter, so earlier benchmarks do not raise the high-water mark.
+    Load `component` once here first: a compile in the child would count in its RSS."""
+    load_component(component)
+    command = [sys.executable, "-m", "benchmarks.memory", "--json"]
+    if component is not None:
+        command += ["--component", str(component)]
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--json"],
+        command,
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
@@ -125,13 +130,14 @@ def rows(figures: dict[str, int]) -> list[Row]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="measure here, print JSON")
+    parser.add_argument("--component", type=Path, default=None)
     args = parser.parse_args()
     if args.json:
-        print(json.dumps(measure_here()))
+        print(json.dumps(measure_here(args.component)))
         return
     from benchmarks.table import format_text
 
-    print(format_text(rows(measure())))
+    print(format_text(rows(measure(args.component))))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ exit status says only whether the benchmarks ran.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +53,20 @@ def run_bench(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         print(f"sandbox-provisioner: {error}", file=sys.stderr)
         return EXIT_USAGE
+    from host.component_cache import DEFAULT_COMPONENT
+
+    source = Path(args.component or DEFAULT_COMPONENT)
+    if not source.is_file():
+        print(f"sandbox-provisioner: {source} not found: run ./build.sh first", file=sys.stderr)
+        return EXIT_USAGE
+    # Every figure measures the same bytes, even if the component is rebuilt meanwhile.
+    with tempfile.TemporaryDirectory(prefix="bench-component-") as scratch:
+        component = Path(scratch) / source.name
+        shutil.copyfile(source, component)
+        return _run(args, component, source)
+
+
+def _run(args: argparse.Namespace, component: Path, source: Path) -> int:
     from benchmarks import invocation, machine, makespan, memory, scaling, size
     from benchmarks.table import Row, format_markdown, format_targets, format_text
     from host.component_cache import load_component
@@ -58,20 +74,21 @@ def run_bench(args: argparse.Namespace) -> int:
     quick: bool = args.quick
     chosen = args.only or list(FIGURES)
     try:
-        loaded = load_component(args.component)
+        loaded = load_component(component)
     except (FileNotFoundError, ValueError) as error:
         print(f"sandbox-provisioner: {error}", file=sys.stderr)
         return EXIT_USAGE
     calls = args.calls or (40 if quick else 200)
     facts = machine.describe()
+    facts["component"] = f"{source} (sha256 {loaded.sha256[:16]}…)"
     runs: dict[str, Callable[[], list[Row]]] = {
         "invocation": lambda: invocation.rows(
-            invocation.measure(loaded, calls, component_path=args.component)
+            invocation.measure(loaded, calls, component_path=component)
         ),
         "makespan": lambda: makespan.measure(loaded, quick),
         "scaling": lambda: scaling.measure(loaded, quick),
-        "memory": lambda: memory.rows(memory.measure()),
-        "size": lambda: size.rows(size.measure(args.component, quick)),
+        "memory": lambda: memory.rows(memory.measure(component)),
+        "size": lambda: size.rows(size.measure(component, quick)),
     }
     rows: list[Row] = []
     timings: dict[str, float] = {}
