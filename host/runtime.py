@@ -9,7 +9,6 @@ failure becomes a WIT error value (the bindings' exception plumbing is not threa
 
 from __future__ import annotations
 
-import ctypes
 import json
 import secrets
 import threading
@@ -19,9 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import wasmtime
-from wasmtime import _ffi as wasmtime_ffi
 from wasmtime import component as wc
-from wasmtime.component._types import ResultType
 
 from host import wasmtime_compat
 from host.component_cache import LoadedComponent
@@ -30,6 +27,7 @@ from host.http_gateway import HttpGateway
 from host.namespaces import ScopedStorage
 from host.storage.base import StorageBackend
 from host.telemetry import InvocationTag, LoggingTelemetry, TelemetrySink
+from host.wasmtime_compat import WitErr
 from provisioner.model import SANDBOX_FAILED, Failure, Invocation, Outcome, failed
 from provisioner.ports import (
     HttpError,
@@ -104,42 +102,6 @@ def _record(**fields: Any) -> wc.Record:
     return record
 
 
-@dataclass(frozen=True)
-class WitErr:
-    """The `err` case of a WIT `result`, whatever its `ok` type.
-
-    wasmtime-py picks the case of an untagged result by the Python type of the value, and an
-    `option<T>` ok case claims every type (its `none` is "any object"), so a plain error
-    value returned for `result<option<entry>, storage-error>` was lowered as the ok case and
-    failed ("value not valid for this variant"), trapping the guest: a storage failure on
-    `get` became `host_error` instead of the guest's retryable `storage_unavailable`.
-    """
-
-    payload: object
-
-
-def _install_result_err_lowering() -> None:
-    original = ResultType._lower
-    if getattr(original, "_lowers_wit_err", False):
-        return
-
-    def lower(self: ResultType, store: Any, val: Any) -> Any:
-        if isinstance(val, WitErr):
-            err_type = self.err
-            if err_type is None:
-                return ("err", None)
-            raw = wasmtime_ffi.wasmtime_component_val_t()
-            err_type.convert_to_c(store, val.payload, ctypes.pointer(raw))
-            return ("err", wasmtime_ffi.wasmtime_component_val_new(ctypes.byref(raw)))
-        return original(self, store, val)
-
-    lower._lowers_wit_err = True  # type: ignore[attr-defined]
-    ResultType._lower = lower  # type: ignore[method-assign, assignment]
-
-
-_install_result_err_lowering()
-
-
 def _storage_error(error: Exception) -> WitErr:
     if isinstance(error, StorageConflict):
         return WitErr(wc.Variant("conflict"))
@@ -152,17 +114,17 @@ def _storage_error(error: Exception) -> WitErr:
     return WitErr(wc.Variant("unavailable", f"host error: {type(error).__name__}"))
 
 
-def _http_error(error: HttpError) -> wc.Variant:
+def _http_error(error: HttpError) -> WitErr:
     if error.kind is HttpErrorKind.TIMEOUT:
-        return wc.Variant("timeout")
+        return WitErr(wc.Variant("timeout"))
     if error.kind is HttpErrorKind.TOO_LARGE:
-        return wc.Variant("too-large", int(error.detail or 0))
+        return WitErr(wc.Variant("too-large", int(error.detail or 0)))
     tag = {
         HttpErrorKind.DENIED: "denied",
         HttpErrorKind.CONNECTION: "connection",
         HttpErrorKind.INVALID_REQUEST: "invalid-request",
     }[error.kind]
-    return wc.Variant(tag, error.detail)
+    return WitErr(wc.Variant(tag, error.detail))
 
 
 class ComponentRuntime:
@@ -260,7 +222,7 @@ class ComponentRuntime:
             call = self._call()
             remaining_ms = int((call.deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
-                return wc.Variant("timeout")
+                return WitErr(wc.Variant("timeout"))
             response = self.services.http.send(
                 HttpRequest(
                     method=str(getattr(request, "method")),  # noqa: B009
@@ -274,7 +236,7 @@ class ComponentRuntime:
         except HttpError as error:
             return _http_error(error)
         except Exception as error:
-            return wc.Variant("connection", f"host error: {type(error).__name__}")
+            return WitErr(wc.Variant("connection", f"host error: {type(error).__name__}"))
         return _record(status=response.status, headers=list(response.headers), body=response.body)
 
     def _now_ms(self, _store: object) -> int:
