@@ -5,12 +5,20 @@ What a team would write without admission control but with the vendor's client:
 `Sandbox.kill`, pointed at the mock through `api_url`/`api_key`. The SDK retries a 429 that
 carries `Retry-After` (E2B's rate limiter, and the mock's concurrent-create cap) up to its
 default count; the concurrent-sandbox cap's 429 is not retried.
+
+Those retries wait real seconds (Retry-After: 1), while the sessions' liveness timeout is
+scaled down with the rest of the session (30 min -> 3 s): a create the SDK lands on its
+third retry would arrive after a scaled timeout had failed the session, though in real
+time it lands long before 30 minutes. So SDK sessions get at least SDK_RETRY_WINDOW_S of
+real liveness: their completion is what the SDK's retries achieve, not an artefact of
+the time scale.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import replace
 from typing import Any
 
 from e2b import Sandbox
@@ -25,6 +33,7 @@ from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Failure, Invocati
 
 SDK_API_KEY = "e2b_sdk_bench_key"
 SDK_MODE = "e2b_sdk"
+SDK_RETRY_WINDOW_S = 10.0
 
 
 class SdkInvoker:
@@ -69,6 +78,10 @@ class SdkInvoker:
 
 def run_sdk_sessions(scenario: Scenario) -> tuple[RunResult, dict[str, Any]]:
     """The scenario's jobs as SDK sessions against a fresh mock with the scenario's limits."""
+    scenario = replace(
+        scenario,
+        liveness_sim_s=max(scenario.liveness_sim_s, scenario.scale.sim_s(SDK_RETRY_WINDOW_S)),
+    )
     run_id = secrets.token_hex(3)
     jobs = scenario.job_list(run_id)
     mock = MockE2BServer(scenario.mock_config(SDK_API_KEY)).start()

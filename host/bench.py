@@ -106,8 +106,8 @@ def _run(args: argparse.Namespace, component: Path, source: Path) -> int:
             continue
         timings[name] = time.perf_counter() - started
         rows += found
-        print(format_text(found), flush=True)
-        print(flush=True)
+        # Progress on stderr; stdout gets the whole table once, at the end.
+        print(format_text(found) + "\n", file=sys.stderr, flush=True)
     facts["load average at end"] = machine.load_average()
     facts["run took"] = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     facts["mode"] = "--quick" if quick else "full"
