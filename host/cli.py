@@ -82,6 +82,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return run_simulate(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from host.bench import run_bench
+
+    return run_bench(args)
+
+
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
@@ -153,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_arguments(simulate)
     simulate.set_defaults(handler=_cmd_simulate)
+
+    bench = commands.add_parser(
+        "bench", help="benchmarks: overhead, makespan against the limit, scaling, memory, size"
+    )
+    from host.bench import add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
