@@ -16,26 +16,34 @@ with the storage's clock, which all hosts share when the storage is Redis.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from host.multihost_worker import WorkerSettings
 from host.namespaces import account_namespace
+from host.sessions.context import ENTITY_TYPE
 from host.sessions.model import Job
 from host.storage import storage_from_uri
 from provisioner.admission.leases import prune_expired
 from provisioner.admission.state import GATE_KEY, GateState
+
+if TYPE_CHECKING:
+    from host.mock_e2b import MockE2BServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +105,17 @@ class ClusterOutcome:
     reassigned: dict[str, list[str]]
 
     def grant_order(self) -> list[Event]:
-        """Each job's first create grant, in the shared clock's order."""
-        return self._first_per_job(lambda e: e["event"] == "granted")
+        """Each job's first create grant, in commit order: the gate's version orders every
+        host's grants exactly (clock stamps can be off by a scheduling delay)."""
+        grants = [e for e in self.events if e["event"] == "granted"]
+        grants.sort(key=lambda e: (e.get("gate_version") or 0, e["at_ms"]))
+        seen: set[str] = set()
+        order = []
+        for event in grants:
+            if event["job"] not in seen:
+                seen.add(event["job"])
+                order.append(event)
+        return order
 
     def ready_order(self) -> list[Event]:
         """Each job's first SandboxReady, in the shared clock's order (a re-driven job
@@ -148,6 +165,19 @@ def max_tenant_lead(order: Sequence[Event]) -> int:
         served[event["tenant"]] += 1
         worst = max(worst, max(served.values()) - min(served.values()))
     return worst
+
+
+def grants_after(order: Sequence[Event], events: Sequence[Event], jobs: set[str]) -> list[Event]:
+    """The grants in `order` made after every one of `jobs` had its first answer: from the
+    moment those sessions were all waiting."""
+    answered: dict[str, int] = {}
+    for event in events:
+        if event["event"] == "outcome" and event["job"] in jobs:
+            answered.setdefault(event["job"], event["at_ms"])
+    if set(answered) != jobs:
+        return []
+    cut = max(answered.values())
+    return [event for event in order if event["at_ms"] > cut]
 
 
 def mean_rank_gap(order: Sequence[Event]) -> float:
@@ -391,6 +421,30 @@ class Cluster:
             self._cond.notify_all()
 
 
+def answered_creates(events: Sequence[Event]) -> set[str]:
+    """Idempotency keys of creates E2B has answered."""
+    return {e["key"] for e in events if e["event"] == "create_answered"}
+
+
+def creates_in_flight(events: Sequence[Event], host: str | None = None) -> set[str]:
+    """Idempotency keys of creates sent (by `host`, or by any) and not yet answered."""
+    mine = [e for e in events if host is None or e["host"] == host]
+    return {e["key"] for e in mine if e["event"] == "create_sent"} - answered_creates(mine)
+
+
+def creating_with_sessions_queued(host: str) -> Callable[[Sequence[Event]], bool]:
+    """A predicate: `host` has a create in flight at E2B and a session in the queue, the
+    moment a crash costs the most (a slot held, a sandbox half made, waiters waiting)."""
+
+    def holds(events: Sequence[Event]) -> bool:
+        queued = any(
+            e["host"] == host and e["event"] == "session" and e["kind"] == "queued" for e in events
+        )
+        return queued and bool(creates_in_flight(events, host))
+
+    return holds
+
+
 def read_gate(storage_url: str, account: str, *, pruned: bool = True) -> tuple[GateState, int]:
     """The account's gate document as stored, and the storage clock's now; `pruned` drops
     the leases that have expired by then (what the next decision will see)."""
@@ -436,3 +490,265 @@ def iter_jobs(run_id: str, tenants: Sequence[str], per_tenant: int) -> Iterator[
     for tenant in tenants:
         for index in range(per_tenant):
             yield Job(id=f"{run_id}-{tenant}-{index + 1:02d}", tenant=tenant)
+
+
+# -- the command line: `sandbox-provisioner multihost` (wired by host/cli.py) -----------------
+
+MULTIHOST_API_KEY = "e2b_multihost_key"
+TENANT_NAMES = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hosts",
+        type=_positive_int,
+        default=3,
+        help="host processes sharing the storage (default 3)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=24,
+        help="CurationJobs, dealt round-robin over the hosts (default 24)",
+    )
+    parser.add_argument(
+        "--tenants",
+        type=_positive_int,
+        default=2,
+        help="tenants; each submits its jobs together (default 2, at most 26)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="shared storage (default: a redis-server started on a free loopback port for the run)",
+    )
+    parser.add_argument(
+        "--kill",
+        default=None,
+        metavar="HOST",
+        help="kill -9 this host (host-1, host-2, ...) while it has a create in "
+        "flight and sessions queued; the survivors take its jobs",
+    )
+    parser.add_argument(
+        "--create-slots",
+        type=_positive_int,
+        default=4,
+        help="the account's concurrent creates (mock E2B and admission)",
+    )
+    parser.add_argument(
+        "--max-sandboxes",
+        type=_positive_int,
+        default=10,
+        help="the account's concurrent sandboxes (default 10)",
+    )
+    parser.add_argument(
+        "--create-latency-ms",
+        type=_positive_int,
+        default=1000,
+        help="mock E2B create latency (default 1000)",
+    )
+    parser.add_argument(
+        "--create-lease-ms",
+        type=_positive_int,
+        default=3000,
+        help="a create slot's lease: how long a dead host's slot stays taken "
+        "(default 3000; production default 150000)",
+    )
+    parser.add_argument("--turns", type=int, default=3, help="turns per session (default 3)")
+    parser.add_argument(
+        "--turn-ms", type=_positive_int, default=300, help="real time per turn (default 300)"
+    )
+    parser.add_argument(
+        "--component",
+        type=Path,
+        default=None,
+        help="the component (default dist/sandbox_provisioner.wasm)",
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=300.0, help="give up after this long (default 300)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON report")
+
+
+def multihost_config(
+    e2b_url: str, *, create_slots: int, max_sandboxes: int, latency_ms: int, lease_ms: int
+) -> tuple[tuple[str, str], ...]:
+    """The component's config for a run: admission mirrors the account; short leases and
+    polls, so a dead host's permits come back within seconds."""
+    return (
+        ("e2b_api_url", e2b_url),
+        ("create_slots", str(create_slots)),
+        ("create_rate_per_s", "50"),
+        ("create_burst", str(create_slots)),
+        ("max_sandboxes", str(max_sandboxes)),
+        ("create_latency_ms", str(latency_ms)),
+        ("create_timeout_ms", str(max(1, lease_ms - 500))),
+        ("create_lease_ms", str(lease_ms)),
+        ("waiter_ttl_ms", "2000"),
+        ("poll_min_ms", "100"),
+        ("poll_max_ms", "1000"),
+        ("backoff_base_ms", "100"),
+        ("backoff_cap_ms", "1000"),
+        ("sandbox_timeout_s", "300"),
+    )
+
+
+def run_multihost(args: argparse.Namespace) -> int:
+    """Runs one workload over several host processes; exit 0 when every job completed
+    within the limits with nothing orphaned, duplicated or leaked, 1 otherwise, 2 when it
+    could not run."""
+    from host.component_cache import load_component
+    from host.mock_e2b import MockE2BConfig, MockE2BServer
+    from host.storage.redis_server import RedisServer, RedisServerError
+
+    if args.tenants > len(TENANT_NAMES):
+        print(f"sandbox-provisioner: at most {len(TENANT_NAMES)} tenants", file=sys.stderr)
+        return 2
+    if args.kill is not None and args.hosts < 2:
+        print("sandbox-provisioner: --kill needs at least 2 hosts", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_component(args.component)  # compiles once into the shared cache
+    except (FileNotFoundError, ValueError) as error:
+        print(f"sandbox-provisioner: {error}", file=sys.stderr)
+        return 2
+    out = sys.stderr if args.json else sys.stdout
+    with ExitStack() as stack:
+        storage_url = args.storage
+        if storage_url is None:
+            try:
+                storage_url = stack.enter_context(RedisServer()).url
+            except RedisServerError as error:
+                print(f"sandbox-provisioner: {error}", file=sys.stderr)
+                return 2
+        mock = stack.enter_context(
+            MockE2BServer(
+                MockE2BConfig(
+                    api_key=MULTIHOST_API_KEY,
+                    max_concurrent_creates=args.create_slots,
+                    max_sandboxes=args.max_sandboxes,
+                    create_latency_ms=args.create_latency_ms,
+                )
+            )
+        )
+        run_id = secrets.token_hex(3)
+        settings = WorkerSettings(
+            storage_url=storage_url,
+            e2b_url=mock.url,
+            api_key=MULTIHOST_API_KEY,
+            account=f"multihost-{run_id}",
+            run_id=run_id,
+            config=multihost_config(
+                mock.url,
+                create_slots=args.create_slots,
+                max_sandboxes=args.max_sandboxes,
+                latency_ms=args.create_latency_ms,
+                lease_ms=args.create_lease_ms,
+            ),
+            turns=max(0, args.turns),
+            turn_s=args.turn_ms / 1000,
+            component=str(loaded.path),
+        )
+        tenants = [f"tenant-{TENANT_NAMES[i]}" for i in range(args.tenants)]
+        per_tenant = -(-args.jobs // args.tenants)
+        jobs = list(iter_jobs(run_id, tenants, per_tenant))[: args.jobs]
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="multihost-")))
+        print(
+            f"{args.hosts} hosts, {len(jobs)} jobs, storage {storage_url}, mock E2B {mock.url}",
+            file=out,
+            flush=True,
+        )
+        cluster = stack.enter_context(Cluster(settings, hosts=args.hosts, workdir=workdir))
+        try:
+            cluster.start(timeout=args.timeout_s)
+            cluster.assign(jobs)
+            kill_report = None
+            if args.kill is not None:
+                kill_report = kill_mid_create(cluster, args.kill, timeout=args.timeout_s)
+                print(f"killed {args.kill}: {kill_report}", file=out, flush=True)
+            outcome = cluster.finish(timeout=args.timeout_s)
+        except (ClusterError, KeyError) as error:
+            print(f"sandbox-provisioner: {error}", file=sys.stderr)
+            return 1
+        report = summarise(outcome, mock, storage_url, settings, kill_report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(json.dumps(report["summary"], indent=2), file=out)
+    return 0 if report["summary"]["ok"] else 1
+
+
+def kill_mid_create(cluster: Cluster, name: str, *, timeout: float) -> dict[str, Any]:
+    """kill -9 `name` once it has a create in flight and sessions queued; reports what it
+    held and how long its create slots took to come back (lease expiry)."""
+    cluster.host(name)  # KeyError for an unknown host, before waiting
+    cluster.wait_for(creating_with_sessions_queued(name), timeout, f"{name} mid-create")
+    entities = {f"{ENTITY_TYPE}/{job.id}" for job in cluster.host(name).assigned}
+    unfinished = cluster.kill(name)
+    url, account = cluster.settings.storage_url, cluster.settings.account
+    gate, killed_ms = read_gate(url, account)
+    held = {c.lease_id: c.expires_ms for c in gate.create_leases if c.entity in entities}
+    reclaimed_ms = None
+    if held:
+        reclaimed_ms = wait_until_leases_leave(url, account, set(held), timeout=timeout)
+    return {
+        "host": name,
+        "unfinished_jobs": len(unfinished),
+        "create_slots_held": len(held),
+        "lease_expiry_ms": max(held.values()) - killed_ms if held else None,
+        "reclaimed_after_ms": None if reclaimed_ms is None else reclaimed_ms - killed_ms,
+    }
+
+
+def summarise(
+    outcome: ClusterOutcome,
+    mock: MockE2BServer,
+    storage_url: str,
+    settings: WorkerSettings,
+    kill_report: dict[str, Any] | None,
+) -> dict[str, Any]:
+    stats = mock.stats()
+    config = dict(settings.config)
+    slots, max_sandboxes = int(config["create_slots"]), int(config["max_sandboxes"])
+    orphans = mock.orphans(set())
+    gate, _ = read_gate(storage_url, settings.account)
+    states = [result["state"] for result in outcome.results.values()]
+    grants = outcome.grant_order()
+    summary = {
+        "jobs": len(states),
+        "completed": states.count("Completed"),
+        "failed": len(states) - states.count("Completed"),
+        "max_concurrent_creates": stats.max_concurrent_creates,
+        "create_slots": slots,
+        "max_running_sandboxes": stats.max_running_sandboxes,
+        "max_sandboxes": max_sandboxes,
+        "sandboxes_created": stats.sandboxes_created,
+        "adopted_by_idempotency_key": stats.idempotent_replays,
+        "duplicate_sandboxes": stats.duplicates,
+        "orphaned_sandboxes": len(orphans),
+        "throttled_by_e2b": stats.throttled,
+        "permits_left": len(gate.create_leases) + len(gate.sandbox_leases),
+        "waiters_left": gate.waiting(),
+        "grant_order": "".join(str(e["tenant"])[-1] for e in grants),
+        "max_tenant_lead": max_tenant_lead(grants),
+        "mean_place_gap": round(mean_rank_gap(grants), 2),
+        "kill": kill_report,
+    }
+    summary["ok"] = (
+        summary["failed"] == 0
+        and stats.max_concurrent_creates <= slots
+        and stats.max_running_sandboxes <= max_sandboxes
+        and not orphans
+        and stats.duplicates == 0
+        and summary["permits_left"] == 0
+        and summary["waiters_left"] == 0
+    )
+    return {"summary": summary, **outcome.to_json()}

@@ -10,7 +10,9 @@ no more work: the process exits once its sessions have ended.
 Everything the coordinator needs comes back on stdout as JSON lines, each stamped with the
 storage backend's clock (`at_ms`), which all hosts share:
 - `ready` once the host can take work;
-- `granted` when the component grants a create slot to one of this host's sessions;
+- `granted` when the component grants a create slot to one of this host's sessions, with
+  `gate_version`, the store's version of the gate write that committed it (a total order
+  of every host's grants);
 - `create_sent` / `create_answered` around each create request to E2B (by idempotency key);
 - `outcome` for every invocation (action, and the queue reason or failure code);
 - `session` for each session event (queued, ready, completed, failed, ...);
@@ -38,9 +40,11 @@ from host.sessions.driver import DriverSettings, SessionDriver
 from host.sessions.invokers import ComponentInvoker
 from host.sessions.model import Job, SessionEvent
 from host.storage import storage_from_uri
+from host.storage.base import StorageBackend
 from host.telemetry import InvocationTag
+from provisioner.admission.state import GATE_KEY
 from provisioner.model import SANDBOX_FAILED, SANDBOX_QUEUED, Invocation, Outcome
-from provisioner.ports import HttpError, HttpRequest, HttpResponse, LogLevel
+from provisioner.ports import Entry, HttpError, HttpRequest, HttpResponse, LogLevel
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class WorkerSettings:
     failure_retry_delay_s: float = 0.2
     release_attempts: int = 1_000
     session_threads: int = 16
+    # Queued sessions a host wakes when one of its own sessions frees a permit. Temper has
+    # no such wake-up (a queued session comes back after its retry_after_ms), and a wake
+    # that only sees one host's sessions favours that host's waiters: off by default.
+    wake_per_permit: int = 0
     component: str | None = None
     cache_dir: str | None = None
 
@@ -75,7 +83,7 @@ class WorkerSettings:
             failure_retry_delay_s=self.failure_retry_delay_s,
             release_attempts=self.release_attempts,
             workers=self.session_threads,
-            wake_per_permit=1,
+            wake_per_permit=self.wake_per_permit,
             config=self.config,
             run_id=self.run_id,
         )
@@ -124,11 +132,47 @@ class _Routing:
             return self.drivers.get(job_id)
 
 
+class _GateVersions:
+    """The storage backend, noting per thread the version its last write of the account's
+    gate produced. A grant is committed by exactly such a write, just before the guest
+    reports it on the same thread, and versions come from one counter in the shared store:
+    so they order every host's grants exactly, where timestamps could not."""
+
+    def __init__(self, inner: StorageBackend) -> None:
+        self.inner = inner
+        self._local = threading.local()
+
+    def last_gate_version(self) -> int | None:
+        version: int | None = getattr(self._local, "version", None)
+        return version
+
+    def get(self, namespace: str, key: str) -> Entry | None:
+        return self.inner.get(namespace, key)
+
+    def compare_and_swap(
+        self, namespace: str, key: str, expected: int | None, value: bytes, ttl: int | None
+    ) -> int:
+        version = self.inner.compare_and_swap(namespace, key, expected, value, ttl)
+        if key == GATE_KEY:
+            self._local.version = version
+        return version
+
+    def delete(self, namespace: str, key: str, expected: int | None) -> bool:
+        return self.inner.delete(namespace, key, expected)
+
+    def now_ms(self) -> int:
+        return self.inner.now_ms()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class _HostTelemetry:
     """Progress events are signs of life for their session; grants are reported."""
 
-    def __init__(self, routing: _Routing) -> None:
+    def __init__(self, routing: _Routing, storage: _GateVersions) -> None:
         self.routing = routing
+        self.storage = storage
         self.writer: EventWriter | None = None
 
     def log(self, tag: InvocationTag, level: LogLevel, message: str) -> None:
@@ -143,6 +187,7 @@ class _HostTelemetry:
                 tenant=tag.tenant,
                 lease_id=event.get("lease_id"),
                 attempt=event.get("attempt"),
+                gate_version=self.storage.last_gate_version(),
             )
         driver = self.routing.get(tag.entity_id)
         if driver is not None:
@@ -246,8 +291,8 @@ def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int
         cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
     )
     routing = _Routing()
-    telemetry = _HostTelemetry(routing)
-    storage = storage_from_uri(settings.storage_url)
+    storage = _GateVersions(storage_from_uri(settings.storage_url))
+    telemetry = _HostTelemetry(routing, storage)
     gateway = _ReportingGateway(settings.e2b_url, settings.api_key, allow_private_network=True)
     services = HostServices(
         storage=storage, http=gateway, telemetry=telemetry, account=settings.account
