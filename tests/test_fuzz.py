@@ -33,7 +33,13 @@ from host.telemetry import RecordingTelemetrySink
 from provisioner.model import Invocation, Outcome
 from tests.conftest import API_KEY
 from tests.test_end_to_end import SpyGateway
-from tests.test_hardening_support import ACTIONS, DOCUMENTED_CODES, SnapshotBackend
+from tests.test_hardening_support import (
+    ACTIONS,
+    DOCUMENTED_CODES,
+    Reply,
+    SnapshotBackend,
+    serving,
+)
 
 pytestmark = pytest.mark.component
 
@@ -261,3 +267,114 @@ def test_fuzzed_invocations_keep_the_host_alive_and_the_gates_whole(
     host.mock.configure(faults=())
     for tenant in {made.tenant if made.tenant in TENANTS else "acme", "acme"}:
         check_gates(host, tenant)
+
+
+# -- E2B answers generated directly ---------------------------------------------------------
+
+E2B_EXAMPLES = max(60, EXAMPLES // 4)
+sandbox_ids = st.one_of(
+    st.from_regex(r"i[a-z0-9]{19}", fullmatch=True),
+    st.integers(),
+    st.none(),
+    any_text,
+    st.just("x" * 300),
+)
+answer_bodies = st.one_of(
+    st.fixed_dictionaries(
+        {"sandboxID": sandbox_ids},
+        optional={
+            "templateID": any_text | st.integers(),
+            "clientID": any_text,
+            "envdVersion": any_text,
+            "message": any_text,
+        },
+    ).map(lambda body: json.dumps(body).encode()),
+    st.binary(max_size=200),
+    st.sampled_from(
+        [
+            b"",
+            b"null",
+            b"[]",
+            b"{",
+            b'{"message": "maximum number of concurrent E2B sandboxes (3)"}',
+        ]
+    ),
+)
+answer_headers = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["Retry-After", "RateLimit-Reset", "Should-Retry", "Content-Type", "X-Odd"]
+        ),
+        st.sampled_from(["1", "0", "-1", "1e9", "nan", "soon", "true", "application/json", ""]),
+    ),
+    max_size=3,
+)
+
+
+@dataclass
+class Scripted:
+    """What the loopback E2B answers next (one answer per request until changed)."""
+
+    reply: Reply = field(default_factory=Reply)
+
+
+@pytest.fixture(scope="module")
+def scripted_e2b(
+    loaded_component: LoadedComponent,
+) -> Iterator[tuple[ComponentRuntime, Scripted, SnapshotBackend, str]]:
+    script = Scripted()
+    servers = serving(lambda _: script.reply)
+    server = next(servers)
+    storage = SnapshotBackend()
+    gateway = SpyGateway(server.url, API_KEY)
+    runtime = ComponentRuntime(
+        loaded_component, HostServices(storage, gateway, RecordingTelemetrySink())
+    )
+    yield runtime, script, storage, server.url
+    runtime.close()
+    gateway.close()
+    servers.close()
+
+
+@settings(
+    max_examples=E2B_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+@given(
+    status=st.integers(200, 599),
+    headers=answer_headers,
+    body=answer_bodies,
+    operation=st.sampled_from(["provision", "provision", "release", "status"]),
+    entity=st.sampled_from(ENTITIES),
+)
+def test_generated_e2b_answers_get_well_formed_outcomes(
+    scripted_e2b: tuple[ComponentRuntime, Scripted, SnapshotBackend, str],
+    status: int,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    operation: str,
+    entity: str,
+) -> None:
+    """Whatever E2B answers (any status, odd headers, any body): a well-formed outcome and no
+    create slot left held once the invocation is over."""
+    runtime, script, _, url = scripted_e2b
+    script.reply = Reply(status, tuple(headers), body)
+    config = {**LIMITS, "e2b_api_url": url, "operation": operation}
+    made = Invocation(
+        tenant="acme",
+        entity_type="CurationJob",
+        entity_id=entity,
+        trigger_action="Provision",
+        trigger_params="{}",
+        entity_state="{}",
+        config=tuple(config.items()),
+        session_id=None,
+        trace_id="fuzz-e2b",
+    )
+    check_well_formed(runtime.invoke(made))
+    status_outcome = runtime.invoke(
+        dataclasses.replace(made, config=tuple({**config, "operation": "status"}.items()))
+    )
+    assert status_outcome.action == "SandboxStatus", status_outcome
+    account = status_outcome.params["gates"]["account"]
+    assert account["create_slots"]["in_use"] == 0, account
+    assert account["capacity"]["in_use"] <= int(LIMITS["max_sandboxes"]), account
