@@ -7,6 +7,8 @@ the tests instead of skipping them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import secrets
 import time
@@ -22,6 +24,7 @@ from host.multihost import (
     Cluster,
     ClusterOutcome,
     Event,
+    add_multihost_arguments,
     answered_creates,
     creates_in_flight,
     creating_with_sessions_queued,
@@ -29,6 +32,7 @@ from host.multihost import (
     iter_jobs,
     max_tenant_lead,
     read_gate,
+    run_multihost,
     wait_until_leases_leave,
 )
 from host.multihost_worker import WorkerSettings
@@ -378,3 +382,35 @@ def test_fairness_measure_tells_first_come_first_served_from_round_robin() -> No
 
     assert max_tenant_lead(grants("aaaaaaabbbbbbbb")) == 7 > CREATE_SLOTS
     assert max_tenant_lead(grants("abababaabbabbbb")) <= CREATE_SLOTS
+
+
+def test_multihost_command_runs_a_workload_with_a_kill(
+    redis_server: RedisServer,
+    loaded_component: LoadedComponent,
+    component_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The `multihost` command the CLI wires: two hosts, one killed mid-create; its JSON
+    report says every job completed within the limits with nothing left behind."""
+    parser = argparse.ArgumentParser()
+    add_multihost_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--hosts", "2", "--jobs", "8", "--kill", "host-2", "--storage", redis_server.url,
+            "--component", str(loaded_component.path), "--cache-dir", str(component_cache_dir),
+            "--create-latency-ms", "500", "--turns", "2", "--json",
+        ]
+    )  # fmt: skip
+    code = run_multihost(args)
+    report = json.loads(capsys.readouterr().out)
+    summary = report["summary"]
+    assert code == 0, summary
+    assert summary["completed"] == 8
+    assert summary["kill"]["host"] == "host-2"
+    assert summary["max_concurrent_creates"] <= summary["create_slots"]
+    assert summary["orphaned_sandboxes"] == summary["duplicate_sandboxes"] == 0
+    assert summary["permits_left"] == summary["waiters_left"] == 0
+    assert {host["name"]: host["killed"] for host in report["hosts"]} == {
+        "host-1": False,
+        "host-2": True,
+    }
