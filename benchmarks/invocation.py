@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.support import Hosts, invocation, mock_e2b, open_hosts
+from benchmarks.support import Hosts, invocation, load_cached, mock_e2b, open_hosts
 from benchmarks.table import Row, ms, percentile, times
 from host.component_cache import LoadedComponent, load_component
 from host.probe_guest import build_probe_component
@@ -139,7 +139,9 @@ def measure_cold_start(path: Path | None) -> tuple[float, float]:
 def measure(
     loaded: LoadedComponent, calls: int, *, component_path: Path | None = None
 ) -> InvocationFigures:
-    probe = load_component(build_probe_component())
+    probe = load_cached(build_probe_component())
+    if not loaded.from_cache:
+        loaded = load_cached(loaded.path)
     series = measure_calls(loaded, probe, calls)
     compile_s, cached_s = measure_cold_start(component_path)
     return InvocationFigures(series, compile_s, cached_s)
@@ -192,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     from benchmarks.table import format_text
 
-    print(format_text(rows(measure(load_component(), args.calls))))
+    print(format_text(rows(measure(load_cached(), args.calls))))
 
 
 if __name__ == "__main__":

@@ -108,3 +108,11 @@ def invocation(
 
 def load(path: Path | None = None, cache_dir: Path | None = None) -> LoadedComponent:
     return load_component(path, cache_dir=cache_dir)
+
+
+def load_cached(path: Path | None = None) -> LoadedComponent:
+    """The component as a host loads it after its first start: from the compile cache.
+    (Instances of a component compiled in this process started about 10% slower in one
+    trial; loading every compared component the same way keeps that out of the ratios.)"""
+    loaded = load_component(path)
+    return loaded if loaded.from_cache else load_component(path)

@@ -333,3 +333,38 @@ def _nonzero_chunks(data: bytes, min_run: int) -> Iterator[tuple[int, bytes]]:
                 end -= 1
         yield position, data[position:end]
         position = end
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`breakdown FILE` prints what takes the space; `shrink IN OUT` writes a copy without
+    custom sections (unless --keep-names) and without the memory image's zero runs."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.wasm_sections")
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("breakdown")
+    show.add_argument("file", type=Path)
+    shrink = commands.add_parser("shrink")
+    shrink.add_argument("source", type=Path)
+    shrink.add_argument("target", type=Path)
+    shrink.add_argument("--keep-names", action="store_true",
+                        help="keep custom sections (function names in trap backtraces)")
+    args = parser.parse_args(argv)
+    if args.command == "breakdown":
+        parts = breakdown(args.file.read_bytes())
+        print(f"total {parts.total}; data segments {parts.data_segments} "
+              f"({parts.data_zero_bytes} zero bytes); code {parts.code}; "
+              f"custom {parts.custom}; other {parts.other}")
+        return 0
+    data = args.source.read_bytes()
+    if not args.keep_names:
+        data = strip_custom_sections(data)
+    shrunk = drop_zero_runs(data)
+    args.target.write_bytes(shrunk)
+    print(f"{args.source}: {args.source.stat().st_size} -> {len(shrunk)} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
