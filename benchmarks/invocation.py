@@ -26,16 +26,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import wasmtime
+from wasmtime import component as wc
+
 from benchmarks.support import Hosts, invocation, load_cached, mock_e2b, open_hosts
 from benchmarks.table import Row, ms, percentile, times
 from host.component_cache import LoadedComponent, load_component
 from host.probe_guest import build_probe_component
-from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Outcome
+from host.runtime import ComponentRuntime, HostServices
+from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Invocation, Outcome
 
 FLOOR_TARGET = 1.5
 
@@ -64,6 +69,43 @@ class InvocationFigures:
     series: dict[str, Series]
     compile_s: float
     cached_load_s: float
+    # Fuel (roughly, wasm instructions) one call burns: floor, held, create.
+    fuel: dict[str, int]
+
+
+class FuelMeter(ComponentRuntime):
+    """A runtime that remembers the fuel its last call on this thread used: a count of
+    the guest's work that the machine's load does not move."""
+
+    def __init__(self, loaded: LoadedComponent, services: HostServices) -> None:
+        super().__init__(loaded, services)
+        self._stores = threading.local()
+
+    def loaded_instance(self, store: wasmtime.Store) -> wc.Instance:
+        self._stores.store = store
+        return super().loaded_instance(store)
+
+    def fuel_used(self, call: Invocation) -> int:
+        outcome = self.invoke(call)
+        if not outcome.success:
+            raise RuntimeError(f"fuel probe failed: {outcome}")
+        store: wasmtime.Store = self._stores.store
+        return self.budgets.fuel - store.get_fuel()
+
+
+def measure_fuel(
+    loaded: LoadedComponent, probe: LoadedComponent, services: HostServices, url: str
+) -> dict[str, int]:
+    component, floor = FuelMeter(loaded, services), FuelMeter(probe, services)
+    try:
+        return {
+            "floor": floor.fuel_used(invocation(url, "probe", config=(("probe_mode", "noop"),))),
+            "held": component.fuel_used(invocation(url, "held")),
+            "create": component.fuel_used(invocation(url, "fuel-create")),
+        }
+    finally:
+        component.close()
+        floor.close()
 
 
 Sample = tuple[float, float]  # wall seconds, thread CPU seconds
@@ -82,7 +124,7 @@ def _timed(call: Callable[[], Outcome], expect: str) -> Sample:
 
 def measure_calls(
     loaded: LoadedComponent, probe: LoadedComponent, calls: int, warmup: int = 5
-) -> dict[str, Series]:
+) -> tuple[dict[str, Series], dict[str, int]]:
     samples: dict[str, list[Sample]] = {
         name: [] for name in ("floor", "held", "held_native", "create", "create_native")
     }
@@ -111,12 +153,14 @@ def measure_calls(
             made = mock.stats().creates_attempted - creates_before
             if made != 2 * (warmup + calls):
                 raise RuntimeError(f"expected {2 * (warmup + calls)} creates, E2B saw {made}")
+            fuel = measure_fuel(loaded, probe, hosts.services, url)
         finally:
             hosts.close()
-    return {
+    series = {
         name: Series(name, [wall for wall, _ in taken], [cpu for _, cpu in taken])
         for name, taken in samples.items()
     }
+    return series, fuel
 
 
 def _create(hosts: Hosts, url: str, entity: str, *, native: bool) -> Sample:
@@ -142,9 +186,9 @@ def measure(
     probe = load_cached(build_probe_component())
     if not loaded.from_cache:
         loaded = load_cached(loaded.path)
-    series = measure_calls(loaded, probe, calls)
+    series, fuel = measure_calls(loaded, probe, calls)
     compile_s, cached_s = measure_cold_start(component_path)
-    return InvocationFigures(series, compile_s, cached_s)
+    return InvocationFigures(series, compile_s, cached_s, fuel)
 
 
 def rows(figures: InvocationFigures) -> list[Row]:
@@ -178,6 +222,15 @@ def rows(figures: InvocationFigures) -> list[Row]:
             "component, held"),
         Row("1", "same logic natively: full create", p(s["create_native"]),
             vs(s["create_native"], create), "component, create"),
+        Row(
+            "1",
+            "fuel per call (guest work; load-independent)",
+            f"floor {figures.fuel['floor']:,}, held {figures.fuel['held']:,}, "
+            f"create {figures.fuel['create']:,}",
+            f"held {times(figures.fuel['held'] / figures.fuel['floor'])}, "
+            f"create {times(figures.fuel['create'] / figures.fuel['floor'])}",
+            "floor",
+        ),
         Row(
             "1",
             "cold start: compile vs cached load",
