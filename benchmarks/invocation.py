@@ -200,7 +200,7 @@ def rows(figures: InvocationFigures) -> list[Row]:
 
     def vs(series: Series, base: Series) -> str:
         return (
-            f"{times(series.p50 / base.p50)} p50, {times(series.p99 / base.p99)} p99, "
+            f"{times(series.p50 / base.p50, 3)} p50, {times(series.p99 / base.p99)} p99, "
             f"{times(series.cpu_p50 / base.cpu_p50)} CPU"
         )
 

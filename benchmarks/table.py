@@ -95,5 +95,5 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def times(ratio: float) -> str:
-    return f"{ratio:.2f}x"
+def times(ratio: float, digits: int = 2) -> str:
+    return f"{ratio:.{digits}f}x"
