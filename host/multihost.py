@@ -8,10 +8,15 @@
         cluster.kill("host-2")               # kill -9; its unfinished jobs go to survivors
         outcome = cluster.finish(timeout=60) # every job ended; hosts exited
 
-A killed host's sessions are re-driven by the survivors, the way Temper re-dispatches an
-entity's pending action on another node: a job counts as finished only when a live host
-reports its result. Every host reports JSON lines (see host.multihost_worker), stamped
-with the storage's clock, which all hosts share when the storage is Redis.
+A killed host's unfinished sessions are re-driven by the survivors, the way Temper
+re-dispatches an entity's pending action on another node: a job is finished when the host
+it is assigned to reports its result (a result a host wrote before it died counts). Every
+host reports JSON lines (see host.multihost_worker), stamped with the storage's clock,
+which all hosts share when the storage is Redis.
+
+Also here: the measures the tests and the report use (grant order by gate version, tenant
+lead, the stored gate and how long a dead host's leases take to leave it), and the
+`multihost` command (`add_multihost_arguments`, `run_multihost`) for host/cli.py to wire.
 """
 
 from __future__ import annotations
