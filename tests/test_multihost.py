@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -414,3 +414,61 @@ def test_multihost_command_runs_a_workload_with_a_kill(
         "host-1": False,
         "host-2": True,
     }
+
+
+def _holding_sandboxes_with_sessions_queued(host: str) -> Callable[[list[Event]], bool]:
+    """The host's sessions hold a sandbox while another of its sessions is queued now."""
+
+    def holds(events: list[Event]) -> bool:
+        last: dict[str, str] = {}
+        for event in events:
+            if event["host"] == host and event["event"] == "session":
+                last[event["job"]] = event["kind"]
+        return any(kind in ("ready", "turn") for kind in last.values()) and any(
+            kind == "queued" for kind in last.values()
+        )
+
+    return holds
+
+
+def test_killed_host_holding_sandboxes_hands_them_to_the_survivors(
+    redis_server: RedisServer,
+    loaded_component: LoadedComponent,
+    component_cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """kill -9 a host whose sessions hold sandboxes (and others wait). Bugs caught: a
+    re-driven provision creating a second sandbox instead of returning the one the entity
+    holds, a capacity permit left held by the dead host, a sandbox nobody kills."""
+    jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
+    victim = "host-2"
+    with _mock() as mock:
+        settings = _settings(
+            redis_server, mock, loaded_component, component_cache_dir, turns=4, turn_s=0.3
+        )
+        with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
+            cluster.start()
+            cluster.assign(jobs)
+            events = cluster.wait_for(
+                _holding_sandboxes_with_sessions_queued(victim),
+                timeout=30,
+                what=f"{victim} holding a sandbox with sessions queued",
+            )
+            held = {
+                e["job"]: e["detail"]["sandbox_id"]
+                for e in events
+                if e["host"] == victim and e["event"] == "session" and e["kind"] == "ready"
+            }
+            unfinished = cluster.kill(victim)
+            outcome = cluster.finish(timeout=90)
+        stats = mock.stats()
+        print(f"\nkilled {victim} holding sandboxes {held}; {len(unfinished)} jobs re-driven")
+        assert held and unfinished
+        _assert_every_job_completed(outcome, len(jobs))
+        # The survivors finished the victim's sessions on the sandboxes it held.
+        for job_id, sandbox_id in held.items():
+            if job_id in {job.id for job in unfinished}:
+                assert outcome.results[job_id]["sandbox_id"] == sandbox_id
+        assert stats.max_concurrent_creates <= CREATE_SLOTS
+        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_nothing_left(mock, redis_server, settings.account, len(jobs))
