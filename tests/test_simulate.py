@@ -12,6 +12,7 @@ import json
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,11 +27,23 @@ pytestmark = pytest.mark.component
 OUR_THREADS = ("mock-e2b", "session-invoke", "epoch-ticker")
 
 
-def our_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
+@pytest.fixture
+def left_behind() -> object:
+    """Threads of ours started during the test and still alive at its end (threads other
+    tests left running, such as a session-wide engine's epoch ticker, do not count)."""
+    before = set(threading.enumerate())
+
+    def check() -> list[str]:
+        return [
+            t.name
+            for t in threading.enumerate()
+            if t not in before and t.name.startswith(OUR_THREADS)
+        ]
+
+    return check
 
 
-def test_the_old_provisioner_starves_most_of_the_incident_jobs() -> None:
+def test_the_old_provisioner_starves_most_of_the_incident_jobs(left_behind: Any) -> None:
     """Bug caught: a replay that does not reproduce the incident (the comparison would
     prove nothing). Ten simultaneous POSTs, E2B serves four: six sessions never get a
     sandbox, wait silently, and die by the liveness timeout."""
@@ -43,11 +56,11 @@ def test_the_old_provisioner_starves_most_of_the_incident_jobs() -> None:
     assert {j["reason"] for j in failed} == {"liveness_timeout"}
     assert all(j["sandbox_id"] is None and j["turns"] == 0 for j in failed)
     assert s["e2b_429"] == 6
-    assert our_threads() == []
+    assert left_behind() == []
 
 
 def test_the_provisioner_completes_all_ten_within_e2b_limits_near_the_ideal_makespan(
-    loaded_component: LoadedComponent,
+    loaded_component: LoadedComponent, left_behind: Any
 ) -> None:
     """Bug caught: admission that lets more than four creates through, loses a sandbox,
     makes two for one job, lets a queued session die, or queues for much longer than the
@@ -55,8 +68,10 @@ def test_the_provisioner_completes_all_ten_within_e2b_limits_near_the_ideal_make
     done = run_mode(Scenario(), "provisioner", loaded=loaded_component)
     s = done.report["summary"]
     ratio = s["makespan_s"] / s["ideal_makespan_s"]
-    print(f"\nprovisioner: {s}\nmakespan {s['makespan_s']:.2f}s, ideal "
-          f"{s['ideal_makespan_s']:.2f}s, ratio {ratio:.3f}")
+    print(
+        f"\nprovisioner: {s}\nmakespan {s['makespan_s']:.2f}s, ideal "
+        f"{s['ideal_makespan_s']:.2f}s, ratio {ratio:.3f}"
+    )
     assert (s["completed"], s["failed"]) == (10, 0)
     assert s["max_concurrent_creates_seen"] <= 4
     assert s["orphaned_sandboxes"] == 0
@@ -64,9 +79,10 @@ def test_the_provisioner_completes_all_ten_within_e2b_limits_near_the_ideal_make
     assert s["killed_by_liveness"] == 0
     waits = sorted(j["waited_ms"] for j in done.report["jobs"])
     assert waits[-1] > Scenario().scale.real_s(Scenario().liveness_sim_s) * 1000, (
-        "someone must have queued past the liveness timeout, or the test proves nothing")
+        "someone must have queued past the liveness timeout, or the test proves nothing"
+    )
     assert ratio <= 1.10
-    assert our_threads() == []
+    assert left_behind() == []
 
 
 @pytest.mark.slow
@@ -94,8 +110,9 @@ def test_two_hundred_jobs_over_five_tenants_all_complete_and_are_served_fairly(
     liveness_ms = scenario.scale.real_s(scenario.liveness_sim_s) * 1000
     longest = max(j["waited_ms"] for j in done.report["jobs"])
     assert longest > liveness_ms, "nobody queued past the liveness timeout: proves nothing"
-    served = sorted((r for r in done.run.results if r.ready_at_s is not None),
-                    key=lambda r: r.ready_at_s or 0.0)
+    served = sorted(
+        (r for r in done.run.results if r.ready_at_s is not None), key=lambda r: r.ready_at_s or 0.0
+    )
     first_half = Counter(r.job.tenant for r in served[:100])
     print(f"first 100 sandboxes by tenant: {dict(sorted(first_half.items()))}")
     # FIFO would give tenant 1 all 40 and tenants 4 and 5 none.
@@ -105,19 +122,46 @@ def test_two_hundred_jobs_over_five_tenants_all_complete_and_are_served_fairly(
 def test_json_report_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     """Bug caught: the documented --json shape (one report on stdout) broken by live
     lines or a renamed field."""
-    code = main(["simulate", "--mode", "direct", "--jobs", "3", "--e2b-create-latency-ms",
-                 "50", "--turns", "1", "--json"])
+    code = main(
+        [
+            "simulate",
+            "--mode",
+            "direct",
+            "--jobs",
+            "3",
+            "--e2b-create-latency-ms",
+            "50",
+            "--turns",
+            "1",
+            "--json",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["summary"]) >= {
-        "jobs", "completed", "failed", "max_concurrent_creates_seen",
-        "max_running_sandboxes_seen", "e2b_429", "orphaned_sandboxes", "duplicate_sandboxes",
-        "makespan_s", "ideal_makespan_s",
+        "jobs",
+        "completed",
+        "failed",
+        "max_concurrent_creates_seen",
+        "max_running_sandboxes_seen",
+        "e2b_429",
+        "orphaned_sandboxes",
+        "duplicate_sandboxes",
+        "makespan_s",
+        "ideal_makespan_s",
     }
     assert report["summary"]["jobs"] == 3 and report["summary"]["completed"] == 3
     assert {j["id"].rsplit("-", 1)[1] for j in report["jobs"]} == {"001", "002", "003"}
-    assert set(report["jobs"][0]) == {"id", "tenant", "state", "reason", "sandbox_id", "turns",
-                                      "waited_ms", "invocations"}
+    assert set(report["jobs"][0]) == {
+        "id",
+        "tenant",
+        "state",
+        "reason",
+        "sandbox_id",
+        "turns",
+        "waited_ms",
+        "invocations",
+    }
 
 
 FAST_E2B = ["--e2b-create-latency-ms", "100", "--turns", "2", "--turn-ms", "60000"]
@@ -129,9 +173,21 @@ def test_compare_runs_all_three_modes_and_ends_with_the_comparison(
     """Bug caught: a mode missing from the comparison, the batches replay overlapping its
     batches (more than four creates at once), or a storage URL other than memory://
     ignored."""
-    code = main(["simulate", "--mode", "compare", "--jobs", "6", "--component",
-                 str(loaded_component.path), "--storage", f"sqlite:///{tmp_path / 's.db'}",
-                 "--json", *FAST_E2B])
+    code = main(
+        [
+            "simulate",
+            "--mode",
+            "compare",
+            "--jobs",
+            "6",
+            "--component",
+            str(loaded_component.path),
+            "--storage",
+            f"sqlite:///{tmp_path / 's.db'}",
+            "--json",
+            *FAST_E2B,
+        ]
+    )
     assert code == 0
     document = json.loads(capsys.readouterr().out)
     modes = document["modes"]
@@ -150,8 +206,18 @@ def test_live_lines_show_queue_positions_and_turns(
     loaded_component: LoadedComponent, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Bug caught: the live view losing the queue position or the turn count."""
-    code = main(["simulate", "--mode", "provisioner", "--jobs", "6", "--component",
-                 str(loaded_component.path), *FAST_E2B])
+    code = main(
+        [
+            "simulate",
+            "--mode",
+            "provisioner",
+            "--jobs",
+            "6",
+            "--component",
+            str(loaded_component.path),
+            *FAST_E2B,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "mock E2B at http://127.0.0.1:" in out
