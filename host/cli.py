@@ -88,6 +88,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_multihost(args: argparse.Namespace) -> int:
+    from host.multihost import run_multihost
+
+    return run_multihost(args)
+
+
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
@@ -167,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench)
     bench.set_defaults(handler=_cmd_bench)
+
+    multihost = commands.add_parser(
+        "multihost",
+        help="several host processes sharing one Redis run one workload (optionally kill -9 one)",
+    )
+    from host.multihost import add_multihost_arguments
+
+    add_multihost_arguments(multihost)
+    multihost.set_defaults(handler=_cmd_multihost)
     return parser
 
 
