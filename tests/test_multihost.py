@@ -149,10 +149,12 @@ def test_three_hosts_share_the_limits_and_stay_fair(
     at once), a queue that serves one tenant's burst before the other's (FIFO across
     hosts), lost or duplicated sandboxes when hosts interleave compare-and-swaps."""
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
-    # Creates of 1 s: tenant-a's first grants are still in flight when tenant-b arrives.
-    with _mock(create_latency_ms=1000) as mock:
+    # Creates of 2 s: tenant-a's first grants are still in flight when tenant-b arrives,
+    # even on a loaded machine (at 1 s, a slow start let a second wave of a's through first
+    # and left too few a's waiting to tell FIFO apart).
+    with _mock(create_latency_ms=2000) as mock:
         settings = _settings(
-            redis_server, mock, loaded_component, component_cache_dir, create_latency_ms="1000"
+            redis_server, mock, loaded_component, component_cache_dir, create_latency_ms="2000"
         )
         with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
             cluster.start()
