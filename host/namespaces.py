@@ -7,6 +7,7 @@ namespace (`a/b` and `a%2Fb` stay apart).
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import quote
 
 from host.storage.base import StorageBackend
@@ -19,10 +20,12 @@ def _encoded(name: str) -> str:
     return quote(name.encode("utf-8", "surrogatepass"), safe="")
 
 
+@functools.lru_cache(maxsize=4096)
 def tenant_namespace(tenant: str) -> str:
     return "tenant/" + _encoded(tenant)
 
 
+@functools.lru_cache(maxsize=256)
 def account_namespace(account: str) -> str:
     return "account/" + _encoded(account)
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
 from provisioner.ports import Entry, Scope, Storage
+
+# "type/id" made of characters `quote` leaves alone: its quoting is known without calling it.
+_PLAIN_ENTITY = re.compile(r"[A-Za-z0-9_.~-]+/[A-Za-z0-9_.~-]+")
 
 PENDING = "pending"
 READY = "ready"
@@ -57,6 +61,8 @@ class EntityRecords:
 
     @staticmethod
     def key(entity: str) -> str:
+        if _PLAIN_ENTITY.fullmatch(entity):
+            return "entity/" + entity.replace("/", "%2F")
         return "entity/" + quote(entity, safe="")
 
     def load(self, entity: str) -> tuple[EntityRecord, int] | None:

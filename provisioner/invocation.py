@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,9 @@ MAX_CONFIG_VALUE_CHARS = 2048
 
 OPERATIONS = ("provision", "release", "status")
 
+# C0 controls, DEL and lone surrogates: none belongs in an id, a key or a log line.
+_FORBIDDEN_IN_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
 
 def _check_id(field: str, value: str) -> str:
     if not value:
@@ -23,12 +27,14 @@ def _check_id(field: str, value: str) -> str:
         raise ProvisionerError(
             "invalid_invocation", f"{field} is longer than {MAX_ID_CHARS} characters"
         )
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+    if _FORBIDDEN_IN_ID.search(value):
         raise ProvisionerError("invalid_invocation", f"{field} holds control characters")
     return value
 
 
 def _json_object(field: str, text: str) -> dict[str, Any]:
+    if text == "{}":
+        return {}
     if len(text.encode("utf-8", "surrogatepass")) > MAX_JSON_BYTES:
         raise ProvisionerError(
             "invalid_invocation", f"{field} is larger than {MAX_JSON_BYTES} bytes"

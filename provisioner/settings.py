@@ -12,6 +12,8 @@ from provisioner.model import ProvisionerError
 DEFAULT_API_URL = "https://api.e2b.app"
 DEFAULT_TEMPLATE = "base"
 
+# Whitespace, query or fragment have no place in an API base URL.
+_URL_FORBIDDEN = re.compile(r"[\s?#]")
 # E2B template ids and aliases: letters, digits and a few separators.
 _TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
@@ -65,9 +67,7 @@ class SandboxSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> SandboxSettings:
         api_url = config.get("e2b_api_url", DEFAULT_API_URL).strip().rstrip("/")
-        if not api_url.startswith(("https://", "http://")) or any(
-            ch.isspace() or ch in "?#" for ch in api_url
-        ):
+        if not api_url.startswith(("https://", "http://")) or _URL_FORBIDDEN.search(api_url):
             raise ProvisionerError(
                 "invalid_config", "e2b_api_url must be an http(s) URL without query or fragment"
             )

@@ -15,6 +15,7 @@ Semantics (checked by the conformance tests in tests/test_storage_backends.py):
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 from provisioner.ports import (
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 MAX_KEY_BYTES = 512
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f]")
 MAX_VALUE_BYTES = 256 * 1024
 
 
@@ -68,7 +70,7 @@ def check_key(key: str) -> None:
         raise StorageInvalidKey("empty key")
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise StorageInvalidKey(f"key longer than {MAX_KEY_BYTES} bytes")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+    if _CONTROL_CHARACTERS.search(key):
         raise StorageInvalidKey("key holds control characters")
 
 

@@ -64,18 +64,26 @@ class AdmissionConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> AdmissionConfig:
         """Read the settings; a bad value raises ProvisionerError("invalid_config")."""
-        items = dict(config)
         values: dict[str, Any] = {}
-        for spec in _SPECS:
-            raw = items.get(spec.key)
-            if raw is None or str(raw).strip() == "":
+        # Only the keys present are looked at: this runs on every invocation.
+        for key, raw in config.items():
+            spec = _SPECS_BY_KEY.get(key)
+            if spec is None or raw is None or str(raw).strip() == "":
                 continue
             values[spec.field] = spec.parse(str(raw).strip())
         built = cls(**values)
-        built.validate()
+        # Every parser bounds its value, so only the relations between settings remain.
+        built._check_relations()
         return built
 
     def validate(self) -> None:
+        self._check_relations()
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                _invalid(f"{item.name} must not be negative")
+
+    def _check_relations(self) -> None:
         if self.backoff_base_ms > self.backoff_cap_ms:
             _invalid("backoff_base_ms must not exceed backoff_cap_ms")
         if self.poll_min_ms > self.poll_max_ms:
@@ -84,10 +92,6 @@ class AdmissionConfig:
             self.max_sandboxes_per_tenant > self.max_sandboxes
         ):
             _invalid("max_sandboxes_per_tenant must not exceed max_sandboxes")
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-                _invalid(f"{item.name} must not be negative")
 
 
 def _invalid(message: str) -> None:
@@ -209,3 +213,4 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("create_latency_ms", "create_latency_ms", _positive_int("create_latency_ms", _DAY_MS)),
     _Spec("cas_retries", "cas_retries", _positive_int("cas_retries", 1_000)),
 )
+_SPECS_BY_KEY: dict[str, _Spec] = {spec.key: spec for spec in _SPECS}
