@@ -13,7 +13,6 @@ from host.http_gateway import HttpGateway
 from host.mock_e2b import MockE2BConfig, MockE2BServer
 from host.native_runtime import NativeRuntime
 from host.runtime import ComponentRuntime, HostServices
-from host.sessions.wasmtime_threads import make_variant_lowering_thread_safe
 from host.storage.base import StorageBackend
 from host.storage.memory import MemoryBackend
 from host.telemetry import InvocationTag
@@ -70,7 +69,6 @@ def open_hosts(
     probe: LoadedComponent | None = None,
     storage: StorageBackend | None = None,
 ) -> Hosts:
-    make_variant_lowering_thread_safe()
     services = HostServices(
         storage=storage if storage is not None else MemoryBackend(),
         http=HttpGateway(e2b_url, API_KEY, allow_private_network=True),

@@ -9,7 +9,6 @@ from urllib.parse import quote
 import httpx
 
 from host.runtime import ComponentRuntime
-from host.sessions.wasmtime_threads import make_variant_lowering_thread_safe
 from provisioner.model import (
     SANDBOX_READY,
     SANDBOX_RELEASED,
@@ -28,8 +27,7 @@ class ComponentInvoker:
     """Runs the provisioner component (fresh instance per call, as Temper does)."""
 
     def __init__(self, runtime: ComponentRuntime) -> None:
-        make_variant_lowering_thread_safe()
-        self.runtime = runtime
+            self.runtime = runtime
 
     def invoke(self, invocation: Invocation) -> Outcome:
         return self.runtime.invoke(invocation)
