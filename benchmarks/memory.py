@@ -23,7 +23,7 @@ from host.mock_e2b import MockE2BServer
 from provisioner.model import SANDBOX_READY
 
 IN_FLIGHT = 50
-CREATE_LATENCY_MS = 4000.0
+CREATE_LATENCY_MS = 10_000.0  # long enough for 50 instances to start on a slow machine
 MIB = 1 << 20
 
 
