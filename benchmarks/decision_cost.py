@@ -18,46 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.counting import CountingBackend
 from host.detsim import ACCOUNT, Harness
 from host.namespaces import account_namespace
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
-from provisioner.ports import Entry
 
 TENANTS = 5
-
-
-class CountingBackend:
-    """Counts operations and bytes that cross the storage boundary."""
-
-    def __init__(self, inner: MemoryBackend) -> None:
-        self.inner = inner
-        self.ops = 0
-        self.bytes = 0
-
-    def get(self, namespace: str, key: str) -> Entry | None:
-        found = self.inner.get(namespace, key)
-        self.ops += 1
-        self.bytes += len(key) + (0 if found is None else len(found.value))
-        return found
-
-    def compare_and_swap(
-        self, namespace: str, key: str, expected: int | None, value: bytes, ttl: int | None
-    ) -> int:
-        self.ops += 1
-        self.bytes += len(key) + len(value)
-        return self.inner.compare_and_swap(namespace, key, expected, value, ttl)
-
-    def delete(self, namespace: str, key: str, expected: int | None) -> bool:
-        self.ops += 1
-        self.bytes += len(key)
-        return self.inner.delete(namespace, key, expected)
-
-    def now_ms(self) -> int:
-        return self.inner.now_ms()
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks import decision_cost, storage_ops
+from benchmarks.counting import CountingBackend
 from benchmarks.support import invocation, mock_e2b, open_hosts
 from benchmarks.table import Row, times
 from host.component_cache import LoadedComponent, load_component
@@ -34,7 +35,6 @@ from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
 from host.storage.redis_server import RedisServer, find_redis_server
 from provisioner.model import SANDBOX_QUEUED, SANDBOX_READY, SANDBOX_RELEASED
-from provisioner.ports import Entry, StorageConflict
 
 DECISION_TARGET = 2.0
 WAITERS = (10, 100, 1000)
@@ -57,62 +57,30 @@ def decision_rows(repeat: int) -> list[Row]:
         poll_x = poll.micros / base["poll"].micros
         grant_x = grant.micros / base["grant"].micros
         last = size == WAITERS[-1]
-        rows.append(Row(
-            "3",
-            f"decision cost, {size} waiters",
-            f"poll {poll.micros:.0f} us ({poll.ops:.0f} ops, {poll.bytes:.0f} B moved); "
-            f"grant {grant.micros:.0f} us ({grant.ops:.0f} ops, {grant.bytes:.0f} B moved)",
-            f"poll {times(poll_x)}, grant {times(grant_x)}",
-            "10 waiters",
-            f"<= {DECISION_TARGET}x at 1,000" if last else "",
-            (max(poll_x, grant_x) <= DECISION_TARGET) if last else None,
-        ))
+        rows.append(
+            Row(
+                "3",
+                f"decision cost, {size} waiters",
+                f"poll {poll.micros:.0f} us ({poll.ops:.0f} ops, {poll.bytes:.0f} B moved); "
+                f"grant {grant.micros:.0f} us ({grant.ops:.0f} ops, {grant.bytes:.0f} B moved)",
+                f"poll {times(poll_x)}, grant {times(grant_x)}",
+                "10 waiters",
+                f"<= {DECISION_TARGET}x at 1,000" if last else "",
+                (max(poll_x, grant_x) <= DECISION_TARGET) if last else None,
+            )
+        )
     for size in WAITERS:
         stored, gate = results[size]["stored_bytes"], results[size]["gate_bytes"]
-        rows.append(Row(
-            "3",
-            f"stored bytes, {size} waiters",
-            f"gate doc {gate} B; all keys {stored} B ({stored / size:.0f} B per waiter)",
-            times(gate / base["gate_bytes"]),
-            "gate doc at 10 waiters",
-        ))
+        rows.append(
+            Row(
+                "3",
+                f"stored bytes, {size} waiters",
+                f"gate doc {gate} B; all keys {stored} B ({stored / size:.0f} B per waiter)",
+                times(gate / base["gate_bytes"]),
+                "gate doc at 10 waiters",
+            )
+        )
     return rows
-
-
-class ConflictCounter:
-    """A backend wrapper that counts compare-and-swaps and the ones that lost."""
-
-    def __init__(self, inner: StorageBackend) -> None:
-        self.inner = inner
-        self.swaps = 0
-        self.conflicts = 0
-        self._lock = threading.Lock()
-
-    def get(self, namespace: str, key: str) -> Entry | None:
-        return self.inner.get(namespace, key)
-
-    def compare_and_swap(
-        self, namespace: str, key: str, expected: int | None, value: bytes, ttl: int | None
-    ) -> int:
-        try:
-            version = self.inner.compare_and_swap(namespace, key, expected, value, ttl)
-        except StorageConflict:
-            with self._lock:
-                self.swaps += 1
-                self.conflicts += 1
-            raise
-        with self._lock:
-            self.swaps += 1
-        return version
-
-    def delete(self, namespace: str, key: str, expected: int | None) -> bool:
-        return self.inner.delete(namespace, key, expected)
-
-    def now_ms(self) -> int:
-        return self.inner.now_ms()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass(frozen=True)
@@ -126,7 +94,7 @@ class ConflictFigures:
 def measure_conflicts(
     loaded: LoadedComponent, backend_name: str, backend: StorageBackend, grants_each: int
 ) -> ConflictFigures:
-    counter = ConflictCounter(backend)
+    counter = CountingBackend(backend)
     errors: list[str] = []
     decisions = [0] * INVOKERS
     with mock_e2b() as mock:
@@ -185,17 +153,21 @@ def backends(state_dir: str) -> Iterator[dict[str, Callable[[], StorageBackend]]
 
 def conflict_rows(loaded: LoadedComponent, grants_each: int) -> list[Row]:
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir, \
-            backends(state_dir) as factories:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-state-") as state_dir,
+        backends(state_dir) as factories,
+    ):
         for name, factory in factories.items():
             figures = measure_conflicts(loaded, name, factory(), grants_each)
-            rows.append(Row(
-                "3",
-                f"CAS conflicts, {INVOKERS} concurrent invokers, {name}",
-                f"{figures.conflicts} of {figures.swaps} swaps lost over "
-                f"{figures.decisions} decisions",
-                f"{figures.conflicts / figures.decisions:.3f} per decision",
-            ))
+            rows.append(
+                Row(
+                    "3",
+                    f"CAS conflicts, {INVOKERS} concurrent invokers, {name}",
+                    f"{figures.conflicts} of {figures.swaps} swaps lost over "
+                    f"{figures.decisions} decisions",
+                    f"{figures.conflicts / figures.decisions:.3f} per decision",
+                )
+            )
     return rows
 
 
@@ -210,8 +182,10 @@ def decision_on_backend_rows(ops: int) -> list[Row]:
 
 def backend_rows(ops: int) -> list[Row]:
     results: dict[str, tuple[float, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-ops-") as state_dir, \
-            backends(state_dir) as factories:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-ops-") as state_dir,
+        backends(state_dir) as factories,
+    ):
         for name, factory in factories.items():
             backend = factory()
             try:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
+from benchmarks.counting import CountingBackend
 from benchmarks.support import invocation, load, mock_e2b, open_hosts
 from benchmarks.table import Row, format_text, times
 from host.component_cache import LoadedComponent
@@ -32,7 +33,6 @@ from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
 from host.storage.redis_server import RedisServer, find_redis_server
 from provisioner.model import SANDBOX_QUEUED, SANDBOX_READY
-from provisioner.ports import Entry
 
 TENANTS = 5
 WAITERS = (10, 100)
@@ -46,34 +46,6 @@ FULL_ACCOUNT = (
     ("queue_timeout_s", "3600"),
     ("sandbox_timeout_s", "3600"),
 )
-
-
-class CountingBackend:
-    """Counts the storage operations a decision makes."""
-
-    def __init__(self, inner: StorageBackend) -> None:
-        self.inner = inner
-        self.ops = 0
-
-    def get(self, namespace: str, key: str) -> Entry | None:
-        self.ops += 1
-        return self.inner.get(namespace, key)
-
-    def compare_and_swap(
-        self, namespace: str, key: str, expected: int | None, value: bytes, ttl: int | None
-    ) -> int:
-        self.ops += 1
-        return self.inner.compare_and_swap(namespace, key, expected, value, ttl)
-
-    def delete(self, namespace: str, key: str, expected: int | None) -> bool:
-        self.ops += 1
-        return self.inner.delete(namespace, key, expected)
-
-    def now_ms(self) -> int:
-        return self.inner.now_ms()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass(frozen=True)
