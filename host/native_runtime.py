@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from host.namespaces import ScopedStorage
+from host.native import native_ports
 from host.runtime import HostServices
 from host.telemetry import InvocationTag, TelemetrySink
 from provisioner.app import run
 from provisioner.model import Invocation, Outcome
-from provisioner.ports import LogLevel, Ports
+from provisioner.ports import LogLevel
 
 
 class _TaggedTelemetry:
@@ -56,10 +56,10 @@ class NativeRuntime:
         tag = InvocationTag(
             invocation.tenant, invocation.entity_type, invocation.entity_id, invocation.trace_id
         )
-        ports = Ports(
-            storage=ScopedStorage(
-                self.services.storage, tenant=invocation.tenant, account=self.services.account
-            ),
+        ports = native_ports(
+            self.services.storage,
+            tenant=invocation.tenant,
+            account=self.services.account,
             http=self.services.http,
             clock=self._clock,
             random=self._random,

@@ -28,7 +28,7 @@ from host.namespaces import ScopedStorage
 from host.storage.base import StorageBackend
 from host.telemetry import InvocationTag, LoggingTelemetry, TelemetrySink
 from host.wasmtime_compat import WitErr
-from provisioner.model import SANDBOX_FAILED, Failure, Invocation, Outcome, failed
+from provisioner.model import Failure, Invocation, Outcome, failed
 from provisioner.ports import (
     HttpError,
     HttpErrorKind,
@@ -409,4 +409,4 @@ def _outcome_from_wit(raw: Any, budgets: Budgets) -> Outcome:
         )
 
 
-__all__ = ["SANDBOX_FAILED", "Budgets", "ComponentRuntime", "HostServices", "interface"]
+__all__ = ["Budgets", "ComponentRuntime", "HostServices", "interface"]

@@ -33,7 +33,6 @@ from provisioner.entity_records import (
 )
 from provisioner.invocation import Request
 from provisioner.model import (
-    SANDBOX_FAILED,
     SANDBOX_QUEUED,
     SANDBOX_READY,
     SANDBOX_RELEASED,
@@ -270,5 +269,3 @@ def dispatch(request: Request, ports: Ports) -> Outcome:
         return operations.status()
     return operations.provision()
 
-
-__all__ = ["SANDBOX_FAILED", "dispatch"]
