@@ -162,13 +162,20 @@ def outcome_counts(events: Sequence[Event]) -> dict[str, int]:
 def max_tenant_lead(order: Sequence[Event]) -> int:
     """Over every prefix of the ready order, the largest gap between the most and the least
     served tenant (tenants counted from the whole order). Round-robin grants keep it near 1;
-    first-come-first-served across a burst of one tenant lets it grow to that burst."""
-    tenants = sorted({event["tenant"] for event in order})
-    served = dict.fromkeys(tenants, 0)
+    first-come-first-served across a burst of one tenant lets it grow to that burst.
+
+    Counting stops once a tenant has had its last grant: from then on it has nobody
+    waiting, so the others pulling ahead says nothing about fairness."""
+    totals: dict[str, int] = {}
+    for event in order:
+        totals[event["tenant"]] = totals.get(event["tenant"], 0) + 1
+    served = dict.fromkeys(totals, 0)
     worst = 0
     for event in order:
         served[event["tenant"]] += 1
         worst = max(worst, max(served.values()) - min(served.values()))
+        if served[event["tenant"]] == totals[event["tenant"]]:
+            break
     return worst
 
 
