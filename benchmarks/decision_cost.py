@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.counting import CountingBackend
-from host.detsim import ACCOUNT, Harness
-from host.namespaces import account_namespace
+from host.services.namespaces import account_namespace
+from host.sessions.detsim import ACCOUNT, Harness
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
 

@@ -37,10 +37,10 @@ from wasmtime import component as wc
 
 from benchmarks.support import Hosts, invocation, load_cached, mock_e2b, open_hosts
 from benchmarks.table import Row, ms, percentile, times
-from host.component_cache import LoadedComponent, load_component
-from host.probe_guest import build_probe_component
-from host.runtime import ComponentRuntime, HostServices
+from host.runtime.component_runtime import ComponentRuntime, HostServices
+from host.runtime.loader import LoadedComponent, load_component
 from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Invocation, Outcome
+from tests.guests.build import build_probe_component
 
 FLOOR_TARGET = 1.5
 

@@ -3,7 +3,7 @@
 Each scenario runs three ways against fresh mocks with the same settings, one after the
 other in the same run: `provisioner` (this component, admission control), `direct` (the
 old provisioner: one POST, no retry) and `e2b_sdk` (the official SDK's create with its
-default retries, no gates). Real time, through `host.simulate.run_mode`:
+default retries, no gates). Real time, through `host.sessions.simulate.run_mode`:
 
 - incident: `simulate`'s defaults: 10 jobs, E2B serving 4 creates at once (429 past it),
   5 creates/s with a burst of 10, 20 sandboxes, 2 s per create; 10 turns of 0.5 s.
@@ -12,7 +12,7 @@ default retries, no gates). Real time, through `host.simulate.run_mode`:
 - the same 100 jobs on an account with 100 sandboxes (only creates bind), provisioner
   only: it shows how much of the gap above comes from handing freed sandboxes on.
 
-1,000 jobs run in virtual time (host/detsim.py: the same admission logic, natively, over
+1,000 jobs run in virtual time (host/sessions/detsim.py: the same admission logic, natively, over
 an in-process fake E2B): 4 creates at once, 5 creates/s, 20 sandboxes, 2 s creates,
 sandboxes held 5 s; makespan against the same ideal formula.
 
@@ -27,11 +27,11 @@ from typing import Any
 
 from benchmarks.sdk_sessions import SDK_MODE, run_sdk_sessions
 from benchmarks.table import Row, times
-from host import detsim
-from host.component_cache import LoadedComponent, load_component
+from host.runtime.loader import LoadedComponent, load_component
+from host.sessions import detsim
 from host.sessions.report import Limits, ideal_makespan_s
 from host.sessions.scenario import E2BLimits, Scenario
-from host.simulate import run_mode
+from host.sessions.simulate import run_mode
 from provisioner.admission import AdmissionConfig
 
 MAKESPAN_TARGET = 1.10

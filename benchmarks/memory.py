@@ -18,8 +18,8 @@ from pathlib import Path
 
 from benchmarks.support import WIDE_OPEN, Hosts, invocation, mock_e2b, open_hosts
 from benchmarks.table import Row, times
-from host.component_cache import load_component
 from host.mock_e2b import MockE2BServer
+from host.runtime.loader import load_component
 from provisioner.model import SANDBOX_READY
 
 IN_FLIGHT = 50

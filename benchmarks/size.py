@@ -26,9 +26,9 @@ from benchmarks.wasm_sections import (
     drop_zero_runs,
     strip_custom_sections,
 )
-from host.component_cache import DEFAULT_COMPONENT, load_component
-from host.probe_guest import build_probe_component
+from host.runtime.loader import DEFAULT_COMPONENT, load_component
 from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED
+from tests.guests.build import build_probe_component
 
 MIB = 1 << 20
 TEMPER_MODULE_CAP = 10 * MIB

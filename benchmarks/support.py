@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from host.component_cache import LoadedComponent, load_component
-from host.http_gateway import HttpGateway
 from host.mock_e2b import MockE2BConfig, MockE2BServer
-from host.native_runtime import NativeRuntime
-from host.runtime import ComponentRuntime, HostServices
+from host.runtime.component_runtime import ComponentRuntime, HostServices
+from host.runtime.loader import LoadedComponent, load_component
+from host.runtime.native import NativeRuntime
+from host.services.http_gateway import HttpGateway
+from host.services.telemetry import InvocationTag
 from host.storage.base import StorageBackend
 from host.storage.memory import MemoryBackend
-from host.telemetry import InvocationTag
 from provisioner.model import Invocation
 from provisioner.ports import LogLevel
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.sync_readme
 
-Run it after `sandbox-provisioner bench --markdown benchmarks/RESULTS.md`, so the README
+Run it after `python -m benchmarks --markdown benchmarks/RESULTS.md`, so the README
 carries the latest table and the machine it came from.
 """
 

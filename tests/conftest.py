@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from host.component_cache import DEFAULT_COMPONENT, LoadedComponent, load_component
+from host.runtime.loader import DEFAULT_COMPONENT, LoadedComponent, load_component
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "e2b_test_key_0123456789"

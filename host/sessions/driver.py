@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from host.sessions.context import PROVISION, RELEASE, job_invocation
+from host.sessions.invocations import PROVISION, RELEASE, job_invocation
 from host.sessions.model import (
     INTERRUPTED,
     LIVENESS_TIMEOUT,

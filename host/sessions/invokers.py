@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import httpx
 
-from host.runtime import ComponentRuntime
+from host.runtime.component_runtime import ComponentRuntime
 from provisioner.model import (
     SANDBOX_READY,
     SANDBOX_RELEASED,

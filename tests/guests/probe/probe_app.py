@@ -1,6 +1,6 @@
 """A deliberately misbehaving guest for the sandbox-provisioner world.
 
-Built with componentize-py --stub-wasi against the project's wit/ (see host/probe_guest.py)
+Built with componentize-py --stub-wasi against the project's wit/ (see tests/guests/build.py)
 so the host's containment can be tested against code that tries what the real provisioner
 never would. `config.probe_mode` picks the misbehaviour:
 

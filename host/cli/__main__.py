@@ -1,0 +1,3 @@
+from host.cli.main import main
+
+main()

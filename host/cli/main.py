@@ -1,0 +1,185 @@
+"""The `sandbox-provisioner` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
+from host.runtime.temper_context import InvalidContext, outcome_to_json, parse_context
+from provisioner.model import SANDBOX_FAILED, Invocation
+
+EXIT_OK = 0
+EXIT_FAILED_OUTCOME = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"sandbox-provisioner: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def with_api_url(invocation: Invocation, e2b_url: str) -> Invocation:
+    """Point the guest at the host's E2B URL unless the context already names one."""
+    if any(key == "e2b_api_url" for key, _ in invocation.config):
+        return invocation
+    return replace(invocation, config=(*invocation.config, ("e2b_api_url", e2b_url)))
+
+
+def _cmd_invoke(args: argparse.Namespace) -> int:
+    try:
+        text = sys.stdin.read() if args.context == "-" else Path(args.context).read_text()
+    except OSError as error:
+        return _fail(f"cannot read {args.context}: {error.strerror}")
+    except UnicodeDecodeError:
+        return _fail(f"{args.context} is not UTF-8 text")
+    try:
+        invocation = parse_context(text)
+    except InvalidContext as error:
+        return _fail(f"invalid invocation context: {error}")
+    if args.operation:
+        config = tuple((k, v) for k, v in invocation.config if k != "operation")
+        invocation = replace(invocation, config=(*config, ("operation", args.operation)))
+    api_key = os.environ.get(args.api_key_env, "")
+    if not api_key:
+        return _fail(f"set the E2B API key in ${args.api_key_env}")
+    try:
+        with open_runtime(
+            e2b_url=args.e2b_url,
+            api_key=api_key,
+            storage_url=args.storage,
+            account=args.account,
+            component=args.component,
+            allow_private_network=args.allow_private_network,
+        ) as runtime:
+            outcome = runtime.invoke(with_api_url(invocation, args.e2b_url))
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error))
+    print(json.dumps(outcome_to_json(outcome), indent=2, sort_keys=True))
+    return EXIT_FAILED_OUTCOME if outcome.action == SANDBOX_FAILED else EXIT_OK
+
+
+def _cmd_mock_e2b(args: argparse.Namespace) -> int:
+    from host.mock_e2b.cli import config_from_args, serve
+
+    return serve(config_from_args(args), host=args.host, port=args.port)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from host.sessions.demo import run_demo
+
+    return run_demo(storage_url=args.storage, component=args.component)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from host.sessions.simulate import run_simulate
+
+    return run_simulate(args)
+
+
+def _cmd_multihost(args: argparse.Namespace) -> int:
+    from host.multihost.run import run_multihost
+
+    return run_multihost(args)
+
+
+def _add_host_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="storage backend: memory://, sqlite:///path.db, redis://host:port/db "
+        f"(default {default_storage_url()})",
+    )
+    parser.add_argument(
+        "--component",
+        type=Path,
+        default=None,
+        help="the component (default dist/sandbox_provisioner.wasm)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandbox-provisioner",
+        description="Run the E2B sandbox provisioner component the way the Temper runtime does.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    invoke = commands.add_parser("invoke", help="run one invocation context through the component")
+    invoke.add_argument(
+        "context",
+        nargs="?",
+        default="-",
+        help="invocation context JSON file, or - for stdin (default)",
+    )
+    invoke.add_argument("--e2b-url", default="https://api.e2b.app", help="the E2B API base URL")
+    invoke.add_argument(
+        "--api-key-env",
+        default=API_KEY_ENV,
+        help=f"environment variable holding the E2B API key (default {API_KEY_ENV})",
+    )
+    invoke.add_argument(
+        "--account",
+        default="default",
+        help="the E2B account namespace whose gates this host shares",
+    )
+    invoke.add_argument(
+        "--allow-private-network",
+        action="store_true",
+        help="let the E2B URL be a loopback or private address (a local mock E2B)",
+    )
+    invoke.add_argument(
+        "--operation",
+        choices=("provision", "release", "status"),
+        help="override the context's integration_config.operation",
+    )
+    _add_host_options(invoke)
+    invoke.set_defaults(handler=_cmd_invoke)
+
+    mock = commands.add_parser("mock-e2b", help="run the mock E2B API server on loopback")
+    from host.mock_e2b.cli import add_arguments
+
+    add_arguments(mock)
+    mock.set_defaults(handler=_cmd_mock_e2b)
+
+    demo = commands.add_parser("demo", help="provision and release one sandbox through the mock")
+    _add_host_options(demo)
+    demo.set_defaults(handler=_cmd_demo)
+
+    simulate = commands.add_parser(
+        "simulate", help="replay the incident: Temper-style sessions against the mock E2B"
+    )
+    from host.sessions.simulate import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(handler=_cmd_simulate)
+
+    multihost = commands.add_parser(
+        "multihost",
+        help="several host processes sharing one Redis run one workload (optionally kill -9 one)",
+    )
+    from host.multihost.run import add_multihost_arguments
+
+    add_multihost_arguments(multihost)
+    multihost.set_defaults(handler=_cmd_multihost)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except KeyboardInterrupt:
+        print("sandbox-provisioner: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Assembling a host: component + storage + HTTP gateway + telemetry, as one runtime."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from host.runtime.component_runtime import Budgets, ComponentRuntime, HostServices
+from host.runtime.loader import LoadedComponent, load_component
+from host.services.http_gateway import HttpGateway
+from host.services.telemetry import LoggingTelemetry, TelemetrySink
+from host.storage import storage_from_uri
+
+API_KEY_ENV = "E2B_API_KEY"
+
+
+def default_state_dir() -> Path:
+    configured = os.environ.get("SANDBOX_PROVISIONER_STATE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sandbox-provisioner"
+
+
+def default_storage_url() -> str:
+    return f"sqlite:///{(default_state_dir() / 'state.db').resolve()}"
+
+
+@contextmanager
+def open_runtime(
+    *,
+    e2b_url: str,
+    api_key: str,
+    storage_url: str | None = None,
+    account: str = "default",
+    component: Path | None = None,
+    loaded: LoadedComponent | None = None,
+    telemetry: TelemetrySink | None = None,
+    budgets: Budgets | None = None,
+    allow_private_network: bool = False,
+) -> Iterator[ComponentRuntime]:
+    """A ready runtime; closes its storage, HTTP client and epoch ticker on exit.
+
+    `allow_private_network` lets the E2B URL resolve to loopback or private addresses
+    (a mock E2B on this machine); a production host leaves it off."""
+    loaded = loaded or load_component(component)
+    storage = storage_from_uri(storage_url or default_storage_url())
+    gateway = HttpGateway(e2b_url, api_key, allow_private_network=allow_private_network)
+    services = HostServices(
+        storage=storage,
+        http=gateway,
+        telemetry=telemetry or LoggingTelemetry(),
+        account=account,
+    )
+    runtime = ComponentRuntime(loaded, services, budgets)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+        gateway.close()
+        storage.close()

@@ -1,0 +1,357 @@
+"""Hypothesis state machine over provision / release / poll / E2B answers / crashes / time.
+
+A model tracks what is really in use (as E2B would see it) and checks the controller's
+promises after every step: no limit exceeded, FIFO within a tenant (up to the permits
+free at once), a waiter's place never worsens except by retries placed ahead of it,
+nothing held once every lease has expired, and every waiter ends with a sandbox or a
+typed failure.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from host.sessions.detsim import Harness
+from provisioner.admission import (
+    AdmissionConfig,
+    CapacityExhausted,
+    Created,
+    CreateFailed,
+    CreateResult,
+    Grant,
+    Queued,
+    RateLimited,
+    Rejected,
+    Unavailable,
+    Waiter,
+)
+from provisioner.model import Failure
+
+settings.register_profile(
+    "default",
+    max_examples=40,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    max_examples=1_000,
+    stateful_step_count=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+TENANTS = ("tenant-a", "tenant-b", "tenant-c")
+WAITERS = tuple(Waiter(t, f"Job/{t}-{i}") for t in TENANTS for i in range(4))
+SANDBOX_TIMEOUT_MS = 50_000
+TYPED_FAILURES = {"queue_timeout", "retry_budget_exhausted", "e2b_bad_request"}
+
+CONFIGS = (
+    AdmissionConfig(
+        create_slots=2,
+        create_rate_per_s=5.0,
+        create_burst=2,
+        max_sandboxes=3,
+        create_lease_ms=4_000,
+        waiter_ttl_ms=3_000,
+        queue_timeout_ms=120_000,
+        backoff_base_ms=100,
+        backoff_cap_ms=2_000,
+        retry_budget=1_000,
+        max_create_attempts=4,
+        capacity_grow_after=2,
+        poll_max_ms=2_000,
+    ),
+    AdmissionConfig(
+        create_slots=3,
+        create_rate_per_s=2.0,
+        create_burst=3,
+        max_sandboxes=5,
+        max_sandboxes_per_tenant=2,
+        create_lease_ms=4_000,
+        waiter_ttl_ms=3_000,
+        queue_timeout_ms=120_000,
+        backoff_base_ms=100,
+        backoff_cap_ms=2_000,
+        retry_budget=2,
+        retry_refill_per_s=0.5,
+        max_create_attempts=3,
+        poll_max_ms=2_000,
+    ),
+)
+
+
+@dataclass
+class Seen:
+    """The model's view of one waiter."""
+
+    phase: str = "idle"  # idle | queued | creating | crashed | holding | done
+    grant: Grant | None = None
+    sandbox_expires_ms: int = 0
+    failure: str | None = None
+    # Fairness bookkeeping for the current wait.
+    order: int = 0
+    position: int | None = None
+    retries_at_position: int = 0
+    is_retry: bool = False
+    # Until when its keys surely live; after that it may have been dropped as dead, and
+    # its place (resumed or queued anew) is unknown to the model.
+    alive_until_ms: int = 0
+    order_known: bool = True
+
+
+class AdmissionMachine(RuleBasedStateMachine):
+    @initialize(which=st.sampled_from(range(len(CONFIGS))), seed=st.integers(0, 2**16))
+    def start(self, which: int, seed: int) -> None:
+        self.config = CONFIGS[which]
+        self.harness = Harness(self.config, seed=seed)
+        self.seen = {w: Seen() for w in WAITERS}
+        self.enqueued = 0
+        self.retries_made = 0
+
+    # -- helpers
+
+    def now(self) -> int:
+        return self.harness.clock.now_ms()
+
+    def live_creates(self, tenant: str | None = None) -> int:
+        return sum(
+            1
+            for w, s in self.seen.items()
+            if s.phase in ("creating", "crashed")
+            and s.grant is not None
+            and s.grant.expires_at_ms > self.now()
+            and (tenant is None or w.tenant == tenant)
+        )
+
+    def running(self, tenant: str | None = None) -> int:
+        return sum(
+            1
+            for w, s in self.seen.items()
+            if s.phase == "holding"
+            and s.sandbox_expires_ms > self.now()
+            and (tenant is None or w.tenant == tenant)
+        )
+
+    def free_before(self) -> int:
+        account = self.harness.status()["account"]
+        if account["backoff"]["cooling_ms"] > 0:
+            return 0
+        free: int = min(
+            account["create_slots"]["limit"] - account["create_slots"]["in_use"],
+            account["capacity"]["limit"] - account["capacity"]["in_use"],
+            account["rate"]["available"],
+        )
+        return free
+
+    def decided(self, waiter: Waiter, decision: Grant | Queued | Rejected | None) -> None:
+        seen = self.seen[waiter]
+        if isinstance(decision, Grant):
+            seen.phase, seen.grant, seen.position = "creating", decision, None
+            seen.is_retry = False
+        elif isinstance(decision, Queued):
+            assert decision.reason != "storage", "the memory backend does not fail"
+            if seen.phase not in ("queued",):
+                self.enqueued += 1
+                seen.order = self.enqueued
+                seen.position = None
+                seen.order_known = True
+            seen.phase = "queued"
+            seen.alive_until_ms = self.now() + decision.retry_after_ms + self.config.waiter_ttl_ms
+            # The fairness bound: a tenant's first waiter is held back by at most one
+            # round (one place per other tenant that starts waiting), plus the retries
+            # that go ahead of everyone. (Later waiters of a tenant queue behind other
+            # tenants' waiters of the same round, so only the first is bounded.)
+            first = not seen.is_retry and not any(
+                w.tenant == waiter.tenant and s.phase == "queued" and s.order < seen.order
+                for w, s in self.seen.items()
+            )
+            allowed = self.retries_made - seen.retries_at_position + len(TENANTS) - 1
+            bounded = first and not self.config.max_sandboxes_per_tenant
+            if seen.position is not None and bounded:
+                assert decision.position <= seen.position + allowed, (
+                    f"{waiter.entity} moved back from {seen.position} to {decision.position}"
+                )
+            seen.position = decision.position if bounded else None
+            seen.retries_at_position = self.retries_made
+        elif isinstance(decision, Rejected):
+            assert decision.failure.code in TYPED_FAILURES, decision
+            seen.phase, seen.failure, seen.grant = "done", decision.failure.code, None
+
+    # -- rules
+
+    @rule(waiter=st.sampled_from(WAITERS))
+    def provision(self, waiter: Waiter) -> None:
+        seen = self.seen[waiter]
+        if seen.phase in ("holding", "done", "creating"):
+            if seen.phase == "creating":
+                again = self.harness.admit(waiter)
+                assert isinstance(again, Queued) and again.position == 0, again
+            return
+        was = seen.phase
+        free = self.free_before()
+        earlier = [
+            w
+            for w, s in self.seen.items()
+            if w.tenant == waiter.tenant
+            and s.phase == "queued"
+            and not s.is_retry
+            and s.order_known
+            and s.alive_until_ms > self.now()
+            and s.order < seen.order
+        ]
+        mine_known = seen.order_known and seen.alive_until_ms > self.now()
+        decision = self.harness.admit(waiter)
+        fresh_grant = isinstance(decision, Grant) and decision.attempt == 1
+        if fresh_grant and was == "queued" and mine_known:
+            assert len(earlier) < free, (
+                f"{waiter.entity} overtook {len(earlier)} earlier waiters with {free} free"
+            )
+        self.after_poll(waiter, was, decision)
+
+    def after_poll(self, waiter: Waiter, was: str, decision: Grant | Queued | Rejected) -> None:
+        seen = self.seen[waiter]
+        if seen.phase == "queued" and self.now() >= seen.alive_until_ms:
+            # It may have been dropped as dead: a fresh waiter comes back at the back of
+            # its tenant's queue, a retry comes back ahead of every fresh waiter.
+            seen.position = None
+            seen.order_known = False
+            if seen.is_retry:
+                self.retries_made += 1
+        if was == "crashed":
+            # The session invoked again: its dead create may come back as a retry,
+            # which goes ahead of every fresh waiter.
+            seen.phase = "idle"
+            self.retries_made += 1
+            if isinstance(decision, Queued) and decision.position == 0:
+                seen.phase = "crashed"  # its create lease is still live
+                return
+        self.decided(waiter, decision)
+
+    @rule(
+        waiter=st.sampled_from(WAITERS),
+        answer=st.sampled_from(["created", "429", "429-retry-after", "503", "cap", "400"]),
+    )
+    def e2b_answers(self, waiter: Waiter, answer: str) -> None:
+        seen = self.seen[waiter]
+        if seen.phase != "creating" or seen.grant is None:
+            return
+        answers: dict[str, CreateResult] = {
+            "created": Created(f"sbx-{waiter.entity}", SANDBOX_TIMEOUT_MS),
+            "429": RateLimited(None),
+            "429-retry-after": RateLimited(1_500),
+            "503": Unavailable(503),
+            "cap": CapacityExhausted(self.config.max_sandboxes),
+            "400": CreateFailed(Failure("e2b_bad_request", "bad template", False)),
+        }
+        result = answers[answer]
+        decision = self.harness.settle(waiter, seen.grant, result)
+        if isinstance(result, Created):
+            assert decision is None
+            seen.phase, seen.grant = "holding", None
+            seen.sandbox_expires_ms = self.now() + SANDBOX_TIMEOUT_MS
+            return
+        seen.grant = None
+        if isinstance(decision, Queued):
+            self.retries_made += 1
+            seen.phase, seen.is_retry = "queued", True
+            seen.alive_until_ms = self.now() + decision.retry_after_ms + self.config.waiter_ttl_ms
+            seen.position = decision.position
+            seen.retries_at_position = self.retries_made
+            assert decision.reason in ("backoff", "capacity", "create_slots", "rate")
+        else:
+            assert isinstance(decision, Rejected)
+            self.decided(waiter, decision)
+
+    @rule(waiter=st.sampled_from(WAITERS))
+    def holder_crashes(self, waiter: Waiter) -> None:
+        seen = self.seen[waiter]
+        if seen.phase == "creating":
+            seen.phase = "crashed"  # its invocation died with the create in flight
+
+    @rule(waiter=st.sampled_from(WAITERS))
+    def release(self, waiter: Waiter) -> None:
+        seen = self.seen[waiter]
+        if seen.phase in ("creating",):
+            return  # the lead's release of an in-flight create is covered elsewhere
+        self.harness.release(waiter)
+        self.seen[waiter] = Seen()
+
+    @rule(ms=st.sampled_from([1, 50, 200, 1_000, 2_500, 10_000]))
+    def time_passes(self, ms: int) -> None:
+        # No invocation outlives its create lease: one that would have, died.
+        for seen in self.seen.values():
+            grant = seen.grant
+            if seen.phase == "creating" and grant and grant.expires_at_ms <= self.now() + ms:
+                seen.phase = "crashed"
+        self.harness.advance(ms)
+
+    @precondition(lambda self: hasattr(self, "harness"))
+    @rule()
+    def every_lease_expires(self) -> None:
+        for seen in self.seen.values():
+            if seen.phase == "creating":
+                seen.phase = "crashed"
+        self.harness.advance(SANDBOX_TIMEOUT_MS + self.config.create_lease_ms)
+        account = self.harness.status()["account"]
+        assert account["create_slots"]["in_use"] == 0
+        assert account["capacity"]["in_use"] == 0
+        for seen in self.seen.values():
+            seen.position = None
+
+    # -- invariants
+
+    @invariant()
+    def no_limit_is_exceeded(self) -> None:
+        if not hasattr(self, "harness"):
+            return
+        config = self.config
+        assert self.live_creates() <= config.create_slots
+        assert self.live_creates() + self.running() <= config.max_sandboxes
+        if config.max_sandboxes_per_tenant is not None:
+            for tenant in TENANTS:
+                used = self.live_creates(tenant) + self.running(tenant)
+                assert used <= config.max_sandboxes_per_tenant
+        account = self.harness.status()["account"]
+        assert account["create_slots"]["in_use"] <= config.create_slots
+        assert account["capacity"]["in_use"] <= config.max_sandboxes
+
+    def teardown(self) -> None:
+        if not hasattr(self, "harness"):
+            return
+        # Everyone still wanting a sandbox keeps asking; E2B now always succeeds.
+        for _ in range(2_000):
+            pending = [w for w, s in self.seen.items() if s.phase in ("idle", "queued", "crashed")]
+            creating = [w for w, s in self.seen.items() if s.phase == "creating"]
+            if not pending and not creating:
+                break
+            for waiter in creating:
+                self.e2b_answers(waiter, "created")
+            for waiter in pending:
+                was = self.seen[waiter].phase
+                self.after_poll(waiter, was, self.harness.admit(waiter))
+            self.harness.advance(500)
+            for waiter, seen in self.seen.items():
+                if seen.phase == "holding" and seen.sandbox_expires_ms <= self.now() + 5_000:
+                    self.harness.release(waiter)
+                    seen.phase = "done"
+        for waiter, seen in self.seen.items():
+            assert seen.phase in ("holding", "done"), (waiter, seen.phase)
+            if seen.phase == "done" and seen.failure is not None:
+                assert seen.failure in TYPED_FAILURES
+
+
+TestAdmissionMachine = AdmissionMachine.TestCase

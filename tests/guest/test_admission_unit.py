@@ -1,0 +1,465 @@
+"""Admission controller behaviour, one rule at a time, over the in-memory backend."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from host.services.namespaces import account_namespace
+from host.sessions.detsim import ACCOUNT, Harness
+from provisioner.admission import (
+    AdmissionConfig,
+    CapacityExhausted,
+    Created,
+    CreateFailed,
+    Grant,
+    Queued,
+    RateLimited,
+    Rejected,
+    Unavailable,
+    Waiter,
+)
+from provisioner.model import Failure
+from provisioner.ports import Entry, StorageUnavailable
+
+FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
+
+
+def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
+    return [Waiter(tenant, f"CurationJob/{tenant}-{i}") for i in range(count)]
+
+
+def grant_of(decision: object) -> Grant:
+    assert isinstance(decision, Grant), decision
+    return decision
+
+
+def queued_of(decision: object) -> Queued:
+    assert isinstance(decision, Queued), decision
+    return decision
+
+
+def test_create_slots_bound_concurrent_creates_and_a_settle_frees_one() -> None:
+    # Catches: more grants than create slots, or a settled create keeping its slot.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=100))
+    ws = waiters(4)
+    first = [harness.admit(w) for w in ws]
+    assert [type(d).__name__ for d in first] == ["Grant", "Grant", "Queued", "Queued"]
+    third = queued_of(first[2])
+    assert (third.reason, third.position, third.in_use, third.limit) == ("create_slots", 1, 2, 2)
+    assert queued_of(harness.admit(ws[3])).position == 2
+    assert harness.settle(ws[0], grant_of(first[0]), Created("sbx-0", 600_000)) is None
+    assert isinstance(harness.admit(ws[3]), Queued), "the fourth may not overtake the third"
+    assert isinstance(harness.admit(ws[2]), Grant)
+
+
+def test_rate_gate_spaces_grants_by_the_interval() -> None:
+    # Catches: a rate gate that lets creates through back to back.
+    harness = Harness(AdmissionConfig(create_rate_per_s=2.0))
+    a, b = waiters(2)
+    grant_of(harness.admit(a))
+    held = queued_of(harness.admit(b))
+    assert held.reason == "rate"
+    assert held.eta_ms == 500
+    harness.advance(499)
+    assert isinstance(harness.admit(b), Queued)
+    harness.advance(1)
+    assert isinstance(harness.admit(b), Grant)
+
+
+def test_asking_again_keeps_the_place_and_adds_no_ticket() -> None:
+    # Catches: duplicate tickets for a repeated Provision, or a waiter losing its place.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000))
+    ws = waiters(4)
+    grant_of(harness.admit(ws[0]))
+    places = [queued_of(harness.admit(w)).position for w in ws[1:]]
+    again = [queued_of(harness.admit(w)) for w in ws[1:] for _ in range(3)]
+    assert places == [1, 2, 3]
+    assert [q.position for q in again] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert {q.queue_length for q in again} == {3}
+
+
+def test_a_waiter_with_its_create_in_flight_gets_no_second_grant() -> None:
+    # Catches: a duplicate invocation sending a second create for the same entity.
+    harness = Harness(FAST)
+    (w,) = waiters(1)
+    grant_of(harness.admit(w))
+    again = queued_of(harness.admit(w))
+    assert (again.reason, again.position) == ("create_slots", 0)
+    assert harness.status()["account"]["create_slots"]["in_use"] == 1
+
+
+def test_a_dead_holders_create_slot_returns_when_its_lease_expires() -> None:
+    # Catches: a crashed invocation holding its create slot forever.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000, create_lease_ms=10_000)
+    harness = Harness(config)
+    crashed, patient = waiters(2)
+    grant_of(harness.admit(crashed))  # ... and never settles
+    assert queued_of(harness.admit(patient)).reason == "create_slots"
+    harness.advance(9_999)
+    assert isinstance(harness.admit(patient), Queued)
+    harness.advance(1)
+    assert isinstance(harness.admit(patient), Grant)
+
+
+def test_capacity_is_held_from_create_to_release() -> None:
+    # Catches: capacity counted only while creating, or not returned on release.
+    harness = Harness(AdmissionConfig(max_sandboxes=2, create_rate_per_s=1000, create_burst=10))
+    ws = waiters(3)
+    for w in ws[:2]:
+        assert harness.settle(w, grant_of(harness.admit(w)), Created(w.entity, 600_000)) is None
+    held = queued_of(harness.admit(ws[2]))
+    assert (held.reason, held.in_use, held.limit) == ("capacity", 2, 2)
+    assert harness.release(ws[0]) is True
+    assert isinstance(harness.admit(ws[2]), Grant)
+
+
+def test_a_sandbox_lease_expires_with_the_sandbox_timeout() -> None:
+    # Catches: a sandbox whose owner never released it blocking capacity forever.
+    harness = Harness(AdmissionConfig(max_sandboxes=1, create_rate_per_s=1000))
+    a, b = waiters(2)
+    harness.settle(a, grant_of(harness.admit(a)), Created("sbx-a", 60_000))
+    assert queued_of(harness.admit(b)).reason == "capacity"
+    harness.advance(60_000)
+    assert isinstance(harness.admit(b), Grant)
+    assert harness.release(a) is False, "an expired lease is no longer held"
+
+
+def test_per_tenant_cap_holds_one_tenant_without_blocking_another() -> None:
+    # Catches: a full tenant blocking the queue for every other tenant.
+    config = AdmissionConfig(
+        max_sandboxes=10, max_sandboxes_per_tenant=1, create_rate_per_s=1000, create_burst=10
+    )
+    harness = Harness(config)
+    a1, a2 = waiters(2, "tenant-a")
+    (b1,) = waiters(1, "tenant-b")
+    harness.settle(a1, grant_of(harness.admit(a1)), Created("sbx-a1", 600_000))
+    held = queued_of(harness.admit(a2))
+    assert (held.reason, held.in_use, held.limit) == ("capacity", 1, 1)
+    assert isinstance(harness.admit(b1), Grant)
+
+
+def test_retry_after_sets_a_shared_cooldown_and_the_retry_keeps_the_front() -> None:
+    # Catches: a cooldown not shared across invocations, or a retried waiter losing its place.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000))
+    first, second = waiters(2)
+    grant = grant_of(harness.admit(first))
+    cooled = queued_of(harness.settle(first, grant, RateLimited(retry_after_ms=5_000)))
+    assert cooled.reason == "backoff"
+    assert cooled.retry_after_ms >= 5_000
+    other = queued_of(harness.admit(second))
+    assert other.reason == "backoff"
+    assert other.position == 2
+    harness.advance(4_999)
+    assert queued_of(harness.admit(first)).reason == "backoff"
+    harness.advance(1)
+    assert isinstance(harness.admit(second), Queued), "the retry is served first"
+    retry = grant_of(harness.admit(first))
+    assert retry.attempt == 2
+
+
+def test_5xx_backs_off_with_full_jitter_below_the_exponential_ceiling() -> None:
+    # Catches: backoff without jitter (a synchronised herd) or above the cap.
+    seen: list[int] = []
+    for seed in range(30):
+        harness = Harness(FAST, seed=seed)
+        (w,) = waiters(1)
+        harness.settle(w, grant_of(harness.admit(w)), Unavailable(503))
+        seen.append(harness.status()["account"]["backoff"]["cooling_ms"])
+    assert all(0 <= ms <= 500 for ms in seen)
+    assert len(set(seen)) > 10
+
+
+def test_consecutive_failures_grow_the_backoff_ceiling_up_to_the_cap() -> None:
+    # Catches: a backoff that never grows, or one that grows past 30 s.
+    harness = Harness(FAST, seed=3)
+    (w,) = waiters(1)
+    cooldowns = []
+    config = AdmissionConfig(create_rate_per_s=1000, max_create_attempts=50, retry_budget=100)
+    harness.config = config
+    for _ in range(12):
+        decision = harness.admit(w)
+        while isinstance(decision, Queued):
+            harness.advance(decision.retry_after_ms)
+            decision = harness.admit(w)
+        harness.settle(w, grant_of(decision), Unavailable(None))
+        cooldowns.append(harness.status()["account"]["backoff"]["cooling_ms"])
+    assert max(cooldowns) <= 30_000
+    assert max(cooldowns[8:]) > 2_000
+
+
+def test_capacity_429_shrinks_to_what_was_observed_and_grows_back() -> None:
+    # Catches: retrying into a full shared account, or never regaining capacity.
+    config = AdmissionConfig(
+        max_sandboxes=10, create_rate_per_s=1000, create_burst=10, capacity_grow_after=2
+    )
+    harness = Harness(config)
+    ws = waiters(8)
+    for w in ws[:3]:
+        harness.settle(w, grant_of(harness.admit(w)), Created(w.entity, 600_000))
+    refused = queued_of(
+        harness.settle(ws[3], grant_of(harness.admit(ws[3])), CapacityExhausted(10))
+    )
+    assert refused.reason == "capacity"
+    assert harness.status()["account"]["capacity"]["limit"] == 3
+    assert queued_of(harness.admit(ws[4])).reason == "capacity"
+    harness.release(ws[0])
+    harness.release(ws[1])
+    for w in (ws[3], ws[4]):
+        harness.settle(w, grant_of(harness.admit(w)), Created(w.entity, 600_000))
+    assert harness.status()["account"]["capacity"]["limit"] == 4
+
+
+def test_non_retryable_create_failure_rejects_and_forgets_the_waiter() -> None:
+    # Catches: a 401 retried forever, or its slot kept.
+    harness = Harness(FAST)
+    (w,) = waiters(1)
+    failure = Failure("e2b_unauthorized", "bad key", retryable=False)
+    rejected = harness.settle(w, grant_of(harness.admit(w)), CreateFailed(failure))
+    assert rejected == Rejected(failure)
+    assert harness.status()["account"]["create_slots"]["in_use"] == 0
+    assert grant_of(harness.admit(w)).attempt == 1
+
+
+def test_attempts_are_bounded_per_waiter() -> None:
+    # Catches: a storm retrying one waiter without end.
+    config = AdmissionConfig(create_rate_per_s=1000, max_create_attempts=3)
+    harness = Harness(config)
+    (w,) = waiters(1)
+    outcomes: list[object] = []
+    for _ in range(3):
+        decision = harness.admit(w)
+        while isinstance(decision, Queued):
+            harness.advance(decision.retry_after_ms)
+            decision = harness.admit(w)
+        outcomes.append(harness.settle(w, grant_of(decision), RateLimited(1_000)))
+    assert isinstance(outcomes[-1], Rejected)
+    assert outcomes[-1].failure.code == "retry_budget_exhausted"
+    assert all(isinstance(o, Queued) for o in outcomes[:-1])
+
+
+def test_an_empty_retry_budget_holds_retries_but_not_first_attempts() -> None:
+    # Catches: retries multiplying load once the budget is spent, or fresh work starved.
+    config = AdmissionConfig(
+        create_rate_per_s=1000, create_burst=10, retry_budget=1, retry_ratio=0, retry_refill_per_s=0
+    )
+    harness = Harness(config)
+    a, b, c = waiters(3)
+    grants = [grant_of(harness.admit(w)) for w in (a, b)]
+    for w, grant in zip((a, b), grants, strict=True):
+        harness.settle(w, grant, Unavailable(502))
+    harness.advance(60_000)
+    assert grant_of(harness.admit(a)).attempt == 2  # paid with the only token
+    held = queued_of(harness.admit(b))
+    assert held.reason == "backoff"
+    assert grant_of(harness.admit(c)).attempt == 1
+
+
+def test_queue_timeout_rejects_with_a_typed_failure() -> None:
+    # Catches: a waiter queued forever (the original incident's 30 min liveness death).
+    harness = Harness(AdmissionConfig(create_slots=1, queue_timeout_ms=60_000))
+    a, b = waiters(2)
+    grant_of(harness.admit(a))
+    queued_of(harness.admit(b))
+    harness.advance(30_000)
+    queued_of(harness.admit(b))
+    harness.advance(30_000)
+    rejected = harness.admit(b)
+    assert isinstance(rejected, Rejected)
+    assert rejected.failure.code == "queue_timeout"
+    assert harness.status()["account"]["queue_length"] == 0
+
+
+def test_a_waiter_that_stops_polling_drops_out_and_blocks_nobody() -> None:
+    # Catches: a dead session's ticket blocking the head of the queue forever.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000, waiter_ttl_ms=5_000)
+    harness = Harness(config)
+    holder, dead, alive = waiters(3)
+    grant = grant_of(harness.admit(holder))
+    first = queued_of(harness.admit(dead))  # then never asks again
+    queued_of(harness.admit(alive))
+    harness.settle(holder, grant, Created("sbx", 600_000))
+    waited = 0
+    decision = harness.admit(alive)
+    while isinstance(decision, Queued):
+        assert waited < first.retry_after_ms + 5_000, "the dead one is still within its TTL"
+        harness.advance(decision.retry_after_ms)
+        waited += decision.retry_after_ms
+        decision = harness.admit(alive)
+    assert isinstance(decision, Grant)
+    assert waited <= first.retry_after_ms + 5_000 + 1_000
+    assert harness.status()["account"]["queue_length"] == 0
+
+
+def test_a_late_waiter_whose_ticket_was_skipped_queues_again() -> None:
+    # Catches: a waiter that comes back after being skipped getting stuck or granted twice.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000, waiter_ttl_ms=1_000)
+    harness = Harness(config)
+    holder, late, alive = waiters(3)
+    grant = grant_of(harness.admit(holder))
+    queued_of(harness.admit(late))
+    for _ in range(20):
+        harness.advance(1_000)
+        queued_of(harness.admit(alive))
+    harness.settle(holder, grant, Created("sbx", 600_000))
+    grant_of(harness.admit(alive))
+    again = queued_of(harness.admit(late))
+    assert again.position == 1
+    assert again.waited_ms == 20_000, "the original wait still counts toward the timeout"
+
+
+def test_release_is_harmless_for_unknown_waiters_and_removes_queued_ones() -> None:
+    # Catches: release of an unknown waiter failing, or a released waiter left queued.
+    harness = Harness(AdmissionConfig(create_slots=1))
+    a, b, c = waiters(3)
+    assert harness.release(a) is False
+    grant_of(harness.admit(a))
+    queued_of(harness.admit(b))
+    queued_of(harness.admit(c))
+    assert harness.release(b) is True
+    assert harness.status()["account"]["queue_length"] == 1
+    assert queued_of(harness.admit(c)).position == 1
+    assert harness.release(a) is True
+    assert harness.status()["account"]["create_slots"]["in_use"] == 0
+
+
+class FailingBackend:
+    """Storage that fails every call once `failing` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.failing = False
+
+    def _check(self) -> None:
+        if self.failing:
+            raise StorageUnavailable("backend down")
+
+    def get(self, namespace: str, key: str) -> Entry | None:
+        self._check()
+        result: Entry | None = self.inner.get(namespace, key)
+        return result
+
+    def compare_and_swap(self, *args: Any) -> int:
+        self._check()
+        result: int = self.inner.compare_and_swap(*args)
+        return result
+
+    def delete(self, *args: Any) -> bool:
+        self._check()
+        result: bool = self.inner.delete(*args)
+        return result
+
+    def now_ms(self) -> int:
+        result: int = self.inner.now_ms()
+        return result
+
+    def close(self) -> None:
+        pass
+
+
+def test_storage_errors_fail_closed_with_a_retryable_queued_answer() -> None:
+    # Catches: a storage outage granting creates (limits unknown) or raising out of the guest.
+    from host.storage.memory import MemoryBackend
+
+    harness = Harness(FAST)
+    backend = FailingBackend(MemoryBackend(harness.clock.now_ms))
+    harness.backend = backend
+    a, b = waiters(2)
+    grant = grant_of(harness.admit(a))
+    backend.failing = True
+    down = queued_of(harness.admit(b))
+    assert down.reason == "storage"
+    assert down.retry_after_ms > 0
+    assert queued_of(harness.settle(a, grant, Created("sbx", 60_000))).reason == "storage"
+    assert harness.release(a) is False
+    assert "error" in harness.status()
+    backend.failing = False
+    assert harness.settle(a, grant, Created("sbx", 60_000)) is None, "settling again works"
+    assert harness.status()["account"]["capacity"]["running"] == 1
+
+
+def test_every_decision_emits_a_progress_event() -> None:
+    # Catches: a queued session reporting nothing (so a liveness timeout kills it).
+    harness = Harness(AdmissionConfig(create_slots=1))
+    a, b = waiters(2)
+    grant = grant_of(harness.admit(a))
+    harness.admit(b)
+    harness.settle(a, grant, Created("sbx", 60_000))
+    harness.release(a)
+    events = harness.telemetry.events
+    assert [e["event"] for e in events] == [
+        "admission_granted",
+        "admission_queued",
+        "admission_settled",
+        "admission_released",
+    ]
+    assert all(e["tenant"] == "tenant-a" for e in events)
+    assert events[1]["entity"] == b.entity
+    assert events[1]["reason"] == "create_slots" and events[1]["position"] == 1
+    json.dumps(events)
+
+
+def test_status_is_a_json_snapshot_of_every_gate() -> None:
+    # Catches: a status that is not JSON or omits a gate.
+    harness = Harness(FAST)
+    (w,) = waiters(1)
+    grant_of(harness.admit(w))
+    status = harness.status()
+    json.dumps(status)
+    assert set(status["account"]) >= {"create_slots", "rate", "capacity", "backoff", "retry_budget"}
+    assert status["tenant"]["creating"] == 1
+
+
+def test_queued_params_carry_every_documented_field() -> None:
+    # Catches: SandboxQueued missing a field a runtime relies on.
+    params = Queued(1, 2, 3, 4, "rate", 5, 6, 7).params()
+    assert params == {
+        "position": 1,
+        "queue_length": 2,
+        "in_use": 3,
+        "limit": 4,
+        "reason": "rate",
+        "retry_after_ms": 5,
+        "eta_ms": 6,
+        "waited_ms": 7,
+    }
+
+
+@pytest.mark.parametrize("count", [10, 1000])
+def test_the_gate_document_does_not_grow_with_waiters(count: int) -> None:
+    # Catches: a representation that lists every waiter in one blob.
+    harness = Harness(AdmissionConfig(create_slots=1))
+    for w in waiters(count):
+        harness.admit(w)
+    entry = harness.backend.get(account_namespace(ACCOUNT), "adm/gate")
+    assert entry is not None
+    assert len(entry.value) < 600
+
+
+def test_a_late_created_answer_takes_the_waiter_out_of_the_queue() -> None:
+    # Catches: a waiter that got its sandbox still holding a queue place (blocking others).
+    config = AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_lease_ms=5_000)
+    harness = Harness(config)
+    slow, other = waiters(2)
+    grant = grant_of(harness.admit(slow))
+    harness.advance(5_000)  # its lease expired: asking again will make it a retry
+    harness.settle(other, grant_of(harness.admit(other)), RateLimited(10_000))
+    assert queued_of(harness.admit(slow)).reason == "backoff"
+    assert harness.status()["account"]["retrying"] == 2
+    assert harness.settle(slow, grant, Created("sbx-late", 600_000)) is None
+    assert harness.status()["account"]["retrying"] == 1
+    assert harness.status()["account"]["capacity"]["running"] == 1
+
+
+def test_very_long_names_still_make_valid_keys() -> None:
+    # Catches: a tenant or entity name over the host's 512-byte key limit failing forever.
+    harness = Harness(FAST)
+    waiter = Waiter("t" * 600, "CurationJob/" + "é" * 400)
+    assert isinstance(harness.admit(waiter), Grant)
+
+
+def test_temper_spelling_of_the_queue_timeout_is_accepted() -> None:
+    # Catches: the [admission] block's queue_timeout_seconds silently ignored.
+    assert AdmissionConfig.from_config({"queue_timeout_seconds": "90"}).queue_timeout_ms == 90_000

@@ -1,0 +1,289 @@
+"""The guest end to end against the mock E2B: through the built component (wasmtime and
+the host's imports) and, for the behaviour both share, natively with the same services."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from host.runtime.component_runtime import Budgets, ComponentRuntime, HostServices
+from host.runtime.loader import LoadedComponent, load_component
+from host.runtime.native import NativeRuntime
+from host.services.http_gateway import HttpGateway
+from host.storage.memory import MemoryBackend
+from provisioner.model import Invocation, Outcome
+from provisioner.ports import Entry, HttpRequest, HttpResponse
+from tests.conftest import API_KEY
+from tests.doubles import RecordingTelemetrySink
+
+
+def invocation(
+    url: str,
+    entity_id: str = "job-1",
+    operation: str = "provision",
+    tenant: str = "acme",
+    **config: str,
+) -> Invocation:
+    return Invocation(
+        tenant=tenant,
+        entity_type="CurationJob",
+        entity_id=entity_id,
+        trigger_action="Provision",
+        trigger_params="{}",
+        entity_state="{}",
+        config=(("operation", operation), ("e2b_api_url", url), *config.items()),
+        session_id="s-1",
+        trace_id="t-1",
+    )
+
+
+class SpyGateway(HttpGateway):
+    """Records what the guest asked for and what it got back."""
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        super().__init__(base_url, api_key, allow_private_network=True)
+        self.requests: list[HttpRequest] = []
+        self.responses: list[HttpResponse] = []
+
+    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        self.requests.append(request)
+        response = super().send(request, deadline_ms=deadline_ms)
+        self.responses.append(response)
+        return response
+
+
+@dataclass
+class Host:
+    runtime: ComponentRuntime | NativeRuntime
+    storage: MemoryBackend
+    gateway: SpyGateway
+    telemetry: RecordingTelemetrySink
+    url: str
+
+    def run(self, entity_id: str = "job-1", operation: str = "provision", **config: str) -> Outcome:
+        return self.runtime.invoke(invocation(self.url, entity_id, operation, **config))
+
+
+def make_host(
+    loaded: LoadedComponent | None,
+    url: str,
+    storage: Any = None,
+    budgets: Budgets | None = None,
+) -> Host:
+    """A component host, or a native one when `loaded` is None."""
+    backend = storage if storage is not None else MemoryBackend()
+    gateway = SpyGateway(url, API_KEY)
+    telemetry = RecordingTelemetrySink()
+    services = HostServices(backend, gateway, telemetry)
+    runtime: ComponentRuntime | NativeRuntime = (
+        NativeRuntime(services) if loaded is None else ComponentRuntime(loaded, services, budgets)
+    )
+    return Host(runtime, backend, gateway, telemetry, url)
+
+
+@pytest.fixture(params=["component", "native"])
+def host(request: pytest.FixtureRequest, mock_e2b: Any) -> Iterator[Host]:
+    loaded = request.getfixturevalue("loaded_component") if request.param == "component" else None
+    built = make_host(loaded, mock_e2b.url)
+    yield built
+    built.runtime.close()
+    built.gateway.close()
+
+
+def test_the_component_imports_exactly_the_projects_interfaces(
+    loaded_component: LoadedComponent,
+) -> None:
+    imports = set(loaded_component.component.type.imports(loaded_component.engine))
+    expected = {
+        f"temper:sandbox-provisioner/{name}@0.1.0"
+        for name in ("storage", "http", "clock", "randomness", "telemetry")
+    }
+    assert imports == expected
+    exports = set(loaded_component.component.type.exports(loaded_component.engine))
+    # componentize-py adds an `exports` instance of its own beside the world's export.
+    assert "temper:sandbox-provisioner/provisioner@0.1.0" in exports
+    assert not [name for name in imports | exports if name.startswith("wasi:")]
+
+
+FAST = {"create_rate_per_s": "1000"}
+
+
+def test_provision_is_idempotent_and_release_kills(host: Host, mock_e2b: Any) -> None:
+    first = host.run(**FAST)
+    assert first.action == "SandboxReady", first
+    sandbox_id = first.params["sandbox_id"]
+    assert [s["sandbox_id"] for s in mock_e2b.running_sandboxes()] == [sandbox_id]
+
+    again = host.run(**FAST)
+    assert again.action == "SandboxReady"
+    assert again.params["sandbox_id"] == sandbox_id
+    assert len(mock_e2b.running_sandboxes()) == 1
+
+    released = host.run(operation="release", **FAST)
+    assert released.action == "SandboxReleased", released
+    assert released.params["sandbox_id"] == sandbox_id
+    assert mock_e2b.running_sandboxes() == []
+
+    # A new cycle gets a new sandbox (a new idempotency key), not the killed one.
+    fresh = host.run(**FAST)
+    assert fresh.action == "SandboxReady", fresh
+    assert fresh.params["sandbox_id"] != sandbox_id
+
+
+def test_the_default_creation_rate_paces_a_second_create(host: Host) -> None:
+    assert host.run("job-1").action == "SandboxReady"
+    paced = host.run("job-2")
+    assert paced.action == "SandboxQueued", paced
+    assert paced.params["reason"] == "rate"
+    assert 0 < paced.params["retry_after_ms"] <= 1000
+    assert paced.params["position"] == 1
+
+
+def test_v2_create_carries_an_idempotency_key_and_metadata(host: Host) -> None:
+    assert host.run().action == "SandboxReady"
+    creates = [r for r in host.gateway.requests if r.method == "POST"]
+    assert len(creates) == 1
+    create = creates[0]
+    assert create.url == host.url + "/v2/sandboxes"
+    headers = {k.lower(): v for k, v in create.headers}
+    key = headers["idempotency-key"]
+    assert key.startswith("tsp-") and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in key)
+    assert b"temper_entity_id" in create.body and b"job-1" in create.body
+
+
+def test_status_reports_the_entity_and_gates(host: Host) -> None:
+    host.run()
+    status = host.run(operation="status")
+    assert status.action == "SandboxStatus", status
+    assert status.params["entity"]["state"] == "ready"
+    assert isinstance(status.params["gates"], dict)
+
+
+def test_a_second_load_uses_the_compile_cache(component_path: Path, tmp_path: Path) -> None:
+    cold = load_component(component_path, cache_dir=tmp_path)
+    warm = load_component(component_path, cache_dir=tmp_path)
+    assert not cold.from_cache
+    assert warm.from_cache
+    print(
+        f"\ncomponent load: compile {cold.load_seconds * 1000:.0f} ms, "
+        f"cached {warm.load_seconds * 1000:.1f} ms "
+        f"({cold.load_seconds / warm.load_seconds:.0f}x)"
+    )
+
+
+def test_a_corrupt_cache_entry_is_recompiled(component_path: Path, tmp_path: Path) -> None:
+    load_component(component_path, cache_dir=tmp_path)
+    for artefact in tmp_path.glob("*.cwasm"):
+        artefact.write_bytes(b"not a compiled component")
+    again = load_component(component_path, cache_dir=tmp_path)
+    assert not again.from_cache
+
+
+def test_fuel_exhaustion_fails_the_invocation_and_the_host_keeps_serving(
+    loaded_component: LoadedComponent, mock_e2b: Any
+) -> None:
+    starved = make_host(loaded_component, mock_e2b.url, budgets=Budgets(fuel=200_000))
+    outcome = starved.run()
+    assert outcome.action == "SandboxFailed"
+    assert outcome.error is not None and outcome.error.code == "fuel_exhausted"
+    healthy = make_host(loaded_component, mock_e2b.url, storage=starved.storage)
+    assert healthy.run().action == "SandboxReady"
+
+
+class WrongShapeStorage(MemoryBackend):
+    """Answers `get` with a value the WIT types cannot carry: the guest call traps."""
+
+    def get(self, namespace: str, key: str) -> Entry | None:
+        return Entry(value=12345, version=1)  # type: ignore[arg-type]
+
+
+def test_a_guest_trap_becomes_a_failed_outcome(
+    loaded_component: LoadedComponent, mock_e2b: Any
+) -> None:
+    broken = make_host(loaded_component, mock_e2b.url, storage=WrongShapeStorage())
+    outcome = broken.run()
+    assert outcome.action == "SandboxFailed"
+    assert outcome.error is not None and outcome.error.code in ("guest_trap", "host_error")
+    assert mock_e2b.running_sandboxes() == []
+
+
+class SlowStorage(MemoryBackend):
+    def get(self, namespace: str, key: str) -> Entry | None:
+        time.sleep(0.2)
+        return super().get(namespace, key)
+
+
+def test_the_deadline_interrupts_a_slow_invocation(
+    loaded_component: LoadedComponent, mock_e2b: Any
+) -> None:
+    slow = make_host(
+        loaded_component, mock_e2b.url, storage=SlowStorage(), budgets=Budgets(deadline_ms=50)
+    )
+    outcome = slow.run()
+    assert outcome.error is not None and outcome.error.code == "deadline_exceeded", outcome
+
+
+def test_a_tiny_memory_cap_is_reported(loaded_component: LoadedComponent, mock_e2b: Any) -> None:
+    cramped = make_host(loaded_component, mock_e2b.url, budgets=Budgets(memory_bytes=4 << 20))
+    outcome = cramped.run()
+    assert outcome.action == "SandboxFailed"
+    assert outcome.error is not None
+    assert outcome.error.code in ("memory_exhausted", "guest_trap"), outcome
+
+
+def test_a_url_outside_the_allow_list_is_denied(host: Host, mock_e2b: Any) -> None:
+    outcome = host.runtime.invoke(invocation("http://203.0.113.9:9", "job-evil"))
+    assert outcome.action == "SandboxFailed"
+    assert outcome.error is not None and outcome.error.code == "e2b_denied"
+    assert mock_e2b.running_sandboxes() == []
+
+
+def test_the_api_key_is_nowhere_the_guest_can_see(host: Host) -> None:
+    outcomes = [host.run(), host.run(operation="status"), host.run(operation="release")]
+    seen: list[str] = [repr(o) for o in outcomes]
+    seen += [repr(r) for r in host.gateway.requests]
+    seen += [repr(r) for r in host.gateway.responses]
+    seen += [repr(entry) for entry in host.telemetry.logs + host.telemetry.events]
+    for namespace in ("tenant/acme", "account/default"):
+        for key in host.storage.keys(namespace):
+            seen.append(repr(host.storage.get(namespace, key)))
+    assert host.gateway.requests, "the guest made no request"
+    assert not [text for text in seen if API_KEY in text]
+
+
+def test_concurrent_invocations_through_one_runtime(host: Host, mock_e2b: Any) -> None:
+    """Many threads invoking at once: without host/runtime/wasmtime_compat.py about one call in
+    eight trapped on wasmtime-py's shared variant-lowering cache."""
+    outcomes: dict[str, Outcome] = {}
+    lock = threading.Lock()
+
+    def provision(entity_id: str) -> None:
+        for _ in range(50):
+            outcome = host.run(
+                entity_id, create_slots="8", create_rate_per_s="1000", max_sandboxes="64"
+            )
+            if outcome.action != "SandboxQueued":
+                break
+            time.sleep(min(outcome.params["retry_after_ms"], 200) / 1000)  # as the protocol says
+        with lock:
+            outcomes[entity_id] = outcome
+
+    for round_ in range(4):
+        threads = [
+            threading.Thread(target=provision, args=(f"job-{round_}-{i}",)) for i in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    failures = [o.error for o in outcomes.values() if o.error is not None]
+    assert not failures
+    ready = {o.params["sandbox_id"] for o in outcomes.values() if o.action == "SandboxReady"}
+    assert len(ready) == len(outcomes) == 32
+    assert len(mock_e2b.running_sandboxes()) == 32
