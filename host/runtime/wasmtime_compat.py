@@ -76,7 +76,9 @@ def install() -> None:
         return
     variant_like = getattr(_types, "VariantLikeType", None)
     if variant_like is None or not hasattr(variant_like, "_lower"):
-        raise RuntimeError("wasmtime-py's variant lowering changed: review host/runtime/wasmtime_compat.py")
+        raise RuntimeError(
+            "wasmtime-py's variant lowering changed: review host/runtime/wasmtime_compat.py"
+        )
     variant_like._lower = _thread_safe_lower
     # Subclasses that overrode `_lower` themselves would bypass both fixes.
     for subclass in (_types.VariantType, _types.OptionType, _types.ResultType):
