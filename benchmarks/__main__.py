@@ -39,9 +39,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from host.runtime.loader import DEFAULT_COMPONENT
+    from host.runtime.paths import default_component
 
-    source = Path(args.component or DEFAULT_COMPONENT)
+    source = Path(args.component or default_component())
     if not source.is_file():
         print(f"benchmarks: {source} not found: run ./build.sh first", file=sys.stderr)
         return EXIT_USAGE

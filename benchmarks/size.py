@@ -26,7 +26,8 @@ from benchmarks.wasm_sections import (
     drop_zero_runs,
     strip_custom_sections,
 )
-from host.runtime.loader import DEFAULT_COMPONENT, load_component
+from host.runtime.loader import load_component
+from host.runtime.paths import default_component
 from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED
 from tests.guests.build import build_probe_component
 
@@ -66,7 +67,7 @@ def verify_runs(component: Path) -> bool:
 
 
 def measure(path: Path | None, quick: bool) -> SizeFigures:
-    wasm = Path(path or DEFAULT_COMPONENT).read_bytes()
+    wasm = Path(path or default_component()).read_bytes()
     stripped = strip_custom_sections(wasm)
     shrunk = drop_zero_runs(stripped)
     verified: bool | None = None

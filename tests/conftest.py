@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from host.runtime.loader import DEFAULT_COMPONENT, LoadedComponent, load_component
+from host.runtime.loader import LoadedComponent, load_component
+from host.runtime.paths import BUILT_COMPONENT
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "e2b_test_key_0123456789"
@@ -30,8 +31,8 @@ def component_path() -> Path:
     result = subprocess.run([str(ROOT / "build.sh")], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         pytest.fail(f"build.sh failed:\n{result.stdout}\n{result.stderr}")
-    assert DEFAULT_COMPONENT.is_file()
-    return DEFAULT_COMPONENT
+    assert BUILT_COMPONENT.is_file()
+    return BUILT_COMPONENT
 
 
 @pytest.fixture(scope="session")

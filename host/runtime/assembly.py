@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from host.runtime.component_runtime import Budgets, ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent, load_component
+from host.runtime.paths import state_dir
 from host.services.http_gateway import HttpGateway
 from host.services.telemetry import LoggingTelemetry, TelemetrySink
 from host.storage import storage_from_uri
@@ -16,16 +16,8 @@ from host.storage import storage_from_uri
 API_KEY_ENV = "E2B_API_KEY"
 
 
-def default_state_dir() -> Path:
-    configured = os.environ.get("SANDBOX_PROVISIONER_STATE")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "sandbox-provisioner"
-
-
 def default_storage_url() -> str:
-    return f"sqlite:///{(default_state_dir() / 'state.db').resolve()}"
+    return f"sqlite:///{(state_dir() / 'state.db').resolve()}"
 
 
 @contextmanager

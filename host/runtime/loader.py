@@ -17,15 +17,8 @@ from pathlib import Path
 import wasmtime
 from wasmtime import component as wc
 
-DEFAULT_COMPONENT = Path(__file__).resolve().parents[2] / "dist" / "sandbox_provisioner.wasm"
-
-
-def default_cache_dir() -> Path:
-    configured = os.environ.get("SANDBOX_PROVISIONER_CACHE")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sandbox-provisioner"
+from host.runtime.paths import cache_dir as default_cache_dir
+from host.runtime.paths import default_component
 
 
 def make_engine() -> wasmtime.Engine:
@@ -55,7 +48,7 @@ def load_component(
     cache_dir: Path | None = None,
     use_cache: bool = True,
 ) -> LoadedComponent:
-    path = Path(path or DEFAULT_COMPONENT)
+    path = Path(path or default_component())
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run ./build.sh first")
     engine = engine or make_engine()

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from host.runtime.loader import default_cache_dir
+from host.runtime.paths import cache_dir as default_cache_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_SOURCE = ROOT / "tests" / "guests" / "probe"

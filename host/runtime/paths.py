@@ -1,0 +1,48 @@
+"""Where the host finds its component and keeps its state and compile cache.
+
+Each location can be set by an environment variable; otherwise the platform's own
+directories are used (platformdirs: XDG on Linux), so an installed `sandbox-provisioner`
+works from any directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "sandbox-provisioner"
+COMPONENT_ENV = "SANDBOX_PROVISIONER_COMPONENT"
+STATE_ENV = "SANDBOX_PROVISIONER_STATE"
+CACHE_ENV = "SANDBOX_PROVISIONER_CACHE"
+
+# What ./build.sh writes in a source checkout.
+BUILT_COMPONENT = Path(__file__).resolve().parents[2] / "dist" / "sandbox_provisioner.wasm"
+# Where a wheel carries it (setup.py copies the built component in at build time).
+PACKAGED_COMPONENT = Path(__file__).resolve().parent / "component" / "sandbox_provisioner.wasm"
+
+
+def default_component() -> Path:
+    """`$SANDBOX_PROVISIONER_COMPONENT`, else the installed package's copy, else the
+    checkout's build output."""
+    configured = os.environ.get(COMPONENT_ENV)
+    if configured:
+        return Path(configured)
+    if PACKAGED_COMPONENT.is_file():
+        return PACKAGED_COMPONENT
+    return BUILT_COMPONENT
+
+
+def state_dir() -> Path:
+    configured = os.environ.get(STATE_ENV)
+    if configured:
+        return Path(configured)
+    return Path(platformdirs.user_state_dir(APP_NAME, appauthor=False))
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured)
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
