@@ -2,9 +2,10 @@
 takes the space, and what the lossless shrinks in benchmarks/wasm_sections.py save.
 
 The probe guest (a ~200-line app built the same way) is measured beside it: the
-difference is what the provisioner's own code adds. Each shrink is applied to a copy;
-unless --quick, the shrunk copy is compiled and runs one provision and one release
-against the mock, so "safe" means it was run, not assumed.
+difference is what the provisioner's own code adds. Each shrink is applied to a copy and
+checked by wasm-tools' validator; unless --quick, the shrunk copy is also compiled and
+runs one provision and one release against the mock, so "safe" means it was run, not
+assumed.
 
 Run alone: .venv/bin/python -m benchmarks.size [--quick]
 """
@@ -25,6 +26,7 @@ from benchmarks.wasm_sections import (
     breakdown,
     drop_zero_runs,
     strip_custom_sections,
+    validate,
 )
 from host.runtime.loader import DEFAULT_COMPONENT, load_component
 from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED
@@ -69,6 +71,7 @@ def measure(path: Path | None, quick: bool) -> SizeFigures:
     wasm = Path(path or DEFAULT_COMPONENT).read_bytes()
     stripped = strip_custom_sections(wasm)
     shrunk = drop_zero_runs(stripped)
+    validate(shrunk)  # ValueError: the figure fails rather than report an invalid size
     verified: bool | None = None
     if not quick:
         with tempfile.TemporaryDirectory(prefix="bench-shrunk-") as scratch:
@@ -90,8 +93,8 @@ def rows(f: SizeFigures) -> list[Row]:
     parts = f.parts
     custom = ", ".join(f"{name} {size / 1024:.0f} KiB"
                        for name, size in sorted(parts.custom.items(), key=lambda kv: -kv[1]))
-    ran = {None: "not run (--quick)", True: "compiled and ran provision+release",
-           False: "FAILED to run"}[f.shrunk_runs]
+    ran = {None: "valid, not run (--quick)", True: "valid, compiled and ran provision+release",
+           False: "valid but FAILED to run"}[f.shrunk_runs]
     cap = "<= 10 MiB (Temper's module cap)"
     return [
         Row("5", "component size (dist/sandbox_provisioner.wasm)", mib(f.size),
