@@ -12,13 +12,12 @@ Run alone: .venv/bin/python -m benchmarks.size [--quick]
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.support import invocation, mock_e2b, open_hosts
+from benchmarks.support import invocation, mock_e2b, open_hosts, run_alone
 from benchmarks.table import Row, times
 from benchmarks.wasm_sections import (
     MIN_ZERO_RUN,
@@ -121,12 +120,7 @@ def rows(f: SizeFigures) -> list[Row]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    from benchmarks.table import format_text
-
-    print(format_text(rows(measure(None, args.quick))))
+    run_alone(__doc__, lambda quick: rows(measure(None, quick)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import io
 
-from benchmarks.table import Row, format_markdown, format_targets, format_text, percentile, print_rows
+from benchmarks.table import (
+    Row,
+    format_markdown,
+    format_targets,
+    format_text,
+    percentile,
+    print_rows,
+)
 
 
 def test_percentile_is_nearest_rank() -> None:
