@@ -54,7 +54,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, component: Path, source: Path) -> int:
     from benchmarks import invocation, machine, makespan, memory, scaling, size
-    from benchmarks.table import Row, format_markdown, format_targets, format_text
+    from benchmarks.table import Row, format_markdown, format_targets, print_rows
     from host.runtime.loader import load_component
 
     quick: bool = args.quick
@@ -93,11 +93,12 @@ def _run(args: argparse.Namespace, component: Path, source: Path) -> int:
         timings[name] = time.perf_counter() - started
         rows += found
         # Progress on stderr; stdout gets the whole table once, at the end.
-        print(format_text(found) + "\n", file=sys.stderr, flush=True)
+        print_rows(found, sys.stderr)
+        print(file=sys.stderr, flush=True)
     facts["load average at end"] = machine.load_average()
     facts["run took"] = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     facts["mode"] = "--quick" if quick else "full"
-    print(format_text(rows))
+    print_rows(rows)
     print()
     print("targets:")
     print(format_targets(rows))

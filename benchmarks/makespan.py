@@ -21,11 +21,11 @@ Run alone: .venv/bin/python -m benchmarks.makespan [--quick]
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, replace
 from typing import Any
 
 from benchmarks.sdk_sessions import SDK_MODE, run_sdk_sessions
+from benchmarks.support import run_alone
 from benchmarks.table import Row, times
 from host.runtime.loader import LoadedComponent, load_component
 from host.sessions import detsim
@@ -148,12 +148,7 @@ def measure(loaded: LoadedComponent, quick: bool) -> list[Row]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    from benchmarks.table import format_text
-
-    print(format_text(measure(load_component(), args.quick)))
+    run_alone(__doc__, lambda quick: measure(load_component(), quick))
 
 
 if __name__ == "__main__":

@@ -2,22 +2,22 @@
 takes the space, and what the lossless shrinks in benchmarks/wasm_sections.py save.
 
 The probe guest (a ~200-line app built the same way) is measured beside it: the
-difference is what the provisioner's own code adds. Each shrink is applied to a copy;
-unless --quick, the shrunk copy is compiled and runs one provision and one release
-against the mock, so "safe" means it was run, not assumed.
+difference is what the provisioner's own code adds. Each shrink is applied to a copy and
+checked by wasm-tools' validator; unless --quick, the shrunk copy is also compiled and
+runs one provision and one release against the mock, so "safe" means it was run, not
+assumed.
 
 Run alone: .venv/bin/python -m benchmarks.size [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.support import invocation, mock_e2b, open_hosts
+from benchmarks.support import invocation, mock_e2b, open_hosts, run_alone
 from benchmarks.table import Row, times
 from benchmarks.wasm_sections import (
     MIN_ZERO_RUN,
@@ -25,6 +25,7 @@ from benchmarks.wasm_sections import (
     breakdown,
     drop_zero_runs,
     strip_custom_sections,
+    validate,
 )
 from host.runtime.loader import load_component
 from host.runtime.paths import default_component
@@ -70,6 +71,7 @@ def measure(path: Path | None, quick: bool) -> SizeFigures:
     wasm = Path(path or default_component()).read_bytes()
     stripped = strip_custom_sections(wasm)
     shrunk = drop_zero_runs(stripped)
+    validate(shrunk)  # ValueError: the figure fails rather than report an invalid size
     verified: bool | None = None
     if not quick:
         with tempfile.TemporaryDirectory(prefix="bench-shrunk-") as scratch:
@@ -91,8 +93,8 @@ def rows(f: SizeFigures) -> list[Row]:
     parts = f.parts
     custom = ", ".join(f"{name} {size / 1024:.0f} KiB"
                        for name, size in sorted(parts.custom.items(), key=lambda kv: -kv[1]))
-    ran = {None: "not run (--quick)", True: "compiled and ran provision+release",
-           False: "FAILED to run"}[f.shrunk_runs]
+    ran = {None: "valid, not run (--quick)", True: "valid, compiled and ran provision+release",
+           False: "valid but FAILED to run"}[f.shrunk_runs]
     cap = "<= 10 MiB (Temper's module cap)"
     return [
         Row("5", "component size (dist/sandbox_provisioner.wasm)", mib(f.size),
@@ -119,12 +121,7 @@ def rows(f: SizeFigures) -> list[Row]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    from benchmarks.table import format_text
-
-    print(format_text(rows(measure(None, args.quick))))
+    run_alone(__doc__, lambda quick: rows(measure(None, quick)))
 
 
 if __name__ == "__main__":

