@@ -27,6 +27,7 @@ remaining time and refuses a body over `max_response_bytes`. Temper's authorisat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -296,10 +297,9 @@ def _link(linker: wasmtime.Linker, call: _Call, http: HttpCall) -> None:
         data = _read(caller, ptr, length)
         if data is None:
             return
-        try:
+        # Temper keeps only UTF-8 results (`String::from_utf8`).
+        with contextlib.suppress(UnicodeDecodeError):
             call.result_json = data.decode("utf-8")
-        except UnicodeDecodeError:
-            pass  # Temper keeps only UTF-8 results (`String::from_utf8`)
 
     def host_http_call(
         caller: wasmtime.Caller,
@@ -352,9 +352,7 @@ def _link(linker: wasmtime.Linker, call: _Call, http: HttpCall) -> None:
 
 def _is_run_type(ty: wasmtime.FuncType) -> bool:
     """`get_typed_func::<(i32, i32), i32>(.., "run")` in invoke_blocking."""
-    return [str(t) for t in ty.params] == ["i32", "i32"] and [str(t) for t in ty.results] == [
-        "i32"
-    ]
+    return [str(t) for t in ty.params] == ["i32", "i32"] and [str(t) for t in ty.results] == ["i32"]
 
 
 def _parse_headers(raw: bytes) -> list[tuple[str, str]]:

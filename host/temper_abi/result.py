@@ -80,15 +80,15 @@ def decode_terminal_result(text: str) -> TemperResult:
         _check_declaration(declaration)
         return TemperResult("", None, False, typed_failure=declaration)
     if keys == {"action", "params", "success", "error"}:
-        error = data["error"]
+        message = data["error"]
         if (
             data["success"] is not False
             or data["action"] != "callback"
-            or not isinstance(error, str)
-            or data["params"] != {"error": error}
+            or not isinstance(message, str)
+            or data["params"] != {"error": message}
         ):
             raise InvalidGuestResult("invalid_shape", "not the exact legacy failure shape")
-        return TemperResult("callback", data["params"], False, error=error)
+        return TemperResult("callback", data["params"], False, error=message)
     if keys == {"action", "params", "success"}:
         action = data["action"]
         if data["success"] is not True or not isinstance(action, str) or not action:
