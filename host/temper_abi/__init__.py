@@ -3,6 +3,7 @@
 `crates/temper-wasm/src/engine/`). See `host.py` for the files each behaviour follows."""
 
 from host.temper_abi.context import temper_context_json
+from host.temper_abi.dispatch import Dispatch, Trigger, dispatch_for
 from host.temper_abi.env_functions import TEMPER_ENV_FUNCTIONS, EnvFunction
 from host.temper_abi.host import (
     AbiInvocation,
@@ -19,6 +20,7 @@ __all__ = [
     "MAX_MODULE_SIZE",
     "TEMPER_ENV_FUNCTIONS",
     "AbiInvocation",
+    "Dispatch",
     "EnvFunction",
     "HttpCall",
     "HttpCallFailed",
@@ -27,7 +29,9 @@ __all__ = [
     "TemperAbiModule",
     "TemperLimits",
     "TemperResult",
+    "Trigger",
     "decode_terminal_result",
+    "dispatch_for",
     "httpx_call",
     "temper_context_json",
 ]
