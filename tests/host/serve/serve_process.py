@@ -70,11 +70,18 @@ def serve_process(
         "SANDBOX_PROVISIONER_CACHE": str(cache_dir),
     }
     args = [
-        sys.executable, "-m", "host.cli", "serve",
-        "--listen", "127.0.0.1:0",
-        "--workers", str(workers),
-        "--e2b-url", e2b_url,
-        "--storage", storage,
+        sys.executable,
+        "-m",
+        "host.cli",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        str(workers),
+        "--e2b-url",
+        e2b_url,
+        "--storage",
+        storage,
         "--allow-private-network",
         *(extra or []),
     ]

@@ -36,10 +36,12 @@ def data(offset: int, text: str) -> str:
 
 
 def module(body: str, *, memory_pages: int = 1, extra: str = "") -> bytes:
-    return wasmtime.wat2wasm(
-        f"(module {IMPORTS} (memory (export \"memory\") {memory_pages}) {extra}\n"
-        f'(func (export "run") (param $p i32) (param $n i32) (result i32) (local $r i32)\n'
-        f"{body})\n)"
+    return bytes(
+        wasmtime.wat2wasm(
+            f'(module {IMPORTS} (memory (export "memory") {memory_pages}) {extra}\n'
+            f'(func (export "run") (param $p i32) (param $n i32) (result i32) (local $r i32)\n'
+            f"{body})\n)"
+        )
     )
 
 
@@ -96,7 +98,10 @@ def test_no_result_is_an_unsuccessful_empty_result() -> None:
 
 
 def test_a_non_utf8_result_is_dropped_as_temper_drops_it() -> None:
-    wasm = module("(call $set (i32.const 16) (i32.const 2))\n(i32.const 0)", extra='(data (i32.const 16) "\\ff\\fe")')
+    wasm = module(
+        "(call $set (i32.const 16) (i32.const 2))\n(i32.const 0)",
+        extra='(data (i32.const 16) "\\ff\\fe")',
+    )
     assert invoke(wasm, ECHO).result.error == "module returned empty result"
 
 
@@ -109,7 +114,9 @@ HTTP_CALL = """
   (if (i32.gt_s (local.get $r) (i32.const 0)) (then (call $set (i32.const 4096) (local.get $r))))
   (i32.const 0)"""
 HTTP_DATA = (
-    data(16, "POST") + data(24, "http://x") + data(100, ok("TooSmall").ljust(64))
+    data(16, "POST")
+    + data(24, "http://x")
+    + data(100, ok("TooSmall").ljust(64))
     + data(200, ok("CallFailed").ljust(64))
 )
 
@@ -163,9 +170,7 @@ def test_fuel_is_the_budget_and_the_config_can_lower_it() -> None:
 
 
 def test_the_deadline_interrupts_a_guest_that_never_returns() -> None:
-    context = json.dumps(
-        {"integration_config": {"timeout_secs": "1", "max_fuel": str(10**15)}}
-    )
+    context = json.dumps({"integration_config": {"timeout_secs": "1", "max_fuel": str(10**15)}})
     result = invoke(module(LOOP), context)
     assert result.error_kind == "timeout"
     assert 0.9 < result.duration_s < 30
@@ -189,9 +194,11 @@ def test_a_module_over_ten_mib_is_refused_before_compiling() -> None:
 
 
 def test_a_module_importing_something_temper_lacks_is_refused() -> None:
-    wasm = wasmtime.wat2wasm(
-        '(module (import "env" "host_kv_get" (func)) (memory (export "memory") 1)'
-        ' (func (export "run") (param i32 i32) (result i32) (i32.const 0)))'
+    wasm = bytes(
+        wasmtime.wat2wasm(
+            '(module (import "env" "host_kv_get" (func)) (memory (export "memory") 1)'
+            ' (func (export "run") (param i32 i32) (result i32) (i32.const 0)))'
+        )
     )
     with pytest.raises(ValueError, match="host_kv_get"):
         TemperAbiModule(wasm)

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 
 from host.temper_abi import TemperAbiModule, Trigger, dispatch_for
+from tests.conftest import API_KEY, ROOT
 from tests.host.serve.serve_process import TOKEN, serve_process
 from tests.mock_e2b_fixtures import running_mock
-
-from tests.conftest import API_KEY, ROOT
 
 pytestmark = pytest.mark.component
 
@@ -22,8 +21,12 @@ SHIM = ROOT / "dist" / "temper_shim.wasm"
 # (the service unreachable or busy) goes to the retry action.
 PROVISION = Trigger(
     name="provision_sandbox",
-    failure_routes={"transient": "RetryProvision", "permanent": "Fail", "integrity": "Fail",
-                    "authorization": "Fail"},
+    failure_routes={
+        "transient": "RetryProvision",
+        "permanent": "Fail",
+        "integrity": "Fail",
+        "authorization": "Fail",
+    },
 )
 
 
@@ -58,7 +61,9 @@ def test_shim_provisions_reuses_releases_and_routes_an_outage_to_the_retry(
 ) -> None:
     with running_mock(api_key=API_KEY) as mock:
         storage = f"sqlite:///{tmp_path / 'state.db'}"
-        with serve_process(e2b_url=mock.url, storage=storage, cache_dir=component_cache_dir) as serve:
+        with serve_process(
+            e2b_url=mock.url, storage=storage, cache_dir=component_cache_dir
+        ) as serve:
             first = shim.invoke(context(serve.url))
             assert first.error is None and first.result is not None, first
             assert first.result.success and first.result.callback_action == "SandboxReady"
@@ -80,8 +85,11 @@ def test_shim_provisions_reuses_releases_and_routes_an_outage_to_the_retry(
             assert released.result.callback_action == "SandboxReleased"
             assert mock.running_sandboxes() == []
             events = [e for e in serve.log_events() if e.get("event") == "invocation"]
-            assert [e["action"] for e in events] == ["SandboxReady", "SandboxReady",
-                                                     "SandboxReleased"]
+            assert [e["action"] for e in events] == [
+                "SandboxReady",
+                "SandboxReady",
+                "SandboxReleased",
+            ]
             assert {e["entity_id"] for e in events} == {"job-42"}
             url = serve.url
             assert serve.terminate() == 0

@@ -75,7 +75,9 @@ def test_the_shim_is_a_small_core_module_exporting_memory_and_run(shim_bytes: by
     assert isinstance(exports["memory"], wasmtime.MemoryType)
     run = exports["run"]
     assert isinstance(run, wasmtime.FuncType)
-    assert [str(t) for t in run.params] == ["i32", "i32"] and [str(t) for t in run.results] == ["i32"]
+    assert [str(t) for t in run.params] == ["i32", "i32"] and [str(t) for t in run.results] == [
+        "i32"
+    ]
 
 
 def test_the_shim_imports_only_temper_env_functions_with_their_signatures(
@@ -116,8 +118,13 @@ def test_a_2xx_answer_is_handed_back_verbatim_with_the_context_and_token_sent(ru
         (FakeService(503, "busy"), "transient", "ProvisionerBusy", "with_backoff", "not_applied"),
         (FakeService(429, ""), "transient", "ProvisionerBusy", "with_backoff", "not_applied"),
         (FakeService(502, "x"), "transient", "ProvisionerError", "reconcile", "unknown"),
-        (FakeService(401, "{}"), "authorization", "ProvisionerUnauthorized",
-         "after_authorization", "not_applied"),
+        (
+            FakeService(401, "{}"),
+            "authorization",
+            "ProvisionerUnauthorized",
+            "after_authorization",
+            "not_applied",
+        ),
         (FakeService(400, "{}"), "permanent", "ProvisionerRejected", "never", "not_applied"),
     ],
 )
