@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds dist/sandbox_provisioner.wasm: the provisioner guest compiled to a WebAssembly
-# component that imports only this project's WIT interfaces (no wasi:*).
+# component that imports only this project's WIT interfaces (no wasi:*), and
+# dist/temper_shim.wasm, the core module that lets Temper reach `sandbox-provisioner serve`.
 #
 #   ./build.sh           build (skipped when the inputs have not changed)
 #   ./build.sh --force   rebuild whatever the stamp says
@@ -34,6 +35,17 @@ if [ ! -f "$install_stamp" ] || [ pyproject.toml -nt "$install_stamp" ] \
     touch "$install_stamp"
 fi
 [ -x .venv/bin/componentize-py ] || die "componentize-py is missing from .venv (pip install -e '.[build]')"
+
+# The Temper shim (shim/temper_shim.wat): a core module assembled with wasmtime-py's
+# wat2wasm, so it needs nothing beyond the venv. Rebuilt when its source is newer.
+shim_out=dist/temper_shim.wasm
+if [ "$force" = 1 ] || [ ! -f "$shim_out" ] || [ shim/temper_shim.wat -nt "$shim_out" ]; then
+    mkdir -p dist
+    .venv/bin/python -c 'import sys, wasmtime; open(sys.argv[2], "wb").write(wasmtime.wat2wasm(open(sys.argv[1]).read()))' \
+        shim/temper_shim.wat "$shim_out.tmp" || die "could not assemble shim/temper_shim.wat"
+    mv "$shim_out.tmp" "$shim_out"
+    echo "build.sh: wrote $shim_out ($(stat -c %s "$shim_out") bytes)"
+fi
 
 out=dist/sandbox_provisioner.wasm
 stamp=dist/.inputs.sha256

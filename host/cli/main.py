@@ -88,6 +88,12 @@ def _cmd_multihost(args: argparse.Namespace) -> int:
     return run_multihost(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from host.serve.cli import run_serve
+
+    return run_serve(args)
+
+
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
@@ -168,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_multihost_arguments(multihost)
     multihost.set_defaults(handler=_cmd_multihost)
+
+    serve = commands.add_parser(
+        "serve", help="run the provisioner as an HTTP service (for the Temper shim)"
+    )
+    from host.serve.cli import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 

@@ -1,0 +1,162 @@
+"""The HTTP surface of `sandbox-provisioner serve` (Starlette).
+
+- `POST /v1/invocations`: a Temper invocation context (the JSON `invoke` reads) in; the
+  outcome as a Temper terminal result out (`results.py`). 200 for every outcome the
+  component produced, 400 for a malformed context, 413 past 1 MiB, 503 with
+  `Retry-After` when every worker is busy (nothing ran).
+- `GET /healthz`: the process is up. `GET /readyz`: the component is compiled and the
+  storage answers (and the process is not draining).
+- Every route but the two health routes needs `Authorization: Bearer <token>`; a missing
+  or wrong token is 401 before anything else happens (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from host.context import MAX_CONTEXT_BYTES, InvalidContext, parse_context
+from host.serve.pool import InvocationPool
+from host.serve.results import temper_result
+from provisioner.model import Invocation, Outcome
+
+LOG = logging.getLogger("sandbox_provisioner.serve")
+# Config keys that address the service itself: the shim's, not the component's.
+SHIM_CONFIG_KEYS = frozenset({"provisioner_url", "provisioner_token"})
+READINESS_KEY = "readyz-probe"
+READINESS_NAMESPACE = "sandbox-provisioner/serve"
+
+
+@dataclass
+class ServeState:
+    token: str
+    pool: InvocationPool
+    invoke: Callable[[Invocation], Outcome]
+    e2b_url: str
+    storage_probe: Callable[[], None]
+    retry_after_s: int = 1
+    draining: bool = False
+    log: Callable[[dict[str, Any]], None] = field(
+        default=lambda line: LOG.info(json.dumps(line, sort_keys=True))
+    )
+
+
+def _authorized(request: Request, token: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    # compare_digest on bytes: constant time in the token's content.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), token.encode()
+    )
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+
+def prepare(invocation: Invocation, e2b_url: str) -> Invocation:
+    """Drop the shim's own keys (the token must not reach the component) and point the
+    guest at the host's E2B URL unless the context names one (as `invoke` does)."""
+    config = tuple((k, v) for k, v in invocation.config if k not in SHIM_CONFIG_KEYS)
+    if not any(key == "e2b_api_url" for key, _ in config):
+        config = (*config, ("e2b_api_url", e2b_url))
+    return replace(invocation, config=config)
+
+
+def create_app(state: ServeState) -> ASGIApp:
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, state.storage_probe)
+        except Exception as error:
+            return JSONResponse(
+                {"status": "unready", "storage": f"{type(error).__name__}: {error}"[:300]}, 503
+            )
+        return JSONResponse({"status": "ready", "component": "compiled", "storage": "ok"})
+
+    async def invocations(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_CONTEXT_BYTES:
+            return _error(413, "too_large", f"the context is larger than {MAX_CONTEXT_BYTES} bytes")
+        try:
+            invocation = prepare(parse_context(body.decode("utf-8")), state.e2b_url)
+        except UnicodeDecodeError:
+            return _error(400, "invalid_context", "the context is not UTF-8")
+        except InvalidContext as invalid:
+            return _error(400, "invalid_context", str(invalid))
+        started = time.monotonic()
+        future = state.pool.try_submit(lambda: state.invoke(invocation))
+        if future is None:
+            return _error(
+                503,
+                "saturated",
+                f"all {state.pool.workers} workers are busy",
+                **{"Retry-After": str(state.retry_after_s)},
+            )
+        outcome = await asyncio.wrap_future(future)
+        result = temper_result(outcome)
+        failure = outcome.error
+        state.log(
+            {
+                "event": "invocation",
+                "tenant": invocation.tenant,
+                "entity_type": invocation.entity_type,
+                "entity_id": invocation.entity_id,
+                "trigger_action": invocation.trigger_action,
+                "action": outcome.action,
+                "success": outcome.success,
+                "reason": outcome.params.get("reason") or (failure.code if failure else None),
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "trace_id": invocation.trace_id,
+            }
+        )
+        return JSONResponse(result)
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/v1/invocations", invocations, methods=["POST"]),
+        ]
+    )
+    return BearerTokenGate(app, state.token)
+
+
+class BearerTokenGate:
+    """ASGI middleware: every HTTP request but the health routes needs the token."""
+
+    OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+            request = Request(scope)
+            if not _authorized(request, self.token):
+                response = _error(
+                    401,
+                    "unauthorized",
+                    "a valid bearer token is required",
+                    **{"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,162 @@
+"""`sandbox-provisioner serve`: the provisioner as a long-running HTTP service.
+
+Loads (compiles) the component once, opens the storage, and serves `app.py` with uvicorn.
+SIGTERM: readiness turns 503, the listener closes, invocations in flight finish (within
+the invocation deadline plus a margin), and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from host.harness import API_KEY_ENV, default_storage_url, open_runtime
+from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
+from host.serve.pool import InvocationPool
+
+TOKEN_ENV = "SANDBOX_PROVISIONER_TOKEN"
+DEFAULT_LISTEN = "127.0.0.1:8470"
+# Temper's invocation deadline (WasmResourceLimits, 120 s) plus time to answer.
+DRAIN_SECONDS = 125
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address to listen on (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="invocation workers: component calls at once (default 4)",
+    )
+    parser.add_argument(
+        "--retry-after",
+        type=int,
+        default=1,
+        metavar="SECONDS",
+        help="Retry-After of a 503 when every worker is busy (default 1)",
+    )
+    parser.add_argument("--e2b-url", default="https://api.e2b.app", help="the E2B API base URL")
+    parser.add_argument(
+        "--api-key-env",
+        default=API_KEY_ENV,
+        help=f"environment variable holding the E2B API key (default {API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--account",
+        default="default",
+        help="the E2B account namespace whose gates this host shares",
+    )
+    parser.add_argument(
+        "--allow-private-network",
+        action="store_true",
+        help="let the E2B URL be a loopback or private address (a local mock E2B)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="storage backend: sqlite:///path.db, redis://host:port/db, memory:// "
+        f"(default {default_storage_url()})",
+    )
+    parser.add_argument(
+        "--component",
+        type=Path,
+        default=None,
+        help="the component (default dist/sandbox_provisioner.wasm)",
+    )
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM after its graceful shutdown, which would end
+    the process with status 143; a drain that finished is a clean exit, so SIGTERM is
+    handled here (SIGINT keeps uvicorn's behaviour)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServeState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        for server in getattr(self, "servers", []):
+            for bound in server.sockets:
+                host, port = bound.getsockname()[:2]
+                self.state.log({"event": "listening", "host": host, "port": port})
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.state.draining = True
+        if sig == signal.SIGTERM:
+            self.should_exit = True
+            return
+        super().handle_exit(sig, frame)
+
+
+def _fail(message: str) -> int:
+    print(f"sandbox-provisioner serve: {message}", file=sys.stderr)
+    return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        return _fail(f"set the service's bearer token in ${TOKEN_ENV}")
+    api_key = os.environ.get(args.api_key_env, "")
+    if not api_key:
+        return _fail(f"set the E2B API key in ${args.api_key_env}")
+    try:
+        host, port = parse_listen(args.listen)
+        pool = InvocationPool(args.workers)
+    except ValueError as error:
+        return _fail(str(error))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        with open_runtime(
+            e2b_url=args.e2b_url,
+            api_key=api_key,
+            storage_url=args.storage,
+            account=args.account,
+            component=args.component,
+            allow_private_network=args.allow_private_network,
+        ) as runtime:
+            storage = runtime.services.storage
+            state = ServeState(
+                token=token,
+                pool=pool,
+                invoke=runtime.invoke,
+                e2b_url=args.e2b_url,
+                storage_probe=lambda: (storage.get(READINESS_NAMESPACE, READINESS_KEY), None)[1],
+                retry_after_s=max(0, args.retry_after),
+            )
+            config = uvicorn.Config(
+                create_app(state),
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=DRAIN_SECONDS,
+                lifespan="off",
+            )
+            DrainingServer(config, state).run()
+            pool.shutdown()
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error))
+    return 0

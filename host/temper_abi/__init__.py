@@ -1,0 +1,37 @@
+"""A Temper-ABI core-module host: runs modules (such as dist/temper_shim.wasm) with the
+`env` functions, budgets and result decoding of Temper's WASM engine (`nerdsane/temper`,
+`crates/temper-wasm/src/engine/`). See `host.py` for the files each behaviour follows."""
+
+from host.temper_abi.context import temper_context_json
+from host.temper_abi.dispatch import Dispatch, Trigger, dispatch_for
+from host.temper_abi.env_functions import TEMPER_ENV_FUNCTIONS, EnvFunction
+from host.temper_abi.host import (
+    AbiInvocation,
+    HttpCall,
+    HttpCallFailed,
+    ModuleTooLarge,
+    TemperAbiModule,
+    httpx_call,
+)
+from host.temper_abi.limits import MAX_MODULE_SIZE, TemperLimits
+from host.temper_abi.result import InvalidGuestResult, TemperResult, decode_terminal_result
+
+__all__ = [
+    "MAX_MODULE_SIZE",
+    "TEMPER_ENV_FUNCTIONS",
+    "AbiInvocation",
+    "Dispatch",
+    "EnvFunction",
+    "HttpCall",
+    "HttpCallFailed",
+    "InvalidGuestResult",
+    "ModuleTooLarge",
+    "TemperAbiModule",
+    "TemperLimits",
+    "TemperResult",
+    "Trigger",
+    "decode_terminal_result",
+    "dispatch_for",
+    "httpx_call",
+    "temper_context_json",
+]

@@ -1,0 +1,121 @@
+"""A real `sandbox-provisioner serve` process on a loopback port, for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import API_KEY, ROOT
+
+TOKEN = "serve-test-token-0123456789"
+
+
+class ServeProcess:
+    def __init__(self, process: subprocess.Popen[str], port: int, lines: queue.Queue[str]) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.lines = lines
+        self.seen: list[str] = []
+
+    def client(self, token: str | None = TOKEN, timeout: float = 60.0) -> httpx.Client:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                break
+        events = []
+        for line in self.seen:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=150)
+
+
+@contextmanager
+def serve_process(
+    *,
+    e2b_url: str,
+    storage: str,
+    cache_dir: Path,
+    workers: int = 2,
+    extra: list[str] | None = None,
+) -> Iterator[ServeProcess]:
+    env = {
+        **os.environ,
+        "E2B_API_KEY": API_KEY,
+        "SANDBOX_PROVISIONER_TOKEN": TOKEN,
+        "SANDBOX_PROVISIONER_CACHE": str(cache_dir),
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "host.cli",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        str(workers),
+        "--e2b-url",
+        e2b_url,
+        "--storage",
+        storage,
+        "--allow-private-network",
+        *(extra or []),
+    ]
+    process = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    port = None
+    while port is None:
+        try:
+            line = lines.get(timeout=90)
+        except queue.Empty:
+            process.kill()
+            raise RuntimeError(f"serve did not start: {seen}") from None
+        seen.append(line)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "listening":
+            port = int(event["port"])
+    served = ServeProcess(process, port, lines)
+    served.seen = seen
+    try:
+        yield served
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

@@ -1,0 +1,154 @@
+"""The service's HTTP surface in-process, with a fake component behind it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from host.serve import InvocationPool, ServeState, create_app, temper_result
+from host.temper_abi import decode_terminal_result
+from provisioner.model import Failure, Invocation, Outcome, failed
+
+TOKEN = "t0ken"
+CONTEXT = {
+    "tenant": "acme",
+    "entity_type": "CurationJob",
+    "entity_id": "job-1",
+    "integration_config": {
+        "operation": "provision",
+        "provisioner_token": TOKEN,
+        "provisioner_url": "http://x/v1/invocations",
+    },
+}
+
+
+class FakeComponent:
+    def __init__(self, outcome: Outcome | None = None) -> None:
+        self.calls: list[Invocation] = []
+        self.outcome = outcome or Outcome("SandboxReady", {"sandbox_id": "sb-1"})
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, invocation: Invocation) -> Outcome:
+        self.calls.append(invocation)
+        self.release.wait(10)
+        return self.outcome
+
+
+def client(component: FakeComponent, *, workers: int = 2, probe: Any = None) -> TestClient:
+    lines: list[dict[str, Any]] = []
+    state = ServeState(
+        token=TOKEN,
+        pool=InvocationPool(workers),
+        invoke=component,
+        e2b_url="http://e2b.local",
+        storage_probe=probe or (lambda: None),
+        retry_after_s=3,
+        log=lines.append,
+    )
+    test_client = TestClient(create_app(state))
+    test_client.lines = lines
+    return test_client
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ],
+)
+def test_a_missing_or_wrong_token_is_401_and_reaches_no_component(headers: dict[str, str]) -> None:
+    component = FakeComponent()
+    http = client(component)
+    response = http.post("/v1/invocations", json=CONTEXT, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert http.get("/anything", headers=headers).status_code == 401
+    assert component.calls == []
+
+
+def test_health_needs_no_token_and_readiness_reports_storage() -> None:
+    def broken() -> None:
+        raise ConnectionError("redis down")
+
+    assert client(FakeComponent()).get("/healthz").status_code == 200
+    assert client(FakeComponent()).get("/readyz").json()["status"] == "ready"
+    unready = client(FakeComponent(), probe=broken).get("/readyz")
+    assert unready.status_code == 503 and "redis down" in unready.json()["storage"]
+
+
+def test_an_invocation_answers_temper_s_result_and_logs_one_line() -> None:
+    component = FakeComponent()
+    http = client(component)
+    response = http.post(
+        "/v1/invocations", json=CONTEXT, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.status_code == 200
+    assert response.json() == {
+        "action": "SandboxReady",
+        "params": {"sandbox_id": "sb-1"},
+        "success": True,
+    }
+    decode_terminal_result(response.text)  # Temper would accept it
+    [invocation] = component.calls
+    config = dict(invocation.config)
+    assert "provisioner_token" not in config and "provisioner_url" not in config
+    assert config["e2b_api_url"] == "http://e2b.local"
+    [line] = http.lines
+    assert line["event"] == "invocation" and line["entity_id"] == "job-1"
+    assert line["action"] == "SandboxReady" and line["duration_ms"] >= 0
+    assert {"tenant", "entity_type", "reason"} <= set(line)
+
+
+def test_a_malformed_or_oversized_context_is_refused_before_the_component() -> None:
+    component = FakeComponent()
+    http = client(component)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    bad = http.post("/v1/invocations", content=b"{nope", headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_context"
+    huge = http.post("/v1/invocations", content=b" " * (1024 * 1024 + 1), headers=auth)
+    assert huge.status_code == 413
+    assert component.calls == []
+
+
+def test_a_saturated_pool_answers_503_with_retry_after_without_queueing() -> None:
+    component = FakeComponent()
+    component.release.clear()
+    http = client(component, workers=1)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    held: list[Any] = []
+    first = threading.Thread(
+        target=lambda: held.append(http.post("/v1/invocations", json=CONTEXT, headers=auth))
+    )
+    first.start()
+    for _ in range(500):
+        if component.calls:
+            break
+        threading.Event().wait(0.01)
+    assert len(component.calls) == 1  # the only worker is inside the component
+    refused = http.post("/v1/invocations", json=CONTEXT, headers=auth)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+    assert len(component.calls) == 1
+    component.release.set()
+    first.join(10)
+    assert held[0].status_code == 200
+
+
+def test_failed_outcomes_become_typed_failures_temper_accepts() -> None:
+    retryable = failed(Failure("e2b_unavailable", "E2B answered 503", retryable=True))
+    permanent = failed(Failure("invalid config!", "x" * 600, retryable=False))
+    first, second = temper_result(retryable), temper_result(permanent)
+    for result in (first, second):
+        decode_terminal_result(json.dumps(result))
+    assert first["typed_failure"]["category"] == "transient"
+    assert first["typed_failure"]["diagnostic"] == "E2B answered 503"
+    assert second["typed_failure"]["category"] == "permanent"
+    assert second["typed_failure"]["code"] == "invalid_config_"
+    assert "diagnostic" not in second["typed_failure"]  # over 512 bytes: omitted whole
