@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from host.context import MAX_CONTEXT_BYTES, InvalidContext, parse_context
+from host.runtime.temper_context import MAX_CONTEXT_BYTES, InvalidContext, parse_context
 from host.serve.pool import InvocationPool
 from host.serve.results import temper_result
 from provisioner.model import Invocation, Outcome

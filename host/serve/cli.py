@@ -18,7 +18,7 @@ from types import FrameType
 
 import uvicorn
 
-from host.harness import API_KEY_ENV, default_storage_url, open_runtime
+from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
 from host.serve.pool import InvocationPool
 

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import httpx
 import wasmtime
 
-from host.epochs import EpochTicker
+from host.runtime.epochs import EpochTicker
 from host.temper_abi.context import temper_context_json
 from host.temper_abi.env_functions import TEMPER_ENV_FUNCTIONS
 from host.temper_abi.limits import EPOCH_TICK_MS, MAX_MODULE_SIZE, TemperLimits
