@@ -15,7 +15,7 @@ import pytest
 from host.mock_e2b import MockE2BServer
 from tests.conftest import API_KEY
 from tests.host.serve.serve_process import serve_process
-from tests.mock_e2b_fixtures import running_mock
+from tests.host.mock_e2b.fixtures import running_mock
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 

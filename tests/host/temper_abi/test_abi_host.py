@@ -154,7 +154,7 @@ def test_http_answers_minus_one_when_the_call_fails() -> None:
 
 def test_the_real_http_client_refuses_a_body_over_max_response_bytes() -> None:
     from host.temper_abi import httpx_call
-    from tests.mock_e2b_fixtures import running_mock
+    from tests.host.mock_e2b.fixtures import running_mock
 
     with running_mock() as mock, pytest.raises(HttpCallFailed):
         httpx_call("GET", f"{mock.url}/_mock/stats", [], "", timeout_s=5, max_response_bytes=10)
