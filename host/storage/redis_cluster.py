@@ -70,8 +70,7 @@ class RedisClusterBackend(RedisBackendBase[RedisCluster]):
         key_prefix: str = DEFAULT_KEY_PREFIX,
         clock_refresh_ms: int = DEFAULT_CLOCK_REFRESH_MS,
     ) -> None:
-        if "{" in key_prefix or "}" in key_prefix:
-            raise StorageURIError(f"a cluster key_prefix must not hold braces: {key_prefix!r}")
+        _check_prefix(key_prefix)
         super().__init__(client, key_prefix=key_prefix, clock_refresh_ms=clock_refresh_ms)
         self._time_script = client.register_script(script("server_time"))
         self._clock_key = f"{key_prefix}{{clock}}".encode()
@@ -82,6 +81,7 @@ class RedisClusterBackend(RedisBackendBase[RedisCluster]):
         nodes = cluster_nodes(url)
         if options.parts.path not in ("", "/", "/0"):
             raise StorageURIError(f"a Redis Cluster has database 0 only: {url!r}")
+        _check_prefix(options.key_prefix)  # before connecting: a bad URI is not an outage
         credentials, at, _ = options.parts.netloc.rpartition("@")
         # redis-py parses and types the connection options (credentials, timeouts, …).
         first = f"{credentials}{at}{nodes[0].host}:{nodes[0].port}"
@@ -117,6 +117,11 @@ class RedisClusterBackend(RedisBackendBase[RedisCluster]):
             self._counter_key(namespace)
         )
         return self._client.scan_iter(match=match, count=1000, target_nodes=node)
+
+
+def _check_prefix(key_prefix: str) -> None:
+    if "{" in key_prefix or "}" in key_prefix:
+        raise StorageURIError(f"a cluster key_prefix must not hold braces: {key_prefix!r}")
 
 
 def cluster_nodes(url: str) -> list[ClusterNode]:
