@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, Protocol, Self
 
 from host.storage import registry
@@ -53,6 +54,7 @@ __all__ = [
     "StorageInvalidKey",
     "StorageTooLarge",
     "StorageUnavailable",
+    "Write",
     "check_key",
     "check_namespace",
     "check_ttl",
@@ -115,12 +117,25 @@ def check_ttl(ttl_ms: int | None) -> None:
         raise StorageInvalidKey("ttl must be positive")
 
 
+@dataclass(frozen=True, slots=True)
+class Write:
+    """A compare-and-swap that passed the shared checks, as a backend's primitive gets it."""
+
+    namespace: str
+    key: str
+    expected_version: int | None
+    """The live version the write requires; None: the key must be absent."""
+    value: bytes
+    ttl_ms: int | None
+    """None (no expiry), or positive and below FOREVER_MS."""
+
+
 class CheckedBackend(ABC):
     """A storage backend: the shared checks here, the primitives in the subclass.
 
     A subclass that sets `schemes` is registered under them, so `storage_from_uri` finds it.
-    The primitives may assume a valid namespace and key, a value within the size limit, and
-    a TTL that is None (no expiry) or positive and below FOREVER_MS.
+    The primitives may assume a valid namespace and key; a write comes as a `Write`, its
+    value within the size limit and its TTL bounded.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
@@ -156,7 +171,9 @@ class CheckedBackend(ABC):
         check_value(value)
         check_ttl(ttl_ms)
         lasting = None if ttl_ms is None or ttl_ms >= FOREVER_MS else ttl_ms
-        return self._compare_and_swap(namespace, key, expected_version, bytes(value), lasting)
+        return self._compare_and_swap(
+            Write(namespace, key, expected_version, bytes(value), lasting)
+        )
 
     def delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
         check_namespace(namespace)
@@ -178,15 +195,8 @@ class CheckedBackend(ABC):
     def _get(self, namespace: str, key: str) -> Entry | None: ...
 
     @abstractmethod
-    def _compare_and_swap(
-        self,
-        namespace: str,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
-        """Write if the live version is `expected_version` (None: absent), else conflict."""
+    def _compare_and_swap(self, write: Write) -> int:
+        """Store `write` if the key's live version is its expected one, else conflict."""
 
     @abstractmethod
     def _delete(self, namespace: str, key: str, expected_version: int | None) -> bool: ...

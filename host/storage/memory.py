@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Self
 
-from host.storage.base import CheckedBackend, Clock, Entry, StorageConflict
+from host.storage.base import CheckedBackend, Clock, Entry, StorageConflict, Write
 from host.storage.registry import StorageURIError
 
 
@@ -48,23 +48,17 @@ class MemoryBackend(CheckedBackend):
             found = self._live((namespace, key), self._clock())
         return None if found is None else Entry(found[0], found[1])
 
-    def _compare_and_swap(
-        self,
-        namespace: str,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
+    def _compare_and_swap(self, write: Write) -> int:
         with self._lock:
             now = self._clock()
-            slot = (namespace, key)
+            slot = (write.namespace, write.key)
             found = self._live(slot, now)
-            if (None if found is None else found[1]) != expected_version:
-                raise StorageConflict(key)
+            if (None if found is None else found[1]) != write.expected_version:
+                raise StorageConflict(write.key)
             version = self._next_version
             self._next_version += 1
-            self._data[slot] = (value, version, None if ttl_ms is None else now + ttl_ms)
+            expires_at = None if write.ttl_ms is None else now + write.ttl_ms
+            self._data[slot] = (write.value, version, expires_at)
             return version
 
     def _delete(self, namespace: str, key: str, expected_version: int | None) -> bool:

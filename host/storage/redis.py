@@ -48,7 +48,14 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from host.storage.base import CheckedBackend, Clock, Entry, StorageConflict, StorageUnavailable
+from host.storage.base import (
+    CheckedBackend,
+    Clock,
+    Entry,
+    StorageConflict,
+    StorageUnavailable,
+    Write,
+)
 from host.storage.lua import script
 from host.storage.registry import StorageURIError
 
@@ -102,10 +109,14 @@ class RedisBackendBase(CheckedBackend, Generic[ClientT]):
     ) -> None:
         if clock_refresh_ms < 0:
             raise ValueError("clock_refresh_ms must not be negative")
+        self._check_key_prefix(key_prefix)
         self._client: ClientT = client
         self._prefix = key_prefix
+        # Registering only hashes the text; the script is sent on its first use (EVALSHA,
+        # then EVAL on a server that does not know it yet).
         self._cas = client.register_script(script("compare_and_swap"))
         self._delete_script = client.register_script(script("delete"))
+        self._time_script = client.register_script(script("server_time"))
         self._clock_refresh_ns = clock_refresh_ms * 1_000_000
         self._clock_lock = threading.Lock()
         # server_ms = local monotonic ns / 1e6 + offset; None until Redis first answers TIME.
@@ -145,6 +156,10 @@ class RedisBackendBase(CheckedBackend, Generic[ClientT]):
             self._last_now_ms = max(self._last_now_ms, now)
             return self._last_now_ms
 
+    @classmethod
+    def _check_key_prefix(cls, key_prefix: str) -> None:
+        """Refuse a prefix this layout cannot use (StorageURIError)."""
+
     @abstractmethod
     def _entry_key(self, namespace: str, key: str) -> bytes: ...
 
@@ -166,23 +181,16 @@ class RedisBackendBase(CheckedBackend, Generic[ClientT]):
             return None
         return Entry(_as_bytes(value), int(version))
 
-    def _compare_and_swap(
-        self,
-        namespace: str,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
-        keys = [self._entry_key(namespace, key), self._counter_key(namespace)]
+    def _compare_and_swap(self, write: Write) -> int:
+        keys = [self._entry_key(write.namespace, write.key), self._counter_key(write.namespace)]
         args: list[str | bytes] = [
-            _version_arg(expected_version),
-            value,
-            "" if ttl_ms is None else str(ttl_ms),
+            _version_arg(write.expected_version),
+            write.value,
+            "" if write.ttl_ms is None else str(write.ttl_ms),
         ]
         result = self._call(lambda: self._cas(keys=keys, args=args))
         if result is None:
-            raise StorageConflict(key)
+            raise StorageConflict(write.key)
         return int(result)
 
     def _delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
@@ -225,16 +233,6 @@ class RedisBackend(RedisBackendBase[redis.Redis]):
 
     schemes = ("redis", "rediss")
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        *,
-        key_prefix: str = DEFAULT_KEY_PREFIX,
-        clock_refresh_ms: int = DEFAULT_CLOCK_REFRESH_MS,
-    ) -> None:
-        super().__init__(client, key_prefix=key_prefix, clock_refresh_ms=clock_refresh_ms)
-        self._version_counter = (key_prefix + "version").encode("utf-8", "surrogatepass")
-
     @classmethod
     def from_url(cls, url: str) -> Self:
         """A backend from a `redis://` or `rediss://` URL (see `host.storage` for options)."""
@@ -253,7 +251,8 @@ class RedisBackend(RedisBackendBase[redis.Redis]):
         return f"{self._prefix}e:{quote(namespace, safe='')}:{key}".encode("utf-8", "surrogatepass")
 
     def _counter_key(self, namespace: str) -> bytes:
-        return self._version_counter
+        # One counter for the whole server: versions are unique across all keys.
+        return f"{self._prefix}version".encode("utf-8", "surrogatepass")
 
     def _server_time(self) -> tuple[int, int]:
         seconds, micros = self._client.time()

@@ -47,10 +47,7 @@ from redis.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError
 
 from host.storage.base import StorageUnavailable
-from host.storage.lua import script
 from host.storage.redis import (
-    DEFAULT_CLOCK_REFRESH_MS,
-    DEFAULT_KEY_PREFIX,
     DEFAULT_SOCKET_TIMEOUT_S,
     RedisBackendBase,
     UrlOptions,
@@ -63,25 +60,13 @@ __all__ = ["RedisClusterBackend", "cluster_nodes"]
 class RedisClusterBackend(RedisBackendBase[RedisCluster]):
     schemes = ("redis+cluster",)
 
-    def __init__(
-        self,
-        client: RedisCluster,
-        *,
-        key_prefix: str = DEFAULT_KEY_PREFIX,
-        clock_refresh_ms: int = DEFAULT_CLOCK_REFRESH_MS,
-    ) -> None:
-        _check_prefix(key_prefix)
-        super().__init__(client, key_prefix=key_prefix, clock_refresh_ms=clock_refresh_ms)
-        self._time_script = client.register_script(script("server_time"))
-        self._clock_key = f"{key_prefix}{{clock}}".encode()
-
     @classmethod
     def from_url(cls, url: str) -> Self:
         options = UrlOptions(url)
         nodes = cluster_nodes(url)
         if options.parts.path not in ("", "/", "/0"):
             raise StorageURIError(f"a Redis Cluster has database 0 only: {url!r}")
-        _check_prefix(options.key_prefix)  # before connecting: a bad URI is not an outage
+        cls._check_key_prefix(options.key_prefix)  # before connecting: not an outage
         credentials, at, _ = options.parts.netloc.rpartition("@")
         # redis-py parses and types the connection options (credentials, timeouts, …).
         first = f"{credentials}{at}{nodes[0].host}:{nodes[0].port}"
@@ -99,6 +84,11 @@ class RedisClusterBackend(RedisBackendBase[RedisCluster]):
             raise StorageUnavailable(f"redis cluster at {url!r}: {error}") from error
         return cls(client, key_prefix=options.key_prefix, clock_refresh_ms=options.clock_refresh_ms)
 
+    @classmethod
+    def _check_key_prefix(cls, key_prefix: str) -> None:
+        if "{" in key_prefix or "}" in key_prefix:
+            raise StorageURIError(f"a cluster key_prefix must not hold braces: {key_prefix!r}")
+
     def _tag(self, namespace: str) -> str:
         return f"{self._prefix}{{n:{quote(namespace, safe='')}}}"
 
@@ -109,7 +99,7 @@ class RedisClusterBackend(RedisBackendBase[RedisCluster]):
         return f"{self._tag(namespace)}version".encode()
 
     def _server_time(self) -> tuple[int, int]:
-        seconds, micros = self._time_script(keys=[self._clock_key])
+        seconds, micros = self._time_script(keys=[f"{self._prefix}{{clock}}".encode()])
         return int(seconds), int(micros)
 
     def _scan(self, namespace: str, match: bytes) -> Iterable[bytes | str]:
@@ -117,11 +107,6 @@ class RedisClusterBackend(RedisBackendBase[RedisCluster]):
             self._counter_key(namespace)
         )
         return self._client.scan_iter(match=match, count=1000, target_nodes=node)
-
-
-def _check_prefix(key_prefix: str) -> None:
-    if "{" in key_prefix or "}" in key_prefix:
-        raise StorageURIError(f"a cluster key_prefix must not hold braces: {key_prefix!r}")
 
 
 def cluster_nodes(url: str) -> list[ClusterNode]:

@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import parse_qsl, urlsplit
 
-from host.storage.base import CheckedBackend, Clock, Entry, StorageConflict, StorageUnavailable
+from host.storage.base import (
+    CheckedBackend,
+    Clock,
+    Entry,
+    StorageConflict,
+    StorageUnavailable,
+    Write,
+)
 from host.storage.registry import StorageURIError
 
 DEFAULT_BUSY_TIMEOUT_MS = 5_000
@@ -143,26 +150,19 @@ class SqliteBackend(CheckedBackend):
             )
         return None if row is None else Entry(bytes(row[0]), int(row[1]))
 
-    def _compare_and_swap(
-        self,
-        namespace: str,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
+    def _compare_and_swap(self, write: Write) -> int:
         with self._errors_as_unavailable(), self._write_transaction() as conn:
             now = self._clock()
-            if self._live_version(conn, namespace, key, now) != expected_version:
-                raise StorageConflict(key)
+            if self._live_version(conn, write.namespace, write.key, now) != write.expected_version:
+                raise StorageConflict(write.key)
             (version,) = conn.execute(
                 "UPDATE meta SET value = value + 1 WHERE name = 'last_version' RETURNING value"
             ).fetchone()
-            expires_at = None if ttl_ms is None else now + ttl_ms
+            expires_at = None if write.ttl_ms is None else now + write.ttl_ms
             conn.execute(
                 "INSERT OR REPLACE INTO entries (namespace, key, value, version, expires_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (namespace, _key_bytes(key), value, version, expires_at),
+                (write.namespace, _key_bytes(write.key), write.value, version, expires_at),
             )
             self._maybe_purge(conn, now)
             return int(version)

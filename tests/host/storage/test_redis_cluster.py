@@ -8,12 +8,14 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from host.http_gateway import HttpGateway
 from host.namespaces import account_namespace
@@ -48,7 +50,9 @@ def counter_key(prefix: str, namespace: str) -> bytes:
 
 
 @pytest.fixture
-def backend(redis_cluster: LocalRedisCluster, request: pytest.FixtureRequest) -> Any:
+def backend(
+    redis_cluster: LocalRedisCluster, request: pytest.FixtureRequest
+) -> Iterator[RedisClusterBackend]:
     # A prefix per test keeps the tests sharing one cluster apart.
     built = storage_from_uri(redis_cluster.url(f"key_prefix={request.node.name[:40]}:"))
     assert isinstance(built, RedisClusterBackend)
@@ -60,7 +64,7 @@ def backend(redis_cluster: LocalRedisCluster, request: pytest.FixtureRequest) ->
 
 
 def test_every_key_of_a_namespace_shares_its_slot_with_the_version_counter(
-    backend: RedisClusterBackend, request: pytest.FixtureRequest
+    backend: RedisClusterBackend, redis_cluster: LocalRedisCluster, request: pytest.FixtureRequest
 ) -> None:
     """Bug caught: keys without a hash tag, so that the compare-and-swap script (entry and
     counter) spans two slots, which a cluster refuses (CROSSSLOT), or keys of one account
@@ -72,13 +76,13 @@ def test_every_key_of_a_namespace_shares_its_slot_with_the_version_counter(
         for key in keys:
             version = backend.compare_and_swap(namespace, key, None, b"v", None)
             assert backend.get(namespace, key) == Entry(b"v", version)
-        slots = {client.keyslot(entry_key(prefix, namespace, key)) for key in keys}
-        slots.add(client.keyslot(counter_key(prefix, namespace)))
+        slots = {key_slot(entry_key(prefix, namespace, key)) for key in keys}
+        slots.add(key_slot(counter_key(prefix, namespace)))
         assert len(slots) == 1, (namespace, slots)
         assert client.exists(*(entry_key(prefix, namespace, key) for key in keys)) == len(keys)
         assert backend.keys(namespace) == sorted(keys)
     # Different accounts are spread over the masters, not all on one.
-    spread = {client.keyslot(counter_key(prefix, f"account/{n}")) // 5462 for n in range(30)}
+    spread = {key_slot(counter_key(prefix, f"account/{n}")) // 5462 for n in range(30)}
     assert len(spread) == 3
 
 
@@ -116,7 +120,7 @@ def test_now_ms_is_the_clock_of_one_cluster_node(redis_cluster: LocalRedisCluste
     backend = RedisClusterBackend.from_url(
         redis_cluster.url("key_prefix=clock:&clock_refresh_ms=0")
     )
-    clock_node = backend.client.get_node_from_key(b"clock:{clock}")
+    clock_node = backend.client.get_node_from_key(b"clock:{clock}")  # type: ignore[no-untyped-call]
 
     def server_ms() -> int:
         seconds, micros = backend.client.time(target_nodes=clock_node)
@@ -249,7 +253,7 @@ def test_cas_increments_across_a_master_failover_lose_none_double_none(
     cluster = own_redis_cluster
     threads, quota = 4, 10
     backend = RedisClusterBackend.from_url(cluster.url("key_prefix=failover:&socket_timeout=10"))
-    slot = backend.client.keyslot(entry_key("failover:", NS, "log"))
+    slot = key_slot(entry_key("failover:", NS, "log"))
     master = cluster.master_of_slot(slot, seen_from=cluster.ports[0])
     replica = cluster.replica_of(master, seen_from=cluster.ports[0])
     tally = Tally()
@@ -288,10 +292,9 @@ def test_cas_increments_across_a_master_failover_lose_none_double_none(
     cluster.wait_until(replica_caught_up, "the replica to catch up")
     in_flight_at_kill = tally.in_cas
     cluster.server_on(master.port).kill()
-    with cluster.client(replica.port) as replica_client:
-        # An automatic failover may be under way already: waited for below either way.
-        with contextlib.suppress(redis.ResponseError):
-            replica_client.execute_command("CLUSTER", "FAILOVER", "FORCE")
+    # An automatic failover may be under way already: waited for below either way.
+    with cluster.client(replica.port) as replica_client, contextlib.suppress(redis.ResponseError):
+        replica_client.execute_command("CLUSTER", "FAILOVER", "FORCE")
 
     live = [port for port in cluster.ports if port != master.port]
 
@@ -382,7 +385,7 @@ def test_admission_decisions_run_on_the_cluster(
         namespace = account_namespace("default")
         stored = backend.keys(namespace)
         assert stored, "the admission state lives in the account namespace"
-        slots = {backend.client.keyslot(entry_key("admission:", namespace, k)) for k in stored}
+        slots = {key_slot(entry_key("admission:", namespace, k)) for k in stored}
         assert len(slots) == 1
     finally:
         runtime.close()
