@@ -70,10 +70,15 @@ class RedisClusterBackend(RedisBackendBase[RedisCluster]):
         credentials, at, _ = options.parts.netloc.rpartition("@")
         # redis-py parses and types the connection options (credentials, timeouts, …).
         first = f"{credentials}{at}{nodes[0].host}:{nodes[0].port}"
-        connection: dict[str, Any] = parse_url(  # type: ignore[no-untyped-call]
-            urlunsplit(("redis", first, "", options.redis_query, ""))
-        )
-        for placed in ("host", "port", "db"):
+        try:
+            connection: dict[str, Any] = parse_url(  # type: ignore[no-untyped-call]
+                urlunsplit(("redis", first, "", options.redis_query, ""))
+            )
+        except ValueError as error:
+            raise StorageURIError(f"{error} in {url!r}") from None
+        if connection.pop("db", 0) != 0:
+            raise StorageURIError(f"a Redis Cluster has database 0 only: {url!r}")
+        for placed in ("host", "port"):
             connection.pop(placed, None)
         connection.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_S)
         connection.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT_S)

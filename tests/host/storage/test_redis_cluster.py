@@ -151,6 +151,8 @@ def test_the_cluster_scheme_is_registered() -> None:
     "uri",
     [
         "redis+cluster://127.0.0.1:1/1",
+        "redis+cluster://127.0.0.1:1/?db=2",
+        "redis+cluster://127.0.0.1:1/?socket_timeout=soon",
         "redis+cluster://127.0.0.1",
         "redis+cluster://127.0.0.1:1,",
         "redis+cluster://127.0.0.1:notaport",
@@ -240,16 +242,18 @@ def _apply_once(backend: RedisClusterBackend, op: str, tally: Tally) -> None:
 def test_cas_increments_across_a_master_failover_lose_none_double_none(
     own_redis_cluster: LocalRedisCluster,
 ) -> None:
-    """Bug caught: a backend that stays on a dead master (no topology refresh), a retry that
-    applies an increment twice, a version reissued after the failover, or keys of one
-    namespace split across slots (the script would fail on the cluster).
+    """Bug caught: a backend that stays on the dead master (no refresh of the slot map),
+    a version reissued after the failover, an acknowledged write lost, an op applied twice,
+    or keys of one namespace split across slots (the script would fail on the cluster).
 
     Threads append their ops to one key with CAS. At halfway the key's master is paused for
     writes (CLIENT PAUSE WRITE), the threads resume and block in compare-and-swap on it,
     the replica is shown caught up with the master's replication offset, and the master is
     killed with SIGKILL with those writes in flight; its replica is made master
-    (CLUSTER FAILOVER FORCE), which the test waits to see. Redis replicates asynchronously,
-    so catching up first is what makes "no acknowledged write lost" Redis's to keep."""
+    (CLUSTER FAILOVER FORCE), which the test waits to see on every live node. Redis
+    replicates asynchronously, so catching up first is what makes "no acknowledged write
+    lost" Redis's to keep. The writes in flight at the kill were held unexecuted by the
+    pause: their outcome is unknown to the threads, which must find out by reading."""
     cluster = own_redis_cluster
     threads, quota = 4, 10
     backend = RedisClusterBackend.from_url(cluster.url("key_prefix=failover:&socket_timeout=10"))
