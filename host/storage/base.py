@@ -101,7 +101,7 @@ def check_key(key: str) -> None:
 
 
 def check_namespace(namespace: str) -> None:
-    # The host makes namespaces (host.namespaces percent-encodes names), so a control
+    # The host makes namespaces (host.services.namespaces percent-encodes names), so a control
     # character here is a host bug; it is refused like a key's rather than stored.
     if _CONTROL_CHARACTERS.search(namespace):
         raise StorageInvalidKey("namespace holds control characters")

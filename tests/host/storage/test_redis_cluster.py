@@ -17,14 +17,13 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from host.http_gateway import HttpGateway
-from host.namespaces import account_namespace
-from host.native_runtime import NativeRuntime
-from host.runtime import HostServices
+from host.runtime.component_runtime import HostServices
+from host.runtime.native import NativeRuntime
+from host.services.http_gateway import HttpGateway
+from host.services.namespaces import account_namespace
 from host.storage import UnknownStorageScheme, known_schemes, storage_from_uri
 from host.storage.base import MAX_VALUE_BYTES
 from host.storage.redis_cluster import RedisClusterBackend
-from host.telemetry import RecordingTelemetrySink
 from provisioner.model import Invocation
 from provisioner.ports import (
     Entry,
@@ -34,6 +33,7 @@ from provisioner.ports import (
     StorageUnavailable,
 )
 from tests.conftest import API_KEY
+from tests.doubles import RecordingTelemetrySink
 from tests.host.storage.conftest import LocalRedisCluster
 
 NS = "account/e2b"
