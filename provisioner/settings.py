@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from provisioner.failures import FailureCode
 from provisioner.model import ProvisionerError
 
 DEFAULT_API_URL = "https://api.e2b.app"
@@ -26,11 +27,11 @@ def int_setting(config: Mapping[str, str], key: str, default: int, low: int, hig
         value = int(raw.strip())
     except ValueError:
         raise ProvisionerError(
-            "invalid_config", f"{key} must be an integer, got {raw[:40]!r}"
+            FailureCode.INVALID_CONFIG, f"{key} must be an integer, got {raw[:40]!r}"
         ) from None
     if not low <= value <= high:
         raise ProvisionerError(
-            "invalid_config", f"{key} must be between {low} and {high}, got {value}"
+            FailureCode.INVALID_CONFIG, f"{key} must be between {low} and {high}, got {value}"
         )
     return value
 
@@ -45,11 +46,12 @@ def float_setting(
         value = float(raw.strip())
     except ValueError:
         raise ProvisionerError(
-            "invalid_config", f"{key} must be a number, got {raw[:40]!r}"
+            FailureCode.INVALID_CONFIG, f"{key} must be a number, got {raw[:40]!r}"
         ) from None
     if not math.isfinite(value) or not low <= value <= high:
         raise ProvisionerError(
-            "invalid_config", f"{key} must be between {low:g} and {high:g}, got {raw[:40]!r}"
+            FailureCode.INVALID_CONFIG,
+            f"{key} must be between {low:g} and {high:g}, got {raw[:40]!r}",
         )
     return value
 
@@ -69,12 +71,13 @@ class SandboxSettings:
         api_url = config.get("e2b_api_url", DEFAULT_API_URL).strip().rstrip("/")
         if not api_url.startswith(("https://", "http://")) or _URL_FORBIDDEN.search(api_url):
             raise ProvisionerError(
-                "invalid_config", "e2b_api_url must be an http(s) URL without query or fragment"
+                FailureCode.INVALID_CONFIG,
+                "e2b_api_url must be an http(s) URL without query or fragment",
             )
         template_id = config.get("template_id", DEFAULT_TEMPLATE).strip()
         if not _TEMPLATE_ID.fullmatch(template_id):
             raise ProvisionerError(
-                "invalid_config",
+                FailureCode.INVALID_CONFIG,
                 "template_id must be 1-128 letters, digits or ._:/-,"
                 " starting with a letter or digit",
             )

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from provisioner.failures import FailureCode
 from provisioner.model import ProvisionerError
 
 _DAY_MS = 24 * 3600 * 1000
@@ -63,7 +64,7 @@ class AdmissionConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> AdmissionConfig:
-        """Read the settings; a bad value raises ProvisionerError("invalid_config")."""
+        """Read the settings; a bad value raises ProvisionerError(FailureCode.INVALID_CONFIG)."""
         values: dict[str, Any] = {}
         # Only the keys present are looked at: this runs on every invocation.
         for key, raw in config.items():
@@ -95,7 +96,9 @@ class AdmissionConfig:
 
 
 def _invalid(message: str) -> None:
-    raise ProvisionerError("invalid_config", f"admission config: {message}", retryable=False)
+    raise ProvisionerError(
+        FailureCode.INVALID_CONFIG, f"admission config: {message}", retryable=False
+    )
 
 
 @dataclass(frozen=True, slots=True)

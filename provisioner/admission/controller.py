@@ -77,6 +77,7 @@ from provisioner.admission.state import (
     waiter_key,
 )
 from provisioner.admission.status import capacity_wait_ms, slot_wait_ms, snapshot
+from provisioner.failures import FailureCode
 from provisioner.model import Failure
 from provisioner.ports import LogLevel, Ports, Scope, StorageConflict, StorageError
 
@@ -130,7 +131,7 @@ class AdmissionController:
 
         Created -> None (the waiter now holds a capacity lease for the sandbox's timeout).
         RateLimited / Unavailable -> Queued("backoff") at the front, or Rejected
-        ("retry_budget_exhausted") after `max_create_attempts`. CapacityExhausted ->
+        (FailureCode.RETRY_BUDGET_EXHAUSTED) after `max_create_attempts`. CapacityExhausted ->
         Queued("capacity"). CreateFailed -> Rejected(its failure). Queued("storage") means
         the result could not be recorded: settle again with the same arguments."""
         return self._guard(
@@ -334,7 +335,7 @@ class AdmissionController:
             self._drop_ticket_key(waiter, place)
             return Rejected(
                 Failure(
-                    "queue_timeout",
+                    FailureCode.QUEUE_TIMEOUT,
                     f"waited {now - place.since_ms} ms for a sandbox, longer than the queue "
                     f"timeout of {config.queue_timeout_ms} ms",
                     retryable=True,
@@ -519,7 +520,7 @@ class AdmissionController:
     def _exhausted(self, attempts: int) -> Rejected:
         return Rejected(
             Failure(
-                "retry_budget_exhausted",
+                FailureCode.RETRY_BUDGET_EXHAUSTED,
                 f"E2B refused {attempts} create attempts; giving up on this waiter",
                 retryable=True,
             )
