@@ -46,6 +46,7 @@ from host.sessions.model import Job
 from host.storage import storage_from_uri
 from provisioner.admission.leases import prune_expired
 from provisioner.admission.state import GATE_KEY, GateState
+from provisioner.config import AdmissionConfig
 
 if TYPE_CHECKING:
     from host.mock_e2b import MockE2BServer
@@ -572,7 +573,7 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=3000,
         help="a create slot's lease: how long a dead host's slot stays taken "
-        "(default 3000; production default 150000)",
+        f"(default 3000; production default {AdmissionConfig.create_lease_ms})",
     )
     parser.add_argument("--turns", type=int, default=3, help="turns per session (default 3)")
     parser.add_argument(

@@ -20,10 +20,10 @@ from provisioner.admission import (
     RateLimited,
     Unavailable,
 )
+from provisioner.config import SandboxSettings
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
 from provisioner.ports import Http, HttpError, HttpErrorKind, HttpRequest, HttpResponse
-from provisioner.settings import SandboxSettings
 
 _CAPACITY_MESSAGE = re.compile(r"maximum number of concurrent E2B sandboxes(?:\s*\((\d+)\))?", re.I)
 _JSON_HEADERS = (("content-type", "application/json"), ("accept", "application/json"))

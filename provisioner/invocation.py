@@ -79,13 +79,12 @@ def validate(invocation: Invocation) -> Request:
         raise ProvisionerError(
             FailureCode.INVALID_CONFIG, f"more than {MAX_CONFIG_ENTRIES} config entries"
         )
-    config: dict[str, str] = {}
     for key, value in invocation.config:
         if len(value) > MAX_CONFIG_VALUE_CHARS:
             raise ProvisionerError(
                 FailureCode.INVALID_CONFIG, f"config value of {key!r} is too long"
             )
-        config[key] = value
+    config = dict(invocation.config)
     operation = config.get("operation", "provision").strip().lower() or "provision"
     if operation not in OPERATIONS:
         raise ProvisionerError(

@@ -12,7 +12,6 @@ from typing import Any
 
 from provisioner.admission import (
     REASON_STORAGE,
-    AdmissionConfig,
     AdmissionController,
     Created,
     CreateFailed,
@@ -23,6 +22,7 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
+from provisioner.config import read_config
 from provisioner.e2b import E2BClient, SandboxInfo
 from provisioner.entity_records import (
     PENDING,
@@ -44,7 +44,6 @@ from provisioner.model import (
     failed,
 )
 from provisioner.ports import Ports, StorageConflict
-from provisioner.settings import SandboxSettings
 
 # A pending record outlives the longest a waiter may queue, then vanishes on its own.
 _PENDING_GRACE_MS = 10 * 60 * 1000
@@ -78,8 +77,9 @@ class Operations:
     def __init__(self, request: Request, ports: Ports) -> None:
         self.request = request
         self.ports = ports
-        self.settings = SandboxSettings.from_config(request.config)
-        self.admission_config = AdmissionConfig.from_config(request.config)
+        config = read_config(request.config)
+        self.settings = config.sandbox
+        self.admission_config = config.admission
         self.records = EntityRecords(ports.storage)
         self.waiter = Waiter(tenant=request.tenant, entity=request.entity)
 

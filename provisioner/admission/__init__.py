@@ -21,7 +21,6 @@ gates (slots, rate, capacity), queue (fair order), backoff, budget, status (esti
 and snapshot), controller (the decisions).
 """
 
-from provisioner.admission.config import AdmissionConfig
 from provisioner.admission.controller import AdmissionController
 from provisioner.admission.results import (
     REASON_BACKOFF,
@@ -41,6 +40,7 @@ from provisioner.admission.results import (
     Unavailable,
     Waiter,
 )
+from provisioner.config import AdmissionConfig
 
 __all__ = [
     "REASON_BACKOFF",

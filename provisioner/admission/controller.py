@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 from provisioner.admission import budget
 from provisioner.admission.backoff import cooling_ms, record_failure, record_success
-from provisioner.admission.config import AdmissionConfig
 from provisioner.admission.gates import (
     capacity_free,
     capacity_in_use,
@@ -77,6 +76,7 @@ from provisioner.admission.state import (
     waiter_key,
 )
 from provisioner.admission.status import capacity_wait_ms, slot_wait_ms, snapshot
+from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
 from provisioner.ports import LogLevel, Ports, Scope, StorageConflict, StorageError
