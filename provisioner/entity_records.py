@@ -62,7 +62,7 @@ class EntityRecord:
 
     @classmethod
     def decode(cls, raw: bytes) -> EntityRecord:
-        data: dict[str, Any] = json.loads(raw)
+        data: dict[str, Any] = json.loads(raw.decode())  # str: json skips sniffing the encoding
         try:
             return cls(**data)
         except TypeError:  # a key this version does not know: keep the ones it does

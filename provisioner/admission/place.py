@@ -60,7 +60,7 @@ class Place:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Place:
-        stage, since, attempt, ticket, lease, alive = json.loads(raw)
+        stage, since, attempt, ticket, lease, alive = json.loads(raw.decode())
         return cls(
             _STAGES[str(stage)],
             int(since),

@@ -190,7 +190,7 @@ class GateState:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> GateState:
-        doc = json.loads(raw)
+        doc = json.loads(raw.decode())  # str: json skips sniffing the encoding
         # Documents written before the attempt moved to the waiter's record carry it as a
         # sixth lease field and a third retry field: read past it.
         return cls(

@@ -34,12 +34,13 @@ def readme_defaults() -> dict[str, str]:
     return found
 
 
-def shown(key: str) -> object:
+def shown(key: str) -> float | str | None:
     """A setting's default in the key's unit (seconds for a `_s` key of a `_ms` field)."""
     setting = SETTINGS_BY_KEY[key]
     value = setting.default
     if key.endswith(("_s", "_seconds")) and setting.field.endswith("_ms"):
-        return value / 1000
+        return float(value) / 1000
+    assert value is None or isinstance(value, float | int | str)
     return value
 
 

@@ -103,10 +103,10 @@ def test_every_waiter_is_listed_in_fair_order_with_what_its_own_poll_is_told() -
         assert shown.stage is Stage.QUEUED and shown.alive and shown.attempt == 1
         assert shown.waited_ms == 40
     for waiter in expected:
-        shown = view(harness).waiter(waiter.tenant, waiter.entity)
+        before = view(harness).waiter(waiter.tenant, waiter.entity)
         told = queued_of(harness.admit(waiter))
-        assert shown is not None
-        assert (shown.position, shown.reason, shown.eta_ms) == (
+        assert before is not None
+        assert (before.position, before.reason, before.eta_ms) == (
             told.position,
             told.reason,
             told.eta_ms,
