@@ -134,9 +134,9 @@ def _assert_nothing_left(
     assert stats.duplicates == 0, "two sandboxes for one idempotency key"
     assert stats.sandboxes_created == jobs, "one sandbox per job, no more"
     gate, _ = read_gate(redis_server.url, account)
-    assert gate.create_leases == [], "a create slot leaked"
-    assert gate.sandbox_leases == [], "a capacity permit leaked"
-    assert gate.waiting() == 0, "a waiter was left in the queue"
+    assert gate.create_slots.leases == (), "a create slot leaked"
+    assert gate.capacity.leases == (), "a capacity permit leaked"
+    assert gate.waiters == (), "a waiter was left in the queue"
 
 
 def test_three_hosts_share_the_limits_and_stay_fair(
@@ -248,7 +248,9 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
             unfinished = cluster.kill(victim)
             gate, killed_at_ms = read_gate(redis_server.url, settings.account)
             orphaned_leases = {
-                lease.lease_id for lease in gate.create_leases if lease.entity in victim_entities
+                lease.lease_id
+                for lease in gate.create_slots.leases
+                if lease.entity in victim_entities
             }
             # Killed while holding create slots, with sessions still queued.
             assert orphaned_leases, "the victim held no create slot when it died"
@@ -256,7 +258,7 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
             lease_expiry_ms = (
                 max(
                     lease.expires_ms
-                    for lease in gate.create_leases
+                    for lease in gate.create_slots.leases
                     if lease.lease_id in orphaned_leases
                 )
                 - killed_at_ms
