@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ import pytest
 import redis
 
 from host.mock_e2b import MockE2BConfig, MockE2BServer
-from host.multihost.redis_server import RedisServer, find_redis_server
+from host.multihost.redis_server import RedisServer
 from host.multihost.run import (
     Cluster,
     ClusterOutcome,
@@ -38,6 +37,7 @@ from host.multihost.run import (
 from host.multihost.worker import WorkerSettings
 from host.runtime.loader import LoadedComponent
 from host.sessions.invocations import ENTITY_TYPE
+from tests.conftest import require_redis_server
 
 API_KEY = "e2b_multihost_key_0123456789"
 CREATE_SLOTS = 4
@@ -45,17 +45,10 @@ MAX_SANDBOXES = 10
 CREATE_LEASE_MS = 3_000
 
 
-def _ci_requires_everything() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    if find_redis_server() is None:
-        message = "redis-server not installed (apt-get install redis-server)"
-        if _ci_requires_everything():
-            pytest.fail(f"{message}; CI is set, so redis tests must run, not skip")
-        pytest.skip(message)
+    require_redis_server()
     with RedisServer() as server:
         yield server
 

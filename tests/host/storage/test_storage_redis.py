@@ -15,23 +15,17 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from host.multihost.redis_server import RedisServer, find_redis_server
+from host.multihost.redis_server import RedisServer
 from host.storage.redis import RedisBackend
 from provisioner.ports import Entry, StorageConflict, StorageUnavailable
+from tests.conftest import require_redis_server
 
 NS = "account/e2b"
 
 
-def _ci_requires_everything() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
 
 def _server(persistent: bool) -> Iterator[RedisServer]:
-    if find_redis_server() is None:
-        message = "redis-server not installed (apt-get install redis-server)"
-        if _ci_requires_everything():
-            pytest.fail(f"{message}; CI is set, so redis tests must run, not skip")
-        pytest.skip(message)
+    require_redis_server()
     with RedisServer(persistent=persistent) as server:
         yield server
 
