@@ -9,6 +9,7 @@ the next attempt's ``arrived_at`` is at least ``retry-after`` later if the SDK h
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,14 +29,16 @@ def sdk(server: MockLLMServer, **options: Any) -> anthropic.Anthropic:
 
 def ask(client: anthropic.Anthropic, tokens: int = 5, **params: Any) -> anthropic.types.Message:
     params.setdefault("max_tokens", 256)
-    return client.messages.create(
+    message = client.messages.create(
         model=MODEL, messages=[{"role": "user", "content": text_of_tokens(tokens)}], **params
     )
+    assert isinstance(message, anthropic.types.Message)
+    return message
 
 
 def assert_waited_retry_after(records: list[RequestRecord]) -> None:
     """Each refused attempt is followed by one that came at least its retry-after later."""
-    for refused, retry in zip(records, records[1:], strict=False):
+    for refused, retry in itertools.pairwise(records):
         if refused.status in (429, 529):
             assert refused.retry_after_s is not None and refused.retry_after_s >= 1
             waited = retry.arrived_at - refused.answered_at
