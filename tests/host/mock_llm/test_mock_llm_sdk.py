@@ -96,9 +96,10 @@ def test_sdk_raises_typed_errors_without_retries(server: MockLLMServer) -> None:
 
 
 def test_sdk_retries_a_429_after_the_retry_after_the_mock_sent(server: MockLLMServer) -> None:
-    # One request every 3 s, none banked: the SDK's call right after a warm-up is refused
-    # with a retry-after of up to 3 s, and its retry then passes.
-    server.configure(rpm=20, rpm_burst=1)
+    # One request every 5 s, none banked: the SDK's call right after a warm-up is refused
+    # with a retry-after of up to 5 s (a window wide enough for a loaded machine; the
+    # statuses assert it held), and its retry then passes.
+    server.configure(rpm=12, rpm_burst=1)
     client = sdk(server)
     ask(client)
     message = ask(client)
@@ -111,9 +112,10 @@ def test_sdk_retries_a_429_after_the_retry_after_the_mock_sent(server: MockLLMSe
 
 
 def test_sdk_retries_an_output_token_debt_429(server: MockLLMServer) -> None:
-    # 600 output tokens a minute (10/s) and a first answer of 12 tokens from a bucket of
-    # 10: the debt of 2 plus the one token needed takes 0.3 s, so the retry-after is 1 s.
-    server.configure(otpm=600, otpm_burst=10)
+    # 60 output tokens a minute (1/s) and a first answer of 12 tokens from a bucket of
+    # 10: the debt of 2 plus the one token needed takes 3 s, so the call right after is
+    # refused (the statuses assert it) and the retry-after is 3 s.
+    server.configure(otpm=60, otpm_burst=10)
     client = sdk(server)
     ask(client)
     ask(client)
