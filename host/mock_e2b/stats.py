@@ -23,6 +23,9 @@ class MockE2BStats:
     sandboxes_killed: int = 0
     sandboxes_expired: int = 0
     running_sandboxes: int = 0
+    paused_sandboxes: int = 0
+    sandboxes_paused: int = 0
+    sandboxes_resumed: int = 0
     max_running_sandboxes: int = 0
     capacity_in_use: int = 0
     rate_limited: int = 0
