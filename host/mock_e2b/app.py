@@ -39,6 +39,7 @@ from host.mock_e2b.wire import (
 Handler = Callable[[Request], Awaitable[Response]]
 # What a route did: the answer, its status and its JSON body (what a body fault garbles).
 Outcome = tuple[Response, int, dict[str, Any] | None]
+FAULT_HEADER = "X-Mock-Fault"
 _RATE_MESSAGE = "Rate limit exceeded, please try again later."
 _CONCURRENCY_MESSAGE = "too many concurrent sandbox create requests, please try again later"
 
@@ -155,22 +156,24 @@ def build_app(
     ) -> Response:
         rt = runtime()
         config = state.config
+        # Marks the answer as injected, so checks of E2B's wire format can tell it apart.
+        marker = {FAULT_HEADER: rule.kind}
         if rule.kind == "status":
-            headers = {}
+            headers: dict[str, str] = dict(marker)
             if rule.should_retry is not None:
                 headers["Should-Retry"] = "true" if rule.should_retry else "false"
             return error_response(rule.status, "injected fault: upstream error", headers)
         if rule.kind == "reset" and await reset_connection(request.scope):
-            return Response(status_code=500)
+            return Response(status_code=500, headers=marker)  # never reaches the client
         # A server that hides its transport cannot reset: the client then times out instead.
         if rule.kind in ("hang", "reset"):
             await rt.wait_or_close(config.hang_s)
-            return error_response(504, "injected fault: request hung")
+            return error_response(504, "injected fault: request hung", marker)
         payload = json.dumps(body if body is not None else {"ok": True}).encode()
         status = 200 if status == 204 else status  # a 204 cannot carry the garbled body
         if rule.kind == "malformed_json":
             return Response(payload[: max(1, len(payload) // 2)], status,
-                            media_type="application/json")
+                            media_type="application/json", headers=marker)
         chunks = [payload[i : i + 16] for i in range(0, len(payload), 16)]
         pause = config.slow_body_ms / 1000.0 / max(1, len(chunks))
 
@@ -179,7 +182,8 @@ def build_app(
                 yield chunk
                 await rt.wait_or_close(pause)
 
-        return StreamingResponse(trickle(), status, media_type="application/json")
+        return StreamingResponse(trickle(), status, media_type="application/json",
+                                 headers=marker)
 
     async def with_faults(
         request: Request,
