@@ -466,6 +466,31 @@ def build_app(
         return error_response(404, f"sandbox \"{sandbox_id}\" doesn't exist or you don't have "
                                    "access to it")
 
+    async def temperfs(request: Request) -> Response:
+        """The TemperFS routes under /tdata, when the config turns them on."""
+        if not state.config.temperfs:
+            return error_response(404, f"Not found: {request.method} {request.url.path}")
+        body = await request.body()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+
+        async def act() -> Outcome:
+            answer = state.temperfs.handle(request.method, request.path_params["path"],
+                                           headers, body)
+            if isinstance(answer.body, bytes):
+                response: Response = Response(answer.body, answer.status,
+                                              media_type=answer.content_type)
+            elif answer.body is None:
+                response = Response(status_code=answer.status, headers=answer.headers)
+            else:
+                response = JSONResponse(answer.body, answer.status, headers=answer.headers)
+            json_body = answer.body if isinstance(answer.body, dict) else None
+            return response, answer.status, json_body
+
+        try:
+            return await with_faults(request, "tdata", act)
+        finally:
+            state.notify_changed()
+
     async def unserved(request: Request, exc: Exception) -> Response:
         """Every route the mock does not serve answers E2B's Error body, not text/plain."""
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -494,6 +519,9 @@ def build_app(
     async def post_reset(_: Request) -> Response:
         state.reset()
         return Response(status_code=204)
+
+    async def get_temperfs(_: Request) -> Response:
+        return JSONResponse(state.temperfs.to_json())
 
     async def get_running(_: Request) -> Response:
         return JSONResponse(state.running())
@@ -532,6 +560,8 @@ def build_app(
         Route("/_mock/reset", post_reset, methods=["POST"]),
         Route("/_mock/sandboxes", get_running, methods=["GET"]),
         Route("/_mock/orphans", post_orphans, methods=["POST"]),
+        Route("/_mock/temperfs", get_temperfs, methods=["GET"]),
+        Route("/tdata/{path:path}", temperfs, methods=["GET", "POST", "PUT"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: unserved})

@@ -16,7 +16,8 @@ from typing import Any, Literal, get_args
 
 FaultKind = Literal["status", "reset", "hang", "malformed_json", "slow_body"]
 FaultRoute = Literal[
-    "create", "kill", "get", "list", "timeout", "refresh", "connect", "pause", "resume", "any"
+    "create", "kill", "get", "list", "timeout", "refresh", "connect", "pause", "resume",
+    "tdata", "any"
 ]
 OverloadMode = Literal["reject", "slow"]
 
@@ -175,6 +176,8 @@ class MockE2BConfig:
     slow_body_ms: float = 2000.0
     envd_version: str = "0.2.0"
     domain: str | None = None
+    # Serve a small TemperFS under /tdata on the same server (host/mock_e2b/temperfs.py).
+    temperfs: bool = False
 
     def __post_init__(self) -> None:
         if not self.api_key:

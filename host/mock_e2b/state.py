@@ -24,6 +24,7 @@ from host.mock_e2b.faults import FaultPicker
 from host.mock_e2b.latency import LatencySampler
 from host.mock_e2b.limits import Gcra, RateDecision
 from host.mock_e2b.stats import MockE2BStats
+from host.mock_e2b.temperfs import TemperFSStore
 
 Clock = Callable[[], float]
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -80,6 +81,7 @@ class MockState:
         self._changed = threading.Condition()
         self._clock = clock
         self._config = config
+        self.temperfs = TemperFSStore(config.seed)
         self._clear(config)
 
     def _clear(self, config: MockE2BConfig) -> None:
@@ -133,6 +135,7 @@ class MockState:
         """Forget every sandbox, key and counter; restart the seeded streams."""
         with self._mutating():
             self._clear(self._config)
+        self.temperfs.reset()
 
     def wall_time(self, clock_time: float) -> datetime:
         return datetime.fromtimestamp(self._wall_origin + clock_time - self._clock_origin, UTC)
@@ -378,6 +381,7 @@ class MockState:
         with self._lock:
             self._sweep(self._clock())
             c = self._counters
+            workspaces, files, fs_requests = self.temperfs.counts()
             return MockE2BStats(
                 creates_attempted=c.creates_attempted,
                 creates_in_flight=c.creates_in_flight,
@@ -403,6 +407,9 @@ class MockState:
                 unauthorized=c.unauthorized,
                 kills_not_found=c.kills_not_found,
                 requests_total=c.requests_total,
+                temperfs_workspaces=workspaces,
+                temperfs_files=files,
+                temperfs_requests=fs_requests,
             )
 
     def running(self) -> list[dict[str, Any]]:
@@ -438,6 +445,11 @@ class MockState:
                 if remaining <= 0:
                     raise TimeoutError(f"mock E2B stats never matched; last: {stats}")
                 self._changed.wait(min(remaining, _RECHECK_S))
+
+    def notify_changed(self) -> None:
+        """Wakes ``wait_for``: something it may read (the TemperFS counts) changed."""
+        with self._changed:
+            self._changed.notify_all()
 
     # -- internals -----------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ class MockE2BStats:
     unauthorized: int = 0
     kills_not_found: int = 0
     requests_total: int = 0
+    temperfs_workspaces: int = 0
+    temperfs_files: int = 0
+    temperfs_requests: int = 0
 
     @property
     def throttled(self) -> int:
