@@ -50,6 +50,7 @@ class Answer:
 class SpecChecker:
     def __init__(self, spec_path: Path = SPEC_PATH) -> None:
         self.spec: dict[str, Any] = yaml.safe_load(spec_path.read_text())
+        self._validators: dict[str, OAS30Validator] = {}
         self._paths = [
             (template, re.compile("^" + re.sub(r"\{[^/}]+\}", "[^/]+", template) + "$"))
             for template in self.spec["paths"]
@@ -78,9 +79,15 @@ class SpecChecker:
         return node
 
     def _validator(self, schema: dict[str, Any]) -> OAS30Validator:
-        # Rooted beside the spec's components, so "#/components/..." references resolve.
-        rooted = {"allOf": [schema], "components": self.spec["components"]}
-        return OAS30Validator(rooted, format_checker=OAS30Validator.FORMAT_CHECKER)
+        # Rooted beside the spec's components, so "#/components/..." references resolve;
+        # built once per schema (the suite checks thousands of answers).
+        key = json.dumps(schema, sort_keys=True)
+        validator = self._validators.get(key)
+        if validator is None:
+            rooted = {"allOf": [schema], "components": self.spec["components"]}
+            validator = OAS30Validator(rooted, format_checker=OAS30Validator.FORMAT_CHECKER)
+            self._validators[key] = validator
+        return validator
 
     def response_spec(self, operation: dict[str, Any], status: int) -> dict[str, Any] | None:
         documented = operation.get("responses", {})
