@@ -123,6 +123,7 @@ class RedisBackendBase(CheckedBackend, Generic[ClientT]):
         self._offset_ms: float | None = None
         self._refresh_due_ns = 0
         self._last_now_ms = 0
+        self._clock_error_ms = 0.0
 
     @classmethod
     def from_uri(cls, uri: str, *, clock: Clock | None = None) -> Self:
@@ -143,6 +144,13 @@ class RedisBackendBase(CheckedBackend, Generic[ClientT]):
 
     def close(self) -> None:
         self._client.close()
+
+    @property
+    def clock_error_ms(self) -> float:
+        """How far now_ms() may be from the server's clock: half the longest TIME round
+        trip a calibration has seen (plus a millisecond of truncation, not counted here)."""
+        with self._clock_lock:
+            return self._clock_error_ms
 
     def now_ms(self) -> int:
         with self._clock_lock:
@@ -219,6 +227,9 @@ class RedisBackendBase(CheckedBackend, Generic[ClientT]):
         server_ms = seconds * 1000 + micros / 1000
         # The server read its clock somewhere in the round trip: assume the middle.
         self._offset_ms = server_ms - (before + after) / 2 / 1_000_000
+        # So a reading can be off by half that round trip; now_ms() never goes back, so
+        # the worst calibration so far bounds every later reading.
+        self._clock_error_ms = max(self._clock_error_ms, (after - before) / 2 / 1_000_000)
 
     def _call(self, operation: Callable[[], T]) -> T:
         try:
