@@ -118,7 +118,9 @@ def probe_pool(probe_path: Path, tmp_path: Path) -> Iterator[ProcessPoolRuntime]
 
 
 def test_the_process_pool_starts_every_invocation_pristine(probe_pool: ProcessPoolRuntime) -> None:
-    control = _seen(probe_pool.invoke(probe_invocation("marker", probe_marker="c", probe_repeat="2")))
+    control = _seen(
+        probe_pool.invoke(probe_invocation("marker", probe_marker="c", probe_repeat="2"))
+    )
     assert control[1] == {"global": "c", "buffer": "c"}
     for index in range(4):
         seen = _seen(probe_pool.invoke(probe_invocation("marker", probe_marker=f"p{index}")))
