@@ -4,8 +4,9 @@ Every invocation gets a new Store (so nothing survives between calls, as in Temp
 fuel, a memory cap and an epoch deadline; the store is closed when the call returns, so
 its instance's memory (or its pooling-allocator slot) is given back at once. The imports
 are linked once; each host function finds its invocation's services through a
-thread-local, which is sound because a Store is used by one thread for the whole call. Host functions never raise into the guest: every
-failure becomes a WIT error value (the bindings' exception plumbing is not thread-safe).
+thread-local, which is sound because a Store is used by one thread for the whole call.
+Host functions never raise into the guest: every failure becomes a WIT error value (the
+bindings' exception plumbing is not thread-safe).
 """
 
 from __future__ import annotations
