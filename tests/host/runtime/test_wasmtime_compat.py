@@ -199,7 +199,7 @@ def test_a_changed_wasmtime_is_refused(
     monkeypatch: pytest.MonkeyPatch, target: type, name: str, replacement: Any
 ) -> None:
     monkeypatch.setattr(target, name, replacement, raising=False)
-    with pytest.raises(RuntimeError, match="review host/runtime/wasmtime_compat.py"):
+    with pytest.raises(RuntimeError, match=r"review host/runtime/wasmtime_compat\.py"):
         wasmtime_compat._check_internals()
 
 
