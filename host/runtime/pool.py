@@ -142,7 +142,7 @@ class ProcessPoolRuntime:
         self.spec = spec
         self.workers = workers or os.cpu_count() or 1
         self.threads_per_worker = threads_per_worker
-        self._context = multiprocessing.get_context(start_method)
+        self._context: Any = multiprocessing.get_context(start_method)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._capacity = threading.BoundedSemaphore(self.workers * threads_per_worker)

@@ -376,12 +376,13 @@ def _check_internals() -> None:
     for class_name, name in _MEMO_METHODS:
         if not callable(vars(getattr(_types, class_name)).get(name)):
             raise _refuse(f"{class_name}.{name}")
-    fields = dict(ffi.wasmtime_component_val_t._fields_)
+    fields: dict[str, Any] = {f[0]: f[1] for f in ffi.wasmtime_component_val_t._fields_}
     if list(fields) != ["kind", "of"] or fields["kind"] is not ctypes.c_ubyte:
         raise _refuse("wasmtime_component_val_t layout")
-    if ffi.wasmtime_component_valunion_t.u8.offset != 0 or _VAL_SIZE < _PAYLOAD_OFFSET + 1:
+    u8_field: Any = ffi.wasmtime_component_valunion_t.u8
+    if u8_field.offset != 0 or _VAL_SIZE < _PAYLOAD_OFFSET + 1:
         raise _refuse("wasmtime_component_val_t union layout")
-    if [name for name, _ in ffi.wasmtime_component_vallist_t._fields_] != ["size", "data"]:
+    if [f[0] for f in ffi.wasmtime_component_vallist_t._fields_] != ["size", "data"]:
         raise _refuse("wasmtime_component_vallist_t layout")
     list_type = vars(_types.ListType)
     if not callable(list_type.get("convert_to_c")) or not callable(
@@ -425,7 +426,7 @@ def install(*, fast_conversions: bool | None = None) -> None:
     with _install_lock:
         if not _installed:
             _check_internals()
-            _types.VariantLikeType._lower = _thread_safe_lower
+            _types.VariantLikeType._lower = _thread_safe_lower  # type: ignore[method-assign]
             _installed = True
         if not fast or _fast_installed:
             return
