@@ -113,10 +113,20 @@ def _invoker(task: dict[str, Any]) -> Iterator[Callable[[Any], Any]]:
         yield runtime.invoke
 
 
-def _call(e2b_url: str, entity: str, *, operation: str = "provision", queued: bool = False) -> Any:
+def _call(
+    task: dict[str, Any], entity: str, *, operation: str = "provision", queued: bool = False
+) -> Any:
     from benchmarks.support import WIDE_OPEN, invocation
 
-    return invocation(e2b_url, entity, operation=operation, config=QUEUED if queued else WIDE_OPEN)
+    # Entity records are the tenant's: a tenant per account keeps tasks sharing a store
+    # (the Redis ones) from finding each other's sandboxes.
+    return invocation(
+        task["e2b_url"],
+        entity,
+        operation=operation,
+        tenant=task["account"],
+        config=QUEUED if queued else WIDE_OPEN,
+    )
 
 
 def _expect(outcome: Any, action: str) -> None:
@@ -125,25 +135,25 @@ def _expect(outcome: Any, action: str) -> None:
 
 
 def _rate(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, Any]:
-    url, tag = task["e2b_url"], task["tag"]
+    tag = task["tag"]
     queued = task["op"] == "queued"
     if queued:
         # Hosts sharing an account race to provision the one blocker: wait until it holds.
         for _ in range(200):
-            if invoke(_call(url, "blocker", queued=True)).action == "SandboxReady":
+            if invoke(_call(task, "blocker", queued=True)).action == "SandboxReady":
                 break
             time.sleep(0.1)
         else:
             raise RuntimeError("the blocker never got its sandbox")
         entities = [f"{tag}-w{i}" for i in range(WAITERS)]
         for entity in entities:
-            _expect(invoke(_call(url, entity, queued=True)), "SandboxQueued")
+            _expect(invoke(_call(task, entity, queued=True)), "SandboxQueued")
         expect = "SandboxQueued"
     else:
         entities = [f"{tag}-held"]
-        _expect(invoke(_call(url, entities[0])), "SandboxReady")
+        _expect(invoke(_call(task, entities[0])), "SandboxReady")
         expect = "SandboxReady"
-    calls = [_call(url, entity, queued=queued) for entity in entities]
+    calls = [_call(task, entity, queued=queued) for entity in entities]
     if task.get("start_at"):
         time.sleep(max(0.0, task["start_at"] - time.time()))
     counts = [0] * task["callers"]
@@ -173,8 +183,8 @@ def _rate(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, Any]:
 
 
 def _latency(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, Any]:
-    url, tag = task["e2b_url"], task["tag"]
-    held_call = _call(url, f"{tag}-held")
+    tag = task["tag"]
+    held_call = _call(task, f"{tag}-held")
     _expect(invoke(held_call), "SandboxReady")
     for _ in range(5):  # warm-up
         invoke(held_call)
@@ -188,10 +198,10 @@ def _latency(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, An
     for index in range(task["creates"]):
         entity = f"{tag}-c{index}"
         started = time.perf_counter()
-        outcome = invoke(_call(url, entity))
+        outcome = invoke(_call(task, entity))
         create.append(time.perf_counter() - started)
         _expect(outcome, "SandboxReady")
-        _expect(invoke(_call(url, entity, operation="release")), "SandboxReleased")
+        _expect(invoke(_call(task, entity, operation="release")), "SandboxReleased")
     return {"held": held, "create": create}
 
 
