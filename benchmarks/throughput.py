@@ -70,8 +70,24 @@ QUEUED = (
 # -- in the measuring process ------------------------------------------------------------
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (from /proc/PID/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+@dataclass
+class Invoker:
+    invoke: Callable[[Any], Any]
+    pids: list[int]  # every process whose CPU the calls use
+
+
 @contextmanager
-def _invoker(task: dict[str, Any]) -> Iterator[Callable[[Any], Any]]:
+def _invoker(task: dict[str, Any]) -> Iterator[Invoker]:
     from benchmarks.support import API_KEY, QuietTelemetry
     from host.runtime.loader import Pooling, load_component
 
@@ -97,7 +113,7 @@ def _invoker(task: dict[str, Any]) -> Iterator[Callable[[Any], Any]]:
                     spec, workers=task["workers"], threads_per_worker=task["threads_per_worker"]
                 )
             )
-            yield pool.invoke
+            yield Invoker(pool.invoke, [os.getpid(), *pool.worker_pids()])
             return
         from host.runtime.component_runtime import ComponentRuntime, HostServices
         from host.services.http_gateway import HttpGateway
@@ -110,7 +126,7 @@ def _invoker(task: dict[str, Any]) -> Iterator[Callable[[Any], Any]]:
         services = HostServices(storage, gateway, QuietTelemetry(), account=task["account"])
         runtime = ComponentRuntime(load_component(component, pooling=pooling), services)
         stack.callback(runtime.close)
-        yield runtime.invoke
+        yield Invoker(runtime.invoke, [os.getpid()])
 
 
 def _call(
@@ -134,7 +150,8 @@ def _expect(outcome: Any, action: str) -> None:
         raise RuntimeError(f"expected {action}, got {outcome}")
 
 
-def _rate(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, Any]:
+def _rate(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:
+    invoke = invoker.invoke
     tag = task["tag"]
     queued = task["op"] == "queued"
     if queued:
@@ -158,6 +175,7 @@ def _rate(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, Any]:
         time.sleep(max(0.0, task["start_at"] - time.time()))
     counts = [0] * task["callers"]
     problems: list[str] = []
+    cpu_started = _cpu_seconds(invoker.pids)
     started = time.perf_counter()
     stop = started + task["seconds"]
 
@@ -177,12 +195,15 @@ def _rate(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, Any]:
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    cpu = _cpu_seconds(invoker.pids) - cpu_started
     if problems:
         raise RuntimeError(problems[0])
-    return {"rate": sum(counts) / elapsed, "calls": sum(counts), "seconds": elapsed}
+    calls = sum(counts)
+    return {"rate": calls / elapsed, "calls": calls, "seconds": elapsed, "cpu_seconds": cpu}
 
 
-def _latency(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, Any]:
+def _latency(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:
+    invoke = invoker.invoke
     tag = task["tag"]
     held_call = _call(task, f"{tag}-held")
     _expect(invoke(held_call), "SandboxReady")
@@ -206,8 +227,8 @@ def _latency(task: dict[str, Any], invoke: Callable[[Any], Any]) -> dict[str, An
 
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
-    with _invoker(task) as invoke:
-        return _rate(task, invoke) if task["kind"] == "rate" else _latency(task, invoke)
+    with _invoker(task) as invoker:
+        return _rate(task, invoker) if task["kind"] == "rate" else _latency(task, invoker)
 
 
 # -- in the benchmark process ------------------------------------------------------------
@@ -256,6 +277,8 @@ POOLED_RUNTIME = Setup("pooled runtime", fast=True, pooled=True, mode="inprocess
 class ThroughputFigures:
     cores: int
     held_rate: dict[str, list[float]]
+    # Invocations per CPU-second of every process involved: capacity the load moves less.
+    held_per_cpu_s: dict[str, list[float]]
     held_p50: dict[str, float]
     create_p50: dict[str, float]
     queued_rate: float
@@ -314,12 +337,14 @@ def measure(component: Path | None = None, quick: bool = False) -> ThroughputFig
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as scratch, mock_e2b() as mock:
         runner = Runner(mock.url, Path(scratch), component)
         held_rate: dict[str, list[float]] = {BASELINE.name: [], POOL.name: []}
+        per_cpu: dict[str, list[float]] = {BASELINE.name: [], POOL.name: []}
         held: dict[str, list[float]] = {s.name: [] for s in (BASELINE, POOL, POOLED_RUNTIME)}
         create: dict[str, list[float]] = {s.name: [] for s in (BASELINE, POOL, POOLED_RUNTIME)}
         for _ in range(rounds):
             for setup in (BASELINE, POOL):
                 result = _run(runner.task(setup, "rate", op="held", seconds=seconds))
                 held_rate[setup.name].append(result["rate"])
+                per_cpu[setup.name].append(result["calls"] / max(1e-9, result["cpu_seconds"]))
             for setup in (BASELINE, POOL, POOLED_RUNTIME):
                 lat = _run(runner.task(setup, "latency", calls=calls // rounds,
                                        creates=creates // rounds))
@@ -349,6 +374,7 @@ def measure(component: Path | None = None, quick: bool = False) -> ThroughputFig
     return ThroughputFigures(
         cores=os.cpu_count() or 1,
         held_rate=held_rate,
+        held_per_cpu_s=per_cpu,
         held_p50={name: statistics.median(samples) for name, samples in held.items()},
         create_p50={name: statistics.median(samples) for name, samples in create.items()},
         queued_rate=queued,
@@ -381,6 +407,17 @@ def rows(figures: ThroughputFigures) -> list[Row]:
             "baseline",
             f">= {THROUGHPUT_TARGET}x",
             rate_x >= THROUGHPUT_TARGET,
+        ),
+        Row(
+            "5",
+            "held invocations per CPU-second (all processes)",
+            f"pool {statistics.median(figures.held_per_cpu_s[POOL.name]):.0f}; baseline "
+            f"{statistics.median(figures.held_per_cpu_s[BASELINE.name]):.0f}",
+            times(
+                statistics.median(figures.held_per_cpu_s[POOL.name])
+                / statistics.median(figures.held_per_cpu_s[BASELINE.name])
+            ),
+            "baseline",
         ),
         Row(
             "5",
