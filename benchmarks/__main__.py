@@ -134,7 +134,7 @@ def _markdown(
         "",
         table(rows),
         "",
-        "## Targets (issue 8)",
+        "## Targets (issues 8 and 16)",
         "",
         targets(rows),
         "",

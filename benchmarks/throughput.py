@@ -1,4 +1,4 @@
-"""Figure 5: invocations per second on all cores, and how many queued sessions that keeps
+"""Figure 6: invocations per second on all cores, and how many queued sessions that keeps
 alive (issue 16).
 
 Two host set-ups, side by side in alternating rounds, each measured in a fresh process
@@ -399,7 +399,7 @@ def rows(figures: ThroughputFigures) -> list[Row]:
 
     result = [
         Row(
-            "5",
+            "6",
             f"held invocations/s, all {cores} cores",
             f"pool {pool_rate:.0f}/s ({cores} processes; rounds {rates(POOL.name)}); "
             f"baseline {base_rate:.0f}/s ({cores} threads; rounds {rates(BASELINE.name)})",
@@ -409,7 +409,7 @@ def rows(figures: ThroughputFigures) -> list[Row]:
             rate_x >= THROUGHPUT_TARGET,
         ),
         Row(
-            "5",
+            "6",
             "held invocations per CPU-second (all processes)",
             f"pool {statistics.median(figures.held_per_cpu_s[POOL.name]):.0f}; baseline "
             f"{statistics.median(figures.held_per_cpu_s[BASELINE.name]):.0f}",
@@ -420,7 +420,7 @@ def rows(figures: ThroughputFigures) -> list[Row]:
             "baseline",
         ),
         Row(
-            "5",
+            "6",
             "held p50, one caller",
             f"pool {ms(held[POOL.name])}; pooled runtime alone {ms(held[POOLED_RUNTIME.name])};"
             f" baseline {ms(held[BASELINE.name])}",
@@ -431,7 +431,7 @@ def rows(figures: ThroughputFigures) -> list[Row]:
             held_x <= HELD_TARGET,
         ),
         Row(
-            "5",
+            "6",
             "full-create p50, one caller (mock, 0 ms)",
             f"pool {ms(create[POOL.name])}; pooled runtime alone "
             f"{ms(create[POOLED_RUNTIME.name])}; baseline {ms(create[BASELINE.name])}",
@@ -442,7 +442,7 @@ def rows(figures: ThroughputFigures) -> list[Row]:
             create_x <= CREATE_TARGET,
         ),
         Row(
-            "5",
+            "6",
             f"queued polls/s, {WAITERS} waiters (pool, SQLite)",
             f"{figures.queued_rate:.0f}/s",
             times(figures.queued_rate / pool_rate),
@@ -453,7 +453,7 @@ def rows(figures: ThroughputFigures) -> list[Row]:
     on_schedule = ", ".join(f"{rate * p:,.0f} at P = {p} s" for p in POLL_INTERVALS_S)
     result.append(
         Row(
-            "5",
+            "6",
             "queued sessions one host keeps alive",
             f"polled on schedule (R x P): {on_schedule}; alive at most (R x {LIVENESS_S} s "
             f"liveness): {rate * LIVENESS_S:,.0f}",
@@ -467,7 +467,7 @@ def rows(figures: ThroughputFigures) -> list[Row]:
         p = POLL_INTERVALS_S[0]
         result.append(
             Row(
-                "5",
+                "6",
                 f"{HOSTS} hosts on Redis, queued sessions polled on schedule",
                 f"{HOSTS} x R_redis x P = {HOSTS} x {solo:.0f}/s x {p} s = "
                 f"{HOSTS * solo * p:,.0f} (own cores each); measured: {HOSTS} pools at once "
@@ -477,7 +477,7 @@ def rows(figures: ThroughputFigures) -> list[Row]:
             )
         )
     result.append(
-        Row("5", "load average during figure 5", f"{figures.load_before} -> {figures.load_after}")
+        Row("6", "load average during figure 6", f"{figures.load_before} -> {figures.load_after}")
     )
     return result
 
