@@ -30,7 +30,7 @@ NOTHING_SEEN = {"global": None, "buffer": None}
 # One slot: every instance reuses it. Everything resident: the slot's memory is reset in
 # place, never handed back to the kernel (the reuse path most likely to leak).
 ONE_RESIDENT_SLOT = Pooling(
-    instance_slots=1, max_memory_bytes=64 << 20, keep_resident_bytes=64 << 20
+    instance_slots=1, max_memory_bytes=128 << 20, keep_resident_bytes=128 << 20
 )
 
 
@@ -40,7 +40,7 @@ def probe_path() -> Path:
 
 
 TWO_RESIDENT_SLOTS = Pooling(
-    instance_slots=2, max_memory_bytes=64 << 20, keep_resident_bytes=64 << 20
+    instance_slots=2, max_memory_bytes=128 << 20, keep_resident_bytes=128 << 20
 )
 
 
@@ -138,4 +138,4 @@ def test_a_memory_budget_larger_than_the_pools_memories_is_refused(probe_path: P
 
     loaded = load_component(probe_path, pooling=ONE_RESIDENT_SLOT)
     with pytest.raises(ValueError, match="memory budget"):
-        make_probe_host(loaded, storage=MemoryBackend(), budgets=Budgets(memory_bytes=128 << 20))
+        make_probe_host(loaded, storage=MemoryBackend(), budgets=Budgets(memory_bytes=256 << 20))
