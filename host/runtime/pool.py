@@ -10,6 +10,13 @@ allocator (`loader.Pooling`) so a call hardly faults at all. Within a worker up 
 `threads_per_worker` invocations run at once, so calls that wait on E2B do not idle a
 core.
 
+Why both processes and the pooling allocator: on one thread the pooling allocator alone
+removed the ~470 page faults of a held provision but hardly moved its time; it is the
+threads of one process that pay for faults and unmapping, and they also share one GIL for
+wasmtime-py's Python-side conversions. Processes remove both; the pooling allocator keeps
+the threads inside each worker (calls waiting on E2B) from paying the fault cost again.
+benchmarks/throughput.py (figure 6) measures it against the old single-process path.
+
 The contract is unchanged: every invocation gets a fresh instance with the same budgets
 in whichever worker runs it, and `invoke(invocation) -> Outcome` is the same call as
 `ComponentRuntime.invoke`, safe from many threads. Storage must be shared by URL
