@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FIGURES = ("invocation", "makespan", "scaling", "memory", "size")
+FIGURES = ("invocation", "throughput", "makespan", "scaling", "memory", "size")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -53,7 +53,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, component: Path, source: Path) -> int:
-    from benchmarks import invocation, machine, makespan, memory, scaling, size
+    from benchmarks import invocation, machine, makespan, memory, scaling, size, throughput
     from benchmarks.table import Row, format_markdown, format_targets, print_rows
     from host.runtime.loader import load_component
 
@@ -71,6 +71,7 @@ def _run(args: argparse.Namespace, component: Path, source: Path) -> int:
         "invocation": lambda: invocation.rows(
             invocation.measure(loaded, calls, component_path=component)
         ),
+        "throughput": lambda: throughput.rows(throughput.measure(component, quick)),
         "makespan": lambda: makespan.measure(loaded, quick),
         "scaling": lambda: scaling.measure(loaded, quick),
         "memory": lambda: memory.rows(memory.measure(component)),
@@ -134,7 +135,7 @@ def _markdown(
         "",
         table(rows),
         "",
-        "## Targets (issue 8)",
+        "## Targets (issues 8 and 16)",
         "",
         targets(rows),
         "",

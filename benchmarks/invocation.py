@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import wasmtime
-from wasmtime import component as wc
 
 from benchmarks.support import Hosts, invocation, load_cached, mock_e2b, open_hosts
 from benchmarks.table import Row, ms, percentile, times
@@ -79,18 +78,17 @@ class FuelMeter(ComponentRuntime):
 
     def __init__(self, loaded: LoadedComponent, services: HostServices) -> None:
         super().__init__(loaded, services)
-        self._stores = threading.local()
+        self._fuel_left = threading.local()
 
-    def loaded_instance(self, store: wasmtime.Store) -> wc.Instance:
-        self._stores.store = store
-        return super().loaded_instance(store)
+    def _after_call(self, store: wasmtime.Store) -> None:
+        self._fuel_left.value = store.get_fuel()
 
     def fuel_used(self, call: Invocation) -> int:
         outcome = self.invoke(call)
         if not outcome.success:
             raise RuntimeError(f"fuel probe failed: {outcome}")
-        store: wasmtime.Store = self._stores.store
-        return self.budgets.fuel - store.get_fuel()
+        left: int = self._fuel_left.value
+        return self.budgets.fuel - left
 
 
 def measure_fuel(

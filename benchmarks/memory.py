@@ -1,10 +1,12 @@
 """Figure 4: peak RSS with 50 invocations in flight at once.
 
 Runs in its own process (`python -m benchmarks.memory --json`), so the high-water mark is
-this figure's alone. The mock E2B answers creates after 4 s, so 50 threads that each
-provision a new entity all sit inside a component call (each with its own Store and
-instance) while the mock holds their creates; the figure is read when the mock reports
-all 50 creates in flight, and from VmHWM afterwards.
+this figure's alone. 50 threads each provision a new entity; the host's HTTP gateway
+holds every create request (`HoldingGateway`) until all 50 are held, so all 50 sit inside
+a component call at once (each with its own Store and instance) however slowly they
+start; the figure is read then, and from VmHWM afterwards. The precondition is the count
+of held requests, not a deadline: the wait fails only if no new create arrives for
+`STALL_S` seconds (a host that stopped making progress).
 """
 
 from __future__ import annotations
@@ -16,15 +18,65 @@ import sys
 import threading
 from pathlib import Path
 
-from benchmarks.support import WIDE_OPEN, Hosts, invocation, mock_e2b, open_hosts
+from benchmarks.support import (
+    API_KEY,
+    WIDE_OPEN,
+    Hosts,
+    QuietTelemetry,
+    invocation,
+    mock_e2b,
+)
 from benchmarks.table import Row, times
 from host.mock_e2b import MockE2BServer
+from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import load_component
+from host.runtime.native import NativeRuntime
+from host.services.http_gateway import HttpGateway
+from host.storage.memory import MemoryBackend
 from provisioner.model import SANDBOX_READY
+from provisioner.ports import HttpRequest, HttpResponse
 
 IN_FLIGHT = 50
-CREATE_LATENCY_MS = 10_000.0  # long enough for 50 instances to start on a slow machine
+STALL_S = 60.0
 MIB = 1 << 20
+
+
+class HoldingGateway(HttpGateway):
+    """Holds create requests (POST .../sandboxes) while `holding`, counting them."""
+
+    def __init__(self, e2b_url: str) -> None:
+        super().__init__(e2b_url, API_KEY, allow_private_network=True)
+        self._changed = threading.Condition()
+        self._held = 0
+        self._release = threading.Event()
+        self._release.set()
+
+    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        if request.method.upper() == "POST" and request.url.rstrip("/").endswith("/sandboxes"):
+            with self._changed:
+                self._held += 1
+                self._changed.notify_all()
+            self._release.wait()
+        return super().send(request, deadline_ms=deadline_ms)
+
+    def hold(self) -> None:
+        with self._changed:
+            self._held = 0
+        self._release.clear()
+
+    def wait_until_held(self, count: int) -> None:
+        """Until `count` creates are held; fails only after STALL_S without a new one."""
+        with self._changed:
+            while self._held < count:
+                before = self._held
+                self._changed.wait_for(lambda seen=before: self._held > seen, timeout=STALL_S)
+                if self._held == before:
+                    raise RuntimeError(
+                        f"only {self._held} of {count} creates arrived; none in {STALL_S:.0f} s"
+                    )
+
+    def release(self) -> None:
+        self._release.set()
 
 
 def _status_kib(field: str) -> int:
@@ -42,7 +94,9 @@ def hwm_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def _in_flight(count: int, tag: str, hosts: Hosts, mock: MockE2BServer) -> int:
+def _in_flight(
+    count: int, tag: str, hosts: Hosts, gateway: HoldingGateway, mock: MockE2BServer
+) -> int:
     """Starts `count` provisions at once; returns RSS when all `count` creates are held."""
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -55,13 +109,17 @@ def _in_flight(count: int, tag: str, hosts: Hosts, mock: MockE2BServer) -> int:
             outcomes.append(outcome.action)
 
     threads = [threading.Thread(target=provision, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    # All `count` inside their call at once, or the figure would price fewer.
-    mock.wait_for(lambda stats: stats.creates_in_flight >= count, timeout=CREATE_LATENCY_MS / 1000)
-    during = rss_bytes()
-    for thread in threads:
-        thread.join()
+    gateway.hold()
+    try:
+        for thread in threads:
+            thread.start()
+        # All `count` inside their call at once, or the figure would price fewer.
+        gateway.wait_until_held(count)
+        during = rss_bytes()
+    finally:
+        gateway.release()
+        for thread in threads:
+            thread.join()
     if outcomes.count(SANDBOX_READY) != count:
         raise RuntimeError(f"not every invocation got its sandbox: {outcomes}")
     return during
@@ -69,14 +127,16 @@ def _in_flight(count: int, tag: str, hosts: Hosts, mock: MockE2BServer) -> int:
 
 def measure_here(component: Path | None = None) -> dict[str, int]:
     loaded = load_component(component)
-    with mock_e2b(create_latency_ms=CREATE_LATENCY_MS) as mock:
-        hosts = open_hosts(loaded, mock.url)
+    with mock_e2b() as mock:
+        gateway = HoldingGateway(mock.url)
+        services = HostServices(MemoryBackend(), gateway, QuietTelemetry(), account="bench")
+        hosts = Hosts(services, ComponentRuntime(loaded, services), NativeRuntime(services), None)
         try:
             warm = hosts.component.invoke(invocation(mock.url, "warm-up", config=WIDE_OPEN))
             assert warm.action == SANDBOX_READY, warm
             idle = rss_bytes()
-            one = _in_flight(1, "one", hosts, mock)
-            many = _in_flight(IN_FLIGHT, "many", hosts, mock)
+            one = _in_flight(1, "one", hosts, gateway, mock)
+            many = _in_flight(IN_FLIGHT, "many", hosts, gateway, mock)
             peak = hwm_bytes()
         finally:
             hosts.close()

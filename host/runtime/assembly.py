@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from host.runtime.component_runtime import Budgets, ComponentRuntime, HostServices
-from host.runtime.loader import LoadedComponent, load_component
+from host.runtime.loader import LoadedComponent, Pooling, load_component
 from host.runtime.paths import state_dir
 from host.services.http_gateway import HttpGateway
 from host.services.telemetry import LoggingTelemetry, TelemetrySink
@@ -32,12 +32,15 @@ def open_runtime(
     telemetry: TelemetrySink | None = None,
     budgets: Budgets | None = None,
     allow_private_network: bool = False,
+    pooling: Pooling | None = None,
 ) -> Iterator[ComponentRuntime]:
     """A ready runtime; closes its storage, HTTP client and epoch ticker on exit.
 
     `allow_private_network` lets the E2B URL resolve to loopback or private addresses
-    (a mock E2B on this machine); a production host leaves it off."""
-    loaded = loaded or load_component(component)
+    (a mock E2B on this machine); a production host leaves it off. `pooling` loads the
+    component on wasmtime's pooling allocator (ignored when `loaded` is given); for every
+    core, see host/runtime/pool.py."""
+    loaded = loaded or load_component(component, pooling=pooling)
     storage = storage_from_uri(storage_url or default_storage_url())
     gateway = HttpGateway(e2b_url, api_key, allow_private_network=allow_private_network)
     services = HostServices(

@@ -1,10 +1,12 @@
 """Running the component the way the Temper runtime does: fresh per call, within budgets.
 
 Every invocation gets a new Store (so nothing survives between calls, as in Temper) with
-fuel, a memory cap and an epoch deadline. The imports are linked once; each host function
-finds its invocation's services through a thread-local, which is sound because a Store is
-used by one thread for the whole call. Host functions never raise into the guest: every
-failure becomes a WIT error value (the bindings' exception plumbing is not thread-safe).
+fuel, a memory cap and an epoch deadline; the store is closed when the call returns, so
+its instance's memory (or its pooling-allocator slot) is given back at once. The imports
+are linked once; each host function finds its invocation's services through a
+thread-local, which is sound because a Store is used by one thread for the whole call.
+Host functions never raise into the guest: every failure becomes a WIT error value (the
+bindings' exception plumbing is not thread-safe).
 """
 
 from __future__ import annotations
@@ -140,6 +142,16 @@ class ComponentRuntime:
         self.loaded = loaded
         self.services = services
         self.budgets = budgets or Budgets()
+        pooling = loaded.pooling
+        if pooling is not None and self.budgets.memory_bytes > pooling.max_memory_bytes:
+            raise ValueError(
+                f"the memory budget ({self.budgets.memory_bytes} bytes) is larger than the "
+                f"pooling allocator's memories ({pooling.max_memory_bytes} bytes)"
+            )
+        # A pooled engine has a fixed number of instance slots: wait for one, never fail.
+        self._slots = (
+            None if pooling is None else threading.BoundedSemaphore(pooling.instance_slots)
+        )
         self._local = threading.local()
         self._clock = services.clock_ms or services.storage.now_ms
         self._linker = self._link()
@@ -281,8 +293,24 @@ class ComponentRuntime:
                     retryable=False,
                 )
             )
+        if self._slots is None:
+            return self._invoke(invocation)
+        with self._slots:
+            return self._invoke(invocation)
+
+    def _invoke(self, invocation: Invocation) -> Outcome:
         budgets = self.budgets
         store = wasmtime.Store(self.loaded.engine)
+        try:
+            return self._run_in(store, invocation, budgets)
+        finally:
+            self._after_call(store)
+            store.close()
+
+    def _after_call(self, store: wasmtime.Store) -> None:
+        """Called with the call's store before it is closed (a hook for measurements)."""
+
+    def _run_in(self, store: wasmtime.Store, invocation: Invocation, budgets: Budgets) -> Outcome:
         store.set_fuel(budgets.fuel)
         store.set_limits(memory_size=budgets.memory_bytes)
         store.set_epoch_deadline(max(1, budgets.deadline_ms // EPOCH_TICK_MS))

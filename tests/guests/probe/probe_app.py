@@ -12,6 +12,11 @@ never would. `config.probe_mode` picks the misbehaviour:
 - storage_escape: try crafted keys in both scopes and report what each read/write did
 - http_escape: GET every URL of the JSON list `probe_urls`, report status or error
 - key_hunt: collect everything visible (environment, invocation, HTTP answers, storage)
+- marker: report what a module-level global and a module-level buffer held on entry, then
+  write `probe_marker` into both (a fresh instance must never see a previous marker);
+  `probe_repeat=N` runs the same steps N times within the one call
+- bytes_echo: store the bytes `probe_bytes_hex` under tenant key `probe_key` and read them
+  back (a `list<u8>` each way across the boundary); report whether they came back equal
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ CRAFTED_KEYS = (
 )
 SCOPES = {"tenant": storage.Scope.TENANT, "account": storage.Scope.ACCOUNT}
 OWN_MARK = b"written-by-probe"
+MARKER_BYTES = 256
+# Part of the memory image: a fresh instance finds them as the build left them.
+_last_marker: str | None = None
+_marker_buffer = bytearray(MARKER_BYTES)
 
 
 def _outcome(action: str, params: dict[str, Any]) -> Any:
@@ -176,6 +185,40 @@ def _key_hunt(invocation: Any, config: dict[str, str]) -> Any:
     return _outcome("ProbeDone", {"seen": seen})
 
 
+def _marker(invocation: Any, config: dict[str, str]) -> Any:
+    global _last_marker
+    marker = config.get("probe_marker", "")
+    seen: list[dict[str, Any]] = []
+    for _ in range(max(1, int(config.get("probe_repeat", "1")))):
+        held = bytes(_marker_buffer).rstrip(b"\0").decode("utf-8", "replace")
+        seen.append({"global": _last_marker, "buffer": held or None})
+        _last_marker = marker
+        encoded = marker.encode("utf-8")[:MARKER_BYTES]
+        _marker_buffer[:] = encoded + bytes(MARKER_BYTES - len(encoded))
+    return _outcome("ProbeDone", {"seen": seen})
+
+
+def _bytes_echo(invocation: Any, config: dict[str, str]) -> Any:
+    data = bytes.fromhex(config.get("probe_bytes_hex", ""))
+    key = config.get("probe_key", "echo")
+    try:
+        version = storage.compare_and_swap(storage.Scope.TENANT, key, None, data, None)
+        found = storage.get(storage.Scope.TENANT, key)
+    except Err as error:
+        return _outcome("ProbeFailed", {"error": _error_name(error)})
+    back = b"" if found is None else bytes(found.value)
+    return _outcome(
+        "ProbeDone",
+        {
+            "version": version,
+            "found": found is not None,
+            "equal": back == data,
+            "length": len(back),
+            "hex": back.hex() if len(back) <= 4096 else None,
+        },
+    )
+
+
 MODES = {
     "noop": _noop,
     "loop": _loop,
@@ -185,6 +228,8 @@ MODES = {
     "storage_escape": _storage_escape,
     "http_escape": _http_escape,
     "key_hunt": _key_hunt,
+    "marker": _marker,
+    "bytes_echo": _bytes_echo,
 }
 
 
