@@ -108,6 +108,8 @@ class ResourceState:
         return sum(queue.length() for queue in self.ring)
 
     def to_bytes(self) -> bytes:
+        # Clocks are stored unrounded (JSON floats round-trip exactly): a rounded clock
+        # could hand out a sliver of a token on every write.
         doc: dict[str, Any] = {
             "l": [
                 [
@@ -116,11 +118,11 @@ class ResourceState:
                     lease.entity,
                     lease.expires_ms,
                     lease.started_ms,
-                    [[c.bucket, c.tokens, round(c.slack_ms, 3)] for c in lease.charges],
+                    [[c.bucket, c.tokens, c.slack_ms] for c in lease.charges],
                 ]
                 for lease in self.leases
             ],
-            "b": {name: round(tat, 3) for name, tat in self.buckets.items()},
+            "b": {name: tat for name, tat in self.buckets.items()},
             "cd": self.cooldown_until_ms,
             "bf": self.backoff_failures,
             "q": [[q.tenant, q.head, q.tail, q.removed] for q in self.ring],
