@@ -11,6 +11,7 @@ acquire answers `ResourceQueued` with reason `storage`, nothing granted.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 from provisioner.admission.cas import come_back_ms
@@ -35,6 +36,10 @@ RESOURCE_RELEASED = "ResourceReleased"
 
 RESOURCE_OPERATIONS = ("acquire", "settle")
 _MAX_TOKENS = 1_000_000_000
+# Temper dispatches an outcome by its action name, and one action has one target state:
+# a spec that gates two resources from two states renames the answers of each trigger
+# with the config keys `granted_action` and `queued_action`.
+_ACTION_NAME = re.compile(r"[A-Z][A-Za-z0-9_]{0,63}")
 
 
 def is_resource_request(request: Request) -> bool:
@@ -56,7 +61,7 @@ def _tokens(params: dict[str, Any], name: str) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TOKENS:
-        _refuse(f"trigger param {name} must be a whole number from 0 to {_MAX_TOKENS}")
+        _refuse(f"{name} must be a whole number from 0 to {_MAX_TOKENS}")
     assert isinstance(value, int)
     return value
 
@@ -78,6 +83,28 @@ def _headers(params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(headers, dict):
         _refuse("trigger param headers must be an object of header names to values")
     return dict(headers)
+
+
+def _action_name(config: dict[str, str], key: str, default: str) -> str:
+    raw = config.get(key, "").strip()
+    if not raw:
+        return default
+    if not _ACTION_NAME.fullmatch(raw):
+        raise ProvisionerError(
+            FailureCode.INVALID_CONFIG,
+            f"{key} must be an action name (a capital letter, then up to 63 letters, digits "
+            f"or _), got {raw[:40]!r}",
+        )
+    return raw
+
+
+def _estimate(request: Request, name: str) -> int:
+    """From the trigger's params, else from the entity's state field of the same name (a
+    spec keeps its next call's estimate there), else 0."""
+    found = _tokens(request.trigger_params, name)
+    if found is None:
+        found = _tokens(request.entity_state, name)
+    return found or 0
 
 
 def _gate(gates: dict[str, ResourceGate], raw: str | None) -> ResourceGate:
@@ -105,6 +132,8 @@ class ResourceOperations:
         self.admission: AdmissionConfig = config.admission
         self.gate = _gate(config.resources, request.config.get("resource"))
         self.waiter = Waiter(request.tenant, request.entity)
+        self.granted_action = _action_name(request.config, "granted_action", RESOURCE_GRANTED)
+        self.queued_action = _action_name(request.config, "queued_action", RESOURCE_QUEUED)
 
     def _emit(self, event: str, params: dict[str, Any]) -> None:
         body = {"event": event, "tenant": self.waiter.tenant, "entity": self.waiter.entity}
@@ -113,10 +142,9 @@ class ResourceOperations:
             self.ports.telemetry.progress(body)
 
     def acquire(self) -> Outcome:
-        params = self.request.trigger_params
         costs: Costs = request_costs(
-            _tokens(params, "estimated_input_tokens") or 0,
-            _tokens(params, "estimated_output_tokens") or 0,
+            _estimate(self.request, "estimated_input_tokens"),
+            _estimate(self.request, "estimated_output_tokens"),
         )
         reason = too_large(self.gate, costs)
         if reason is not None:
@@ -138,13 +166,13 @@ class ResourceOperations:
                 "renewed": decision.renewed,
             }
             self._emit("resource_granted", granted)
-            return Outcome(RESOURCE_GRANTED, granted)
+            return Outcome(self.granted_action, granted)
         if isinstance(decision, Rejected):
             self._emit("resource_rejected", {**resource, "code": decision.failure.code})
             return failed(decision.failure)
         queued = {**resource, **decision.params()}
         self._emit("resource_queued", queued)
-        return Outcome(RESOURCE_QUEUED, queued)
+        return Outcome(self.queued_action, queued)
 
     def settle(self) -> Outcome:
         params = self.request.trigger_params

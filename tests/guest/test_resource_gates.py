@@ -345,3 +345,33 @@ def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
     assert storage.get(Scope.ACCOUNT, "res/llm/gate") is not None
     again = inspect_resources(storage, gates.clock.now_ms(), read_config(config).resources)["llm"]
     assert again.version == after.version
+
+
+def test_a_spec_can_rename_the_answers_and_keep_the_estimate_in_its_state() -> None:
+    import json
+
+    from provisioner.app import run
+    from provisioner.model import Invocation, Outcome
+
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.itpm": "600", "resource.llm.concurrency": "1"}
+    )
+    config = {**gates.config, "operation": "acquire"}
+    config.update(granted_action="LlmPermitGranted", queued_action="LlmPermitQueued")
+
+    def acquire(entity: str, state: dict[str, object]) -> Outcome:
+        invocation = Invocation(
+            "acme", "Agent", entity, "T", "{}", json.dumps(state), tuple(config.items()), None, "t"
+        )
+        return run(invocation, gates.ports("acme"))
+
+    first = acquire("a", {"estimated_input_tokens": "500"})
+    assert first.action == "LlmPermitGranted", first
+    second = acquire("b", {"estimated_input_tokens": 200})
+    assert second.action == "LlmPermitQueued", second
+    gates.settle("acme", "a")  # no counts: the estimate of 500 stands
+    # 100 left of 600: the estimate read from the state is what is waited for.
+    assert acquire("b", {"estimated_input_tokens": 200}).params["reason"] == "input_tokens"
+    config["granted_action"] = "not an action"
+    refused = acquire("c", {})
+    assert refused.error is not None and refused.error.code == "invalid_config"
