@@ -4,6 +4,7 @@ backoff on a provider's 429/529 and its headers, session slots, bad config and p
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -22,9 +23,9 @@ def granted(outcome: object) -> str:
     return lease
 
 
-def queued(outcome: object, reason: str) -> dict[str, object]:
+def queued(outcome: object, reason: str) -> dict[str, Any]:
     assert getattr(outcome, "action", None) == "ResourceQueued", outcome
-    params: dict[str, object] = outcome.params  # type: ignore[attr-defined]
+    params: dict[str, Any] = outcome.params  # type: ignore[attr-defined]
     assert params["reason"] == reason, params
     return params
 
@@ -279,7 +280,7 @@ def test_a_bad_resource_key_refuses_every_operation_and_stores_nothing(operation
     gates = ResourceHarness({**LLM, "resource.llm.rpm": "zero"})
     outcome = gates.call(operation, "acme", "a")
     assert outcome.error is not None and outcome.error.code == "invalid_config", outcome
-    fixed = gates.call("status", "acme", "a", **{"resource.llm.rpm": "60"}).params
+    fixed = gates.call("status", "acme", "a", None, **{"resource.llm.rpm": "60"}).params
     gate = fixed["resources"]["llm"]
     assert gate["grants"] == 0 and gate["queue_length"] == 0 and fixed["entity"] is None
 
