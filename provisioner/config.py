@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from provisioner.failures import FailureCode
@@ -100,13 +100,15 @@ class Config:
 
     sandbox: SandboxSettings
     admission: AdmissionConfig
+    # The named resource gates (`resource.<name>.<limit>`), by name.
+    resources: dict[str, ResourceGate] = field(default_factory=dict)
 
 
 def read_config(config: Mapping[str, str]) -> Config:
     """Read and validate every key present; ProvisionerError("invalid_config") on a bad one.
     Sandbox keys are checked first, then admission keys in config order, then the relations
-    between admission settings."""
-    return Config(_read_sandbox(config), _read_admission(config))
+    between admission settings, then the resource gates."""
+    return Config(_read_sandbox(config), _read_admission(config), read_resources(config))
 
 
 # ---------------------------------------------------------------------------- the table
@@ -397,3 +399,215 @@ def _read_admission(config: Mapping[str, str]) -> AdmissionConfig:
     built = _sparse(AdmissionConfig, values)
     built.check_relations()
     return built
+
+
+# ------------------------------------------------------------------ resource gates
+#
+# Named resource gates are declared with keys `resource.<name>.<limit>`: the name is
+# dynamic, so their entries in the table are patterns (`RESOURCE_SETTINGS`, one per
+# `<limit>`), read by the same `read_config` as every other key. A key that starts with
+# `resource.` but names no known limit, or a name outside `RESOURCE_NAME`, is refused:
+# a misspelt limit must not silently leave a gate open.
+
+RESOURCE_PREFIX = "resource."
+# Lower-case, so that `resource.LLM.rpm` and `resource.llm.rpm` cannot name two gates.
+RESOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_PER_MINUTE_MAX = 1e9
+
+
+@dataclass(frozen=True)
+class ResourceGate:
+    """One named resource gate: any combination of concurrent permits, a request rate and
+    token rates, each also capped per tenant (`tenant_*`). Rates are per minute; a burst
+    of None means one minute's worth (the provider's own bucket, see the README).
+    `queue_timeout_ms` None means the admission setting's."""
+
+    name: str
+    concurrency: int | None = None
+    rpm: float | None = None
+    itpm: float | None = None
+    otpm: float | None = None
+    rpm_burst: float | None = None
+    itpm_burst: float | None = None
+    otpm_burst: float | None = None
+    tenant_concurrency: int | None = None
+    tenant_rpm: float | None = None
+    tenant_itpm: float | None = None
+    tenant_otpm: float | None = None
+    tenant_rpm_burst: float | None = None
+    tenant_itpm_burst: float | None = None
+    tenant_otpm_burst: float | None = None
+    lease_ms: int = 600_000
+    queue_timeout_ms: int | None = None
+
+    def check_relations(self) -> None:
+        pairs = [("concurrency", "tenant_concurrency")]
+        pairs += [(rate, f"tenant_{rate}") for rate in ("rpm", "itpm", "otpm")]
+        for account, tenant in pairs:
+            whole, share = getattr(self, account), getattr(self, tenant)
+            if whole is not None and share is not None and share > whole:
+                _refuse(
+                    f"resource.{self.name}.{tenant} must not exceed resource.{self.name}.{account}"
+                )
+        for rate in ("rpm", "itpm", "otpm", "tenant_rpm", "tenant_itpm", "tenant_otpm"):
+            if getattr(self, f"{rate}_burst") is not None and getattr(self, rate) is None:
+                _refuse(
+                    f"resource.{self.name}.{rate}_burst is set without resource.{self.name}.{rate}"
+                )
+        limits = ("concurrency", "rpm", "itpm", "otpm")
+        if all(getattr(self, f) is None and getattr(self, f"tenant_{f}") is None for f in limits):
+            _refuse(
+                f"resource {self.name!r} declares no limit (set resource.{self.name}.concurrency, "
+                "rpm, itpm, otpm or a tenant_ one)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceSetting:
+    """The pattern entry for every key `resource.<name>.<limit>`."""
+
+    limit: str
+    field: str
+    parse: Callable[[str, str], Any]
+    default: str
+    meaning: str
+
+    def key(self, name: str = "<name>") -> str:
+        return f"{RESOURCE_PREFIX}{name}.{self.limit}"
+
+
+def _resource_number(key: str, raw: str, upper: float, *, whole: bool, scale: float = 1.0) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        _refuse(f"{key} must be a number, got {raw[:40]!r}")
+        raise  # unreachable: keeps the type checker sure `value` is bound
+    if not math.isfinite(value) or value <= 0:
+        _refuse(f"{key} must be a positive finite number, got {raw[:40]!r}")
+    if value > upper:
+        _refuse(f"{key} must be at most {upper:g}, got {raw[:40]!r}")
+    if whole and value != int(value):
+        _refuse(f"{key} must be a whole number, got {raw[:40]!r}")
+    return value * scale
+
+
+def _count(key: str, raw: str) -> int:
+    return int(_resource_number(key, raw, 1_000_000, whole=True))
+
+
+def _per_minute(key: str, raw: str) -> float:
+    return _resource_number(key, raw, _PER_MINUTE_MAX, whole=False)
+
+
+def _burst(key: str, raw: str) -> float:
+    value = _resource_number(key, raw, _PER_MINUTE_MAX, whole=False)
+    if value < 1:
+        _refuse(f"{key} must be at least 1, got {raw[:40]!r}")
+    return value
+
+
+def _resource_seconds(key: str, raw: str) -> int:
+    return max(1, round(_resource_number(key, raw, _DAY_MS / 1000, whole=False, scale=1000)))
+
+
+def _resource_millis(key: str, raw: str) -> int:
+    return int(_resource_number(key, raw, _DAY_MS, whole=True))
+
+
+def _rate_settings(prefix: str, scope: str) -> tuple[ResourceSetting, ...]:
+    what = {"rpm": "requests", "itpm": "input tokens", "otpm": "output tokens"}
+    rows: list[ResourceSetting] = []
+    for rate, unit in what.items():
+        rows.append(
+            ResourceSetting(
+                f"{prefix}{rate}",
+                f"{prefix}{rate}",
+                _per_minute,
+                "none",
+                f"{unit} per minute {scope}",
+            )
+        )
+        rows.append(
+            ResourceSetting(
+                f"{prefix}{rate}_burst",
+                f"{prefix}{rate}_burst",
+                _burst,
+                f"the {prefix}{rate} value",
+                f"{unit} that may go back to back {scope} before the rate applies",
+            )
+        )
+    return tuple(rows)
+
+
+RESOURCE_SETTINGS: tuple[ResourceSetting, ...] = (
+    ResourceSetting(
+        "concurrency",
+        "concurrency",
+        _count,
+        "none",
+        "permits held at once (calls in flight, active sessions)",
+    ),
+    *_rate_settings("", "across the account"),
+    ResourceSetting(
+        "tenant_concurrency",
+        "tenant_concurrency",
+        _count,
+        "none",
+        "permits one tenant may hold at once",
+    ),
+    *_rate_settings("tenant_", "for one tenant"),
+    ResourceSetting(
+        "lease_s",
+        "lease_ms",
+        _resource_seconds,
+        "600",
+        "a permit's lease: a holder that neither settles, releases nor asks again "
+        "loses it after this long",
+    ),
+    ResourceSetting(
+        "lease_ms", "lease_ms", _resource_millis, "600000", "the same, in milliseconds"
+    ),
+    ResourceSetting(
+        "queue_timeout_s",
+        "queue_timeout_ms",
+        _resource_seconds,
+        "the queue_timeout_s value",
+        "longest a waiter may queue at this gate",
+    ),
+    ResourceSetting(
+        "queue_timeout_ms",
+        "queue_timeout_ms",
+        _resource_millis,
+        "the queue_timeout_ms value",
+        "the same, in milliseconds",
+    ),
+)
+RESOURCE_SETTINGS_BY_LIMIT: dict[str, ResourceSetting] = {s.limit: s for s in RESOURCE_SETTINGS}
+
+
+def read_resources(config: Mapping[str, str]) -> dict[str, ResourceGate]:
+    """Every resource gate the config declares, by name (ProvisionerError("invalid_config")
+    on a bad key or value)."""
+    values: dict[str, dict[str, Any]] = {}
+    for key, raw in config.items():
+        if not key.startswith(RESOURCE_PREFIX):
+            continue
+        name, dot, limit = key[len(RESOURCE_PREFIX) :].partition(".")
+        if not dot or not RESOURCE_NAME.fullmatch(name):
+            _refuse(
+                f"{key[:80]!r} is not resource.<name>.<limit> with a name of 1-32 lower-case "
+                "letters, digits, _ or -, starting with a letter"
+            )
+        setting = RESOURCE_SETTINGS_BY_LIMIT.get(limit)
+        if setting is None:
+            known = ", ".join(RESOURCE_SETTINGS_BY_LIMIT)
+            _refuse(f"{key[:80]!r}: unknown limit {limit[:40]!r} (one of {known})")
+            raise AssertionError("unreachable")
+        text = str(raw).strip()
+        if text == "":
+            continue
+        values.setdefault(name, {})[setting.field] = setting.parse(key, text)
+    gates = {name: ResourceGate(name, **fields) for name, fields in sorted(values.items())}
+    for gate in gates.values():
+        gate.check_relations()
+    return gates

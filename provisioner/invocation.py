@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from provisioner.failures import FailureCode
@@ -15,7 +15,7 @@ MAX_JSON_BYTES = 64 * 1024
 MAX_CONFIG_ENTRIES = 64
 MAX_CONFIG_VALUE_CHARS = 2048
 
-OPERATIONS = ("provision", "release", "status")
+OPERATIONS = ("provision", "release", "status", "acquire", "settle")
 
 # C0 controls, DEL and lone surrogates: none belongs in an id, a key or a log line.
 _FORBIDDEN_IN_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
@@ -65,6 +65,8 @@ class Request:
     trigger_params: dict[str, Any]
     session_id: str | None
     trace_id: str
+    # The entity's state fields (the resource gates read a cost estimate from them).
+    entity_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def entity(self) -> str:
@@ -92,7 +94,7 @@ def validate(invocation: Invocation) -> Request:
             f"operation {operation!r} is not one of {', '.join(OPERATIONS)}",
         )
     trigger_params = _json_object("trigger_params", invocation.trigger_params)
-    _json_object("entity_state", invocation.entity_state)
+    entity_state = _json_object("entity_state", invocation.entity_state)
     session_id = invocation.session_id
     if session_id is not None:
         _check_id("session_id", session_id)
@@ -107,4 +109,5 @@ def validate(invocation: Invocation) -> Request:
         trigger_params=trigger_params,
         session_id=session_id,
         trace_id=invocation.trace_id,
+        entity_state=entity_state,
     )

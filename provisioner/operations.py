@@ -1,4 +1,5 @@
-"""The three operations: provision, release and status.
+"""The sandbox operations: provision, release and status (the resource gates' acquire,
+settle and release-with-a-resource are in `provisioner.resources`).
 
 Order matters for "nothing is lost": the entity record (and so the idempotency key) is
 written before any create is sent, and the record is deleted only after E2B confirmed the
@@ -44,6 +45,8 @@ from provisioner.model import (
     failed,
 )
 from provisioner.ports import Ports, StorageConflict
+from provisioner.resources import dispatch_resource, is_resource_request
+from provisioner.resources.status import snapshot as resource_snapshot
 
 # A pending record outlives the longest a waiter may queue, then vanishes on its own.
 _PENDING_GRACE_MS = 10 * 60 * 1000
@@ -80,6 +83,7 @@ class Operations:
         config = read_config(request.config)
         self.settings = config.sandbox
         self.admission_config = config.admission
+        self.resources = config.resources
         self.records = EntityRecords(ports.storage)
         self.waiter = Waiter(tenant=request.tenant, entity=request.entity)
 
@@ -267,10 +271,15 @@ class Operations:
                 "since_ms": record.since_ms,
             }
         gates = AdmissionController(self.ports, self.admission_config).status(self.request.tenant)
-        return Outcome(SANDBOX_STATUS, {"entity": entity, "gates": gates})
+        params: dict[str, Any] = {"entity": entity, "gates": gates}
+        if self.resources:
+            params["resources"] = resource_snapshot(self.ports, self.resources, self.request.tenant)
+        return Outcome(SANDBOX_STATUS, params)
 
 
 def dispatch(request: Request, ports: Ports) -> Outcome:
+    if is_resource_request(request):
+        return dispatch_resource(request, ports)
     operations = Operations(request, ports)
     if request.operation == "release":
         return operations.release()

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from provisioner.admission.state import GateState
+from typing import Protocol
+
 from provisioner.config import AdmissionConfig
+
+
+class Cooldown(Protocol):
+    """Where a shared cooldown is kept: the sandbox gate document and each resource gate's."""
+
+    cooldown_until_ms: int
+    backoff_failures: int
 
 
 def backoff_ms(failures: int, config: AdmissionConfig, uniform: float) -> int:
@@ -13,7 +21,7 @@ def backoff_ms(failures: int, config: AdmissionConfig, uniform: float) -> int:
 
 
 def record_failure(
-    state: GateState,
+    state: Cooldown,
     config: AdmissionConfig,
     now_ms: int,
     retry_after_ms: int | None,
@@ -29,9 +37,9 @@ def record_failure(
     return state.cooldown_until_ms
 
 
-def record_success(state: GateState) -> None:
+def record_success(state: Cooldown) -> None:
     state.backoff_failures = 0
 
 
-def cooling_ms(state: GateState, now_ms: int) -> int:
+def cooling_ms(state: Cooldown, now_ms: int) -> int:
     return max(0, state.cooldown_until_ms - now_ms)

@@ -8,6 +8,9 @@ ETA, computed by the same function a waiter's own `admit` answer comes from
 (`blocking.waiting`). Hosts, operators and benchmarks read the state through this module
 only; the stored encoding (`state`, `place`) stays private to the guest.
 
+The resource gates (`resource.<name>.<limit>`) have their own view, re-exported here:
+`inspect_resource` / `inspect_resources` (`provisioner.resources.inspect`).
+
 Reading never writes. Each waiter costs two reads (its ticket's key and its own record),
 so inspection is O(waiters), unlike a decision; it is meant for operators and tests.
 """
@@ -33,6 +36,34 @@ from provisioner.admission.state import GATE_KEY as _GATE_KEY
 from provisioner.admission.state import GateState, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
 from provisioner.ports import Scope, Storage
+from provisioner.resources.inspect import (
+    BucketView,
+    ResourceGateView,
+    ResourceLeaseView,
+    ResourceWaiterView,
+    inspect_resource,
+    inspect_resources,
+)
+
+__all__ = [
+    "GATE_KEY",
+    "Backoff",
+    "BucketView",
+    "Capacity",
+    "CreateLeaseView",
+    "CreateSlots",
+    "GateView",
+    "Rate",
+    "ResourceGateView",
+    "ResourceLeaseView",
+    "ResourceWaiterView",
+    "RetryBudget",
+    "SandboxLeaseView",
+    "WaiterView",
+    "inspect_gates",
+    "inspect_resource",
+    "inspect_resources",
+]
 
 # The key (account scope) of the account's gate document: every decision writes it with
 # compare-and-swap, so a host may watch its version. Its content is private.

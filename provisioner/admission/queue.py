@@ -11,8 +11,9 @@ computing one costs O(tenants), whatever the number of waiters.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
-from provisioner.admission.state import GateState, RetryEntry, TenantQueue
+from provisioner.admission.state import RetryEntry, TenantQueue
 
 # Out-of-order removals remembered per tenant; beyond this, only the head can leave.
 MAX_REMOVED_OUT_OF_ORDER = 64
@@ -20,7 +21,18 @@ MAX_REMOVED_OUT_OF_ORDER = 64
 Eligible = Callable[[str], bool]
 
 
-def enqueue(state: GateState, tenant: str) -> int:
+class QueueHolder(Protocol):
+    """What the fair queue lives in: the sandbox gate document (`state.GateState`) and each
+    resource gate's document (`provisioner.resources.state.ResourceState`)."""
+
+    ring: list[TenantQueue]
+    retries: list[RetryEntry]
+    ticket_high_water: int
+
+    def queue_of(self, tenant: str) -> TenantQueue | None: ...
+
+
+def enqueue(state: QueueHolder, tenant: str) -> int:
     queue = state.queue_of(tenant)
     if queue is None:
         # A fresh entry starts past every ticket ever issued, so ticket keys never repeat.
@@ -36,7 +48,7 @@ def can_remove(queue: TenantQueue, ticket: int) -> bool:
     return ticket == queue.head or len(queue.removed) < MAX_REMOVED_OUT_OF_ORDER
 
 
-def remove_ticket(state: GateState, tenant: str, ticket: int, *, granted: bool) -> None:
+def remove_ticket(state: QueueHolder, tenant: str, ticket: int, *, granted: bool) -> None:
     """Take a ticket out; a tenant whose ticket was granted moves to the back of the ring
     (a ticket dropped because its waiter stopped polling leaves the ring order alone)."""
     queue = state.queue_of(tenant)
@@ -63,7 +75,9 @@ def ticket_at(queue: TenantQueue, index: int) -> int:
         ticket += 1
 
 
-def eligible_retries(state: GateState, eligible: Eligible, retry_tokens: float) -> list[RetryEntry]:
+def eligible_retries(
+    state: QueueHolder, eligible: Eligible, retry_tokens: float
+) -> list[RetryEntry]:
     """Retries that may be granted now: tenant has room and the budget pays for them."""
     affordable = int(retry_tokens + 1e-9)
     chosen: list[RetryEntry] = []
@@ -75,7 +89,7 @@ def eligible_retries(state: GateState, eligible: Eligible, retry_tokens: float) 
     return chosen
 
 
-def fair_order(state: GateState, eligible: Eligible) -> Iterator[tuple[str, int]]:
+def fair_order(state: QueueHolder, eligible: Eligible) -> Iterator[tuple[str, int]]:
     """Fresh tickets in service order: round r serves each tenant's r-th ticket."""
     queues = [q for q in state.ring if eligible(q.tenant)]
     rounds = max((q.length() for q in queues), default=0)
@@ -85,7 +99,7 @@ def fair_order(state: GateState, eligible: Eligible) -> Iterator[tuple[str, int]
                 yield queue.tenant, ticket_at(queue, index)
 
 
-def fresh_position(state: GateState, tenant: str, ticket: int, eligible: Eligible) -> int:
+def fresh_position(state: QueueHolder, tenant: str, ticket: int, eligible: Eligible) -> int:
     """1-based place of a fresh ticket among fresh tickets, counting eligible tenants only
     (plus its own)."""
     own = state.queue_of(tenant)

@@ -37,6 +37,11 @@ def _name(raw: str) -> str:
     return "~" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def key_part(raw: str) -> str:
+    """`raw` as one segment of a storage key (quoted; a digest when too long)."""
+    return _name(raw)
+
+
 def waiter_key(tenant: str, entity: str) -> str:
     return f"adm/w/{_name(tenant)}/{_name(entity)}"
 

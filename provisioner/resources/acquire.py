@@ -1,0 +1,141 @@
+"""Acquire: grant a permit of a resource gate now, or say where the waiter stands.
+
+One decision, like the sandbox gates' `admission.admit`: load the gate and the waiter's
+place, keep the waiter's ticket (a repeated acquire keeps its place), `blocking.walk` the
+front of the fair order, and either grant (take a lease and charge every bucket its
+estimate, in the same compare-and-swap that takes the waiter out of the queue) or answer
+Queued. An entity holds at most one lease per resource: asking again while holding it
+renews the lease and answers the same grant.
+"""
+
+from __future__ import annotations
+
+from provisioner.admission.backoff import cooling_ms
+from provisioner.admission.bucket import Charge
+from provisioner.admission.cas import Again, until_settled
+from provisioner.admission.leases import new_lease_id
+from provisioner.admission.place import Place, Stage
+from provisioner.admission.queue import can_remove, enqueue, remove_ticket
+from provisioner.admission.results import Queued, Rejected, Waiter
+from provisioner.failures import FailureCode
+from provisioner.model import Failure
+from provisioner.ports import StorageConflict
+from provisioner.resources.blocking import Verdict, waiting, walk
+from provisioner.resources.ledger import Loaded, ResourceLedger, set_bucket
+from provisioner.resources.limits import REASON_BACKOFF, rate_limits
+from provisioner.resources.results import ResourceGrant
+from provisioner.resources.state import Costs, ResourceLease
+
+
+class Acquisition(ResourceLedger):
+    def decide(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
+        return until_settled(lambda: self._decide(waiter, costs), self.admission.cas_retries)
+
+    def _decide(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
+        loaded = self.load(waiter)
+        state, now = loaded.state, loaded.now_ms
+        held = state.lease_of(waiter.tenant, waiter.entity)
+        if held is not None:
+            held.expires_ms = now + self.gate.lease_ms
+            self.save_gate(loaded)
+            return ResourceGrant(held.lease_id, held.expires_ms, 0, renewed=True)
+        stored = loaded.place
+        queue = state.queue_of(waiter.tenant)
+        if (
+            stored is not None
+            and stored.stage is Stage.QUEUED
+            and stored.ticket is not None
+            and queue is not None
+            and queue.holds(stored.ticket)
+        ):
+            place, fresh = stored, False
+        else:
+            # New, or its ticket was skipped as dead: queue again, keeping when it first
+            # asked so that dying and returning cannot dodge the queue timeout.
+            since = stored.since_ms if stored is not None else now
+            place, fresh = Place(Stage.QUEUED, since, 1, ticket=enqueue(state, waiter.tenant)), True
+        assert place.ticket is not None
+        if now - place.since_ms >= self.queue_timeout_ms:
+            return self._timed_out(waiter, loaded, place)
+        cooling = cooling_ms(state, now)
+        if cooling > 0:
+            verdict = Verdict(False, REASON_BACKOFF, (), ())
+        else:
+            verdict = walk(
+                state, self.gate, now, waiter.tenant, place.ticket, costs, self.read_ticket
+            )
+        for tenant, ticket in verdict.dead:
+            queue_of = state.queue_of(tenant)
+            if queue_of is not None and can_remove(queue_of, ticket):
+                remove_ticket(state, tenant, ticket, granted=False)
+        own_queue = state.queue_of(waiter.tenant)
+        if verdict.goes and own_queue is not None and can_remove(own_queue, place.ticket):
+            return self._grant(waiter, loaded, place, costs)
+        queued = waiting(
+            state,
+            self.gate,
+            self.admission,
+            now,
+            waiter.tenant,
+            place.ticket,
+            place.since_ms,
+            costs,
+            verdict,
+            cooling,
+            self.ports.uniform,
+        )
+        ttl = queued.retry_after_ms + self.admission.waiter_ttl_ms
+        if fresh or verdict.dead:
+            self.save_gate(loaded)
+        renewed = Place(Stage.QUEUED, place.since_ms, 1, place.ticket, None, now + ttl)
+        try:
+            self.save_place(waiter, loaded, renewed, ttl + self.queue_timeout_ms)
+        except StorageConflict:
+            # Another invocation of this waiter moved first; a ticket made here has no
+            # liveness key, so it is skipped as dead.
+            raise Again("waiter record moved") from None
+        self.touch_ticket(waiter, place.ticket, costs, ttl)
+        return queued
+
+    def _timed_out(self, waiter: Waiter, loaded: Loaded, place: Place) -> Rejected:
+        assert place.ticket is not None
+        remove_ticket(loaded.state, waiter.tenant, place.ticket, granted=False)
+        self.save_gate(loaded)
+        self.forget_place(waiter)
+        self.forget_ticket(waiter, place.ticket)
+        waited = loaded.now_ms - place.since_ms
+        return Rejected(
+            Failure(
+                FailureCode.QUEUE_TIMEOUT,
+                f"waited {waited} ms for resource {self.gate.name!r}, longer than its queue "
+                f"timeout of {self.queue_timeout_ms} ms",
+                retryable=True,
+            )
+        )
+
+    def _grant(self, waiter: Waiter, loaded: Loaded, place: Place, costs: Costs) -> ResourceGrant:
+        state, now = loaded.state, loaded.now_ms
+        assert place.ticket is not None
+        charges: list[Charge] = []
+        for rate in rate_limits(self.gate):
+            name = rate.bucket_id(waiter.tenant)
+            cost = costs.get(rate.kind, 0.0)
+            tat = rate.bucket.charge(state.buckets.get(name, 0.0), now, cost)
+            set_bucket(state, name, tat, now)
+            charges.append(Charge(name, cost, tat - now))
+        lease = ResourceLease(
+            new_lease_id(self.ports, "r"),
+            waiter.tenant,
+            waiter.entity,
+            now + self.gate.lease_ms,
+            now,
+            charges,
+        )
+        state.leases.append(lease)
+        remove_ticket(state, waiter.tenant, place.ticket, granted=True)
+        state.grants += 1
+        self.save_gate(loaded)
+        # The gate document is the truth about who holds what: the place is no longer needed.
+        self.forget_place(waiter)
+        self.forget_ticket(waiter, place.ticket)
+        return ResourceGrant(lease.lease_id, lease.expires_ms, now - place.since_ms)

@@ -1,0 +1,67 @@
+"""A resource gate's limits as the decisions use them: concurrency counts and token buckets.
+
+Each rate key of a `config.ResourceGate` becomes one `RateLimit`: the cost kind it meters
+(a request, input tokens, output tokens), whether each tenant has its own bucket, and the
+bucket (`admission.bucket.Bucket`, per minute, a minute's worth of burst unless set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from provisioner.admission.bucket import Bucket
+from provisioner.config import ResourceGate
+from provisioner.resources.state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id
+
+REASON_CONCURRENCY = "concurrency"
+REASON_TENANT_CONCURRENCY = "tenant_concurrency"
+REASON_BACKOFF = "backoff"
+REASON_STORAGE = "storage"
+_RATE_REASONS = {REQUESTS: "rate", INPUT: "input_tokens", OUTPUT: "output_tokens"}
+_RATE_KEYS = {REQUESTS: "rpm", INPUT: "itpm", OUTPUT: "otpm"}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    kind: str
+    per_tenant: bool
+    bucket: Bucket
+
+    @property
+    def reason(self) -> str:
+        """The queue reason when this bucket holds a waiter back: `rate`, `input_tokens`,
+        `output_tokens`, each with `tenant_` in front for a tenant's own bucket."""
+        return ("tenant_" if self.per_tenant else "") + _RATE_REASONS[self.kind]
+
+    def bucket_id(self, tenant: str) -> str:
+        return bucket_id(self.kind, tenant if self.per_tenant else None)
+
+
+def rate_limits(gate: ResourceGate) -> tuple[RateLimit, ...]:
+    rates: list[RateLimit] = []
+    for prefix, per_tenant in (("", False), ("tenant_", True)):
+        for kind, key in _RATE_KEYS.items():
+            per_minute: float | None = getattr(gate, prefix + key)
+            if per_minute is not None:
+                burst: float | None = getattr(gate, f"{prefix}{key}_burst")
+                rates.append(RateLimit(kind, per_tenant, Bucket.per_minute(per_minute, burst)))
+    return tuple(rates)
+
+
+def request_costs(input_tokens: int, output_tokens: int) -> Costs:
+    """What one request is estimated to cost, in every kind."""
+    return {REQUESTS: 1.0, INPUT: float(input_tokens), OUTPUT: float(output_tokens)}
+
+
+def too_large(gate: ResourceGate, costs: Costs) -> str | None:
+    """Why a request this large can never fit (its estimate exceeds a bucket's burst)."""
+    for rate in rate_limits(gate):
+        need = costs.get(rate.kind, 0.0)
+        if need > rate.bucket.burst:
+            scope = "tenant_" if rate.per_tenant else ""
+            key = f"resource.{gate.name}.{scope}{_RATE_KEYS[rate.kind]}"
+            return (
+                f"an estimated {need:g} {rate.kind} exceeds the burst of {key} "
+                f"({rate.bucket.burst:g}): it could never be granted"
+            )
+    return None

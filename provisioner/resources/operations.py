@@ -1,0 +1,221 @@
+"""The resource operations: `acquire`, `settle`, and `release` with a `resource` key.
+
+The resource is named by the config key `resource` and must be declared by at least one
+`resource.<name>.<limit>` key. Every result is a success outcome whose action names it
+(`ResourceGranted`, `ResourceQueued`, `ResourceSettled`, `ResourceReleased`); a refusal is
+`SandboxFailed` with a typed code, like every other failure of the component (Temper
+routes a failure by `on_failure` whatever its action). Storage trouble fails closed: an
+acquire answers `ResourceQueued` with reason `storage`, nothing granted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+from provisioner.admission.cas import come_back_ms
+from provisioner.admission.results import Queued, Rejected, Waiter
+from provisioner.config import AdmissionConfig, ResourceGate, read_config
+from provisioner.failures import FailureCode
+from provisioner.invocation import Request
+from provisioner.model import Outcome, ProvisionerError, failed
+from provisioner.ports import LogLevel, Ports, StorageError
+from provisioner.resources.acquire import Acquisition
+from provisioner.resources.limits import REASON_STORAGE, request_costs, too_large
+from provisioner.resources.provider import read_answer
+from provisioner.resources.release import Release
+from provisioner.resources.results import ResourceGrant
+from provisioner.resources.settle import Settlement
+from provisioner.resources.state import INPUT, OUTPUT, Costs
+
+RESOURCE_GRANTED = "ResourceGranted"
+RESOURCE_QUEUED = "ResourceQueued"
+RESOURCE_SETTLED = "ResourceSettled"
+RESOURCE_RELEASED = "ResourceReleased"
+
+RESOURCE_OPERATIONS = ("acquire", "settle")
+_MAX_TOKENS = 1_000_000_000
+# Temper dispatches an outcome by its action name, and one action has one target state:
+# a spec that gates two resources from two states renames the answers of each trigger
+# with the config keys `granted_action` and `queued_action`.
+_ACTION_NAME = re.compile(r"[A-Z][A-Za-z0-9_]{0,63}")
+
+
+def is_resource_request(request: Request) -> bool:
+    """acquire and settle; release only with a `resource` key (without it, release frees
+    the entity's sandbox, as it always has)."""
+    if request.operation in RESOURCE_OPERATIONS:
+        return True
+    return request.operation == "release" and bool(request.config.get("resource", "").strip())
+
+
+def _refuse(message: str) -> None:
+    raise ProvisionerError(FailureCode.INVALID_INVOCATION, message)
+
+
+def _tokens(params: dict[str, Any], name: str) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TOKENS:
+        _refuse(f"{name} must be a whole number from 0 to {_MAX_TOKENS}")
+    assert isinstance(value, int)
+    return value
+
+
+def _status(params: dict[str, Any]) -> int:
+    value = params.get("status", 200)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
+        _refuse("trigger param status must be the provider's HTTP status (100-599)")
+    assert isinstance(value, int)
+    return value
+
+
+def _headers(params: dict[str, Any]) -> dict[str, Any]:
+    headers = params.get("headers", {})
+    if headers is None:
+        return {}
+    if not isinstance(headers, dict):
+        _refuse("trigger param headers must be an object of header names to values")
+    return dict(headers)
+
+
+def _action_name(config: dict[str, str], key: str, default: str) -> str:
+    raw = config.get(key, "").strip()
+    if not raw:
+        return default
+    if not _ACTION_NAME.fullmatch(raw):
+        raise ProvisionerError(
+            FailureCode.INVALID_CONFIG,
+            f"{key} must be an action name (a capital letter, then up to 63 letters, digits "
+            f"or _), got {raw[:40]!r}",
+        )
+    return raw
+
+
+def _estimate(request: Request, name: str) -> int:
+    """From the trigger's params, else from the entity's state field of the same name (a
+    spec keeps its next call's estimate there), else 0."""
+    found = _tokens(request.trigger_params, name)
+    if found is None:
+        found = _tokens(request.entity_state, name)
+    return found or 0
+
+
+def _gate(gates: dict[str, ResourceGate], raw: str | None) -> ResourceGate:
+    name = (raw or "").strip()
+    if not name:
+        raise ProvisionerError(
+            FailureCode.INVALID_CONFIG, "operation needs the config key resource (a gate name)"
+        )
+    gate = gates.get(name)
+    if gate is None:
+        declared = ", ".join(gates) or "none"
+        raise ProvisionerError(
+            FailureCode.INVALID_CONFIG,
+            f"resource {name[:40]!r} is not declared by any resource.{name[:40]}.<limit> key "
+            f"(declared: {declared})",
+        )
+    return gate
+
+
+class ResourceOperations:
+    def __init__(self, request: Request, ports: Ports) -> None:
+        config = read_config(request.config)
+        self.request = request
+        self.ports = ports
+        self.admission: AdmissionConfig = config.admission
+        self.gate = _gate(config.resources, request.config.get("resource"))
+        self.waiter = Waiter(request.tenant, request.entity)
+        self.granted_action = _action_name(request.config, "granted_action", RESOURCE_GRANTED)
+        self.queued_action = _action_name(request.config, "queued_action", RESOURCE_QUEUED)
+
+    def _emit(self, event: str, params: dict[str, Any]) -> None:
+        body = {"event": event, "tenant": self.waiter.tenant, "entity": self.waiter.entity}
+        body.update(params)
+        with contextlib.suppress(Exception):
+            self.ports.telemetry.progress(body)
+
+    def acquire(self) -> Outcome:
+        costs: Costs = request_costs(
+            _estimate(self.request, "estimated_input_tokens"),
+            _estimate(self.request, "estimated_output_tokens"),
+        )
+        reason = too_large(self.gate, costs)
+        if reason is not None:
+            _refuse(reason)
+        try:
+            decision = Acquisition(self.ports, self.admission, self.gate).decide(self.waiter, costs)
+        except StorageError as error:
+            with contextlib.suppress(Exception):
+                self.ports.telemetry.log(LogLevel.WARN, f"resource acquire fails closed: {error!r}")
+            wait = come_back_ms(self.ports, self.admission.poll_min_ms)
+            decision = Queued(0, 0, 0, 0, REASON_STORAGE, wait, wait, 0)
+        resource = {"resource": self.gate.name}
+        if isinstance(decision, ResourceGrant):
+            granted = {
+                **resource,
+                "lease_id": decision.lease_id,
+                "expires_at_ms": decision.expires_at_ms,
+                "queued_ms": decision.queued_ms,
+                "renewed": decision.renewed,
+            }
+            self._emit("resource_granted", granted)
+            return Outcome(self.granted_action, granted)
+        if isinstance(decision, Rejected):
+            self._emit("resource_rejected", {**resource, "code": decision.failure.code})
+            return failed(decision.failure)
+        queued = {**resource, **decision.params()}
+        self._emit("resource_queued", queued)
+        return Outcome(self.queued_action, queued)
+
+    def settle(self) -> Outcome:
+        params = self.request.trigger_params
+        lease_id = params.get("lease_id")
+        if lease_id is not None and (not isinstance(lease_id, str) or len(lease_id) > 64):
+            _refuse("trigger param lease_id must be the lease id ResourceGranted gave")
+        actual: Costs = {}
+        for kind, name in ((INPUT, "input_tokens"), (OUTPUT, "output_tokens")):
+            tokens = _tokens(params, name)
+            if tokens is not None:
+                actual[kind] = float(tokens)
+        answer = read_answer(_status(params), _headers(params), self.ports.clock.now_ms())
+        settled = Settlement(self.ports, self.admission, self.gate).decide(
+            self.waiter, lease_id or None, actual, answer
+        )
+        body = {
+            "resource": self.gate.name,
+            "lease_id": settled.lease_id,
+            "held": settled.held,
+            "answer": settled.answer,
+            "status": answer.status,
+            "charged": settled.charged,
+            "cooling_ms": settled.cooling_ms,
+        }
+        self._emit("resource_settled", body)
+        return Outcome(RESOURCE_SETTLED, body)
+
+    def release(self) -> Outcome:
+        released = Release(self.ports, self.admission, self.gate).decide(self.waiter)
+        body = {
+            "resource": self.gate.name,
+            "released": released.held,
+            "lease_id": released.lease_id,
+            "waited": released.waited,
+        }
+        self._emit("resource_released", body)
+        return Outcome(RESOURCE_RELEASED, body)
+
+
+def dispatch_resource(request: Request, ports: Ports) -> Outcome:
+    operations = ResourceOperations(request, ports)
+    if request.operation == "acquire":
+        return operations.acquire()
+    if request.operation == "settle":
+        return operations.settle()
+    return operations.release()

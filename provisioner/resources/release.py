@@ -1,0 +1,40 @@
+"""Release: free the permit an entity holds at a resource gate (a session's slot at its
+end, a call abandoned before it was made) and its place in the queue. What the grant
+charged the token buckets stays charged: the call may have happened."""
+
+from __future__ import annotations
+
+from provisioner.admission.cas import until_settled
+from provisioner.admission.place import Stage
+from provisioner.admission.queue import can_remove, remove_ticket
+from provisioner.admission.results import Waiter
+from provisioner.resources.ledger import ResourceLedger
+from provisioner.resources.results import Released
+from provisioner.resources.settle import observe_hold
+
+
+class Release(ResourceLedger):
+    def decide(self, waiter: Waiter) -> Released:
+        return until_settled(lambda: self._decide(waiter), self.admission.cas_retries)
+
+    def _decide(self, waiter: Waiter) -> Released:
+        loaded = self.load(waiter)
+        state, now, place = loaded.state, loaded.now_ms, loaded.place
+        lease = state.lease_of(waiter.tenant, waiter.entity)
+        if lease is not None:
+            state.leases.remove(lease)
+            observe_hold(state, lease, now)
+        ticket = None
+        if place is not None and place.stage is Stage.QUEUED and place.ticket is not None:
+            ticket = place.ticket
+        queue = state.queue_of(waiter.tenant)
+        waited = False
+        if ticket is not None and queue is not None and queue.holds(ticket):
+            waited = True
+            if can_remove(queue, ticket):
+                remove_ticket(state, waiter.tenant, ticket, granted=False)
+        if lease is not None or waited:
+            self.save_gate(loaded)
+        self.forget_place(waiter)
+        self.forget_ticket(waiter, ticket)
+        return Released(lease.lease_id if lease is not None else None, lease is not None, waited)

@@ -1,0 +1,378 @@
+"""Resource gates, one behaviour at a time: the debt bucket, per-tenant caps, the shared
+backoff on a provider's 429/529 and its headers, session slots, bad config and params."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from provisioner.admission.bucket import Bucket, Charge, note_change, settle_charge
+from provisioner.config import RESOURCE_SETTINGS, read_config
+from provisioner.model import ProvisionerError
+from provisioner.resources.provider import pause_from_headers
+from tests.guest.resource_harness import ResourceHarness
+
+LLM = {"resource": "llm", "resource.llm.concurrency": "2", "resource.llm.itpm": "6000"}
+
+
+def granted(outcome: object) -> str:
+    assert getattr(outcome, "action", None) == "ResourceGranted", outcome
+    lease: str = outcome.params["lease_id"]  # type: ignore[attr-defined]
+    return lease
+
+
+def queued(outcome: object, reason: str) -> dict[str, Any]:
+    assert getattr(outcome, "action", None) == "ResourceQueued", outcome
+    params: dict[str, Any] = outcome.params  # type: ignore[attr-defined]
+    assert params["reason"] == reason, params
+    return params
+
+
+# -- the bucket
+
+
+def test_an_underestimate_runs_the_bucket_into_debt_until_it_has_refilled() -> None:
+    # Catches: a settle that ignores the actual cost (the provider would see the excess).
+    gates = ResourceHarness(
+        {**LLM, "resource.llm.concurrency": "5", "resource.llm.itpm_burst": "1000"}
+    )
+    granted(gates.acquire("acme", "a", estimated_input_tokens=500))
+    gates.settle("acme", "a", input_tokens=1500)
+    rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
+    assert rate["debt"] == 500 and rate["available"] == 0
+    # 6000/min is 0.1 token per ms: 500 of debt plus 100 wanted is 6 s of refill.
+    wait = queued(gates.acquire("acme", "b", estimated_input_tokens=100), "input_tokens")
+    assert wait["eta_ms"] == 6_000 and wait["retry_after_ms"] == 6_000
+    gates.advance(5_999)
+    queued(gates.acquire("acme", "b", estimated_input_tokens=100), "input_tokens")
+    gates.advance(1)
+    granted(gates.acquire("acme", "b", estimated_input_tokens=100))
+
+
+def test_an_overestimate_comes_back_only_as_far_as_the_bucket_would_have_held_it() -> None:
+    # Catches: a refund that gives back tokens the bucket would have lost to its burst cap
+    # meanwhile (here 300 extra tokens would fit in no time, a burst above the provider's).
+    bucket = Bucket.per_minute(6000, 2000)  # 10 ms per token
+    now = 0
+    tat = bucket.charge(0.0, now, 1000)  # A: estimated 1000, level 1000
+    a = Charge("input", 1000, tat - now)
+    now = 7_000  # 700 tokens refilled: level 1700
+    note_change([a], "input", tat, now)
+    tat = bucket.charge(tat, now, 1000)  # B: level 700
+    tat = settle_charge(bucket, tat, now, a, 0)  # A used nothing
+    # Charged 0 at its grant, the bucket would have been full (2000) when B came: B leaves
+    # 1000, so only 300 of A's 1000 come back.
+    assert bucket.level(tat, now) == pytest.approx(1000)
+
+
+def test_a_refund_before_anything_else_changed_the_bucket_is_whole() -> None:
+    bucket = Bucket.per_minute(6000, 2000)
+    tat = bucket.charge(0.0, 0, 1000)
+    charge = Charge("input", 1000, tat)
+    tat = settle_charge(bucket, tat, 1_000, charge, 400)
+    assert bucket.level(tat, 1_000) == pytest.approx(1000 + 100 + 600)
+
+
+def test_output_tokens_known_only_afterwards_are_charged_at_the_settle() -> None:
+    gates = ResourceHarness({"resource": "llm", "resource.llm.otpm": "600"})
+    granted(gates.acquire("acme", "a"))
+    granted(gates.acquire("acme", "b"))  # nothing estimated: the bucket is not in debt
+    gates.settle("acme", "a", output_tokens=700)
+    queued(gates.acquire("acme", "c"), "output_tokens")  # 100 tokens of debt
+    gates.advance(10_000)  # 10 tokens per second
+    granted(gates.acquire("acme", "c"))
+
+
+def test_an_estimate_above_the_burst_is_refused_as_never_grantable() -> None:
+    gates = ResourceHarness(LLM)
+    outcome = gates.acquire("acme", "a", estimated_input_tokens=6001)
+    assert outcome.error is not None and outcome.error.code == "invalid_invocation"
+    assert "burst" in outcome.error.message
+    assert gates.status("acme")["resources"]["llm"]["queue_length"] == 0
+
+
+def test_a_settle_after_the_lease_expired_charges_the_whole_cost() -> None:
+    # What the grant charged expired with it: erring towards waiting, never a 429.
+    gates = ResourceHarness({**LLM, "resource.llm.lease_s": "1"})
+    lease = granted(gates.acquire("acme", "a", estimated_input_tokens=1000))
+    gates.advance(1_000)
+    settled = gates.settle("acme", "a", lease_id=lease, input_tokens=1000)
+    assert settled.params["held"] is False and settled.params["charged"] == {"input": 1000.0}
+    rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
+    assert rate["available"] == pytest.approx(6000 - 1000 - 1000 + 100)
+
+
+# -- permits and per-tenant caps
+
+
+def test_concurrency_queues_the_third_and_a_settle_frees_its_permit() -> None:
+    gates = ResourceHarness(LLM)
+    first = granted(gates.acquire("acme", "a"))
+    granted(gates.acquire("acme", "b"))
+    wait = queued(gates.acquire("acme", "c"), "concurrency")
+    assert (wait["position"], wait["in_use"], wait["limit"]) == (1, 2, 2)
+    again = gates.acquire("acme", "a")  # the holder asking again keeps its permit
+    assert granted(again) == first and again.params["renewed"] is True
+    gates.settle("acme", "a", input_tokens=10, output_tokens=5)
+    granted(gates.acquire("acme", "c"))
+
+
+def test_a_tenant_cap_lets_another_tenant_overtake() -> None:
+    # Catches: a per-tenant cap that blocks the whole queue behind the capped tenant.
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.concurrency": "3", "resource.llm.tenant_concurrency": "1"}
+    )
+    granted(gates.acquire("acme", "a"))
+    wait = queued(gates.acquire("acme", "b"), "tenant_concurrency")
+    assert (wait["in_use"], wait["limit"]) == (1, 1)
+    granted(gates.acquire("globex", "x"))
+    gates.release("acme", "a")
+    granted(gates.acquire("acme", "b"))
+
+
+def test_a_tenant_token_cap_holds_only_that_tenant() -> None:
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.itpm": "6000",
+            "resource.llm.tenant_itpm": "1200",
+        }
+    )
+    granted(gates.acquire("acme", "a", estimated_input_tokens=1200))
+    queued(gates.acquire("acme", "b", estimated_input_tokens=100), "tenant_input_tokens")
+    granted(gates.acquire("globex", "x", estimated_input_tokens=1200))
+
+
+def test_the_head_of_the_queue_is_not_overtaken_by_a_cheaper_request() -> None:
+    # Catches: a token gate that lets small requests starve a large one at the head.
+    gates = ResourceHarness({"resource": "llm", "resource.llm.itpm": "6000"})
+    granted(gates.acquire("acme", "a", estimated_input_tokens=5000))
+    queued(gates.acquire("acme", "big", estimated_input_tokens=3000), "input_tokens")
+    queued(gates.acquire("globex", "small", estimated_input_tokens=500), "input_tokens")
+    gates.advance(20_000)  # 2000 back: enough for the small one, not yet for the head
+    queued(gates.acquire("globex", "small", estimated_input_tokens=500), "input_tokens")
+    gates.advance(1_000)
+    granted(gates.acquire("acme", "big", estimated_input_tokens=3000))
+
+
+def test_a_waiter_that_keeps_asking_keeps_its_place() -> None:
+    gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "1"})
+    granted(gates.acquire("acme", "holder"))
+    for entity in ("w1", "w2", "w3"):
+        queued(gates.acquire("acme", entity), "concurrency")
+    assert queued(gates.acquire("acme", "w2"), "concurrency")["position"] == 2
+    assert queued(gates.acquire("acme", "w2"), "concurrency")["position"] == 2
+
+
+# -- the provider's answers
+
+
+def rfc3339(epoch_ms: int) -> str:
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def test_a_429_with_retry_after_pauses_every_tenant_of_the_account() -> None:
+    gates = ResourceHarness(LLM)
+    granted(gates.acquire("acme", "a"))
+    settled = gates.settle("acme", "a", status=429, headers={"Retry-After": "12"})
+    assert settled.params["answer"] == "rate_limited" and settled.params["cooling_ms"] == 12_000
+    wait = queued(gates.acquire("globex", "x"), "backoff")
+    assert wait["retry_after_ms"] >= 12_000
+    gates.advance(12_000)
+    granted(gates.acquire("globex", "x"))
+
+
+def test_a_429_without_retry_after_waits_for_the_exhausted_limits_reset() -> None:
+    now = 1_700_000_000_000
+    headers = {
+        "anthropic-ratelimit-requests-remaining": "3",
+        "anthropic-ratelimit-requests-reset": rfc3339(now + 2_000),
+        "anthropic-ratelimit-output-tokens-remaining": "0",
+        "anthropic-ratelimit-output-tokens-reset": rfc3339(now + 9_000),
+    }
+    assert pause_from_headers(429, headers, now) == 9_000
+    # None exhausted: the earliest reset still ahead.
+    headers["anthropic-ratelimit-output-tokens-remaining"] = "5"
+    assert pause_from_headers(429, headers, now) == 2_000
+    assert pause_from_headers(429, {"retry-after": "junk"}, now) is None
+    assert pause_from_headers(529, {"retry-after": "3"}, now) == 3_000
+
+
+def test_a_529_overloaded_backs_off_exponentially_when_it_says_nothing() -> None:
+    gates = ResourceHarness({**LLM, "backoff_base_ms": "1000", "backoff_cap_ms": "1000"})
+    granted(gates.acquire("acme", "a"))
+    settled = gates.settle("acme", "a", status=529)
+    assert settled.params["answer"] == "overloaded"
+    cooling = settled.params["cooling_ms"]
+    assert 0 <= cooling <= 1000
+    status = gates.status("acme")["resources"]["llm"]["backoff"]
+    assert status["failures"] == 1 and status["cooling_ms"] == cooling
+    gates.settle("acme", "a", status=200)  # a success resets the failure count
+    assert gates.status("acme")["resources"]["llm"]["backoff"]["failures"] == 0
+
+
+# -- session slots
+
+
+def test_a_burst_of_sessions_queues_at_the_tenant_slot_cap_and_drains_in_order() -> None:
+    gates = ResourceHarness({"resource": "sessions", "resource.sessions.tenant_concurrency": "2"})
+    sessions = [f"job-{i}" for i in range(6)]
+    answers = [gates.acquire("acme", job) for job in sessions]
+    assert [a.action for a in answers] == ["ResourceGranted"] * 2 + ["ResourceQueued"] * 4
+    assert [a.params.get("position") for a in answers[2:]] == [1, 2, 3, 4]
+    finished = []
+    for _ in range(3):
+        for job in sessions[:2]:
+            gates.release("acme", job)
+            finished.append(job)
+        sessions = sessions[2:]
+        started = [
+            job for job in sessions if gates.acquire("acme", job).action == "ResourceGranted"
+        ]
+        assert started == sessions[:2]
+    assert finished == [f"job-{i}" for i in range(6)] and sessions == []
+
+
+def test_release_without_a_resource_still_releases_the_sandbox() -> None:
+    gates = ResourceHarness(LLM)
+    granted(gates.acquire("acme", "a"))
+    outcome = gates.call("release", "acme", "a", resource="")
+    assert outcome.action == "SandboxReleased", outcome
+    assert gates.status("acme")["resources"]["llm"]["concurrency"]["in_use"] == 1
+
+
+# -- bad config and params
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"resource.llm.concurrency": "0"}, "resource.llm.concurrency"),
+        ({"resource.llm.concurrency": "1.5"}, "whole"),
+        ({"resource.llm.rpm": "nan"}, "resource.llm.rpm"),
+        ({"resource.llm.itpm": "-1"}, "resource.llm.itpm"),
+        ({"resource.llm.itpm": "1e12"}, "at most"),
+        ({"resource.llm.itpm": "100", "resource.llm.itpm_burst": "0.5"}, "at least 1"),
+        ({"resource.llm.rpmm": "5"}, "unknown limit"),
+        ({"resource.LLM.rpm": "5"}, "resource.<name>.<limit>"),
+        ({"resource.llm": "5"}, "resource.<name>.<limit>"),
+        ({"resource.llm.otpm_burst": "5"}, "without resource.llm.otpm"),
+        ({"resource.llm.lease_s": "10"}, "declares no limit"),
+        (
+            {"resource.llm.concurrency": "2", "resource.llm.tenant_concurrency": "3"},
+            "must not exceed",
+        ),
+        ({"resource.llm.concurrency": "2", "resource.llm.lease_s": "0"}, "lease_s"),
+    ],
+)
+def test_a_bad_resource_key_is_invalid_config(config: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ProvisionerError) as refused:
+        read_config(config)
+    assert refused.value.failure.code == "invalid_config"
+    assert fragment in refused.value.failure.message
+
+
+@pytest.mark.parametrize("operation", ["acquire", "settle", "release", "status", "provision"])
+def test_a_bad_resource_key_refuses_every_operation_and_stores_nothing(operation: str) -> None:
+    gates = ResourceHarness({**LLM, "resource.llm.rpm": "zero"})
+    outcome = gates.call(operation, "acme", "a")
+    assert outcome.error is not None and outcome.error.code == "invalid_config", outcome
+    fixed = gates.call("status", "acme", "a", None, **{"resource.llm.rpm": "60"}).params
+    gate = fixed["resources"]["llm"]
+    assert gate["grants"] == 0 and gate["queue_length"] == 0 and fixed["entity"] is None
+
+
+@pytest.mark.parametrize(
+    ("operation", "params", "config", "code"),
+    [
+        ("acquire", {}, {"resource": "nope"}, "invalid_config"),
+        ("acquire", {}, {"resource": ""}, "invalid_config"),
+        ("settle", {}, {"resource": " "}, "invalid_config"),
+        ("acquire", {"estimated_input_tokens": -1}, {}, "invalid_invocation"),
+        ("acquire", {"estimated_input_tokens": True}, {}, "invalid_invocation"),
+        ("acquire", {"estimated_output_tokens": "many"}, {}, "invalid_invocation"),
+        ("settle", {"status": 42}, {}, "invalid_invocation"),
+        ("settle", {"headers": ["retry-after", "1"]}, {}, "invalid_invocation"),
+        ("settle", {"lease_id": 7}, {}, "invalid_invocation"),
+        ("settle", {"input_tokens": 1.5}, {}, "invalid_invocation"),
+    ],
+)
+def test_bad_params_are_typed_failures(
+    operation: str, params: dict[str, object], config: dict[str, str], code: str
+) -> None:
+    gates = ResourceHarness(LLM)
+    outcome = gates.call(operation, "acme", "a", params, **config)
+    assert not outcome.success and outcome.error is not None, outcome
+    assert outcome.error.code == code, outcome
+    assert gates.status("acme")["resources"]["llm"]["grants"] == 0
+
+
+def test_every_resource_limit_is_documented_in_the_readme() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Beyond sandboxes: resource gates") :]
+    for setting in RESOURCE_SETTINGS:
+        assert f"`{setting.limit}`" in section, setting.limit
+
+
+def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
+    from provisioner.admission.inspect import inspect_resources
+    from provisioner.ports import Scope
+
+    config = {**LLM, "resource.llm.tenant_itpm": "6000", "resource.llm.concurrency": "1"}
+    gates = ResourceHarness(config)
+    lease = granted(gates.acquire("acme", "a", estimated_input_tokens=400))
+    queued(gates.acquire("globex", "x", estimated_input_tokens=300), "concurrency")
+    storage = gates.ports("acme").storage
+    gate = inspect_resources(storage, gates.clock.now_ms(), read_config(config).resources)["llm"]
+    assert [(v.lease_id, v.entity) for v in gate.leases] == [(lease, "Agent/a")]
+    assert dict(gate.leases[0].charged)["input"] == 400
+    assert [(w.tenant, w.entity, w.costs) for w in gate.waiters] == [
+        ("globex", "Agent/x", {"requests": 1.0, "input": 300.0, "output": 0.0})
+    ]
+    gates.settle("acme", "a", input_tokens=6500, status=429, headers={"retry-after": "2"})
+    after = inspect_resources(storage, gates.clock.now_ms(), read_config(config).resources)["llm"]
+    account = after.bucket("input_tokens")
+    own = after.bucket("tenant_input_tokens", "acme")
+    assert account is not None and account.debt == pytest.approx(500)
+    assert own is not None and own.debt == pytest.approx(500)
+    assert after.in_use == 0 and after.cooling_ms == 2_000 and after.backoff_failures == 1
+    assert after.version is not None and after.version != gate.version
+    # Reading wrote nothing.
+    assert storage.get(Scope.ACCOUNT, "res/llm/gate") is not None
+    again = inspect_resources(storage, gates.clock.now_ms(), read_config(config).resources)["llm"]
+    assert again.version == after.version
+
+
+def test_a_spec_can_rename_the_answers_and_keep_the_estimate_in_its_state() -> None:
+    import json
+
+    from provisioner.app import run
+    from provisioner.model import Invocation, Outcome
+
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.itpm": "600", "resource.llm.concurrency": "1"}
+    )
+    config = {**gates.config, "operation": "acquire"}
+    config.update(granted_action="LlmPermitGranted", queued_action="LlmPermitQueued")
+
+    def acquire(entity: str, state: dict[str, object]) -> Outcome:
+        invocation = Invocation(
+            "acme", "Agent", entity, "T", "{}", json.dumps(state), tuple(config.items()), None, "t"
+        )
+        return run(invocation, gates.ports("acme"))
+
+    first = acquire("a", {"estimated_input_tokens": "500"})
+    assert first.action == "LlmPermitGranted", first
+    second = acquire("b", {"estimated_input_tokens": 200})
+    assert second.action == "LlmPermitQueued", second
+    gates.settle("acme", "a")  # no counts: the estimate of 500 stands
+    # 100 left of 600: the estimate read from the state is what is waited for.
+    assert acquire("b", {"estimated_input_tokens": 200}).params["reason"] == "input_tokens"
+    config["granted_action"] = "not an action"
+    refused = acquire("c", {})
+    assert refused.error is not None and refused.error.code == "invalid_config"
