@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.counting import CountingBackend
 from host.services.namespaces import account_namespace
-from host.sessions.detsim import ACCOUNT, Harness
+from tests.guest.harness import ACCOUNT, Harness
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from host.sessions.detsim import Harness
+from tests.guest.harness import Harness
 from host.storage.memory import MemoryBackend
 from provisioner.admission import (
     AdmissionConfig,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from host.sessions.detsim import (
+from tests.guest.harness import (
     FakeE2BConfig,
     SessionSpec,
     SimReport,

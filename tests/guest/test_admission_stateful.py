@@ -22,7 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from host.sessions.detsim import Harness
+from tests.guest.harness import Harness
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from host.services.namespaces import account_namespace
-from host.sessions.detsim import ACCOUNT, Harness
+from tests.guest.harness import ACCOUNT, Harness
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
