@@ -20,9 +20,9 @@ from typing import Any
 
 from benchmarks.counting import CountingBackend
 from host.services.namespaces import account_namespace
-from tests.guest.harness import ACCOUNT, Harness
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
+from tests.guest.harness import ACCOUNT, Harness
 
 TENANTS = 5
 

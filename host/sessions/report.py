@@ -128,6 +128,8 @@ def _result_text(result: SessionResult) -> str:
     reason = result.reason or ""
     if result.killed_by_timer:
         reason += ", by a timer" + (" while queued" if result.killed_while_queued else "")
+    if len(reason) > 70:
+        reason = reason[:67] + "..."
     return f"{result.state} ({reason})" if reason else result.state
 
 

@@ -450,7 +450,7 @@ def _trigger(fail: _Failer, action_scope: str, entry: Any) -> Trigger:
         raise fail(f"{scope}: {', '.join(foreign)} do not belong to kind = {kind!r}")
     if kind != "wasm":
         raise fail(f"{scope}: kind = {kind!r} is valid Temper but this executor runs only wasm")
-    if "llm" in entry and entry["llm"]:
+    if entry.get("llm"):
         raise fail(f"{scope}: llm is not run by this executor")
     module = _str(fail, scope + " module", entry.get("module"))
     config = entry.get("config", {})

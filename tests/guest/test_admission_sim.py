@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from provisioner.admission import AdmissionConfig
 from tests.guest.harness import (
     FakeE2BConfig,
     SessionSpec,
@@ -15,7 +16,6 @@ from tests.guest.harness import (
     run,
     uniform_sessions,
 )
-from provisioner.admission import AdmissionConfig
 
 
 def assert_everyone_served(report: SimReport) -> None:
