@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import replace
 from typing import Any
 
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
 from host.mock_e2b import MockE2BServer
-from host.sessions.driver import RunResult, SessionDriver
+from host.sessions.driver import SessionDriver
 from host.sessions.invokers import LEGACY_CREATE_FAILED
 from host.sessions.report import E2BFigures, build_report, ideal_makespan_s
-from host.sessions.scenario import Scenario
+from host.sessions.runner import RunResult
+from host.sessions.scenario import Scenario, mode_spec
 from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Failure, Invocation, Outcome
 
 SDK_API_KEY = "e2b_sdk_bench_key"
@@ -78,18 +78,14 @@ class SdkInvoker:
 
 def run_sdk_sessions(scenario: Scenario) -> tuple[RunResult, dict[str, Any]]:
     """The scenario's jobs as SDK sessions against a fresh mock with the scenario's limits."""
-    scenario = replace(
-        scenario,
-        liveness_sim_s=max(scenario.liveness_sim_s, scenario.scale.sim_s(SDK_RETRY_WINDOW_S)),
-    )
     run_id = secrets.token_hex(3)
     jobs = scenario.job_list(run_id)
     mock = MockE2BServer(scenario.mock_config(SDK_API_KEY)).start()
     try:
-        config = scenario.integration_config(mock.url)
-        # Like `direct`: no batches, no wake-ups; the session's own retries only.
-        settings = scenario.driver_settings("direct", config, run_id)
-        driver = SessionDriver(SdkInvoker(mock.url, SDK_API_KEY), settings)
+        # Like `direct`: the upstream TemperAgent flow, the SDK's own retries only.
+        settings = scenario.driver_settings("direct", run_id)
+        driver = SessionDriver(mode_spec("direct"), {"sandbox_provisioner": SdkInvoker(
+            mock.url, SDK_API_KEY)}, settings, configure=scenario.configure(mock.url))
         try:
             run = driver.run(jobs)
         finally:
