@@ -215,7 +215,7 @@ def test_a_reset_rearms_only_on_a_self_loop_staying_in_the_state() -> None:
     spec = variant('reset_on = ["Heartbeat"]', 'reset_on = ["Heartbeat", "SandboxReady"]')
     assert "reset-on-self-loop" in rules(spec)
 
-    executor, loop, _module, events = harness(packaged_spec(EXAMPLE), [ready()],
+    executor, loop, _module, _events = harness(packaged_spec(EXAMPLE), [ready()],
                                               latency_s=0.0)
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Thinking")
@@ -303,7 +303,7 @@ def test_an_answer_with_no_transition_is_rejected_and_changes_nothing() -> None:
     """Bug caught: a callback applied in a state its action is not enabled in. Also: the
     upstream spec (no SandboxQueued action) is flagged for the component's answers."""
     assert "answer-has-transition" in rules(packaged_spec("temper_agent_upstream.ioa.toml"))
-    executor, loop, _module, events = harness(packaged_spec(EXAMPLE), [ready()])
+    executor, _loop, _module, events = harness(packaged_spec(EXAMPLE), [ready()])
     entity = executor.create(Job("job-1", "t"))
     assert executor.dispatch(entity, "SandboxReady", {"sandbox_id": "x"}) is not None
     assert entity.status == "Created" and entity.fields["sandbox_id"] == ""
