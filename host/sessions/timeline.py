@@ -2,7 +2,7 @@
 
 Each row shows what its session's entity was doing over time, read from the status history
 the executor keeps: waiting to start, creating (Provisioning: an invocation in flight),
-queued, running (the spec's working state), releasing, released, failed. The page is one
+queued, running (the spec's working state), releasing, done (completed), failed. The page is one
 self-contained HTML file with inline SVG (no script, no network); a `.png` name renders that
 page with a headless chromium (`chromium --headless --screenshot`).
 """
@@ -25,10 +25,10 @@ COLORS = {
     "queued": "#f2b134",
     "running": "#59a14f",
     "releasing": "#9cc5a1",
-    "released": "#eef3ee",
+    "done": "#eef3ee",
     "failed": "#e15759",
 }
-LEGEND = ("queued", "creating", "running", "releasing", "released", "failed", "waiting")
+LEGEND = ("queued", "creating", "running", "releasing", "done", "failed", "waiting")
 ROW_H = 16
 PANEL_W = 560
 LABEL_W = 130
@@ -41,7 +41,7 @@ def category(status: str, spec: Spec, script: SessionScript) -> str:
     if status == script.working_state:
         return "running"
     if status in script.completed_states:
-        return "released"
+        return "done"
     if status in script.failed_states:
         return "failed"
     if status == "Releasing":
