@@ -6,12 +6,10 @@ What a team would write without admission control but with the vendor's client:
 carries `Retry-After` (E2B's rate limiter, and the mock's concurrent-create cap) up to its
 default count; the concurrent-sandbox cap's 429 is not retried.
 
-Those retries wait real seconds (Retry-After: 1), while the sessions' liveness timeout is
-scaled down with the rest of the session (30 min -> 3 s): a create the SDK lands on its
-third retry would arrive after a scaled timeout had failed the session, though in real
-time it lands long before 30 minutes. So SDK sessions get at least SDK_RETRY_WINDOW_S of
-real liveness: their completion is what the SDK's retries achieve, not an artefact of
-the time scale.
+The sessions run the upstream TemperAgent flow under Temper's rules, as `simulate --mode
+direct` does: a create the SDK gives up on is a failed invocation, which the spec's
+on_failure = "Fail" ends. That flow has no timer on Provisioning, so the SDK's real-second
+retries are never cut short by the scaled session clock.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Failure, Invocati
 
 SDK_API_KEY = "e2b_sdk_bench_key"
 SDK_MODE = "e2b_sdk"
-SDK_RETRY_WINDOW_S = 10.0
 
 
 class SdkInvoker:

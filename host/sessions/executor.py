@@ -157,6 +157,7 @@ class Executor:
             caps=(lambda _action: None) if admission is None else admission.cap_for)
         self.timer_lag_s = 0.0
         self._listeners: list[Callable[[Entity, str, str, str], None]] = []
+        self._settled: list[Callable[[Entity], None]] = []
 
     # -- entities ------------------------------------------------------------------------
 
@@ -171,6 +172,11 @@ class Executor:
     def on_transition(self, listener: Callable[[Entity, str, str, str], None]) -> None:
         """`listener(entity, action, from_status, to_status)` after each transition."""
         self._listeners.append(listener)
+
+    def on_settled(self, listener: Callable[[Entity], None]) -> None:
+        """`listener(entity)` once a dispatch has started its triggers, and once an
+        invocation's answer has been dispatched: the moments an entity may have ended."""
+        self._settled.append(listener)
 
     def emit(self, entity: Entity, kind: str, **detail: Any) -> None:
         if self._on_event is not None:
@@ -199,6 +205,8 @@ class Executor:
         # Post-dispatch, after the permit is gone: timers, then triggers.
         for trigger in action.triggers:
             self._start_trigger(entity, action, trigger, params)
+        for listener in self._settled:
+            listener(entity)
         return None
 
     def _reject(self, entity: Entity, name: str, source: str, error: str) -> str:
@@ -337,6 +345,13 @@ class Executor:
 
     def _answered(self, entity: Entity, trigger: Trigger, outcome: Outcome) -> None:
         entity.in_flight -= 1
+        try:
+            self._dispatch_answer(entity, trigger, outcome)
+        finally:
+            for listener in self._settled:
+                listener(entity)
+
+    def _dispatch_answer(self, entity: Entity, trigger: Trigger, outcome: Outcome) -> None:
         self.emit(entity, "answered", trigger=trigger.name, action=outcome.action,
                   success=outcome.success, params=_brief(outcome.params))
         if outcome.success and outcome.action:

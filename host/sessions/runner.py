@@ -125,7 +125,10 @@ class SessionRunner:
         self._turns: dict[str, int] = {}
         self._queued: dict[str, int] = {}
         self.last_finish = 0.0
+        # Jobs not yet ended, so `done` costs nothing per event.
+        self._pending: set[str] = set()
         executor.on_transition(self._transition)
+        executor.on_settled(self._maybe_ended)
 
     # -- the run ---------------------------------------------------------------------
 
@@ -135,11 +138,15 @@ class SessionRunner:
         for job in jobs:
             self.executor.create(job)
         self._order = [job.id for job in jobs]
+        self._pending = set(self._order)
         self._submit_batch()
 
     def done(self) -> bool:
-        return self._next >= len(self._order) and all(
-            self._ended(self.executor.entities[job_id]) for job_id in self._order)
+        return self._next >= len(self._order) and not self._pending
+
+    def _maybe_ended(self, entity: Entity) -> None:
+        if entity.job.id in self._pending and self._ended(entity):
+            self._pending.discard(entity.job.id)
 
     def results(self, *, interrupted: bool = False) -> list[SessionResult]:
         return [self._result(self.executor.entities[job_id], interrupted)
