@@ -196,7 +196,15 @@ def test_compare_runs_all_three_modes_and_ends_with_the_comparison(
             "--json",
             "--timeline",
             str(tmp_path / "runs.html"),
-            *FAST_E2B,
+            # Creates held open for a second, so the six direct POSTs overlap (the
+            # precondition of its four wins, checked below through the 429s) even on a
+            # loaded machine.
+            "--e2b-create-latency-ms",
+            "1000",
+            "--turns",
+            "2",
+            "--turn-ms",
+            "60000",
         ]
     )
     assert code == 0
@@ -204,7 +212,9 @@ def test_compare_runs_all_three_modes_and_ends_with_the_comparison(
     modes = document["modes"]
     assert list(modes) == ["direct", "batches", "provisioner"]
     assert document["comparison"].startswith("compare: direct ")
-    assert modes["direct"]["summary"]["completed"] == 4
+    direct = modes["direct"]["summary"]
+    assert direct["e2b_429"] == 2, "the six direct creates did not overlap"
+    assert direct["completed"] == 4
     for mode in ("batches", "provisioner"):
         summary = modes[mode]["summary"]
         assert summary["completed"] == 6, mode
