@@ -20,10 +20,10 @@ from typing import Any
 
 from benchmarks.counting import CountingBackend
 from host.services.namespaces import ScopedStorage, account_namespace
-from host.sessions.detsim import ACCOUNT, Harness
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
 from provisioner.admission.inspect import inspect_gates
+from tests.guest.harness import ACCOUNT, Harness
 
 TENANTS = 5
 

@@ -71,21 +71,28 @@ class VirtualResult:
 
 
 def run_virtual(jobs: int) -> VirtualResult:
-    """The admission logic natively over detsim's fake E2B, in virtual time."""
+    """The example spec under Temper's rules in virtual time (detsim: the same executor as
+    the real-time driver, the admission logic natively over a fake E2B)."""
     import time
+
+    from host.sessions.spec import packaged_spec
 
     latency_ms, hold_ms, slots, rate, cap = 2_000, 5_000, 4, 5.0, 20
     started = time.perf_counter()
-    report = detsim.run(
-        detsim.uniform_sessions(jobs, hold_ms=hold_ms),
-        admission=AdmissionConfig(create_slots=slots, create_rate_per_s=rate, max_sandboxes=cap),
-        e2b=detsim.FakeE2BConfig(create_latency_ms=latency_ms, rate_per_s=rate, sandbox_cap=cap),
+    done = detsim.run_virtual(
+        packaged_spec("temper_agent.ioa.toml"),
+        detsim.VirtualScenario(
+            jobs=jobs, turns=10, turn_s=hold_ms / 10_000,
+            admission=AdmissionConfig(create_slots=slots, create_rate_per_s=rate,
+                                      max_sandboxes=cap),
+            e2b=detsim.FakeE2BConfig(create_latency_ms=latency_ms, rate_per_s=rate,
+                                     sandbox_cap=cap)),
     )
     wall = time.perf_counter() - started
     limits = Limits(create_slots=slots, create_rate_per_s=rate, create_burst=1,
                     max_sandboxes=cap, create_latency_s=latency_ms / 1000)
     ideal = ideal_makespan_s(jobs, limits, hold_ms / 1000)
-    return VirtualResult(jobs, report.completed, report.makespan_ms / 1000, ideal, wall)
+    return VirtualResult(jobs, done.run.completed, done.run.makespan_s, ideal, wall)
 
 
 def rows(results: list[ScenarioResult], virtual: list[VirtualResult]) -> list[Row]:

@@ -6,35 +6,32 @@ What a team would write without admission control but with the vendor's client:
 carries `Retry-After` (E2B's rate limiter, and the mock's concurrent-create cap) up to its
 default count; the concurrent-sandbox cap's 429 is not retried.
 
-Those retries wait real seconds (Retry-After: 1), while the sessions' liveness timeout is
-scaled down with the rest of the session (30 min -> 3 s): a create the SDK lands on its
-third retry would arrive after a scaled timeout had failed the session, though in real
-time it lands long before 30 minutes. So SDK sessions get at least SDK_RETRY_WINDOW_S of
-real liveness: their completion is what the SDK's retries achieve, not an artefact of
-the time scale.
+The sessions run the upstream TemperAgent flow under Temper's rules, as `simulate --mode
+direct` does: a create the SDK gives up on is a failed invocation, which the spec's
+on_failure = "Fail" ends. That flow has no timer on Provisioning, so the SDK's real-second
+retries are never cut short by the scaled session clock.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import replace
 from typing import Any
 
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
 from host.mock_e2b import MockE2BServer
-from host.sessions.driver import RunResult, SessionDriver
+from host.sessions.driver import SessionDriver
 from host.sessions.invokers import LEGACY_CREATE_FAILED
 from host.sessions.report import E2BFigures, build_report, ideal_makespan_s
-from host.sessions.scenario import Scenario
+from host.sessions.runner import RunResult
+from host.sessions.scenario import Scenario, mode_spec
 from provisioner.failures import FailureCode
 from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Failure, Invocation, Outcome
 
 SDK_API_KEY = "e2b_sdk_bench_key"
 SDK_MODE = "e2b_sdk"
-SDK_RETRY_WINDOW_S = 10.0
 
 
 class SdkInvoker:
@@ -79,18 +76,14 @@ class SdkInvoker:
 
 def run_sdk_sessions(scenario: Scenario) -> tuple[RunResult, dict[str, Any]]:
     """The scenario's jobs as SDK sessions against a fresh mock with the scenario's limits."""
-    scenario = replace(
-        scenario,
-        liveness_sim_s=max(scenario.liveness_sim_s, scenario.scale.sim_s(SDK_RETRY_WINDOW_S)),
-    )
     run_id = secrets.token_hex(3)
     jobs = scenario.job_list(run_id)
     mock = MockE2BServer(scenario.mock_config(SDK_API_KEY)).start()
     try:
-        config = scenario.integration_config(mock.url)
-        # Like `direct`: no batches, no wake-ups; the session's own retries only.
-        settings = scenario.driver_settings("direct", config, run_id)
-        driver = SessionDriver(SdkInvoker(mock.url, SDK_API_KEY), settings)
+        # Like `direct`: the upstream TemperAgent flow, the SDK's own retries only.
+        settings = scenario.driver_settings("direct", run_id)
+        driver = SessionDriver(mode_spec("direct"), {"sandbox_provisioner": SdkInvoker(
+            mock.url, SDK_API_KEY)}, settings, configure=scenario.configure(mock.url))
         try:
             run = driver.run(jobs)
         finally:

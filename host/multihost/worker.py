@@ -37,9 +37,9 @@ from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import load_component
 from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
-from host.sessions.driver import DriverSettings, SessionDriver
 from host.sessions.invokers import ComponentInvoker
-from host.sessions.model import Job, SessionEvent
+from host.sessions.legacy_driver import DriverSettings, LegacySessionEvent, SessionDriver
+from host.sessions.model import Job
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
 from provisioner.admission.inspect import GATE_KEY
@@ -67,10 +67,6 @@ class WorkerSettings:
     failure_retry_delay_s: float = 0.2
     release_attempts: int = 1_000
     session_threads: int = 16
-    # Queued sessions a host wakes when one of its own sessions frees a permit. Temper has
-    # no such wake-up (a queued session comes back after its retry_after_ms), and a wake
-    # that only sees one host's sessions favours that host's waiters: off by default.
-    wake_per_permit: int = 0
     component: str | None = None
     cache_dir: str | None = None
 
@@ -83,7 +79,6 @@ class WorkerSettings:
             failure_retry_delay_s=self.failure_retry_delay_s,
             release_attempts=self.release_attempts,
             workers=self.session_threads,
-            wake_per_permit=self.wake_per_permit,
             config=self.config,
             run_id=self.run_id,
         )
@@ -260,7 +255,7 @@ def _run_assignment(
     routing: _Routing,
     writer: EventWriter,
 ) -> None:
-    def on_event(event: SessionEvent) -> None:
+    def on_event(event: LegacySessionEvent) -> None:
         writer.emit(
             "session",
             job=event.job.id,

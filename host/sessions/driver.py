@@ -1,21 +1,14 @@
-"""Runs CurationJob sessions the way the Temper runtime would, many at once.
+"""The real-time driver: the executor on the wall clock, invocations on a thread pool.
 
-One scheduler thread (the caller's) owns every session and a timer heap; invocations run on
-a bounded thread pool and post their outcomes back, so session state is only ever touched
-by the scheduler and needs no lock. Each session:
+One scheduler thread (the caller's) owns every entity and a timer heap; invocations run on a
+bounded thread pool and post their outcomes back, so entity state is only ever touched by
+the scheduler thread and needs no lock. The rules are the executor's (`executor.py`).
 
-    Submit -> Provisioning --SandboxQueued--> Queued --retry_after_ms--> Provisioning ...
-           --SandboxReady--> Running (a turn every turn_s, each RecordProgress)
-           --last turn--> Releasing --SandboxReleased--> Completed
-
-A liveness timer, reset by RecordProgress and by SandboxQueued (the spec's `reset_on`),
-fails a session that shows no sign of life; a failed session is released too, so nothing
-it may hold is left behind. An outcome the spec has no transition for changes nothing:
-the session waits silently, which is what the old provisioner's failures did.
-
-When a permit frees (a create returned, a sandbox was released) the queued sessions
-nearest the head are woken at once rather than left to sleep out their retry_after_ms;
-the component still decides who is granted.
+It also watches whether the host keeps up with what the sessions ask (issue 16): every
+invocation is stamped when it is due and when a worker starts it, every timer when it should
+fire and when it does. When either lags by more than a quarter of the shortest liveness
+guard it could trip, the run stops with `RunResult.overloaded` naming the figures, rather
+than letting the guard kill sessions that Temper, keeping up, would not kill.
 """
 
 from __future__ import annotations
@@ -25,32 +18,16 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Protocol
+from typing import Protocol
 
-from host.sessions.invocations import PROVISION, RELEASE, job_invocation
-from host.sessions.model import (
-    INTERRUPTED,
-    LIVENESS_TIMEOUT,
-    Job,
-    Phase,
-    SessionEvent,
-    SessionResult,
-)
-from provisioner.failures import FailureCode
-from provisioner.model import (
-    SANDBOX_FAILED,
-    SANDBOX_QUEUED,
-    SANDBOX_READY,
-    SANDBOX_RELEASED,
-    Failure,
-    Invocation,
-    Outcome,
-    failed,
-)
+from host.sessions.executor import ConfigHook, EventSink, Executor, Secrets, TimerScale
+from host.sessions.model import Job
+from host.sessions.runner import RunResult, RunSettings, SessionRunner, SessionScript
+from host.sessions.spec import Spec
+from provisioner.model import Failure, Invocation, Outcome, failed
 
 
 class Invoker(Protocol):
@@ -60,507 +37,298 @@ class Invoker(Protocol):
 
 
 @dataclass(frozen=True)
-class DriverSettings:
-    """Times are real seconds (scale simulated ones with TimeScale first)."""
+class KeepUpLimits:
+    """Lags (real seconds) past which the run stops: a quarter of the liveness guards an
+    invocation's or a timer's lateness could trip."""
 
-    turns: int = 10
-    turn_s: float = 0.5
-    liveness_s: float = 3.0
-    # Submit this many jobs at a time, the next batch when the last of the previous ends.
-    batch_size: int | None = None
-    failure_retries: int = 2
-    failure_retry_delay_s: float = 0.5
-    release_attempts: int = 3
-    workers: int = 16
-    # Queued sessions woken per freed permit (0: only retry_after_ms wakes them).
-    wake_per_permit: int = 1
-    config: tuple[tuple[str, str], ...] = ()
-    run_id: str = "sim"
-
-    def __post_init__(self) -> None:
-        if self.turns < 0 or self.turn_s < 0 or self.liveness_s <= 0 or self.workers < 1:
-            raise ValueError("turns, turn_s >= 0; liveness_s > 0; workers >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+    invocation_lag_s: float
+    timer_lag_s: float
+    invocation_guard: str = ""
+    timer_guard: str = ""
 
 
 @dataclass
-class RunResult:
-    results: list[SessionResult]
-    makespan_s: float
-    interrupted: bool = False
+class HostLoad:
+    """What the host was asked and what it served, for the report and the overload message."""
 
-    @property
-    def completed(self) -> int:
-        return sum(1 for r in self.results if r.state is Phase.COMPLETED)
+    due: int = 0
+    served: int = 0
+    max_invocation_lag_s: float = 0.0
+    max_timer_lag_s: float = 0.0
+    # (due_at, started_at) of recent invocations, to state a rate when stopping.
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=2000))
 
-    @property
-    def failed(self) -> int:
-        return sum(1 for r in self.results if r.state is Phase.FAILED)
-
-
-class _Timer(Enum):
-    SUBMIT = "submit"
-    POLL = "poll"
-    TURN = "turn"
-    RELEASE = "release"
-    LIVENESS = "liveness"
+    def figures(self, elapsed_s: float) -> dict[str, float | int]:
+        return {
+            "invocations_due": self.due,
+            "invocations_served": self.served,
+            "served_per_s": round(self.served / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+            "max_invocation_lag_s": round(self.max_invocation_lag_s, 3),
+            "max_timer_lag_s": round(self.max_timer_lag_s, 3),
+        }
 
 
-@dataclass
-class _Session:
-    result: SessionResult
-    phase: Phase = Phase.PENDING
-    # Bumped to cancel the pending POLL/TURN/RELEASE timer (a wake, a failure).
-    token: int = 0
-    calls: int = 0
-    provision_call: int | None = None
-    release_call: int | None = None
-    liveness_deadline: float = 0.0
-    liveness_armed: bool = False
-    queued_since: float = 0.0
-    # Sandboxes handed out (run-wide) when the last position was reported: positions only
-    # move forward, by about one per grant, so this dates the position.
-    grants_at_position: int = 0
-    # How many wake-ups led to the provision in flight (0: its own timer).
-    wake_depth: int = 0
-    release_attempts: int = 0
-    # True while a release runs (or will) only to clean up after a failure.
-    cleaning: bool = False
-    ever_invoked: bool = False
+class _Handle:
+    __slots__ = ("cancelled",)
 
-    @property
-    def job(self) -> Job:
-        return self.result.job
+    def __init__(self) -> None:
+        self.cancelled = False
 
-
-@dataclass(frozen=True)
-class _Done:
-    job_id: str
-    call: int
-    operation: str
-    outcome: Outcome
-
-
-@dataclass(frozen=True)
-class _Alive:
-    """A progress event from the component, about one session."""
-
-    job_id: str
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 @dataclass(order=True)
-class _Entry:
-    due: float
+class _Timer:
+    when: float
     seq: int
-    kind: _Timer = field(compare=False)
-    job_id: str = field(compare=False)
-    token: int = field(compare=False)
+    callback: Callable[[], None] = field(compare=False)
+    handle: _Handle = field(compare=False)
 
 
-EventSink = Callable[[SessionEvent], None]
+class RealTimeLoop:
+    """A `Loop` on the wall clock (seconds since `start`), invocations on a thread pool."""
 
-
-class SessionDriver:
     def __init__(
         self,
-        invoker: Invoker,
-        settings: DriverSettings | None = None,
+        modules: Mapping[str, Invoker],
         *,
-        on_event: EventSink | None = None,
+        workers: int = 16,
         clock: Callable[[], float] = time.monotonic,
+        limits: KeepUpLimits | None = None,
     ) -> None:
-        self.invoker = invoker
-        self.settings = settings or DriverSettings()
-        self._on_event = on_event
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self._modules = dict(modules)
         self._clock = clock
-        self._pool = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="session-invoke")
+        self._started = clock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="session-invoke")
         self._cond = threading.Condition()
-        self._inbox: deque[_Done | _Alive] = deque()
-        self._stopping = False
-        self._heap: list[_Entry] = []
+        self._inbox: deque[tuple[Callable[[Outcome], None], Outcome]] = deque()
+        self._heap: list[_Timer] = []
         self._seq = itertools.count()
-        self._sessions: dict[str, _Session] = {}
-        self._order: list[str] = []
-        self._next_batch = 0
-        self._open_calls = 0
-        self._grants = 0
-        self._started = 0.0
-        self._last_finish = 0.0
+        self._open = 0
+        self._stopping = False
+        self.limits = limits
+        self.load = HostLoad()
+        self.overloaded: str | None = None
 
-    # -- public ------------------------------------------------------------------------
+    def now(self) -> float:
+        return self._clock() - self._started
 
-    def run(self, jobs: Sequence[Job]) -> RunResult:
-        """Runs every job to Completed or Failed; returns when all are done and released.
-        Raises whatever interrupts it (KeyboardInterrupt) after cancelling queued calls."""
-        if self._sessions:
-            raise RuntimeError("a SessionDriver runs once; make a new one")
-        if len({job.id for job in jobs}) != len(jobs):
-            raise ValueError("job ids must be unique")
-        self._sessions = {job.id: _Session(SessionResult(job)) for job in jobs}
-        self._order = [job.id for job in jobs]
-        self._started = self._clock()
-        self._last_finish = self._started
-        interrupted = False
+    def call_at(self, when: float, callback: Callable[[], None]) -> _Handle:
+        handle = _Handle()
+        heapq.heappush(self._heap, _Timer(when, next(self._seq), callback, handle))
+        return handle
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Handle:
+        return self.call_at(self.now() + max(0.0, delay), callback)
+
+    def invoke(
+        self, module: str, invocation: Invocation, done: Callable[[Outcome], None]
+    ) -> None:
+        invoker = self._modules.get(module)
+        self._open += 1
+        self.load.due += 1
+        due = self.now()
+        if invoker is None:
+            outcome = failed(Failure("host_error", f"no module named {module!r}", True))
+            with self._cond:
+                self._inbox.append((done, outcome))
+            return
         try:
-            self._submit_next_batch()
-            interrupted = self._loop()
-        finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        if interrupted:
-            self._fail_unfinished(INTERRUPTED)
-        return RunResult(
-            results=[self._sessions[job_id].result for job_id in self._order],
-            makespan_s=self._last_finish - self._started,
-            interrupted=interrupted,
+            self._pool.submit(self._work, invoker, invocation, done, due)
+        except RuntimeError:  # the pool is shutting down: the run is being interrupted
+            self._open -= 1
+
+    def _work(
+        self, invoker: Invoker, invocation: Invocation, done: Callable[[Outcome], None],
+        due: float,
+    ) -> None:
+        started = self.now()
+        lag = started - due
+        with self._cond:
+            self.load.served += 1
+            self.load.recent.append((due, started))
+            self.load.max_invocation_lag_s = max(self.load.max_invocation_lag_s, lag)
+            limits = self.limits
+            if limits is not None and lag > limits.invocation_lag_s and self.overloaded is None:
+                self.overloaded = self._overload_message(
+                    f"an invocation waited {lag:.1f}s for a worker", limits.invocation_lag_s,
+                    limits.invocation_guard)
+                self._stopping = True
+                self._cond.notify_all()
+        try:
+            outcome = invoker.invoke(invocation)
+        except Exception as error:  # an invoker bug must not wedge the session
+            outcome = failed(Failure("host_error", f"{type(error).__name__}: {error}"[:300],
+                                     retryable=True))
+        with self._cond:
+            self._inbox.append((done, outcome))
+            self._cond.notify_all()
+
+    def _overload_message(self, what: str, limit: float, guard: str) -> str:
+        now = self.now()
+        window = [(d, s) for d, s in self.load.recent if now - d <= 10.0]
+        span = max(1e-9, min(10.0, now))
+        due = sum(1 for d, _ in window)
+        return (
+            f"the host cannot keep up with the sessions: {what}, past the {limit:.2f}s "
+            f"limit (a quarter of {guard}); in the last {span:.0f}s {due} invocations were "
+            f"due ({due / span:.0f}/s) and {self.load.served} served in all "
+            f"({self.load.served / max(now, 1e-9):.0f}/s). Run fewer --jobs, or a lower "
+            "--time-scale: the real runtime, keeping up, would not fail these sessions"
         )
 
     def stop(self) -> None:
-        """Asks a running `run` to return soon (from any thread)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
 
-    def sign_of_life(self, job_id: str) -> None:
-        """The component reported progress for `job_id` (from any thread): like
-        RecordProgress, it resets the session's liveness timer."""
-        with self._cond:
-            self._inbox.append(_Alive(job_id))
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Waits for invocations still running (call after the E2B they wait on is gone)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    # -- the loop ----------------------------------------------------------------------
-
-    def _now(self) -> float:
-        return self._clock() - self._started
-
-    def _loop(self) -> bool:
+    def run(self, until: Callable[[], bool]) -> str:
+        """Runs callbacks until `until()` holds ("done"), nothing is left to happen
+        ("idle"), `stop()` ("stopped") or the host falls behind ("overloaded")."""
         while True:
             with self._cond:
                 if self._stopping:
-                    return True
+                    return "overloaded" if self.overloaded else "stopped"
                 if not self._inbox:
-                    if self._all_done():
-                        return False
+                    if until():
+                        return "done"
+                    self._drop_cancelled()
+                    if not self._heap and self._open == 0:
+                        return "idle"
                     timeout = None
                     if self._heap:
-                        timeout = max(0.0, self._heap[0].due - self._now())
+                        timeout = max(0.0, self._heap[0].when - self.now())
                     if timeout is None or timeout > 0:
                         self._cond.wait(timeout)
-                done = list(self._inbox)
+                answers = list(self._inbox)
                 self._inbox.clear()
-            for item in done:
-                if isinstance(item, _Alive):
-                    self._on_alive(item.job_id)
-                else:
-                    self._open_calls -= 1
-                    self._on_done(item)
+            for done, outcome in answers:
+                self._open -= 1
+                done(outcome)
             self._fire_due()
 
-    def _all_done(self) -> bool:
-        return self._open_calls == 0 and all(
-            s.phase.terminal and not s.cleaning for s in self._sessions.values()
-        )
-
-    def _has_pending_batches(self) -> bool:
-        return self._next_batch < len(self._order)
+    def _drop_cancelled(self) -> None:
+        while self._heap and self._heap[0].handle.cancelled:
+            heapq.heappop(self._heap)
 
     def _fire_due(self) -> None:
-        now = self._now()
-        while self._heap and self._heap[0].due <= now:
-            entry = heapq.heappop(self._heap)
-            session = self._sessions[entry.job_id]
-            if entry.kind is _Timer.LIVENESS:
-                self._check_liveness(session)
-            elif entry.token == session.token:
-                if entry.kind is _Timer.SUBMIT:
-                    self._submit(session)
-                elif entry.kind is _Timer.POLL:
-                    self._provision(session)
-                elif entry.kind is _Timer.TURN:
-                    self._turn(session)
-                elif entry.kind is _Timer.RELEASE:
-                    self._release(session)
-
-    def _schedule(self, session: _Session, kind: _Timer, delay_s: float) -> None:
-        entry = _Entry(self._now() + max(0.0, delay_s), next(self._seq), kind, session.job.id,
-                       session.token)
-        heapq.heappush(self._heap, entry)
-
-    def _emit(self, session: _Session, kind: str, **detail: Any) -> None:
-        if self._on_event is not None:
-            self._on_event(SessionEvent(self._now(), session.job, kind, session.phase, detail))
-
-    # -- invoking ----------------------------------------------------------------------
-
-    def _invoke(self, session: _Session, operation: str, trigger_action: str) -> int:
-        session.calls += 1
-        session.ever_invoked = True
-        session.result.invocations += 1
-        call = session.calls
-        result = session.result
-        invocation = job_invocation(
-            session.job,
-            operation=operation,
-            trigger_action=trigger_action,
-            trigger_params={"call": call},
-            entity_state={
-                "status": str(session.phase),
-                "turns": result.turns,
-                "sandbox_id": result.sandbox_id,
-            },
-            config=self.settings.config,
-            run_id=self.settings.run_id,
-        )
-        self._open_calls += 1
-        try:
-            self._pool.submit(self._work, session.job.id, call, operation, invocation)
-        except RuntimeError:  # the pool is shutting down: the run is being interrupted
-            self._open_calls -= 1
-        return call
-
-    def _work(self, job_id: str, call: int, operation: str, invocation: Invocation) -> None:
-        try:
-            outcome = self.invoker.invoke(invocation)
-        except Exception as error:  # an invoker bug must not wedge the session
-            outcome = failed(
-                Failure(
-                    FailureCode.HOST_ERROR, f"{type(error).__name__}: {error}"[:300], retryable=True
-                )
-            )
-        with self._cond:
-            self._inbox.append(_Done(job_id, call, operation, outcome))
-            self._cond.notify_all()
-
-    def _on_alive(self, job_id: str) -> None:
-        session = self._sessions.get(job_id)
-        if session is not None and session.phase in (Phase.PROVISIONING, Phase.QUEUED):
-            self._progress(session)
-
-    def _on_done(self, done: _Done) -> None:
-        session = self._sessions[done.job_id]
-        if done.operation == RELEASE:
-            if done.call == session.release_call:
-                session.release_call = None
-                self._on_released(session, done.outcome)
-            return
-        if done.call != session.provision_call:
-            return
-        session.provision_call = None
-        if session.phase.terminal:
-            self._on_late_provision(session, done.outcome)
-            return
-        self._on_provisioned(session, done.outcome)
-
-    # -- transitions -------------------------------------------------------------------
-
-    def _submit_next_batch(self) -> None:
-        size = self.settings.batch_size or len(self._order)
-        batch = self._order[self._next_batch : self._next_batch + size]
-        self._next_batch += len(batch)
-        for job_id in batch:
-            self._schedule(self._sessions[job_id], _Timer.SUBMIT, 0.0)
-
-    def _submit(self, session: _Session) -> None:
-        session.phase = Phase.PROVISIONING
-        session.result.state = Phase.PROVISIONING
-        session.result.submitted_at_s = self._now()
-        self._emit(session, "submitted")
-        self._progress(session)
-        self._provision(session, trigger_action="Submit")
-
-    def _provision(
-        self, session: _Session, trigger_action: str = "Provision", wake_depth: int = 0
-    ) -> None:
-        session.token += 1
-        session.wake_depth = wake_depth
-        session.phase = Phase.PROVISIONING
-        session.provision_call = self._invoke(session, PROVISION, trigger_action)
-
-    def _progress(self, session: _Session) -> None:
-        """A sign of life: the liveness timer starts over."""
-        session.liveness_deadline = self._now() + self.settings.liveness_s
-        if not session.liveness_armed:
-            session.liveness_armed = True
-            self._schedule(session, _Timer.LIVENESS, self.settings.liveness_s)
-
-    def _check_liveness(self, session: _Session) -> None:
-        session.liveness_armed = False
-        if session.phase not in (Phase.PROVISIONING, Phase.QUEUED, Phase.RUNNING):
-            return
-        left = session.liveness_deadline - self._now()
-        if left > 0:
-            session.liveness_armed = True
-            self._schedule(session, _Timer.LIVENESS, left)
-            return
-        session.result.killed_while_queued = session.phase is Phase.QUEUED
-        self._fail(session, LIVENESS_TIMEOUT)
-
-    def _on_provisioned(self, session: _Session, outcome: Outcome) -> None:
-        result = session.result
-        if outcome.action == SANDBOX_READY:
-            now = self._now()
-            session.phase = Phase.RUNNING
-            result.state = Phase.RUNNING
-            result.sandbox_id = str(outcome.params.get("sandbox_id") or "") or None
-            result.ready_at_s = now
-            result.waited_ms = round((now - (result.submitted_at_s or 0.0)) * 1000)
-            self._grants += 1
-            self._progress(session)
-            self._emit(session, "ready", sandbox_id=result.sandbox_id, waited_ms=result.waited_ms)
-            self._wake_queued(self.settings.wake_per_permit)
-            if self.settings.turns == 0:
-                self._finish_session(session)
-            else:
-                self._schedule(session, _Timer.TURN, self.settings.turn_s)
-        elif outcome.action == SANDBOX_QUEUED:
-            session.phase = Phase.QUEUED
-            result.state = Phase.QUEUED
-            result.queued_outcomes += 1
-            if result.last_queue is None:
-                session.queued_since = self._now()
-            previous = result.last_queue
-            result.last_queue = dict(outcome.params)
-            session.grants_at_position = self._grants
-            self._progress(session)
-            if previous is None or _queue_line(previous) != _queue_line(outcome.params):
-                self._emit(session, "queued", **outcome.params)
-            retry_ms = _int(outcome.params.get("retry_after_ms"), 1000)
-            self._schedule(session, _Timer.POLL, retry_ms / 1000)
-            if session.wake_depth and _permit_free(outcome.params):
-                # Woken for a permit that someone nearer the head should take: pass it on.
-                self._wake_queued(1, depth=session.wake_depth + 1, skip=session)
-        elif outcome.action == SANDBOX_FAILED:
-            failure = outcome.error or Failure("unknown", "SandboxFailed", retryable=False)
-            self._wake_queued(self.settings.wake_per_permit)
-            if failure.retryable and result.failure_retries < self.settings.failure_retries:
-                result.failure_retries += 1
-                session.phase = Phase.QUEUED
-                self._emit(session, "retry", code=failure.code, message=failure.message)
-                self._schedule(session, _Timer.POLL, self.settings.failure_retry_delay_s)
-            else:
-                self._fail(session, f"{failure.code}: {failure.message}")
-        else:
-            # No transition for it in the spec: nothing happens, and nobody is told.
-            self._emit(session, "ignored", action=outcome.action,
-                       error=None if outcome.error is None else outcome.error.message)
-
-    def _on_late_provision(self, session: _Session, outcome: Outcome) -> None:
-        """A provision that finished after its session failed: release what it made."""
-        sandbox_id = outcome.params.get("sandbox_id") if outcome.action == SANDBOX_READY else None
-        if sandbox_id:
-            session.result.sandbox_id = str(sandbox_id)
-            self._emit(session, "late_sandbox", sandbox_id=sandbox_id)
-            self._start_cleanup(session)
-
-    def _turn(self, session: _Session) -> None:
-        result = session.result
-        result.turns += 1
-        self._progress(session)
-        self._emit(session, "turn", turn=result.turns, of=self.settings.turns)
-        if result.turns >= self.settings.turns:
-            self._finish_session(session)
-        else:
-            self._schedule(session, _Timer.TURN, self.settings.turn_s)
-
-    def _finish_session(self, session: _Session) -> None:
-        session.token += 1
-        session.phase = Phase.RELEASING
-        session.result.state = Phase.RELEASING
-        self._release(session)
-
-    def _release(self, session: _Session) -> None:
-        session.release_attempts += 1
-        session.release_call = self._invoke(session, RELEASE, "Release")
-
-    def _start_cleanup(self, session: _Session) -> None:
-        if session.release_call is None:
-            session.cleaning = True
-            session.release_attempts = 0
-            self._release(session)
-
-    def _on_released(self, session: _Session, outcome: Outcome) -> None:
-        if outcome.action != SANDBOX_RELEASED:
-            failure = outcome.error or Failure("unknown", outcome.action, retryable=False)
-            if failure.retryable and session.release_attempts < self.settings.release_attempts:
-                self._schedule(session, _Timer.RELEASE, self.settings.failure_retry_delay_s)
+        now = self.now()
+        while self._heap and self._heap[0].when <= now:
+            timer = heapq.heappop(self._heap)
+            if timer.handle.cancelled:
+                continue
+            lag = now - timer.when
+            self.load.max_timer_lag_s = max(self.load.max_timer_lag_s, lag)
+            limits = self.limits
+            if limits is not None and lag > limits.timer_lag_s and self.overloaded is None:
+                self.overloaded = self._overload_message(
+                    f"a timer fired {lag:.1f}s late", limits.timer_lag_s, limits.timer_guard)
+                self._stopping = True
                 return
-            session.result.release_error = f"{failure.code}: {failure.message}"
-        self._wake_queued(self.settings.wake_per_permit)
-        if session.cleaning:
-            session.cleaning = False
-            self._emit(session, "cleaned", error=session.result.release_error)
-            return
-        self._set_terminal(session, Phase.COMPLETED, None)
-        self._emit(session, "completed", turns=session.result.turns,
-                   release_error=session.result.release_error)
+            timer.callback()
 
-    def _fail(self, session: _Session, reason: str) -> None:
-        self._set_terminal(session, Phase.FAILED, reason)
-        result = session.result
-        if result.waited_ms is None and result.submitted_at_s is not None:
-            result.waited_ms = round((self._now() - result.submitted_at_s) * 1000)
-        self._emit(session, "failed", reason=reason, queued=result.killed_while_queued)
-        if session.ever_invoked:
-            self._start_cleanup(session)
-
-    def _set_terminal(self, session: _Session, phase: Phase, reason: str | None) -> None:
-        session.token += 1
-        session.phase = phase
-        result = session.result
-        result.state = phase
-        result.reason = reason
-        result.finished_at_s = self._now()
-        self._last_finish = self._clock()
-        if self._has_pending_batches() and all(
-            self._sessions[job_id].phase.terminal for job_id in self._order[: self._next_batch]
-        ):
-            self._submit_next_batch()
-
-    def _wake_queued(self, count: int, depth: int = 1, skip: _Session | None = None) -> None:
-        """Invokes the `count` queued sessions likely nearest the head now."""
-        if count <= 0 or depth > _MAX_WAKE_DEPTH:
-            return
-        waiting = [
-            s
-            for s in self._sessions.values()
-            if s.phase is Phase.QUEUED and s.provision_call is None and s.result.last_queue
-            and s is not skip
-        ]
-        waiting.sort(key=lambda s: (self._estimated_position(s), s.queued_since))
-        for session in waiting[:count]:
-            self._provision(session, wake_depth=depth)
-
-    def _estimated_position(self, session: _Session) -> int:
-        reported = _int((session.result.last_queue or {}).get("position"), 1 << 30)
-        return max(1, reported - (self._grants - session.grants_at_position))
-
-    def _fail_unfinished(self, reason: str) -> None:
-        for session in self._sessions.values():
-            if not session.phase.terminal:
-                session.phase = Phase.FAILED
-                session.result.state = Phase.FAILED
-                session.result.reason = reason
+    def close(self, *, wait: bool) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-# A freed permit is passed on at most this many times before timers take over again.
-_MAX_WAKE_DEPTH = 4
+@dataclass(frozen=True)
+class DriverSettings:
+    """Real seconds, except the spec's own timers: those of the working state are divided by
+    `sim_per_real`, the others keep the spec's seconds (see `runner.timer_scale`)."""
+
+    turns: int = 10
+    turn_s: float = 0.5
+    sim_per_real: float = 1.0
+    batch_size: int | None = None
+    workers: int = 16
+    run_id: str = "sim"
+    secrets: tuple[tuple[str, str], ...] = ()
+    keep_up: bool = True
+
+    def __post_init__(self) -> None:
+        if self.turns < 0 or self.turn_s < 0 or self.workers < 1 or self.sim_per_real <= 0:
+            raise ValueError("turns, turn_s >= 0; workers >= 1; sim_per_real > 0")
 
 
-def _permit_free(params: dict[str, Any]) -> bool:
-    """Whether a SandboxQueued answer says the gate holding it has room."""
-    in_use, limit = params.get("in_use"), params.get("limit")
-    if params.get("reason") not in ("create_slots", "capacity"):
-        return False
-    return isinstance(in_use, int) and isinstance(limit, int) and in_use < limit
+def keep_up_limits(
+    spec: Spec, script: SessionScript, scale: TimerScale, *, waiter_ttl_s: float = 60.0
+) -> KeepUpLimits:
+    """A quarter of the shortest guard each kind of lateness could trip. A late invocation
+    keeps its entity waiting where the provisioning guard runs, and the component drops a
+    waiter that has not polled for `waiter_ttl_s`; a late timer can trip any guard."""
+    guards = [(scale(t), f"{t.state}'s {t.on_timeout} timer ({scale(t):.1f}s)")
+              for t in spec.timeouts
+              if (a := spec.action(t.on_timeout)) is not None
+              and a.target(t.state) in script.failed_states]
+    provisioning = [g for g in guards if not g[1].startswith(script.working_state)]
+    invocation = min([*provisioning, (waiter_ttl_s, f"the component's waiter_ttl_s "
+                                                    f"({waiter_ttl_s:.0f}s)")])
+    timer = min(guards) if guards else invocation
+    return KeepUpLimits(invocation[0] / 4, timer[0] / 4, invocation[1], timer[1])
 
 
-def _int(value: object, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
+class SessionDriver:
+    """Runs jobs through `spec` in real time: `modules` maps a trigger's `module` to what
+    runs it (this component, or the old provisioner)."""
 
+    def __init__(
+        self,
+        spec: Spec,
+        modules: Mapping[str, Invoker],
+        settings: DriverSettings | None = None,
+        *,
+        script: SessionScript | None = None,
+        configure: ConfigHook | None = None,
+        on_event: EventSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from host.sessions.runner import timer_scale
 
-def _queue_line(params: dict[str, Any]) -> tuple[object, ...]:
-    return (params.get("position"), params.get("queue_length"), params.get("reason"))
+        self.spec = spec
+        self.settings = settings or DriverSettings()
+        self.script = script or SessionScript.for_spec(spec)
+        scale = timer_scale(self.script, self.settings.sim_per_real)
+        limits = keep_up_limits(spec, self.script, scale) if self.settings.keep_up else None
+        self.loop = RealTimeLoop(modules, workers=self.settings.workers, clock=clock,
+                                 limits=limits)
+        self.executor = Executor(spec, self.loop, run_id=self.settings.run_id,
+                                 secrets=Secrets(dict(self.settings.secrets)),
+                                 configure=configure, timer_seconds=scale, on_event=on_event)
+        self.runner = SessionRunner(
+            self.executor, self.script,
+            RunSettings(self.settings.turns, self.settings.turn_s, self.settings.batch_size),
+            self.loop.call_later)
+        self._ran = False
+
+    def run(self, jobs: Sequence[Job]) -> RunResult:
+        """Runs every job until it ends; returns early when stopped or overloaded. Raises
+        whatever interrupts it (KeyboardInterrupt) after cancelling queued calls."""
+        if self._ran:
+            raise RuntimeError("a SessionDriver runs once; make a new one")
+        self._ran = True
+        try:
+            self.runner.start(jobs)
+            ended = self.loop.run(self.runner.done)
+        finally:
+            self.loop.close(wait=False)
+        interrupted = ended in ("stopped", "overloaded")
+        elapsed = self.loop.now()
+        return RunResult(
+            results=self.runner.results(interrupted=interrupted),
+            makespan_s=self.runner.last_finish,
+            interrupted=ended == "stopped",
+            overloaded=self.loop.overloaded,
+            host={**self.loop.load.figures(elapsed),
+                  "peak_admission_permits": self.executor.admission.peak_held},
+        )
+
+    def stop(self) -> None:
+        """Asks a running `run` to return soon (from any thread)."""
+        self.loop.stop()
+
+    def close(self) -> None:
+        """Waits for invocations still running (call after the E2B they wait on is gone)."""
+        self.loop.close(wait=True)

@@ -19,8 +19,9 @@ from provisioner.model import (
     failed,
 )
 
-# What the old provisioner answered when its create failed. The old CurationJob spec had
-# no transition for it, so the session just sat in its state until the liveness timeout.
+# What the old provisioner answered when its create failed: a failed invocation, which
+# Temper hands to the trigger's on_failure ("Fail" in the upstream TemperAgent spec) with
+# {error, error_message, integration}; the action named here is lost on the way.
 LEGACY_CREATE_FAILED = "SandboxCreateFailed"
 
 
@@ -28,7 +29,7 @@ class ComponentInvoker:
     """Runs the provisioner component (fresh instance per call, as Temper does)."""
 
     def __init__(self, runtime: ComponentRuntime) -> None:
-            self.runtime = runtime
+        self.runtime = runtime
 
     def invoke(self, invocation: Invocation) -> Outcome:
         return self.runtime.invoke(invocation)

@@ -1,4 +1,4 @@
-"""Live progress: one line per session event, as it happens."""
+"""Live progress: one line per session event worth showing, as it happens."""
 
 from __future__ import annotations
 
@@ -8,35 +8,39 @@ from typing import TextIO
 from host.sessions.model import SessionEvent
 
 
-def event_line(event: SessionEvent) -> str:
+def event_line(event: SessionEvent) -> str | None:
+    """The line for `event`, or None for the ones not worth a line (invocations, answers)."""
     d = event.detail
     kind = event.kind
-    if kind == "queued":
-        what = (
-            f"queued #{d.get('position')}/{d.get('queue_length')} ({d.get('reason')}: "
-            f"{d.get('in_use')}/{d.get('limit')} in use), back in "
-            f"{(d.get('retry_after_ms') or 0) / 1000:.1f}s"
-        )
-    elif kind == "ready":
-        what = f"sandbox {d.get('sandbox_id')} ready after {(d.get('waited_ms') or 0) / 1000:.1f}s"
+    if kind == "submitted":
+        what = "submitted"
+    elif kind == "transition":
+        action, params = d.get("action"), d.get("params") or {}
+        if action == "SandboxQueued":
+            what = (f"queued #{params.get('position')}/{params.get('queue_length')} "
+                    f"({params.get('reason')}: {params.get('in_use')}/{params.get('limit')} "
+                    f"in use) -> {d.get('after')}")
+        elif action == "SandboxReady":
+            what = f"sandbox {params.get('sandbox_id')} ready -> {d.get('after')}"
+        elif d.get("source") == "input" and d.get("before") == d.get("after"):
+            return None  # the agent's own heartbeats: shown as turns
+        elif action in ("PollSandbox",):
+            return None
+        else:
+            what = f"{action} ({d.get('source')}): {d.get('before')} -> {d.get('after')}"
+            message = params.get("error_message") or params.get("message")
+            if message:
+                what += f": {message}"
     elif kind == "turn":
         what = f"turn {d.get('turn')}/{d.get('of')}"
-    elif kind == "completed":
-        what = "released, Completed" + (
-            f" (release failed: {d['release_error']})" if d.get("release_error") else ""
-        )
-    elif kind == "failed":
-        what = f"Failed: {d.get('reason')}" + (" (while queued)" if d.get("queued") else "")
-    elif kind == "ignored":
-        what = f"{d.get('action')} ({d.get('error')}): no transition, waiting silently"
-    elif kind == "retry":
-        what = f"retrying after {d.get('code')}: {d.get('message')}"
-    elif kind == "late_sandbox":
-        what = f"a late sandbox {d.get('sandbox_id')} arrived; releasing it"
-    elif kind == "cleaned":
-        what = "released after failure" + (f" ({d['error']})" if d.get("error") else "")
+    elif kind == "rejected":
+        what = f"{d.get('action')} rejected ({d.get('source')}): {d.get('error')}"
+    elif kind == "unhandled_failure":
+        what = f"{d.get('trigger')} failed with no on_failure: {d.get('error')}"
+    elif kind == "timer_exhausted":
+        what = f"{d.get('state')}'s {d.get('on_timeout')} timer used its max_occurrences"
     else:
-        what = kind
+        return None
     return f"{event.at_s:7.2f}s  {event.job.label:<18} {event.job.tenant:<9} {what}"
 
 
@@ -49,5 +53,7 @@ class LiveLog:
 
     def event(self, event: SessionEvent) -> None:
         line = event_line(event)
+        if line is None:
+            return
         with self._lock:
             print(line, file=self._out, flush=True)

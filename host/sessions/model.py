@@ -1,31 +1,14 @@
-"""What the session driver works on and reports: jobs, phases, events, results."""
+"""What a session run works on and reports: jobs, events, results."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
-
-
-class Phase(StrEnum):
-    """A CurationJob session's state, as the example spec names them."""
-
-    PENDING = "Pending"  # not submitted yet (a later batch)
-    PROVISIONING = "Provisioning"  # a provision invocation is in flight
-    QUEUED = "Queued"  # SandboxQueued: waiting to invoke again
-    RUNNING = "Running"  # holds a sandbox, taking turns
-    RELEASING = "Releasing"  # the release invocation is in flight
-    COMPLETED = "Completed"
-    FAILED = "Failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Phase.COMPLETED, Phase.FAILED)
 
 
 @dataclass(frozen=True)
 class Job:
-    """One CurationJob: `id` is the entity id, unique across the run."""
+    """One entity to run: `id` is the entity id, unique across the run."""
 
     id: str
     tenant: str
@@ -38,45 +21,57 @@ class Job:
 
 @dataclass(frozen=True)
 class SessionEvent:
-    """One thing that happened to a session, `at_s` real seconds into the run."""
+    """One thing that happened to a session, `at_s` seconds into the run (real or virtual).
+    `phase` is the entity's status after it."""
 
     at_s: float
     job: Job
-    kind: str  # submitted, queued, ready, turn, released, completed, failed, retry, ignored
-    phase: Phase
+    kind: str  # submitted, transition, rejected, invoked, answered, timer, turn, ...
+    phase: str
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-# Why a session failed, when the driver (not the component) decided it.
-LIVENESS_TIMEOUT = "liveness_timeout"
+# How a session ended.
+COMPLETED = "completed"
+FAILED = "failed"
+UNFINISHED = "unfinished"  # the run ended (or was interrupted) before the session did
 INTERRUPTED = "interrupted"
 
 
 @dataclass
 class SessionResult:
-    """Where a job ended up; `waited_ms` is submit to sandbox (or to the end, without one)."""
+    """Where a job ended up; `waited_ms` is submit to sandbox (or to the end, without one).
+    `history` is every status with the time it was entered, for the timeline."""
 
     job: Job
-    state: Phase = Phase.PENDING
+    state: str = ""
+    outcome: str = UNFINISHED
     reason: str | None = None
     sandbox_id: str | None = None
     turns: int = 0
     waited_ms: int | None = None
     invocations: int = 0
     queued_outcomes: int = 0
-    failure_retries: int = 0
     submitted_at_s: float | None = None
     ready_at_s: float | None = None
     finished_at_s: float | None = None
+    killed_by_timer: bool = False
     killed_while_queued: bool = False
-    release_error: str | None = None
-    last_queue: dict[str, Any] | None = None
+    history: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def completed(self) -> bool:
+        return self.outcome == COMPLETED
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == FAILED
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.job.id,
             "tenant": self.job.tenant,
-            "state": str(self.state),
+            "state": self.state,
             "reason": self.reason,
             "sandbox_id": self.sandbox_id,
             "turns": self.turns,

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from host.sessions.driver import RunResult
-from host.sessions.model import Phase, SessionResult
+from host.sessions.model import SessionResult
+from host.sessions.runner import RunResult
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ def tenant_summary(results: Sequence[SessionResult]) -> dict[str, dict[str, Any]
         ranks = [rank[id(r)] for r in mine if id(r) in rank]
         tenants[tenant] = {
             "jobs": len(mine),
-            "completed": sum(1 for r in mine if r.state is Phase.COMPLETED),
-            "failed": sum(1 for r in mine if r.state is Phase.FAILED),
+            "completed": sum(1 for r in mine if r.completed),
+            "failed": sum(1 for r in mine if r.failed),
             "median_waited_ms": round(statistics.median(waits)) if waits else None,
             "max_waited_ms": max(waits) if waits else None,
             "median_ready_rank": statistics.median(ranks) if ranks else None,
@@ -98,7 +98,8 @@ def build_report(
         "jobs": len(results),
         "completed": run.completed,
         "failed": run.failed,
-        "killed_by_liveness": sum(1 for r in results if r.reason == "liveness_timeout"),
+        "unfinished": sum(1 for r in results if not (r.completed or r.failed)),
+        "killed_by_liveness": sum(1 for r in results if r.killed_by_timer),
         "killed_while_queued": sum(1 for r in results if r.killed_while_queued),
         "max_concurrent_creates_seen": e2b.max_concurrent_creates,
         "max_running_sandboxes_seen": e2b.max_running_sandboxes,
@@ -111,6 +112,8 @@ def build_report(
         "ideal_makespan_s": round(ideal_s, 3),
         "makespan_ratio": round(run.makespan_s / ideal_s, 3) if ideal_s > 0 else None,
         "interrupted": run.interrupted,
+        "overloaded": run.overloaded,
+        **run.host,
     }
     return {
         "summary": summary,
@@ -120,13 +123,14 @@ def build_report(
 
 
 def _result_text(result: SessionResult) -> str:
-    if result.state is Phase.COMPLETED:
-        return "Completed" if not result.release_error else "Completed (release failed)"
+    if result.completed:
+        return result.state
     reason = result.reason or ""
-    if reason == "liveness_timeout":
-        return "Failed (liveness timeout" + (", while queued)" if result.killed_while_queued
-                                             else ")")
-    return f"Failed ({reason})" if reason else str(result.state)
+    if result.killed_by_timer:
+        reason += ", by a timer" + (" while queued" if result.killed_while_queued else "")
+    if len(reason) > 70:
+        reason = reason[:67] + "..."
+    return f"{result.state} ({reason})" if reason else result.state
 
 
 def format_table(report: dict[str, Any], results: Sequence[SessionResult]) -> str:

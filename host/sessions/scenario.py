@@ -1,16 +1,18 @@
 """A simulation scenario: the E2B account's limits, the jobs and the session timings, and
-what they become: the mock E2B's config, the component's integration config, the
-driver's settings."""
+what they become: the spec each mode runs, the mock E2B's config, the integration config
+laid over the spec's, the driver's settings."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from host.mock_e2b import MockE2BConfig
 from host.sessions.driver import DriverSettings
 from host.sessions.model import Job
 from host.sessions.report import Limits
+from host.sessions.spec import Spec, Trigger, packaged_spec
 from host.sessions.timescale import TimeScale
 
 # The incident's sessions, in the incident's order.
@@ -29,6 +31,16 @@ INCIDENT_TITLES = (
 
 MODES = ("direct", "batches", "provisioner")
 BATCH_SIZE = 4
+# The spec each mode runs: the upstream TemperAgent flow with the old module's behaviour, or
+# the example spec with this component.
+EXAMPLE_SPEC = "temper_agent.ioa.toml"
+UPSTREAM_SPEC = "temper_agent_upstream.ioa.toml"
+
+
+def mode_spec(mode: str, override: Spec | None = None) -> Spec:
+    if mode == "provisioner":
+        return override or packaged_spec(EXAMPLE_SPEC)
+    return packaged_spec(UPSTREAM_SPEC)
 # The component's rate gate runs this far under E2B's when E2B allows no burst, so a
 # request delayed on the way cannot arrive early by E2B's clock.
 _RATE_MARGIN = 0.95
@@ -65,10 +77,7 @@ class Scenario:
     scale: TimeScale = field(default_factory=TimeScale)
     turns: int = 10
     turn_sim_s: float = 300.0
-    liveness_sim_s: float = 1800.0
     workers: int | None = None
-    # Queued sessions woken per freed permit, nearest the head first.
-    wake_per_permit: int = 1
 
     @property
     def session_s(self) -> float:
@@ -106,8 +115,7 @@ class Scenario:
 
     def sandbox_timeout_s(self) -> int:
         """Long enough that no sandbox expires under a running session."""
-        liveness = self.scale.real_s(self.liveness_sim_s)
-        return max(300, math.ceil(4 * (self.session_s + liveness) + 60))
+        return max(300, math.ceil(4 * self.session_s + 600))
 
     def integration_config(self, e2b_url: str) -> tuple[tuple[str, str], ...]:
         """The component's config: admission mirrors the E2B account's limits."""
@@ -119,9 +127,6 @@ class Scenario:
             # Hold one token of E2B's burst back, so network jitter never trips its limiter.
             burst = max(1, e2b.create_burst - 1)
             rate_text = f"{rate if e2b.create_burst > 1 else rate * _RATE_MARGIN:g}"
-        liveness_ms = self.scale.real_s(self.liveness_sim_s) * 1000
-        # A queued session must be told to come back well inside its liveness timeout.
-        poll_max_ms = max(200, int(liveness_ms / 3))
         pairs: list[tuple[str, str]] = [
             ("e2b_api_url", e2b_url),
             ("template_id", "base"),
@@ -129,8 +134,6 @@ class Scenario:
             ("create_rate_per_s", rate_text),
             ("create_burst", str(min(burst, 1000))),
             ("create_latency_ms", str(max(1, int(e2b.create_latency_ms)))),
-            ("poll_max_ms", str(poll_max_ms)),
-            ("poll_min_ms", str(min(200, poll_max_ms))),
         ]
         # No E2B cap: the component's own gate must not invent one (its defaults,
         # provisioner.config.AdmissionConfig, would cap creates and sandboxes).
@@ -139,9 +142,20 @@ class Scenario:
         pairs.append(("max_sandboxes", str(min(e2b.max_sandboxes or 100_000, 100_000))))
         return tuple(pairs)
 
-    def driver_settings(
-        self, mode: str, config: tuple[tuple[str, str], ...], run_id: str
-    ) -> DriverSettings:
+    def configure(self, e2b_url: str) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
+        """Lays the scenario's integration config over each trigger's (the spec's own
+        `operation` stays): the mock's URL, and admission mirroring its limits."""
+        overlay = dict(self.integration_config(e2b_url))
+
+        def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
+            merged = {**config, **overlay}
+            if "operation" in config:
+                merged["operation"] = config["operation"]
+            return merged
+
+        return configure
+
+    def driver_settings(self, mode: str, run_id: str) -> DriverSettings:
         # The old provisioner fires every create at once, so give it a thread each; the
         # component's invocations mostly answer in milliseconds, and more threads only
         # add compare-and-swap contention on the account's gate.
@@ -149,10 +163,8 @@ class Scenario:
         return DriverSettings(
             turns=self.turns,
             turn_s=self.scale.real_s(self.turn_sim_s),
-            liveness_s=self.scale.real_s(self.liveness_sim_s),
+            sim_per_real=self.scale.sim_per_real,
             batch_size=BATCH_SIZE if mode == "batches" else None,
             workers=workers,
-            wake_per_permit=self.wake_per_permit if mode == "provisioner" else 0,
-            config=config,
             run_id=run_id,
         )

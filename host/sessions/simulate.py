@@ -1,8 +1,12 @@
 """`sandbox-provisioner simulate`: the incident, replayed against a mock E2B, then fixed.
 
-Modes: `direct` (the old provisioner: every session POSTs at once, no retries), `batches`
-(the manual workaround: four jobs at a time), `provisioner` (this component, with
-admission control) and `compare` (all three, one after the other, on the same limits).
+Every mode runs a Temper spec under Temper's rules (`executor.py`): `direct` runs the
+upstream TemperAgent flow (`specs/temper_agent_upstream.ioa.toml`) with the old module's
+behaviour (every Provision POSTs at once, a refused create fails the invocation), `batches`
+the same flow four jobs at a time (the manual workaround), `provisioner` the example spec
+(`examples/temper_agent.ioa.toml`) with this component, and `compare` all three on the same
+limits. After the runs it prints how the spec's poll interval trades makespan against
+invocations (in virtual time, `detsim.py`), and `--timeline FILE` draws the runs.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import secrets
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,7 +25,10 @@ from host.mock_e2b import MockE2BServer
 from host.runtime.assembly import open_runtime
 from host.runtime.loader import LoadedComponent, load_component
 from host.services.telemetry import InvocationTag
-from host.sessions.driver import DriverSettings, EventSink, Invoker, RunResult, SessionDriver
+from host.sessions.contract import ContractError, require_clean
+from host.sessions.detsim import VirtualScenario, poll_tradeoff
+from host.sessions.driver import SessionDriver
+from host.sessions.fake_e2b import FakeE2BConfig
 from host.sessions.invokers import ComponentInvoker, DirectInvoker
 from host.sessions.live import LiveLog
 from host.sessions.model import Job
@@ -32,13 +39,21 @@ from host.sessions.report import (
     format_table,
     ideal_makespan_s,
 )
-from host.sessions.scenario import MODES, E2BLimits, Scenario
+from host.sessions.runner import RunResult
+from host.sessions.scenario import MODES, E2BLimits, Scenario, mode_spec
+from host.sessions.spec import Spec, SpecError, load_spec
+from host.sessions.timeline import write_timeline
 from host.sessions.timescale import TimeScale
+from provisioner.admission import AdmissionConfig
 from provisioner.ports import LogLevel
 
 SIM_API_KEY = "e2b_simulated_key"
+MODULE = "sandbox_provisioner"
 EXIT_OK = 0
 EXIT_PROVISIONER_FAILED = 1
+EXIT_USAGE = 2
+EXIT_HOST_OVERLOADED = 3
+TRADEOFF_POLLS = (1, 2, 5, 10, 30)
 
 
 def _positive_int(text: str) -> int:
@@ -116,9 +131,17 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     timing.add_argument("--turn-ms", type=_positive_float, default=defaults.turn_sim_s * 1000,
                         metavar="MS", help="simulated time per turn (default "
                         f"{defaults.turn_sim_s * 1000:g}, {defaults.turn_sim_s / 60:g} min)")
-    timing.add_argument("--liveness-s", type=_positive_float, default=defaults.liveness_sim_s,
-                        metavar="S", help="simulated liveness timeout, reset by RecordProgress "
-                        f"and SandboxQueued (default {defaults.liveness_sim_s:g})")
+    spec = parser.add_argument_group("the spec")
+    spec.add_argument("--spec", type=Path, default=None, metavar="FILE",
+                      help="the spec the provisioner mode runs (default: the packaged "
+                      "examples/temper_agent.ioa.toml)")
+    spec.add_argument("--poll-s", type=_positive_int, default=None, metavar="S",
+                      help="replace the spec's poll interval (Queued's after_seconds)")
+    spec.add_argument("--timeline", type=Path, default=None, metavar="FILE",
+                      help="write a picture of the runs: FILE.html (self-contained SVG) or "
+                      "FILE.png (rendered with a headless chromium)")
+    spec.add_argument("--no-tradeoff", action="store_true",
+                      help="skip the poll-interval table (virtual time)")
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
@@ -137,14 +160,13 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         scale=TimeScale(args.time_scale),
         turns=max(0, args.turns),
         turn_sim_s=args.turn_ms / 1000,
-        liveness_sim_s=args.liveness_s,
     )
 
 
 class _SessionTelemetry:
-    """Hands the guest's progress events to the driver as signs of life (the way a runtime
-    should count them against liveness timeouts); prints the guest's first few warnings
-    and counts the rest."""
+    """Prints the guest's first few warnings and counts the rest. Progress events are not
+    signs of life: Temper broadcasts them and never resets a timer on one
+    (crates/temper-server/src/state/dispatch/wasm/callbacks.rs)."""
 
     MAX_PRINTED = 5
 
@@ -152,7 +174,6 @@ class _SessionTelemetry:
         self._out = out
         self._lock = threading.Lock()
         self.warnings = 0
-        self.driver: SessionDriver | None = None
 
     def log(self, tag: InvocationTag, level: LogLevel, message: str) -> None:
         if level not in (LogLevel.WARN, LogLevel.ERROR):
@@ -168,9 +189,7 @@ class _SessionTelemetry:
                   flush=True)
 
     def progress(self, tag: InvocationTag, event: dict[str, Any]) -> None:
-        driver = self.driver
-        if driver is not None:
-            driver.sign_of_life(tag.entity_id)
+        return None
 
 
 @dataclass
@@ -178,6 +197,7 @@ class ModeRun:
     mode: str
     run: RunResult
     report: dict[str, Any]
+    spec: Spec
 
 
 def run_mode(
@@ -188,18 +208,22 @@ def run_mode(
     loaded: LoadedComponent | None = None,
     live: LiveLog | None = None,
     announce: Callable[[str], None] | None = None,
+    spec: Spec | None = None,
+    keep_up: bool = True,
 ) -> ModeRun:
-    """Starts a mock E2B, runs the scenario's jobs in `mode`, stops everything it started."""
+    """Starts a mock E2B, runs the scenario's jobs in `mode` through the mode's spec (the
+    example spec with the component, or the upstream TemperAgent flow with the old module),
+    stops everything it started."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
+    spec = mode_spec(mode, spec)
     run_id = secrets.token_hex(3)
     jobs = scenario.job_list(run_id)
     mock = MockE2BServer(scenario.mock_config(SIM_API_KEY)).start()
     try:
         if announce is not None:
             announce(f"mock E2B at {mock.url}")
-        config = scenario.integration_config(mock.url)
-        settings = scenario.driver_settings(mode, config, run_id)
+        settings = replace(scenario.driver_settings(mode, run_id), keep_up=keep_up)
         on_event = live.event if live is not None else None
         telemetry = None
         if mode == "provisioner":
@@ -213,11 +237,17 @@ def run_mode(
                 telemetry=telemetry,
                 allow_private_network=True,
             ) as runtime:
-                run = _drive(ComponentInvoker(runtime), settings, jobs, on_event, mock, telemetry)
+                driver = SessionDriver(spec, {MODULE: ComponentInvoker(runtime)}, settings,
+                                       configure=scenario.configure(mock.url),
+                                       on_event=on_event)
+                run = _drive(driver, jobs, mock)
         else:
             direct = DirectInvoker(mock.url, SIM_API_KEY)
             try:
-                run = _drive(direct, settings, jobs, on_event, mock)
+                driver = SessionDriver(spec, {MODULE: direct}, settings,
+                                       configure=scenario.configure(mock.url),
+                                       on_event=on_event)
+                run = _drive(driver, jobs, mock)
             finally:
                 direct.close()
         figures = _e2b_figures(mock, run)
@@ -225,21 +255,20 @@ def run_mode(
         mock.stop()
     ideal = ideal_makespan_s(len(jobs), scenario.e2b.limits(), scenario.session_s)
     report = build_report(run, mode=mode, e2b=figures, ideal_s=ideal)
+    report["summary"]["spec"] = spec.source
+    report["summary"]["poll_s"] = _poll_s(spec)
     report["summary"]["guest_warnings"] = telemetry.warnings if telemetry is not None else 0
-    return ModeRun(mode, run, report)
+    return ModeRun(mode, run, report, spec)
 
 
-def _drive(
-    invoker: Invoker,
-    settings: DriverSettings,
-    jobs: list[Job],
-    on_event: EventSink | None,
-    mock: MockE2BServer,
-    telemetry: _SessionTelemetry | None = None,
-) -> RunResult:
-    driver = SessionDriver(invoker, settings, on_event=on_event)
-    if telemetry is not None:
-        telemetry.driver = driver
+def _poll_s(spec: Spec) -> int | None:
+    for timeout in spec.timeouts:
+        if timeout.state == "Queued":
+            return timeout.after_seconds
+    return None
+
+
+def _drive(driver: SessionDriver, jobs: list[Job], mock: MockE2BServer) -> RunResult:
     try:
         return driver.run(jobs)
     except BaseException:
@@ -253,7 +282,7 @@ def _e2b_figures(mock: MockE2BServer, run: RunResult) -> E2BFigures:
     stats = mock.stats()
     # Every session has ended and released: whatever still runs belongs to nobody.
     orphans = mock.orphans(set())
-    held = [r.sandbox_id for r in run.results if r.sandbox_id]
+    held = [r.sandbox_id for r in run.results if r.sandbox_id]  # one per session that had one
     shared = len(held) - len(set(held))
     return E2BFigures(
         max_concurrent_creates=stats.max_concurrent_creates,
@@ -265,36 +294,82 @@ def _e2b_figures(mock: MockE2BServer, run: RunResult) -> E2BFigures:
     )
 
 
-def _header(scenario: Scenario, mode: str) -> str:
+def _header(scenario: Scenario, mode: str, spec: Spec) -> str:
     e2b = scenario.e2b
+    poll = _poll_s(spec)
     rate = "no rate limit" if e2b.create_rate_per_s is None else (
         f"{e2b.create_rate_per_s:g} creates/s (burst {e2b.create_burst})")
     return (
         f"== {mode}: {scenario.jobs} jobs, {scenario.tenants} tenant(s); E2B admits "
         f"{e2b.max_concurrent_creates or 'unlimited'} concurrent creates, {rate}, "
         f"{e2b.max_sandboxes or 'unlimited'} sandboxes, {e2b.create_latency_ms / 1000:g}s "
-        f"per create; {scenario.turns} turns of {scenario.turn_sim_s / 60:g} min, liveness "
-        f"{scenario.liveness_sim_s / 60:g} min (x{scenario.scale.sim_per_real:g}: "
-        f"{scenario.session_s:.1f}s and {scenario.scale.real_s(scenario.liveness_sim_s):.1f}s "
-        "real)"
+        f"per create; {scenario.turns} turns of {scenario.turn_sim_s / 60:g} min "
+        f"(x{scenario.scale.sim_per_real:g}: {scenario.session_s:.1f}s real); spec "
+        f"{spec.source}" + ("" if poll is None else f", polling every {poll}s")
     )
+
+
+def _spec_from_args(args: argparse.Namespace) -> Spec | None:
+    spec = load_spec(args.spec) if args.spec is not None else None
+    if args.poll_s is not None:
+        from host.sessions.detsim import with_poll
+        from host.sessions.runner import SessionScript
+
+        spec = spec or mode_spec("provisioner")
+        spec = with_poll(spec, SessionScript.for_spec(spec), args.poll_s)
+    return spec
+
+
+def tradeoff_scenario(scenario: Scenario) -> VirtualScenario:
+    """The scenario in virtual time, for the poll-interval table: the same jobs, limits and
+    session length, the admission logic natively in front of the fake E2B."""
+    e2b = scenario.e2b
+    config = dict(scenario.integration_config("http://unused"))
+    return VirtualScenario(
+        jobs=scenario.jobs, tenants=scenario.tenants, turns=scenario.turns,
+        turn_s=scenario.scale.real_s(scenario.turn_sim_s),
+        admission=AdmissionConfig.from_config(config),
+        # The fake E2B's limiter has no burst: give it the rate only where E2B's has none.
+        e2b=FakeE2BConfig(create_latency_ms=round(e2b.create_latency_ms),
+                          rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
+                          sandbox_cap=e2b.max_sandboxes),
+        seed=scenario.seed, sim_per_real=scenario.scale.sim_per_real)
+
+
+def format_tradeoff(rows: list[dict[str, Any]], ideal_s: float) -> str:
+    lines = ["poll interval against makespan and invocations (virtual time, same limits; "
+             f"ideal {ideal_s:.1f}s):",
+             "  poll   makespan   vs ideal   invocations   completed"]
+    for row in rows:
+        lines.append(f"  {row['poll_s']:>3}s   {row['makespan_s']:>7.1f}s   "
+                     f"{row['makespan_s'] / ideal_s if ideal_s else 0:>7.2f}x   "
+                     f"{row['invocations']:>11}   {row['completed']:>4}/{row['jobs']}")
+    return "\n".join(lines)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     scenario = scenario_from_args(args)
     modes = list(MODES) if args.mode == "compare" else [args.mode]
     out = sys.stderr if args.json else sys.stdout
+    try:
+        override = _spec_from_args(args)
+        if override is not None and "provisioner" in modes:
+            require_clean(override)
+    except (SpecError, ContractError) as error:
+        print(f"sandbox-provisioner: {error}", file=sys.stderr)
+        return EXIT_USAGE
     loaded = None
     if "provisioner" in modes:
         try:
             loaded = load_component(args.component)
         except (FileNotFoundError, ValueError) as error:
             print(f"sandbox-provisioner: {error}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     runs: list[ModeRun] = []
     for mode in modes:
+        spec = mode_spec(mode, override)
         if not args.json:
-            print(_header(scenario, mode), file=out, flush=True)
+            print(_header(scenario, mode, spec), file=out, flush=True)
         live = None if args.quiet else LiveLog(out)
         done = run_mode(
             scenario,
@@ -303,28 +378,48 @@ def run_simulate(args: argparse.Namespace) -> int:
             loaded=loaded,
             live=live,
             announce=None if args.quiet else lambda line: print(line, file=out, flush=True),
+            spec=spec,
         )
         runs.append(done)
         if not args.json:
             print(format_table(done.report, done.run.results), file=out, flush=True)
             print(file=out)
+        if done.run.overloaded:
+            print(f"sandbox-provisioner: {done.run.overloaded}", file=sys.stderr, flush=True)
+            break
     reports = [done.report for done in runs]
     if len(runs) > 1 and not args.json:
         print(comparison_line(reports), file=out, flush=True)
+    tradeoff: list[dict[str, Any]] = []
+    if "provisioner" in modes and not args.no_tradeoff and not runs[-1].run.overloaded:
+        ideal = reports[-1]["summary"]["ideal_makespan_s"]
+        tradeoff = poll_tradeoff(mode_spec("provisioner", override),
+                                 tradeoff_scenario(scenario), TRADEOFF_POLLS)
+        if not args.json:
+            print(file=out)
+            print(format_tradeoff(tradeoff, ideal), file=out, flush=True)
+    if args.timeline is not None:
+        written = write_timeline(args.timeline, [(d.mode, d.run, d.spec) for d in runs])
+        print(f"timeline: {written}", file=out, flush=True)
     if args.json:
-        document: dict[str, Any] = reports[0] if len(reports) == 1 else {
+        document: dict[str, Any] = dict(reports[0]) if len(reports) == 1 else {
             "comparison": comparison_line(reports),
             "modes": {done.mode: done.report for done in runs},
         }
+        if tradeoff:
+            document["poll_tradeoff"] = tradeoff
         print(json.dumps(document, indent=2))
     return _exit_code(runs)
 
 
 def _exit_code(runs: list[ModeRun]) -> int:
+    if any(done.run.overloaded for done in runs):
+        return EXIT_HOST_OVERLOADED
     for done in runs:
         s = done.report["summary"]
         if done.mode == "provisioner" and (
-            s["failed"] or s["orphaned_sandboxes"] or s["duplicate_sandboxes"]
+            s["failed"] or s["unfinished"] or s["orphaned_sandboxes"]
+            or s["duplicate_sandboxes"]
         ):
             return EXIT_PROVISIONER_FAILED
     return EXIT_OK

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from host.sessions.detsim import Harness
 from host.storage.memory import MemoryBackend
 from provisioner.admission import (
     AdmissionConfig,
@@ -28,6 +27,7 @@ from provisioner.admission import (
     Waiter,
 )
 from provisioner.ports import Entry
+from tests.guest.harness import Harness
 
 
 @pytest.fixture(autouse=True)

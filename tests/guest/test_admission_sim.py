@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from host.sessions.detsim import (
+from provisioner.admission import AdmissionConfig
+from tests.guest.harness import (
     FakeE2BConfig,
     SessionSpec,
     SimReport,
@@ -15,7 +16,6 @@ from host.sessions.detsim import (
     run,
     uniform_sessions,
 )
-from provisioner.admission import AdmissionConfig
 
 
 def assert_everyone_served(report: SimReport) -> None:

@@ -22,7 +22,6 @@ from hypothesis.stateful import (
     rule,
 )
 
-from host.sessions.detsim import Harness
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
@@ -37,6 +36,7 @@ from provisioner.admission import (
     Waiter,
 )
 from provisioner.model import Failure
+from tests.guest.harness import Harness
 
 settings.register_profile(
     "default",

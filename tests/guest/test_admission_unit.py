@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from host.services.namespaces import account_namespace
-from host.sessions.detsim import ACCOUNT, Harness
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
@@ -23,6 +22,7 @@ from provisioner.admission import (
 )
 from provisioner.model import Failure
 from provisioner.ports import Entry, StorageUnavailable
+from tests.guest.harness import ACCOUNT, Harness
 
 FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
 

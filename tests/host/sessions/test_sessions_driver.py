@@ -1,5 +1,12 @@
-"""The session driver against fake invokers: transitions, liveness, batches, wake-ups and
-concurrency. No component, no network: each test takes well under a second."""
+"""The real-time driver: the executor on the wall clock and a thread pool, against fake
+invokers. Temper's rules themselves are tested in virtual time (test_executor_rules.py);
+these check what only real threads and a real clock can break: outcomes posted back from
+many threads, batches, stopping, and the host-keeps-up watch (issue 16).
+
+Replaced with the move to Temper's rules: the old driver's wake-up test (Temper has no
+wake-up: test_executor_rules.py checks that nothing wakes a queued entity) and its
+retry-of-retryable-failures test (Temper does not retry a SandboxFailed; the spec sends it
+to Failed, which releases)."""
 
 from __future__ import annotations
 
@@ -9,12 +16,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import resources
 
 import pytest
 
-from host.sessions import DriverSettings, Job, Phase, RunResult, SessionDriver, SessionEvent
-from host.sessions.invokers import LEGACY_CREATE_FAILED
-from host.sessions.model import INTERRUPTED, LIVENESS_TIMEOUT
+from host.sessions import DriverSettings, Job, RunResult, SessionDriver, SessionEvent
+from host.sessions.spec import Spec, packaged_spec, parse_spec
 from provisioner.model import (
     SANDBOX_QUEUED,
     SANDBOX_READY,
@@ -25,8 +32,18 @@ from provisioner.model import (
     failed,
 )
 
-FAST = DriverSettings(turns=2, turn_s=0.01, liveness_s=0.3, workers=8,
-                      failure_retry_delay_s=0.01)
+MODULE = "sandbox_provisioner"
+
+
+def spec_with(**after: int) -> Spec:
+    """The example spec with some states' first timers set to `after` seconds."""
+    text = resources.files("host.sessions").joinpath("specs", "temper_agent.ioa.toml").read_text()
+    defaults = {"Queued": 2, "Provisioning": 180}
+    for state, seconds in after.items():
+        old = f'state = "{state}"\nafter_seconds = {defaults[state]}\n'
+        assert old in text
+        text = text.replace(old, f'state = "{state}"\nafter_seconds = {seconds}\n')
+    return parse_spec(text, source="test")
 
 
 def jobs(n: int, tenants: int = 1) -> list[Job]:
@@ -37,207 +54,128 @@ def operation(invocation: Invocation) -> str:
     return dict(invocation.config).get("operation", "provision")
 
 
-def run_with_watchdog(
-    driver: SessionDriver, work: list[Job], limit_s: float = 20.0
-) -> RunResult:
+def run_with_watchdog(driver: SessionDriver, work: list[Job], limit_s: float = 30.0
+                      ) -> RunResult:
     """Runs the driver in a thread so a hang fails the test instead of wedging it."""
     box: dict[str, RunResult] = {}
-
-    def target() -> None:
-        box["result"] = driver.run(work)
-
-    thread = threading.Thread(target=target)
+    thread = threading.Thread(target=lambda: box.update(result=driver.run(work)))
     thread.start()
     thread.join(limit_s)
     if thread.is_alive():
         driver.stop()
         thread.join(5)
-        pytest.fail("the driver did not finish: a session was never woken or never ended")
+        pytest.fail("the driver did not finish")
     driver.close()
     return box["result"]
 
 
 @dataclass
 class FakeAdmission:
-    """A provisioner with `permits` sandboxes and a FIFO queue, thread-safe, that answers
-    SandboxQueued with `retry_after_ms` while no permit is free."""
+    """A provisioner with `permits` sandboxes and a FIFO queue, thread-safe."""
 
     permits: int
-    retry_after_ms: int = 50
     lock: threading.Lock = field(default_factory=threading.Lock)
     holders: set[str] = field(default_factory=set)
     queue: list[str] = field(default_factory=list)
     max_held: int = 0
     released: Counter[str] = field(default_factory=Counter)
-    calls: Counter[str] = field(default_factory=Counter)
 
     def invoke(self, invocation: Invocation) -> Outcome:
         entity = invocation.entity_id
         with self.lock:
-            self.calls[entity] += 1
             if operation(invocation) == "release":
                 self.holders.discard(entity)
                 self.released[entity] += 1
-                return Outcome(SANDBOX_RELEASED, {"released": True})
-            if entity in self.holders:
-                return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{entity}"})
-            if entity not in self.queue:
-                self.queue.append(entity)
-            position = self.queue.index(entity) + 1
-            if position <= self.permits - len(self.holders):
+                return Outcome(SANDBOX_RELEASED, {"released": True, "sandbox_id": entity})
+            if entity not in self.holders:
+                if entity not in self.queue:
+                    self.queue.append(entity)
+                if self.queue.index(entity) >= self.permits - len(self.holders):
+                    return Outcome(SANDBOX_QUEUED, {"position": self.queue.index(entity) + 1,
+                                                    "reason": "capacity"})
                 self.queue.remove(entity)
                 self.holders.add(entity)
                 self.max_held = max(self.max_held, len(self.holders))
-                return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{entity}"})
-            return Outcome(
-                SANDBOX_QUEUED,
-                {"position": position, "queue_length": len(self.queue),
-                 "in_use": len(self.holders), "limit": self.permits, "reason": "capacity",
-                 "retry_after_ms": self.retry_after_ms, "eta_ms": self.retry_after_ms,
-                 "waited_ms": 0},
-            )
+            return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{entity}"})
 
 
-def test_queued_sessions_outlive_the_liveness_timeout_because_queued_resets_it() -> None:
-    """Bug caught: SandboxQueued not counted as progress, so waiting sessions die (the
-    incident). 12 jobs, 2 permits, each session holding its sandbox ~0.2 s: the last
-    waits several liveness periods (0.3 s) and must still complete."""
-    admission = FakeAdmission(permits=2, retry_after_ms=40)
-    settings = DriverSettings(turns=4, turn_s=0.05, liveness_s=0.3, workers=4)
-    driver = SessionDriver(admission, settings)
-    result = run_with_watchdog(driver, jobs(12))
-    assert [r.state for r in result.results] == [Phase.COMPLETED] * 12
+def test_queued_sessions_are_polled_by_the_spec_timer_and_all_complete() -> None:
+    """Bug caught: outcomes from worker threads lost or applied twice; a queued session
+    never asked again. 6 jobs, 2 permits, a 1 s poll: the last waits two polls."""
+    admission = FakeAdmission(permits=2)
+    settings = DriverSettings(turns=3, turn_s=0.05, sim_per_real=600, workers=4)
+    driver = SessionDriver(spec_with(Queued=1), {MODULE: admission}, settings)
+    result = run_with_watchdog(driver, jobs(6))
+    assert [r.state for r in result.results] == ["Completed"] * 6
     assert admission.max_held <= 2
-    waits = [r.waited_ms for r in result.results]
-    assert max(w or 0 for w in waits) > 300, "the scenario must make someone wait > liveness"
-    assert all(r.turns == 4 for r in result.results)
-    assert all(admission.released[j.id] == 1 for j in jobs(12))
-
-
-def test_an_unhandled_failure_leaves_the_session_waiting_until_liveness_kills_it() -> None:
-    """Bug caught: the old provisioner's failure treated as progress or as a transition;
-    in the incident those sessions sat silent until the liveness timeout."""
-
-    class Legacy:
-        def invoke(self, invocation: Invocation) -> Outcome:
-            if operation(invocation) == "release":
-                return Outcome(SANDBOX_RELEASED, {"released": False})
-            if invocation.entity_id == "job-0":
-                return Outcome(SANDBOX_READY, {"sandbox_id": "sb-0"})
-            return Outcome(LEGACY_CREATE_FAILED, {}, success=False,
-                           error=Failure("e2b_error", "429", retryable=False))
-
-    events: list[SessionEvent] = []
-    driver = SessionDriver(Legacy(), FAST, on_event=events.append)
-    result = run_with_watchdog(driver, jobs(3))
-    states = {r.job.id: (r.state, r.reason) for r in result.results}
-    assert states["job-0"] == (Phase.COMPLETED, None)
-    assert states["job-1"] == (Phase.FAILED, LIVENESS_TIMEOUT)
-    assert states["job-2"] == (Phase.FAILED, LIVENESS_TIMEOUT)
-    ignored = [e for e in events if e.kind == "ignored"]
-    assert {e.job.id for e in ignored} == {"job-1", "job-2"}
-    # Silence means one create and nothing more until the kill (then the cleanup release).
-    assert all(r.invocations == 2 for r in result.results[1:])
-
-
-def test_retryable_failures_are_retried_then_fail_with_the_reason() -> None:
-    """Bug caught: retryable SandboxFailed retried forever, or a permanent one retried."""
-    calls: Counter[str] = Counter()
-
-    class Flaky:
-        def invoke(self, invocation: Invocation) -> Outcome:
-            entity = invocation.entity_id
-            if operation(invocation) == "release":
-                return Outcome(SANDBOX_RELEASED, {"released": False})
-            calls[entity] += 1
-            if entity == "job-0":
-                return failed(Failure("e2b_unavailable", "503", retryable=True))
-            if entity == "job-1":
-                return failed(Failure("e2b_unauthorized", "401", retryable=False))
-            if calls[entity] < 3:
-                return failed(Failure("e2b_unavailable", "503", retryable=True))
-            return Outcome(SANDBOX_READY, {"sandbox_id": "sb"})
-
-    driver = SessionDriver(Flaky(), FAST)
-    result = run_with_watchdog(driver, jobs(3))
-    by_id = {r.job.id: r for r in result.results}
-    assert by_id["job-0"].state is Phase.FAILED
-    assert by_id["job-0"].reason == "e2b_unavailable: 503"
-    assert calls["job-0"] == 1 + FAST.failure_retries
-    assert by_id["job-1"].reason == "e2b_unauthorized: 401"
-    assert calls["job-1"] == 1
-    assert by_id["job-2"].state is Phase.COMPLETED
+    assert max(r.queued_outcomes for r in result.results) >= 2, "nobody waited two polls"
+    assert all(r.turns == 3 for r in result.results)
+    assert all(admission.released[j.id] == 1 for j in jobs(6))
 
 
 def test_batches_run_four_at_a_time_and_wait_for_the_last_of_each() -> None:
     """Bug caught: the manual workaround replayed wrongly (overlapping batches)."""
     lock = threading.Lock()
     active: set[str] = set()
-    seen_together: list[int] = []
     order: list[str] = []
+    together: list[int] = []
 
     class Recorder:
         def invoke(self, invocation: Invocation) -> Outcome:
             with lock:
-                if operation(invocation) == "release":
-                    active.discard(invocation.entity_id)
-                    return Outcome(SANDBOX_RELEASED, {"released": True})
                 active.add(invocation.entity_id)
                 order.append(invocation.entity_id)
-                seen_together.append(len(active))
+                together.append(len(active))
             return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{invocation.entity_id}"})
 
-    settings = DriverSettings(turns=1, turn_s=0.02, liveness_s=1, workers=8, batch_size=4)
-    result = run_with_watchdog(SessionDriver(Recorder(), settings), jobs(10))
+    def on_event(event: SessionEvent) -> None:
+        if event.phase in ("Completed", "Failed"):
+            with lock:
+                active.discard(event.job.id)
+
+    settings = DriverSettings(turns=1, turn_s=0.02, batch_size=4, workers=8)
+    driver = SessionDriver(packaged_spec("temper_agent_upstream.ioa.toml"), {MODULE: Recorder()},
+                           settings, on_event=on_event)
+    result = run_with_watchdog(driver, jobs(10))
     assert result.completed == 10
-    assert max(seen_together) <= 4
+    assert max(together) <= 4
     assert set(order[:4]) == {f"job-{i}" for i in range(4)}
     assert set(order[4:8]) == {f"job-{i}" for i in range(4, 8)}
 
 
-def test_a_freed_permit_wakes_the_head_of_the_queue_without_waiting_out_retry_after() -> None:
-    """Bug caught: queued sessions only ever woken by retry_after_ms. Here retry_after is
-    an hour (and liveness longer), so without wake-ups the run could not finish."""
-    admission = FakeAdmission(permits=2, retry_after_ms=3_600_000)
-    settings = DriverSettings(turns=1, turn_s=0.01, liveness_s=7200, workers=4,
-                              wake_per_permit=1)
-    result = run_with_watchdog(SessionDriver(admission, settings), jobs(8))
-    assert result.completed == 8
+def test_a_sandbox_failed_answer_fails_the_job_and_releases() -> None:
+    """Bug caught: SandboxFailed retried by the host (Temper does not) or a failed job
+    leaving what the component holds behind."""
+    released: list[str] = []
 
-
-def test_a_sandbox_that_arrives_after_its_session_died_is_released() -> None:
-    """Bug caught: a create outliving the liveness timeout leaves an orphaned sandbox."""
-    released: list[str | None] = []
-    slow_create = threading.Event()
-
-    class SlowCreate:
+    class Refuses:
         def invoke(self, invocation: Invocation) -> Outcome:
             if operation(invocation) == "release":
-                released.append(json.loads(invocation.entity_state).get("sandbox_id"))
-                return Outcome(SANDBOX_RELEASED, {"released": True})
-            slow_create.wait(0.6)  # past the 0.3 s liveness timeout
-            return Outcome(SANDBOX_READY, {"sandbox_id": "sb-late"})
+                released.append(invocation.entity_id)
+                return Outcome(SANDBOX_RELEASED, {"released": False, "sandbox_id": ""})
+            outcome = failed(Failure("queue_timeout", "waited too long", retryable=False))
+            # The component's shape: a success result naming SandboxFailed (issue 12).
+            return Outcome(outcome.action, outcome.params, success=True)
 
-    result = run_with_watchdog(SessionDriver(SlowCreate(), FAST), jobs(1))
-    only = result.results[0]
-    assert (only.state, only.reason) == (Phase.FAILED, LIVENESS_TIMEOUT)
-    assert "sb-late" in released
+    driver = SessionDriver(packaged_spec("temper_agent.ioa.toml"), {MODULE: Refuses()},
+                           DriverSettings(workers=2))
+    result = run_with_watchdog(driver, jobs(2))
+    assert [(r.state, r.reason) for r in result.results] == [
+        ("Failed", "SandboxFailed: queue_timeout: waited too long")] * 2
+    assert sorted(released) == ["job-0", "job-1"]
+    assert all(r.invocations == 2 for r in result.results)
 
 
 def test_stop_ends_the_run_and_marks_unfinished_sessions_interrupted() -> None:
     """Bug caught: stop() ignored while sessions wait on long timers (Ctrl-C hangs)."""
-    admission = FakeAdmission(permits=1, retry_after_ms=3_600_000)
-    settings = DriverSettings(turns=1, turn_s=3600, liveness_s=7200, workers=2,
-                              wake_per_permit=0)
-    events: list[str] = []
     started = threading.Event()
 
     def on_event(event: SessionEvent) -> None:
-        events.append(event.kind)
-        if event.kind == "ready":
+        if event.kind == "transition" and event.detail.get("action") == "SandboxQueued":
             started.set()
 
-    driver = SessionDriver(admission, settings, on_event=on_event)
+    driver = SessionDriver(spec_with(Queued=3600), {MODULE: FakeAdmission(permits=0)},
+                           DriverSettings(workers=2), on_event=on_event)
     box: dict[str, RunResult] = {}
     thread = threading.Thread(target=lambda: box.update(result=driver.run(jobs(3))))
     thread.start()
@@ -247,46 +185,67 @@ def test_stop_ends_the_run_and_marks_unfinished_sessions_interrupted() -> None:
     assert not thread.is_alive()
     driver.close()
     result = box["result"]
-    assert result.interrupted
-    assert {r.reason for r in result.results} == {INTERRUPTED}
+    assert result.interrupted and result.overloaded is None
+    assert {r.outcome for r in result.results} == {"interrupted"}
+
+
+def test_a_host_that_cannot_keep_up_stops_with_the_figures_not_a_mass_kill() -> None:
+    """Issue 16. One worker, each invocation 0.4 s, twelve jobs, and a 2 s guard on
+    Provisioning: invocations queue for the worker past a quarter of that guard. Bug caught:
+    the run carrying on until the guard kills sessions that a host keeping up would have
+    served, or stopping without saying what was due and served."""
+
+    class Slow:
+        def invoke(self, invocation: Invocation) -> Outcome:
+            time.sleep(0.4)
+            return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{invocation.entity_id}"})
+
+    driver = SessionDriver(spec_with(Provisioning=2), {MODULE: Slow()},
+                           DriverSettings(turns=1, turn_s=0.01, workers=1))
+    result = run_with_watchdog(driver, jobs(12), limit_s=60)
+    assert result.host["max_invocation_lag_s"] > 0.5, "the precondition: invocations lagged"
+    assert result.overloaded is not None
+    assert "cannot keep up" in result.overloaded and "invocations were due" in result.overloaded
+    assert "Provisioning's ProvisionTimeout timer" in result.overloaded
+    assert not any(r.killed_by_timer for r in result.results)
 
 
 @dataclass
 class ChaosInvoker:
-    """Random latency and outcomes; checks that no session ever has two provisions or two
-    releases in flight and that no release comes before its session's last provision."""
+    """Random latency and outcomes; checks that no entity has two provisions (or two
+    releases) in flight at once."""
 
     seed: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_flight: Counter[tuple[str, str]] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
+    parallel: int = 0
     max_parallel: int = 0
     ready: set[str] = field(default_factory=set)
     released: Counter[str] = field(default_factory=Counter)
-    parallel: int = 0
 
     def invoke(self, invocation: Invocation) -> Outcome:
         entity, op = invocation.entity_id, operation(invocation)
-        rng = random.Random(f"{self.seed}:{entity}:{invocation.trigger_params}:{op}")
+        state = json.loads(invocation.entity_state)
+        rng = random.Random(f"{self.seed}:{entity}:{invocation.trace_id}")
         with self.lock:
             self.in_flight[(entity, op)] += 1
             self.parallel += 1
             self.max_parallel = max(self.max_parallel, self.parallel)
             if self.in_flight[(entity, op)] > 1:
-                self.violations.append(f"two {op}s at once for {entity}")
+                self.violations.append(f"two {op}s at once for {entity} ({state['status']})")
         try:
             time.sleep(rng.random() * 0.003)
             if op == "release":
                 with self.lock:
                     self.released[entity] += 1
-                return Outcome(SANDBOX_RELEASED, {"released": True})
+                return Outcome(SANDBOX_RELEASED, {"released": True, "sandbox_id": entity})
             roll = rng.random()
+            if roll < 0.4:
+                return Outcome(SANDBOX_QUEUED, {"position": rng.randint(1, 9)})
             if roll < 0.5:
-                return Outcome(SANDBOX_QUEUED, {"position": rng.randint(1, 9),
-                                                "retry_after_ms": rng.randint(1, 20)})
-            if roll < 0.6:
-                return failed(Failure("e2b_unavailable", "503", retryable=True))
-            if roll < 0.63:
+                return failed(Failure("guest_trap", "trap", retryable=True))
+            if roll < 0.53:
                 raise RuntimeError("an invoker bug")
             with self.lock:
                 self.ready.add(entity)
@@ -297,22 +256,20 @@ class ChaosInvoker:
                 self.parallel -= 1
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 def test_many_sessions_with_concurrent_random_invocations_all_end_consistently(seed: int) -> None:
     """Bug caught: races between the worker threads and the scheduler (lost results,
     double invocations, sessions never ending, sandboxes never released)."""
     chaos = ChaosInvoker(seed)
-    settings = DriverSettings(turns=2, turn_s=0.002, liveness_s=0.5, workers=16,
-                              failure_retries=3, failure_retry_delay_s=0.002)
-    work = jobs(300, tenants=7)
-    result = run_with_watchdog(SessionDriver(chaos, settings), work, limit_s=60)
+    settings = DriverSettings(turns=2, turn_s=0.002, sim_per_real=600, workers=16)
+    work = jobs(200, tenants=7)
+    result = run_with_watchdog(SessionDriver(spec_with(Queued=1), {MODULE: chaos}, settings),
+                               work, limit_s=90)
     assert not chaos.violations
     assert chaos.max_parallel > 1, "the pool never ran invocations concurrently"
-    assert all(r.state.terminal for r in result.results)
-    completed = {r.job.id for r in result.results if r.state is Phase.COMPLETED}
+    assert all(r.outcome in ("completed", "failed") for r in result.results)
+    completed = {r.job.id for r in result.results if r.completed}
     assert completed and completed <= chaos.ready
-    # Every session that got a sandbox was released (completed ones exactly once).
-    assert all(chaos.released[entity] >= 1 for entity in chaos.ready)
     assert all(chaos.released[entity] == 1 for entity in completed)
-    counted = sum(r.invocations for r in result.results)
-    assert counted > len(work)
+    assert all(chaos.released[r.job.id] == 1 for r in result.results if r.failed)
+    assert sum(r.invocations for r in result.results) > len(work)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from host.sessions import Job, Limits, Phase, RunResult, SessionResult, ideal_makespan_s
+from host.sessions import Job, Limits, RunResult, SessionResult, ideal_makespan_s
 from host.sessions.report import E2BFigures, build_report, format_table, tenant_summary
 
 
@@ -39,9 +39,9 @@ def test_ideal_makespan_is_the_largest_of_the_lower_bounds(
     assert ideal_makespan_s(jobs, limits(**changes), session_s) == pytest.approx(expected)
 
 
-def _result(job: Job, ready_at: float | None, state: Phase = Phase.COMPLETED) -> SessionResult:
-    return SessionResult(job=job, state=state, ready_at_s=ready_at, waited_ms=0, turns=3,
-                         sandbox_id="sb" if ready_at is not None else None)
+def _result(job: Job, ready_at: float | None) -> SessionResult:
+    return SessionResult(job=job, state="Completed", outcome="completed", ready_at_s=ready_at,
+                         waited_ms=0, turns=3, sandbox_id="sb" if ready_at is not None else None)
 
 
 def test_tenant_summary_ranks_tenants_by_when_they_got_sandboxes() -> None:
@@ -61,8 +61,9 @@ def test_tenant_summary_ranks_tenants_by_when_they_got_sandboxes() -> None:
 def test_report_and_table_carry_the_issue_fields() -> None:
     """Bug caught: a renamed or missing field breaks the documented JSON report."""
     job = Job("job-1", "t1", "Neumorphic")
-    results = [SessionResult(job=job, state=Phase.FAILED, reason="liveness_timeout",
-                             waited_ms=3000, invocations=1)]
+    results = [SessionResult(job=job, state="Failed", outcome="failed",
+                             reason="TimeoutFail: no heartbeat for 30 minutes",
+                             killed_by_timer=True, waited_ms=3000, invocations=1)]
     run = RunResult(results=results, makespan_s=3.0)
     report = build_report(run, mode="direct", ideal_s=11.0,
                           e2b=E2BFigures(5, 4, 6, 0, 0, 4))
@@ -72,8 +73,11 @@ def test_report_and_table_carry_the_issue_fields() -> None:
         "makespan_s", "ideal_makespan_s",
     }
     assert report["jobs"] == [{
-        "id": "job-1", "tenant": "t1", "state": "Failed", "reason": "liveness_timeout",
+        "id": "job-1", "tenant": "t1", "state": "Failed",
+        "reason": "TimeoutFail: no heartbeat for 30 minutes",
         "sandbox_id": None, "turns": 0, "waited_ms": 3000, "invocations": 1,
     }]
     table = format_table(report, results)
-    assert "Neumorphic" in table and "Failed (liveness timeout)" in table
+    assert "Neumorphic" in table
+    assert "Failed (TimeoutFail: no heartbeat for 30 minutes, by a timer)" in table
+    assert report["summary"]["killed_by_liveness"] == 1

@@ -109,7 +109,8 @@ def test_keyboard_interrupt_in_process_stops_the_mock_and_joins_every_thread(
 
     class InterruptWhenQueued(LiveLog):
         def event(self, event: SessionEvent) -> None:
-            if event.kind == "queued" and len(urls) == 1:
+            queued = event.kind == "transition" and event.detail.get("action") == "SandboxQueued"
+            if queued and len(urls) == 1:
                 urls.append("interrupted")
                 _thread.interrupt_main()
 
