@@ -28,6 +28,7 @@ from host.sessions.spec import Spec, StateTimeout
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, AdmissionController, Created, Grant, Waiter
 from provisioner.admission.results import Queued, Rejected
+from provisioner.failures import FailureCode
 from provisioner.model import (
     SANDBOX_QUEUED,
     SANDBOX_READY,
@@ -83,7 +84,7 @@ class VirtualLoop:
     ) -> None:
         invoker = self.modules.get(module)
         if invoker is None:
-            outcome = failed(Failure("host_error", f"no module named {module!r}", True))
+            outcome = failed(Failure(FailureCode.HOST_ERROR, f"no module named {module!r}", True))
             self.call_later(0.0, lambda: done(outcome))
             return
         invoker.start(invocation, done)
@@ -181,7 +182,7 @@ def _decided(decision: Grant | Queued | Rejected | None) -> Outcome:
         return Outcome(SANDBOX_QUEUED, decision.params())
     if isinstance(decision, Rejected):
         return failed(decision.failure)
-    return failed(Failure("internal_error", f"unexpected decision {decision!r}", False))
+    return failed(Failure(FailureCode.INTERNAL_ERROR, f"unexpected decision {decision!r}", False))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from host.sessions.executor import ConfigHook, EventSink, Executor, Secrets, Tim
 from host.sessions.model import Job
 from host.sessions.runner import RunResult, RunSettings, SessionRunner, SessionScript
 from host.sessions.spec import Spec
+from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, failed
 
 
@@ -132,7 +133,7 @@ class RealTimeLoop:
         self.load.due += 1
         due = self.now()
         if invoker is None:
-            outcome = failed(Failure("host_error", f"no module named {module!r}", True))
+            outcome = failed(Failure(FailureCode.HOST_ERROR, f"no module named {module!r}", True))
             with self._cond:
                 self._inbox.append((done, outcome))
             return
@@ -161,8 +162,8 @@ class RealTimeLoop:
         try:
             outcome = invoker.invoke(invocation)
         except Exception as error:  # an invoker bug must not wedge the session
-            outcome = failed(Failure("host_error", f"{type(error).__name__}: {error}"[:300],
-                                     retryable=True))
+            message = f"{type(error).__name__}: {error}"[:300]
+            outcome = failed(Failure(FailureCode.HOST_ERROR, message, retryable=True))
         with self._cond:
             self._inbox.append((done, outcome))
             self._cond.notify_all()

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from host.sessions.invocations import PROVISION, RELEASE, job_invocation
 from host.sessions.model import Job
+from provisioner.failures import FailureCode
 from provisioner.model import (
     SANDBOX_FAILED,
     SANDBOX_QUEUED,
@@ -368,9 +369,8 @@ class SessionDriver:
         try:
             outcome = self.invoker.invoke(invocation)
         except Exception as error:  # an invoker bug must not wedge the session
-            outcome = failed(
-                Failure("host_error", f"{type(error).__name__}: {error}"[:300], retryable=True)
-            )
+            message = f"{type(error).__name__}: {error}"[:300]
+            outcome = failed(Failure(FailureCode.HOST_ERROR, message, retryable=True))
         with self._cond:
             self._inbox.append(_Done(job_id, call, operation, outcome))
             self._cond.notify_all()
