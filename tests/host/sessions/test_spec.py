@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from provisioner.admission.config import AdmissionConfig
-from provisioner.settings import SandboxSettings
 
 from host.sessions.spec import SpecError, load_spec, packaged_spec, parse_spec
+from provisioner.config import AdmissionConfig, SandboxSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ("temper_agent.ioa.toml", "curation_job.ioa.toml")
