@@ -133,8 +133,10 @@ def test_frozen_redis_times_out_as_unavailable_then_answers_correctly(
             backend.get(NS, "a")
     finally:
         os.kill(server.pid, signal.SIGCONT)
-    assert backend.get(NS, "b") == Entry(b"value of b", b)
-    assert backend.get(NS, "a") == Entry(b"value of a", a)
+    # A loaded machine may take longer than the 0.2 s socket timeout to schedule the thawed
+    # server: a timeout then is the same answer again, not the bug. The bug is a wrong value.
+    assert _get_when_answered(backend, "b") == Entry(b"value of b", b)
+    assert _get_when_answered(backend, "a") == Entry(b"value of a", a)
     backend.close()
 
 
@@ -350,6 +352,15 @@ def test_ttl_is_held_by_redis(server: RedisServer) -> None:
     assert 0 < ttl <= 60_000
     assert backend.client.pttl(b"ttl:e:account%2Fe2b:plain") == -1
     backend.close()
+
+
+def _get_when_answered(backend: RedisBackend, key: str, attempts: int = 50) -> Entry | None:
+    for _ in range(attempts - 1):
+        try:
+            return backend.get(NS, key)
+        except StorageUnavailable:
+            continue
+    return backend.get(NS, key)
 
 
 def _server_ms(backend: RedisBackend) -> int:
