@@ -5,7 +5,8 @@ shares one store and one clock) and the shared mock E2B, then runs CurationJob s
 the session driver. Work arrives on stdin, one JSON line per assignment
 (`{"jobs": [{"id": ..., "tenant": ...}, ...]}`), and each assignment runs in its own driver
 at once (a line `{"release": [{"id": ..., "tenant": ...}]}` instead releases those entities
-out of band, as a cancel would, reported as `cancel_released`), so a coordinator can hand this host a dead host's jobs mid-run. End of stdin means
+out of band, as a cancel would, reported as `cancel_released`), so a coordinator can hand
+this host a dead host's jobs mid-run. End of stdin means
 no more work: the process exits once its sessions have ended.
 
 Everything the coordinator needs comes back on stdout as JSON lines, each stamped with the
