@@ -349,6 +349,11 @@ class Cluster:
         host.process.stdin.write(line + "\n")
         host.process.stdin.flush()
 
+    def results(self) -> dict[str, Event]:
+        """Each finished job's result, by job id."""
+        with self._cond:
+            return dict(self._results)
+
     def job(self, job_id: str) -> Job:
         with self._cond:
             return self._jobs[job_id]
