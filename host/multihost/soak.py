@@ -99,6 +99,11 @@ class SoakPlan:
     turns: int = 2
     turn_s: float = 0.3
     arrival_gap_s: tuple[float, float] = (0.3, 1.2)
+    # Backpressure: no new job while this many are unfinished, so the arrivals never
+    # outrun what the account can serve (a growing backlog would end in liveness timeouts).
+    # At or below `max_sandboxes` the cap check cannot fire: every job holds at most one
+    # sandbox at a time.
+    max_open_jobs: int = 16
     fault_gap_s: tuple[float, float] = (1.5, 4.0)
     burst_s: tuple[float, float] = (1.0, 3.0)
     window_timeout_s: float = 10.0
@@ -178,6 +183,8 @@ class Soak:
         rng = random.Random(f"arrivals:{self.plan.seed}")
         tenants = ["tenant-a", "tenant-b", "tenant-c"]
         while not self._stop.wait(rng.uniform(*self.plan.arrival_gap_s)):
+            if len(self.jobs) - len(self.cluster.results()) >= self.plan.max_open_jobs:
+                continue
             batch = [
                 Job(
                     id=f"{self.settings.run_id}-{next(self._job_numbers):05d}",
@@ -545,6 +552,12 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
         default=SoakPlan.finish_timeout_s,
         help="after the faults, how long every job may take to end (default 300)",
     )
+    parser.add_argument(
+        "--max-open-jobs",
+        type=int,
+        default=SoakPlan.max_open_jobs,
+        help="no new job while this many are unfinished (default 16)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON report")
     # Test-only: makes every host misbehave so the audit can be seen to fail.
     parser.add_argument("--planted-bug", choices=PLANTED_BUGS, default=None, help=argparse.SUPPRESS)
@@ -563,6 +576,7 @@ def run_soak(args: argparse.Namespace) -> int:
         seed=args.seed,
         hosts=args.hosts,
         finish_timeout_s=args.finish_timeout_s,
+        max_open_jobs=args.max_open_jobs,
         planted_bug=args.planted_bug,
     )
     try:
