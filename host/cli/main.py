@@ -92,6 +92,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return run_simulate(args)
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from host.multihost.soak import run_soak
+
+    return run_soak(args)
+
+
 def _cmd_multihost(args: argparse.Namespace) -> int:
     from host.multihost.run import run_multihost
 
@@ -200,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
+
+    soak = commands.add_parser(
+        "soak",
+        help="hosts on one Redis against the mock E2B under seeded faults, then an audit "
+        "from E2B's records (exit 1 on any violation)",
+    )
+    from host.multihost.soak import add_soak_arguments
+
+    add_soak_arguments(soak)
+    soak.set_defaults(handler=_cmd_soak)
     return parser
 
 

@@ -230,39 +230,55 @@ class Cluster:
     def start(self, timeout: float = 60.0) -> None:
         """Starts every host and waits until each can take work."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        settings_path = self.workdir / "worker-settings.json"
-        settings_path.write_text(json.dumps(self.settings.to_json()))
+        self._settings_path().write_text(json.dumps(self.settings.to_json()))
         for index in range(self.host_count):
-            name = f"host-{index + 1}"
-            stderr_path = self.workdir / f"{name}.stderr"
-            with stderr_path.open("w") as stderr:
-                process = subprocess.Popen(
-                    [
-                        self.python,
-                        "-m",
-                        "host.multihost.worker",
-                        str(settings_path),
-                        "--name",
-                        name,
-                    ],
-                    cwd=self.workdir,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=stderr,
-                    text=True,
-                    bufsize=1,
-                )
-            host = HostProcess(name, process, stderr_path)
-            host.reader = threading.Thread(
-                target=self._read, args=(host,), name=f"read-{name}", daemon=True
-            )
-            self.hosts.append(host)
-            host.reader.start()
+            self._spawn(f"host-{index + 1}")
         self.wait_for(
             lambda _: all(any(e["event"] == "ready" for e in h.events) for h in self.hosts),
             timeout,
             "every host ready",
         )
+
+    def add_host(self, timeout: float = 60.0) -> HostProcess:
+        """Starts one more host (e.g. to replace a killed one) and waits until it is ready."""
+        host = self._spawn(f"host-{len(self.hosts) + 1}")
+        self.wait_for(
+            lambda _: any(e["event"] == "ready" for e in host.events),
+            timeout,
+            f"{host.name} ready",
+        )
+        return host
+
+    def _settings_path(self) -> Path:
+        return self.workdir / "worker-settings.json"
+
+    def _spawn(self, name: str) -> HostProcess:
+        stderr_path = self.workdir / f"{name}.stderr"
+        with stderr_path.open("w") as stderr:
+            process = subprocess.Popen(
+                [
+                    self.python,
+                    "-m",
+                    "host.multihost.worker",
+                    str(self._settings_path()),
+                    "--name",
+                    name,
+                ],
+                cwd=self.workdir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                bufsize=1,
+            )
+        host = HostProcess(name, process, stderr_path)
+        host.reader = threading.Thread(
+            target=self._read, args=(host,), name=f"read-{name}", daemon=True
+        )
+        with self._cond:
+            self.hosts.append(host)
+        host.reader.start()
+        return host
 
     def close(self) -> None:
         """Ends every host still running (kill -9: nothing is left to finish)."""
@@ -323,6 +339,28 @@ class Cluster:
         assert host.process.stdin is not None
         host.process.stdin.write(line + "\n")
         host.process.stdin.flush()
+
+    def release(self, name: str, jobs: Sequence[Job]) -> None:
+        """Has host `name` release the jobs' entities out of band (a cancel); the jobs'
+        sessions go on wherever they run."""
+        host = self.host(name)
+        line = json.dumps({"release": [{"id": j.id, "tenant": j.tenant} for j in jobs]})
+        assert host.process.stdin is not None
+        host.process.stdin.write(line + "\n")
+        host.process.stdin.flush()
+
+    def results(self) -> dict[str, Event]:
+        """Each finished job's result, by job id."""
+        with self._cond:
+            return dict(self._results)
+
+    def job(self, job_id: str) -> Job:
+        with self._cond:
+            return self._jobs[job_id]
+
+    def owner(self, job_id: str) -> str | None:
+        with self._cond:
+            return self._owner.get(job_id)
 
     def kill(self, name: str) -> list[Job]:
         """kill -9 the host, then hand its unfinished jobs to the survivors; returns them."""

@@ -4,7 +4,9 @@ The process loads the component, opens the shared storage (a `redis://` URL, so 
 shares one store and one clock) and the shared mock E2B, then runs CurationJob sessions with
 the session driver. Work arrives on stdin, one JSON line per assignment
 (`{"jobs": [{"id": ..., "tenant": ...}, ...]}`), and each assignment runs in its own driver
-at once, so a coordinator can hand this host a dead host's jobs mid-run. End of stdin means
+at once (a line `{"release": [{"id": ..., "tenant": ...}]}` instead releases those entities
+out of band, as a cancel would, reported as `cancel_released`), so a coordinator can hand
+this host a dead host's jobs mid-run. End of stdin means
 no more work: the process exits once its sessions have ended.
 
 Everything the coordinator needs comes back on stdout as JSON lines, each stamped with the
@@ -14,11 +16,20 @@ storage backend's clock (`at_ms`), which all hosts share:
   `gate_version`, the store's version of the gate write that committed it (a total order
   of every host's grants);
 - `create_sent` / `create_answered` around each create request to E2B (by idempotency key);
+- `kill_sent` / `kill_answered` around each kill (`sandbox_id`), and `list_sent` /
+  `list_answered` around each list of sandboxes (`query`), so a coordinator can kill this
+  host in the middle of a release;
 - `outcome` for every invocation (action, and the queue reason or failure code);
 - `session` for each session event (queued, ready, completed, failed, ...);
 - `result` when a session has ended (and released what it held);
 - `exit` last.
 Diagnostics go to stderr.
+
+Planted bugs, for showing that the soak's audit catches what it claims to (test-only, inert
+unless `WorkerSettings.planted_bug` names one; `sandbox-provisioner soak` sets it only
+through its hidden `--planted-bug` flag):
+- `release-forgets-before-kill`: the host answers every kill with 204 without sending it,
+  so a release forgets its record while the sandbox still runs at E2B (an orphan).
 """
 
 from __future__ import annotations
@@ -28,15 +39,18 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import load_component
 from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
+from host.sessions.invocations import RELEASE, job_invocation
 from host.sessions.invokers import ComponentInvoker
 from host.sessions.legacy_driver import DriverSettings, LegacySessionEvent, SessionDriver
 from host.sessions.model import Job
@@ -45,6 +59,9 @@ from host.storage.base import StorageBackend
 from provisioner.admission.inspect import GATE_KEY
 from provisioner.model import SANDBOX_FAILED, SANDBOX_QUEUED, Invocation, Outcome
 from provisioner.ports import Entry, HttpError, HttpRequest, HttpResponse, LogLevel
+
+RELEASE_FORGETS_BEFORE_KILL = "release-forgets-before-kill"
+PLANTED_BUGS: tuple[str, ...] = (RELEASE_FORGETS_BEFORE_KILL,)
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,12 @@ class WorkerSettings:
     session_threads: int = 16
     component: str | None = None
     cache_dir: str | None = None
+    # Test-only: one of PLANTED_BUGS, or None (the module docstring says what each does).
+    planted_bug: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.planted_bug is not None and self.planted_bug not in PLANTED_BUGS:
+            raise ValueError(f"unknown planted bug {self.planted_bug!r}; known: {PLANTED_BUGS}")
 
     def driver_settings(self) -> DriverSettings:
         return DriverSettings(
@@ -190,26 +213,46 @@ class _HostTelemetry:
 
 
 class _ReportingGateway(HttpGateway):
-    """Reports each create as it leaves for E2B and when it is answered, so a coordinator
-    can kill this host while a create is in flight."""
+    """Reports each create, kill and list as it leaves for E2B and when it is answered, so a
+    coordinator can kill this host while one is in flight."""
 
     writer: EventWriter | None = None
+    planted_bug: str | None = None
 
     def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
         writer = self.writer
-        is_create = request.method.upper() == "POST" and request.url.rstrip("/").endswith(
-            "/sandboxes"
-        )
-        if not is_create or writer is None:
+        method = request.method.upper()
+        path = urlsplit(request.url).path.rstrip("/")
+        if method == "DELETE" and self.planted_bug == RELEASE_FORGETS_BEFORE_KILL:
+            return HttpResponse(status=204, headers=(), body=b"")
+        if writer is None:
             return super().send(request, deadline_ms=deadline_ms)
-        key = dict((k.lower(), v) for k, v in request.headers).get("idempotency-key")
-        writer.emit("create_sent", key=key)
+        if method == "POST" and path.endswith("/sandboxes"):
+            key = dict((k.lower(), v) for k, v in request.headers).get("idempotency-key")
+            return self._reported(request, deadline_ms, writer, "create", key=key)
+        if method == "DELETE" and "/sandboxes/" in path:
+            sandbox_id = path.rsplit("/", 1)[-1]
+            return self._reported(request, deadline_ms, writer, "kill", sandbox_id=sandbox_id)
+        if method == "GET" and path.endswith("/sandboxes"):
+            query = urlsplit(request.url).query
+            return self._reported(request, deadline_ms, writer, "list", query=query)
+        return super().send(request, deadline_ms=deadline_ms)
+
+    def _reported(
+        self,
+        request: HttpRequest,
+        deadline_ms: int | None,
+        writer: EventWriter,
+        what: str,
+        **fields: Any,
+    ) -> HttpResponse:
+        writer.emit(f"{what}_sent", **fields)
         try:
             response = super().send(request, deadline_ms=deadline_ms)
         except HttpError as error:
-            writer.emit("create_answered", key=key, error=error.kind.value)
+            writer.emit(f"{what}_answered", **fields, error=error.kind.value)
             raise
-        writer.emit("create_answered", key=key, status=response.status)
+        writer.emit(f"{what}_answered", **fields, status=response.status)
         return response
 
 
@@ -246,6 +289,33 @@ class _RecordingInvoker:
 def _jobs_from_line(line: str) -> list[Job]:
     data = json.loads(line)
     return [Job(id=str(item["id"]), tenant=str(item["tenant"])) for item in data["jobs"]]
+
+
+def _releases_from_line(line: str) -> list[Job]:
+    data = json.loads(line)
+    return [Job(id=str(item["id"]), tenant=str(item["tenant"])) for item in data["release"]]
+
+
+def _run_release(
+    job: Job, invoker: _RecordingInvoker, settings: WorkerSettings, writer: EventWriter
+) -> None:
+    """An out-of-band Release for `job`'s entity, as Temper dispatches one when an entity is
+    cancelled: the session (on whichever host) goes on; retried while retryable."""
+    invocation = job_invocation(
+        job,
+        operation=RELEASE,
+        trigger_action="Cancel",
+        trigger_params={},
+        entity_state={"status": "Cancelling"},
+        config=settings.config,
+        run_id=settings.run_id,
+    )
+    for _ in range(max(1, settings.release_attempts)):
+        outcome = invoker.invoke(invocation)
+        if outcome.error is None or not outcome.error.retryable:
+            break
+        time.sleep(settings.failure_retry_delay_s)
+    writer.emit("cancel_released", job=job.id, action=outcome.action)
 
 
 def _run_assignment(
@@ -289,6 +359,7 @@ def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int
     storage = _GateVersions(storage_from_uri(settings.storage_url))
     telemetry = _HostTelemetry(routing, storage)
     gateway = _ReportingGateway(settings.e2b_url, settings.api_key, allow_private_network=True)
+    gateway.planted_bug = settings.planted_bug
     services = HostServices(
         storage=storage, http=gateway, telemetry=telemetry, account=settings.account
     )
@@ -302,6 +373,16 @@ def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int
             threads: list[threading.Thread] = []
             for line in work:
                 if not line.strip():
+                    continue
+                if '"release"' in line:
+                    for job in _releases_from_line(line):
+                        thread = threading.Thread(
+                            target=_run_release,
+                            args=(job, invoker, settings, writer),
+                            name=f"release-{job.id}",
+                        )
+                        thread.start()
+                        threads.append(thread)
                     continue
                 thread = threading.Thread(
                     target=_run_assignment,

@@ -43,6 +43,10 @@ API_KEY = "e2b_multihost_key_0123456789"
 CREATE_SLOTS = 4
 MAX_SANDBOXES = 10
 CREATE_LEASE_MS = 3_000
+# Tests that hold creates open at the mock (see `_held_mock`) lease a create slot for longer
+# than any hold lasts, and the client waits as long: otherwise a held create would time out
+# at the client, its slot would be granted again and E2B would see one create too many.
+HELD_CREATE_LEASE_MS = 10_000
 
 
 
@@ -83,8 +87,13 @@ def _settings(
     *,
     turns: int = 2,
     turn_s: float = 0.2,
+    held: bool = False,
     **config: str,
 ) -> WorkerSettings:
+    """`held`: for a mock that holds creates open (`_held_mock`)."""
+    if held:
+        config.setdefault("create_lease_ms", str(HELD_CREATE_LEASE_MS))
+        config.setdefault("create_timeout_ms", str(HELD_CREATE_LEASE_MS - 500))
     run_id = secrets.token_hex(3)
     return WorkerSettings(
         storage_url=redis_server.url,
@@ -109,6 +118,24 @@ def _mock(**changes: object) -> MockE2BServer:
         create_latency_ms=300,
     ).replace(**changes)
     return MockE2BServer(config)
+
+
+def _held_mock(**changes: object) -> MockE2BServer:
+    """A mock that admits no create until told to: every create that reaches it waits at
+    E2B (the mock's "slow" overload mode with a cap of 0) until
+    `mock.configure(max_concurrent_creates=CREATE_SLOTS)` lets them through. The mock's
+    `creates_in_flight` counts the held ones, so a test can wait for exactly as many as it
+    needs, then release them: the state a test needs holds by construction, not by timing."""
+    return _mock(max_concurrent_creates=0, create_overload_mode="slow", **changes)
+
+
+def _release_held_creates(mock: MockE2BServer) -> None:
+    mock.configure(max_concurrent_creates=CREATE_SLOTS)
+
+
+def _answered_or_granted(events: list[Event]) -> set[str]:
+    """Jobs that have had an answer, or a grant whose create is still out."""
+    return {e["job"] for e in events if e["event"] in ("outcome", "granted")}
 
 
 def _assert_every_job_completed(outcome: ClusterOutcome, jobs: int) -> None:
@@ -142,26 +169,34 @@ def test_three_hosts_share_the_limits_and_stay_fair(
     at once), a queue that serves one tenant's burst before the other's (FIFO across
     hosts), lost or duplicated sandboxes when hosts interleave compare-and-swaps."""
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
-    # Creates of 2 s: tenant-a's first grants are still in flight when tenant-b arrives,
-    # even on a loaded machine (at 1 s, a slow start let a second wave of a's through first
-    # and left too few a's waiting to tell FIFO apart).
-    with _mock(create_latency_ms=2000) as mock:
-        settings = _settings(
-            redis_server, mock, loaded_component, component_cache_dir, create_latency_ms="2000"
-        )
+    # E2B holds the first creates open until every session of both tenants is waiting, so
+    # all of tenant-a's remaining sessions are queued when tenant-b's arrive, on any
+    # machine: first come, first served would then grant all of them before any b.
+    with _held_mock() as mock:
+        settings = _settings(redis_server, mock, loaded_component, component_cache_dir, held=True)
         with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
             cluster.start()
             # All of tenant-a's sessions ask first (on every host), then tenant-b's.
             first, second = jobs[:12], jobs[12:]
             cluster.assign(first)
+            mock.wait_for(lambda s: s.creates_in_flight == CREATE_SLOTS, timeout=30)
             cluster.wait_for(
-                lambda events: (
-                    {j.id for j in first} <= {e["job"] for e in events if e["event"] == "outcome"}
-                ),
+                lambda events: {j.id for j in first} <= _answered_or_granted(events),
                 timeout=30,
-                what="every tenant-a session answered",
+                what="every tenant-a session granted or answered",
             )
             cluster.assign(second)
+            events = cluster.wait_for(
+                lambda events: (
+                    {j.id for j in second} <= {e["job"] for e in events if e["event"] == "outcome"}
+                ),
+                timeout=30,
+                what="every tenant-b session answered",
+            )
+            # Nothing was granted while the creates were held: every slot is taken.
+            granted = {e["job"] for e in events if e["event"] == "granted"}
+            assert len(granted) == CREATE_SLOTS and granted <= {j.id for j in first}, granted
+            _release_held_creates(mock)
             outcome = cluster.finish(timeout=90)
         stats = mock.stats()
         print(
@@ -192,7 +227,8 @@ def test_three_hosts_share_the_limits_and_stay_fair(
         f"{_letters(both_waiting)} (max lead {max_tenant_lead(both_waiting)}, first come "
         f"first served: {a_waiting})"
     )
-    assert a_waiting > CREATE_SLOTS, "too few of a's sessions waiting to tell FIFO apart"
+    # By construction: all but the held first wave of tenant-a were waiting.
+    assert a_waiting == len(first) - CREATE_SLOTS, "tenant-a's waiters were not all queued"
     assert max_tenant_lead(both_waiting) <= CREATE_SLOTS
 
 
@@ -206,16 +242,15 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
     component_cache_dir: Path,
     tmp_path: Path,
 ) -> None:
-    """kill -9 one host while its creates are in flight (1 s each at E2B) and its other
-    sessions wait in the queue; the survivors re-drive its jobs.
+    """kill -9 one host while its creates are in flight (held open at E2B until it has
+    died) and its other sessions wait in the queue; the survivors re-drive its jobs.
 
     Bugs caught: a dead host's create slots held forever (leases that never expire, or
     expiry read from a host's own clock), a re-driven provision creating a second sandbox
     instead of adopting the one the dead host's create made (idempotency key not kept),
     a sandbox nobody releases, a limit overrun while the dead host's slots come back."""
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
-    victim = "host-2"
-    with _mock(create_latency_ms=1000) as mock:
+    with _held_mock() as mock:
         settings = _settings(
             redis_server,
             mock,
@@ -223,22 +258,27 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
             component_cache_dir,
             turns=3,
             turn_s=0.3,
-            create_latency_ms="1000",
+            held=True,
         )
         with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
             cluster.start()
             cluster.assign(jobs)
+            # Every slot's create has reached E2B and is held there: none can be answered.
+            mock.wait_for(lambda s: s.creates_in_flight == CREATE_SLOTS, timeout=30)
             events = cluster.wait_for(
-                creating_with_sessions_queued(victim),
+                lambda events: _host_creating_with_sessions_queued(cluster, events) is not None,
                 timeout=30,
-                what=f"{victim} creating with sessions queued",
+                what="a host creating with sessions queued",
             )
-            # Every create sent so far has reached E2B, the victim's among them.
-            sent = sum(1 for e in events if e["event"] == "create_sent")
-            mock.wait_for(lambda stats: stats.creates_attempted >= sent, timeout=10)
+            victim = _host_creating_with_sessions_queued(cluster, events)
+            assert victim is not None
+            survivors = {h.name for h in cluster.hosts} - {victim}
+            victim_keys = creates_in_flight(events, victim)
             victim_jobs = {job.id for job in cluster.host(victim).assigned}
             victim_entities = {f"{ENTITY_TYPE}/{job_id}" for job_id in victim_jobs}
             unfinished = cluster.kill(victim)
+            # The victim never heard back about the creates it sent (E2B still holds them).
+            assert not victim_keys & answered_creates(cluster.host(victim).events)
             gate, killed_at_ms = read_gate(redis_server.url, settings.account)
             orphaned_leases = {
                 lease.lease_id
@@ -246,7 +286,7 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
                 if lease.entity in victim_entities
             }
             # Killed while holding create slots, with sessions still queued.
-            assert orphaned_leases, "the victim held no create slot when it died"
+            assert len(orphaned_leases) >= len(victim_keys) >= 1
             assert len(unfinished) == len(victim_jobs)
             lease_expiry_ms = (
                 max(
@@ -256,8 +296,10 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
                 )
                 - killed_at_ms
             )
+            # E2B goes on with the dead host's creates: their sandboxes exist, unrecorded.
+            _release_held_creates(mock)
             reclaimed_at_ms = wait_until_leases_leave(
-                redis_server.url, settings.account, orphaned_leases, timeout=30
+                redis_server.url, settings.account, orphaned_leases, timeout=60
             )
             outcome = cluster.finish(timeout=90)
         stats = mock.stats()
@@ -265,7 +307,7 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
             f"\nkilled {victim} holding {len(orphaned_leases)} create slot(s) with "
             f"{len(unfinished)} unfinished jobs; its leases expired {lease_expiry_ms} ms and "
             f"were reclaimed {reclaimed_at_ms - killed_at_ms} ms after the kill (create lease "
-            f"{CREATE_LEASE_MS} ms); creates in flight at E2B at most "
+            f"{HELD_CREATE_LEASE_MS} ms); creates in flight at E2B at most "
             f"{stats.max_concurrent_creates} (limit {CREATE_SLOTS}); sandboxes created "
             f"{stats.sandboxes_created} for {len(jobs)} jobs, adopted by idempotency key "
             f"{stats.idempotent_replays}; outcomes {outcome.to_json()['outcomes']}"
@@ -274,14 +316,18 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
         assert stats.max_running_sandboxes <= MAX_SANDBOXES
         assert stats.throttled == 0
         _assert_every_job_completed(outcome, len(jobs))
-        # The victim's create went on at E2B after it died; a survivor adopted the sandbox.
-        assert stats.idempotent_replays >= 1
+        # Each create the victim sent went on at E2B after it died; a survivor adopted it.
+        assert stats.idempotent_replays >= len(victim_keys)
         # The survivors finished every one of the victim's jobs.
-        assert {outcome.results[job_id]["host"] for job_id in victim_jobs} <= {
-            "host-1",
-            "host-3",
-        }
+        assert {outcome.results[job_id]["host"] for job_id in victim_jobs} <= survivors
         _assert_nothing_left(mock, redis_server, settings.account, len(jobs))
+
+
+def _host_creating_with_sessions_queued(cluster: Cluster, events: list[Event]) -> str | None:
+    for host in cluster.hosts:
+        if creating_with_sessions_queued(host.name)(events):
+            return host.name
+    return None
 
 
 def _fsync_every_write(redis_server: RedisServer) -> None:
@@ -315,37 +361,48 @@ def test_redis_killed_and_restarted_mid_run(
     orphan or being made twice."""
     _fsync_every_write(redis_server)
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
-    with _mock(create_latency_ms=1000) as mock:
-        settings = _settings(
-            redis_server, mock, loaded_component, component_cache_dir, create_latency_ms="1000"
-        )
+    with _held_mock() as mock:
+        settings = _settings(redis_server, mock, loaded_component, component_cache_dir, held=True)
         with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
             cluster.start()
             cluster.assign(jobs)
-            cluster.wait_for(
-                lambda events: (
-                    sum(e["event"] == "granted" for e in events) >= 6
-                    and bool(creates_in_flight(events))
-                ),
-                timeout=30,
-                what="six grants and a create in flight",
-            )
+            # Every slot's create has reached E2B, which holds them open: Redis dies with
+            # creates in flight, on any machine.
+            mock.wait_for(lambda s: s.creates_in_flight == CREATE_SLOTS, timeout=30)
             redis_server.kill()
             down_at = time.monotonic()
-            # Answers already on their way may still land before the kill: a create of
-            # 1 s leaves the next ones in flight.
-            in_flight = creates_in_flight(cluster.events())
-            assert in_flight
-            # Redis stays down until E2B has answered the creates in flight (so their
-            # results cannot be recorded) and every host has met the outage.
             cluster.wait_for(
+                lambda events: len({e["host"] for e in events if _storage_trouble(e)}) == 3,
+                timeout=30,
+                what="every host meeting the outage",
+            )
+            # E2B answers the held creates while Redis is down: their sandboxes exist and
+            # no host can record them. Redis stays down until each of those invocations has
+            # ended (its outcome reported), so none recorded its sandbox.
+            # (Each held create was granted; reports can trail the mock, so wait for them.)
+            events = cluster.wait_for(
+                lambda events: sum(e["event"] == "granted" for e in events) == CREATE_SLOTS,
+                timeout=30,
+                what="the held creates' grants reported",
+            )
+            held_jobs = {e["job"] for e in events if e["event"] == "granted"}
+            assert len(held_jobs) == CREATE_SLOTS, held_jobs
+            mark = len(events)
+            _release_held_creates(mock)
+            made = mock.wait_for(
+                lambda s: s.creates_in_flight == 0 and s.sandboxes_created == CREATE_SLOTS,
+                timeout=30,
+            )
+            assert made.idempotent_replays == 0
+            after = cluster.wait_for(
                 lambda events: (
-                    in_flight <= answered_creates(events)
-                    and len({e["host"] for e in events if _storage_trouble(e)}) == 3
+                    held_jobs <= {e["job"] for e in events[mark:] if e["event"] == "outcome"}
                 ),
                 timeout=30,
-                what="the creates in flight answered and every host meeting the outage",
+                what="the held creates' invocations ending",
             )
+            ends = [e for e in after[mark:] if e["event"] == "outcome" and e["job"] in held_jobs]
+            assert all(_storage_trouble(e) for e in ends), ends
             redis_server.start()
             outage_s = time.monotonic() - down_at
             _fsync_every_write(redis_server)
@@ -362,8 +419,8 @@ def test_redis_killed_and_restarted_mid_run(
         assert all(e["retryable"] for e in failures), failures
         assert {e.get("code") for e in failures} <= {"storage_unavailable"}, failures
         assert any(_storage_trouble(e) for e in outcome.events)
-        # A create answered while Redis was down was adopted afterwards, not made again.
-        assert stats.idempotent_replays >= 1
+        # Each create answered while Redis was down was adopted afterwards, not made again.
+        assert stats.idempotent_replays >= CREATE_SLOTS
         assert stats.max_concurrent_creates <= CREATE_SLOTS
         assert stats.max_running_sandboxes <= MAX_SANDBOXES
         assert stats.throttled == 0

@@ -127,8 +127,10 @@ def test_frozen_redis_times_out_as_unavailable_then_answers_correctly(
             backend.get(NS, "a")
     finally:
         os.kill(server.pid, signal.SIGCONT)
-    assert backend.get(NS, "b") == Entry(b"value of b", b)
-    assert backend.get(NS, "a") == Entry(b"value of a", a)
+    # A loaded machine may take longer than the 0.2 s socket timeout to schedule the thawed
+    # server: a timeout then is the same answer again, not the bug. The bug is a wrong value.
+    assert _get_when_answered(backend, "b") == Entry(b"value of b", b)
+    assert _get_when_answered(backend, "a") == Entry(b"value of a", a)
     backend.close()
 
 
@@ -353,6 +355,15 @@ def _assert_between_server_readings(backend: RedisBackend) -> int:
     error_ms = backend.clock_error_ms
     assert before - 1 - error_ms <= now <= after + 1 + error_ms
     return now
+
+
+def _get_when_answered(backend: RedisBackend, key: str, attempts: int = 50) -> Entry | None:
+    for _ in range(attempts - 1):
+        try:
+            return backend.get(NS, key)
+        except StorageUnavailable:
+            continue
+    return backend.get(NS, key)
 
 
 def _server_ms(backend: RedisBackend) -> int:
