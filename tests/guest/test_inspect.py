@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from host.services.namespaces import ScopedStorage, account_namespace
-from host.sessions.detsim import ACCOUNT, Harness
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
@@ -18,6 +17,7 @@ from provisioner.admission import (
 )
 from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.admission.place import Stage
+from tests.guest.harness import ACCOUNT, Harness
 
 FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
 
