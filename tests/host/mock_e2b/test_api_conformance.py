@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from host.mock_e2b import MockE2BServer
-from tests.mock_e2b_fixtures import FrozenClock, SteerableClock, client, create, running_mock
+from tests.host.mock_e2b.fixtures import FrozenClock, SteerableClock, client, create, running_mock
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from e2b import Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import RateLimitException, SandboxNotFoundException
 
 from host.mock_e2b import MockE2BConfig, MockE2BServer
-from tests.mock_e2b_fixtures import API_KEY
+from tests.host.mock_e2b.fixtures import API_KEY
 
 
 @pytest.fixture

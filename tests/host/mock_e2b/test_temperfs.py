@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from host.mock_e2b import MockE2BServer
-from tests.mock_e2b_fixtures import running_mock
+from tests.host.mock_e2b.fixtures import running_mock
 
 TENANT = "acme"
 
