@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from provisioner.failures import FailureCode
@@ -65,10 +65,22 @@ class Request:
     trigger_params: dict[str, Any]
     session_id: str | None
     trace_id: str
+    entity_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def entity(self) -> str:
         return f"{self.entity_type}/{self.entity_id}"
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """`entity_state.fields`: the entity's state variables, as Temper passes them."""
+        fields = self.entity_state.get("fields")
+        return fields if isinstance(fields, dict) else {}
+
+    def field_text(self, name: str) -> str:
+        """A state variable as text; "" when absent or not a string."""
+        value = self.fields.get(name)
+        return value if isinstance(value, str) else ""
 
 
 def validate(invocation: Invocation) -> Request:
@@ -92,7 +104,7 @@ def validate(invocation: Invocation) -> Request:
             f"operation {operation!r} is not one of {', '.join(OPERATIONS)}",
         )
     trigger_params = _json_object("trigger_params", invocation.trigger_params)
-    _json_object("entity_state", invocation.entity_state)
+    entity_state = _json_object("entity_state", invocation.entity_state)
     session_id = invocation.session_id
     if session_id is not None:
         _check_id("session_id", session_id)
@@ -107,4 +119,5 @@ def validate(invocation: Invocation) -> Request:
         trigger_params=trigger_params,
         session_id=session_id,
         trace_id=invocation.trace_id,
+        entity_state=entity_state,
     )

@@ -200,17 +200,23 @@ class _ReportingGateway(HttpGateway):
 
     writer: EventWriter | None = None
 
-    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+    def send(
+        self,
+        request: HttpRequest,
+        *,
+        deadline_ms: int | None = None,
+        api_key: str | None = None,
+    ) -> HttpResponse:
         writer = self.writer
         is_create = request.method.upper() == "POST" and request.url.rstrip("/").endswith(
             "/sandboxes"
         )
         if not is_create or writer is None:
-            return super().send(request, deadline_ms=deadline_ms)
+            return super().send(request, deadline_ms=deadline_ms, api_key=api_key)
         key = dict((k.lower(), v) for k, v in request.headers).get("idempotency-key")
         writer.emit("create_sent", key=key)
         try:
-            response = super().send(request, deadline_ms=deadline_ms)
+            response = super().send(request, deadline_ms=deadline_ms, api_key=api_key)
         except HttpError as error:
             writer.emit("create_answered", key=key, error=error.kind.value)
             raise

@@ -21,6 +21,7 @@ import wasmtime
 from wasmtime import component as wc
 
 from host.runtime import wasmtime_compat
+from host.runtime.credentials import gateway_call, key_arguments
 from host.runtime.epochs import EpochTicker
 from host.runtime.loader import LoadedComponent
 from host.runtime.wasmtime_compat import WitErr
@@ -85,6 +86,7 @@ class _Call:
     storage: ScopedStorage
     tag: InvocationTag
     deadline: float
+    api_key: str | None = None  # the invocation's own E2B key (None: the host's)
 
 
 _SCOPES = {"tenant": Scope.TENANT, "account": Scope.ACCOUNT}
@@ -233,6 +235,7 @@ class ComponentRuntime:
                     timeout_ms=int(getattr(request, "timeout-ms")),
                 ),
                 deadline_ms=remaining_ms,
+                **key_arguments(call.api_key),
             )
         except HttpError as error:
             return _http_error(error)
@@ -281,6 +284,8 @@ class ComponentRuntime:
                     retryable=False,
                 )
             )
+        call = gateway_call(self.services.http, invocation)
+        invocation = call.invocation
         budgets = self.budgets
         store = wasmtime.Store(self.loaded.engine)
         store.set_fuel(budgets.fuel)
@@ -297,6 +302,7 @@ class ComponentRuntime:
                 invocation.trace_id,
             ),
             deadline=time.monotonic() + budgets.deadline_ms / 1000,
+            api_key=call.api_key,
         )
         try:
             instance = self.loaded_instance(store)
