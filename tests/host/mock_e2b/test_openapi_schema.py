@@ -15,8 +15,8 @@ import pytest
 
 from host.mock_e2b import MockE2BServer
 from host.mock_e2b.connection import KeepRawSend
-from tests.host.mock_e2b.openapi_check import Answer, ResponseTap, checker
 from tests.host.mock_e2b.fixtures import client, running_mock
+from tests.host.mock_e2b.openapi_check import Answer, ResponseTap, checker
 
 
 def answer_of(response: httpx.Response) -> Answer:
