@@ -169,11 +169,17 @@ class Provisioner(exports.Provisioner):
             )
             return _to_wit(outcome)
         except Exception as error:  # the last line of defence: never trap on a bug
+            message = f"{type(error).__name__}: {error}"
             return wit.Outcome(
                 action="SandboxFailed",
-                params=json.dumps({"code": FailureCode.INTERNAL_ERROR, "retryable": False}),
-                success=False,
-                error=wit.Failure(
-                    FailureCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}", False
+                params=json.dumps(
+                    {
+                        "code": FailureCode.INTERNAL_ERROR,
+                        "message": message,
+                        "retryable": False,
+                        "error_message": message,
+                    }
                 ),
+                success=True,  # a guest decision, as `model.failed` reports it
+                error=wit.Failure(FailureCode.INTERNAL_ERROR, message, False),
             )

@@ -33,15 +33,37 @@ _URL_FORBIDDEN = re.compile(r"[\s?#]")
 _TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
+# The old sandbox_provisioner's TemperFS base when `temper_api_url` is unusable
+# (`temper_api_url` in its lib.rs: empty, blank or an unresolved `{secret:...}` template).
+DEFAULT_TEMPER_API_URL = "http://127.0.0.1:3000"
+# Temper resolves `{secret:name}` templates into the config before the invocation; one that
+# is still there named a secret the tenant does not have.
+UNRESOLVED_SECRET = "{secret:"
+TEMPERFS_MODES = ("auto", "on", "off")
+API_KEY_SOURCES = ("config", "host", "none")
+
+
+def unresolved(value: str) -> bool:
+    """Blank, or a `{secret:...}` template Temper could not resolve: the old module's test
+    for a missing `e2b_api_key` or `temper_api_url`."""
+    return not value.strip() or UNRESOLVED_SECRET in value
+
+
 @dataclass(frozen=True)
 class SandboxSettings:
-    """What to create, and where."""
+    """What to create, and where; and the old module's static URL and TemperFS setup."""
 
     api_url: str = "https://api.e2b.app"
     template_id: str = "base"
     sandbox_timeout_s: int = 3600
     create_timeout_ms: int = 60_000
     request_timeout_ms: int = 15_000
+    static_url: str = ""
+    temper_api_url: str = DEFAULT_TEMPER_API_URL
+    temperfs: str = "auto"
+    api_key_source: str = "host"
+    # Derived (not a key): whether the conversation storage is set up, see `_read_sandbox`.
+    temperfs_enabled: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> SandboxSettings:
@@ -113,7 +135,7 @@ def read_config(config: Mapping[str, str]) -> Config:
 
 # ---------------------------------------------------------------------------- the table
 
-Section = Literal["sandbox", "admission"]
+Section = Literal["sandbox", "admission", "host"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +154,8 @@ class Setting:
     def default(self) -> Any:
         """The field's default, in the field's unit (milliseconds for a `_s` key whose
         field ends in `_ms`)."""
+        if self.section == "host":
+            return None  # read by the host only; the guest never sees the value
         owner = SandboxSettings if self.section == "sandbox" else AdmissionConfig
         return getattr(owner, self.field)
 
@@ -154,6 +178,30 @@ def _api_url(raw: str) -> str:
     if not api_url.startswith(("https://", "http://")) or _URL_FORBIDDEN.search(api_url):
         _refuse("e2b_api_url must be an http(s) URL without query or fragment")
     return api_url
+
+
+def _temper_api_url(raw: str) -> str:
+    if UNRESOLVED_SECRET in raw:
+        return DEFAULT_TEMPER_API_URL
+    url = raw.strip().rstrip("/")
+    if not url.startswith(("https://", "http://")) or _URL_FORBIDDEN.search(url):
+        _refuse("temper_api_url must be an http(s) URL without query or fragment")
+    return url
+
+
+def _static_url(raw: str) -> str:
+    # An unresolved template is no URL: the old module would have answered it verbatim.
+    return "" if UNRESOLVED_SECRET in raw else raw.strip()
+
+
+def _choice(key: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            _refuse(f"{key} must be one of {', '.join(choices)}, got {raw[:40]!r}")
+        return value
+
+    return parse
 
 
 def _template_id(raw: str) -> str:
@@ -265,6 +313,10 @@ SETTINGS: tuple[Setting, ...] = (
         _api_url,
         "the E2B API base (the host's allow-list must agree)",
     ),
+    # The old module's name; `template_id` (listed after it) wins when both are set.
+    _sandbox(
+        "e2b_template_id", "template_id", _template_id, "the same, as the old module names it"
+    ),
     _sandbox("template_id", "template_id", _template_id, "the E2B template"),
     _sandbox(
         "sandbox_timeout_s",
@@ -283,6 +335,41 @@ SETTINGS: tuple[Setting, ...] = (
         "request_timeout_ms",
         _bounded_int("request_timeout_ms", 500, 60_000),
         "list and kill requests",
+    ),
+    _sandbox(
+        "sandbox_url",
+        "static_url",
+        _static_url,
+        "static mode: answer SandboxReady with this URL, no E2B (entity field first, then"
+        " this, then the trigger param)",
+    ),
+    _sandbox(
+        "temper_api_url",
+        "temper_api_url",
+        _temper_api_url,
+        "the TemperFS base for the conversation storage (blank or an unresolved"
+        " `{secret:` template: the default, as the old module)",
+    ),
+    _sandbox(
+        "temperfs",
+        "temperfs",
+        _choice("temperfs", TEMPERFS_MODES),
+        "conversation storage: `auto` (when the config names `temper_api_url`), `on`, `off`",
+    ),
+    _sandbox(
+        "e2b_api_key_source",
+        "api_key_source",
+        _choice("e2b_api_key_source", API_KEY_SOURCES),
+        "written by the host: where the E2B key it attaches comes from (`config`, `host`),"
+        " or `none`, which fails a provision that needs E2B",
+    ),
+    Setting(
+        "e2b_api_key",
+        "host",
+        "e2b_api_key",
+        str,
+        "the E2B API key: the host takes it out of the config (blank or an unresolved"
+        " `{secret:` template counts as missing; the host's `E2B_API_KEY` is the fallback)",
     ),
     _admission(
         "create_slots", _positive_int("create_slots", 1_000), "concurrent E2B creates per account"
@@ -383,6 +470,12 @@ def _read_sandbox(config: Mapping[str, str]) -> SandboxSettings:
         if raw is None or (setting.blank_is_default and raw.strip() == ""):
             continue
         values[setting.field] = setting.parse(raw)
+    # TemperFS setup: `on`, `off`, or (`auto`) when the config names `temper_api_url` at all
+    # (the old module always did it; a config without the key is a deployment that has no
+    # TemperFS, such as this project's simulations).
+    mode = values.get("temperfs", SandboxSettings.temperfs)
+    if mode == "on" or (mode == "auto" and "temper_api_url" in config):
+        values["temperfs_enabled"] = True
     return _sparse(SandboxSettings, values)
 
 

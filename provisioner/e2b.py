@@ -32,6 +32,12 @@ _JSON_HEADERS = (("content-type", "application/json"), ("accept", "application/j
 # the kill URL (a lone surrogate from a JSON escape made `quote` raise, so the sandbox could
 # never be released through the provisioner).
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A DNS name: what may stand between the sandbox id and the end of a derived URL.
+_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)*[A-Za-z0-9-]{1,63}")
+# The envd daemon's port and E2B's public domain, as the old module derives the URL
+# (`provision_sandbox` in sandbox_provisioner/src/lib.rs: "port comes FIRST").
+ENVD_PORT = 49983
+DEFAULT_DOMAIN = "e2b.app"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,7 @@ class SandboxInfo:
     template_id: str
     client_id: str
     envd_version: str
+    sandbox_url: str = ""
 
 
 def _printable(text: str, limit: int) -> str:
@@ -95,20 +102,46 @@ def classify_failure(response: HttpResponse) -> CreateResult:
     return CreateFailed(Failure(code, f"E2B answered {status}: {message}", retryable=False))
 
 
+def _first_text(body: dict[str, Any], *keys: str) -> str | None:
+    for key in keys:
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def sandbox_url(body: dict[str, Any], sandbox_id: str) -> str:
+    """The old module's rule: the answer's `sandbox_url` or `url`, else
+    `https://49983-{sandbox_id}.{domain}` with the answer's domain (E2B's create answer
+    names it `domain`; `sandboxDomain` is accepted too) or `e2b.app`."""
+    given = _first_text(body, "sandbox_url", "url")
+    if given is not None:
+        return _printable(given, 2048)
+    domain = _first_text(body, "sandboxDomain", "domain")
+    if domain is None or not _DOMAIN.fullmatch(domain):
+        domain = DEFAULT_DOMAIN
+    return f"https://{ENVD_PORT}-{sandbox_id}.{domain}"
+
+
 def _sandbox_info(body: Any) -> SandboxInfo | None:
     if not isinstance(body, dict):
         return None
-    sandbox_id = body.get("sandboxID")
-    if not isinstance(sandbox_id, str) or not _SANDBOX_ID.fullmatch(sandbox_id):
+    # `sandboxID` is E2B's name; the old module also read `sandbox_id`.
+    sandbox_id = _first_text(body, "sandboxID", "sandbox_id")
+    if sandbox_id is None or not _SANDBOX_ID.fullmatch(sandbox_id):
         return None
 
-    def text(key: str) -> str:
-        value = body.get(key)
-        if not isinstance(value, str):
-            return ""
-        return _printable(value, 128)
+    def text(*keys: str) -> str:
+        value = _first_text(body, *keys)
+        return "" if value is None else _printable(value, 128)
 
-    return SandboxInfo(sandbox_id, text("templateID"), text("clientID"), text("envdVersion"))
+    return SandboxInfo(
+        sandbox_id,
+        text("templateID"),
+        text("clientID", "client_id"),
+        text("envdVersion"),
+        sandbox_url(body, sandbox_id),
+    )
 
 
 class E2BClient:

@@ -36,6 +36,7 @@ class EntityRecord:
     client_id: str = ""
     envd_version: str = ""
     queued_ms: int = 0
+    sandbox_url: str = ""
 
     def with_attempt(self, attempt: int) -> EntityRecord:
         if attempt <= self.attempts:
@@ -56,6 +57,7 @@ class EntityRecord:
                 "client_id": self.client_id,
                 "envd_version": self.envd_version,
                 "queued_ms": self.queued_ms,
+                "sandbox_url": self.sandbox_url,
             },
             separators=(",", ":"),
         ).encode()

@@ -15,6 +15,9 @@ class FailureCode(StrEnum):
     INVALID_INVOCATION = "invalid_invocation"
     INVALID_CONFIG = "invalid_config"
     UNKNOWN_OPERATION = "unknown_operation"
+    # What the old sandbox_provisioner refused before doing anything (same messages).
+    AGENT_NOT_CONFIGURED = "agent_not_configured"
+    E2B_API_KEY_MISSING = "e2b_api_key_missing"
     # Storage.
     STORAGE_UNAVAILABLE = "storage_unavailable"
     STORAGE_CONTENTION = "storage_contention"
@@ -41,7 +44,9 @@ class FailureCode(StrEnum):
     HOST_ERROR = "host_error"
 
 
-# The codes only a host produces (a guest failure never carries them).
+# The codes only a host produces (a guest failure never carries them). An outcome carrying
+# one is a genuine invocation failure, reported to Temper as a failure; every other
+# SandboxFailed is a decision of the guest, reported as a success (see `model.failed`).
 HOST_CODES = frozenset(
     {
         FailureCode.FUEL_EXHAUSTED,

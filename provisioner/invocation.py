@@ -72,6 +72,17 @@ class Request:
     def entity(self) -> str:
         return f"{self.entity_type}/{self.entity_id}"
 
+    @property
+    def fields(self) -> dict[str, Any]:
+        """`entity_state.fields`: the entity's state variables, as Temper passes them."""
+        fields = self.entity_state.get("fields")
+        return fields if isinstance(fields, dict) else {}
+
+    def field_text(self, name: str) -> str:
+        """A state variable as text; "" when absent or not a string."""
+        value = self.fields.get(name)
+        return value if isinstance(value, str) else ""
+
 
 def validate(invocation: Invocation) -> Request:
     tenant = _check_id("tenant", invocation.tenant)

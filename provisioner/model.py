@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from provisioner.failures import HOST_CODES
+
 # Outcome actions: the Temper runtime dispatches these into the entity's state machine.
 SANDBOX_READY = "SandboxReady"
 SANDBOX_QUEUED = "SandboxQueued"
@@ -36,6 +38,10 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """`success` is Temper's success flag: true for every outcome the guest decided,
+    `SandboxFailed` included (its failure is in `error` and in the params), false only
+    for a genuine invocation failure (a host code: trap, budget, malformed result)."""
+
     action: str
     params: dict[str, Any] = field(default_factory=dict)
     success: bool = True
@@ -54,10 +60,21 @@ class ProvisionerError(Exception):
 
 
 def failed(failure: Failure, **params: Any) -> Outcome:
+    """A `SandboxFailed` outcome. A failure the guest decided is a Temper success whose
+    action is `SandboxFailed`, so the spec receives its params (Temper's failure path keeps
+    only `{error, error_message, integration}`: `handle_wasm_failure` in
+    `crates/temper-server/src/state/dispatch/wasm/invocation_artifacts.rs`); a host code
+    is a Temper failure. `error_message` is the name the old module's `Fail` declared."""
     body: dict[str, Any] = {
         "code": failure.code,
         "message": failure.message,
         "retryable": failure.retryable,
+        "error_message": failure.message,
     }
     body.update(params)
-    return Outcome(action=SANDBOX_FAILED, params=body, success=False, error=failure)
+    return Outcome(
+        action=SANDBOX_FAILED,
+        params=body,
+        success=failure.code not in HOST_CODES,
+        error=failure,
+    )

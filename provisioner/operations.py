@@ -44,9 +44,20 @@ from provisioner.model import (
     ProvisionerError,
     failed,
 )
-from provisioner.ports import Ports, StorageConflict
+from provisioner.ports import LogLevel, Ports, StorageConflict
 from provisioner.resources import dispatch_resource, is_resource_request
 from provisioner.resources.status import snapshot as resource_snapshot
+from provisioner.temperfs import NONE as NO_CONVERSATION_STORAGE
+from provisioner.temperfs import conversation_storage
+
+# What the old module calls a sandbox it did not create (a static URL).
+STATIC_SANDBOX_ID = "static-sandbox"
+# The old module's messages, word for word (`run` and `provision_sandbox` in its lib.rs).
+NOT_CONFIGURED = "agent not configured — user_message is empty"
+NO_KEY = (
+    "no sandbox_url configured and no e2b_api_key available — "
+    "set sandbox_url via Configure or store e2b_api_key secret"
+)
 
 # A pending record outlives the longest a waiter may queue, then vanishes on its own.
 _PENDING_GRACE_MS = 10 * 60 * 1000
@@ -58,6 +69,7 @@ def _ready(record: EntityRecord) -> Outcome:
     return Outcome(
         action=SANDBOX_READY,
         params={
+            "sandbox_url": record.sandbox_url,
             "sandbox_id": record.sandbox_id,
             "template_id": record.template_id,
             "client_id": record.client_id,
@@ -118,7 +130,64 @@ class Operations:
             retryable=True,
         )
 
+    def _static_url(self) -> str:
+        """The old module's order: the entity's `sandbox_url` field, the config's, the
+        trigger param's (an empty or non-string value counts as absent)."""
+        param = self.request.trigger_params.get("sandbox_url")
+        return (
+            self.request.field_text("sandbox_url").strip()
+            or self.settings.static_url
+            or (param.strip() if isinstance(param, str) else "")
+        )
+
+    def _with_conversation(self, ready: Outcome) -> Outcome:
+        """SandboxReady with the five TemperFS ids (empty when the setup is off or failed)."""
+        request = self.request
+        params = dict(ready.params)
+        if self.settings.temperfs_enabled:
+            agent_id = request.entity_state.get("entity_id")
+            made = conversation_storage(
+                self.ports,
+                base_url=self.settings.temper_api_url,
+                tenant=request.tenant,
+                entity=request.entity,
+                agent_id=agent_id if isinstance(agent_id, str) and agent_id else request.entity_id,
+                user_message=request.field_text("user_message"),
+                timeout_ms=self.settings.request_timeout_ms,
+            )
+            params.update(made.params())
+        else:
+            params.update(NO_CONVERSATION_STORAGE.params())
+        return Outcome(ready.action, params)
+
     def provision(self) -> Outcome:
+        if self.settings.temperfs_enabled and not self.request.field_text("user_message"):
+            raise ProvisionerError(FailureCode.AGENT_NOT_CONFIGURED, NOT_CONFIGURED)
+        static_url = self._static_url()
+        if static_url:
+            self.ports.telemetry.log(
+                LogLevel.INFO, f"sandbox_provisioner: using static sandbox_url: {static_url}"
+            )
+            return self._with_conversation(
+                Outcome(
+                    SANDBOX_READY,
+                    {
+                        "sandbox_url": static_url,
+                        "sandbox_id": STATIC_SANDBOX_ID,
+                        "template_id": "",
+                        "client_id": "",
+                        "envd_version": "",
+                        "attempts": 0,
+                        "queued_ms": 0,
+                    },
+                )
+            )
+        if self.settings.api_key_source == "none":
+            raise ProvisionerError(FailureCode.E2B_API_KEY_MISSING, NO_KEY)
+        outcome = self._provision_e2b()
+        return self._with_conversation(outcome) if outcome.action == SANDBOX_READY else outcome
+
+    def _provision_e2b(self) -> Outcome:
         record, version = self._ensure_record()
         if record.state == READY:
             return _ready(record)
@@ -183,6 +252,7 @@ class Operations:
             client_id=info.client_id,
             envd_version=info.envd_version,
             queued_ms=queued_ms,
+            sandbox_url=info.sandbox_url,
         )
         try:
             self.records.put(

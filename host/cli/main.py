@@ -45,9 +45,9 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
     if args.operation:
         config = tuple((k, v) for k, v in invocation.config if k != "operation")
         invocation = replace(invocation, config=(*config, ("operation", args.operation)))
+    # The context's `e2b_api_key` wins; without either, a provision that needs E2B answers
+    # e2b_api_key_missing (a static sandbox_url needs no key).
     api_key = os.environ.get(args.api_key_env, "")
-    if not api_key:
-        return _fail(f"set the E2B API key in ${args.api_key_env}")
     try:
         with open_runtime(
             e2b_url=args.e2b_url,
@@ -56,6 +56,7 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
             account=args.account,
             component=args.component,
             allow_private_network=args.allow_private_network,
+            temperfs_url=args.temper_api_url,
         ) as runtime:
             outcome = runtime.invoke(with_api_url(invocation, args.e2b_url))
     except (FileNotFoundError, ValueError) as error:
@@ -144,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument(
         "--api-key-env",
         default=API_KEY_ENV,
-        help=f"environment variable holding the E2B API key (default {API_KEY_ENV})",
+        help=f"environment variable holding the host's E2B API key, used when the context's"
+        f" integration_config brings no e2b_api_key (default {API_KEY_ENV})",
+    )
+    invoke.add_argument(
+        "--temper-api-url",
+        default=None,
+        metavar="URL",
+        help="the Temper API whose /tdata (TemperFS) the guest may reach for the"
+        " conversation storage; filled into the config when it names none (default: none)",
     )
     invoke.add_argument(
         "--account",

@@ -42,7 +42,8 @@ from typing import Any
 ENTITY_SETS = {"Workspaces": "Workspace", "Files": "File"}
 _PREFIX = {"Workspace": "ws-", "File": "fl-"}
 _INITIAL_STATUS = {"Workspace": "Active", "File": "Created"}
-_LOGGED_HEADERS = ("content-type", "x-tenant-id", "x-temper-principal-kind")
+# x-api-key is logged too, so a test can show the E2B key never reaches TemperFS.
+_LOGGED_HEADERS = ("content-type", "x-tenant-id", "x-temper-principal-kind", "x-api-key")
 _PATH = re.compile(r"^(?P<set>[A-Za-z]+)(?:\('(?P<key>[^']*)'\))?(?P<value>/\$value)?$")
 DEFAULT_TENANT = "default"
 

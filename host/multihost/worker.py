@@ -219,36 +219,45 @@ class _ReportingGateway(HttpGateway):
     writer: EventWriter | None = None
     planted_bug: str | None = None
 
-    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+    def send(
+        self,
+        request: HttpRequest,
+        *,
+        deadline_ms: int | None = None,
+        api_key: str | None = None,
+    ) -> HttpResponse:
         writer = self.writer
         method = request.method.upper()
         path = urlsplit(request.url).path.rstrip("/")
         if method == "DELETE" and self.planted_bug == RELEASE_FORGETS_BEFORE_KILL:
             return HttpResponse(status=204, headers=(), body=b"")
         if writer is None:
-            return super().send(request, deadline_ms=deadline_ms)
+            return super().send(request, deadline_ms=deadline_ms, api_key=api_key)
         if method == "POST" and path.endswith("/sandboxes"):
             key = dict((k.lower(), v) for k, v in request.headers).get("idempotency-key")
-            return self._reported(request, deadline_ms, writer, "create", key=key)
+            return self._reported(request, deadline_ms, api_key, writer, "create", key=key)
         if method == "DELETE" and "/sandboxes/" in path:
             sandbox_id = path.rsplit("/", 1)[-1]
-            return self._reported(request, deadline_ms, writer, "kill", sandbox_id=sandbox_id)
+            return self._reported(
+                request, deadline_ms, api_key, writer, "kill", sandbox_id=sandbox_id
+            )
         if method == "GET" and path.endswith("/sandboxes"):
             query = urlsplit(request.url).query
-            return self._reported(request, deadline_ms, writer, "list", query=query)
-        return super().send(request, deadline_ms=deadline_ms)
+            return self._reported(request, deadline_ms, api_key, writer, "list", query=query)
+        return super().send(request, deadline_ms=deadline_ms, api_key=api_key)
 
     def _reported(
         self,
         request: HttpRequest,
         deadline_ms: int | None,
+        api_key: str | None,
         writer: EventWriter,
         what: str,
         **fields: Any,
     ) -> HttpResponse:
         writer.emit(f"{what}_sent", **fields)
         try:
-            response = super().send(request, deadline_ms=deadline_ms)
+            response = super().send(request, deadline_ms=deadline_ms, api_key=api_key)
         except HttpError as error:
             writer.emit(f"{what}_answered", **fields, error=error.kind.value)
             raise

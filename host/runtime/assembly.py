@@ -33,16 +33,24 @@ def open_runtime(
     budgets: Budgets | None = None,
     allow_private_network: bool = False,
     pooling: Pooling | None = None,
+    temperfs_url: str | None = None,
 ) -> Iterator[ComponentRuntime]:
     """A ready runtime; closes its storage, HTTP client and epoch ticker on exit.
 
-    `allow_private_network` lets the E2B URL resolve to loopback or private addresses
-    (a mock E2B on this machine); a production host leaves it off. `pooling` loads the
-    component on wasmtime's pooling allocator (ignored when `loaded` is given); for every
-    core, see host/runtime/pool.py."""
+    `api_key` is the host's E2B key, used when an invocation's config brings no usable
+    `e2b_api_key` (`host/runtime/credentials.py`). `temperfs_url` is the Temper API base
+    the guest may reach for the conversation storage (None: none). `allow_private_network`
+    lets these URLs resolve to loopback or private addresses (a mock on this machine); a
+    production host leaves it off. `pooling` loads the component on wasmtime's pooling
+    allocator (ignored when `loaded` is given); for every core, see host/runtime/pool.py."""
     loaded = loaded or load_component(component, pooling=pooling)
     storage = storage_from_uri(storage_url or default_storage_url())
-    gateway = HttpGateway(e2b_url, api_key, allow_private_network=allow_private_network)
+    gateway = HttpGateway(
+        e2b_url,
+        api_key,
+        temperfs_url=temperfs_url,
+        allow_private_network=allow_private_network,
+    )
     services = HostServices(
         storage=storage,
         http=gateway,

@@ -23,6 +23,7 @@ import wasmtime
 from wasmtime import component as wc
 
 from host.runtime import wasmtime_compat
+from host.runtime.credentials import gateway_call, key_arguments
 from host.runtime.epochs import EpochTicker
 from host.runtime.loader import LoadedComponent
 from host.runtime.wasmtime_compat import WitErr
@@ -87,6 +88,7 @@ class _Call:
     storage: ScopedStorage
     tag: InvocationTag
     deadline: float
+    api_key: str | None = None  # the invocation's own E2B key (None: the host's)
 
 
 _SCOPES = {"tenant": Scope.TENANT, "account": Scope.ACCOUNT}
@@ -245,6 +247,7 @@ class ComponentRuntime:
                     timeout_ms=int(getattr(request, "timeout-ms")),
                 ),
                 deadline_ms=remaining_ms,
+                **key_arguments(call.api_key),
             )
         except HttpError as error:
             return _http_error(error)
@@ -293,16 +296,17 @@ class ComponentRuntime:
                     retryable=False,
                 )
             )
+        call = gateway_call(self.services.http, invocation)
         if self._slots is None:
-            return self._invoke(invocation)
+            return self._invoke(call.invocation, call.api_key)
         with self._slots:
-            return self._invoke(invocation)
+            return self._invoke(call.invocation, call.api_key)
 
-    def _invoke(self, invocation: Invocation) -> Outcome:
+    def _invoke(self, invocation: Invocation, api_key: str | None) -> Outcome:
         budgets = self.budgets
         store = wasmtime.Store(self.loaded.engine)
         try:
-            return self._run_in(store, invocation, budgets)
+            return self._run_in(store, invocation, budgets, api_key)
         finally:
             self._after_call(store)
             store.close()
@@ -310,7 +314,13 @@ class ComponentRuntime:
     def _after_call(self, store: wasmtime.Store) -> None:
         """Called with the call's store before it is closed (a hook for measurements)."""
 
-    def _run_in(self, store: wasmtime.Store, invocation: Invocation, budgets: Budgets) -> Outcome:
+    def _run_in(
+        self,
+        store: wasmtime.Store,
+        invocation: Invocation,
+        budgets: Budgets,
+        api_key: str | None,
+    ) -> Outcome:
         store.set_fuel(budgets.fuel)
         store.set_limits(memory_size=budgets.memory_bytes)
         store.set_epoch_deadline(max(1, budgets.deadline_ms // EPOCH_TICK_MS))
@@ -325,6 +335,7 @@ class ComponentRuntime:
                 invocation.trace_id,
             ),
             deadline=time.monotonic() + budgets.deadline_ms / 1000,
+            api_key=api_key,
         )
         try:
             instance = self.loaded_instance(store)

@@ -6,12 +6,23 @@ from collections.abc import Callable
 from typing import Any
 
 from host.runtime.component_runtime import HostServices
+from host.runtime.credentials import gateway_call, key_arguments
+from host.services.http_gateway import HttpGateway
 from host.services.namespaces import ScopedStorage
 from host.services.telemetry import InvocationTag, TelemetrySink
 from host.storage.base import StorageBackend
 from provisioner.app import run
 from provisioner.model import Invocation, Outcome
-from provisioner.ports import Clock, Http, LogLevel, Ports, Random, Telemetry
+from provisioner.ports import (
+    Clock,
+    Http,
+    HttpRequest,
+    HttpResponse,
+    LogLevel,
+    Ports,
+    Random,
+    Telemetry,
+)
 
 
 def native_ports(
@@ -63,6 +74,17 @@ class _FunctionRandom:
         return self._next_u64()
 
 
+class _KeyedHttp:
+    """The gateway with the invocation's own E2B key (None: the host's)."""
+
+    def __init__(self, gateway: HttpGateway, api_key: str | None) -> None:
+        self._gateway = gateway
+        self._api_key = api_key
+
+    def send(self, request: HttpRequest) -> HttpResponse:
+        return self._gateway.send(request, **key_arguments(self._api_key))
+
+
 class NativeRuntime:
     """Same `invoke` contract as `ComponentRuntime`, without the sandbox or its budgets:
     for tests, simulations and the benchmark that prices the component boundary."""
@@ -73,6 +95,9 @@ class NativeRuntime:
         self._random = _FunctionRandom(services.random_u64)
 
     def invoke(self, invocation: Invocation) -> Outcome:
+        gateway = self.services.http
+        call = gateway_call(gateway, invocation)
+        invocation = call.invocation
         tag = InvocationTag(
             invocation.tenant, invocation.entity_type, invocation.entity_id, invocation.trace_id
         )
@@ -80,7 +105,7 @@ class NativeRuntime:
             self.services.storage,
             tenant=invocation.tenant,
             account=self.services.account,
-            http=self.services.http,
+            http=_KeyedHttp(gateway, call.api_key),
             clock=self._clock,
             random=self._random,
             telemetry=_TaggedTelemetry(self.services.telemetry, tag),

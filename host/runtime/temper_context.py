@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from provisioner.model import Invocation
+from host.temper_abi.result import MAX_DIAGNOSTIC_BYTES
+from provisioner.model import Invocation, Outcome
 
 MAX_CONTEXT_BYTES = 1024 * 1024
 
@@ -79,17 +81,46 @@ def parse_context(text: str) -> Invocation:
     return invocation_from_context(data)
 
 
-def outcome_to_json(outcome: Any) -> dict[str, Any]:
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def stable_code(code: str) -> str:
+    token = _NOT_TOKEN.sub("_", code)[:64]
+    return token or "UnknownFailure"
+
+
+def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
+    """The outcome as the terminal result Temper accepts, exactly.
+
+    `decode_terminal_result` (`crates/temper-wasm/src/engine/result.rs` in `nerdsane/temper`;
+    `host/temper_abi/result.py`) takes three shapes, each with no other field:
+
+    - success `{"action": A, "params": P, "success": true}`: every outcome the guest
+      decided, `SandboxQueued` and `SandboxFailed` included (`Outcome.success`). With no
+      static `on_success` on the trigger, Temper dispatches A with P
+      (`invoke_and_handle_result` in `crates/temper-server/src/state/dispatch/wasm/
+      invocation.rs`), so the spec's `SandboxQueued` / `SandboxFailed` get their params;
+    - a typed failure `{"success": false, "typed_failure": {...}}` (ADR-0187) for a genuine
+      invocation failure (a host code: trap, budget, malformed result): a retryable one is
+      `transient` / `with_backoff`, any other `permanent` / `never`, both `not_applied`
+      (nothing the guest holds survives a trap: the entity record makes a retry adopt any
+      create in flight). The code is the stable `code`, the message the `diagnostic` when
+      it fits 512 bytes, the action a detail. Temper routes it by category, else to
+      `on_failure` with `{error, error_message, integration}` (`handle_wasm_failure`);
+    - the legacy failure shape is never produced.
+    """
+    if outcome.success:
+        return {"action": outcome.action, "params": outcome.params, "success": True}
     error = outcome.error
-    return {
-        "action": outcome.action,
-        "params": outcome.params,
-        "success": outcome.success,
-        "error": None
-        if error is None
-        else {
-            "code": error.code,
-            "message": error.message,
-            "retryable": error.retryable,
-        },
+    retryable = bool(error and error.retryable)
+    declaration: dict[str, Any] = {
+        "version": 1,
+        "category": "transient" if retryable else "permanent",
+        "code": stable_code(error.code if error else "UnknownFailure"),
+        "retryability": "with_backoff" if retryable else "never",
+        "outcome": "not_applied",
+        "details": {"action": {"kind": "string", "value": outcome.action[:256]}},
     }
+    if error and len(error.message.encode()) <= MAX_DIAGNOSTIC_BYTES:
+        declaration["diagnostic"] = error.message
+    return {"success": False, "typed_failure": declaration}

@@ -52,7 +52,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key-env",
         default=API_KEY_ENV,
-        help=f"environment variable holding the E2B API key (default {API_KEY_ENV})",
+        help=f"environment variable holding the host's E2B API key, used when a context"
+        f" brings no e2b_api_key (default {API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--temper-api-url",
+        default=None,
+        metavar="URL",
+        help="the Temper API whose /tdata (TemperFS) the guest may reach for the"
+        " conversation storage (default: none)",
     )
     parser.add_argument(
         "--account",
@@ -119,9 +127,8 @@ def run_serve(args: argparse.Namespace) -> int:
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
         return _fail(f"set the service's bearer token in ${TOKEN_ENV}")
+    # A context's `e2b_api_key` wins over this one (host/runtime/credentials.py).
     api_key = os.environ.get(args.api_key_env, "")
-    if not api_key:
-        return _fail(f"set the E2B API key in ${args.api_key_env}")
     try:
         host, port = parse_listen(args.listen)
         pool = InvocationPool(args.workers)
@@ -136,6 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
             account=args.account,
             component=args.component,
             allow_private_network=args.allow_private_network,
+            temperfs_url=args.temper_api_url,
         ) as runtime:
             storage = runtime.services.storage
             state = ServeState(

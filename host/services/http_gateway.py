@@ -1,9 +1,13 @@
-"""Outbound HTTP for the guest: only to the E2B API, with the key attached by the host.
+"""Outbound HTTP for the guest: only to the E2B API and (when configured) TemperFS.
 
-The guest names a URL; the gateway checks it against the configured base (scheme, host,
+The guest names a URL; the gateway checks it against the configured bases (scheme, host,
 port, path prefix), never follows redirects, strips credentials the guest tried to set,
-adds `X-API-Key`, bounds the wait and the body size, and scrubs the key from anything
-that flows back.
+adds `X-API-Key` to requests for the E2B base only, bounds the wait and the body size, and
+scrubs the key from anything that flows back.
+
+The TemperFS base is `{temper_api_url}/tdata`: only the OData entity sets the conversation
+storage uses, never the rest of the Temper API. It is checked first, so a TemperFS on the
+same origin as the E2B API (the mock serves both) still never receives the key.
 """
 
 from __future__ import annotations
@@ -47,13 +51,15 @@ class AllowedBase:
     port: int
     path_prefix: str
 
+    name: str = "E2B API"
+
     @classmethod
-    def parse(cls, base_url: str) -> AllowedBase:
+    def parse(cls, base_url: str, name: str = "E2B API") -> AllowedBase:
         parts = urlsplit(base_url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"E2B API URL must be http(s)://host[:port][/path], got {base_url!r}")
+            raise ValueError(f"{name} URL must be http(s)://host[:port][/path], got {base_url!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname.lower(), port, parts.path.rstrip("/"))
+        return cls(parts.scheme, parts.hostname.lower(), port, parts.path.rstrip("/"), name)
 
     def check(self, url: str) -> str | None:
         """None when the URL is allowed, else why not."""
@@ -65,14 +71,14 @@ class AllowedBase:
         if parts.scheme != self.scheme:
             return f"scheme {parts.scheme!r} is not allowed"
         if (parts.hostname or "").lower() != self.host or port != self.port:
-            return f"host {parts.hostname}:{port} is not the configured E2B API"
+            return f"host {parts.hostname}:{port} is not the configured {self.name}"
         if parts.username or parts.password:
             return "credentials in the URL are not allowed"
         path = parts.path
         if self.path_prefix and not (
             path == self.path_prefix or path.startswith(self.path_prefix + "/")
         ):
-            return "path is outside the configured E2B API"
+            return f"path is outside the configured {self.name}"
         # Checked decoded too: a server that decodes `%2e%2e` or `%2f` before normalising
         # would otherwise walk out of the prefix.
         decoded = unquote(path)
@@ -95,8 +101,9 @@ def _is_private(address: str) -> bool:
 
 
 class AddressPolicy:
-    """Refuses an E2B host that resolves to a loopback, private or link-local address,
-    unless allowed (the mock E2B runs on loopback, so tests and simulations allow it)."""
+    """Refuses a host (E2B's, TemperFS's) that resolves to a loopback, private or
+    link-local address, unless allowed (the mock E2B runs on loopback, so tests and
+    simulations allow it)."""
 
     def __init__(self, host: str, port: int, allow_private_network: bool) -> None:
         self._host = host
@@ -131,12 +138,21 @@ class AddressPolicy:
         return None
 
 
+TEMPERFS_PATH = "/tdata"
+
+
 class HttpGateway:
+    """`api_key` is the host's own E2B key: the one attached when an invocation brings none
+    (`send(..., api_key=...)` carries the key its config named, see
+    `host/runtime/credentials.py`). `temperfs_url` is the Temper API base whose `/tdata`
+    the guest may reach without any key; None: no TemperFS."""
+
     def __init__(
         self,
         base_url: str,
         api_key: str,
         *,
+        temperfs_url: str | None = None,
         allow_private_network: bool = False,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         transport: httpx.BaseTransport | None = None,
@@ -146,8 +162,16 @@ class HttpGateway:
         self._addresses = AddressPolicy(
             self._allowed.host, self._allowed.port, allow_private_network
         )
+        self.temperfs_url = None if temperfs_url is None else temperfs_url.rstrip("/")
+        self._temperfs: tuple[AllowedBase, AddressPolicy] | None = None
+        if self.temperfs_url is not None:
+            allowed = AllowedBase.parse(self.temperfs_url + TEMPERFS_PATH, "TemperFS")
+            self._temperfs = (
+                allowed,
+                AddressPolicy(allowed.host, allowed.port, allow_private_network),
+            )
+        self.api_key = api_key
         self._api_key = api_key
-        self._key_bytes = api_key.encode()
         self._max_response_bytes = max_response_bytes
         self._client = httpx.Client(
             follow_redirects=False,
@@ -158,19 +182,42 @@ class HttpGateway:
     def close(self) -> None:
         self._client.close()
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
-
-    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
-        method = request.method.upper()
-        if method not in _METHODS:
-            raise HttpError(HttpErrorKind.INVALID_REQUEST, f"method {request.method!r} not allowed")
-        refusal = self._allowed.check(request.url)
+    def _route(self, url: str, api_key: str | None) -> str | None:
+        """The key to attach (None: TemperFS, no key); raises DENIED outside both bases."""
+        if self._temperfs is not None:
+            allowed, addresses = self._temperfs
+            if allowed.check(url) is None:
+                refusal = addresses.refusal()
+                if refusal is not None:
+                    raise HttpError(HttpErrorKind.DENIED, refusal)
+                return None
+        refusal = self._allowed.check(url)
         if refusal is not None:
             raise HttpError(HttpErrorKind.DENIED, refusal)
         refusal = self._addresses.refusal()
         if refusal is not None:
             raise HttpError(HttpErrorKind.DENIED, refusal)
+        return self._api_key if api_key is None else api_key
+
+    def send(
+        self,
+        request: HttpRequest,
+        *,
+        deadline_ms: int | None = None,
+        api_key: str | None = None,
+    ) -> HttpResponse:
+        """`api_key`: the invocation's E2B key (None: the host's own)."""
+        method = request.method.upper()
+        if method not in _METHODS:
+            raise HttpError(HttpErrorKind.INVALID_REQUEST, f"method {request.method!r} not allowed")
+        key = self._route(request.url, api_key)
+        secrets = [k for k in {self._api_key, api_key or ""} if k]
+
+        def scrub(text: str) -> str:
+            for secret in secrets:
+                text = text.replace(secret, "[redacted]")
+            return text
+
         if len(request.body) > MAX_REQUEST_BYTES:
             raise HttpError(HttpErrorKind.INVALID_REQUEST, "request body too large")
         timeout_ms = max(1, request.timeout_ms)
@@ -190,7 +237,8 @@ class HttpGateway:
             for name, value in request.headers
             if name.lower() not in _FORBIDDEN_REQUEST_HEADERS
         ]
-        headers.append(("X-API-Key", self._api_key))
+        if key is not None:
+            headers.append(("X-API-Key", key))
         # Decoded bytes are what is capped, so ask for no compression (no zip bombs).
         headers.append(("Accept-Encoding", "identity"))
         # A pooled keep-alive connection the server has just closed fails before any
@@ -218,24 +266,20 @@ class HttpGateway:
                         raise HttpError(HttpErrorKind.TIMEOUT)
                     status = response.status_code
                     response_headers = tuple(
-                        (name, self._scrub(value)) for name, value in response.headers.multi_items()
+                        (name, scrub(value)) for name, value in response.headers.multi_items()
                     )
                 break
             except httpx.TimeoutException:
                 raise HttpError(HttpErrorKind.TIMEOUT) from None
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as error:
-                raise HttpError(
-                    HttpErrorKind.INVALID_REQUEST, self._scrub(str(error))[:300]
-                ) from None
+                raise HttpError(HttpErrorKind.INVALID_REQUEST, scrub(str(error))[:300]) from None
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as error:
                 stale = not answered and attempt == 1 and time.monotonic() < give_up_at
                 if not stale:
-                    raise HttpError(
-                        HttpErrorKind.CONNECTION, self._scrub(str(error))[:300]
-                    ) from None
+                    raise HttpError(HttpErrorKind.CONNECTION, scrub(str(error))[:300]) from None
             except httpx.TransportError as error:
-                raise HttpError(HttpErrorKind.CONNECTION, self._scrub(str(error))[:300]) from None
+                raise HttpError(HttpErrorKind.CONNECTION, scrub(str(error))[:300]) from None
         data = bytes(body)
-        if self._key_bytes and self._key_bytes in data:
-            data = data.replace(self._key_bytes, b"[redacted]")
+        for secret in secrets:
+            data = data.replace(secret.encode(), b"[redacted]")
         return HttpResponse(status, response_headers, data)

@@ -27,7 +27,7 @@ def readme_defaults() -> dict[str, str]:
         defaults = [d.strip().strip("`") for d in re.split(r"\s*[/,]\s*(?![/])", match.group(2))]
         if len(defaults) == 1 and len(keys) > 1:
             defaults = defaults * len(keys)
-        if match.group(2).startswith("`https://"):
+        if match.group(2).startswith(("`https://", "`http://")):
             defaults = [match.group(2).strip().strip("`")]
         assert len(keys) == len(defaults), line
         found.update(zip(keys, defaults, strict=True))

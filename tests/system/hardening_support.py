@@ -27,6 +27,8 @@ DOCUMENTED_CODES = frozenset(
         "invalid_invocation",
         "invalid_config",
         "unknown_operation",
+        "agent_not_configured",
+        "e2b_api_key_missing",
         "storage_unavailable",
         "storage_contention",
         "queue_timeout",

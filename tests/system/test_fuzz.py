@@ -29,6 +29,7 @@ from host.mock_e2b import MockE2BConfig, MockE2BServer
 from host.mock_e2b.config import FaultRule
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent
+from provisioner.failures import HOST_CODES
 from provisioner.model import Invocation, Outcome
 from tests.conftest import API_KEY
 from tests.doubles import RecordingTelemetrySink
@@ -204,7 +205,9 @@ def check_well_formed(outcome: Outcome) -> None:
     assert outcome.action in ACTIONS, outcome
     assert isinstance(outcome.params, dict)
     json.dumps(outcome.params)
-    assert outcome.success == (outcome.action != "SandboxFailed"), outcome
+    # Temper's success flag: false only for a genuine invocation failure (a host code).
+    host_failure = outcome.error is not None and outcome.error.code in HOST_CODES
+    assert outcome.success == (not host_failure), outcome
     if outcome.action == "SandboxFailed":
         assert outcome.error is not None, outcome
         assert outcome.error.code in DOCUMENTED_CODES, outcome

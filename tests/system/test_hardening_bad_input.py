@@ -130,7 +130,8 @@ ROWS: list[tuple[str, Any, str, str]] = [
 
 
 def assert_typed_failure(outcome: Outcome, code: str, fragment: str) -> None:
-    assert outcome.action == "SandboxFailed" and not outcome.success, outcome
+    # A refusal the guest decided: a Temper success whose action is SandboxFailed.
+    assert outcome.action == "SandboxFailed" and outcome.success, outcome
     assert outcome.error is not None
     assert outcome.error.code == code, outcome
     assert outcome.error.code in DOCUMENTED_CODES

@@ -115,15 +115,23 @@ def test_a_malformed_context_is_refused_clearly_and_stores_nothing(
     assert not db.exists()
 
 
-def test_a_missing_api_key_is_a_usage_error(tmp_path: Path, component_cache_dir: Path) -> None:
+def test_without_any_api_key_a_provision_fails_as_the_old_module_did(
+    tmp_path: Path, component_cache_dir: Path
+) -> None:
+    # Catches: a provision that sends a keyless create, or a host that refuses to start
+    # although the context (or a static sandbox_url) could have done without its key.
+    storage = f"sqlite:///{tmp_path / 'state.db'}"
     result = run_cli(
-        ["invoke", "-", "--e2b-url", "http://127.0.0.1:9"],
+        ["invoke", "-", "--e2b-url", "http://127.0.0.1:9", "--storage", storage],
         context(),
         {"E2B_API_KEY": ""},
         component_cache_dir,
     )
-    assert result.returncode == 2
-    assert "E2B_API_KEY" in result.stderr
+    assert result.returncode == 1, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["success"] is True and answer["action"] == "SandboxFailed"
+    assert answer["params"]["code"] == "e2b_api_key_missing"
+    assert "no e2b_api_key available" in answer["params"]["message"]
 
 
 def test_a_loopback_e2b_url_needs_the_explicit_setting(
@@ -137,7 +145,7 @@ def test_a_loopback_e2b_url_needs_the_explicit_setting(
         component_cache_dir,
     )
     assert result.returncode == 1
-    failure = json.loads(result.stdout)["error"]
+    failure = json.loads(result.stdout)["params"]
     assert failure["code"] == "e2b_denied"
     assert "allow_private_network" in failure["message"]
     assert mock_e2b.running_sandboxes() == []

@@ -51,9 +51,15 @@ class SpyGateway(HttpGateway):
         self.requests: list[HttpRequest] = []
         self.responses: list[HttpResponse] = []
 
-    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+    def send(
+        self,
+        request: HttpRequest,
+        *,
+        deadline_ms: int | None = None,
+        api_key: str | None = None,
+    ) -> HttpResponse:
         self.requests.append(request)
-        response = super().send(request, deadline_ms=deadline_ms)
+        response = super().send(request, deadline_ms=deadline_ms, api_key=api_key)
         self.responses.append(response)
         return response
 

@@ -10,7 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from host.serve import InvocationPool, ServeState, create_app, temper_result
-from host.temper_abi import decode_terminal_result
+from host.temper_abi import Trigger, decode_terminal_result, dispatch_for
 from provisioner.model import Failure, Invocation, Outcome, failed
 
 TOKEN = "t0ken"
@@ -141,14 +141,32 @@ def test_a_saturated_pool_answers_503_with_retry_after_without_queueing() -> Non
     assert held[0].status_code == 200
 
 
-def test_failed_outcomes_become_typed_failures_temper_accepts() -> None:
-    retryable = failed(Failure("e2b_unavailable", "E2B answered 503", retryable=True))
-    permanent = failed(Failure("invalid config!", "x" * 600, retryable=False))
-    first, second = temper_result(retryable), temper_result(permanent)
+def test_host_failures_become_typed_failures_temper_accepts() -> None:
+    # Catches: a trap or a budget reported as a success, or a typed failure Temper refuses.
+    retryable = failed(Failure("deadline_exceeded", "ran past 120000 ms", retryable=True))
+    odd = Outcome(
+        "SandboxFailed", {}, success=False, error=Failure("invalid config!", "x" * 600, False)
+    )
+    first, second = temper_result(retryable), temper_result(odd)
     for result in (first, second):
-        decode_terminal_result(json.dumps(result))
+        decoded = decode_terminal_result(json.dumps(result))
+        assert not decoded.success
     assert first["typed_failure"]["category"] == "transient"
-    assert first["typed_failure"]["diagnostic"] == "E2B answered 503"
+    assert first["typed_failure"]["diagnostic"] == "ran past 120000 ms"
     assert second["typed_failure"]["category"] == "permanent"
     assert second["typed_failure"]["code"] == "invalid_config_"
     assert "diagnostic" not in second["typed_failure"]  # over 512 bytes: omitted whole
+
+
+def test_guest_failures_and_queueing_are_successes_that_keep_their_params() -> None:
+    # Catches: SandboxFailed/SandboxQueued as Temper failures, which would reach the spec as
+    # {error, error_message, integration} only; or an `error` key on a success.
+    guest = failed(Failure("queue_timeout", "queued too long", retryable=False))
+    queued = Outcome("SandboxQueued", {"position": 3, "retry_after_ms": 500})
+    for outcome in (guest, queued):
+        result = temper_result(outcome)
+        assert set(result) == {"action", "params", "success"}
+        decoded = decode_terminal_result(json.dumps(result))
+        assert decoded.success and decoded.callback_params == outcome.params
+        assert dispatch_for(Trigger("provision"), decoded).action == outcome.action
+    assert temper_result(guest)["params"]["code"] == "queue_timeout"
