@@ -94,6 +94,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from host.operator.status import run_status
+
+    return run_status(args)
+
+
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
@@ -182,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
+
+    status = commands.add_parser(
+        "status", help="show an account's gates and every waiter (read-only; --watch: live)"
+    )
+    from host.operator.status import add_status_arguments
+
+    add_status_arguments(status)
+    status.set_defaults(handler=_cmd_status)
     return parser
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -20,6 +22,7 @@ import httpx
 
 from provisioner.ports import HttpError, HttpErrorKind, HttpRequest, HttpResponse
 
+_LOG = logging.getLogger("sandbox_provisioner.http_gateway")
 MAX_RESPONSE_BYTES = 1 << 20
 MAX_REQUEST_BYTES = 1 << 20
 _FORBIDDEN_REQUEST_HEADERS = frozenset(
@@ -84,6 +87,20 @@ class AllowedBase:
         return None
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """One `send`, as an observer sees it once it is over: the guest's request and either
+    the (scrubbed) answer or the error the guest was given, and how long it took."""
+
+    request: HttpRequest
+    response: HttpResponse | None
+    error: HttpError | None
+    duration_s: float
+
+
+ExchangeObserver = Callable[[Exchange], None]
+
+
 _RESOLVE_TTL_S = 30.0
 
 
@@ -140,7 +157,9 @@ class HttpGateway:
         allow_private_network: bool = False,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         transport: httpx.BaseTransport | None = None,
+        observers: Iterable[ExchangeObserver] = (),
     ) -> None:
+        self._observers: list[ExchangeObserver] = list(observers)
         self.base_url = base_url.rstrip("/")
         self._allowed = AllowedBase.parse(base_url)
         self._addresses = AddressPolicy(
@@ -161,7 +180,32 @@ class HttpGateway:
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "[redacted]") if self._api_key else text
 
+    def observe(self, observer: ExchangeObserver) -> None:
+        """Call `observer` after every `send` (metrics). It runs on the calling thread; an
+        exception it raises is logged and swallowed, so observing never changes an answer."""
+        self._observers.append(observer)
+
     def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        if not self._observers:
+            return self._send(request, deadline_ms)
+        started = time.monotonic()
+        response: HttpResponse | None = None
+        error: HttpError | None = None
+        try:
+            response = self._send(request, deadline_ms)
+            return response
+        except HttpError as raised:
+            error = raised
+            raise
+        finally:
+            exchange = Exchange(request, response, error, time.monotonic() - started)
+            for observer in self._observers:
+                try:
+                    observer(exchange)
+                except Exception:
+                    _LOG.exception("an HTTP exchange observer failed")
+
+    def _send(self, request: HttpRequest, deadline_ms: int | None) -> HttpResponse:
         method = request.method.upper()
         if method not in _METHODS:
             raise HttpError(HttpErrorKind.INVALID_REQUEST, f"method {request.method!r} not allowed")
