@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from provisioner.admission.inspect import GateView
 from host.services.http_gateway import Exchange
 from provisioner.admission import CapacityExhausted
 from provisioner.e2b import classify_failure
 from provisioner.model import Outcome
+
+if TYPE_CHECKING:
+    from provisioner.admission.inspect import GateView
 
 PREFIX = "sandbox_provisioner"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
