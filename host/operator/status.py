@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -185,4 +186,3 @@ def _watch(
                 live.update(frame())
     except KeyboardInterrupt:
         return EXIT_OK
-

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -83,10 +84,10 @@ def prepare(invocation: Invocation, e2b_url: str) -> Invocation:
 
 
 def remember_admission_config(state: ServeState, invocation: Invocation) -> None:
-    try:
+    # An invalid config: the component answers it invalid_config; the metrics keep the
+    # last settings.
+    with contextlib.suppress(ProvisionerError):
         state.admission_config = AdmissionConfig.from_config(dict(invocation.config))
-    except ProvisionerError:
-        pass  # the component answers it invalid_config; the metrics keep the last settings
 
 
 def create_app(state: ServeState) -> ASGIApp:

@@ -18,8 +18,8 @@ from types import FrameType
 
 import uvicorn
 
-from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
 from host.operator.gates import read_gates
+from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
 from host.serve.metrics import ServeMetrics
 from host.serve.pool import InvocationPool

@@ -13,8 +13,8 @@ Three sources:
   `sandbox_cap` (the concurrent-sandbox cap: "maximum number of concurrent E2B sandboxes",
   no `Retry-After`);
 - the account's gates, read from storage at each scrape through the public inspection
-  API (`provisioner.admission.inspect`, via `host.operator.gates`): create slots, capacity, rate, backoff, retry budget, and
-  the waiters by the reason they wait. Several `serve` processes on one Redis each report
+  API (`provisioner.admission.inspect`, via `host.operator.gates`): create slots,
+  capacity, rate, backoff, retry budget, and the waiters by the reason they wait. Several `serve` processes on one Redis each report
   the same shared gates: aggregate those gauges with `max`, not `sum`.
 """
 
@@ -101,19 +101,23 @@ class GateCollector:
         limit.add_metric(["rate"], report.rate.burst)
         yield limit
         yield GaugeMetricFamily(
-            f"{PREFIX}_rate_available", "Creates the rate gate would allow now",
+            f"{PREFIX}_rate_available",
+            "Creates the rate gate would allow now",
             value=report.rate.available,
         )
         yield GaugeMetricFamily(
-            f"{PREFIX}_backoff_cooling_seconds", "Time left of the shared E2B cooldown",
+            f"{PREFIX}_backoff_cooling_seconds",
+            "Time left of the shared E2B cooldown",
             value=report.backoff.cooling_ms / 1000,
         )
         yield GaugeMetricFamily(
-            f"{PREFIX}_retry_budget_tokens", "Retries the retry budget would pay for now",
+            f"{PREFIX}_retry_budget_tokens",
+            "Retries the retry budget would pay for now",
             value=report.retry_budget.tokens,
         )
         yield GaugeMetricFamily(
-            f"{PREFIX}_queue_length", "Waiters in the account's queue",
+            f"{PREFIX}_queue_length",
+            "Waiters in the account's queue",
             value=len(report.waiters),
         )
         by_reason = GaugeMetricFamily(

@@ -9,9 +9,9 @@ that flows back.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable

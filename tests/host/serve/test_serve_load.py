@@ -49,8 +49,8 @@ def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
             cache_dir=component_cache_dir,
             workers=WORKERS,
             extra=["--retry-after", "1"],
-        ),
-    ) as serve:
+        ) as serve,
+    ):
         asyncio.run(run_jobs(serve.url, entities, CONFIG, record, timeout_s=600))
         stats = mock.stats()
         assert set(record.statuses) <= {200, 503}, record.unexpected

@@ -14,8 +14,8 @@ import pytest
 
 from host.mock_e2b import MockE2BServer
 from tests.conftest import API_KEY
-from tests.host.serve.serve_process import serve_process
 from tests.host.mock_e2b.fixtures import running_mock
+from tests.host.serve.serve_process import serve_process
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 

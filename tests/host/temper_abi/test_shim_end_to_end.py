@@ -11,8 +11,8 @@ import pytest
 
 from host.temper_abi import TemperAbiModule, Trigger, dispatch_for
 from tests.conftest import API_KEY, ROOT
-from tests.host.serve.serve_process import TOKEN, serve_process
 from tests.host.mock_e2b.fixtures import running_mock
+from tests.host.serve.serve_process import TOKEN, serve_process
 
 pytestmark = pytest.mark.component
 
