@@ -14,8 +14,9 @@ Three sources:
   no `Retry-After`);
 - the account's gates, read from storage at each scrape through the public inspection
   API (`provisioner.admission.inspect`, via `host.operator.gates`): create slots,
-  capacity, rate, backoff, retry budget, and the waiters by the reason they wait. Several `serve` processes on one Redis each report
-  the same shared gates: aggregate those gauges with `max`, not `sum`.
+  capacity, rate, backoff, retry budget, and the waiters by the reason they wait.
+  Several `serve` processes on one Redis each report the same shared gates: aggregate
+  those gauges with `max`, not `sum`.
 """
 
 from __future__ import annotations
