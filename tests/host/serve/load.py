@@ -35,6 +35,7 @@ class LoadRecord:
     statuses: list[int] = field(default_factory=list)
     retry_after_missing: int = 0
     actions: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # SandboxQueued reasons
     sandboxes: dict[str, str] = field(default_factory=dict)  # entity -> sandbox id
     unexpected: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)  # entities cut off (service gone)
@@ -75,14 +76,18 @@ async def keep_retrying(
         if action != "SandboxQueued":
             record.unexpected.append(f"{entity_id}: {json.dumps(answer)[:300]}")
             return
+        reason = str(answer["params"].get("reason"))
+        record.reasons[reason] = record.reasons.get(reason, 0) + 1
         await asyncio.sleep(int(answer["params"]["retry_after_ms"]) / 1000)
 
 
 async def run_jobs(
     url: str, entities: list[str], config: dict[str, str], record: LoadRecord, timeout_s: float
 ) -> None:
-    """All jobs start at once (one event, one connection each) and keep retrying."""
-    limits = httpx.Limits(max_connections=len(entities) + 10, max_keepalive_connections=0)
+    """All jobs start at once (one event, a connection each, kept alive) and keep retrying."""
+    limits = httpx.Limits(
+        max_connections=len(entities) + 10, max_keepalive_connections=len(entities) + 10
+    )
     async with httpx.AsyncClient(
         base_url=url,
         headers={"Authorization": f"Bearer {TOKEN}"},
