@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.counting import CountingBackend
-from host.services.namespaces import account_namespace
+from host.services.namespaces import ScopedStorage, account_namespace
 from host.sessions.detsim import ACCOUNT, Harness
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
+from provisioner.admission.inspect import inspect_gates
 
 TENANTS = 5
 
@@ -115,18 +116,11 @@ def _is_front(harness: Harness, waiter: Waiter) -> bool:
 
 
 def _position(harness: Harness, waiter: Waiter) -> int:
-    # Peek without changing anything: positions come from the stored counters.
-    from provisioner.admission.queue import fresh_position
-    from provisioner.admission.state import GATE_KEY, GateState, WaiterRecord, waiter_key
-
-    namespace = account_namespace(ACCOUNT)
-    record_entry = harness.backend.get(namespace, waiter_key(waiter.tenant, waiter.entity))
-    gate_entry = harness.backend.get(namespace, GATE_KEY)
-    if record_entry is None or gate_entry is None:
-        return 0
-    record = WaiterRecord.from_bytes(record_entry.value)
-    state = GateState.from_bytes(gate_entry.value)
-    return fresh_position(state, waiter.tenant, record.ticket, lambda tenant: True)
+    # Peek without changing anything, through the guest's public inspection view.
+    storage = ScopedStorage(harness.backend, tenant=waiter.tenant, account=ACCOUNT)
+    view = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    found = view.waiter(waiter.tenant, waiter.entity)
+    return 0 if found is None else found.position
 
 
 def main() -> None:

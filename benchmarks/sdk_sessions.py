@@ -29,6 +29,7 @@ from host.sessions.driver import RunResult, SessionDriver
 from host.sessions.invokers import LEGACY_CREATE_FAILED
 from host.sessions.report import E2BFigures, build_report, ideal_makespan_s
 from host.sessions.scenario import Scenario
+from provisioner.failures import FailureCode
 from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Failure, Invocation, Outcome
 
 SDK_API_KEY = "e2b_sdk_bench_key"
@@ -71,7 +72,7 @@ class SdkInvoker:
         try:
             killed = Sandbox.kill(sandbox_id, **self._opts)
         except SandboxException as error:
-            failure = Failure("e2b_unavailable", str(error)[:300], retryable=True)
+            failure = Failure(FailureCode.E2B_UNAVAILABLE, str(error)[:300], retryable=True)
             return Outcome("SandboxFailed", {"code": failure.code}, success=False, error=failure)
         return Outcome(SANDBOX_RELEASED, {"released": bool(killed), "sandbox_id": sandbox_id})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+from provisioner.failures import FailureCode
 from provisioner.invocation import validate
 from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, failed
 from provisioner.operations import dispatch
@@ -16,13 +17,17 @@ def run(invocation: Invocation, ports: Ports) -> Outcome:
     except ProvisionerError as error:
         return failed(error.failure)
     except (StorageInvalidKey, StorageTooLarge) as error:
-        return failed(Failure("invalid_invocation", f"storage refused: {error}", retryable=False))
+        return failed(
+            Failure(FailureCode.INVALID_INVOCATION, f"storage refused: {error}", retryable=False)
+        )
     except StorageError as error:
         # Fail closed: nothing was granted, the caller may try again later.
-        return failed(Failure("storage_unavailable", f"storage failed: {error}", retryable=True))
+        return failed(
+            Failure(FailureCode.STORAGE_UNAVAILABLE, f"storage failed: {error}", retryable=True)
+        )
     except Exception as error:
         with contextlib.suppress(Exception):
             ports.telemetry.log(LogLevel.ERROR, f"internal error: {type(error).__name__}: {error}")
         return failed(
-            Failure("internal_error", f"{type(error).__name__}: {error}", retryable=False)
+            Failure(FailureCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}", retryable=False)
         )

@@ -16,6 +16,7 @@ from wit_world.exports import provisioner as wit
 from wit_world.imports import clock, http, randomness, storage, telemetry
 
 from provisioner.app import run
+from provisioner.failures import FailureCode
 from provisioner.model import Invocation, Outcome
 from provisioner.ports import (
     Entry,
@@ -143,7 +144,9 @@ def _to_wit(outcome: Outcome) -> wit.Outcome:
         action=outcome.action,
         params=outcome.params_json(),
         success=outcome.success,
-        error=None if error is None else wit.Failure(error.code, error.message, error.retryable),
+        error=None
+        if error is None
+        else wit.Failure(str(error.code), error.message, error.retryable),
     )
 
 
@@ -168,7 +171,9 @@ class Provisioner(exports.Provisioner):
         except Exception as error:  # the last line of defence: never trap on a bug
             return wit.Outcome(
                 action="SandboxFailed",
-                params=json.dumps({"code": "internal_error", "retryable": False}),
+                params=json.dumps({"code": FailureCode.INTERNAL_ERROR, "retryable": False}),
                 success=False,
-                error=wit.Failure("internal_error", f"{type(error).__name__}: {error}", False),
+                error=wit.Failure(
+                    FailureCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}", False
+                ),
             )

@@ -20,9 +20,10 @@ from provisioner.admission import (
     RateLimited,
     Unavailable,
 )
+from provisioner.config import SandboxSettings
+from provisioner.failures import FailureCode
 from provisioner.model import Failure
 from provisioner.ports import Http, HttpError, HttpErrorKind, HttpRequest, HttpResponse
-from provisioner.settings import SandboxSettings
 
 _CAPACITY_MESSAGE = re.compile(r"maximum number of concurrent E2B sandboxes(?:\s*\((\d+)\))?", re.I)
 _JSON_HEADERS = (("content-type", "application/json"), ("accept", "application/json"))
@@ -84,13 +85,13 @@ def classify_failure(response: HttpResponse) -> CreateResult:
     if status >= 500:
         return Unavailable(status=status)
     if status in (401, 403):
-        code = "e2b_unauthorized"
+        code = FailureCode.E2B_UNAUTHORIZED
     elif status == 404:
-        code = "e2b_template_not_found"
+        code = FailureCode.E2B_TEMPLATE_NOT_FOUND
     elif status == 400:
-        code = "e2b_bad_request"
+        code = FailureCode.E2B_BAD_REQUEST
     else:
-        code = "e2b_unexpected_status"
+        code = FailureCode.E2B_UNEXPECTED_STATUS
     return CreateFailed(Failure(code, f"E2B answered {status}: {message}", retryable=False))
 
 
@@ -190,16 +191,18 @@ class E2BClient:
             )
         except HttpError as error:
             return Failure(
-                "e2b_unavailable",
+                FailureCode.E2B_UNAVAILABLE,
                 f"kill failed: {error}",
                 retryable=error.kind is not HttpErrorKind.DENIED,
             )
         if response.status in (200, 204, 404):
             return None
         if response.status in (401, 403):
-            return Failure("e2b_unauthorized", f"kill answered {response.status}", retryable=False)
+            return Failure(
+                FailureCode.E2B_UNAUTHORIZED, f"kill answered {response.status}", retryable=False
+            )
         return Failure(
-            "e2b_unavailable",
+            FailureCode.E2B_UNAVAILABLE,
             f"kill answered {response.status}: {_error_message(response)}",
             retryable=True,
         )
@@ -208,10 +211,16 @@ class E2BClient:
 def _transport_failure(error: HttpError) -> CreateResult:
     if error.kind is HttpErrorKind.DENIED:
         return CreateFailed(
-            Failure("e2b_denied", f"the host refused the request: {error.detail}", retryable=False)
+            Failure(
+                FailureCode.E2B_DENIED,
+                f"the host refused the request: {error.detail}",
+                retryable=False,
+            )
         )
     if error.kind is HttpErrorKind.INVALID_REQUEST:
         return CreateFailed(
-            Failure("e2b_bad_request", f"invalid request: {error.detail}", retryable=False)
+            Failure(
+                FailureCode.E2B_BAD_REQUEST, f"invalid request: {error.detail}", retryable=False
+            )
         )
     return Unavailable(status=None)

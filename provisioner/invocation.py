@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from provisioner.failures import FailureCode
 from provisioner.model import Invocation, ProvisionerError
 
 MAX_ID_CHARS = 128
@@ -22,13 +23,13 @@ _FORBIDDEN_IN_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
 def _check_id(field: str, value: str) -> str:
     if not value:
-        raise ProvisionerError("invalid_invocation", f"{field} is missing")
+        raise ProvisionerError(FailureCode.INVALID_INVOCATION, f"{field} is missing")
     if len(value) > MAX_ID_CHARS:
         raise ProvisionerError(
-            "invalid_invocation", f"{field} is longer than {MAX_ID_CHARS} characters"
+            FailureCode.INVALID_INVOCATION, f"{field} is longer than {MAX_ID_CHARS} characters"
         )
     if _FORBIDDEN_IN_ID.search(value):
-        raise ProvisionerError("invalid_invocation", f"{field} holds control characters")
+        raise ProvisionerError(FailureCode.INVALID_INVOCATION, f"{field} holds control characters")
     return value
 
 
@@ -37,7 +38,7 @@ def _json_object(field: str, text: str) -> dict[str, Any]:
         return {}
     if len(text.encode("utf-8", "surrogatepass")) > MAX_JSON_BYTES:
         raise ProvisionerError(
-            "invalid_invocation", f"{field} is larger than {MAX_JSON_BYTES} bytes"
+            FailureCode.INVALID_INVOCATION, f"{field} is larger than {MAX_JSON_BYTES} bytes"
         )
     if not text.strip():
         return {}
@@ -45,10 +46,10 @@ def _json_object(field: str, text: str) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError as error:
         raise ProvisionerError(
-            "invalid_invocation", f"{field} is not valid JSON: {error}"
+            FailureCode.INVALID_INVOCATION, f"{field} is not valid JSON: {error}"
         ) from None
     if not isinstance(value, dict):
-        raise ProvisionerError("invalid_invocation", f"{field} must be a JSON object")
+        raise ProvisionerError(FailureCode.INVALID_INVOCATION, f"{field} must be a JSON object")
     return value
 
 
@@ -75,16 +76,19 @@ def validate(invocation: Invocation) -> Request:
     entity_type = _check_id("entity_type", invocation.entity_type)
     entity_id = _check_id("entity_id", invocation.entity_id)
     if len(invocation.config) > MAX_CONFIG_ENTRIES:
-        raise ProvisionerError("invalid_config", f"more than {MAX_CONFIG_ENTRIES} config entries")
-    config: dict[str, str] = {}
+        raise ProvisionerError(
+            FailureCode.INVALID_CONFIG, f"more than {MAX_CONFIG_ENTRIES} config entries"
+        )
     for key, value in invocation.config:
         if len(value) > MAX_CONFIG_VALUE_CHARS:
-            raise ProvisionerError("invalid_config", f"config value of {key!r} is too long")
-        config[key] = value
+            raise ProvisionerError(
+                FailureCode.INVALID_CONFIG, f"config value of {key!r} is too long"
+            )
+    config = dict(invocation.config)
     operation = config.get("operation", "provision").strip().lower() or "provision"
     if operation not in OPERATIONS:
         raise ProvisionerError(
-            "unknown_operation",
+            FailureCode.UNKNOWN_OPERATION,
             f"operation {operation!r} is not one of {', '.join(OPERATIONS)}",
         )
     trigger_params = _json_object("trigger_params", invocation.trigger_params)
@@ -93,7 +97,7 @@ def validate(invocation: Invocation) -> Request:
     if session_id is not None:
         _check_id("session_id", session_id)
     if len(invocation.trace_id) > MAX_ID_CHARS:
-        raise ProvisionerError("invalid_invocation", "trace_id is too long")
+        raise ProvisionerError(FailureCode.INVALID_INVOCATION, "trace_id is too long")
     return Request(
         tenant=tenant,
         entity_type=entity_type,

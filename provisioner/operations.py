@@ -12,7 +12,6 @@ from typing import Any
 
 from provisioner.admission import (
     REASON_STORAGE,
-    AdmissionConfig,
     AdmissionController,
     Created,
     CreateFailed,
@@ -23,6 +22,7 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
+from provisioner.config import read_config
 from provisioner.e2b import E2BClient, SandboxInfo
 from provisioner.entity_records import (
     PENDING,
@@ -31,6 +31,7 @@ from provisioner.entity_records import (
     EntityRecords,
     idempotency_key,
 )
+from provisioner.failures import FailureCode
 from provisioner.invocation import Request
 from provisioner.model import (
     SANDBOX_QUEUED,
@@ -43,7 +44,6 @@ from provisioner.model import (
     failed,
 )
 from provisioner.ports import Ports, StorageConflict
-from provisioner.settings import SandboxSettings
 
 # A pending record outlives the longest a waiter may queue, then vanishes on its own.
 _PENDING_GRACE_MS = 10 * 60 * 1000
@@ -77,8 +77,9 @@ class Operations:
     def __init__(self, request: Request, ports: Ports) -> None:
         self.request = request
         self.ports = ports
-        self.settings = SandboxSettings.from_config(request.config)
-        self.admission_config = AdmissionConfig.from_config(request.config)
+        config = read_config(request.config)
+        self.settings = config.sandbox
+        self.admission_config = config.admission
         self.records = EntityRecords(ports.storage)
         self.waiter = Waiter(tenant=request.tenant, entity=request.entity)
 
@@ -108,7 +109,9 @@ class Operations:
                 continue
             return record, version
         raise ProvisionerError(
-            "storage_contention", "the entity record kept changing; try again", retryable=True
+            FailureCode.STORAGE_CONTENTION,
+            "the entity record kept changing; try again",
+            retryable=True,
         )
 
     def provision(self) -> Outcome:
@@ -127,7 +130,9 @@ class Operations:
             except Exception as error:
                 # The slot goes back now rather than when its lease runs out; the fault is
                 # ours, not E2B's, so no shared backoff.
-                failure = Failure("internal_error", f"create failed: {error!r}", retryable=False)
+                failure = Failure(
+                    FailureCode.INTERNAL_ERROR, f"create failed: {error!r}", retryable=False
+                )
                 self._settle(controller, grant, CreateFailed(failure))
                 raise
             record = record.with_attempt(grant.attempt)
@@ -139,7 +144,7 @@ class Operations:
         if isinstance(decision, Rejected):
             self._forget(version)
             return _rejected(decision)
-        raise ProvisionerError("internal_error", "admission gave no decision")
+        raise ProvisionerError(FailureCode.INTERNAL_ERROR, "admission gave no decision")
 
     def _settle(
         self, controller: AdmissionController, grant: Grant, result: CreateResult
@@ -185,7 +190,7 @@ class Operations:
             controller.release(self.waiter)
             return failed(
                 Failure(
-                    "released_during_create",
+                    FailureCode.RELEASED_DURING_CREATE,
                     "the entity was released while its sandbox was being created"
                     + ("" if kill_failure is None else f"; kill failed: {kill_failure.message}"),
                     retryable=False,
@@ -225,7 +230,11 @@ class Operations:
                 doomed = client.find_by_metadata("temper_idempotency_key", key)
             except Exception as error:  # HttpError: the kill would fail too
                 return failed(
-                    Failure("e2b_unavailable", f"could not list sandboxes: {error}", retryable=True)
+                    Failure(
+                        FailureCode.E2B_UNAVAILABLE,
+                        f"could not list sandboxes: {error}",
+                        retryable=True,
+                    )
                 )
         for sandbox_id in doomed:
             failure = client.kill(sandbox_id)
@@ -268,4 +277,3 @@ def dispatch(request: Request, ports: Ports) -> Outcome:
     if request.operation == "status":
         return operations.status()
     return operations.provision()
-

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -51,3 +53,67 @@ def mock_e2b() -> Iterator[object]:
 
     with MockE2BServer(MockE2BConfig(api_key=API_KEY)) as server:
         yield server
+
+
+def ci_requires_everything() -> bool:
+    """Under CI every test must run: a missing server fails instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_redis_server() -> None:
+    """Skip (locally) or fail (under CI) a test that needs Debian's redis-server."""
+    from host.multihost.redis_server import find_redis_server
+
+    if find_redis_server() is None:
+        message = "redis-server not installed (apt-get install redis-server)"
+        if ci_requires_everything():
+            pytest.fail(f"{message}; CI is set, so redis tests must run, not skip")
+        pytest.skip(message)
+
+
+# -- every answer the mock E2B sends in the suite is checked against E2B's OpenAPI ---------
+# The mock's app is wrapped (inside its raw-send keeper, so TCP resets still work) with a
+# tap that only records each answer; they are checked after the test, so the checking
+# takes no CPU from the servers and clients a test times. A test fails if an answer sent
+# during it (or before it, by a shared server) does not conform.
+# See tests/host/mock_e2b/openapi_check.py.
+
+_answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tap_mock_e2b_answers() -> Iterator[None]:
+    from host.mock_e2b.app import build_app
+    from host.mock_e2b.connection import KeepRawSend
+    from tests.host.mock_e2b.openapi_check import ResponseTap
+
+    def tapped_build_app(*args: Any, **kwargs: Any) -> Any:
+        app, runtime = build_app(*args, **kwargs)
+        assert isinstance(app, KeepRawSend)
+        return KeepRawSend(ResponseTap(app.app, _answers.put)), runtime
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("host.mock_e2b.server.build_app", tapped_build_app)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _mock_e2b_answers_conform(_tap_mock_e2b_answers: None) -> Iterator[None]:
+    from tests.host.mock_e2b.openapi_check import check_answer
+
+    yield
+    found: list[str] = []
+    checked: set[Any] = set()
+    while True:
+        try:
+            answer = _answers.get_nowait()
+        except queue.Empty:
+            break
+        key = (answer.method, answer.path, answer.status, answer.body,
+               tuple(sorted(answer.headers.items())))
+        if key not in checked:  # the same answer again (a poll's) conforms as the first did
+            checked.add(key)
+            found += check_answer(answer)
+    assert not found, "mock E2B answers that do not conform to E2B's OpenAPI:\n" + "\n".join(
+        found[:20]
+    )

@@ -70,6 +70,16 @@ def _cmd_mock_e2b(args: argparse.Namespace) -> int:
     return serve(config_from_args(args), host=args.host, port=args.port)
 
 
+def _cmd_mock_llm(args: argparse.Namespace) -> int:
+    from host.mock_llm.cli import config_from_args, serve
+
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        return _fail(str(error))
+    return serve(config, host=args.host, port=args.port)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from host.sessions.demo import run_demo
 
@@ -159,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(mock)
     mock.set_defaults(handler=_cmd_mock_e2b)
+
+    mock_llm = commands.add_parser(
+        "mock-llm", help="run the mock LLM API (Anthropic Messages) on loopback"
+    )
+    from host.mock_llm.cli import add_arguments as add_mock_llm_arguments
+
+    add_mock_llm_arguments(mock_llm)
+    mock_llm.set_defaults(handler=_cmd_mock_llm)
 
     demo = commands.add_parser("demo", help="provision and release one sandbox through the mock")
     _add_host_options(demo)

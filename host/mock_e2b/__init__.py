@@ -9,8 +9,11 @@ latency, faults and idempotency, checked against E2B's own SDK.
 
 Modules: ``config`` (MockE2BConfig, FaultRule, parse_fault), ``limits`` (GCRA),
 ``latency``, ``faults`` (which rule fires), ``state`` (the team's sandboxes and counters),
-``stats`` (the snapshot), ``wire`` (E2B's JSON), ``connection`` (TCP resets), ``app``
-(Starlette routes and the /_mock/ control API), ``server`` (uvicorn in a thread), ``cli``.
+``stats`` (the snapshot), ``wire`` (E2B's JSON and its request checks), ``connection``
+(TCP resets), ``app`` (Starlette routes, pause/resume/connect, the /_mock/ control API),
+``temperfs`` (an optional TemperFS under /tdata: see TEMPERFS.md), ``server`` (uvicorn in a
+thread), ``cli``. Answers are checked against E2B's OpenAPI description in the test suite
+(tests/host/mock_e2b/openapi/).
 """
 
 from host.mock_e2b.config import FaultRule, MockE2BConfig, parse_fault

@@ -32,6 +32,7 @@ _FIELDS = {
     "max_timeout_s": "max_timeout_s",
     "hang_s": "hang_s",
     "slow_body_ms": "slow_body_ms",
+    "temperfs": "temperfs",
 }
 
 
@@ -72,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sandbox lifetime when a create names none")
     parser.add_argument("--max-timeout-s", type=int, default=None,
                         help="longest sandbox lifetime accepted")
+    parser.add_argument("--temperfs", action="store_true", default=None,
+                        help="also serve a small TemperFS under /tdata (temper_api_url)")
     parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
                         help="inject a fault, e.g. 503:p=0.1, 502+retry:n=3-6, "
                              "reset:p=0.05:after-create, hang:n=2, malformed:p=0.1, "
@@ -119,6 +122,9 @@ def serve(config: MockE2BConfig, host: str = "127.0.0.1", port: int = 0) -> int:
                   flush=True)
             print(f"control API: {server.url}/_mock/config, /_mock/stats, /_mock/reset",
                   flush=True)
+            if config.temperfs:
+                print(f"TemperFS: {server.url}/tdata/ (records: {server.url}/_mock/temperfs)",
+                      flush=True)
             while not stop.wait(0.5):
                 pass
         return 0

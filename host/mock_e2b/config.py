@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 FaultKind = Literal["status", "reset", "hang", "malformed_json", "slow_body"]
-FaultRoute = Literal["create", "kill", "get", "list", "timeout", "refresh", "any"]
+FaultRoute = Literal[
+    "create", "kill", "get", "list", "timeout", "refresh", "connect", "pause", "resume",
+    "tdata", "any"
+]
 OverloadMode = Literal["reject", "slow"]
 
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
@@ -161,8 +164,11 @@ class MockE2BConfig:
     # retries a 429 *without* that header (with backoff), so "false" keeps the SDK from
     # retrying the cap; None omits the header.
     capacity_should_retry: str | None = "false"
-    # Sandbox lifetime bounds, seconds (E2B: default 300, at most 24 h on Pro).
-    default_timeout_s: int = 300
+    # Sandbox lifetime bounds, seconds. E2B's default is 15 s (spec: NewSandbox.timeout and
+    # ResumedSandbox.timeout default 15; a refresh is never shorter: infra
+    # packages/api/internal/sandbox/sandboxtypes/states.go SandboxTimeoutDefault); at most
+    # 24 h on Pro.
+    default_timeout_s: int = 15
     max_timeout_s: int = 86_400
     # Rules; JSON objects and command-line strings are accepted too and turned into rules.
     faults: tuple[FaultRule, ...] = ()
@@ -170,6 +176,8 @@ class MockE2BConfig:
     slow_body_ms: float = 2000.0
     envd_version: str = "0.2.0"
     domain: str | None = None
+    # Serve a small TemperFS under /tdata on the same server (host/mock_e2b/temperfs.py).
+    temperfs: bool = False
 
     def __post_init__(self) -> None:
         if not self.api_key:

@@ -17,6 +17,7 @@ from host.mock_e2b.app import build_app
 from host.mock_e2b.config import MockE2BConfig
 from host.mock_e2b.state import Clock, MockState
 from host.mock_e2b.stats import MockE2BStats
+from host.mock_e2b.temperfs import TemperFSStore
 
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
@@ -178,6 +179,17 @@ class MockE2BServer:
         """Running sandboxes: sandbox_id, template_id, metadata, started_at, end_at,
         idempotency_key."""
         return self._state.running()
+
+    @property
+    def temperfs(self) -> TemperFSStore:
+        """The TemperFS records (served under /tdata when ``config.temperfs``): workspaces,
+        files with their content, and every request sent there."""
+        return self._state.temperfs
+
+    @property
+    def temperfs_url(self) -> str:
+        """The base a client puts in ``temper_api_url``: requests go to ``{url}/tdata/...``."""
+        return self.url
 
     def orphans(self, held_ids: set[str]) -> list[str]:
         """Running sandboxes that are not in ``held_ids`` (what the caller says it holds)."""

@@ -24,6 +24,7 @@ from host.mock_e2b.faults import FaultPicker
 from host.mock_e2b.latency import LatencySampler
 from host.mock_e2b.limits import Gcra, RateDecision
 from host.mock_e2b.stats import MockE2BStats
+from host.mock_e2b.temperfs import TemperFSStore
 
 Clock = Callable[[], float]
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -44,6 +45,7 @@ class SandboxRecord:
     allow_internet_access: bool | None
     auto_pause: bool
     idempotency_key: str | None
+    state: str = "running"  # or "paused"
 
 
 @dataclass
@@ -65,6 +67,8 @@ class _Counters:
     unauthorized: int = 0
     kills_not_found: int = 0
     requests_total: int = 0
+    sandboxes_paused: int = 0
+    sandboxes_resumed: int = 0
 
 
 class MockState:
@@ -77,10 +81,13 @@ class MockState:
         self._changed = threading.Condition()
         self._clock = clock
         self._config = config
+        self.temperfs = TemperFSStore(config.seed)
         self._clear(config)
 
     def _clear(self, config: MockE2BConfig) -> None:
+        # Running sandboxes (the only ones that count against the cap) and paused ones.
         self._sandboxes: dict[str, SandboxRecord] = {}
+        self._paused: dict[str, SandboxRecord] = {}
         # Killed and expired sandboxes, so a replayed Idempotency-Key still names its sandbox.
         self._gone: dict[str, SandboxRecord] = {}
         # Clock times at which killed sandboxes stop counting against the cap, sorted.
@@ -128,6 +135,7 @@ class MockState:
         """Forget every sandbox, key and counter; restart the seeded streams."""
         with self._mutating():
             self._clear(self._config)
+        self.temperfs.reset()
 
     def wall_time(self, clock_time: float) -> datetime:
         return datetime.fromtimestamp(self._wall_origin + clock_time - self._clock_origin, UTC)
@@ -272,14 +280,67 @@ class MockState:
     # -- other routes --------------------------------------------------------------------
 
     def get(self, sandbox_id: str) -> SandboxRecord | None:
+        """A running or paused sandbox."""
         with self._lock:
             self._sweep(self._clock())
-            return self._sandboxes.get(sandbox_id)
+            return self._sandboxes.get(sandbox_id) or self._paused.get(sandbox_id)
 
     def all_running(self) -> list[SandboxRecord]:
         with self._lock:
             self._sweep(self._clock())
             return sorted(self._sandboxes.values(), key=lambda r: (r.started_at, r.sandbox_id))
+
+    def listed(self, states: frozenset[str]) -> list[SandboxRecord]:
+        """Running and/or paused sandboxes, oldest first."""
+        with self._lock:
+            self._sweep(self._clock())
+            records = list(self._sandboxes.values()) if "running" in states else []
+            if "paused" in states:
+                records += self._paused.values()
+            return sorted(records, key=lambda r: (r.started_at, r.sandbox_id))
+
+    def pause(self, sandbox_id: str) -> str:
+        """Pauses a running sandbox: "paused", "already_paused" or "not_found". A paused
+        sandbox stops counting against the cap and does not expire."""
+        with self._mutating():
+            self._sweep(self._clock())
+            if sandbox_id in self._paused:
+                return "already_paused"
+            record = self._sandboxes.pop(sandbox_id, None)
+            if record is None:
+                return "not_found"
+            self._park(record)
+            return "paused"
+
+    def resume(self, sandbox_id: str, timeout_s: int, extend_running: bool) -> tuple[str, Any]:
+        """Brings a sandbox back for ``timeout_s``: ("resumed", record), ("running", record)
+        (already running: its end moves only later with ``extend_running``, else it is left
+        alone), ("capacity", cap) when resuming would pass the cap, or ("not_found", None)."""
+        with self._mutating():
+            now = self._clock()
+            self._sweep(now)
+            running = self._sandboxes.get(sandbox_id)
+            if running is not None:
+                if extend_running:
+                    running.end_at = max(running.end_at, now + timeout_s)
+                return "running", running
+            record = self._paused.get(sandbox_id)
+            if record is None:
+                return "not_found", None
+            cap = self._config.max_sandboxes
+            if cap is not None and self._capacity_in_use() >= cap:
+                self._counters.capacity_limited += 1
+                return "capacity", cap
+            del self._paused[sandbox_id]
+            record.state = "running"
+            record.end_at = now + timeout_s
+            self._sandboxes[sandbox_id] = record
+            counters = self._counters
+            counters.sandboxes_resumed += 1
+            counters.max_running_sandboxes = max(
+                counters.max_running_sandboxes, len(self._sandboxes)
+            )
+            return "resumed", record
 
     def kill(self, sandbox_id: str) -> bool:
         with self._mutating():
@@ -287,8 +348,14 @@ class MockState:
             self._sweep(now)
             record = self._sandboxes.pop(sandbox_id, None)
             if record is None:
-                self._counters.kills_not_found += 1
-                return False
+                paused = self._paused.pop(sandbox_id, None)
+                if paused is None:
+                    self._counters.kills_not_found += 1
+                    return False
+                # A paused sandbox held no slot: its kill frees nothing, so no lag either.
+                self._gone[sandbox_id] = paused
+                self._counters.sandboxes_killed += 1
+                return True
             self._gone[sandbox_id] = record
             self._counters.sandboxes_killed += 1
             lag_s = self._config.kill_capacity_lag_ms / 1000.0
@@ -314,6 +381,7 @@ class MockState:
         with self._lock:
             self._sweep(self._clock())
             c = self._counters
+            workspaces, files, fs_requests = self.temperfs.counts()
             return MockE2BStats(
                 creates_attempted=c.creates_attempted,
                 creates_in_flight=c.creates_in_flight,
@@ -322,6 +390,9 @@ class MockState:
                 sandboxes_killed=c.sandboxes_killed,
                 sandboxes_expired=c.sandboxes_expired,
                 running_sandboxes=len(self._sandboxes),
+                paused_sandboxes=len(self._paused),
+                sandboxes_paused=c.sandboxes_paused,
+                sandboxes_resumed=c.sandboxes_resumed,
                 max_running_sandboxes=c.max_running_sandboxes,
                 capacity_in_use=self._capacity_in_use(),
                 rate_limited=c.rate_limited,
@@ -336,6 +407,9 @@ class MockState:
                 unauthorized=c.unauthorized,
                 kills_not_found=c.kills_not_found,
                 requests_total=c.requests_total,
+                temperfs_workspaces=workspaces,
+                temperfs_files=files,
+                temperfs_requests=fs_requests,
             )
 
     def running(self) -> list[dict[str, Any]]:
@@ -372,6 +446,11 @@ class MockState:
                     raise TimeoutError(f"mock E2B stats never matched; last: {stats}")
                 self._changed.wait(min(remaining, _RECHECK_S))
 
+    def notify_changed(self) -> None:
+        """Wakes ``wait_for``: something it may read (the TemperFS counts) changed."""
+        with self._changed:
+            self._changed.notify_all()
+
     # -- internals -----------------------------------------------------------------------
 
     @contextmanager
@@ -386,11 +465,20 @@ class MockState:
     def _capacity_in_use(self) -> int:
         return len(self._sandboxes) + self._reserved + len(self._lingering)
 
+    def _park(self, record: SandboxRecord) -> None:
+        record.state = "paused"
+        self._paused[record.sandbox_id] = record
+        self._counters.sandboxes_paused += 1
+
     def _sweep(self, now: float) -> None:
         expired = [sid for sid, r in self._sandboxes.items() if r.end_at <= now]
         for sandbox_id in expired:
-            self._gone[sandbox_id] = self._sandboxes.pop(sandbox_id)
-        self._counters.sandboxes_expired += len(expired)
+            record = self._sandboxes.pop(sandbox_id)
+            if record.auto_pause:  # NewSandbox.autoPause: pause, not kill, at the timeout
+                self._park(record)
+            else:
+                self._gone[sandbox_id] = record
+                self._counters.sandboxes_expired += 1
         released = bisect.bisect_right(self._lingering, now)
         if released:
             del self._lingering[:released]

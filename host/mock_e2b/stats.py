@@ -23,6 +23,9 @@ class MockE2BStats:
     sandboxes_killed: int = 0
     sandboxes_expired: int = 0
     running_sandboxes: int = 0
+    paused_sandboxes: int = 0
+    sandboxes_paused: int = 0
+    sandboxes_resumed: int = 0
     max_running_sandboxes: int = 0
     capacity_in_use: int = 0
     rate_limited: int = 0
@@ -37,6 +40,9 @@ class MockE2BStats:
     unauthorized: int = 0
     kills_not_found: int = 0
     requests_total: int = 0
+    temperfs_workspaces: int = 0
+    temperfs_files: int = 0
+    temperfs_requests: int = 0
 
     @property
     def throttled(self) -> int:

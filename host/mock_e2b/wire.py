@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -25,6 +26,25 @@ def error_response(
 ) -> JSONResponse:
     """E2B's error body: ``{"code": <status>, "message": ...}``."""
     return JSONResponse({"code": status, "message": message}, status, headers=dict(headers or {}))
+
+
+# E2B's sandbox ids are lowercase letters and digits; the API also takes the legacy
+# "<sandboxID>-<clientID>" form and drops the suffix (infra: packages/api/internal/utils/
+# split.go ShortID, packages/shared/pkg/id/id.go ValidateSandboxID).
+_SANDBOX_ID = re.compile(r"[a-z0-9]+")
+INT32_MAX = 2**31 - 1
+MAX_REFRESH_S = 3600  # spec: SandboxRefreshRequest.duration maximum
+MIN_PAGE, MAX_PAGE = 1, 100  # spec: components/parameters/paginationLimit
+SANDBOX_STATES = ("running", "paused")  # spec: SandboxState
+ORDERS = ("asc", "desc")  # spec: OrderDirection (default desc)
+
+
+def short_sandbox_id(raw: str) -> str:
+    """The sandbox id a path names, as E2B reads it; BadRequest when it is malformed."""
+    parts = raw.split("-")
+    if len(parts) > 2 or _SANDBOX_ID.fullmatch(parts[0]) is None:
+        raise BadRequest("Invalid sandbox ID")
+    return parts[0]
 
 
 @dataclass(frozen=True)
@@ -49,32 +69,85 @@ def _string_map(body: Mapping[str, Any], name: str) -> dict[str, str]:
     return dict(value)
 
 
+def _optional(body: Mapping[str, Any], name: str, kind: type, what: str) -> Any:
+    """``body[name]`` when present; BadRequest when it is not of ``kind``. JSON's true and
+    false are never integers here, as the spec's validator sees them."""
+    if name not in body:
+        return None
+    value = body[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadRequest(f"{name} must be {what}")
+    return value
+
+
+def seconds_field(
+    body: Mapping[str, Any], name: str, *, default: int | None, maximum: int = INT32_MAX
+) -> int:
+    """An int32 seconds field with the spec's ``minimum: 0``; BadRequest otherwise."""
+    value = _optional(body, name, int, "an integer number of seconds")
+    if value is None:
+        if default is None:
+            raise BadRequest(f"{name} is required")
+        return default
+    if not 0 <= value <= maximum:
+        raise BadRequest(f"{name} must be between 0 and {maximum}")
+    return int(value)
+
+
+def lifetime_field(body: Mapping[str, Any], default_s: int, max_s: int) -> int:
+    """A create's or resume's ``timeout``: positive and at most the plan's limit (infra:
+    packages/api/internal/handlers/timeout_helper.go validateAndParseTimeout)."""
+    timeout = seconds_field(body, "timeout", default=default_s)
+    if timeout <= 0:
+        raise BadRequest("Timeout must be greater than 0")
+    if timeout > max_s:
+        raise BadRequest(f"Timeout cannot be greater than {max_s // 3600} hours")
+    return timeout
+
+
+def json_object(body: Any, *, required: bool) -> dict[str, Any]:
+    """A request body that the spec declares as an object (absent allowed unless required)."""
+    if body is None and not required:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
 def parse_create(
     body: Any, idempotency_key: str | None, default_timeout_s: int, max_timeout_s: int
 ) -> CreateRequest:
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+    """A create body checked against the spec's NewSandbox schema (timeout default 15)."""
+    body = json_object(body, required=True)
     template_id = body.get("templateID")
     if not isinstance(template_id, str) or not template_id:
         raise BadRequest("templateID is required")
-    timeout = body.get("timeout", default_timeout_s)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
-        raise BadRequest("timeout must be a positive integer (seconds)")
-    if timeout > max_timeout_s:
-        raise BadRequest(f"timeout cannot be greater than {max_timeout_s // 3600} hours")
+    timeout = lifetime_field(body, default_timeout_s, max_timeout_s)
     if idempotency_key is not None and IDEMPOTENCY_KEY.fullmatch(idempotency_key) is None:
         raise BadRequest(
             "Idempotency-Key must be 1-255 characters of lowercase letters, digits and hyphens"
         )
-    allow_internet_access = body.get("allow_internet_access")
-    if allow_internet_access is not None and not isinstance(allow_internet_access, bool):
-        raise BadRequest("allow_internet_access must be a boolean")
+    for flag in ("autoPause", "autoPauseMemory", "secure", "allow_internet_access"):
+        _optional(body, flag, bool, "a boolean")
+    for obj in ("network", "iam"):
+        _optional(body, obj, dict, "an object")
+    if body.get("mcp") is not None:
+        _optional(body, "mcp", dict, "an object or null")
+    auto_resume = _optional(body, "autoResume", dict, "an object")
+    if auto_resume is not None and not isinstance(auto_resume.get("enabled"), bool):
+        raise BadRequest("autoResume.enabled must be a boolean")
+    mounts = _optional(body, "volumeMounts", list, "an array")
+    if mounts is not None and not all(
+        isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("path"), str)
+        for m in mounts
+    ):
+        raise BadRequest("volumeMounts must be objects with string name and path")
     return CreateRequest(
         template_id=template_id,
         timeout_s=timeout,
         metadata=_string_map(body, "metadata"),
         env_vars=_string_map(body, "envVars"),
-        allow_internet_access=allow_internet_access,
+        allow_internet_access=body.get("allow_internet_access"),
         auto_pause=bool(body.get("autoPause", False)),
         idempotency_key=idempotency_key,
     )
@@ -91,11 +164,81 @@ def parse_metadata_filter(raw: str | None) -> dict[str, str]:
     return {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in pairs}
 
 
-def timeout_field(body: Any, name: str, default: int | None, max_s: int) -> int:
-    value = body.get(name, default) if isinstance(body, dict) else default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"{name} must be a non-negative integer (seconds)")
-    return min(value, max_s)
+@dataclass(frozen=True)
+class ListQuery:
+    """The v2 list's query parameters, checked as the spec declares them."""
+
+    metadata: dict[str, str]
+    states: frozenset[str]
+    order: str
+    started_after: datetime | None
+    template: str | None
+    limit: int
+    cursor: tuple[datetime, str] | None
+
+
+def _rfc3339(raw: str, what: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise BadRequest(f"{what} must be an RFC 3339 date-time") from exc
+    if moment.tzinfo is None:
+        raise BadRequest(f"{what} must carry a time zone")
+    return moment.astimezone(UTC)
+
+
+def rfc3339_nano(moment: datetime) -> str:
+    """Go's time.RFC3339Nano for a UTC time: trailing zeros of the fraction dropped."""
+    text = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{moment.microsecond:06d}".rstrip("0")
+    return f"{text}.{fraction}Z" if fraction else f"{text}Z"
+
+
+def encode_cursor(started: datetime, sandbox_id: str, order: str) -> str:
+    """E2B's list cursor: base64url of ``<RFC3339Nano>__<sandboxID>[__asc]``
+    (infra: packages/api/internal/utils/sandboxes_list.go ParseCursor)."""
+    raw = f"{rfc3339_nano(started)}__{sandbox_id}" + ("__asc" if order == "asc" else "")
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def decode_cursor(token: str, order: str) -> tuple[datetime, str]:
+    try:
+        parts = base64.urlsafe_b64decode(token.encode()).decode().split("__")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("Invalid next token: error decoding cursor") from exc
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "asc"):
+        raise BadRequest("Invalid next token: invalid cursor format")
+    if ("asc" if len(parts) == 3 else "desc") != order:
+        raise BadRequest("Invalid next token: the cursor was made for the other order")
+    return _rfc3339(parts[0], "the cursor's timestamp"), parts[1]
+
+
+def parse_list_query(params: Mapping[str, str], version: int) -> ListQuery:
+    """v1 lists running sandboxes only and takes ``metadata`` alone; v2 takes the rest."""
+    metadata = parse_metadata_filter(params.get("metadata"))
+    if version == 1:
+        return ListQuery(metadata, frozenset({"running"}), "desc", None, None, INT32_MAX, None)
+    raw_states = params.get("state")
+    states = frozenset(SANDBOX_STATES if raw_states is None else raw_states.split(","))
+    unknown = sorted(states - set(SANDBOX_STATES))
+    if unknown:
+        raise BadRequest(f"Invalid state {unknown[0]!r}: expected one of {SANDBOX_STATES}")
+    order = params.get("order", "desc")
+    if order not in ORDERS:
+        raise BadRequest(f"Invalid order parameter: unknown order {order!r}")
+    raw_after = params.get("startedAfter")
+    started_after = None if raw_after is None else _rfc3339(raw_after, "startedAfter")
+    raw_limit = params.get("limit", str(MAX_PAGE))
+    try:
+        limit = int(raw_limit)
+    except ValueError as exc:
+        raise BadRequest("limit must be an integer") from exc
+    if not MIN_PAGE <= limit <= MAX_PAGE:
+        raise BadRequest(f"limit must be between {MIN_PAGE} and {MAX_PAGE}")
+    token = params.get("nextToken")
+    cursor = decode_cursor(token, order) if token else None
+    return ListQuery(metadata, states, order, started_after, params.get("template") or None,
+                     limit, cursor)
 
 
 def _iso(moment: datetime) -> str:
@@ -127,7 +270,7 @@ def listed_body(
         "cpuCount": 2,
         "memoryMB": 512,
         "diskSizeMB": 1024,
-        "state": "running",
+        "state": record.state,
         "envdVersion": envd_version,
         "metadata": dict(record.metadata),
     }

@@ -11,6 +11,8 @@ The port stays the same across restarts, so clients keep their URL. With `persis
 (the default) data survives `stop`/`start` through the append-only file in the temporary
 directory; with `persistent=False` every start begins empty, like a Redis without
 persistence. Readiness is awaited on the server's own "Ready to accept connections" line.
+With `cluster_node=True` the server is a Redis Cluster node, its cluster bus on a free port
+of its own (`cluster_port`); `redis-cli --cluster create` then forms a cluster of them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -55,6 +58,8 @@ class RedisServer:
         executable: str | None = None,
         persistent: bool = True,
         startup_timeout_s: float = 10.0,
+        extra_args: Sequence[str] = (),
+        cluster_node: bool = False,
     ) -> None:
         found = executable or find_redis_server()
         if found is None:
@@ -64,6 +69,12 @@ class RedisServer:
         self.executable = found
         self.persistent = persistent
         self.startup_timeout_s = startup_timeout_s
+        # More redis-server options, e.g. `--cluster-enabled yes` for a cluster node.
+        self.extra_args = tuple(extra_args)
+        # A cluster node also listens on a bus port, chosen free like the port (Redis's
+        # default, port + 10000, can lie above 65535 or be taken).
+        self.cluster_node = cluster_node
+        self.cluster_port = 0
         self.port = 0
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[str] | None = None
@@ -105,6 +116,8 @@ class RedisServer:
         # A free port can be taken between probing and binding: try a few.
         for _ in range(_PORT_ATTEMPTS):
             port = _free_loopback_port()
+            if self.cluster_node:
+                self.cluster_port = _free_loopback_port()
             try:
                 self._launch(port)
             except RedisServerError:
@@ -156,7 +169,14 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", "",
             "--loglevel", "notice",
+            *self.extra_args,
         ]  # fmt: skip
+        if self.cluster_node:
+            args += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(self.cluster_port),
+            ]  # fmt: skip
         if not self.persistent:
             for leftover in self.data_dir.glob("*"):
                 if leftover.is_dir():

@@ -40,12 +40,12 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from host.multihost.worker import WorkerSettings
-from host.services.namespaces import account_namespace
+from host.services.namespaces import ScopedStorage
 from host.sessions.invocations import ENTITY_TYPE
 from host.sessions.model import Job
 from host.storage import storage_from_uri
-from provisioner.admission.leases import prune_expired
-from provisioner.admission.state import GATE_KEY, GateState
+from provisioner.admission.inspect import GateView, inspect_gates
+from provisioner.config import AdmissionConfig
 
 if TYPE_CHECKING:
     from host.mock_e2b import MockE2BServer
@@ -456,19 +456,17 @@ def creating_with_sessions_queued(host: str) -> Callable[[Sequence[Event]], bool
     return holds
 
 
-def read_gate(storage_url: str, account: str, *, pruned: bool = True) -> tuple[GateState, int]:
-    """The account's gate document as stored, and the storage clock's now; `pruned` drops
-    the leases that have expired by then (what the next decision will see)."""
-    storage = storage_from_uri(storage_url)
+def read_gate(storage_url: str, account: str, *, pruned: bool = True) -> tuple[GateView, int]:
+    """The account's admission state (the guest's public inspection view), and the storage
+    clock's now; `pruned` drops the leases that have expired by then (what the next
+    decision will see)."""
+    backend = storage_from_uri(storage_url)
     try:
-        entry = storage.get(account_namespace(account), GATE_KEY)
-        now = storage.now_ms()
+        now = backend.now_ms()
+        view = inspect_gates(ScopedStorage(backend, tenant="", account=account), now, prune=pruned)
     finally:
-        storage.close()
-    state = GateState() if entry is None else GateState.from_bytes(entry.value)
-    if pruned:
-        prune_expired(state, now)
-    return state, now
+        backend.close()
+    return view, now
 
 
 def wait_until_leases_leave(
@@ -484,9 +482,9 @@ def wait_until_leases_leave(
     Storage offers no change notification, so this polls."""
     deadline = time.monotonic() + timeout
     while True:
-        state, now = read_gate(storage_url, account, pruned=False)
-        held = {c.lease_id for c in state.create_leases} | {
-            s.lease_id for s in state.sandbox_leases
+        gate, now = read_gate(storage_url, account, pruned=False)
+        held = {c.lease_id for c in gate.create_slots.leases} | {
+            s.lease_id for s in gate.capacity.leases
         }
         if not held & lease_ids:
             return now
@@ -571,7 +569,7 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=3000,
         help="a create slot's lease: how long a dead host's slot stays taken "
-        "(default 3000; production default 150000)",
+        f"(default 3000; production default {AdmissionConfig.create_lease_ms})",
     )
     parser.add_argument("--turns", type=int, default=3, help="turns per session (default 3)")
     parser.add_argument(
@@ -714,7 +712,7 @@ def kill_mid_create(cluster: Cluster, name: str, *, timeout: float) -> dict[str,
     unfinished = cluster.kill(name)
     url, account = cluster.settings.storage_url, cluster.settings.account
     gate, killed_ms = read_gate(url, account)
-    held = {c.lease_id: c.expires_ms for c in gate.create_leases if c.entity in entities}
+    held = {c.lease_id: c.expires_ms for c in gate.create_slots.leases if c.entity in entities}
     reclaimed_ms = None
     if held:
         reclaimed_ms = wait_until_leases_leave(url, account, set(held), timeout=timeout)
@@ -755,8 +753,8 @@ def summarise(
         "duplicate_sandboxes": stats.duplicates,
         "orphaned_sandboxes": len(orphans),
         "throttled_by_e2b": stats.throttled,
-        "permits_left": len(gate.create_leases) + len(gate.sandbox_leases),
-        "waiters_left": gate.waiting(),
+        "permits_left": gate.permits_held,
+        "waiters_left": len(gate.waiters),
         "grant_order": "".join(str(e["tenant"])[-1] for e in grants),
         "max_tenant_lead": max_tenant_lead(grants),
         "mean_place_gap": round(mean_rank_gap(grants), 2),

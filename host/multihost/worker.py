@@ -42,7 +42,7 @@ from host.sessions.invokers import ComponentInvoker
 from host.sessions.model import Job, SessionEvent
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
-from provisioner.admission.state import GATE_KEY
+from provisioner.admission.inspect import GATE_KEY
 from provisioner.model import SANDBOX_FAILED, SANDBOX_QUEUED, Invocation, Outcome
 from provisioner.ports import Entry, HttpError, HttpRequest, HttpResponse, LogLevel
 

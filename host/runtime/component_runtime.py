@@ -28,6 +28,7 @@ from host.services.http_gateway import HttpGateway
 from host.services.namespaces import ScopedStorage
 from host.services.telemetry import InvocationTag, LoggingTelemetry, TelemetrySink
 from host.storage.base import StorageBackend
+from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, failed
 from provisioner.ports import (
     HttpError,
@@ -275,7 +276,7 @@ class ComponentRuntime:
             # WIT strings are Unicode scalar values: a lone surrogate cannot cross the boundary.
             return failed(
                 Failure(
-                    "invalid_invocation",
+                    FailureCode.INVALID_INVOCATION,
                     f"{unencodable} is not valid Unicode (it holds a lone surrogate)",
                     retryable=False,
                 )
@@ -301,7 +302,9 @@ class ComponentRuntime:
             instance = self.loaded_instance(store)
             func = instance.get_func(store, self._run_index)
             if func is None:
-                return failed(Failure("host_error", "run export not found", retryable=False))
+                return failed(
+                    Failure(FailureCode.HOST_ERROR, "run export not found", retryable=False)
+                )
             raw = func(
                 store,
                 _record(
@@ -321,7 +324,9 @@ class ComponentRuntime:
             return failed(_classify_trap(error, store, budgets))
         except (ValueError, TypeError) as error:
             # A value that does not fit the WIT types, on either side of the boundary.
-            return failed(Failure("host_error", f"{type(error).__name__}: {error}", False))
+            return failed(
+                Failure(FailureCode.HOST_ERROR, f"{type(error).__name__}: {error}", False)
+            )
         finally:
             self._local.call = None
         return _outcome_from_wit(raw, budgets)
@@ -360,17 +365,25 @@ def _classify_trap(error: Exception, store: wasmtime.Store, budgets: Budgets) ->
     except Exception:
         fuel_left = -1
     if fuel_left == 0 or "all fuel consumed" in text:
-        return Failure("fuel_exhausted", f"the guest used its {budgets.fuel} fuel", retryable=False)
+        return Failure(
+            FailureCode.FUEL_EXHAUSTED, f"the guest used its {budgets.fuel} fuel", retryable=False
+        )
     if "interrupt" in text:
         return Failure(
-            "deadline_exceeded", f"the guest ran past {budgets.deadline_ms} ms", retryable=True
+            FailureCode.DEADLINE_EXCEEDED,
+            f"the guest ran past {budgets.deadline_ms} ms",
+            retryable=True,
         )
     if "memory" in text and ("limit" in text or "grow" in text):
-        return Failure("memory_exhausted", "the guest hit its memory cap", retryable=False)
+        return Failure(
+            FailureCode.MEMORY_EXHAUSTED, "the guest hit its memory cap", retryable=False
+        )
     # wasmtime puts the backtrace first and the reason after "Caused by:".
     reason = text.rsplit("Caused by:", 1)[-1].strip()
     first_line = reason.splitlines()[0].strip() if reason else type(error).__name__
-    return Failure("guest_trap", f"the guest trapped: {first_line[:300]}", retryable=False)
+    return Failure(
+        FailureCode.GUEST_TRAP, f"the guest trapped: {first_line[:300]}", retryable=False
+    )
 
 
 def _outcome_from_wit(raw: Any, budgets: Budgets) -> Outcome:
@@ -386,7 +399,7 @@ def _outcome_from_wit(raw: Any, budgets: Budgets) -> Outcome:
         if size > budgets.result_bytes:
             return failed(
                 Failure(
-                    "result_too_large",
+                    FailureCode.RESULT_TOO_LARGE,
                     f"the guest's result is {size} bytes,"
                     f" over the {budgets.result_bytes} byte limit",
                     retryable=False,
@@ -404,7 +417,9 @@ def _outcome_from_wit(raw: Any, budgets: Budgets) -> Outcome:
     except (ValueError, AttributeError) as problem:
         return failed(
             Failure(
-                "malformed_result", f"the guest's result is malformed: {problem}", retryable=False
+                FailureCode.MALFORMED_RESULT,
+                f"the guest's result is malformed: {problem}",
+                retryable=False,
             )
         )
 

@@ -40,6 +40,7 @@ from host.sessions.model import (
     SessionEvent,
     SessionResult,
 )
+from provisioner.failures import FailureCode
 from provisioner.model import (
     SANDBOX_FAILED,
     SANDBOX_QUEUED,
@@ -326,7 +327,9 @@ class SessionDriver:
             outcome = self.invoker.invoke(invocation)
         except Exception as error:  # an invoker bug must not wedge the session
             outcome = failed(
-                Failure("host_error", f"{type(error).__name__}: {error}"[:300], retryable=True)
+                Failure(
+                    FailureCode.HOST_ERROR, f"{type(error).__name__}: {error}"[:300], retryable=True
+                )
             )
         with self._cond:
             self._inbox.append(_Done(job_id, call, operation, outcome))

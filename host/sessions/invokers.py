@@ -9,6 +9,7 @@ from urllib.parse import quote
 import httpx
 
 from host.runtime.component_runtime import ComponentRuntime
+from provisioner.failures import FailureCode
 from provisioner.model import (
     SANDBOX_READY,
     SANDBOX_RELEASED,
@@ -116,7 +117,7 @@ def _message(response: httpx.Response) -> str:
 
 
 def _release_failure(message: str) -> Outcome:
-    return failed(Failure("e2b_unavailable", message, retryable=True))
+    return failed(Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True))
 
 
 def _legacy_failure(message: str) -> Outcome:

@@ -132,7 +132,8 @@ class Scenario:
             ("poll_max_ms", str(poll_max_ms)),
             ("poll_min_ms", str(min(200, poll_max_ms))),
         ]
-        # No E2B cap: the component's own gate must not invent one (its defaults are 4/20).
+        # No E2B cap: the component's own gate must not invent one (its defaults,
+        # provisioner.config.AdmissionConfig, would cap creates and sandboxes).
         slots = e2b.max_concurrent_creates or 1000
         pairs.append(("create_slots", str(min(slots, 1000))))
         pairs.append(("max_sandboxes", str(min(e2b.max_sandboxes or 100_000, 100_000))))

@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from typing import Self
 
-from host.storage.base import (
-    Entry,
-    StorageConflict,
-    check_key,
-    check_ttl,
-    check_value,
-)
+from host.storage.base import CheckedBackend, Clock, Entry, StorageConflict, Write
+from host.storage.registry import StorageURIError
 
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class MemoryBackend:
-    def __init__(self, clock: Callable[[], int] = _wall_clock_ms) -> None:
+class MemoryBackend(CheckedBackend):
+    schemes = ("memory",)
+
+    def __init__(self, clock: Clock = _wall_clock_ms) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         # (namespace, key) -> (value, version, expires_at_ms or None)
         self._data: dict[tuple[str, str], tuple[bytes, int, int | None]] = {}
         self._next_version = 1
 
+    @classmethod
+    def from_uri(cls, uri: str, *, clock: Clock | None = None) -> Self:
+        if uri.partition("://")[2]:
+            raise StorageURIError(f"memory:// takes nothing after the scheme, got {uri!r}")
+        return cls() if clock is None else cls(clock)
+
     def now_ms(self) -> int:
         return self._clock()
+
+    def close(self) -> None:
+        pass
 
     def _live(self, slot: tuple[str, str], now: int) -> tuple[bytes, int, int | None] | None:
         found = self._data.get(slot)
@@ -37,37 +43,25 @@ class MemoryBackend:
             return None
         return found
 
-    def get(self, namespace: str, key: str) -> Entry | None:
-        check_key(key)
+    def _get(self, namespace: str, key: str) -> Entry | None:
         with self._lock:
             found = self._live((namespace, key), self._clock())
         return None if found is None else Entry(found[0], found[1])
 
-    def compare_and_swap(
-        self,
-        namespace: str,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
-        check_key(key)
-        check_value(value)
-        check_ttl(ttl_ms)
+    def _compare_and_swap(self, write: Write) -> int:
         with self._lock:
             now = self._clock()
-            slot = (namespace, key)
+            slot = (write.namespace, write.key)
             found = self._live(slot, now)
-            current = None if found is None else found[1]
-            if current != expected_version:
-                raise StorageConflict(key)
+            if (None if found is None else found[1]) != write.expected_version:
+                raise StorageConflict(write.key)
             version = self._next_version
             self._next_version += 1
-            self._data[slot] = (bytes(value), version, None if ttl_ms is None else now + ttl_ms)
+            expires_at = None if write.ttl_ms is None else now + write.ttl_ms
+            self._data[slot] = (write.value, version, expires_at)
             return version
 
-    def delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
-        check_key(key)
+    def _delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
         with self._lock:
             slot = (namespace, key)
             found = self._live(slot, self._clock())
@@ -78,15 +72,11 @@ class MemoryBackend:
             del self._data[slot]
             return True
 
-    def keys(self, namespace: str) -> list[str]:
-        """Live keys of a namespace (for inspection and tests; not part of the contract)."""
+    def _keys(self, namespace: str) -> list[str]:
         with self._lock:
             now = self._clock()
-            return sorted(
+            return [
                 key
                 for (ns, key) in list(self._data)
                 if ns == namespace and self._live((ns, key), now) is not None
-            )
-
-    def close(self) -> None:
-        pass
+            ]

@@ -2,10 +2,12 @@
 
 Layout: one hash per entry, `{prefix}e:{namespace percent-encoded}:{key}` with fields
 `value` and `version`, plus one counter `{prefix}version` that hands out versions.
+(`redis+cluster://`, in `host.storage.redis_cluster`, lays keys out by hash slot instead.)
 
-Atomicity: compare-and-swap and delete-if-version are Lua scripts, so the read-compare-write
-runs as one step on the server; `get` is one HMGET, atomic by itself. A script either runs
-whole or not at all, so there is never a partial write.
+Atomicity: compare-and-swap and delete-if-version are Lua scripts (`host/storage/lua/*.lua`,
+package data, read once per process), so the read-compare-write runs as one step on the
+server; `get` is one HMGET, atomic by itself. A script either runs whole or not at all, so
+there is never a partial write.
 
 Versions never repeat. They come from INCR on the counter, in the same script as the write.
 If the counter is lost (Redis restarted without persistence, or flushed) the script reseeds
@@ -29,90 +31,92 @@ StorageUnavailable; the backend recovers by itself when Redis answers again. Whe
 connection drops after a script was sent, its outcome is unknown: the caller sees
 StorageUnavailable (or, after the retry, StorageConflict if the first attempt had written),
 as with any networked store; the guest re-reads before acting.
-
-Redis Cluster is not supported (a script touches the entry and the counter, two slots).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Generic, Self, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from host.storage.base import (
+    CheckedBackend,
+    Clock,
     Entry,
     StorageConflict,
     StorageUnavailable,
-    check_key,
-    check_ttl,
-    check_value,
+    Write,
 )
+from host.storage.lua import script
+from host.storage.registry import StorageURIError
+
+__all__ = ["DEFAULT_CLOCK_REFRESH_MS", "DEFAULT_KEY_PREFIX", "RedisBackend", "RedisBackendBase"]
 
 DEFAULT_KEY_PREFIX = "sandbox-provisioner:"
 DEFAULT_SOCKET_TIMEOUT_S = 1.0
 DEFAULT_CLOCK_REFRESH_MS = 1_000
-# A TTL this long is "forever"; it stays inside what PEXPIRE accepts.
-_FOREVER_MS = 10**15
-
-# KEYS: entry, counter. ARGV: expected version ('' = must be absent), value, ttl ('' = none).
-# Returns the new version, or false on a conflict.
-_CAS_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], 'version')
-if ARGV[1] == '' then
-  if current then return false end
-elseif current ~= ARGV[1] then
-  return false
-end
-local version = redis.call('INCR', KEYS[2])
-if version == 1 then
-  local now = redis.call('TIME')
-  version = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  redis.call('SET', KEYS[2], string.format('%d', version))
-end
-redis.call('HSET', KEYS[1], 'value', ARGV[2], 'version', string.format('%d', version))
-if ARGV[3] == '' then
-  redis.call('PERSIST', KEYS[1])
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-end
-return version
-"""
-
-# KEYS: entry. ARGV: expected version ('' = any). Returns 1 deleted, 0 absent, -1 conflict.
-_DELETE_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], 'version')
-if not current then return 0 end
-if ARGV[1] ~= '' and current ~= ARGV[1] then return -1 end
-redis.call('DEL', KEYS[1])
-return 1
-"""
 
 _OWN_URL_OPTIONS = ("key_prefix", "clock_refresh_ms")
 
 T = TypeVar("T")
+ClientT = TypeVar("ClientT", redis.Redis, RedisCluster)
 
 
-class RedisBackend:
+class UrlOptions:
+    """A Redis URL split into this project's options and the query left for redis-py."""
+
+    def __init__(self, url: str) -> None:
+        self.parts = urlsplit(url)
+        own: dict[str, str] = {}
+        passed: list[tuple[str, str]] = []
+        for name, value in parse_qsl(self.parts.query, keep_blank_values=True):
+            if name == "decode_responses":
+                raise StorageURIError("decode_responses cannot be set: values are bytes")
+            if name in _OWN_URL_OPTIONS:
+                own[name] = value
+            else:
+                passed.append((name, value))
+        self.redis_query = urlencode(passed)
+        # parse_qsl has already percent-decoded the value: decoding again would be wrong.
+        self.key_prefix = own.get("key_prefix", DEFAULT_KEY_PREFIX)
+        try:
+            self.clock_refresh_ms = int(own.get("clock_refresh_ms", DEFAULT_CLOCK_REFRESH_MS))
+        except ValueError:
+            raise StorageURIError(f"clock_refresh_ms must be an integer in {url!r}") from None
+
+
+class RedisBackendBase(CheckedBackend, Generic[ClientT]):
+    """What plain Redis and Redis Cluster share: the scripts, the reads, the server clock.
+
+    A subclass says where keys live (`_entry_key`, `_counter_key`), how to list a
+    namespace's keys and how to read the server's clock."""
+
     def __init__(
         self,
-        client: redis.Redis,
+        client: ClientT,
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         clock_refresh_ms: int = DEFAULT_CLOCK_REFRESH_MS,
     ) -> None:
         if clock_refresh_ms < 0:
             raise ValueError("clock_refresh_ms must not be negative")
-        self._client = client
+        self._check_key_prefix(key_prefix)
+        self._client: ClientT = client
         self._prefix = key_prefix
-        self._counter_key = key_prefix + "version"
-        self._cas = client.register_script(_CAS_SCRIPT)
-        self._delete = client.register_script(_DELETE_SCRIPT)
+        # Registering only hashes the text; the script is sent on its first use (EVALSHA,
+        # then EVAL on a server that does not know it yet).
+        self._cas = client.register_script(script("compare_and_swap"))
+        self._delete_script = client.register_script(script("delete"))
+        self._time_script = client.register_script(script("server_time"))
         self._clock_refresh_ns = clock_refresh_ms * 1_000_000
         self._clock_lock = threading.Lock()
         # server_ms = local monotonic ns / 1e6 + offset; None until Redis first answers TIME.
@@ -121,93 +125,24 @@ class RedisBackend:
         self._last_now_ms = 0
 
     @classmethod
-    def from_url(cls, url: str) -> RedisBackend:
-        """A backend from a `redis://` or `rediss://` URL (see `host.storage` for options)."""
-        parts = urlsplit(url)
-        own: dict[str, str] = {}
-        passed: list[tuple[str, str]] = []
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
-            if name == "decode_responses":
-                raise ValueError("decode_responses cannot be set: values are bytes")
-            if name in _OWN_URL_OPTIONS:
-                own[name] = value
-            else:
-                passed.append((name, value))
-        redis_url = urlunsplit(parts._replace(query=urlencode(passed)))
-        # URL options override these keyword defaults (redis-py's from_url precedence).
-        client = redis.Redis.from_url(
-            redis_url,
-            socket_timeout=DEFAULT_SOCKET_TIMEOUT_S,
-            socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        )
-        try:
-            refresh = int(own.get("clock_refresh_ms", DEFAULT_CLOCK_REFRESH_MS))
-        except ValueError:
-            raise ValueError(f"clock_refresh_ms must be an integer in {url!r}") from None
-        return cls(
-            client,
-            # parse_qsl has already percent-decoded the value: decoding again would be wrong.
-            key_prefix=own.get("key_prefix", DEFAULT_KEY_PREFIX),
-            clock_refresh_ms=refresh,
-        )
+    def from_uri(cls, uri: str, *, clock: Clock | None = None) -> Self:
+        if clock is not None:
+            raise StorageURIError(
+                "a Redis backend takes time from the Redis server; it accepts no clock"
+            )
+        return cls.from_url(uri)
+
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str) -> Self:
+        """A backend from its URL (see `host.storage` for the options)."""
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> ClientT:
         return self._client
 
-    def get(self, namespace: str, key: str) -> Entry | None:
-        check_key(key)
-        value, version = self._call(
-            lambda: self._client.hmget(self._entry_key(namespace, key), ["value", "version"])
-        )
-        if value is None or version is None:
-            return None
-        return Entry(_as_bytes(value), int(version))
-
-    def compare_and_swap(
-        self,
-        namespace: str,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
-        check_key(key)
-        check_value(value)
-        check_ttl(ttl_ms)
-        ttl_arg = "" if ttl_ms is None or ttl_ms >= _FOREVER_MS else str(ttl_ms)
-        result = self._call(
-            lambda: self._cas(
-                keys=[self._entry_key(namespace, key), self._counter_key],
-                args=[_version_arg(expected_version), bytes(value), ttl_arg],
-            )
-        )
-        if result is None:
-            raise StorageConflict(key)
-        return int(result)
-
-    def delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
-        check_key(key)
-        result = self._call(
-            lambda: self._delete(
-                keys=[self._entry_key(namespace, key)],
-                args=[_version_arg(expected_version)],
-            )
-        )
-        if result == -1:
-            raise StorageConflict(key)
-        return bool(result == 1)
-
-    def keys(self, namespace: str) -> list[str]:
-        """Live keys of a namespace (for inspection and tests; not part of the contract)."""
-        head = self._entry_key(namespace, "")
-        found = self._call(
-            lambda: list(self._client.scan_iter(match=_glob_escape(head) + b"*", count=1000))
-        )
-        return sorted(
-            _as_bytes(name)[len(head) :].decode("utf-8", "surrogatepass") for name in found
-        )
+    def close(self) -> None:
+        self._client.close()
 
     def now_ms(self) -> int:
         with self._clock_lock:
@@ -221,8 +156,55 @@ class RedisBackend:
             self._last_now_ms = max(self._last_now_ms, now)
             return self._last_now_ms
 
-    def close(self) -> None:
-        self._client.close()
+    @classmethod
+    def _check_key_prefix(cls, key_prefix: str) -> None:
+        """Refuse a prefix this layout cannot use (StorageURIError)."""
+
+    @abstractmethod
+    def _entry_key(self, namespace: str, key: str) -> bytes: ...
+
+    @abstractmethod
+    def _counter_key(self, namespace: str) -> bytes: ...
+
+    @abstractmethod
+    def _server_time(self) -> tuple[int, int]:
+        """The server's TIME: seconds and microseconds."""
+
+    @abstractmethod
+    def _scan(self, namespace: str, match: bytes) -> Iterable[bytes | str]:
+        """The names of the keys matching `match` where `namespace` lives."""
+
+    def _get(self, namespace: str, key: str) -> Entry | None:
+        entry_key = self._entry_key(namespace, key)
+        value, version = self._call(lambda: self._client.hmget(entry_key, ["value", "version"]))
+        if value is None or version is None:
+            return None
+        return Entry(_as_bytes(value), int(version))
+
+    def _compare_and_swap(self, write: Write) -> int:
+        keys = [self._entry_key(write.namespace, write.key), self._counter_key(write.namespace)]
+        args: list[str | bytes] = [
+            _version_arg(write.expected_version),
+            write.value,
+            "" if write.ttl_ms is None else str(write.ttl_ms),
+        ]
+        result = self._call(lambda: self._cas(keys=keys, args=args))
+        if result is None:
+            raise StorageConflict(write.key)
+        return int(result)
+
+    def _delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
+        keys = [self._entry_key(namespace, key)]
+        args = [_version_arg(expected_version)]
+        result = self._call(lambda: self._delete_script(keys=keys, args=args))
+        if result == -1:
+            raise StorageConflict(key)
+        return bool(result == 1)
+
+    def _keys(self, namespace: str) -> list[str]:
+        head = self._entry_key(namespace, "")
+        found = self._call(lambda: list(self._scan(namespace, _glob_escape(head) + b"*")))
+        return [_as_bytes(name)[len(head) :].decode("utf-8", "surrogatepass") for name in found]
 
     def _refresh_offset(self) -> None:
         before = time.monotonic_ns()
@@ -230,23 +212,54 @@ class RedisBackend:
         # or hung Redis does not stall every clock read for a socket timeout.
         self._refresh_due_ns = before + self._clock_refresh_ns
         try:
-            seconds, micros = self._client.time()
-        except redis.RedisError:
+            seconds, micros = self._server_time()
+        except (redis.RedisError, RedisClusterException):
             return  # keep the last offset
         after = time.monotonic_ns()
         server_ms = seconds * 1000 + micros / 1000
         # The server read its clock somewhere in the round trip: assume the middle.
         self._offset_ms = server_ms - (before + after) / 2 / 1_000_000
 
+    def _call(self, operation: Callable[[], T]) -> T:
+        try:
+            return operation()
+        except (redis.RedisError, RedisClusterException) as error:
+            # RedisClusterException (no slot covered, no node reachable) is not a RedisError.
+            raise StorageUnavailable(f"redis: {error}") from error
+
+
+class RedisBackend(RedisBackendBase[redis.Redis]):
+    """`redis://` and `rediss://`: one Redis server (or a primary behind a failover proxy)."""
+
+    schemes = ("redis", "rediss")
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """A backend from a `redis://` or `rediss://` URL (see `host.storage` for options)."""
+        options = UrlOptions(url)
+        # URL options override these keyword defaults (redis-py's from_url precedence).
+        client = redis.Redis.from_url(
+            urlunsplit(options.parts._replace(query=options.redis_query)),
+            socket_timeout=DEFAULT_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        return cls(client, key_prefix=options.key_prefix, clock_refresh_ms=options.clock_refresh_ms)
+
     def _entry_key(self, namespace: str, key: str) -> bytes:
         # Percent-encoding keeps ':' in a namespace from reaching into another namespace.
         return f"{self._prefix}e:{quote(namespace, safe='')}:{key}".encode("utf-8", "surrogatepass")
 
-    def _call(self, operation: Callable[[], T]) -> T:
-        try:
-            return operation()
-        except redis.RedisError as error:
-            raise StorageUnavailable(f"redis: {error}") from error
+    def _counter_key(self, namespace: str) -> bytes:
+        # One counter for the whole server: versions are unique across all keys.
+        return f"{self._prefix}version".encode("utf-8", "surrogatepass")
+
+    def _server_time(self) -> tuple[int, int]:
+        seconds, micros = self._client.time()
+        return int(seconds), int(micros)
+
+    def _scan(self, namespace: str, match: bytes) -> Iterable[bytes | str]:
+        return self._client.scan_iter(match=match, count=1000)
 
 
 def _as_bytes(name: bytes | str) -> bytes:

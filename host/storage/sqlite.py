@@ -26,22 +26,23 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Self
+from urllib.parse import parse_qsl, urlsplit
 
 from host.storage.base import (
+    CheckedBackend,
+    Clock,
     Entry,
     StorageConflict,
     StorageUnavailable,
-    check_key,
-    check_ttl,
-    check_value,
+    Write,
 )
+from host.storage.registry import StorageURIError
 
 DEFAULT_BUSY_TIMEOUT_MS = 5_000
-# A TTL this long is "forever": it keeps `now + ttl` inside SQLite's 64-bit integers.
-_FOREVER_MS = 10**15
 _PURGE_EVERY = 128
 _PURGE_BATCH = 256
 
@@ -80,12 +81,14 @@ class _ThreadConnection:
         self.pid = os.getpid()
 
 
-class SqliteBackend:
+class SqliteBackend(CheckedBackend):
+    schemes = ("sqlite",)
+
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
-        clock: Callable[[], int] | None = None,
+        clock: Clock | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     ) -> None:
         if busy_timeout_ms < 0:
@@ -106,11 +109,35 @@ class SqliteBackend:
             for statement in _SCHEMA:
                 conn.execute(statement)
 
+    @classmethod
+    def from_uri(cls, uri: str, *, clock: Clock | None = None) -> Self:
+        parts = urlsplit(uri)
+        path = parts.netloc + parts.path
+        if path.startswith("//"):
+            # `sqlite:////abs/path` (SQLAlchemy's spelling of an absolute path) means /abs/path.
+            path = "/" + path.lstrip("/")
+        if not path or path == "/":
+            raise StorageURIError(f"sqlite URI names no file: {uri!r}")
+        if parts.fragment:
+            raise StorageURIError(f"sqlite URI must not have a fragment: {uri!r}")
+        busy_timeout_ms = DEFAULT_BUSY_TIMEOUT_MS
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name != "busy_timeout_ms":
+                raise StorageURIError(f"unknown sqlite URI option {name!r} in {uri!r}")
+            try:
+                busy_timeout_ms = int(value)
+            except ValueError:
+                raise StorageURIError(
+                    f"busy_timeout_ms must be an integer, got {value!r}"
+                ) from None
+            if busy_timeout_ms < 0:
+                raise StorageURIError(f"busy_timeout_ms must not be negative, got {value!r}")
+        return cls(path, clock=clock, busy_timeout_ms=busy_timeout_ms)
+
     def now_ms(self) -> int:
         return self._clock()
 
-    def get(self, namespace: str, key: str) -> Entry | None:
-        check_key(key)
+    def _get(self, namespace: str, key: str) -> Entry | None:
         with self._errors_as_unavailable():
             row = (
                 self._connection()
@@ -123,35 +150,24 @@ class SqliteBackend:
             )
         return None if row is None else Entry(bytes(row[0]), int(row[1]))
 
-    def compare_and_swap(
-        self,
-        namespace: str,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
-        check_key(key)
-        check_value(value)
-        check_ttl(ttl_ms)
+    def _compare_and_swap(self, write: Write) -> int:
         with self._errors_as_unavailable(), self._write_transaction() as conn:
             now = self._clock()
-            if self._live_version(conn, namespace, key, now) != expected_version:
-                raise StorageConflict(key)
+            if self._live_version(conn, write.namespace, write.key, now) != write.expected_version:
+                raise StorageConflict(write.key)
             (version,) = conn.execute(
                 "UPDATE meta SET value = value + 1 WHERE name = 'last_version' RETURNING value"
             ).fetchone()
-            expires_at = None if ttl_ms is None or ttl_ms >= _FOREVER_MS else now + ttl_ms
+            expires_at = None if write.ttl_ms is None else now + write.ttl_ms
             conn.execute(
                 "INSERT OR REPLACE INTO entries (namespace, key, value, version, expires_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (namespace, _key_bytes(key), bytes(value), version, expires_at),
+                (write.namespace, _key_bytes(write.key), write.value, version, expires_at),
             )
             self._maybe_purge(conn, now)
             return int(version)
 
-    def delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
-        check_key(key)
+    def _delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
         with self._errors_as_unavailable(), self._write_transaction() as conn:
             now = self._clock()
             current = self._live_version(conn, namespace, key, now)
@@ -166,8 +182,7 @@ class SqliteBackend:
             self._maybe_purge(conn, now)
             return True
 
-    def keys(self, namespace: str) -> list[str]:
-        """Live keys of a namespace (for inspection and tests; not part of the contract)."""
+    def _keys(self, namespace: str) -> list[str]:
         with self._errors_as_unavailable():
             rows = (
                 self._connection()
@@ -178,7 +193,7 @@ class SqliteBackend:
                 )
                 .fetchall()
             )
-        return sorted(bytes(row[0]).decode("utf-8", "surrogatepass") for row in rows)
+        return [bytes(row[0]).decode("utf-8", "surrogatepass") for row in rows]
 
     def close(self) -> None:
         with self._open_lock:

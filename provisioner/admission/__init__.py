@@ -16,12 +16,14 @@ Use (a fresh controller per invocation)::
     controller.release(waiter)                # when the sandbox is killed
     controller.status(tenant)                 # every gate, JSON-serialisable
 
-Module map: config (settings), results (answers), state (stored shapes), leases,
-gates (slots, rate, capacity), queue (fair order), backoff, budget, status (estimates
-and snapshot), controller (the decisions).
+Module map: results (answers), state (the stored gate document), place (where a waiter
+stands: `Stage` and `Place`), leases, gates (slots, rate, capacity), queue (fair order),
+backoff, budget, blocking (what blocks a waiter and when it may go), cas (the retry loop),
+ledger (what a decision loads and saves), admit, settle, release, status (estimates and
+the snapshot), inspect (the public read-only view of the gate state), controller (the
+façade). The settings come from `provisioner.config`.
 """
 
-from provisioner.admission.config import AdmissionConfig
 from provisioner.admission.controller import AdmissionController
 from provisioner.admission.results import (
     REASON_BACKOFF,
@@ -41,6 +43,7 @@ from provisioner.admission.results import (
     Unavailable,
     Waiter,
 )
+from provisioner.config import AdmissionConfig
 
 __all__ = [
     "REASON_BACKOFF",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from provisioner.admission.config import AdmissionConfig
 from provisioner.admission.state import GateState
+from provisioner.config import AdmissionConfig
 
 
 def backoff_ms(failures: int, config: AdmissionConfig, uniform: float) -> int:

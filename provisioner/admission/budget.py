@@ -3,8 +3,8 @@ so a storm of failures cannot multiply the load on E2B."""
 
 from __future__ import annotations
 
-from provisioner.admission.config import AdmissionConfig
 from provisioner.admission.state import GateState
+from provisioner.config import AdmissionConfig
 
 
 def refill(state: GateState, config: AdmissionConfig, now_ms: int) -> float:

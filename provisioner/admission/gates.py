@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from provisioner.admission.config import AdmissionConfig
 from provisioner.admission.state import GateState
+from provisioner.config import AdmissionConfig
 
 
 def slots_in_use(state: GateState) -> int:

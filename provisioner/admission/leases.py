@@ -29,9 +29,8 @@ def take_create_lease(
     entity: str,
     now_ms: int,
     ttl_ms: int,
-    attempt: int,
 ) -> CreateLease:
-    lease = CreateLease(lease_id, tenant, entity, now_ms + ttl_ms, now_ms, attempt)
+    lease = CreateLease(lease_id, tenant, entity, now_ms + ttl_ms, now_ms)
     state.create_leases.append(lease)
     return lease
 

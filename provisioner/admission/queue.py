@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 
 from provisioner.admission.state import GateState, RetryEntry, TenantQueue
 
-# Out-of-order removals remembered per tenant; beyond this, only the head is served.
-MAX_SERVED_OUT_OF_ORDER = 64
+# Out-of-order removals remembered per tenant; beyond this, only the head can leave.
+MAX_REMOVED_OUT_OF_ORDER = 64
 
 Eligible = Callable[[str], bool]
 
@@ -24,38 +24,39 @@ def enqueue(state: GateState, tenant: str) -> int:
     queue = state.queue_of(tenant)
     if queue is None:
         # A fresh entry starts past every ticket ever issued, so ticket keys never repeat.
-        queue = TenantQueue(tenant, state.ticket_epoch, state.ticket_epoch)
+        queue = TenantQueue(tenant, state.ticket_high_water, state.ticket_high_water)
         state.ring.append(queue)
     ticket = queue.tail
     queue.tail += 1
-    state.ticket_epoch = max(state.ticket_epoch, queue.tail)
+    state.ticket_high_water = max(state.ticket_high_water, queue.tail)
     return ticket
 
 
 def can_remove(queue: TenantQueue, ticket: int) -> bool:
-    return ticket == queue.head or len(queue.served) < MAX_SERVED_OUT_OF_ORDER
+    return ticket == queue.head or len(queue.removed) < MAX_REMOVED_OUT_OF_ORDER
 
 
-def remove_ticket(state: GateState, tenant: str, ticket: int, *, served: bool) -> None:
-    """Take a ticket out; a served tenant moves to the back of the ring."""
+def remove_ticket(state: GateState, tenant: str, ticket: int, *, granted: bool) -> None:
+    """Take a ticket out; a tenant whose ticket was granted moves to the back of the ring
+    (a ticket dropped because its waiter stopped polling leaves the ring order alone)."""
     queue = state.queue_of(tenant)
     if queue is None or not queue.holds(ticket):
         return
     queue.remove(ticket)
     if queue.length() <= 0:
         state.ring.remove(queue)
-    elif served:
+    elif granted:
         state.ring.remove(queue)
         state.ring.append(queue)
 
 
 def ticket_at(queue: TenantQueue, index: int) -> int:
     """The ticket `index` places behind the head (costs index + out-of-order removals)."""
-    served = set(queue.served)
+    removed = set(queue.removed)
     ticket = queue.head
     remaining = index
     while True:
-        if ticket not in served:
+        if ticket not in removed:
             if remaining == 0:
                 return ticket
             remaining -= 1

@@ -4,14 +4,16 @@ The gate document holds everything a limit depends on, so a single compare-and-s
 decides a grant atomically: the create and sandbox leases (at most `create_slots` and
 `max_sandboxes` of them), the rate and backoff clocks, the retry budget, and the fair
 queue as per-tenant ticket counters (bounded by the number of waiting tenants, never by
-the number of waiters). Each waiter has its own record key and each queued ticket its own
-liveness key, both with a TTL, so a waiter that stops polling vanishes by itself.
+the number of waiters). Each waiter has its own record key (`place.Place`) and each queued
+ticket its own liveness key, both with a TTL, so a waiter that stops polling vanishes by
+itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -23,8 +25,13 @@ GATE_KEY = "adm/gate"
 _MAX_NAME = 160
 
 
+# Characters `quote(..., safe="")` leaves alone, plus "/" (which it turns into %2F): a name
+# made only of them is quoted without calling `quote`, the costlier path in guest fuel.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.~/-]{1,160}")
+
+
 def _name(raw: str) -> str:
-    quoted = quote(raw, safe="")
+    quoted = raw.replace("/", "%2F") if _PLAIN_NAME.fullmatch(raw) else quote(raw, safe="")
     if len(quoted) <= _MAX_NAME:
         return quoted
     return "~" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
@@ -45,7 +52,6 @@ class CreateLease:
     entity: str
     expires_ms: int
     started_ms: int
-    attempt: int
 
 
 @dataclass(slots=True)
@@ -60,42 +66,43 @@ class SandboxLease:
 
 @dataclass(slots=True)
 class TenantQueue:
-    """Tickets head..tail-1 of one tenant, minus those served out of order."""
+    """Tickets head..tail-1 of one tenant, minus `removed`: tickets taken out before the
+    head reached them (granted out of turn, or dropped because their waiter stopped
+    polling)."""
 
     tenant: str
     head: int
     tail: int
-    served: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
 
     def length(self) -> int:
-        return self.tail - self.head - len(self.served)
+        return self.tail - self.head - len(self.removed)
 
     def holds(self, ticket: int) -> bool:
-        return self.head <= ticket < self.tail and ticket not in self.served
+        return self.head <= ticket < self.tail and ticket not in self.removed
 
     def index_of(self, ticket: int) -> int:
-        return ticket - self.head - sum(1 for s in self.served if s < ticket)
+        return ticket - self.head - sum(1 for s in self.removed if s < ticket)
 
     def remove(self, ticket: int) -> None:
         if ticket == self.head:
             self.head += 1
         elif self.holds(ticket):
-            self.served.append(ticket)
-        self.served.sort()
-        while self.served and self.served[0] <= self.head:
-            if self.served[0] == self.head:
+            self.removed.append(ticket)
+        self.removed.sort()
+        while self.removed and self.removed[0] <= self.head:
+            if self.removed[0] == self.head:
                 self.head += 1
-            self.served.pop(0)
+            self.removed.pop(0)
 
 
 @dataclass(slots=True)
 class RetryEntry:
-    """A waiter whose create failed retryably: it keeps its place ahead of fresh tickets."""
+    """A waiter whose create failed retryably: it keeps its place ahead of fresh tickets.
+    (Its attempt count and first-asked time live in its own record, `place.Place`.)"""
 
     tenant: str
     entity: str
-    attempt: int
-    since_ms: int
 
 
 @dataclass(slots=True)
@@ -113,7 +120,9 @@ class GateState:
     retry_refilled_ms: int = 0
     ring: list[TenantQueue] = field(default_factory=list)
     retries: list[RetryEntry] = field(default_factory=list)
-    ticket_epoch: int = 0
+    # The highest ticket number ever issued plus one: a tenant that starts waiting again
+    # gets tickets from here, so ticket keys never repeat.
+    ticket_high_water: int = 0
     latency_ms: int | None = None
     hold_ms: int | None = None
     grants: int = 0
@@ -156,7 +165,7 @@ class GateState:
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {
             "c": [
-                [c.lease_id, c.tenant, c.entity, c.expires_ms, c.started_ms, c.attempt]
+                [c.lease_id, c.tenant, c.entity, c.expires_ms, c.started_ms]
                 for c in self.create_leases
             ],
             "s": [
@@ -170,9 +179,9 @@ class GateState:
             "ok": self.success_streak,
             "rb": None if self.retry_tokens is None else round(self.retry_tokens, 4),
             "rbt": self.retry_refilled_ms,
-            "q": [[q.tenant, q.head, q.tail, q.served] for q in self.ring],
-            "rq": [[e.tenant, e.entity, e.attempt, e.since_ms] for e in self.retries],
-            "ep": self.ticket_epoch,
+            "q": [[q.tenant, q.head, q.tail, q.removed] for q in self.ring],
+            "rq": [[e.tenant, e.entity] for e in self.retries],
+            "ep": self.ticket_high_water,
             "lat": self.latency_ms,
             "hold": self.hold_ms,
             "n": self.grants,
@@ -181,9 +190,11 @@ class GateState:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> GateState:
-        doc = json.loads(raw)
+        doc = json.loads(raw.decode())  # str: json skips sniffing the encoding
+        # Documents written before the attempt moved to the waiter's record carry it as a
+        # sixth lease field and a third retry field: read past it.
         return cls(
-            create_leases=[CreateLease(*item) for item in doc["c"]],
+            create_leases=[CreateLease(*item[:5]) for item in doc["c"]],
             sandbox_leases=[SandboxLease(*item) for item in doc["s"]],
             rate_tat_ms=float(doc["r"]),
             cooldown_until_ms=int(doc["cd"]),
@@ -193,48 +204,9 @@ class GateState:
             retry_tokens=doc["rb"],
             retry_refilled_ms=int(doc["rbt"]),
             ring=[TenantQueue(t, h, tl, list(s)) for t, h, tl, s in doc["q"]],
-            retries=[RetryEntry(*item) for item in doc["rq"]],
-            ticket_epoch=int(doc["ep"]),
+            retries=[RetryEntry(item[0], item[1]) for item in doc["rq"]],
+            ticket_high_water=int(doc["ep"]),
             latency_ms=doc["lat"],
             hold_ms=doc["hold"],
             grants=int(doc["n"]),
         )
-
-
-# Waiter record states.
-QUEUED = "q"
-RETRYING = "r"
-CREATING = "c"
-HOLDING = "h"
-
-
-@dataclass(slots=True)
-class WaiterRecord:
-    """A waiter's own key. It outlives the waiter's liveness (`alive_until_ms`) by the
-    queue timeout, so a waiter that comes back after being dropped keeps its first
-    `since_ms`: dying and returning cannot dodge the queue timeout."""
-
-    state: str
-    since_ms: int
-    attempt: int
-    ticket: int = -1
-    lease_id: str = ""
-    alive_until_ms: int = 0
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(
-            [
-                self.state,
-                self.since_ms,
-                self.attempt,
-                self.ticket,
-                self.lease_id,
-                self.alive_until_ms,
-            ],
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> WaiterRecord:
-        state, since, attempt, ticket, lease, alive = json.loads(raw)
-        return cls(str(state), int(since), int(attempt), int(ticket), str(lease), int(alive))

@@ -6,7 +6,6 @@ from typing import Any
 
 from provisioner.admission import budget
 from provisioner.admission.backoff import cooling_ms
-from provisioner.admission.config import AdmissionConfig
 from provisioner.admission.gates import (
     capacity_free,
     capacity_in_use,
@@ -16,6 +15,7 @@ from provisioner.admission.gates import (
     slots_in_use,
 )
 from provisioner.admission.state import GateState
+from provisioner.config import AdmissionConfig
 
 
 def latency_ms(state: GateState, config: AdmissionConfig) -> int:

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
+from provisioner.config import SandboxSettings
 from provisioner.invocation import validate
 from provisioner.model import Invocation, ProvisionerError
-from provisioner.settings import SandboxSettings
 
 GOOD = Invocation(
     tenant="acme",

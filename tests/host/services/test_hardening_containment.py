@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from host.multihost.redis_server import RedisServer, find_redis_server
+from host.multihost.redis_server import RedisServer
 from host.runtime.loader import LoadedComponent
 from host.services.http_gateway import AddressPolicy, HttpGateway
 from host.services.namespaces import ScopedStorage, account_namespace, tenant_namespace
@@ -27,7 +27,7 @@ from host.storage.base import MAX_VALUE_BYTES, StorageBackend, StorageTooLarge
 from host.storage.memory import MemoryBackend
 from host.storage.sqlite import SqliteBackend
 from provisioner.ports import HttpError, HttpErrorKind, HttpRequest, Scope
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, require_redis_server
 from tests.host.runtime.test_end_to_end import invocation, make_host
 from tests.system.hardening_support import (
     LoopbackServer,
@@ -301,8 +301,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StorageB
         yield sqlite
         sqlite.close()
     else:
-        if find_redis_server() is None:
-            pytest.skip("redis-server not installed")
+        require_redis_server()
         with RedisServer(persistent=False) as server:
             redis_backend = storage_from_uri(server.url)
             yield redis_backend

@@ -6,8 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from provisioner.admission.config import AdmissionConfig
-from provisioner.settings import SandboxSettings
+from provisioner.config import AdmissionConfig, SandboxSettings
 
 SPEC = Path(__file__).resolve().parents[3] / "examples" / "curation_job.toml"
 

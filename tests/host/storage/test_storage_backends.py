@@ -7,7 +7,6 @@ real wait for Redis, which expires keys on its own clock.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from host.multihost.redis_server import RedisServer, find_redis_server
+from host.multihost.redis_server import RedisServer
 from host.storage import storage_from_uri
 from host.storage.base import MAX_KEY_BYTES, MAX_VALUE_BYTES, StorageBackend
 from host.storage.memory import MemoryBackend
@@ -30,22 +29,16 @@ from provisioner.ports import (
     StorageInvalidKey,
     StorageTooLarge,
 )
+from tests.conftest import require_redis_server
 
 NS = "tenant/acme"
 REDIS_EXPIRY_WAIT_S = 5.0
 
 
-def ci_requires_everything() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    if find_redis_server() is None:
-        message = "redis-server not installed (apt-get install redis-server)"
-        if ci_requires_everything():
-            pytest.fail(f"{message}; CI is set, so redis tests must run, not skip")
-        pytest.skip(message)
+    require_redis_server()
     with RedisServer(persistent=False) as server:
         yield server
 

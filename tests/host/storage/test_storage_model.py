@@ -8,7 +8,6 @@ and expects every later outcome to agree under that pairing.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,12 +18,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from host.multihost.redis_server import RedisServer, find_redis_server
+from host.multihost.redis_server import RedisServer
 from host.storage.base import StorageBackend
 from host.storage.memory import MemoryBackend
 from host.storage.redis import RedisBackend
 from host.storage.sqlite import SqliteBackend
 from provisioner.ports import StorageConflict
+from tests.conftest import require_redis_server
 
 NEVER_ISSUED = (0, 2**64 - 1)
 LONG_TTL_MS = 10_000_000
@@ -148,11 +148,7 @@ def test_sqlite_matches_the_reference(ops: list[tuple[object, ...]]) -> None:
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    if find_redis_server() is None:
-        message = "redis-server not installed (apt-get install redis-server)"
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"{message}; CI is set, so redis tests must run, not skip")
-        pytest.skip(message)
+    require_redis_server()
     with RedisServer(persistent=False) as server:
         yield server
 

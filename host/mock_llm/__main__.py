@@ -1,0 +1,5 @@
+import sys
+
+from host.mock_llm.cli import main
+
+sys.exit(main())

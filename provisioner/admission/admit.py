@@ -1,0 +1,254 @@
+"""Admit: grant one create now, or say where the waiter stands.
+
+One decision: load the gate and the waiter's place, `locate` the waiter (checking its
+stored place against the gate), drop dead waiters ahead of it, then `blocking.assess`
+says whether it goes. A grant takes a create lease and a rate token in the same
+compare-and-swap that takes the waiter out of the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from provisioner.admission import budget
+from provisioner.admission.blocking import Turn, assess, waiting
+from provisioner.admission.cas import Again, until_settled
+from provisioner.admission.gates import slots_in_use, take_rate
+from provisioner.admission.leases import drop_create_lease, new_lease_id, take_create_lease
+from provisioner.admission.ledger import ACCOUNT, Ledger, Loaded
+from provisioner.admission.place import Place, Stage
+from provisioner.admission.queue import can_remove, enqueue, remove_ticket
+from provisioner.admission.results import (
+    REASON_CREATE_SLOTS,
+    Grant,
+    Queued,
+    Rejected,
+    Waiter,
+)
+from provisioner.admission.state import (
+    GATE_KEY,
+    GateState,
+    RetryEntry,
+    ticket_key,
+    waiter_key,
+)
+from provisioner.failures import FailureCode
+from provisioner.model import Failure
+from provisioner.ports import StorageConflict
+
+
+def exhausted(attempts: int) -> Rejected:
+    return Rejected(
+        Failure(
+            FailureCode.RETRY_BUDGET_EXHAUSTED,
+            f"E2B refused {attempts} create attempts; giving up on this waiter",
+            retryable=True,
+        )
+    )
+
+
+def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | None:
+    """Take the waiter out of the retries and its tenant's queue (in memory); returns the
+    ticket whose liveness key should go, if any."""
+    state.retries = [
+        e for e in state.retries if (e.tenant, e.entity) != (waiter.tenant, waiter.entity)
+    ]
+    if place is None or place.stage is not Stage.QUEUED or place.ticket is None:
+        return None
+    queue = state.queue_of(waiter.tenant)
+    if queue is not None and can_remove(queue, place.ticket):
+        remove_ticket(state, waiter.tenant, place.ticket, granted=False)
+    return place.ticket
+
+
+class Admission(Ledger):
+    def decide(self, waiter: Waiter) -> Grant | Queued | Rejected:
+        return until_settled(lambda: self._decide(waiter), self.config.cas_retries)
+
+    def locate(self, waiter: Waiter, loaded: Loaded) -> Place | Queued | Rejected:
+        """Where the waiter stands, its stored place checked against the gate (changing the
+        gate in memory when the place has to move). A waiter whose own create is in flight
+        gets Queued (position 0) rather than a place: no entity has two creates at once."""
+        state, stored, now, config = loaded.state, loaded.place, loaded.now_ms, self.config
+        if stored is None or stored.stage is Stage.HOLDING:
+            # New, or holding a sandbox the caller has no record of (a crash after the
+            # create): a create with the same idempotency key finds the same sandbox.
+            return Place(Stage.QUEUED, now, 1, ticket=enqueue(state, waiter.tenant))
+        if stored.stage is Stage.QUEUED:
+            queue = state.queue_of(waiter.tenant)
+            if stored.ticket is not None and queue is not None and queue.holds(stored.ticket):
+                return stored
+            # Its ticket was skipped as dead (it polled too late): queue again, same since.
+            ticket = enqueue(state, waiter.tenant)
+            return Place(Stage.QUEUED, stored.since_ms, stored.attempt, ticket=ticket)
+        if stored.stage is Stage.RETRYING:
+            if state.retry_of(waiter.tenant, waiter.entity) is None:
+                # Dropped from the retries while it stopped polling: back where retries wait.
+                state.retries.append(RetryEntry(waiter.tenant, waiter.entity))
+            return stored
+        # CREATING
+        lease = state.create_lease(stored.lease_id or "")
+        if lease is not None:
+            wait = max(config.poll_min_ms, min(lease.expires_ms - now, config.poll_max_ms))
+            return Queued(
+                0,
+                state.waiting(),
+                slots_in_use(state),
+                config.create_slots,
+                REASON_CREATE_SLOTS,
+                wait,
+                wait,
+                now - stored.since_ms,
+            )
+        # The create's holder died mid-call: its outcome is unknown, so it is a retry.
+        attempt = stored.attempt + 1
+        if attempt > config.max_create_attempts:
+            return exhausted(attempt - 1)
+        state.retries.append(RetryEntry(waiter.tenant, waiter.entity))
+        return Place(Stage.RETRYING, stored.since_ms, attempt)
+
+    def _decide(self, waiter: Waiter) -> Grant | Queued | Rejected:
+        loaded = self.load(waiter)
+        located = self.locate(waiter, loaded)
+        if not isinstance(located, Place):
+            if isinstance(located, Rejected):
+                self.save_gate(loaded)
+                self.forget_place(waiter)
+            return located
+        place = located
+        state, now, config = loaded.state, loaded.now_ms, self.config
+        if now - place.since_ms >= config.queue_timeout_ms:
+            self._unplace(state, waiter, place)
+            self.save_gate(loaded)
+            self.forget_place(waiter)
+            self.forget_ticket(waiter, place.ticket)
+            return Rejected(
+                Failure(
+                    FailureCode.QUEUE_TIMEOUT,
+                    f"waited {now - place.since_ms} ms for a sandbox, longer than the queue "
+                    f"timeout of {config.queue_timeout_ms} ms",
+                    retryable=True,
+                )
+            )
+        mine = Turn.of(waiter, place)
+        skipped = False
+        # Each pass drops at least one dead waiter from the front, so it ends.
+        for _ in range(config.create_slots + len(state.retries) + 2):
+            verdict = assess(state, config, now, waiter, place, self.ports.uniform)
+            if verdict.goes and self._removable(state, waiter, place):
+                return self._grant(waiter, loaded, place)
+            if not verdict.front or not self._skip_dead(state, verdict.front, mine):
+                break
+            skipped = True
+        else:
+            verdict = assess(state, config, now, waiter, place, self.ports.uniform)
+        queued = verdict.queued
+        if queued is None:  # it goes, but its ticket cannot leave out of order yet
+            queued = waiting(state, config, now, waiter, place, self.ports.uniform)
+        ttl = queued.retry_after_ms + config.waiter_ttl_ms
+        stored = loaded.place
+        unchanged = (
+            stored is not None
+            and stored.stage is place.stage
+            and (place.stage is Stage.RETRYING or stored.ticket == place.ticket)
+        )
+        if not unchanged or skipped:
+            self.save_gate(loaded)
+        renewed = Place(place.stage, place.since_ms, place.attempt, place.ticket, None, now + ttl)
+        try:
+            self.save_place(waiter, loaded, renewed, ttl + config.queue_timeout_ms)
+        except StorageConflict:
+            # Another invocation of this waiter moved first; a ticket made here has no
+            # liveness key, so it is skipped as dead.
+            raise Again("waiter record moved") from None
+        if place.ticket is not None:
+            self.touch_ticket(waiter, place.ticket, ttl)
+        return queued
+
+    def _removable(self, state: GateState, waiter: Waiter, place: Place) -> bool:
+        if place.stage is Stage.RETRYING or place.ticket is None:
+            return True
+        queue = state.queue_of(waiter.tenant)
+        return queue is not None and can_remove(queue, place.ticket)
+
+    def _unplace(
+        self, state: GateState, waiter: Waiter, place: Place, *, granted: bool = False
+    ) -> None:
+        if place.stage is Stage.RETRYING:
+            state.retries = [
+                e for e in state.retries if (e.tenant, e.entity) != (waiter.tenant, waiter.entity)
+            ]
+        elif place.ticket is not None:
+            remove_ticket(state, waiter.tenant, place.ticket, granted=granted)
+
+    def _grant(self, waiter: Waiter, loaded: Loaded, place: Place) -> Grant:
+        state, now, config = loaded.state, loaded.now_ms, self.config
+        lease_id = new_lease_id(self.ports, "c")
+        lease = take_create_lease(
+            state, lease_id, waiter.tenant, waiter.entity, now, config.create_lease_ms
+        )
+        take_rate(state, config, now)
+        if place.attempt > 1:
+            budget.spend(state, config)
+        else:
+            budget.earn(state, config)
+        self._unplace(state, waiter, place, granted=True)
+        state.grants += 1
+        self.save_gate(loaded)
+        creating = Place(Stage.CREATING, place.since_ms, place.attempt, lease_id=lease_id)
+        try:
+            self.save_place(waiter, loaded, creating, config.create_lease_ms + config.waiter_ttl_ms)
+        except StorageConflict:
+            self._undo_grant(lease_id)
+            raise Again("waiter record moved during the grant") from None
+        self.forget_ticket(waiter, place.ticket)
+        return Grant(lease_id, place.attempt, now - place.since_ms, lease.expires_ms)
+
+    def _undo_grant(self, lease_id: str) -> None:
+        """Give a just-taken slot back (its rate token stays spent: that errs safe)."""
+        storage = self.ports.storage
+
+        def step() -> None:
+            entry = storage.get(ACCOUNT, GATE_KEY)
+            if entry is None:
+                return
+            state = GateState.from_bytes(entry.value)
+            if drop_create_lease(state, lease_id) is None:
+                return
+            storage.compare_and_swap(ACCOUNT, GATE_KEY, entry.version, state.to_bytes(), None)
+
+        # When it cannot be given back, the lease expires on its own.
+        with contextlib.suppress(StorageConflict):
+            until_settled(step, self.config.cas_retries)
+
+    def _skip_dead(self, state: GateState, turns: list[Turn], mine: Turn) -> bool:
+        """Drop waiters ahead that stopped polling (their keys expired); True if any."""
+        storage = self.ports.storage
+        skipped = False
+        for turn in turns:
+            if turn == mine:
+                continue
+            if turn.is_retry:
+                assert turn.entity is not None
+                entry = storage.get(ACCOUNT, waiter_key(turn.tenant, turn.entity))
+                place = None if entry is None else Place.from_bytes(entry.value)
+                alive = (
+                    place is not None
+                    and place.stage is Stage.RETRYING
+                    and place.alive(self.ports.clock.now_ms())
+                )
+                if not alive:
+                    state.retries = [
+                        e
+                        for e in state.retries
+                        if (e.tenant, e.entity) != (turn.tenant, turn.entity)
+                    ]
+                    skipped = True
+            else:
+                assert turn.ticket is not None
+                if storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket)) is None:
+                    queue = state.queue_of(turn.tenant)
+                    if queue is not None and can_remove(queue, turn.ticket):
+                        remove_ticket(state, turn.tenant, turn.ticket, granted=False)
+                        skipped = True
+        return skipped

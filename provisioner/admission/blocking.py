@@ -1,0 +1,240 @@
+"""What blocks a waiter, and when it may go: the one function both answers come from.
+
+`assess` computes the free permits once (`Permits`), gives them to the turns at the front
+of the fair order (`front`: retries the budget pays for first, then fresh tickets
+round-robin across tenants with room), and says whether the waiter's own turn is among
+them. When it is not, the same permits say why it waits (the gate that holds it back) and
+when it should ask again. A grant and a "queued" answer can therefore never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from provisioner.admission import budget
+from provisioner.admission.backoff import cooling_ms
+from provisioner.admission.gates import (
+    capacity_free,
+    capacity_in_use,
+    capacity_limit,
+    rate_available,
+    rate_in_use,
+    rate_wait_ms,
+    slots_free,
+    slots_in_use,
+    tenant_has_room,
+)
+from provisioner.admission.place import Place, Stage
+from provisioner.admission.queue import Eligible, eligible_retries, fair_order, fresh_position
+from provisioner.admission.results import (
+    REASON_BACKOFF,
+    REASON_CAPACITY,
+    REASON_CREATE_SLOTS,
+    REASON_RATE,
+    Queued,
+    Waiter,
+)
+from provisioner.admission.state import GateState
+from provisioner.admission.status import capacity_wait_ms, slot_wait_ms
+from provisioner.config import AdmissionConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One turn in the fair order: a retry (its entity known to the gate) or a fresh ticket
+    (the gate knows its number, the ticket's own key names the entity)."""
+
+    tenant: str
+    entity: str | None = None
+    ticket: int | None = None
+
+    @property
+    def is_retry(self) -> bool:
+        return self.ticket is None
+
+    @classmethod
+    def of(cls, waiter: Waiter, place: Place) -> Turn:
+        if place.stage is Stage.RETRYING:
+            return cls(waiter.tenant, waiter.entity)
+        return cls(waiter.tenant, ticket=place.ticket)
+
+
+@dataclass(frozen=True, slots=True)
+class Permits:
+    """What each gate has free right now, computed once per assessment."""
+
+    cooling_ms: int
+    slots: int
+    capacity: int
+    rate: int
+
+    @classmethod
+    def of(cls, state: GateState, config: AdmissionConfig, now_ms: int) -> Permits:
+        return cls(
+            cooling_ms(state, now_ms),
+            slots_free(state, config),
+            capacity_free(state, config),
+            rate_available(state, config, now_ms),
+        )
+
+    @property
+    def grantable(self) -> int:
+        """Creates that may start now: none during a cooldown, else the scarcest gate's."""
+        return 0 if self.cooling_ms > 0 else min(self.slots, self.capacity, self.rate)
+
+
+def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
+    """Whether a tenant has room under `max_sandboxes_per_tenant`."""
+    limit = config.max_sandboxes_per_tenant
+    if limit is None:
+        return lambda tenant: True
+    usage = state.usage_by_tenant()
+    return lambda tenant: usage.get(tenant, 0) < limit
+
+
+def front(
+    state: GateState, config: AdmissionConfig, permits: Permits, eligible: Eligible
+) -> list[Turn]:
+    """The turns the free permits belong to, in fair order."""
+    free = permits.grantable
+    if free <= 0:
+        return []
+    turns: list[Turn] = []
+    for entry in eligible_retries(state, eligible, budget.tokens(state, config)):
+        if len(turns) >= free:
+            return turns
+        turns.append(Turn(entry.tenant, entry.entity))
+    # A grant can fill a tenant's room, so count grants per tenant along the way.
+    usage = state.usage_by_tenant()
+    limit = config.max_sandboxes_per_tenant
+    for tenant, ticket in fair_order(state, eligible):
+        if len(turns) >= free:
+            break
+        if limit is not None and usage.get(tenant, 0) >= limit:
+            continue
+        usage[tenant] = usage.get(tenant, 0) + 1
+        turns.append(Turn(tenant, ticket=ticket))
+    return turns
+
+
+def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: Eligible) -> int:
+    """1-based place in the fair order (0: not found)."""
+    if turn.is_retry:
+        for index, entry in enumerate(state.retries):
+            if (entry.tenant, entry.entity) == (turn.tenant, turn.entity):
+                return index + 1
+        return len(state.retries)
+    ready = eligible_retries(state, eligible, budget.tokens(state, config))
+    assert turn.ticket is not None
+    return len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible)
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """`front`: the turns that may go now. `goes`: the waiter's own turn is among them.
+    `queued`: when it does not go, why it waits and when to ask again."""
+
+    front: list[Turn]
+    goes: bool
+    queued: Queued | None
+
+
+def assess(
+    state: GateState,
+    config: AdmissionConfig,
+    now_ms: int,
+    waiter: Waiter,
+    place: Place,
+    uniform: Callable[[], float],
+) -> Assessment:
+    permits = Permits.of(state, config, now_ms)
+    eligible = eligibility(state, config)
+    turns = front(state, config, permits, eligible)
+    mine = Turn.of(waiter, place)
+    if mine in turns:
+        return Assessment(turns, True, None)
+    return Assessment(
+        turns, False, waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
+    )
+
+
+def waiting(
+    state: GateState,
+    config: AdmissionConfig,
+    now_ms: int,
+    waiter: Waiter,
+    place: Place,
+    uniform: Callable[[], float],
+    permits: Permits | None = None,
+    eligible: Eligible | None = None,
+) -> Queued:
+    """Why the waiter at `place` waits, and when it should ask again. Jitter is drawn from
+    `uniform` only during a cooldown."""
+    now = now_ms
+    permits = permits or Permits.of(state, config, now)
+    eligible = eligible or eligibility(state, config)
+    turn = Turn.of(waiter, place)
+    at = max(1, position(state, config, turn, eligible))
+    cooling = permits.cooling_ms
+    waits = {
+        REASON_CAPACITY: capacity_wait_ms(state, config, now, at),
+        REASON_CREATE_SLOTS: slot_wait_ms(state, config, now, at),
+        REASON_RATE: rate_wait_ms(state, config, now, at),
+    }
+    frees = {
+        REASON_CAPACITY: permits.capacity,
+        REASON_CREATE_SLOTS: permits.slots,
+        REASON_RATE: permits.rate,
+    }
+    usage = {
+        REASON_CAPACITY: (capacity_in_use(state), capacity_limit(state, config)),
+        REASON_CREATE_SLOTS: (slots_in_use(state), config.create_slots),
+        REASON_RATE: (rate_in_use(state, config, now), config.create_burst),
+    }
+    eta = cooling + max(waits.values())
+    blocked = [name for name in waits if frees[name] < at]
+    if cooling > 0:
+        reason = REASON_BACKOFF
+        in_use, limit = usage[REASON_CREATE_SLOTS]
+    elif not tenant_has_room(state, config, waiter.tenant):
+        reason = REASON_CAPACITY
+        in_use = state.tenant_in_use(waiter.tenant)
+        limit = config.max_sandboxes_per_tenant or config.max_sandboxes
+    elif turn.is_retry and budget.tokens(state, config) < 1.0:
+        reason = REASON_BACKOFF
+        in_use, limit = usage[REASON_CREATE_SLOTS]
+        eta = max(eta, budget.wait_for_token_ms(state, config, 1))
+    elif blocked:
+        reason = max(blocked, key=lambda name: waits[name])
+        in_use, limit = usage[reason]
+    else:
+        # The permits ahead belong to waiters that have not polled yet.
+        reason = REASON_CREATE_SLOTS
+        in_use, limit = usage[reason]
+    # Only the rate gate's estimate is exact, so a waiter held by it comes back right
+    # when its turn is due (else a fast rate would be throttled to one grant per
+    # poll_min). Slot and capacity estimates are guesses from observed times, and an
+    # unused rate token means the permit waits on someone else's turn: poll_min keeps
+    # those from spinning.
+    exact = reason == REASON_RATE and eta > 0 and frees[REASON_RATE] == 0
+    floor = 1 if exact else config.poll_min_ms
+    wait = eta
+    if not exact and state.latency_ms is None:
+        # The estimate rests on the assumed create latency: come back by the time the
+        # first create should have answered, when a measured latency is known.
+        wait = min(wait, config.create_latency_ms // 2)
+    retry_after = max(floor, min(wait, config.poll_max_ms))
+    if cooling > 0:
+        # Spread the herd that comes back when the cooldown ends.
+        retry_after = max(cooling, retry_after) + int(uniform() * config.poll_min_ms)
+    return Queued(
+        position=at,
+        queue_length=state.waiting(),
+        in_use=in_use,
+        limit=limit,
+        reason=reason,
+        retry_after_ms=retry_after,
+        eta_ms=eta,
+        waited_ms=now - place.since_ms,
+    )

@@ -1,0 +1,284 @@
+"""The public, read-only view of an account's admission state.
+
+`inspect_gates` reads the gate document and the waiters' own keys through the guest's
+`Storage` protocol (account scope) and returns frozen dataclasses: the create slots with
+their leases, the rate, the capacity with its effective limit and sandbox leases, the
+backoff, the retry budget, and every waiter in fair order with the reason it waits and its
+ETA, computed by the same function a waiter's own `admit` answer comes from
+(`blocking.waiting`). Hosts, operators and benchmarks read the state through this module
+only; the stored encoding (`state`, `place`) stays private to the guest.
+
+Reading never writes. Each waiter costs two reads (its ticket's key and its own record),
+so inspection is O(waiters), unlike a decision; it is meant for operators and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from provisioner.admission import budget
+from provisioner.admission.backoff import cooling_ms
+from provisioner.admission.blocking import waiting
+from provisioner.admission.gates import (
+    capacity_in_use,
+    capacity_limit,
+    rate_available,
+    rate_wait_ms,
+    slots_in_use,
+)
+from provisioner.admission.leases import prune_expired
+from provisioner.admission.place import Place, Stage
+from provisioner.admission.results import Waiter
+from provisioner.admission.state import GATE_KEY as _GATE_KEY
+from provisioner.admission.state import GateState, ticket_key, waiter_key
+from provisioner.config import AdmissionConfig
+from provisioner.ports import Scope, Storage
+
+# The key (account scope) of the account's gate document: every decision writes it with
+# compare-and-swap, so a host may watch its version. Its content is private.
+GATE_KEY = _GATE_KEY
+
+_ACCOUNT = Scope.ACCOUNT
+
+
+@dataclass(frozen=True, slots=True)
+class CreateLeaseView:
+    """A create slot in use: the create `entity` of `tenant` is in flight."""
+
+    lease_id: str
+    tenant: str
+    entity: str
+    started_ms: int
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxLeaseView:
+    """A capacity permit: `entity` of `tenant` holds sandbox `sandbox_id`."""
+
+    lease_id: str
+    tenant: str
+    entity: str
+    sandbox_id: str
+    started_ms: int
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSlots:
+    in_use: int
+    limit: int
+    leases: tuple[CreateLeaseView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """GCRA at `per_s` with `burst`: `available` creates may start now; the next token
+    after those is due in `next_in_ms`."""
+
+    per_s: float
+    burst: int
+    available: int
+    next_in_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """Running sandboxes plus creates in flight (`in_use`) against `effective_limit`: the
+    configured `limit` until E2B's concurrent-sandbox 429 shrank it."""
+
+    in_use: int
+    limit: int
+    effective_limit: int
+    running: int
+    leases: tuple[SandboxLeaseView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """The shared cooldown: nobody calls E2B before `until_ms` (0: never set)."""
+
+    until_ms: int
+    cooling_ms: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    tokens: float
+    limit: float
+
+
+@dataclass(frozen=True, slots=True)
+class WaiterView:
+    """One waiter. `stage` is `Stage.RETRYING` (its create failed retryably; it waits ahead
+    of every fresh ticket) or `Stage.QUEUED` (a fresh ticket). `entity` is None when the
+    ticket's liveness key has expired (its waiter stopped polling and will be skipped);
+    `alive` says whether it is still expected back. `position` is 1-based in fair order
+    (what its own poll would be told), `reason` the gate that holds it back, `eta_ms` the
+    estimate of when it may go; `waited_ms` and `attempt` come from its record (None when
+    the record is gone)."""
+
+    tenant: str
+    entity: str | None
+    stage: Stage
+    ticket: int | None
+    position: int
+    reason: str
+    eta_ms: int
+    waited_ms: int | None
+    attempt: int | None
+    alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GateView:
+    """Everything admission control holds for one account, as of `now_ms`.
+    `version` is the gate document's storage version (None: never written)."""
+
+    now_ms: int
+    version: int | None
+    create_slots: CreateSlots
+    rate: Rate
+    capacity: Capacity
+    backoff: Backoff
+    retry_budget: RetryBudget
+    waiters: tuple[WaiterView, ...]
+    waiting_tenants: tuple[str, ...]
+    create_latency_ms: int | None
+    hold_ms: int | None
+    grants: int
+
+    @property
+    def permits_held(self) -> int:
+        """Create slots plus capacity permits held."""
+        return len(self.create_slots.leases) + len(self.capacity.leases)
+
+    def waiter(self, tenant: str, entity: str) -> WaiterView | None:
+        for view in self.waiters:
+            if (view.tenant, view.entity) == (tenant, entity):
+                return view
+        return None
+
+
+def inspect_gates(
+    storage: Storage,
+    now_ms: int,
+    config: AdmissionConfig | None = None,
+    *,
+    prune: bool = True,
+) -> GateView:
+    """Read the account's admission state. `prune` drops the leases that have expired by
+    `now_ms` (what the next decision will see); without it the leases are as stored.
+    `config` must be the integration's (limits and ETAs depend on it); the defaults when
+    None."""
+    config = config or AdmissionConfig()
+    entry = storage.get(_ACCOUNT, GATE_KEY)
+    state = GateState() if entry is None else GateState.from_bytes(entry.value)
+    if prune:
+        prune_expired(state, now_ms)
+    budget.refill(state, config, now_ms)
+    return GateView(
+        now_ms=now_ms,
+        version=None if entry is None else entry.version,
+        create_slots=CreateSlots(
+            slots_in_use(state),
+            config.create_slots,
+            tuple(
+                CreateLeaseView(c.lease_id, c.tenant, c.entity, c.started_ms, c.expires_ms)
+                for c in state.create_leases
+            ),
+        ),
+        rate=Rate(
+            config.create_rate_per_s,
+            config.create_burst,
+            rate_available(state, config, now_ms),
+            rate_wait_ms(state, config, now_ms, 1),
+        ),
+        capacity=Capacity(
+            capacity_in_use(state),
+            config.max_sandboxes,
+            capacity_limit(state, config),
+            len(state.sandbox_leases),
+            tuple(
+                SandboxLeaseView(
+                    s.lease_id, s.tenant, s.entity, s.sandbox_id, s.started_ms, s.expires_ms
+                )
+                for s in state.sandbox_leases
+            ),
+        ),
+        backoff=Backoff(state.cooldown_until_ms, cooling_ms(state, now_ms), state.backoff_failures),
+        retry_budget=RetryBudget(budget.tokens(state, config), config.retry_budget),
+        waiters=_waiters(storage, state, config, now_ms),
+        waiting_tenants=tuple(queue.tenant for queue in state.ring),
+        create_latency_ms=state.latency_ms,
+        hold_ms=state.hold_ms,
+        grants=state.grants,
+    )
+
+
+def _record(storage: Storage, tenant: str, entity: str) -> Place | None:
+    entry = storage.get(_ACCOUNT, waiter_key(tenant, entity))
+    return None if entry is None else Place.from_bytes(entry.value)
+
+
+def _waiters(
+    storage: Storage, state: GateState, config: AdmissionConfig, now_ms: int
+) -> tuple[WaiterView, ...]:
+    views: list[WaiterView] = []
+    for retry in state.retries:
+        record = _record(storage, retry.tenant, retry.entity)
+        alive = record is not None and record.stage is Stage.RETRYING and record.alive(now_ms)
+        place = Place(
+            Stage.RETRYING,
+            now_ms if record is None else record.since_ms,
+            1 if record is None else record.attempt,
+        )
+        views.append(_view(state, config, now_ms, retry.tenant, retry.entity, place, record, alive))
+    for queue in state.ring:
+        removed = set(queue.removed)
+        for ticket in range(queue.head, queue.tail):
+            if ticket in removed:
+                continue
+            found = storage.get(_ACCOUNT, ticket_key(queue.tenant, ticket))
+            entity = None if found is None else found.value.decode("utf-8", "surrogatepass")
+            record = None if entity is None else _record(storage, queue.tenant, entity)
+            if record is not None and (record.stage is not Stage.QUEUED or record.ticket != ticket):
+                record = None  # the entity has moved on; this ticket is a leftover
+            place = Place(
+                Stage.QUEUED,
+                now_ms if record is None else record.since_ms,
+                1 if record is None else record.attempt,
+                ticket=ticket,
+            )
+            views.append(
+                _view(state, config, now_ms, queue.tenant, entity, place, record, found is not None)
+            )
+    views.sort(key=lambda view: (view.stage is not Stage.RETRYING, view.position))
+    return tuple(views)
+
+
+def _view(
+    state: GateState,
+    config: AdmissionConfig,
+    now_ms: int,
+    tenant: str,
+    entity: str | None,
+    place: Place,
+    record: Place | None,
+    alive: bool,
+) -> WaiterView:
+    # No jitter: an inspection draws no randomness (the jitter only moves retry_after_ms).
+    queued = waiting(state, config, now_ms, Waiter(tenant, entity or ""), place, lambda: 0.0)
+    return WaiterView(
+        tenant=tenant,
+        entity=entity,
+        stage=place.stage,
+        ticket=place.ticket,
+        position=queued.position,
+        reason=queued.reason,
+        eta_ms=queued.eta_ms,
+        waited_ms=None if record is None else queued.waited_ms,
+        attempt=None if record is None else record.attempt,
+        alive=alive,
+    )

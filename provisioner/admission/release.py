@@ -1,0 +1,35 @@
+"""Release: free everything a waiter holds or waits for (its sandbox lease, a create lease,
+its queue place), and learn from how long the sandbox was held (capacity ETAs)."""
+
+from __future__ import annotations
+
+from provisioner.admission.admit import leave_queue
+from provisioner.admission.cas import until_settled
+from provisioner.admission.leases import drop_leases_of
+from provisioner.admission.ledger import Ledger
+from provisioner.admission.results import Waiter
+
+
+class Release(Ledger):
+    def decide(self, waiter: Waiter) -> bool:
+        """True when the waiter held a permit or had a place in the queue."""
+        return until_settled(lambda: self._decide(waiter), self.config.cas_retries)
+
+    def _decide(self, waiter: Waiter) -> bool:
+        loaded = self.load(waiter)
+        state, now = loaded.state, loaded.now_ms
+        for lease in state.sandbox_leases:
+            if (lease.tenant, lease.entity) == (waiter.tenant, waiter.entity):
+                observed = max(0, now - lease.started_ms)
+                state.hold_ms = (
+                    observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
+                )
+        held = drop_leases_of(state, waiter.tenant, waiter.entity) > 0
+        before = state.waiting()
+        ticket = leave_queue(state, waiter, loaded.place)
+        waited = before != state.waiting() or ticket is not None
+        if held or before != state.waiting():
+            self.save_gate(loaded)
+        self.forget_place(waiter)
+        self.forget_ticket(waiter, ticket)
+        return held or waited

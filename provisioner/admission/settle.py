@@ -1,0 +1,142 @@
+"""Settle: record what a granted create came back with, and free its create slot.
+
+Created: the waiter holds a capacity lease for the sandbox's timeout. RateLimited and
+Unavailable: a shared cooldown, and the waiter waits among the retries (ahead of every
+fresh ticket) until `max_create_attempts`. CapacityExhausted: the effective capacity
+shrinks to what was observed. CreateFailed: the waiter is rejected with E2B's failure.
+"""
+
+from __future__ import annotations
+
+from provisioner.admission.admit import exhausted, leave_queue
+from provisioner.admission.backoff import record_failure, record_success
+from provisioner.admission.blocking import waiting
+from provisioner.admission.cas import until_settled
+from provisioner.admission.gates import (
+    capacity_in_use,
+    capacity_limit,
+    note_created,
+    shrink_capacity,
+)
+from provisioner.admission.leases import drop_create_lease, hold_sandbox
+from provisioner.admission.ledger import Ledger, Loaded
+from provisioner.admission.place import Place, Stage
+from provisioner.admission.results import (
+    REASON_BACKOFF,
+    REASON_CAPACITY,
+    CapacityExhausted,
+    Created,
+    CreateFailed,
+    CreateResult,
+    Grant,
+    Queued,
+    RateLimited,
+    Rejected,
+    Unavailable,
+    Waiter,
+)
+from provisioner.admission.state import RetryEntry
+
+
+class Settlement(Ledger):
+    def decide(
+        self, waiter: Waiter, grant: Grant, result: CreateResult
+    ) -> Queued | Rejected | None:
+        return until_settled(lambda: self._decide(waiter, grant, result), self.config.cas_retries)
+
+    def _decide(
+        self, waiter: Waiter, grant: Grant, result: CreateResult
+    ) -> Queued | Rejected | None:
+        loaded = self.load(waiter)
+        state, now, config = loaded.state, loaded.now_ms, self.config
+        stored = loaded.place
+        since = stored.since_ms if stored is not None else now - grant.queued_ms
+        lease = drop_create_lease(state, grant.lease_id)
+        if lease is not None:
+            observed = max(0, now - lease.started_ms)
+            state.latency_ms = (
+                observed if state.latency_ms is None else (state.latency_ms * 3 + observed) // 4
+            )
+        if isinstance(result, Created):
+            self._created(waiter, grant, result, loaded, since)
+            return None
+        if isinstance(result, CreateFailed):
+            self._drop(waiter, loaded)
+            return Rejected(result.failure)
+        if lease is None and stored is not None and stored.stage is not Stage.CREATING:
+            # Settled already (or the waiter moved on): report where it stands now.
+            if state.retry_of(waiter.tenant, waiter.entity) is None:
+                return None
+            view = Place(Stage.RETRYING, since, stored.attempt)
+            return waiting(state, config, now, waiter, view, self.ports.uniform)
+        if isinstance(result, CapacityExhausted):
+            shrink_capacity(state, config)
+            if capacity_in_use(state) == 0:
+                record_failure(state, config, now, None, self.ports.uniform())
+        elif isinstance(result, RateLimited | Unavailable):
+            retry_after = result.retry_after_ms if isinstance(result, RateLimited) else None
+            record_failure(state, config, now, retry_after, self.ports.uniform())
+        attempt = grant.attempt + 1
+        if attempt > config.max_create_attempts:
+            self._drop(waiter, loaded)
+            return exhausted(grant.attempt)
+        if state.retry_of(waiter.tenant, waiter.entity) is None:
+            state.retries.append(RetryEntry(waiter.tenant, waiter.entity))
+        place = Place(Stage.RETRYING, since, attempt)
+        queued = waiting(state, config, now, waiter, place, self.ports.uniform)
+        if isinstance(result, CapacityExhausted) and queued.reason != REASON_BACKOFF:
+            queued = _with_reason(
+                queued, REASON_CAPACITY, capacity_in_use(state), capacity_limit(state, config)
+            )
+        self.save_gate(loaded)
+        ttl = queued.retry_after_ms + config.waiter_ttl_ms
+        renewed = Place(Stage.RETRYING, since, attempt, alive_until_ms=now + ttl)
+        self.write_place(waiter, loaded, renewed, ttl + config.queue_timeout_ms)
+        return queued
+
+    def _created(
+        self, waiter: Waiter, grant: Grant, result: Created, loaded: Loaded, since: int
+    ) -> None:
+        state, now, config = loaded.state, loaded.now_ms, self.config
+        if any(s.lease_id == grant.lease_id for s in state.sandbox_leases):
+            return  # settled already
+        # Held even when the create lease had expired: the sandbox exists, so it counts.
+        # (A create lease outlives any invocation, so only a dead holder loses one.)
+        timeout_ms = max(1, result.sandbox_timeout_ms)
+        hold_sandbox(
+            state,
+            grant.lease_id,
+            waiter.tenant,
+            waiter.entity,
+            result.sandbox_id,
+            now,
+            timeout_ms,
+        )
+        # A late answer for a waiter that had been queued again must not leave it queued.
+        ticket = leave_queue(state, waiter, loaded.place)
+        record_success(state)
+        note_created(state, config)
+        self.save_gate(loaded)
+        self.forget_ticket(waiter, ticket)
+        holding = Place(Stage.HOLDING, since, grant.attempt, lease_id=grant.lease_id)
+        self.write_place(waiter, loaded, holding, timeout_ms + config.waiter_ttl_ms)
+
+    def _drop(self, waiter: Waiter, loaded: Loaded) -> None:
+        """The waiter is done waiting (rejected): out of the queue, its keys gone."""
+        ticket = leave_queue(loaded.state, waiter, loaded.place)
+        self.save_gate(loaded)
+        self.forget_place(waiter)
+        self.forget_ticket(waiter, ticket)
+
+
+def _with_reason(queued: Queued, reason: str, in_use: int, limit: int) -> Queued:
+    return Queued(
+        queued.position,
+        queued.queue_length,
+        in_use,
+        limit,
+        reason,
+        queued.retry_after_ms,
+        queued.eta_ms,
+        queued.waited_ms,
+    )

@@ -1,0 +1,399 @@
+"""The one reader of the integration config: every key, its default, bounds and meaning.
+
+`SETTINGS` is the single definition of the keys the component reads (besides `operation`,
+which `provisioner.invocation` reads to pick the operation). The defaults are the field
+defaults of `SandboxSettings` and `AdmissionConfig`; the README's tables are checked
+against this module by the tests, and hosts that need a default import it from here.
+
+`read_config` runs once per invocation and parses only the keys the config holds: a field
+the config does not name keeps its default without being parsed or copied (the two
+settings classes keep their defaults as class attributes, see `_sparse`). Every key present
+is still validated for every operation, so an out-of-range value is `invalid_config`
+whatever the operation, before any state changes.
+
+Times in the config are seconds unless the key ends in `_ms`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from provisioner.failures import FailureCode
+from provisioner.model import ProvisionerError
+
+_DAY_MS = 24 * 3600 * 1000
+
+# Whitespace, query or fragment have no place in an API base URL.
+_URL_FORBIDDEN = re.compile(r"[\s?#]")
+# E2B template ids and aliases: letters, digits and a few separators.
+_TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """What to create, and where."""
+
+    api_url: str = "https://api.e2b.app"
+    template_id: str = "base"
+    sandbox_timeout_s: int = 3600
+    create_timeout_ms: int = 60_000
+    request_timeout_ms: int = 15_000
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str]) -> SandboxSettings:
+        """Only the sandbox keys (a bad value raises ProvisionerError("invalid_config"))."""
+        return _read_sandbox(config)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Admission control's settings (see `SETTINGS` for each key's meaning)."""
+
+    create_slots: int = 4
+    create_rate_per_s: float = 1.0
+    create_burst: int = 1
+    max_sandboxes: int = 20
+    max_sandboxes_per_tenant: int | None = None
+    queue_timeout_ms: int = 1_800_000
+    waiter_ttl_ms: int = 60_000
+    create_lease_ms: int = 150_000
+    backoff_base_ms: int = 500
+    backoff_cap_ms: int = 30_000
+    retry_budget: float = 10.0
+    retry_ratio: float = 0.2
+    retry_refill_per_s: float = 0.1
+    max_create_attempts: int = 6
+    capacity_grow_after: int = 5
+    poll_min_ms: int = 200
+    poll_max_ms: int = 15_000
+    create_latency_ms: int = 3_000
+    cas_retries: int = 16
+
+    @property
+    def rate_interval_ms(self) -> float:
+        return 1000.0 / self.create_rate_per_s
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str]) -> AdmissionConfig:
+        """Only the admission keys (a bad value raises ProvisionerError("invalid_config"))."""
+        return _read_admission(config)
+
+    def check_relations(self) -> None:
+        """Every parser bounds its own value; only the relations between settings remain."""
+        if self.backoff_base_ms > self.backoff_cap_ms:
+            _invalid("backoff_base_ms must not exceed backoff_cap_ms")
+        if self.poll_min_ms > self.poll_max_ms:
+            _invalid("poll_min_ms must not exceed poll_max_ms")
+        if self.max_sandboxes_per_tenant is not None and (
+            self.max_sandboxes_per_tenant > self.max_sandboxes
+        ):
+            _invalid("max_sandboxes_per_tenant must not exceed max_sandboxes")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the integration config says, read once per invocation."""
+
+    sandbox: SandboxSettings
+    admission: AdmissionConfig
+
+
+def read_config(config: Mapping[str, str]) -> Config:
+    """Read and validate every key present; ProvisionerError("invalid_config") on a bad one.
+    Sandbox keys are checked first, then admission keys in config order, then the relations
+    between admission settings."""
+    return Config(_read_sandbox(config), _read_admission(config))
+
+
+# ---------------------------------------------------------------------------- the table
+
+Section = Literal["sandbox", "admission"]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One config key: where its value goes, how it is parsed and bounded, what it means.
+    `blank_is_default`: an empty value means the default (else it is parsed, and refused)."""
+
+    key: str
+    section: Section
+    field: str
+    parse: Callable[[str], Any]
+    meaning: str
+    blank_is_default: bool = True
+
+    @property
+    def default(self) -> Any:
+        """The field's default, in the field's unit (milliseconds for a `_s` key whose
+        field ends in `_ms`)."""
+        owner = SandboxSettings if self.section == "sandbox" else AdmissionConfig
+        return getattr(owner, self.field)
+
+
+def _invalid(message: str) -> None:
+    raise ProvisionerError(
+        FailureCode.INVALID_CONFIG, f"admission config: {message}", retryable=False
+    )
+
+
+def _refuse(message: str) -> None:
+    raise ProvisionerError(FailureCode.INVALID_CONFIG, message)
+
+
+# Sandbox parsers: their messages predate the admission ones and are kept as they were.
+
+
+def _api_url(raw: str) -> str:
+    api_url = raw.strip().rstrip("/")
+    if not api_url.startswith(("https://", "http://")) or _URL_FORBIDDEN.search(api_url):
+        _refuse("e2b_api_url must be an http(s) URL without query or fragment")
+    return api_url
+
+
+def _template_id(raw: str) -> str:
+    template_id = raw.strip()
+    if not _TEMPLATE_ID.fullmatch(template_id):
+        _refuse(
+            "template_id must be 1-128 letters, digits or ._:/-, starting with a letter or digit"
+        )
+    return template_id
+
+
+def _bounded_int(key: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            _refuse(f"{key} must be an integer, got {raw[:40]!r}")
+            raise  # unreachable: keeps the type checker sure `value` is bound
+        if not low <= value <= high:
+            _refuse(f"{key} must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+# Admission parsers.
+
+
+def _number(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        _invalid(f"{key} must be a number, got {raw!r}")
+        raise  # unreachable: keeps the type checker sure `value` is bound
+    if not math.isfinite(value):
+        _invalid(f"{key} must be finite, got {raw!r}")
+    return value
+
+
+def _positive_int(key: str, upper: int, scale: float = 1.0) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = _number(key, raw) * scale
+        if value <= 0:
+            _invalid(f"{key} must be positive, got {raw!r}")
+        if value > upper:
+            _invalid(f"{key} must be at most {upper / scale:g}, got {raw!r}")
+        if scale == 1.0 and value != int(value):
+            _invalid(f"{key} must be a whole number, got {raw!r}")
+        return max(1, round(value))
+
+    return parse
+
+
+def _positive_float(key: str, upper: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = _number(key, raw)
+        if value <= 0 or value > upper:
+            _invalid(f"{key} must be above 0 and at most {upper:g}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(key: str, upper: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = _number(key, raw)
+        if value < 0 or value > upper:
+            _invalid(f"{key} must be between 0 and {upper:g}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _optional_positive_int(key: str, upper: int) -> Callable[[str], int | None]:
+    inner = _positive_int(key, upper)
+
+    def parse(raw: str) -> int | None:
+        if raw.lower() in ("none", "null", "off", "unlimited"):
+            return None
+        return inner(raw)
+
+    return parse
+
+
+def _sandbox(key: str, field: str, parse: Callable[[str], Any], meaning: str) -> Setting:
+    # The URL and the template refuse an empty value; the numbers take it as the default.
+    blank = parse not in (_api_url, _template_id)
+    return Setting(key, "sandbox", field, parse, meaning, blank_is_default=blank)
+
+
+def _admission(
+    key: str, parse: Callable[[str], Any], meaning: str, field: str | None = None
+) -> Setting:
+    return Setting(key, "admission", field or key, parse, meaning)
+
+
+def _seconds(key: str, field: str, meaning: str) -> Setting:
+    return _admission(key, _positive_int(key, _DAY_MS, 1000), meaning, field)
+
+
+def _millis(key: str, meaning: str) -> Setting:
+    return _admission(key, _positive_int(key, _DAY_MS), meaning)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    _sandbox(
+        "e2b_api_url",
+        "api_url",
+        _api_url,
+        "the E2B API base (the host's allow-list must agree)",
+    ),
+    _sandbox("template_id", "template_id", _template_id, "the E2B template"),
+    _sandbox(
+        "sandbox_timeout_s",
+        "sandbox_timeout_s",
+        _bounded_int("sandbox_timeout_s", 1, 86_400),
+        "the sandbox's E2B timeout; also its capacity lease",
+    ),
+    _sandbox(
+        "create_timeout_ms",
+        "create_timeout_ms",
+        _bounded_int("create_timeout_ms", 1_000, 110_000),
+        "how long one create request may take",
+    ),
+    _sandbox(
+        "request_timeout_ms",
+        "request_timeout_ms",
+        _bounded_int("request_timeout_ms", 500, 60_000),
+        "list and kill requests",
+    ),
+    _admission(
+        "create_slots", _positive_int("create_slots", 1_000), "concurrent E2B creates per account"
+    ),
+    _admission(
+        "create_rate_per_s",
+        _positive_float("create_rate_per_s", 1_000),
+        "creates per second per account (E2B Hobby: 1/s, Pro: 5/s)",
+    ),
+    _admission(
+        "create_burst",
+        _positive_int("create_burst", 1_000),
+        "creates allowed back to back before the rate applies",
+    ),
+    _admission(
+        "max_sandboxes",
+        _positive_int("max_sandboxes", 100_000),
+        "running sandboxes per account (E2B Hobby: 20, Pro: 100)",
+    ),
+    _admission(
+        "max_sandboxes_per_tenant",
+        _optional_positive_int("max_sandboxes_per_tenant", 100_000),
+        "running sandboxes per tenant (none: no per-tenant cap)",
+    ),
+    _seconds(
+        "queue_timeout_s", "queue_timeout_ms", "longest a waiter may queue before queue_timeout"
+    ),
+    _millis("queue_timeout_ms", "the same, in milliseconds"),
+    # The Temper [admission] block's spelling.
+    _seconds("queue_timeout_seconds", "queue_timeout_ms", "the same, as Temper spells it"),
+    _seconds(
+        "waiter_ttl_s",
+        "waiter_ttl_ms",
+        "a waiter that stops asking drops out this long after its last poll is due",
+    ),
+    _millis("waiter_ttl_ms", "the same, in milliseconds"),
+    _seconds(
+        "create_lease_s",
+        "create_lease_ms",
+        "a create slot's lease: longer than an invocation (120 s) can live",
+    ),
+    _millis("create_lease_ms", "the same, in milliseconds"),
+    _millis("backoff_base_ms", "shared exponential backoff (full jitter): its base"),
+    _millis("backoff_cap_ms", "shared exponential backoff: its cap"),
+    _admission(
+        "retry_budget",
+        _non_negative_float("retry_budget", 1_000_000),
+        "retry tokens the account may bank",
+    ),
+    _admission(
+        "retry_ratio",
+        _non_negative_float("retry_ratio", 100),
+        "tokens earned by each first-attempt create",
+    ),
+    _admission(
+        "retry_refill_per_s",
+        _non_negative_float("retry_refill_per_s", 1e4),
+        "tokens earned per second regardless",
+    ),
+    _admission(
+        "max_create_attempts",
+        _positive_int("max_create_attempts", 1_000),
+        "creates per waiter before retry_budget_exhausted",
+    ),
+    _admission(
+        "capacity_grow_after",
+        _positive_int("capacity_grow_after", 1_000_000),
+        "successes in a row before a shrunk capacity grows by one",
+    ),
+    _millis("poll_min_ms", "the shortest retry_after_ms a waiter is given"),
+    _millis("poll_max_ms", "the longest retry_after_ms a waiter is given"),
+    _millis("create_latency_ms", "create latency assumed until one has been observed (ETAs)"),
+    _admission(
+        "cas_retries", _positive_int("cas_retries", 1_000), "compare-and-swap attempts per decision"
+    ),
+)
+
+SETTINGS_BY_KEY: dict[str, Setting] = {setting.key: setting for setting in SETTINGS}
+_SANDBOX_SETTINGS = tuple(s for s in SETTINGS if s.section == "sandbox")
+
+_T = TypeVar("_T")
+
+
+def _sparse(cls: type[_T], values: dict[str, Any]) -> _T:
+    """An instance of a frozen settings dataclass holding only `values`; every other field
+    reads its default from the class. This runs on every invocation, and the generated
+    frozen `__init__` (one `object.__setattr__` per field) cost more guest fuel than the
+    parsing itself."""
+    instance = object.__new__(cls)
+    instance.__dict__.update(values)
+    return instance
+
+
+def _read_sandbox(config: Mapping[str, str]) -> SandboxSettings:
+    values: dict[str, Any] = {}
+    for setting in _SANDBOX_SETTINGS:
+        raw = config.get(setting.key)
+        if raw is None or (setting.blank_is_default and raw.strip() == ""):
+            continue
+        values[setting.field] = setting.parse(raw)
+    return _sparse(SandboxSettings, values)
+
+
+def _read_admission(config: Mapping[str, str]) -> AdmissionConfig:
+    values: dict[str, Any] = {}
+    for key, raw in config.items():
+        setting = SETTINGS_BY_KEY.get(key)
+        if setting is None or setting.section != "admission":
+            continue
+        text = str(raw).strip()
+        if text == "":
+            continue
+        values[setting.field] = setting.parse(text)
+    built = _sparse(AdmissionConfig, values)
+    built.check_relations()
+    return built

@@ -1,0 +1,55 @@
+"""Every failure code a `SandboxFailed` outcome can carry: the guest's and the host's.
+
+One definition, so a producer cannot misspell a code and the README's list can be checked
+against it. `FailureCode` is a `StrEnum`: a member is the code string itself, so it
+serialises to JSON and crosses the WIT boundary unchanged, and compares equal to the text.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FailureCode(StrEnum):
+    # The invocation itself: refused before any state changes.
+    INVALID_INVOCATION = "invalid_invocation"
+    INVALID_CONFIG = "invalid_config"
+    UNKNOWN_OPERATION = "unknown_operation"
+    # Storage.
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    STORAGE_CONTENTION = "storage_contention"
+    # Admission control.
+    QUEUE_TIMEOUT = "queue_timeout"
+    RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
+    # E2B's answers.
+    E2B_UNAUTHORIZED = "e2b_unauthorized"
+    E2B_BAD_REQUEST = "e2b_bad_request"
+    E2B_TEMPLATE_NOT_FOUND = "e2b_template_not_found"
+    E2B_UNEXPECTED_STATUS = "e2b_unexpected_status"
+    E2B_DENIED = "e2b_denied"
+    E2B_UNAVAILABLE = "e2b_unavailable"
+    RELEASED_DURING_CREATE = "released_during_create"
+    # A bug in the guest, caught before it could escape.
+    INTERNAL_ERROR = "internal_error"
+    # From the host that runs the component (the guest never produces these).
+    FUEL_EXHAUSTED = "fuel_exhausted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    MEMORY_EXHAUSTED = "memory_exhausted"
+    GUEST_TRAP = "guest_trap"
+    RESULT_TOO_LARGE = "result_too_large"
+    MALFORMED_RESULT = "malformed_result"
+    HOST_ERROR = "host_error"
+
+
+# The codes only a host produces (a guest failure never carries them).
+HOST_CODES = frozenset(
+    {
+        FailureCode.FUEL_EXHAUSTED,
+        FailureCode.DEADLINE_EXCEEDED,
+        FailureCode.MEMORY_EXHAUSTED,
+        FailureCode.GUEST_TRAP,
+        FailureCode.RESULT_TOO_LARGE,
+        FailureCode.MALFORMED_RESULT,
+        FailureCode.HOST_ERROR,
+    }
+)

@@ -1,0 +1,184 @@
+"""provisioner.admission.inspect: the public read-only view of an account's gates and
+waiters, built from storage alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from host.services.namespaces import ScopedStorage, account_namespace
+from host.sessions.detsim import ACCOUNT, Harness
+from provisioner.admission import (
+    AdmissionConfig,
+    CapacityExhausted,
+    Created,
+    Grant,
+    Queued,
+    RateLimited,
+    Waiter,
+)
+from provisioner.admission.inspect import GateView, inspect_gates
+from provisioner.admission.place import Stage
+
+FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
+
+
+def view(harness: Harness, *, prune: bool = True) -> GateView:
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    return inspect_gates(storage, harness.clock.now_ms(), harness.config, prune=prune)
+
+
+def grant_of(decision: object) -> Grant:
+    assert isinstance(decision, Grant), decision
+    return decision
+
+
+def queued_of(decision: object) -> Queued:
+    assert isinstance(decision, Queued), decision
+    return decision
+
+
+def stored(harness: Harness) -> dict[str, Any]:
+    namespace = account_namespace(ACCOUNT)
+    found = {}
+    for key in harness.backend.keys(namespace):
+        entry = harness.backend.get(namespace, key)
+        found[key] = None if entry is None else (entry.value, entry.version)
+    return found
+
+
+def test_an_untouched_account_shows_its_limits_and_nothing_in_use() -> None:
+    harness = Harness(AdmissionConfig(create_slots=3, max_sandboxes=7, retry_budget=5.0))
+    gates = view(harness)
+    assert gates.version is None
+    assert (gates.create_slots.in_use, gates.create_slots.limit) == (0, 3)
+    assert (gates.capacity.in_use, gates.capacity.limit, gates.capacity.effective_limit) == (
+        0,
+        7,
+        7,
+    )
+    assert gates.backoff.until_ms == 0 and gates.backoff.cooling_ms == 0
+    assert gates.retry_budget.tokens == 5.0 and gates.retry_budget.limit == 5.0
+    assert gates.waiters == () and gates.waiting_tenants == ()
+    assert gates.rate.available == 1 and gates.rate.next_in_ms == 0
+
+
+def test_lease_holders_and_expiries_are_shown_for_creates_and_sandboxes() -> None:
+    # Catches: a view that counts leases without saying who holds them until when.
+    harness = Harness(FAST)
+    first, second = Waiter("tenant-a", "Job/1"), Waiter("tenant-b", "Job/2")
+    creating = grant_of(harness.admit(first))
+    holding = grant_of(harness.admit(second))
+    harness.advance(500)
+    assert harness.settle(second, holding, Created("sbx-2", 600_000)) is None
+    gates = view(harness)
+    assert gates.create_slots.in_use == 1
+    (lease,) = gates.create_slots.leases
+    assert (lease.lease_id, lease.tenant, lease.entity) == (creating.lease_id, "tenant-a", "Job/1")
+    assert lease.expires_ms == creating.expires_at_ms
+    (sandbox,) = gates.capacity.leases
+    assert (sandbox.tenant, sandbox.entity, sandbox.sandbox_id) == ("tenant-b", "Job/2", "sbx-2")
+    assert sandbox.expires_ms == harness.clock.now_ms() + 600_000
+    assert gates.capacity.in_use == 2 and gates.capacity.running == 1
+    assert gates.permits_held == 2
+    assert gates.create_latency_ms == 500
+    assert gates.grants == 2
+
+
+def test_every_waiter_is_listed_in_fair_order_with_what_its_own_poll_is_told() -> None:
+    # Catches: positions, reasons or ETAs that disagree with the answers admit gives.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    a = [Waiter("tenant-a", f"Job/a{i}") for i in range(3)]
+    b = [Waiter("tenant-b", f"Job/b{i}") for i in range(2)]
+    for waiter in a + b:
+        queued_of(harness.admit(waiter))
+    harness.advance(40)
+    gates = view(harness)
+    order = [(w.tenant, w.entity) for w in gates.waiters]
+    expected = [a[0], b[0], a[1], b[1], a[2]]
+    assert order == [(w.tenant, w.entity) for w in expected]
+    assert [w.position for w in gates.waiters] == [1, 2, 3, 4, 5]
+    assert gates.waiting_tenants == ("tenant-a", "tenant-b")
+    for shown in gates.waiters:
+        assert shown.stage is Stage.QUEUED and shown.alive and shown.attempt == 1
+        assert shown.waited_ms == 40
+    for waiter in expected:
+        before = view(harness).waiter(waiter.tenant, waiter.entity)
+        told = queued_of(harness.admit(waiter))
+        assert before is not None
+        assert (before.position, before.reason, before.eta_ms) == (
+            told.position,
+            told.reason,
+            told.eta_ms,
+        )
+
+
+def test_a_retrying_waiter_is_listed_first_with_its_attempt_and_the_backoff() -> None:
+    # Catches: retries missing from the view, or the shared cooldown not shown.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    first, second = Waiter("tenant-a", "Job/1"), Waiter("tenant-b", "Job/2")
+    grant = grant_of(harness.admit(first))
+    queued_of(harness.settle(first, grant, RateLimited(retry_after_ms=10_000)))
+    queued_of(harness.admit(second))
+    gates = view(harness)
+    assert [(w.entity, w.stage) for w in gates.waiters] == [
+        ("Job/1", Stage.RETRYING),
+        ("Job/2", Stage.QUEUED),
+    ]
+    retry = gates.waiters[0]
+    assert retry.attempt == 2 and retry.reason == "backoff" and retry.position == 1
+    assert gates.backoff.until_ms == harness.clock.now_ms() + 10_000
+    assert gates.backoff.cooling_ms == 10_000 and gates.backoff.failures == 1
+    assert gates.retry_budget.tokens < gates.retry_budget.limit + 1e-9
+
+
+def test_the_effective_capacity_shows_a_shrink_after_e2b_said_the_account_is_full() -> None:
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000.0, create_burst=10, max_sandboxes=10))
+    holders = [Waiter("tenant-a", f"Job/{i}") for i in range(3)]
+    for waiter in holders[:2]:
+        grant = grant_of(harness.admit(waiter))
+        assert harness.settle(waiter, grant, Created(f"sbx-{waiter.entity}", 600_000)) is None
+    grant = grant_of(harness.admit(holders[2]))
+    queued_of(harness.settle(holders[2], grant, CapacityExhausted()))
+    gates = view(harness)
+    assert gates.capacity.limit == 10
+    assert gates.capacity.effective_limit == 2
+    assert gates.capacity.in_use == 2
+
+
+def test_a_waiter_that_stopped_polling_shows_as_gone() -> None:
+    # Catches: a dead waiter shown as alive (an operator would wait for it).
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, waiter_ttl_ms=1_000)
+    harness = Harness(config)
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    quiet, polling = Waiter("tenant-a", "Job/quiet"), Waiter("tenant-b", "Job/polling")
+    queued_of(harness.admit(quiet))
+    harness.advance(100_000)
+    queued_of(harness.admit(polling))
+    gates = view(harness)
+    dead = [w for w in gates.waiters if not w.alive]
+    assert len(dead) == 1 and dead[0].tenant == "tenant-a"
+    assert dead[0].entity is None and dead[0].waited_ms is None
+    live = gates.waiter("tenant-b", "Job/polling")
+    assert live is not None and live.alive
+
+
+def test_expired_leases_are_hidden_unless_asked_for_as_stored() -> None:
+    harness = Harness(AdmissionConfig(create_lease_ms=5_000))
+    grant = grant_of(harness.admit(Waiter("tenant-a", "Job/1")))
+    harness.advance(6_000)
+    assert view(harness).create_slots.leases == ()
+    (lease,) = view(harness, prune=False).create_slots.leases
+    assert lease.lease_id == grant.lease_id
+
+
+def test_inspection_writes_nothing() -> None:
+    # Catches: a view that prunes or refills in storage (it would race the decisions).
+    harness = Harness(AdmissionConfig(create_slots=1, create_lease_ms=5_000))
+    grant_of(harness.admit(Waiter("tenant-a", "Job/1")))
+    queued_of(harness.admit(Waiter("tenant-b", "Job/2")))
+    harness.advance(6_000)
+    before = stored(harness)
+    gates = view(harness)
+    assert gates.version is not None
+    assert stored(harness) == before
