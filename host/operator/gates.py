@@ -64,8 +64,8 @@ def read_gates(
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
+    if isinstance(value, Enum):  # by name: an enum's value may be its stored encoding
+        return value.name.lower()
     if isinstance(value, tuple | list):
         return [_plain(item) for item in value]
     if hasattr(value, "__dataclass_fields__"):
