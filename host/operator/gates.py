@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from provisioner.admission.inspect import GateView, WaiterView, inspect_gates
-
 from host.services.namespaces import account_namespace
 from host.storage.base import StorageBackend
 from provisioner.admission import AdmissionConfig
+from provisioner.admission.inspect import GateView, WaiterView, inspect_gates
 from provisioner.ports import Entry, Scope
 
 __all__ = ["GateView", "WaiterView", "admission_config", "read_gates", "view_to_json"]
