@@ -30,6 +30,12 @@ def job_context(entity_id: str, config: dict[str, str], tenant: str = "acme") ->
     }
 
 
+TRANSPORT_RETRIES = 3
+# Below uvicorn's keep-alive timeout (5 s): the client drops an idle connection before the
+# server closes it, so a request is never sent on a connection the server just closed.
+KEEPALIVE_EXPIRY_S = 2.0
+
+
 @dataclass
 class LoadRecord:
     statuses: list[int] = field(default_factory=list)
@@ -39,6 +45,7 @@ class LoadRecord:
     sandboxes: dict[str, str] = field(default_factory=dict)  # entity -> sandbox id
     unexpected: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)  # entities cut off (service gone)
+    transport_errors: list[str] = field(default_factory=list)  # no answer: retried
 
 
 async def keep_retrying(
@@ -50,12 +57,21 @@ async def keep_retrying(
 ) -> None:
     await start.wait()
     body = job_context(entity_id, config)
+    failures_in_a_row = 0
     while True:
         try:
             response = await http.post("/v1/invocations", json=body)
-        except httpx.TransportError:
-            record.stopped.append(entity_id)
-            return
+        except httpx.TransportError as error:
+            # What the shim reports as ProvisionerUnreachable, which the spec routes to a
+            # retry; the service gone for good (refused several times) ends the job.
+            record.transport_errors.append(type(error).__name__)
+            failures_in_a_row += 1
+            if failures_in_a_row >= TRANSPORT_RETRIES:
+                record.stopped.append(entity_id)
+                return
+            await asyncio.sleep(1.0)
+            continue
+        failures_in_a_row = 0
         record.statuses.append(response.status_code)
         if response.status_code == 503:
             retry_after = response.headers.get("retry-after")
@@ -86,7 +102,9 @@ async def run_jobs(
 ) -> None:
     """All jobs start at once (one event, a connection each, kept alive) and keep retrying."""
     limits = httpx.Limits(
-        max_connections=len(entities) + 10, max_keepalive_connections=len(entities) + 10
+        max_connections=len(entities) + 10,
+        max_keepalive_connections=len(entities) + 10,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
     )
     async with httpx.AsyncClient(
         base_url=url,

@@ -55,6 +55,12 @@ def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
     ):
         asyncio.run(run_jobs(serve.url, entities, CONFIG, record, timeout_s=900))
         stats = mock.stats()
+        print(
+            f"answers: {len(record.statuses)} ({record.statuses.count(503)} x 503), "
+            f"actions {record.actions}, reasons {record.reasons}, transport errors "
+            f"{record.transport_errors}, mock max concurrent creates "
+            f"{stats.max_concurrent_creates}"
+        )
         assert set(record.statuses) <= {200, 503}, record.unexpected
         assert record.retry_after_missing == 0 and record.unexpected == [] and not record.stopped
         assert sorted(record.sandboxes) == entities
@@ -64,11 +70,6 @@ def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
         view = status_json(storage, *STATUS_CONFIG)
         assert view["create_slots"]["in_use"] == 0 and view["waiters"] == []
         assert view["capacity"]["running"] == JOBS
-        print(
-            f"answers: {len(record.statuses)} ({record.statuses.count(503)} x 503), "
-            f"actions {record.actions}, mock max concurrent creates "
-            f"{stats.max_concurrent_creates}"
-        )
 
 
 def test_sigterm_under_load_exits_zero_and_leaves_no_create_slot_held(
