@@ -111,6 +111,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from host.operator.status import run_status
+
+    return run_status(args)
+
+
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
@@ -225,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_soak_arguments(soak)
     soak.set_defaults(handler=_cmd_soak)
+
+    status = commands.add_parser(
+        "status", help="show an account's gates and every waiter (read-only; --watch: live)"
+    )
+    from host.operator.status import add_status_arguments
+
+    add_status_arguments(status)
+    status.set_defaults(handler=_cmd_status)
     return parser
 
 

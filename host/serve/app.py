@@ -6,6 +6,7 @@
   `Retry-After` when every worker is busy (nothing ran).
 - `GET /healthz`: the process is up. `GET /readyz`: the component is compiled and the
   storage answers (and the process is not draining).
+- `GET /metrics`: Prometheus exposition (`metrics.py`), when the service has metrics.
 - Every route but the two health routes needs `Authorization: Bearer <token>`; a missing
   or wrong token is 401 before anything else happens (compared in constant time).
 """
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -28,9 +30,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from host.runtime.temper_context import MAX_CONTEXT_BYTES, InvalidContext, parse_context
+from host.serve.metrics import CONTENT_TYPE, ServeMetrics
 from host.serve.pool import InvocationPool
 from host.serve.results import temper_result
-from provisioner.model import Invocation, Outcome
+from provisioner.admission import AdmissionConfig
+from provisioner.model import Invocation, Outcome, ProvisionerError
 
 LOG = logging.getLogger("sandbox_provisioner.serve")
 # Config keys that address the service itself: the shim's, not the component's.
@@ -48,6 +52,10 @@ class ServeState:
     storage_probe: Callable[[], None]
     retry_after_s: int = 1
     draining: bool = False
+    metrics: ServeMetrics | None = None
+    # The admission settings of the latest invocation (the gates' limits depend on the
+    # integration config); None until one arrives. Read by the metrics' gate collector.
+    admission_config: AdmissionConfig | None = None
     log: Callable[[dict[str, Any]], None] = field(
         default=lambda line: LOG.info(json.dumps(line, sort_keys=True))
     )
@@ -73,6 +81,13 @@ def prepare(invocation: Invocation, e2b_url: str) -> Invocation:
     if not any(key == "e2b_api_url" for key, _ in config):
         config = (*config, ("e2b_api_url", e2b_url))
     return replace(invocation, config=config)
+
+
+def remember_admission_config(state: ServeState, invocation: Invocation) -> None:
+    # An invalid config: the component answers it invalid_config; the metrics keep the
+    # last settings.
+    with contextlib.suppress(ProvisionerError):
+        state.admission_config = AdmissionConfig.from_config(dict(invocation.config))
 
 
 def create_app(state: ServeState) -> ASGIApp:
@@ -101,15 +116,26 @@ def create_app(state: ServeState) -> ASGIApp:
         except InvalidContext as invalid:
             return _error(400, "invalid_context", str(invalid))
         started = time.monotonic()
-        future = state.pool.try_submit(lambda: state.invoke(invocation))
+        remember_admission_config(state, invocation)
+
+        def run() -> tuple[Outcome, float]:
+            begun = time.monotonic()
+            outcome = state.invoke(invocation)
+            return outcome, time.monotonic() - begun
+
+        future = state.pool.try_submit(run)
         if future is None:
+            if state.metrics is not None:
+                state.metrics.observe_saturated()
             return _error(
                 503,
                 "saturated",
                 f"all {state.pool.workers} workers are busy",
                 **{"Retry-After": str(state.retry_after_s)},
             )
-        outcome = await asyncio.wrap_future(future)
+        outcome, seconds = await asyncio.wrap_future(future)
+        if state.metrics is not None:
+            state.metrics.observe_invocation(outcome, seconds)
         result = temper_result(outcome)
         failure = outcome.error
         state.log(
@@ -128,10 +154,18 @@ def create_app(state: ServeState) -> ASGIApp:
         )
         return JSONResponse(result)
 
+    async def metrics(_: Request) -> Response:
+        if state.metrics is None:
+            return _error(404, "not_found", "this service has no metrics")
+        # The gate collector reads storage: off the event loop.
+        body = await asyncio.get_running_loop().run_in_executor(None, state.metrics.exposition)
+        return Response(body, headers={"Content-Type": CONTENT_TYPE})
+
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/invocations", invocations, methods=["POST"]),
         ]
     )

@@ -18,8 +18,10 @@ from types import FrameType
 
 import uvicorn
 
+from host.operator.gates import read_gates
 from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
+from host.serve.metrics import ServeMetrics
 from host.serve.pool import InvocationPool
 
 TOKEN_ENV = "SANDBOX_PROVISIONER_TOKEN"
@@ -154,6 +156,11 @@ def run_serve(args: argparse.Namespace) -> int:
                 storage_probe=lambda: (storage.get(READINESS_NAMESPACE, READINESS_KEY), None)[1],
                 retry_after_s=max(0, args.retry_after),
             )
+            state.metrics = ServeMetrics(
+                read_gates=lambda: read_gates(storage, args.account, state.admission_config),
+                workers_busy=lambda: pool.busy,
+            )
+            runtime.services.http.observe(state.metrics.observe_exchange)
             config = uvicorn.Config(
                 create_app(state),
                 host=host,

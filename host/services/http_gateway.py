@@ -13,10 +13,12 @@ same origin as the E2B API (the mock serves both) still never receives the key.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -24,6 +26,7 @@ import httpx
 
 from provisioner.ports import HttpError, HttpErrorKind, HttpRequest, HttpResponse
 
+_LOG = logging.getLogger("sandbox_provisioner.http_gateway")
 MAX_RESPONSE_BYTES = 1 << 20
 MAX_REQUEST_BYTES = 1 << 20
 _FORBIDDEN_REQUEST_HEADERS = frozenset(
@@ -88,6 +91,20 @@ class AllowedBase:
         if "\\" in decoded:
             return "backslashes are not allowed in the path"
         return None
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One `send`, as an observer sees it once it is over: the guest's request and either
+    the (scrubbed) answer or the error the guest was given, and how long it took."""
+
+    request: HttpRequest
+    response: HttpResponse | None
+    error: HttpError | None
+    duration_s: float
+
+
+ExchangeObserver = Callable[[Exchange], None]
 
 
 _RESOLVE_TTL_S = 30.0
@@ -156,7 +173,9 @@ class HttpGateway:
         allow_private_network: bool = False,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         transport: httpx.BaseTransport | None = None,
+        observers: Iterable[ExchangeObserver] = (),
     ) -> None:
+        self._observers: list[ExchangeObserver] = list(observers)
         self.base_url = base_url.rstrip("/")
         self._allowed = AllowedBase.parse(base_url)
         self._addresses = AddressPolicy(
@@ -199,6 +218,11 @@ class HttpGateway:
             raise HttpError(HttpErrorKind.DENIED, refusal)
         return self._api_key if api_key is None else api_key
 
+    def observe(self, observer: ExchangeObserver) -> None:
+        """Call `observer` after every `send` (metrics). It runs on the calling thread; an
+        exception it raises is logged and swallowed, so observing never changes an answer."""
+        self._observers.append(observer)
+
     def send(
         self,
         request: HttpRequest,
@@ -207,6 +231,28 @@ class HttpGateway:
         api_key: str | None = None,
     ) -> HttpResponse:
         """`api_key`: the invocation's E2B key (None: the host's own)."""
+        if not self._observers:
+            return self._send(request, deadline_ms, api_key)
+        started = time.monotonic()
+        response: HttpResponse | None = None
+        error: HttpError | None = None
+        try:
+            response = self._send(request, deadline_ms, api_key)
+            return response
+        except HttpError as raised:
+            error = raised
+            raise
+        finally:
+            exchange = Exchange(request, response, error, time.monotonic() - started)
+            for observer in self._observers:
+                try:
+                    observer(exchange)
+                except Exception:
+                    _LOG.exception("an HTTP exchange observer failed")
+
+    def _send(
+        self, request: HttpRequest, deadline_ms: int | None, api_key: str | None
+    ) -> HttpResponse:
         method = request.method.upper()
         if method not in _METHODS:
             raise HttpError(HttpErrorKind.INVALID_REQUEST, f"method {request.method!r} not allowed")

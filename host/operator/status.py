@@ -1,0 +1,188 @@
+"""`sandbox-provisioner status`: an account's gates and every waiter, for an operator.
+
+Reads storage through the public inspection API (`gates.py`), never writes. Prints one
+snapshot as rich tables, `--json` for machines, or `--watch` for a live view
+(`rich.live.Live`) refreshed every `--interval` seconds until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from host.operator.gates import GateView, admission_config, read_gates, view_to_json
+from host.runtime.assembly import default_storage_url
+from host.storage import storage_from_uri
+from host.storage.base import StorageBackend
+from provisioner.admission import AdmissionConfig
+from provisioner.model import ProvisionerError
+from provisioner.ports import StorageError
+
+EXIT_OK = 0
+EXIT_UNAVAILABLE = 1
+EXIT_USAGE = 2
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="storage backend: sqlite:///path.db, redis://host:port/db "
+        f"(default {default_storage_url()})",
+    )
+    parser.add_argument(
+        "--account", default="default", help="the E2B account namespace (default: default)"
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an admission setting of the integration config (create_slots=4, ...): limits "
+        "and ETAs depend on them (repeatable; defaults otherwise)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one snapshot as JSON")
+    parser.add_argument("--watch", action="store_true", help="a live view until interrupted")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="--watch refresh, seconds (default 1)"
+    )
+
+
+def _seconds(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms / 1000:.1f}s"
+
+
+def gates_table(view: GateView, account: str) -> Table:
+    table = Table(title=f"account {account!r} gates", title_justify="left")
+    table.add_column("gate")
+    table.add_column("in use", justify="right")
+    table.add_column("limit", justify="right")
+    table.add_column("detail")
+    slots = view.create_slots
+    holders = ", ".join(f"{lease.tenant}/{lease.entity}" for lease in slots.leases)
+    table.add_row("create slots", str(slots.in_use), str(slots.limit), holders or "-")
+    rate = view.rate
+    table.add_row(
+        "rate",
+        "-",
+        f"{rate.burst} @ {rate.per_s:g}/s",
+        f"{rate.available} available, next in {_seconds(rate.next_in_ms)}",
+    )
+    capacity = view.capacity
+    shrunk = (
+        f" (shrunk from {capacity.limit})" if capacity.effective_limit != capacity.limit else ""
+    )
+    table.add_row(
+        "capacity",
+        str(capacity.in_use),
+        f"{capacity.effective_limit}{shrunk}",
+        f"{capacity.running} running",
+    )
+    backoff = view.backoff
+    table.add_row(
+        "backoff",
+        "-",
+        "-",
+        f"cooling {_seconds(backoff.cooling_ms)}, {backoff.failures} failures"
+        if backoff.cooling_ms > 0
+        else f"none ({backoff.failures} failures)",
+    )
+    budget = view.retry_budget
+    table.add_row("retry budget", f"{budget.tokens:.2f}", f"{budget.limit:g}", "tokens")
+    return table
+
+
+def waiters_table(view: GateView) -> Table:
+    table = Table(title=f"{len(view.waiters)} waiting", title_justify="left")
+    for column in ("#", "tenant", "entity", "reason", "waited", "ETA", "stage"):
+        table.add_column(column, justify="right" if column in ("#", "waited", "ETA") else "left")
+    for waiter in view.waiters:
+        entity = waiter.entity if waiter.entity is not None else "(gone)"
+        stage = waiter.stage.name.lower() + ("" if waiter.alive else ", not polling")
+        table.add_row(
+            str(waiter.position),
+            waiter.tenant,
+            entity,
+            waiter.reason,
+            _seconds(waiter.waited_ms),
+            _seconds(waiter.eta_ms),
+            stage,
+        )
+    return table
+
+
+def render(view: GateView, account: str) -> RenderableType:
+    return Group(gates_table(view, account), waiters_table(view))
+
+
+def _unavailable(error: Exception) -> RenderableType:
+    return Text(f"storage unavailable: {error}", style="bold red")
+
+
+def run_status(args: argparse.Namespace, console: Console | None = None) -> int:
+    console = console or Console()
+    try:
+        settings = dict(_setting(item) for item in args.config)
+        config = admission_config(settings)
+    except (ValueError, ProvisionerError) as error:
+        print(f"sandbox-provisioner status: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        backend = storage_from_uri(args.storage or default_storage_url())
+    except ValueError as error:
+        print(f"sandbox-provisioner status: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.watch and not args.json:
+            return _watch(backend, args.account, config, args.interval, console)
+        try:
+            view = read_gates(backend, args.account, config)
+        except StorageError as error:
+            print(f"sandbox-provisioner status: storage unavailable: {error}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        if args.json:
+            console.print_json(json.dumps(view_to_json(view)))
+        else:
+            console.print(render(view, args.account))
+        return EXIT_OK
+    finally:
+        backend.close()
+
+
+def _setting(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--config wants KEY=VALUE, got {item!r}")
+    return key.strip(), value.strip()
+
+
+def _watch(
+    backend: StorageBackend,
+    account: str,
+    config: AdmissionConfig,
+    interval: float,
+    console: Console,
+) -> int:
+    def frame() -> RenderableType:
+        try:
+            return render(read_gates(backend, account, config), account)
+        except StorageError as error:  # keep watching: the backend recovers by itself
+            return _unavailable(error)
+
+    try:
+        with Live(frame(), console=console, refresh_per_second=4, transient=False) as live:
+            while True:
+                time.sleep(max(0.1, interval))
+                live.update(frame())
+    except KeyboardInterrupt:
+        return EXIT_OK

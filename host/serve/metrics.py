@@ -1,0 +1,214 @@
+"""`GET /metrics` of `sandbox-provisioner serve`: Prometheus exposition through the official
+client (`prometheus-client`), on a registry of the service's own (never the global one).
+
+Three sources:
+
+- the invocations the service ran (`observe_invocation`): counts by outcome action and
+  reason, the decision latency (the component call, queue wait excluded), 503s refused
+  for saturation, and the workers busy;
+- the HTTP gateway (`observe_exchange`, hooked with `HttpGateway.observe`): E2B answers by
+  method and status, requests that got no answer by error kind, and 429s by kind, told
+  apart the way the guest does (`provisioner.e2b.classify_failure`): `rate_limit` (E2B's
+  route rate limiter and its concurrent-create limit, both sending `Retry-After`) or
+  `sandbox_cap` (the concurrent-sandbox cap: "maximum number of concurrent E2B sandboxes",
+  no `Retry-After`);
+- the account's gates, read from storage at each scrape through the public inspection
+  API (`provisioner.admission.inspect`, via `host.operator.gates`): create slots,
+  capacity, rate, backoff, retry budget, and the waiters by the reason they wait.
+  Several `serve` processes on one Redis each report the same shared gates: aggregate
+  those gauges with `max`, not `sum`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from host.services.http_gateway import Exchange
+from provisioner.admission import CapacityExhausted
+from provisioner.e2b import classify_failure
+from provisioner.model import Outcome
+
+if TYPE_CHECKING:
+    from provisioner.admission.inspect import GateView
+
+PREFIX = "sandbox_provisioner"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The component call: from a few milliseconds (a queued answer) to a slow create, up to
+# Temper's 120 s invocation deadline.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# The reasons a waiter can be held by (SandboxQueued `reason`), always exported so a
+# drained queue reads 0 rather than vanishing.
+WAIT_REASONS = ("create_slots", "rate", "capacity", "backoff", "storage")
+KIND_RATE_LIMIT = "rate_limit"
+KIND_SANDBOX_CAP = "sandbox_cap"
+
+
+def outcome_reason(outcome: Outcome) -> str:
+    """The `reason` label: SandboxQueued's reason, a failure's code, else `none`."""
+    reason = outcome.params.get("reason")
+    if isinstance(reason, str) and reason:
+        return reason
+    if outcome.error is not None:
+        return outcome.error.code
+    return "none"
+
+
+def too_many_requests_kind(exchange: Exchange) -> str | None:
+    response = exchange.response
+    if response is None or response.status != 429:
+        return None
+    if isinstance(classify_failure(response), CapacityExhausted):
+        return KIND_SANDBOX_CAP
+    return KIND_RATE_LIMIT
+
+
+class GateCollector:
+    """The account's gates, read at scrape time (so a drained queue reads 0 at once)."""
+
+    def __init__(self, read: Callable[[], GateView]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            f"{PREFIX}_gates_up", "1 when the gate state could be read from storage"
+        )
+        try:
+            report = self._read()
+        except Exception:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        in_use = GaugeMetricFamily(
+            f"{PREFIX}_gate_in_use", "Permits held per gate", labels=["gate"]
+        )
+        in_use.add_metric(["create_slots"], report.create_slots.in_use)
+        in_use.add_metric(["capacity"], report.capacity.in_use)
+        yield in_use
+        limit = GaugeMetricFamily(
+            f"{PREFIX}_gate_limit",
+            "Limit per gate (capacity: the effective limit; rate: the burst)",
+            labels=["gate"],
+        )
+        limit.add_metric(["create_slots"], report.create_slots.limit)
+        limit.add_metric(["capacity"], report.capacity.effective_limit)
+        limit.add_metric(["rate"], report.rate.burst)
+        yield limit
+        yield GaugeMetricFamily(
+            f"{PREFIX}_rate_available",
+            "Creates the rate gate would allow now",
+            value=report.rate.available,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_backoff_cooling_seconds",
+            "Time left of the shared E2B cooldown",
+            value=report.backoff.cooling_ms / 1000,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_retry_budget_tokens",
+            "Retries the retry budget would pay for now",
+            value=report.retry_budget.tokens,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_queue_length",
+            "Waiters in the account's queue",
+            value=len(report.waiters),
+        )
+        by_reason = GaugeMetricFamily(
+            f"{PREFIX}_queue_waiters",
+            "Waiters by the gate that holds them back (SandboxQueued reason)",
+            labels=["reason"],
+        )
+        counts = dict.fromkeys(WAIT_REASONS, 0)
+        for waiter in report.waiters:
+            counts[waiter.reason] = counts.get(waiter.reason, 0) + 1
+        for reason, count in sorted(counts.items()):
+            by_reason.add_metric([reason], count)
+        yield by_reason
+
+
+class ServeMetrics:
+    def __init__(
+        self,
+        *,
+        read_gates: Callable[[], GateView] | None = None,
+        workers_busy: Callable[[], int] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self.invocations = Counter(
+            f"{PREFIX}_invocations",
+            "Invocations the component answered, by outcome action and reason",
+            ["action", "reason"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            f"{PREFIX}_decision_seconds",
+            "Time the component took to answer an invocation",
+            ["action"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.saturated = Counter(
+            f"{PREFIX}_saturated",
+            "Invocations refused with 503 because every worker was busy",
+            registry=self.registry,
+        )
+        self.e2b_responses = Counter(
+            f"{PREFIX}_e2b_responses",
+            "E2B answers by method and status",
+            ["method", "status"],
+            registry=self.registry,
+        )
+        self.e2b_errors = Counter(
+            f"{PREFIX}_e2b_errors",
+            "E2B requests that got no answer, by kind (timeout, connection, denied, ...)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.e2b_429 = Counter(
+            f"{PREFIX}_e2b_429",
+            "E2B 429 answers by kind: rate_limit (with Retry-After) or sandbox_cap",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in (KIND_RATE_LIMIT, KIND_SANDBOX_CAP):
+            self.e2b_429.labels(kind=kind)
+        if workers_busy is not None:
+            busy = Gauge(
+                f"{PREFIX}_workers_busy",
+                "Invocation workers running a component call",
+                registry=self.registry,
+            )
+            busy.set_function(lambda: float(workers_busy()))
+        if read_gates is not None:
+            self.registry.register(GateCollector(read_gates))
+
+    def observe_invocation(self, outcome: Outcome, seconds: float) -> None:
+        self.invocations.labels(action=outcome.action, reason=outcome_reason(outcome)).inc()
+        self.decision_seconds.labels(action=outcome.action).observe(seconds)
+
+    def observe_saturated(self) -> None:
+        self.saturated.inc()
+
+    def observe_exchange(self, exchange: Exchange) -> None:
+        method = exchange.request.method.upper()
+        if exchange.response is not None:
+            self.e2b_responses.labels(method=method, status=str(exchange.response.status)).inc()
+        elif exchange.error is not None:
+            self.e2b_errors.labels(kind=exchange.error.kind.value).inc()
+        kind = too_many_requests_kind(exchange)
+        if kind is not None:
+            self.e2b_429.labels(kind=kind).inc()
+
+    def exposition(self) -> bytes:
+        """The text format; reads the gates from storage, so call it off the event loop."""
+        with self._lock:
+            return generate_latest(self.registry)
