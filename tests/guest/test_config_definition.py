@@ -24,6 +24,8 @@ def readme_defaults() -> dict[str, str]:
         if match is None:
             continue
         keys = re.findall(r"`([a-z0-9_]+)`", match.group(1))
+        if not keys:  # a table of something else (file sizes, ...) with three columns
+            continue
         defaults = [d.strip().strip("`") for d in re.split(r"\s*[/,]\s*(?![/])", match.group(2))]
         if len(defaults) == 1 and len(keys) > 1:
             defaults = defaults * len(keys)

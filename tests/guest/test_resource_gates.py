@@ -305,7 +305,9 @@ def test_bad_params_are_typed_failures(
 ) -> None:
     gates = ResourceHarness(LLM)
     outcome = gates.call(operation, "acme", "a", params, **config)
-    assert not outcome.success and outcome.error is not None, outcome
+    # A guest failure is a Temper success whose action is SandboxFailed (result.rs keeps
+    # its params only then); `error` carries the typed failure.
+    assert outcome.action == "SandboxFailed" and outcome.error is not None, outcome
     assert outcome.error.code == code, outcome
     assert gates.status("acme")["resources"]["llm"]["grants"] == 0
 
