@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
+from host.cli.options import (
+    ExitCode,
+    add_component_option,
+    add_runtime_options,
+    add_storage_option,
+    fail,
+    open_runtime_from,
+)
 from host.runtime.temper_context import InvalidContext, outcome_to_json, parse_context
 from provisioner.model import SANDBOX_FAILED, Invocation
 
-EXIT_OK = 0
-EXIT_FAILED_OUTCOME = 1
-EXIT_USAGE = 2
-
-
-def _fail(message: str) -> int:
-    print(f"sandbox-provisioner: {message}", file=sys.stderr)
-    return EXIT_USAGE
+# Kept for callers and tests that import them from here.
+EXIT_OK = ExitCode.OK
+EXIT_FAILED_OUTCOME = ExitCode.FAILED
+EXIT_USAGE = ExitCode.USAGE
+_fail = fail
 
 
 def with_api_url(invocation: Invocation, e2b_url: str) -> Invocation:
@@ -45,19 +48,8 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
     if args.operation:
         config = tuple((k, v) for k, v in invocation.config if k != "operation")
         invocation = replace(invocation, config=(*config, ("operation", args.operation)))
-    # The context's `e2b_api_key` wins; without either, a provision that needs E2B answers
-    # e2b_api_key_missing (a static sandbox_url needs no key).
-    api_key = os.environ.get(args.api_key_env, "")
     try:
-        with open_runtime(
-            e2b_url=args.e2b_url,
-            api_key=api_key,
-            storage_url=args.storage,
-            account=args.account,
-            component=args.component,
-            allow_private_network=args.allow_private_network,
-            temperfs_url=args.temper_api_url,
-        ) as runtime:
+        with open_runtime_from(args) as runtime:
             outcome = runtime.invoke(with_api_url(invocation, args.e2b_url))
     except (FileNotFoundError, ValueError) as error:
         return _fail(str(error))
@@ -118,19 +110,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _add_host_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage",
-        default=None,
-        metavar="URL",
-        help="storage backend: memory://, sqlite:///path.db, redis://host:port/db "
-        f"(default {default_storage_url()})",
-    )
-    parser.add_argument(
-        "--component",
-        type=Path,
-        default=None,
-        help="the component (default dist/sandbox_provisioner.wasm)",
-    )
+    add_storage_option(parser)
+    add_component_option(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,36 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="-",
         help="invocation context JSON file, or - for stdin (default)",
     )
-    invoke.add_argument("--e2b-url", default="https://api.e2b.app", help="the E2B API base URL")
-    invoke.add_argument(
-        "--api-key-env",
-        default=API_KEY_ENV,
-        help=f"environment variable holding the host's E2B API key, used when the context's"
-        f" integration_config brings no e2b_api_key (default {API_KEY_ENV})",
-    )
-    invoke.add_argument(
-        "--temper-api-url",
-        default=None,
-        metavar="URL",
-        help="the Temper API whose /tdata (TemperFS) the guest may reach for the"
-        " conversation storage; filled into the config when it names none (default: none)",
-    )
-    invoke.add_argument(
-        "--account",
-        default="default",
-        help="the E2B account namespace whose gates this host shares",
-    )
-    invoke.add_argument(
-        "--allow-private-network",
-        action="store_true",
-        help="let the E2B URL be a loopback or private address (a local mock E2B)",
-    )
     invoke.add_argument(
         "--operation",
         choices=("provision", "release", "status"),
         help="override the context's integration_config.operation",
     )
-    _add_host_options(invoke)
+    add_runtime_options(invoke)
     invoke.set_defaults(handler=_cmd_invoke)
 
     mock = commands.add_parser("mock-e2b", help="run the mock E2B API server on loopback")
@@ -248,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except KeyboardInterrupt:
         print("sandbox-provisioner: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     return code
 
 

@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from host.cli.options import ExitCode, add_account_option, add_storage_option
 from host.operator.gates import GateView, admission_config, read_gates, view_to_json
 from host.runtime.assembly import default_storage_url
 from host.storage import storage_from_uri
@@ -25,22 +26,14 @@ from provisioner.admission import AdmissionConfig
 from provisioner.model import ProvisionerError
 from provisioner.ports import StorageError
 
-EXIT_OK = 0
-EXIT_UNAVAILABLE = 1
-EXIT_USAGE = 2
+EXIT_OK = ExitCode.OK
+EXIT_UNAVAILABLE = ExitCode.FAILED
+EXIT_USAGE = ExitCode.USAGE
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage",
-        default=None,
-        metavar="URL",
-        help="storage backend: sqlite:///path.db, redis://host:port/db "
-        f"(default {default_storage_url()})",
-    )
-    parser.add_argument(
-        "--account", default="default", help="the E2B account namespace (default: default)"
-    )
+    add_storage_option(parser)
+    add_account_option(parser)
     parser.add_argument(
         "--config",
         action="append",

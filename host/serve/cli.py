@@ -13,13 +13,12 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
+from host.cli.options import ExitCode, add_runtime_options, fail, open_runtime_from
 from host.operator.gates import read_gates
-from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
 from host.serve.metrics import ServeMetrics
 from host.serve.pool import InvocationPool
@@ -50,43 +49,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="Retry-After of a 503 when every worker is busy (default 1)",
     )
-    parser.add_argument("--e2b-url", default="https://api.e2b.app", help="the E2B API base URL")
-    parser.add_argument(
-        "--api-key-env",
-        default=API_KEY_ENV,
-        help=f"environment variable holding the host's E2B API key, used when a context"
-        f" brings no e2b_api_key (default {API_KEY_ENV})",
-    )
-    parser.add_argument(
-        "--temper-api-url",
-        default=None,
-        metavar="URL",
-        help="the Temper API whose /tdata (TemperFS) the guest may reach for the"
-        " conversation storage (default: none)",
-    )
-    parser.add_argument(
-        "--account",
-        default="default",
-        help="the E2B account namespace whose gates this host shares",
-    )
-    parser.add_argument(
-        "--allow-private-network",
-        action="store_true",
-        help="let the E2B URL be a loopback or private address (a local mock E2B)",
-    )
-    parser.add_argument(
-        "--storage",
-        default=None,
-        metavar="URL",
-        help="storage backend: sqlite:///path.db, redis://host:port/db, memory:// "
-        f"(default {default_storage_url()})",
-    )
-    parser.add_argument(
-        "--component",
-        type=Path,
-        default=None,
-        help="the component (default dist/sandbox_provisioner.wasm)",
-    )
+    add_runtime_options(parser)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -121,16 +84,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def _fail(message: str) -> int:
-    print(f"sandbox-provisioner serve: {message}", file=sys.stderr)
-    return 2
+    return fail(message, "sandbox-provisioner serve")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
         return _fail(f"set the service's bearer token in ${TOKEN_ENV}")
-    # A context's `e2b_api_key` wins over this one (host/runtime/credentials.py).
-    api_key = os.environ.get(args.api_key_env, "")
     try:
         host, port = parse_listen(args.listen)
         pool = InvocationPool(args.workers)
@@ -138,15 +98,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail(str(error))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        with open_runtime(
-            e2b_url=args.e2b_url,
-            api_key=api_key,
-            storage_url=args.storage,
-            account=args.account,
-            component=args.component,
-            allow_private_network=args.allow_private_network,
-            temperfs_url=args.temper_api_url,
-        ) as runtime:
+        with open_runtime_from(args) as runtime:
             storage = runtime.services.storage
             state = ServeState(
                 token=token,
@@ -174,4 +126,4 @@ def run_serve(args: argparse.Namespace) -> int:
             pool.shutdown()
     except (FileNotFoundError, ValueError) as error:
         return _fail(str(error))
-    return 0
+    return ExitCode.OK

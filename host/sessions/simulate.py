@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from host.cli.options import ExitCode
 from host.mock_e2b import MockE2BServer
 from host.runtime.assembly import open_runtime
 from host.runtime.loader import LoadedComponent, load_component
@@ -49,10 +50,10 @@ from provisioner.ports import LogLevel
 
 SIM_API_KEY = "e2b_simulated_key"
 MODULE = "sandbox_provisioner"
-EXIT_OK = 0
-EXIT_PROVISIONER_FAILED = 1
-EXIT_USAGE = 2
-EXIT_HOST_OVERLOADED = 3
+EXIT_OK = ExitCode.OK
+EXIT_PROVISIONER_FAILED = ExitCode.FAILED
+EXIT_USAGE = ExitCode.USAGE
+EXIT_HOST_OVERLOADED = ExitCode.OVERLOADED
 TRADEOFF_POLLS = (1, 2, 5, 10, 30)
 
 

@@ -1,0 +1,99 @@
+"""What the subcommands share: exit codes, the options that name a host's runtime (storage,
+component, E2B, TemperFS, account), and opening that runtime from parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
+from pathlib import Path
+
+from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
+from host.runtime.component_runtime import ComponentRuntime
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1  # the command ran and reports a failure (a SandboxFailed, an audit violation)
+    USAGE = 2  # bad arguments or input: nothing was changed
+    OVERLOADED = 3  # a simulation stopped because the host could not keep up
+    INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+
+def fail(message: str, command: str = "sandbox-provisioner") -> int:
+    """Say what is wrong on stderr and return the usage exit code."""
+    print(f"{command}: {message}", file=sys.stderr)
+    return ExitCode.USAGE
+
+
+def add_storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="storage backend: sqlite:///path.db, redis://host:port/db, "
+        f"redis+cluster://host:port,..., memory:// (default {default_storage_url()})",
+    )
+
+
+def add_account_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--account",
+        default="default",
+        help="the E2B account namespace whose gates this host shares (default: default)",
+    )
+
+
+def add_component_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--component",
+        type=Path,
+        default=None,
+        help="the component (default: the installed one, else dist/sandbox_provisioner.wasm)",
+    )
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Everything `open_runtime_from` reads: E2B, TemperFS, account, storage, component."""
+    parser.add_argument("--e2b-url", default="https://api.e2b.app", help="the E2B API base URL")
+    parser.add_argument(
+        "--api-key-env",
+        default=API_KEY_ENV,
+        help="environment variable holding the host's E2B API key, used when an invocation's"
+        f" integration_config brings no e2b_api_key (default {API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--temper-api-url",
+        default=None,
+        metavar="URL",
+        help="the Temper API whose /tdata (TemperFS) the guest may reach for the"
+        " conversation storage; filled into the config when it names none (default: none)",
+    )
+    add_account_option(parser)
+    parser.add_argument(
+        "--allow-private-network",
+        action="store_true",
+        help="let the E2B URL be a loopback or private address (a local mock E2B)",
+    )
+    add_storage_option(parser)
+    add_component_option(parser)
+
+
+@contextmanager
+def open_runtime_from(args: argparse.Namespace) -> Iterator[ComponentRuntime]:
+    """The runtime the options of `add_runtime_options` describe. An invocation's own
+    `e2b_api_key` wins over the host's (host/runtime/credentials.py); without either, a
+    provision that needs E2B answers e2b_api_key_missing (a static sandbox_url needs none)."""
+    with open_runtime(
+        e2b_url=args.e2b_url,
+        api_key=os.environ.get(args.api_key_env, ""),
+        storage_url=args.storage,
+        account=args.account,
+        component=args.component,
+        allow_private_network=args.allow_private_network,
+        temperfs_url=args.temper_api_url,
+    ) as runtime:
+        yield runtime
