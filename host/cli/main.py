@@ -20,12 +20,6 @@ from host.cli.options import (
 from host.runtime.temper_context import InvalidContext, outcome_to_json, parse_context
 from provisioner.model import SANDBOX_FAILED, Invocation
 
-# Kept for callers and tests that import them from here.
-EXIT_OK = ExitCode.OK
-EXIT_FAILED_OUTCOME = ExitCode.FAILED
-EXIT_USAGE = ExitCode.USAGE
-_fail = fail
-
 
 def with_api_url(invocation: Invocation, e2b_url: str) -> Invocation:
     """Point the guest at the host's E2B URL unless the context already names one."""
@@ -38,13 +32,13 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
     try:
         text = sys.stdin.read() if args.context == "-" else Path(args.context).read_text()
     except OSError as error:
-        return _fail(f"cannot read {args.context}: {error.strerror}")
+        return fail(f"cannot read {args.context}: {error.strerror}")
     except UnicodeDecodeError:
-        return _fail(f"{args.context} is not UTF-8 text")
+        return fail(f"{args.context} is not UTF-8 text")
     try:
         invocation = parse_context(text)
     except InvalidContext as error:
-        return _fail(f"invalid invocation context: {error}")
+        return fail(f"invalid invocation context: {error}")
     if args.operation:
         config = tuple((k, v) for k, v in invocation.config if k != "operation")
         invocation = replace(invocation, config=(*config, ("operation", args.operation)))
@@ -52,9 +46,9 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
         with open_runtime_from(args) as runtime:
             outcome = runtime.invoke(with_api_url(invocation, args.e2b_url))
     except (FileNotFoundError, ValueError) as error:
-        return _fail(str(error))
+        return fail(str(error))
     print(json.dumps(outcome_to_json(outcome), indent=2, sort_keys=True))
-    return EXIT_FAILED_OUTCOME if outcome.action == SANDBOX_FAILED else EXIT_OK
+    return ExitCode.FAILED if outcome.action == SANDBOX_FAILED else ExitCode.OK
 
 
 def _cmd_mock_e2b(args: argparse.Namespace) -> int:
@@ -69,7 +63,7 @@ def _cmd_mock_llm(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError as error:
-        return _fail(str(error))
+        return fail(str(error))
     return serve(config, host=args.host, port=args.port)
 
 
