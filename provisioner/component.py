@@ -8,6 +8,7 @@ ports' exceptions, and nothing escapes `run`: an escaping exception would trap.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import Any
 
 from componentize_py_types import Err
@@ -150,21 +151,18 @@ def _to_wit(outcome: Outcome) -> wit.Outcome:
     )
 
 
+def _from_wit(invocation: wit.Invocation) -> Invocation:
+    """The model's invocation from the WIT record: the same fields, config as a tuple."""
+    values = {f.name: getattr(invocation, f.name) for f in fields(Invocation)}
+    values["config"] = tuple(invocation.config)
+    return Invocation(**values)
+
+
 class Provisioner(exports.Provisioner):
     def run(self, invocation: wit.Invocation) -> wit.Outcome:
         try:
             outcome = run(
-                Invocation(
-                    tenant=invocation.tenant,
-                    entity_type=invocation.entity_type,
-                    entity_id=invocation.entity_id,
-                    trigger_action=invocation.trigger_action,
-                    trigger_params=invocation.trigger_params,
-                    entity_state=invocation.entity_state,
-                    config=tuple(invocation.config),
-                    session_id=invocation.session_id,
-                    trace_id=invocation.trace_id,
-                ),
+                _from_wit(invocation),
                 _PORTS,
             )
             return _to_wit(outcome)

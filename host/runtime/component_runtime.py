@@ -11,6 +11,7 @@ bindings' exception plumbing is not thread-safe).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import threading
@@ -105,6 +106,13 @@ def _record(**fields: Any) -> wc.Record:
     for name, value in fields.items():
         setattr(record, name.replace("_", "-"), value)
     return record
+
+
+def _invocation_record(invocation: Invocation) -> wc.Record:
+    """The WIT `invocation` record: the model's fields under their WIT names."""
+    values = {f.name: getattr(invocation, f.name) for f in dataclasses.fields(Invocation)}
+    values["config"] = list(invocation.config)
+    return _record(**values)
 
 
 def _storage_error(error: Exception) -> WitErr:
@@ -346,17 +354,7 @@ class ComponentRuntime:
                 )
             raw = func(
                 store,
-                _record(
-                    tenant=invocation.tenant,
-                    entity_type=invocation.entity_type,
-                    entity_id=invocation.entity_id,
-                    trigger_action=invocation.trigger_action,
-                    trigger_params=invocation.trigger_params,
-                    entity_state=invocation.entity_state,
-                    config=list(invocation.config),
-                    session_id=invocation.session_id,
-                    trace_id=invocation.trace_id,
-                ),
+                _invocation_record(invocation),
             )
             func.post_return(store)
         except (wasmtime.WasmtimeError, wasmtime.Trap) as error:
