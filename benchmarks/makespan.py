@@ -29,6 +29,7 @@ from benchmarks.support import run_alone
 from benchmarks.table import Row, times
 from host.runtime.loader import LoadedComponent, load_component
 from host.sessions import detsim
+from host.sessions.fake_e2b import FakeE2BConfig
 from host.sessions.report import Limits, ideal_makespan_s
 from host.sessions.scenario import E2BLimits, Scenario
 from host.sessions.simulate import run_mode
@@ -85,7 +86,7 @@ def run_virtual(jobs: int) -> VirtualResult:
             jobs=jobs, turns=10, turn_s=hold_ms / 10_000,
             admission=AdmissionConfig(create_slots=slots, create_rate_per_s=rate,
                                       max_sandboxes=cap),
-            e2b=detsim.FakeE2BConfig(create_latency_ms=latency_ms, rate_per_s=rate,
+            e2b=FakeE2BConfig(create_latency_ms=latency_ms, rate_per_s=rate,
                                      sandbox_cap=cap)),
     )
     wall = time.perf_counter() - started

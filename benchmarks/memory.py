@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 from benchmarks.support import (
@@ -51,13 +52,15 @@ class HoldingGateway(HttpGateway):
         self._release = threading.Event()
         self._release.set()
 
-    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+    def send(
+        self, request: HttpRequest, *, deadline_ms: int | None = None, api_key: str | None = None
+    ) -> HttpResponse:
         if request.method.upper() == "POST" and request.url.rstrip("/").endswith("/sandboxes"):
             with self._changed:
                 self._held += 1
                 self._changed.notify_all()
             self._release.wait()
-        return super().send(request, deadline_ms=deadline_ms)
+        return super().send(request, deadline_ms=deadline_ms, api_key=api_key)
 
     def hold(self) -> None:
         with self._changed:
@@ -69,11 +72,14 @@ class HoldingGateway(HttpGateway):
         with self._changed:
             while self._held < count:
                 before = self._held
-                self._changed.wait_for(lambda seen=before: self._held > seen, timeout=STALL_S)
+                self._changed.wait_for(partial(self._held_more_than, before), timeout=STALL_S)
                 if self._held == before:
                     raise RuntimeError(
                         f"only {self._held} of {count} creates arrived; none in {STALL_S:.0f} s"
                     )
+
+    def _held_more_than(self, seen: int) -> bool:
+        return self._held > seen
 
     def release(self) -> None:
         self._release.set()

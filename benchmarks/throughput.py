@@ -198,8 +198,9 @@ def _rate(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:
     cpu = _cpu_seconds(invoker.pids) - cpu_started
     if problems:
         raise RuntimeError(problems[0])
-    calls = sum(counts)
-    return {"rate": calls / elapsed, "calls": calls, "seconds": elapsed, "cpu_seconds": cpu}
+    completed = sum(counts)
+    return {"rate": completed / elapsed, "calls": completed, "seconds": elapsed,
+            "cpu_seconds": cpu}
 
 
 def _latency(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 from host.runtime.native import native_ports
-from host.sessions.detsim import ACCOUNT, START_MS
+from host.sessions.detsim import ACCOUNT
+from host.sessions.fake_e2b import START_MS
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
 from provisioner.app import run

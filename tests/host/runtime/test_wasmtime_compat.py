@@ -38,13 +38,21 @@ def probe() -> LoadedComponent:
     return load_component(build_probe_component())
 
 
+def _storage_function(probe: LoadedComponent, name: str) -> _types.FuncType:
+    """The type of the probe's imported storage function `name`."""
+    storage = probe.component.type.imports(probe.engine)[
+        "temper:sandbox-provisioner/storage@0.1.0"
+    ].ty
+    assert isinstance(storage, _types.ComponentInstanceType)
+    function = storage.exports(probe.engine)[name].ty
+    assert isinstance(function, _types.FuncType)
+    return function
+
+
 @pytest.fixture(scope="module")
 def byte_list(probe: LoadedComponent) -> Any:
     """The `list<u8>` of storage `compare-and-swap`'s `value`, as the probe imports it."""
-    storage = probe.component.type.imports(probe.engine)[
-        "temper:sandbox-provisioner/storage@0.1.0"
-    ]
-    cas = storage.ty.exports(probe.engine)["compare-and-swap"].ty
+    cas = _storage_function(probe, "compare-and-swap")
     value = dict(cas.params)["value"]
     assert isinstance(value, _types.ListType) and value._is_bytes()
     return value
@@ -178,11 +186,12 @@ def test_a_cached_signature_is_used_only_for_an_equal_type() -> None:
 
 
 def test_memoized_type_properties_hand_out_copies(byte_list: Any, probe: LoadedComponent) -> None:
-    storage = probe.component.type.imports(probe.engine)[
-        "temper:sandbox-provisioner/storage@0.1.0"
-    ]
-    get_result = storage.ty.exports(probe.engine)["get"].ty.result
-    entry = get_result.ok.payload
+    get_result = _storage_function(probe, "get").result
+    assert isinstance(get_result, _types.ResultType)
+    found = get_result.ok
+    assert isinstance(found, _types.OptionType)
+    entry = found.payload
+    assert isinstance(entry, _types.RecordType)
     fields = entry.fields
     fields.clear()  # a caller mutating the list must not change the type
     assert [name for name, _ in entry.fields] == ["value", "version"]

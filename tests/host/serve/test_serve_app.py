@@ -39,7 +39,15 @@ class FakeComponent:
         return self.outcome
 
 
-def client(component: FakeComponent, *, workers: int = 2, probe: Any = None) -> TestClient:
+class LoggedClient(TestClient):
+    """A test client that also holds the log lines the service wrote."""
+
+    def __init__(self, state: ServeState, lines: list[dict[str, Any]]) -> None:
+        super().__init__(create_app(state))
+        self.lines = lines
+
+
+def client(component: FakeComponent, *, workers: int = 2, probe: Any = None) -> LoggedClient:
     lines: list[dict[str, Any]] = []
     state = ServeState(
         token=TOKEN,
@@ -50,9 +58,7 @@ def client(component: FakeComponent, *, workers: int = 2, probe: Any = None) -> 
         retry_after_s=3,
         log=lines.append,
     )
-    test_client = TestClient(create_app(state))
-    test_client.lines = lines
-    return test_client
+    return LoggedClient(state, lines)
 
 
 @pytest.mark.parametrize(
