@@ -17,6 +17,7 @@ from host.sessions.fake_e2b import START_MS
 from host.sessions.model import Job, SessionEvent
 from host.sessions.simulated_ports import VirtualClock
 from host.sessions.spec import Spec, packaged_spec, parse_spec
+from provisioner.failures import FailureCode
 from provisioner.model import (
     SANDBOX_QUEUED,
     SANDBOX_READY,
@@ -171,10 +172,13 @@ def test_an_on_failure_that_expects_the_modules_params_is_flagged() -> None:
 
 def test_a_failure_without_on_failure_changes_nothing() -> None:
     """ADR-0152: with no on_failure, a failed invocation is an error, not a transition.
-    Bug caught: treating it as success, or inventing a transition."""
+    Bug caught: treating it as success, or inventing a transition. The failure is a host
+    one (a trap): a failure the guest decides is a Temper success (SandboxFailed)."""
     spec = variant('module = "sandbox_provisioner"\non_failure = "Fail"',
                    'module = "sandbox_provisioner"')
-    executor, loop, _module, _ = harness(spec, [failed(Failure("e2b_denied", "no", False))])
+    trap = failed(Failure(FailureCode.GUEST_TRAP, "unreachable", False))
+    assert not trap.success
+    executor, loop, _module, _ = harness(spec, [trap])
     entity = start(executor)
     run_until(loop, lambda: entity.in_flight == 0 and entity.invocations == 1)
     assert entity.status == "Provisioning" and entity.unhandled_failures == 1
