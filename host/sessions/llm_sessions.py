@@ -310,28 +310,37 @@ def _jobs(scenario: LlmScenario) -> list[Job]:
     return [Job(f"job-llm-{i + 1:04d}", f"tenant-{i // per + 1}") for i in range(scenario.jobs)]
 
 
-def run_gated(scenario: LlmScenario, spec: Spec | None = None) -> LlmRun:
-    """The jobs through the gated spec, in virtual time."""
+def run_gated(
+    scenario: LlmScenario, spec: Spec | None = None, *,
+    provider: MockLLMConfig | None = None, check: bool = True,
+    observe: Callable[[Executor], None] | None = None,
+) -> LlmRun:
+    """The jobs through the gated spec, in virtual time. `provider` replaces the mock's
+    config (default `scenario.mock_config()`); `check=False` runs a spec the contract
+    check refuses (a test's broken variant); `observe` sees the executor before the run."""
     spec = spec or packaged_spec(SPEC_NAME)
-    require_clean(spec)
+    if check:
+        require_clean(spec)
     script = SessionScript.for_spec(spec)
     clock = VirtualClock(START_MS)
     loop = VirtualLoop(clock)
-    provider = VirtualProvider(loop, scenario.mock_config())
+    llm = VirtualProvider(loop, provider or scenario.mock_config())
     gates = NativeGates(loop, MemoryBackend(clock.now_ms), SeededRandom(scenario.seed))
     loop.modules = {"sandbox_provisioner": gates,
-                    "llm_caller": VirtualLlmCaller(provider, scenario)}
+                    "llm_caller": VirtualLlmCaller(llm, scenario)}
     executor = Executor(spec, loop, run_id="llm", secrets=Secrets(),
                         configure=tier_gate_config(scenario.tier, scenario.llm_concurrency))
     waits = _WaitTracker(loop, set(script.queued_states))
     executor.on_transition(waits.transition)
+    if observe is not None:
+        observe(executor)
     runner = SessionRunner(executor, script, RunSettings(turns=0), loop.call_later)
     runner.start(_jobs(scenario))
     loop.run(runner.done)
     result = RunResult(results=runner.results(), makespan_s=runner.last_finish)
     unfinished = len(result.results) - result.completed - result.failed
     return LlmRun(GATED, scenario, result.completed, result.failed, unfinished,
-                  runner.last_finish, provider.state, waits.closed(loop.now()), result)
+                  runner.last_finish, llm.state, waits.closed(loop.now()), result)
 
 
 class _WaitTracker:
