@@ -15,6 +15,7 @@ is gone after the first poll, nothing asks the component again, and the session 
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 
 from host.mock_llm.config import MockLLMConfig
 from host.sessions.executor import Entity, Executor
@@ -59,7 +60,7 @@ def waited_in(run: LlmRun, state: str) -> float:
     assert run.run is not None
     history = run.run.results[0].history
     total = 0.0
-    for (at, status), (left, _next) in zip(history, history[1:], strict=False):
+    for (at, status), (left, _next) in pairwise(history):
         if status == state:
             total += left - at
     return total
