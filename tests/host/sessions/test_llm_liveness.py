@@ -83,7 +83,8 @@ def test_queued_answers_keep_a_session_alive_through_a_long_closed_gate() -> Non
     stop asking after one poll and never get its permit."""
     watch = TimerWatch()
     run = run_gated(SCENARIO, provider=closed_gate_provider(), observe=watch)
-    (result,) = run.run.results if run.run else ()
+    assert run.run is not None
+    (result,) = run.run.results
     assert result.completed, result.reason
     assert run.provider.stats().overloaded == 1
     # It waited the whole cooldown at the gate: 150 times the poll timer's 2 s.
@@ -102,7 +103,8 @@ def test_control_without_the_reset_the_waiting_session_is_lost() -> None:
     watch = TimerWatch()
     run = run_gated(SCENARIO, spec, provider=closed_gate_provider(), observe=watch,
                     check=False)
-    (result,) = run.run.results if run.run else ()
+    assert run.run is not None
+    (result,) = run.run.results
     assert not result.completed
     assert result.state == "WaitingForLlm"
     assert run.completed == 0
