@@ -74,6 +74,11 @@ class LlmScenario:
     sdk_max_retries: int = 2
     # The llm gate's calls in flight (resource.llm.concurrency); None: the spec's.
     llm_concurrency: int | None = None
+    # The tier's rates times this (a time-scaled run); bursts stay one unscaled minute.
+    rate_scale: float = 1.0
+    # The gate's bursts this fraction below the provider's: headroom for calls that reach
+    # the provider in another order or spacing than the gate granted them (real time).
+    burst_headroom: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -81,17 +86,27 @@ class LlmScenario:
         if min(self.jobs, self.tenants, self.turns, self.input_tokens,
                self.output_tokens, self.max_tokens) < 1:
             raise ValueError("jobs, tenants, turns and token counts must be >= 1")
+        if not 0.0 <= self.burst_headroom < 1.0:
+            raise ValueError("burst_headroom must be in [0, 1)")
         if self.latency_s < 0 or self.sdk_max_retries < 0:
             raise ValueError("latency_s and sdk_max_retries must be >= 0")
 
     @property
     def limits(self) -> dict[str, int]:
-        return TIERS[self.tier]
+        """The rates per minute (scaled by `rate_scale`)."""
+        return {k: round(v * self.rate_scale) for k, v in TIERS[self.tier].items()}
+
+    @property
+    def bursts(self) -> dict[str, int]:
+        """What each bucket holds at most: one minute of the tier, unscaled."""
+        return dict(TIERS[self.tier])
 
     def mock_config(self) -> MockLLMConfig:
+        bursts = {f"{k}_burst": v for k, v in self.bursts.items()}
         return MockLLMConfig.for_tier(
             self.tier, api_keys=(API_KEY,), seed=self.seed,
-            latency_ms=self.latency_s * 1000.0, output_tokens=self.output_tokens)
+            latency_ms=self.latency_s * 1000.0, output_tokens=self.output_tokens,
+            **self.limits, **bursts)
 
     def ideal_s(self) -> float:
         """Total input tokens over the tier's input token rate (the binding limit here;
@@ -104,7 +119,7 @@ class LlmScenario:
         whole per-minute limit): the fastest any client can finish."""
         limit, per_call = self.binding_limit()
         rate = self.limits[limit]
-        return max(0.0, self.jobs * self.turns * per_call - rate) / (rate / 60.0)
+        return max(0.0, self.jobs * self.turns * per_call - self.bursts[limit]) / (rate / 60.0)
 
     def binding_limit(self) -> tuple[str, int]:
         """The tier limit that allows the fewest calls a minute, and one call's cost in it."""
@@ -189,11 +204,13 @@ class VirtualLlmCaller:
 
 
 def tier_gate_config(
-    tier: str, concurrency: int | None = None
+    scenario: LlmScenario,
 ) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
-    """Sets every trigger's `resource.llm.{rpm,itpm,otpm}` to the tier's limits (and
-    `resource.llm.concurrency` when given)."""
-    limits: dict[str, int] = dict(TIERS[tier])
+    """Sets every trigger's `resource.llm.{rpm,itpm,otpm}` and their bursts to the
+    scenario's tier (and `resource.llm.concurrency` when it sets one)."""
+    limits = scenario.limits
+    bursts = scenario.bursts
+    concurrency = scenario.llm_concurrency
 
     def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
         if config.get("resource") is None:
@@ -202,6 +219,8 @@ def tier_gate_config(
             key = f"resource.llm.{rate}"
             if key in config:
                 config[key] = str(limits[rate])
+                config[f"{key}_burst"] = str(
+                    round(bursts[rate] * (1.0 - scenario.burst_headroom)))
         if concurrency is not None and "resource.llm.concurrency" in config:
             config["resource.llm.concurrency"] = str(concurrency)
         return config
@@ -329,7 +348,7 @@ def run_gated(
     loop.modules = {"sandbox_provisioner": gates,
                     "llm_caller": VirtualLlmCaller(llm, scenario)}
     executor = Executor(spec, loop, run_id="llm", secrets=Secrets(),
-                        configure=tier_gate_config(scenario.tier, scenario.llm_concurrency))
+                        configure=tier_gate_config(scenario))
     waits = _WaitTracker(loop, set(script.queued_states))
     executor.on_transition(waits.transition)
     if observe is not None:

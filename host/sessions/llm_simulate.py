@@ -52,6 +52,15 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
                        f"{defaults.latency_s * 1000:g})")
     group.add_argument("--llm-concurrency", type=int, default=None, metavar="N",
                        help="the llm gate's calls in flight (default: the spec's)")
+    group.add_argument("--llm-real-time", action="store_true",
+                       help="run against the mock LLM API on loopback in real time, "
+                       "--llm-scale times faster (figures depend on the machine's speed)")
+    group.add_argument("--llm-scale", type=float, default=20.0, metavar="X",
+                       help="real time: the tier's rates times X, latency and the spec's "
+                       "timers over X (default 20)")
+    group.add_argument("--llm-burst-headroom", type=float, default=0.1, metavar="F",
+                       help="real time: the gate's bursts this fraction below the "
+                       "provider's, for network jitter (default 0.1)")
 
 
 def llm_scenario_from_args(args: argparse.Namespace) -> LlmScenario:
@@ -77,13 +86,22 @@ def run_llm_simulate(args: argparse.Namespace) -> int:
         scenario = llm_scenario_from_args(args)
         spec = load_spec(args.spec) if args.spec is not None else None
         modes = list(LLM_MODES) if args.llm_mode == "compare" else [args.llm_mode]
-        summaries = {mode: run_llm_mode(mode, scenario, spec).summary() for mode in modes}
+        if args.llm_real_time:
+            from host.sessions.llm_realtime import RealTimeLlm, run_realtime_mode
+
+            real = RealTimeLlm(scenario, args.llm_scale, args.llm_burst_headroom)
+            summaries = {mode: run_realtime_mode(mode, real, spec).summary()
+                         for mode in modes}
+        else:
+            summaries = {mode: run_llm_mode(mode, scenario, spec).summary()
+                         for mode in modes}
     except (ValueError, SpecError, ContractError) as error:
         print(f"sandbox-provisioner: {error}", file=sys.stderr)
         return EXIT_USAGE
     line = comparison(summaries)
     if args.json:
-        document: dict[str, Any] = {"llm": _scenario_json(scenario), "summary": summaries}
+        document: dict[str, Any] = {"llm": _scenario_json(scenario, args),
+                                    "summary": summaries}
         if line:
             document["comparison"] = line
         print(json.dumps(document, indent=2))
@@ -92,7 +110,9 @@ def run_llm_simulate(args: argparse.Namespace) -> int:
         print(f"LLM sessions: {scenario.jobs} jobs, {scenario.tenants} tenant(s), "
               f"{scenario.turns} turns of {scenario.input_tokens} input tokens; "
               f"{scenario.tier}: {limits['rpm']} rpm, {limits['itpm']} itpm, "
-              f"{limits['otpm']} otpm (virtual time)")
+              f"{limits['otpm']} otpm "
+              + (f"(real time, x{args.llm_scale:g}, the mock LLM API on loopback)"
+                 if args.llm_real_time else "(virtual time)"))
         print(format_llm_table(list(summaries.values())))
         if line:
             print(line)
@@ -102,12 +122,14 @@ def run_llm_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _scenario_json(scenario: LlmScenario) -> dict[str, Any]:
+def _scenario_json(scenario: LlmScenario, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "jobs": scenario.jobs, "tenants": scenario.tenants, "turns": scenario.turns,
         "tier": scenario.tier, "limits": dict(scenario.limits),
         "input_tokens": scenario.input_tokens, "output_tokens": scenario.output_tokens,
         "max_tokens": scenario.max_tokens, "latency_s": scenario.latency_s,
         "seed": scenario.seed, "llm_concurrency": scenario.llm_concurrency,
-        "time": "virtual",
+        "time": "real" if args.llm_real_time else "virtual",
+        "scale": args.llm_scale if args.llm_real_time else 1.0,
+        "burst_headroom": args.llm_burst_headroom if args.llm_real_time else 0.0,
     }
