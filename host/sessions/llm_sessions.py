@@ -478,10 +478,10 @@ def format_llm_table(summaries: list[dict[str, Any]]) -> str:
     ]
     names = [s["mode"] for s in summaries]
     width = max(20, *(len(label) for label, _ in rows))
-    head = f"{'':<{width}}" + "".join(f"{name:>14}" for name in names)
+    head = f"{'':<{width}}" + "".join(f"{name:>16}" for name in names)
     lines = [head]
     for label, cell in rows:
-        lines.append(f"{label:<{width}}" + "".join(f"{cell(s):>14}" for s in summaries))
+        lines.append(f"{label:<{width}}" + "".join(f"{cell(s):>16}" for s in summaries))
     return "\n".join(lines)
 
 
