@@ -64,6 +64,30 @@ class ContractError(ValueError):
         super().__init__(f"{spec.source} breaks Temper's rules for this component:\n  {lines}")
 
 
+# A resource gate's operations (README "Beyond sandboxes: resource gates";
+# provisioner/resources/operations.py): acquire answers the trigger's `granted_action` /
+# `queued_action` (default ResourceGranted / ResourceQueued); settle and release each have
+# one answer, so a static on_success swallows nothing there.
+RESOURCE_QUEUE_PARAMS = ANSWERS["provision"]["SandboxQueued"]
+
+
+def answers_for(trigger: Trigger, operation: str) -> dict[str, tuple[str, ...]]:
+    """What the component may answer `trigger` (a successful result's action and params)."""
+    if trigger.config_value("resource") is None:
+        return ANSWERS.get(operation, {})
+    if operation == "acquire":
+        granted = trigger.config_value("granted_action") or "ResourceGranted"
+        queued = trigger.config_value("queued_action") or "ResourceQueued"
+        return {granted: ("resource", "lease_id", "expires_at_ms", "queued_ms", "renewed"),
+                queued: ("resource", *RESOURCE_QUEUE_PARAMS)}
+    if operation == "settle":
+        return {"ResourceSettled": ("resource", "lease_id", "held", "answer", "status",
+                                    "charged", "cooling_ms")}
+    if operation == "release":
+        return {"ResourceReleased": ("resource", "released", "lease_id", "waited")}
+    return {}
+
+
 def component_triggers(spec: Spec) -> list[tuple[Action, Trigger, str]]:
     return [(action, trigger, trigger.config_value("operation") or "provision")
             for action, trigger in spec.triggers() if trigger.module == MODULE]
@@ -138,7 +162,7 @@ def _trigger_rules(
 ) -> list[Finding]:
     found: list[Finding] = []
     where = f"action '{action.name}' trigger '{trigger.name}'"
-    answers = ANSWERS.get(operation, {})
+    answers = answers_for(trigger, operation)
     if trigger.on_success is not None and len(answers) > 1:
         swallowed = [a for a in answers if a != trigger.on_success]
         found.append(Finding(
@@ -160,7 +184,8 @@ def _trigger_rules(
     for state in {action.target(s) for s in action.sources} or {action.to or spec.initial}:
         for answer, params in answers.items():
             callback = spec.action(answer)
-            if operation != "provision" and (callback is None or not callback.enabled_in(state)):
+            strict = operation in ("provision", "acquire")
+            if not strict and (callback is None or not callback.enabled_in(state)):
                 # A release answered in a final state, or a failed release in Releasing, is
                 # dropped on purpose: the entity is done, or its timer tries again.
                 continue
@@ -179,7 +204,8 @@ def _trigger_rules(
                     "those fields", DECLARED_RS))
         if operation == "provision":
             found += _provisioning_timers(spec, state, where)
-    if operation == "provision" and "SandboxQueued" in answers:
+    if operation == "provision" and "SandboxQueued" in answers and \
+            trigger.config_value("resource") is None:
         found += _poll_rules(spec, trigger, where)
     return found
 

@@ -37,12 +37,23 @@ class SessionScript:
     completed_states: tuple[str, ...] = ("Completed",)
     failed_states: tuple[str, ...] = ("Failed", "Cancelled")
     queued_states: tuple[str, ...] = ("Queued",)
+    # The actions counted as a queued answer in a result's queued_outcomes.
+    queued_actions: tuple[str, ...] = ("SandboxQueued",)
+    # False: the spec's own modules do the agent's work (an LLM caller answering each
+    # turn), and the runner only submits and watches.
+    caller_turns: bool = True
 
     @classmethod
     def for_spec(cls, spec: Spec) -> SessionScript:
         if spec.name == "CurationJob":
             return cls(start_action="Submit", start_params=(), working_state="Running",
                        turn_action="RecordProgress", finish_action="Complete")
+        if spec.name == "LlmGatedAgent":
+            return cls(start_action="Submit", start_params=(), working_state="CallingLlm",
+                       turn_action="LlmResponded", finish_action="LlmFinished",
+                       queued_states=("WaitingForSlot", "WaitingForLlm"),
+                       queued_actions=("SessionSlotQueued", "LlmPermitQueued"),
+                       caller_turns=False)
         return cls()
 
     def check(self, spec: Spec) -> None:
@@ -171,9 +182,12 @@ class SessionRunner:
     def _transition(self, entity: Entity, action: str, before: str, after: str) -> None:
         job_id = entity.job.id
         now = self.executor.loop.now()
-        if action == "SandboxQueued":
+        if action in self.script.queued_actions:
             self._queued[job_id] = self._queued.get(job_id, 0) + 1
-        if after == self.script.working_state and before != after:
+        if after == self.script.working_state and before != after and \
+                not self.script.caller_turns:
+            self._ready.setdefault(job_id, now)
+        elif after == self.script.working_state and before != after:
             self._ready.setdefault(job_id, now)
             self._turns[job_id] = 0
             self._schedule_turn(entity)

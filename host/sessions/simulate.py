@@ -143,6 +143,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                       "FILE.png (rendered with a headless chromium)")
     spec.add_argument("--no-tradeoff", action="store_true",
                       help="skip the poll-interval table (virtual time)")
+    from host.sessions.llm_simulate import add_llm_arguments
+
+    add_llm_arguments(parser)
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
@@ -349,6 +352,10 @@ def format_tradeoff(rows: list[dict[str, Any]], ideal_s: float) -> str:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    if getattr(args, "llm", False):
+        from host.sessions.llm_simulate import run_llm_simulate
+
+        return run_llm_simulate(args)
     scenario = scenario_from_args(args)
     modes = list(MODES) if args.mode == "compare" else [args.mode]
     out = sys.stderr if args.json else sys.stdout

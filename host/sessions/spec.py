@@ -222,7 +222,7 @@ def load_spec(path: str | Path) -> Spec:
 def packaged_spec(name: str) -> Spec:
     """A spec shipped with the package (`host/sessions/specs/NAME`), found without the
     checkout: `temper_agent.ioa.toml`, `curation_job.ioa.toml`,
-    `temper_agent_upstream.ioa.toml`."""
+    `temper_agent_upstream.ioa.toml`, `llm_gated_agent.ioa.toml`."""
     resource = resources.files("host.sessions").joinpath("specs", name)
     if not resource.is_file():
         raise SpecError(f"no packaged spec named {name!r}")

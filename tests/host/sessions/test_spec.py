@@ -46,6 +46,14 @@ def test_the_packaged_specs_are_the_examples_byte_for_byte(name: str) -> None:
     assert packaged_spec(name).name == load_spec(ROOT / "examples" / name).name
 
 
+def test_the_packaged_llm_gated_agent_is_the_example_byte_for_byte() -> None:
+    """Bug caught: `simulate --llm` running a stale copy of examples/llm_gated_agent."""
+    name = "llm_gated_agent.ioa.toml"
+    packaged = resources.files("host.sessions").joinpath("specs", name).read_bytes()
+    assert packaged == (ROOT / "examples" / name).read_bytes()
+    assert packaged_spec(name).name == "LlmGatedAgent"
+
+
 def test_the_old_example_is_gone() -> None:
     """Bug caught: the old-syntax example left behind for someone to load into Temper."""
     assert not (ROOT / "examples" / "curation_job.toml").exists()
