@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from host.mock_e2b.config import OVERLOAD_MODES, PLANS, MockE2BConfig, parse_fault
 from host.mock_e2b.server import MockE2BServer
-from host.mock_server.cli import add_listen_arguments, run_command, serve_until_signal
+from host.mock_server.cli import (
+    add_listen_arguments,
+    preset_changes,
+    run_command,
+    serve_until_signal,
+)
 
 # flag destination -> config field, for flags that map one to one.
 _FIELDS = {
@@ -83,14 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> MockE2BConfig:
     """The config the parsed flags describe (raises ValueError on a bad fault spec)."""
-    changes: dict[str, Any] = {}
-    plan = getattr(ns, "plan", None)
-    if plan is not None:
-        changes.update(PLANS[plan])
-    for dest, name in _FIELDS.items():
-        value = getattr(ns, dest, None)
-        if value is not None:
-            changes[name] = value
+    changes = preset_changes(ns, "plan", PLANS, _FIELDS)
     if "api_key" not in changes:
         changes["api_key"] = os.environ.get("E2B_API_KEY") or MockE2BConfig().api_key
     should_retry = getattr(ns, "capacity_should_retry", None)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from host.mock_llm.config import TIERS, MockLLMConfig
 from host.mock_llm.server import MockLLMServer
-from host.mock_server.cli import add_listen_arguments, run_command, serve_until_signal
+from host.mock_server.cli import (
+    add_listen_arguments,
+    preset_changes,
+    run_command,
+    serve_until_signal,
+)
 
 # flag destination -> config field, for flags that map one to one.
 _FIELDS = {
@@ -74,14 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> MockLLMConfig:
     """The config the parsed flags describe (raises ValueError on a bad value)."""
-    changes: dict[str, Any] = {}
-    tier = getattr(ns, "tier", None)
-    if tier is not None:
-        changes.update(TIERS[tier])
-    for dest, name in _FIELDS.items():
-        value = getattr(ns, dest, None)
-        if value is not None:
-            changes[name] = value
+    changes = preset_changes(ns, "tier", TIERS, _FIELDS)
     keys = list(getattr(ns, "api_key", None) or [])
     if not keys and os.environ.get("ANTHROPIC_API_KEY"):
         keys = [os.environ["ANTHROPIC_API_KEY"]]

@@ -6,9 +6,9 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from host.mock_server.server import LoopbackServer
 
@@ -18,6 +18,23 @@ ConfigT = TypeVar("ConfigT")
 def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+
+
+def preset_changes(
+    ns: argparse.Namespace, preset: str, presets: Mapping[str, Mapping[str, Any]],
+    fields: Mapping[str, str],
+) -> dict[str, Any]:
+    """Config changes the flags make: the named preset's (``--plan``, ``--tier``) first,
+    then every flag in ``fields`` (flag destination -> config field) that was given."""
+    changes: dict[str, Any] = {}
+    name = getattr(ns, preset, None)
+    if name is not None:
+        changes.update(presets[name])
+    for dest, field in fields.items():
+        value = getattr(ns, dest, None)
+        if value is not None:
+            changes[field] = value
+    return changes
 
 
 def serve_until_signal(
