@@ -66,7 +66,7 @@ class _Counters:
     sandboxes_resumed: int = 0
 
 
-class MockState(GuardedState[MockE2BStats]):
+class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
     """One team's sandboxes and the limits that apply to them."""
 
     name = "mock E2B"

@@ -78,7 +78,7 @@ class _Counters:
     output_tokens: int = 0
 
 
-class MockLLMState(GuardedState[MockLLMStats]):
+class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
     """Every API key's buckets, the seeded streams and the counters."""
 
     name = "mock LLM"

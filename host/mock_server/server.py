@@ -8,10 +8,12 @@ import socket
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from host.mock_server.state import GuardedState
 
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
@@ -150,3 +152,60 @@ class LoopbackServer:
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
+
+
+class Replaceable(Protocol):
+    """A frozen config: ``replace`` makes a changed copy (ValueError or TypeError on a bad
+    change)."""
+
+    def replace(self, **changes: Any) -> Self: ...
+
+
+ReplaceableT = TypeVar("ReplaceableT", bound=Replaceable)
+StatsT = TypeVar("StatsT")
+
+
+class MockServer(LoopbackServer, Generic[ReplaceableT, StatsT]):
+    """A :class:`LoopbackServer` over a mock's :class:`GuardedState`, with the control
+    methods every mock offers: read and change the config, read and wait for stats,
+    reset. ``app`` calls ``self._apply_changes`` for POST /_mock/config."""
+
+    def __init__(
+        self,
+        state: GuardedState[ReplaceableT, StatsT],
+        app: ASGIApp,
+        runtime: Callable[[], Runtime | None],
+        *,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(app, runtime, name=name, host=host, port=port)
+        self._state = state
+        self._config_lock = threading.Lock()
+
+    @property
+    def config(self) -> ReplaceableT:
+        return self._state.config
+
+    def configure(self, **changes: Any) -> ReplaceableT:
+        """Changes the config while running (ValueError or TypeError on a bad change)."""
+        return self._apply_changes(changes)
+
+    def _apply_changes(self, changes: dict[str, Any]) -> ReplaceableT:
+        with self._config_lock:
+            config = self._state.config.replace(**changes)
+            self._state.configure(config)
+            return config
+
+    def reset(self) -> None:
+        """Forgets every record and counter the mock keeps (the config stays)."""
+        self._state.reset()
+
+    def stats(self) -> StatsT:
+        return self._state.stats()
+
+    def wait_for(self, predicate: Callable[[StatsT], bool], timeout: float = 10.0) -> StatsT:
+        """Blocks until ``predicate(stats)`` holds and returns those stats, e.g.
+        ``server.wait_for(lambda s: s.requests_total == 4)``; TimeoutError otherwise."""
+        return self._state.wait_for(predicate, timeout)

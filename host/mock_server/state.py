@@ -16,13 +16,14 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 Clock = Callable[[], float]
+ConfigT = TypeVar("ConfigT")
 StatsT = TypeVar("StatsT")
 _RECHECK_S = 0.05
 
 
-class GuardedState(Generic[StatsT]):
-    """The shared part of a mock's state; subclasses say what ``stats`` reads and what
-    ``name`` the timeout message gives ("mock E2B")."""
+class GuardedState(Generic[ConfigT, StatsT]):
+    """The shared part of a mock's state; subclasses say what ``config``, ``configure``,
+    ``reset`` and ``stats`` do, and what ``name`` the timeout message gives ("mock E2B")."""
 
     name = "mock"
 
@@ -39,6 +40,16 @@ class GuardedState(Generic[StatsT]):
 
     def wall_time(self, clock_time: float) -> datetime:
         return datetime.fromtimestamp(self._wall_origin + clock_time - self._clock_origin, UTC)
+
+    @property
+    def config(self) -> ConfigT:
+        raise NotImplementedError
+
+    def configure(self, config: ConfigT) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
 
     def stats(self) -> StatsT:
         raise NotImplementedError
