@@ -161,18 +161,18 @@ class Replaceable(Protocol):
     def replace(self, **changes: Any) -> Self: ...
 
 
-ReplaceableT = TypeVar("ReplaceableT", bound=Replaceable)
+ConfigT = TypeVar("ConfigT", bound=Replaceable)
 StatsT = TypeVar("StatsT")
 
 
-class MockServer(LoopbackServer, Generic[ReplaceableT, StatsT]):
+class MockServer(LoopbackServer, Generic[ConfigT, StatsT]):
     """A :class:`LoopbackServer` over a mock's :class:`GuardedState`, with the control
     methods every mock offers: read and change the config, read and wait for stats,
     reset. ``app`` calls ``self._apply_changes`` for POST /_mock/config."""
 
     def __init__(
         self,
-        state: GuardedState[ReplaceableT, StatsT],
+        state: GuardedState[ConfigT, StatsT],
         app: ASGIApp,
         runtime: Callable[[], Runtime | None],
         *,
@@ -185,14 +185,14 @@ class MockServer(LoopbackServer, Generic[ReplaceableT, StatsT]):
         self._config_lock = threading.Lock()
 
     @property
-    def config(self) -> ReplaceableT:
+    def config(self) -> ConfigT:
         return self._state.config
 
-    def configure(self, **changes: Any) -> ReplaceableT:
+    def configure(self, **changes: Any) -> ConfigT:
         """Changes the config while running (ValueError or TypeError on a bad change)."""
         return self._apply_changes(changes)
 
-    def _apply_changes(self, changes: dict[str, Any]) -> ReplaceableT:
+    def _apply_changes(self, changes: dict[str, Any]) -> ConfigT:
         with self._config_lock:
             config = self._state.config.replace(**changes)
             self._state.configure(config)
