@@ -35,6 +35,7 @@ from host.mock_e2b.wire import (
     seconds_field,
     short_sandbox_id,
 )
+from host.mock_server.control import control_routes
 
 Handler = Callable[[Request], Awaitable[Response]]
 # What a route did: the answer, its status and its JSON body (what a body fault garbles).
@@ -499,26 +500,8 @@ def build_app(
 
     # -- control -------------------------------------------------------------------------
 
-    async def get_config(_: Request) -> Response:
-        return JSONResponse(state.config.to_json())
-
-    async def post_config(request: Request) -> Response:
-        try:
-            changes = await request.json()
-            if not isinstance(changes, dict):
-                raise TypeError("expected a JSON object of config fields")
-            config = on_configure(changes)
-        except (ValueError, TypeError) as exc:
-            return error_response(400, str(exc))
+    async def config_changed() -> None:
         await runtime().config_changed()
-        return JSONResponse(config.to_json())
-
-    async def get_stats(_: Request) -> Response:
-        return JSONResponse(state.stats().to_json())
-
-    async def post_reset(_: Request) -> Response:
-        state.reset()
-        return Response(status_code=204)
 
     async def get_temperfs(_: Request) -> Response:
         return JSONResponse(state.temperfs.to_json())
@@ -554,10 +537,9 @@ def build_app(
         sandbox(one + "/resume", "resume", resume, "POST", "optional"),
         sandbox(one + "/connect", "connect", connect_handler(1), "POST", "required"),
         sandbox("/v2" + one + "/connect", "connect", connect_handler(2), "POST", "optional"),
-        Route("/_mock/config", get_config, methods=["GET"]),
-        Route("/_mock/config", post_config, methods=["POST"]),
-        Route("/_mock/stats", get_stats, methods=["GET"]),
-        Route("/_mock/reset", post_reset, methods=["POST"]),
+        *control_routes(
+            state, on_configure, lambda message: error_response(400, message), config_changed
+        ),
         Route("/_mock/sandboxes", get_running, methods=["GET"]),
         Route("/_mock/orphans", post_orphans, methods=["POST"]),
         Route("/_mock/temperfs", get_temperfs, methods=["GET"]),

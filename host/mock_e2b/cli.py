@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
-from typing import Any
 
 from host.mock_e2b.config import OVERLOAD_MODES, PLANS, MockE2BConfig, parse_fault
 from host.mock_e2b.server import MockE2BServer
+from host.mock_server.cli import (
+    add_listen_arguments,
+    preset_changes,
+    run_command,
+    serve_until_signal,
+)
 
 # flag destination -> config field, for flags that map one to one.
 _FIELDS = {
@@ -38,8 +39,7 @@ _FIELDS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the mock's flags; every flag left out keeps the permissive default."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+    add_listen_arguments(parser)
     parser.add_argument("--api-key", default=None,
                         help="accepted X-API-Key (default: $E2B_API_KEY, else e2b_mock_key)")
     parser.add_argument("--seed", type=int, default=None, help="seed of latency, faults, ids")
@@ -87,14 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> MockE2BConfig:
     """The config the parsed flags describe (raises ValueError on a bad fault spec)."""
-    changes: dict[str, Any] = {}
-    plan = getattr(ns, "plan", None)
-    if plan is not None:
-        changes.update(PLANS[plan])
-    for dest, name in _FIELDS.items():
-        value = getattr(ns, dest, None)
-        if value is not None:
-            changes[name] = value
+    changes = preset_changes(ns, "plan", PLANS, _FIELDS)
     if "api_key" not in changes:
         changes["api_key"] = os.environ.get("E2B_API_KEY") or MockE2BConfig().api_key
     should_retry = getattr(ns, "capacity_should_retry", None)
@@ -106,42 +99,19 @@ def config_from_args(ns: argparse.Namespace) -> MockE2BConfig:
 
 def serve(config: MockE2BConfig, host: str = "127.0.0.1", port: int = 0) -> int:
     """Runs the mock until Ctrl-C or SIGTERM; prints its URL first. Returns the exit code."""
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+    def banner(url: str) -> list[str]:
+        lines = [
+            f"mock E2B listening on {url} (X-API-Key: {config.api_key})",
+            f"control API: {url}/_mock/config, /_mock/stats, /_mock/reset",
+        ]
+        if config.temperfs:
+            lines.append(f"TemperFS: {url}/tdata/ (records: {url}/_mock/temperfs)")
+        return lines
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    try:
-        with MockE2BServer(config, host=host, port=port) as server:
-            print(f"mock E2B listening on {server.url} (X-API-Key: {config.api_key})",
-                  flush=True)
-            print(f"control API: {server.url}/_mock/config, /_mock/stats, /_mock/reset",
-                  flush=True)
-            if config.temperfs:
-                print(f"TemperFS: {server.url}/tdata/ (records: {server.url}/_mock/temperfs)",
-                      flush=True)
-            while not stop.wait(0.5):
-                pass
-        return 0
-    except OSError as exc:
-        print(f"mock E2B could not start: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return serve_until_signal(MockE2BServer(config, host=host, port=port), banner, "mock E2B")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mock-e2b", description=__doc__)
-    add_arguments(parser)
-    ns = parser.parse_args(argv)
-    try:
-        config = config_from_args(ns)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return serve(config, ns.host, ns.port)
+    return run_command(argv, prog="mock-e2b", description=__doc__, add_arguments=add_arguments,
+                       config_from_args=config_from_args, serve=serve)

@@ -10,13 +10,9 @@ from __future__ import annotations
 import bisect
 import random
 import string
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from host.mock_e2b.config import FaultRule, MockE2BConfig
@@ -25,10 +21,9 @@ from host.mock_e2b.latency import LatencySampler
 from host.mock_e2b.limits import Gcra, RateDecision
 from host.mock_e2b.stats import MockE2BStats
 from host.mock_e2b.temperfs import TemperFSStore
+from host.mock_server.state import Clock, GuardedState
 
-Clock = Callable[[], float]
 _ID_ALPHABET = string.ascii_lowercase + string.digits
-_RECHECK_S = 0.05
 
 
 @dataclass
@@ -71,15 +66,13 @@ class _Counters:
     sandboxes_resumed: int = 0
 
 
-class MockState:
+class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
     """One team's sandboxes and the limits that apply to them."""
 
+    name = "mock E2B"
+
     def __init__(self, config: MockE2BConfig, clock: Clock = time.monotonic) -> None:
-        self._lock = threading.Lock()
-        # Signalled after every change, for wait_for; separate from _lock so a waiter can
-        # read stats while holding it.
-        self._changed = threading.Condition()
-        self._clock = clock
+        super().__init__(clock)
         self._config = config
         self.temperfs = TemperFSStore(config.seed)
         self._clear(config)
@@ -101,8 +94,7 @@ class MockState:
         self._faults = FaultPicker(config.seed)
         self._latency = LatencySampler(config.seed)
         self._ids = random.Random(f"ids:{config.seed}")
-        self._wall_origin = time.time()
-        self._clock_origin = self._clock()
+        self._anchor_wall_time()
 
     @staticmethod
     def _make_gcra(config: MockE2BConfig) -> Gcra | None:
@@ -136,9 +128,6 @@ class MockState:
         with self._mutating():
             self._clear(self._config)
         self.temperfs.reset()
-
-    def wall_time(self, clock_time: float) -> datetime:
-        return datetime.fromtimestamp(self._wall_origin + clock_time - self._clock_origin, UTC)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -427,38 +416,6 @@ class MockState:
 
     def orphans(self, held_ids: set[str]) -> list[str]:
         return [r.sandbox_id for r in self.all_running() if r.sandbox_id not in held_ids]
-
-    def wait_for(
-        self, predicate: Callable[[MockE2BStats], bool], timeout: float
-    ) -> MockE2BStats:
-        """Waits until ``predicate(stats)`` holds; raises TimeoutError after ``timeout`` s.
-
-        Wakes on every change a request makes; changes that only the clock makes (expiry,
-        the end of a kill lag) are seen within a short re-check period."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                stats = self.stats()
-                if predicate(stats):
-                    return stats
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"mock E2B stats never matched; last: {stats}")
-                self._changed.wait(min(remaining, _RECHECK_S))
-
-    def notify_changed(self) -> None:
-        """Wakes ``wait_for``: something it may read (the TemperFS counts) changed."""
-        with self._changed:
-            self._changed.notify_all()
-
-    # -- internals -----------------------------------------------------------------------
-
-    @contextmanager
-    def _mutating(self) -> Iterator[None]:
-        with self._lock:
-            yield
-        with self._changed:
-            self._changed.notify_all()
 
     # -- internals (lock held) -----------------------------------------------------------
 

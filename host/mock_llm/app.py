@@ -16,6 +16,7 @@ from starlette.routing import Route
 from host.mock_llm.config import MockLLMConfig
 from host.mock_llm.state import MockLLMState
 from host.mock_llm.wire import BadRequest, error_response, message_body, parse_messages_request
+from host.mock_server.control import control_routes
 
 
 def presented_key(request: Request) -> str | None:
@@ -102,35 +103,15 @@ def build_app(
 
     # -- control -----------------------------------------------------------------------------
 
-    async def get_config(_: Request) -> Response:
-        return JSONResponse(state.config.to_json())
-
-    async def post_config(request: Request) -> Response:
-        try:
-            changes = await request.json()
-            if not isinstance(changes, dict):
-                raise TypeError("expected a JSON object of config fields")
-            config = on_configure(changes)
-        except (ValueError, TypeError) as exc:
-            return error_response(400, "invalid_request_error", str(exc))
-        return JSONResponse(config.to_json())
-
-    async def get_stats(_: Request) -> Response:
-        return JSONResponse(state.stats().to_json())
+    def bad_control_request(message: str) -> Response:
+        return error_response(400, "invalid_request_error", message)
 
     async def get_requests(_: Request) -> Response:
         return JSONResponse([record.to_json() for record in state.requests()])
 
-    async def post_reset(_: Request) -> Response:
-        state.reset()
-        return Response(status_code=204)
-
     routes = [
         Route("/v1/messages", create_message, methods=["POST"]),
-        Route("/_mock/config", get_config, methods=["GET"]),
-        Route("/_mock/config", post_config, methods=["POST"]),
-        Route("/_mock/stats", get_stats, methods=["GET"]),
+        *control_routes(state, on_configure, bad_control_request),
         Route("/_mock/requests", get_requests, methods=["GET"]),
-        Route("/_mock/reset", post_reset, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan), lambda: holder.get("runtime")

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
-from typing import Any
 
 from host.mock_llm.config import TIERS, MockLLMConfig
 from host.mock_llm.server import MockLLMServer
+from host.mock_server.cli import (
+    add_listen_arguments,
+    preset_changes,
+    run_command,
+    serve_until_signal,
+)
 
 # flag destination -> config field, for flags that map one to one.
 _FIELDS = {
@@ -35,8 +36,7 @@ _FIELDS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the mock's flags; every flag left out keeps the permissive default."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+    add_listen_arguments(parser)
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
                         help="accepted x-api-key, each with its own limits (repeatable; "
                              "default: $ANTHROPIC_API_KEY, else sk-ant-mock)")
@@ -78,14 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> MockLLMConfig:
     """The config the parsed flags describe (raises ValueError on a bad value)."""
-    changes: dict[str, Any] = {}
-    tier = getattr(ns, "tier", None)
-    if tier is not None:
-        changes.update(TIERS[tier])
-    for dest, name in _FIELDS.items():
-        value = getattr(ns, dest, None)
-        if value is not None:
-            changes[name] = value
+    changes = preset_changes(ns, "tier", TIERS, _FIELDS)
     keys = list(getattr(ns, "api_key", None) or [])
     if not keys and os.environ.get("ANTHROPIC_API_KEY"):
         keys = [os.environ["ANTHROPIC_API_KEY"]]
@@ -106,39 +99,17 @@ def config_from_args(ns: argparse.Namespace) -> MockLLMConfig:
 
 def serve(config: MockLLMConfig, host: str = "127.0.0.1", port: int = 0) -> int:
     """Runs the mock until Ctrl-C or SIGTERM; prints its URL first. Returns the exit code."""
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+    def banner(url: str) -> list[str]:
+        keys = ", ".join(config.api_keys)
+        return [
+            f"mock LLM API listening on {url} (x-api-key: {keys})",
+            f"control API: {url}/_mock/config, /_mock/stats, /_mock/requests, /_mock/reset",
+        ]
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    try:
-        with MockLLMServer(config, host=host, port=port) as server:
-            keys = ", ".join(config.api_keys)
-            print(f"mock LLM API listening on {server.url} (x-api-key: {keys})", flush=True)
-            print(f"control API: {server.url}/_mock/config, /_mock/stats, /_mock/requests, "
-                  "/_mock/reset", flush=True)
-            while not stop.wait(0.5):
-                pass
-        return 0
-    except OSError as exc:
-        print(f"mock LLM API could not start: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return serve_until_signal(MockLLMServer(config, host=host, port=port), banner, "mock LLM API")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mock-llm", description=__doc__)
-    add_arguments(parser)
-    ns = parser.parse_args(argv)
-    try:
-        config = config_from_args(ns)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return serve(config, ns.host, ns.port)
+    return run_command(argv, prog="mock-llm", description=__doc__, add_arguments=add_arguments,
+                       config_from_args=config_from_args, serve=serve)

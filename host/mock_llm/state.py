@@ -12,11 +12,8 @@ from __future__ import annotations
 import math
 import random
 import string
-import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -24,10 +21,9 @@ from host.mock_llm.config import MockLLMConfig
 from host.mock_llm.limits import TokenBucket
 from host.mock_llm.stats import LIMITS, MockLLMStats, RequestRecord
 from host.mock_llm.wire import MessagesRequest, rfc3339
+from host.mock_server.state import Clock, GuardedState
 
-Clock = Callable[[], float]
 _ID_ALPHABET = string.ascii_letters + string.digits
-_RECHECK_S = 0.05
 _LOG_SIZE = 100_000
 _LIMIT_FIELDS = ("rpm", "itpm", "otpm", "rpm_burst", "itpm_burst", "otpm_burst")
 # Header prefix, and what a 429's message calls the unit, for each limit.
@@ -82,17 +78,13 @@ class _Counters:
     output_tokens: int = 0
 
 
-class MockLLMState:
+class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
     """Every API key's buckets, the seeded streams and the counters."""
 
+    name = "mock LLM"
+
     def __init__(self, config: MockLLMConfig, clock: Clock = time.monotonic) -> None:
-        self._lock = threading.Lock()
-        # Signalled after every change, for wait_for; separate from _lock so a waiter can
-        # read stats while holding it.
-        self._changed = threading.Condition()
-        self._clock = clock
-        self._wall_origin = time.time()
-        self._clock_origin = clock()
+        super().__init__(clock)
         self._config = config
         self._clear(config)
 
@@ -129,9 +121,6 @@ class MockLLMState:
         """Forgets every bucket, counter and logged request; restarts the seeded streams."""
         with self._mutating():
             self._clear(self._config)
-
-    def wall_time(self, clock_time: float) -> datetime:
-        return datetime.fromtimestamp(self._wall_origin + clock_time - self._clock_origin, UTC)
 
     def now(self) -> float:
         return self._clock()
@@ -274,30 +263,6 @@ class MockLLMState:
                 for limit, bucket in buckets.by_limit().items()
                 if bucket is not None
             }
-
-    def wait_for(
-        self, predicate: Callable[[MockLLMStats], bool], timeout: float
-    ) -> MockLLMStats:
-        """Waits until ``predicate(stats)`` holds; raises TimeoutError after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                stats = self.stats()
-                if predicate(stats):
-                    return stats
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"mock LLM stats never matched; last: {stats}")
-                self._changed.wait(min(remaining, _RECHECK_S))
-
-    # -- internals ---------------------------------------------------------------------------
-
-    @contextmanager
-    def _mutating(self) -> Iterator[None]:
-        with self._lock:
-            yield
-        with self._changed:
-            self._changed.notify_all()
 
     # -- internals (lock held) ---------------------------------------------------------------
 

@@ -11,6 +11,17 @@ from typing import Any
 import httpx
 
 from host.mock_e2b import MockE2BConfig, MockE2BServer
+from tests.host.mock_server.fixtures import FrozenClock, running_server
+
+__all__ = [
+    "API_KEY",
+    "FrozenClock",
+    "SteerableClock",
+    "client",
+    "create",
+    "in_thread",
+    "running_mock",
+]
 
 API_KEY = "e2b_test"
 
@@ -32,26 +43,12 @@ class SteerableClock:
             self._offset += seconds
 
 
-class FrozenClock:
-    """A clock that moves only when told to (exact GCRA arithmetic in tests)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @contextmanager
 def running_mock(
     clock: Callable[[], float] | None = None, **config: Any
 ) -> Iterator[MockE2BServer]:
     config.setdefault("api_key", API_KEY)
-    kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
-    with MockE2BServer(MockE2BConfig(**config), **kwargs) as server:
+    with running_server(MockE2BServer, MockE2BConfig(**config), clock) as server:
         yield server
 
 

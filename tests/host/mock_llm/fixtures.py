@@ -11,22 +11,22 @@ from typing import Any
 import httpx
 
 from host.mock_llm import MockLLMConfig, MockLLMServer
+from tests.host.mock_server.fixtures import FrozenClock, running_server
+
+__all__ = [
+    "API_KEY",
+    "VERSION",
+    "FrozenClock",
+    "client",
+    "in_threads",
+    "reset_in_s",
+    "running_mock",
+    "send",
+    "text_of_tokens",
+]
 
 API_KEY = "sk-ant-test"
 VERSION = "2023-06-01"
-
-
-class FrozenClock:
-    """A clock that moves only when told to (exact bucket arithmetic in tests)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @contextmanager
@@ -34,8 +34,7 @@ def running_mock(
     clock: Callable[[], float] | None = None, **config: Any
 ) -> Iterator[MockLLMServer]:
     config.setdefault("api_keys", (API_KEY,))
-    kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
-    with MockLLMServer(MockLLMConfig(**config), **kwargs) as server:
+    with running_server(MockLLMServer, MockLLMConfig(**config), clock) as server:
         yield server
 
 
