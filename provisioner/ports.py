@@ -49,8 +49,13 @@ class StorageTooLarge(StorageError):
         self.limit = limit
 
 
-class Storage(Protocol):
+class StorageReader(Protocol):
+    """The reading half of `Storage`: all that an inspection needs."""
+
     def get(self, scope: Scope, key: str) -> Entry | None: ...
+
+
+class Storage(StorageReader, Protocol):
 
     def compare_and_swap(
         self,

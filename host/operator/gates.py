@@ -1,9 +1,9 @@
 """Reading an account's gates from host storage: the one place the host calls the guest's
 public inspection API (`provisioner.admission.inspect.inspect_gates`).
 
-The inspection reads the gate document and the waiters' keys through the guest's `Storage`
-port in the account scope; here that port is a read-only view of a host backend bound to
-the account's namespace (the same namespace the runtime gives the component), so an
+The inspection reads the gate document and the waiters' keys through the guest's
+`StorageReader` port in the account scope; here that port reads a host backend bound
+to the account's namespace (the same namespace the runtime gives the component), so an
 operator's look can never change what it looks at.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["GateView", "WaiterView", "admission_config", "read_gates", "view_to_
 
 
 class ReadOnlyAccountStorage:
-    """The guest's Storage port over one account's namespace, refusing every write."""
+    """The guest's StorageReader port over one account's namespace: it has no way to write."""
 
     def __init__(self, backend: StorageBackend, account: str) -> None:
         self._backend = backend
@@ -34,18 +34,6 @@ class ReadOnlyAccountStorage:
             raise PermissionError("the gate inspection reads the account scope only")
         return self._backend.get(self._namespace, key)
 
-    def compare_and_swap(
-        self,
-        scope: Scope,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
-        raise PermissionError("the gate inspection is read-only")
-
-    def delete(self, scope: Scope, key: str, expected_version: int | None) -> bool:
-        raise PermissionError("the gate inspection is read-only")
 
 
 def admission_config(settings: Mapping[str, str]) -> AdmissionConfig:

@@ -1,7 +1,7 @@
 """The public, read-only view of an account's admission state.
 
 `inspect_gates` reads the gate document and the waiters' own keys through the guest's
-`Storage` protocol (account scope) and returns frozen dataclasses: the create slots with
+`StorageReader` port (account scope) and returns frozen dataclasses: the create slots with
 their leases, the rate, the capacity with its effective limit and sandbox leases, the
 backoff, the retry budget, and every waiter in fair order with the reason it waits and its
 ETA, computed by the same function a waiter's own `admit` answer comes from
@@ -35,7 +35,7 @@ from provisioner.admission.results import Waiter
 from provisioner.admission.state import GATE_KEY as _GATE_KEY
 from provisioner.admission.state import GateState, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
-from provisioner.ports import Scope, Storage
+from provisioner.ports import Scope, StorageReader
 from provisioner.resources.inspect import (
     BucketView,
     ResourceGateView,
@@ -193,7 +193,7 @@ class GateView:
 
 
 def inspect_gates(
-    storage: Storage,
+    storage: StorageReader,
     now_ms: int,
     config: AdmissionConfig | None = None,
     *,
@@ -248,13 +248,13 @@ def inspect_gates(
     )
 
 
-def _record(storage: Storage, tenant: str, entity: str) -> Place | None:
+def _record(storage: StorageReader, tenant: str, entity: str) -> Place | None:
     entry = storage.get(_ACCOUNT, waiter_key(tenant, entity))
     return None if entry is None else Place.from_bytes(entry.value)
 
 
 def _waiters(
-    storage: Storage, state: GateState, config: AdmissionConfig, now_ms: int
+    storage: StorageReader, state: GateState, config: AdmissionConfig, now_ms: int
 ) -> tuple[WaiterView, ...]:
     views: list[WaiterView] = []
     for retry in state.retries:
