@@ -41,7 +41,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 from host.multihost.worker import WorkerSettings
 from host.services.namespaces import ScopedStorage
-from host.sessions.invocations import ENTITY_TYPE
 from host.sessions.model import Job
 from host.storage import storage_from_uri
 from provisioner.admission.inspect import GateView, inspect_gates
@@ -746,7 +745,8 @@ def kill_mid_create(cluster: Cluster, name: str, *, timeout: float) -> dict[str,
     held and how long its create slots took to come back (lease expiry)."""
     cluster.host(name)  # KeyError for an unknown host, before waiting
     cluster.wait_for(creating_with_sessions_queued(name), timeout, f"{name} mid-create")
-    entities = {f"{ENTITY_TYPE}/{job.id}" for job in cluster.host(name).assigned}
+    entity_type = cluster.settings.session_spec().name
+    entities = {f"{entity_type}/{job.id}" for job in cluster.host(name).assigned}
     unfinished = cluster.kill(name)
     url, account = cluster.settings.storage_url, cluster.settings.account
     gate, killed_ms = read_gate(url, account)

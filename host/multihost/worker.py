@@ -2,12 +2,17 @@
 
 The process loads the component, opens the shared storage (a `redis://` URL, so every host
 shares one store and one clock) and the shared mock E2B, then runs CurationJob sessions with
-the session driver. Work arrives on stdin, one JSON line per assignment
+the session driver (`host/sessions/driver.py`) on the example spec
+(`host/sessions/specs/temper_agent.ioa.toml`), under Temper's rules as `simulate` runs it:
+the spec's timers are the only way back for a queued entity (Queued's timer is the poll;
+`WorkerSettings.poll_s` sets it), a SandboxFailed goes where the spec sends it, and the
+host retries nothing. Work arrives on stdin, one JSON line per assignment
 (`{"jobs": [{"id": ..., "tenant": ...}, ...]}`), and each assignment runs in its own driver
-at once (a line `{"release": [{"id": ..., "tenant": ...}]}` instead releases those entities
-out of band, as a cancel would, reported as `cancel_released`), so a coordinator can hand
-this host a dead host's jobs mid-run. End of stdin means
-no more work: the process exits once its sessions have ended.
+at once (a line `{"release": [{"id": ..., "tenant": ...}]}` instead cancels those entities
+out of band: the spec's `Fail` from `Created`, whose trigger releases whatever the entity
+holds, reported as `cancel_released`), so a coordinator can hand this host a dead host's
+jobs mid-run. End of stdin means no more work: the process exits once its sessions have
+ended.
 
 Everything the coordinator needs comes back on stdout as JSON lines, each stamped with the
 storage backend's clock (`at_ms`), which all hosts share:
@@ -20,8 +25,13 @@ storage backend's clock (`at_ms`), which all hosts share:
   `list_answered` around each list of sandboxes (`query`), so a coordinator can kill this
   host in the middle of a release;
 - `outcome` for every invocation (action, and the queue reason or failure code);
-- `session` for each session event (queued, ready, completed, failed, ...);
-- `result` when a session has ended (and released what it held);
+- `session` for each session event: `submitted`; `queued` (each SandboxQueued, with its
+  params); `ready` (`sandbox_id`); `turn`; `releasing`; `completed`; `failed` (`reason`,
+  `action`); and `timer` (a timer other than the poll), `rejected`, `unhandled_failure`,
+  `timer_exhausted` as the executor reports them;
+- `result` when a session has ended (`state` is the entity's final status; a Failed one has
+  a typed `reason`, `code: message`; `release_error` is the last release's failure, if it
+  never succeeded afterwards);
 - `exit` last.
 Diagnostics go to stderr.
 
@@ -37,11 +47,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -50,15 +60,32 @@ from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import load_component
 from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
-from host.sessions.invocations import RELEASE, job_invocation
+from host.sessions.detsim import with_poll
+from host.sessions.driver import DriverSettings, RealTimeLoop, SessionDriver
+from host.sessions.executor import Entity, Executor
 from host.sessions.invokers import ComponentInvoker
-from host.sessions.legacy_driver import DriverSettings, LegacySessionEvent, SessionDriver
-from host.sessions.model import Job
+from host.sessions.model import Job, SessionEvent
+from host.sessions.runner import SessionScript
+from host.sessions.scenario import EXAMPLE_SPEC
+from host.sessions.spec import Spec, Trigger, load_spec, packaged_spec
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
 from provisioner.admission.inspect import GATE_KEY
-from provisioner.model import SANDBOX_FAILED, SANDBOX_QUEUED, Invocation, Outcome
+from provisioner.model import (
+    SANDBOX_FAILED,
+    SANDBOX_QUEUED,
+    SANDBOX_RELEASED,
+    Invocation,
+    Outcome,
+)
 from provisioner.ports import Entry, HttpError, HttpRequest, HttpResponse, LogLevel
+
+MODULE = "sandbox_provisioner"
+# The caller's own cancel in the example spec: `Fail` fires from Created and its trigger
+# releases the entity (the component finds an unrecorded sandbox by its idempotency key).
+CANCEL_ACTION = "Fail"
+RELEASE_TRIGGER = "release_sandbox"
+_TYPED_REASON = re.compile(r"^[a-z][a-z0-9_]*(: |$)")
 
 RELEASE_FORGETS_BEFORE_KILL = "release-forgets-before-kill"
 PLANTED_BUGS: tuple[str, ...] = (RELEASE_FORGETS_BEFORE_KILL,)
@@ -76,13 +103,12 @@ class WorkerSettings:
     config: tuple[tuple[str, str], ...] = ()
     turns: int = 2
     turn_s: float = 0.2
-    # Liveness is not under test here: long enough that only a real hang trips it.
-    liveness_s: float = 60.0
-    # A host outlives storage and E2B outages by retrying retryable failures, as Temper
-    # re-dispatches them; these bound a run that never recovers.
-    failure_retries: int = 1_000
-    failure_retry_delay_s: float = 0.2
-    release_attempts: int = 1_000
+    # Queued's timer (whole seconds, as Temper's after_seconds), in place of the spec's:
+    # the component drops a waiter that has not polled for `waiter_ttl_ms`, so a run with a
+    # short waiter TTL needs a poll inside it. None keeps the spec's.
+    poll_s: int | None = 1
+    # The spec the sessions run (a path); None: the packaged example spec.
+    spec: str | None = None
     session_threads: int = 16
     component: str | None = None
     cache_dir: str | None = None
@@ -92,19 +118,39 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.planted_bug is not None and self.planted_bug not in PLANTED_BUGS:
             raise ValueError(f"unknown planted bug {self.planted_bug!r}; known: {PLANTED_BUGS}")
+        if self.poll_s is not None and self.poll_s < 1:
+            raise ValueError("poll_s must be at least 1 (Temper's timers count whole seconds)")
 
     def driver_settings(self) -> DriverSettings:
+        # No keep-up stop: a host of a multi-host run serves what it is given; the spec's
+        # own guards decide what is too late.
         return DriverSettings(
             turns=self.turns,
             turn_s=self.turn_s,
-            liveness_s=self.liveness_s,
-            failure_retries=self.failure_retries,
-            failure_retry_delay_s=self.failure_retry_delay_s,
-            release_attempts=self.release_attempts,
             workers=self.session_threads,
-            config=self.config,
             run_id=self.run_id,
+            keep_up=False,
         )
+
+    def session_spec(self) -> Spec:
+        """The spec every session of the run executes (its name is the entity type)."""
+        spec = load_spec(self.spec) if self.spec else packaged_spec(EXAMPLE_SPEC)
+        if self.poll_s is not None:
+            spec = with_poll(spec, SessionScript.for_spec(spec), self.poll_s)
+        return spec
+
+    def configure(self) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
+        """Lays the run's integration config over each trigger's (the trigger's own
+        `operation` stays), as `simulate` does."""
+        overlay = dict(self.config)
+
+        def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
+            merged = {**config, **overlay}
+            if "operation" in config:
+                merged["operation"] = config["operation"]
+            return merged
+
+        return configure
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -131,23 +177,6 @@ class EventWriter:
         with self._lock:
             self._out.write(line + "\n")
             self._out.flush()
-
-
-@dataclass
-class _Routing:
-    """Which driver runs which job, so progress events reach the right session."""
-
-    drivers: dict[str, SessionDriver] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, jobs: list[Job], driver: SessionDriver) -> None:
-        with self.lock:
-            for job in jobs:
-                self.drivers[job.id] = driver
-
-    def get(self, job_id: str) -> SessionDriver | None:
-        with self.lock:
-            return self.drivers.get(job_id)
 
 
 class _GateVersions:
@@ -186,10 +215,10 @@ class _GateVersions:
 
 
 class _HostTelemetry:
-    """Progress events are signs of life for their session; grants are reported."""
+    """Grants are reported. Progress events are nothing more: Temper broadcasts them and
+    never resets a timer on one (crates/temper-server/src/state/dispatch/wasm/callbacks.rs)."""
 
-    def __init__(self, routing: _Routing, storage: _GateVersions) -> None:
-        self.routing = routing
+    def __init__(self, storage: _GateVersions) -> None:
         self.storage = storage
         self.writer: EventWriter | None = None
 
@@ -207,9 +236,6 @@ class _HostTelemetry:
                 attempt=event.get("attempt"),
                 gate_version=self.storage.last_gate_version(),
             )
-        driver = self.routing.get(tag.entity_id)
-        if driver is not None:
-            driver.sign_of_life(tag.entity_id)
 
 
 class _ReportingGateway(HttpGateway):
@@ -305,58 +331,123 @@ def _releases_from_line(line: str) -> list[Job]:
     return [Job(id=str(item["id"]), tenant=str(item["tenant"])) for item in data["release"]]
 
 
-def _run_release(
-    job: Job, invoker: _RecordingInvoker, settings: WorkerSettings, writer: EventWriter
-) -> None:
-    """An out-of-band Release for `job`'s entity, as Temper dispatches one when an entity is
-    cancelled: the session (on whichever host) goes on; retried while retryable."""
-    invocation = job_invocation(
-        job,
-        operation=RELEASE,
-        trigger_action="Cancel",
-        trigger_params={},
-        entity_state={"status": "Cancelling"},
-        config=settings.config,
-        run_id=settings.run_id,
-    )
-    for _ in range(max(1, settings.release_attempts)):
-        outcome = invoker.invoke(invocation)
-        if outcome.error is None or not outcome.error.retryable:
-            break
-        time.sleep(settings.failure_retry_delay_s)
-    writer.emit("cancel_released", job=job.id, action=outcome.action)
+class _SessionEvents:
+    """Maps the executor's events onto the worker's `session` lines, and notes per job what
+    its releases answered (for `release_error`)."""
+
+    def __init__(self, script: SessionScript, writer: EventWriter) -> None:
+        self.script = script
+        self.writer = writer
+        self.release_error: dict[str, str | None] = {}
+
+    def __call__(self, event: SessionEvent) -> None:
+        detail = event.detail
+        kind: str | None = None
+        fields: dict[str, Any] = {}
+        if event.kind in ("submitted", "turn", "rejected", "unhandled_failure",
+                          "timer_exhausted"):
+            kind, fields = event.kind, dict(detail)
+        elif event.kind == "timer" and detail.get("state") not in self.script.queued_states:
+            kind, fields = "timer", dict(detail)  # the poll is not news: it runs every poll_s
+        elif event.kind == "answered" and detail.get("trigger") == RELEASE_TRIGGER:
+            params = detail.get("params") or {}
+            self.release_error[event.job.id] = (
+                None if detail.get("success") and detail.get("action") == SANDBOX_RELEASED
+                else _typed_reason(str(detail.get("action")), params)
+            )
+        elif event.kind == "transition":
+            kind, fields = self._transition(detail)
+        if kind is not None:
+            self.writer.emit("session", job=event.job.id, tenant=event.job.tenant, kind=kind,
+                             phase=event.phase, detail=fields)
+
+    def _transition(self, detail: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        before, after = detail.get("before"), detail.get("after")
+        action = str(detail.get("action"))
+        params: dict[str, Any] = dict(detail.get("params") or {})
+        if action == "SandboxQueued":
+            return "queued", params
+        if before == after:
+            return None, {}
+        if after == self.script.working_state:
+            return "ready", {"sandbox_id": params.get("sandbox_id")}
+        if after in self.script.completed_states:
+            return "completed", params
+        if after in self.script.failed_states:
+            return "failed", {"action": action, "reason": _typed_reason(action, params),
+                              "queued": before in self.script.queued_states}
+        if after == "Releasing":
+            return "releasing", {}
+        return None, {}
+
+
+def _typed_reason(action: str, fields: Mapping[str, Any]) -> str:
+    """`code: message`: the component's own code for a SandboxFailed; for Fail (the
+    trigger's on_failure) the `code: message` Temper hands it; else the action, in snake
+    case, and its message (`provision_timeout: provision_sandbox gave no answer`)."""
+    code, message = fields.get("code"), fields.get("message")
+    if code and action == SANDBOX_FAILED:
+        return f"{code}: {message}" if message else str(code)
+    error = str(fields.get("error_message") or fields.get("error") or "")
+    if error and _TYPED_REASON.match(error):
+        return error
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", action).lower()
+    return f"{snake}: {error}" if error else snake
 
 
 def _run_assignment(
     jobs: list[Job],
+    spec: Spec,
     invoker: _RecordingInvoker,
     settings: WorkerSettings,
-    routing: _Routing,
     writer: EventWriter,
 ) -> None:
-    def on_event(event: LegacySessionEvent) -> None:
-        writer.emit(
-            "session",
-            job=event.job.id,
-            tenant=event.job.tenant,
-            kind=event.kind,
-            phase=str(event.phase),
-            detail=event.detail,
-        )
-
-    driver = SessionDriver(invoker, settings.driver_settings(), on_event=on_event)
-    routing.add(jobs, driver)
+    script = SessionScript.for_spec(spec)
+    events = _SessionEvents(script, writer)
+    driver = SessionDriver(spec, {MODULE: invoker}, settings.driver_settings(), script=script,
+                           configure=settings.configure(), on_event=events)
     try:
         run = driver.run(jobs)
     finally:
         driver.close()
+    entities = driver.executor.entities
     for result in run.results:
+        entity = entities[result.job.id]
+        reason = result.reason
+        if result.failed:
+            reason = _typed_reason(entity.last_action or "", entity.fields)
         writer.emit(
             "result",
-            **result.to_json(),
-            release_error=result.release_error,
-            failure_retries=result.failure_retries,
+            **{**result.to_json(), "reason": reason},
+            release_error=events.release_error.get(result.job.id),
+            polls=entity.fields.get("polls"),
         )
+
+
+def _run_cancel(
+    job: Job, spec: Spec, invoker: _RecordingInvoker, settings: WorkerSettings,
+    writer: EventWriter,
+) -> None:
+    """An out-of-band cancel of `job`'s entity, as a caller on another node would dispatch
+    it: the spec's `Fail` from Created, whose trigger releases what the entity holds (the
+    session, on whichever host, goes on). Retried by nothing: Failed has no timer."""
+    loop = RealTimeLoop({MODULE: invoker}, workers=1)
+    answers: list[str] = []
+
+    def on_event(event: SessionEvent) -> None:
+        if event.kind == "answered" and event.detail.get("trigger") == RELEASE_TRIGGER:
+            answers.append(str(event.detail.get("action")))
+
+    executor = Executor(spec, loop, run_id=settings.run_id, configure=settings.configure(),
+                        on_event=on_event)
+    entity: Entity = executor.create(job)
+    rejected = executor.dispatch(entity, CANCEL_ACTION, {"error_message": "cancelled"})
+    try:
+        if rejected is None:
+            loop.run(lambda: entity.in_flight == 0)
+    finally:
+        loop.close(wait=True)
+    writer.emit("cancel_released", job=job.id, action=answers[-1] if answers else rejected)
 
 
 def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int:
@@ -364,9 +455,9 @@ def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int
         Path(settings.component) if settings.component else None,
         cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
     )
-    routing = _Routing()
+    spec = settings.session_spec()
     storage = _GateVersions(storage_from_uri(settings.storage_url))
-    telemetry = _HostTelemetry(routing, storage)
+    telemetry = _HostTelemetry(storage)
     gateway = _ReportingGateway(settings.e2b_url, settings.api_key, allow_private_network=True)
     gateway.planted_bug = settings.planted_bug
     services = HostServices(
@@ -386,8 +477,8 @@ def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int
                 if '"release"' in line:
                     for job in _releases_from_line(line):
                         thread = threading.Thread(
-                            target=_run_release,
-                            args=(job, invoker, settings, writer),
+                            target=_run_cancel,
+                            args=(job, spec, invoker, settings, writer),
                             name=f"release-{job.id}",
                         )
                         thread.start()
@@ -395,7 +486,7 @@ def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int
                     continue
                 thread = threading.Thread(
                     target=_run_assignment,
-                    args=(_jobs_from_line(line), invoker, settings, routing, writer),
+                    args=(_jobs_from_line(line), spec, invoker, settings, writer),
                     name=f"assignment-{len(threads)}",
                 )
                 thread.start()
