@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-import anthropic
 import httpx
 
 from host.mock_llm.server import MockLLMServer
@@ -190,6 +189,13 @@ def run_gated_realtime(config: RealTimeLlm, spec: Spec | None = None) -> LlmRun:
 
 
 def run_ungated_realtime(config: RealTimeLlm) -> LlmRun:
+    try:  # the SDK is what ungated sessions are: an optional extra of the package
+        import anthropic
+    except ImportError as error:
+        raise RuntimeError(
+            "the real-time ungated mode runs the official anthropic SDK: "
+            "pip install 'temper-sandbox-provisioner[llm]'"
+        ) from error
     scenario = config.scaled
     jobs = _jobs(scenario)
     waiting: list[tuple[float, float]] = []
