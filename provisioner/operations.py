@@ -23,6 +23,7 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
+from provisioner.admission.cas import come_back_ms
 from provisioner.config import read_config
 from provisioner.e2b import E2BClient, SandboxInfo
 from provisioner.entity_records import (
@@ -44,7 +45,14 @@ from provisioner.model import (
     ProvisionerError,
     failed,
 )
-from provisioner.ports import LogLevel, Ports, StorageConflict
+from provisioner.ports import (
+    LogLevel,
+    Ports,
+    StorageConflict,
+    StorageError,
+    StorageInvalidKey,
+    StorageTooLarge,
+)
 from provisioner.resources import dispatch_resource, is_resource_request
 from provisioner.resources.status import snapshot as resource_snapshot
 from provisioner.temperfs import NONE as NO_CONVERSATION_STORAGE
@@ -355,4 +363,14 @@ def dispatch(request: Request, ports: Ports) -> Outcome:
         return operations.release()
     if request.operation == "status":
         return operations.status()
-    return operations.provision()
+    try:
+        return operations.provision()
+    except (StorageInvalidKey, StorageTooLarge):
+        raise  # the request's fault, not an outage: app.run makes it a typed failure
+    except StorageError:
+        # Fail closed and keep waiting. Under Temper's rules a SandboxFailed ends the
+        # session (the spec routes it to Failed, and a sandbox a held create made during
+        # the outage is then never adopted); SandboxQueued keeps it polling on the spec's
+        # timer until storage answers again.
+        wait = come_back_ms(ports, operations.admission_config.poll_min_ms)
+        return _queued(Queued(0, 0, 0, 0, REASON_STORAGE, wait, wait, 0))

@@ -174,9 +174,14 @@ def test_a_storage_outage_is_a_retryable_storage_failure(
     loaded_component: LoadedComponent, mock_e2b: Any
 ) -> None:
     """Breaks if a storage error on `get` cannot cross the WIT boundary (it used to trap the
-    guest as host_error: wasmtime-py could not lower result<option<entry>, _>'s err case)."""
+    guest as host_error: wasmtime-py could not lower result<option<entry>, _>'s err case),
+    or if a provision during an outage ends the session: it must stay queued (reason
+    `storage`), since Temper routes a SandboxFailed to Failed."""
     host = make_host(loaded_component, mock_e2b.url, storage=UnavailableOnGet())
-    for operation in ("provision", "release", "status"):
+    queued = host.run(operation="provision", **FAST)
+    assert queued.action == "SandboxQueued" and queued.success, queued
+    assert queued.params["reason"] == "storage" and int(queued.params["retry_after_ms"]) > 0
+    for operation in ("release", "status"):
         outcome = host.run(operation=operation, **FAST)
         assert_typed_failure(outcome, "storage_unavailable", "backend down")
         assert outcome.error is not None and outcome.error.retryable

@@ -347,16 +347,6 @@ def _storage_trouble(event: Event) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="under Temper's rules the example spec sends the component's retryable "
-    "SandboxFailed (storage_unavailable, answered by every provision during the outage) to "
-    "Failed: those sessions are lost, and Failed's one release runs while Redis is still "
-    "down and is never retried (Failed has no timer), so the held creates' sandboxes are "
-    "orphaned and never adopted. The legacy driver hid it by retrying failures in the host. "
-    "Fixing it needs the guest to answer a storage outage with SandboxQueued (the spec's "
-    "poll retries) or the spec to retry a failure's release; until then this records it.",
-)
 def test_redis_killed_and_restarted_mid_run(
     redis_server: RedisServer,
     loaded_component: LoadedComponent,
