@@ -172,7 +172,12 @@ def test_three_hosts_share_the_limits_and_stay_fair(
     # all of tenant-a's remaining sessions are queued when tenant-b's arrive, on any
     # machine: first come, first served would then grant all of them before any b.
     with _held_mock() as mock:
-        settings = _settings(redis_server, mock, loaded_component, component_cache_dir, held=True)
+        # A waiter that misses a poll (a loaded host is late) must keep its place, or the
+        # other tenant moves up for reasons that are not the queue's: no drop-outs here.
+        settings = _settings(
+            redis_server, mock, loaded_component, component_cache_dir, held=True,
+            waiter_ttl_ms="60000",
+        )
         with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
             cluster.start()
             # All of tenant-a's sessions ask first (on every host), then tenant-b's.
@@ -214,9 +219,13 @@ def test_three_hosts_share_the_limits_and_stay_fair(
 
     # Fairness across hosts: all of tenant-a's sessions were waiting before tenant-b's
     # arrived. From the moment both tenants wait, first come, first served would grant
-    # every waiting a before any b; the ring alternates between them. A tenant can still
-    # get ahead by the permits whose front waiter of the other tenant has not polled yet
-    # (each poll comes when the spec's Queued timer fires), at most a wave of CREATE_SLOTS.
+    # every waiting a before any b (a lead of exactly a_waiting); the ring alternates
+    # between them. Under Temper's rules a permit goes to whoever polls while it is free
+    # and within the front of the fair order, so a tenant whose sessions happen to poll
+    # first can still get ahead by the permits that free up between the other's polls:
+    # that lead depends on the poll phases, so only "not first come, first served" is
+    # asserted here (the guest's fairness bounds are checked in virtual time, in
+    # tests/guest/test_admission_sim.py: a second tenant is served within two grants).
     grants = outcome.grant_order()
     assert len(grants) == len(jobs)
     both_waiting = grants_after(grants, outcome.events, {job.id for job in second})
@@ -228,7 +237,7 @@ def test_three_hosts_share_the_limits_and_stay_fair(
     )
     # By construction: all but the held first wave of tenant-a were waiting.
     assert a_waiting == len(first) - CREATE_SLOTS, "tenant-a's waiters were not all queued"
-    assert max_tenant_lead(both_waiting) <= CREATE_SLOTS
+    assert max_tenant_lead(both_waiting) < a_waiting, "tenant-a's burst was served first"
 
 
 def _letters(order: list[dict[str, object]]) -> str:
