@@ -32,7 +32,17 @@ from provisioner.admission import (
 )
 from provisioner.ports import HttpRequest, HttpResponse
 
-__all__ = ["ACCOUNT", "START_MS", "FakeE2B", "FakeE2BConfig", "Harness", "Storm"]
+__all__ = [
+    "ACCOUNT",
+    "FAST",
+    "START_MS",
+    "FakeE2B",
+    "FakeE2BConfig",
+    "Harness",
+    "Storm",
+    "grant_of",
+    "queued_of",
+]
 
 ACCOUNT = "sim-account"
 
@@ -117,12 +127,10 @@ class Simulation:
         max_events: int = 2_000_000,
     ) -> None:
         self.specs = sessions
-        self.admission = admission
         self.seed = seed
-        self.clock = VirtualClock(START_MS)
-        self.backend = MemoryBackend(self.clock.now_ms)
-        self.random = SeededRandom(seed)
-        self.telemetry = EventLog()
+        # The storage, clock, randomness and telemetry every invocation shares.
+        self.world = Harness(admission, seed=seed)
+        self.clock = self.world.clock
         self.e2b = FakeE2B(e2b or FakeE2BConfig(), random.Random(seed ^ 0x5EED))
         self.max_events = max_events
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
@@ -142,17 +150,8 @@ class Simulation:
         return self.clock.now_ms() - START_MS
 
     def controller(self, tenant: str) -> AdmissionController:
-        ports = native_ports(
-            self.backend,
-            tenant=tenant,
-            account=ACCOUNT,
-            http=_NoHttp(),
-            clock=self.clock,
-            random=self.random,
-            telemetry=self.telemetry,
-        )
         self.invocations += 1
-        return AdmissionController(ports, self.admission)
+        return self.world.controller(tenant)
 
     def run(self) -> SimReport:
         for result in self.results:
@@ -166,7 +165,7 @@ class Simulation:
             if events >= self.max_events:
                 raise RuntimeError(f"simulation did not settle after {events} events")
         # Telemetry is only kept to prove it is emitted; drop it so long runs stay small.
-        self.telemetry.events.clear()
+        self.world.telemetry.events.clear()
         return SimReport(
             seed=self.seed,
             sessions=self.results,
@@ -287,6 +286,22 @@ class Harness:
 
     def advance(self, ms: int) -> None:
         self.clock.advance(ms)
+
+
+# Fast enough that the rate gate never binds: the tests that use it are about other gates.
+FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
+
+
+def grant_of(decision: object) -> Grant:
+    """`decision`, which the test expects to be a grant (it fails showing it otherwise)."""
+    assert isinstance(decision, Grant), decision
+    return decision
+
+
+def queued_of(decision: object) -> Queued:
+    """`decision`, which the test expects to be a queued answer."""
+    assert isinstance(decision, Queued), decision
+    return decision
 
 
 def uniform_sessions(

@@ -11,10 +11,10 @@ import random
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
+from host.storage.base import StorageBackend
 from host.storage.memory import MemoryBackend
 from provisioner.admission import (
     AdmissionConfig,
@@ -26,7 +26,7 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
-from provisioner.ports import Entry
+from tests.doubles import InterposedBackend
 from tests.guest.harness import Harness
 
 
@@ -165,35 +165,18 @@ def test_threads_never_exceed_any_limit() -> None:
     assert status["capacity"]["running"] == 0
 
 
-class InterleavingBackend:
+class InterleavingBackend(InterposedBackend):
     """Runs `interloper` once, just before the first gate write, as if another invocation
     had decided between this one's read and its write."""
 
-    def __init__(self, inner: Any, interloper: Callable[[], object]) -> None:
-        self.inner = inner
+    def __init__(self, inner: StorageBackend, interloper: Callable[[], object]) -> None:
+        super().__init__(inner)
         self.interloper: Callable[[], object] | None = interloper
 
-    def get(self, namespace: str, key: str) -> Entry | None:
-        found: Entry | None = self.inner.get(namespace, key)
-        return found
-
-    def compare_and_swap(self, namespace: str, key: str, *rest: Any) -> int:
-        if key == "adm/gate" and self.interloper is not None:
+    def before(self, operation: str, key: str) -> None:
+        if operation == "compare_and_swap" and key == "adm/gate" and self.interloper is not None:
             interloper, self.interloper = self.interloper, None
             interloper()
-        version: int = self.inner.compare_and_swap(namespace, key, *rest)
-        return version
-
-    def delete(self, *args: Any) -> bool:
-        deleted: bool = self.inner.delete(*args)
-        return deleted
-
-    def now_ms(self) -> int:
-        now: int = self.inner.now_ms()
-        return now
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("contended", ["create_slots", "max_sandboxes"])
@@ -209,6 +192,7 @@ def test_an_invocation_deciding_between_read_and_write_cannot_share_the_last_per
         MemoryBackend(harness.clock.now_ms), lambda: decisions.append(harness.admit(second))
     )
     decisions.append(harness.admit(first))
+    assert len(decisions) == 2, "the precondition: the interloper decided in between"
     assert sum(isinstance(d, Grant) for d in decisions) == 1
     assert isinstance(decisions[0], Grant), "the interloper decided first"
     assert harness.status()["account"]["create_slots"]["in_use"] == 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -38,21 +38,13 @@ from provisioner.admission import (
 from provisioner.model import Failure
 from tests.guest.harness import Harness
 
-settings.register_profile(
-    "default",
-    max_examples=40,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+# This machine's run length under the suite's profiles (tests/conftest.py registers them,
+# with the deadline and health checks this machine inherits). Set on its TestCase, not by
+# registering the profiles again: that replaced them for every test collected after this file.
+LONG_RUN = os.environ.get("HYPOTHESIS_PROFILE", "default") == "long"
+MACHINE_SETTINGS = settings(
+    max_examples=1_000 if LONG_RUN else 40, stateful_step_count=80 if LONG_RUN else 40
 )
-settings.register_profile(
-    "long",
-    max_examples=1_000,
-    stateful_step_count=80,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TENANTS = ("tenant-a", "tenant-b", "tenant-c")
 WAITERS = tuple(Waiter(t, f"Job/{t}-{i}") for t in TENANTS for i in range(4))
@@ -355,3 +347,4 @@ class AdmissionMachine(RuleBasedStateMachine):
 
 
 TestAdmissionMachine = AdmissionMachine.TestCase
+TestAdmissionMachine.settings = MACHINE_SETTINGS

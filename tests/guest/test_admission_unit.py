@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
 from host.services.namespaces import account_namespace
+from host.storage.base import StorageBackend
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
@@ -21,24 +21,13 @@ from provisioner.admission import (
     Waiter,
 )
 from provisioner.model import Failure
-from provisioner.ports import Entry, StorageUnavailable
-from tests.guest.harness import ACCOUNT, Harness
-
-FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
+from provisioner.ports import StorageUnavailable
+from tests.doubles import InterposedBackend
+from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
 
 def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
     return [Waiter(tenant, f"CurationJob/{tenant}-{i}") for i in range(count)]
-
-
-def grant_of(decision: object) -> Grant:
-    assert isinstance(decision, Grant), decision
-    return decision
-
-
-def queued_of(decision: object) -> Queued:
-    assert isinstance(decision, Queued), decision
-    return decision
 
 
 def test_create_slots_bound_concurrent_creates_and_a_settle_frees_one() -> None:
@@ -325,38 +314,16 @@ def test_release_is_harmless_for_unknown_waiters_and_removes_queued_ones() -> No
     assert harness.status()["account"]["create_slots"]["in_use"] == 0
 
 
-class FailingBackend:
+class FailingBackend(InterposedBackend):
     """Storage that fails every call once `failing` is set."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def __init__(self, inner: StorageBackend) -> None:
+        super().__init__(inner)
         self.failing = False
 
-    def _check(self) -> None:
+    def before(self, operation: str, key: str) -> None:
         if self.failing:
             raise StorageUnavailable("backend down")
-
-    def get(self, namespace: str, key: str) -> Entry | None:
-        self._check()
-        result: Entry | None = self.inner.get(namespace, key)
-        return result
-
-    def compare_and_swap(self, *args: Any) -> int:
-        self._check()
-        result: int = self.inner.compare_and_swap(*args)
-        return result
-
-    def delete(self, *args: Any) -> bool:
-        self._check()
-        result: bool = self.inner.delete(*args)
-        return result
-
-    def now_ms(self) -> int:
-        result: int = self.inner.now_ms()
-        return result
-
-    def close(self) -> None:
-        pass
 
 
 def test_storage_errors_fail_closed_with_a_retryable_queued_answer() -> None:
