@@ -8,8 +8,9 @@ from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime
 from host.sessions.simulated_ports import VirtualClock
 from host.storage.memory import MemoryBackend
-from provisioner.model import Invocation, Outcome
+from provisioner.model import Outcome
 from provisioner.ports import HttpRequest, HttpResponse
+from tests.builders import invocation
 from tests.doubles import RecordingTelemetrySink
 
 BASE = "https://api.e2b.test"
@@ -30,18 +31,9 @@ class ExplodingE2B:
 
 
 def provision(runtime: NativeRuntime, entity_id: str) -> Outcome:
+    config = {"e2b_api_url": BASE, "create_slots": "1", "create_rate_per_s": "1000"}
     return runtime.invoke(
-        Invocation(
-            tenant="acme",
-            entity_type="Job",
-            entity_id=entity_id,
-            trigger_action="Submit",
-            trigger_params="{}",
-            entity_state="{}",
-            config=(("e2b_api_url", BASE), ("create_slots", "1"), ("create_rate_per_s", "1000")),
-            session_id=None,
-            trace_id="t",
-        )
+        invocation(config, entity_type="Job", entity_id=entity_id, trigger_action="Submit")
     )
 
 

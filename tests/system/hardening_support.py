@@ -17,6 +17,7 @@ from host.runtime.loader import LoadedComponent, load_component
 from host.services.http_gateway import HttpGateway
 from host.storage.memory import MemoryBackend
 from provisioner.model import Invocation, Outcome
+from tests.builders import invocation
 from tests.conftest import API_KEY
 from tests.doubles import RecordingTelemetrySink
 from tests.guests.build import build_probe_component
@@ -77,15 +78,12 @@ class ProbeHost:
 
 
 def probe_invocation(mode: str, tenant: str = "attacker", **config: str) -> Invocation:
-    return Invocation(
+    return invocation(
+        (("probe_mode", mode), *config.items()),
         tenant=tenant,
         entity_type="Probe",
         entity_id="probe-1",
         trigger_action="Probe",
-        trigger_params="{}",
-        entity_state="{}",
-        config=(("probe_mode", mode), *config.items()),
-        session_id=None,
         trace_id="probe-trace",
     )
 

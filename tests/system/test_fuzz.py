@@ -31,6 +31,7 @@ from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent
 from provisioner.failures import HOST_CODES
 from provisioner.model import Invocation, Outcome
+from tests.builders import invocation
 from tests.conftest import API_KEY
 from tests.doubles import RecordingTelemetrySink
 from tests.host.runtime.test_end_to_end import SpyGateway
@@ -219,17 +220,10 @@ def check_well_formed(outcome: Outcome) -> None:
 
 def check_gates(host: FuzzHost, tenant: str) -> None:
     """The host answers, and no gate is over its configured limit."""
+    config = (*LIMITS.items(), ("operation", "status"), ("e2b_api_url", host.mock.url))
     status = host.runtime.invoke(
-        Invocation(
-            tenant=tenant,
-            entity_type="CurationJob",
-            entity_id="job-0",
-            trigger_action="Status",
-            trigger_params="{}",
-            entity_state="{}",
-            config=(*LIMITS.items(), ("operation", "status"), ("e2b_api_url", host.mock.url)),
-            session_id=None,
-            trace_id="fuzz",
+        invocation(
+            config, tenant=tenant, entity_id="job-0", trigger_action="Status", trace_id="fuzz"
         )
     )
     assert status.action == "SandboxStatus", status
@@ -362,17 +356,7 @@ def test_generated_e2b_answers_get_well_formed_outcomes(
     runtime, script, _, url = scripted_e2b
     script.reply = Reply(status, tuple(headers), body)
     config = {**LIMITS, "e2b_api_url": url, "operation": operation}
-    made = Invocation(
-        tenant="acme",
-        entity_type="CurationJob",
-        entity_id=entity,
-        trigger_action="Provision",
-        trigger_params="{}",
-        entity_state="{}",
-        config=tuple(config.items()),
-        session_id=None,
-        trace_id="fuzz-e2b",
-    )
+    made = invocation(config, entity_id=entity, trace_id="fuzz-e2b")
     check_well_formed(runtime.invoke(made))
     status_outcome = runtime.invoke(
         dataclasses.replace(made, config=tuple({**config, "operation": "status"}.items()))

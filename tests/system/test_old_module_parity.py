@@ -10,10 +10,9 @@ success, dispatched under the upstream trigger (`on_failure = "Fail"`, no `on_su
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -26,12 +25,19 @@ from host.services.http_gateway import HttpGateway
 from host.services.namespaces import account_namespace, tenant_namespace
 from host.storage.memory import MemoryBackend
 from host.temper_abi import Trigger, decode_terminal_result, dispatch_for
-from provisioner.model import Invocation, Outcome
+from provisioner.model import Outcome
 from provisioner.ports import LogLevel
 from provisioner.temperfs import ConversationRecords
+from tests.builders import invocation
 from tests.conftest import API_KEY
 from tests.doubles import RecordingTelemetrySink
-from tests.system.hardening_support import LoopbackServer, Reply, make_probe_host, probe_component
+from tests.system.hardening_support import (
+    LoopbackServer,
+    Reply,
+    json_reply,
+    make_probe_host,
+    probe_component,
+)
 
 TENANT = "acme"
 AGENT = "agent-7"
@@ -77,22 +83,19 @@ class Host:
         elif with_temperfs is False:
             pairs["temperfs"] = "off"
         pairs.update(config)
+        state = {
+            "entity_id": AGENT,
+            "status": "Provisioning",
+            "fields": {"user_message": MESSAGE} if fields is None else fields,
+        }
         outcome = self.runtime.invoke(
-            Invocation(
+            invocation(
+                pairs,
                 tenant=TENANT,
                 entity_type="TemperAgent",
                 entity_id=AGENT,
-                trigger_action="Provision",
-                trigger_params=json.dumps(trigger_params or {}),
-                entity_state=json.dumps(
-                    {
-                        "entity_id": AGENT,
-                        "status": "Provisioning",
-                        "fields": {"user_message": MESSAGE} if fields is None else fields,
-                    }
-                ),
-                config=tuple(pairs.items()),
-                session_id=None,
+                trigger_params=trigger_params,
+                entity_state=state,
                 trace_id="trace-1",
             )
         )
@@ -116,14 +119,20 @@ class Host:
         return [m for _, level, m in self.telemetry.logs if level is LogLevel.WARN]
 
 
-def open_host(
+@contextmanager
+def opened_host(
     loaded: LoadedComponent, e2b_url: str, host_key: str, temperfs_url: str | None
-) -> tuple[Host, HttpGateway]:
+) -> Iterator[Host]:
+    """A host on fresh memory storage; its runtime and gateway are closed on the way out."""
     storage = MemoryBackend()
     gateway = HttpGateway(e2b_url, host_key, temperfs_url=temperfs_url, allow_private_network=True)
     telemetry = RecordingTelemetrySink()
     runtime = ComponentRuntime(loaded, HostServices(storage, gateway, telemetry))
-    return Host(runtime, storage, telemetry, e2b_url, temperfs_url), gateway
+    try:
+        yield Host(runtime, storage, telemetry, e2b_url, temperfs_url)
+    finally:
+        runtime.close()
+        gateway.close()
 
 
 @pytest.fixture
@@ -134,19 +143,15 @@ def mock() -> Iterator[MockE2BServer]:
 
 @pytest.fixture
 def host(loaded_component: LoadedComponent, mock: MockE2BServer) -> Iterator[Host]:
-    built, gateway = open_host(loaded_component, mock.url, API_KEY, mock.temperfs_url)
-    yield built
-    built.runtime.close()
-    gateway.close()
+    with opened_host(loaded_component, mock.url, API_KEY, mock.temperfs_url) as built:
+        yield built
 
 
 @pytest.fixture
 def keyless_host(loaded_component: LoadedComponent, mock: MockE2BServer) -> Iterator[Host]:
     """A host without E2B_API_KEY of its own."""
-    built, gateway = open_host(loaded_component, mock.url, "", mock.temperfs_url)
-    yield built
-    built.runtime.close()
-    gateway.close()
+    with opened_host(loaded_component, mock.url, "", mock.temperfs_url) as built:
+        yield built
 
 
 def tdata(mock: MockE2BServer) -> list[tuple[str, str]]:
@@ -234,12 +239,8 @@ def test_the_config_key_is_sent_to_e2b_only_and_wins_over_the_hosts(
     loaded_component: LoadedComponent, mock: MockE2BServer
 ) -> None:
     # Catches: the config's key ignored (the host's wrong one used), or sent to TemperFS.
-    built, gateway = open_host(loaded_component, mock.url, "host-key-E2B-refuses", mock.url)
-    try:
+    with opened_host(loaded_component, mock.url, "host-key-E2B-refuses", mock.url) as built:
         outcome = built.provision(e2b_api_key=API_KEY)
-    finally:
-        built.runtime.close()
-        gateway.close()
     assert outcome.action == "SandboxReady", outcome
     assert mock.stats().unauthorized == 0 and creates(mock) == 1
     assert len(tdata(mock)) == 7
@@ -294,46 +295,6 @@ def test_a_failed_create_is_sandbox_failed_with_its_code(
 # -- the create answer ----------------------------------------------------------------------
 
 
-@dataclass
-class ShapedE2B:
-    """A loopback E2B whose create answers a given body (201) and records requests."""
-
-    answer: dict[str, Any]
-    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        shaped = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                self.rfile.read(length)
-                shaped.requests.append(
-                    (self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
-                )
-                body = json.dumps(shaped.answer).encode()
-                self.send_response(201)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.parametrize(
     ("answer", "sandbox_id", "sandbox_url"),
     [
@@ -370,34 +331,34 @@ def test_the_create_answer_is_read_as_the_old_module_reads_it(
     sandbox_url: str,
 ) -> None:
     # Catches: an id or URL taken from the wrong field, or the URL derived wrongly.
-    e2b = ShapedE2B(answer)
-    built, gateway = open_host(loaded_component, e2b.url, API_KEY, None)
-    try:
+    with (
+        closing(LoopbackServer(lambda _: json_reply(201, answer))) as e2b,
+        opened_host(loaded_component, e2b.url, API_KEY, None) as built,
+    ):
         outcome = built.provision(with_temperfs=False)
-    finally:
-        built.runtime.close()
-        gateway.close()
-        e2b.close()
     assert outcome.action == "SandboxReady", outcome
     assert (outcome.params["sandbox_id"], outcome.params["sandbox_url"]) == (
         sandbox_id,
         sandbox_url,
     )
-    [(method, path, headers)] = e2b.requests
-    assert (method, path, headers["x-api-key"]) == ("POST", "/v2/sandboxes", API_KEY)
+    [request] = e2b.seen
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    assert (request.method, request.path, headers["x-api-key"]) == (
+        "POST",
+        "/v2/sandboxes",
+        API_KEY,
+    )
 
 
 def test_the_derived_url_uses_the_domain_e2b_answers(
     loaded_component: LoadedComponent,
 ) -> None:
     # Catches: the domain of the real create answer (the mock's `domain`) ignored.
-    with MockE2BServer(MockE2BConfig(api_key=API_KEY, domain="sbx.example")) as server:
-        built, gateway = open_host(loaded_component, server.url, API_KEY, None)
-        try:
-            outcome = built.provision(with_temperfs=False)
-        finally:
-            built.runtime.close()
-            gateway.close()
+    with (
+        MockE2BServer(MockE2BConfig(api_key=API_KEY, domain="sbx.example")) as server,
+        opened_host(loaded_component, server.url, API_KEY, None) as built,
+    ):
+        outcome = built.provision(with_temperfs=False)
     sandbox_id = outcome.params["sandbox_id"]
     assert outcome.params["sandbox_url"] == f"https://49983-{sandbox_id}.sbx.example"
 
@@ -544,12 +505,8 @@ def test_temperfs_is_on_when_named_and_off_when_told(
 ) -> None:
     # Catches: the storage set up when nothing names a TemperFS, not set up when the host
     # has one, or `temperfs = off` ignored.
-    bare, gateway = open_host(loaded_component, mock.url, API_KEY, None)
-    try:
+    with opened_host(loaded_component, mock.url, API_KEY, None) as bare:
         assert bare.provision(with_temperfs=None).params["workspace_id"] == ""
-    finally:
-        bare.runtime.close()
-        gateway.close()
     assert tdata(mock) == []
     host.provision(with_temperfs=False)
     assert tdata(mock) == []

@@ -43,6 +43,14 @@ def made(http: httpx.Client, clock: FrozenClock, n: int, **body: Any) -> list[st
     return ids
 
 
+def assert_lives_15_seconds_more(http: httpx.Client, clock: FrozenClock, sandbox_id: str) -> None:
+    """E2B's 15 s (the refresh default and floor): still there 14 s on, gone at 15.5 s."""
+    clock.advance(14.0)
+    assert http.get(f"/sandboxes/{sandbox_id}").status_code == 200
+    clock.advance(1.5)
+    assert http.get(f"/sandboxes/{sandbox_id}").status_code == 404
+
+
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/no/such/route"),
     ("POST", "/sandboxes/abc/snapshots"),
@@ -189,10 +197,7 @@ def test_refresh_duration_above_an_hour_is_400_and_short_ones_get_the_default(
     assert http.post(refresh, json={"duration": "60"}).status_code == 400
     assert http.post(f"/sandboxes/{sandbox_id}/timeout", json={"timeout": 1}).status_code == 204
     assert http.post(refresh, json={"duration": 2}).status_code == 204
-    clock.advance(14.0)
-    assert http.get(f"/sandboxes/{sandbox_id}").status_code == 200
-    clock.advance(1.5)
-    assert http.get(f"/sandboxes/{sandbox_id}").status_code == 404
+    assert_lives_15_seconds_more(http, clock, sandbox_id)
 
 
 def test_v1_create_and_refresh_default_to_15_seconds(
@@ -209,10 +214,8 @@ def test_v1_create_and_refresh_default_to_15_seconds(
     assert lifetime.total_seconds() == 15
     clock.advance(10.0)
     assert http.post(f"/sandboxes/{sandbox_id}/refreshes").status_code == 204
-    clock.advance(14.0)  # 24 s after start: alive only because the refresh gave 15 s more
-    assert http.get(f"/sandboxes/{sandbox_id}").status_code == 200
-    clock.advance(1.5)
-    assert http.get(f"/sandboxes/{sandbox_id}").status_code == 404
+    # Alive at 24 s after start only because the refresh gave 15 s more.
+    assert_lives_15_seconds_more(http, clock, sandbox_id)
 
 
 def test_the_id_with_a_client_id_suffix_names_the_sandbox_and_malformed_ids_are_400(

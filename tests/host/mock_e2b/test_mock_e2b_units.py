@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,8 +13,7 @@ from host.mock_e2b.cli import add_arguments, config_from_args
 from host.mock_e2b.faults import FaultPicker
 from host.mock_e2b.latency import LatencySampler
 from host.mock_e2b.limits import Gcra
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.host.command_server import command_server
 
 
 def test_gcra_allows_the_burst_then_rejects_until_one_interval_has_passed() -> None:
@@ -176,21 +171,12 @@ def test_cli_flags_build_the_config_and_explicit_flags_beat_the_plan() -> None:
 
 def test_cli_serves_until_sigterm_and_exits_cleanly() -> None:
     # Catches a serve() that ignores SIGTERM, never prints its URL, or exits non-zero.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "host.mock_e2b", "--api-key", "k", "--max-sandboxes", "3"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        url = line.split("listening on ", 1)[1].split()[0]
+    with command_server("host.mock_e2b", "--api-key", "k", "--max-sandboxes", "3") as (
+        proc,
+        url,
+    ):
         stats = httpx.get(f"{url}/_mock/stats", timeout=5).json()
         assert stats["sandboxes_created"] == 0
         assert httpx.get(f"{url}/_mock/config", timeout=5).json()["max_sandboxes"] == 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -14,6 +10,7 @@ import pytest
 from host.cli.main import build_parser
 from host.mock_llm import TIERS, MockLLMConfig
 from host.mock_llm.cli import config_from_args
+from tests.host.command_server import command_server
 
 
 def config_of(*flags: str) -> MockLLMConfig:
@@ -45,20 +42,9 @@ def test_bad_flags_are_refused() -> None:
 
 
 def test_the_command_serves_until_sigterm() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "host.cli", "mock-llm", "--port", "0", "--api-key", "K",
-         "--rpm", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:\d+", first)
-        assert match, first
-        url = match.group(0)
+    with command_server(
+        "host.cli", "mock-llm", "--port", "0", "--api-key", "K", "--rpm", "1"
+    ) as (process, url):
         body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
         headers = {"x-api-key": "K", "anthropic-version": "2023-06-01"}
         ok = httpx.post(f"{url}/v1/messages", json=body, headers=headers, timeout=30)
@@ -69,7 +55,3 @@ def test_the_command_serves_until_sigterm() -> None:
         assert 58 <= int(limited.headers["retry-after"]) <= 60
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()

@@ -18,15 +18,8 @@ from host.sessions.model import Job, SessionEvent
 from host.sessions.simulated_ports import VirtualClock
 from host.sessions.spec import Spec, packaged_spec, parse_spec
 from provisioner.failures import FailureCode
-from provisioner.model import (
-    SANDBOX_QUEUED,
-    SANDBOX_READY,
-    SANDBOX_RELEASED,
-    Failure,
-    Invocation,
-    Outcome,
-    failed,
-)
+from provisioner.model import Failure, Invocation, Outcome, failed
+from tests.host.sessions import answers
 
 EXAMPLE = "temper_agent.ioa.toml"
 QUEUED = {"position": 2, "queue_length": 3, "in_use": 4, "limit": 4, "reason": "create_slots",
@@ -62,10 +55,10 @@ class Scripted:
     max_in_flight: int = 0
 
     def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None:
-        operation = dict(invocation.config).get("operation", "provision")
+        operation = answers.operation(invocation)
         self.calls.append((self.loop.now(), invocation.entity_id, operation))
         if operation == "release":
-            done(Outcome(SANDBOX_RELEASED, {"released": True, "sandbox_id": "sbx"}))
+            done(answers.released("sbx"))
             return
         outcome = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         self.in_flight += 1
@@ -110,8 +103,7 @@ def dispatch_at(loop: VirtualLoop, when: float, executor: Executor, entity: Enti
 
 
 def ready(sandbox: str = "sbx-1") -> Outcome:
-    return Outcome(SANDBOX_READY, {"sandbox_id": sandbox, "sandbox_url": f"https://{sandbox}",
-                                   "undeclared": "smuggled"})
+    return answers.ready(sandbox, sandbox_url=f"https://{sandbox}", undeclared="smuggled")
 
 
 def test_the_example_specs_break_no_rule() -> None:
@@ -124,7 +116,7 @@ def test_without_on_success_the_modules_action_is_dispatched() -> None:
     """Bug caught: SandboxQueued treated as SandboxReady (or dropped) when no static
     on_success is declared; its params must reach the declared fields."""
     executor, loop, _module, _ = harness(packaged_spec(EXAMPLE),
-                                         [Outcome(SANDBOX_QUEUED, QUEUED)])
+                                         [answers.queued(**QUEUED)])
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Queued")
     assert entity.status == "Queued"
@@ -139,7 +131,7 @@ def test_a_static_on_success_wins_over_the_modules_action_and_swallows_queued() 
                    'module = "sandbox_provisioner"\non_success = "SandboxReady"\n'
                    'on_failure = "Fail"')
     assert "static-on-success" in rules(spec)
-    executor, loop, _module, _ = harness(spec, [Outcome(SANDBOX_QUEUED, QUEUED)])
+    executor, loop, _module, _ = harness(spec, [answers.queued(**QUEUED)])
     entity = start(executor)
     run_until(loop, lambda: entity.status != "Provisioning")
     assert entity.status == "Thinking"
@@ -213,7 +205,7 @@ def test_entering_a_state_arms_only_its_first_timer() -> None:
         'max_occurrences = 1000\n\n[[state_timeout]]\nstate = "Queued"\nafter_seconds = 3\n'
         'on_timeout = "Fail"\nargs = { error_message = "\'queued too long\'" }\n#')
     assert "one-timer-per-entity" in rules(spec)
-    executor, loop, module, _ = harness(spec, [Outcome(SANDBOX_QUEUED, QUEUED), ready()],
+    executor, loop, module, _ = harness(spec, [answers.queued(**QUEUED), ready()],
                                         latency_s=0.0)
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Thinking")
@@ -261,7 +253,7 @@ def test_a_timer_fires_at_most_max_occurrences_times() -> None:
     spec = variant('on_timeout = "PollSandbox"\nmax_occurrences = 1000',
                    'on_timeout = "PollSandbox"\nmax_occurrences = 3')
     assert "poll-budget" in rules(spec)
-    executor, loop, module, events = harness(spec, [Outcome(SANDBOX_QUEUED, QUEUED)],
+    executor, loop, module, events = harness(spec, [answers.queued(**QUEUED)],
                                              latency_s=0.0)
     entity = start(executor)
     assert loop.run(lambda: False) == "idle"
@@ -287,7 +279,7 @@ def test_a_freed_permit_wakes_nobody_the_spec_timer_alone_polls() -> None:
     spec = variant('after_seconds = 2\non_timeout = "PollSandbox"',
                    'after_seconds = 30\non_timeout = "PollSandbox"')
     executor, loop, module, _ = harness(
-        spec, [ready("sbx-1"), Outcome(SANDBOX_QUEUED, QUEUED), ready("sbx-2")],
+        spec, [ready("sbx-1"), answers.queued(**QUEUED), ready("sbx-2")],
         latency_s=0.5)
     first, second = start(executor, "job-1"), start(executor, "job-2")
     dispatch_at(loop, 5.0, executor, first, "RecordResult")

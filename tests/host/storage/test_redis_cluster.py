@@ -32,6 +32,7 @@ from provisioner.ports import (
     StorageTooLarge,
     StorageUnavailable,
 )
+from tests.builders import invocation
 from tests.conftest import API_KEY
 from tests.doubles import RecordingTelemetrySink
 from tests.host.storage.conftest import LocalRedisCluster
@@ -346,22 +347,13 @@ def test_cas_increments_across_a_master_failover_lose_none_double_none(
 
 
 def _invocation(url: str, entity_id: str, operation: str = "provision") -> Invocation:
-    return Invocation(
-        tenant="acme",
-        entity_type="CurationJob",
-        entity_id=entity_id,
-        trigger_action="Provision",
-        trigger_params="{}",
-        entity_state="{}",
-        config=(
-            ("operation", operation),
-            ("e2b_api_url", url),
-            ("create_rate_per_s", "1000"),
-            ("max_sandboxes", "1"),
-        ),
-        session_id="s-1",
-        trace_id="t-1",
-    )
+    config = {
+        "operation": operation,
+        "e2b_api_url": url,
+        "create_rate_per_s": "1000",
+        "max_sandboxes": "1",
+    }
+    return invocation(config, entity_id=entity_id, session_id="s-1", trace_id="t-1")
 
 
 def test_admission_decisions_run_on_the_cluster(

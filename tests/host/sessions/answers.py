@@ -1,0 +1,26 @@
+"""What a scripted `sandbox_provisioner` module answers in the session tests (the
+executor's virtual-time rules and the real-time driver): the outcomes it gives and the
+operation an invocation asks it for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from provisioner.model import SANDBOX_QUEUED, SANDBOX_READY, SANDBOX_RELEASED, Invocation, Outcome
+
+
+def operation(invocation: Invocation) -> str:
+    """The operation the trigger's integration config names (`provision` when none)."""
+    return dict(invocation.config).get("operation", "provision")
+
+
+def ready(sandbox_id: str, **params: Any) -> Outcome:
+    return Outcome(SANDBOX_READY, {"sandbox_id": sandbox_id, **params})
+
+
+def queued(**params: Any) -> Outcome:
+    return Outcome(SANDBOX_QUEUED, params)
+
+
+def released(sandbox_id: str, *, released: bool = True) -> Outcome:
+    return Outcome(SANDBOX_RELEASED, {"released": released, "sandbox_id": sandbox_id})
