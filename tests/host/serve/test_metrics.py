@@ -9,14 +9,12 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.testclient import TestClient
 
-from host.serve import InvocationPool, ServeState, create_app
 from host.serve.metrics import ServeMetrics
 from host.services.http_gateway import Exchange, HttpGateway
 from provisioner.model import Failure, Outcome, failed
 from provisioner.ports import HttpError, HttpErrorKind, HttpRequest
-from tests.host.serve.test_serve_app import CONTEXT, TOKEN, FakeComponent
+from tests.host.serve.test_serve_app import CONTEXT, TOKEN, FakeComponent, client
 
 BASE = "http://e2b.test"
 CAP_MESSAGE = (
@@ -106,16 +104,7 @@ def test_invocations_are_counted_by_action_and_reason_behind_the_token() -> None
         ]
     )
     metrics = ServeMetrics(workers_busy=lambda: 0)
-    state = ServeState(
-        token=TOKEN,
-        pool=InvocationPool(2),
-        invoke=lambda _: next(outcomes),
-        e2b_url="http://e2b.local",
-        storage_probe=lambda: None,
-        metrics=metrics,
-        log=lambda _: None,
-    )
-    http = TestClient(create_app(state))
+    http = client(lambda _: next(outcomes), workers=2, metrics=metrics)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     for _ in range(4):
         assert http.post("/v1/invocations", json=CONTEXT, headers=auth).status_code == 200
@@ -141,16 +130,7 @@ def test_a_refused_invocation_counts_as_saturated() -> None:
     component = FakeComponent()
     component.release.clear()
     metrics = ServeMetrics()
-    state = ServeState(
-        token=TOKEN,
-        pool=InvocationPool(1),
-        invoke=component,
-        e2b_url="http://e2b.local",
-        storage_probe=lambda: None,
-        metrics=metrics,
-        log=lambda _: None,
-    )
-    http = TestClient(create_app(state))
+    http = client(component, workers=1, metrics=metrics)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     first = threading.Thread(
         target=lambda: http.post("/v1/invocations", json=CONTEXT, headers=auth)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
 from host.serve import InvocationPool, ServeState, create_app, temper_result
+from host.serve.metrics import ServeMetrics
 from host.temper_abi import Trigger, decode_terminal_result, dispatch_for
 from provisioner.model import Failure, Invocation, Outcome, failed
 
@@ -47,7 +49,13 @@ class LoggedClient(TestClient):
         self.lines = lines
 
 
-def client(component: FakeComponent, *, workers: int = 2, probe: Any = None) -> LoggedClient:
+def client(
+    component: Callable[[Invocation], Outcome],
+    *,
+    workers: int = 2,
+    probe: Any = None,
+    metrics: ServeMetrics | None = None,
+) -> LoggedClient:
     lines: list[dict[str, Any]] = []
     state = ServeState(
         token=TOKEN,
@@ -56,6 +64,7 @@ def client(component: FakeComponent, *, workers: int = 2, probe: Any = None) -> 
         e2b_url="http://e2b.local",
         storage_probe=probe or (lambda: None),
         retry_after_s=3,
+        metrics=metrics,
         log=lines.append,
     )
     return LoggedClient(state, lines)

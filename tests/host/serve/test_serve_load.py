@@ -7,14 +7,18 @@ import asyncio
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from host.mock_e2b import MockE2BServer
 from tests.conftest import API_KEY
 from tests.host.mock_e2b.fixtures import running_mock
 from tests.host.serve.load import LoadRecord, run_jobs, sqlite_url, status_json
-from tests.host.serve.serve_process import serve_process
+from tests.host.serve.serve_process import ServeProcess, serve_process
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
@@ -35,26 +39,48 @@ CONFIG = {
 STATUS_CONFIG = tuple(f"{key}={value}" for key, value in CONFIG.items())
 # Temper's invocation deadline (WasmResourceLimits: 120 s).
 INVOCATION_DEADLINE_S = 120
+ENTITIES = [f"job-{n:03d}" for n in range(JOBS)]
+
+
+@dataclass
+class LoadRun:
+    """One `serve` with WORKERS workers on SQLite storage, in front of a mock E2B, and what
+    the load's clients saw."""
+
+    mock: MockE2BServer
+    serve: ServeProcess
+    storage: str
+    record: LoadRecord = field(default_factory=LoadRecord)
+
+    def send_jobs(self) -> None:
+        """The JOBS jobs at once, each retrying until it has a sandbox or the service is gone."""
+        asyncio.run(run_jobs(self.serve.url, ENTITIES, CONFIG, self.record, timeout_s=900))
+
+
+@contextmanager
+def load_run(tmp_path: Path, cache_dir: Path, *, create_latency_ms: int) -> Iterator[LoadRun]:
+    """A mock E2B whose creates take `create_latency_ms`, behind a `serve` that tells a
+    refused client to come back in a second."""
+    storage = sqlite_url(tmp_path / "s.db")
+    with (
+        running_mock(api_key=API_KEY, create_latency_ms=create_latency_ms) as mock,
+        serve_process(
+            e2b_url=mock.url,
+            storage=storage,
+            cache_dir=cache_dir,
+            workers=WORKERS,
+            extra=["--retry-after", "1"],
+        ) as serve,
+    ):
+        yield LoadRun(mock, serve, storage)
 
 
 def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
     tmp_path: Path, component_cache_dir: Path
 ) -> None:
-    storage = sqlite_url(tmp_path / "s.db")
-    record = LoadRecord()
-    entities = [f"job-{n:03d}" for n in range(JOBS)]
-    with (
-        running_mock(api_key=API_KEY, create_latency_ms=40) as mock,
-        serve_process(
-            e2b_url=mock.url,
-            storage=storage,
-            cache_dir=component_cache_dir,
-            workers=WORKERS,
-            extra=["--retry-after", "1"],
-        ) as serve,
-    ):
-        asyncio.run(run_jobs(serve.url, entities, CONFIG, record, timeout_s=900))
-        stats = mock.stats()
+    with load_run(tmp_path, component_cache_dir, create_latency_ms=40) as run:
+        run.send_jobs()
+        record, stats = run.record, run.mock.stats()
         print(
             f"answers: {len(record.statuses)} ({record.statuses.count(503)} x 503), "
             f"actions {record.actions}, reasons {record.reasons}, transport errors "
@@ -63,11 +89,11 @@ def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
         )
         assert set(record.statuses) <= {200, 503}, record.unexpected
         assert record.retry_after_missing == 0 and record.unexpected == [] and not record.stopped
-        assert sorted(record.sandboxes) == entities
+        assert sorted(record.sandboxes) == ENTITIES
         assert len(set(record.sandboxes.values())) == JOBS  # one sandbox per job
         assert stats.sandboxes_created == JOBS
         assert 1 <= stats.max_concurrent_creates <= CREATE_SLOTS
-        view = status_json(storage, *STATUS_CONFIG)
+        view = status_json(run.storage, *STATUS_CONFIG)
         assert view["create_slots"]["in_use"] == 0 and view["waiters"] == []
         assert view["capacity"]["running"] == JOBS
 
@@ -75,32 +101,19 @@ def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
 def test_sigterm_under_load_exits_zero_and_leaves_no_create_slot_held(
     tmp_path: Path, component_cache_dir: Path
 ) -> None:
-    storage = sqlite_url(tmp_path / "s.db")
-    record = LoadRecord()
-    entities = [f"job-{n:03d}" for n in range(JOBS)]
     # Creates take long enough that one is provably in flight when the signal lands.
-    with running_mock(api_key=API_KEY, create_latency_ms=400) as mock:
-        with serve_process(
-            e2b_url=mock.url,
-            storage=storage,
-            cache_dir=component_cache_dir,
-            workers=WORKERS,
-            extra=["--retry-after", "1"],
-        ) as serve:
-            load = threading.Thread(
-                target=lambda: asyncio.run(
-                    run_jobs(serve.url, entities, CONFIG, record, timeout_s=900)
-                )
-            )
-            load.start()
-            mock.wait_for(
-                lambda s: s.sandboxes_created >= 3 and s.creates_in_flight >= 1, timeout=300
-            )
-            signalled = time.monotonic()
-            serve.process.send_signal(signal.SIGTERM)
-            code = serve.process.wait(timeout=INVOCATION_DEADLINE_S + 30)
-            drained_s = time.monotonic() - signalled
-            load.join(300)
+    with load_run(tmp_path, component_cache_dir, create_latency_ms=400) as run:
+        record, mock, serve = run.record, run.mock, run.serve
+        load = threading.Thread(target=run.send_jobs)
+        load.start()
+        mock.wait_for(
+            lambda s: s.sandboxes_created >= 3 and s.creates_in_flight >= 1, timeout=300
+        )
+        signalled = time.monotonic()
+        serve.process.send_signal(signal.SIGTERM)
+        code = serve.process.wait(timeout=INVOCATION_DEADLINE_S + 30)
+        drained_s = time.monotonic() - signalled
+        load.join(300)
         assert code == 0
         assert drained_s < INVOCATION_DEADLINE_S
         assert set(record.statuses) <= {200, 503}, record.unexpected
@@ -108,7 +121,7 @@ def test_sigterm_under_load_exits_zero_and_leaves_no_create_slot_held(
         stats = mock.stats()
         assert stats.creates_in_flight == 0
         assert stats.max_concurrent_creates <= CREATE_SLOTS
-        view = status_json(storage, *STATUS_CONFIG)
+        view = status_json(run.storage, *STATUS_CONFIG)
         assert view["create_slots"]["in_use"] == 0 and view["create_slots"]["leases"] == []
         # Every sandbox E2B made is recorded as held (none orphaned by the shutdown).
         held = {lease["sandbox_id"] for lease in view["capacity"]["leases"]}
