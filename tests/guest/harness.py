@@ -32,17 +32,7 @@ from provisioner.admission import (
 )
 from provisioner.ports import HttpRequest, HttpResponse
 
-__all__ = [
-    "ACCOUNT",
-    "FAST",
-    "START_MS",
-    "FakeE2B",
-    "FakeE2BConfig",
-    "Harness",
-    "Storm",
-    "grant_of",
-    "queued_of",
-]
+__all__ = ["ACCOUNT", "START_MS", "FakeE2B", "FakeE2BConfig", "Harness", "Storm"]
 
 ACCOUNT = "sim-account"
 
@@ -288,7 +278,8 @@ class Harness:
         self.clock.advance(ms)
 
 
-# Fast enough that the rate gate never binds: the tests that use it are about other gates.
+# A rate and burst high enough that the rate gate holds back none of the few creates a
+# test makes: the tests that use it are about the other gates.
 FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
 
 
