@@ -22,15 +22,8 @@ import pytest
 
 from host.sessions import DriverSettings, Job, RunResult, SessionDriver, SessionEvent
 from host.sessions.spec import Spec, packaged_spec, parse_spec
-from provisioner.model import (
-    SANDBOX_QUEUED,
-    SANDBOX_READY,
-    SANDBOX_RELEASED,
-    Failure,
-    Invocation,
-    Outcome,
-    failed,
-)
+from provisioner.model import Failure, Invocation, Outcome, failed
+from tests.host.sessions import outcomes
 
 MODULE = "sandbox_provisioner"
 
@@ -86,17 +79,16 @@ class FakeAdmission:
             if operation(invocation) == "release":
                 self.holders.discard(entity)
                 self.released[entity] += 1
-                return Outcome(SANDBOX_RELEASED, {"released": True, "sandbox_id": entity})
+                return outcomes.released(entity)
             if entity not in self.holders:
                 if entity not in self.queue:
                     self.queue.append(entity)
                 if self.queue.index(entity) >= self.permits - len(self.holders):
-                    return Outcome(SANDBOX_QUEUED, {"position": self.queue.index(entity) + 1,
-                                                    "reason": "capacity"})
+                    return outcomes.queued(position=self.queue.index(entity) + 1, reason="capacity")
                 self.queue.remove(entity)
                 self.holders.add(entity)
                 self.max_held = max(self.max_held, len(self.holders))
-            return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{entity}"})
+            return outcomes.ready(f"sb-{entity}")
 
 
 def test_queued_sessions_are_polled_by_the_spec_timer_and_all_complete() -> None:
@@ -126,7 +118,7 @@ def test_batches_run_four_at_a_time_and_wait_for_the_last_of_each() -> None:
                 active.add(invocation.entity_id)
                 order.append(invocation.entity_id)
                 together.append(len(active))
-            return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{invocation.entity_id}"})
+            return outcomes.ready(f"sb-{invocation.entity_id}")
 
     def on_event(event: SessionEvent) -> None:
         if event.phase in ("Completed", "Failed"):
@@ -152,7 +144,7 @@ def test_a_sandbox_failed_answer_fails_the_job_and_releases() -> None:
         def invoke(self, invocation: Invocation) -> Outcome:
             if operation(invocation) == "release":
                 released.append(invocation.entity_id)
-                return Outcome(SANDBOX_RELEASED, {"released": False, "sandbox_id": ""})
+                return outcomes.released("", released=False)
             outcome = failed(Failure("queue_timeout", "waited too long", retryable=False))
             # The component's shape: a success result naming SandboxFailed (issue 12).
             return Outcome(outcome.action, outcome.params, success=True)
@@ -198,7 +190,7 @@ def test_a_host_that_cannot_keep_up_stops_with_the_figures_not_a_mass_kill() -> 
     class Slow:
         def invoke(self, invocation: Invocation) -> Outcome:
             time.sleep(0.4)
-            return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{invocation.entity_id}"})
+            return outcomes.ready(f"sb-{invocation.entity_id}")
 
     driver = SessionDriver(spec_with(Provisioning=2), {MODULE: Slow()},
                            DriverSettings(turns=1, turn_s=0.01, workers=1))
@@ -239,17 +231,17 @@ class ChaosInvoker:
             if op == "release":
                 with self.lock:
                     self.released[entity] += 1
-                return Outcome(SANDBOX_RELEASED, {"released": True, "sandbox_id": entity})
+                return outcomes.released(entity)
             roll = rng.random()
             if roll < 0.4:
-                return Outcome(SANDBOX_QUEUED, {"position": rng.randint(1, 9)})
+                return outcomes.queued(position=rng.randint(1, 9))
             if roll < 0.5:
                 return failed(Failure("guest_trap", "trap", retryable=True))
             if roll < 0.53:
                 raise RuntimeError("an invoker bug")
             with self.lock:
                 self.ready.add(entity)
-            return Outcome(SANDBOX_READY, {"sandbox_id": f"sb-{entity}"})
+            return outcomes.ready(f"sb-{entity}")
         finally:
             with self.lock:
                 self.in_flight[(entity, op)] -= 1
