@@ -200,11 +200,15 @@ class RealTimeLoop:
             lag = now - timer.when
             self.load.max_timer_lag_s = max(self.load.max_timer_lag_s, lag)
             limits = self.limits
-            if limits is not None and lag > limits.timer_lag_s and self.overloaded is None:
-                self.overloaded = self._overload_message(
-                    f"a timer fired {lag:.1f}s late", limits.timer_lag_s, limits.timer_guard)
-                self._stopping = True
-                return
+            if limits is not None and lag > limits.timer_lag_s:
+                # Under the lock: workers append to `load.recent`, which the message reads.
+                with self._cond:
+                    if self.overloaded is None:
+                        self.overloaded = self._overload_message(
+                            f"a timer fired {lag:.1f}s late", limits.timer_lag_s,
+                            limits.timer_guard)
+                        self._stopping = True
+                        return
             timer.callback()
 
     def close(self, *, wait: bool) -> None:
