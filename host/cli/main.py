@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from host.cli.options import (
@@ -17,7 +17,15 @@ from host.cli.options import (
     fail,
     open_runtime_from,
 )
+from host.mock_e2b import cli as mock_e2b_cli
+from host.mock_llm import cli as mock_llm_cli
+from host.multihost.run import add_multihost_arguments, run_multihost
+from host.multihost.soak import add_soak_arguments, run_soak
+from host.operator.status import add_status_arguments, run_status
 from host.runtime.temper_context import InvalidContext, outcome_to_json, parse_context
+from host.serve.cli import add_serve_arguments, run_serve
+from host.sessions.demo import run_demo
+from host.sessions.simulate import add_simulate_arguments, run_simulate
 from provisioner.model import SANDBOX_FAILED, Invocation
 
 
@@ -51,61 +59,75 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
     return ExitCode.FAILED if outcome.action == SANDBOX_FAILED else ExitCode.OK
 
 
-def _cmd_mock_e2b(args: argparse.Namespace) -> int:
-    from host.mock_e2b.cli import config_from_args, serve
+def _add_invoke_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "context",
+        nargs="?",
+        default="-",
+        help="invocation context JSON file, or - for stdin (default)",
+    )
+    parser.add_argument(
+        "--operation",
+        choices=("provision", "release", "status"),
+        help="override the context's integration_config.operation",
+    )
+    add_runtime_options(parser)
 
-    return serve(config_from_args(args), host=args.host, port=args.port)
+
+def _cmd_mock_e2b(args: argparse.Namespace) -> int:
+    return mock_e2b_cli.serve(mock_e2b_cli.config_from_args(args), host=args.host, port=args.port)
 
 
 def _cmd_mock_llm(args: argparse.Namespace) -> int:
-    from host.mock_llm.cli import config_from_args, serve
-
     try:
-        config = config_from_args(args)
+        config = mock_llm_cli.config_from_args(args)
     except ValueError as error:
         return fail(str(error))
-    return serve(config, host=args.host, port=args.port)
+    return mock_llm_cli.serve(config, host=args.host, port=args.port)
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    add_storage_option(parser)
+    add_component_option(parser)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from host.sessions.demo import run_demo
-
     return run_demo(storage_url=args.storage, component=args.component)
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from host.sessions.simulate import run_simulate
+@dataclass(frozen=True)
+class Subcommand:
+    """One `sandbox-provisioner` subcommand: what `--help` says of it, how its arguments
+    are declared, and what runs it (returning the exit code)."""
 
-    return run_simulate(args)
-
-
-def _cmd_soak(args: argparse.Namespace) -> int:
-    from host.multihost.soak import run_soak
-
-    return run_soak(args)
-
-
-def _cmd_multihost(args: argparse.Namespace) -> int:
-    from host.multihost.run import run_multihost
-
-    return run_multihost(args)
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from host.serve.cli import run_serve
-
-    return run_serve(args)
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    from host.operator.status import run_status
-
-    return run_status(args)
-
-
-def _add_host_options(parser: argparse.ArgumentParser) -> None:
-    add_storage_option(parser)
-    add_component_option(parser)
+SUBCOMMANDS = (
+    Subcommand("invoke", "run one invocation context through the component",
+               _add_invoke_arguments, _cmd_invoke),
+    Subcommand("mock-e2b", "run the mock E2B API server on loopback",
+               mock_e2b_cli.add_arguments, _cmd_mock_e2b),
+    Subcommand("mock-llm", "run the mock LLM API (Anthropic Messages) on loopback",
+               mock_llm_cli.add_arguments, _cmd_mock_llm),
+    Subcommand("demo", "provision and release one sandbox through the mock",
+               _add_demo_arguments, _cmd_demo),
+    Subcommand("simulate", "replay the incident: Temper-style sessions against the mock E2B",
+               add_simulate_arguments, run_simulate),
+    Subcommand("multihost",
+               "several host processes sharing one Redis run one workload (optionally kill -9 "
+               "one)", add_multihost_arguments, run_multihost),
+    Subcommand("serve", "run the provisioner as an HTTP service (for the Temper shim)",
+               add_serve_arguments, run_serve),
+    Subcommand("soak",
+               "hosts on one Redis against the mock E2B under seeded faults, then an audit "
+               "from E2B's records (exit 1 on any violation)", add_soak_arguments, run_soak),
+    Subcommand("status", "show an account's gates and every waiter (read-only; --watch: live)",
+               add_status_arguments, run_status),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,82 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the E2B sandbox provisioner component the way the Temper runtime does.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-
-    invoke = commands.add_parser("invoke", help="run one invocation context through the component")
-    invoke.add_argument(
-        "context",
-        nargs="?",
-        default="-",
-        help="invocation context JSON file, or - for stdin (default)",
-    )
-    invoke.add_argument(
-        "--operation",
-        choices=("provision", "release", "status"),
-        help="override the context's integration_config.operation",
-    )
-    add_runtime_options(invoke)
-    invoke.set_defaults(handler=_cmd_invoke)
-
-    mock = commands.add_parser("mock-e2b", help="run the mock E2B API server on loopback")
-    from host.mock_e2b.cli import add_arguments
-
-    add_arguments(mock)
-    mock.set_defaults(handler=_cmd_mock_e2b)
-
-    mock_llm = commands.add_parser(
-        "mock-llm", help="run the mock LLM API (Anthropic Messages) on loopback"
-    )
-    from host.mock_llm.cli import add_arguments as add_mock_llm_arguments
-
-    add_mock_llm_arguments(mock_llm)
-    mock_llm.set_defaults(handler=_cmd_mock_llm)
-
-    demo = commands.add_parser("demo", help="provision and release one sandbox through the mock")
-    _add_host_options(demo)
-    demo.set_defaults(handler=_cmd_demo)
-
-    simulate = commands.add_parser(
-        "simulate", help="replay the incident: Temper-style sessions against the mock E2B"
-    )
-    from host.sessions.simulate import add_simulate_arguments
-
-    add_simulate_arguments(simulate)
-    simulate.set_defaults(handler=_cmd_simulate)
-
-    multihost = commands.add_parser(
-        "multihost",
-        help="several host processes sharing one Redis run one workload (optionally kill -9 one)",
-    )
-    from host.multihost.run import add_multihost_arguments
-
-    add_multihost_arguments(multihost)
-    multihost.set_defaults(handler=_cmd_multihost)
-
-    serve = commands.add_parser(
-        "serve", help="run the provisioner as an HTTP service (for the Temper shim)"
-    )
-    from host.serve.cli import add_serve_arguments
-
-    add_serve_arguments(serve)
-    serve.set_defaults(handler=_cmd_serve)
-
-    soak = commands.add_parser(
-        "soak",
-        help="hosts on one Redis against the mock E2B under seeded faults, then an audit "
-        "from E2B's records (exit 1 on any violation)",
-    )
-    from host.multihost.soak import add_soak_arguments
-
-    add_soak_arguments(soak)
-    soak.set_defaults(handler=_cmd_soak)
-
-    status = commands.add_parser(
-        "status", help="show an account's gates and every waiter (read-only; --watch: live)"
-    )
-    from host.operator.status import add_status_arguments
-
-    add_status_arguments(status)
-    status.set_defaults(handler=_cmd_status)
+    for command in SUBCOMMANDS:
+        sub = commands.add_parser(command.name, help=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.run)
     return parser
 
 

@@ -62,12 +62,12 @@ from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
 from host.sessions.detsim import with_poll
 from host.sessions.driver import DriverSettings, RealTimeLoop, SessionDriver
-from host.sessions.executor import Entity, Executor
+from host.sessions.executor import ConfigHook, Entity, Executor, overlay_config
 from host.sessions.invokers import ComponentInvoker
 from host.sessions.model import Job, SessionEvent
 from host.sessions.runner import SessionScript
 from host.sessions.scenario import EXAMPLE_SPEC
-from host.sessions.spec import Spec, Trigger, load_spec, packaged_spec
+from host.sessions.spec import Spec, load_spec, packaged_spec
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
 from provisioner.admission.inspect import GATE_KEY
@@ -139,18 +139,9 @@ class WorkerSettings:
             spec = with_poll(spec, SessionScript.for_spec(spec), self.poll_s)
         return spec
 
-    def configure(self) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
-        """Lays the run's integration config over each trigger's (the trigger's own
-        `operation` stays), as `simulate` does."""
-        overlay = dict(self.config)
-
-        def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
-            merged = {**config, **overlay}
-            if "operation" in config:
-                merged["operation"] = config["operation"]
-            return merged
-
-        return configure
+    def configure(self) -> ConfigHook:
+        """Lays the run's integration config over each trigger's, as `simulate` does."""
+        return overlay_config(dict(self.config))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -11,20 +11,19 @@ is in flight meanwhile, as the component's would be); a release frees the entity
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from host.runtime.native import native_ports
-from host.sessions.executor import Executor, Secrets
+from host.sessions.executor import Executor, Secrets, no_such_module
 from host.sessions.fake_e2b import START_MS, FakeE2B, FakeE2BConfig
 from host.sessions.model import Job
 from host.sessions.runner import RunResult, RunSettings, SessionRunner, SessionScript, timer_scale
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.sessions.spec import Spec, StateTimeout
+from host.sessions.timers import Timer, TimerHeap
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, AdmissionController, Created, Grant, Waiter
 from provisioner.admission.results import Queued, Rejected
@@ -47,36 +46,23 @@ class VirtualInvoker(Protocol):
     def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None: ...
 
 
-class _Handle:
-    __slots__ = ("cancelled",)
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
 class VirtualLoop:
     """A `Loop` on virtual seconds since the start."""
 
     def __init__(self, clock: VirtualClock, *, max_events: int = 5_000_000) -> None:
         self.clock = clock
         self.modules: dict[str, VirtualInvoker] = {}
-        self._heap: list[tuple[float, int, Callable[[], None], _Handle]] = []
-        self._seq = itertools.count()
+        self._timers = TimerHeap()
         self._now = 0.0
         self.max_events = max_events
 
     def now(self) -> float:
         return self._now
 
-    def call_at(self, when: float, callback: Callable[[], None]) -> _Handle:
-        handle = _Handle()
-        heapq.heappush(self._heap, (max(when, self._now), next(self._seq), callback, handle))
-        return handle
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        return self._timers.arm(max(when, self._now), callback)
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> _Handle:
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         return self.call_at(self._now + max(0.0, delay), callback)
 
     def invoke(
@@ -84,7 +70,7 @@ class VirtualLoop:
     ) -> None:
         invoker = self.modules.get(module)
         if invoker is None:
-            outcome = failed(Failure(FailureCode.HOST_ERROR, f"no module named {module!r}", True))
+            outcome = no_such_module(module)
             self.call_later(0.0, lambda: done(outcome))
             return
         invoker.start(invocation, done)
@@ -92,14 +78,12 @@ class VirtualLoop:
     def run(self, until: Callable[[], bool]) -> str:
         events = 0
         while not until():
-            while self._heap and self._heap[0][3].cancelled:
-                heapq.heappop(self._heap)
-            if not self._heap:
+            timer = self._timers.pop_next()
+            if timer is None:
                 return "idle"
-            when, _, callback, _handle = heapq.heappop(self._heap)
-            self._now = when
-            self.clock.set(START_MS + round(when * 1000))
-            callback()
+            self._now = timer.when
+            self.clock.set(START_MS + round(timer.when * 1000))
+            timer.callback()
             events += 1
             if events >= self.max_events:
                 raise RuntimeError(f"simulation did not settle after {events} events")

@@ -13,8 +13,6 @@ than letting the guard kill sessions that Temper, keeping up, would not kill.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
 from collections import deque
@@ -23,10 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from host.sessions.executor import ConfigHook, EventSink, Executor, Secrets, TimerScale
+from host.sessions.executor import (
+    ConfigHook,
+    EventSink,
+    Executor,
+    Secrets,
+    TimerScale,
+    no_such_module,
+)
 from host.sessions.model import Job
 from host.sessions.runner import RunResult, RunSettings, SessionRunner, SessionScript
 from host.sessions.spec import Spec
+from host.sessions.timers import Timer, TimerHeap
 from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, failed
 
@@ -69,24 +75,6 @@ class HostLoad:
         }
 
 
-class _Handle:
-    __slots__ = ("cancelled",)
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass(order=True)
-class _Timer:
-    when: float
-    seq: int
-    callback: Callable[[], None] = field(compare=False)
-    handle: _Handle = field(compare=False)
-
-
 class RealTimeLoop:
     """A `Loop` on the wall clock (seconds since `start`), invocations on a thread pool."""
 
@@ -106,8 +94,7 @@ class RealTimeLoop:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="session-invoke")
         self._cond = threading.Condition()
         self._inbox: deque[tuple[Callable[[Outcome], None], Outcome]] = deque()
-        self._heap: list[_Timer] = []
-        self._seq = itertools.count()
+        self._timers = TimerHeap()
         self._open = 0
         self._stopping = False
         self.limits = limits
@@ -117,12 +104,10 @@ class RealTimeLoop:
     def now(self) -> float:
         return self._clock() - self._started
 
-    def call_at(self, when: float, callback: Callable[[], None]) -> _Handle:
-        handle = _Handle()
-        heapq.heappush(self._heap, _Timer(when, next(self._seq), callback, handle))
-        return handle
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        return self._timers.arm(when, callback)
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> _Handle:
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         return self.call_at(self.now() + max(0.0, delay), callback)
 
     def invoke(
@@ -133,7 +118,7 @@ class RealTimeLoop:
         self.load.due += 1
         due = self.now()
         if invoker is None:
-            outcome = failed(Failure(FailureCode.HOST_ERROR, f"no module named {module!r}", True))
+            outcome = no_such_module(module)
             with self._cond:
                 self._inbox.append((done, outcome))
             return
@@ -196,12 +181,10 @@ class RealTimeLoop:
                 if not self._inbox:
                     if until():
                         return "done"
-                    self._drop_cancelled()
-                    if not self._heap and self._open == 0:
+                    due = self._timers.next_due()
+                    if due is None and self._open == 0:
                         return "idle"
-                    timeout = None
-                    if self._heap:
-                        timeout = max(0.0, self._heap[0].when - self.now())
+                    timeout = None if due is None else max(0.0, due - self.now())
                     if timeout is None or timeout > 0:
                         self._cond.wait(timeout)
                 answers = list(self._inbox)
@@ -211,24 +194,21 @@ class RealTimeLoop:
                 done(outcome)
             self._fire_due()
 
-    def _drop_cancelled(self) -> None:
-        while self._heap and self._heap[0].handle.cancelled:
-            heapq.heappop(self._heap)
-
     def _fire_due(self) -> None:
         now = self.now()
-        while self._heap and self._heap[0].when <= now:
-            timer = heapq.heappop(self._heap)
-            if timer.handle.cancelled:
-                continue
+        while (timer := self._timers.pop_due(now)) is not None:
             lag = now - timer.when
             self.load.max_timer_lag_s = max(self.load.max_timer_lag_s, lag)
             limits = self.limits
-            if limits is not None and lag > limits.timer_lag_s and self.overloaded is None:
-                self.overloaded = self._overload_message(
-                    f"a timer fired {lag:.1f}s late", limits.timer_lag_s, limits.timer_guard)
-                self._stopping = True
-                return
+            if limits is not None and lag > limits.timer_lag_s:
+                # Under the lock: workers append to `load.recent`, which the message reads.
+                with self._cond:
+                    if self.overloaded is None:
+                        self.overloaded = self._overload_message(
+                            f"a timer fired {lag:.1f}s late", limits.timer_lag_s,
+                            limits.timer_guard)
+                        self._stopping = True
+                        return
             timer.callback()
 
     def close(self, *, wait: bool) -> None:

@@ -41,7 +41,8 @@ from typing import Any, Protocol
 
 from host.sessions.model import Job, SessionEvent
 from host.sessions.spec import Action, Arg, Spec, StateTimeout, Trigger
-from provisioner.model import Invocation, Outcome
+from provisioner.failures import FailureCode
+from provisioner.model import Failure, Invocation, Outcome, failed
 
 EventSink = Callable[[SessionEvent], None]
 
@@ -60,6 +61,12 @@ class Loop(Protocol):
     def invoke(
         self, module: str, invocation: Invocation, done: Callable[[Outcome], None]
     ) -> None: ...
+
+
+def no_such_module(module: str) -> Outcome:
+    """What a loop answers an invocation of a module it does not run: a host failure, as
+    Temper's runtime reports a module it cannot find."""
+    return failed(Failure(FailureCode.HOST_ERROR, f"no module named {module!r}", True))
 
 
 @dataclass
@@ -105,6 +112,21 @@ class Secrets:
 
 ConfigHook = Callable[[Trigger, dict[str, str]], dict[str, str]]
 TimerScale = Callable[[StateTimeout], float]
+
+
+def overlay_config(overlay: Mapping[str, str]) -> ConfigHook:
+    """A hook laying `overlay` over each trigger's integration config, except that the
+    trigger's own `operation` stays: a run's settings (E2B URL, admission) apply to every
+    trigger, but which operation a trigger runs is the spec's."""
+    pairs = dict(overlay)
+
+    def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
+        merged = {**config, **pairs}
+        if "operation" in config:
+            merged["operation"] = config["operation"]
+        return merged
+
+    return configure
 
 
 @dataclass

@@ -5,14 +5,14 @@ laid over the spec's, the driver's settings."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from host.mock_e2b import MockE2BConfig
 from host.sessions.driver import DriverSettings
+from host.sessions.executor import ConfigHook, overlay_config
 from host.sessions.model import Job
 from host.sessions.report import Limits
-from host.sessions.spec import Spec, Trigger, packaged_spec
+from host.sessions.spec import Spec, packaged_spec
 from host.sessions.timescale import TimeScale
 
 # The incident's sessions, in the incident's order.
@@ -142,18 +142,10 @@ class Scenario:
         pairs.append(("max_sandboxes", str(min(e2b.max_sandboxes or 100_000, 100_000))))
         return tuple(pairs)
 
-    def configure(self, e2b_url: str) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
+    def configure(self, e2b_url: str) -> ConfigHook:
         """Lays the scenario's integration config over each trigger's (the spec's own
         `operation` stays): the mock's URL, and admission mirroring its limits."""
-        overlay = dict(self.integration_config(e2b_url))
-
-        def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
-            merged = {**config, **overlay}
-            if "operation" in config:
-                merged["operation"] = config["operation"]
-            return merged
-
-        return configure
+        return overlay_config(dict(self.integration_config(e2b_url)))
 
     def driver_settings(self, mode: str, run_id: str) -> DriverSettings:
         # The old provisioner fires every create at once, so give it a thread each; the

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from host.cli.options import ExitCode
+from host.cli.options import ExitCode, add_component_option
 from host.mock_e2b import MockE2BServer
 from host.runtime.assembly import open_runtime
 from host.runtime.loader import LoadedComponent, load_component
@@ -100,8 +100,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default="memory://", metavar="URL",
                         help="the component's storage: memory:// (default), sqlite:///path.db, "
                         "redis://host:port/db; each run uses a fresh account namespace")
-    parser.add_argument("--component", type=Path, default=None,
-                        help="the component (default dist/sandbox_provisioner.wasm)")
+    add_component_option(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON report on stdout (live lines go to stderr)")
     parser.add_argument("--quiet", action="store_true", help="no live lines")

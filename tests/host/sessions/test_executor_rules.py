@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from host.sessions.contract import check_spec
 from host.sessions.detsim import VirtualLoop
-from host.sessions.executor import Entity, Executor
+from host.sessions.executor import Entity, Executor, overlay_config
 from host.sessions.fake_e2b import START_MS
 from host.sessions.model import Job, SessionEvent
 from host.sessions.simulated_ports import VirtualClock
@@ -22,8 +22,8 @@ from provisioner.model import Failure, Invocation, Outcome, failed
 from tests.host.sessions import answers
 
 EXAMPLE = "temper_agent.ioa.toml"
-QUEUED = {"position": 2, "queue_length": 3, "in_use": 4, "limit": 4, "reason": "create_slots",
-          "retry_after_ms": 500, "eta_ms": 900, "waited_ms": 0}
+QUEUED = answers.queued(position=2, queue_length=3, in_use=4, limit=4, reason="create_slots",
+                         retry_after_ms=500, eta_ms=900, waited_ms=0)
 
 
 def example_text() -> str:
@@ -51,12 +51,14 @@ class Scripted:
     answers: list[Outcome]
     latency_s: float = 1.0
     calls: list[tuple[float, str, str]] = field(default_factory=list)
+    configs: list[dict[str, str]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
 
     def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None:
         operation = answers.operation(invocation)
         self.calls.append((self.loop.now(), invocation.entity_id, operation))
+        self.configs.append(dict(invocation.config))
         if operation == "release":
             done(answers.released("sbx"))
             return
@@ -116,7 +118,7 @@ def test_without_on_success_the_modules_action_is_dispatched() -> None:
     """Bug caught: SandboxQueued treated as SandboxReady (or dropped) when no static
     on_success is declared; its params must reach the declared fields."""
     executor, loop, _module, _ = harness(packaged_spec(EXAMPLE),
-                                         [answers.queued(**QUEUED)])
+                                         [QUEUED])
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Queued")
     assert entity.status == "Queued"
@@ -131,7 +133,7 @@ def test_a_static_on_success_wins_over_the_modules_action_and_swallows_queued() 
                    'module = "sandbox_provisioner"\non_success = "SandboxReady"\n'
                    'on_failure = "Fail"')
     assert "static-on-success" in rules(spec)
-    executor, loop, _module, _ = harness(spec, [answers.queued(**QUEUED)])
+    executor, loop, _module, _ = harness(spec, [QUEUED])
     entity = start(executor)
     run_until(loop, lambda: entity.status != "Provisioning")
     assert entity.status == "Thinking"
@@ -152,6 +154,22 @@ def test_a_failed_invocation_dispatches_on_failure_with_temper_params_only() -> 
     assert fail[0].detail["params"]["integration"] == "provision_sandbox"
     assert entity.fields["error_message"] == "guest_trap: wasm trap: unreachable"
     assert "code" not in entity.fields and "retryable" not in entity.fields
+
+
+def test_a_run_overlay_reaches_every_trigger_but_each_keeps_its_operation() -> None:
+    """What simulate and multihost lay over the spec's integration config. Bug caught: the
+    run's settings (E2B URL, admission) missing from an invocation, or the overlay's
+    `operation` replacing the trigger's, so that the release on Failed provisions again."""
+    loop = VirtualLoop(VirtualClock(START_MS), max_events=20_000)
+    failure = Failure("queue_timeout", "waited too long", retryable=False)
+    module = Scripted(loop, [failed(failure)], latency_s=0.0)
+    loop.modules = {"sandbox_provisioner": module}
+    overlay = overlay_config({"e2b_api_url": "http://127.0.0.1:9", "operation": "status"})
+    executor = Executor(packaged_spec(EXAMPLE), loop, configure=overlay)
+    entity = start(executor)
+    run_until(loop, lambda: entity.status == "Failed" and entity.in_flight == 0)
+    assert [op for _, _, op in module.calls] == ["provision", "release"]
+    assert all(config["e2b_api_url"] == "http://127.0.0.1:9" for config in module.configs)
 
 
 def test_an_on_failure_that_expects_the_modules_params_is_flagged() -> None:
@@ -205,7 +223,7 @@ def test_entering_a_state_arms_only_its_first_timer() -> None:
         'max_occurrences = 1000\n\n[[state_timeout]]\nstate = "Queued"\nafter_seconds = 3\n'
         'on_timeout = "Fail"\nargs = { error_message = "\'queued too long\'" }\n#')
     assert "one-timer-per-entity" in rules(spec)
-    executor, loop, module, _ = harness(spec, [answers.queued(**QUEUED), ready()],
+    executor, loop, module, _ = harness(spec, [QUEUED, ready()],
                                         latency_s=0.0)
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Thinking")
@@ -253,7 +271,7 @@ def test_a_timer_fires_at_most_max_occurrences_times() -> None:
     spec = variant('on_timeout = "PollSandbox"\nmax_occurrences = 1000',
                    'on_timeout = "PollSandbox"\nmax_occurrences = 3')
     assert "poll-budget" in rules(spec)
-    executor, loop, module, events = harness(spec, [answers.queued(**QUEUED)],
+    executor, loop, module, events = harness(spec, [QUEUED],
                                              latency_s=0.0)
     entity = start(executor)
     assert loop.run(lambda: False) == "idle"
@@ -279,7 +297,7 @@ def test_a_freed_permit_wakes_nobody_the_spec_timer_alone_polls() -> None:
     spec = variant('after_seconds = 2\non_timeout = "PollSandbox"',
                    'after_seconds = 30\non_timeout = "PollSandbox"')
     executor, loop, module, _ = harness(
-        spec, [ready("sbx-1"), answers.queued(**QUEUED), ready("sbx-2")],
+        spec, [ready("sbx-1"), QUEUED, ready("sbx-2")],
         latency_s=0.5)
     first, second = start(executor, "job-1"), start(executor, "job-2")
     dispatch_at(loop, 5.0, executor, first, "RecordResult")
