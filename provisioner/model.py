@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provisioner.failures import HOST_CODES
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # Outcome actions: the Temper runtime dispatches these into the entity's state machine.
 SANDBOX_READY = "SandboxReady"
@@ -14,6 +17,13 @@ SANDBOX_QUEUED = "SandboxQueued"
 SANDBOX_RELEASED = "SandboxReleased"
 SANDBOX_STATUS = "SandboxStatus"
 SANDBOX_FAILED = "SandboxFailed"
+
+
+def fields_of(record: DataclassInstance) -> dict[str, Any]:
+    """A flat record's fields by name, in declaration order (outcome params, stored JSON).
+    Shallow: `dataclasses.asdict` deep-copies every value, which cost more guest fuel than
+    the rest of a write."""
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}
 
 
 @dataclass(frozen=True, slots=True)
