@@ -19,13 +19,6 @@ SANDBOX_STATUS = "SandboxStatus"
 SANDBOX_FAILED = "SandboxFailed"
 
 
-def fields_of(record: DataclassInstance) -> dict[str, Any]:
-    """A flat record's fields by name, in declaration order (outcome params, stored JSON).
-    Shallow: `dataclasses.asdict` deep-copies every value, which cost more guest fuel than
-    the rest of a write."""
-    return {name: getattr(record, name) for name in record.__dataclass_fields__}
-
-
 @dataclass(frozen=True, slots=True)
 class Invocation:
     tenant: str
@@ -59,6 +52,13 @@ class Outcome:
 
     def params_json(self) -> str:
         return json.dumps(self.params, sort_keys=True, separators=(",", ":"))
+
+
+def fields_of(record: DataclassInstance) -> dict[str, Any]:
+    """A flat record's fields by name, in declaration order (outcome params, stored JSON).
+    Shallow: `dataclasses.asdict` deep-copies every value, which cost more guest fuel than
+    the rest of a write."""
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}
 
 
 class ProvisionerError(Exception):
