@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
+from provisioner.model import fields_of
 from provisioner.ports import Entry, Scope, Storage
 
 # "type/id" made of characters `quote` leaves alone: its quoting is known without calling it.
@@ -44,23 +45,7 @@ class EntityRecord:
         return replace(self, attempts=attempt)
 
     def encode(self) -> bytes:
-        # Spelled out: `dataclasses.asdict` deep-copies field by field, which cost more
-        # guest fuel than the rest of the write.
-        return json.dumps(
-            {
-                "state": self.state,
-                "nonce": self.nonce,
-                "since_ms": self.since_ms,
-                "attempts": self.attempts,
-                "sandbox_id": self.sandbox_id,
-                "template_id": self.template_id,
-                "client_id": self.client_id,
-                "envd_version": self.envd_version,
-                "queued_ms": self.queued_ms,
-                "sandbox_url": self.sandbox_url,
-            },
-            separators=(",", ":"),
-        ).encode()
+        return json.dumps(fields_of(self), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> EntityRecord:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provisioner.failures import HOST_CODES
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # Outcome actions: the Temper runtime dispatches these into the entity's state machine.
 SANDBOX_READY = "SandboxReady"
@@ -49,6 +52,13 @@ class Outcome:
 
     def params_json(self) -> str:
         return json.dumps(self.params, sort_keys=True, separators=(",", ":"))
+
+
+def fields_of(record: DataclassInstance) -> dict[str, Any]:
+    """A flat record's fields by name, in declaration order (outcome params, stored JSON).
+    Shallow: `dataclasses.asdict` deep-copies every value, which cost more guest fuel than
+    the rest of a write."""
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}
 
 
 class ProvisionerError(Exception):

@@ -176,20 +176,11 @@ class Operations:
             self.ports.telemetry.log(
                 LogLevel.INFO, f"sandbox_provisioner: using static sandbox_url: {static_url}"
             )
-            return self._with_conversation(
-                Outcome(
-                    SANDBOX_READY,
-                    {
-                        "sandbox_url": static_url,
-                        "sandbox_id": STATIC_SANDBOX_ID,
-                        "template_id": "",
-                        "client_id": "",
-                        "envd_version": "",
-                        "attempts": 0,
-                        "queued_ms": 0,
-                    },
-                )
+            # Described as a ready record (never stored), so SandboxReady reads one way.
+            static = EntityRecord(
+                READY, nonce="", since_ms=0, sandbox_id=STATIC_SANDBOX_ID, sandbox_url=static_url
             )
+            return self._with_conversation(_ready(static))
         if self.settings.api_key_source == "none":
             raise ProvisionerError(FailureCode.E2B_API_KEY_MISSING, NO_KEY)
         outcome = self._provision_e2b()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from provisioner.model import fields_of
 from provisioner.ports import (
     HttpError,
     HttpRequest,
@@ -64,13 +65,7 @@ class ConversationStorage:
     session_leaf_id: str = ""
 
     def params(self) -> dict[str, str]:
-        return {
-            "workspace_id": self.workspace_id,
-            "conversation_file_id": self.conversation_file_id,
-            "file_manifest_id": self.file_manifest_id,
-            "session_file_id": self.session_file_id,
-            "session_leaf_id": self.session_leaf_id,
-        }
+        return fields_of(self)
 
     @property
     def complete(self) -> bool:

@@ -28,7 +28,6 @@ from provisioner.admission.results import (
 from provisioner.admission.state import (
     GATE_KEY,
     GateState,
-    RetryEntry,
     ticket_key,
     waiter_key,
 )
@@ -50,9 +49,7 @@ def exhausted(attempts: int) -> Rejected:
 def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | None:
     """Take the waiter out of the retries and its tenant's queue (in memory); returns the
     ticket whose liveness key should go, if any."""
-    state.retries = [
-        e for e in state.retries if (e.tenant, e.entity) != (waiter.tenant, waiter.entity)
-    ]
+    state.drop_retry(waiter.tenant, waiter.entity)
     if place is None or place.stage is not Stage.QUEUED or place.ticket is None:
         return None
     queue = state.queue_of(waiter.tenant)
@@ -82,9 +79,8 @@ class Admission(Ledger):
             ticket = enqueue(state, waiter.tenant)
             return Place(Stage.QUEUED, stored.since_ms, stored.attempt, ticket=ticket)
         if stored.stage is Stage.RETRYING:
-            if state.retry_of(waiter.tenant, waiter.entity) is None:
-                # Dropped from the retries while it stopped polling: back where retries wait.
-                state.retries.append(RetryEntry(waiter.tenant, waiter.entity))
+            # Dropped from the retries while it stopped polling: back where retries wait.
+            state.add_retry(waiter.tenant, waiter.entity)
             return stored
         # CREATING
         lease = state.create_lease(stored.lease_id or "")
@@ -104,7 +100,7 @@ class Admission(Ledger):
         attempt = stored.attempt + 1
         if attempt > config.max_create_attempts:
             return exhausted(attempt - 1)
-        state.retries.append(RetryEntry(waiter.tenant, waiter.entity))
+        state.add_retry(waiter.tenant, waiter.entity)
         return Place(Stage.RETRYING, stored.since_ms, attempt)
 
     def _decide(self, waiter: Waiter) -> Grant | Queued | Rejected:
@@ -175,9 +171,7 @@ class Admission(Ledger):
         self, state: GateState, waiter: Waiter, place: Place, *, granted: bool = False
     ) -> None:
         if place.stage is Stage.RETRYING:
-            state.retries = [
-                e for e in state.retries if (e.tenant, e.entity) != (waiter.tenant, waiter.entity)
-            ]
+            state.drop_retry(waiter.tenant, waiter.entity)
         elif place.ticket is not None:
             remove_ticket(state, waiter.tenant, place.ticket, granted=granted)
 
@@ -238,11 +232,7 @@ class Admission(Ledger):
                     and place.alive(self.ports.clock.now_ms())
                 )
                 if not alive:
-                    state.retries = [
-                        e
-                        for e in state.retries
-                        if (e.tenant, e.entity) != (turn.tenant, turn.entity)
-                    ]
+                    state.drop_retry(turn.tenant, turn.entity)
                     skipped = True
             else:
                 assert turn.ticket is not None

@@ -33,7 +33,7 @@ from provisioner.admission.leases import prune_expired
 from provisioner.admission.place import Place, Stage
 from provisioner.admission.results import Waiter
 from provisioner.admission.state import GATE_KEY as _GATE_KEY
-from provisioner.admission.state import GateState, ticket_key, waiter_key
+from provisioner.admission.state import GateState, owned_by, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
 from provisioner.ports import Scope, StorageReader
 from provisioner.resources.inspect import (
@@ -186,10 +186,7 @@ class GateView:
         return len(self.create_slots.leases) + len(self.capacity.leases)
 
     def waiter(self, tenant: str, entity: str) -> WaiterView | None:
-        for view in self.waiters:
-            if (view.tenant, view.entity) == (tenant, entity):
-                return view
-        return None
+        return owned_by(self.waiters, tenant, entity)
 
 
 def inspect_gates(

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from provisioner.admission.state import CreateLease, GateState, SandboxLease
+from provisioner.admission.state import (
+    CreateLease,
+    GateState,
+    SandboxLease,
+    not_owned_by,
+    owned_by,
+)
 from provisioner.ports import Ports
 
 
@@ -44,8 +50,8 @@ def drop_create_lease(state: GateState, lease_id: str) -> CreateLease | None:
 
 def drop_leases_of(state: GateState, tenant: str, entity: str) -> int:
     """Drop every lease the entity holds; returns how many."""
-    creates = [c for c in state.create_leases if (c.tenant, c.entity) != (tenant, entity)]
-    sandboxes = [s for s in state.sandbox_leases if (s.tenant, s.entity) != (tenant, entity)]
+    creates = not_owned_by(state.create_leases, tenant, entity)
+    sandboxes = not_owned_by(state.sandbox_leases, tenant, entity)
     dropped = len(state.create_leases) - len(creates) + len(state.sandbox_leases) - len(sandboxes)
     state.create_leases = creates
     state.sandbox_leases = sandboxes
@@ -53,10 +59,8 @@ def drop_leases_of(state: GateState, tenant: str, entity: str) -> int:
 
 
 def sandbox_lease_of(state: GateState, tenant: str, entity: str) -> SandboxLease | None:
-    for lease in state.sandbox_leases:
-        if (lease.tenant, lease.entity) == (tenant, entity):
-            return lease
-    return None
+    """The entity's capacity lease (`hold_sandbox` keeps at most one per entity)."""
+    return owned_by(state.sandbox_leases, tenant, entity)
 
 
 def hold_sandbox(
@@ -69,9 +73,7 @@ def hold_sandbox(
     ttl_ms: int,
 ) -> None:
     """Hold one capacity lease per entity: a re-create replaces the entity's old lease."""
-    state.sandbox_leases = [
-        s for s in state.sandbox_leases if (s.tenant, s.entity) != (tenant, entity)
-    ]
+    state.sandbox_leases = not_owned_by(state.sandbox_leases, tenant, entity)
     state.sandbox_leases.append(
         SandboxLease(lease_id, tenant, entity, now_ms + ttl_ms, now_ms, sandbox_id)
     )

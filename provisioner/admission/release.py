@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from provisioner.admission.admit import leave_queue
 from provisioner.admission.cas import until_settled
-from provisioner.admission.leases import drop_leases_of
+from provisioner.admission.leases import drop_leases_of, sandbox_lease_of
 from provisioner.admission.ledger import Ledger
 from provisioner.admission.results import Waiter
 
@@ -18,12 +18,12 @@ class Release(Ledger):
     def _decide(self, waiter: Waiter) -> bool:
         loaded = self.load(waiter)
         state, now = loaded.state, loaded.now_ms
-        for lease in state.sandbox_leases:
-            if (lease.tenant, lease.entity) == (waiter.tenant, waiter.entity):
-                observed = max(0, now - lease.started_ms)
-                state.hold_ms = (
-                    observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
-                )
+        lease = sandbox_lease_of(state, waiter.tenant, waiter.entity)
+        if lease is not None:
+            observed = max(0, now - lease.started_ms)
+            state.hold_ms = (
+                observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
+            )
         held = drop_leases_of(state, waiter.tenant, waiter.entity) > 0
         before = state.waiting()
         ticket = leave_queue(state, waiter, loaded.place)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioner.model import Failure
+from provisioner.model import Failure, fields_of
 
 # Why a waiter is still waiting; each names the gate that holds it back.
 REASON_CREATE_SLOTS = "create_slots"
@@ -44,17 +44,8 @@ class Queued:
     waited_ms: int
 
     def params(self) -> dict[str, object]:
-        """The SandboxQueued outcome params."""
-        return {
-            "position": self.position,
-            "queue_length": self.queue_length,
-            "in_use": self.in_use,
-            "limit": self.limit,
-            "reason": self.reason,
-            "retry_after_ms": self.retry_after_ms,
-            "eta_ms": self.eta_ms,
-            "waited_ms": self.waited_ms,
-        }
+        """The SandboxQueued outcome params: every field."""
+        return fields_of(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,6 @@ from provisioner.admission.results import (
     Unavailable,
     Waiter,
 )
-from provisioner.admission.state import RetryEntry
 
 
 class Settlement(Ledger):
@@ -80,8 +79,7 @@ class Settlement(Ledger):
         if attempt > config.max_create_attempts:
             self._drop(waiter, loaded)
             return exhausted(grant.attempt)
-        if state.retry_of(waiter.tenant, waiter.entity) is None:
-            state.retries.append(RetryEntry(waiter.tenant, waiter.entity))
+        state.add_retry(waiter.tenant, waiter.entity)
         place = Place(Stage.RETRYING, since, attempt)
         queued = waiting(state, config, now, waiter, place, self.ports.uniform)
         if isinstance(result, CapacityExhausted) and queued.reason != REASON_BACKOFF:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 GATE_KEY = "adm/gate"
@@ -48,6 +49,32 @@ def waiter_key(tenant: str, entity: str) -> str:
 
 def ticket_key(tenant: str, ticket: int) -> str:
     return f"adm/t/{_name(tenant)}/{ticket}"
+
+
+class Owned(Protocol):
+    """Anything kept for one entity of one tenant: a lease, a retry, a waiter's view."""
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def entity(self) -> str | None: ...
+
+
+OwnedT = TypeVar("OwnedT", bound=Owned)
+
+
+def owned_by(items: Iterable[OwnedT], tenant: str, entity: str | None) -> OwnedT | None:
+    """The first of `items` kept for the entity (None: none is)."""
+    for item in items:
+        if item.tenant == tenant and item.entity == entity:
+            return item
+    return None
+
+
+def not_owned_by(items: Iterable[OwnedT], tenant: str, entity: str | None) -> list[OwnedT]:
+    """`items` in order, without those kept for the entity."""
+    return [item for item in items if item.tenant != tenant or item.entity != entity]
 
 
 @dataclass(slots=True)
@@ -139,10 +166,15 @@ class GateState:
         return None
 
     def retry_of(self, tenant: str, entity: str) -> RetryEntry | None:
-        for entry in self.retries:
-            if entry.tenant == tenant and entry.entity == entity:
-                return entry
-        return None
+        return owned_by(self.retries, tenant, entity)
+
+    def add_retry(self, tenant: str, entity: str) -> None:
+        """The entity waits among the retries (once: a second call changes nothing)."""
+        if self.retry_of(tenant, entity) is None:
+            self.retries.append(RetryEntry(tenant, entity))
+
+    def drop_retry(self, tenant: str, entity: str) -> None:
+        self.retries = not_owned_by(self.retries, tenant, entity)
 
     def create_lease(self, lease_id: str) -> CreateLease | None:
         for lease in self.create_leases:
