@@ -24,7 +24,7 @@ from provisioner.resources.blocking import Verdict, waiting, walk
 from provisioner.resources.ledger import Loaded, ResourceLedger, set_bucket
 from provisioner.resources.limits import REASON_BACKOFF, rate_limits
 from provisioner.resources.results import ResourceGrant
-from provisioner.resources.state import Costs, ResourceLease
+from provisioner.resources.state import INPUT, OUTPUT, Costs, ResourceLease, margin_of
 
 
 class Acquisition(ResourceLedger):
@@ -130,6 +130,7 @@ class Acquisition(ResourceLedger):
             now + self.gate.lease_ms,
             now,
             charges,
+            {kind: margin_of(costs, kind) for kind in (INPUT, OUTPUT) if margin_of(costs, kind)},
         )
         state.leases.append(lease)
         remove_ticket(state, waiter.tenant, place.ticket, granted=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from provisioner.admission.bucket import Bucket
 from provisioner.config import ResourceGate
-from provisioner.resources.state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id
+from provisioner.resources.state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id, margin_key
 
 REASON_CONCURRENCY = "concurrency"
 REASON_TENANT_CONCURRENCY = "tenant_concurrency"
@@ -48,9 +48,21 @@ def rate_limits(gate: ResourceGate) -> tuple[RateLimit, ...]:
     return tuple(rates)
 
 
-def request_costs(input_tokens: int, output_tokens: int) -> Costs:
-    """What one request is estimated to cost, in every kind."""
-    return {REQUESTS: 1.0, INPUT: float(input_tokens), OUTPUT: float(output_tokens)}
+def request_costs(
+    input_tokens: int,
+    output_tokens: int,
+    max_input_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+) -> Costs:
+    """What one request is estimated to cost, in every kind, and how far each token
+    estimate may fall short of the actual (its worst case less the estimate; a worst case
+    not given is the estimate itself). The callers check that a worst case is not below
+    its estimate."""
+    costs = {REQUESTS: 1.0, INPUT: float(input_tokens), OUTPUT: float(output_tokens)}
+    for kind, worst in ((INPUT, max_input_tokens), (OUTPUT, max_output_tokens)):
+        if worst is not None and worst > costs[kind]:
+            costs[margin_key(kind)] = float(worst) - costs[kind]
+    return costs
 
 
 def too_large(gate: ResourceGate, costs: Costs) -> str | None:

@@ -107,6 +107,17 @@ def _estimate(request: Request, name: str) -> int:
     return found or 0
 
 
+def _worst_case(request: Request, name: str, estimate: int) -> int | None:
+    """A request's declared worst case (`max_input_tokens`, `max_output_tokens`), read like
+    its estimate; None when not declared. Never below the estimate."""
+    found = _tokens(request.trigger_params, name)
+    if found is None:
+        found = _tokens(request.entity_state, name)
+    if found is not None and found < estimate:
+        _refuse(f"{name} ({found}) is below its estimate ({estimate}): a worst case bounds it")
+    return found
+
+
 def _gate(gates: dict[str, ResourceGate], raw: str | None) -> ResourceGate:
     name = (raw or "").strip()
     if not name:
@@ -142,9 +153,13 @@ class ResourceOperations:
             self.ports.telemetry.progress(body)
 
     def acquire(self) -> Outcome:
+        estimated_input = _estimate(self.request, "estimated_input_tokens")
+        estimated_output = _estimate(self.request, "estimated_output_tokens")
         costs: Costs = request_costs(
-            _estimate(self.request, "estimated_input_tokens"),
-            _estimate(self.request, "estimated_output_tokens"),
+            estimated_input,
+            estimated_output,
+            _worst_case(self.request, "max_input_tokens", estimated_input),
+            _worst_case(self.request, "max_output_tokens", estimated_output),
         )
         reason = too_large(self.gate, costs)
         if reason is not None:

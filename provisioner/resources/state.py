@@ -25,7 +25,18 @@ INPUT = "input"
 OUTPUT = "output"
 KINDS = (REQUESTS, INPUT, OUTPUT)
 
+# What one request is estimated to cost, by kind, and under `margin_key(kind)` how far its
+# actual may exceed that estimate (its declared worst case less the estimate; 0 when none
+# is declared: the estimate is then its upper bound).
 Costs = dict[str, float]
+
+
+def margin_key(kind: str) -> str:
+    return f"{kind}+"
+
+
+def margin_of(costs: Costs, kind: str) -> float:
+    return costs.get(margin_key(kind), 0.0)
 
 
 def gate_key(resource: str) -> str:
@@ -63,6 +74,12 @@ class ResourceLease:
     expires_ms: int
     started_ms: int
     charges: list[Charge] = field(default_factory=list)
+    # How far the call's actual cost may exceed what `charges` charged, by kind: the
+    # estimation error still outstanding until it settles (`blocking.Budget.reserve`).
+    margins: Costs = field(default_factory=dict)
+
+    def margin(self, kind: str) -> float:
+        return self.margins.get(kind, 0.0)
 
 
 @dataclass(slots=True)
@@ -119,6 +136,7 @@ class ResourceState:
                     lease.expires_ms,
                     lease.started_ms,
                     [[c.bucket, c.tokens, c.slack_ms] for c in lease.charges],
+                    lease.margins,
                 ]
                 for lease in self.leases
             ],
@@ -136,17 +154,7 @@ class ResourceState:
     def from_bytes(cls, raw: bytes) -> ResourceState:
         doc = json.loads(raw.decode())
         return cls(
-            leases=[
-                ResourceLease(
-                    str(lid),
-                    str(tenant),
-                    str(entity),
-                    int(expires),
-                    int(started),
-                    [Charge(str(b), float(t), float(s)) for b, t, s in charges],
-                )
-                for lid, tenant, entity, expires, started, charges in doc["l"]
-            ],
+            leases=[_lease(*fields) for fields in doc["l"]],
             buckets={str(k): float(v) for k, v in doc["b"].items()},
             cooldown_until_ms=int(doc["cd"]),
             backoff_failures=int(doc["bf"]),
@@ -155,3 +163,24 @@ class ResourceState:
             hold_ms=doc["hold"],
             grants=int(doc["n"]),
         )
+
+
+def _lease(
+    lease_id: str,
+    tenant: str,
+    entity: str,
+    expires: int,
+    started: int,
+    charges: list[list[Any]],
+    margins: dict[str, float] | None = None,
+) -> ResourceLease:
+    # `margins` is absent from a document written before margins were stored: none.
+    return ResourceLease(
+        str(lease_id),
+        str(tenant),
+        str(entity),
+        int(expires),
+        int(started),
+        [Charge(str(b), float(t), float(s)) for b, t, s in charges],
+        {str(k): float(v) for k, v in (margins or {}).items()},
+    )
