@@ -96,6 +96,8 @@ class ResourceState:
     ticket_high_water: int = 0
     hold_ms: int | None = None
     grants: int = 0
+    # When the gate last granted a permit (0: never): a waiter's stall starts there.
+    granted_ms: int = 0
 
     def queue_of(self, tenant: str) -> TenantQueue | None:
         for queue in self.ring:
@@ -147,6 +149,7 @@ class ResourceState:
             "ep": self.ticket_high_water,
             "hold": self.hold_ms,
             "n": self.grants,
+            "g": self.granted_ms,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -162,6 +165,7 @@ class ResourceState:
             ticket_high_water=int(doc["ep"]),
             hold_ms=doc["hold"],
             grants=int(doc["n"]),
+            granted_ms=int(doc.get("g", 0)),
         )
 
 

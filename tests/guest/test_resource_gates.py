@@ -125,6 +125,38 @@ def test_a_worst_case_below_its_estimate_is_refused() -> None:
     granted(gates.acquire("acme", "a", estimated_input_tokens=500))
 
 
+def test_a_queue_that_moves_keeps_its_waiters_past_the_stall_timeout() -> None:
+    # Catches: a stall timeout that counts the whole wait (a long queue that keeps moving
+    # is not stuck), and one that never fires on a gate that grants no one.
+    slots = {
+        "resource": "sessions",
+        "resource.sessions.concurrency": "1",
+        "resource.sessions.stall_timeout_s": "60",
+        "resource.sessions.queue_timeout_s": "600",
+    }
+    gates = ResourceHarness(slots)
+    line = ["first", "second", "third", "last"]
+    granted(gates.acquire("acme", "holder"))
+    for waiter in line:
+        queued(gates.acquire("acme", waiter), "concurrency")
+    holder = "holder"
+    for turn in range(3):  # a slot frees every 50 s: 150 s of waiting, never 60 stalled
+        gates.advance(50_000)
+        gates.release("acme", holder)
+        holder = line[turn]
+        granted(gates.acquire("acme", holder))
+        for waiter in line[turn + 1 :]:
+            queued(gates.acquire("acme", waiter), "concurrency")
+    gates.advance(50_000)
+    queued(gates.acquire("acme", "last"), "concurrency")
+    gates.advance(9_999)
+    queued(gates.acquire("acme", "last"), "concurrency")
+    gates.advance(1)  # 60 s since the last grant: the gate is stuck
+    outcome = gates.acquire("acme", "last")
+    assert outcome.error is not None and outcome.error.code == "queue_timeout"
+    assert "stall timeout" in outcome.error.message
+
+
 def test_output_tokens_known_only_afterwards_are_charged_at_the_settle() -> None:
     gates = ResourceHarness({"resource": "llm", "resource.llm.otpm": "600"})
     granted(gates.acquire("acme", "a"))
