@@ -110,8 +110,24 @@ class RetryEntry:
     entity: str
 
 
+class FairQueueState:
+    """What a gate document holds for the fair queue (`admission.queue`): the tenants'
+    ticket ranges in ring order and the retries ahead of them. The sandbox gate and every
+    resource gate (`resources.state`) keep their waiters this way."""
+
+    __slots__ = ()
+    ring: list[TenantQueue]
+    retries: list[RetryEntry]
+
+    def queue_of(self, tenant: str) -> TenantQueue | None:
+        return next((queue for queue in self.ring if queue.tenant == tenant), None)
+
+    def waiting(self) -> int:
+        return len(self.retries) + sum(q.length() for q in self.ring)
+
+
 @dataclass(slots=True)
-class GateState:
+class GateState(FairQueueState):
     create_leases: list[CreateLease] = field(default_factory=list)
     sandbox_leases: list[SandboxLease] = field(default_factory=list)
     # GCRA theoretical arrival time of the next create.
@@ -131,12 +147,6 @@ class GateState:
     latency_ms: int | None = None
     hold_ms: int | None = None
     grants: int = 0
-
-    def queue_of(self, tenant: str) -> TenantQueue | None:
-        for queue in self.ring:
-            if queue.tenant == tenant:
-                return queue
-        return None
 
     def retry_of(self, tenant: str, entity: str) -> RetryEntry | None:
         for entry in self.retries:
@@ -163,9 +173,6 @@ class GateState:
         ]:
             usage[tenant] = usage.get(tenant, 0) + 1
         return usage
-
-    def waiting(self) -> int:
-        return len(self.retries) + sum(q.length() for q in self.ring)
 
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {

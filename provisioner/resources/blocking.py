@@ -47,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from provisioner.admission.blocking import ask_again_ms
 from provisioner.admission.queue import Eligible, fair_order, fresh_position
 from provisioner.admission.results import Queued
 from provisioner.config import AdmissionConfig, ResourceGate
@@ -283,18 +284,6 @@ def waiting(
     # A bucket's wait is exact: a waiter it holds back comes back right when its tokens are
     # due. Lease ends, and so a reserve, are estimates: poll_min keeps those from spinning.
     exact = reason in {rate.reason for rate in budget.rates} - reserved and eta > 0
-    floor = 1 if exact else admission.poll_min_ms
-    retry_after = max(floor, min(eta, admission.poll_max_ms))
-    if cooling_ms > 0:
-        # Spread the herd that comes back when the cooldown ends.
-        retry_after = max(cooling_ms, retry_after) + int(uniform() * admission.poll_min_ms)
-    return Queued(
-        position=at,
-        queue_length=state.waiting(),
-        in_use=in_use,
-        limit=limit,
-        reason=reason,
-        retry_after_ms=retry_after,
-        eta_ms=eta,
-        waited_ms=now_ms - since_ms,
-    )
+    retry_after = ask_again_ms(admission, eta, exact, cooling_ms, uniform)
+    waited = now_ms - since_ms
+    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited)

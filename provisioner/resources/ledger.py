@@ -5,9 +5,9 @@ compare-and-swap against the version read; a lost race re-reads (`cas.until_sett
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 from provisioner.admission.bucket import note_change
+from provisioner.admission.ledger import LoadedDocument
 from provisioner.admission.place import Place
 from provisioner.admission.results import Waiter
 from provisioner.config import AdmissionConfig, ResourceGate
@@ -27,13 +27,7 @@ from provisioner.resources.state import (
 ACCOUNT = Scope.ACCOUNT
 
 
-@dataclass(slots=True)
-class Loaded:
-    now_ms: int
-    state: ResourceState
-    version: int | None
-    place: Place | None
-    place_version: int | None
+Loaded = LoadedDocument[ResourceState]
 
 
 def prune(state: ResourceState, gate: ResourceGate, now_ms: int) -> bool:
@@ -100,14 +94,14 @@ class ResourceLedger:
         return Loaded(
             now_ms=now,
             state=state,
-            version=version,
+            gate_version=version,
             place=None if place_entry is None else Place.from_bytes(place_entry.value),
             place_version=None if place_entry is None else place_entry.version,
         )
 
     def save_gate(self, loaded: Loaded) -> None:
-        loaded.version = self.ports.storage.compare_and_swap(
-            ACCOUNT, gate_key(self.gate.name), loaded.version, loaded.state.to_bytes(), None
+        loaded.gate_version = self.ports.storage.compare_and_swap(
+            ACCOUNT, gate_key(self.gate.name), loaded.gate_version, loaded.state.to_bytes(), None
         )
 
     def save_place(self, waiter: Waiter, loaded: Loaded, place: Place, ttl_ms: int) -> None:

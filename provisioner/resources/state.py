@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provisioner.admission.bucket import Charge
-from provisioner.admission.state import RetryEntry, TenantQueue, key_part
+from provisioner.admission.state import FairQueueState, RetryEntry, TenantQueue, key_part
 
 # The cost kinds a request has: one request, its input tokens, its output tokens.
 REQUESTS = "requests"
@@ -83,7 +83,7 @@ class ResourceLease:
 
 
 @dataclass(slots=True)
-class ResourceState:
+class ResourceState(FairQueueState):
     leases: list[ResourceLease] = field(default_factory=list)
     # GCRA clock (`tat_ms`) of each bucket in use, by `bucket_id`; a bucket not named is
     # full.
@@ -99,32 +99,18 @@ class ResourceState:
     # When the gate last granted a permit (0: never): a waiter's stall starts there.
     granted_ms: int = 0
 
-    def queue_of(self, tenant: str) -> TenantQueue | None:
-        for queue in self.ring:
-            if queue.tenant == tenant:
-                return queue
-        return None
-
     def lease(self, lease_id: str) -> ResourceLease | None:
-        for lease in self.leases:
-            if lease.lease_id == lease_id:
-                return lease
-        return None
+        return next((lease for lease in self.leases if lease.lease_id == lease_id), None)
 
     def lease_of(self, tenant: str, entity: str) -> ResourceLease | None:
-        for lease in self.leases:
-            if (lease.tenant, lease.entity) == (tenant, entity):
-                return lease
-        return None
+        found = (lease for lease in self.leases if (lease.tenant, lease.entity) == (tenant, entity))
+        return next(found, None)
 
     def held_by(self, tenant: str) -> int:
         return sum(1 for lease in self.leases if lease.tenant == tenant)
 
     def open_charges(self) -> list[Charge]:
         return [charge for lease in self.leases for charge in lease.charges]
-
-    def waiting(self) -> int:
-        return sum(queue.length() for queue in self.ring)
 
     def to_bytes(self) -> bytes:
         # Clocks are stored unrounded (JSON floats round-trip exactly): a rounded clock
