@@ -48,19 +48,15 @@ def rate_limits(gate: ResourceGate) -> tuple[RateLimit, ...]:
     return tuple(rates)
 
 
-def request_costs(
-    input_tokens: int,
-    output_tokens: int,
-    max_input_tokens: int | None = None,
-    max_output_tokens: int | None = None,
-) -> Costs:
-    """What one request is estimated to cost, in every kind, and how far each token
-    estimate may fall short of the actual (its worst case less the estimate; a worst case
-    not given is the estimate itself). The callers check that a worst case is not below
-    its estimate."""
-    costs = {REQUESTS: 1.0, INPUT: float(input_tokens), OUTPUT: float(output_tokens)}
-    for kind, worst in ((INPUT, max_input_tokens), (OUTPUT, max_output_tokens)):
-        if worst is not None and worst > costs[kind]:
+def request_costs(estimates: dict[str, int], worst_cases: dict[str, int]) -> Costs:
+    """What one request is estimated to cost, by token kind (plus one request), and how
+    far each estimate may fall short of the actual: its worst case less the estimate (a
+    kind without a worst case: the estimate is its worst case). The callers check that a
+    worst case is not below its estimate."""
+    costs = {REQUESTS: 1.0, INPUT: 0.0, OUTPUT: 0.0}
+    costs.update({kind: float(tokens) for kind, tokens in estimates.items()})
+    for kind, worst in worst_cases.items():
+        if worst > costs[kind]:
             costs[margin_key(kind)] = float(worst) - costs[kind]
     return costs
 

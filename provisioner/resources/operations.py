@@ -153,14 +153,14 @@ class ResourceOperations:
             self.ports.telemetry.progress(body)
 
     def acquire(self) -> Outcome:
-        estimated_input = _estimate(self.request, "estimated_input_tokens")
-        estimated_output = _estimate(self.request, "estimated_output_tokens")
-        costs: Costs = request_costs(
-            estimated_input,
-            estimated_output,
-            _worst_case(self.request, "max_input_tokens", estimated_input),
-            _worst_case(self.request, "max_output_tokens", estimated_output),
-        )
+        estimates: dict[str, int] = {}
+        worst_cases: dict[str, int] = {}
+        for kind in (INPUT, OUTPUT):
+            estimates[kind] = _estimate(self.request, f"estimated_{kind}_tokens")
+            worst = _worst_case(self.request, f"max_{kind}_tokens", estimates[kind])
+            if worst is not None:
+                worst_cases[kind] = worst
+        costs: Costs = request_costs(estimates, worst_cases)
         reason = too_large(self.gate, costs)
         if reason is not None:
             _refuse(reason)
