@@ -118,6 +118,27 @@ class FairQueueState:
     __slots__ = ()
     ring: list[TenantQueue]
     retries: list[RetryEntry]
+    ticket_high_water: int
+
+    def queue_fields(self) -> dict[str, Any]:
+        """The fair queue's part of the stored document."""
+        return {
+            "q": [[q.tenant, q.head, q.tail, q.removed] for q in self.ring],
+            "rq": [[e.tenant, e.entity] for e in self.retries],
+            "ep": self.ticket_high_water,
+        }
+
+    @staticmethod
+    def read_queue_fields(doc: dict[str, Any]) -> dict[str, Any]:
+        """`queue_fields` read back, as constructor arguments (a document without retries,
+        a resource gate's before they were stored, has none)."""
+        return {
+            "ring": [TenantQueue(t, h, tl, list(s)) for t, h, tl, s in doc["q"]],
+            # Documents written before the attempt moved to the waiter's record carry it
+            # as a third retry field: read past it.
+            "retries": [RetryEntry(item[0], item[1]) for item in doc.get("rq", [])],
+            "ticket_high_water": int(doc["ep"]),
+        }
 
     def queue_of(self, tenant: str) -> TenantQueue | None:
         return next((queue for queue in self.ring if queue.tenant == tenant), None)
@@ -191,9 +212,7 @@ class GateState(FairQueueState):
             "ok": self.success_streak,
             "rb": None if self.retry_tokens is None else round(self.retry_tokens, 4),
             "rbt": self.retry_refilled_ms,
-            "q": [[q.tenant, q.head, q.tail, q.removed] for q in self.ring],
-            "rq": [[e.tenant, e.entity] for e in self.retries],
-            "ep": self.ticket_high_water,
+            **self.queue_fields(),
             "lat": self.latency_ms,
             "hold": self.hold_ms,
             "n": self.grants,
@@ -204,7 +223,7 @@ class GateState(FairQueueState):
     def from_bytes(cls, raw: bytes) -> GateState:
         doc = json.loads(raw.decode())  # str: json skips sniffing the encoding
         # Documents written before the attempt moved to the waiter's record carry it as a
-        # sixth lease field and a third retry field: read past it.
+        # sixth lease field (and a third retry field, `read_queue_fields`): read past it.
         return cls(
             create_leases=[CreateLease(*item[:5]) for item in doc["c"]],
             sandbox_leases=[SandboxLease(*item) for item in doc["s"]],
@@ -215,9 +234,7 @@ class GateState(FairQueueState):
             success_streak=int(doc["ok"]),
             retry_tokens=doc["rb"],
             retry_refilled_ms=int(doc["rbt"]),
-            ring=[TenantQueue(t, h, tl, list(s)) for t, h, tl, s in doc["q"]],
-            retries=[RetryEntry(item[0], item[1]) for item in doc["rq"]],
-            ticket_high_water=int(doc["ep"]),
+            **cls.read_queue_fields(doc),
             latency_ms=doc["lat"],
             hold_ms=doc["hold"],
             grants=int(doc["n"]),
