@@ -12,16 +12,24 @@ from tests.guest.harness import VirtualAccount
 
 
 def gate_invocation(
-    config: dict[str, str], tenant: str, entity: str, params: dict[str, Any] | None = None
+    config: dict[str, str],
+    tenant: str,
+    entity: str,
+    params: dict[str, Any] | None = None,
+    *,
+    state: dict[str, Any] | None = None,
+    entity_type: str = "Agent",
+    action: str = "Gate",
 ) -> Invocation:
-    """One resource operation (its `operation` and gate keys in `config`) of an entity."""
+    """One resource operation (its `operation` and gate keys in `config`) of an entity in
+    `state`, fired by `action`."""
     return Invocation(
         tenant=tenant,
-        entity_type="Agent",
+        entity_type=entity_type,
         entity_id=entity,
-        trigger_action="Gate",
+        trigger_action=action,
         trigger_params=json.dumps(params or {}),
-        entity_state="{}",
+        entity_state=json.dumps(state or {}),
         config=tuple(config.items()),
         session_id=None,
         trace_id="t",

@@ -3,15 +3,14 @@ cites, and with what the component answers to its triggers."""
 
 from __future__ import annotations
 
-import json
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from provisioner.app import run
 from provisioner.config import read_config
-from provisioner.model import Invocation, Outcome
-from tests.guest.resource_harness import ResourceHarness
+from provisioner.model import Outcome
+from tests.guest.resource_harness import ResourceHarness, gate_invocation
 
 SPEC = Path(__file__).resolve().parents[2] / "examples" / "llm_gated_agent.ioa.toml"
 WAITING = {
@@ -142,16 +141,9 @@ def test_every_way_to_failed_gives_back_the_permit_and_the_slot() -> None:
 def fire(
     harness: ResourceHarness, trigger: dict[str, Any], entity: str, state: dict[str, Any]
 ) -> Outcome:
-    invocation = Invocation(
-        tenant="acme",
-        entity_type="LlmGatedAgent",
-        entity_id=entity,
-        trigger_action="Submit",
-        trigger_params="{}",
-        entity_state=json.dumps(state),
-        config=tuple(trigger["config"].items()),
-        session_id=None,
-        trace_id="t",
+    config = dict(trigger["config"])
+    invocation = gate_invocation(
+        config, "acme", entity, state=state, entity_type="LlmGatedAgent", action="Submit"
     )
     return run(invocation, harness.ports("acme"))
 
