@@ -532,6 +532,8 @@ class ResourceGate:
     tenant_otpm_burst: float | None = None
     lease_ms: int = 600_000
     queue_timeout_ms: int | None = None
+    # The longest a waiter waits while the gate grants no one (None: no such limit).
+    stall_timeout_ms: int | None = None
 
     def check_relations(self) -> None:
         pairs = [("concurrency", "tenant_concurrency")]
@@ -672,6 +674,20 @@ RESOURCE_SETTINGS: tuple[ResourceSetting, ...] = (
         "queue_timeout_ms",
         _resource_millis,
         "the queue_timeout_ms value",
+        "the same, in milliseconds",
+    ),
+    ResourceSetting(
+        "stall_timeout_s",
+        "stall_timeout_ms",
+        _resource_seconds,
+        "none",
+        "longest a waiter may queue while the gate grants no one (a stuck gate)",
+    ),
+    ResourceSetting(
+        "stall_timeout_ms",
+        "stall_timeout_ms",
+        _resource_millis,
+        "none",
         "the same, in milliseconds",
     ),
 )

@@ -56,7 +56,6 @@ class StorageReader(Protocol):
 
 
 class Storage(StorageReader, Protocol):
-
     def compare_and_swap(
         self,
         scope: Scope,

@@ -46,6 +46,7 @@ from host.sessions.llm_sessions import (
     LlmScenario,
     _jobs,
     _WaitTracker,
+    run_in_mode,
     tier_gate_config,
 )
 from host.sessions.model import Job
@@ -231,8 +232,5 @@ def run_ungated_realtime(config: RealTimeLlm) -> LlmRun:
 
 
 def run_realtime_mode(mode: str, config: RealTimeLlm, spec: Spec | None = None) -> LlmRun:
-    if mode == GATED:
-        return run_gated_realtime(config, spec)
-    if mode == UNGATED:
-        return run_ungated_realtime(config)
-    raise ValueError(f"unknown LLM mode {mode!r}")
+    return run_in_mode(mode, lambda: run_gated_realtime(config, spec),
+                       lambda: run_ungated_realtime(config))

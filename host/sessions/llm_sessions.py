@@ -450,12 +450,16 @@ def run_ungated(scenario: LlmScenario) -> LlmRun:
                   provider.state, waiting)
 
 
+def run_in_mode(mode: str, gated: Callable[[], LlmRun], ungated: Callable[[], LlmRun]) -> LlmRun:
+    """Runs the runner of `mode` (virtual or real time alike); ValueError for another."""
+    runners = {GATED: gated, UNGATED: ungated}
+    if mode not in runners:
+        raise ValueError(f"unknown LLM mode {mode!r}; expected one of {LLM_MODES}")
+    return runners[mode]()
+
+
 def run_llm_mode(mode: str, scenario: LlmScenario, spec: Spec | None = None) -> LlmRun:
-    if mode == GATED:
-        return run_gated(scenario, spec)
-    if mode == UNGATED:
-        return run_ungated(scenario)
-    raise ValueError(f"unknown LLM mode {mode!r}; expected one of {LLM_MODES}")
+    return run_in_mode(mode, lambda: run_gated(scenario, spec), lambda: run_ungated(scenario))
 
 
 def format_llm_table(summaries: list[dict[str, Any]]) -> str:

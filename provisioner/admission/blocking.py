@@ -218,23 +218,26 @@ def waiting(
     # unused rate token means the permit waits on someone else's turn: poll_min keeps
     # those from spinning.
     exact = reason == REASON_RATE and eta > 0 and frees[REASON_RATE] == 0
-    floor = 1 if exact else config.poll_min_ms
     wait = eta
     if not exact and state.latency_ms is None:
         # The estimate rests on the assumed create latency: come back by the time the
         # first create should have answered, when a measured latency is known.
         wait = min(wait, config.create_latency_ms // 2)
-    retry_after = max(floor, min(wait, config.poll_max_ms))
+    retry_after = ask_again_ms(config, wait, exact, cooling, uniform)
+    waited = now - place.since_ms
+    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited)
+
+
+def ask_again_ms(
+    config: AdmissionConfig, wait_ms: int, exact: bool, cooling: int, uniform: Callable[[], float]
+) -> int:
+    """When a waiter should ask again (`retry_after_ms`), for a wait of `wait_ms`: at once
+    when the wait is `exact` (a rate's, due to the millisecond), else no sooner than
+    poll_min; never later than poll_max; and during a cooldown of `cooling` ms, after it,
+    spread over poll_min. Shared by the sandbox gates and the resource gates."""
+    floor = 1 if exact else config.poll_min_ms
+    retry_after = max(floor, min(wait_ms, config.poll_max_ms))
     if cooling > 0:
         # Spread the herd that comes back when the cooldown ends.
         retry_after = max(cooling, retry_after) + int(uniform() * config.poll_min_ms)
-    return Queued(
-        position=at,
-        queue_length=state.waiting(),
-        in_use=in_use,
-        limit=limit,
-        reason=reason,
-        retry_after_ms=retry_after,
-        eta_ms=eta,
-        waited_ms=now - place.since_ms,
-    )
+    return retry_after

@@ -22,7 +22,9 @@ token and a burst of `burst` tokens, the level at `now` is
 What that buys (the property tests check it): over any window [a, b], the actual costs of
 the requests granted in it sum to at most `rate * (b - a) + burst`, plus the estimation
 errors (actual above estimate) of the requests still unsettled right after the window's
-last grant — one request's error when calls do not overlap.
+last grant — one request's error when calls do not overlap. The resource gates make that
+one request's error under any overlap by reserving the declared worst-case errors of the
+calls in flight (`resources.blocking`, its module docstring).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from provisioner.admission import budget
 from provisioner.admission.cas import until_settled
@@ -24,13 +25,23 @@ from provisioner.ports import Ports, Scope, StorageConflict, StorageError
 ACCOUNT = Scope.ACCOUNT
 
 
+Document = TypeVar("Document")
+
+
 @dataclass(slots=True)
-class Loaded:
+class LoadedDocument(Generic[Document]):
+    """What a decision read: a gate document (the sandbox gate's `GateState`, or a
+    resource gate's, `resources.ledger`) and the waiter's place, each with the version
+    its compare-and-swap writes against."""
+
     now_ms: int
-    state: GateState
+    state: Document
     gate_version: int | None
     place: Place | None
     place_version: int | None
+
+
+Loaded = LoadedDocument[GateState]
 
 
 def load_gate(ports: Ports, config: AdmissionConfig, now_ms: int) -> tuple[GateState, int | None]:

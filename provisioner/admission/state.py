@@ -137,8 +137,45 @@ class RetryEntry:
     entity: str
 
 
+class FairQueueState:
+    """What a gate document holds for the fair queue (`admission.queue`): the tenants'
+    ticket ranges in ring order and the retries ahead of them. The sandbox gate and every
+    resource gate (`resources.state`) keep their waiters this way."""
+
+    __slots__ = ()
+    ring: list[TenantQueue]
+    retries: list[RetryEntry]
+    ticket_high_water: int
+
+    def queue_fields(self) -> dict[str, Any]:
+        """The fair queue's part of the stored document."""
+        return {
+            "q": [[q.tenant, q.head, q.tail, q.removed] for q in self.ring],
+            "rq": [[e.tenant, e.entity] for e in self.retries],
+            "ep": self.ticket_high_water,
+        }
+
+    @staticmethod
+    def read_queue_fields(doc: dict[str, Any]) -> dict[str, Any]:
+        """`queue_fields` read back, as constructor arguments (a document without retries,
+        a resource gate's before they were stored, has none)."""
+        return {
+            "ring": [TenantQueue(t, h, tl, list(s)) for t, h, tl, s in doc["q"]],
+            # Documents written before the attempt moved to the waiter's record carry it
+            # as a third retry field: read past it.
+            "retries": [RetryEntry(item[0], item[1]) for item in doc.get("rq", [])],
+            "ticket_high_water": int(doc["ep"]),
+        }
+
+    def queue_of(self, tenant: str) -> TenantQueue | None:
+        return next((queue for queue in self.ring if queue.tenant == tenant), None)
+
+    def waiting(self) -> int:
+        return len(self.retries) + sum(q.length() for q in self.ring)
+
+
 @dataclass(slots=True)
-class GateState:
+class GateState(FairQueueState):
     create_leases: list[CreateLease] = field(default_factory=list)
     sandbox_leases: list[SandboxLease] = field(default_factory=list)
     # GCRA theoretical arrival time of the next create.
@@ -158,12 +195,6 @@ class GateState:
     latency_ms: int | None = None
     hold_ms: int | None = None
     grants: int = 0
-
-    def queue_of(self, tenant: str) -> TenantQueue | None:
-        for queue in self.ring:
-            if queue.tenant == tenant:
-                return queue
-        return None
 
     def retry_of(self, tenant: str, entity: str) -> RetryEntry | None:
         return owned_by(self.retries, tenant, entity)
@@ -196,9 +227,6 @@ class GateState:
             usage[tenant] = usage.get(tenant, 0) + 1
         return usage
 
-    def waiting(self) -> int:
-        return len(self.retries) + sum(q.length() for q in self.ring)
-
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {
             "c": [
@@ -216,9 +244,7 @@ class GateState:
             "ok": self.success_streak,
             "rb": None if self.retry_tokens is None else round(self.retry_tokens, 4),
             "rbt": self.retry_refilled_ms,
-            "q": [[q.tenant, q.head, q.tail, q.removed] for q in self.ring],
-            "rq": [[e.tenant, e.entity] for e in self.retries],
-            "ep": self.ticket_high_water,
+            **self.queue_fields(),
             "lat": self.latency_ms,
             "hold": self.hold_ms,
             "n": self.grants,
@@ -229,7 +255,7 @@ class GateState:
     def from_bytes(cls, raw: bytes) -> GateState:
         doc = json.loads(raw.decode())  # str: json skips sniffing the encoding
         # Documents written before the attempt moved to the waiter's record carry it as a
-        # sixth lease field and a third retry field: read past it.
+        # sixth lease field (and a third retry field, `read_queue_fields`): read past it.
         return cls(
             create_leases=[CreateLease(*item[:5]) for item in doc["c"]],
             sandbox_leases=[SandboxLease(*item) for item in doc["s"]],
@@ -240,9 +266,7 @@ class GateState:
             success_streak=int(doc["ok"]),
             retry_tokens=doc["rb"],
             retry_refilled_ms=int(doc["rbt"]),
-            ring=[TenantQueue(t, h, tl, list(s)) for t, h, tl, s in doc["q"]],
-            retries=[RetryEntry(item[0], item[1]) for item in doc["rq"]],
-            ticket_high_water=int(doc["ep"]),
+            **cls.read_queue_fields(doc),
             latency_ms=doc["lat"],
             hold_ms=doc["hold"],
             grants=int(doc["n"]),

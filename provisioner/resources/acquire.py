@@ -24,7 +24,7 @@ from provisioner.resources.blocking import Verdict, waiting, walk
 from provisioner.resources.ledger import Loaded, ResourceLedger, set_bucket
 from provisioner.resources.limits import REASON_BACKOFF, rate_limits
 from provisioner.resources.results import ResourceGrant
-from provisioner.resources.state import Costs, ResourceLease
+from provisioner.resources.state import INPUT, OUTPUT, Costs, ResourceLease, margin_of
 
 
 class Acquisition(ResourceLedger):
@@ -55,8 +55,9 @@ class Acquisition(ResourceLedger):
             since = stored.since_ms if stored is not None else now
             place, fresh = Place(Stage.QUEUED, since, 1, ticket=enqueue(state, waiter.tenant)), True
         assert place.ticket is not None
-        if now - place.since_ms >= self.queue_timeout_ms:
-            return self._timed_out(waiter, loaded, place)
+        timed_out = self._timed_out_by(state.granted_ms, place.since_ms, now)
+        if timed_out is not None:
+            return self._timed_out(waiter, loaded, place, timed_out)
         cooling = cooling_ms(state, now)
         if cooling > 0:
             verdict = Verdict(False, REASON_BACKOFF, (), ())
@@ -97,21 +98,32 @@ class Acquisition(ResourceLedger):
         self.touch_ticket(waiter, place.ticket, costs, ttl)
         return queued
 
-    def _timed_out(self, waiter: Waiter, loaded: Loaded, place: Place) -> Rejected:
+    def _timed_out_by(self, granted_ms: int, since_ms: int, now_ms: int) -> str | None:
+        """Why the wait is over, if it is: longer than the queue timeout, or longer than
+        the stall timeout with no grant made by the gate meanwhile (a stuck gate; a queue
+        that moves keeps its waiters)."""
+        waited = now_ms - since_ms
+        if waited >= self.queue_timeout_ms:
+            return (
+                f"waited {waited} ms for resource {self.gate.name!r}, longer than its queue "
+                f"timeout of {self.queue_timeout_ms} ms"
+            )
+        stall = self.gate.stall_timeout_ms
+        stalled = now_ms - max(since_ms, granted_ms)
+        if stall is not None and stalled >= stall:
+            return (
+                f"resource {self.gate.name!r} granted no one for {stalled} ms of this wait, "
+                f"longer than its stall timeout of {stall} ms"
+            )
+        return None
+
+    def _timed_out(self, waiter: Waiter, loaded: Loaded, place: Place, why: str) -> Rejected:
         assert place.ticket is not None
         remove_ticket(loaded.state, waiter.tenant, place.ticket, granted=False)
         self.save_gate(loaded)
         self.forget_place(waiter)
         self.forget_ticket(waiter, place.ticket)
-        waited = loaded.now_ms - place.since_ms
-        return Rejected(
-            Failure(
-                FailureCode.QUEUE_TIMEOUT,
-                f"waited {waited} ms for resource {self.gate.name!r}, longer than its queue "
-                f"timeout of {self.queue_timeout_ms} ms",
-                retryable=True,
-            )
-        )
+        return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
     def _grant(self, waiter: Waiter, loaded: Loaded, place: Place, costs: Costs) -> ResourceGrant:
         state, now = loaded.state, loaded.now_ms
@@ -130,10 +142,12 @@ class Acquisition(ResourceLedger):
             now + self.gate.lease_ms,
             now,
             charges,
+            {kind: margin_of(costs, kind) for kind in (INPUT, OUTPUT) if margin_of(costs, kind)},
         )
         state.leases.append(lease)
         remove_ticket(state, waiter.tenant, place.ticket, granted=True)
         state.grants += 1
+        state.granted_ms = now
         self.save_gate(loaded)
         # The gate document is the truth about who holds what: the place is no longer needed.
         self.forget_place(waiter)

@@ -7,6 +7,37 @@ its own turn fits. Costs differ per request, so a turn that does not fit a limit
 by the account stops the walk there: the head of the queue is never overtaken by a
 cheaper request behind it (no starvation of large requests). A turn held back by its own
 tenant's limits only skips that tenant's turns.
+
+**The token bound, and one request's estimation error.** A request declares, per token
+kind, an estimate (charged at the grant) and optionally a worst case (`max_input_tokens`,
+`max_output_tokens`; none declared: the estimate is its worst case). Its margin is the
+worst case less the estimate: the most its actual can exceed what the grant charged. For
+output tokens the call's `max_tokens` is a true worst case (the provider stops there), so
+an estimate of `max_tokens` has margin 0 and is refunded down to the actual on settle;
+for input tokens a counted prompt has margin 0, a guessed one the error its caller
+declares. The rule, per bucket: a turn fits only when the bucket's level covers its
+estimate plus its reserve, the margins of every call in flight on that bucket (granted,
+not yet settled, released or expired) and its own, less the largest of those margins
+(`Budget.reserve`). A settle charges what the estimate missed at once; a release or an
+expiry charges the margins in full (the call's cost is unknown: assume its worst case).
+
+What that guarantees, whatever the interleaving of acquires, settles and releases of any
+number of invocations: over any window [a, b] between two grants, the actual costs of the
+requests granted in it stay within `rate * (b - a) + burst + x`, where `x` is ONE
+request's estimation error (actual above estimate): that of the in-flight request with
+the largest margin at the window's last grant. Why: the bucket after every settle is never
+less conservative than one charged each settled call's actual at its grant
+(`admission.bucket`), so the charged costs of the window sum to at most `rate * (b - a) +
+burst - L`, with `L` the level left after the last grant, at least the reserve
+`sum(m_i) - max(m_i)` over the calls still in flight; their unaccounted errors `x_i <=
+m_i` then add at most `sum(x_i) - sum(m_i) + max(m_i) <= x_k` for the call `k` with the
+largest margin. The bound holds as long as every actual stays within its declared worst
+case; an actual above it (a caller's wrong bound) goes into debt at its settle, and the
+window containing that call exceeds the bound by the overrun at most.
+
+The reserve costs throughput only while margins are in flight: with margin-0 requests (a
+counted prompt, an output estimate of `max_tokens`) it is 0 and the bucket is used to the
+full.
 """
 
 from __future__ import annotations
@@ -16,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from provisioner.admission.blocking import ask_again_ms
 from provisioner.admission.queue import Eligible, fair_order, fresh_position
 from provisioner.admission.results import Queued
 from provisioner.config import AdmissionConfig, ResourceGate
@@ -26,7 +58,7 @@ from provisioner.resources.limits import (
     RateLimit,
     rate_limits,
 )
-from provisioner.resources.state import Costs, ResourceState
+from provisioner.resources.state import Costs, ResourceState, margin_of
 
 # Turns looked at per decision (each costs one read of its ticket key).
 LOOKAHEAD = 32
@@ -37,7 +69,13 @@ ReadCost = Callable[[str, int], Costs | None]
 
 
 class Budget:
-    """What every limit of the gate has free right now."""
+    """What every limit of the gate has free right now.
+
+    A rate limit's turn fits when the bucket's level covers its estimate plus the
+    reserve (`reserve`): the estimation errors that may still be outstanding, of the
+    calls in flight on that bucket and of this one, less the largest of them. So the
+    errors that can reach the provider unaccounted are never more than one request's
+    (the module docstring of `resources.settle` says why that is the bound)."""
 
     def __init__(self, state: ResourceState, gate: ResourceGate, now_ms: int) -> None:
         self.state = state
@@ -47,6 +85,8 @@ class Budget:
         self.free = None if gate.concurrency is None else gate.concurrency - len(state.leases)
         self.held: Counter[str] = Counter(lease.tenant for lease in state.leases)
         self._levels: dict[str, float] = {}
+        # Per bucket: the sum and the largest of the in-flight calls' margins.
+        self._exposure: dict[str, tuple[float, float]] = {}
 
     def level(self, rate: RateLimit, tenant: str) -> float:
         name = rate.bucket_id(tenant)
@@ -54,6 +94,24 @@ class Budget:
             tat = self.state.buckets.get(name, 0.0)
             self._levels[name] = rate.bucket.level(tat, self.now_ms)
         return self._levels[name]
+
+    def exposure(self, rate: RateLimit, tenant: str) -> tuple[float, float]:
+        name = rate.bucket_id(tenant)
+        if name not in self._exposure:
+            margins = [
+                lease.margin(rate.kind)
+                for lease in self.state.leases
+                if any(charge.bucket == name for charge in lease.charges)
+            ]
+            self._exposure[name] = (sum(margins), max(margins, default=0.0))
+        return self._exposure[name]
+
+    def reserve(self, rate: RateLimit, tenant: str, costs: Costs) -> float:
+        """What the bucket must hold beyond a turn's estimate: every outstanding margin
+        with the turn's own, except the largest one."""
+        total, largest = self.exposure(rate, tenant)
+        margin = margin_of(costs, rate.kind)
+        return total + margin - max(largest, margin)
 
     def tenant_has_room(self, tenant: str) -> bool:
         cap = self.gate.tenant_concurrency
@@ -67,7 +125,8 @@ class Budget:
         if not self.tenant_has_room(tenant):
             return REASON_TENANT_CONCURRENCY, False
         for rate in self.rates:
-            if self.level(rate, tenant) + _EPSILON < costs.get(rate.kind, 0.0):
+            need = costs.get(rate.kind, 0.0) + self.reserve(rate, tenant, costs)
+            if self.level(rate, tenant) + _EPSILON < need:
                 return rate.reason, not rate.per_tenant
         return None
 
@@ -78,6 +137,9 @@ class Budget:
         for rate in self.rates:
             name = rate.bucket_id(tenant)
             self._levels[name] = self.level(rate, tenant) - costs.get(rate.kind, 0.0)
+            total, largest = self.exposure(rate, tenant)
+            margin = margin_of(costs, rate.kind)
+            self._exposure[name] = (total + margin, max(largest, margin))
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +249,7 @@ def waiting(
     )
     waits: dict[str, int] = {}
     usage: dict[str, tuple[int, int]] = {}
+    reserved: set[str] = set()
     if gate.concurrency is not None:
         free = gate.concurrency - len(state.leases)
         waits[REASON_CONCURRENCY] = _lease_wait_ms(ends, at - max(0, free), cycle)
@@ -206,6 +269,11 @@ def waiting(
             for turn_tenant, turn_costs in verdict.ahead
             if not rate.per_tenant or turn_tenant == tenant
         )
+        # The reserve comes back when calls in flight settle, not by refill: an estimate.
+        reserve = budget.reserve(rate, tenant, costs)
+        if reserve > 0:
+            reserved.add(rate.reason)
+        need += reserve
         tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
         waits[rate.reason] = rate.bucket.wait_ms(tat, now_ms, need)
         used = rate.bucket.burst - budget.level(rate, tenant)
@@ -214,20 +282,8 @@ def waiting(
     eta = cooling_ms + max(waits.values(), default=0)
     in_use, limit = usage.get(reason, usage.get(_first_limit(gate, budget), (0, 0)))
     # A bucket's wait is exact: a waiter it holds back comes back right when its tokens are
-    # due. Lease ends are estimates: poll_min keeps those from spinning.
-    exact = reason in {rate.reason for rate in budget.rates} and eta > 0
-    floor = 1 if exact else admission.poll_min_ms
-    retry_after = max(floor, min(eta, admission.poll_max_ms))
-    if cooling_ms > 0:
-        # Spread the herd that comes back when the cooldown ends.
-        retry_after = max(cooling_ms, retry_after) + int(uniform() * admission.poll_min_ms)
-    return Queued(
-        position=at,
-        queue_length=state.waiting(),
-        in_use=in_use,
-        limit=limit,
-        reason=reason,
-        retry_after_ms=retry_after,
-        eta_ms=eta,
-        waited_ms=now_ms - since_ms,
-    )
+    # due. Lease ends, and so a reserve, are estimates: poll_min keeps those from spinning.
+    exact = reason in {rate.reason for rate in budget.rates} - reserved and eta > 0
+    retry_after = ask_again_ms(admission, eta, exact, cooling_ms, uniform)
+    waited = now_ms - since_ms
+    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited)

@@ -104,7 +104,7 @@ def inspect_resource(
     entry = storage.get(Scope.ACCOUNT, gate_key(gate.name))
     state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
     if prune_expired:
-        prune(state, now_ms)
+        prune(state, gate, now_ms)
     tenants = sorted(
         {lease.tenant for lease in state.leases}
         | {q.tenant for q in state.ring}

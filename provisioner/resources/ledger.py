@@ -5,15 +5,17 @@ compare-and-swap against the version read; a lost race re-reads (`cas.until_sett
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 from provisioner.admission.bucket import note_change
+from provisioner.admission.ledger import LoadedDocument
 from provisioner.admission.place import Place
 from provisioner.admission.results import Waiter
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.ports import Ports, Scope, StorageError
+from provisioner.resources.limits import rate_limits
 from provisioner.resources.state import (
     Costs,
+    ResourceLease,
     ResourceState,
     decode_ticket,
     encode_ticket,
@@ -25,21 +27,19 @@ from provisioner.resources.state import (
 ACCOUNT = Scope.ACCOUNT
 
 
-@dataclass(slots=True)
-class Loaded:
-    now_ms: int
-    state: ResourceState
-    version: int | None
-    place: Place | None
-    place_version: int | None
+Loaded = LoadedDocument[ResourceState]
 
 
-def prune(state: ResourceState, now_ms: int) -> bool:
-    """Drop expired leases (what they charged stays charged) and buckets that are full
-    and charged by no open lease; True when anything was dropped."""
-    kept = [lease for lease in state.leases if lease.expires_ms > now_ms]
-    changed = len(kept) != len(state.leases)
-    state.leases = kept
+def prune(state: ResourceState, gate: ResourceGate, now_ms: int) -> bool:
+    """Drop expired leases and buckets that are full and charged by no open lease; True
+    when anything was dropped. What an expired lease charged stays charged, and its
+    margins are charged too: its call may have cost its worst case, and nothing tells the
+    gate otherwise in time (a settle that comes later charges the actual in full)."""
+    expired = [lease for lease in state.leases if lease.expires_ms <= now_ms]
+    changed = bool(expired)
+    state.leases = [lease for lease in state.leases if lease.expires_ms > now_ms]
+    for lease in expired:
+        charge_margins(state, gate, lease, now_ms)
     charged = {charge.bucket for charge in state.open_charges()}
     for name, tat in list(state.buckets.items()):
         if tat <= now_ms and name not in charged:
@@ -48,10 +48,24 @@ def prune(state: ResourceState, now_ms: int) -> bool:
     return changed
 
 
-def read_state(ports: Ports, resource: str, now_ms: int) -> tuple[ResourceState, int | None]:
-    entry = ports.storage.get(ACCOUNT, gate_key(resource))
+def charge_margins(
+    state: ResourceState, gate: ResourceGate, lease: ResourceLease, now_ms: int
+) -> None:
+    """Charge every bucket `lease` charged its worst-case error (the lease is out of
+    `state.leases`)."""
+    rates = {rate.bucket_id(lease.tenant): rate for rate in rate_limits(gate)}
+    for charge in lease.charges:
+        rate = rates.get(charge.bucket)
+        margin = 0.0 if rate is None else lease.margin(rate.kind)
+        if rate is not None and margin > 0:
+            tat = state.buckets.get(charge.bucket, 0.0)
+            set_bucket(state, charge.bucket, rate.bucket.charge(tat, now_ms, margin), now_ms)
+
+
+def read_state(ports: Ports, gate: ResourceGate, now_ms: int) -> tuple[ResourceState, int | None]:
+    entry = ports.storage.get(ACCOUNT, gate_key(gate.name))
     state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
-    prune(state, now_ms)
+    prune(state, gate, now_ms)
     return state, None if entry is None else entry.version
 
 
@@ -76,18 +90,18 @@ class ResourceLedger:
         storage = self.ports.storage
         place_entry = storage.get(ACCOUNT, waiter_key(self.gate.name, waiter.tenant, waiter.entity))
         now = self.ports.clock.now_ms()
-        state, version = read_state(self.ports, self.gate.name, now)
+        state, version = read_state(self.ports, self.gate, now)
         return Loaded(
             now_ms=now,
             state=state,
-            version=version,
+            gate_version=version,
             place=None if place_entry is None else Place.from_bytes(place_entry.value),
             place_version=None if place_entry is None else place_entry.version,
         )
 
     def save_gate(self, loaded: Loaded) -> None:
-        loaded.version = self.ports.storage.compare_and_swap(
-            ACCOUNT, gate_key(self.gate.name), loaded.version, loaded.state.to_bytes(), None
+        loaded.gate_version = self.ports.storage.compare_and_swap(
+            ACCOUNT, gate_key(self.gate.name), loaded.gate_version, loaded.state.to_bytes(), None
         )
 
     def save_place(self, waiter: Waiter, loaded: Loaded, place: Place, ttl_ms: int) -> None:

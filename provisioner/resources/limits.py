@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from provisioner.admission.bucket import Bucket
 from provisioner.config import ResourceGate
-from provisioner.resources.state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id
+from provisioner.resources.state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id, margin_key
 
 REASON_CONCURRENCY = "concurrency"
 REASON_TENANT_CONCURRENCY = "tenant_concurrency"
@@ -48,9 +48,17 @@ def rate_limits(gate: ResourceGate) -> tuple[RateLimit, ...]:
     return tuple(rates)
 
 
-def request_costs(input_tokens: int, output_tokens: int) -> Costs:
-    """What one request is estimated to cost, in every kind."""
-    return {REQUESTS: 1.0, INPUT: float(input_tokens), OUTPUT: float(output_tokens)}
+def request_costs(estimates: dict[str, int], worst_cases: dict[str, int]) -> Costs:
+    """What one request is estimated to cost, by token kind (plus one request), and how
+    far each estimate may fall short of the actual: its worst case less the estimate (a
+    kind without a worst case: the estimate is its worst case). The callers check that a
+    worst case is not below its estimate."""
+    costs = {REQUESTS: 1.0, INPUT: 0.0, OUTPUT: 0.0}
+    costs.update({kind: float(tokens) for kind, tokens in estimates.items()})
+    for kind, worst in worst_cases.items():
+        if worst > costs[kind]:
+            costs[margin_key(kind)] = float(worst) - costs[kind]
+    return costs
 
 
 def too_large(gate: ResourceGate, costs: Costs) -> str | None:

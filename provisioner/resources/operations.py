@@ -107,6 +107,17 @@ def _estimate(request: Request, name: str) -> int:
     return found or 0
 
 
+def _worst_case(request: Request, name: str, estimate: int) -> int | None:
+    """A request's declared worst case (`max_input_tokens`, `max_output_tokens`), read like
+    its estimate; None when not declared. Never below the estimate."""
+    found = _tokens(request.trigger_params, name)
+    if found is None:
+        found = _tokens(request.entity_state, name)
+    if found is not None and found < estimate:
+        _refuse(f"{name} ({found}) is below its estimate ({estimate}): a worst case bounds it")
+    return found
+
+
 def _gate(gates: dict[str, ResourceGate], raw: str | None) -> ResourceGate:
     name = (raw or "").strip()
     if not name:
@@ -142,10 +153,14 @@ class ResourceOperations:
             self.ports.telemetry.progress(body)
 
     def acquire(self) -> Outcome:
-        costs: Costs = request_costs(
-            _estimate(self.request, "estimated_input_tokens"),
-            _estimate(self.request, "estimated_output_tokens"),
-        )
+        estimates: dict[str, int] = {}
+        worst_cases: dict[str, int] = {}
+        for kind in (INPUT, OUTPUT):
+            estimates[kind] = _estimate(self.request, f"estimated_{kind}_tokens")
+            worst = _worst_case(self.request, f"max_{kind}_tokens", estimates[kind])
+            if worst is not None:
+                worst_cases[kind] = worst
+        costs: Costs = request_costs(estimates, worst_cases)
         reason = too_large(self.gate, costs)
         if reason is not None:
             _refuse(reason)

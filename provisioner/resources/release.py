@@ -1,6 +1,8 @@
 """Release: free the permit an entity holds at a resource gate (a session's slot at its
 end, a call abandoned before it was made) and its place in the queue. What the grant
-charged the token buckets stays charged: the call may have happened."""
+charged the token buckets stays charged, and its margins (how far its actual may exceed
+the estimate) are charged too: the call may have happened, and may have cost its worst
+case (`ledger.charge_margins`, as for a lease that expires)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from provisioner.admission.cas import until_settled
 from provisioner.admission.place import Stage
 from provisioner.admission.queue import can_remove, remove_ticket
 from provisioner.admission.results import Waiter
-from provisioner.resources.ledger import ResourceLedger
+from provisioner.resources.ledger import ResourceLedger, charge_margins
 from provisioner.resources.results import Released
 from provisioner.resources.settle import observe_hold
 
@@ -24,6 +26,7 @@ class Release(ResourceLedger):
         if lease is not None:
             state.leases.remove(lease)
             observe_hold(state, lease, now)
+            charge_margins(state, self.gate, lease, now)
         ticket = None
         if place is not None and place.stage is Stage.QUEUED and place.ticket is not None:
             ticket = place.ticket

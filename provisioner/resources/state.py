@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provisioner.admission.bucket import Charge
-from provisioner.admission.state import RetryEntry, TenantQueue, key_part
+from provisioner.admission.state import FairQueueState, RetryEntry, TenantQueue, key_part
 
 # The cost kinds a request has: one request, its input tokens, its output tokens.
 REQUESTS = "requests"
@@ -25,7 +25,18 @@ INPUT = "input"
 OUTPUT = "output"
 KINDS = (REQUESTS, INPUT, OUTPUT)
 
+# What one request is estimated to cost, by kind, and under `margin_key(kind)` how far its
+# actual may exceed that estimate (its declared worst case less the estimate; 0 when none
+# is declared: the estimate is then its upper bound).
 Costs = dict[str, float]
+
+
+def margin_key(kind: str) -> str:
+    return f"{kind}+"
+
+
+def margin_of(costs: Costs, kind: str) -> float:
+    return costs.get(margin_key(kind), 0.0)
 
 
 def gate_key(resource: str) -> str:
@@ -63,10 +74,16 @@ class ResourceLease:
     expires_ms: int
     started_ms: int
     charges: list[Charge] = field(default_factory=list)
+    # How far the call's actual cost may exceed what `charges` charged, by kind: the
+    # estimation error still outstanding until it settles (`blocking.Budget.reserve`).
+    margins: Costs = field(default_factory=dict)
+
+    def margin(self, kind: str) -> float:
+        return self.margins.get(kind, 0.0)
 
 
 @dataclass(slots=True)
-class ResourceState:
+class ResourceState(FairQueueState):
     leases: list[ResourceLease] = field(default_factory=list)
     # GCRA clock (`tat_ms`) of each bucket in use, by `bucket_id`; a bucket not named is
     # full.
@@ -79,33 +96,21 @@ class ResourceState:
     ticket_high_water: int = 0
     hold_ms: int | None = None
     grants: int = 0
-
-    def queue_of(self, tenant: str) -> TenantQueue | None:
-        for queue in self.ring:
-            if queue.tenant == tenant:
-                return queue
-        return None
+    # When the gate last granted a permit (0: never): a waiter's stall starts there.
+    granted_ms: int = 0
 
     def lease(self, lease_id: str) -> ResourceLease | None:
-        for lease in self.leases:
-            if lease.lease_id == lease_id:
-                return lease
-        return None
+        return next((lease for lease in self.leases if lease.lease_id == lease_id), None)
 
     def lease_of(self, tenant: str, entity: str) -> ResourceLease | None:
-        for lease in self.leases:
-            if (lease.tenant, lease.entity) == (tenant, entity):
-                return lease
-        return None
+        found = (lease for lease in self.leases if (lease.tenant, lease.entity) == (tenant, entity))
+        return next(found, None)
 
     def held_by(self, tenant: str) -> int:
         return sum(1 for lease in self.leases if lease.tenant == tenant)
 
     def open_charges(self) -> list[Charge]:
         return [charge for lease in self.leases for charge in lease.charges]
-
-    def waiting(self) -> int:
-        return sum(queue.length() for queue in self.ring)
 
     def to_bytes(self) -> bytes:
         # Clocks are stored unrounded (JSON floats round-trip exactly): a rounded clock
@@ -119,16 +124,17 @@ class ResourceState:
                     lease.expires_ms,
                     lease.started_ms,
                     [[c.bucket, c.tokens, c.slack_ms] for c in lease.charges],
+                    lease.margins,
                 ]
                 for lease in self.leases
             ],
             "b": {name: tat for name, tat in self.buckets.items()},
             "cd": self.cooldown_until_ms,
             "bf": self.backoff_failures,
-            "q": [[q.tenant, q.head, q.tail, q.removed] for q in self.ring],
-            "ep": self.ticket_high_water,
+            **self.queue_fields(),
             "hold": self.hold_ms,
             "n": self.grants,
+            "g": self.granted_ms,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -136,22 +142,33 @@ class ResourceState:
     def from_bytes(cls, raw: bytes) -> ResourceState:
         doc = json.loads(raw.decode())
         return cls(
-            leases=[
-                ResourceLease(
-                    str(lid),
-                    str(tenant),
-                    str(entity),
-                    int(expires),
-                    int(started),
-                    [Charge(str(b), float(t), float(s)) for b, t, s in charges],
-                )
-                for lid, tenant, entity, expires, started, charges in doc["l"]
-            ],
+            leases=[_lease(*fields) for fields in doc["l"]],
             buckets={str(k): float(v) for k, v in doc["b"].items()},
             cooldown_until_ms=int(doc["cd"]),
             backoff_failures=int(doc["bf"]),
-            ring=[TenantQueue(t, h, tl, list(s)) for t, h, tl, s in doc["q"]],
-            ticket_high_water=int(doc["ep"]),
+            **cls.read_queue_fields(doc),
             hold_ms=doc["hold"],
             grants=int(doc["n"]),
+            granted_ms=int(doc.get("g", 0)),
         )
+
+
+def _lease(
+    lease_id: str,
+    tenant: str,
+    entity: str,
+    expires: int,
+    started: int,
+    charges: list[list[Any]],
+    margins: dict[str, float] | None = None,
+) -> ResourceLease:
+    # `margins` is absent from a document written before margins were stored: none.
+    return ResourceLease(
+        str(lease_id),
+        str(tenant),
+        str(entity),
+        int(expires),
+        int(started),
+        [Charge(str(b), float(t), float(s)) for b, t, s in charges],
+        {str(k): float(v) for k, v in (margins or {}).items()},
+    )

@@ -48,7 +48,7 @@ def snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str) -> dict[
     found: dict[str, Any] = {}
     for name, gate in gates.items():
         try:
-            state, _ = read_state(ports, name, now)
+            state, _ = read_state(ports, gate, now)
         except Exception as error:
             found[name] = {"error": "storage", "message": str(error)}
             continue

@@ -30,7 +30,7 @@ from provisioner.admission import (
     Rejected,
     Waiter,
 )
-from provisioner.ports import HttpRequest, HttpResponse
+from provisioner.ports import HttpRequest, HttpResponse, Ports
 
 __all__ = ["ACCOUNT", "START_MS", "FakeE2B", "FakeE2BConfig", "Harness", "Storm"]
 
@@ -40,6 +40,30 @@ ACCOUNT = "sim-account"
 class _NoHttp:
     def send(self, request: HttpRequest) -> HttpResponse:
         raise AssertionError("admission control never calls HTTP itself")
+
+
+class VirtualAccount:
+    """One account's shared storage on a virtual clock, with seeded randomness and a
+    telemetry log: the native ports every guest decision of a test runs on (admission and
+    resource gates alike), one per invocation. `backend` may be replaced (a test's
+    interleaving or failing storage)."""
+
+    def __init__(self, *, seed: int = 0, backend: Any = None) -> None:
+        self.clock = VirtualClock(START_MS)
+        self.backend = backend if backend is not None else MemoryBackend(self.clock.now_ms)
+        self.random = SeededRandom(seed)
+        self.telemetry = EventLog()
+
+    def ports(self, tenant: str) -> Ports:
+        return native_ports(
+            self.backend,
+            tenant=tenant,
+            account=ACCOUNT,
+            http=_NoHttp(),
+            clock=self.clock,
+            random=self.random,
+            telemetry=self.telemetry,
+        )
 
 
 @dataclass(frozen=True)
@@ -106,7 +130,7 @@ def lower_bound_ms(
     )
 
 
-class Simulation:
+class Simulation(VirtualAccount):
     def __init__(
         self,
         sessions: list[SessionSpec],
@@ -118,9 +142,8 @@ class Simulation:
     ) -> None:
         self.specs = sessions
         self.seed = seed
-        # The storage, clock, randomness and telemetry every invocation shares.
-        self.world = Harness(admission, seed=seed)
-        self.clock = self.world.clock
+        super().__init__(seed=seed)
+        self.admission = admission
         self.e2b = FakeE2B(e2b or FakeE2BConfig(), random.Random(seed ^ 0x5EED))
         self.max_events = max_events
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
@@ -141,7 +164,7 @@ class Simulation:
 
     def controller(self, tenant: str) -> AdmissionController:
         self.invocations += 1
-        return self.world.controller(tenant)
+        return AdmissionController(self.ports(tenant), self.admission)
 
     def run(self) -> SimReport:
         for result in self.results:
@@ -155,7 +178,7 @@ class Simulation:
             if events >= self.max_events:
                 raise RuntimeError(f"simulation did not settle after {events} events")
         # Telemetry is only kept to prove it is emitted; drop it so long runs stay small.
-        self.world.telemetry.events.clear()
+        self.telemetry.events.clear()
         return SimReport(
             seed=self.seed,
             sessions=self.results,
@@ -231,7 +254,7 @@ class Simulation:
         self._note(result, "released")
 
 
-class Harness:
+class Harness(VirtualAccount):
     """Shared storage and virtual clock, with a fresh controller per invocation: the
     building block of the unit, stateful and concurrency tests."""
 
@@ -242,23 +265,11 @@ class Harness:
         seed: int = 0,
         backend: Any = None,
     ) -> None:
+        super().__init__(seed=seed, backend=backend)
         self.config = config or AdmissionConfig()
-        self.clock = VirtualClock(START_MS)
-        self.backend = backend if backend is not None else MemoryBackend(self.clock.now_ms)
-        self.random = SeededRandom(seed)
-        self.telemetry = EventLog()
 
     def controller(self, tenant: str, config: AdmissionConfig | None = None) -> AdmissionController:
-        ports = native_ports(
-            self.backend,
-            tenant=tenant,
-            account=ACCOUNT,
-            http=_NoHttp(),
-            clock=self.clock,
-            random=self.random,
-            telemetry=self.telemetry,
-        )
-        return AdmissionController(ports, config or self.config)
+        return AdmissionController(self.ports(tenant), config or self.config)
 
     def admit(self, waiter: Waiter) -> Grant | Queued | Rejected:
         return self.controller(waiter.tenant).admit(waiter)

@@ -3,42 +3,41 @@ clock and seeded randomness (test support for the resource-gate tests; no tests 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from host.runtime.native import native_ports
-from host.sessions.detsim import ACCOUNT
-from host.sessions.fake_e2b import START_MS
-from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
-from host.storage.memory import MemoryBackend
 from provisioner.app import run
 from provisioner.model import Invocation, Outcome
-from provisioner.ports import HttpRequest, HttpResponse, Ports
+from tests.builders import invocation
+from tests.guest.harness import VirtualAccount
 
 
-class NoHttp:
-    def send(self, request: HttpRequest) -> HttpResponse:
-        raise AssertionError("resource gates never call HTTP themselves")
+def gate_invocation(
+    config: dict[str, str],
+    tenant: str,
+    entity: str,
+    params: dict[str, Any] | None = None,
+    *,
+    state: dict[str, Any] | None = None,
+    entity_type: str = "Agent",
+    action: str = "Gate",
+) -> Invocation:
+    """One resource operation (its `operation` and gate keys in `config`) of an entity in
+    `state`, fired by `action`."""
+    return invocation(
+        config,
+        tenant=tenant,
+        entity_type=entity_type,
+        entity_id=entity,
+        trigger_action=action,
+        trigger_params=params,
+        entity_state=state,
+    )
 
 
-class ResourceHarness:
+class ResourceHarness(VirtualAccount):
     def __init__(self, config: dict[str, str], *, seed: int = 0) -> None:
+        super().__init__(seed=seed)
         self.config = config
-        self.clock = VirtualClock(START_MS)
-        self.backend = MemoryBackend(self.clock.now_ms)
-        self.random = SeededRandom(seed)
-        self.telemetry = EventLog()
-
-    def ports(self, tenant: str) -> Ports:
-        return native_ports(
-            self.backend,
-            tenant=tenant,
-            account=ACCOUNT,
-            http=NoHttp(),
-            clock=self.clock,
-            random=self.random,
-            telemetry=self.telemetry,
-        )
 
     def call(
         self,
@@ -49,18 +48,7 @@ class ResourceHarness:
         **config: str,
     ) -> Outcome:
         merged = {**self.config, "operation": operation, **config}
-        invocation = Invocation(
-            tenant=tenant,
-            entity_type="Agent",
-            entity_id=entity,
-            trigger_action="Gate",
-            trigger_params=json.dumps(params or {}),
-            entity_state="{}",
-            config=tuple(merged.items()),
-            session_id=None,
-            trace_id="t",
-        )
-        return run(invocation, self.ports(tenant))
+        return run(gate_invocation(merged, tenant, entity, params), self.ports(tenant))
 
     def acquire(self, tenant: str, entity: str, **params: Any) -> Outcome:
         return self.call("acquire", tenant, entity, params)

@@ -80,6 +80,23 @@ def test_one_timer_per_state_and_the_waiting_ones_poll_and_are_reset_by_the_queu
         assert int(trigger["config"]["poll_max_ms"]) <= timer["after_seconds"] * 1000
 
 
+def test_a_waiting_state_polls_past_its_gate_s_queue_timeout() -> None:
+    # Catches the stranded session: Temper fires a declaration at most max_occurrences
+    # times per entity and reset_on gives no fires back (temper-spec automaton/types.rs,
+    # StateTimeout), so a budget that ends at the queue timeout (720 polls of 5 s against
+    # 3600 s) leaves the last queued answer re-arming nothing: neither completed nor failed.
+    spec = load()
+    named = actions(spec)
+    for state, (poll, _, _) in WAITING.items():
+        timer = next(t for t in spec["state_timeout"] if t["state"] == state)
+        (trigger,) = named[poll]["triggers"]
+        config = read_config(trigger["config"])
+        gate = config.resources[trigger["config"]["resource"]]
+        timeout_ms = gate.queue_timeout_ms or config.admission.queue_timeout_ms
+        polls_ms = timer["max_occurrences"] * timer["after_seconds"] * 1000
+        assert polls_ms >= timeout_ms + timer["after_seconds"] * 1000, state
+
+
 def test_the_gated_triggers_have_no_on_success_and_their_answers_are_declared() -> None:
     # With an on_success the runtime would dispatch it for the queued answer too, and the
     # queue status would be lost (dispatch/wasm/invocation.rs).

@@ -75,6 +75,88 @@ def test_a_refund_before_anything_else_changed_the_bucket_is_whole() -> None:
     assert bucket.level(tat, 1_000) == pytest.approx(1000 + 100 + 600)
 
 
+def test_the_declared_errors_of_calls_in_flight_are_reserved_but_one() -> None:
+    # Catches: a gate that admits a second call while the first one's worst case is still
+    # outstanding (two estimation errors could then reach the provider unaccounted).
+    gates = ResourceHarness({**LLM, "resource.llm.itpm_burst": "2000"})
+    demand = {"estimated_input_tokens": 900, "max_input_tokens": 1500}
+    granted(gates.acquire("acme", "a", **demand))  # level 1100; its margin 600
+    # b's estimate fits, but with a's margin (600) reserved beside b's own it does not:
+    # 900 + 600 > 1100.
+    wait = queued(gates.acquire("acme", "b", **demand), "input_tokens")
+    assert wait["retry_after_ms"] >= 1
+    gates.settle("acme", "a", input_tokens=1500)  # the worst case: 600 into the bucket
+    # a settled: nothing outstanding but b's own margin, which is not reserved.
+    rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
+    assert rate["available"] == pytest.approx(500)
+    gates.advance(4_000)  # 400 refilled: 900 for b's estimate
+    granted(gates.acquire("acme", "b", **demand))
+
+
+def test_calls_that_declare_no_error_share_the_bucket_to_the_full() -> None:
+    # Catches: a reserve taken for calls whose estimate is their worst case (throughput).
+    gates = ResourceHarness({**LLM, "resource.llm.itpm_burst": "2000"})
+    demand = {"estimated_input_tokens": 900, "max_input_tokens": 900}
+    granted(gates.acquire("acme", "a", **demand))
+    granted(gates.acquire("acme", "b", **demand))
+
+
+def test_a_call_that_expires_or_is_released_unsettled_is_charged_its_worst_case() -> None:
+    # Catches: dropping a lease's margin with the lease (its call may still cost it).
+    config = {**LLM, "resource.llm.itpm_burst": "2000", "resource.llm.lease_s": "10"}
+    for ends in ("expiry", "release"):
+        gates = ResourceHarness(config)
+        granted(gates.acquire("acme", "a", estimated_input_tokens=500, max_input_tokens=800))
+        if ends == "release":
+            gates.release("acme", "a")
+        else:
+            gates.advance(10_000)  # the lease expires; 1000 tokens refilled meanwhile
+        rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
+        # 2000 - 500 - 300 charged, plus the refill until the margin was charged.
+        expected = 1200 if ends == "release" else 2000 - 300
+        assert rate["available"] == pytest.approx(expected), (ends, rate)
+
+
+def test_a_worst_case_below_its_estimate_is_refused() -> None:
+    gates = ResourceHarness(LLM)
+    outcome = gates.acquire("acme", "a", estimated_input_tokens=500, max_input_tokens=400)
+    assert outcome.error is not None and outcome.error.code == "invalid_invocation"
+    assert "max_input_tokens" in outcome.error.message
+    granted(gates.acquire("acme", "a", estimated_input_tokens=500))
+
+
+def test_a_queue_that_moves_keeps_its_waiters_past_the_stall_timeout() -> None:
+    # Catches: a stall timeout that counts the whole wait (a long queue that keeps moving
+    # is not stuck), and one that never fires on a gate that grants no one.
+    slots = {
+        "resource": "sessions",
+        "resource.sessions.concurrency": "1",
+        "resource.sessions.stall_timeout_s": "60",
+        "resource.sessions.queue_timeout_s": "600",
+    }
+    gates = ResourceHarness(slots)
+    line = ["first", "second", "third", "last"]
+    granted(gates.acquire("acme", "holder"))
+    for waiter in line:
+        queued(gates.acquire("acme", waiter), "concurrency")
+    holder = "holder"
+    for turn in range(3):  # a slot frees every 50 s: 150 s of waiting, never 60 stalled
+        gates.advance(50_000)
+        gates.release("acme", holder)
+        holder = line[turn]
+        granted(gates.acquire("acme", holder))
+        for waiter in line[turn + 1 :]:
+            queued(gates.acquire("acme", waiter), "concurrency")
+    gates.advance(50_000)
+    queued(gates.acquire("acme", "last"), "concurrency")
+    gates.advance(9_999)
+    queued(gates.acquire("acme", "last"), "concurrency")
+    gates.advance(1)  # 60 s since the last grant: the gate is stuck
+    outcome = gates.acquire("acme", "last")
+    assert outcome.error is not None and outcome.error.code == "queue_timeout"
+    assert "stall timeout" in outcome.error.message
+
+
 def test_output_tokens_known_only_afterwards_are_charged_at_the_settle() -> None:
     gates = ResourceHarness({"resource": "llm", "resource.llm.otpm": "600"})
     granted(gates.acquire("acme", "a"))

@@ -4,7 +4,6 @@ provider's reset headers works inside CPython 3.14 in the component."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -17,8 +16,9 @@ from host.runtime.native import NativeRuntime
 from host.services.http_gateway import HttpGateway
 from host.sessions.simulated_ports import VirtualClock
 from host.storage.memory import MemoryBackend
-from provisioner.model import Invocation, Outcome
+from provisioner.model import Outcome
 from tests.doubles import RecordingTelemetrySink
+from tests.guest.resource_harness import gate_invocation
 
 GATE = {
     "resource": "llm",
@@ -35,19 +35,7 @@ class Gates:
 
     def call(self, operation: str, entity: str, params: dict[str, Any] | None = None) -> Outcome:
         config = {**GATE, "operation": operation}
-        return self.runtime.invoke(
-            Invocation(
-                tenant="acme",
-                entity_type="Agent",
-                entity_id=entity,
-                trigger_action="Gate",
-                trigger_params=json.dumps(params or {}),
-                entity_state="{}",
-                config=tuple(config.items()),
-                session_id=None,
-                trace_id="t",
-            )
-        )
+        return self.runtime.invoke(gate_invocation(config, "acme", entity, params))
 
 
 @pytest.fixture(params=["component", "native"])
