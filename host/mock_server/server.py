@@ -15,7 +15,9 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 import uvicorn
 from starlette.types import ASGIApp
 
+from host.mock_server.config import MockConfig
 from host.mock_server.state import Clock, GuardedState
+from host.mock_server.stats import MockStats
 
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
@@ -156,15 +158,8 @@ class LoopbackServer:
         return int(self.url.rsplit(":", 1)[1])
 
 
-class Replaceable(Protocol):
-    """A frozen config: ``replace`` makes a changed copy (ValueError or TypeError on a bad
-    change)."""
-
-    def replace(self, **changes: Any) -> Self: ...
-
-
-ConfigT = TypeVar("ConfigT", bound=Replaceable)
-StatsT = TypeVar("StatsT")
+ConfigT = TypeVar("ConfigT", bound=MockConfig)
+StatsT = TypeVar("StatsT", bound=MockStats)
 
 
 class MockServer(LoopbackServer, ABC, Generic[ConfigT, StatsT]):
