@@ -264,15 +264,7 @@ def build_app(
             except BaseException:
                 state.release_reservation()
                 raise
-            record = state.commit_create(
-                template_id=parsed.template_id,
-                timeout_s=parsed.timeout_s,
-                metadata=parsed.metadata,
-                env_vars=parsed.env_vars,
-                allow_internet_access=parsed.allow_internet_access,
-                auto_pause=parsed.auto_pause,
-                idempotency_key=parsed.idempotency_key,
-            )
+            record = state.commit_create(parsed)
         body = created_body(record, config.envd_version, config.domain)
         return JSONResponse(body, 201, headers=rate_headers), 201, body
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from host.mock_server.config import MockConfig
+
 FaultKind = Literal["status", "reset", "hang", "malformed_json", "slow_body"]
 FaultRoute = Literal[
     "create", "kill", "get", "list", "timeout", "refresh", "connect", "pause", "resume",
@@ -139,7 +141,7 @@ def parse_fault(spec: str) -> FaultRule:
 
 
 @dataclass(frozen=True)
-class MockE2BConfig:
+class MockE2BConfig(MockConfig):
     """Everything that shapes the mock's answers. Times are in the unit their name says."""
 
     api_key: str = "e2b_mock_key"
@@ -205,26 +207,12 @@ class MockE2BConfig:
     def for_plan(cls, plan: str, **changes: Any) -> MockE2BConfig:
         """An E2B plan's limits (``hobby``: 20 sandboxes, 1 create/s; ``pro``: 100, 5/s),
         then ``changes``."""
-        if plan not in PLANS:
-            raise ValueError(f"unknown plan {plan!r}; expected one of {sorted(PLANS)}")
-        return cls().replace(**{**PLANS[plan], **changes})
-
-    def replace(self, **changes: Any) -> MockE2BConfig:
-        """A copy with ``changes``; faults may be given as rules, dicts or CLI strings."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
+        return cls.from_preset("plan", plan, PLANS, changes)
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = super().to_json()
         data["faults"] = [rule.to_json() for rule in self.faults]
         return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> MockE2BConfig:
-        return cls().replace(**dict(data))
 
 
 def coerce_faults(faults: Sequence[FaultRule | Mapping[str, Any] | str]) -> tuple[FaultRule, ...]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from typing import Any
+
+from starlette.types import ASGIApp
 
 from host.mock_e2b.app import Runtime, build_app
 from host.mock_e2b.config import MockE2BConfig
@@ -26,18 +28,13 @@ class MockE2BServer(MockServer[MockE2BConfig, MockE2BStats]):
 
     _state: MockState
 
-    def __init__(
-        self,
-        config: MockE2BConfig | None = None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        state = MockState(config or MockE2BConfig(), clock)
+    def _new_state(self, config: MockE2BConfig | None, clock: Clock) -> MockState:
+        return MockState(config or MockE2BConfig(), clock)
+
+    def _new_app(self) -> tuple[ASGIApp, Callable[[], Runtime | None]]:
         # build_app is looked up here, in this module: tests/conftest.py wraps it.
-        app, self._e2b_runtime = build_app(state, self._apply_changes)
-        super().__init__(state, app, self._e2b_runtime, name="mock E2B", host=host, port=port)
+        app, self._e2b_runtime = build_app(self._state, self._apply_changes)
+        return app, self._e2b_runtime
 
     def configure(self, **changes: Any) -> MockE2BConfig:
         """Changes the config while running (faults may be rules, dicts or CLI strings)."""

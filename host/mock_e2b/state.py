@@ -12,8 +12,8 @@ import random
 import string
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from host.mock_e2b.config import FaultRule, MockE2BConfig
 from host.mock_e2b.faults import FaultPicker
@@ -22,6 +22,9 @@ from host.mock_e2b.limits import Gcra, RateDecision
 from host.mock_e2b.stats import MockE2BStats
 from host.mock_e2b.temperfs import TemperFSStore
 from host.mock_server.state import Clock, GuardedState
+
+if TYPE_CHECKING:  # wire's answer bodies read SandboxRecord, so wire imports this module
+    from host.mock_e2b.wire import CreateRequest
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -41,29 +44,6 @@ class SandboxRecord:
     auto_pause: bool
     idempotency_key: str | None
     state: str = "running"  # or "paused"
-
-
-@dataclass
-class _Counters:
-    creates_attempted: int = 0
-    creates_in_flight: int = 0
-    max_concurrent_creates: int = 0
-    sandboxes_created: int = 0
-    sandboxes_killed: int = 0
-    sandboxes_expired: int = 0
-    max_running_sandboxes: int = 0
-    rate_limited: int = 0
-    concurrency_limited: int = 0
-    capacity_limited: int = 0
-    overload_timeouts: int = 0
-    faults_by_kind: Counter[str] = field(default_factory=Counter)
-    idempotent_replays: int = 0
-    bad_requests: int = 0
-    unauthorized: int = 0
-    kills_not_found: int = 0
-    requests_total: int = 0
-    sandboxes_paused: int = 0
-    sandboxes_resumed: int = 0
 
 
 class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
@@ -89,7 +69,7 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
         self._by_key: dict[str, str] = {}
         self._sandboxes_per_key: Counter[str] = Counter()
         self._ordinals: Counter[str] = Counter()
-        self._counters = _Counters()
+        self._counters = MockE2BStats()
         self._gcra = self._make_gcra(config)
         self._faults = FaultPicker(config.seed)
         self._latency = LatencySampler(config.seed)
@@ -156,7 +136,9 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
             rule = self._faults.pick(self._config.faults, route, ordinal, after_create)
             if rule is not None:
                 name = f"{rule.status}" if rule.kind == "status" else rule.kind
-                self._counters.faults_by_kind[name] += 1
+                by_kind = self._counters.faults_by_kind
+                by_kind[name] = by_kind.get(name, 0) + 1
+                self._counters.faults_injected += 1
             return rule
 
     def sample_latency_ms(self) -> float:
@@ -225,35 +207,25 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
         with self._mutating():
             self._reserved -= 1
 
-    def commit_create(
-        self,
-        *,
-        template_id: str,
-        timeout_s: int,
-        metadata: dict[str, str],
-        env_vars: dict[str, str],
-        allow_internet_access: bool | None,
-        auto_pause: bool,
-        idempotency_key: str | None,
-    ) -> SandboxRecord:
-        """Turns a reservation into a running sandbox."""
+    def commit_create(self, request: CreateRequest) -> SandboxRecord:
+        """Turns a reservation into a running sandbox, made as ``request`` asks."""
         with self._mutating():
             now = self._clock()
             self._reserved -= 1
             sandbox_id = "i" + "".join(self._ids.choices(_ID_ALPHABET, k=19))
             record = SandboxRecord(
                 sandbox_id=sandbox_id,
-                template_id=template_id,
-                alias=template_id,
+                template_id=request.template_id,
+                alias=request.template_id,
                 client_id="6532622b",
-                metadata=dict(metadata),
-                env_vars=dict(env_vars),
+                metadata=dict(request.metadata),
+                env_vars=dict(request.env_vars),
                 started_at=now,
-                end_at=now + timeout_s,
+                end_at=now + request.timeout_s,
                 envd_access_token="".join(self._ids.choices(_ID_ALPHABET, k=32)),
-                allow_internet_access=allow_internet_access,
-                auto_pause=auto_pause,
-                idempotency_key=idempotency_key,
+                allow_internet_access=request.allow_internet_access,
+                auto_pause=request.auto_pause,
+                idempotency_key=request.idempotency_key,
             )
             self._sandboxes[sandbox_id] = record
             counters = self._counters
@@ -261,9 +233,9 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
             counters.max_running_sandboxes = max(
                 counters.max_running_sandboxes, len(self._sandboxes)
             )
-            if idempotency_key is not None:
-                self._by_key[idempotency_key] = sandbox_id
-                self._sandboxes_per_key[idempotency_key] += 1
+            if request.idempotency_key is not None:
+                self._by_key[request.idempotency_key] = sandbox_id
+                self._sandboxes_per_key[request.idempotency_key] += 1
             return record
 
     # -- other routes --------------------------------------------------------------------
@@ -369,33 +341,12 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
     def stats(self) -> MockE2BStats:
         with self._lock:
             self._sweep(self._clock())
-            c = self._counters
             workspaces, files, fs_requests = self.temperfs.counts()
-            return MockE2BStats(
-                creates_attempted=c.creates_attempted,
-                creates_in_flight=c.creates_in_flight,
-                max_concurrent_creates=c.max_concurrent_creates,
-                sandboxes_created=c.sandboxes_created,
-                sandboxes_killed=c.sandboxes_killed,
-                sandboxes_expired=c.sandboxes_expired,
+            return self._counters.snapshot(
                 running_sandboxes=len(self._sandboxes),
                 paused_sandboxes=len(self._paused),
-                sandboxes_paused=c.sandboxes_paused,
-                sandboxes_resumed=c.sandboxes_resumed,
-                max_running_sandboxes=c.max_running_sandboxes,
                 capacity_in_use=self._capacity_in_use(),
-                rate_limited=c.rate_limited,
-                concurrency_limited=c.concurrency_limited,
-                capacity_limited=c.capacity_limited,
-                overload_timeouts=c.overload_timeouts,
-                faults_injected=sum(c.faults_by_kind.values()),
-                faults_by_kind=dict(c.faults_by_kind),
-                idempotent_replays=c.idempotent_replays,
                 duplicates=sum(1 for n in self._sandboxes_per_key.values() if n > 1),
-                bad_requests=c.bad_requests,
-                unauthorized=c.unauthorized,
-                kills_not_found=c.kills_not_found,
-                requests_total=c.requests_total,
                 temperfs_workspaces=workspaces,
                 temperfs_files=files,
                 temperfs_requests=fs_requests,

@@ -1,19 +1,22 @@
-"""The counters tests and simulations read, as one frozen snapshot."""
+"""The counters tests and simulations read, and the live tally the state keeps of them."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from host.mock_server.stats import MockStats
 
-@dataclass(frozen=True)
-class MockE2BStats:
+
+@dataclass
+class MockE2BStats(MockStats):
     """A consistent snapshot: every field was read under the same lock acquisition.
 
     ``creates_attempted`` counts authenticated create requests (v1 and v2, replays included);
     each ends as exactly one of: created, idempotent replay, a 429 of some kind, a fault
     answered before the sandbox existed, a 504 overload timeout, or a 400 bad request.
+    ``running_sandboxes``, ``paused_sandboxes``, ``capacity_in_use``, ``duplicates`` and the
+    ``temperfs_*`` fields are measured when the snapshot is taken; the rest are counted.
     """
 
     creates_attempted: int = 0
@@ -50,6 +53,6 @@ class MockE2BStats:
         return self.rate_limited + self.concurrency_limited + self.capacity_limited
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = super().to_json()
         data["throttled"] = self.throttled
         return data

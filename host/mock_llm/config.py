@@ -12,10 +12,10 @@ whole per-minute limit) and refills at ``limit / 60`` per second.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from host.mock_server.config import MockConfig
 
 # Anthropic's per-model-class limits for Claude Sonnet 4.x at the two lowest usage tiers
 # (RPM, input and output tokens per minute), as copies of docs.anthropic.com/en/api/rate-limits
@@ -32,7 +32,7 @@ CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
-class MockLLMConfig:
+class MockLLMConfig(MockConfig):
     """Everything that shapes the mock's answers. Times are in the unit their name says.
 
     Limits apply per API key: every key in ``api_keys`` has its own three buckets.
@@ -115,24 +115,9 @@ class MockLLMConfig:
     @classmethod
     def for_tier(cls, tier: str, **changes: Any) -> MockLLMConfig:
         """A usage tier's limits (see ``TIERS``), then ``changes``."""
-        if tier not in TIERS:
-            raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(TIERS)}")
-        return cls().replace(**{**TIERS[tier], **changes})
-
-    def replace(self, **changes: Any) -> MockLLMConfig:
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        if "api_keys" in changes and isinstance(changes["api_keys"], list):
-            changes["api_keys"] = tuple(changes["api_keys"])
-        return dataclasses.replace(self, **changes)
+        return cls.from_preset("tier", tier, TIERS, changes)
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = super().to_json()
         data["api_keys"] = list(self.api_keys)
         return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> MockLLMConfig:
-        return cls().replace(**dict(data))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 
-from host.mock_llm.app import build_app
+from starlette.types import ASGIApp
+
+from host.mock_llm.app import Runtime, build_app
 from host.mock_llm.config import MockLLMConfig
 from host.mock_llm.state import MockLLMState
 from host.mock_llm.stats import MockLLMStats, RequestRecord
@@ -25,17 +27,11 @@ class MockLLMServer(MockServer[MockLLMConfig, MockLLMStats]):
 
     _state: MockLLMState
 
-    def __init__(
-        self,
-        config: MockLLMConfig | None = None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        state = MockLLMState(config or MockLLMConfig(), clock)
-        app, runtime = build_app(state, self._apply_changes)
-        super().__init__(state, app, runtime, name="mock LLM", host=host, port=port)
+    def _new_state(self, config: MockLLMConfig | None, clock: Clock) -> MockLLMState:
+        return MockLLMState(config or MockLLMConfig(), clock)
+
+    def _new_app(self) -> tuple[ASGIApp, Callable[[], Runtime | None]]:
+        return build_app(self._state, self._apply_changes)
 
     def requests(self) -> list[RequestRecord]:
         """The answered Messages requests, oldest first, with their times on ``clock``."""

@@ -13,8 +13,8 @@ import math
 import random
 import string
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from host.mock_llm.config import MockLLMConfig
@@ -64,20 +64,6 @@ class Admission:
     retry_after_s: int | None = None
 
 
-@dataclass
-class _Counters:
-    requests_total: int = 0
-    in_flight: int = 0
-    max_concurrency: int = 0
-    messages_ok: int = 0
-    rate_limited_by: Counter[str] = field(default_factory=Counter)
-    overloaded: int = 0
-    unauthorized: int = 0
-    bad_requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
 class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
     """Every API key's buckets, the seeded streams and the counters."""
 
@@ -89,7 +75,7 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
         self._clear(config)
 
     def _clear(self, config: MockLLMConfig) -> None:
-        self._counters = _Counters()
+        self._counters = MockLLMStats()
         self._buckets: dict[str, _Buckets] = {}
         self._ordinal = 0
         self._log: deque[RequestRecord] = deque(maxlen=_LOG_SIZE)
@@ -183,6 +169,7 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
                 # The limit that keeps the request out longest is the one it is counted under.
                 limit = max(refused, key=lambda name: (refused[name], -LIMITS.index(name)))
                 retry = _whole_seconds(refused[limit])
+                self._counters.rate_limited += 1
                 self._counters.rate_limited_by[limit] += 1
                 headers = self._headers(buckets, now, refused_by=limit)
                 headers["retry-after"] = str(retry)
@@ -233,20 +220,7 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
 
     def stats(self) -> MockLLMStats:
         with self._lock:
-            c = self._counters
-            return MockLLMStats(
-                requests_total=c.requests_total,
-                in_flight=c.in_flight,
-                max_concurrency=c.max_concurrency,
-                messages_ok=c.messages_ok,
-                rate_limited=sum(c.rate_limited_by.values()),
-                rate_limited_by={limit: c.rate_limited_by[limit] for limit in LIMITS},
-                overloaded=c.overloaded,
-                unauthorized=c.unauthorized,
-                bad_requests=c.bad_requests,
-                input_tokens=c.input_tokens,
-                output_tokens=c.output_tokens,
-            )
+            return self._counters.snapshot()
 
     def requests(self) -> list[RequestRecord]:
         """The answered requests in the order they were answered (the newest 100,000)."""

@@ -1,4 +1,5 @@
-"""The counters tests and simulations read, as frozen snapshots."""
+"""The counters tests and simulations read (the live tally the state keeps of them too),
+and the log of requests."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from host.mock_server.stats import MockStats
+
 LIMITS = ("requests", "input_tokens", "output_tokens")
 
 
-@dataclass(frozen=True)
-class MockLLMStats:
+@dataclass
+class MockLLMStats(MockStats):
     """A consistent snapshot: every field was read under the same lock acquisition.
 
     ``requests_total`` counts every POST /v1/messages; each ends as exactly one of:
@@ -25,15 +28,12 @@ class MockLLMStats:
     max_concurrency: int = 0
     messages_ok: int = 0
     rate_limited: int = 0
-    rate_limited_by: dict[str, int] = field(default_factory=dict)
+    rate_limited_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0))
     overloaded: int = 0
     unauthorized: int = 0
     bad_requests: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
@@ -13,7 +15,9 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 import uvicorn
 from starlette.types import ASGIApp
 
-from host.mock_server.state import GuardedState
+from host.mock_server.config import MockConfig
+from host.mock_server.state import Clock, GuardedState
+from host.mock_server.stats import MockStats
 
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
@@ -154,35 +158,39 @@ class LoopbackServer:
         return int(self.url.rsplit(":", 1)[1])
 
 
-class Replaceable(Protocol):
-    """A frozen config: ``replace`` makes a changed copy (ValueError or TypeError on a bad
-    change)."""
-
-    def replace(self, **changes: Any) -> Self: ...
+ConfigT = TypeVar("ConfigT", bound=MockConfig)
+StatsT = TypeVar("StatsT", bound=MockStats)
 
 
-ConfigT = TypeVar("ConfigT", bound=Replaceable)
-StatsT = TypeVar("StatsT")
-
-
-class MockServer(LoopbackServer, Generic[ConfigT, StatsT]):
+class MockServer(LoopbackServer, ABC, Generic[ConfigT, StatsT]):
     """A :class:`LoopbackServer` over a mock's :class:`GuardedState`, with the control
     methods every mock offers: read and change the config, read and wait for stats,
-    reset. ``app`` calls ``self._apply_changes`` for POST /_mock/config."""
+    reset.
+
+    Made from a config (None: the mock's defaults), the address to listen on and the
+    clock its state runs on; a subclass says how its state and its app are made."""
 
     def __init__(
         self,
-        state: GuardedState[ConfigT, StatsT],
-        app: ASGIApp,
-        runtime: Callable[[], Runtime | None],
+        config: ConfigT | None = None,
         *,
-        name: str,
         host: str = "127.0.0.1",
         port: int = 0,
+        clock: Clock = time.monotonic,
     ) -> None:
-        super().__init__(app, runtime, name=name, host=host, port=port)
-        self._state = state
+        self._state = self._new_state(config, clock)
         self._config_lock = threading.Lock()
+        app, runtime = self._new_app()
+        super().__init__(app, runtime, name=self._state.name, host=host, port=port)
+
+    @abstractmethod
+    def _new_state(self, config: ConfigT | None, clock: Clock) -> GuardedState[ConfigT, StatsT]:
+        """The mock's state, with ``config`` or the default one."""
+
+    @abstractmethod
+    def _new_app(self) -> tuple[ASGIApp, Callable[[], Runtime | None]]:
+        """The app over ``self._state`` and a getter for its runtime; the app calls
+        ``self._apply_changes`` for POST /_mock/config."""
 
     @property
     def config(self) -> ConfigT:
