@@ -21,6 +21,7 @@ from host.sessions.fake_e2b import START_MS, FakeE2B, FakeE2BConfig, Storm
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
 from provisioner.admission import (
+    DEFAULT_SANDBOX_TIMEOUT_MS,
     AdmissionConfig,
     AdmissionController,
     Created,
@@ -252,8 +253,11 @@ class Harness:
         *,
         seed: int = 0,
         backend: Any = None,
+        sandbox_timeout_ms: int = DEFAULT_SANDBOX_TIMEOUT_MS,
     ) -> None:
         self.config = config or AdmissionConfig()
+        # The E2B timeout of the sandboxes the creates make (bounds an unsettled create).
+        self.sandbox_timeout_ms = sandbox_timeout_ms
         self.clock = VirtualClock(START_MS)
         self.backend = backend if backend is not None else MemoryBackend(self.clock.now_ms)
         self.random = SeededRandom(seed)
@@ -272,7 +276,7 @@ class Harness:
         return AdmissionController(ports, config or self.config)
 
     def admit(self, waiter: Waiter) -> Grant | Queued | Rejected:
-        return self.controller(waiter.tenant).admit(waiter)
+        return self.controller(waiter.tenant).admit(waiter, self.sandbox_timeout_ms)
 
     def settle(
         self, waiter: Waiter, grant: Grant, result: CreateResult

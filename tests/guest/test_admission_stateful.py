@@ -117,7 +117,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     @initialize(which=st.sampled_from(range(len(CONFIGS))), seed=st.integers(0, 2**16))
     def start(self, which: int, seed: int) -> None:
         self.config = CONFIGS[which]
-        self.harness = Harness(self.config, seed=seed)
+        self.harness = Harness(self.config, seed=seed, sandbox_timeout_ms=SANDBOX_TIMEOUT_MS)
         self.seen = {w: Seen() for w in WAITERS}
         self.enqueued = 0
         self.retries_made = 0
