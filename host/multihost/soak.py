@@ -219,7 +219,7 @@ class Soak:
 
     def _start_redis(self) -> None:
         self.redis.start()
-        _fsync_every_write(self.redis)
+        self.redis.fsync_every_write()
 
     # -- waiting on what the hosts and the mock report ---------------------------------
 
@@ -469,6 +469,7 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
         permits = {
             "create_leases": len(gate.create_slots.leases),
             "sandbox_leases": len(gate.capacity.leases),
+            "unsettled_creates": len(gate.capacity.unsettled),
             "waiters": len(gate.waiters),
         }
         if any(permits.values()):
@@ -506,18 +507,6 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.1)
     return True
-
-
-def _fsync_every_write(redis: RedisServer) -> None:
-    """A grant Redis acknowledged but lost in a crash would be granted twice: sync every
-    write (`appendfsync always`), as a deployment that must hold limits across crashes does."""
-    import redis as redis_client
-
-    client = redis_client.Redis.from_url(redis.url)
-    try:
-        client.config_set("appendfsync", "always")
-    finally:
-        client.close()
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -591,7 +580,7 @@ def run_soak(args: argparse.Namespace) -> int:
         except RedisServerError as error:
             print(f"sandbox-provisioner: {error}", file=sys.stderr)
             return 2
-        _fsync_every_write(redis)
+        redis.fsync_every_write()
         mock = stack.enter_context(
             MockE2BServer(
                 MockE2BConfig(

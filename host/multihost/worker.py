@@ -66,7 +66,7 @@ from host.sessions.executor import Entity, Executor
 from host.sessions.invokers import ComponentInvoker
 from host.sessions.model import Job, SessionEvent
 from host.sessions.runner import SessionScript
-from host.sessions.scenario import EXAMPLE_SPEC
+from host.sessions.scenario import EXAMPLE_SPEC, overlay_config
 from host.sessions.spec import Spec, Trigger, load_spec, packaged_spec
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
@@ -140,17 +140,8 @@ class WorkerSettings:
         return spec
 
     def configure(self) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
-        """Lays the run's integration config over each trigger's (the trigger's own
-        `operation` stays), as `simulate` does."""
-        overlay = dict(self.config)
-
-        def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
-            merged = {**config, **overlay}
-            if "operation" in config:
-                merged["operation"] = config["operation"]
-            return merged
-
-        return configure
+        """Lays the run's integration config over each trigger's, as `simulate` does."""
+        return overlay_config(self.config)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -143,17 +143,9 @@ class Scenario:
         return tuple(pairs)
 
     def configure(self, e2b_url: str) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
-        """Lays the scenario's integration config over each trigger's (the spec's own
-        `operation` stays): the mock's URL, and admission mirroring its limits."""
-        overlay = dict(self.integration_config(e2b_url))
-
-        def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
-            merged = {**config, **overlay}
-            if "operation" in config:
-                merged["operation"] = config["operation"]
-            return merged
-
-        return configure
+        """Lays the scenario's integration config over each trigger's: the mock's URL, and
+        admission mirroring its limits."""
+        return overlay_config(self.integration_config(e2b_url))
 
     def driver_settings(self, mode: str, run_id: str) -> DriverSettings:
         # The old provisioner fires every create at once, so give it a thread each; the
@@ -168,3 +160,19 @@ class Scenario:
             workers=workers,
             run_id=run_id,
         )
+
+
+def overlay_config(
+    pairs: tuple[tuple[str, str], ...],
+) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
+    """A run's integration config laid over each trigger's, the trigger's own `operation`
+    kept (a Release trigger stays a release)."""
+    overlay = dict(pairs)
+
+    def configure(trigger: Trigger, config: dict[str, str]) -> dict[str, str]:
+        merged = {**config, **overlay}
+        if "operation" in config:
+            merged["operation"] = config["operation"]
+        return merged
+
+    return configure

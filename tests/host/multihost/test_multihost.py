@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from host.mock_e2b import MockE2BConfig, MockE2BServer
 from host.multihost.redis_server import RedisServer
@@ -155,6 +154,7 @@ def _assert_nothing_left(
     gate, _ = read_gate(redis_server.url, account)
     assert gate.create_slots.leases == (), "a create slot leaked"
     assert gate.capacity.leases == (), "a capacity permit leaked"
+    assert gate.capacity.unsettled == (), "an unsettled create was never adopted or released"
     assert gate.waiters == (), "a waiter was left in the queue"
 
 
@@ -339,17 +339,6 @@ def _host_creating_with_sessions_queued(cluster: Cluster, events: list[Event]) -
     return None
 
 
-def _fsync_every_write(redis_server: RedisServer) -> None:
-    """Redis acknowledges a write before the append-only file is synced (`everysec`), so a
-    crash may lose the last second: a lost grant would let its slot be granted twice. A
-    deployment that must hold its limits across a Redis crash syncs every write."""
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.config_set("appendfsync", "always")
-    finally:
-        client.close()
-
-
 def _storage_trouble(event: Event) -> bool:
     return event["event"] == "outcome" and (
         event.get("reason") == "storage" or event.get("code") == "storage_unavailable"
@@ -368,7 +357,7 @@ def test_redis_killed_and_restarted_mid_run(
     would be lost), a host granting without storage (fail open: a limit overrun), a backend
     that stays broken after Redis returns, a create answered during the outage leaving an
     orphan or being made twice."""
-    _fsync_every_write(redis_server)
+    redis_server.fsync_every_write()
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
     with _held_mock() as mock:
         settings = _settings(redis_server, mock, loaded_component, component_cache_dir, held=True)
@@ -414,7 +403,7 @@ def test_redis_killed_and_restarted_mid_run(
             assert all(_storage_trouble(e) for e in ends), ends
             redis_server.start()
             outage_s = time.monotonic() - down_at
-            _fsync_every_write(redis_server)
+            redis_server.fsync_every_write()
             outcome = cluster.finish(timeout=90)
         stats = mock.stats()
         counts = outcome.to_json()["outcomes"]
