@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from host.mock_e2b import MockE2BConfig, MockE2BServer
+from host.mock_e2b import MockE2BConfig, MockE2BServer, MockE2BStats
 from host.multihost.redis_server import RedisServer
 from host.multihost.run import (
     Cluster,
@@ -136,6 +136,13 @@ def _answered_or_granted(events: list[Event]) -> set[str]:
     return {e["job"] for e in events if e["event"] in ("outcome", "granted")}
 
 
+def _assert_limits_held_at_e2b(stats: MockE2BStats) -> None:
+    """As E2B saw it: never more creates in flight than the slots, nor more sandboxes
+    running than the cap, whichever hosts sent them."""
+    assert stats.max_concurrent_creates <= CREATE_SLOTS
+    assert stats.max_running_sandboxes <= MAX_SANDBOXES
+
+
 def _assert_every_job_completed(outcome: ClusterOutcome, jobs: int) -> None:
     states = {job_id: result["state"] for job_id, result in outcome.results.items()}
     assert len(states) == jobs
@@ -208,8 +215,7 @@ def test_three_hosts_share_the_limits_and_stay_fair(
             f"(limit {CREATE_SLOTS}); sandboxes running at most {stats.max_running_sandboxes} "
             f"(limit {MAX_SANDBOXES}); outcomes {outcome.to_json()['outcomes']}"
         )
-        assert stats.max_concurrent_creates <= CREATE_SLOTS
-        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_limits_held_at_e2b(stats)
         assert stats.throttled == 0, "E2B refused a create: a limit was overrun"
         assert stats.max_concurrent_creates == CREATE_SLOTS, "the workload never filled the slots"
         _assert_every_job_completed(outcome, len(jobs))
@@ -321,8 +327,7 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
             f"{stats.sandboxes_created} for {len(jobs)} jobs, adopted by idempotency key "
             f"{stats.idempotent_replays}; outcomes {outcome.to_json()['outcomes']}"
         )
-        assert stats.max_concurrent_creates <= CREATE_SLOTS
-        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_limits_held_at_e2b(stats)
         assert stats.throttled == 0
         _assert_every_job_completed(outcome, len(jobs))
         # Each create the victim sent went on at E2B after it died; a survivor adopted it.
@@ -419,8 +424,7 @@ def test_redis_killed_and_restarted_mid_run(
         assert any(_storage_trouble(e) for e in outcome.events)
         # Each create answered while Redis was down was adopted afterwards, not made again.
         assert stats.idempotent_replays >= CREATE_SLOTS
-        assert stats.max_concurrent_creates <= CREATE_SLOTS
-        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_limits_held_at_e2b(stats)
         assert stats.throttled == 0
         _assert_every_job_completed(outcome, len(jobs))
         _assert_nothing_left(mock, redis_server, settings.account, len(jobs))
@@ -523,6 +527,5 @@ def test_killed_host_holding_sandboxes_hands_them_to_the_survivors(
         for job_id, sandbox_id in held.items():
             if job_id in {job.id for job in unfinished}:
                 assert outcome.results[job_id]["sandbox_id"] == sandbox_id
-        assert stats.max_concurrent_creates <= CREATE_SLOTS
-        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_limits_held_at_e2b(stats)
         _assert_nothing_left(mock, redis_server, settings.account, len(jobs))
