@@ -33,7 +33,16 @@ from provisioner.admission import (
 )
 from provisioner.ports import HttpRequest, HttpResponse
 
-__all__ = ["ACCOUNT", "START_MS", "FakeE2B", "FakeE2BConfig", "Harness", "Storm"]
+__all__ = [
+    "ACCOUNT",
+    "START_MS",
+    "FakeE2B",
+    "FakeE2BConfig",
+    "Harness",
+    "Storm",
+    "grant_of",
+    "queued_of",
+]
 
 ACCOUNT = "sim-account"
 
@@ -291,6 +300,18 @@ class Harness:
 
     def advance(self, ms: int) -> None:
         self.clock.advance(ms)
+
+
+def grant_of(decision: object) -> Grant:
+    """The decision, which must be a grant."""
+    assert isinstance(decision, Grant), decision
+    return decision
+
+
+def queued_of(decision: object) -> Queued:
+    """The decision, which must be a queued answer."""
+    assert isinstance(decision, Queued), decision
+    return decision
 
 
 def uniform_sessions(

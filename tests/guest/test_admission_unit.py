@@ -22,23 +22,13 @@ from provisioner.admission import (
 )
 from provisioner.model import Failure
 from provisioner.ports import Entry, StorageUnavailable
-from tests.guest.harness import ACCOUNT, Harness
+from tests.guest.harness import ACCOUNT, Harness, grant_of, queued_of
 
 FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
 
 
 def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
     return [Waiter(tenant, f"CurationJob/{tenant}-{i}") for i in range(count)]
-
-
-def grant_of(decision: object) -> Grant:
-    assert isinstance(decision, Grant), decision
-    return decision
-
-
-def queued_of(decision: object) -> Queued:
-    assert isinstance(decision, Queued), decision
-    return decision
 
 
 def test_create_slots_bound_concurrent_creates_and_a_settle_frees_one() -> None:

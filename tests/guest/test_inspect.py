@@ -10,14 +10,12 @@ from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
     Created,
-    Grant,
-    Queued,
     RateLimited,
     Waiter,
 )
 from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.admission.place import Stage
-from tests.guest.harness import ACCOUNT, Harness
+from tests.guest.harness import ACCOUNT, Harness, grant_of, queued_of
 
 FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
 
@@ -25,16 +23,6 @@ FAST = AdmissionConfig(create_rate_per_s=1000.0, create_burst=1000)
 def view(harness: Harness, *, prune: bool = True) -> GateView:
     storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
     return inspect_gates(storage, harness.clock.now_ms(), harness.config, prune=prune)
-
-
-def grant_of(decision: object) -> Grant:
-    assert isinstance(decision, Grant), decision
-    return decision
-
-
-def queued_of(decision: object) -> Queued:
-    assert isinstance(decision, Queued), decision
-    return decision
 
 
 def stored(harness: Harness) -> dict[str, Any]:

@@ -17,13 +17,12 @@ from provisioner.admission import (
     AdmissionConfig,
     Created,
     Grant,
-    Queued,
     RateLimited,
     Unavailable,
     Waiter,
 )
 from provisioner.admission.state import GateState
-from tests.guest.harness import Harness
+from tests.guest.harness import Harness, grant_of, queued_of
 
 LEASE_MS = 10_000
 SANDBOX_TIMEOUT_MS = 600_000
@@ -34,16 +33,6 @@ CAP = AdmissionConfig(
     max_sandboxes=2,
     create_lease_ms=LEASE_MS,
 )
-
-
-def grant_of(decision: object) -> Grant:
-    assert isinstance(decision, Grant), decision
-    return decision
-
-
-def queued_of(decision: object) -> Queued:
-    assert isinstance(decision, Queued), decision
-    return decision
 
 
 def in_use(harness: Harness) -> int:
