@@ -28,7 +28,8 @@ The audit reads the mock's own records, never the provisioner's storage (but for
 4. creates in flight at E2B never above the create slots; sandboxes running never above
    `max_sandboxes` (the mock's cap is set `cap_slack` above it so an overrun is seen, not
    refused);
-5. once the dead hosts' create leases expired, no permit or waiter is left in the gate.
+5. once the dead hosts' create leases expired, no permit or waiter is left in the gate (nor
+   an unsettled create: one whose sandbox nobody adopted or released).
 Exit 0 when the audit is clean, 1 when anything is violated, 2 when the soak could not run.
 """
 
