@@ -191,7 +191,9 @@ class Operations:
         if record.state == READY:
             return _ready(record)
         controller = AdmissionController(self.ports, self.admission_config)
-        decision: Grant | Queued | Rejected | None = controller.admit(self.waiter)
+        decision: Grant | Queued | Rejected | None = controller.admit(
+            self.waiter, self.settings.sandbox_timeout_s * 1000
+        )
         if isinstance(decision, Grant):
             grant = decision
             key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)

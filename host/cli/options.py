@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
+from typing import TypeVar
 
 from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
 from host.runtime.component_runtime import ComponentRuntime
@@ -27,6 +28,21 @@ def fail(message: str, command: str = "sandbox-provisioner") -> int:
     """Say what is wrong on stderr and return the usage exit code."""
     print(f"{command}: {message}", file=sys.stderr)
     return ExitCode.USAGE
+
+
+_Number = TypeVar("_Number", int, float)
+
+
+def positive(convert: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    """An argparse type: `convert(text)`, refused unless above 0."""
+
+    def parse(text: str) -> _Number:
+        value = convert(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
 
 
 def add_storage_option(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@
         server.start()     # same port, same data directory
         server.restart()
         server.kill()      # SIGKILL: a crash
+        server.fsync_every_write()  # hold every acknowledged write across a crash
 
 The port stays the same across restarts, so clients keep their URL. With `persistent=True`
 (the default) data survives `stop`/`start` through the append-only file in the temporary
@@ -139,6 +140,19 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def fsync_every_write(self) -> None:
+        """Sync the append-only file on every write (`appendfsync always`; until the next
+        start). Redis acknowledges a write before syncing it (`everysec`), so a crash may
+        lose the last second: a lost grant would let its slot be granted twice. A
+        deployment that must hold its limits across a Redis crash syncs every write."""
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        try:
+            client.config_set("appendfsync", "always")
+        finally:
+            client.close()
 
     def close(self) -> None:
         self.kill()

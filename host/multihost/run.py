@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from host.cli.options import add_component_option, fail, positive
 from host.multihost.worker import WorkerSettings
 from host.services.namespaces import ScopedStorage
 from host.sessions.model import Job
@@ -544,11 +545,18 @@ MULTIHOST_API_KEY = "e2b_multihost_key"
 TENANT_NAMES = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_positive_int = positive(int)
+
+
+def add_component_arguments(parser: argparse.ArgumentParser) -> None:
+    """The component the hosts run, and where its compiled form is cached."""
+    add_component_option(parser)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="compiled-component cache (default $SANDBOX_PROVISIONER_CACHE or ~/.cache)",
+    )
 
 
 def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
@@ -612,22 +620,51 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--turn-ms", type=_positive_int, default=300, help="real time per turn (default 300)"
     )
-    parser.add_argument(
-        "--component",
-        type=Path,
-        default=None,
-        help="the component (default dist/sandbox_provisioner.wasm)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="compiled-component cache (default $SANDBOX_PROVISIONER_CACHE or ~/.cache)",
-    )
+    add_component_arguments(parser)
     parser.add_argument(
         "--timeout-s", type=float, default=300.0, help="give up after this long (default 300)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON report")
+
+
+def run_settings(
+    storage_url: str,
+    mock: MockE2BServer,
+    api_key: str,
+    command: str,
+    *,
+    create_slots: int,
+    max_sandboxes: int,
+    latency_ms: int,
+    lease_ms: int,
+    turns: int,
+    turn_s: float,
+    component: Path,
+    cache_dir: Path | None,
+    planted_bug: str | None = None,
+) -> WorkerSettings:
+    """The hosts' settings for one run of `command` against `mock`: a fresh run id and
+    account, admission mirroring the account (`multihost_config`)."""
+    run_id = secrets.token_hex(3)
+    return WorkerSettings(
+        storage_url=storage_url,
+        e2b_url=mock.url,
+        api_key=api_key,
+        account=f"{command}-{run_id}",
+        run_id=run_id,
+        config=multihost_config(
+            mock.url,
+            create_slots=create_slots,
+            max_sandboxes=max_sandboxes,
+            latency_ms=latency_ms,
+            lease_ms=lease_ms,
+        ),
+        turns=turns,
+        turn_s=turn_s,
+        component=str(component),
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        planted_bug=planted_bug,
+    )
 
 
 def multihost_config(
@@ -662,17 +699,14 @@ def run_multihost(args: argparse.Namespace) -> int:
     from host.runtime.loader import load_component
 
     if args.tenants > len(TENANT_NAMES):
-        print(f"sandbox-provisioner: at most {len(TENANT_NAMES)} tenants", file=sys.stderr)
-        return 2
+        return fail(f"at most {len(TENANT_NAMES)} tenants")
     if args.kill is not None and args.hosts < 2:
-        print("sandbox-provisioner: --kill needs at least 2 hosts", file=sys.stderr)
-        return 2
+        return fail("--kill needs at least 2 hosts")
     try:
         # Compiles once into the cache the hosts then load from.
         loaded = load_component(args.component, cache_dir=args.cache_dir)
     except (FileNotFoundError, ValueError) as error:
-        print(f"sandbox-provisioner: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))
     out = sys.stderr if args.json else sys.stdout
     with ExitStack() as stack:
         storage_url = args.storage
@@ -680,8 +714,7 @@ def run_multihost(args: argparse.Namespace) -> int:
             try:
                 storage_url = stack.enter_context(RedisServer()).url
             except RedisServerError as error:
-                print(f"sandbox-provisioner: {error}", file=sys.stderr)
-                return 2
+                return fail(str(error))
         mock = stack.enter_context(
             MockE2BServer(
                 MockE2BConfig(
@@ -692,28 +725,23 @@ def run_multihost(args: argparse.Namespace) -> int:
                 )
             )
         )
-        run_id = secrets.token_hex(3)
-        settings = WorkerSettings(
-            storage_url=storage_url,
-            e2b_url=mock.url,
-            api_key=MULTIHOST_API_KEY,
-            account=f"multihost-{run_id}",
-            run_id=run_id,
-            config=multihost_config(
-                mock.url,
-                create_slots=args.create_slots,
-                max_sandboxes=args.max_sandboxes,
-                latency_ms=args.create_latency_ms,
-                lease_ms=args.create_lease_ms,
-            ),
+        settings = run_settings(
+            storage_url,
+            mock,
+            MULTIHOST_API_KEY,
+            "multihost",
+            create_slots=args.create_slots,
+            max_sandboxes=args.max_sandboxes,
+            latency_ms=args.create_latency_ms,
+            lease_ms=args.create_lease_ms,
             turns=max(0, args.turns),
             turn_s=args.turn_ms / 1000,
-            component=str(loaded.path),
-            cache_dir=None if args.cache_dir is None else str(args.cache_dir),
+            component=loaded.path,
+            cache_dir=args.cache_dir,
         )
         tenants = [f"tenant-{TENANT_NAMES[i]}" for i in range(args.tenants)]
         per_tenant = -(-args.jobs // args.tenants)
-        jobs = list(iter_jobs(run_id, tenants, per_tenant))[: args.jobs]
+        jobs = list(iter_jobs(settings.run_id, tenants, per_tenant))[: args.jobs]
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="multihost-")))
         print(
             f"{args.hosts} hosts, {len(jobs)} jobs, storage {storage_url}, mock E2B {mock.url}",

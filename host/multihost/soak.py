@@ -28,7 +28,8 @@ The audit reads the mock's own records, never the provisioner's storage (but for
 4. creates in flight at E2B never above the create slots; sandboxes running never above
    `max_sandboxes` (the mock's cap is set `cap_slack` above it so an overrun is seen, not
    refused);
-5. once the dead hosts' create leases expired, no permit or waiter is left in the gate.
+5. once the dead hosts' create leases expired, no permit or waiter is left in the gate (nor
+   an unsettled create: one whose sandbox nobody adopted or released).
 Exit 0 when the audit is clean, 1 when anything is violated, 2 when the soak could not run.
 """
 
@@ -38,7 +39,6 @@ import argparse
 import json
 import random
 import re
-import secrets
 import sys
 import tempfile
 import threading
@@ -47,17 +47,19 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
+from host.cli.options import fail, positive
 from host.multihost.run import (
     Cluster,
     ClusterError,
     Event,
+    add_component_arguments,
     answered_creates,
     creates_in_flight,
-    multihost_config,
     read_gate,
+    run_settings,
 )
 from host.multihost.worker import PLANTED_BUGS, WorkerSettings
 from host.sessions.model import Job
@@ -78,6 +80,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "hangs",
     "slow_creates",
 )
+_Found = TypeVar("_Found")
 _TYPED_REASON = re.compile(r"^[a-z][a-z0-9_]*(: |$)")
 _KEY_IN_QUERY = re.compile(r"temper_idempotency_key=([^&]+)")
 
@@ -219,7 +222,7 @@ class Soak:
 
     def _start_redis(self) -> None:
         self.redis.start()
-        _fsync_every_write(self.redis)
+        self.redis.fsync_every_write()
 
     # -- waiting on what the hosts and the mock report ---------------------------------
 
@@ -232,6 +235,14 @@ class Soak:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.02)
+
+    def _window(self, record: FaultRecord, find: Callable[[], _Found | None]) -> _Found | None:
+        """What `find` finds within the window timeout: the fault's window opened (a miss
+        is recorded as one)."""
+        found: _Found | None = self._poll(find, self.plan.window_timeout_s)
+        if found is None:
+            record.detail["hit"] = False
+        return found
 
     def _live_events(self) -> tuple[list[Event], set[str]]:
         live = {h.name for h in self.cluster.live_hosts()}
@@ -256,9 +267,8 @@ class Soak:
                     return name, keys
             return None
 
-        found = self._poll(victim, self.plan.window_timeout_s)
+        found = self._window(record, victim)
         if found is None:
-            record.detail["hit"] = False
             return
         name, keys = found
         in_flight_at_e2b = self.mock.stats().creates_in_flight
@@ -287,9 +297,8 @@ class Soak:
                     return name, sandbox_id
             return None
 
-        found = self._poll(victim, self.plan.window_timeout_s)
+        found = self._window(record, victim)
         if found is None:
-            record.detail["hit"] = False
             return
         name, sandbox_id = found
         self._kill_and_replace(name)
@@ -320,9 +329,8 @@ class Soak:
                         return job, name, key
             return None
 
-        found = self._poll(made_unanswered, self.plan.window_timeout_s)
+        found = self._window(record, made_unanswered)
         if found is None:
-            record.detail["hit"] = False
             return
         job_id, owner, key = found
         others = sorted(h.name for h in self.cluster.live_hosts() if h.name != owner)
@@ -469,6 +477,7 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
         permits = {
             "create_leases": len(gate.create_slots.leases),
             "sandbox_leases": len(gate.capacity.leases),
+            "unsettled_creates": len(gate.capacity.unsettled),
             "waiters": len(gate.waiters),
         }
         if any(permits.values()):
@@ -508,26 +517,10 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def _fsync_every_write(redis: RedisServer) -> None:
-    """A grant Redis acknowledged but lost in a crash would be granted twice: sync every
-    write (`appendfsync always`), as a deployment that must hold limits across crashes does."""
-    import redis as redis_client
-
-    client = redis_client.Redis.from_url(redis.url)
-    try:
-        client.config_set("appendfsync", "always")
-    finally:
-        client.close()
-
-
 # -- the command line ----------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+_positive_float = positive(float)
 
 
 def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
@@ -539,13 +532,7 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="the fault and arrival schedule")
     parser.add_argument("--hosts", type=int, default=3, help="host processes (default 3)")
-    parser.add_argument(
-        "--component",
-        type=Path,
-        default=None,
-        help="the component (default dist/sandbox_provisioner.wasm)",
-    )
-    parser.add_argument("--cache-dir", type=Path, default=None, help="compiled-component cache")
+    add_component_arguments(parser)
     parser.add_argument(
         "--finish-timeout-s",
         type=_positive_float,
@@ -569,8 +556,7 @@ def run_soak(args: argparse.Namespace) -> int:
     from host.runtime.loader import load_component
 
     if args.hosts < 2:
-        print("sandbox-provisioner: the soak needs at least 2 hosts", file=sys.stderr)
-        return 2
+        return fail("the soak needs at least 2 hosts")
     plan = SoakPlan(
         minutes=args.minutes,
         seed=args.seed,
@@ -582,16 +568,14 @@ def run_soak(args: argparse.Namespace) -> int:
     try:
         loaded = load_component(args.component, cache_dir=args.cache_dir)
     except (FileNotFoundError, ValueError) as error:
-        print(f"sandbox-provisioner: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))
     out = sys.stderr if args.json else sys.stdout
     with ExitStack() as stack:
         try:
             redis = stack.enter_context(RedisServer())
         except RedisServerError as error:
-            print(f"sandbox-provisioner: {error}", file=sys.stderr)
-            return 2
-        _fsync_every_write(redis)
+            return fail(str(error))
+        redis.fsync_every_write()
         mock = stack.enter_context(
             MockE2BServer(
                 MockE2BConfig(
@@ -606,24 +590,19 @@ def run_soak(args: argparse.Namespace) -> int:
                 )
             )
         )
-        run_id = secrets.token_hex(3)
-        settings = WorkerSettings(
-            storage_url=redis.url,
-            e2b_url=mock.url,
-            api_key=SOAK_API_KEY,
-            account=f"soak-{run_id}",
-            run_id=run_id,
-            config=multihost_config(
-                mock.url,
-                create_slots=plan.create_slots,
-                max_sandboxes=plan.max_sandboxes,
-                latency_ms=plan.create_latency_ms,
-                lease_ms=plan.create_lease_ms,
-            ),
+        settings = run_settings(
+            redis.url,
+            mock,
+            SOAK_API_KEY,
+            "soak",
+            create_slots=plan.create_slots,
+            max_sandboxes=plan.max_sandboxes,
+            latency_ms=plan.create_latency_ms,
+            lease_ms=plan.create_lease_ms,
             turns=plan.turns,
             turn_s=plan.turn_s,
-            component=str(loaded.path),
-            cache_dir=None if args.cache_dir is None else str(args.cache_dir),
+            component=loaded.path,
+            cache_dir=args.cache_dir,
             planted_bug=plan.planted_bug,
         )
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))

@@ -160,3 +160,4 @@ class Scenario:
             workers=workers,
             run_id=run_id,
         )
+

@@ -43,9 +43,11 @@ from provisioner.admission.results import (
     Unavailable,
     Waiter,
 )
+from provisioner.admission.state import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.config import AdmissionConfig
 
 __all__ = [
+    "DEFAULT_SANDBOX_TIMEOUT_MS",
     "REASON_BACKOFF",
     "REASON_CAPACITY",
     "REASON_CREATE_SLOTS",

@@ -31,9 +31,10 @@ from provisioner.admission.state import (
     ticket_key,
     waiter_key,
 )
+from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
-from provisioner.ports import StorageConflict
+from provisioner.ports import Ports, StorageConflict
 
 
 def exhausted(attempts: int) -> Rejected:
@@ -59,6 +60,12 @@ def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | 
 
 
 class Admission(Ledger):
+    def __init__(self, ports: Ports, config: AdmissionConfig, sandbox_timeout_ms: int) -> None:
+        """`sandbox_timeout_ms`: the E2B timeout of the sandbox a granted create makes (how
+        long it could run unrecorded if the create is never settled)."""
+        super().__init__(ports, config)
+        self.sandbox_timeout_ms = sandbox_timeout_ms
+
     def decide(self, waiter: Waiter) -> Grant | Queued | Rejected:
         return until_settled(lambda: self._decide(waiter), self.config.cas_retries)
 
@@ -68,6 +75,12 @@ class Admission(Ledger):
         gets Queued (position 0) rather than a place: no entity has two creates at once."""
         state, stored, now, config = loaded.state, loaded.place, loaded.now_ms, self.config
         if stored is None or stored.stage is Stage.HOLDING:
+            if state.reclaims(waiter.tenant, waiter.entity):
+                # Its record expired while its unsettled create still counts: a retry
+                # whose create reclaims that possible sandbox.
+                state.add_retry(waiter.tenant, waiter.entity)
+                attempt = 1 if stored is None else stored.attempt
+                return Place(Stage.RETRYING, now, attempt + 1)
             # New, or holding a sandbox the caller has no record of (a crash after the
             # create): a create with the same idempotency key finds the same sandbox.
             return Place(Stage.QUEUED, now, 1, ticket=enqueue(state, waiter.tenant))
@@ -96,7 +109,8 @@ class Admission(Ledger):
                 wait,
                 now - stored.since_ms,
             )
-        # The create's holder died mid-call: its outcome is unknown, so it is a retry.
+        # The create's holder died mid-call: its outcome is unknown, so it is a retry (an
+        # unsettled create, its possible sandbox still counted: `leases.prune_expired`).
         attempt = stored.attempt + 1
         if attempt > config.max_create_attempts:
             return exhausted(attempt - 1)
@@ -179,7 +193,13 @@ class Admission(Ledger):
         state, now, config = loaded.state, loaded.now_ms, self.config
         lease_id = new_lease_id(self.ports, "c")
         lease = take_create_lease(
-            state, lease_id, waiter.tenant, waiter.entity, now, config.create_lease_ms
+            state,
+            lease_id,
+            waiter.tenant,
+            waiter.entity,
+            now,
+            config.create_lease_ms,
+            self.sandbox_timeout_ms,
         )
         take_rate(state, config, now)
         if place.attempt > 1:

@@ -35,7 +35,7 @@ from provisioner.admission.results import (
     Queued,
     Waiter,
 )
-from provisioner.admission.state import GateState
+from provisioner.admission.state import GateState, RetryEntry
 from provisioner.admission.status import capacity_wait_ms, slot_wait_ms
 from provisioner.config import AdmissionConfig
 
@@ -79,9 +79,9 @@ class Permits:
         )
 
     @property
-    def grantable(self) -> int:
-        """Creates that may start now: none during a cooldown, else the scarcest gate's."""
-        return 0 if self.cooling_ms > 0 else min(self.slots, self.capacity, self.rate)
+    def startable(self) -> int:
+        """Creates that may start now, capacity aside: none during a cooldown."""
+        return 0 if self.cooling_ms > 0 else min(self.slots, self.rate)
 
 
 def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
@@ -93,27 +93,46 @@ def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
     return lambda tenant: usage.get(tenant, 0) < limit
 
 
+def ready_retries(
+    state: GateState, config: AdmissionConfig, eligible: Eligible
+) -> list[RetryEntry]:
+    """Retries the budget pays for whose tenant has room, or that reclaim their own
+    possible sandbox (their create takes no new room)."""
+    return eligible_retries(
+        state,
+        lambda entry: eligible(entry.tenant) or state.reclaims(entry.tenant, entry.entity),
+        budget.tokens(state, config),
+    )
+
+
 def front(
     state: GateState, config: AdmissionConfig, permits: Permits, eligible: Eligible
 ) -> list[Turn]:
-    """The turns the free permits belong to, in fair order."""
-    free = permits.grantable
-    if free <= 0:
-        return []
+    """The turns the free permits belong to, in fair order. A retry that reclaims its own
+    possible sandbox needs a slot and a rate token but no free capacity."""
+    starts = permits.startable
+    room = permits.capacity
     turns: list[Turn] = []
-    for entry in eligible_retries(state, eligible, budget.tokens(state, config)):
-        if len(turns) >= free:
+    if starts <= 0:
+        return turns
+    for entry in ready_retries(state, config, eligible):
+        if len(turns) >= starts:
             return turns
-        turns.append(Turn(entry.tenant, entry.entity))
+        if state.reclaims(entry.tenant, entry.entity):
+            turns.append(Turn(entry.tenant, entry.entity))
+        elif room > 0 and eligible(entry.tenant):
+            room -= 1
+            turns.append(Turn(entry.tenant, entry.entity))
     # A grant can fill a tenant's room, so count grants per tenant along the way.
     usage = state.usage_by_tenant()
     limit = config.max_sandboxes_per_tenant
     for tenant, ticket in fair_order(state, eligible):
-        if len(turns) >= free:
+        if len(turns) >= starts or room <= 0:
             break
         if limit is not None and usage.get(tenant, 0) >= limit:
             continue
         usage[tenant] = usage.get(tenant, 0) + 1
+        room -= 1
         turns.append(Turn(tenant, ticket=ticket))
     return turns
 
@@ -125,7 +144,7 @@ def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: El
             if (entry.tenant, entry.entity) == (turn.tenant, turn.entity):
                 return index + 1
         return len(state.retries)
-    ready = eligible_retries(state, eligible, budget.tokens(state, config))
+    ready = ready_retries(state, config, eligible)
     assert turn.ticket is not None
     return len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible)
 
@@ -177,13 +196,15 @@ def waiting(
     turn = Turn.of(waiter, place)
     at = max(1, position(state, config, turn, eligible))
     cooling = permits.cooling_ms
+    # A retry reclaiming its own possible sandbox waits for no capacity.
+    reclaims = turn.is_retry and state.reclaims(waiter.tenant, waiter.entity)
     waits = {
-        REASON_CAPACITY: capacity_wait_ms(state, config, now, at),
+        REASON_CAPACITY: 0 if reclaims else capacity_wait_ms(state, config, now, at),
         REASON_CREATE_SLOTS: slot_wait_ms(state, config, now, at),
         REASON_RATE: rate_wait_ms(state, config, now, at),
     }
     frees = {
-        REASON_CAPACITY: permits.capacity,
+        REASON_CAPACITY: at if reclaims else permits.capacity,
         REASON_CREATE_SLOTS: permits.slots,
         REASON_RATE: permits.rate,
     }
@@ -197,7 +218,7 @@ def waiting(
     if cooling > 0:
         reason = REASON_BACKOFF
         in_use, limit = usage[REASON_CREATE_SLOTS]
-    elif not tenant_has_room(state, config, waiter.tenant):
+    elif not reclaims and not tenant_has_room(state, config, waiter.tenant):
         reason = REASON_CAPACITY
         in_use = state.tenant_in_use(waiter.tenant)
         limit = config.max_sandboxes_per_tenant or config.max_sandboxes

@@ -28,6 +28,7 @@ from provisioner.admission.results import (
     Waiter,
 )
 from provisioner.admission.settle import Settlement
+from provisioner.admission.state import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.admission.status import snapshot
 from provisioner.config import AdmissionConfig
 from provisioner.ports import LogLevel, Ports, StorageError
@@ -42,14 +43,18 @@ class AdmissionController:
 
     # ------------------------------------------------------------------ public API
 
-    def admit(self, waiter: Waiter) -> Grant | Queued | Rejected:
+    def admit(
+        self, waiter: Waiter, sandbox_timeout_ms: int = DEFAULT_SANDBOX_TIMEOUT_MS
+    ) -> Grant | Queued | Rejected:
         """Grant one create now, or say where the waiter stands.
 
         Idempotent per waiter: asking again keeps the waiter's place. A waiter whose own
         create is still in flight (its grant's lease is live) gets Queued with reason
         `create_slots` and position 0 rather than a second grant, so no entity ever has
-        two creates in flight. Storage trouble answers Queued with reason `storage`."""
-        admission = Admission(self._ports, self._config)
+        two creates in flight. Storage trouble answers Queued with reason `storage`.
+        `sandbox_timeout_ms` is the E2B timeout the create asks for: a create never
+        settled counts against capacity until its sandbox would have timed out."""
+        admission = Admission(self._ports, self._config, sandbox_timeout_ms)
         return self._guard(waiter, "admit", lambda: admission.decide(waiter))
 
     def settle(

@@ -41,7 +41,8 @@ def rate_in_use(state: GateState, config: AdmissionConfig, now_ms: int) -> int:
     return config.create_burst - rate_available(state, config, now_ms)
 
 
-# Capacity: creates in flight count too, since each may become a running sandbox.
+# Capacity: creates in flight count too, since each may become a running sandbox, and so
+# do the unsettled creates, whose sandbox may be running unrecorded (`possible_sandboxes`).
 
 
 def capacity_limit(state: GateState, config: AdmissionConfig) -> int:
@@ -51,7 +52,7 @@ def capacity_limit(state: GateState, config: AdmissionConfig) -> int:
 
 
 def capacity_in_use(state: GateState) -> int:
-    return len(state.sandbox_leases) + len(state.create_leases)
+    return len(state.sandbox_leases) + len(state.create_leases) + len(state.possible_sandboxes())
 
 
 def capacity_free(state: GateState, config: AdmissionConfig) -> int:
@@ -67,7 +68,7 @@ def shrink_capacity(state: GateState, config: AdmissionConfig) -> int:
     """Multiplicative decrease to what was observed: the account is full at our current
     count, so someone else holds the rest. Never below one. Call it after the failed
     create's own lease was dropped."""
-    observed = len(state.sandbox_leases) + len(state.create_leases)
+    observed = capacity_in_use(state)
     state.capacity = max(1, min(capacity_limit(state, config), observed))
     state.success_streak = 0
     return state.capacity

@@ -59,6 +59,7 @@ __all__ = [
     "ResourceWaiterView",
     "RetryBudget",
     "SandboxLeaseView",
+    "UnsettledCreateView",
     "WaiterView",
     "inspect_gates",
     "inspect_resource",
@@ -96,6 +97,19 @@ class SandboxLeaseView:
 
 
 @dataclass(frozen=True, slots=True)
+class UnsettledCreateView:
+    """A create of `entity` whose outcome is unknown (its holder died mid-call, or it timed
+    out): its sandbox may run unrecorded, so it counts against capacity until the entity
+    adopts or releases it, or until `until_ms`, when E2B's timeout would have killed it."""
+
+    lease_id: str
+    tenant: str
+    entity: str
+    started_ms: int
+    until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class CreateSlots:
     in_use: int
     limit: int
@@ -115,14 +129,16 @@ class Rate:
 
 @dataclass(frozen=True, slots=True)
 class Capacity:
-    """Running sandboxes plus creates in flight (`in_use`) against `effective_limit`: the
-    configured `limit` until E2B's concurrent-sandbox 429 shrank it."""
+    """Running sandboxes, creates in flight and unsettled creates (`in_use`) against
+    `effective_limit`: the configured `limit` until E2B's concurrent-sandbox 429 shrank
+    it."""
 
     in_use: int
     limit: int
     effective_limit: int
     running: int
     leases: tuple[SandboxLeaseView, ...]
+    unsettled: tuple[UnsettledCreateView, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +198,9 @@ class GateView:
 
     @property
     def permits_held(self) -> int:
-        """Create slots plus capacity permits held."""
-        return len(self.create_slots.leases) + len(self.capacity.leases)
+        """Create slots plus capacity permits held (unsettled creates included)."""
+        capacity = self.capacity
+        return len(self.create_slots.leases) + len(capacity.leases) + len(capacity.unsettled)
 
     def waiter(self, tenant: str, entity: str) -> WaiterView | None:
         return owned_by(self.waiters, tenant, entity)
@@ -233,6 +250,10 @@ def inspect_gates(
                     s.lease_id, s.tenant, s.entity, s.sandbox_id, s.started_ms, s.expires_ms
                 )
                 for s in state.sandbox_leases
+            ),
+            tuple(
+                UnsettledCreateView(u.lease_id, u.tenant, u.entity, u.started_ms, u.until_ms)
+                for u in state.unsettled
             ),
         ),
         backoff=Backoff(state.cooldown_until_ms, cooling_ms(state, now_ms), state.backoff_failures),

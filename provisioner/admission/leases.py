@@ -6,6 +6,7 @@ from provisioner.admission.state import (
     CreateLease,
     GateState,
     SandboxLease,
+    UnsettledCreate,
     not_owned_by,
     owned_by,
 )
@@ -17,15 +18,30 @@ def new_lease_id(ports: Ports, prefix: str) -> str:
 
 
 def prune_expired(state: GateState, now_ms: int) -> bool:
-    """Drop leases whose expiry has passed; True when anything was dropped."""
+    """Drop leases whose expiry has passed; True when anything changed. An expired create
+    lease gives its slot back but stays as an unsettled create: its holder died before
+    hearing E2B's answer, so the sandbox may exist."""
     creates = [c for c in state.create_leases if c.expires_ms > now_ms]
+    for lease in state.create_leases:
+        if lease.expires_ms <= now_ms:
+            state.unsettled.append(unsettled_from(lease))
+    unsettled = [u for u in state.unsettled if u.until_ms > now_ms]
     sandboxes = [s for s in state.sandbox_leases if s.expires_ms > now_ms]
-    changed = len(creates) != len(state.create_leases) or len(sandboxes) != len(
-        state.sandbox_leases
+    changed = (
+        len(creates) != len(state.create_leases)
+        or len(sandboxes) != len(state.sandbox_leases)
+        or len(unsettled) != len(state.unsettled)
     )
     state.create_leases = creates
     state.sandbox_leases = sandboxes
+    state.unsettled = unsettled
     return changed
+
+
+def unsettled_from(lease: CreateLease) -> UnsettledCreate:
+    return UnsettledCreate(
+        lease.lease_id, lease.tenant, lease.entity, lease.started_ms, lease.sandbox_until_ms
+    )
 
 
 def take_create_lease(
@@ -35,8 +51,10 @@ def take_create_lease(
     entity: str,
     now_ms: int,
     ttl_ms: int,
+    sandbox_timeout_ms: int,
 ) -> CreateLease:
-    lease = CreateLease(lease_id, tenant, entity, now_ms + ttl_ms, now_ms)
+    expires = now_ms + ttl_ms
+    lease = CreateLease(lease_id, tenant, entity, expires, now_ms, expires + sandbox_timeout_ms)
     state.create_leases.append(lease)
     return lease
 
@@ -48,14 +66,22 @@ def drop_create_lease(state: GateState, lease_id: str) -> CreateLease | None:
     return None
 
 
+def drop_unsettled(state: GateState, lease_id: str) -> UnsettledCreate | None:
+    """Settle one unsettled create: its own answer came, late."""
+    for index, unsettled in enumerate(state.unsettled):
+        if unsettled.lease_id == lease_id:
+            return state.unsettled.pop(index)
+    return None
+
+
 def drop_leases_of(state: GateState, tenant: str, entity: str) -> int:
-    """Drop every lease the entity holds; returns how many."""
-    creates = not_owned_by(state.create_leases, tenant, entity)
-    sandboxes = not_owned_by(state.sandbox_leases, tenant, entity)
-    dropped = len(state.create_leases) - len(creates) + len(state.sandbox_leases) - len(sandboxes)
-    state.create_leases = creates
-    state.sandbox_leases = sandboxes
-    return dropped
+    """Drop every lease the entity holds, and its unsettled creates; returns how many
+    counted against a limit."""
+    counted = state.tenant_in_use(tenant)
+    state.create_leases = not_owned_by(state.create_leases, tenant, entity)
+    state.sandbox_leases = not_owned_by(state.sandbox_leases, tenant, entity)
+    state.unsettled = not_owned_by(state.unsettled, tenant, entity)
+    return counted - state.tenant_in_use(tenant)
 
 
 def sandbox_lease_of(state: GateState, tenant: str, entity: str) -> SandboxLease | None:
@@ -72,8 +98,11 @@ def hold_sandbox(
     now_ms: int,
     ttl_ms: int,
 ) -> None:
-    """Hold one capacity lease per entity: a re-create replaces the entity's old lease."""
+    """Hold one capacity lease per entity: a re-create replaces the entity's old lease, and
+    its unsettled creates (the same idempotency key: this is the sandbox they may have
+    made)."""
     state.sandbox_leases = not_owned_by(state.sandbox_leases, tenant, entity)
+    state.unsettled = not_owned_by(state.unsettled, tenant, entity)
     state.sandbox_leases.append(
         SandboxLease(lease_id, tenant, entity, now_ms + ttl_ms, now_ms, sandbox_id)
     )

@@ -76,15 +76,16 @@ def ticket_at(queue: TenantQueue, index: int) -> int:
 
 
 def eligible_retries(
-    state: QueueHolder, eligible: Eligible, retry_tokens: float
+    state: QueueHolder, eligible: Callable[[RetryEntry], bool], retry_tokens: float
 ) -> list[RetryEntry]:
-    """Retries that may be granted now: tenant has room and the budget pays for them."""
+    """Retries that may be granted now: `eligible` (its tenant has room) and the budget
+    pays for them."""
     affordable = int(retry_tokens + 1e-9)
     chosen: list[RetryEntry] = []
     for entry in state.retries:
         if len(chosen) >= affordable:
             break
-        if eligible(entry.tenant):
+        if eligible(entry):
             chosen.append(entry)
     return chosen
 

@@ -2,8 +2,11 @@
 
 Created: the waiter holds a capacity lease for the sandbox's timeout. RateLimited and
 Unavailable: a shared cooldown, and the waiter waits among the retries (ahead of every
-fresh ticket) until `max_create_attempts`. CapacityExhausted: the effective capacity
-shrinks to what was observed. CreateFailed: the waiter is rejected with E2B's failure.
+fresh ticket) until `max_create_attempts`; after Unavailable (a timeout or 5xx: E2B may
+have made the sandbox) the create stays counted as unsettled until the retry adopts its
+sandbox. CapacityExhausted: the effective capacity shrinks to what was observed.
+CreateFailed: the waiter is rejected with E2B's failure. An answer that comes after its
+create lease expired settles the unsettled create the expiry left.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ from provisioner.admission.gates import (
     note_created,
     shrink_capacity,
 )
-from provisioner.admission.leases import drop_create_lease, hold_sandbox
+from provisioner.admission.leases import (
+    drop_create_lease,
+    drop_unsettled,
+    hold_sandbox,
+    unsettled_from,
+)
 from provisioner.admission.ledger import Ledger, Loaded
 from provisioner.admission.place import Place, Stage
 from provisioner.admission.results import (
@@ -51,6 +59,14 @@ class Settlement(Ledger):
         stored = loaded.place
         since = stored.since_ms if stored is not None else now - grant.queued_ms
         lease = drop_create_lease(state, grant.lease_id)
+        # Answered after its lease expired: the unsettled create it left is settled now.
+        late = None if lease is not None else drop_unsettled(state, grant.lease_id)
+        if isinstance(result, Unavailable):
+            # No answer from E2B: the sandbox may exist, so it stays counted.
+            if lease is not None:
+                state.unsettled.append(unsettled_from(lease))
+            elif late is not None:
+                state.unsettled.append(late)
         if lease is not None:
             observed = max(0, now - lease.started_ms)
             state.latency_ms = (
@@ -64,6 +80,8 @@ class Settlement(Ledger):
             return Rejected(result.failure)
         if lease is None and stored is not None and stored.stage is not Stage.CREATING:
             # Settled already (or the waiter moved on): report where it stands now.
+            if late is not None and not isinstance(result, Unavailable):
+                self.save_gate(loaded)
             if state.retry_of(waiter.tenant, waiter.entity) is None:
                 return None
             view = Place(Stage.RETRYING, since, stored.attempt)

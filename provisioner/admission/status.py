@@ -68,6 +68,7 @@ def snapshot(state: GateState, config: AdmissionConfig, now_ms: int, tenant: str
                 "limit": capacity_limit(state, config),
                 "configured": config.max_sandboxes,
                 "running": len(state.sandbox_leases),
+                "unsettled": len(state.unsettled),
             },
             "backoff": {
                 "cooling_ms": cooling_ms(state, now_ms),

@@ -21,6 +21,7 @@ from host.sessions.fake_e2b import START_MS, FakeE2B, FakeE2BConfig, Storm
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
 from provisioner.admission import (
+    DEFAULT_SANDBOX_TIMEOUT_MS,
     AdmissionConfig,
     AdmissionController,
     Created,
@@ -32,7 +33,16 @@ from provisioner.admission import (
 )
 from provisioner.ports import HttpRequest, HttpResponse, Ports
 
-__all__ = ["ACCOUNT", "START_MS", "FakeE2B", "FakeE2BConfig", "Harness", "Storm"]
+__all__ = [
+    "ACCOUNT",
+    "START_MS",
+    "FakeE2B",
+    "FakeE2BConfig",
+    "Harness",
+    "Storm",
+    "grant_of",
+    "queued_of",
+]
 
 ACCOUNT = "sim-account"
 
@@ -264,15 +274,18 @@ class Harness(VirtualAccount):
         *,
         seed: int = 0,
         backend: Any = None,
+        sandbox_timeout_ms: int = DEFAULT_SANDBOX_TIMEOUT_MS,
     ) -> None:
         super().__init__(seed=seed, backend=backend)
         self.config = config or AdmissionConfig()
+        # The E2B timeout of the sandboxes the creates make (bounds an unsettled create).
+        self.sandbox_timeout_ms = sandbox_timeout_ms
 
     def controller(self, tenant: str, config: AdmissionConfig | None = None) -> AdmissionController:
         return AdmissionController(self.ports(tenant), config or self.config)
 
     def admit(self, waiter: Waiter) -> Grant | Queued | Rejected:
-        return self.controller(waiter.tenant).admit(waiter)
+        return self.controller(waiter.tenant).admit(waiter, self.sandbox_timeout_ms)
 
     def settle(
         self, waiter: Waiter, grant: Grant, result: CreateResult

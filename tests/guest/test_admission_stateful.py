@@ -93,6 +93,10 @@ class Seen:
     phase: str = "idle"  # idle | queued | creating | crashed | holding | done
     grant: Grant | None = None
     sandbox_expires_ms: int = 0
+    # A create whose answer nobody heard (its holder crashed, or it timed out) may have
+    # made a sandbox, unrecorded: E2B runs it until its timeout unless this cycle's next
+    # create adopts it (same idempotency key) or the release kills it.
+    possible_until_ms: int = 0
     failure: str | None = None
     # Fairness bookkeeping for the current wait.
     order: int = 0
@@ -109,7 +113,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     @initialize(which=st.sampled_from(range(len(CONFIGS))), seed=st.integers(0, 2**16))
     def start(self, which: int, seed: int) -> None:
         self.config = CONFIGS[which]
-        self.harness = Harness(self.config, seed=seed)
+        self.harness = Harness(self.config, seed=seed, sandbox_timeout_ms=SANDBOX_TIMEOUT_MS)
         self.seen = {w: Seen() for w in WAITERS}
         self.enqueued = 0
         self.retries_made = 0
@@ -129,13 +133,28 @@ class AdmissionMachine(RuleBasedStateMachine):
             and (tenant is None or w.tenant == tenant)
         )
 
-    def running(self, tenant: str | None = None) -> int:
+    def crashed(self, seen: Seen) -> None:
+        """Its invocation died with the create in flight: E2B may make the sandbox."""
+        seen.phase = "crashed"
+        if seen.grant is not None:
+            seen.possible_until_ms = seen.grant.expires_at_ms + SANDBOX_TIMEOUT_MS
+
+    def in_use_at_e2b(self, tenant: str | None = None) -> int:
+        """Sandboxes E2B may be running or making for the waiters, one per cycle at most."""
+        now = self.now()
         return sum(
             1
             for w, s in self.seen.items()
-            if s.phase == "holding"
-            and s.sandbox_expires_ms > self.now()
-            and (tenant is None or w.tenant == tenant)
+            if (tenant is None or w.tenant == tenant)
+            and (
+                (
+                    s.phase in ("creating", "crashed")
+                    and s.grant is not None
+                    and s.grant.expires_at_ms > now
+                )
+                or (s.phase == "holding" and s.sandbox_expires_ms > now)
+                or s.possible_until_ms > now
+            )
         )
 
     def free_before(self) -> int:
@@ -255,7 +274,11 @@ class AdmissionMachine(RuleBasedStateMachine):
             assert decision is None
             seen.phase, seen.grant = "holding", None
             seen.sandbox_expires_ms = self.now() + SANDBOX_TIMEOUT_MS
+            seen.possible_until_ms = 0  # adopted: the one sandbox of this cycle
             return
+        if isinstance(result, Unavailable):  # a timeout: E2B may have made it
+            expires = seen.grant.expires_at_ms + SANDBOX_TIMEOUT_MS
+            seen.possible_until_ms = max(seen.possible_until_ms, expires)
         seen.grant = None
         if isinstance(decision, Queued):
             self.retries_made += 1
@@ -272,7 +295,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     def holder_crashes(self, waiter: Waiter) -> None:
         seen = self.seen[waiter]
         if seen.phase == "creating":
-            seen.phase = "crashed"  # its invocation died with the create in flight
+            self.crashed(seen)
 
     @rule(waiter=st.sampled_from(WAITERS))
     def release(self, waiter: Waiter) -> None:
@@ -288,7 +311,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         for seen in self.seen.values():
             grant = seen.grant
             if seen.phase == "creating" and grant and grant.expires_at_ms <= self.now() + ms:
-                seen.phase = "crashed"
+                self.crashed(seen)
         self.harness.advance(ms)
 
     @precondition(lambda self: hasattr(self, "harness"))
@@ -296,7 +319,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     def every_lease_expires(self) -> None:
         for seen in self.seen.values():
             if seen.phase == "creating":
-                seen.phase = "crashed"
+                self.crashed(seen)
         self.harness.advance(SANDBOX_TIMEOUT_MS + self.config.create_lease_ms)
         account = self.harness.status()["account"]
         assert account["create_slots"]["in_use"] == 0
@@ -312,11 +335,10 @@ class AdmissionMachine(RuleBasedStateMachine):
             return
         config = self.config
         assert self.live_creates() <= config.create_slots
-        assert self.live_creates() + self.running() <= config.max_sandboxes
+        assert self.in_use_at_e2b() <= config.max_sandboxes
         if config.max_sandboxes_per_tenant is not None:
             for tenant in TENANTS:
-                used = self.live_creates(tenant) + self.running(tenant)
-                assert used <= config.max_sandboxes_per_tenant
+                assert self.in_use_at_e2b(tenant) <= config.max_sandboxes_per_tenant
         account = self.harness.status()["account"]
         assert account["create_slots"]["in_use"] <= config.create_slots
         assert account["capacity"]["in_use"] <= config.max_sandboxes

@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from host.mock_e2b import MockE2BConfig, MockE2BServer
+from host.mock_e2b import MockE2BConfig, MockE2BServer, MockE2BStats
 from host.multihost.redis_server import RedisServer
 from host.multihost.run import (
     Cluster,
@@ -137,6 +136,13 @@ def _answered_or_granted(events: list[Event]) -> set[str]:
     return {e["job"] for e in events if e["event"] in ("outcome", "granted")}
 
 
+def _assert_limits_held_at_e2b(stats: MockE2BStats) -> None:
+    """As E2B saw it: never more creates in flight than the slots, nor more sandboxes
+    running than the cap, whichever hosts sent them."""
+    assert stats.max_concurrent_creates <= CREATE_SLOTS
+    assert stats.max_running_sandboxes <= MAX_SANDBOXES
+
+
 def _assert_every_job_completed(outcome: ClusterOutcome, jobs: int) -> None:
     states = {job_id: result["state"] for job_id, result in outcome.results.items()}
     assert len(states) == jobs
@@ -155,6 +161,7 @@ def _assert_nothing_left(
     gate, _ = read_gate(redis_server.url, account)
     assert gate.create_slots.leases == (), "a create slot leaked"
     assert gate.capacity.leases == (), "a capacity permit leaked"
+    assert gate.capacity.unsettled == (), "an unsettled create was never adopted or released"
     assert gate.waiters == (), "a waiter was left in the queue"
 
 
@@ -208,8 +215,7 @@ def test_three_hosts_share_the_limits_and_stay_fair(
             f"(limit {CREATE_SLOTS}); sandboxes running at most {stats.max_running_sandboxes} "
             f"(limit {MAX_SANDBOXES}); outcomes {outcome.to_json()['outcomes']}"
         )
-        assert stats.max_concurrent_creates <= CREATE_SLOTS
-        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_limits_held_at_e2b(stats)
         assert stats.throttled == 0, "E2B refused a create: a limit was overrun"
         assert stats.max_concurrent_creates == CREATE_SLOTS, "the workload never filled the slots"
         _assert_every_job_completed(outcome, len(jobs))
@@ -321,8 +327,7 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
             f"{stats.sandboxes_created} for {len(jobs)} jobs, adopted by idempotency key "
             f"{stats.idempotent_replays}; outcomes {outcome.to_json()['outcomes']}"
         )
-        assert stats.max_concurrent_creates <= CREATE_SLOTS
-        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_limits_held_at_e2b(stats)
         assert stats.throttled == 0
         _assert_every_job_completed(outcome, len(jobs))
         # Each create the victim sent went on at E2B after it died; a survivor adopted it.
@@ -337,17 +342,6 @@ def _host_creating_with_sessions_queued(cluster: Cluster, events: list[Event]) -
         if creating_with_sessions_queued(host.name)(events):
             return host.name
     return None
-
-
-def _fsync_every_write(redis_server: RedisServer) -> None:
-    """Redis acknowledges a write before the append-only file is synced (`everysec`), so a
-    crash may lose the last second: a lost grant would let its slot be granted twice. A
-    deployment that must hold its limits across a Redis crash syncs every write."""
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.config_set("appendfsync", "always")
-    finally:
-        client.close()
 
 
 def _storage_trouble(event: Event) -> bool:
@@ -368,7 +362,7 @@ def test_redis_killed_and_restarted_mid_run(
     would be lost), a host granting without storage (fail open: a limit overrun), a backend
     that stays broken after Redis returns, a create answered during the outage leaving an
     orphan or being made twice."""
-    _fsync_every_write(redis_server)
+    redis_server.fsync_every_write()
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
     with _held_mock() as mock:
         settings = _settings(redis_server, mock, loaded_component, component_cache_dir, held=True)
@@ -414,7 +408,7 @@ def test_redis_killed_and_restarted_mid_run(
             assert all(_storage_trouble(e) for e in ends), ends
             redis_server.start()
             outage_s = time.monotonic() - down_at
-            _fsync_every_write(redis_server)
+            redis_server.fsync_every_write()
             outcome = cluster.finish(timeout=90)
         stats = mock.stats()
         counts = outcome.to_json()["outcomes"]
@@ -430,8 +424,7 @@ def test_redis_killed_and_restarted_mid_run(
         assert any(_storage_trouble(e) for e in outcome.events)
         # Each create answered while Redis was down was adopted afterwards, not made again.
         assert stats.idempotent_replays >= CREATE_SLOTS
-        assert stats.max_concurrent_creates <= CREATE_SLOTS
-        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_limits_held_at_e2b(stats)
         assert stats.throttled == 0
         _assert_every_job_completed(outcome, len(jobs))
         _assert_nothing_left(mock, redis_server, settings.account, len(jobs))
@@ -469,7 +462,7 @@ def test_multihost_command_runs_a_workload_with_a_kill(
     code = run_multihost(args)
     report = json.loads(capsys.readouterr().out)
     summary = report["summary"]
-    assert code == 0, summary
+    assert code == 0, json.dumps(summary)  # the whole summary says which check failed
     assert summary["completed"] == 8
     assert summary["kill"]["host"] == "host-2"
     assert summary["max_concurrent_creates"] <= summary["create_slots"]
@@ -534,6 +527,5 @@ def test_killed_host_holding_sandboxes_hands_them_to_the_survivors(
         for job_id, sandbox_id in held.items():
             if job_id in {job.id for job in unfinished}:
                 assert outcome.results[job_id]["sandbox_id"] == sandbox_id
-        assert stats.max_concurrent_creates <= CREATE_SLOTS
-        assert stats.max_running_sandboxes <= MAX_SANDBOXES
+        _assert_limits_held_at_e2b(stats)
         _assert_nothing_left(mock, redis_server, settings.account, len(jobs))

@@ -67,8 +67,11 @@ def test_a_short_seeded_soak_passes_its_audit(
     assert checks["jobs"] > 0 and checks["jobs_without_result"] == 0
     assert checks["completed"] + sum(checks["failed_by_code"].values()) == checks["jobs"]
     assert checks["running_samples"] > 0
-    # The seeded schedule injected faults of several kinds, and each is one of the known.
-    assert len(faults) >= 3 and {f["kind"] for f in faults} <= set(FAULT_KINDS)
+    # The seeded schedule injected faults, each one of the known kinds, and at least one
+    # hit its window (how many fit in 30 s depends on the machine: a kill may wait up to
+    # `window_timeout_s` for its window, so a loaded machine fits two).
+    assert faults and {f["kind"] for f in faults} <= set(FAULT_KINDS)
+    assert any(f["detail"].get("hit") for f in faults), faults
     assert report["mock"]["sandboxes_created"] > 0
 
 
