@@ -38,13 +38,27 @@ def component_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def component_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _fresh_component_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("component-cache")
 
 
 @pytest.fixture(scope="session")
-def loaded_component(component_path: Path, component_cache_dir: Path) -> LoadedComponent:
-    return load_component(component_path, cache_dir=component_cache_dir)
+def loaded_component(component_path: Path, _fresh_component_cache_dir: Path) -> LoadedComponent:
+    """The session's one compile of the component, into an empty cache directory (so
+    `from_cache` is always False: test_end_to_end.py's cache tests rely on it)."""
+    return load_component(component_path, cache_dir=_fresh_component_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def component_cache_dir(
+    loaded_component: LoadedComponent, _fresh_component_cache_dir: Path
+) -> Path:
+    """The compile cache that holds the session's compiled component: hosts and host
+    processes given it load in milliseconds instead of compiling again (5-7 s quiet, a
+    minute or more on a loaded machine). Requesting it compiles first, in this process, so
+    `loaded_component` is the cold compile whichever test asks first."""
+    assert not loaded_component.from_cache
+    return _fresh_component_cache_dir
 
 
 @pytest.fixture

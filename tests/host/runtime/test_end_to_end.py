@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import wasmtime
 
 from host.runtime.component_runtime import Budgets, ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent, load_component
@@ -171,11 +172,17 @@ def test_status_reports_the_entity_and_gates(host: Host) -> None:
     assert isinstance(status.params["gates"], dict)
 
 
-def test_a_second_load_uses_the_compile_cache(component_path: Path, tmp_path: Path) -> None:
-    cold = load_component(component_path, cache_dir=tmp_path)
-    warm = load_component(component_path, cache_dir=tmp_path)
+def test_a_second_load_uses_the_compile_cache(
+    loaded_component: LoadedComponent, component_cache_dir: Path
+) -> None:
+    """The session's component was compiled into an empty cache directory (conftest.py);
+    loading it again from that directory deserialises the artefact instead of compiling.
+    (The cold load is the session's own: a second compile here would cost as much again.)"""
+    cold = loaded_component
+    warm = load_component(cold.path, cache_dir=component_cache_dir)
     assert not cold.from_cache
     assert warm.from_cache
+    assert warm.sha256 == cold.sha256
     print(
         f"\ncomponent load: compile {cold.load_seconds * 1000:.0f} ms, "
         f"cached {warm.load_seconds * 1000:.1f} ms "
@@ -183,12 +190,30 @@ def test_a_second_load_uses_the_compile_cache(component_path: Path, tmp_path: Pa
     )
 
 
-def test_a_corrupt_cache_entry_is_recompiled(component_path: Path, tmp_path: Path) -> None:
-    load_component(component_path, cache_dir=tmp_path)
-    for artefact in tmp_path.glob("*.cwasm"):
-        artefact.write_bytes(b"not a compiled component")
-    again = load_component(component_path, cache_dir=tmp_path)
+# The smallest component (one empty core module): the loader's cache handling does not
+# depend on what it compiles, and compiling this takes milliseconds where the provisioner
+# takes 5-7 s (a minute or more on a loaded machine).
+TINY_COMPONENT_WAT = (
+    '(component (core module $m (func (export "f"))) (core instance (instantiate $m)))'
+)
+
+
+def test_a_corrupt_cache_entry_is_recompiled(tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny.wasm"
+    tiny.write_bytes(wasmtime.wat2wasm(TINY_COMPONENT_WAT))
+    cache = tmp_path / "cache"
+    assert not load_component(tiny, cache_dir=cache).from_cache
+    artefacts = sorted(cache.glob("*.cwasm"))
+    assert len(artefacts) == 1
+    assert load_component(tiny, cache_dir=cache).from_cache  # the entry is the one looked up
+    corrupt = b"not a compiled component"
+    artefacts[0].write_bytes(corrupt)
+    again = load_component(tiny, cache_dir=cache)
     assert not again.from_cache
+    # The corrupt entry was replaced by a good artefact, which the next load uses.
+    assert sorted(cache.glob("*.cwasm")) == artefacts
+    assert artefacts[0].read_bytes() != corrupt
+    assert load_component(tiny, cache_dir=cache).from_cache
 
 
 def test_fuel_exhaustion_fails_the_invocation_and_the_host_keeps_serving(
