@@ -16,7 +16,7 @@ import wasmtime
 from host.runtime.component_runtime import Budgets, ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent, load_component
 from host.runtime.native import NativeRuntime
-from host.services.http_gateway import HttpGateway
+from host.services.http_gateway import Exchange, HttpGateway
 from host.storage.memory import MemoryBackend
 from provisioner.model import Invocation, Outcome
 from provisioner.ports import Entry, HttpRequest, HttpResponse
@@ -45,24 +45,19 @@ def invocation(
 
 
 class SpyGateway(HttpGateway):
-    """Records what the guest asked for and what it got back."""
+    """Records what the guest asked for and what it got back (through the gateway's own
+    observer hook, so what is recorded is what every other observer sees)."""
 
     def __init__(self, base_url: str, api_key: str) -> None:
         super().__init__(base_url, api_key, allow_private_network=True)
         self.requests: list[HttpRequest] = []
         self.responses: list[HttpResponse] = []
+        self.observe(self._record)
 
-    def send(
-        self,
-        request: HttpRequest,
-        *,
-        deadline_ms: int | None = None,
-        api_key: str | None = None,
-    ) -> HttpResponse:
-        self.requests.append(request)
-        response = super().send(request, deadline_ms=deadline_ms, api_key=api_key)
-        self.responses.append(response)
-        return response
+    def _record(self, exchange: Exchange) -> None:
+        self.requests.append(exchange.request)
+        if exchange.response is not None:
+            self.responses.append(exchange.response)
 
 
 @dataclass
