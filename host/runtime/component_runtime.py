@@ -1,8 +1,9 @@
 """Running the component the way the Temper runtime does: fresh per call, within budgets.
 
 Every invocation gets a new Store (so nothing survives between calls, as in Temper) with
-fuel, a memory cap and an epoch deadline; the store is closed when the call returns, so
-its instance's memory (or its pooling-allocator slot) is given back at once. The imports
+fuel, a memory cap and an epoch deadline; the store is closed when the call has answered
+(on a background thread, host.runtime.closing), so its instance's memory (or its
+pooling-allocator slot) is given back without the caller waiting for it. The imports
 are linked once; each host function finds its invocation's services through a
 thread-local, which is sound because a Store is used by one thread for the whole call.
 Host functions never raise into the guest: every failure becomes a WIT error value (the
@@ -24,6 +25,7 @@ import wasmtime
 from wasmtime import component as wc
 
 from host.runtime import wasmtime_compat
+from host.runtime.closing import NOTHING_TO_RELEASE, StoreCloser
 from host.runtime.credentials import gateway_call, key_arguments
 from host.runtime.epochs import EpochTicker
 from host.runtime.loader import LoadedComponent
@@ -148,7 +150,11 @@ class ComponentRuntime:
         loaded: LoadedComponent,
         services: HostServices,
         budgets: Budgets | None = None,
+        *,
+        close_in_background: bool = True,
     ) -> None:
+        """`close_in_background`: free each call's instance on a background thread after
+        the call has answered (host.runtime.closing); False frees it before answering."""
         self.loaded = loaded
         self.services = services
         self.budgets = budgets or Budgets()
@@ -171,12 +177,15 @@ class ComponentRuntime:
         if run is None:
             raise ValueError(f"{loaded.path} does not export {interface('provisioner')}#run")
         self._run_index = run
+        self._closer = StoreCloser() if close_in_background else None
         self._ticker = EpochTicker.acquire(loaded.engine, EPOCH_TICK_MS)
         self._closed = False
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._closer is not None:
+                self._closer.stop()
             self._ticker.release()
 
     def __enter__(self) -> ComponentRuntime:
@@ -305,19 +314,32 @@ class ComponentRuntime:
                 )
             )
         call = gateway_call(self.services.http, invocation)
-        if self._slots is None:
-            return self._invoke(call.invocation, call.api_key)
-        with self._slots:
-            return self._invoke(call.invocation, call.api_key)
-
-    def _invoke(self, invocation: Invocation, api_key: str | None) -> Outcome:
-        budgets = self.budgets
-        store = wasmtime.Store(self.loaded.engine)
+        release = NOTHING_TO_RELEASE
+        if self._slots is not None:
+            self._slots.acquire()
+            release = self._slots.release
         try:
-            return self._run_in(store, invocation, budgets, api_key)
+            store = wasmtime.Store(self.loaded.engine)
+        except BaseException:
+            release()
+            raise
+        try:
+            return self._run_in(store, call.invocation, self.budgets, call.api_key)
         finally:
-            self._after_call(store)
+            try:
+                self._after_call(store)
+            finally:
+                self._close_store(store, release)
+
+    def _close_store(self, store: wasmtime.Store, release: Callable[[], None]) -> None:
+        """Free the call's instance (its pool slot, if any), then `release` the slot."""
+        if self._closer is not None:
+            self._closer.close_later(store, release)
+            return
+        try:
             store.close()
+        finally:
+            release()
 
     def _after_call(self, store: wasmtime.Store) -> None:
         """Called with the call's store before it is closed (a hook for measurements)."""
