@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import wasmtime
@@ -24,7 +24,7 @@ class HeldStore:
 
 
 def store(held: HeldStore) -> wasmtime.Store:
-    return cast(Any, held)
+    return cast(wasmtime.Store, held)
 
 
 def test_the_caller_goes_on_while_the_store_closes_and_release_comes_after() -> None:
@@ -85,7 +85,7 @@ def test_a_close_that_fails_still_releases_and_the_closer_serves_on() -> None:
     log: list[str] = []
     released = threading.Event()
     closer = StoreCloser(backlog=1)
-    closer.close_later(cast(Any, Broken()), released.set)
+    closer.close_later(cast(wasmtime.Store, Broken()), released.set)
     assert released.wait(10)
     closer.close_later(store(HeldStore("next", log)), lambda: None)
     closer.stop()
