@@ -132,3 +132,42 @@ def test_sigterm_finishes_the_invocation_in_flight_and_exits_zero(
             same = http2.post("/v1/invocations", json=context("job-drain")).json()
             assert same["params"]["sandbox_id"] == ready["params"]["sandbox_id"]
             assert mock.stats().sandboxes_created == 1
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(child) for child in (task / "children").read_text().split()}
+    return found
+
+
+def test_processes_run_the_invocations_in_worker_processes_and_keep_the_e2b_metrics(
+    tmp_path: Path, component_cache_dir: Path
+) -> None:
+    with (
+        running_mock(api_key=API_KEY) as mock,
+        serve_process(
+            e2b_url=mock.url,
+            storage=f"sqlite:///{tmp_path / 's.db'}",
+            cache_dir=component_cache_dir,
+            workers=4,
+            extra=["--processes", "2"],
+        ) as serve,
+        serve.client() as http,
+    ):
+        workers = _children(serve.process.pid)
+        assert len(workers) >= 2, f"serve started {workers} as worker processes"
+        for index in range(4):
+            body = context(f"job-{index}")
+            body["integration_config"].update(create_rate_per_s="1000", create_burst="10")
+            answer = http.post("/v1/invocations", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["action"] == "SandboxReady", answer.json()
+        assert mock.stats().sandboxes_created == 4
+        # The creates were made by the workers: their exchanges reached this process's metrics.
+        metrics = http.get("/metrics").text
+        assert 'sandbox_provisioner_e2b_responses_total{method="POST",status="201"} 4.0' in (
+            metrics
+        ), metrics
+        assert serve.terminate() == 0
+
