@@ -27,13 +27,14 @@ from wasmtime import component as wc
 from host.runtime import wasmtime_compat
 from host.runtime.closing import NOTHING_TO_RELEASE, StoreCloser
 from host.runtime.credentials import gateway_call, key_arguments
-from host.runtime.epochs import EpochTicker
+from host.runtime.epochs import TickedByEpochs
 from host.runtime.loader import LoadedComponent
 from host.runtime.wasmtime_compat import WitErr
 from host.services.http_gateway import HttpGateway
 from host.services.namespaces import ScopedStorage
 from host.services.telemetry import InvocationTag, LoggingTelemetry, TelemetrySink
 from host.storage.base import StorageBackend
+from host.temper_abi.limits import EPOCH_TICK_MS, TemperLimits
 from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, failed
 from provisioner.ports import (
@@ -52,20 +53,22 @@ wasmtime_compat.install()
 
 PACKAGE = "temper:sandbox-provisioner"
 VERSION = "0.1.0"
-EPOCH_TICK_MS = 10
 
 
 def interface(name: str) -> str:
     return f"{PACKAGE}/{name}@{VERSION}"
 
 
+_TEMPER = TemperLimits()
+
+
 @dataclass(frozen=True)
 class Budgets:
-    """Temper's per-invocation budgets."""
+    """Temper's per-invocation budgets, by default Temper's own (`TemperLimits`)."""
 
-    fuel: int = 1_000_000_000
-    memory_bytes: int = 64 * 1024 * 1024
-    deadline_ms: int = 120_000
+    fuel: int = _TEMPER.max_fuel
+    memory_bytes: int = _TEMPER.max_memory
+    deadline_ms: int = round(_TEMPER.max_duration_s * 1000)
     result_bytes: int = 1024 * 1024
 
 
@@ -142,7 +145,7 @@ def _http_error(error: HttpError) -> WitErr:
     return WitErr(wc.Variant(tag, error.detail))
 
 
-class ComponentRuntime:
+class ComponentRuntime(TickedByEpochs):
     """Invokes the provisioner component; safe to call from many threads at once."""
 
     def __init__(
@@ -178,21 +181,11 @@ class ComponentRuntime:
             raise ValueError(f"{loaded.path} does not export {interface('provisioner')}#run")
         self._run_index = run
         self._closer = StoreCloser() if close_in_background else None
-        self._ticker = EpochTicker.acquire(loaded.engine, EPOCH_TICK_MS)
-        self._closed = False
+        super().__init__(loaded.engine, EPOCH_TICK_MS)
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self._closer is not None:
-                self._closer.stop()
-            self._ticker.release()
-
-    def __enter__(self) -> ComponentRuntime:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _before_release(self) -> None:
+        if self._closer is not None:
+            self._closer.stop()
 
     # -- the imports -------------------------------------------------------------
 
