@@ -15,7 +15,10 @@ removed the ~470 page faults of a held provision but hardly moved its time; it i
 threads of one process that pay for faults and unmapping, and they also share one GIL for
 wasmtime-py's Python-side conversions. Processes remove both; the pooling allocator keeps
 the threads inside each worker (calls waiting on E2B) from paying the fault cost again.
-benchmarks/throughput.py (figure 6) measures it against the old single-process path.
+Within a worker the store of a finished call is closed on a background thread
+(host/runtime/closing.py), so resetting the slot's memory overlaps the next call instead
+of delaying the answer. benchmarks/throughput.py (figure 6) measures it against the old
+single-process path; `sandbox-provisioner serve --processes N` serves through it.
 
 The contract is unchanged: every invocation gets a fresh instance with the same budgets
 in whichever worker runs it, and `invoke(invocation) -> Outcome` is the same call as
