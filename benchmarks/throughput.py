@@ -6,8 +6,8 @@ Two host set-ups, side by side in alternating rounds, each measured in a fresh p
 
 - baseline: today's code path before issue 16: one process, wasmtime's default
   allocator, wasmtime-py's own `list<u8>` and type handling
-  (`SANDBOX_PROVISIONER_FAST_CONVERSIONS=0`), one `ComponentRuntime` shared by one thread
-  per core;
+  (`SANDBOX_PROVISIONER_FAST_CONVERSIONS=0`), each store closed before the call answers
+  (`close_in_background=False`), one `ComponentRuntime` shared by one thread per core;
 - pool: `host.runtime.pool.ProcessPoolRuntime`: one worker process per core, each with
   its own runtime on the pooling allocator (memory kept resident) and the conversion
   fixes, callers on two threads per worker.
@@ -124,7 +124,11 @@ def _invoker(task: dict[str, Any]) -> Iterator[Invoker]:
         gateway = HttpGateway(task["e2b_url"], API_KEY, allow_private_network=True)
         stack.callback(gateway.close)
         services = HostServices(storage, gateway, QuietTelemetry(), account=task["account"])
-        runtime = ComponentRuntime(load_component(component, pooling=pooling), services)
+        runtime = ComponentRuntime(
+            load_component(component, pooling=pooling),
+            services,
+            close_in_background=task["background_close"],
+        )
         stack.callback(runtime.close)
         yield Invoker(runtime.invoke, [os.getpid()])
 
@@ -267,9 +271,10 @@ class Setup:
     fast: bool
     pooled: bool
     mode: str  # "inprocess" or "pool"
+    background_close: bool = True
 
 
-BASELINE = Setup("baseline", fast=False, pooled=False, mode="inprocess")
+BASELINE = Setup("baseline", fast=False, pooled=False, mode="inprocess", background_close=False)
 POOL = Setup("pool", fast=True, pooled=True, mode="pool")
 POOLED_RUNTIME = Setup("pooled runtime", fast=True, pooled=True, mode="inprocess")
 
@@ -304,6 +309,7 @@ class Runner:
             "fast": setup.fast,
             "pooled": setup.pooled,
             "mode": setup.mode,
+            "background_close": setup.background_close,
             "e2b_url": self.e2b_url,
             "storage_url": f"sqlite:///{self.state_dir / f'{self._serial}.db'}",
             "account": f"bench-{self._serial}",

@@ -1,8 +1,9 @@
 """Running the component the way the Temper runtime does: fresh per call, within budgets.
 
 Every invocation gets a new Store (so nothing survives between calls, as in Temper) with
-fuel, a memory cap and an epoch deadline; the store is closed when the call returns, so
-its instance's memory (or its pooling-allocator slot) is given back at once. The imports
+fuel, a memory cap and an epoch deadline; the store is closed when the call has answered
+(on a background thread, host.runtime.closing), so its instance's memory (or its
+pooling-allocator slot) is given back without the caller waiting for it. The imports
 are linked once; each host function finds its invocation's services through a
 thread-local, which is sound because a Store is used by one thread for the whole call.
 Host functions never raise into the guest: every failure becomes a WIT error value (the
@@ -24,14 +25,16 @@ import wasmtime
 from wasmtime import component as wc
 
 from host.runtime import wasmtime_compat
+from host.runtime.closing import NOTHING_TO_RELEASE, StoreCloser
 from host.runtime.credentials import gateway_call, key_arguments
-from host.runtime.epochs import EpochTicker
+from host.runtime.epochs import TickedByEpochs
 from host.runtime.loader import LoadedComponent
 from host.runtime.wasmtime_compat import WitErr
 from host.services.http_gateway import HttpGateway
 from host.services.namespaces import ScopedStorage
 from host.services.telemetry import InvocationTag, LoggingTelemetry, TelemetrySink
 from host.storage.base import StorageBackend
+from host.temper_abi.limits import EPOCH_TICK_MS, TemperLimits
 from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, failed
 from provisioner.ports import (
@@ -50,20 +53,22 @@ wasmtime_compat.install()
 
 PACKAGE = "temper:sandbox-provisioner"
 VERSION = "0.1.0"
-EPOCH_TICK_MS = 10
 
 
 def interface(name: str) -> str:
     return f"{PACKAGE}/{name}@{VERSION}"
 
 
+_TEMPER = TemperLimits()
+
+
 @dataclass(frozen=True)
 class Budgets:
-    """Temper's per-invocation budgets."""
+    """Temper's per-invocation budgets, by default Temper's own (`TemperLimits`)."""
 
-    fuel: int = 1_000_000_000
-    memory_bytes: int = 64 * 1024 * 1024
-    deadline_ms: int = 120_000
+    fuel: int = _TEMPER.max_fuel
+    memory_bytes: int = _TEMPER.max_memory
+    deadline_ms: int = round(_TEMPER.max_duration_s * 1000)
     result_bytes: int = 1024 * 1024
 
 
@@ -140,7 +145,7 @@ def _http_error(error: HttpError) -> WitErr:
     return WitErr(wc.Variant(tag, error.detail))
 
 
-class ComponentRuntime:
+class ComponentRuntime(TickedByEpochs):
     """Invokes the provisioner component; safe to call from many threads at once."""
 
     def __init__(
@@ -148,7 +153,11 @@ class ComponentRuntime:
         loaded: LoadedComponent,
         services: HostServices,
         budgets: Budgets | None = None,
+        *,
+        close_in_background: bool = True,
     ) -> None:
+        """`close_in_background`: free each call's instance on a background thread after
+        the call has answered (host.runtime.closing); False frees it before answering."""
         self.loaded = loaded
         self.services = services
         self.budgets = budgets or Budgets()
@@ -171,19 +180,12 @@ class ComponentRuntime:
         if run is None:
             raise ValueError(f"{loaded.path} does not export {interface('provisioner')}#run")
         self._run_index = run
-        self._ticker = EpochTicker.acquire(loaded.engine, EPOCH_TICK_MS)
-        self._closed = False
+        self._closer = StoreCloser() if close_in_background else None
+        super().__init__(loaded.engine, EPOCH_TICK_MS)
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._ticker.release()
-
-    def __enter__(self) -> ComponentRuntime:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _before_release(self) -> None:
+        if self._closer is not None:
+            self._closer.stop()
 
     # -- the imports -------------------------------------------------------------
 
@@ -305,19 +307,32 @@ class ComponentRuntime:
                 )
             )
         call = gateway_call(self.services.http, invocation)
-        if self._slots is None:
-            return self._invoke(call.invocation, call.api_key)
-        with self._slots:
-            return self._invoke(call.invocation, call.api_key)
-
-    def _invoke(self, invocation: Invocation, api_key: str | None) -> Outcome:
-        budgets = self.budgets
-        store = wasmtime.Store(self.loaded.engine)
+        release = NOTHING_TO_RELEASE
+        if self._slots is not None:
+            self._slots.acquire()
+            release = self._slots.release
         try:
-            return self._run_in(store, invocation, budgets, api_key)
+            store = wasmtime.Store(self.loaded.engine)
+        except BaseException:
+            release()
+            raise
+        try:
+            return self._run_in(store, call.invocation, self.budgets, call.api_key)
         finally:
-            self._after_call(store)
+            try:
+                self._after_call(store)
+            finally:
+                self._close_store(store, release)
+
+    def _close_store(self, store: wasmtime.Store, release: Callable[[], None]) -> None:
+        """Free the call's instance (its pool slot, if any), then `release` the slot."""
+        if self._closer is not None:
+            self._closer.close_later(store, release)
+            return
+        try:
             store.close()
+        finally:
+            release()
 
     def _after_call(self, store: wasmtime.Store) -> None:
         """Called with the call's store before it is closed (a hook for measurements)."""

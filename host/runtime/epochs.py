@@ -6,7 +6,7 @@ Deadlines are counted in ticks, so two tickers on one engine would halve every d
 from __future__ import annotations
 
 import threading
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import wasmtime
 
@@ -45,3 +45,27 @@ class EpochTicker:
     def _run(self) -> None:
         while not self._stop.wait(self._tick):
             self._engine.increment_epoch()
+
+
+class TickedByEpochs:
+    """Holds its engine's epoch ticker from construction until `close` (a context
+    manager): what every host running guests under an epoch deadline shares."""
+
+    def __init__(self, engine: wasmtime.Engine, tick_ms: int) -> None:
+        self._ticker = EpochTicker.acquire(engine, tick_ms)
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._before_release()
+            self._ticker.release()
+
+    def _before_release(self) -> None:
+        """What a subclass finishes before the ticker goes (close waits for it)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

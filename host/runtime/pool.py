@@ -15,7 +15,10 @@ removed the ~470 page faults of a held provision but hardly moved its time; it i
 threads of one process that pay for faults and unmapping, and they also share one GIL for
 wasmtime-py's Python-side conversions. Processes remove both; the pooling allocator keeps
 the threads inside each worker (calls waiting on E2B) from paying the fault cost again.
-benchmarks/throughput.py (figure 6) measures it against the old single-process path.
+Within a worker the store of a finished call is closed on a background thread
+(host/runtime/closing.py), so resetting the slot's memory overlaps the next call instead
+of delaying the answer. benchmarks/throughput.py (figure 6) measures it against the old
+single-process path; `sandbox-provisioner serve --processes N` serves through it.
 
 The contract is unchanged: every invocation gets a fresh instance with the same budgets
 in whichever worker runs it, and `invoke(invocation) -> Outcome` is the same call as
@@ -30,6 +33,7 @@ callable (it is pickled by reference), default `LoggingTelemetry`.
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing
 import os
 import threading
@@ -41,8 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from host.runtime.loader import Pooling
+from host.services.http_gateway import Exchange
 from provisioner.model import Failure, Invocation, Outcome, failed
 
+_LOG = logging.getLogger(__name__)
 READY = "ready"
 STARTUP_TIMEOUT_S = 120.0
 
@@ -62,6 +68,9 @@ class WorkerSpec:
     fast_conversions: bool = True
     telemetry_factory: Callable[[], Any] | None = None
     cache_dir: Path | None = None
+    temperfs_url: str | None = None
+    # Send each call's E2B exchanges back with its outcome, for `ProcessPoolRuntime.observe`.
+    report_exchanges: bool = False
 
 
 def _worker_main(spec: WorkerSpec, conn: Connection, threads: int) -> None:
@@ -91,19 +100,24 @@ def _worker_main(spec: WorkerSpec, conn: Connection, threads: int) -> None:
             telemetry=telemetry,
             budgets=spec.budgets,
             allow_private_network=spec.allow_private_network,
+            temperfs_url=spec.temperfs_url,
         )
         runtime = runtime_cm.__enter__()
     except BaseException as error:  # the parent reports it; nothing to serve
         reply(("error", f"{type(error).__name__}: {error}"))
         return
     reply((READY, os.getpid()))
+    seen = threading.local()  # the exchanges of the call running on this thread
+    if spec.report_exchanges:
+        runtime.services.http.observe(lambda exchange: seen.exchanges.append(exchange))
 
     def serve(request_id: int, invocation: Invocation) -> None:
+        seen.exchanges = []
         try:
             outcome = runtime.invoke(invocation)
         except Exception as error:  # invoke returns failures; this is a host bug
             outcome = failed(Failure("host_error", f"{type(error).__name__}: {error}", True))
-        reply((request_id, outcome))
+        reply((request_id, outcome, seen.exchanges))
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="invoke") as executor:
         try:
@@ -154,6 +168,7 @@ class ProcessPoolRuntime:
         self._lock = threading.Lock()
         self._capacity = threading.BoundedSemaphore(self.workers * threads_per_worker)
         self._closed = False
+        self._observers: list[Callable[[Exchange], None]] = []
         self._pool: list[_Worker] = []
         try:
             for _ in range(self.workers):
@@ -194,7 +209,8 @@ class ProcessPoolRuntime:
     def _receive(self, worker: _Worker) -> None:
         try:
             while True:
-                request_id, outcome = worker.conn.recv()
+                request_id, outcome, exchanges = worker.conn.recv()
+                self._report(exchanges)
                 with self._lock:
                     future = worker.pending.pop(request_id, None)
                 if future is not None:
@@ -223,6 +239,21 @@ class ProcessPoolRuntime:
                     fresh.conn.send(None)
                     return
                 self._pool[self._pool.index(worker)] = fresh
+
+    def observe(self, observer: Callable[[Exchange], None]) -> None:
+        """Call `observer` with every E2B exchange of the workers' calls, as
+        `HttpGateway.observe` does in one process (needs `spec.report_exchanges`)."""
+        if not self.spec.report_exchanges:
+            raise ValueError("the workers do not report exchanges: set report_exchanges")
+        self._observers.append(observer)
+
+    def _report(self, exchanges: list[Exchange]) -> None:
+        for exchange in exchanges:
+            for observer in self._observers:
+                try:
+                    observer(exchange)
+                except Exception:
+                    _LOG.exception("an HTTP exchange observer failed")
 
     # -- invoking ------------------------------------------------------------------
 

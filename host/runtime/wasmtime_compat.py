@@ -80,22 +80,6 @@ def _memo(obj: Any) -> dict[str, Any]:
     return memo
 
 
-def _memoized_property(original: property, name: str) -> property:
-    getter = original.fget
-    assert getter is not None
-
-    def get(self: Any) -> Any:
-        memo = _memo(self)
-        try:
-            value = memo[name]
-        except KeyError:
-            value = memo[name] = getter(self)
-        # Lists are handed out as copies: a caller mutating one must not change the type.
-        return list(value) if isinstance(value, list) else value
-
-    return property(get, doc=original.__doc__)
-
-
 def _memoized_method(original: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
     def method(self: Any) -> Any:
         memo = _memo(self)
@@ -103,11 +87,18 @@ def _memoized_method(original: Callable[[Any], Any], name: str) -> Callable[[Any
             value = memo[name]
         except KeyError:
             value = memo[name] = original(self)
+        # Lists are handed out as copies: a caller mutating one must not change the type.
         return list(value) if isinstance(value, list) else value
 
     method.__name__ = getattr(original, "__name__", name)
     method.__doc__ = original.__doc__
     return method
+
+
+def _memoized_property(original: property, name: str) -> property:
+    getter = original.fget
+    assert getter is not None
+    return property(_memoized_method(getter, name), doc=original.__doc__)
 
 
 _MEMO_PROPERTIES: tuple[tuple[str, str], ...] = (

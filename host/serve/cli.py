@@ -17,9 +17,10 @@ from types import FrameType
 
 import uvicorn
 
-from host.cli.options import ExitCode, add_runtime_options, fail, open_runtime_from
+from host.cli.options import ExitCode, add_runtime_options, fail
 from host.operator.gates import read_gates
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
+from host.serve.invoker import open_invoker_from
 from host.serve.metrics import ServeMetrics
 from host.serve.pool import InvocationPool
 
@@ -41,6 +42,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=4,
         help="invocation workers: component calls at once (default 4)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="invocation processes: 1 (the default) runs the component in this process; "
+        "N > 1 runs it in N worker processes (host/runtime/pool.py), one per core for the "
+        "most invocations a second; needs storage shared by URL (sqlite:///, redis://)",
     )
     parser.add_argument(
         "--retry-after",
@@ -97,13 +106,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail(str(error))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.processes < 1:
+        return _fail("--processes must be at least 1")
     try:
-        with open_runtime_from(args) as runtime:
-            storage = runtime.services.storage
+        with open_invoker_from(args, processes=args.processes, calls=args.workers) as invoker:
+            storage = invoker.storage
             state = ServeState(
                 token=token,
                 pool=pool,
-                invoke=runtime.invoke,
+                invoke=invoker.invoke,
                 e2b_url=args.e2b_url,
                 storage_probe=lambda: (storage.get(READINESS_NAMESPACE, READINESS_KEY), None)[1],
                 retry_after_s=max(0, args.retry_after),
@@ -112,7 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 read_gates=lambda: read_gates(storage, args.account, state.admission_config),
                 workers_busy=lambda: pool.busy,
             )
-            runtime.services.http.observe(state.metrics.observe_exchange)
+            invoker.observe(state.metrics.observe_exchange)
             config = uvicorn.Config(
                 create_app(state),
                 host=host,
@@ -124,6 +135,6 @@ def run_serve(args: argparse.Namespace) -> int:
             )
             DrainingServer(config, state).run()
             pool.shutdown()
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
         return _fail(str(error))
     return ExitCode.OK

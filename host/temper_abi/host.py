@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import httpx
 import wasmtime
 
-from host.runtime.epochs import EpochTicker
+from host.runtime.epochs import TickedByEpochs
 from host.temper_abi.context import temper_context_json
 from host.temper_abi.env_functions import TEMPER_ENV_FUNCTIONS
 from host.temper_abi.limits import EPOCH_TICK_MS, MAX_MODULE_SIZE, TemperLimits
@@ -117,7 +117,7 @@ def _engine() -> wasmtime.Engine:
     return wasmtime.Engine(config)
 
 
-class TemperAbiModule:
+class TemperAbiModule(TickedByEpochs):
     """A compiled core module and the host that runs it; safe to invoke from many threads
     (each invocation has its own store and linker, as in Temper)."""
 
@@ -141,23 +141,11 @@ class TemperAbiModule:
         ]
         if unknown:
             raise ValueError(f"imports Temper's host does not define: {unknown}")
-        self._ticker = EpochTicker.acquire(self.engine, EPOCH_TICK_MS)
-        self._closed = False
+        super().__init__(self.engine, EPOCH_TICK_MS)
 
     @classmethod
     def load(cls, path: Path, **kwargs: Any) -> TemperAbiModule:
         return cls(path.read_bytes(), **kwargs)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._ticker.release()
-
-    def __enter__(self) -> TemperAbiModule:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def invoke(
         self, context: Mapping[str, Any] | str, limits: TemperLimits | None = None

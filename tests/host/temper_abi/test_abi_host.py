@@ -51,6 +51,17 @@ def invoke(wasm: bytes, context: str, http: Any = None, **kw: Any) -> Any:
         return mod.invoke(context, **kw)
 
 
+def choosing_module(condition: str, when_true: str, when_false: str) -> bytes:
+    """A module whose result is the action `when_true` if the WAT `condition` holds, else
+    `when_false` (each result a 64-byte data segment handed to $set)."""
+    return module(
+        f"(if {condition}"
+        " (then (call $set (i32.const 16) (i32.const 64)))"
+        " (else (call $set (i32.const 100) (i32.const 64))))\n(i32.const 0)",
+        extra=data(16, ok(when_true).ljust(64)) + data(100, ok(when_false).ljust(64)),
+    )
+
+
 # Echo: the context is itself a success result, so the module's result is the context.
 ECHO = ok("Echo")
 
@@ -71,11 +82,8 @@ def test_get_context_answers_the_needed_length_and_writes_nothing_when_too_small
 
 
 def test_the_context_is_written_at_1024_only_when_it_fits_the_memory() -> None:
-    wasm = module(
-        "(if (i32.eq (local.get $p) (i32.const 1024))"
-        " (then (call $set (i32.const 16) (i32.const 64)))"
-        " (else (call $set (i32.const 100) (i32.const 64))))\n(i32.const 0)",
-        extra=data(16, ok("AtOffset1024").ljust(64)) + data(100, ok("PointerZero").ljust(64)),
+    wasm = choosing_module(
+        "(i32.eq (local.get $p) (i32.const 1024))", "AtOffset1024", "PointerZero"
     )
     assert invoke(wasm, ECHO).result.callback_action == "AtOffset1024"
     big = json.dumps({"pad": "z" * 70_000})
@@ -177,12 +185,8 @@ def test_the_deadline_interrupts_a_guest_that_never_returns() -> None:
 
 
 def test_memory_growth_past_the_cap_is_refused_with_minus_one() -> None:
-    wasm = module(
-        "(if (i32.eq (memory.grow (i32.const 1100)) (i32.const -1))"
-        " (then (call $set (i32.const 16) (i32.const 64)))"
-        " (else (call $set (i32.const 100) (i32.const 64))))\n(i32.const 0)",
-        extra=data(16, ok("Refused").ljust(64)) + data(100, ok("Grew").ljust(64)),
-    )
+    grew_not = "(i32.eq (memory.grow (i32.const 1100)) (i32.const -1))"
+    wasm = choosing_module(grew_not, "Refused", "Grew")
     assert invoke(wasm, ECHO).result.callback_action == "Refused"  # 64 MiB = 1024 pages
     roomy = json.dumps({"integration_config": {"max_memory": str(128 * 1024 * 1024)}})
     assert invoke(wasm, roomy).result.callback_action == "Grew"
