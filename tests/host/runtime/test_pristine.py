@@ -11,8 +11,8 @@ reused instance or an unreset memory would be caught.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +92,11 @@ def test_concurrent_invocations_never_see_each_others_markers(probe_path: Path) 
             if outcome.action != "ProbeDone" or outcome.params["seen"] != [NOTHING_SEEN]:
                 problems.append(f"thread {thread} call {index}: {outcome}")
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        # The pool's map re-raises what a caller raised, where bare threads would only
+        # print it.
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(caller, range(4)))
     finally:
         host.close()
     assert problems == []
