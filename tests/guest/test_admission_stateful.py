@@ -98,8 +98,12 @@ class Seen:
     # create adopts it (same idempotency key) or the release kills it.
     possible_until_ms: int = 0
     failure: str | None = None
-    # Fairness bookkeeping for the current wait.
+    # Fairness bookkeeping for the current wait. `order` is when it joined its tenant's
+    # queue (the model's enqueue count) and `latest_order` the latest it may stand at: a
+    # fresh waiter that lapsed may have been dropped as dead and queued anew, at the back of
+    # its tenant's queue, at its next poll (or it resumed its ticket: the model cannot tell).
     order: int = 0
+    latest_order: int = 0
     position: int | None = None
     retries_at_position: int = 0
     is_retry: bool = False
@@ -177,7 +181,7 @@ class AdmissionMachine(RuleBasedStateMachine):
             assert decision.reason != "storage", "the memory backend does not fail"
             if seen.phase not in ("queued",):
                 self.enqueued += 1
-                seen.order = self.enqueued
+                seen.order = seen.latest_order = self.enqueued
                 seen.position = None
                 seen.order_known = True
             seen.phase = "queued"
@@ -185,9 +189,14 @@ class AdmissionMachine(RuleBasedStateMachine):
             # The fairness bound: a tenant's first waiter is held back by at most one
             # round (one place per other tenant that starts waiting), plus the retries
             # that go ahead of everyone. (Later waiters of a tenant queue behind other
-            # tenants' waiters of the same round, so only the first is bounded.)
+            # tenants' waiters of the same round, so only the first is bounded.) It is
+            # first only if no queued waiter of its tenant may stand ahead of it: none
+            # that joined before the latest it may have joined.
             first = not seen.is_retry and not any(
-                w.tenant == waiter.tenant and s.phase == "queued" and s.order < seen.order
+                w != waiter
+                and w.tenant == waiter.tenant
+                and s.phase == "queued"
+                and s.order < seen.latest_order
                 for w, s in self.seen.items()
             )
             allowed = self.retries_made - seen.retries_at_position + len(TENANTS) - 1
@@ -242,6 +251,9 @@ class AdmissionMachine(RuleBasedStateMachine):
             seen.order_known = False
             if seen.is_retry:
                 self.retries_made += 1
+            else:
+                self.enqueued += 1
+                seen.latest_order = self.enqueued
         if was == "crashed":
             # The session invoked again: its dead create may come back as a retry,
             # which goes ahead of every fresh waiter.
@@ -370,3 +382,48 @@ class AdmissionMachine(RuleBasedStateMachine):
 
 TestAdmissionMachine = AdmissionMachine.TestCase
 TestAdmissionMachine.settings = MACHINE_SETTINGS
+
+
+def test_a_lapsed_waiter_rejoins_behind_its_tenant_and_the_model_knows() -> None:
+    # Catches: the model treating a waiter that stopped polling (and was dropped as dead,
+    # then queued anew at the back of its tenant's queue) as still its tenant's first
+    # waiter, so its rightly worse place read as a fairness violation (a falsifying
+    # example hypothesis found only sometimes: "Job/tenant-a-2 moved back from 4 to 8").
+    a0, a2 = Waiter("tenant-a", "Job/tenant-a-0"), Waiter("tenant-a", "Job/tenant-a-2")
+    b2, b3 = Waiter("tenant-b", "Job/tenant-b-2"), Waiter("tenant-b", "Job/tenant-b-3")
+    c1, b1 = Waiter("tenant-c", "Job/tenant-c-1"), Waiter("tenant-b", "Job/tenant-b-1")
+    machine = AdmissionMachine()
+    machine.start(which=0, seed=0)
+    for waiter in [a0] * 5 + [b2] + [a0] * 4 + [a2]:
+        machine.provision(waiter)
+        machine.no_limit_is_exceeded()
+    assert machine.seen[a2].phase == "queued"
+    machine.time_passes(10_000)  # a2 stops polling far past its TTL
+    for waiter in (b3, c1, b1):
+        machine.provision(waiter)
+        machine.no_limit_is_exceeded()
+    machine.teardown()  # polls a0, a1, then a2: it rejoins third of its tenant
+
+    # The product's side, on its own: a2's dead ticket was skipped (c1 went ahead of it),
+    # and a2 now queues behind a0 and a1 in round three of the fair order.
+    harness = Harness(CONFIGS[0], seed=0)
+    for waiter in (a0, b2):
+        assert isinstance(harness.admit(waiter), Grant)
+    assert isinstance(harness.admit(a2), Queued)
+    harness.advance(10_000)
+    assert isinstance(harness.admit(b3), Grant)
+    assert isinstance(harness.admit(c1), Grant), "a2's dead ticket is skipped"
+    a1 = Waiter("tenant-a", "Job/tenant-a-1")
+    b0, c0 = Waiter("tenant-b", "Job/tenant-b-0"), Waiter("tenant-c", "Job/tenant-c-0")
+    c2 = Waiter("tenant-c", "Job/tenant-c-2")
+    for waiter in (b1, a0, a1):
+        assert isinstance(harness.admit(waiter), Queued)
+    rejoined = harness.admit(a2)
+    assert isinstance(rejoined, Queued)
+    assert rejoined.position == 4, rejoined  # b1, a0, a1 ahead: the back of the queue
+    for waiter in (b0, b2, c0, c2):
+        assert isinstance(harness.admit(waiter), Queued)
+    later = harness.admit(a2)
+    assert isinstance(later, Queued)
+    # Ring b, a, c; a2 is a's third: round one b1 a0 c0, round two b0 a1 c2, then b2 a2.
+    assert later.position == 8, later
