@@ -92,7 +92,10 @@ def _invoker(task: dict[str, Any]) -> Iterator[Invoker]:
     from host.runtime.loader import Pooling, load_component
 
     component = Path(task["component"]) if task.get("component") else None
-    pooling = Pooling() if task["pooled"] else None
+    pooling: Pooling | None = None
+    if task["pooled"]:
+        resident = task.get("keep_resident_bytes")
+        pooling = Pooling() if resident is None else Pooling(keep_resident_bytes=resident)
     with ExitStack() as stack:
         if task["mode"] == "pool":
             from host.runtime.pool import ProcessPoolRuntime, WorkerSpec
@@ -180,6 +183,7 @@ def _rate(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:
     counts = [0] * task["callers"]
     problems: list[str] = []
     cpu_started = _cpu_seconds(invoker.pids)
+    parent_cpu_started = _cpu_seconds(invoker.pids[:1])
     started = time.perf_counter()
     stop = started + task["seconds"]
 
@@ -200,11 +204,12 @@ def _rate(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:
         thread.join()
     elapsed = time.perf_counter() - started
     cpu = _cpu_seconds(invoker.pids) - cpu_started
+    parent_cpu = _cpu_seconds(invoker.pids[:1]) - parent_cpu_started
     if problems:
         raise RuntimeError(problems[0])
     completed = sum(counts)
     return {"rate": completed / elapsed, "calls": completed, "seconds": elapsed,
-            "cpu_seconds": cpu}
+            "cpu_seconds": cpu, "parent_cpu_seconds": parent_cpu}
 
 
 def _latency(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:
