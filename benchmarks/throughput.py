@@ -290,6 +290,8 @@ class ThroughputFigures:
     held_rate: dict[str, list[float]]
     # Invocations per CPU-second of every process involved: capacity the load moves less.
     held_per_cpu_s: dict[str, list[float]]
+    # CPU ms per held call of the measuring (caller) process alone: the pool's IPC share.
+    parent_cpu_ms_per_call: dict[str, list[float]]
     held_p50: dict[str, float]
     create_p50: dict[str, float]
     queued_rate: float
@@ -350,6 +352,7 @@ def measure(component: Path | None = None, quick: bool = False) -> ThroughputFig
         runner = Runner(mock.url, Path(scratch), component)
         held_rate: dict[str, list[float]] = {BASELINE.name: [], POOL.name: []}
         per_cpu: dict[str, list[float]] = {BASELINE.name: [], POOL.name: []}
+        parent_ms: dict[str, list[float]] = {BASELINE.name: [], POOL.name: []}
         held: dict[str, list[float]] = {s.name: [] for s in (BASELINE, POOL, POOLED_RUNTIME)}
         create: dict[str, list[float]] = {s.name: [] for s in (BASELINE, POOL, POOLED_RUNTIME)}
         for _ in range(rounds):
@@ -357,6 +360,9 @@ def measure(component: Path | None = None, quick: bool = False) -> ThroughputFig
                 result = _run(runner.task(setup, "rate", op="held", seconds=seconds))
                 held_rate[setup.name].append(result["rate"])
                 per_cpu[setup.name].append(result["calls"] / max(1e-9, result["cpu_seconds"]))
+                parent_ms[setup.name].append(
+                    1000 * result["parent_cpu_seconds"] / max(1, result["calls"])
+                )
             for setup in (BASELINE, POOL, POOLED_RUNTIME):
                 lat = _run(runner.task(setup, "latency", calls=calls // rounds,
                                        creates=creates // rounds))
@@ -387,6 +393,7 @@ def measure(component: Path | None = None, quick: bool = False) -> ThroughputFig
         cores=os.cpu_count() or 1,
         held_rate=held_rate,
         held_per_cpu_s=per_cpu,
+        parent_cpu_ms_per_call=parent_ms,
         held_p50={name: statistics.median(samples) for name, samples in held.items()},
         create_p50={name: statistics.median(samples) for name, samples in create.items()},
         queued_rate=queued,
@@ -423,7 +430,9 @@ def rows(figures: ThroughputFigures) -> list[Row]:
         Row(
             "6",
             "held invocations per CPU-second (all processes)",
-            f"pool {statistics.median(figures.held_per_cpu_s[POOL.name]):.0f}; baseline "
+            f"pool {statistics.median(figures.held_per_cpu_s[POOL.name]):.0f} (callers' "
+            f"process {statistics.median(figures.parent_cpu_ms_per_call[POOL.name]):.2f} ms "
+            f"a call); baseline "
             f"{statistics.median(figures.held_per_cpu_s[BASELINE.name]):.0f}",
             times(
                 statistics.median(figures.held_per_cpu_s[POOL.name])

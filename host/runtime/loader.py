@@ -44,6 +44,22 @@ class Pooling:
 
     instance_slots: int = 64
     max_memory_bytes: int = 256 * 1024 * 1024
+    # Resident memory is reset by copying the image back over it when the slot is freed:
+    # the C API of wasmtime-py 50.0.1 has no setting for dirty-page tracking (PAGEMAP_SCAN;
+    # strace shows /proc/self/pagemap never opened), so a held provision pays a ~12 MiB
+    # copy at store drop (perf: about a third of a pooled call's CPU in memmove). Below the
+    # ~12 MiB accessible heap the rest faults in again instead. Measured 2026-12-01 (held
+    # provision, one thread, each value's runtime interleaved call by call in one process,
+    # loaded 2-core machine), minor faults per call and median CPU per call:
+    #   0 MiB: 544, 8.03 ms | 10 MiB: 130, 7.41 ms | 11 MiB: 54, 7.17 ms |
+    #   12 MiB: 0, 6.78 ms | 16 MiB: 0, 6.79 ms  (another round: 0 MiB 6.27, 1 MiB 6.28,
+    #   2 MiB 6.39, 4 MiB 6.64, 8 MiB 6.31 (303 faults), 16 MiB 5.50 ms).
+    # Through the process pool (figure 6, 2 workers, held inv/s and CPU ms per call, two
+    # rounds): 16 MiB 211/209 per s, 6.7/8.5 ms; 0 MiB 201/173 per s, 6.2/6.4 ms; 16 MiB
+    # with one thread per worker 176/122 per s, 7.0/8.3 ms. Nothing beyond the noise
+    # separates 0 from 16 MiB in CPU; 16 MiB removes the faults (which threads sharing an
+    # address space pay for in TLB shootdowns) with room for the heap to grow, and above
+    # the accessible heap size a larger value costs nothing (12 and 16 MiB measured alike).
     keep_resident_bytes: int = 16 * 1024 * 1024
     core_instances_per_component: int = 64
     memories_per_component: int = 4
