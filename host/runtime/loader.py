@@ -54,12 +54,14 @@ class Pooling:
     #   0 MiB: 544, 8.03 ms | 10 MiB: 130, 7.41 ms | 11 MiB: 54, 7.17 ms |
     #   12 MiB: 0, 6.78 ms | 16 MiB: 0, 6.79 ms  (another round: 0 MiB 6.27, 1 MiB 6.28,
     #   2 MiB 6.39, 4 MiB 6.64, 8 MiB 6.31 (303 faults), 16 MiB 5.50 ms).
-    # Through the process pool (figure 6, 2 workers, held inv/s and CPU ms per call, two
-    # rounds): 16 MiB 211/209 per s, 6.7/8.5 ms; 0 MiB 201/173 per s, 6.2/6.4 ms; 16 MiB
-    # with one thread per worker 176/122 per s, 7.0/8.3 ms. Nothing beyond the noise
-    # separates 0 from 16 MiB in CPU; 16 MiB removes the faults (which threads sharing an
-    # address space pay for in TLB shootdowns) with room for the heap to grow, and above
-    # the accessible heap size a larger value costs nothing (12 and 16 MiB measured alike).
+    # Through the process pool (figure 6's held rate, 2 workers x 2 threads, 9 paired
+    # rounds on the same day, medians): 16 MiB 196 inv/s at 7.5 ms CPU a call (all
+    # processes); 0 MiB 173 inv/s at 7.0 ms. 0 MiB spent less CPU in 7 of the 9 rounds but
+    # served less: its faults and unmapping block the other threads of the worker (one
+    # address space), time that is waiting rather than CPU. One thread per worker was no
+    # better (16 MiB: 176/122/128/152 inv/s against 211/209/133/134 with two, same rounds).
+    # Above the accessible heap a larger value costs nothing (12 and 16 MiB alike), so
+    # 16 MiB keeps room for the heap to grow.
     keep_resident_bytes: int = 16 * 1024 * 1024
     core_instances_per_component: int = 64
     memories_per_component: int = 4
