@@ -702,6 +702,16 @@ def run_multihost(args: argparse.Namespace) -> int:
         return fail(f"at most {len(TENANT_NAMES)} tenants")
     if args.kill is not None and args.hosts < 2:
         return fail("--kill needs at least 2 hosts")
+    if args.kill is not None and args.jobs // args.hosts <= args.create_slots:
+        # The kill waits for its host to have sessions queued behind a create in flight;
+        # a host with no more jobs than the account's create slots may never queue one
+        # (it wins every slot when it starts first), and the wait would only time out.
+        return fail(
+            f"--kill needs more jobs per host than create slots, so the killed host has "
+            f"sessions queued: --jobs {args.jobs} over {args.hosts} hosts is "
+            f"{args.jobs // args.hosts} each, against {args.create_slots} create slots "
+            f"(use --jobs {args.hosts * (args.create_slots + 1)} or more)"
+        )
     try:
         # Compiles once into the cache the hosts then load from.
         loaded = load_component(args.component, cache_dir=args.cache_dir)

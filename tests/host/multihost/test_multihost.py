@@ -462,7 +462,7 @@ def test_multihost_command_runs_a_workload_with_a_kill(
     add_multihost_arguments(parser)
     args = parser.parse_args(
         [
-            "--hosts", "2", "--jobs", "8", "--kill", "host-2", "--storage", redis_server.url,
+            "--hosts", "2", "--jobs", "12", "--kill", "host-2", "--storage", redis_server.url,
             "--component", str(loaded_component.path), "--cache-dir", str(component_cache_dir),
             "--create-latency-ms", "500", "--turns", "2", "--json",
         ]
@@ -471,7 +471,7 @@ def test_multihost_command_runs_a_workload_with_a_kill(
     report = json.loads(capsys.readouterr().out)
     summary = report["summary"]
     assert code == 0, json.dumps(summary)  # the whole summary says which check failed
-    assert summary["completed"] == 8
+    assert summary["completed"] == 12
     assert summary["kill"]["host"] == "host-2"
     assert summary["max_concurrent_creates"] <= summary["create_slots"]
     assert summary["orphaned_sandboxes"] == summary["duplicate_sandboxes"] == 0
@@ -480,6 +480,24 @@ def test_multihost_command_runs_a_workload_with_a_kill(
         "host-1": False,
         "host-2": True,
     }
+
+
+def test_a_kill_whose_host_may_never_queue_is_refused_up_front(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bug caught: `--kill` with no more jobs per host than create slots, where the killed
+    host can win every slot and never queue a session, so the kill waited for a moment that
+    never came until the run timed out (seen when the hosts started in another order)."""
+    parser = argparse.ArgumentParser()
+    add_multihost_arguments(parser)
+    args = parser.parse_args(
+        ["--hosts", "2", "--jobs", "8", "--create-slots", "4", "--kill", "host-2",
+         "--component", "/nonexistent/never-loaded.wasm"]
+    )  # fmt: skip
+    assert run_multihost(args) == 2
+    error = capsys.readouterr().err
+    assert "--kill needs more jobs per host than create slots" in error
+    assert "4 each, against 4 create slots" in error and "--jobs 10 or more" in error
 
 
 def _holding_sandboxes_with_sessions_queued(host: str) -> Callable[[list[Event]], bool]:

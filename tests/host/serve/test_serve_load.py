@@ -32,9 +32,11 @@ CONFIG = {
     "create_burst": "50",
     "max_sandboxes": "1000",
     # Under a saturated pool a grant waits for CPU, not for E2B, so the slot estimates are
-    # short; a long poll_max keeps the waiters at the back from crowding the workers.
-    "poll_min_ms": "200",
-    "poll_max_ms": "60000",
+    # short: a poll_min of a second keeps the waiters near the front from crowding the
+    # workers (measured: 6.3k answers instead of 7.4k at 200 ms, 95 s instead of 113 s),
+    # and poll_max bounds how long a waiter at the back sleeps past its turn.
+    "poll_min_ms": "1000",
+    "poll_max_ms": "10000",
 }
 STATUS_CONFIG = tuple(f"{key}={value}" for key, value in CONFIG.items())
 # Temper's invocation deadline (WasmResourceLimits: 120 s).

@@ -5,7 +5,8 @@ most of the incident's ten jobs, and the example spec with this component comple
 within E2B's limits, no orphan, no duplicate; (2) its makespan is what the same spec predicts
 in virtual time (Temper's poll timer, not a host wake-up, paces the queue: the old 1.10x
 bound relied on wake-ups Temper does not have); (3) 200 jobs over 5 tenants with a
-20-sandbox cap all complete, fairly; (4) Ctrl-C exits cleanly (test_simulate_interrupt.py).
+20-sandbox cap all complete, fairly (in virtual time); (4) Ctrl-C exits cleanly
+(test_simulate_interrupt.py).
 """
 
 from __future__ import annotations
@@ -95,32 +96,37 @@ def test_the_provisioner_completes_all_ten_within_e2b_limits_near_the_ideal_make
     assert left_behind() == []
 
 
-@pytest.mark.slow
-def test_two_hundred_jobs_over_five_tenants_all_complete_and_are_served_fairly(
-    loaded_component: LoadedComponent,
-) -> None:
+def test_two_hundred_jobs_over_five_tenants_all_complete_and_are_served_fairly() -> None:
     """Bug caught: starvation under a sandbox cap (sessions killed while queued), or a
     FIFO that serves the tenant who submitted first before everyone else. Each tenant
-    submits its 40 jobs together, tenant 1 first; E2B allows 20 sandboxes."""
+    submits its 40 jobs together, tenant 1 first; E2B allows 20 sandboxes.
+
+    In virtual time (the same spec, executor and admission logic; detsim.py), so the run is
+    exact and takes seconds: in real time 200 sessions on a shared 2-core machine took
+    minutes, and what it checks is admission, not the host's speed (the component path is
+    the ten-job test above; issue 16's benchmarks measure how many sessions a host keeps up
+    with)."""
     scenario = Scenario(
         jobs=200,
         tenants=5,
         e2b=E2BLimits(max_sandboxes=20, create_rate_per_s=50.0, create_latency_ms=200.0),
-        scale=TimeScale(180.0),  # liveness 10 s real, turns 0.5 s real
+        # Liveness 10 s; turns of 5 s, so sessions outlast the creates and the cap binds.
+        scale=TimeScale(180.0),
         turns=2,
-        turn_sim_s=90.0,
+        turn_sim_s=900.0,
     )
-    done = run_mode(scenario, "provisioner", loaded=loaded_component)
-    s = done.report["summary"]
-    print(f"\n200 jobs: {s}\ntenants: {json.dumps(done.report['tenants'])}")
-    assert (s["completed"], s["failed"]) == (200, 0)
-    assert s["killed_by_liveness"] == 0 and s["overloaded"] is None
-    assert s["max_running_sandboxes_seen"] <= 20
-    assert s["orphaned_sandboxes"] == 0 and s["duplicate_sandboxes"] == 0
-    longest = max(j["waited_ms"] for j in done.report["jobs"])
+    done = run_virtual(mode_spec("provisioner"), tradeoff_scenario(scenario))
+    results = done.run.results
+    print(f"\n200 jobs (virtual time): {done.summary()}")
+    assert (done.run.completed, done.run.failed, len(results)) == (200, 0, 200)
+    assert not any(r.killed_by_timer for r in results)
+    assert done.e2b.max_sandboxes == 20, "the 20-sandbox cap never bound"
+    assert len(done.e2b.sandboxes) == 0  # every sandbox released: no orphan
+    assert len({r.sandbox_id for r in results}) == 200  # no job got another's or a second
+    longest = max(r.waited_ms or 0 for r in results)
     assert longest > 10 * 2000, "nobody waited ten polls: the cap never bound"
     served = sorted(
-        (r for r in done.run.results if r.ready_at_s is not None), key=lambda r: r.ready_at_s or 0.0
+        (r for r in results if r.ready_at_s is not None), key=lambda r: r.ready_at_s or 0.0
     )
     first_half = Counter(r.job.tenant for r in served[:100])
     print(f"first 100 sandboxes by tenant: {dict(sorted(first_half.items()))}")
