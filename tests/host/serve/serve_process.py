@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import httpx
 from tests.conftest import API_KEY, ROOT
 
 TOKEN = "serve-test-token-0123456789"
+STARTUP_TIMEOUT_S = 300
 
 
 class ServeProcess:
@@ -48,6 +50,24 @@ class ServeProcess:
             if isinstance(event, dict):
                 events.append(event)
         return events
+
+    def wait_for_events(
+        self, holds: Callable[[list[dict[str, Any]]], bool], timeout: float = 60.0
+    ) -> list[dict[str, Any]]:
+        """The log's events once `holds(events)`. The serve writes an invocation's log line
+        after its answer has gone out, and the pump thread reads it later still, so a test
+        that has its answer must wait for the line (a CI run under load once read the log
+        one line short)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            events = self.log_events()
+            if holds(events):
+                return events
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"not in the serve's log after {timeout}s: {events[-10:]}")
+            with suppress(queue.Empty):
+                self.seen.append(self.lines.get(timeout=min(left, 0.5)))
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -100,7 +120,9 @@ def serve_process(
     port = None
     while port is None:
         try:
-            line = lines.get(timeout=90)
+            # A hang detector, not a speed limit: loading the component takes a minute or
+            # more on a loaded 2-core machine.
+            line = lines.get(timeout=STARTUP_TIMEOUT_S)
         except queue.Empty:
             process.kill()
             raise RuntimeError(f"serve did not start: {seen}") from None

@@ -132,8 +132,7 @@ def test_sigterm_finishes_the_invocation_in_flight_and_exits_zero(
             assert isinstance(answer, httpx.Response) and answer.status_code == 200
             ready = answer.json()
             assert ready["action"] == "SandboxReady"
-            events = serve.log_events()
-            assert any(e.get("entity_id") == "job-drain" for e in events)
+            serve.wait_for_events(lambda es: any(e.get("entity_id") == "job-drain" for e in es))
             http.close()
         # The create was recorded: a new process answers the same sandbox, creates none.
         with (

@@ -84,7 +84,10 @@ def test_shim_provisions_reuses_releases_and_routes_an_outage_to_the_retry(
             assert released.result is not None
             assert released.result.callback_action == "SandboxReleased"
             assert mock.running_sandboxes() == []
-            events = [e for e in serve.log_events() if e.get("event") == "invocation"]
+            def invocations(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                return [e for e in events if e.get("event") == "invocation"]
+
+            events = invocations(serve.wait_for_events(lambda e: len(invocations(e)) >= 3))
             assert [e["action"] for e in events] == [
                 "SandboxReady",
                 "SandboxReady",
