@@ -77,6 +77,17 @@ def load_run(tmp_path: Path, cache_dir: Path, *, create_latency_ms: int) -> Iter
         yield LoadRun(mock, serve, storage)
 
 
+def drain_diagnosis(serve: ServeProcess, signalled: float) -> str:
+    """The slowest invocations the serve logged and its last log lines, for a slow drain."""
+    events = serve.log_events()
+    invocations = [e for e in events if e.get("event") == "invocation"]
+    slowest = sorted(invocations, key=lambda e: float(e.get("duration_ms") or 0))[-5:]
+    return (
+        f"drain began {time.monotonic() - signalled:.1f} s ago; {len(invocations)} invocations "
+        f"logged; slowest: {slowest}; last lines: {serve.seen[-15:]}"
+    )
+
+
 def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
     tmp_path: Path, component_cache_dir: Path
 ) -> None:
@@ -117,7 +128,10 @@ def test_sigterm_under_load_exits_zero_and_leaves_no_create_slot_held(
         drained_s = time.monotonic() - signalled
         load.join(300)
         assert code == 0
-        assert drained_s < INVOCATION_DEADLINE_S
+        # Seen once in ten CI runs under load: 125.6 s, uvicorn's graceful limit
+        # (DRAIN_SECONDS), so a request was still open then. Not explained yet: the log's
+        # slowest invocations and the last lines say what ran when the limit came.
+        assert drained_s < INVOCATION_DEADLINE_S, drain_diagnosis(serve, signalled)
         assert set(record.statuses) <= {200, 503}, record.unexpected
         assert record.unexpected == [] and record.stopped  # the service went away mid-load
         stats = mock.stats()
