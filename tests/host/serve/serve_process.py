@@ -23,6 +23,11 @@ TOKEN = "serve-test-token-0123456789"
 STARTUP_TIMEOUT_S = 300
 
 
+def invocation_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The log events of answered invocations (one per request the serve answered)."""
+    return [e for e in events if e.get("event") == "invocation"]
+
+
 class ServeProcess:
     def __init__(self, process: subprocess.Popen[str], port: int, lines: queue.Queue[str]) -> None:
         self.process = process

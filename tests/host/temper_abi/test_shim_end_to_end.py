@@ -12,7 +12,7 @@ import pytest
 from host.temper_abi import TemperAbiModule, Trigger, dispatch_for
 from tests.conftest import API_KEY, ROOT
 from tests.host.mock_e2b.fixtures import running_mock
-from tests.host.serve.serve_process import TOKEN, serve_process
+from tests.host.serve.serve_process import TOKEN, invocation_events, serve_process
 
 pytestmark = pytest.mark.component
 
@@ -84,10 +84,8 @@ def test_shim_provisions_reuses_releases_and_routes_an_outage_to_the_retry(
             assert released.result is not None
             assert released.result.callback_action == "SandboxReleased"
             assert mock.running_sandboxes() == []
-            def invocations(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-                return [e for e in events if e.get("event") == "invocation"]
-
-            events = invocations(serve.wait_for_events(lambda e: len(invocations(e)) >= 3))
+            logged = serve.wait_for_events(lambda e: len(invocation_events(e)) >= 3)
+            events = invocation_events(logged)
             assert [e["action"] for e in events] == [
                 "SandboxReady",
                 "SandboxReady",
