@@ -3,7 +3,8 @@
 - `POST /v1/invocations`: a Temper invocation context (the JSON `invoke` reads) in; the
   outcome as a Temper terminal result out (`results.py`). 200 for every outcome the
   component produced, 400 for a malformed context, 413 past 1 MiB, 503 with
-  `Retry-After` when every worker is busy (nothing ran).
+  `Retry-After` when every worker is busy (nothing ran), and 503 with `Retry-After` and
+  `Connection: close` once the service is draining (nothing ran).
 - `GET /healthz`: the process is up. `GET /readyz`: the component is compiled and the
   storage answers (and the process is not draining).
 - `GET /metrics`: Prometheus exposition (`metrics.py`), when the service has metrics.
@@ -106,6 +107,16 @@ def create_app(state: ServeState) -> ASGIApp:
         return JSONResponse({"status": "ready", "component": "compiled", "storage": "ok"})
 
     async def invocations(request: Request) -> Response:
+        if state.draining:
+            # A request that reaches a draining service (on a connection kept alive, or
+            # accepted just before the listener closed) goes elsewhere: answering it would
+            # keep the connection, and so the drain, open for as long as its client polls.
+            return _error(
+                503,
+                "draining",
+                "the service is shutting down",
+                **{"Retry-After": str(state.retry_after_s), "Connection": "close"},
+            )
         body = await request.body()
         if len(body) > MAX_CONTEXT_BYTES:
             return _error(413, "too_large", f"the context is larger than {MAX_CONTEXT_BYTES} bytes")

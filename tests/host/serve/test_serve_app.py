@@ -46,6 +46,7 @@ class LoggedClient(TestClient):
 
     def __init__(self, state: ServeState, lines: list[dict[str, Any]]) -> None:
         super().__init__(create_app(state))
+        self.state = state
         self.lines = lines
 
 
@@ -154,6 +155,22 @@ def test_a_saturated_pool_answers_503_with_retry_after_without_queueing() -> Non
     component.release.set()
     first.join(10)
     assert held[0].status_code == 200
+
+
+def test_a_draining_service_refuses_new_invocations_and_closes_their_connection() -> None:
+    # Catches: a draining service that keeps answering the polls of a connection kept
+    # alive, so the drain lasts as long as its client polls (seen: uvicorn's whole limit).
+    component = FakeComponent()
+    http = client(component)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    http.state.draining = True
+    refused = http.post("/v1/invocations", json=CONTEXT, headers=auth)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+    assert refused.headers["retry-after"] == "3"
+    assert refused.headers["connection"] == "close"
+    assert component.calls == [] and http.lines == []
+    assert http.post("/v1/invocations", json=CONTEXT).status_code == 401  # the token first
+    assert http.get("/readyz").status_code == 503
 
 
 def test_host_failures_become_typed_failures_temper_accepts() -> None:
