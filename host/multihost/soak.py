@@ -470,7 +470,7 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
 
         def gate_clear() -> bool:
             gate, _ = read_gate(url, account)
-            return gate.permits_held == 0 and not gate.waiters
+            return gate.permits_held == 0 and not gate.live_waiters
 
         _wait(gate_clear, plan.create_lease_ms / 1000 * 2 + 5)
         gate, _ = read_gate(url, account)
@@ -478,10 +478,13 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
             "create_leases": len(gate.create_slots.leases),
             "sandbox_leases": len(gate.capacity.leases),
             "unsettled_creates": len(gate.capacity.unsettled),
-            "waiters": len(gate.waiters),
+            "waiters": len(gate.live_waiters),
         }
         if any(permits.values()):
             violations.append(f"permits left in the gate: {permits}")
+        # Tickets left by hosts killed mid-decision: reported, not a violation (they hold
+        # nothing, and the next decision that meets one drops it).
+        permits["dead_tickets"] = len(gate.waiters) - len(gate.live_waiters)
 
     kills = [f for f in soak.faults if f.kind.startswith("kill_")]
     return {

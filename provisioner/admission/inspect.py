@@ -161,7 +161,8 @@ class WaiterView:
     """One waiter. `stage` is `Stage.RETRYING` (its create failed retryably; it waits ahead
     of every fresh ticket) or `Stage.QUEUED` (a fresh ticket). `entity` is None when the
     ticket's liveness key has expired (its waiter stopped polling and will be skipped);
-    `alive` says whether it is still expected back. `position` is 1-based in fair order
+    `alive` says whether it is still expected back (False also for a leftover ticket: one
+    whose entity's record no longer holds it). `position` is 1-based in fair order
     (what its own poll would be told), `reason` the gate that holds it back, `eta_ms` the
     estimate of when it may go; `waited_ms` and `attempt` come from its record (None when
     the record is gone)."""
@@ -204,6 +205,12 @@ class GateView:
 
     def waiter(self, tenant: str, entity: str) -> WaiterView | None:
         return owned_by(self.waiters, tenant, entity)
+
+    @property
+    def live_waiters(self) -> tuple[WaiterView, ...]:
+        """The waiters still expected back; the others hold no sandbox, slot or place
+        for anyone, and decisions drop them as they meet them."""
+        return tuple(w for w in self.waiters if w.alive)
 
 
 def inspect_gates(
@@ -300,8 +307,14 @@ def _waiters(
                 1 if record is None else record.attempt,
                 ticket=ticket,
             )
+            # Expected back only while its entity's record still holds this ticket: a
+            # caller killed between queueing and recording its place leaves a ticket whose
+            # entity comes back with a fresh one (and the next decision that meets a dead
+            # ticket in front drops it).
             views.append(
-                _view(state, config, now_ms, queue.tenant, entity, place, record, found is not None)
+                _view(
+                    state, config, now_ms, queue.tenant, entity, place, record, record is not None
+                )
             )
     views.sort(key=lambda view: (view.stage is not Stage.RETRYING, view.position))
     return tuple(views)

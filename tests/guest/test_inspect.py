@@ -15,6 +15,7 @@ from provisioner.admission import (
 )
 from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.admission.place import Stage
+from provisioner.admission.state import waiter_key
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
 
@@ -147,6 +148,25 @@ def test_a_waiter_that_stopped_polling_shows_as_gone() -> None:
     assert dead[0].entity is None and dead[0].waited_ms is None
     live = gates.waiter("tenant-b", "Job/polling")
     assert live is not None and live.alive
+
+
+def test_a_ticket_whose_entity_has_no_record_of_it_is_not_expected_back() -> None:
+    # Catches: a ticket left by a caller killed between queueing and recording its place
+    # (its liveness key written, its record not) counted as a waiter still to come: after
+    # every job ended, a multihost run with a kill reported one waiter left.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000.0)
+    harness = Harness(config)
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    killed, polling = Waiter("tenant-a", "Job/killed"), Waiter("tenant-b", "Job/polling")
+    queued_of(harness.admit(killed))
+    queued_of(harness.admit(polling))
+    namespace = account_namespace(ACCOUNT)
+    assert harness.backend.delete(namespace, waiter_key(killed.tenant, killed.entity), None)
+    gates = view(harness)
+    [leftover] = [w for w in gates.waiters if w.tenant == "tenant-a"]
+    assert leftover.entity == "Job/killed" and leftover.ticket is not None  # key still there
+    assert not leftover.alive and leftover.attempt is None
+    assert [(w.tenant, w.entity) for w in gates.live_waiters] == [("tenant-b", "Job/polling")]
 
 
 def test_expired_leases_are_hidden_unless_asked_for_as_stored() -> None:
