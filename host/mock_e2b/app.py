@@ -10,10 +10,10 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from host.mock_e2b.config import FaultRule, MockE2BConfig
 from host.mock_e2b.connection import KeepRawSend, reset_connection
@@ -126,6 +126,16 @@ class Runtime:
         return cap is None or self._admitted < cap or self.closing.is_set()
 
 
+class NoAnswer(Response):
+    """What a route returns when its client has gone: nothing is sent."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=499)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return
+
+
 def build_app(
     state: MockState, on_configure: Callable[[dict[str, Any]], MockE2BConfig]
 ) -> tuple[ASGIApp, Callable[[], Runtime | None]]:
@@ -212,6 +222,11 @@ def build_app(
             key = request.headers.get("idempotency-key") if version == 2 else None
             try:
                 body = await request.json()
+            except ClientDisconnect:
+                # The caller was killed mid-request: nobody to answer, nothing created (an
+                # unhandled exception here became a text/plain 500 under a soak's kills).
+                state.count_abandoned_request()
+                return NoAnswer()
             except (ValueError, UnicodeDecodeError):
                 body = None
             state.begin_create()
@@ -342,7 +357,11 @@ def build_app(
         """A route on one sandbox: the path's id read as E2B reads it, the JSON body
         (``body``: "none", "optional" or "required") checked to be an object."""
         async def on_sandbox(request: Request) -> Response:
-            raw = await request.body()
+            try:
+                raw = await request.body()
+            except ClientDisconnect:  # killed mid-request, as in `create`
+                state.count_abandoned_request()
+                return NoAnswer()
             payload: Any = None
             malformed = False
             if raw.strip():

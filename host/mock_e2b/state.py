@@ -131,6 +131,10 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
             if new_request:
                 self._counters.requests_total += 1
 
+    def count_abandoned_request(self) -> None:
+        with self._mutating():
+            self._counters.abandoned_requests += 1
+
     def pick_fault(self, route: str, ordinal: int, after_create: bool) -> FaultRule | None:
         with self._mutating():
             rule = self._faults.pick(self._config.faults, route, ordinal, after_create)

@@ -40,6 +40,8 @@ class MockE2BStats(MockStats):
     idempotent_replays: int = 0
     duplicates: int = 0
     bad_requests: int = 0
+    # Requests whose client went away before its body arrived (a killed caller): no answer.
+    abandoned_requests: int = 0
     unauthorized: int = 0
     kills_not_found: int = 0
     requests_total: int = 0
