@@ -15,6 +15,15 @@ force=0
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 
+# One build at a time: pytest-xdist's workers each run build.sh from a session fixture, and
+# two unlocked runs race on build/guest and dist/*.tmp (one fails with "cannot stat
+# dist/sandbox_provisioner.wasm.tmp", erroring every component test of its worker). The
+# one that waited then finds the stamp up to date and returns at once.
+command -v flock >/dev/null 2>&1 || die "flock not found (it comes with util-linux)"
+mkdir -p build
+exec 9>build/.lock
+flock 9
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: install Python 3.11 or set PYTHON"

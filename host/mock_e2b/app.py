@@ -216,17 +216,25 @@ def build_app(
 
     # -- sandboxes -----------------------------------------------------------------------
 
+    async def body_unless_abandoned(request: Request) -> bytes | None:
+        """The request's body, or None when the caller was killed mid-request: nobody to
+        answer and nothing to do (unhandled, Starlette's ClientDisconnect became a
+        text/plain 500 under a soak's kills)."""
+        try:
+            return await request.body()
+        except ClientDisconnect:
+            state.count_abandoned_request()
+            return None
+
     def create_handler(version: int) -> Handler:
         async def create(request: Request) -> Response:
             config = state.config
             key = request.headers.get("idempotency-key") if version == 2 else None
-            try:
-                body = await request.json()
-            except ClientDisconnect:
-                # The caller was killed mid-request: nobody to answer, nothing created (an
-                # unhandled exception here became a text/plain 500 under a soak's kills).
-                state.count_abandoned_request()
+            raw = await body_unless_abandoned(request)
+            if raw is None:
                 return NoAnswer()
+            try:
+                body = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
                 body = None
             state.begin_create()
@@ -357,10 +365,8 @@ def build_app(
         """A route on one sandbox: the path's id read as E2B reads it, the JSON body
         (``body``: "none", "optional" or "required") checked to be an object."""
         async def on_sandbox(request: Request) -> Response:
-            try:
-                raw = await request.body()
-            except ClientDisconnect:  # killed mid-request, as in `create`
-                state.count_abandoned_request()
+            raw = await body_unless_abandoned(request)
+            if raw is None:
                 return NoAnswer()
             payload: Any = None
             malformed = False

@@ -833,7 +833,7 @@ def summarise(
         # Waiters still expected back; a ticket left by a host killed mid-decision is
         # counted apart (it holds nothing, and is dropped when a decision meets it).
         "waiters_left": len(gate.live_waiters),
-        "dead_tickets_left": len(gate.waiters) - len(gate.live_waiters),
+        "dead_tickets_left": len(gate.dead_tickets),
         "grant_order": "".join(str(e["tenant"])[-1] for e in grants),
         "max_tenant_lead": max_tenant_lead(grants),
         "mean_place_gap": round(mean_rank_gap(grants), 2),

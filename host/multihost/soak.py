@@ -484,7 +484,7 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
             violations.append(f"permits left in the gate: {permits}")
         # Tickets left by hosts killed mid-decision: reported, not a violation (they hold
         # nothing, and the next decision that meets one drops it).
-        permits["dead_tickets"] = len(gate.waiters) - len(gate.live_waiters)
+        permits["dead_tickets"] = len(gate.dead_tickets)
 
     kills = [f for f in soak.faults if f.kind.startswith("kill_")]
     return {

@@ -212,6 +212,13 @@ class GateView:
         for anyone, and decisions drop them as they meet them."""
         return tuple(w for w in self.waiters if w.alive)
 
+    @property
+    def dead_tickets(self) -> tuple[WaiterView, ...]:
+        """Tickets nobody will come back for (a host killed between saving the gate and
+        writing its place): they hold nothing, and the next decision that meets one in
+        front drops it."""
+        return tuple(w for w in self.waiters if not w.alive)
+
 
 def inspect_gates(
     storage: StorageReader,

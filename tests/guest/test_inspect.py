@@ -143,7 +143,7 @@ def test_a_waiter_that_stopped_polling_shows_as_gone() -> None:
     harness.advance(100_000)
     queued_of(harness.admit(polling))
     gates = view(harness)
-    dead = [w for w in gates.waiters if not w.alive]
+    dead = gates.dead_tickets
     assert len(dead) == 1 and dead[0].tenant == "tenant-a"
     assert dead[0].entity is None and dead[0].waited_ms is None
     live = gates.waiter("tenant-b", "Job/polling")
@@ -167,6 +167,7 @@ def test_a_ticket_whose_entity_has_no_record_of_it_is_not_expected_back() -> Non
     assert leftover.entity == "Job/killed" and leftover.ticket is not None  # key still there
     assert not leftover.alive and leftover.attempt is None
     assert [(w.tenant, w.entity) for w in gates.live_waiters] == [("tenant-b", "Job/polling")]
+    assert [(w.tenant, w.entity) for w in gates.dead_tickets] == [("tenant-a", "Job/killed")]
 
 
 def test_expired_leases_are_hidden_unless_asked_for_as_stored() -> None:
