@@ -1,0 +1,36 @@
+"""The pace rule serve and the simulator share: answer, hold, or answer and wake."""
+
+from __future__ import annotations
+
+from host.serve.pace import Answer, AnswerAndWake, AskAgainAt, next_step, retry_at_ms
+from provisioner.model import SANDBOX_QUEUED, SANDBOX_READY, Outcome
+
+
+def queued(**params: object) -> Outcome:
+    return Outcome(SANDBOX_QUEUED, dict(params))
+
+
+def test_only_a_queued_answer_has_a_retry_time() -> None:
+    assert retry_at_ms(Outcome(SANDBOX_READY, {"retry_at_ms": 5}), 0) is None
+    assert retry_at_ms(queued(retry_at_ms=1_500, retry_after_ms=9), 1_000) == 1_500
+    # A component without retry_at_ms: retry_after_ms from now.
+    assert retry_at_ms(queued(retry_after_ms=200), 1_000) == 1_200
+    assert retry_at_ms(queued(), 1_000) is None
+
+
+def test_a_turn_within_the_hold_window_is_asked_again_at_its_time() -> None:
+    assert next_step(queued(retry_at_ms=1_400), 1_000, 2_000, False) == AskAgainAt(1_400)
+    # A turn already due is asked again at once, never in the past.
+    assert next_step(queued(retry_at_ms=900), 1_000, 2_000, False) == AskAgainAt(1_000)
+    assert next_step(queued(retry_at_ms=2_000), 1_000, 2_000, False) == AskAgainAt(2_000)
+
+
+def test_a_turn_past_the_window_is_answered_and_woken_only_with_push() -> None:
+    late = queued(retry_at_ms=2_001, reservation="r-7")
+    assert next_step(late, 1_000, 2_000, False) == Answer()
+    assert next_step(late, 1_000, 2_000, True) == AnswerAndWake(2_001, "r-7")
+    assert next_step(queued(retry_at_ms=9_000), 1_000, 2_000, True) == AnswerAndWake(9_000, "")
+
+
+def test_any_other_answer_goes_back_at_once() -> None:
+    assert next_step(Outcome(SANDBOX_READY, {}), 1_000, 5_000, True) == Answer()
