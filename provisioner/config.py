@@ -93,6 +93,7 @@ class AdmissionConfig:
     poll_min_ms: int = 200
     poll_max_ms: int = 15_000
     create_latency_ms: int = 3_000
+    reservation_claim_ms: int = 10_000
     cas_retries: int = 16
 
     @property
@@ -442,6 +443,11 @@ SETTINGS: tuple[Setting, ...] = (
     _millis("poll_min_ms", "the shortest retry_after_ms a waiter is given"),
     _millis("poll_max_ms", "the longest retry_after_ms a waiter is given"),
     _millis("create_latency_ms", "create latency assumed until one has been observed (ETAs)"),
+    _millis(
+        "reservation_claim_ms",
+        "how long a permit reserved for a waiter stays its own once claimable; then it "
+        "passes to the next waiter",
+    ),
     _admission(
         "cas_retries", _positive_int("cas_retries", 1_000), "compare-and-swap attempts per decision"
     ),

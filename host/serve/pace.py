@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioner.model import SANDBOX_QUEUED, Outcome
+from provisioner.model import Outcome
+
+# The answers that mean "not yet": the sandbox gates' and a resource gate's.
+QUEUED_ACTIONS = frozenset({"SandboxQueued", "ResourceQueued"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,7 @@ def retry_at_ms(outcome: Outcome, now_ms: int) -> int | None:
     """When asking again is useful, for a queued outcome (None for any other): the
     component's `retry_at_ms` (a reservation's claimable time, or its estimate), else
     `retry_after_ms` from now (a component built before `retry_at_ms`)."""
-    if outcome.action != SANDBOX_QUEUED:
+    if outcome.action not in QUEUED_ACTIONS:
         return None
     params = outcome.params
     at = params.get("retry_at_ms")
@@ -86,6 +89,7 @@ def next_step(outcome: Outcome, now_ms: int, hold_until_ms: int, push: bool) -> 
 
 
 __all__ = [
+    "QUEUED_ACTIONS",
     "Answer",
     "AnswerAndWake",
     "AskAgainAt",

@@ -9,15 +9,17 @@ compare-and-swap that takes the waiter out of the queue.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 from provisioner.admission import budget
-from provisioner.admission.blocking import Turn, assess, waiting
+from provisioner.admission.blocking import Scheduled, Turn, assess, waiting
 from provisioner.admission.cas import Again, until_settled
 from provisioner.admission.gates import slots_in_use, take_rate
 from provisioner.admission.leases import drop_create_lease, new_lease_id, take_create_lease
 from provisioner.admission.ledger import ACCOUNT, Ledger, Loaded
 from provisioner.admission.place import Place, Stage
 from provisioner.admission.queue import can_remove, enqueue, remove_ticket
+from provisioner.admission.reservations import reservation_of, reserve
 from provisioner.admission.results import (
     REASON_CREATE_SLOTS,
     Grant,
@@ -155,6 +157,10 @@ class Admission(Ledger):
         queued = verdict.queued
         if queued is None:  # it goes, but its ticket cannot leave out of order yet
             queued = waiting(state, config, now, waiter, place, self.ports.uniform)
+        reserved = self._reserve(state, now, verdict.scheduled)
+        own = reservation_of(state, waiter.tenant, mine.ticket, mine.entity)
+        if own is not None and any(s.turn == mine for s in verdict.scheduled):
+            queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
         ttl = queued.retry_after_ms + config.waiter_ttl_ms
         stored = loaded.place
         unchanged = (
@@ -162,7 +168,7 @@ class Admission(Ledger):
             and stored.stage is place.stage
             and (place.stage is Stage.RETRYING or stored.ticket == place.ticket)
         )
-        if not unchanged or skipped:
+        if not unchanged or skipped or reserved or loaded.moved:
             self.save_gate(loaded)
         renewed = Place(place.stage, place.since_ms, place.attempt, place.ticket, None, now + ttl)
         try:
@@ -174,6 +180,28 @@ class Admission(Ledger):
         if place.ticket is not None:
             self.touch_ticket(waiter, place.ticket, ttl)
         return queued
+
+    def _reserve(self, state: GateState, now_ms: int, scheduled: list[Scheduled]) -> bool:
+        """Promise the scheduled turns that may go now their permits, and the next rate
+        token to the turn it falls to; True when the document changed. Tokens further off
+        are not promised yet: a tenant that starts waiting meanwhile gets its round-robin
+        turn among them."""
+        changed = False
+        pending = [item for item in scheduled if item.due_ms > 0][:1]
+        for item in [item for item in scheduled if item.due_ms <= 0] + pending:
+            turn = item.turn
+            _, made = reserve(
+                state,
+                turn.tenant,
+                turn.ticket,
+                turn.entity,
+                now_ms + item.due_ms,
+                now_ms,
+                self.config.reservation_claim_ms,
+                new_lease_id(self.ports, "v"),
+            )
+            changed = changed or made
+        return changed
 
     def _removable(self, state: GateState, waiter: Waiter, place: Place) -> bool:
         if place.stage is Stage.RETRYING or place.ticket is None:

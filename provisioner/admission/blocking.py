@@ -10,7 +10,7 @@ when it should ask again. A grant and a "queued" answer can therefore never disa
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from provisioner.admission import budget
 from provisioner.admission.backoff import cooling_ms
@@ -78,11 +78,6 @@ class Permits:
             rate_available(state, config, now_ms),
         )
 
-    @property
-    def startable(self) -> int:
-        """Creates that may start now, capacity aside: none during a cooldown."""
-        return 0 if self.cooling_ms > 0 else min(self.slots, self.rate)
-
 
 def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
     """Whether a tenant has room under `max_sandboxes_per_tenant`."""
@@ -105,36 +100,77 @@ def ready_retries(
     )
 
 
-def front(
-    state: GateState, config: AdmissionConfig, permits: Permits, eligible: Eligible
-) -> list[Turn]:
-    """The turns the free permits belong to, in fair order. A retry that reclaims its own
-    possible sandbox needs a slot and a rate token but no free capacity."""
-    starts = permits.startable
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """A turn the free permits belong to, and how long until its rate token is due
+    (`due_ms`, 0: it may go now)."""
+
+    turn: Turn
+    due_ms: int
+
+
+def reserved_turns(state: GateState) -> list[Turn]:
+    """The turns holding a reservation, in the order they were made."""
+    return [Turn(r.tenant, r.entity, r.ticket) for r in state.reservations]
+
+
+def schedule(
+    state: GateState, config: AdmissionConfig, now_ms: int, permits: Permits, eligible: Eligible
+) -> list[Scheduled]:
+    """The turns the free slots and capacity belong to, in order: reserved turns first
+    (their permits are promised), then retries the budget pays for, then fresh tickets
+    round-robin across tenants with room. The k-th may go when the rate's k-th token is
+    due. A retry that reclaims its own possible sandbox needs a slot but no free capacity.
+    None during a cooldown: nothing starts, so nothing is promised."""
+    if permits.cooling_ms > 0 or permits.slots <= 0:
+        return []
     room = permits.capacity
-    turns: list[Turn] = []
-    if starts <= 0:
-        return turns
-    for entry in ready_retries(state, config, eligible):
-        if len(turns) >= starts:
-            return turns
-        if state.reclaims(entry.tenant, entry.entity):
-            turns.append(Turn(entry.tenant, entry.entity))
-        elif room > 0 and eligible(entry.tenant):
-            room -= 1
-            turns.append(Turn(entry.tenant, entry.entity))
-    # A grant can fill a tenant's room, so count grants per tenant along the way.
     usage = state.usage_by_tenant()
     limit = config.max_sandboxes_per_tenant
-    for tenant, ticket in fair_order(state, eligible):
-        if len(turns) >= starts or room <= 0:
+    chosen: list[Turn] = []
+    retrying = {(e.tenant, e.entity) for e in state.retries}
+    candidates: list[Turn] = [
+        turn
+        for turn in reserved_turns(state)
+        if (turn.tenant, turn.entity) in retrying
+        or (turn.ticket is not None and _holds(state, turn.tenant, turn.ticket))
+    ]
+    candidates += [Turn(e.tenant, e.entity) for e in ready_retries(state, config, eligible)]
+    candidates += [Turn(t, ticket=n) for t, n in fair_order(state, eligible)]
+    for turn in candidates:
+        if len(chosen) >= permits.slots:
             break
-        if limit is not None and usage.get(tenant, 0) >= limit:
+        if turn in chosen:
             continue
-        usage[tenant] = usage.get(tenant, 0) + 1
+        if turn.is_retry and state.reclaims(turn.tenant, turn.entity or ""):
+            chosen.append(turn)
+            continue
+        if room <= 0:
+            if turn.is_retry:
+                continue
+            break
+        # A grant can fill a tenant's room, so count grants per tenant along the way.
+        if limit is not None and usage.get(turn.tenant, 0) >= limit:
+            continue
+        usage[turn.tenant] = usage.get(turn.tenant, 0) + 1
         room -= 1
-        turns.append(Turn(tenant, ticket=ticket))
-    return turns
+        chosen.append(turn)
+    return [
+        Scheduled(turn, rate_wait_ms(state, config, now_ms, index + 1))
+        for index, turn in enumerate(chosen)
+    ]
+
+
+def _holds(state: GateState, tenant: str, ticket: int) -> bool:
+    queue = state.queue_of(tenant)
+    return queue is not None and queue.holds(ticket)
+
+
+def front(
+    state: GateState, config: AdmissionConfig, permits: Permits, eligible: Eligible, now_ms: int
+) -> list[Turn]:
+    """The scheduled turns that may go now."""
+    return [s.turn for s in schedule(state, config, now_ms, permits, eligible) if s.due_ms <= 0]
 
 
 def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: Eligible) -> int:
@@ -152,11 +188,13 @@ def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: El
 @dataclass(frozen=True, slots=True)
 class Assessment:
     """`front`: the turns that may go now. `goes`: the waiter's own turn is among them.
-    `queued`: when it does not go, why it waits and when to ask again."""
+    `scheduled`: every turn the free permits belong to (to reserve). `queued`: when the
+    waiter does not go, why it waits and when to ask again."""
 
     front: list[Turn]
     goes: bool
     queued: Queued | None
+    scheduled: list[Scheduled]
 
 
 def assess(
@@ -169,13 +207,23 @@ def assess(
 ) -> Assessment:
     permits = Permits.of(state, config, now_ms)
     eligible = eligibility(state, config)
-    turns = front(state, config, permits, eligible)
+    planned = schedule(state, config, now_ms, permits, eligible)
+    turns = [s.turn for s in planned if s.due_ms <= 0]
     mine = Turn.of(waiter, place)
     if mine in turns:
-        return Assessment(turns, True, None)
-    return Assessment(
-        turns, False, waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
-    )
+        return Assessment(turns, True, None, planned)
+    queued = waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
+    own = next((s for s in planned if s.turn == mine), None)
+    if own is not None:
+        # Its permit is promised; only its rate token is not due yet, to the millisecond.
+        queued = replace(
+            queued,
+            reason=REASON_RATE,
+            retry_after_ms=max(1, min(own.due_ms, config.poll_max_ms)),
+            eta_ms=own.due_ms,
+            retry_at_ms=now_ms + own.due_ms,
+        )
+    return Assessment(turns, False, queued, planned)
 
 
 def waiting(
@@ -246,7 +294,19 @@ def waiting(
         wait = min(wait, config.create_latency_ms // 2)
     retry_after = ask_again_ms(config, wait, exact, cooling, uniform)
     waited = now - place.since_ms
-    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited)
+    retry_at = now + retry_at_wait_ms(config, eta, exact, retry_after, cooling)
+    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited, retry_at)
+
+
+def retry_at_wait_ms(
+    config: AdmissionConfig, eta_ms: int, exact: bool, retry_after_ms: int, cooling_ms: int
+) -> int:
+    """How long from now `retry_at_ms` lies: the estimate itself, unclamped by poll_max (a
+    host that wakes the waiter wakes it then), but no sooner than poll_min when it is a
+    guess (an overdue estimate must not have a host ask again in a loop), and after a
+    cooldown its jittered end."""
+    wait = eta_ms if exact else max(eta_ms, config.poll_min_ms)
+    return max(wait, retry_after_ms) if cooling_ms > 0 else max(1, wait)
 
 
 def ask_again_ms(

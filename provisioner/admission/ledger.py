@@ -17,6 +17,7 @@ from provisioner.admission import budget
 from provisioner.admission.cas import until_settled
 from provisioner.admission.leases import prune_expired
 from provisioner.admission.place import Place
+from provisioner.admission.reservations import pass_over_unclaimed
 from provisioner.admission.results import Waiter
 from provisioner.admission.state import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
@@ -39,6 +40,8 @@ class LoadedDocument(Generic[Document]):
     gate_version: int | None
     place: Place | None
     place_version: int | None
+    # The load itself changed the document (a reservation passed over): save it.
+    moved: bool = False
 
 
 Loaded = LoadedDocument[GateState]
@@ -48,9 +51,17 @@ def load_gate(ports: Ports, config: AdmissionConfig, now_ms: int) -> tuple[GateS
     """The gate as the next decision sees it: expired leases pruned, budget refilled."""
     entry = ports.storage.get(ACCOUNT, GATE_KEY)
     state = GateState() if entry is None else GateState.from_bytes(entry.value)
+    catch_up(state, config, now_ms)
+    return state, None if entry is None else entry.version
+
+
+def catch_up(state: GateState, config: AdmissionConfig, now_ms: int) -> bool:
+    """The gate as of `now_ms`: expired leases pruned, the budget refilled, unclaimed
+    reservations passed over. True when reservations moved (the caller should save)."""
     prune_expired(state, now_ms)
     budget.refill(state, config, now_ms)
-    return state, None if entry is None else entry.version
+    grace = state.cooldown_until_ms + config.reservation_claim_ms
+    return bool(pass_over_unclaimed(state, now_ms, grace, state.drop_retry))
 
 
 class Ledger:
@@ -64,14 +75,14 @@ class Ledger:
         gate_entry = storage.get(ACCOUNT, GATE_KEY)
         now = self.ports.clock.now_ms()
         state = GateState() if gate_entry is None else GateState.from_bytes(gate_entry.value)
-        prune_expired(state, now)
-        budget.refill(state, self.config, now)
+        moved = catch_up(state, self.config, now)
         return Loaded(
             now_ms=now,
             state=state,
             gate_version=None if gate_entry is None else gate_entry.version,
             place=None if place_entry is None else Place.from_bytes(place_entry.value),
             place_version=None if place_entry is None else place_entry.version,
+            moved=moved,
         )
 
     def save_gate(self, loaded: Loaded) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from provisioner.admission.state import RetryEntry, TenantQueue
+from provisioner.admission.state import Reservation, RetryEntry, TenantQueue
 
 # Out-of-order removals remembered per tenant; beyond this, only the head can leave.
 MAX_REMOVED_OUT_OF_ORDER = 64
@@ -28,6 +28,7 @@ class QueueHolder(Protocol):
     ring: list[TenantQueue]
     retries: list[RetryEntry]
     ticket_high_water: int
+    reservations: list[Reservation]
 
     def queue_of(self, tenant: str) -> TenantQueue | None: ...
 
@@ -54,6 +55,8 @@ def remove_ticket(state: QueueHolder, tenant: str, ticket: int, *, granted: bool
     queue = state.queue_of(tenant)
     if queue is None or not queue.holds(ticket):
         return
+    # A turn that leaves the queue, however it leaves, gives up its reservation.
+    state.reservations = [r for r in state.reservations if not r.holds(tenant, ticket, None)]
     queue.remove(ticket)
     if queue.length() <= 0:
         state.ring.remove(queue)

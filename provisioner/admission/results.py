@@ -42,6 +42,12 @@ class Queued:
     retry_after_ms: int
     eta_ms: int
     waited_ms: int
+    # When asking again is useful, on the host clock: the reservation's claimable time,
+    # or the estimate of the waiter's turn (0: not computed, as for a storage fault).
+    retry_at_ms: int = 0
+    # The reservation held for this waiter ("" when none) and when it passes on.
+    reservation: str = ""
+    claim_by_ms: int = 0
 
     def params(self) -> dict[str, object]:
         """The SandboxQueued outcome params: every field."""

@@ -162,6 +162,41 @@ class RetryEntry:
     entity: str
 
 
+@dataclass(slots=True)
+class Reservation:
+    """A permit promised to one turn (`admission.reservations`): claimable from `at_ms`,
+    passed on after `by_ms`. `ticket` names a fresh ticket's turn, `entity` a retry's
+    (the sandbox gate knows its retries by entity)."""
+
+    tenant: str
+    ticket: int | None
+    entity: str | None
+    rid: str
+    at_ms: int
+    by_ms: int
+
+    def holds(self, tenant: str, ticket: int | None, entity: str | None) -> bool:
+        if self.tenant != tenant:
+            return False
+        return self.ticket == ticket if ticket is not None else self.entity == entity
+
+    def encode(self) -> list[Any]:
+        ticket = -1 if self.ticket is None else self.ticket
+        return [self.tenant, ticket, self.entity or "", self.rid, self.at_ms, self.by_ms]
+
+    @classmethod
+    def decode(cls, item: list[Any]) -> Reservation:
+        tenant, ticket, entity, rid, at, by = item
+        return cls(
+            str(tenant),
+            None if int(ticket) < 0 else int(ticket),
+            str(entity) or None,
+            str(rid),
+            int(at),
+            int(by),
+        )
+
+
 class FairQueueState:
     """What a gate document holds for the fair queue (`admission.queue`): the tenants'
     ticket ranges in ring order and the retries ahead of them. The sandbox gate and every
@@ -171,6 +206,7 @@ class FairQueueState:
     ring: list[TenantQueue]
     retries: list[RetryEntry]
     ticket_high_water: int
+    reservations: list[Reservation]
 
     def queue_fields(self) -> dict[str, Any]:
         """The fair queue's part of the stored document."""
@@ -178,6 +214,7 @@ class FairQueueState:
             "q": [[q.tenant, q.head, q.tail, q.removed] for q in self.ring],
             "rq": [[e.tenant, e.entity] for e in self.retries],
             "ep": self.ticket_high_water,
+            "rv": [r.encode() for r in self.reservations],
         }
 
     @staticmethod
@@ -190,6 +227,8 @@ class FairQueueState:
             # as a third retry field: read past it.
             "retries": [RetryEntry(item[0], item[1]) for item in doc.get("rq", [])],
             "ticket_high_water": int(doc["ep"]),
+            # Documents written before reservations have none.
+            "reservations": [Reservation.decode(item) for item in doc.get("rv", [])],
         }
 
     def queue_of(self, tenant: str) -> TenantQueue | None:
@@ -218,6 +257,7 @@ class GateState(FairQueueState):
     # The highest ticket number ever issued plus one: a tenant that starts waiting again
     # gets tickets from here, so ticket keys never repeat.
     ticket_high_water: int = 0
+    reservations: list[Reservation] = field(default_factory=list)
     latency_ms: int | None = None
     hold_ms: int | None = None
     grants: int = 0
@@ -232,6 +272,7 @@ class GateState(FairQueueState):
 
     def drop_retry(self, tenant: str, entity: str) -> None:
         self.retries = not_owned_by(self.retries, tenant, entity)
+        self.reservations = [r for r in self.reservations if not r.holds(tenant, None, entity)]
 
     def create_lease(self, lease_id: str) -> CreateLease | None:
         for lease in self.create_leases:

@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from provisioner.admission.blocking import ask_again_ms
+from provisioner.admission.blocking import ask_again_ms, retry_at_wait_ms
 from provisioner.admission.queue import Eligible, fair_order, fresh_position
 from provisioner.admission.results import Queued
 from provisioner.config import AdmissionConfig, ResourceGate
@@ -286,4 +286,5 @@ def waiting(
     exact = reason in {rate.reason for rate in budget.rates} - reserved and eta > 0
     retry_after = ask_again_ms(admission, eta, exact, cooling_ms, uniform)
     waited = now_ms - since_ms
-    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited)
+    retry_at = now_ms + retry_at_wait_ms(admission, eta, exact, retry_after, cooling_ms)
+    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited, retry_at)

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provisioner.admission.bucket import Charge
-from provisioner.admission.state import FairQueueState, RetryEntry, TenantQueue, key_part
+from provisioner.admission.state import (
+    FairQueueState,
+    Reservation,
+    RetryEntry,
+    TenantQueue,
+    key_part,
+)
 
 # The cost kinds a request has: one request, its input tokens, its output tokens.
 REQUESTS = "requests"
@@ -94,6 +100,7 @@ class ResourceState(FairQueueState):
     # Resource waiters never retry out of turn; the fair queue's protocol has the list.
     retries: list[RetryEntry] = field(default_factory=list)
     ticket_high_water: int = 0
+    reservations: list[Reservation] = field(default_factory=list)
     hold_ms: int | None = None
     grants: int = 0
     # When the gate last granted a permit (0: never): a waiter's stall starts there.

@@ -22,6 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from host.services.namespaces import account_namespace
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
@@ -35,8 +36,9 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
+from provisioner.admission.state import GATE_KEY, GateState
 from provisioner.model import Failure
-from tests.guest.harness import Harness
+from tests.guest.harness import ACCOUNT, Harness
 
 # This machine's run length under the suite's profiles (tests/conftest.py registers them,
 # with the deadline and health checks this machine inherits). Set on its TestCase, not by
@@ -354,6 +356,24 @@ class AdmissionMachine(RuleBasedStateMachine):
         account = self.harness.status()["account"]
         assert account["create_slots"]["in_use"] <= config.create_slots
         assert account["capacity"]["in_use"] <= config.max_sandboxes
+
+    @invariant()
+    def every_reservation_belongs_to_a_waiting_turn(self) -> None:
+        if not hasattr(self, "harness"):
+            return
+        entry = self.harness.backend.get(account_namespace(ACCOUNT), GATE_KEY)
+        if entry is None:
+            return
+        state = GateState.from_bytes(entry.value)
+        retrying = {(e.tenant, e.entity) for e in state.retries}
+        turns = [(r.tenant, r.ticket, r.entity) for r in state.reservations]
+        assert len(turns) == len(set(turns)), "a turn holds two reservations"
+        for reservation in state.reservations:
+            if reservation.ticket is None:
+                assert (reservation.tenant, reservation.entity) in retrying, reservation
+            else:
+                queue = state.queue_of(reservation.tenant)
+                assert queue is not None and queue.holds(reservation.ticket), reservation
 
     def teardown(self) -> None:
         if not hasattr(self, "harness"):

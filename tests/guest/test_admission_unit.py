@@ -381,7 +381,7 @@ def test_status_is_a_json_snapshot_of_every_gate() -> None:
 
 def test_queued_params_carry_every_documented_field() -> None:
     # Catches: SandboxQueued missing a field a runtime relies on.
-    params = Queued(1, 2, 3, 4, "rate", 5, 6, 7).params()
+    params = Queued(1, 2, 3, 4, "rate", 5, 6, 7, 8, "v1", 9).params()
     assert params == {
         "position": 1,
         "queue_length": 2,
@@ -391,6 +391,9 @@ def test_queued_params_carry_every_documented_field() -> None:
         "retry_after_ms": 5,
         "eta_ms": 6,
         "waited_ms": 7,
+        "retry_at_ms": 8,
+        "reservation": "v1",
+        "claim_by_ms": 9,
     }
 
 

@@ -16,6 +16,7 @@ def test_only_a_queued_answer_has_a_retry_time() -> None:
     # A component without retry_at_ms: retry_after_ms from now.
     assert retry_at_ms(queued(retry_after_ms=200), 1_000) == 1_200
     assert retry_at_ms(queued(), 1_000) is None
+    assert retry_at_ms(Outcome("ResourceQueued", {"retry_at_ms": 1_300}), 1_000) == 1_300
 
 
 def test_a_turn_within_the_hold_window_is_asked_again_at_its_time() -> None:

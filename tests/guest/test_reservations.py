@@ -1,0 +1,113 @@
+"""Reservations: a permit that exists for a waiter other than the caller is promised to the
+waiter next in fair order, with a claim deadline, and passes on when unclaimed."""
+
+from __future__ import annotations
+
+import json
+
+from host.services.namespaces import account_namespace
+from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
+from provisioner.admission.state import GATE_KEY, GateState
+from tests.guest.harness import ACCOUNT, Harness, grant_of, queued_of
+
+# One create per second, four slots: a waiter behind the first grant waits on the rate.
+PACED = AdmissionConfig(create_slots=4, create_rate_per_s=1.0, reservation_claim_ms=3_000)
+
+
+def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
+    return [Waiter(tenant, f"TemperAgent/{tenant}-{i}") for i in range(count)]
+
+
+def gate(harness: Harness) -> GateState:
+    entry = harness.backend.get(account_namespace(ACCOUNT), GATE_KEY)
+    assert entry is not None
+    return GateState.from_bytes(entry.value)
+
+
+def test_the_next_rate_token_is_reserved_for_the_next_waiter_with_its_exact_time() -> None:
+    # Catches: a queued answer without retry_at_ms, or a promise made to the wrong waiter.
+    harness = Harness(PACED)
+    a, b, c = waiters(3)
+    start = harness.clock.now_ms()
+    grant_of(harness.admit(a))
+    second = queued_of(harness.admit(b))
+    assert (second.reason, second.retry_at_ms) == ("rate", start + 1_000)
+    assert second.reservation, "the next token's waiter holds a reservation"
+    assert second.claim_by_ms == start + 1_000 + 3_000
+    third = queued_of(harness.admit(c))
+    # Its turn is estimated exactly, but the token after next is not promised yet.
+    assert (third.retry_at_ms, third.reservation) == (start + 2_000, "")
+    assert [r.rid for r in gate(harness).reservations] == [second.reservation]
+
+
+def test_nobody_else_can_take_a_reserved_permit() -> None:
+    # Catches: a reservation that the first caller after its time can take.
+    harness = Harness(PACED)
+    a, b, c = waiters(3)
+    grant_of(harness.admit(a))
+    held = queued_of(harness.admit(b))
+    queued_of(harness.admit(c))
+    harness.advance(1_000)
+    assert isinstance(harness.admit(c), Queued), "c took b's reserved token"
+    granted = grant_of(harness.admit(b))
+    assert granted.attempt == 1
+    assert all(r.rid != held.reservation for r in gate(harness).reservations)
+
+
+def test_an_unclaimed_reservation_passes_to_the_next_waiter_and_is_not_lost() -> None:
+    # Catches: a permit held forever for a waiter that went away.
+    harness = Harness(PACED)
+    a, b, c = waiters(3)
+    start = harness.clock.now_ms()
+    grant_of(harness.admit(a))
+    held = queued_of(harness.admit(b))
+    queued_of(harness.admit(c))
+    harness.advance(held.claim_by_ms - start)
+    assert isinstance(harness.admit(c), Queued), "passed on before its claim deadline"
+    harness.advance(1)
+    grant_of(harness.admit(c))
+    # b comes back late: it queues again behind, keeping when it first asked.
+    late = queued_of(harness.admit(b))
+    assert late.waited_ms == harness.clock.now_ms() - start
+    assert late.position == 1
+
+
+def test_a_slot_freed_by_another_waiters_create_is_reserved_for_the_head() -> None:
+    # Catches: a freed slot that the caller (not the head) takes, or nobody is promised.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000, create_burst=100))
+    a, b, c = waiters(3)
+    grant_a = grant_of(harness.admit(a))
+    queued_of(harness.admit(b))
+    queued_of(harness.admit(c))
+    assert harness.settle(a, grant_a, Created("sbx-a", 600_000)) is None
+    # c asks first after the slot frees: b is the head, so the slot is b's.
+    after = queued_of(harness.admit(c))
+    assert after.reservation == ""
+    promised = gate(harness).reservations
+    assert [(r.tenant, r.ticket) for r in promised] == [("tenant-a", 1)]
+    assert isinstance(harness.admit(b), Grant)
+
+
+def test_a_document_written_before_reservations_still_loads() -> None:
+    # Catches: a stored gate from an older version that no longer reads.
+    state = GateState()
+    doc = json.loads(state.to_bytes())
+    del doc["rv"]
+    loaded = GateState.from_bytes(json.dumps(doc).encode())
+    assert loaded.reservations == []
+
+
+def test_a_retry_that_joins_ahead_does_not_take_a_promised_token() -> None:
+    # Catches: reserved turns not scheduled first (a retry, which goes ahead of fresh
+    # tickets, would take the token promised to the fresh ticket at the head).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1.0, create_lease_ms=500))
+    a, b = waiters(2)
+    grant_of(harness.admit(a))
+    promised = queued_of(harness.admit(b))
+    assert promised.reservation
+    # a's holder dies mid-create: its lease lapses and a comes back as a retry.
+    harness.advance(600)
+    retry = queued_of(harness.admit(a))
+    assert retry.retry_at_ms > promised.retry_at_ms
+    harness.advance(400)
+    grant_of(harness.admit(b))
