@@ -10,12 +10,15 @@ renews the lease and answers the same grant.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from provisioner.admission.backoff import cooling_ms
 from provisioner.admission.bucket import Charge
 from provisioner.admission.cas import Again, until_settled
 from provisioner.admission.leases import new_lease_id
 from provisioner.admission.place import Place, Stage
 from provisioner.admission.queue import can_remove, enqueue, remove_ticket
+from provisioner.admission.reservations import reservation_of, reserve
 from provisioner.admission.results import Queued, Rejected, Waiter
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
@@ -85,8 +88,24 @@ class Acquisition(ResourceLedger):
             cooling,
             self.ports.uniform,
         )
+        reserved = False
+        for tenant, ticket in verdict.ahead_turns:
+            _, made = reserve(
+                state,
+                tenant,
+                ticket,
+                None,
+                now,
+                now,
+                self.admission.reservation_claim_ms,
+                new_lease_id(self.ports, "v"),
+            )
+            reserved = reserved or made
+        own = reservation_of(state, waiter.tenant, place.ticket, None)
+        if own is not None:
+            queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
         ttl = queued.retry_after_ms + self.admission.waiter_ttl_ms
-        if fresh or verdict.dead:
+        if fresh or verdict.dead or reserved or loaded.moved:
             self.save_gate(loaded)
         renewed = Place(Stage.QUEUED, place.since_ms, 1, place.ticket, None, now + ttl)
         try:

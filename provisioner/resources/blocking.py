@@ -46,6 +46,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 
 from provisioner.admission.blocking import ask_again_ms, retry_at_wait_ms
 from provisioner.admission.queue import Eligible, fair_order, fresh_position
@@ -152,6 +153,8 @@ class Verdict:
     reason: str | None
     ahead: tuple[tuple[str, Costs], ...]
     dead: tuple[tuple[str, int], ...]
+    # The turns (tenant, ticket) the free permits went to, in the order of `ahead`.
+    ahead_turns: tuple[tuple[str, int], ...] = ()
 
 
 def eligibility(budget: Budget) -> Eligible:
@@ -168,12 +171,21 @@ def walk(
     read_cost: ReadCost,
 ) -> Verdict:
     budget = Budget(state, gate, now_ms)
-    turns = []
-    for turn in fair_order(state, eligibility(budget)):
+    # Reserved turns first: their permits are promised (`admission.reservations`).
+    reserved = [
+        (r.tenant, r.ticket)
+        for r in state.reservations
+        if r.ticket is not None and _holds(state, r.tenant, r.ticket)
+    ]
+    turns: list[tuple[str, int]] = []
+    for turn in chain(reserved, fair_order(state, eligibility(budget))):
+        if turn in turns:
+            continue
         turns.append(turn)
         if turn == (tenant, ticket) or len(turns) >= LOOKAHEAD:
             break
     ahead: list[tuple[str, Costs]] = []
+    ahead_turns: list[tuple[str, int]] = []
     dead: list[tuple[str, int]] = []
     skipped_tenants: set[str] = set()
     for turn_tenant, turn_ticket in turns:
@@ -187,19 +199,25 @@ def walk(
         blocked = budget.blocker(turn_tenant, turn_costs)
         if own:
             reason = None if blocked is None else blocked[0]
-            return Verdict(blocked is None, reason, tuple(ahead), tuple(dead))
+            return Verdict(blocked is None, reason, tuple(ahead), tuple(dead), tuple(ahead_turns))
         if blocked is None:
             budget.take(turn_tenant, turn_costs)
             ahead.append((turn_tenant, turn_costs))
+            ahead_turns.append((turn_tenant, turn_ticket))
         elif blocked[1]:
-            return Verdict(False, blocked[0], tuple(ahead), tuple(dead))
+            return Verdict(False, blocked[0], tuple(ahead), tuple(dead), tuple(ahead_turns))
         else:
             skipped_tenants.add(turn_tenant)
     # Not reached: its tenant has no room, or the permits free went to turns ahead that
     # have not asked yet (or the turn lies beyond the lookahead).
     blocked = budget.blocker(tenant, costs)
     reason = blocked[0] if blocked is not None else _first_limit(gate, budget)
-    return Verdict(False, reason, tuple(ahead), tuple(dead))
+    return Verdict(False, reason, tuple(ahead), tuple(dead), tuple(ahead_turns))
+
+
+def _holds(state: ResourceState, tenant: str, ticket: int) -> bool:
+    queue = state.queue_of(tenant)
+    return queue is not None and queue.holds(ticket)
 
 
 def _first_limit(gate: ResourceGate, budget: Budget) -> str:

@@ -9,6 +9,7 @@ import contextlib
 from provisioner.admission.bucket import note_change
 from provisioner.admission.ledger import LoadedDocument
 from provisioner.admission.place import Place
+from provisioner.admission.reservations import pass_over_unclaimed
 from provisioner.admission.results import Waiter
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.ports import Ports, Scope, StorageError
@@ -91,12 +92,16 @@ class ResourceLedger:
         place_entry = storage.get(ACCOUNT, waiter_key(self.gate.name, waiter.tenant, waiter.entity))
         now = self.ports.clock.now_ms()
         state, version = read_state(self.ports, self.gate, now)
+        # Unclaimed reservations pass on (none during a cooldown: nobody could claim them).
+        grace = state.cooldown_until_ms + self.admission.reservation_claim_ms
+        moved = bool(pass_over_unclaimed(state, now, grace))
         return Loaded(
             now_ms=now,
             state=state,
             gate_version=version,
             place=None if place_entry is None else Place.from_bytes(place_entry.value),
             place_version=None if place_entry is None else place_entry.version,
+            moved=moved,
         )
 
     def save_gate(self, loaded: Loaded) -> None:

@@ -9,6 +9,7 @@ from host.services.namespaces import account_namespace
 from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
 from provisioner.admission.state import GATE_KEY, GateState
 from tests.guest.harness import ACCOUNT, Harness, grant_of, queued_of
+from tests.guest.resource_harness import ResourceHarness
 
 # One create per second, four slots: a waiter behind the first grant waits on the rate.
 PACED = AdmissionConfig(create_slots=4, create_rate_per_s=1.0, reservation_claim_ms=3_000)
@@ -111,3 +112,40 @@ def test_a_retry_that_joins_ahead_does_not_take_a_promised_token() -> None:
     assert retry.retry_at_ms > promised.retry_at_ms
     harness.advance(400)
     grant_of(harness.admit(b))
+
+
+# -- the same reservations at a resource gate (one fair queue for every gate)
+
+SLOTS = {
+    "resource": "llm",
+    "resource.llm.concurrency": "1",
+    "resource.llm.lease_s": "600",
+    "reservation_claim_ms": "3000",
+}
+
+
+def resource_params(outcome: object, action: str) -> dict[str, object]:
+    assert getattr(outcome, "action", None) == action, outcome
+    params: dict[str, object] = outcome.params  # type: ignore[attr-defined]
+    return params
+
+
+def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes_on() -> None:
+    # Catches: a resource gate whose freed permit the first caller takes (not the head),
+    # or that waits forever for a head that went away.
+    gates = ResourceHarness(SLOTS)
+    resource_params(gates.acquire("acme", "a"), "ResourceGranted")
+    resource_params(gates.acquire("acme", "b"), "ResourceQueued")
+    resource_params(gates.acquire("acme", "c"), "ResourceQueued")
+    gates.release("acme", "a")
+    # c asks first: the permit is b's.
+    behind = resource_params(gates.acquire("acme", "c"), "ResourceQueued")
+    assert behind["reservation"] == ""
+    assert int(str(behind["retry_at_ms"])) > gates.clock.now_ms()
+    head = resource_params(gates.acquire("acme", "b"), "ResourceGranted")
+    gates.release("acme", "b")
+    # Now c is the head; d behind it asks, and c never comes back.
+    resource_params(gates.acquire("acme", "d"), "ResourceQueued")
+    gates.advance(3_001)
+    resource_params(gates.acquire("acme", "d"), "ResourceGranted")
+    assert head["lease_id"]
