@@ -482,9 +482,13 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
         }
         if any(permits.values()):
             violations.append(f"permits left in the gate: {permits}")
+        if gate.orphaned_reservations:
+            violations.append(f"reservations for no waiting turn: {gate.orphaned_reservations}")
         # Tickets left by hosts killed mid-decision: reported, not a violation (they hold
-        # nothing, and the next decision that meets one drops it).
+        # nothing, and the next decision that meets one drops it); so are the permits
+        # promised to them, which pass on at their claim deadline.
         permits["dead_tickets"] = len(gate.dead_tickets)
+        permits["reservations"] = len(gate.reservations)
 
     kills = [f for f in soak.faults if f.kind.startswith("kill_")]
     return {

@@ -180,6 +180,18 @@ class WaiterView:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservationView:
+    """A permit promised to one waiting turn: `ticket` for a fresh ticket, `entity` for a
+    retry; claimable from `at_ms`, passed on after `by_ms`."""
+
+    tenant: str
+    ticket: int | None
+    entity: str | None
+    at_ms: int
+    by_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class GateView:
     """Everything admission control holds for one account, as of `now_ms`.
     `version` is the gate document's storage version (None: never written)."""
@@ -196,6 +208,7 @@ class GateView:
     create_latency_ms: int | None
     hold_ms: int | None
     grants: int
+    reservations: tuple[ReservationView, ...] = ()
 
     @property
     def permits_held(self) -> int:
@@ -211,6 +224,15 @@ class GateView:
         """The waiters still expected back; the others hold no sandbox, slot or place
         for anyone, and decisions drop them as they meet them."""
         return tuple(w for w in self.waiters if w.alive)
+
+    @property
+    def orphaned_reservations(self) -> tuple[ReservationView, ...]:
+        """Reservations whose turn is not waiting: none should exist (a turn that leaves
+        the queue, however it leaves, takes its reservation with it)."""
+        turns = {
+            (w.tenant, w.ticket, None if w.ticket is not None else w.entity) for w in self.waiters
+        }
+        return tuple(r for r in self.reservations if (r.tenant, r.ticket, r.entity) not in turns)
 
     @property
     def dead_tickets(self) -> tuple[WaiterView, ...]:
@@ -277,6 +299,10 @@ def inspect_gates(
         create_latency_ms=state.latency_ms,
         hold_ms=state.hold_ms,
         grants=state.grants,
+        reservations=tuple(
+            ReservationView(r.tenant, r.ticket, r.entity, r.at_ms, r.by_ms)
+            for r in state.reservations
+        ),
     )
 
 
