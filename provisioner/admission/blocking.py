@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import chain
 
 from provisioner.admission import budget
 from provisioner.admission.backoff import cooling_ms
@@ -129,14 +130,19 @@ def schedule(
     limit = config.max_sandboxes_per_tenant
     chosen: list[Turn] = []
     retrying = {(e.tenant, e.entity) for e in state.retries}
-    candidates: list[Turn] = [
+    reserved = [
         turn
         for turn in reserved_turns(state)
         if (turn.tenant, turn.entity) in retrying
         or (turn.ticket is not None and _holds(state, turn.tenant, turn.ticket))
     ]
-    candidates += [Turn(e.tenant, e.entity) for e in ready_retries(state, config, eligible)]
-    candidates += [Turn(t, ticket=n) for t, n in fair_order(state, eligible)]
+    # Lazily: the walk stops at the first turns the permits run out on, whatever the
+    # number of waiters behind them.
+    candidates = chain(
+        reserved,
+        (Turn(e.tenant, e.entity) for e in ready_retries(state, config, eligible)),
+        (Turn(t, ticket=n) for t, n in fair_order(state, eligible)),
+    )
     for turn in candidates:
         if len(chosen) >= permits.slots:
             break
