@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from provisioner.admission.bucket import Bucket
 from provisioner.admission.state import GateState
 from provisioner.config import AdmissionConfig
 
@@ -16,25 +17,25 @@ def slots_free(state: GateState, config: AdmissionConfig) -> int:
     return max(0, config.create_slots - slots_in_use(state))
 
 
-# Rate: GCRA. `rate_tat_ms` is when the next create would be due if creates ran exactly at
-# the rate; a create is allowed while it is at most `burst - 1` intervals in the future.
+# Rate: the account's create rate is a GCRA bucket (`bucket.Bucket`) of one token per
+# create; `rate_tat_ms` is its clock.
+
+
+def create_bucket(config: AdmissionConfig) -> Bucket:
+    return Bucket(config.rate_interval_ms, config.create_burst)
 
 
 def rate_available(state: GateState, config: AdmissionConfig, now_ms: int) -> int:
-    interval = config.rate_interval_ms
-    ahead = max(state.rate_tat_ms, now_ms) - now_ms
-    return max(0, math.floor((config.create_burst * interval - ahead) / interval + 1e-9))
+    return max(0, math.floor(create_bucket(config).level(state.rate_tat_ms, now_ms) + 1e-9))
 
 
 def rate_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, nth: int) -> int:
     """How long until the nth create from now is allowed by the rate."""
-    interval = config.rate_interval_ms
-    due = max(state.rate_tat_ms, now_ms) + (nth - config.create_burst) * interval
-    return max(0, math.ceil(due - now_ms))
+    return create_bucket(config).wait_ms(state.rate_tat_ms, now_ms, nth)
 
 
 def take_rate(state: GateState, config: AdmissionConfig, now_ms: int) -> None:
-    state.rate_tat_ms = max(state.rate_tat_ms, float(now_ms)) + config.rate_interval_ms
+    state.rate_tat_ms = create_bucket(config).charge(state.rate_tat_ms, now_ms, 1)
 
 
 def rate_in_use(state: GateState, config: AdmissionConfig, now_ms: int) -> int:
