@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -82,14 +83,19 @@ class HeldRequest:
     def __init__(self, position: int) -> None:
         self.position = position
         self.woken = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def wake(self) -> None:
+        """Safe from any thread or a signal handler: the set runs on the request's loop."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.woken.set)
 
     async def sleep_until(self, deadline_s: float) -> None:
         """Until `deadline_s` (loop time), or earlier when woken."""
-        delay = deadline_s - asyncio.get_running_loop().time()
-        if delay <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.woken.wait(), delay)
+        delay = deadline_s - self.loop.time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.woken.wait(), delay)
         self.woken.clear()
 
 
@@ -100,39 +106,41 @@ class Holds:
         self.max_held = max(0, max_held)
         self.draining = False
         self._held: set[HeldRequest] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Reentrant: drain() may run in a signal handler on a thread inside enter().
+        self._lock = threading.RLock()
 
     @property
     def count(self) -> int:
-        return len(self._held)
+        with self._lock:
+            return len(self._held)
 
     def enter(self, position: int) -> HeldRequest | None:
         """A place for one more held request, or None (full, or draining)."""
-        if self.draining or len(self._held) >= self.max_held:
-            return None
-        self._loop = asyncio.get_running_loop()
-        held = HeldRequest(position)
-        self._held.add(held)
-        return held
+        with self._lock:
+            if self.draining or len(self._held) >= self.max_held:
+                return None
+            held = HeldRequest(position)
+            self._held.add(held)
+            return held
 
     def leave(self, held: HeldRequest) -> None:
-        self._held.discard(held)
+        with self._lock:
+            self._held.discard(held)
 
     def wake_nearest(self, count: int) -> None:
-        """Wake the `count` held requests nearest the head of the queue (event loop)."""
-        for held in sorted(self._held, key=lambda h: h.position)[: max(0, count)]:
-            held.woken.set()
+        """Wake the `count` held requests nearest the head of the queue."""
+        with self._lock:
+            nearest = sorted(self._held, key=lambda h: h.position)[: max(0, count)]
+        for held in nearest:
+            held.wake()
 
     def drain(self) -> None:
-        """Answer every held request at once; safe from a signal handler or a thread."""
+        """Answer every held request at once (from a signal handler, too)."""
         self.draining = True
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake_all)
-
-    def _wake_all(self) -> None:
-        for held in self._held:
-            held.woken.set()
+        with self._lock:
+            held = list(self._held)
+        for request in held:
+            request.wake()
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,7 +235,11 @@ class WakeupStore:
         now = self.now_ms()
         found = self._get(wakeup_id)
         if found is None:
-            self._forget(wakeup_id, None)
+            # Its sender finished it, or its schedule is writing it (index first): only an
+            # entry past the documents' lifetime is stale.
+            due_at = self.pending().get(wakeup_id)
+            if due_at is not None and due_at + KEEP_AFTER_DUE_MS < now:
+                self._forget(wakeup_id, due_at)
             return None
         wakeup, version = found
         if wakeup.at_ms > now or wakeup.claimed_until_ms > now:
