@@ -224,3 +224,27 @@ def test_a_release_in_this_process_wakes_a_held_request_to_ask_again_early() -> 
     assert not thread.is_alive()
     assert answers[0].json()["action"] == SANDBOX_READY
     assert component.count("job-1") == 2
+
+
+def test_with_push_a_turn_past_the_window_is_answered_and_its_wake_up_stored() -> None:
+    # Catches: a push-mode answer that stores no wake-up (the entity then waits for its
+    # poll timer), or one stored for the wrong time or reservation.
+    from host.serve.wakeups import WakeupStore
+    from host.storage.memory import MemoryBackend
+
+    turn: dict[str, int] = {}
+
+    def far() -> Outcome:
+        outcome = queued(50_000)
+        outcome.params["reservation"] = "r-9"
+        turn["at"] = outcome.params["retry_at_ms"]
+        return outcome
+
+    component = ScriptedComponent({"job-1": [far]})
+    http = paced(component, hold_ms=1_000)
+    store = WakeupStore(MemoryBackend())
+    http.pace.settings = PaceSettings(hold_ms=1_000, push=True)
+    http.pace.wakeups = store
+    response = http.post("/v1/invocations", json=context(), headers=AUTH)
+    assert response.json()["action"] == SANDBOX_QUEUED and component.count("job-1") == 1
+    assert list(store.pending().values()) == [turn["at"]]
