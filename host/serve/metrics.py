@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from host.serve.wakeups import RESULTS as WAKEUP_RESULTS
 from host.services.http_gateway import Exchange
 from provisioner.admission import CapacityExhausted
 from provisioner.e2b import classify_failure
@@ -203,6 +204,8 @@ class ServeMetrics:
             ["result"],
             registry=self.registry,
         )
+        for result in WAKEUP_RESULTS:  # exported at 0, not missing, before the first
+            self.wakeups.labels(result=result)
         if held_requests is not None:
             held = Gauge(
                 f"{PREFIX}_held_requests",
