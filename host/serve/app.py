@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from host.runtime.temper_context import MAX_CONTEXT_BYTES, InvalidContext, parse_context
 from host.serve.hold import PACE_CONFIG_KEYS, InvalidHoldConfig
 from host.serve.metrics import CONTENT_TYPE, ServeMetrics
+from host.serve.pace import AnswerAndWake
 from host.serve.pacing import ServePace
 from host.serve.pool import InvocationPool
 from host.serve.results import temper_result
@@ -135,7 +136,7 @@ def create_app(state: ServeState) -> ASGIApp:
         invocation = prepare(context, state.e2b_url)
         started = time.monotonic()
         try:
-            window_ms = state.pace.window_ms(dict(context.config)) if state.pace else 0
+            hold_until = state.pace.hold_until_ms(dict(context.config)) if state.pace else 0
         except InvalidHoldConfig as invalid:
             return JSONResponse(
                 temper_result(failed(Failure("invalid_config", str(invalid), False)))
@@ -166,10 +167,14 @@ def create_app(state: ServeState) -> ASGIApp:
                 f"all {state.pool.workers} workers are busy",
                 **{"Retry-After": str(state.retry_after_s)},
             )
-        calls, held_s = 1, 0.0
+        calls, held_s, wake_at_ms = 1, 0.0, None
         if state.pace is not None:
-            answer = await state.pace.settle(invocation, outcome, call_component, window_ms)
+            answer = await state.pace.settle(
+                invocation, outcome, call_component, hold_until, request.is_disconnected
+            )
             outcome, calls, held_s = answer.outcome, answer.calls, answer.held_s
+            if isinstance(answer.step, AnswerAndWake):
+                wake_at_ms = answer.step.at_ms
         result = temper_result(outcome)
         failure = outcome.error
         state.log(
@@ -185,6 +190,7 @@ def create_app(state: ServeState) -> ASGIApp:
                 "duration_ms": round((time.monotonic() - started) * 1000, 1),
                 "component_calls": calls,
                 "held_ms": round(held_s * 1000, 1),
+                "wake_at_ms": wake_at_ms,
                 "trace_id": invocation.trace_id,
             }
         )

@@ -167,33 +167,38 @@ def final_step(outcome: Outcome, now_ms: int, push: bool) -> Answer | AnswerAndW
     return step if isinstance(step, Answer | AnswerAndWake) else Answer()
 
 
+def hold_until_ms(arrived_ms: int, window_ms: int) -> int:
+    """The latest turn a request that arrived at `arrived_ms` may be held for."""
+    return arrived_ms + window_ms if window_ms > 0 else NO_HOLD
+
+
 async def answer_held(
     first: Outcome,
     ask_again: Callable[[], Awaitable[Outcome | None]],
     *,
     holds: Holds,
-    window_ms: int,
+    hold_until: int,
     push: bool,
     now_ms: Callable[[], int],
+    client_gone: Callable[[], Awaitable[bool]] | None = None,
 ) -> HeldAnswer:
-    """Hold the request while `pace.next_step` says to ask again within `window_ms` of now;
-    `ask_again` calls the component (None: no worker was free)."""
+    """Hold the request while `pace.next_step` says to ask again by `hold_until` (counted
+    from the request's arrival: Temper's deadline is); `ask_again` calls the component
+    (None: no worker was free). A client that went away is asked for nothing more."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    start_ms = now_ms()
-    hold_until = start_ms + window_ms if window_ms > 0 else NO_HOLD
     outcome, calls = first, 1
-    step = next_step(outcome, start_ms, hold_until, push)
+    step = next_step(outcome, now_ms(), hold_until, push)
     held = holds.enter(queue_position(outcome)) if isinstance(step, AskAgainAt) else None
     if held is None:
-        return HeldAnswer(outcome, final_step(outcome, start_ms, push), calls, 0.0)
+        return HeldAnswer(outcome, final_step(outcome, now_ms(), push), calls, 0.0)
     try:
         last_ask_s = loop.time()
         while isinstance(step, AskAgainAt) and not holds.draining:
             # The component's clock (the storage's) gives the turn; the loop's clock waits.
             at_s = loop.time() + (step.at_ms - now_ms()) / 1000
             await held.sleep_until(max(at_s, last_ask_s + MIN_ASK_INTERVAL_MS / 1000))
-            if holds.draining:
+            if holds.draining or (client_gone is not None and await client_gone()):
                 break
             fresh = await ask_again()
             last_ask_s = loop.time()
@@ -226,5 +231,6 @@ __all__ = [
     "answer_held",
     "final_step",
     "frees_a_permit",
+    "hold_until_ms",
     "hold_window_ms",
 ]

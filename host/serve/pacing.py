@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from host.serve.hold import HeldAnswer, Holds, answer_held, frees_a_permit, hold_window_ms
+from host.serve.hold import (
+    HeldAnswer,
+    Holds,
+    answer_held,
+    frees_a_permit,
+    hold_until_ms,
+    hold_window_ms,
+)
 from host.serve.pace import AnswerAndWake, PaceSettings
 from host.serve.wakeups import NOT_STORED, WakeupSender, WakeupStore, new_wakeup
 from host.storage.base import StorageError
@@ -50,16 +57,18 @@ class ServePace:
     def __post_init__(self) -> None:
         self.holds = Holds(self.settings.max_held)
 
-    def window_ms(self, config: Mapping[str, str]) -> int:
-        """Raises InvalidHoldConfig for a malformed `hold_ms`."""
-        return hold_window_ms(config, self.settings.hold_ms)
+    def hold_until_ms(self, config: Mapping[str, str]) -> int:
+        """For a request arriving now with this integration config: the latest turn it may
+        be held for. Raises InvalidHoldConfig for a malformed `hold_ms`."""
+        return hold_until_ms(self.now_ms(), hold_window_ms(config, self.settings.hold_ms))
 
     async def settle(
         self,
         invocation: Invocation,
         first: Outcome,
         ask_again: Callable[[], Awaitable[Outcome | None]],
-        window_ms: int,
+        hold_until: int,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> HeldAnswer:
         """The answer to one invocation whose component answered `first`."""
         if frees_a_permit(first):
@@ -68,9 +77,10 @@ class ServePace:
             first,
             ask_again,
             holds=self.holds,
-            window_ms=window_ms,
+            hold_until=hold_until,
             push=self.settings.push and self.wakeups is not None,
             now_ms=self.now_ms,
+            client_gone=client_gone,
         )
         if answer.calls > 1 and frees_a_permit(answer.outcome):
             self.holds.wake_nearest(self.wake_count)

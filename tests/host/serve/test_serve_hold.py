@@ -3,6 +3,7 @@ again at the waiter's turn, within the window, the bound and the drain."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +13,15 @@ import pytest
 from starlette.testclient import TestClient
 
 from host.serve import InvocationPool, ServeState, create_app
-from host.serve.hold import DEADLINE_MARGIN_MS, InvalidHoldConfig, hold_window_ms
+from host.serve.hold import (
+    DEADLINE_MARGIN_MS,
+    HeldAnswer,
+    Holds,
+    InvalidHoldConfig,
+    answer_held,
+    hold_until_ms,
+    hold_window_ms,
+)
 from host.serve.metrics import ServeMetrics
 from host.serve.pace import PaceSettings
 from host.serve.pacing import ServePace
@@ -248,3 +257,30 @@ def test_with_push_a_turn_past_the_window_is_answered_and_its_wake_up_stored() -
     response = http.post("/v1/invocations", json=context(), headers=AUTH)
     assert response.json()["action"] == SANDBOX_QUEUED and component.count("job-1") == 1
     assert list(store.pending().values()) == [turn["at"]]
+
+
+def test_a_held_request_whose_client_went_away_asks_the_component_nothing_more() -> None:
+    # Catches: a hold that goes on asking (and may be granted a sandbox) for a caller
+    # Temper already gave up on.
+    asked: list[int] = []
+
+    async def ask_again() -> Outcome:
+        asked.append(1)
+        return Outcome(SANDBOX_READY)
+
+    async def gone() -> bool:
+        return True
+
+    async def held() -> HeldAnswer:
+        return await answer_held(
+            queued(20),
+            ask_again,
+            holds=Holds(4),
+            hold_until=hold_until_ms(now_ms(), 60_000),
+            push=False,
+            now_ms=now_ms,
+            client_gone=gone,
+        )
+
+    answer = asyncio.run(held())
+    assert asked == [] and answer.outcome.action == SANDBOX_QUEUED and answer.calls == 1
