@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from tests.conftest import API_KEY
 from tests.host.mock_e2b.fixtures import running_mock
 from tests.host.serve.fake_temper import FakeTemper
 from tests.host.serve.serve_process import invocation_events, serve_process
+from tests.host.serve.test_serve_hold_component import context
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
@@ -63,14 +63,6 @@ def test_a_real_serve_holds_a_queued_request_and_answers_the_grant_after_a_relea
 ) -> None:
     # Catches, under uvicorn: a held request answered at once, or one that never asks
     # again after the only sandbox is released.
-    def context(entity_id: str, operation: str) -> dict[str, Any]:
-        return {
-            "tenant": "acme",
-            "entity_type": "CurationJob",
-            "entity_id": entity_id,
-            "integration_config": {"operation": operation, "max_sandboxes": "1"},
-        }
-
     held = "sandbox_provisioner_held_requests 1.0"
     with (
         running_mock(api_key=API_KEY) as mock,
