@@ -410,6 +410,8 @@ class WakeupSender:
                     wait_s = min(POLL_INTERVAL_S, (next_due - now) / 1000)
             except StorageError as error:
                 LOG.warning(json.dumps({"event": "wakeup_storage", "error": str(error)[:200]}))
+            except Exception:  # a bad stored document must not end the sender for good
+                LOG.exception("wake-up sender pass failed")
             self.kick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.kick.wait(), max(wait_s, 0.01))
