@@ -28,6 +28,9 @@ from host.storage.base import StorageError
 from provisioner.model import Invocation, Outcome
 
 LOG = logging.getLogger("sandbox_provisioner.serve.pace")
+# A wake-up is sent at least this long after its answer: one sent sooner could reach
+# Temper before the answer put the entity in its queued state, and be refused (409).
+WAKE_AFTER_ANSWER_MS = 250
 
 
 class OffsetClock:
@@ -98,7 +101,7 @@ class ServePace:
             invocation.tenant,
             invocation.entity_type,
             invocation.entity_id,
-            step.at_ms,
+            max(step.at_ms, self.now_ms() + WAKE_AFTER_ANSWER_MS),
             step.reservation,
         )
         try:
@@ -127,4 +130,4 @@ class ServePace:
                     await task
 
 
-__all__ = ["OffsetClock", "ServePace"]
+__all__ = ["WAKE_AFTER_ANSWER_MS", "OffsetClock", "ServePace"]

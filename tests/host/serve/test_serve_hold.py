@@ -284,3 +284,23 @@ def test_a_held_request_whose_client_went_away_asks_the_component_nothing_more()
 
     answer = asyncio.run(held())
     assert asked == [] and answer.outcome.action == SANDBOX_QUEUED and answer.calls == 1
+
+
+def test_a_wake_up_for_a_turn_due_now_is_sent_after_the_answer_can_arrive() -> None:
+    # Catches: a wake-up sent before Temper has applied the queued answer (the entity is
+    # not yet in its queued state: 409, and the wake-up is lost to the poll timer).
+    from host.serve.pacing import WAKE_AFTER_ANSWER_MS
+    from host.serve.wakeups import WakeupStore
+    from host.storage.memory import MemoryBackend
+
+    component = ScriptedComponent({"job-1": [lambda: queued(0)]})
+    http = paced(component, max_held=0)  # nothing may be held: answered at once
+    store = WakeupStore(MemoryBackend())
+    http.pace.settings = PaceSettings(hold_ms=1_000, max_held=0, push=True)
+    http.pace.wakeups = store
+    before = now_ms()
+    assert http.post("/v1/invocations", json=context(), headers=AUTH).json()["action"] == (
+        SANDBOX_QUEUED
+    )
+    [at] = store.pending().values()
+    assert at >= before + WAKE_AFTER_ANSWER_MS
