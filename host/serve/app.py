@@ -31,11 +31,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from host.runtime.temper_context import MAX_CONTEXT_BYTES, InvalidContext, parse_context
+from host.serve.hold import PACE_CONFIG_KEYS, InvalidHoldConfig
 from host.serve.metrics import CONTENT_TYPE, ServeMetrics
+from host.serve.pace import AnswerAndWake
+from host.serve.pacing import ServePace
 from host.serve.pool import InvocationPool
 from host.serve.results import temper_result
 from provisioner.admission import AdmissionConfig
-from provisioner.model import Invocation, Outcome, ProvisionerError
+from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, failed
 
 LOG = logging.getLogger("sandbox_provisioner.serve")
 # Config keys that address the service itself: the shim's, not the component's.
@@ -57,6 +60,8 @@ class ServeState:
     # The admission settings of the latest invocation (the gates' limits depend on the
     # integration config); None until one arrives. Read by the metrics' gate collector.
     admission_config: AdmissionConfig | None = None
+    # Held answers and wake-ups (host/serve/pacing.py); None: every answer at once.
+    pace: ServePace | None = None
     log: Callable[[dict[str, Any]], None] = field(
         default=lambda line: LOG.info(json.dumps(line, sort_keys=True))
     )
@@ -76,9 +81,11 @@ def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse
 
 
 def prepare(invocation: Invocation, e2b_url: str) -> Invocation:
-    """Drop the shim's own keys (the token must not reach the component) and point the
-    guest at the host's E2B URL unless the context names one (as `invoke` does)."""
-    config = tuple((k, v) for k, v in invocation.config if k not in SHIM_CONFIG_KEYS)
+    """Drop the shim's and the service's own keys (the token must not reach the component)
+    and point the guest at the host's E2B URL unless the context names one (as `invoke`
+    does)."""
+    own = SHIM_CONFIG_KEYS | PACE_CONFIG_KEYS
+    config = tuple((k, v) for k, v in invocation.config if k not in own)
     if not any(key == "e2b_api_url" for key, _ in config):
         config = (*config, ("e2b_api_url", e2b_url))
     return replace(invocation, config=config)
@@ -121,12 +128,19 @@ def create_app(state: ServeState) -> ASGIApp:
         if len(body) > MAX_CONTEXT_BYTES:
             return _error(413, "too_large", f"the context is larger than {MAX_CONTEXT_BYTES} bytes")
         try:
-            invocation = prepare(parse_context(body.decode("utf-8")), state.e2b_url)
+            context = parse_context(body.decode("utf-8"))
         except UnicodeDecodeError:
             return _error(400, "invalid_context", "the context is not UTF-8")
         except InvalidContext as invalid:
             return _error(400, "invalid_context", str(invalid))
+        invocation = prepare(context, state.e2b_url)
         started = time.monotonic()
+        try:
+            hold_until = state.pace.hold_until_ms(dict(context.config)) if state.pace else 0
+        except InvalidHoldConfig as invalid:
+            return JSONResponse(
+                temper_result(failed(Failure("invalid_config", str(invalid), False)))
+            )
         remember_admission_config(state, invocation)
 
         def run() -> tuple[Outcome, float]:
@@ -134,8 +148,17 @@ def create_app(state: ServeState) -> ASGIApp:
             outcome = state.invoke(invocation)
             return outcome, time.monotonic() - begun
 
-        future = state.pool.try_submit(run)
-        if future is None:
+        async def call_component() -> Outcome | None:
+            future = state.pool.try_submit(run)
+            if future is None:
+                return None
+            outcome, seconds = await asyncio.wrap_future(future)
+            if state.metrics is not None:
+                state.metrics.observe_invocation(outcome, seconds)
+            return outcome
+
+        outcome = await call_component()
+        if outcome is None:
             if state.metrics is not None:
                 state.metrics.observe_saturated()
             return _error(
@@ -144,9 +167,14 @@ def create_app(state: ServeState) -> ASGIApp:
                 f"all {state.pool.workers} workers are busy",
                 **{"Retry-After": str(state.retry_after_s)},
             )
-        outcome, seconds = await asyncio.wrap_future(future)
-        if state.metrics is not None:
-            state.metrics.observe_invocation(outcome, seconds)
+        calls, held_s, wake_at_ms = 1, 0.0, None
+        if state.pace is not None:
+            answer = await state.pace.settle(
+                invocation, outcome, call_component, hold_until, request.is_disconnected
+            )
+            outcome, calls, held_s = answer.outcome, answer.calls, answer.held_s
+            if isinstance(answer.step, AnswerAndWake):
+                wake_at_ms = answer.step.at_ms
         result = temper_result(outcome)
         failure = outcome.error
         state.log(
@@ -160,6 +188,9 @@ def create_app(state: ServeState) -> ASGIApp:
                 "success": outcome.success,
                 "reason": outcome.params.get("reason") or (failure.code if failure else None),
                 "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "component_calls": calls,
+                "held_ms": round(held_s * 1000, 1),
+                "wake_at_ms": wake_at_ms,
                 "trace_id": invocation.trace_id,
             }
         )
@@ -173,12 +204,13 @@ def create_app(state: ServeState) -> ASGIApp:
         return Response(body, headers={"Content-Type": CONTENT_TYPE})
 
     app = Starlette(
+        lifespan=(lambda _app: state.pace.running()) if state.pace is not None else None,
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/invocations", invocations, methods=["POST"]),
-        ]
+        ],
     )
     return BearerTokenGate(app, state.token)
 

@@ -25,6 +25,7 @@ from host.operator.gates import read_gates
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
 from host.serve.invoker import open_invoker_from
 from host.serve.metrics import ServeMetrics
+from host.serve.pace_options import add_pace_arguments, pace_from_args
 from host.serve.pool import InvocationPool
 
 TOKEN_ENV = "SANDBOX_PROVISIONER_TOKEN"
@@ -61,6 +62,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="Retry-After of a 503 when every worker is busy (default 1)",
     )
+    add_pace_arguments(parser)
     add_runtime_options(parser)
 
 
@@ -102,6 +104,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.state.draining = True
+        if self.state.pace is not None:
+            self.state.pace.holds.drain()
         if sig == signal.SIGTERM:
             self.should_exit = True
             return
@@ -148,10 +152,16 @@ def run_serve(args: argparse.Namespace) -> int:
                 storage_probe=lambda: (storage.get(READINESS_NAMESPACE, READINESS_KEY), None)[1],
                 retry_after_s=max(0, args.retry_after),
             )
+            state.pace = pace_from_args(args, storage, workers=args.workers)
             state.metrics = ServeMetrics(
                 read_gates=lambda: read_gates(storage, args.account, state.admission_config),
                 workers_busy=lambda: pool.busy,
+                held_requests=lambda: state.pace.holds.count if state.pace else 0,
             )
+            state.pace.observe_hold = state.metrics.observe_hold
+            state.pace.observe_wakeup = state.metrics.observe_wakeup
+            if state.pace.sender is not None:
+                state.pace.sender.observe = state.metrics.observe_wakeup
             invoker.observe(state.metrics.observe_exchange)
             config = uvicorn.Config(
                 create_app(state),
@@ -160,7 +170,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=DRAIN_SECONDS,
-                lifespan="off",
+                lifespan="on",  # the wake-up sender (host/serve/pacing.py)
             )
             DrainingServer(config, state).run()
             pool.shutdown()

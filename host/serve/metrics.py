@@ -29,12 +29,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from host.serve.wakeups import RESULTS as WAKEUP_RESULTS
 from host.services.http_gateway import Exchange
 from provisioner.admission import CapacityExhausted
 from provisioner.e2b import classify_failure
 from provisioner.model import Outcome
 
 if TYPE_CHECKING:
+    from host.serve.hold import HeldAnswer
     from provisioner.admission.inspect import GateView
 
 PREFIX = "sandbox_provisioner"
@@ -45,6 +47,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # The reasons a waiter can be held by (SandboxQueued `reason`), always exported so a
 # drained queue reads 0 rather than vanishing.
 WAIT_REASONS = ("create_slots", "rate", "capacity", "backoff", "storage")
+# A held request: from one ask again a few milliseconds on to the whole window.
+HOLD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 110.0)
 KIND_RATE_LIMIT = "rate_limit"
 KIND_SANDBOX_CAP = "sandbox_cap"
 
@@ -140,6 +144,7 @@ class ServeMetrics:
         *,
         read_gates: Callable[[], GateView] | None = None,
         workers_busy: Callable[[], int] | None = None,
+        held_requests: Callable[[], int] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
@@ -181,6 +186,33 @@ class ServeMetrics:
         )
         for kind in (KIND_RATE_LIMIT, KIND_SANDBOX_CAP):
             self.e2b_429.labels(kind=kind)
+        self.hold_seconds = Histogram(
+            f"{PREFIX}_hold_seconds",
+            "Time a queued invocation was held before its answer (held answers only)",
+            buckets=HOLD_BUCKETS,
+            registry=self.registry,
+        )
+        self.grants_after_hold = Counter(
+            f"{PREFIX}_grants_after_hold",
+            "Held invocations answered with the component's grant instead of SandboxQueued",
+            registry=self.registry,
+        )
+        self.wakeups = Counter(
+            f"{PREFIX}_wakeups",
+            "Wake-ups by result: sent, moved_on (409), denied (401/403), retried and "
+            "unavailable (503), unreachable, rejected (other status), no_credential, not_stored",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in WAKEUP_RESULTS:  # exported at 0, not missing, before the first
+            self.wakeups.labels(result=result)
+        if held_requests is not None:
+            held = Gauge(
+                f"{PREFIX}_held_requests",
+                "Invocations held open now, waiting to ask the component again",
+                registry=self.registry,
+            )
+            held.set_function(lambda: float(held_requests()))
         if workers_busy is not None:
             busy = Gauge(
                 f"{PREFIX}_workers_busy",
@@ -194,6 +226,14 @@ class ServeMetrics:
     def observe_invocation(self, outcome: Outcome, seconds: float) -> None:
         self.invocations.labels(action=outcome.action, reason=outcome_reason(outcome)).inc()
         self.decision_seconds.labels(action=outcome.action).observe(seconds)
+
+    def observe_hold(self, answer: HeldAnswer) -> None:
+        self.hold_seconds.observe(answer.held_s)
+        if answer.granted_after_hold:
+            self.grants_after_hold.inc()
+
+    def observe_wakeup(self, result: str) -> None:
+        self.wakeups.labels(result=result).inc()
 
     def observe_saturated(self) -> None:
         self.saturated.inc()

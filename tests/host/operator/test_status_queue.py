@@ -57,8 +57,14 @@ def test_status_and_metrics_show_ten_waiters_while_queued_and_nothing_once_drain
     storage = sqlite_url(tmp_path / "s.db")
     with (
         running_mock(api_key=API_KEY, create_latency_ms=HOLD_MS) as mock,
+        # Poll only: each waiter's queued answer comes back at once (a held answer would
+        # ask the component again meanwhile, and count those answers too).
         serve_process(
-            e2b_url=mock.url, storage=storage, cache_dir=component_cache_dir, workers=4
+            e2b_url=mock.url,
+            storage=storage,
+            cache_dir=component_cache_dir,
+            workers=4,
+            extra=["--hold-ms", "0"],
         ) as serve,
         serve.client() as http,
     ):

@@ -119,9 +119,7 @@ def test_sigterm_under_load_exits_zero_and_leaves_no_create_slot_held(
         record, mock, serve = run.record, run.mock, run.serve
         load = threading.Thread(target=run.send_jobs)
         load.start()
-        mock.wait_for(
-            lambda s: s.sandboxes_created >= 3 and s.creates_in_flight >= 1, timeout=300
-        )
+        mock.wait_for(lambda s: s.sandboxes_created >= 3 and s.creates_in_flight >= 1, timeout=300)
         signalled = time.monotonic()
         serve.process.send_signal(signal.SIGTERM)
         code = serve.process.wait(timeout=INVOCATION_DEADLINE_S + 30)
