@@ -198,11 +198,11 @@ class VirtualScenario:
     wake_fault: str | None = None
 
     def limits(self) -> Limits:
-        """E2B's limits as the fake enforces them (its limiter has no burst)."""
+        """E2B's limits as the fake enforces them."""
         e2b = self.e2b
         return Limits(
             create_slots=e2b.create_slots or self.admission.create_slots,
-            create_rate_per_s=e2b.rate_per_s, create_burst=1,
+            create_rate_per_s=e2b.rate_per_s, create_burst=max(1, e2b.rate_burst),
             max_sandboxes=e2b.sandbox_cap, create_latency_s=e2b.create_latency_ms / 1000)
 
     @property

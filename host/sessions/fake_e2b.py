@@ -36,6 +36,8 @@ class FakeE2BConfig:
     error_latency_ms: int = 100
     # E2B's own route limiter (GCRA per team): a 429 with Retry-After beyond it.
     rate_per_s: float | None = None
+    # Creates the limiter lets through at once (GCRA burst; 1: none).
+    rate_burst: int = 1
     # Create requests E2B serves at once: a 429 past it.
     create_slots: int | None = None
     # The account's concurrent-sandbox cap, shared with `foreign_sandboxes` of others.
@@ -76,7 +78,7 @@ class FakeE2B:
                 return self._answer("429_storm", RateLimited(storm.end_ms - rel))
         if config.rate_per_s is not None:
             interval = 1000.0 / config.rate_per_s
-            if self._tat - rel > 0:
+            if self._tat - rel > (max(1, config.rate_burst) - 1) * interval:
                 return self._answer("429_rate", RateLimited(math.ceil(self._tat - rel)))
             self._tat = max(self._tat, float(rel)) + interval
         if config.sandbox_cap is not None and (
