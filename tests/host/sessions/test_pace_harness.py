@@ -139,16 +139,7 @@ def queued_entity(executor: Executor, loop: VirtualLoop) -> Entity:
     return entity
 
 
-QUEUED = answers.queued(
-    position=1,
-    queue_length=1,
-    in_use=4,
-    limit=4,
-    reason="create_slots",
-    retry_after_ms=60_000,
-    eta_ms=60_000,
-    waited_ms=0,
-)
+QUEUED = answers.queued_for_a_minute()
 
 
 def wake(executor: Executor, **changes: str | None) -> int:

@@ -19,16 +19,7 @@ from host.sessions.temper_api import TemperApiServer
 from provisioner.model import Invocation, Outcome
 from tests.host.sessions import answers
 
-QUEUED = answers.queued(
-    position=1,
-    queue_length=1,
-    in_use=4,
-    limit=4,
-    reason="create_slots",
-    retry_after_ms=60_000,
-    eta_ms=60_000,
-    waited_ms=0,
-)
+QUEUED = answers.queued_for_a_minute()
 
 
 @dataclass
