@@ -1,4 +1,4 @@
-"""Figure 5: serve's pacing (held answers, push wake-ups) against the poll alone, in virtual
+"""Figure 7: serve's pacing (held answers, push wake-ups) against the poll alone, in virtual
 time.
 
 The pace contract's scenario (issue 24), through `host/sessions/detsim.py` with `serve`
@@ -108,7 +108,7 @@ def way_row(jobs: int, way: Way, summary: dict[str, Any], wall_s: float) -> Row:
         targets.append(f"< {WALL_TARGET_S:g} s wall")
         met = bool(met) and wall_s < WALL_TARGET_S
     return Row(
-        "5",
+        "7",
         f"{jobs} jobs, {way.name}",
         f"{summary['makespan_s']:.1f} s vs ideal {summary['ideal_makespan_s']:.1f} s; "
         f"{summary['completed']}/{jobs} done; {per_job} invocations/job; "
@@ -127,7 +127,7 @@ def held_row(waiters: int) -> Row:
     bound = RATE * HOLD_MS / 1000 + SLOTS
     held = summary["max_held_at_once"]
     return Row(
-        "5",
+        "7",
         f"requests held at once, {waiters} waiters",
         f"{held} held at once ({summary['completed']}/{waiters} done, {wall_s:.1f} s wall)",
         f"{held / bound:.1f}x the bound",
@@ -139,14 +139,14 @@ def held_row(waiters: int) -> Row:
 
 def measure(quick: bool) -> list[Row]:
     sizes = (10, 100) if quick else (10, 100, 1000)
-    rows = [Row("5", "load average at start", load_average())]
+    rows = [Row("7", "load average at start", load_average())]
     for jobs in sizes:
         for way in WAYS:
             summary, wall_s = run(jobs, way.poll_s, way.pace)
             rows.append(way_row(jobs, way, summary, wall_s))
     for waiters in (100,) if quick else (100, 1000):
         rows.append(held_row(waiters))
-    rows.append(Row("5", "load average at end", load_average()))
+    rows.append(Row("7", "load average at end", load_average()))
     return rows
 
 
