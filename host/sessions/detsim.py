@@ -21,7 +21,13 @@ from typing import Any
 
 from host.runtime.native import native_ports
 from host.serve.pace import PaceSettings
-from host.sessions.executor import Executor, ExternalAccess, Secrets, no_such_module
+from host.sessions.executor import (
+    Executor,
+    ExternalAccess,
+    Secrets,
+    no_such_module,
+    overlay_config,
+)
 from host.sessions.fake_e2b import START_MS, FakeE2B, FakeE2BConfig
 from host.sessions.model import Job
 from host.sessions.report import Limits, ideal_makespan_s
@@ -29,6 +35,7 @@ from host.sessions.runner import RunResult, RunSettings, SessionRunner, SessionS
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.sessions.spec import Spec, StateTimeout
 from host.sessions.timers import Timer, TimerHeap
+from host.sessions.virtual_guest import GuestProvisioner
 from host.sessions.virtual_serve import WAKE_ACTION, VirtualInvoker, VirtualServe
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, AdmissionController, Created, Grant, Waiter
@@ -46,6 +53,8 @@ from provisioner.model import (
 from provisioner.ports import HttpRequest, HttpResponse
 
 ACCOUNT = "sim-account"
+# The E2B key the guest is configured with; the in-process E2B takes any.
+GUEST_API_KEY = "e2b_simulated_key"
 
 
 class VirtualLoop:
@@ -112,6 +121,14 @@ class NativeProvisioner:
     creating: set[str] = field(default_factory=set)
     # Entity id -> sandboxes created for it (more than one is a duplicate).
     created: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def duplicates(self) -> int:
+        """Sandboxes created beyond one per entity."""
+        return sum(n - 1 for n in self.created.values() if n > 1)
+
+    def close(self) -> None:
+        return None
 
     def _controller(self, tenant: str) -> AdmissionController:
         ports = native_ports(self.backend, tenant=tenant, account=ACCOUNT, http=_NoHttp(),
@@ -196,6 +213,11 @@ class VirtualScenario:
     wake_action: str = WAKE_ACTION
     # A push that fails ("409", "403", "503", "down"): see virtual_serve.py.
     wake_fault: str | None = None
+    # True: the module runs the guest's whole path (virtual_guest.py) with `integration`
+    # laid over each trigger's config (admission, sandbox timeout); False: the admission
+    # logic alone (NativeProvisioner) with `admission`.
+    guest: bool = False
+    integration: tuple[tuple[str, str], ...] = ()
 
     def limits(self) -> Limits:
         """E2B's limits as the fake enforces them."""
@@ -217,7 +239,7 @@ class VirtualRun:
     e2b: FakeE2B
     invocations: int
     end_s: float
-    provisioner: NativeProvisioner
+    provisioner: NativeProvisioner | GuestProvisioner
     serve: VirtualServe
     ideal_s: float
 
@@ -240,8 +262,7 @@ class VirtualRun:
             "throttled": self.e2b.throttled,
             # Every session has ended and released: whatever still runs belongs to nobody.
             "orphaned_sandboxes": len(self.e2b.sandboxes),
-            "duplicate_sandboxes": sum(n - 1 for n in self.provisioner.created.values()
-                                       if n > 1),
+            "duplicate_sandboxes": self.provisioner.duplicates,
             "max_held_at_once": serve.max_holding,
             "reasks": serve.reasks,
             "wake_ups": dict(sorted(serve.wakes.items())),
@@ -278,17 +299,25 @@ def run_virtual(
         spec = with_poll(spec, script, scenario.poll_s)
     clock = VirtualClock(START_MS)
     loop = VirtualLoop(clock)
-    provisioner = NativeProvisioner(
-        loop=loop, admission=scenario.admission,
-        e2b=FakeE2B(scenario.e2b, random.Random(scenario.seed ^ 0x5EED)),
-        backend=MemoryBackend(clock.now_ms), random=SeededRandom(scenario.seed))
+    e2b = FakeE2B(scenario.e2b, random.Random(scenario.seed ^ 0x5EED))
+    backend = MemoryBackend(clock.now_ms)
+    provisioner: NativeProvisioner | GuestProvisioner
+    configure = None
+    secrets = Secrets()
+    if scenario.guest:
+        provisioner = GuestProvisioner(loop, e2b, backend, SeededRandom(scenario.seed))
+        configure = overlay_config(dict(scenario.integration))
+        secrets = Secrets({"e2b_api_key": GUEST_API_KEY})
+    else:
+        provisioner = NativeProvisioner(loop=loop, admission=scenario.admission, e2b=e2b,
+                                        backend=backend, random=SeededRandom(scenario.seed))
     serve = VirtualServe(loop, provisioner, scenario.pace, wake_action=scenario.wake_action,
                          fault=scenario.wake_fault)
     loop.modules = {"sandbox_provisioner": serve, **(modules or {})}
     job_list = list(jobs) if jobs is not None else jobs_for(scenario.jobs, scenario.tenants)
     credentials = {tenant: f"agent-credential-{tenant}"
                    for tenant in sorted({job.tenant for job in job_list})}
-    executor = Executor(spec, loop, run_id="virtual", secrets=Secrets(),
+    executor = Executor(spec, loop, run_id="virtual", secrets=secrets, configure=configure,
                         timer_seconds=timer_scale(script, scenario.sim_per_real),
                         access=ExternalAccess(f"{spec.name}s",
                                               {c: t for t, c in credentials.items()}))
@@ -296,13 +325,15 @@ def run_virtual(
     runner = SessionRunner(executor, script,
                            RunSettings(scenario.turns, scenario.turn_s, scenario.batch_size),
                            loop.call_later)
-    runner.start(job_list)
-    loop.run(runner.done)
+    try:
+        runner.start(job_list)
+        loop.run(runner.done)
+    finally:
+        provisioner.close()
     run = RunResult(results=runner.results(), makespan_s=runner.last_finish,
                     host={"peak_admission_permits": executor.admission.peak_held})
     ideal = ideal_makespan_s(len(job_list), scenario.limits(), scenario.session_s)
-    return VirtualRun(run, provisioner.e2b, serve.figures.calls, loop.now(), provisioner,
-                      serve, ideal)
+    return VirtualRun(run, e2b, serve.figures.calls, loop.now(), provisioner, serve, ideal)
 
 
 def poll_tradeoff(

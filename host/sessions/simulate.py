@@ -9,7 +9,7 @@ limits. After the runs it prints how the spec's poll interval trades makespan ag
 invocations (in virtual time, `detsim.py`), and `--timeline FILE` draws the runs.
 
 `--virtual` runs the provisioner mode in virtual time instead (`detsim.py`: the same executor
-and spec, the admission logic natively over an in-process E2B with the same limits), with
+and spec, the guest's provision path natively over an in-process E2B with the same limits), with
 `serve`'s held answers (`--hold-ms`) and push wake-ups (`--push`) modelled as
 `host/serve/pace.py` decides them; see docs/simulate-pace.md.
 """
@@ -61,6 +61,8 @@ EXIT_PROVISIONER_FAILED = ExitCode.FAILED
 EXIT_USAGE = ExitCode.USAGE
 EXIT_HOST_OVERLOADED = ExitCode.OVERLOADED
 TRADEOFF_POLLS = (1, 2, 5, 10, 30)
+# Where the guest sends E2B requests in virtual time (the in-process E2B answers them).
+VIRTUAL_E2B_URL = "http://e2b.virtual"
 
 
 def _positive_int(text: str) -> int:
@@ -343,11 +345,12 @@ def tradeoff_scenario(scenario: Scenario) -> VirtualScenario:
     """The scenario in virtual time, for the poll-interval table: the same jobs, limits and
     session length, the admission logic natively in front of the fake E2B."""
     e2b = scenario.e2b
-    config = dict(scenario.integration_config("http://unused"))
+    integration = scenario.integration_config(VIRTUAL_E2B_URL)
     return VirtualScenario(
         jobs=scenario.jobs, tenants=scenario.tenants, turns=scenario.turns,
         turn_s=scenario.scale.real_s(scenario.turn_sim_s),
-        admission=AdmissionConfig.from_config(config),
+        admission=AdmissionConfig.from_config(dict(integration)),
+        guest=True, integration=integration,
         # The fake E2B's limiter has no burst: give it the rate only where E2B's has none.
         e2b=FakeE2BConfig(create_latency_ms=round(e2b.create_latency_ms),
                           rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
@@ -356,14 +359,16 @@ def tradeoff_scenario(scenario: Scenario) -> VirtualScenario:
 
 
 def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
-    """The scenario in virtual time with every limit of the mock E2B: its create
-    concurrency (429 past it), its rate limiter with its burst, its sandbox cap."""
+    """The scenario in virtual time with every limit of the mock E2B (its create
+    concurrency, 429 past it; its rate limiter with its burst; its sandbox cap), the guest's
+    whole provision path configured as in real time (`virtual_guest.py`)."""
     e2b = scenario.e2b
-    config = dict(scenario.integration_config("http://unused"))
+    integration = scenario.integration_config(VIRTUAL_E2B_URL)
     return VirtualScenario(
         jobs=scenario.jobs, tenants=scenario.tenants, turns=scenario.turns,
         turn_s=scenario.scale.real_s(scenario.turn_sim_s),
-        admission=AdmissionConfig.from_config(config),
+        admission=AdmissionConfig.from_config(dict(integration)),
+        guest=True, integration=integration,
         e2b=FakeE2BConfig(
             create_latency_ms=round(e2b.create_latency_ms), rate_per_s=e2b.create_rate_per_s,
             rate_burst=e2b.create_burst, sandbox_cap=e2b.max_sandboxes,

@@ -206,3 +206,62 @@ def test_an_idempotency_key_replays_without_dispatching_again() -> None:
     )
     assert (first.status, again.status, other.status) == (200, 200, 409)
     assert len(module.calls) == calls and entity.status == "Queued"
+
+
+# -- the guest's whole path in virtual time ------------------------------------------------
+
+GUEST_CONFIG = (
+    ("create_slots", str(SLOTS)),
+    ("create_rate_per_s", f"{RATE:g}"),
+    ("max_sandboxes", str(CAP)),
+    ("sandbox_timeout_s", "600"),
+)
+
+
+@pytest.mark.parametrize(
+    ("poll_s", "pace"),
+    [(2, PaceSettings(hold_ms=1_500)), (30, PaceSettings(hold_ms=1_500, push=True))],
+)
+def test_the_guest_path_completes_every_job_within_e2b_limits(
+    poll_s: int, pace: PaceSettings
+) -> None:
+    done = detsim.run_virtual(
+        packaged_spec(SPEC),
+        scenario(50, poll_s, pace, guest=True, integration=GUEST_CONFIG),
+    )
+    assert_clean(done.summary(), 50)
+    # Precondition: the guest's own path ran (its E2B client's requests) and a create took
+    # E2B's latency in virtual time, the invocation paused meanwhile.
+    assert done.e2b.answers == {"201": 50}
+    assert all(r.waited_ms is not None and r.waited_ms >= 2_000 for r in done.run.results)
+    assert done.run.results[0].sandbox_id is not None
+
+
+def test_simulate_virtual_reports_the_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    from host.sessions.simulate import EXIT_OK, EXIT_USAGE, add_simulate_arguments, run_simulate
+
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    args = parser.parse_args(
+        ["--virtual", "--jobs", "20", "--tenants", "5", "--poll-s", "30", "--push", "--json"]
+    )
+    assert run_simulate(args) == EXIT_OK
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    for key in (
+        "completed",
+        "makespan_s",
+        "ideal_makespan_s",
+        "invocations",
+        "max_concurrent_creates_seen",
+        "max_running_sandboxes_seen",
+        "throttled",
+        "orphaned_sandboxes",
+        "duplicate_sandboxes",
+    ):
+        assert key in summary, key
+    assert summary["completed"] == 20 and summary["push"] is True
+    assert summary["wake_ups"].get("200", 0) > 0
+    assert run_simulate(parser.parse_args(["--push"])) == EXIT_USAGE
