@@ -20,9 +20,11 @@ from host.sessions.fake_e2b import START_MS, FakeE2BConfig
 from host.sessions.model import Job
 from host.sessions.simulated_ports import VirtualClock
 from host.sessions.spec import Spec, packaged_spec
+from host.sessions.virtual_serve import VirtualServe
 from provisioner.admission import AdmissionConfig
 from tests.host.sessions import answers
-from tests.host.sessions.test_executor_rules import Scripted
+from tests.host.sessions.test_executor_rules import QUEUED as SHORT_QUEUED
+from tests.host.sessions.test_executor_rules import Scripted, variant
 
 SPEC = "temper_agent.ioa.toml"
 SLOTS, RATE, CAP = 4, 5.0, 20
@@ -265,3 +267,21 @@ def test_simulate_virtual_reports_the_summary(capsys: pytest.CaptureFixture[str]
     assert summary["completed"] == 20 and summary["push"] is True
     assert summary["wake_ups"].get("200", 0) > 0
     assert run_simulate(parser.parse_args(["--push"])) == EXIT_USAGE
+
+
+def test_the_entity_timers_keep_running_while_a_request_is_held() -> None:
+    # Provisioning's guard at 1 s, shorter than the 1.5 s hold: Temper's actor is not
+    # blocked by a held call, so the guard fires while serve still holds the request.
+    spec = variant("after_seconds = 180", "after_seconds = 1")
+    loop = VirtualLoop(VirtualClock(START_MS), max_events=10_000)
+    module = Scripted(loop, [SHORT_QUEUED], 0.1)
+    serve = VirtualServe(loop, module, PaceSettings(hold_ms=1_500))
+    loop.modules = {"sandbox_provisioner": serve}
+    executor = Executor(spec, loop)
+    entity = executor.create(Job("job-1", "tenant-a"))
+    assert executor.dispatch(entity, "Provision", {"user_message": "hi"}) is None
+    loop.run(lambda: entity.status == "Failed")
+    assert serve.figures.holding == 1 and entity.in_flight >= 1  # still held
+    assert entity.last_action == "ProvisionTimeout" and loop.now() == 1.0
+    loop.run(lambda: entity.in_flight == 0)
+    assert entity.status == "Failed"  # the held answer, when it came, changed nothing
