@@ -1,7 +1,8 @@
 """`sandbox-provisioner serve` in front of the provisioner, in virtual time: held answers
 and push wake-ups, decided by the one rule the real `serve` follows (`host/serve/pace.py`).
 
-A provision invocation reaches the provisioner through this model. When the answer is
+Every invocation of the module reaches it through this model (the rule holds only queued
+answers; a release passes straight through). When the answer is
 `AskAgainAt`, the request is held (still in flight for the executor: Temper's timers keep
 running, so the entity's own timer may start a second invocation meanwhile, as in Temper)
 and the provisioner is asked again at that virtual time. `AnswerAndWake` answers now and,
@@ -27,7 +28,7 @@ from host.serve.pace import AnswerAndWake, AskAgainAt, PaceSettings, next_step
 from host.sessions.executor import Executor
 from host.sessions.fake_e2b import START_MS
 from host.sessions.simulated_ports import VirtualClock
-from provisioner.model import Invocation, Outcome
+from provisioner.model import SANDBOX_QUEUED, Invocation, Outcome
 
 WAKE_ACTION = "WakeProvision"
 FAULTS = ("409", "403", "503", "down")
@@ -93,9 +94,7 @@ class VirtualServe:
     # -- requests ------------------------------------------------------------------------
 
     def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None:
-        if dict(invocation.config).get("operation", "provision") != "provision":
-            self._call(invocation, done)
-            return
+        # Every answer goes through the rule: it holds only what it calls queued.
         hold_until = self.loop.clock.now_ms() + max(0, self.pace.hold_ms)
         self._ask(invocation, done, hold_until, held=False)
 
@@ -139,7 +138,9 @@ class VirtualServe:
             return
         if held:
             figures.holding -= 1
-        if isinstance(step, AnswerAndWake):
+        if isinstance(step, AnswerAndWake) and outcome.action == SANDBOX_QUEUED:
+            # The spec's wake action re-runs the provision trigger; a queued answer of
+            # another kind (a resource gate's) has no wake action here and is just answered.
             self._schedule_wake(invocation, step)
         done(outcome)
 
