@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FIGURES = ("invocation", "throughput", "makespan", "scaling", "memory", "size")
+FIGURES = ("invocation", "throughput", "makespan", "scaling", "memory", "size", "pace")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -53,7 +53,16 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, component: Path, source: Path) -> int:
-    from benchmarks import invocation, machine, makespan, memory, scaling, size, throughput
+    from benchmarks import (
+        invocation,
+        machine,
+        makespan,
+        memory,
+        pace,
+        scaling,
+        size,
+        throughput,
+    )
     from benchmarks.table import Row, format_markdown, format_targets, print_rows
     from host.runtime.loader import load_component
 
@@ -76,6 +85,7 @@ def _run(args: argparse.Namespace, component: Path, source: Path) -> int:
         "scaling": lambda: scaling.measure(loaded, quick),
         "memory": lambda: memory.rows(memory.measure(component)),
         "size": lambda: size.rows(size.measure(component, quick)),
+        "pace": lambda: pace.measure(quick),
     }
     rows: list[Row] = []
     timings: dict[str, float] = {}

@@ -214,6 +214,12 @@ def _provisioning_timers(spec: Spec, state: str, where: str) -> list[Finding]:
     timer = _first_timer(spec, state)
     if timer is None or timer.after_seconds > INVOCATION_DEADLINE_S:
         return []
+    poll = spec.action(timer.on_timeout)
+    if poll is not None and any(t.module == MODULE for t in poll.triggers):
+        # A poll that asks the component again (Queued's, when a wake action runs in
+        # Queued) cuts nothing off: the running invocation's answer still lands, and the
+        # component gives an entity no second create while its first is in flight.
+        return []
     return [Finding(
         "guard-above-deadline", f"state_timeout on '{state}'",
         f"{timer.on_timeout} after {timer.after_seconds}s fires while a provision invocation "

@@ -7,23 +7,36 @@ exactly from its seed and thousands of sessions take seconds. The module `sandbo
 is played by `NativeProvisioner`: a provision invocation asks a fresh `AdmissionController`,
 and a grant sends one create to the fake E2B that answers after its latency (the invocation
 is in flight meanwhile, as the component's would be); a release frees the entity's permits.
+Between the executor and the module sits `serve` (`virtual_serve.py`): held answers and push
+wake-ups as `host/serve/pace.py` decides (off by default: `hold_ms = 0`, no push).
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from host.runtime.native import native_ports
-from host.sessions.executor import Executor, Secrets, no_such_module
+from host.serve.pace import PaceSettings
+from host.sessions.executor import (
+    Executor,
+    ExternalAccess,
+    Secrets,
+    no_such_module,
+    overlay_config,
+)
 from host.sessions.fake_e2b import START_MS, FakeE2B, FakeE2BConfig
 from host.sessions.model import Job
+from host.sessions.report import Limits, ideal_makespan_s
 from host.sessions.runner import RunResult, RunSettings, SessionRunner, SessionScript, timer_scale
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.sessions.spec import Spec, StateTimeout
 from host.sessions.timers import Timer, TimerHeap
+from host.sessions.virtual_guest import GuestProvisioner
+from host.sessions.virtual_serve import WAKE_ACTION, VirtualInvoker, VirtualServe
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, AdmissionController, Created, Grant, Waiter
 from provisioner.admission.results import Queued, Rejected
@@ -40,10 +53,8 @@ from provisioner.model import (
 from provisioner.ports import HttpRequest, HttpResponse
 
 ACCOUNT = "sim-account"
-
-
-class VirtualInvoker(Protocol):
-    def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None: ...
+# The E2B key the guest is configured with; the in-process E2B takes any.
+GUEST_API_KEY = "e2b_simulated_key"
 
 
 class VirtualLoop:
@@ -108,6 +119,16 @@ class NativeProvisioner:
     telemetry: EventLog = field(default_factory=EventLog)
     held: dict[str, str] = field(default_factory=dict)  # entity id -> sandbox id
     creating: set[str] = field(default_factory=set)
+    # Entity id -> sandboxes created for it (more than one is a duplicate).
+    created: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def duplicates(self) -> int:
+        """Sandboxes created beyond one per entity."""
+        return sum(n - 1 for n in self.created.values() if n > 1)
+
+    def close(self) -> None:
+        return None
 
     def _controller(self, tenant: str) -> AdmissionController:
         ports = native_ports(self.backend, tenant=tenant, account=ACCOUNT, http=_NoHttp(),
@@ -137,6 +158,8 @@ class NativeProvisioner:
             self.e2b.end_create(answer)
             self.creating.discard(waiter.entity)
             settled = self._controller(waiter.tenant).settle(waiter, decision, answer)
+            if isinstance(answer, Created):
+                self.created[waiter.entity] += 1
             if isinstance(answer, Created) and settled is None:
                 self.held[waiter.entity] = answer.sandbox_id
                 done(_ready(answer.sandbox_id))
@@ -185,6 +208,29 @@ class VirtualScenario:
     # Session time per virtual second, for the working state's timers (as in real time).
     sim_per_real: float = 600.0
     batch_size: int | None = None
+    # `serve` in front of the module: held answers and push wake-ups (host/serve/pace.py).
+    pace: PaceSettings = field(default_factory=lambda: PaceSettings(hold_ms=0))
+    wake_action: str = WAKE_ACTION
+    # A push that fails ("409", "403", "503", "down"): see virtual_serve.py.
+    wake_fault: str | None = None
+    # True: the module runs the guest's whole path (virtual_guest.py) with `integration`
+    # laid over each trigger's config (admission, sandbox timeout); False: the admission
+    # logic alone (NativeProvisioner) with `admission`.
+    guest: bool = False
+    integration: tuple[tuple[str, str], ...] = ()
+
+    def limits(self) -> Limits:
+        """E2B's limits as the fake enforces them."""
+        e2b = self.e2b
+        return Limits(
+            create_slots=e2b.create_slots or self.admission.create_slots,
+            create_rate_per_s=e2b.rate_per_s, create_burst=max(1, e2b.rate_burst),
+            max_sandboxes=e2b.sandbox_cap, create_latency_s=e2b.create_latency_ms / 1000)
+
+    @property
+    def session_s(self) -> float:
+        """How long a session holds its sandbox: the runner's turns, then its finish."""
+        return (self.turns + 1) * self.turn_s
 
 
 @dataclass
@@ -193,18 +239,33 @@ class VirtualRun:
     e2b: FakeE2B
     invocations: int
     end_s: float
-    provisioner: NativeProvisioner
+    provisioner: NativeProvisioner | GuestProvisioner
+    serve: VirtualServe
+    ideal_s: float
 
     def summary(self) -> dict[str, Any]:
+        serve = self.serve.figures
+        completed = self.run.completed
         return {
             "jobs": len(self.run.results),
-            "completed": self.run.completed,
+            "completed": completed,
             "failed": self.run.failed,
             "makespan_s": round(self.run.makespan_s, 3),
+            "ideal_makespan_s": round(self.ideal_s, 3),
+            "makespan_ratio": round(self.run.makespan_s / self.ideal_s, 3)
+            if self.ideal_s else None,
             "invocations": self.invocations,
-            "max_concurrent_creates": self.e2b.max_in_flight,
-            "max_sandboxes": self.e2b.max_sandboxes,
-            "sandboxes_left": len(self.e2b.sandboxes),
+            "invocations_per_completed": round(self.invocations / completed, 2)
+            if completed else None,
+            "max_concurrent_creates_seen": self.e2b.max_in_flight,
+            "max_running_sandboxes_seen": self.e2b.max_sandboxes,
+            "throttled": self.e2b.throttled,
+            # Every session has ended and released: whatever still runs belongs to nobody.
+            "orphaned_sandboxes": len(self.e2b.sandboxes),
+            "duplicate_sandboxes": self.provisioner.duplicates,
+            "max_held_at_once": serve.max_holding,
+            "reasks": serve.reasks,
+            "wake_ups": dict(sorted(serve.wakes.items())),
             "answers": dict(sorted(self.e2b.answers.items())),
         }
 
@@ -238,22 +299,41 @@ def run_virtual(
         spec = with_poll(spec, script, scenario.poll_s)
     clock = VirtualClock(START_MS)
     loop = VirtualLoop(clock)
-    provisioner = NativeProvisioner(
-        loop=loop, admission=scenario.admission,
-        e2b=FakeE2B(scenario.e2b, random.Random(scenario.seed ^ 0x5EED)),
-        backend=MemoryBackend(clock.now_ms), random=SeededRandom(scenario.seed))
-    loop.modules = {"sandbox_provisioner": provisioner, **(modules or {})}
-    executor = Executor(spec, loop, run_id="virtual", secrets=Secrets(),
-                        timer_seconds=timer_scale(script, scenario.sim_per_real))
+    e2b = FakeE2B(scenario.e2b, random.Random(scenario.seed ^ 0x5EED))
+    backend = MemoryBackend(clock.now_ms)
+    provisioner: NativeProvisioner | GuestProvisioner
+    configure = None
+    secrets = Secrets()
+    if scenario.guest:
+        provisioner = GuestProvisioner(loop, e2b, backend, SeededRandom(scenario.seed))
+        configure = overlay_config(dict(scenario.integration))
+        secrets = Secrets({"e2b_api_key": GUEST_API_KEY})
+    else:
+        provisioner = NativeProvisioner(loop=loop, admission=scenario.admission, e2b=e2b,
+                                        backend=backend, random=SeededRandom(scenario.seed))
+    serve = VirtualServe(loop, provisioner, scenario.pace, wake_action=scenario.wake_action,
+                         fault=scenario.wake_fault)
+    loop.modules = {"sandbox_provisioner": serve, **(modules or {})}
+    job_list = list(jobs) if jobs is not None else jobs_for(scenario.jobs, scenario.tenants)
+    credentials = {tenant: f"agent-credential-{tenant}"
+                   for tenant in sorted({job.tenant for job in job_list})}
+    executor = Executor(spec, loop, run_id="virtual", secrets=secrets, configure=configure,
+                        timer_seconds=timer_scale(script, scenario.sim_per_real),
+                        access=ExternalAccess(f"{spec.name}s",
+                                              {c: t for t, c in credentials.items()}))
+    serve.bind(executor, credentials)
     runner = SessionRunner(executor, script,
                            RunSettings(scenario.turns, scenario.turn_s, scenario.batch_size),
                            loop.call_later)
-    runner.start(list(jobs) if jobs is not None else jobs_for(scenario.jobs, scenario.tenants))
-    loop.run(runner.done)
+    try:
+        runner.start(job_list)
+        loop.run(runner.done)
+    finally:
+        provisioner.close()
     run = RunResult(results=runner.results(), makespan_s=runner.last_finish,
                     host={"peak_admission_permits": executor.admission.peak_held})
-    invocations = sum(e.invocations for e in executor.entities.values())
-    return VirtualRun(run, provisioner.e2b, invocations, loop.now(), provisioner)
+    ideal = ideal_makespan_s(len(job_list), scenario.limits(), scenario.session_s)
+    return VirtualRun(run, e2b, serve.figures.calls, loop.now(), provisioner, serve, ideal)
 
 
 def poll_tradeoff(

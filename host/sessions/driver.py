@@ -17,14 +17,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from host.sessions.executor import (
     ConfigHook,
     EventSink,
     Executor,
+    ExternalAccess,
     Secrets,
     TimerScale,
     no_such_module,
@@ -32,9 +33,12 @@ from host.sessions.executor import (
 from host.sessions.model import Job
 from host.sessions.runner import RunResult, RunSettings, SessionRunner, SessionScript
 from host.sessions.spec import Spec
+from host.sessions.temper_api import TemperApiServer
 from host.sessions.timers import Timer, TimerHeap
 from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, failed
+
+T = TypeVar("T")
 
 
 class Invoker(Protocol):
@@ -94,6 +98,8 @@ class RealTimeLoop:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="session-invoke")
         self._cond = threading.Condition()
         self._inbox: deque[tuple[Callable[[Outcome], None], Outcome]] = deque()
+        # Calls from other threads (the Temper API endpoint), run on the loop's thread.
+        self._calls: deque[Callable[[], None]] = deque()
         self._timers = TimerHeap()
         self._open = 0
         self._stopping = False
@@ -166,6 +172,24 @@ class RealTimeLoop:
             "--time-scale: the real runtime, keeping up, would not fail these sessions"
         )
 
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        """Runs `call` on the loop's thread (from any thread); a cancelled future's call
+        does not run. Calls wait while the loop is not running."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(call())
+            except BaseException as error:  # handed to the caller, not raised on the loop
+                future.set_exception(error)
+
+        with self._cond:
+            self._calls.append(run)
+            self._cond.notify_all()
+        return future
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -178,7 +202,7 @@ class RealTimeLoop:
             with self._cond:
                 if self._stopping:
                     return "overloaded" if self.overloaded else "stopped"
-                if not self._inbox:
+                if not self._inbox and not self._calls:
                     if until():
                         return "done"
                     due = self._timers.next_due()
@@ -189,9 +213,13 @@ class RealTimeLoop:
                         self._cond.wait(timeout)
                 answers = list(self._inbox)
                 self._inbox.clear()
+                calls = list(self._calls)
+                self._calls.clear()
             for done, outcome in answers:
                 self._open -= 1
                 done(outcome)
+            for call in calls:
+                call()
             self._fire_due()
 
     def _fire_due(self) -> None:
@@ -228,6 +256,11 @@ class DriverSettings:
     run_id: str = "sim"
     secrets: tuple[tuple[str, str], ...] = ()
     keep_up: bool = True
+    # Serve Temper's external dispatch on 127.0.0.1 (`temper_api.py`) for the run, so a
+    # real `serve` can push wake-ups; `api_credentials` pairs each bearer token with its
+    # tenant.
+    temper_api: bool = False
+    api_credentials: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.turns < 0 or self.turn_s < 0 or self.workers < 1 or self.sim_per_real <= 0:
@@ -277,7 +310,12 @@ class SessionDriver:
                                  limits=limits)
         self.executor = Executor(spec, self.loop, run_id=self.settings.run_id,
                                  secrets=Secrets(dict(self.settings.secrets)),
-                                 configure=configure, timer_seconds=scale, on_event=on_event)
+                                 configure=configure, timer_seconds=scale, on_event=on_event,
+                                 access=ExternalAccess(f"{spec.name}s",
+                                                       dict(self.settings.api_credentials)))
+        self.api: TemperApiServer | None = None
+        if self.settings.temper_api:
+            self.api = TemperApiServer(self.executor, self.loop).start()
         self.runner = SessionRunner(
             self.executor, self.script,
             RunSettings(self.settings.turns, self.settings.turn_s, self.settings.batch_size),
@@ -310,6 +348,15 @@ class SessionDriver:
         """Asks a running `run` to return soon (from any thread)."""
         self.loop.stop()
 
+    @property
+    def api_url(self) -> str:
+        """Where Temper's external dispatch is served (`temper_api=True` only)."""
+        if self.api is None:
+            raise RuntimeError("this driver serves no Temper API (DriverSettings.temper_api)")
+        return self.api.url
+
     def close(self) -> None:
         """Waits for invocations still running (call after the E2B they wait on is gone)."""
+        if self.api is not None:
+            self.api.stop()
         self.loop.close(wait=True)

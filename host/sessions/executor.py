@@ -27,8 +27,18 @@ else, the rules below, is the same code. Every rule is Temper's, read from `nerd
   its `args`. Progress events from a module are broadcast only and never reset a timer
   (`crates/temper-server/src/state/dispatch/wasm/callbacks.rs`).
 
-Nothing here wakes an entity by itself: a queued entity asks again only when its spec's
-timer fires.
+- **External dispatch** (`ExternalDispatch`, Temper's
+  `POST /tdata/{EntitySet}('{id}')/Temper.{Action}`: `build_router` in
+  `crates/temper-server/src/router.rs`, `handle_odata_post` in `odata/write.rs`,
+  `execute_bound_action` in `odata/bindings/execute.rs`, bearer tokens in `bearer_auth.rs`):
+  404 for an entity set or entity the tenant does not have, 401 without a valid credential,
+  403 when the credential is another tenant's (Cedar denies), 409 `ActionFailed` when the
+  action is not enabled in the entity's state, else the same dispatch as above, triggers
+  included, and 200. An `Idempotency-Key` already used for the same action on the entity
+  replays 200 without dispatching again.
+
+Nothing here wakes an entity by itself: a queued entity asks again when its spec's timer
+fires, or when someone outside dispatches an action on it.
 """
 
 from __future__ import annotations
@@ -89,6 +99,8 @@ class Entity:
     last_source: str | None = None
     rejected: int = 0
     unhandled_failures: int = 0
+    # Idempotency-Key -> the action it was used for (external dispatch only).
+    idempotency_keys: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,29 @@ class Secrets:
                 continue
             resolved[key] = value
         return resolved
+
+
+@dataclass(frozen=True)
+class ExternalAnswer:
+    """What Temper's bound-action endpoint answers: the HTTP status and its OData error
+    code ("" on success)."""
+
+    status: int
+    code: str = ""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
+class ExternalAccess:
+    """Who may dispatch from outside: `credentials` maps a bearer token to its tenant (an
+    `AgentCredential` is a tenant's); `entity_set` is the spec's entity set name."""
+
+    entity_set: str
+    credentials: Mapping[str, str] = field(default_factory=dict)
 
 
 ConfigHook = Callable[[Trigger, dict[str, str]], dict[str, str]]
@@ -165,8 +200,10 @@ class Executor:
         configure: ConfigHook | None = None,
         timer_seconds: TimerScale | None = None,
         on_event: EventSink | None = None,
+        access: ExternalAccess | None = None,
     ) -> None:
         self.spec = spec
+        self.access = access or ExternalAccess(entity_set=f"{spec.name}s")
         self.loop = loop
         self.run_id = run_id
         self.secrets = secrets or Secrets()
@@ -277,6 +314,42 @@ class Executor:
         current = entity.fields.get(var) or 0
         amount = value if isinstance(value, int) and not isinstance(value, bool) else 0
         entity.fields[var] = current + amount if op == "+=" else max(0, current - amount)
+
+    def dispatch_external(
+        self, tenant: str, entity_set: str, entity_id: str, action: str,
+        params: Mapping[str, Any] | None, credential: str | None,
+        *, idempotency_key: str | None = None,
+    ) -> ExternalAnswer:
+        """Temper's `POST /tdata/{entity_set}('{entity_id}')/Temper.{action}` with
+        `X-Tenant-Id: tenant` and `Authorization: Bearer credential`; runs on the loop's
+        thread like every other dispatch."""
+        owner = self.access.credentials.get(credential or "")
+        if owner is None:
+            return ExternalAnswer(401, "Unauthorized", "no valid bearer credential")
+        if owner != tenant:
+            return ExternalAnswer(403, "AuthorizationDenied",
+                                  f"the credential is not tenant {tenant!r}'s")
+        if entity_set != self.access.entity_set:
+            return ExternalAnswer(404, "EntitySetNotFound",
+                                  f"Entity set '{entity_set}' not found")
+        entity = self.entities.get(entity_id)
+        if entity is None or entity.job.tenant != tenant:
+            return ExternalAnswer(404, "ResourceNotFound",
+                                  f"Entity '{entity_set}' with key '{entity_id}' not found")
+        if idempotency_key:
+            used = entity.idempotency_keys.get(idempotency_key)
+            if used is not None:
+                if used != action:
+                    return ExternalAnswer(409, "IdempotencyConflict",
+                                          "Idempotency-Key was already used by a different "
+                                          "action request")
+                return ExternalAnswer(200)
+        error = self.dispatch(entity, action, params, source="external")
+        if error is not None:
+            return ExternalAnswer(409, "ActionFailed", error)
+        if idempotency_key:
+            entity.idempotency_keys[idempotency_key] = action
+        return ExternalAnswer(200)
 
     # -- timers --------------------------------------------------------------------------
 

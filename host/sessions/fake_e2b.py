@@ -36,6 +36,10 @@ class FakeE2BConfig:
     error_latency_ms: int = 100
     # E2B's own route limiter (GCRA per team): a 429 with Retry-After beyond it.
     rate_per_s: float | None = None
+    # Creates the limiter lets through at once (GCRA burst; 1: none).
+    rate_burst: int = 1
+    # Create requests E2B serves at once: a 429 past it.
+    create_slots: int | None = None
     # The account's concurrent-sandbox cap, shared with `foreign_sandboxes` of others.
     sandbox_cap: int | None = None
     foreign_sandboxes: int = 0
@@ -67,12 +71,14 @@ class FakeE2B:
         self.create_times.append(rel)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if config.create_slots is not None and self.in_flight > config.create_slots:
+            return self._answer("429_concurrency", RateLimited(None))
         for storm in config.storms:
             if storm.start_ms <= rel < storm.end_ms:
                 return self._answer("429_storm", RateLimited(storm.end_ms - rel))
         if config.rate_per_s is not None:
             interval = 1000.0 / config.rate_per_s
-            if self._tat - rel > 0:
+            if self._tat - rel > (max(1, config.rate_burst) - 1) * interval:
                 return self._answer("429_rate", RateLimited(math.ceil(self._tat - rel)))
             self._tat = max(self._tat, float(rel)) + interval
         if config.sandbox_cap is not None and (
@@ -98,6 +104,11 @@ class FakeE2B:
         if isinstance(result, Created):
             self.sandboxes.add(result.sandbox_id)
             self.max_sandboxes = max(self.max_sandboxes, len(self.sandboxes))
+
+    @property
+    def throttled(self) -> int:
+        """Creates answered 429, whatever the limit."""
+        return sum(n for kind, n in self.answers.items() if kind.startswith("429"))
 
     def kill(self, sandbox_id: str) -> None:
         self.sandboxes.discard(sandbox_id)

@@ -7,6 +7,11 @@ the same flow four jobs at a time (the manual workaround), `provisioner` the exa
 (`examples/temper_agent.ioa.toml`) with this component, and `compare` all three on the same
 limits. After the runs it prints how the spec's poll interval trades makespan against
 invocations (in virtual time, `detsim.py`), and `--timeline FILE` draws the runs.
+
+`--virtual` runs the provisioner mode in virtual time instead (`detsim.py`: the same executor
+and spec, the guest's provision path natively over an in-process E2B with the same limits), with
+`serve`'s held answers (`--hold-ms`) and push wake-ups (`--push`) modelled as
+`host/serve/pace.py` decides them; see docs/simulate-pace.md.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from host.cli.options import ExitCode, add_component_option
 from host.mock_e2b import MockE2BServer
 from host.runtime.assembly import open_runtime
 from host.runtime.loader import LoadedComponent, load_component
+from host.serve.pace import PaceSettings
 from host.services.telemetry import InvocationTag
 from host.sessions.contract import ContractError, require_clean
-from host.sessions.detsim import VirtualScenario, poll_tradeoff
+from host.sessions.detsim import VirtualScenario, poll_tradeoff, run_virtual
 from host.sessions.driver import SessionDriver
 from host.sessions.fake_e2b import FakeE2BConfig
 from host.sessions.invokers import ComponentInvoker, DirectInvoker
@@ -55,6 +61,8 @@ EXIT_PROVISIONER_FAILED = ExitCode.FAILED
 EXIT_USAGE = ExitCode.USAGE
 EXIT_HOST_OVERLOADED = ExitCode.OVERLOADED
 TRADEOFF_POLLS = (1, 2, 5, 10, 30)
+# Where the guest sends E2B requests in virtual time (the in-process E2B answers them).
+VIRTUAL_E2B_URL = "http://e2b.virtual"
 
 
 def _positive_int(text: str) -> int:
@@ -142,6 +150,16 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                       "FILE.png (rendered with a headless chromium)")
     spec.add_argument("--no-tradeoff", action="store_true",
                       help="skip the poll-interval table (virtual time)")
+    virtual = parser.add_argument_group("virtual time (--virtual) and serve's pacing")
+    virtual.add_argument("--virtual", action="store_true",
+                         help="run the provisioner mode in virtual time (detsim): same spec, "
+                         "executor and limits, no mock server, no wall clock")
+    virtual.add_argument("--hold-ms", type=int, default=PaceSettings().hold_ms, metavar="MS",
+                         help="with --virtual: how long serve may hold a queued answer to ask "
+                         f"again (default {PaceSettings().hold_ms}; 0: never)")
+    virtual.add_argument("--push", action=argparse.BooleanOptionalAction, default=False,
+                         help="with --virtual: serve wakes a queued entity at its turn "
+                         "through Temper's API (the spec's WakeProvision); default off")
     from host.sessions.llm_simulate import add_llm_arguments
 
     add_llm_arguments(parser)
@@ -327,16 +345,81 @@ def tradeoff_scenario(scenario: Scenario) -> VirtualScenario:
     """The scenario in virtual time, for the poll-interval table: the same jobs, limits and
     session length, the admission logic natively in front of the fake E2B."""
     e2b = scenario.e2b
-    config = dict(scenario.integration_config("http://unused"))
+    integration = scenario.integration_config(VIRTUAL_E2B_URL)
     return VirtualScenario(
         jobs=scenario.jobs, tenants=scenario.tenants, turns=scenario.turns,
         turn_s=scenario.scale.real_s(scenario.turn_sim_s),
-        admission=AdmissionConfig.from_config(config),
+        admission=AdmissionConfig.from_config(dict(integration)),
+        guest=True, integration=integration,
         # The fake E2B's limiter has no burst: give it the rate only where E2B's has none.
         e2b=FakeE2BConfig(create_latency_ms=round(e2b.create_latency_ms),
                           rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
                           sandbox_cap=e2b.max_sandboxes),
         seed=scenario.seed, sim_per_real=scenario.scale.sim_per_real)
+
+
+def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
+    """The scenario in virtual time with every limit of the mock E2B (its create
+    concurrency, 429 past it; its rate limiter with its burst; its sandbox cap), the guest's
+    whole provision path configured as in real time (`virtual_guest.py`)."""
+    e2b = scenario.e2b
+    integration = scenario.integration_config(VIRTUAL_E2B_URL)
+    return VirtualScenario(
+        jobs=scenario.jobs, tenants=scenario.tenants, turns=scenario.turns,
+        turn_s=scenario.scale.real_s(scenario.turn_sim_s),
+        admission=AdmissionConfig.from_config(dict(integration)),
+        guest=True, integration=integration,
+        e2b=FakeE2BConfig(
+            create_latency_ms=round(e2b.create_latency_ms), rate_per_s=e2b.create_rate_per_s,
+            rate_burst=e2b.create_burst, sandbox_cap=e2b.max_sandboxes,
+            create_slots=e2b.max_concurrent_creates if e2b.overload == "reject" else None),
+        seed=scenario.seed, sim_per_real=scenario.scale.sim_per_real, pace=pace)
+
+
+def run_virtual_simulate(args: argparse.Namespace, scenario: Scenario) -> int:
+    """`simulate --virtual`: the provisioner mode in virtual time, one JSON or text report."""
+    if args.hold_ms < 0:
+        print("sandbox-provisioner: --hold-ms must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        override = _spec_from_args(args)
+        spec = mode_spec("provisioner", override)
+        require_clean(spec)
+    except (SpecError, ContractError) as error:
+        print(f"sandbox-provisioner: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    pace = PaceSettings(hold_ms=args.hold_ms, push=args.push)
+    done = run_virtual(spec, virtual_scenario(scenario, pace))
+    summary = {**done.summary(), "spec": spec.source, "poll_s": _poll_s(spec),
+               "hold_ms": pace.hold_ms, "push": pace.push, "virtual_end_s": round(done.end_s, 3)}
+    if args.json:
+        print(json.dumps({"mode": "provisioner", "virtual": True, "summary": summary},
+                         indent=2))
+    else:
+        print(format_virtual(summary))
+    bad = summary["failed"] or summary["completed"] < summary["jobs"] or \
+        summary["orphaned_sandboxes"] or summary["duplicate_sandboxes"]
+    return EXIT_PROVISIONER_FAILED if bad else EXIT_OK
+
+
+def format_virtual(summary: dict[str, Any]) -> str:
+    poll = summary["poll_s"]
+    pace = (f"held answers up to {summary['hold_ms']} ms" if summary["hold_ms"] else
+            "no held answers") + (", push wake-ups" if summary["push"] else ", no push")
+    ratio = summary["makespan_ratio"]
+    return "\n".join([
+        f"== provisioner, virtual time: {summary['jobs']} jobs; poll every {poll}s, {pace}",
+        f"  completed {summary['completed']}/{summary['jobs']}, failed {summary['failed']}",
+        f"  makespan {summary['makespan_s']:.1f}s vs ideal {summary['ideal_makespan_s']:.1f}s"
+        + (f" ({ratio:.2f}x)" if ratio is not None else ""),
+        f"  invocations {summary['invocations']} "
+        f"({summary['invocations_per_completed']} per completed job), "
+        f"held at once {summary['max_held_at_once']}, wake-ups {summary['wake_ups']}",
+        f"  E2B: {summary['max_concurrent_creates_seen']} creates at once, "
+        f"{summary['max_running_sandboxes_seen']} sandboxes at once, "
+        f"{summary['throttled']} throttled (429), {summary['orphaned_sandboxes']} orphaned, "
+        f"{summary['duplicate_sandboxes']} duplicate",
+    ])
 
 
 def format_tradeoff(rows: list[dict[str, Any]], ideal_s: float) -> str:
@@ -356,6 +439,12 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         return run_llm_simulate(args)
     scenario = scenario_from_args(args)
+    if args.virtual:
+        return run_virtual_simulate(args, scenario)
+    if args.push or args.hold_ms != PaceSettings().hold_ms:
+        print("sandbox-provisioner: --hold-ms and --push model serve in virtual time; add "
+              "--virtual (in real time they are serve's own options)", file=sys.stderr)
+        return EXIT_USAGE
     modes = list(MODES) if args.mode == "compare" else [args.mode]
     out = sys.stderr if args.json else sys.stdout
     try:
