@@ -8,9 +8,9 @@ spec under Temper's rules, the admission logic natively over an in-process E2B t
 sessions hold their sandbox 5 s; 5 tenants. 10, 100 and 1,000 jobs, side by side in one
 run: the spec's 2 s poll alone (the baseline), 2 s with held answers (1.5 s window), 30 s
 with push wake-ups (and held answers), and 30 s alone. Each row: makespan against the
-ideal the limits allow (`host.sessions.report.ideal_makespan_s`), invocations per
-completed job (every provisioner call, re-asks included), E2B's 429s and creates at once,
-and the wall time of the run.
+ideal the limits allow (`host.sessions.report.ideal_makespan_s`), Temper invocations per
+completed job (and provisioner calls, a held request's re-asks included), E2B's 429s and
+creates at once, and the wall time of the run.
 
 Then requests held at once against waiters: N jobs queued at once with held answers and
 no cap on holding (max_held above N); the contract expects at most rate x window +
@@ -111,7 +111,8 @@ def way_row(jobs: int, way: Way, summary: dict[str, Any], wall_s: float) -> Row:
         "7",
         f"{jobs} jobs, {way.name}",
         f"{summary['makespan_s']:.1f} s vs ideal {summary['ideal_makespan_s']:.1f} s; "
-        f"{summary['completed']}/{jobs} done; {per_job} invocations/job; "
+        f"{summary['completed']}/{jobs} done; {per_job} invocations/job "
+        f"({summary['component_calls_per_completed']} component calls); "
         f"{summary['throttled']} 429s; {summary['max_concurrent_creates_seen']} creates at "
         f"once; held at once {summary['max_held_at_once']}; wake-ups "
         f"{summary['wake_ups'] or '-'}; {wall_s:.1f} s wall",

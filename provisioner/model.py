@@ -18,6 +18,11 @@ SANDBOX_RELEASED = "SandboxReleased"
 SANDBOX_STATUS = "SandboxStatus"
 SANDBOX_FAILED = "SandboxFailed"
 
+# The outcome param naming the waiters a decision promised a permit to, for the host to
+# wake (`admission.promises`). It names other tenants' entities: hosts strip it before
+# answering the runtime.
+WAKE_UPS = "wake_ups"
+
 
 @dataclass(frozen=True, slots=True)
 class Invocation:

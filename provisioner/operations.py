@@ -40,6 +40,7 @@ from provisioner.model import (
     SANDBOX_READY,
     SANDBOX_RELEASED,
     SANDBOX_STATUS,
+    WAKE_UPS,
     Failure,
     Outcome,
     ProvisionerError,
@@ -85,6 +86,26 @@ def _ready(record: EntityRecord) -> Outcome:
             "attempts": record.attempts,
             "queued_ms": record.queued_ms,
         },
+    )
+
+
+def with_wake_ups(outcome: Outcome, controller: AdmissionController) -> Outcome:
+    if not controller.wake_ups:
+        return outcome
+    wake_ups = []
+    for wake in controller.wake_ups:
+        entity_type, _, entity_id = wake.entity.partition("/")
+        wake_ups.append(
+            {
+                "tenant": wake.tenant,
+                "entity_type": entity_type,
+                "entity_id": entity_id,
+                "at_ms": wake.at_ms,
+                "reservation": wake.reservation,
+            }
+        )
+    return Outcome(
+        outcome.action, {**outcome.params, WAKE_UPS: wake_ups}, outcome.success, outcome.error
     )
 
 
@@ -191,6 +212,11 @@ class Operations:
         if record.state == READY:
             return _ready(record)
         controller = AdmissionController(self.ports, self.admission_config)
+        return with_wake_ups(self._admitted(controller, record, version), controller)
+
+    def _admitted(
+        self, controller: AdmissionController, record: EntityRecord, version: int
+    ) -> Outcome:
         decision: Grant | Queued | Rejected | None = controller.admit(
             self.waiter, self.settings.sandbox_timeout_s * 1000
         )
@@ -292,7 +318,8 @@ class Operations:
         controller = AdmissionController(self.ports, self.admission_config)
         if loaded is None:
             held = controller.release(self.waiter)
-            return Outcome(SANDBOX_RELEASED, {"released": False, "held_permit": held})
+            released = Outcome(SANDBOX_RELEASED, {"released": False, "held_permit": held})
+            return with_wake_ups(released, controller)
         record, version = loaded
         client = E2BClient(self.ports.http, self.settings)
         if record.state == READY:
@@ -325,10 +352,11 @@ class Operations:
                 "sandbox_ids": doomed,
             }
         )
-        return Outcome(
+        released = Outcome(
             SANDBOX_RELEASED,
             {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None},
         )
+        return with_wake_ups(released, controller)
 
     def status(self) -> Outcome:
         loaded = self.records.load(self.request.entity)

@@ -183,8 +183,12 @@ def build_app(
         payload = json.dumps(body if body is not None else {"ok": True}).encode()
         status = 200 if status == 204 else status  # a 204 cannot carry the garbled body
         if rule.kind == "malformed_json":
-            return Response(payload[: max(1, len(payload) // 2)], status,
-                            media_type="application/json", headers=marker)
+            return Response(
+                payload[: max(1, len(payload) // 2)],
+                status,
+                media_type="application/json",
+                headers=marker,
+            )
         chunks = [payload[i : i + 16] for i in range(0, len(payload), 16)]
         pause = config.slow_body_ms / 1000.0 / max(1, len(chunks))
 
@@ -193,8 +197,7 @@ def build_app(
                 yield chunk
                 await rt.wait_or_close(pause)
 
-        return StreamingResponse(trickle(), status, media_type="application/json",
-                                 headers=marker)
+        return StreamingResponse(trickle(), status, media_type="application/json", headers=marker)
 
     async def with_faults(
         request: Request,
@@ -240,8 +243,7 @@ def build_app(
             state.begin_create()
             try:
                 try:
-                    parsed = parse_create(body, key, config.default_timeout_s,
-                                          config.max_timeout_s)
+                    parsed = parse_create(body, key, config.default_timeout_s, config.max_timeout_s)
                 except BadRequest as exc:
                     state.count_bad_request(new_request=True)
                     return error_response(400, str(exc))
@@ -308,12 +310,15 @@ def build_app(
         on (startedAt, sandboxID) as E2B's (infra: packages/api/internal/handlers/
         sandboxes_list.go, utils/sandboxes_list.go), so sandboxes that come or go between
         pages neither shift nor repeat the rest."""
+
         def keep(r: SandboxRecord) -> bool:
             return (
                 all(r.metadata.get(k) == v for k, v in query.metadata.items())
                 and (query.template is None or query.template in (r.template_id, r.alias))
-                and (query.started_after is None
-                     or state.wall_time(r.started_at) >= query.started_after)
+                and (
+                    query.started_after is None
+                    or state.wall_time(r.started_at) >= query.started_after
+                )
             )
 
         records = [r for r in state.listed(query.states) if keep(r)]
@@ -360,10 +365,12 @@ def build_app(
 
         return list_sandboxes
 
-    def sandbox_route(route: str, handle: Callable[[str, Any], Outcome],
-                      body: str = "none") -> Handler:
+    def sandbox_route(
+        route: str, handle: Callable[[str, Any], Outcome], body: str = "none"
+    ) -> Handler:
         """A route on one sandbox: the path's id read as E2B reads it, the JSON body
         (``body``: "none", "optional" or "required") checked to be an object."""
+
         async def on_sandbox(request: Request) -> Response:
             raw = await body_unless_abandoned(request)
             if raw is None:
@@ -381,8 +388,8 @@ def build_app(
                     sandbox_id = short_sandbox_id(request.path_params["sandbox_id"])
                     if malformed:
                         raise BadRequest("Error when parsing request: invalid JSON body")
-                    fields = {} if body == "none" else json_object(
-                        payload, required=body == "required"
+                    fields = (
+                        {} if body == "none" else json_object(payload, required=body == "required")
                     )
                     return handle(sandbox_id, fields)
                 except BadRequest as exc:
@@ -420,8 +427,7 @@ def build_app(
     def refresh(sandbox_id: str, body: dict[str, Any]) -> Outcome:
         # SandboxRefreshRequest: duration 0..3600, never shorter than the 15 s default.
         floor = state.config.default_timeout_s
-        seconds = max(seconds_field(body, "duration", default=floor, maximum=MAX_REFRESH_S),
-                      floor)
+        seconds = max(seconds_field(body, "duration", default=floor, maximum=MAX_REFRESH_S), floor)
         if not state.set_end(sandbox_id, seconds, True):
             return not_found(sandbox_id), 404, None
         return Response(status_code=204), 204, None
@@ -481,8 +487,9 @@ def build_app(
         return bring_back(sandbox_id, seconds, extend_running=False)
 
     def not_found(sandbox_id: str) -> Response:
-        return error_response(404, f"sandbox \"{sandbox_id}\" doesn't exist or you don't have "
-                                   "access to it")
+        return error_response(
+            404, f"sandbox \"{sandbox_id}\" doesn't exist or you don't have access to it"
+        )
 
     async def temperfs(request: Request) -> Response:
         """The TemperFS routes under /tdata, when the config turns them on."""
@@ -492,11 +499,13 @@ def build_app(
         headers = {k.lower(): v for k, v in request.headers.items()}
 
         async def act() -> Outcome:
-            answer = state.temperfs.handle(request.method, request.path_params["path"],
-                                           headers, body)
+            answer = state.temperfs.handle(
+                request.method, request.path_params["path"], headers, body
+            )
             if isinstance(answer.body, bytes):
-                response: Response = Response(answer.body, answer.status,
-                                              media_type=answer.content_type)
+                response: Response = Response(
+                    answer.body, answer.status, media_type=answer.content_type
+                )
             elif answer.body is None:
                 response = Response(status_code=answer.status, headers=answer.headers)
             else:
@@ -533,11 +542,16 @@ def build_app(
             if not isinstance(held, list):
                 raise TypeError("held must be a list of sandbox ids")
         except (ValueError, TypeError, KeyError) as exc:
-            return error_response(400, f"expected {{\"held\": [ids]}}: {exc}")
+            return error_response(400, f'expected {{"held": [ids]}}: {exc}')
         return JSONResponse({"orphans": state.orphans({str(x) for x in held})})
 
-    def sandbox(path: str, route: str, handle: Callable[[str, Any], Outcome],
-                method: str, body: str = "none") -> Route:
+    def sandbox(
+        path: str,
+        route: str,
+        handle: Callable[[str, Any], Outcome],
+        method: str,
+        body: str = "none",
+    ) -> Route:
         return Route(path, authenticated(sandbox_route(route, handle, body)), methods=[method])
 
     one = "/sandboxes/{sandbox_id}"
@@ -562,6 +576,5 @@ def build_app(
         Route("/_mock/temperfs", get_temperfs, methods=["GET"]),
         Route("/tdata/{path:path}", temperfs, methods=["GET", "POST", "PUT"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: unserved})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: unserved})
     return KeepRawSend(app), lambda: holder.get("runtime")

@@ -18,8 +18,17 @@ from host.mock_server.config import MockConfig
 
 FaultKind = Literal["status", "reset", "hang", "malformed_json", "slow_body"]
 FaultRoute = Literal[
-    "create", "kill", "get", "list", "timeout", "refresh", "connect", "pause", "resume",
-    "tdata", "any"
+    "create",
+    "kill",
+    "get",
+    "list",
+    "timeout",
+    "refresh",
+    "connect",
+    "pause",
+    "resume",
+    "tdata",
+    "any",
 ]
 OverloadMode = Literal["reject", "slow"]
 
@@ -184,8 +193,13 @@ class MockE2BConfig(MockConfig):
     def __post_init__(self) -> None:
         if not self.api_key:
             raise ValueError("api_key must not be empty")
-        for name in ("create_latency_ms", "create_latency_sigma", "kill_capacity_lag_ms",
-                     "hang_s", "slow_body_ms"):
+        for name in (
+            "create_latency_ms",
+            "create_latency_sigma",
+            "kill_capacity_lag_ms",
+            "hang_s",
+            "slow_body_ms",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.create_rate_per_s is not None and self.create_rate_per_s <= 0:

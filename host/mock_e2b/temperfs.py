@@ -76,9 +76,11 @@ class Entity:
     def state(self) -> dict[str, Any]:
         fields = dict(self.fields)
         if self.entity_type == "File":
-            fields.update(version_count=self.version_count,
-                          has_content=self.content is not None,
-                          size_bytes=0 if self.content is None else len(self.content))
+            fields.update(
+                version_count=self.version_count,
+                has_content=self.content is not None,
+                size_bytes=0 if self.content is None else len(self.content),
+            )
             if self.content_hash is not None:
                 fields["content_hash"] = self.content_hash
         return {
@@ -109,8 +111,13 @@ class TemperFSRequest:
     status: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "path": self.path, "headers": dict(self.headers),
-                "body": self.body.decode(errors="replace"), "status": self.status}
+        return {
+            "method": self.method,
+            "path": self.path,
+            "headers": dict(self.headers),
+            "body": self.body.decode(errors="replace"),
+            "status": self.status,
+        }
 
 
 @dataclass(frozen=True)
@@ -165,8 +172,9 @@ class TemperFSStore:
             answer = Answer(exc.status, exc.body())
         logged = {k: headers[k] for k in _LOGGED_HEADERS if k in headers}
         with self._lock:
-            self._requests.append(TemperFSRequest(method, "/tdata/" + path, logged, body,
-                                                  answer.status))
+            self._requests.append(
+                TemperFSRequest(method, "/tdata/" + path, logged, body, answer.status)
+            )
         return answer
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
@@ -175,8 +183,9 @@ class TemperFSStore:
         if method == "POST" and target.key is None:
             return self._create(tenant, target, body)
         if method == "PUT" and target.value:
-            return self._put_value(tenant, target, body,
-                                   headers.get("content-type", "application/octet-stream"))
+            return self._put_value(
+                tenant, target, body, headers.get("content-type", "application/octet-stream")
+            )
         if method == "GET" and target.value:
             return self._get_value(tenant, target)
         if method == "GET" and target.key is not None:
@@ -186,13 +195,14 @@ class TemperFSStore:
         if method == "GET":
             with self._lock:
                 values = [
-                    _annotated(e, target) for (t, kind, _), e in self._entities.items()
+                    _annotated(e, target)
+                    for (t, kind, _), e in self._entities.items()
                     if t == tenant and kind == target.entity_type
                 ]
-            return Answer(200, {"@odata.context": f"$metadata#{target.entity_set}",
-                                "value": values})
-        raise TemperFSError(405, "MethodNotAllowed",
-                            f"{method} not supported for this path")
+            return Answer(
+                200, {"@odata.context": f"$metadata#{target.entity_set}", "value": values}
+            )
+        raise TemperFSError(405, "MethodNotAllowed", f"{method} not supported for this path")
 
     def _create(self, tenant: str, target: Parsed, body: bytes) -> Answer:
         try:
@@ -203,17 +213,26 @@ class TemperFSStore:
             raise TemperFSError(400, "InvalidBody", "Invalid JSON body: expected an object")
         given = fields.get("id", fields.get("Id"))
         with self._lock:
-            entity_id = given if isinstance(given, str) else (
-                _PREFIX[target.entity_type] + str(uuid.UUID(int=self._rng.getrandbits(128),
-                                                            version=4))
+            entity_id = (
+                given
+                if isinstance(given, str)
+                else (
+                    _PREFIX[target.entity_type]
+                    + str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+                )
             )
             key = (tenant, target.entity_type, entity_id)
             existing = self._entities.get(key)
             if existing is None:
                 if target.entity_type == "File":
                     self._check_path_key(tenant, entity_id, fields)
-                existing = Entity(tenant, target.entity_type, entity_id,
-                                  _INITIAL_STATUS[target.entity_type], dict(fields))
+                existing = Entity(
+                    tenant,
+                    target.entity_type,
+                    entity_id,
+                    _INITIAL_STATUS[target.entity_type],
+                    dict(fields),
+                )
                 self._entities[key] = existing
             return Answer(201, _annotated(existing, target))
 
@@ -225,18 +244,22 @@ class TemperFSStore:
         for (t, kind, other_id), other in self._entities.items():
             if t != tenant or kind != "File" or other_id == entity_id:
                 continue
-            held = (other.fields.get("workspace_id", other.fields.get("WorkspaceId")),
-                    other.fields.get("path", other.fields.get("Path")))
+            held = (
+                other.fields.get("workspace_id", other.fields.get("WorkspaceId")),
+                other.fields.get("path", other.fields.get("Path")),
+            )
             if held == (workspace, path):
                 raise TemperFSError(
-                    409, "DeclaredKeyConflict",
+                    409,
+                    "DeclaredKeyConflict",
                     f"duplicate declared key 'ws_path' for File: held by {other_id}",
                 )
 
     def _put_value(self, tenant: str, target: Parsed, body: bytes, content_type: str) -> Answer:
         if target.entity_type != "File":
-            raise TemperFSError(400, "NoMediaStream",
-                                f"Entity type '{target.entity_type}' has no stream")
+            raise TemperFSError(
+                400, "NoMediaStream", f"Entity type '{target.entity_type}' has no stream"
+            )
         assert target.key is not None
         digest = hashlib.sha256(body).hexdigest()
         with self._lock:
@@ -256,25 +279,32 @@ class TemperFSStore:
         with self._lock:
             entity = self._find(tenant, target)
             if entity.content is None:
-                raise TemperFSError(404, "ResourceNotFound",
-                                    f"Entity '{target.entity_set}' with key "
-                                    f"'{target.key}' has no content")
+                raise TemperFSError(
+                    404,
+                    "ResourceNotFound",
+                    f"Entity '{target.entity_set}' with key '{target.key}' has no content",
+                )
             return Answer(200, entity.content, entity.content_type or "application/octet-stream")
 
     def _find(self, tenant: str, target: Parsed) -> Entity:
         entity = self._entities.get((tenant, target.entity_type, target.key or ""))
         if entity is None:
-            raise TemperFSError(404, "ResourceNotFound",
-                                f"Entity '{target.entity_set}' with key '{target.key}' "
-                                "not found")
+            raise TemperFSError(
+                404,
+                "ResourceNotFound",
+                f"Entity '{target.entity_set}' with key '{target.key}' not found",
+            )
         return entity
 
     # -- reading (tests, control API) ----------------------------------------------------
 
     def entities(self, entity_type: str, tenant: str | None = None) -> list[Entity]:
         with self._lock:
-            return [e for (t, kind, _), e in self._entities.items()
-                    if kind == entity_type and (tenant is None or t == tenant)]
+            return [
+                e
+                for (t, kind, _), e in self._entities.items()
+                if kind == entity_type and (tenant is None or t == tenant)
+            ]
 
     def content(self, file_id: str, tenant: str = DEFAULT_TENANT) -> bytes | None:
         with self._lock:

@@ -237,8 +237,9 @@ def parse_list_query(params: Mapping[str, str], version: int) -> ListQuery:
         raise BadRequest(f"limit must be between {MIN_PAGE} and {MAX_PAGE}")
     token = params.get("nextToken")
     cursor = decode_cursor(token, order) if token else None
-    return ListQuery(metadata, states, order, started_after, params.get("template") or None,
-                     limit, cursor)
+    return ListQuery(
+        metadata, states, order, started_after, params.get("template") or None, limit, cursor
+    )
 
 
 def _iso(moment: datetime) -> str:

@@ -37,43 +37,105 @@ _FIELDS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the mock's flags; every flag left out keeps the permissive default."""
     add_listen_arguments(parser)
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                        help="accepted x-api-key, each with its own limits (repeatable; "
-                             "default: $ANTHROPIC_API_KEY, else sk-ant-mock)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of latency, output tokens, overload and ids")
-    parser.add_argument("--tier", choices=sorted(TIERS), default=None,
-                        help="a usage tier's limits (tier1: 50 RPM, 30k ITPM, 8k OTPM); "
-                             "explicit flags win")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accepted x-api-key, each with its own limits (repeatable; "
+        "default: $ANTHROPIC_API_KEY, else sk-ant-mock)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of latency, output tokens, overload and ids"
+    )
+    parser.add_argument(
+        "--tier",
+        choices=sorted(TIERS),
+        default=None,
+        help="a usage tier's limits (tier1: 50 RPM, 30k ITPM, 8k OTPM); explicit flags win",
+    )
     parser.add_argument("--rpm", type=int, default=None, help="requests per minute per key")
-    parser.add_argument("--itpm", type=int, default=None,
-                        help="input tokens per minute per key (estimated: 4 chars a token)")
-    parser.add_argument("--otpm", type=int, default=None,
-                        help="output tokens per minute per key (charged after the answer)")
-    parser.add_argument("--rpm-burst", type=int, default=None,
-                        help="requests the bucket holds (default: the whole RPM)")
-    parser.add_argument("--itpm-burst", type=int, default=None,
-                        help="input tokens the bucket holds (default: the whole ITPM)")
-    parser.add_argument("--otpm-burst", type=int, default=None,
-                        help="output tokens the bucket holds (default: the whole OTPM)")
-    parser.add_argument("--token-remaining-rounding", type=int, default=None,
-                        help="round token -remaining headers to this (Anthropic: 1000)")
-    parser.add_argument("--latency-ms", type=float, default=None,
-                        help="time to answer (the minimum, with --latency-max-ms)")
-    parser.add_argument("--latency-max-ms", type=float, default=None,
-                        help="draw the latency uniformly up to this (seeded)")
-    parser.add_argument("--output-tokens", type=int, default=None,
-                        help="output tokens of an answer (the minimum, with --output-tokens-max)")
-    parser.add_argument("--output-tokens-max", type=int, default=None,
-                        help="draw the output tokens uniformly up to this (seeded)")
-    parser.add_argument("--overloaded", action="store_true",
-                        help="answer every request 529 overloaded_error")
-    parser.add_argument("--overload-probability", type=float, default=None,
-                        help="answer this fraction of requests 529 (seeded)")
-    parser.add_argument("--overload-requests", default=None, metavar="N-M",
-                        help="answer requests N to M 529 (N-: from N on; N: just N)")
-    parser.add_argument("--overload-retry-after-s", type=float, default=None,
-                        help="retry-after header of a 529 (default: none)")
+    parser.add_argument(
+        "--itpm",
+        type=int,
+        default=None,
+        help="input tokens per minute per key (estimated: 4 chars a token)",
+    )
+    parser.add_argument(
+        "--otpm",
+        type=int,
+        default=None,
+        help="output tokens per minute per key (charged after the answer)",
+    )
+    parser.add_argument(
+        "--rpm-burst",
+        type=int,
+        default=None,
+        help="requests the bucket holds (default: the whole RPM)",
+    )
+    parser.add_argument(
+        "--itpm-burst",
+        type=int,
+        default=None,
+        help="input tokens the bucket holds (default: the whole ITPM)",
+    )
+    parser.add_argument(
+        "--otpm-burst",
+        type=int,
+        default=None,
+        help="output tokens the bucket holds (default: the whole OTPM)",
+    )
+    parser.add_argument(
+        "--token-remaining-rounding",
+        type=int,
+        default=None,
+        help="round token -remaining headers to this (Anthropic: 1000)",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=None,
+        help="time to answer (the minimum, with --latency-max-ms)",
+    )
+    parser.add_argument(
+        "--latency-max-ms",
+        type=float,
+        default=None,
+        help="draw the latency uniformly up to this (seeded)",
+    )
+    parser.add_argument(
+        "--output-tokens",
+        type=int,
+        default=None,
+        help="output tokens of an answer (the minimum, with --output-tokens-max)",
+    )
+    parser.add_argument(
+        "--output-tokens-max",
+        type=int,
+        default=None,
+        help="draw the output tokens uniformly up to this (seeded)",
+    )
+    parser.add_argument(
+        "--overloaded", action="store_true", help="answer every request 529 overloaded_error"
+    )
+    parser.add_argument(
+        "--overload-probability",
+        type=float,
+        default=None,
+        help="answer this fraction of requests 529 (seeded)",
+    )
+    parser.add_argument(
+        "--overload-requests",
+        default=None,
+        metavar="N-M",
+        help="answer requests N to M 529 (N-: from N on; N: just N)",
+    )
+    parser.add_argument(
+        "--overload-retry-after-s",
+        type=float,
+        default=None,
+        help="retry-after header of a 529 (default: none)",
+    )
 
 
 def config_from_args(ns: argparse.Namespace) -> MockLLMConfig:
@@ -111,5 +173,11 @@ def serve(config: MockLLMConfig, host: str = "127.0.0.1", port: int = 0) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(argv, prog="mock-llm", description=__doc__, add_arguments=add_arguments,
-                       config_from_args=config_from_args, serve=serve)
+    return run_command(
+        argv,
+        prog="mock-llm",
+        description=__doc__,
+        add_arguments=add_arguments,
+        config_from_args=config_from_args,
+        serve=serve,
+    )

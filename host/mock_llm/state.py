@@ -136,10 +136,15 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
                 self._counters.unauthorized += 1
             else:
                 self._counters.bad_requests += 1
-            self._log.append(RequestRecord(
-                ordinal=0, arrived_at=arrived_at, answered_at=self._clock(), status=status,
-                error_type=error_type,
-            ))
+            self._log.append(
+                RequestRecord(
+                    ordinal=0,
+                    arrived_at=arrived_at,
+                    answered_at=self._clock(),
+                    status=status,
+                    error_type=error_type,
+                )
+            )
 
     def admit(self, api_key: str, request: MessagesRequest, arrived_at: float) -> Admission:
         """Decides a valid request: overloaded, refused by a limit, or admitted and charged
@@ -179,10 +184,19 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
                     f"This request would exceed your rate limit of {bucket.limit} "
                     f"{_UNIT[limit]} per minute (mock LLM API); retry after {retry} s."
                 )
-                self._log_answer(ordinal, arrived_at, now, 429, "rate_limit_error",
-                                 limit=limit, retry=retry, input_tokens=request.input_tokens)
-                return Admission(429, headers, ordinal, limit=limit, message=message,
-                                 retry_after_s=retry)
+                self._log_answer(
+                    ordinal,
+                    arrived_at,
+                    now,
+                    429,
+                    "rate_limit_error",
+                    limit=limit,
+                    retry=retry,
+                    input_tokens=request.input_tokens,
+                )
+                return Admission(
+                    429, headers, ordinal, limit=limit, message=message, retry_after_s=retry
+                )
             if buckets.requests is not None:
                 buckets.requests.charge(1, now)
             if buckets.input_tokens is not None:
@@ -212,8 +226,15 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
                 buckets.output_tokens.charge(admission.output_tokens, now)
             self._counters.output_tokens += admission.output_tokens
             self._counters.messages_ok += 1
-            self._log_answer(admission.ordinal, arrived_at, now, 200, None,
-                             input_tokens=input_tokens, output_tokens=admission.output_tokens)
+            self._log_answer(
+                admission.ordinal,
+                arrived_at,
+                now,
+                200,
+                None,
+                input_tokens=input_tokens,
+                output_tokens=admission.output_tokens,
+            )
             return self._headers(buckets, now)
 
     # -- reading -----------------------------------------------------------------------------
@@ -326,11 +347,19 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
         input_tokens: int = 0,
         output_tokens: int = 0,
     ) -> None:
-        self._log.append(RequestRecord(
-            ordinal=ordinal, arrived_at=arrived_at, answered_at=now, status=status,
-            error_type=error_type, limit=limit, retry_after_s=retry,
-            input_tokens=input_tokens, output_tokens=output_tokens,
-        ))
+        self._log.append(
+            RequestRecord(
+                ordinal=ordinal,
+                arrived_at=arrived_at,
+                answered_at=now,
+                status=status,
+                error_type=error_type,
+                limit=limit,
+                retry_after_s=retry,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+            )
+        )
 
 
 def _whole_seconds(seconds: float) -> int:

@@ -16,10 +16,24 @@ from host.mock_llm.config import CHARS_PER_TOKEN
 
 # Top-level fields of a Messages request the mock understands; like the real API, it
 # refuses others ("Extra inputs are not permitted") so that a client's typo is seen.
-KNOWN_FIELDS = frozenset({
-    "model", "max_tokens", "messages", "system", "stream", "metadata", "stop_sequences",
-    "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier",
-})
+KNOWN_FIELDS = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "stream",
+        "metadata",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "service_tier",
+    }
+)
 ROLES = ("user", "assistant")
 
 

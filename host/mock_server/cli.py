@@ -21,7 +21,9 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def preset_changes(
-    ns: argparse.Namespace, preset: str, presets: Mapping[str, Mapping[str, Any]],
+    ns: argparse.Namespace,
+    preset: str,
+    presets: Mapping[str, Mapping[str, Any]],
     fields: Mapping[str, str],
 ) -> dict[str, Any]:
     """Config changes the flags make: the named preset's (``--plan``, ``--tier``) first,

@@ -335,22 +335,28 @@ class _SessionEvents:
         detail = event.detail
         kind: str | None = None
         fields: dict[str, Any] = {}
-        if event.kind in ("submitted", "turn", "rejected", "unhandled_failure",
-                          "timer_exhausted"):
+        if event.kind in ("submitted", "turn", "rejected", "unhandled_failure", "timer_exhausted"):
             kind, fields = event.kind, dict(detail)
         elif event.kind == "timer" and detail.get("state") not in self.script.queued_states:
             kind, fields = "timer", dict(detail)  # the poll is not news: it runs every poll_s
         elif event.kind == "answered" and detail.get("trigger") == RELEASE_TRIGGER:
             params = detail.get("params") or {}
             self.release_error[event.job.id] = (
-                None if detail.get("success") and detail.get("action") == SANDBOX_RELEASED
+                None
+                if detail.get("success") and detail.get("action") == SANDBOX_RELEASED
                 else _typed_reason(str(detail.get("action")), params)
             )
         elif event.kind == "transition":
             kind, fields = self._transition(detail)
         if kind is not None:
-            self.writer.emit("session", job=event.job.id, tenant=event.job.tenant, kind=kind,
-                             phase=event.phase, detail=fields)
+            self.writer.emit(
+                "session",
+                job=event.job.id,
+                tenant=event.job.tenant,
+                kind=kind,
+                phase=event.phase,
+                detail=fields,
+            )
 
     def _transition(self, detail: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
         before, after = detail.get("before"), detail.get("after")
@@ -365,8 +371,11 @@ class _SessionEvents:
         if after in self.script.completed_states:
             return "completed", params
         if after in self.script.failed_states:
-            return "failed", {"action": action, "reason": _typed_reason(action, params),
-                              "queued": before in self.script.queued_states}
+            return "failed", {
+                "action": action,
+                "reason": _typed_reason(action, params),
+                "queued": before in self.script.queued_states,
+            }
         if after == "Releasing":
             return "releasing", {}
         return None, {}
@@ -395,8 +404,14 @@ def _run_assignment(
 ) -> None:
     script = SessionScript.for_spec(spec)
     events = _SessionEvents(script, writer)
-    driver = SessionDriver(spec, {MODULE: invoker}, settings.driver_settings(), script=script,
-                           configure=settings.configure(), on_event=events)
+    driver = SessionDriver(
+        spec,
+        {MODULE: invoker},
+        settings.driver_settings(),
+        script=script,
+        configure=settings.configure(),
+        on_event=events,
+    )
     try:
         run = driver.run(jobs)
     finally:
@@ -416,7 +431,10 @@ def _run_assignment(
 
 
 def _run_cancel(
-    job: Job, spec: Spec, invoker: _RecordingInvoker, settings: WorkerSettings,
+    job: Job,
+    spec: Spec,
+    invoker: _RecordingInvoker,
+    settings: WorkerSettings,
     writer: EventWriter,
 ) -> None:
     """An out-of-band cancel of `job`'s entity, as a caller on another node would dispatch
@@ -429,8 +447,9 @@ def _run_cancel(
         if event.kind == "answered" and event.detail.get("trigger") == RELEASE_TRIGGER:
             answers.append(str(event.detail.get("action")))
 
-    executor = Executor(spec, loop, run_id=settings.run_id, configure=settings.configure(),
-                        on_event=on_event)
+    executor = Executor(
+        spec, loop, run_id=settings.run_id, configure=settings.configure(), on_event=on_event
+    )
     entity: Entity = executor.create(job)
     rejected = executor.dispatch(entity, CANCEL_ACTION, {"error_message": "cancelled"})
     try:

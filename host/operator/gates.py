@@ -35,7 +35,6 @@ class ReadOnlyAccountStorage:
         return self._backend.get(self._namespace, key)
 
 
-
 def admission_config(settings: Mapping[str, str]) -> AdmissionConfig:
     """The admission settings from integration-config keys (`create_slots`, ...): the
     limits and ETAs an inspection reports depend on them. Raises ProvisionerError

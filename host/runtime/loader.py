@@ -107,9 +107,7 @@ class Pooling:
                 pool, self.tables_per_component
             )
             ffi.wasmtime_pooling_allocation_config_total_stacks_set(pool, slots)
-            ffi.wasmtime_pooling_allocation_config_max_memory_size_set(
-                pool, self.max_memory_bytes
-            )
+            ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, self.max_memory_bytes)
             ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, self.table_elements)
             ffi.wasmtime_pooling_allocation_config_max_component_instance_size_set(
                 pool, self.instance_metadata_bytes

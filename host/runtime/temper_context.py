@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from host.temper_abi.result import MAX_DIAGNOSTIC_BYTES
-from provisioner.model import Invocation, Outcome
+from provisioner.model import WAKE_UPS, Invocation, Outcome
 
 MAX_CONTEXT_BYTES = 1024 * 1024
 
@@ -110,7 +110,10 @@ def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
     - the legacy failure shape is never produced.
     """
     if outcome.success:
-        return {"action": outcome.action, "params": outcome.params, "success": True}
+        # The waiters the component promised a permit to are the host's to wake; they
+        # name other tenants' entities, so Temper never sees them.
+        params = {k: v for k, v in outcome.params.items() if k != WAKE_UPS}
+        return {"action": outcome.action, "params": params, "success": True}
     error = outcome.error
     retryable = bool(error and error.retryable)
     declaration: dict[str, Any] = {

@@ -312,8 +312,7 @@ def _export_call(self: Any, store: Any, *params: Any) -> Any:
     param_tys, result_ty = EXPORT_SIGNATURES.signature(None, fty)
     if len(params) != len(param_tys):
         raise TypeError(
-            f"wrong number of parameters provided: given {len(params)}, "
-            f"expected {len(param_tys)}"
+            f"wrong number of parameters provided: given {len(params)}, expected {len(param_tys)}"
         )
     param_capi = (ffi.wasmtime_component_val_t * len(params))()
     lowered = 0
@@ -376,9 +375,7 @@ def _check_internals() -> None:
     if [f[0] for f in ffi.wasmtime_component_vallist_t._fields_] != ["size", "data"]:
         raise _refuse("wasmtime_component_vallist_t layout")
     list_type = vars(_types.ListType)
-    if not callable(list_type.get("convert_to_c")) or not callable(
-        list_type.get("convert_from_c")
-    ):
+    if not callable(list_type.get("convert_to_c")) or not callable(list_type.get("convert_from_c")):
         raise _refuse("ListType conversion")
     # Fix 4 swaps the callback that `LinkerInstance.add_func` registers, by its global name.
     if not isinstance(getattr(_linker, "func_impl", None), ffi.wasmtime_component_func_callback_t):
@@ -390,9 +387,7 @@ def _check_internals() -> None:
             raise _refuse(f"component linker {name}")
     if not hasattr(_enter, "catch_exceptions") or not hasattr(_enter, "enter_wasm"):
         raise _refuse("component call plumbing")
-    if not callable(vars(_func.Func).get("__call__")) or not callable(
-        vars(_func.Func).get("type")
-    ):
+    if not callable(vars(_func.Func).get("__call__")) or not callable(vars(_func.Func).get("type")):
         raise _refuse("component Func")
 
 

@@ -80,8 +80,10 @@ def queue_position(outcome: Outcome) -> int:
 class HeldRequest:
     """One held request: its place in line (to wake the nearest first) and its wake-up."""
 
-    def __init__(self, position: int) -> None:
+    def __init__(self, position: int, entity: tuple[str, str] | None = None) -> None:
         self.position = position
+        # (tenant, entity id): a permit promised to it wakes it (`Holds.wake_entity`).
+        self.entity = entity
         self.woken = asyncio.Event()
         self.loop = asyncio.get_running_loop()
 
@@ -114,12 +116,12 @@ class Holds:
         with self._lock:
             return len(self._held)
 
-    def enter(self, position: int) -> HeldRequest | None:
+    def enter(self, position: int, entity: tuple[str, str] | None = None) -> HeldRequest | None:
         """A place for one more held request, or None (full, or draining)."""
         with self._lock:
             if self.draining or len(self._held) >= self.max_held:
                 return None
-            held = HeldRequest(position)
+            held = HeldRequest(position, entity)
             self._held.add(held)
             return held
 
@@ -133,6 +135,15 @@ class Holds:
             nearest = sorted(self._held, key=lambda h: h.position)[: max(0, count)]
         for held in nearest:
             held.wake()
+
+    def wake_entity(self, entity: tuple[str, str]) -> bool:
+        """Wake the held requests of `entity` (tenant, entity id); False when none is held
+        here."""
+        with self._lock:
+            found = [held for held in self._held if held.entity == entity]
+        for held in found:
+            held.wake()
+        return bool(found)
 
     def drain(self) -> None:
         """Answer every held request at once (from a signal handler, too)."""
@@ -181,6 +192,7 @@ async def answer_held(
     push: bool,
     now_ms: Callable[[], int],
     client_gone: Callable[[], Awaitable[bool]] | None = None,
+    entity: tuple[str, str] | None = None,
 ) -> HeldAnswer:
     """Hold the request while `pace.next_step` says to ask again by `hold_until` (counted
     from the request's arrival: Temper's deadline is); `ask_again` calls the component
@@ -189,7 +201,7 @@ async def answer_held(
     started = time.monotonic()
     outcome, calls = first, 1
     step = next_step(outcome, now_ms(), hold_until, push)
-    held = holds.enter(queue_position(outcome)) if isinstance(step, AskAgainAt) else None
+    held = holds.enter(queue_position(outcome), entity) if isinstance(step, AskAgainAt) else None
     if held is None:
         return HeldAnswer(outcome, final_step(outcome, now_ms(), push), calls, 0.0)
     try:

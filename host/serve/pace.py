@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioner.model import Outcome
+from provisioner.model import WAKE_UPS, Outcome
 
 # The answers that mean "not yet": the sandbox gates' and a resource gate's.
 QUEUED_ACTIONS = frozenset({"SandboxQueued", "ResourceQueued"})
@@ -73,6 +73,46 @@ def retry_at_ms(outcome: Outcome, now_ms: int) -> int | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Promised:
+    """A waiter the component promised a permit to while deciding for another (its
+    `wake_ups` param): woken at `at_ms`, it claims the permit then, not at its next poll."""
+
+    tenant: str
+    entity_type: str
+    entity_id: str
+    at_ms: int
+    reservation: str
+
+
+def promised(outcome: Outcome) -> list[Promised]:
+    """The waiters `outcome` says were promised a permit (malformed entries are skipped)."""
+    found: list[Promised] = []
+    items = outcome.params.get(WAKE_UPS)
+    for item in items if isinstance(items, list) else []:
+        try:
+            found.append(
+                Promised(
+                    str(item["tenant"]),
+                    str(item["entity_type"]),
+                    str(item["entity_id"]),
+                    int(item["at_ms"]),
+                    str(item["reservation"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+def without_promises(outcome: Outcome) -> Outcome:
+    """`outcome` as the runtime may see it: the promises name other tenants' entities."""
+    if WAKE_UPS not in outcome.params:
+        return outcome
+    params = {k: v for k, v in outcome.params.items() if k != WAKE_UPS}
+    return Outcome(outcome.action, params, outcome.success, outcome.error)
+
+
 def next_step(outcome: Outcome, now_ms: int, hold_until_ms: int, push: bool) -> Step:
     """What to do with `outcome`, answered at `now_ms` to a request that may be held until
     `hold_until_ms` (the request's start plus its hold window; at most `now_ms` when the
@@ -94,7 +134,10 @@ __all__ = [
     "AnswerAndWake",
     "AskAgainAt",
     "PaceSettings",
+    "Promised",
     "Step",
     "next_step",
+    "promised",
     "retry_at_ms",
+    "without_promises",
 ]

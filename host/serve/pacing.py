@@ -22,7 +22,7 @@ from host.serve.hold import (
     hold_until_ms,
     hold_window_ms,
 )
-from host.serve.pace import AnswerAndWake, PaceSettings
+from host.serve.pace import AnswerAndWake, PaceSettings, Promised, promised, without_promises
 from host.serve.wakeups import NOT_STORED, WakeupSender, WakeupStore, new_wakeup
 from host.storage.base import StorageError
 from provisioner.model import Invocation, Outcome
@@ -73,37 +73,69 @@ class ServePace:
         hold_until: int,
         client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> HeldAnswer:
-        """The answer to one invocation whose component answered `first`."""
+        """The answer to one invocation whose component answered `first`. Every answer's
+        promises (permits the component promised to other waiters) are taken out of what
+        Temper sees: a waiter held here is woken to claim its permit, and with push any
+        other is woken through Temper."""
+        promises: list[Promised] = []
+
+        def taken(outcome: Outcome) -> Outcome:
+            for promise in promised(outcome):
+                if not self.holds.wake_entity((promise.tenant, promise.entity_id)):
+                    promises.append(promise)
+            return without_promises(outcome)
+
+        async def asking() -> Outcome | None:
+            fresh = await ask_again()
+            return None if fresh is None else taken(fresh)
+
+        first = taken(first)
         if frees_a_permit(first):
             self.holds.wake_nearest(self.wake_count)
         answer = await answer_held(
             first,
-            ask_again,
+            asking,
             holds=self.holds,
             hold_until=hold_until,
-            push=self.settings.push and self.wakeups is not None,
+            push=self.push,
             now_ms=self.now_ms,
             client_gone=client_gone,
+            entity=(invocation.tenant, invocation.entity_id),
         )
         if answer.calls > 1 and frees_a_permit(answer.outcome):
             self.holds.wake_nearest(self.wake_count)
         if answer.calls > 1 or answer.held_s > 0:
             self.observe_hold(answer)
         if isinstance(answer.step, AnswerAndWake):
-            await self._store_wakeup(invocation, answer.step)
+            await self._store_wakeup(
+                invocation.tenant,
+                invocation.entity_type,
+                invocation.entity_id,
+                max(answer.step.at_ms, self.now_ms() + WAKE_AFTER_ANSWER_MS),
+                answer.step.reservation,
+            )
+        if self.push:
+            for promise in promises:
+                await self._store_wakeup(
+                    promise.tenant,
+                    promise.entity_type,
+                    promise.entity_id,
+                    promise.at_ms,
+                    promise.reservation,
+                )
         return answer
 
-    async def _store_wakeup(self, invocation: Invocation, step: AnswerAndWake) -> None:
+    @property
+    def push(self) -> bool:
+        return self.settings.push and self.wakeups is not None
+
+    async def _store_wakeup(
+        self, tenant: str, entity_type: str, entity_id: str, at_ms: int, reservation: str
+    ) -> None:
         store = self.wakeups
         if store is None:
             return
-        wakeup = new_wakeup(
-            invocation.tenant,
-            invocation.entity_type,
-            invocation.entity_id,
-            max(step.at_ms, self.now_ms() + WAKE_AFTER_ANSWER_MS),
-            step.reservation,
-        )
+        wakeup = new_wakeup(tenant, entity_type, entity_id, at_ms, reservation)
         try:
             stored = await asyncio.to_thread(store.schedule, wakeup)
         except StorageError as error:

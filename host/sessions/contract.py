@@ -24,12 +24,30 @@ FAILURE_PARAMS = ("error", "error_message", "integration")
 
 ANSWERS: dict[str, dict[str, tuple[str, ...]]] = {
     "provision": {
-        "SandboxReady": ("sandbox_id", "sandbox_url", "template_id", "client_id",
-                         "envd_version", "attempts", "queued_ms", "workspace_id",
-                         "conversation_file_id", "file_manifest_id", "session_file_id",
-                         "session_leaf_id"),
-        "SandboxQueued": ("position", "queue_length", "in_use", "limit", "reason",
-                          "retry_after_ms", "eta_ms", "waited_ms"),
+        "SandboxReady": (
+            "sandbox_id",
+            "sandbox_url",
+            "template_id",
+            "client_id",
+            "envd_version",
+            "attempts",
+            "queued_ms",
+            "workspace_id",
+            "conversation_file_id",
+            "file_manifest_id",
+            "session_file_id",
+            "session_leaf_id",
+        ),
+        "SandboxQueued": (
+            "position",
+            "queue_length",
+            "in_use",
+            "limit",
+            "reason",
+            "retry_after_ms",
+            "eta_ms",
+            "waited_ms",
+        ),
         "SandboxFailed": ("code", "message", "retryable"),
     },
     "release": {
@@ -78,19 +96,33 @@ def answers_for(trigger: Trigger, operation: str) -> dict[str, tuple[str, ...]]:
     if operation == "acquire":
         granted = trigger.config_value("granted_action") or "ResourceGranted"
         queued = trigger.config_value("queued_action") or "ResourceQueued"
-        return {granted: ("resource", "lease_id", "expires_at_ms", "queued_ms", "renewed"),
-                queued: ("resource", *RESOURCE_QUEUE_PARAMS)}
+        return {
+            granted: ("resource", "lease_id", "expires_at_ms", "queued_ms", "renewed"),
+            queued: ("resource", *RESOURCE_QUEUE_PARAMS),
+        }
     if operation == "settle":
-        return {"ResourceSettled": ("resource", "lease_id", "held", "answer", "status",
-                                    "charged", "cooling_ms")}
+        return {
+            "ResourceSettled": (
+                "resource",
+                "lease_id",
+                "held",
+                "answer",
+                "status",
+                "charged",
+                "cooling_ms",
+            )
+        }
     if operation == "release":
         return {"ResourceReleased": ("resource", "released", "lease_id", "waited")}
     return {}
 
 
 def component_triggers(spec: Spec) -> list[tuple[Action, Trigger, str]]:
-    return [(action, trigger, trigger.config_value("operation") or "provision")
-            for action, trigger in spec.triggers() if trigger.module == MODULE]
+    return [
+        (action, trigger, trigger.config_value("operation") or "provision")
+        for action, trigger in spec.triggers()
+        if trigger.module == MODULE
+    ]
 
 
 def check_spec(spec: Spec) -> list[Finding]:
@@ -116,11 +148,16 @@ def _one_timer_per_state(spec: Spec) -> list[Finding]:
         timers = spec.timeouts_of(state)
         if len(timers) > 1:
             names = ", ".join(t.on_timeout for t in timers)
-            found.append(Finding(
-                "one-timer-per-entity", f"state '{state}'",
-                f"{len(timers)} [[state_timeout]] declarations ({names}): entering the state "
-                f"arms only the first ({timers[0].on_timeout}); a reset re-arms the last whose "
-                "reset_on names the action; they never run side by side", ARMING_RS))
+            found.append(
+                Finding(
+                    "one-timer-per-entity",
+                    f"state '{state}'",
+                    f"{len(timers)} [[state_timeout]] declarations ({names}): entering the state "
+                    f"arms only the first ({timers[0].on_timeout}); a reset re-arms the last whose "
+                    "reset_on names the action; they never run side by side",
+                    ARMING_RS,
+                )
+            )
     return found
 
 
@@ -131,12 +168,18 @@ def _reset_on_self_loops(spec: Spec) -> list[Finding]:
             action = spec.action(name)
             if action is None:
                 continue
-            if not (action.enabled_in(timeout.state)
-                    and action.target(timeout.state) == timeout.state):
-                found.append(Finding(
-                    "reset-on-self-loop", f"state_timeout on '{timeout.state}'",
-                    f"reset_on names {name}, which is not a self-loop staying in "
-                    f"'{timeout.state}': it never resets this timer", ARMING_RS))
+            if not (
+                action.enabled_in(timeout.state) and action.target(timeout.state) == timeout.state
+            ):
+                found.append(
+                    Finding(
+                        "reset-on-self-loop",
+                        f"state_timeout on '{timeout.state}'",
+                        f"reset_on names {name}, which is not a self-loop staying in "
+                        f"'{timeout.state}': it never resets this timer",
+                        ARMING_RS,
+                    )
+                )
     return found
 
 
@@ -145,10 +188,14 @@ def _timers_enabled(spec: Spec) -> list[Finding]:
     for timeout in spec.timeouts:
         action = spec.action(timeout.on_timeout)
         if action is not None and not action.enabled_in(timeout.state):
-            found.append(Finding(
-                "timer-action-enabled", f"state_timeout on '{timeout.state}'",
-                f"on_timeout {timeout.on_timeout} is not enabled in '{timeout.state}'",
-                TYPES_RS))
+            found.append(
+                Finding(
+                    "timer-action-enabled",
+                    f"state_timeout on '{timeout.state}'",
+                    f"on_timeout {timeout.on_timeout} is not enabled in '{timeout.state}'",
+                    TYPES_RS,
+                )
+            )
     return found
 
 
@@ -157,29 +204,37 @@ def _first_timer(spec: Spec, state: str) -> StateTimeout | None:
     return timers[0] if timers else None
 
 
-def _trigger_rules(
-    spec: Spec, action: Action, trigger: Trigger, operation: str
-) -> list[Finding]:
+def _trigger_rules(spec: Spec, action: Action, trigger: Trigger, operation: str) -> list[Finding]:
     found: list[Finding] = []
     where = f"action '{action.name}' trigger '{trigger.name}'"
     answers = answers_for(trigger, operation)
     if trigger.on_success is not None and len(answers) > 1:
         swallowed = [a for a in answers if a != trigger.on_success]
-        found.append(Finding(
-            "static-on-success", where,
-            f"on_success = {trigger.on_success!r} wins over the action the component names, "
-            f"so every {', '.join(swallowed)} answer dispatches {trigger.on_success}; leave "
-            "on_success out", INVOCATION_RS))
+        found.append(
+            Finding(
+                "static-on-success",
+                where,
+                f"on_success = {trigger.on_success!r} wins over the action the component names, "
+                f"so every {', '.join(swallowed)} answer dispatches {trigger.on_success}; leave "
+                "on_success out",
+                INVOCATION_RS,
+            )
+        )
     if trigger.on_failure is not None:
         target = spec.action(trigger.on_failure)
         if target is not None:
             missing = [p for p in target.params if p not in FAILURE_PARAMS]
             if missing:
-                found.append(Finding(
-                    "failure-params", where,
-                    f"on_failure = {trigger.on_failure!r} declares {', '.join(missing)}, but a "
-                    f"failed invocation dispatches it with {{{', '.join(FAILURE_PARAMS)}}} "
-                    "only: the module's action and params are lost", FAILURE_RS))
+                found.append(
+                    Finding(
+                        "failure-params",
+                        where,
+                        f"on_failure = {trigger.on_failure!r} declares {', '.join(missing)}, but a "
+                        f"failed invocation dispatches it with {{{', '.join(FAILURE_PARAMS)}}} "
+                        "only: the module's action and params are lost",
+                        FAILURE_RS,
+                    )
+                )
     # Where the answer arrives: the state the triggering action leads to.
     for state in {action.target(s) for s in action.sources} or {action.to or spec.initial}:
         for answer, params in answers.items():
@@ -190,22 +245,35 @@ def _trigger_rules(
                 # dropped on purpose: the entity is done, or its timer tries again.
                 continue
             if callback is None or not callback.enabled_in(state):
-                found.append(Finding(
-                    "answer-has-transition", where,
-                    f"the component may answer {answer} in '{state}', where no such action is "
-                    "enabled: Temper rejects the callback and the entity waits", INVOCATION_RS))
+                found.append(
+                    Finding(
+                        "answer-has-transition",
+                        where,
+                        f"the component may answer {answer} in '{state}', where no such action is "
+                        "enabled: Temper rejects the callback and the entity waits",
+                        INVOCATION_RS,
+                    )
+                )
                 continue
             variables = {v.name for v in spec.state_vars}
             lost = [p for p in params if p in variables and p not in callback.params]
             if lost:
-                found.append(Finding(
-                    "declared-params", f"action '{answer}'",
-                    f"does not declare {', '.join(lost)}: the component's values never reach "
-                    "those fields", DECLARED_RS))
+                found.append(
+                    Finding(
+                        "declared-params",
+                        f"action '{answer}'",
+                        f"does not declare {', '.join(lost)}: the component's values never reach "
+                        "those fields",
+                        DECLARED_RS,
+                    )
+                )
         if operation == "provision":
             found += _provisioning_timers(spec, state, where)
-    if operation == "provision" and "SandboxQueued" in answers and \
-            trigger.config_value("resource") is None:
+    if (
+        operation == "provision"
+        and "SandboxQueued" in answers
+        and trigger.config_value("resource") is None
+    ):
         found += _poll_rules(spec, trigger, where)
     return found
 
@@ -220,11 +288,15 @@ def _provisioning_timers(spec: Spec, state: str, where: str) -> list[Finding]:
         # Queued) cuts nothing off: the running invocation's answer still lands, and the
         # component gives an entity no second create while its first is in flight.
         return []
-    return [Finding(
-        "guard-above-deadline", f"state_timeout on '{state}'",
-        f"{timer.on_timeout} after {timer.after_seconds}s fires while a provision invocation "
-        f"may still run (deadline {INVOCATION_DEADLINE_S}s): a slow create is cut off",
-        ARMING_RS)]
+    return [
+        Finding(
+            "guard-above-deadline",
+            f"state_timeout on '{state}'",
+            f"{timer.on_timeout} after {timer.after_seconds}s fires while a provision invocation "
+            f"may still run (deadline {INVOCATION_DEADLINE_S}s): a slow create is cut off",
+            ARMING_RS,
+        )
+    ]
 
 
 def _poll_rules(spec: Spec, trigger: Trigger, where: str) -> list[Finding]:
@@ -238,20 +310,30 @@ def _poll_rules(spec: Spec, trigger: Trigger, where: str) -> list[Finding]:
         poll = spec.action(timer.on_timeout) if timer is not None else None
         asks = poll is not None and any(t.module == MODULE for t in poll.triggers)
         if timer is None or poll is None or not asks:
-            found.append(Finding(
-                "poll-timer", f"state '{state}'",
-                "a queued entity asks again only when a timer of its state fires (Temper "
-                "has no wake-up and no per-answer delay); the first timer here does not "
-                "trigger the component", ARMING_RS))
+            found.append(
+                Finding(
+                    "poll-timer",
+                    f"state '{state}'",
+                    "a queued entity asks again only when a timer of its state fires (Temper "
+                    "has no wake-up and no per-answer delay); the first timer here does not "
+                    "trigger the component",
+                    ARMING_RS,
+                )
+            )
             continue
         assert timer is not None
         wait_s = int(trigger.config_value("queue_timeout_s") or 1800)
         if timer.max_occurrences * timer.after_seconds < wait_s:
-            found.append(Finding(
-                "poll-budget", f"state_timeout on '{state}'",
-                f"max_occurrences {timer.max_occurrences} x {timer.after_seconds}s polls stop "
-                f"before the component's queue_timeout_s ({wait_s}s): a waiting entity is "
-                "left queued with no timer", TYPES_RS))
+            found.append(
+                Finding(
+                    "poll-budget",
+                    f"state_timeout on '{state}'",
+                    f"max_occurrences {timer.max_occurrences} x {timer.after_seconds}s polls stop "
+                    f"before the component's queue_timeout_s ({wait_s}s): a waiting entity is "
+                    "left queued with no timer",
+                    TYPES_RS,
+                )
+            )
     return found
 
 

@@ -50,6 +50,7 @@ from provisioner.model import (
     Outcome,
     failed,
 )
+from provisioner.operations import with_wake_ups
 from provisioner.ports import HttpRequest, HttpResponse
 
 ACCOUNT = "sim-account"
@@ -76,9 +77,7 @@ class VirtualLoop:
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         return self.call_at(self._now + max(0.0, delay), callback)
 
-    def invoke(
-        self, module: str, invocation: Invocation, done: Callable[[Outcome], None]
-    ) -> None:
+    def invoke(self, module: str, invocation: Invocation, done: Callable[[Outcome], None]) -> None:
         invoker = self.modules.get(module)
         if invoker is None:
             outcome = no_such_module(module)
@@ -131,15 +130,22 @@ class NativeProvisioner:
         return None
 
     def _controller(self, tenant: str) -> AdmissionController:
-        ports = native_ports(self.backend, tenant=tenant, account=ACCOUNT, http=_NoHttp(),
-                             clock=self.loop.clock, random=self.random,
-                             telemetry=self.telemetry)
+        ports = native_ports(
+            self.backend,
+            tenant=tenant,
+            account=ACCOUNT,
+            http=_NoHttp(),
+            clock=self.loop.clock,
+            random=self.random,
+            telemetry=self.telemetry,
+        )
         return AdmissionController(ports, self.admission)
 
     def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None:
         self.telemetry.events.clear()  # kept only as the port needs one; long runs stay small
         operation = dict(invocation.config).get("operation", "provision")
-        waiter = Waiter(invocation.tenant, invocation.entity_id)
+        # Named as the guest names it (`provisioner.invocation.Request.entity`).
+        waiter = Waiter(invocation.tenant, f"{invocation.entity_type}/{invocation.entity_id}")
         if operation == "release":
             self._release(invocation, waiter, done)
             return
@@ -147,9 +153,10 @@ class NativeProvisioner:
         if sandbox is not None:
             done(_ready(sandbox))
             return
-        decision = self._controller(waiter.tenant).admit(waiter)
+        controller = self._controller(waiter.tenant)
+        decision = controller.admit(waiter)
         if not isinstance(decision, Grant):
-            done(_decided(decision))
+            done(with_wake_ups(_decided(decision), controller))
             return
         self.creating.add(waiter.entity)
         answer, latency_ms = self.e2b.begin_create(self.loop.clock.now_ms())
@@ -157,14 +164,14 @@ class NativeProvisioner:
         def answered() -> None:
             self.e2b.end_create(answer)
             self.creating.discard(waiter.entity)
-            settled = self._controller(waiter.tenant).settle(waiter, decision, answer)
+            settled = controller.settle(waiter, decision, answer)
             if isinstance(answer, Created):
                 self.created[waiter.entity] += 1
             if isinstance(answer, Created) and settled is None:
                 self.held[waiter.entity] = answer.sandbox_id
-                done(_ready(answer.sandbox_id))
+                done(with_wake_ups(_ready(answer.sandbox_id), controller))
             else:
-                done(_decided(settled))
+                done(with_wake_ups(_decided(settled), controller))
 
         self.loop.call_later(latency_ms / 1000, answered)
 
@@ -174,14 +181,19 @@ class NativeProvisioner:
         sandbox = self.held.pop(waiter.entity, None)
         if sandbox is not None:
             self.e2b.kill(sandbox)
-        self._controller(waiter.tenant).release(waiter)
-        done(Outcome(SANDBOX_RELEASED, {"released": sandbox is not None,
-                                        "sandbox_id": sandbox or ""}))
+        controller = self._controller(waiter.tenant)
+        controller.release(waiter)
+        released = Outcome(
+            SANDBOX_RELEASED, {"released": sandbox is not None, "sandbox_id": sandbox or ""}
+        )
+        done(with_wake_ups(released, controller))
 
 
 def _ready(sandbox_id: str) -> Outcome:
-    return Outcome(SANDBOX_READY, {"sandbox_id": sandbox_id,
-                                   "sandbox_url": f"https://49983-{sandbox_id}.e2b.app"})
+    return Outcome(
+        SANDBOX_READY,
+        {"sandbox_id": sandbox_id, "sandbox_url": f"https://49983-{sandbox_id}.e2b.app"},
+    )
 
 
 def _decided(decision: Grant | Queued | Rejected | None) -> Outcome:
@@ -224,8 +236,11 @@ class VirtualScenario:
         e2b = self.e2b
         return Limits(
             create_slots=e2b.create_slots or self.admission.create_slots,
-            create_rate_per_s=e2b.rate_per_s, create_burst=max(1, e2b.rate_burst),
-            max_sandboxes=e2b.sandbox_cap, create_latency_s=e2b.create_latency_ms / 1000)
+            create_rate_per_s=e2b.rate_per_s,
+            create_burst=max(1, e2b.rate_burst),
+            max_sandboxes=e2b.sandbox_cap,
+            create_latency_s=e2b.create_latency_ms / 1000,
+        )
 
     @property
     def session_s(self) -> float:
@@ -237,6 +252,7 @@ class VirtualScenario:
 class VirtualRun:
     run: RunResult
     e2b: FakeE2B
+    # Temper's invocations of the module (what Temper runs and pays for).
     invocations: int
     end_s: float
     provisioner: NativeProvisioner | GuestProvisioner
@@ -253,10 +269,17 @@ class VirtualRun:
             "makespan_s": round(self.run.makespan_s, 3),
             "ideal_makespan_s": round(self.ideal_s, 3),
             "makespan_ratio": round(self.run.makespan_s / self.ideal_s, 3)
-            if self.ideal_s else None,
+            if self.ideal_s
+            else None,
             "invocations": self.invocations,
             "invocations_per_completed": round(self.invocations / completed, 2)
-            if completed else None,
+            if completed
+            else None,
+            # Calls of the provisioner itself: a held request's re-asks count too.
+            "component_calls": serve.calls,
+            "component_calls_per_completed": round(serve.calls / completed, 2)
+            if completed
+            else None,
             "max_concurrent_creates_seen": self.e2b.max_in_flight,
             "max_running_sandboxes_seen": self.e2b.max_sandboxes,
             "throttled": self.e2b.throttled,
@@ -290,8 +313,12 @@ def jobs_for(count: int, tenants: int, run_id: str = "v") -> list[Job]:
 
 
 def run_virtual(
-    spec: Spec, scenario: VirtualScenario, *, script: SessionScript | None = None,
-    jobs: Sequence[Job] | None = None, modules: Mapping[str, VirtualInvoker] | None = None,
+    spec: Spec,
+    scenario: VirtualScenario,
+    *,
+    script: SessionScript | None = None,
+    jobs: Sequence[Job] | None = None,
+    modules: Mapping[str, VirtualInvoker] | None = None,
 ) -> VirtualRun:
     """Runs the scenario's jobs through `spec` on virtual time."""
     script = script or SessionScript.for_spec(spec)
@@ -309,31 +336,54 @@ def run_virtual(
         configure = overlay_config(dict(scenario.integration))
         secrets = Secrets({"e2b_api_key": GUEST_API_KEY})
     else:
-        provisioner = NativeProvisioner(loop=loop, admission=scenario.admission, e2b=e2b,
-                                        backend=backend, random=SeededRandom(scenario.seed))
-    serve = VirtualServe(loop, provisioner, scenario.pace, wake_action=scenario.wake_action,
-                         fault=scenario.wake_fault)
+        provisioner = NativeProvisioner(
+            loop=loop,
+            admission=scenario.admission,
+            e2b=e2b,
+            backend=backend,
+            random=SeededRandom(scenario.seed),
+        )
+    serve = VirtualServe(
+        loop,
+        provisioner,
+        scenario.pace,
+        wake_action=scenario.wake_action,
+        fault=scenario.wake_fault,
+    )
     loop.modules = {"sandbox_provisioner": serve, **(modules or {})}
     job_list = list(jobs) if jobs is not None else jobs_for(scenario.jobs, scenario.tenants)
-    credentials = {tenant: f"agent-credential-{tenant}"
-                   for tenant in sorted({job.tenant for job in job_list})}
-    executor = Executor(spec, loop, run_id="virtual", secrets=secrets, configure=configure,
-                        timer_seconds=timer_scale(script, scenario.sim_per_real),
-                        access=ExternalAccess(f"{spec.name}s",
-                                              {c: t for t, c in credentials.items()}))
+    credentials = {
+        tenant: f"agent-credential-{tenant}" for tenant in sorted({job.tenant for job in job_list})
+    }
+    executor = Executor(
+        spec,
+        loop,
+        run_id="virtual",
+        secrets=secrets,
+        configure=configure,
+        timer_seconds=timer_scale(script, scenario.sim_per_real),
+        access=ExternalAccess(f"{spec.name}s", {c: t for t, c in credentials.items()}),
+    )
     serve.bind(executor, credentials)
-    runner = SessionRunner(executor, script,
-                           RunSettings(scenario.turns, scenario.turn_s, scenario.batch_size),
-                           loop.call_later)
+    runner = SessionRunner(
+        executor,
+        script,
+        RunSettings(scenario.turns, scenario.turn_s, scenario.batch_size),
+        loop.call_later,
+    )
     try:
         runner.start(job_list)
         loop.run(runner.done)
     finally:
         provisioner.close()
-    run = RunResult(results=runner.results(), makespan_s=runner.last_finish,
-                    host={"peak_admission_permits": executor.admission.peak_held})
+    run = RunResult(
+        results=runner.results(),
+        makespan_s=runner.last_finish,
+        host={"peak_admission_permits": executor.admission.peak_held},
+    )
     ideal = ideal_makespan_s(len(job_list), scenario.limits(), scenario.session_s)
-    return VirtualRun(run, e2b, serve.figures.calls, loop.now(), provisioner, serve, ideal)
+    invocations = sum(entity.invocations for entity in executor.entities.values())
+    return VirtualRun(run, e2b, invocations, loop.now(), provisioner, serve, ideal)
 
 
 def poll_tradeoff(

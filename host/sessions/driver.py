@@ -116,9 +116,7 @@ class RealTimeLoop:
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         return self.call_at(self.now() + max(0.0, delay), callback)
 
-    def invoke(
-        self, module: str, invocation: Invocation, done: Callable[[Outcome], None]
-    ) -> None:
+    def invoke(self, module: str, invocation: Invocation, done: Callable[[Outcome], None]) -> None:
         invoker = self._modules.get(module)
         self._open += 1
         self.load.due += 1
@@ -134,7 +132,10 @@ class RealTimeLoop:
             self._open -= 1
 
     def _work(
-        self, invoker: Invoker, invocation: Invocation, done: Callable[[Outcome], None],
+        self,
+        invoker: Invoker,
+        invocation: Invocation,
+        done: Callable[[Outcome], None],
         due: float,
     ) -> None:
         started = self.now()
@@ -146,8 +147,10 @@ class RealTimeLoop:
             limits = self.limits
             if limits is not None and lag > limits.invocation_lag_s and self.overloaded is None:
                 self.overloaded = self._overload_message(
-                    f"an invocation waited {lag:.1f}s for a worker", limits.invocation_lag_s,
-                    limits.invocation_guard)
+                    f"an invocation waited {lag:.1f}s for a worker",
+                    limits.invocation_lag_s,
+                    limits.invocation_guard,
+                )
                 self._stopping = True
                 self._cond.notify_all()
         try:
@@ -233,8 +236,8 @@ class RealTimeLoop:
                 with self._cond:
                     if self.overloaded is None:
                         self.overloaded = self._overload_message(
-                            f"a timer fired {lag:.1f}s late", limits.timer_lag_s,
-                            limits.timer_guard)
+                            f"a timer fired {lag:.1f}s late", limits.timer_lag_s, limits.timer_guard
+                        )
                         self._stopping = True
                         return
             timer.callback()
@@ -273,13 +276,16 @@ def keep_up_limits(
     """A quarter of the shortest guard each kind of lateness could trip. A late invocation
     keeps its entity waiting where the provisioning guard runs, and the component drops a
     waiter that has not polled for `waiter_ttl_s`; a late timer can trip any guard."""
-    guards = [(scale(t), f"{t.state}'s {t.on_timeout} timer ({scale(t):.1f}s)")
-              for t in spec.timeouts
-              if (a := spec.action(t.on_timeout)) is not None
-              and a.target(t.state) in script.failed_states]
+    guards = [
+        (scale(t), f"{t.state}'s {t.on_timeout} timer ({scale(t):.1f}s)")
+        for t in spec.timeouts
+        if (a := spec.action(t.on_timeout)) is not None
+        and a.target(t.state) in script.failed_states
+    ]
     provisioning = [g for g in guards if not g[1].startswith(script.working_state)]
-    invocation = min([*provisioning, (waiter_ttl_s, f"the component's waiter_ttl_s "
-                                                    f"({waiter_ttl_s:.0f}s)")])
+    invocation = min(
+        [*provisioning, (waiter_ttl_s, f"the component's waiter_ttl_s ({waiter_ttl_s:.0f}s)")]
+    )
     timer = min(guards) if guards else invocation
     return KeepUpLimits(invocation[0] / 4, timer[0] / 4, invocation[1], timer[1])
 
@@ -306,20 +312,26 @@ class SessionDriver:
         self.script = script or SessionScript.for_spec(spec)
         scale = timer_scale(self.script, self.settings.sim_per_real)
         limits = keep_up_limits(spec, self.script, scale) if self.settings.keep_up else None
-        self.loop = RealTimeLoop(modules, workers=self.settings.workers, clock=clock,
-                                 limits=limits)
-        self.executor = Executor(spec, self.loop, run_id=self.settings.run_id,
-                                 secrets=Secrets(dict(self.settings.secrets)),
-                                 configure=configure, timer_seconds=scale, on_event=on_event,
-                                 access=ExternalAccess(f"{spec.name}s",
-                                                       dict(self.settings.api_credentials)))
+        self.loop = RealTimeLoop(modules, workers=self.settings.workers, clock=clock, limits=limits)
+        self.executor = Executor(
+            spec,
+            self.loop,
+            run_id=self.settings.run_id,
+            secrets=Secrets(dict(self.settings.secrets)),
+            configure=configure,
+            timer_seconds=scale,
+            on_event=on_event,
+            access=ExternalAccess(f"{spec.name}s", dict(self.settings.api_credentials)),
+        )
         self.api: TemperApiServer | None = None
         if self.settings.temper_api:
             self.api = TemperApiServer(self.executor, self.loop).start()
         self.runner = SessionRunner(
-            self.executor, self.script,
+            self.executor,
+            self.script,
             RunSettings(self.settings.turns, self.settings.turn_s, self.settings.batch_size),
-            self.loop.call_later)
+            self.loop.call_later,
+        )
         self._ran = False
 
     def run(self, jobs: Sequence[Job]) -> RunResult:
@@ -340,8 +352,10 @@ class SessionDriver:
             makespan_s=self.runner.last_finish,
             interrupted=ended == "stopped",
             overloaded=self.loop.overloaded,
-            host={**self.loop.load.figures(elapsed),
-                  "peak_admission_permits": self.executor.admission.peak_held},
+            host={
+                **self.loop.load.figures(elapsed),
+                "peak_admission_permits": self.executor.admission.peak_held,
+            },
         )
 
     def stop(self) -> None:

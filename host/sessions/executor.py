@@ -114,7 +114,7 @@ class Secrets:
         resolved: dict[str, str] = {}
         for key, value in config:
             if value.startswith("{secret:") and value.endswith("}"):
-                name = value[len("{secret:"):-1]
+                name = value[len("{secret:") : -1]
                 if name in self.values:
                     resolved[key] = self.values[name]
                 continue
@@ -213,7 +213,8 @@ class Executor:
         self.entities: dict[str, Entity] = {}
         admission = spec.admission
         self.admission = AdmissionGate(
-            caps=(lambda _action: None) if admission is None else admission.cap_for)
+            caps=(lambda _action: None) if admission is None else admission.cap_for
+        )
         self.timer_lag_s = 0.0
         self._listeners: list[Callable[[Entity, str, str, str], None]] = []
         self._settled: list[Callable[[Entity], None]] = []
@@ -239,14 +240,17 @@ class Executor:
 
     def emit(self, entity: Entity, kind: str, **detail: Any) -> None:
         if self._on_event is not None:
-            self._on_event(SessionEvent(self.loop.now(), entity.job, kind, entity.status,
-                                        detail))
+            self._on_event(SessionEvent(self.loop.now(), entity.job, kind, entity.status, detail))
 
     # -- dispatch ------------------------------------------------------------------------
 
     def dispatch(
-        self, entity: Entity, name: str, params: Mapping[str, Any] | None = None,
-        *, source: str = "input",
+        self,
+        entity: Entity,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        source: str = "input",
     ) -> str | None:
         """Dispatches `name` on `entity`; returns None, or why it was rejected."""
         params = dict(params or {})
@@ -291,8 +295,15 @@ class Executor:
         entity.last_source = source
         if after != before:
             entity.history.append((self.loop.now(), after))
-        self.emit(entity, "transition", action=action.name, source=source, before=before,
-                  after=after, params=_brief(params))
+        self.emit(
+            entity,
+            "transition",
+            action=action.name,
+            source=source,
+            before=before,
+            after=after,
+            params=_brief(params),
+        )
         self._arm(entity, action.name, before, after)
         for listener in self._listeners:
             listener(entity, action.name, before, after)
@@ -316,9 +327,15 @@ class Executor:
         entity.fields[var] = current + amount if op == "+=" else max(0, current - amount)
 
     def dispatch_external(
-        self, tenant: str, entity_set: str, entity_id: str, action: str,
-        params: Mapping[str, Any] | None, credential: str | None,
-        *, idempotency_key: str | None = None,
+        self,
+        tenant: str,
+        entity_set: str,
+        entity_id: str,
+        action: str,
+        params: Mapping[str, Any] | None,
+        credential: str | None,
+        *,
+        idempotency_key: str | None = None,
     ) -> ExternalAnswer:
         """Temper's `POST /tdata/{entity_set}('{entity_id}')/Temper.{action}` with
         `X-Tenant-Id: tenant` and `Authorization: Bearer credential`; runs on the loop's
@@ -327,22 +344,25 @@ class Executor:
         if owner is None:
             return ExternalAnswer(401, "Unauthorized", "no valid bearer credential")
         if owner != tenant:
-            return ExternalAnswer(403, "AuthorizationDenied",
-                                  f"the credential is not tenant {tenant!r}'s")
+            return ExternalAnswer(
+                403, "AuthorizationDenied", f"the credential is not tenant {tenant!r}'s"
+            )
         if entity_set != self.access.entity_set:
-            return ExternalAnswer(404, "EntitySetNotFound",
-                                  f"Entity set '{entity_set}' not found")
+            return ExternalAnswer(404, "EntitySetNotFound", f"Entity set '{entity_set}' not found")
         entity = self.entities.get(entity_id)
         if entity is None or entity.job.tenant != tenant:
-            return ExternalAnswer(404, "ResourceNotFound",
-                                  f"Entity '{entity_set}' with key '{entity_id}' not found")
+            return ExternalAnswer(
+                404, "ResourceNotFound", f"Entity '{entity_set}' with key '{entity_id}' not found"
+            )
         if idempotency_key:
             used = entity.idempotency_keys.get(idempotency_key)
             if used is not None:
                 if used != action:
-                    return ExternalAnswer(409, "IdempotencyConflict",
-                                          "Idempotency-Key was already used by a different "
-                                          "action request")
+                    return ExternalAnswer(
+                        409,
+                        "IdempotencyConflict",
+                        "Idempotency-Key was already used by a different action request",
+                    )
                 return ExternalAnswer(200)
         error = self.dispatch(entity, action, params, source="external")
         if error is not None:
@@ -377,18 +397,28 @@ class Executor:
     def _arm_one(self, entity: Entity, index: int, timeout: StateTimeout) -> None:
         self._cancel_timer(entity)
         if entity.fired[index] >= timeout.max_occurrences:
-            self.emit(entity, "timer_exhausted", state=timeout.state,
-                      on_timeout=timeout.on_timeout, fired=entity.fired[index])
+            self.emit(
+                entity,
+                "timer_exhausted",
+                state=timeout.state,
+                on_timeout=timeout.on_timeout,
+                fired=entity.fired[index],
+            )
             return
         generation = entity.generation
         deadline = self.loop.now() + self._timer_seconds(timeout)
         entity.timer_declaration = index
         entity.timer_deadline = deadline
         entity.timer = self.loop.call_at(
-            deadline, lambda: self._fire(entity, index, timeout, generation, deadline))
+            deadline, lambda: self._fire(entity, index, timeout, generation, deadline)
+        )
 
     def _fire(
-        self, entity: Entity, index: int, timeout: StateTimeout, generation: int,
+        self,
+        entity: Entity,
+        index: int,
+        timeout: StateTimeout,
+        generation: int,
         deadline: float,
     ) -> None:
         if entity.generation != generation:
@@ -433,10 +463,16 @@ class Executor:
         )
         entity.in_flight += 1
         entity.invocations += 1
-        self.emit(entity, "invoked", trigger=trigger.name, module=trigger.module,
-                  operation=config.get("operation", ""))
-        self.loop.invoke(trigger.module, invocation,
-                         lambda outcome: self._answered(entity, trigger, outcome))
+        self.emit(
+            entity,
+            "invoked",
+            trigger=trigger.name,
+            module=trigger.module,
+            operation=config.get("operation", ""),
+        )
+        self.loop.invoke(
+            trigger.module, invocation, lambda outcome: self._answered(entity, trigger, outcome)
+        )
 
     def _answered(self, entity: Entity, trigger: Trigger, outcome: Outcome) -> None:
         entity.in_flight -= 1
@@ -447,8 +483,14 @@ class Executor:
                 listener(entity)
 
     def _dispatch_answer(self, entity: Entity, trigger: Trigger, outcome: Outcome) -> None:
-        self.emit(entity, "answered", trigger=trigger.name, action=outcome.action,
-                  success=outcome.success, params=_brief(outcome.params))
+        self.emit(
+            entity,
+            "answered",
+            trigger=trigger.name,
+            action=outcome.action,
+            success=outcome.success,
+            params=_brief(outcome.params),
+        )
         if outcome.success and outcome.action:
             # invocation.rs: prefer the static on_success, fall back to the module's action.
             callback = trigger.on_success or outcome.action
@@ -459,9 +501,12 @@ class Executor:
             entity.unhandled_failures += 1
             self.emit(entity, "unhandled_failure", trigger=trigger.name, error=error)
             return
-        self.dispatch(entity, trigger.on_failure,
-                      {"error": error, "error_message": error, "integration": trigger.name},
-                      source="callback")
+        self.dispatch(
+            entity,
+            trigger.on_failure,
+            {"error": error, "error_message": error, "integration": trigger.name},
+            source="callback",
+        )
 
 
 def _error_text(outcome: Outcome) -> str:

@@ -17,9 +17,11 @@ def event_line(event: SessionEvent) -> str | None:
     elif kind == "transition":
         action, params = d.get("action"), d.get("params") or {}
         if action == "SandboxQueued":
-            what = (f"queued #{params.get('position')}/{params.get('queue_length')} "
-                    f"({params.get('reason')}: {params.get('in_use')}/{params.get('limit')} "
-                    f"in use) -> {d.get('after')}")
+            what = (
+                f"queued #{params.get('position')}/{params.get('queue_length')} "
+                f"({params.get('reason')}: {params.get('in_use')}/{params.get('limit')} "
+                f"in use) -> {d.get('after')}"
+            )
         elif action == "SandboxReady":
             what = f"sandbox {params.get('sandbox_id')} ready -> {d.get('after')}"
         elif d.get("source") == "input" and d.get("before") == d.get("after"):

@@ -71,9 +71,12 @@ class RealTimeLlm:
 
     @property
     def scaled(self) -> LlmScenario:
-        return replace(self.scenario, rate_scale=self.scale,
-                       latency_s=self.scenario.latency_s / self.scale,
-                       burst_headroom=self.burst_headroom)
+        return replace(
+            self.scenario,
+            rate_scale=self.scale,
+            latency_s=self.scenario.latency_s / self.scale,
+            burst_headroom=self.burst_headroom,
+        )
 
     def configure(self) -> Callable[[Trigger, dict[str, str]], dict[str, str]]:
         gate = tier_gate_config(self.scaled)
@@ -108,16 +111,24 @@ class NativeGateInvoker:
 
     def invoke(self, invocation: Invocation) -> Outcome:
         telemetry = EventLog()
-        ports = native_ports(self.backend, tenant=invocation.tenant, account=ACCOUNT,
-                             http=_NoHttp(), clock=self.clock, random=self.random,
-                             telemetry=telemetry)
+        ports = native_ports(
+            self.backend,
+            tenant=invocation.tenant,
+            account=ACCOUNT,
+            http=_NoHttp(),
+            clock=self.clock,
+            random=self.random,
+            telemetry=telemetry,
+        )
         return run_guest(invocation, ports)
 
 
 def _body(scenario: LlmScenario) -> dict[str, Any]:
-    return {"model": MODEL, "max_tokens": scenario.max_tokens,
-            "messages": [{"role": "user",
-                          "content": "x" * (scenario.input_tokens * _CHARS_PER_TOKEN)}]}
+    return {
+        "model": MODEL,
+        "max_tokens": scenario.max_tokens,
+        "messages": [{"role": "user", "content": "x" * (scenario.input_tokens * _CHARS_PER_TOKEN)}],
+    }
 
 
 class HttpLlmCaller:
@@ -131,9 +142,12 @@ class HttpLlmCaller:
         self._lock = threading.Lock()
 
     def connect(self, url: str) -> None:
-        self._client = httpx.Client(base_url=url, timeout=60.0, headers={
-            "x-api-key": API_KEY, "anthropic-version": "2023-06-01"},
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self._client = httpx.Client(
+            base_url=url,
+            timeout=60.0,
+            headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"},
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
 
     def close(self) -> None:
         if self._client is not None:
@@ -148,11 +162,17 @@ class HttpLlmCaller:
         with self._lock:
             turns = self._turns.get(invocation.entity_id, 0) + (1 if status == 200 else 0)
             self._turns[invocation.entity_id] = turns
-        headers = {k: v for k, v in response.headers.items()
-                   if k.startswith("anthropic-ratelimit-") or k == "retry-after"}
-        params: dict[str, Any] = {"input_tokens": int(usage.get("input_tokens", 0)),
-                                  "output_tokens": int(usage.get("output_tokens", 0)),
-                                  "status": status, "headers": headers}
+        headers = {
+            k: v
+            for k, v in response.headers.items()
+            if k.startswith("anthropic-ratelimit-") or k == "retry-after"
+        }
+        params: dict[str, Any] = {
+            "input_tokens": int(usage.get("input_tokens", 0)),
+            "output_tokens": int(usage.get("output_tokens", 0)),
+            "status": status,
+            "headers": headers,
+        }
         if turns >= self.scenario.turns:
             return Outcome("LlmFinished", {**params, "result": f"{turns} turns"})
         params["estimated_input_tokens"] = str(self.scenario.input_tokens)
@@ -165,15 +185,21 @@ def run_gated_realtime(config: RealTimeLlm, spec: Spec | None = None) -> LlmRun:
     script = SessionScript.for_spec(spec)
     scenario = config.scaled
     caller = HttpLlmCaller(scenario)
-    loop = RealTimeLoop({"sandbox_provisioner": NativeGateInvoker(scenario.seed),
-                         "llm_caller": caller}, workers=32)
+    loop = RealTimeLoop(
+        {"sandbox_provisioner": NativeGateInvoker(scenario.seed), "llm_caller": caller}, workers=32
+    )
     # The mock's clock is the loop's, so its request log and the waits share one origin.
     with MockLLMServer(scenario.mock_config(), clock=loop.now) as server:
         caller.connect(server.url)
         try:
-            executor = Executor(spec, loop, run_id="llm-rt", secrets=Secrets(),
-                                configure=config.configure(),
-                                timer_seconds=config.timer_seconds)
+            executor = Executor(
+                spec,
+                loop,
+                run_id="llm-rt",
+                secrets=Secrets(),
+                configure=config.configure(),
+                timer_seconds=config.timer_seconds,
+            )
             waits = _WaitTracker(loop, set(script.queued_states))  # type: ignore[arg-type]
             executor.on_transition(waits.transition)
             runner = SessionRunner(executor, script, RunSettings(turns=0), loop.call_later)
@@ -185,8 +211,17 @@ def run_gated_realtime(config: RealTimeLlm, spec: Spec | None = None) -> LlmRun:
         result = RunResult(results=runner.results(), makespan_s=runner.last_finish)
         state = server._state  # the stats and request log, read after the run
     unfinished = len(result.results) - result.completed - result.failed
-    return LlmRun(GATED, scenario, result.completed, result.failed, unfinished,
-                  runner.last_finish, state, waits.closed(loop.now()), result)
+    return LlmRun(
+        GATED,
+        scenario,
+        result.completed,
+        result.failed,
+        unfinished,
+        runner.last_finish,
+        state,
+        waits.closed(loop.now()),
+        result,
+    )
 
 
 def run_ungated_realtime(config: RealTimeLlm) -> LlmRun:
@@ -202,18 +237,21 @@ def run_ungated_realtime(config: RealTimeLlm) -> LlmRun:
     waiting: list[tuple[float, float]] = []
     lock = threading.Lock()
     started = time.monotonic()
-    with MockLLMServer(scenario.mock_config(),
-                       clock=lambda: time.monotonic() - started) as server:
-        client = anthropic.Anthropic(api_key=API_KEY, base_url=server.url,
-                                     max_retries=scenario.sdk_max_retries)
+    with MockLLMServer(scenario.mock_config(), clock=lambda: time.monotonic() - started) as server:
+        client = anthropic.Anthropic(
+            api_key=API_KEY, base_url=server.url, max_retries=scenario.sdk_max_retries
+        )
         body = _body(scenario)
 
         def session(job: Job) -> tuple[bool, float]:
             for _turn in range(scenario.turns):
                 asked = time.monotonic() - started
                 try:
-                    client.messages.create(model=body["model"], max_tokens=body["max_tokens"],
-                                           messages=body["messages"])
+                    client.messages.create(
+                        model=body["model"],
+                        max_tokens=body["max_tokens"],
+                        messages=body["messages"],
+                    )
                 except anthropic.APIStatusError:
                     return False, time.monotonic() - started
                 took = time.monotonic() - started - asked
@@ -227,10 +265,19 @@ def run_ungated_realtime(config: RealTimeLlm) -> LlmRun:
         client.close()
         state = server._state
     completed = sum(1 for ok, _ in ends if ok)
-    return LlmRun(UNGATED, scenario, completed, len(jobs) - completed, 0,
-                  max(end for _, end in ends), state, waiting)
+    return LlmRun(
+        UNGATED,
+        scenario,
+        completed,
+        len(jobs) - completed,
+        0,
+        max(end for _, end in ends),
+        state,
+        waiting,
+    )
 
 
 def run_realtime_mode(mode: str, config: RealTimeLlm, spec: Spec | None = None) -> LlmRun:
-    return run_in_mode(mode, lambda: run_gated_realtime(config, spec),
-                       lambda: run_ungated_realtime(config))
+    return run_in_mode(
+        mode, lambda: run_gated_realtime(config, spec), lambda: run_ungated_realtime(config)
+    )

@@ -83,8 +83,17 @@ class LlmScenario:
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
             raise ValueError(f"unknown tier {self.tier!r}; expected one of {sorted(TIERS)}")
-        if min(self.jobs, self.tenants, self.turns, self.input_tokens,
-               self.output_tokens, self.max_tokens) < 1:
+        if (
+            min(
+                self.jobs,
+                self.tenants,
+                self.turns,
+                self.input_tokens,
+                self.output_tokens,
+                self.max_tokens,
+            )
+            < 1
+        ):
             raise ValueError("jobs, tenants, turns and token counts must be >= 1")
         if not 0.0 <= self.burst_headroom < 1.0:
             raise ValueError("burst_headroom must be in [0, 1)")
@@ -104,9 +113,14 @@ class LlmScenario:
     def mock_config(self) -> MockLLMConfig:
         bursts = {f"{k}_burst": v for k, v in self.bursts.items()}
         return MockLLMConfig.for_tier(
-            self.tier, api_keys=(API_KEY,), seed=self.seed,
-            latency_ms=self.latency_s * 1000.0, output_tokens=self.output_tokens,
-            **self.limits, **bursts)
+            self.tier,
+            api_keys=(API_KEY,),
+            seed=self.seed,
+            latency_ms=self.latency_s * 1000.0,
+            output_tokens=self.output_tokens,
+            **self.limits,
+            **bursts,
+        )
 
     def ideal_s(self) -> float:
         """Total input tokens over the tier's input token rate (the binding limit here;
@@ -123,8 +137,11 @@ class LlmScenario:
 
     def binding_limit(self) -> tuple[str, int]:
         """The tier limit that allows the fewest calls a minute, and one call's cost in it."""
-        costs = {"rpm": 1, "itpm": self.input_tokens,
-                 "otpm": min(self.output_tokens, self.max_tokens)}
+        costs = {
+            "rpm": 1,
+            "itpm": self.input_tokens,
+            "otpm": min(self.output_tokens, self.max_tokens),
+        }
         name = min(costs, key=lambda k: self.limits[k] / costs[k])
         return name, costs[name]
 
@@ -137,13 +154,16 @@ class VirtualProvider:
         self.state = MockLLMState(config, clock=loop.now)
 
     def call(
-        self, input_tokens: int, max_tokens: int,
+        self,
+        input_tokens: int,
+        max_tokens: int,
         done: Callable[[int, dict[str, str], int, int], None],
     ) -> None:
         """`done(status, headers, input_tokens, output_tokens)`; tokens 0 when refused."""
         arrived = self.state.begin()
-        admission = self.state.admit(API_KEY, MessagesRequest(MODEL, max_tokens, input_tokens),
-                                     arrived)
+        admission = self.state.admit(
+            API_KEY, MessagesRequest(MODEL, max_tokens, input_tokens), arrived
+        )
         if admission.status != 200:
             self.state.end()
             headers = dict(admission.headers)
@@ -168,9 +188,15 @@ class NativeGates:
     telemetry: EventLog = field(default_factory=EventLog)
 
     def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None:
-        ports = native_ports(self.backend, tenant=invocation.tenant, account=ACCOUNT,
-                             http=_NoHttp(), clock=self.loop.clock, random=self.random,
-                             telemetry=self.telemetry)
+        ports = native_ports(
+            self.backend,
+            tenant=invocation.tenant,
+            account=ACCOUNT,
+            http=_NoHttp(),
+            clock=self.loop.clock,
+            random=self.random,
+            telemetry=self.telemetry,
+        )
         outcome = run_guest(invocation, ports)
         self.telemetry.events.clear()
         self.telemetry.logs.clear()
@@ -192,8 +218,12 @@ class VirtualLlmCaller:
         def answered(status: int, headers: dict[str, str], used_in: int, used_out: int) -> None:
             turns = self.turns_done.get(entity, 0) + (1 if status == 200 else 0)
             self.turns_done[entity] = turns
-            params: dict[str, Any] = {"input_tokens": used_in, "output_tokens": used_out,
-                                      "status": status, "headers": headers}
+            params: dict[str, Any] = {
+                "input_tokens": used_in,
+                "output_tokens": used_out,
+                "status": status,
+                "headers": headers,
+            }
             if turns >= self.scenario.turns:
                 done(Outcome("LlmFinished", {**params, "result": f"{turns} turns"}))
                 return
@@ -219,8 +249,7 @@ def tier_gate_config(
             key = f"resource.llm.{rate}"
             if key in config:
                 config[key] = str(limits[rate])
-                config[f"{key}_burst"] = str(
-                    round(bursts[rate] * (1.0 - scenario.burst_headroom)))
+                config[f"{key}_burst"] = str(round(bursts[rate] * (1.0 - scenario.burst_headroom)))
         if concurrency is not None and "resource.llm.concurrency" in config:
             config["resource.llm.concurrency"] = str(concurrency)
         return config
@@ -262,8 +291,7 @@ class LlmRun:
             return record.answered_at if limit == "otpm" else record.arrived_at
 
         def cost(record: RequestRecord) -> int:
-            return {"rpm": 1, "itpm": record.input_tokens,
-                    "otpm": record.output_tokens}[limit]
+            return {"rpm": 1, "itpm": record.input_tokens, "otpm": record.output_tokens}[limit]
 
         admitted = sorted((r for r in self.provider.requests() if r.status == 200), key=at)
         none = {"limit": limit, "window_s": 0.0, "per_min": None, "of_limit": None}
@@ -285,8 +313,12 @@ class LlmRun:
             return none
         used = sum(cost(r) for r in admitted if start < at(r) <= end)
         per_min = used / ((end - start) / 60.0)
-        return {"limit": limit, "window_s": round(end - start, 3),
-                "per_min": round(per_min, 1), "of_limit": round(per_min / rate, 4)}
+        return {
+            "limit": limit,
+            "window_s": round(end - start, 3),
+            "per_min": round(per_min, 1),
+            "of_limit": round(per_min / rate, 4),
+        }
 
     def summary(self) -> dict[str, Any]:
         stats = self.provider.stats()
@@ -303,7 +335,8 @@ class LlmRun:
             "ideal_after_burst_s": round(self.scenario.ideal_after_burst_s(), 3),
             # The fastest possible makespan over this run's: 1.0 is the tier's limit.
             "of_ideal": round(self.scenario.ideal_after_burst_s() / self.end_s, 4)
-            if self.end_s > 0 and self.completed == self.scenario.jobs else None,
+            if self.end_s > 0 and self.completed == self.scenario.jobs
+            else None,
             "provider_requests": stats.requests_total,
             "provider_ok": stats.messages_ok,
             "provider_429": stats.rate_limited,
@@ -330,8 +363,11 @@ def _jobs(scenario: LlmScenario) -> list[Job]:
 
 
 def run_gated(
-    scenario: LlmScenario, spec: Spec | None = None, *,
-    provider: MockLLMConfig | None = None, check: bool = True,
+    scenario: LlmScenario,
+    spec: Spec | None = None,
+    *,
+    provider: MockLLMConfig | None = None,
+    check: bool = True,
     observe: Callable[[Executor], None] | None = None,
 ) -> LlmRun:
     """The jobs through the gated spec, in virtual time. `provider` replaces the mock's
@@ -345,10 +381,10 @@ def run_gated(
     loop = VirtualLoop(clock)
     llm = VirtualProvider(loop, provider or scenario.mock_config())
     gates = NativeGates(loop, MemoryBackend(clock.now_ms), SeededRandom(scenario.seed))
-    loop.modules = {"sandbox_provisioner": gates,
-                    "llm_caller": VirtualLlmCaller(llm, scenario)}
-    executor = Executor(spec, loop, run_id="llm", secrets=Secrets(),
-                        configure=tier_gate_config(scenario))
+    loop.modules = {"sandbox_provisioner": gates, "llm_caller": VirtualLlmCaller(llm, scenario)}
+    executor = Executor(
+        spec, loop, run_id="llm", secrets=Secrets(), configure=tier_gate_config(scenario)
+    )
     waits = _WaitTracker(loop, set(script.queued_states))
     executor.on_transition(waits.transition)
     if observe is not None:
@@ -358,8 +394,17 @@ def run_gated(
     loop.run(runner.done)
     result = RunResult(results=runner.results(), makespan_s=runner.last_finish)
     unfinished = len(result.results) - result.completed - result.failed
-    return LlmRun(GATED, scenario, result.completed, result.failed, unfinished,
-                  runner.last_finish, llm.state, waits.closed(loop.now()), result)
+    return LlmRun(
+        GATED,
+        scenario,
+        result.completed,
+        result.failed,
+        unfinished,
+        runner.last_finish,
+        llm.state,
+        waits.closed(loop.now()),
+        result,
+    )
 
 
 class _WaitTracker:
@@ -385,8 +430,9 @@ class _WaitTracker:
         return self.intervals + [(start, now) for start in self.since.values() if now > start]
 
 
-def sdk_retry_s(retry_after: str | None, retries_left: int, max_retries: int,
-                rng: random.Random) -> float:
+def sdk_retry_s(
+    retry_after: str | None, retries_left: int, max_retries: int, rng: random.Random
+) -> float:
     """The `anthropic` SDK's wait before a retry (anthropic-sdk-python, `_base_client.py`,
     `_calculate_retry_timeout`): the server's `retry-after` when it is 0 < s <= 60, else
     0.5 s doubling per retry, at most 8 s, less up to 25% jitter."""
@@ -398,7 +444,7 @@ def sdk_retry_s(retry_after: str | None, retries_left: int, max_retries: int,
         if 0 < seconds <= 60:
             return seconds
     retries = min(max_retries - retries_left, 1000)
-    delay = min(0.5 * 2.0 ** retries, 8.0)
+    delay = min(0.5 * 2.0**retries, 8.0)
     return delay * (1 - 0.25 * rng.random())
 
 
@@ -431,8 +477,9 @@ def run_ungated(scenario: LlmScenario) -> LlmRun:
                     outcome[job.id] = f"failed: {status} after {scenario.sdk_max_retries} retries"
                     last[0] = max(last[0], loop.now())
                     return
-                wait = sdk_retry_s(headers.get("retry-after"), retries_left,
-                                   scenario.sdk_max_retries, rng)
+                wait = sdk_retry_s(
+                    headers.get("retry-after"), retries_left, scenario.sdk_max_retries, rng
+                )
                 waiting.append((asked, loop.now() + wait))
                 loop.call_later(wait, lambda: call(retries_left - 1))
 
@@ -446,8 +493,16 @@ def run_ungated(scenario: LlmScenario) -> LlmRun:
     loop.run(lambda: len(outcome) == len(jobs))
     completed = sum(1 for v in outcome.values() if v == "completed")
     failed = len(outcome) - completed
-    return LlmRun(UNGATED, scenario, completed, failed, len(jobs) - len(outcome), last[0],
-                  provider.state, waiting)
+    return LlmRun(
+        UNGATED,
+        scenario,
+        completed,
+        failed,
+        len(jobs) - len(outcome),
+        last[0],
+        provider.state,
+        waiting,
+    )
 
 
 def run_in_mode(mode: str, gated: Callable[[], LlmRun], ungated: Callable[[], LlmRun]) -> LlmRun:
@@ -472,10 +527,8 @@ def format_llm_table(summaries: list[dict[str, Any]]) -> str:
         ("provider 429s", lambda s: str(s["provider_429"])),
         ("provider 529s", lambda s: str(s["provider_529"])),
         ("input tokens", lambda s: str(s["input_tokens"])),
-        ("makespan s (ideal)",
-         lambda s: f"{s['makespan_s']:.1f} ({s['ideal_after_burst_s']:.1f})"),
-        ("of ideal makespan", lambda s: "-" if s["of_ideal"] is None
-            else f"{s['of_ideal']:.0%}"),
+        ("makespan s (ideal)", lambda s: f"{s['makespan_s']:.1f} ({s['ideal_after_burst_s']:.1f})"),
+        ("of ideal makespan", lambda s: "-" if s["of_ideal"] is None else f"{s['of_ideal']:.0%}"),
         ("binding limit", lambda s: str(s["binding_limit"])),
         ("per min, waiting", lambda s: _per_min(s["throughput_while_waiting"])),
         ("of the tier's limit", lambda s: _of_limit(s["throughput_while_waiting"])),

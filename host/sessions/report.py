@@ -66,8 +66,9 @@ class E2BFigures:
 def tenant_summary(results: Sequence[SessionResult]) -> dict[str, dict[str, Any]]:
     """Per tenant: jobs, completions, waits, and the median place in the order sandboxes
     were handed out (equal medians across tenants mean they were served fairly)."""
-    ready = sorted((r for r in results if r.ready_at_s is not None),
-                   key=lambda r: r.ready_at_s or 0.0)
+    ready = sorted(
+        (r for r in results if r.ready_at_s is not None), key=lambda r: r.ready_at_s or 0.0
+    )
     rank = {id(r): index + 1 for index, r in enumerate(ready)}
     tenants: dict[str, dict[str, Any]] = {}
     for tenant in sorted({r.job.tenant for r in results}):
@@ -137,11 +138,21 @@ def format_table(report: dict[str, Any], results: Sequence[SessionResult]) -> st
     rows = [("session", "tenant", "turns", "sandbox", "result", "waited", "calls")]
     for r in results:
         waited = "-" if r.waited_ms is None else f"{r.waited_ms / 1000:.1f}s"
-        rows.append((r.job.label, r.job.tenant, str(r.turns), "yes" if r.ready_at_s else "none",
-                     _result_text(r), waited, str(r.invocations)))
+        rows.append(
+            (
+                r.job.label,
+                r.job.tenant,
+                str(r.turns),
+                "yes" if r.ready_at_s else "none",
+                _result_text(r),
+                waited,
+                str(r.invocations),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     tenants = report.get("tenants", {})
     if len(tenants) > 1:

@@ -46,14 +46,24 @@ class SessionScript:
     @classmethod
     def for_spec(cls, spec: Spec) -> SessionScript:
         if spec.name == "CurationJob":
-            return cls(start_action="Submit", start_params=(), working_state="Running",
-                       turn_action="RecordProgress", finish_action="Complete")
+            return cls(
+                start_action="Submit",
+                start_params=(),
+                working_state="Running",
+                turn_action="RecordProgress",
+                finish_action="Complete",
+            )
         if spec.name == "LlmGatedAgent":
-            return cls(start_action="Submit", start_params=(), working_state="CallingLlm",
-                       turn_action="LlmResponded", finish_action="LlmFinished",
-                       queued_states=("WaitingForSlot", "WaitingForLlm"),
-                       queued_actions=("SessionSlotQueued", "LlmPermitQueued"),
-                       caller_turns=False)
+            return cls(
+                start_action="Submit",
+                start_params=(),
+                working_state="CallingLlm",
+                turn_action="LlmResponded",
+                finish_action="LlmFinished",
+                queued_states=("WaitingForSlot", "WaitingForLlm"),
+                queued_actions=("SessionSlotQueued", "LlmPermitQueued"),
+                caller_turns=False,
+            )
         return cls()
 
     def check(self, spec: Spec) -> None:
@@ -101,15 +111,15 @@ class RunResult:
         return sum(1 for r in self.results if r.failed)
 
 
-def timer_scale(
-    script: SessionScript, sim_per_real: float
-) -> Callable[[StateTimeout], float]:
+def timer_scale(script: SessionScript, sim_per_real: float) -> Callable[[StateTimeout], float]:
     """Timers of the agent's working state run on the session's (scaled) clock; the others
     pace or guard calls to E2B, which runs in real time, and keep the spec's seconds."""
+
     def seconds(timeout: StateTimeout) -> float:
         if timeout.state == script.working_state:
             return timeout.after_seconds / sim_per_real
         return float(timeout.after_seconds)
+
     return seconds
 
 
@@ -160,21 +170,19 @@ class SessionRunner:
             self._pending.discard(entity.job.id)
 
     def results(self, *, interrupted: bool = False) -> list[SessionResult]:
-        return [self._result(self.executor.entities[job_id], interrupted)
-                for job_id in self._order]
+        return [self._result(self.executor.entities[job_id], interrupted) for job_id in self._order]
 
     # -- the caller's side -----------------------------------------------------------
 
     def _submit_batch(self) -> None:
         size = self.settings.batch_size or len(self._order)
-        batch = self._order[self._next:self._next + size]
+        batch = self._order[self._next : self._next + size]
         self._next += len(batch)
         for job_id in batch:
             entity = self.executor.entities[job_id]
             self._submitted[job_id] = self.executor.loop.now()
             self.executor.emit(entity, "submitted")
-            self.executor.dispatch(entity, self.script.start_action,
-                                   dict(self.script.start_params))
+            self.executor.dispatch(entity, self.script.start_action, dict(self.script.start_params))
 
     def _ended(self, entity: Entity) -> bool:
         return entity.status in self.script.final_states and entity.in_flight == 0
@@ -184,8 +192,7 @@ class SessionRunner:
         now = self.executor.loop.now()
         if action in self.script.queued_actions:
             self._queued[job_id] = self._queued.get(job_id, 0) + 1
-        if after == self.script.working_state and before != after and \
-                not self.script.caller_turns:
+        if after == self.script.working_state and before != after and not self.script.caller_turns:
             self._ready.setdefault(job_id, now)
         elif after == self.script.working_state and before != after:
             self._ready.setdefault(job_id, now)
@@ -199,7 +206,7 @@ class SessionRunner:
     def _maybe_next_batch(self) -> None:
         if self._next < len(self._order) and all(
             self.executor.entities[j].status in self.script.final_states
-            for j in self._order[:self._next]
+            for j in self._order[: self._next]
         ):
             self._submit_batch()
 

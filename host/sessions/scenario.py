@@ -41,6 +41,8 @@ def mode_spec(mode: str, override: Spec | None = None) -> Spec:
     if mode == "provisioner":
         return override or packaged_spec(EXAMPLE_SPEC)
     return packaged_spec(UPSTREAM_SPEC)
+
+
 # The component's rate gate runs this far under E2B's when E2B allows no burst, so a
 # request delayed on the way cannot arrive early by E2B's clock.
 _RATE_MARGIN = 0.95
@@ -160,4 +162,3 @@ class Scenario:
             workers=workers,
             run_id=run_id,
         )
-

@@ -95,71 +95,163 @@ def _rate(text: str) -> float | None:
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Scenario()
     e2b = defaults.e2b
-    parser.add_argument("--mode", choices=(*MODES, "compare"), default="compare",
-                        help="direct: the old provisioner; batches: 4 jobs at a time by hand; "
-                        "provisioner: this component; compare: all three (default)")
-    parser.add_argument("--jobs", type=_positive_int, default=defaults.jobs,
-                        help=f"CurationJobs submitted at once (default {defaults.jobs})")
-    parser.add_argument("--tenants", type=_positive_int, default=defaults.tenants,
-                        help="tenants sharing the E2B account; each submits its jobs together "
-                        f"(default {defaults.tenants})")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="seed for the mock E2B (latency spread, ids)")
-    parser.add_argument("--storage", default="memory://", metavar="URL",
-                        help="the component's storage: memory:// (default), sqlite:///path.db, "
-                        "redis://host:port/db; each run uses a fresh account namespace")
+    parser.add_argument(
+        "--mode",
+        choices=(*MODES, "compare"),
+        default="compare",
+        help="direct: the old provisioner; batches: 4 jobs at a time by hand; "
+        "provisioner: this component; compare: all three (default)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=defaults.jobs,
+        help=f"CurationJobs submitted at once (default {defaults.jobs})",
+    )
+    parser.add_argument(
+        "--tenants",
+        type=_positive_int,
+        default=defaults.tenants,
+        help="tenants sharing the E2B account; each submits its jobs together "
+        f"(default {defaults.tenants})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed for the mock E2B (latency spread, ids)",
+    )
+    parser.add_argument(
+        "--storage",
+        default="memory://",
+        metavar="URL",
+        help="the component's storage: memory:// (default), sqlite:///path.db, "
+        "redis://host:port/db; each run uses a fresh account namespace",
+    )
     add_component_option(parser)
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON report on stdout (live lines go to stderr)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON report on stdout (live lines go to stderr)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no live lines")
     group = parser.add_argument_group("the mock E2B account (real time)")
-    group.add_argument("--e2b-max-concurrent-creates", type=_limit,
-                       default=e2b.max_concurrent_creates, metavar="N",
-                       help="create requests E2B serves at once; past it, --e2b-overload "
-                       f"(default {e2b.max_concurrent_creates})")
-    group.add_argument("--e2b-create-rate", type=_rate, default=e2b.create_rate_per_s,
-                       metavar="PER_S", help="E2B's create rate limit, per second (default "
-                       f"{e2b.create_rate_per_s:g}; Hobby plan 1, Pro 5)")
-    group.add_argument("--e2b-create-burst", type=_positive_int, default=e2b.create_burst,
-                       metavar="N", help=f"the rate limiter's burst (default {e2b.create_burst})")
-    group.add_argument("--e2b-max-sandboxes", type=_limit, default=e2b.max_sandboxes,
-                       metavar="N", help=f"concurrent sandboxes (default {e2b.max_sandboxes})")
-    group.add_argument("--e2b-create-latency-ms", type=float, default=e2b.create_latency_ms,
-                       metavar="MS", help=f"create latency (default {e2b.create_latency_ms:g}); "
-                       "keep it under the real liveness timeout: a create in flight shows "
-                       "no sign of life until it returns")
-    group.add_argument("--e2b-overload", choices=("reject", "slow"), default=e2b.overload,
-                       help="past the concurrent-create cap: 429 at once (default) or wait")
+    group.add_argument(
+        "--e2b-max-concurrent-creates",
+        type=_limit,
+        default=e2b.max_concurrent_creates,
+        metavar="N",
+        help="create requests E2B serves at once; past it, --e2b-overload "
+        f"(default {e2b.max_concurrent_creates})",
+    )
+    group.add_argument(
+        "--e2b-create-rate",
+        type=_rate,
+        default=e2b.create_rate_per_s,
+        metavar="PER_S",
+        help="E2B's create rate limit, per second (default "
+        f"{e2b.create_rate_per_s:g}; Hobby plan 1, Pro 5)",
+    )
+    group.add_argument(
+        "--e2b-create-burst",
+        type=_positive_int,
+        default=e2b.create_burst,
+        metavar="N",
+        help=f"the rate limiter's burst (default {e2b.create_burst})",
+    )
+    group.add_argument(
+        "--e2b-max-sandboxes",
+        type=_limit,
+        default=e2b.max_sandboxes,
+        metavar="N",
+        help=f"concurrent sandboxes (default {e2b.max_sandboxes})",
+    )
+    group.add_argument(
+        "--e2b-create-latency-ms",
+        type=float,
+        default=e2b.create_latency_ms,
+        metavar="MS",
+        help=f"create latency (default {e2b.create_latency_ms:g}); "
+        "keep it under the real liveness timeout: a create in flight shows "
+        "no sign of life until it returns",
+    )
+    group.add_argument(
+        "--e2b-overload",
+        choices=("reject", "slow"),
+        default=e2b.overload,
+        help="past the concurrent-create cap: 429 at once (default) or wait",
+    )
     timing = parser.add_argument_group("sessions (simulated time, scaled)")
-    timing.add_argument("--time-scale", type=_positive_float, default=defaults.scale.sim_per_real,
-                        metavar="X", help="simulated seconds per real second "
-                        f"(default {defaults.scale.sim_per_real:g})")
-    timing.add_argument("--turns", type=int, default=defaults.turns,
-                        help=f"turns per session (default {defaults.turns})")
-    timing.add_argument("--turn-ms", type=_positive_float, default=defaults.turn_sim_s * 1000,
-                        metavar="MS", help="simulated time per turn (default "
-                        f"{defaults.turn_sim_s * 1000:g}, {defaults.turn_sim_s / 60:g} min)")
+    timing.add_argument(
+        "--time-scale",
+        type=_positive_float,
+        default=defaults.scale.sim_per_real,
+        metavar="X",
+        help=f"simulated seconds per real second (default {defaults.scale.sim_per_real:g})",
+    )
+    timing.add_argument(
+        "--turns",
+        type=int,
+        default=defaults.turns,
+        help=f"turns per session (default {defaults.turns})",
+    )
+    timing.add_argument(
+        "--turn-ms",
+        type=_positive_float,
+        default=defaults.turn_sim_s * 1000,
+        metavar="MS",
+        help="simulated time per turn (default "
+        f"{defaults.turn_sim_s * 1000:g}, {defaults.turn_sim_s / 60:g} min)",
+    )
     spec = parser.add_argument_group("the spec")
-    spec.add_argument("--spec", type=Path, default=None, metavar="FILE",
-                      help="the spec the provisioner mode runs (default: the packaged "
-                      "examples/temper_agent.ioa.toml)")
-    spec.add_argument("--poll-s", type=_positive_int, default=None, metavar="S",
-                      help="replace the spec's poll interval (Queued's after_seconds)")
-    spec.add_argument("--timeline", type=Path, default=None, metavar="FILE",
-                      help="write a picture of the runs: FILE.html (self-contained SVG) or "
-                      "FILE.png (rendered with a headless chromium)")
-    spec.add_argument("--no-tradeoff", action="store_true",
-                      help="skip the poll-interval table (virtual time)")
+    spec.add_argument(
+        "--spec",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the spec the provisioner mode runs (default: the packaged "
+        "examples/temper_agent.ioa.toml)",
+    )
+    spec.add_argument(
+        "--poll-s",
+        type=_positive_int,
+        default=None,
+        metavar="S",
+        help="replace the spec's poll interval (Queued's after_seconds)",
+    )
+    spec.add_argument(
+        "--timeline",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write a picture of the runs: FILE.html (self-contained SVG) or "
+        "FILE.png (rendered with a headless chromium)",
+    )
+    spec.add_argument(
+        "--no-tradeoff", action="store_true", help="skip the poll-interval table (virtual time)"
+    )
     virtual = parser.add_argument_group("virtual time (--virtual) and serve's pacing")
-    virtual.add_argument("--virtual", action="store_true",
-                         help="run the provisioner mode in virtual time (detsim): same spec, "
-                         "executor and limits, no mock server, no wall clock")
-    virtual.add_argument("--hold-ms", type=int, default=PaceSettings().hold_ms, metavar="MS",
-                         help="with --virtual: how long serve may hold a queued answer to ask "
-                         f"again (default {PaceSettings().hold_ms}; 0: never)")
-    virtual.add_argument("--push", action=argparse.BooleanOptionalAction, default=False,
-                         help="with --virtual: serve wakes a queued entity at its turn "
-                         "through Temper's API (the spec's WakeProvision); default off")
+    virtual.add_argument(
+        "--virtual",
+        action="store_true",
+        help="run the provisioner mode in virtual time (detsim): same spec, "
+        "executor and limits, no mock server, no wall clock",
+    )
+    virtual.add_argument(
+        "--hold-ms",
+        type=int,
+        default=PaceSettings().hold_ms,
+        metavar="MS",
+        help="with --virtual: how long serve may hold a queued answer to ask "
+        f"again (default {PaceSettings().hold_ms}; 0: never)",
+    )
+    virtual.add_argument(
+        "--push",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --virtual: serve wakes a queued entity at its turn "
+        "through Temper's API (the spec's WakeProvision); default off",
+    )
     from host.sessions.llm_simulate import add_llm_arguments
 
     add_llm_arguments(parser)
@@ -203,11 +295,13 @@ class _SessionTelemetry:
             self.warnings += 1
             count = self.warnings
         if count <= self.MAX_PRINTED:
-            print(f"guest {level.value} [{tag.tenant} {tag.entity_id}] {message[:300]}",
-                  file=self._out, flush=True)
+            print(
+                f"guest {level.value} [{tag.tenant} {tag.entity_id}] {message[:300]}",
+                file=self._out,
+                flush=True,
+            )
         elif count == self.MAX_PRINTED + 1:
-            print("guest warnings: further ones are counted, not shown", file=self._out,
-                  flush=True)
+            print("guest warnings: further ones are counted, not shown", file=self._out, flush=True)
 
     def progress(self, tag: InvocationTag, event: dict[str, Any]) -> None:
         return None
@@ -258,16 +352,24 @@ def run_mode(
                 telemetry=telemetry,
                 allow_private_network=True,
             ) as runtime:
-                driver = SessionDriver(spec, {MODULE: ComponentInvoker(runtime)}, settings,
-                                       configure=scenario.configure(mock.url),
-                                       on_event=on_event)
+                driver = SessionDriver(
+                    spec,
+                    {MODULE: ComponentInvoker(runtime)},
+                    settings,
+                    configure=scenario.configure(mock.url),
+                    on_event=on_event,
+                )
                 run = _drive(driver, jobs, mock)
         else:
             direct = DirectInvoker(mock.url, SIM_API_KEY)
             try:
-                driver = SessionDriver(spec, {MODULE: direct}, settings,
-                                       configure=scenario.configure(mock.url),
-                                       on_event=on_event)
+                driver = SessionDriver(
+                    spec,
+                    {MODULE: direct},
+                    settings,
+                    configure=scenario.configure(mock.url),
+                    on_event=on_event,
+                )
                 run = _drive(driver, jobs, mock)
             finally:
                 direct.close()
@@ -318,8 +420,11 @@ def _e2b_figures(mock: MockE2BServer, run: RunResult) -> E2BFigures:
 def _header(scenario: Scenario, mode: str, spec: Spec) -> str:
     e2b = scenario.e2b
     poll = _poll_s(spec)
-    rate = "no rate limit" if e2b.create_rate_per_s is None else (
-        f"{e2b.create_rate_per_s:g} creates/s (burst {e2b.create_burst})")
+    rate = (
+        "no rate limit"
+        if e2b.create_rate_per_s is None
+        else (f"{e2b.create_rate_per_s:g} creates/s (burst {e2b.create_burst})")
+    )
     return (
         f"== {mode}: {scenario.jobs} jobs, {scenario.tenants} tenant(s); E2B admits "
         f"{e2b.max_concurrent_creates or 'unlimited'} concurrent creates, {rate}, "
@@ -347,15 +452,22 @@ def tradeoff_scenario(scenario: Scenario) -> VirtualScenario:
     e2b = scenario.e2b
     integration = scenario.integration_config(VIRTUAL_E2B_URL)
     return VirtualScenario(
-        jobs=scenario.jobs, tenants=scenario.tenants, turns=scenario.turns,
+        jobs=scenario.jobs,
+        tenants=scenario.tenants,
+        turns=scenario.turns,
         turn_s=scenario.scale.real_s(scenario.turn_sim_s),
         admission=AdmissionConfig.from_config(dict(integration)),
-        guest=True, integration=integration,
+        guest=True,
+        integration=integration,
         # The fake E2B's limiter has no burst: give it the rate only where E2B's has none.
-        e2b=FakeE2BConfig(create_latency_ms=round(e2b.create_latency_ms),
-                          rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
-                          sandbox_cap=e2b.max_sandboxes),
-        seed=scenario.seed, sim_per_real=scenario.scale.sim_per_real)
+        e2b=FakeE2BConfig(
+            create_latency_ms=round(e2b.create_latency_ms),
+            rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
+            sandbox_cap=e2b.max_sandboxes,
+        ),
+        seed=scenario.seed,
+        sim_per_real=scenario.scale.sim_per_real,
+    )
 
 
 def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
@@ -365,15 +477,24 @@ def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
     e2b = scenario.e2b
     integration = scenario.integration_config(VIRTUAL_E2B_URL)
     return VirtualScenario(
-        jobs=scenario.jobs, tenants=scenario.tenants, turns=scenario.turns,
+        jobs=scenario.jobs,
+        tenants=scenario.tenants,
+        turns=scenario.turns,
         turn_s=scenario.scale.real_s(scenario.turn_sim_s),
         admission=AdmissionConfig.from_config(dict(integration)),
-        guest=True, integration=integration,
+        guest=True,
+        integration=integration,
         e2b=FakeE2BConfig(
-            create_latency_ms=round(e2b.create_latency_ms), rate_per_s=e2b.create_rate_per_s,
-            rate_burst=e2b.create_burst, sandbox_cap=e2b.max_sandboxes,
-            create_slots=e2b.max_concurrent_creates if e2b.overload == "reject" else None),
-        seed=scenario.seed, sim_per_real=scenario.scale.sim_per_real, pace=pace)
+            create_latency_ms=round(e2b.create_latency_ms),
+            rate_per_s=e2b.create_rate_per_s,
+            rate_burst=e2b.create_burst,
+            sandbox_cap=e2b.max_sandboxes,
+            create_slots=e2b.max_concurrent_creates if e2b.overload == "reject" else None,
+        ),
+        seed=scenario.seed,
+        sim_per_real=scenario.scale.sim_per_real,
+        pace=pace,
+    )
 
 
 def run_virtual_simulate(args: argparse.Namespace, scenario: Scenario) -> int:
@@ -390,46 +511,62 @@ def run_virtual_simulate(args: argparse.Namespace, scenario: Scenario) -> int:
         return EXIT_USAGE
     pace = PaceSettings(hold_ms=args.hold_ms, push=args.push)
     done = run_virtual(spec, virtual_scenario(scenario, pace))
-    summary = {**done.summary(), "spec": spec.source, "poll_s": _poll_s(spec),
-               "hold_ms": pace.hold_ms, "push": pace.push, "virtual_end_s": round(done.end_s, 3)}
+    summary = {
+        **done.summary(),
+        "spec": spec.source,
+        "poll_s": _poll_s(spec),
+        "hold_ms": pace.hold_ms,
+        "push": pace.push,
+        "virtual_end_s": round(done.end_s, 3),
+    }
     if args.json:
-        print(json.dumps({"mode": "provisioner", "virtual": True, "summary": summary},
-                         indent=2))
+        print(json.dumps({"mode": "provisioner", "virtual": True, "summary": summary}, indent=2))
     else:
         print(format_virtual(summary))
-    bad = summary["failed"] or summary["completed"] < summary["jobs"] or \
-        summary["orphaned_sandboxes"] or summary["duplicate_sandboxes"]
+    bad = (
+        summary["failed"]
+        or summary["completed"] < summary["jobs"]
+        or summary["orphaned_sandboxes"]
+        or summary["duplicate_sandboxes"]
+    )
     return EXIT_PROVISIONER_FAILED if bad else EXIT_OK
 
 
 def format_virtual(summary: dict[str, Any]) -> str:
     poll = summary["poll_s"]
-    pace = (f"held answers up to {summary['hold_ms']} ms" if summary["hold_ms"] else
-            "no held answers") + (", push wake-ups" if summary["push"] else ", no push")
+    pace = (
+        f"held answers up to {summary['hold_ms']} ms" if summary["hold_ms"] else "no held answers"
+    ) + (", push wake-ups" if summary["push"] else ", no push")
     ratio = summary["makespan_ratio"]
-    return "\n".join([
-        f"== provisioner, virtual time: {summary['jobs']} jobs; poll every {poll}s, {pace}",
-        f"  completed {summary['completed']}/{summary['jobs']}, failed {summary['failed']}",
-        f"  makespan {summary['makespan_s']:.1f}s vs ideal {summary['ideal_makespan_s']:.1f}s"
-        + (f" ({ratio:.2f}x)" if ratio is not None else ""),
-        f"  invocations {summary['invocations']} "
-        f"({summary['invocations_per_completed']} per completed job), "
-        f"held at once {summary['max_held_at_once']}, wake-ups {summary['wake_ups']}",
-        f"  E2B: {summary['max_concurrent_creates_seen']} creates at once, "
-        f"{summary['max_running_sandboxes_seen']} sandboxes at once, "
-        f"{summary['throttled']} throttled (429), {summary['orphaned_sandboxes']} orphaned, "
-        f"{summary['duplicate_sandboxes']} duplicate",
-    ])
+    return "\n".join(
+        [
+            f"== provisioner, virtual time: {summary['jobs']} jobs; poll every {poll}s, {pace}",
+            f"  completed {summary['completed']}/{summary['jobs']}, failed {summary['failed']}",
+            f"  makespan {summary['makespan_s']:.1f}s vs ideal {summary['ideal_makespan_s']:.1f}s"
+            + (f" ({ratio:.2f}x)" if ratio is not None else ""),
+            f"  invocations {summary['invocations']} "
+            f"({summary['invocations_per_completed']} per completed job), "
+            f"held at once {summary['max_held_at_once']}, wake-ups {summary['wake_ups']}",
+            f"  E2B: {summary['max_concurrent_creates_seen']} creates at once, "
+            f"{summary['max_running_sandboxes_seen']} sandboxes at once, "
+            f"{summary['throttled']} throttled (429), {summary['orphaned_sandboxes']} orphaned, "
+            f"{summary['duplicate_sandboxes']} duplicate",
+        ]
+    )
 
 
 def format_tradeoff(rows: list[dict[str, Any]], ideal_s: float) -> str:
-    lines = ["poll interval against makespan and invocations (virtual time, same limits; "
-             f"ideal {ideal_s:.1f}s):",
-             "  poll   makespan   vs ideal   invocations   completed"]
+    lines = [
+        "poll interval against makespan and invocations (virtual time, same limits; "
+        f"ideal {ideal_s:.1f}s):",
+        "  poll   makespan   vs ideal   invocations   completed",
+    ]
     for row in rows:
-        lines.append(f"  {row['poll_s']:>3}s   {row['makespan_s']:>7.1f}s   "
-                     f"{row['makespan_s'] / ideal_s if ideal_s else 0:>7.2f}x   "
-                     f"{row['invocations']:>11}   {row['completed']:>4}/{row['jobs']}")
+        lines.append(
+            f"  {row['poll_s']:>3}s   {row['makespan_s']:>7.1f}s   "
+            f"{row['makespan_s'] / ideal_s if ideal_s else 0:>7.2f}x   "
+            f"{row['invocations']:>11}   {row['completed']:>4}/{row['jobs']}"
+        )
     return "\n".join(lines)
 
 
@@ -442,8 +579,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.virtual:
         return run_virtual_simulate(args, scenario)
     if args.push or args.hold_ms != PaceSettings().hold_ms:
-        print("sandbox-provisioner: --hold-ms and --push model serve in virtual time; add "
-              "--virtual (in real time they are serve's own options)", file=sys.stderr)
+        print(
+            "sandbox-provisioner: --hold-ms and --push model serve in virtual time; add "
+            "--virtual (in real time they are serve's own options)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     modes = list(MODES) if args.mode == "compare" else [args.mode]
     out = sys.stderr if args.json else sys.stdout
@@ -489,8 +629,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     tradeoff: list[dict[str, Any]] = []
     if "provisioner" in modes and not args.no_tradeoff and not runs[-1].run.overloaded:
         ideal = reports[-1]["summary"]["ideal_makespan_s"]
-        tradeoff = poll_tradeoff(mode_spec("provisioner", override),
-                                 tradeoff_scenario(scenario), TRADEOFF_POLLS)
+        tradeoff = poll_tradeoff(
+            mode_spec("provisioner", override), tradeoff_scenario(scenario), TRADEOFF_POLLS
+        )
         if not args.json:
             print(file=out)
             print(format_tradeoff(tradeoff, ideal), file=out, flush=True)
@@ -498,10 +639,14 @@ def run_simulate(args: argparse.Namespace) -> int:
         written = write_timeline(args.timeline, [(d.mode, d.run, d.spec) for d in runs])
         print(f"timeline: {written}", file=out, flush=True)
     if args.json:
-        document: dict[str, Any] = dict(reports[0]) if len(reports) == 1 else {
-            "comparison": comparison_line(reports),
-            "modes": {done.mode: done.report for done in runs},
-        }
+        document: dict[str, Any] = (
+            dict(reports[0])
+            if len(reports) == 1
+            else {
+                "comparison": comparison_line(reports),
+                "modes": {done.mode: done.report for done in runs},
+            }
+        )
         if tradeoff:
             document["poll_tradeoff"] = tradeoff
         print(json.dumps(document, indent=2))
@@ -514,8 +659,7 @@ def _exit_code(runs: list[ModeRun]) -> int:
     for done in runs:
         s = done.report["summary"]
         if done.mode == "provisioner" and (
-            s["failed"] or s["unfinished"] or s["orphaned_sandboxes"]
-            or s["duplicate_sandboxes"]
+            s["failed"] or s["unfinished"] or s["orphaned_sandboxes"] or s["duplicate_sandboxes"]
         ):
             return EXIT_PROVISIONER_FAILED
     return EXIT_OK

@@ -165,48 +165,118 @@ def _copy(value: Any) -> Any:
 
 # The sections Temper's reader accepts (`SECTIONS` in toml_parser/mod.rs).
 TEMPER_SECTIONS = (
-    "automaton", "state", "action", "invariant", "liveness", "webhook", "context_entity",
-    "field_invariant", "state_timeout", "key", "vector", "admission",
+    "automaton",
+    "state",
+    "action",
+    "invariant",
+    "liveness",
+    "webhook",
+    "context_entity",
+    "field_invariant",
+    "state_timeout",
+    "key",
+    "vector",
+    "admission",
 )
 # Read here and set aside: verification-only, no run-time effect.
 VERIFICATION_ONLY = ("invariant", "liveness")
 RUN = ("automaton", "state", "action", "state_timeout", "admission")
 
-AUTOMATON_KEYS = ("name", "states", "initial", "allow_indefinite_states",
-                  "strict_action_params", "terminal")
-STATE_KEYS = ("name", "type", "initial", "overflow_inline_max_bytes", "overflow_ttl_seconds",
-              "query_indexed")
+AUTOMATON_KEYS = (
+    "name",
+    "states",
+    "initial",
+    "allow_indefinite_states",
+    "strict_action_params",
+    "terminal",
+)
+STATE_KEYS = (
+    "name",
+    "type",
+    "initial",
+    "overflow_inline_max_bytes",
+    "overflow_ttl_seconds",
+    "query_indexed",
+)
 STATE_RUN_KEYS = ("name", "type", "initial")
 VAR_TYPES = ("string", "bool", "counter", "int", "list")
-ACTION_KEYS = ("name", "kind", "from", "to", "guard", "effect", "params", "constraints", "hint",
-               "record_parent_event", "triggers", "cedar_gate", "sub_writes")
+ACTION_KEYS = (
+    "name",
+    "kind",
+    "from",
+    "to",
+    "guard",
+    "effect",
+    "params",
+    "constraints",
+    "hint",
+    "record_parent_event",
+    "triggers",
+    "cedar_gate",
+    "sub_writes",
+)
 ACTION_RUN_KEYS = ("name", "kind", "from", "to", "effect", "params", "hint", "triggers")
 ACTION_KINDS = ("input", "internal", "output", "composite")
-TRIGGER_KEYS = ("name", "kind", "principal", "guard", "liveness", "drop_ok", "llm",
-                "target_entity", "target_action", "args", "resolve_target", "module",
-                "on_success", "on_failure", "config", "adapter", "url", "method", "headers",
-                "body_template", "hook")
+TRIGGER_KEYS = (
+    "name",
+    "kind",
+    "principal",
+    "guard",
+    "liveness",
+    "drop_ok",
+    "llm",
+    "target_entity",
+    "target_action",
+    "args",
+    "resolve_target",
+    "module",
+    "on_success",
+    "on_failure",
+    "config",
+    "adapter",
+    "url",
+    "method",
+    "headers",
+    "body_template",
+    "hook",
+)
 TRIGGER_KINDS = ("entity", "wasm", "adapter", "webhook", "hook")
 # What each key's kind is (`ActionTrigger::foreign_keys` in types/trigger.rs).
 TRIGGER_KEY_KINDS: dict[str, tuple[str, ...]] = {
-    "principal": ("entity",), "guard": ("entity",), "liveness": ("entity",),
-    "drop_ok": ("entity",), "llm": ("wasm", "adapter"), "target_entity": ("entity",),
-    "target_action": ("entity",), "args": ("entity",), "resolve_target": ("entity",),
-    "module": ("wasm",), "on_success": ("wasm", "adapter", "webhook"),
-    "on_failure": ("wasm", "adapter", "webhook"), "config": ("wasm", "adapter", "webhook"),
-    "adapter": ("adapter",), "url": ("webhook",), "method": ("webhook",),
-    "headers": ("webhook",), "body_template": ("webhook",), "hook": ("hook",),
+    "principal": ("entity",),
+    "guard": ("entity",),
+    "liveness": ("entity",),
+    "drop_ok": ("entity",),
+    "llm": ("wasm", "adapter"),
+    "target_entity": ("entity",),
+    "target_action": ("entity",),
+    "args": ("entity",),
+    "resolve_target": ("entity",),
+    "module": ("wasm",),
+    "on_success": ("wasm", "adapter", "webhook"),
+    "on_failure": ("wasm", "adapter", "webhook"),
+    "config": ("wasm", "adapter", "webhook"),
+    "adapter": ("adapter",),
+    "url": ("webhook",),
+    "method": ("webhook",),
+    "headers": ("webhook",),
+    "body_template": ("webhook",),
+    "hook": ("hook",),
 }
 TRIGGER_RETIRED = {
     "to_state": "write the status into the guard, such as guard = \"status == 'Ready'\"",
     "params": "write the values in `args`, string literals in single quotes",
-    "params_from": "write the field names in `args`: args = { doc_id = \"Id\" }",
+    "params_from": 'write the field names in `args`: args = { doc_id = "Id" }',
     "adapter_type": "write `adapter`",
 }
 TIMEOUT_KEYS = ("state", "after_seconds", "on_timeout", "max_occurrences", "reset_on", "args")
 TIMEOUT_RETIRED = {"params": "write `args`, with string literals in single quotes"}
-ADMISSION_KEYS = ("max_concurrent_creates", "max_concurrent_actions", "queue_depth",
-                  "queue_timeout_seconds")
+ADMISSION_KEYS = (
+    "max_concurrent_creates",
+    "max_concurrent_actions",
+    "queue_depth",
+    "queue_timeout_seconds",
+)
 MIGRATE_HINT = "convert the spec with `temper migrate-predicates`"
 
 
@@ -240,9 +310,11 @@ def parse_spec(text: str, *, source: str = "<spec>") -> Spec:
 def _read(doc: dict[str, Any], source: str) -> Spec:
     fail = _Failer(source)
     if "integration" in doc:
-        raise fail("[[integration]] is no longer supported: declare the call as an "
-                   "[[action.triggers]] block on the action that fires it "
-                   f"({MIGRATE_HINT}; Temper: toml_parser/mod.rs)")
+        raise fail(
+            "[[integration]] is no longer supported: declare the call as an "
+            "[[action.triggers]] block on the action that fires it "
+            f"({MIGRATE_HINT}; Temper: toml_parser/mod.rs)"
+        )
     for section in doc:
         if section not in TEMPER_SECTIONS:
             raise fail(f"unknown section '{section}' (a spec has {', '.join(TEMPER_SECTIONS)})")
@@ -259,8 +331,10 @@ def _read(doc: dict[str, Any], source: str) -> Spec:
     initial = _str(fail, "[automaton] initial", meta["initial"])
     state_vars = tuple(_state_var(fail, entry) for entry in _entries(fail, doc, "state"))
     actions = tuple(_action(fail, entry) for entry in _entries(fail, doc, "action"))
-    timeouts = tuple(_timeout(fail, entry, index)
-                     for index, entry in enumerate(_entries(fail, doc, "state_timeout")))
+    timeouts = tuple(
+        _timeout(fail, entry, index)
+        for index, entry in enumerate(_entries(fail, doc, "state_timeout"))
+    )
     admission = _admission(fail, doc["admission"]) if "admission" in doc else None
     spec = Spec(
         name=name,
@@ -270,8 +344,11 @@ def _read(doc: dict[str, Any], source: str) -> Spec:
         actions=actions,
         timeouts=timeouts,
         admission=admission,
-        allow_indefinite_states=tuple(_str_list(
-            fail, "[automaton] allow_indefinite_states", meta.get("allow_indefinite_states", []))),
+        allow_indefinite_states=tuple(
+            _str_list(
+                fail, "[automaton] allow_indefinite_states", meta.get("allow_indefinite_states", [])
+            )
+        ),
         terminal=tuple(_str_list(fail, "[automaton] terminal", meta.get("terminal", []))),
         source=source,
     )
@@ -288,8 +365,12 @@ class _Failer:
 
 
 def _keys(
-    fail: _Failer, scope: str, table: Mapping[str, Any], known: Iterable[str],
-    required: Iterable[str] = (), run: Iterable[str] | None = None,
+    fail: _Failer,
+    scope: str,
+    table: Mapping[str, Any],
+    known: Iterable[str],
+    required: Iterable[str] = (),
+    run: Iterable[str] | None = None,
     retired: Mapping[str, str] | None = None,
 ) -> None:
     known = tuple(known)
@@ -297,8 +378,10 @@ def _keys(
         if retired and key in retired:
             raise fail(f"{scope}: `{key}` is no longer a key; {retired[key]}")
         if key not in known:
-            raise fail(f"{scope}: unknown key `{key}` (Temper rejects it: deny_unknown_fields; "
-                       f"expected one of {', '.join(known)})")
+            raise fail(
+                f"{scope}: unknown key `{key}` (Temper rejects it: deny_unknown_fields; "
+                f"expected one of {', '.join(known)})"
+            )
         if run is not None and key not in run:
             raise fail(f"{scope}: `{key}` is valid Temper but this executor does not run it")
     for key in required:
@@ -348,10 +431,13 @@ def _state_var(fail: _Failer, entry: dict[str, Any]) -> StateVar:
         "list": isinstance(initial, list) and all(isinstance(i, str) for i in initial),
     }[var_type]
     if not ok:
-        example = {"string": '""', "bool": "false", "counter": "0", "int": "0",
-                   "list": "[]"}[var_type]
-        raise fail(f"{scope}: initial: a {var_type} starts at a value such as "
-                   f"`initial = {example}`, found {initial!r}")
+        example = {"string": '""', "bool": "false", "counter": "0", "int": "0", "list": "[]"}[
+            var_type
+        ]
+        raise fail(
+            f"{scope}: initial: a {var_type} starts at a value such as "
+            f"`initial = {example}`, found {initial!r}"
+        )
     return StateVar(name, var_type, initial)
 
 
@@ -361,14 +447,18 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def _effect(fail: _Failer, scope: str, value: Any) -> Effect:
     if isinstance(value, dict):
-        raise fail(f"{scope}: effect tables ({{ type = ... }}) are the old syntax; write a "
-                   f"statement such as \"turns += 1\" ({MIGRATE_HINT})")
+        raise fail(
+            f"{scope}: effect tables ({{ type = ... }}) are the old syntax; write a "
+            f'statement such as "turns += 1" ({MIGRATE_HINT})'
+        )
     if not isinstance(value, str):
         raise fail(f"{scope}: an effect is a statement string, found {value!r}")
     match = _EFFECT.match(value)
     if match is None:
-        raise fail(f"{scope}: effect {value!r} is not a statement this executor runs "
-                   "(`var = value`, `var += n`, `var -= n`)")
+        raise fail(
+            f"{scope}: effect {value!r} is not a statement this executor runs "
+            "(`var = value`, `var += n`, `var -= n`)"
+        )
     var, op, rhs = match.groups()
     literal = _literal(rhs)
     if literal is not _NOT_LITERAL:
@@ -413,14 +503,21 @@ def _action(fail: _Failer, entry: dict[str, Any]) -> Action:
         if isinstance(param, str):
             params.append(param)
         elif isinstance(param, dict):
-            _keys(fail, scope + " param", param, ("name", "type", "source"), ("name",),
-                  run=("name", "type"))
+            _keys(
+                fail,
+                scope + " param",
+                param,
+                ("name", "type", "source"),
+                ("name",),
+                run=("name", "type"),
+            )
             if param.get("type", "string") not in VAR_TYPES:
                 raise fail(f"{scope}: param type must be one of {', '.join(VAR_TYPES)}")
             params.append(_str(fail, scope + " param name", param["name"]))
         else:
-            raise fail(f"{scope}: a parameter is a name or {{ name = ..., type = ... }}, "
-                       f"found {param!r}")
+            raise fail(
+                f"{scope}: a parameter is a name or {{ name = ..., type = ... }}, found {param!r}"
+            )
     if len(set(params)) != len(params):
         raise fail(f"{scope}: a parameter is declared twice")
     effects_raw = entry.get("effect", [])
@@ -432,8 +529,16 @@ def _action(fail: _Failer, entry: dict[str, Any]) -> Action:
         raise fail(f"{scope}: 'triggers' must be written as [[action.triggers]]")
     triggers = tuple(_trigger(fail, scope, t) for t in triggers_raw)
     hint = entry.get("hint")
-    return Action(name, kind, tuple(sources), to, tuple(params), effects, triggers,
-                  hint if isinstance(hint, str) else None)
+    return Action(
+        name,
+        kind,
+        tuple(sources),
+        to,
+        tuple(params),
+        effects,
+        triggers,
+        hint if isinstance(hint, str) else None,
+    )
 
 
 def _trigger(fail: _Failer, action_scope: str, entry: Any) -> Trigger:
@@ -444,8 +549,9 @@ def _trigger(fail: _Failer, action_scope: str, entry: Any) -> Trigger:
     kind = entry["kind"]
     if kind not in TRIGGER_KINDS:
         raise fail(f"{scope}: kind must be one of {', '.join(TRIGGER_KINDS)}, found {kind!r}")
-    foreign = [key for key in entry if key in TRIGGER_KEY_KINDS
-               and kind not in TRIGGER_KEY_KINDS[key]]
+    foreign = [
+        key for key in entry if key in TRIGGER_KEY_KINDS and kind not in TRIGGER_KEY_KINDS[key]
+    ]
     if foreign:
         raise fail(f"{scope}: {', '.join(foreign)} do not belong to kind = {kind!r}")
     if kind != "wasm":
@@ -469,8 +575,14 @@ def _trigger(fail: _Failer, action_scope: str, entry: Any) -> Trigger:
 
 def _timeout(fail: _Failer, entry: dict[str, Any], index: int) -> StateTimeout:
     scope = f"state_timeout #{index + 1} ('{entry.get('state', '?')}')"
-    _keys(fail, scope, entry, TIMEOUT_KEYS, ("state", "after_seconds", "on_timeout"),
-          retired=TIMEOUT_RETIRED)
+    _keys(
+        fail,
+        scope,
+        entry,
+        TIMEOUT_KEYS,
+        ("state", "after_seconds", "on_timeout"),
+        retired=TIMEOUT_RETIRED,
+    )
     args: list[tuple[str, Arg]] = []
     raw_args = entry.get("args", {})
     if not isinstance(raw_args, dict):
@@ -485,8 +597,10 @@ def _timeout(fail: _Failer, entry: dict[str, Any], index: int) -> StateTimeout:
             elif _IDENT.match(value):
                 args.append((key, Arg(var=value)))
             else:
-                raise fail(f"{scope}: args.{key}: a literal ('text', an integer, true, false, "
-                           f"null) or a state variable, found {value!r}")
+                raise fail(
+                    f"{scope}: args.{key}: a literal ('text', an integer, true, false, "
+                    f"null) or a state variable, found {value!r}"
+                )
         else:
             raise fail(f"{scope}: args.{key}: unsupported value {value!r}")
     max_occurrences = _uint(fail, scope + " max_occurrences", entry.get("max_occurrences", 1))
@@ -511,14 +625,19 @@ def _admission(fail: _Failer, table: Any) -> Admission:
     depth = table.get("queue_depth")
     timeout = table.get("queue_timeout_seconds")
     return Admission(
-        max_concurrent_creates=None if creates is None else _uint(
-            fail, "[admission] max_concurrent_creates", creates),
-        max_concurrent_actions=tuple(sorted(
-            (k, _uint(fail, f"[admission] max_concurrent_actions.{k}", v))
-            for k, v in caps.items())),
+        max_concurrent_creates=None
+        if creates is None
+        else _uint(fail, "[admission] max_concurrent_creates", creates),
+        max_concurrent_actions=tuple(
+            sorted(
+                (k, _uint(fail, f"[admission] max_concurrent_actions.{k}", v))
+                for k, v in caps.items()
+            )
+        ),
         queue_depth=None if depth is None else _uint(fail, "[admission] queue_depth", depth),
-        queue_timeout_seconds=None if timeout is None else _uint(
-            fail, "[admission] queue_timeout_seconds", timeout),
+        queue_timeout_seconds=None
+        if timeout is None
+        else _uint(fail, "[admission] queue_timeout_seconds", timeout),
     )
 
 
@@ -541,16 +660,22 @@ def _validate(fail: _Failer, spec: Spec) -> None:
                 raise fail(f"action '{action.name}': {state!r} is not a declared state")
         for effect in action.effects:
             if effect.var not in variables:
-                raise fail(f"action '{action.name}' effect {effect.text!r}: "
-                           f"'{effect.var}' is not a declared [[state]]")
+                raise fail(
+                    f"action '{action.name}' effect {effect.text!r}: "
+                    f"'{effect.var}' is not a declared [[state]]"
+                )
             if effect.param is not None and effect.param not in action.params:
-                raise fail(f"action '{action.name}' effect {effect.text!r}: params."
-                           f"{effect.param} is not a declared parameter of the action")
+                raise fail(
+                    f"action '{action.name}' effect {effect.text!r}: params."
+                    f"{effect.param} is not a declared parameter of the action"
+                )
         for trigger in action.triggers:
             for target in (trigger.on_success, trigger.on_failure):
                 if target is not None and spec.action(target) is None:
-                    raise fail(f"action '{action.name}' trigger '{trigger.name}': "
-                               f"{target!r} is not a declared action")
+                    raise fail(
+                        f"action '{action.name}' trigger '{trigger.name}': "
+                        f"{target!r} is not a declared action"
+                    )
     for timeout in spec.timeouts:
         scope = f"state_timeout on '{timeout.state}'"
         if timeout.state not in states:

@@ -78,23 +78,25 @@ def _panel(mode: str, run: RunResult, spec: Spec, x0: float, span_s: float) -> l
     ]
     for row, result in enumerate(run.results):
         y = TOP + row * ROW_H
-        parts.append(f'<text x="{x0}" y="{y + 11}" class="label">'
-                     f"{html.escape(result.job.label[:18])}</text>")
+        parts.append(
+            f'<text x="{x0}" y="{y + 11}" class="label">{html.escape(result.job.label[:18])}</text>'
+        )
         end = result.finished_at_s if result.finished_at_s is not None else span_s
         end = max(end, span_s) if result.outcome == "failed" else end
         for start, stop, kind in segments(result.history, end, spec, script):
             w = max(1.0, (stop - start) * scale)
             x = x0 + LABEL_W + start * scale
-            parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{ROW_H - 3}" '
-                         f'fill="{COLORS[kind]}"><title>{html.escape(result.job.label)}: '
-                         f"{kind} {start:.2f}-{stop:.2f}s</title></rect>")
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{ROW_H - 3}" '
+                f'fill="{COLORS[kind]}"><title>{html.escape(result.job.label)}: '
+                f"{kind} {start:.2f}-{stop:.2f}s</title></rect>"
+            )
     axis_y = TOP + len(run.results) * ROW_H + 4
     step = _tick(span_s)
     tick = 0.0
     while tick <= span_s + 1e-9:
         x = x0 + LABEL_W + tick * scale
-        parts.append(f'<line x1="{x:.1f}" y1="{TOP - 4}" x2="{x:.1f}" y2="{axis_y}" '
-                     'class="grid"/>')
+        parts.append(f'<line x1="{x:.1f}" y1="{TOP - 4}" x2="{x:.1f}" y2="{axis_y}" class="grid"/>')
         parts.append(f'<text x="{x:.1f}" y="{axis_y + 12}" class="tick">{tick:g}s</text>')
         tick += step
     return parts
@@ -118,20 +120,24 @@ def render_html(runs: Sequence[tuple[str, RunResult, Spec]]) -> str:
     legend_y = height - 16
     x = 10.0
     for kind in LEGEND:
-        parts.append(f'<rect x="{x}" y="{legend_y - 10}" width="12" height="12" '
-                     f'fill="{COLORS[kind]}" stroke="#999"/>')
+        parts.append(
+            f'<rect x="{x}" y="{legend_y - 10}" width="12" height="12" '
+            f'fill="{COLORS[kind]}" stroke="#999"/>'
+        )
         parts.append(f'<text x="{x + 16}" y="{legend_y}" class="tick">{kind}</text>')
         x += 90
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}">'
-           "<style>text{font-family:sans-serif;fill:#222}.title{font-size:14px;"
-           "font-weight:bold}.sub{font-size:11px;fill:#666}.label{font-size:11px}"
-           ".tick{font-size:10px;fill:#555}.grid{stroke:#ddd;stroke-width:1}</style>"
-           f'<rect width="{width}" height="{height}" fill="white"/>'
-           + "".join(parts) + "</svg>")
-    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>simulate timeline"
-            "</title></head><body style=\"margin:0;background:white\">" + svg
-            + "</body></html>\n")
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">'
+        "<style>text{font-family:sans-serif;fill:#222}.title{font-size:14px;"
+        "font-weight:bold}.sub{font-size:11px;fill:#666}.label{font-size:11px}"
+        ".tick{font-size:10px;fill:#555}.grid{stroke:#ddd;stroke-width:1}</style>"
+        f'<rect width="{width}" height="{height}" fill="white"/>' + "".join(parts) + "</svg>"
+    )
+    return (
+        '<!doctype html><html><head><meta charset="utf-8"><title>simulate timeline'
+        '</title></head><body style="margin:0;background:white">' + svg + "</body></html>\n"
+    )
 
 
 def write_timeline(path: Path, runs: Sequence[tuple[str, RunResult, Spec]]) -> Path:
@@ -150,9 +156,18 @@ def write_timeline(path: Path, runs: Sequence[tuple[str, RunResult, Spec]]) -> P
         page_path = Path(scratch) / "timeline.html"
         page_path.write_text(page, encoding="utf-8")
         subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             f"--screenshot={path.resolve()}", f"--window-size={width},{height}",
-             page_path.as_uri()],
-            check=True, capture_output=True, timeout=120,
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--screenshot={path.resolve()}",
+                f"--window-size={width},{height}",
+                page_path.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     return path

@@ -123,23 +123,32 @@ class E2BHttp:
                 headers += (("retry-after", str(math.ceil(result.retry_after_ms / 1000))),)
             return HttpResponse(429, headers, b'{"message": "rate limit exceeded"}')
         if isinstance(result, CapacityExhausted):
-            message = ("maximum number of concurrent E2B sandboxes "
-                       f"({result.reported_limit or ''}) reached").replace(" ()", "")
+            message = (
+                "maximum number of concurrent E2B sandboxes "
+                f"({result.reported_limit or ''}) reached"
+            ).replace(" ()", "")
             return HttpResponse(429, _JSON, json.dumps({"message": message}).encode())
         status = result.status if isinstance(result, Unavailable) and result.status else 503
         return HttpResponse(status, _JSON, b'{"message": "unavailable"}')
 
     @staticmethod
     def _created(sandbox_id: str) -> HttpResponse:
-        body = {"sandboxID": sandbox_id, "clientID": "sim", "templateID": "base",
-                "envdVersion": "0.2.0", "domain": "e2b.app"}
+        body = {
+            "sandboxID": sandbox_id,
+            "clientID": "sim",
+            "templateID": "base",
+            "envdVersion": "0.2.0",
+            "domain": "e2b.app",
+        }
         return HttpResponse(201, _JSON, json.dumps(body).encode())
 
     def _list(self, query: str) -> HttpResponse:
         wanted = {k: v[0] for k, v in parse_qs(query).items()}
-        found = [{"sandboxID": s, "clientID": "sim", "templateID": "base"}
-                 for s in sorted(self.e2b.sandboxes)
-                 if all(self.metadata.get(s, {}).get(k) == v for k, v in wanted.items())]
+        found = [
+            {"sandboxID": s, "clientID": "sim", "templateID": "base"}
+            for s in sorted(self.e2b.sandboxes)
+            if all(self.metadata.get(s, {}).get(k) == v for k, v in wanted.items())
+        ]
         return HttpResponse(200, _JSON, json.dumps(found).encode())
 
     @property
@@ -162,7 +171,11 @@ class GuestProvisioner:
     its E2B creates taking virtual time."""
 
     def __init__(
-        self, loop: VirtualTimers, e2b: FakeE2B, backend: MemoryBackend, random: SeededRandom,
+        self,
+        loop: VirtualTimers,
+        e2b: FakeE2B,
+        backend: MemoryBackend,
+        random: SeededRandom,
     ) -> None:
         self.loop = loop
         self.e2b = e2b
@@ -185,14 +198,22 @@ class GuestProvisioner:
             self.telemetry.events.clear()
             self.telemetry.logs.clear()
             try:
-                ports = native_ports(self.backend, tenant=invocation.tenant, account=ACCOUNT,
-                                     http=_PausingHttp(self.http, pause),
-                                     clock=self.loop.clock, random=self.random,
-                                     telemetry=self.telemetry)
+                ports = native_ports(
+                    self.backend,
+                    tenant=invocation.tenant,
+                    account=ACCOUNT,
+                    http=_PausingHttp(self.http, pause),
+                    clock=self.loop.clock,
+                    random=self.random,
+                    telemetry=self.telemetry,
+                )
                 result.append(run(invocation, ports))
             except BaseException as error:  # the loop must get its baton back
-                result.append(failed(Failure(FailureCode.HOST_ERROR,
-                                             f"{type(error).__name__}: {error}", True)))
+                result.append(
+                    failed(
+                        Failure(FailureCode.HOST_ERROR, f"{type(error).__name__}: {error}", True)
+                    )
+                )
 
         baton.begin(work)
         self._settle(baton, result, done)
@@ -205,13 +226,13 @@ class GuestProvisioner:
     def _at(self, latency_ms: int) -> float:
         return (self.loop.clock.now_ms() + latency_ms - START_MS) / 1000
 
-    def _step(self, baton: _Baton, result: list[Outcome], done: Callable[[Outcome], None]
-              ) -> None:
+    def _step(self, baton: _Baton, result: list[Outcome], done: Callable[[Outcome], None]) -> None:
         baton.resume()
         self._settle(baton, result, done)
 
-    def _settle(self, baton: _Baton, result: list[Outcome], done: Callable[[Outcome], None]
-                ) -> None:
+    def _settle(
+        self, baton: _Baton, result: list[Outcome], done: Callable[[Outcome], None]
+    ) -> None:
         if baton.finished:
             self._idle.append(baton)
             done(result[0])
@@ -225,4 +246,3 @@ class GuestProvisioner:
             baton.close()
         self._batons.clear()
         self._idle.clear()
-

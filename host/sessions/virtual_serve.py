@@ -24,7 +24,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from host.serve.pace import AnswerAndWake, AskAgainAt, PaceSettings, next_step
+from host.serve.pace import (
+    AnswerAndWake,
+    AskAgainAt,
+    PaceSettings,
+    Promised,
+    next_step,
+    promised,
+    without_promises,
+)
 from host.sessions.executor import Executor
 from host.sessions.fake_e2b import START_MS
 from host.sessions.simulated_ports import VirtualClock
@@ -38,10 +46,14 @@ class VirtualInvoker(Protocol):
     def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None: ...
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
 class VirtualTimers(Protocol):
     clock: VirtualClock
 
-    def call_at(self, when: float, callback: Callable[[], None]) -> object: ...
+    def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable: ...
 
 
 def _seconds(at_ms: int) -> float:
@@ -85,6 +97,9 @@ class VirtualServe:
         # Entity id -> the (at_ms, reservation) of its pending wake-up: one per entity,
         # the latest answer's.
         self._wakes: dict[str, tuple[int, str]] = {}
+        # Entity id -> its held request's next ask: (when, the timer, the ask), so a
+        # permit promised to it sooner asks sooner.
+        self._held: dict[str, tuple[int, Cancellable, Callable[[], None]]] = {}
 
     def bind(self, executor: Executor, credentials: Mapping[str, str]) -> None:
         """`credentials`: tenant -> the bearer token serve holds for it."""
@@ -124,6 +139,10 @@ class VirtualServe:
     ) -> None:
         figures = self.figures
         now = self.loop.clock.now_ms()
+        self._held.pop(invocation.entity_id, None)
+        for promise in promised(outcome):
+            self._promised(promise)
+        outcome = without_promises(outcome)
         # Past max_held a new request is answered at once (it may not be held).
         may_hold = held or figures.holding < self.pace.max_held
         step = next_step(outcome, now, hold_until if may_hold else now, self.pace.push)
@@ -132,28 +151,47 @@ class VirtualServe:
                 figures.holding += 1
                 figures.max_holding = max(figures.max_holding, figures.holding)
             figures.reasks += 1
-            self.loop.call_at(
-                _seconds(step.at_ms), lambda: self._ask(invocation, done, hold_until, held=True)
-            )
+
+            def ask() -> None:
+                self._ask(invocation, done, hold_until, held=True)
+
+            timer = self.loop.call_at(_seconds(step.at_ms), ask)
+            self._held[invocation.entity_id] = (step.at_ms, timer, ask)
             return
         if held:
             figures.holding -= 1
         if isinstance(step, AnswerAndWake) and outcome.action == SANDBOX_QUEUED:
             # The spec's wake action re-runs the provision trigger; a queued answer of
             # another kind (a resource gate's) has no wake action here and is just answered.
-            self._schedule_wake(invocation, step)
+            self._schedule_wake(
+                invocation.tenant, invocation.entity_id, step.at_ms, step.reservation
+            )
         done(outcome)
+
+    def _promised(self, promise: Promised) -> None:
+        """A permit promised to another waiter: its held request asks when it is claimable;
+        with push, a waiter not held is woken then."""
+        held = self._held.get(promise.entity_id)
+        if held is not None:
+            at_ms, timer, ask = held
+            if promise.at_ms < at_ms:
+                timer.cancel()
+                when = max(promise.at_ms, self.loop.clock.now_ms())
+                self._held[promise.entity_id] = (when, self.loop.call_at(_seconds(when), ask), ask)
+            return
+        if self.pace.push:
+            self._schedule_wake(
+                promise.tenant, promise.entity_id, promise.at_ms, promise.reservation
+            )
 
     # -- wake-ups ------------------------------------------------------------------------
 
-    def _schedule_wake(self, invocation: Invocation, step: AnswerAndWake) -> None:
-        key = (step.at_ms, step.reservation)
-        if self._wakes.get(invocation.entity_id) == key:
+    def _schedule_wake(self, tenant: str, entity_id: str, at_ms: int, reservation: str) -> None:
+        key = (at_ms, reservation)
+        if self._wakes.get(entity_id) == key:
             return  # this wake-up is already on its way
-        self._wakes[invocation.entity_id] = key
-        self.loop.call_at(
-            _seconds(step.at_ms), lambda: self._wake(invocation.tenant, invocation.entity_id, key)
-        )
+        self._wakes[entity_id] = key
+        self.loop.call_at(_seconds(at_ms), lambda: self._wake(tenant, entity_id, key))
 
     def _wake(self, tenant: str, entity_id: str, key: tuple[int, str]) -> None:
         if self._wakes.get(entity_id) != key:

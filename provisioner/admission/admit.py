@@ -12,14 +12,15 @@ import contextlib
 from dataclasses import replace
 
 from provisioner.admission import budget
-from provisioner.admission.blocking import Scheduled, Turn, assess, waiting
+from provisioner.admission.blocking import Turn, assess, waiting
 from provisioner.admission.cas import Again, until_settled
 from provisioner.admission.gates import slots_in_use, take_rate
 from provisioner.admission.leases import drop_create_lease, new_lease_id, take_create_lease
 from provisioner.admission.ledger import ACCOUNT, Ledger, Loaded
 from provisioner.admission.place import Place, Stage
+from provisioner.admission.promises import promise
 from provisioner.admission.queue import can_remove, enqueue, remove_ticket
-from provisioner.admission.reservations import reservation_of, reserve
+from provisioner.admission.reservations import reservation_of
 from provisioner.admission.results import (
     REASON_CREATE_SLOTS,
     Grant,
@@ -157,7 +158,9 @@ class Admission(Ledger):
         queued = verdict.queued
         if queued is None:  # it goes, but its ticket cannot leave out of order yet
             queued = waiting(state, config, now, waiter, place, self.ports.uniform)
-        reserved = self._reserve(state, now, verdict.scheduled)
+        reserved, wake_ups = promise(
+            self.ports, config, state, now, scheduled=verdict.scheduled, caller=mine
+        )
         own = reservation_of(state, waiter.tenant, mine.ticket, mine.entity)
         if own is not None and any(s.turn == mine for s in verdict.scheduled):
             queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
@@ -170,6 +173,7 @@ class Admission(Ledger):
         )
         if not unchanged or skipped or reserved or loaded.moved:
             self.save_gate(loaded)
+            self.wake_ups.extend(wake_ups)
         renewed = Place(place.stage, place.since_ms, place.attempt, place.ticket, None, now + ttl)
         try:
             self.save_place(waiter, loaded, renewed, ttl + config.queue_timeout_ms)
@@ -180,28 +184,6 @@ class Admission(Ledger):
         if place.ticket is not None:
             self.touch_ticket(waiter, place.ticket, ttl)
         return queued
-
-    def _reserve(self, state: GateState, now_ms: int, scheduled: list[Scheduled]) -> bool:
-        """Promise the scheduled turns that may go now their permits, and the next rate
-        token to the turn it falls to; True when the document changed. Tokens further off
-        are not promised yet: a tenant that starts waiting meanwhile gets its round-robin
-        turn among them."""
-        changed = False
-        pending = [item for item in scheduled if item.due_ms > 0][:1]
-        for item in [item for item in scheduled if item.due_ms <= 0] + pending:
-            turn = item.turn
-            _, made = reserve(
-                state,
-                turn.tenant,
-                turn.ticket,
-                turn.entity,
-                now_ms + item.due_ms,
-                now_ms,
-                self.config.reservation_claim_ms,
-                new_lease_id(self.ports, "v"),
-            )
-            changed = changed or made
-        return changed
 
     def _removable(self, state: GateState, waiter: Waiter, place: Place) -> bool:
         if place.stage is Stage.RETRYING or place.ticket is None:
@@ -236,7 +218,10 @@ class Admission(Ledger):
             budget.earn(state, config)
         self._unplace(state, waiter, place, granted=True)
         state.grants += 1
+        # What the grant left free (more slots, the next rate token) goes to the next turns.
+        _, wake_ups = promise(self.ports, config, state, now)
         self.save_gate(loaded)
+        self.wake_ups.extend(wake_ups)
         creating = Place(Stage.CREATING, place.since_ms, place.attempt, lease_id=lease_id)
         try:
             self.save_place(waiter, loaded, creating, config.create_lease_ms + config.waiter_ttl_ms)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from provisioner.admission.admit import Admission
 from provisioner.admission.cas import come_back_ms
 from provisioner.admission.ledger import load_gate
+from provisioner.admission.promises import WakeUp
 from provisioner.admission.release import Release
 from provisioner.admission.results import (
     REASON_STORAGE,
@@ -40,6 +41,9 @@ class AdmissionController:
     def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
         self._ports = ports
         self._config = config
+        # Waiters other than the caller that this controller's decisions promised a
+        # permit to: the host may wake them (`promises.WakeUp`).
+        self.wake_ups: list[WakeUp] = []
 
     # ------------------------------------------------------------------ public API
 
@@ -55,7 +59,10 @@ class AdmissionController:
         `sandbox_timeout_ms` is the E2B timeout the create asks for: a create never
         settled counts against capacity until its sandbox would have timed out."""
         admission = Admission(self._ports, self._config, sandbox_timeout_ms)
-        return self._guard(waiter, "admit", lambda: admission.decide(waiter))
+        try:
+            return self._guard(waiter, "admit", lambda: admission.decide(waiter))
+        finally:
+            self.wake_ups.extend(admission.wake_ups)
 
     def settle(
         self, waiter: Waiter, grant: Grant, result: CreateResult
@@ -68,20 +75,25 @@ class AdmissionController:
         Queued("capacity"). CreateFailed -> Rejected(its failure). Queued("storage") means
         the result could not be recorded: settle again with the same arguments."""
         settlement = Settlement(self._ports, self._config)
-        return self._guard(
-            waiter,
-            "settle",
-            lambda: settlement.decide(waiter, grant, result),
-            {"e2b_answer": type(result).__name__, "attempt": grant.attempt},
-        )
+        try:
+            return self._guard(
+                waiter,
+                "settle",
+                lambda: settlement.decide(waiter, grant, result),
+                {"e2b_answer": type(result).__name__, "attempt": grant.attempt},
+            )
+        finally:
+            self.wake_ups.extend(settlement.wake_ups)
 
     def release(self, waiter: Waiter) -> bool:
         """Free everything the waiter holds or waits for; True when something was held."""
+        release = Release(self._ports, self._config)
         try:
-            held = Release(self._ports, self._config).decide(waiter)
+            held = release.decide(waiter)
         except Exception as error:  # fail closed: held leases expire on their own
             self._log(LogLevel.WARN, f"admission release failed: {error!r}")
             held = False
+        self.wake_ups.extend(release.wake_ups)
         self._emit(waiter, "release", held)
         return held
 

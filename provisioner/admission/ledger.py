@@ -17,6 +17,7 @@ from provisioner.admission import budget
 from provisioner.admission.cas import until_settled
 from provisioner.admission.leases import prune_expired
 from provisioner.admission.place import Place
+from provisioner.admission.promises import WakeUp
 from provisioner.admission.reservations import pass_over_unclaimed
 from provisioner.admission.results import Waiter
 from provisioner.admission.state import GATE_KEY, GateState, ticket_key, waiter_key
@@ -68,6 +69,8 @@ class Ledger:
     def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
         self.ports = ports
         self.config = config
+        # The waiters this decision promised a permit to (`promises.promise`).
+        self.wake_ups: list[WakeUp] = []
 
     def load(self, waiter: Waiter) -> Loaded:
         storage = self.ports.storage

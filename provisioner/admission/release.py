@@ -7,6 +7,7 @@ from provisioner.admission.admit import leave_queue
 from provisioner.admission.cas import until_settled
 from provisioner.admission.leases import drop_leases_of, sandbox_lease_of
 from provisioner.admission.ledger import Ledger
+from provisioner.admission.promises import promise
 from provisioner.admission.results import Waiter
 
 
@@ -28,8 +29,11 @@ class Release(Ledger):
         before = state.waiting()
         ticket = leave_queue(state, waiter, loaded.place)
         waited = before != state.waiting() or ticket is not None
-        if held or before != state.waiting():
+        # What it held is free again: promised to the next turns.
+        promised, wake_ups = promise(self.ports, self.config, state, now)
+        if held or before != state.waiting() or promised or loaded.moved:
             self.save_gate(loaded)
+            self.wake_ups.extend(wake_ups)
         self.forget_place(waiter)
         self.forget_ticket(waiter, ticket)
         return held or waited

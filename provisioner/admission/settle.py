@@ -29,6 +29,7 @@ from provisioner.admission.leases import (
 )
 from provisioner.admission.ledger import Ledger, Loaded
 from provisioner.admission.place import Place, Stage
+from provisioner.admission.promises import promise
 from provisioner.admission.results import (
     REASON_BACKOFF,
     REASON_CAPACITY,
@@ -132,7 +133,10 @@ class Settlement(Ledger):
         ticket = leave_queue(state, waiter, loaded.place)
         record_success(state)
         note_created(state, config)
+        # Its create slot is free again: promised to the next turn.
+        _, wake_ups = promise(self.ports, config, state, now)
         self.save_gate(loaded)
+        self.wake_ups.extend(wake_ups)
         self.forget_ticket(waiter, ticket)
         holding = Place(Stage.HOLDING, since, grant.attempt, lease_id=grant.lease_id)
         self.write_place(waiter, loaded, holding, timeout_ms + config.waiter_ttl_ms)

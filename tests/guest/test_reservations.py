@@ -149,3 +149,33 @@ def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes
     gates.advance(3_001)
     resource_params(gates.acquire("acme", "d"), "ResourceGranted")
     assert head["lease_id"]
+
+
+def test_a_settled_create_promises_its_slot_to_the_head_and_names_it_for_a_wake_up() -> None:
+    # Catches: a freed slot nobody is told about (the head sleeps until its own timer).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000, create_burst=100))
+    a, b, c = waiters(3)
+    grant_a = grant_of(harness.admit(a))
+    queued_of(harness.admit(b))
+    queued_of(harness.admit(c))
+    controller = harness.controller(a.tenant)
+    assert controller.settle(a, grant_a, Created("sbx-a", 600_000)) is None
+    [wake] = controller.wake_ups
+    assert (wake.tenant, wake.entity, wake.at_ms) == (b.tenant, b.entity, harness.clock.now_ms())
+    assert wake.reservation == gate(harness).reservations[0].rid
+    # b, woken, claims it; the caller is never told to wake itself.
+    asking = harness.controller(b.tenant)
+    assert isinstance(asking.admit(b), Grant)
+    assert all(w.entity != b.entity for w in asking.wake_ups)
+
+
+def test_a_release_promises_the_capacity_it_frees() -> None:
+    # Catches: a release that frees capacity without promising it to the next waiter.
+    harness = Harness(AdmissionConfig(max_sandboxes=1, create_rate_per_s=1000, create_burst=100))
+    a, b = waiters(2)
+    grant_a = grant_of(harness.admit(a))
+    assert harness.settle(a, grant_a, Created("sbx-a", 600_000)) is None
+    assert queued_of(harness.admit(b)).reason == "capacity"
+    controller = harness.controller(a.tenant)
+    assert controller.release(a)
+    assert [w.entity for w in controller.wake_ups] == [b.entity]

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from host.serve.pace import Answer, AnswerAndWake, AskAgainAt, next_step, retry_at_ms
+from host.runtime.temper_context import outcome_to_json
+from host.serve.pace import (
+    Answer,
+    AnswerAndWake,
+    AskAgainAt,
+    Promised,
+    next_step,
+    promised,
+    retry_at_ms,
+    without_promises,
+)
 from provisioner.model import SANDBOX_QUEUED, SANDBOX_READY, Outcome
 
 
@@ -35,3 +45,18 @@ def test_a_turn_past_the_window_is_answered_and_woken_only_with_push() -> None:
 
 def test_any_other_answer_goes_back_at_once() -> None:
     assert next_step(Outcome(SANDBOX_READY, {}), 1_000, 5_000, True) == Answer()
+
+
+def test_promises_are_read_and_never_reach_temper() -> None:
+    # Catches: another tenant's entity ids in the result Temper receives.
+    wake = {
+        "tenant": "t2",
+        "entity_type": "TemperAgent",
+        "entity_id": "a-9",
+        "at_ms": 5,
+        "reservation": "v1",
+    }
+    outcome = Outcome(SANDBOX_READY, {"sandbox_id": "s", "wake_ups": [wake, {"tenant": 1}]})
+    assert promised(outcome) == [Promised("t2", "TemperAgent", "a-9", 5, "v1")]
+    assert "wake_ups" not in without_promises(outcome).params
+    assert "wake_ups" not in outcome_to_json(outcome)["params"]
