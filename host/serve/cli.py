@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -23,9 +24,11 @@ import uvicorn.server
 from host.cli.options import ExitCode, add_runtime_options, fail
 from host.operator.gates import read_gates
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
+from host.serve.bounds import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, HeaderDeadlineProtocol
 from host.serve.invoker import open_invoker_from
 from host.serve.metrics import ServeMetrics
 from host.serve.pool import InvocationPool
+from host.serve.tenants import TenantAccess, TenantsFileError
 
 TOKEN_ENV = "SANDBOX_PROVISIONER_TOKEN"
 DEFAULT_LISTEN = "127.0.0.1:8470"
@@ -60,6 +63,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="SECONDS",
         help="Retry-After of a 503 when every worker is busy (default 1)",
+    )
+    parser.add_argument(
+        "--tenants",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the clients (token digests and the tenants each may act for) and the per-tenant "
+        f"Temper credentials, TOML (docs/tenancy.md); reloaded on SIGHUP. ${TOKEN_ENV}, when "
+        "set, is one more client that acts for every tenant",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"a request's head, and then its body, must arrive within this (default "
+        f"{HEADER_TIMEOUT_S:g}; body {BODY_TIMEOUT_S:g})",
     )
     add_runtime_options(parser)
 
@@ -127,14 +147,20 @@ def _fail(message: str) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     token = os.environ.get(TOKEN_ENV, "")
-    if not token:
-        return _fail(f"set the service's bearer token in ${TOKEN_ENV}")
+    if not token and args.tenants is None:
+        return _fail(f"set the service's bearer token in ${TOKEN_ENV}, or give --tenants FILE")
+    if args.read_timeout <= 0:
+        return _fail("--read-timeout must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        access = TenantAccess(args.tenants, operator_token=token or None)
+    except TenantsFileError as error:
+        return _fail(str(error))
     try:
         host, port = parse_listen(args.listen)
         pool = InvocationPool(args.workers)
     except ValueError as error:
         return _fail(str(error))
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.processes < 1:
         return _fail("--processes must be at least 1")
     try:
@@ -147,7 +173,12 @@ def run_serve(args: argparse.Namespace) -> int:
                 e2b_url=args.e2b_url,
                 storage_probe=lambda: (storage.get(READINESS_NAMESPACE, READINESS_KEY), None)[1],
                 retry_after_s=max(0, args.retry_after),
+                access=access,
+                body_timeout_s=args.read_timeout,
             )
+            access.log_to(state.log)
+            if args.tenants is not None:
+                signal.signal(signal.SIGHUP, lambda _sig, _frame: access.reload())
             state.metrics = ServeMetrics(
                 read_gates=lambda: read_gates(storage, args.account, state.admission_config),
                 workers_busy=lambda: pool.busy,
@@ -161,6 +192,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 access_log=False,
                 timeout_graceful_shutdown=DRAIN_SECONDS,
                 lifespan="off",
+                http=HeaderDeadlineProtocol.with_timeout(args.read_timeout),
             )
             DrainingServer(config, state).run()
             pool.shutdown()

@@ -22,7 +22,7 @@ Three sources:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -156,6 +156,25 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.tenant_invocations = Counter(
+            f"{PREFIX}_tenant_invocations",
+            "Invocations the component answered, by tenant and outcome action",
+            ["tenant", "action"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            f"{PREFIX}_refused",
+            "Requests refused before anything ran, by code (unauthorized, forbidden_tenant, "
+            "rate_limited, too_large, body_timeout)",
+            ["code"],
+            registry=self.registry,
+        )
+        self.forbidden_tenant = Counter(
+            f"{PREFIX}_forbidden_tenant",
+            "Invocations refused 403 because the client's token does not cover the tenant",
+            ["client"],
+            registry=self.registry,
+        )
         self.saturated = Counter(
             f"{PREFIX}_saturated",
             "Invocations refused with 503 because every worker was busy",
@@ -191,9 +210,18 @@ class ServeMetrics:
         if read_gates is not None:
             self.registry.register(GateCollector(read_gates))
 
-    def observe_invocation(self, outcome: Outcome, seconds: float) -> None:
+    def observe_invocation(
+        self, outcome: Outcome, seconds: float, tenant: str | None = None
+    ) -> None:
         self.invocations.labels(action=outcome.action, reason=outcome_reason(outcome)).inc()
         self.decision_seconds.labels(action=outcome.action).observe(seconds)
+        if tenant is not None:
+            self.tenant_invocations.labels(tenant=tenant, action=outcome.action).inc()
+
+    def observe_refusal(self, code: str, client: str | None = None) -> None:
+        self.refused.labels(code=code).inc()
+        if code == "forbidden_tenant" and client is not None:
+            self.forbidden_tenant.labels(client=client).inc()
 
     def observe_saturated(self) -> None:
         self.saturated.inc()
@@ -208,7 +236,26 @@ class ServeMetrics:
         if kind is not None:
             self.e2b_429.labels(kind=kind).inc()
 
-    def exposition(self) -> bytes:
-        """The text format; reads the gates from storage, so call it off the event loop."""
+    def exposition(self, sees: Callable[[Mapping[str, str]], bool] | None = None) -> bytes:
+        """The text format; reads the gates from storage, so call it off the event loop.
+        `sees`: which labelled series the caller may read (None: every series)."""
         with self._lock:
-            return generate_latest(self.registry)
+            if sees is None:
+                return generate_latest(self.registry)
+            visible = CollectorRegistry(auto_describe=False)
+            visible.register(_Visible(self.registry, sees))
+            return generate_latest(visible)
+
+
+class _Visible:
+    """The registry's metrics with only the samples whose labels `sees` accepts."""
+
+    def __init__(self, registry: CollectorRegistry, sees: Callable[[Mapping[str, str]], bool]):
+        self._registry = registry
+        self._sees = sees
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            kept.samples = [s for s in metric.samples if self._sees(s.labels)]
+            yield kept
