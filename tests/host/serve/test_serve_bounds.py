@@ -174,7 +174,9 @@ def test_a_burst_of_bad_tokens_is_rate_limited_while_good_tokens_keep_working(
     assert sample(ops, "sandbox_provisioner_refused_total", code="rate_limited") == 6
 
 
-def test_an_oversized_body_is_413_from_its_declared_length_before_it_is_read(service: Service) -> None:
+def test_an_oversized_body_is_413_from_its_declared_length_before_it_is_read(
+    service: Service,
+) -> None:
     auth = {"Authorization": f"Bearer {T1_TOKEN}"}
     declared = service.http.post(
         "/v1/invocations",
