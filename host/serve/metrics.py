@@ -4,8 +4,12 @@ client (`prometheus-client`), on a registry of the service's own (never the glob
 Three sources:
 
 - the invocations the service ran (`observe_invocation`): counts by outcome action and
-  reason, the decision latency (the component call, queue wait excluded), 503s refused
-  for saturation, and the workers busy;
+  reason, and by tenant and action, the decision latency (the component call, queue wait
+  excluded), 503s refused for saturation, and the workers busy;
+- the requests refused before anything ran (`observe_refusal`): by code, and the
+  forbidden-tenant 403s by client name. `exposition(sees)` keeps only the series a
+  client may read: a tenant's client sees its own `tenant` and `client` labels only
+  (`access.label_filter`, docs/tenancy.md);
 - the HTTP gateway (`observe_exchange`, hooked with `HttpGateway.observe`): E2B answers by
   method and status, requests that got no answer by error kind, and 429s by kind, told
   apart the way the guest does (`provisioner.e2b.classify_failure`): `rate_limit` (E2B's
