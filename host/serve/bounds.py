@@ -161,7 +161,10 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def _head_overdue(self, waiting_after: object) -> None:
         self._head_deadline = None
-        if self.cycle is waiting_after and not self.transport.is_closing():
+        # A request under way (one pipelined behind the last answer) is not late: its
+        # body has its own deadline, and its answer re-arms this one.
+        idle = self.cycle is None or self.cycle.response_complete
+        if self.cycle is waiting_after and idle and not self.transport.is_closing():
             if self.conn.our_state != h11.ERROR:
                 self.conn.send(h11.ConnectionClosed())
             self.transport.close()
