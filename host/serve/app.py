@@ -41,7 +41,7 @@ from host.serve.errors import error_response as _error
 from host.serve.metrics import CONTENT_TYPE, ServeMetrics
 from host.serve.pool import InvocationPool
 from host.serve.results import temper_result
-from host.serve.tenants import TenantAccess
+from host.serve.tenants import Client, TenantAccess
 from provisioner.admission import AdmissionConfig
 from provisioner.model import Invocation, Outcome, ProvisionerError
 
@@ -80,7 +80,7 @@ class ServeState:
         return self.access
 
     def refusals(self) -> Refusals:
-        def count(code: str, client: Any) -> None:
+        def count(code: str, client: Client | None) -> None:
             if self.metrics is not None:
                 self.metrics.observe_refusal(code, None if client is None else client.name)
 

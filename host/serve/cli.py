@@ -24,7 +24,7 @@ import uvicorn.server
 from host.cli.options import ExitCode, add_runtime_options, fail
 from host.operator.gates import read_gates
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
-from host.serve.bounds import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, HeaderDeadlineProtocol
+from host.serve.bounds import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
 from host.serve.invoker import open_invoker_from
 from host.serve.metrics import ServeMetrics
 from host.serve.pool import InvocationPool
@@ -78,8 +78,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=HEADER_TIMEOUT_S,
         metavar="SECONDS",
-        help=f"a request's head, and then its body, must arrive within this (default "
-        f"{HEADER_TIMEOUT_S:g}; body {BODY_TIMEOUT_S:g})",
+        help="a request's head must arrive within SECONDS of its connection opening (or of "
+        f"the previous answer), and then its body within SECONDS (default {HEADER_TIMEOUT_S:g})",
     )
     add_runtime_options(parser)
 
