@@ -43,11 +43,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote
 
 from host.cli.options import fail, positive
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from host.multihost.redis_server import RedisServer
 
 SOAK_API_KEY = "e2b_soak_key"
+SOAK_TENANTS = ("tenant-a", "tenant-b", "tenant-c")
 FAULT_KINDS: tuple[str, ...] = (
     "kill_mid_create",
     "kill_after_e2b_kill",
@@ -121,11 +122,38 @@ class FaultRecord:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+class SoakHost(Protocol):
+    name: str
+    events: list[Event]
+
+
+class SoakCluster(Protocol):
+    """What the soak drives: the worker hosts (`Cluster`) or the services
+    (`serve_path.ServeFleet`)."""
+
+    def assign(self, jobs: Sequence[Job]) -> object: ...
+    def results(self) -> dict[str, Event]: ...
+    def events(self) -> list[Event]: ...
+    def live_hosts(self) -> Sequence[SoakHost]: ...
+    def host(self, name: str) -> SoakHost: ...
+    def kill(self, name: str) -> list[Job]: ...
+    def add_host(self, timeout: float = ...) -> object: ...
+    def release(self, name: str, jobs: Sequence[Job]) -> None: ...
+    def job(self, job_id: str) -> Job: ...
+    def finish(self, timeout: float = ...) -> object: ...
+    def start(self, timeout: float = ...) -> None: ...
+
+    @property
+    def settings(self) -> WorkerSettings: ...
+
+
 class Soak:
+    fault_kinds: tuple[str, ...] = FAULT_KINDS
+
     def __init__(
         self,
         plan: SoakPlan,
-        cluster: Cluster,
+        cluster: SoakCluster,
         mock: MockE2BServer,
         redis: RedisServer,
         settings: WorkerSettings,
@@ -175,7 +203,7 @@ class Soak:
 
     def _schedule(self) -> Iterator[str]:
         while True:
-            kinds = list(FAULT_KINDS)
+            kinds = list(self.fault_kinds)
             self.rng.shuffle(kinds)
             yield from kinds
 
@@ -184,7 +212,7 @@ class Soak:
 
     def _arrive(self) -> None:
         rng = random.Random(f"arrivals:{self.plan.seed}")
-        tenants = ["tenant-a", "tenant-b", "tenant-c"]
+        tenants = list(SOAK_TENANTS)
         while not self._stop.wait(rng.uniform(*self.plan.arrival_gap_s)):
             if len(self.jobs) - len(self.cluster.results()) >= self.plan.max_open_jobs:
                 continue
@@ -538,7 +566,20 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long faults are injected (default 5)",
     )
     parser.add_argument("--seed", type=int, default=0, help="the fault and arrival schedule")
-    parser.add_argument("--hosts", type=int, default=3, help="host processes (default 3)")
+    parser.add_argument(
+        "--path",
+        choices=("hosts", "serve"),
+        default="hosts",
+        help="hosts (default): worker hosts that each run the component; serve: the "
+        "service path, sessions through the Temper-ABI host and the shim to `serve` "
+        "processes (host/multihost/serve_path.py)",
+    )
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=None,
+        help="host processes, or serve processes with --path serve (default 3, or 2)",
+    )
     add_component_arguments(parser)
     parser.add_argument(
         "--finish-timeout-s",
@@ -557,17 +598,101 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--planted-bug", choices=PLANTED_BUGS, default=None, help=argparse.SUPPRESS)
 
 
-def run_soak(args: argparse.Namespace) -> int:
+def soak_mock(plan: SoakPlan) -> MockE2BServer:
+    """The mock E2B of a soak: the account's cap `cap_slack` above the plan's, so an
+    overrun is seen rather than refused."""
     from host.mock_e2b import MockE2BConfig, MockE2BServer
+
+    return MockE2BServer(
+        MockE2BConfig(
+            api_key=SOAK_API_KEY,
+            seed=plan.seed,
+            create_latency_ms=plan.create_latency_ms,
+            create_latency_sigma=0.3,
+            create_latency_max_ms=plan.create_lease_ms / 2,
+            max_sandboxes=plan.max_sandboxes + plan.cap_slack,
+            kill_capacity_lag_ms=plan.kill_lag_ms,
+            hang_s=plan.hang_s,
+        )
+    )
+
+
+def soak_settings(
+    plan: SoakPlan, redis_url: str, mock: MockE2BServer, component: Path, cache_dir: Path | None
+) -> WorkerSettings:
+    return run_settings(
+        redis_url,
+        mock,
+        SOAK_API_KEY,
+        "soak",
+        create_slots=plan.create_slots,
+        max_sandboxes=plan.max_sandboxes,
+        latency_ms=plan.create_latency_ms,
+        lease_ms=plan.create_lease_ms,
+        turns=plan.turns,
+        turn_s=plan.turn_s,
+        component=component,
+        cache_dir=cache_dir,
+        planted_bug=plan.planted_bug,
+    )
+
+
+def report_soak(soak: Soak, run_error: str | None, mock: MockE2BServer) -> dict[str, Any]:
+    return {
+        "plan": asdict(soak.plan),
+        "audit": audit(soak, finished=run_error is None, error=run_error),
+        "faults": [asdict(f) for f in soak.faults],
+        "faults_by_kind": {
+            kind: sum(1 for f in soak.faults if f.kind == kind) for kind in soak.fault_kinds
+        },
+        "mock": mock.stats().to_json(),
+    }
+
+
+def print_report(report: dict[str, Any], as_json: bool) -> int:
+    out = sys.stderr if as_json else sys.stdout
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for fault in report["faults"]:
+            print(f"  {fault['started_s']:8.2f}s {fault['kind']:20} {fault['detail']}", file=out)
+        print(json.dumps(report["faults_by_kind"]), file=out)
+        print(json.dumps(report["audit"], indent=2, default=str), file=out)
+    return 0 if report["audit"]["ok"] else 1
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    if args.path == "serve":
+        from host.multihost.serve_path import run_serve_soak
+
+        return run_serve_soak(args)
+    hosts = 3 if args.hosts is None else args.hosts
+    if hosts < 2:
+        return fail("the soak needs at least 2 hosts")
+
+    def open_hosts(
+        stack: ExitStack, settings: WorkerSettings, _mock: MockE2BServer, workdir: Path
+    ) -> Cluster:
+        return stack.enter_context(Cluster(settings, hosts=hosts, workdir=workdir))
+
+    return soak_with(args, hosts, Soak, open_hosts)
+
+
+OpenCluster = Callable[[ExitStack, "WorkerSettings", "MockE2BServer", Path], SoakCluster]
+
+
+def soak_with(
+    args: argparse.Namespace, hosts: int, soak_class: type[Soak], open_cluster: OpenCluster
+) -> int:
+    """Runs a soak of `soak_class` over what `open_cluster` opens (given the run's
+    settings, the mock and a work directory); prints the report; the exit code."""
     from host.multihost.redis_server import RedisServer, RedisServerError
     from host.runtime.loader import load_component
 
-    if args.hosts < 2:
-        return fail("the soak needs at least 2 hosts")
     plan = SoakPlan(
         minutes=args.minutes,
         seed=args.seed,
-        hosts=args.hosts,
+        hosts=hosts,
         finish_timeout_s=args.finish_timeout_s,
         max_open_jobs=args.max_open_jobs,
         planted_bug=args.planted_bug,
@@ -583,60 +708,22 @@ def run_soak(args: argparse.Namespace) -> int:
         except RedisServerError as error:
             return fail(str(error))
         redis.fsync_every_write()
-        mock = stack.enter_context(
-            MockE2BServer(
-                MockE2BConfig(
-                    api_key=SOAK_API_KEY,
-                    seed=plan.seed,
-                    create_latency_ms=plan.create_latency_ms,
-                    create_latency_sigma=0.3,
-                    create_latency_max_ms=plan.create_lease_ms / 2,
-                    max_sandboxes=plan.max_sandboxes + plan.cap_slack,
-                    kill_capacity_lag_ms=plan.kill_lag_ms,
-                    hang_s=plan.hang_s,
-                )
-            )
-        )
-        settings = run_settings(
-            redis.url,
-            mock,
-            SOAK_API_KEY,
-            "soak",
-            create_slots=plan.create_slots,
-            max_sandboxes=plan.max_sandboxes,
-            latency_ms=plan.create_latency_ms,
-            lease_ms=plan.create_lease_ms,
-            turns=plan.turns,
-            turn_s=plan.turn_s,
-            component=loaded.path,
-            cache_dir=args.cache_dir,
-            planted_bug=plan.planted_bug,
-        )
+        mock = stack.enter_context(soak_mock(plan))
+        settings = soak_settings(plan, redis.url, mock, loaded.path, args.cache_dir)
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
-        cluster = stack.enter_context(Cluster(settings, hosts=plan.hosts, workdir=workdir))
+        cluster = open_cluster(stack, settings, mock, workdir)
         print(
-            f"soak: {plan.hosts} hosts, {plan.minutes} min, seed {plan.seed}, "
-            f"redis {redis.url}, mock E2B {mock.url}",
+            f"soak ({soak_class.__name__}): {plan.hosts} hosts, {plan.minutes} min, "
+            f"seed {plan.seed}, redis {redis.url}, mock E2B {mock.url}",
             file=out,
             flush=True,
         )
-        soak = Soak(plan, cluster, mock, redis, settings)
+        soak = soak_class(plan, cluster, mock, redis, cluster.settings)
         run_error: str | None = None
         try:
             cluster.start()
             soak.run()
         except ClusterError as exc:
             run_error = str(exc)[:2000]
-        report: dict[str, Any] = {
-            "plan": asdict(plan),
-            "audit": audit(soak, finished=run_error is None, error=run_error),
-            "faults": [asdict(f) for f in soak.faults],
-            "mock": mock.stats().to_json(),
-        }
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        for fault in report["faults"]:
-            print(f"  {fault['started_s']:8.2f}s {fault['kind']:20} {fault['detail']}", file=out)
-        print(json.dumps(report["audit"], indent=2, default=str), file=out)
-    return 0 if report["audit"]["ok"] else 1
+        report = report_soak(soak, run_error, mock)
+    return print_report(report, args.json)

@@ -61,7 +61,7 @@ from host.runtime.loader import load_component
 from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
 from host.sessions.detsim import with_poll
-from host.sessions.driver import DriverSettings, RealTimeLoop, SessionDriver
+from host.sessions.driver import DriverSettings, Invoker, RealTimeLoop, SessionDriver
 from host.sessions.executor import ConfigHook, Entity, Executor, overlay_config
 from host.sessions.invokers import ComponentInvoker
 from host.sessions.model import Job, SessionEvent
@@ -395,10 +395,10 @@ def _typed_reason(action: str, fields: Mapping[str, Any]) -> str:
     return f"{snake}: {error}" if error else snake
 
 
-def _run_assignment(
+def run_assignment(
     jobs: list[Job],
     spec: Spec,
-    invoker: _RecordingInvoker,
+    invoker: Invoker,
     settings: WorkerSettings,
     writer: EventWriter,
 ) -> None:
@@ -495,7 +495,7 @@ def serve(settings: WorkerSettings, name: str, work: TextIO, out: TextIO) -> int
                         threads.append(thread)
                     continue
                 thread = threading.Thread(
-                    target=_run_assignment,
+                    target=run_assignment,
                     args=(_jobs_from_line(line), spec, invoker, settings, writer),
                     name=f"assignment-{len(threads)}",
                 )

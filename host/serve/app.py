@@ -8,15 +8,18 @@
 - `GET /healthz`: the process is up. `GET /readyz`: the component is compiled and the
   storage answers (and the process is not draining).
 - `GET /metrics`: Prometheus exposition (`metrics.py`), when the service has metrics.
-- Every route but the two health routes needs `Authorization: Bearer <token>`; a missing
-  or wrong token is 401 before anything else happens (compared in constant time).
+- Every route but the two health routes needs `Authorization: Bearer <token>` of a known
+  client (`tenants.py`, `access.py`); a missing or wrong token is 401 before anything else
+  happens, and a context naming a tenant the client does not cover is 403
+  `forbidden_tenant` before anything runs. `/metrics` shows a tenant's client only its own
+  tenants' labelled series. Bodies, read times and repeated refusals are bounded
+  (`bounds.py`). Every error is JSON (`errors.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -25,18 +28,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
 from host.runtime.temper_context import MAX_CONTEXT_BYTES, InvalidContext, parse_context
+from host.serve.access import BearerTokenGate, Refusals, caller, forbidden_tenant, label_filter
+from host.serve.bounds import BODY_TIMEOUT_S, BodyBounds, RefusalLimiter
+from host.serve.errors import error_response as _error
 from host.serve.hold import PACE_CONFIG_KEYS, InvalidHoldConfig
 from host.serve.metrics import CONTENT_TYPE, ServeMetrics
 from host.serve.pace import AnswerAndWake
 from host.serve.pacing import ServePace
 from host.serve.pool import InvocationPool
 from host.serve.results import temper_result
+from host.serve.tenants import Client, TenantAccess
 from provisioner.admission import AdmissionConfig
 from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, failed
 
@@ -49,7 +57,7 @@ READINESS_NAMESPACE = "sandbox-provisioner/serve"
 
 @dataclass
 class ServeState:
-    token: str
+    token: str  # the operator token when `access` is None
     pool: InvocationPool
     invoke: Callable[[Invocation], Outcome]
     e2b_url: str
@@ -65,19 +73,23 @@ class ServeState:
     log: Callable[[dict[str, Any]], None] = field(
         default=lambda line: LOG.info(json.dumps(line, sort_keys=True))
     )
+    # The clients and the tenants each may act for (`--tenants`); None: `token` alone, as
+    # an operator.
+    access: TenantAccess | None = None
+    limiter: RefusalLimiter = field(default_factory=RefusalLimiter)
+    body_timeout_s: float = BODY_TIMEOUT_S
 
+    def tenant_access(self) -> TenantAccess:
+        if self.access is None:
+            self.access = TenantAccess.single_operator(self.token)
+        return self.access
 
-def _authorized(request: Request, token: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
-    # compare_digest on bytes: constant time in the token's content.
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        presented.strip().encode(), token.encode()
-    )
+    def refusals(self) -> Refusals:
+        def count(code: str, client: Client | None) -> None:
+            if self.metrics is not None:
+                self.metrics.observe_refusal(code, None if client is None else client.name)
 
-
-def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+        return Refusals(self.limiter, self.log, count)
 
 
 def prepare(invocation: Invocation, e2b_url: str) -> Invocation:
@@ -99,6 +111,8 @@ def remember_admission_config(state: ServeState, invocation: Invocation) -> None
 
 
 def create_app(state: ServeState) -> ASGIApp:
+    refusals = state.refusals()
+
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -134,6 +148,9 @@ def create_app(state: ServeState) -> ASGIApp:
         except InvalidContext as invalid:
             return _error(400, "invalid_context", str(invalid))
         invocation = prepare(context, state.e2b_url)
+        refused = forbidden_tenant(request, refusals, invocation.tenant, invocation.entity_id)
+        if refused is not None:
+            return refused
         started = time.monotonic()
         try:
             hold_until = state.pace.hold_until_ms(dict(context.config)) if state.pace else 0
@@ -154,7 +171,7 @@ def create_app(state: ServeState) -> ASGIApp:
                 return None
             outcome, seconds = await asyncio.wrap_future(future)
             if state.metrics is not None:
-                state.metrics.observe_invocation(outcome, seconds)
+                state.metrics.observe_invocation(outcome, seconds, invocation.tenant)
             return outcome
 
         outcome = await call_component()
@@ -196,12 +213,25 @@ def create_app(state: ServeState) -> ASGIApp:
         )
         return JSONResponse(result)
 
-    async def metrics(_: Request) -> Response:
-        if state.metrics is None:
+    async def metrics(request: Request) -> Response:
+        exposition = state.metrics
+        if exposition is None:
             return _error(404, "not_found", "this service has no metrics")
+        sees = label_filter(caller(request))
         # The gate collector reads storage: off the event loop.
-        body = await asyncio.get_running_loop().run_in_executor(None, state.metrics.exposition)
+        body = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: exposition.exposition(sees)
+        )
         return Response(body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def http_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return _error(error.status_code, code, str(error.detail), **(error.headers or {}))
+
+    async def server_error(_: Request, error: Exception) -> Response:
+        LOG.exception("unhandled error", exc_info=error)
+        return _error(500, "internal_error", "the service failed to answer")
 
     app = Starlette(
         lifespan=(lambda _app: state.pace.running()) if state.pace is not None else None,
@@ -211,29 +241,12 @@ def create_app(state: ServeState) -> ASGIApp:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/invocations", invocations, methods=["POST"]),
         ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
     )
-    return BearerTokenGate(app, state.token)
 
+    def count_bound(_scope: Scope, code: str) -> None:
+        if state.metrics is not None:
+            state.metrics.observe_refusal(code)
 
-class BearerTokenGate:
-    """ASGI middleware: every HTTP request but the health routes needs the token."""
-
-    OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.token = token
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
-            request = Request(scope)
-            if not _authorized(request, self.token):
-                response = _error(
-                    401,
-                    "unauthorized",
-                    "a valid bearer token is required",
-                    **{"WWW-Authenticate": "Bearer"},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    bounded = BodyBounds(app, body_timeout_s=state.body_timeout_s, on_refusal=count_bound)
+    return BearerTokenGate(bounded, state.tenant_access(), refusals)

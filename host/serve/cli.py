@@ -14,6 +14,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -23,10 +25,12 @@ import uvicorn.server
 from host.cli.options import ExitCode, add_runtime_options, fail
 from host.operator.gates import read_gates
 from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
+from host.serve.bounds import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
 from host.serve.invoker import open_invoker_from
 from host.serve.metrics import ServeMetrics
-from host.serve.pace_options import add_pace_arguments, pace_from_args
+from host.serve.pace_options import add_pace_arguments, env_credential, pace_from_args
 from host.serve.pool import InvocationPool
+from host.serve.tenants import TenantAccess, TenantsFileError
 
 TOKEN_ENV = "SANDBOX_PROVISIONER_TOKEN"
 DEFAULT_LISTEN = "127.0.0.1:8470"
@@ -61,6 +65,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="SECONDS",
         help="Retry-After of a 503 when every worker is busy (default 1)",
+    )
+    parser.add_argument(
+        "--tenants",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the clients (token digests and the tenants each may act for) and the per-tenant "
+        f"Temper credentials, TOML (docs/tenancy.md); reloaded on SIGHUP. ${TOKEN_ENV}, when "
+        "set, is one more client that acts for every tenant",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a request's head must arrive within SECONDS of its connection opening (or of "
+        f"the previous answer), and then its body within SECONDS (default {HEADER_TIMEOUT_S:g})",
     )
     add_pace_arguments(parser)
     add_runtime_options(parser)
@@ -129,16 +150,28 @@ def _fail(message: str) -> int:
     return fail(message, "sandbox-provisioner serve")
 
 
+def temper_credential(access: TenantAccess) -> Callable[[str], str | None]:
+    """A tenant's Temper credential: its `[[temper]]` entry in the tenants file, else the
+    one-tenant set-up's environment credential."""
+    return lambda tenant: access.temper_credential(tenant) or env_credential(tenant)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     token = os.environ.get(TOKEN_ENV, "")
-    if not token:
-        return _fail(f"set the service's bearer token in ${TOKEN_ENV}")
+    if not token and args.tenants is None:
+        return _fail(f"set the service's bearer token in ${TOKEN_ENV}, or give --tenants FILE")
+    if args.read_timeout <= 0:
+        return _fail("--read-timeout must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        access = TenantAccess(args.tenants, operator_token=token or None)
+    except TenantsFileError as error:
+        return _fail(str(error))
     try:
         host, port = parse_listen(args.listen)
         pool = InvocationPool(args.workers)
     except ValueError as error:
         return _fail(str(error))
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.processes < 1:
         return _fail("--processes must be at least 1")
     try:
@@ -151,8 +184,15 @@ def run_serve(args: argparse.Namespace) -> int:
                 e2b_url=args.e2b_url,
                 storage_probe=lambda: (storage.get(READINESS_NAMESPACE, READINESS_KEY), None)[1],
                 retry_after_s=max(0, args.retry_after),
+                access=access,
+                body_timeout_s=args.read_timeout,
             )
-            state.pace = pace_from_args(args, storage, workers=args.workers)
+            state.pace = pace_from_args(
+                args, storage, workers=args.workers, credential=temper_credential(access)
+            )
+            access.log_to(state.log)
+            if args.tenants is not None:
+                signal.signal(signal.SIGHUP, lambda _sig, _frame: access.reload())
             state.metrics = ServeMetrics(
                 read_gates=lambda: read_gates(storage, args.account, state.admission_config),
                 workers_busy=lambda: pool.busy,
@@ -171,6 +211,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 access_log=False,
                 timeout_graceful_shutdown=DRAIN_SECONDS,
                 lifespan="on",  # the wake-up sender (host/serve/pacing.py)
+                http=HeaderDeadlineProtocol.with_timeout(args.read_timeout),
             )
             DrainingServer(config, state).run()
             pool.shutdown()

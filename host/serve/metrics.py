@@ -4,8 +4,12 @@ client (`prometheus-client`), on a registry of the service's own (never the glob
 Three sources:
 
 - the invocations the service ran (`observe_invocation`): counts by outcome action and
-  reason, the decision latency (the component call, queue wait excluded), 503s refused
-  for saturation, and the workers busy;
+  reason, and by tenant and action, the decision latency (the component call, queue wait
+  excluded), 503s refused for saturation, and the workers busy;
+- the requests refused before anything ran (`observe_refusal`): by code, and the
+  forbidden-tenant 403s by client name. `exposition(sees)` keeps only the series a
+  client may read: a tenant's client sees its own `tenant` and `client` labels only
+  (`access.label_filter`, docs/tenancy.md);
 - the HTTP gateway (`observe_exchange`, hooked with `HttpGateway.observe`): E2B answers by
   method and status, requests that got no answer by error kind, and 429s by kind, told
   apart the way the guest does (`provisioner.e2b.classify_failure`): `rate_limit` (E2B's
@@ -22,7 +26,7 @@ Three sources:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -161,6 +165,25 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.tenant_invocations = Counter(
+            f"{PREFIX}_tenant_invocations",
+            "Invocations the component answered, by tenant and outcome action",
+            ["tenant", "action"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            f"{PREFIX}_refused",
+            "Requests refused before anything ran, by code (unauthorized, forbidden_tenant, "
+            "rate_limited, too_large, body_timeout)",
+            ["code"],
+            registry=self.registry,
+        )
+        self.forbidden_tenant = Counter(
+            f"{PREFIX}_forbidden_tenant",
+            "Invocations refused 403 because the client's token does not cover the tenant",
+            ["client"],
+            registry=self.registry,
+        )
         self.saturated = Counter(
             f"{PREFIX}_saturated",
             "Invocations refused with 503 because every worker was busy",
@@ -223,9 +246,18 @@ class ServeMetrics:
         if read_gates is not None:
             self.registry.register(GateCollector(read_gates))
 
-    def observe_invocation(self, outcome: Outcome, seconds: float) -> None:
+    def observe_invocation(
+        self, outcome: Outcome, seconds: float, tenant: str | None = None
+    ) -> None:
         self.invocations.labels(action=outcome.action, reason=outcome_reason(outcome)).inc()
         self.decision_seconds.labels(action=outcome.action).observe(seconds)
+        if tenant is not None:
+            self.tenant_invocations.labels(tenant=tenant, action=outcome.action).inc()
+
+    def observe_refusal(self, code: str, client: str | None = None) -> None:
+        self.refused.labels(code=code).inc()
+        if code == "forbidden_tenant" and client is not None:
+            self.forbidden_tenant.labels(client=client).inc()
 
     def observe_hold(self, answer: HeldAnswer) -> None:
         self.hold_seconds.observe(answer.held_s)
@@ -248,7 +280,26 @@ class ServeMetrics:
         if kind is not None:
             self.e2b_429.labels(kind=kind).inc()
 
-    def exposition(self) -> bytes:
-        """The text format; reads the gates from storage, so call it off the event loop."""
+    def exposition(self, sees: Callable[[Mapping[str, str]], bool] | None = None) -> bytes:
+        """The text format; reads the gates from storage, so call it off the event loop.
+        `sees`: which labelled series the caller may read (None: every series)."""
         with self._lock:
-            return generate_latest(self.registry)
+            if sees is None:
+                return generate_latest(self.registry)
+            visible = CollectorRegistry(auto_describe=False)
+            visible.register(_Visible(self.registry, sees))
+            return generate_latest(visible)
+
+
+class _Visible:
+    """The registry's metrics with only the samples whose labels `sees` accepts."""
+
+    def __init__(self, registry: CollectorRegistry, sees: Callable[[Mapping[str, str]], bool]):
+        self._registry = registry
+        self._sees = sees
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            kept.samples = [s for s in metric.samples if self._sees(s.labels)]
+            yield kept
