@@ -31,7 +31,13 @@ def context(entity_id: str, operation: str) -> dict[str, Any]:
         "tenant": "acme",
         "entity_type": "CurationJob",
         "entity_id": entity_id,
-        "integration_config": {"operation": operation, "max_sandboxes": "1"},
+        # The held waiter's turn is estimated from the only sandbox's lease (its E2B
+        # timeout): within the hold window, so the precondition "job-2 is held" holds.
+        "integration_config": {
+            "operation": operation,
+            "max_sandboxes": "1",
+            "sandbox_timeout_s": "30",
+        },
     }
 
 

@@ -88,21 +88,23 @@ def test_push_wakes_queued_entities_and_completes_every_job() -> None:
     assert isinstance(wakes, dict) and wakes.get("200", 0) > 0, wakes
 
 
-def test_every_provisioner_call_counts_as_an_invocation() -> None:
+def test_invocations_are_temper_s_and_component_calls_add_the_re_asks() -> None:
     # Without held answers each provisioner call is one the executor started (a wake-up's
-    # included: WakeProvision's trigger); with them, the re-asks come on top.
+    # included: WakeProvision's trigger); with them, the re-asks come on top of Temper's
+    # invocations, as component calls.
     pushed = detsim.run_virtual(
         packaged_spec(SPEC), scenario(20, 30, PaceSettings(hold_ms=0, push=True))
     )
     assert pushed.serve.figures.wakes["200"] > 0
     assert pushed.invocations == sum(r.invocations for r in pushed.run.results)
+    assert pushed.serve.figures.calls == pushed.invocations
     held = detsim.run_virtual(
         packaged_spec(SPEC), scenario(20, 30, PaceSettings(hold_ms=1_500, push=True))
     )
     assert held.serve.figures.reasks > 0
-    assert (
-        held.invocations == sum(r.invocations for r in held.run.results) + held.serve.figures.reasks
-    )
+    assert held.invocations == sum(r.invocations for r in held.run.results)
+    assert held.serve.figures.calls == held.invocations + held.serve.figures.reasks
+    assert held.summary()["component_calls"] == held.serve.figures.calls
 
 
 @pytest.mark.parametrize("fault", ["409", "403", "503", "down"])
