@@ -164,7 +164,7 @@ class Admission(Ledger):
         own = reservation_of(state, waiter.tenant, mine.ticket, mine.entity)
         if own is not None and any(s.turn == mine for s in verdict.scheduled):
             queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
-        ttl = queued.retry_after_ms + config.waiter_ttl_ms
+        ttl = queued.expected_back_ms(now) + config.waiter_ttl_ms
         stored = loaded.place
         unchanged = (
             stored is not None

@@ -53,6 +53,11 @@ class Queued:
         """The SandboxQueued outcome params: every field."""
         return fields_of(self)
 
+    def expected_back_ms(self, now_ms: int) -> int:
+        """How long until the waiter is expected to ask again: at `retry_at_ms` when a host
+        wakes it there (later than poll_max allows `retry_after_ms` to say)."""
+        return max(self.retry_after_ms, self.retry_at_ms - now_ms)
+
 
 @dataclass(frozen=True, slots=True)
 class Rejected:

@@ -106,7 +106,7 @@ class Settlement(Ledger):
                 queued, REASON_CAPACITY, capacity_in_use(state), capacity_limit(state, config)
             )
         self.save_gate(loaded)
-        ttl = queued.retry_after_ms + config.waiter_ttl_ms
+        ttl = queued.expected_back_ms(now) + config.waiter_ttl_ms
         renewed = Place(Stage.RETRYING, since, attempt, alive_until_ms=now + ttl)
         self.write_place(waiter, loaded, renewed, ttl + config.queue_timeout_ms)
         return queued

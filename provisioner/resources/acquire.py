@@ -104,7 +104,7 @@ class Acquisition(ResourceLedger):
         own = reservation_of(state, waiter.tenant, place.ticket, None)
         if own is not None:
             queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
-        ttl = queued.retry_after_ms + self.admission.waiter_ttl_ms
+        ttl = queued.expected_back_ms(now) + self.admission.waiter_ttl_ms
         if fresh or verdict.dead or reserved or loaded.moved:
             self.save_gate(loaded)
         renewed = Place(Stage.QUEUED, place.since_ms, 1, place.ticket, None, now + ttl)

@@ -179,3 +179,25 @@ def test_a_release_promises_the_capacity_it_frees() -> None:
     controller = harness.controller(a.tenant)
     assert controller.release(a)
     assert [w.entity for w in controller.wake_ups] == [b.entity]
+
+
+def test_a_waiter_told_to_come_back_past_poll_max_stays_alive_until_then() -> None:
+    # Catches: a liveness key sized from retry_after_ms (clamped to poll_max), so a waiter
+    # a host wakes at its retry_at_ms is dropped as dead before it comes back.
+    harness = Harness(
+        AdmissionConfig(
+            create_slots=4, create_rate_per_s=0.1, poll_max_ms=1_000, waiter_ttl_ms=1_000
+        )
+    )
+    a, b, c, d = waiters(4)
+    start = harness.clock.now_ms()
+    grant_of(harness.admit(a))
+    queued_of(harness.admit(b))
+    told = queued_of(harness.admit(c))
+    assert told.retry_after_ms == 1_000 and told.retry_at_ms == start + 20_000
+    queued_of(harness.admit(d))
+    harness.advance(10_000)
+    grant_of(harness.admit(b))
+    harness.advance(10_000)
+    assert isinstance(harness.admit(d), Queued), "c was dropped as dead before its time"
+    grant_of(harness.admit(c))
