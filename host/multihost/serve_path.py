@@ -16,8 +16,9 @@ restart are the multihost soak's own):
 - `kill_serve_mid_create`: kill -9 a `serve` with a provision call in flight while a create
   is in flight at E2B (a replacement starts);
 - `redis_restart`, `rate_429`, `capacity_429`, `status_5xx`, `hangs`, `slow_creates`.
-The pace work adds two kinds (`PACE_FAULT_KINDS`): a kill during a held answer and Temper-API
-failures. Each is a name in that tuple and a `_fault_<name>` method of `ServeSoak`.
+The pace work's kinds (`PACE_FAULT_KINDS`): `kill_serve_mid_hold`, kill -9 a `serve` while it
+holds a queued answer (the permit promised to that waiter passes on at its claim deadline).
+Each is a name in that tuple and a `_fault_<name>` method of `ServeSoak`.
 
 The planted bug `release-forgets-before-kill` puts a proxy between the services and the
 mock. The proxy answers every kill 204 without passing it on, so a release forgets its
@@ -86,7 +87,7 @@ SERVE_FAULT_KINDS: tuple[str, ...] = (
     "slow_creates",
 )
 # Added by the pace work: "kill_serve_mid_held_answer", "temper_api_failure".
-PACE_FAULT_KINDS: tuple[str, ...] = ()
+PACE_FAULT_KINDS: tuple[str, ...] = ("kill_serve_mid_hold",)
 SERVE_STARTUP_S = 300.0
 
 
@@ -233,6 +234,20 @@ class ServeFleet:
         self.close()
 
     # -- what the soak drives ----------------------------------------------------------
+
+    def held_requests(self, host: ServeProcess) -> int:
+        """The requests `host` holds open now (its `/metrics` gauge; 0 when unreadable)."""
+        token = tenant_token(self.settings.run_id, self.tenants[0])
+        try:
+            answer = httpx.get(
+                f"{host.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=2
+            )
+        except httpx.HTTPError:
+            return 0
+        for line in answer.text.splitlines():
+            if line.startswith("sandbox_provisioner_held_requests "):
+                return int(float(line.split()[1]))
+        return 0
 
     def live_hosts(self) -> list[ServeProcess]:
         return [host for host in self.hosts if host.alive]
@@ -457,6 +472,23 @@ class ServeSoak(Soak):
         record.detail.update(
             host=name, hit=bool(calls) and in_flight_at_e2b > 0, calls_cut=len(calls)
         )
+
+    def _fault_kill_serve_mid_hold(self, record: FaultRecord) -> None:
+        fleet = self.cluster
+        assert isinstance(fleet, ServeFleet)
+
+        def victim() -> str | None:
+            for host in fleet.live_hosts():
+                if "provision" in host.in_flight.values() and fleet.held_requests(host) > 0:
+                    return host.name
+            return None
+
+        name = self._window(record, victim)
+        if name is None:
+            return
+        calls = set(fleet.host(name).in_flight)
+        self._kill_and_replace(name)
+        record.detail.update(host=name, hit=bool(calls), calls_cut=len(calls))
 
 
 # -- the planted bug's proxy -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from host.multihost.serve_path import SERVE_FAULT_KINDS
+from host.multihost.serve_path import PACE_FAULT_KINDS, SERVE_FAULT_KINDS
 from host.multihost.soak import add_soak_arguments, run_soak
 from host.multihost.worker import RELEASE_FORGETS_BEFORE_KILL
 from host.runtime.loader import LoadedComponent
@@ -49,7 +49,7 @@ def test_a_two_minute_seeded_soak_of_the_service_path_passes_its_audit(
 ) -> None:
     """Bugs caught: any the audit checks (an orphan, a second sandbox for one cycle, a
     limit overrun at E2B, a leaked permit, a job lost or failed untyped) when a `serve`
-    dies mid-create, Redis restarts and E2B storms, on the path Temper takes."""
+    dies mid-create or mid-hold, Redis restarts and E2B storms, on the path Temper takes."""
     code, report = _soak(
         capsys, loaded_component, component_cache_dir,
         "--minutes", "2", "--seed", "7", "--finish-timeout-s", "240",
@@ -61,10 +61,11 @@ def test_a_two_minute_seeded_soak_of_the_service_path_passes_its_audit(
     checks = audit["checks"]
     assert checks["jobs"] > 0 and checks["jobs_without_result"] == 0
     assert checks["completed"] > 0
-    assert {f["kind"] for f in faults} <= set(SERVE_FAULT_KINDS)
+    kinds = SERVE_FAULT_KINDS + PACE_FAULT_KINDS
+    assert {f["kind"] for f in faults} <= set(kinds)
     # Every kind once per shuffled round: two minutes fit at least one round.
-    assert set(report["faults_by_kind"]) == set(SERVE_FAULT_KINDS)
-    assert all(report["faults_by_kind"][kind] >= 1 for kind in SERVE_FAULT_KINDS), faults
+    assert set(report["faults_by_kind"]) == set(kinds)
+    assert all(report["faults_by_kind"][kind] >= 1 for kind in kinds), faults
     kills = [f for f in faults if f["kind"] == "kill_serve_mid_create"]
     assert any(f["detail"].get("hit") for f in kills), kills
     assert report["mock"]["sandboxes_created"] > 0
