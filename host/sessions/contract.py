@@ -65,26 +65,32 @@ class ContractError(ValueError):
 
 
 # A resource gate's operations (README "Beyond sandboxes: resource gates";
-# provisioner/resources/operations.py): acquire answers the trigger's `granted_action` /
-# `queued_action` (default ResourceGranted / ResourceQueued); settle and release each have
-# one answer, so a static on_success swallows nothing there.
+# provisioner/resources/operations.py): each answers the action its trigger's config names
+# (`granted_action`, `queued_action`, `settled_action`, `released_action`). Every operation
+# may also answer SandboxFailed as a successful result, so a static on_success would turn a
+# failure into its success action (invocation.rs).
 RESOURCE_QUEUE_PARAMS = ANSWERS["provision"]["SandboxQueued"]
+FAILED_PARAMS = ANSWERS["provision"]["SandboxFailed"]
 
 
 def answers_for(trigger: Trigger, operation: str) -> dict[str, tuple[str, ...]]:
     """What the component may answer `trigger` (a successful result's action and params)."""
     if trigger.config_value("resource") is None:
         return ANSWERS.get(operation, {})
+    named = trigger.config_value
     if operation == "acquire":
-        granted = trigger.config_value("granted_action") or "ResourceGranted"
-        queued = trigger.config_value("queued_action") or "ResourceQueued"
-        return {granted: ("resource", "lease_id", "expires_at_ms", "queued_ms", "renewed"),
-                queued: ("resource", *RESOURCE_QUEUE_PARAMS)}
+        return {named("granted_action") or "ResourceGranted":
+                ("resource", "lease_id", "expires_at_ms", "queued_ms", "renewed"),
+                named("queued_action") or "ResourceQueued": ("resource", *RESOURCE_QUEUE_PARAMS),
+                "SandboxFailed": FAILED_PARAMS}
     if operation == "settle":
-        return {"ResourceSettled": ("resource", "lease_id", "held", "answer", "status",
-                                    "charged", "cooling_ms")}
+        return {named("settled_action") or "ResourceSettled":
+                ("resource", "lease_id", "held", "answer", "status", "charged", "cooling_ms"),
+                "SandboxFailed": FAILED_PARAMS}
     if operation == "release":
-        return {"ResourceReleased": ("resource", "released", "lease_id", "waited")}
+        return {named("released_action") or "ResourceReleased":
+                ("resource", "released", "lease_id", "waited"),
+                "SandboxFailed": FAILED_PARAMS}
     return {}
 
 
