@@ -26,6 +26,7 @@ from host.runtime.temper_context import InvalidContext, outcome_to_json, parse_c
 from host.serve.cli import add_serve_arguments, run_serve
 from host.sessions.demo import run_demo
 from host.sessions.simulate import add_simulate_arguments, run_simulate
+from host.temper_abi import cli as temper_invoke_cli
 from provisioner.model import SANDBOX_FAILED, Invocation
 
 
@@ -107,26 +108,65 @@ class Subcommand:
 
 
 SUBCOMMANDS = (
-    Subcommand("invoke", "run one invocation context through the component",
-               _add_invoke_arguments, _cmd_invoke),
-    Subcommand("mock-e2b", "run the mock E2B API server on loopback",
-               mock_e2b_cli.add_arguments, _cmd_mock_e2b),
-    Subcommand("mock-llm", "run the mock LLM API (Anthropic Messages) on loopback",
-               mock_llm_cli.add_arguments, _cmd_mock_llm),
-    Subcommand("demo", "provision and release one sandbox through the mock",
-               _add_demo_arguments, _cmd_demo),
-    Subcommand("simulate", "replay the incident: Temper-style sessions against the mock E2B",
-               add_simulate_arguments, run_simulate),
-    Subcommand("multihost",
-               "several host processes sharing one Redis run one workload (optionally kill -9 "
-               "one)", add_multihost_arguments, run_multihost),
-    Subcommand("serve", "run the provisioner as an HTTP service (for the Temper shim)",
-               add_serve_arguments, run_serve),
-    Subcommand("soak",
-               "hosts on one Redis against the mock E2B under seeded faults, then an audit "
-               "from E2B's records (exit 1 on any violation)", add_soak_arguments, run_soak),
-    Subcommand("status", "show an account's gates and every waiter (read-only; --watch: live)",
-               add_status_arguments, run_status),
+    Subcommand(
+        "invoke",
+        "run one invocation context through the component",
+        _add_invoke_arguments,
+        _cmd_invoke,
+    ),
+    Subcommand(
+        "mock-e2b",
+        "run the mock E2B API server on loopback",
+        mock_e2b_cli.add_arguments,
+        _cmd_mock_e2b,
+    ),
+    Subcommand(
+        "mock-llm",
+        "run the mock LLM API (Anthropic Messages) on loopback",
+        mock_llm_cli.add_arguments,
+        _cmd_mock_llm,
+    ),
+    Subcommand(
+        "demo", "provision and release one sandbox through the mock", _add_demo_arguments, _cmd_demo
+    ),
+    Subcommand(
+        "simulate",
+        "replay the incident: Temper-style sessions against the mock E2B",
+        add_simulate_arguments,
+        run_simulate,
+    ),
+    Subcommand(
+        "multihost",
+        "several host processes sharing one Redis run one workload (optionally kill -9 one)",
+        add_multihost_arguments,
+        run_multihost,
+    ),
+    Subcommand(
+        "serve",
+        "run the provisioner as an HTTP service (for the Temper shim)",
+        add_serve_arguments,
+        run_serve,
+    ),
+    Subcommand(
+        "soak",
+        "hosts on one Redis against the mock E2B under seeded faults, then an audit "
+        "from E2B's records (exit 1 on any violation)",
+        add_soak_arguments,
+        run_soak,
+    ),
+    Subcommand(
+        "temper-invoke",
+        "run a core module (the shim) under the Temper-ABI host as Temper would and "
+        "print the result Temper decodes",
+        temper_invoke_cli.add_arguments,
+        temper_invoke_cli.run,
+    ),
+    Subcommand(
+        "status",
+        "show an account's gates and every waiter (read-only; --watch: live)",
+        add_status_arguments,
+        run_status,
+    ),
 )
 
 

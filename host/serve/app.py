@@ -8,8 +8,13 @@
 - `GET /healthz`: the process is up. `GET /readyz`: the component is compiled and the
   storage answers (and the process is not draining).
 - `GET /metrics`: Prometheus exposition (`metrics.py`), when the service has metrics.
-- Every route but the two health routes needs `Authorization: Bearer <token>`; a missing
-  or wrong token is 401 before anything else happens (compared in constant time).
+- `GET /openapi.json`: the OpenAPI description of these routes (`openapi.py`).
+- Every route but the two health routes and the OpenAPI document needs `Authorization:
+  Bearer <token>`; a missing or wrong token is 401 before anything else happens (compared
+  in constant time).
+- Every refusal (401, 400, 404, 405, 413, 503) is JSON, `{"error": {"code", "message"}}`,
+  and is logged as one `refused` line with its status, code and reason (never a header,
+  so never the token).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -32,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from host.runtime.temper_context import MAX_CONTEXT_BYTES, InvalidContext, parse_context
 from host.serve.metrics import CONTENT_TYPE, ServeMetrics
+from host.serve.openapi import OPENAPI
 from host.serve.pool import InvocationPool
 from host.serve.results import temper_result
 from provisioner.admission import AdmissionConfig
@@ -75,6 +82,23 @@ def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse
     return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
 
 
+def log_refusal(state: ServeState, scope: Scope, status: int, code: str, message: str) -> None:
+    """One log line per refused request: what was refused and why. Only the method, the
+    path and the peer are read from the request: never a header, so never the token."""
+    client = scope.get("client")
+    state.log(
+        {
+            "event": "refused",
+            "method": scope.get("method", ""),
+            "path": scope.get("path", ""),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "status": status,
+            "code": code,
+            "reason": message,
+        }
+    )
+
+
 def prepare(invocation: Invocation, e2b_url: str) -> Invocation:
     """Drop the shim's own keys (the token must not reach the component) and point the
     guest at the host's E2B URL unless the context names one (as `invoke` does)."""
@@ -92,6 +116,12 @@ def remember_admission_config(state: ServeState, invocation: Invocation) -> None
 
 
 def create_app(state: ServeState) -> ASGIApp:
+    def refuse(
+        request: Request, status: int, code: str, message: str, **headers: str
+    ) -> JSONResponse:
+        log_refusal(state, request.scope, status, code, message)
+        return _error(status, code, message, **headers)
+
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -111,7 +141,8 @@ def create_app(state: ServeState) -> ASGIApp:
             # A request that reaches a draining service (on a connection kept alive, or
             # accepted just before the listener closed) goes elsewhere: answering it would
             # keep the connection, and so the drain, open for as long as its client polls.
-            return _error(
+            return refuse(
+                request,
                 503,
                 "draining",
                 "the service is shutting down",
@@ -119,13 +150,15 @@ def create_app(state: ServeState) -> ASGIApp:
             )
         body = await request.body()
         if len(body) > MAX_CONTEXT_BYTES:
-            return _error(413, "too_large", f"the context is larger than {MAX_CONTEXT_BYTES} bytes")
+            return refuse(
+                request, 413, "too_large", f"the context is larger than {MAX_CONTEXT_BYTES} bytes"
+            )
         try:
             invocation = prepare(parse_context(body.decode("utf-8")), state.e2b_url)
         except UnicodeDecodeError:
-            return _error(400, "invalid_context", "the context is not UTF-8")
+            return refuse(request, 400, "invalid_context", "the context is not UTF-8")
         except InvalidContext as invalid:
-            return _error(400, "invalid_context", str(invalid))
+            return refuse(request, 400, "invalid_context", str(invalid))
         started = time.monotonic()
         remember_admission_config(state, invocation)
 
@@ -138,7 +171,8 @@ def create_app(state: ServeState) -> ASGIApp:
         if future is None:
             if state.metrics is not None:
                 state.metrics.observe_saturated()
-            return _error(
+            return refuse(
+                request,
                 503,
                 "saturated",
                 f"all {state.pool.workers} workers are busy",
@@ -165,37 +199,77 @@ def create_app(state: ServeState) -> ASGIApp:
         )
         return JSONResponse(result)
 
-    async def metrics(_: Request) -> Response:
+    async def metrics(request: Request) -> Response:
         if state.metrics is None:
-            return _error(404, "not_found", "this service has no metrics")
+            return refuse(request, 404, "not_found", "this service has no metrics")
         # The gate collector reads storage: off the event loop.
         body = await asyncio.get_running_loop().run_in_executor(None, state.metrics.exposition)
         return Response(body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def openapi(_: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        # Starlette's own 404 (no such route) and 405 (a route without this method).
+        assert isinstance(error, HTTPException)
+        if error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            return refuse(
+                request,
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})",
+                **{"Allow": allowed},
+            )
+        if error.status_code == 404:
+            return refuse(
+                request, 404, "not_found", f"no route {request.method} {request.url.path}"
+            )
+        return refuse(request, error.status_code, "http_error", str(error.detail))
 
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
             Route("/v1/invocations", invocations, methods=["POST"]),
-        ]
+        ],
+        exception_handlers={HTTPException: http_error},
     )
-    return BearerTokenGate(app, state.token)
+    return BearerTokenGate(
+        app,
+        state.token,
+        lambda scope, status, code, why: log_refusal(state, scope, status, code, why),
+    )
 
 
 class BearerTokenGate:
     """ASGI middleware: every HTTP request but the health routes needs the token."""
 
-    OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+    OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str,
+        on_refused: Callable[[Scope, int, str, str], None] | None = None,
+    ) -> None:
         self.app = app
         self.token = token
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
             request = Request(scope)
             if not _authorized(request, self.token):
+                reason = (
+                    "no bearer token"
+                    if not request.headers.get("authorization")
+                    else "the bearer token does not match"
+                )
+                if self.on_refused is not None:
+                    self.on_refused(scope, 401, "unauthorized", reason)
                 response = _error(
                     401,
                     "unauthorized",

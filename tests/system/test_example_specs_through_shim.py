@@ -3,11 +3,10 @@ component, with its `{secret:...}` templates resolved as Temper resolves them, r
 Temper-ABI host (dist/temper_shim.wasm) against a real `serve` process and the mock E2B,
 and gets the answer the spec expects (issue 26, point 1). Before the examples named
 `provisioner_url` and `provisioner_token`, every one of these answered the typed failure
-ProvisionerNotConfigured."""
+ProvisionerNotConfigured (now ProvisionerUrlMissing)."""
 
 from __future__ import annotations
 
-import re
 import time
 import tomllib
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from host.temper_abi import TemperAbiModule
+from host.temper_abi.context import resolve_secret_templates
 from tests.conftest import API_KEY, ROOT
 from tests.host.mock_e2b.fixtures import running_mock
 from tests.host.serve.serve_process import TOKEN, ServeProcess, serve_process
@@ -30,7 +30,6 @@ FIELDS = {
     "estimated_input_tokens": "100",
     "estimated_output_tokens": "100",
 }
-SECRET = re.compile(r"\{secret:([^}]+)\}")
 
 
 def spec(name: str) -> dict[str, Any]:
@@ -44,14 +43,6 @@ def component_triggers(parsed: dict[str, Any]) -> list[tuple[str, dict[str, Any]
         for trigger in action.get("triggers", [])
         if trigger.get("module") == "sandbox_provisioner"
     ]
-
-
-def resolve(config: dict[str, str], secrets: dict[str, str]) -> dict[str, str]:
-    """`resolve_secret_templates` (temper-server): a missing secret stays verbatim."""
-    return {
-        key: SECRET.sub(lambda m: secrets.get(m.group(1), m.group(0)), value)
-        for key, value in config.items()
-    }
 
 
 def context(
@@ -123,15 +114,14 @@ def test_every_provision_and_release_config_works_through_the_shim(
     assert provisions and releases
     for index, (action, trigger) in enumerate(provisions):
         entity = f"{name}-{index}"
-        config = resolve(trigger["config"], secrets)
+        config = resolve_secret_templates(trigger["config"], secrets)
         ready, params = provision(shim, context(entity, action, config))
         assert ready == "SandboxReady", (action, params)
         again, repeat = answer(shim, context(entity, action, config))
         assert again == "SandboxReady" and repeat["sandbox_id"] == params["sandbox_id"]
         for release_action, release in releases:
-            released, _ = answer(
-                shim, context(entity, release_action, resolve(release["config"], secrets))
-            )
+            release_config = resolve_secret_templates(release["config"], secrets)
+            released, _ = answer(shim, context(entity, release_action, release_config))
             assert released == "SandboxReleased", release_action
 
 
@@ -152,7 +142,7 @@ def test_every_resource_gate_config_of_the_llm_spec_works_through_the_shim(
     # an action of the spec, never SandboxFailed (a release on the way into Failed answers
     # the plain ResourceReleased, which Failed drops on purpose).
     for action, trigger in component_triggers(parsed):
-        config = resolve(trigger["config"], secrets)
+        config = resolve_secret_templates(trigger["config"], secrets)
         answered, params = answer(shim, context("llm-1", action, config, call))
         expected = named | ({"ResourceReleased"} if action in into_failed else set())
         assert answered in expected and answered != "SandboxFailed", (trigger["name"], params)
