@@ -2,7 +2,7 @@
 
 `SETTINGS` is the single definition of the keys the component reads (besides `operation`,
 which `provisioner.invocation` reads to pick the operation). The defaults are the field
-defaults of `SandboxSettings` and `AdmissionConfig`; the README's tables are checked
+defaults of `SandboxSettings` and `AdmissionConfig`; the tables of docs/contract.md and docs/admission.md are checked
 against this module by the tests, and hosts that need a default import it from here.
 
 `read_config` runs once per invocation and parses only the keys the config holds: a field
@@ -512,7 +512,7 @@ _PER_MINUTE_MAX = 1e9
 class ResourceGate:
     """One named resource gate: any combination of concurrent permits, a request rate and
     token rates, each also capped per tenant (`tenant_*`). Rates are per minute; a burst
-    of None means one minute's worth (the provider's own bucket, see the README).
+    of None means one minute's worth (the provider's own bucket, see docs/admission.md).
     `queue_timeout_ms` None means the admission setting's."""
 
     name: str

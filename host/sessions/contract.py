@@ -2,7 +2,7 @@
 
 Each finding names the Temper rule it rests on and the file of `nerdsane/temper` that
 implements it; `simulate` refuses a spec with findings, and `check_spec` is what the tests
-run on specs that break each rule. What the component answers (README "The contract"):
+run on specs that break each rule. What the component answers (docs/contract.md):
 
 - `operation = provision`: `SandboxReady`, `SandboxQueued`, `SandboxFailed`, each as a
   successful result whose `action` names it, with its params;
@@ -64,7 +64,7 @@ class ContractError(ValueError):
         super().__init__(f"{spec.source} breaks Temper's rules for this component:\n  {lines}")
 
 
-# A resource gate's operations (README "Beyond sandboxes: resource gates";
+# A resource gate's operations (docs/admission.md, "Beyond sandboxes: resource gates";
 # provisioner/resources/operations.py): each answers the action its trigger's config names
 # (`granted_action`, `queued_action`, `settled_action`, `released_action`). Every operation
 # may also answer SandboxFailed as a successful result, so a static on_success would turn a
