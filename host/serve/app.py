@@ -5,8 +5,9 @@
   component produced, 400 for a malformed context, 413 past 1 MiB, 503 with
   `Retry-After` when every worker is busy (nothing ran), and 503 with `Retry-After` and
   `Connection: close` once the service is draining (nothing ran).
-- `GET /healthz`: the process is up. `GET /readyz`: the component is compiled and the
-  storage answers (and the process is not draining).
+- `GET /healthz`: the process is up. `GET /readyz`: the component is compiled, the storage
+  takes a write, the gateway would not refuse the E2B URL, and the process is not draining
+  (`readiness.py`).
 - `GET /metrics`: Prometheus exposition (`metrics.py`), when the service has metrics.
 - `GET /openapi.json`: the OpenAPI description of these routes (`openapi.py`).
 - Every route but the two health routes and the OpenAPI document needs `Authorization:
@@ -47,8 +48,6 @@ from provisioner.model import Invocation, Outcome, ProvisionerError
 LOG = logging.getLogger("sandbox_provisioner.serve")
 # Config keys that address the service itself: the shim's, not the component's.
 SHIM_CONFIG_KEYS = frozenset({"provisioner_url", "provisioner_token"})
-READINESS_KEY = "readyz-probe"
-READINESS_NAMESPACE = "sandbox-provisioner/serve"
 
 
 @dataclass
@@ -59,6 +58,8 @@ class ServeState:
     e2b_url: str
     storage_probe: Callable[[], None]
     retry_after_s: int = 1
+    # Why the gateway would refuse every E2B request (None: it would not).
+    e2b_refusal: Callable[[], str | None] = lambda: None
     draining: bool = False
     metrics: ServeMetrics | None = None
     # The admission settings of the latest invocation (the gates' limits depend on the
@@ -134,7 +135,12 @@ def create_app(state: ServeState) -> ASGIApp:
             return JSONResponse(
                 {"status": "unready", "storage": f"{type(error).__name__}: {error}"[:300]}, 503
             )
-        return JSONResponse({"status": "ready", "component": "compiled", "storage": "ok"})
+        refused = await asyncio.get_running_loop().run_in_executor(None, state.e2b_refusal)
+        if refused is not None:
+            return JSONResponse({"status": "unready", "storage": "ok", "e2b": refused}, 503)
+        return JSONResponse(
+            {"status": "ready", "component": "compiled", "storage": "ok", "e2b": "ok"}
+        )
 
     async def invocations(request: Request) -> Response:
         if state.draining:

@@ -22,10 +22,11 @@ import uvicorn.server
 
 from host.cli.options import ExitCode, add_runtime_options, fail
 from host.operator.gates import read_gates
-from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
+from host.serve.app import ServeState, create_app
 from host.serve.invoker import open_invoker_from
 from host.serve.metrics import ServeMetrics
 from host.serve.pool import InvocationPool
+from host.serve.readiness import E2BAddressCheck, probe_storage_write
 
 TOKEN_ENV = "SANDBOX_PROVISIONER_TOKEN"
 DEFAULT_LISTEN = "127.0.0.1:8470"
@@ -138,6 +139,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.processes < 1:
         return _fail("--processes must be at least 1")
     try:
+        e2b_check = E2BAddressCheck(args.e2b_url, args.allow_private_network)
+    except ValueError as error:
+        return _fail(f"--e2b-url: {error}")
+    # A configuration that can never provision does not start (and so never says ready).
+    refused = e2b_check.refusal()
+    if refused is not None:
+        return _fail(refused)
+    try:
         with open_invoker_from(args, processes=args.processes, calls=args.workers) as invoker:
             storage = invoker.storage
             state = ServeState(
@@ -145,8 +154,9 @@ def run_serve(args: argparse.Namespace) -> int:
                 pool=pool,
                 invoke=invoker.invoke,
                 e2b_url=args.e2b_url,
-                storage_probe=lambda: (storage.get(READINESS_NAMESPACE, READINESS_KEY), None)[1],
+                storage_probe=lambda: probe_storage_write(storage),
                 retry_after_s=max(0, args.retry_after),
+                e2b_refusal=e2b_check.refusal,
             )
             state.metrics = ServeMetrics(
                 read_gates=lambda: read_gates(storage, args.account, state.admission_config),
