@@ -126,6 +126,23 @@ def _fail(message: str) -> int:
     return fail(message, "sandbox-provisioner serve")
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts, so that a port in use is
+    a clear message and exit 1 rather than uvicorn's own error and exit 3 (which `simulate`
+    uses for an overloaded host)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 def run_serve(args: argparse.Namespace) -> int:
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
@@ -146,6 +163,15 @@ def run_serve(args: argparse.Namespace) -> int:
     refused = e2b_check.refusal()
     if refused is not None:
         return _fail(refused)
+    try:
+        listener = bind_listener(host, port)
+    except OSError as error:
+        print(
+            f"sandbox-provisioner serve: cannot listen on {args.listen}: {error.strerror} "
+            "(another process holds the port? choose another with --listen)",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILED
     try:
         with open_invoker_from(args, processes=args.processes, calls=args.workers) as invoker:
             storage = invoker.storage
@@ -172,8 +198,10 @@ def run_serve(args: argparse.Namespace) -> int:
                 timeout_graceful_shutdown=DRAIN_SECONDS,
                 lifespan="off",
             )
-            DrainingServer(config, state).run()
+            DrainingServer(config, state).run(sockets=[listener])
             pool.shutdown()
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         return _fail(str(error))
+    finally:
+        listener.close()
     return ExitCode.OK
