@@ -173,3 +173,20 @@ def test_a_burst_of_submits_queues_at_the_slot_and_the_answers_drive_the_spec() 
     assert "Releasing" in named[released.action]["from"]
     polled = fire(harness, triggers["poll_session_slot"], "job-2", state)
     assert polled.action == "SessionSlotGranted"
+
+
+def test_a_static_on_success_on_a_settle_or_release_is_flagged() -> None:
+    """Issue 26, point 2: every operation may answer SandboxFailed as a success, so a static
+    on_success on settle_llm_call would dispatch LlmSettled for a failed settle
+    (invocation.rs). Bug caught: the contract check counting one answer for settle and
+    release, and passing such a spec."""
+    from host.sessions.contract import check_spec
+    from host.sessions.spec import parse_spec
+
+    text = SPEC.read_text()
+    for trigger in ("settle_llm_call", "release_session_slot"):
+        named = f'name = "{trigger}"\nkind = "wasm"\nmodule = "sandbox_provisioner"\n'
+        assert named in text
+        broken = text.replace(named, named + 'on_success = "LlmSettled"\n', 1)
+        findings = check_spec(parse_spec(broken, source=trigger))
+        assert any(f.rule == "static-on-success" and trigger in f.where for f in findings)

@@ -68,3 +68,16 @@ def test_every_relative_link_resolves(path: Path) -> None:
         if str(resolved.relative_to(ROOT)) in PENDING_DOCS:
             continue
         assert resolved.exists(), f"{path.name} links {target}, which does not exist"
+
+
+def test_no_doc_calls_the_components_sandboxfailed_a_typed_failure() -> None:
+    """Issue 26, point 3: the old deployment section said serve answers SandboxFailed as a
+    typed failure routed as `permanent`; serve answers it as a success naming its action."""
+    for path in documents():
+        flat = " ".join(path.read_text().split())
+        assert "SandboxFailed as a typed failure" not in flat, path.name
+    contract = " ".join((ROOT / "docs" / "contract.md").read_text().split())
+    assert (
+        '{"action": "SandboxFailed", "params": {code, message, retryable, ...}, "success": true}'
+        in contract
+    )
