@@ -253,6 +253,7 @@ def test_live_lines_show_queue_positions_and_turns(
             "--component",
             str(loaded_component.path),
             "--no-tradeoff",
+            "--verbose",
             *FAST_E2B,
         ]
     )
