@@ -153,6 +153,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail(str(error))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not os.environ.get(args.api_key_env):
+        # Not a refusal: a spec may still bring its own e2b_api_key in the trigger config.
+        print(
+            f"sandbox-provisioner serve: warning: ${args.api_key_env} is empty, so only "
+            "invocations whose config brings an e2b_api_key can provision",
+            file=sys.stderr,
+        )
     if args.processes < 1:
         return _fail("--processes must be at least 1")
     try:
