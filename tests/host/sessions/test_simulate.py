@@ -290,7 +290,9 @@ def test_a_spec_that_breaks_temper_rules_is_refused_before_anything_runs(
     from importlib import resources
 
     text = resources.files("host.sessions").joinpath("specs", "temper_agent.ioa.toml")
-    provision = 'module = "sandbox_provisioner"\n\n[action.triggers.config]\noperation = "provision"'
+    provision = (
+        'module = "sandbox_provisioner"\n\n[action.triggers.config]\noperation = "provision"'
+    )
     assert provision in text.read_text()
     broken = text.read_text().replace(
         provision, provision.replace("\n\n", '\non_success = "SandboxReady"\n\n', 1), 1)
