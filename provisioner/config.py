@@ -144,10 +144,11 @@ OPERATION_KEYS = frozenset(
 )  # fmt: skip
 # Keys of the integration config that are not the component's, accepted without a word:
 # Temper's per-invocation budgets (crates/temper-server/src/state/dispatch/wasm/
-# dispatch.rs) and the shim's own two (shim/temper_shim.wat; serve drops them anyway).
+# dispatch.rs), the shim's own two (shim/temper_shim.wat) and serve's hold window
+# (`hold_ms`); serve drops its and the shim's before the component runs anyway.
 FOREIGN_KEYS = frozenset(
     {"timeout_secs", "max_fuel", "max_memory", "max_response_bytes", "provisioner_url",
-     "provisioner_token"}
+     "provisioner_token", "hold_ms"}
 )  # fmt: skip
 
 
