@@ -2,8 +2,9 @@
 
 `SETTINGS` is the single definition of the keys the component reads (besides `operation`,
 which `provisioner.invocation` reads to pick the operation). The defaults are the field
-defaults of `SandboxSettings` and `AdmissionConfig`; the README's tables are checked
-against this module by the tests, and hosts that need a default import it from here.
+defaults of `SandboxSettings` and `AdmissionConfig`; the tables of docs/contract.md and
+docs/admission.md are checked against this module by the tests, and hosts that need a
+default import it from here.
 
 `read_config` runs once per invocation and parses only the keys the config holds: a field
 the config does not name keeps its default without being parsed or copied (the two
@@ -16,6 +17,7 @@ Times in the config are seconds unless the key ends in `_ms`.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -129,9 +131,39 @@ class Config:
 
 def read_config(config: Mapping[str, str]) -> Config:
     """Read and validate every key present; ProvisionerError("invalid_config") on a bad one.
-    Sandbox keys are checked first, then admission keys in config order, then the relations
-    between admission settings, then the resource gates."""
+    Unknown keys are refused first, then sandbox keys are checked, then admission keys in
+    config order, then the relations between admission settings, then the resource gates."""
+    check_keys(config)
     return Config(_read_sandbox(config), _read_admission(config), read_resources(config))
+
+
+# Keys the guest reads outside the settings table: the operation, and a resource gate's
+# name and the actions its answers are named by (provisioner/resources/operations.py).
+OPERATION_KEYS = frozenset(
+    {"operation", "resource", "granted_action", "queued_action", "settled_action",
+     "released_action"}
+)  # fmt: skip
+# Keys of the integration config that are not the component's, accepted without a word:
+# Temper's per-invocation budgets (crates/temper-server/src/state/dispatch/wasm/
+# dispatch.rs), the shim's own two (shim/temper_shim.wat) and serve's hold window
+# (`hold_ms`); serve drops its and the shim's before the component runs anyway.
+FOREIGN_KEYS = frozenset(
+    {"timeout_secs", "max_fuel", "max_memory", "max_response_bytes", "provisioner_url",
+     "provisioner_token", "hold_ms"}
+)  # fmt: skip
+
+
+def check_keys(config: Mapping[str, str]) -> None:
+    """Refuse a key nobody reads (a typo such as `create_slot` would otherwise be ignored
+    and its default used), naming the nearest known key. `resource.*` keys are checked by
+    `read_resources`."""
+    known = SETTINGS_BY_KEY.keys() | OPERATION_KEYS
+    for key in config:
+        if key in known or key in FOREIGN_KEYS or key.startswith(RESOURCE_PREFIX):
+            continue
+        nearest = difflib.get_close_matches(key, sorted(known | FOREIGN_KEYS), n=1, cutoff=0.6)
+        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        _refuse(f"unknown config key {key[:80]!r}{hint}")
 
 
 # ---------------------------------------------------------------------------- the table
@@ -518,7 +550,7 @@ _PER_MINUTE_MAX = 1e9
 class ResourceGate:
     """One named resource gate: any combination of concurrent permits, a request rate and
     token rates, each also capped per tenant (`tenant_*`). Rates are per minute; a burst
-    of None means one minute's worth (the provider's own bucket, see the README).
+    of None means one minute's worth (the provider's own bucket, see docs/admission.md).
     `queue_timeout_ms` None means the admission setting's."""
 
     name: str

@@ -1,6 +1,6 @@
 """Every failure code a `SandboxFailed` outcome can carry: the guest's and the host's.
 
-One definition, so a producer cannot misspell a code and the README's list can be checked
+One definition, so a producer cannot misspell a code and the list in docs/contract.md can be checked
 against it. `FailureCode` is a `StrEnum`: a member is the code string itself, so it
 serialises to JSON and crosses the WIT boundary unchanged, and compares equal to the text.
 """

@@ -20,8 +20,9 @@
 ;;
 ;; Memory: the data below lives under offset 1024 because Temper writes the context at
 ;; offset 1024 before calling run (mod.rs, "write_context"), which would overwrite data
-;; placed higher. Offsets 800..1023 are scratch for a failure result. The context buffer
-;; starts at page 1; the header and answer buffers follow it; memory grows as needed.
+;; placed higher; a failure result and its details are built in 4096..65535 once run has
+;; started (see $scratch). The context buffer starts at page 1; the header and answer
+;; buffers follow it; memory grows as needed.
 (module
   (import "env" "host_get_context" (func $host_get_context (param i32 i32) (result i32)))
   (import "env" "host_set_result" (func $host_set_result (param i32 i32)))
@@ -42,7 +43,6 @@
   (data (i32.const 205) "\",\"code\":\"")  ;; f_code 205 10
   (data (i32.const 215) "\",\"retryability\":\"")  ;; f_retry 215 18
   (data (i32.const 233) "\",\"outcome\":\"")  ;; f_outcome 233 13
-  (data (i32.const 246) "\",\"details\":{}}}")  ;; f_tail 246 16
   (data (i32.const 262) "transient")  ;; 262 9
   (data (i32.const 271) "authorization")  ;; 271 13
   (data (i32.const 284) "permanent")  ;; 284 9
@@ -60,12 +60,37 @@
   (data (i32.const 422) "ProvisionerUnauthorized")  ;; 422 23
   (data (i32.const 445) "ProvisionerRejected")  ;; 445 19
   (data (i32.const 464) "ProvisionerAnswerTooLarge")  ;; 464 25
-  (data (i32.const 489) "ProvisionerNotConfigured")  ;; 489 24
   (data (i32.const 513) "ContextTooLarge")  ;; 513 15
+  ;; Typed failure details (ADR-0187 v1: {"name": {"kind", "value"}}).
+  (data (i32.const 540) "\":{\"kind\":\"string\",\"value\":\"")  ;; d_str 540 28
+  (data (i32.const 568) "\"}")  ;; d_str_end 568 2
+  (data (i32.const 570) "\":{\"kind\":\"unsigned\",\"value\":")  ;; d_uint 570 29
+  (data (i32.const 599) "}")  ;; d_uint_end 599 1
+  (data (i32.const 600) "status")  ;; k_status 600 6
+  (data (i32.const 606) "error_code")  ;; k_error_code 606 10
+  (data (i32.const 616) "error_message")  ;; k_error_message 616 13
+  (data (i32.const 629) "key")  ;; k_key 629 3
+  (data (i32.const 632) "reason")  ;; k_reason 632 6
+  (data (i32.const 638) "provisioner_url")  ;; v_url 638 15
+  (data (i32.const 653) "provisioner_token")  ;; v_token 653 17
+  (data (i32.const 670) "absent")  ;; v_absent 670 6
+  (data (i32.const 676) "unresolved_secret")  ;; v_unresolved 676 17
+  (data (i32.const 693) "\"code\":\"")  ;; p_code 693 8
+  (data (i32.const 701) "\"message\":\"")  ;; p_message 701 11
+  (data (i32.const 712) "{secret:")  ;; p_secret 712 8
+  (data (i32.const 720) "ProvisionerUrlMissing")  ;; c_url_missing 720 21
+  (data (i32.const 741) "ProvisionerTokenMissing")  ;; c_token_missing 741 23
+  (data (i32.const 764) "\",\"details\":{")  ;; f_details 764 13
+  (data (i32.const 777) "}}}")  ;; f_end 777 3
 
   ;; The answer buffer: Temper's default max_response_bytes (1 MiB) plus the status line.
   (global $answer_capacity i32 (i32.const 1048640))
-  (global $scratch i32 (i32.const 800))
+  ;; A failure result is built at $scratch from the details gathered at [4096, $details_end).
+  ;; Both lie in 1024..65535, where Temper wrote the context before calling run; the shim
+  ;; reads its own copy at 65536, so that region is free once run has started.
+  (global $scratch i32 (i32.const 8192))
+  (global $details_start i32 (i32.const 4096))
+  (global $details_end (mut i32) (i32.const 4096))
 
   ;; Make linear memory at least `end` bytes long; 0 when it cannot grow.
   (func $reserve (param $end i32) (result i32)
@@ -192,15 +217,110 @@
     (if (i32.eq (local.get $retry) (i32.const 302))
       (then (local.set $p (call $put (local.get $p) (i32.const 347) (i32.const 7))))
       (else (local.set $p (call $put (local.get $p) (i32.const 354) (i32.const 11)))))
-    (local.set $p (call $put (local.get $p) (i32.const 246) (i32.const 16)))
+    (local.set $p (call $put (local.get $p) (i32.const 764) (i32.const 13)))
+    (local.set $p
+      (call $put (local.get $p) (global.get $details_start)
+                 (i32.sub (global.get $details_end) (global.get $details_start))))
+    (local.set $p (call $put (local.get $p) (i32.const 777) (i32.const 3)))
     (call $host_log (i32.const 365) (i32.const 4) (local.get $code) (local.get $code_len))
     (call $host_set_result
       (global.get $scratch) (i32.sub (local.get $p) (global.get $scratch)))
     (i32.const 0))
 
-  (func $not_configured (result i32)
-    (call $fail (i32.const 293) (i32.const 9) (i32.const 489) (i32.const 24)
+  ;; Start a detail: a comma unless it is the first, then `"name`.
+  (func $detail_name (param $name i32) (param $name_len i32)
+    (local $p i32)
+    (local.set $p (global.get $details_end))
+    (if (i32.gt_u (local.get $p) (global.get $details_start))
+      (then
+        (i32.store8 (local.get $p) (i32.const 44)) ;; ,
+        (local.set $p (i32.add (local.get $p) (i32.const 1)))))
+    (i32.store8 (local.get $p) (i32.const 34)) ;; "
+    (global.set $details_end
+      (call $put (i32.add (local.get $p) (i32.const 1)) (local.get $name) (local.get $name_len))))
+
+  ;; A string detail; the value must need no escaping (see $plain_prefix).
+  (func $detail_string (param $name i32) (param $name_len i32) (param $value i32) (param $len i32)
+    (local $p i32)
+    (call $detail_name (local.get $name) (local.get $name_len))
+    (local.set $p (call $put (global.get $details_end) (i32.const 540) (i32.const 28)))
+    (local.set $p (call $put (local.get $p) (local.get $value) (local.get $len)))
+    (global.set $details_end (call $put (local.get $p) (i32.const 568) (i32.const 2))))
+
+  ;; An unsigned detail below 1000 (an HTTP status).
+  (func $detail_unsigned (param $name i32) (param $name_len i32) (param $n i32)
+    (local $p i32)
+    (call $detail_name (local.get $name) (local.get $name_len))
+    (local.set $p (call $put (global.get $details_end) (i32.const 570) (i32.const 29)))
+    (if (i32.ge_u (local.get $n) (i32.const 100))
+      (then
+        (i32.store8 (local.get $p) (i32.add (i32.const 48) (i32.div_u (local.get $n) (i32.const 100))))
+        (local.set $p (i32.add (local.get $p) (i32.const 1)))))
+    (if (i32.ge_u (local.get $n) (i32.const 10))
+      (then
+        (i32.store8 (local.get $p)
+          (i32.add (i32.const 48) (i32.rem_u (i32.div_u (local.get $n) (i32.const 10)) (i32.const 10))))
+        (local.set $p (i32.add (local.get $p) (i32.const 1)))))
+    (i32.store8 (local.get $p) (i32.add (i32.const 48) (i32.rem_u (local.get $n) (i32.const 10))))
+    (global.set $details_end
+      (call $put (i32.add (local.get $p) (i32.const 1)) (i32.const 599) (i32.const 1))))
+
+  ;; How many bytes from p, at most `max`, can be copied into a JSON string as they are:
+  ;; up to the first quote, backslash, control byte or non-ASCII byte (so a cut never
+  ;; splits an escape or a UTF-8 sequence; Temper drops a result that is not UTF-8).
+  (func $plain_prefix (param $p i32) (param $end i32) (param $max i32) (result i32)
+    (local $i i32) (local $c i32)
+    (loop $scan
+      (if (i32.ge_u (local.get $i) (local.get $max)) (then (return (local.get $i))))
+      (if (i32.ge_u (i32.add (local.get $p) (local.get $i)) (local.get $end))
+        (then (return (local.get $i))))
+      (local.set $c (i32.load8_u (i32.add (local.get $p) (local.get $i))))
+      (if (i32.or (i32.or (i32.eq (local.get $c) (i32.const 34)) (i32.eq (local.get $c) (i32.const 92)))
+                  (i32.or (i32.lt_u (local.get $c) (i32.const 32)) (i32.ge_u (local.get $c) (i32.const 128))))
+        (then (return (local.get $i))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $scan))
+    (local.get $i))
+
+  ;; A string detail copied from the first `"field":"` in [start, end) (serve's error body,
+  ;; {"error":{"code":...,"message":...}}), when there is one.
+  (func $detail_from_body (param $name i32) (param $name_len i32)
+                          (param $start i32) (param $end i32) (param $pat i32) (param $pat_len i32)
+    (local $value i32) (local $len i32)
+    (local.set $value
+      (call $after_first (local.get $start) (local.get $end) (local.get $pat) (local.get $pat_len)))
+    (if (i32.eq (local.get $value) (i32.const -1)) (then (return)))
+    (local.set $len (call $plain_prefix (local.get $value) (local.get $end) (i32.const 200)))
+    (if (i32.gt_u (local.get $len) (i32.const 0))
+      (then
+        (call $detail_string (local.get $name) (local.get $name_len) (local.get $value) (local.get $len)))))
+
+  ;; A shim key that is absent, empty, escaped, or a {secret:...} template Temper left
+  ;; verbatim (the tenant has no such secret): integrity, never retried, naming the key.
+  (func $key_missing (param $key i32) (param $key_len i32) (param $code i32) (param $code_len i32)
+                     (param $reason i32) (param $reason_len i32) (result i32)
+    (call $detail_string (i32.const 629) (i32.const 3) (local.get $key) (local.get $key_len))
+    (call $detail_string (i32.const 632) (i32.const 6) (local.get $reason) (local.get $reason_len))
+    (call $fail (i32.const 293) (i32.const 9) (local.get $code) (local.get $code_len)
                 (i32.const 342) (i32.const 5)))
+
+  ;; The value at p (len bytes, -1 when absent or escaped): 0 when usable, else the
+  ;; failure for `key` (code/code_len) already set.
+  (func $check_value (param $p i32) (param $len i32) (param $key i32) (param $key_len i32)
+                     (param $code i32) (param $code_len i32) (result i32)
+    (if (i32.le_s (local.get $len) (i32.const 0))
+      (then
+        (drop (call $key_missing (local.get $key) (local.get $key_len) (local.get $code)
+                                 (local.get $code_len) (i32.const 670) (i32.const 6)))
+        (return (i32.const 1))))
+    (if (i32.ge_u (local.get $len) (i32.const 8))
+      (then
+        (if (call $equal (local.get $p) (i32.const 712) (i32.const 8))
+          (then
+            (drop (call $key_missing (local.get $key) (local.get $key_len) (local.get $code)
+                                     (local.get $code_len) (i32.const 676) (i32.const 17)))
+            (return (i32.const 1))))))
+    (i32.const 0))
 
   (func $run (export "run") (param $ctx_ptr i32) (param $ctx_len i32) (result i32)
     (local $ctx i32) (local $capacity i32) (local $len i32) (local $ctx_end i32)
@@ -231,22 +351,34 @@
                                 (i32.const 342) (i32.const 5)))))))
     (local.set $ctx_end (i32.add (local.get $ctx) (local.get $len)))
 
-    ;; 2. integration_config.provisioner_url and .provisioner_token.
+    ;; 2. integration_config.provisioner_url and .provisioner_token; each missing one is its
+    ;;    own code, with the key and why in the details.
     (local.set $config
       (call $after_last (local.get $ctx) (local.get $ctx_end) (i32.const 16) (i32.const 22)))
-    (if (i32.eq (local.get $config) (i32.const -1)) (then (return (call $not_configured))))
-    (local.set $config_end (call $object_end (local.get $config) (local.get $ctx_end)))
-    (if (i32.eq (local.get $config_end) (i32.const -1)) (then (return (call $not_configured))))
+    (local.set $config_end (i32.const -1))
+    (if (i32.ne (local.get $config) (i32.const -1))
+      (then (local.set $config_end (call $object_end (local.get $config) (local.get $ctx_end)))))
+    (if (i32.eq (local.get $config_end) (i32.const -1))
+      (then
+        (return (call $key_missing (i32.const 638) (i32.const 15) (i32.const 720) (i32.const 21)
+                                   (i32.const 670) (i32.const 6)))))
     (local.set $url
       (call $after_first (local.get $config) (local.get $config_end) (i32.const 38) (i32.const 19)))
-    (if (i32.eq (local.get $url) (i32.const -1)) (then (return (call $not_configured))))
-    (local.set $url_len (call $plain_string_length (local.get $url) (local.get $config_end)))
-    (if (i32.le_s (local.get $url_len) (i32.const 0)) (then (return (call $not_configured))))
+    (local.set $url_len (i32.const -1))
+    (if (i32.ne (local.get $url) (i32.const -1))
+      (then (local.set $url_len (call $plain_string_length (local.get $url) (local.get $config_end)))))
+    (if (call $check_value (local.get $url) (local.get $url_len)
+                           (i32.const 638) (i32.const 15) (i32.const 720) (i32.const 21))
+      (then (return (i32.const 0))))
     (local.set $token
       (call $after_first (local.get $config) (local.get $config_end) (i32.const 57) (i32.const 21)))
-    (if (i32.eq (local.get $token) (i32.const -1)) (then (return (call $not_configured))))
-    (local.set $token_len (call $plain_string_length (local.get $token) (local.get $config_end)))
-    (if (i32.le_s (local.get $token_len) (i32.const 0)) (then (return (call $not_configured))))
+    (local.set $token_len (i32.const -1))
+    (if (i32.ne (local.get $token) (i32.const -1))
+      (then
+        (local.set $token_len (call $plain_string_length (local.get $token) (local.get $config_end)))))
+    (if (call $check_value (local.get $token) (local.get $token_len)
+                           (i32.const 653) (i32.const 17) (i32.const 741) (i32.const 23))
+      (then (return (i32.const 0))))
 
     ;; 3. Headers (a JSON array of [name, value] pairs, as host_http_call reads them) and
     ;;    the answer buffer, after the context.
@@ -309,6 +441,12 @@
           (local.get $body)
           (i32.sub (i32.add (local.get $answer) (local.get $written)) (local.get $body)))
         (return (i32.const 0))))
+    ;; Every refusal carries the status and serve's error code and message.
+    (call $detail_unsigned (i32.const 600) (i32.const 6) (local.get $status))
+    (call $detail_from_body (i32.const 606) (i32.const 10) (local.get $body)
+      (i32.add (local.get $answer) (local.get $written)) (i32.const 693) (i32.const 8))
+    (call $detail_from_body (i32.const 616) (i32.const 13) (local.get $body)
+      (i32.add (local.get $answer) (local.get $written)) (i32.const 701) (i32.const 11))
     ;; 503 (all workers busy) and 429: nothing ran; retry with backoff.
     (if (i32.or (i32.eq (local.get $status) (i32.const 503)) (i32.eq (local.get $status) (i32.const 429)))
       (then

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 
 from host.cli.options import (
+    DefaultsHelpFormatter,
     ExitCode,
     add_component_option,
     add_runtime_options,
@@ -22,10 +25,12 @@ from host.mock_llm import cli as mock_llm_cli
 from host.multihost.run import add_multihost_arguments, run_multihost
 from host.multihost.soak import add_soak_arguments, run_soak
 from host.operator.status import add_status_arguments, run_status
+from host.runtime.paths import CACHE_ENV
 from host.runtime.temper_context import InvalidContext, outcome_to_json, parse_context
 from host.serve.cli import add_serve_arguments, run_serve
 from host.sessions.demo import run_demo
 from host.sessions.simulate import add_simulate_arguments, run_simulate
+from host.temper_abi import cli as temper_invoke_cli
 from provisioner.model import SANDBOX_FAILED, Invocation
 
 
@@ -154,6 +159,13 @@ SUBCOMMANDS = (
         run_soak,
     ),
     Subcommand(
+        "temper-invoke",
+        "run a core module (the shim) under the Temper-ABI host as Temper would and "
+        "print the result Temper decodes",
+        temper_invoke_cli.add_arguments,
+        temper_invoke_cli.run,
+    ),
+    Subcommand(
         "status",
         "show an account's gates and every waiter (read-only; --watch: live)",
         add_status_arguments,
@@ -166,17 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandbox-provisioner",
         description="Run the E2B sandbox provisioner component the way the Temper runtime does.",
+        formatter_class=DefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:
-        sub = commands.add_parser(command.name, help=command.help)
+        sub = commands.add_parser(
+            command.name, help=command.help, formatter_class=DefaultsHelpFormatter
+        )
         command.add_arguments(sub)
         sub.set_defaults(handler=command.run)
     return parser
 
 
+def version() -> str:
+    try:
+        return metadata.version("temper-sandbox-provisioner")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "cache_dir", None) is not None:
+        # Every load in this run, and in the worker processes it starts, uses it.
+        os.environ[CACHE_ENV] = str(args.cache_dir)
     try:
         code: int = args.handler(args)
     except KeyboardInterrupt:

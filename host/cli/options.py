@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
 from host.runtime.component_runtime import ComponentRuntime
+from host.runtime.paths import CACHE_ENV
 
 
 class ExitCode(IntEnum):
@@ -64,12 +65,33 @@ def add_account_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_component_option(parser: argparse.ArgumentParser) -> None:
+    """The component, and where its compiled form is cached (every command that loads it
+    takes both; `main` puts --cache-dir in $SANDBOX_PROVISIONER_CACHE for the whole run)."""
     parser.add_argument(
         "--component",
         type=Path,
         default=None,
         help="the component (default: the installed one, else dist/sandbox_provisioner.wasm)",
     )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"compiled-component cache (default ${CACHE_ENV}, else the user cache directory)",
+    )
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default in --help unless its help already says it (or it has
+    none worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.option_strings and action.nargs != 0:
+            return f"{text} (default: %(default)s)"
+        return text
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from host.mock_e2b.config import FaultRule, MockE2BConfig
 from host.mock_e2b.connection import KeepRawSend, reset_connection
 from host.mock_e2b.state import MockState, SandboxRecord
 from host.mock_e2b.wire import (
+    ABSENT,
     MAX_REFRESH_S,
     BadRequest,
     CreateRequest,
@@ -375,7 +376,7 @@ def build_app(
             raw = await body_unless_abandoned(request)
             if raw is None:
                 return NoAnswer()
-            payload: Any = None
+            payload: Any = ABSENT
             malformed = False
             if raw.strip():
                 try:
@@ -479,11 +480,13 @@ def build_app(
         return connect
 
     def resume(sandbox_id: str, body: dict[str, Any]) -> Outcome:
-        # ResumedSandbox: timeout default 15, autoPause (bool, deprecated); 409 if running.
+        # ResumedSandbox: timeout default 15, autoPause (bool, deprecated), memory (bool);
+        # 409 if running.
         config = state.config
         seconds = lifetime_field(body, config.default_timeout_s, config.max_timeout_s)
-        if "autoPause" in body and not isinstance(body["autoPause"], bool):
-            raise BadRequest("autoPause must be a boolean")
+        for flag in ("autoPause", "memory"):
+            if flag in body and not isinstance(body[flag], bool):
+                raise BadRequest(f"{flag} must be a boolean")
         return bring_back(sandbox_id, seconds, extend_running=False)
 
     def not_found(sandbox_id: str) -> Response:

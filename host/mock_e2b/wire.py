@@ -105,9 +105,13 @@ def lifetime_field(body: Mapping[str, Any], default_s: int, max_s: int) -> int:
     return timeout
 
 
+ABSENT = object()  # no request body at all (JSON `null` is a body, and not an object)
+
+
 def json_object(body: Any, *, required: bool) -> dict[str, Any]:
-    """A request body that the spec declares as an object (absent allowed unless required)."""
-    if body is None and not required:
+    """A request body that the spec declares as an object (absent allowed unless required).
+    `body` is the parsed JSON, or ABSENT when the request had none."""
+    if body is ABSENT and not required:
         return {}
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")

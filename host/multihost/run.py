@@ -551,12 +551,6 @@ _positive_int = positive(int)
 def add_component_arguments(parser: argparse.ArgumentParser) -> None:
     """The component the hosts run, and where its compiled form is cached."""
     add_component_option(parser)
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="compiled-component cache (default $SANDBOX_PROVISIONER_CACHE or ~/.cache)",
-    )
 
 
 def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
@@ -604,7 +598,9 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
         help="the account's concurrent sandboxes (default 10)",
     )
     parser.add_argument(
-        "--create-latency-ms",
+        "--e2b-create-latency-ms",
+        "--create-latency-ms",  # the old name, as simulate calls it --e2b-create-latency-ms
+        dest="create_latency_ms",
         type=_positive_int,
         default=1000,
         help="mock E2B create latency (default 1000)",
@@ -622,7 +618,12 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_component_arguments(parser)
     parser.add_argument(
-        "--timeout-s", type=float, default=300.0, help="give up after this long (default 300)"
+        "--finish-timeout-s",
+        "--timeout-s",  # the old name; soak calls the same idea --finish-timeout-s
+        dest="timeout_s",
+        type=float,
+        default=300.0,
+        help="how long every job may take to end before giving up (default 300)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON report")
 

@@ -1,8 +1,10 @@
 """`sandbox-provisioner status`: an account's gates and every waiter, for an operator.
 
-Reads storage through the public inspection API (`gates.py`), never writes. Prints one
-snapshot as rich tables, `--json` for machines, or `--watch` for a live view
-(`rich.live.Live`) refreshed every `--interval` seconds until interrupted.
+Reads storage through the public inspection API (`gates.py`), never writes: a SQLite file
+that does not exist, `memory://`, or an account with no state at all is refused (exit 1)
+rather than created or shown empty. Prints one snapshot as rich tables, `--json` for
+machines, or `--watch`: a live view (`rich.live.Live`) on a terminal, else one timestamped
+snapshot per `--interval` seconds, until interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import json
 import sys
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -20,8 +24,10 @@ from rich.text import Text
 from host.cli.options import ExitCode, add_account_option, add_storage_option
 from host.operator.gates import GateView, admission_config, read_gates, view_to_json
 from host.runtime.assembly import default_storage_url
+from host.services.namespaces import account_namespace
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
+from host.storage.sqlite import SqliteBackend
 from provisioner.admission import AdmissionConfig
 from provisioner.model import ProvisionerError
 from provisioner.ports import StorageError
@@ -130,12 +136,29 @@ def run_status(args: argparse.Namespace, console: Console | None = None) -> int:
     except (ValueError, ProvisionerError) as error:
         print(f"sandbox-provisioner status: {error}", file=sys.stderr)
         return EXIT_USAGE
+    uri = args.storage or default_storage_url()
     try:
-        backend = storage_from_uri(args.storage or default_storage_url())
+        missing = _missing_storage(uri)
+        if missing is not None:
+            print(f"sandbox-provisioner status: {missing}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        backend = storage_from_uri(uri)
     except ValueError as error:
         print(f"sandbox-provisioner status: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        try:
+            empty = not backend.keys(account_namespace(args.account))
+        except StorageError as error:
+            print(f"sandbox-provisioner status: storage unavailable: {error}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        if empty:
+            print(
+                f"sandbox-provisioner status: account {args.account!r} has no state in {uri} "
+                "(no invocation has used it: check --account, default 'default')",
+                file=sys.stderr,
+            )
+            return EXIT_UNAVAILABLE
         if args.watch and not args.json:
             return _watch(backend, args.account, config, args.interval, console)
         try:
@@ -150,6 +173,21 @@ def run_status(args: argparse.Namespace, console: Console | None = None) -> int:
         return EXIT_OK
     finally:
         backend.close()
+
+
+def _missing_storage(uri: str) -> str | None:
+    """Why `uri` names no storage status could read, without creating anything; None when
+    it may exist (a Redis URL is asked when read)."""
+    if uri.startswith("memory:"):
+        return "memory:// storage lives inside one process: give serve's --storage URL"
+    if uri.startswith("sqlite:"):
+        path = Path(SqliteBackend.path_of(uri))
+        if not path.is_file():
+            return (
+                f"no storage at {path}: status never creates one; give the --storage URL "
+                "that serve uses"
+            )
+    return None
 
 
 def _setting(item: str) -> tuple[str, str]:
@@ -173,6 +211,15 @@ def _watch(
             return _unavailable(error)
 
     try:
+        if not console.is_terminal:
+            # No terminal (a pipe, a log file): a live view would print nothing until the
+            # end, so print one timestamped snapshot per interval instead.
+            while True:
+                stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                console.print(Text(f"--- {stamp}", style="bold"))
+                console.print(frame())
+                console.file.flush()
+                time.sleep(max(0.1, interval))
         with Live(frame(), console=console, refresh_per_second=4, transient=False) as live:
             while True:
                 time.sleep(max(0.1, interval))

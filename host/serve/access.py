@@ -80,9 +80,10 @@ def presented_token(scope: Scope) -> str | None:
 
 
 class BearerTokenGate:
-    """ASGI middleware: every HTTP request but the health routes needs a client's token."""
+    """ASGI middleware: every HTTP request but the health routes and the OpenAPI document
+    needs a client's token."""
 
-    OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+    OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 
     def __init__(self, app: ASGIApp, access: TenantAccess, refusals: Refusals) -> None:
         self.app = app
@@ -104,6 +105,9 @@ class BearerTokenGate:
                     ),
                     "unauthorized",
                     None,
+                    reason="no bearer token"
+                    if token is None
+                    else "the bearer token matches no client",
                 )
                 await response(scope, receive, send)
                 return

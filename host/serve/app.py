@@ -5,15 +5,20 @@
   component produced, 400 for a malformed context, 413 past 1 MiB, 503 with
   `Retry-After` when every worker is busy (nothing ran), and 503 with `Retry-After` and
   `Connection: close` once the service is draining (nothing ran).
-- `GET /healthz`: the process is up. `GET /readyz`: the component is compiled and the
-  storage answers (and the process is not draining).
+- `GET /healthz`: the process is up. `GET /readyz`: the component is compiled, the storage
+  takes a write, the gateway would not refuse the E2B URL, and the process is not draining
+  (`readiness.py`).
 - `GET /metrics`: Prometheus exposition (`metrics.py`), when the service has metrics.
-- Every route but the two health routes needs `Authorization: Bearer <token>` of a known
-  client (`tenants.py`, `access.py`); a missing or wrong token is 401 before anything else
-  happens, and a context naming a tenant the client does not cover is 403
-  `forbidden_tenant` before anything runs. `/metrics` shows a tenant's client only its own
-  tenants' labelled series. Bodies, read times and repeated refusals are bounded
-  (`bounds.py`). Every error is JSON (`errors.py`).
+- `GET /openapi.json`: the OpenAPI description of these routes (`openapi.py`).
+- Every route but the two health routes and the OpenAPI document needs `Authorization:
+  Bearer <token>` of a known client (`tenants.py`, `access.py`); a missing or wrong token
+  is 401 before anything else happens, and a context naming a tenant the client does not
+  cover is 403 `forbidden_tenant` before anything runs. `/metrics` shows a tenant's client
+  only its own tenants' labelled series. Bodies, read times and repeated refusals are
+  bounded (`bounds.py`).
+- Every refusal is JSON, `{"error": {"code", "message"}}` (`errors.py`), and is logged as
+  one `refused` line with its status, code and reason (never a header, so never the
+  token).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from host.serve.bounds import BODY_TIMEOUT_S, BodyBounds, RefusalLimiter
 from host.serve.errors import error_response as _error
 from host.serve.hold import PACE_CONFIG_KEYS, InvalidHoldConfig
 from host.serve.metrics import CONTENT_TYPE, ServeMetrics
+from host.serve.openapi import OPENAPI
 from host.serve.pace import AnswerAndWake
 from host.serve.pacing import ServePace
 from host.serve.pool import InvocationPool
@@ -51,8 +57,6 @@ from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, fa
 LOG = logging.getLogger("sandbox_provisioner.serve")
 # Config keys that address the service itself: the shim's, not the component's.
 SHIM_CONFIG_KEYS = frozenset({"provisioner_url", "provisioner_token"})
-READINESS_KEY = "readyz-probe"
-READINESS_NAMESPACE = "sandbox-provisioner/serve"
 
 
 @dataclass
@@ -63,6 +67,8 @@ class ServeState:
     e2b_url: str
     storage_probe: Callable[[], None]
     retry_after_s: int = 1
+    # Why the gateway would refuse every E2B request (None: it would not).
+    e2b_refusal: Callable[[], str | None] = lambda: None
     draining: bool = False
     metrics: ServeMetrics | None = None
     # The admission settings of the latest invocation (the gates' limits depend on the
@@ -92,6 +98,23 @@ class ServeState:
         return Refusals(self.limiter, self.log, count)
 
 
+def log_refusal(state: ServeState, scope: Scope, status: int, code: str, message: str) -> None:
+    """One log line per refused request: what was refused and why. Only the method, the
+    path and the peer are read from the request: never a header, so never the token."""
+    client = scope.get("client")
+    state.log(
+        {
+            "event": "refused",
+            "method": scope.get("method", ""),
+            "path": scope.get("path", ""),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "status": status,
+            "code": code,
+            "reason": message,
+        }
+    )
+
+
 def prepare(invocation: Invocation, e2b_url: str) -> Invocation:
     """Drop the shim's and the service's own keys (the token must not reach the component)
     and point the guest at the host's E2B URL unless the context names one (as `invoke`
@@ -113,6 +136,12 @@ def remember_admission_config(state: ServeState, invocation: Invocation) -> None
 def create_app(state: ServeState) -> ASGIApp:
     refusals = state.refusals()
 
+    def refuse(
+        request: Request, status: int, code: str, message: str, **headers: str
+    ) -> JSONResponse:
+        log_refusal(state, request.scope, status, code, message)
+        return _error(status, code, message, **headers)
+
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -125,14 +154,20 @@ def create_app(state: ServeState) -> ASGIApp:
             return JSONResponse(
                 {"status": "unready", "storage": f"{type(error).__name__}: {error}"[:300]}, 503
             )
-        return JSONResponse({"status": "ready", "component": "compiled", "storage": "ok"})
+        refused = await asyncio.get_running_loop().run_in_executor(None, state.e2b_refusal)
+        if refused is not None:
+            return JSONResponse({"status": "unready", "storage": "ok", "e2b": refused}, 503)
+        return JSONResponse(
+            {"status": "ready", "component": "compiled", "storage": "ok", "e2b": "ok"}
+        )
 
     async def invocations(request: Request) -> Response:
         if state.draining:
             # A request that reaches a draining service (on a connection kept alive, or
             # accepted just before the listener closed) goes elsewhere: answering it would
             # keep the connection, and so the drain, open for as long as its client polls.
-            return _error(
+            return refuse(
+                request,
                 503,
                 "draining",
                 "the service is shutting down",
@@ -140,13 +175,15 @@ def create_app(state: ServeState) -> ASGIApp:
             )
         body = await request.body()
         if len(body) > MAX_CONTEXT_BYTES:
-            return _error(413, "too_large", f"the context is larger than {MAX_CONTEXT_BYTES} bytes")
+            return refuse(
+                request, 413, "too_large", f"the context is larger than {MAX_CONTEXT_BYTES} bytes"
+            )
         try:
             context = parse_context(body.decode("utf-8"))
         except UnicodeDecodeError:
-            return _error(400, "invalid_context", "the context is not UTF-8")
+            return refuse(request, 400, "invalid_context", "the context is not UTF-8")
         except InvalidContext as invalid:
-            return _error(400, "invalid_context", str(invalid))
+            return refuse(request, 400, "invalid_context", str(invalid))
         invocation = prepare(context, state.e2b_url)
         refused = forbidden_tenant(request, refusals, invocation.tenant, invocation.entity_id)
         if refused is not None:
@@ -178,7 +215,8 @@ def create_app(state: ServeState) -> ASGIApp:
         if outcome is None:
             if state.metrics is not None:
                 state.metrics.observe_saturated()
-            return _error(
+            return refuse(
+                request,
                 503,
                 "saturated",
                 f"all {state.pool.workers} workers are busy",
@@ -216,7 +254,7 @@ def create_app(state: ServeState) -> ASGIApp:
     async def metrics(request: Request) -> Response:
         exposition = state.metrics
         if exposition is None:
-            return _error(404, "not_found", "this service has no metrics")
+            return refuse(request, 404, "not_found", "this service has no metrics")
         sees = label_filter(caller(request))
         # The gate collector reads storage: off the event loop.
         body = await asyncio.get_running_loop().run_in_executor(
@@ -224,14 +262,30 @@ def create_app(state: ServeState) -> ASGIApp:
         )
         return Response(body, headers={"Content-Type": CONTENT_TYPE})
 
-    async def http_error(_: Request, error: Exception) -> Response:
-        assert isinstance(error, HTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _error(error.status_code, code, str(error.detail), **(error.headers or {}))
-
     async def server_error(_: Request, error: Exception) -> Response:
         LOG.exception("unhandled error", exc_info=error)
         return _error(500, "internal_error", "the service failed to answer")
+
+    async def openapi(_: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        # Starlette's own 404 (no such route) and 405 (a route without this method).
+        assert isinstance(error, HTTPException)
+        if error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            return refuse(
+                request,
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})",
+                **{"Allow": allowed},
+            )
+        if error.status_code == 404:
+            return refuse(
+                request, 404, "not_found", f"no route {request.method} {request.url.path}"
+            )
+        return refuse(request, error.status_code, "http_error", str(error.detail))
 
     app = Starlette(
         lifespan=(lambda _app: state.pace.running()) if state.pace is not None else None,
@@ -239,6 +293,7 @@ def create_app(state: ServeState) -> ASGIApp:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
             Route("/v1/invocations", invocations, methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},

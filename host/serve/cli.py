@@ -24,12 +24,13 @@ import uvicorn.server
 
 from host.cli.options import ExitCode, add_runtime_options, fail
 from host.operator.gates import read_gates
-from host.serve.app import READINESS_KEY, READINESS_NAMESPACE, ServeState, create_app
+from host.serve.app import ServeState, create_app
 from host.serve.bounds import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
 from host.serve.invoker import open_invoker_from
 from host.serve.metrics import ServeMetrics
 from host.serve.pace_options import add_pace_arguments, env_credential, pace_from_args
 from host.serve.pool import InvocationPool
+from host.serve.readiness import E2BAddressCheck, probe_storage_write
 from host.serve.tenants import TenantAccess, TenantsFileError
 
 TOKEN_ENV = "SANDBOX_PROVISIONER_TOKEN"
@@ -156,6 +157,23 @@ def temper_credential(access: TenantAccess) -> Callable[[str], str | None]:
     return lambda tenant: access.temper_credential(tenant) or env_credential(tenant)
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts, so that a port in use is
+    a clear message and exit 1 rather than uvicorn's own error and exit 3 (which `simulate`
+    uses for an overloaded host)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 def run_serve(args: argparse.Namespace) -> int:
     token = os.environ.get(TOKEN_ENV, "")
     if not token and args.tenants is None:
@@ -172,8 +190,32 @@ def run_serve(args: argparse.Namespace) -> int:
         pool = InvocationPool(args.workers)
     except ValueError as error:
         return _fail(str(error))
+    if not os.environ.get(args.api_key_env):
+        # Not a refusal: a spec may still bring its own e2b_api_key in the trigger config.
+        print(
+            f"sandbox-provisioner serve: warning: ${args.api_key_env} is empty, so only "
+            "invocations whose config brings an e2b_api_key can provision",
+            file=sys.stderr,
+        )
     if args.processes < 1:
         return _fail("--processes must be at least 1")
+    try:
+        e2b_check = E2BAddressCheck(args.e2b_url, args.allow_private_network)
+    except ValueError as error:
+        return _fail(f"--e2b-url: {error}")
+    # A configuration that can never provision does not start (and so never says ready).
+    refused = e2b_check.refusal()
+    if refused is not None:
+        return _fail(refused)
+    try:
+        listener = bind_listener(host, port)
+    except OSError as error:
+        print(
+            f"sandbox-provisioner serve: cannot listen on {args.listen}: {error.strerror} "
+            "(another process holds the port? choose another with --listen)",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILED
     try:
         with open_invoker_from(args, processes=args.processes, calls=args.workers) as invoker:
             storage = invoker.storage
@@ -182,10 +224,11 @@ def run_serve(args: argparse.Namespace) -> int:
                 pool=pool,
                 invoke=invoker.invoke,
                 e2b_url=args.e2b_url,
-                storage_probe=lambda: (storage.get(READINESS_NAMESPACE, READINESS_KEY), None)[1],
+                storage_probe=lambda: probe_storage_write(storage),
                 retry_after_s=max(0, args.retry_after),
                 access=access,
                 body_timeout_s=args.read_timeout,
+                e2b_refusal=e2b_check.refusal,
             )
             state.pace = pace_from_args(
                 args, storage, workers=args.workers, credential=temper_credential(access)
@@ -213,8 +256,10 @@ def run_serve(args: argparse.Namespace) -> int:
                 lifespan="on",  # the wake-up sender (host/serve/pacing.py)
                 http=HeaderDeadlineProtocol.with_timeout(args.read_timeout),
             )
-            DrainingServer(config, state).run()
+            DrainingServer(config, state).run(sockets=[listener])
             pool.shutdown()
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         return _fail(str(error))
+    finally:
+        listener.close()
     return ExitCode.OK

@@ -1,6 +1,6 @@
 """A provisioner outcome as a Temper terminal result: the service answers what the shim
 hands to Temper verbatim, so it uses the one mapping every host output uses
-(`host/runtime/temper_context.py`, `outcome_to_json`; the README's contract section)."""
+(`host/runtime/temper_context.py`, `outcome_to_json`; docs/contract.md)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -131,20 +132,25 @@ class AddressPolicy:
         self._refusal: str | None = None
 
     def refusal(self) -> str | None:
+        """Why the host is refused (a non-public address), or None. A name that does not
+        resolve raises HttpError(CONNECTION), as an unreachable E2B does with the check
+        off: a DNS blip is E2B being unavailable (retryable), never a refusal."""
         if self._allow:
             return None
         with self._lock:
             now = time.monotonic()
             if now - self._checked_at >= _RESOLVE_TTL_S:
-                self._refusal = self._resolve()
+                try:
+                    infos = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+                except OSError as error:
+                    raise HttpError(
+                        HttpErrorKind.CONNECTION, f"cannot resolve {self._host}: {error}"
+                    ) from None
+                self._refusal = self._private(infos)
                 self._checked_at = now
             return self._refusal
 
-    def _resolve(self) -> str | None:
-        try:
-            infos = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
-        except OSError as error:
-            return f"cannot resolve {self._host}: {error}"
+    def _private(self, infos: list[Any]) -> str | None:
         for info in infos:
             address = str(info[4][0])
             if _is_private(address):

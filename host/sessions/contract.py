@@ -2,7 +2,7 @@
 
 Each finding names the Temper rule it rests on and the file of `nerdsane/temper` that
 implements it; `simulate` refuses a spec with findings, and `check_spec` is what the tests
-run on specs that break each rule. What the component answers (README "The contract"):
+run on specs that break each rule. What the component answers (docs/contract.md):
 
 - `operation = provision`: `SandboxReady`, `SandboxQueued`, `SandboxFailed`, each as a
   successful result whose `action` names it, with its params;
@@ -82,38 +82,33 @@ class ContractError(ValueError):
         super().__init__(f"{spec.source} breaks Temper's rules for this component:\n  {lines}")
 
 
-# A resource gate's operations (README "Beyond sandboxes: resource gates";
-# provisioner/resources/operations.py): acquire answers the trigger's `granted_action` /
-# `queued_action` (default ResourceGranted / ResourceQueued); settle and release each have
-# one answer, so a static on_success swallows nothing there.
+# A resource gate's operations (docs/admission.md, "Beyond sandboxes: resource gates";
+# provisioner/resources/operations.py): each answers the action its trigger's config names
+# (`granted_action`, `queued_action`, `settled_action`, `released_action`). Every operation
+# may also answer SandboxFailed as a successful result, so a static on_success would turn a
+# failure into its success action (invocation.rs).
 RESOURCE_QUEUE_PARAMS = ANSWERS["provision"]["SandboxQueued"]
+FAILED_PARAMS = ANSWERS["provision"]["SandboxFailed"]
 
 
 def answers_for(trigger: Trigger, operation: str) -> dict[str, tuple[str, ...]]:
     """What the component may answer `trigger` (a successful result's action and params)."""
     if trigger.config_value("resource") is None:
         return ANSWERS.get(operation, {})
+    named = trigger.config_value
     if operation == "acquire":
-        granted = trigger.config_value("granted_action") or "ResourceGranted"
-        queued = trigger.config_value("queued_action") or "ResourceQueued"
-        return {
-            granted: ("resource", "lease_id", "expires_at_ms", "queued_ms", "renewed"),
-            queued: ("resource", *RESOURCE_QUEUE_PARAMS),
-        }
+        return {named("granted_action") or "ResourceGranted":
+                ("resource", "lease_id", "expires_at_ms", "queued_ms", "renewed"),
+                named("queued_action") or "ResourceQueued": ("resource", *RESOURCE_QUEUE_PARAMS),
+                "SandboxFailed": FAILED_PARAMS}
     if operation == "settle":
-        return {
-            "ResourceSettled": (
-                "resource",
-                "lease_id",
-                "held",
-                "answer",
-                "status",
-                "charged",
-                "cooling_ms",
-            )
-        }
+        return {named("settled_action") or "ResourceSettled":
+                ("resource", "lease_id", "held", "answer", "status", "charged", "cooling_ms"),
+                "SandboxFailed": FAILED_PARAMS}
     if operation == "release":
-        return {"ResourceReleased": ("resource", "released", "lease_id", "waited")}
+        return {named("released_action") or "ResourceReleased":
+                ("resource", "released", "lease_id", "waited"),
+                "SandboxFailed": FAILED_PARAMS}
     return {}
 
 

@@ -497,6 +497,19 @@ class Executor:
             self.dispatch(entity, callback, outcome.params, source="callback")
             return
         error = _error_text(outcome)
+        if trigger.failure_routes:
+            # failure_routing.rs: an untyped failure (a trap, a budget, a malformed result)
+            # counts as `permanent`; an undeclared category dispatches nothing.
+            route = dict(trigger.failure_routes).get("permanent")
+            if route is None:
+                entity.unhandled_failures += 1
+                self.emit(entity, "unhandled_failure", trigger=trigger.name, error=error)
+                return
+            self.dispatch(entity, route,
+                          {"failure": {"category": "permanent", "code": "InvocationFailed",
+                                       "diagnostic": error}},
+                          source="callback")
+            return
         if trigger.on_failure is None:
             entity.unhandled_failures += 1
             self.emit(entity, "unhandled_failure", trigger=trigger.name, error=error)

@@ -237,32 +237,30 @@ def run_ungated_realtime(config: RealTimeLlm) -> LlmRun:
     waiting: list[tuple[float, float]] = []
     lock = threading.Lock()
     started = time.monotonic()
-    with MockLLMServer(scenario.mock_config(), clock=lambda: time.monotonic() - started) as server:
-        client = anthropic.Anthropic(
-            api_key=API_KEY, base_url=server.url, max_retries=scenario.sdk_max_retries
-        )
-        body = _body(scenario)
+    with MockLLMServer(scenario.mock_config(),
+                       clock=lambda: time.monotonic() - started) as server:
+        # Closed on every way out: a client left to the garbage collector at interpreter
+        # exit (Ctrl-C) printed an AttributeError traceback from its __del__.
+        with anthropic.Anthropic(api_key=API_KEY, base_url=server.url,
+                                 max_retries=scenario.sdk_max_retries) as client:
+            body = _body(scenario)
 
-        def session(job: Job) -> tuple[bool, float]:
-            for _turn in range(scenario.turns):
-                asked = time.monotonic() - started
-                try:
-                    client.messages.create(
-                        model=body["model"],
-                        max_tokens=body["max_tokens"],
-                        messages=body["messages"],
-                    )
-                except anthropic.APIStatusError:
-                    return False, time.monotonic() - started
-                took = time.monotonic() - started - asked
-                if took > 2 * scenario.latency_s + 0.5:  # it waited for an SDK retry
-                    with lock:
-                        waiting.append((asked, asked + took))
-            return True, time.monotonic() - started
+            def session(job: Job) -> tuple[bool, float]:
+                for _turn in range(scenario.turns):
+                    asked = time.monotonic() - started
+                    try:
+                        client.messages.create(model=body["model"], max_tokens=body["max_tokens"],
+                                               messages=body["messages"])
+                    except anthropic.APIStatusError:
+                        return False, time.monotonic() - started
+                    took = time.monotonic() - started - asked
+                    if took > 2 * scenario.latency_s + 0.5:  # it waited for an SDK retry
+                        with lock:
+                            waiting.append((asked, asked + took))
+                return True, time.monotonic() - started
 
-        with ThreadPoolExecutor(max(1, len(jobs))) as pool:
-            ends = list(pool.map(session, jobs))
-        client.close()
+            with ThreadPoolExecutor(max(1, len(jobs))) as pool:
+                ends = list(pool.map(session, jobs))
         state = server._state
     completed = sum(1 for ok, _ in ends if ok)
     return LlmRun(

@@ -129,12 +129,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "redis://host:port/db; each run uses a fresh account namespace",
     )
     add_component_option(parser)
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON report on stdout (live lines go to stderr)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no live lines")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON report on stdout (live lines go to stderr)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also print every session event as it happens")
+    # Quiet is the default now; the old flag is still accepted.
+    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     group = parser.add_argument_group("the mock E2B account (real time)")
     group.add_argument(
         "--e2b-max-concurrent-creates",
@@ -606,7 +606,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         spec = mode_spec(mode, override)
         if not args.json:
             print(_header(scenario, mode, spec), file=out, flush=True)
-        live = None if args.quiet else LiveLog(out)
+        live = LiveLog(out) if args.verbose and not args.quiet else None
         done = run_mode(
             scenario,
             mode,

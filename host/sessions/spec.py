@@ -62,6 +62,8 @@ class Trigger:
     on_success: str | None = None
     on_failure: str | None = None
     config: tuple[tuple[str, str], ...] = ()
+    # `[[action.triggers.failure_routes]]`: failure category -> callback action (ADR-0187).
+    failure_routes: tuple[tuple[str, str], ...] = ()
 
     def config_value(self, key: str) -> str | None:
         return dict(self.config).get(key)
@@ -77,6 +79,7 @@ class Action:
     effects: tuple[Effect, ...] = ()
     triggers: tuple[Trigger, ...] = ()
     hint: str | None = None
+    param_types: tuple[str, ...] = ()  # per param: its declared type, "string" by default
 
     def enabled_in(self, state: str) -> bool:
         """Temper: an input (or composite) action with no `from` fires from every state
@@ -200,68 +203,31 @@ STATE_KEYS = (
 )
 STATE_RUN_KEYS = ("name", "type", "initial")
 VAR_TYPES = ("string", "bool", "counter", "int", "list")
-ACTION_KEYS = (
-    "name",
-    "kind",
-    "from",
-    "to",
-    "guard",
-    "effect",
-    "params",
-    "constraints",
-    "hint",
-    "record_parent_event",
-    "triggers",
-    "cedar_gate",
-    "sub_writes",
-)
+# A typed failure route's callback declares exactly this one parameter
+# (`validate_callback_signature`, crates/temper-spec/src/automaton/failure_routes.rs).
+FAILURE_PARAM = ("failure", "failure_v1")
+FAILURE_CATEGORIES = ("transient", "integrity", "authorization", "budget", "ambiguous",
+                      "permanent")
+FAILURE_ROUTE_KEYS = ("category", "action", "to_state")
+ACTION_KEYS = ("name", "kind", "from", "to", "guard", "effect", "params", "constraints", "hint",
+               "record_parent_event", "triggers", "cedar_gate", "sub_writes")
 ACTION_RUN_KEYS = ("name", "kind", "from", "to", "effect", "params", "hint", "triggers")
 ACTION_KINDS = ("input", "internal", "output", "composite")
-TRIGGER_KEYS = (
-    "name",
-    "kind",
-    "principal",
-    "guard",
-    "liveness",
-    "drop_ok",
-    "llm",
-    "target_entity",
-    "target_action",
-    "args",
-    "resolve_target",
-    "module",
-    "on_success",
-    "on_failure",
-    "config",
-    "adapter",
-    "url",
-    "method",
-    "headers",
-    "body_template",
-    "hook",
-)
+TRIGGER_KEYS = ("name", "kind", "principal", "guard", "liveness", "drop_ok", "llm",
+                "target_entity", "target_action", "args", "resolve_target", "module",
+                "on_success", "on_failure", "config", "adapter", "url", "method", "headers",
+                "body_template", "hook", "failure_routes")
 TRIGGER_KINDS = ("entity", "wasm", "adapter", "webhook", "hook")
 # What each key's kind is (`ActionTrigger::foreign_keys` in types/trigger.rs).
 TRIGGER_KEY_KINDS: dict[str, tuple[str, ...]] = {
-    "principal": ("entity",),
-    "guard": ("entity",),
-    "liveness": ("entity",),
-    "drop_ok": ("entity",),
-    "llm": ("wasm", "adapter"),
-    "target_entity": ("entity",),
-    "target_action": ("entity",),
-    "args": ("entity",),
-    "resolve_target": ("entity",),
-    "module": ("wasm",),
-    "on_success": ("wasm", "adapter", "webhook"),
-    "on_failure": ("wasm", "adapter", "webhook"),
-    "config": ("wasm", "adapter", "webhook"),
-    "adapter": ("adapter",),
-    "url": ("webhook",),
-    "method": ("webhook",),
-    "headers": ("webhook",),
-    "body_template": ("webhook",),
-    "hook": ("hook",),
+    "principal": ("entity",), "guard": ("entity",), "liveness": ("entity",),
+    "drop_ok": ("entity",), "llm": ("wasm", "adapter"), "target_entity": ("entity",),
+    "target_action": ("entity",), "args": ("entity",), "resolve_target": ("entity",),
+    "module": ("wasm",), "on_success": ("wasm", "adapter", "webhook"),
+    "on_failure": ("wasm", "adapter", "webhook"), "config": ("wasm", "adapter", "webhook"),
+    "failure_routes": ("wasm", "adapter", "webhook"),
+    "adapter": ("adapter",), "url": ("webhook",), "method": ("webhook",),
+    "headers": ("webhook",), "body_template": ("webhook",), "hook": ("hook",),
 }
 TRIGGER_RETIRED = {
     "to_state": "write the status into the guard, such as guard = \"status == 'Ready'\"",
@@ -499,21 +465,18 @@ def _action(fail: _Failer, entry: dict[str, Any]) -> Action:
     if to is not None:
         to = _str(fail, scope + " to", to)
     params = []
+    param_types = []
     for param in entry.get("params", []):
         if isinstance(param, str):
             params.append(param)
+            param_types.append("string")
         elif isinstance(param, dict):
-            _keys(
-                fail,
-                scope + " param",
-                param,
-                ("name", "type", "source"),
-                ("name",),
-                run=("name", "type"),
-            )
-            if param.get("type", "string") not in VAR_TYPES:
+            _keys(fail, scope + " param", param, ("name", "type", "source"), ("name",),
+                  run=("name", "type"))
+            if param.get("type", "string") not in (*VAR_TYPES, FAILURE_PARAM[1]):
                 raise fail(f"{scope}: param type must be one of {', '.join(VAR_TYPES)}")
             params.append(_str(fail, scope + " param name", param["name"]))
+            param_types.append(str(param.get("type", "string")))
         else:
             raise fail(
                 f"{scope}: a parameter is a name or {{ name = ..., type = ... }}, found {param!r}"
@@ -529,16 +492,8 @@ def _action(fail: _Failer, entry: dict[str, Any]) -> Action:
         raise fail(f"{scope}: 'triggers' must be written as [[action.triggers]]")
     triggers = tuple(_trigger(fail, scope, t) for t in triggers_raw)
     hint = entry.get("hint")
-    return Action(
-        name,
-        kind,
-        tuple(sources),
-        to,
-        tuple(params),
-        effects,
-        triggers,
-        hint if isinstance(hint, str) else None,
-    )
+    return Action(name, kind, tuple(sources), to, tuple(params), effects, triggers,
+                  hint if isinstance(hint, str) else None, tuple(param_types))
 
 
 def _trigger(fail: _Failer, action_scope: str, entry: Any) -> Trigger:
@@ -564,13 +519,39 @@ def _trigger(fail: _Failer, action_scope: str, entry: Any) -> Trigger:
         raise fail(f"{scope}: config is a table of strings (Temper: BTreeMap<String, String>)")
     on_success = entry.get("on_success")
     on_failure = entry.get("on_failure")
+    routes = _failure_routes(fail, scope, entry.get("failure_routes", []))
+    if routes and on_failure is not None:
+        raise fail(f"{scope}: cannot mix typed failure_routes with legacy on_failure "
+                   "(Temper: crates/temper-spec/src/automaton/failure_routes.rs)")
     return Trigger(
         name=_str(fail, scope + " name", entry["name"]),
         module=module,
         on_success=None if on_success is None else _str(fail, scope + " on_success", on_success),
         on_failure=None if on_failure is None else _str(fail, scope + " on_failure", on_failure),
         config=tuple(sorted(config.items())),
+        failure_routes=routes,
     )
+
+
+def _failure_routes(fail: _Failer, scope: str, raw: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, list):
+        raise fail(f"{scope}: write failure routes as [[action.triggers.failure_routes]]")
+    routes: dict[str, str] = {}
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise fail(f"{scope}: write failure routes as [[action.triggers.failure_routes]]")
+        _keys(fail, scope + " failure route", entry, FAILURE_ROUTE_KEYS, ("category",))
+        category = entry["category"]
+        if category not in FAILURE_CATEGORIES:
+            raise fail(f"{scope}: failure category must be one of "
+                       f"{', '.join(FAILURE_CATEGORIES)}, found {category!r}")
+        if category in routes:
+            raise fail(f"{scope}: failure category {category!r} is routed more than once")
+        if "to_state" in entry:
+            raise fail(f"{scope}: this executor reads a route's `action`, not `to_state`")
+        routes[category] = _str(fail, f"{scope} failure route {category} action",
+                                entry.get("action"))
+    return tuple(routes.items())
 
 
 def _timeout(fail: _Failer, entry: dict[str, Any], index: int) -> StateTimeout:
@@ -641,6 +622,25 @@ def _admission(fail: _Failer, table: Any) -> Admission:
     )
 
 
+def _validate_routes(fail: _Failer, spec: Spec, action: Action, trigger: Trigger) -> None:
+    """Temper's checks of a typed route (`crates/temper-spec/src/automaton/failure_routes.rs`):
+    the callback exists, is not the source action, is enabled in the state the source action
+    commits to, and declares exactly `params = [{ name = "failure", type = "failure_v1" }]`."""
+    scope = f"action '{action.name}' trigger '{trigger.name}'"
+    for category, name in trigger.failure_routes:
+        callback = spec.action(name)
+        if callback is None:
+            raise fail(f"{scope}: failure route {category!r}: {name!r} is not a declared action")
+        if name == action.name:
+            raise fail(f"{scope}: failure route {category!r} cannot replay source action")
+        if action.to is None or action.to not in callback.sources:
+            raise fail(f"{scope}: failure route {category!r} targets {name!r}, which is not "
+                       f"enabled in the committed state {action.to!r}")
+        if callback.params != (FAILURE_PARAM[0],) or callback.param_types != (FAILURE_PARAM[1],):
+            raise fail(f"{scope}: failure route {category!r} targets {name!r}, which must "
+                       'declare exactly params = [{ name = "failure", type = "failure_v1" }]')
+
+
 def _validate(fail: _Failer, spec: Spec) -> None:
     states = set(spec.states)
     if len(states) != len(spec.states):
@@ -672,10 +672,9 @@ def _validate(fail: _Failer, spec: Spec) -> None:
         for trigger in action.triggers:
             for target in (trigger.on_success, trigger.on_failure):
                 if target is not None and spec.action(target) is None:
-                    raise fail(
-                        f"action '{action.name}' trigger '{trigger.name}': "
-                        f"{target!r} is not a declared action"
-                    )
+                    raise fail(f"action '{action.name}' trigger '{trigger.name}': "
+                               f"{target!r} is not a declared action")
+            _validate_routes(fail, spec, action, trigger)
     for timeout in spec.timeouts:
         scope = f"state_timeout on '{timeout.state}'"
         if timeout.state not in states:

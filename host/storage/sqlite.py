@@ -109,8 +109,9 @@ class SqliteBackend(CheckedBackend):
             for statement in _SCHEMA:
                 conn.execute(statement)
 
-    @classmethod
-    def from_uri(cls, uri: str, *, clock: Clock | None = None) -> Self:
+    @staticmethod
+    def path_of(uri: str) -> str:
+        """The file a `sqlite://` URI names."""
         parts = urlsplit(uri)
         path = parts.netloc + parts.path
         if path.startswith("//"):
@@ -118,6 +119,12 @@ class SqliteBackend(CheckedBackend):
             path = "/" + path.lstrip("/")
         if not path or path == "/":
             raise StorageURIError(f"sqlite URI names no file: {uri!r}")
+        return path
+
+    @classmethod
+    def from_uri(cls, uri: str, *, clock: Clock | None = None) -> Self:
+        parts = urlsplit(uri)
+        path = cls.path_of(uri)
         if parts.fragment:
             raise StorageURIError(f"sqlite URI must not have a fragment: {uri!r}")
         busy_timeout_ms = DEFAULT_BUSY_TIMEOUT_MS

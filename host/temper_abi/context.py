@@ -9,6 +9,7 @@ optional fields left out when empty. Non-ASCII text is written as UTF-8, not esc
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,3 +67,18 @@ def temper_context_json(context: Mapping[str, Any]) -> str:
             continue
         out[name] = value  # trigger_params / entity_state: null when absent, as serde writes
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+_SECRET = re.compile(r"\{secret:([^}]*)\}")
+
+
+def resolve_secret_templates(
+    config: Mapping[str, str], secrets: Mapping[str, str]
+) -> dict[str, str]:
+    """`resolve_secret_templates` (`crates/temper-server/src/secrets/template.rs`): every
+    `{secret:NAME}` in a value becomes the tenant's secret NAME; a missing secret is left
+    verbatim, so the module can tell it was not resolved."""
+    return {
+        key: _SECRET.sub(lambda m: secrets.get(m.group(1), m.group(0)), value)
+        for key, value in config.items()
+    }

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from provisioner.admission import budget
 from provisioner.admission.backoff import cooling_ms
-from provisioner.admission.blocking import waiting
+from provisioner.admission.blocking import assess, waiting
 from provisioner.admission.gates import (
     capacity_in_use,
     capacity_limit,
@@ -44,6 +44,10 @@ from provisioner.resources.inspect import (
     inspect_resource,
     inspect_resources,
 )
+
+# The reason shown for a waiter that will be granted at its next poll (inspection only: the
+# component itself grants such a waiter instead of answering a reason).
+REASON_DUE = "due"
 
 __all__ = [
     "GATE_KEY",
@@ -364,15 +368,19 @@ def _view(
     alive: bool,
 ) -> WaiterView:
     # No jitter: an inspection draws no randomness (the jitter only moves retry_after_ms).
-    queued = waiting(state, config, now_ms, Waiter(tenant, entity or ""), place, lambda: 0.0)
+    waiter = Waiter(tenant, entity or "")
+    # A waiter whose turn has come (a permit freed since its last answer) is granted at its
+    # next poll: no gate holds it, so it is `due`, never a gate it does not wait for.
+    due = assess(state, config, now_ms, waiter, place, lambda: 0.0).goes
+    queued = waiting(state, config, now_ms, waiter, place, lambda: 0.0)
     return WaiterView(
         tenant=tenant,
         entity=entity,
         stage=place.stage,
         ticket=place.ticket,
         position=queued.position,
-        reason=queued.reason,
-        eta_ms=queued.eta_ms,
+        reason=REASON_DUE if due else queued.reason,
+        eta_ms=0 if due else queued.eta_ms,
         waited_ms=None if record is None else queued.waited_ms,
         attempt=None if record is None else record.attempt,
         alive=alive,

@@ -38,7 +38,8 @@ RESOURCE_OPERATIONS = ("acquire", "settle")
 _MAX_TOKENS = 1_000_000_000
 # Temper dispatches an outcome by its action name, and one action has one target state:
 # a spec that gates two resources from two states renames the answers of each trigger
-# with the config keys `granted_action` and `queued_action`.
+# with the config keys `granted_action`, `queued_action`, `settled_action` and
+# `released_action` (a static on_success cannot: it would also win over SandboxFailed).
 _ACTION_NAME = re.compile(r"[A-Z][A-Za-z0-9_]{0,63}")
 
 
@@ -145,6 +146,8 @@ class ResourceOperations:
         self.waiter = Waiter(request.tenant, request.entity)
         self.granted_action = _action_name(request.config, "granted_action", RESOURCE_GRANTED)
         self.queued_action = _action_name(request.config, "queued_action", RESOURCE_QUEUED)
+        self.settled_action = _action_name(request.config, "settled_action", RESOURCE_SETTLED)
+        self.released_action = _action_name(request.config, "released_action", RESOURCE_RELEASED)
 
     def _emit(self, event: str, params: dict[str, Any]) -> None:
         body = {"event": event, "tenant": self.waiter.tenant, "entity": self.waiter.entity}
@@ -213,7 +216,7 @@ class ResourceOperations:
             "cooling_ms": settled.cooling_ms,
         }
         self._emit("resource_settled", body)
-        return Outcome(RESOURCE_SETTLED, body)
+        return Outcome(self.settled_action, body)
 
     def release(self) -> Outcome:
         released = Release(self.ports, self.admission, self.gate).decide(self.waiter)
@@ -224,7 +227,7 @@ class ResourceOperations:
             "waited": released.waited,
         }
         self._emit("resource_released", body)
-        return Outcome(RESOURCE_RELEASED, body)
+        return Outcome(self.released_action, body)
 
 
 def dispatch_resource(request: Request, ports: Ports) -> Outcome:

@@ -1,5 +1,5 @@
-"""provisioner.config is the one definition of the config keys: the README's tables and the
-README's list of failure codes must agree with it."""
+"""provisioner.config is the one definition of the config keys: the config tables and the
+list of failure codes in docs/contract.md and docs/admission.md must agree with it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ from provisioner.config import SETTINGS, SETTINGS_BY_KEY, AdmissionConfig, read_
 from provisioner.failures import FailureCode
 from provisioner.model import ProvisionerError
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+class _Docs:
+    """The config reference: docs/contract.md, then docs/admission.md."""
+
+    @staticmethod
+    def read_text() -> str:
+        return "\n".join((DOCS / name).read_text() for name in ("contract.md", "admission.md"))
+
+
+README = _Docs()
 _ROW = re.compile(r"^\| (`[^|]+`) \| ([^|]+) \| [^|]+ \|$")
 
 

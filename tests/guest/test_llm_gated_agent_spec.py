@@ -52,7 +52,7 @@ def test_every_state_action_and_timer_reference_resolves() -> None:
                 assert trigger.get(key) is None or trigger[key] in named, trigger["name"]
         assert set(action.get("params", [])) - fields <= {
             "queue_length", "in_use", "limit", "waited_ms", "input_tokens",
-            "output_tokens", "status", "headers",
+            "output_tokens", "status", "headers", "code", "message", "retryable",
         }  # fmt: skip
     assert "integration" not in spec  # retired in the newest syntax
     names = [t["name"] for a in spec["action"] for t in a.get("triggers", [])]
@@ -104,9 +104,10 @@ def test_the_gated_triggers_have_no_on_success_and_their_answers_are_declared() 
     named = actions(spec)
     for _, trigger in component_triggers(spec):
         config = trigger["config"]
+        # Every operation may answer SandboxFailed as a success: no trigger has on_success.
+        assert "on_success" not in trigger, trigger["name"]
         if config["operation"] != "acquire":
             continue
-        assert "on_success" not in trigger, trigger["name"]
         assert config["granted_action"] in named and config["queued_action"] in named
         queued = named[config["queued_action"]]
         assert {"position", "reason", "retry_after_ms", "eta_ms"} <= set(queued["params"])
@@ -168,6 +169,24 @@ def test_a_burst_of_submits_queues_at_the_slot_and_the_answers_drive_the_spec() 
     llm = fire(harness, triggers["acquire_first_llm_permit"], "job-0", state)
     assert llm.action == "LlmPermitGranted" and "WaitingForLlm" in named[llm.action]["from"]
     released = fire(harness, triggers["release_session_slot"], "job-0", state)
-    assert released.action == "ResourceReleased" and released.params["released"] is True
+    assert released.action == "SessionSlotReleased" and released.params["released"] is True
+    assert "Releasing" in named[released.action]["from"]
     polled = fire(harness, triggers["poll_session_slot"], "job-2", state)
     assert polled.action == "SessionSlotGranted"
+
+
+def test_a_static_on_success_on_a_settle_or_release_is_flagged() -> None:
+    """Issue 26, point 2: every operation may answer SandboxFailed as a success, so a static
+    on_success on settle_llm_call would dispatch LlmSettled for a failed settle
+    (invocation.rs). Bug caught: the contract check counting one answer for settle and
+    release, and passing such a spec."""
+    from host.sessions.contract import check_spec
+    from host.sessions.spec import parse_spec
+
+    text = SPEC.read_text()
+    for trigger in ("settle_llm_call", "release_session_slot"):
+        named = f'name = "{trigger}"\nkind = "wasm"\nmodule = "sandbox_provisioner"\n'
+        assert named in text
+        broken = text.replace(named, named + 'on_success = "LlmSettled"\n', 1)
+        findings = check_spec(parse_spec(broken, source=trigger))
+        assert any(f.rule == "static-on-success" and trigger in f.where for f in findings)

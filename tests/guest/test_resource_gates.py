@@ -397,7 +397,7 @@ def test_bad_params_are_typed_failures(
 def test_every_resource_limit_is_documented_in_the_readme() -> None:
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "admission.md").read_text()
     section = readme[readme.index("## Beyond sandboxes: resource gates") :]
     for setting in RESOURCE_SETTINGS:
         assert f"`{setting.limit}`" in section, setting.limit

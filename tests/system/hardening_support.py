@@ -22,7 +22,7 @@ from tests.conftest import API_KEY
 from tests.doubles import RecordingTelemetrySink
 from tests.guests.build import build_probe_component
 
-# Every failure code the README documents (guest and host).
+# Every failure code docs/contract.md documents (guest and host).
 DOCUMENTED_CODES = frozenset(
     {
         "invalid_invocation",

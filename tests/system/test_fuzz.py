@@ -1,7 +1,7 @@
 """Fuzzing (issue 7): hypothesis-generated invocations through the component, against a
 mock E2B whose faults are generated too. After each invocation: the host is alive (a status
 call answers), the outcome is well formed (a known action, params a JSON object, failure
-codes from the README's set), an input the guest refuses changed no stored state, and the
+codes from docs/contract.md's set), an input the guest refuses changed no stored state, and the
 admission gates hold (in use never above the configured limits).
 
 The host, its storage and the mock persist across examples so gate state accumulates, as it

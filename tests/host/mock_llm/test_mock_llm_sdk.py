@@ -22,9 +22,23 @@ from tests.host.mock_llm.fixtures import API_KEY, running_mock, text_of_tokens
 MODEL = "claude-mock-1"  # a name the SDK does not know, so it warns of nothing
 
 
+CLIENTS: list[anthropic.Anthropic] = []
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    # A client left to the garbage collector at interpreter exit (Ctrl-C during the tests)
+    # printed an AttributeError traceback from its __del__.
+    yield
+    while CLIENTS:
+        CLIENTS.pop().close()
+
+
 def sdk(server: MockLLMServer, **options: Any) -> anthropic.Anthropic:
     options.setdefault("max_retries", 2)
-    return anthropic.Anthropic(api_key=API_KEY, base_url=server.url, timeout=30.0, **options)
+    client = anthropic.Anthropic(api_key=API_KEY, base_url=server.url, timeout=30.0, **options)
+    CLIENTS.append(client)
+    return client
 
 
 def ask(client: anthropic.Anthropic, tokens: int = 5, **params: Any) -> anthropic.types.Message:

@@ -168,7 +168,8 @@ def test_a_draining_service_refuses_new_invocations_and_closes_their_connection(
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     assert refused.headers["retry-after"] == "3"
     assert refused.headers["connection"] == "close"
-    assert component.calls == [] and http.lines == []
+    assert component.calls == []
+    assert [line["event"] for line in http.lines] == ["refused"]
     assert http.post("/v1/invocations", json=CONTEXT).status_code == 401  # the token first
     assert http.get("/readyz").status_code == 503
 

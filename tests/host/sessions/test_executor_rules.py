@@ -7,8 +7,11 @@ flag the broken spec, and the executor must do what Temper does with it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import pytest
 
 from host.sessions.contract import check_spec
 from host.sessions.detsim import VirtualLoop
@@ -16,7 +19,7 @@ from host.sessions.executor import Entity, Executor, overlay_config
 from host.sessions.fake_e2b import START_MS
 from host.sessions.model import Job, SessionEvent
 from host.sessions.simulated_ports import VirtualClock
-from host.sessions.spec import Spec, packaged_spec, parse_spec
+from host.sessions.spec import Spec, SpecError, packaged_spec, parse_spec
 from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, failed
 from tests.host.sessions import answers
@@ -32,8 +35,20 @@ def example_text() -> str:
     return resources.files("host.sessions").joinpath("specs", EXAMPLE).read_text()
 
 
+def legacy_text() -> str:
+    """The example with upstream's legacy on_failure = "Fail" on its provisioning triggers in
+    place of their typed failure routes (Temper refuses the two mixed)."""
+    route = r'\n\[\[action\.triggers\.failure_routes\]\]\ncategory = "\w+"\naction = "\w+"\n'
+    text = re.sub(route, "", example_text())
+    provision = (
+        'module = "sandbox_provisioner"\n\n[action.triggers.config]\noperation = "provision"'
+    )
+    assert provision in text
+    return text.replace(provision, provision.replace("\n\n", '\non_failure = "Fail"\n\n', 1))
+
+
 def variant(old: str, new: str, *, count: int = 1) -> Spec:
-    text = example_text()
+    text = legacy_text()
     assert text.count(old) >= count, f"the example no longer contains {old!r}"
     return parse_spec(text.replace(old, new, count), source="variant")
 
@@ -145,7 +160,8 @@ def test_a_failed_invocation_dispatches_on_failure_with_temper_params_only() -> 
     integration}; the module's action and params are lost. Bug caught: a failure's code
     or retryable reaching the entity, or the failure dispatched as the module's action."""
     failure = Failure("guest_trap", "wasm trap: unreachable", retryable=True)
-    executor, loop, _module, events = harness(packaged_spec(EXAMPLE), [failed(failure)])
+    legacy = parse_spec(legacy_text(), source="legacy")
+    executor, loop, _module, events = harness(legacy, [failed(failure)])
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Failed")
     fail = [e for e in events if e.kind == "transition" and e.detail["action"] == "Fail"]
@@ -154,6 +170,33 @@ def test_a_failed_invocation_dispatches_on_failure_with_temper_params_only() -> 
     assert fail[0].detail["params"]["integration"] == "provision_sandbox"
     assert entity.fields["error_message"] == "guest_trap: wasm trap: unreachable"
     assert "code" not in entity.fields and "retryable" not in entity.fields
+
+
+def test_a_failed_invocation_takes_the_permanent_failure_route_with_only_failure() -> None:
+    """Temper rule (failure_routing.rs): with typed routes, an untyped failure (a trap)
+    counts as `permanent` and its route's callback gets `{failure}` only. Bug caught: the
+    shipped spec's trap going nowhere (no on_failure any more) or to the transient retry."""
+    trap = failed(Failure(FailureCode.GUEST_TRAP, "unreachable", False))
+    executor, loop, _module, events = harness(packaged_spec(EXAMPLE), [trap])
+    entity = start(executor)
+    run_until(loop, lambda: entity.status == "Failed")
+    refused = [e for e in events
+               if e.kind == "transition" and e.detail["action"] == "ProvisionRefused"]
+    assert len(refused) == 1
+    assert entity.fields["failure"]["category"] == "permanent"
+    assert "error_message" not in refused[0].detail["params"]
+
+
+def test_failure_routes_follow_temper_rules() -> None:
+    """failure_routes.rs: never mixed with on_failure; the callback declares exactly the
+    param `failure` of type failure_v1. Bug caught: a spec Temper's reader refuses running."""
+    routed = 'name = "provision_sandbox"\nkind = "wasm"\nmodule = "sandbox_provisioner"\n'
+    with pytest.raises(SpecError, match="cannot mix"):
+        parse_spec(example_text().replace(routed, routed + 'on_failure = "Fail"\n', 1),
+                   source="x")
+    callback = 'params = [{ name = "failure", type = "failure_v1" }]'
+    with pytest.raises(SpecError, match="failure_v1"):
+        parse_spec(example_text().replace(callback, 'params = ["failure"]', 1), source="x")
 
 
 def test_a_run_overlay_reaches_every_trigger_but_each_keeps_its_operation() -> None:
@@ -184,8 +227,8 @@ def test_a_failure_without_on_failure_changes_nothing() -> None:
     """ADR-0152: with no on_failure, a failed invocation is an error, not a transition.
     Bug caught: treating it as success, or inventing a transition. The failure is a host
     one (a trap): a failure the guest decides is a Temper success (SandboxFailed)."""
-    spec = variant('module = "sandbox_provisioner"\non_failure = "Fail"',
-                   'module = "sandbox_provisioner"')
+    spec = parse_spec(legacy_text().replace('on_failure = "Fail"\n\n[action.triggers.config]',
+                                            "\n[action.triggers.config]", 1), source="variant")
     trap = failed(Failure(FailureCode.GUEST_TRAP, "unreachable", False))
     assert not trap.success
     executor, loop, _module, _ = harness(spec, [trap])

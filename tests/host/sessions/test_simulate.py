@@ -253,6 +253,7 @@ def test_live_lines_show_queue_positions_and_turns(
             "--component",
             str(loaded_component.path),
             "--no-tradeoff",
+            "--verbose",
             *FAST_E2B,
         ]
     )
@@ -289,9 +290,12 @@ def test_a_spec_that_breaks_temper_rules_is_refused_before_anything_runs(
     from importlib import resources
 
     text = resources.files("host.sessions").joinpath("specs", "temper_agent.ioa.toml")
+    provision = (
+        'module = "sandbox_provisioner"\n\n[action.triggers.config]\noperation = "provision"'
+    )
+    assert provision in text.read_text()
     broken = text.read_text().replace(
-        'module = "sandbox_provisioner"\non_failure = "Fail"',
-        'module = "sandbox_provisioner"\non_success = "SandboxReady"\non_failure = "Fail"', 1)
+        provision, provision.replace("\n\n", '\non_success = "SandboxReady"\n\n', 1), 1)
     path = tmp_path / "broken.ioa.toml"
     path.write_text(broken)
     code = main(["simulate", "--mode", "provisioner", "--spec", str(path)])

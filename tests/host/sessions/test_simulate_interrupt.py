@@ -66,7 +66,7 @@ def test_ctrl_c_mid_run_exits_cleanly_and_stops_the_mock_e2b(
                PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         [sys.executable, "-m", "host.cli", "simulate", "--mode", "provisioner",
-         "--jobs", "10", "--component", str(loaded_component.path)],
+         "--jobs", "10", "--component", str(loaded_component.path), "--verbose"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert process.stdout is not None and process.stderr is not None

@@ -79,6 +79,27 @@ def test_shim_provisions_reuses_releases_and_routes_an_outage_to_the_retry(
             wrong_token = shim.invoke(context(serve.url, token="not-the-token"))
             assert wrong_token.result is not None and wrong_token.result.typed_failure
             assert wrong_token.result.typed_failure["code"] == "ProvisionerUnauthorized"
+            details = wrong_token.result.typed_failure["details"]
+            assert details["status"]["value"] == 401
+            assert details["error_code"]["value"] == "unauthorized"
+            wrong_path = context(serve.url)
+            wrong_path["integration_config"]["provisioner_url"] = f"{serve.url}/v1/invocation"
+            rejected = shim.invoke(wrong_path)
+            assert rejected.result is not None and rejected.result.typed_failure
+            assert rejected.result.typed_failure["code"] == "ProvisionerRejected"
+            details = rejected.result.typed_failure["details"]
+            assert (details["status"]["value"], details["error_code"]["value"]) == (
+                404,
+                "not_found",
+            )
+            refused = serve.wait_for_events(
+                lambda e: len([x for x in e if x.get("event") == "refused"]) >= 2
+            )
+            assert [(x["status"], x["reason"]) for x in refused if x.get("event") == "refused"] == [
+                (401, "the bearer token does not match"),
+                (404, "no route POST /v1/invocation"),
+            ]
+            assert "not-the-token" not in "\n".join(serve.seen)
 
             released = shim.invoke(context(serve.url, operation="release"))
             assert released.result is not None

@@ -144,20 +144,41 @@ def test_an_answer_larger_than_the_buffer_is_not_passed_on(run: Any) -> None:
     assert result.result.typed_failure["code"] == "ProvisionerAnswerTooLarge"
 
 
+def detail(result: Any, name: str) -> Any:
+    return result.result.typed_failure["details"][name]["value"]
+
+
 @pytest.mark.parametrize(
-    "config",
+    ("config", "code", "key", "reason"),
     [
-        {"provisioner_url": ""},
-        {"provisioner_token": ""},
-        {"provisioner_token": 'a"b'},  # escaped in the JSON: refused, never sent half
+        ({"provisioner_url": ""}, "ProvisionerUrlMissing", "provisioner_url", "absent"),
+        ({"provisioner_token": ""}, "ProvisionerTokenMissing", "provisioner_token", "absent"),
+        # escaped in the JSON: refused, never sent half
+        ({"provisioner_token": 'a"b'}, "ProvisionerTokenMissing", "provisioner_token", "absent"),
+        # a {secret:...} template Temper left verbatim: the tenant has no such secret
+        (
+            {"provisioner_url": "{secret:sandbox_provisioner_url}"},
+            "ProvisionerUrlMissing",
+            "provisioner_url",
+            "unresolved_secret",
+        ),
+        (
+            {"provisioner_token": "{secret:sandbox_provisioner_token}"},
+            "ProvisionerTokenMissing",
+            "provisioner_token",
+            "unresolved_secret",
+        ),
     ],
 )
-def test_a_missing_or_escaped_setting_fails_without_calling(
-    run: Any, config: dict[str, str]
+def test_a_missing_or_escaped_setting_fails_without_calling_and_names_the_key(
+    run: Any, config: dict[str, str], code: str, key: str, reason: str
 ) -> None:
     service = FakeService(200, READY)
     result = run(service, context(**config))
-    assert result.result.typed_failure["code"] == "ProvisionerNotConfigured"
+    assert result.error is None, result.error  # Temper decodes the details
+    failure = result.result.typed_failure
+    assert (failure["category"], failure["code"]) == ("integrity", code)
+    assert detail(result, "key") == key and detail(result, "reason") == reason
     assert service.calls == []
 
 
@@ -165,8 +186,49 @@ def test_no_config_at_all_fails_without_calling(run: Any) -> None:
     ctx = context()
     del ctx["integration_config"]
     service = FakeService(200, READY)
-    assert run(service, ctx).result.typed_failure["code"] == "ProvisionerNotConfigured"
+    result = run(service, ctx)
+    assert result.result.typed_failure["code"] == "ProvisionerUrlMissing"
+    assert detail(result, "key") == "provisioner_url"
     assert service.calls == []
+
+
+@pytest.mark.parametrize(
+    ("service", "status", "code", "message"),
+    [
+        (
+            FakeService(
+                401,
+                '{"error":{"code":"unauthorized","message":"a valid bearer token is required"}}',
+            ),
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+        ),
+        (
+            FakeService(404, '{"error":{"code":"not_found","message":"no route POST /v2/x"}}'),
+            404,
+            "not_found",
+            "no route POST /v2/x",
+        ),
+        # An escape or a non-ASCII byte ends the copied message: never half an escape.
+        (
+            FakeService(400, '{"error":{"code":"invalid_context","message":"bad \\"x\\" \u00e9"}}'),
+            400,
+            "invalid_context",
+            "bad ",
+        ),
+        (FakeService(502, "<html>bad gateway</html>"), 502, None, None),
+    ],
+)
+def test_a_refusal_carries_the_status_and_serves_error_code_and_message(
+    run: Any, service: FakeService, status: int, code: str | None, message: str | None
+) -> None:
+    result = run(service, context())
+    assert result.error is None, result.error
+    details = result.result.typed_failure["details"]
+    assert details["status"] == {"kind": "unsigned", "value": status}
+    assert details.get("error_code", {}).get("value") == code
+    assert details.get("error_message", {}).get("value") == message
 
 
 def test_entity_state_cannot_redirect_the_token(run: Any) -> None:
