@@ -300,18 +300,19 @@ def waiting(
         wait = min(wait, config.create_latency_ms // 2)
     retry_after = ask_again_ms(config, wait, exact, cooling, uniform)
     waited = now - place.since_ms
-    retry_at = now + retry_at_wait_ms(config, wait, exact, retry_after, cooling)
+    retry_at = now + retry_at_wait_ms(config, eta, exact, retry_after, cooling)
     return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited, retry_at)
 
 
 def retry_at_wait_ms(
-    config: AdmissionConfig, wait_ms: int, exact: bool, retry_after_ms: int, cooling_ms: int
+    config: AdmissionConfig, eta_ms: int, exact: bool, retry_after_ms: int, cooling_ms: int
 ) -> int:
-    """How long from now `retry_at_ms` lies: the wait `retry_after_ms` comes from,
-    unclamped by poll_max (a host that wakes the waiter wakes it then), but no sooner than
-    poll_min when it is a guess (an overdue estimate must not have a host ask again in a
-    loop), and after a cooldown its jittered end."""
-    wait = wait_ms if exact else max(wait_ms, config.poll_min_ms)
+    """How long from now `retry_at_ms` lies: the estimate itself, unclamped by poll_max (a
+    host that wakes the waiter wakes it then) and not shortened while the create latency is
+    unknown (only turns near the front may be held, so held requests stay within rate x
+    window + slots), but no sooner than poll_min when it is a guess (an overdue estimate
+    must not have a host ask again in a loop), and after a cooldown its jittered end."""
+    wait = eta_ms if exact else max(eta_ms, config.poll_min_ms)
     return max(wait, retry_after_ms) if cooling_ms > 0 else max(1, wait)
 
 

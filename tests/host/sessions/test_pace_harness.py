@@ -287,3 +287,15 @@ def test_the_entity_timers_keep_running_while_a_request_is_held() -> None:
     assert entity.last_action == "ProvisionTimeout" and loop.now() == 1.0
     loop.run(lambda: entity.in_flight == 0)
     assert entity.status == "Failed"  # the held answer, when it came, changed nothing
+
+
+def test_only_turns_near_the_front_are_held() -> None:
+    # Catches: retry_at_ms estimates pulled inside the hold window for every waiter (for
+    # instance while the create latency is unknown), so serve holds the whole queue open
+    # instead of the few turns the limits can serve within the window.
+    window_ms = 1_500
+    summary = run(scenario(100, 2, PaceSettings(hold_ms=window_ms, max_held=1_000)))
+    assert_clean(summary, 100)
+    bound = RATE * window_ms / 1000 + SLOTS
+    held = summary["max_held_at_once"]
+    assert isinstance(held, int) and 0 < held <= bound, held
