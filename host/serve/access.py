@@ -107,7 +107,7 @@ class BearerTokenGate:
                     None,
                     reason="no bearer token"
                     if token is None
-                    else "the bearer token matches no client",
+                    else "the bearer token does not match",
                 )
                 await response(scope, receive, send)
                 return
