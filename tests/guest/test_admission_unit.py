@@ -430,3 +430,30 @@ def test_very_long_names_still_make_valid_keys() -> None:
 def test_temper_spelling_of_the_queue_timeout_is_accepted() -> None:
     # Catches: the [admission] block's queue_timeout_seconds silently ignored.
     assert AdmissionConfig.from_config({"queue_timeout_seconds": "90"}).queue_timeout_ms == 90_000
+
+
+def test_a_drained_retry_budget_refills_per_second_not_per_millisecond() -> None:
+    # Catches: the refill computed per millisecond (the `/ 1000.0` dropped), a budget that
+    # refills a thousand times too fast and so never holds a retry storm back.
+    config = AdmissionConfig(
+        create_rate_per_s=1000,
+        create_burst=10,
+        retry_budget=1,
+        retry_ratio=0,
+        retry_refill_per_s=0.1,
+        backoff_base_ms=100,
+        backoff_cap_ms=100,
+    )
+    harness = Harness(config)
+    (a,) = waiters(1)
+    harness.settle(a, grant_of(harness.admit(a)), Unavailable(503))
+    harness.advance(200)
+    retry = grant_of(harness.admit(a))  # the budget's only token
+    assert retry.attempt == 2
+    harness.settle(a, retry, Unavailable(503))
+    harness.advance(1_000)  # 0.1 token back, the backoff long over
+    held = queued_of(harness.admit(a))
+    # Held back as a backoff, for as long as the budget needs (the backoff cap is 100 ms).
+    assert held.reason == "backoff" and held.retry_after_ms > 8_000, held
+    harness.advance(9_001)  # one whole token back
+    assert grant_of(harness.admit(a)).attempt == 3

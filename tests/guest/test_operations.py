@@ -1,19 +1,29 @@
-"""Guest operations natively, with E2B faked at the Http port: what happens around a grant."""
+"""Guest operations natively, with E2B faked at the Http port: what happens around a grant,
+and the operations layer's ordering rules (provisioner/operations.py): the entity record
+is written before a create is sent, deleted only after E2B confirmed the kill, and one
+idempotency key serves a whole provisioning cycle."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from host.runtime.component_runtime import HostServices
-from host.runtime.native import NativeRuntime
-from host.sessions.simulated_ports import VirtualClock
+from host.runtime.native import NativeRuntime, native_ports
+from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
+from provisioner.entity_records import PENDING, EntityRecord, EntityRecords
 from provisioner.model import Outcome
 from provisioner.ports import HttpRequest, HttpResponse
 from tests.builders import invocation
 from tests.doubles import RecordingTelemetrySink
 
 BASE = "https://api.e2b.test"
+TENANT = "acme"
+CONFIG = {"e2b_api_url": BASE, "create_slots": "1", "create_rate_per_s": "1000"}
 
 
 class ExplodingE2B:
@@ -30,10 +40,115 @@ class ExplodingE2B:
         return HttpResponse(201, (), json.dumps(body).encode())
 
 
+def _answer(status: int, body: Any = None) -> HttpResponse:
+    return HttpResponse(status, (), b"" if body is None else json.dumps(body).encode())
+
+
+@dataclass
+class ScriptedE2B:
+    """E2B at the Http port, keeping its sandboxes (with their metadata) so a test sees what
+    really runs there. `create_answers` and `kill_answers` are statuses answered in turn
+    (then 201 and 204); a create answered 503 still makes its sandbox when `made_on_failure`
+    (E2B made it but the answer was lost). A create carrying a known idempotency key gets
+    the sandbox that key already made, as E2B's does."""
+
+    create_answers: list[int] = field(default_factory=list)
+    kill_answers: list[int] = field(default_factory=list)
+    made_on_failure: bool = False
+    on_create: Callable[[HttpRequest], None] | None = None
+    sandboxes: dict[str, dict[str, str]] = field(default_factory=dict)
+    create_keys: list[str] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+
+    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        path = urlsplit(request.url).path
+        self.requests.append((request.method, path))
+        if request.method == "POST" and path == "/v2/sandboxes":
+            return self._create(request)
+        if request.method == "GET" and path == "/v2/sandboxes":
+            query = parse_qs(urlsplit(request.url).query)["metadata"][0]
+            wanted = {k: v[0] for k, v in parse_qs(query).items()}
+            return _answer(
+                200,
+                [
+                    {"sandboxID": sid, "templateID": "base", "clientID": "c"}
+                    for sid, metadata in self.sandboxes.items()
+                    if wanted.items() <= metadata.items()
+                ],
+            )
+        if request.method == "DELETE" and path.startswith("/sandboxes/"):
+            status = self.kill_answers.pop(0) if self.kill_answers else 204
+            if status in (200, 204):
+                self.sandboxes.pop(path.removeprefix("/sandboxes/"), None)
+            return _answer(status, None if status == 204 else {"message": "unavailable"})
+        raise AssertionError(f"unexpected request {request.method} {request.url}")
+
+    def _create(self, request: HttpRequest) -> HttpResponse:
+        key = dict(request.headers)["idempotency-key"]
+        self.create_keys.append(key)
+        if self.on_create is not None:
+            self.on_create(request)
+        metadata: dict[str, str] = json.loads(request.body)["metadata"]
+        assert metadata["temper_idempotency_key"] == key
+        made = [sid for sid, m in self.sandboxes.items() if m["temper_idempotency_key"] == key]
+        status = self.create_answers.pop(0) if self.create_answers else 201
+        if status == 201 or self.made_on_failure:
+            sandbox_id = made[0] if made else f"sbx-{len(self.create_keys)}"
+            self.sandboxes[sandbox_id] = metadata
+        if status != 201:
+            return _answer(status, {"message": "unavailable"})
+        return _answer(201, {"sandboxID": sandbox_id, "templateID": "base", "clientID": "c"})
+
+
+class Guest:
+    """One tenant's storage on a virtual clock, invoked natively through `NativeRuntime`."""
+
+    def __init__(self, e2b: Any) -> None:
+        self.clock = VirtualClock()
+        self.backend = MemoryBackend(self.clock.now_ms)
+        self.e2b = e2b
+        self.runtime = NativeRuntime(
+            HostServices(
+                self.backend,
+                e2b,
+                RecordingTelemetrySink(),
+                random_u64=SeededRandom(7).next_u64,
+                clock_ms=self.clock.now_ms,
+            )
+        )
+
+    def invoke(self, operation: str, entity_id: str = "job-1", **config: str) -> Outcome:
+        merged = {**CONFIG, "operation": operation, **config}
+        return self.runtime.invoke(
+            invocation(merged, tenant=TENANT, entity_type="Job", entity_id=entity_id)
+        )
+
+    def record(self, entity_id: str = "job-1") -> EntityRecord | None:
+        ports = native_ports(
+            self.backend,
+            tenant=TENANT,
+            account="default",
+            http=self.e2b,
+            clock=self.clock,
+            random=SeededRandom(0),
+            telemetry=EventLog(),
+        )
+        loaded = EntityRecords(ports.storage).load(f"Job/{entity_id}")
+        return None if loaded is None else loaded[0]
+
+    def provision_until_settled(self, entity_id: str = "job-1", polls: int = 50) -> Outcome:
+        """Provision as a session does: poll again when told, until an answer that ends it."""
+        for _ in range(polls):
+            outcome = self.invoke("provision", entity_id)
+            if outcome.action != "SandboxQueued":
+                return outcome
+            self.clock.advance(max(1, int(outcome.params["retry_after_ms"])))
+        raise AssertionError(f"still queued after {polls} polls")
+
+
 def provision(runtime: NativeRuntime, entity_id: str) -> Outcome:
-    config = {"e2b_api_url": BASE, "create_slots": "1", "create_rate_per_s": "1000"}
     return runtime.invoke(
-        invocation(config, entity_type="Job", entity_id=entity_id, trigger_action="Submit")
+        invocation(CONFIG, entity_type="Job", entity_id=entity_id, trigger_action="Submit")
     )
 
 
@@ -55,3 +170,126 @@ def test_a_grant_is_settled_even_when_the_create_blows_up() -> None:
     clock.advance(10)  # past the rate gate's spacing, far inside the slot's lease
     after = provision(runtime, "job-2")
     assert after.action == "SandboxReady", after
+
+
+def test_a_kill_answered_503_keeps_the_record_so_a_later_release_kills_the_sandbox() -> None:
+    # Catches: a release that releases the permit and forgets the record before the kill;
+    # a kill answered 503 then leaves the sandbox running at E2B with no record of it, an
+    # orphan no later release can find.
+    guest = Guest(ScriptedE2B(kill_answers=[503]))
+    ready = guest.invoke("provision")
+    assert ready.action == "SandboxReady", ready
+    sandbox_id = ready.params["sandbox_id"]
+
+    refused = guest.invoke("release")
+    assert refused.error is not None and refused.error.code == "e2b_unavailable", refused
+    assert sandbox_id in guest.e2b.sandboxes
+    kept = guest.record()
+    assert kept is not None and kept.sandbox_id == sandbox_id
+    status = guest.invoke("status")
+    assert status.params["gates"]["account"]["capacity"]["in_use"] == 1
+
+    released = guest.invoke("release")
+    assert released.action == "SandboxReleased", released
+    assert released.params == {"released": True, "sandbox_id": sandbox_id}
+    assert guest.e2b.sandboxes == {}
+    assert guest.record() is None
+    after = guest.invoke("status")
+    assert after.params["gates"]["account"]["capacity"]["in_use"] == 0
+
+
+def test_release_finds_an_unrecorded_create_by_key_and_keeps_it_after_a_503() -> None:
+    # Catches: a release of a pending cycle (a create E2B made but whose answer was lost)
+    # that forgets the record when the kill fails, or that does not look the sandbox up by
+    # its idempotency key: either leaves the sandbox orphaned.
+    guest = Guest(ScriptedE2B(create_answers=[503], kill_answers=[503], made_on_failure=True))
+    queued = guest.invoke("provision")
+    assert queued.action == "SandboxQueued", queued
+    [made] = guest.e2b.sandboxes
+    pending = guest.record()
+    assert pending is not None and pending.state == PENDING
+
+    refused = guest.invoke("release")
+    assert refused.error is not None and refused.error.code == "e2b_unavailable", refused
+    assert made in guest.e2b.sandboxes and guest.record() is not None
+
+    released = guest.invoke("release")
+    assert released.params == {"released": True, "sandbox_id": made}, released
+    assert guest.e2b.sandboxes == {} and guest.record() is None
+
+
+def test_one_idempotency_key_per_provisioning_cycle_across_retries() -> None:
+    # Catches: a key drawn per attempt, so a retry after a lost answer makes a second
+    # sandbox instead of adopting the first; and a key reused by the next cycle, which
+    # would hand a released entity its killed sandbox back.
+    guest = Guest(ScriptedE2B(create_answers=[503, 503], made_on_failure=True))
+    ready = guest.provision_until_settled()
+    assert ready.action == "SandboxReady", ready
+    assert ready.params["attempts"] == 3
+    first_cycle = guest.e2b.create_keys
+    assert len(first_cycle) == 3 and len(set(first_cycle)) == 1
+    assert list(guest.e2b.sandboxes) == [ready.params["sandbox_id"]]
+
+    assert guest.invoke("release").params["released"] is True
+    again = guest.provision_until_settled()
+    assert again.action == "SandboxReady", again
+    assert guest.e2b.create_keys[3] != first_cycle[0]
+
+
+def test_the_entity_record_is_written_before_the_create_is_sent() -> None:
+    # Catches: a create sent before its cycle's record (and nonce) is stored; a crash
+    # between them leaves a sandbox no release can find by its key.
+    guest: Guest
+    seen: list[EntityRecord | None] = []
+
+    def at_create(request: HttpRequest) -> None:
+        seen.append(guest.record())
+
+    guest = Guest(ScriptedE2B(on_create=at_create))
+    ready = guest.invoke("provision")
+    assert ready.action == "SandboxReady", ready
+    [record] = seen
+    assert record is not None and record.state == PENDING
+    stored = guest.record()
+    assert stored is not None and stored.nonce == record.nonce
+    assert stored.sandbox_id == ready.params["sandbox_id"]
+
+
+def test_static_mode_answers_ready_without_e2b_or_stored_state() -> None:
+    # Catches: a static sandbox_url that still creates at E2B, stores an entity record or
+    # takes a permit; and the old module's order of the three places the URL may come from.
+    e2b = ScriptedE2B()
+    guest = Guest(e2b)
+    static = "https://sandbox.static.test"
+    ready = guest.invoke("provision", sandbox_url=static)
+    assert ready.action == "SandboxReady", ready
+    assert ready.params["sandbox_id"] == "static-sandbox"
+    assert ready.params["sandbox_url"] == static
+    assert e2b.requests == [] and guest.record() is None
+    status = guest.invoke("status")
+    assert status.params["entity"] is None
+    assert status.params["gates"]["account"]["capacity"]["in_use"] == 0
+    released = guest.invoke("release", sandbox_url=static)
+    assert released.params == {"released": False, "held_permit": False}, released
+    assert e2b.requests == []
+
+    def url_from(entity_state: dict[str, Any], config: dict[str, str], trigger: Any) -> str:
+        outcome = guest.runtime.invoke(
+            invocation(
+                {**CONFIG, **config},
+                tenant=TENANT,
+                entity_type="Job",
+                entity_id="job-2",
+                entity_state=entity_state,
+                trigger_params={"sandbox_url": trigger},
+            )
+        )
+        assert outcome.action == "SandboxReady", outcome
+        return str(outcome.params["sandbox_url"])
+
+    field_url, config_url, param_url = (f"https://{n}.static.test" for n in "fcp")
+    fields = {"fields": {"sandbox_url": field_url}}
+    assert url_from(fields, {"sandbox_url": config_url}, param_url) == field_url
+    assert url_from({}, {"sandbox_url": config_url}, param_url) == config_url
+    assert url_from({}, {}, param_url) == param_url
+    assert e2b.requests == []
