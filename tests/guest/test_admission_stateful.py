@@ -234,11 +234,20 @@ class AdmissionMachine(RuleBasedStateMachine):
             and s.order < seen.order
         ]
         mine_known = seen.order_known and seen.alive_until_ms > self.now()
+        fresh = was in ("idle", "queued") and not seen.is_retry
         decision = self.harness.admit(waiter)
         fresh_grant = isinstance(decision, Grant) and decision.attempt == 1
         if fresh_grant and was == "queued" and mine_known:
             assert len(earlier) < free, (
                 f"{waiter.entity} overtook {len(earlier)} earlier waiters with {free} free"
+            )
+        if fresh and isinstance(decision, Queued) and not self.config.max_sandboxes_per_tenant:
+            # The fair order itself: the place the controller reports is its place in the
+            # round-robin order, and the free permits go to the places at the front. A
+            # waiter held back at a place the free permits reach was passed over by an
+            # order that is not that one (plain FIFO across tenants, say).
+            assert decision.position > free, (
+                f"{waiter.entity} held at place {decision.position} with {free} free"
             )
         self.after_poll(waiter, was, decision)
 
@@ -432,3 +441,26 @@ def test_a_lapsed_waiter_rejoins_behind_its_tenant_and_the_model_knows() -> None
     assert isinstance(later, Queued)
     # Ring b, a, c; a2 is a's third: round one b1 a0 c0, round two b0 a1 c2, then b2 a2.
     assert later.position == 8, later
+
+
+def test_the_machine_sees_a_later_tenant_served_before_an_earlier_tenants_second() -> None:
+    # Catches: plain FIFO across tenants in place of round-robin (the machine's fair-order
+    # check, replayed on a fixed path): tenant-a queues two waiters, then tenant-b one;
+    # with two permits free, round-robin serves tenant-b's first waiter before
+    # tenant-a's second.
+    a0, a1, a2, a3 = (Waiter("tenant-a", f"Job/tenant-a-{i}") for i in range(4))
+    b0 = Waiter("tenant-b", "Job/tenant-b-0")
+    machine = AdmissionMachine()
+    machine.start(which=0, seed=0)
+    for waiter in (a0, a1, a2, a3, b0):
+        machine.provision(waiter)
+    assert [machine.seen[w].phase for w in (a0, a1, a2, a3, b0)] == ["creating"] * 2 + [
+        "queued"
+    ] * 3
+    machine.e2b_answers(a0, "created")
+    machine.e2b_answers(a1, "400")
+    machine.time_passes(1_000)
+    assert machine.free_before() == 2
+    machine.provision(b0)
+    assert machine.seen[b0].phase == "creating"
+    machine.no_limit_is_exceeded()
