@@ -2,7 +2,8 @@
 
 A model tracks what is really in use (as E2B would see it) and checks the controller's
 promises after every step: no limit exceeded, FIFO within a tenant (up to the permits
-free at once), a waiter's place never worsens except by retries placed ahead of it,
+free at once), round-robin across tenants (the free permits go to the front places of
+that order, no others), a waiter's place never worsens except by retries placed ahead of it,
 nothing held once every lease has expired, and every waiter ends with a sandbox or a
 typed failure.
 """

@@ -13,13 +13,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime, native_ports
+from host.services.namespaces import tenant_namespace
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
-from provisioner.entity_records import PENDING, EntityRecord, EntityRecords
+from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
 from provisioner.model import Outcome
 from provisioner.ports import HttpRequest, HttpResponse
 from tests.builders import invocation
-from tests.doubles import RecordingTelemetrySink
+from tests.doubles import InterposedBackend, RecordingTelemetrySink
 
 BASE = "https://api.e2b.test"
 TENANT = "acme"
@@ -103,15 +104,16 @@ class ScriptedE2B:
 class Guest:
     """One tenant's storage on a virtual clock, invoked natively through `NativeRuntime`."""
 
-    def __init__(self, e2b: Any) -> None:
+    def __init__(self, e2b: Any, wrap: Callable[[MemoryBackend], Any] | None = None) -> None:
         self.clock = VirtualClock()
         self.backend = MemoryBackend(self.clock.now_ms)
         self.e2b = e2b
+        self.telemetry = RecordingTelemetrySink()
         self.runtime = NativeRuntime(
             HostServices(
-                self.backend,
+                self.backend if wrap is None else wrap(self.backend),
                 e2b,
-                RecordingTelemetrySink(),
+                self.telemetry,
                 random_u64=SeededRandom(7).next_u64,
                 clock_ms=self.clock.now_ms,
             )
@@ -124,6 +126,10 @@ class Guest:
         )
 
     def record(self, entity_id: str = "job-1") -> EntityRecord | None:
+        loaded = self.records().load(f"Job/{entity_id}")
+        return None if loaded is None else loaded[0]
+
+    def records(self) -> EntityRecords:
         ports = native_ports(
             self.backend,
             tenant=TENANT,
@@ -133,8 +139,14 @@ class Guest:
             random=SeededRandom(0),
             telemetry=EventLog(),
         )
-        loaded = EntityRecords(ports.storage).load(f"Job/{entity_id}")
-        return None if loaded is None else loaded[0]
+        return EntityRecords(ports.storage)
+
+    def account(self) -> dict[str, Any]:
+        gates: dict[str, Any] = self.invoke("status").params["gates"]
+        return dict(gates["account"])
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [event for _, event in self.telemetry.events if event.get("event") == name]
 
     def provision_until_settled(self, entity_id: str = "job-1", polls: int = 50) -> Outcome:
         """Provision as a session does: poll again when told, until an answer that ends it."""
@@ -293,3 +305,194 @@ def test_static_mode_answers_ready_without_e2b_or_stored_state() -> None:
     assert url_from({}, {"sandbox_url": config_url}, param_url) == config_url
     assert url_from({}, {}, param_url) == param_url
     assert e2b.requests == []
+
+
+def test_ready_params_the_stored_record_and_the_create_metadata_name_the_sandbox() -> None:
+    # Catches: a SandboxReady param, record field or create metadata key lost or renamed
+    # (a repeated Provision answers from the stored record, so both must carry them).
+    bodies: list[dict[str, Any]] = []
+    e2b = ScriptedE2B(on_create=lambda request: bodies.append(json.loads(request.body)))
+    guest = Guest(e2b)
+    ready = guest.invoke("provision")
+    expected = {
+        "sandbox_url": "https://49983-sbx-1.e2b.app",
+        "sandbox_id": "sbx-1",
+        "template_id": "base",
+        "client_id": "c",
+        "envd_version": "",
+        "attempts": 1,
+        "queued_ms": 0,
+    }
+    assert {k: ready.params[k] for k in expected} == expected, ready
+    again = guest.invoke("provision")
+    assert {k: again.params[k] for k in expected} == expected, again
+    [body] = bodies
+    assert body["metadata"] == {
+        "temper_tenant": TENANT,
+        "temper_entity_type": "Job",
+        "temper_entity_id": "job-1",
+        "temper_idempotency_key": e2b.create_keys[0],
+    }
+    assert guest.events("sandbox_ready") == [
+        {
+            "event": "sandbox_ready",
+            "tenant": TENANT,
+            "entity": "Job/job-1",
+            "sandbox_id": "sbx-1",
+            "attempts": 1,
+            "queued_ms": 0,
+        }
+    ]
+    guest.invoke("release")
+    assert guest.events("sandbox_released") == [
+        {
+            "event": "sandbox_released",
+            "tenant": TENANT,
+            "entity": "Job/job-1",
+            "sandbox_ids": ["sbx-1"],
+        }
+    ]
+
+
+def test_the_records_live_as_long_as_the_queue_timeout_and_the_sandbox() -> None:
+    # Catches: a pending record that outlives neither the longest queue wait (a waiter
+    # would lose its idempotency key mid-queue) nor vanishes afterwards, and a ready record
+    # kept past its sandbox's E2B timeout (or dropped before it).
+    guest = Guest(ScriptedE2B(create_answers=[503]))
+    assert guest.invoke("provision", queue_timeout_s="60").action == "SandboxQueued"
+    pending_ttl_ms = 60_000 + 10 * 60 * 1000
+    guest.clock.advance(pending_ttl_ms - 1)
+    assert guest.record() is not None
+    guest.clock.advance(1)
+    assert guest.record() is None
+
+    ready_guest = Guest(ScriptedE2B())
+    assert ready_guest.invoke("provision", sandbox_timeout_s="120").action == "SandboxReady"
+    ready_guest.clock.advance(120_000 - 1)
+    assert ready_guest.record() is not None
+    ready_guest.clock.advance(1)
+    assert ready_guest.record() is None
+
+
+def test_a_release_during_the_create_kills_the_new_sandbox_and_frees_the_permit() -> None:
+    # Catches: a sandbox created for an entity released while its create was in flight
+    # left running (nobody will release it again), or its permit kept.
+    guest: Guest
+
+    def released_meanwhile(request: HttpRequest) -> None:
+        assert guest.invoke("release").action == "SandboxReleased"
+
+    e2b = ScriptedE2B(on_create=released_meanwhile, kill_answers=[204])
+    guest = Guest(e2b)
+    outcome = guest.invoke("provision")
+    assert outcome.error is not None and outcome.error.code == "released_during_create"
+    assert outcome.error.retryable is False
+    assert outcome.error.message == "the entity was released while its sandbox was being created"
+    assert e2b.sandboxes == {} and ("DELETE", "/sandboxes/sbx-1") in e2b.requests
+    account = guest.account()
+    assert account["capacity"]["in_use"] == 0 and account["create_slots"]["in_use"] == 0
+
+
+def test_a_failed_kill_after_a_release_during_the_create_is_reported() -> None:
+    guest: Guest
+
+    def released_meanwhile(request: HttpRequest) -> None:
+        guest.invoke("release")
+
+    guest = Guest(ScriptedE2B(on_create=released_meanwhile, kill_answers=[503]))
+    outcome = guest.invoke("provision")
+    assert outcome.error is not None and outcome.error.code == "released_during_create"
+    assert outcome.error.message.startswith(
+        "the entity was released while its sandbox was being created; kill failed: "
+    )
+
+
+def test_a_release_that_cannot_list_keeps_the_record_and_says_so() -> None:
+    # Catches: a pending cycle's release that forgets the record when E2B cannot say which
+    # sandboxes carry its key, or answers with an untyped or non-retryable failure.
+    class ListFails(ScriptedE2B):
+        def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+            if request.method == "GET":
+                return _answer(500, {"message": "down"})
+            return super().send(request, deadline_ms=deadline_ms)
+
+    guest = Guest(ListFails(create_answers=[503]))
+    assert guest.invoke("provision").action == "SandboxQueued"
+    refused = guest.invoke("release")
+    assert refused.error is not None and refused.error.code == "e2b_unavailable"
+    assert refused.error.retryable is True
+    assert refused.error.message == "could not list sandboxes: connection: list answered 500"
+    assert guest.record() is not None
+
+
+def test_a_failed_kill_names_the_sandbox_it_could_not_kill() -> None:
+    guest = Guest(ScriptedE2B(kill_answers=[503]))
+    sandbox_id = guest.invoke("provision").params["sandbox_id"]
+    refused = guest.invoke("release")
+    assert refused.params["sandbox_id"] == sandbox_id and refused.params["retryable"] is True
+
+
+def test_a_queue_timeout_forgets_the_cycle_so_the_next_one_starts_afresh() -> None:
+    # Catches: a rejected waiter whose pending record (and so its idempotency key) is kept,
+    # so a later cycle would reuse a key E2B may hold a sandbox for.
+    guest = Guest(ScriptedE2B())
+    holder = guest.invoke("provision", "job-0", create_slots="1")
+    assert holder.action == "SandboxReady"
+    config = {"max_sandboxes": "1", "queue_timeout_s": "1"}
+    assert guest.invoke("provision", "job-1", **config).action == "SandboxQueued"
+    assert guest.record("job-1") is not None
+    guest.clock.advance(1_000)
+    rejected = guest.invoke("provision", "job-1", **config)
+    assert rejected.error is not None and rejected.error.code == "queue_timeout", rejected
+    assert guest.record("job-1") is None
+
+
+def test_a_create_that_raises_is_an_internal_error_that_is_not_retried() -> None:
+    guest = Guest(ExplodingE2B())
+    broken = guest.invoke("provision")
+    assert broken.error is not None and broken.error.code == "internal_error"
+    assert broken.error.message == "RuntimeError: a bug below the port"
+    # The slot went back through a settle with a non-retryable failure: no retry, no backoff.
+    [settled] = [e for e in guest.events("admission_rejected") if e["step"] == "settle"]
+    assert settled["code"] == "internal_error" and settled["e2b_answer"] == "CreateFailed"
+    assert settled["message"] == "create failed: RuntimeError('a bug below the port')"
+    assert guest.account()["backoff"]["failures"] == 0
+
+
+class RivalWrites(InterposedBackend):
+    """Another invocation writes the entity record between this one's read and its write,
+    `times` times (removing it again before each next read, as a release would)."""
+
+    def __init__(self, inner: MemoryBackend, times: int) -> None:
+        super().__init__(inner)
+        self.times = times
+
+    def before(self, operation: str, key: str) -> None:
+        if not key.startswith("entity/") or self.times <= 0:
+            return
+        namespace = tenant_namespace(TENANT)
+        if operation == "get":
+            self.inner.delete(namespace, key, None)
+        elif operation == "compare_and_swap":
+            self.times -= 1
+            rival = EntityRecord(state=PENDING, nonce="rival", since_ms=0)
+            self.inner.compare_and_swap(namespace, key, None, rival.encode(), None)
+
+
+def test_a_record_that_keeps_changing_is_a_retryable_contention() -> None:
+    e2b = ScriptedE2B()
+    guest = Guest(e2b, lambda inner: RivalWrites(inner, times=4))
+    outcome = guest.invoke("provision")
+    assert outcome.error is not None and outcome.error.code == "storage_contention", outcome
+    assert outcome.error.retryable is True
+    assert outcome.error.message == "the entity record kept changing; try again"
+    assert e2b.requests == []
+
+
+def test_a_record_written_by_a_rival_first_is_adopted_with_its_key() -> None:
+    # Catches: giving up at the first conflict instead of reading the rival's record (its
+    # nonce, so both invocations create with the same idempotency key).
+    e2b = ScriptedE2B()
+    guest = Guest(e2b, lambda inner: RivalWrites(inner, times=1))
+    assert guest.invoke("provision").action == "SandboxReady"
+    assert e2b.create_keys == [idempotency_key(TENANT, "Job/job-1", "rival")]
