@@ -11,14 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
 from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime, native_ports
 from host.services.namespaces import tenant_namespace
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
+from provisioner.admission.state import GATE_KEY
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
 from provisioner.model import Outcome
-from provisioner.ports import HttpRequest, HttpResponse
+from provisioner.ports import HttpRequest, HttpResponse, StorageUnavailable
 from tests.builders import invocation
 from tests.doubles import InterposedBackend, RecordingTelemetrySink
 
@@ -496,3 +499,74 @@ def test_a_record_written_by_a_rival_first_is_adopted_with_its_key() -> None:
     guest = Guest(e2b, lambda inner: RivalWrites(inner, times=1))
     assert guest.invoke("provision").action == "SandboxReady"
     assert e2b.create_keys == [idempotency_key(TENANT, "Job/job-1", "rival")]
+
+
+class GateWritesFail(InterposedBackend):
+    """Storage whose writes of the account gate fail `failures` times once armed."""
+
+    def __init__(self, inner: MemoryBackend) -> None:
+        super().__init__(inner)
+        self.failures = 0
+
+    def before(self, operation: str, key: str) -> None:
+        if operation == "compare_and_swap" and key == GATE_KEY and self.failures > 0:
+            self.failures -= 1
+            raise StorageUnavailable("the gate's store is down")
+
+
+def provision_with_failing_settles(failures: int) -> tuple[Guest, Outcome]:
+    backends: list[GateWritesFail] = []
+
+    def arm(request: HttpRequest) -> None:
+        backends[0].failures = failures
+
+    def wrap(inner: MemoryBackend) -> GateWritesFail:
+        backends.append(GateWritesFail(inner))
+        return backends[0]
+
+    guest = Guest(ScriptedE2B(on_create=arm), wrap)
+    return guest, guest.invoke("provision")
+
+
+def test_a_settle_that_met_a_storage_failure_is_repeated_twice_more() -> None:
+    # Catches: a settle given up after one storage failure (the slot then stays taken
+    # until its lease expires), or repeated without bound.
+    guest, ready = provision_with_failing_settles(2)
+    assert ready.action == "SandboxReady", ready
+    assert guest.account()["create_slots"]["in_use"] == 0
+    warned = [message for _, _, message in guest.telemetry.logs]
+    assert len(warned) == 2 and all(
+        m.startswith("admission for Job/job-1 fails closed: settle: StorageUnavailable(")
+        for m in warned
+    ), warned
+    queued = [e for e in guest.events("admission_queued") if e["step"] == "settle"]
+    assert [(e["reason"], e["position"]) for e in queued] == [("storage", 0)] * 2
+    assert all(200 <= e["retry_after_ms"] < 1_200 for e in queued), queued
+
+    guest, ready = provision_with_failing_settles(3)
+    assert ready.action == "SandboxReady", ready
+    # Three tries failed: the slot waits for its lease to expire.
+    assert guest.account()["create_slots"]["in_use"] == 1
+
+
+class HostDied(BaseException):
+    """The invocation's host went away mid-call (nothing in the guest may catch it)."""
+
+
+def test_a_create_whose_invocation_died_counts_until_its_sandbox_would_time_out() -> None:
+    # Catches: the sandbox timeout handed to admission in the wrong unit (or not at all): a
+    # create never settled may have made a sandbox, which E2B runs for the timeout the
+    # create asked for, so capacity counts it until then and no longer.
+    def die(request: HttpRequest) -> None:
+        raise HostDied
+
+    guest = Guest(ScriptedE2B(on_create=die))
+    config = {"create_lease_ms": "10000", "sandbox_timeout_s": "60"}
+    with pytest.raises(HostDied):
+        guest.invoke("provision", **config)
+    guest.clock.advance(10_000 + 60_000 - 1)
+    capacity = guest.invoke("status", **config).params["gates"]["account"]["capacity"]
+    assert (capacity["in_use"], capacity["unsettled"]) == (1, 1), capacity
+    guest.clock.advance(1)
+    capacity = guest.invoke("status", **config).params["gates"]["account"]["capacity"]
+    assert (capacity["in_use"], capacity["unsettled"]) == (0, 0), capacity
