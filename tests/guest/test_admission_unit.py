@@ -225,7 +225,11 @@ def test_attempts_are_bounded_per_waiter() -> None:
             decision = harness.admit(w)
         outcomes.append(harness.settle(w, grant_of(decision), RateLimited(1_000)))
     assert isinstance(outcomes[-1], Rejected)
-    assert outcomes[-1].failure.code == "retry_budget_exhausted"
+    assert outcomes[-1].failure == Failure(
+        "retry_budget_exhausted",
+        "E2B refused 3 create attempts; giving up on this waiter",
+        retryable=True,
+    )
     assert all(isinstance(o, Queued) for o in outcomes[:-1])
 
 
@@ -457,3 +461,20 @@ def test_a_drained_retry_budget_refills_per_second_not_per_millisecond() -> None
     assert held.reason == "backoff" and held.retry_after_ms > 8_000, held
     harness.advance(9_001)  # one whole token back
     assert grant_of(harness.admit(a)).attempt == 3
+
+
+def test_capacity_met_with_nothing_running_shrinks_to_one_and_grows_after_a_full_streak() -> None:
+    # Catches: a shrink that leaves more than the one sandbox E2B may still take, and a
+    # success streak not restarted by the shrink (the capacity then grows back early).
+    config = AdmissionConfig(create_rate_per_s=1000, create_burst=10, capacity_grow_after=2)
+    harness = Harness(config)
+    a, b, c = waiters(3)
+    queued_of(harness.settle(a, grant_of(harness.admit(a)), CapacityExhausted(None)))
+    assert harness.status()["account"]["capacity"]["limit"] == 1
+    harness.release(a)
+    harness.advance(60_000)
+    harness.settle(b, grant_of(harness.admit(b)), Created("sbx-b", 600_000))
+    assert harness.status()["account"]["capacity"]["limit"] == 1
+    harness.release(b)
+    harness.settle(c, grant_of(harness.admit(c)), Created("sbx-c", 600_000))
+    assert harness.status()["account"]["capacity"]["limit"] == 2

@@ -21,7 +21,7 @@ from host.storage.memory import MemoryBackend
 from provisioner.admission.state import GATE_KEY
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
 from provisioner.model import Outcome
-from provisioner.ports import HttpRequest, HttpResponse, StorageUnavailable
+from provisioner.ports import HttpRequest, HttpResponse, LogLevel, StorageUnavailable
 from tests.builders import invocation
 from tests.doubles import InterposedBackend, RecordingTelemetrySink
 
@@ -534,14 +534,35 @@ def test_a_settle_that_met_a_storage_failure_is_repeated_twice_more() -> None:
     guest, ready = provision_with_failing_settles(2)
     assert ready.action == "SandboxReady", ready
     assert guest.account()["create_slots"]["in_use"] == 0
-    warned = [message for _, _, message in guest.telemetry.logs]
+    warned = [(level, message) for _, level, message in guest.telemetry.logs]
     assert len(warned) == 2 and all(
-        m.startswith("admission for Job/job-1 fails closed: settle: StorageUnavailable(")
-        for m in warned
+        level is LogLevel.WARN
+        and message.startswith("admission for Job/job-1 fails closed: settle: StorageUnavailable(")
+        for level, message in warned
     ), warned
     queued = [e for e in guest.events("admission_queued") if e["step"] == "settle"]
-    assert [(e["reason"], e["position"]) for e in queued] == [("storage", 0)] * 2
-    assert all(200 <= e["retry_after_ms"] < 1_200 for e in queued), queued
+    # Fails closed: nothing about the gates is claimed, only when to come back (jittered).
+    waits = [e["retry_after_ms"] for e in queued]
+    assert [
+        {k: v for k, v in e.items() if k not in ("retry_after_ms", "eta_ms")} for e in queued
+    ] == [
+        {
+            "tenant": TENANT,
+            "entity": "Job/job-1",
+            "step": "settle",
+            "e2b_answer": "Created",
+            "attempt": 1,
+            "event": "admission_queued",
+            "position": 0,
+            "queue_length": 0,
+            "in_use": 0,
+            "limit": 0,
+            "reason": "storage",
+            "waited_ms": 0,
+        }
+    ] * 2
+    assert [e["eta_ms"] for e in queued] == waits
+    assert all(200 <= wait < 1_200 for wait in waits) and max(waits) > 200, waits
 
     guest, ready = provision_with_failing_settles(3)
     assert ready.action == "SandboxReady", ready
