@@ -45,9 +45,14 @@ from tests.guest.harness import ACCOUNT, Harness
 # This machine's run length under the suite's profiles (tests/conftest.py registers them,
 # with the deadline and health checks this machine inherits). Set on its TestCase, not by
 # registering the profiles again: that replaced them for every test collected after this file.
-LONG_RUN = os.environ.get("HYPOTHESIS_PROFILE", "default") == "long"
-MACHINE_SETTINGS = settings(
-    max_examples=1_000 if LONG_RUN else 40, stateful_step_count=80 if LONG_RUN else 40
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+LONG_RUN = PROFILE == "long"
+MACHINE_SETTINGS = (
+    settings()  # the mutation run's profile, as loaded
+    if PROFILE == "mutation"
+    else settings(
+        max_examples=1_000 if LONG_RUN else 40, stateful_step_count=80 if LONG_RUN else 40
+    )
 )
 
 TENANTS = ("tenant-a", "tenant-b", "tenant-c")
