@@ -478,3 +478,23 @@ def test_capacity_met_with_nothing_running_shrinks_to_one_and_grows_after_a_full
     harness.release(b)
     harness.settle(c, grant_of(harness.admit(c)), Created("sbx-c", 600_000))
     assert harness.status()["account"]["capacity"]["limit"] == 2
+
+
+def test_capacity_met_while_others_run_answers_capacity_at_the_shrunk_limit() -> None:
+    # Catches: the retry told a stale place, count or wait instead of the capacity it now
+    # waits for (E2B's 429 with sandboxes of ours running: no cooldown, a smaller limit).
+    config = AdmissionConfig(
+        create_slots=1, create_rate_per_s=1000, create_burst=10, max_sandboxes=10
+    )
+    harness = Harness(config)
+    a, b, c, d = waiters(4)
+    for w in (a, b):
+        assert harness.settle(w, grant_of(harness.admit(w)), Created(w.entity, 600_000)) is None
+    grant = grant_of(harness.admit(c))
+    queued_of(harness.admit(d))
+    harness.advance(30)
+    answer = queued_of(harness.settle(c, grant, CapacityExhausted(None)))
+    assert (answer.position, answer.queue_length, answer.in_use, answer.limit) == (1, 2, 2, 2)
+    # It waits for a running sandbox's lease (600 s from its start, 30 ms ago).
+    assert (answer.reason, answer.eta_ms, answer.waited_ms) == ("capacity", 599_970, 30)
+    assert answer.retry_after_ms == config.poll_max_ms
