@@ -591,3 +591,20 @@ def test_a_create_whose_invocation_died_counts_until_its_sandbox_would_time_out(
     guest.clock.advance(1)
     capacity = guest.invoke("status", **config).params["gates"]["account"]["capacity"]
     assert (capacity["in_use"], capacity["unsettled"]) == (0, 0), capacity
+
+
+def test_a_run_of_503s_never_cools_the_account_down_longer_than_the_cap() -> None:
+    # Catches: the backoff cap not applied (the ceiling doubles past it: 500 ms after 8
+    # failures is 128 s), seen from what a session's polls meet.
+    guest = Guest(ScriptedE2B(create_answers=[503] * 10))
+    config = {"backoff_cap_ms": "2000", "max_create_attempts": "20", "retry_budget": "100"}
+    cooldowns = []
+    for _ in range(60):
+        outcome = guest.invoke("provision", **config)
+        if outcome.action == "SandboxReady":
+            break
+        cooldowns.append(guest.invoke("status", **config).params["gates"]["account"]["backoff"])
+        guest.clock.advance(max(1, int(outcome.params["retry_after_ms"])))
+    assert outcome.action == "SandboxReady", outcome
+    assert max(c["failures"] for c in cooldowns) == 10
+    assert max(c["cooling_ms"] for c in cooldowns) <= 2_000, cooldowns
