@@ -20,6 +20,7 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
+from provisioner.admission.backoff import backoff_ms
 from provisioner.model import Failure
 from provisioner.ports import StorageUnavailable
 from tests.doubles import InterposedBackend
@@ -457,8 +458,9 @@ def test_a_drained_retry_budget_refills_per_second_not_per_millisecond() -> None
     harness.settle(a, retry, Unavailable(503))
     harness.advance(1_000)  # 0.1 token back, the backoff long over
     held = queued_of(harness.admit(a))
-    # Held back as a backoff, for as long as the budget needs (the backoff cap is 100 ms).
-    assert held.reason == "backoff" and held.retry_after_ms > 8_000, held
+    # Held back as a backoff, for as long as the budget needs (the backoff cap is 100 ms):
+    # 0.9 tokens missing at 0.1 a second.
+    assert (held.reason, held.retry_after_ms, held.eta_ms) == ("backoff", 9_001, 9_001), held
     harness.advance(9_001)  # one whole token back
     assert grant_of(harness.admit(a)).attempt == 3
 
@@ -498,3 +500,20 @@ def test_capacity_met_while_others_run_answers_capacity_at_the_shrunk_limit() ->
     # It waits for a running sandbox's lease (600 s from its start, 30 ms ago).
     assert (answer.reason, answer.eta_ms, answer.waited_ms) == ("capacity", 599_970, 30)
     assert answer.retry_after_ms == config.poll_max_ms
+
+
+def test_the_backoff_ceiling_doubles_per_failure_from_the_base_up_to_the_cap() -> None:
+    # Catches: a ceiling growing by another factor, or jitter outside [0, ceiling).
+    config = AdmissionConfig(backoff_base_ms=100, backoff_cap_ms=1_000)
+    assert [backoff_ms(n, config, 0.999_999) for n in range(6)] == [99, 199, 399, 799, 999, 999]
+    assert backoff_ms(3, config, 0.5) == 400 and backoff_ms(3, config, 0.0) == 0
+
+
+def test_a_retry_after_of_zero_means_no_cooldown_not_a_backoff() -> None:
+    # Catches: E2B's "Retry-After: 0" replaced by an exponential backoff.
+    harness = Harness(FAST)
+    (w,) = waiters(1)
+    harness.settle(w, grant_of(harness.admit(w)), RateLimited(0))
+    backoff = harness.status()["account"]["backoff"]
+    assert (backoff["cooling_ms"], backoff["failures"]) == (0, 1)
+
