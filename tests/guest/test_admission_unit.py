@@ -516,4 +516,3 @@ def test_a_retry_after_of_zero_means_no_cooldown_not_a_backoff() -> None:
     harness.settle(w, grant_of(harness.admit(w)), RateLimited(0))
     backoff = harness.status()["account"]["backoff"]
     assert (backoff["cooling_ms"], backoff["failures"]) == (0, 1)
-
