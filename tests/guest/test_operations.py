@@ -59,6 +59,10 @@ class ScriptedE2B:
     create_answers: list[int] = field(default_factory=list)
     kill_answers: list[int] = field(default_factory=list)
     made_on_failure: bool = False
+    # The host's own E2B key, as the gateway reports it (None: a double that does not say).
+    api_key: str | None = None
+    # What a successful create answers beyond the id (E2B's field names).
+    answer: dict[str, str] = field(default_factory=lambda: {"templateID": "base", "clientID": "c"})
     on_create: Callable[[HttpRequest], None] | None = None
     sandboxes: dict[str, dict[str, str]] = field(default_factory=dict)
     create_keys: list[str] = field(default_factory=list)
@@ -101,7 +105,7 @@ class ScriptedE2B:
             self.sandboxes[sandbox_id] = metadata
         if status != 201:
             return _answer(status, {"message": "unavailable"})
-        return _answer(201, {"sandboxID": sandbox_id, "templateID": "base", "clientID": "c"})
+        return _answer(201, {"sandboxID": sandbox_id, **self.answer})
 
 
 class Guest:
@@ -281,6 +285,9 @@ def test_static_mode_answers_ready_without_e2b_or_stored_state() -> None:
     assert ready.params["sandbox_id"] == "static-sandbox"
     assert ready.params["sandbox_url"] == static
     assert e2b.requests == [] and guest.record() is None
+    assert (LogLevel.INFO, f"sandbox_provisioner: using static sandbox_url: {static}") in [
+        (level, message) for _, level, message in guest.telemetry.logs
+    ]
     status = guest.invoke("status")
     assert status.params["entity"] is None
     assert status.params["gates"]["account"]["capacity"]["in_use"] == 0
@@ -608,3 +615,96 @@ def test_a_run_of_503s_never_cools_the_account_down_longer_than_the_cap() -> Non
     assert outcome.action == "SandboxReady", outcome
     assert max(c["failures"] for c in cooldowns) == 10
     assert max(c["cooling_ms"] for c in cooldowns) <= 2_000, cooldowns
+
+
+def test_status_shows_the_entity_record_and_its_tenants_gates() -> None:
+    # Catches: the entity part of SandboxStatus lost or renamed, or the gates read for
+    # another tenant.
+    guest = Guest(ScriptedE2B(create_answers=[503]))
+    assert guest.invoke("status").params["entity"] is None
+    started = guest.clock.now_ms()
+    guest.invoke("provision")
+    pending = guest.invoke("status")
+    assert pending.action == "SandboxStatus"
+    assert pending.params["entity"] == {
+        "state": "pending",
+        "sandbox_id": None,
+        "attempts": 0,  # counted when the record becomes ready
+        "since_ms": started,
+    }
+    guest.clock.advance(60_000)
+    ready = guest.provision_until_settled()
+    assert ready.action == "SandboxReady", ready
+    status = guest.invoke("status").params
+    assert status["entity"] == {
+        "state": "ready",
+        "sandbox_id": ready.params["sandbox_id"],
+        "attempts": 2,
+        "since_ms": guest.clock.now_ms(),
+    }
+    assert status["gates"]["tenant"]["tenant"] == TENANT
+    assert status["gates"]["tenant"]["in_use"] == 1
+
+
+def test_the_ready_record_keeps_what_e2b_answered_and_how_long_it_queued() -> None:
+    # Catches: envd version, template or queued time not stored (a repeated Provision
+    # answers from the record), or the configured template not used when E2B names none.
+    e2b = ScriptedE2B(answer={"templateID": "tpl-x", "clientID": "c", "envdVersion": "0.2.0"})
+    guest = Guest(e2b)
+    assert guest.invoke("provision", "job-0", create_slots="1").action == "SandboxReady"
+    assert guest.invoke("provision", create_slots="1").action == "SandboxQueued"
+    guest.clock.advance(150_000)  # job-0's slot lease runs out
+    ready = guest.provision_until_settled()
+    assert ready.params["queued_ms"] > 0
+    again = guest.invoke("provision")
+    assert (again.params["template_id"], again.params["envd_version"]) == ("tpl-x", "0.2.0")
+    assert again.params["queued_ms"] == ready.params["queued_ms"]
+
+    unnamed = Guest(ScriptedE2B(answer={"clientID": "c"}))
+    ready = unnamed.invoke("provision", template_id="my-template")
+    assert ready.params["template_id"] == "my-template"
+
+
+def test_provision_refuses_without_a_user_message_or_a_key() -> None:
+    # Catches: the old module's two refusals lost, renamed or reworded.
+    guest = Guest(ScriptedE2B())
+    no_message = guest.invoke("provision", temperfs="on", temper_api_url="http://temper.test")
+    assert no_message.error is not None
+    assert (no_message.error.code, no_message.error.message) == (
+        "agent_not_configured",
+        "agent not configured — user_message is empty",
+    )
+    no_key = Guest(ScriptedE2B(api_key="")).invoke("provision")  # none here, none in config
+    assert no_key.error is not None and no_key.error.code == "e2b_api_key_missing"
+    assert no_key.error.message == (
+        "no sandbox_url configured and no e2b_api_key available — "
+        "set sandbox_url via Configure or store e2b_api_key secret"
+    )
+    assert guest.e2b.requests == []
+
+
+class EntityRecordsDown(InterposedBackend):
+    def before(self, operation: str, key: str) -> None:
+        if key.startswith("entity/"):
+            raise StorageUnavailable("the tenant's store is down")
+
+
+def test_a_storage_outage_while_provisioning_keeps_the_session_waiting() -> None:
+    # Catches: a storage outage answered SandboxFailed (it ends the session under
+    # Temper's rules) instead of SandboxQueued with reason storage and a jittered wait.
+    guest = Guest(ScriptedE2B(), EntityRecordsDown)
+    outcome = guest.invoke("provision")
+    assert outcome.action == "SandboxQueued", outcome
+    wait = outcome.params["retry_after_ms"]
+    assert outcome.params == {
+        "position": 0,
+        "queue_length": 0,
+        "in_use": 0,
+        "limit": 0,
+        "reason": "storage",
+        "retry_after_ms": wait,
+        "eta_ms": wait,
+        "waited_ms": 0,
+    }
+    assert 200 <= wait < 1_200
+    assert guest.e2b.requests == []
