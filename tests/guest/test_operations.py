@@ -69,6 +69,8 @@ class ScriptedE2B:
     requests: list[tuple[str, str]] = field(default_factory=list)
 
     def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        if not request.url.startswith(BASE):  # TemperFS, say: not here
+            return _answer(503, {"message": "not this service"})
         path = urlsplit(request.url).path
         self.requests.append((request.method, path))
         if request.method == "POST" and path == "/v2/sandboxes":
@@ -681,6 +683,34 @@ def test_provision_refuses_without_a_user_message_or_a_key() -> None:
         "set sandbox_url via Configure or store e2b_api_key secret"
     )
     assert guest.e2b.requests == []
+
+
+def test_with_a_user_message_temperfs_provisions_and_without_it_answers_empty_ids() -> None:
+    # Catches: the user_message check reading another field (every TemperFS provision
+    # refused), and the five conversation ids missing from SandboxReady when the setup is
+    # off or failed (the spec reads them).
+    ids = (
+        "workspace_id",
+        "conversation_file_id",
+        "file_manifest_id",
+        "session_file_id",
+        "session_leaf_id",
+    )
+    guest = Guest(ScriptedE2B())
+    ready = guest.runtime.invoke(
+        invocation(
+            {**CONFIG, "temperfs": "on", "temper_api_url": "http://temper.test"},
+            tenant=TENANT,
+            entity_type="Job",
+            entity_id="job-1",
+            entity_state={"fields": {"user_message": "hello"}},
+        )
+    )
+    assert ready.action == "SandboxReady", ready
+    guest.clock.advance(10)  # past the rate gate's spacing
+    plain = guest.invoke("provision", "job-2")
+    assert plain.action == "SandboxReady"
+    assert all(plain.params[name] == "" for name in ids), plain.params
 
 
 class EntityRecordsDown(InterposedBackend):
