@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from host.services.namespaces import account_namespace
+from host.services.namespaces import ScopedStorage, account_namespace
 from host.storage.base import StorageBackend
 from provisioner.admission import (
     AdmissionConfig,
@@ -21,8 +21,10 @@ from provisioner.admission import (
     Waiter,
 )
 from provisioner.admission.backoff import backoff_ms
+from provisioner.admission.inspect import inspect_gates
+from provisioner.admission.state import waiter_key
 from provisioner.model import Failure
-from provisioner.ports import StorageUnavailable
+from provisioner.ports import StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
@@ -516,3 +518,40 @@ def test_a_retry_after_of_zero_means_no_cooldown_not_a_backoff() -> None:
     harness.settle(w, grant_of(harness.admit(w)), RateLimited(0))
     backoff = harness.status()["account"]["backoff"]
     assert (backoff["cooling_ms"], backoff["failures"]) == (0, 1)
+
+
+class PlaceWriteLosesOnce(InterposedBackend):
+    """Another invocation of the same waiter writes its place first, once: between this
+    decision's gate write (the grant) and its own place write."""
+
+    def __init__(self, inner: StorageBackend, waiter: Waiter) -> None:
+        super().__init__(inner)
+        self.key = waiter_key(waiter.tenant, waiter.entity)
+        self.armed = True
+
+    def before(self, operation: str, key: str) -> None:
+        if operation == "compare_and_swap" and key == self.key and self.armed:
+            self.armed = False
+            raise StorageConflict(key)
+
+
+def test_a_grant_whose_place_write_lost_gives_its_slot_back() -> None:
+    # Catches: the undo of a grant that could not be recorded leaving its create lease
+    # (a slot held by nobody until the lease expires) or dropping another one.
+    config = AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=10)
+    (other,) = waiters(1, tenant="tenant-b")
+    (w,) = waiters(1)
+    harness = Harness(config)
+    held = grant_of(harness.admit(other))
+    harness.backend = PlaceWriteLosesOnce(harness.backend, w)
+    grant = grant_of(harness.admit(w))  # granted again on the decision's second try
+    slots = harness.status()["account"]["create_slots"]
+    assert slots["in_use"] == 2, slots
+    leases = view_leases(harness)
+    assert sorted(leases) == sorted([held.lease_id, grant.lease_id])
+
+
+def view_leases(harness: Harness) -> list[str]:
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    return [lease.lease_id for lease in gates.create_slots.leases]
