@@ -738,3 +738,27 @@ def test_a_storage_outage_while_provisioning_keeps_the_session_waiting() -> None
     }
     assert 200 <= wait < 1_200
     assert guest.e2b.requests == []
+
+
+def test_a_release_does_not_delete_a_record_rewritten_while_it_killed() -> None:
+    # Catches: a release that deletes the entity record whatever version it now has (a
+    # newer one, written by another invocation while the kill was in flight, is lost), or
+    # one that lets the conflict escape instead of leaving the newer record alone.
+    guest: Guest
+
+    def rewritten_meanwhile(request: HttpRequest) -> None:
+        if request.method == "DELETE":
+            loaded = guest.records().load("Job/job-1")
+            assert loaded is not None
+            guest.records().put("Job/job-1", loaded[0], loaded[1], 600_000)
+
+    class RewriteDuringKill(ScriptedE2B):
+        def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+            rewritten_meanwhile(request)
+            return super().send(request, deadline_ms=deadline_ms)
+
+    guest = Guest(RewriteDuringKill())
+    assert guest.invoke("provision").action == "SandboxReady"
+    released = guest.invoke("release")
+    assert released.action == "SandboxReleased", released
+    assert guest.record() is not None
