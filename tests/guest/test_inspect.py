@@ -181,6 +181,9 @@ def test_expired_leases_are_hidden_unless_asked_for_as_stored() -> None:
     grant = grant_of(harness.admit(Waiter("tenant-a", "Job/1")))
     harness.advance(6_000)
     assert view(harness).create_slots.leases == ()
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    by_default = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    assert by_default.create_slots.leases == ()  # what the next decision will see
     (lease,) = view(harness, prune=False).create_slots.leases
     assert lease.lease_id == grant.lease_id
 
