@@ -246,6 +246,7 @@ def test_a_retry_whose_record_is_gone_is_not_expected_back() -> None:
     queued_of(harness.settle(waiter, grant_of(harness.admit(waiter)), RateLimited(1_000)))
     harness.advance(40)
     [retry] = view(harness).waiters
+    assert (retry.tenant, retry.entity) == ("tenant-a", "Job/1")
     assert (retry.stage, retry.alive, retry.attempt, retry.waited_ms) == (
         Stage.RETRYING,
         True,
@@ -261,3 +262,15 @@ def test_a_retry_whose_record_is_gone_is_not_expected_back() -> None:
         None,
         None,
     )
+
+
+def test_a_waiter_behind_one_that_left_out_of_order_is_still_listed() -> None:
+    # Catches: the listing of a tenant's tickets stopping at the first one that left out
+    # of order (released before its turn), hiding everyone behind it.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    a = [Waiter("tenant-a", f"Job/a{i}") for i in range(3)]
+    for waiter in a:
+        queued_of(harness.admit(waiter))
+    harness.release(a[1])
+    assert [w.entity for w in view(harness).waiters] == ["Job/a0", "Job/a2"]
