@@ -25,6 +25,17 @@ settings.register_profile(
 settings.register_profile(
     "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+# The mutation run's (docs/mutation.md): a few short examples, replayed the same way every
+# run, so each mutant costs seconds rather than minutes.
+settings.register_profile(
+    "mutation",
+    max_examples=8,
+    stateful_step_count=30,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
@@ -126,8 +137,13 @@ def _mock_e2b_answers_conform(
             answer = _answers.get_nowait()
         except queue.Empty:
             break
-        key = (answer.method, answer.path, answer.status, answer.body,
-               tuple(sorted(answer.headers.items())))
+        key = (
+            answer.method,
+            answer.path,
+            answer.status,
+            answer.body,
+            tuple(sorted(answer.headers.items())),
+        )
         if key not in checked:  # the same answer again (a poll's) conforms as the first did
             checked.add(key)
             found += check_answer(answer)

@@ -2,7 +2,8 @@
 
 A model tracks what is really in use (as E2B would see it) and checks the controller's
 promises after every step: no limit exceeded, FIFO within a tenant (up to the permits
-free at once), a waiter's place never worsens except by retries placed ahead of it,
+free at once), round-robin across tenants (the free permits go to the front places of
+that order, no others), a waiter's place never worsens except by retries placed ahead of it,
 nothing held once every lease has expired, and every waiter ends with a sandbox or a
 typed failure.
 """
@@ -22,7 +23,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from host.services.namespaces import account_namespace
+from host.services.namespaces import ScopedStorage, account_namespace
 from provisioner.admission import (
     AdmissionConfig,
     CapacityExhausted,
@@ -36,6 +37,8 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
+from provisioner.admission.inspect import inspect_gates
+from provisioner.admission.place import Stage
 from provisioner.admission.state import GATE_KEY, GateState
 from provisioner.model import Failure
 from tests.guest.harness import ACCOUNT, Harness
@@ -43,9 +46,14 @@ from tests.guest.harness import ACCOUNT, Harness
 # This machine's run length under the suite's profiles (tests/conftest.py registers them,
 # with the deadline and health checks this machine inherits). Set on its TestCase, not by
 # registering the profiles again: that replaced them for every test collected after this file.
-LONG_RUN = os.environ.get("HYPOTHESIS_PROFILE", "default") == "long"
-MACHINE_SETTINGS = settings(
-    max_examples=1_000 if LONG_RUN else 40, stateful_step_count=80 if LONG_RUN else 40
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+LONG_RUN = PROFILE == "long"
+MACHINE_SETTINGS = (
+    settings()  # the mutation run's profile, as loaded
+    if PROFILE == "mutation"
+    else settings(
+        max_examples=1_000 if LONG_RUN else 40, stateful_step_count=80 if LONG_RUN else 40
+    )
 )
 
 TENANTS = ("tenant-a", "tenant-b", "tenant-c")
@@ -174,6 +182,12 @@ class AdmissionMachine(RuleBasedStateMachine):
         )
         return free
 
+    def place_in_fair_order(self, waiter: Waiter) -> int | None:
+        """The waiter's place as inspect reports it (None: not queued as a fresh ticket)."""
+        storage = ScopedStorage(self.harness.backend, tenant=waiter.tenant, account=ACCOUNT)
+        view = inspect_gates(storage, self.now(), self.config).waiter(waiter.tenant, waiter.entity)
+        return view.position if view is not None and view.stage is Stage.QUEUED else None
+
     def decided(self, waiter: Waiter, decision: Grant | Queued | Rejected | None) -> None:
         seen = self.seen[waiter]
         if isinstance(decision, Grant):
@@ -236,12 +250,35 @@ class AdmissionMachine(RuleBasedStateMachine):
             and s.order < seen.order
         ]
         mine_known = seen.order_known and seen.alive_until_ms > self.now()
+        fresh = was in ("idle", "queued") and not seen.is_retry
+        # Dead waiters ahead are dropped a bounded number per poll (admit.py), so a waiter
+        # behind some may be told to come back though the permits would reach it.
+        none_dead = all(
+            s.alive_until_ms > self.now()
+            for w, s in self.seen.items()
+            if w != waiter and s.phase == "queued"
+        )
+        place_before = self.place_in_fair_order(waiter)
         decision = self.harness.admit(waiter)
         fresh_grant = isinstance(decision, Grant) and decision.attempt == 1
         if fresh_grant and was == "queued" and mine_known:
             assert len(earlier) < free, (
                 f"{waiter.entity} overtook {len(earlier)} earlier waiters with {free} free"
             )
+        if fresh and none_dead and not self.config.max_sandboxes_per_tenant:
+            # The fair order itself: a waiter's place (what inspect and its own poll report)
+            # is its place in the round-robin order, and the free permits go to the places
+            # at the front. A waiter held back at a place they reach, or granted from a
+            # place behind them, was served in some other order (plain FIFO across
+            # tenants, say).
+            if isinstance(decision, Queued):
+                assert decision.position > free, (
+                    f"{waiter.entity} held at place {decision.position} with {free} free"
+                )
+            elif fresh_grant and place_before is not None:
+                assert place_before <= free, (
+                    f"{waiter.entity} granted from place {place_before} with {free} free"
+                )
         self.after_poll(waiter, was, decision)
 
     def after_poll(self, waiter: Waiter, was: str, decision: Grant | Queued | Rejected) -> None:
@@ -265,6 +302,15 @@ class AdmissionMachine(RuleBasedStateMachine):
                 seen.phase = "crashed"  # its create lease is still live
                 return
         self.decided(waiter, decision)
+
+    @rule(data=st.data())
+    def the_queued_poll_in_some_order(self, data: st.DataObject) -> None:
+        # Every queued waiter polls once, in a drawn order, before time moves: the waits
+        # the fair order decides between (the other rules let most tickets go stale).
+        queued = [w for w, s in self.seen.items() if s.phase == "queued"]
+        for waiter in data.draw(st.permutations(queued)):
+            if self.seen[waiter].phase == "queued":
+                self.provision(waiter)
 
     @rule(
         waiter=st.sampled_from(WAITERS),
@@ -452,3 +498,50 @@ def test_a_lapsed_waiter_rejoins_behind_its_tenant_and_the_model_knows() -> None
     assert isinstance(later, Queued)
     # Ring b, a, c; a2 is a's third: round one b1 a0 c0, round two b0 a1 c2, then b2 a2.
     assert later.position == 8, later
+
+
+def test_the_machine_sees_a_later_tenant_served_before_an_earlier_tenants_second() -> None:
+    # Catches: plain FIFO across tenants in place of round-robin (the machine's fair-order
+    # check, replayed on a fixed path): tenant-a queues two waiters, then tenant-b one;
+    # with two permits free, round-robin serves tenant-b's first waiter before
+    # tenant-a's second.
+    a0, a1, a2, a3 = (Waiter("tenant-a", f"Job/tenant-a-{i}") for i in range(4))
+    b0 = Waiter("tenant-b", "Job/tenant-b-0")
+    machine = AdmissionMachine()
+    machine.start(which=0, seed=0)
+    for waiter in (a0, a1, a2, a3, b0):
+        machine.provision(waiter)
+    assert [machine.seen[w].phase for w in (a0, a1, a2, a3, b0)] == ["creating"] * 2 + [
+        "queued"
+    ] * 3
+    machine.e2b_answers(a0, "created")
+    machine.e2b_answers(a1, "400")
+    machine.time_passes(1_000)
+    assert machine.free_before() == 2
+    machine.provision(b0)
+    assert machine.seen[b0].phase == "creating"
+    machine.no_limit_is_exceeded()
+
+
+def test_the_machine_sees_a_tenants_second_waiter_granted_ahead_of_a_later_tenant() -> None:
+    # Catches: plain FIFO across tenants (the grant side of the machine's fair-order check):
+    # once tenant-a's first waiter is served, tenant-a goes to the back of the ring, so with
+    # one permit free tenant-b's waiter goes before tenant-a's second.
+    c0, c1 = (Waiter("tenant-c", f"Job/tenant-c-{i}") for i in range(2))
+    a0, a1 = (Waiter("tenant-a", f"Job/tenant-a-{i}") for i in range(2))
+    b0 = Waiter("tenant-b", "Job/tenant-b-0")
+    machine = AdmissionMachine()
+    machine.start(which=0, seed=0)
+    for waiter in (c0, c1, a0, a1, b0):
+        machine.provision(waiter)
+    machine.e2b_answers(c0, "created")
+    machine.e2b_answers(c1, "created")
+    machine.time_passes(1_000)
+    machine.provision(a0)
+    machine.e2b_answers(a0, "created")
+    machine.release(c0)
+    machine.time_passes(1_000)
+    assert machine.free_before() == 1
+    machine.provision(a1)
+    machine.provision(b0)
+    assert [machine.seen[w].phase for w in (a0, a1, b0)] == ["holding", "queued", "creating"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from host.services.namespaces import account_namespace
+from host.services.namespaces import ScopedStorage, account_namespace
 from host.storage.base import StorageBackend
 from provisioner.admission import (
     AdmissionConfig,
@@ -20,8 +20,11 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
+from provisioner.admission.backoff import backoff_ms
+from provisioner.admission.inspect import inspect_gates
+from provisioner.admission.state import waiter_key
 from provisioner.model import Failure
-from provisioner.ports import StorageUnavailable
+from provisioner.ports import StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
@@ -225,7 +228,11 @@ def test_attempts_are_bounded_per_waiter() -> None:
             decision = harness.admit(w)
         outcomes.append(harness.settle(w, grant_of(decision), RateLimited(1_000)))
     assert isinstance(outcomes[-1], Rejected)
-    assert outcomes[-1].failure.code == "retry_budget_exhausted"
+    assert outcomes[-1].failure == Failure(
+        "retry_budget_exhausted",
+        "E2B refused 3 create attempts; giving up on this waiter",
+        retryable=True,
+    )
     assert all(isinstance(o, Queued) for o in outcomes[:-1])
 
 
@@ -433,3 +440,121 @@ def test_very_long_names_still_make_valid_keys() -> None:
 def test_temper_spelling_of_the_queue_timeout_is_accepted() -> None:
     # Catches: the [admission] block's queue_timeout_seconds silently ignored.
     assert AdmissionConfig.from_config({"queue_timeout_seconds": "90"}).queue_timeout_ms == 90_000
+
+
+def test_a_drained_retry_budget_refills_per_second_not_per_millisecond() -> None:
+    # Catches: the refill computed per millisecond (the `/ 1000.0` dropped), a budget that
+    # refills a thousand times too fast and so never holds a retry storm back.
+    config = AdmissionConfig(
+        create_rate_per_s=1000,
+        create_burst=10,
+        retry_budget=1,
+        retry_ratio=0,
+        retry_refill_per_s=0.1,
+        backoff_base_ms=100,
+        backoff_cap_ms=100,
+    )
+    harness = Harness(config)
+    (a,) = waiters(1)
+    harness.settle(a, grant_of(harness.admit(a)), Unavailable(503))
+    harness.advance(200)
+    retry = grant_of(harness.admit(a))  # the budget's only token
+    assert retry.attempt == 2
+    harness.settle(a, retry, Unavailable(503))
+    harness.advance(1_000)  # 0.1 token back, the backoff long over
+    held = queued_of(harness.admit(a))
+    # Held back as a backoff, for as long as the budget needs (the backoff cap is 100 ms):
+    # 0.9 tokens missing at 0.1 a second.
+    assert (held.reason, held.retry_after_ms, held.eta_ms) == ("backoff", 9_001, 9_001), held
+    harness.advance(9_001)  # one whole token back
+    assert grant_of(harness.admit(a)).attempt == 3
+
+
+def test_capacity_met_with_nothing_running_shrinks_to_one_and_grows_after_a_full_streak() -> None:
+    # Catches: a shrink that leaves more than the one sandbox E2B may still take, and a
+    # success streak not restarted by the shrink (the capacity then grows back early).
+    config = AdmissionConfig(create_rate_per_s=1000, create_burst=10, capacity_grow_after=2)
+    harness = Harness(config)
+    a, b, c = waiters(3)
+    queued_of(harness.settle(a, grant_of(harness.admit(a)), CapacityExhausted(None)))
+    assert harness.status()["account"]["capacity"]["limit"] == 1
+    harness.release(a)
+    harness.advance(60_000)
+    harness.settle(b, grant_of(harness.admit(b)), Created("sbx-b", 600_000))
+    assert harness.status()["account"]["capacity"]["limit"] == 1
+    harness.release(b)
+    harness.settle(c, grant_of(harness.admit(c)), Created("sbx-c", 600_000))
+    assert harness.status()["account"]["capacity"]["limit"] == 2
+
+
+def test_capacity_met_while_others_run_answers_capacity_at_the_shrunk_limit() -> None:
+    # Catches: the retry told a stale place, count or wait instead of the capacity it now
+    # waits for (E2B's 429 with sandboxes of ours running: no cooldown, a smaller limit).
+    config = AdmissionConfig(
+        create_slots=1, create_rate_per_s=1000, create_burst=10, max_sandboxes=10
+    )
+    harness = Harness(config)
+    a, b, c, d = waiters(4)
+    for w in (a, b):
+        assert harness.settle(w, grant_of(harness.admit(w)), Created(w.entity, 600_000)) is None
+    grant = grant_of(harness.admit(c))
+    queued_of(harness.admit(d))
+    harness.advance(30)
+    answer = queued_of(harness.settle(c, grant, CapacityExhausted(None)))
+    assert (answer.position, answer.queue_length, answer.in_use, answer.limit) == (1, 2, 2, 2)
+    # It waits for a running sandbox's lease (600 s from its start, 30 ms ago).
+    assert (answer.reason, answer.eta_ms, answer.waited_ms) == ("capacity", 599_970, 30)
+    assert answer.retry_after_ms == config.poll_max_ms
+
+
+def test_the_backoff_ceiling_doubles_per_failure_from_the_base_up_to_the_cap() -> None:
+    # Catches: a ceiling growing by another factor, or jitter outside [0, ceiling).
+    config = AdmissionConfig(backoff_base_ms=100, backoff_cap_ms=1_000)
+    assert [backoff_ms(n, config, 0.999_999) for n in range(6)] == [99, 199, 399, 799, 999, 999]
+    assert backoff_ms(3, config, 0.5) == 400 and backoff_ms(3, config, 0.0) == 0
+
+
+def test_a_retry_after_of_zero_means_no_cooldown_not_a_backoff() -> None:
+    # Catches: E2B's "Retry-After: 0" replaced by an exponential backoff.
+    harness = Harness(FAST)
+    (w,) = waiters(1)
+    harness.settle(w, grant_of(harness.admit(w)), RateLimited(0))
+    backoff = harness.status()["account"]["backoff"]
+    assert (backoff["cooling_ms"], backoff["failures"]) == (0, 1)
+
+
+class PlaceWriteLosesOnce(InterposedBackend):
+    """Another invocation of the same waiter writes its place first, once: between this
+    decision's gate write (the grant) and its own place write."""
+
+    def __init__(self, inner: StorageBackend, waiter: Waiter) -> None:
+        super().__init__(inner)
+        self.key = waiter_key(waiter.tenant, waiter.entity)
+        self.armed = True
+
+    def before(self, operation: str, key: str) -> None:
+        if operation == "compare_and_swap" and key == self.key and self.armed:
+            self.armed = False
+            raise StorageConflict(key)
+
+
+def test_a_grant_whose_place_write_lost_gives_its_slot_back() -> None:
+    # Catches: the undo of a grant that could not be recorded leaving its create lease
+    # (a slot held by nobody until the lease expires) or dropping another one.
+    config = AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=10)
+    (other,) = waiters(1, tenant="tenant-b")
+    (w,) = waiters(1)
+    harness = Harness(config)
+    held = grant_of(harness.admit(other))
+    harness.backend = PlaceWriteLosesOnce(harness.backend, w)
+    grant = grant_of(harness.admit(w))  # granted again on the decision's second try
+    slots = harness.status()["account"]["create_slots"]
+    assert slots["in_use"] == 2, slots
+    leases = view_leases(harness)
+    assert sorted(leases) == sorted([held.lease_id, grant.lease_id])
+
+
+def view_leases(harness: Harness) -> list[str]:
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    return [lease.lease_id for lease in gates.create_slots.leases]

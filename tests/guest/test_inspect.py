@@ -13,7 +13,13 @@ from provisioner.admission import (
     RateLimited,
     Waiter,
 )
-from provisioner.admission.inspect import GateView, inspect_gates
+from provisioner.admission.inspect import (
+    CreateLeaseView,
+    GateView,
+    SandboxLeaseView,
+    UnsettledCreateView,
+    inspect_gates,
+)
 from provisioner.admission.place import Stage
 from provisioner.admission.state import waiter_key
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
@@ -175,6 +181,9 @@ def test_expired_leases_are_hidden_unless_asked_for_as_stored() -> None:
     grant = grant_of(harness.admit(Waiter("tenant-a", "Job/1")))
     harness.advance(6_000)
     assert view(harness).create_slots.leases == ()
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    by_default = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    assert by_default.create_slots.leases == ()  # what the next decision will see
     (lease,) = view(harness, prune=False).create_slots.leases
     assert lease.lease_id == grant.lease_id
 
@@ -189,3 +198,79 @@ def test_inspection_writes_nothing() -> None:
     gates = view(harness)
     assert gates.version is not None
     assert stored(harness) == before
+
+
+def test_every_lease_and_unsettled_create_is_shown_in_full() -> None:
+    # Catches: a view field dropped or filled from the wrong place (who holds a permit,
+    # since and until when), the rate's settings, the time of the view, the measured hold.
+    config = AdmissionConfig(
+        create_rate_per_s=50.0, create_burst=10, create_lease_ms=5_000, max_sandboxes=10
+    )
+    harness = Harness(config, sandbox_timeout_ms=60_000)
+    dead, holder, creating = (Waiter(t, f"Job/{t}") for t in ("tenant-c", "tenant-b", "tenant-a"))
+    lost = grant_of(harness.admit(dead))  # its invocation dies: never settled
+    started = harness.clock.now_ms()
+    harness.advance(6_000)
+    held = grant_of(harness.admit(holder))
+    assert harness.settle(holder, held, Created("sbx-b", 600_000)) is None
+    harness.advance(1_000)
+    harness.release(holder)
+    held = grant_of(harness.admit(holder))
+    assert harness.settle(holder, held, Created("sbx-b2", 600_000)) is None
+    in_flight = grant_of(harness.admit(creating))
+    now = harness.clock.now_ms()
+    gates = inspect_gates(
+        ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT), now, config
+    )
+    assert gates.now_ms == now
+    assert gates.create_slots.leases == (
+        CreateLeaseView(in_flight.lease_id, "tenant-a", "Job/tenant-a", now, now + 5_000),
+    )
+    [sandbox] = gates.capacity.leases
+    assert sandbox == SandboxLeaseView(
+        sandbox.lease_id, "tenant-b", "Job/tenant-b", "sbx-b2", now, now + 600_000
+    )
+    assert sandbox.lease_id
+    assert gates.capacity.unsettled == (
+        UnsettledCreateView(lost.lease_id, "tenant-c", "Job/tenant-c", started, started + 65_000),
+    )
+    assert (gates.rate.per_s, gates.rate.burst) == (50.0, 10)
+    assert gates.hold_ms == 1_000
+
+
+def test_a_retry_whose_record_is_gone_is_not_expected_back() -> None:
+    # Catches: a retry entry whose waiter's record expired (it stopped polling) shown as a
+    # live waiter with its old attempt.
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/1")
+    queued_of(harness.settle(waiter, grant_of(harness.admit(waiter)), RateLimited(1_000)))
+    harness.advance(40)
+    [retry] = view(harness).waiters
+    assert (retry.tenant, retry.entity) == ("tenant-a", "Job/1")
+    assert (retry.stage, retry.alive, retry.attempt, retry.waited_ms) == (
+        Stage.RETRYING,
+        True,
+        2,
+        40,
+    )
+    namespace = account_namespace(ACCOUNT)
+    assert harness.backend.delete(namespace, waiter_key(waiter.tenant, waiter.entity), None)
+    [gone] = view(harness).waiters
+    assert (gone.stage, gone.alive, gone.attempt, gone.waited_ms) == (
+        Stage.RETRYING,
+        False,
+        None,
+        None,
+    )
+
+
+def test_a_waiter_behind_one_that_left_out_of_order_is_still_listed() -> None:
+    # Catches: the listing of a tenant's tickets stopping at the first one that left out
+    # of order (released before its turn), hiding everyone behind it.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    a = [Waiter("tenant-a", f"Job/a{i}") for i in range(3)]
+    for waiter in a:
+        queued_of(harness.admit(waiter))
+    harness.release(a[1])
+    assert [w.entity for w in view(harness).waiters] == ["Job/a0", "Job/a2"]

@@ -102,15 +102,19 @@ def test_the_gated_triggers_have_no_on_success_and_their_answers_are_declared() 
     # queue status would be lost (dispatch/wasm/invocation.rs).
     spec = load()
     named = actions(spec)
+    gated: set[str] = set()
     for _, trigger in component_triggers(spec):
         config = trigger["config"]
         # Every operation may answer SandboxFailed as a success: no trigger has on_success.
         assert "on_success" not in trigger, trigger["name"]
         if config["operation"] != "acquire":
             continue
+        gated.add(config["resource"])
         assert config["granted_action"] in named and config["queued_action"] in named
         queued = named[config["queued_action"]]
         assert {"position", "reason", "retry_after_ms", "eta_ms"} <= set(queued["params"])
+    # Both gates were checked (a spec whose acquires were renamed would check nothing).
+    assert gated == {"sessions", "llm"}
 
 
 def test_every_trigger_config_is_valid_and_one_gate_has_one_set_of_limits() -> None:
@@ -129,9 +133,9 @@ def test_every_trigger_config_is_valid_and_one_gate_has_one_set_of_limits() -> N
 
 def test_every_way_to_failed_gives_back_the_permit_and_the_slot() -> None:
     spec = load()
-    for action in spec["action"]:
-        if action["to"] != "Failed":
-            continue
+    ways_to_failed = [action for action in spec["action"] if action["to"] == "Failed"]
+    assert ways_to_failed, "the spec has no action into Failed: nothing was checked"
+    for action in ways_to_failed:
         released = {
             t["config"]["resource"]
             for t in action.get("triggers", [])

@@ -1,19 +1,33 @@
-"""Guest operations natively, with E2B faked at the Http port: what happens around a grant."""
+"""Guest operations natively, with E2B faked at the Http port: what happens around a grant,
+and the operations layer's ordering rules (provisioner/operations.py): the entity record
+is written before a create is sent, deleted only after E2B confirmed the kill, and one
+idempotency key serves a whole provisioning cycle."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
 
 from host.runtime.component_runtime import HostServices
-from host.runtime.native import NativeRuntime
-from host.sessions.simulated_ports import VirtualClock
+from host.runtime.native import NativeRuntime, native_ports
+from host.services.namespaces import tenant_namespace
+from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
+from provisioner.admission.state import GATE_KEY
+from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
 from provisioner.model import Outcome
-from provisioner.ports import HttpRequest, HttpResponse
+from provisioner.ports import HttpRequest, HttpResponse, LogLevel, StorageUnavailable
 from tests.builders import invocation
-from tests.doubles import RecordingTelemetrySink
+from tests.doubles import InterposedBackend, RecordingTelemetrySink
 
 BASE = "https://api.e2b.test"
+TENANT = "acme"
+CONFIG = {"e2b_api_url": BASE, "create_slots": "1", "create_rate_per_s": "1000"}
 
 
 class ExplodingE2B:
@@ -30,10 +44,132 @@ class ExplodingE2B:
         return HttpResponse(201, (), json.dumps(body).encode())
 
 
+def _answer(status: int, body: Any = None) -> HttpResponse:
+    return HttpResponse(status, (), b"" if body is None else json.dumps(body).encode())
+
+
+@dataclass
+class ScriptedE2B:
+    """E2B at the Http port, keeping its sandboxes (with their metadata) so a test sees what
+    really runs there. `create_answers` and `kill_answers` are statuses answered in turn
+    (then 201 and 204); a create answered 503 still makes its sandbox when `made_on_failure`
+    (E2B made it but the answer was lost). A create carrying a known idempotency key gets
+    the sandbox that key already made, as E2B's does."""
+
+    create_answers: list[int] = field(default_factory=list)
+    kill_answers: list[int] = field(default_factory=list)
+    made_on_failure: bool = False
+    # The host's own E2B key, as the gateway reports it (None: a double that does not say).
+    api_key: str | None = None
+    # What a successful create answers beyond the id (E2B's field names).
+    answer: dict[str, str] = field(default_factory=lambda: {"templateID": "base", "clientID": "c"})
+    on_create: Callable[[HttpRequest], None] | None = None
+    sandboxes: dict[str, dict[str, str]] = field(default_factory=dict)
+    create_keys: list[str] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+
+    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        if not request.url.startswith(BASE):  # TemperFS, say: not here
+            return _answer(503, {"message": "not this service"})
+        path = urlsplit(request.url).path
+        self.requests.append((request.method, path))
+        if request.method == "POST" and path == "/v2/sandboxes":
+            return self._create(request)
+        if request.method == "GET" and path == "/v2/sandboxes":
+            query = parse_qs(urlsplit(request.url).query)["metadata"][0]
+            wanted = {k: v[0] for k, v in parse_qs(query).items()}
+            return _answer(
+                200,
+                [
+                    {"sandboxID": sid, "templateID": "base", "clientID": "c"}
+                    for sid, metadata in self.sandboxes.items()
+                    if wanted.items() <= metadata.items()
+                ],
+            )
+        if request.method == "DELETE" and path.startswith("/sandboxes/"):
+            status = self.kill_answers.pop(0) if self.kill_answers else 204
+            if status in (200, 204):
+                self.sandboxes.pop(path.removeprefix("/sandboxes/"), None)
+            return _answer(status, None if status == 204 else {"message": "unavailable"})
+        raise AssertionError(f"unexpected request {request.method} {request.url}")
+
+    def _create(self, request: HttpRequest) -> HttpResponse:
+        key = dict(request.headers)["idempotency-key"]
+        self.create_keys.append(key)
+        if self.on_create is not None:
+            self.on_create(request)
+        metadata: dict[str, str] = json.loads(request.body)["metadata"]
+        assert metadata["temper_idempotency_key"] == key
+        made = [sid for sid, m in self.sandboxes.items() if m["temper_idempotency_key"] == key]
+        status = self.create_answers.pop(0) if self.create_answers else 201
+        if status == 201 or self.made_on_failure:
+            sandbox_id = made[0] if made else f"sbx-{len(self.create_keys)}"
+            self.sandboxes[sandbox_id] = metadata
+        if status != 201:
+            return _answer(status, {"message": "unavailable"})
+        return _answer(201, {"sandboxID": sandbox_id, **self.answer})
+
+
+class Guest:
+    """One tenant's storage on a virtual clock, invoked natively through `NativeRuntime`."""
+
+    def __init__(self, e2b: Any, wrap: Callable[[MemoryBackend], Any] | None = None) -> None:
+        self.clock = VirtualClock()
+        self.backend = MemoryBackend(self.clock.now_ms)
+        self.e2b = e2b
+        self.telemetry = RecordingTelemetrySink()
+        self.runtime = NativeRuntime(
+            HostServices(
+                self.backend if wrap is None else wrap(self.backend),
+                e2b,
+                self.telemetry,
+                random_u64=SeededRandom(7).next_u64,
+                clock_ms=self.clock.now_ms,
+            )
+        )
+
+    def invoke(self, operation: str, entity_id: str = "job-1", **config: str) -> Outcome:
+        merged = {**CONFIG, "operation": operation, **config}
+        return self.runtime.invoke(
+            invocation(merged, tenant=TENANT, entity_type="Job", entity_id=entity_id)
+        )
+
+    def record(self, entity_id: str = "job-1") -> EntityRecord | None:
+        loaded = self.records().load(f"Job/{entity_id}")
+        return None if loaded is None else loaded[0]
+
+    def records(self) -> EntityRecords:
+        ports = native_ports(
+            self.backend,
+            tenant=TENANT,
+            account="default",
+            http=self.e2b,
+            clock=self.clock,
+            random=SeededRandom(0),
+            telemetry=EventLog(),
+        )
+        return EntityRecords(ports.storage)
+
+    def account(self) -> dict[str, Any]:
+        gates: dict[str, Any] = self.invoke("status").params["gates"]
+        return dict(gates["account"])
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [event for _, event in self.telemetry.events if event.get("event") == name]
+
+    def provision_until_settled(self, entity_id: str = "job-1", polls: int = 50) -> Outcome:
+        """Provision as a session does: poll again when told, until an answer that ends it."""
+        for _ in range(polls):
+            outcome = self.invoke("provision", entity_id)
+            if outcome.action != "SandboxQueued":
+                return outcome
+            self.clock.advance(max(1, int(outcome.params["retry_after_ms"])))
+        raise AssertionError(f"still queued after {polls} polls")
+
+
 def provision(runtime: NativeRuntime, entity_id: str) -> Outcome:
-    config = {"e2b_api_url": BASE, "create_slots": "1", "create_rate_per_s": "1000"}
     return runtime.invoke(
-        invocation(config, entity_type="Job", entity_id=entity_id, trigger_action="Submit")
+        invocation(CONFIG, entity_type="Job", entity_id=entity_id, trigger_action="Submit")
     )
 
 
@@ -55,3 +191,574 @@ def test_a_grant_is_settled_even_when_the_create_blows_up() -> None:
     clock.advance(10)  # past the rate gate's spacing, far inside the slot's lease
     after = provision(runtime, "job-2")
     assert after.action == "SandboxReady", after
+
+
+def test_a_kill_answered_503_keeps_the_record_so_a_later_release_kills_the_sandbox() -> None:
+    # Catches: a release that releases the permit and forgets the record before the kill;
+    # a kill answered 503 then leaves the sandbox running at E2B with no record of it, an
+    # orphan no later release can find.
+    guest = Guest(ScriptedE2B(kill_answers=[503]))
+    ready = guest.invoke("provision")
+    assert ready.action == "SandboxReady", ready
+    sandbox_id = ready.params["sandbox_id"]
+
+    refused = guest.invoke("release")
+    assert refused.error is not None and refused.error.code == "e2b_unavailable", refused
+    assert sandbox_id in guest.e2b.sandboxes
+    kept = guest.record()
+    assert kept is not None and kept.sandbox_id == sandbox_id
+    status = guest.invoke("status")
+    assert status.params["gates"]["account"]["capacity"]["in_use"] == 1
+
+    released = guest.invoke("release")
+    assert released.action == "SandboxReleased", released
+    assert released.params == {"released": True, "sandbox_id": sandbox_id}
+    assert guest.e2b.sandboxes == {}
+    assert guest.record() is None
+    after = guest.invoke("status")
+    assert after.params["gates"]["account"]["capacity"]["in_use"] == 0
+
+
+def test_release_finds_an_unrecorded_create_by_key_and_keeps_it_after_a_503() -> None:
+    # Catches: a release of a pending cycle (a create E2B made but whose answer was lost)
+    # that forgets the record when the kill fails, or that does not look the sandbox up by
+    # its idempotency key: either leaves the sandbox orphaned.
+    guest = Guest(ScriptedE2B(create_answers=[503], kill_answers=[503], made_on_failure=True))
+    queued = guest.invoke("provision")
+    assert queued.action == "SandboxQueued", queued
+    [made] = guest.e2b.sandboxes
+    pending = guest.record()
+    assert pending is not None and pending.state == PENDING
+
+    refused = guest.invoke("release")
+    assert refused.error is not None and refused.error.code == "e2b_unavailable", refused
+    assert made in guest.e2b.sandboxes and guest.record() is not None
+
+    released = guest.invoke("release")
+    assert released.params == {"released": True, "sandbox_id": made}, released
+    assert guest.e2b.sandboxes == {} and guest.record() is None
+
+
+def test_one_idempotency_key_per_provisioning_cycle_across_retries() -> None:
+    # Catches: a key drawn per attempt, so a retry after a lost answer makes a second
+    # sandbox instead of adopting the first; and a key reused by the next cycle, which
+    # would hand a released entity its killed sandbox back.
+    guest = Guest(ScriptedE2B(create_answers=[503, 503], made_on_failure=True))
+    ready = guest.provision_until_settled()
+    assert ready.action == "SandboxReady", ready
+    assert ready.params["attempts"] == 3
+    first_cycle = guest.e2b.create_keys
+    assert len(first_cycle) == 3 and len(set(first_cycle)) == 1
+    assert list(guest.e2b.sandboxes) == [ready.params["sandbox_id"]]
+
+    assert guest.invoke("release").params["released"] is True
+    again = guest.provision_until_settled()
+    assert again.action == "SandboxReady", again
+    assert guest.e2b.create_keys[3] != first_cycle[0]
+
+
+def test_the_entity_record_is_written_before_the_create_is_sent() -> None:
+    # Catches: a create sent before its cycle's record (and nonce) is stored; a crash
+    # between them leaves a sandbox no release can find by its key.
+    guest: Guest
+    seen: list[EntityRecord | None] = []
+
+    def at_create(request: HttpRequest) -> None:
+        seen.append(guest.record())
+
+    guest = Guest(ScriptedE2B(on_create=at_create))
+    ready = guest.invoke("provision")
+    assert ready.action == "SandboxReady", ready
+    [record] = seen
+    assert record is not None and record.state == PENDING
+    stored = guest.record()
+    assert stored is not None and stored.nonce == record.nonce
+    assert stored.sandbox_id == ready.params["sandbox_id"]
+
+
+def test_static_mode_answers_ready_without_e2b_or_stored_state() -> None:
+    # Catches: a static sandbox_url that still creates at E2B, stores an entity record or
+    # takes a permit; and the old module's order of the three places the URL may come from.
+    e2b = ScriptedE2B()
+    guest = Guest(e2b)
+    static = "https://sandbox.static.test"
+    ready = guest.invoke("provision", sandbox_url=static)
+    assert ready.action == "SandboxReady", ready
+    assert ready.params["sandbox_id"] == "static-sandbox"
+    assert ready.params["sandbox_url"] == static
+    assert e2b.requests == [] and guest.record() is None
+    assert (LogLevel.INFO, f"sandbox_provisioner: using static sandbox_url: {static}") in [
+        (level, message) for _, level, message in guest.telemetry.logs
+    ]
+    status = guest.invoke("status")
+    assert status.params["entity"] is None
+    assert status.params["gates"]["account"]["capacity"]["in_use"] == 0
+    released = guest.invoke("release", sandbox_url=static)
+    assert released.params == {"released": False, "held_permit": False}, released
+    assert e2b.requests == []
+
+    def url_from(entity_state: dict[str, Any], config: dict[str, str], trigger: Any) -> str:
+        outcome = guest.runtime.invoke(
+            invocation(
+                {**CONFIG, **config},
+                tenant=TENANT,
+                entity_type="Job",
+                entity_id="job-2",
+                entity_state=entity_state,
+                trigger_params={"sandbox_url": trigger},
+            )
+        )
+        assert outcome.action == "SandboxReady", outcome
+        return str(outcome.params["sandbox_url"])
+
+    field_url, config_url, param_url = (f"https://{n}.static.test" for n in "fcp")
+    fields = {"fields": {"sandbox_url": field_url}}
+    assert url_from(fields, {"sandbox_url": config_url}, param_url) == field_url
+    assert url_from({}, {"sandbox_url": config_url}, param_url) == config_url
+    assert url_from({}, {}, param_url) == param_url
+    assert e2b.requests == []
+
+
+def test_ready_params_the_stored_record_and_the_create_metadata_name_the_sandbox() -> None:
+    # Catches: a SandboxReady param, record field or create metadata key lost or renamed
+    # (a repeated Provision answers from the stored record, so both must carry them).
+    bodies: list[dict[str, Any]] = []
+    e2b = ScriptedE2B(on_create=lambda request: bodies.append(json.loads(request.body)))
+    guest = Guest(e2b)
+    ready = guest.invoke("provision")
+    expected = {
+        "sandbox_url": "https://49983-sbx-1.e2b.app",
+        "sandbox_id": "sbx-1",
+        "template_id": "base",
+        "client_id": "c",
+        "envd_version": "",
+        "attempts": 1,
+        "queued_ms": 0,
+    }
+    assert {k: ready.params[k] for k in expected} == expected, ready
+    again = guest.invoke("provision")
+    assert {k: again.params[k] for k in expected} == expected, again
+    [body] = bodies
+    assert body["metadata"] == {
+        "temper_tenant": TENANT,
+        "temper_entity_type": "Job",
+        "temper_entity_id": "job-1",
+        "temper_idempotency_key": e2b.create_keys[0],
+    }
+    assert guest.events("sandbox_ready") == [
+        {
+            "event": "sandbox_ready",
+            "tenant": TENANT,
+            "entity": "Job/job-1",
+            "sandbox_id": "sbx-1",
+            "attempts": 1,
+            "queued_ms": 0,
+        }
+    ]
+    guest.invoke("release")
+    assert guest.events("sandbox_released") == [
+        {
+            "event": "sandbox_released",
+            "tenant": TENANT,
+            "entity": "Job/job-1",
+            "sandbox_ids": ["sbx-1"],
+        }
+    ]
+
+
+def test_the_records_live_as_long_as_the_queue_timeout_and_the_sandbox() -> None:
+    # Catches: a pending record that outlives neither the longest queue wait (a waiter
+    # would lose its idempotency key mid-queue) nor vanishes afterwards, and a ready record
+    # kept past its sandbox's E2B timeout (or dropped before it).
+    guest = Guest(ScriptedE2B(create_answers=[503]))
+    assert guest.invoke("provision", queue_timeout_s="60").action == "SandboxQueued"
+    pending_ttl_ms = 60_000 + 10 * 60 * 1000
+    guest.clock.advance(pending_ttl_ms - 1)
+    assert guest.record() is not None
+    guest.clock.advance(1)
+    assert guest.record() is None
+
+    ready_guest = Guest(ScriptedE2B())
+    assert ready_guest.invoke("provision", sandbox_timeout_s="120").action == "SandboxReady"
+    ready_guest.clock.advance(120_000 - 1)
+    assert ready_guest.record() is not None
+    ready_guest.clock.advance(1)
+    assert ready_guest.record() is None
+
+
+def test_a_release_during_the_create_kills_the_new_sandbox_and_frees_the_permit() -> None:
+    # Catches: a sandbox created for an entity released while its create was in flight
+    # left running (nobody will release it again), or its permit kept.
+    guest: Guest
+
+    def released_meanwhile(request: HttpRequest) -> None:
+        assert guest.invoke("release").action == "SandboxReleased"
+
+    e2b = ScriptedE2B(on_create=released_meanwhile, kill_answers=[204])
+    guest = Guest(e2b)
+    outcome = guest.invoke("provision")
+    assert outcome.error is not None and outcome.error.code == "released_during_create"
+    assert outcome.error.retryable is False
+    assert outcome.error.message == "the entity was released while its sandbox was being created"
+    assert e2b.sandboxes == {} and ("DELETE", "/sandboxes/sbx-1") in e2b.requests
+    account = guest.account()
+    assert account["capacity"]["in_use"] == 0 and account["create_slots"]["in_use"] == 0
+
+
+def test_a_failed_kill_after_a_release_during_the_create_is_reported() -> None:
+    guest: Guest
+
+    def released_meanwhile(request: HttpRequest) -> None:
+        guest.invoke("release")
+
+    guest = Guest(ScriptedE2B(on_create=released_meanwhile, kill_answers=[503]))
+    outcome = guest.invoke("provision")
+    assert outcome.error is not None and outcome.error.code == "released_during_create"
+    assert outcome.error.message.startswith(
+        "the entity was released while its sandbox was being created; kill failed: "
+    )
+
+
+def test_a_release_that_cannot_list_keeps_the_record_and_says_so() -> None:
+    # Catches: a pending cycle's release that forgets the record when E2B cannot say which
+    # sandboxes carry its key, or answers with an untyped or non-retryable failure.
+    class ListFails(ScriptedE2B):
+        def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+            if request.method == "GET":
+                return _answer(500, {"message": "down"})
+            return super().send(request, deadline_ms=deadline_ms)
+
+    guest = Guest(ListFails(create_answers=[503]))
+    assert guest.invoke("provision").action == "SandboxQueued"
+    refused = guest.invoke("release")
+    assert refused.error is not None and refused.error.code == "e2b_unavailable"
+    assert refused.error.retryable is True
+    assert refused.error.message == "could not list sandboxes: connection: list answered 500"
+    assert guest.record() is not None
+
+
+def test_a_failed_kill_names_the_sandbox_it_could_not_kill() -> None:
+    guest = Guest(ScriptedE2B(kill_answers=[503]))
+    sandbox_id = guest.invoke("provision").params["sandbox_id"]
+    refused = guest.invoke("release")
+    assert refused.params["sandbox_id"] == sandbox_id and refused.params["retryable"] is True
+
+
+def test_a_queue_timeout_forgets_the_cycle_so_the_next_one_starts_afresh() -> None:
+    # Catches: a rejected waiter whose pending record (and so its idempotency key) is kept,
+    # so a later cycle would reuse a key E2B may hold a sandbox for.
+    guest = Guest(ScriptedE2B())
+    holder = guest.invoke("provision", "job-0", create_slots="1")
+    assert holder.action == "SandboxReady"
+    config = {"max_sandboxes": "1", "queue_timeout_s": "1"}
+    assert guest.invoke("provision", "job-1", **config).action == "SandboxQueued"
+    assert guest.record("job-1") is not None
+    guest.clock.advance(1_000)
+    rejected = guest.invoke("provision", "job-1", **config)
+    assert rejected.error is not None and rejected.error.code == "queue_timeout", rejected
+    assert guest.record("job-1") is None
+
+
+def test_a_create_that_raises_is_an_internal_error_that_is_not_retried() -> None:
+    guest = Guest(ExplodingE2B())
+    broken = guest.invoke("provision")
+    assert broken.error is not None and broken.error.code == "internal_error"
+    assert broken.error.message == "RuntimeError: a bug below the port"
+    # The slot went back through a settle with a non-retryable failure: no retry, no backoff.
+    [settled] = [e for e in guest.events("admission_rejected") if e["step"] == "settle"]
+    assert settled["code"] == "internal_error" and settled["e2b_answer"] == "CreateFailed"
+    assert settled["message"] == "create failed: RuntimeError('a bug below the port')"
+    assert guest.account()["backoff"]["failures"] == 0
+
+
+class RivalWrites(InterposedBackend):
+    """Another invocation writes the entity record between this one's read and its write,
+    `times` times (removing it again before each next read, as a release would)."""
+
+    def __init__(self, inner: MemoryBackend, times: int) -> None:
+        super().__init__(inner)
+        self.times = times
+
+    def before(self, operation: str, key: str) -> None:
+        if not key.startswith("entity/") or self.times <= 0:
+            return
+        namespace = tenant_namespace(TENANT)
+        if operation == "get":
+            self.inner.delete(namespace, key, None)
+        elif operation == "compare_and_swap":
+            self.times -= 1
+            rival = EntityRecord(state=PENDING, nonce="rival", since_ms=0)
+            self.inner.compare_and_swap(namespace, key, None, rival.encode(), None)
+
+
+def test_a_record_that_keeps_changing_is_a_retryable_contention() -> None:
+    e2b = ScriptedE2B()
+    guest = Guest(e2b, lambda inner: RivalWrites(inner, times=4))
+    outcome = guest.invoke("provision")
+    assert outcome.error is not None and outcome.error.code == "storage_contention", outcome
+    assert outcome.error.retryable is True
+    assert outcome.error.message == "the entity record kept changing; try again"
+    assert e2b.requests == []
+
+
+def test_a_record_written_by_a_rival_first_is_adopted_with_its_key() -> None:
+    # Catches: giving up at the first conflict instead of reading the rival's record (its
+    # nonce, so both invocations create with the same idempotency key).
+    e2b = ScriptedE2B()
+    guest = Guest(e2b, lambda inner: RivalWrites(inner, times=1))
+    assert guest.invoke("provision").action == "SandboxReady"
+    assert e2b.create_keys == [idempotency_key(TENANT, "Job/job-1", "rival")]
+
+
+class GateWritesFail(InterposedBackend):
+    """Storage whose writes of the account gate fail `failures` times once armed."""
+
+    def __init__(self, inner: MemoryBackend) -> None:
+        super().__init__(inner)
+        self.failures = 0
+
+    def before(self, operation: str, key: str) -> None:
+        if operation == "compare_and_swap" and key == GATE_KEY and self.failures > 0:
+            self.failures -= 1
+            raise StorageUnavailable("the gate's store is down")
+
+
+def provision_with_failing_settles(failures: int) -> tuple[Guest, Outcome]:
+    backends: list[GateWritesFail] = []
+
+    def arm(request: HttpRequest) -> None:
+        backends[0].failures = failures
+
+    def wrap(inner: MemoryBackend) -> GateWritesFail:
+        backends.append(GateWritesFail(inner))
+        return backends[0]
+
+    guest = Guest(ScriptedE2B(on_create=arm), wrap)
+    return guest, guest.invoke("provision")
+
+
+def test_a_settle_that_met_a_storage_failure_is_repeated_twice_more() -> None:
+    # Catches: a settle given up after one storage failure (the slot then stays taken
+    # until its lease expires), or repeated without bound.
+    guest, ready = provision_with_failing_settles(2)
+    assert ready.action == "SandboxReady", ready
+    assert guest.account()["create_slots"]["in_use"] == 0
+    warned = [(level, message) for _, level, message in guest.telemetry.logs]
+    assert len(warned) == 2 and all(
+        level is LogLevel.WARN
+        and message.startswith("admission for Job/job-1 fails closed: settle: StorageUnavailable(")
+        for level, message in warned
+    ), warned
+    queued = [e for e in guest.events("admission_queued") if e["step"] == "settle"]
+    # Fails closed: nothing about the gates is claimed, only when to come back (jittered).
+    waits = [e["retry_after_ms"] for e in queued]
+    assert [
+        {k: v for k, v in e.items() if k not in ("retry_after_ms", "eta_ms")} for e in queued
+    ] == [
+        {
+            "tenant": TENANT,
+            "entity": "Job/job-1",
+            "step": "settle",
+            "e2b_answer": "Created",
+            "attempt": 1,
+            "event": "admission_queued",
+            "position": 0,
+            "queue_length": 0,
+            "in_use": 0,
+            "limit": 0,
+            "reason": "storage",
+            "waited_ms": 0,
+        }
+    ] * 2
+    assert [e["eta_ms"] for e in queued] == waits
+    assert all(200 <= wait < 1_200 for wait in waits) and max(waits) > 200, waits
+
+    guest, ready = provision_with_failing_settles(3)
+    assert ready.action == "SandboxReady", ready
+    # Three tries failed: the slot waits for its lease to expire.
+    assert guest.account()["create_slots"]["in_use"] == 1
+
+
+class HostDied(BaseException):
+    """The invocation's host went away mid-call (nothing in the guest may catch it)."""
+
+
+def test_a_create_whose_invocation_died_counts_until_its_sandbox_would_time_out() -> None:
+    # Catches: the sandbox timeout handed to admission in the wrong unit (or not at all): a
+    # create never settled may have made a sandbox, which E2B runs for the timeout the
+    # create asked for, so capacity counts it until then and no longer.
+    def die(request: HttpRequest) -> None:
+        raise HostDied
+
+    guest = Guest(ScriptedE2B(on_create=die))
+    config = {"create_lease_ms": "10000", "sandbox_timeout_s": "60"}
+    with pytest.raises(HostDied):
+        guest.invoke("provision", **config)
+    guest.clock.advance(10_000 + 60_000 - 1)
+    capacity = guest.invoke("status", **config).params["gates"]["account"]["capacity"]
+    assert (capacity["in_use"], capacity["unsettled"]) == (1, 1), capacity
+    guest.clock.advance(1)
+    capacity = guest.invoke("status", **config).params["gates"]["account"]["capacity"]
+    assert (capacity["in_use"], capacity["unsettled"]) == (0, 0), capacity
+
+
+def test_a_run_of_503s_never_cools_the_account_down_longer_than_the_cap() -> None:
+    # Catches: the backoff cap not applied (the ceiling doubles past it: 500 ms after 8
+    # failures is 128 s), seen from what a session's polls meet.
+    guest = Guest(ScriptedE2B(create_answers=[503] * 10))
+    config = {"backoff_cap_ms": "2000", "max_create_attempts": "20", "retry_budget": "100"}
+    cooldowns = []
+    for _ in range(60):
+        outcome = guest.invoke("provision", **config)
+        if outcome.action == "SandboxReady":
+            break
+        cooldowns.append(guest.invoke("status", **config).params["gates"]["account"]["backoff"])
+        guest.clock.advance(max(1, int(outcome.params["retry_after_ms"])))
+    assert outcome.action == "SandboxReady", outcome
+    assert max(c["failures"] for c in cooldowns) == 10
+    assert max(c["cooling_ms"] for c in cooldowns) <= 2_000, cooldowns
+
+
+def test_status_shows_the_entity_record_and_its_tenants_gates() -> None:
+    # Catches: the entity part of SandboxStatus lost or renamed, or the gates read for
+    # another tenant.
+    guest = Guest(ScriptedE2B(create_answers=[503]))
+    assert guest.invoke("status").params["entity"] is None
+    started = guest.clock.now_ms()
+    guest.invoke("provision")
+    pending = guest.invoke("status")
+    assert pending.action == "SandboxStatus"
+    assert pending.params["entity"] == {
+        "state": "pending",
+        "sandbox_id": None,
+        "attempts": 0,  # counted when the record becomes ready
+        "since_ms": started,
+    }
+    guest.clock.advance(60_000)
+    ready = guest.provision_until_settled()
+    assert ready.action == "SandboxReady", ready
+    status = guest.invoke("status").params
+    assert status["entity"] == {
+        "state": "ready",
+        "sandbox_id": ready.params["sandbox_id"],
+        "attempts": 2,
+        "since_ms": guest.clock.now_ms(),
+    }
+    assert status["gates"]["tenant"]["tenant"] == TENANT
+    assert status["gates"]["tenant"]["in_use"] == 1
+
+
+def test_the_ready_record_keeps_what_e2b_answered_and_how_long_it_queued() -> None:
+    # Catches: envd version, template or queued time not stored (a repeated Provision
+    # answers from the record), or the configured template not used when E2B names none.
+    e2b = ScriptedE2B(answer={"templateID": "tpl-x", "clientID": "c", "envdVersion": "0.2.0"})
+    guest = Guest(e2b)
+    assert guest.invoke("provision", "job-0", create_slots="1").action == "SandboxReady"
+    assert guest.invoke("provision", create_slots="1").action == "SandboxQueued"
+    guest.clock.advance(150_000)  # job-0's slot lease runs out
+    ready = guest.provision_until_settled()
+    assert ready.params["queued_ms"] > 0
+    again = guest.invoke("provision")
+    assert (again.params["template_id"], again.params["envd_version"]) == ("tpl-x", "0.2.0")
+    assert again.params["queued_ms"] == ready.params["queued_ms"]
+
+    unnamed = Guest(ScriptedE2B(answer={"clientID": "c"}))
+    ready = unnamed.invoke("provision", template_id="my-template")
+    assert ready.params["template_id"] == "my-template"
+
+
+def test_provision_refuses_without_a_user_message_or_a_key() -> None:
+    # Catches: the old module's two refusals lost, renamed or reworded.
+    guest = Guest(ScriptedE2B())
+    no_message = guest.invoke("provision", temperfs="on", temper_api_url="http://temper.test")
+    assert no_message.error is not None
+    assert (no_message.error.code, no_message.error.message) == (
+        "agent_not_configured",
+        "agent not configured — user_message is empty",
+    )
+    no_key = Guest(ScriptedE2B(api_key="")).invoke("provision")  # none here, none in config
+    assert no_key.error is not None and no_key.error.code == "e2b_api_key_missing"
+    assert no_key.error.message == (
+        "no sandbox_url configured and no e2b_api_key available — "
+        "set sandbox_url via Configure or store e2b_api_key secret"
+    )
+    assert guest.e2b.requests == []
+
+
+def test_with_a_user_message_temperfs_provisions_and_without_it_answers_empty_ids() -> None:
+    # Catches: the user_message check reading another field (every TemperFS provision
+    # refused), and the five conversation ids missing from SandboxReady when the setup is
+    # off or failed (the spec reads them).
+    ids = (
+        "workspace_id",
+        "conversation_file_id",
+        "file_manifest_id",
+        "session_file_id",
+        "session_leaf_id",
+    )
+    guest = Guest(ScriptedE2B())
+    ready = guest.runtime.invoke(
+        invocation(
+            {**CONFIG, "temperfs": "on", "temper_api_url": "http://temper.test"},
+            tenant=TENANT,
+            entity_type="Job",
+            entity_id="job-1",
+            entity_state={"fields": {"user_message": "hello"}},
+        )
+    )
+    assert ready.action == "SandboxReady", ready
+    guest.clock.advance(10)  # past the rate gate's spacing
+    plain = guest.invoke("provision", "job-2")
+    assert plain.action == "SandboxReady"
+    assert all(plain.params[name] == "" for name in ids), plain.params
+
+
+class EntityRecordsDown(InterposedBackend):
+    def before(self, operation: str, key: str) -> None:
+        if key.startswith("entity/"):
+            raise StorageUnavailable("the tenant's store is down")
+
+
+def test_a_storage_outage_while_provisioning_keeps_the_session_waiting() -> None:
+    # Catches: a storage outage answered SandboxFailed (it ends the session under
+    # Temper's rules) instead of SandboxQueued with reason storage and a jittered wait.
+    guest = Guest(ScriptedE2B(), EntityRecordsDown)
+    outcome = guest.invoke("provision")
+    assert outcome.action == "SandboxQueued", outcome
+    wait = outcome.params["retry_after_ms"]
+    assert outcome.params == {
+        "position": 0,
+        "queue_length": 0,
+        "in_use": 0,
+        "limit": 0,
+        "reason": "storage",
+        "retry_after_ms": wait,
+        "eta_ms": wait,
+        "waited_ms": 0,
+    }
+    assert 200 <= wait < 1_200
+    assert guest.e2b.requests == []
+
+
+def test_a_release_does_not_delete_a_record_rewritten_while_it_killed() -> None:
+    # Catches: a release that deletes the entity record whatever version it now has (a
+    # newer one, written by another invocation while the kill was in flight, is lost), or
+    # one that lets the conflict escape instead of leaving the newer record alone.
+    guest: Guest
+
+    def rewritten_meanwhile(request: HttpRequest) -> None:
+        if request.method == "DELETE":
+            loaded = guest.records().load("Job/job-1")
+            assert loaded is not None
+            guest.records().put("Job/job-1", loaded[0], loaded[1], 600_000)
+
+    class RewriteDuringKill(ScriptedE2B):
+        def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+            rewritten_meanwhile(request)
+            return super().send(request, deadline_ms=deadline_ms)
+
+    guest = Guest(RewriteDuringKill())
+    assert guest.invoke("provision").action == "SandboxReady"
+    released = guest.invoke("release")
+    assert released.action == "SandboxReleased", released
+    assert guest.record() is not None

@@ -4,14 +4,18 @@ call answers), the outcome is well formed (a known action, params a JSON object,
 codes from docs/contract.md's set), an input the guest refuses changed no stored state, and the
 admission gates hold (in use never above the configured limits).
 
-The host, its storage and the mock persist across examples so gate state accumulates, as it
-would in production; the storage clock moves by a drawn amount per example so leases, queue
-timeouts and backoff expire. CI runs a few hundred examples; `FUZZ_EXAMPLES=10000` (or
-`HYPOTHESIS_PROFILE=long`) runs the long share, and `-s` prints the tally.
+In the invocation fuzz, the host, its storage and the mock persist across examples so gate
+state accumulates, as it would in production; the storage clock moves by a drawn amount per
+example so leases, queue timeouts and backoff expire. The E2B-answer fuzz gives each example
+its own storage, virtual clock and seeded randomness, drawn from a fixed seed (FUZZ_SEED), so
+an example's outcome depends on nothing before it and a failure replays. CI runs a few
+hundred examples; `FUZZ_EXAMPLES=10000` (or `HYPOTHESIS_PROFILE=long`) runs the long share,
+and `-s` prints the tally.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,13 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from host.mock_e2b import MockE2BConfig, MockE2BServer
 from host.mock_e2b.config import FaultRule
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent
+from host.sessions.simulated_ports import SeededRandom, VirtualClock
 from provisioner.failures import HOST_CODES
 from provisioner.model import Invocation, Outcome
 from tests.builders import invocation
@@ -316,25 +321,54 @@ class Scripted:
 
 
 @pytest.fixture(scope="module")
-def scripted_e2b(
-    loaded_component: LoadedComponent,
-) -> Iterator[tuple[ComponentRuntime, Scripted, SnapshotBackend, str]]:
+def scripted_e2b() -> Iterator[tuple[Scripted, SpyGateway, str]]:
+    """The loopback E2B and the gateway to it, shared by the examples: they keep no state
+    an answer depends on (each example sets the reply, and storage is the example's own)."""
     script = Scripted()
     servers = serving(lambda _: script.reply)
     server = next(servers)
-    storage = SnapshotBackend()
     gateway = SpyGateway(server.url, API_KEY)
-    runtime = ComponentRuntime(
-        loaded_component, HostServices(storage, gateway, RecordingTelemetrySink())
-    )
-    yield runtime, script, storage, server.url
-    runtime.close()
+    yield script, gateway, server.url
     gateway.close()
     servers.close()
 
 
+# The examples are drawn from this seed, so a run replays exactly: a failure found with
+# FUZZ_SEED=N (or the default) fails again with the same N. Each example has its own storage,
+# virtual clock and seeded randomness, so no example's outcome depends on one before it.
+FUZZ_SEED = int(os.environ.get("FUZZ_SEED") or 28)
+CREATED = Reply(201, (), json.dumps({"sandboxID": "i" + "0" * 19, "templateID": "base"}).encode())
+
+
+@contextlib.contextmanager
+def isolated_runtime(
+    loaded: LoadedComponent, gateway: SpyGateway, clock: VirtualClock, random_seed: int
+) -> Iterator[ComponentRuntime]:
+    """A runtime of its own: fresh storage on `clock`, randomness drawn from `random_seed`."""
+    runtime = ComponentRuntime(
+        loaded,
+        HostServices(
+            SnapshotBackend(clock.now_ms),
+            gateway,
+            RecordingTelemetrySink(),
+            random_u64=SeededRandom(random_seed).next_u64,
+            clock_ms=clock.now_ms,
+        ),
+        close_in_background=False,
+    )
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+@seed(FUZZ_SEED)
 @settings(
-    max_examples=E2B_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    max_examples=E2B_EXAMPLES,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=list(HealthCheck),
 )
 @given(
     status=st.integers(200, 599),
@@ -342,26 +376,44 @@ def scripted_e2b(
     body=answer_bodies,
     operation=st.sampled_from(["provision", "provision", "release", "status"]),
     entity=st.sampled_from(ENTITIES),
+    provisioned_before=st.booleans(),
+    started_ms=st.integers(0, 2**40),
+    random_seed=st.integers(0, 2**32),
 )
 def test_generated_e2b_answers_get_well_formed_outcomes(
-    scripted_e2b: tuple[ComponentRuntime, Scripted, SnapshotBackend, str],
+    loaded_component: LoadedComponent,
+    scripted_e2b: tuple[Scripted, SpyGateway, str],
     status: int,
     headers: list[tuple[str, str]],
     body: bytes,
     operation: str,
     entity: str,
+    provisioned_before: bool,
+    started_ms: int,
+    random_seed: int,
 ) -> None:
-    """Whatever E2B answers (any status, odd headers, any body): a well-formed outcome and no
-    create slot left held once the invocation is over."""
-    runtime, script, _, url = scripted_e2b
-    script.reply = Reply(status, tuple(headers), body)
-    config = {**LIMITS, "e2b_api_url": url, "operation": operation}
-    made = invocation(config, entity_id=entity, trace_id="fuzz-e2b")
-    check_well_formed(runtime.invoke(made))
-    status_outcome = runtime.invoke(
-        dataclasses.replace(made, config=tuple({**config, "operation": "status"}.items()))
-    )
-    assert status_outcome.action == "SandboxStatus", status_outcome
-    account = status_outcome.params["gates"]["account"]
-    assert account["create_slots"]["in_use"] == 0, account
-    assert account["capacity"]["in_use"] <= int(LIMITS["max_sandboxes"]), account
+    """Whatever E2B answers (any status, odd headers, any body), to an entity with or without
+    a sandbox already: a well-formed outcome and no create slot left held once the
+    invocation is over. Reproduce a failure with `FUZZ_SEED=<seed> pytest -k
+    generated_e2b_answers tests/system/test_fuzz.py` (hypothesis also prints the example and
+    a @reproduce_failure blob)."""
+    script, gateway, url = scripted_e2b
+    clock = VirtualClock(started_ms)
+    with isolated_runtime(loaded_component, gateway, clock, random_seed) as runtime:
+        config = {**LIMITS, "e2b_api_url": url, "operation": operation}
+        made = invocation(config, entity_id=entity, trace_id="fuzz-e2b")
+        if provisioned_before:
+            script.reply = CREATED
+            provision = {**config, "operation": "provision"}
+            ready = runtime.invoke(dataclasses.replace(made, config=tuple(provision.items())))
+            assert ready.action == "SandboxReady", ready
+            clock.advance(1_000)
+        script.reply = Reply(status, tuple(headers), body)
+        check_well_formed(runtime.invoke(made))
+        status_outcome = runtime.invoke(
+            dataclasses.replace(made, config=tuple({**config, "operation": "status"}.items()))
+        )
+        assert status_outcome.action == "SandboxStatus", status_outcome
+        account = status_outcome.params["gates"]["account"]
+        assert account["create_slots"]["in_use"] == 0, account
+        assert account["capacity"]["in_use"] <= int(LIMITS["max_sandboxes"]), account

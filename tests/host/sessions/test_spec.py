@@ -112,11 +112,14 @@ def test_every_way_into_failed_or_out_of_a_sandbox_releases_it(name: str) -> Non
     """Bug caught: a job that fails or completes without triggering the release, leaving
     its sandbox (and its admission permit) behind."""
     spec = packaged_spec(name)
+    checked = []
     for action in spec.actions:
         entering = {action.target(s) for s in action.sources} - set(action.sources)
         if entering & {"Failed", "Releasing"}:
             operations = {t.config_value("operation") for t in action.triggers}
             assert "release" in operations, action.name
+            checked.append(action.name)
+    assert checked, f"{name} has no action into Failed or Releasing: nothing was checked"
 
 
 def test_a_minimal_spec_reads() -> None:
@@ -129,8 +132,10 @@ def test_a_minimal_spec_reads() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ('[[integration]]\nname = "p"\ntrigger = "p"\n',
-         "[[integration]] is no longer supported: declare the call as an [[action.triggers]]"),
+        (
+            '[[integration]]\nname = "p"\ntrigger = "p"\n',
+            "[[integration]] is no longer supported: declare the call as an [[action.triggers]]",
+        ),
         ('[[bogus]]\nname = "x"\n', "unknown section 'bogus'"),
         ('[[webhook]]\nname = "w"\n', "[webhook] is valid Temper but this executor does not run"),
     ],
@@ -145,13 +150,19 @@ def test_sections_temper_rejects_or_this_executor_does_not_run(change: str, mess
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ('effect = ["n += 1"]', 'effect = [{ type = "increment", var = "n" }]',
-         "effect tables ({ type = ... }) are the old syntax"),
+        (
+            'effect = ["n += 1"]',
+            'effect = [{ type = "increment", var = "n" }]',
+            "effect tables ({ type = ... }) are the old syntax",
+        ),
         ('to = "B"', 'to = "B"\ncolour = "red"', "unknown key `colour` (Temper rejects it"),
         ('to = "B"', 'to = "B"\nguard = "n < 3"', "`guard` is valid Temper but this executor"),
-        ('initial = 0', 'initial = "0"', "a counter starts at a value such as `initial = 0`"),
-        ('effect = ["n += 1"]', 'effect = ["n = params.y"]',
-         "params.y is not a declared parameter"),
+        ("initial = 0", 'initial = "0"', "a counter starts at a value such as `initial = 0`"),
+        (
+            'effect = ["n += 1"]',
+            'effect = ["n = params.y"]',
+            "params.y is not a declared parameter",
+        ),
         ('from = ["A"]', 'from = ["Z"]', "'Z' is not a declared state"),
         ('kind = "input"', 'kind = "inbound"', "kind must be one of input, internal"),
     ],
@@ -172,7 +183,7 @@ TRIGGER = '\n[[action.triggers]]\nname = "p"\nkind = "wasm"\nmodule = "m"\n'
         ('target_action = "X"\n', "target_action do not belong to kind = 'wasm'"),
         ('timeout_secs = "300"\n', "unknown key `timeout_secs`"),
         ('on_success = "Nope"\n', "'Nope' is not a declared action"),
-        ('config = { timeout_secs = 300 }\n', "config is a table of strings"),
+        ("config = { timeout_secs = 300 }\n", "config is a table of strings"),
     ],
 )
 def test_trigger_keys_are_checked(extra: str, message: str) -> None:
@@ -185,14 +196,22 @@ def test_trigger_keys_are_checked(extra: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("block", "message"),
     [
-        ('[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
-         'params = { error_message = "x" }\n', "`params` is no longer a key; write `args`"),
-        ('[[state_timeout]]\nstate = "C"\nafter_seconds = 5\non_timeout = "Go"\n',
-         "not a declared state"),
-        ('[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
-         'reset_on = ["Nope"]\n', "reset_on 'Nope' is not a declared action"),
+        (
+            '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
+            'params = { error_message = "x" }\n',
+            "`params` is no longer a key; write `args`",
+        ),
+        (
+            '[[state_timeout]]\nstate = "C"\nafter_seconds = 5\non_timeout = "Go"\n',
+            "not a declared state",
+        ),
+        (
+            '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
+            'reset_on = ["Nope"]\n',
+            "reset_on 'Nope' is not a declared action",
+        ),
         ('[admission]\nmax_concurrent_actions = { "Nope" = 2 }\n', "'Nope' is not a declared"),
-        ('[admission]\nqueue_length = 2\n', "unknown key `queue_length`"),
+        ("[admission]\nqueue_length = 2\n", "unknown key `queue_length`"),
     ],
 )
 def test_timer_and_admission_keys_are_checked(block: str, message: str) -> None:

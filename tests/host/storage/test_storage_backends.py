@@ -7,6 +7,7 @@ real wait for Redis, which expires keys on its own clock.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from wasmtime.component import Variant
 
 from host.multihost.redis_server import RedisServer
+from host.runtime.component_runtime import _storage_error
 from host.storage import storage_from_uri
 from host.storage.base import MAX_KEY_BYTES, MAX_VALUE_BYTES, StorageBackend
 from host.storage.memory import MemoryBackend
@@ -33,7 +36,6 @@ from tests.conftest import require_redis_server
 
 NS = "tenant/acme"
 REDIS_EXPIRY_WAIT_S = 5.0
-
 
 
 @pytest.fixture(scope="session")
@@ -255,9 +257,41 @@ def test_non_positive_ttl_is_refused(harness: Harness, ttl_ms: int) -> None:
 
 
 def test_every_failure_is_a_storage_error(harness: Harness) -> None:
-    """The guest adapter maps StorageError subclasses; anything else would trap the guest."""
-    for error in (StorageConflict, StorageInvalidKey, StorageTooLarge):
-        assert issubclass(error, StorageError)
+    """The guest adapter (`_storage_error` in host/runtime/component_runtime.py) maps
+    StorageError subclasses to the WIT storage errors; anything else becomes an opaque
+    "host error", so each way this backend really fails must raise one of them.
+
+    Bug caught: a backend raising its driver's own exception (sqlite3.Error, RedisError)
+    or a bare ValueError, which the guest would see as an unexplained outage."""
+    b = harness.backend
+    version = b.compare_and_swap(NS, "k", None, b"v", None)
+
+    def raised(call: Callable[[], object]) -> StorageError:
+        with pytest.raises(StorageError) as caught:
+            call()
+        return caught.value
+
+    failures = {
+        "conflict": raised(lambda: b.compare_and_swap(NS, "k", version + 1, b"w", None)),
+        "invalid-key": raised(lambda: b.get(NS, "k" * (MAX_KEY_BYTES + 1))),
+        "too-large": raised(
+            lambda: b.compare_and_swap(NS, "k", version, b"v" * (MAX_VALUE_BYTES + 1), None)
+        ),
+    }
+    if isinstance(b, SqliteBackend):
+        b.close()
+        failures["unavailable"] = raised(lambda: b.get(NS, "k"))
+    elif isinstance(b, RedisBackend):  # a server that went away: nothing listens there now
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        gone = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0")
+        failures["unavailable"] = raised(lambda: gone.get(NS, "k"))
+        gone.close()
+    for tag, error in failures.items():
+        mapped = _storage_error(error).payload
+        assert isinstance(mapped, Variant) and mapped.tag == tag, (type(error), mapped)
+        assert "host error" not in str(getattr(mapped, "payload", "")), error
 
 
 # --- TTL ---------------------------------------------------------------------------------------
