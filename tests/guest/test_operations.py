@@ -568,6 +568,10 @@ def test_a_settle_that_met_a_storage_failure_is_repeated_twice_more() -> None:
             "limit": 0,
             "reason": "storage",
             "waited_ms": 0,
+            # A storage fault computes no turn: hosts fall back to retry_after_ms.
+            "retry_at_ms": 0,
+            "reservation": "",
+            "claim_by_ms": 0,
         }
     ] * 2
     assert [e["eta_ms"] for e in queued] == waits
@@ -735,6 +739,9 @@ def test_a_storage_outage_while_provisioning_keeps_the_session_waiting() -> None
         "retry_after_ms": wait,
         "eta_ms": wait,
         "waited_ms": 0,
+        "retry_at_ms": 0,
+        "reservation": "",
+        "claim_by_ms": 0,
     }
     assert 200 <= wait < 1_200
     assert guest.e2b.requests == []
