@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -187,10 +188,12 @@ class ServedProvisioner:
             lines = [line for line in self.lines if line.get("event") == "invocation"]
             wakeups = dict(sorted(self.wakeups.items()))
         calls = sum(int(line["component_calls"]) for line in lines)
+        triggers = Counter(str(line["trigger_action"]) for line in lines)
         return {
             "hold_ms": self.pace.settings.hold_ms,
             "push": self.pace.push,
             "requests": len(lines),
+            "requests_by_trigger": dict(sorted(triggers.items())),
             "held_requests": sum(1 for line in lines if line["held_ms"] > 0),
             "component_calls": calls,
             "reasks": calls - len(lines),

@@ -728,10 +728,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         )
         runs.append(done)
         if not args.json:
-            print(format_table(done.report, done.run.results), file=out, flush=True)
             served = done.report["summary"].get("serve")
             if served:
                 print(format_served(served), file=out, flush=True)
+            print(format_table(done.report, done.run.results), file=out, flush=True)
             print(file=out)
         if done.run.overloaded:
             print(f"sandbox-provisioner: {done.run.overloaded}", file=sys.stderr, flush=True)
