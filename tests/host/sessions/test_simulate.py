@@ -253,6 +253,10 @@ def test_live_lines_show_queue_positions_and_turns(
             "--component",
             str(loaded_component.path),
             "--no-tradeoff",
+            # Without serve's held answers: with 100 ms creates a held waiter gets its
+            # slot within the hold, and nobody is ever answered queued.
+            "--hold-ms",
+            "0",
             *FAST_E2B,
         ]
     )
