@@ -523,7 +523,7 @@ def _header(scenario: Scenario, mode: str, spec: Spec) -> str:
         f"{e2b.max_concurrent_creates or 'unlimited'} concurrent creates, {rate}, "
         f"{e2b.max_sandboxes or 'unlimited'} sandboxes, {e2b.create_latency_ms / 1000:g}s "
         f"per create; {scenario.turns} turns of {scenario.turn_sim_s / 60:g} min "
-        f"(x{scenario.scale.sim_per_real:g}: {scenario.session_s:.1f}s real); spec "
+        f"(x{scenario.scale.sim_per_real:g}: {scenario.session_s:.1f}s real with the finish); spec "
         f"{spec.source}" + ("" if poll is None else f", polling every {poll}s")
     )
 
