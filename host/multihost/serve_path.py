@@ -68,9 +68,10 @@ from host.multihost.worker import (
 )
 from host.serve.tenants import token_digest
 from host.sessions.model import Job
+from host.sessions.served import outcome_of, shim_context
 from host.storage import storage_from_uri
 from host.temper_abi import AbiInvocation, TemperAbiModule
-from provisioner.model import SANDBOX_FAILED, SANDBOX_QUEUED, Failure, Invocation, Outcome
+from provisioner.model import SANDBOX_QUEUED, Invocation, Outcome
 
 if TYPE_CHECKING:
     from host.mock_e2b import MockE2BServer
@@ -389,17 +390,7 @@ class ShimInvoker:
         self.backoff_s = backoff_s
 
     def invoke(self, invocation: Invocation) -> Outcome:
-        context = {
-            "tenant": invocation.tenant,
-            "entity_type": invocation.entity_type,
-            "entity_id": invocation.entity_id,
-            "trigger_action": invocation.trigger_action,
-            "wasm_module": MODULE,
-            "trigger_params": json.loads(invocation.trigger_params or "{}"),
-            "entity_state": json.loads(invocation.entity_state or "{}"),
-            "integration_config": dict(invocation.config),
-            "trace_id": invocation.trace_id,
-        }
+        context = shim_context(invocation, MODULE)
         for attempt in range(self.retries + 1):
             host, report = self.fleet.call(json.loads(json.dumps(context)), self.writer)
             outcome = outcome_of(report)
@@ -415,35 +406,6 @@ class ShimInvoker:
                 break
             time.sleep(min(2.0, self.backoff_s * 2**attempt))
         return outcome
-
-
-def outcome_of(report: AbiInvocation) -> Outcome:
-    """The shim's answer as a provisioner outcome: a success with its action and params (a
-    SandboxFailed keeps its failure), or a failed invocation with the typed code."""
-    result = report.result
-    if result is None:
-        return Outcome(
-            "", {}, False, Failure(report.error_kind or "engine", report.error or "", True)
-        )
-    if result.success:
-        params = result.callback_params if isinstance(result.callback_params, dict) else {}
-        error = None
-        if result.callback_action == SANDBOX_FAILED:
-            error = Failure(
-                str(params.get("code")), str(params.get("message")), bool(params.get("retryable"))
-            )
-        return Outcome(result.callback_action, params, True, error)
-    typed = result.typed_failure or {}
-    return Outcome(
-        "",
-        {},
-        False,
-        Failure(
-            str(typed.get("code") or "UnknownFailure"),
-            str(typed.get("diagnostic") or result.error or ""),
-            typed.get("category") == "transient",
-        ),
-    )
 
 
 class ServeSoak(Soak):

@@ -110,6 +110,13 @@ class RealTimeLoop:
     def now(self) -> float:
         return self._clock() - self._started
 
+    def restart_clock(self) -> None:
+        """Time 0 is now: a run's times count from its jobs' submission, not from when
+        the loop (and any server started after it) was set up. Before any timer."""
+        if self._timers.next_due() is not None or self._open:
+            raise RuntimeError("the clock restarts only before anything is scheduled")
+        self._started = self._clock()
+
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         return self._timers.arm(when, callback)
 
@@ -341,6 +348,7 @@ class SessionDriver:
             raise RuntimeError("a SessionDriver runs once; make a new one")
         self._ran = True
         try:
+            self.loop.restart_clock()
             self.runner.start(jobs)
             ended = self.loop.run(self.runner.done)
         finally:

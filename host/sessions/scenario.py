@@ -83,8 +83,9 @@ class Scenario:
 
     @property
     def session_s(self) -> float:
-        """D: a session's real running time once it has its sandbox."""
-        return self.turns * self.scale.real_s(self.turn_sim_s)
+        """D: a session's real running time once it has its sandbox: the runner's turns,
+        then its finish (one more turn), as in virtual time (`detsim.VirtualScenario`)."""
+        return (self.turns + 1) * self.scale.real_s(self.turn_sim_s)
 
     def job_list(self, run_id: str) -> list[Job]:
         """Each tenant submits its jobs together, tenant 1 first (a FIFO would serve the

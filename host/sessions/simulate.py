@@ -8,6 +8,11 @@ the same flow four jobs at a time (the manual workaround), `provisioner` the exa
 limits. After the runs it prints how the spec's poll interval trades makespan against
 invocations (in virtual time, `detsim.py`), and `--timeline FILE` draws the runs.
 
+The provisioner mode runs the way a deployment does: each invocation goes through the Temper
+shim to a real `serve` on 127.0.0.1 (`served.py`) with held answers (`--hold-ms`, below the
+spec's poll) and, with `--push`, wake-ups through the run's own Temper API endpoint;
+`--hold-ms 0` without `--push` invokes the component directly, as before.
+
 `--virtual` runs the provisioner mode in virtual time instead (`detsim.py`: the same executor
 and spec, the guest's provision path natively over an in-process E2B with the same limits), with
 `serve`'s held answers (`--hold-ms`) and push wake-ups (`--push`) modelled as
@@ -29,12 +34,15 @@ from typing import Any, TextIO
 from host.cli.options import ExitCode, add_component_option
 from host.mock_e2b import MockE2BServer
 from host.runtime.assembly import open_runtime
+from host.runtime.component_runtime import ComponentRuntime
 from host.runtime.loader import LoadedComponent, load_component
 from host.serve.pace import PaceSettings
+from host.serve.wakeups import DEFAULT_WAKE_ACTION
 from host.services.telemetry import InvocationTag
 from host.sessions.contract import ContractError, require_clean
 from host.sessions.detsim import VirtualScenario, poll_tradeoff, run_virtual
-from host.sessions.driver import SessionDriver
+from host.sessions.driver import DriverSettings, Invoker, SessionDriver
+from host.sessions.executor import ConfigHook, EventSink
 from host.sessions.fake_e2b import FakeE2BConfig
 from host.sessions.invokers import ComponentInvoker, DirectInvoker
 from host.sessions.live import LiveLog
@@ -48,6 +56,7 @@ from host.sessions.report import (
 )
 from host.sessions.runner import RunResult
 from host.sessions.scenario import MODES, E2BLimits, Scenario, mode_spec
+from host.sessions.served import ServedInvoker, ServedProvisioner
 from host.sessions.spec import Spec, SpecError, load_spec
 from host.sessions.timeline import write_timeline
 from host.sessions.timescale import TimeScale
@@ -129,10 +138,14 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "redis://host:port/db; each run uses a fresh account namespace",
     )
     add_component_option(parser)
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON report on stdout (live lines go to stderr)")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="also print every session event as it happens")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON report on stdout (live lines go to stderr)",
+    )
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="also print every session event as it happens"
+    )
     # Quiet is the default now; the old flag is still accepted.
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     group = parser.add_argument_group("the mock E2B account (real time)")
@@ -230,7 +243,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     spec.add_argument(
         "--no-tradeoff", action="store_true", help="skip the poll-interval table (virtual time)"
     )
-    virtual = parser.add_argument_group("virtual time (--virtual) and serve's pacing")
+    virtual = parser.add_argument_group("serve's pacing, and virtual time (--virtual)")
     virtual.add_argument(
         "--virtual",
         action="store_true",
@@ -240,17 +253,18 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     virtual.add_argument(
         "--hold-ms",
         type=int,
-        default=PaceSettings().hold_ms,
+        default=None,
         metavar="MS",
-        help="with --virtual: how long serve may hold a queued answer to ask "
-        f"again (default {PaceSettings().hold_ms}; 0: never)",
+        help="how long serve may hold a queued answer to ask again (default "
+        f"{PaceSettings().hold_ms}, in real time kept below the spec's poll; 0: never). "
+        "In real time, --hold-ms 0 without --push runs the component without serve",
     )
     virtual.add_argument(
         "--push",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="with --virtual: serve wakes a queued entity at its turn "
-        "through Temper's API (the spec's WakeProvision); default off",
+        help="serve wakes a queued entity at its turn through Temper's API (the spec's "
+        "WakeProvision; in real time the run's own endpoint); default off",
     )
     from host.sessions.llm_simulate import add_llm_arguments
 
@@ -325,10 +339,12 @@ def run_mode(
     announce: Callable[[str], None] | None = None,
     spec: Spec | None = None,
     keep_up: bool = True,
+    pace: PaceSettings | None = None,
 ) -> ModeRun:
     """Starts a mock E2B, runs the scenario's jobs in `mode` through the mode's spec (the
     example spec with the component, or the upstream TemperAgent flow with the old module),
-    stops everything it started."""
+    stops everything it started. In the provisioner mode, `pace` puts a `serve` with those
+    settings in front of the component (`served.py`); None invokes it directly."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     spec = mode_spec(mode, spec)
@@ -341,6 +357,7 @@ def run_mode(
         settings = replace(scenario.driver_settings(mode, run_id), keep_up=keep_up)
         on_event = live.event if live is not None else None
         telemetry = None
+        served: dict[str, Any] | None = None
         if mode == "provisioner":
             telemetry = _SessionTelemetry(sys.stderr)
             with open_runtime(
@@ -352,23 +369,24 @@ def run_mode(
                 telemetry=telemetry,
                 allow_private_network=True,
             ) as runtime:
-                driver = SessionDriver(
-                    spec,
-                    {MODULE: ComponentInvoker(runtime)},
-                    settings,
-                    configure=scenario.configure(mock.url),
-                    on_event=on_event,
-                )
-                run = _drive(driver, jobs, mock)
+                if pace is None:
+                    driver = _session_driver(
+                        spec,
+                        ComponentInvoker(runtime),
+                        settings,
+                        scenario.configure(mock.url),
+                        on_event,
+                    )
+                    run = _drive(driver, jobs, mock)
+                else:
+                    run, served = _run_served(
+                        runtime, scenario, spec, jobs, mock, settings, pace, on_event
+                    )
         else:
             direct = DirectInvoker(mock.url, SIM_API_KEY)
             try:
-                driver = SessionDriver(
-                    spec,
-                    {MODULE: direct},
-                    settings,
-                    configure=scenario.configure(mock.url),
-                    on_event=on_event,
+                driver = _session_driver(
+                    spec, direct, settings, scenario.configure(mock.url), on_event
                 )
                 run = _drive(driver, jobs, mock)
             finally:
@@ -381,7 +399,86 @@ def run_mode(
     report["summary"]["spec"] = spec.source
     report["summary"]["poll_s"] = _poll_s(spec)
     report["summary"]["guest_warnings"] = telemetry.warnings if telemetry is not None else 0
+    if mode == "provisioner":
+        report["summary"]["serve"] = served  # None: the component was invoked directly
     return ModeRun(mode, run, report, spec)
+
+
+def _run_served(
+    runtime: ComponentRuntime,
+    scenario: Scenario,
+    spec: Spec,
+    jobs: list[Job],
+    mock: MockE2BServer,
+    settings: DriverSettings,
+    pace: PaceSettings,
+    on_event: EventSink | None,
+) -> tuple[RunResult, dict[str, Any]]:
+    """The provisioner mode through the shim and a real `serve`; with push, the driver
+    serves Temper's API and each tenant has its own credential there."""
+    tokens = {tenant: secrets.token_hex(16) for tenant in sorted({job.tenant for job in jobs})}
+    # A held invocation keeps its thread, as in Temper (one blocking thread per
+    # invocation): give every job one, so holding never delays another's invocation.
+    workers = scenario.workers or max(settings.workers, min(2 * len(jobs), 256))
+    settings = replace(
+        settings,
+        workers=workers,
+        temper_api=pace.push,
+        api_credentials=tuple((token, tenant) for tenant, token in tokens.items()),
+    )
+    with ServedProvisioner(
+        runtime,
+        mock.url,
+        pace,
+        workers=workers,
+        credentials=tokens,
+        entity_sets={spec.name: f"{spec.name}s"},
+    ) as served:
+        invoker = ServedInvoker(served, MODULE)
+        try:
+            driver = _session_driver(
+                spec, invoker, settings, scenario.configure(mock.url), on_event
+            )
+            try:
+                served.start(driver.api_url if pace.push else None)
+            except BaseException:
+                driver.close()
+                raise
+            run = _drive(driver, jobs, mock)
+        finally:
+            invoker.close()
+        return run, served.summary()
+
+
+def serve_pace(hold_ms: int | None, push: bool, spec: Spec) -> PaceSettings | None:
+    """`serve`'s settings for a real-time provisioner run: held answers kept below the
+    spec's poll (a request held past it would meet the entity's next poll), or None for
+    the component invoked directly (`--hold-ms 0` without `--push`). Raises ValueError
+    for a hold at or past the poll, or push with a spec lacking the wake action."""
+    default = PaceSettings()
+    poll_ms = (_poll_s(spec) or 0) * 1000
+    hold = default.hold_ms if hold_ms is None else hold_ms
+    if hold < 0:
+        raise ValueError("--hold-ms must be >= 0")
+    if poll_ms and hold >= poll_ms:
+        if hold_ms is not None:
+            raise ValueError(f"--hold-ms must stay below the spec's poll ({poll_ms} ms)")
+        hold = poll_ms * 3 // 4
+    if push and spec.action(DEFAULT_WAKE_ACTION) is None:
+        raise ValueError(f"--push needs the spec's {DEFAULT_WAKE_ACTION} action ({spec.source})")
+    if hold == 0 and not push:
+        return None
+    return replace(default, hold_ms=hold, push=push)
+
+
+def _session_driver(
+    spec: Spec,
+    invoker: Invoker,
+    settings: DriverSettings,
+    configure: ConfigHook,
+    on_event: EventSink | None,
+) -> SessionDriver:
+    return SessionDriver(spec, {MODULE: invoker}, settings, configure=configure, on_event=on_event)
 
 
 def _poll_s(spec: Spec) -> int | None:
@@ -430,7 +527,7 @@ def _header(scenario: Scenario, mode: str, spec: Spec) -> str:
         f"{e2b.max_concurrent_creates or 'unlimited'} concurrent creates, {rate}, "
         f"{e2b.max_sandboxes or 'unlimited'} sandboxes, {e2b.create_latency_ms / 1000:g}s "
         f"per create; {scenario.turns} turns of {scenario.turn_sim_s / 60:g} min "
-        f"(x{scenario.scale.sim_per_real:g}: {scenario.session_s:.1f}s real); spec "
+        f"(x{scenario.scale.sim_per_real:g}: {scenario.session_s:.1f}s real with the finish); spec "
         f"{spec.source}" + ("" if poll is None else f", polling every {poll}s")
     )
 
@@ -499,6 +596,8 @@ def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
 
 def run_virtual_simulate(args: argparse.Namespace, scenario: Scenario) -> int:
     """`simulate --virtual`: the provisioner mode in virtual time, one JSON or text report."""
+    if args.hold_ms is None:
+        args.hold_ms = PaceSettings().hold_ms
     if args.hold_ms < 0:
         print("sandbox-provisioner: --hold-ms must be >= 0", file=sys.stderr)
         return EXIT_USAGE
@@ -555,6 +654,22 @@ def format_virtual(summary: dict[str, Any]) -> str:
     )
 
 
+def _pace_line(pace: PaceSettings | None) -> str:
+    if pace is None:
+        return "the component invoked directly (no serve: --hold-ms 0, no push)"
+    held = f"held answers up to {pace.hold_ms} ms" if pace.hold_ms else "no held answers"
+    push = "push wake-ups through the run's Temper API" if pace.push else "no push"
+    return f"through the Temper shim and serve: {held}, {push}"
+
+
+def format_served(served: dict[str, Any]) -> str:
+    return (
+        f"serve: {served['requests']} requests, {served['held_requests']} held "
+        f"(at most {served['max_held_at_once']} at once), {served['component_calls']} "
+        f"component calls ({served['reasks']} re-asks), wake-ups {served['wake_ups'] or '-'}"
+    )
+
+
 def format_tradeoff(rows: list[dict[str, Any]], ideal_s: float) -> str:
     lines = [
         "poll interval against makespan and invocations (virtual time, same limits; "
@@ -578,20 +693,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     scenario = scenario_from_args(args)
     if args.virtual:
         return run_virtual_simulate(args, scenario)
-    if args.push or args.hold_ms != PaceSettings().hold_ms:
-        print(
-            "sandbox-provisioner: --hold-ms and --push model serve in virtual time; add "
-            "--virtual (in real time they are serve's own options)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     modes = list(MODES) if args.mode == "compare" else [args.mode]
     out = sys.stderr if args.json else sys.stdout
+    pace: PaceSettings | None = None
     try:
         override = _spec_from_args(args)
         if override is not None and "provisioner" in modes:
             require_clean(override)
-    except (SpecError, ContractError) as error:
+        if "provisioner" in modes:
+            pace = serve_pace(args.hold_ms, args.push, mode_spec("provisioner", override))
+    except (SpecError, ContractError, ValueError) as error:
         print(f"sandbox-provisioner: {error}", file=sys.stderr)
         return EXIT_USAGE
     loaded = None
@@ -606,6 +717,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         spec = mode_spec(mode, override)
         if not args.json:
             print(_header(scenario, mode, spec), file=out, flush=True)
+            if mode == "provisioner":
+                print(f"   {_pace_line(pace)}", file=out, flush=True)
         live = LiveLog(out) if args.verbose and not args.quiet else None
         done = run_mode(
             scenario,
@@ -615,9 +728,13 @@ def run_simulate(args: argparse.Namespace) -> int:
             live=live,
             announce=None if args.quiet else lambda line: print(line, file=out, flush=True),
             spec=spec,
+            pace=pace if mode == "provisioner" else None,
         )
         runs.append(done)
         if not args.json:
+            served = done.report["summary"].get("serve")
+            if served:
+                print(format_served(served), file=out, flush=True)
             print(format_table(done.report, done.run.results), file=out, flush=True)
             print(file=out)
         if done.run.overloaded:

@@ -78,8 +78,10 @@ def test_the_provisioner_completes_all_ten_within_e2b_limits_near_the_ideal_make
     done = run_mode(scenario, "provisioner", loaded=loaded_component)
     s = done.report["summary"]
     predicted = run_virtual(mode_spec("provisioner"), tradeoff_scenario(scenario)).run
-    print(f"\nprovisioner: {s}\nmakespan {s['makespan_s']:.2f}s, ideal "
-          f"{s['ideal_makespan_s']:.2f}s, virtual time {predicted.makespan_s:.2f}s")
+    print(
+        f"\nprovisioner: {s}\nmakespan {s['makespan_s']:.2f}s, ideal "
+        f"{s['ideal_makespan_s']:.2f}s, virtual time {predicted.makespan_s:.2f}s"
+    )
     assert (s["completed"], s["failed"], s["unfinished"]) == (10, 0, 0)
     assert s["spec"].endswith("temper_agent.ioa.toml") and s["poll_s"] == 2
     assert s["max_concurrent_creates_seen"] <= 4
@@ -254,6 +256,10 @@ def test_live_lines_show_queue_positions_and_turns(
             str(loaded_component.path),
             "--no-tradeoff",
             "--verbose",
+            # Without serve's held answers: with 100 ms creates a held waiter gets its
+            # slot within the hold, and nobody is ever answered queued.
+            "--hold-ms",
+            "0",
             *FAST_E2B,
         ]
     )
@@ -295,7 +301,8 @@ def test_a_spec_that_breaks_temper_rules_is_refused_before_anything_runs(
     )
     assert provision in text.read_text()
     broken = text.read_text().replace(
-        provision, provision.replace("\n\n", '\non_success = "SandboxReady"\n\n', 1), 1)
+        provision, provision.replace("\n\n", '\non_success = "SandboxReady"\n\n', 1), 1
+    )
     path = tmp_path / "broken.ioa.toml"
     path.write_text(broken)
     code = main(["simulate", "--mode", "provisioner", "--spec", str(path)])
