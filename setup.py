@@ -1,7 +1,8 @@
 """Build hook: a wheel carries the built component, so an installed host runs anywhere.
 
-`./build.sh` writes dist/sandbox_provisioner.wasm; building a wheel (`pip install .`)
-copies it to host/runtime/component/, where host.runtime.paths looks first. An editable
+`./build.sh` writes dist/sandbox_provisioner.wasm and dist/temper_shim.wasm; building a
+wheel (`pip install .`) copies both to host/runtime/component/, where host.runtime.paths
+looks first. An editable
 install keeps using the checkout's dist/ directly.
 """
 
@@ -13,7 +14,9 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-COMPONENT = Path(__file__).resolve().parent / "dist" / "sandbox_provisioner.wasm"
+DIST = Path(__file__).resolve().parent / "dist"
+# The component, and the Temper shim that `simulate` runs its provisioner mode through.
+BUILT = (DIST / "sandbox_provisioner.wasm", DIST / "temper_shim.wasm")
 
 
 class BuildWithComponent(build_py):
@@ -21,11 +24,12 @@ class BuildWithComponent(build_py):
         super().run()
         if self.editable_mode:
             return
-        if not COMPONENT.is_file():
-            raise SystemExit(f"{COMPONENT} is missing: run ./build.sh before building a wheel")
         target = Path(self.build_lib) / "host" / "runtime" / "component"
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(COMPONENT, target / COMPONENT.name)
+        for built in BUILT:
+            if not built.is_file():
+                raise SystemExit(f"{built} is missing: run ./build.sh before building a wheel")
+            shutil.copyfile(built, target / built.name)
 
 
 setup(cmdclass={"build_py": BuildWithComponent})

@@ -66,6 +66,7 @@ from host.multihost.worker import (
     WorkerSettings,
     run_assignment,
 )
+from host.runtime.paths import default_shim
 from host.serve.tenants import token_digest
 from host.sessions.model import Job
 from host.sessions.served import outcome_of, shim_context
@@ -77,7 +78,7 @@ if TYPE_CHECKING:
     from host.mock_e2b import MockE2BServer
     from host.storage.base import StorageBackend
 
-SHIM = Path(__file__).resolve().parents[2] / "dist" / "temper_shim.wasm"
+SHIM = default_shim()
 SERVE_FAULT_KINDS: tuple[str, ...] = (
     "kill_serve_mid_create",
     "redis_restart",

@@ -21,6 +21,9 @@ CACHE_ENV = "SANDBOX_PROVISIONER_CACHE"
 BUILT_COMPONENT = Path(__file__).resolve().parents[2] / "dist" / "sandbox_provisioner.wasm"
 # Where a wheel carries it (setup.py copies the built component in at build time).
 PACKAGED_COMPONENT = Path(__file__).resolve().parent / "component" / "sandbox_provisioner.wasm"
+# The Temper shim (a core module), built and carried the same way.
+BUILT_SHIM = BUILT_COMPONENT.parent / "temper_shim.wasm"
+PACKAGED_SHIM = PACKAGED_COMPONENT.parent / "temper_shim.wasm"
 
 
 def default_component() -> Path:
@@ -32,6 +35,11 @@ def default_component() -> Path:
     if PACKAGED_COMPONENT.is_file():
         return PACKAGED_COMPONENT
     return BUILT_COMPONENT
+
+
+def default_shim() -> Path:
+    """The installed package's copy of the Temper shim, else the checkout's build output."""
+    return PACKAGED_SHIM if PACKAGED_SHIM.is_file() else BUILT_SHIM
 
 
 def state_dir() -> Path:

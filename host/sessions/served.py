@@ -23,7 +23,7 @@ from typing import Any, Self
 
 from host.mock_server.server import LoopbackServer
 from host.runtime.component_runtime import ComponentRuntime
-from host.runtime.paths import BUILT_COMPONENT
+from host.runtime.paths import default_shim
 from host.serve.app import ServeState, create_app
 from host.serve.hold import HeldRequest, Holds
 from host.serve.pace import PaceSettings
@@ -32,9 +32,6 @@ from host.serve.pool import InvocationPool
 from host.serve.wakeups import DEFAULT_WAKE_ACTION, WakeTarget, WakeupSender, WakeupStore
 from host.temper_abi import AbiInvocation, TemperAbiModule
 from provisioner.model import SANDBOX_FAILED, Failure, Invocation, Outcome
-
-# What ./build.sh assembles from shim/temper_shim.wat, next to the component.
-BUILT_SHIM = BUILT_COMPONENT.parent / "temper_shim.wasm"
 
 
 def shim_context(invocation: Invocation, module: str) -> dict[str, Any]:
@@ -207,7 +204,8 @@ class ServedInvoker:
     which POSTs it to `serve` with the service's token; the shim's result back as the
     outcome the executor dispatches."""
 
-    def __init__(self, served: ServedProvisioner, module: str, shim: Path = BUILT_SHIM) -> None:
+    def __init__(self, served: ServedProvisioner, module: str, shim: Path | None = None) -> None:
+        shim = shim or default_shim()
         if not shim.is_file():
             raise FileNotFoundError(f"{shim} not found: run ./build.sh first")
         self.served = served
@@ -226,7 +224,6 @@ class ServedInvoker:
 
 
 __all__ = [
-    "BUILT_SHIM",
     "ServedInvoker",
     "ServedProvisioner",
     "outcome_of",

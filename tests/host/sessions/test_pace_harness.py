@@ -268,7 +268,7 @@ def test_simulate_virtual_reports_the_summary(capsys: pytest.CaptureFixture[str]
         assert key in summary, key
     assert summary["completed"] == 20 and summary["push"] is True
     assert summary["wake_ups"].get("200", 0) > 0
-    assert run_simulate(parser.parse_args(["--push"])) == EXIT_USAGE
+    assert run_simulate(parser.parse_args(["--virtual", "--hold-ms", "-1"])) == EXIT_USAGE
 
 
 def test_the_entity_timers_keep_running_while_a_request_is_held() -> None:
