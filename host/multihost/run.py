@@ -59,16 +59,15 @@ class ClusterError(RuntimeError):
 
 
 @dataclass
-class HostProcess:
-    """One worker process and everything it reported."""
+class ChildProcess:
+    """A process the harness started (a worker host, a `serve`): alive until it exits or
+    the harness kills it; its stderr is kept in a file for diagnosis."""
 
     name: str
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[Any]
     stderr_path: Path
-    events: list[Event] = field(default_factory=list)
-    assigned: list[Job] = field(default_factory=list)
     killed: bool = False
-    reader: threading.Thread | None = None
+    events: list[Event] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -83,6 +82,14 @@ class HostProcess:
             return self.stderr_path.read_text(errors="replace")[-limit:]
         except OSError:
             return ""
+
+
+@dataclass
+class HostProcess(ChildProcess):
+    """One worker process and everything it reported."""
+
+    assigned: list[Job] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     def results(self) -> list[Event]:
         return [e for e in self.events if e["event"] == "result"]

@@ -52,7 +52,7 @@ from starlette.routing import Route
 
 from host.cli.options import fail
 from host.mock_server.server import LoopbackServer
-from host.multihost.run import ClusterError, Event
+from host.multihost.run import ChildProcess, ClusterError, Event
 from host.multihost.soak import (
     SOAK_TENANTS,
     FaultRecord,
@@ -94,26 +94,11 @@ SERVE_STARTUP_S = 300.0
 
 
 @dataclass
-class ServeProcess:
+class ServeProcess(ChildProcess):
     """One `serve` and the calls the invoker has in flight to it."""
 
-    name: str
-    process: subprocess.Popen[bytes]
-    stderr_path: Path
     url: str = ""
-    killed: bool = False
-    events: list[Event] = field(default_factory=list)
     in_flight: dict[int, str] = field(default_factory=dict)  # call id -> operation
-
-    @property
-    def alive(self) -> bool:
-        return not self.killed and self.process.poll() is None
-
-    def stderr_tail(self, limit: int = 3000) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
 
 
 def tenant_token(run_id: str, tenant: str) -> str:

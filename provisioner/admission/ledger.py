@@ -61,8 +61,7 @@ def catch_up(state: GateState, config: AdmissionConfig, now_ms: int) -> bool:
     reservations passed over. True when reservations moved (the caller should save)."""
     prune_expired(state, now_ms)
     budget.refill(state, config, now_ms)
-    grace = state.cooldown_until_ms + config.reservation_claim_ms
-    return bool(pass_over_unclaimed(state, now_ms, grace, state.drop_retry))
+    return bool(pass_over_unclaimed(state, now_ms, config.reservation_claim_ms, state.drop_retry))
 
 
 class Ledger:

@@ -18,6 +18,7 @@ queue's part of their document (`state.FairQueueState`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from provisioner.admission.queue import QueueHolder, can_remove, remove_ticket
 from provisioner.admission.state import Reservation
@@ -54,18 +55,24 @@ def reserve(
     return held, True
 
 
+class Reserving(QueueHolder, Protocol):
+    """A gate document with reservations and a shared cooldown."""
+
+    cooldown_until_ms: int
+
+
 def pass_over_unclaimed(
-    state: QueueHolder,
+    state: Reserving,
     now_ms: int,
-    grace_until_ms: int,
+    claim_ms: int,
     drop_retry: Callable[[str, str], None] | None = None,
 ) -> list[Reservation]:
-    """Reservations whose claim deadline has passed (never before `grace_until_ms`: none
-    can be claimed during a cooldown): each holder's turn leaves the queue, a fresh ticket
-    removed and a retry dropped through `drop_retry(tenant, entity)`, which takes its
-    reservation with it. The next schedule gives the permit to the next turn. Returns the
-    reservations passed over."""
-    if now_ms <= grace_until_ms:
+    """Reservations whose claim deadline has passed (never within `claim_ms` of a cooldown's
+    end: none can be claimed during one): each holder's turn leaves the queue, a fresh
+    ticket removed and a retry dropped through `drop_retry(tenant, entity)`, which takes
+    its reservation with it. The next schedule gives the permit to the next turn. Returns
+    the reservations passed over."""
+    if now_ms <= state.cooldown_until_ms + claim_ms:
         return []
     passed = [r for r in state.reservations if r.by_ms < now_ms]
     for reservation in passed:

@@ -92,9 +92,7 @@ class ResourceLedger:
         place_entry = storage.get(ACCOUNT, waiter_key(self.gate.name, waiter.tenant, waiter.entity))
         now = self.ports.clock.now_ms()
         state, version = read_state(self.ports, self.gate, now)
-        # Unclaimed reservations pass on (none during a cooldown: nobody could claim them).
-        grace = state.cooldown_until_ms + self.admission.reservation_claim_ms
-        moved = bool(pass_over_unclaimed(state, now, grace))
+        moved = bool(pass_over_unclaimed(state, now, self.admission.reservation_claim_ms))
         return Loaded(
             now_ms=now,
             state=state,
