@@ -9,9 +9,9 @@ from host.temper_abi.host import (
     AbiInvocation,
     HttpCall,
     HttpCallFailed,
+    HttpxCall,
     ModuleTooLarge,
     TemperAbiModule,
-    httpx_call,
 )
 from host.temper_abi.limits import MAX_MODULE_SIZE, TemperLimits
 from host.temper_abi.result import InvalidGuestResult, TemperResult, decode_terminal_result
@@ -24,6 +24,7 @@ __all__ = [
     "EnvFunction",
     "HttpCall",
     "HttpCallFailed",
+    "HttpxCall",
     "InvalidGuestResult",
     "ModuleTooLarge",
     "TemperAbiModule",
@@ -32,6 +33,5 @@ __all__ = [
     "Trigger",
     "decode_terminal_result",
     "dispatch_for",
-    "httpx_call",
     "temper_context_json",
 ]

@@ -69,30 +69,44 @@ class HttpCall(Protocol):
     ) -> tuple[int, str]: ...
 
 
-def httpx_call(
-    method: str,
-    url: str,
-    headers: list[tuple[str, str]],
-    body: str,
-    *,
-    timeout_s: float,
-    max_response_bytes: int,
-) -> tuple[int, str]:
-    try:
-        with (
-            httpx.Client(timeout=timeout_s, follow_redirects=False) as client,
-            client.stream(method, url, headers=headers, content=body.encode()) as response,
-        ):
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > max_response_bytes:
-                    raise HttpCallFailed(f"response body over {max_response_bytes} bytes")
-                chunks.append(chunk)
-            return response.status_code, b"".join(chunks).decode("utf-8", "replace")
-    except httpx.HTTPError as error:
-        raise HttpCallFailed(f"{type(error).__name__}: {error}") from None
+class HttpxCall:
+    """`host_http_call` over one httpx client kept for the module's life, as Temper's host
+    keeps one: a client per call builds an SSL context each time (about 20 ms of CPU under
+    the GIL) and opens a new connection. Safe from many threads."""
+
+    def __init__(self) -> None:
+        self._client = httpx.Client(
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    def __call__(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: str,
+        *,
+        timeout_s: float,
+        max_response_bytes: int,
+    ) -> tuple[int, str]:
+        try:
+            with self._client.stream(
+                method, url, headers=headers, content=body.encode(), timeout=timeout_s
+            ) as response:
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > max_response_bytes:
+                        raise HttpCallFailed(f"response body over {max_response_bytes} bytes")
+                    chunks.append(chunk)
+                return response.status_code, b"".join(chunks).decode("utf-8", "replace")
+        except httpx.HTTPError as error:
+            raise HttpCallFailed(f"{type(error).__name__}: {error}") from None
+
+    def close(self) -> None:
+        self._client.close()
 
 
 @dataclass
@@ -125,7 +139,7 @@ class TemperAbiModule(TickedByEpochs):
         self,
         wasm: bytes,
         *,
-        http: HttpCall = httpx_call,
+        http: HttpCall | None = None,
         engine: wasmtime.Engine | None = None,
     ) -> None:
         if len(wasm) > MAX_MODULE_SIZE:
@@ -133,6 +147,9 @@ class TemperAbiModule(TickedByEpochs):
         self.sha256 = hashlib.sha256(wasm).hexdigest()
         self.engine = engine or _engine()
         self.module = wasmtime.Module(self.engine, wasm)
+        self._owned_http: HttpxCall | None = None
+        if http is None:
+            http = self._owned_http = HttpxCall()
         self._http = http
         unknown = [
             f"{imp.module}.{imp.name}"
@@ -146,6 +163,10 @@ class TemperAbiModule(TickedByEpochs):
     @classmethod
     def load(cls, path: Path, **kwargs: Any) -> TemperAbiModule:
         return cls(path.read_bytes(), **kwargs)
+
+    def _before_release(self) -> None:
+        if self._owned_http is not None:
+            self._owned_http.close()
 
     def invoke(
         self, context: Mapping[str, Any] | str, limits: TemperLimits | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 import wasmtime
 
@@ -161,11 +162,38 @@ def test_http_answers_minus_one_when_the_call_fails() -> None:
 
 
 def test_the_real_http_client_refuses_a_body_over_max_response_bytes() -> None:
-    from host.temper_abi import httpx_call
+    from host.temper_abi import HttpxCall
     from tests.host.mock_e2b.fixtures import running_mock
 
+    call = HttpxCall()
     with running_mock() as mock, pytest.raises(HttpCallFailed):
-        httpx_call("GET", f"{mock.url}/_mock/stats", [], "", timeout_s=5, max_response_bytes=10)
+        call("GET", f"{mock.url}/_mock/stats", [], "", timeout_s=5, max_response_bytes=10)
+    call.close()
+
+
+def test_the_real_http_client_is_one_client_for_every_call() -> None:
+    """Temper's host keeps one client; one per call costs an SSL context and a connection
+    each time, which delayed every grant of a real-time run."""
+    from host.temper_abi import HttpxCall
+    from tests.host.mock_e2b.fixtures import running_mock
+
+    call = HttpxCall()
+    built: list[object] = []
+    original = httpx.Client.__init__
+
+    def counting(self: httpx.Client, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    with running_mock() as mock, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(httpx.Client, "__init__", counting)
+        for _ in range(3):
+            status, _body = call(
+                "GET", f"{mock.url}/_mock/stats", [], "", timeout_s=5, max_response_bytes=1 << 20
+            )
+            assert status == 200
+    call.close()
+    assert built == []
 
 
 LOOP = "(loop $forever (br $forever))\n(i32.const 0)"
