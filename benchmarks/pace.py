@@ -9,7 +9,9 @@ sessions hold their sandbox 5 s; 5 tenants. 10, 100 and 1,000 jobs, side by side
 run: the spec's 2 s poll alone (the baseline), 2 s with held answers (1.5 s window), 30 s
 with push wake-ups (and held answers), and 30 s alone. Each row: makespan against the
 ideal the limits allow (`host.sessions.report.ideal_makespan_s`), Temper invocations per
-completed job (and provisioner calls, a held request's re-asks included), E2B's 429s and
+completed job (how many of them the queued state's timer started, which serve cannot
+prevent: Temper re-arms it at each entry; and provisioner calls, a held request's re-asks
+included), E2B's 429s and
 creates at once, and the wall time of the run.
 
 Then requests held at once against waiters: N jobs queued at once with held answers and
@@ -112,7 +114,8 @@ def way_row(jobs: int, way: Way, summary: dict[str, Any], wall_s: float) -> Row:
         f"{jobs} jobs, {way.name}",
         f"{summary['makespan_s']:.1f} s vs ideal {summary['ideal_makespan_s']:.1f} s; "
         f"{summary['completed']}/{jobs} done; {per_job} invocations/job "
-        f"({summary['component_calls_per_completed']} component calls); "
+        f"({summary['timer_invocations_per_completed']} started by the poll timer; "
+        f"{summary['component_calls_per_completed']} component calls); "
         f"{summary['throttled']} 429s; {summary['max_concurrent_creates_seen']} creates at "
         f"once; held at once {summary['max_held_at_once']}; wake-ups "
         f"{summary['wake_ups'] or '-'}; {wall_s:.1f} s wall",

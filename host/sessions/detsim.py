@@ -254,6 +254,10 @@ class VirtualRun:
     e2b: FakeE2B
     # Temper's invocations of the module (what Temper runs and pays for).
     invocations: int
+    # Of those, the ones the queued state's timer started: Temper re-arms it on every
+    # entry (`after_seconds` is a literal), so a job waiting W seconds gets W / poll of
+    # them whatever serve does.
+    timer_invocations: int
     end_s: float
     provisioner: NativeProvisioner | GuestProvisioner
     serve: VirtualServe
@@ -273,6 +277,9 @@ class VirtualRun:
             else None,
             "invocations": self.invocations,
             "invocations_per_completed": round(self.invocations / completed, 2)
+            if completed
+            else None,
+            "timer_invocations_per_completed": round(self.timer_invocations / completed, 2)
             if completed
             else None,
             # Calls of the provisioner itself: a held request's re-asks count too.
@@ -383,7 +390,17 @@ def run_virtual(
     )
     ideal = ideal_makespan_s(len(job_list), scenario.limits(), scenario.session_s)
     invocations = sum(entity.invocations for entity in executor.entities.values())
-    return VirtualRun(run, e2b, invocations, loop.now(), provisioner, serve, ideal)
+    queued_timers = [
+        index
+        for index, timeout in enumerate(spec.timeouts)
+        if timeout.state in script.queued_states
+    ]
+    timer_invocations = sum(
+        entity.fired[index] for entity in executor.entities.values() for index in queued_timers
+    )
+    return VirtualRun(
+        run, e2b, invocations, timer_invocations, loop.now(), provisioner, serve, ideal
+    )
 
 
 def poll_tradeoff(
