@@ -128,7 +128,7 @@ def rows(results: list[ScenarioResult], virtual: list[VirtualResult]) -> list[Ro
             "2",
             f"E2B seen, {result.name}",
             "; ".join(
-                f"{mode}: {s['e2b_429']} 429s, {s['max_concurrent_creates_seen']} creates at once"
+                f"{mode}: {s['throttled']} 429s, {s['max_concurrent_creates_seen']} creates at once"
                 for mode, s in result.summaries.items()
             ),
         ))

@@ -104,7 +104,7 @@ def build_report(
         "killed_while_queued": sum(1 for r in results if r.killed_while_queued),
         "max_concurrent_creates_seen": e2b.max_concurrent_creates,
         "max_running_sandboxes_seen": e2b.max_running_sandboxes,
-        "e2b_429": e2b.throttled,
+        "throttled": e2b.throttled,
         "sandboxes_created": e2b.sandboxes_created,
         "orphaned_sandboxes": e2b.orphaned_sandboxes,
         "duplicate_sandboxes": e2b.duplicate_sandboxes,
@@ -169,7 +169,7 @@ def format_table(report: dict[str, Any], results: Sequence[SessionResult]) -> st
         f"{s['mode']}: {s['completed']}/{s['jobs']} completed, "
         f"{s['killed_by_liveness']} killed by liveness; E2B saw at most "
         f"{s['max_concurrent_creates_seen']} concurrent creates and "
-        f"{s['max_running_sandboxes_seen']} sandboxes, {s['e2b_429']} 429s, "
+        f"{s['max_running_sandboxes_seen']} sandboxes, {s['throttled']} 429s, "
         f"{s['orphaned_sandboxes']} orphaned, {s['duplicate_sandboxes']} duplicated; "
         f"makespan {s['makespan_s']:.1f}s (ideal {s['ideal_makespan_s']:.1f}s)"
     )

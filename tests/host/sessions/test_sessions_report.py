@@ -69,7 +69,7 @@ def test_report_and_table_carry_the_issue_fields() -> None:
                           e2b=E2BFigures(5, 4, 6, 0, 0, 4))
     assert set(report["summary"]) >= {
         "jobs", "completed", "failed", "max_concurrent_creates_seen",
-        "max_running_sandboxes_seen", "e2b_429", "orphaned_sandboxes", "duplicate_sandboxes",
+        "max_running_sandboxes_seen", "throttled", "orphaned_sandboxes", "duplicate_sandboxes",
         "makespan_s", "ideal_makespan_s",
     }
     assert report["jobs"] == [{

@@ -62,7 +62,7 @@ def test_the_old_provisioner_starves_most_of_the_incident_jobs(left_behind: Any)
     failed = [j for j in done.report["jobs"] if j["state"] == "Failed"]
     assert all(j["reason"].startswith("Fail: e2b_error: E2B answered 429") for j in failed)
     assert all(j["sandbox_id"] is None and j["turns"] == 0 for j in failed)
-    assert s["e2b_429"] == 6
+    assert s["throttled"] == 6
     assert left_behind() == []
 
 
@@ -161,7 +161,7 @@ def test_json_report_from_the_command_line(capsys: pytest.CaptureFixture[str]) -
         "failed",
         "max_concurrent_creates_seen",
         "max_running_sandboxes_seen",
-        "e2b_429",
+        "throttled",
         "orphaned_sandboxes",
         "duplicate_sandboxes",
         "makespan_s",
@@ -221,7 +221,7 @@ def test_compare_runs_all_three_modes_and_ends_with_the_comparison(
     assert list(modes) == ["direct", "batches", "provisioner"]
     assert document["comparison"].startswith("compare: direct ")
     direct = modes["direct"]["summary"]
-    assert direct["e2b_429"] == 2, "the six direct creates did not overlap"
+    assert direct["throttled"] == 2, "the six direct creates did not overlap"
     assert direct["completed"] == 4
     for mode in ("batches", "provisioner"):
         summary = modes[mode]["summary"]
@@ -285,7 +285,7 @@ def test_pacing_under_a_hobby_plan_rate_limit_draws_no_429(
     done = run_mode(scenario, "provisioner", loaded=loaded_component)
     s = done.report["summary"]
     print(f"\nhobby rate: {s}")
-    assert (s["completed"], s["e2b_429"]) == (6, 0)
+    assert (s["completed"], s["throttled"]) == (6, 0)
 
 
 def test_a_spec_that_breaks_temper_rules_is_refused_before_anything_runs(

@@ -31,7 +31,7 @@ def assert_clean(done: ModeRun) -> dict[str, Any]:
     s = done.report["summary"]
     print(f"\n{s}")
     assert (s["completed"], s["failed"], s["unfinished"]) == (SCENARIO.jobs, 0, 0)
-    assert s["e2b_429"] == 0 and s["max_concurrent_creates_seen"] <= 4
+    assert s["throttled"] == 0 and s["max_concurrent_creates_seen"] <= 4
     assert s["orphaned_sandboxes"] == 0 and s["duplicate_sandboxes"] == 0
     assert s["killed_by_liveness"] == 0 and s["overloaded"] is None
     served: dict[str, Any] = s["serve"]
