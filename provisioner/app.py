@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from provisioner.failures import FailureCode
+from provisioner.inspection import inspect
 from provisioner.invocation import validate
 from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, failed
 from provisioner.operations import dispatch
@@ -13,7 +14,10 @@ from provisioner.ports import LogLevel, Ports, StorageError, StorageInvalidKey, 
 
 def run(invocation: Invocation, ports: Ports) -> Outcome:
     try:
-        return dispatch(validate(invocation), ports)
+        request = validate(invocation)
+        if request.operation == "inspect":
+            return inspect(request, ports)
+        return dispatch(request, ports)
     except ProvisionerError as error:
         return failed(error.failure)
     except (StorageInvalidKey, StorageTooLarge) as error:

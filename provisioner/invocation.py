@@ -15,7 +15,7 @@ MAX_JSON_BYTES = 64 * 1024
 MAX_CONFIG_ENTRIES = 64
 MAX_CONFIG_VALUE_CHARS = 2048
 
-OPERATIONS = ("provision", "release", "status", "acquire", "settle")
+OPERATIONS = ("provision", "release", "status", "acquire", "settle", "inspect")
 
 # C0 controls, DEL and lone surrogates: none belongs in an id, a key or a log line.
 _FORBIDDEN_IN_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")

@@ -1,66 +1,103 @@
-"""Reading an account's gates from host storage: the one place the host calls the guest's
-public inspection API (`provisioner.admission.inspect.inspect_gates`).
+"""Reading an account's gates: the component's `operation = inspect`, never the stored
+documents themselves, so the host does not depend on how the guest encodes its state.
 
-The inspection reads the gate document and the waiters' keys through the guest's
-`StorageReader` port in the account scope; here that port reads a host backend bound
-to the account's namespace (the same namespace the runtime gives the component), so an
-operator's look can never change what it looks at.
+The operator runs the guest's entry point in this process over a read-only view of the
+storage (a write is refused as a storage failure), so an operator's look can never change
+what it looks at; `serve` asks its own component (`/metrics`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from enum import Enum
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from host.services.namespaces import account_namespace
-from host.storage.base import StorageBackend
-from provisioner.admission import AdmissionConfig
-from provisioner.admission.inspect import GateView, WaiterView, inspect_gates
-from provisioner.ports import Entry, Scope
+from host.runtime.native import run_offline
+from host.storage.base import Entry, StorageBackend, StorageUnavailable
+from provisioner.model import GATES_INSPECTED, Failure, Invocation, Outcome
 
-__all__ = ["GateView", "WaiterView", "admission_config", "read_gates", "view_to_json"]
+__all__ = [
+    "GateDoc",
+    "GateReadFailed",
+    "ReadOnlyBackend",
+    "inspect_invocation",
+    "read_gates",
+    "read_gates_offline",
+]
+
+# The gates' view, as `provisioner/inspection.py` writes it.
+GateDoc = dict[str, Any]
 
 
-class ReadOnlyAccountStorage:
-    """The guest's StorageReader port over one account's namespace: it has no way to write."""
+class GateReadFailed(Exception):
+    """The inspection was answered with a failure (storage unavailable, a bad setting)."""
 
-    def __init__(self, backend: StorageBackend, account: str) -> None:
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(f"{failure.code}: {failure.message}")
+        self.failure = failure
+
+
+class ReadOnlyBackend:
+    """A storage backend that reads through and refuses every write."""
+
+    def __init__(self, backend: StorageBackend) -> None:
         self._backend = backend
-        self._namespace = account_namespace(account)
 
-    def get(self, scope: Scope, key: str) -> Entry | None:
-        if scope is not Scope.ACCOUNT:
-            raise PermissionError("the gate inspection reads the account scope only")
-        return self._backend.get(self._namespace, key)
+    def get(self, namespace: str, key: str) -> Entry | None:
+        return self._backend.get(namespace, key)
 
+    def compare_and_swap(
+        self,
+        namespace: str,
+        key: str,
+        expected_version: int | None,
+        value: bytes,
+        ttl_ms: int | None,
+    ) -> int:
+        raise StorageUnavailable("read-only: the gate inspection writes nothing")
 
-def admission_config(settings: Mapping[str, str]) -> AdmissionConfig:
-    """The admission settings from integration-config keys (`create_slots`, ...): the
-    limits and ETAs an inspection reports depend on them. Raises ProvisionerError
-    (`invalid_config`) for a bad value."""
-    return AdmissionConfig.from_config(settings)
+    def delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
+        raise StorageUnavailable("read-only: the gate inspection writes nothing")
 
+    def now_ms(self) -> int:
+        return self._backend.now_ms()
 
-def read_gates(
-    backend: StorageBackend, account: str, config: AdmissionConfig | None = None
-) -> GateView:
-    """The account's gates as of the storage's clock (the clock leases are written in)."""
-    return inspect_gates(ReadOnlyAccountStorage(backend, account), backend.now_ms(), config)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Enum):  # by name: an enum's value may be its stored encoding
-        return value.name.lower()
-    if isinstance(value, tuple | list):
-        return [_plain(item) for item in value]
-    if hasattr(value, "__dataclass_fields__"):
-        return {name: _plain(getattr(value, name)) for name in value.__dataclass_fields__}
-    return value
+    def close(self) -> None:
+        self._backend.close()
 
 
-def view_to_json(view: GateView) -> dict[str, Any]:
-    """A JSON-serialisable form of the whole view, field for field."""
-    doc: dict[str, Any] = _plain(view)
-    doc["permits_held"] = view.permits_held
-    return doc
+def inspect_invocation(settings: Mapping[str, str]) -> Invocation:
+    """`operation = inspect` with the integration's settings (limits and ETAs depend on
+    them)."""
+    config = {**settings, "operation": "inspect"}
+    return Invocation(
+        tenant="operator",
+        entity_type="Account",
+        entity_id="gates",
+        trigger_action="Inspect",
+        trigger_params="{}",
+        entity_state="{}",
+        config=tuple(sorted(config.items())),
+        session_id=None,
+        trace_id="inspect",
+    )
+
+
+def read_gates(invoke: Callable[[Invocation], Outcome], settings: Mapping[str, str]) -> GateDoc:
+    """The account's gates as the component sees them; GateReadFailed if it could not."""
+    outcome = invoke(inspect_invocation(settings))
+    if outcome.action != GATES_INSPECTED or outcome.error is not None:
+        raise GateReadFailed(
+            outcome.error or Failure("unexpected_outcome", outcome.action, retryable=False)
+        )
+    return outcome.params
+
+
+def read_gates_offline(
+    backend: StorageBackend, account: str, settings: Mapping[str, str]
+) -> GateDoc:
+    """`read_gates` through the guest's entry point in this process, over `backend` made
+    read-only."""
+    read_only = ReadOnlyBackend(backend)
+    return read_gates(
+        lambda invocation: run_offline(invocation, read_only, account=account), settings
+    )

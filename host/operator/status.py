@@ -1,6 +1,6 @@
 """`sandbox-provisioner status`: an account's gates and every waiter, for an operator.
 
-Reads storage through the public inspection API (`gates.py`), never writes: a SQLite file
+Reads the gates through the component's inspection (`gates.py`), never writes: a SQLite file
 that does not exist, `memory://`, or an account with no state at all is refused (exit 1)
 rather than created or shown empty. Prints one snapshot as rich tables, `--json` for
 machines, or `--watch`: a live view (`rich.live.Live`) on a terminal, else one timestamped
@@ -22,15 +22,12 @@ from rich.table import Table
 from rich.text import Text
 
 from host.cli.options import ExitCode, add_account_option, add_storage_option
-from host.operator.gates import GateView, admission_config, read_gates, view_to_json
+from host.operator.gates import GateDoc, GateReadFailed, read_gates_offline
 from host.runtime.assembly import default_storage_url
 from host.services.namespaces import account_namespace
 from host.storage import storage_from_uri
-from host.storage.base import StorageBackend
+from host.storage.base import StorageBackend, StorageError
 from host.storage.sqlite import SqliteBackend
-from provisioner.admission import AdmissionConfig
-from provisioner.model import ProvisionerError
-from provisioner.ports import StorageError
 
 EXIT_OK = ExitCode.OK
 EXIT_UNAVAILABLE = ExitCode.FAILED
@@ -61,66 +58,66 @@ def _seconds(ms: int | None) -> str:
     return f"{ms / 1000:.1f}s"
 
 
-def gates_table(view: GateView, account: str) -> Table:
+def gates_table(view: GateDoc, account: str) -> Table:
     table = Table(title=f"account {account!r} gates", title_justify="left")
     table.add_column("gate")
     table.add_column("in use", justify="right")
     table.add_column("limit", justify="right")
     table.add_column("detail")
-    slots = view.create_slots
-    holders = ", ".join(f"{lease.tenant}/{lease.entity}" for lease in slots.leases)
-    table.add_row("create slots", str(slots.in_use), str(slots.limit), holders or "-")
-    rate = view.rate
+    slots = view["create_slots"]
+    holders = ", ".join(f"{lease['tenant']}/{lease['entity']}" for lease in slots["leases"])
+    table.add_row("create slots", str(slots["in_use"]), str(slots["limit"]), holders or "-")
+    rate = view["rate"]
     table.add_row(
         "rate",
         "-",
-        f"{rate.burst} @ {rate.per_s:g}/s",
-        f"{rate.available} available, next in {_seconds(rate.next_in_ms)}",
+        f"{rate['burst']} @ {rate['per_s']:g}/s",
+        f"{rate['available']} available, next in {_seconds(rate['next_in_ms'])}",
     )
-    capacity = view.capacity
-    shrunk = (
-        f" (shrunk from {capacity.limit})" if capacity.effective_limit != capacity.limit else ""
-    )
+    capacity = view["capacity"]
+    effective = capacity["effective_limit"]
+    shrunk = f" (shrunk from {capacity['limit']})" if effective != capacity["limit"] else ""
     table.add_row(
         "capacity",
-        str(capacity.in_use),
-        f"{capacity.effective_limit}{shrunk}",
-        f"{capacity.running} running",
+        str(capacity["in_use"]),
+        f"{effective}{shrunk}",
+        f"{capacity['running']} running",
     )
-    backoff = view.backoff
+    backoff = view["backoff"]
     table.add_row(
         "backoff",
         "-",
         "-",
-        f"cooling {_seconds(backoff.cooling_ms)}, {backoff.failures} failures"
-        if backoff.cooling_ms > 0
-        else f"none ({backoff.failures} failures)",
+        f"cooling {_seconds(backoff['cooling_ms'])}, {backoff['failures']} failures"
+        if backoff["cooling_ms"] > 0
+        else f"none ({backoff['failures']} failures)",
     )
-    budget = view.retry_budget
-    table.add_row("retry budget", f"{budget.tokens:.2f}", f"{budget.limit:g}", "tokens")
+    budget = view["retry_budget"]
+    table.add_row("retry budget", f"{budget['tokens']:.2f}", f"{budget['limit']:g}", "tokens")
     return table
 
 
-def waiters_table(view: GateView) -> Table:
-    table = Table(title=f"{len(view.waiters)} waiting", title_justify="left")
+def waiters_table(view: GateDoc) -> Table:
+    waiters = view["waiters"]
+    table = Table(title=f"{len(waiters)} waiting", title_justify="left")
     for column in ("#", "tenant", "entity", "reason", "waited", "ETA", "stage"):
         table.add_column(column, justify="right" if column in ("#", "waited", "ETA") else "left")
-    for waiter in view.waiters:
-        entity = waiter.entity if waiter.entity is not None else "(gone)"
-        stage = waiter.stage.name.lower() + ("" if waiter.alive else ", not polling")
+    for waiter in waiters:
+        entity = waiter["entity"] if waiter["entity"] is not None else "(gone)"
+        stage = waiter["stage"] + ("" if waiter["alive"] else ", not polling")
         table.add_row(
-            str(waiter.position),
-            waiter.tenant,
+            str(waiter["position"]),
+            waiter["tenant"],
             entity,
-            waiter.reason,
-            _seconds(waiter.waited_ms),
-            _seconds(waiter.eta_ms),
+            waiter["reason"],
+            _seconds(waiter["waited_ms"]),
+            _seconds(waiter["eta_ms"]),
             stage,
         )
     return table
 
 
-def render(view: GateView, account: str) -> RenderableType:
+def render(view: GateDoc, account: str) -> RenderableType:
     return Group(gates_table(view, account), waiters_table(view))
 
 
@@ -132,8 +129,7 @@ def run_status(args: argparse.Namespace, console: Console | None = None) -> int:
     console = console or Console()
     try:
         settings = dict(_setting(item) for item in args.config)
-        config = admission_config(settings)
-    except (ValueError, ProvisionerError) as error:
+    except ValueError as error:
         print(f"sandbox-provisioner status: {error}", file=sys.stderr)
         return EXIT_USAGE
     uri = args.storage or default_storage_url()
@@ -159,15 +155,15 @@ def run_status(args: argparse.Namespace, console: Console | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_UNAVAILABLE
-        if args.watch and not args.json:
-            return _watch(backend, args.account, config, args.interval, console)
         try:
-            view = read_gates(backend, args.account, config)
-        except StorageError as error:
-            print(f"sandbox-provisioner status: storage unavailable: {error}", file=sys.stderr)
-            return EXIT_UNAVAILABLE
+            view = read_gates_offline(backend, args.account, settings)
+        except GateReadFailed as error:
+            print(f"sandbox-provisioner status: {error}", file=sys.stderr)
+            return EXIT_UNAVAILABLE if error.failure.retryable else EXIT_USAGE
+        if args.watch and not args.json:
+            return _watch(backend, args.account, settings, args.interval, console)
         if args.json:
-            console.print_json(json.dumps(view_to_json(view)))
+            console.print_json(json.dumps(view))
         else:
             console.print(render(view, args.account))
         return EXIT_OK
@@ -200,14 +196,14 @@ def _setting(item: str) -> tuple[str, str]:
 def _watch(
     backend: StorageBackend,
     account: str,
-    config: AdmissionConfig,
+    settings: dict[str, str],
     interval: float,
     console: Console,
 ) -> int:
     def frame() -> RenderableType:
         try:
-            return render(read_gates(backend, account, config), account)
-        except StorageError as error:  # keep watching: the backend recovers by itself
+            return render(read_gates_offline(backend, account, settings), account)
+        except GateReadFailed as error:  # keep watching: the backend recovers by itself
             return _unavailable(error)
 
     try:

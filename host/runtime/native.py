@@ -9,13 +9,15 @@ from host.runtime.component_runtime import HostServices
 from host.runtime.credentials import gateway_call, key_arguments
 from host.services.http_gateway import HttpGateway
 from host.services.namespaces import ScopedStorage
-from host.services.telemetry import InvocationTag, TelemetrySink
+from host.services.telemetry import InvocationTag, LoggingTelemetry, TelemetrySink
 from host.storage.base import StorageBackend
 from provisioner.app import run
 from provisioner.model import Invocation, Outcome
 from provisioner.ports import (
     Clock,
     Http,
+    HttpError,
+    HttpErrorKind,
     HttpRequest,
     HttpResponse,
     LogLevel,
@@ -114,3 +116,32 @@ class NativeRuntime:
 
     def close(self) -> None:
         pass
+
+
+class _NoHttp:
+    """The Http port of an invocation that must not reach E2B: every call is refused."""
+
+    def send(self, request: HttpRequest) -> HttpResponse:
+        raise HttpError(HttpErrorKind.DENIED, "this invocation may not send HTTP")
+
+
+def run_offline(invocation: Invocation, backend: StorageBackend, *, account: str) -> Outcome:
+    """The guest run in this process over `backend` with no HTTP, the backend's clock and
+    no randomness it could need: for reads such as `operation = inspect`."""
+    tag = InvocationTag(
+        invocation.tenant, invocation.entity_type, invocation.entity_id, invocation.trace_id
+    )
+    ports = native_ports(
+        backend,
+        tenant=invocation.tenant,
+        account=account,
+        http=_NoHttp(),
+        clock=_FunctionClock(backend.now_ms),
+        random=_FunctionRandom(_no_random),
+        telemetry=_TaggedTelemetry(LoggingTelemetry(), tag),
+    )
+    return run(invocation, ports)
+
+
+def _no_random() -> int:
+    raise RuntimeError("an offline invocation draws no random numbers")

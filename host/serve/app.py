@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -51,8 +50,7 @@ from host.serve.pacing import ServePace
 from host.serve.pool import InvocationPool
 from host.serve.results import temper_result
 from host.serve.tenants import Client, TenantAccess
-from provisioner.admission import AdmissionConfig
-from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, failed
+from provisioner.model import Failure, Invocation, Outcome, failed
 
 LOG = logging.getLogger("sandbox_provisioner.serve")
 # Config keys that address the service itself: the shim's, not the component's.
@@ -71,9 +69,10 @@ class ServeState:
     e2b_refusal: Callable[[], str | None] = lambda: None
     draining: bool = False
     metrics: ServeMetrics | None = None
-    # The admission settings of the latest invocation (the gates' limits depend on the
-    # integration config); None until one arrives. Read by the metrics' gate collector.
-    admission_config: AdmissionConfig | None = None
+    # The integration config of the latest invocation the component did not refuse as
+    # invalid (the gates' limits depend on it); empty until one arrives. The metrics' gate
+    # collector inspects the gates with it.
+    settings: dict[str, str] = field(default_factory=dict)
     # Held answers and wake-ups (host/serve/pacing.py); None: every answer at once.
     pace: ServePace | None = None
     log: Callable[[dict[str, Any]], None] = field(
@@ -126,11 +125,16 @@ def prepare(invocation: Invocation, e2b_url: str) -> Invocation:
     return replace(invocation, config=config)
 
 
-def remember_admission_config(state: ServeState, invocation: Invocation) -> None:
-    # An invalid config: the component answers it invalid_config; the metrics keep the
-    # last settings.
-    with contextlib.suppress(ProvisionerError):
-        state.admission_config = AdmissionConfig.from_config(dict(invocation.config))
+def remember_settings(state: ServeState, invocation: Invocation, outcome: Outcome) -> None:
+    # An invalid config is answered invalid_config; the metrics keep the last good one.
+    if outcome.error is None or outcome.error.code != "invalid_config":
+        state.settings = dict(invocation.config)
+
+
+def asks_for_inspection(invocation: Invocation) -> bool:
+    """`operation = inspect` names every tenant's waiters: only the host may ask for it."""
+    operation = dict(invocation.config).get("operation", "")
+    return operation.strip().lower() == "inspect"
 
 
 def create_app(state: ServeState) -> ASGIApp:
@@ -188,6 +192,18 @@ def create_app(state: ServeState) -> ASGIApp:
         refused = forbidden_tenant(request, refusals, invocation.tenant, invocation.entity_id)
         if refused is not None:
             return refused
+        if asks_for_inspection(invocation):
+            return JSONResponse(
+                temper_result(
+                    failed(
+                        Failure(
+                            "unknown_operation",
+                            "operation 'inspect' is the host's; an invocation may not ask it",
+                            False,
+                        )
+                    )
+                )
+            )
         started = time.monotonic()
         try:
             hold_until = state.pace.hold_until_ms(dict(context.config)) if state.pace else 0
@@ -195,7 +211,6 @@ def create_app(state: ServeState) -> ASGIApp:
             return JSONResponse(
                 temper_result(failed(Failure("invalid_config", str(invalid), False)))
             )
-        remember_admission_config(state, invocation)
 
         def run() -> tuple[Outcome, float]:
             begun = time.monotonic()
@@ -207,6 +222,7 @@ def create_app(state: ServeState) -> ASGIApp:
             if future is None:
                 return None
             outcome, seconds = await asyncio.wrap_future(future)
+            remember_settings(state, invocation, outcome)
             if state.metrics is not None:
                 state.metrics.observe_invocation(outcome, seconds, invocation.tenant)
             return outcome

@@ -237,7 +237,7 @@ def run_serve(args: argparse.Namespace) -> int:
             if args.tenants is not None:
                 signal.signal(signal.SIGHUP, lambda _sig, _frame: access.reload())
             state.metrics = ServeMetrics(
-                read_gates=lambda: read_gates(storage, args.account, state.admission_config),
+                read_gates=lambda: read_gates(invoker.invoke, state.settings),
                 workers_busy=lambda: pool.busy,
                 held_requests=lambda: state.pace.holds.count if state.pace else 0,
             )

@@ -16,8 +16,8 @@ Three sources:
   route rate limiter and its concurrent-create limit, both sending `Retry-After`) or
   `sandbox_cap` (the concurrent-sandbox cap: "maximum number of concurrent E2B sandboxes",
   no `Retry-After`);
-- the account's gates, read from storage at each scrape through the public inspection
-  API (`provisioner.admission.inspect`, via `host.operator.gates`): create slots,
+- the account's gates, read at each scrape by asking the component (`operation = inspect`,
+  via `host.operator.gates`): create slots,
   capacity, rate, backoff, retry budget, and the waiters by the reason they wait.
   Several `serve` processes on one Redis each report the same shared gates: aggregate
   those gauges with `max`, not `sum`.
@@ -40,8 +40,8 @@ from provisioner.e2b import classify_failure
 from provisioner.model import Outcome
 
 if TYPE_CHECKING:
+    from host.operator.gates import GateDoc
     from host.serve.hold import HeldAnswer
-    from provisioner.admission.inspect import GateView
 
 PREFIX = "sandbox_provisioner"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -79,7 +79,7 @@ def too_many_requests_kind(exchange: Exchange) -> str | None:
 class GateCollector:
     """The account's gates, read at scrape time (so a drained queue reads 0 at once)."""
 
-    def __init__(self, read: Callable[[], GateView]) -> None:
+    def __init__(self, read: Callable[[], GateDoc]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[Metric]:
@@ -97,37 +97,37 @@ class GateCollector:
         in_use = GaugeMetricFamily(
             f"{PREFIX}_gate_in_use", "Permits held per gate", labels=["gate"]
         )
-        in_use.add_metric(["create_slots"], report.create_slots.in_use)
-        in_use.add_metric(["capacity"], report.capacity.in_use)
+        in_use.add_metric(["create_slots"], report["create_slots"]["in_use"])
+        in_use.add_metric(["capacity"], report["capacity"]["in_use"])
         yield in_use
         limit = GaugeMetricFamily(
             f"{PREFIX}_gate_limit",
             "Limit per gate (capacity: the effective limit; rate: the burst)",
             labels=["gate"],
         )
-        limit.add_metric(["create_slots"], report.create_slots.limit)
-        limit.add_metric(["capacity"], report.capacity.effective_limit)
-        limit.add_metric(["rate"], report.rate.burst)
+        limit.add_metric(["create_slots"], report["create_slots"]["limit"])
+        limit.add_metric(["capacity"], report["capacity"]["effective_limit"])
+        limit.add_metric(["rate"], report["rate"]["burst"])
         yield limit
         yield GaugeMetricFamily(
             f"{PREFIX}_rate_available",
             "Creates the rate gate would allow now",
-            value=report.rate.available,
+            value=report["rate"]["available"],
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_backoff_cooling_seconds",
             "Time left of the shared E2B cooldown",
-            value=report.backoff.cooling_ms / 1000,
+            value=report["backoff"]["cooling_ms"] / 1000,
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_retry_budget_tokens",
             "Retries the retry budget would pay for now",
-            value=report.retry_budget.tokens,
+            value=report["retry_budget"]["tokens"],
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_queue_length",
             "Waiters in the account's queue",
-            value=len(report.waiters),
+            value=len(report["waiters"]),
         )
         by_reason = GaugeMetricFamily(
             f"{PREFIX}_queue_waiters",
@@ -135,8 +135,8 @@ class GateCollector:
             labels=["reason"],
         )
         counts = dict.fromkeys(WAIT_REASONS, 0)
-        for waiter in report.waiters:
-            counts[waiter.reason] = counts.get(waiter.reason, 0) + 1
+        for waiter in report["waiters"]:
+            counts[waiter["reason"]] = counts.get(waiter["reason"], 0) + 1
         for reason, count in sorted(counts.items()):
             by_reason.add_metric([reason], count)
         yield by_reason
@@ -146,7 +146,7 @@ class ServeMetrics:
     def __init__(
         self,
         *,
-        read_gates: Callable[[], GateView] | None = None,
+        read_gates: Callable[[], GateDoc] | None = None,
         workers_busy: Callable[[], int] | None = None,
         held_requests: Callable[[], int] | None = None,
     ) -> None:

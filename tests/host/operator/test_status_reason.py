@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from host.operator.gates import admission_config, read_gates
+from host.operator.gates import read_gates_offline
 from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime
 from host.services.http_gateway import HttpGateway
@@ -50,16 +50,15 @@ def test_a_waiter_whose_turn_has_come_is_reported_due_not_held_by_create_slots(
     assert runtime.invoke(invocation(config, entity_id="a")).action == "SandboxReady"
     queued = runtime.invoke(invocation(config, entity_id="b"))
     assert (queued.action, queued.params["reason"]) == ("SandboxQueued", "rate")
-    settings = admission_config(CONFIG)
 
     # At once, the view and the answer agree.
-    [waiter] = read_gates(storage, "default", settings).waiters
-    assert waiter.reason == "rate" and waiter.eta_ms > 0
+    [waiter] = read_gates_offline(storage, "default", CONFIG)["waiters"]
+    assert waiter["reason"] == "rate" and waiter["eta_ms"] > 0
 
     # The rate token refills: no gate holds the waiter any more; its next poll is a grant.
     clock.now += 1_500
-    view = read_gates(storage, "default", settings)
-    [waiter] = view.waiters
-    assert view.create_slots.in_use == 0
-    assert (waiter.reason, waiter.eta_ms) == ("due", 0)
+    view = read_gates_offline(storage, "default", CONFIG)
+    [waiter] = view["waiters"]
+    assert view["create_slots"]["in_use"] == 0
+    assert (waiter["reason"], waiter["eta_ms"]) == ("due", 0)
     assert runtime.invoke(invocation(config, entity_id="b")).action == "SandboxReady"

@@ -203,3 +203,36 @@ def test_guest_failures_and_queueing_are_successes_that_keep_their_params() -> N
         assert decoded.success and decoded.callback_params == outcome.params
         assert dispatch_for(Trigger("provision"), decoded).action == outcome.action
     assert temper_result(guest)["params"]["code"] == "queue_timeout"
+
+
+@pytest.mark.parametrize("operation", ["inspect", " Inspect "])
+def test_an_invocation_may_not_ask_for_the_account_inspection(operation: str) -> None:
+    # Catches: a tenant's spec reading every tenant's waiting entities through serve.
+    component = FakeComponent(Outcome("GatesInspected", {"waiters": [{"tenant": "other"}]}))
+    http = client(component)
+    context = {
+        **CONTEXT,
+        "integration_config": {**CONTEXT["integration_config"], "operation": operation},  # type: ignore[dict-item]
+    }
+    response = http.post(
+        "/v1/invocations", json=context, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.status_code == 200
+    result = decode_terminal_result(response.text)
+    assert result.callback_action == "SandboxFailed"
+    assert result.callback_params["code"] == "unknown_operation"
+    assert "other" not in response.text
+    assert component.calls == []
+
+
+def test_the_gauges_inspect_with_the_latest_settings_the_component_accepted() -> None:
+    component = FakeComponent()
+    http = client(component)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    good = {**CONTEXT["integration_config"], "create_slots": "3"}  # type: ignore[dict-item]
+    http.post("/v1/invocations", json={**CONTEXT, "integration_config": good}, headers=headers)
+    assert http.state.settings["create_slots"] == "3"
+    component.outcome = failed(Failure("invalid_config", "create_slots: not a number", False))
+    bad = {**good, "create_slots": "lots"}
+    http.post("/v1/invocations", json={**CONTEXT, "integration_config": bad}, headers=headers)
+    assert http.state.settings["create_slots"] == "3"
