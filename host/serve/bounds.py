@@ -28,7 +28,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from host.runtime.temper_context import MAX_CONTEXT_BYTES
 from host.serve.errors import error_response
-from provisioner.admission.bucket import Bucket
 
 HEADER_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 10.0
@@ -171,7 +170,8 @@ class HeaderDeadlineProtocol(H11Protocol):
 
 
 class RefusalLimiter:
-    """Refusals per remote address: `burst` at once, then one per `interval_s`."""
+    """Refusals per remote address: `burst` at once, then one per `interval_s` (GCRA: one
+    number per address, the time its bucket is full again)."""
 
     def __init__(
         self,
@@ -181,26 +181,29 @@ class RefusalLimiter:
         clock: Callable[[], float] = time.monotonic,
         max_addresses: int = 10_000,
     ) -> None:
-        self.bucket = Bucket(interval_s * 1000, burst)
+        self.burst = burst
+        self.interval_s = interval_s
         self.clock = clock
         self.max_addresses = max_addresses
-        self._tat_ms: dict[str, float] = {}
+        self._full_at: dict[str, float] = {}
 
     def refuse(self, address: str) -> int | None:
         """Counts one refusal for `address`: None when it is within the bucket (answer the
         401 or 403), else the seconds to put in `Retry-After` (answer 429)."""
-        now = int(self.clock() * 1000)
-        tat = self._tat_ms.get(address, 0.0)
-        if not self.bucket.fits(tat, now, 1):
-            return max(1, math.ceil(self.bucket.wait_ms(tat, now, 1) / 1000))
-        if len(self._tat_ms) >= self.max_addresses:
+        now = self.clock()
+        full_at = max(self._full_at.get(address, now), now)
+        # Room for one more refusal while what is banked ahead stays within the burst.
+        wait_s = full_at - now - (self.burst - 1) * self.interval_s
+        if wait_s > 1e-9:
+            return max(1, math.ceil(wait_s))
+        if len(self._full_at) >= self.max_addresses:
             self._forget_full_buckets(now)
-        self._tat_ms[address] = self.bucket.charge(tat, now, 1)
+        self._full_at[address] = full_at + self.interval_s
         return None
 
-    def _forget_full_buckets(self, now_ms: int) -> None:
-        for address in [a for a, tat in self._tat_ms.items() if tat <= now_ms]:
-            del self._tat_ms[address]
+    def _forget_full_buckets(self, now: float) -> None:
+        for address in [a for a, full_at in self._full_at.items() if full_at <= now]:
+            del self._full_at[address]
 
 
 def remote_address(scope: Scope) -> str:
