@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import wasmtime
 
+from host.operator.gates import read_gates
 from host.runtime.component_runtime import Budgets, ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent, load_component
 from host.runtime.native import NativeRuntime
@@ -165,6 +166,18 @@ def test_status_reports_the_entity_and_gates(host: Host) -> None:
     assert status.action == "SandboxStatus", status
     assert status.params["entity"]["state"] == "ready"
     assert isinstance(status.params["gates"], dict)
+
+
+def test_inspect_answers_the_account_gates_through_the_host_reader(host: Host) -> None:
+    # Catches: an inspection that reads another scope than the account's, or a view the
+    # WIT boundary cannot carry (the operator and /metrics read it through the component).
+    host.run(entity_id="holder", create_slots="1")
+    queued = host.run(entity_id="waiter", tenant="other", create_slots="1")
+    view = read_gates(host.runtime.invoke, {"create_slots": "1", "e2b_api_url": host.url})
+    assert view["create_slots"]["limit"] == 1
+    assert view["capacity"]["in_use"] == 1 and view["permits_held"] >= 1
+    assert queued.action == "SandboxQueued", queued  # the default rate paces the second
+    assert [(w["tenant"], w["entity"]) for w in view["waiters"]] == [("other", "CurationJob/waiter")]
 
 
 def test_a_second_load_uses_the_compile_cache(
