@@ -177,7 +177,8 @@ def test_inspect_answers_the_account_gates_through_the_host_reader(host: Host) -
     assert view["create_slots"]["limit"] == 1
     assert view["capacity"]["in_use"] == 1 and view["permits_held"] >= 1
     assert queued.action == "SandboxQueued", queued  # the default rate paces the second
-    assert [(w["tenant"], w["entity"]) for w in view["waiters"]] == [("other", "CurationJob/waiter")]
+    waiting = [(w["tenant"], w["entity"]) for w in view["waiters"]]
+    assert waiting == [("other", "CurationJob/waiter")]
 
 
 def test_a_second_load_uses_the_compile_cache(
