@@ -58,7 +58,7 @@ _marker_buffer = bytearray(MARKER_BYTES)
 
 
 def _outcome(action: str, params: dict[str, Any]) -> Any:
-    return wit.Outcome(action=action, params=json.dumps(params), success=True, error=None)
+    return wit.Outcome(action=action, params=json.dumps(params))
 
 
 def _error_name(error: Any) -> str:
