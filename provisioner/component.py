@@ -18,7 +18,7 @@ from wit_world.imports import clock, http, randomness, storage, telemetry
 
 from provisioner.app import run
 from provisioner.failures import FailureCode
-from provisioner.model import Invocation, Outcome
+from provisioner.model import Failure, Invocation, Outcome, failed
 from provisioner.ports import (
     Entry,
     HttpError,
@@ -140,15 +140,8 @@ _PORTS = Ports(
 
 
 def _to_wit(outcome: Outcome) -> wit.Outcome:
-    error = outcome.error
-    return wit.Outcome(
-        action=outcome.action,
-        params=outcome.params_json(),
-        success=outcome.success,
-        error=None
-        if error is None
-        else wit.Failure(str(error.code), error.message, error.retryable),
-    )
+    """What the guest decided; its success flag and failure are the host's to read from it."""
+    return wit.Outcome(action=outcome.action, params=outcome.params_json())
 
 
 def _from_wit(invocation: wit.Invocation) -> Invocation:
@@ -161,23 +154,7 @@ def _from_wit(invocation: wit.Invocation) -> Invocation:
 class Provisioner(exports.Provisioner):
     def run(self, invocation: wit.Invocation) -> wit.Outcome:
         try:
-            outcome = run(
-                _from_wit(invocation),
-                _PORTS,
-            )
-            return _to_wit(outcome)
+            return _to_wit(run(_from_wit(invocation), _PORTS))
         except Exception as error:  # the last line of defence: never trap on a bug
             message = f"{type(error).__name__}: {error}"
-            return wit.Outcome(
-                action="SandboxFailed",
-                params=json.dumps(
-                    {
-                        "code": FailureCode.INTERNAL_ERROR,
-                        "message": message,
-                        "retryable": False,
-                        "error_message": message,
-                    }
-                ),
-                success=True,  # a guest decision, as `model.failed` reports it
-                error=wit.Failure(FailureCode.INTERNAL_ERROR, message, False),
-            )
+            return _to_wit(failed(Failure(FailureCode.INTERNAL_ERROR, message, retryable=False)))

@@ -48,8 +48,10 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """`success` is Temper's success flag: true for every outcome the guest decided,
-    `SandboxFailed` included (its failure is in `error` and in the params), false only
+    """What the guest decided is `action` and `params`, all the WIT `outcome` carries.
+    `success` and `error` are the host's reading of them (`decided`), which the host maps
+    to Temper's result: `success` is true for every outcome the guest decided,
+    `SandboxFailed` included (its failure is in `error`, read from the params), false only
     for a genuine invocation failure (a host code: trap, budget, malformed result)."""
 
     action: str
@@ -95,3 +97,21 @@ def failed(failure: Failure, **params: Any) -> Outcome:
         success=failure.code not in HOST_CODES,
         error=failure,
     )
+
+
+_FAILURE_PARAMS = (("code", str), ("message", str), ("retryable", bool))
+
+
+def decided(action: str, params: dict[str, Any]) -> Outcome:
+    """The outcome a guest decided, from the WIT `outcome` (`failed` is the inverse): a
+    success, and for `SandboxFailed` the failure its typed params state. ValueError when a
+    `SandboxFailed` lacks them or claims a host code (only a host reports those)."""
+    if action != SANDBOX_FAILED:
+        return Outcome(action, params)
+    for name, kind in _FAILURE_PARAMS:
+        if not isinstance(params.get(name), kind):
+            raise ValueError(f"SandboxFailed's {name} is not a {kind.__name__}")
+    failure = Failure(params["code"], params["message"], params["retryable"])
+    if failure.code in HOST_CODES:
+        raise ValueError(f"SandboxFailed claims the host code {failure.code}")
+    return Outcome(action, params, success=True, error=failure)

@@ -36,7 +36,7 @@ from host.services.telemetry import InvocationTag, LoggingTelemetry, TelemetrySi
 from host.storage.base import StorageBackend
 from host.temper_abi.limits import EPOCH_TICK_MS, TemperLimits
 from provisioner.failures import FailureCode
-from provisioner.model import Failure, Invocation, Outcome, failed
+from provisioner.model import Failure, Invocation, Outcome, decided, failed
 from provisioner.ports import (
     HttpError,
     HttpErrorKind,
@@ -52,7 +52,7 @@ from provisioner.ports import (
 wasmtime_compat.install()
 
 PACKAGE = "temper:sandbox-provisioner"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
 
 def interface(name: str) -> str:
@@ -439,15 +439,11 @@ def _classify_trap(error: Exception, store: wasmtime.Store, budgets: Budgets) ->
 
 
 def _outcome_from_wit(raw: Any, budgets: Budgets) -> Outcome:
+    """The guest's decision, `{action, params}`, read as an outcome (`model.decided`)."""
     try:
         action = str(raw.action)
         params_text = str(raw.params)
-        error = raw.error
-        size = (
-            len(action)
-            + len(params_text)
-            + (0 if error is None else len(str(error.code)) + len(str(error.message)))
-        )
+        size = len(action) + len(params_text)
         if size > budgets.result_bytes:
             return failed(
                 Failure(
@@ -460,12 +456,7 @@ def _outcome_from_wit(raw: Any, budgets: Budgets) -> Outcome:
         params = json.loads(params_text) if params_text else {}
         if not isinstance(params, dict):
             raise ValueError("params is not a JSON object")
-        failure = (
-            None
-            if error is None
-            else Failure(str(error.code), str(error.message), bool(error.retryable))
-        )
-        return Outcome(action=action, params=params, success=bool(raw.success), error=failure)
+        return decided(action, params)
     except (ValueError, AttributeError) as problem:
         return failed(
             Failure(

@@ -1,4 +1,5 @@
-"""Temper invocation contexts (JSON) into WIT invocations, with clear errors."""
+"""Temper invocation contexts (JSON) into WIT invocations, with clear errors, and outcomes
+into Temper's terminal results."""
 
 from __future__ import annotations
 
@@ -90,7 +91,9 @@ def stable_code(code: str) -> str:
 
 
 def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
-    """The outcome as the terminal result Temper accepts, exactly.
+    """The outcome as the terminal result Temper accepts, exactly: the one mapping from
+    what the component decided (`{action, params}`, read by `model.decided`) or what the
+    host reports (a host code) to Temper's result.
 
     `decode_terminal_result` (`crates/temper-wasm/src/engine/result.rs` in `nerdsane/temper`;
     `host/temper_abi/result.py`) takes three shapes, each with no other field:

@@ -17,6 +17,8 @@ never would. `config.probe_mode` picks the misbehaviour:
   `probe_repeat=N` runs the same steps N times within the one call
 - bytes_echo: store the bytes `probe_bytes_hex` under tenant key `probe_key` and read them
   back (a `list<u8>` each way across the boundary); report whether they came back equal
+- answer: return the outcome `probe_action` with the params text `probe_params` as given
+  (unchecked: the host's reading of whatever a component answers is under test)
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ _marker_buffer = bytearray(MARKER_BYTES)
 
 
 def _outcome(action: str, params: dict[str, Any]) -> Any:
-    return wit.Outcome(action=action, params=json.dumps(params), success=True, error=None)
+    return wit.Outcome(action=action, params=json.dumps(params))
 
 
 def _error_name(error: Any) -> str:
@@ -219,6 +221,10 @@ def _bytes_echo(invocation: Any, config: dict[str, str]) -> Any:
     )
 
 
+def _answer(invocation: Any, config: dict[str, str]) -> Any:
+    return wit.Outcome(action=config.get("probe_action", ""), params=config.get("probe_params", ""))
+
+
 MODES = {
     "noop": _noop,
     "loop": _loop,
@@ -230,6 +236,7 @@ MODES = {
     "key_hunt": _key_hunt,
     "marker": _marker,
     "bytes_echo": _bytes_echo,
+    "answer": _answer,
 }
 
 

@@ -104,13 +104,13 @@ def test_the_component_imports_exactly_the_projects_interfaces(
 ) -> None:
     imports = set(loaded_component.component.type.imports(loaded_component.engine))
     expected = {
-        f"temper:sandbox-provisioner/{name}@0.1.0"
+        f"temper:sandbox-provisioner/{name}@0.2.0"
         for name in ("storage", "http", "clock", "randomness", "telemetry")
     }
     assert imports == expected
     exports = set(loaded_component.component.type.exports(loaded_component.engine))
     # componentize-py adds an `exports` instance of its own beside the world's export.
-    assert "temper:sandbox-provisioner/provisioner@0.1.0" in exports
+    assert "temper:sandbox-provisioner/provisioner@0.2.0" in exports
     assert not [name for name in imports | exports if name.startswith("wasi:")]
 
 

@@ -41,7 +41,7 @@ def probe() -> LoadedComponent:
 def _storage_function(probe: LoadedComponent, name: str) -> _types.FuncType:
     """The type of the probe's imported storage function `name`."""
     storage = probe.component.type.imports(probe.engine)[
-        "temper:sandbox-provisioner/storage@0.1.0"
+        "temper:sandbox-provisioner/storage@0.2.0"
     ].ty
     assert isinstance(storage, _types.ComponentInstanceType)
     function = storage.exports(probe.engine)[name].ty
@@ -127,9 +127,7 @@ def test_lifting_refuses_a_list_that_does_not_hold_u8(byte_list: Any) -> None:
 
 
 @pytest.mark.parametrize("data", VALUES, ids=IDS)
-def test_bytes_cross_the_boundary_unchanged_both_ways(
-    probe: LoadedComponent, data: bytes
-) -> None:
+def test_bytes_cross_the_boundary_unchanged_both_ways(probe: LoadedComponent, data: bytes) -> None:
     host = make_probe_host(probe)
     try:
         outcome = host.call("bytes_echo", tenant="echo", probe_bytes_hex=data.hex())
