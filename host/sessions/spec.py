@@ -24,6 +24,7 @@ from pydantic import (
     PrivateAttr,
     Strict,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -161,7 +162,14 @@ class Automaton(_Table):
     initial: Name
     allow_indefinite_states: tuple[Name, ...] = ()
     terminal: tuple[Name, ...] = ()
-    strict_action_params: Literal[False] = False
+    strict_action_params: Annotated[bool, Strict()] = False
+
+    @field_validator("strict_action_params")
+    @classmethod
+    def _strict_params_not_run(cls, strict: bool) -> bool:
+        if strict:
+            raise ValueError("true is not run by this executor")
+        return strict
 
     @model_validator(mode="after")
     def _states_are_declared(self) -> Self:

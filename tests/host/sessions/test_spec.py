@@ -165,6 +165,11 @@ def test_sections_temper_rejects_or_this_executor_does_not_run(change: str, mess
         ),
         ('from = ["A"]', 'from = ["Z"]', "'Z' is not a declared state"),
         ('kind = "input"', 'kind = "inbound"', "kind: Input should be 'input', 'internal'"),
+        (
+            'initial = "A"',
+            'initial = "A"\nstrict_action_params = true',
+            "[automaton] strict_action_params: true is not run by this executor",
+        ),
     ],
 )
 def test_action_and_state_keys_are_checked(old: str, new: str, message: str) -> None:
