@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from starlette.applications import Starlette
@@ -141,33 +142,106 @@ def build_app(
     state: MockState, on_configure: Callable[[dict[str, Any]], MockE2BConfig]
 ) -> tuple[ASGIApp, Callable[[], Runtime | None]]:
     """The ASGI app and a getter for its runtime (which exists once the app has started)."""
-    holder: dict[str, Runtime] = {}
+    api = MockE2BApi(state)
+    app = Starlette(
+        routes=api.routes(on_configure),
+        lifespan=api.lifespan,
+        exception_handlers={HTTPException: unserved},
+    )
+    return KeepRawSend(app), lambda: api.started
 
-    def runtime() -> Runtime:
-        return holder["runtime"]
+
+def not_found(sandbox_id: str) -> Response:
+    return error_response(
+        404, f"sandbox \"{sandbox_id}\" doesn't exist or you don't have access to it"
+    )
+
+
+async def unserved(request: Request, exc: Exception) -> Response:
+    """Every route the mock does not serve answers E2B's Error body, not text/plain."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    message = {404: "Not found", 405: "Method not allowed"}.get(status, "Error")
+    return error_response(status, f"{message}: {request.method} {request.url.path}")
+
+
+def _check_bool_flags(body: dict[str, Any], *flags: str) -> None:
+    for flag in flags:
+        if flag in body and not isinstance(body[flag], bool):
+            raise BadRequest(f"{flag} must be a boolean")
+
+
+class MockE2BApi:
+    """The route handlers over one mock's state, and the runtime they share once the app
+    has started."""
+
+    def __init__(self, state: MockState) -> None:
+        self.state = state
+        self.started: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        if self.started is None:
+            raise RuntimeError("the mock's app has not started")
+        return self.started
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        holder["runtime"] = Runtime(state)
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        self.started = Runtime(self.state)
         try:
             yield
         finally:
-            await holder["runtime"].close()
+            await self.started.close()
 
-    def authenticated(handler: Handler) -> Handler:
+    def routes(self, on_configure: Callable[[dict[str, Any]], MockE2BConfig]) -> list[Route]:
+        one = "/sandboxes/{sandbox_id}"
+        sandbox = self._sandbox_route
+        return [
+            Route("/sandboxes", self._authenticated(partial(self.create, version=1)),
+                  methods=["POST"]),
+            Route("/v2/sandboxes", self._authenticated(partial(self.create, version=2)),
+                  methods=["POST"]),
+            Route("/sandboxes", self._authenticated(partial(self.list_sandboxes, version=1)),
+                  methods=["GET"]),
+            Route("/v2/sandboxes", self._authenticated(partial(self.list_sandboxes, version=2)),
+                  methods=["GET"]),
+            sandbox(one, "get", self.get_sandbox, "GET"),
+            sandbox(one, "kill", self.kill_sandbox, "DELETE"),
+            sandbox(one + "/timeout", "timeout", self.set_timeout, "POST", "required"),
+            sandbox(one + "/refreshes", "refresh", self.refresh, "POST", "optional"),
+            sandbox(one + "/pause", "pause", self.pause, "POST", "optional"),
+            sandbox(one + "/resume", "resume", self.resume, "POST", "optional"),
+            sandbox(one + "/connect", "connect", partial(self.connect, version=1), "POST",
+                    "required"),
+            sandbox("/v2" + one + "/connect", "connect", partial(self.connect, version=2),
+                    "POST", "optional"),
+            *control_routes(
+                self.state,
+                on_configure,
+                lambda message: error_response(400, message),
+                self.config_changed,
+            ),
+            Route("/_mock/sandboxes", self.get_running, methods=["GET"]),
+            Route("/_mock/orphans", self.post_orphans, methods=["POST"]),
+            Route("/_mock/temperfs", self.get_temperfs, methods=["GET"]),
+            Route("/tdata/{path:path}", self.temperfs, methods=["GET", "POST", "PUT"]),
+        ]  # fmt: skip
+
+    # -- what every E2B route goes through -----------------------------------------------
+
+    def _authenticated(self, handler: Handler) -> Handler:
         async def guarded(request: Request) -> Response:
-            if request.headers.get("x-api-key") != state.config.api_key:
-                state.count_unauthorized()
+            if request.headers.get("x-api-key") != self.state.config.api_key:
+                self.state.count_unauthorized()
                 return error_response(401, "Invalid API key")
             return await handler(request)
 
         return guarded
 
-    async def fault_response(
-        rule: FaultRule, request: Request, status: int, body: dict[str, Any] | None
+    async def _fault_response(
+        self, rule: FaultRule, request: Request, status: int, body: dict[str, Any] | None
     ) -> Response:
-        rt = runtime()
-        config = state.config
+        rt = self.runtime
+        config = self.state.config
         # Marks the answer as injected, so checks of E2B's wire format can tell it apart.
         marker = {FAULT_HEADER: rule.kind}
         if rule.kind == "status":
@@ -200,75 +274,79 @@ def build_app(
 
         return StreamingResponse(trickle(), status, media_type="application/json", headers=marker)
 
-    async def with_faults(
+    async def _with_faults(
+        self,
         request: Request,
         route: str,
         act: Callable[[], Awaitable[Outcome]],
     ) -> Response:
         """Runs ``act`` between the faults that fire before and after it on ``route``."""
+        state = self.state
         ordinal = state.count_request(route)
         before = state.pick_fault(route, ordinal, after_create=False)
         if before is not None:
             # A garbled or slow success answer for an action that never happened.
-            return await fault_response(before, request, 201 if route == "create" else 200, None)
+            return await self._fault_response(
+                before, request, 201 if route == "create" else 200, None
+            )
         response, status, body = await act()
         if 200 <= status < 300:
             after = state.pick_fault(route, ordinal, after_create=True)
             if after is not None:
-                return await fault_response(after, request, status, body)
+                return await self._fault_response(after, request, status, body)
         return response
 
-    # -- sandboxes -----------------------------------------------------------------------
-
-    async def body_unless_abandoned(request: Request) -> bytes | None:
+    async def _body_unless_abandoned(self, request: Request) -> bytes | None:
         """The request's body, or None when the caller was killed mid-request: nobody to
         answer and nothing to do (unhandled, Starlette's ClientDisconnect became a
-        text/plain 500 under a soak's kills)."""
+        text/plain 500)."""
         try:
             return await request.body()
         except ClientDisconnect:
-            state.count_abandoned_request()
+            self.state.count_abandoned_request()
             return None
 
-    def create_handler(version: int) -> Handler:
-        async def create(request: Request) -> Response:
-            config = state.config
-            key = request.headers.get("idempotency-key") if version == 2 else None
-            raw = await body_unless_abandoned(request)
-            if raw is None:
-                return NoAnswer()
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                body = None
-            state.begin_create()
-            try:
-                try:
-                    parsed = parse_create(body, key, config.default_timeout_s, config.max_timeout_s)
-                except BadRequest as exc:
-                    state.count_bad_request(new_request=True)
-                    return error_response(400, str(exc))
-                return await with_faults(request, "create", lambda: admit(parsed))
-            finally:
-                state.end_create()
+    def _bad_request(self, exc: BadRequest) -> Outcome:
+        self.state.count_bad_request()
+        return error_response(400, str(exc)), 400, None
 
-        return create
+    # -- creates -------------------------------------------------------------------------
 
-    async def admit(parsed: CreateRequest) -> Outcome:
+    async def create(self, request: Request, version: int) -> Response:
+        state = self.state
+        config = state.config
+        key = request.headers.get("idempotency-key") if version == 2 else None
+        raw = await self._body_unless_abandoned(request)
+        if raw is None:
+            return NoAnswer()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        state.begin_create()
+        try:
+            try:
+                parsed = parse_create(body, key, config.default_timeout_s, config.max_timeout_s)
+            except BadRequest as exc:
+                state.count_bad_request(new_request=True)
+                return error_response(400, str(exc))
+            return await self._with_faults(request, "create", lambda: self._admit(parsed))
+        finally:
+            state.end_create()
+
+    async def _admit(self, parsed: CreateRequest) -> Outcome:
         key = parsed.idempotency_key
         if key is None:
-            return await create_sandbox(parsed)
-        async with runtime().key_lock(key):
-            record = state.replay(key)
+            return await self._create_sandbox(parsed)
+        async with self.runtime.key_lock(key):
+            record = self.state.replay(key)
             if record is not None:
-                body = created_body(record, state.config.envd_version, state.config.domain)
-                return JSONResponse(body, 201), 201, body
-            return await create_sandbox(parsed)
+                return self._sandbox_answer(record, 201)
+            return await self._create_sandbox(parsed)
 
-    async def create_sandbox(
-        parsed: CreateRequest,
-    ) -> Outcome:
-        rt = runtime()
+    async def _create_sandbox(self, parsed: CreateRequest) -> Outcome:
+        state = self.state
+        rt = self.runtime
         decision = state.take_rate()
         rate_headers = {} if decision is None else decision.headers()
         if decision is not None and not decision.allowed:
@@ -281,10 +359,7 @@ def build_app(
                 return error_response(504, "sandbox creation timed out"), 504, None
             cap = state.reserve_capacity()
             if cap is not None:
-                headers = {}
-                if config.capacity_should_retry is not None:
-                    headers["Should-Retry"] = config.capacity_should_retry
-                return error_response(429, capacity_message(cap), headers), 429, None
+                return self._capacity_refusal(cap)
             try:
                 await rt.wait_or_close(state.sample_latency_ms() / 1000.0)
             except BaseException:
@@ -294,7 +369,30 @@ def build_app(
         body = created_body(record, config.envd_version, config.domain)
         return JSONResponse(body, 201, headers=rate_headers), 201, body
 
-    def listed(record: SandboxRecord) -> dict[str, Any]:
+    def _capacity_refusal(self, cap: int) -> Outcome:
+        headers = {}
+        if self.state.config.capacity_should_retry is not None:
+            headers["Should-Retry"] = self.state.config.capacity_should_retry
+        return error_response(429, capacity_message(cap), headers), 429, None
+
+    # -- listing -------------------------------------------------------------------------
+
+    async def list_sandboxes(self, request: Request, version: int) -> Response:
+        async def act() -> Outcome:
+            try:
+                query = parse_list_query(request.query_params, version)
+            except BadRequest as exc:
+                return self._bad_request(exc)
+            records, headers = self._list_page(query)
+            if version == 1:
+                headers = {}
+            items = [self._listed(r) for r in records]
+            return JSONResponse(items, 200, headers=headers), 200, None
+
+        return await self._with_faults(request, "list", act)
+
+    def _listed(self, record: SandboxRecord) -> dict[str, Any]:
+        state = self.state
         return listed_body(
             record,
             state.wall_time(record.started_at),
@@ -302,15 +400,12 @@ def build_app(
             state.config.envd_version,
         )
 
-    def bad_request(exc: BadRequest) -> Outcome:
-        state.count_bad_request()
-        return error_response(400, str(exc)), 400, None
-
-    def list_page(query: ListQuery) -> tuple[list[SandboxRecord], dict[str, str]]:
+    def _list_page(self, query: ListQuery) -> tuple[list[SandboxRecord], dict[str, str]]:
         """One page, newest first unless ``order=asc``, after the cursor: keyset pagination
         on (startedAt, sandboxID) as E2B's (infra: packages/api/internal/handlers/
         sandboxes_list.go, utils/sandboxes_list.go), so sandboxes that come or go between
         pages neither shift nor repeat the rest."""
+        state = self.state
 
         def keep(r: SandboxRecord) -> bool:
             return (
@@ -349,58 +444,49 @@ def build_app(
             )
         return records, headers
 
-    def list_handler(version: int) -> Handler:
-        async def list_sandboxes(request: Request) -> Response:
-            async def act() -> Outcome:
-                try:
-                    query = parse_list_query(request.query_params, version)
-                except BadRequest as exc:
-                    return bad_request(exc)
-                records, headers = list_page(query)
-                if version == 1:
-                    headers = {}
-                items = [listed(r) for r in records]
-                return JSONResponse(items, 200, headers=headers), 200, None
+    # -- one sandbox ---------------------------------------------------------------------
 
-            return await with_faults(request, "list", act)
+    def _sandbox_route(
+        self,
+        path: str,
+        route: str,
+        handle: Callable[[str, Any], Outcome],
+        method: str,
+        body: str = "none",
+    ) -> Route:
+        on_sandbox = partial(self.on_sandbox, route=route, handle=handle, body=body)
+        return Route(path, self._authenticated(on_sandbox), methods=[method])
 
-        return list_sandboxes
-
-    def sandbox_route(
-        route: str, handle: Callable[[str, Any], Outcome], body: str = "none"
-    ) -> Handler:
+    async def on_sandbox(
+        self, request: Request, route: str, handle: Callable[[str, Any], Outcome], body: str
+    ) -> Response:
         """A route on one sandbox: the path's id read as E2B reads it, the JSON body
         (``body``: "none", "optional" or "required") checked to be an object."""
+        raw = await self._body_unless_abandoned(request)
+        if raw is None:
+            return NoAnswer()
+        payload: Any = ABSENT
+        malformed = False
+        if raw.strip():
+            try:
+                payload = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                malformed = True
 
-        async def on_sandbox(request: Request) -> Response:
-            raw = await body_unless_abandoned(request)
-            if raw is None:
-                return NoAnswer()
-            payload: Any = ABSENT
-            malformed = False
-            if raw.strip():
-                try:
-                    payload = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
-                    malformed = True
+        async def act() -> Outcome:
+            try:
+                sandbox_id = short_sandbox_id(request.path_params["sandbox_id"])
+                if malformed:
+                    raise BadRequest("Error when parsing request: invalid JSON body")
+                fields = {} if body == "none" else json_object(payload, required=body == "required")
+                return handle(sandbox_id, fields)
+            except BadRequest as exc:
+                return self._bad_request(exc)
 
-            async def act() -> Outcome:
-                try:
-                    sandbox_id = short_sandbox_id(request.path_params["sandbox_id"])
-                    if malformed:
-                        raise BadRequest("Error when parsing request: invalid JSON body")
-                    fields = (
-                        {} if body == "none" else json_object(payload, required=body == "required")
-                    )
-                    return handle(sandbox_id, fields)
-                except BadRequest as exc:
-                    return bad_request(exc)
+        return await self._with_faults(request, route, act)
 
-            return await with_faults(request, route, act)
-
-        return on_sandbox
-
-    def get_sandbox(sandbox_id: str, _: Any) -> Outcome:
+    def get_sandbox(self, sandbox_id: str, _: Any) -> Outcome:
+        state = self.state
         record = state.get(sandbox_id)
         if record is None:
             return not_found(sandbox_id), 404, None
@@ -413,31 +499,30 @@ def build_app(
         )
         return JSONResponse(body, 200), 200, body
 
-    def kill_sandbox(sandbox_id: str, _: Any) -> Outcome:
-        if not state.kill(sandbox_id):
+    def kill_sandbox(self, sandbox_id: str, _: Any) -> Outcome:
+        if not self.state.kill(sandbox_id):
             return not_found(sandbox_id), 404, None
         return Response(status_code=204), 204, None
 
-    def set_timeout(sandbox_id: str, body: dict[str, Any]) -> Outcome:
+    def set_timeout(self, sandbox_id: str, body: dict[str, Any]) -> Outcome:
         # SandboxTimeoutRequest: timeout required; the end moves to now + timeout.
         seconds = seconds_field(body, "timeout", default=None)
-        if not state.set_end(sandbox_id, min(seconds, state.config.max_timeout_s), False):
+        if not self.state.set_end(sandbox_id, min(seconds, self.state.config.max_timeout_s), False):
             return not_found(sandbox_id), 404, None
         return Response(status_code=204), 204, None
 
-    def refresh(sandbox_id: str, body: dict[str, Any]) -> Outcome:
+    def refresh(self, sandbox_id: str, body: dict[str, Any]) -> Outcome:
         # SandboxRefreshRequest: duration 0..3600, never shorter than the 15 s default.
-        floor = state.config.default_timeout_s
+        floor = self.state.config.default_timeout_s
         seconds = max(seconds_field(body, "duration", default=floor, maximum=MAX_REFRESH_S), floor)
-        if not state.set_end(sandbox_id, seconds, True):
+        if not self.state.set_end(sandbox_id, seconds, True):
             return not_found(sandbox_id), 404, None
         return Response(status_code=204), 204, None
 
-    def pause(sandbox_id: str, body: dict[str, Any]) -> Outcome:
+    def pause(self, sandbox_id: str, body: dict[str, Any]) -> Outcome:
         # SandboxPauseRequest: memory (bool) optional; infra handlers/sandbox_pause.go.
-        if "memory" in body and not isinstance(body["memory"], bool):
-            raise BadRequest("memory must be a boolean")
-        outcome = state.pause(sandbox_id)
+        _check_bool_flags(body, "memory")
+        outcome = self.state.pause(sandbox_id)
         if outcome == "already_paused":
             message = f"Error pausing sandbox - sandbox '{sandbox_id}' is already paused"
             return error_response(409, message), 409, None
@@ -445,57 +530,46 @@ def build_app(
             return not_found(sandbox_id), 404, None
         return Response(status_code=204), 204, None
 
-    def sandbox_answer(record: SandboxRecord, status: int) -> Outcome:
-        body = created_body(record, state.config.envd_version, state.config.domain)
+    def _sandbox_answer(self, record: SandboxRecord, status: int) -> Outcome:
+        config = self.state.config
+        body = created_body(record, config.envd_version, config.domain)
         return JSONResponse(body, status), status, body
 
-    def bring_back(sandbox_id: str, timeout_s: int, extend_running: bool) -> Outcome:
-        if timeout_s > state.config.max_timeout_s:
-            raise BadRequest(
-                f"Timeout cannot be greater than {state.config.max_timeout_s // 3600} hours"
-            )
-        outcome, value = state.resume(sandbox_id, timeout_s, extend_running)
+    def _bring_back(self, sandbox_id: str, timeout_s: int, extend_running: bool) -> Outcome:
+        max_timeout_s = self.state.config.max_timeout_s
+        if timeout_s > max_timeout_s:
+            raise BadRequest(f"Timeout cannot be greater than {max_timeout_s // 3600} hours")
+        outcome, value = self.state.resume(sandbox_id, timeout_s, extend_running)
         if outcome == "not_found":
             return not_found(sandbox_id), 404, None
         if outcome == "capacity":
-            headers = {}
-            if state.config.capacity_should_retry is not None:
-                headers["Should-Retry"] = state.config.capacity_should_retry
-            return error_response(429, capacity_message(value), headers), 429, None
+            return self._capacity_refusal(value)
         if outcome == "running" and not extend_running:
             message = f"Sandbox {sandbox_id} is already running"
             return error_response(409, message), 409, None
-        return sandbox_answer(value, 200 if outcome == "running" else 201)
+        return self._sandbox_answer(value, 200 if outcome == "running" else 201)
 
-    def connect_handler(version: int) -> Callable[[str, Any], Outcome]:
-        def connect(sandbox_id: str, body: dict[str, Any]) -> Outcome:
-            # ConnectSandbox (v1): timeout required. The SDK's v2 body (ConnectSandboxV2)
-            # makes it optional with 300. Running: 200, TTL only extended; paused: resumed,
-            # 201 (infra handlers/sandbox_connect.go).
-            seconds = seconds_field(body, "timeout", default=None if version == 1 else 300)
-            if "memory" in body and not isinstance(body["memory"], bool):
-                raise BadRequest("memory must be a boolean")
-            return bring_back(sandbox_id, seconds, extend_running=True)
+    def connect(self, sandbox_id: str, body: dict[str, Any], version: int) -> Outcome:
+        # ConnectSandbox (v1): timeout required. The SDK's v2 body (ConnectSandboxV2)
+        # makes it optional with 300. Running: 200, TTL only extended; paused: resumed,
+        # 201 (infra handlers/sandbox_connect.go).
+        seconds = seconds_field(body, "timeout", default=None if version == 1 else 300)
+        _check_bool_flags(body, "memory")
+        return self._bring_back(sandbox_id, seconds, extend_running=True)
 
-        return connect
-
-    def resume(sandbox_id: str, body: dict[str, Any]) -> Outcome:
+    def resume(self, sandbox_id: str, body: dict[str, Any]) -> Outcome:
         # ResumedSandbox: timeout default 15, autoPause (bool, deprecated), memory (bool);
         # 409 if running.
-        config = state.config
+        config = self.state.config
         seconds = lifetime_field(body, config.default_timeout_s, config.max_timeout_s)
-        for flag in ("autoPause", "memory"):
-            if flag in body and not isinstance(body[flag], bool):
-                raise BadRequest(f"{flag} must be a boolean")
-        return bring_back(sandbox_id, seconds, extend_running=False)
+        _check_bool_flags(body, "autoPause", "memory")
+        return self._bring_back(sandbox_id, seconds, extend_running=False)
 
-    def not_found(sandbox_id: str) -> Response:
-        return error_response(
-            404, f"sandbox \"{sandbox_id}\" doesn't exist or you don't have access to it"
-        )
+    # -- TemperFS and control ------------------------------------------------------------
 
-    async def temperfs(request: Request) -> Response:
+    async def temperfs(self, request: Request) -> Response:
         """The TemperFS routes under /tdata, when the config turns them on."""
+        state = self.state
         if not state.config.temperfs:
             return error_response(404, f"Not found: {request.method} {request.url.path}")
         body = await request.body()
@@ -517,28 +591,20 @@ def build_app(
             return response, answer.status, json_body
 
         try:
-            return await with_faults(request, "tdata", act)
+            return await self._with_faults(request, "tdata", act)
         finally:
             state.notify_changed()
 
-    async def unserved(request: Request, exc: Exception) -> Response:
-        """Every route the mock does not serve answers E2B's Error body, not text/plain."""
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        message = {404: "Not found", 405: "Method not allowed"}.get(status, "Error")
-        return error_response(status, f"{message}: {request.method} {request.url.path}")
+    async def config_changed(self) -> None:
+        await self.runtime.config_changed()
 
-    # -- control -------------------------------------------------------------------------
+    async def get_temperfs(self, _: Request) -> Response:
+        return JSONResponse(self.state.temperfs.to_json())
 
-    async def config_changed() -> None:
-        await runtime().config_changed()
+    async def get_running(self, _: Request) -> Response:
+        return JSONResponse(self.state.running())
 
-    async def get_temperfs(_: Request) -> Response:
-        return JSONResponse(state.temperfs.to_json())
-
-    async def get_running(_: Request) -> Response:
-        return JSONResponse(state.running())
-
-    async def post_orphans(request: Request) -> Response:
+    async def post_orphans(self, request: Request) -> Response:
         try:
             body = await request.json()
             held = body["held"]
@@ -546,38 +612,4 @@ def build_app(
                 raise TypeError("held must be a list of sandbox ids")
         except (ValueError, TypeError, KeyError) as exc:
             return error_response(400, f'expected {{"held": [ids]}}: {exc}')
-        return JSONResponse({"orphans": state.orphans({str(x) for x in held})})
-
-    def sandbox(
-        path: str,
-        route: str,
-        handle: Callable[[str, Any], Outcome],
-        method: str,
-        body: str = "none",
-    ) -> Route:
-        return Route(path, authenticated(sandbox_route(route, handle, body)), methods=[method])
-
-    one = "/sandboxes/{sandbox_id}"
-    routes = [
-        Route("/sandboxes", authenticated(create_handler(1)), methods=["POST"]),
-        Route("/v2/sandboxes", authenticated(create_handler(2)), methods=["POST"]),
-        Route("/sandboxes", authenticated(list_handler(1)), methods=["GET"]),
-        Route("/v2/sandboxes", authenticated(list_handler(2)), methods=["GET"]),
-        sandbox(one, "get", get_sandbox, "GET"),
-        sandbox(one, "kill", kill_sandbox, "DELETE"),
-        sandbox(one + "/timeout", "timeout", set_timeout, "POST", "required"),
-        sandbox(one + "/refreshes", "refresh", refresh, "POST", "optional"),
-        sandbox(one + "/pause", "pause", pause, "POST", "optional"),
-        sandbox(one + "/resume", "resume", resume, "POST", "optional"),
-        sandbox(one + "/connect", "connect", connect_handler(1), "POST", "required"),
-        sandbox("/v2" + one + "/connect", "connect", connect_handler(2), "POST", "optional"),
-        *control_routes(
-            state, on_configure, lambda message: error_response(400, message), config_changed
-        ),
-        Route("/_mock/sandboxes", get_running, methods=["GET"]),
-        Route("/_mock/orphans", post_orphans, methods=["POST"]),
-        Route("/_mock/temperfs", get_temperfs, methods=["GET"]),
-        Route("/tdata/{path:path}", temperfs, methods=["GET", "POST", "PUT"]),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: unserved})
-    return KeepRawSend(app), lambda: holder.get("runtime")
+        return JSONResponse({"orphans": self.state.orphans({str(x) for x in held})})

@@ -11,27 +11,29 @@
 The port stays the same across restarts, so clients keep their URL. With `persistent=True`
 (the default) data survives `stop`/`start` through the append-only file in the temporary
 directory; with `persistent=False` every start begins empty, like a Redis without
-persistence. Readiness is awaited on the server's own "Ready to accept connections" line.
+persistence. mirakuru runs the process; readiness is the server's own "Ready to accept
+connections" log line (the port opens before an append-only file has loaded).
 With `cluster_node=True` the server is a Redis Cluster node, its cluster bus on a free port
 of its own (`cluster_port`); `redis-cli --cluster create` then forms a cluster of them.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from mirakuru import Executor
+from mirakuru.exceptions import ExecutorError
+
 _READY_LINE = "Ready to accept connections"
 _PORT_ATTEMPTS = 5
+_LOG_TAIL_LINES = 200
 
 
 def find_redis_server() -> str | None:
@@ -52,6 +54,26 @@ class RedisServerError(RuntimeError):
     """redis-server is missing, or did not start."""
 
 
+class _RedisExecutor(Executor):
+    """One redis-server process, started once its log file says it is ready."""
+
+    def __init__(self, command: list[str], log: Path, timeout_s: float) -> None:
+        super().__init__(
+            command,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.log = log
+
+    def pre_start_check(self) -> bool:
+        return False  # a fresh port each first start; the same server's port on a restart
+
+    def after_start_check(self) -> bool:
+        return _READY_LINE in _read(self.log)
+
+
 class RedisServer:
     def __init__(
         self,
@@ -70,7 +92,7 @@ class RedisServer:
         self.executable = found
         self.persistent = persistent
         self.startup_timeout_s = startup_timeout_s
-        # More redis-server options, e.g. `--cluster-enabled yes` for a cluster node.
+        # More redis-server options, e.g. `--cluster-node-timeout 1000`.
         self.extra_args = tuple(extra_args)
         # A cluster node also listens on a bus port, chosen free like the port (Redis's
         # default, port + 10000, can lie above 65535 or be taken).
@@ -78,8 +100,7 @@ class RedisServer:
         self.cluster_port = 0
         self.port = 0
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
-        self._process: subprocess.Popen[str] | None = None
-        self._log: collections.deque[str] = collections.deque(maxlen=200)
+        self._executor: _RedisExecutor | None = None
 
     @property
     def host(self) -> str:
@@ -93,11 +114,12 @@ class RedisServer:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._executor is not None and self._executor.running()
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self.running and self._process is not None else None
+        process = None if self._executor is None else self._executor.process
+        return process.pid if process is not None and self.running else None
 
     @property
     def data_dir(self) -> Path:
@@ -105,8 +127,12 @@ class RedisServer:
             self._tempdir = tempfile.TemporaryDirectory(prefix="redis-server-")
         return Path(self._tempdir.name)
 
+    @property
+    def _log_file(self) -> Path:
+        return self.data_dir / "redis-server.log"
+
     def log_tail(self) -> str:
-        return "".join(self._log)
+        return "".join(_read(self._log_file).splitlines(keepends=True)[-_LOG_TAIL_LINES:])
 
     def start(self) -> None:
         if self.running:
@@ -131,11 +157,15 @@ class RedisServer:
 
     def stop(self) -> None:
         """Shut down cleanly (SIGTERM: Redis saves its append-only file, then exits)."""
-        self._end(signal.SIGTERM)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.stop()
 
     def kill(self) -> None:
         """Crash the server (SIGKILL)."""
-        self._end(signal.SIGKILL)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.kill()
 
     def restart(self) -> None:
         self.stop()
@@ -173,6 +203,10 @@ class RedisServer:
         self.close()
 
     def _launch(self, port: int) -> None:
+        if not self.persistent:
+            shutil.rmtree(self.data_dir)
+            self.data_dir.mkdir()
+        self._log_file.unlink(missing_ok=True)
         args = [
             self.executable,
             "--port", str(port),
@@ -181,7 +215,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "yes" if self.persistent else "no",
             "--daemonize", "no",
-            "--logfile", "",
+            "--logfile", str(self._log_file),
             "--loglevel", "notice",
             *self.extra_args,
         ]  # fmt: skip
@@ -191,61 +225,22 @@ class RedisServer:
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-port", str(self.cluster_port),
             ]  # fmt: skip
-        if not self.persistent:
-            for leftover in self.data_dir.glob("*"):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover)
-                else:
-                    leftover.unlink()
-        self._log.clear()
-        process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        outcome = _StartOutcome()
-        threading.Thread(
-            target=self._drain, args=(process, outcome), name=f"redis-server-{port}", daemon=True
-        ).start()
-        outcome.decided.wait(self.startup_timeout_s)
-        if not outcome.ready:
-            process.kill()
-            process.wait()
-            raise RedisServerError(f"redis-server on port {port} did not start:\n{self.log_tail()}")
-        self._process = process
-
-    def _drain(self, process: subprocess.Popen[str], outcome: _StartOutcome) -> None:
-        assert process.stdout is not None
-        with process.stdout:
-            for line in process.stdout:
-                self._log.append(line)
-                if _READY_LINE in line:
-                    outcome.ready = True
-                    outcome.decided.set()
-        # Output ended, so the process did: wake a starter still waiting for readiness.
-        outcome.decided.set()
-
-    def _end(self, how: signal.Signals) -> None:
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        if process.poll() is None:
-            process.send_signal(how)
-            try:
-                process.wait(timeout=self.startup_timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        executor = _RedisExecutor(args, self._log_file, self.startup_timeout_s)
+        try:
+            executor.start()
+        except ExecutorError as error:
+            executor.kill()
+            raise RedisServerError(
+                f"redis-server on port {port} did not start ({error}):\n{self.log_tail()}"
+            ) from None
+        self._executor = executor
 
 
-class _StartOutcome:
-    def __init__(self) -> None:
-        self.decided = threading.Event()
-        self.ready = False
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _free_loopback_port() -> int:

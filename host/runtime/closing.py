@@ -1,10 +1,10 @@
-"""Closing a call's store after its answer is out (issue 16).
+"""Closing a call's store after its answer is out.
 
 Closing a store frees its instance: on the pooling allocator wasmtime restores the slot's
-memory image in place (a copy of about 12 MiB for a componentize-py guest, since the C API
-offers no dirty-page scan), on demand it unmaps the dirtied memory. Either is a quarter to
-a third of a held provision's time, and none of it changes the answer, so `StoreCloser`
-does it on one background thread: the caller returns as soon as the guest has answered.
+memory image in place (the C API offers no dirty-page scan), on demand it unmaps the
+dirtied memory. Either is a large share of a held provision's time
+(docs/host-performance.md), and none of it changes the answer, so `StoreCloser` does it on
+one background thread: the caller returns as soon as the guest has answered.
 
 The contract is unchanged. A closed store's instance is unreachable (nothing else holds
 the store), and wasmtime hands a pool slot to a new instance only after the reset, so no

@@ -4,11 +4,11 @@ The cache key is the wasm's SHA-256, the wasmtime version and the engine setting
 change generated code or the artefact's compatibility (fuel, epochs, the allocator), so a
 stale or foreign artefact is never loaded.
 
-Two allocators (issue 16):
+Two allocators:
 - on demand (wasmtime's default): every instance maps its linear memory afresh as a
-  copy-on-write view of the memory image; the pages a call touches fault in (about 470
-  per held provision), and with several threads in one address space those faults and the
-  unmapping at store drop cost cross-CPU TLB shootdowns.
+  copy-on-write view of the memory image; the pages a call touches fault in, and with
+  several threads in one address space those faults and the unmapping at store drop cost
+  cross-CPU TLB shootdowns.
 - pooling (`Pooling`): instances take a preallocated slot; a slot's memory is kept
   resident up to `keep_resident_bytes` and reset in place (wasmtime restores the image
   and zeroes the rest when the slot is freed), so a call faults almost nothing. At most
@@ -44,24 +44,9 @@ class Pooling:
 
     instance_slots: int = 64
     max_memory_bytes: int = 256 * 1024 * 1024
-    # Resident memory is reset by copying the image back over it when the slot is freed:
-    # the C API of wasmtime-py 50.0.1 has no setting for dirty-page tracking (PAGEMAP_SCAN;
-    # strace shows /proc/self/pagemap never opened), so a held provision pays a ~12 MiB
-    # copy at store drop (perf: about a third of a pooled call's CPU in memmove). Below the
-    # ~12 MiB accessible heap the rest faults in again instead. Measured 2026-12-01 (held
-    # provision, one thread, each value's runtime interleaved call by call in one process,
-    # loaded 2-core machine), minor faults per call and median CPU per call:
-    #   0 MiB: 544, 8.03 ms | 10 MiB: 130, 7.41 ms | 11 MiB: 54, 7.17 ms |
-    #   12 MiB: 0, 6.78 ms | 16 MiB: 0, 6.79 ms  (another round: 0 MiB 6.27, 1 MiB 6.28,
-    #   2 MiB 6.39, 4 MiB 6.64, 8 MiB 6.31 (303 faults), 16 MiB 5.50 ms).
-    # Through the process pool (figure 6's held rate, 2 workers x 2 threads, 9 paired
-    # rounds on the same day, medians): 16 MiB 196 inv/s at 7.5 ms CPU a call (all
-    # processes); 0 MiB 173 inv/s at 7.0 ms. 0 MiB spent less CPU in 7 of the 9 rounds but
-    # served less: its faults and unmapping block the other threads of the worker (one
-    # address space), time that is waiting rather than CPU. One thread per worker was no
-    # better (16 MiB: 176/122/128/152 inv/s against 211/209/133/134 with two, same rounds).
-    # Above the accessible heap a larger value costs nothing (12 and 16 MiB alike), so
-    # 16 MiB keeps room for the heap to grow.
+    # Above the guest's ~12 MiB accessible heap a call faults nothing and a larger value
+    # costs nothing, so 16 MiB keeps room for the heap to grow; below it the pages past
+    # the value fault in again (docs/host-performance.md has the measurements).
     keep_resident_bytes: int = 16 * 1024 * 1024
     core_instances_per_component: int = 64
     memories_per_component: int = 4

@@ -1,24 +1,17 @@
-"""Invocations on every core: N worker processes, each with its own runtime (issue 16).
+"""Invocations on every core: N worker processes, each with its own runtime.
 
 Threads sharing one runtime do not scale: every call faults in copy-on-write pages of a
-fresh 12 MiB memory image and unmaps them at store drop, and in one address space those
-page-table changes cost cross-CPU TLB shootdowns (two threads served fewer invocations a
-second than one). Separate processes do not share page tables, so `ProcessPoolRuntime`
-runs `workers` processes (one per core by default), each opening its own runtime with
-`open_runtime` over the same shared storage and E2B, and each engine using the pooling
-allocator (`loader.Pooling`) so a call hardly faults at all. Within a worker up to
-`threads_per_worker` invocations run at once, so calls that wait on E2B do not idle a
-core.
-
-Why both processes and the pooling allocator: on one thread the pooling allocator alone
-removed the ~470 page faults of a held provision but hardly moved its time; it is the
-threads of one process that pay for faults and unmapping, and they also share one GIL for
-wasmtime-py's Python-side conversions. Processes remove both; the pooling allocator keeps
-the threads inside each worker (calls waiting on E2B) from paying the fault cost again.
-Within a worker the store of a finished call is closed on a background thread
-(host/runtime/closing.py), so resetting the slot's memory overlaps the next call instead
-of delaying the answer. benchmarks/throughput.py (figure 6) measures it against the old
-single-process path; `sandbox-provisioner serve --processes N` serves through it.
+fresh memory image and unmaps them at store drop, and in one address space those
+page-table changes cost cross-CPU TLB shootdowns; the threads also share one GIL for
+wasmtime-py's Python-side conversions. Separate processes share neither, so
+`ProcessPoolRuntime` runs `workers` processes (one per core by default), each opening its
+own runtime with `open_runtime` over the same shared storage and E2B, and each engine using
+the pooling allocator (`loader.Pooling`) so the threads inside a worker (calls waiting on
+E2B, up to `threads_per_worker` at once) hardly fault at all. Within a worker the store of
+a finished call is closed on a background thread (host/runtime/closing.py), so resetting
+the slot's memory overlaps the next call instead of delaying the answer. The measurements
+behind this are in docs/host-performance.md; `sandbox-provisioner serve --processes N`
+serves through it.
 
 The contract is unchanged: every invocation gets a fresh instance with the same budgets
 in whichever worker runs it, and `invoke(invocation) -> Outcome` is the same call as

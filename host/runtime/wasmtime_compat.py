@@ -1,45 +1,13 @@
-"""Fixes to wasmtime-py's component value conversion (checked on 50.0.1).
+"""Patches to wasmtime-py's component value conversion; docs/wasmtime-compat.md gives each
+one's reason, its benchmark figure and what would let it go upstream.
 
-Each fix is guarded: `install()` refuses to patch a wasmtime-py whose internals no longer
-look as expected, so an upgrade fails loudly at start instead of misbehaving.
+1. Thread safety: variants are lowered without wasmtime-py's shared `case_test_cache`.
+2. `WitErr`: an error value always lowers as a result's `err` case.
+3. Bulk `list<u8>`: bytes cross the boundary in one copy each way, not one call per byte.
+4. Cached types: derived type properties are memoized and call signatures reused.
 
-1. Thread safety. wasmtime-py lowers an untagged variant, option or result by filling a
-   module-level set (`case_test_cache`) with the Python classes of each case and testing
-   the value against it. Two threads lowering at once clear and refill the same set, so a
-   valid value is rejected ("value not valid for this variant", "expected Variant type")
-   and the guest call traps. The host runs invocations on many threads, so `_lower` is
-   replaced by the same algorithm over classes computed per type, never shared state.
-   Upstream change it mirrors: compute the case classes into a local set in
-   `VariantLikeType._lower` (component/_types.py) instead of the global `case_test_cache`.
-2. Unambiguous `err`. An untagged result picks its case by the value's Python type, and an
-   `option<T>` ok case claims every type (its `none` is "any object"), so an error value
-   returned for `result<option<entry>, storage-error>` was lowered as the ok case and the
-   guest trapped: a storage failure on `get` became `host_error` instead of the guest's
-   retryable `storage_unavailable`. Host functions wrap errors in `WitErr`, which always
-   lowers as `err`. Upstream, this would be an explicit `Err(payload)` wrapper accepted by
-   `ResultType.convert_to_c`.
-3. Bulk `list<u8>`. `ListType` lowers `bytes` one Python call (and one `ctypes.pointer`)
-   per byte, and lifts them back one `U8.convert_from_c` per byte. The C value array is an
-   array of fixed-size `wasmtime_component_val_t` (a kind byte, then the union), so the
-   whole list is written with one `memmove` of a buffer built by two strided slice
-   assignments, and read back with one `string_at` and one strided slice. Upstream change
-   it mirrors: a `bytes` fast path in `ListType.convert_to_c` / `convert_from_c` (or, in
-   the C API, a `wasmtime_component_vallist_new` from a byte buffer).
-4. Cached types. Every conversion re-derives its type tree through the C API (a record's
-   `fields`, a list's `element` twice, an option's `_cases`, `_tagged()` over all cases),
-   and every host-function callback and export call rebuilds its `FuncType` signature from
-   scratch. Component types are immutable, so each derived property is memoized on the
-   type object, and a signature is reused when wasmtime's own type equality says the
-   callback's (or export's) fresh top-level types equal the cached ones: a different
-   component's import with the same host function misses the cache, never mis-converts.
-   Upstream change it mirrors: `functools.cached_property` on the type accessors, and a
-   per-function signature cache in `func_impl` (component/_linker.py) and `Func.__call__`
-   (component/_func.py).
-
-Regression tests: tests/host/runtime/test_wasmtime_compat.py (values across the boundary:
-empty, large, every byte value; types reused across calls, a mismatch not reused), the
-concurrency test in tests/host/runtime/test_end_to_end.py and the storage-failure tests in
-tests/system/test_hardening_*.py.
+`install()` refuses to patch a wasmtime-py whose internals no longer look as expected, so an
+upgrade fails loudly at start instead of misbehaving.
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ class DrainingServer(uvicorn.Server):
         # uvicorn asks the connections open when its shutdown begins to close, then waits
         # for every connection to go. One the event loop accepted just before the listener
         # closed is set up a loop turn later, misses that request, and stays kept alive
-        # while its client polls: the drain then lasts the whole graceful limit (seen in a
-        # loaded CI run: 125.6 s). So ask every later connection too, until the end.
+        # while its client polls: the drain then lasts the whole graceful limit. So ask
+        # every later connection too, until the end.
         asked = set(self.server_state.connections)
         closer = asyncio.create_task(close_late_connections(self.server_state, asked))
         try:

@@ -1,5 +1,5 @@
 """What `serve` invokes the component through: the runtime in this process, or the
-process pool (host/runtime/pool.py) for every core (`--processes N`, issue 16).
+process pool (host/runtime/pool.py) for every core (`--processes N`).
 
 Either way the service gets the same three things: `invoke`, the storage (readiness and
 the gates view read it in this process) and `observe` for the E2B exchange metrics (the

@@ -306,12 +306,12 @@ def with_poll(spec: Spec, script: SessionScript, poll_s: int) -> Spec:
     done = False
     for timeout in spec.timeouts:
         if not done and timeout.state in script.queued_states:
-            timeout = replace(timeout, after_seconds=poll_s)
+            timeout = timeout.model_copy(update={"after_seconds": poll_s})
             done = True
         timeouts.append(timeout)
     if not done:
         raise ValueError(f"{spec.source}: no timer on {script.queued_states}")
-    return replace(spec, timeouts=tuple(timeouts), _by_name={})
+    return spec.model_copy(update={"timeouts": tuple(timeouts)})
 
 
 def jobs_for(count: int, tenants: int, run_id: str = "v") -> list[Job]:

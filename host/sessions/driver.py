@@ -4,7 +4,7 @@ One scheduler thread (the caller's) owns every entity and a timer heap; invocati
 bounded thread pool and post their outcomes back, so entity state is only ever touched by
 the scheduler thread and needs no lock. The rules are the executor's (`executor.py`).
 
-It also watches whether the host keeps up with what the sessions ask (issue 16): every
+It also watches whether the host keeps up with what the sessions ask: every
 invocation is stamped when it is due and when a worker starts it, every timer when it should
 fire and when it does. When either lags by more than a quarter of the shortest liveness
 guard it could trip, the run stops with `RunResult.overloaded` naming the figures, rather

@@ -1,5 +1,5 @@
 """`sandbox-provisioner simulate --llm`: sessions that take LLM turns, with and without the
-resource gates, side by side (issue 15). The runs are in virtual time (`llm_sessions.py`):
+resource gates, side by side. The runs are in virtual time (`llm_sessions.py`):
 the provider is the mock LLM API's own state with the tier's per-minute limits, so a run of
 hours of traffic takes seconds and replays from its seed, and the figures do not depend on
 how fast the machine is.

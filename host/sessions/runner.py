@@ -98,7 +98,7 @@ class RunResult:
     results: list[SessionResult]
     makespan_s: float
     interrupted: bool = False
-    # Why the run stopped early, when the host could not keep up (issue 16).
+    # Why the run stopped early, when the host could not keep up.
     overloaded: str | None = None
     host: dict[str, Any] = field(default_factory=dict)
 

@@ -1,27 +1,32 @@
 """Temper IOA specs (`*.ioa.toml`) in the newest syntax: the subset the session executor runs.
 
-The reader mirrors Temper's own (`crates/temper-spec/src/automaton/toml_parser/mod.rs` and the
-types in `crates/temper-spec/src/automaton/types.rs`, `types/action.rs`, `types/state.rs`,
-`types/trigger.rs` of `nerdsane/temper`): every section and key is checked the way
-`serde(deny_unknown_fields)` checks it, retired spellings get Temper's hint, and a key Temper
+The schema mirrors Temper's reader (`crates/temper-spec/src/automaton/toml_parser/mod.rs` and
+`types/{action,state,trigger}.rs` of `nerdsane/temper`): every table forbids unknown keys as
+`serde(deny_unknown_fields)` does, retired spellings get Temper's hint, and a key Temper
 accepts but this executor does not run is refused with its own message, so a spec never runs
-here with a part silently ignored. Only `[[invariant]]` and `[[liveness]]` are read and then
-left aside: they are verification-only and change nothing at run time.
-
-What the executor runs: `[automaton]`, `[[state]]`, `[[action]]` with `from`/`to`/`params`,
-effect statements (`"turns += 1"`, `"flag = true"`, `"field = params.x"`) and
-`[[action.triggers]]` of `kind = "wasm"`, `[[state_timeout]]` and `[admission]`.
+here with a part silently ignored. `[[invariant]]` and `[[liveness]]` are read and left aside:
+they are verification-only.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 TEMPER = "nerdsane/temper"
 
@@ -30,18 +35,63 @@ class SpecError(ValueError):
     """A spec this executor cannot run; the message names the entry and the key."""
 
 
-# -- the data model ------------------------------------------------------------------------
+Name = Annotated[str, Field(min_length=1)]
+Count = Annotated[int, Strict(), Field(ge=0)]
+VarType = Literal["string", "bool", "counter", "int", "list"]
+FailureCategory = Literal[
+    "transient", "integrity", "authorization", "budget", "ambiguous", "permanent"
+]
+# A typed failure route's callback declares exactly this one parameter
+# (`validate_callback_signature`, crates/temper-spec/src/automaton/failure_routes.rs).
+FAILURE_PARAM = ("failure", "failure_v1")
+MIGRATE_HINT = "convert the spec with `temper migrate-predicates`"
+# The sections Temper's reader accepts (`SECTIONS` in toml_parser/mod.rs).
+TEMPER_SECTIONS = (
+    "automaton", "state", "action", "invariant", "liveness", "webhook", "context_entity",
+    "field_invariant", "state_timeout", "key", "vector", "admission",
+)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class StateVar:
-    name: str
-    type: str  # string, bool, counter, int, list
-    initial: Any
+class _Table(BaseModel):
+    """A TOML table: unknown keys refused; Temper's keys this executor does not run, and
+    keys Temper retired, refused with their own message before the schema sees them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True)
+    NOT_RUN: ClassVar[tuple[str, ...]] = ()
+    RETIRED: ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_keys_not_run(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key in cls.RETIRED:
+                    raise ValueError(f"`{key}` is no longer a key; {cls.RETIRED[key]}")
+                if key in cls.NOT_RUN:
+                    raise ValueError(f"`{key}` is valid Temper but this executor does not run it")
+        return data
 
 
-@dataclass(frozen=True)
-class Effect:
+# -- values written as strings -------------------------------------------------------------
+
+_EFFECT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\+=|-=|=)\s*(.+?)\s*$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NOT_LITERAL = object()
+
+
+def _literal(text: str) -> Any:
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "null":
+        return None
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1]
+    return _NOT_LITERAL
+
+
+class Effect(_Table):
     """One effect statement: `var op value`, op one of `=`, `+=`, `-=`; value a literal
     (`int`, `bool`, `str`) or a reference (`params.x`, or a state variable's name)."""
 
@@ -52,34 +102,245 @@ class Effect:
     field_ref: str | None = None
     text: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_statement(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            raise ValueError(
+                "effect tables ({ type = ... }) are the old syntax; write a statement such "
+                f'as "turns += 1" ({MIGRATE_HINT})'
+            )
+        if not isinstance(value, str):
+            raise ValueError(f"an effect is a statement string, found {value!r}")
+        match = _EFFECT.match(value)
+        if match is None:
+            raise ValueError(
+                f"effect {value!r} is not a statement this executor runs "
+                "(`var = value`, `var += n`, `var -= n`)"
+            )
+        var, op, rhs = match.groups()
+        statement = {"var": var, "op": op, "text": value}
+        literal = _literal(rhs)
+        if literal is not _NOT_LITERAL:
+            return statement | {"literal": literal}
+        if rhs.startswith("params.") and _IDENT.match(rhs[7:]):
+            return statement | {"param": rhs[7:]}
+        if _IDENT.match(rhs):
+            return statement | {"field_ref": rhs}
+        raise ValueError(f"effect {value!r}: cannot read {rhs!r}")
 
-@dataclass(frozen=True)
-class Trigger:
+
+class Arg(_Table):
+    """A `[[state_timeout]] args` value: a literal, or a state variable (`Id`: the entity)."""
+
+    literal: Any = None
+    var: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_value(cls, value: Any) -> Any:
+        if isinstance(value, bool | int):
+            return {"literal": value}
+        if isinstance(value, str):
+            literal = _literal(value)
+            if literal is not _NOT_LITERAL:
+                return {"literal": literal}
+            if _IDENT.match(value):
+                return {"var": value}
+        raise ValueError(
+            "a literal ('text', an integer, true, false, null) or a state variable, "
+            f"found {value!r}"
+        )
+
+
+# -- the tables ----------------------------------------------------------------------------
+
+
+class Automaton(_Table):
+    name: Name
+    states: tuple[Name, ...]
+    initial: Name
+    allow_indefinite_states: tuple[Name, ...] = ()
+    terminal: tuple[Name, ...] = ()
+    strict_action_params: Annotated[bool, Strict()] = False
+
+    @field_validator("strict_action_params")
+    @classmethod
+    def _strict_params_not_run(cls, strict: bool) -> bool:
+        if strict:
+            raise ValueError("true is not run by this executor")
+        return strict
+
+    @model_validator(mode="after")
+    def _states_are_declared(self) -> Self:
+        if len(set(self.states)) != len(self.states):
+            raise ValueError("states: a state is listed twice")
+        if self.initial not in self.states:
+            raise ValueError(f"initial {self.initial!r} is not a declared state")
+        for name in (*self.allow_indefinite_states, *self.terminal):
+            if name not in self.states:
+                raise ValueError(f"{name!r} is not a declared state")
+        return self
+
+
+_EXAMPLE_INITIAL = {"string": '""', "bool": "false", "counter": "0", "int": "0", "list": "[]"}
+
+
+class StateVar(_Table):
+    NOT_RUN = ("overflow_inline_max_bytes", "overflow_ttl_seconds", "query_indexed")
+
+    name: Name
+    type: VarType
+    initial: Any
+
+    @model_validator(mode="after")
+    def _initial_has_the_type(self) -> Self:
+        # Initial::read in types/state.rs: the starting value in the declared type.
+        value = self.initial
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        ok = {
+            "string": isinstance(value, str),
+            "bool": isinstance(value, bool),
+            "counter": is_int and value >= 0,
+            "int": is_int,
+            "list": isinstance(value, list) and all(isinstance(i, str) for i in value),
+        }[self.type]
+        if not ok:
+            raise ValueError(
+                f"initial: a {self.type} starts at a value such as "
+                f"`initial = {_EXAMPLE_INITIAL[self.type]}`, found {value!r}"
+            )
+        return self
+
+
+class Param(_Table):
+    """An action parameter: a bare name (a string) or `{ name = ..., type = ... }`."""
+
+    NOT_RUN = ("source",)
+
+    name: Name
+    type: VarType | Literal["failure_v1"] = "string"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class FailureRoute(_Table):
+    """`[[action.triggers.failure_routes]]`: failure category -> callback action (ADR-0187)."""
+
+    RETIRED = {"to_state": "this executor reads a route's `action`, not `to_state`"}
+
+    category: FailureCategory
+    action: Name
+
+
+TRIGGER_KINDS = ("entity", "wasm", "adapter", "webhook", "hook")
+# What kind of trigger each key belongs to (`ActionTrigger::foreign_keys` in types/trigger.rs).
+TRIGGER_KEY_KINDS: dict[str, tuple[str, ...]] = {
+    "principal": ("entity",), "guard": ("entity",), "liveness": ("entity",),
+    "drop_ok": ("entity",), "llm": ("wasm", "adapter"), "target_entity": ("entity",),
+    "target_action": ("entity",), "args": ("entity",), "resolve_target": ("entity",),
+    "module": ("wasm",), "on_success": ("wasm", "adapter", "webhook"),
+    "on_failure": ("wasm", "adapter", "webhook"), "config": ("wasm", "adapter", "webhook"),
+    "failure_routes": ("wasm", "adapter", "webhook"),
+    "adapter": ("adapter",), "url": ("webhook",), "method": ("webhook",),
+    "headers": ("webhook",), "body_template": ("webhook",), "hook": ("hook",),
+}  # fmt: skip
+
+
+class Trigger(_Table):
     """An `[[action.triggers]]` block of kind `wasm`."""
 
-    name: str
-    module: str
-    on_success: str | None = None
-    on_failure: str | None = None
-    config: tuple[tuple[str, str], ...] = ()
-    # `[[action.triggers.failure_routes]]`: failure category -> callback action (ADR-0187).
-    failure_routes: tuple[tuple[str, str], ...] = ()
+    RETIRED = {
+        "to_state": "write the status into the guard, such as guard = \"status == 'Ready'\"",
+        "params": "write the values in `args`, string literals in single quotes",
+        "params_from": 'write the field names in `args`: args = { doc_id = "Id" }',
+        "adapter_type": "write `adapter`",
+    }
+
+    name: Name
+    kind: Literal["wasm"]
+    module: Name
+    on_success: Name | None = None
+    on_failure: Name | None = None
+    # Temper: BTreeMap<String, String>.
+    config_table: dict[str, str] = Field(default_factory=dict, alias="config")
+    routes: tuple[FailureRoute, ...] = Field(default=(), alias="failure_routes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_wasm_runs(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("kind")
+        if kind not in TRIGGER_KINDS:
+            return data  # the schema names the kinds
+        foreign = [k for k in data if kind not in TRIGGER_KEY_KINDS.get(k, (kind,))]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)} do not belong to kind = {kind!r}")
+        if kind != "wasm":
+            raise ValueError(f"kind = {kind!r} is valid Temper but this executor runs only wasm")
+        if data.get("llm"):
+            raise ValueError("llm is not run by this executor")
+        return {key: value for key, value in data.items() if key != "llm"}
+
+    @model_validator(mode="after")
+    def _routes_are_temper_routes(self) -> Self:
+        categories = [route.category for route in self.routes]
+        if self.routes and self.on_failure is not None:
+            raise ValueError(
+                "cannot mix typed failure_routes with legacy on_failure "
+                "(Temper: crates/temper-spec/src/automaton/failure_routes.rs)"
+            )
+        if len(set(categories)) != len(categories):
+            raise ValueError("a failure category is routed more than once")
+        return self
+
+    @property
+    def config(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(self.config_table.items()))
+
+    @property
+    def failure_routes(self) -> tuple[tuple[str, str], ...]:
+        return tuple((route.category, route.action) for route in self.routes)
 
     def config_value(self, key: str) -> str | None:
-        return dict(self.config).get(key)
+        return self.config_table.get(key)
 
 
-@dataclass(frozen=True)
-class Action:
-    name: str
-    kind: str = "internal"
-    sources: tuple[str, ...] = ()  # `from`
-    to: str | None = None
-    params: tuple[str, ...] = ()
-    effects: tuple[Effect, ...] = ()
+class Action(_Table):
+    NOT_RUN = ("guard", "constraints", "record_parent_event", "cedar_gate", "sub_writes")
+
+    name: Name
+    kind: Literal["input", "internal", "output", "composite"] = "internal"
+    sources: tuple[Name, ...] = Field(default=(), alias="from")
+    to: Name | None = None
+    declared_params: tuple[Param, ...] = Field(default=(), alias="params")
+    effects: tuple[Effect, ...] = Field(default=(), alias="effect")
     triggers: tuple[Trigger, ...] = ()
     hint: str | None = None
-    param_types: tuple[str, ...] = ()  # per param: its declared type, "string" by default
+
+    @model_validator(mode="after")
+    def _params_are_declared(self) -> Self:
+        if len(set(self.params)) != len(self.params):
+            raise ValueError("a parameter is declared twice")
+        for effect in self.effects:
+            if effect.param is not None and effect.param not in self.params:
+                raise ValueError(
+                    f"effect {effect.text!r}: params.{effect.param} is not a declared "
+                    "parameter of the action"
+                )
+        return self
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(param.name for param in self.declared_params)
+
+    @property
+    def param_types(self) -> tuple[str, ...]:
+        return tuple(param.type for param in self.declared_params)
 
     def enabled_in(self, state: str) -> bool:
         """Temper: an input (or composite) action with no `from` fires from every state
@@ -92,35 +353,31 @@ class Action:
         return self.to if self.to is not None else state
 
 
-@dataclass(frozen=True)
-class Arg:
-    """A `[[state_timeout]] args` value: a literal, or a state variable (`Id`: the entity)."""
+class StateTimeout(_Table):
+    RETIRED = {"params": "write `args`, with string literals in single quotes"}
 
-    literal: Any = None
-    var: str | None = None
+    state: Name
+    after_seconds: Count
+    on_timeout: Name
+    max_occurrences: Count = 1
+    reset_on: tuple[Name, ...] = ()
+    arg_table: dict[str, Arg] = Field(default_factory=dict, alias="args")
 
-
-@dataclass(frozen=True)
-class StateTimeout:
-    state: str
-    after_seconds: int
-    on_timeout: str
-    max_occurrences: int = 1
-    reset_on: tuple[str, ...] = ()
-    args: tuple[tuple[str, Arg], ...] = ()
+    @property
+    def args(self) -> tuple[tuple[str, Arg], ...]:
+        return tuple(sorted(self.arg_table.items()))
 
 
-@dataclass(frozen=True)
-class Admission:
-    max_concurrent_creates: int | None = None
-    max_concurrent_actions: tuple[tuple[str, int], ...] = ()
-    queue_depth: int | None = None
-    queue_timeout_seconds: int | None = None
+class Admission(_Table):
+    max_concurrent_creates: Count | None = None
+    max_concurrent_actions: dict[str, Count] = Field(default_factory=dict)
+    queue_depth: Count | None = None
+    queue_timeout_seconds: Count | None = None
 
     def cap_for(self, action: str) -> int | None:
         if action == "Create":
             return self.max_concurrent_creates
-        return dict(self.max_concurrent_actions).get(action)
+        return self.max_concurrent_actions.get(action)
 
     @property
     def queue_timeout_s(self) -> float:
@@ -128,22 +385,82 @@ class Admission:
         return float(30 if self.queue_timeout_seconds is None else self.queue_timeout_seconds)
 
 
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    states: tuple[str, ...]
-    initial: str
-    state_vars: tuple[StateVar, ...] = ()
-    actions: tuple[Action, ...] = ()
-    timeouts: tuple[StateTimeout, ...] = ()
-    admission: Admission | None = None
-    allow_indefinite_states: tuple[str, ...] = ()
-    terminal: tuple[str, ...] = ()
-    source: str = "<spec>"
-    _by_name: dict[str, Action] = field(default_factory=dict, compare=False, repr=False)
+class Spec(_Table):
+    """A whole spec file. Sections Temper accepts but this executor does not run are refused;
+    `[[invariant]]` and `[[liveness]]` are accepted and not read."""
 
-    def __post_init__(self) -> None:
-        self._by_name.update({action.name: action for action in self.actions})
+    NOT_RUN = ("webhook", "context_entity", "field_invariant", "key", "vector")
+
+    automaton: Automaton
+    state_vars: tuple[StateVar, ...] = Field(default=(), alias="state")
+    actions: tuple[Action, ...] = Field(default=(), alias="action")
+    timeouts: tuple[StateTimeout, ...] = Field(default=(), alias="state_timeout")
+    admission: Admission | None = None
+    invariant: Any = None
+    liveness: Any = None
+    _source: str = PrivateAttr(default="<spec>")
+    _by_name: dict[str, Action] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_sections_not_run(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "integration" in data:
+                raise ValueError(
+                    "[[integration]] is no longer supported: declare the call as an "
+                    "[[action.triggers]] block on the action that fires it "
+                    f"({MIGRATE_HINT}; Temper: toml_parser/mod.rs)"
+                )
+            for section in data:
+                if section in cls.NOT_RUN:
+                    raise ValueError(
+                        f"[{section}] is valid Temper but this executor does not run it"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Self:
+        names = [action.name for action in self.actions]
+        if len(set(names)) != len(names):
+            raise ValueError("an action name is declared twice")
+        self._by_name.update(zip(names, self.actions, strict=True))
+        for action in self.actions:
+            _check_action(self, action)
+        for timeout in self.timeouts:
+            _check_timeout(self, timeout)
+        if self.admission is not None:
+            for name in self.admission.max_concurrent_actions:
+                if self.action(name) is None:
+                    raise ValueError(f"[admission]: {name!r} is not a declared action")
+        return self
+
+    def model_post_init(self, context: Any) -> None:
+        if isinstance(context, dict) and "source" in context:
+            self._source = str(context["source"])
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def name(self) -> str:
+        return self.automaton.name
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        return self.automaton.states
+
+    @property
+    def initial(self) -> str:
+        return self.automaton.initial
+
+    @property
+    def allow_indefinite_states(self) -> tuple[str, ...]:
+        return self.automaton.allow_indefinite_states
+
+    @property
+    def terminal(self) -> tuple[str, ...]:
+        return self.automaton.terminal
 
     def action(self, name: str) -> Action | None:
         return self._by_name.get(name)
@@ -164,86 +481,70 @@ def _copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
+# -- what the sections say of each other ----------------------------------------------------
+
+
+def _check_action(spec: Spec, action: Action) -> None:
+    scope = f"action '{action.name}'"
+    for state in (*action.sources, *([action.to] if action.to else [])):
+        if state not in spec.states:
+            raise ValueError(f"{scope}: {state!r} is not a declared state")
+    variables = {var.name for var in spec.state_vars}
+    for effect in action.effects:
+        if effect.var not in variables:
+            raise ValueError(
+                f"{scope} effect {effect.text!r}: '{effect.var}' is not a declared [[state]]"
+            )
+    for trigger in action.triggers:
+        for target in (trigger.on_success, trigger.on_failure):
+            if target is not None and spec.action(target) is None:
+                raise ValueError(
+                    f"{scope} trigger '{trigger.name}': {target!r} is not a declared action"
+                )
+        _check_routes(spec, action, trigger)
+
+
+def _check_routes(spec: Spec, action: Action, trigger: Trigger) -> None:
+    """Temper's checks of a typed route (`crates/temper-spec/src/automaton/failure_routes.rs`):
+    the callback exists, is not the source action, is enabled in the state the source action
+    commits to, and declares exactly `params = [{ name = "failure", type = "failure_v1" }]`."""
+    scope = f"action '{action.name}' trigger '{trigger.name}'"
+    for category, name in trigger.failure_routes:
+        callback = spec.action(name)
+        if callback is None:
+            raise ValueError(
+                f"{scope}: failure route {category!r}: {name!r} is not a declared action"
+            )
+        if name == action.name:
+            raise ValueError(f"{scope}: failure route {category!r} cannot replay source action")
+        if action.to is None or action.to not in callback.sources:
+            raise ValueError(
+                f"{scope}: failure route {category!r} targets {name!r}, which is not "
+                f"enabled in the committed state {action.to!r}"
+            )
+        if callback.params != (FAILURE_PARAM[0],) or callback.param_types != (FAILURE_PARAM[1],):
+            raise ValueError(
+                f"{scope}: failure route {category!r} targets {name!r}, which must "
+                'declare exactly params = [{ name = "failure", type = "failure_v1" }]'
+            )
+
+
+def _check_timeout(spec: Spec, timeout: StateTimeout) -> None:
+    scope = f"state_timeout on '{timeout.state}'"
+    if timeout.state not in spec.states:
+        raise ValueError(f"{scope}: not a declared state")
+    if spec.action(timeout.on_timeout) is None:
+        raise ValueError(f"{scope}: on_timeout {timeout.on_timeout!r} is not a declared action")
+    for name in timeout.reset_on:
+        if spec.action(name) is None:
+            raise ValueError(f"{scope}: reset_on {name!r} is not a declared action")
+    variables = {var.name for var in spec.state_vars}
+    for key, arg in timeout.args:
+        if arg.var is not None and arg.var not in (*variables, "Id", "id"):
+            raise ValueError(f"{scope}: args.{key} reads {arg.var!r}, not a declared [[state]]")
+
+
 # -- reading -------------------------------------------------------------------------------
-
-# The sections Temper's reader accepts (`SECTIONS` in toml_parser/mod.rs).
-TEMPER_SECTIONS = (
-    "automaton",
-    "state",
-    "action",
-    "invariant",
-    "liveness",
-    "webhook",
-    "context_entity",
-    "field_invariant",
-    "state_timeout",
-    "key",
-    "vector",
-    "admission",
-)
-# Read here and set aside: verification-only, no run-time effect.
-VERIFICATION_ONLY = ("invariant", "liveness")
-RUN = ("automaton", "state", "action", "state_timeout", "admission")
-
-AUTOMATON_KEYS = (
-    "name",
-    "states",
-    "initial",
-    "allow_indefinite_states",
-    "strict_action_params",
-    "terminal",
-)
-STATE_KEYS = (
-    "name",
-    "type",
-    "initial",
-    "overflow_inline_max_bytes",
-    "overflow_ttl_seconds",
-    "query_indexed",
-)
-STATE_RUN_KEYS = ("name", "type", "initial")
-VAR_TYPES = ("string", "bool", "counter", "int", "list")
-# A typed failure route's callback declares exactly this one parameter
-# (`validate_callback_signature`, crates/temper-spec/src/automaton/failure_routes.rs).
-FAILURE_PARAM = ("failure", "failure_v1")
-FAILURE_CATEGORIES = ("transient", "integrity", "authorization", "budget", "ambiguous",
-                      "permanent")
-FAILURE_ROUTE_KEYS = ("category", "action", "to_state")
-ACTION_KEYS = ("name", "kind", "from", "to", "guard", "effect", "params", "constraints", "hint",
-               "record_parent_event", "triggers", "cedar_gate", "sub_writes")
-ACTION_RUN_KEYS = ("name", "kind", "from", "to", "effect", "params", "hint", "triggers")
-ACTION_KINDS = ("input", "internal", "output", "composite")
-TRIGGER_KEYS = ("name", "kind", "principal", "guard", "liveness", "drop_ok", "llm",
-                "target_entity", "target_action", "args", "resolve_target", "module",
-                "on_success", "on_failure", "config", "adapter", "url", "method", "headers",
-                "body_template", "hook", "failure_routes")
-TRIGGER_KINDS = ("entity", "wasm", "adapter", "webhook", "hook")
-# What each key's kind is (`ActionTrigger::foreign_keys` in types/trigger.rs).
-TRIGGER_KEY_KINDS: dict[str, tuple[str, ...]] = {
-    "principal": ("entity",), "guard": ("entity",), "liveness": ("entity",),
-    "drop_ok": ("entity",), "llm": ("wasm", "adapter"), "target_entity": ("entity",),
-    "target_action": ("entity",), "args": ("entity",), "resolve_target": ("entity",),
-    "module": ("wasm",), "on_success": ("wasm", "adapter", "webhook"),
-    "on_failure": ("wasm", "adapter", "webhook"), "config": ("wasm", "adapter", "webhook"),
-    "failure_routes": ("wasm", "adapter", "webhook"),
-    "adapter": ("adapter",), "url": ("webhook",), "method": ("webhook",),
-    "headers": ("webhook",), "body_template": ("webhook",), "hook": ("hook",),
-}
-TRIGGER_RETIRED = {
-    "to_state": "write the status into the guard, such as guard = \"status == 'Ready'\"",
-    "params": "write the values in `args`, string literals in single quotes",
-    "params_from": 'write the field names in `args`: args = { doc_id = "Id" }',
-    "adapter_type": "write `adapter`",
-}
-TIMEOUT_KEYS = ("state", "after_seconds", "on_timeout", "max_occurrences", "reset_on", "args")
-TIMEOUT_RETIRED = {"params": "write `args`, with string literals in single quotes"}
-ADMISSION_KEYS = (
-    "max_concurrent_creates",
-    "max_concurrent_actions",
-    "queue_depth",
-    "queue_timeout_seconds",
-)
-MIGRATE_HINT = "convert the spec with `temper migrate-predicates`"
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -270,424 +571,48 @@ def parse_spec(text: str, *, source: str = "<spec>") -> Spec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{source}: not TOML: {error}") from error
-    return _read(doc, source)
+    try:
+        return Spec.model_validate(doc, context={"source": source})
+    except ValidationError as error:
+        problems = [_problem(doc, detail) for detail in error.errors(include_url=False)]
+        raise SpecError(f"{source}: " + "; ".join(problems)) from None
 
 
-def _read(doc: dict[str, Any], source: str) -> Spec:
-    fail = _Failer(source)
-    if "integration" in doc:
-        raise fail(
-            "[[integration]] is no longer supported: declare the call as an "
-            "[[action.triggers]] block on the action that fires it "
-            f"({MIGRATE_HINT}; Temper: toml_parser/mod.rs)"
-        )
-    for section in doc:
-        if section not in TEMPER_SECTIONS:
-            raise fail(f"unknown section '{section}' (a spec has {', '.join(TEMPER_SECTIONS)})")
-        if section not in RUN and section not in VERIFICATION_ONLY:
-            raise fail(f"[{section}] is valid Temper but this executor does not run it")
-    meta = doc.get("automaton")
-    if not isinstance(meta, dict):
-        raise fail("missing [automaton]")
-    _keys(fail, "[automaton]", meta, AUTOMATON_KEYS, ("name", "states", "initial"))
-    if meta.get("strict_action_params"):
-        raise fail("[automaton]: strict_action_params is not run by this executor")
-    states = _str_list(fail, "[automaton] states", meta["states"])
-    name = _str(fail, "[automaton] name", meta["name"])
-    initial = _str(fail, "[automaton] initial", meta["initial"])
-    state_vars = tuple(_state_var(fail, entry) for entry in _entries(fail, doc, "state"))
-    actions = tuple(_action(fail, entry) for entry in _entries(fail, doc, "action"))
-    timeouts = tuple(
-        _timeout(fail, entry, index)
-        for index, entry in enumerate(_entries(fail, doc, "state_timeout"))
-    )
-    admission = _admission(fail, doc["admission"]) if "admission" in doc else None
-    spec = Spec(
-        name=name,
-        states=tuple(states),
-        initial=initial,
-        state_vars=state_vars,
-        actions=actions,
-        timeouts=timeouts,
-        admission=admission,
-        allow_indefinite_states=tuple(
-            _str_list(
-                fail, "[automaton] allow_indefinite_states", meta.get("allow_indefinite_states", [])
-            )
-        ),
-        terminal=tuple(_str_list(fail, "[automaton] terminal", meta.get("terminal", []))),
-        source=source,
-    )
-    _validate(fail, spec)
-    return spec
+def _problem(doc: dict[str, Any], detail: Mapping[str, Any]) -> str:
+    """One schema error in the spec's own words: where (`action 'Go' triggers 'p'`), what."""
+    loc: Sequence[str | int] = detail["loc"]
+    kind = detail["type"]
+    if kind in ("extra_forbidden", "missing") and loc:
+        where, key = _where(doc, loc[:-1]), loc[-1]
+        if kind == "missing":
+            return f"{where}: missing `{key}`" if where else f"missing [{key}]"
+        if not where:
+            return f"unknown section '{key}' (a spec has {', '.join(TEMPER_SECTIONS)})"
+        return f"{where}: unknown key `{key}` (Temper rejects it: deny_unknown_fields)"
+    where = _where(doc, loc)
+    prefix = f"{where}: " if where else ""
+    if kind == "value_error":
+        return prefix + str(detail["ctx"]["error"])
+    return f"{prefix}{detail['msg']}, found {detail['input']!r}"
 
 
-class _Failer:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def __call__(self, message: str) -> SpecError:
-        return SpecError(f"{self.source}: {message}")
-
-
-def _keys(
-    fail: _Failer,
-    scope: str,
-    table: Mapping[str, Any],
-    known: Iterable[str],
-    required: Iterable[str] = (),
-    run: Iterable[str] | None = None,
-    retired: Mapping[str, str] | None = None,
-) -> None:
-    known = tuple(known)
-    for key in table:
-        if retired and key in retired:
-            raise fail(f"{scope}: `{key}` is no longer a key; {retired[key]}")
-        if key not in known:
-            raise fail(
-                f"{scope}: unknown key `{key}` (Temper rejects it: deny_unknown_fields; "
-                f"expected one of {', '.join(known)})"
-            )
-        if run is not None and key not in run:
-            raise fail(f"{scope}: `{key}` is valid Temper but this executor does not run it")
-    for key in required:
-        if key not in table:
-            raise fail(f"{scope}: missing `{key}`")
-
-
-def _entries(fail: _Failer, doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
-    value = doc.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
-        raise fail(f"'{key}' must be written as [[{key}]]")
-    return value
-
-
-def _str(fail: _Failer, scope: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise fail(f"{scope}: expected a non-empty string, found {value!r}")
-    return value
-
-
-def _str_list(fail: _Failer, scope: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise fail(f"{scope}: expected a list of strings, found {value!r}")
-    return list(value)
-
-
-def _uint(fail: _Failer, scope: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise fail(f"{scope}: expected a non-negative integer, found {value!r}")
-    return value
-
-
-def _state_var(fail: _Failer, entry: dict[str, Any]) -> StateVar:
-    scope = f"state '{entry.get('name', '?')}'"
-    _keys(fail, scope, entry, STATE_KEYS, ("name", "type", "initial"), run=STATE_RUN_KEYS)
-    name = _str(fail, scope + " name", entry["name"])
-    var_type = entry["type"]
-    if var_type not in VAR_TYPES:
-        raise fail(f"{scope}: type must be one of {', '.join(VAR_TYPES)}, found {var_type!r}")
-    initial = entry["initial"]
-    # Initial::read in types/state.rs: the starting value in the declared type.
-    ok = {
-        "string": isinstance(initial, str),
-        "bool": isinstance(initial, bool),
-        "counter": isinstance(initial, int) and not isinstance(initial, bool) and initial >= 0,
-        "int": isinstance(initial, int) and not isinstance(initial, bool),
-        "list": isinstance(initial, list) and all(isinstance(i, str) for i in initial),
-    }[var_type]
-    if not ok:
-        example = {"string": '""', "bool": "false", "counter": "0", "int": "0", "list": "[]"}[
-            var_type
-        ]
-        raise fail(
-            f"{scope}: initial: a {var_type} starts at a value such as "
-            f"`initial = {example}`, found {initial!r}"
-        )
-    return StateVar(name, var_type, initial)
-
-
-_EFFECT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\+=|-=|=)\s*(.+?)\s*$")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _effect(fail: _Failer, scope: str, value: Any) -> Effect:
-    if isinstance(value, dict):
-        raise fail(
-            f"{scope}: effect tables ({{ type = ... }}) are the old syntax; write a "
-            f'statement such as "turns += 1" ({MIGRATE_HINT})'
-        )
-    if not isinstance(value, str):
-        raise fail(f"{scope}: an effect is a statement string, found {value!r}")
-    match = _EFFECT.match(value)
-    if match is None:
-        raise fail(
-            f"{scope}: effect {value!r} is not a statement this executor runs "
-            "(`var = value`, `var += n`, `var -= n`)"
-        )
-    var, op, rhs = match.groups()
-    literal = _literal(rhs)
-    if literal is not _NOT_LITERAL:
-        return Effect(var, op, literal=literal, text=value)
-    if rhs.startswith("params.") and _IDENT.match(rhs[7:]):
-        return Effect(var, op, param=rhs[7:], text=value)
-    if _IDENT.match(rhs):
-        return Effect(var, op, field_ref=rhs, text=value)
-    raise fail(f"{scope}: effect {value!r}: cannot read {rhs!r}")
-
-
-_NOT_LITERAL = object()
-
-
-def _literal(text: str) -> Any:
-    if text in ("true", "false"):
-        return text == "true"
-    if text == "null":
-        return None
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    if len(text) >= 2 and text[0] == text[-1] == "'":
-        return text[1:-1]
-    return _NOT_LITERAL
-
-
-def _action(fail: _Failer, entry: dict[str, Any]) -> Action:
-    name = entry.get("name")
-    if not isinstance(name, str) or not name:
-        raise fail("action: every [[action]] needs a non-empty `name`")
-    scope = f"action '{name}'"
-    _keys(fail, scope, entry, ACTION_KEYS, ("name",), run=ACTION_RUN_KEYS)
-    kind = entry.get("kind", "internal")
-    if kind not in ACTION_KINDS:
-        raise fail(f"{scope}: kind must be one of {', '.join(ACTION_KINDS)}, found {kind!r}")
-    sources = _str_list(fail, scope + " from", entry.get("from", []))
-    to = entry.get("to")
-    if to is not None:
-        to = _str(fail, scope + " to", to)
-    params = []
-    param_types = []
-    for param in entry.get("params", []):
-        if isinstance(param, str):
-            params.append(param)
-            param_types.append("string")
-        elif isinstance(param, dict):
-            _keys(fail, scope + " param", param, ("name", "type", "source"), ("name",),
-                  run=("name", "type"))
-            if param.get("type", "string") not in (*VAR_TYPES, FAILURE_PARAM[1]):
-                raise fail(f"{scope}: param type must be one of {', '.join(VAR_TYPES)}")
-            params.append(_str(fail, scope + " param name", param["name"]))
-            param_types.append(str(param.get("type", "string")))
+def _where(doc: dict[str, Any], loc: Sequence[str | int]) -> str:
+    """`('action', 0, 'triggers', 1)` as `action 'Go' triggers 'p'`: an entry of a list is
+    named by its `name` (or its `state`), else by its position."""
+    parts: list[str] = []
+    node: Any = doc
+    in_key = False  # the last part is a key inside an entry: a further key follows a dot
+    for item in loc:
+        if isinstance(item, int) and parts:
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            label = node.get("name", node.get("state")) if isinstance(node, dict) else None
+            parts[-1] += f" {label!r}" if isinstance(label, str) else f" #{item + 1}"
+            in_key = False
+        elif in_key:
+            node = node.get(item) if isinstance(node, dict) else None
+            parts[-1] += f".{item}"
         else:
-            raise fail(
-                f"{scope}: a parameter is a name or {{ name = ..., type = ... }}, found {param!r}"
-            )
-    if len(set(params)) != len(params):
-        raise fail(f"{scope}: a parameter is declared twice")
-    effects_raw = entry.get("effect", [])
-    if not isinstance(effects_raw, list):
-        raise fail(f"{scope}: effect must be a list of statements")
-    effects = tuple(_effect(fail, f"{scope} effect", e) for e in effects_raw)
-    triggers_raw = entry.get("triggers", [])
-    if not isinstance(triggers_raw, list):
-        raise fail(f"{scope}: 'triggers' must be written as [[action.triggers]]")
-    triggers = tuple(_trigger(fail, scope, t) for t in triggers_raw)
-    hint = entry.get("hint")
-    return Action(name, kind, tuple(sources), to, tuple(params), effects, triggers,
-                  hint if isinstance(hint, str) else None, tuple(param_types))
-
-
-def _trigger(fail: _Failer, action_scope: str, entry: Any) -> Trigger:
-    if not isinstance(entry, dict):
-        raise fail(f"{action_scope}: 'triggers' must be written as [[action.triggers]]")
-    scope = f"{action_scope} trigger '{entry.get('name', '?')}'"
-    _keys(fail, scope, entry, TRIGGER_KEYS, ("name", "kind"), retired=TRIGGER_RETIRED)
-    kind = entry["kind"]
-    if kind not in TRIGGER_KINDS:
-        raise fail(f"{scope}: kind must be one of {', '.join(TRIGGER_KINDS)}, found {kind!r}")
-    foreign = [
-        key for key in entry if key in TRIGGER_KEY_KINDS and kind not in TRIGGER_KEY_KINDS[key]
-    ]
-    if foreign:
-        raise fail(f"{scope}: {', '.join(foreign)} do not belong to kind = {kind!r}")
-    if kind != "wasm":
-        raise fail(f"{scope}: kind = {kind!r} is valid Temper but this executor runs only wasm")
-    if entry.get("llm"):
-        raise fail(f"{scope}: llm is not run by this executor")
-    module = _str(fail, scope + " module", entry.get("module"))
-    config = entry.get("config", {})
-    if not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values()):
-        raise fail(f"{scope}: config is a table of strings (Temper: BTreeMap<String, String>)")
-    on_success = entry.get("on_success")
-    on_failure = entry.get("on_failure")
-    routes = _failure_routes(fail, scope, entry.get("failure_routes", []))
-    if routes and on_failure is not None:
-        raise fail(f"{scope}: cannot mix typed failure_routes with legacy on_failure "
-                   "(Temper: crates/temper-spec/src/automaton/failure_routes.rs)")
-    return Trigger(
-        name=_str(fail, scope + " name", entry["name"]),
-        module=module,
-        on_success=None if on_success is None else _str(fail, scope + " on_success", on_success),
-        on_failure=None if on_failure is None else _str(fail, scope + " on_failure", on_failure),
-        config=tuple(sorted(config.items())),
-        failure_routes=routes,
-    )
-
-
-def _failure_routes(fail: _Failer, scope: str, raw: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(raw, list):
-        raise fail(f"{scope}: write failure routes as [[action.triggers.failure_routes]]")
-    routes: dict[str, str] = {}
-    for entry in raw:
-        if not isinstance(entry, dict):
-            raise fail(f"{scope}: write failure routes as [[action.triggers.failure_routes]]")
-        _keys(fail, scope + " failure route", entry, FAILURE_ROUTE_KEYS, ("category",))
-        category = entry["category"]
-        if category not in FAILURE_CATEGORIES:
-            raise fail(f"{scope}: failure category must be one of "
-                       f"{', '.join(FAILURE_CATEGORIES)}, found {category!r}")
-        if category in routes:
-            raise fail(f"{scope}: failure category {category!r} is routed more than once")
-        if "to_state" in entry:
-            raise fail(f"{scope}: this executor reads a route's `action`, not `to_state`")
-        routes[category] = _str(fail, f"{scope} failure route {category} action",
-                                entry.get("action"))
-    return tuple(routes.items())
-
-
-def _timeout(fail: _Failer, entry: dict[str, Any], index: int) -> StateTimeout:
-    scope = f"state_timeout #{index + 1} ('{entry.get('state', '?')}')"
-    _keys(
-        fail,
-        scope,
-        entry,
-        TIMEOUT_KEYS,
-        ("state", "after_seconds", "on_timeout"),
-        retired=TIMEOUT_RETIRED,
-    )
-    args: list[tuple[str, Arg]] = []
-    raw_args = entry.get("args", {})
-    if not isinstance(raw_args, dict):
-        raise fail(f"{scope}: args is a table")
-    for key, value in sorted(raw_args.items()):
-        if isinstance(value, bool | int):
-            args.append((key, Arg(literal=value)))
-        elif isinstance(value, str):
-            literal = _literal(value)
-            if literal is not _NOT_LITERAL:
-                args.append((key, Arg(literal=literal)))
-            elif _IDENT.match(value):
-                args.append((key, Arg(var=value)))
-            else:
-                raise fail(
-                    f"{scope}: args.{key}: a literal ('text', an integer, true, false, "
-                    f"null) or a state variable, found {value!r}"
-                )
-        else:
-            raise fail(f"{scope}: args.{key}: unsupported value {value!r}")
-    max_occurrences = _uint(fail, scope + " max_occurrences", entry.get("max_occurrences", 1))
-    return StateTimeout(
-        state=_str(fail, scope + " state", entry["state"]),
-        after_seconds=_uint(fail, scope + " after_seconds", entry["after_seconds"]),
-        on_timeout=_str(fail, scope + " on_timeout", entry["on_timeout"]),
-        max_occurrences=max_occurrences,
-        reset_on=tuple(_str_list(fail, scope + " reset_on", entry.get("reset_on", []))),
-        args=tuple(args),
-    )
-
-
-def _admission(fail: _Failer, table: Any) -> Admission:
-    if not isinstance(table, dict):
-        raise fail("'admission' must be written as [admission]")
-    _keys(fail, "[admission]", table, ADMISSION_KEYS)
-    caps = table.get("max_concurrent_actions", {})
-    if not isinstance(caps, dict):
-        raise fail("[admission] max_concurrent_actions is a table of action = N")
-    creates = table.get("max_concurrent_creates")
-    depth = table.get("queue_depth")
-    timeout = table.get("queue_timeout_seconds")
-    return Admission(
-        max_concurrent_creates=None
-        if creates is None
-        else _uint(fail, "[admission] max_concurrent_creates", creates),
-        max_concurrent_actions=tuple(
-            sorted(
-                (k, _uint(fail, f"[admission] max_concurrent_actions.{k}", v))
-                for k, v in caps.items()
-            )
-        ),
-        queue_depth=None if depth is None else _uint(fail, "[admission] queue_depth", depth),
-        queue_timeout_seconds=None
-        if timeout is None
-        else _uint(fail, "[admission] queue_timeout_seconds", timeout),
-    )
-
-
-def _validate_routes(fail: _Failer, spec: Spec, action: Action, trigger: Trigger) -> None:
-    """Temper's checks of a typed route (`crates/temper-spec/src/automaton/failure_routes.rs`):
-    the callback exists, is not the source action, is enabled in the state the source action
-    commits to, and declares exactly `params = [{ name = "failure", type = "failure_v1" }]`."""
-    scope = f"action '{action.name}' trigger '{trigger.name}'"
-    for category, name in trigger.failure_routes:
-        callback = spec.action(name)
-        if callback is None:
-            raise fail(f"{scope}: failure route {category!r}: {name!r} is not a declared action")
-        if name == action.name:
-            raise fail(f"{scope}: failure route {category!r} cannot replay source action")
-        if action.to is None or action.to not in callback.sources:
-            raise fail(f"{scope}: failure route {category!r} targets {name!r}, which is not "
-                       f"enabled in the committed state {action.to!r}")
-        if callback.params != (FAILURE_PARAM[0],) or callback.param_types != (FAILURE_PARAM[1],):
-            raise fail(f"{scope}: failure route {category!r} targets {name!r}, which must "
-                       'declare exactly params = [{ name = "failure", type = "failure_v1" }]')
-
-
-def _validate(fail: _Failer, spec: Spec) -> None:
-    states = set(spec.states)
-    if len(states) != len(spec.states):
-        raise fail("[automaton] states: a state is listed twice")
-    if spec.initial not in states:
-        raise fail(f"[automaton] initial {spec.initial!r} is not a declared state")
-    for name in (*spec.allow_indefinite_states, *spec.terminal):
-        if name not in states:
-            raise fail(f"[automaton]: {name!r} is not a declared state")
-    names = [action.name for action in spec.actions]
-    if len(set(names)) != len(names):
-        raise fail("an action name is declared twice")
-    variables = {var.name for var in spec.state_vars}
-    for action in spec.actions:
-        for state in (*action.sources, *([action.to] if action.to else [])):
-            if state not in states:
-                raise fail(f"action '{action.name}': {state!r} is not a declared state")
-        for effect in action.effects:
-            if effect.var not in variables:
-                raise fail(
-                    f"action '{action.name}' effect {effect.text!r}: "
-                    f"'{effect.var}' is not a declared [[state]]"
-                )
-            if effect.param is not None and effect.param not in action.params:
-                raise fail(
-                    f"action '{action.name}' effect {effect.text!r}: params."
-                    f"{effect.param} is not a declared parameter of the action"
-                )
-        for trigger in action.triggers:
-            for target in (trigger.on_success, trigger.on_failure):
-                if target is not None and spec.action(target) is None:
-                    raise fail(f"action '{action.name}' trigger '{trigger.name}': "
-                               f"{target!r} is not a declared action")
-            _validate_routes(fail, spec, action, trigger)
-    for timeout in spec.timeouts:
-        scope = f"state_timeout on '{timeout.state}'"
-        if timeout.state not in states:
-            raise fail(f"{scope}: not a declared state")
-        if spec.action(timeout.on_timeout) is None:
-            raise fail(f"{scope}: on_timeout {timeout.on_timeout!r} is not a declared action")
-        for name in timeout.reset_on:
-            if spec.action(name) is None:
-                raise fail(f"{scope}: reset_on {name!r} is not a declared action")
-        for key, arg in timeout.args:
-            if arg.var is not None and arg.var not in (*variables, "Id", "id"):
-                raise fail(f"{scope}: args.{key} reads {arg.var!r}, not a declared [[state]]")
-    if spec.admission is not None:
-        for name, _cap in spec.admission.max_concurrent_actions:
-            if spec.action(name) is None:
-                raise fail(f"[admission]: {name!r} is not a declared action")
+            node = node.get(item) if isinstance(node, dict) else None
+            parts.append(f"[{item}]" if not parts and isinstance(node, dict) else str(item))
+            in_key = len(parts) > 1
+    return " ".join(parts)

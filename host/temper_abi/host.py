@@ -71,8 +71,8 @@ class HttpCall(Protocol):
 
 class HttpxCall:
     """`host_http_call` over one httpx client kept for the module's life, as Temper's host
-    keeps one: a client per call builds an SSL context each time (about 20 ms of CPU under
-    the GIL) and opens a new connection. Safe from many threads."""
+    keeps one: a client per call would build an SSL context (CPU under the GIL) and open a
+    connection each time. Safe from many threads."""
 
     def __init__(self) -> None:
         self._client = httpx.Client(

@@ -14,7 +14,6 @@ is gone after the first poll, nothing asks the component again, and the session 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from itertools import pairwise
 
 from host.mock_llm.config import MockLLMConfig
@@ -30,13 +29,16 @@ SCENARIO = LlmScenario(jobs=1, turns=2, latency_s=1.0)
 def closed_gate_provider() -> MockLLMConfig:
     """Tier 1, whose first request is answered 529 with retry-after: 300."""
     return SCENARIO.mock_config().replace(
-        overload_first=1, overload_last=1, overload_retry_after_s=float(COOLDOWN_S))
+        overload_first=1, overload_last=1, overload_retry_after_s=float(COOLDOWN_S)
+    )
 
 
 def without_reset(spec: Spec) -> Spec:
-    timeouts = tuple(replace(t, reset_on=()) if t.state == "WaitingForLlm" else t
-                     for t in spec.timeouts)
-    return replace(spec, timeouts=timeouts, _by_name={})
+    timeouts = tuple(
+        t.model_copy(update={"reset_on": ()}) if t.state == "WaitingForLlm" else t
+        for t in spec.timeouts
+    )
+    return spec.model_copy(update={"timeouts": timeouts})
 
 
 class TimerWatch:
@@ -101,8 +103,7 @@ def test_control_without_the_reset_the_waiting_session_is_lost() -> None:
     about again: it ends the run stranded in WaitingForLlm, with no timer."""
     spec = without_reset(packaged_spec(SPEC_NAME))
     watch = TimerWatch()
-    run = run_gated(SCENARIO, spec, provider=closed_gate_provider(), observe=watch,
-                    check=False)
+    run = run_gated(SCENARIO, spec, provider=closed_gate_provider(), observe=watch, check=False)
     assert run.run is not None
     (result,) = run.run.results
     assert not result.completed

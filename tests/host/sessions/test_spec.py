@@ -164,7 +164,12 @@ def test_sections_temper_rejects_or_this_executor_does_not_run(change: str, mess
             "params.y is not a declared parameter",
         ),
         ('from = ["A"]', 'from = ["Z"]', "'Z' is not a declared state"),
-        ('kind = "input"', 'kind = "inbound"', "kind must be one of input, internal"),
+        ('kind = "input"', 'kind = "inbound"', "kind: Input should be 'input', 'internal'"),
+        (
+            'initial = "A"',
+            'initial = "A"\nstrict_action_params = true',
+            "[automaton] strict_action_params: true is not run by this executor",
+        ),
     ],
 )
 def test_action_and_state_keys_are_checked(old: str, new: str, message: str) -> None:
@@ -183,7 +188,10 @@ TRIGGER = '\n[[action.triggers]]\nname = "p"\nkind = "wasm"\nmodule = "m"\n'
         ('target_action = "X"\n', "target_action do not belong to kind = 'wasm'"),
         ('timeout_secs = "300"\n', "unknown key `timeout_secs`"),
         ('on_success = "Nope"\n', "'Nope' is not a declared action"),
-        ("config = { timeout_secs = 300 }\n", "config is a table of strings"),
+        (
+            "config = { timeout_secs = 300 }\n",
+            "config.timeout_secs: Input should be a valid string, found 300",
+        ),
     ],
 )
 def test_trigger_keys_are_checked(extra: str, message: str) -> None:
@@ -217,3 +225,36 @@ def test_trigger_keys_are_checked(extra: str, message: str) -> None:
 def test_timer_and_admission_keys_are_checked(block: str, message: str) -> None:
     with pytest.raises(SpecError, match=re.escape(message)):
         parse_spec(MINIMAL + block)
+
+
+ROUTE = '\n[[action.triggers.failure_routes]]\ncategory = "permanent"\naction = "Go"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (MINIMAL.replace('initial = "A"', 'initial = "A"\ncolour = 1', 1), "[automaton]"),
+        (MINIMAL.replace("initial = 0", "initial = 0\ncolour = 1", 1), "state 'n'"),
+        (MINIMAL.replace('to = "B"', 'to = "B"\ncolour = 1', 1), "action 'Go'"),
+        (
+            MINIMAL.replace('params = ["x"]', 'params = [{ name = "x", colour = 1 }]', 1),
+            "action 'Go' params 'x'",
+        ),
+        (MINIMAL + TRIGGER + "colour = 1\n", "action 'Go' triggers 'p'"),
+        (MINIMAL + TRIGGER + ROUTE + "colour = 1\n", "action 'Go' triggers 'p' failure_routes #1"),
+        (
+            MINIMAL + '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
+            "colour = 1\n",
+            "state_timeout 'B'",
+        ),
+        (MINIMAL + "[admission]\ncolour = 1\n", "[admission]"),
+    ],
+)
+def test_every_table_refuses_an_unknown_key_naming_it_and_where(text: str, where: str) -> None:
+    """Bug caught: a table of the schema that lets an unknown key through (Temper's
+    deny_unknown_fields), or a refusal that does not say which key, or in which entry."""
+    with pytest.raises(SpecError) as refused:
+        parse_spec(text, source="s.toml")
+    assert str(refused.value) == (
+        f"s.toml: {where}: unknown key `colour` (Temper rejects it: deny_unknown_fields)"
+    )
