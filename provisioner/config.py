@@ -25,7 +25,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 from provisioner.failures import FailureCode
 from provisioner.model import ProvisionerError
@@ -69,7 +69,7 @@ class SandboxSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> SandboxSettings:
         """Only the sandbox keys (a bad value raises ProvisionerError("invalid_config"))."""
-        values = _read(_SECTIONS["sandbox"], config)
+        values = _read("sandbox", config)
         # TemperFS: `on`, `off`, or (`auto`) when the config names `temper_api_url` at all
         # (the old module always did it; a config without the key is a deployment that has
         # no TemperFS, such as this project's simulations).
@@ -111,8 +111,8 @@ class AdmissionConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> AdmissionConfig:
         """Only the admission keys (a bad value raises ProvisionerError("invalid_config"))."""
-        built = _sparse(cls, _read(_SECTIONS["admission"], config))
-        _check_relations(_SECTIONS["admission"], lambda name: getattr(built, name))
+        built = _sparse(cls, _read("admission", config))
+        _check_relations("admission", lambda name: getattr(built, name))
         return built
 
 
@@ -187,7 +187,7 @@ Section = Literal["sandbox", "admission", "host", "resource"]
 Type = Literal["int", "real", "positive", "duration", "text"]
 
 
-def _refuse(message: str) -> None:
+def _refuse(message: str) -> NoReturn:
     raise ProvisionerError(FailureCode.INVALID_CONFIG, message)
 
 
@@ -209,26 +209,26 @@ class Key:
     low: float = 1
     high: float = _DAY_S
     aliases: tuple[str, ...] = ()
-    field: str = ""  # the typed object's field when not the name
+    field: str = ""  # the typed object's field (set to the name when not given)
     parse: Callable[[str, str], Any] | None = None
     blank_ok: bool = True
     nullable: bool = False
     at_most: str | None = None
     requires: str | None = None
 
+    def __post_init__(self) -> None:
+        if not self.field:
+            object.__setattr__(self, "field", self.name)
+
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
     @property
-    def target(self) -> str:
-        return self.field or self.name
-
-    @property
     def default(self) -> Any:
         """The field's default (milliseconds for a `duration`); None when the guest has none."""
         owner = {"sandbox": SandboxSettings, "admission": AdmissionConfig}.get(self.section)
-        return getattr(owner or ResourceGate, self.target, None)
+        return getattr(owner or ResourceGate, self.field, None)
 
     def read(self, key: str, raw: str) -> Any:
         """The value of `raw` spelled as `key` (this row's name or alias, with any prefix)."""
@@ -241,7 +241,6 @@ class Key:
             value = float(text)
         except ValueError:
             _refuse(f"{key} must be a number, got {raw[:40]!r}")
-            raise  # unreachable: keeps the type checker sure `value` is bound
         if not math.isfinite(value):
             _refuse(f"{key} must be a finite number, got {raw[:40]!r}")
         millis = self.type == "duration" and key.endswith("_ms")
@@ -377,15 +376,26 @@ KEYS: tuple[Key, ...] = (
         field="stall_timeout_ms"),
 )  # fmt: skip
 
-_SECTIONS: dict[str, tuple[Key, ...]] = {
-    section: tuple(row for row in KEYS if row.section == section)
-    for section in ("sandbox", "admission", "resource")
-}
 # Every top-level name (key or alias) the guest knows, to its row.
 KEYS_BY_NAME: dict[str, Key] = {
     name: row for row in KEYS if row.section != "resource" for name in row.names
 }
-_LIMITS: dict[str, Key] = {name: row for row in _SECTIONS["resource"] for name in row.names}
+_READ_SECTIONS = ("sandbox", "admission", "resource")
+
+
+def _spellings(section: str) -> dict[str, tuple[int, Key]]:
+    names = [(name, row) for row in KEYS if row.section == section for name in row.names]
+    return {name: (place, row) for place, (name, row) in enumerate(names)}
+
+
+# Per section, each spelling's place in the table's order (which decides precedence and
+# which bad key is reported) and its row; and the rows that name another key.
+_SPELLINGS = {section: _spellings(section) for section in _READ_SECTIONS}
+_RELATED = {
+    section: tuple(row for row in KEYS if row.section == section and (row.at_most or row.requires))
+    for section in _READ_SECTIONS
+}
+_LIMITS = _SPELLINGS["resource"]
 
 _T = TypeVar("_T")
 
@@ -400,26 +410,26 @@ def _sparse(cls: type[_T], values: dict[str, Any]) -> _T:
     return instance
 
 
-def _read(rows: tuple[Key, ...], config: Mapping[str, str], prefix: str = "") -> dict[str, Any]:
-    """The fields `config` sets, each from the first of its row's names present."""
+def _read(section: str, config: Mapping[str, str], prefix: str = "") -> dict[str, Any]:
+    """The fields `config` sets in `section`, each from the first of its row's spellings
+    present; every spelling present is validated, in table order."""
+    spellings = _SPELLINGS[section]
     values: dict[str, Any] = {}
-    for row in rows:
-        for name in row.names:
-            raw = config.get(name)
-            if raw is None or (row.blank_ok and not str(raw).strip()):
-                continue
-            value = row.read(prefix + name, str(raw))
-            values.setdefault(row.target, value)
+    for _, name in sorted((spellings[name][0], name) for name in config if name in spellings):
+        row, raw = spellings[name][1], str(config[name])
+        if row.blank_ok and not raw.strip():
+            continue
+        values.setdefault(row.field, row.read(prefix + name, raw))
     return values
 
 
-def _check_relations(rows: tuple[Key, ...], get: Callable[[str], Any], prefix: str = "") -> None:
-    for row in rows:
+def _check_relations(section: str, get: Callable[[str], Any], prefix: str = "") -> None:
+    for row in _RELATED[section]:
         if row.at_most is not None:
-            value, bound = get(row.target), get(row.at_most)
+            value, bound = get(row.field), get(row.at_most)
             if value is not None and bound is not None and value > bound:
                 _refuse(f"{prefix}{row.name} must not exceed {prefix}{row.at_most}")
-        if row.requires is not None and get(row.target) is not None and get(row.requires) is None:
+        if row.requires is not None and get(row.field) is not None and get(row.requires) is None:
             _refuse(f"{prefix}{row.name} is set without {prefix}{row.requires}")
 
 
@@ -439,6 +449,7 @@ FOREIGN_KEYS = frozenset(
     {"timeout_secs", "max_fuel", "max_memory", "max_response_bytes", "provisioner_url",
      "provisioner_token", "hold_ms"}
 )  # fmt: skip
+_ACCEPTED = KEYS_BY_NAME.keys() | OPERATION_KEYS | FOREIGN_KEYS
 RESOURCE_PREFIX = "resource."
 # Lower-case, so that `resource.LLM.rpm` and `resource.llm.rpm` cannot name two gates.
 RESOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -448,11 +459,10 @@ def check_keys(config: Mapping[str, str]) -> None:
     """Refuse a key nobody reads (a typo such as `create_slot` would otherwise be ignored
     and its default used), naming the nearest known key. `resource.*` keys are checked by
     `read_resources`."""
-    known = KEYS_BY_NAME.keys() | OPERATION_KEYS
     for key in config:
-        if key in known or key in FOREIGN_KEYS or key.startswith(RESOURCE_PREFIX):
+        if key in _ACCEPTED or key.startswith(RESOURCE_PREFIX):
             continue
-        nearest = difflib.get_close_matches(key, sorted(known | FOREIGN_KEYS), n=1, cutoff=0.6)
+        nearest = difflib.get_close_matches(key, sorted(_ACCEPTED), n=1, cutoff=0.6)
         hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
         _refuse(f"unknown config key {key[:80]!r}{hint}")
 
@@ -477,9 +487,9 @@ def read_resources(config: Mapping[str, str]) -> dict[str, ResourceGate]:
     gates: dict[str, ResourceGate] = {}
     for name, limits in sorted(declared.items()):
         prefix = f"{RESOURCE_PREFIX}{name}."
-        values = _read(_SECTIONS["resource"], limits, prefix)
+        values = _read("resource", limits, prefix)
         if values:
-            _check_relations(_SECTIONS["resource"], values.get, prefix)
+            _check_relations("resource", values.get, prefix)
             gates[name] = _gate(name, values)
     return gates
 
