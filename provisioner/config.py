@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, NoReturn, TypeVar
 
 from provisioner.failures import FailureCode
@@ -111,8 +112,9 @@ class AdmissionConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> AdmissionConfig:
         """Only the admission keys (a bad value raises ProvisionerError("invalid_config"))."""
-        built = _sparse(cls, _read("admission", config))
-        _check_relations("admission", lambda name: getattr(built, name))
+        values = _read("admission", config)
+        built = _sparse(cls, values)
+        _check_relations("admission", values, partial(getattr, built))
         return built
 
 
@@ -231,7 +233,8 @@ class Key:
         return getattr(owner or ResourceGate, self.field, None)
 
     def read(self, key: str, raw: str) -> Any:
-        """The value of `raw` spelled as `key` (this row's name or alias, with any prefix)."""
+        """The value of `raw` spelled as `key` (this row's name or alias, with any prefix).
+        Every invocation reads its config: the checks that pass come first and cheaply."""
         if self.parse is not None:
             return self.parse(key, raw)
         text = raw.strip()
@@ -241,20 +244,29 @@ class Key:
             value = float(text)
         except ValueError:
             _refuse(f"{key} must be a number, got {raw[:40]!r}")
-        if not math.isfinite(value):
-            _refuse(f"{key} must be a finite number, got {raw[:40]!r}")
-        millis = self.type == "duration" and key.endswith("_ms")
-        if (self.type == "int" or millis) and value != int(value):
-            _refuse(f"{key} must be an integer, got {raw[:40]!r}")
-        scale = 1000.0 if millis else 1.0
-        high = self.high * scale
-        above_zero = self.type in ("positive", "duration")
-        if (value <= 0 if above_zero else value < self.low) or value > high:
-            low = "above 0" if above_zero else f"at least {_show(self.low)}"
-            _refuse(f"{key} must be {low} and at most {_show(high)}, got {raw[:40]!r}")
         if self.type == "duration":
-            return max(1, round(value * 1000 / scale))
-        return int(value) if self.type == "int" else value
+            if not key.endswith("_ms"):
+                if 0 < value <= self.high:
+                    return max(1, round(value * 1000))
+            elif 0 < value <= self.high * 1000 and value.is_integer():
+                return int(value)
+        elif (value > 0 if self.type == "positive" else value >= self.low) and value <= self.high:
+            if self.type != "int":
+                return value
+            if value.is_integer():
+                return int(value)
+        self._refuse_value(key, raw, value)
+
+    def _refuse_value(self, key: str, raw: str, value: float) -> NoReturn:
+        got = f", got {raw[:40]!r}"
+        if not math.isfinite(value):
+            _refuse(f"{key} must be a finite number{got}")
+        millis = self.type == "duration" and key.endswith("_ms")
+        if (self.type == "int" or millis) and not value.is_integer():
+            _refuse(f"{key} must be an integer{got}")
+        high = self.high * 1000 if millis else self.high
+        low = "above 0" if self.type in ("positive", "duration") else f"at least {_show(self.low)}"
+        _refuse(f"{key} must be {low} and at most {_show(high)}{got}")
 
 
 def _url(key: str, raw: str) -> str:
@@ -381,21 +393,18 @@ KEYS_BY_NAME: dict[str, Key] = {
     name: row for row in KEYS if row.section != "resource" for name in row.names
 }
 _READ_SECTIONS = ("sandbox", "admission", "resource")
-
-
-def _spellings(section: str) -> dict[str, tuple[int, Key]]:
-    names = [(name, row) for row in KEYS if row.section == section for name in row.names]
-    return {name: (place, row) for place, (name, row) in enumerate(names)}
-
-
-# Per section, each spelling's place in the table's order (which decides precedence and
-# which bad key is reported) and its row; and the rows that name another key.
-_SPELLINGS = {section: _spellings(section) for section in _READ_SECTIONS}
+# Per section: each spelling's row, and its place in the table's order (which decides
+# precedence and which bad key is reported); the rows that name another key.
+_ROWS = {
+    section: {name: row for row in KEYS if row.section == section for name in row.names}
+    for section in _READ_SECTIONS
+}
+_PLACES = {section: {name: place for place, name in enumerate(_ROWS[section])} for section in _ROWS}
 _RELATED = {
     section: tuple(row for row in KEYS if row.section == section and (row.at_most or row.requires))
     for section in _READ_SECTIONS
 }
-_LIMITS = _SPELLINGS["resource"]
+_LIMITS = _ROWS["resource"]
 
 _T = TypeVar("_T")
 
@@ -413,23 +422,31 @@ def _sparse(cls: type[_T], values: dict[str, Any]) -> _T:
 def _read(section: str, config: Mapping[str, str], prefix: str = "") -> dict[str, Any]:
     """The fields `config` sets in `section`, each from the first of its row's spellings
     present; every spelling present is validated, in table order."""
-    spellings = _SPELLINGS[section]
+    rows, places = _ROWS[section], _PLACES[section]
+    present = [name for name in config if name in places]
+    present.sort(key=places.__getitem__)
     values: dict[str, Any] = {}
-    for _, name in sorted((spellings[name][0], name) for name in config if name in spellings):
-        row, raw = spellings[name][1], str(config[name])
+    for name in present:
+        row, raw = rows[name], str(config[name])
         if row.blank_ok and not raw.strip():
             continue
         values.setdefault(row.field, row.read(prefix + name, raw))
     return values
 
 
-def _check_relations(section: str, get: Callable[[str], Any], prefix: str = "") -> None:
+def _check_relations(
+    section: str, values: dict[str, Any], get: Callable[[str], Any], prefix: str = ""
+) -> None:
+    """The relations of the rows that name another key, where `values` sets either key
+    (the defaults keep them); `get` reads a field whether set or default."""
     for row in _RELATED[section]:
+        if row.field not in values and row.at_most not in values:
+            continue
         if row.at_most is not None:
             value, bound = get(row.field), get(row.at_most)
             if value is not None and bound is not None and value > bound:
                 _refuse(f"{prefix}{row.name} must not exceed {prefix}{row.at_most}")
-        if row.requires is not None and get(row.field) is not None and get(row.requires) is None:
+        if row.requires is not None and get(row.requires) is None:
             _refuse(f"{prefix}{row.name} is set without {prefix}{row.requires}")
 
 
@@ -489,7 +506,7 @@ def read_resources(config: Mapping[str, str]) -> dict[str, ResourceGate]:
         prefix = f"{RESOURCE_PREFIX}{name}."
         values = _read("resource", limits, prefix)
         if values:
-            _check_relations("resource", values.get, prefix)
+            _check_relations("resource", values, values.get, prefix)
             gates[name] = _gate(name, values)
     return gates
 

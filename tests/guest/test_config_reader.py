@@ -71,3 +71,18 @@ def test_a_gate_whose_keys_are_all_blank_is_not_declared() -> None:
     assert list(read.resources) == ["sessions"]
     gate = read.resources["sessions"]
     assert gate.permits(TENANT) == 2 and gate.permits(ACCOUNT) is None
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"backoff_cap_ms": "100"}, "backoff_base_ms must not exceed backoff_cap_ms"),
+        ({"poll_max_ms": "100"}, "poll_min_ms must not exceed poll_max_ms"),
+    ],
+)
+def test_a_bound_set_below_the_default_it_bounds_is_refused(
+    config: dict[str, str], fragment: str
+) -> None:
+    # Catches: relations checked only when the bounded key itself is set, so a cap below
+    # the default base (500 ms) would pass and the backoff would exceed its own cap.
+    assert fragment in refused(config)
