@@ -336,6 +336,7 @@ KEYS: tuple[Key, ...] = (
     Key("e2b_api_key_source", "sandbox", "text", "written by the host: where the E2B key it "
         "attaches comes from (`config`, `host`), or `none`", field="api_key_source",
         parse=_choice("config", "host", "none")),
+    # Read by the host only (host/runtime/credentials.py): the guest never sees the value.
     Key("e2b_api_key", "host", "text", "the E2B API key: the host takes it out of the config "
         "(the host's `E2B_API_KEY` is the fallback)"),
     Key("create_slots", "admission", "int", "concurrent E2B creates per account", high=1_000),
