@@ -51,7 +51,7 @@ from itertools import chain
 from provisioner.admission.blocking import ask_again_ms, retry_at_wait_ms
 from provisioner.admission.queue import Eligible, fair_order, fresh_position
 from provisioner.admission.results import Queued
-from provisioner.config import AdmissionConfig, ResourceGate
+from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
 from provisioner.resources.limits import (
     REASON_BACKOFF,
     REASON_CONCURRENCY,
@@ -83,7 +83,8 @@ class Budget:
         self.gate = gate
         self.now_ms = now_ms
         self.rates = rate_limits(gate)
-        self.free = None if gate.concurrency is None else gate.concurrency - len(state.leases)
+        permits = gate.permits(ACCOUNT)
+        self.free = None if permits is None else permits - len(state.leases)
         self.held: Counter[str] = Counter(lease.tenant for lease in state.leases)
         self._levels: dict[str, float] = {}
         # Per bucket: the sum and the largest of the in-flight calls' margins.
@@ -115,7 +116,7 @@ class Budget:
         return total + margin - max(largest, margin)
 
     def tenant_has_room(self, tenant: str) -> bool:
-        cap = self.gate.tenant_concurrency
+        cap = self.gate.permits(TENANT)
         return cap is None or self.held[tenant] < cap
 
     def blocker(self, tenant: str, costs: Costs) -> tuple[str, bool] | None:
@@ -221,9 +222,9 @@ def _holds(state: ResourceState, tenant: str, ticket: int) -> bool:
 
 
 def _first_limit(gate: ResourceGate, budget: Budget) -> str:
-    if gate.concurrency is not None:
+    if gate.permits(ACCOUNT) is not None:
         return REASON_CONCURRENCY
-    if gate.tenant_concurrency is not None:
+    if gate.permits(TENANT) is not None:
         return REASON_TENANT_CONCURRENCY
     return budget.rates[0].reason
 
@@ -268,19 +269,20 @@ def waiting(
     waits: dict[str, int] = {}
     usage: dict[str, tuple[int, int]] = {}
     reserved: set[str] = set()
-    if gate.concurrency is not None:
-        free = gate.concurrency - len(state.leases)
+    permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
+    if permits is not None:
+        free = permits - len(state.leases)
         waits[REASON_CONCURRENCY] = _lease_wait_ms(ends, at - max(0, free), cycle)
-        usage[REASON_CONCURRENCY] = (len(state.leases), gate.concurrency)
-    if gate.tenant_concurrency is not None:
+        usage[REASON_CONCURRENCY] = (len(state.leases), permits)
+    if tenant_permits is not None:
         own_ends = sorted(
             max(0, min(lease.expires_ms, lease.started_ms + cycle) - now_ms)
             for lease in state.leases
             if lease.tenant == tenant
         )
-        over = budget.held[tenant] - gate.tenant_concurrency + 1
+        over = budget.held[tenant] - tenant_permits + 1
         waits[REASON_TENANT_CONCURRENCY] = _lease_wait_ms(own_ends, over, cycle)
-        usage[REASON_TENANT_CONCURRENCY] = (budget.held[tenant], gate.tenant_concurrency)
+        usage[REASON_TENANT_CONCURRENCY] = (budget.held[tenant], tenant_permits)
     for rate in budget.rates:
         need = costs.get(rate.kind, 0.0) + sum(
             turn_costs.get(rate.kind, 0.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from provisioner.admission.backoff import cooling_ms
-from provisioner.config import ResourceGate
+from provisioner.config import ACCOUNT, TENANT, ResourceGate
 from provisioner.ports import Scope, Storage
 from provisioner.resources.ledger import prune
 from provisioner.resources.limits import rate_limits
@@ -133,8 +133,8 @@ def inspect_resource(
         name=gate.name,
         now_ms=now_ms,
         version=None if entry is None else entry.version,
-        concurrency=gate.concurrency,
-        tenant_concurrency=gate.tenant_concurrency,
+        concurrency=gate.permits(ACCOUNT),
+        tenant_concurrency=gate.permits(TENANT),
         leases=tuple(
             ResourceLeaseView(
                 lease.lease_id,

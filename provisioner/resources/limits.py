@@ -1,6 +1,6 @@
 """A resource gate's limits as the decisions use them: concurrency counts and token buckets.
 
-Each rate key of a `config.ResourceGate` becomes one `RateLimit`: the cost kind it meters
+Each rate `config.Limit` of a `config.ResourceGate` becomes one `RateLimit`: the cost kind it meters
 (a request, input tokens, output tokens), whether each tenant has its own bucket, and the
 bucket (`admission.bucket.Bucket`, per minute, a minute's worth of burst unless set).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from provisioner.admission.bucket import Bucket
-from provisioner.config import ResourceGate
+from provisioner.config import TENANT, ResourceGate
 from provisioner.resources.state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id, margin_key
 
 REASON_CONCURRENCY = "concurrency"
@@ -18,7 +18,7 @@ REASON_TENANT_CONCURRENCY = "tenant_concurrency"
 REASON_BACKOFF = "backoff"
 REASON_STORAGE = "storage"
 _RATE_REASONS = {REQUESTS: "rate", INPUT: "input_tokens", OUTPUT: "output_tokens"}
-_RATE_KEYS = {REQUESTS: "rpm", INPUT: "itpm", OUTPUT: "otpm"}
+_COST_KINDS = {"rpm": REQUESTS, "itpm": INPUT, "otpm": OUTPUT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +38,10 @@ class RateLimit:
 
 
 def rate_limits(gate: ResourceGate) -> tuple[RateLimit, ...]:
-    rates: list[RateLimit] = []
-    for prefix, per_tenant in (("", False), ("tenant_", True)):
-        for kind, key in _RATE_KEYS.items():
-            per_minute: float | None = getattr(gate, prefix + key)
-            if per_minute is not None:
-                burst: float | None = getattr(gate, f"{prefix}{key}_burst")
-                rates.append(RateLimit(kind, per_tenant, Bucket.per_minute(per_minute, burst)))
-    return tuple(rates)
+    return tuple(
+        RateLimit(_COST_KINDS[kind], scope == TENANT, Bucket.per_minute(limit.amount, limit.burst))
+        for kind, scope, limit in gate.rates()
+    )
 
 
 def request_costs(estimates: dict[str, int], worst_cases: dict[str, int]) -> Costs:
@@ -63,11 +59,10 @@ def request_costs(estimates: dict[str, int], worst_cases: dict[str, int]) -> Cos
 
 def too_large(gate: ResourceGate, costs: Costs) -> str | None:
     """Why a request this large can never fit (its estimate exceeds a bucket's burst)."""
-    for rate in rate_limits(gate):
+    for (kind, scope, _), rate in zip(gate.rates(), rate_limits(gate), strict=True):
         need = costs.get(rate.kind, 0.0)
         if need > rate.bucket.burst:
-            scope = "tenant_" if rate.per_tenant else ""
-            key = f"resource.{gate.name}.{scope}{_RATE_KEYS[rate.kind]}"
+            key = gate.key(kind, scope)
             return (
                 f"an estimated {need:g} {rate.kind} exceeds the burst of {key} "
                 f"({rate.bucket.burst:g}): it could never be granted"

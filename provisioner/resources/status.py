@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from provisioner.admission.backoff import cooling_ms
-from provisioner.config import ResourceGate
+from provisioner.config import ACCOUNT, TENANT, ResourceGate
 from provisioner.ports import Ports
 from provisioner.resources.ledger import read_state
 from provisioner.resources.limits import rate_limits
@@ -27,8 +27,8 @@ def gate_snapshot(
             "debt": round(max(0.0, -level), 3),
         }
     return {
-        "concurrency": {"in_use": len(state.leases), "limit": gate.concurrency},
-        "tenant_concurrency": {"in_use": state.held_by(tenant), "limit": gate.tenant_concurrency},
+        "concurrency": {"in_use": len(state.leases), "limit": gate.permits(ACCOUNT)},
+        "tenant_concurrency": {"in_use": state.held_by(tenant), "limit": gate.permits(TENANT)},
         "rates": rates,
         "backoff": {
             "cooling_ms": cooling_ms(state, now_ms),

@@ -4,84 +4,99 @@ list of failure codes in docs/contract.md and docs/admission.md must agree with 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from provisioner.config import SETTINGS, SETTINGS_BY_KEY, AdmissionConfig, read_config
+from provisioner.config import FOREIGN_KEYS, KEYS, AdmissionConfig, Key, read_config
 from provisioner.failures import FailureCode
 from provisioner.model import ProvisionerError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-class _Docs:
-    """The config reference: docs/contract.md, then docs/admission.md."""
-
-    @staticmethod
-    def read_text() -> str:
-        return "\n".join((DOCS / name).read_text() for name in ("contract.md", "admission.md"))
+def _docs_text() -> str:
+    return "\n".join((DOCS / name).read_text() for name in ("contract.md", "admission.md"))
 
 
-README = _Docs()
-_ROW = re.compile(r"^\| (`[^|]+`) \| ([^|]+) \| [^|]+ \|$")
+def _tables(text: str) -> Iterator[list[list[str]]]:
+    """Every markdown table of `text`, as rows of cells (the header first, no rule row)."""
+    table: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if not set("".join(cells)) <= set("-: "):
+                table.append(cells)
+        elif table:
+            yield table
+            table = []
 
 
-def readme_defaults() -> dict[str, str]:
-    """Each key named in a README table row, with the default that row states for it."""
+def documented(first_header: str) -> dict[str, str]:
+    """Each key named in the first column of the tables whose header is `first_header`,
+    `default`, ..., with the default its row states (`a / b` or `a, b` by position when the
+    row names several keys, else one for all)."""
     found: dict[str, str] = {}
-    for line in README.read_text().splitlines():
-        match = _ROW.match(line.strip())
-        if match is None:
+    for table in _tables(_docs_text()):
+        if table[0][:2] != [first_header, "default"]:
             continue
-        keys = re.findall(r"`([a-z0-9_]+)`", match.group(1))
-        if not keys:  # a table of something else (file sizes, ...) with three columns
-            continue
-        defaults = [d.strip().strip("`") for d in re.split(r"\s*[/,]\s*(?![/])", match.group(2))]
-        if len(defaults) == 1 and len(keys) > 1:
-            defaults = defaults * len(keys)
-        if match.group(2).startswith(("`https://", "`http://")):
-            defaults = [match.group(2).strip().strip("`")]
-        assert len(keys) == len(defaults), line
-        found.update(zip(keys, defaults, strict=True))
+        for cells in table[1:]:
+            names = re.findall(r"`([a-z0-9_]+)`", cells[0])
+            defaults = [d.strip("`") for d in re.split(r"\s+/\s+|,\s+", cells[1])]
+            if len(defaults) == 1:
+                defaults *= len(names)
+            assert len(names) == len(defaults), cells
+            for name, default in zip(names, defaults, strict=True):
+                assert name not in found, f"{name} is documented twice"
+                found[name] = default
     return found
 
 
-def shown(key: str) -> float | str | None:
-    """A setting's default in the key's unit (seconds for a `_s` key of a `_ms` field)."""
-    setting = SETTINGS_BY_KEY[key]
-    value = setting.default
-    if key.endswith(("_s", "_seconds")) and setting.field.endswith("_ms"):
-        return float(value) / 1000
-    assert value is None or isinstance(value, float | int | str)
-    return value
+def shown(row: Key, name: str) -> str:
+    """A row's default as the docs show it for the spelling `name`: a duration in that
+    spelling's unit, a missing default as `none`."""
+    value = row.default
+    if value is None:
+        return "none"
+    if row.type == "duration" and not name.endswith("_ms"):
+        value /= 1000
+    return str(value)
 
 
-def test_every_readme_default_is_the_definitions_default() -> None:
-    # Catches: a default changed in the code but not in the README (or the reverse).
-    documented = readme_defaults()
-    documented.pop("operation")
-    assert documented, "no config table found in the README"
-    for key, text in documented.items():
-        assert key in SETTINGS_BY_KEY, f"the README documents {key}, which nothing reads"
-        value = shown(key)
-        if value is None:
-            assert text == "none", key
-        elif isinstance(value, str):
-            assert text == value, key
-        else:
-            assert float(text) == float(value), f"{key}: README {text}, code {value}"
+def _same(documented_default: str, code_default: str) -> bool:
+    try:
+        return float(documented_default) == float(code_default)
+    except ValueError:
+        return documented_default == code_default
 
 
-def test_every_setting_is_documented_under_some_key() -> None:
-    # Catches: a new setting nobody can find in the README.
-    documented = {SETTINGS_BY_KEY[key].field for key in readme_defaults() if key != "operation"}
-    assert {setting.field for setting in SETTINGS} == documented
+@pytest.mark.parametrize(
+    ("header", "sections", "extra"),
+    [("key", ("sandbox", "admission", "host"), {"operation"}), ("`<limit>`", ("resource",), set())],
+)
+def test_the_docs_tables_name_every_key_with_its_default_and_no_other(
+    header: str, sections: tuple[str, ...], extra: set[str]
+) -> None:
+    # Catches: a key (or an alias) added, renamed or dropped in KEYS but not in the docs
+    # (or the reverse), and a default changed on one side only.
+    docs = documented(header)
+    rows = [row for row in KEYS if row.section in sections]
+    in_code = {name: shown(row, name) for row in rows for name in row.names}
+    assert set(docs) - extra == set(in_code)
+    for name, default in in_code.items():
+        assert _same(docs[name], default), f"{name}: docs {docs[name]!r}, code {default!r}"
+
+
+def test_the_docs_list_the_foreign_keys_and_no_other() -> None:
+    (table,) = [t for t in _tables(_docs_text()) if t[0] == ["key", "read by"]]
+    listed = {name for cells in table[1:] for name in re.findall(r"`([a-z_]+)`", cells[0])}
+    assert listed == FOREIGN_KEYS
 
 
 def test_the_readme_lists_every_failure_code_and_no_other() -> None:
     # Catches: a code produced somewhere but undocumented, or a documented code nobody makes.
-    text = README.read_text()
+    text = _docs_text()
     paragraph = text[text.index("Failure codes:") : text.index("Provision creates with")]
     listed = set(re.findall(r"`([a-z0-9_]+)`", paragraph))
     assert listed == {code.value for code in FailureCode}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from provisioner.config import FOREIGN_KEYS, SETTINGS_BY_KEY, read_config
+from provisioner.config import FOREIGN_KEYS, KEYS_BY_NAME, read_config
 from provisioner.failures import FailureCode
 from provisioner.model import ProvisionerError
 
@@ -32,7 +32,7 @@ def test_temper_and_shim_keys_and_every_known_key_are_accepted() -> None:
     assert {"timeout_secs", "max_fuel", "max_memory", "max_response_bytes"} <= FOREIGN_KEYS
     assert {"provisioner_url", "provisioner_token"} <= FOREIGN_KEYS
     read_config({key: "" for key in FOREIGN_KEYS})
-    for key in SETTINGS_BY_KEY:
+    for key in KEYS_BY_NAME:
         try:
             read_config({key: ""})
         except ProvisionerError as refused:  # a blank value some keys refuse: not unknown

@@ -122,7 +122,7 @@ ROWS: list[tuple[str, Any, str, str]] = [
         "max_sandboxes_per_tenant",
     ),
     ("zero sandbox timeout", config(sandbox_timeout_s="0"), "invalid_config", "sandbox_timeout_s"),
-    ("huge sandbox timeout", config(sandbox_timeout_s="9" * 30), "invalid_config", "between"),
+    ("huge sandbox timeout", config(sandbox_timeout_s="9" * 30), "invalid_config", "at most"),
     ("zero create timeout", config(create_timeout_ms="0"), "invalid_config", "create_timeout_ms"),
     ("E2B URL not http", config(e2b_api_url="ftp://x"), "invalid_config", "e2b_api_url"),
     ("E2B URL with query", config(e2b_api_url="http://a/?q"), "invalid_config", "e2b_api_url"),
