@@ -29,26 +29,17 @@ from functools import partial
 from typing import Any, Literal, NoReturn, TypeVar
 
 from provisioner.failures import FailureCode
-from provisioner.model import ProvisionerError
+from provisioner.model import UNRESOLVED_SECRET, ProvisionerError
 
 # The old sandbox_provisioner's TemperFS base when `temper_api_url` is unusable
 # (`temper_api_url` in its lib.rs: empty, blank or an unresolved `{secret:...}` template).
 DEFAULT_TEMPER_API_URL = "http://127.0.0.1:3000"
-# Temper resolves `{secret:name}` templates into the config before the invocation; one that
-# is still there named a secret the tenant does not have.
-UNRESOLVED_SECRET = "{secret:"
 # Whitespace, query or fragment have no place in an API base URL.
 _URL_FORBIDDEN = re.compile(r"[\s?#]")
 # E2B template ids and aliases: letters, digits and a few separators.
 _TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _DAY_S = 86_400.0
 _NONE_WORDS = ("none", "null", "off", "unlimited")
-
-
-def unresolved(value: str) -> bool:
-    """Blank, or a `{secret:...}` template Temper could not resolve: the old module's test
-    for a missing `e2b_api_key` or `temper_api_url`."""
-    return not value.strip() or UNRESOLVED_SECRET in value
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,17 @@ class Invocation:
     trace_id: str
 
 
+# Temper resolves `{secret:name}` templates into the config before the invocation; one that
+# is still there named a secret the tenant does not have.
+UNRESOLVED_SECRET = "{secret:"
+
+
+def unresolved(value: str) -> bool:
+    """Blank, or a `{secret:...}` template Temper could not resolve: the old module's test
+    for a missing `e2b_api_key` or `temper_api_url` (the host's credentials use it too)."""
+    return not value.strip() or UNRESOLVED_SECRET in value
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     code: str

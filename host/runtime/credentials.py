@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from provisioner.config import unresolved
-from provisioner.model import Invocation
+from provisioner.model import Invocation, unresolved
 
 API_KEY = "e2b_api_key"
 API_KEY_SOURCE = "e2b_api_key_source"
