@@ -37,7 +37,7 @@ fi
 # pyproject.toml changed since the last install.
 install_stamp=.venv/.sandbox-provisioner-install
 if [ ! -f "$install_stamp" ] || [ pyproject.toml -nt "$install_stamp" ] \
-    || ! .venv/bin/python -c 'import host, provisioner' 2>/dev/null; then
+    || ! .venv/bin/python -c 'import harness, host, provisioner' 2>/dev/null; then
     echo "build.sh: installing the project into .venv"
     .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
     .venv/bin/python -m pip install --quiet -e '.[build,test]' || die "pip install failed"

@@ -3,7 +3,7 @@
 Each scenario runs three ways against fresh mocks with the same settings, one after the
 other in the same run: `provisioner` (this component, admission control), `direct` (the
 old provisioner: one POST, no retry) and `e2b_sdk` (the official SDK's create with its
-default retries, no gates). Real time, through `host.sessions.simulate.run_mode`:
+default retries, no gates). Real time, through `harness.simulator.simulate.run_mode`:
 
 - incident: `simulate`'s defaults: 10 jobs, E2B serving 4 creates at once (429 past it),
   5 creates/s with a burst of 10, 20 sandboxes, 2 s per create; 10 turns of 0.5 s.
@@ -12,8 +12,8 @@ default retries, no gates). Real time, through `host.sessions.simulate.run_mode`
 - the same 100 jobs on an account with 100 sandboxes (only creates bind), provisioner
   only: it shows how much of the gap above comes from handing freed sandboxes on.
 
-1,000 jobs run in virtual time (host/sessions/detsim.py: the same admission logic, natively, over
-an in-process fake E2B): 4 creates at once, 5 creates/s, 20 sandboxes, 2 s creates,
+1,000 jobs run in virtual time (harness/simulator/detsim.py: the same admission logic,
+natively, over an in-process fake E2B): 4 creates at once, 5 creates/s, 20 sandboxes, 2 s creates,
 sandboxes held 5 s; makespan against the same ideal formula.
 
 Run alone: .venv/bin/python -m benchmarks.makespan [--quick]
@@ -27,12 +27,12 @@ from typing import Any
 from benchmarks.sdk_sessions import SDK_MODE, run_sdk_sessions
 from benchmarks.support import run_alone
 from benchmarks.table import Row, times
+from harness.simulator import detsim
+from harness.simulator.fake_e2b import FakeE2BConfig
+from harness.simulator.report import Limits, ideal_makespan_s
+from harness.simulator.scenario import E2BLimits, Scenario
+from harness.simulator.simulate import run_mode
 from host.runtime.loader import LoadedComponent, load_component
-from host.sessions import detsim
-from host.sessions.fake_e2b import FakeE2BConfig
-from host.sessions.report import Limits, ideal_makespan_s
-from host.sessions.scenario import E2BLimits, Scenario
-from host.sessions.simulate import run_mode
 from provisioner.admission import AdmissionConfig
 
 MAKESPAN_TARGET = 1.10
@@ -76,7 +76,7 @@ def run_virtual(jobs: int) -> VirtualResult:
     the real-time driver, the admission logic natively over a fake E2B)."""
     import time
 
-    from host.sessions.spec import packaged_spec
+    from harness.simulator.spec import packaged_spec
 
     latency_ms, hold_ms, slots, rate, cap = 2_000, 5_000, 4, 5.0, 20
     started = time.perf_counter()

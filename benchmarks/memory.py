@@ -28,7 +28,7 @@ from benchmarks.support import (
     mock_e2b,
 )
 from benchmarks.table import Row, times
-from host.mock_e2b import MockE2BServer
+from harness.mocks.e2b import MockE2BServer
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import load_component
 from host.runtime.native import NativeRuntime

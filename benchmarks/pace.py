@@ -1,14 +1,14 @@
 """Figure 7: serve's pacing (held answers, push wake-ups) against the poll alone, in virtual
 time.
 
-The pace contract's scenario (issue 24), through `host/sessions/detsim.py` with `serve`
-modelled in `host/sessions/virtual_serve.py` (the rule of `host/serve/pace.py`): the example
+The pace contract's scenario (issue 24), through `harness/simulator/detsim.py` with `serve`
+modelled in `harness/simulator/virtual_serve.py` (the rule of `host/serve/pace.py`): the example
 spec under Temper's rules, the admission logic natively over an in-process E2B that serves
 4 creates at once (429 past it), 5 creates/s with no burst, 20 sandboxes, 2 s per create;
 sessions hold their sandbox 5 s; 5 tenants. 10, 100 and 1,000 jobs, side by side in one
 run: the spec's 2 s poll alone (the baseline), 2 s with held answers (1.5 s window), 30 s
 with push wake-ups (and held answers), and 30 s alone. Each row: makespan against the
-ideal the limits allow (`host.sessions.report.ideal_makespan_s`), Temper invocations per
+ideal the limits allow (`harness.simulator.report.ideal_makespan_s`), Temper invocations per
 completed job (how many of them the queued state's timer started, which serve cannot
 prevent: Temper re-arms it at each entry; and provisioner calls, a held request's re-asks
 included), E2B's 429s and
@@ -30,10 +30,10 @@ from typing import Any
 from benchmarks.machine import load_average
 from benchmarks.support import run_alone
 from benchmarks.table import Row, times
+from harness.simulator import detsim
+from harness.simulator.fake_e2b import FakeE2BConfig
+from harness.simulator.spec import packaged_spec
 from host.serve.pace import PaceSettings
-from host.sessions import detsim
-from host.sessions.fake_e2b import FakeE2BConfig
-from host.sessions.spec import packaged_spec
 from provisioner.admission import AdmissionConfig
 
 SLOTS, RATE, CAP, CREATE_MS, SESSION_S, TENANTS, TURNS = 4, 5.0, 20, 2_000, 5.0, 5, 10

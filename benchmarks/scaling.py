@@ -30,7 +30,7 @@ from benchmarks import decision_cost, storage_ops
 from benchmarks.counting import CountingBackend
 from benchmarks.support import invocation, mock_e2b, open_hosts
 from benchmarks.table import Row, times
-from host.multihost.redis_server import RedisServer, find_redis_server
+from harness.multihost.redis_server import RedisServer, find_redis_server
 from host.runtime.loader import LoadedComponent, load_component
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend

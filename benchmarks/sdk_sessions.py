@@ -21,12 +21,12 @@ from typing import Any
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 
-from host.mock_e2b import MockE2BServer
-from host.sessions.driver import SessionDriver
-from host.sessions.invokers import LEGACY_CREATE_FAILED
-from host.sessions.report import E2BFigures, build_report, ideal_makespan_s
-from host.sessions.runner import RunResult
-from host.sessions.scenario import Scenario, mode_spec
+from harness.mocks.e2b import MockE2BServer
+from harness.simulator.driver import SessionDriver
+from harness.simulator.invokers import LEGACY_CREATE_FAILED
+from harness.simulator.report import E2BFigures, build_report, ideal_makespan_s
+from harness.simulator.runner import RunResult
+from harness.simulator.scenario import Scenario, mode_spec
 from provisioner.failures import FailureCode
 from provisioner.model import SANDBOX_READY, SANDBOX_RELEASED, Failure, Invocation, Outcome
 

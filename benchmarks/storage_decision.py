@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from benchmarks.counting import CountingBackend
 from benchmarks.support import invocation, load, mock_e2b, open_hosts
 from benchmarks.table import Row, format_text, times
-from host.multihost.redis_server import RedisServer, find_redis_server
+from harness.multihost.redis_server import RedisServer, find_redis_server
 from host.runtime.loader import LoadedComponent
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend

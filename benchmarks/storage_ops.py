@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from host.multihost.redis_server import RedisServer, find_redis_server
+from harness.multihost.redis_server import RedisServer, find_redis_server
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
 from host.storage.redis import RedisBackend

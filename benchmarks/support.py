@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.table import Row, print_rows
-from host.mock_e2b import MockE2BConfig, MockE2BServer
+from harness.mocks.e2b import MockE2BConfig, MockE2BServer
+from harness.simulator.invocations import job_invocation
+from harness.simulator.model import Job
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent, load_component
 from host.runtime.native import NativeRuntime
 from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
-from host.sessions.invocations import job_invocation
-from host.sessions.model import Job
 from host.storage.base import StorageBackend
 from host.storage.memory import MemoryBackend
 from provisioner.model import Invocation

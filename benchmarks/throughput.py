@@ -338,7 +338,7 @@ def _load_average() -> str:
 
 def measure(component: Path | None = None, quick: bool = False) -> ThroughputFigures:
     from benchmarks.support import mock_e2b
-    from host.multihost.redis_server import RedisServer, find_redis_server
+    from harness.multihost.redis_server import RedisServer, find_redis_server
     from host.runtime.loader import Pooling, load_component
 
     # Compile into the cache here, once: workers compiling at once would time their start.

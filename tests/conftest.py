@@ -75,7 +75,7 @@ def component_cache_dir(
 
 @pytest.fixture
 def mock_e2b() -> Iterator[object]:
-    from host.mock_e2b import MockE2BConfig, MockE2BServer
+    from harness.mocks.e2b import MockE2BConfig, MockE2BServer
 
     with MockE2BServer(MockE2BConfig(api_key=API_KEY)) as server:
         yield server
@@ -88,7 +88,7 @@ def ci_requires_everything() -> bool:
 
 def require_redis_server() -> None:
     """Skip (locally) or fail (under CI) a test that needs Debian's redis-server."""
-    from host.multihost.redis_server import find_redis_server
+    from harness.multihost.redis_server import find_redis_server
 
     if find_redis_server() is None:
         message = "redis-server not installed (apt-get install redis-server)"
@@ -102,16 +102,16 @@ def require_redis_server() -> None:
 # tap that only records each answer; they are checked after the test, so the checking
 # takes no CPU from the servers and clients a test times. A test fails if an answer sent
 # during it (or before it, by a shared server) does not conform.
-# See tests/host/mock_e2b/openapi_check.py.
+# See tests/harness/mocks/e2b/openapi_check.py.
 
 _answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _tap_mock_e2b_answers() -> Iterator[None]:
-    from host.mock_e2b.app import build_app
-    from host.mock_e2b.connection import KeepRawSend
-    from tests.host.mock_e2b.openapi_check import ResponseTap
+    from harness.mocks.e2b.app import build_app
+    from harness.mocks.e2b.connection import KeepRawSend
+    from tests.harness.mocks.e2b.openapi_check import ResponseTap
 
     def tapped_build_app(*args: Any, **kwargs: Any) -> Any:
         app, runtime = build_app(*args, **kwargs)
@@ -119,7 +119,7 @@ def _tap_mock_e2b_answers() -> Iterator[None]:
         return KeepRawSend(ResponseTap(app.app, _answers.put)), runtime
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("host.mock_e2b.server.build_app", tapped_build_app)
+        patch.setattr("harness.mocks.e2b.server.build_app", tapped_build_app)
         yield
 
 
@@ -127,7 +127,7 @@ def _tap_mock_e2b_answers() -> Iterator[None]:
 def _mock_e2b_answers_conform(
     _tap_mock_e2b_answers: None, caplog: pytest.LogCaptureFixture
 ) -> Iterator[None]:
-    from tests.host.mock_e2b.openapi_check import check_answer
+    from tests.harness.mocks.e2b.openapi_check import check_answer
 
     yield
     found: list[str] = []

@@ -14,23 +14,14 @@ from pathlib import Path
 from host.cli.options import (
     DefaultsHelpFormatter,
     ExitCode,
-    add_component_option,
     add_runtime_options,
-    add_storage_option,
     fail,
     open_runtime_from,
 )
-from host.mock_e2b import cli as mock_e2b_cli
-from host.mock_llm import cli as mock_llm_cli
-from host.multihost.run import add_multihost_arguments, run_multihost
-from host.multihost.soak import add_soak_arguments, run_soak
 from host.operator.status import add_status_arguments, run_status
 from host.runtime.paths import CACHE_ENV
 from host.runtime.temper_context import InvalidContext, outcome_to_json, parse_context
 from host.serve.cli import add_serve_arguments, run_serve
-from host.sessions.demo import run_demo
-from host.sessions.simulate import add_simulate_arguments, run_simulate
-from host.temper_abi import cli as temper_invoke_cli
 from provisioner.model import SANDBOX_FAILED, Invocation
 
 
@@ -79,27 +70,6 @@ def _add_invoke_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_options(parser)
 
 
-def _cmd_mock_e2b(args: argparse.Namespace) -> int:
-    return mock_e2b_cli.serve(mock_e2b_cli.config_from_args(args), host=args.host, port=args.port)
-
-
-def _cmd_mock_llm(args: argparse.Namespace) -> int:
-    try:
-        config = mock_llm_cli.config_from_args(args)
-    except ValueError as error:
-        return fail(str(error))
-    return mock_llm_cli.serve(config, host=args.host, port=args.port)
-
-
-def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    add_storage_option(parser)
-    add_component_option(parser)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(storage_url=args.storage, component=args.component)
-
-
 @dataclass(frozen=True)
 class Subcommand:
     """One `sandbox-provisioner` subcommand: what `--help` says of it, how its arguments
@@ -111,6 +81,9 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int]
 
 
+# The product's commands. The console script is the harness's command line
+# (harness/cli/main.py), which adds the mocks, `simulate`, `multihost`, `soak` and
+# `temper-invoke` to these; the product never imports the harness.
 SUBCOMMANDS = (
     Subcommand(
         "invoke",
@@ -119,51 +92,10 @@ SUBCOMMANDS = (
         _cmd_invoke,
     ),
     Subcommand(
-        "mock-e2b",
-        "run the mock E2B API server on loopback",
-        mock_e2b_cli.add_arguments,
-        _cmd_mock_e2b,
-    ),
-    Subcommand(
-        "mock-llm",
-        "run the mock LLM API (Anthropic Messages) on loopback",
-        mock_llm_cli.add_arguments,
-        _cmd_mock_llm,
-    ),
-    Subcommand(
-        "demo", "provision and release one sandbox through the mock", _add_demo_arguments, _cmd_demo
-    ),
-    Subcommand(
-        "simulate",
-        "replay the incident: Temper-style sessions against the mock E2B",
-        add_simulate_arguments,
-        run_simulate,
-    ),
-    Subcommand(
-        "multihost",
-        "several host processes sharing one Redis run one workload (optionally kill -9 one)",
-        add_multihost_arguments,
-        run_multihost,
-    ),
-    Subcommand(
         "serve",
         "run the provisioner as an HTTP service (for the Temper shim)",
         add_serve_arguments,
         run_serve,
-    ),
-    Subcommand(
-        "soak",
-        "hosts on one Redis against the mock E2B under seeded faults, then an audit "
-        "from E2B's records (exit 1 on any violation)",
-        add_soak_arguments,
-        run_soak,
-    ),
-    Subcommand(
-        "temper-invoke",
-        "run a core module (the shim) under the Temper-ABI host as Temper would and "
-        "print the result Temper decodes",
-        temper_invoke_cli.add_arguments,
-        temper_invoke_cli.run,
     ),
     Subcommand(
         "status",
@@ -174,7 +106,7 @@ SUBCOMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandbox-provisioner",
         description="Run the E2B sandbox provisioner component the way the Temper runtime does.",
@@ -182,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in SUBCOMMANDS:
+    for command in sorted(subcommands, key=lambda command: command.name):
         sub = commands.add_parser(
             command.name, help=command.help, formatter_class=DefaultsHelpFormatter
         )
@@ -198,8 +130,8 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> int:
+    args = build_parser(subcommands).parse_args(argv)
     if getattr(args, "cache_dir", None) is not None:
         # Every load in this run, and in the worker processes it starts, uses it.
         os.environ[CACHE_ENV] = str(args.cache_dir)

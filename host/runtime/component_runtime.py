@@ -29,12 +29,12 @@ from host.runtime.closing import NOTHING_TO_RELEASE, StoreCloser
 from host.runtime.credentials import gateway_call, key_arguments
 from host.runtime.epochs import TickedByEpochs
 from host.runtime.loader import LoadedComponent
+from host.runtime.temper_limits import EPOCH_TICK_MS, TemperLimits
 from host.runtime.wasmtime_compat import WitErr
 from host.services.http_gateway import HttpGateway
 from host.services.namespaces import ScopedStorage
 from host.services.telemetry import InvocationTag, LoggingTelemetry, TelemetrySink
 from host.storage.base import StorageBackend
-from host.temper_abi.limits import EPOCH_TICK_MS, TemperLimits
 from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, decided, failed
 from provisioner.ports import (

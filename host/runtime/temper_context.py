@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from host.temper_abi.result import MAX_DIAGNOSTIC_BYTES
+from host.runtime.temper_result import MAX_DIAGNOSTIC_BYTES
 from provisioner.model import WAKE_UPS, Invocation, Outcome
 
 MAX_CONTEXT_BYTES = 1024 * 1024
@@ -96,7 +96,7 @@ def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
     host reports (a host code) to Temper's result.
 
     `decode_terminal_result` (`crates/temper-wasm/src/engine/result.rs` in `nerdsane/temper`;
-    `host/temper_abi/result.py`) takes three shapes, each with no other field:
+    `host/runtime/temper_result.py`) takes three shapes, each with no other field:
 
     - success `{"action": A, "params": P, "success": true}`: every outcome the guest
       decided, `SandboxQueued` and `SandboxFailed` included (`Outcome.success`). With no

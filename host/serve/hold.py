@@ -24,8 +24,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from host.runtime.temper_limits import TemperLimits
 from host.serve.pace import Answer, AnswerAndWake, AskAgainAt, Step, next_step
-from host.temper_abi.limits import TemperLimits
 from provisioner.model import (
     SANDBOX_FAILED,
     SANDBOX_QUEUED,

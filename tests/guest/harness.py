@@ -4,7 +4,7 @@ that obey `retry_after_ms` in front of the fake E2B (`Simulation`, `run`).
 
 The simulation tests the admission algorithm itself (how close to the limits it serves
 clients that come back when told); how Temper drives sessions (fixed poll timers, one timer
-per entity) is the session executor's job, `host/sessions/detsim.py`.
+per entity) is the session executor's job, `harness/simulator/detsim.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.simulator.fake_e2b import START_MS, FakeE2B, FakeE2BConfig, Storm
+from harness.simulator.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.runtime.native import native_ports
-from host.sessions.fake_e2b import START_MS, FakeE2B, FakeE2BConfig, Storm
-from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
 from provisioner.admission import (
     DEFAULT_SANDBOX_TIMEOUT_MS,

@@ -184,8 +184,8 @@ def test_a_static_on_success_on_a_settle_or_release_is_flagged() -> None:
     on_success on settle_llm_call would dispatch LlmSettled for a failed settle
     (invocation.rs). Bug caught: the contract check counting one answer for settle and
     release, and passing such a spec."""
-    from host.sessions.contract import check_spec
-    from host.sessions.spec import parse_spec
+    from harness.simulator.contract import check_spec
+    from harness.simulator.spec import parse_spec
 
     text = SPEC.read_text()
     for trigger in ("settle_llm_call", "release_session_slot"):

@@ -13,10 +13,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from harness.simulator.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime, native_ports
 from host.services.namespaces import tenant_namespace
-from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
 from provisioner.admission.state import GATE_KEY
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key

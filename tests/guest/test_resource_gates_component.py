@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from harness.simulator.simulated_ports import VirtualClock
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent
 from host.runtime.native import NativeRuntime
 from host.services.http_gateway import HttpGateway
-from host.sessions.simulated_ports import VirtualClock
 from host.storage.memory import MemoryBackend
 from provisioner.model import Outcome
 from tests.doubles import RecordingTelemetrySink

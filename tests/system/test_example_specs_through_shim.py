@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from host.temper_abi import TemperAbiModule
-from host.temper_abi.context import resolve_secret_templates
+from harness.temper_abi import TemperAbiModule
+from harness.temper_abi.context import resolve_secret_templates
 from tests.conftest import API_KEY, ROOT
-from tests.host.mock_e2b.fixtures import running_mock
+from tests.harness.mocks.e2b.fixtures import running_mock
 from tests.host.serve.serve_process import TOKEN, ServeProcess, serve_process
 
 pytestmark = pytest.mark.component

@@ -29,11 +29,11 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from host.mock_e2b import MockE2BConfig, MockE2BServer
-from host.mock_e2b.config import FaultRule
+from harness.mocks.e2b import MockE2BConfig, MockE2BServer
+from harness.mocks.e2b.config import FaultRule
+from harness.simulator.simulated_ports import SeededRandom, VirtualClock
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent
-from host.sessions.simulated_ports import SeededRandom, VirtualClock
 from provisioner.failures import HOST_CODES
 from provisioner.model import Invocation, Outcome
 from tests.builders import invocation

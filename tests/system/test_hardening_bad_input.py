@@ -27,7 +27,7 @@ FAST = {"create_rate_per_s": "1000", "create_slots": "16"}
 @pytest.fixture(scope="module")
 def provisioned(loaded_component: LoadedComponent) -> Iterator[tuple[Host, Any]]:
     """One host for the module: tenant acme's job-1 is provisioned before the rows run."""
-    from host.mock_e2b import MockE2BConfig, MockE2BServer
+    from harness.mocks.e2b import MockE2BConfig, MockE2BServer
     from tests.conftest import API_KEY
 
     with MockE2BServer(MockE2BConfig(api_key=API_KEY)) as mock:

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from host.mock_e2b import MockE2BConfig, MockE2BServer
-from host.mock_e2b.config import parse_fault
+from harness.mocks.e2b import MockE2BConfig, MockE2BServer
+from harness.mocks.e2b.config import parse_fault
 from host.runtime.loader import LoadedComponent
 from host.storage.memory import MemoryBackend
 from provisioner.model import Outcome

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import API_KEY, ROOT
 
-PRODUCT = ("host", "provisioner")
+PRODUCT = ("host", "harness", "provisioner")
 NOT_PRODUCT = ("tests", "benchmarks")
 TEST_DOUBLES = ("RecordingTelemetrySink", "ManualClock", "RecordingTelemetry", "Harness")
 
@@ -136,7 +136,7 @@ def test_the_installed_package_carries_no_tests_benchmarks_or_doubles(
 ) -> None:
     probe = (
         "import importlib, pkgutil, sys\n"
-        "import host, provisioner\n"
+        "import harness, host, provisioner\n"
         "found = []\n"
         "for top in ('tests', 'benchmarks'):\n"
         "    try:\n"
@@ -144,7 +144,7 @@ def test_the_installed_package_carries_no_tests_benchmarks_or_doubles(
         "        found.append(top)\n"
         "    except ImportError:\n"
         "        pass\n"
-        "for package in (host, provisioner):\n"
+        "for package in (host, harness, provisioner):\n"
         "    for info in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
         # __main__ modules run on import; the WIT adapter imports only inside the component.
         "        if info.name.endswith('.__main__') or info.name == 'provisioner.component':\n"

@@ -1,9 +1,9 @@
 """Parity with the old `sandbox_provisioner` (`os-apps/temper-agent/wasm/sandbox_provisioner/
 src/lib.rs` in `nerdsane/temper`): one test per behaviour of that module, each through the
 built component, checking the answer and what reached the mock E2B and the mock TemperFS
-(`host/mock_e2b/TEMPERFS.md` lists the old module's TemperFS requests with their lines).
+(`harness/mocks/e2b/TEMPERFS.md` lists the old module's TemperFS requests with their lines).
 
-Every answer is also checked the way Temper decodes it (`host/temper_abi`): exactly a
+Every answer is also checked the way Temper decodes it (`harness/temper_abi`): exactly a
 success, dispatched under the upstream trigger (`on_failure = "Fail"`, no `on_success`).
 """
 
@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from host.mock_e2b import MockE2BConfig, MockE2BServer
+from harness.mocks.e2b import MockE2BConfig, MockE2BServer
+from harness.temper_abi import Trigger, decode_terminal_result, dispatch_for
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent
 from host.runtime.temper_context import outcome_to_json
 from host.services.http_gateway import HttpGateway
 from host.services.namespaces import account_namespace, tenant_namespace
 from host.storage.memory import MemoryBackend
-from host.temper_abi import Trigger, decode_terminal_result, dispatch_for
 from provisioner.model import Outcome
 from provisioner.ports import LogLevel
 from provisioner.temperfs import ConversationRecords

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from host.multihost.serve_path import PACE_FAULT_KINDS, SERVE_FAULT_KINDS
-from host.multihost.soak import add_soak_arguments, run_soak
-from host.multihost.worker import RELEASE_FORGETS_BEFORE_KILL
+from harness.multihost.serve_path import PACE_FAULT_KINDS, SERVE_FAULT_KINDS
+from harness.multihost.soak import add_soak_arguments, run_soak
+from harness.multihost.worker import RELEASE_FORGETS_BEFORE_KILL
 from host.runtime.loader import LoadedComponent
 from tests.conftest import require_redis_server
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import API_KEY
-from tests.host.mock_e2b.fixtures import running_mock
+from tests.harness.mocks.e2b.fixtures import running_mock
 from tests.host.serve.load import (
     LoadRecord,
     job_context,

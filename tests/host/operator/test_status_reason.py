@@ -17,7 +17,7 @@ from host.storage.memory import MemoryBackend
 from tests.builders import invocation
 from tests.conftest import API_KEY
 from tests.doubles import RecordingTelemetrySink
-from tests.host.mock_e2b.fixtures import running_mock
+from tests.harness.mocks.e2b.fixtures import running_mock
 
 START_MS = 1_700_000_000_000
 CONFIG = {"operation": "provision", "template_id": "base", "create_slots": "4",

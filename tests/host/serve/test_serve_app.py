@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from harness.temper_abi import Trigger, decode_terminal_result, dispatch_for
 from host.serve import InvocationPool, ServeState, create_app, temper_result
 from host.serve.metrics import ServeMetrics
-from host.temper_abi import Trigger, decode_terminal_result, dispatch_for
 from provisioner.model import Failure, Invocation, Outcome, failed
 
 TOKEN = "t0ken"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from host.mock_e2b import MockE2BServer
+from harness.mocks.e2b import MockE2BServer
 from tests.conftest import API_KEY
-from tests.host.mock_e2b.fixtures import running_mock
+from tests.harness.mocks.e2b.fixtures import running_mock
 from tests.host.serve.load import LoadRecord, run_jobs, sqlite_url, status_json
 from tests.host.serve.serve_process import ServeProcess, invocation_events, serve_process
 

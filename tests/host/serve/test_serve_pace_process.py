@@ -14,7 +14,7 @@ from host.serve.pace_options import TEMPER_TOKEN_ENV
 from host.serve.wakeups import WakeupStore, new_wakeup
 from host.storage import storage_from_uri
 from tests.conftest import API_KEY
-from tests.host.mock_e2b.fixtures import running_mock
+from tests.harness.mocks.e2b.fixtures import running_mock
 from tests.host.serve.fake_temper import FakeTemper
 from tests.host.serve.serve_process import invocation_events, serve_process
 from tests.host.serve.test_serve_hold_component import context

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from host.mock_e2b import MockE2BServer
+from harness.mocks.e2b import MockE2BServer
 from tests.conftest import API_KEY
-from tests.host.mock_e2b.fixtures import running_mock
+from tests.harness.mocks.e2b.fixtures import running_mock
 from tests.host.serve.serve_process import ServeProcess, serve_process
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]

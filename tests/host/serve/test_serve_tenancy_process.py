@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from host.mock_e2b import MockE2BServer
+from harness.mocks.e2b import MockE2BServer
 from tests.conftest import API_KEY
-from tests.host.mock_e2b.fixtures import running_mock
+from tests.harness.mocks.e2b.fixtures import running_mock
 from tests.host.serve.serve_process import ServeProcess, serve_process
 from tests.host.serve.tenancy_support import (
     OPERATOR_TOKEN,

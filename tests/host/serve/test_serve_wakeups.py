@@ -203,7 +203,7 @@ def test_the_index_is_bounded() -> None:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     require_redis_server()
-    from host.multihost.redis_server import RedisServer
+    from harness.multihost.redis_server import RedisServer
 
     with RedisServer(persistent=False) as server:
         yield server.url

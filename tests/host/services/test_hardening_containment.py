@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from host.multihost.redis_server import RedisServer
+from harness.multihost.redis_server import RedisServer
 from host.runtime.loader import LoadedComponent
 from host.services.http_gateway import AddressPolicy, HttpGateway
 from host.services.namespaces import ScopedStorage, account_namespace, tenant_namespace

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from host.multihost.redis_server import RedisServer, find_redis_server
+from harness.multihost.redis_server import RedisServer, find_redis_server
 
 MASTERS = 3
 # Short, so that failure detection is quick; a killed master is detected by the others

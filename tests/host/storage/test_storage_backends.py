@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from wasmtime.component import Variant
 
-from host.multihost.redis_server import RedisServer
+from harness.multihost.redis_server import RedisServer
 from host.runtime.component_runtime import _storage_error
 from host.storage import storage_from_uri
 from host.storage.base import MAX_KEY_BYTES, MAX_VALUE_BYTES, StorageBackend

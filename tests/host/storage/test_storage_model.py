@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from host.multihost.redis_server import RedisServer
+from harness.multihost.redis_server import RedisServer
 from host.storage.base import StorageBackend
 from host.storage.memory import MemoryBackend
 from host.storage.redis import RedisBackend

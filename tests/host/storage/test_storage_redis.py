@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from host.multihost.redis_server import RedisServer
+from harness.multihost.redis_server import RedisServer
 from host.storage.redis import RedisBackend
 from provisioner.ports import Entry, StorageConflict, StorageUnavailable
 from tests.conftest import require_redis_server

@@ -1,0 +1,5 @@
+import sys
+
+from harness.mocks.llm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,729 @@
+"""`sandbox-provisioner soak`: several hosts on one Redis against the mock E2B, sessions
+arriving all the time, faults on a seeded schedule, and an audit from the mock's records.
+
+    sandbox-provisioner soak --minutes 20 --seed 7 [--hosts 3] [--json]
+
+Faults, one at a time, in a seeded order (every kind once per round, shuffled), a seeded
+pause apart:
+- `kill_mid_create`: kill -9 a host with a create in flight at E2B (a replacement starts);
+- `kill_after_e2b_kill`: E2B holds kills open after killing (a `hang` after the kill), and a
+  host is killed while its release waits there: between the E2B kill and forgetting;
+- `kill_after_find`: E2B holds a create open after making the sandbox and holds lists open
+  after answering them; a cancel releases that job's entity on another host, which finds
+  the sandbox by its idempotency key and is killed before it can kill the sandbox;
+- `redis_restart`: Redis killed (SIGKILL) until a host meets the outage, then restarted;
+- `rate_429`, `capacity_429`: bursts of E2B's two 429s (the route rate limit with
+  Retry-After; the concurrent-sandbox cap, whose count also drops only `kill_lag_ms` after
+  each kill throughout the run);
+- `status_5xx`, `hangs`, `slow_creates`: bursts of 503s, of creates hung until the client
+  gives up, and of slow creates.
+Each kill reports whether it hit its window, proven from the killed host's full event
+stream (what it had heard back when it died) and the mock's state.
+
+The audit reads the mock's own records, never the provisioner's storage (but for permits):
+1. every job ended Completed, or Failed with a typed reason (`code: message`);
+2. once every job ended, no sandbox runs at E2B (nobody owns one any more);
+3. no idempotency key made two sandboxes, and no entity had two running at once (the mock's
+   running sandboxes, sampled through the run);
+4. creates in flight at E2B never above the create slots; sandboxes running never above
+   `max_sandboxes` (the mock's cap is set `cap_slack` above it so an overrun is seen, not
+   refused);
+5. once the dead hosts' create leases expired, no permit or waiter is left in the gate (nor
+   an unsettled create: one whose sandbox nobody adopted or released).
+Exit 0 when the audit is clean, 1 when anything is violated, 2 when the soak could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import unquote
+
+from harness.multihost.run import (
+    Cluster,
+    ClusterError,
+    Event,
+    add_component_arguments,
+    answered_creates,
+    creates_in_flight,
+    read_gate,
+    run_settings,
+)
+from harness.multihost.worker import PLANTED_BUGS, WorkerSettings
+from harness.simulator.model import Job
+from host.cli.options import fail, positive
+
+if TYPE_CHECKING:
+    from harness.mocks.e2b import MockE2BServer
+    from harness.multihost.redis_server import RedisServer
+
+SOAK_API_KEY = "e2b_soak_key"
+SOAK_TENANTS = ("tenant-a", "tenant-b", "tenant-c")
+FAULT_KINDS: tuple[str, ...] = (
+    "kill_mid_create",
+    "kill_after_e2b_kill",
+    "kill_after_find",
+    "redis_restart",
+    "rate_429",
+    "capacity_429",
+    "status_5xx",
+    "hangs",
+    "slow_creates",
+)
+_Found = TypeVar("_Found")
+_TYPED_REASON = re.compile(r"^[a-z][a-z0-9_]*(: |$)")
+_KEY_IN_QUERY = re.compile(r"temper_idempotency_key=([^&]+)")
+
+
+@dataclass(frozen=True)
+class SoakPlan:
+    """The soak's knobs (the command line sets the first few)."""
+
+    minutes: float
+    seed: int
+    hosts: int = 3
+    create_slots: int = 3
+    max_sandboxes: int = 6
+    cap_slack: int = 2
+    kill_lag_ms: int = 1500
+    create_latency_ms: int = 300
+    create_lease_ms: int = 4000
+    hang_s: float = 2.0
+    turns: int = 2
+    turn_s: float = 0.3
+    arrival_gap_s: tuple[float, float] = (0.3, 1.2)
+    # Backpressure: no new job while this many are unfinished, so the arrivals never
+    # outrun what the account can serve (a growing backlog would end in liveness timeouts).
+    # At or below `max_sandboxes` the cap check cannot fire: every job holds at most one
+    # sandbox at a time.
+    max_open_jobs: int = 16
+    fault_gap_s: tuple[float, float] = (1.5, 4.0)
+    burst_s: tuple[float, float] = (1.0, 3.0)
+    window_timeout_s: float = 10.0
+    finish_timeout_s: float = 300.0
+    planted_bug: str | None = None
+
+
+@dataclass
+class FaultRecord:
+    kind: str
+    started_s: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class SoakHost(Protocol):
+    name: str
+    events: list[Event]
+
+
+class SoakCluster(Protocol):
+    """What the soak drives: the worker hosts (`Cluster`) or the services
+    (`serve_path.ServeFleet`)."""
+
+    def assign(self, jobs: Sequence[Job]) -> object: ...
+    def results(self) -> dict[str, Event]: ...
+    def events(self) -> list[Event]: ...
+    def live_hosts(self) -> Sequence[SoakHost]: ...
+    def host(self, name: str) -> SoakHost: ...
+    def kill(self, name: str) -> list[Job]: ...
+    def add_host(self, timeout: float = ...) -> object: ...
+    def release(self, name: str, jobs: Sequence[Job]) -> None: ...
+    def job(self, job_id: str) -> Job: ...
+    def finish(self, timeout: float = ...) -> object: ...
+    def start(self, timeout: float = ...) -> None: ...
+
+    @property
+    def settings(self) -> WorkerSettings: ...
+
+
+class Soak:
+    fault_kinds: tuple[str, ...] = FAULT_KINDS
+
+    def __init__(
+        self,
+        plan: SoakPlan,
+        cluster: SoakCluster,
+        mock: MockE2BServer,
+        redis: RedisServer,
+        settings: WorkerSettings,
+    ) -> None:
+        self.plan = plan
+        self.cluster = cluster
+        self.mock = mock
+        self.redis = redis
+        self.settings = settings
+        self.rng = random.Random(f"soak:{plan.seed}")
+        self.faults: list[FaultRecord] = []
+        self.jobs: list[Job] = []
+        self.sampled_doubles: list[dict[str, Any]] = []
+        self.samples = 0
+        self._lock = threading.Lock()  # one writer to the hosts' stdin at a time
+        self._stop = threading.Event()
+        self._stop_sampling = threading.Event()
+        self._started = time.monotonic()
+        self._job_numbers = iter(range(1, 1_000_000))
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        arrivals = threading.Thread(target=self._arrive, name="soak-arrivals", daemon=True)
+        sampler = threading.Thread(target=self._sample, name="soak-sampler", daemon=True)
+        arrivals.start()
+        sampler.start()
+        try:
+            deadline = self._started + self.plan.minutes * 60
+            for kind in self._schedule():
+                self._pause(self.rng.uniform(*self.plan.fault_gap_s))
+                if time.monotonic() >= deadline:
+                    break
+                record = FaultRecord(kind, round(time.monotonic() - self._started, 2))
+                self.faults.append(record)
+                getattr(self, f"_fault_{kind}")(record)
+                self._calm()
+        finally:
+            self._stop.set()
+            arrivals.join()
+        self._calm()
+        if not self.redis.running:
+            self._start_redis()
+        self.cluster.finish(timeout=self.plan.finish_timeout_s)
+        self._stop_sampling.set()
+        sampler.join()
+
+    def _schedule(self) -> Iterator[str]:
+        while True:
+            kinds = list(self.fault_kinds)
+            self.rng.shuffle(kinds)
+            yield from kinds
+
+    def _pause(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
+
+    def _arrive(self) -> None:
+        rng = random.Random(f"arrivals:{self.plan.seed}")
+        tenants = list(SOAK_TENANTS)
+        while not self._stop.wait(rng.uniform(*self.plan.arrival_gap_s)):
+            if len(self.jobs) - len(self.cluster.results()) >= self.plan.max_open_jobs:
+                continue
+            batch = [
+                Job(
+                    id=f"{self.settings.run_id}-{next(self._job_numbers):05d}",
+                    tenant=rng.choice(tenants),
+                )
+                for _ in range(rng.randint(1, 3))
+            ]
+            with self._lock:
+                self.cluster.assign(batch)
+                self.jobs.extend(batch)
+
+    def _sample(self) -> None:
+        """Entities with two sandboxes running at once, as the mock lists them."""
+        while not self._stop_sampling.wait(0.2):
+            self.samples += 1
+            per_entity: dict[str, list[str]] = {}
+            for sandbox in self.mock.running_sandboxes():
+                entity = sandbox["metadata"].get("temper_entity_id", "?")
+                per_entity.setdefault(entity, []).append(sandbox["sandbox_id"])
+            for entity, ids in per_entity.items():
+                if len(ids) > 1 and len(self.sampled_doubles) < 20:
+                    self.sampled_doubles.append({"entity": entity, "sandboxes": ids})
+
+    def _calm(self) -> None:
+        """Back to the base fault-free configuration."""
+        self.mock.configure(
+            faults=(),
+            create_rate_per_s=None,
+            max_sandboxes=self.plan.max_sandboxes + self.plan.cap_slack,
+            create_latency_ms=self.plan.create_latency_ms,
+        )
+
+    def _start_redis(self) -> None:
+        self.redis.start()
+        self.redis.fsync_every_write()
+
+    # -- waiting on what the hosts and the mock report ---------------------------------
+
+    def _poll(self, predicate: Callable[[], Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = predicate()
+            if found:
+                return found
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def _window(self, record: FaultRecord, find: Callable[[], _Found | None]) -> _Found | None:
+        """What `find` finds within the window timeout: the fault's window opened (a miss
+        is recorded as one)."""
+        found: _Found | None = self._poll(find, self.plan.window_timeout_s)
+        if found is None:
+            record.detail["hit"] = False
+        return found
+
+    def _live_events(self) -> tuple[list[Event], set[str]]:
+        live = {h.name for h in self.cluster.live_hosts()}
+        return self.cluster.events(), live
+
+    def _kill_and_replace(self, name: str) -> None:
+        with self._lock:
+            self.cluster.kill(name)
+        self.cluster.add_host()
+
+    def _hangs(self) -> int:
+        return self.mock.stats().faults_by_kind.get("hang", 0)
+
+    # -- faults ------------------------------------------------------------------------
+
+    def _fault_kill_mid_create(self, record: FaultRecord) -> None:
+        def victim() -> tuple[str, set[str]] | None:
+            events, live = self._live_events()
+            for name in sorted(live):
+                keys = creates_in_flight(events, name)
+                if keys:
+                    return name, keys
+            return None
+
+        found = self._window(record, victim)
+        if found is None:
+            return
+        name, keys = found
+        in_flight_at_e2b = self.mock.stats().creates_in_flight
+        self._kill_and_replace(name)
+        heard = answered_creates(self.cluster.host(name).events)
+        record.detail.update(
+            host=name,
+            hit=bool(keys - heard) and in_flight_at_e2b > 0,
+            creates_unanswered=len(keys - heard),
+        )
+
+    def _fault_kill_after_e2b_kill(self, record: FaultRecord) -> None:
+        before = self._hangs()
+        self.mock.configure(faults=["hang:p=1:route=kill:after-create"])
+
+        def victim() -> tuple[str, str] | None:
+            if self._hangs() <= before:
+                return None
+            events, live = self._live_events()
+            running = {s["sandbox_id"] for s in self.mock.running_sandboxes()}
+            for name in sorted(live):
+                mine = [e for e in events if e["host"] == name]
+                sent = {e["sandbox_id"] for e in mine if e["event"] == "kill_sent"}
+                done = {e["sandbox_id"] for e in mine if e["event"] == "kill_answered"}
+                for sandbox_id in sorted(sent - done - running):
+                    return name, sandbox_id
+            return None
+
+        found = self._window(record, victim)
+        if found is None:
+            return
+        name, sandbox_id = found
+        self._kill_and_replace(name)
+        heard = {
+            e["sandbox_id"] for e in self.cluster.host(name).events if e["event"] == "kill_answered"
+        }
+        record.detail.update(host=name, sandbox_id=sandbox_id, hit=sandbox_id not in heard)
+
+    def _fault_kill_after_find(self, record: FaultRecord) -> None:
+        before = self._hangs()
+        self.mock.configure(
+            faults=["hang:p=1:route=create:after-create", "hang:p=1:route=list:after-create"]
+        )
+
+        def made_unanswered() -> tuple[str, str, str] | None:
+            """(job, its host, key): a create that made its sandbox and is held open."""
+            if self._hangs() <= before:
+                return None
+            events, live = self._live_events()
+            running = {
+                s["idempotency_key"]: s["metadata"].get("temper_entity_id")
+                for s in self.mock.running_sandboxes()
+            }
+            for name in sorted(live):
+                for key in sorted(creates_in_flight(events, name)):
+                    job = running.get(key)
+                    if job:
+                        return job, name, key
+            return None
+
+        found = self._window(record, made_unanswered)
+        if found is None:
+            return
+        job_id, owner, key = found
+        others = sorted(h.name for h in self.cluster.live_hosts() if h.name != owner)
+        releaser = others[0] if others else owner
+        with self._lock:
+            self.cluster.release(releaser, [self.cluster.job(job_id)])
+
+        def listing() -> bool:
+            mine = [e for e in self.cluster.events() if e["host"] == releaser]
+            sent = {e["query"] for e in mine if e["event"] == "list_sent"}
+            done = {e["query"] for e in mine if e["event"] == "list_answered"}
+            return any(key in unquote(unquote(q)) for q in sent - done)
+
+        if not self._poll(listing, self.plan.window_timeout_s):
+            record.detail.update(hit=False, job=job_id)
+            return
+        self._kill_and_replace(releaser)
+        answered = [e for e in self.cluster.host(releaser).events if e["event"] == "list_answered"]
+        still_running = any(s["idempotency_key"] == key for s in self.mock.running_sandboxes())
+        record.detail.update(
+            host=releaser,
+            job=job_id,
+            hit=not any(key in unquote(unquote(e["query"])) for e in answered) and still_running,
+        )
+
+    def _fault_redis_restart(self, record: FaultRecord) -> None:
+        self.redis.kill()
+        killed = len(self.cluster.events())
+
+        def met() -> bool:
+            return any(
+                e["event"] == "outcome"
+                and (e.get("reason") == "storage" or e.get("code") == "storage_unavailable")
+                for e in self.cluster.events()[killed:]
+            )
+
+        seen = bool(self._poll(met, self.plan.window_timeout_s))
+        down_s = self.rng.uniform(0.5, 2.0)
+        self._pause(down_s)
+        self._start_redis()
+        record.detail.update(hit=seen, extra_down_s=round(down_s, 2))
+
+    def _burst(self, record: FaultRecord, **changes: Any) -> None:
+        seconds = self.rng.uniform(*self.plan.burst_s)
+        self.mock.configure(**changes)
+        self._pause(seconds)
+        record.detail.update(hit=True, seconds=round(seconds, 2))
+
+    def _fault_rate_429(self, record: FaultRecord) -> None:
+        self._burst(record, create_rate_per_s=0.5, create_burst=1)
+
+    def _fault_capacity_429(self, record: FaultRecord) -> None:
+        running = self.mock.stats().running_sandboxes
+        self._burst(record, max_sandboxes=max(1, running - 1))
+
+    def _fault_status_5xx(self, record: FaultRecord) -> None:
+        self._burst(record, faults=["503:p=0.5:route=create", "502:p=0.3:route=kill"])
+
+    def _fault_hangs(self, record: FaultRecord) -> None:
+        self._burst(record, faults=["hang:p=0.4:route=create"])
+
+    def _fault_slow_creates(self, record: FaultRecord) -> None:
+        self._burst(record, create_latency_ms=self.plan.create_lease_ms // 2)
+
+
+# -- the audit -----------------------------------------------------------------------------
+
+
+def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
+    """The five checks of the module docstring, each with what it saw."""
+    plan, mock = soak.plan, soak.mock
+    results = soak.cluster.results()
+    violations: list[str] = []
+    if error is not None:
+        violations.append(f"the run did not end: {error}")
+
+    # 1. every job ended, typed
+    job_ids = {job.id for job in soak.jobs}
+    missing = sorted(job_ids - set(results))
+    untyped = [
+        {"id": r["id"], "state": r["state"], "reason": r.get("reason")}
+        for r in results.values()
+        if not (
+            r["state"] == "Completed"
+            or (r["state"] == "Failed" and _TYPED_REASON.match(str(r.get("reason") or "")))
+        )
+    ]
+    if missing:
+        violations.append(f"{len(missing)} jobs never ended: {missing[:10]}")
+    if untyped:
+        violations.append(f"{len(untyped)} jobs ended without a typed reason: {untyped[:5]}")
+    failed: dict[str, int] = {}
+    for r in results.values():
+        if r["state"] == "Failed":
+            code = str(r.get("reason") or "").split(":", 1)[0]
+            failed[code] = failed.get(code, 0) + 1
+
+    # 2. no sandbox alive without an owner: its job has ended (or it names no job of the
+    # run); once every job ended, that is every running sandbox. Late creates of dead hosts
+    # have landed by now.
+    settled = _wait(lambda: mock.stats().creates_in_flight == 0, plan.hang_s * 3 + 5)
+    ended = set(results)
+    orphans = [
+        s
+        for s in mock.running_sandboxes()
+        if finished
+        or s["metadata"].get("temper_entity_id") in ended
+        or s["metadata"].get("temper_entity_id") not in job_ids
+    ]
+    if orphans:
+        violations.append(
+            f"{len(orphans)} sandboxes alive at E2B whose job has ended: "
+            f"{[s['sandbox_id'] for s in orphans[:10]]}"
+        )
+
+    # 3. one sandbox per provisioning cycle
+    stats = mock.stats()
+    if stats.duplicates:
+        violations.append(f"{stats.duplicates} idempotency keys made more than one sandbox")
+    if soak.sampled_doubles:
+        violations.append(f"entities with two sandboxes running at once: {soak.sampled_doubles}")
+
+    # 4. limits as E2B saw them
+    if stats.max_concurrent_creates > plan.create_slots:
+        violations.append(
+            f"{stats.max_concurrent_creates} creates in flight at E2B (gate {plan.create_slots})"
+        )
+    if stats.max_running_sandboxes > plan.max_sandboxes:
+        violations.append(
+            f"{stats.max_running_sandboxes} sandboxes running at E2B (cap {plan.max_sandboxes})"
+        )
+
+    # 5. no permit left once the dead hosts' leases expired
+    permits: dict[str, Any] = {}
+    if finished and soak.redis.running:
+        url, account = soak.settings.storage_url, soak.settings.account
+
+        def gate_clear() -> bool:
+            gate, _ = read_gate(url, account)
+            return gate.permits_held == 0 and not gate.live_waiters
+
+        _wait(gate_clear, plan.create_lease_ms / 1000 * 2 + 5)
+        gate, _ = read_gate(url, account)
+        permits = {
+            "create_leases": len(gate.create_slots.leases),
+            "sandbox_leases": len(gate.capacity.leases),
+            "unsettled_creates": len(gate.capacity.unsettled),
+            "waiters": len(gate.live_waiters),
+        }
+        if any(permits.values()):
+            violations.append(f"permits left in the gate: {permits}")
+        if gate.orphaned_reservations:
+            violations.append(f"reservations for no waiting turn: {gate.orphaned_reservations}")
+        # Tickets left by hosts killed mid-decision: reported, not a violation (they hold
+        # nothing, and the next decision that meets one drops it); so are the permits
+        # promised to them, which pass on at their claim deadline.
+        permits["dead_tickets"] = len(gate.dead_tickets)
+        permits["reservations"] = len(gate.reservations)
+
+    kills = [f for f in soak.faults if f.kind.startswith("kill_")]
+    return {
+        "ok": not violations,
+        "violations": violations,
+        "checks": {
+            "jobs": len(job_ids),
+            "completed": sum(1 for r in results.values() if r["state"] == "Completed"),
+            "failed_by_code": failed,
+            "jobs_without_result": len(missing),
+            "orphaned_sandboxes": len(orphans),
+            "creates_settled_at_e2b": settled,
+            "duplicate_keys": stats.duplicates,
+            "entities_with_two_sandboxes": len(soak.sampled_doubles),
+            "running_samples": soak.samples,
+            "max_concurrent_creates": stats.max_concurrent_creates,
+            "create_slots": plan.create_slots,
+            "max_running_sandboxes": stats.max_running_sandboxes,
+            "max_sandboxes": plan.max_sandboxes,
+            "permits_left": permits,
+            "kill_windows_hit": sum(1 for f in kills if f.detail.get("hit")),
+            "kill_windows_tried": len(kills),
+        },
+    }
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+_positive_float = positive(float)
+
+
+def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--minutes",
+        type=_positive_float,
+        default=5.0,
+        help="how long faults are injected (default 5)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the fault and arrival schedule")
+    parser.add_argument(
+        "--path",
+        choices=("hosts", "serve"),
+        default="hosts",
+        help="hosts (default): worker hosts that each run the component; serve: the "
+        "service path, sessions through the Temper-ABI host and the shim to `serve` "
+        "processes (harness/multihost/serve_path.py)",
+    )
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=None,
+        help="host processes, or serve processes with --path serve (default 3, or 2)",
+    )
+    add_component_arguments(parser)
+    parser.add_argument(
+        "--finish-timeout-s",
+        type=_positive_float,
+        default=SoakPlan.finish_timeout_s,
+        help="after the faults, how long every job may take to end (default 300)",
+    )
+    parser.add_argument(
+        "--max-open-jobs",
+        type=int,
+        default=SoakPlan.max_open_jobs,
+        help="no new job while this many are unfinished (default 16)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON report")
+    # Test-only: makes every host misbehave so the audit can be seen to fail.
+    parser.add_argument("--planted-bug", choices=PLANTED_BUGS, default=None, help=argparse.SUPPRESS)
+
+
+def soak_mock(plan: SoakPlan) -> MockE2BServer:
+    """The mock E2B of a soak: the account's cap `cap_slack` above the plan's, so an
+    overrun is seen rather than refused."""
+    from harness.mocks.e2b import MockE2BConfig, MockE2BServer
+
+    return MockE2BServer(
+        MockE2BConfig(
+            api_key=SOAK_API_KEY,
+            seed=plan.seed,
+            create_latency_ms=plan.create_latency_ms,
+            create_latency_sigma=0.3,
+            create_latency_max_ms=plan.create_lease_ms / 2,
+            max_sandboxes=plan.max_sandboxes + plan.cap_slack,
+            kill_capacity_lag_ms=plan.kill_lag_ms,
+            hang_s=plan.hang_s,
+        )
+    )
+
+
+def soak_settings(
+    plan: SoakPlan, redis_url: str, mock: MockE2BServer, component: Path, cache_dir: Path | None
+) -> WorkerSettings:
+    return run_settings(
+        redis_url,
+        mock,
+        SOAK_API_KEY,
+        "soak",
+        create_slots=plan.create_slots,
+        max_sandboxes=plan.max_sandboxes,
+        latency_ms=plan.create_latency_ms,
+        lease_ms=plan.create_lease_ms,
+        turns=plan.turns,
+        turn_s=plan.turn_s,
+        component=component,
+        cache_dir=cache_dir,
+        planted_bug=plan.planted_bug,
+    )
+
+
+def report_soak(soak: Soak, run_error: str | None, mock: MockE2BServer) -> dict[str, Any]:
+    return {
+        "plan": asdict(soak.plan),
+        "audit": audit(soak, finished=run_error is None, error=run_error),
+        "faults": [asdict(f) for f in soak.faults],
+        "faults_by_kind": {
+            kind: sum(1 for f in soak.faults if f.kind == kind) for kind in soak.fault_kinds
+        },
+        "mock": mock.stats().to_json(),
+    }
+
+
+def print_report(report: dict[str, Any], as_json: bool) -> int:
+    out = sys.stderr if as_json else sys.stdout
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for fault in report["faults"]:
+            print(f"  {fault['started_s']:8.2f}s {fault['kind']:20} {fault['detail']}", file=out)
+        print(json.dumps(report["faults_by_kind"]), file=out)
+        print(json.dumps(report["audit"], indent=2, default=str), file=out)
+    return 0 if report["audit"]["ok"] else 1
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    if args.path == "serve":
+        from harness.multihost.serve_path import run_serve_soak
+
+        return run_serve_soak(args)
+    hosts = 3 if args.hosts is None else args.hosts
+    if hosts < 2:
+        return fail("the soak needs at least 2 hosts")
+
+    def open_hosts(
+        stack: ExitStack, settings: WorkerSettings, _mock: MockE2BServer, workdir: Path
+    ) -> Cluster:
+        return stack.enter_context(Cluster(settings, hosts=hosts, workdir=workdir))
+
+    return soak_with(args, hosts, Soak, open_hosts)
+
+
+OpenCluster = Callable[[ExitStack, "WorkerSettings", "MockE2BServer", Path], SoakCluster]
+
+
+def soak_with(
+    args: argparse.Namespace, hosts: int, soak_class: type[Soak], open_cluster: OpenCluster
+) -> int:
+    """Runs a soak of `soak_class` over what `open_cluster` opens (given the run's
+    settings, the mock and a work directory); prints the report; the exit code."""
+    from harness.multihost.redis_server import RedisServer, RedisServerError
+    from host.runtime.loader import load_component
+
+    plan = SoakPlan(
+        minutes=args.minutes,
+        seed=args.seed,
+        hosts=hosts,
+        finish_timeout_s=args.finish_timeout_s,
+        max_open_jobs=args.max_open_jobs,
+        planted_bug=args.planted_bug,
+    )
+    try:
+        loaded = load_component(args.component, cache_dir=args.cache_dir)
+    except (FileNotFoundError, ValueError) as error:
+        return fail(str(error))
+    out = sys.stderr if args.json else sys.stdout
+    with ExitStack() as stack:
+        try:
+            redis = stack.enter_context(RedisServer())
+        except RedisServerError as error:
+            return fail(str(error))
+        redis.fsync_every_write()
+        mock = stack.enter_context(soak_mock(plan))
+        settings = soak_settings(plan, redis.url, mock, loaded.path, args.cache_dir)
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
+        cluster = open_cluster(stack, settings, mock, workdir)
+        print(
+            f"soak ({soak_class.__name__}): {plan.hosts} hosts, {plan.minutes} min, "
+            f"seed {plan.seed}, redis {redis.url}, mock E2B {mock.url}",
+            file=out,
+            flush=True,
+        )
+        soak = soak_class(plan, cluster, mock, redis, cluster.settings)
+        run_error: str | None = None
+        try:
+            cluster.start()
+            soak.run()
+        except ClusterError as exc:
+            run_error = str(exc)[:2000]
+        report = report_soak(soak, run_error, mock)
+    return print_report(report, args.json)

@@ -1,0 +1,98 @@
+"""The chaos soak (issue 14): a short seeded run passes its audit, and a planted bug fails it.
+
+Real `python -m harness.multihost.worker` processes, a real redis-server and the mock E2B, all
+on loopback. With CI set, a missing redis-server fails the tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.multihost.redis_server import find_redis_server
+from harness.multihost.soak import FAULT_KINDS, add_soak_arguments, run_soak
+from harness.multihost.worker import RELEASE_FORGETS_BEFORE_KILL
+from host.runtime.loader import LoadedComponent
+
+
+@pytest.fixture(autouse=True)
+def _needs_redis() -> None:
+    if find_redis_server() is None:
+        message = "redis-server not installed (apt-get install redis-server)"
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"{message}; CI is set, so redis tests must run, not skip")
+        pytest.skip(message)
+
+
+def _soak(
+    capsys: pytest.CaptureFixture[str],
+    loaded: LoadedComponent,
+    cache_dir: Path,
+    *extra: str,
+) -> tuple[int, dict[str, Any]]:
+    parser = argparse.ArgumentParser()
+    add_soak_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--component", str(loaded.path), "--cache-dir", str(cache_dir), "--json",
+            *extra,
+        ]
+    )  # fmt: skip
+    code = run_soak(args)
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return code, report
+
+
+def test_a_short_seeded_soak_passes_its_audit(
+    loaded_component: LoadedComponent,
+    component_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bugs caught: any the audit checks (an orphan, a second sandbox for one cycle, a
+    limit overrun at E2B, a leaked permit, a job lost or failed untyped) under kills,
+    Redis restarts and E2B's faults."""
+    code, report = _soak(capsys, loaded_component, component_cache_dir, "--minutes", "0.5",
+                         "--seed", "1")  # fmt: skip
+    audit, faults = report["audit"], report["faults"]
+    print("\nfaults:", [(f["kind"], f["detail"].get("hit")) for f in faults])
+    print("audit:", json.dumps(audit["checks"]))
+    assert code == 0, audit["violations"]
+    assert audit["ok"] and audit["violations"] == []
+    checks = audit["checks"]
+    assert checks["jobs"] > 0 and checks["jobs_without_result"] == 0
+    assert checks["completed"] + sum(checks["failed_by_code"].values()) == checks["jobs"]
+    assert checks["running_samples"] > 0
+    # The seeded schedule injected faults, each one of the known kinds, and at least one
+    # hit its window (how many fit in 30 s depends on the machine: a kill may wait up to
+    # `window_timeout_s` for its window, so a loaded machine fits two).
+    assert faults and {f["kind"] for f in faults} <= set(FAULT_KINDS)
+    assert any(f["detail"].get("hit") for f in faults), faults
+    assert report["mock"]["sandboxes_created"] > 0
+
+
+def test_a_release_that_forgets_before_killing_fails_the_audit(
+    loaded_component: LoadedComponent,
+    component_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The planted bug (worker.py: every kill is answered 204 without being sent) leaves
+    each released sandbox running at E2B; the audit, reading only the mock, must say so
+    and the command must exit 1."""
+    code, report = _soak(
+        capsys, loaded_component, component_cache_dir,
+        "--minutes", "0.2", "--seed", "1", "--finish-timeout-s", "20",
+        "--planted-bug", RELEASE_FORGETS_BEFORE_KILL,
+    )  # fmt: skip
+    audit = report["audit"]
+    print("\nviolations:", audit["violations"])
+    assert code == 1
+    assert not audit["ok"]
+    assert audit["checks"]["orphaned_sandboxes"] > 0
+    assert any("alive at E2B whose job has ended" in v for v in audit["violations"])
+    # The mock never saw a kill: the bug is in the host, and the audit found it at E2B.
+    assert report["mock"]["sandboxes_killed"] == 0

@@ -1,0 +1,260 @@
+"""The spec reader: the examples load, the packaged copies are the examples, and every key
+Temper would reject (or this executor would not run) is refused with a clear message."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.simulator.spec import SpecError, load_spec, packaged_spec, parse_spec
+from provisioner.config import AdmissionConfig, SandboxSettings
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = ("temper_agent.ioa.toml", "curation_job.ioa.toml")
+MINIMAL = """
+[automaton]
+name = "Thing"
+states = ["A", "B"]
+initial = "A"
+
+[[state]]
+name = "n"
+type = "counter"
+initial = 0
+
+[[action]]
+name = "Go"
+kind = "input"
+from = ["A"]
+to = "B"
+params = ["x"]
+effect = ["n += 1"]
+"""
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_the_packaged_specs_are_the_examples_byte_for_byte(name: str) -> None:
+    """Bug caught: an installed package running a stale copy of an example (the specs ship
+    as package data so `simulate` works without the checkout)."""
+    packaged = resources.files("harness.simulator").joinpath("specs", name).read_bytes()
+    assert packaged == (ROOT / "examples" / name).read_bytes()
+    assert packaged_spec(name).name == load_spec(ROOT / "examples" / name).name
+
+
+def test_the_packaged_llm_gated_agent_is_the_example_byte_for_byte() -> None:
+    """Bug caught: `simulate --llm` running a stale copy of examples/llm_gated_agent."""
+    name = "llm_gated_agent.ioa.toml"
+    packaged = resources.files("harness.simulator").joinpath("specs", name).read_bytes()
+    assert packaged == (ROOT / "examples" / name).read_bytes()
+    assert packaged_spec(name).name == "LlmGatedAgent"
+
+
+def test_the_old_example_is_gone() -> None:
+    """Bug caught: the old-syntax example left behind for someone to load into Temper."""
+    assert not (ROOT / "examples" / "curation_job.toml").exists()
+
+
+def _keys(value: Any, prefix: str, out: set[str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            if key in ("config", "args", "max_concurrent_actions"):
+                out.add(path)
+                continue
+            _keys(inner, path, out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for entry in value:
+            _keys(entry, prefix, out)
+    else:
+        out.add(prefix)
+
+
+def test_examples_readme_lists_every_key_with_its_temper_type_and_file() -> None:
+    """Acceptance of issue 12: every key of both example specs is listed in
+    examples/README.md with the Temper type and the file that accepts it."""
+    readme = (ROOT / "examples" / "README.md").read_text()
+    table = {}
+    for line in readme.splitlines():
+        match = re.match(r"\|\s*`([a-z_.\[\]]+)`\s*\|([^|]*)\|([^|]*)\|", line)
+        if match:
+            table[match.group(1).replace("[]", "")] = (match.group(2), match.group(3))
+    keys: set[str] = set()
+    for name in EXAMPLES:
+        _keys(tomllib.loads((ROOT / "examples" / name).read_text()), "", keys)
+    missing = sorted(k for k in keys if k not in table)
+    assert not missing, f"keys not in examples/README.md: {missing}"
+    for key in keys:
+        temper_type, where = table[key]
+        assert temper_type.strip() and ".rs" in where, key
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_configs_are_valid_component_config(name: str) -> None:
+    """Bug caught: a key or value the component would answer with invalid_config."""
+    spec = packaged_spec(name)
+    operations = set()
+    for _action, trigger in spec.triggers():
+        assert trigger.module == "sandbox_provisioner"
+        config = {k: v for k, v in trigger.config if not v.startswith("{secret:")}
+        SandboxSettings.from_config(config)
+        AdmissionConfig.from_config(config)
+        operations.add(config["operation"])
+    assert operations == {"provision", "release"}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_way_into_failed_or_out_of_a_sandbox_releases_it(name: str) -> None:
+    """Bug caught: a job that fails or completes without triggering the release, leaving
+    its sandbox (and its admission permit) behind."""
+    spec = packaged_spec(name)
+    checked = []
+    for action in spec.actions:
+        entering = {action.target(s) for s in action.sources} - set(action.sources)
+        if entering & {"Failed", "Releasing"}:
+            operations = {t.config_value("operation") for t in action.triggers}
+            assert "release" in operations, action.name
+            checked.append(action.name)
+    assert checked, f"{name} has no action into Failed or Releasing: nothing was checked"
+
+
+def test_a_minimal_spec_reads() -> None:
+    spec = parse_spec(MINIMAL)
+    go = spec.action("Go")
+    assert go is not None and go.params == ("x",) and go.effects[0].op == "+="
+    assert spec.initial_fields() == {"n": 0}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            '[[integration]]\nname = "p"\ntrigger = "p"\n',
+            "[[integration]] is no longer supported: declare the call as an [[action.triggers]]",
+        ),
+        ('[[bogus]]\nname = "x"\n', "unknown section 'bogus'"),
+        ('[[webhook]]\nname = "w"\n', "[webhook] is valid Temper but this executor does not run"),
+    ],
+)
+def test_sections_temper_rejects_or_this_executor_does_not_run(change: str, message: str) -> None:
+    """Bug caught: a section silently ignored, so the spec runs here but not in Temper (or
+    runs here without the part that would change its behaviour)."""
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(MINIMAL + change)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            'effect = ["n += 1"]',
+            'effect = [{ type = "increment", var = "n" }]',
+            "effect tables ({ type = ... }) are the old syntax",
+        ),
+        ('to = "B"', 'to = "B"\ncolour = "red"', "unknown key `colour` (Temper rejects it"),
+        ('to = "B"', 'to = "B"\nguard = "n < 3"', "`guard` is valid Temper but this executor"),
+        ("initial = 0", 'initial = "0"', "a counter starts at a value such as `initial = 0`"),
+        (
+            'effect = ["n += 1"]',
+            'effect = ["n = params.y"]',
+            "params.y is not a declared parameter",
+        ),
+        ('from = ["A"]', 'from = ["Z"]', "'Z' is not a declared state"),
+        ('kind = "input"', 'kind = "inbound"', "kind: Input should be 'input', 'internal'"),
+        (
+            'initial = "A"',
+            'initial = "A"\nstrict_action_params = true',
+            "[automaton] strict_action_params: true is not run by this executor",
+        ),
+    ],
+)
+def test_action_and_state_keys_are_checked(old: str, new: str, message: str) -> None:
+    """Bug caught: Temper's deny_unknown_fields and typed initials not mirrored."""
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(MINIMAL.replace(old, new, 1))
+
+
+TRIGGER = '\n[[action.triggers]]\nname = "p"\nkind = "wasm"\nmodule = "m"\n'
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('to_state = "B"\n', "`to_state` is no longer a key; write the status into the guard"),
+        ('target_action = "X"\n', "target_action do not belong to kind = 'wasm'"),
+        ('timeout_secs = "300"\n', "unknown key `timeout_secs`"),
+        ('on_success = "Nope"\n', "'Nope' is not a declared action"),
+        (
+            "config = { timeout_secs = 300 }\n",
+            "config.timeout_secs: Input should be a valid string, found 300",
+        ),
+    ],
+)
+def test_trigger_keys_are_checked(extra: str, message: str) -> None:
+    """Bug caught: katagami's `timeout_secs` written on the trigger itself (Temper reads it
+    from config), retired keys, or keys of another trigger kind accepted."""
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(MINIMAL + TRIGGER + extra)
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        (
+            '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
+            'params = { error_message = "x" }\n',
+            "`params` is no longer a key; write `args`",
+        ),
+        (
+            '[[state_timeout]]\nstate = "C"\nafter_seconds = 5\non_timeout = "Go"\n',
+            "not a declared state",
+        ),
+        (
+            '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
+            'reset_on = ["Nope"]\n',
+            "reset_on 'Nope' is not a declared action",
+        ),
+        ('[admission]\nmax_concurrent_actions = { "Nope" = 2 }\n', "'Nope' is not a declared"),
+        ("[admission]\nqueue_length = 2\n", "unknown key `queue_length`"),
+    ],
+)
+def test_timer_and_admission_keys_are_checked(block: str, message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(MINIMAL + block)
+
+
+ROUTE = '\n[[action.triggers.failure_routes]]\ncategory = "permanent"\naction = "Go"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (MINIMAL.replace('initial = "A"', 'initial = "A"\ncolour = 1', 1), "[automaton]"),
+        (MINIMAL.replace("initial = 0", "initial = 0\ncolour = 1", 1), "state 'n'"),
+        (MINIMAL.replace('to = "B"', 'to = "B"\ncolour = 1', 1), "action 'Go'"),
+        (
+            MINIMAL.replace('params = ["x"]', 'params = [{ name = "x", colour = 1 }]', 1),
+            "action 'Go' params 'x'",
+        ),
+        (MINIMAL + TRIGGER + "colour = 1\n", "action 'Go' triggers 'p'"),
+        (MINIMAL + TRIGGER + ROUTE + "colour = 1\n", "action 'Go' triggers 'p' failure_routes #1"),
+        (
+            MINIMAL + '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
+            "colour = 1\n",
+            "state_timeout 'B'",
+        ),
+        (MINIMAL + "[admission]\ncolour = 1\n", "[admission]"),
+    ],
+)
+def test_every_table_refuses_an_unknown_key_naming_it_and_where(text: str, where: str) -> None:
+    """Bug caught: a table of the schema that lets an unknown key through (Temper's
+    deny_unknown_fields), or a refusal that does not say which key, or in which entry."""
+    with pytest.raises(SpecError) as refused:
+        parse_spec(text, source="s.toml")
+    assert str(refused.value) == (
+        f"s.toml: {where}: unknown key `colour` (Temper rejects it: deny_unknown_fields)"
+    )
