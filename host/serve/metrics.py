@@ -11,11 +11,9 @@ Three sources:
   client may read: a tenant's client sees its own `tenant` and `client` labels only
   (`access.label_filter`, docs/tenancy.md);
 - the HTTP gateway (`observe_exchange`, hooked with `HttpGateway.observe`): E2B answers by
-  method and status, requests that got no answer by error kind, and 429s by kind, told
-  apart the way the guest does (`provisioner.e2b.classify_failure`): `rate_limit` (E2B's
-  route rate limiter and its concurrent-create limit, both sending `Retry-After`) or
-  `sandbox_cap` (the concurrent-sandbox cap: "maximum number of concurrent E2B sandboxes",
-  no `Retry-After`);
+  method and status, requests that got no answer by error kind, and 429s by kind, read off
+  the wire: `rate_limit` (E2B's route rate limiter and its concurrent-create limit, both
+  sending `Retry-After`) or `sandbox_cap` (the concurrent-sandbox cap, which sends none);
 - the account's gates, read at each scrape by asking the component (`operation = inspect`,
   via `host.operator.gates`): create slots,
   capacity, rate, backoff, retry budget, and the waiters by the reason they wait.
@@ -35,8 +33,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from host.serve.wakeups import RESULTS as WAKEUP_RESULTS
 from host.services.http_gateway import Exchange
-from provisioner.admission import CapacityExhausted
-from provisioner.e2b import classify_failure
 from provisioner.model import Outcome
 
 if TYPE_CHECKING:
@@ -71,7 +67,8 @@ def too_many_requests_kind(exchange: Exchange) -> str | None:
     response = exchange.response
     if response is None or response.status != 429:
         return None
-    if isinstance(classify_failure(response), CapacityExhausted):
+    # E2B's limiters say when to come back; its sandbox cap cannot know, and says nothing.
+    if response.header("retry-after") is None:
         return KIND_SANDBOX_CAP
     return KIND_RATE_LIMIT
 

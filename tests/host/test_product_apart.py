@@ -1,5 +1,8 @@
 """The product (package `host`) never imports the harness (package `harness`): not at the
-top of a module, not lazily inside a function, not through `importlib`."""
+top of a module, not lazily inside a function, not through `importlib`. And of the guest
+(package `provisioner`) it imports only the contract's types and the native runtime's
+entry point: it reads the guest's state by asking the guest (`operation = inspect`), so
+host and component versions stay apart."""
 
 from __future__ import annotations
 
@@ -11,6 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ROOT / "host"
 HARNESS = "harness"
+# The contract the host shares with the guest: the invocation and outcome model, the ports'
+# types and the failure codes.
+GUEST_CONTRACT = ("provisioner.model", "provisioner.ports", "provisioner.failures")
+# The guest's entry point, which only the native runtime calls.
+GUEST_ENTRY = "provisioner.app"
+NATIVE_RUNTIME = "host.runtime.native"
 
 
 def module_name(path: Path) -> str:
@@ -100,3 +109,49 @@ def test_the_check_sees_every_form_of_import(source: str) -> None:
 def test_the_check_leaves_product_imports_alone() -> None:
     source = "from host.cli.options import fail\nfrom . import harness_like\nimport host\n"
     assert harness_imports(source, "host.serve.app") == []
+
+
+def guest_internals(source: str, module: str, is_package: bool = False) -> list[str]:
+    """Imports of the guest beyond its contract (and, outside the native runtime, its entry
+    point)."""
+    allowed = GUEST_CONTRACT + ((GUEST_ENTRY,) if module == NATIVE_RUNTIME else ())
+    return [
+        f"line {line}: {name}"
+        for line, name in imported_modules(source, module, is_package)
+        if (name == "provisioner" or name.startswith("provisioner."))
+        and not any(name == ok or name.startswith(ok + ".") for ok in allowed)
+    ]
+
+
+def test_the_product_imports_only_the_guests_contract_and_entry_point() -> None:
+    modules = product_modules()
+    violations = {
+        str(path.relative_to(ROOT)): found
+        for path in modules
+        if (
+            found := guest_internals(
+                path.read_text(), module_name(path), path.name == "__init__.py"
+            )
+        )
+    }
+    assert violations == {}
+
+
+@pytest.mark.parametrize(
+    ("source", "module", "bad"),
+    [
+        ("from provisioner.admission.inspect import GateView\n", "host.operator.gates", True),
+        ("def f() -> None:\n    from provisioner import config\n", "host.serve.app", True),
+        ("import provisioner.e2b\n", "host.serve.metrics", True),
+        ("from provisioner.app import run\n", "host.serve.app", True),
+        ("from provisioner.app import run\n", NATIVE_RUNTIME, False),
+        ("from provisioner.model import Outcome\n", "host.serve.app", False),
+        ("from provisioner.ports import Entry, Scope\n", "host.storage.base", False),
+    ],
+)
+def test_the_guest_check_tells_the_contract_from_the_internals(
+    source: str, module: str, bad: bool
+) -> None:
+    """Bug caught: an import of the guest's internals (a gate document's decoder, its config
+    reader) slipping past the walk, or the contract flagged."""
+    assert (guest_internals(source, module) != []) is bad
