@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,20 @@ def component_cache_dir(
     `loaded_component` is the cold compile whichever test asks first."""
     assert not loaded_component.from_cache
     return _fresh_component_cache_dir
+
+
+@pytest.fixture
+def ctrl_c_raises_keyboard_interrupt() -> Iterator[None]:
+    """What a user at a terminal has: SIGINT raises KeyboardInterrupt here and, after exec,
+    in a child (a Python handler becomes the default there). A test runner started in the
+    background without job control, or an xdist worker, can inherit SIGINT *ignored*, which
+    every child inherits too (and `_thread.interrupt_main` then does nothing): tests of
+    Ctrl-C would fail for a reason that is not the product's."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

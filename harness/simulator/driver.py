@@ -192,8 +192,13 @@ class RealTimeLoop:
                 return
             try:
                 future.set_result(call())
-            except BaseException as error:  # handed to the caller, not raised on the loop
+            except Exception as error:  # handed to the caller, not raised on the loop
                 future.set_exception(error)
+            except BaseException as error:
+                # Ctrl-C lands on whatever the loop's thread runs, this call included: it
+                # must stop the loop, not end up in a future only the caller reads.
+                future.set_exception(error)
+                raise
 
         with self._cond:
             self._calls.append(run)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,7 @@ import pytest
 from host.runtime.loader import LoadedComponent
 
 ROOT = Path(__file__).resolve().parents[3]
-pytestmark = pytest.mark.component
-
-
-@pytest.fixture(autouse=True)
-def _ctrl_c_raises_keyboard_interrupt() -> Iterator[None]:
-    """What a user at a terminal has: SIGINT raises KeyboardInterrupt here and, after exec,
-    in a child (a Python handler becomes the default there). A test runner started in the
-    background without job control, or an xdist worker, can inherit SIGINT *ignored*, which
-    every child inherits too: then no Ctrl-C reaches `simulate` and these tests would fail
-    for a reason that is not the product's (seen in a CI loop run from a script)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+pytestmark = [pytest.mark.component, pytest.mark.usefixtures("ctrl_c_raises_keyboard_interrupt")]
 
 
 def children_of(pid: int) -> set[int]:

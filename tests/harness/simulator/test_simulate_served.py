@@ -108,6 +108,7 @@ def test_hold_ms_zero_on_the_command_line_invokes_the_component_directly(
     assert summary["completed"] == 3 and summary["serve"] is None
 
 
+@pytest.mark.usefixtures("ctrl_c_raises_keyboard_interrupt")
 def test_an_interrupted_served_run_leaves_no_thread_running(
     loaded_component: LoadedComponent,
 ) -> None:

@@ -136,3 +136,22 @@ def test_a_loop_that_does_not_take_the_request_answers_503() -> None:
     loop.run(lambda: True)  # the loop runs now: the cancelled request must not dispatch
     assert entity.status == "Created" and entity.rejected == 0
     loop.close(wait=True)
+
+
+def test_an_interrupt_during_a_dispatched_call_stops_the_loop() -> None:
+    """Bug caught: Ctrl-C landing while the loop's thread runs a call from the Temper API
+    endpoint was kept in that call's future (read only by the endpoint), and the run went
+    on as if nothing had happened."""
+    loop = RealTimeLoop({}, workers=1)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    future = loop.submit(interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(lambda: False)
+    assert isinstance(future.exception(timeout=0), KeyboardInterrupt)
+    failing = loop.submit(lambda: 1 // 0)
+    assert loop.run(lambda: True) == "done"  # an ordinary error stays the caller's
+    assert isinstance(failing.exception(timeout=0), ZeroDivisionError)
+    loop.close(wait=True)

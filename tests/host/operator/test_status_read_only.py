@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from host.cli.main import main
 from host.services.namespaces import account_namespace
 from host.storage.sqlite import SqliteBackend
@@ -38,6 +40,7 @@ def test_an_account_with_no_state_is_refused(tmp_path: Path) -> None:
     assert main(["status", "--storage", storage, "--account", "default", "--json"]) == 0
 
 
+@pytest.mark.usefixtures("ctrl_c_raises_keyboard_interrupt")
 def test_watch_without_a_terminal_prints_a_timestamped_snapshot_per_interval(
     tmp_path: Path,
 ) -> None:
