@@ -34,10 +34,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 # Install the project (and its build and test tools) when the venv lacks them or
-# pyproject.toml changed since the last install.
+# pyproject.toml or setup.py changed since the last install (harness.examples, mapped onto
+# examples/ by setup.py, is importable only through the editable install's finder).
 install_stamp=.venv/.sandbox-provisioner-install
 if [ ! -f "$install_stamp" ] || [ pyproject.toml -nt "$install_stamp" ] \
-    || ! .venv/bin/python -c 'import harness, host, provisioner' 2>/dev/null; then
+    || [ setup.py -nt "$install_stamp" ] \
+    || ! .venv/bin/python -c 'import harness.examples, host, provisioner' 2>/dev/null; then
     echo "build.sh: installing the project into .venv"
     .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
     .venv/bin/python -m pip install --quiet -e '.[build,test]' || die "pip install failed"

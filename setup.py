@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 DIST = Path(__file__).resolve().parent / "dist"
@@ -32,4 +32,10 @@ class BuildWithComponent(build_py):
             shutil.copyfile(built, target / built.name)
 
 
-setup(cmdclass={"build_py": BuildWithComponent})
+setup(
+    cmdclass={"build_py": BuildWithComponent},
+    # `examples/` is the one copy of the example specs; the wheel carries it as the package
+    # `harness.examples`, where the installed `simulate` reads them (harness.simulator.spec).
+    packages=[*find_packages(include=["provisioner*", "host*", "harness*"]), "harness.examples"],
+    package_dir={"harness.examples": "examples"},
+)

@@ -2,7 +2,7 @@
 
 After the sandbox is ready, the old module (`create_conversation_storage` and
 `create_session_tree` in `os-apps/temper-agent/wasm/sandbox_provisioner/src/lib.rs`,
-`nerdsane/temper`; its requests are listed in `harness/mocks/e2b/TEMPERFS.md`) creates through
+`nerdsane/temper`; its requests are listed in `harness/mocks/temperfs/TEMPERFS.md`) creates through
 `{temper_api_url}/tdata/...`, with the headers `content-type`, `x-tenant-id` and
 `x-temper-principal-kind: admin`:
 

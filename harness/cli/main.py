@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from harness.mocks.e2b import cli as mock_e2b_cli
 from harness.mocks.llm import cli as mock_llm_cli
+from harness.mocks.temperfs import cli as mock_temperfs_cli
 from harness.multihost.run import add_multihost_arguments, run_multihost
 from harness.multihost.soak import add_soak_arguments, run_soak
 from harness.simulator.demo import run_demo
@@ -23,12 +25,25 @@ def _cmd_mock_e2b(args: argparse.Namespace) -> int:
     return mock_e2b_cli.serve(mock_e2b_cli.config_from_args(args), host=args.host, port=args.port)
 
 
-def _cmd_mock_llm(args: argparse.Namespace) -> int:
-    try:
-        config = mock_llm_cli.config_from_args(args)
-    except ValueError as error:
-        return fail(str(error))
-    return mock_llm_cli.serve(config, host=args.host, port=args.port)
+class _MockCommandLine(Protocol):
+    """What a mock's `cli` module offers (harness/mocks/*/cli.py)."""
+
+    def config_from_args(self, ns: argparse.Namespace, /) -> Any: ...
+
+    def serve(self, config: Any, host: str = ..., port: int = ...) -> int: ...
+
+
+def _serving(mock_cli: _MockCommandLine) -> Callable[[argparse.Namespace], int]:
+    """A mock's command: its flags make its config (a bad value: a clear error), then serve."""
+
+    def command(args: argparse.Namespace) -> int:
+        try:
+            config = mock_cli.config_from_args(args)
+        except ValueError as error:
+            return fail(str(error))
+        return mock_cli.serve(config, host=args.host, port=args.port)
+
+    return command
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +63,16 @@ HARNESS_SUBCOMMANDS = (
         _cmd_mock_e2b,
     ),
     Subcommand(
+        "mock-temperfs",
+        "run the mock TemperFS (Temper's OData Workspaces and Files) on loopback",
+        mock_temperfs_cli.add_arguments,
+        _serving(mock_temperfs_cli),
+    ),
+    Subcommand(
         "mock-llm",
         "run the mock LLM API (Anthropic Messages) on loopback",
         mock_llm_cli.add_arguments,
-        _cmd_mock_llm,
+        _serving(mock_llm_cli),
     ),
     Subcommand(
         "demo", "provision and release one sandbox through the mock", _add_demo_arguments, _cmd_demo

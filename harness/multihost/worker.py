@@ -3,7 +3,7 @@
 The process loads the component, opens the shared storage (a `redis://` URL, so every host
 shares one store and one clock) and the shared mock E2B, then runs CurationJob sessions with
 the session driver (`harness/simulator/driver.py`) on the example spec
-(`harness/simulator/specs/temper_agent.ioa.toml`), under Temper's rules as `simulate` runs it:
+(`examples/temper_agent.ioa.toml`), under Temper's rules as `simulate` runs it:
 the spec's timers are the only way back for a queued entity (Queued's timer is the poll;
 `WorkerSettings.poll_s` sets it), a SandboxFailed goes where the spec sends it, and the
 host retries nothing. Work arrives on stdin, one JSON line per assignment

@@ -9,6 +9,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from harness.mocks.e2b.limits import Gcra
 from provisioner.admission import (
     CapacityExhausted,
     Created,
@@ -61,7 +62,15 @@ class FakeE2B:
         self.max_sandboxes = 0
         self.create_times: list[int] = []
         self.answers: dict[str, int] = {}
-        self._tat = 0.0
+        # The mock E2B's route limiter, on this fake's clock: milliseconds since START_MS, so
+        # the rate is per millisecond. Whole-millisecond arrivals and intervals stay exact
+        # there; in seconds the sum of 0.2 s intervals drifts above a create that arrives
+        # exactly on its turn, and refuses it.
+        self._rate = (
+            None
+            if config.rate_per_s is None
+            else Gcra(config.rate_per_s / 1000, max(1, config.rate_burst))
+        )
         self._next = 0
 
     def begin_create(self, now: int) -> tuple[CreateResult, int]:
@@ -76,11 +85,10 @@ class FakeE2B:
         for storm in config.storms:
             if storm.start_ms <= rel < storm.end_ms:
                 return self._answer("429_storm", RateLimited(storm.end_ms - rel))
-        if config.rate_per_s is not None:
-            interval = 1000.0 / config.rate_per_s
-            if self._tat - rel > (max(1, config.rate_burst) - 1) * interval:
-                return self._answer("429_rate", RateLimited(math.ceil(self._tat - rel)))
-            self._tat = max(self._tat, float(rel)) + interval
+        if self._rate is not None:
+            decision = self._rate.take(float(rel))
+            if not decision.allowed:
+                return self._answer("429_rate", RateLimited(math.ceil(decision.retry_after_s)))
         if config.sandbox_cap is not None and (
             len(self.sandboxes) + config.foreign_sandboxes + self.in_flight - 1
             >= config.sandbox_cap

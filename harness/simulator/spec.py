@@ -556,16 +556,26 @@ def load_spec(path: str | Path) -> Spec:
     return parse_spec(text, source=str(path))
 
 
+def _spec_folders() -> tuple[resources.abc.Traversable, ...]:
+    # The example specs ship from `examples/` itself (setup.py maps the package
+    # `harness.examples` onto it); the harness-only upstream flow lives beside the simulator.
+    return resources.files("harness.examples"), resources.files("harness.simulator") / "specs"
+
+
+def packaged_spec_text(name: str) -> str:
+    """The text of a spec shipped with the package, found without the checkout: the examples
+    (`temper_agent.ioa.toml`, `curation_job.ioa.toml`, `llm_gated_agent.ioa.toml`) and
+    `temper_agent_upstream.ioa.toml`."""
+    for folder in _spec_folders():
+        resource = folder / name
+        if resource.is_file():
+            return resource.read_text(encoding="utf-8")
+    raise SpecError(f"no packaged spec named {name!r}")
+
+
 def packaged_spec(name: str) -> Spec:
-    """A spec shipped with the package (`harness/simulator/specs/NAME`), found without the
-    checkout: `temper_agent.ioa.toml`, `curation_job.ioa.toml`,
-    `temper_agent_upstream.ioa.toml`, `llm_gated_agent.ioa.toml`."""
-    resource = resources.files("harness.simulator").joinpath("specs", name)
-    if not resource.is_file():
-        raise SpecError(f"no packaged spec named {name!r}")
-    return parse_spec(
-        resource.read_text(encoding="utf-8"), source=f"harness/simulator/specs/{name}"
-    )
+    """A spec shipped with the package (`packaged_spec_text`), parsed."""
+    return parse_spec(packaged_spec_text(name), source=f"packaged spec {name}")
 
 
 def parse_spec(text: str, *, source: str = "<spec>") -> Spec:

@@ -43,11 +43,13 @@ def test_the_deploy_walkthrough_provisions_reuses_and_releases(
 ) -> None:
     script = "\n".join(runnable_blocks(DEPLOY))
     assert "temper-invoke" in script and "serve" in script and "mock-e2b" in script
+    assert "mock-temperfs" in script
     env = {
         **os.environ,
         "DEPLOY_DIR": str(tmp_path),
         "MOCK_PORT": str(free_port()),
         "SERVE_PORT": str(free_port()),
+        "TEMPERFS_PORT": str(free_port()),
         # Not a step of the page: reuses this test session's compile of the component.
         "SANDBOX_PROVISIONER_CACHE": str(component_cache_dir),
     }
@@ -68,7 +70,7 @@ def test_the_deploy_walkthrough_provisions_reuses_and_releases(
             process.wait()
     logs = {
         name: (tmp_path / name).read_text()
-        for name in ("serve.log", "mock.log")
+        for name in ("serve.log", "mock.log", "temperfs.log")
         if (tmp_path / name).exists()
     }
     assert process.returncode == 0, (out, err, logs)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from harness.mocks.temperfs import MockTemperFSServer
 from harness.temper_abi import TemperAbiModule
 from harness.temper_abi.context import resolve_secret_templates
 from tests.conftest import API_KEY, ROOT
@@ -69,12 +70,13 @@ def deployment(
 ) -> Iterator[tuple[TemperAbiModule, ServeProcess, dict[str, str]]]:
     storage = f"sqlite:///{tmp_path_factory.mktemp('specs') / 'state.db'}"
     with (
-        running_mock(api_key=API_KEY, temperfs=True) as mock,
+        running_mock(api_key=API_KEY) as mock,
+        MockTemperFSServer() as temperfs,
         serve_process(
             e2b_url=mock.url,
             storage=storage,
             cache_dir=component_cache_dir,
-            extra=["--temper-api-url", mock.url],
+            extra=["--temper-api-url", temperfs.url],
         ) as serve,
         TemperAbiModule.load(SHIM) as shim,
     ):

@@ -89,8 +89,12 @@ def test_an_installed_wheel_runs_invoke_and_simulate_outside_the_checkout(
     elsewhere.mkdir()
     where = _run(
         installed,
-        ["python", "-c", "import host, host.runtime.paths as p; print(host.__file__); "
-         "print(p.default_component())"],
+        [
+            "python",
+            "-c",
+            "import host, host.runtime.paths as p; print(host.__file__); "
+            "print(p.default_component())",
+        ],
         elsewhere,
     )
     package_file, component = where.stdout.split()
@@ -110,8 +114,14 @@ def test_an_installed_wheel_runs_invoke_and_simulate_outside_the_checkout(
     }
     invoked = _run(
         installed,
-        ["sandbox-provisioner", "invoke", "-", "--e2b-url", mock_e2b.url,
-         "--allow-private-network"],
+        [
+            "sandbox-provisioner",
+            "invoke",
+            "-",
+            "--e2b-url",
+            mock_e2b.url,
+            "--allow-private-network",
+        ],
         elsewhere,
         input=json.dumps(context),
     )
@@ -127,6 +137,32 @@ def test_an_installed_wheel_runs_invoke_and_simulate_outside_the_checkout(
     assert simulated.returncode == 0, simulated.stderr
     report = json.loads(simulated.stdout)
     assert report["summary"]["completed"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.component
+def test_the_installed_package_loads_each_example_spec_from_the_wheel(
+    installed: Path, tmp_path: Path
+) -> None:
+    """Bug caught: an example left out of the wheel (examples/ ships as `harness.examples`),
+    which `simulate` and the multihost worker read by name."""
+    examples = sorted(path.name for path in (ROOT / "examples").glob("*.ioa.toml"))
+    probe = (
+        "import json, sys, harness.examples\n"
+        "from harness.simulator.spec import packaged_spec, packaged_spec_text\n"
+        "names = json.loads(sys.argv[1])\n"
+        "print(json.dumps({'where': harness.examples.__file__, 'specs': {n: "
+        "[packaged_spec(n).name, packaged_spec_text(n)] for n in names}}))\n"
+    )
+    result = _run(installed, ["python", "-c", probe, json.dumps(examples)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert not Path(loaded["where"]).is_relative_to(ROOT), "read the checkout, not the wheel"
+    assert len(examples) == 3
+    for name in examples:
+        spec_name, text = loaded["specs"][name]
+        assert text == (ROOT / "examples" / name).read_text(), name
+        assert spec_name
 
 
 @pytest.mark.slow

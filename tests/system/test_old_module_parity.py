@@ -1,7 +1,7 @@
 """Parity with the old `sandbox_provisioner` (`os-apps/temper-agent/wasm/sandbox_provisioner/
 src/lib.rs` in `nerdsane/temper`): one test per behaviour of that module, each through the
 built component, checking the answer and what reached the mock E2B and the mock TemperFS
-(`harness/mocks/e2b/TEMPERFS.md` lists the old module's TemperFS requests with their lines).
+(`harness/mocks/temperfs/TEMPERFS.md` lists the old module's TemperFS requests with their lines).
 
 Every answer is also checked the way Temper decodes it (`harness/temper_abi`): exactly a
 success, dispatched under the upstream trigger (`on_failure = "Fail"`, no `on_success`).
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from harness.mocks.e2b import MockE2BConfig, MockE2BServer
+from harness.mocks.temperfs import MockTemperFSServer
 from harness.temper_abi import Trigger, decode_terminal_result, dispatch_for
 from host.runtime.component_runtime import ComponentRuntime, HostServices
 from host.runtime.loader import LoadedComponent
@@ -137,25 +138,35 @@ def opened_host(
 
 @pytest.fixture
 def mock() -> Iterator[MockE2BServer]:
-    with MockE2BServer(MockE2BConfig(api_key=API_KEY, temperfs=True)) as server:
+    with MockE2BServer(MockE2BConfig(api_key=API_KEY)) as server:
         yield server
 
 
 @pytest.fixture
-def host(loaded_component: LoadedComponent, mock: MockE2BServer) -> Iterator[Host]:
-    with opened_host(loaded_component, mock.url, API_KEY, mock.temperfs_url) as built:
+def temperfs() -> Iterator[MockTemperFSServer]:
+    with MockTemperFSServer() as server:
+        yield server
+
+
+@pytest.fixture
+def host(
+    loaded_component: LoadedComponent, mock: MockE2BServer, temperfs: MockTemperFSServer
+) -> Iterator[Host]:
+    with opened_host(loaded_component, mock.url, API_KEY, temperfs.url) as built:
         yield built
 
 
 @pytest.fixture
-def keyless_host(loaded_component: LoadedComponent, mock: MockE2BServer) -> Iterator[Host]:
+def keyless_host(
+    loaded_component: LoadedComponent, mock: MockE2BServer, temperfs: MockTemperFSServer
+) -> Iterator[Host]:
     """A host without E2B_API_KEY of its own."""
-    with opened_host(loaded_component, mock.url, "", mock.temperfs_url) as built:
+    with opened_host(loaded_component, mock.url, "", temperfs.url) as built:
         yield built
 
 
-def tdata(mock: MockE2BServer) -> list[tuple[str, str]]:
-    return [(r.method, r.path) for r in mock.temperfs.requests()]
+def tdata(temperfs: MockTemperFSServer) -> list[tuple[str, str]]:
+    return [(r.method, r.path) for r in temperfs.store.requests()]
 
 
 def creates(mock: MockE2BServer) -> int:
@@ -205,13 +216,13 @@ def test_a_static_sandbox_url_answers_ready_without_e2b_or_admission(
 
 
 def test_static_mode_still_sets_up_the_conversation_storage(
-    host: Host, mock: MockE2BServer
+    host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: TemperFS skipped on the static path (the old module ran it after either).
     outcome = host.provision(fields={"user_message": MESSAGE, "sandbox_url": "http://s:1"})
     assert outcome.params["sandbox_id"] == "static-sandbox"
     assert outcome.params["workspace_id"] == f"agent-{AGENT}"
-    assert creates(mock) == 0 and len(tdata(mock)) == 7
+    assert creates(mock) == 0 and len(tdata(temperfs)) == 7
 
 
 # -- the key (`provision_sandbox`, priority 2) ----------------------------------------------
@@ -219,7 +230,7 @@ def test_static_mode_still_sets_up_the_conversation_storage(
 
 @pytest.mark.parametrize("config_key", [None, "", "{secret:e2b_api_key}"])
 def test_no_usable_key_fails_as_the_old_module_before_any_request(
-    keyless_host: Host, mock: MockE2BServer, config_key: str | None
+    keyless_host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer, config_key: str | None
 ) -> None:
     # Catches: a keyless create sent, an unresolved template used as a key, admission
     # entered for a provision that cannot happen.
@@ -232,19 +243,19 @@ def test_no_usable_key_fails_as_the_old_module_before_any_request(
     assert outcome.params["message"].startswith("no sandbox_url configured and no e2b_api_key")
     assert outcome.params["error_message"] == outcome.params["message"]
     assert mock.stats().requests_total == 0 and mock.stats().unauthorized == 0
-    assert tdata(mock) == []
+    assert tdata(temperfs) == []
 
 
 def test_the_config_key_is_sent_to_e2b_only_and_wins_over_the_hosts(
-    loaded_component: LoadedComponent, mock: MockE2BServer
+    loaded_component: LoadedComponent, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: the config's key ignored (the host's wrong one used), or sent to TemperFS.
-    with opened_host(loaded_component, mock.url, "host-key-E2B-refuses", mock.url) as built:
+    with opened_host(loaded_component, mock.url, "host-key-E2B-refuses", temperfs.url) as built:
         outcome = built.provision(e2b_api_key=API_KEY)
     assert outcome.action == "SandboxReady", outcome
     assert mock.stats().unauthorized == 0 and creates(mock) == 1
-    assert len(tdata(mock)) == 7
-    assert all("x-api-key" not in r.headers for r in mock.temperfs.requests())
+    assert len(tdata(temperfs)) == 7
+    assert all("x-api-key" not in r.headers for r in temperfs.store.requests())
     assert API_KEY not in json.dumps(outcome.params)
 
 
@@ -282,14 +293,14 @@ def test_the_guest_never_sees_the_key_and_temperfs_never_receives_it(
 
 
 def test_a_failed_create_is_sandbox_failed_with_its_code(
-    keyless_host: Host, mock: MockE2BServer
+    keyless_host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: a refused create reported as ready, as a Temper failure (losing the code),
     # or followed by TemperFS requests.
     outcome = keyless_host.provision(e2b_api_key="not-the-key")
     assert outcome.action == "SandboxFailed" and outcome.success
     assert outcome.params["code"] == "e2b_unauthorized" and not outcome.params["retryable"]
-    assert mock.stats().unauthorized == 1 and tdata(mock) == []
+    assert mock.stats().unauthorized == 1 and tdata(temperfs) == []
 
 
 # -- the create answer ----------------------------------------------------------------------
@@ -384,12 +395,12 @@ def expected_session(agent: str, message: str) -> bytes:
 
 
 def test_the_conversation_storage_is_made_with_the_old_requests(
-    host: Host, mock: MockE2BServer
+    host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: a step missing or out of order, a changed body, header or initial content.
     outcome = host.provision()
     assert outcome.action == "SandboxReady", outcome
-    requests = mock.temperfs.requests()
+    requests = temperfs.store.requests()
     assert [(r.method, r.path) for r in requests] == [
         ("POST", "/tdata/Workspaces"),
         ("POST", "/tdata/Files"),
@@ -427,11 +438,11 @@ def test_the_conversation_storage_is_made_with_the_old_requests(
             "mime_type": mime,
             "path": f"/{name}",
         }
-    assert mock.temperfs.content(f"conv-{AGENT}", TENANT) == b'{"messages":[]}'
-    assert mock.temperfs.content(f"manifest-{AGENT}", TENANT) == (
+    assert temperfs.store.content(f"conv-{AGENT}", TENANT) == b'{"messages":[]}'
+    assert temperfs.store.content(f"manifest-{AGENT}", TENANT) == (
         b'{"files":{},"synced_at_turn":0}'
     )
-    assert mock.temperfs.content(f"session-{AGENT}", TENANT) == expected_session(AGENT, MESSAGE)
+    assert temperfs.store.content(f"session-{AGENT}", TENANT) == expected_session(AGENT, MESSAGE)
     assert {name: outcome.params[name] for name in TEMPERFS_IDS} == {
         "workspace_id": f"agent-{AGENT}",
         "conversation_file_id": f"conv-{AGENT}",
@@ -469,25 +480,25 @@ SESSION_EMPTY = {**ALL_KEPT, "session_file_id": False, "session_leaf_id": False}
     ],
 )
 def test_a_failed_temperfs_step_is_not_fatal_and_empties_what_the_old_module_did(
-    host: Host, mock: MockE2BServer, step: int, kept: dict[str, bool]
+    host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer, step: int, kept: dict[str, bool]
 ) -> None:
     # Catches: a TemperFS failure failing the provision, or ids kept/emptied unlike lib.rs.
-    mock.configure(faults=(f"503:n={step}:route=tdata",))
+    temperfs.configure(faults=(f"503:n={step}:route=tdata",))
     outcome = host.provision()
     assert outcome.action == "SandboxReady", outcome
     assert outcome.params["sandbox_id"] != "static-sandbox"
     assert {name: bool(outcome.params[name]) for name in TEMPERFS_IDS} == kept
     assert host.warnings(), "the failure was not logged as a warning"
     # Nothing half-made is remembered: the next Provision completes the setup.
-    mock.configure(faults=())
+    temperfs.configure(faults=())
     again = host.provision()
     assert all(again.params[name] for name in TEMPERFS_IDS), again
     assert again.params["sandbox_id"] == outcome.params["sandbox_id"]
-    assert len(mock.temperfs.entities("Workspace", TENANT)) == 1
+    assert len(temperfs.store.entities("Workspace", TENANT)) == 1
 
 
 def test_an_empty_user_message_fails_as_the_old_module_when_temperfs_is_on(
-    host: Host, mock: MockE2BServer
+    host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: the guard missing (an agent without a message provisioned), or applied when
     # the conversation storage is off.
@@ -495,30 +506,32 @@ def test_an_empty_user_message_fails_as_the_old_module_when_temperfs_is_on(
     assert outcome.action == "SandboxFailed" and outcome.success
     assert outcome.params["code"] == "agent_not_configured"
     assert outcome.params["message"] == "agent not configured — user_message is empty"
-    assert mock.stats().requests_total == 0 and tdata(mock) == []
+    assert mock.stats().requests_total == 0 and tdata(temperfs) == []
     off = host.provision(fields={}, with_temperfs=False)
     assert off.action == "SandboxReady", off
 
 
 def test_temperfs_is_on_when_named_and_off_when_told(
-    loaded_component: LoadedComponent, host: Host, mock: MockE2BServer
+    loaded_component: LoadedComponent, host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: the storage set up when nothing names a TemperFS, not set up when the host
     # has one, or `temperfs = off` ignored.
     with opened_host(loaded_component, mock.url, API_KEY, None) as bare:
         assert bare.provision(with_temperfs=None).params["workspace_id"] == ""
-    assert tdata(mock) == []
+    assert tdata(temperfs) == []
     host.provision(with_temperfs=False)
-    assert tdata(mock) == []
+    assert tdata(temperfs) == []
     assert host.provision(with_temperfs=None).params["workspace_id"] == f"agent-{AGENT}"
 
 
-def test_an_unresolved_temper_api_url_takes_the_hosts_base(host: Host, mock: MockE2BServer) -> None:
+def test_an_unresolved_temper_api_url_takes_the_hosts_base(
+    host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
+) -> None:
     # Catches: `{secret:temper_api_url}` sent verbatim or to 127.0.0.1:3000 although the
     # host knows its TemperFS.
     outcome = host.provision(with_temperfs=None, temper_api_url="{secret:temper_api_url}")
     assert outcome.params["workspace_id"] == f"agent-{AGENT}"
-    assert len(tdata(mock)) == 7
+    assert len(tdata(temperfs)) == 7
 
 
 def test_a_temperfs_the_host_does_not_allow_is_refused_and_not_fatal(
@@ -534,20 +547,20 @@ def test_a_temperfs_the_host_does_not_allow_is_refused_and_not_fatal(
 
 
 def test_a_repeated_provision_returns_the_same_sandbox_and_ids_and_sends_nothing(
-    host: Host, mock: MockE2BServer
+    host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: a second sandbox, a second workspace, or TemperFS requests on a repeat.
     first = host.provision()
-    sent = len(tdata(mock))
+    sent = len(tdata(temperfs))
     second = host.provision()
     assert second.params == first.params
-    assert creates(mock) == 1 and len(tdata(mock)) == sent
-    assert len(mock.temperfs.entities("Workspace", TENANT)) == 1
-    assert len(mock.temperfs.entities("File", TENANT)) == 3
+    assert creates(mock) == 1 and len(tdata(temperfs)) == sent
+    assert len(temperfs.store.entities("Workspace", TENANT)) == 1
+    assert len(temperfs.store.entities("File", TENANT)) == 3
 
 
 def test_a_provision_retried_after_a_crash_makes_nothing_twice(
-    host: Host, mock: MockE2BServer
+    host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: a retry (the stored ids lost, as after a crash before they were written)
     # making a new workspace or files, or overwriting content already uploaded.
@@ -557,18 +570,18 @@ def test_a_provision_retried_after_a_crash_makes_nothing_twice(
     )
     again = host.provision()
     assert again.params == first.params
-    assert len(mock.temperfs.entities("Workspace", TENANT)) == 1
-    assert len(mock.temperfs.entities("File", TENANT)) == 3
-    assert all(f.version_count == 1 for f in mock.temperfs.entities("File", TENANT))
-    assert [m for m, _ in tdata(mock)].count("PUT") == 3
+    assert len(temperfs.store.entities("Workspace", TENANT)) == 1
+    assert len(temperfs.store.entities("File", TENANT)) == 3
+    assert all(f.version_count == 1 for f in temperfs.store.entities("File", TENANT))
+    assert [m for m, _ in tdata(temperfs)].count("PUT") == 3
 
 
 def test_a_conflict_answer_is_resolved_by_looking_up_the_holder(
-    host: Host, mock: MockE2BServer
+    host: Host, mock: MockE2BServer, temperfs: MockTemperFSServer
 ) -> None:
     # Catches: a 409 DeclaredKeyConflict treated as a failure (empty ids) or ignored.
     workspace = f"agent-{AGENT}"
-    mock.temperfs.handle(
+    temperfs.store.handle(
         "POST",
         "Files",
         {"x-tenant-id": TENANT},
@@ -578,5 +591,5 @@ def test_a_conflict_answer_is_resolved_by_looking_up_the_holder(
     )
     outcome = host.provision()
     assert outcome.params["conversation_file_id"] == "fl-earlier"
-    assert ("GET", "/tdata/Files('fl-earlier')") in tdata(mock)
-    assert len(mock.temperfs.entities("File", TENANT)) == 3
+    assert ("GET", "/tdata/Files('fl-earlier')") in tdata(temperfs)
+    assert len(temperfs.store.entities("File", TENANT)) == 3

@@ -11,8 +11,8 @@ Modules: ``config`` (MockE2BConfig, FaultRule, parse_fault), ``limits`` (GCRA),
 ``latency``, ``faults`` (which rule fires), ``state`` (the team's sandboxes and counters),
 ``stats`` (the snapshot), ``wire`` (E2B's JSON and its request checks), ``connection``
 (TCP resets), ``app`` (Starlette routes, pause/resume/connect, the /_mock/ control API),
-``temperfs`` (an optional TemperFS under /tdata: see TEMPERFS.md), ``server`` (uvicorn in a
-thread), ``cli``. Answers are checked against E2B's OpenAPI description in the test suite
+``server`` (uvicorn in a thread), ``cli``. TemperFS is its own mock
+(harness.mocks.temperfs). Answers are checked against E2B's OpenAPI description in the test suite
 (tests/harness/mocks/e2b/openapi/).
 """
 

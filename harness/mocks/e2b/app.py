@@ -222,8 +222,6 @@ class MockE2BApi:
             ),
             Route("/_mock/sandboxes", self.get_running, methods=["GET"]),
             Route("/_mock/orphans", self.post_orphans, methods=["POST"]),
-            Route("/_mock/temperfs", self.get_temperfs, methods=["GET"]),
-            Route("/tdata/{path:path}", self.temperfs, methods=["GET", "POST", "PUT"]),
         ]  # fmt: skip
 
     # -- what every E2B route goes through -----------------------------------------------
@@ -565,41 +563,10 @@ class MockE2BApi:
         _check_bool_flags(body, "autoPause", "memory")
         return self._bring_back(sandbox_id, seconds, extend_running=False)
 
-    # -- TemperFS and control ------------------------------------------------------------
-
-    async def temperfs(self, request: Request) -> Response:
-        """The TemperFS routes under /tdata, when the config turns them on."""
-        state = self.state
-        if not state.config.temperfs:
-            return error_response(404, f"Not found: {request.method} {request.url.path}")
-        body = await request.body()
-        headers = {k.lower(): v for k, v in request.headers.items()}
-
-        async def act() -> Outcome:
-            answer = state.temperfs.handle(
-                request.method, request.path_params["path"], headers, body
-            )
-            if isinstance(answer.body, bytes):
-                response: Response = Response(
-                    answer.body, answer.status, media_type=answer.content_type
-                )
-            elif answer.body is None:
-                response = Response(status_code=answer.status, headers=answer.headers)
-            else:
-                response = JSONResponse(answer.body, answer.status, headers=answer.headers)
-            json_body = answer.body if isinstance(answer.body, dict) else None
-            return response, answer.status, json_body
-
-        try:
-            return await self._with_faults(request, "tdata", act)
-        finally:
-            state.notify_changed()
+    # -- control -------------------------------------------------------------------------
 
     async def config_changed(self) -> None:
         await self.runtime.config_changed()
-
-    async def get_temperfs(self, _: Request) -> Response:
-        return JSONResponse(self.state.temperfs.to_json())
 
     async def get_running(self, _: Request) -> Response:
         return JSONResponse(self.state.running())

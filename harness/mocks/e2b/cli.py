@@ -34,7 +34,6 @@ _FIELDS = {
     "max_timeout_s": "max_timeout_s",
     "hang_s": "hang_s",
     "slow_body_ms": "slow_body_ms",
-    "temperfs": "temperfs",
 }
 
 
@@ -117,12 +116,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-timeout-s", type=int, default=None, help="longest sandbox lifetime accepted"
     )
     parser.add_argument(
-        "--temperfs",
-        action="store_true",
-        default=None,
-        help="also serve a small TemperFS under /tdata (temper_api_url)",
-    )
-    parser.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -162,8 +155,6 @@ def serve(config: MockE2BConfig, host: str = "127.0.0.1", port: int = 0) -> int:
             f"mock E2B listening on {url} (X-API-Key: {config.api_key})",
             f"control API: {url}/_mock/config, /_mock/stats, /_mock/reset",
         ]
-        if config.temperfs:
-            lines.append(f"TemperFS: {url}/tdata/ (records: {url}/_mock/temperfs)")
         return lines
 
     return serve_until_signal(MockE2BServer(config, host=host, port=port), banner, "mock E2B")

@@ -27,6 +27,7 @@ FaultRoute = Literal[
     "connect",
     "pause",
     "resume",
+    # The mock TemperFS's requests (harness/mocks/temperfs), which share this grammar.
     "tdata",
     "any",
 ]
@@ -187,8 +188,6 @@ class MockE2BConfig(MockConfig):
     slow_body_ms: float = 2000.0
     envd_version: str = "0.2.0"
     domain: str | None = None
-    # Serve a small TemperFS under /tdata on the same server (harness/mocks/e2b/temperfs.py).
-    temperfs: bool = False
 
     def __post_init__(self) -> None:
         if not self.api_key:

@@ -11,7 +11,6 @@ from harness.mocks.e2b.app import Runtime, build_app
 from harness.mocks.e2b.config import MockE2BConfig
 from harness.mocks.e2b.state import MockState
 from harness.mocks.e2b.stats import MockE2BStats
-from harness.mocks.e2b.temperfs import TemperFSStore
 from harness.mocks.shared.server import MockServer
 from harness.mocks.shared.state import Clock
 
@@ -48,17 +47,6 @@ class MockE2BServer(MockServer[MockE2BConfig, MockE2BStats]):
         """Running sandboxes: sandbox_id, template_id, metadata, started_at, end_at,
         idempotency_key."""
         return self._state.running()
-
-    @property
-    def temperfs(self) -> TemperFSStore:
-        """The TemperFS records (served under /tdata when ``config.temperfs``): workspaces,
-        files with their content, and every request sent there."""
-        return self._state.temperfs
-
-    @property
-    def temperfs_url(self) -> str:
-        """The base a client puts in ``temper_api_url``: requests go to ``{url}/tdata/...``."""
-        return self.url
 
     def orphans(self, held_ids: set[str]) -> list[str]:
         """Running sandboxes that are not in ``held_ids`` (what the caller says it holds)."""

@@ -20,7 +20,6 @@ from harness.mocks.e2b.faults import FaultPicker
 from harness.mocks.e2b.latency import LatencySampler
 from harness.mocks.e2b.limits import Gcra, RateDecision
 from harness.mocks.e2b.stats import MockE2BStats
-from harness.mocks.e2b.temperfs import TemperFSStore
 from harness.mocks.shared.state import Clock, GuardedState
 
 if TYPE_CHECKING:  # wire's answer bodies read SandboxRecord, so wire imports this module
@@ -54,7 +53,6 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
     def __init__(self, config: MockE2BConfig, clock: Clock = time.monotonic) -> None:
         super().__init__(clock)
         self._config = config
-        self.temperfs = TemperFSStore(config.seed)
         self._clear(config)
 
     def _clear(self, config: MockE2BConfig) -> None:
@@ -107,7 +105,6 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
         """Forget every sandbox, key and counter; restart the seeded streams."""
         with self._mutating():
             self._clear(self._config)
-        self.temperfs.reset()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -345,15 +342,11 @@ class MockState(GuardedState[MockE2BConfig, MockE2BStats]):
     def stats(self) -> MockE2BStats:
         with self._lock:
             self._sweep(self._clock())
-            workspaces, files, fs_requests = self.temperfs.counts()
             return self._counters.snapshot(
                 running_sandboxes=len(self._sandboxes),
                 paused_sandboxes=len(self._paused),
                 capacity_in_use=self._capacity_in_use(),
                 duplicates=sum(1 for n in self._sandboxes_per_key.values() if n > 1),
-                temperfs_workspaces=workspaces,
-                temperfs_files=files,
-                temperfs_requests=fs_requests,
             )
 
     def running(self) -> list[dict[str, Any]]:

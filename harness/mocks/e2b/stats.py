@@ -15,8 +15,8 @@ class MockE2BStats(MockStats):
     ``creates_attempted`` counts authenticated create requests (v1 and v2, replays included);
     each ends as exactly one of: created, idempotent replay, a 429 of some kind, a fault
     answered before the sandbox existed, a 504 overload timeout, or a 400 bad request.
-    ``running_sandboxes``, ``paused_sandboxes``, ``capacity_in_use``, ``duplicates`` and the
-    ``temperfs_*`` fields are measured when the snapshot is taken; the rest are counted.
+    ``running_sandboxes``, ``paused_sandboxes``, ``capacity_in_use`` and ``duplicates`` are
+    measured when the snapshot is taken; the rest are counted.
     """
 
     creates_attempted: int = 0
@@ -45,9 +45,6 @@ class MockE2BStats(MockStats):
     unauthorized: int = 0
     kills_not_found: int = 0
     requests_total: int = 0
-    temperfs_workspaces: int = 0
-    temperfs_files: int = 0
-    temperfs_requests: int = 0
 
     @property
     def throttled(self) -> int:

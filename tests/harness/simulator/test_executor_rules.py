@@ -19,20 +19,26 @@ from harness.simulator.executor import Entity, Executor, overlay_config
 from harness.simulator.fake_e2b import START_MS
 from harness.simulator.model import Job, SessionEvent
 from harness.simulator.simulated_ports import VirtualClock
-from harness.simulator.spec import Spec, SpecError, packaged_spec, parse_spec
+from harness.simulator.spec import Spec, SpecError, packaged_spec, packaged_spec_text, parse_spec
 from provisioner.failures import FailureCode
 from provisioner.model import Failure, Invocation, Outcome, failed
 from tests.harness.simulator import answers
 
 EXAMPLE = "temper_agent.ioa.toml"
-QUEUED = answers.queued(position=2, queue_length=3, in_use=4, limit=4, reason="create_slots",
-                         retry_after_ms=500, eta_ms=900, waited_ms=0)
+QUEUED = answers.queued(
+    position=2,
+    queue_length=3,
+    in_use=4,
+    limit=4,
+    reason="create_slots",
+    retry_after_ms=500,
+    eta_ms=900,
+    waited_ms=0,
+)
 
 
 def example_text() -> str:
-    from importlib import resources
-
-    return resources.files("harness.simulator").joinpath("specs", EXAMPLE).read_text()
+    return packaged_spec_text(EXAMPLE)
 
 
 def legacy_text() -> str:
@@ -88,8 +94,9 @@ class Scripted:
         self.loop.call_later(self.latency_s, answer)
 
 
-def harness(spec: Spec, answers: list[Outcome], latency_s: float = 1.0
-            ) -> tuple[Executor, VirtualLoop, Scripted, list[SessionEvent]]:
+def harness(
+    spec: Spec, answers: list[Outcome], latency_s: float = 1.0
+) -> tuple[Executor, VirtualLoop, Scripted, list[SessionEvent]]:
     # A rule broken into an endless loop fails fast instead of hanging the suite.
     loop = VirtualLoop(VirtualClock(START_MS), max_events=20_000)
     module = Scripted(loop, answers, latency_s)
@@ -109,10 +116,12 @@ def run_until(loop: VirtualLoop, predicate: Callable[[], bool]) -> None:
     loop.run(predicate)
 
 
-def dispatch_at(loop: VirtualLoop, when: float, executor: Executor, entity: Entity,
-                name: str) -> None:
+def dispatch_at(
+    loop: VirtualLoop, when: float, executor: Executor, entity: Entity, name: str
+) -> None:
     """Dispatches `name` on `entity` at virtual time `when`. The rejection reason is dropped:
     the tests observe the entity's state instead."""
+
     def dispatch() -> None:
         executor.dispatch(entity, name)
 
@@ -132,8 +141,7 @@ def test_the_example_specs_break_no_rule() -> None:
 def test_without_on_success_the_modules_action_is_dispatched() -> None:
     """Bug caught: SandboxQueued treated as SandboxReady (or dropped) when no static
     on_success is declared; its params must reach the declared fields."""
-    executor, loop, _module, _ = harness(packaged_spec(EXAMPLE),
-                                         [QUEUED])
+    executor, loop, _module, _ = harness(packaged_spec(EXAMPLE), [QUEUED])
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Queued")
     assert entity.status == "Queued"
@@ -144,9 +152,10 @@ def test_a_static_on_success_wins_over_the_modules_action_and_swallows_queued() 
     """Temper rule (invocation.rs): the static on_success is preferred over the module's
     action. Bug caught: a spec with on_success = "SandboxReady" moving every queued job to
     Thinking without a sandbox, and the check not flagging it."""
-    spec = variant('module = "sandbox_provisioner"\non_failure = "Fail"',
-                   'module = "sandbox_provisioner"\non_success = "SandboxReady"\n'
-                   'on_failure = "Fail"')
+    spec = variant(
+        'module = "sandbox_provisioner"\non_failure = "Fail"',
+        'module = "sandbox_provisioner"\non_success = "SandboxReady"\non_failure = "Fail"',
+    )
     assert "static-on-success" in rules(spec)
     executor, loop, _module, _ = harness(spec, [QUEUED])
     entity = start(executor)
@@ -180,8 +189,9 @@ def test_a_failed_invocation_takes_the_permanent_failure_route_with_only_failure
     executor, loop, _module, events = harness(packaged_spec(EXAMPLE), [trap])
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Failed")
-    refused = [e for e in events
-               if e.kind == "transition" and e.detail["action"] == "ProvisionRefused"]
+    refused = [
+        e for e in events if e.kind == "transition" and e.detail["action"] == "ProvisionRefused"
+    ]
     assert len(refused) == 1
     assert entity.fields["failure"]["category"] == "permanent"
     assert "error_message" not in refused[0].detail["params"]
@@ -192,8 +202,7 @@ def test_failure_routes_follow_temper_rules() -> None:
     param `failure` of type failure_v1. Bug caught: a spec Temper's reader refuses running."""
     routed = 'name = "provision_sandbox"\nkind = "wasm"\nmodule = "sandbox_provisioner"\n'
     with pytest.raises(SpecError, match="cannot mix"):
-        parse_spec(example_text().replace(routed, routed + 'on_failure = "Fail"\n', 1),
-                   source="x")
+        parse_spec(example_text().replace(routed, routed + 'on_failure = "Fail"\n', 1), source="x")
     callback = 'params = [{ name = "failure", type = "failure_v1" }]'
     with pytest.raises(SpecError, match="failure_v1"):
         parse_spec(example_text().replace(callback, 'params = ["failure"]', 1), source="x")
@@ -218,8 +227,10 @@ def test_a_run_overlay_reaches_every_trigger_but_each_keeps_its_operation() -> N
 def test_an_on_failure_that_expects_the_modules_params_is_flagged() -> None:
     """Bug caught: on_failure = "SandboxFailed" (which declares code, message, retryable)
     passing the check, though a failed invocation never carries them."""
-    spec = variant('module = "sandbox_provisioner"\non_failure = "Fail"',
-                   'module = "sandbox_provisioner"\non_failure = "SandboxFailed"')
+    spec = variant(
+        'module = "sandbox_provisioner"\non_failure = "Fail"',
+        'module = "sandbox_provisioner"\non_failure = "SandboxFailed"',
+    )
     assert "failure-params" in rules(spec)
 
 
@@ -227,8 +238,12 @@ def test_a_failure_without_on_failure_changes_nothing() -> None:
     """ADR-0152: with no on_failure, a failed invocation is an error, not a transition.
     Bug caught: treating it as success, or inventing a transition. The failure is a host
     one (a trap): a failure the guest decides is a Temper success (SandboxFailed)."""
-    spec = parse_spec(legacy_text().replace('on_failure = "Fail"\n\n[action.triggers.config]',
-                                            "\n[action.triggers.config]", 1), source="variant")
+    spec = parse_spec(
+        legacy_text().replace(
+            'on_failure = "Fail"\n\n[action.triggers.config]', "\n[action.triggers.config]", 1
+        ),
+        source="variant",
+    )
     trap = failed(Failure(FailureCode.GUEST_TRAP, "unreachable", False))
     assert not trap.success
     executor, loop, _module, _ = harness(spec, [trap])
@@ -247,8 +262,7 @@ def test_only_declared_params_reach_fields() -> None:
     assert entity.fields["sandbox_id"] == "sbx-1"
     assert "undeclared" not in entity.fields
 
-    spec = variant('params = ["sandbox_url", "sandbox_id", ',
-                   'params = ["sandbox_url", ')
+    spec = variant('params = ["sandbox_url", "sandbox_id", ', 'params = ["sandbox_url", ')
     assert "declared-params" in rules(spec)
     executor, loop, _module, _ = harness(spec, [ready()])
     entity = start(executor)
@@ -264,10 +278,10 @@ def test_entering_a_state_arms_only_its_first_timer() -> None:
         '[[state_timeout]]\nstate = "Queued"\nafter_seconds = 2\non_timeout = "PollSandbox"',
         '[[state_timeout]]\nstate = "Queued"\nafter_seconds = 10\non_timeout = "PollSandbox"\n'
         'max_occurrences = 1000\n\n[[state_timeout]]\nstate = "Queued"\nafter_seconds = 3\n'
-        'on_timeout = "Fail"\nargs = { error_message = "\'queued too long\'" }\n#')
+        'on_timeout = "Fail"\nargs = { error_message = "\'queued too long\'" }\n#',
+    )
     assert "one-timer-per-entity" in rules(spec)
-    executor, loop, module, _ = harness(spec, [QUEUED, ready()],
-                                        latency_s=0.0)
+    executor, loop, module, _ = harness(spec, [QUEUED, ready()], latency_s=0.0)
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Thinking")
     # Queued at 0 s; the 3 s timer never fired; the 10 s poll asked again at 10 s.
@@ -282,8 +296,7 @@ def test_a_reset_rearms_only_on_a_self_loop_staying_in_the_state() -> None:
     spec = variant('reset_on = ["Heartbeat"]', 'reset_on = ["Heartbeat", "SandboxReady"]')
     assert "reset-on-self-loop" in rules(spec)
 
-    executor, loop, _module, _events = harness(packaged_spec(EXAMPLE), [ready()],
-                                              latency_s=0.0)
+    executor, loop, _module, _events = harness(packaged_spec(EXAMPLE), [ready()], latency_s=0.0)
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Thinking")
     first = entity.timer_deadline
@@ -298,7 +311,7 @@ def test_a_reset_rearms_only_on_a_self_loop_staying_in_the_state() -> None:
 
 def test_a_self_loop_not_in_reset_on_leaves_the_timer_alone() -> None:
     """Bug caught: any action re-arming the timer (then a busy entity never times out)."""
-    spec = variant('reset_on = ["Heartbeat"]\nargs', 'args')
+    spec = variant('reset_on = ["Heartbeat"]\nargs', "args")
     executor, loop, _module, _ = harness(spec, [ready()], latency_s=0.0)
     entity = start(executor)
     run_until(loop, lambda: entity.status == "Thinking")
@@ -311,11 +324,12 @@ def test_a_timer_fires_at_most_max_occurrences_times() -> None:
     """Bug caught: a poll budget shorter than the component's queue timeout passing the
     check, or the executor polling past max_occurrences (then leaving the entity queued
     with no timer, which is what Temper does)."""
-    spec = variant('on_timeout = "PollSandbox"\nmax_occurrences = 1000',
-                   'on_timeout = "PollSandbox"\nmax_occurrences = 3')
+    spec = variant(
+        'on_timeout = "PollSandbox"\nmax_occurrences = 1000',
+        'on_timeout = "PollSandbox"\nmax_occurrences = 3',
+    )
     assert "poll-budget" in rules(spec)
-    executor, loop, module, events = harness(spec, [QUEUED],
-                                             latency_s=0.0)
+    executor, loop, module, events = harness(spec, [QUEUED], latency_s=0.0)
     entity = start(executor)
     assert loop.run(lambda: False) == "idle"
     assert entity.status == "Queued" and entity.timer is None
@@ -327,8 +341,8 @@ def test_a_queued_state_without_a_poll_timer_is_flagged_and_never_asks_again() -
     """Temper has no wake-up. Bug caught: a spec whose Queued state has no timer (the
     entity waits for ever) passing the check."""
     text = example_text()
-    start_at = text.index('# The poll.')
-    end_at = text.index('# The guard:')
+    start_at = text.index("# The poll.")
+    end_at = text.index("# The guard:")
     spec = parse_spec(text[:start_at] + text[end_at:], source="no-poll")
     assert "poll-timer" in rules(spec)
 
@@ -337,11 +351,13 @@ def test_a_freed_permit_wakes_nobody_the_spec_timer_alone_polls() -> None:
     """Replaces the old driver's wake-up test: Temper never wakes a queued entity when a
     permit frees. Bug caught: a host-side wake-up (the second entity asking as soon as the
     first released, before its 30 s poll)."""
-    spec = variant('after_seconds = 2\non_timeout = "PollSandbox"',
-                   'after_seconds = 30\non_timeout = "PollSandbox"')
+    spec = variant(
+        'after_seconds = 2\non_timeout = "PollSandbox"',
+        'after_seconds = 30\non_timeout = "PollSandbox"',
+    )
     executor, loop, module, _ = harness(
-        spec, [ready("sbx-1"), QUEUED, ready("sbx-2")],
-        latency_s=0.5)
+        spec, [ready("sbx-1"), QUEUED, ready("sbx-2")], latency_s=0.5
+    )
     first, second = start(executor, "job-1"), start(executor, "job-2")
     dispatch_at(loop, 5.0, executor, first, "RecordResult")
     run_until(loop, lambda: second.status == "Thinking")
@@ -355,8 +371,10 @@ def test_admission_holds_its_permit_across_the_ask_only() -> None:
     trigger. Bug caught: modelling [admission] max_concurrent_actions = {Provision = 1} as
     bounding concurrent creates (three provisions would then run one at a time)."""
     text = example_text().replace(
-        "# --- state: the sandbox", "[admission]\nmax_concurrent_actions = { \"Provision\" = 1 }"
-        "\n\n# --- state: the sandbox", 1)
+        "# --- state: the sandbox",
+        '[admission]\nmax_concurrent_actions = { "Provision" = 1 }\n\n# --- state: the sandbox',
+        1,
+    )
     spec = parse_spec(text, source="admission")
     executor, loop, module, _ = harness(spec, [ready()], latency_s=5.0)
     entities = [start(executor, f"job-{i}") for i in range(3)]

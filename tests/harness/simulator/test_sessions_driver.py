@@ -16,12 +16,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
 
 import pytest
 
 from harness.simulator import DriverSettings, Job, RunResult, SessionDriver, SessionEvent
-from harness.simulator.spec import Spec, packaged_spec, parse_spec
+from harness.simulator.spec import Spec, packaged_spec, packaged_spec_text, parse_spec
 from provisioner.model import Failure, Invocation, Outcome, failed
 from tests.harness.simulator import answers
 
@@ -30,9 +29,7 @@ MODULE = "sandbox_provisioner"
 
 def spec_with(**after: int) -> Spec:
     """The example spec with some states' first timers set to `after` seconds."""
-    text = (
-        resources.files("harness.simulator").joinpath("specs", "temper_agent.ioa.toml").read_text()
-    )
+    text = packaged_spec_text("temper_agent.ioa.toml")
     defaults = {"Queued": 2, "Provisioning": 180}
     for state, seconds in after.items():
         old = f'state = "{state}"\nafter_seconds = {defaults[state]}\n'
@@ -45,8 +42,7 @@ def jobs(n: int, tenants: int = 1) -> list[Job]:
     return [Job(id=f"job-{i}", tenant=f"t{i % tenants}") for i in range(n)]
 
 
-def run_with_watchdog(driver: SessionDriver, work: list[Job], limit_s: float = 30.0
-                      ) -> RunResult:
+def run_with_watchdog(driver: SessionDriver, work: list[Job], limit_s: float = 30.0) -> RunResult:
     """Runs the driver in a thread so a hang fails the test instead of wedging it."""
     box: dict[str, RunResult] = {}
     thread = threading.Thread(target=lambda: box.update(result=driver.run(work)))
@@ -124,8 +120,12 @@ def test_batches_run_four_at_a_time_and_wait_for_the_last_of_each() -> None:
                 active.discard(event.job.id)
 
     settings = DriverSettings(turns=1, turn_s=0.02, batch_size=4, workers=8)
-    driver = SessionDriver(packaged_spec("temper_agent_upstream.ioa.toml"), {MODULE: Recorder()},
-                           settings, on_event=on_event)
+    driver = SessionDriver(
+        packaged_spec("temper_agent_upstream.ioa.toml"),
+        {MODULE: Recorder()},
+        settings,
+        on_event=on_event,
+    )
     result = run_with_watchdog(driver, jobs(10))
     assert result.completed == 10
     assert max(together) <= 4
@@ -147,11 +147,13 @@ def test_a_sandbox_failed_answer_fails_the_job_and_releases() -> None:
             # The component's shape: a success result naming SandboxFailed (issue 12).
             return Outcome(outcome.action, outcome.params, success=True)
 
-    driver = SessionDriver(packaged_spec("temper_agent.ioa.toml"), {MODULE: Refuses()},
-                           DriverSettings(workers=2))
+    driver = SessionDriver(
+        packaged_spec("temper_agent.ioa.toml"), {MODULE: Refuses()}, DriverSettings(workers=2)
+    )
     result = run_with_watchdog(driver, jobs(2))
     assert [(r.state, r.reason) for r in result.results] == [
-        ("Failed", "SandboxFailed: queue_timeout: waited too long")] * 2
+        ("Failed", "SandboxFailed: queue_timeout: waited too long")
+    ] * 2
     assert sorted(released) == ["job-0", "job-1"]
     assert all(r.invocations == 2 for r in result.results)
 
@@ -164,8 +166,12 @@ def test_stop_ends_the_run_and_marks_unfinished_sessions_interrupted() -> None:
         if event.kind == "transition" and event.detail.get("action") == "SandboxQueued":
             started.set()
 
-    driver = SessionDriver(spec_with(Queued=3600), {MODULE: FakeAdmission(permits=0)},
-                           DriverSettings(workers=2), on_event=on_event)
+    driver = SessionDriver(
+        spec_with(Queued=3600),
+        {MODULE: FakeAdmission(permits=0)},
+        DriverSettings(workers=2),
+        on_event=on_event,
+    )
     box: dict[str, RunResult] = {}
     thread = threading.Thread(target=lambda: box.update(result=driver.run(jobs(3))))
     thread.start()
@@ -190,8 +196,9 @@ def test_a_host_that_cannot_keep_up_stops_with_the_figures_not_a_mass_kill() -> 
             time.sleep(0.4)
             return answers.ready(f"sb-{invocation.entity_id}")
 
-    driver = SessionDriver(spec_with(Provisioning=2), {MODULE: Slow()},
-                           DriverSettings(turns=1, turn_s=0.01, workers=1))
+    driver = SessionDriver(
+        spec_with(Provisioning=2), {MODULE: Slow()}, DriverSettings(turns=1, turn_s=0.01, workers=1)
+    )
     result = run_with_watchdog(driver, jobs(12), limit_s=60)
     assert result.host["max_invocation_lag_s"] > 0.5, "the precondition: invocations lagged"
     assert result.overloaded is not None
@@ -253,11 +260,11 @@ def test_many_sessions_with_concurrent_random_invocations_all_end_consistently(s
     chaos = ChaosInvoker(seed)
     # No keep-up watch: it stops a run on a machine too loaded to keep up (tested on its
     # own above), and this test is about the races whatever the machine's speed.
-    settings = DriverSettings(turns=2, turn_s=0.002, sim_per_real=600, workers=16,
-                              keep_up=False)
+    settings = DriverSettings(turns=2, turn_s=0.002, sim_per_real=600, workers=16, keep_up=False)
     work = jobs(200, tenants=7)
-    result = run_with_watchdog(SessionDriver(spec_with(Queued=1), {MODULE: chaos}, settings),
-                               work, limit_s=90)
+    result = run_with_watchdog(
+        SessionDriver(spec_with(Queued=1), {MODULE: chaos}, settings), work, limit_s=90
+    )
     assert not chaos.violations
     assert chaos.max_parallel > 1, "the pool never ran invocations concurrently"
     assert all(r.outcome in ("completed", "failed") for r in result.results)

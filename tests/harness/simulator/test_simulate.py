@@ -25,6 +25,7 @@ from harness.simulator.scenario import E2BLimits, Scenario, mode_spec
 from harness.simulator.simulate import run_mode, tradeoff_scenario
 from harness.simulator.timescale import TimeScale
 from host.runtime.loader import LoadedComponent
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.component
 
@@ -293,9 +294,7 @@ def test_a_spec_that_breaks_temper_rules_is_refused_before_anything_runs(
 ) -> None:
     """Bug caught: simulate running a spec with a static on_success (every SandboxQueued
     would become SandboxReady under Temper) and reporting it as fine."""
-    from importlib import resources
-
-    text = resources.files("harness.simulator").joinpath("specs", "temper_agent.ioa.toml")
+    text = ROOT / "examples" / "temper_agent.ioa.toml"
     provision = (
         'module = "sandbox_provisioner"\n\n[action.triggers.config]\noperation = "provision"'
     )

@@ -1,4 +1,4 @@
-"""The spec reader: the examples load, the packaged copies are the examples, and every key
+"""The spec reader: the examples load, the package ships them from examples/, and every key
 Temper would reject (or this executor would not run) is refused with a clear message."""
 
 from __future__ import annotations
@@ -11,11 +11,18 @@ from typing import Any
 
 import pytest
 
-from harness.simulator.spec import SpecError, load_spec, packaged_spec, parse_spec
+from harness.simulator.spec import (
+    SpecError,
+    load_spec,
+    packaged_spec,
+    packaged_spec_text,
+    parse_spec,
+)
 from provisioner.config import AdmissionConfig, SandboxSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ("temper_agent.ioa.toml", "curation_job.ioa.toml")
+SHIPPED = (*EXAMPLES, "llm_gated_agent.ioa.toml")
 MINIMAL = """
 [automaton]
 name = "Thing"
@@ -37,21 +44,27 @@ effect = ["n += 1"]
 """
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_the_packaged_specs_are_the_examples_byte_for_byte(name: str) -> None:
-    """Bug caught: an installed package running a stale copy of an example (the specs ship
-    as package data so `simulate` works without the checkout)."""
-    packaged = resources.files("harness.simulator").joinpath("specs", name).read_bytes()
-    assert packaged == (ROOT / "examples" / name).read_bytes()
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_example_ships_as_the_packaged_spec(name: str) -> None:
+    """Bug caught: `simulate` unable to find an example once installed, or reading a file
+    other than the example (the wheel carries examples/ as `harness.examples`)."""
+    assert resources.files("harness.examples").joinpath(name).read_bytes() == (
+        (ROOT / "examples" / name).read_bytes()
+    )
+    assert packaged_spec_text(name) == (ROOT / "examples" / name).read_text()
     assert packaged_spec(name).name == load_spec(ROOT / "examples" / name).name
 
 
-def test_the_packaged_llm_gated_agent_is_the_example_byte_for_byte() -> None:
-    """Bug caught: `simulate --llm` running a stale copy of examples/llm_gated_agent."""
-    name = "llm_gated_agent.ioa.toml"
-    packaged = resources.files("harness.simulator").joinpath("specs", name).read_bytes()
-    assert packaged == (ROOT / "examples" / name).read_bytes()
-    assert packaged_spec(name).name == "LlmGatedAgent"
+def test_the_examples_have_no_second_copy_in_the_package() -> None:
+    """Bug caught: a stale copy of an example shipped beside the simulator, which
+    `packaged_spec` could read instead of examples/."""
+    copies = resources.files("harness.simulator") / "specs"
+    assert [n for n in SHIPPED if copies.joinpath(n).is_file()] == []
+
+
+def test_an_unknown_packaged_spec_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"no packaged spec named 'nope\.ioa\.toml'"):
+        packaged_spec("nope.ioa.toml")
 
 
 def test_the_old_example_is_gone() -> None:

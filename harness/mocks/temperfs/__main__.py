@@ -1,0 +1,5 @@
+import sys
+
+from harness.mocks.temperfs.cli import main
+
+sys.exit(main())
