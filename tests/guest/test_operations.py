@@ -769,3 +769,33 @@ def test_a_release_does_not_delete_a_record_rewritten_while_it_killed() -> None:
     released = guest.invoke("release")
     assert released.action == "SandboxReleased", released
     assert guest.record() is not None
+
+
+def test_a_release_names_the_waiter_it_promised_the_freed_sandbox_to() -> None:
+    # Catches: the wake-ups (serve pushes them to the waiters named) dropped from the
+    # outcome, renamed, or naming the entity wrongly (an id with a "/" in it splits at the
+    # first one, after the entity type); and a wake-up for the caller itself.
+    guest = Guest(ScriptedE2B())
+    assert guest.invoke("provision", "job-1", max_sandboxes="1").action == "SandboxReady"
+    guest.clock.advance(5)
+    queued = guest.invoke("provision", "team/job-2", max_sandboxes="1")
+    assert queued.params["reason"] == "capacity", queued
+    assert "wake_ups" not in queued.params
+    guest.clock.advance(5)
+
+    released = guest.invoke("release", "job-1", max_sandboxes="1")
+    assert released.action == "SandboxReleased", released
+    assert (released.success, released.error) == (True, None)
+    [wake] = released.params["wake_ups"]
+    reservation = wake["reservation"]
+    assert isinstance(reservation, str) and reservation
+    assert wake == {
+        "tenant": TENANT,
+        "entity_type": "Job",
+        "entity_id": "team/job-2",
+        "at_ms": guest.clock.now_ms(),
+        "reservation": reservation,
+    }
+    assert released.params["released"] is True
+    ready = guest.invoke("provision", "team/job-2", max_sandboxes="1")
+    assert ready.action == "SandboxReady", ready
