@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from host.mock_e2b.temperfs import TemperFSStore
 from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime, native_ports
 from host.services.namespaces import tenant_namespace
@@ -799,3 +800,60 @@ def test_a_release_names_the_waiter_it_promised_the_freed_sandbox_to() -> None:
     assert released.params["released"] is True
     ready = guest.invoke("provision", "team/job-2", max_sandboxes="1")
     assert ready.action == "SandboxReady", ready
+
+
+TEMPER = "http://temper.test"
+
+
+@dataclass
+class E2BAndTemperFS(ScriptedE2B):
+    """E2B as `ScriptedE2B`, and the mock's TemperFS store at `TEMPER`/tdata."""
+
+    temperfs: TemperFSStore = field(default_factory=TemperFSStore)
+
+    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        prefix = f"{TEMPER}/tdata/"
+        if not request.url.startswith(prefix):
+            return super().send(request, deadline_ms=deadline_ms)
+        headers = {name.lower(): value for name, value in request.headers}
+        answer = self.temperfs.handle(
+            request.method, request.url.removeprefix(prefix), headers, request.body
+        )
+        body = answer.body
+        raw = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body)
+        return HttpResponse(answer.status, (), raw.encode() if isinstance(raw, str) else raw)
+
+
+@pytest.mark.parametrize(
+    ("entity_state", "agent_id"),
+    [
+        ({"entity_id": "agent-7", "fields": {"user_message": "hello there"}}, "agent-7"),
+        ({"entity_id": "", "fields": {"user_message": "hello there"}}, "job-1"),
+        ({"entity_id": 7, "fields": {"user_message": "hello there"}}, "job-1"),
+        ({"fields": {"user_message": "hello there"}}, "job-1"),
+    ],
+)
+def test_temperfs_storage_is_made_for_the_agent_with_the_users_first_message(
+    entity_state: dict[str, Any], agent_id: str
+) -> None:
+    # Catches: the agent id read from another key of the entity state (or a non-string or
+    # empty one used as is) instead of falling back to the entity id, and the first user
+    # message missing from the session file (the agent starts from it).
+    e2b = E2BAndTemperFS()
+    guest = Guest(e2b)
+    ready = guest.runtime.invoke(
+        invocation(
+            {**CONFIG, "temperfs": "on", "temper_api_url": TEMPER},
+            tenant=TENANT,
+            entity_type="Job",
+            entity_id="job-1",
+            entity_state=entity_state,
+        )
+    )
+    assert ready.action == "SandboxReady", ready
+    assert ready.params["workspace_id"] == f"agent-{agent_id}"
+    [workspace] = e2b.temperfs.entities("Workspace", TENANT)
+    assert workspace.fields["owner_id"] == agent_id
+    session = ready.params["session_file_id"]
+    [content] = [f.content for f in e2b.temperfs.entities("File") if f.entity_id == session]
+    assert content is not None and b'"content":"hello there"' in content
