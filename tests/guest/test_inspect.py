@@ -16,6 +16,7 @@ from provisioner.admission import (
 from provisioner.admission.inspect import (
     CreateLeaseView,
     GateView,
+    ReservationView,
     SandboxLeaseView,
     UnsettledCreateView,
     inspect_gates,
@@ -274,3 +275,29 @@ def test_a_waiter_behind_one_that_left_out_of_order_is_still_listed() -> None:
         queued_of(harness.admit(waiter))
     harness.release(a[1])
     assert [w.entity for w in view(harness).waiters] == ["Job/a0", "Job/a2"]
+
+
+def test_a_waiter_whose_turn_came_since_its_answer_shows_as_due_with_its_reservation() -> None:
+    # Catches: a waiter a freed slot was promised to shown as still held by the gate it
+    # waited for (with that gate's ETA), and the promise itself missing from the view.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    holder, waiter = Waiter("holder", "Job/h"), Waiter("tenant-a", "Job/a")
+    grant = grant_of(harness.admit(holder))
+    told = queued_of(harness.admit(waiter))
+    before = view(harness)
+    assert before.waiter(waiter.tenant, waiter.entity) is not None
+    assert (before.waiters[0].reason, before.waiters[0].eta_ms) == (told.reason, told.eta_ms)
+    assert told.reason == "create_slots" and told.eta_ms > 0
+    assert before.reservations == ()
+
+    harness.advance(40)
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    gates = view(harness)
+    shown = gates.waiter(waiter.tenant, waiter.entity)
+    assert shown is not None
+    assert (shown.reason, shown.eta_ms, shown.position) == ("due", 0, 1)
+    now = harness.clock.now_ms()
+    claim_ms = harness.config.reservation_claim_ms
+    assert gates.reservations == (
+        ReservationView("tenant-a", shown.ticket, None, now, now + claim_ms),
+    )
