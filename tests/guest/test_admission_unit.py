@@ -22,9 +22,10 @@ from provisioner.admission import (
 )
 from provisioner.admission.backoff import backoff_ms
 from provisioner.admission.inspect import inspect_gates
-from provisioner.admission.state import waiter_key
+from provisioner.admission.state import ticket_key, waiter_key
+from provisioner.failures import FailureCode
 from provisioner.model import Failure
-from provisioner.ports import StorageConflict, StorageUnavailable
+from provisioner.ports import Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
@@ -561,3 +562,30 @@ def view_leases(harness: Harness) -> list[str]:
     storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
     gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
     return [lease.lease_id for lease in gates.create_slots.leases]
+
+
+def test_a_late_refusal_for_a_waiter_queued_again_takes_its_ticket_out() -> None:
+    # Catches: a refused create (non-retryable) whose waiter had come back with a fresh
+    # ticket meanwhile (its first create went unanswered until it no longer counted) that
+    # leaves the ticket in its tenant's queue, or its liveness key stored: a waiter
+    # that is done would hold a turn until the dead-waiter sweep found it.
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000.0, max_sandboxes=1))
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    late, holder = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    unanswered = grant_of(harness.admit(late))
+    while inspect_gates(storage, harness.clock.now_ms(), harness.config).capacity.in_use:
+        harness.advance(600_000)  # until its create no longer counts
+    held = grant_of(harness.admit(holder))
+    assert harness.settle(holder, held, Created("sbx-b", 3_600_000)) is None
+    queued_of(harness.admit(late))
+    gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    [again] = gates.waiters
+    assert again.entity == late.entity and again.ticket is not None
+    ticket = ticket_key(late.tenant, again.ticket)
+    assert storage.get(Scope.ACCOUNT, ticket) is not None
+
+    refused = Failure(FailureCode.E2B_BAD_REQUEST, "bad template", retryable=False)
+    assert isinstance(harness.settle(late, unanswered, CreateFailed(refused)), Rejected)
+    gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    assert gates.waiters == () and gates.waiting_tenants == ()
+    assert storage.get(Scope.ACCOUNT, ticket) is None
