@@ -21,8 +21,9 @@ from provisioner.admission.inspect import (
     UnsettledCreateView,
     inspect_gates,
 )
-from provisioner.admission.place import Stage
+from provisioner.admission.place import Place, Stage
 from provisioner.admission.state import waiter_key
+from provisioner.ports import Scope
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
 
@@ -301,3 +302,20 @@ def test_a_waiter_whose_turn_came_since_its_answer_shows_as_due_with_its_reserva
     assert gates.reservations == (
         ReservationView("tenant-a", shown.ticket, None, now, now + claim_ms),
     )
+
+
+def test_a_retry_counts_as_gone_from_the_millisecond_its_liveness_ends() -> None:
+    # Catches: a waiter still counted alive at its `alive_until_ms` (the place says when it
+    # stops being expected back; from that instant it is gone).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    retrying = Waiter("tenant-a", "Job/1")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=10_000)))
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    entry = storage.get(Scope.ACCOUNT, waiter_key(retrying.tenant, retrying.entity))
+    assert entry is not None
+    until = Place.from_bytes(entry.value).alive_until_ms
+    harness.advance(until - 1 - harness.clock.now_ms())
+    assert [w.alive for w in view(harness, prune=False).waiters] == [True]
+    harness.advance(1)
+    assert [w.alive for w in view(harness, prune=False).waiters] == [False]

@@ -19,6 +19,7 @@ from host.runtime.native import NativeRuntime, native_ports
 from host.services.namespaces import tenant_namespace
 from host.sessions.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.storage.memory import MemoryBackend
+from provisioner.admission import AdmissionConfig
 from provisioner.admission.state import GATE_KEY
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
 from provisioner.model import Outcome
@@ -857,3 +858,26 @@ def test_temperfs_storage_is_made_for_the_agent_with_the_users_first_message(
     session = ready.params["session_file_id"]
     [content] = [f.content for f in e2b.temperfs.entities("File") if f.entity_id == session]
     assert content is not None and b'"content":"hello there"' in content
+
+
+@pytest.mark.parametrize(("draw", "spread_ms"), [(0, 0), (2**64 - 1, 999)])
+def test_a_storage_outage_spreads_the_come_back_over_one_second_past_poll_min(
+    draw: int, spread_ms: int
+) -> None:
+    # Catches: a come-back spread other than one second (the lowest and highest draws of
+    # the host's randomness land on its ends).
+    clock = VirtualClock()
+    runtime = NativeRuntime(
+        HostServices(
+            EntityRecordsDown(MemoryBackend(clock.now_ms)),
+            ScriptedE2B(),
+            RecordingTelemetrySink(),
+            random_u64=lambda: draw,
+            clock_ms=clock.now_ms,
+        )
+    )
+    outcome = runtime.invoke(
+        invocation({**CONFIG, "operation": "provision"}, tenant=TENANT, entity_id="job-1")
+    )
+    assert outcome.params["reason"] == "storage", outcome
+    assert outcome.params["retry_after_ms"] == AdmissionConfig().poll_min_ms + spread_ms
