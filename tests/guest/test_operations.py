@@ -115,7 +115,12 @@ class ScriptedE2B:
 class Guest:
     """One tenant's storage on a virtual clock, invoked natively through `NativeRuntime`."""
 
-    def __init__(self, e2b: Any, wrap: Callable[[MemoryBackend], Any] | None = None) -> None:
+    def __init__(
+        self,
+        e2b: Any,
+        wrap: Callable[[MemoryBackend], Any] | None = None,
+        random_u64: Callable[[], int] | None = None,
+    ) -> None:
         self.clock = VirtualClock()
         self.backend = MemoryBackend(self.clock.now_ms)
         self.e2b = e2b
@@ -125,7 +130,7 @@ class Guest:
                 self.backend if wrap is None else wrap(self.backend),
                 e2b,
                 self.telemetry,
-                random_u64=SeededRandom(7).next_u64,
+                random_u64=random_u64 or SeededRandom(7).next_u64,
                 clock_ms=self.clock.now_ms,
             )
         )
@@ -866,18 +871,6 @@ def test_a_storage_outage_spreads_the_come_back_over_one_second_past_poll_min(
 ) -> None:
     # Catches: a come-back spread other than one second (the lowest and highest draws of
     # the host's randomness land on its ends).
-    clock = VirtualClock()
-    runtime = NativeRuntime(
-        HostServices(
-            EntityRecordsDown(MemoryBackend(clock.now_ms)),
-            ScriptedE2B(),
-            RecordingTelemetrySink(),
-            random_u64=lambda: draw,
-            clock_ms=clock.now_ms,
-        )
-    )
-    outcome = runtime.invoke(
-        invocation({**CONFIG, "operation": "provision"}, tenant=TENANT, entity_id="job-1")
-    )
+    outcome = Guest(ScriptedE2B(), EntityRecordsDown, random_u64=lambda: draw).invoke("provision")
     assert outcome.params["reason"] == "storage", outcome
     assert outcome.params["retry_after_ms"] == AdmissionConfig().poll_min_ms + spread_ms
