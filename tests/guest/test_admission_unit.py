@@ -589,3 +589,18 @@ def test_a_late_refusal_for_a_waiter_queued_again_takes_its_ticket_out() -> None
     gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
     assert gates.waiters == () and gates.waiting_tenants == ()
     assert storage.get(Scope.ACCOUNT, ticket) is None
+
+
+def test_a_repeated_settle_of_a_retried_create_reports_the_retry_and_adds_no_second() -> None:
+    # Catches: a repeated settle (an invocation that settled, then lost the answer and
+    # settled again) that reports the waiter as done instead of still retrying, or that
+    # stores the retry twice (the waiter would hold two turns).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/1")
+    grant = grant_of(harness.admit(waiter))
+    first = queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=10_000)))
+    again = queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=10_000)))
+    assert (again.reason, again.position) == (first.reason, first.position) == ("backoff", 1)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    assert [(w.entity, w.stage.value) for w in gates.waiters] == [("Job/1", "r")]
