@@ -319,3 +319,18 @@ def test_a_retry_counts_as_gone_from_the_millisecond_its_liveness_ends() -> None
     assert [w.alive for w in view(harness, prune=False).waiters] == [True]
     harness.advance(1)
     assert [w.alive for w in view(harness, prune=False).waiters] == [False]
+
+
+def test_a_retry_whose_cooldown_ended_is_shown_holding_the_reservation_by_entity() -> None:
+    # Catches: a retry's reservation shown without the entity that holds it (a retry has
+    # no ticket: the entity is all that names its holder).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    retrying, later = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=1_000)))
+    harness.advance(3_000)
+    assert queued_of(harness.admit(later)).position == 2  # the retry goes first
+    now = harness.clock.now_ms()
+    assert view(harness).reservations == (
+        ReservationView("tenant-a", None, "Job/a", now, now + harness.config.reservation_claim_ms),
+    )

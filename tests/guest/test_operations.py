@@ -874,3 +874,17 @@ def test_a_storage_outage_spreads_the_come_back_over_one_second_past_poll_min(
     outcome = Guest(ScriptedE2B(), EntityRecordsDown, random_u64=lambda: draw).invoke("provision")
     assert outcome.params["reason"] == "storage", outcome
     assert outcome.params["retry_after_ms"] == AdmissionConfig().poll_min_ms + spread_ms
+
+
+def test_each_release_reports_whether_it_freed_a_permit_in_telemetry() -> None:
+    # Catches: the release step misnamed in its admission event (the operator's view of
+    # who released what), or `held` not saying whether a permit was freed.
+    guest = Guest(ScriptedE2B())
+    assert guest.invoke("provision").action == "SandboxReady"
+    guest.invoke("release")
+    guest.invoke("release")
+    event = {"tenant": TENANT, "entity": "Job/job-1", "step": "release"}
+    assert guest.events("admission_released") == [
+        {**event, "event": "admission_released", "held": True},
+        {**event, "event": "admission_released", "held": False},
+    ]
