@@ -334,3 +334,34 @@ def test_a_retry_whose_cooldown_ended_is_shown_holding_the_reservation_by_entity
     assert view(harness).reservations == (
         ReservationView("tenant-a", None, "Job/a", now, now + harness.config.reservation_claim_ms),
     )
+
+
+def test_the_hold_time_is_the_first_hold_then_a_quarter_weighted_running_mean() -> None:
+    # Catches: the measured hold time (what capacity ETAs rest on) smoothed with other
+    # weights, not smoothed at all, or a hold released in the millisecond it began
+    # counted as lasting one.
+    harness = Harness(AdmissionConfig(create_slots=3, create_rate_per_s=1000.0))
+    holds = {"Job/1": 0, "Job/2": 8_000, "Job/3": 4_000}
+    measured = []
+    for entity, hold_ms in holds.items():
+        waiter = Waiter("tenant-a", entity)
+        grant = grant_of(harness.admit(waiter))
+        assert harness.settle(waiter, grant, Created(f"sbx-{entity}", 600_000)) is None
+        harness.advance(hold_ms)
+        assert harness.release(waiter) is True
+        measured.append(view(harness).hold_ms)
+        harness.advance(10)  # past the rate gate's spacing
+    assert measured == [0, (0 * 3 + 8_000) // 4, (2_000 * 3 + 4_000) // 4]
+
+
+def test_releasing_a_retry_that_holds_nothing_says_it_was_waiting_and_drops_it() -> None:
+    # Catches: a release of a waiter that only waited (a retry in backoff: no ticket, no
+    # lease) answered as if it had not been there (`held_permit` false).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    retrying = Waiter("tenant-a", "Job/1")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=10_000)))
+    assert [w.entity for w in view(harness).waiters] == ["Job/1"]
+    assert harness.release(retrying) is True
+    assert view(harness).waiters == ()
+    assert harness.release(retrying) is False
