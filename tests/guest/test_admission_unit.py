@@ -604,3 +604,44 @@ def test_a_repeated_settle_of_a_retried_create_reports_the_retry_and_adds_no_sec
     storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
     gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
     assert [(w.entity, w.stage.value) for w in gates.waiters] == [("Job/1", "r")]
+
+
+def test_a_dead_ticket_dropped_from_the_front_keeps_its_tenants_turn_in_the_ring() -> None:
+    # Catches: a tenant whose front waiter stopped polling sent to the back of the ring
+    # when that dead ticket is dropped, as if it had been granted: its next waiter would
+    # lose the round-robin turn to the other tenant.
+    harness = Harness(
+        AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, waiter_ttl_ms=1_000)
+    )
+    holder = Waiter("holder", "Job/h")
+    grant = grant_of(harness.admit(holder))
+    gone, other, next_of_a = (
+        Waiter("tenant-a", "Job/a1"),
+        Waiter("tenant-b", "Job/b1"),
+        Waiter("tenant-a", "Job/a2"),
+    )
+    for waiter in (gone, other, next_of_a):
+        queued_of(harness.admit(waiter))
+    for _ in range(2):  # the two keep polling; the first of tenant-a does not
+        harness.advance(2_000)
+        queued_of(harness.admit(other))
+        queued_of(harness.admit(next_of_a))
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    assert isinstance(harness.admit(next_of_a), Grant)
+    assert queued_of(harness.admit(other)).position == 1
+
+
+def test_a_retry_that_stopped_polling_is_dropped_and_the_next_waiter_granted_at_once() -> None:
+    # Catches: a dead retry dropped from the front without the decision looking again, so
+    # the waiter behind it is told to wait one more poll for a permit that is free.
+    harness = Harness(
+        AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, waiter_ttl_ms=1_000)
+    )
+    gone, behind = Waiter("tenant-a", "Job/1"), Waiter("tenant-b", "Job/2")
+    grant = grant_of(harness.admit(gone))
+    queued_of(harness.settle(gone, grant, RateLimited(retry_after_ms=1_000)))
+    queued_of(harness.admit(behind))
+    harness.advance(60_000)  # past the retry's liveness; `behind` asks again now
+    assert isinstance(harness.admit(behind), Grant)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    assert inspect_gates(storage, harness.clock.now_ms(), harness.config).waiters == ()
