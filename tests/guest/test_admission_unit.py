@@ -13,6 +13,7 @@ from provisioner.admission import (
     CapacityExhausted,
     Created,
     CreateFailed,
+    CreateResult,
     Grant,
     Queued,
     RateLimited,
@@ -21,7 +22,7 @@ from provisioner.admission import (
     Waiter,
 )
 from provisioner.admission.backoff import backoff_ms
-from provisioner.admission.inspect import inspect_gates
+from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.admission.state import ticket_key, waiter_key
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
@@ -564,29 +565,37 @@ def view_leases(harness: Harness) -> list[str]:
     return [lease.lease_id for lease in gates.create_slots.leases]
 
 
-def test_a_late_refusal_for_a_waiter_queued_again_takes_its_ticket_out() -> None:
-    # Catches: a refused create (non-retryable) whose waiter had come back with a fresh
-    # ticket meanwhile (its first create went unanswered until it no longer counted) that
-    # leaves the ticket in its tenant's queue, or its liveness key stored: a waiter
-    # that is done would hold a turn until the dead-waiter sweep found it.
+REFUSED = Failure(FailureCode.E2B_BAD_REQUEST, "bad template", retryable=False)
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [(CreateFailed(REFUSED), Rejected(REFUSED)), (Created("sbx-a", 3_600_000), None)],
+)
+def test_a_late_answer_for_a_waiter_queued_again_takes_its_ticket_out(
+    answer: CreateResult, outcome: Rejected | None
+) -> None:
+    # Catches: a late answer that ends the wait (a refusal, or the sandbox after all) for
+    # a waiter that had come back with a fresh ticket meanwhile (its first create went
+    # unanswered until it no longer counted), leaving that ticket in its tenant's queue or
+    # its liveness key stored: a waiter that is done would hold a turn until the
+    # dead-waiter sweep found it.
     harness = Harness(AdmissionConfig(create_rate_per_s=1000.0, max_sandboxes=1))
     storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
     late, holder = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
     unanswered = grant_of(harness.admit(late))
-    while inspect_gates(storage, harness.clock.now_ms(), harness.config).capacity.in_use:
+    while gate_view(harness).capacity.in_use:
         harness.advance(600_000)  # until its create no longer counts
     held = grant_of(harness.admit(holder))
     assert harness.settle(holder, held, Created("sbx-b", 3_600_000)) is None
     queued_of(harness.admit(late))
-    gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
-    [again] = gates.waiters
+    [again] = gate_view(harness).waiters
     assert again.entity == late.entity and again.ticket is not None
     ticket = ticket_key(late.tenant, again.ticket)
     assert storage.get(Scope.ACCOUNT, ticket) is not None
 
-    refused = Failure(FailureCode.E2B_BAD_REQUEST, "bad template", retryable=False)
-    assert isinstance(harness.settle(late, unanswered, CreateFailed(refused)), Rejected)
-    gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    assert harness.settle(late, unanswered, answer) == outcome
+    gates = gate_view(harness)
     assert gates.waiters == () and gates.waiting_tenants == ()
     assert storage.get(Scope.ACCOUNT, ticket) is None
 
@@ -645,3 +654,49 @@ def test_a_retry_that_stopped_polling_is_dropped_and_the_next_waiter_granted_at_
     assert isinstance(harness.admit(behind), Grant)
     storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
     assert inspect_gates(storage, harness.clock.now_ms(), harness.config).waiters == ()
+
+
+def gate_view(harness: Harness) -> GateView:
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    return inspect_gates(storage, harness.clock.now_ms(), harness.config)
+
+
+def test_an_entity_that_creates_again_holds_one_capacity_lease_for_its_new_sandbox() -> None:
+    # Catches: a re-create (the entity provisions again while its lease is held) that
+    # keeps the old lease beside the new one: one entity would count twice.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/a")
+    for sandbox_id in ("sbx-1", "sbx-2"):
+        grant = grant_of(harness.admit(waiter))
+        assert harness.settle(waiter, grant, Created(sandbox_id, 600_000)) is None
+        harness.advance(10)
+    capacity = gate_view(harness).capacity
+    assert capacity.in_use == 1
+    assert [(lease.entity, lease.sandbox_id) for lease in capacity.leases] == [("Job/a", "sbx-2")]
+
+
+def test_a_shrunk_capacity_grows_by_one_per_run_of_successes() -> None:
+    # Catches: the success streak restarting at 1 instead of 0 after a growth step, which
+    # grows the capacity back faster than one per `capacity_grow_after` successes.
+    config = AdmissionConfig(
+        create_slots=2, create_rate_per_s=1000.0, max_sandboxes=10, capacity_grow_after=2
+    )
+    harness = Harness(config)
+    holder, refused = Waiter("tenant-a", "Job/h"), Waiter("tenant-a", "Job/x")
+    grant = grant_of(harness.admit(holder))
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    harness.advance(10)
+    queued_of(harness.settle(refused, grant_of(harness.admit(refused)), CapacityExhausted()))
+    assert gate_view(harness).capacity.effective_limit == 1
+    harness.release(holder)
+    harness.release(refused)
+    harness.advance(10)  # past the rate gate's spacing
+    limits = []
+    for i in range(4):
+        waiter = Waiter("tenant-a", f"Job/{i}")
+        grant = grant_of(harness.admit(waiter))
+        assert harness.settle(waiter, grant, Created(f"sbx-{i}", 600_000)) is None
+        harness.release(waiter)
+        harness.advance(10)
+        limits.append(gate_view(harness).capacity.effective_limit)
+    assert limits == [1, 2, 2, 3]
