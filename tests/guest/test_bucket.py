@@ -34,3 +34,15 @@ def test_an_overcharge_of_one_millisecond_is_given_back() -> None:
     tat = NOW + 10.0
     assert settle_charge(bucket, tat, NOW, Charge("tokens", 2.0, 100.0), actual=1.0) == tat - 1
     assert settle_charge(bucket, tat, NOW, Charge("tokens", 4.0, 100.0), actual=1.0) == tat - 3
+
+
+def test_a_cost_fits_up_to_the_level_exactly_and_not_beyond() -> None:
+    # Catches: the float tolerance applied the wrong way (a cost equal to the level
+    # refused) or a strict comparison (a cost at the level plus the tolerance refused).
+    bucket = Bucket(interval_ms=1_000.0, burst=2.0)
+    tat = NOW + 1_000.0  # one token spent: the level is 1
+    assert bucket.level(tat, NOW) == 1.0
+    assert bucket.fits(tat, NOW, 1.0)
+    assert bucket.fits(tat, NOW, 1.0 + 1e-9)
+    assert not bucket.fits(tat, NOW, 1.0 + 1e-6)
+    assert bucket.fits(tat, NOW + 1_000, 2.0)
