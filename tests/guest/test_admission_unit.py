@@ -23,6 +23,7 @@ from provisioner.admission import (
 )
 from provisioner.admission.backoff import backoff_ms
 from provisioner.admission.inspect import GateView, inspect_gates
+from provisioner.admission.place import Place, Stage
 from provisioner.admission.state import ticket_key, waiter_key
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
@@ -700,3 +701,88 @@ def test_a_shrunk_capacity_grows_by_one_per_run_of_successes() -> None:
         harness.advance(10)
         limits.append(gate_view(harness).capacity.effective_limit)
     assert limits == [1, 2, 2, 3]
+
+
+class RivalPlaceWrite(InterposedBackend):
+    """Another invocation of the same waiter writes its place just before this one does."""
+
+    def __init__(self, inner: StorageBackend, key: str) -> None:
+        super().__init__(inner)
+        self.key = key
+        self.armed = False
+
+    def before(self, operation: str, key: str) -> None:
+        if self.armed and operation == "compare_and_swap" and key == self.key:
+            self.armed = False
+            namespace = account_namespace(ACCOUNT)
+            current = self.inner.get(namespace, key)
+            version = None if current is None else current.version
+            self.inner.compare_and_swap(namespace, key, version, b"rival", None)
+
+
+def test_a_place_written_meanwhile_by_another_invocation_is_replaced_by_the_settle() -> None:
+    # Catches: a place write that meets a conflict and then never lands (the version it
+    # retries with not re-read), leaving the rival's place to guide the waiter's next call.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/a")
+    key = waiter_key(waiter.tenant, waiter.entity)
+    rival = RivalPlaceWrite(harness.backend, key)
+    harness.backend = rival
+    grant = grant_of(harness.admit(waiter))
+    rival.armed = True
+    assert harness.settle(waiter, grant, Created("sbx-a", 600_000)) is None
+    assert not rival.armed
+    entry = rival.inner.get(account_namespace(ACCOUNT), key)
+    assert entry is not None and entry.value != b"rival"
+    assert Place.from_bytes(entry.value).stage is Stage.HOLDING
+
+
+def test_a_settled_place_lives_until_its_waiter_is_no_longer_expected() -> None:
+    # Catches: a place written by a settle without its TTL: a waiter that stopped calling
+    # (a retry that never came back, a holder never released) would leave its key for ever.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    retrying, holding = Waiter("tenant-a", "Job/r"), Waiter("tenant-a", "Job/h")
+    assert harness.settle(holding, grant_of(harness.admit(holding)), Created("sbx", 60_000)) is None
+    harness.advance(10)
+    queued_of(harness.settle(retrying, grant_of(harness.admit(retrying)), RateLimited(1_000)))
+    namespace = account_namespace(ACCOUNT)
+    keys = [waiter_key(w.tenant, w.entity) for w in (retrying, holding)]
+    assert all(harness.backend.get(namespace, key) is not None for key in keys)
+    harness.advance(harness.config.queue_timeout_ms + 3_600_000)
+    assert [harness.backend.get(namespace, key) for key in keys] == [None, None]
+
+
+def test_a_waiter_leaving_the_queue_out_of_order_keeps_its_tenants_turn_in_the_ring() -> None:
+    # Catches: a tenant sent to the back of the ring when one of its waiters leaves the
+    # queue (released while waiting), as if it had been granted: its next waiter would lose
+    # the round-robin turn to the other tenant.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    holder = Waiter("holder", "Job/h")
+    grant = grant_of(harness.admit(holder))
+    leaving, other, next_of_a = (
+        Waiter("tenant-a", "Job/a1"),
+        Waiter("tenant-b", "Job/b1"),
+        Waiter("tenant-a", "Job/a2"),
+    )
+    for waiter in (leaving, other, next_of_a):
+        queued_of(harness.admit(waiter))
+    assert harness.release(leaving) is True
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    harness.advance(10)  # past the rate gate's spacing
+    assert isinstance(harness.admit(next_of_a), Grant)
+    assert queued_of(harness.admit(other)).position == 1
+
+
+def test_dropping_a_retry_gives_up_its_reservation() -> None:
+    # Catches: a retry dropped (released) that leaves its reservation behind, pinning a
+    # permit to nobody until the claim deadline (or that keeps only that one).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    retrying, later = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=1_000)))
+    harness.advance(3_000)
+    queued_of(harness.admit(later))  # promises the free slot to the retry
+    before = gate_view(harness).reservations
+    assert [(r.tenant, r.entity) for r in before] == [("tenant-a", "Job/a")], before
+    assert harness.release(retrying) is True
+    assert all(r.entity != "Job/a" for r in gate_view(harness).reservations)
