@@ -22,7 +22,7 @@ from provisioner.admission.inspect import (
     inspect_gates,
 )
 from provisioner.admission.place import Place, Stage
-from provisioner.admission.state import waiter_key
+from provisioner.admission.state import ticket_key, waiter_key
 from provisioner.ports import Scope
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
@@ -365,3 +365,35 @@ def test_releasing_a_retry_that_holds_nothing_says_it_was_waiting_and_drops_it()
     assert harness.release(retrying) is True
     assert view(harness).waiters == ()
     assert harness.release(retrying) is False
+
+
+def test_the_create_latency_is_the_first_then_a_quarter_weighted_running_mean() -> None:
+    # Catches: the measured create latency (what slot ETAs rest on) smoothed with other
+    # weights, not smoothed at all, or a create answered in the millisecond it was sent
+    # counted as taking one.
+    harness = Harness(AdmissionConfig(create_slots=3, create_rate_per_s=1000.0))
+    measured = []
+    for i, latency_ms in enumerate((0, 8_000, 4_000)):
+        waiter = Waiter("tenant-a", f"Job/{i}")
+        grant = grant_of(harness.admit(waiter))
+        harness.advance(latency_ms)
+        assert harness.settle(waiter, grant, Created(f"sbx-{i}", 600_000)) is None
+        measured.append(view(harness).create_latency_ms)
+        harness.advance(10)  # past the rate gate's spacing
+    assert measured == [0, (0 * 3 + 8_000) // 4, (2_000 * 3 + 4_000) // 4]
+
+
+def test_a_released_waiter_leaves_no_ticket_key_behind() -> None:
+    # Catches: a release of a queued waiter that keeps its ticket's liveness key, so the
+    # ticket would count as alive until the key expired.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    leaving = Waiter("tenant-a", "Job/a")
+    queued_of(harness.admit(leaving))
+    [shown] = view(harness).waiters
+    assert shown.ticket is not None
+    key = ticket_key(leaving.tenant, shown.ticket)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    assert storage.get(Scope.ACCOUNT, key) is not None
+    assert harness.release(leaving) is True
+    assert storage.get(Scope.ACCOUNT, key) is None
