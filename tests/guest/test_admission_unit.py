@@ -786,3 +786,23 @@ def test_dropping_a_retry_gives_up_its_reservation() -> None:
     assert [(r.tenant, r.entity) for r in before] == [("tenant-a", "Job/a")], before
     assert harness.release(retrying) is True
     assert all(r.entity != "Job/a" for r in gate_view(harness).reservations)
+
+
+@pytest.mark.parametrize("holding", [0, 1])
+def test_an_account_full_while_we_hold_nothing_starts_the_shared_backoff(holding: int) -> None:
+    # Catches: "the account is full" answered while none of its sandboxes are ours (someone
+    # else holds them all: only time frees one) that does not back off, or one answered
+    # while we hold some (ours will free up) that does.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    for i in range(holding):
+        holder = Waiter("tenant-b", f"Job/h{i}")
+        assert (
+            harness.settle(holder, grant_of(harness.admit(holder)), Created("sbx", 600_000)) is None
+        )
+        harness.advance(10)
+    waiter = Waiter("tenant-a", "Job/a")
+    queued_of(harness.settle(waiter, grant_of(harness.admit(waiter)), CapacityExhausted()))
+    backoff = gate_view(harness).backoff
+    assert (backoff.failures, backoff.until_ms > harness.clock.now_ms()) == (
+        (1, True) if holding == 0 else (0, False)
+    )
