@@ -614,6 +614,7 @@ def test_a_repeated_settle_of_a_retried_create_reports_the_retry_and_adds_no_sec
     storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
     gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
     assert [(w.entity, w.stage.value) for w in gates.waiters] == [("Job/1", "r")]
+    assert gates.backoff.failures == 1  # the repeat is not a second failure
 
 
 def test_a_dead_ticket_dropped_from_the_front_keeps_its_tenants_turn_in_the_ring() -> None:
@@ -806,3 +807,19 @@ def test_an_account_full_while_we_hold_nothing_starts_the_shared_backoff(holding
     assert (backoff.failures, backoff.until_ms > harness.clock.now_ms()) == (
         (1, True) if holding == 0 else (0, False)
     )
+
+
+def test_a_late_answer_for_a_waiter_retrying_already_stops_counting_its_create() -> None:
+    # Catches: an answer that arrives after the create's lease expired (the waiter was
+    # made a retry meanwhile) whose settle is not saved: the unanswered create would go on
+    # counting against capacity until the sandbox it might have made timed out.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiter, other = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    grant = grant_of(harness.admit(waiter))
+    harness.advance(grant.expires_at_ms - harness.clock.now_ms() + 1)
+    grant_of(harness.admit(other))  # the expired lease's slot is free again
+    queued_of(harness.admit(waiter))  # its create lease expired: it is a retry now
+    assert gate_view(harness).capacity.in_use == 2  # the unanswered create still counts
+    queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=1_000)))
+    gates = gate_view(harness)
+    assert gates.capacity.in_use == 1 and gates.capacity.unsettled == ()
