@@ -823,3 +823,22 @@ def test_a_late_answer_for_a_waiter_retrying_already_stops_counting_its_create()
     queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=1_000)))
     gates = gate_view(harness)
     assert gates.capacity.in_use == 1 and gates.capacity.unsettled == ()
+
+
+def test_a_retry_whose_place_expired_during_the_create_keeps_the_time_it_had_queued() -> None:
+    # Catches: a settle that finds the waiter's place gone (its create was answered after
+    # the place's TTL) dating the retry from the wrong side of now: the wait it reports
+    # (and the queue timeout it is held to) would be wrong.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    holder, waiter = Waiter("holder", "Job/h"), Waiter("tenant-a", "Job/a")
+    held = grant_of(harness.admit(holder))
+    queued_of(harness.admit(waiter))
+    harness.advance(5_000)
+    assert harness.settle(holder, held, Created("sbx-h", 600_000)) is None
+    grant = grant_of(harness.admit(waiter))
+    assert grant.queued_ms == 5_000
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    harness.advance(harness.config.create_lease_ms + harness.config.waiter_ttl_ms + 1)
+    assert storage.get(Scope.ACCOUNT, waiter_key(waiter.tenant, waiter.entity)) is None
+    retry = queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=1_000)))
+    assert retry.waited_ms == 5_000
