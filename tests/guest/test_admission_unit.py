@@ -802,7 +802,11 @@ def test_an_account_full_while_we_hold_nothing_starts_the_shared_backoff(holding
         )
         harness.advance(10)
     waiter = Waiter("tenant-a", "Job/a")
-    queued_of(harness.settle(waiter, grant_of(harness.admit(waiter)), CapacityExhausted()))
+    told = queued_of(harness.settle(waiter, grant_of(harness.admit(waiter)), CapacityExhausted()))
+    # Told why: the shared backoff, or the (shrunk) capacity it now waits for.
+    assert (told.reason, told.in_use, told.limit) == (
+        ("backoff", 0, 2) if holding == 0 else ("capacity", 1, 1)
+    )
     backoff = gate_view(harness).backoff
     assert (backoff.failures, backoff.until_ms > harness.clock.now_ms()) == (
         (1, True) if holding == 0 else (0, False)
