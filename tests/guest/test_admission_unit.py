@@ -846,3 +846,34 @@ def test_a_retry_whose_place_expired_during_the_create_keeps_the_time_it_had_que
     assert storage.get(Scope.ACCOUNT, waiter_key(waiter.tenant, waiter.entity)) is None
     retry = queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=1_000)))
     assert retry.waited_ms == 5_000
+
+
+def test_retries_wait_in_the_order_they_failed() -> None:
+    # Catches: a retry's place among the retries miscounted (the first that is not it, or
+    # one too few), so the second of two retries is told it is first.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    first, second = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    first_grant = grant_of(harness.admit(first))
+    harness.advance(5)
+    second_grant = grant_of(harness.admit(second))
+    told = [
+        queued_of(harness.settle(first, first_grant, RateLimited(retry_after_ms=1_000))),
+        queued_of(harness.settle(second, second_grant, RateLimited(retry_after_ms=1_000))),
+        queued_of(harness.admit(second)),
+        queued_of(harness.admit(first)),
+    ]
+    assert [t.position for t in told] == [1, 2, 2, 1]
+
+
+def test_a_retry_is_not_held_back_by_the_sandbox_its_own_lost_answer_may_have_made() -> None:
+    # Catches: a retry whose unanswered create still counts against a full capacity told
+    # to wait for capacity (its own possible sandbox, which its retry adopts by key).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0, max_sandboxes=1))
+    waiter = Waiter("tenant-a", "Job/a")
+    grant = grant_of(harness.admit(waiter))
+    harness.advance(2_000)  # the create's latency: what a wait for capacity would be
+    told = queued_of(harness.settle(waiter, grant, Unavailable(status=503)))
+    assert gate_view(harness).capacity.in_use == 1  # its possible sandbox
+    assert told.reason == "backoff" and told.eta_ms == gate_view(harness).backoff.cooling_ms
+    harness.advance(told.retry_after_ms)
+    assert isinstance(harness.admit(waiter), Grant)
