@@ -877,3 +877,18 @@ def test_a_retry_is_not_held_back_by_the_sandbox_its_own_lost_answer_may_have_ma
     assert told.reason == "backoff" and told.eta_ms == gate_view(harness).backoff.cooling_ms
     harness.advance(told.retry_after_ms)
     assert isinstance(harness.admit(waiter), Grant)
+
+
+def test_a_waiter_held_by_the_rate_is_told_how_many_tokens_are_spent() -> None:
+    # Catches: the rate gate's `in_use` counted as burst plus the tokens left instead of
+    # burst minus them (a waiter behind a refilled token would see more than the burst).
+    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
+    for entity in ("Job/a", "Job/b"):
+        grant_of(harness.admit(Waiter("tenant-a", entity)))
+    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
+    queued_of(harness.admit(first))
+    told = queued_of(harness.admit(second))
+    assert (told.reason, told.in_use, told.limit) == ("rate", 2, 2)
+    harness.advance(1_000)  # one token back, promised to the first
+    told = queued_of(harness.admit(second))
+    assert (told.reason, told.position, told.in_use, told.limit) == ("rate", 2, 1, 2)
