@@ -892,3 +892,26 @@ def test_a_waiter_held_by_the_rate_is_told_how_many_tokens_are_spent() -> None:
     harness.advance(1_000)  # one token back, promised to the first
     told = queued_of(harness.admit(second))
     assert (told.reason, told.position, told.in_use, told.limit) == ("rate", 2, 1, 2)
+
+
+def test_a_release_that_frees_nothing_still_keeps_the_promise_it_made() -> None:
+    # Catches: a release (of a waiter that held and waited for nothing) whose decision
+    # promised the next rate token to a waiter but was not saved: the promise and its
+    # wake-up would be lost.
+    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
+    for entity in ("Job/a", "Job/b"):
+        grant_of(harness.admit(Waiter("tenant-a", entity)))
+    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
+    queued_of(harness.admit(first))
+    queued_of(harness.admit(second))
+    harness.advance(1_000)  # the first's token is due; the next one is not promised yet
+    controller = harness.controller("tenant-c")
+    assert controller.release(Waiter("tenant-c", "Job/x")) is False
+    [wake] = controller.wake_ups
+    assert (wake.tenant, wake.entity, wake.at_ms) == (
+        "tenant-b",
+        "Job/d",
+        harness.clock.now_ms() + 1_000,
+    )
+    promised = [(r.tenant, r.at_ms) for r in gate_view(harness).reservations]
+    assert promised[-1] == ("tenant-b", wake.at_ms) and len(promised) == 2
