@@ -915,3 +915,30 @@ def test_a_release_that_frees_nothing_still_keeps_the_promise_it_made() -> None:
     )
     promised = [(r.tenant, r.at_ms) for r in gate_view(harness).reservations]
     assert promised[-1] == ("tenant-b", wake.at_ms) and len(promised) == 2
+
+
+def test_a_waiter_behind_a_promised_token_comes_back_when_its_own_token_is_due() -> None:
+    # Catches: the rate's exact wait not used for a waiter whose token is not promised yet
+    # (it would be told poll_min, throttling a fast rate to one grant per poll), or its
+    # retry_at set before now.
+    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=100.0, create_burst=1))
+    grant_of(harness.admit(Waiter("tenant-a", "Job/a")))
+    queued_of(harness.admit(Waiter("tenant-b", "Job/c")))  # promised the next token
+    told = queued_of(harness.admit(Waiter("tenant-b", "Job/d")))
+    now = harness.clock.now_ms()
+    assert (told.reason, told.position, told.reservation) == ("rate", 2, "")
+    assert (told.eta_ms, told.retry_after_ms, told.retry_at_ms) == (20, 20, now + 20)
+
+
+def test_a_waiter_held_by_a_busy_slot_before_any_latency_is_known_comes_back_at_half_of_it() -> (
+    None
+):
+    # Catches: the assumed create latency halved differently for the first poll, or the
+    # time the waiter is expected back (`retry_at_ms`) set before now.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000.0)
+    harness = Harness(config)
+    grant_of(harness.admit(Waiter("tenant-a", "Job/a")))
+    told = queued_of(harness.admit(Waiter("tenant-b", "Job/b")))
+    assert (told.reason, told.eta_ms) == ("create_slots", config.create_latency_ms)
+    assert told.retry_after_ms == config.create_latency_ms // 2
+    assert told.retry_at_ms == harness.clock.now_ms() + told.eta_ms
