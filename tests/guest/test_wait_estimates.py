@@ -1,6 +1,7 @@
-"""When capacity should be free for a waiter (provisioner/admission/status.py
-`capacity_wait_ms`): from the sandbox leases' expiries, or from the observed hold time once
-one is known, in waves of the capacity limit."""
+"""When a permit should be free for a waiter (provisioner/admission/status.py): capacity
+(`capacity_wait_ms`) from the sandbox leases' expiries, or from the observed hold time once
+one is known, in waves of the capacity limit; a create slot (`slot_wait_ms`) from the
+creates in flight and the create latency, in waves of the slots."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 
 from provisioner.admission import AdmissionConfig
 from provisioner.admission.leases import hold_sandbox
-from provisioner.admission.state import GateState
-from provisioner.admission.status import capacity_wait_ms
+from provisioner.admission.state import CreateLease, GateState
+from provisioner.admission.status import capacity_wait_ms, slot_wait_ms
 
 NOW = 1_000_000
 LATENCY_MS = AdmissionConfig().create_latency_ms
@@ -83,3 +84,32 @@ def test_the_last_waiter_that_fits_the_free_capacity_waits_for_nothing() -> None
     state = holding((10_000, 60_000), (500, 60_000), hold_ms=4_000)
     config = AdmissionConfig(max_sandboxes=3, create_latency_ms=1_000)
     assert capacity_wait_ms(state, config, NOW, 1) == 0
+
+
+def creating(*started_ago: int, latency_ms: int) -> GateState:
+    """A gate with creates in flight, sent `started_ago` ms before now."""
+    leases = [
+        CreateLease(f"c{i}", "tenant-a", f"Job/{i}", NOW + 150_000, NOW - ago, NOW + 3_600_000)
+        for i, ago in enumerate(started_ago)
+    ]
+    return GateState(create_leases=leases, latency_ms=latency_ms)
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        (1, 0),  # a free slot
+        (2, 0),  # the create sent 5 s ago should have answered already
+        (3, 1_000),  # the create sent 1 s ago answers in a second
+        (4, 0 + 2_000),  # the free slot again, one latency later
+        (6, 1_000 + 2_000),
+    ],
+)
+def test_create_slots_free_as_the_creates_in_flight_should_answer(
+    position: int, expected: int
+) -> None:
+    # Catches: a free slot or an overdue create counted as 1 ms away, or later waves
+    # subtracted instead of added.
+    state = creating(5_000, 1_000, latency_ms=2_000)
+    config = AdmissionConfig(create_slots=3)
+    assert slot_wait_ms(state, config, NOW, position) == expected
