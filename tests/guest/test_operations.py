@@ -877,8 +877,9 @@ def test_a_storage_outage_spreads_the_come_back_over_one_second_past_poll_min(
 
 
 def test_each_release_reports_whether_it_freed_a_permit_in_telemetry() -> None:
-    # Catches: the release step misnamed in its admission event (the operator's view of
-    # who released what), or `held` not saying whether a permit was freed.
+    # Catches: the release or admit step misnamed in its admission event (the operator's
+    # view of who was granted or released what), or `held` not saying whether a permit
+    # was freed.
     guest = Guest(ScriptedE2B())
     assert guest.invoke("provision").action == "SandboxReady"
     guest.invoke("release")
@@ -888,3 +889,5 @@ def test_each_release_reports_whether_it_freed_a_permit_in_telemetry() -> None:
         {**event, "event": "admission_released", "held": True},
         {**event, "event": "admission_released", "held": False},
     ]
+    [granted] = guest.events("admission_granted")
+    assert (granted["step"], granted["entity"]) == ("admit", "Job/job-1")
