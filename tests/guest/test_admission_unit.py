@@ -942,3 +942,29 @@ def test_a_waiter_held_by_a_busy_slot_before_any_latency_is_known_comes_back_at_
     assert (told.reason, told.eta_ms) == ("create_slots", config.create_latency_ms)
     assert told.retry_after_ms == config.create_latency_ms // 2
     assert told.retry_at_ms == harness.clock.now_ms() + told.eta_ms
+
+
+def test_a_waiter_asking_while_its_own_create_is_in_flight_comes_back_when_the_lease_ends() -> None:
+    # Catches: the wait of a waiter whose create is in flight not taken from the time
+    # left on its create lease (a second invocation would poll later than needed).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/a")
+    grant = grant_of(harness.admit(waiter))
+    harness.advance(grant.expires_at_ms - harness.clock.now_ms() - 5_000)
+    told = queued_of(harness.admit(waiter))
+    assert (told.position, told.reason, told.retry_after_ms) == (0, "create_slots", 5_000)
+
+
+def test_a_waiter_whose_place_expired_during_a_lost_create_retries_as_its_second_attempt() -> None:
+    # Catches: the attempt of a waiter that comes back with no place while its unanswered
+    # create still counts (a retry that reclaims that possible sandbox) numbered wrongly:
+    # `max_create_attempts` would be applied off by one.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/a")
+    first = grant_of(harness.admit(waiter))
+    assert first.attempt == 1
+    harness.advance(harness.config.create_lease_ms + harness.config.waiter_ttl_ms + 1)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    assert storage.get(Scope.ACCOUNT, waiter_key(waiter.tenant, waiter.entity)) is None
+    assert gate_view(harness).capacity.unsettled != ()
+    assert grant_of(harness.admit(waiter)).attempt == 2
