@@ -949,10 +949,12 @@ def test_a_waiter_asking_while_its_own_create_is_in_flight_comes_back_when_the_l
     # left on its create lease (a second invocation would poll later than needed).
     harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
     waiter = Waiter("tenant-a", "Job/a")
+    started = harness.clock.now_ms()
     grant = grant_of(harness.admit(waiter))
     harness.advance(grant.expires_at_ms - harness.clock.now_ms() - 5_000)
     told = queued_of(harness.admit(waiter))
     assert (told.position, told.reason, told.retry_after_ms) == (0, "create_slots", 5_000)
+    assert told.waited_ms == harness.clock.now_ms() - started
 
 
 def test_a_waiter_whose_place_expired_during_a_lost_create_retries_as_its_second_attempt() -> None:
@@ -968,3 +970,20 @@ def test_a_waiter_whose_place_expired_during_a_lost_create_retries_as_its_second
     assert storage.get(Scope.ACCOUNT, waiter_key(waiter.tenant, waiter.entity)) is None
     assert gate_view(harness).capacity.unsettled != ()
     assert grant_of(harness.admit(waiter)).attempt == 2
+
+
+def test_a_waiter_whose_creates_keep_dying_mid_call_gives_up_after_the_last_attempt() -> None:
+    # Catches: the attempt limit for creates whose holder died mid-call applied one early,
+    # or the refusal naming the wrong number of attempts.
+    harness = Harness(
+        AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, max_create_attempts=2)
+    )
+    waiter = Waiter("tenant-a", "Job/a")
+    for attempt in (1, 2):
+        grant = grant_of(harness.admit(waiter))
+        assert grant.attempt == attempt
+        harness.advance(grant.expires_at_ms - harness.clock.now_ms() + 1)  # it never answers
+    refused = harness.admit(waiter)
+    assert isinstance(refused, Rejected), refused
+    assert refused.failure.code == "retry_budget_exhausted"
+    assert refused.failure.message.startswith("E2B refused 2 create attempts")
