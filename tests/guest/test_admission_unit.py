@@ -987,3 +987,27 @@ def test_a_waiter_whose_creates_keep_dying_mid_call_gives_up_after_the_last_atte
     assert isinstance(refused, Rejected), refused
     assert refused.failure.code == "retry_budget_exhausted"
     assert refused.failure.message.startswith("E2B refused 2 create attempts")
+
+
+def test_a_queue_timeout_rejects_retryably_saying_how_long_and_forgets_the_ticket() -> None:
+    # Catches: the queue-timeout refusal made final (Temper would end the session instead
+    # of letting the next provision start afresh), its wait misreported, or the waiter's
+    # ticket key left behind.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, queue_timeout_ms=5_000)
+    harness = Harness(config)
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    waiter = Waiter("tenant-a", "Job/a")
+    queued_of(harness.admit(waiter))
+    [shown] = gate_view(harness).waiters
+    assert shown.ticket is not None
+    key = ticket_key(waiter.tenant, shown.ticket)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    harness.advance(3_000)
+    queued_of(harness.admit(waiter))
+    harness.advance(3_000)
+    assert storage.get(Scope.ACCOUNT, key) is not None
+    refused = harness.admit(waiter)
+    assert isinstance(refused, Rejected), refused
+    assert (refused.failure.code, refused.failure.retryable) == ("queue_timeout", True)
+    assert refused.failure.message.startswith("waited 6000 ms for a sandbox")
+    assert storage.get(Scope.ACCOUNT, key) is None
