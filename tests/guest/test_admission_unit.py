@@ -1011,3 +1011,21 @@ def test_a_queue_timeout_rejects_retryably_saying_how_long_and_forgets_the_ticke
     assert (refused.failure.code, refused.failure.retryable) == ("queue_timeout", True)
     assert refused.failure.message.startswith("waited 6000 ms for a sandbox")
     assert storage.get(Scope.ACCOUNT, key) is None
+
+
+def test_the_first_of_many_retries_is_granted_when_the_slot_frees() -> None:
+    # Catches: the number of passes a decision makes (dropping dead waiters ahead, then
+    # granting) bounded so that with more retries than create slots it makes none, and no
+    # waiter is ever granted again.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiters = [Waiter("tenant-a", f"Job/{i}") for i in range(4)]
+    for waiter in waiters:  # each create's holder dies mid-call: its lease expires
+        grant = grant_of(harness.admit(waiter))
+        harness.advance(grant.expires_at_ms - harness.clock.now_ms() + 1)
+    again = grant_of(harness.admit(waiters[0]))
+    for waiter in waiters[1:]:
+        queued_of(harness.admit(waiter))
+    assert [w.stage for w in gate_view(harness).waiters] == [Stage.RETRYING] * 3
+    assert harness.settle(waiters[0], again, Created("sbx-0", 600_000)) is None
+    harness.advance(10)  # past the rate gate's spacing
+    assert isinstance(harness.admit(waiters[1]), Grant)
