@@ -1029,3 +1029,19 @@ def test_the_first_of_many_retries_is_granted_when_the_slot_frees() -> None:
     assert harness.settle(waiters[0], again, Created("sbx-0", 600_000)) is None
     harness.advance(10)  # past the rate gate's spacing
     assert isinstance(harness.admit(waiters[1]), Grant)
+
+
+def test_a_waiter_polling_behind_a_promised_token_keeps_the_promise_made_to_it() -> None:
+    # Catches: a queued answer whose decision only promised a permit (nothing else
+    # changed) not saved: the waiter would be told a reservation the gate does not hold.
+    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
+    for entity in ("Job/a", "Job/b"):
+        grant_of(harness.admit(Waiter("tenant-a", entity)))
+    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
+    queued_of(harness.admit(first))
+    queued_of(harness.admit(second))
+    harness.advance(1_000)  # the first's token is due; the second's is next
+    told = queued_of(harness.admit(second))
+    assert told.reservation
+    stored = [(r.tenant, r.at_ms) for r in gate_view(harness).reservations]
+    assert ("tenant-b", told.retry_at_ms) in stored and len(stored) == 2
