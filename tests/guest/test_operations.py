@@ -890,4 +890,5 @@ def test_each_release_reports_whether_it_freed_a_permit_in_telemetry() -> None:
         {**event, "event": "admission_released", "held": False},
     ]
     [granted] = guest.events("admission_granted")
-    assert (granted["step"], granted["entity"]) == ("admit", "Job/job-1")
+    assert (granted["step"], granted["entity"], granted["attempt"]) == ("admit", "Job/job-1", 1)
+    assert isinstance(granted["lease_id"], str) and granted["lease_id"]
