@@ -13,6 +13,7 @@ from provisioner.admission import (
     CapacityExhausted,
     Created,
     CreateFailed,
+    CreateResult,
     Grant,
     Queued,
     RateLimited,
@@ -21,10 +22,12 @@ from provisioner.admission import (
     Waiter,
 )
 from provisioner.admission.backoff import backoff_ms
-from provisioner.admission.inspect import inspect_gates
-from provisioner.admission.state import waiter_key
+from provisioner.admission.inspect import GateView, inspect_gates
+from provisioner.admission.place import Place, Stage
+from provisioner.admission.state import ticket_key, waiter_key
+from provisioner.failures import FailureCode
 from provisioner.model import Failure
-from provisioner.ports import StorageConflict, StorageUnavailable
+from provisioner.ports import Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
@@ -561,3 +564,484 @@ def view_leases(harness: Harness) -> list[str]:
     storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
     gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
     return [lease.lease_id for lease in gates.create_slots.leases]
+
+
+REFUSED = Failure(FailureCode.E2B_BAD_REQUEST, "bad template", retryable=False)
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [(CreateFailed(REFUSED), Rejected(REFUSED)), (Created("sbx-a", 3_600_000), None)],
+)
+def test_a_late_answer_for_a_waiter_queued_again_takes_its_ticket_out(
+    answer: CreateResult, outcome: Rejected | None
+) -> None:
+    # Catches: a late answer that ends the wait (a refusal, or the sandbox after all) for
+    # a waiter that had come back with a fresh ticket meanwhile (its first create went
+    # unanswered until it no longer counted), leaving that ticket in its tenant's queue or
+    # its liveness key stored: a waiter that is done would hold a turn until the
+    # dead-waiter sweep found it.
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000.0, max_sandboxes=1))
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    late, holder = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    unanswered = grant_of(harness.admit(late))
+    while gate_view(harness).capacity.in_use:
+        harness.advance(600_000)  # until its create no longer counts
+    held = grant_of(harness.admit(holder))
+    assert harness.settle(holder, held, Created("sbx-b", 3_600_000)) is None
+    queued_of(harness.admit(late))
+    [again] = gate_view(harness).waiters
+    assert again.entity == late.entity and again.ticket is not None
+    ticket = ticket_key(late.tenant, again.ticket)
+    assert storage.get(Scope.ACCOUNT, ticket) is not None
+
+    assert harness.settle(late, unanswered, answer) == outcome
+    gates = gate_view(harness)
+    assert gates.waiters == () and gates.waiting_tenants == ()
+    assert storage.get(Scope.ACCOUNT, ticket) is None
+
+
+def test_a_repeated_settle_of_a_retried_create_reports_the_retry_and_adds_no_second() -> None:
+    # Catches: a repeated settle (an invocation that settled, then lost the answer and
+    # settled again) that reports the waiter as done instead of still retrying, or that
+    # stores the retry twice (the waiter would hold two turns).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/1")
+    grant = grant_of(harness.admit(waiter))
+    first = queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=10_000)))
+    again = queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=10_000)))
+    assert (again.reason, again.position) == (first.reason, first.position) == ("backoff", 1)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    gates = inspect_gates(storage, harness.clock.now_ms(), harness.config)
+    assert [(w.entity, w.stage.value) for w in gates.waiters] == [("Job/1", "r")]
+    assert gates.backoff.failures == 1  # the repeat is not a second failure
+
+
+def test_a_dead_ticket_dropped_from_the_front_keeps_its_tenants_turn_in_the_ring() -> None:
+    # Catches: a tenant whose front waiter stopped polling sent to the back of the ring
+    # when that dead ticket is dropped, as if it had been granted: its next waiter would
+    # lose the round-robin turn to the other tenant.
+    harness = Harness(
+        AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, waiter_ttl_ms=1_000)
+    )
+    holder = Waiter("holder", "Job/h")
+    grant = grant_of(harness.admit(holder))
+    gone, other, next_of_a = (
+        Waiter("tenant-a", "Job/a1"),
+        Waiter("tenant-b", "Job/b1"),
+        Waiter("tenant-a", "Job/a2"),
+    )
+    for waiter in (gone, other, next_of_a):
+        queued_of(harness.admit(waiter))
+    for _ in range(2):  # the two keep polling; the first of tenant-a does not
+        harness.advance(2_000)
+        queued_of(harness.admit(other))
+        queued_of(harness.admit(next_of_a))
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    assert isinstance(harness.admit(next_of_a), Grant)
+    assert queued_of(harness.admit(other)).position == 1
+
+
+def test_a_retry_that_stopped_polling_is_dropped_and_the_next_waiter_granted_at_once() -> None:
+    # Catches: a dead retry dropped from the front without the decision looking again, so
+    # the waiter behind it is told to wait one more poll for a permit that is free.
+    harness = Harness(
+        AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, waiter_ttl_ms=1_000)
+    )
+    gone, behind = Waiter("tenant-a", "Job/1"), Waiter("tenant-b", "Job/2")
+    grant = grant_of(harness.admit(gone))
+    queued_of(harness.settle(gone, grant, RateLimited(retry_after_ms=1_000)))
+    queued_of(harness.admit(behind))
+    harness.advance(60_000)  # past the retry's liveness; `behind` asks again now
+    assert isinstance(harness.admit(behind), Grant)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    assert inspect_gates(storage, harness.clock.now_ms(), harness.config).waiters == ()
+
+
+def gate_view(harness: Harness) -> GateView:
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    return inspect_gates(storage, harness.clock.now_ms(), harness.config)
+
+
+def test_an_entity_that_creates_again_holds_one_capacity_lease_for_its_new_sandbox() -> None:
+    # Catches: a re-create (the entity provisions again while its lease is held) that
+    # keeps the old lease beside the new one: one entity would count twice.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/a")
+    for sandbox_id in ("sbx-1", "sbx-2"):
+        grant = grant_of(harness.admit(waiter))
+        assert harness.settle(waiter, grant, Created(sandbox_id, 600_000)) is None
+        harness.advance(10)
+    capacity = gate_view(harness).capacity
+    assert capacity.in_use == 1
+    assert [(lease.entity, lease.sandbox_id) for lease in capacity.leases] == [("Job/a", "sbx-2")]
+
+
+def test_a_shrunk_capacity_grows_by_one_per_run_of_successes() -> None:
+    # Catches: the success streak restarting at 1 instead of 0 after a growth step, which
+    # grows the capacity back faster than one per `capacity_grow_after` successes.
+    config = AdmissionConfig(
+        create_slots=2, create_rate_per_s=1000.0, max_sandboxes=10, capacity_grow_after=2
+    )
+    harness = Harness(config)
+    holder, refused = Waiter("tenant-a", "Job/h"), Waiter("tenant-a", "Job/x")
+    grant = grant_of(harness.admit(holder))
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    harness.advance(10)
+    queued_of(harness.settle(refused, grant_of(harness.admit(refused)), CapacityExhausted()))
+    assert gate_view(harness).capacity.effective_limit == 1
+    harness.release(holder)
+    harness.release(refused)
+    harness.advance(10)  # past the rate gate's spacing
+    limits = []
+    for i in range(4):
+        waiter = Waiter("tenant-a", f"Job/{i}")
+        grant = grant_of(harness.admit(waiter))
+        assert harness.settle(waiter, grant, Created(f"sbx-{i}", 600_000)) is None
+        harness.release(waiter)
+        harness.advance(10)
+        limits.append(gate_view(harness).capacity.effective_limit)
+    assert limits == [1, 2, 2, 3]
+
+
+class RivalPlaceWrite(InterposedBackend):
+    """Another invocation of the same waiter writes its place just before this one does."""
+
+    def __init__(self, inner: StorageBackend, key: str) -> None:
+        super().__init__(inner)
+        self.key = key
+        self.armed = False
+
+    def before(self, operation: str, key: str) -> None:
+        if self.armed and operation == "compare_and_swap" and key == self.key:
+            self.armed = False
+            namespace = account_namespace(ACCOUNT)
+            current = self.inner.get(namespace, key)
+            version = None if current is None else current.version
+            self.inner.compare_and_swap(namespace, key, version, b"rival", None)
+
+
+def test_a_place_written_meanwhile_by_another_invocation_is_replaced_by_the_settle() -> None:
+    # Catches: a place write that meets a conflict and then never lands (the version it
+    # retries with not re-read), leaving the rival's place to guide the waiter's next call.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/a")
+    key = waiter_key(waiter.tenant, waiter.entity)
+    rival = RivalPlaceWrite(harness.backend, key)
+    harness.backend = rival
+    grant = grant_of(harness.admit(waiter))
+    rival.armed = True
+    assert harness.settle(waiter, grant, Created("sbx-a", 600_000)) is None
+    assert not rival.armed
+    entry = rival.inner.get(account_namespace(ACCOUNT), key)
+    assert entry is not None and entry.value != b"rival"
+    assert Place.from_bytes(entry.value).stage is Stage.HOLDING
+
+
+def test_a_settled_place_lives_until_its_waiter_is_no_longer_expected() -> None:
+    # Catches: a place written by a settle without its TTL: a waiter that stopped calling
+    # (a retry that never came back, a holder never released) would leave its key for ever.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    retrying, holding = Waiter("tenant-a", "Job/r"), Waiter("tenant-a", "Job/h")
+    assert harness.settle(holding, grant_of(harness.admit(holding)), Created("sbx", 60_000)) is None
+    harness.advance(10)
+    queued_of(harness.settle(retrying, grant_of(harness.admit(retrying)), RateLimited(1_000)))
+    namespace = account_namespace(ACCOUNT)
+    keys = [waiter_key(w.tenant, w.entity) for w in (retrying, holding)]
+    assert all(harness.backend.get(namespace, key) is not None for key in keys)
+    harness.advance(harness.config.queue_timeout_ms + 3_600_000)
+    assert [harness.backend.get(namespace, key) for key in keys] == [None, None]
+
+
+def test_a_waiter_leaving_the_queue_out_of_order_keeps_its_tenants_turn_in_the_ring() -> None:
+    # Catches: a tenant sent to the back of the ring when one of its waiters leaves the
+    # queue (released while waiting), as if it had been granted: its next waiter would lose
+    # the round-robin turn to the other tenant.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    holder = Waiter("holder", "Job/h")
+    grant = grant_of(harness.admit(holder))
+    leaving, other, next_of_a = (
+        Waiter("tenant-a", "Job/a1"),
+        Waiter("tenant-b", "Job/b1"),
+        Waiter("tenant-a", "Job/a2"),
+    )
+    for waiter in (leaving, other, next_of_a):
+        queued_of(harness.admit(waiter))
+    assert harness.release(leaving) is True
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    harness.advance(10)  # past the rate gate's spacing
+    assert isinstance(harness.admit(next_of_a), Grant)
+    assert queued_of(harness.admit(other)).position == 1
+
+
+def test_dropping_a_retry_gives_up_its_reservation() -> None:
+    # Catches: a retry dropped (released) that leaves its reservation behind, pinning a
+    # permit to nobody until the claim deadline (or that keeps only that one).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    retrying, later = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=1_000)))
+    harness.advance(3_000)
+    queued_of(harness.admit(later))  # promises the free slot to the retry
+    before = gate_view(harness).reservations
+    assert [(r.tenant, r.entity) for r in before] == [("tenant-a", "Job/a")], before
+    assert harness.release(retrying) is True
+    assert all(r.entity != "Job/a" for r in gate_view(harness).reservations)
+
+
+@pytest.mark.parametrize("holding", [0, 1])
+def test_an_account_full_while_we_hold_nothing_starts_the_shared_backoff(holding: int) -> None:
+    # Catches: "the account is full" answered while none of its sandboxes are ours (someone
+    # else holds them all: only time frees one) that does not back off, or one answered
+    # while we hold some (ours will free up) that does.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    for i in range(holding):
+        holder = Waiter("tenant-b", f"Job/h{i}")
+        assert (
+            harness.settle(holder, grant_of(harness.admit(holder)), Created("sbx", 600_000)) is None
+        )
+        harness.advance(10)
+    waiter = Waiter("tenant-a", "Job/a")
+    told = queued_of(harness.settle(waiter, grant_of(harness.admit(waiter)), CapacityExhausted()))
+    # Told why: the shared backoff, or the (shrunk) capacity it now waits for.
+    assert (told.reason, told.in_use, told.limit) == (
+        ("backoff", 0, 2) if holding == 0 else ("capacity", 1, 1)
+    )
+    backoff = gate_view(harness).backoff
+    assert (backoff.failures, backoff.until_ms > harness.clock.now_ms()) == (
+        (1, True) if holding == 0 else (0, False)
+    )
+
+
+def test_a_late_answer_for_a_waiter_retrying_already_stops_counting_its_create() -> None:
+    # Catches: an answer that arrives after the create's lease expired (the waiter was
+    # made a retry meanwhile) whose settle is not saved: the unanswered create would go on
+    # counting against capacity until the sandbox it might have made timed out.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiter, other = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    grant = grant_of(harness.admit(waiter))
+    harness.advance(grant.expires_at_ms - harness.clock.now_ms() + 1)
+    grant_of(harness.admit(other))  # the expired lease's slot is free again
+    queued_of(harness.admit(waiter))  # its create lease expired: it is a retry now
+    assert gate_view(harness).capacity.in_use == 2  # the unanswered create still counts
+    queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=1_000)))
+    gates = gate_view(harness)
+    assert gates.capacity.in_use == 1 and gates.capacity.unsettled == ()
+
+
+def test_a_retry_whose_place_expired_during_the_create_keeps_the_time_it_had_queued() -> None:
+    # Catches: a settle that finds the waiter's place gone (its create was answered after
+    # the place's TTL) dating the retry from the wrong side of now: the wait it reports
+    # (and the queue timeout it is held to) would be wrong.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    holder, waiter = Waiter("holder", "Job/h"), Waiter("tenant-a", "Job/a")
+    held = grant_of(harness.admit(holder))
+    queued_of(harness.admit(waiter))
+    harness.advance(5_000)
+    assert harness.settle(holder, held, Created("sbx-h", 600_000)) is None
+    grant = grant_of(harness.admit(waiter))
+    assert grant.queued_ms == 5_000
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    harness.advance(harness.config.create_lease_ms + harness.config.waiter_ttl_ms + 1)
+    assert storage.get(Scope.ACCOUNT, waiter_key(waiter.tenant, waiter.entity)) is None
+    retry = queued_of(harness.settle(waiter, grant, RateLimited(retry_after_ms=1_000)))
+    assert retry.waited_ms == 5_000
+
+
+def test_retries_wait_in_the_order_they_failed() -> None:
+    # Catches: a retry's place among the retries miscounted (the first that is not it, or
+    # one too few), so the second of two retries is told it is first.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    first, second = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    first_grant = grant_of(harness.admit(first))
+    harness.advance(5)
+    second_grant = grant_of(harness.admit(second))
+    told = [
+        queued_of(harness.settle(first, first_grant, RateLimited(retry_after_ms=1_000))),
+        queued_of(harness.settle(second, second_grant, RateLimited(retry_after_ms=1_000))),
+        queued_of(harness.admit(second)),
+        queued_of(harness.admit(first)),
+    ]
+    assert [t.position for t in told] == [1, 2, 2, 1]
+
+
+def test_a_retry_is_not_held_back_by_the_sandbox_its_own_lost_answer_may_have_made() -> None:
+    # Catches: a retry whose unanswered create still counts against a full capacity told
+    # to wait for capacity (its own possible sandbox, which its retry adopts by key).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0, max_sandboxes=1))
+    waiter = Waiter("tenant-a", "Job/a")
+    grant = grant_of(harness.admit(waiter))
+    harness.advance(2_000)  # the create's latency: what a wait for capacity would be
+    told = queued_of(harness.settle(waiter, grant, Unavailable(status=503)))
+    assert gate_view(harness).capacity.in_use == 1  # its possible sandbox
+    assert told.reason == "backoff" and told.eta_ms == gate_view(harness).backoff.cooling_ms
+    harness.advance(told.retry_after_ms)
+    assert isinstance(harness.admit(waiter), Grant)
+
+
+def test_a_waiter_held_by_the_rate_is_told_how_many_tokens_are_spent() -> None:
+    # Catches: the rate gate's `in_use` counted as burst plus the tokens left instead of
+    # burst minus them (a waiter behind a refilled token would see more than the burst).
+    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
+    for entity in ("Job/a", "Job/b"):
+        grant_of(harness.admit(Waiter("tenant-a", entity)))
+    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
+    queued_of(harness.admit(first))
+    told = queued_of(harness.admit(second))
+    assert (told.reason, told.in_use, told.limit) == ("rate", 2, 2)
+    harness.advance(1_000)  # one token back, promised to the first
+    told = queued_of(harness.admit(second))
+    assert (told.reason, told.position, told.in_use, told.limit) == ("rate", 2, 1, 2)
+
+
+def test_a_release_that_frees_nothing_still_keeps_the_promise_it_made() -> None:
+    # Catches: a release (of a waiter that held and waited for nothing) whose decision
+    # promised the next rate token to a waiter but was not saved: the promise and its
+    # wake-up would be lost.
+    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
+    for entity in ("Job/a", "Job/b"):
+        grant_of(harness.admit(Waiter("tenant-a", entity)))
+    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
+    queued_of(harness.admit(first))
+    queued_of(harness.admit(second))
+    harness.advance(1_000)  # the first's token is due; the next one is not promised yet
+    controller = harness.controller("tenant-c")
+    assert controller.release(Waiter("tenant-c", "Job/x")) is False
+    [wake] = controller.wake_ups
+    assert (wake.tenant, wake.entity, wake.at_ms) == (
+        "tenant-b",
+        "Job/d",
+        harness.clock.now_ms() + 1_000,
+    )
+    promised = [(r.tenant, r.at_ms) for r in gate_view(harness).reservations]
+    assert promised[-1] == ("tenant-b", wake.at_ms) and len(promised) == 2
+
+
+def test_a_waiter_behind_a_promised_token_comes_back_when_its_own_token_is_due() -> None:
+    # Catches: the rate's exact wait not used for a waiter whose token is not promised yet
+    # (it would be told poll_min, throttling a fast rate to one grant per poll), or its
+    # retry_at set before now.
+    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=100.0, create_burst=1))
+    grant_of(harness.admit(Waiter("tenant-a", "Job/a")))
+    queued_of(harness.admit(Waiter("tenant-b", "Job/c")))  # promised the next token
+    told = queued_of(harness.admit(Waiter("tenant-b", "Job/d")))
+    now = harness.clock.now_ms()
+    assert (told.reason, told.position, told.reservation) == ("rate", 2, "")
+    assert (told.eta_ms, told.retry_after_ms, told.retry_at_ms) == (20, 20, now + 20)
+
+
+def test_a_waiter_held_by_a_busy_slot_before_any_latency_is_known_comes_back_at_half_of_it() -> (
+    None
+):
+    # Catches: the assumed create latency halved differently for the first poll, or the
+    # time the waiter is expected back (`retry_at_ms`) set before now.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000.0)
+    harness = Harness(config)
+    grant_of(harness.admit(Waiter("tenant-a", "Job/a")))
+    told = queued_of(harness.admit(Waiter("tenant-b", "Job/b")))
+    assert (told.reason, told.eta_ms) == ("create_slots", config.create_latency_ms)
+    assert told.retry_after_ms == config.create_latency_ms // 2
+    assert told.retry_at_ms == harness.clock.now_ms() + told.eta_ms
+
+
+def test_a_waiter_asking_while_its_own_create_is_in_flight_comes_back_when_the_lease_ends() -> None:
+    # Catches: the wait of a waiter whose create is in flight not taken from the time
+    # left on its create lease (a second invocation would poll later than needed).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/a")
+    started = harness.clock.now_ms()
+    grant = grant_of(harness.admit(waiter))
+    harness.advance(grant.expires_at_ms - harness.clock.now_ms() - 5_000)
+    told = queued_of(harness.admit(waiter))
+    assert (told.position, told.reason, told.retry_after_ms) == (0, "create_slots", 5_000)
+    assert told.waited_ms == harness.clock.now_ms() - started
+
+
+def test_a_waiter_whose_place_expired_during_a_lost_create_retries_as_its_second_attempt() -> None:
+    # Catches: the attempt of a waiter that comes back with no place while its unanswered
+    # create still counts (a retry that reclaims that possible sandbox) numbered wrongly:
+    # `max_create_attempts` would be applied off by one.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiter = Waiter("tenant-a", "Job/a")
+    first = grant_of(harness.admit(waiter))
+    assert first.attempt == 1
+    harness.advance(harness.config.create_lease_ms + harness.config.waiter_ttl_ms + 1)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    assert storage.get(Scope.ACCOUNT, waiter_key(waiter.tenant, waiter.entity)) is None
+    assert gate_view(harness).capacity.unsettled != ()
+    assert grant_of(harness.admit(waiter)).attempt == 2
+
+
+def test_a_waiter_whose_creates_keep_dying_mid_call_gives_up_after_the_last_attempt() -> None:
+    # Catches: the attempt limit for creates whose holder died mid-call applied one early,
+    # or the refusal naming the wrong number of attempts.
+    harness = Harness(
+        AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, max_create_attempts=2)
+    )
+    waiter = Waiter("tenant-a", "Job/a")
+    for attempt in (1, 2):
+        grant = grant_of(harness.admit(waiter))
+        assert grant.attempt == attempt
+        harness.advance(grant.expires_at_ms - harness.clock.now_ms() + 1)  # it never answers
+    refused = harness.admit(waiter)
+    assert isinstance(refused, Rejected), refused
+    assert refused.failure.code == "retry_budget_exhausted"
+    assert refused.failure.message.startswith("E2B refused 2 create attempts")
+
+
+def test_a_queue_timeout_rejects_retryably_saying_how_long_and_forgets_the_ticket() -> None:
+    # Catches: the queue-timeout refusal made final (Temper would end the session instead
+    # of letting the next provision start afresh), its wait misreported, or the waiter's
+    # ticket key left behind.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, queue_timeout_ms=5_000)
+    harness = Harness(config)
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    waiter = Waiter("tenant-a", "Job/a")
+    queued_of(harness.admit(waiter))
+    [shown] = gate_view(harness).waiters
+    assert shown.ticket is not None
+    key = ticket_key(waiter.tenant, shown.ticket)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    harness.advance(3_000)
+    queued_of(harness.admit(waiter))
+    harness.advance(3_000)
+    assert storage.get(Scope.ACCOUNT, key) is not None
+    refused = harness.admit(waiter)
+    assert isinstance(refused, Rejected), refused
+    assert (refused.failure.code, refused.failure.retryable) == ("queue_timeout", True)
+    assert refused.failure.message.startswith("waited 6000 ms for a sandbox")
+    assert storage.get(Scope.ACCOUNT, key) is None
+
+
+def test_the_first_of_many_retries_is_granted_when_the_slot_frees() -> None:
+    # Catches: the number of passes a decision makes (dropping dead waiters ahead, then
+    # granting) bounded so that with more retries than create slots it makes none, and no
+    # waiter is ever granted again.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    waiters = [Waiter("tenant-a", f"Job/{i}") for i in range(4)]
+    for waiter in waiters:  # each create's holder dies mid-call: its lease expires
+        grant = grant_of(harness.admit(waiter))
+        harness.advance(grant.expires_at_ms - harness.clock.now_ms() + 1)
+    again = grant_of(harness.admit(waiters[0]))
+    for waiter in waiters[1:]:
+        queued_of(harness.admit(waiter))
+    assert [w.stage for w in gate_view(harness).waiters] == [Stage.RETRYING] * 3
+    assert harness.settle(waiters[0], again, Created("sbx-0", 600_000)) is None
+    harness.advance(10)  # past the rate gate's spacing
+    assert isinstance(harness.admit(waiters[1]), Grant)
+
+
+def test_a_waiter_polling_behind_a_promised_token_keeps_the_promise_made_to_it() -> None:
+    # Catches: a queued answer whose decision only promised a permit (nothing else
+    # changed) not saved: the waiter would be told a reservation the gate does not hold.
+    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
+    for entity in ("Job/a", "Job/b"):
+        grant_of(harness.admit(Waiter("tenant-a", entity)))
+    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
+    queued_of(harness.admit(first))
+    queued_of(harness.admit(second))
+    harness.advance(1_000)  # the first's token is due; the second's is next
+    told = queued_of(harness.admit(second))
+    assert told.reservation
+    stored = [(r.tenant, r.at_ms) for r in gate_view(harness).reservations]
+    assert ("tenant-b", told.retry_at_ms) in stored and len(stored) == 2

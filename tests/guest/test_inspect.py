@@ -16,12 +16,14 @@ from provisioner.admission import (
 from provisioner.admission.inspect import (
     CreateLeaseView,
     GateView,
+    ReservationView,
     SandboxLeaseView,
     UnsettledCreateView,
     inspect_gates,
 )
-from provisioner.admission.place import Stage
-from provisioner.admission.state import waiter_key
+from provisioner.admission.place import Place, Stage
+from provisioner.admission.state import ticket_key, waiter_key
+from provisioner.ports import Scope
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
 
@@ -274,3 +276,124 @@ def test_a_waiter_behind_one_that_left_out_of_order_is_still_listed() -> None:
         queued_of(harness.admit(waiter))
     harness.release(a[1])
     assert [w.entity for w in view(harness).waiters] == ["Job/a0", "Job/a2"]
+
+
+def test_a_waiter_whose_turn_came_since_its_answer_shows_as_due_with_its_reservation() -> None:
+    # Catches: a waiter a freed slot was promised to shown as still held by the gate it
+    # waited for (with that gate's ETA), and the promise itself missing from the view.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    holder, waiter = Waiter("holder", "Job/h"), Waiter("tenant-a", "Job/a")
+    grant = grant_of(harness.admit(holder))
+    told = queued_of(harness.admit(waiter))
+    before = view(harness)
+    assert before.waiter(waiter.tenant, waiter.entity) is not None
+    assert (before.waiters[0].reason, before.waiters[0].eta_ms) == (told.reason, told.eta_ms)
+    assert told.reason == "create_slots" and told.eta_ms > 0
+    assert before.reservations == ()
+
+    harness.advance(40)
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    gates = view(harness)
+    shown = gates.waiter(waiter.tenant, waiter.entity)
+    assert shown is not None
+    assert (shown.reason, shown.eta_ms, shown.position) == ("due", 0, 1)
+    now = harness.clock.now_ms()
+    claim_ms = harness.config.reservation_claim_ms
+    assert gates.reservations == (
+        ReservationView("tenant-a", shown.ticket, None, now, now + claim_ms),
+    )
+
+
+def test_a_retry_counts_as_gone_from_the_millisecond_its_liveness_ends() -> None:
+    # Catches: a waiter still counted alive at its `alive_until_ms` (the place says when it
+    # stops being expected back; from that instant it is gone).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    retrying = Waiter("tenant-a", "Job/1")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=10_000)))
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    entry = storage.get(Scope.ACCOUNT, waiter_key(retrying.tenant, retrying.entity))
+    assert entry is not None
+    until = Place.from_bytes(entry.value).alive_until_ms
+    harness.advance(until - 1 - harness.clock.now_ms())
+    assert [w.alive for w in view(harness, prune=False).waiters] == [True]
+    harness.advance(1)
+    assert [w.alive for w in view(harness, prune=False).waiters] == [False]
+
+
+def test_a_retry_whose_cooldown_ended_is_shown_holding_the_reservation_by_entity() -> None:
+    # Catches: a retry's reservation shown without the entity that holds it (a retry has
+    # no ticket: the entity is all that names its holder).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    retrying, later = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=1_000)))
+    harness.advance(3_000)
+    assert queued_of(harness.admit(later)).position == 2  # the retry goes first
+    now = harness.clock.now_ms()
+    assert view(harness).reservations == (
+        ReservationView("tenant-a", None, "Job/a", now, now + harness.config.reservation_claim_ms),
+    )
+
+
+def test_the_hold_time_is_the_first_hold_then_a_quarter_weighted_running_mean() -> None:
+    # Catches: the measured hold time (what capacity ETAs rest on) smoothed with other
+    # weights, not smoothed at all, or a hold released in the millisecond it began
+    # counted as lasting one.
+    harness = Harness(AdmissionConfig(create_slots=3, create_rate_per_s=1000.0))
+    holds = {"Job/1": 0, "Job/2": 8_000, "Job/3": 4_000}
+    measured = []
+    for entity, hold_ms in holds.items():
+        waiter = Waiter("tenant-a", entity)
+        grant = grant_of(harness.admit(waiter))
+        assert harness.settle(waiter, grant, Created(f"sbx-{entity}", 600_000)) is None
+        harness.advance(hold_ms)
+        assert harness.release(waiter) is True
+        measured.append(view(harness).hold_ms)
+        harness.advance(10)  # past the rate gate's spacing
+    assert measured == [0, (0 * 3 + 8_000) // 4, (2_000 * 3 + 4_000) // 4]
+
+
+def test_releasing_a_retry_that_holds_nothing_says_it_was_waiting_and_drops_it() -> None:
+    # Catches: a release of a waiter that only waited (a retry in backoff: no ticket, no
+    # lease) answered as if it had not been there (`held_permit` false).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000.0))
+    retrying = Waiter("tenant-a", "Job/1")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=10_000)))
+    assert [w.entity for w in view(harness).waiters] == ["Job/1"]
+    assert harness.release(retrying) is True
+    assert view(harness).waiters == ()
+    assert harness.release(retrying) is False
+
+
+def test_the_create_latency_is_the_first_then_a_quarter_weighted_running_mean() -> None:
+    # Catches: the measured create latency (what slot ETAs rest on) smoothed with other
+    # weights, not smoothed at all, or a create answered in the millisecond it was sent
+    # counted as taking one.
+    harness = Harness(AdmissionConfig(create_slots=3, create_rate_per_s=1000.0))
+    measured = []
+    for i, latency_ms in enumerate((0, 8_000, 4_000)):
+        waiter = Waiter("tenant-a", f"Job/{i}")
+        grant = grant_of(harness.admit(waiter))
+        harness.advance(latency_ms)
+        assert harness.settle(waiter, grant, Created(f"sbx-{i}", 600_000)) is None
+        measured.append(view(harness).create_latency_ms)
+        harness.advance(10)  # past the rate gate's spacing
+    assert measured == [0, (0 * 3 + 8_000) // 4, (2_000 * 3 + 4_000) // 4]
+
+
+def test_a_released_waiter_leaves_no_ticket_key_behind() -> None:
+    # Catches: a release of a queued waiter that keeps its ticket's liveness key, so the
+    # ticket would count as alive until the key expired.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    leaving = Waiter("tenant-a", "Job/a")
+    queued_of(harness.admit(leaving))
+    [shown] = view(harness).waiters
+    assert shown.ticket is not None
+    key = ticket_key(leaving.tenant, shown.ticket)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    assert storage.get(Scope.ACCOUNT, key) is not None
+    assert harness.release(leaving) is True
+    assert storage.get(Scope.ACCOUNT, key) is None

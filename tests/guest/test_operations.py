@@ -13,11 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from harness.mocks.temperfs.store import TemperFSStore
 from harness.simulator.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime, native_ports
 from host.services.namespaces import tenant_namespace
 from host.storage.memory import MemoryBackend
+from provisioner.admission import AdmissionConfig
 from provisioner.admission.state import GATE_KEY
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
 from provisioner.model import Outcome
@@ -113,7 +115,12 @@ class ScriptedE2B:
 class Guest:
     """One tenant's storage on a virtual clock, invoked natively through `NativeRuntime`."""
 
-    def __init__(self, e2b: Any, wrap: Callable[[MemoryBackend], Any] | None = None) -> None:
+    def __init__(
+        self,
+        e2b: Any,
+        wrap: Callable[[MemoryBackend], Any] | None = None,
+        random_u64: Callable[[], int] | None = None,
+    ) -> None:
         self.clock = VirtualClock()
         self.backend = MemoryBackend(self.clock.now_ms)
         self.e2b = e2b
@@ -123,7 +130,7 @@ class Guest:
                 self.backend if wrap is None else wrap(self.backend),
                 e2b,
                 self.telemetry,
-                random_u64=SeededRandom(7).next_u64,
+                random_u64=random_u64 or SeededRandom(7).next_u64,
                 clock_ms=self.clock.now_ms,
             )
         )
@@ -769,3 +776,119 @@ def test_a_release_does_not_delete_a_record_rewritten_while_it_killed() -> None:
     released = guest.invoke("release")
     assert released.action == "SandboxReleased", released
     assert guest.record() is not None
+
+
+def test_a_release_names_the_waiter_it_promised_the_freed_sandbox_to() -> None:
+    # Catches: the wake-ups (serve pushes them to the waiters named) dropped from the
+    # outcome, renamed, or naming the entity wrongly (an id with a "/" in it splits at the
+    # first one, after the entity type); and a wake-up for the caller itself.
+    guest = Guest(ScriptedE2B())
+    assert guest.invoke("provision", "job-1", max_sandboxes="1").action == "SandboxReady"
+    guest.clock.advance(5)
+    queued = guest.invoke("provision", "team/job-2", max_sandboxes="1")
+    assert queued.params["reason"] == "capacity", queued
+    assert "wake_ups" not in queued.params
+    guest.clock.advance(5)
+
+    released = guest.invoke("release", "job-1", max_sandboxes="1")
+    assert released.action == "SandboxReleased", released
+    assert (released.success, released.error) == (True, None)
+    [wake] = released.params["wake_ups"]
+    reservation = wake["reservation"]
+    assert isinstance(reservation, str) and reservation
+    assert wake == {
+        "tenant": TENANT,
+        "entity_type": "Job",
+        "entity_id": "team/job-2",
+        "at_ms": guest.clock.now_ms(),
+        "reservation": reservation,
+    }
+    assert released.params["released"] is True
+    ready = guest.invoke("provision", "team/job-2", max_sandboxes="1")
+    assert ready.action == "SandboxReady", ready
+
+
+TEMPER = "http://temper.test"
+
+
+@dataclass
+class E2BAndTemperFS(ScriptedE2B):
+    """E2B as `ScriptedE2B`, and the mock's TemperFS store at `TEMPER`/tdata."""
+
+    temperfs: TemperFSStore = field(default_factory=TemperFSStore)
+
+    def send(self, request: HttpRequest, *, deadline_ms: int | None = None) -> HttpResponse:
+        prefix = f"{TEMPER}/tdata/"
+        if not request.url.startswith(prefix):
+            return super().send(request, deadline_ms=deadline_ms)
+        headers = {name.lower(): value for name, value in request.headers}
+        answer = self.temperfs.handle(
+            request.method, request.url.removeprefix(prefix), headers, request.body
+        )
+        body = answer.body
+        raw = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body)
+        return HttpResponse(answer.status, (), raw.encode() if isinstance(raw, str) else raw)
+
+
+@pytest.mark.parametrize(
+    ("entity_state", "agent_id"),
+    [
+        ({"entity_id": "agent-7", "fields": {"user_message": "hello there"}}, "agent-7"),
+        ({"entity_id": "", "fields": {"user_message": "hello there"}}, "job-1"),
+        ({"entity_id": 7, "fields": {"user_message": "hello there"}}, "job-1"),
+        ({"fields": {"user_message": "hello there"}}, "job-1"),
+    ],
+)
+def test_temperfs_storage_is_made_for_the_agent_with_the_users_first_message(
+    entity_state: dict[str, Any], agent_id: str
+) -> None:
+    # Catches: the agent id read from another key of the entity state (or a non-string or
+    # empty one used as is) instead of falling back to the entity id, and the first user
+    # message missing from the session file (the agent starts from it).
+    e2b = E2BAndTemperFS()
+    guest = Guest(e2b)
+    ready = guest.runtime.invoke(
+        invocation(
+            {**CONFIG, "temperfs": "on", "temper_api_url": TEMPER},
+            tenant=TENANT,
+            entity_type="Job",
+            entity_id="job-1",
+            entity_state=entity_state,
+        )
+    )
+    assert ready.action == "SandboxReady", ready
+    assert ready.params["workspace_id"] == f"agent-{agent_id}"
+    [workspace] = e2b.temperfs.entities("Workspace", TENANT)
+    assert workspace.fields["owner_id"] == agent_id
+    session = ready.params["session_file_id"]
+    [content] = [f.content for f in e2b.temperfs.entities("File") if f.entity_id == session]
+    assert content is not None and b'"content":"hello there"' in content
+
+
+@pytest.mark.parametrize(("draw", "spread_ms"), [(0, 0), (2**64 - 1, 999)])
+def test_a_storage_outage_spreads_the_come_back_over_one_second_past_poll_min(
+    draw: int, spread_ms: int
+) -> None:
+    # Catches: a come-back spread other than one second (the lowest and highest draws of
+    # the host's randomness land on its ends).
+    outcome = Guest(ScriptedE2B(), EntityRecordsDown, random_u64=lambda: draw).invoke("provision")
+    assert outcome.params["reason"] == "storage", outcome
+    assert outcome.params["retry_after_ms"] == AdmissionConfig().poll_min_ms + spread_ms
+
+
+def test_each_release_reports_whether_it_freed_a_permit_in_telemetry() -> None:
+    # Catches: the release or admit step misnamed in its admission event (the operator's
+    # view of who was granted or released what), or `held` not saying whether a permit
+    # was freed.
+    guest = Guest(ScriptedE2B())
+    assert guest.invoke("provision").action == "SandboxReady"
+    guest.invoke("release")
+    guest.invoke("release")
+    event = {"tenant": TENANT, "entity": "Job/job-1", "step": "release"}
+    assert guest.events("admission_released") == [
+        {**event, "event": "admission_released", "held": True},
+        {**event, "event": "admission_released", "held": False},
+    ]
+    [granted] = guest.events("admission_granted")
+    assert (granted["step"], granted["entity"], granted["attempt"]) == ("admit", "Job/job-1", 1)
+    assert isinstance(granted["lease_id"], str) and granted["lease_id"]

@@ -188,12 +188,15 @@ def test_per_tenant_room_counts_the_possible_sandbox_and_lets_its_own_retry_go()
 
 def test_a_gate_document_from_before_the_bound_reads_with_the_default_sandbox_timeout() -> None:
     # Catches: a stored gate of the previous version failing to load (every decision of
-    # the account would fail closed), or its creates read without a bound.
+    # the account would fail closed), or its creates read without a bound or with their
+    # fields shifted.
     older = {"c": [["c1", "tenant-a", "Job/a", 1_000, 500]], "s": [], "r": 0, "cd": 0}
     older |= {"bf": 0, "cap": None, "ok": 0, "rb": None, "rbt": 0, "q": [], "rq": []}
     older |= {"ep": 0, "lat": None, "hold": None, "n": 0}
     state = GateState.from_bytes(json.dumps(older).encode())
     (lease,) = state.create_leases
+    assert (lease.lease_id, lease.tenant, lease.entity) == ("c1", "tenant-a", "Job/a")
+    assert (lease.expires_ms, lease.started_ms) == (1_000, 500)
     assert lease.sandbox_until_ms == 1_000 + DEFAULT_SANDBOX_TIMEOUT_MS
     assert state.unsettled == []
     assert GateState.from_bytes(state.to_bytes()) == state
