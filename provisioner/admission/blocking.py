@@ -172,13 +172,6 @@ def _holds(state: GateState, tenant: str, ticket: int) -> bool:
     return queue is not None and queue.holds(ticket)
 
 
-def front(
-    state: GateState, config: AdmissionConfig, permits: Permits, eligible: Eligible, now_ms: int
-) -> list[Turn]:
-    """The scheduled turns that may go now."""
-    return [s.turn for s in schedule(state, config, now_ms, permits, eligible) if s.due_ms <= 0]
-
-
 def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: Eligible) -> int:
     """1-based place in the fair order (0: not found)."""
     if turn.is_retry:

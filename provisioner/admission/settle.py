@@ -144,7 +144,11 @@ class Settlement(Ledger):
     def _drop(self, waiter: Waiter, loaded: Loaded) -> None:
         """The waiter is done waiting (rejected): out of the queue, its keys gone."""
         ticket = leave_queue(loaded.state, waiter, loaded.place)
+        # The create slot it held is free again: promised to the next turn, as after a
+        # create that succeeded.
+        _, wake_ups = promise(self.ports, self.config, loaded.state, loaded.now_ms)
         self.save_gate(loaded)
+        self.wake_ups.extend(wake_ups)
         self.forget_place(waiter)
         self.forget_ticket(waiter, ticket)
 

@@ -6,8 +6,17 @@ from __future__ import annotations
 import json
 
 from host.services.namespaces import account_namespace
-from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
+from provisioner.admission import (
+    AdmissionConfig,
+    Created,
+    CreateFailed,
+    Grant,
+    Queued,
+    Rejected,
+    Waiter,
+)
 from provisioner.admission.state import GATE_KEY, GateState
+from provisioner.model import Failure
 from tests.guest.harness import ACCOUNT, Harness, grant_of, queued_of
 from tests.guest.resource_harness import ResourceHarness
 
@@ -167,6 +176,24 @@ def test_a_settled_create_promises_its_slot_to_the_head_and_names_it_for_a_wake_
     asking = harness.controller(b.tenant)
     assert isinstance(asking.admit(b), Grant)
     assert all(w.entity != b.entity for w in asking.wake_ups)
+
+
+def test_a_create_e2b_refuses_promises_its_slot_to_the_head() -> None:
+    # Catches: a slot freed by a refused create (a 400) that nobody is told about, so the
+    # head waits for its own timer while the slot stands idle.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000, create_burst=100))
+    a, b = waiters(2)
+    grant_a = grant_of(harness.admit(a))
+    queued_of(harness.admit(b))
+    controller = harness.controller(a.tenant)
+    refused = controller.settle(
+        a, grant_a, CreateFailed(Failure("e2b_bad_request", "E2B answered 400", False))
+    )
+    assert isinstance(refused, Rejected) and refused.failure.code == "e2b_bad_request"
+    [wake] = controller.wake_ups
+    assert (wake.tenant, wake.entity) == (b.tenant, b.entity)
+    assert wake.reservation == gate(harness).reservations[0].rid
+    assert isinstance(harness.controller(b.tenant).admit(b), Grant)
 
 
 def test_a_release_promises_the_capacity_it_frees() -> None:
