@@ -547,24 +547,13 @@ def tradeoff_scenario(scenario: Scenario) -> VirtualScenario:
     """The scenario in virtual time, for the poll-interval table: the same jobs, limits and
     session length, the admission logic natively in front of the fake E2B."""
     e2b = scenario.e2b
-    integration = scenario.integration_config(VIRTUAL_E2B_URL)
-    return VirtualScenario(
-        jobs=scenario.jobs,
-        tenants=scenario.tenants,
-        turns=scenario.turns,
-        turn_s=scenario.scale.real_s(scenario.turn_sim_s),
-        admission=AdmissionConfig.from_config(dict(integration)),
-        guest=True,
-        integration=integration,
-        # The fake E2B's limiter has no burst: give it the rate only where E2B's has none.
-        e2b=FakeE2BConfig(
-            create_latency_ms=round(e2b.create_latency_ms),
-            rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
-            sandbox_cap=e2b.max_sandboxes,
-        ),
-        seed=scenario.seed,
-        sim_per_real=scenario.scale.sim_per_real,
+    # The fake E2B's limiter has no burst: give it the rate only where E2B's has none.
+    fake = FakeE2BConfig(
+        create_latency_ms=round(e2b.create_latency_ms),
+        rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
+        sandbox_cap=e2b.max_sandboxes,
     )
+    return _guest_scenario(scenario, fake, PaceSettings(hold_ms=0))
 
 
 def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
@@ -572,6 +561,19 @@ def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
     concurrency, 429 past it; its rate limiter with its burst; its sandbox cap), the guest's
     whole provision path configured as in real time (`virtual_guest.py`)."""
     e2b = scenario.e2b
+    fake = FakeE2BConfig(
+        create_latency_ms=round(e2b.create_latency_ms),
+        rate_per_s=e2b.create_rate_per_s,
+        rate_burst=e2b.create_burst,
+        sandbox_cap=e2b.max_sandboxes,
+        create_slots=e2b.max_concurrent_creates if e2b.overload == "reject" else None,
+    )
+    return _guest_scenario(scenario, fake, pace)
+
+
+def _guest_scenario(scenario: Scenario, fake: FakeE2BConfig, pace: PaceSettings) -> VirtualScenario:
+    """The scenario's jobs, sessions and integration config in virtual time, the guest's
+    whole path in front of `fake`."""
     integration = scenario.integration_config(VIRTUAL_E2B_URL)
     return VirtualScenario(
         jobs=scenario.jobs,
@@ -581,13 +583,7 @@ def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
         admission=AdmissionConfig.from_config(dict(integration)),
         guest=True,
         integration=integration,
-        e2b=FakeE2BConfig(
-            create_latency_ms=round(e2b.create_latency_ms),
-            rate_per_s=e2b.create_rate_per_s,
-            rate_burst=e2b.create_burst,
-            sandbox_cap=e2b.max_sandboxes,
-            create_slots=e2b.max_concurrent_creates if e2b.overload == "reject" else None,
-        ),
+        e2b=fake,
         seed=scenario.seed,
         sim_per_real=scenario.scale.sim_per_real,
         pace=pace,
