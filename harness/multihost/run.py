@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
 from harness.multihost.worker import WorkerSettings
 from harness.simulator.model import Job
@@ -82,6 +82,24 @@ class ChildProcess:
             return self.stderr_path.read_text(errors="replace")[-limit:]
         except OSError:
             return ""
+
+
+P = TypeVar("P", bound=ChildProcess)
+
+
+class ChildProcesses(Generic[P]):
+    """The processes a harness started, by name: the worker hosts, the `serve`s."""
+
+    hosts: list[P]
+
+    def live_hosts(self) -> list[P]:
+        return [host for host in self.hosts if host.alive]
+
+    def host(self, name: str) -> P:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
 
 
 @dataclass
@@ -208,7 +226,7 @@ def mean_rank_gap(order: Sequence[Event]) -> float:
     return max(means) - min(means) if means else 0.0
 
 
-class Cluster:
+class Cluster(ChildProcesses[HostProcess]):
     def __init__(
         self,
         settings: WorkerSettings,
@@ -311,15 +329,6 @@ class Cluster:
         self.close()
 
     # -- work --------------------------------------------------------------------------
-
-    def live_hosts(self) -> list[HostProcess]:
-        return [host for host in self.hosts if host.alive]
-
-    def host(self, name: str) -> HostProcess:
-        for host in self.hosts:
-            if host.name == name:
-                return host
-        raise KeyError(name)
 
     def assign(self, jobs: Sequence[Job]) -> dict[str, list[Job]]:
         """Deals the jobs round-robin over the live hosts (each host gets its share as one

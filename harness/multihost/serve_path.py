@@ -51,7 +51,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from harness.mocks.shared.server import LoopbackServer
-from harness.multihost.run import ChildProcess, ClusterError, Event
+from harness.multihost.run import ChildProcess, ChildProcesses, ClusterError, Event
 from harness.multihost.soak import (
     SOAK_TENANTS,
     FaultRecord,
@@ -116,7 +116,7 @@ def tenants_file(path: Path, run_id: str, tenants: Sequence[str]) -> Path:
     return path
 
 
-class ServeFleet:
+class ServeFleet(ChildProcesses[ServeProcess]):
     """`serve` processes on one storage, and the sessions that call them through the shim.
 
     It offers what `Soak` drives a cluster with (assign, results, events, live_hosts, kill,
@@ -235,15 +235,6 @@ class ServeFleet:
             if line.startswith("sandbox_provisioner_held_requests "):
                 return int(float(line.split()[1]))
         return 0
-
-    def live_hosts(self) -> list[ServeProcess]:
-        return [host for host in self.hosts if host.alive]
-
-    def host(self, name: str) -> ServeProcess:
-        for host in self.hosts:
-            if host.name == name:
-                return host
-        raise KeyError(name)
 
     def assign(self, jobs: Sequence[Job]) -> None:
         """Runs the jobs' sessions here, at once, each invocation through the shim."""
