@@ -171,12 +171,14 @@ def test_status_reports_the_entity_and_gates(host: Host) -> None:
 def test_inspect_answers_the_account_gates_through_the_host_reader(host: Host) -> None:
     # Catches: an inspection that reads another scope than the account's, or a view the
     # WIT boundary cannot carry (the operator and /metrics read it through the component).
-    host.run(entity_id="holder", create_slots="1")
-    queued = host.run(entity_id="waiter", tenant="other", create_slots="1")
-    view = read_gates(host.runtime.invoke, {"create_slots": "1", "e2b_api_url": host.url})
+    # One create per 100 s: the second waits on the rate however slow the machine is.
+    limits = {"create_slots": "1", "create_rate_per_s": "0.01"}
+    assert host.run(entity_id="holder", **limits).action == "SandboxReady"
+    queued = host.run(entity_id="waiter", tenant="other", **limits)
+    view = read_gates(host.runtime.invoke, {**limits, "e2b_api_url": host.url})
     assert view["create_slots"]["limit"] == 1
     assert view["capacity"]["in_use"] == 1 and view["permits_held"] >= 1
-    assert queued.action == "SandboxQueued", queued  # the default rate paces the second
+    assert queued.action == "SandboxQueued", queued
     waiting = [(w["tenant"], w["entity"]) for w in view["waiters"]]
     assert waiting == [("other", "CurationJob/waiter")]
 
