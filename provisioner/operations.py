@@ -23,7 +23,6 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
-from provisioner.admission.cas import come_back_ms
 from provisioner.config import read_config
 from provisioner.e2b import E2BClient, SandboxInfo
 from provisioner.entity_records import (
@@ -34,6 +33,7 @@ from provisioner.entity_records import (
     idempotency_key,
 )
 from provisioner.failures import FailureCode
+from provisioner.gates.cas import come_back_ms
 from provisioner.invocation import Request
 from provisioner.model import (
     SANDBOX_QUEUED,

@@ -16,12 +16,12 @@ Use (a fresh controller per invocation)::
     controller.release(waiter)                # when the sandbox is killed
     controller.status(tenant)                 # every gate, JSON-serialisable
 
-Module map: results (answers), state (the stored gate document), place (where a waiter
-stands: `Stage` and `Place`), leases, gates (slots, rate, capacity), queue (fair order),
-backoff, budget, blocking (what blocks a waiter and when it may go), cas (the retry loop),
-ledger (what a decision loads and saves), admit, settle, release, status (estimates and
-the snapshot), inspect (the public read-only view of the gate state), controller (the
-façade). The settings come from `provisioner.config`.
+Module map: results (answers), state (the sandbox gate document), leases, gates (slots,
+rate, capacity), blocking (what blocks a waiter and when it may go), promises, ledger
+(what a decision loads and saves), admit, settle, release, status (estimates and the
+snapshot), inspect (the public read-only view), controller (the façade). The shared
+machinery (fair queue and reservations, place, cooldown, retry budget, token bucket, the
+compare-and-swap loop) is in `provisioner.gates`.
 """
 
 from provisioner.admission.controller import AdmissionController

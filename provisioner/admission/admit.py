@@ -11,16 +11,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 
-from provisioner.admission import budget
 from provisioner.admission.blocking import Turn, assess, waiting
-from provisioner.admission.cas import Again, until_settled
 from provisioner.admission.gates import slots_in_use, take_rate
-from provisioner.admission.leases import drop_create_lease, new_lease_id, take_create_lease
+from provisioner.admission.leases import drop_create_lease, take_create_lease
 from provisioner.admission.ledger import ACCOUNT, Ledger, Loaded
-from provisioner.admission.place import Place, Stage
 from provisioner.admission.promises import promise
-from provisioner.admission.queue import can_remove, enqueue, remove_ticket
-from provisioner.admission.reservations import reservation_of
 from provisioner.admission.results import (
     REASON_CREATE_SLOTS,
     Grant,
@@ -36,6 +31,10 @@ from provisioner.admission.state import (
 )
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
+from provisioner.gates import budget
+from provisioner.gates.cas import Again, new_lease_id, until_settled
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
 

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import chain
 
-from provisioner.admission import budget
-from provisioner.admission.backoff import cooling_ms
 from provisioner.admission.gates import (
     capacity_free,
     capacity_in_use,
@@ -26,8 +24,6 @@ from provisioner.admission.gates import (
     slots_in_use,
     tenant_has_room,
 )
-from provisioner.admission.place import Place, Stage
-from provisioner.admission.queue import Eligible, eligible_retries, fair_order, fresh_position
 from provisioner.admission.results import (
     REASON_BACKOFF,
     REASON_CAPACITY,
@@ -36,9 +32,14 @@ from provisioner.admission.results import (
     Queued,
     Waiter,
 )
-from provisioner.admission.state import GateState, RetryEntry
+from provisioner.admission.state import GateState
 from provisioner.admission.status import capacity_wait_ms, slot_wait_ms
 from provisioner.config import AdmissionConfig
+from provisioner.gates import budget
+from provisioner.gates.cooldown import cooling_ms
+from provisioner.gates.document import RetryEntry
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.queue import Eligible, eligible_retries, fair_order, fresh_position
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from provisioner.admission.admit import Admission
-from provisioner.admission.cas import come_back_ms
 from provisioner.admission.ledger import load_gate
 from provisioner.admission.promises import WakeUp
 from provisioner.admission.release import Release
@@ -32,6 +31,7 @@ from provisioner.admission.settle import Settlement
 from provisioner.admission.state import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.admission.status import snapshot
 from provisioner.config import AdmissionConfig
+from provisioner.gates.cas import come_back_ms
 from provisioner.ports import LogLevel, Ports, StorageError
 
 _T = TypeVar("_T")

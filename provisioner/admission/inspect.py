@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioner.admission import budget
-from provisioner.admission.backoff import cooling_ms
 from provisioner.admission.blocking import assess, waiting
 from provisioner.admission.gates import (
     capacity_in_use,
@@ -30,11 +28,14 @@ from provisioner.admission.gates import (
     slots_in_use,
 )
 from provisioner.admission.leases import prune_expired
-from provisioner.admission.place import Place, Stage
 from provisioner.admission.results import Waiter
 from provisioner.admission.state import GATE_KEY as _GATE_KEY
-from provisioner.admission.state import GateState, owned_by, ticket_key, waiter_key
+from provisioner.admission.state import GateState, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
+from provisioner.gates import budget
+from provisioner.gates.cooldown import cooling_ms
+from provisioner.gates.document import owned_by
+from provisioner.gates.place import Place, Stage
 from provisioner.ports import Scope, StorageReader
 from provisioner.resources.inspect import (
     BucketView,

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from provisioner.admission.state import (
-    CreateLease,
-    GateState,
-    SandboxLease,
-    UnsettledCreate,
-    not_owned_by,
-    owned_by,
-)
-from provisioner.ports import Ports
-
-
-def new_lease_id(ports: Ports, prefix: str) -> str:
-    return f"{prefix}{ports.random.next_u64():016x}"
+from provisioner.admission.state import CreateLease, GateState, SandboxLease, UnsettledCreate
+from provisioner.gates.document import not_owned_by, owned_by
 
 
 def prune_expired(state: GateState, now_ms: int) -> bool:

@@ -10,39 +10,20 @@ read (`cas.until_settled`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Generic, TypeVar
 
-from provisioner.admission import budget
-from provisioner.admission.cas import until_settled
 from provisioner.admission.leases import prune_expired
-from provisioner.admission.place import Place
 from provisioner.admission.promises import WakeUp
-from provisioner.admission.reservations import pass_over_unclaimed
 from provisioner.admission.results import Waiter
 from provisioner.admission.state import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
+from provisioner.gates import budget
+from provisioner.gates.cas import until_settled
+from provisioner.gates.ledger import LoadedDocument
+from provisioner.gates.place import Place
+from provisioner.gates.queue import pass_over_unclaimed
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
 
 ACCOUNT = Scope.ACCOUNT
-
-
-Document = TypeVar("Document")
-
-
-@dataclass(slots=True)
-class LoadedDocument(Generic[Document]):
-    """What a decision read: a gate document (the sandbox gate's `GateState`, or a
-    resource gate's, `resources.ledger`) and the waiter's place, each with the version
-    its compare-and-swap writes against."""
-
-    now_ms: int
-    state: Document
-    gate_version: int | None
-    place: Place | None
-    place_version: int | None
-    # The load itself changed the document (a reservation passed over): save it.
-    moved: bool = False
 
 
 Loaded = LoadedDocument[GateState]

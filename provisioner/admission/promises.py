@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from provisioner.admission.blocking import Permits, Scheduled, Turn, eligibility, schedule
-from provisioner.admission.leases import new_lease_id
-from provisioner.admission.reservations import reservation_of, reserve
 from provisioner.admission.state import GateState, ticket_key
 from provisioner.config import AdmissionConfig
+from provisioner.gates.cas import new_lease_id
+from provisioner.gates.queue import reservation_of, reserve
 from provisioner.ports import Ports, Scope
 
 

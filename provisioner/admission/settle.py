@@ -12,9 +12,7 @@ create lease expired settles the unsettled create the expiry left.
 from __future__ import annotations
 
 from provisioner.admission.admit import exhausted, leave_queue
-from provisioner.admission.backoff import record_failure, record_success
 from provisioner.admission.blocking import waiting
-from provisioner.admission.cas import until_settled
 from provisioner.admission.gates import (
     capacity_in_use,
     capacity_limit,
@@ -28,7 +26,6 @@ from provisioner.admission.leases import (
     unsettled_from,
 )
 from provisioner.admission.ledger import Ledger, Loaded
-from provisioner.admission.place import Place, Stage
 from provisioner.admission.promises import promise
 from provisioner.admission.results import (
     REASON_BACKOFF,
@@ -44,6 +41,9 @@ from provisioner.admission.results import (
     Unavailable,
     Waiter,
 )
+from provisioner.gates.cas import until_settled
+from provisioner.gates.cooldown import record_failure, record_success
+from provisioner.gates.place import Place, Stage
 
 
 class Settlement(Ledger):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from provisioner.admission import budget
-from provisioner.admission.backoff import cooling_ms
 from provisioner.admission.gates import (
     capacity_free,
     capacity_in_use,
@@ -16,6 +14,8 @@ from provisioner.admission.gates import (
 )
 from provisioner.admission.state import GateState
 from provisioner.config import AdmissionConfig
+from provisioner.gates import budget
+from provisioner.gates.cooldown import cooling_ms
 
 
 def latency_ms(state: GateState, config: AdmissionConfig) -> int:

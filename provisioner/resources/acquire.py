@@ -12,15 +12,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from provisioner.admission.backoff import cooling_ms
-from provisioner.admission.bucket import Charge
-from provisioner.admission.cas import Again, until_settled
-from provisioner.admission.leases import new_lease_id
-from provisioner.admission.place import Place, Stage
-from provisioner.admission.queue import can_remove, enqueue, remove_ticket
-from provisioner.admission.reservations import reservation_of, reserve
 from provisioner.admission.results import Queued, Rejected, Waiter
 from provisioner.failures import FailureCode
+from provisioner.gates.bucket import Charge
+from provisioner.gates.cas import Again, new_lease_id, until_settled
+from provisioner.gates.cooldown import cooling_ms
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of, reserve
 from provisioner.model import Failure
 from provisioner.ports import StorageConflict
 from provisioner.resources.blocking import Verdict, waiting, walk

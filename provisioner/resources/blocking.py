@@ -27,7 +27,7 @@ requests granted in it stay within `rate * (b - a) + burst + x`, where `x` is ON
 request's estimation error (actual above estimate): that of the in-flight request with
 the largest margin at the window's last grant. Why: the bucket after every settle is never
 less conservative than one charged each settled call's actual at its grant
-(`admission.bucket`), so the charged costs of the window sum to at most `rate * (b - a) +
+(`gates.bucket`), so the charged costs of the window sum to at most `rate * (b - a) +
 burst - L`, with `L` the level left after the last grant, at least the reserve
 `sum(m_i) - max(m_i)` over the calls still in flight; their unaccounted errors `x_i <=
 m_i` then add at most `sum(x_i) - sum(m_i) + max(m_i) <= x_k` for the call `k` with the
@@ -49,9 +49,9 @@ from dataclasses import dataclass
 from itertools import chain
 
 from provisioner.admission.blocking import ask_again_ms, retry_at_wait_ms
-from provisioner.admission.queue import Eligible, fair_order, fresh_position
 from provisioner.admission.results import Queued
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
+from provisioner.gates.queue import Eligible, fair_order, fresh_position
 from provisioner.resources.limits import (
     REASON_BACKOFF,
     REASON_CONCURRENCY,
@@ -172,7 +172,7 @@ def walk(
     read_cost: ReadCost,
 ) -> Verdict:
     budget = Budget(state, gate, now_ms)
-    # Reserved turns first: their permits are promised (`admission.reservations`).
+    # Reserved turns first: their permits are promised (`gates.queue`).
     reserved = [
         (r.tenant, r.ticket)
         for r in state.reservations

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioner.admission.backoff import cooling_ms
 from provisioner.config import ACCOUNT, TENANT, ResourceGate
+from provisioner.gates.cooldown import cooling_ms
 from provisioner.ports import Scope, Storage
 from provisioner.resources.ledger import prune
 from provisioner.resources.limits import rate_limits

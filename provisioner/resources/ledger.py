@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import contextlib
 
-from provisioner.admission.bucket import note_change
-from provisioner.admission.ledger import LoadedDocument
-from provisioner.admission.place import Place
-from provisioner.admission.reservations import pass_over_unclaimed
 from provisioner.admission.results import Waiter
 from provisioner.config import AdmissionConfig, ResourceGate
+from provisioner.gates.bucket import note_change
+from provisioner.gates.ledger import LoadedDocument
+from provisioner.gates.place import Place
+from provisioner.gates.queue import pass_over_unclaimed
 from provisioner.ports import Ports, Scope, StorageError
 from provisioner.resources.limits import rate_limits
 from provisioner.resources.state import (

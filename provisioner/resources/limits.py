@@ -2,15 +2,15 @@
 
 Each rate `config.Limit` of a `config.ResourceGate` becomes one `RateLimit`: the cost kind it meters
 (a request, input tokens, output tokens), whether each tenant has its own bucket, and the
-bucket (`admission.bucket.Bucket`, per minute, a minute's worth of burst unless set).
+bucket (`gates.bucket.Bucket`, per minute, a minute's worth of burst unless set).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioner.admission.bucket import Bucket
 from provisioner.config import TENANT, ResourceGate
+from provisioner.gates.bucket import Bucket
 from provisioner.resources.state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id, margin_key
 
 REASON_CONCURRENCY = "concurrency"

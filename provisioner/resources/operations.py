@@ -14,10 +14,10 @@ import contextlib
 import re
 from typing import Any
 
-from provisioner.admission.cas import come_back_ms
 from provisioner.admission.results import Queued, Rejected, Waiter
 from provisioner.config import AdmissionConfig, ResourceGate, read_config
 from provisioner.failures import FailureCode
+from provisioner.gates.cas import come_back_ms
 from provisioner.invocation import Request
 from provisioner.model import Outcome, ProvisionerError, failed
 from provisioner.ports import LogLevel, Ports, StorageError

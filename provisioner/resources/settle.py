@@ -6,16 +6,16 @@ what the estimate missed goes into debt at once; what it overcharged comes back 
 far as the bucket would really have held it). A settle that arrives after its lease
 expired no longer knows what the grant charged, so it charges the actual input and
 output tokens in full: it errs towards waiting, never towards a 429. A 429 or 529 sets
-the gate's shared cooldown for every invocation of the account (`admission.backoff`, the
+the gate's shared cooldown for every invocation of the account (`gates.cooldown`, the
 same as E2B's 429s).
 """
 
 from __future__ import annotations
 
-from provisioner.admission.backoff import cooling_ms, record_failure, record_success
-from provisioner.admission.bucket import settle_charge
-from provisioner.admission.cas import until_settled
 from provisioner.admission.results import Waiter
+from provisioner.gates.bucket import settle_charge
+from provisioner.gates.cas import until_settled
+from provisioner.gates.cooldown import cooling_ms, record_failure, record_success
 from provisioner.resources.ledger import ResourceLedger, set_bucket
 from provisioner.resources.limits import rate_limits
 from provisioner.resources.provider import ProviderAnswer

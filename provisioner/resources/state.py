@@ -4,8 +4,8 @@ plus one key per waiter and per ticket, all in the account scope under `res/<nam
 The document holds everything the gate's limits depend on, so one compare-and-swap decides
 a grant atomically: the leases (each with what it charged every token bucket), the
 buckets' clocks (account-wide and per tenant), the shared cooldown, and the fair queue as
-per-tenant ticket counters (`admission.queue`, the same queue the sandbox gates use). A
-waiter's place is an `admission.place.Place` under its own key; each queued ticket has a
+per-tenant ticket counters (`gates.queue`, the same queue the sandbox gates use). A
+waiter's place is a `gates.place.Place` under its own key; each queued ticket has a
 liveness key whose value is the waiter's entity and its estimated cost, so the waiters at
 the front can be costed without a per-waiter entry in the document.
 """
@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from provisioner.admission.bucket import Charge
-from provisioner.admission.state import (
+from provisioner.gates.bucket import Charge
+from provisioner.gates.document import (
     FairQueueState,
     Reservation,
     RetryEntry,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from provisioner.admission.backoff import cooling_ms
 from provisioner.config import ACCOUNT, TENANT, ResourceGate
+from provisioner.gates.cooldown import cooling_ms
 from provisioner.ports import Ports
 from provisioner.resources.ledger import read_state
 from provisioner.resources.limits import rate_limits

@@ -38,8 +38,8 @@ from provisioner.admission import (
     Waiter,
 )
 from provisioner.admission.inspect import inspect_gates
-from provisioner.admission.place import Stage
 from provisioner.admission.state import GATE_KEY, GateState
+from provisioner.gates.place import Stage
 from provisioner.model import Failure
 from tests.guest.harness import ACCOUNT, Harness
 

@@ -21,11 +21,11 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
-from provisioner.admission.backoff import backoff_ms
 from provisioner.admission.inspect import GateView, inspect_gates
-from provisioner.admission.place import Place, Stage
 from provisioner.admission.state import ticket_key, waiter_key
 from provisioner.failures import FailureCode
+from provisioner.gates.cooldown import backoff_ms
+from provisioner.gates.place import Place, Stage
 from provisioner.model import Failure
 from provisioner.ports import Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend

@@ -1,9 +1,9 @@
-"""The token bucket's settle arithmetic (provisioner/admission/bucket.py) at its edges:
+"""The token bucket's settle arithmetic (provisioner/gates/bucket.py) at its edges:
 which open charges learn a bucket's headroom, and how much of an overcharge comes back."""
 
 from __future__ import annotations
 
-from provisioner.admission.bucket import Bucket, Charge, note_change, settle_charge
+from provisioner.gates.bucket import Bucket, Charge, note_change, settle_charge
 
 NOW = 100_000
 

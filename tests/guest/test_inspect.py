@@ -21,8 +21,8 @@ from provisioner.admission.inspect import (
     UnsettledCreateView,
     inspect_gates,
 )
-from provisioner.admission.place import Place, Stage
 from provisioner.admission.state import ticket_key, waiter_key
+from provisioner.gates.place import Place, Stage
 from provisioner.ports import Scope
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from provisioner.admission.bucket import Bucket, Charge, note_change, settle_charge
 from provisioner.config import read_config
+from provisioner.gates.bucket import Bucket, Charge, note_change, settle_charge
 from provisioner.model import ProvisionerError
 from provisioner.resources.provider import pause_from_headers
 from tests.guest.resource_harness import ResourceHarness

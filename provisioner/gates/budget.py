@@ -3,11 +3,19 @@ so a storm of failures cannot multiply the load on E2B."""
 
 from __future__ import annotations
 
-from provisioner.admission.state import GateState
+from typing import Protocol
+
 from provisioner.config import AdmissionConfig
 
 
-def refill(state: GateState, config: AdmissionConfig, now_ms: int) -> float:
+class BudgetHolder(Protocol):
+    """Where a retry budget is kept: the sandbox gate document."""
+
+    retry_tokens: float | None
+    retry_refilled_ms: int
+
+
+def refill(state: BudgetHolder, config: AdmissionConfig, now_ms: int) -> float:
     if state.retry_tokens is None:
         state.retry_tokens = config.retry_budget
         state.retry_refilled_ms = now_ms
@@ -19,19 +27,19 @@ def refill(state: GateState, config: AdmissionConfig, now_ms: int) -> float:
     return state.retry_tokens
 
 
-def tokens(state: GateState, config: AdmissionConfig) -> float:
+def tokens(state: BudgetHolder, config: AdmissionConfig) -> float:
     return config.retry_budget if state.retry_tokens is None else state.retry_tokens
 
 
-def earn(state: GateState, config: AdmissionConfig) -> None:
+def earn(state: BudgetHolder, config: AdmissionConfig) -> None:
     state.retry_tokens = min(config.retry_budget, tokens(state, config) + config.retry_ratio)
 
 
-def spend(state: GateState, config: AdmissionConfig) -> None:
+def spend(state: BudgetHolder, config: AdmissionConfig) -> None:
     state.retry_tokens = tokens(state, config) - 1.0
 
 
-def wait_for_token_ms(state: GateState, config: AdmissionConfig, needed: int) -> int:
+def wait_for_token_ms(state: BudgetHolder, config: AdmissionConfig, needed: int) -> int:
     """How long until `needed` whole tokens are banked (large when nothing refills)."""
     missing = needed - tokens(state, config)
     if missing <= 0:

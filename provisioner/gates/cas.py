@@ -39,3 +39,7 @@ def until_settled(step: Callable[[], _T], attempts: int) -> _T:
 def come_back_ms(ports: Ports, floor_ms: int, spread_ms: int = 1000) -> int:
     """When a waiter turned away by contention (or a storage fault) should ask again."""
     return floor_ms + int(ports.uniform() * spread_ms)
+
+
+def new_lease_id(ports: Ports, prefix: str) -> str:
+    return f"{prefix}{ports.random.next_u64():016x}"

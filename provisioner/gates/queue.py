@@ -6,6 +6,13 @@ back, so a tenant's first waiter is at most one round (one grant per other waiti
 tenant) behind. Waiters whose create failed retryably wait in `retries`, ahead of every
 fresh ticket, since they were already at the head. Positions come from the counters, so
 computing one costs O(tenants), whatever the number of waiters.
+
+Reservations: Temper invokes a queued waiter only when its own timer fires (or when the
+host wakes it), so a permit freed between two of its calls would sit unused or go to
+whoever asks first. A reservation pins it to the turn next in fair order, claimable from
+`at_ms`; the schedule puts reserved turns first. A holder that has not claimed by `by_ms`
+is passed over (its turn leaves the queue), so a permit is never lost to a waiter that
+went away.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from provisioner.admission.state import Reservation, RetryEntry, TenantQueue
+from provisioner.gates.document import Reservation, RetryEntry, TenantQueue
 
 # Out-of-order removals remembered per tenant; beyond this, only the head can leave.
 MAX_REMOVED_OUT_OF_ORDER = 64
@@ -22,8 +29,7 @@ Eligible = Callable[[str], bool]
 
 
 class QueueHolder(Protocol):
-    """What the fair queue lives in: the sandbox gate document (`state.GateState`) and each
-    resource gate's document (`provisioner.resources.state.ResourceState`)."""
+    """What the fair queue lives in: every gate document."""
 
     ring: list[TenantQueue]
     retries: list[RetryEntry]
@@ -120,3 +126,66 @@ def fresh_position(state: QueueHolder, tenant: str, ticket: int, eligible: Eligi
             continue
         position += min(queue.length(), index + 1 if before else index)
     return position
+
+
+def reservation_of(
+    state: QueueHolder, tenant: str, ticket: int | None, entity: str | None
+) -> Reservation | None:
+    return next((r for r in state.reservations if r.holds(tenant, ticket, entity)), None)
+
+
+def reserve(
+    state: QueueHolder,
+    tenant: str,
+    ticket: int | None,
+    entity: str | None,
+    at_ms: int,
+    now_ms: int,
+    claim_ms: int,
+    new_id: str,
+) -> tuple[Reservation, bool]:
+    """The turn's reservation, made claimable from `at_ms` (a held one keeps its id and
+    its deadline moves with `at_ms`: a rate token that became due later). Returns it and
+    whether the document changed."""
+    held = reservation_of(state, tenant, ticket, entity)
+    if held is None:
+        made = Reservation(tenant, ticket, entity, new_id, at_ms, max(at_ms, now_ms) + claim_ms)
+        state.reservations.append(made)
+        return made, True
+    if held.at_ms == at_ms or (held.at_ms <= now_ms and at_ms <= now_ms):
+        return held, False
+    held.at_ms = at_ms
+    held.by_ms = max(held.by_ms, at_ms + claim_ms)
+    return held, True
+
+
+class Reserving(QueueHolder, Protocol):
+    """A gate document with reservations and a shared cooldown."""
+
+    cooldown_until_ms: int
+
+
+def pass_over_unclaimed(
+    state: Reserving,
+    now_ms: int,
+    claim_ms: int,
+    drop_retry: Callable[[str, str], None] | None = None,
+) -> list[Reservation]:
+    """Reservations whose claim deadline has passed (never within `claim_ms` of a cooldown's
+    end: none can be claimed during one): each holder's turn leaves the queue, a fresh
+    ticket removed and a retry dropped through `drop_retry(tenant, entity)`, which takes
+    its reservation with it. The next schedule gives the permit to the next turn. Returns
+    the reservations passed over."""
+    if now_ms <= state.cooldown_until_ms + claim_ms:
+        return []
+    passed = [r for r in state.reservations if r.by_ms < now_ms]
+    for reservation in passed:
+        if reservation.ticket is not None:
+            queue = state.queue_of(reservation.tenant)
+            if queue is not None and can_remove(queue, reservation.ticket):
+                remove_ticket(state, reservation.tenant, reservation.ticket, granted=False)
+        elif drop_retry is not None and reservation.entity is not None:
+            drop_retry(reservation.tenant, reservation.entity)
+    # A ticket that cannot leave out of order yet keeps its turn, but not the permit.
+    state.reservations = [r for r in state.reservations if r.by_ms >= now_ms]
+    return passed
