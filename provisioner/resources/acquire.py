@@ -25,12 +25,19 @@ from provisioner.resources.blocking import Verdict, waiting, walk
 from provisioner.resources.ledger import Loaded, ResourceLedger, set_bucket
 from provisioner.resources.limits import REASON_BACKOFF, rate_limits
 from provisioner.resources.results import ResourceGrant
-from provisioner.resources.state import INPUT, OUTPUT, Costs, ResourceLease, margin_of
+from provisioner.resources.state import (
+    INPUT,
+    OUTPUT,
+    Costs,
+    ResourceLease,
+    encode_ticket,
+    margin_of,
+)
 
 
 class Acquisition(ResourceLedger):
     def decide(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
-        return until_settled(lambda: self._decide(waiter, costs), self.admission.cas_retries)
+        return until_settled(lambda: self._decide(waiter, costs), self.config.cas_retries)
 
     def _decide(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
         loaded = self.load(waiter)
@@ -76,7 +83,7 @@ class Acquisition(ResourceLedger):
         queued = waiting(
             state,
             self.gate,
-            self.admission,
+            self.config,
             now,
             waiter.tenant,
             place.ticket,
@@ -95,14 +102,14 @@ class Acquisition(ResourceLedger):
                 None,
                 now,
                 now,
-                self.admission.reservation_claim_ms,
+                self.config.reservation_claim_ms,
                 new_lease_id(self.ports, "v"),
             )
             reserved = reserved or made
         own = reservation_of(state, waiter.tenant, place.ticket, None)
         if own is not None:
             queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
-        ttl = queued.expected_back_ms(now) + self.admission.waiter_ttl_ms
+        ttl = queued.expected_back_ms(now) + self.config.waiter_ttl_ms
         if fresh or verdict.dead or reserved or loaded.moved:
             self.save_gate(loaded)
         renewed = Place(Stage.QUEUED, place.since_ms, 1, place.ticket, None, now + ttl)
@@ -112,7 +119,7 @@ class Acquisition(ResourceLedger):
             # Another invocation of this waiter moved first; a ticket made here has no
             # liveness key, so it is skipped as dead.
             raise Again("waiter record moved") from None
-        self.touch_ticket(waiter, place.ticket, costs, ttl)
+        self.touch_ticket(waiter, place.ticket, ttl, encode_ticket(waiter.entity, costs))
         return queued
 
     def _timed_out_by(self, granted_ms: int, since_ms: int, now_ms: int) -> str | None:

@@ -1,25 +1,19 @@
-"""What one resource-gate decision reads and writes: the gate's document and the waiter's
-place, in the account scope. Like `admission.ledger`, the document is written with
-compare-and-swap against the version read; a lost race re-reads (`cas.until_settled`)."""
+"""A resource gate's keys and catch-up on `gates.ledger.GateLedger`: expired leases pruned
+(their margins charged), full buckets dropped, unclaimed reservations passed over."""
 
 from __future__ import annotations
 
-import contextlib
-
-from provisioner.admission.results import Waiter
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.gates.bucket import note_change
-from provisioner.gates.ledger import LoadedDocument
-from provisioner.gates.place import Place
+from provisioner.gates.ledger import GateLedger, LoadedDocument
 from provisioner.gates.queue import pass_over_unclaimed
-from provisioner.ports import Ports, Scope, StorageError
+from provisioner.ports import Ports, Scope
 from provisioner.resources.limits import rate_limits
 from provisioner.resources.state import (
     Costs,
     ResourceLease,
     ResourceState,
     decode_ticket,
-    encode_ticket,
     gate_key,
     ticket_key,
     waiter_key,
@@ -76,71 +70,32 @@ def set_bucket(state: ResourceState, name: str, tat_ms: float, now_ms: int) -> N
     state.buckets[name] = tat_ms
 
 
-class ResourceLedger:
-    def __init__(self, ports: Ports, admission: AdmissionConfig, gate: ResourceGate) -> None:
-        self.ports = ports
-        self.admission = admission
+class ResourceLedger(GateLedger[ResourceState]):
+    def __init__(self, ports: Ports, config: AdmissionConfig, gate: ResourceGate) -> None:
+        super().__init__(ports, config)
         self.gate = gate
 
     @property
     def queue_timeout_ms(self) -> int:
         timeout = self.gate.queue_timeout_ms
-        return self.admission.queue_timeout_ms if timeout is None else timeout
+        return self.config.queue_timeout_ms if timeout is None else timeout
 
-    def load(self, waiter: Waiter) -> Loaded:
-        storage = self.ports.storage
-        place_entry = storage.get(ACCOUNT, waiter_key(self.gate.name, waiter.tenant, waiter.entity))
-        now = self.ports.clock.now_ms()
-        state, version = read_state(self.ports, self.gate, now)
-        moved = bool(pass_over_unclaimed(state, now, self.admission.reservation_claim_ms))
-        return Loaded(
-            now_ms=now,
-            state=state,
-            gate_version=version,
-            place=None if place_entry is None else Place.from_bytes(place_entry.value),
-            place_version=None if place_entry is None else place_entry.version,
-            moved=moved,
-        )
+    def gate_key(self) -> str:
+        return gate_key(self.gate.name)
 
-    def save_gate(self, loaded: Loaded) -> None:
-        loaded.gate_version = self.ports.storage.compare_and_swap(
-            ACCOUNT, gate_key(self.gate.name), loaded.gate_version, loaded.state.to_bytes(), None
-        )
+    def waiter_key(self, tenant: str, entity: str) -> str:
+        return waiter_key(self.gate.name, tenant, entity)
 
-    def save_place(self, waiter: Waiter, loaded: Loaded, place: Place, ttl_ms: int) -> None:
-        """Only if nobody moved the place since the load (StorageConflict if so)."""
-        self.ports.storage.compare_and_swap(
-            ACCOUNT,
-            waiter_key(self.gate.name, waiter.tenant, waiter.entity),
-            loaded.place_version,
-            place.to_bytes(),
-            ttl_ms,
-        )
+    def ticket_key(self, tenant: str, ticket: int) -> str:
+        return ticket_key(self.gate.name, tenant, ticket)
 
-    def forget_place(self, waiter: Waiter) -> None:
-        key = waiter_key(self.gate.name, waiter.tenant, waiter.entity)
-        self.ports.storage.delete(ACCOUNT, key, None)
+    def read(self, raw: bytes | None) -> ResourceState:
+        return ResourceState() if raw is None else ResourceState.from_bytes(raw)
 
-    def touch_ticket(self, waiter: Waiter, ticket: int, costs: Costs, ttl_ms: int) -> None:
-        """The ticket's liveness key, holding the waiter's entity and estimated cost."""
-        key = ticket_key(self.gate.name, waiter.tenant, ticket)
-        storage = self.ports.storage
-        entry = storage.get(ACCOUNT, key)
-        storage.compare_and_swap(
-            ACCOUNT,
-            key,
-            None if entry is None else entry.version,
-            encode_ticket(waiter.entity, costs),
-            ttl_ms,
-        )
+    def catch_up(self, state: ResourceState, now_ms: int) -> bool:
+        prune(state, self.gate, now_ms)
+        return bool(pass_over_unclaimed(state, now_ms, self.config.reservation_claim_ms))
 
     def read_ticket(self, tenant: str, ticket: int) -> Costs | None:
-        entry = self.ports.storage.get(ACCOUNT, ticket_key(self.gate.name, tenant, ticket))
+        entry = self.ports.storage.get(ACCOUNT, self.ticket_key(tenant, ticket))
         return None if entry is None else decode_ticket(entry.value)[1]
-
-    def forget_ticket(self, waiter: Waiter, ticket: int | None) -> None:
-        if ticket is not None:
-            # On failure it expires on its own; it is out of the queue either way.
-            with contextlib.suppress(StorageError):
-                key = ticket_key(self.gate.name, waiter.tenant, ticket)
-                self.ports.storage.delete(ACCOUNT, key, None)

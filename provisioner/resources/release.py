@@ -17,7 +17,7 @@ from provisioner.resources.settle import observe_hold
 
 class Release(ResourceLedger):
     def decide(self, waiter: Waiter) -> Released:
-        return until_settled(lambda: self._decide(waiter), self.admission.cas_retries)
+        return until_settled(lambda: self._decide(waiter), self.config.cas_retries)
 
     def _decide(self, waiter: Waiter) -> Released:
         loaded = self.load(waiter)

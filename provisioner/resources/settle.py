@@ -33,7 +33,7 @@ class Settlement(ResourceLedger):
         self, waiter: Waiter, lease_id: str | None, actual: Costs, answer: ProviderAnswer
     ) -> Settled:
         return until_settled(
-            lambda: self._decide(waiter, lease_id, actual, answer), self.admission.cas_retries
+            lambda: self._decide(waiter, lease_id, actual, answer), self.config.cas_retries
         )
 
     def _decide(
@@ -76,7 +76,7 @@ class Settlement(ResourceLedger):
                 if not rate.per_tenant:
                     charged[rate.kind] = known
         if answer.backs_off:
-            record_failure(state, self.admission, now, answer.pause_ms, self.ports.uniform())
+            record_failure(state, self.config, now, answer.pause_ms, self.ports.uniform())
         elif answer.kind == "success":
             record_success(state)
         self.save_gate(loaded)
