@@ -45,8 +45,8 @@ from host.runtime.native import native_ports
 from host.serve.pace import PaceSettings
 from host.storage.memory import MemoryBackend
 from provisioner.admission import AdmissionConfig, AdmissionController, Created, Grant, Waiter
-from provisioner.admission.results import Queued, Rejected
 from provisioner.failures import FailureCode
+from provisioner.gates.results import Queued, Rejected
 from provisioner.model import (
     SANDBOX_QUEUED,
     SANDBOX_READY,

@@ -25,7 +25,9 @@ compare-and-swap loop) is in `provisioner.gates`.
 """
 
 from provisioner.admission.controller import AdmissionController
-from provisioner.admission.results import (
+from provisioner.admission.state import DEFAULT_SANDBOX_TIMEOUT_MS
+from provisioner.config import AdmissionConfig
+from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CAPACITY,
     REASON_CREATE_SLOTS,
@@ -43,8 +45,6 @@ from provisioner.admission.results import (
     Unavailable,
     Waiter,
 )
-from provisioner.admission.state import DEFAULT_SANDBOX_TIMEOUT_MS
-from provisioner.config import AdmissionConfig
 
 __all__ = [
     "DEFAULT_SANDBOX_TIMEOUT_MS",

@@ -16,13 +16,6 @@ from provisioner.admission.gates import slots_in_use, take_rate
 from provisioner.admission.leases import drop_create_lease, take_create_lease
 from provisioner.admission.ledger import ACCOUNT, Ledger, Loaded
 from provisioner.admission.promises import promise
-from provisioner.admission.results import (
-    REASON_CREATE_SLOTS,
-    Grant,
-    Queued,
-    Rejected,
-    Waiter,
-)
 from provisioner.admission.state import (
     GATE_KEY,
     GateState,
@@ -35,6 +28,7 @@ from provisioner.gates import budget
 from provisioner.gates.cas import Again, new_lease_id, until_settled
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of
+from provisioner.gates.results import REASON_CREATE_SLOTS, Grant, Queued, Rejected, Waiter
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
 

@@ -24,14 +24,6 @@ from provisioner.admission.gates import (
     slots_in_use,
     tenant_has_room,
 )
-from provisioner.admission.results import (
-    REASON_BACKOFF,
-    REASON_CAPACITY,
-    REASON_CREATE_SLOTS,
-    REASON_RATE,
-    Queued,
-    Waiter,
-)
 from provisioner.admission.state import GateState
 from provisioner.admission.status import capacity_wait_ms, slot_wait_ms
 from provisioner.config import AdmissionConfig
@@ -40,6 +32,14 @@ from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.document import RetryEntry
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.queue import Eligible, eligible_retries, fair_order, fresh_position
+from provisioner.gates.results import (
+    REASON_BACKOFF,
+    REASON_CAPACITY,
+    REASON_CREATE_SLOTS,
+    REASON_RATE,
+    Queued,
+    Waiter,
+)
 
 
 @dataclass(frozen=True, slots=True)

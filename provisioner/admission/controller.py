@@ -19,19 +19,12 @@ from provisioner.admission.admit import Admission
 from provisioner.admission.ledger import load_gate
 from provisioner.admission.promises import WakeUp
 from provisioner.admission.release import Release
-from provisioner.admission.results import (
-    REASON_STORAGE,
-    CreateResult,
-    Grant,
-    Queued,
-    Rejected,
-    Waiter,
-)
 from provisioner.admission.settle import Settlement
 from provisioner.admission.state import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.admission.status import snapshot
 from provisioner.config import AdmissionConfig
 from provisioner.gates.cas import come_back_ms
+from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queued, Rejected, Waiter
 from provisioner.ports import LogLevel, Ports, StorageError
 
 _T = TypeVar("_T")

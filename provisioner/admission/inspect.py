@@ -28,7 +28,6 @@ from provisioner.admission.gates import (
     slots_in_use,
 )
 from provisioner.admission.leases import prune_expired
-from provisioner.admission.results import Waiter
 from provisioner.admission.state import GATE_KEY as _GATE_KEY
 from provisioner.admission.state import GateState, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
@@ -36,6 +35,7 @@ from provisioner.gates import budget
 from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.document import owned_by
 from provisioner.gates.place import Place, Stage
+from provisioner.gates.results import Waiter
 from provisioner.ports import Scope, StorageReader
 from provisioner.resources.inspect import (
     BucketView,

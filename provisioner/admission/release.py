@@ -7,8 +7,8 @@ from provisioner.admission.admit import leave_queue
 from provisioner.admission.leases import drop_leases_of, sandbox_lease_of
 from provisioner.admission.ledger import Ledger
 from provisioner.admission.promises import promise
-from provisioner.admission.results import Waiter
 from provisioner.gates.cas import until_settled
+from provisioner.gates.results import Waiter
 
 
 class Release(Ledger):

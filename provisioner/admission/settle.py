@@ -27,7 +27,10 @@ from provisioner.admission.leases import (
 )
 from provisioner.admission.ledger import Ledger, Loaded
 from provisioner.admission.promises import promise
-from provisioner.admission.results import (
+from provisioner.gates.cas import until_settled
+from provisioner.gates.cooldown import record_failure, record_success
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CAPACITY,
     CapacityExhausted,
@@ -41,9 +44,6 @@ from provisioner.admission.results import (
     Unavailable,
     Waiter,
 )
-from provisioner.gates.cas import until_settled
-from provisioner.gates.cooldown import record_failure, record_success
-from provisioner.gates.place import Place, Stage
 
 
 class Settlement(Ledger):

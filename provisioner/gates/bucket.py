@@ -1,31 +1,8 @@
-"""A token bucket whose cost is settled after the call, and that runs into debt rather than
-lying about it.
-
-The bucket is GCRA with a variable cost, kept as one number per bucket: `tat_ms`, the
-theoretical arrival time at which the bucket would be full again. With `interval_ms` per
-token and a burst of `burst` tokens, the level at `now` is
-`burst - max(0, tat_ms - now) / interval_ms` tokens; it is negative while in debt.
-
-- A grant needs the level to cover its estimated cost (`fits`), then charges it (`charge`):
-  `tat = max(tat, now) + cost * interval`. A cost above the burst could never fit; the
-  callers refuse it up front.
-- Settling with the actual cost charges what the estimate missed at once (`tat` moves on by
-  the excess: the bucket goes into debt, and nothing else fits until it has refilled),
-  and gives back what the estimate overcharged only as far as the bucket would really
-  have held it: if the bucket had been charged the actual cost at the grant, the overcharge
-  disappears wherever the bucket would have filled up to its burst since (its refill would
-  have been lost). `Charge.slack_ms` tracks that: the least headroom `tat - t` the bucket
-  had at any change since the grant, so the refund is `min(overcharge, slack)`. With it,
-  the bucket after a settle is exactly (never less conservative than) a bucket that had
-  been charged the actual cost at the grant.
-
-What that buys (the property tests check it): over any window [a, b], the actual costs of
-the requests granted in it sum to at most `rate * (b - a) + burst`, plus the estimation
-errors (actual above estimate) of the requests still unsettled right after the window's
-last grant — one request's error when calls do not overlap. The resource gates make that
-one request's error under any overlap by reserving the declared worst-case errors of the
-calls in flight (`resources.blocking`, its module docstring).
-"""
+"""GCRA with a variable cost settled after the call: one clock per bucket (`tat_ms`, when
+it would be full again). A settle charges what the estimate missed at once (debt) and
+refunds an overcharge only as far as the bucket would really have held it (`slack_ms`), so
+the bucket after a settle is never less conservative than one charged the actual at the
+grant. docs/gates.md gives the bound this buys."""
 
 from __future__ import annotations
 
@@ -70,7 +47,7 @@ class Bucket:
 @dataclass(slots=True)
 class Charge:
     """What one grant charged one bucket: `tokens` (the estimate, or 1 for a request) and
-    the least headroom the bucket has had since (`slack_ms`, see the module docstring)."""
+    the least headroom the bucket has had since (`slack_ms`)."""
 
     bucket: str
     tokens: float

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from provisioner.admission.results import Queued, Rejected, Waiter
 from provisioner.failures import FailureCode
 from provisioner.gates.bucket import Charge
 from provisioner.gates.cas import Again, new_lease_id, until_settled
 from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of, reserve
+from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
 from provisioner.model import Failure
 from provisioner.ports import StorageConflict
 from provisioner.resources.blocking import Verdict, waiting, walk
 from provisioner.resources.ledger import Loaded, ResourceLedger, set_bucket
-from provisioner.resources.limits import REASON_BACKOFF, rate_limits
-from provisioner.resources.results import ResourceGrant
+from provisioner.resources.limits import rate_limits
 from provisioner.resources.state import (
     INPUT,
     OUTPUT,

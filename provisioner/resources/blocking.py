@@ -1,44 +1,12 @@
 """What blocks a waiter at a resource gate, and when it may go.
 
-The same shape as the sandbox gates' `admission.blocking`: one `Budget` of what every limit
-has free now is handed to the turns at the front of the fair order (round-robin across
-tenants, FIFO within one), each turn taking its own estimated cost; the waiter goes when
-its own turn fits. Costs differ per request, so a turn that does not fit a limit shared
-by the account stops the walk there: the head of the queue is never overtaken by a
-cheaper request behind it (no starvation of large requests). A turn held back by its own
-tenant's limits only skips that tenant's turns.
-
-**The token bound, and one request's estimation error.** A request declares, per token
-kind, an estimate (charged at the grant) and optionally a worst case (`max_input_tokens`,
-`max_output_tokens`; none declared: the estimate is its worst case). Its margin is the
-worst case less the estimate: the most its actual can exceed what the grant charged. For
-output tokens the call's `max_tokens` is a true worst case (the provider stops there), so
-an estimate of `max_tokens` has margin 0 and is refunded down to the actual on settle;
-for input tokens a counted prompt has margin 0, a guessed one the error its caller
-declares. The rule, per bucket: a turn fits only when the bucket's level covers its
-estimate plus its reserve, the margins of every call in flight on that bucket (granted,
-not yet settled, released or expired) and its own, less the largest of those margins
-(`Budget.reserve`). A settle charges what the estimate missed at once; a release or an
-expiry charges the margins in full (the call's cost is unknown: assume its worst case).
-
-What that guarantees, whatever the interleaving of acquires, settles and releases of any
-number of invocations: over any window [a, b] between two grants, the actual costs of the
-requests granted in it stay within `rate * (b - a) + burst + x`, where `x` is ONE
-request's estimation error (actual above estimate): that of the in-flight request with
-the largest margin at the window's last grant. Why: the bucket after every settle is never
-less conservative than one charged each settled call's actual at its grant
-(`gates.bucket`), so the charged costs of the window sum to at most `rate * (b - a) +
-burst - L`, with `L` the level left after the last grant, at least the reserve
-`sum(m_i) - max(m_i)` over the calls still in flight; their unaccounted errors `x_i <=
-m_i` then add at most `sum(x_i) - sum(m_i) + max(m_i) <= x_k` for the call `k` with the
-largest margin. The bound holds as long as every actual stays within its declared worst
-case; an actual above it (a caller's wrong bound) goes into debt at its settle, and the
-window containing that call exceeds the bound by the overrun at most.
-
-The reserve costs throughput only while margins are in flight: with margin-0 requests (a
-counted prompt, an output estimate of `max_tokens`) it is 0 and the bucket is used to the
-full.
-"""
+One `Budget` of what every limit has free now is handed to the turns at the front of the
+fair order, each taking its own estimated cost; the waiter goes when its own turn fits. A
+turn that does not fit a limit shared by the account stops the walk (a large request is
+never overtaken by cheaper ones behind it); one held back by its own tenant's limits only
+skips that tenant's turns. A turn fits a bucket when the level covers its estimate plus
+the reserve (`Budget.reserve`), so the estimation errors reaching the provider
+unaccounted stay within one request's: docs/gates.md gives the argument."""
 
 from __future__ import annotations
 
@@ -49,16 +17,15 @@ from dataclasses import dataclass
 from itertools import chain
 
 from provisioner.admission.blocking import ask_again_ms, retry_at_wait_ms
-from provisioner.admission.results import Queued
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
 from provisioner.gates.queue import Eligible, fair_order, fresh_position
-from provisioner.resources.limits import (
+from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CONCURRENCY,
     REASON_TENANT_CONCURRENCY,
-    RateLimit,
-    rate_limits,
+    Queued,
 )
+from provisioner.resources.limits import RateLimit, rate_limits
 from provisioner.resources.state import Costs, ResourceState, margin_of
 
 # Turns looked at per decision (each costs one read of its ticket key).
@@ -70,13 +37,7 @@ ReadCost = Callable[[str, int], Costs | None]
 
 
 class Budget:
-    """What every limit of the gate has free right now.
-
-    A rate limit's turn fits when the bucket's level covers its estimate plus the
-    reserve (`reserve`): the estimation errors that may still be outstanding, of the
-    calls in flight on that bucket and of this one, less the largest of them. So the
-    errors that can reach the provider unaccounted are never more than one request's
-    (the module docstring of `resources.settle` says why that is the bound)."""
+    """What every limit of the gate has free right now."""
 
     def __init__(self, state: ResourceState, gate: ResourceGate, now_ms: int) -> None:
         self.state = state

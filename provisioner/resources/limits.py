@@ -13,10 +13,6 @@ from provisioner.config import TENANT, ResourceGate
 from provisioner.gates.bucket import Bucket
 from provisioner.resources.state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id, margin_key
 
-REASON_CONCURRENCY = "concurrency"
-REASON_TENANT_CONCURRENCY = "tenant_concurrency"
-REASON_BACKOFF = "backoff"
-REASON_STORAGE = "storage"
 _RATE_REASONS = {REQUESTS: "rate", INPUT: "input_tokens", OUTPUT: "output_tokens"}
 _COST_KINDS = {"rpm": REQUESTS, "itpm": INPUT, "otpm": OUTPUT}
 

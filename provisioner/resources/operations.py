@@ -14,18 +14,17 @@ import contextlib
 import re
 from typing import Any
 
-from provisioner.admission.results import Queued, Rejected, Waiter
 from provisioner.config import AdmissionConfig, ResourceGate, read_config
 from provisioner.failures import FailureCode
 from provisioner.gates.cas import come_back_ms
+from provisioner.gates.results import REASON_STORAGE, Queued, Rejected, ResourceGrant, Waiter
 from provisioner.invocation import Request
 from provisioner.model import Outcome, ProvisionerError, failed
 from provisioner.ports import LogLevel, Ports, StorageError
 from provisioner.resources.acquire import Acquisition
-from provisioner.resources.limits import REASON_STORAGE, request_costs, too_large
+from provisioner.resources.limits import request_costs, too_large
 from provisioner.resources.provider import read_answer
 from provisioner.resources.release import Release
-from provisioner.resources.results import ResourceGrant
 from provisioner.resources.settle import Settlement
 from provisioner.resources.state import INPUT, OUTPUT, Costs
 

@@ -6,12 +6,11 @@ case (`ledger.charge_margins`, as for a lease that expires)."""
 
 from __future__ import annotations
 
-from provisioner.admission.results import Waiter
 from provisioner.gates.cas import until_settled
 from provisioner.gates.place import Stage
 from provisioner.gates.queue import can_remove, remove_ticket
+from provisioner.gates.results import Released, Waiter
 from provisioner.resources.ledger import ResourceLedger, charge_margins
-from provisioner.resources.results import Released
 from provisioner.resources.settle import observe_hold
 
 

@@ -12,14 +12,13 @@ same as E2B's 429s).
 
 from __future__ import annotations
 
-from provisioner.admission.results import Waiter
 from provisioner.gates.bucket import settle_charge
 from provisioner.gates.cas import until_settled
 from provisioner.gates.cooldown import cooling_ms, record_failure, record_success
+from provisioner.gates.results import Settled, Waiter
 from provisioner.resources.ledger import ResourceLedger, set_bucket
 from provisioner.resources.limits import rate_limits
 from provisioner.resources.provider import ProviderAnswer
-from provisioner.resources.results import Settled
 from provisioner.resources.state import REQUESTS, Costs, ResourceLease, ResourceState
 
 

@@ -1,4 +1,5 @@
-"""What admission control answers, and what a granted create came back with."""
+"""What a gate answers (a sandbox gate's grant, a resource gate's permit, settle and
+release; a waiting answer is `Queued` for both), and what a granted create came back with."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ REASON_RATE = "rate"
 REASON_CAPACITY = "capacity"
 REASON_BACKOFF = "backoff"
 REASON_STORAGE = "storage"
+REASON_CONCURRENCY = "concurrency"
+REASON_TENANT_CONCURRENCY = "tenant_concurrency"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +105,34 @@ class CreateFailed:
 
 
 CreateResult = Created | RateLimited | CapacityExhausted | Unavailable | CreateFailed
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceGrant:
+    """A permit: make the call now, then settle it (or release it unused).
+    `renewed`: the entity already held it, and asking again extended its lease."""
+
+    lease_id: str
+    expires_at_ms: int
+    queued_ms: int
+    renewed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """`held`: the lease was still held (else its cost was charged in full, since what the
+    grant charged had expired with it). `charged`: tokens charged by this settle per cost
+    kind (negative: given back). `cooling_ms`: the shared cooldown now in force."""
+
+    lease_id: str | None
+    held: bool
+    answer: str
+    charged: dict[str, float]
+    cooling_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    lease_id: str | None
+    held: bool
+    waited: bool
