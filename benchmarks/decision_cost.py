@@ -21,8 +21,9 @@ from typing import Any
 from benchmarks.counting import CountingBackend
 from host.services.namespaces import ScopedStorage, account_namespace
 from host.storage.memory import MemoryBackend
-from provisioner.admission import AdmissionConfig, Created, Grant, Queued, Waiter
-from provisioner.admission.inspect import inspect_gates
+from provisioner.config import AdmissionConfig
+from provisioner.gates.results import Created, Grant, Queued, Waiter
+from provisioner.gates.sandbox_view import inspect_gates
 from tests.guest.harness import ACCOUNT, Harness
 
 TENANTS = 5

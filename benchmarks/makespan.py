@@ -33,7 +33,7 @@ from harness.simulator.report import Limits, ideal_makespan_s
 from harness.simulator.scenario import E2BLimits, Scenario
 from harness.simulator.simulate import run_mode
 from host.runtime.loader import LoadedComponent, load_component
-from provisioner.admission import AdmissionConfig
+from provisioner.config import AdmissionConfig
 
 MAKESPAN_TARGET = 1.10
 MODES = ("provisioner", "direct", SDK_MODE)

@@ -34,7 +34,7 @@ from harness.simulator import detsim
 from harness.simulator.fake_e2b import FakeE2BConfig
 from harness.simulator.spec import packaged_spec
 from host.serve.pace import PaceSettings
-from provisioner.admission import AdmissionConfig
+from provisioner.config import AdmissionConfig
 
 SLOTS, RATE, CAP, CREATE_MS, SESSION_S, TENANTS, TURNS = 4, 5.0, 20, 2_000, 5.0, 5, 10
 HOLD_MS = 1_500

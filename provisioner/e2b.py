@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from provisioner.admission import (
+from provisioner.config import SandboxSettings
+from provisioner.failures import FailureCode
+from provisioner.gates.results import (
     CapacityExhausted,
     Created,
     CreateFailed,
@@ -20,8 +22,6 @@ from provisioner.admission import (
     RateLimited,
     Unavailable,
 )
-from provisioner.config import SandboxSettings
-from provisioner.failures import FailureCode
 from provisioner.model import Failure
 from provisioner.ports import Http, HttpError, HttpErrorKind, HttpRequest, HttpResponse
 

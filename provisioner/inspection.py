@@ -10,8 +10,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.config import read_config
+from provisioner.gates.sandbox_view import GateView, inspect_gates
 from provisioner.invocation import Request
 from provisioner.model import GATES_INSPECTED, Outcome
 from provisioner.ports import Ports

@@ -1,5 +1,5 @@
 """The sandbox operations: provision, release and status (the resource gates' acquire,
-settle and release-with-a-resource are in `provisioner.resources`).
+settle and release-with-a-resource are in `provisioner.gates.resource_operations`).
 
 Order matters for "nothing is lost": the entity record (and so the idempotency key) is
 written before any create is sent, and the record is deleted only after E2B confirmed the
@@ -11,18 +11,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from provisioner.admission import (
-    REASON_STORAGE,
-    AdmissionController,
-    Created,
-    CreateFailed,
-    CreateResult,
-    Grant,
-    Queued,
-    Rejected,
-    Unavailable,
-    Waiter,
-)
 from provisioner.config import read_config
 from provisioner.e2b import E2BClient, SandboxInfo
 from provisioner.entity_records import (
@@ -34,6 +22,20 @@ from provisioner.entity_records import (
 )
 from provisioner.failures import FailureCode
 from provisioner.gates.cas import come_back_ms
+from provisioner.gates.controller import AdmissionController
+from provisioner.gates.resource_operations import dispatch_resource, is_resource_request
+from provisioner.gates.resource_status import snapshot as resource_snapshot
+from provisioner.gates.results import (
+    REASON_STORAGE,
+    Created,
+    CreateFailed,
+    CreateResult,
+    Grant,
+    Queued,
+    Rejected,
+    Unavailable,
+    Waiter,
+)
 from provisioner.invocation import Request
 from provisioner.model import (
     SANDBOX_QUEUED,
@@ -54,8 +56,6 @@ from provisioner.ports import (
     StorageInvalidKey,
     StorageTooLarge,
 )
-from provisioner.resources import dispatch_resource, is_resource_request
-from provisioner.resources.status import snapshot as resource_snapshot
 from provisioner.temperfs import NONE as NO_CONVERSATION_STORAGE
 from provisioner.temperfs import conversation_storage
 

@@ -44,8 +44,8 @@ from harness.simulator.model import Job
 from host.cli.options import add_component_option, fail, positive
 from host.services.namespaces import ScopedStorage
 from host.storage import storage_from_uri
-from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.config import AdmissionConfig
+from provisioner.gates.sandbox_view import GateView, inspect_gates
 
 if TYPE_CHECKING:
     from harness.mocks.e2b import MockE2BServer

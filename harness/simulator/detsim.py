@@ -44,9 +44,10 @@ from harness.simulator.virtual_serve import WAKE_ACTION, VirtualInvoker, Virtual
 from host.runtime.native import native_ports
 from host.serve.pace import PaceSettings
 from host.storage.memory import MemoryBackend
-from provisioner.admission import AdmissionConfig, AdmissionController, Created, Grant, Waiter
+from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
-from provisioner.gates.results import Queued, Rejected
+from provisioner.gates.controller import AdmissionController
+from provisioner.gates.results import Created, Grant, Queued, Rejected, Waiter
 from provisioner.model import (
     SANDBOX_QUEUED,
     SANDBOX_READY,

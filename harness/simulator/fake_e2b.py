@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 
 from harness.mocks.e2b.limits import Gcra
-from provisioner.admission import (
+from provisioner.gates.results import (
     CapacityExhausted,
     Created,
     CreateResult,

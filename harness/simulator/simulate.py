@@ -60,7 +60,7 @@ from host.runtime.loader import LoadedComponent, load_component
 from host.serve.pace import PaceSettings
 from host.serve.wakeups import DEFAULT_WAKE_ACTION
 from host.services.telemetry import InvocationTag
-from provisioner.admission import AdmissionConfig
+from provisioner.config import AdmissionConfig
 from provisioner.ports import LogLevel
 
 SIM_API_KEY = "e2b_simulated_key"

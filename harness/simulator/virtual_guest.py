@@ -24,9 +24,9 @@ from harness.simulator.simulated_ports import EventLog, SeededRandom
 from harness.simulator.virtual_serve import VirtualTimers
 from host.runtime.native import native_ports
 from host.storage.memory import MemoryBackend
-from provisioner.admission import CapacityExhausted, Created, RateLimited, Unavailable
 from provisioner.app import run
 from provisioner.failures import FailureCode
+from provisioner.gates.results import CapacityExhausted, Created, RateLimited, Unavailable
 from provisioner.model import Failure, Invocation, Outcome, failed
 from provisioner.ports import HttpRequest, HttpResponse
 

@@ -131,7 +131,7 @@ class Reservation:
 class FairQueueState:
     """What a gate document holds for the fair queue (`gates.queue`): the tenants'
     ticket ranges in ring order and the retries ahead of them. The sandbox gate and every
-    resource gate (`resources.state`) keep their waiters this way."""
+    resource gate (`gates.resource_state`) keep their waiters this way."""
 
     __slots__ = ()
     ring: list[TenantQueue]

@@ -20,17 +20,10 @@ from harness.simulator.fake_e2b import START_MS, FakeE2B, FakeE2BConfig, Storm
 from harness.simulator.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.runtime.native import native_ports
 from host.storage.memory import MemoryBackend
-from provisioner.admission import (
-    DEFAULT_SANDBOX_TIMEOUT_MS,
-    AdmissionConfig,
-    AdmissionController,
-    Created,
-    CreateResult,
-    Grant,
-    Queued,
-    Rejected,
-    Waiter,
-)
+from provisioner.config import AdmissionConfig
+from provisioner.gates.controller import AdmissionController
+from provisioner.gates.results import Created, CreateResult, Grant, Queued, Rejected, Waiter
+from provisioner.gates.sandbox_state import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.ports import HttpRequest, HttpResponse, Ports
 
 __all__ = [

@@ -16,8 +16,8 @@ import pytest
 
 from host.storage.base import StorageBackend
 from host.storage.memory import MemoryBackend
-from provisioner.admission import (
-    AdmissionConfig,
+from provisioner.config import AdmissionConfig
+from provisioner.gates.results import (
     CapacityExhausted,
     Created,
     CreateResult,

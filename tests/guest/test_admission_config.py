@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from provisioner.admission import AdmissionConfig
+from provisioner.config import AdmissionConfig
 from provisioner.model import ProvisionerError
 
 

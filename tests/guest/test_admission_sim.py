@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from provisioner.admission import AdmissionConfig
+from provisioner.config import AdmissionConfig
 from tests.guest.harness import (
     FakeE2BConfig,
     SessionSpec,

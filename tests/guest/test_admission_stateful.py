@@ -24,8 +24,9 @@ from hypothesis.stateful import (
 )
 
 from host.services.namespaces import ScopedStorage, account_namespace
-from provisioner.admission import (
-    AdmissionConfig,
+from provisioner.config import AdmissionConfig
+from provisioner.gates.place import Stage
+from provisioner.gates.results import (
     CapacityExhausted,
     Created,
     CreateFailed,
@@ -37,9 +38,8 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
-from provisioner.admission.inspect import inspect_gates
-from provisioner.admission.state import GATE_KEY, GateState
-from provisioner.gates.place import Stage
+from provisioner.gates.sandbox_state import GATE_KEY, GateState
+from provisioner.gates.sandbox_view import inspect_gates
 from provisioner.model import Failure
 from tests.guest.harness import ACCOUNT, Harness
 

@@ -8,8 +8,11 @@ import pytest
 
 from host.services.namespaces import ScopedStorage, account_namespace
 from host.storage.base import StorageBackend
-from provisioner.admission import (
-    AdmissionConfig,
+from provisioner.config import AdmissionConfig
+from provisioner.failures import FailureCode
+from provisioner.gates.cooldown import backoff_ms
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.results import (
     CapacityExhausted,
     Created,
     CreateFailed,
@@ -21,11 +24,8 @@ from provisioner.admission import (
     Unavailable,
     Waiter,
 )
-from provisioner.admission.inspect import GateView, inspect_gates
-from provisioner.admission.state import ticket_key, waiter_key
-from provisioner.failures import FailureCode
-from provisioner.gates.cooldown import backoff_ms
-from provisioner.gates.place import Place, Stage
+from provisioner.gates.sandbox_state import ticket_key, waiter_key
+from provisioner.gates.sandbox_view import GateView, inspect_gates
 from provisioner.model import Failure
 from provisioner.ports import Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend

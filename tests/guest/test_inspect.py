@@ -1,4 +1,4 @@
-"""provisioner.admission.inspect: the public read-only view of an account's gates and
+"""provisioner.gates.sandbox_view: the public read-only view of an account's gates and
 waiters, built from storage alone."""
 
 from __future__ import annotations
@@ -6,14 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from host.services.namespaces import ScopedStorage, account_namespace
-from provisioner.admission import (
-    AdmissionConfig,
-    CapacityExhausted,
-    Created,
-    RateLimited,
-    Waiter,
-)
-from provisioner.admission.inspect import (
+from provisioner.config import AdmissionConfig
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.results import CapacityExhausted, Created, RateLimited, Waiter
+from provisioner.gates.sandbox_state import ticket_key, waiter_key
+from provisioner.gates.sandbox_view import (
     CreateLeaseView,
     GateView,
     ReservationView,
@@ -21,8 +18,6 @@ from provisioner.admission.inspect import (
     UnsettledCreateView,
     inspect_gates,
 )
-from provisioner.admission.state import ticket_key, waiter_key
-from provisioner.gates.place import Place, Stage
 from provisioner.ports import Scope
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 

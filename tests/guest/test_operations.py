@@ -19,9 +19,9 @@ from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime, native_ports
 from host.services.namespaces import tenant_namespace
 from host.storage.memory import MemoryBackend
-from provisioner.admission import AdmissionConfig
-from provisioner.admission.state import GATE_KEY
+from provisioner.config import AdmissionConfig
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
+from provisioner.gates.sandbox_state import GATE_KEY
 from provisioner.model import Outcome
 from provisioner.ports import HttpRequest, HttpResponse, LogLevel, StorageUnavailable
 from tests.builders import invocation

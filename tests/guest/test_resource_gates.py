@@ -10,8 +10,8 @@ import pytest
 
 from provisioner.config import read_config
 from provisioner.gates.bucket import Bucket, Charge, note_change, settle_charge
+from provisioner.gates.provider import pause_from_headers
 from provisioner.model import ProvisionerError
-from provisioner.resources.provider import pause_from_headers
 from tests.guest.resource_harness import ResourceHarness
 
 LLM = {"resource": "llm", "resource.llm.concurrency": "2", "resource.llm.itpm": "6000"}
@@ -395,7 +395,7 @@ def test_bad_params_are_typed_failures(
 
 
 def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
-    from provisioner.admission.inspect import inspect_resources
+    from provisioner.gates.resource_view import inspect_resources
     from provisioner.ports import Scope
 
     config = {**LLM, "resource.llm.tenant_itpm": "6000", "resource.llm.concurrency": "1"}

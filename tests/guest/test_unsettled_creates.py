@@ -12,16 +12,9 @@ from __future__ import annotations
 
 import json
 
-from provisioner.admission import (
-    DEFAULT_SANDBOX_TIMEOUT_MS,
-    AdmissionConfig,
-    Created,
-    Grant,
-    RateLimited,
-    Unavailable,
-    Waiter,
-)
-from provisioner.admission.state import GateState
+from provisioner.config import AdmissionConfig
+from provisioner.gates.results import Created, Grant, RateLimited, Unavailable, Waiter
+from provisioner.gates.sandbox_state import DEFAULT_SANDBOX_TIMEOUT_MS, GateState
 from tests.guest.harness import Harness, grant_of, queued_of
 
 LEASE_MS = 10_000

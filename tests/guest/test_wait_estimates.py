@@ -1,4 +1,4 @@
-"""When a permit should be free for a waiter (provisioner/admission/status.py): capacity
+"""When a permit should be free for a waiter (provisioner/gates/sandbox_status.py): capacity
 (`capacity_wait_ms`) from the sandbox leases' expiries, or from the observed hold time once
 one is known, in waves of the capacity limit; a create slot (`slot_wait_ms`) from the
 creates in flight and the create latency, in waves of the slots."""
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from provisioner.admission import AdmissionConfig
-from provisioner.admission.leases import hold_sandbox
-from provisioner.admission.state import CreateLease, GateState
-from provisioner.admission.status import capacity_wait_ms, slot_wait_ms
+from provisioner.config import AdmissionConfig
+from provisioner.gates.sandbox_leases import hold_sandbox
+from provisioner.gates.sandbox_state import CreateLease, GateState
+from provisioner.gates.sandbox_status import capacity_wait_ms, slot_wait_ms
 
 NOW = 1_000_000
 LATENCY_MS = AdmissionConfig().create_latency_ms

@@ -21,7 +21,7 @@ from harness.simulator.simulated_ports import VirtualClock
 from harness.simulator.spec import Spec, packaged_spec
 from harness.simulator.virtual_serve import VirtualServe
 from host.serve.pace import PaceSettings
-from provisioner.admission import AdmissionConfig
+from provisioner.config import AdmissionConfig
 from tests.harness.simulator import answers
 from tests.harness.simulator.test_executor_rules import QUEUED as SHORT_QUEUED
 from tests.harness.simulator.test_executor_rules import Scripted, variant

@@ -19,7 +19,8 @@ from host.serve.metrics import ServeMetrics
 from host.services.namespaces import account_namespace
 from host.storage.base import StorageUnavailable
 from host.storage.sqlite import SqliteBackend
-from provisioner.admission import AdmissionConfig, Grant, Queued, Waiter
+from provisioner.config import AdmissionConfig
+from provisioner.gates.results import Grant, Queued, Waiter
 from tests.guest.harness import ACCOUNT, Harness
 
 CONFIG = AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, create_burst=10)

@@ -7,9 +7,8 @@ from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.gates.bucket import note_change
 from provisioner.gates.ledger import GateLedger, LoadedDocument
 from provisioner.gates.queue import pass_over_unclaimed
-from provisioner.ports import Ports, Scope
-from provisioner.resources.limits import rate_limits
-from provisioner.resources.state import (
+from provisioner.gates.resource_limits import rate_limits
+from provisioner.gates.resource_state import (
     Costs,
     ResourceLease,
     ResourceState,
@@ -18,6 +17,7 @@ from provisioner.resources.state import (
     ticket_key,
     waiter_key,
 )
+from provisioner.ports import Ports, Scope
 
 ACCOUNT = Scope.ACCOUNT
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from provisioner.config import ACCOUNT, TENANT, ResourceGate
 from provisioner.gates.cooldown import cooling_ms
+from provisioner.gates.resource_ledger import read_state
+from provisioner.gates.resource_limits import rate_limits
+from provisioner.gates.resource_state import ResourceState
 from provisioner.ports import Ports
-from provisioner.resources.ledger import read_state
-from provisioner.resources.limits import rate_limits
-from provisioner.resources.state import ResourceState
 
 
 def gate_snapshot(

@@ -11,25 +11,11 @@ create lease expired settles the unsettled create the expiry left.
 
 from __future__ import annotations
 
-from provisioner.admission.admit import exhausted, leave_queue
-from provisioner.admission.blocking import waiting
-from provisioner.admission.gates import (
-    capacity_in_use,
-    capacity_limit,
-    note_created,
-    shrink_capacity,
-)
-from provisioner.admission.leases import (
-    drop_create_lease,
-    drop_unsettled,
-    hold_sandbox,
-    unsettled_from,
-)
-from provisioner.admission.ledger import Ledger, Loaded
-from provisioner.admission.promises import promise
+from provisioner.gates.admit import exhausted, leave_queue
 from provisioner.gates.cas import until_settled
 from provisioner.gates.cooldown import record_failure, record_success
 from provisioner.gates.place import Place, Stage
+from provisioner.gates.promises import promise
 from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CAPACITY,
@@ -43,6 +29,20 @@ from provisioner.gates.results import (
     Rejected,
     Unavailable,
     Waiter,
+)
+from provisioner.gates.sandbox_blocking import waiting
+from provisioner.gates.sandbox_leases import (
+    drop_create_lease,
+    drop_unsettled,
+    hold_sandbox,
+    unsettled_from,
+)
+from provisioner.gates.sandbox_ledger import Ledger, Loaded
+from provisioner.gates.sandbox_limits import (
+    capacity_in_use,
+    capacity_limit,
+    note_created,
+    shrink_capacity,
 )
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioner.admission.blocking import Permits, Scheduled, Turn, eligibility, schedule
-from provisioner.admission.state import GateState, ticket_key
 from provisioner.config import AdmissionConfig
 from provisioner.gates.cas import new_lease_id
 from provisioner.gates.queue import reservation_of, reserve
+from provisioner.gates.sandbox_blocking import Permits, Scheduled, Turn, eligibility, schedule
+from provisioner.gates.sandbox_state import GateState, ticket_key
 from provisioner.ports import Ports, Scope
 
 

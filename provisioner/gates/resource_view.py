@@ -1,5 +1,5 @@
 """The public, read-only view of a resource gate's state (re-exported by
-`provisioner.admission.inspect`, beside the sandbox gates' view).
+`provisioner.gates.sandbox_view`, beside the sandbox gates' view).
 
 `inspect_resource` reads the gate's document and its waiters' ticket keys through the
 guest's `Storage` protocol (account scope) and returns frozen dataclasses: the leases with
@@ -13,16 +13,16 @@ from dataclasses import dataclass
 
 from provisioner.config import ACCOUNT, TENANT, ResourceGate
 from provisioner.gates.cooldown import cooling_ms
-from provisioner.ports import Scope, Storage
-from provisioner.resources.ledger import prune
-from provisioner.resources.limits import rate_limits
-from provisioner.resources.state import (
+from provisioner.gates.resource_ledger import prune
+from provisioner.gates.resource_limits import rate_limits
+from provisioner.gates.resource_state import (
     Costs,
     ResourceState,
     decode_ticket,
     gate_key,
     ticket_key,
 )
+from provisioner.ports import Scope, Storage
 
 
 @dataclass(frozen=True, slots=True)

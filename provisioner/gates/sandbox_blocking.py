@@ -13,19 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import chain
 
-from provisioner.admission.gates import (
-    capacity_free,
-    capacity_in_use,
-    capacity_limit,
-    rate_available,
-    rate_in_use,
-    rate_wait_ms,
-    slots_free,
-    slots_in_use,
-    tenant_has_room,
-)
-from provisioner.admission.state import GateState
-from provisioner.admission.status import capacity_wait_ms, slot_wait_ms
 from provisioner.config import AdmissionConfig
 from provisioner.gates import budget
 from provisioner.gates.cooldown import cooling_ms
@@ -40,6 +27,19 @@ from provisioner.gates.results import (
     Queued,
     Waiter,
 )
+from provisioner.gates.sandbox_limits import (
+    capacity_free,
+    capacity_in_use,
+    capacity_limit,
+    rate_available,
+    rate_in_use,
+    rate_wait_ms,
+    slots_free,
+    slots_in_use,
+    tenant_has_room,
+)
+from provisioner.gates.sandbox_state import GateState
+from provisioner.gates.sandbox_status import capacity_wait_ms, slot_wait_ms
 
 
 @dataclass(frozen=True, slots=True)

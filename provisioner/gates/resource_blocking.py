@@ -16,17 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 
-from provisioner.admission.blocking import ask_again_ms, retry_at_wait_ms
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
 from provisioner.gates.queue import Eligible, fair_order, fresh_position
+from provisioner.gates.resource_limits import RateLimit, rate_limits
+from provisioner.gates.resource_state import Costs, ResourceState, margin_of
 from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CONCURRENCY,
     REASON_TENANT_CONCURRENCY,
     Queued,
 )
-from provisioner.resources.limits import RateLimit, rate_limits
-from provisioner.resources.state import Costs, ResourceState, margin_of
+from provisioner.gates.sandbox_blocking import ask_again_ms, retry_at_wait_ms
 
 # Turns looked at per decision (each costs one read of its ticket key).
 LOOKAHEAD = 32

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from provisioner.admission.state import GateState
 from provisioner.config import AdmissionConfig
 from provisioner.gates.bucket import Bucket
+from provisioner.gates.sandbox_state import GateState
 
 
 def slots_in_use(state: GateState) -> int:

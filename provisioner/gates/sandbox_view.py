@@ -9,7 +9,7 @@ ETA, computed by the same function a waiter's own `admit` answer comes from
 only; the stored encoding (`state`, `place`) stays private to the guest.
 
 The resource gates (`resource.<name>.<limit>`) have their own view, re-exported here:
-`inspect_resource` / `inspect_resources` (`provisioner.resources.inspect`).
+`inspect_resource` / `inspect_resources` (`provisioner.gates.resource_view`).
 
 Reading never writes. Each waiter costs two reads (its ticket's key and its own record),
 so inspection is O(waiters), unlike a decision; it is meant for operators and tests.
@@ -19,25 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioner.admission.blocking import assess, waiting
-from provisioner.admission.gates import (
-    capacity_in_use,
-    capacity_limit,
-    rate_available,
-    rate_wait_ms,
-    slots_in_use,
-)
-from provisioner.admission.leases import prune_expired
-from provisioner.admission.state import GATE_KEY as _GATE_KEY
-from provisioner.admission.state import GateState, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
 from provisioner.gates import budget
 from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.document import owned_by
 from provisioner.gates.place import Place, Stage
-from provisioner.gates.results import Waiter
-from provisioner.ports import Scope, StorageReader
-from provisioner.resources.inspect import (
+from provisioner.gates.resource_view import (
     BucketView,
     ResourceGateView,
     ResourceLeaseView,
@@ -45,6 +32,19 @@ from provisioner.resources.inspect import (
     inspect_resource,
     inspect_resources,
 )
+from provisioner.gates.results import Waiter
+from provisioner.gates.sandbox_blocking import assess, waiting
+from provisioner.gates.sandbox_leases import prune_expired
+from provisioner.gates.sandbox_limits import (
+    capacity_in_use,
+    capacity_limit,
+    rate_available,
+    rate_wait_ms,
+    slots_in_use,
+)
+from provisioner.gates.sandbox_state import GATE_KEY as _GATE_KEY
+from provisioner.gates.sandbox_state import GateState, ticket_key, waiter_key
+from provisioner.ports import Scope, StorageReader
 
 # The reason shown for a waiter that will be granted at its next poll (inspection only: the
 # component itself grants such a waiter instead of answering a reason).

@@ -6,13 +6,13 @@ gate's keys on `gates.ledger.GateLedger`, its document brought up to now by `cat
 
 from __future__ import annotations
 
-from provisioner.admission.leases import prune_expired
-from provisioner.admission.promises import WakeUp
-from provisioner.admission.state import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.config import AdmissionConfig
 from provisioner.gates import budget
 from provisioner.gates.ledger import GateLedger, LoadedDocument
+from provisioner.gates.promises import WakeUp
 from provisioner.gates.queue import pass_over_unclaimed
+from provisioner.gates.sandbox_leases import prune_expired
+from provisioner.gates.sandbox_state import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.ports import Ports, Scope
 
 ACCOUNT = Scope.ACCOUNT

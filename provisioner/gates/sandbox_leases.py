@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from provisioner.admission.state import CreateLease, GateState, SandboxLease, UnsettledCreate
 from provisioner.gates.document import not_owned_by, owned_by
+from provisioner.gates.sandbox_state import CreateLease, GateState, SandboxLease, UnsettledCreate
 
 
 def prune_expired(state: GateState, now_ms: int) -> bool:

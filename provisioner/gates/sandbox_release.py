@@ -3,12 +3,12 @@ its queue place), and learn from how long the sandbox was held (capacity ETAs)."
 
 from __future__ import annotations
 
-from provisioner.admission.admit import leave_queue
-from provisioner.admission.leases import drop_leases_of, sandbox_lease_of
-from provisioner.admission.ledger import Ledger
-from provisioner.admission.promises import promise
+from provisioner.gates.admit import leave_queue
 from provisioner.gates.cas import until_settled
+from provisioner.gates.promises import promise
 from provisioner.gates.results import Waiter
+from provisioner.gates.sandbox_leases import drop_leases_of, sandbox_lease_of
+from provisioner.gates.sandbox_ledger import Ledger
 
 
 class Release(Ledger):

@@ -15,16 +15,16 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from provisioner.admission.admit import Admission
-from provisioner.admission.ledger import load_gate
-from provisioner.admission.promises import WakeUp
-from provisioner.admission.release import Release
-from provisioner.admission.settle import Settlement
-from provisioner.admission.state import DEFAULT_SANDBOX_TIMEOUT_MS
-from provisioner.admission.status import snapshot
 from provisioner.config import AdmissionConfig
+from provisioner.gates.admit import Admission
 from provisioner.gates.cas import come_back_ms
+from provisioner.gates.promises import WakeUp
 from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queued, Rejected, Waiter
+from provisioner.gates.sandbox_ledger import load_gate
+from provisioner.gates.sandbox_release import Release
+from provisioner.gates.sandbox_settle import Settlement
+from provisioner.gates.sandbox_state import DEFAULT_SANDBOX_TIMEOUT_MS
+from provisioner.gates.sandbox_status import snapshot
 from provisioner.ports import LogLevel, Ports, StorageError
 
 _T = TypeVar("_T")

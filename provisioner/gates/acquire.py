@@ -1,6 +1,6 @@
 """Acquire: grant a permit of a resource gate now, or say where the waiter stands.
 
-One decision, like the sandbox gates' `admission.admit`: load the gate and the waiter's
+One decision, like the sandbox gates' `gates.admit`: load the gate and the waiter's
 place, keep the waiter's ticket (a repeated acquire keeps its place), `blocking.walk` the
 front of the fair order, and either grant (take a lease and charge every bucket its
 estimate, in the same compare-and-swap that takes the waiter out of the queue) or answer
@@ -18,13 +18,10 @@ from provisioner.gates.cas import Again, new_lease_id, until_settled
 from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of, reserve
-from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
-from provisioner.model import Failure
-from provisioner.ports import StorageConflict
-from provisioner.resources.blocking import Verdict, waiting, walk
-from provisioner.resources.ledger import Loaded, ResourceLedger, set_bucket
-from provisioner.resources.limits import rate_limits
-from provisioner.resources.state import (
+from provisioner.gates.resource_blocking import Verdict, waiting, walk
+from provisioner.gates.resource_ledger import Loaded, ResourceLedger, set_bucket
+from provisioner.gates.resource_limits import rate_limits
+from provisioner.gates.resource_state import (
     INPUT,
     OUTPUT,
     Costs,
@@ -32,6 +29,9 @@ from provisioner.resources.state import (
     encode_ticket,
     margin_of,
 )
+from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
+from provisioner.model import Failure
+from provisioner.ports import StorageConflict
 
 
 class Acquisition(ResourceLedger):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from provisioner.admission.gates import (
+from provisioner.config import AdmissionConfig
+from provisioner.gates import budget
+from provisioner.gates.cooldown import cooling_ms
+from provisioner.gates.sandbox_limits import (
     capacity_free,
     capacity_in_use,
     capacity_limit,
@@ -12,10 +15,7 @@ from provisioner.admission.gates import (
     rate_wait_ms,
     slots_in_use,
 )
-from provisioner.admission.state import GateState
-from provisioner.config import AdmissionConfig
-from provisioner.gates import budget
-from provisioner.gates.cooldown import cooling_ms
+from provisioner.gates.sandbox_state import GateState
 
 
 def latency_ms(state: GateState, config: AdmissionConfig) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from provisioner.gates.cas import until_settled
 from provisioner.gates.place import Stage
 from provisioner.gates.queue import can_remove, remove_ticket
+from provisioner.gates.resource_ledger import ResourceLedger, charge_margins
+from provisioner.gates.resource_settle import observe_hold
 from provisioner.gates.results import Released, Waiter
-from provisioner.resources.ledger import ResourceLedger, charge_margins
-from provisioner.resources.settle import observe_hold
 
 
 class Release(ResourceLedger):
