@@ -23,7 +23,7 @@ from host.services.namespaces import ScopedStorage, account_namespace
 from host.storage.memory import MemoryBackend
 from provisioner.config import AdmissionConfig
 from provisioner.gates.results import Created, Grant, Queued, Waiter
-from provisioner.gates.sandbox_view import inspect_gates
+from provisioner.gates.view import inspect_gates
 from tests.guest.harness import ACCOUNT, Harness
 
 TENANTS = 5

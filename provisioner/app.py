@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from provisioner.failures import FailureCode
-from provisioner.inspection import inspect
+from provisioner.gates.view import inspect
 from provisioner.invocation import validate
 from provisioner.model import Failure, Invocation, Outcome, ProvisionerError, failed
 from provisioner.operations import dispatch

@@ -17,7 +17,7 @@ SANDBOX_QUEUED = "SandboxQueued"
 SANDBOX_RELEASED = "SandboxReleased"
 SANDBOX_STATUS = "SandboxStatus"
 SANDBOX_FAILED = "SandboxFailed"
-# The answer to `operation = inspect` (provisioner/inspection.py): the account's gates.
+# The answer to `operation = inspect` (provisioner/gates/view.py): the account's gates.
 GATES_INSPECTED = "GatesInspected"
 
 # The outcome param naming the waiters a decision promised a permit to, for the host to

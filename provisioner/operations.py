@@ -24,7 +24,6 @@ from provisioner.failures import FailureCode
 from provisioner.gates.cas import come_back_ms
 from provisioner.gates.controller import AdmissionController
 from provisioner.gates.resource_operations import dispatch_resource, is_resource_request
-from provisioner.gates.resource_status import snapshot as resource_snapshot
 from provisioner.gates.results import (
     REASON_STORAGE,
     Created,
@@ -36,6 +35,7 @@ from provisioner.gates.results import (
     Unavailable,
     Waiter,
 )
+from provisioner.gates.view import resource_snapshot
 from provisioner.invocation import Request
 from provisioner.model import (
     SANDBOX_QUEUED,

@@ -45,7 +45,7 @@ from host.cli.options import add_component_option, fail, positive
 from host.services.namespaces import ScopedStorage
 from host.storage import storage_from_uri
 from provisioner.config import AdmissionConfig
-from provisioner.gates.sandbox_view import GateView, inspect_gates
+from provisioner.gates.view import GateView, inspect_gates
 
 if TYPE_CHECKING:
     from harness.mocks.e2b import MockE2BServer

@@ -70,7 +70,7 @@ from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
-from provisioner.gates.sandbox_view import GATE_KEY
+from provisioner.gates.view import GATE_KEY
 from provisioner.model import (
     SANDBOX_FAILED,
     SANDBOX_QUEUED,

@@ -24,7 +24,7 @@ __all__ = [
     "read_gates_offline",
 ]
 
-# The gates' view, as `provisioner/inspection.py` writes it.
+# The gates' view, as `provisioner/gates/view.py` writes it.
 GateDoc = dict[str, Any]
 
 

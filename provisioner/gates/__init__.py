@@ -3,11 +3,11 @@
 Shared: `document` (key quoting, the fair queue's stored part), `place`, `queue` (fair
 order and reservations), `bucket` (GCRA, settled afterwards), `cooldown`, `budget`
 (retry budget), `cas` (the compare-and-swap loop), `ledger` (what a decision loads and
-saves), `results`. The sandbox gate (`controller` is its façade): `sandbox_state`,
+saves), `results`, and `view`, the one read-only view (status, `operation = inspect`,
+the audits). The sandbox gate (`controller` is its façade): `sandbox_state`,
 `sandbox_limits`, `sandbox_leases` (incl. unsettled creates), `sandbox_blocking`,
-`promises`, `sandbox_ledger`, `admit`, `sandbox_settle`, `sandbox_release`,
-`sandbox_status`, `sandbox_view`. The resource gates (`resource_operations` is their
-entry): `resource_state`, `resource_limits`, `resource_blocking`, `resource_ledger`,
-`acquire`, `resource_settle`, `resource_release`, `provider`, `resource_status`,
-`resource_view`. docs/gates.md says which pairs are still to merge.
+`promises`, `sandbox_ledger`, `admit`, `sandbox_settle`, `sandbox_release`. The resource
+gates (`resource_operations` is their entry): `resource_state`, `resource_limits`,
+`resource_blocking`, `resource_ledger`, `acquire`, `resource_settle`, `resource_release`,
+`provider`. docs/gates.md says which pairs are still to merge.
 """

@@ -24,7 +24,7 @@ from provisioner.gates.sandbox_ledger import load_gate
 from provisioner.gates.sandbox_release import Release
 from provisioner.gates.sandbox_settle import Settlement
 from provisioner.gates.sandbox_state import DEFAULT_SANDBOX_TIMEOUT_MS
-from provisioner.gates.sandbox_status import snapshot
+from provisioner.gates.view import sandbox_snapshot
 from provisioner.ports import LogLevel, Ports, StorageError
 
 _T = TypeVar("_T")
@@ -95,7 +95,7 @@ class AdmissionController:
         try:
             now = self._ports.clock.now_ms()
             state, _ = load_gate(self._ports, self._config, now)
-            return snapshot(state, self._config, now, tenant)
+            return sandbox_snapshot(state, self._config, now, tenant)
         except Exception as error:
             return {"error": REASON_STORAGE, "message": str(error)}
 

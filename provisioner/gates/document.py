@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -68,6 +68,11 @@ class TenantQueue:
 
     def holds(self, ticket: int) -> bool:
         return self.head <= ticket < self.tail and ticket not in self.removed
+
+    def tickets(self) -> Iterator[int]:
+        """The tickets held, head first."""
+        removed = set(self.removed)
+        return (ticket for ticket in range(self.head, self.tail) if ticket not in removed)
 
     def index_of(self, ticket: int) -> int:
         return ticket - self.head - sum(1 for s in self.removed if s < ticket)

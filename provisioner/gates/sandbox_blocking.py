@@ -31,15 +31,16 @@ from provisioner.gates.sandbox_limits import (
     capacity_free,
     capacity_in_use,
     capacity_limit,
+    capacity_wait_ms,
     rate_available,
     rate_in_use,
     rate_wait_ms,
+    slot_wait_ms,
     slots_free,
     slots_in_use,
     tenant_has_room,
 )
 from provisioner.gates.sandbox_state import GateState
-from provisioner.gates.sandbox_status import capacity_wait_ms, slot_wait_ms
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,3 +85,39 @@ def note_created(state: GateState, config: AdmissionConfig) -> None:
         state.capacity += 1
         if state.capacity >= config.max_sandboxes:
             state.capacity = None
+
+
+# Waiting estimates.
+
+
+def latency_ms(state: GateState, config: AdmissionConfig) -> int:
+    return state.latency_ms if state.latency_ms is not None else config.create_latency_ms
+
+
+def slot_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, position: int) -> int:
+    """When a slot should be free for the waiter at `position`: slots free up in waves, each
+    slot serving one waiter per observed create latency (O(slots), whatever the position)."""
+    latency = latency_ms(state, config)
+    ends = sorted(max(0, c.started_ms + latency - now_ms) for c in state.create_leases)
+    ends = [0] * max(0, config.create_slots - len(ends)) + ends
+    wave, slot = divmod(position - 1, len(ends))
+    return ends[slot] + wave * latency
+
+
+def capacity_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, position: int) -> int:
+    """When capacity should be free for the waiter at `position`: from observed hold times
+    when known, else from the sandbox leases' own expiries."""
+    limit = capacity_limit(state, config)
+    free = capacity_free(state, config)
+    if position <= free:
+        return 0
+    hold = state.hold_ms
+    ends = sorted(
+        max(0, (s.expires_ms if hold is None else min(s.expires_ms, s.started_ms + hold)) - now_ms)
+        for s in state.sandbox_leases
+    )
+    if not ends:
+        return latency_ms(state, config)
+    wave, slot = divmod(position - free - 1, max(1, min(limit, len(ends))))
+    cycle = hold if hold is not None else ends[-1]
+    return ends[min(slot, len(ends) - 1)] + wave * max(cycle, latency_ms(state, config))

@@ -39,7 +39,7 @@ from provisioner.gates.results import (
     Waiter,
 )
 from provisioner.gates.sandbox_state import GATE_KEY, GateState
-from provisioner.gates.sandbox_view import inspect_gates
+from provisioner.gates.view import inspect_gates
 from provisioner.model import Failure
 from tests.guest.harness import ACCOUNT, Harness
 

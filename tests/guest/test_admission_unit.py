@@ -25,7 +25,7 @@ from provisioner.gates.results import (
     Waiter,
 )
 from provisioner.gates.sandbox_state import ticket_key, waiter_key
-from provisioner.gates.sandbox_view import GateView, inspect_gates
+from provisioner.gates.view import GateView, inspect_gates
 from provisioner.model import Failure
 from provisioner.ports import Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend

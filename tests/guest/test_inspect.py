@@ -1,4 +1,4 @@
-"""provisioner.gates.sandbox_view: the public read-only view of an account's gates and
+"""provisioner.gates.view: the public read-only view of an account's gates and
 waiters, built from storage alone."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from provisioner.config import AdmissionConfig
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.results import CapacityExhausted, Created, RateLimited, Waiter
 from provisioner.gates.sandbox_state import ticket_key, waiter_key
-from provisioner.gates.sandbox_view import (
+from provisioner.gates.view import (
     CreateLeaseView,
     GateView,
     ReservationView,

@@ -140,7 +140,7 @@ def test_the_product_imports_only_the_guests_contract_and_entry_point() -> None:
 @pytest.mark.parametrize(
     ("source", "module", "bad"),
     [
-        ("from provisioner.gates.sandbox_view import GateView\n", "host.operator.gates", True),
+        ("from provisioner.gates.view import GateView\n", "host.operator.gates", True),
         ("def f() -> None:\n    from provisioner import config\n", "host.serve.app", True),
         ("import provisioner.e2b\n", "host.serve.metrics", True),
         ("from provisioner.app import run\n", "host.serve.app", True),

@@ -1,81 +1,149 @@
-"""The public, read-only view of an account's admission state.
-
-`inspect_gates` reads the gate document and the waiters' own keys through the guest's
-`StorageReader` port (account scope) and returns frozen dataclasses: the create slots with
-their leases, the rate, the capacity with its effective limit and sandbox leases, the
-backoff, the retry budget, and every waiter in fair order with the reason it waits and its
-ETA, computed by the same function a waiter's own `admit` answer comes from
-(`blocking.waiting`). Hosts, operators and benchmarks read the state through this module
-only; the stored encoding (`state`, `place`) stays private to the guest.
-
-The resource gates (`resource.<name>.<limit>`) have their own view, re-exported here:
-`inspect_resource` / `inspect_resources` (`provisioner.gates.resource_view`).
-
-Reading never writes. Each waiter costs two reads (its ticket's key and its own record),
-so inspection is O(waiters), unlike a decision; it is meant for operators and tests.
+"""The one read-only view of the gates: the `status` snapshots (a few reads, no waiter
+keys), the frozen views `inspect_gates` / `inspect_resource` (every waiter, in fair order,
+with the reason it waits computed by the same function a decision uses), and
+`operation = inspect`, which renders the sandbox gate's view as JSON for the host's
+operator view and `/metrics` (so hosts never decode the stored documents; `serve` refuses
+the operation from outside, since it names every tenant's waiters). Reading never writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
-from provisioner.config import AdmissionConfig
+from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate, read_config
 from provisioner.gates import budget
 from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.document import owned_by
 from provisioner.gates.place import Place, Stage
-from provisioner.gates.resource_view import (
-    BucketView,
-    ResourceGateView,
-    ResourceLeaseView,
-    ResourceWaiterView,
-    inspect_resource,
-    inspect_resources,
+from provisioner.gates.resource_ledger import prune, read_state
+from provisioner.gates.resource_limits import rate_limits
+from provisioner.gates.resource_state import (
+    Costs,
+    ResourceState,
+    decode_ticket,
+    gate_key,
 )
+from provisioner.gates.resource_state import ticket_key as resource_ticket_key
 from provisioner.gates.results import Waiter
 from provisioner.gates.sandbox_blocking import assess, waiting
 from provisioner.gates.sandbox_leases import prune_expired
 from provisioner.gates.sandbox_limits import (
     capacity_in_use,
     capacity_limit,
+    latency_ms,
     rate_available,
     rate_wait_ms,
     slots_in_use,
 )
-from provisioner.gates.sandbox_state import GATE_KEY as _GATE_KEY
+from provisioner.gates.sandbox_state import GATE_KEY as GATE_KEY
 from provisioner.gates.sandbox_state import GateState, ticket_key, waiter_key
-from provisioner.ports import Scope, StorageReader
+from provisioner.invocation import Request
+from provisioner.model import GATES_INSPECTED, Outcome
+from provisioner.ports import Ports, Scope, Storage, StorageReader
+
+ACCOUNT_SCOPE = Scope.ACCOUNT
+# GATE_KEY (above) is public: every decision writes that document with compare-and-swap,
+# so a host may watch its version. Its content is private.
+
+
+def sandbox_snapshot(
+    state: GateState, config: AdmissionConfig, now_ms: int, tenant: str
+) -> dict[str, Any]:
+    own = state.queue_of(tenant)
+    return {
+        "now_ms": now_ms,
+        "account": {
+            "create_slots": {"in_use": slots_in_use(state), "limit": config.create_slots},
+            "rate": {
+                "per_s": config.create_rate_per_s,
+                "burst": config.create_burst,
+                "available": rate_available(state, config, now_ms),
+                "next_in_ms": rate_wait_ms(state, config, now_ms, 1),
+            },
+            "capacity": {
+                "in_use": capacity_in_use(state),
+                "limit": capacity_limit(state, config),
+                "configured": config.max_sandboxes,
+                "running": len(state.sandbox_leases),
+                "unsettled": len(state.unsettled),
+            },
+            "backoff": {
+                "cooling_ms": cooling_ms(state, now_ms),
+                "failures": state.backoff_failures,
+            },
+            "retry_budget": {
+                "tokens": round(budget.tokens(state, config), 3),
+                "max": config.retry_budget,
+            },
+            "queue_length": state.waiting(),
+            "waiting_tenants": len(state.ring),
+            "retrying": len(state.retries),
+            "create_latency_ms": latency_ms(state, config),
+            "hold_ms": state.hold_ms,
+            "grants": state.grants,
+        },
+        "tenant": {
+            "tenant": tenant,
+            "in_use": state.tenant_in_use(tenant),
+            "limit": config.max_sandboxes_per_tenant,
+            "running": sum(1 for s in state.sandbox_leases if s.tenant == tenant),
+            "creating": sum(1 for c in state.create_leases if c.tenant == tenant),
+            "queued": 0 if own is None else own.length(),
+            "retrying": sum(1 for e in state.retries if e.tenant == tenant),
+            "ring_place": 0 if own is None else state.ring.index(own) + 1,
+        },
+    }
+
+
+def gate_snapshot(
+    state: ResourceState, gate: ResourceGate, now_ms: int, tenant: str
+) -> dict[str, Any]:
+    own = state.queue_of(tenant)
+    rates: dict[str, Any] = {}
+    for rate in rate_limits(gate):
+        name = rate.bucket_id(tenant)
+        level = rate.bucket.level(state.buckets.get(name, 0.0), now_ms)
+        rates[rate.reason] = {
+            "per_minute": rate.bucket.per_minute_rate,
+            "burst": rate.bucket.burst,
+            "available": round(max(0.0, level), 3),
+            "debt": round(max(0.0, -level), 3),
+        }
+    return {
+        "concurrency": {"in_use": len(state.leases), "limit": gate.permits(ACCOUNT)},
+        "tenant_concurrency": {"in_use": state.held_by(tenant), "limit": gate.permits(TENANT)},
+        "rates": rates,
+        "backoff": {
+            "cooling_ms": cooling_ms(state, now_ms),
+            "failures": state.backoff_failures,
+        },
+        "queue_length": state.waiting(),
+        "waiting_tenants": len(state.ring),
+        "tenant_queued": 0 if own is None else own.length(),
+        "hold_ms": state.hold_ms,
+        "grants": state.grants,
+    }
+
+
+def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str) -> dict[str, Any]:
+    """Every declared gate, by name; a gate whose state cannot be read says so."""
+    now = ports.clock.now_ms()
+    found: dict[str, Any] = {}
+    for name, gate in gates.items():
+        try:
+            state, _ = read_state(ports, gate, now)
+        except Exception as error:
+            found[name] = {"error": "storage", "message": str(error)}
+            continue
+        found[name] = gate_snapshot(state, gate, now, tenant)
+    return found
+
 
 # The reason shown for a waiter that will be granted at its next poll (inspection only: the
 # component itself grants such a waiter instead of answering a reason).
 REASON_DUE = "due"
-
-__all__ = [
-    "GATE_KEY",
-    "Backoff",
-    "BucketView",
-    "Capacity",
-    "CreateLeaseView",
-    "CreateSlots",
-    "GateView",
-    "Rate",
-    "ResourceGateView",
-    "ResourceLeaseView",
-    "ResourceWaiterView",
-    "RetryBudget",
-    "SandboxLeaseView",
-    "UnsettledCreateView",
-    "WaiterView",
-    "inspect_gates",
-    "inspect_resource",
-    "inspect_resources",
-]
-
-# The key (account scope) of the account's gate document: every decision writes it with
-# compare-and-swap, so a host may watch its version. Its content is private.
-GATE_KEY = _GATE_KEY
-
-_ACCOUNT = Scope.ACCOUNT
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +327,7 @@ def inspect_gates(
     `config` must be the integration's (limits and ETAs depend on it); the defaults when
     None."""
     config = config or AdmissionConfig()
-    entry = storage.get(_ACCOUNT, GATE_KEY)
+    entry = storage.get(ACCOUNT_SCOPE, GATE_KEY)
     state = GateState() if entry is None else GateState.from_bytes(entry.value)
     if prune:
         prune_expired(state, now_ms)
@@ -312,7 +380,7 @@ def inspect_gates(
 
 
 def _record(storage: StorageReader, tenant: str, entity: str) -> Place | None:
-    entry = storage.get(_ACCOUNT, waiter_key(tenant, entity))
+    entry = storage.get(ACCOUNT_SCOPE, waiter_key(tenant, entity))
     return None if entry is None else Place.from_bytes(entry.value)
 
 
@@ -330,11 +398,8 @@ def _waiters(
         )
         views.append(_view(state, config, now_ms, retry.tenant, retry.entity, place, record, alive))
     for queue in state.ring:
-        removed = set(queue.removed)
-        for ticket in range(queue.head, queue.tail):
-            if ticket in removed:
-                continue
-            found = storage.get(_ACCOUNT, ticket_key(queue.tenant, ticket))
+        for ticket in queue.tickets():
+            found = storage.get(ACCOUNT_SCOPE, ticket_key(queue.tenant, ticket))
             entity = None if found is None else found.value.decode("utf-8", "surrogatepass")
             record = None if entity is None else _record(storage, queue.tenant, entity)
             if record is not None and (record.stage is not Stage.QUEUED or record.ticket != ticket):
@@ -386,3 +451,161 @@ def _view(
         attempt=None if record is None else record.attempt,
         alive=alive,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceLeaseView:
+    """A permit held: `charged` is what its grant charged each bucket (by bucket name)."""
+
+    lease_id: str
+    tenant: str
+    entity: str
+    started_ms: int
+    expires_ms: int
+    charged: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketView:
+    """One token bucket: `reason` names it as a queue reason (`input_tokens`,
+    `tenant_rate`, ...), `tenant` is set for a tenant's own bucket. `level` is negative
+    while in debt."""
+
+    reason: str
+    tenant: str | None
+    per_minute: float
+    burst: float
+    level: float
+
+    @property
+    def debt(self) -> float:
+        return max(0.0, -self.level)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceWaiterView:
+    """A queued waiter; `entity` and `costs` are None once its ticket's key has expired
+    (it stopped asking and will be skipped)."""
+
+    tenant: str
+    ticket: int
+    entity: str | None
+    costs: Costs | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceGateView:
+    name: str
+    now_ms: int
+    version: int | None
+    concurrency: int | None
+    tenant_concurrency: int | None
+    leases: tuple[ResourceLeaseView, ...]
+    buckets: tuple[BucketView, ...]
+    cooldown_until_ms: int
+    cooling_ms: int
+    backoff_failures: int
+    waiters: tuple[ResourceWaiterView, ...]
+    hold_ms: int | None
+    grants: int
+
+    @property
+    def in_use(self) -> int:
+        return len(self.leases)
+
+    def held_by(self, tenant: str) -> int:
+        return sum(1 for lease in self.leases if lease.tenant == tenant)
+
+    def bucket(self, reason: str, tenant: str | None = None) -> BucketView | None:
+        for view in self.buckets:
+            if view.reason == reason and view.tenant == tenant:
+                return view
+        return None
+
+
+def inspect_resource(
+    storage: Storage, now_ms: int, gate: ResourceGate, *, prune_expired: bool = True
+) -> ResourceGateView:
+    """Read one resource gate. `prune_expired` drops expired leases as the next decision
+    will; tenant buckets are listed for the tenants that hold a lease, wait, or whose
+    bucket is not full."""
+    entry = storage.get(ACCOUNT_SCOPE, gate_key(gate.name))
+    state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
+    if prune_expired:
+        prune(state, gate, now_ms)
+    tenants = sorted(
+        {lease.tenant for lease in state.leases}
+        | {q.tenant for q in state.ring}
+        | {name.partition("\t")[2] for name in state.buckets if "\t" in name}
+    )
+    buckets: list[BucketView] = []
+    for rate in rate_limits(gate):
+        for tenant in tenants if rate.per_tenant else [None]:
+            name = rate.bucket_id(tenant or "")
+            level = rate.bucket.level(state.buckets.get(name, 0.0), now_ms)
+            buckets.append(
+                BucketView(
+                    rate.reason, tenant, rate.bucket.per_minute_rate, rate.bucket.burst, level
+                )
+            )
+    waiters: list[ResourceWaiterView] = []
+    for queue in state.ring:
+        for ticket in queue.tickets():
+            found = storage.get(ACCOUNT_SCOPE, resource_ticket_key(gate.name, queue.tenant, ticket))
+            entity, costs = (None, None) if found is None else decode_ticket(found.value)
+            waiters.append(ResourceWaiterView(queue.tenant, ticket, entity, costs))
+    return ResourceGateView(
+        name=gate.name,
+        now_ms=now_ms,
+        version=None if entry is None else entry.version,
+        concurrency=gate.permits(ACCOUNT),
+        tenant_concurrency=gate.permits(TENANT),
+        leases=tuple(
+            ResourceLeaseView(
+                lease.lease_id,
+                lease.tenant,
+                lease.entity,
+                lease.started_ms,
+                lease.expires_ms,
+                tuple((c.bucket, c.tokens) for c in lease.charges),
+            )
+            for lease in state.leases
+        ),
+        buckets=tuple(buckets),
+        cooldown_until_ms=state.cooldown_until_ms,
+        cooling_ms=cooling_ms(state, now_ms),
+        backoff_failures=state.backoff_failures,
+        waiters=tuple(waiters),
+        hold_ms=state.hold_ms,
+        grants=state.grants,
+    )
+
+
+def inspect_resources(
+    storage: Storage, now_ms: int, gates: dict[str, ResourceGate]
+) -> dict[str, ResourceGateView]:
+    """Every declared gate (`config.read_config(...).resources`), by name."""
+    return {name: inspect_resource(storage, now_ms, gate) for name, gate in gates.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):  # by name: an enum's value may be its stored encoding
+        return value.name.lower()
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: _plain(getattr(value, name)) for name in value.__dataclass_fields__}
+    return value
+
+
+def view_to_json(view: GateView) -> dict[str, Any]:
+    """The whole view, field for field, and the permits it holds."""
+    doc: dict[str, Any] = _plain(view)
+    doc["permits_held"] = view.permits_held
+    return doc
+
+
+def inspect(request: Request, ports: Ports) -> Outcome:
+    config = read_config(request.config).admission
+    view = inspect_gates(ports.storage, ports.clock.now_ms(), config)
+    return Outcome(GATES_INSPECTED, view_to_json(view))
