@@ -15,6 +15,7 @@ from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
 from provisioner.gates import budget
 from provisioner.gates.cas import Again, new_lease_id, until_settled
+from provisioner.gates.document import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.promises import promise
 from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of
@@ -23,7 +24,6 @@ from provisioner.gates.sandbox_blocking import Turn, assess, waiting
 from provisioner.gates.sandbox_leases import drop_create_lease, take_create_lease
 from provisioner.gates.sandbox_ledger import ACCOUNT, Ledger, Loaded
 from provisioner.gates.sandbox_limits import slots_in_use, take_rate
-from provisioner.gates.sandbox_state import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
 

@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 from provisioner.config import AdmissionConfig
 from provisioner.gates.admit import Admission
 from provisioner.gates.cas import come_back_ms
+from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.gates.promises import WakeUp
 from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queued, Rejected, Waiter
 from provisioner.gates.sandbox_ledger import load_gate
 from provisioner.gates.sandbox_release import Release
 from provisioner.gates.sandbox_settle import Settlement
-from provisioner.gates.sandbox_state import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.gates.view import sandbox_snapshot
 from provisioner.ports import LogLevel, Ports, StorageError
 

@@ -1,14 +1,27 @@
-"""What every gate document shares: storage-key quoting, items owned by one entity, and
-the fair queue's stored part (tenant ticket ranges, retries, reservations)."""
+"""The stored gate documents: one small document per gate (the sandbox gate's
+`GateState`, a resource gate's `ResourceState`) plus one key per waiter (`place.Place`)
+and per queued ticket, all in the account scope and under the gate's key prefix.
+
+A document holds everything the gate's limits depend on, so one compare-and-swap decides a
+grant atomically. The fair queue is kept as per-tenant ticket counters (bounded by the
+number of waiting tenants, never by the number of waiters); the waiter and ticket keys
+have a TTL, so a waiter that stops polling vanishes by itself. A ticket's key holds its
+waiter's entity (and, at a resource gate, its estimated cost, so the turns at the front
+can be costed without a per-waiter entry in the document).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
+
+from provisioner.config import SandboxSettings
+from provisioner.gates.bucket import Charge
 
 # Host keys are at most 512 bytes; longer names are replaced by their digest.
 _MAX_NAME = 160
@@ -24,6 +37,29 @@ def key_part(raw: str) -> str:
     if len(quoted) <= _MAX_NAME:
         return quoted
     return "~" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# The sandbox gate's keys are under `adm/`, a resource gate's under `res/<name>/`.
+SANDBOX_PREFIX = "adm/"
+
+
+def resource_prefix(resource: str) -> str:
+    return f"res/{resource}/"
+
+
+def gate_key(prefix: str = SANDBOX_PREFIX) -> str:
+    return f"{prefix}gate"
+
+
+def waiter_key(tenant: str, entity: str, prefix: str = SANDBOX_PREFIX) -> str:
+    return f"{prefix}w/{key_part(tenant)}/{key_part(entity)}"
+
+
+def ticket_key(tenant: str, ticket: int, prefix: str = SANDBOX_PREFIX) -> str:
+    return f"{prefix}t/{key_part(tenant)}/{ticket}"
+
+
+GATE_KEY = gate_key()
 
 
 class Owned(Protocol):
@@ -136,7 +172,7 @@ class Reservation:
 class FairQueueState:
     """What a gate document holds for the fair queue (`gates.queue`): the tenants'
     ticket ranges in ring order and the retries ahead of them. The sandbox gate and every
-    resource gate (`gates.resource_state`) keep their waiters this way."""
+    resource gate (`ResourceState`) keep their waiters this way."""
 
     __slots__ = ()
     ring: list[TenantQueue]
@@ -172,3 +208,328 @@ class FairQueueState:
 
     def waiting(self) -> int:
         return len(self.retries) + sum(q.length() for q in self.ring)
+
+
+# The sandbox gate.
+
+# The default sandbox timeout (`sandbox_timeout_s`): bounds a create whose caller named no
+# timeout, and the creates of documents written before create leases recorded their bound.
+DEFAULT_SANDBOX_TIMEOUT_MS = SandboxSettings.sandbox_timeout_s * 1000
+
+
+@dataclass(slots=True)
+class CreateLease:
+    lease_id: str
+    tenant: str
+    entity: str
+    expires_ms: int
+    started_ms: int
+    # Until when a sandbox this create makes can run unrecorded: the lease's expiry (the
+    # create has answered by then, or its holder is dead) plus the sandbox's E2B timeout,
+    # after which E2B kills it.
+    sandbox_until_ms: int
+
+
+@dataclass(slots=True)
+class UnsettledCreate:
+    """A create whose outcome is unknown: its lease expired unsettled (the holder died
+    mid-call) or it was answered with a timeout or 5xx. E2B may have made its sandbox,
+    which nothing records, so it counts against capacity until the entity's next create
+    adopts it by its idempotency key, a late answer of this create says what it made,
+    the entity's release kills it, or E2B's timeout would have (`until_ms`)."""
+
+    lease_id: str
+    tenant: str
+    entity: str
+    started_ms: int
+    until_ms: int
+
+
+@dataclass(slots=True)
+class SandboxLease:
+    lease_id: str
+    tenant: str
+    entity: str
+    expires_ms: int
+    started_ms: int
+    sandbox_id: str
+
+
+@dataclass(slots=True)
+class GateState(FairQueueState):
+    create_leases: list[CreateLease] = field(default_factory=list)
+    sandbox_leases: list[SandboxLease] = field(default_factory=list)
+    unsettled: list[UnsettledCreate] = field(default_factory=list)
+    # GCRA theoretical arrival time of the next create.
+    rate_tat_ms: float = 0.0
+    cooldown_until_ms: int = 0
+    backoff_failures: int = 0
+    # Effective capacity after a concurrent-cap 429 (None: the configured maximum).
+    capacity: int | None = None
+    success_streak: int = 0
+    retry_tokens: float | None = None
+    retry_refilled_ms: int = 0
+    ring: list[TenantQueue] = field(default_factory=list)
+    retries: list[RetryEntry] = field(default_factory=list)
+    # The highest ticket number ever issued plus one: a tenant that starts waiting again
+    # gets tickets from here, so ticket keys never repeat.
+    ticket_high_water: int = 0
+    reservations: list[Reservation] = field(default_factory=list)
+    latency_ms: int | None = None
+    hold_ms: int | None = None
+    grants: int = 0
+
+    def retry_of(self, tenant: str, entity: str) -> RetryEntry | None:
+        return owned_by(self.retries, tenant, entity)
+
+    def add_retry(self, tenant: str, entity: str) -> None:
+        """The entity waits among the retries (once: a second call changes nothing)."""
+        if self.retry_of(tenant, entity) is None:
+            self.retries.append(RetryEntry(tenant, entity))
+
+    def drop_retry(self, tenant: str, entity: str) -> None:
+        self.retries = not_owned_by(self.retries, tenant, entity)
+        self.reservations = [r for r in self.reservations if not r.holds(tenant, None, entity)]
+
+    def create_lease(self, lease_id: str) -> CreateLease | None:
+        for lease in self.create_leases:
+            if lease.lease_id == lease_id:
+                return lease
+        return None
+
+    def possible_sandboxes(self) -> list[UnsettledCreate]:
+        """The unsettled creates that count against capacity: one per entity (every create
+        of one provisioning cycle carries the same idempotency key, so they make at most
+        one sandbox), and none for an entity whose create is in flight again (that create
+        counts for the same sandbox)."""
+        counted: list[UnsettledCreate] = []
+        seen = {(c.tenant, c.entity) for c in self.create_leases}
+        for unsettled in self.unsettled:
+            if (unsettled.tenant, unsettled.entity) not in seen:
+                seen.add((unsettled.tenant, unsettled.entity))
+                counted.append(unsettled)
+        return counted
+
+    def reclaims(self, tenant: str, entity: str) -> bool:
+        """A create for this entity now takes no new capacity: it counts for the possible
+        sandbox of the entity's unsettled create (and adopts it, if it exists)."""
+        return any((u.tenant, u.entity) == (tenant, entity) for u in self.possible_sandboxes())
+
+    def tenant_in_use(self, tenant: str) -> int:
+        return self.usage_by_tenant().get(tenant, 0)
+
+    def usage_by_tenant(self) -> dict[str, int]:
+        """Creates in flight, running and possible sandboxes, per tenant."""
+        usage: dict[str, int] = {}
+        for tenant in (
+            [c.tenant for c in self.create_leases]
+            + [s.tenant for s in self.sandbox_leases]
+            + [u.tenant for u in self.possible_sandboxes()]
+        ):
+            usage[tenant] = usage.get(tenant, 0) + 1
+        return usage
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {
+            "v": 2,
+            "c": [
+                [c.lease_id, c.tenant, c.entity, c.expires_ms, c.started_ms, c.sandbox_until_ms]
+                for c in self.create_leases
+            ],
+            "s": [
+                [s.lease_id, s.tenant, s.entity, s.expires_ms, s.started_ms, s.sandbox_id]
+                for s in self.sandbox_leases
+            ],
+            "u": [
+                [u.lease_id, u.tenant, u.entity, u.started_ms, u.until_ms] for u in self.unsettled
+            ],
+            "r": round(self.rate_tat_ms, 3),
+            "cd": self.cooldown_until_ms,
+            "bf": self.backoff_failures,
+            "cap": self.capacity,
+            "ok": self.success_streak,
+            "rb": None if self.retry_tokens is None else round(self.retry_tokens, 4),
+            "rbt": self.retry_refilled_ms,
+            **self.queue_fields(),
+            "lat": self.latency_ms,
+            "hold": self.hold_ms,
+            "n": self.grants,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> GateState:
+        doc = json.loads(raw.decode())  # str: json skips sniffing the encoding
+        # Documents before version 2 carry no sandbox bound in a create lease (it gets the
+        # default sandbox timeout); older ones carry the attempt as a sixth lease field
+        # and a third retry field: read past it.
+        if doc.get("v", 1) >= 2:
+            creates = [CreateLease(*item) for item in doc["c"]]
+        else:
+            bound = DEFAULT_SANDBOX_TIMEOUT_MS
+            creates = [
+                CreateLease(item[0], item[1], item[2], item[3], item[4], item[3] + bound)
+                for item in doc["c"]
+            ]
+        return cls(
+            create_leases=creates,
+            sandbox_leases=[SandboxLease(*item) for item in doc["s"]],
+            unsettled=[UnsettledCreate(*item) for item in doc.get("u", [])],
+            rate_tat_ms=float(doc["r"]),
+            cooldown_until_ms=int(doc["cd"]),
+            backoff_failures=int(doc["bf"]),
+            capacity=doc["cap"],
+            success_streak=int(doc["ok"]),
+            retry_tokens=doc["rb"],
+            retry_refilled_ms=int(doc["rbt"]),
+            **cls.read_queue_fields(doc),
+            latency_ms=doc["lat"],
+            hold_ms=doc["hold"],
+            grants=int(doc["n"]),
+        )
+
+
+# A resource gate.
+
+# The cost kinds a request has: one request, its input tokens, its output tokens.
+REQUESTS = "requests"
+INPUT = "input"
+OUTPUT = "output"
+KINDS = (REQUESTS, INPUT, OUTPUT)
+
+# What one request is estimated to cost, by kind, and under `margin_key(kind)` how far its
+# actual may exceed that estimate (its declared worst case less the estimate; 0 when none
+# is declared: the estimate is then its upper bound).
+Costs = dict[str, float]
+
+
+def margin_key(kind: str) -> str:
+    return f"{kind}+"
+
+
+def margin_of(costs: Costs, kind: str) -> float:
+    return costs.get(margin_key(kind), 0.0)
+
+
+def bucket_id(kind: str, tenant: str | None) -> str:
+    """A bucket's name in the document: the cost kind, and for a tenant's own bucket the
+    tenant after a tab (no tenant id holds a control character)."""
+    return kind if tenant is None else f"{kind}\t{tenant}"
+
+
+def encode_ticket(entity: str, costs: Costs) -> bytes:
+    return json.dumps([entity, costs], separators=(",", ":")).encode()
+
+
+def decode_ticket(raw: bytes) -> tuple[str, Costs]:
+    entity, costs = json.loads(raw.decode("utf-8", "surrogatepass"))
+    return str(entity), {str(k): float(v) for k, v in dict(costs).items()}
+
+
+@dataclass(slots=True)
+class ResourceLease:
+    lease_id: str
+    tenant: str
+    entity: str
+    expires_ms: int
+    started_ms: int
+    charges: list[Charge] = field(default_factory=list)
+    # How far the call's actual cost may exceed what `charges` charged, by kind: the
+    # estimation error still outstanding until it settles (`blocking.Budget.reserve`).
+    margins: Costs = field(default_factory=dict)
+
+    def margin(self, kind: str) -> float:
+        return self.margins.get(kind, 0.0)
+
+
+@dataclass(slots=True)
+class ResourceState(FairQueueState):
+    leases: list[ResourceLease] = field(default_factory=list)
+    # GCRA clock (`tat_ms`) of each bucket in use, by `bucket_id`; a bucket not named is
+    # full.
+    buckets: dict[str, float] = field(default_factory=dict)
+    cooldown_until_ms: int = 0
+    backoff_failures: int = 0
+    ring: list[TenantQueue] = field(default_factory=list)
+    # Resource waiters never retry out of turn; the fair queue's protocol has the list.
+    retries: list[RetryEntry] = field(default_factory=list)
+    ticket_high_water: int = 0
+    reservations: list[Reservation] = field(default_factory=list)
+    hold_ms: int | None = None
+    grants: int = 0
+    # When the gate last granted a permit (0: never): a waiter's stall starts there.
+    granted_ms: int = 0
+
+    def lease(self, lease_id: str) -> ResourceLease | None:
+        return next((lease for lease in self.leases if lease.lease_id == lease_id), None)
+
+    def lease_of(self, tenant: str, entity: str) -> ResourceLease | None:
+        found = (lease for lease in self.leases if (lease.tenant, lease.entity) == (tenant, entity))
+        return next(found, None)
+
+    def held_by(self, tenant: str) -> int:
+        return sum(1 for lease in self.leases if lease.tenant == tenant)
+
+    def open_charges(self) -> list[Charge]:
+        return [charge for lease in self.leases for charge in lease.charges]
+
+    def to_bytes(self) -> bytes:
+        # Clocks are stored unrounded (JSON floats round-trip exactly): a rounded clock
+        # could hand out a sliver of a token on every write.
+        doc: dict[str, Any] = {
+            "l": [
+                [
+                    lease.lease_id,
+                    lease.tenant,
+                    lease.entity,
+                    lease.expires_ms,
+                    lease.started_ms,
+                    [[c.bucket, c.tokens, c.slack_ms] for c in lease.charges],
+                    lease.margins,
+                ]
+                for lease in self.leases
+            ],
+            "b": {name: tat for name, tat in self.buckets.items()},
+            "cd": self.cooldown_until_ms,
+            "bf": self.backoff_failures,
+            **self.queue_fields(),
+            "hold": self.hold_ms,
+            "n": self.grants,
+            "g": self.granted_ms,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ResourceState:
+        doc = json.loads(raw.decode())
+        return cls(
+            leases=[_lease(*fields) for fields in doc["l"]],
+            buckets={str(k): float(v) for k, v in doc["b"].items()},
+            cooldown_until_ms=int(doc["cd"]),
+            backoff_failures=int(doc["bf"]),
+            **cls.read_queue_fields(doc),
+            hold_ms=doc["hold"],
+            grants=int(doc["n"]),
+            granted_ms=int(doc.get("g", 0)),
+        )
+
+
+def _lease(
+    lease_id: str,
+    tenant: str,
+    entity: str,
+    expires: int,
+    started: int,
+    charges: list[list[Any]],
+    margins: dict[str, float] | None = None,
+) -> ResourceLease:
+    # `margins` is absent from a document written before margins were stored: none.
+    return ResourceLease(
+        str(lease_id),
+        str(tenant),
+        str(entity),
+        int(expires),
+        int(started),
+        [Charge(str(b), float(t), float(s)) for b, t, s in charges],
+        {str(k): float(v) for k, v in (margins or {}).items()},
+    )

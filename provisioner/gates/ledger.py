@@ -12,6 +12,7 @@ from typing import Generic, Protocol, TypeVar
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates.cas import until_settled
+from provisioner.gates.document import gate_key, ticket_key, waiter_key
 from provisioner.gates.place import Place
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
 
@@ -45,21 +46,23 @@ class Waiting(Protocol):
 
 
 class GateLedger(ABC, Generic[Document]):
-    """The base of every decision of one gate. A gate names its keys and how its document
-    is read and brought up to now (`catch_up`: True when that changed the document)."""
+    """The base of every decision of one gate, whose keys are under `prefix`. A gate says
+    how its document is read and brought up to now (`catch_up`: True when that changed
+    the document)."""
 
-    def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
+    def __init__(self, ports: Ports, config: AdmissionConfig, prefix: str) -> None:
         self.ports = ports
         self.config = config
+        self.prefix = prefix
 
-    @abstractmethod
-    def gate_key(self) -> str: ...
+    def gate_key(self) -> str:
+        return gate_key(self.prefix)
 
-    @abstractmethod
-    def waiter_key(self, tenant: str, entity: str) -> str: ...
+    def waiter_key(self, tenant: str, entity: str) -> str:
+        return waiter_key(tenant, entity, self.prefix)
 
-    @abstractmethod
-    def ticket_key(self, tenant: str, ticket: int) -> str: ...
+    def ticket_key(self, tenant: str, ticket: int) -> str:
+        return ticket_key(tenant, ticket, self.prefix)
 
     @abstractmethod
     def read(self, raw: bytes | None) -> Document: ...

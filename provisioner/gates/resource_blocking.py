@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from itertools import chain
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
+from provisioner.gates.document import Costs, ResourceState, margin_of
 from provisioner.gates.queue import Eligible, fair_order, fresh_position
 from provisioner.gates.resource_limits import RateLimit, rate_limits
-from provisioner.gates.resource_state import Costs, ResourceState, margin_of
 from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CONCURRENCY,

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.gates.bucket import note_change
-from provisioner.gates.ledger import GateLedger, LoadedDocument
-from provisioner.gates.queue import pass_over_unclaimed
-from provisioner.gates.resource_limits import rate_limits
-from provisioner.gates.resource_state import (
+from provisioner.gates.document import (
     Costs,
     ResourceLease,
     ResourceState,
     decode_ticket,
     gate_key,
-    ticket_key,
-    waiter_key,
+    resource_prefix,
 )
+from provisioner.gates.ledger import GateLedger, LoadedDocument
+from provisioner.gates.queue import pass_over_unclaimed
+from provisioner.gates.resource_limits import rate_limits
 from provisioner.ports import Ports, Scope
 
 ACCOUNT = Scope.ACCOUNT
@@ -58,7 +57,7 @@ def charge_margins(
 
 
 def read_state(ports: Ports, gate: ResourceGate, now_ms: int) -> tuple[ResourceState, int | None]:
-    entry = ports.storage.get(ACCOUNT, gate_key(gate.name))
+    entry = ports.storage.get(ACCOUNT, gate_key(resource_prefix(gate.name)))
     state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
     prune(state, gate, now_ms)
     return state, None if entry is None else entry.version
@@ -72,22 +71,13 @@ def set_bucket(state: ResourceState, name: str, tat_ms: float, now_ms: int) -> N
 
 class ResourceLedger(GateLedger[ResourceState]):
     def __init__(self, ports: Ports, config: AdmissionConfig, gate: ResourceGate) -> None:
-        super().__init__(ports, config)
+        super().__init__(ports, config, resource_prefix(gate.name))
         self.gate = gate
 
     @property
     def queue_timeout_ms(self) -> int:
         timeout = self.gate.queue_timeout_ms
         return self.config.queue_timeout_ms if timeout is None else timeout
-
-    def gate_key(self) -> str:
-        return gate_key(self.gate.name)
-
-    def waiter_key(self, tenant: str, entity: str) -> str:
-        return waiter_key(self.gate.name, tenant, entity)
-
-    def ticket_key(self, tenant: str, ticket: int) -> str:
-        return ticket_key(self.gate.name, tenant, ticket)
 
     def read(self, raw: bytes | None) -> ResourceState:
         return ResourceState() if raw is None else ResourceState.from_bytes(raw)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from provisioner.config import TENANT, ResourceGate
 from provisioner.gates.bucket import Bucket
-from provisioner.gates.resource_state import INPUT, OUTPUT, REQUESTS, Costs, bucket_id, margin_key
+from provisioner.gates.document import INPUT, OUTPUT, REQUESTS, Costs, bucket_id, margin_key
 
 _RATE_REASONS = {REQUESTS: "rate", INPUT: "input_tokens", OUTPUT: "output_tokens"}
 _COST_KINDS = {"rpm": REQUESTS, "itpm": INPUT, "otpm": OUTPUT}

@@ -15,10 +15,10 @@ from __future__ import annotations
 from provisioner.gates.bucket import settle_charge
 from provisioner.gates.cas import until_settled
 from provisioner.gates.cooldown import cooling_ms, record_failure, record_success
+from provisioner.gates.document import REQUESTS, Costs, ResourceLease, ResourceState
 from provisioner.gates.provider import ProviderAnswer
 from provisioner.gates.resource_ledger import ResourceLedger, set_bucket
 from provisioner.gates.resource_limits import rate_limits
-from provisioner.gates.resource_state import REQUESTS, Costs, ResourceLease, ResourceState
 from provisioner.gates.results import Settled, Waiter
 
 

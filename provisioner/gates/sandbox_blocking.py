@@ -16,7 +16,7 @@ from itertools import chain
 from provisioner.config import AdmissionConfig
 from provisioner.gates import budget
 from provisioner.gates.cooldown import cooling_ms
-from provisioner.gates.document import RetryEntry
+from provisioner.gates.document import GateState, RetryEntry
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.queue import Eligible, eligible_retries, fair_order, fresh_position
 from provisioner.gates.results import (
@@ -40,7 +40,6 @@ from provisioner.gates.sandbox_limits import (
     slots_in_use,
     tenant_has_room,
 )
-from provisioner.gates.sandbox_state import GateState
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from provisioner.gates.document import not_owned_by, owned_by
-from provisioner.gates.sandbox_state import CreateLease, GateState, SandboxLease, UnsettledCreate
+from provisioner.gates.document import (
+    CreateLease,
+    GateState,
+    SandboxLease,
+    UnsettledCreate,
+    not_owned_by,
+    owned_by,
+)
 
 
 def prune_expired(state: GateState, now_ms: int) -> bool:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates import budget
+from provisioner.gates.document import GATE_KEY, SANDBOX_PREFIX, GateState
 from provisioner.gates.ledger import GateLedger, LoadedDocument
 from provisioner.gates.promises import WakeUp
 from provisioner.gates.queue import pass_over_unclaimed
 from provisioner.gates.sandbox_leases import prune_expired
-from provisioner.gates.sandbox_state import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.ports import Ports, Scope
 
 ACCOUNT = Scope.ACCOUNT
@@ -39,18 +39,9 @@ def catch_up(state: GateState, config: AdmissionConfig, now_ms: int) -> bool:
 
 class Ledger(GateLedger[GateState]):
     def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
-        super().__init__(ports, config)
+        super().__init__(ports, config, SANDBOX_PREFIX)
         # The waiters this decision promised a permit to (`promises.promise`).
         self.wake_ups: list[WakeUp] = []
-
-    def gate_key(self) -> str:
-        return GATE_KEY
-
-    def waiter_key(self, tenant: str, entity: str) -> str:
-        return waiter_key(tenant, entity)
-
-    def ticket_key(self, tenant: str, ticket: int) -> str:
-        return ticket_key(tenant, ticket)
 
     def read(self, raw: bytes | None) -> GateState:
         return GateState() if raw is None else GateState.from_bytes(raw)

@@ -6,7 +6,7 @@ import math
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates.bucket import Bucket
-from provisioner.gates.sandbox_state import GateState
+from provisioner.gates.document import GateState
 
 
 def slots_in_use(state: GateState) -> int:

@@ -15,17 +15,21 @@ from typing import Any
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate, read_config
 from provisioner.gates import budget
 from provisioner.gates.cooldown import cooling_ms
-from provisioner.gates.document import owned_by
-from provisioner.gates.place import Place, Stage
-from provisioner.gates.resource_ledger import prune, read_state
-from provisioner.gates.resource_limits import rate_limits
-from provisioner.gates.resource_state import (
+from provisioner.gates.document import GATE_KEY as GATE_KEY
+from provisioner.gates.document import (
     Costs,
+    GateState,
     ResourceState,
     decode_ticket,
     gate_key,
+    owned_by,
+    resource_prefix,
+    ticket_key,
+    waiter_key,
 )
-from provisioner.gates.resource_state import ticket_key as resource_ticket_key
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.resource_ledger import prune, read_state
+from provisioner.gates.resource_limits import rate_limits
 from provisioner.gates.results import Waiter
 from provisioner.gates.sandbox_blocking import assess, waiting
 from provisioner.gates.sandbox_leases import prune_expired
@@ -37,8 +41,6 @@ from provisioner.gates.sandbox_limits import (
     rate_wait_ms,
     slots_in_use,
 )
-from provisioner.gates.sandbox_state import GATE_KEY as GATE_KEY
-from provisioner.gates.sandbox_state import GateState, ticket_key, waiter_key
 from provisioner.invocation import Request
 from provisioner.model import GATES_INSPECTED, Outcome
 from provisioner.ports import Ports, Scope, Storage, StorageReader
@@ -529,7 +531,7 @@ def inspect_resource(
     """Read one resource gate. `prune_expired` drops expired leases as the next decision
     will; tenant buckets are listed for the tenants that hold a lease, wait, or whose
     bucket is not full."""
-    entry = storage.get(ACCOUNT_SCOPE, gate_key(gate.name))
+    entry = storage.get(ACCOUNT_SCOPE, gate_key(resource_prefix(gate.name)))
     state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
     if prune_expired:
         prune(state, gate, now_ms)
@@ -551,7 +553,9 @@ def inspect_resource(
     waiters: list[ResourceWaiterView] = []
     for queue in state.ring:
         for ticket in queue.tickets():
-            found = storage.get(ACCOUNT_SCOPE, resource_ticket_key(gate.name, queue.tenant, ticket))
+            found = storage.get(
+                ACCOUNT_SCOPE, ticket_key(queue.tenant, ticket, resource_prefix(gate.name))
+            )
             entity, costs = (None, None) if found is None else decode_ticket(found.value)
             waiters.append(ResourceWaiterView(queue.tenant, ticket, entity, costs))
     return ResourceGateView(

@@ -22,8 +22,8 @@ from host.runtime.native import native_ports
 from host.storage.memory import MemoryBackend
 from provisioner.config import AdmissionConfig
 from provisioner.gates.controller import AdmissionController
+from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.gates.results import Created, CreateResult, Grant, Queued, Rejected, Waiter
-from provisioner.gates.sandbox_state import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.ports import HttpRequest, HttpResponse, Ports
 
 __all__ = [

@@ -25,6 +25,7 @@ from hypothesis.stateful import (
 
 from host.services.namespaces import ScopedStorage, account_namespace
 from provisioner.config import AdmissionConfig
+from provisioner.gates.document import GATE_KEY, GateState
 from provisioner.gates.place import Stage
 from provisioner.gates.results import (
     CapacityExhausted,
@@ -38,7 +39,6 @@ from provisioner.gates.results import (
     Unavailable,
     Waiter,
 )
-from provisioner.gates.sandbox_state import GATE_KEY, GateState
 from provisioner.gates.view import inspect_gates
 from provisioner.model import Failure
 from tests.guest.harness import ACCOUNT, Harness

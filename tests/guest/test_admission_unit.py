@@ -11,6 +11,7 @@ from host.storage.base import StorageBackend
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
 from provisioner.gates.cooldown import backoff_ms
+from provisioner.gates.document import ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.results import (
     CapacityExhausted,
@@ -24,7 +25,6 @@ from provisioner.gates.results import (
     Unavailable,
     Waiter,
 )
-from provisioner.gates.sandbox_state import ticket_key, waiter_key
 from provisioner.gates.view import GateView, inspect_gates
 from provisioner.model import Failure
 from provisioner.ports import Scope, StorageConflict, StorageUnavailable

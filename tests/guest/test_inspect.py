@@ -7,9 +7,9 @@ from typing import Any
 
 from host.services.namespaces import ScopedStorage, account_namespace
 from provisioner.config import AdmissionConfig
+from provisioner.gates.document import ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.results import CapacityExhausted, Created, RateLimited, Waiter
-from provisioner.gates.sandbox_state import ticket_key, waiter_key
 from provisioner.gates.view import (
     CreateLeaseView,
     GateView,

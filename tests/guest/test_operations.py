@@ -21,7 +21,7 @@ from host.services.namespaces import tenant_namespace
 from host.storage.memory import MemoryBackend
 from provisioner.config import AdmissionConfig
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
-from provisioner.gates.sandbox_state import GATE_KEY
+from provisioner.gates.document import GATE_KEY
 from provisioner.model import Outcome
 from provisioner.ports import HttpRequest, HttpResponse, LogLevel, StorageUnavailable
 from tests.builders import invocation

@@ -7,8 +7,8 @@ import json
 
 from host.services.namespaces import account_namespace
 from provisioner.config import AdmissionConfig
+from provisioner.gates.document import GATE_KEY, GateState
 from provisioner.gates.results import Created, CreateFailed, Grant, Queued, Rejected, Waiter
-from provisioner.gates.sandbox_state import GATE_KEY, GateState
 from provisioner.model import Failure
 from tests.guest.harness import ACCOUNT, Harness, grant_of, queued_of
 from tests.guest.resource_harness import ResourceHarness

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 
 from provisioner.config import AdmissionConfig
+from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS, GateState
 from provisioner.gates.results import Created, Grant, RateLimited, Unavailable, Waiter
-from provisioner.gates.sandbox_state import DEFAULT_SANDBOX_TIMEOUT_MS, GateState
 from tests.guest.harness import Harness, grant_of, queued_of
 
 LEASE_MS = 10_000

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from provisioner.config import AdmissionConfig
+from provisioner.gates.document import CreateLease, GateState
 from provisioner.gates.sandbox_leases import hold_sandbox
 from provisioner.gates.sandbox_limits import capacity_wait_ms, slot_wait_ms
-from provisioner.gates.sandbox_state import CreateLease, GateState
 
 NOW = 1_000_000
 LATENCY_MS = AdmissionConfig().create_latency_ms
