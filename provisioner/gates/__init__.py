@@ -1,13 +1,13 @@
 """The gate engine: the sandbox admission gate and the named resource gates.
 
-Shared: `document` (every gate's stored document and keys), `place`, `queue` (fair
-order and reservations), `bucket` (GCRA, settled afterwards), `cooldown`, `budget`
-(retry budget), `cas` (the compare-and-swap loop), `ledger` (what a decision loads and
-saves), `results`, and `view`, the one read-only view (status, `operation = inspect`,
-the audits). The sandbox gate (`controller` is its façade):
-`sandbox_limits`, `sandbox_leases` (incl. unsettled creates), `sandbox_blocking`,
-`promises`, `sandbox_ledger`, `admit`, `sandbox_settle`, `sandbox_release`. The resource
-gates (`resource_operations` is their entry): `resource_limits`,
+Shared: `document` (every gate's stored document and keys), `place`, `queue` (fair order
+and reservations), `bucket` (GCRA, settled afterwards), `policies` (cooldown, retry
+budget, slots, rate, adaptive capacity, resource buckets), `cas` (the compare-and-swap
+loop), `ledger` (what a decision loads and saves), `results`, and `view`, the one
+read-only view (status, `operation = inspect`, the audits). The sandbox gate
+(`controller` is its façade): `sandbox_leases` (incl. unsettled creates),
+`sandbox_blocking`, `promises`, `sandbox_ledger`, `admit`, `sandbox_settle`,
+`sandbox_release`. The resource gates (`resource_operations` is their entry):
 `resource_blocking`, `resource_ledger`, `acquire`, `resource_settle`, `resource_release`,
 `provider`. docs/gates.md says which pairs are still to merge.
 """

@@ -15,7 +15,6 @@ from dataclasses import replace
 from provisioner.failures import FailureCode
 from provisioner.gates.bucket import Charge
 from provisioner.gates.cas import Again, new_lease_id, until_settled
-from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.document import (
     INPUT,
     OUTPUT,
@@ -25,10 +24,10 @@ from provisioner.gates.document import (
     margin_of,
 )
 from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import cooling_ms, rate_limits
 from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of, reserve
 from provisioner.gates.resource_blocking import Verdict, waiting, walk
 from provisioner.gates.resource_ledger import Loaded, ResourceLedger, set_bucket
-from provisioner.gates.resource_limits import rate_limits
 from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
 from provisioner.model import Failure
 from provisioner.ports import StorageConflict

@@ -13,17 +13,21 @@ from dataclasses import replace
 
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
-from provisioner.gates import budget
 from provisioner.gates.cas import Again, new_lease_id, until_settled
 from provisioner.gates.document import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import (
+    earn_retry,
+    slots_in_use,
+    spend_retry,
+    take_rate,
+)
 from provisioner.gates.promises import promise
 from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of
 from provisioner.gates.results import REASON_CREATE_SLOTS, Grant, Queued, Rejected, Waiter
 from provisioner.gates.sandbox_blocking import Turn, assess, waiting
 from provisioner.gates.sandbox_leases import drop_create_lease, take_create_lease
 from provisioner.gates.sandbox_ledger import ACCOUNT, Ledger, Loaded
-from provisioner.gates.sandbox_limits import slots_in_use, take_rate
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
 
@@ -201,9 +205,9 @@ class Admission(Ledger):
         )
         take_rate(state, config, now)
         if place.attempt > 1:
-            budget.spend(state, config)
+            spend_retry(state, config)
         else:
-            budget.earn(state, config)
+            earn_retry(state, config)
         self._unplace(state, waiter, place, granted=True)
         state.grants += 1
         # What the grant left free (more slots, the next rate token) goes to the next turns.

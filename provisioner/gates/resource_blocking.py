@@ -1,11 +1,11 @@
 """What blocks a waiter at a resource gate, and when it may go.
 
-One `Budget` of what every limit has free now is handed to the turns at the front of the
+One `Headroom` of what every limit has free now is handed to the turns at the front of the
 fair order, each taking its own estimated cost; the waiter goes when its own turn fits. A
 turn that does not fit a limit shared by the account stops the walk (a large request is
 never overtaken by cheaper ones behind it); one held back by its own tenant's limits only
 skips that tenant's turns. A turn fits a bucket when the level covers its estimate plus
-the reserve (`Budget.reserve`), so the estimation errors reaching the provider
+the reserve (`Headroom.reserve`), so the estimation errors reaching the provider
 unaccounted stay within one request's: docs/gates.md gives the argument."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from itertools import chain
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
 from provisioner.gates.document import Costs, ResourceState, margin_of
+from provisioner.gates.policies import RateLimit, rate_limits
 from provisioner.gates.queue import Eligible, fair_order, fresh_position
-from provisioner.gates.resource_limits import RateLimit, rate_limits
 from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CONCURRENCY,
@@ -36,7 +36,7 @@ _EPSILON = 1e-9
 ReadCost = Callable[[str, int], Costs | None]
 
 
-class Budget:
+class Headroom:
     """What every limit of the gate has free right now."""
 
     def __init__(self, state: ResourceState, gate: ResourceGate, now_ms: int) -> None:
@@ -119,8 +119,8 @@ class Verdict:
     ahead_turns: tuple[tuple[str, int], ...] = ()
 
 
-def eligibility(budget: Budget) -> Eligible:
-    return budget.tenant_has_room
+def eligibility(headroom: Headroom) -> Eligible:
+    return headroom.tenant_has_room
 
 
 def walk(
@@ -132,7 +132,7 @@ def walk(
     costs: Costs,
     read_cost: ReadCost,
 ) -> Verdict:
-    budget = Budget(state, gate, now_ms)
+    headroom = Headroom(state, gate, now_ms)
     # Reserved turns first: their permits are promised (`gates.queue`).
     reserved = [
         (r.tenant, r.ticket)
@@ -140,7 +140,7 @@ def walk(
         if r.ticket is not None and _holds(state, r.tenant, r.ticket)
     ]
     turns: list[tuple[str, int]] = []
-    for turn in chain(reserved, fair_order(state, eligibility(budget))):
+    for turn in chain(reserved, fair_order(state, eligibility(headroom))):
         if turn in turns:
             continue
         turns.append(turn)
@@ -158,12 +158,12 @@ def walk(
         if turn_costs is None:
             dead.append((turn_tenant, turn_ticket))
             continue
-        blocked = budget.blocker(turn_tenant, turn_costs)
+        blocked = headroom.blocker(turn_tenant, turn_costs)
         if own:
             reason = None if blocked is None else blocked[0]
             return Verdict(blocked is None, reason, tuple(ahead), tuple(dead), tuple(ahead_turns))
         if blocked is None:
-            budget.take(turn_tenant, turn_costs)
+            headroom.take(turn_tenant, turn_costs)
             ahead.append((turn_tenant, turn_costs))
             ahead_turns.append((turn_tenant, turn_ticket))
         elif blocked[1]:
@@ -172,8 +172,8 @@ def walk(
             skipped_tenants.add(turn_tenant)
     # Not reached: its tenant has no room, or the permits free went to turns ahead that
     # have not asked yet (or the turn lies beyond the lookahead).
-    blocked = budget.blocker(tenant, costs)
-    reason = blocked[0] if blocked is not None else _first_limit(gate, budget)
+    blocked = headroom.blocker(tenant, costs)
+    reason = blocked[0] if blocked is not None else _first_limit(gate, headroom)
     return Verdict(False, reason, tuple(ahead), tuple(dead), tuple(ahead_turns))
 
 
@@ -182,19 +182,19 @@ def _holds(state: ResourceState, tenant: str, ticket: int) -> bool:
     return queue is not None and queue.holds(ticket)
 
 
-def _first_limit(gate: ResourceGate, budget: Budget) -> str:
+def _first_limit(gate: ResourceGate, headroom: Headroom) -> str:
     if gate.permits(ACCOUNT) is not None:
         return REASON_CONCURRENCY
     if gate.permits(TENANT) is not None:
         return REASON_TENANT_CONCURRENCY
-    return budget.rates[0].reason
+    return headroom.rates[0].reason
 
 
 def position(
     state: ResourceState, gate: ResourceGate, now_ms: int, tenant: str, ticket: int
 ) -> int:
     """1-based place in the fair order, among tenants with room (plus its own)."""
-    return fresh_position(state, tenant, ticket, eligibility(Budget(state, gate, now_ms)))
+    return fresh_position(state, tenant, ticket, eligibility(Headroom(state, gate, now_ms)))
 
 
 def _lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
@@ -221,7 +221,7 @@ def waiting(
     uniform: Callable[[], float],
 ) -> Queued:
     """Why the waiter waits, how long it should (`eta_ms`) and when to ask again."""
-    budget = Budget(state, gate, now_ms)
+    headroom = Headroom(state, gate, now_ms)
     at = max(1, position(state, gate, now_ms, tenant, ticket))
     cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
     ends = sorted(
@@ -241,30 +241,30 @@ def waiting(
             for lease in state.leases
             if lease.tenant == tenant
         )
-        over = budget.held[tenant] - tenant_permits + 1
+        over = headroom.held[tenant] - tenant_permits + 1
         waits[REASON_TENANT_CONCURRENCY] = _lease_wait_ms(own_ends, over, cycle)
-        usage[REASON_TENANT_CONCURRENCY] = (budget.held[tenant], tenant_permits)
-    for rate in budget.rates:
+        usage[REASON_TENANT_CONCURRENCY] = (headroom.held[tenant], tenant_permits)
+    for rate in headroom.rates:
         need = costs.get(rate.kind, 0.0) + sum(
             turn_costs.get(rate.kind, 0.0)
             for turn_tenant, turn_costs in verdict.ahead
             if not rate.per_tenant or turn_tenant == tenant
         )
         # The reserve comes back when calls in flight settle, not by refill: an estimate.
-        reserve = budget.reserve(rate, tenant, costs)
+        reserve = headroom.reserve(rate, tenant, costs)
         if reserve > 0:
             reserved.add(rate.reason)
         need += reserve
         tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
         waits[rate.reason] = rate.bucket.wait_ms(tat, now_ms, need)
-        used = rate.bucket.burst - budget.level(rate, tenant)
+        used = rate.bucket.burst - headroom.level(rate, tenant)
         usage[rate.reason] = (max(0, math.ceil(used - _EPSILON)), math.floor(rate.bucket.burst))
-    reason = REASON_BACKOFF if cooling_ms > 0 else (verdict.reason or _first_limit(gate, budget))
+    reason = REASON_BACKOFF if cooling_ms > 0 else (verdict.reason or _first_limit(gate, headroom))
     eta = cooling_ms + max(waits.values(), default=0)
-    in_use, limit = usage.get(reason, usage.get(_first_limit(gate, budget), (0, 0)))
+    in_use, limit = usage.get(reason, usage.get(_first_limit(gate, headroom), (0, 0)))
     # A bucket's wait is exact: a waiter it holds back comes back right when its tokens are
     # due. Lease ends, and so a reserve, are estimates: poll_min keeps those from spinning.
-    exact = reason in {rate.reason for rate in budget.rates} - reserved and eta > 0
+    exact = reason in {rate.reason for rate in headroom.rates} - reserved and eta > 0
     retry_after = ask_again_ms(admission, eta, exact, cooling_ms, uniform)
     waited = now_ms - since_ms
     retry_at = now_ms + retry_at_wait_ms(admission, eta, exact, retry_after, cooling_ms)

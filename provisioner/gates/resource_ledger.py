@@ -14,8 +14,8 @@ from provisioner.gates.document import (
     resource_prefix,
 )
 from provisioner.gates.ledger import GateLedger, LoadedDocument
+from provisioner.gates.policies import rate_limits
 from provisioner.gates.queue import pass_over_unclaimed
-from provisioner.gates.resource_limits import rate_limits
 from provisioner.ports import Ports, Scope
 
 ACCOUNT = Scope.ACCOUNT

@@ -19,8 +19,8 @@ from provisioner.failures import FailureCode
 from provisioner.gates.acquire import Acquisition
 from provisioner.gates.cas import come_back_ms
 from provisioner.gates.document import INPUT, OUTPUT, Costs
+from provisioner.gates.policies import request_costs, too_large
 from provisioner.gates.provider import read_answer
-from provisioner.gates.resource_limits import request_costs, too_large
 from provisioner.gates.resource_release import Release
 from provisioner.gates.resource_settle import Settlement
 from provisioner.gates.results import REASON_STORAGE, Queued, Rejected, ResourceGrant, Waiter

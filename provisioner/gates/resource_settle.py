@@ -6,7 +6,7 @@ what the estimate missed goes into debt at once; what it overcharged comes back 
 far as the bucket would really have held it). A settle that arrives after its lease
 expired no longer knows what the grant charged, so it charges the actual input and
 output tokens in full: it errs towards waiting, never towards a 429. A 429 or 529 sets
-the gate's shared cooldown for every invocation of the account (`gates.cooldown`, the
+the gate's shared cooldown for every invocation of the account (`gates.policies`, the
 same as E2B's 429s).
 """
 
@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from provisioner.gates.bucket import settle_charge
 from provisioner.gates.cas import until_settled
-from provisioner.gates.cooldown import cooling_ms, record_failure, record_success
 from provisioner.gates.document import REQUESTS, Costs, ResourceLease, ResourceState
+from provisioner.gates.policies import cooling_ms, rate_limits, record_failure, record_success
 from provisioner.gates.provider import ProviderAnswer
 from provisioner.gates.resource_ledger import ResourceLedger, set_bucket
-from provisioner.gates.resource_limits import rate_limits
 from provisioner.gates.results import Settled, Waiter
 
 

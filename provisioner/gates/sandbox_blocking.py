@@ -14,10 +14,24 @@ from dataclasses import dataclass, replace
 from itertools import chain
 
 from provisioner.config import AdmissionConfig
-from provisioner.gates import budget
-from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.document import GateState, RetryEntry
 from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import (
+    capacity_free,
+    capacity_in_use,
+    capacity_limit,
+    capacity_wait_ms,
+    cooling_ms,
+    rate_available,
+    rate_in_use,
+    rate_wait_ms,
+    retry_token_wait_ms,
+    retry_tokens,
+    slot_wait_ms,
+    slots_free,
+    slots_in_use,
+    tenant_has_room,
+)
 from provisioner.gates.queue import Eligible, eligible_retries, fair_order, fresh_position
 from provisioner.gates.results import (
     REASON_BACKOFF,
@@ -26,19 +40,6 @@ from provisioner.gates.results import (
     REASON_RATE,
     Queued,
     Waiter,
-)
-from provisioner.gates.sandbox_limits import (
-    capacity_free,
-    capacity_in_use,
-    capacity_limit,
-    capacity_wait_ms,
-    rate_available,
-    rate_in_use,
-    rate_wait_ms,
-    slot_wait_ms,
-    slots_free,
-    slots_in_use,
-    tenant_has_room,
 )
 
 
@@ -98,7 +99,7 @@ def ready_retries(
     return eligible_retries(
         state,
         lambda entry: eligible(entry.tenant) or state.reclaims(entry.tenant, entry.entity),
-        budget.tokens(state, config),
+        retry_tokens(state, config),
     )
 
 
@@ -270,10 +271,10 @@ def waiting(
         reason = REASON_CAPACITY
         in_use = state.tenant_in_use(waiter.tenant)
         limit = config.max_sandboxes_per_tenant or config.max_sandboxes
-    elif turn.is_retry and budget.tokens(state, config) < 1.0:
+    elif turn.is_retry and retry_tokens(state, config) < 1.0:
         reason = REASON_BACKOFF
         in_use, limit = usage[REASON_CREATE_SLOTS]
-        eta = max(eta, budget.wait_for_token_ms(state, config, 1))
+        eta = max(eta, retry_token_wait_ms(state, config, 1))
     elif blocked:
         reason = max(blocked, key=lambda name: waits[name])
         in_use, limit = usage[reason]

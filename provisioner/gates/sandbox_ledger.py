@@ -7,9 +7,11 @@ gate's keys on `gates.ledger.GateLedger`, its document brought up to now by `cat
 from __future__ import annotations
 
 from provisioner.config import AdmissionConfig
-from provisioner.gates import budget
 from provisioner.gates.document import GATE_KEY, SANDBOX_PREFIX, GateState
 from provisioner.gates.ledger import GateLedger, LoadedDocument
+from provisioner.gates.policies import (
+    refill_retries,
+)
 from provisioner.gates.promises import WakeUp
 from provisioner.gates.queue import pass_over_unclaimed
 from provisioner.gates.sandbox_leases import prune_expired
@@ -33,7 +35,7 @@ def catch_up(state: GateState, config: AdmissionConfig, now_ms: int) -> bool:
     """The gate as of `now_ms`: expired leases pruned, the budget refilled, unclaimed
     reservations passed over. True when reservations moved (the caller should save)."""
     prune_expired(state, now_ms)
-    budget.refill(state, config, now_ms)
+    refill_retries(state, config, now_ms)
     return bool(pass_over_unclaimed(state, now_ms, config.reservation_claim_ms, state.drop_retry))
 
 

@@ -13,8 +13,15 @@ from __future__ import annotations
 
 from provisioner.gates.admit import exhausted, leave_queue
 from provisioner.gates.cas import until_settled
-from provisioner.gates.cooldown import record_failure, record_success
 from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import (
+    capacity_in_use,
+    capacity_limit,
+    note_created,
+    record_failure,
+    record_success,
+    shrink_capacity,
+)
 from provisioner.gates.promises import promise
 from provisioner.gates.results import (
     REASON_BACKOFF,
@@ -38,12 +45,6 @@ from provisioner.gates.sandbox_leases import (
     unsettled_from,
 )
 from provisioner.gates.sandbox_ledger import Ledger, Loaded
-from provisioner.gates.sandbox_limits import (
-    capacity_in_use,
-    capacity_limit,
-    note_created,
-    shrink_capacity,
-)
 
 
 class Settlement(Ledger):

@@ -13,8 +13,6 @@ from enum import Enum
 from typing import Any
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate, read_config
-from provisioner.gates import budget
-from provisioner.gates.cooldown import cooling_ms
 from provisioner.gates.document import GATE_KEY as GATE_KEY
 from provisioner.gates.document import (
     Costs,
@@ -28,19 +26,22 @@ from provisioner.gates.document import (
     waiter_key,
 )
 from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import (
+    capacity_in_use,
+    capacity_limit,
+    cooling_ms,
+    latency_ms,
+    rate_available,
+    rate_limits,
+    rate_wait_ms,
+    refill_retries,
+    retry_tokens,
+    slots_in_use,
+)
 from provisioner.gates.resource_ledger import prune, read_state
-from provisioner.gates.resource_limits import rate_limits
 from provisioner.gates.results import Waiter
 from provisioner.gates.sandbox_blocking import assess, waiting
 from provisioner.gates.sandbox_leases import prune_expired
-from provisioner.gates.sandbox_limits import (
-    capacity_in_use,
-    capacity_limit,
-    latency_ms,
-    rate_available,
-    rate_wait_ms,
-    slots_in_use,
-)
 from provisioner.invocation import Request
 from provisioner.model import GATES_INSPECTED, Outcome
 from provisioner.ports import Ports, Scope, Storage, StorageReader
@@ -76,7 +77,7 @@ def sandbox_snapshot(
                 "failures": state.backoff_failures,
             },
             "retry_budget": {
-                "tokens": round(budget.tokens(state, config), 3),
+                "tokens": round(retry_tokens(state, config), 3),
                 "max": config.retry_budget,
             },
             "queue_length": state.waiting(),
@@ -333,7 +334,7 @@ def inspect_gates(
     state = GateState() if entry is None else GateState.from_bytes(entry.value)
     if prune:
         prune_expired(state, now_ms)
-    budget.refill(state, config, now_ms)
+    refill_retries(state, config, now_ms)
     return GateView(
         now_ms=now_ms,
         version=None if entry is None else entry.version,
@@ -368,7 +369,7 @@ def inspect_gates(
             ),
         ),
         backoff=Backoff(state.cooldown_until_ms, cooling_ms(state, now_ms), state.backoff_failures),
-        retry_budget=RetryBudget(budget.tokens(state, config), config.retry_budget),
+        retry_budget=RetryBudget(retry_tokens(state, config), config.retry_budget),
         waiters=_waiters(storage, state, config, now_ms),
         waiting_tenants=tuple(queue.tenant for queue in state.ring),
         create_latency_ms=state.latency_ms,

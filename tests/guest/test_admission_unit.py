@@ -10,9 +10,9 @@ from host.services.namespaces import ScopedStorage, account_namespace
 from host.storage.base import StorageBackend
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
-from provisioner.gates.cooldown import backoff_ms
 from provisioner.gates.document import ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import backoff_ms
 from provisioner.gates.results import (
     CapacityExhausted,
     Created,

@@ -1,4 +1,4 @@
-"""When a permit should be free for a waiter (provisioner/gates/sandbox_limits.py): capacity
+"""When a permit should be free for a waiter (provisioner/gates/policies.py): capacity
 (`capacity_wait_ms`) from the sandbox leases' expiries, or from the observed hold time once
 one is known, in waves of the capacity limit; a create slot (`slot_wait_ms`) from the
 creates in flight and the create latency, in waves of the slots."""
@@ -9,8 +9,8 @@ import pytest
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import CreateLease, GateState
+from provisioner.gates.policies import capacity_wait_ms, slot_wait_ms
 from provisioner.gates.sandbox_leases import hold_sandbox
-from provisioner.gates.sandbox_limits import capacity_wait_ms, slot_wait_ms
 
 NOW = 1_000_000
 LATENCY_MS = AdmissionConfig().create_latency_ms
