@@ -25,7 +25,14 @@ from provisioner.gates.document import (
 )
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import cooling_ms, rate_limits
-from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of, reserve
+from provisioner.gates.queue import (
+    can_remove,
+    drop_ticket,
+    enqueue,
+    remove_ticket,
+    reservation_of,
+    reserve,
+)
 from provisioner.gates.resource_blocking import Verdict, waiting, walk
 from provisioner.gates.resource_ledger import Loaded, ResourceLedger, set_bucket
 from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
@@ -72,9 +79,7 @@ class Acquisition(ResourceLedger):
                 state, self.gate, now, waiter.tenant, place.ticket, costs, self.read_ticket
             )
         for tenant, ticket in verdict.dead:
-            queue_of = state.queue_of(tenant)
-            if queue_of is not None and can_remove(queue_of, ticket):
-                remove_ticket(state, tenant, ticket, granted=False)
+            drop_ticket(state, tenant, ticket)
         own_queue = state.queue_of(waiter.tenant)
         if verdict.goes and own_queue is not None and can_remove(own_queue, place.ticket):
             return self._grant(waiter, loaded, place, costs)

@@ -23,7 +23,13 @@ from provisioner.gates.policies import (
     take_rate,
 )
 from provisioner.gates.promises import promise
-from provisioner.gates.queue import can_remove, enqueue, remove_ticket, reservation_of
+from provisioner.gates.queue import (
+    can_remove,
+    drop_ticket,
+    enqueue,
+    remove_ticket,
+    reservation_of,
+)
 from provisioner.gates.results import REASON_CREATE_SLOTS, Grant, Queued, Rejected, Waiter
 from provisioner.gates.sandbox_blocking import Turn, assess, waiting
 from provisioner.gates.sandbox_leases import drop_create_lease, take_create_lease
@@ -48,9 +54,7 @@ def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | 
     state.drop_retry(waiter.tenant, waiter.entity)
     if place is None or place.stage is not Stage.QUEUED or place.ticket is None:
         return None
-    queue = state.queue_of(waiter.tenant)
-    if queue is not None and can_remove(queue, place.ticket):
-        remove_ticket(state, waiter.tenant, place.ticket, granted=False)
+    drop_ticket(state, waiter.tenant, place.ticket)
     return place.ticket
 
 
@@ -262,8 +266,5 @@ class Admission(Ledger):
             else:
                 assert turn.ticket is not None
                 if storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket)) is None:
-                    queue = state.queue_of(turn.tenant)
-                    if queue is not None and can_remove(queue, turn.ticket):
-                        remove_ticket(state, turn.tenant, turn.ticket, granted=False)
-                        skipped = True
+                    skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
         return skipped

@@ -169,6 +169,16 @@ class Reservation:
         )
 
 
+class HoldTimer(Protocol):
+    # How long a permit is held, a moving average (None: not observed yet).
+    hold_ms: int | None
+
+
+def observe_hold(state: HoldTimer, started_ms: int, now_ms: int) -> None:
+    observed = max(0, now_ms - started_ms)
+    state.hold_ms = observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
+
+
 class FairQueueState:
     """What a gate document holds for the fair queue (`gates.queue`): the tenants'
     ticket ranges in ring order and the retries ahead of them. The sandbox gate and every
@@ -179,6 +189,10 @@ class FairQueueState:
     retries: list[RetryEntry]
     ticket_high_water: int
     reservations: list[Reservation]
+
+    def holds_ticket(self, tenant: str, ticket: int) -> bool:
+        queue = self.queue_of(tenant)
+        return queue is not None and queue.holds(ticket)
 
     def queue_fields(self) -> dict[str, Any]:
         """The fair queue's part of the stored document."""

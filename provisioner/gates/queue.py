@@ -71,6 +71,16 @@ def remove_ticket(state: QueueHolder, tenant: str, ticket: int, *, granted: bool
         state.ring.append(queue)
 
 
+def drop_ticket(state: QueueHolder, tenant: str, ticket: int) -> bool:
+    """Take a ticket out, not granted; False when it cannot leave out of order yet (it
+    keeps its turn)."""
+    queue = state.queue_of(tenant)
+    if queue is None or not can_remove(queue, ticket):
+        return False
+    remove_ticket(state, tenant, ticket, granted=False)
+    return True
+
+
 def ticket_at(queue: TenantQueue, index: int) -> int:
     """The ticket `index` places behind the head (costs index + out-of-order removals)."""
     removed = set(queue.removed)
@@ -181,9 +191,7 @@ def pass_over_unclaimed(
     passed = [r for r in state.reservations if r.by_ms < now_ms]
     for reservation in passed:
         if reservation.ticket is not None:
-            queue = state.queue_of(reservation.tenant)
-            if queue is not None and can_remove(queue, reservation.ticket):
-                remove_ticket(state, reservation.tenant, reservation.ticket, granted=False)
+            drop_ticket(state, reservation.tenant, reservation.ticket)
         elif drop_retry is not None and reservation.entity is not None:
             drop_retry(reservation.tenant, reservation.entity)
     # A ticket that cannot leave out of order yet keeps its turn, but not the permit.

@@ -137,7 +137,7 @@ def walk(
     reserved = [
         (r.tenant, r.ticket)
         for r in state.reservations
-        if r.ticket is not None and _holds(state, r.tenant, r.ticket)
+        if r.ticket is not None and state.holds_ticket(r.tenant, r.ticket)
     ]
     turns: list[tuple[str, int]] = []
     for turn in chain(reserved, fair_order(state, eligibility(headroom))):
@@ -175,11 +175,6 @@ def walk(
     blocked = headroom.blocker(tenant, costs)
     reason = blocked[0] if blocked is not None else _first_limit(gate, headroom)
     return Verdict(False, reason, tuple(ahead), tuple(dead), tuple(ahead_turns))
-
-
-def _holds(state: ResourceState, tenant: str, ticket: int) -> bool:
-    queue = state.queue_of(tenant)
-    return queue is not None and queue.holds(ticket)
 
 
 def _first_limit(gate: ResourceGate, headroom: Headroom) -> str:

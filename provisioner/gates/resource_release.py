@@ -7,10 +7,10 @@ case (`ledger.charge_margins`, as for a lease that expires)."""
 from __future__ import annotations
 
 from provisioner.gates.cas import until_settled
+from provisioner.gates.document import observe_hold
 from provisioner.gates.place import Stage
-from provisioner.gates.queue import can_remove, remove_ticket
+from provisioner.gates.queue import drop_ticket
 from provisioner.gates.resource_ledger import ResourceLedger, charge_margins
-from provisioner.gates.resource_settle import observe_hold
 from provisioner.gates.results import Released, Waiter
 
 
@@ -24,7 +24,7 @@ class Release(ResourceLedger):
         lease = state.lease_of(waiter.tenant, waiter.entity)
         if lease is not None:
             state.leases.remove(lease)
-            observe_hold(state, lease, now)
+            observe_hold(state, lease.started_ms, now)
             charge_margins(state, self.gate, lease, now)
         ticket = None
         if place is not None and place.stage is Stage.QUEUED and place.ticket is not None:
@@ -33,8 +33,7 @@ class Release(ResourceLedger):
         waited = False
         if ticket is not None and queue is not None and queue.holds(ticket):
             waited = True
-            if can_remove(queue, ticket):
-                remove_ticket(state, waiter.tenant, ticket, granted=False)
+            drop_ticket(state, waiter.tenant, ticket)
         if lease is not None or waited:
             self.save_gate(loaded)
         self.forget_place(waiter)

@@ -14,16 +14,11 @@ from __future__ import annotations
 
 from provisioner.gates.bucket import settle_charge
 from provisioner.gates.cas import until_settled
-from provisioner.gates.document import REQUESTS, Costs, ResourceLease, ResourceState
+from provisioner.gates.document import REQUESTS, Costs, observe_hold
 from provisioner.gates.policies import cooling_ms, rate_limits, record_failure, record_success
 from provisioner.gates.provider import ProviderAnswer
 from provisioner.gates.resource_ledger import ResourceLedger, set_bucket
 from provisioner.gates.results import Settled, Waiter
-
-
-def observe_hold(state: ResourceState, lease: ResourceLease, now_ms: int) -> None:
-    observed = max(0, now_ms - lease.started_ms)
-    state.hold_ms = observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
 
 
 class Settlement(ResourceLedger):
@@ -49,7 +44,7 @@ class Settlement(ResourceLedger):
         charged: dict[str, float] = {}
         if lease is not None:
             state.leases.remove(lease)
-            observe_hold(state, lease, now)
+            observe_hold(state, lease.started_ms, now)
             rates = {rate.bucket_id(waiter.tenant): rate for rate in rate_limits(self.gate)}
             for charge in lease.charges:
                 rate = rates.get(charge.bucket)

@@ -136,7 +136,7 @@ def schedule(
         turn
         for turn in reserved_turns(state)
         if (turn.tenant, turn.entity) in retrying
-        or (turn.ticket is not None and _holds(state, turn.tenant, turn.ticket))
+        or (turn.ticket is not None and state.holds_ticket(turn.tenant, turn.ticket))
     ]
     # Lazily: the walk stops at the first turns the permits run out on, whatever the
     # number of waiters behind them.
@@ -167,11 +167,6 @@ def schedule(
         Scheduled(turn, rate_wait_ms(state, config, now_ms, index + 1))
         for index, turn in enumerate(chosen)
     ]
-
-
-def _holds(state: GateState, tenant: str, ticket: int) -> bool:
-    queue = state.queue_of(tenant)
-    return queue is not None and queue.holds(ticket)
 
 
 def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: Eligible) -> int:

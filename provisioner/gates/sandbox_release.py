@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from provisioner.gates.admit import leave_queue
 from provisioner.gates.cas import until_settled
+from provisioner.gates.document import observe_hold
 from provisioner.gates.promises import promise
 from provisioner.gates.results import Waiter
 from provisioner.gates.sandbox_leases import drop_leases_of, sandbox_lease_of
@@ -21,10 +22,7 @@ class Release(Ledger):
         state, now = loaded.state, loaded.now_ms
         lease = sandbox_lease_of(state, waiter.tenant, waiter.entity)
         if lease is not None:
-            observed = max(0, now - lease.started_ms)
-            state.hold_ms = (
-                observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
-            )
+            observe_hold(state, lease.started_ms, now)
         held = drop_leases_of(state, waiter.tenant, waiter.entity) > 0
         before = state.waiting()
         ticket = leave_queue(state, waiter, loaded.place)
