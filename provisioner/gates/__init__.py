@@ -3,11 +3,11 @@
 Shared: `document` (every gate's stored document and keys), `place`, `queue` (fair order
 and reservations), `bucket` (GCRA, settled afterwards), `policies` (cooldown, retry
 budget, slots, rate, adaptive capacity, resource buckets), `cas` (the compare-and-swap
-loop), `ledger` (what a decision loads and saves), `results`, and `view`, the one
+loop), `ledger` (what a decision of either gate loads and saves), `results`, and `view`, the one
 read-only view (status, `operation = inspect`, the audits). The sandbox gate
 (`controller` is its façade): `sandbox_leases` (incl. unsettled creates),
-`sandbox_blocking`, `promises`, `sandbox_ledger`, `admit`, `sandbox_settle`,
+`sandbox_blocking`, `promises`, `admit`, `sandbox_settle`,
 `sandbox_release`. The resource gates (`resource_operations` is their entry):
-`resource_blocking`, `resource_ledger`, `acquire`, `resource_settle`, `resource_release`,
+`resource_blocking`, `acquire`, `resource_settle`, `resource_release`,
 `provider`. docs/gates.md says which pairs are still to merge.
 """

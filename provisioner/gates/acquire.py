@@ -23,6 +23,7 @@ from provisioner.gates.document import (
     encode_ticket,
     margin_of,
 )
+from provisioner.gates.ledger import ResourceLedger, ResourceLoaded, set_bucket
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import cooling_ms, rate_limits
 from provisioner.gates.queue import (
@@ -34,7 +35,6 @@ from provisioner.gates.queue import (
     reserve,
 )
 from provisioner.gates.resource_blocking import Verdict, waiting, walk
-from provisioner.gates.resource_ledger import Loaded, ResourceLedger, set_bucket
 from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
 from provisioner.model import Failure
 from provisioner.ports import StorageConflict
@@ -144,7 +144,9 @@ class Acquisition(ResourceLedger):
             )
         return None
 
-    def _timed_out(self, waiter: Waiter, loaded: Loaded, place: Place, why: str) -> Rejected:
+    def _timed_out(
+        self, waiter: Waiter, loaded: ResourceLoaded, place: Place, why: str
+    ) -> Rejected:
         assert place.ticket is not None
         remove_ticket(loaded.state, waiter.tenant, place.ticket, granted=False)
         self.save_gate(loaded)
@@ -152,7 +154,9 @@ class Acquisition(ResourceLedger):
         self.forget_ticket(waiter, place.ticket)
         return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
-    def _grant(self, waiter: Waiter, loaded: Loaded, place: Place, costs: Costs) -> ResourceGrant:
+    def _grant(
+        self, waiter: Waiter, loaded: ResourceLoaded, place: Place, costs: Costs
+    ) -> ResourceGrant:
         state, now = loaded.state, loaded.now_ms
         assert place.ticket is not None
         charges: list[Charge] = []

@@ -15,6 +15,7 @@ from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
 from provisioner.gates.cas import Again, new_lease_id, until_settled
 from provisioner.gates.document import GATE_KEY, GateState, ticket_key, waiter_key
+from provisioner.gates.ledger import ACCOUNT, SandboxLedger, SandboxLoaded
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import (
     earn_retry,
@@ -33,7 +34,6 @@ from provisioner.gates.queue import (
 from provisioner.gates.results import REASON_CREATE_SLOTS, Grant, Queued, Rejected, Waiter
 from provisioner.gates.sandbox_blocking import Turn, assess, waiting
 from provisioner.gates.sandbox_leases import drop_create_lease, take_create_lease
-from provisioner.gates.sandbox_ledger import ACCOUNT, Ledger, Loaded
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
 
@@ -58,7 +58,7 @@ def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | 
     return place.ticket
 
 
-class Admission(Ledger):
+class Admission(SandboxLedger):
     def __init__(self, ports: Ports, config: AdmissionConfig, sandbox_timeout_ms: int) -> None:
         """`sandbox_timeout_ms`: the E2B timeout of the sandbox a granted create makes (how
         long it could run unrecorded if the create is never settled)."""
@@ -68,7 +68,7 @@ class Admission(Ledger):
     def decide(self, waiter: Waiter) -> Grant | Queued | Rejected:
         return until_settled(lambda: self._decide(waiter), self.config.cas_retries)
 
-    def locate(self, waiter: Waiter, loaded: Loaded) -> Place | Queued | Rejected:
+    def locate(self, waiter: Waiter, loaded: SandboxLoaded) -> Place | Queued | Rejected:
         """Where the waiter stands, its stored place checked against the gate (changing the
         gate in memory when the place has to move). A waiter whose own create is in flight
         gets Queued (position 0) rather than a place: no entity has two creates at once."""
@@ -195,7 +195,7 @@ class Admission(Ledger):
         elif place.ticket is not None:
             remove_ticket(state, waiter.tenant, place.ticket, granted=granted)
 
-    def _grant(self, waiter: Waiter, loaded: Loaded, place: Place) -> Grant:
+    def _grant(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant:
         state, now, config = loaded.state, loaded.now_ms, self.config
         lease_id = new_lease_id(self.ports, "c")
         lease = take_create_lease(

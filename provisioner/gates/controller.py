@@ -1,6 +1,6 @@
 """The admission controller: one fresh instance per invocation, all state in storage.
 
-A façade over the decisions, each in its own module on the shared `ledger.Ledger`:
+A façade over the decisions, each in its own module on the shared `ledger.SandboxLedger`:
 `admit` (grant or queue), `settle` (record a create's answer), `release` (free what a
 waiter holds) and `status` (a snapshot of every gate). Every decision reads the account
 gate document, decides, and writes it back with one compare-and-swap, retried from a fresh
@@ -19,9 +19,9 @@ from provisioner.config import AdmissionConfig
 from provisioner.gates.admit import Admission
 from provisioner.gates.cas import come_back_ms
 from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS
+from provisioner.gates.ledger import load_gate
 from provisioner.gates.promises import WakeUp
 from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queued, Rejected, Waiter
-from provisioner.gates.sandbox_ledger import load_gate
 from provisioner.gates.sandbox_release import Release
 from provisioner.gates.sandbox_settle import Settlement
 from provisioner.gates.view import sandbox_snapshot

@@ -10,10 +10,27 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from provisioner.config import AdmissionConfig
+from provisioner.config import AdmissionConfig, ResourceGate
+from provisioner.gates.bucket import note_change
 from provisioner.gates.cas import until_settled
-from provisioner.gates.document import gate_key, ticket_key, waiter_key
+from provisioner.gates.document import (
+    GATE_KEY,
+    SANDBOX_PREFIX,
+    Costs,
+    GateState,
+    ResourceLease,
+    ResourceState,
+    decode_ticket,
+    gate_key,
+    resource_prefix,
+    ticket_key,
+    waiter_key,
+)
 from provisioner.gates.place import Place
+from provisioner.gates.policies import rate_limits, refill_retries
+from provisioner.gates.promises import WakeUp
+from provisioner.gates.queue import pass_over_unclaimed
+from provisioner.gates.sandbox_leases import prune_expired
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
 
 ACCOUNT = Scope.ACCOUNT
@@ -145,3 +162,111 @@ class GateLedger(ABC, Generic[Document]):
             with contextlib.suppress(StorageError):
                 key = self.ticket_key(waiter.tenant, ticket)
                 self.ports.storage.delete(ACCOUNT, key, None)
+
+
+# The sandbox gate.
+
+
+SandboxLoaded = LoadedDocument[GateState]
+
+
+def load_gate(ports: Ports, config: AdmissionConfig, now_ms: int) -> tuple[GateState, int | None]:
+    """The gate as the next decision sees it: expired leases pruned, budget refilled."""
+    entry = ports.storage.get(ACCOUNT, GATE_KEY)
+    state = GateState() if entry is None else GateState.from_bytes(entry.value)
+    sandbox_catch_up(state, config, now_ms)
+    return state, None if entry is None else entry.version
+
+
+def sandbox_catch_up(state: GateState, config: AdmissionConfig, now_ms: int) -> bool:
+    """The gate as of `now_ms`: expired leases pruned, the budget refilled, unclaimed
+    reservations passed over. True when reservations moved (the caller should save)."""
+    prune_expired(state, now_ms)
+    refill_retries(state, config, now_ms)
+    return bool(pass_over_unclaimed(state, now_ms, config.reservation_claim_ms, state.drop_retry))
+
+
+class SandboxLedger(GateLedger[GateState]):
+    def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
+        super().__init__(ports, config, SANDBOX_PREFIX)
+        # The waiters this decision promised a permit to (`promises.promise`).
+        self.wake_ups: list[WakeUp] = []
+
+    def read(self, raw: bytes | None) -> GateState:
+        return GateState() if raw is None else GateState.from_bytes(raw)
+
+    def catch_up(self, state: GateState, now_ms: int) -> bool:
+        return sandbox_catch_up(state, self.config, now_ms)
+
+
+# A resource gate.
+
+
+ResourceLoaded = LoadedDocument[ResourceState]
+
+
+def prune(state: ResourceState, gate: ResourceGate, now_ms: int) -> bool:
+    """Drop expired leases and buckets that are full and charged by no open lease; True
+    when anything was dropped. What an expired lease charged stays charged, and its
+    margins are charged too: its call may have cost its worst case, and nothing tells the
+    gate otherwise in time (a settle that comes later charges the actual in full)."""
+    expired = [lease for lease in state.leases if lease.expires_ms <= now_ms]
+    changed = bool(expired)
+    state.leases = [lease for lease in state.leases if lease.expires_ms > now_ms]
+    for lease in expired:
+        charge_margins(state, gate, lease, now_ms)
+    charged = {charge.bucket for charge in state.open_charges()}
+    for name, tat in list(state.buckets.items()):
+        if tat <= now_ms and name not in charged:
+            del state.buckets[name]
+            changed = True
+    return changed
+
+
+def charge_margins(
+    state: ResourceState, gate: ResourceGate, lease: ResourceLease, now_ms: int
+) -> None:
+    """Charge every bucket `lease` charged its worst-case error (the lease is out of
+    `state.leases`)."""
+    rates = {rate.bucket_id(lease.tenant): rate for rate in rate_limits(gate)}
+    for charge in lease.charges:
+        rate = rates.get(charge.bucket)
+        margin = 0.0 if rate is None else lease.margin(rate.kind)
+        if rate is not None and margin > 0:
+            tat = state.buckets.get(charge.bucket, 0.0)
+            set_bucket(state, charge.bucket, rate.bucket.charge(tat, now_ms, margin), now_ms)
+
+
+def read_state(ports: Ports, gate: ResourceGate, now_ms: int) -> tuple[ResourceState, int | None]:
+    entry = ports.storage.get(ACCOUNT, gate_key(resource_prefix(gate.name)))
+    state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
+    prune(state, gate, now_ms)
+    return state, None if entry is None else entry.version
+
+
+def set_bucket(state: ResourceState, name: str, tat_ms: float, now_ms: int) -> None:
+    """Change a bucket's clock, telling every open charge on it first (`bucket.note_change`)."""
+    note_change(state.open_charges(), name, state.buckets.get(name, 0.0), now_ms)
+    state.buckets[name] = tat_ms
+
+
+class ResourceLedger(GateLedger[ResourceState]):
+    def __init__(self, ports: Ports, config: AdmissionConfig, gate: ResourceGate) -> None:
+        super().__init__(ports, config, resource_prefix(gate.name))
+        self.gate = gate
+
+    @property
+    def queue_timeout_ms(self) -> int:
+        timeout = self.gate.queue_timeout_ms
+        return self.config.queue_timeout_ms if timeout is None else timeout
+
+    def read(self, raw: bytes | None) -> ResourceState:
+        return ResourceState() if raw is None else ResourceState.from_bytes(raw)
+
+    def catch_up(self, state: ResourceState, now_ms: int) -> bool:
+        prune(state, self.gate, now_ms)
+        return bool(pass_over_unclaimed(state, now_ms, self.config.reservation_claim_ms))
+
+    def read_ticket(self, tenant: str, ticket: int) -> Costs | None:
+        entry = self.ports.storage.get(ACCOUNT, self.ticket_key(tenant, ticket))
+        return None if entry is None else decode_ticket(entry.value)[1]

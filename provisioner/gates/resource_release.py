@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from provisioner.gates.cas import until_settled
 from provisioner.gates.document import observe_hold
+from provisioner.gates.ledger import ResourceLedger, charge_margins
 from provisioner.gates.place import Stage
 from provisioner.gates.queue import drop_ticket
-from provisioner.gates.resource_ledger import ResourceLedger, charge_margins
 from provisioner.gates.results import Released, Waiter
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from provisioner.gates.bucket import settle_charge
 from provisioner.gates.cas import until_settled
 from provisioner.gates.document import REQUESTS, Costs, observe_hold
+from provisioner.gates.ledger import ResourceLedger, set_bucket
 from provisioner.gates.policies import cooling_ms, rate_limits, record_failure, record_success
 from provisioner.gates.provider import ProviderAnswer
-from provisioner.gates.resource_ledger import ResourceLedger, set_bucket
 from provisioner.gates.results import Settled, Waiter
 
 

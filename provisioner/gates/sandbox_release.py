@@ -6,13 +6,13 @@ from __future__ import annotations
 from provisioner.gates.admit import leave_queue
 from provisioner.gates.cas import until_settled
 from provisioner.gates.document import observe_hold
+from provisioner.gates.ledger import SandboxLedger
 from provisioner.gates.promises import promise
 from provisioner.gates.results import Waiter
 from provisioner.gates.sandbox_leases import drop_leases_of, sandbox_lease_of
-from provisioner.gates.sandbox_ledger import Ledger
 
 
-class Release(Ledger):
+class Release(SandboxLedger):
     def decide(self, waiter: Waiter) -> bool:
         """True when the waiter held a permit or had a place in the queue."""
         return until_settled(lambda: self._decide(waiter), self.config.cas_retries)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from provisioner.gates.admit import exhausted, leave_queue
 from provisioner.gates.cas import until_settled
+from provisioner.gates.ledger import SandboxLedger, SandboxLoaded
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import (
     capacity_in_use,
@@ -44,10 +45,9 @@ from provisioner.gates.sandbox_leases import (
     hold_sandbox,
     unsettled_from,
 )
-from provisioner.gates.sandbox_ledger import Ledger, Loaded
 
 
-class Settlement(Ledger):
+class Settlement(SandboxLedger):
     def decide(
         self, waiter: Waiter, grant: Grant, result: CreateResult
     ) -> Queued | Rejected | None:
@@ -113,7 +113,7 @@ class Settlement(Ledger):
         return queued
 
     def _created(
-        self, waiter: Waiter, grant: Grant, result: Created, loaded: Loaded, since: int
+        self, waiter: Waiter, grant: Grant, result: Created, loaded: SandboxLoaded, since: int
     ) -> None:
         state, now, config = loaded.state, loaded.now_ms, self.config
         if any(s.lease_id == grant.lease_id for s in state.sandbox_leases):
@@ -142,7 +142,7 @@ class Settlement(Ledger):
         holding = Place(Stage.HOLDING, since, grant.attempt, lease_id=grant.lease_id)
         self.write_place(waiter, loaded, holding, timeout_ms + config.waiter_ttl_ms)
 
-    def _drop(self, waiter: Waiter, loaded: Loaded) -> None:
+    def _drop(self, waiter: Waiter, loaded: SandboxLoaded) -> None:
         """The waiter is done waiting (rejected): out of the queue, its keys gone."""
         ticket = leave_queue(loaded.state, waiter, loaded.place)
         # The create slot it held is free again: promised to the next turn, as after a

@@ -25,6 +25,7 @@ from provisioner.gates.document import (
     ticket_key,
     waiter_key,
 )
+from provisioner.gates.ledger import prune, read_state
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import (
     capacity_in_use,
@@ -38,7 +39,6 @@ from provisioner.gates.policies import (
     retry_tokens,
     slots_in_use,
 )
-from provisioner.gates.resource_ledger import prune, read_state
 from provisioner.gates.results import Waiter
 from provisioner.gates.sandbox_blocking import assess, waiting
 from provisioner.gates.sandbox_leases import prune_expired
