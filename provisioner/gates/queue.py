@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from provisioner.config import AdmissionConfig
 from provisioner.gates.document import Reservation, RetryEntry, TenantQueue
 
 # Out-of-order removals remembered per tenant; beyond this, only the head can leave.
@@ -37,6 +38,8 @@ class QueueHolder(Protocol):
     reservations: list[Reservation]
 
     def queue_of(self, tenant: str) -> TenantQueue | None: ...
+
+    def holds_ticket(self, tenant: str, ticket: int) -> bool: ...
 
 
 def enqueue(state: QueueHolder, tenant: str) -> int:
@@ -197,3 +200,44 @@ def pass_over_unclaimed(
     # A ticket that cannot leave out of order yet keeps its turn, but not the permit.
     state.reservations = [r for r in state.reservations if r.by_ms >= now_ms]
     return passed
+
+
+def live_reservations(state: QueueHolder) -> list[Reservation]:
+    """The reservations whose turn still waits, in the order they were made."""
+    retrying = {(e.tenant, e.entity) for e in state.retries}
+    return [
+        r
+        for r in state.reservations
+        if (r.tenant, r.entity) in retrying
+        or (r.ticket is not None and state.holds_ticket(r.tenant, r.ticket))
+    ]
+
+
+# When a waiter should ask again: the same for every gate.
+
+
+def retry_at_wait_ms(
+    config: AdmissionConfig, eta_ms: int, exact: bool, retry_after_ms: int, cooling_ms: int
+) -> int:
+    """How long from now `retry_at_ms` lies: the estimate itself, unclamped by poll_max (a
+    host that wakes the waiter wakes it then) and not shortened while the create latency is
+    unknown (only turns near the front may be held, so held requests stay within rate x
+    window + slots), but no sooner than poll_min when it is a guess (an overdue estimate
+    must not have a host ask again in a loop), and after a cooldown its jittered end."""
+    wait = eta_ms if exact else max(eta_ms, config.poll_min_ms)
+    return max(wait, retry_after_ms) if cooling_ms > 0 else max(1, wait)
+
+
+def ask_again_ms(
+    config: AdmissionConfig, wait_ms: int, exact: bool, cooling: int, uniform: Callable[[], float]
+) -> int:
+    """When a waiter should ask again (`retry_after_ms`), for a wait of `wait_ms`: at once
+    when the wait is `exact` (a rate's, due to the millisecond), else no sooner than
+    poll_min; never later than poll_max; and during a cooldown of `cooling` ms, after it,
+    spread over poll_min. Shared by the sandbox gates and the resource gates."""
+    floor = 1 if exact else config.poll_min_ms
+    retry_after = max(floor, min(wait_ms, config.poll_max_ms))
+    if cooling > 0:
+        # Spread the herd that comes back when the cooldown ends.
+        retry_after = max(cooling, retry_after) + int(uniform() * config.poll_min_ms)
+    return retry_after

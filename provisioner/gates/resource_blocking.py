@@ -19,14 +19,20 @@ from itertools import chain
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
 from provisioner.gates.document import Costs, ResourceState, margin_of
 from provisioner.gates.policies import RateLimit, rate_limits
-from provisioner.gates.queue import Eligible, fair_order, fresh_position
+from provisioner.gates.queue import (
+    Eligible,
+    ask_again_ms,
+    fair_order,
+    fresh_position,
+    live_reservations,
+    retry_at_wait_ms,
+)
 from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CONCURRENCY,
     REASON_TENANT_CONCURRENCY,
     Queued,
 )
-from provisioner.gates.sandbox_blocking import ask_again_ms, retry_at_wait_ms
 
 # Turns looked at per decision (each costs one read of its ticket key).
 LOOKAHEAD = 32
@@ -134,11 +140,7 @@ def walk(
 ) -> Verdict:
     headroom = Headroom(state, gate, now_ms)
     # Reserved turns first: their permits are promised (`gates.queue`).
-    reserved = [
-        (r.tenant, r.ticket)
-        for r in state.reservations
-        if r.ticket is not None and state.holds_ticket(r.tenant, r.ticket)
-    ]
+    reserved = [(r.tenant, r.ticket) for r in live_reservations(state) if r.ticket is not None]
     turns: list[tuple[str, int]] = []
     for turn in chain(reserved, fair_order(state, eligibility(headroom))):
         if turn in turns:

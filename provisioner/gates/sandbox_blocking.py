@@ -32,7 +32,15 @@ from provisioner.gates.policies import (
     slots_in_use,
     tenant_has_room,
 )
-from provisioner.gates.queue import Eligible, eligible_retries, fair_order, fresh_position
+from provisioner.gates.queue import (
+    Eligible,
+    ask_again_ms,
+    eligible_retries,
+    fair_order,
+    fresh_position,
+    live_reservations,
+    retry_at_wait_ms,
+)
 from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CAPACITY,
@@ -112,11 +120,6 @@ class Scheduled:
     due_ms: int
 
 
-def reserved_turns(state: GateState) -> list[Turn]:
-    """The turns holding a reservation, in the order they were made."""
-    return [Turn(r.tenant, r.entity, r.ticket) for r in state.reservations]
-
-
 def schedule(
     state: GateState, config: AdmissionConfig, now_ms: int, permits: Permits, eligible: Eligible
 ) -> list[Scheduled]:
@@ -131,13 +134,7 @@ def schedule(
     usage = state.usage_by_tenant()
     limit = config.max_sandboxes_per_tenant
     chosen: list[Turn] = []
-    retrying = {(e.tenant, e.entity) for e in state.retries}
-    reserved = [
-        turn
-        for turn in reserved_turns(state)
-        if (turn.tenant, turn.entity) in retrying
-        or (turn.ticket is not None and state.holds_ticket(turn.tenant, turn.ticket))
-    ]
+    reserved = [Turn(r.tenant, r.entity, r.ticket) for r in live_reservations(state)]
     # Lazily: the walk stops at the first turns the permits run out on, whatever the
     # number of waiters behind them.
     candidates = chain(
@@ -292,30 +289,3 @@ def waiting(
     waited = now - place.since_ms
     retry_at = now + retry_at_wait_ms(config, eta, exact, retry_after, cooling)
     return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited, retry_at)
-
-
-def retry_at_wait_ms(
-    config: AdmissionConfig, eta_ms: int, exact: bool, retry_after_ms: int, cooling_ms: int
-) -> int:
-    """How long from now `retry_at_ms` lies: the estimate itself, unclamped by poll_max (a
-    host that wakes the waiter wakes it then) and not shortened while the create latency is
-    unknown (only turns near the front may be held, so held requests stay within rate x
-    window + slots), but no sooner than poll_min when it is a guess (an overdue estimate
-    must not have a host ask again in a loop), and after a cooldown its jittered end."""
-    wait = eta_ms if exact else max(eta_ms, config.poll_min_ms)
-    return max(wait, retry_after_ms) if cooling_ms > 0 else max(1, wait)
-
-
-def ask_again_ms(
-    config: AdmissionConfig, wait_ms: int, exact: bool, cooling: int, uniform: Callable[[], float]
-) -> int:
-    """When a waiter should ask again (`retry_after_ms`), for a wait of `wait_ms`: at once
-    when the wait is `exact` (a rate's, due to the millisecond), else no sooner than
-    poll_min; never later than poll_max; and during a cooldown of `cooling` ms, after it,
-    spread over poll_min. Shared by the sandbox gates and the resource gates."""
-    floor = 1 if exact else config.poll_min_ms
-    retry_after = max(floor, min(wait_ms, config.poll_max_ms))
-    if cooling > 0:
-        # Spread the herd that comes back when the cooldown ends.
-        retry_after = max(cooling, retry_after) + int(uniform() * config.poll_min_ms)
-    return retry_after
