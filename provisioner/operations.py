@@ -21,7 +21,7 @@ from provisioner.entity_records import (
     idempotency_key,
 )
 from provisioner.failures import FailureCode
-from provisioner.gates.cas import come_back_ms
+from provisioner.gates.cas import storage_queued
 from provisioner.gates.controller import AdmissionController
 from provisioner.gates.resource_operations import dispatch_resource, is_resource_request
 from provisioner.gates.results import (
@@ -393,5 +393,4 @@ def dispatch(request: Request, ports: Ports) -> Outcome:
         # session (the spec routes it to Failed, and a sandbox a held create made during
         # the outage is then never adopted); SandboxQueued keeps it polling on the spec's
         # timer until storage answers again.
-        wait = come_back_ms(ports, operations.admission_config.poll_min_ms)
-        return _queued(Queued(0, 0, 0, 0, REASON_STORAGE, wait, wait, 0))
+        return _queued(storage_queued(ports, operations.admission_config))

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from provisioner.config import AdmissionConfig
+from provisioner.gates.results import REASON_STORAGE, Queued
 from provisioner.ports import Ports, StorageConflict
 
 _T = TypeVar("_T")
@@ -39,6 +41,12 @@ def until_settled(step: Callable[[], _T], attempts: int) -> _T:
 def come_back_ms(ports: Ports, floor_ms: int, spread_ms: int = 1000) -> int:
     """When a waiter turned away by contention (or a storage fault) should ask again."""
     return floor_ms + int(ports.uniform() * spread_ms)
+
+
+def storage_queued(ports: Ports, config: AdmissionConfig) -> Queued:
+    """The answer when storage fails: nothing granted, ask again after poll_min (jittered)."""
+    wait = come_back_ms(ports, config.poll_min_ms)
+    return Queued(0, 0, 0, 0, REASON_STORAGE, wait, wait, 0)
 
 
 def new_lease_id(ports: Ports, prefix: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates.admit import Admission
-from provisioner.gates.cas import come_back_ms
+from provisioner.gates.cas import storage_queued
 from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.gates.ledger import load_gate
 from provisioner.gates.promises import WakeUp
@@ -121,8 +121,7 @@ class AdmissionController:
 
     def _storage_queued(self, waiter: Waiter, detail: str) -> Queued:
         self._log(LogLevel.WARN, f"admission for {waiter.entity} fails closed: {detail}")
-        wait = come_back_ms(self._ports, self._config.poll_min_ms)
-        return Queued(0, 0, 0, 0, REASON_STORAGE, wait, wait, 0)
+        return storage_queued(self._ports, self._config)
 
     def _log(self, level: LogLevel, message: str) -> None:
         with contextlib.suppress(Exception):

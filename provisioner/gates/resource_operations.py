@@ -17,13 +17,13 @@ from typing import Any
 from provisioner.config import AdmissionConfig, ResourceGate, read_config
 from provisioner.failures import FailureCode
 from provisioner.gates.acquire import Acquisition
-from provisioner.gates.cas import come_back_ms
+from provisioner.gates.cas import storage_queued
 from provisioner.gates.document import INPUT, OUTPUT, Costs
 from provisioner.gates.policies import request_costs, too_large
 from provisioner.gates.provider import read_answer
 from provisioner.gates.resource_release import Release
 from provisioner.gates.resource_settle import Settlement
-from provisioner.gates.results import REASON_STORAGE, Queued, Rejected, ResourceGrant, Waiter
+from provisioner.gates.results import Rejected, ResourceGrant, Waiter
 from provisioner.invocation import Request
 from provisioner.model import Outcome, ProvisionerError, failed
 from provisioner.ports import LogLevel, Ports, StorageError
@@ -171,8 +171,7 @@ class ResourceOperations:
         except StorageError as error:
             with contextlib.suppress(Exception):
                 self.ports.telemetry.log(LogLevel.WARN, f"resource acquire fails closed: {error!r}")
-            wait = come_back_ms(self.ports, self.admission.poll_min_ms)
-            decision = Queued(0, 0, 0, 0, REASON_STORAGE, wait, wait, 0)
+            decision = storage_queued(self.ports, self.admission)
         resource = {"resource": self.gate.name}
         if isinstance(decision, ResourceGrant):
             granted = {
