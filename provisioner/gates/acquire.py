@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from provisioner.failures import FailureCode
 from provisioner.gates.bucket import Charge
-from provisioner.gates.cas import Again, new_lease_id, until_settled
+from provisioner.gates.cas import new_lease_id, until_settled
 from provisioner.gates.document import (
     INPUT,
     OUTPUT,
@@ -37,7 +37,6 @@ from provisioner.gates.queue import (
 from provisioner.gates.resource_blocking import Verdict, waiting, walk
 from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
 from provisioner.model import Failure
-from provisioner.ports import StorageConflict
 
 
 class Acquisition(ResourceLedger):
@@ -115,14 +114,8 @@ class Acquisition(ResourceLedger):
         ttl = queued.expected_back_ms(now) + self.config.waiter_ttl_ms
         if fresh or verdict.dead or reserved or loaded.moved:
             self.save_gate(loaded)
-        renewed = Place(Stage.QUEUED, place.since_ms, 1, place.ticket, None, now + ttl)
-        try:
-            self.save_place(waiter, loaded, renewed, ttl + self.queue_timeout_ms)
-        except StorageConflict:
-            # Another invocation of this waiter moved first; a ticket made here has no
-            # liveness key, so it is skipped as dead.
-            raise Again("waiter record moved") from None
-        self.touch_ticket(waiter, place.ticket, ttl, encode_ticket(waiter.entity, costs))
+        ticket_value = encode_ticket(waiter.entity, costs)
+        self.keep_waiting(waiter, loaded, place, ttl, self.queue_timeout_ms, ticket_value)
         return queued
 
     def _timed_out_by(self, granted_ms: int, since_ms: int, now_ms: int) -> str | None:

@@ -170,15 +170,7 @@ class Admission(SandboxLedger):
         if not unchanged or skipped or reserved or loaded.moved:
             self.save_gate(loaded)
             self.wake_ups.extend(wake_ups)
-        renewed = Place(place.stage, place.since_ms, place.attempt, place.ticket, None, now + ttl)
-        try:
-            self.save_place(waiter, loaded, renewed, ttl + config.queue_timeout_ms)
-        except StorageConflict:
-            # Another invocation of this waiter moved first; a ticket made here has no
-            # liveness key, so it is skipped as dead.
-            raise Again("waiter record moved") from None
-        if place.ticket is not None:
-            self.touch_ticket(waiter, place.ticket, ttl)
+        self.keep_waiting(waiter, loaded, place, ttl, config.queue_timeout_ms)
         return queued
 
     def _removable(self, state: GateState, waiter: Waiter, place: Place) -> bool:

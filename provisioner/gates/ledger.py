@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, Protocol, TypeVar
 
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.gates.bucket import note_change
-from provisioner.gates.cas import until_settled
+from provisioner.gates.cas import Again, until_settled
 from provisioner.gates.document import (
     GATE_KEY,
     SANDBOX_PREFIX,
@@ -139,6 +139,28 @@ class GateLedger(ABC, Generic[Document]):
 
         with contextlib.suppress(StorageConflict):
             until_settled(step, self.config.cas_retries)
+
+    def keep_waiting(
+        self,
+        waiter: Waiting,
+        loaded: LoadedDocument[Document],
+        place: Place,
+        ttl_ms: int,
+        timeout_ms: int,
+        ticket_value: bytes | None = None,
+    ) -> None:
+        """Record that the waiter waits on: its place, alive for `ttl_ms` and kept
+        `timeout_ms` longer (so a waiter that dies and returns keeps when it first asked),
+        and its ticket's liveness key."""
+        renewed = replace(place, lease_id=None, alive_until_ms=loaded.now_ms + ttl_ms)
+        try:
+            self.save_place(waiter, loaded, renewed, ttl_ms + timeout_ms)
+        except StorageConflict:
+            # Another invocation of this waiter moved first; a ticket made here has no
+            # liveness key, so it is skipped as dead.
+            raise Again("waiter record moved") from None
+        if place.ticket is not None:
+            self.touch_ticket(waiter, place.ticket, ttl_ms, ticket_value)
 
     def forget_place(self, waiter: Waiting) -> None:
         self.ports.storage.delete(ACCOUNT, self.waiter_key(waiter.tenant, waiter.entity), None)
