@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from provisioner.failures import FailureCode
 from provisioner.gates.bucket import Charge
 from provisioner.gates.cas import new_lease_id, until_settled
 from provisioner.gates.document import (
@@ -36,7 +35,6 @@ from provisioner.gates.queue import (
 )
 from provisioner.gates.resource_blocking import Verdict, waiting, walk
 from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
-from provisioner.model import Failure
 
 
 class Acquisition(ResourceLedger):
@@ -69,7 +67,8 @@ class Acquisition(ResourceLedger):
         assert place.ticket is not None
         timed_out = self._timed_out_by(state.granted_ms, place.since_ms, now)
         if timed_out is not None:
-            return self._timed_out(waiter, loaded, place, timed_out)
+            remove_ticket(state, waiter.tenant, place.ticket, granted=False)
+            return self.time_out(waiter, loaded, place.ticket, timed_out)
         cooling = cooling_ms(state, now)
         if cooling > 0:
             verdict = Verdict(False, REASON_BACKOFF, (), ())
@@ -136,16 +135,6 @@ class Acquisition(ResourceLedger):
                 f"longer than its stall timeout of {stall} ms"
             )
         return None
-
-    def _timed_out(
-        self, waiter: Waiter, loaded: ResourceLoaded, place: Place, why: str
-    ) -> Rejected:
-        assert place.ticket is not None
-        remove_ticket(loaded.state, waiter.tenant, place.ticket, granted=False)
-        self.save_gate(loaded)
-        self.forget_place(waiter)
-        self.forget_ticket(waiter, place.ticket)
-        return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
     def _grant(
         self, waiter: Waiter, loaded: ResourceLoaded, place: Place, costs: Costs

@@ -128,17 +128,11 @@ class Admission(SandboxLedger):
         state, now, config = loaded.state, loaded.now_ms, self.config
         if now - place.since_ms >= config.queue_timeout_ms:
             self._unplace(state, waiter, place)
-            self.save_gate(loaded)
-            self.forget_place(waiter)
-            self.forget_ticket(waiter, place.ticket)
-            return Rejected(
-                Failure(
-                    FailureCode.QUEUE_TIMEOUT,
-                    f"waited {now - place.since_ms} ms for a sandbox, longer than the queue "
-                    f"timeout of {config.queue_timeout_ms} ms",
-                    retryable=True,
-                )
+            why = (
+                f"waited {now - place.since_ms} ms for a sandbox, longer than the queue "
+                f"timeout of {config.queue_timeout_ms} ms"
             )
+            return self.time_out(waiter, loaded, place.ticket, why)
         mine = Turn.of(waiter, place)
         skipped = False
         # Each pass drops at least one dead waiter from the front, so it ends.

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Generic, Protocol, TypeVar
 
 from provisioner.config import AdmissionConfig, ResourceGate
+from provisioner.failures import FailureCode
 from provisioner.gates.bucket import note_change
 from provisioner.gates.cas import Again, until_settled
 from provisioner.gates.document import (
@@ -30,7 +31,9 @@ from provisioner.gates.place import Place
 from provisioner.gates.policies import rate_limits, refill_retries
 from provisioner.gates.promises import WakeUp
 from provisioner.gates.queue import pass_over_unclaimed
+from provisioner.gates.results import Rejected
 from provisioner.gates.sandbox_leases import prune_expired
+from provisioner.model import Failure
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
 
 ACCOUNT = Scope.ACCOUNT
@@ -161,6 +164,16 @@ class GateLedger(ABC, Generic[Document]):
             raise Again("waiter record moved") from None
         if place.ticket is not None:
             self.touch_ticket(waiter, place.ticket, ttl_ms, ticket_value)
+
+    def time_out(
+        self, waiter: Waiting, loaded: LoadedDocument[Document], ticket: int | None, why: str
+    ) -> Rejected:
+        """The waiter waited too long: save the gate it was taken out of, forget its place
+        and ticket, and refuse it (retryable: asking again queues it afresh)."""
+        self.save_gate(loaded)
+        self.forget_place(waiter)
+        self.forget_ticket(waiter, ticket)
+        return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
     def forget_place(self, waiter: Waiting) -> None:
         self.ports.storage.delete(ACCOUNT, self.waiter_key(waiter.tenant, waiter.entity), None)
