@@ -84,10 +84,11 @@ class FakeE2B:
         self._team = E2BTeam(config.team_config(seed), START_MS)
         self.create_times: list[int] = []
         self.answers: dict[str, int] = {}
+        self._asked: dict[str, SandboxSpec] = {}
 
-    def begin_create(self, now: int) -> tuple[CreateResult, int]:
-        """Take a create request; return its answer and how long it takes to arrive. The
-        answer is only E2B's once ``end_create`` is called with it at that time."""
+    def begin_create(self, now: int, spec: SandboxSpec | None = None) -> tuple[CreateResult, int]:
+        """Take a create request (asking for ``spec``); return its answer and how long it
+        takes to arrive, when ``end_create`` must be called with it."""
         team = self._team
         self.create_times.append(now - START_MS)
         team.begin_create()
@@ -104,6 +105,7 @@ class FakeE2B:
         if not isinstance(verdict, Admitted):
             raise ValueError("the fake E2B answers 429 past its create slots; it never waits")
         self._count("201")
+        self._asked[verdict.sandbox_id] = spec or SandboxSpec()
         latency_ms = round(team.create_latency_ms())
         return Created(verdict.sandbox_id, self.config.sandbox_timeout_ms), latency_ms
 
@@ -111,7 +113,8 @@ class FakeE2B:
         """The answer arrives: a created sandbox exists from now on."""
         self._team.end_create()
         if isinstance(result, Created):
-            self._team.commit(self._clock(), result.sandbox_id, SandboxSpec())
+            spec = self._asked.pop(result.sandbox_id)
+            self._team.commit(self._clock(), result.sandbox_id, spec)
 
     def _refused(self, kind: str, result: CreateResult) -> tuple[CreateResult, int]:
         self._count(kind)
@@ -123,8 +126,12 @@ class FakeE2B:
     @property
     def sandboxes(self) -> Set[str]:
         """The running sandboxes' ids."""
+        return frozenset(self.listed())
+
+    def listed(self, metadata: dict[str, str] | None = None) -> list[str]:
+        """The running sandboxes whose metadata has ``metadata``, oldest first."""
         running = self._team.listed(frozenset({"running"}), self._clock())
-        return frozenset(r.sandbox_id for r in running)
+        return [r.sandbox_id for r in running if r.has_metadata(metadata or {})]
 
     @property
     def max_in_flight(self) -> int:

@@ -399,7 +399,7 @@ class MockE2BApi:
 
         def keep(r: SandboxRecord) -> bool:
             return (
-                all(r.metadata.get(k) == v for k, v in query.metadata.items())
+                r.has_metadata(query.metadata)
                 and (query.template is None or query.template in (r.template_id, r.alias))
                 and (
                     query.started_after is None

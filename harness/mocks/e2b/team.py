@@ -43,6 +43,10 @@ class SandboxRecord:
     idempotency_key: str | None
     state: str = "running"  # or "paused"
 
+    def has_metadata(self, wanted: dict[str, str]) -> bool:
+        """Whether every ``wanted`` key is set to its value (E2B's ``metadata`` filter)."""
+        return all(self.metadata.get(k) == v for k, v in wanted.items())
+
 
 @dataclass(frozen=True)
 class SandboxSpec:

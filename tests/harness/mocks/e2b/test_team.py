@@ -98,7 +98,7 @@ def test_the_fake_answers_from_the_team_model_on_its_virtual_clock() -> None:
         sandbox_timeout_ms=60_000,
     )
     fake = FakeE2B(config, lambda: now[0], seed=1)
-    answer, latency = fake.begin_create(now[0])
+    answer, latency = fake.begin_create(now[0], SandboxSpec(metadata=(("job", "a"),)))
     assert isinstance(answer, Created) and latency == 1_000
     assert fake.sandboxes == set()
     refused, _ = fake.begin_create(now[0])
@@ -107,6 +107,7 @@ def test_the_fake_answers_from_the_team_model_on_its_virtual_clock() -> None:
     now[0] += latency
     fake.end_create(answer)
     assert fake.sandboxes == {answer.sandbox_id}
+    assert fake.listed({"job": "a"}) == [answer.sandbox_id] and fake.listed({"job": "b"}) == []
     now[0] = START_MS + 5_500
     storm, _ = fake.begin_create(now[0])
     assert storm == RateLimited(500)
