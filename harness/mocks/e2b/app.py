@@ -328,6 +328,7 @@ class MockE2BApi:
         state = self.state
         rt = self.runtime
         verdict = state.admit_create()
+        rate = verdict.rate  # the route's limiter spoke once, before any wait for a slot
         if isinstance(verdict, MustWait):
             waited = await rt.admit_after_wait(state.config.create_overload_timeout_ms)
             if waited is None:
@@ -346,7 +347,7 @@ class MockE2BApi:
             await rt.config_changed()
         config = state.config
         body = created_body(record, config.envd_version, config.domain)
-        rate_headers = {} if verdict.rate is None else verdict.rate.headers()
+        rate_headers = {} if rate is None else rate.headers()
         return JSONResponse(body, 201, headers=rate_headers), 201, body
 
     def _refusal(self, refused: Refused) -> Outcome:

@@ -88,7 +88,10 @@ class Refused:
 @dataclass(frozen=True)
 class MustWait:
     """Every create slot is taken and the config says to wait for one ("slow" overload):
-    the caller waits until ``has_create_slot`` and calls ``admit_create(after_wait=True)``."""
+    the caller waits until ``has_create_slot`` and calls ``admit_create(after_wait=True)``.
+    ``rate``: the route limiter's answer, which the wait does not ask again."""
+
+    rate: RateDecision | None
 
 
 CreateVerdict = Admitted | Refused | MustWait
@@ -204,7 +207,7 @@ class E2BTeam:
                     return Refused("rate", _whole_ms(taken.retry_after_s), rate)
         if not self.has_create_slot():
             if config.create_overload_mode == "slow":
-                return MustWait()
+                return MustWait(rate)
             self.counters.concurrency_limited += 1
             return Refused("concurrency", _CONCURRENCY_RETRY_MS, rate)
         self._sweep(now_ms)
