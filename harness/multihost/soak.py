@@ -70,16 +70,20 @@ if TYPE_CHECKING:
 
 SOAK_API_KEY = "e2b_soak_key"
 SOAK_TENANTS = ("tenant-a", "tenant-b", "tenant-c")
-FAULT_KINDS: tuple[str, ...] = (
-    "kill_mid_create",
-    "kill_after_e2b_kill",
-    "kill_after_find",
+# The faults either path injects (Redis's and E2B's); each path adds its own kills.
+SHARED_FAULT_KINDS: tuple[str, ...] = (
     "redis_restart",
     "rate_429",
     "capacity_429",
     "status_5xx",
     "hangs",
     "slow_creates",
+)
+FAULT_KINDS: tuple[str, ...] = (
+    "kill_mid_create",
+    "kill_after_e2b_kill",
+    "kill_after_find",
+    *SHARED_FAULT_KINDS,
 )
 _Found = TypeVar("_Found")
 _TYPED_REASON = re.compile(r"^[a-z][a-z0-9_]*(: |$)")
