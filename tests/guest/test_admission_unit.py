@@ -29,7 +29,7 @@ from provisioner.failures import FailureCode
 from provisioner.model import Failure
 from provisioner.ports import Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
-from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
+from tests.guest.harness import ACCOUNT, FAST, START_MS, Harness, grant_of, queued_of
 
 
 def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
@@ -390,6 +390,91 @@ def test_status_is_a_json_snapshot_of_every_gate() -> None:
     json.dumps(status)
     assert set(status["account"]) >= {"create_slots", "rate", "capacity", "backoff", "retry_budget"}
     assert status["tenant"]["creating"] == 1
+
+
+def test_the_status_snapshot_names_every_gate_and_each_tenants_share() -> None:
+    # Catches: a snapshot key renamed or dropped (operators, `status` and /metrics read them
+    # by name), the rate's wait asked for more than one token, the retry budget rounded
+    # other than to 3 places, and a tenant's counts taken from the other tenants.
+    config = AdmissionConfig(
+        create_slots=3,
+        create_rate_per_s=0.5,
+        create_burst=4,
+        max_sandboxes=8,
+        max_sandboxes_per_tenant=4,
+        retry_budget=5.0,
+        retry_refill_per_s=0.1234,
+    )
+    harness = Harness(config)
+    a0, a1, a2 = waiters(3, "tenant-a")
+    b0, b1, b2 = waiters(3, "tenant-b")
+    first = {w: grant_of(harness.admit(w)) for w in (a0, b0, b1)}
+    harness.advance(1_000)
+    harness.settle(a0, first[a0], Created("sbx-a0", 3_600_000))
+    harness.settle(b0, first[b0], Created("sbx-b0", 3_600_000))
+    queued_of(harness.settle(b1, first[b1], Unavailable(503)))
+    harness.advance(2_000)
+    harness.release(a0)  # held 2 s
+    retry = grant_of(harness.admit(b1))  # spends a retry token
+    grant_of(harness.admit(a1))  # a first attempt earns retry_ratio back
+    queued_of(harness.admit(b2))
+    queued_of(harness.admit(a2))
+    harness.advance(500)
+    queued_of(harness.settle(b1, retry, Unavailable(503)))
+    harness.advance(1_000)
+    account = {
+        "create_slots": {"in_use": 1, "limit": 3},
+        # 5 tokens spent, 4 + 4.5 s x 0.5/s = 6.25 earned: one whole token, so a second
+        # is 1.5 s away.
+        "rate": {"per_s": 0.5, "burst": 4, "available": 1, "next_in_ms": 0},
+        # b0's sandbox, a1's create, and b1's two unanswered creates (one possible sandbox).
+        "capacity": {"in_use": 3, "limit": 8, "configured": 8, "running": 1, "unsettled": 2},
+        "backoff": {"cooling_ms": 0, "failures": 2},
+        # 5 - 1 (b1's retry) + 0.2 (a1) + 1.5 s x 0.1234/s = 4.3851.
+        "retry_budget": {"tokens": 4.385, "max": 5.0},
+        "queue_length": 3,
+        "waiting_tenants": 2,
+        "retrying": 1,
+        # Observed 1000, 1000, 1000 then 500 ms, averaged 3:1.
+        "create_latency_ms": 875,
+        "hold_ms": 2000,
+        "grants": 5,
+    }
+    now = START_MS + 4_500
+    assert harness.status("tenant-a") == {
+        "now_ms": now,
+        "account": account,
+        "tenant": {
+            "tenant": "tenant-a",
+            "in_use": 1,
+            "limit": 4,
+            "running": 0,
+            "creating": 1,
+            "queued": 1,
+            "retrying": 0,
+            "ring_place": 2,
+        },
+    }
+    assert harness.status("tenant-b")["tenant"] == {
+        "tenant": "tenant-b",
+        "in_use": 2,
+        "limit": 4,
+        "running": 1,
+        "creating": 0,
+        "queued": 1,
+        "retrying": 1,
+        "ring_place": 1,
+    }
+    assert harness.status("tenant-c")["tenant"] == {
+        "tenant": "tenant-c",
+        "in_use": 0,
+        "limit": 4,
+        "running": 0,
+        "creating": 0,
+        "queued": 0,
+        "retrying": 0,
+        "ring_place": 0,
+    }
 
 
 def test_queued_params_carry_every_documented_field() -> None:
