@@ -1045,3 +1045,61 @@ def test_a_waiter_polling_behind_a_promised_token_keeps_the_promise_made_to_it()
     assert told.reservation
     stored = [(r.tenant, r.at_ms) for r in gate_view(harness).reservations]
     assert ("tenant-b", told.retry_at_ms) in stored and len(stored) == 2
+
+
+def test_a_status_that_cannot_read_the_gate_says_why() -> None:
+    # Catches: the status view's storage failure answered without the storage error's text.
+    from host.storage.memory import MemoryBackend
+
+    harness = Harness(FAST)
+    backend = FailingBackend(MemoryBackend(harness.clock.now_ms))
+    harness.backend = backend
+    backend.failing = True
+    assert harness.status() == {"error": "storage", "message": "backend down"}
+
+
+def test_the_granted_event_says_how_long_the_waiter_queued() -> None:
+    # Catches: admission_granted telemetry without the time the waiter spent queued.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000))
+    a, b = waiters(2)
+    grant = grant_of(harness.admit(a))
+    queued_of(harness.admit(b))
+    harness.advance(700)
+    harness.settle(a, grant, Created("sbx-a", 600_000))
+    assert grant_of(harness.admit(b)).queued_ms == 700
+    granted = [e for e in harness.telemetry.events if e["event"] == "admission_granted"]
+    assert [(e["entity"], e["queued_ms"]) for e in granted] == [(a.entity, 0), (b.entity, 700)]
+
+
+def test_a_first_attempt_earns_back_a_fraction_of_a_retry_token_that_is_kept() -> None:
+    # Catches: a first attempt not earning `retry_ratio` back (or spending it), and the
+    # earned fraction lost when the gate is stored (tokens rounded to whole ones).
+    config = AdmissionConfig(
+        create_rate_per_s=1000,
+        create_burst=10,
+        retry_budget=2,
+        retry_ratio=0.25,
+        retry_refill_per_s=0,
+        backoff_base_ms=100,
+        backoff_cap_ms=100,
+    )
+    harness = Harness(config)
+    a, b = waiters(2)
+    harness.settle(a, grant_of(harness.admit(a)), Unavailable(503))
+    harness.advance(200)
+    assert grant_of(harness.admit(a)).attempt == 2  # paid with one of the two tokens
+    assert harness.status()["account"]["retry_budget"]["tokens"] == 1.0
+    assert grant_of(harness.admit(b)).attempt == 1  # earns a quarter of a token back
+    assert harness.status()["account"]["retry_budget"]["tokens"] == 1.25
+
+
+def test_status_counts_the_tenants_own_queue_and_its_place_in_the_ring() -> None:
+    # Catches: the status snapshot not finding the asking tenant's own queue.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000))
+    (holder,) = waiters(1, "tenant-b")
+    a1, a2 = waiters(2, "tenant-a")
+    grant_of(harness.admit(holder))
+    queued_of(harness.admit(a1))
+    queued_of(harness.admit(a2))
+    tenant = harness.status("tenant-a")["tenant"]
+    assert (tenant["queued"], tenant["ring_place"]) == (2, 1)
