@@ -1103,3 +1103,17 @@ def test_status_counts_the_tenants_own_queue_and_its_place_in_the_ring() -> None
     queued_of(harness.admit(a2))
     tenant = harness.status("tenant-a")["tenant"]
     assert (tenant["queued"], tenant["ring_place"]) == (2, 1)
+
+
+def test_a_waiter_is_not_counted_behind_a_tenant_at_its_own_limit() -> None:
+    # Catches: a tenant exactly at `max_sandboxes_per_tenant` (or the limit ignored)
+    # counted ahead of other tenants' waiters in the position they are told.
+    config = AdmissionConfig(max_sandboxes_per_tenant=1, create_rate_per_s=1.0)
+    harness = Harness(config)
+    a0, a1 = waiters(2, "tenant-a")
+    (b1,) = waiters(1, "tenant-b")
+    assert harness.settle(a0, grant_of(harness.admit(a0)), Created("sbx-a0", 600_000)) is None
+    full = queued_of(harness.admit(a1))
+    assert (full.reason, full.in_use, full.limit) == ("capacity", 1, 1)
+    behind_rate = queued_of(harness.admit(b1))
+    assert (behind_rate.reason, behind_rate.position) == ("rate", 1)

@@ -12,6 +12,7 @@ from provisioner.admission import (
     CreateFailed,
     Grant,
     Queued,
+    RateLimited,
     Rejected,
     Waiter,
 )
@@ -121,6 +122,32 @@ def test_a_retry_that_joins_ahead_does_not_take_a_promised_token() -> None:
     assert retry.retry_at_ms > promised.retry_at_ms
     harness.advance(400)
     grant_of(harness.admit(b))
+
+
+def test_the_permits_freed_are_promised_to_no_more_of_a_tenants_turns_than_its_room() -> None:
+    # Catches: the schedule's count of turns per tenant along its walk wrong (a tenant
+    # promised more turns than `max_sandboxes_per_tenant` leaves it, or fewer), or the
+    # walk stopping at a tenant with no room left instead of passing it by.
+    config = AdmissionConfig(
+        create_slots=6, create_rate_per_s=1000, create_burst=100, max_sandboxes_per_tenant=2
+    )
+    harness = Harness(config)
+    (a0, a1, a2) = waiters(3, "tenant-a")
+    (b1, b2) = waiters(2, "tenant-b")
+    (c0,) = waiters(1, "tenant-c")
+    assert harness.settle(a0, grant_of(harness.admit(a0)), Created("sbx-a0", 600_000)) is None
+    # c0's create is refused with a cooldown: nothing starts, so everyone else queues.
+    queued_of(harness.settle(c0, grant_of(harness.admit(c0)), RateLimited(5_000)))
+    for waiter in (a1, b1, a2, b2):
+        assert queued_of(harness.admit(waiter)).reason == "backoff"
+    harness.advance(5_000)
+    controller = harness.controller(c0.tenant)
+    assert isinstance(controller.admit(c0), Grant)
+    # Fair order a1, b1, a2, b2: tenant-a holds one sandbox, so it has room for one more.
+    assert [w.entity for w in controller.wake_ups] == [a1.entity, b1.entity, b2.entity]
+    assert isinstance(harness.admit(a2), Queued)
+    for waiter in (a1, b1, b2):
+        grant_of(harness.admit(waiter))
 
 
 # -- the same reservations at a resource gate (one fair queue for every gate)
