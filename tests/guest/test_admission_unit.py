@@ -1117,3 +1117,22 @@ def test_a_waiter_is_not_counted_behind_a_tenant_at_its_own_limit() -> None:
     assert (full.reason, full.in_use, full.limit) == ("capacity", 1, 1)
     behind_rate = queued_of(harness.admit(b1))
     assert (behind_rate.reason, behind_rate.position) == ("rate", 1)
+
+
+def test_a_waiter_that_timed_out_leaves_its_tenants_turn_in_the_ring() -> None:
+    # Catches: a queue timeout treated as a grant, sending the tenant's next waiter to the
+    # back of the ring behind every other tenant.
+    harness = Harness(AdmissionConfig(create_slots=1, queue_timeout_ms=60_000))
+    (holder,) = waiters(1, "tenant-c")
+    a1, a2 = waiters(2, "tenant-a")
+    (b1,) = waiters(1, "tenant-b")
+    grant_of(harness.admit(holder))  # its create slot stays busy past the timeout
+    queued_of(harness.admit(a1))
+    harness.advance(10_000)
+    queued_of(harness.admit(a2))
+    queued_of(harness.admit(b1))
+    harness.advance(50_000)
+    timed_out = harness.admit(a1)
+    assert isinstance(timed_out, Rejected) and timed_out.failure.code == "queue_timeout"
+    assert queued_of(harness.admit(a2)).position == 1
+    assert queued_of(harness.admit(b1)).position == 2
