@@ -150,6 +150,53 @@ def test_the_permits_freed_are_promised_to_no_more_of_a_tenants_turns_than_its_r
         grant_of(harness.admit(waiter))
 
 
+def test_a_retry_behind_its_own_promised_token_is_told_its_reservation_and_not_woken() -> None:
+    # Catches: a retry promised the next rate token by its own decision not told its
+    # reservation (a retry's is found by entity, it has no ticket), named in its own
+    # decision's wake-ups, or woken again by the next decision that keeps the promise.
+    harness = Harness(PACED)
+    (a,) = waiters(1, "tenant-a")
+    (b,) = waiters(1, "tenant-b")
+    start = harness.clock.now_ms()
+    grant = grant_of(harness.admit(a))
+    queued_of(harness.settle(a, grant, RateLimited(200)))
+    harness.advance(300)
+    asking = harness.controller(a.tenant)
+    retry = queued_of(asking.admit(a))
+    assert (retry.reason, retry.retry_after_ms, retry.retry_at_ms) == ("rate", 700, start + 1_000)
+    [held] = gate(harness).reservations
+    assert (held.entity, held.at_ms) == (a.entity, start + 1_000)
+    assert (retry.reservation, retry.claim_by_ms) == (held.rid, start + 1_000 + 3_000)
+    assert asking.wake_ups == []
+    other = harness.controller(b.tenant)
+    assert queued_of(other.admit(b)).position == 2
+    assert other.wake_ups == [], "the retry's promise was made already"
+    harness.advance(700)
+    assert grant_of(harness.admit(a)).attempt == 2
+
+
+def test_a_retry_holding_a_reservation_keeps_its_turn_ahead_of_a_later_promise() -> None:
+    # Catches: a retry's reservation not kept first in the schedule (not matched to the
+    # retry it belongs to), so a fresh ticket promised the token after it takes its turn.
+    harness = Harness(AdmissionConfig(create_slots=4, create_rate_per_s=1.0))
+    (a,) = waiters(1, "tenant-a")
+    (b,) = waiters(1, "tenant-b")
+    grant = grant_of(harness.admit(a))
+    queued_of(harness.settle(a, grant, RateLimited(2_000)))
+    harness.advance(2_000)
+    # The cooldown is over: the retry's token is due now, b's a second later.
+    controller = harness.controller(b.tenant)
+    behind = queued_of(controller.admit(b))
+    assert [w.entity for w in controller.wake_ups] == [a.entity]
+    assert (behind.reason, behind.eta_ms) == ("rate", 1_000)
+    assert [r.entity for r in gate(harness).reservations] == [a.entity, None]
+    harness.advance(1_000)
+    # The retry has not claimed its token yet, so b's is still a second away.
+    still = queued_of(harness.admit(b))
+    assert (still.reason, still.eta_ms) == ("rate", 1_000)
+    assert grant_of(harness.admit(a)).attempt == 2
+
+
 # -- the same reservations at a resource gate (one fair queue for every gate)
 
 SLOTS = {
