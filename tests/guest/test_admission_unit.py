@@ -1136,3 +1136,66 @@ def test_a_waiter_that_timed_out_leaves_its_tenants_turn_in_the_ring() -> None:
     assert isinstance(timed_out, Rejected) and timed_out.failure.code == "queue_timeout"
     assert queued_of(harness.admit(a2)).position == 1
     assert queued_of(harness.admit(b1)).position == 2
+
+
+def test_a_waiter_behind_an_overdue_create_is_told_the_slot_not_the_capacity_that_fits() -> None:
+    # Catches: a gate with exactly as many free permits as the waiter's position counted as
+    # holding it back (capacity named instead of the busy create slot).
+    config = AdmissionConfig(
+        create_slots=1, max_sandboxes=2, create_rate_per_s=1000, create_latency_ms=100
+    )
+    harness = Harness(config)
+    holder, waiter = waiters(2)
+    grant_of(harness.admit(holder))
+    harness.advance(200)  # the create should have answered by now; its lease still runs
+    held = queued_of(harness.admit(waiter))
+    assert (held.reason, held.in_use, held.limit) == ("create_slots", 1, 1)
+
+
+def test_a_retry_reclaiming_its_possible_sandbox_is_held_by_the_slot_not_the_capacity() -> None:
+    # Catches: a retry whose create takes no new capacity (it reclaims the sandbox its lost
+    # create may have made) told that the full capacity holds it back.
+    config = AdmissionConfig(
+        create_slots=1,
+        max_sandboxes=2,
+        create_rate_per_s=1000,
+        create_latency_ms=100,
+        create_lease_ms=1_000,
+    )
+    harness = Harness(config)
+    lost, holder = waiters(2)
+    grant_of(harness.admit(lost))  # ... and its invocation dies mid-create
+    harness.advance(1_000)
+    grant_of(harness.admit(holder))  # the slot, and the capacity left after lost's
+    harness.advance(200)
+    held = queued_of(harness.admit(lost))
+    assert (held.reason, held.in_use, held.limit) == ("create_slots", 1, 1)
+    assert harness.status()["account"]["capacity"] == {
+        "in_use": 2,
+        "limit": 2,
+        "configured": 2,
+        "running": 0,
+        "unsettled": 1,
+    }
+
+
+def test_a_retry_with_exactly_one_token_left_is_told_the_gate_that_holds_it() -> None:
+    # Catches: a retry that the budget can still pay for (exactly one token) told it waits
+    # for the budget (a backoff) instead of for the capacity that holds it.
+    config = AdmissionConfig(
+        create_rate_per_s=1000,
+        create_burst=10,
+        max_sandboxes=5,
+        retry_budget=1,
+        retry_ratio=0,
+        retry_refill_per_s=0,
+    )
+    harness = Harness(config)
+    other, refused = waiters(2)
+    grant_of(harness.admit(other))
+    grant = grant_of(harness.admit(refused))
+    # The account is full at two: the capacity shrinks to the one other create.
+    queued_of(harness.settle(refused, grant, CapacityExhausted()))
+    assert harness.status()["account"]["retry_budget"]["tokens"] == 1.0
+    held = queued_of(harness.admit(refused))
+    assert (held.reason, held.in_use, held.limit) == ("capacity", 1, 1)
