@@ -397,3 +397,39 @@ def test_a_released_waiter_leaves_no_ticket_key_behind() -> None:
     assert storage.get(Scope.ACCOUNT, key) is not None
     assert harness.release(leaving) is True
     assert storage.get(Scope.ACCOUNT, key) is None
+
+
+def test_a_granted_waiter_leaves_no_ticket_key_behind() -> None:
+    # Catches: a grant that keeps the granted ticket's liveness key until its TTL (stale
+    # keys pile up in the account's storage, one per waiter that queued).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, create_burst=2))
+    holder, waiter = Waiter("holder", "Job/h"), Waiter("tenant-a", "Job/a")
+    grant = grant_of(harness.admit(holder))
+    queued_of(harness.admit(waiter))
+    [shown] = view(harness).waiters
+    assert shown.ticket is not None
+    key = ticket_key(waiter.tenant, shown.ticket)
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    assert storage.get(Scope.ACCOUNT, key) is not None
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    grant_of(harness.admit(waiter))
+    assert storage.get(Scope.ACCOUNT, key) is None
+
+
+def test_a_ticket_left_behind_by_a_waiter_that_queued_again_is_not_expected_back() -> None:
+    # Catches: a leftover ticket whose entity queued again with a newer ticket (its caller
+    # died between queueing and recording its place) shown alive with the newer one's
+    # record, so an operator would wait for a waiter that never comes for it.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    waiter = Waiter("tenant-a", "Job/again")
+    queued_of(harness.admit(waiter))
+    namespace = account_namespace(ACCOUNT)
+    assert harness.backend.delete(namespace, waiter_key(waiter.tenant, waiter.entity), None)
+    harness.advance(40)
+    queued_of(harness.admit(waiter))  # no record of its place: a fresh ticket
+    leftover, current = view(harness).waiters
+    assert (leftover.entity, current.entity) == (waiter.entity, waiter.entity)
+    assert leftover.ticket is not None and current.ticket == leftover.ticket + 1
+    assert (leftover.alive, leftover.attempt, leftover.waited_ms) == (False, None, None)
+    assert (current.alive, current.attempt, current.waited_ms) == (True, 1, 0)
