@@ -23,7 +23,7 @@ from provisioner.admission.inspect import (
 )
 from provisioner.admission.place import Place, Stage
 from provisioner.admission.state import ticket_key, waiter_key
-from provisioner.ports import Scope
+from provisioner.ports import Entry, Scope
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
 
@@ -383,6 +383,18 @@ def test_the_create_latency_is_the_first_then_a_quarter_weighted_running_mean() 
     assert measured == [0, (0 * 3 + 8_000) // 4, (2_000 * 3 + 4_000) // 4]
 
 
+def only_ticket_key(harness: Harness) -> str:
+    """The liveness key of the one ticket waiting."""
+    [shown] = view(harness).waiters
+    assert shown.ticket is not None
+    return ticket_key(shown.tenant, shown.ticket)
+
+
+def account_entry(harness: Harness, key: str) -> Entry | None:
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    return storage.get(Scope.ACCOUNT, key)
+
+
 def test_a_released_waiter_leaves_no_ticket_key_behind() -> None:
     # Catches: a release of a queued waiter that keeps its ticket's liveness key, so the
     # ticket would count as alive until the key expired.
@@ -390,13 +402,10 @@ def test_a_released_waiter_leaves_no_ticket_key_behind() -> None:
     grant_of(harness.admit(Waiter("holder", "Job/h")))
     leaving = Waiter("tenant-a", "Job/a")
     queued_of(harness.admit(leaving))
-    [shown] = view(harness).waiters
-    assert shown.ticket is not None
-    key = ticket_key(leaving.tenant, shown.ticket)
-    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
-    assert storage.get(Scope.ACCOUNT, key) is not None
+    key = only_ticket_key(harness)
+    assert account_entry(harness, key) is not None
     assert harness.release(leaving) is True
-    assert storage.get(Scope.ACCOUNT, key) is None
+    assert account_entry(harness, key) is None
 
 
 def test_a_granted_waiter_leaves_no_ticket_key_behind() -> None:
@@ -406,14 +415,11 @@ def test_a_granted_waiter_leaves_no_ticket_key_behind() -> None:
     holder, waiter = Waiter("holder", "Job/h"), Waiter("tenant-a", "Job/a")
     grant = grant_of(harness.admit(holder))
     queued_of(harness.admit(waiter))
-    [shown] = view(harness).waiters
-    assert shown.ticket is not None
-    key = ticket_key(waiter.tenant, shown.ticket)
-    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
-    assert storage.get(Scope.ACCOUNT, key) is not None
+    key = only_ticket_key(harness)
+    assert account_entry(harness, key) is not None
     assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
     grant_of(harness.admit(waiter))
-    assert storage.get(Scope.ACCOUNT, key) is None
+    assert account_entry(harness, key) is None
 
 
 def test_a_ticket_left_behind_by_a_waiter_that_queued_again_is_not_expected_back() -> None:
