@@ -1199,3 +1199,23 @@ def test_a_retry_with_exactly_one_token_left_is_told_the_gate_that_holds_it() ->
     assert harness.status()["account"]["retry_budget"]["tokens"] == 1.0
     held = queued_of(harness.admit(refused))
     assert (held.reason, held.in_use, held.limit) == ("capacity", 1, 1)
+
+
+def test_a_late_waiter_queued_again_while_nothing_else_changes_keeps_its_new_place() -> None:
+    # Catches: the fresh ticket of a waiter whose old one was dropped as dead not stored
+    # when its decision changes nothing else (it would be missing from the queue, and
+    # every later waiter would overtake it).
+    config = AdmissionConfig(
+        create_slots=1, create_rate_per_s=1000, create_burst=10, waiter_ttl_ms=1_000
+    )
+    harness = Harness(config)
+    holder, late, other, later = waiters(4)
+    grant = grant_of(harness.admit(holder))
+    queued_of(harness.admit(late))  # ... then it stops polling
+    harness.advance(20_000)
+    assert harness.settle(holder, grant, Created("sbx", 600_000)) is None
+    grant_of(harness.admit(other))  # takes the slot, dropping the late waiter's dead ticket
+    again = queued_of(harness.admit(late))
+    assert (again.reason, again.position, again.waited_ms) == ("create_slots", 1, 20_000)
+    assert queued_of(harness.admit(later)).position == 2
+    assert queued_of(harness.admit(late)).position == 1
