@@ -1219,3 +1219,32 @@ def test_a_late_waiter_queued_again_while_nothing_else_changes_keeps_its_new_pla
     assert (again.reason, again.position, again.waited_ms) == ("create_slots", 1, 20_000)
     assert queued_of(harness.admit(later)).position == 2
     assert queued_of(harness.admit(late)).position == 1
+
+
+def test_a_retry_that_needs_new_capacity_waits_for_it() -> None:
+    # Catches: a retry granted past a full capacity (treated as reclaiming a sandbox of its
+    # own when its create was refused outright and made none).
+    config = AdmissionConfig(create_rate_per_s=1000, create_burst=10, max_sandboxes=5)
+    harness = Harness(config)
+    other, refused = waiters(2)
+    other_grant = grant_of(harness.admit(other))
+    grant = grant_of(harness.admit(refused))
+    # The account is full at two: the capacity shrinks to the one other create.
+    queued_of(harness.settle(refused, grant, CapacityExhausted()))
+    assert queued_of(harness.admit(refused)).reason == "capacity"
+    assert harness.settle(other, other_grant, Created("sbx-other", 600_000)) is None
+    assert queued_of(harness.admit(refused)).reason == "capacity"
+    assert harness.release(other) is True
+    assert grant_of(harness.admit(refused)).attempt == 2
+
+
+def test_a_fresh_waiter_goes_beside_a_retry_reclaiming_its_possible_sandbox() -> None:
+    # Catches: the schedule stopping at a retry that reclaims its own possible sandbox, so
+    # the free slot beside it is promised to nobody and the waiter behind is held.
+    config = AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=10)
+    harness = Harness(config)
+    lost, fresh = waiters(2)
+    queued_of(harness.settle(lost, grant_of(harness.admit(lost)), Unavailable(503)))
+    harness.advance(config.backoff_cap_ms)  # the cooldown is over; the retry has not asked
+    assert grant_of(harness.admit(fresh)).attempt == 1
+    assert grant_of(harness.admit(lost)).attempt == 2
