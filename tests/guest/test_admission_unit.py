@@ -1248,3 +1248,25 @@ def test_a_fresh_waiter_goes_beside_a_retry_reclaiming_its_possible_sandbox() ->
     harness.advance(config.backoff_cap_ms)  # the cooldown is over; the retry has not asked
     assert grant_of(harness.admit(fresh)).attempt == 1
     assert grant_of(harness.admit(lost)).attempt == 2
+
+
+def test_a_waiter_whose_rate_token_is_a_millisecond_away_comes_back_in_a_millisecond() -> None:
+    # Catches: the exact wait of a turn the schedule reaches rounded up past its due time.
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000.0))
+    first, second = waiters(2)
+    grant_of(harness.admit(first))
+    told = queued_of(harness.admit(second))
+    assert (told.reason, told.eta_ms, told.retry_after_ms) == ("rate", 1, 1)
+
+
+def test_a_waiter_beyond_the_free_slots_held_by_the_rate_comes_back_when_it_is_due() -> None:
+    # Catches: the rate's exact wait not used for a turn the schedule does not reach (every
+    # slot busy, the one in front overdue): it would be told poll_min, not the due time.
+    config = AdmissionConfig(create_slots=2, create_rate_per_s=1000.0, create_latency_ms=100)
+    harness = Harness(config)
+    overdue, recent, waiter = waiters(3)
+    grant_of(harness.admit(overdue))
+    harness.advance(200)
+    grant_of(harness.admit(recent))  # takes the last slot and the rate's token
+    told = queued_of(harness.admit(waiter))
+    assert (told.reason, told.eta_ms, told.retry_after_ms) == ("rate", 1, 1)
