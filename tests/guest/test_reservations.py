@@ -124,6 +124,29 @@ def test_a_retry_that_joins_ahead_does_not_take_a_promised_token() -> None:
     grant_of(harness.admit(b))
 
 
+def test_a_waiter_promised_a_token_is_told_its_due_time_after_a_retry_joins_ahead() -> None:
+    # Catches: a turn the schedule gives a permit answered from its place in the fair order
+    # (the retry ahead and the capacity left would put it second, waiting for capacity)
+    # instead of the promised token's exact due time; and the retry told the token that is
+    # promised to the waiter.
+    config = AdmissionConfig(
+        create_slots=2, create_rate_per_s=1.0, create_lease_ms=500, max_sandboxes=2
+    )
+    harness = Harness(config)
+    a, b = waiters(2)
+    start = harness.clock.now_ms()
+    grant_of(harness.admit(a))
+    assert queued_of(harness.admit(b)).reservation
+    # a's holder dies mid-create: its lease lapses and a comes back as a retry, which takes
+    # no new capacity (it reclaims the sandbox its create may have made).
+    harness.advance(600)
+    retry = queued_of(harness.admit(a))
+    assert (retry.reason, retry.eta_ms, retry.retry_after_ms) == ("rate", 1_400, 1_400)
+    promised = queued_of(harness.admit(b))
+    assert (promised.reason, promised.eta_ms, promised.retry_after_ms) == ("rate", 400, 400)
+    assert promised.retry_at_ms == start + 1_000
+
+
 def test_the_permits_freed_are_promised_to_no_more_of_a_tenants_turns_than_its_room() -> None:
     # Catches: the schedule's count of turns per tenant along its walk wrong (a tenant
     # promised more turns than `max_sandboxes_per_tenant` leaves it, or fewer), or the
