@@ -1251,12 +1251,16 @@ def test_a_fresh_waiter_goes_beside_a_retry_reclaiming_its_possible_sandbox() ->
 
 
 def test_a_waiter_whose_rate_token_is_a_millisecond_away_comes_back_in_a_millisecond() -> None:
-    # Catches: the exact wait of a turn the schedule reaches rounded up past its due time.
-    harness = Harness(AdmissionConfig(create_rate_per_s=1000.0))
-    first, second = waiters(2)
+    # Catches: the exact wait of a turn the schedule reaches rounded up past its due time;
+    # the token a millisecond away not promised (it is the next one pending), or the one
+    # after it promised too (a token further off than the next is not promised yet).
+    harness = Harness(AdmissionConfig(create_rate_per_s=2000.0))
+    first, second, third = waiters(3)
     grant_of(harness.admit(first))
-    told = queued_of(harness.admit(second))
-    assert (told.reason, told.eta_ms, told.retry_after_ms) == ("rate", 1, 1)
+    # Tokens every half millisecond: the next two are each due within the millisecond.
+    told = [queued_of(harness.admit(w)) for w in (second, third)]
+    assert [(t.reason, t.eta_ms, t.retry_after_ms) for t in told] == [("rate", 1, 1)] * 2
+    assert told[0].reservation and not told[1].reservation
 
 
 def test_a_waiter_beyond_the_free_slots_held_by_the_rate_comes_back_when_it_is_due() -> None:
