@@ -24,6 +24,7 @@ from provisioner.admission import (
 from provisioner.admission.backoff import backoff_ms
 from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.admission.place import Place, Stage
+from provisioner.admission.queue import MAX_REMOVED_OUT_OF_ORDER
 from provisioner.admission.state import ticket_key, waiter_key
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
@@ -1274,3 +1275,22 @@ def test_a_waiter_beyond_the_free_slots_held_by_the_rate_comes_back_when_it_is_d
     grant_of(harness.admit(recent))  # takes the last slot and the rate's token
     told = queued_of(harness.admit(waiter))
     assert (told.reason, told.eta_ms, told.retry_after_ms) == ("rate", 1, 1)
+
+
+def test_a_turn_out_of_order_past_the_bound_on_removals_waits_for_the_head() -> None:
+    # Catches: a ticket granted out of order once the tenant's queue remembers as many
+    # out-of-order removals as it may (the gate document would grow without bound).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=10))
+    holders = waiters(2, "tenant-h")
+    head, *middle, behind = waiters(MAX_REMOVED_OUT_OF_ORDER + 2)
+    grants = [grant_of(harness.admit(w)) for w in holders]
+    for waiter in (head, *middle, behind):
+        queued_of(harness.admit(waiter))
+    for waiter in middle:
+        assert harness.release(waiter) is True
+    for waiter, grant in zip(holders, grants, strict=True):
+        assert harness.settle(waiter, grant, Created(waiter.entity, 600_000)) is None
+    # Both free slots are promised: to the head, and to the waiter right behind it.
+    assert queued_of(harness.admit(behind)).position == 2
+    assert grant_of(harness.admit(head)).attempt == 1
+    assert grant_of(harness.admit(behind)).attempt == 1
