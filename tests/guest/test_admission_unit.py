@@ -1294,3 +1294,29 @@ def test_a_turn_out_of_order_past_the_bound_on_removals_waits_for_the_head() -> 
     assert queued_of(harness.admit(behind)).position == 2
     assert grant_of(harness.admit(head)).attempt == 1
     assert grant_of(harness.admit(behind)).attempt == 1
+
+
+def test_a_waiter_holding_a_sandbox_whose_later_create_was_lost_counts_on_from_its_place() -> None:
+    # Catches: the attempt of a waiter that comes back holding a sandbox while an unanswered
+    # create of its own still counts numbered 2 whatever its place says (the attempts of a
+    # cycle would restart, and `max_create_attempts` never be reached).
+    config = AdmissionConfig(
+        create_rate_per_s=1000.0,
+        create_burst=10,
+        create_lease_ms=1_000,
+        backoff_base_ms=100,
+        backoff_cap_ms=100,
+    )
+    harness = Harness(config)
+    (waiter,) = waiters(1)
+    queued_of(harness.settle(waiter, grant_of(harness.admit(waiter)), Unavailable(503)))
+    harness.advance(200)
+    second = grant_of(harness.admit(waiter))
+    assert second.attempt == 2
+    harness.advance(1_000)  # its holder is still waiting for E2B: the lease lapses
+    assert grant_of(harness.admit(waiter)).attempt == 3  # ... and that create is lost too
+    # The second create's answer comes after all: the waiter holds its sandbox.
+    assert harness.settle(waiter, second, Created("sbx-2", 600_000)) is None
+    harness.advance(1_000)
+    assert harness.status()["account"]["capacity"]["unsettled"] == 1
+    assert grant_of(harness.admit(waiter)).attempt == 3
