@@ -220,6 +220,41 @@ def test_a_retry_holding_a_reservation_keeps_its_turn_ahead_of_a_later_promise()
     assert grant_of(harness.admit(a)).attempt == 2
 
 
+def test_a_decision_that_only_passes_over_an_unclaimed_reservation_stores_it() -> None:
+    # Catches: a reservation passed over (its holder's turn out of the queue) only in the
+    # memory of a decision that changes nothing else, so the stored gate keeps promising
+    # the permit and every later decision passes it over again.
+    config = AdmissionConfig(
+        create_slots=1,
+        create_rate_per_s=1000,
+        create_burst=10,
+        retry_budget=1,
+        retry_ratio=0,
+        retry_refill_per_s=0,
+        backoff_base_ms=100,
+        backoff_cap_ms=100,
+        reservation_claim_ms=1_000,
+    )
+    harness = Harness(config)
+    (retrying,) = waiters(1, "tenant-a")
+    (absent,) = waiters(1, "tenant-b")
+    first = grant_of(harness.admit(retrying))
+    queued_of(harness.admit(absent))
+    queued_of(harness.settle(retrying, first, RateLimited(100)))
+    harness.advance(200)
+    second = grant_of(harness.admit(retrying))  # spends the budget's only token
+    queued_of(harness.settle(retrying, second, RateLimited(100)))
+    harness.advance(200)
+    # The retry cannot be paid for: the free slot is promised to the fresh waiter.
+    assert queued_of(harness.admit(retrying)).reason == "backoff"
+    [promised] = gate(harness).reservations
+    assert promised.entity is None and promised.tenant == absent.tenant
+    harness.advance(1_001)  # the fresh waiter never came to claim it
+    assert queued_of(harness.admit(retrying)).reason == "backoff"
+    stored = gate(harness)
+    assert (stored.reservations, stored.queue_of(absent.tenant)) == ([], None)
+
+
 # -- the same reservations at a resource gate (one fair queue for every gate)
 
 SLOTS = {
