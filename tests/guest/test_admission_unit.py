@@ -1320,3 +1320,26 @@ def test_a_waiter_holding_a_sandbox_whose_later_create_was_lost_counts_on_from_i
     harness.advance(1_000)
     assert harness.status()["account"]["capacity"]["unsettled"] == 1
     assert grant_of(harness.admit(waiter)).attempt == 3
+
+
+def test_two_turns_of_a_tenant_with_room_for_one_never_both_get_a_grant() -> None:
+    # Catches: `max_sandboxes_per_tenant` checked only against what the tenant held before
+    # the decision (the grant checks nothing more): two of its waiters whose turns come
+    # together would both be granted, past the limit.
+    config = AdmissionConfig(
+        create_slots=4, create_rate_per_s=1000, create_burst=10, max_sandboxes_per_tenant=1
+    )
+    harness = Harness(config)
+    (other,) = waiters(1, "tenant-b")
+    first, second = waiters(2)
+    # The other tenant's create is refused with a cooldown: nothing starts meanwhile.
+    queued_of(harness.settle(other, grant_of(harness.admit(other)), RateLimited(5_000)))
+    queued_of(harness.admit(first))
+    queued_of(harness.admit(second))
+    harness.advance(5_000)
+    grant_of(harness.admit(other))  # the retry goes first, promising the free slots on
+    queued_of(harness.admit(second))  # asks first, but its tenant's room is the first's turn
+    grant_of(harness.admit(first))
+    held = queued_of(harness.admit(second))
+    assert (held.reason, held.in_use, held.limit) == ("capacity", 1, 1)
+    assert harness.status("tenant-a")["tenant"]["in_use"] == 1
