@@ -1343,3 +1343,42 @@ def test_two_turns_of_a_tenant_with_room_for_one_never_both_get_a_grant() -> Non
     held = queued_of(harness.admit(second))
     assert (held.reason, held.in_use, held.limit) == ("capacity", 1, 1)
     assert harness.status("tenant-a")["tenant"]["in_use"] == 1
+
+
+def test_status_shows_every_gates_figures_under_their_documented_names() -> None:
+    # Catches: a status figure renamed, dropped or computed for the wrong token (the rate's
+    # next token is the one the next create needs, not the one after).
+    config = AdmissionConfig(
+        create_slots=2, create_rate_per_s=2.0, max_sandboxes=5, max_sandboxes_per_tenant=3
+    )
+    harness = Harness(config)
+    first, second = waiters(2)
+    grant_of(harness.admit(first))
+    harness.advance(100)
+    assert queued_of(harness.admit(second)).reason == "rate"
+    assert harness.status() == {
+        "now_ms": harness.clock.now_ms(),
+        "account": {
+            "create_slots": {"in_use": 1, "limit": 2},
+            "rate": {"per_s": 2.0, "burst": 1, "available": 0, "next_in_ms": 400},
+            "capacity": {"in_use": 1, "limit": 5, "configured": 5, "running": 0, "unsettled": 0},
+            "backoff": {"cooling_ms": 0, "failures": 0},
+            "retry_budget": {"tokens": 10.0, "max": 10.0},
+            "queue_length": 1,
+            "waiting_tenants": 1,
+            "retrying": 0,
+            "create_latency_ms": 3_000,
+            "hold_ms": None,
+            "grants": 1,
+        },
+        "tenant": {
+            "tenant": "tenant-a",
+            "in_use": 1,
+            "limit": 3,
+            "running": 0,
+            "creating": 1,
+            "queued": 1,
+            "retrying": 0,
+            "ring_place": 1,
+        },
+    }
