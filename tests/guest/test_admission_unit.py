@@ -1343,3 +1343,36 @@ def test_two_turns_of_a_tenant_with_room_for_one_never_both_get_a_grant() -> Non
     held = queued_of(harness.admit(second))
     assert (held.reason, held.in_use, held.limit) == ("capacity", 1, 1)
     assert harness.status("tenant-a")["tenant"]["in_use"] == 1
+
+
+def test_a_waiter_behind_one_that_left_out_of_order_moves_up_one_place() -> None:
+    # Catches: the tickets that left out of order between the head and a waiter counted
+    # against its position the wrong way (or twice).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000))
+    (holder,) = waiters(1, "tenant-h")
+    first, leaving, behind = waiters(3)
+    grant_of(harness.admit(holder))
+    assert [queued_of(harness.admit(w)).position for w in (first, leaving, behind)] == [1, 2, 3]
+    assert harness.release(leaving) is True
+    assert queued_of(harness.admit(behind)).position == 2
+
+
+def test_positions_count_the_tenants_with_room_on_both_sides_of_the_waiters_own() -> None:
+    # Catches: the count of the other tenants' waiters ahead stopping at a tenant without
+    # room, or at the waiter's own tenant (those after it in the ring still had a turn in
+    # each earlier round).
+    config = AdmissionConfig(
+        create_slots=1, create_rate_per_s=1000, create_burst=10, max_sandboxes_per_tenant=1
+    )
+    harness = Harness(config)
+    full, waiting_full = waiters(2, "tenant-a")
+    (holder,) = waiters(1, "tenant-h")
+    b0, b1 = waiters(2, "tenant-b")
+    (c0,) = waiters(1, "tenant-c")
+    assert harness.settle(full, grant_of(harness.admit(full)), Created("sbx-a", 600_000)) is None
+    grant_of(harness.admit(holder))  # the slot stays busy
+    queued_of(harness.admit(waiting_full))  # tenant-a, at its limit, is first in the ring
+    for waiter in (b0, b1, c0):
+        queued_of(harness.admit(waiter))
+    # The fair order among tenants with room: b0, c0, b1.
+    assert [queued_of(harness.admit(w)).position for w in (b0, c0, b1)] == [1, 2, 3]
