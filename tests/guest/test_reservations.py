@@ -194,8 +194,31 @@ def test_a_retry_behind_its_own_promised_token_is_told_its_reservation_and_not_w
     other = harness.controller(b.tenant)
     assert queued_of(other.admit(b)).position == 2
     assert other.wake_ups == [], "the retry's promise was made already"
+    assert gate(harness).reservations == [held], "and is kept, not made twice"
     harness.advance(700)
     assert grant_of(harness.admit(a)).attempt == 2
+
+
+def test_two_retries_of_one_tenant_are_each_promised_a_slot_of_their_own() -> None:
+    # Catches: a retry's reservation looked up by tenant alone (a retry has no ticket, its
+    # entity names it), so the second retry of a tenant is taken for the first and is
+    # neither promised its slot nor woken.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=10))
+    first, second = waiters(2, "tenant-a")
+    (fresh,) = waiters(1, "tenant-b")
+    grants = [grant_of(harness.admit(w)) for w in (first, second)]
+    for waiter, grant in zip((first, second), grants, strict=True):
+        queued_of(harness.settle(waiter, grant, RateLimited(100)))
+    harness.advance(100)
+    controller = harness.controller(fresh.tenant)
+    assert queued_of(controller.admit(fresh)).position == 3
+    assert [w.entity for w in controller.wake_ups] == [first.entity, second.entity]
+    assert [r.entity for r in gate(harness).reservations] == [first.entity, second.entity]
+    # The first gives up its own promise (the freed slot goes to the fresh waiter), not the
+    # other retry's.
+    assert harness.release(first) is True
+    promised = [(r.tenant, r.entity) for r in gate(harness).reservations]
+    assert promised == [(second.tenant, second.entity), (fresh.tenant, None)]
 
 
 def test_a_retry_holding_a_reservation_keeps_its_turn_ahead_of_a_later_promise() -> None:
