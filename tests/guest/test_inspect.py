@@ -439,3 +439,13 @@ def test_a_ticket_left_behind_by_a_waiter_that_queued_again_is_not_expected_back
     assert leftover.ticket is not None and current.ticket == leftover.ticket + 1
     assert (leftover.alive, leftover.attempt, leftover.waited_ms) == (False, None, None)
     assert (current.alive, current.attempt, current.waited_ms) == (True, 1, 0)
+
+
+def test_a_retry_asking_again_leaves_no_ticket_key_behind() -> None:
+    # Catches: the place of a waiter without a ticket (a retry) read back with the stored
+    # "no ticket" marker as a ticket number, so its polls write a stray ticket key.
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000.0))
+    retrying = Waiter("tenant-a", "Job/1")
+    queued_of(harness.settle(retrying, grant_of(harness.admit(retrying)), RateLimited(1_000)))
+    assert queued_of(harness.admit(retrying)).reason == "backoff"
+    assert [key for key in stored(harness) if key.startswith("adm/t/")] == []
