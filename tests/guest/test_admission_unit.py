@@ -1151,6 +1151,8 @@ def test_a_waiter_behind_an_overdue_create_is_told_the_slot_not_the_capacity_tha
     harness.advance(200)  # the create should have answered by now; its lease still runs
     held = queued_of(harness.admit(waiter))
     assert (held.reason, held.in_use, held.limit) == ("create_slots", 1, 1)
+    # The slot's wait is a guess (already overdue): expected back no sooner than poll_min.
+    assert (held.eta_ms, held.retry_at_ms) == (0, harness.clock.now_ms() + config.poll_min_ms)
 
 
 def test_a_retry_reclaiming_its_possible_sandbox_is_held_by_the_slot_not_the_capacity() -> None:
@@ -1275,6 +1277,7 @@ def test_a_waiter_beyond_the_free_slots_held_by_the_rate_comes_back_when_it_is_d
     grant_of(harness.admit(recent))  # takes the last slot and the rate's token
     told = queued_of(harness.admit(waiter))
     assert (told.reason, told.eta_ms, told.retry_after_ms) == ("rate", 1, 1)
+    assert told.retry_at_ms == harness.clock.now_ms() + 1
 
 
 def test_a_turn_out_of_order_past_the_bound_on_removals_waits_for_the_head() -> None:
@@ -1376,3 +1379,17 @@ def test_positions_count_the_tenants_with_room_on_both_sides_of_the_waiters_own(
         queued_of(harness.admit(waiter))
     # The fair order among tenants with room: b0, c0, b1.
     assert [queued_of(harness.admit(w)).position for w in (b0, c0, b1)] == [1, 2, 3]
+
+
+def test_a_waiter_asking_as_a_cooldown_ends_is_expected_back_when_it_was_told_to_come() -> None:
+    # Catches: `retry_at_ms` during a cooldown (down to its last millisecond) set without
+    # the jitter `retry_after_ms` carries, so a host that wakes the waiter then would bring
+    # the herd back together.
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000, create_burst=10))
+    refused, waiter = waiters(2)
+    queued_of(harness.settle(refused, grant_of(harness.admit(refused)), RateLimited(5_000)))
+    harness.advance(4_999)
+    told = queued_of(harness.admit(waiter))
+    assert (told.reason, told.eta_ms) == ("backoff", 1)
+    assert told.retry_after_ms > harness.config.poll_min_ms  # one ms of cooldown, then jitter
+    assert told.retry_at_ms == harness.clock.now_ms() + told.retry_after_ms
