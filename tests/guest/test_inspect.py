@@ -449,3 +449,24 @@ def test_a_retry_asking_again_leaves_no_ticket_key_behind() -> None:
     queued_of(harness.settle(retrying, grant_of(harness.admit(retrying)), RateLimited(1_000)))
     assert queued_of(harness.admit(retrying)).reason == "backoff"
     assert [key for key in stored(harness) if key.startswith("adm/t/")] == []
+
+
+def test_a_promise_passed_on_from_a_holder_that_never_came_is_claimable_at_once() -> None:
+    # Catches: a held reservation whose token came due sooner (the one ahead of it passed
+    # over) still shown claimable only from its old time.
+    config = AdmissionConfig(create_rate_per_s=1.0, reservation_claim_ms=300)
+    harness = Harness(config)
+    start = harness.clock.now_ms()
+    absent, promised, later = (Waiter("tenant-a", f"Job/{n}") for n in ("a", "b", "c"))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    harness.advance(1)
+    assert queued_of(harness.admit(absent)).reservation  # the next token, at start + 1 s
+    harness.advance(999)
+    told = queued_of(harness.admit(promised))  # the token after it: start + 2 s
+    assert (told.retry_at_ms, told.reservation != "") == (start + 2_000, True)
+    harness.advance(301)  # the first holder never claimed its token
+    queued_of(harness.admit(later))
+    now = harness.clock.now_ms()
+    shown, _ = view(harness).reservations  # the promised waiter's, then the later one's
+    assert (shown.at_ms, shown.by_ms) == (now, start + 2_000 + 300)
+    grant_of(harness.admit(promised))
