@@ -36,7 +36,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
 from harness.multihost.worker import WorkerSettings
@@ -88,9 +87,29 @@ P = TypeVar("P", bound=ChildProcess)
 
 
 class ChildProcesses(Generic[P]):
-    """The processes a harness started, by name: the worker hosts, the `serve`s."""
+    """The processes a harness started, by name: the worker hosts, the `serve`s; and the
+    jobs they were given, the events they reported and each finished job's result."""
 
-    hosts: list[P]
+    def __init__(self) -> None:
+        self.hosts: list[P] = []
+        self._cond = threading.Condition()
+        self._events: list[Event] = []
+        self._jobs: dict[str, Job] = {}
+        self._results: dict[str, Event] = {}
+        self._round_robin = itertools.count()
+
+    def results(self) -> dict[str, Event]:
+        """Each finished job's result, by job id."""
+        with self._cond:
+            return dict(self._results)
+
+    def job(self, job_id: str) -> Job:
+        with self._cond:
+            return self._jobs[job_id]
+
+    def events(self) -> list[Event]:
+        with self._cond:
+            return list(self._events)
 
     def live_hosts(self) -> list[P]:
         return [host for host in self.hosts if host.alive]
@@ -237,18 +256,13 @@ class Cluster(ChildProcesses[HostProcess]):
     ) -> None:
         if hosts < 1:
             raise ValueError("at least one host")
+        super().__init__()
         self.settings = settings
         self.workdir = workdir
         self.python = python
         self.host_count = hosts
-        self.hosts: list[HostProcess] = []
-        self._cond = threading.Condition()
-        self._events: list[Event] = []
-        self._jobs: dict[str, Job] = {}
         self._owner: dict[str, str] = {}
-        self._results: dict[str, Event] = {}
         self._reassigned: dict[str, list[str]] = {}
-        self._round_robin = itertools.count()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -320,12 +334,7 @@ class Cluster(ChildProcesses[HostProcess]):
     def __enter__(self) -> Cluster:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- work --------------------------------------------------------------------------
@@ -364,15 +373,6 @@ class Cluster(ChildProcesses[HostProcess]):
         assert host.process.stdin is not None
         host.process.stdin.write(line + "\n")
         host.process.stdin.flush()
-
-    def results(self) -> dict[str, Event]:
-        """Each finished job's result, by job id."""
-        with self._cond:
-            return dict(self._results)
-
-    def job(self, job_id: str) -> Job:
-        with self._cond:
-            return self._jobs[job_id]
 
     def owner(self, job_id: str) -> str | None:
         with self._cond:
@@ -433,10 +433,6 @@ class Cluster(ChildProcesses[HostProcess]):
             )
 
     # -- what the hosts report ---------------------------------------------------------
-
-    def events(self) -> list[Event]:
-        with self._cond:
-            return list(self._events)
 
     def wait_for(
         self, predicate: Callable[[list[Event]], bool], timeout: float, what: str = "condition"

@@ -53,6 +53,7 @@ from starlette.routing import Route
 from harness.mocks.shared.server import LoopbackServer
 from harness.multihost.run import ChildProcess, ChildProcesses, ClusterError, Event
 from harness.multihost.soak import (
+    SHARED_FAULT_KINDS,
     SOAK_TENANTS,
     FaultRecord,
     Soak,
@@ -79,15 +80,7 @@ if TYPE_CHECKING:
     from host.storage.base import StorageBackend
 
 SHIM = default_shim()
-SERVE_FAULT_KINDS: tuple[str, ...] = (
-    "kill_serve_mid_create",
-    "redis_restart",
-    "rate_429",
-    "capacity_429",
-    "status_5xx",
-    "hangs",
-    "slow_creates",
-)
+SERVE_FAULT_KINDS: tuple[str, ...] = ("kill_serve_mid_create", *SHARED_FAULT_KINDS)
 # Added by the pace work: "kill_serve_mid_held_answer", "temper_api_failure".
 PACE_FAULT_KINDS: tuple[str, ...] = ("kill_serve_mid_hold",)
 SERVE_STARTUP_S = 300.0
@@ -132,19 +125,14 @@ class ServeFleet(ChildProcesses[ServeProcess]):
         e2b_url: str,
         workers: int = 8,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.workdir = workdir
         self.serve_count = serves
         self.tenants = list(tenants)
         self.e2b_url = e2b_url
         self.workers = workers
-        self.hosts: list[ServeProcess] = []
-        self._cond = threading.Condition()
-        self._events: list[Event] = []
-        self._jobs: dict[str, Job] = {}
-        self._results: dict[str, Event] = {}
         self._threads: list[threading.Thread] = []
-        self._round_robin = itertools.count()
         self._calls = itertools.count(1)
         self._storage: StorageBackend | None = None
         self._shim: TemperAbiModule | None = None
@@ -262,18 +250,6 @@ class ServeFleet(ChildProcesses[ServeProcess]):
 
     def release(self, name: str, jobs: Sequence[Job]) -> None:
         raise NotImplementedError("the serve path has no out-of-band release fault")
-
-    def results(self) -> dict[str, Event]:
-        with self._cond:
-            return dict(self._results)
-
-    def job(self, job_id: str) -> Job:
-        with self._cond:
-            return self._jobs[job_id]
-
-    def events(self) -> list[Event]:
-        with self._cond:
-            return list(self._events)
 
     def finish(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

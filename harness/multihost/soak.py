@@ -62,7 +62,7 @@ from harness.multihost.run import (
 )
 from harness.multihost.worker import PLANTED_BUGS, WorkerSettings
 from harness.simulator.model import Job
-from host.cli.options import fail, positive
+from host.cli.options import add_value_option, fail, positive
 
 if TYPE_CHECKING:
     from harness.mocks.e2b import MockE2BServer
@@ -70,16 +70,20 @@ if TYPE_CHECKING:
 
 SOAK_API_KEY = "e2b_soak_key"
 SOAK_TENANTS = ("tenant-a", "tenant-b", "tenant-c")
-FAULT_KINDS: tuple[str, ...] = (
-    "kill_mid_create",
-    "kill_after_e2b_kill",
-    "kill_after_find",
+# The faults either path injects (Redis's and E2B's); each path adds its own kills.
+SHARED_FAULT_KINDS: tuple[str, ...] = (
     "redis_restart",
     "rate_429",
     "capacity_429",
     "status_5xx",
     "hangs",
     "slow_creates",
+)
+FAULT_KINDS: tuple[str, ...] = (
+    "kill_mid_create",
+    "kill_after_e2b_kill",
+    "kill_after_find",
+    *SHARED_FAULT_KINDS,
 )
 _Found = TypeVar("_Found")
 _TYPED_REASON = re.compile(r"^[a-z][a-z0-9_]*(: |$)")
@@ -559,12 +563,7 @@ _positive_float = positive(float)
 
 
 def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--minutes",
-        type=_positive_float,
-        default=5.0,
-        help="how long faults are injected (default 5)",
-    )
+    add_value_option(parser, "--minutes", _positive_float, 5.0, "how long faults are injected")
     parser.add_argument("--seed", type=int, default=0, help="the fault and arrival schedule")
     parser.add_argument(
         "--path",
@@ -581,17 +580,19 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
         help="host processes, or serve processes with --path serve (default 3, or 2)",
     )
     add_component_arguments(parser)
-    parser.add_argument(
+    add_value_option(
+        parser,
         "--finish-timeout-s",
-        type=_positive_float,
-        default=SoakPlan.finish_timeout_s,
-        help="after the faults, how long every job may take to end (default 300)",
+        _positive_float,
+        SoakPlan.finish_timeout_s,
+        "after the faults, how long every job may take to end",
     )
-    parser.add_argument(
+    add_value_option(
+        parser,
         "--max-open-jobs",
-        type=int,
-        default=SoakPlan.max_open_jobs,
-        help="no new job while this many are unfinished (default 16)",
+        int,
+        SoakPlan.max_open_jobs,
+        "no new job while this many are unfinished",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON report")
     # Test-only: makes every host misbehave so the audit can be seen to fail.

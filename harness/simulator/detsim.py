@@ -13,7 +13,6 @@ wake-ups as `host/serve/pace.py` decides (off by default: `hold_ms = 0`, no push
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -340,7 +339,7 @@ def run_virtual(
         spec = with_poll(spec, script, scenario.poll_s)
     clock = VirtualClock(START_MS)
     loop = VirtualLoop(clock)
-    e2b = FakeE2B(scenario.e2b, random.Random(scenario.seed ^ 0x5EED))
+    e2b = FakeE2B(scenario.e2b, clock.now_ms, scenario.seed ^ 0x5EED)
     backend = MemoryBackend(clock.now_ms)
     provisioner: NativeProvisioner | GuestProvisioner
     configure = None

@@ -1,15 +1,14 @@
-"""An in-process E2B on a virtual clock: answers creates, counts what admission control must
-bound (creates in flight, sandboxes), and throttles the way E2B does (its route limiter, the
-concurrent-sandbox cap, 429 storms, 5xx). Used by the deterministic simulation and the
-guest's admission tests."""
+"""An in-process E2B on a virtual clock: the mock's model of a team (``E2BTeam``) spoken to
+in the guest's result types, with no HTTP between. Used by the deterministic simulation and
+the guest's admission tests."""
 
 from __future__ import annotations
 
-import math
-import random
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 
-from harness.mocks.e2b.limits import Gcra
+from harness.mocks.e2b.config import FaultRule, MockE2BConfig, Storm
+from harness.mocks.e2b.team import Admitted, E2BTeam, Refused, SandboxSpec
 from provisioner.gates.results import (
     CapacityExhausted,
     Created,
@@ -20,20 +19,18 @@ from provisioner.gates.results import (
 
 START_MS = 1_700_000_000_000
 
-
-@dataclass(frozen=True)
-class Storm:
-    """Every create arriving in [start_ms, end_ms) (relative) gets a 429 with Retry-After
-    pointing at the storm's end."""
-
-    start_ms: int
-    end_ms: int
+__all__ = ["START_MS", "FakeE2B", "FakeE2BConfig", "Storm"]
 
 
 @dataclass(frozen=True)
 class FakeE2BConfig:
+    """The limits a simulation sets, in its own words; ``team_config`` says them as the
+    mock's config, which is what the fake runs on."""
+
     create_latency_ms: int = 3_000
     latency_jitter_ms: int = 0
+    # How long a refusal takes to arrive: the network's round trip, which the mock gets
+    # from its real transport.
     error_latency_ms: int = 100
     # E2B's own route limiter (GCRA per team): a 429 with Retry-After beyond it.
     rate_per_s: float | None = None
@@ -44,74 +41,105 @@ class FakeE2BConfig:
     # The account's concurrent-sandbox cap, shared with `foreign_sandboxes` of others.
     sandbox_cap: int | None = None
     foreign_sandboxes: int = 0
+    # Relative to START_MS.
     storms: tuple[Storm, ...] = ()
     # Probability that a create answers 5xx (it then created nothing).
     error_rate: float = 0.0
     sandbox_timeout_ms: int = 3_600_000
 
+    def team_config(self, seed: int) -> MockE2BConfig:
+        faults = (FaultRule(status=503, probability=self.error_rate),) if self.error_rate else ()
+        timeout_s = -(-self.sandbox_timeout_ms // 1000)
+        return MockE2BConfig(
+            seed=seed,
+            create_latency_ms=self.create_latency_ms,
+            create_latency_jitter_ms=self.latency_jitter_ms,
+            create_rate_per_s=self.rate_per_s,
+            create_burst=max(1, self.rate_burst),
+            max_concurrent_creates=self.create_slots,
+            max_sandboxes=self.sandbox_cap,
+            foreign_sandboxes=self.foreign_sandboxes,
+            storms=self.storms,
+            faults=faults,
+            default_timeout_s=timeout_s,
+            max_timeout_s=max(timeout_s, MockE2BConfig.max_timeout_s),
+        )
+
+
+_ANSWER_OF_REFUSAL = {
+    "storm": "429_storm",
+    "rate": "429_rate",
+    "concurrency": "429_concurrency",
+    "capacity": "429_cap",
+}
+
 
 class FakeE2B:
-    """An in-process E2B: answers creates, counts what admission control must bound."""
+    """The team model on ``clock`` (virtual milliseconds): answers creates, counts what
+    admission control must bound (creates in flight, sandboxes)."""
 
-    def __init__(self, config: FakeE2BConfig, rng: random.Random) -> None:
+    def __init__(self, config: FakeE2BConfig, clock: Callable[[], int], seed: int = 0) -> None:
         self.config = config
-        self._rng = rng
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.sandboxes: set[str] = set()
-        self.max_sandboxes = 0
+        self._clock = clock
+        self._team = E2BTeam(config.team_config(seed), START_MS)
         self.create_times: list[int] = []
         self.answers: dict[str, int] = {}
-        # The mock E2B's route limiter, on this fake's clock: milliseconds since START_MS, so
-        # the rate is per millisecond. Whole-millisecond arrivals and intervals stay exact
-        # there; in seconds the sum of 0.2 s intervals drifts above a create that arrives
-        # exactly on its turn, and refuses it.
-        self._rate = (
-            None
-            if config.rate_per_s is None
-            else Gcra(config.rate_per_s / 1000, max(1, config.rate_burst))
-        )
-        self._next = 0
+        self._asked: dict[str, SandboxSpec] = {}
 
-    def begin_create(self, now: int) -> tuple[CreateResult, int]:
-        """Take a create request; return its answer and how long it takes to arrive."""
-        config = self.config
-        rel = now - START_MS
-        self.create_times.append(rel)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        if config.create_slots is not None and self.in_flight > config.create_slots:
-            return self._answer("429_concurrency", RateLimited(None))
-        for storm in config.storms:
-            if storm.start_ms <= rel < storm.end_ms:
-                return self._answer("429_storm", RateLimited(storm.end_ms - rel))
-        if self._rate is not None:
-            decision = self._rate.take(float(rel))
-            if not decision.allowed:
-                return self._answer("429_rate", RateLimited(math.ceil(decision.retry_after_s)))
-        if config.sandbox_cap is not None and (
-            len(self.sandboxes) + config.foreign_sandboxes + self.in_flight - 1
-            >= config.sandbox_cap
-        ):
-            return self._answer("429_cap", CapacityExhausted(config.sandbox_cap))
-        if config.error_rate > 0 and self._rng.random() < config.error_rate:
-            return self._answer("503", Unavailable(503))
-        self._next += 1
-        latency = config.create_latency_ms
-        if config.latency_jitter_ms:
-            latency += self._rng.randrange(config.latency_jitter_ms + 1)
-        self.answers["201"] = self.answers.get("201", 0) + 1
-        return Created(f"sbx-{self._next}", config.sandbox_timeout_ms), latency
-
-    def _answer(self, kind: str, result: CreateResult) -> tuple[CreateResult, int]:
-        self.answers[kind] = self.answers.get(kind, 0) + 1
-        return result, self.config.error_latency_ms
+    def begin_create(self, now: int, spec: SandboxSpec | None = None) -> tuple[CreateResult, int]:
+        """Take a create request (asking for ``spec``); return its answer and how long it
+        takes to arrive, when ``end_create`` must be called with it."""
+        team = self._team
+        self.create_times.append(now - START_MS)
+        team.begin_create()
+        ordinal = team.count_request("create", now)
+        fault = team.pick_fault("create", ordinal, after_create=False)
+        if fault is not None:
+            return self._refused(str(fault.status), Unavailable(fault.status))
+        verdict = team.admit_create(now)
+        if isinstance(verdict, Refused):
+            kind = _ANSWER_OF_REFUSAL[verdict.kind]
+            if verdict.kind == "capacity":
+                return self._refused(kind, CapacityExhausted(verdict.cap))
+            return self._refused(kind, RateLimited(verdict.retry_after_ms))
+        if not isinstance(verdict, Admitted):
+            raise ValueError("the fake E2B answers 429 past its create slots; it never waits")
+        self._count("201")
+        self._asked[verdict.sandbox_id] = spec or SandboxSpec()
+        latency_ms = round(team.create_latency_ms())
+        return Created(verdict.sandbox_id, self.config.sandbox_timeout_ms), latency_ms
 
     def end_create(self, result: CreateResult) -> None:
-        self.in_flight -= 1
+        """The answer arrives: a created sandbox exists from now on."""
+        self._team.end_create()
         if isinstance(result, Created):
-            self.sandboxes.add(result.sandbox_id)
-            self.max_sandboxes = max(self.max_sandboxes, len(self.sandboxes))
+            spec = self._asked.pop(result.sandbox_id)
+            self._team.commit(self._clock(), result.sandbox_id, spec)
+
+    def _refused(self, kind: str, result: CreateResult) -> tuple[CreateResult, int]:
+        self._count(kind)
+        return result, self.config.error_latency_ms
+
+    def _count(self, kind: str) -> None:
+        self.answers[kind] = self.answers.get(kind, 0) + 1
+
+    @property
+    def sandboxes(self) -> Set[str]:
+        """The running sandboxes' ids."""
+        return frozenset(self.listed())
+
+    def listed(self, metadata: dict[str, str] | None = None) -> list[str]:
+        """The running sandboxes whose metadata has ``metadata``, oldest first."""
+        running = self._team.listed(frozenset({"running"}), self._clock())
+        return [r.sandbox_id for r in running if r.has_metadata(metadata or {})]
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._team.counters.max_concurrent_creates
+
+    @property
+    def max_sandboxes(self) -> int:
+        return self._team.counters.max_running_sandboxes
 
     @property
     def throttled(self) -> int:
@@ -119,4 +147,4 @@ class FakeE2B:
         return sum(n for kind, n in self.answers.items() if kind.startswith("429"))
 
     def kill(self, sandbox_id: str) -> None:
-        self.sandboxes.discard(sandbox_id)
+        self._team.kill(sandbox_id, self._clock())

@@ -37,7 +37,6 @@ from harness.simulator.driver import RealTimeLoop
 from harness.simulator.executor import Executor, Secrets
 from harness.simulator.llm_sessions import (
     API_KEY,
-    GATED,
     MODEL,
     SPEC_NAME,
     UNGATED,
@@ -49,7 +48,7 @@ from harness.simulator.llm_sessions import (
     tier_gate_config,
 )
 from harness.simulator.model import Job
-from harness.simulator.runner import RunResult, RunSettings, SessionRunner, SessionScript
+from harness.simulator.runner import RunSettings, SessionRunner, SessionScript
 from harness.simulator.simulated_ports import EventLog, SeededRandom
 from harness.simulator.spec import Spec, StateTimeout, Trigger, packaged_spec
 from host.runtime.native import native_ports
@@ -208,20 +207,8 @@ def run_gated_realtime(config: RealTimeLlm, spec: Spec | None = None) -> LlmRun:
         finally:
             loop.close(wait=True)
             caller.close()
-        result = RunResult(results=runner.results(), makespan_s=runner.last_finish)
         state = server._state  # the stats and request log, read after the run
-    unfinished = len(result.results) - result.completed - result.failed
-    return LlmRun(
-        GATED,
-        scenario,
-        result.completed,
-        result.failed,
-        unfinished,
-        runner.last_finish,
-        state,
-        waits.closed(loop.now()),
-        result,
-    )
+    return LlmRun.gated(scenario, runner, state, waits.closed(loop.now()))
 
 
 def run_ungated_realtime(config: RealTimeLlm) -> LlmRun:
@@ -237,20 +224,23 @@ def run_ungated_realtime(config: RealTimeLlm) -> LlmRun:
     waiting: list[tuple[float, float]] = []
     lock = threading.Lock()
     started = time.monotonic()
-    with MockLLMServer(scenario.mock_config(),
-                       clock=lambda: time.monotonic() - started) as server:
+    with MockLLMServer(scenario.mock_config(), clock=lambda: time.monotonic() - started) as server:
         # Closed on every way out: a client left to the garbage collector at interpreter
         # exit (Ctrl-C) printed an AttributeError traceback from its __del__.
-        with anthropic.Anthropic(api_key=API_KEY, base_url=server.url,
-                                 max_retries=scenario.sdk_max_retries) as client:
+        with anthropic.Anthropic(
+            api_key=API_KEY, base_url=server.url, max_retries=scenario.sdk_max_retries
+        ) as client:
             body = _body(scenario)
 
             def session(job: Job) -> tuple[bool, float]:
                 for _turn in range(scenario.turns):
                     asked = time.monotonic() - started
                     try:
-                        client.messages.create(model=body["model"], max_tokens=body["max_tokens"],
-                                               messages=body["messages"])
+                        client.messages.create(
+                            model=body["model"],
+                            max_tokens=body["max_tokens"],
+                            messages=body["messages"],
+                        )
                     except anthropic.APIStatusError:
                         return False, time.monotonic() - started
                     took = time.monotonic() - started - asked

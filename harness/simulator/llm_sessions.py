@@ -270,6 +270,29 @@ class LlmRun:
     waiting: list[tuple[float, float]]
     run: RunResult | None = None
 
+    @classmethod
+    def gated(
+        cls,
+        scenario: LlmScenario,
+        runner: SessionRunner,
+        provider: MockLLMState,
+        waiting: list[tuple[float, float]],
+    ) -> LlmRun:
+        """A gated run's figures, from its sessions' runner once the run is over."""
+        result = RunResult(results=runner.results(), makespan_s=runner.last_finish)
+        unfinished = len(result.results) - result.completed - result.failed
+        return cls(
+            GATED,
+            scenario,
+            result.completed,
+            result.failed,
+            unfinished,
+            runner.last_finish,
+            provider,
+            waiting,
+            result,
+        )
+
     def throughput(self) -> dict[str, Any]:
         """What the provider admitted per minute of the binding limit (input tokens, output
         tokens or requests, `LlmScenario.binding_limit`), in steady state while some
@@ -392,19 +415,7 @@ def run_gated(
     runner = SessionRunner(executor, script, RunSettings(turns=0), loop.call_later)
     runner.start(_jobs(scenario))
     loop.run(runner.done)
-    result = RunResult(results=runner.results(), makespan_s=runner.last_finish)
-    unfinished = len(result.results) - result.completed - result.failed
-    return LlmRun(
-        GATED,
-        scenario,
-        result.completed,
-        result.failed,
-        unfinished,
-        runner.last_finish,
-        llm.state,
-        waits.closed(loop.now()),
-        result,
-    )
+    return LlmRun.gated(scenario, runner, llm.state, waits.closed(loop.now()))
 
 
 class _WaitTracker:

@@ -23,6 +23,7 @@ from harness.simulator.llm_sessions import (
     run_llm_mode,
 )
 from harness.simulator.spec import SpecError, load_spec
+from host.cli.options import add_value_option
 
 EXIT_OK = 0
 EXIT_GATED_FAILED = 1
@@ -53,26 +54,24 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.tier,
         help=f"the provider's per-minute limits (default {defaults.tier})",
     )
-    group.add_argument(
+    add_value_option(
+        group,
         "--llm-input-tokens",
-        type=int,
-        default=defaults.input_tokens,
-        metavar="N",
-        help=f"input tokens per call, also its estimate (default {defaults.input_tokens})",
+        int,
+        defaults.input_tokens,
+        "input tokens per call, also its estimate",
+        "N",
     )
-    group.add_argument(
-        "--llm-output-tokens",
-        type=int,
-        default=defaults.output_tokens,
-        metavar="N",
-        help=f"output tokens per answer (default {defaults.output_tokens})",
+    add_value_option(
+        group, "--llm-output-tokens", int, defaults.output_tokens, "output tokens per answer", "N"
     )
-    group.add_argument(
+    add_value_option(
+        group,
         "--llm-latency-ms",
-        type=float,
-        default=defaults.latency_s * 1000,
-        metavar="MS",
-        help=f"the provider's time to answer (default {defaults.latency_s * 1000:g})",
+        float,
+        defaults.latency_s * 1000,
+        "the provider's time to answer",
+        "MS",
     )
     group.add_argument(
         "--llm-concurrency",
@@ -87,21 +86,21 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
         help="run against the mock LLM API on loopback in real time, "
         "--llm-scale times faster (figures depend on the machine's speed)",
     )
-    group.add_argument(
+    add_value_option(
+        group,
         "--llm-scale",
-        type=float,
-        default=20.0,
-        metavar="X",
-        help="real time: the tier's rates times X, latency and the spec's "
-        "timers over X (default 20)",
+        float,
+        20.0,
+        "real time: the tier's rates times X, latency and the spec's timers over X",
+        "X",
     )
-    group.add_argument(
+    add_value_option(
+        group,
         "--llm-burst-headroom",
-        type=float,
-        default=0.1,
-        metavar="F",
-        help="real time: the gate's bursts this fraction below the "
-        "provider's, for network jitter (default 0.1)",
+        float,
+        0.1,
+        "real time: the gate's bursts this fraction below the provider's, for network jitter",
+        "F",
     )
 
 

@@ -10,7 +10,7 @@ entity is in a final state with no invocation in flight.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from harness.simulator.executor import Entity, Executor
@@ -45,26 +45,8 @@ class SessionScript:
 
     @classmethod
     def for_spec(cls, spec: Spec) -> SessionScript:
-        if spec.name == "CurationJob":
-            return cls(
-                start_action="Submit",
-                start_params=(),
-                working_state="Running",
-                turn_action="RecordProgress",
-                finish_action="Complete",
-            )
-        if spec.name == "LlmGatedAgent":
-            return cls(
-                start_action="Submit",
-                start_params=(),
-                working_state="CallingLlm",
-                turn_action="LlmResponded",
-                finish_action="LlmFinished",
-                queued_states=("WaitingForSlot", "WaitingForLlm"),
-                queued_actions=("SessionSlotQueued", "LlmPermitQueued"),
-                caller_turns=False,
-            )
-        return cls()
+        """The script of a packaged spec, by its entity type; the TemperAgent's otherwise."""
+        return _SCRIPTS.get(spec.name) or cls()
 
     def check(self, spec: Spec) -> None:
         for name in (self.start_action, self.turn_action, self.finish_action):
@@ -76,6 +58,24 @@ class SessionScript:
     @property
     def final_states(self) -> tuple[str, ...]:
         return (*self.completed_states, *self.failed_states)
+
+
+# The packaged specs other than the TemperAgent's: both start with a bare Submit.
+_SUBMITTED = SessionScript(start_action="Submit", start_params=())
+_SCRIPTS = {
+    "CurationJob": replace(
+        _SUBMITTED, working_state="Running", turn_action="RecordProgress", finish_action="Complete"
+    ),
+    "LlmGatedAgent": replace(
+        _SUBMITTED,
+        working_state="CallingLlm",
+        turn_action="LlmResponded",
+        finish_action="LlmFinished",
+        queued_states=("WaitingForSlot", "WaitingForLlm"),
+        queued_actions=("SessionSlotQueued", "LlmPermitQueued"),
+        caller_turns=False,
+    ),
+}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ import threading
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from harness.mocks.shared.server import LoopbackServer
@@ -169,12 +168,7 @@ class ServedProvisioner:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.pace.holds.drain()  # a request still held answers now, so the server can stop
         self._server.stop()
         self.pool.shutdown()

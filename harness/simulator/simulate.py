@@ -53,7 +53,7 @@ from harness.simulator.served import ServedInvoker, ServedProvisioner
 from harness.simulator.spec import Spec, SpecError, load_spec
 from harness.simulator.timeline import write_timeline
 from harness.simulator.timescale import TimeScale
-from host.cli.options import ExitCode, add_component_option
+from host.cli.options import ExitCode, add_component_option, add_value_option
 from host.runtime.assembly import open_runtime
 from host.runtime.component_runtime import ComponentRuntime
 from host.runtime.loader import LoadedComponent, load_component
@@ -111,18 +111,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="direct: the old provisioner; batches: 4 jobs at a time by hand; "
         "provisioner: this component; compare: all three (default)",
     )
-    parser.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=defaults.jobs,
-        help=f"CurationJobs submitted at once (default {defaults.jobs})",
+    add_value_option(
+        parser, "--jobs", _positive_int, defaults.jobs, "CurationJobs submitted at once"
     )
-    parser.add_argument(
+    add_value_option(
+        parser,
         "--tenants",
-        type=_positive_int,
-        default=defaults.tenants,
-        help="tenants sharing the E2B account; each submits its jobs together "
-        f"(default {defaults.tenants})",
+        _positive_int,
+        defaults.tenants,
+        "tenants sharing the E2B account; each submits its jobs together",
     )
     parser.add_argument(
         "--seed",
@@ -149,13 +146,13 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     # Quiet is the default now; the old flag is still accepted.
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     group = parser.add_argument_group("the mock E2B account (real time)")
-    group.add_argument(
+    add_value_option(
+        group,
         "--e2b-max-concurrent-creates",
-        type=_limit,
-        default=e2b.max_concurrent_creates,
-        metavar="N",
-        help="create requests E2B serves at once; past it, --e2b-overload "
-        f"(default {e2b.max_concurrent_creates})",
+        _limit,
+        e2b.max_concurrent_creates,
+        "create requests E2B serves at once; past it, --e2b-overload",
+        "N",
     )
     group.add_argument(
         "--e2b-create-rate",
@@ -165,19 +162,16 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="E2B's create rate limit, per second (default "
         f"{e2b.create_rate_per_s:g}; Hobby plan 1, Pro 5)",
     )
-    group.add_argument(
+    add_value_option(
+        group,
         "--e2b-create-burst",
-        type=_positive_int,
-        default=e2b.create_burst,
-        metavar="N",
-        help=f"the rate limiter's burst (default {e2b.create_burst})",
+        _positive_int,
+        e2b.create_burst,
+        "the rate limiter's burst",
+        "N",
     )
-    group.add_argument(
-        "--e2b-max-sandboxes",
-        type=_limit,
-        default=e2b.max_sandboxes,
-        metavar="N",
-        help=f"concurrent sandboxes (default {e2b.max_sandboxes})",
+    add_value_option(
+        group, "--e2b-max-sandboxes", _limit, e2b.max_sandboxes, "concurrent sandboxes", "N"
     )
     group.add_argument(
         "--e2b-create-latency-ms",
@@ -195,19 +189,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="past the concurrent-create cap: 429 at once (default) or wait",
     )
     timing = parser.add_argument_group("sessions (simulated time, scaled)")
-    timing.add_argument(
+    add_value_option(
+        timing,
         "--time-scale",
-        type=_positive_float,
-        default=defaults.scale.sim_per_real,
-        metavar="X",
-        help=f"simulated seconds per real second (default {defaults.scale.sim_per_real:g})",
+        _positive_float,
+        defaults.scale.sim_per_real,
+        "simulated seconds per real second",
+        "X",
     )
-    timing.add_argument(
-        "--turns",
-        type=int,
-        default=defaults.turns,
-        help=f"turns per session (default {defaults.turns})",
-    )
+    add_value_option(timing, "--turns", int, defaults.turns, "turns per session")
     timing.add_argument(
         "--turn-ms",
         type=_positive_float,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
+from harness.mocks.e2b.team import SandboxSpec
 from harness.simulator.fake_e2b import START_MS, FakeE2B
 from harness.simulator.simulated_ports import EventLog, SeededRandom
 from harness.simulator.virtual_serve import VirtualTimers
@@ -85,7 +86,6 @@ class E2BHttp:
     e2b: FakeE2B
     loop: VirtualTimers
     by_key: dict[str, str] = field(default_factory=dict)
-    metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     created_for: dict[str, list[str]] = field(default_factory=dict)
 
     def send(self, request: HttpRequest, pause: Callable[[int], None]) -> HttpResponse:
@@ -106,13 +106,16 @@ class E2BHttp:
         adopted = self.by_key.get(key)
         if adopted is not None and adopted in self.e2b.sandboxes:
             return self._created(adopted)
-        result, latency_ms = self.e2b.begin_create(self.loop.clock.now_ms())
+        body = json.loads(request.body or b"{}")
+        meta = body.get("metadata") if isinstance(body, dict) else None
+        spec = SandboxSpec(
+            metadata=tuple(meta.items()) if isinstance(meta, dict) else (),
+            idempotency_key=key or None,
+        )
+        result, latency_ms = self.e2b.begin_create(self.loop.clock.now_ms(), spec)
         pause(latency_ms)
         self.e2b.end_create(result)
         if isinstance(result, Created):
-            body = json.loads(request.body or b"{}")
-            meta = body.get("metadata") if isinstance(body, dict) else None
-            self.metadata[result.sandbox_id] = dict(meta) if isinstance(meta, dict) else {}
             self.created_for.setdefault(key, []).append(result.sandbox_id)
             if key:
                 self.by_key[key] = result.sandbox_id
@@ -146,8 +149,7 @@ class E2BHttp:
         wanted = {k: v[0] for k, v in parse_qs(query).items()}
         found = [
             {"sandboxID": s, "clientID": "sim", "templateID": "base"}
-            for s in sorted(self.e2b.sandboxes)
-            if all(self.metadata.get(s, {}).get(k) == v for k, v in wanted.items())
+            for s in sorted(self.e2b.listed(wanted))
         ]
         return HttpResponse(200, _JSON, json.dumps(found).encode())
 

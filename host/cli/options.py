@@ -46,6 +46,21 @@ def positive(convert: Callable[[str], _Number]) -> Callable[[str], _Number]:
     return parse
 
 
+def add_value_option(
+    parser: argparse._ActionsContainer,
+    flag: str,
+    kind: Callable[[str], object],
+    default: object,
+    text: str,
+    metavar: str | None = None,
+) -> None:
+    """An option taking one value of `kind`, whose help ends with its default."""
+    shown = f"{default:g}" if isinstance(default, float) else default
+    parser.add_argument(
+        flag, type=kind, default=default, metavar=metavar, help=f"{text} (default {shown})"
+    )
+
+
 def add_storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",

@@ -24,7 +24,7 @@ Three sources:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -149,99 +149,94 @@ class ServeMetrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
-        self.invocations = Counter(
-            f"{PREFIX}_invocations",
+        self.invocations = self._counter(
+            "invocations",
             "Invocations the component answered, by outcome action and reason",
-            ["action", "reason"],
-            registry=self.registry,
+            "action",
+            "reason",
         )
-        self.decision_seconds = Histogram(
-            f"{PREFIX}_decision_seconds",
+        self.decision_seconds = self._histogram(
+            "decision_seconds",
             "Time the component took to answer an invocation",
-            ["action"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            LATENCY_BUCKETS,
+            "action",
         )
-        self.tenant_invocations = Counter(
-            f"{PREFIX}_tenant_invocations",
+        self.tenant_invocations = self._counter(
+            "tenant_invocations",
             "Invocations the component answered, by tenant and outcome action",
-            ["tenant", "action"],
-            registry=self.registry,
+            "tenant",
+            "action",
         )
-        self.refused = Counter(
-            f"{PREFIX}_refused",
+        self.refused = self._counter(
+            "refused",
             "Requests refused before anything ran, by code (unauthorized, forbidden_tenant, "
             "rate_limited, too_large, body_timeout)",
-            ["code"],
-            registry=self.registry,
+            "code",
         )
-        self.forbidden_tenant = Counter(
-            f"{PREFIX}_forbidden_tenant",
+        self.forbidden_tenant = self._counter(
+            "forbidden_tenant",
             "Invocations refused 403 because the client's token does not cover the tenant",
-            ["client"],
-            registry=self.registry,
+            "client",
         )
-        self.saturated = Counter(
-            f"{PREFIX}_saturated",
-            "Invocations refused with 503 because every worker was busy",
-            registry=self.registry,
+        self.saturated = self._counter(
+            "saturated", "Invocations refused with 503 because every worker was busy"
         )
-        self.e2b_responses = Counter(
-            f"{PREFIX}_e2b_responses",
-            "E2B answers by method and status",
-            ["method", "status"],
-            registry=self.registry,
+        self.e2b_responses = self._counter(
+            "e2b_responses", "E2B answers by method and status", "method", "status"
         )
-        self.e2b_errors = Counter(
-            f"{PREFIX}_e2b_errors",
+        self.e2b_errors = self._counter(
+            "e2b_errors",
             "E2B requests that got no answer, by kind (timeout, connection, denied, ...)",
-            ["kind"],
-            registry=self.registry,
+            "kind",
         )
-        self.e2b_429 = Counter(
-            f"{PREFIX}_e2b_429",
+        self.e2b_429 = self._counter(
+            "e2b_429",
             "E2B 429 answers by kind: rate_limit (with Retry-After) or sandbox_cap",
-            ["kind"],
-            registry=self.registry,
+            "kind",
         )
         for kind in (KIND_RATE_LIMIT, KIND_SANDBOX_CAP):
             self.e2b_429.labels(kind=kind)
-        self.hold_seconds = Histogram(
-            f"{PREFIX}_hold_seconds",
+        self.hold_seconds = self._histogram(
+            "hold_seconds",
             "Time a queued invocation was held before its answer (held answers only)",
-            buckets=HOLD_BUCKETS,
-            registry=self.registry,
+            HOLD_BUCKETS,
         )
-        self.grants_after_hold = Counter(
-            f"{PREFIX}_grants_after_hold",
+        self.grants_after_hold = self._counter(
+            "grants_after_hold",
             "Held invocations answered with the component's grant instead of SandboxQueued",
-            registry=self.registry,
         )
-        self.wakeups = Counter(
-            f"{PREFIX}_wakeups",
+        self.wakeups = self._counter(
+            "wakeups",
             "Wake-ups by result: sent, moved_on (409), denied (401/403), retried and "
             "unavailable (503), unreachable, rejected (other status), no_credential, not_stored",
-            ["result"],
-            registry=self.registry,
+            "result",
         )
         for result in WAKEUP_RESULTS:  # exported at 0, not missing, before the first
             self.wakeups.labels(result=result)
         if held_requests is not None:
-            held = Gauge(
-                f"{PREFIX}_held_requests",
-                "Invocations held open now, waiting to ask the component again",
-                registry=self.registry,
+            held = self._gauge(
+                "held_requests", "Invocations held open now, waiting to ask the component again"
             )
             held.set_function(lambda: float(held_requests()))
         if workers_busy is not None:
-            busy = Gauge(
-                f"{PREFIX}_workers_busy",
-                "Invocation workers running a component call",
-                registry=self.registry,
-            )
+            busy = self._gauge("workers_busy", "Invocation workers running a component call")
             busy.set_function(lambda: float(workers_busy()))
         if read_gates is not None:
             self.registry.register(GateCollector(read_gates))
+
+    # Every metric is `{PREFIX}_{name}` in the service's own registry.
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(f"{PREFIX}_{name}", documentation, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, documentation: str, buckets: Sequence[float], *labels: str
+    ) -> Histogram:
+        return Histogram(
+            f"{PREFIX}_{name}", documentation, labels, buckets=buckets, registry=self.registry
+        )
+
+    def _gauge(self, name: str, documentation: str) -> Gauge:
+        return Gauge(f"{PREFIX}_{name}", documentation, registry=self.registry)
 
     def observe_invocation(
         self, outcome: Outcome, seconds: float, tenant: str | None = None

@@ -9,6 +9,7 @@ import socket
 import uuid
 from collections.abc import Callable
 
+from host.cli.options import add_value_option
 from host.serve.pace import PaceSettings
 from host.serve.pacing import OffsetClock, ServePace
 from host.serve.wakeups import DEFAULT_WAKE_ACTION, WakeTarget, WakeupSender, WakeupStore
@@ -28,13 +29,13 @@ def add_pace_arguments(parser: argparse.ArgumentParser) -> None:
         f"turn (default {_DEFAULTS.hold_ms}; 0: off; an integration config's hold_ms wins; "
         "always below the trigger's timeout_secs)",
     )
-    parser.add_argument(
+    add_value_option(
+        parser,
         "--max-held",
-        type=int,
-        default=_DEFAULTS.max_held,
-        metavar="N",
-        help=f"invocations held at once; past it they are answered at once "
-        f"(default {_DEFAULTS.max_held})",
+        int,
+        _DEFAULTS.max_held,
+        "invocations held at once; past it they are answered at once",
+        "N",
     )
     parser.add_argument(
         "--push",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,7 +146,7 @@ class Simulation(VirtualAccount):
         self.seed = seed
         super().__init__(seed=seed)
         self.admission = admission
-        self.e2b = FakeE2B(e2b or FakeE2BConfig(), random.Random(seed ^ 0x5EED))
+        self.e2b = FakeE2B(e2b or FakeE2BConfig(), self.clock.now_ms, seed ^ 0x5EED)
         self.max_events = max_events
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = 0

@@ -13,6 +13,7 @@ from provisioner.failures import FailureCode
 from provisioner.gates.document import ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import backoff_ms
+from provisioner.gates.queue import MAX_REMOVED_OUT_OF_ORDER
 from provisioner.gates.results import (
     CapacityExhausted,
     Created,
@@ -29,7 +30,7 @@ from provisioner.gates.view import GateView, inspect_gates
 from provisioner.model import Failure
 from provisioner.ports import Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
-from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
+from tests.guest.harness import ACCOUNT, FAST, START_MS, Harness, grant_of, queued_of
 
 
 def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
@@ -390,6 +391,91 @@ def test_status_is_a_json_snapshot_of_every_gate() -> None:
     json.dumps(status)
     assert set(status["account"]) >= {"create_slots", "rate", "capacity", "backoff", "retry_budget"}
     assert status["tenant"]["creating"] == 1
+
+
+def test_the_status_snapshot_names_every_gate_and_each_tenants_share() -> None:
+    # Catches: a snapshot key renamed or dropped (operators, `status` and /metrics read them
+    # by name), the rate's wait asked for more than one token, the retry budget rounded
+    # other than to 3 places, and a tenant's counts taken from the other tenants.
+    config = AdmissionConfig(
+        create_slots=3,
+        create_rate_per_s=0.5,
+        create_burst=4,
+        max_sandboxes=8,
+        max_sandboxes_per_tenant=4,
+        retry_budget=5.0,
+        retry_refill_per_s=0.1234,
+    )
+    harness = Harness(config)
+    a0, a1, a2 = waiters(3, "tenant-a")
+    b0, b1, b2 = waiters(3, "tenant-b")
+    first = {w: grant_of(harness.admit(w)) for w in (a0, b0, b1)}
+    harness.advance(1_000)
+    harness.settle(a0, first[a0], Created("sbx-a0", 3_600_000))
+    harness.settle(b0, first[b0], Created("sbx-b0", 3_600_000))
+    queued_of(harness.settle(b1, first[b1], Unavailable(503)))
+    harness.advance(2_000)
+    harness.release(a0)  # held 2 s
+    retry = grant_of(harness.admit(b1))  # spends a retry token
+    grant_of(harness.admit(a1))  # a first attempt earns retry_ratio back
+    queued_of(harness.admit(b2))
+    queued_of(harness.admit(a2))
+    harness.advance(500)
+    queued_of(harness.settle(b1, retry, Unavailable(503)))
+    harness.advance(1_000)
+    account = {
+        "create_slots": {"in_use": 1, "limit": 3},
+        # 5 tokens spent, 4 + 4.5 s x 0.5/s = 6.25 earned: one whole token, so a second
+        # is 1.5 s away.
+        "rate": {"per_s": 0.5, "burst": 4, "available": 1, "next_in_ms": 0},
+        # b0's sandbox, a1's create, and b1's two unanswered creates (one possible sandbox).
+        "capacity": {"in_use": 3, "limit": 8, "configured": 8, "running": 1, "unsettled": 2},
+        "backoff": {"cooling_ms": 0, "failures": 2},
+        # 5 - 1 (b1's retry) + 0.2 (a1) + 1.5 s x 0.1234/s = 4.3851.
+        "retry_budget": {"tokens": 4.385, "max": 5.0},
+        "queue_length": 3,
+        "waiting_tenants": 2,
+        "retrying": 1,
+        # Observed 1000, 1000, 1000 then 500 ms, averaged 3:1.
+        "create_latency_ms": 875,
+        "hold_ms": 2000,
+        "grants": 5,
+    }
+    now = START_MS + 4_500
+    assert harness.status("tenant-a") == {
+        "now_ms": now,
+        "account": account,
+        "tenant": {
+            "tenant": "tenant-a",
+            "in_use": 1,
+            "limit": 4,
+            "running": 0,
+            "creating": 1,
+            "queued": 1,
+            "retrying": 0,
+            "ring_place": 2,
+        },
+    }
+    assert harness.status("tenant-b")["tenant"] == {
+        "tenant": "tenant-b",
+        "in_use": 2,
+        "limit": 4,
+        "running": 1,
+        "creating": 0,
+        "queued": 1,
+        "retrying": 1,
+        "ring_place": 1,
+    }
+    assert harness.status("tenant-c")["tenant"] == {
+        "tenant": "tenant-c",
+        "in_use": 0,
+        "limit": 4,
+        "running": 0,
+        "creating": 0,
+        "queued": 0,
+        "retrying": 0,
+        "ring_place": 0,
+    }
 
 
 def test_queued_params_carry_every_documented_field() -> None:
@@ -1045,3 +1131,350 @@ def test_a_waiter_polling_behind_a_promised_token_keeps_the_promise_made_to_it()
     assert told.reservation
     stored = [(r.tenant, r.at_ms) for r in gate_view(harness).reservations]
     assert ("tenant-b", told.retry_at_ms) in stored and len(stored) == 2
+
+
+def test_a_status_that_cannot_read_the_gate_says_why() -> None:
+    # Catches: the status view's storage failure answered without the storage error's text.
+    from host.storage.memory import MemoryBackend
+
+    harness = Harness(FAST)
+    backend = FailingBackend(MemoryBackend(harness.clock.now_ms))
+    harness.backend = backend
+    backend.failing = True
+    assert harness.status() == {"error": "storage", "message": "backend down"}
+
+
+def test_the_granted_event_says_how_long_the_waiter_queued() -> None:
+    # Catches: admission_granted telemetry without the time the waiter spent queued.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000))
+    a, b = waiters(2)
+    grant = grant_of(harness.admit(a))
+    queued_of(harness.admit(b))
+    harness.advance(700)
+    harness.settle(a, grant, Created("sbx-a", 600_000))
+    assert grant_of(harness.admit(b)).queued_ms == 700
+    granted = [e for e in harness.telemetry.events if e["event"] == "admission_granted"]
+    assert [(e["entity"], e["queued_ms"]) for e in granted] == [(a.entity, 0), (b.entity, 700)]
+
+
+def test_a_first_attempt_earns_back_a_fraction_of_a_retry_token_that_is_kept() -> None:
+    # Catches: a first attempt not earning `retry_ratio` back (or spending it), and the
+    # earned fraction lost when the gate is stored (tokens rounded to whole ones).
+    config = AdmissionConfig(
+        create_rate_per_s=1000,
+        create_burst=10,
+        retry_budget=2,
+        retry_ratio=0.25,
+        retry_refill_per_s=0,
+        backoff_base_ms=100,
+        backoff_cap_ms=100,
+    )
+    harness = Harness(config)
+    a, b = waiters(2)
+    harness.settle(a, grant_of(harness.admit(a)), Unavailable(503))
+    harness.advance(200)
+    assert grant_of(harness.admit(a)).attempt == 2  # paid with one of the two tokens
+    assert harness.status()["account"]["retry_budget"]["tokens"] == 1.0
+    assert grant_of(harness.admit(b)).attempt == 1  # earns a quarter of a token back
+    assert harness.status()["account"]["retry_budget"]["tokens"] == 1.25
+
+
+def test_status_counts_the_tenants_own_queue_and_its_place_in_the_ring() -> None:
+    # Catches: the status snapshot not finding the asking tenant's own queue.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000))
+    (holder,) = waiters(1, "tenant-b")
+    a1, a2 = waiters(2, "tenant-a")
+    grant_of(harness.admit(holder))
+    queued_of(harness.admit(a1))
+    queued_of(harness.admit(a2))
+    tenant = harness.status("tenant-a")["tenant"]
+    assert (tenant["queued"], tenant["ring_place"]) == (2, 1)
+
+
+def test_a_waiter_is_not_counted_behind_a_tenant_at_its_own_limit() -> None:
+    # Catches: a tenant exactly at `max_sandboxes_per_tenant` (or the limit ignored)
+    # counted ahead of other tenants' waiters in the position they are told.
+    config = AdmissionConfig(max_sandboxes_per_tenant=1, create_rate_per_s=1.0)
+    harness = Harness(config)
+    a0, a1 = waiters(2, "tenant-a")
+    (b1,) = waiters(1, "tenant-b")
+    assert harness.settle(a0, grant_of(harness.admit(a0)), Created("sbx-a0", 600_000)) is None
+    full = queued_of(harness.admit(a1))
+    assert (full.reason, full.in_use, full.limit) == ("capacity", 1, 1)
+    behind_rate = queued_of(harness.admit(b1))
+    assert (behind_rate.reason, behind_rate.position) == ("rate", 1)
+
+
+def test_a_waiter_that_timed_out_leaves_its_tenants_turn_in_the_ring() -> None:
+    # Catches: a queue timeout treated as a grant, sending the tenant's next waiter to the
+    # back of the ring behind every other tenant.
+    harness = Harness(AdmissionConfig(create_slots=1, queue_timeout_ms=60_000))
+    (holder,) = waiters(1, "tenant-c")
+    a1, a2 = waiters(2, "tenant-a")
+    (b1,) = waiters(1, "tenant-b")
+    grant_of(harness.admit(holder))  # its create slot stays busy past the timeout
+    queued_of(harness.admit(a1))
+    harness.advance(10_000)
+    queued_of(harness.admit(a2))
+    queued_of(harness.admit(b1))
+    harness.advance(50_000)
+    timed_out = harness.admit(a1)
+    assert isinstance(timed_out, Rejected) and timed_out.failure.code == "queue_timeout"
+    assert queued_of(harness.admit(a2)).position == 1
+    assert queued_of(harness.admit(b1)).position == 2
+
+
+def test_a_waiter_behind_an_overdue_create_is_told_the_slot_not_the_capacity_that_fits() -> None:
+    # Catches: a gate with exactly as many free permits as the waiter's position counted as
+    # holding it back (capacity named instead of the busy create slot).
+    config = AdmissionConfig(
+        create_slots=1, max_sandboxes=2, create_rate_per_s=1000, create_latency_ms=100
+    )
+    harness = Harness(config)
+    holder, waiter = waiters(2)
+    grant_of(harness.admit(holder))
+    harness.advance(200)  # the create should have answered by now; its lease still runs
+    held = queued_of(harness.admit(waiter))
+    assert (held.reason, held.in_use, held.limit) == ("create_slots", 1, 1)
+    # The slot's wait is a guess (already overdue): expected back no sooner than poll_min.
+    assert (held.eta_ms, held.retry_at_ms) == (0, harness.clock.now_ms() + config.poll_min_ms)
+
+
+def test_a_retry_reclaiming_its_possible_sandbox_is_held_by_the_slot_not_the_capacity() -> None:
+    # Catches: a retry whose create takes no new capacity (it reclaims the sandbox its lost
+    # create may have made) told that the full capacity holds it back.
+    config = AdmissionConfig(
+        create_slots=1,
+        max_sandboxes=2,
+        create_rate_per_s=1000,
+        create_latency_ms=100,
+        create_lease_ms=1_000,
+    )
+    harness = Harness(config)
+    lost, holder = waiters(2)
+    grant_of(harness.admit(lost))  # ... and its invocation dies mid-create
+    harness.advance(1_000)
+    grant_of(harness.admit(holder))  # the slot, and the capacity left after lost's
+    harness.advance(200)
+    held = queued_of(harness.admit(lost))
+    assert (held.reason, held.in_use, held.limit) == ("create_slots", 1, 1)
+    assert harness.status()["account"]["capacity"] == {
+        "in_use": 2,
+        "limit": 2,
+        "configured": 2,
+        "running": 0,
+        "unsettled": 1,
+    }
+
+
+def test_a_retry_with_exactly_one_token_left_is_told_the_gate_that_holds_it() -> None:
+    # Catches: a retry that the budget can still pay for (exactly one token) told it waits
+    # for the budget (a backoff) instead of for the capacity that holds it.
+    config = AdmissionConfig(
+        create_rate_per_s=1000,
+        create_burst=10,
+        max_sandboxes=5,
+        retry_budget=1,
+        retry_ratio=0,
+        retry_refill_per_s=0,
+    )
+    harness = Harness(config)
+    other, refused = waiters(2)
+    grant_of(harness.admit(other))
+    grant = grant_of(harness.admit(refused))
+    # The account is full at two: the capacity shrinks to the one other create.
+    queued_of(harness.settle(refused, grant, CapacityExhausted()))
+    assert harness.status()["account"]["retry_budget"]["tokens"] == 1.0
+    held = queued_of(harness.admit(refused))
+    assert (held.reason, held.in_use, held.limit) == ("capacity", 1, 1)
+
+
+def test_a_late_waiter_queued_again_while_nothing_else_changes_keeps_its_new_place() -> None:
+    # Catches: the fresh ticket of a waiter whose old one was dropped as dead not stored
+    # when its decision changes nothing else (it would be missing from the queue, and
+    # every later waiter would overtake it).
+    config = AdmissionConfig(
+        create_slots=1, create_rate_per_s=1000, create_burst=10, waiter_ttl_ms=1_000
+    )
+    harness = Harness(config)
+    holder, late, other, later = waiters(4)
+    grant = grant_of(harness.admit(holder))
+    queued_of(harness.admit(late))  # ... then it stops polling
+    harness.advance(20_000)
+    assert harness.settle(holder, grant, Created("sbx", 600_000)) is None
+    grant_of(harness.admit(other))  # takes the slot, dropping the late waiter's dead ticket
+    again = queued_of(harness.admit(late))
+    assert (again.reason, again.position, again.waited_ms) == ("create_slots", 1, 20_000)
+    assert queued_of(harness.admit(later)).position == 2
+    assert queued_of(harness.admit(late)).position == 1
+
+
+def test_a_retry_that_needs_new_capacity_waits_for_it() -> None:
+    # Catches: a retry granted past a full capacity (treated as reclaiming a sandbox of its
+    # own when its create was refused outright and made none).
+    config = AdmissionConfig(create_rate_per_s=1000, create_burst=10, max_sandboxes=5)
+    harness = Harness(config)
+    other, refused = waiters(2)
+    other_grant = grant_of(harness.admit(other))
+    grant = grant_of(harness.admit(refused))
+    # The account is full at two: the capacity shrinks to the one other create.
+    queued_of(harness.settle(refused, grant, CapacityExhausted()))
+    assert queued_of(harness.admit(refused)).reason == "capacity"
+    assert harness.settle(other, other_grant, Created("sbx-other", 600_000)) is None
+    assert queued_of(harness.admit(refused)).reason == "capacity"
+    assert harness.release(other) is True
+    assert grant_of(harness.admit(refused)).attempt == 2
+
+
+def test_a_fresh_waiter_goes_beside_a_retry_reclaiming_its_possible_sandbox() -> None:
+    # Catches: the schedule stopping at a retry that reclaims its own possible sandbox, so
+    # the free slot beside it is promised to nobody and the waiter behind is held.
+    config = AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=10)
+    harness = Harness(config)
+    lost, fresh = waiters(2)
+    queued_of(harness.settle(lost, grant_of(harness.admit(lost)), Unavailable(503)))
+    harness.advance(config.backoff_cap_ms)  # the cooldown is over; the retry has not asked
+    assert grant_of(harness.admit(fresh)).attempt == 1
+    assert grant_of(harness.admit(lost)).attempt == 2
+
+
+def test_a_waiter_whose_rate_token_is_a_millisecond_away_comes_back_in_a_millisecond() -> None:
+    # Catches: the exact wait of a turn the schedule reaches rounded up past its due time;
+    # the token a millisecond away not promised (it is the next one pending), or the one
+    # after it promised too (a token further off than the next is not promised yet).
+    harness = Harness(AdmissionConfig(create_rate_per_s=2000.0))
+    first, second, third = waiters(3)
+    grant_of(harness.admit(first))
+    # Tokens every half millisecond: the next two are each due within the millisecond.
+    told = [queued_of(harness.admit(w)) for w in (second, third)]
+    assert [(t.reason, t.eta_ms, t.retry_after_ms) for t in told] == [("rate", 1, 1)] * 2
+    assert told[0].reservation and not told[1].reservation
+
+
+def test_a_waiter_beyond_the_free_slots_held_by_the_rate_comes_back_when_it_is_due() -> None:
+    # Catches: the rate's exact wait not used for a turn the schedule does not reach (every
+    # slot busy, the one in front overdue): it would be told poll_min, not the due time.
+    config = AdmissionConfig(create_slots=2, create_rate_per_s=1000.0, create_latency_ms=100)
+    harness = Harness(config)
+    overdue, recent, waiter = waiters(3)
+    grant_of(harness.admit(overdue))
+    harness.advance(200)
+    grant_of(harness.admit(recent))  # takes the last slot and the rate's token
+    told = queued_of(harness.admit(waiter))
+    assert (told.reason, told.eta_ms, told.retry_after_ms) == ("rate", 1, 1)
+    assert told.retry_at_ms == harness.clock.now_ms() + 1
+
+
+def test_a_turn_out_of_order_past_the_bound_on_removals_waits_for_the_head() -> None:
+    # Catches: a ticket granted out of order once the tenant's queue remembers as many
+    # out-of-order removals as it may (the gate document would grow without bound).
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=10))
+    holders = waiters(2, "tenant-h")
+    head, *middle, behind = waiters(MAX_REMOVED_OUT_OF_ORDER + 2)
+    grants = [grant_of(harness.admit(w)) for w in holders]
+    for waiter in (head, *middle, behind):
+        queued_of(harness.admit(waiter))
+    for waiter in middle:
+        assert harness.release(waiter) is True
+    for waiter, grant in zip(holders, grants, strict=True):
+        assert harness.settle(waiter, grant, Created(waiter.entity, 600_000)) is None
+    # Both free slots are promised: to the head, and to the waiter right behind it.
+    assert queued_of(harness.admit(behind)).position == 2
+    assert grant_of(harness.admit(head)).attempt == 1
+    assert grant_of(harness.admit(behind)).attempt == 1
+
+
+def test_a_waiter_holding_a_sandbox_whose_later_create_was_lost_counts_on_from_its_place() -> None:
+    # Catches: the attempt of a waiter that comes back holding a sandbox while an unanswered
+    # create of its own still counts numbered 2 whatever its place says (the attempts of a
+    # cycle would restart, and `max_create_attempts` never be reached).
+    config = AdmissionConfig(
+        create_rate_per_s=1000.0,
+        create_burst=10,
+        create_lease_ms=1_000,
+        backoff_base_ms=100,
+        backoff_cap_ms=100,
+    )
+    harness = Harness(config)
+    (waiter,) = waiters(1)
+    queued_of(harness.settle(waiter, grant_of(harness.admit(waiter)), Unavailable(503)))
+    harness.advance(200)
+    second = grant_of(harness.admit(waiter))
+    assert second.attempt == 2
+    harness.advance(1_000)  # its holder is still waiting for E2B: the lease lapses
+    assert grant_of(harness.admit(waiter)).attempt == 3  # ... and that create is lost too
+    # The second create's answer comes after all: the waiter holds its sandbox.
+    assert harness.settle(waiter, second, Created("sbx-2", 600_000)) is None
+    harness.advance(1_000)
+    assert harness.status()["account"]["capacity"]["unsettled"] == 1
+    assert grant_of(harness.admit(waiter)).attempt == 3
+
+
+def test_two_turns_of_a_tenant_with_room_for_one_never_both_get_a_grant() -> None:
+    # Catches: `max_sandboxes_per_tenant` checked only against what the tenant held before
+    # the decision (the grant checks nothing more): two of its waiters whose turns come
+    # together would both be granted, past the limit.
+    config = AdmissionConfig(
+        create_slots=4, create_rate_per_s=1000, create_burst=10, max_sandboxes_per_tenant=1
+    )
+    harness = Harness(config)
+    (other,) = waiters(1, "tenant-b")
+    first, second = waiters(2)
+    # The other tenant's create is refused with a cooldown: nothing starts meanwhile.
+    queued_of(harness.settle(other, grant_of(harness.admit(other)), RateLimited(5_000)))
+    queued_of(harness.admit(first))
+    queued_of(harness.admit(second))
+    harness.advance(5_000)
+    grant_of(harness.admit(other))  # the retry goes first, promising the free slots on
+    queued_of(harness.admit(second))  # asks first, but its tenant's room is the first's turn
+    grant_of(harness.admit(first))
+    held = queued_of(harness.admit(second))
+    assert (held.reason, held.in_use, held.limit) == ("capacity", 1, 1)
+    assert harness.status("tenant-a")["tenant"]["in_use"] == 1
+
+
+def test_a_waiter_behind_one_that_left_out_of_order_moves_up_one_place() -> None:
+    # Catches: the tickets that left out of order between the head and a waiter counted
+    # against its position the wrong way (or twice).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000))
+    (holder,) = waiters(1, "tenant-h")
+    first, leaving, behind = waiters(3)
+    grant_of(harness.admit(holder))
+    assert [queued_of(harness.admit(w)).position for w in (first, leaving, behind)] == [1, 2, 3]
+    assert harness.release(leaving) is True
+    assert queued_of(harness.admit(behind)).position == 2
+
+
+def test_positions_count_the_tenants_with_room_on_both_sides_of_the_waiters_own() -> None:
+    # Catches: the count of the other tenants' waiters ahead stopping at a tenant without
+    # room, or at the waiter's own tenant (those after it in the ring still had a turn in
+    # each earlier round).
+    config = AdmissionConfig(
+        create_slots=1, create_rate_per_s=1000, create_burst=10, max_sandboxes_per_tenant=1
+    )
+    harness = Harness(config)
+    full, waiting_full = waiters(2, "tenant-a")
+    (holder,) = waiters(1, "tenant-h")
+    b0, b1 = waiters(2, "tenant-b")
+    (c0,) = waiters(1, "tenant-c")
+    assert harness.settle(full, grant_of(harness.admit(full)), Created("sbx-a", 600_000)) is None
+    grant_of(harness.admit(holder))  # the slot stays busy
+    queued_of(harness.admit(waiting_full))  # tenant-a, at its limit, is first in the ring
+    for waiter in (b0, b1, c0):
+        queued_of(harness.admit(waiter))
+    # The fair order among tenants with room: b0, c0, b1.
+    assert [queued_of(harness.admit(w)).position for w in (b0, c0, b1)] == [1, 2, 3]
+
+
+def test_a_waiter_asking_as_a_cooldown_ends_is_expected_back_when_it_was_told_to_come() -> None:
+    # Catches: `retry_at_ms` during a cooldown (down to its last millisecond) set without
+    # the jitter `retry_after_ms` carries, so a host that wakes the waiter then would bring
+    # the herd back together.
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000, create_burst=10))
+    refused, waiter = waiters(2)
+    queued_of(harness.settle(refused, grant_of(harness.admit(refused)), RateLimited(5_000)))
+    harness.advance(4_999)
+    told = queued_of(harness.admit(waiter))
+    assert (told.reason, told.eta_ms) == ("backoff", 1)
+    assert told.retry_after_ms > harness.config.poll_min_ms  # one ms of cooldown, then jitter
+    assert told.retry_at_ms == harness.clock.now_ms() + told.retry_after_ms

@@ -18,7 +18,7 @@ from provisioner.gates.view import (
     UnsettledCreateView,
     inspect_gates,
 )
-from provisioner.ports import Scope
+from provisioner.ports import Entry, Scope
 from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
 
 
@@ -378,6 +378,18 @@ def test_the_create_latency_is_the_first_then_a_quarter_weighted_running_mean() 
     assert measured == [0, (0 * 3 + 8_000) // 4, (2_000 * 3 + 4_000) // 4]
 
 
+def only_ticket_key(harness: Harness) -> str:
+    """The liveness key of the one ticket waiting."""
+    [shown] = view(harness).waiters
+    assert shown.ticket is not None
+    return ticket_key(shown.tenant, shown.ticket)
+
+
+def account_entry(harness: Harness, key: str) -> Entry | None:
+    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
+    return storage.get(Scope.ACCOUNT, key)
+
+
 def test_a_released_waiter_leaves_no_ticket_key_behind() -> None:
     # Catches: a release of a queued waiter that keeps its ticket's liveness key, so the
     # ticket would count as alive until the key expired.
@@ -385,10 +397,71 @@ def test_a_released_waiter_leaves_no_ticket_key_behind() -> None:
     grant_of(harness.admit(Waiter("holder", "Job/h")))
     leaving = Waiter("tenant-a", "Job/a")
     queued_of(harness.admit(leaving))
-    [shown] = view(harness).waiters
-    assert shown.ticket is not None
-    key = ticket_key(leaving.tenant, shown.ticket)
-    storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
-    assert storage.get(Scope.ACCOUNT, key) is not None
+    key = only_ticket_key(harness)
+    assert account_entry(harness, key) is not None
     assert harness.release(leaving) is True
-    assert storage.get(Scope.ACCOUNT, key) is None
+    assert account_entry(harness, key) is None
+
+
+def test_a_granted_waiter_leaves_no_ticket_key_behind() -> None:
+    # Catches: a grant that keeps the granted ticket's liveness key until its TTL (stale
+    # keys pile up in the account's storage, one per waiter that queued).
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, create_burst=2))
+    holder, waiter = Waiter("holder", "Job/h"), Waiter("tenant-a", "Job/a")
+    grant = grant_of(harness.admit(holder))
+    queued_of(harness.admit(waiter))
+    key = only_ticket_key(harness)
+    assert account_entry(harness, key) is not None
+    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    grant_of(harness.admit(waiter))
+    assert account_entry(harness, key) is None
+
+
+def test_a_ticket_left_behind_by_a_waiter_that_queued_again_is_not_expected_back() -> None:
+    # Catches: a leftover ticket whose entity queued again with a newer ticket (its caller
+    # died between queueing and recording its place) shown alive with the newer one's
+    # record, so an operator would wait for a waiter that never comes for it.
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    waiter = Waiter("tenant-a", "Job/again")
+    queued_of(harness.admit(waiter))
+    namespace = account_namespace(ACCOUNT)
+    assert harness.backend.delete(namespace, waiter_key(waiter.tenant, waiter.entity), None)
+    harness.advance(40)
+    queued_of(harness.admit(waiter))  # no record of its place: a fresh ticket
+    leftover, current = view(harness).waiters
+    assert (leftover.entity, current.entity) == (waiter.entity, waiter.entity)
+    assert leftover.ticket is not None and current.ticket == leftover.ticket + 1
+    assert (leftover.alive, leftover.attempt, leftover.waited_ms) == (False, None, None)
+    assert (current.alive, current.attempt, current.waited_ms) == (True, 1, 0)
+
+
+def test_a_retry_asking_again_leaves_no_ticket_key_behind() -> None:
+    # Catches: the place of a waiter without a ticket (a retry) read back with the stored
+    # "no ticket" marker as a ticket number, so its polls write a stray ticket key.
+    harness = Harness(AdmissionConfig(create_rate_per_s=1000.0))
+    retrying = Waiter("tenant-a", "Job/1")
+    queued_of(harness.settle(retrying, grant_of(harness.admit(retrying)), RateLimited(1_000)))
+    assert queued_of(harness.admit(retrying)).reason == "backoff"
+    assert [key for key in stored(harness) if key.startswith("adm/t/")] == []
+
+
+def test_a_promise_passed_on_from_a_holder_that_never_came_is_claimable_at_once() -> None:
+    # Catches: a held reservation whose token came due sooner (the one ahead of it passed
+    # over) still shown claimable only from its old time.
+    config = AdmissionConfig(create_rate_per_s=1.0, reservation_claim_ms=300)
+    harness = Harness(config)
+    start = harness.clock.now_ms()
+    absent, promised, later = (Waiter("tenant-a", f"Job/{n}") for n in ("a", "b", "c"))
+    grant_of(harness.admit(Waiter("holder", "Job/h")))
+    harness.advance(1)
+    assert queued_of(harness.admit(absent)).reservation  # the next token, at start + 1 s
+    harness.advance(999)
+    told = queued_of(harness.admit(promised))  # the token after it: start + 2 s
+    assert (told.retry_at_ms, told.reservation != "") == (start + 2_000, True)
+    harness.advance(301)  # the first holder never claimed its token
+    queued_of(harness.admit(later))
+    now = harness.clock.now_ms()
+    shown, _ = view(harness).reservations  # the promised waiter's, then the later one's
+    assert (shown.at_ms, shown.by_ms) == (now, start + 2_000 + 300)
+    grant_of(harness.admit(promised))

@@ -808,6 +808,20 @@ def test_a_release_names_the_waiter_it_promised_the_freed_sandbox_to() -> None:
     assert ready.action == "SandboxReady", ready
 
 
+def test_a_refused_create_that_promises_its_slot_keeps_its_failure() -> None:
+    # Catches: a SandboxFailed outcome that also names a waiter to wake (the refused
+    # create's slot is promised to the next one) losing its failure on the way out.
+    queued: list[Outcome] = []
+    e2b = ScriptedE2B(create_answers=[400])
+    guest = Guest(e2b)
+    e2b.on_create = lambda request: queued.append(guest.invoke("provision", "job-2"))
+    refused = guest.invoke("provision", "job-1")
+    assert [q.params["reason"] for q in queued] == ["create_slots"]
+    assert refused.action == "SandboxFailed", refused
+    assert refused.error is not None and refused.error.code == "e2b_bad_request"
+    assert [w["entity_id"] for w in refused.params["wake_ups"]] == ["job-2"]
+
+
 TEMPER = "http://temper.test"
 
 

@@ -8,7 +8,15 @@ import json
 from host.services.namespaces import account_namespace
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import GATE_KEY, GateState
-from provisioner.gates.results import Created, CreateFailed, Grant, Queued, Rejected, Waiter
+from provisioner.gates.results import (
+    Created,
+    CreateFailed,
+    Grant,
+    Queued,
+    RateLimited,
+    Rejected,
+    Waiter,
+)
 from provisioner.model import Failure
 from tests.guest.harness import ACCOUNT, Harness, grant_of, queued_of
 from tests.guest.resource_harness import ResourceHarness
@@ -114,6 +122,160 @@ def test_a_retry_that_joins_ahead_does_not_take_a_promised_token() -> None:
     assert retry.retry_at_ms > promised.retry_at_ms
     harness.advance(400)
     grant_of(harness.admit(b))
+
+
+def test_a_waiter_promised_a_token_is_told_its_due_time_after_a_retry_joins_ahead() -> None:
+    # Catches: a turn the schedule gives a permit answered from its place in the fair order
+    # (the retry ahead and the capacity left would put it second, waiting for capacity)
+    # instead of the promised token's exact due time; and the retry told the token that is
+    # promised to the waiter.
+    config = AdmissionConfig(
+        create_slots=2, create_rate_per_s=1.0, create_lease_ms=500, max_sandboxes=2
+    )
+    harness = Harness(config)
+    a, b = waiters(2)
+    start = harness.clock.now_ms()
+    grant_of(harness.admit(a))
+    assert queued_of(harness.admit(b)).reservation
+    # a's holder dies mid-create: its lease lapses and a comes back as a retry, which takes
+    # no new capacity (it reclaims the sandbox its create may have made).
+    harness.advance(600)
+    retry = queued_of(harness.admit(a))
+    assert (retry.reason, retry.eta_ms, retry.retry_after_ms) == ("rate", 1_400, 1_400)
+    promised = queued_of(harness.admit(b))
+    assert (promised.reason, promised.eta_ms, promised.retry_after_ms) == ("rate", 400, 400)
+    assert promised.retry_at_ms == start + 1_000
+
+
+def test_the_permits_freed_are_promised_to_no_more_of_a_tenants_turns_than_its_room() -> None:
+    # Catches: the schedule's count of turns per tenant along its walk wrong (a tenant
+    # promised more turns than `max_sandboxes_per_tenant` leaves it, or fewer), or the
+    # walk stopping at a tenant with no room left instead of passing it by.
+    config = AdmissionConfig(
+        create_slots=6, create_rate_per_s=1000, create_burst=100, max_sandboxes_per_tenant=2
+    )
+    harness = Harness(config)
+    (a0, a1, a2) = waiters(3, "tenant-a")
+    (b1, b2) = waiters(2, "tenant-b")
+    (c0,) = waiters(1, "tenant-c")
+    assert harness.settle(a0, grant_of(harness.admit(a0)), Created("sbx-a0", 600_000)) is None
+    # c0's create is refused with a cooldown: nothing starts, so everyone else queues.
+    queued_of(harness.settle(c0, grant_of(harness.admit(c0)), RateLimited(5_000)))
+    for waiter in (a1, b1, a2, b2):
+        assert queued_of(harness.admit(waiter)).reason == "backoff"
+    harness.advance(5_000)
+    controller = harness.controller(c0.tenant)
+    assert isinstance(controller.admit(c0), Grant)
+    # Fair order a1, b1, a2, b2: tenant-a holds one sandbox, so it has room for one more.
+    assert [w.entity for w in controller.wake_ups] == [a1.entity, b1.entity, b2.entity]
+    assert isinstance(harness.admit(a2), Queued)
+    for waiter in (a1, b1, b2):
+        grant_of(harness.admit(waiter))
+
+
+def test_a_retry_behind_its_own_promised_token_is_told_its_reservation_and_not_woken() -> None:
+    # Catches: a retry promised the next rate token by its own decision not told its
+    # reservation (a retry's is found by entity, it has no ticket), named in its own
+    # decision's wake-ups, or woken again by the next decision that keeps the promise.
+    harness = Harness(PACED)
+    (a,) = waiters(1, "tenant-a")
+    (b,) = waiters(1, "tenant-b")
+    start = harness.clock.now_ms()
+    grant = grant_of(harness.admit(a))
+    queued_of(harness.settle(a, grant, RateLimited(200)))
+    harness.advance(300)
+    asking = harness.controller(a.tenant)
+    retry = queued_of(asking.admit(a))
+    assert (retry.reason, retry.retry_after_ms, retry.retry_at_ms) == ("rate", 700, start + 1_000)
+    [held] = gate(harness).reservations
+    assert (held.entity, held.at_ms) == (a.entity, start + 1_000)
+    assert (retry.reservation, retry.claim_by_ms) == (held.rid, start + 1_000 + 3_000)
+    assert asking.wake_ups == []
+    other = harness.controller(b.tenant)
+    assert queued_of(other.admit(b)).position == 2
+    assert other.wake_ups == [], "the retry's promise was made already"
+    assert gate(harness).reservations == [held], "and is kept, not made twice"
+    harness.advance(700)
+    assert grant_of(harness.admit(a)).attempt == 2
+
+
+def test_two_retries_of_one_tenant_are_each_promised_a_slot_of_their_own() -> None:
+    # Catches: a retry's reservation looked up by tenant alone (a retry has no ticket, its
+    # entity names it), so the second retry of a tenant is taken for the first and is
+    # neither promised its slot nor woken.
+    harness = Harness(AdmissionConfig(create_slots=2, create_rate_per_s=1000, create_burst=10))
+    first, second = waiters(2, "tenant-a")
+    (fresh,) = waiters(1, "tenant-b")
+    grants = [grant_of(harness.admit(w)) for w in (first, second)]
+    for waiter, grant in zip((first, second), grants, strict=True):
+        queued_of(harness.settle(waiter, grant, RateLimited(100)))
+    harness.advance(100)
+    controller = harness.controller(fresh.tenant)
+    assert queued_of(controller.admit(fresh)).position == 3
+    assert [w.entity for w in controller.wake_ups] == [first.entity, second.entity]
+    assert [r.entity for r in gate(harness).reservations] == [first.entity, second.entity]
+    # The first gives up its own promise (the freed slot goes to the fresh waiter), not the
+    # other retry's.
+    assert harness.release(first) is True
+    promised = [(r.tenant, r.entity) for r in gate(harness).reservations]
+    assert promised == [(second.tenant, second.entity), (fresh.tenant, None)]
+
+
+def test_a_retry_holding_a_reservation_keeps_its_turn_ahead_of_a_later_promise() -> None:
+    # Catches: a retry's reservation not kept first in the schedule (not matched to the
+    # retry it belongs to), so a fresh ticket promised the token after it takes its turn.
+    harness = Harness(AdmissionConfig(create_slots=4, create_rate_per_s=1.0))
+    (a,) = waiters(1, "tenant-a")
+    (b,) = waiters(1, "tenant-b")
+    grant = grant_of(harness.admit(a))
+    queued_of(harness.settle(a, grant, RateLimited(2_000)))
+    harness.advance(2_000)
+    # The cooldown is over: the retry's token is due now, b's a second later.
+    controller = harness.controller(b.tenant)
+    behind = queued_of(controller.admit(b))
+    assert [w.entity for w in controller.wake_ups] == [a.entity]
+    assert (behind.reason, behind.eta_ms) == ("rate", 1_000)
+    assert [r.entity for r in gate(harness).reservations] == [a.entity, None]
+    harness.advance(1_000)
+    # The retry has not claimed its token yet, so b's is still a second away.
+    still = queued_of(harness.admit(b))
+    assert (still.reason, still.eta_ms) == ("rate", 1_000)
+    assert grant_of(harness.admit(a)).attempt == 2
+
+
+def test_a_decision_that_only_passes_over_an_unclaimed_reservation_stores_it() -> None:
+    # Catches: a reservation passed over (its holder's turn out of the queue) only in the
+    # memory of a decision that changes nothing else, so the stored gate keeps promising
+    # the permit and every later decision passes it over again.
+    config = AdmissionConfig(
+        create_slots=1,
+        create_rate_per_s=1000,
+        create_burst=10,
+        retry_budget=1,
+        retry_ratio=0,
+        retry_refill_per_s=0,
+        backoff_base_ms=100,
+        backoff_cap_ms=100,
+        reservation_claim_ms=1_000,
+    )
+    harness = Harness(config)
+    (retrying,) = waiters(1, "tenant-a")
+    (absent,) = waiters(1, "tenant-b")
+    first = grant_of(harness.admit(retrying))
+    queued_of(harness.admit(absent))
+    queued_of(harness.settle(retrying, first, RateLimited(100)))
+    harness.advance(200)
+    second = grant_of(harness.admit(retrying))  # spends the budget's only token
+    queued_of(harness.settle(retrying, second, RateLimited(100)))
+    harness.advance(200)
+    # The retry cannot be paid for: the free slot is promised to the fresh waiter.
+    assert queued_of(harness.admit(retrying)).reason == "backoff"
+    [promised] = gate(harness).reservations
+    assert promised.entity is None and promised.tenant == absent.tenant
+    harness.advance(1_001)  # the fresh waiter never came to claim it
+    assert queued_of(harness.admit(retrying)).reason == "backoff"
+    stored = gate(harness)
+    assert (stored.reservations, stored.queue_of(absent.tenant)) == ([], None)
 
 
 # -- the same reservations at a resource gate (one fair queue for every gate)

@@ -7,6 +7,7 @@ host and component versions stay apart."""
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,20 +75,21 @@ def product_modules() -> list[Path]:
     return sorted(path for path in PRODUCT.rglob("*.py") if "__pycache__" not in path.parts)
 
 
-def test_no_product_module_imports_the_harness() -> None:
+def product_violations(check: Callable[[str, str, bool], list[str]]) -> dict[str, list[str]]:
+    """What `check` finds in each product module, by path (modules where it finds nothing are
+    left out)."""
     modules = product_modules()
-    # The walk must see the product, or the check below passes on nothing.
+    # The walk must see the product, or the checks pass on nothing.
     assert PRODUCT / "cli" / "main.py" in modules and len(modules) > 50
-    violations = {
+    return {
         str(path.relative_to(ROOT)): found
         for path in modules
-        if (
-            found := harness_imports(
-                path.read_text(), module_name(path), path.name == "__init__.py"
-            )
-        )
+        if (found := check(path.read_text(), module_name(path), path.name == "__init__.py"))
     }
-    assert violations == {}
+
+
+def test_no_product_module_imports_the_harness() -> None:
+    assert product_violations(harness_imports) == {}
 
 
 @pytest.mark.parametrize(
@@ -124,17 +126,7 @@ def guest_internals(source: str, module: str, is_package: bool = False) -> list[
 
 
 def test_the_product_imports_only_the_guests_contract_and_entry_point() -> None:
-    modules = product_modules()
-    violations = {
-        str(path.relative_to(ROOT)): found
-        for path in modules
-        if (
-            found := guest_internals(
-                path.read_text(), module_name(path), path.name == "__init__.py"
-            )
-        )
-    }
-    assert violations == {}
+    assert product_violations(guest_internals) == {}
 
 
 @pytest.mark.parametrize(

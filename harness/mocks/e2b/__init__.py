@@ -8,7 +8,9 @@ latency, faults and idempotency, checked against E2B's own SDK.
         server.stats(), server.running_sandboxes(), server.orphans(held_ids)
 
 Modules: ``config`` (MockE2BConfig, FaultRule, parse_fault), ``limits`` (GCRA),
-``latency``, ``faults`` (which rule fires), ``state`` (the team's sandboxes and counters),
+``latency``, ``faults`` (which rule fires), ``team`` (what E2B decides for one team at a
+given time: the model the simulator's fake E2B shares), ``state`` (the team under the
+server's lock and clock),
 ``stats`` (the snapshot), ``wire`` (E2B's JSON and its request checks), ``connection``
 (TCP resets), ``app`` (Starlette routes, pause/resume/connect, the /_mock/ control API),
 ``server`` (uvicorn in a thread), ``cli``. TemperFS is its own mock

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -18,7 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from harness.mocks.e2b.config import FaultRule, MockE2BConfig
 from harness.mocks.e2b.connection import KeepRawSend, reset_connection
-from harness.mocks.e2b.state import MockState, SandboxRecord
+from harness.mocks.e2b.state import MockState
+from harness.mocks.e2b.team import Admitted, MustWait, Refused, SandboxRecord
 from harness.mocks.e2b.wire import (
     ABSENT,
     MAX_REFRESH_S,
@@ -55,14 +57,13 @@ def capacity_message(cap: int) -> str:
 
 
 class Runtime:
-    """What lives on the server's event loop: the create slots, idempotency-key locks and
-    the event that ends hanging requests when the server stops."""
+    """What lives on the server's event loop: the wait for a create slot, idempotency-key
+    locks and the event that ends hanging requests when the server stops."""
 
     def __init__(self, state: MockState) -> None:
         self.state = state
         self.closing = asyncio.Event()
         self._slots = asyncio.Condition()
-        self._admitted = 0
         self._key_locks: dict[str, asyncio.Lock] = {}
 
     async def wait_or_close(self, seconds: float) -> None:
@@ -76,7 +77,7 @@ class Runtime:
         return self._key_locks.setdefault(key, asyncio.Lock())
 
     async def config_changed(self) -> None:
-        """Wakes waiting creates: the concurrent-create cap may have grown."""
+        """Wakes creates waiting for a slot: a create ended, or the cap may have grown."""
         async with self._slots:
             self._slots.notify_all()
 
@@ -85,47 +86,28 @@ class Runtime:
         self.closing.set()
         await self.config_changed()
 
-    @contextlib.asynccontextmanager
-    async def create_slot(self, config: MockE2BConfig) -> AsyncIterator[str | None]:
-        """Admits a create past the concurrent-create cap. Yields None when admitted, or
-        why not: "reject" (429 at once) or "timeout" (waited too long, 504)."""
-        cap = config.max_concurrent_creates
-        if cap is None:
-            yield None
-            return
-        refusal: str | None = None
-        async with self._slots:
-            if self._admitted >= cap:
-                if config.create_overload_mode == "reject":
-                    refusal = "reject"
-                else:
-                    limit = config.create_overload_timeout_ms
-                    try:
-                        await asyncio.wait_for(
-                            self._slots.wait_for(self._has_slot),
-                            None if limit is None else limit / 1000.0,
-                        )
-                    except TimeoutError:
-                        refusal = "timeout"
-            if refusal is None:
-                self._admitted += 1
-        if refusal == "reject":
-            self.state.count_concurrency_limited()
-        elif refusal == "timeout":
-            self.state.count_overload_timeout()
-        if refusal is not None:
-            yield refusal
-            return
-        try:
-            yield None
-        finally:
+    async def admit_after_wait(self, timeout_ms: float | None) -> Admitted | Refused | None:
+        """Waits for a create slot ("slow" overload), then admits the create as the team
+        decides; None when the wait timed out or the server is stopping."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_ms is None else loop.time() + timeout_ms / 1000.0
+        while True:
             async with self._slots:
-                self._admitted -= 1
-                self._slots.notify_all()
+                try:
+                    await asyncio.wait_for(
+                        self._slots.wait_for(self._slot_or_closing),
+                        None if deadline is None else max(0.0, deadline - loop.time()),
+                    )
+                except TimeoutError:
+                    return None
+            if self.closing.is_set():
+                return None
+            verdict = self.state.admit_create(after_wait=True)
+            if not isinstance(verdict, MustWait):
+                return verdict
 
-    def _has_slot(self) -> bool:
-        cap = self.state.config.max_concurrent_creates
-        return cap is None or self._admitted < cap or self.closing.is_set()
+    def _slot_or_closing(self) -> bool:
+        return self.state.has_create_slot() or self.closing.is_set()
 
 
 class NoAnswer(Response):
@@ -345,27 +327,38 @@ class MockE2BApi:
     async def _create_sandbox(self, parsed: CreateRequest) -> Outcome:
         state = self.state
         rt = self.runtime
-        decision = state.take_rate()
-        rate_headers = {} if decision is None else decision.headers()
-        if decision is not None and not decision.allowed:
-            return error_response(429, _RATE_MESSAGE, rate_headers), 429, None
-        config = state.config
-        async with rt.create_slot(config) as refused:
-            if refused == "reject":
-                return error_response(429, _CONCURRENCY_MESSAGE, {"Retry-After": "1"}), 429, None
-            if refused == "timeout":
+        verdict = state.admit_create()
+        rate = verdict.rate  # the route's limiter spoke once, before any wait for a slot
+        if isinstance(verdict, MustWait):
+            waited = await rt.admit_after_wait(state.config.create_overload_timeout_ms)
+            if waited is None:
+                state.count_overload_timeout()
                 return error_response(504, "sandbox creation timed out"), 504, None
-            cap = state.reserve_capacity()
-            if cap is not None:
-                return self._capacity_refusal(cap)
-            try:
-                await rt.wait_or_close(state.sample_latency_ms() / 1000.0)
-            except BaseException:
-                state.release_reservation()
-                raise
-            record = state.commit_create(parsed)
+            verdict = waited
+        if isinstance(verdict, Refused):
+            return self._refusal(verdict)
+        try:
+            await rt.wait_or_close(state.sample_latency_ms() / 1000.0)
+            record = state.commit_create(verdict.sandbox_id, parsed)
+        except BaseException:
+            state.abandon_create()
+            raise
+        finally:
+            await rt.config_changed()
+        config = state.config
         body = created_body(record, config.envd_version, config.domain)
+        rate_headers = {} if rate is None else rate.headers()
         return JSONResponse(body, 201, headers=rate_headers), 201, body
+
+    def _refusal(self, refused: Refused) -> Outcome:
+        if refused.kind == "capacity":
+            return self._capacity_refusal(refused.cap or 0)
+        if refused.kind == "rate" and refused.rate is not None:
+            headers = refused.rate.headers()
+        else:
+            headers = {"Retry-After": str(math.ceil((refused.retry_after_ms or 0) / 1000))}
+        message = _CONCURRENCY_MESSAGE if refused.kind == "concurrency" else _RATE_MESSAGE
+        return error_response(429, message, headers), 429, None
 
     def _capacity_refusal(self, cap: int) -> Outcome:
         headers = {}
@@ -393,8 +386,8 @@ class MockE2BApi:
         state = self.state
         return listed_body(
             record,
-            state.wall_time(record.started_at),
-            state.wall_time(record.end_at),
+            state.wall_time_ms(record.started_at_ms),
+            state.wall_time_ms(record.end_at_ms),
             state.config.envd_version,
         )
 
@@ -407,11 +400,11 @@ class MockE2BApi:
 
         def keep(r: SandboxRecord) -> bool:
             return (
-                all(r.metadata.get(k) == v for k, v in query.metadata.items())
+                r.has_metadata(query.metadata)
                 and (query.template is None or query.template in (r.template_id, r.alias))
                 and (
                     query.started_after is None
-                    or state.wall_time(r.started_at) >= query.started_after
+                    or state.wall_time_ms(r.started_at_ms) >= query.started_after
                 )
             )
 
@@ -423,12 +416,12 @@ class MockE2BApi:
         desc = query.order == "desc"
         # Newest first; equal start times by id ascending (asc reverses both).
         records.sort(key=lambda r: r.sandbox_id, reverse=not desc)
-        records.sort(key=lambda r: r.started_at, reverse=desc)
+        records.sort(key=lambda r: r.started_at_ms, reverse=desc)
         if query.cursor is not None:
             at, after_id = query.cursor
 
             def past_cursor(r: SandboxRecord) -> bool:
-                started = state.wall_time(r.started_at)
+                started = state.wall_time_ms(r.started_at_ms)
                 if desc:
                     return started < at or (started == at and r.sandbox_id > after_id)
                 return started > at or (started == at and r.sandbox_id < after_id)
@@ -438,7 +431,7 @@ class MockE2BApi:
             records = records[: query.limit]
             last = records[-1]
             headers["X-Next-Token"] = encode_cursor(
-                state.wall_time(last.started_at), last.sandbox_id, query.order
+                state.wall_time_ms(last.started_at_ms), last.sandbox_id, query.order
             )
         return records, headers
 
@@ -490,8 +483,8 @@ class MockE2BApi:
             return not_found(sandbox_id), 404, None
         body = detail_body(
             record,
-            state.wall_time(record.started_at),
-            state.wall_time(record.end_at),
+            state.wall_time_ms(record.started_at_ms),
+            state.wall_time_ms(record.end_at_ms),
             state.config.envd_version,
             state.config.domain,
         )

@@ -7,7 +7,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from harness.mocks.e2b.config import OVERLOAD_MODES, PLANS, MockE2BConfig, parse_fault
+from harness.mocks.e2b.config import OVERLOAD_MODES, PLANS, MockE2BConfig, Storm, parse_fault
 from harness.mocks.e2b.server import MockE2BServer
 from harness.mocks.shared.cli import (
     add_listen_arguments,
@@ -23,6 +23,7 @@ _FIELDS = {
     "create_latency_ms": "create_latency_ms",
     "create_latency_sigma": "create_latency_sigma",
     "create_latency_max_ms": "create_latency_max_ms",
+    "create_latency_jitter_ms": "create_latency_jitter_ms",
     "create_rate": "create_rate_per_s",
     "create_burst": "create_burst",
     "max_concurrent_creates": "max_concurrent_creates",
@@ -30,6 +31,7 @@ _FIELDS = {
     "create_overload_timeout_ms": "create_overload_timeout_ms",
     "max_sandboxes": "max_sandboxes",
     "kill_capacity_lag_ms": "kill_capacity_lag_ms",
+    "foreign_sandboxes": "foreign_sandboxes",
     "default_timeout_s": "default_timeout_s",
     "max_timeout_s": "max_timeout_s",
     "hang_s": "hang_s",
@@ -63,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--create-latency-max-ms", type=float, default=None, help="ceiling of the create latency"
+    )
+    parser.add_argument(
+        "--create-latency-jitter-ms",
+        type=float,
+        default=None,
+        help="uniform jitter added to each create's latency",
     )
     parser.add_argument(
         "--create-rate",
@@ -101,6 +109,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a killed sandbox still counts against the cap",
     )
     parser.add_argument(
+        "--foreign-sandboxes",
+        type=int,
+        default=None,
+        help="sandboxes other users of the account run (they count against the cap)",
+    )
+    parser.add_argument(
+        "--storm",
+        action="append",
+        default=[],
+        metavar="START_MS-END_MS",
+        help="answer every create 429 in this window since the start, e.g. 2000-12000 (repeatable)",
+    )
+    parser.add_argument(
         "--capacity-should-retry",
         choices=["false", "true", "none"],
         default=None,
@@ -135,8 +156,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_storm(spec: str) -> Storm:
+    """``START_MS-END_MS``, milliseconds since the mock started."""
+    start, dash, end = spec.partition("-")
+    if not dash:
+        raise ValueError(f"a storm is START_MS-END_MS, got {spec!r}")
+    return Storm(int(start), int(end))
+
+
 def config_from_args(ns: argparse.Namespace) -> MockE2BConfig:
-    """The config the parsed flags describe (raises ValueError on a bad fault spec)."""
+    """The config the parsed flags describe (raises ValueError on a bad fault or storm)."""
     changes = preset_changes(ns, "plan", PLANS, _FIELDS)
     if "api_key" not in changes:
         changes["api_key"] = os.environ.get("E2B_API_KEY") or MockE2BConfig().api_key
@@ -144,6 +173,7 @@ def config_from_args(ns: argparse.Namespace) -> MockE2BConfig:
     if should_retry is not None:
         changes["capacity_should_retry"] = None if should_retry == "none" else should_retry
     changes["faults"] = tuple(parse_fault(spec) for spec in getattr(ns, "fault", None) or [])
+    changes["storms"] = tuple(parse_storm(spec) for spec in getattr(ns, "storm", None) or [])
     return MockE2BConfig().replace(**changes)
 
 

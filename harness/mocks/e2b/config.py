@@ -100,6 +100,19 @@ class FaultRule:
         return cls(**dict(data))
 
 
+@dataclass(frozen=True)
+class Storm:
+    """Every create arriving in [start_ms, end_ms) (since the mock started or was reset)
+    gets a 429 whose Retry-After points at the storm's end."""
+
+    start_ms: int
+    end_ms: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_ms < self.end_ms:
+            raise ValueError(f"a storm needs 0 <= start_ms < end_ms, got {self}")
+
+
 _FAULT_HEAD = re.compile(r"^(?P<status>[45]\d\d)(?P<retry>\+retry|-noretry)?$")
 _KIND_ALIASES: dict[str, FaultKind] = {
     "reset": "reset",
@@ -161,6 +174,8 @@ class MockE2BConfig(MockConfig):
     create_latency_ms: float = 0.0
     create_latency_sigma: float = 0.0
     create_latency_max_ms: float | None = None
+    # A uniform addition in [0, jitter] to each create's latency.
+    create_latency_jitter_ms: float = 0.0
     # Route rate limit on creates (GCRA): sustained rate and burst. None = unlimited.
     create_rate_per_s: float | None = None
     create_burst: int = 1
@@ -172,6 +187,10 @@ class MockE2BConfig(MockConfig):
     # Concurrent sandboxes per team; a kill gives its slot back only after the lag.
     max_sandboxes: int | None = None
     kill_capacity_lag_ms: float = 0.0
+    # Sandboxes other users of the account run: they count against ``max_sandboxes``.
+    foreign_sandboxes: int = 0
+    # Windows in which every create is answered 429 (E2B under someone else's load).
+    storms: tuple[Storm, ...] = ()
     # The cap's 429 carries no Retry-After. What it says in ``Should-Retry``: e2b SDK >= 2.x
     # retries a 429 *without* that header (with backoff), so "false" keeps the SDK from
     # retrying the cap; None omits the header.
@@ -195,7 +214,9 @@ class MockE2BConfig(MockConfig):
         for name in (
             "create_latency_ms",
             "create_latency_sigma",
+            "create_latency_jitter_ms",
             "kill_capacity_lag_ms",
+            "foreign_sandboxes",
             "hang_s",
             "slow_body_ms",
         ):
@@ -213,8 +234,11 @@ class MockE2BConfig(MockConfig):
             raise ValueError(f"create_overload_mode must be one of {OVERLOAD_MODES}")
         if self.default_timeout_s <= 0 or self.max_timeout_s < self.default_timeout_s:
             raise ValueError("need 0 < default_timeout_s <= max_timeout_s")
-        # Faults may be given as rules, JSON objects or command-line strings.
+        # Faults may be given as rules, JSON objects or command-line strings; storms as
+        # storms or JSON objects.
         object.__setattr__(self, "faults", coerce_faults(self.faults))
+        storms = tuple(s if isinstance(s, Storm) else Storm(**dict(s)) for s in self.storms)
+        object.__setattr__(self, "storms", storms)
 
     @classmethod
     def for_plan(cls, plan: str, **changes: Any) -> MockE2BConfig:

@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from harness.mocks.e2b.state import SandboxRecord
+from harness.mocks.e2b.team import SandboxRecord
 
 IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
 

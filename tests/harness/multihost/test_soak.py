@@ -6,46 +6,15 @@ on loopback. With CI set, a missing redis-server fails the tests instead of skip
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from harness.multihost.redis_server import find_redis_server
-from harness.multihost.soak import FAULT_KINDS, add_soak_arguments, run_soak
+from harness.multihost.soak import FAULT_KINDS
 from harness.multihost.worker import RELEASE_FORGETS_BEFORE_KILL
 from host.runtime.loader import LoadedComponent
-
-
-@pytest.fixture(autouse=True)
-def _needs_redis() -> None:
-    if find_redis_server() is None:
-        message = "redis-server not installed (apt-get install redis-server)"
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"{message}; CI is set, so redis tests must run, not skip")
-        pytest.skip(message)
-
-
-def _soak(
-    capsys: pytest.CaptureFixture[str],
-    loaded: LoadedComponent,
-    cache_dir: Path,
-    *extra: str,
-) -> tuple[int, dict[str, Any]]:
-    parser = argparse.ArgumentParser()
-    add_soak_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--component", str(loaded.path), "--cache-dir", str(cache_dir), "--json",
-            *extra,
-        ]
-    )  # fmt: skip
-    code = run_soak(args)
-    report: dict[str, Any] = json.loads(capsys.readouterr().out)
-    return code, report
+from tests.harness.multihost.soak_support import assert_the_audit_finds_the_planted_bug, soak_report
 
 
 def test_a_short_seeded_soak_passes_its_audit(
@@ -56,8 +25,9 @@ def test_a_short_seeded_soak_passes_its_audit(
     """Bugs caught: any the audit checks (an orphan, a second sandbox for one cycle, a
     limit overrun at E2B, a leaked permit, a job lost or failed untyped) under kills,
     Redis restarts and E2B's faults."""
-    code, report = _soak(capsys, loaded_component, component_cache_dir, "--minutes", "0.5",
-                         "--seed", "1")  # fmt: skip
+    code, report = soak_report(
+        capsys, loaded_component, component_cache_dir, "--minutes", "0.5", "--seed", "1"
+    )
     audit, faults = report["audit"], report["faults"]
     print("\nfaults:", [(f["kind"], f["detail"].get("hit")) for f in faults])
     print("audit:", json.dumps(audit["checks"]))
@@ -83,16 +53,9 @@ def test_a_release_that_forgets_before_killing_fails_the_audit(
     """The planted bug (worker.py: every kill is answered 204 without being sent) leaves
     each released sandbox running at E2B; the audit, reading only the mock, must say so
     and the command must exit 1."""
-    code, report = _soak(
+    code, report = soak_report(
         capsys, loaded_component, component_cache_dir,
         "--minutes", "0.2", "--seed", "1", "--finish-timeout-s", "20",
         "--planted-bug", RELEASE_FORGETS_BEFORE_KILL,
     )  # fmt: skip
-    audit = report["audit"]
-    print("\nviolations:", audit["violations"])
-    assert code == 1
-    assert not audit["ok"]
-    assert audit["checks"]["orphaned_sandboxes"] > 0
-    assert any("alive at E2B whose job has ended" in v for v in audit["violations"])
-    # The mock never saw a kill: the bug is in the host, and the audit found it at E2B.
-    assert report["mock"]["sandboxes_killed"] == 0
+    assert_the_audit_finds_the_planted_bug(code, report)

@@ -137,25 +137,20 @@ def test_two_hundred_jobs_over_five_tenants_all_complete_and_are_served_fairly()
     assert all(10 <= first_half[f"tenant-{t}"] <= 30 for t in range(1, 6))
 
 
+def simulate_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """`simulate *args --json`, which must exit 0; its report."""
+    code = main(["simulate", *args, "--json"])
+    assert code == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
+
+
 def test_json_report_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     """Bug caught: the documented --json shape (one report on stdout) broken by live
     lines or a renamed field."""
-    code = main(
-        [
-            "simulate",
-            "--mode",
-            "direct",
-            "--jobs",
-            "3",
-            "--e2b-create-latency-ms",
-            "50",
-            "--turns",
-            "1",
-            "--json",
-        ]
+    report = simulate_json(
+        capsys, "--mode", "direct", "--jobs", "3", "--e2b-create-latency-ms", "50", "--turns", "1"
     )
-    assert code == 0
-    report = json.loads(capsys.readouterr().out)
     assert set(report["summary"]) >= {
         "jobs",
         "completed",
@@ -191,33 +186,28 @@ def test_compare_runs_all_three_modes_and_ends_with_the_comparison(
     """Bug caught: a mode missing from the comparison, the batches replay overlapping its
     batches (more than four creates at once), a storage URL other than memory:// ignored,
     the poll table or the timeline missing a row."""
-    code = main(
-        [
-            "simulate",
-            "--mode",
-            "compare",
-            "--jobs",
-            "6",
-            "--component",
-            str(loaded_component.path),
-            "--storage",
-            f"sqlite:///{tmp_path / 's.db'}",
-            "--json",
-            "--timeline",
-            str(tmp_path / "runs.html"),
-            # Creates held open for a second, so the six direct POSTs overlap (the
-            # precondition of its four wins, checked below through the 429s) even on a
-            # loaded machine.
-            "--e2b-create-latency-ms",
-            "1000",
-            "--turns",
-            "2",
-            "--turn-ms",
-            "60000",
-        ]
+    document = simulate_json(
+        capsys,
+        "--mode",
+        "compare",
+        "--jobs",
+        "6",
+        "--component",
+        str(loaded_component.path),
+        "--storage",
+        f"sqlite:///{tmp_path / 's.db'}",
+        "--timeline",
+        str(tmp_path / "runs.html"),
+        # Creates held open for a second, so the six direct POSTs overlap (the
+        # precondition of its four wins, checked below through the 429s) even on a
+        # loaded machine.
+        "--e2b-create-latency-ms",
+        "1000",
+        "--turns",
+        "2",
+        "--turn-ms",
+        "60000",
     )
-    assert code == 0
-    document = json.loads(capsys.readouterr().out)
     modes = document["modes"]
     assert list(modes) == ["direct", "batches", "provisioner"]
     assert document["comparison"].startswith("compare: direct ")

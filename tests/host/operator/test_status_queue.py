@@ -13,17 +13,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import API_KEY
-from tests.harness.mocks.e2b.fixtures import running_mock
 from tests.host.serve.load import (
     LoadRecord,
     job_context,
     run_jobs,
-    sqlite_url,
     status_json,
     status_table,
 )
-from tests.host.serve.serve_process import ServeProcess, serve_process
+from tests.host.serve.serve_process import ServeProcess, serving_a_mock
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
@@ -54,20 +51,19 @@ def gauges(serve: ServeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]],
 def test_status_and_metrics_show_ten_waiters_while_queued_and_nothing_once_drained(
     tmp_path: Path, component_cache_dir: Path
 ) -> None:
-    storage = sqlite_url(tmp_path / "s.db")
     with (
-        running_mock(api_key=API_KEY, create_latency_ms=HOLD_MS) as mock,
         # Poll only: each waiter's queued answer comes back at once (a held answer would
         # ask the component again meanwhile, and count those answers too).
-        serve_process(
-            e2b_url=mock.url,
-            storage=storage,
-            cache_dir=component_cache_dir,
+        serving_a_mock(
+            tmp_path,
+            component_cache_dir,
             workers=4,
             extra=["--hold-ms", "0"],
-        ) as serve,
+            create_latency_ms=HOLD_MS,
+        ) as (mock, serve),
         serve.client() as http,
     ):
+        storage = serve.storage
         holder: list[object] = []
         first = threading.Thread(
             target=lambda: holder.append(

@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 
+from harness.mocks.e2b import MockE2BServer
 from tests.conftest import API_KEY, ROOT
+from tests.harness.mocks.e2b.fixtures import running_mock
 
 TOKEN = "serve-test-token-0123456789"
 STARTUP_TIMEOUT_S = 300
@@ -29,9 +31,12 @@ def invocation_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class ServeProcess:
-    def __init__(self, process: subprocess.Popen[str], port: int, lines: queue.Queue[str]) -> None:
+    def __init__(
+        self, process: subprocess.Popen[str], port: int, lines: queue.Queue[str], storage: str
+    ) -> None:
         self.process = process
         self.port = port
+        self.storage = storage
         self.url = f"http://127.0.0.1:{port}"
         self.lines = lines
         self.seen: list[str] = []
@@ -138,7 +143,7 @@ def serve_process(
             continue
         if isinstance(event, dict) and event.get("event") == "listening":
             port = int(event["port"])
-    served = ServeProcess(process, port, lines)
+    served = ServeProcess(process, port, lines, storage)
     served.seen = seen
     try:
         yield served
@@ -146,3 +151,31 @@ def serve_process(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def serve_storage(tmp_path: Path) -> str:
+    """The SQLite storage `serving_a_mock` gives its serve in `tmp_path`."""
+    return f"sqlite:///{tmp_path / 's.db'}"
+
+
+@contextmanager
+def serving_a_mock(
+    tmp_path: Path,
+    cache_dir: Path,
+    *,
+    workers: int = 2,
+    extra: list[str] | None = None,
+    **mock_config: Any,
+) -> Iterator[tuple[MockE2BServer, ServeProcess]]:
+    """A mock E2B (`mock_config`) and a serve process in front of it on `serve_storage`."""
+    with (
+        running_mock(api_key=API_KEY, **mock_config) as mock,
+        serve_process(
+            e2b_url=mock.url,
+            storage=serve_storage(tmp_path),
+            cache_dir=cache_dir,
+            workers=workers,
+            extra=extra,
+        ) as serve,
+    ):
+        yield mock, serve

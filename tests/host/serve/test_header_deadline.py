@@ -16,6 +16,7 @@ import uvicorn
 from host.serve import InvocationPool, ServeState, create_app
 from host.serve.bounds import HeaderDeadlineProtocol
 from provisioner.model import Invocation, Outcome
+from tests.host.serve.raw_socket import read_until_closed
 
 TOKEN = "deadline-token"
 HEAD_TIMEOUT_S = 0.5
@@ -71,22 +72,12 @@ def invocation_request(entity: str) -> bytes:
     return head.encode() + body
 
 
-def read_all(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
-    sock.settimeout(limit_s)
-    started, received = time.monotonic(), b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return received, time.monotonic() - started
-        received += chunk
-
-
 def test_a_head_that_does_not_arrive_in_time_closes_the_connection(
     address: tuple[str, int],
 ) -> None:
     with socket.create_connection(address) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # and nothing more
-        received, seconds = read_all(sock, HEAD_TIMEOUT_S * 20)
+        received, seconds = read_until_closed(sock, HEAD_TIMEOUT_S * 20)
     assert received == b""
     assert HEAD_TIMEOUT_S * 0.9 <= seconds < HEAD_TIMEOUT_S * 20
 
@@ -100,6 +91,6 @@ def test_a_slow_answer_and_a_request_pipelined_behind_one_are_not_cut_off(
             + invocation_request("second")
             + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
-        received, _ = read_all(sock, ANSWER_S * 20)
+        received, _ = read_until_closed(sock, ANSWER_S * 20)
     assert received.count(b"HTTP/1.1 200 OK") == 3, received
     assert b"sb-first" in received and b"sb-second" in received

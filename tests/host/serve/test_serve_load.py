@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 
 from harness.mocks.e2b import MockE2BServer
-from tests.conftest import API_KEY
-from tests.harness.mocks.e2b.fixtures import running_mock
-from tests.host.serve.load import LoadRecord, run_jobs, sqlite_url, status_json
-from tests.host.serve.serve_process import ServeProcess, invocation_events, serve_process
+from tests.host.serve.load import LoadRecord, run_jobs, status_json
+from tests.host.serve.serve_process import ServeProcess, invocation_events, serving_a_mock
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
@@ -51,7 +49,6 @@ class LoadRun:
 
     mock: MockE2BServer
     serve: ServeProcess
-    storage: str
     record: LoadRecord = field(default_factory=LoadRecord)
 
     def send_jobs(self) -> None:
@@ -63,18 +60,14 @@ class LoadRun:
 def load_run(tmp_path: Path, cache_dir: Path, *, create_latency_ms: int) -> Iterator[LoadRun]:
     """A mock E2B whose creates take `create_latency_ms`, behind a `serve` that tells a
     refused client to come back in a second."""
-    storage = sqlite_url(tmp_path / "s.db")
-    with (
-        running_mock(api_key=API_KEY, create_latency_ms=create_latency_ms) as mock,
-        serve_process(
-            e2b_url=mock.url,
-            storage=storage,
-            cache_dir=cache_dir,
-            workers=WORKERS,
-            extra=["--retry-after", "1"],
-        ) as serve,
-    ):
-        yield LoadRun(mock, serve, storage)
+    with serving_a_mock(
+        tmp_path,
+        cache_dir,
+        workers=WORKERS,
+        extra=["--retry-after", "1"],
+        create_latency_ms=create_latency_ms,
+    ) as (mock, serve):
+        yield LoadRun(mock, serve)
 
 
 def drain_diagnosis(serve: ServeProcess, signalled: float) -> str:
@@ -106,7 +99,7 @@ def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
         assert len(set(record.sandboxes.values())) == JOBS  # one sandbox per job
         assert stats.sandboxes_created == JOBS
         assert 1 <= stats.max_concurrent_creates <= CREATE_SLOTS
-        view = status_json(run.storage, *STATUS_CONFIG)
+        view = status_json(run.serve.storage, *STATUS_CONFIG)
         assert view["create_slots"]["in_use"] == 0 and view["waiters"] == []
         assert view["capacity"]["running"] == JOBS
 
@@ -136,7 +129,7 @@ def test_sigterm_under_load_exits_zero_and_leaves_no_create_slot_held(
         stats = mock.stats()
         assert stats.creates_in_flight == 0
         assert stats.max_concurrent_creates <= CREATE_SLOTS
-        view = status_json(run.storage, *STATUS_CONFIG)
+        view = status_json(run.serve.storage, *STATUS_CONFIG)
         assert view["create_slots"]["in_use"] == 0 and view["create_slots"]["leases"] == []
         # Every sandbox E2B made is recorded as held (none orphaned by the shutdown).
         held = {lease["sandbox_id"] for lease in view["capacity"]["leases"]}

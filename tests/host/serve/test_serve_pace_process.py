@@ -13,10 +13,8 @@ import pytest
 from host.serve.pace_options import TEMPER_TOKEN_ENV
 from host.serve.wakeups import WakeupStore, new_wakeup
 from host.storage import storage_from_uri
-from tests.conftest import API_KEY
-from tests.harness.mocks.e2b.fixtures import running_mock
 from tests.host.serve.fake_temper import FakeTemper
-from tests.host.serve.serve_process import invocation_events, serve_process
+from tests.host.serve.serve_process import invocation_events, serve_storage, serving_a_mock
 from tests.host.serve.test_serve_hold_component import context
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
@@ -28,20 +26,17 @@ def test_a_started_serve_sends_a_due_wake_up_left_in_storage(
     # Catches: a sender that is not started with the app (lifespan off), or one that only
     # sends the wake-ups its own process stored (a dead process's would be lost).
     monkeypatch.setenv(TEMPER_TOKEN_ENV, "temper-token")
-    storage_url = f"sqlite:///{tmp_path / 's.db'}"
-    storage = storage_from_uri(storage_url)
+    storage = storage_from_uri(serve_storage(tmp_path))
     store = WakeupStore(storage)
     wakeup = new_wakeup("acme", "TemperAgent", "agent-1", store.now_ms(), "r-1")
     assert store.schedule(wakeup)
     with (
         FakeTemper({}) as temper,
-        running_mock(api_key=API_KEY) as mock,
-        serve_process(
-            e2b_url=mock.url,
-            storage=storage_url,
-            cache_dir=component_cache_dir,
+        serving_a_mock(
+            tmp_path,
+            component_cache_dir,
             extra=["--push", "--temper-api-url", temper.url, "--wake-action", "Wake"],
-        ) as serve,
+        ) as (_, serve),
     ):
         sent = 'sandbox_provisioner_wakeups_total{result="sent"} 1.0'
         deadline = time.monotonic() + 60
@@ -65,13 +60,7 @@ def test_a_real_serve_holds_a_queued_request_and_answers_the_grant_after_a_relea
     # again after the only sandbox is released.
     held = "sandbox_provisioner_held_requests 1.0"
     with (
-        running_mock(api_key=API_KEY) as mock,
-        serve_process(
-            e2b_url=mock.url,
-            storage=f"sqlite:///{tmp_path / 's.db'}",
-            cache_dir=component_cache_dir,
-            extra=["--hold-ms", "60000"],
-        ) as serve,
+        serving_a_mock(tmp_path, component_cache_dir, extra=["--hold-ms", "60000"]) as (_, serve),
         serve.client() as http,
     ):
         first = http.post("/v1/invocations", json=context("job-1", "provision"))

@@ -6,8 +6,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 from harness.mocks.e2b import MockE2BServer
 from tests.conftest import API_KEY
 from tests.harness.mocks.e2b.fixtures import running_mock
-from tests.host.serve.serve_process import ServeProcess, serve_process
+from tests.host.serve.serve_process import serve_process, serving_a_mock
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
@@ -58,25 +56,6 @@ def post_in_thread(
     return thread, out
 
 
-@contextmanager
-def serving_a_mock(
-    tmp_path: Path, cache_dir: Path, mock_config: dict[str, Any], workers: int, extra: list[str]
-) -> Iterator[tuple[MockE2BServer, ServeProcess, httpx.Client]]:
-    """A mock E2B, a serve process in front of it on SQLite in `tmp_path`, and a client."""
-    with (
-        running_mock(api_key=API_KEY, **mock_config) as mock,
-        serve_process(
-            e2b_url=mock.url,
-            storage=f"sqlite:///{tmp_path / 's.db'}",
-            cache_dir=cache_dir,
-            workers=workers,
-            extra=extra,
-        ) as serve,
-        serve.client() as http,
-    ):
-        yield mock, serve, http
-
-
 def creates_in_flight(mock: MockE2BServer) -> int:
     return mock.stats().creates_in_flight
 
@@ -85,9 +64,16 @@ def test_saturated_serve_answers_503_retry_after_and_readyz_is_ready(
     tmp_path: Path, component_cache_dir: Path
 ) -> None:
     # The mock holds each create for 4 s, so the one worker is provably busy.
-    with serving_a_mock(
-        tmp_path, component_cache_dir, {"create_latency_ms": 4000}, 1, ["--retry-after", "2"]
-    ) as (mock, serve, http):
+    with (
+        serving_a_mock(
+            tmp_path,
+            component_cache_dir,
+            workers=1,
+            extra=["--retry-after", "2"],
+            create_latency_ms=4000,
+        ) as (mock, serve),
+        serve.client() as http,
+    ):
         ready = http.get("/readyz")
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
         no_token = serve.client(token=None).post("/v1/invocations", json=context("job-x"))
@@ -156,10 +142,12 @@ def _children(pid: int) -> set[int]:
 def test_processes_run_the_invocations_in_worker_processes_and_keep_the_e2b_metrics(
     tmp_path: Path, component_cache_dir: Path
 ) -> None:
-    with serving_a_mock(tmp_path, component_cache_dir, {}, 4, ["--processes", "2"]) as (
-        mock,
-        serve,
-        http,
+    with (
+        serving_a_mock(tmp_path, component_cache_dir, workers=4, extra=["--processes", "2"]) as (
+            mock,
+            serve,
+        ),
+        serve.client() as http,
     ):
         workers = _children(serve.process.pid)
         assert len(workers) >= 2, f"serve started {workers} as worker processes"

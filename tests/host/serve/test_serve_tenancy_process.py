@@ -18,9 +18,8 @@ import httpx
 import pytest
 
 from harness.mocks.e2b import MockE2BServer
-from tests.conftest import API_KEY
-from tests.harness.mocks.e2b.fixtures import running_mock
-from tests.host.serve.serve_process import ServeProcess, serve_process
+from tests.host.serve.raw_socket import read_until_closed
+from tests.host.serve.serve_process import ServeProcess, serving_a_mock
 from tests.host.serve.tenancy_support import (
     OPERATOR_TOKEN,
     T1_TOKEN,
@@ -52,15 +51,9 @@ def serving_tenants(
     tmp_path: Path, cache_dir: Path, extra: list[str]
 ) -> Iterator[tuple[MockE2BServer, ServeProcess]]:
     """The mock E2B and a `serve --tenants` on SQLite (`tmp_path/s.db`) in front of it."""
-    with (
-        running_mock(api_key=API_KEY) as mock,
-        serve_process(
-            e2b_url=mock.url,
-            storage=f"sqlite:///{tmp_path / 's.db'}",
-            cache_dir=cache_dir,
-            extra=["--tenants", str(tmp_path / "tenants.toml"), *extra],
-        ) as serve,
-    ):
+    with serving_a_mock(
+        tmp_path, cache_dir, extra=["--tenants", str(tmp_path / "tenants.toml"), *extra]
+    ) as (mock, serve):
         yield mock, serve
 
 
@@ -164,17 +157,6 @@ def test_sighup_reloads_the_clients_and_a_broken_file_keeps_the_old_ones(
         assert invoke(serve, newcomer, context("t3", "j", "status")).status_code == 200
         assert invoke(serve, T2_TOKEN, context("t2", "j", "status")).status_code == 200
         assert serve.process.poll() is None
-
-
-def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection; and when it closed."""
-    sock.settimeout(limit_s)
-    started, received = time.monotonic(), b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return received, time.monotonic() - started
-        received += chunk
 
 
 def test_slow_and_oversized_senders_are_cut_off(tmp_path: Path, component_cache_dir: Path) -> None:

@@ -42,9 +42,9 @@ def shared_server() -> Iterator[MockE2BServer]:
 @pytest.fixture
 def server(shared_server: MockE2BServer) -> Iterator[MockE2BServer]:
     """The shared server, reset to the permissive defaults for each test."""
-    shared_server.configure(**{
-        name: value for name, value in MockE2BConfig(api_key=API_KEY).to_json().items()
-    })
+    shared_server.configure(
+        **{name: value for name, value in MockE2BConfig(api_key=API_KEY).to_json().items()}
+    )
     shared_server.reset()
     yield shared_server
 
@@ -83,11 +83,18 @@ def test_create_answers_201_with_the_fields_the_sdk_reads(
     server: MockE2BServer, http: httpx.Client, path: str
 ) -> None:
     # Catches a create answer missing sandboxID/templateID/clientID/envdVersion.
-    response = http.post(path, json={
-        "templateID": "base", "timeout": 60, "metadata": {"job": "j1"},
-        "envVars": {"A": "1"}, "autoPause": False, "secure": True,
-        "allow_internet_access": True,
-    })
+    response = http.post(
+        path,
+        json={
+            "templateID": "base",
+            "timeout": 60,
+            "metadata": {"job": "j1"},
+            "envVars": {"A": "1"},
+            "autoPause": False,
+            "secure": True,
+            "allow_internet_access": True,
+        },
+    )
     assert response.status_code == 201
     body = response.json()
     assert set(body) >= {"sandboxID", "templateID", "clientID", "envdVersion"}
@@ -97,11 +104,18 @@ def test_create_answers_201_with_the_fields_the_sdk_reads(
     assert running[0]["metadata"] == {"job": "j1"}
 
 
-@pytest.mark.parametrize("body", [
-    {}, {"templateID": ""}, {"templateID": "base", "timeout": "60"},
-    {"templateID": "base", "timeout": 0}, {"templateID": "base", "timeout": 10**9},
-    {"templateID": "base", "metadata": {"a": 1}}, [1, 2],
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"templateID": ""},
+        {"templateID": "base", "timeout": "60"},
+        {"templateID": "base", "timeout": 0},
+        {"templateID": "base", "timeout": 10**9},
+        {"templateID": "base", "metadata": {"a": 1}},
+        [1, 2],
+    ],
+)
 def test_malformed_create_is_400(server: MockE2BServer, http: httpx.Client, body: Any) -> None:
     # Catches a create that accepts a body E2B would refuse.
     response = http.post("/v2/sandboxes", json=body)
@@ -216,7 +230,8 @@ def test_invalid_idempotency_key_is_400(
 ) -> None:
     # Catches a server accepting keys E2B refuses (1-255 of [a-z0-9-]).
     response = http.post(
-        "/v2/sandboxes", json={"templateID": "base"},
+        "/v2/sandboxes",
+        json={"templateID": "base"},
         headers={"Idempotency-Key": key},
     )
     assert response.status_code == 400
@@ -229,8 +244,10 @@ def test_invalid_idempotency_key_is_400(
 def test_rate_limit_429_has_retry_after_and_ratelimit_headers() -> None:
     # Catches the route limiter's 429 losing the headers the SDK's retry relies on.
     clock = FrozenClock()
-    with running_mock(clock=clock, create_rate_per_s=1.0, create_burst=2) as server, \
-            client(server) as http:
+    with (
+        running_mock(clock=clock, create_rate_per_s=1.0, create_burst=2) as server,
+        client(server) as http,
+    ):
         ok = [create(http) for _ in range(2)]
         assert [r.status_code for r in ok] == [201, 201]
         assert ok[1].headers["RateLimit-Remaining"] == "0"
@@ -265,8 +282,30 @@ def test_capacity_cap_429_names_the_cap_has_no_retry_after(
     assert create(http).status_code == 201
     stats = server.stats()
     assert (stats.capacity_limited, stats.max_running_sandboxes, stats.running_sandboxes) == (
-        2, 2, 2
+        2,
+        2,
+        2,
     )
+
+
+def test_storms_and_other_users_sandboxes_reach_the_answers(
+    server: MockE2BServer, http: httpx.Client
+) -> None:
+    # Catches a storm or other users' sandboxes that the routes do not answer as the model
+    # decided (a storm's 429 must say when it ends).
+    server.configure(
+        storms=[{"start_ms": 0, "end_ms": 60_000}], max_sandboxes=2, foreign_sandboxes=1
+    )
+    server.reset()  # storms count from here
+    stormed = create(http)
+    assert stormed.status_code == 429
+    assert stormed.headers["Retry-After"] == "60"
+    CLOCK.advance(60.0)
+    assert create(http).status_code == 201
+    full = create(http)
+    assert full.status_code == 429 and full.json()["message"] == capacity_message(2)
+    stats = server.stats()
+    assert (stats.rate_limited, stats.capacity_limited, stats.capacity_in_use) == (1, 1, 2)
 
 
 def test_a_kill_frees_capacity_only_after_the_lag(
@@ -319,8 +358,12 @@ def test_concurrent_creates_past_the_cap_are_refused_in_reject_mode() -> None:
 
 def test_concurrent_creates_past_the_cap_wait_then_time_out_in_slow_mode() -> None:
     # Catches slow mode answering at once, or never giving up (the incident's hang).
-    with running_mock(max_concurrent_creates=1, create_overload_mode="slow",
-                      create_overload_timeout_ms=200, create_latency_ms=60_000) as server:
+    with running_mock(
+        max_concurrent_creates=1,
+        create_overload_mode="slow",
+        create_overload_timeout_ms=200,
+        create_latency_ms=60_000,
+    ) as server:
         holder = in_thread(lambda: create(client(server)))
         server.wait_for(lambda s: s.creates_in_flight == 1)
         with client(server) as http:
@@ -354,8 +397,9 @@ def test_scheduled_status_faults_hit_exactly_the_scheduled_creates(
     server: MockE2BServer, http: httpx.Client, status: int, should_retry: bool | None
 ) -> None:
     # Catches an off-by-one schedule, a wrong status, or a missing Should-Retry header.
-    server.configure(faults=[{"status": status, "should_retry": should_retry,
-                              "first": 3, "last": 6}])
+    server.configure(
+        faults=[{"status": status, "should_retry": should_retry, "first": 3, "last": 6}]
+    )
     codes = [create(http) for _ in range(8)]
     assert [r.status_code for r in codes] == [201, 201] + [status] * 4 + [201, 201]
     failed = codes[2]
@@ -448,8 +492,15 @@ def test_stats_are_exact_under_100_concurrent_clients(server: MockE2BServer) -> 
     # Catches lost updates in the counters, and 429 kinds counted under the wrong name.
     # Every kind of 429 can happen at once: at least 60 pass the rate limiter and 40 the
     # create cap, so at least 15 meet the sandbox cap.
-    server.configure(max_sandboxes=25, max_concurrent_creates=40, create_rate_per_s=200.0,
-                     create_burst=60, create_latency_ms=15, create_latency_sigma=0.5, seed=5)
+    server.configure(
+        max_sandboxes=25,
+        max_concurrent_creates=40,
+        create_rate_per_s=200.0,
+        create_burst=60,
+        create_latency_ms=15,
+        create_latency_sigma=0.5,
+        seed=5,
+    )
     clients = 100
     barrier = threading.Barrier(clients)
     seen: Counter[str] = Counter()
@@ -574,8 +625,9 @@ def test_wait_for_wakes_on_a_change_and_times_out_otherwise(server: MockE2BServe
         server.wait_for(lambda s: s.sandboxes_created == 99, timeout=0.1)
 
 
-@pytest.mark.parametrize("fault", ["malformed:n=1:route=kill:after-create",
-                                   "slow-body:n=1:route=kill:after-create"])
+@pytest.mark.parametrize(
+    "fault", ["malformed:n=1:route=kill:after-create", "slow-body:n=1:route=kill:after-create"]
+)
 def test_body_faults_on_a_kill_still_kill(
     server: MockE2BServer, http: httpx.Client, fault: str
 ) -> None:
@@ -604,7 +656,7 @@ def test_a_caller_killed_before_its_body_arrived_gets_no_answer_and_changes_noth
     with socket.create_connection((host, int(port))) as caller:
         caller.sendall(
             f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {API_KEY}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"templa".encode()
+            'Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{"templa'.encode()
         )
     stats = server.wait_for(lambda s: s.abandoned_requests == before.abandoned_requests + 1)
     assert stats.sandboxes_created == before.sandboxes_created

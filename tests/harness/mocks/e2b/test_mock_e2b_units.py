@@ -10,6 +10,7 @@ import pytest
 
 from harness.mocks.e2b import FaultRule, MockE2BConfig, parse_fault
 from harness.mocks.e2b.cli import add_arguments, config_from_args
+from harness.mocks.e2b.config import Storm
 from harness.mocks.e2b.faults import FaultPicker
 from harness.mocks.e2b.latency import LatencySampler
 from harness.mocks.e2b.limits import Gcra
@@ -36,7 +37,7 @@ def test_gcra_allows_the_burst_then_rejects_until_one_interval_has_passed() -> N
 def test_gcra_sustains_exactly_its_rate() -> None:
     # Catches a drifting emission interval: 1 create/s over 100 s admits 100 (+burst).
     gcra = Gcra(rate_per_s=1.0, burst=1)
-    allowed = sum(gcra.take(t / 10) .allowed for t in range(1000))
+    allowed = sum(gcra.take(t / 10).allowed for t in range(1000))
     assert allowed == 100
 
 
@@ -138,14 +139,44 @@ def test_cli_flags_build_the_config_and_explicit_flags_beat_the_plan() -> None:
     # Catches a flag that is parsed but never reaches the config.
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    ns = parser.parse_args([
-        "--plan", "hobby", "--max-sandboxes", "5", "--api-key", "e2b_x", "--seed", "9",
-        "--create-latency-ms", "250", "--create-latency-sigma", "0.3",
-        "--max-concurrent-creates", "4", "--create-overload", "slow",
-        "--create-overload-timeout-ms", "30000", "--kill-capacity-lag-ms", "2000",
-        "--capacity-should-retry", "none", "--fault", "503:n=3-6", "--fault", "reset:p=0.1",
-        "--port", "0",
-    ])
+    ns = parser.parse_args(
+        [
+            "--plan",
+            "hobby",
+            "--max-sandboxes",
+            "5",
+            "--api-key",
+            "e2b_x",
+            "--seed",
+            "9",
+            "--create-latency-ms",
+            "250",
+            "--create-latency-sigma",
+            "0.3",
+            "--max-concurrent-creates",
+            "4",
+            "--create-overload",
+            "slow",
+            "--create-overload-timeout-ms",
+            "30000",
+            "--kill-capacity-lag-ms",
+            "2000",
+            "--capacity-should-retry",
+            "none",
+            "--fault",
+            "503:n=3-6",
+            "--fault",
+            "reset:p=0.1",
+            "--create-latency-jitter-ms",
+            "40",
+            "--foreign-sandboxes",
+            "2",
+            "--storm",
+            "2000-12000",
+            "--port",
+            "0",
+        ]
+    )
     config = config_from_args(ns)
     assert config.max_sandboxes == 5
     assert config.create_rate_per_s == 1.0
@@ -159,11 +190,24 @@ def test_cli_flags_build_the_config_and_explicit_flags_beat_the_plan() -> None:
     assert config.kill_capacity_lag_ms == 2000
     assert config.capacity_should_retry is None
     assert config.faults == (parse_fault("503:n=3-6"), parse_fault("reset:p=0.1"))
+    assert config.create_latency_jitter_ms == 40
+    assert config.foreign_sandboxes == 2
+    assert config.storms == (Storm(2_000, 12_000),)
     assert MockE2BConfig.for_plan("hobby", api_key="e2b_x", max_sandboxes=5) == (
-        config.replace(create_latency_ms=0.0, create_latency_sigma=0.0, seed=0,
-                       max_concurrent_creates=None, create_overload_mode="reject",
-                       create_overload_timeout_ms=None, kill_capacity_lag_ms=0.0,
-                       capacity_should_retry="false", faults=())
+        config.replace(
+            create_latency_ms=0.0,
+            create_latency_sigma=0.0,
+            seed=0,
+            max_concurrent_creates=None,
+            create_overload_mode="reject",
+            create_overload_timeout_ms=None,
+            kill_capacity_lag_ms=0.0,
+            capacity_should_retry="false",
+            faults=(),
+            create_latency_jitter_ms=0.0,
+            foreign_sandboxes=0,
+            storms=(),
+        )
     )
     plain = config_from_args(parser.parse_args(["--api-key", "k"]))
     assert plain == MockE2BConfig(api_key="k")

@@ -45,81 +45,48 @@ def send_as_old_module(
     def extra(value: str) -> dict[str, str]:
         return {"Id": value} if with_ids else {}
 
+    def create(collection: str, body: dict[str, str], key: str) -> str:
+        content = json.dumps({**body, **extra(key)})
+        return entity_id(http.post(f"/tdata/{collection}", headers=headers(), content=content))
+
+    def write_file(kind: str, name: str, mime_type: str, content: str) -> str:
+        """A File in the workspace, then its content, as the old module writes each one."""
+        file_id = create(
+            "Files",
+            {
+                "FileId": f"{kind}-{agent_id}",
+                "workspace_id": ws,
+                "name": name,
+                "mime_type": mime_type,
+                "path": f"/{name}",
+            },
+            f"{kind}-{agent_id}",
+        )
+        put = http.put(
+            f"/tdata/Files('{file_id}')/$value", headers=headers(mime_type), content=content
+        )
+        assert put.status_code == 204
+        return file_id
+
     with httpx.Client(base_url=base, timeout=10) as http:
-        ws = entity_id(
-            http.post(
-                "/tdata/Workspaces",
-                headers=headers(),
-                content=json.dumps(
-                    {
-                        "WorkspaceId": f"agent-{agent_id}",
-                        "name": f"Agent {agent_id} Workspace",
-                        "owner_id": agent_id,
-                        "quota_bytes": "104857600",
-                        **extra(f"agent-{agent_id}"),
-                    }
-                ),
-            )
+        ws = create(
+            "Workspaces",
+            {
+                "WorkspaceId": f"agent-{agent_id}",
+                "name": f"Agent {agent_id} Workspace",
+                "owner_id": agent_id,
+                "quota_bytes": "104857600",
+            },
+            f"agent-{agent_id}",
         )
-        conv = entity_id(
-            http.post(
-                "/tdata/Files",
-                headers=headers(),
-                content=json.dumps(
-                    {
-                        "FileId": f"conv-{agent_id}",
-                        "workspace_id": ws,
-                        "name": "conversation.json",
-                        "mime_type": "application/json",
-                        "path": "/conversation.json",
-                        **extra(f"conv-{agent_id}"),
-                    }
-                ),
-            )
+        conv = write_file(
+            "conv", "conversation.json", "application/json", json.dumps({"messages": []})
         )
-        put = http.put(
-            f"/tdata/Files('{conv}')/$value",
-            headers=headers(),
-            content=json.dumps({"messages": []}),
-        )
-        assert put.status_code == 204
-        manifest = entity_id(
-            http.post(
-                "/tdata/Files",
-                headers=headers(),
-                content=json.dumps(
-                    {
-                        "FileId": f"manifest-{agent_id}",
-                        "workspace_id": ws,
-                        "name": "file_manifest.json",
-                        "mime_type": "application/json",
-                        "path": "/file_manifest.json",
-                        **extra(f"manifest-{agent_id}"),
-                    }
-                ),
-            )
-        )
-        put = http.put(
-            f"/tdata/Files('{manifest}')/$value",
-            headers=headers(),
-            content=json.dumps({"files": {}, "synced_at_turn": 0}),
-        )
-        assert put.status_code == 204
-        session = entity_id(
-            http.post(
-                "/tdata/Files",
-                headers=headers(),
-                content=json.dumps(
-                    {
-                        "FileId": f"session-{agent_id}",
-                        "workspace_id": ws,
-                        "name": "session.jsonl",
-                        "mime_type": "text/plain",
-                        "path": "/session.jsonl",
-                        **extra(f"session-{agent_id}"),
-                    }
-                ),
-            )
+        manifest = write_file(
+            "manifest",
+            "file_manifest.json",
+            "application/json",
+            json.dumps({"files": {}, "synced_at_turn": 0}),
         )
         header_line = json.dumps(
             {"id": f"h-{agent_id}", "parentId": None, "type": "header", "version": 1, "tokens": 0}
@@ -134,12 +101,9 @@ def send_as_old_module(
                 "tokens": len(user_message) // 4,
             }
         )
-        put = http.put(
-            f"/tdata/Files('{session}')/$value",
-            headers=headers("text/plain"),
-            content=f"{header_line}\n{user_line}",
+        session = write_file(
+            "session", "session.jsonl", "text/plain", f"{header_line}\n{user_line}"
         )
-        assert put.status_code == 204
     return {
         "workspace_id": ws,
         "conversation_file_id": conv,
