@@ -1,17 +1,18 @@
 """Acquire: grant a permit of a resource gate now, or say where the waiter stands.
 
 One decision, like the sandbox gates' `gates.admit`: load the gate and the waiter's
-place, keep the waiter's ticket (a repeated acquire keeps its place), `blocking.walk` the
-front of the fair order, and either grant (take a lease and charge every bucket its
-estimate, in the same compare-and-swap that takes the waiter out of the queue) or answer
-Queued. An entity holds at most one lease per resource: asking again while holding it
-renews the lease and answers the same grant.
+place, keep the waiter's ticket (a repeated acquire keeps its place), walk the front of
+the fair order (`blocking.resource_verdict`), and either grant (take a lease and charge
+every bucket its estimate, in the same compare-and-swap that takes the waiter out of the
+queue) or answer Queued. An entity holds at most one lease per resource: asking again
+while holding it renews the lease and answers the same grant.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from provisioner.gates.blocking import Verdict, resource_verdict, resource_waiting
 from provisioner.gates.bucket import Charge
 from provisioner.gates.cas import new_lease_id, until_settled
 from provisioner.gates.document import (
@@ -33,7 +34,6 @@ from provisioner.gates.queue import (
     reservation_of,
     reserve,
 )
-from provisioner.gates.resource_blocking import Verdict, waiting, walk
 from provisioner.gates.results import REASON_BACKOFF, Queued, Rejected, ResourceGrant, Waiter
 
 
@@ -73,7 +73,7 @@ class Acquisition(ResourceLedger):
         if cooling > 0:
             verdict = Verdict(False, REASON_BACKOFF, (), ())
         else:
-            verdict = walk(
+            verdict = resource_verdict(
                 state, self.gate, now, waiter.tenant, place.ticket, costs, self.read_ticket
             )
         for tenant, ticket in verdict.dead:
@@ -81,7 +81,7 @@ class Acquisition(ResourceLedger):
         own_queue = state.queue_of(waiter.tenant)
         if verdict.goes and own_queue is not None and can_remove(own_queue, place.ticket):
             return self._grant(waiter, loaded, place, costs)
-        queued = waiting(
+        queued = resource_waiting(
             state,
             self.gate,
             self.config,

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
+from provisioner.gates.blocking import Turn, assess, waiting
 from provisioner.gates.cas import Again, new_lease_id, until_settled
 from provisioner.gates.document import GATE_KEY, GateState, ticket_key, waiter_key
 from provisioner.gates.ledger import ACCOUNT, SandboxLedger, SandboxLoaded
@@ -32,7 +33,6 @@ from provisioner.gates.queue import (
     reservation_of,
 )
 from provisioner.gates.results import REASON_CREATE_SLOTS, Grant, Queued, Rejected, Waiter
-from provisioner.gates.sandbox_blocking import Turn, assess, waiting
 from provisioner.gates.sandbox_leases import drop_create_lease, take_create_lease
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict

@@ -449,7 +449,7 @@ class ResourceLease:
     started_ms: int
     charges: list[Charge] = field(default_factory=list)
     # How far the call's actual cost may exceed what `charges` charged, by kind: the
-    # estimation error still outstanding until it settles (`resource_blocking.Headroom.reserve`).
+    # estimation error still outstanding until it settles (`blocking.ResourceHeadroom.reserve`).
     margins: Costs = field(default_factory=dict)
 
     def margin(self, kind: str) -> float:

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from provisioner.config import AdmissionConfig
+from provisioner.gates.blocking import Permits, Scheduled, Turn, eligibility, schedule
 from provisioner.gates.cas import new_lease_id
 from provisioner.gates.document import GateState, ticket_key
 from provisioner.gates.queue import reservation_of, reserve
-from provisioner.gates.sandbox_blocking import Permits, Scheduled, Turn, eligibility, schedule
 from provisioner.ports import Ports, Scope
 
 

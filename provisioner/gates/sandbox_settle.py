@@ -12,6 +12,7 @@ create lease expired settles the unsettled create the expiry left.
 from __future__ import annotations
 
 from provisioner.gates.admit import exhausted, leave_queue
+from provisioner.gates.blocking import waiting
 from provisioner.gates.cas import until_settled
 from provisioner.gates.ledger import SandboxLedger, SandboxLoaded
 from provisioner.gates.place import Place, Stage
@@ -38,7 +39,6 @@ from provisioner.gates.results import (
     Unavailable,
     Waiter,
 )
-from provisioner.gates.sandbox_blocking import waiting
 from provisioner.gates.sandbox_leases import (
     drop_create_lease,
     drop_unsettled,

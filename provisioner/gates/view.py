@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate, read_config
+from provisioner.gates.blocking import assess, waiting
 from provisioner.gates.document import GATE_KEY as GATE_KEY
 from provisioner.gates.document import (
     Costs,
@@ -40,7 +41,6 @@ from provisioner.gates.policies import (
     slots_in_use,
 )
 from provisioner.gates.results import Waiter
-from provisioner.gates.sandbox_blocking import assess, waiting
 from provisioner.gates.sandbox_leases import prune_expired
 from provisioner.invocation import Request
 from provisioner.model import GATES_INSPECTED, Outcome

@@ -9,7 +9,7 @@ the gate's promises after every step:
 - tokens: for every bucket, over every window [a, b] between two grants, the actual costs
   of the requests granted in it stay within `rate * (b - a) + burst` plus ONE request's
   estimation error (actual above estimate): the largest among the requests still
-  unsettled right after the window's last grant (`gates.resource_blocking` states the rule
+  unsettled right after the window's last grant (`gates.blocking` states the rule
   that makes it so, and why). Requests declare a worst case (`max_input_tokens`,
   `max_output_tokens`) above their estimate or none, and their actuals stay within it,
   anywhere from nothing to the worst case;

@@ -1,0 +1,628 @@
+"""What blocks a waiter, and when it may go: one walk for both gate kinds.
+
+A headroom of what every limit has free now is handed to the turns at the front of the
+fair order (reserved turns first, then, at the sandbox gate, the retries the budget pays
+for, then fresh tickets round-robin across tenants); the waiter goes when its own turn is
+among those that fit. A limit the account shares stops the walk, so the head of the queue
+is never overtaken; a tenant's own limits skip that tenant's turns. A grant and a "queued"
+answer come from the same walk, so they never disagree. At a resource gate each turn takes
+its own estimated cost, and a bucket keeps a reserve for the margins in flight, so the
+estimation errors reaching the provider unaccounted stay within one request's:
+docs/gates.md gives the argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from enum import Enum
+from itertools import chain
+from typing import Protocol
+
+from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
+from provisioner.gates.document import (
+    Costs,
+    FairQueueState,
+    GateState,
+    ResourceState,
+    RetryEntry,
+    margin_of,
+)
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import (
+    RateLimit,
+    capacity_free,
+    capacity_in_use,
+    capacity_limit,
+    capacity_wait_ms,
+    cooling_ms,
+    rate_available,
+    rate_in_use,
+    rate_limits,
+    rate_wait_ms,
+    retry_token_wait_ms,
+    retry_tokens,
+    slot_wait_ms,
+    slots_free,
+    slots_in_use,
+    tenant_has_room,
+)
+from provisioner.gates.queue import (
+    Eligible,
+    ask_again_ms,
+    eligible_retries,
+    fair_order,
+    fresh_position,
+    live_reservations,
+    retry_at_wait_ms,
+)
+from provisioner.gates.results import (
+    REASON_BACKOFF,
+    REASON_CAPACITY,
+    REASON_CONCURRENCY,
+    REASON_CREATE_SLOTS,
+    REASON_RATE,
+    REASON_TENANT_CONCURRENCY,
+    Queued,
+    Waiter,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One turn in the fair order: a retry (its entity known to the gate) or a fresh ticket
+    (the gate knows its number, the ticket's own key names the entity)."""
+
+    tenant: str
+    entity: str | None = None
+    ticket: int | None = None
+
+    @property
+    def is_retry(self) -> bool:
+        return self.ticket is None
+
+    @classmethod
+    def of(cls, waiter: Waiter, place: Place) -> Turn:
+        if place.stage is Stage.RETRYING:
+            return cls(waiter.tenant, waiter.entity)
+        return cls(waiter.tenant, ticket=place.ticket)
+
+
+class Hold(Enum):
+    """How far a limit a turn does not fit holds the walk back."""
+
+    ALL = "all"  # a limit the account shares: nothing behind the turn may overtake it
+    TENANT = "tenant"  # the tenant's own limit: its later turns wait too (FIFO per tenant)
+    TURN = "turn"  # only this turn
+
+
+Blocked = tuple[str, Hold]
+
+
+class Headroom(Protocol):
+    def blocker(self, turn: Turn) -> Blocked | None: ...
+
+    def take(self, turn: Turn) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Walk:
+    """`chosen`: the turns the headroom went to, in order. `reached`: the walk came to
+    `until`, and `blocked` is what holds that turn back (None: it fits); otherwise
+    `blocked` is the limit that stopped the walk (None: the turns ran out)."""
+
+    chosen: list[Turn]
+    blocked: Blocked | None
+    reached: bool
+
+
+def walk(turns: Iterable[Turn], headroom: Headroom, until: Turn | None = None) -> Walk:
+    chosen: list[Turn] = []
+    held_tenants: set[str] = set()
+    for turn in turns:
+        if turn in chosen or (turn.tenant in held_tenants and turn != until):
+            continue
+        blocked = headroom.blocker(turn)
+        if turn == until:
+            return Walk(chosen, blocked, True)
+        if blocked is None:
+            headroom.take(turn)
+            chosen.append(turn)
+        elif blocked[1] is Hold.ALL:
+            return Walk(chosen, blocked, False)
+        elif blocked[1] is Hold.TENANT:
+            held_tenants.add(turn.tenant)
+    return Walk(chosen, None, False)
+
+
+def queued_answer(
+    config: AdmissionConfig,
+    state: FairQueueState,
+    now_ms: int,
+    since_ms: int,
+    at: int,
+    usage: tuple[int, int],
+    reason: str,
+    eta: int,
+    exact: bool,
+    cooling: int,
+    uniform: Callable[[], float],
+    wait: int | None = None,
+) -> Queued:
+    """The queued answer: when to ask again (`wait` the estimate it rests on, `eta` by
+    default), for a waiter at place `at` held back by `reason`."""
+    retry_after = ask_again_ms(config, eta if wait is None else wait, exact, cooling, uniform)
+    retry_at = now_ms + retry_at_wait_ms(config, eta, exact, retry_after, cooling)
+    in_use, limit = usage
+    waited = now_ms - since_ms
+    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited, retry_at)
+
+
+# The sandbox gate
+
+
+@dataclass(frozen=True, slots=True)
+class Permits:
+    """What each sandbox gate has free right now, computed once per assessment."""
+
+    cooling_ms: int
+    slots: int
+    capacity: int
+    rate: int
+
+    @classmethod
+    def of(cls, state: GateState, config: AdmissionConfig, now_ms: int) -> Permits:
+        return cls(
+            cooling_ms(state, now_ms),
+            slots_free(state, config),
+            capacity_free(state, config),
+            rate_available(state, config, now_ms),
+        )
+
+
+class SandboxHeadroom:
+    """Free create slots and capacity, and each tenant's room, as turns take them. A retry
+    that reclaims its own possible sandbox needs a slot but no capacity; a retry held back
+    by capacity is passed over rather than stopping the walk."""
+
+    def __init__(self, state: GateState, config: AdmissionConfig, permits: Permits) -> None:
+        self.state = state
+        self.slots = permits.slots
+        self.room = permits.capacity
+        self.usage = state.usage_by_tenant()
+        self.limit = config.max_sandboxes_per_tenant
+
+    def _reclaims(self, turn: Turn) -> bool:
+        return turn.is_retry and self.state.reclaims(turn.tenant, turn.entity or "")
+
+    def blocker(self, turn: Turn) -> Blocked | None:
+        if self.slots <= 0:
+            return REASON_CREATE_SLOTS, Hold.ALL
+        if self._reclaims(turn):
+            return None
+        if self.room <= 0:
+            return REASON_CAPACITY, Hold.TURN if turn.is_retry else Hold.ALL
+        if self.limit is not None and self.usage.get(turn.tenant, 0) >= self.limit:
+            return REASON_CAPACITY, Hold.TURN
+        return None
+
+    def take(self, turn: Turn) -> None:
+        self.slots -= 1
+        if not self._reclaims(turn):
+            # A grant can fill a tenant's room, so count grants per tenant along the way.
+            self.usage[turn.tenant] = self.usage.get(turn.tenant, 0) + 1
+            self.room -= 1
+
+
+def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
+    """Whether a tenant has room under `max_sandboxes_per_tenant`."""
+    limit = config.max_sandboxes_per_tenant
+    if limit is None:
+        return lambda tenant: True
+    usage = state.usage_by_tenant()
+    return lambda tenant: usage.get(tenant, 0) < limit
+
+
+def ready_retries(
+    state: GateState, config: AdmissionConfig, eligible: Eligible
+) -> list[RetryEntry]:
+    """Retries the budget pays for whose tenant has room, or that reclaim their own
+    possible sandbox (their create takes no new room)."""
+    return eligible_retries(
+        state,
+        lambda entry: eligible(entry.tenant) or state.reclaims(entry.tenant, entry.entity),
+        retry_tokens(state, config),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """A turn the free permits belong to, and how long until its rate token is due
+    (`due_ms`, 0: it may go now)."""
+
+    turn: Turn
+    due_ms: int
+
+
+def schedule(
+    state: GateState, config: AdmissionConfig, now_ms: int, permits: Permits, eligible: Eligible
+) -> list[Scheduled]:
+    """The turns the free slots and capacity belong to, in order; the k-th may go when the
+    rate's k-th token is due (the create rate delays rather than blocks). None during a
+    cooldown: nothing starts, so nothing is promised."""
+    if permits.cooling_ms > 0 or permits.slots <= 0:
+        return []
+    # Lazily: the walk stops at the first turns the permits run out on, whatever the
+    # number of waiters behind them.
+    turns = chain(
+        [Turn(r.tenant, r.entity, r.ticket) for r in live_reservations(state)],
+        (Turn(e.tenant, e.entity) for e in ready_retries(state, config, eligible)),
+        (Turn(t, ticket=n) for t, n in fair_order(state, eligible)),
+    )
+    chosen = walk(turns, SandboxHeadroom(state, config, permits)).chosen
+    return [
+        Scheduled(turn, rate_wait_ms(state, config, now_ms, index + 1))
+        for index, turn in enumerate(chosen)
+    ]
+
+
+def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: Eligible) -> int:
+    """1-based place in the fair order (0: not found)."""
+    if turn.is_retry:
+        for index, entry in enumerate(state.retries):
+            if (entry.tenant, entry.entity) == (turn.tenant, turn.entity):
+                return index + 1
+        return len(state.retries)
+    ready = ready_retries(state, config, eligible)
+    assert turn.ticket is not None
+    return len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible)
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """`front`: the turns that may go now. `goes`: the waiter's own turn is among them.
+    `scheduled`: every turn the free permits belong to (to reserve). `queued`: when the
+    waiter does not go, why it waits and when to ask again."""
+
+    front: list[Turn]
+    goes: bool
+    queued: Queued | None
+    scheduled: list[Scheduled]
+
+
+def assess(
+    state: GateState,
+    config: AdmissionConfig,
+    now_ms: int,
+    waiter: Waiter,
+    place: Place,
+    uniform: Callable[[], float],
+) -> Assessment:
+    permits = Permits.of(state, config, now_ms)
+    eligible = eligibility(state, config)
+    planned = schedule(state, config, now_ms, permits, eligible)
+    turns = [s.turn for s in planned if s.due_ms <= 0]
+    mine = Turn.of(waiter, place)
+    if mine in turns:
+        return Assessment(turns, True, None, planned)
+    queued = waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
+    own = next((s for s in planned if s.turn == mine), None)
+    if own is not None:
+        # Its permit is promised; only its rate token is not due yet, to the millisecond.
+        queued = replace(
+            queued,
+            reason=REASON_RATE,
+            retry_after_ms=max(1, min(own.due_ms, config.poll_max_ms)),
+            eta_ms=own.due_ms,
+            retry_at_ms=now_ms + own.due_ms,
+        )
+    return Assessment(turns, False, queued, planned)
+
+
+def waiting(
+    state: GateState,
+    config: AdmissionConfig,
+    now_ms: int,
+    waiter: Waiter,
+    place: Place,
+    uniform: Callable[[], float],
+    permits: Permits | None = None,
+    eligible: Eligible | None = None,
+) -> Queued:
+    """Why the waiter at `place` waits, and when it should ask again. Jitter is drawn from
+    `uniform` only during a cooldown."""
+    now = now_ms
+    permits = permits or Permits.of(state, config, now)
+    eligible = eligible or eligibility(state, config)
+    turn = Turn.of(waiter, place)
+    at = max(1, position(state, config, turn, eligible))
+    cooling = permits.cooling_ms
+    # A retry reclaiming its own possible sandbox waits for no capacity.
+    reclaims = turn.is_retry and state.reclaims(waiter.tenant, waiter.entity)
+    waits = {
+        REASON_CAPACITY: 0 if reclaims else capacity_wait_ms(state, config, now, at),
+        REASON_CREATE_SLOTS: slot_wait_ms(state, config, now, at),
+        REASON_RATE: rate_wait_ms(state, config, now, at),
+    }
+    frees = {
+        REASON_CAPACITY: at if reclaims else permits.capacity,
+        REASON_CREATE_SLOTS: permits.slots,
+        REASON_RATE: permits.rate,
+    }
+    usage = {
+        REASON_CAPACITY: (capacity_in_use(state), capacity_limit(state, config)),
+        REASON_CREATE_SLOTS: (slots_in_use(state), config.create_slots),
+        REASON_RATE: (rate_in_use(state, config, now), config.create_burst),
+    }
+    eta = cooling + max(waits.values())
+    blocked = [name for name in waits if frees[name] < at]
+    if cooling > 0:
+        reason = REASON_BACKOFF
+        in_use = usage[REASON_CREATE_SLOTS]
+    elif not reclaims and not tenant_has_room(state, config, waiter.tenant):
+        reason = REASON_CAPACITY
+        limit = config.max_sandboxes_per_tenant or config.max_sandboxes
+        in_use = (state.tenant_in_use(waiter.tenant), limit)
+    elif turn.is_retry and retry_tokens(state, config) < 1.0:
+        reason = REASON_BACKOFF
+        in_use = usage[REASON_CREATE_SLOTS]
+        eta = max(eta, retry_token_wait_ms(state, config, 1))
+    elif blocked:
+        reason = max(blocked, key=lambda name: waits[name])
+        in_use = usage[reason]
+    else:
+        # The permits ahead belong to waiters that have not polled yet.
+        reason = REASON_CREATE_SLOTS
+        in_use = usage[reason]
+    # Only the rate gate's estimate is exact, so a waiter held by it comes back right
+    # when its turn is due (else a fast rate would be throttled to one grant per
+    # poll_min). Slot and capacity estimates are guesses from observed times, and an
+    # unused rate token means the permit waits on someone else's turn: poll_min keeps
+    # those from spinning.
+    exact = reason == REASON_RATE and eta > 0 and frees[REASON_RATE] == 0
+    wait = eta
+    if not exact and state.latency_ms is None:
+        # The estimate rests on the assumed create latency: come back by the time the
+        # first create should have answered, when a measured latency is known.
+        wait = min(wait, config.create_latency_ms // 2)
+    return queued_answer(
+        config, state, now, place.since_ms, at, in_use, reason, eta, exact, cooling, uniform, wait
+    )
+
+
+# The resource gates
+
+# Turns looked at per decision (each costs one read of its ticket key).
+LOOKAHEAD = 32
+_EPSILON = 1e-9
+_DEAD = "dead"
+
+# Reads a queued turn's estimated cost from its ticket key; None when the ticket is dead.
+ReadCost = Callable[[str, int], Costs | None]
+
+
+class ResourceHeadroom:
+    """What every limit of a resource gate has free right now, as turns take their
+    estimated costs. A turn whose ticket is dead (`read_cost` finds none) is passed over
+    and listed in `dead`."""
+
+    def __init__(
+        self,
+        state: ResourceState,
+        gate: ResourceGate,
+        now_ms: int,
+        read_cost: ReadCost | None = None,
+        known: dict[Turn, Costs] | None = None,
+    ) -> None:
+        self.state = state
+        self.gate = gate
+        self.now_ms = now_ms
+        self.rates = rate_limits(gate)
+        permits = gate.permits(ACCOUNT)
+        self.free = None if permits is None else permits - len(state.leases)
+        self.held: Counter[str] = Counter(lease.tenant for lease in state.leases)
+        self.read_cost = read_cost
+        self.costs: dict[Turn, Costs] = dict(known or {})
+        self.dead: list[Turn] = []
+        self._levels: dict[str, float] = {}
+        # Per bucket: the sum and the largest of the in-flight calls' margins.
+        self._exposure: dict[str, tuple[float, float]] = {}
+
+    def level(self, rate: RateLimit, tenant: str) -> float:
+        name = rate.bucket_id(tenant)
+        if name not in self._levels:
+            tat = self.state.buckets.get(name, 0.0)
+            self._levels[name] = rate.bucket.level(tat, self.now_ms)
+        return self._levels[name]
+
+    def exposure(self, rate: RateLimit, tenant: str) -> tuple[float, float]:
+        name = rate.bucket_id(tenant)
+        if name not in self._exposure:
+            margins = [
+                lease.margin(rate.kind)
+                for lease in self.state.leases
+                if any(charge.bucket == name for charge in lease.charges)
+            ]
+            self._exposure[name] = (sum(margins), max(margins, default=0.0))
+        return self._exposure[name]
+
+    def reserve(self, rate: RateLimit, tenant: str, costs: Costs) -> float:
+        """What the bucket must hold beyond a turn's estimate: every outstanding margin
+        with the turn's own, except the largest one."""
+        total, largest = self.exposure(rate, tenant)
+        margin = margin_of(costs, rate.kind)
+        return total + margin - max(largest, margin)
+
+    def tenant_has_room(self, tenant: str) -> bool:
+        cap = self.gate.permits(TENANT)
+        return cap is None or self.held[tenant] < cap
+
+    def _costs(self, turn: Turn) -> Costs | None:
+        if turn not in self.costs and self.read_cost is not None and turn.ticket is not None:
+            costs = self.read_cost(turn.tenant, turn.ticket)
+            if costs is not None:
+                self.costs[turn] = costs
+        return self.costs.get(turn)
+
+    def blocker(self, turn: Turn) -> Blocked | None:
+        costs = self._costs(turn)
+        if costs is None:
+            self.dead.append(turn)
+            return _DEAD, Hold.TURN
+        if self.free is not None and self.free <= 0:
+            return REASON_CONCURRENCY, Hold.ALL
+        if not self.tenant_has_room(turn.tenant):
+            return REASON_TENANT_CONCURRENCY, Hold.TENANT
+        for rate in self.rates:
+            need = costs.get(rate.kind, 0.0) + self.reserve(rate, turn.tenant, costs)
+            if self.level(rate, turn.tenant) + _EPSILON < need:
+                return rate.reason, Hold.TENANT if rate.per_tenant else Hold.ALL
+        return None
+
+    def take(self, turn: Turn) -> None:
+        costs = self.costs[turn]
+        if self.free is not None:
+            self.free -= 1
+        self.held[turn.tenant] += 1
+        for rate in self.rates:
+            name = rate.bucket_id(turn.tenant)
+            self._levels[name] = self.level(rate, turn.tenant) - costs.get(rate.kind, 0.0)
+            total, largest = self.exposure(rate, turn.tenant)
+            margin = margin_of(costs, rate.kind)
+            self._exposure[name] = (total + margin, max(largest, margin))
+
+    def first_limit(self) -> str:
+        if self.gate.permits(ACCOUNT) is not None:
+            return REASON_CONCURRENCY
+        if self.gate.permits(TENANT) is not None:
+            return REASON_TENANT_CONCURRENCY
+        return self.rates[0].reason
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """`goes`: the waiter's own turn fits now. Otherwise `reason` names the limit that holds
+    it back, and `ahead` the turns (tenant, costs) the free permits went to first. `dead`:
+    tickets found dead on the way (to drop from the queue)."""
+
+    goes: bool
+    reason: str | None
+    ahead: tuple[tuple[str, Costs], ...]
+    dead: tuple[tuple[str, int], ...]
+    # The turns (tenant, ticket) the free permits went to, in the order of `ahead`.
+    ahead_turns: tuple[tuple[str, int], ...] = ()
+
+
+def resource_verdict(
+    state: ResourceState,
+    gate: ResourceGate,
+    now_ms: int,
+    tenant: str,
+    ticket: int,
+    costs: Costs,
+    read_cost: ReadCost,
+) -> Verdict:
+    mine = Turn(tenant, ticket=ticket)
+    headroom = ResourceHeadroom(state, gate, now_ms, read_cost, {mine: costs})
+    # The front of the order, up to the waiter's own turn (reserved turns first: their
+    # permits are promised).
+    reserved = [
+        Turn(r.tenant, ticket=r.ticket) for r in live_reservations(state) if r.ticket is not None
+    ]
+    fresh = (Turn(t, ticket=n) for t, n in fair_order(state, headroom.tenant_has_room))
+    turns: list[Turn] = []
+    for turn in chain(reserved, fresh):
+        if turn in turns:
+            continue
+        turns.append(turn)
+        if turn == mine or len(turns) >= LOOKAHEAD:
+            break
+    went = walk(turns, headroom, until=mine)
+    blocked = went.blocked
+    if not went.reached and blocked is None:
+        # Not reached: its tenant has no room, or the permits free went to turns ahead
+        # that have not asked yet (or the turn lies beyond the lookahead).
+        blocked = headroom.blocker(mine) or (headroom.first_limit(), Hold.ALL)
+    return Verdict(
+        went.reached and blocked is None,
+        None if blocked is None else blocked[0],
+        tuple((t.tenant, headroom.costs[t]) for t in went.chosen),
+        tuple((t.tenant, t.ticket) for t in headroom.dead if t.ticket is not None),
+        tuple((t.tenant, t.ticket) for t in went.chosen if t.ticket is not None),
+    )
+
+
+def _lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
+    """When the `waves`-th permit from now should free up, leases ending at `ends`."""
+    if waves <= 0:
+        return 0
+    if not ends:
+        return cycle_ms
+    wave, slot = divmod(waves - 1, len(ends))
+    return ends[slot] + wave * cycle_ms
+
+
+def resource_waiting(
+    state: ResourceState,
+    gate: ResourceGate,
+    admission: AdmissionConfig,
+    now_ms: int,
+    tenant: str,
+    ticket: int,
+    since_ms: int,
+    costs: Costs,
+    verdict: Verdict,
+    cooling_ms: int,
+    uniform: Callable[[], float],
+) -> Queued:
+    """Why the waiter waits, how long it should (`eta_ms`) and when to ask again."""
+    headroom = ResourceHeadroom(state, gate, now_ms)
+    at = max(1, fresh_position(state, tenant, ticket, headroom.tenant_has_room))
+    cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
+    ends = sorted(
+        max(0, min(lease.expires_ms, lease.started_ms + cycle) - now_ms) for lease in state.leases
+    )
+    waits: dict[str, int] = {}
+    usage: dict[str, tuple[int, int]] = {}
+    reserved: set[str] = set()
+    permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
+    if permits is not None:
+        free = permits - len(state.leases)
+        waits[REASON_CONCURRENCY] = _lease_wait_ms(ends, at - max(0, free), cycle)
+        usage[REASON_CONCURRENCY] = (len(state.leases), permits)
+    if tenant_permits is not None:
+        own_ends = sorted(
+            max(0, min(lease.expires_ms, lease.started_ms + cycle) - now_ms)
+            for lease in state.leases
+            if lease.tenant == tenant
+        )
+        over = headroom.held[tenant] - tenant_permits + 1
+        waits[REASON_TENANT_CONCURRENCY] = _lease_wait_ms(own_ends, over, cycle)
+        usage[REASON_TENANT_CONCURRENCY] = (headroom.held[tenant], tenant_permits)
+    for rate in headroom.rates:
+        need = costs.get(rate.kind, 0.0) + sum(
+            turn_costs.get(rate.kind, 0.0)
+            for turn_tenant, turn_costs in verdict.ahead
+            if not rate.per_tenant or turn_tenant == tenant
+        )
+        # The reserve comes back when calls in flight settle, not by refill: an estimate.
+        reserve = headroom.reserve(rate, tenant, costs)
+        if reserve > 0:
+            reserved.add(rate.reason)
+        need += reserve
+        tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
+        waits[rate.reason] = rate.bucket.wait_ms(tat, now_ms, need)
+        used = rate.bucket.burst - headroom.level(rate, tenant)
+        usage[rate.reason] = (max(0, math.ceil(used - _EPSILON)), math.floor(rate.bucket.burst))
+    first = headroom.first_limit()
+    reason = REASON_BACKOFF if cooling_ms > 0 else (verdict.reason or first)
+    eta = cooling_ms + max(waits.values(), default=0)
+    # A bucket's wait is exact: a waiter it holds back comes back right when its tokens are
+    # due. Lease ends, and so a reserve, are estimates: poll_min keeps those from spinning.
+    exact = reason in {rate.reason for rate in headroom.rates} - reserved and eta > 0
+    in_use = usage.get(reason, usage.get(first, (0, 0)))
+    return queued_answer(
+        admission, state, now_ms, since_ms, at, in_use, reason, eta, exact, cooling_ms, uniform
+    )
