@@ -163,6 +163,5 @@ class Acquisition(ResourceLedger):
         state.granted_ms = now
         self.save_gate(loaded)
         # The gate document is the truth about who holds what: the place is no longer needed.
-        self.forget_place(waiter)
-        self.forget_ticket(waiter, place.ticket)
+        self.forget(waiter, place.ticket)
         return ResourceGrant(lease.lease_id, lease.expires_ms, now - place.since_ms)

@@ -52,10 +52,10 @@ def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | 
     """Take the waiter out of the retries and its tenant's queue (in memory); returns the
     ticket whose liveness key should go, if any."""
     state.drop_retry(waiter.tenant, waiter.entity)
-    if place is None or place.stage is not Stage.QUEUED or place.ticket is None:
-        return None
-    drop_ticket(state, waiter.tenant, place.ticket)
-    return place.ticket
+    ticket = None if place is None else place.queued_ticket
+    if ticket is not None:
+        drop_ticket(state, waiter.tenant, ticket)
+    return ticket
 
 
 class Admission(SandboxLedger):

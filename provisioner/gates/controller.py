@@ -21,9 +21,9 @@ from provisioner.gates.cas import storage_queued
 from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.gates.ledger import load_gate
 from provisioner.gates.promises import WakeUp
+from provisioner.gates.release import SandboxRelease
 from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queued, Rejected, Waiter
-from provisioner.gates.sandbox_release import Release
-from provisioner.gates.sandbox_settle import Settlement
+from provisioner.gates.settle import SandboxSettlement
 from provisioner.gates.view import sandbox_snapshot
 from provisioner.ports import LogLevel, Ports, StorageError
 
@@ -67,7 +67,7 @@ class AdmissionController:
         ("retry_budget_exhausted") after `max_create_attempts`. CapacityExhausted ->
         Queued("capacity"). CreateFailed -> Rejected(its failure). Queued("storage") means
         the result could not be recorded: settle again with the same arguments."""
-        settlement = Settlement(self._ports, self._config)
+        settlement = SandboxSettlement(self._ports, self._config)
         try:
             return self._guard(
                 waiter,
@@ -80,7 +80,7 @@ class AdmissionController:
 
     def release(self, waiter: Waiter) -> bool:
         """Free everything the waiter holds or waits for; True when something was held."""
-        release = Release(self._ports, self._config)
+        release = SandboxRelease(self._ports, self._config)
         try:
             held = release.decide(waiter)
         except Exception as error:  # fail closed: held leases expire on their own

@@ -171,9 +171,13 @@ class GateLedger(ABC, Generic[Document]):
         """The waiter waited too long: save the gate it was taken out of, forget its place
         and ticket, and refuse it (retryable: asking again queues it afresh)."""
         self.save_gate(loaded)
+        self.forget(waiter, ticket)
+        return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
+
+    def forget(self, waiter: Waiting, ticket: int | None) -> None:
+        """The waiter no longer waits: its place and its ticket's liveness key go."""
         self.forget_place(waiter)
         self.forget_ticket(waiter, ticket)
-        return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
     def forget_place(self, waiter: Waiting) -> None:
         self.ports.storage.delete(ACCOUNT, self.waiter_key(waiter.tenant, waiter.entity), None)

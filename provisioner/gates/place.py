@@ -45,6 +45,10 @@ class Place:
     def alive(self, now_ms: int) -> bool:
         return self.alive_until_ms > now_ms
 
+    @property
+    def queued_ticket(self) -> int | None:
+        return self.ticket if self.stage is Stage.QUEUED else None
+
     def to_bytes(self) -> bytes:
         return json.dumps(
             [

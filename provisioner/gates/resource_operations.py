@@ -21,9 +21,9 @@ from provisioner.gates.cas import storage_queued
 from provisioner.gates.document import INPUT, OUTPUT, Costs
 from provisioner.gates.policies import request_costs, too_large
 from provisioner.gates.provider import read_answer
-from provisioner.gates.resource_release import Release
-from provisioner.gates.resource_settle import Settlement
+from provisioner.gates.release import ResourceRelease
 from provisioner.gates.results import Rejected, ResourceGrant, Waiter
+from provisioner.gates.settle import ResourceSettlement
 from provisioner.invocation import Request
 from provisioner.model import Outcome, ProvisionerError, failed
 from provisioner.ports import LogLevel, Ports, StorageError
@@ -201,7 +201,7 @@ class ResourceOperations:
             if tokens is not None:
                 actual[kind] = float(tokens)
         answer = read_answer(_status(params), _headers(params), self.ports.clock.now_ms())
-        settled = Settlement(self.ports, self.admission, self.gate).decide(
+        settled = ResourceSettlement(self.ports, self.admission, self.gate).decide(
             self.waiter, lease_id or None, actual, answer
         )
         body = {
@@ -217,7 +217,7 @@ class ResourceOperations:
         return Outcome(self.settled_action, body)
 
     def release(self) -> Outcome:
-        released = Release(self.ports, self.admission, self.gate).decide(self.waiter)
+        released = ResourceRelease(self.ports, self.admission, self.gate).decide(self.waiter)
         body = {
             "resource": self.gate.name,
             "released": released.held,
