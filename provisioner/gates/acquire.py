@@ -10,8 +10,6 @@ while holding it renews the lease and answers the same grant.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from provisioner.gates.blocking import Verdict, resource_verdict, resource_waiting
 from provisioner.gates.bucket import Charge
 from provisioner.gates.cas import new_lease_id, until_settled
@@ -107,15 +105,16 @@ class Acquisition(ResourceLedger):
                 new_lease_id(self.ports, "v"),
             )
             reserved = reserved or made
-        own = reservation_of(state, waiter.tenant, place.ticket, None)
-        if own is not None:
-            queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
-        ttl = queued.expected_back_ms(now) + self.config.waiter_ttl_ms
-        if fresh or verdict.dead or reserved or loaded.moved:
-            self.save_gate(loaded)
-        ticket_value = encode_ticket(waiter.entity, costs)
-        self.keep_waiting(waiter, loaded, place, ttl, self.queue_timeout_ms, ticket_value)
-        return queued
+        return self.wait_on(
+            waiter,
+            loaded,
+            place,
+            queued,
+            changed=fresh or bool(verdict.dead) or reserved,
+            own=reservation_of(state, waiter.tenant, place.ticket, None),
+            timeout_ms=self.queue_timeout_ms,
+            ticket_value=encode_ticket(waiter.entity, costs),
+        )
 
     def _timed_out_by(self, granted_ms: int, since_ms: int, now_ms: int) -> str | None:
         """Why the wait is over, if it is: longer than the queue timeout, or longer than

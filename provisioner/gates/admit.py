@@ -9,7 +9,6 @@ compare-and-swap that takes the waiter out of the queue.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
@@ -24,7 +23,6 @@ from provisioner.gates.policies import (
     spend_retry,
     take_rate,
 )
-from provisioner.gates.promises import promise
 from provisioner.gates.queue import (
     can_remove,
     drop_ticket,
@@ -148,24 +146,21 @@ class Admission(SandboxLedger):
         queued = verdict.queued
         if queued is None:  # it goes, but its ticket cannot leave out of order yet
             queued = waiting(state, config, now, waiter, place, self.ports.uniform)
-        reserved, wake_ups = promise(
-            self.ports, config, state, now, scheduled=verdict.scheduled, caller=mine
-        )
+        reserved = self.promise(loaded, verdict.scheduled, caller=mine)
         own = reservation_of(state, waiter.tenant, mine.ticket, mine.entity)
-        if own is not None and any(s.turn == mine for s in verdict.scheduled):
-            queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
-        ttl = queued.expected_back_ms(now) + config.waiter_ttl_ms
+        if not any(s.turn == mine for s in verdict.scheduled):
+            own = None
         stored = loaded.place
         unchanged = (
             stored is not None
             and stored.stage is place.stage
             and (place.stage is Stage.RETRYING or stored.ticket == place.ticket)
         )
-        if not unchanged or skipped or reserved or loaded.moved:
-            self.save_gate(loaded)
-            self.wake_ups.extend(wake_ups)
-        self.keep_waiting(waiter, loaded, place, ttl, config.queue_timeout_ms)
-        return queued
+        changed = not unchanged or skipped or reserved
+        timeout = config.queue_timeout_ms
+        return self.wait_on(
+            waiter, loaded, place, queued, changed=changed, own=own, timeout_ms=timeout
+        )
 
     def _removable(self, state: GateState, waiter: Waiter, place: Place) -> bool:
         if place.stage is Stage.RETRYING or place.ticket is None:
@@ -201,9 +196,8 @@ class Admission(SandboxLedger):
         self._unplace(state, waiter, place, granted=True)
         state.grants += 1
         # What the grant left free (more slots, the next rate token) goes to the next turns.
-        _, wake_ups = promise(self.ports, config, state, now)
+        self.promise(loaded)
         self.save_gate(loaded)
-        self.wake_ups.extend(wake_ups)
         creating = Place(Stage.CREATING, place.since_ms, place.attempt, lease_id=lease_id)
         try:
             self.save_place(waiter, loaded, creating, config.create_lease_ms + config.waiter_ttl_ms)

@@ -12,6 +12,7 @@ from typing import Generic, Protocol, TypeVar
 
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.failures import FailureCode
+from provisioner.gates.blocking import Scheduled, Turn
 from provisioner.gates.bucket import note_change
 from provisioner.gates.cas import Again, until_settled
 from provisioner.gates.document import (
@@ -19,6 +20,7 @@ from provisioner.gates.document import (
     SANDBOX_PREFIX,
     Costs,
     GateState,
+    Reservation,
     ResourceLease,
     ResourceState,
     decode_ticket,
@@ -29,9 +31,9 @@ from provisioner.gates.document import (
 )
 from provisioner.gates.place import Place
 from provisioner.gates.policies import rate_limits, refill_retries
-from provisioner.gates.promises import WakeUp
+from provisioner.gates.promises import WakeUp, promise
 from provisioner.gates.queue import pass_over_unclaimed
-from provisioner.gates.results import Rejected
+from provisioner.gates.results import Queued, Rejected
 from provisioner.gates.sandbox_leases import prune_expired
 from provisioner.model import Failure
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
@@ -174,6 +176,28 @@ class GateLedger(ABC, Generic[Document]):
         self.forget(waiter, ticket)
         return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
+    def wait_on(
+        self,
+        waiter: Waiting,
+        loaded: LoadedDocument[Document],
+        place: Place,
+        queued: Queued,
+        *,
+        changed: bool,
+        own: Reservation | None,
+        timeout_ms: int,
+        ticket_value: bytes | None = None,
+    ) -> Queued:
+        """Answer Queued: naming the permit promised to the waiter (`own`), saving the gate
+        when the decision changed it, and keeping the waiter's place until it is back."""
+        if own is not None:
+            queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
+        if changed or loaded.moved:
+            self.save_gate(loaded)
+        ttl = queued.expected_back_ms(loaded.now_ms) + self.config.waiter_ttl_ms
+        self.keep_waiting(waiter, loaded, place, ttl, timeout_ms, ticket_value)
+        return queued
+
     def forget(self, waiter: Waiting, ticket: int | None) -> None:
         """The waiter no longer waits: its place and its ticket's liveness key go."""
         self.forget_place(waiter)
@@ -228,8 +252,31 @@ def sandbox_catch_up(state: GateState, config: AdmissionConfig, now_ms: int) -> 
 class SandboxLedger(GateLedger[GateState]):
     def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
         super().__init__(ports, config, SANDBOX_PREFIX)
-        # The waiters this decision promised a permit to (`promises.promise`).
+        # The waiters this decision promised a permit to (`promises.promise`), told only
+        # once the gate holding the promise is saved.
         self.wake_ups: list[WakeUp] = []
+        self._promised: list[WakeUp] = []
+
+    def load(self, waiter: Waiting) -> SandboxLoaded:
+        self._promised = []
+        return super().load(waiter)
+
+    def save_gate(self, loaded: SandboxLoaded) -> None:
+        super().save_gate(loaded)
+        self.wake_ups.extend(self._promised)
+        self._promised = []
+
+    def promise(
+        self,
+        loaded: SandboxLoaded,
+        scheduled: list[Scheduled] | None = None,
+        caller: Turn | None = None,
+    ) -> bool:
+        """Promise the free permits to the next turns; True when the document changed."""
+        changed, self._promised = promise(
+            self.ports, self.config, loaded.state, loaded.now_ms, scheduled=scheduled, caller=caller
+        )
+        return changed
 
     def read(self, raw: bytes | None) -> GateState:
         return GateState() if raw is None else GateState.from_bytes(raw)

@@ -13,7 +13,6 @@ from provisioner.gates.admit import leave_queue
 from provisioner.gates.cas import until_settled
 from provisioner.gates.document import observe_hold
 from provisioner.gates.ledger import ResourceLedger, SandboxLedger, charge_margins
-from provisioner.gates.promises import promise
 from provisioner.gates.queue import drop_ticket
 from provisioner.gates.results import Released, Waiter
 from provisioner.gates.sandbox_leases import drop_leases_of, sandbox_lease_of
@@ -34,10 +33,9 @@ class SandboxRelease(SandboxLedger):
         before = state.waiting()
         ticket = leave_queue(state, waiter, loaded.place)
         left = before != state.waiting()
-        promised, wake_ups = promise(self.ports, self.config, state, now)
+        promised = self.promise(loaded)
         if held or left or promised or loaded.moved:
             self.save_gate(loaded)
-            self.wake_ups.extend(wake_ups)
         self.forget(waiter, ticket)
         return held or left or ticket is not None
 

@@ -37,7 +37,6 @@ from provisioner.gates.policies import (
     record_success,
     shrink_capacity,
 )
-from provisioner.gates.promises import promise
 from provisioner.gates.provider import ProviderAnswer
 from provisioner.gates.results import (
     REASON_BACKOFF,
@@ -150,9 +149,8 @@ class SandboxSettlement(SandboxLedger):
         record_success(state)
         note_created(state, config)
         # Its create slot is free again: promised to the next turn.
-        _, wake_ups = promise(self.ports, config, state, now)
+        self.promise(loaded)
         self.save_gate(loaded)
-        self.wake_ups.extend(wake_ups)
         self.forget_ticket(waiter, ticket)
         holding = Place(Stage.HOLDING, since, grant.attempt, lease_id=grant.lease_id)
         self.write_place(waiter, loaded, holding, timeout_ms + config.waiter_ttl_ms)
@@ -162,9 +160,8 @@ class SandboxSettlement(SandboxLedger):
         ticket = leave_queue(loaded.state, waiter, loaded.place)
         # The create slot it held is free again: promised to the next turn, as after a
         # create that succeeded.
-        _, wake_ups = promise(self.ports, self.config, loaded.state, loaded.now_ms)
+        self.promise(loaded)
         self.save_gate(loaded)
-        self.wake_ups.extend(wake_ups)
         self.forget(waiter, ticket)
 
 
