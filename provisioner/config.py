@@ -445,7 +445,7 @@ def _check_relations(
 # ------------------------------------------------------------ unknown keys, resource gates
 
 # Keys the guest reads outside the table: the operation, and a resource gate's name and the
-# actions its answers are named by (provisioner/gates/resource_operations.py).
+# actions its answers are named by (provisioner/gates/resource.py).
 OPERATION_KEYS = frozenset(
     {"operation", "resource", "granted_action", "queued_action", "settled_action",
      "released_action"}

@@ -1,5 +1,5 @@
 """The sandbox operations: provision, release and status (the resource gates' acquire,
-settle and release-with-a-resource are in `provisioner.gates.resource_operations`).
+settle and release-with-a-resource are in `provisioner.gates.resource`).
 
 Order matters for "nothing is lost": the entity record (and so the idempotency key) is
 written before any create is sent, and the record is deleted only after E2B confirmed the
@@ -23,7 +23,7 @@ from provisioner.entity_records import (
 from provisioner.failures import FailureCode
 from provisioner.gates.cas import storage_queued
 from provisioner.gates.controller import AdmissionController
-from provisioner.gates.resource_operations import dispatch_resource, is_resource_request
+from provisioner.gates.resource import dispatch_resource, is_resource_request
 from provisioner.gates.results import (
     REASON_STORAGE,
     Created,

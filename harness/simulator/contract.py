@@ -83,7 +83,7 @@ class ContractError(ValueError):
 
 
 # A resource gate's operations (docs/admission.md, "Beyond sandboxes: resource gates";
-# provisioner/gates/resource_operations.py): each answers the action its trigger's config names
+# provisioner/gates/resource.py): each answers the action its trigger's config names
 # (`granted_action`, `queued_action`, `settled_action`, `released_action`). Every operation
 # may also answer SandboxFailed as a successful result, so a static on_success would turn a
 # failure into its success action (invocation.rs).

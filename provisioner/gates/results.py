@@ -136,3 +136,30 @@ class Released:
     lease_id: str | None
     held: bool
     waited: bool
+
+
+# What the provider answered a gated call (`resource.read_answer`).
+SUCCESS = "success"
+RATE_LIMITED = "rate_limited"
+OVERLOADED = "overloaded"
+FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderAnswer:
+    status: int
+    pause_ms: int | None = None
+
+    @property
+    def kind(self) -> str:
+        if 200 <= self.status < 300:
+            return SUCCESS
+        if self.status == 429:
+            return RATE_LIMITED
+        if self.status == 529 or 500 <= self.status < 600:
+            return OVERLOADED
+        return FAILED
+
+    @property
+    def backs_off(self) -> bool:
+        return self.kind in (RATE_LIMITED, OVERLOADED)

@@ -37,7 +37,6 @@ from provisioner.gates.policies import (
     record_success,
     shrink_capacity,
 )
-from provisioner.gates.provider import ProviderAnswer
 from provisioner.gates.results import (
     REASON_BACKOFF,
     REASON_CAPACITY,
@@ -46,6 +45,7 @@ from provisioner.gates.results import (
     CreateFailed,
     CreateResult,
     Grant,
+    ProviderAnswer,
     Queued,
     RateLimited,
     Rejected,

@@ -10,7 +10,7 @@ import pytest
 
 from provisioner.config import read_config
 from provisioner.gates.bucket import Bucket, Charge, note_change, settle_charge
-from provisioner.gates.provider import pause_from_headers
+from provisioner.gates.resource import pause_from_headers
 from provisioner.model import ProvisionerError
 from tests.guest.resource_harness import ResourceHarness
 

@@ -6,12 +6,29 @@ The resource is named by the config key `resource` and must be declared by at le
 `SandboxFailed` with a typed code, like every other failure of the component (Temper
 routes a failure by `on_failure` whatever its action). Storage trouble fails closed: an
 acquire answers `ResourceQueued` with reason `storage`, nothing granted.
+
+What the provider answered a settled call (`read_answer`), from Anthropic's Messages API
+(https://docs.anthropic.com/en/api/rate-limits): a 429 `rate_limit_error` carries
+`retry-after` (seconds) and the `anthropic-ratelimit-*` headers, whose `-reset` values are
+RFC 3339 times at which that limit is fully replenished (`requests`, `tokens`,
+`input-tokens`, `output-tokens`) and whose `-remaining` values say which limit ran out; a
+529 `overloaded_error` means the API as a whole is overloaded. Either pauses every
+invocation of the account (the gate's shared cooldown), the way E2B's 429s pause creates.
+
+The pause: `retry-after` when sent; else, for a 429, the latest reset among the limits
+whose remaining count is 0 (or the earliest reset still ahead when none says 0); else the
+gate's exponential backoff with full jitter (`backoff_base_ms`, `backoff_cap_ms`).
+Headers that do not parse are ignored: the call has happened, its cost must be settled
+whatever the headers say.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from provisioner.config import AdmissionConfig, ResourceGate, read_config
@@ -20,9 +37,8 @@ from provisioner.gates.acquire import Acquisition
 from provisioner.gates.cas import storage_queued
 from provisioner.gates.document import INPUT, OUTPUT, Costs
 from provisioner.gates.policies import request_costs, too_large
-from provisioner.gates.provider import read_answer
 from provisioner.gates.release import ResourceRelease
-from provisioner.gates.results import Rejected, ResourceGrant, Waiter
+from provisioner.gates.results import ProviderAnswer, Rejected, ResourceGrant, Waiter
 from provisioner.gates.settle import ResourceSettlement
 from provisioner.invocation import Request
 from provisioner.model import Outcome, ProvisionerError, failed
@@ -40,6 +56,67 @@ _MAX_TOKENS = 1_000_000_000
 # with the config keys `granted_action`, `queued_action`, `settled_action` and
 # `released_action` (a static on_success cannot: it would also win over SandboxFailed).
 _ACTION_NAME = re.compile(r"[A-Z][A-Za-z0-9_]{0,63}")
+_LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
+# A pause longer than a day is a broken header, not advice.
+_MAX_PAUSE_MS = 24 * 3600 * 1000
+
+
+def _epoch_ms(text: str) -> int | None:
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return int(moment.timestamp() * 1000)
+
+
+def _retry_after_ms(text: str, now_ms: int) -> int | None:
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if moment.tzinfo is None:
+            return None
+        return max(0, int(moment.timestamp() * 1000) - now_ms)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return int(seconds * 1000)
+
+
+def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int | None:
+    """How long the provider asked every caller to wait (None: it did not say)."""
+    retry_after = headers.get("retry-after")
+    if retry_after is not None:
+        pause = _retry_after_ms(retry_after, now_ms)
+        if pause is not None:
+            return min(pause, _MAX_PAUSE_MS)
+    if status != 429:
+        return None
+    exhausted: list[int] = []
+    ahead: list[int] = []
+    for limit in _LIMITS:
+        reset = headers.get(f"anthropic-ratelimit-{limit}-reset")
+        at = None if reset is None else _epoch_ms(reset)
+        if at is None or at <= now_ms:
+            continue
+        ahead.append(at - now_ms)
+        if headers.get(f"anthropic-ratelimit-{limit}-remaining", "").strip() == "0":
+            exhausted.append(at - now_ms)
+    if exhausted:
+        return min(max(exhausted), _MAX_PAUSE_MS)
+    if ahead:
+        return min(min(ahead), _MAX_PAUSE_MS)
+    return None
+
+
+def read_answer(status: int, headers: dict[str, Any], now_ms: int) -> ProviderAnswer:
+    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+    return ProviderAnswer(status, pause_from_headers(status, lowered, now_ms))
 
 
 def is_resource_request(request: Request) -> bool:
