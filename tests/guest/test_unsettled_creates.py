@@ -14,7 +14,14 @@ import json
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS, GateState
-from provisioner.gates.results import Created, Grant, RateLimited, Unavailable, Waiter
+from provisioner.gates.results import (
+    CapacityExhausted,
+    Created,
+    Grant,
+    RateLimited,
+    Unavailable,
+    Waiter,
+)
 from tests.guest.harness import Harness, grant_of, queued_of
 
 LEASE_MS = 10_000
@@ -193,3 +200,23 @@ def test_a_gate_document_from_before_the_bound_reads_with_the_default_sandbox_ti
     assert lease.sandbox_until_ms == 1_000 + DEFAULT_SANDBOX_TIMEOUT_MS
     assert state.unsettled == []
     assert GateState.from_bytes(state.to_bytes()) == state
+
+
+def test_a_retry_the_full_account_holds_back_lets_a_reclaiming_retry_behind_it_go() -> None:
+    # Catches: a retry held back by capacity stopping the walk, so the retry behind it
+    # that reclaims its own possible sandbox (it needs no new capacity) waits too.
+    config = AdmissionConfig(
+        create_slots=3, create_rate_per_s=1000.0, create_burst=10, max_sandboxes=3
+    )
+    harness = Harness(config, sandbox_timeout_ms=SANDBOX_TIMEOUT_MS)
+    holder, refused, lost = (Waiter("tenant-a", f"Job/{name}") for name in "abc")
+    holding = grant_of(harness.admit(holder))
+    assert harness.settle(holder, holding, Created("sbx-holder", SANDBOX_TIMEOUT_MS)) is None
+    first, second = grant_of(harness.admit(refused)), grant_of(harness.admit(lost))
+    # E2B says the account is full: the capacity shrinks to the holder and `lost`'s create.
+    queued_of(harness.settle(refused, first, CapacityExhausted()))
+    queued_of(harness.settle(lost, second, Unavailable(None)))  # may have made its sandbox
+    assert in_use(harness) == harness.status()["account"]["capacity"]["limit"] == 2
+    harness.advance(harness.status()["account"]["backoff"]["cooling_ms"] + 1)
+    assert queued_of(harness.admit(refused)).reason == "capacity"
+    assert grant_of(harness.admit(lost)).attempt == 2
