@@ -4,9 +4,9 @@ Shared: `document` (every gate's stored document and keys), `place`, `queue` (fa
 and reservations), `bucket` (GCRA, settled afterwards), `policies` (cooldown, retry
 budget, slots, rate, adaptive capacity, resource buckets), `blocking` (the one walk that
 says what blocks a waiter), `cas` (the compare-and-swap loop), `ledger` (what a decision
-of either gate loads and saves), `settle`, `release`, `results`, and `view`, the one
-read-only view (status, `operation = inspect`, the audits). The sandbox gate
-(`controller` is its façade): `sandbox_leases` (incl. unsettled creates), `promises`,
-`admit`. The resource gates (`resource` is their entry, with the provider's answers):
-`acquire`. docs/gates.md says what is still to merge.
+of either gate loads and saves), the decisions `admit` (admit and acquire), `settle` and
+`release`, `results`, and `view`, the one read-only view (status, `operation = inspect`,
+the audits). Only the sandbox gate: `sandbox_leases` (incl. unsettled creates),
+`promises`, and `controller`, its façade. `resource` is the resource gates' entry.
+docs/gates.md says what is still to merge.
 """

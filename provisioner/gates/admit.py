@@ -1,9 +1,14 @@
-"""Admit: grant one create now, or say where the waiter stands.
+"""Admit and acquire: a waiter asks for a permit; grant it now, or say where it stands.
 
-One decision: load the gate and the waiter's place, `locate` the waiter (checking its
-stored place against the gate), drop dead waiters ahead of it, then `blocking.assess`
-says whether it goes. A grant takes a create lease and a rate token in the same
-compare-and-swap that takes the waiter out of the queue.
+One decision for both gates (`ledger.Asking`): load the gate and the waiter's place,
+`locate` the waiter (its stored place checked against the gate), refuse it once it has
+waited too long, else `judge` by the walk (`blocking`) whether its turn has come. A grant
+takes its permit in the same compare-and-swap that takes the waiter out of the queue.
+
+The sandbox gate (`Admission`): dead waiters ahead are dropped first; a grant takes a
+create lease and a rate token. A resource gate (`Acquisition`): a grant takes a lease and
+charges every bucket its estimate; an entity holds at most one lease per resource, so
+asking again while holding it renews the lease and answers the same grant.
 """
 
 from __future__ import annotations
@@ -12,13 +17,43 @@ import contextlib
 
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
-from provisioner.gates.blocking import Turn, assess, waiting
+from provisioner.gates.blocking import (
+    Turn,
+    Verdict,
+    assess,
+    resource_verdict,
+    resource_waiting,
+    waiting,
+)
+from provisioner.gates.bucket import Charge
 from provisioner.gates.cas import Again, new_lease_id, until_settled
-from provisioner.gates.document import GATE_KEY, GateState, ticket_key, waiter_key
-from provisioner.gates.ledger import ACCOUNT, SandboxLedger, SandboxLoaded
+from provisioner.gates.document import (
+    GATE_KEY,
+    INPUT,
+    OUTPUT,
+    Costs,
+    GateState,
+    ResourceLease,
+    ResourceState,
+    encode_ticket,
+    margin_of,
+    ticket_key,
+    waiter_key,
+)
+from provisioner.gates.ledger import (
+    ACCOUNT,
+    Asking,
+    ResourceLedger,
+    ResourceLoaded,
+    SandboxLedger,
+    SandboxLoaded,
+    set_bucket,
+)
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import (
+    cooling_ms,
     earn_retry,
+    rate_limits,
     slots_in_use,
     spend_retry,
     take_rate,
@@ -29,8 +64,17 @@ from provisioner.gates.queue import (
     enqueue,
     remove_ticket,
     reservation_of,
+    reserve,
 )
-from provisioner.gates.results import REASON_CREATE_SLOTS, Grant, Queued, Rejected, Waiter
+from provisioner.gates.results import (
+    REASON_BACKOFF,
+    REASON_CREATE_SLOTS,
+    Grant,
+    Queued,
+    Rejected,
+    ResourceGrant,
+    Waiter,
+)
 from provisioner.gates.sandbox_leases import drop_create_lease, take_create_lease
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
@@ -56,7 +100,7 @@ def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | 
     return ticket
 
 
-class Admission(SandboxLedger):
+class Admission(SandboxLedger, Asking[GateState, Grant]):
     def __init__(self, ports: Ports, config: AdmissionConfig, sandbox_timeout_ms: int) -> None:
         """`sandbox_timeout_ms`: the E2B timeout of the sandbox a granted create makes (how
         long it could run unrecorded if the create is never settled)."""
@@ -64,7 +108,7 @@ class Admission(SandboxLedger):
         self.sandbox_timeout_ms = sandbox_timeout_ms
 
     def decide(self, waiter: Waiter) -> Grant | Queued | Rejected:
-        return until_settled(lambda: self._decide(waiter), self.config.cas_retries)
+        return until_settled(lambda: self.ask(waiter), self.config.cas_retries)
 
     def locate(self, waiter: Waiter, loaded: SandboxLoaded) -> Place | Queued | Rejected:
         """Where the waiter stands, its stored place checked against the gate (changing the
@@ -114,23 +158,14 @@ class Admission(SandboxLedger):
         state.add_retry(waiter.tenant, waiter.entity)
         return Place(Stage.RETRYING, stored.since_ms, attempt)
 
-    def _decide(self, waiter: Waiter) -> Grant | Queued | Rejected:
-        loaded = self.load(waiter)
-        located = self.locate(waiter, loaded)
-        if not isinstance(located, Place):
-            if isinstance(located, Rejected):
-                self.save_gate(loaded)
-                self.forget_place(waiter)
-            return located
-        place = located
+    def timed_out(self, loaded: SandboxLoaded, place: Place) -> str | None:
+        waited, timeout = loaded.now_ms - place.since_ms, self.config.queue_timeout_ms
+        if waited < timeout:
+            return None
+        return f"waited {waited} ms for a sandbox, longer than the queue timeout of {timeout} ms"
+
+    def judge(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant | Queued:
         state, now, config = loaded.state, loaded.now_ms, self.config
-        if now - place.since_ms >= config.queue_timeout_ms:
-            self._unplace(state, waiter, place)
-            why = (
-                f"waited {now - place.since_ms} ms for a sandbox, longer than the queue "
-                f"timeout of {config.queue_timeout_ms} ms"
-            )
-            return self.time_out(waiter, loaded, place.ticket, why)
         mine = Turn.of(waiter, place)
         skipped = False
         # Each pass drops at least one dead waiter from the front, so it ends.
@@ -168,7 +203,7 @@ class Admission(SandboxLedger):
         queue = state.queue_of(waiter.tenant)
         return queue is not None and can_remove(queue, place.ticket)
 
-    def _unplace(
+    def unplace(
         self, state: GateState, waiter: Waiter, place: Place, *, granted: bool = False
     ) -> None:
         if place.stage is Stage.RETRYING:
@@ -193,7 +228,7 @@ class Admission(SandboxLedger):
             spend_retry(state, config)
         else:
             earn_retry(state, config)
-        self._unplace(state, waiter, place, granted=True)
+        self.unplace(state, waiter, place, granted=True)
         state.grants += 1
         # What the grant left free (more slots, the next rate token) goes to the next turns.
         self.promise(loaded)
@@ -248,3 +283,140 @@ class Admission(SandboxLedger):
                 if storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket)) is None:
                     skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
         return skipped
+
+
+class Acquisition(ResourceLedger, Asking[ResourceState, ResourceGrant]):
+    costs: Costs  # the request's estimates, set by `decide`
+
+    def decide(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
+        self.costs = costs
+        return until_settled(lambda: self.ask(waiter), self.config.cas_retries)
+
+    def locate(self, waiter: Waiter, loaded: ResourceLoaded) -> Place | ResourceGrant:
+        """The waiter's place; asking again while holding the lease renews it instead."""
+        state, now = loaded.state, loaded.now_ms
+        held = state.lease_of(waiter.tenant, waiter.entity)
+        if held is not None:
+            held.expires_ms = now + self.gate.lease_ms
+            self.save_gate(loaded)
+            return ResourceGrant(held.lease_id, held.expires_ms, 0, renewed=True)
+        stored = loaded.place
+        queue = state.queue_of(waiter.tenant)
+        if (
+            stored is not None
+            and stored.stage is Stage.QUEUED
+            and stored.ticket is not None
+            and queue is not None
+            and queue.holds(stored.ticket)
+        ):
+            return stored
+        # New, or its ticket was skipped as dead: queue again, keeping when it first asked
+        # so that dying and returning cannot dodge the queue timeout.
+        since = stored.since_ms if stored is not None else now
+        return Place(Stage.QUEUED, since, 1, ticket=enqueue(state, waiter.tenant))
+
+    def unplace(self, state: ResourceState, waiter: Waiter, place: Place) -> None:
+        assert place.ticket is not None
+        remove_ticket(state, waiter.tenant, place.ticket, granted=False)
+
+    def judge(self, waiter: Waiter, loaded: ResourceLoaded, place: Place) -> ResourceGrant | Queued:
+        state, now, costs = loaded.state, loaded.now_ms, self.costs
+        fresh = place is not loaded.place
+        assert place.ticket is not None
+        cooling = cooling_ms(state, now)
+        if cooling > 0:
+            verdict = Verdict(False, REASON_BACKOFF, (), ())
+        else:
+            verdict = resource_verdict(
+                state, self.gate, now, waiter.tenant, place.ticket, costs, self.read_ticket
+            )
+        for tenant, ticket in verdict.dead:
+            drop_ticket(state, tenant, ticket)
+        own_queue = state.queue_of(waiter.tenant)
+        if verdict.goes and own_queue is not None and can_remove(own_queue, place.ticket):
+            return self._grant(waiter, loaded, place, costs)
+        queued = resource_waiting(
+            state,
+            self.gate,
+            self.config,
+            now,
+            waiter.tenant,
+            place.ticket,
+            place.since_ms,
+            costs,
+            verdict,
+            cooling,
+            self.ports.uniform,
+        )
+        reserved = False
+        for tenant, ticket in verdict.ahead_turns:
+            _, made = reserve(
+                state,
+                tenant,
+                ticket,
+                None,
+                now,
+                now,
+                self.config.reservation_claim_ms,
+                new_lease_id(self.ports, "v"),
+            )
+            reserved = reserved or made
+        return self.wait_on(
+            waiter,
+            loaded,
+            place,
+            queued,
+            changed=fresh or bool(verdict.dead) or reserved,
+            own=reservation_of(state, waiter.tenant, place.ticket, None),
+            timeout_ms=self.queue_timeout_ms,
+            ticket_value=encode_ticket(waiter.entity, costs),
+        )
+
+    def timed_out(self, loaded: ResourceLoaded, place: Place) -> str | None:
+        """Longer than the queue timeout, or longer than the stall timeout with no grant
+        made by the gate meanwhile (a stuck gate; a queue that moves keeps its waiters)."""
+        now_ms, since_ms, granted_ms = loaded.now_ms, place.since_ms, loaded.state.granted_ms
+        waited = now_ms - since_ms
+        if waited >= self.queue_timeout_ms:
+            return (
+                f"waited {waited} ms for resource {self.gate.name!r}, longer than its queue "
+                f"timeout of {self.queue_timeout_ms} ms"
+            )
+        stall = self.gate.stall_timeout_ms
+        stalled = now_ms - max(since_ms, granted_ms)
+        if stall is not None and stalled >= stall:
+            return (
+                f"resource {self.gate.name!r} granted no one for {stalled} ms of this wait, "
+                f"longer than its stall timeout of {stall} ms"
+            )
+        return None
+
+    def _grant(
+        self, waiter: Waiter, loaded: ResourceLoaded, place: Place, costs: Costs
+    ) -> ResourceGrant:
+        state, now = loaded.state, loaded.now_ms
+        assert place.ticket is not None
+        charges: list[Charge] = []
+        for rate in rate_limits(self.gate):
+            name = rate.bucket_id(waiter.tenant)
+            cost = costs.get(rate.kind, 0.0)
+            tat = rate.bucket.charge(state.buckets.get(name, 0.0), now, cost)
+            set_bucket(state, name, tat, now)
+            charges.append(Charge(name, cost, tat - now))
+        lease = ResourceLease(
+            new_lease_id(self.ports, "r"),
+            waiter.tenant,
+            waiter.entity,
+            now + self.gate.lease_ms,
+            now,
+            charges,
+            {kind: margin_of(costs, kind) for kind in (INPUT, OUTPUT) if margin_of(costs, kind)},
+        )
+        state.leases.append(lease)
+        remove_ticket(state, waiter.tenant, place.ticket, granted=True)
+        state.grants += 1
+        state.granted_ms = now
+        self.save_gate(loaded)
+        # The gate document is the truth about who holds what: the place is no longer needed.
+        self.forget(waiter, place.ticket)
+        return ResourceGrant(lease.lease_id, lease.expires_ms, now - place.since_ms)

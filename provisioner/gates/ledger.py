@@ -33,7 +33,7 @@ from provisioner.gates.place import Place
 from provisioner.gates.policies import rate_limits, refill_retries
 from provisioner.gates.promises import WakeUp, promise
 from provisioner.gates.queue import pass_over_unclaimed
-from provisioner.gates.results import Queued, Rejected
+from provisioner.gates.results import Queued, Rejected, Waiter
 from provisioner.gates.sandbox_leases import prune_expired
 from provisioner.model import Failure
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
@@ -225,6 +225,47 @@ class GateLedger(ABC, Generic[Document]):
             with contextlib.suppress(StorageError):
                 key = self.ticket_key(waiter.tenant, ticket)
                 self.ports.storage.delete(ACCOUNT, key, None)
+
+
+Answer = TypeVar("Answer")
+
+
+class Asking(GateLedger[Document], Generic[Document, Answer]):
+    """A waiter asks for a permit (`admit`, `acquire`): load, `locate` the waiter (its
+    stored place checked against the gate), refuse it once it has waited too long, else
+    `judge` whether its turn has come."""
+
+    def ask(self, waiter: Waiter) -> Answer | Queued | Rejected:
+        loaded = self.load(waiter)
+        located = self.locate(waiter, loaded)
+        if not isinstance(located, Place):
+            if isinstance(located, Rejected):
+                self.save_gate(loaded)
+                self.forget_place(waiter)
+            return located
+        why = self.timed_out(loaded, located)
+        if why is not None:
+            self.unplace(loaded.state, waiter, located)
+            return self.time_out(waiter, loaded, located.ticket, why)
+        return self.judge(waiter, loaded, located)
+
+    @abstractmethod
+    def locate(
+        self, waiter: Waiter, loaded: LoadedDocument[Document]
+    ) -> Place | Answer | Queued | Rejected: ...
+
+    @abstractmethod
+    def timed_out(self, loaded: LoadedDocument[Document], place: Place) -> str | None:
+        """Why the wait is over, if it is."""
+
+    @abstractmethod
+    def unplace(self, state: Document, waiter: Waiter, place: Place) -> None:
+        """Take the waiter out of the queue (in memory)."""
+
+    @abstractmethod
+    def judge(
+        self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
+    ) -> Answer | Queued | Rejected: ...
 
 
 # The sandbox gate.

@@ -33,7 +33,7 @@ from typing import Any
 
 from provisioner.config import AdmissionConfig, ResourceGate, read_config
 from provisioner.failures import FailureCode
-from provisioner.gates.acquire import Acquisition
+from provisioner.gates.admit import Acquisition
 from provisioner.gates.cas import storage_queued
 from provisioner.gates.document import INPUT, OUTPUT, Costs
 from provisioner.gates.policies import request_costs, too_large
