@@ -20,6 +20,8 @@ account (`gates.policies`, the same as E2B's 429s).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from provisioner.gates.admit import exhausted, leave_queue
 from provisioner.gates.blocking import waiting
 from provisioner.gates.bucket import settle_charge
@@ -117,8 +119,9 @@ class SandboxSettlement(SandboxLedger):
         place = Place(Stage.RETRYING, since, attempt)
         queued = waiting(state, config, now, waiter, place, self.ports.uniform)
         if isinstance(result, CapacityExhausted) and queued.reason != REASON_BACKOFF:
-            queued = _with_reason(
-                queued, REASON_CAPACITY, capacity_in_use(state), capacity_limit(state, config)
+            used, limit = capacity_in_use(state), capacity_limit(state, config)
+            queued = replace(
+                queued, reason=REASON_CAPACITY, in_use=used, limit=limit, retry_at_ms=0
             )
         self.save_gate(loaded)
         ttl = queued.expected_back_ms(now) + config.waiter_ttl_ms
@@ -163,19 +166,6 @@ class SandboxSettlement(SandboxLedger):
         self.promise(loaded)
         self.save_gate(loaded)
         self.forget(waiter, ticket)
-
-
-def _with_reason(queued: Queued, reason: str, in_use: int, limit: int) -> Queued:
-    return Queued(
-        queued.position,
-        queued.queue_length,
-        in_use,
-        limit,
-        reason,
-        queued.retry_after_ms,
-        queued.eta_ms,
-        queued.waited_ms,
-    )
 
 
 class ResourceSettlement(ResourceLedger):
