@@ -94,7 +94,7 @@ class Hold(Enum):
     """How far a limit a turn does not fit holds the walk back."""
 
     ALL = "all"  # a limit the account shares: nothing behind the turn may overtake it
-    TENANT = "tenant"  # the tenant's own limit: its later turns wait too (FIFO per tenant)
+    TENANT = "tenant"  # the tenant's own limit: its later turns are passed over too
     TURN = "turn"  # only this turn
 
 
