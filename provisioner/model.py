@@ -21,7 +21,7 @@ SANDBOX_FAILED = "SandboxFailed"
 GATES_INSPECTED = "GatesInspected"
 
 # The outcome param naming the waiters a decision promised a permit to, for the host to
-# wake (`gates.promises`). It names other tenants' entities: hosts strip it before
+# wake (`gates.sandbox.promise`). It names other tenants' entities: hosts strip it before
 # answering the runtime.
 WAKE_UPS = "wake_ups"
 

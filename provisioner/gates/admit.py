@@ -75,7 +75,7 @@ from provisioner.gates.results import (
     ResourceGrant,
     Waiter,
 )
-from provisioner.gates.sandbox_leases import drop_create_lease, take_create_lease
+from provisioner.gates.sandbox import drop_create_lease, take_create_lease
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
 
@@ -151,7 +151,7 @@ class Admission(SandboxLedger, Asking[GateState, Grant]):
                 now - stored.since_ms,
             )
         # The create's holder died mid-call: its outcome is unknown, so it is a retry (an
-        # unsettled create, its possible sandbox still counted: `leases.prune_expired`).
+        # unsettled create, its possible sandbox still counted: `sandbox.prune_expired`).
         attempt = stored.attempt + 1
         if attempt > config.max_create_attempts:
             return exhausted(attempt - 1)

@@ -20,9 +20,9 @@ from provisioner.gates.admit import Admission
 from provisioner.gates.cas import storage_queued
 from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS
 from provisioner.gates.ledger import load_gate
-from provisioner.gates.promises import WakeUp
 from provisioner.gates.release import SandboxRelease
 from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queued, Rejected, Waiter
+from provisioner.gates.sandbox import WakeUp
 from provisioner.gates.settle import SandboxSettlement
 from provisioner.gates.view import sandbox_snapshot
 from provisioner.ports import LogLevel, Ports, StorageError
@@ -35,7 +35,7 @@ class AdmissionController:
         self._ports = ports
         self._config = config
         # Waiters other than the caller that this controller's decisions promised a
-        # permit to: the host may wake them (`promises.WakeUp`).
+        # permit to: the host may wake them (`sandbox.WakeUp`).
         self.wake_ups: list[WakeUp] = []
 
     # ------------------------------------------------------------------ public API

@@ -31,10 +31,9 @@ from provisioner.gates.document import (
 )
 from provisioner.gates.place import Place
 from provisioner.gates.policies import rate_limits, refill_retries
-from provisioner.gates.promises import WakeUp, promise
 from provisioner.gates.queue import pass_over_unclaimed
 from provisioner.gates.results import Queued, Rejected, Waiter
-from provisioner.gates.sandbox_leases import prune_expired
+from provisioner.gates.sandbox import WakeUp, promise, prune_expired
 from provisioner.model import Failure
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
 
@@ -293,7 +292,7 @@ def sandbox_catch_up(state: GateState, config: AdmissionConfig, now_ms: int) -> 
 class SandboxLedger(GateLedger[GateState]):
     def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
         super().__init__(ports, config, SANDBOX_PREFIX)
-        # The waiters this decision promised a permit to (`promises.promise`), told only
+        # The waiters this decision promised a permit to (`sandbox.promise`), told only
         # once the gate holding the promise is saved.
         self.wake_ups: list[WakeUp] = []
         self._promised: list[WakeUp] = []

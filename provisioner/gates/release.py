@@ -15,7 +15,7 @@ from provisioner.gates.document import observe_hold
 from provisioner.gates.ledger import ResourceLedger, SandboxLedger, charge_margins
 from provisioner.gates.queue import drop_ticket
 from provisioner.gates.results import Released, Waiter
-from provisioner.gates.sandbox_leases import drop_leases_of, sandbox_lease_of
+from provisioner.gates.sandbox import drop_leases_of, sandbox_lease_of
 
 
 class SandboxRelease(SandboxLedger):

@@ -55,7 +55,7 @@ from provisioner.gates.results import (
     Unavailable,
     Waiter,
 )
-from provisioner.gates.sandbox_leases import (
+from provisioner.gates.sandbox import (
     drop_create_lease,
     drop_unsettled,
     hold_sandbox,

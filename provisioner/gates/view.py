@@ -41,7 +41,7 @@ from provisioner.gates.policies import (
     slots_in_use,
 )
 from provisioner.gates.results import Waiter
-from provisioner.gates.sandbox_leases import prune_expired
+from provisioner.gates.sandbox import prune_expired
 from provisioner.invocation import Request
 from provisioner.model import GATES_INSPECTED, Outcome
 from provisioner.ports import Ports, Scope, Storage, StorageReader

@@ -10,7 +10,7 @@ import pytest
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import CreateLease, GateState
 from provisioner.gates.policies import capacity_wait_ms, slot_wait_ms
-from provisioner.gates.sandbox_leases import hold_sandbox
+from provisioner.gates.sandbox import hold_sandbox
 
 NOW = 1_000_000
 LATENCY_MS = AdmissionConfig().create_latency_ms
