@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -25,7 +26,7 @@ from provisioner.admission.backoff import backoff_ms
 from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.admission.place import Place, Stage
 from provisioner.admission.queue import MAX_REMOVED_OUT_OF_ORDER
-from provisioner.admission.state import ticket_key, waiter_key
+from provisioner.admission.state import TenantQueue, ticket_key, waiter_key
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
 from provisioner.ports import Scope, StorageConflict, StorageUnavailable
@@ -1478,3 +1479,36 @@ def test_a_waiter_asking_as_a_cooldown_ends_is_expected_back_when_it_was_told_to
     assert (told.reason, told.eta_ms) == ("backoff", 1)
     assert told.retry_after_ms > harness.config.poll_min_ms  # one ms of cooldown, then jitter
     assert told.retry_at_ms == harness.clock.now_ms() + told.retry_after_ms
+
+
+def test_a_tenant_queue_counts_tickets_removed_out_of_order() -> None:
+    # Catches: a removal out of order counted the wrong way in the queue's length, the head
+    # not moving past a ticket already removed (or moving by two), and the next ticket to
+    # be issued taken for one in the queue.
+    queue = TenantQueue("tenant-a", head=0, tail=4)
+    queue.remove(2)
+    assert (queue.length(), queue.holds(2), queue.index_of(3)) == (3, False, 2)
+    assert not queue.holds(queue.tail)
+    queue.remove(0)
+    assert (queue.head, queue.length(), queue.removed) == (1, 2, [2])
+    queue.remove(1)  # the head reaches 2, already gone: it moves on to 3
+    assert (queue.head, queue.length(), queue.removed) == (3, 1, [])
+    assert queue.holds(3) and queue.index_of(3) == 0
+
+
+def test_a_retry_promised_the_slot_that_never_comes_back_loses_it_to_the_next_waiter() -> None:
+    # Catches: a retry's turn kept when its promise is passed over (only the reservation
+    # dropped), so the schedule promises it the slot again and the waiter behind it waits
+    # for the retry's place to expire instead.
+    harness = Harness(replace(FAST, create_slots=1))
+    gone = Waiter("tenant-a", "CurationJob/gone")
+    (behind,) = waiters(1, "tenant-b")
+    grant = grant_of(harness.admit(gone))
+    queued_of(harness.admit(behind))
+    harness.advance(1_000)
+    queued_of(harness.settle(gone, grant, Unavailable(503)))  # a retry, never seen again
+    harness.advance(20_000)  # the cooldown is over; this poll promises the slot to the retry
+    assert queued_of(harness.admit(behind)).position == 2
+    harness.advance(FAST.reservation_claim_ms + 1_000)
+    grant_of(harness.admit(behind))
+    assert harness.status()["account"]["retrying"] == 0
