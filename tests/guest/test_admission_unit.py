@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 
@@ -25,11 +26,11 @@ from provisioner.admission import (
 from provisioner.admission.backoff import backoff_ms
 from provisioner.admission.inspect import GateView, inspect_gates
 from provisioner.admission.place import Place, Stage
-from provisioner.admission.queue import MAX_REMOVED_OUT_OF_ORDER
-from provisioner.admission.state import TenantQueue, ticket_key, waiter_key
+from provisioner.admission.queue import MAX_REMOVED_OUT_OF_ORDER, enqueue, fair_order
+from provisioner.admission.state import GateState, TenantQueue, ticket_key, waiter_key
 from provisioner.failures import FailureCode
 from provisioner.model import Failure
-from provisioner.ports import Scope, StorageConflict, StorageUnavailable
+from provisioner.ports import LogLevel, Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
 from tests.guest.harness import ACCOUNT, FAST, START_MS, Harness, grant_of, queued_of
 
@@ -1512,3 +1513,63 @@ def test_a_retry_promised_the_slot_that_never_comes_back_loses_it_to_the_next_wa
     harness.advance(FAST.reservation_claim_ms + 1_000)
     grant_of(harness.admit(behind))
     assert harness.status()["account"]["retrying"] == 0
+
+
+def test_storage_keys_keep_the_encoding_earlier_versions_wrote() -> None:
+    # Catches: a change to how tenant and entity names are written into storage keys; a
+    # waiter's record or ticket written by the running version would no longer be found
+    # after an upgrade.
+    assert waiter_key("tenant-a", "CurationJob/a-1") == "adm/w/tenant-a/CurationJob%2Fa-1"
+    assert waiter_key("tenant a", "Job/ü 1") == "adm/w/tenant%20a/Job%2F%C3%BC%201"
+    assert ticket_key("tenant-a", 7) == "adm/t/tenant-a/7"
+    longest_plain = "a" * 160
+    assert waiter_key("t", longest_plain) == f"adm/w/t/{longest_plain}"
+    too_long = "b" * 161
+    digest = hashlib.sha256(too_long.encode()).hexdigest()
+    assert waiter_key("t", too_long) == f"adm/w/t/~{digest}"
+
+
+class ConflictsOnce(InterposedBackend):
+    """Another invocation writes the gate first, once: this decision's first write loses."""
+
+    def __init__(self, inner: StorageBackend) -> None:
+        super().__init__(inner)
+        self.armed = True
+
+    def before(self, operation: str, key: str) -> None:
+        if operation == "compare_and_swap" and key.endswith("adm/gate") and self.armed:
+            self.armed = False
+            raise StorageConflict("a rival wrote the gate first")
+
+
+def test_a_decision_tries_as_often_as_cas_retries_says_and_names_the_last_conflict() -> None:
+    # Catches: a decision that tries more often than `cas_retries` (here 1), and a
+    # fail-closed warning that does not say how many tries failed or what the last was.
+    from host.storage.memory import MemoryBackend
+
+    harness = Harness(replace(FAST, cas_retries=1))
+    harness.backend = ConflictsOnce(MemoryBackend(harness.clock.now_ms))
+    (w,) = waiters(1)
+    answer = queued_of(harness.admit(w))
+    assert answer.reason == "storage"
+    warnings = [message for level, message in harness.telemetry.logs if level is LogLevel.WARN]
+    assert any(
+        "still contended after 1 tries: a rival wrote the gate first" in m for m in warnings
+    ), warnings
+    grant_of(harness.admit(w))  # the rival is gone: the next try wins
+
+
+def test_the_fair_order_serves_round_by_round_and_never_past_a_tenants_last_ticket() -> None:
+    # Catches: a tenant with fewer waiters given a turn past its last ticket in a later
+    # round (a ticket nobody holds), and rounds when there are no queues.
+    state = GateState()
+    assert list(fair_order(state, lambda tenant: True)) == []
+    enqueue(state, "tenant-a")
+    for _ in range(3):
+        enqueue(state, "tenant-b")
+    assert list(fair_order(state, lambda tenant: True)) == [
+        ("tenant-a", 0),
+        ("tenant-b", 1),
+        ("tenant-b", 2),
+        ("tenant-b", 3),
+    ]
