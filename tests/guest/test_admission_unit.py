@@ -1573,3 +1573,24 @@ def test_the_fair_order_serves_round_by_round_and_never_past_a_tenants_last_tick
         ("tenant-b", 2),
         ("tenant-b", 3),
     ]
+
+
+def test_a_turn_passed_over_for_not_claiming_its_promise_keeps_its_tenants_place() -> None:
+    # Catches: a fresh ticket passed over at its claim deadline treated as granted, which
+    # sends its tenant to the back of the ring behind tenants it was ahead of.
+    harness = Harness(replace(FAST, create_slots=1))
+    first, gone, next_a = waiters(3, "tenant-a")
+    (other,) = waiters(1, "tenant-b")
+    grant = grant_of(harness.admit(first))
+    queued_of(harness.admit(gone))
+    queued_of(harness.admit(other))
+    queued_of(harness.admit(next_a))
+    harness.advance(1_000)
+    assert harness.settle(first, grant, Created("sbx-1", 3_600_000)) is None
+    # The freed slot is promised to `gone`, tenant-a's turn, which never comes to claim it.
+    harness.advance(FAST.reservation_claim_ms + 1_000)
+    answer = queued_of(harness.admit(other))
+    # `gone` is passed over; tenant-a keeps its place in the ring, so its next waiter is
+    # served before tenant-b's.
+    assert answer.position == 2, answer
+    grant_of(harness.admit(next_a))
