@@ -967,15 +967,21 @@ def test_a_retry_is_not_held_back_by_the_sandbox_its_own_lost_answer_may_have_ma
     assert isinstance(harness.admit(waiter), Grant)
 
 
-def test_a_waiter_held_by_the_rate_is_told_how_many_tokens_are_spent() -> None:
-    # Catches: the rate gate's `in_use` counted as burst plus the tokens left instead of
-    # burst minus them (a waiter behind a refilled token would see more than the burst).
+def behind_a_spent_burst() -> tuple[Harness, Waiter, Queued]:
+    """Tenant-a spends the rate's burst of 2; tenant-b's two waiters queue behind it, the
+    first ahead. Returns the harness, the second waiter and its answer."""
     harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
     for entity in ("Job/a", "Job/b"):
         grant_of(harness.admit(Waiter("tenant-a", entity)))
     first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
     queued_of(harness.admit(first))
-    told = queued_of(harness.admit(second))
+    return harness, second, queued_of(harness.admit(second))
+
+
+def test_a_waiter_held_by_the_rate_is_told_how_many_tokens_are_spent() -> None:
+    # Catches: the rate gate's `in_use` counted as burst plus the tokens left instead of
+    # burst minus them (a waiter behind a refilled token would see more than the burst).
+    harness, second, told = behind_a_spent_burst()
     assert (told.reason, told.in_use, told.limit) == ("rate", 2, 2)
     harness.advance(1_000)  # one token back, promised to the first
     told = queued_of(harness.admit(second))
@@ -986,12 +992,7 @@ def test_a_release_that_frees_nothing_still_keeps_the_promise_it_made() -> None:
     # Catches: a release (of a waiter that held and waited for nothing) whose decision
     # promised the next rate token to a waiter but was not saved: the promise and its
     # wake-up would be lost.
-    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
-    for entity in ("Job/a", "Job/b"):
-        grant_of(harness.admit(Waiter("tenant-a", entity)))
-    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
-    queued_of(harness.admit(first))
-    queued_of(harness.admit(second))
+    harness, _, _ = behind_a_spent_burst()
     harness.advance(1_000)  # the first's token is due; the next one is not promised yet
     controller = harness.controller("tenant-c")
     assert controller.release(Waiter("tenant-c", "Job/x")) is False
@@ -1122,12 +1123,7 @@ def test_the_first_of_many_retries_is_granted_when_the_slot_frees() -> None:
 def test_a_waiter_polling_behind_a_promised_token_keeps_the_promise_made_to_it() -> None:
     # Catches: a queued answer whose decision only promised a permit (nothing else
     # changed) not saved: the waiter would be told a reservation the gate does not hold.
-    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
-    for entity in ("Job/a", "Job/b"):
-        grant_of(harness.admit(Waiter("tenant-a", entity)))
-    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
-    queued_of(harness.admit(first))
-    queued_of(harness.admit(second))
+    harness, second, _ = behind_a_spent_burst()
     harness.advance(1_000)  # the first's token is due; the second's is next
     told = queued_of(harness.admit(second))
     assert told.reservation
