@@ -32,7 +32,15 @@ from provisioner.failures import FailureCode
 from provisioner.model import Failure
 from provisioner.ports import LogLevel, Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
-from tests.guest.harness import ACCOUNT, FAST, START_MS, Harness, grant_of, queued_of
+from tests.guest.harness import (
+    ACCOUNT,
+    FAST,
+    START_MS,
+    Harness,
+    grant_of,
+    queued_of,
+    retry_promised_the_free_slot,
+)
 
 
 def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
@@ -865,12 +873,7 @@ def test_a_waiter_leaving_the_queue_out_of_order_keeps_its_tenants_turn_in_the_r
 def test_dropping_a_retry_gives_up_its_reservation() -> None:
     # Catches: a retry dropped (released) that leaves its reservation behind, pinning a
     # permit to nobody until the claim deadline (or that keeps only that one).
-    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
-    retrying, later = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
-    grant = grant_of(harness.admit(retrying))
-    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=1_000)))
-    harness.advance(3_000)
-    queued_of(harness.admit(later))  # promises the free slot to the retry
+    harness, retrying, _, _ = retry_promised_the_free_slot()
     before = gate_view(harness).reservations
     assert [(r.tenant, r.entity) for r in before] == [("tenant-a", "Job/a")], before
     assert harness.release(retrying) is True
