@@ -22,7 +22,15 @@ from host.storage.memory import MemoryBackend
 from provisioner.config import AdmissionConfig
 from provisioner.gates.controller import AdmissionController
 from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS
-from provisioner.gates.results import Created, CreateResult, Grant, Queued, Rejected, Waiter
+from provisioner.gates.results import (
+    Created,
+    CreateResult,
+    Grant,
+    Queued,
+    RateLimited,
+    Rejected,
+    Waiter,
+)
 from provisioner.ports import HttpRequest, HttpResponse, Ports
 
 __all__ = [
@@ -34,6 +42,7 @@ __all__ = [
     "Storm",
     "grant_of",
     "queued_of",
+    "retry_promised_the_free_slot",
 ]
 
 ACCOUNT = "sim-account"
@@ -309,6 +318,18 @@ def queued_of(decision: object) -> Queued:
     """`decision`, which the test expects to be a queued answer."""
     assert isinstance(decision, Queued), decision
     return decision
+
+
+def retry_promised_the_free_slot() -> tuple[Harness, Waiter, Waiter, Queued]:
+    """One create slot; tenant-a's create is refused with a 429 and becomes a retry; once its
+    cooldown is over, tenant-b's waiter asks, and that decision promises the free slot to the
+    retry. Returns the harness, the retrying waiter, the later one and the later's answer."""
+    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
+    retrying, later = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
+    grant = grant_of(harness.admit(retrying))
+    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=1_000)))
+    harness.advance(3_000)
+    return harness, retrying, later, queued_of(harness.admit(later))
 
 
 def uniform_sessions(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -10,10 +12,10 @@ from host.services.namespaces import ScopedStorage, account_namespace
 from host.storage.base import StorageBackend
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
-from provisioner.gates.document import ticket_key, waiter_key
+from provisioner.gates.document import GateState, TenantQueue, ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import backoff_ms
-from provisioner.gates.queue import MAX_REMOVED_OUT_OF_ORDER
+from provisioner.gates.queue import MAX_REMOVED_OUT_OF_ORDER, enqueue, fair_order
 from provisioner.gates.results import (
     CapacityExhausted,
     Created,
@@ -28,9 +30,17 @@ from provisioner.gates.results import (
 )
 from provisioner.gates.view import GateView, inspect_gates
 from provisioner.model import Failure
-from provisioner.ports import Scope, StorageConflict, StorageUnavailable
+from provisioner.ports import LogLevel, Scope, StorageConflict, StorageUnavailable
 from tests.doubles import InterposedBackend
-from tests.guest.harness import ACCOUNT, FAST, START_MS, Harness, grant_of, queued_of
+from tests.guest.harness import (
+    ACCOUNT,
+    FAST,
+    START_MS,
+    Harness,
+    grant_of,
+    queued_of,
+    retry_promised_the_free_slot,
+)
 
 
 def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
@@ -863,12 +873,7 @@ def test_a_waiter_leaving_the_queue_out_of_order_keeps_its_tenants_turn_in_the_r
 def test_dropping_a_retry_gives_up_its_reservation() -> None:
     # Catches: a retry dropped (released) that leaves its reservation behind, pinning a
     # permit to nobody until the claim deadline (or that keeps only that one).
-    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
-    retrying, later = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
-    grant = grant_of(harness.admit(retrying))
-    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=1_000)))
-    harness.advance(3_000)
-    queued_of(harness.admit(later))  # promises the free slot to the retry
+    harness, retrying, _, _ = retry_promised_the_free_slot()
     before = gate_view(harness).reservations
     assert [(r.tenant, r.entity) for r in before] == [("tenant-a", "Job/a")], before
     assert harness.release(retrying) is True
@@ -965,15 +970,21 @@ def test_a_retry_is_not_held_back_by_the_sandbox_its_own_lost_answer_may_have_ma
     assert isinstance(harness.admit(waiter), Grant)
 
 
-def test_a_waiter_held_by_the_rate_is_told_how_many_tokens_are_spent() -> None:
-    # Catches: the rate gate's `in_use` counted as burst plus the tokens left instead of
-    # burst minus them (a waiter behind a refilled token would see more than the burst).
+def behind_a_spent_burst() -> tuple[Harness, Waiter, Queued]:
+    """Tenant-a spends the rate's burst of 2; tenant-b's two waiters queue behind it, the
+    first ahead. Returns the harness, the second waiter and its answer."""
     harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
     for entity in ("Job/a", "Job/b"):
         grant_of(harness.admit(Waiter("tenant-a", entity)))
     first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
     queued_of(harness.admit(first))
-    told = queued_of(harness.admit(second))
+    return harness, second, queued_of(harness.admit(second))
+
+
+def test_a_waiter_held_by_the_rate_is_told_how_many_tokens_are_spent() -> None:
+    # Catches: the rate gate's `in_use` counted as burst plus the tokens left instead of
+    # burst minus them (a waiter behind a refilled token would see more than the burst).
+    harness, second, told = behind_a_spent_burst()
     assert (told.reason, told.in_use, told.limit) == ("rate", 2, 2)
     harness.advance(1_000)  # one token back, promised to the first
     told = queued_of(harness.admit(second))
@@ -984,12 +995,7 @@ def test_a_release_that_frees_nothing_still_keeps_the_promise_it_made() -> None:
     # Catches: a release (of a waiter that held and waited for nothing) whose decision
     # promised the next rate token to a waiter but was not saved: the promise and its
     # wake-up would be lost.
-    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
-    for entity in ("Job/a", "Job/b"):
-        grant_of(harness.admit(Waiter("tenant-a", entity)))
-    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
-    queued_of(harness.admit(first))
-    queued_of(harness.admit(second))
+    harness, _, _ = behind_a_spent_burst()
     harness.advance(1_000)  # the first's token is due; the next one is not promised yet
     controller = harness.controller("tenant-c")
     assert controller.release(Waiter("tenant-c", "Job/x")) is False
@@ -1120,12 +1126,7 @@ def test_the_first_of_many_retries_is_granted_when_the_slot_frees() -> None:
 def test_a_waiter_polling_behind_a_promised_token_keeps_the_promise_made_to_it() -> None:
     # Catches: a queued answer whose decision only promised a permit (nothing else
     # changed) not saved: the waiter would be told a reservation the gate does not hold.
-    harness = Harness(AdmissionConfig(create_slots=5, create_rate_per_s=1.0, create_burst=2))
-    for entity in ("Job/a", "Job/b"):
-        grant_of(harness.admit(Waiter("tenant-a", entity)))
-    first, second = Waiter("tenant-b", "Job/c"), Waiter("tenant-b", "Job/d")
-    queued_of(harness.admit(first))
-    queued_of(harness.admit(second))
+    harness, second, _ = behind_a_spent_burst()
     harness.advance(1_000)  # the first's token is due; the second's is next
     told = queued_of(harness.admit(second))
     assert told.reservation
@@ -1478,3 +1479,117 @@ def test_a_waiter_asking_as_a_cooldown_ends_is_expected_back_when_it_was_told_to
     assert (told.reason, told.eta_ms) == ("backoff", 1)
     assert told.retry_after_ms > harness.config.poll_min_ms  # one ms of cooldown, then jitter
     assert told.retry_at_ms == harness.clock.now_ms() + told.retry_after_ms
+
+
+def test_a_tenant_queue_counts_tickets_removed_out_of_order() -> None:
+    # Catches: a removal out of order counted the wrong way in the queue's length, the head
+    # not moving past a ticket already removed (or moving by two), and the next ticket to
+    # be issued taken for one in the queue.
+    queue = TenantQueue("tenant-a", head=0, tail=4)
+    queue.remove(2)
+    assert (queue.length(), queue.holds(2), queue.index_of(3)) == (3, False, 2)
+    assert not queue.holds(queue.tail)
+    queue.remove(0)
+    assert (queue.head, queue.length(), queue.removed) == (1, 2, [2])
+    queue.remove(1)  # the head reaches 2, already gone: it moves on to 3
+    assert (queue.head, queue.length(), queue.removed) == (3, 1, [])
+    assert queue.holds(3) and queue.index_of(3) == 0
+
+
+def test_a_retry_promised_the_slot_that_never_comes_back_loses_it_to_the_next_waiter() -> None:
+    # Catches: a retry's turn kept when its promise is passed over (only the reservation
+    # dropped), so the schedule promises it the slot again and the waiter behind it waits
+    # for the retry's place to expire instead.
+    harness = Harness(replace(FAST, create_slots=1))
+    gone = Waiter("tenant-a", "CurationJob/gone")
+    (behind,) = waiters(1, "tenant-b")
+    grant = grant_of(harness.admit(gone))
+    queued_of(harness.admit(behind))
+    harness.advance(1_000)
+    queued_of(harness.settle(gone, grant, Unavailable(503)))  # a retry, never seen again
+    harness.advance(20_000)  # the cooldown is over; this poll promises the slot to the retry
+    assert queued_of(harness.admit(behind)).position == 2
+    harness.advance(FAST.reservation_claim_ms + 1_000)
+    grant_of(harness.admit(behind))
+    assert harness.status()["account"]["retrying"] == 0
+
+
+def test_storage_keys_keep_the_encoding_earlier_versions_wrote() -> None:
+    # Catches: a change to how tenant and entity names are written into storage keys; a
+    # waiter's record or ticket written by the running version would no longer be found
+    # after an upgrade.
+    assert waiter_key("tenant-a", "CurationJob/a-1") == "adm/w/tenant-a/CurationJob%2Fa-1"
+    assert waiter_key("tenant a", "Job/ü 1") == "adm/w/tenant%20a/Job%2F%C3%BC%201"
+    assert ticket_key("tenant-a", 7) == "adm/t/tenant-a/7"
+    longest_plain = "a" * 160
+    assert waiter_key("t", longest_plain) == f"adm/w/t/{longest_plain}"
+    too_long = "b" * 161
+    digest = hashlib.sha256(too_long.encode()).hexdigest()
+    assert waiter_key("t", too_long) == f"adm/w/t/~{digest}"
+
+
+class ConflictsOnce(InterposedBackend):
+    """Another invocation writes the gate first, once: this decision's first write loses."""
+
+    def __init__(self, inner: StorageBackend) -> None:
+        super().__init__(inner)
+        self.armed = True
+
+    def before(self, operation: str, key: str) -> None:
+        if operation == "compare_and_swap" and key.endswith("adm/gate") and self.armed:
+            self.armed = False
+            raise StorageConflict("a rival wrote the gate first")
+
+
+def test_a_decision_tries_as_often_as_cas_retries_says_and_names_the_last_conflict() -> None:
+    # Catches: a decision that tries more often than `cas_retries` (here 1), and a
+    # fail-closed warning that does not say how many tries failed or what the last was.
+    from host.storage.memory import MemoryBackend
+
+    harness = Harness(replace(FAST, cas_retries=1))
+    harness.backend = ConflictsOnce(MemoryBackend(harness.clock.now_ms))
+    (w,) = waiters(1)
+    answer = queued_of(harness.admit(w))
+    assert answer.reason == "storage"
+    warnings = [message for level, message in harness.telemetry.logs if level is LogLevel.WARN]
+    assert any(
+        "still contended after 1 tries: a rival wrote the gate first" in m for m in warnings
+    ), warnings
+    grant_of(harness.admit(w))  # the rival is gone: the next try wins
+
+
+def test_the_fair_order_serves_round_by_round_and_never_past_a_tenants_last_ticket() -> None:
+    # Catches: a tenant with fewer waiters given a turn past its last ticket in a later
+    # round (a ticket nobody holds), and rounds when there are no queues.
+    state = GateState()
+    assert list(fair_order(state, lambda tenant: True)) == []
+    enqueue(state, "tenant-a")
+    for _ in range(3):
+        enqueue(state, "tenant-b")
+    assert list(fair_order(state, lambda tenant: True)) == [
+        ("tenant-a", 0),
+        ("tenant-b", 1),
+        ("tenant-b", 2),
+        ("tenant-b", 3),
+    ]
+
+
+def test_a_turn_passed_over_for_not_claiming_its_promise_keeps_its_tenants_place() -> None:
+    # Catches: a fresh ticket passed over at its claim deadline treated as granted, which
+    # sends its tenant to the back of the ring behind tenants it was ahead of.
+    harness = Harness(replace(FAST, create_slots=1))
+    first, gone, next_a = waiters(3, "tenant-a")
+    (other,) = waiters(1, "tenant-b")
+    grant = grant_of(harness.admit(first))
+    queued_of(harness.admit(gone))
+    queued_of(harness.admit(other))
+    queued_of(harness.admit(next_a))
+    harness.advance(1_000)
+    assert harness.settle(first, grant, Created("sbx-1", 3_600_000)) is None
+    # The freed slot is promised to `gone`, tenant-a's turn, which never comes to claim it.
+    harness.advance(FAST.reservation_claim_ms + 1_000)
+    answer = queued_of(harness.admit(other))
+    # `gone` is passed over; tenant-a keeps its place in the ring, so its next waiter is
+    # served before tenant-b's.
+    assert answer.position == 2, answer
+    grant_of(harness.admit(next_a))

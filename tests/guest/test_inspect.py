@@ -19,7 +19,14 @@ from provisioner.gates.view import (
     inspect_gates,
 )
 from provisioner.ports import Entry, Scope
-from tests.guest.harness import ACCOUNT, FAST, Harness, grant_of, queued_of
+from tests.guest.harness import (
+    ACCOUNT,
+    FAST,
+    Harness,
+    grant_of,
+    queued_of,
+    retry_promised_the_free_slot,
+)
 
 
 def view(harness: Harness, *, prune: bool = True) -> GateView:
@@ -319,12 +326,8 @@ def test_a_retry_counts_as_gone_from_the_millisecond_its_liveness_ends() -> None
 def test_a_retry_whose_cooldown_ended_is_shown_holding_the_reservation_by_entity() -> None:
     # Catches: a retry's reservation shown without the entity that holds it (a retry has
     # no ticket: the entity is all that names its holder).
-    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
-    retrying, later = Waiter("tenant-a", "Job/a"), Waiter("tenant-b", "Job/b")
-    grant = grant_of(harness.admit(retrying))
-    queued_of(harness.settle(retrying, grant, RateLimited(retry_after_ms=1_000)))
-    harness.advance(3_000)
-    assert queued_of(harness.admit(later)).position == 2  # the retry goes first
+    harness, _, _, answer = retry_promised_the_free_slot()
+    assert answer.position == 2  # the retry goes first
     now = harness.clock.now_ms()
     assert view(harness).reservations == (
         ReservationView("tenant-a", None, "Job/a", now, now + harness.config.reservation_claim_ms),
