@@ -183,8 +183,11 @@ class Admission(SandboxLedger, Asking[GateState, Grant]):
             queued = waiting(state, config, now, waiter, place, self.ports.uniform)
         reserved = self.promise(loaded, verdict.scheduled, caller=mine)
         own = reservation_of(state, waiter.tenant, mine.ticket, mine.entity)
-        if not any(s.turn == mine for s in verdict.scheduled):
-            own = None
+        if own is not None and not any(s.turn == mine for s in verdict.scheduled):
+            # No permit is there for it now (a cap-429 took it): withdraw the promise, or
+            # the holder, still asking, would be passed over at its deadline as gone.
+            state.reservations.remove(own)
+            own, reserved = None, True
         stored = loaded.place
         unchanged = (
             stored is not None

@@ -9,6 +9,7 @@ from host.services.namespaces import account_namespace
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import GATE_KEY, GateState
 from provisioner.gates.results import (
+    CapacityExhausted,
     Created,
     CreateFailed,
     Grant,
@@ -276,6 +277,40 @@ def test_a_decision_that_only_passes_over_an_unclaimed_reservation_stores_it() -
     assert queued_of(harness.admit(retrying)).reason == "backoff"
     stored = gate(harness)
     assert (stored.reservations, stored.queue_of(absent.tenant)) == ([], None)
+
+
+def test_a_holder_still_asking_keeps_its_place_when_its_promised_permit_goes_away() -> None:
+    # Catches: a reservation whose permit a cap-429 took away (adaptive capacity) passed
+    # over at its claim deadline as if its holder had gone, though the holder asked on
+    # every poll: its ticket left the queue and it queued again behind later waiters (a
+    # falsifying example of the state machine: "Job/tenant-c-3 moved back from 2 to 10").
+    config = AdmissionConfig(
+        create_slots=2,
+        max_sandboxes=3,
+        create_rate_per_s=1000,
+        create_burst=10,
+        reservation_claim_ms=3_000,
+    )
+    harness = Harness(config)
+    first, capped = Waiter("tenant-a", "Job/a-0"), Waiter("tenant-b", "Job/b-0")
+    holder, later = Waiter("tenant-c", "Job/c-0"), Waiter("tenant-a", "Job/a-1")
+    first_grant, capped_grant = grant_of(harness.admit(first)), grant_of(harness.admit(capped))
+    queued_of(harness.admit(holder))
+    queued_of(harness.admit(later))
+    assert harness.settle(first, first_grant, Created("sbx-a", 600_000)) is None
+    [promised] = gate(harness).reservations
+    assert (promised.tenant, promised.entity) == (holder.tenant, None), "the precondition"
+    # E2B's cap: capacity falls to the one sandbox running, so the promise cannot be kept.
+    queued_of(harness.settle(capped, capped_grant, CapacityExhausted(None)))
+    assert harness.status()["account"]["capacity"]["limit"] == 1, "the precondition"
+    places = []
+    for _ in range(12):  # the holder asks every half second, well past the claim deadline
+        places.append(queued_of(harness.admit(holder)).position)
+        queued_of(harness.admit(later))
+        harness.advance(500)
+    assert harness.clock.now_ms() > promised.by_ms, "the precondition"
+    assert places == [places[0]] * len(places), places
+    assert places[0] < queued_of(harness.admit(later)).position
 
 
 # -- the same reservations at a resource gate (one fair queue for every gate)
