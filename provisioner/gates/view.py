@@ -195,6 +195,12 @@ def _views(view: type[_View], items: Iterable[object]) -> tuple[_View, ...]:
     return tuple(view(**{name: getattr(item, name) for name in names}) for item in items)
 
 
+def _backoff(state: GateState | ResourceState, now_ms: int) -> Backoff:
+    return Backoff(
+        state.cooldown_until_ms, policies.cooling_ms(state, now_ms), state.backoff_failures
+    )
+
+
 def gate_view(
     state: GateState,
     config: AdmissionConfig,
@@ -224,9 +230,7 @@ def gate_view(
             _views(SandboxLeaseView, state.sandbox_leases),
             _views(UnsettledCreateView, state.unsettled),
         ),
-        backoff=Backoff(
-            state.cooldown_until_ms, policies.cooling_ms(state, now_ms), state.backoff_failures
-        ),
+        backoff=_backoff(state, now_ms),
         retry_budget=RetryBudget(policies.retry_tokens(state, config), config.retry_budget),
         waiters=waiters,
         waiting_tenants=tuple(queue.tenant for queue in state.ring),
@@ -328,18 +332,11 @@ def _waiters(
         # No jitter: reading draws no randomness.
         due = assess(state, config, now_ms, waiter, place, lambda: 0.0).goes
         queued = waiting(state, config, now_ms, waiter, place, lambda: 0.0)
+        reason, eta = (REASON_DUE, 0) if due else (queued.reason, queued.eta_ms)
+        waited, tries = (None, None) if record is None else (queued.waited_ms, record.attempt)
         views.append(
             WaiterView(
-                tenant=tenant,
-                entity=entity,
-                stage=stage,
-                ticket=ticket,
-                position=queued.position,
-                reason=REASON_DUE if due else queued.reason,
-                eta_ms=0 if due else queued.eta_ms,
-                waited_ms=None if record is None else queued.waited_ms,
-                attempt=None if record is None else record.attempt,
-                alive=alive,
+                tenant, entity, stage, ticket, queued.position, reason, eta, waited, tries, alive
             )
         )
     views.sort(key=lambda view: (view.stage is not Stage.RETRYING, view.position))
@@ -393,9 +390,7 @@ class ResourceGateView:
     tenant_concurrency: int | None
     leases: tuple[ResourceLeaseView, ...]
     buckets: tuple[BucketView, ...]
-    cooldown_until_ms: int
-    cooling_ms: int
-    backoff_failures: int
+    backoff: Backoff
     waiters: tuple[ResourceWaiterView, ...]
     hold_ms: int | None
     grants: int
@@ -449,9 +444,7 @@ def resource_view(
             for lease in state.leases
         ),
         buckets=buckets,
-        cooldown_until_ms=state.cooldown_until_ms,
-        cooling_ms=policies.cooling_ms(state, now_ms),
-        backoff_failures=state.backoff_failures,
+        backoff=_backoff(state, now_ms),
         waiters=waiters,
         hold_ms=state.hold_ms,
         grants=state.grants,
@@ -485,7 +478,7 @@ def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str)
                 }
                 for bucket in view.buckets
             },
-            "backoff": {"cooling_ms": view.cooling_ms, "failures": view.backoff_failures},
+            "backoff": {"cooling_ms": view.backoff.cooling_ms, "failures": view.backoff.failures},
             "queue_length": state.waiting(),
             "waiting_tenants": len(state.ring),
             "tenant_queued": 0 if own is None else own.length(),
@@ -495,35 +488,31 @@ def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str)
     return found
 
 
-def inspect_resource(
-    storage: Storage, now_ms: int, gate: ResourceGate, *, prune_expired: bool = True
-) -> ResourceGateView:
-    """Tenants' buckets are listed for those that hold a lease, wait, or whose bucket is
-    not full."""
-    prefix = resource_prefix(gate.name)
-    entry = storage.get(Scope.ACCOUNT, gate_key(prefix))
-    state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
-    if prune_expired:
-        prune(state, gate, now_ms)
-    tenants = sorted(
-        {lease.tenant for lease in state.leases}
-        | {queue.tenant for queue in state.ring}
-        | {name.partition("\t")[2] for name in state.buckets if "\t" in name}
-    )
-    waiters: list[ResourceWaiterView] = []
-    for queue in state.ring:
-        for ticket in queue.tickets():
-            found = storage.get(Scope.ACCOUNT, ticket_key(queue.tenant, ticket, prefix))
-            entity, costs = (None, None) if found is None else decode_ticket(found.value)
-            waiters.append(ResourceWaiterView(queue.tenant, ticket, entity, costs))
-    version = None if entry is None else entry.version
-    return resource_view(state, gate, now_ms, version, tenants, tuple(waiters))
-
-
 def inspect_resources(
     storage: Storage, now_ms: int, gates: dict[str, ResourceGate]
 ) -> dict[str, ResourceGateView]:
-    return {name: inspect_resource(storage, now_ms, gate) for name, gate in gates.items()}
+    """Each gate with every waiter; tenants' buckets are listed for those that hold a
+    lease, wait, or whose bucket is not full."""
+    views: dict[str, ResourceGateView] = {}
+    for name, gate in gates.items():
+        prefix = resource_prefix(gate.name)
+        entry = storage.get(Scope.ACCOUNT, gate_key(prefix))
+        state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
+        prune(state, gate, now_ms)
+        tenants = sorted(
+            {lease.tenant for lease in state.leases}
+            | {queue.tenant for queue in state.ring}
+            | {bucket.partition("\t")[2] for bucket in state.buckets if "\t" in bucket}
+        )
+        waiters: list[ResourceWaiterView] = []
+        for queue in state.ring:
+            for ticket in queue.tickets():
+                found = storage.get(Scope.ACCOUNT, ticket_key(queue.tenant, ticket, prefix))
+                entity, costs = (None, None) if found is None else decode_ticket(found.value)
+                waiters.append(ResourceWaiterView(queue.tenant, ticket, entity, costs))
+        version = None if entry is None else entry.version
+        views[name] = resource_view(state, gate, now_ms, version, tenants, tuple(waiters))
+    return views
 
 
 def _plain(value: Any) -> Any:
