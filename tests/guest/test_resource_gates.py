@@ -415,7 +415,7 @@ def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
     own = after.bucket("tenant_input_tokens", "acme")
     assert account is not None and account.debt == pytest.approx(500)
     assert own is not None and own.debt == pytest.approx(500)
-    assert after.in_use == 0 and after.cooling_ms == 2_000 and after.backoff_failures == 1
+    assert after.in_use == 0 and after.backoff.cooling_ms == 2_000 and after.backoff.failures == 1
     assert after.version is not None and after.version != gate.version
     # Reading wrote nothing.
     assert storage.get(Scope.ACCOUNT, "res/llm/gate") is not None
