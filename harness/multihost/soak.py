@@ -54,6 +54,7 @@ from harness.multihost.run import (
     Cluster,
     ClusterError,
     Event,
+    RunShape,
     add_component_arguments,
     answered_creates,
     creates_in_flight,
@@ -90,22 +91,17 @@ _TYPED_REASON = re.compile(r"^[a-z][a-z0-9_]*(: |$)")
 _KEY_IN_QUERY = re.compile(r"temper_idempotency_key=([^&]+)")
 
 
-@dataclass(frozen=True)
-class SoakPlan:
-    """The soak's knobs (the command line sets the first few)."""
+@dataclass(frozen=True, kw_only=True)
+class SoakPlan(RunShape):
+    """The soak's knobs: the run's shape, then the soak's own (the command line sets the
+    first few)."""
 
     minutes: float
     seed: int
     hosts: int = 3
-    create_slots: int = 3
-    max_sandboxes: int = 6
     cap_slack: int = 2
     kill_lag_ms: int = 1500
-    create_latency_ms: int = 300
-    create_lease_ms: int = 4000
     hang_s: float = 2.0
-    turns: int = 2
-    turn_s: float = 0.3
     arrival_gap_s: tuple[float, float] = (0.3, 1.2)
     # Backpressure: no new job while this many are unfinished, so the arrivals never
     # outrun what the account can serve (a growing backlog would end in liveness timeouts).
@@ -626,12 +622,7 @@ def soak_settings(
         mock,
         SOAK_API_KEY,
         "soak",
-        create_slots=plan.create_slots,
-        max_sandboxes=plan.max_sandboxes,
-        latency_ms=plan.create_latency_ms,
-        lease_ms=plan.create_lease_ms,
-        turns=plan.turns,
-        turn_s=plan.turn_s,
+        plan,
         component=component,
         cache_dir=cache_dir,
         planted_bug=plan.planted_bug,
