@@ -287,20 +287,12 @@ class Soak:
     # -- faults ------------------------------------------------------------------------
 
     def _fault_kill_mid_create(self, record: FaultRecord) -> None:
-        def victim() -> tuple[str, set[str]] | None:
-            events, live = self._live_events()
-            for name in sorted(live):
-                keys = creates_in_flight(events, name)
-                if keys:
-                    return name, keys
-            return None
-
-        found = self._window(record, victim)
-        if found is None:
+        cut = self._kill_host_when(
+            record, lambda events, name: creates_in_flight(events, name) or None
+        )
+        if cut is None:
             return
-        name, keys = found
-        in_flight_at_e2b = self.mock.stats().creates_in_flight
-        self._kill_and_replace(name)
+        name, keys, in_flight_at_e2b = cut
         heard = answered_creates(self.cluster.host(name).events)
         record.detail.update(
             host=name,
@@ -312,28 +304,47 @@ class Soak:
         before = self._hangs()
         self.mock.configure(faults=["hang:p=1:route=kill:after-create"])
 
-        def victim() -> tuple[str, str] | None:
+        def unanswered_kill(events: list[Event], name: str) -> str | None:
+            """A sandbox gone from E2B whose kill the host sent and never heard answered."""
             if self._hangs() <= before:
                 return None
-            events, live = self._live_events()
             running = {s["sandbox_id"] for s in self.mock.running_sandboxes()}
-            for name in sorted(live):
-                mine = [e for e in events if e["host"] == name]
-                sent = {e["sandbox_id"] for e in mine if e["event"] == "kill_sent"}
-                done = {e["sandbox_id"] for e in mine if e["event"] == "kill_answered"}
-                for sandbox_id in sorted(sent - done - running):
-                    return name, sandbox_id
-            return None
+            mine = [e for e in events if e["host"] == name]
+            sent = {e["sandbox_id"] for e in mine if e["event"] == "kill_sent"}
+            done = {e["sandbox_id"] for e in mine if e["event"] == "kill_answered"}
+            return min(sent - done - running, default=None)
 
-        found = self._window(record, victim)
-        if found is None:
+        cut = self._kill_host_when(record, unanswered_kill)
+        if cut is None:
             return
-        name, sandbox_id = found
-        self._kill_and_replace(name)
+        name, sandbox_id, _ = cut
         heard = {
             e["sandbox_id"] for e in self.cluster.host(name).events if e["event"] == "kill_answered"
         }
         record.detail.update(host=name, sandbox_id=sandbox_id, hit=sandbox_id not in heard)
+
+    def _kill_host_when(
+        self, record: FaultRecord, find: Callable[[list[Event], str], _Found | None]
+    ) -> tuple[str, _Found, int] | None:
+        """Once `find` finds something in the events of a live host (hosts in name order;
+        None if the window never opens), kills that host and starts another: the host, what
+        was found, and the creates in flight at E2B just before the kill."""
+
+        def victim() -> tuple[str, _Found] | None:
+            events, live = self._live_events()
+            for name in sorted(live):
+                found = find(events, name)
+                if found is not None:
+                    return name, found
+            return None
+
+        found = self._window(record, victim)
+        if found is None:
+            return None
+        name, what = found
+        in_flight_at_e2b = self.mock.stats().creates_in_flight
+        self._kill_and_replace(name)
+        return name, what, in_flight_at_e2b
 
     def _fault_kill_after_find(self, record: FaultRecord) -> None:
         before = self._hangs()
