@@ -5,15 +5,16 @@ from __future__ import annotations
 import threading
 
 from host.storage.base import StorageBackend
+from host.storage.forwarding import ForwardingBackend
 from provisioner.ports import Entry, StorageConflict
 
 
-class CountingBackend:
+class CountingBackend(ForwardingBackend):
     """Counts operations, bytes moved (keys and values), compare-and-swaps and the ones
     that lost to a concurrent writer. Safe to share between threads."""
 
     def __init__(self, inner: StorageBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ops = 0
         self.bytes = 0
         self.swaps = 0
@@ -46,9 +47,3 @@ class CountingBackend:
     def delete(self, namespace: str, key: str, expected: int | None) -> bool:
         self._count(len(key))
         return self.inner.delete(namespace, key, expected)
-
-    def now_ms(self) -> int:
-        return self.inner.now_ms()
-
-    def close(self) -> None:
-        self.inner.close()

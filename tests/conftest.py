@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -10,13 +11,16 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from host.runtime.loader import LoadedComponent, load_component
 from host.runtime.paths import BUILT_COMPONENT
+
+if TYPE_CHECKING:
+    from tests.harness.multihost.soak_support import RunSoak
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "e2b_test_key_0123456789"
@@ -84,6 +88,19 @@ def component_cache_dir(
     `loaded_component` is the cold compile whichever test asks first."""
     assert not loaded_component.from_cache
     return _fresh_component_cache_dir
+
+
+@pytest.fixture
+def run_soak_command(
+    capsys: pytest.CaptureFixture[str],
+    loaded_component: LoadedComponent,
+    component_cache_dir: Path,
+) -> RunSoak:
+    """`sandbox-provisioner soak` in-process on the session's component: called with the
+    extra arguments, it returns the exit code and the JSON report."""
+    from tests.harness.multihost.soak_support import soak_report
+
+    return functools.partial(soak_report, capsys, loaded_component, component_cache_dir)
 
 
 @pytest.fixture

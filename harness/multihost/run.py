@@ -640,18 +640,25 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON report")
 
 
+@dataclass(frozen=True)
+class RunShape:
+    """What a run asks of the account and of each job (the defaults: a small, fast run)."""
+
+    create_slots: int = 3
+    max_sandboxes: int = 6
+    create_latency_ms: int = 300
+    create_lease_ms: int = 4000
+    turns: int = 2
+    turn_s: float = 0.3
+
+
 def run_settings(
     storage_url: str,
     mock: MockE2BServer,
     api_key: str,
     command: str,
+    shape: RunShape,
     *,
-    create_slots: int,
-    max_sandboxes: int,
-    latency_ms: int,
-    lease_ms: int,
-    turns: int,
-    turn_s: float,
     component: Path,
     cache_dir: Path | None,
     planted_bug: str | None = None,
@@ -665,35 +672,27 @@ def run_settings(
         api_key=api_key,
         account=f"{command}-{run_id}",
         run_id=run_id,
-        config=multihost_config(
-            mock.url,
-            create_slots=create_slots,
-            max_sandboxes=max_sandboxes,
-            latency_ms=latency_ms,
-            lease_ms=lease_ms,
-        ),
-        turns=turns,
-        turn_s=turn_s,
+        config=multihost_config(mock.url, shape),
+        turns=shape.turns,
+        turn_s=shape.turn_s,
         component=str(component),
         cache_dir=None if cache_dir is None else str(cache_dir),
         planted_bug=planted_bug,
     )
 
 
-def multihost_config(
-    e2b_url: str, *, create_slots: int, max_sandboxes: int, latency_ms: int, lease_ms: int
-) -> tuple[tuple[str, str], ...]:
+def multihost_config(e2b_url: str, shape: RunShape) -> tuple[tuple[str, str], ...]:
     """The component's config for a run: admission mirrors the account; short leases and
     polls, so a dead host's permits come back within seconds."""
     return (
         ("e2b_api_url", e2b_url),
-        ("create_slots", str(create_slots)),
+        ("create_slots", str(shape.create_slots)),
         ("create_rate_per_s", "50"),
-        ("create_burst", str(create_slots)),
-        ("max_sandboxes", str(max_sandboxes)),
-        ("create_latency_ms", str(latency_ms)),
-        ("create_timeout_ms", str(max(1, lease_ms - 500))),
-        ("create_lease_ms", str(lease_ms)),
+        ("create_burst", str(shape.create_slots)),
+        ("max_sandboxes", str(shape.max_sandboxes)),
+        ("create_latency_ms", str(shape.create_latency_ms)),
+        ("create_timeout_ms", str(max(1, shape.create_lease_ms - 500))),
+        ("create_lease_ms", str(shape.create_lease_ms)),
         ("waiter_ttl_ms", "2000"),
         ("poll_min_ms", "100"),
         ("poll_max_ms", "1000"),
@@ -753,12 +752,14 @@ def run_multihost(args: argparse.Namespace) -> int:
             mock,
             MULTIHOST_API_KEY,
             "multihost",
-            create_slots=args.create_slots,
-            max_sandboxes=args.max_sandboxes,
-            latency_ms=args.create_latency_ms,
-            lease_ms=args.create_lease_ms,
-            turns=max(0, args.turns),
-            turn_s=args.turn_ms / 1000,
+            RunShape(
+                create_slots=args.create_slots,
+                max_sandboxes=args.max_sandboxes,
+                create_latency_ms=args.create_latency_ms,
+                create_lease_ms=args.create_lease_ms,
+                turns=max(0, args.turns),
+                turn_s=args.turn_ms / 1000,
+            ),
             component=loaded.path,
             cache_dir=args.cache_dir,
         )

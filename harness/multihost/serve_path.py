@@ -367,43 +367,42 @@ class ServeSoak(Soak):
     fault_kinds = SERVE_FAULT_KINDS + PACE_FAULT_KINDS
 
     def _fault_kill_serve_mid_create(self, record: FaultRecord) -> None:
-        fleet = self.cluster
-        assert isinstance(fleet, ServeFleet)
-
-        def victim() -> str | None:
-            if self.mock.stats().creates_in_flight == 0:
-                return None
-            for host in fleet.live_hosts():
-                if "provision" in host.in_flight.values():
-                    return host.name
-            return None
-
-        name = self._window(record, victim)
-        if name is None:
-            return
-        calls = set(fleet.host(name).in_flight)
-        in_flight_at_e2b = self.mock.stats().creates_in_flight
-        self._kill_and_replace(name)
-        record.detail.update(
-            host=name, hit=bool(calls) and in_flight_at_e2b > 0, calls_cut=len(calls)
-        )
+        cut = self._kill_serve_providing(record, lambda _: self.mock.stats().creates_in_flight > 0)
+        if cut is not None:
+            calls, in_flight_at_e2b = cut
+            record.detail.update(hit=bool(calls) and in_flight_at_e2b > 0)
 
     def _fault_kill_serve_mid_hold(self, record: FaultRecord) -> None:
         fleet = self.cluster
         assert isinstance(fleet, ServeFleet)
+        cut = self._kill_serve_providing(record, lambda host: fleet.held_requests(host) > 0)
+        if cut is not None:
+            calls, _ = cut
+            record.detail.update(hit=bool(calls))
+
+    def _kill_serve_providing(
+        self, record: FaultRecord, also: Callable[[ServeProcess], bool]
+    ) -> tuple[set[int], int] | None:
+        """Once a serve has a provision call in flight and `also` holds for it (None if the
+        window never opens), kills it and starts another: the calls it cut and the creates
+        in flight at E2B just before."""
+        fleet = self.cluster
+        assert isinstance(fleet, ServeFleet)
 
         def victim() -> str | None:
             for host in fleet.live_hosts():
-                if "provision" in host.in_flight.values() and fleet.held_requests(host) > 0:
+                if "provision" in host.in_flight.values() and also(host):
                     return host.name
             return None
 
         name = self._window(record, victim)
         if name is None:
-            return
+            return None
         calls = set(fleet.host(name).in_flight)
+        in_flight_at_e2b = self.mock.stats().creates_in_flight
         self._kill_and_replace(name)
-        record.detail.update(host=name, hit=bool(calls), calls_cut=len(calls))
+        record.detail.update(host=name, calls_cut=len(calls))
+        return calls, in_flight_at_e2b
 
 
 # -- the planted bug's proxy -----------------------------------------------------------------

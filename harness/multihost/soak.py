@@ -54,6 +54,7 @@ from harness.multihost.run import (
     Cluster,
     ClusterError,
     Event,
+    RunShape,
     add_component_arguments,
     answered_creates,
     creates_in_flight,
@@ -90,22 +91,17 @@ _TYPED_REASON = re.compile(r"^[a-z][a-z0-9_]*(: |$)")
 _KEY_IN_QUERY = re.compile(r"temper_idempotency_key=([^&]+)")
 
 
-@dataclass(frozen=True)
-class SoakPlan:
-    """The soak's knobs (the command line sets the first few)."""
+@dataclass(frozen=True, kw_only=True)
+class SoakPlan(RunShape):
+    """The soak's knobs: the run's shape, then the soak's own (the command line sets the
+    first few)."""
 
     minutes: float
     seed: int
     hosts: int = 3
-    create_slots: int = 3
-    max_sandboxes: int = 6
     cap_slack: int = 2
     kill_lag_ms: int = 1500
-    create_latency_ms: int = 300
-    create_lease_ms: int = 4000
     hang_s: float = 2.0
-    turns: int = 2
-    turn_s: float = 0.3
     arrival_gap_s: tuple[float, float] = (0.3, 1.2)
     # Backpressure: no new job while this many are unfinished, so the arrivals never
     # outrun what the account can serve (a growing backlog would end in liveness timeouts).
@@ -291,20 +287,12 @@ class Soak:
     # -- faults ------------------------------------------------------------------------
 
     def _fault_kill_mid_create(self, record: FaultRecord) -> None:
-        def victim() -> tuple[str, set[str]] | None:
-            events, live = self._live_events()
-            for name in sorted(live):
-                keys = creates_in_flight(events, name)
-                if keys:
-                    return name, keys
-            return None
-
-        found = self._window(record, victim)
-        if found is None:
+        cut = self._kill_host_when(
+            record, lambda events, name: creates_in_flight(events, name) or None
+        )
+        if cut is None:
             return
-        name, keys = found
-        in_flight_at_e2b = self.mock.stats().creates_in_flight
-        self._kill_and_replace(name)
+        name, keys, in_flight_at_e2b = cut
         heard = answered_creates(self.cluster.host(name).events)
         record.detail.update(
             host=name,
@@ -316,28 +304,47 @@ class Soak:
         before = self._hangs()
         self.mock.configure(faults=["hang:p=1:route=kill:after-create"])
 
-        def victim() -> tuple[str, str] | None:
+        def unanswered_kill(events: list[Event], name: str) -> str | None:
+            """A sandbox gone from E2B whose kill the host sent and never heard answered."""
             if self._hangs() <= before:
                 return None
-            events, live = self._live_events()
             running = {s["sandbox_id"] for s in self.mock.running_sandboxes()}
-            for name in sorted(live):
-                mine = [e for e in events if e["host"] == name]
-                sent = {e["sandbox_id"] for e in mine if e["event"] == "kill_sent"}
-                done = {e["sandbox_id"] for e in mine if e["event"] == "kill_answered"}
-                for sandbox_id in sorted(sent - done - running):
-                    return name, sandbox_id
-            return None
+            mine = [e for e in events if e["host"] == name]
+            sent = {e["sandbox_id"] for e in mine if e["event"] == "kill_sent"}
+            done = {e["sandbox_id"] for e in mine if e["event"] == "kill_answered"}
+            return min(sent - done - running, default=None)
 
-        found = self._window(record, victim)
-        if found is None:
+        cut = self._kill_host_when(record, unanswered_kill)
+        if cut is None:
             return
-        name, sandbox_id = found
-        self._kill_and_replace(name)
+        name, sandbox_id, _ = cut
         heard = {
             e["sandbox_id"] for e in self.cluster.host(name).events if e["event"] == "kill_answered"
         }
         record.detail.update(host=name, sandbox_id=sandbox_id, hit=sandbox_id not in heard)
+
+    def _kill_host_when(
+        self, record: FaultRecord, find: Callable[[list[Event], str], _Found | None]
+    ) -> tuple[str, _Found, int] | None:
+        """Once `find` finds something in the events of a live host (hosts in name order;
+        None if the window never opens), kills that host and starts another: the host, what
+        was found, and the creates in flight at E2B just before the kill."""
+
+        def victim() -> tuple[str, _Found] | None:
+            events, live = self._live_events()
+            for name in sorted(live):
+                found = find(events, name)
+                if found is not None:
+                    return name, found
+            return None
+
+        found = self._window(record, victim)
+        if found is None:
+            return None
+        name, what = found
+        in_flight_at_e2b = self.mock.stats().creates_in_flight
+        self._kill_and_replace(name)
+        return name, what, in_flight_at_e2b
 
     def _fault_kill_after_find(self, record: FaultRecord) -> None:
         before = self._hangs()
@@ -626,12 +633,7 @@ def soak_settings(
         mock,
         SOAK_API_KEY,
         "soak",
-        create_slots=plan.create_slots,
-        max_sandboxes=plan.max_sandboxes,
-        latency_ms=plan.create_latency_ms,
-        lease_ms=plan.create_lease_ms,
-        turns=plan.turns,
-        turn_s=plan.turn_s,
+        plan,
         component=component,
         cache_dir=cache_dir,
         planted_bug=plan.planted_bug,

@@ -70,6 +70,7 @@ from host.services.http_gateway import HttpGateway
 from host.services.telemetry import InvocationTag
 from host.storage import storage_from_uri
 from host.storage.base import StorageBackend
+from host.storage.forwarding import ForwardingBackend
 from provisioner.gates.view import GATE_KEY
 from provisioner.model import (
     SANDBOX_FAILED,
@@ -78,7 +79,7 @@ from provisioner.model import (
     Invocation,
     Outcome,
 )
-from provisioner.ports import Entry, HttpError, HttpRequest, HttpResponse, LogLevel
+from provisioner.ports import HttpError, HttpRequest, HttpResponse, LogLevel
 
 MODULE = "sandbox_provisioner"
 # The caller's own cancel in the example spec: `Fail` fires from Created and its trigger
@@ -170,22 +171,19 @@ class EventWriter:
             self._out.flush()
 
 
-class _GateVersions:
+class _GateVersions(ForwardingBackend):
     """The storage backend, noting per thread the version its last write of the account's
     gate produced. A grant is committed by exactly such a write, just before the guest
     reports it on the same thread, and versions come from one counter in the shared store:
     so they order every host's grants exactly, where timestamps could not."""
 
     def __init__(self, inner: StorageBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._local = threading.local()
 
     def last_gate_version(self) -> int | None:
         version: int | None = getattr(self._local, "version", None)
         return version
-
-    def get(self, namespace: str, key: str) -> Entry | None:
-        return self.inner.get(namespace, key)
 
     def compare_and_swap(
         self, namespace: str, key: str, expected: int | None, value: bytes, ttl: int | None
@@ -194,15 +192,6 @@ class _GateVersions:
         if key == GATE_KEY:
             self._local.version = version
         return version
-
-    def delete(self, namespace: str, key: str, expected: int | None) -> bool:
-        return self.inner.delete(namespace, key, expected)
-
-    def now_ms(self) -> int:
-        return self.inner.now_ms()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class _HostTelemetry:

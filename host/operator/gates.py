@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from host.runtime.native import run_offline
-from host.storage.base import Entry, StorageBackend, StorageUnavailable
+from host.storage.base import StorageBackend, StorageUnavailable
+from host.storage.forwarding import ForwardingBackend
 from provisioner.model import GATES_INSPECTED, Failure, Invocation, Outcome
 
 __all__ = [
@@ -36,33 +37,12 @@ class GateReadFailed(Exception):
         self.failure = failure
 
 
-class ReadOnlyBackend:
+class ReadOnlyBackend(ForwardingBackend):
     """A storage backend that reads through and refuses every write."""
 
-    def __init__(self, backend: StorageBackend) -> None:
-        self._backend = backend
-
-    def get(self, namespace: str, key: str) -> Entry | None:
-        return self._backend.get(namespace, key)
-
-    def compare_and_swap(
-        self,
-        namespace: str,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
-    ) -> int:
-        raise StorageUnavailable("read-only: the gate inspection writes nothing")
-
-    def delete(self, namespace: str, key: str, expected_version: int | None) -> bool:
-        raise StorageUnavailable("read-only: the gate inspection writes nothing")
-
-    def now_ms(self) -> int:
-        return self._backend.now_ms()
-
-    def close(self) -> None:
-        self._backend.close()
+    def before(self, operation: str, key: str) -> None:
+        if operation != "get":
+            raise StorageUnavailable("read-only: the gate inspection writes nothing")
 
 
 def inspect_invocation(settings: Mapping[str, str]) -> Invocation:

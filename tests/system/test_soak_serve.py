@@ -9,29 +9,24 @@ mock E2B, all on loopback. With CI set, a missing redis-server fails instead of 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from harness.multihost.serve_path import PACE_FAULT_KINDS, SERVE_FAULT_KINDS
 from harness.multihost.worker import RELEASE_FORGETS_BEFORE_KILL
-from host.runtime.loader import LoadedComponent
-from tests.harness.multihost.soak_support import assert_the_audit_finds_the_planted_bug, soak_report
+from tests.harness.multihost.soak_support import RunSoak, assert_the_audit_finds_the_planted_bug
 
 pytestmark = [pytest.mark.component, pytest.mark.redis, pytest.mark.slow]
 
 
 def test_a_two_minute_seeded_soak_of_the_service_path_passes_its_audit(
-    loaded_component: LoadedComponent,
-    component_cache_dir: Path,
-    capsys: pytest.CaptureFixture[str],
+    run_soak_command: RunSoak,
 ) -> None:
     """Bugs caught: any the audit checks (an orphan, a second sandbox for one cycle, a
     limit overrun at E2B, a leaked permit, a job lost or failed untyped) when a `serve`
     dies mid-create or mid-hold, Redis restarts and E2B storms, on the path Temper takes."""
-    code, report = soak_report(
-        capsys, loaded_component, component_cache_dir, "--path", "serve",
-        "--minutes", "2", "--seed", "7", "--finish-timeout-s", "240",
+    code, report = run_soak_command(
+        "--path", "serve", "--minutes", "2", "--seed", "7", "--finish-timeout-s", "240",
     )  # fmt: skip
     audit, faults = report["audit"], report["faults"]
     print("\nfaults:", report["faults_by_kind"])
@@ -51,15 +46,12 @@ def test_a_two_minute_seeded_soak_of_the_service_path_passes_its_audit(
 
 
 def test_a_release_that_forgets_before_killing_fails_the_service_path_audit(
-    loaded_component: LoadedComponent,
-    component_cache_dir: Path,
-    capsys: pytest.CaptureFixture[str],
+    run_soak_command: RunSoak,
 ) -> None:
     """The planted bug (a proxy before the mock answers every kill 204 without sending it)
     leaves each released sandbox running at E2B: the audit must say so, and exit 1."""
-    code, report = soak_report(
-        capsys, loaded_component, component_cache_dir, "--path", "serve",
-        "--minutes", "0.3", "--seed", "7", "--finish-timeout-s", "60",
+    code, report = run_soak_command(
+        "--path", "serve", "--minutes", "0.3", "--seed", "7", "--finish-timeout-s", "60",
         "--planted-bug", RELEASE_FORGETS_BEFORE_KILL,
     )  # fmt: skip
     assert_the_audit_finds_the_planted_bug(code, report)

@@ -161,7 +161,11 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
                 if config.overload_retry_after_s is not None:
                     retry = _whole_seconds(config.overload_retry_after_s)
                     headers["retry-after"] = str(retry)
-                self._log_answer(ordinal, arrived_at, now, 529, "overloaded_error", retry=retry)
+                self._log.append(
+                    RequestRecord(
+                        ordinal, arrived_at, now, 529, "overloaded_error", retry_after_s=retry
+                    )
+                )
                 return Admission(529, headers, ordinal, message="Overloaded", retry_after_s=retry)
             needs = {"requests": 1, "input_tokens": request.input_tokens, "output_tokens": 1}
             waits = {
@@ -184,15 +188,17 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
                     f"This request would exceed your rate limit of {bucket.limit} "
                     f"{_UNIT[limit]} per minute (mock LLM API); retry after {retry} s."
                 )
-                self._log_answer(
-                    ordinal,
-                    arrived_at,
-                    now,
-                    429,
-                    "rate_limit_error",
-                    limit=limit,
-                    retry=retry,
-                    input_tokens=request.input_tokens,
+                self._log.append(
+                    RequestRecord(
+                        ordinal,
+                        arrived_at,
+                        now,
+                        429,
+                        "rate_limit_error",
+                        limit=limit,
+                        retry_after_s=retry,
+                        input_tokens=request.input_tokens,
+                    )
                 )
                 return Admission(
                     429, headers, ordinal, limit=limit, message=message, retry_after_s=retry
@@ -226,14 +232,15 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
                 buckets.output_tokens.charge(admission.output_tokens, now)
             self._counters.output_tokens += admission.output_tokens
             self._counters.messages_ok += 1
-            self._log_answer(
-                admission.ordinal,
-                arrived_at,
-                now,
-                200,
-                None,
-                input_tokens=input_tokens,
-                output_tokens=admission.output_tokens,
+            self._log.append(
+                RequestRecord(
+                    admission.ordinal,
+                    arrived_at,
+                    now,
+                    200,
+                    input_tokens=input_tokens,
+                    output_tokens=admission.output_tokens,
+                )
             )
             return self._headers(buckets, now)
 
@@ -334,32 +341,6 @@ class MockLLMState(GuardedState[MockLLMConfig, MockLLMStats]):
     def _reset_at(self, bucket: TokenBucket, now: float) -> str:
         wall = self._wall_origin + now + bucket.until_full(now) - self._clock_origin
         return rfc3339(datetime.fromtimestamp(math.ceil(wall), UTC))
-
-    def _log_answer(
-        self,
-        ordinal: int,
-        arrived_at: float,
-        now: float,
-        status: int,
-        error_type: str | None,
-        limit: str | None = None,
-        retry: int | None = None,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-    ) -> None:
-        self._log.append(
-            RequestRecord(
-                ordinal=ordinal,
-                arrived_at=arrived_at,
-                answered_at=now,
-                status=status,
-                error_type=error_type,
-                limit=limit,
-                retry_after_s=retry,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-            )
-        )
 
 
 def _whole_seconds(seconds: float) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,10 @@ import pytest
 from harness.multihost.soak import add_soak_arguments, run_soak
 from host.runtime.loader import LoadedComponent
 from tests.conftest import require_redis_server
+
+RunSoak = Callable[..., tuple[int, dict[str, Any]]]
+"""`soak_report` with the test's capture, component and cache (the `run_soak_command` fixture):
+called with the extra arguments."""
 
 
 def soak_report(

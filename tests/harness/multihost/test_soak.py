@@ -7,27 +7,17 @@ on loopback. With CI set, a missing redis-server fails the tests instead of skip
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
 
 from harness.multihost.soak import FAULT_KINDS
 from harness.multihost.worker import RELEASE_FORGETS_BEFORE_KILL
-from host.runtime.loader import LoadedComponent
-from tests.harness.multihost.soak_support import assert_the_audit_finds_the_planted_bug, soak_report
+from tests.harness.multihost.soak_support import RunSoak, assert_the_audit_finds_the_planted_bug
 
 
-def test_a_short_seeded_soak_passes_its_audit(
-    loaded_component: LoadedComponent,
-    component_cache_dir: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_a_short_seeded_soak_passes_its_audit(run_soak_command: RunSoak) -> None:
     """Bugs caught: any the audit checks (an orphan, a second sandbox for one cycle, a
     limit overrun at E2B, a leaked permit, a job lost or failed untyped) under kills,
     Redis restarts and E2B's faults."""
-    code, report = soak_report(
-        capsys, loaded_component, component_cache_dir, "--minutes", "0.5", "--seed", "1"
-    )
+    code, report = run_soak_command("--minutes", "0.5", "--seed", "1")
     audit, faults = report["audit"], report["faults"]
     print("\nfaults:", [(f["kind"], f["detail"].get("hit")) for f in faults])
     print("audit:", json.dumps(audit["checks"]))
@@ -45,16 +35,11 @@ def test_a_short_seeded_soak_passes_its_audit(
     assert report["mock"]["sandboxes_created"] > 0
 
 
-def test_a_release_that_forgets_before_killing_fails_the_audit(
-    loaded_component: LoadedComponent,
-    component_cache_dir: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_a_release_that_forgets_before_killing_fails_the_audit(run_soak_command: RunSoak) -> None:
     """The planted bug (worker.py: every kill is answered 204 without being sent) leaves
     each released sandbox running at E2B; the audit, reading only the mock, must say so
     and the command must exit 1."""
-    code, report = soak_report(
-        capsys, loaded_component, component_cache_dir,
+    code, report = run_soak_command(
         "--minutes", "0.2", "--seed", "1", "--finish-timeout-s", "20",
         "--planted-bug", RELEASE_FORGETS_BEFORE_KILL,
     )  # fmt: skip

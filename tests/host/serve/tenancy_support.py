@@ -14,23 +14,19 @@ def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def client_toml(token: str, tenant: str, name: str | None = None) -> str:
+    """A `[[client]]` table: the token's hash, the one tenant it may act for, its name."""
+    named = "" if name is None else f'name = "{name}"\n'
+    return f'\n[[client]]\ntoken_sha256 = "{sha(token)}"\ntenants = ["{tenant}"]\n{named}'
+
+
 def tenants_toml(*, extra: str = "") -> str:
-    return f"""
-[[client]]
-token_sha256 = "{sha(T1_TOKEN)}"
-tenants = ["t1"]
-name = "client-one"
-
-[[client]]
-token_sha256 = "{sha(T2_TOKEN)}"
-tenants = ["t2"]
-name = "client-two"
-
-[[client]]
-token_sha256 = "{sha(OPERATOR_TOKEN)}"
-tenants = ["*"]
-name = "ops"
-
+    clients = (
+        client_toml(T1_TOKEN, "t1", "client-one")
+        + client_toml(T2_TOKEN, "t2", "client-two")
+        + client_toml(OPERATOR_TOKEN, "*", "ops")
+    )
+    return f"""{clients}
 [[temper]]
 tenant = "t1"
 token = "temper-api-t1"

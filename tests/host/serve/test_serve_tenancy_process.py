@@ -24,7 +24,7 @@ from tests.host.serve.tenancy_support import (
     OPERATOR_TOKEN,
     T1_TOKEN,
     T2_TOKEN,
-    sha,
+    client_toml,
     tenants_toml,
     write_tenants,
 )
@@ -140,9 +140,7 @@ def test_sighup_reloads_the_clients_and_a_broken_file_keeps_the_old_ones(
     newcomer = "newcomer-token-0123456789"
     with serving_tenants(tmp_path, component_cache_dir, []) as (_, serve):
         assert invoke(serve, newcomer, context("t3", "j")).status_code == 401
-        tenants.write_text(
-            tenants_toml() + f'\n[[client]]\ntoken_sha256 = "{sha(newcomer)}"\ntenants = ["t3"]\n'
-        )
+        tenants.write_text(tenants_toml() + client_toml(newcomer, "t3"))
         serve.process.send_signal(signal.SIGHUP)
         serve.wait_for_events(lambda es: any(e.get("event") == "tenants_reloaded" for e in es))
         assert invoke(serve, newcomer, context("t3", "j", "status")).status_code == 200
