@@ -179,7 +179,8 @@ def load_component(
 ) -> LoadedComponent:
     """`pooling` builds the engine with the pooling allocator (ignored with `engine`:
     an engine given here is described by `pooling`, which must match how it was made)."""
-    path = Path(path or default_component())
+    # Absolute, so a worker process started elsewhere can load the same file.
+    path = Path(path or default_component()).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run ./build.sh first")
     engine = engine or make_engine(pooling)

@@ -227,6 +227,18 @@ def test_a_corrupt_cache_entry_is_recompiled(tmp_path: Path) -> None:
     assert load_component(tiny, cache_dir=cache).from_cache
 
 
+def test_a_component_given_by_a_relative_path_is_loaded_by_its_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Catches: a relative --component handed on to worker processes started in another
+    # directory (`sandbox-provisioner soak --component dist/...` failed with "not found").
+    (tmp_path / "dist").mkdir()
+    (tmp_path / "dist" / "tiny.wasm").write_bytes(wasmtime.wat2wasm(TINY_COMPONENT_WAT))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_component(Path("dist/tiny.wasm"), cache_dir=tmp_path / "cache")
+    assert loaded.path == tmp_path.resolve() / "dist" / "tiny.wasm"
+
+
 def test_fuel_exhaustion_fails_the_invocation_and_the_host_keeps_serving(
     loaded_component: LoadedComponent, mock_e2b: Any
 ) -> None:
