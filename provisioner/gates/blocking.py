@@ -51,7 +51,10 @@ from provisioner.gates.policies import (
 )
 from provisioner.gates.queue import (
     Eligible,
+    QueueHolder,
     ask_again_ms,
+    can_remove,
+    drop_ticket,
     eligible_retries,
     fair_order,
     fresh_position,
@@ -282,14 +285,27 @@ def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: El
 
 @dataclass(frozen=True, slots=True)
 class Assessment:
-    """`front`: the turns that may go now. `goes`: the waiter's own turn is among them.
-    `scheduled`: every turn the free permits belong to (to reserve). `queued`: when the
-    waiter does not go, why it waits and when to ask again."""
+    """What a walk found, the same for both gates. `queued`: why the waiter waits and when
+    to ask again (None: its turn has come). `front`: the turns that may go now.
+    `scheduled`: the turns the free permits belong to (to reserve). `dropped`: dead turns
+    were taken out of the queue on the way."""
 
-    front: list[Turn]
-    goes: bool
     queued: Queued | None
+    front: list[Turn]
     scheduled: list[Scheduled]
+    dropped: bool = False
+
+    @property
+    def goes(self) -> bool:
+        return self.queued is None
+
+
+def removable(state: QueueHolder, tenant: str, place: Place) -> bool:
+    """Whether the waiter's ticket may leave the queue now (a retry always may)."""
+    if place.stage is Stage.RETRYING or place.ticket is None:
+        return True
+    queue = state.queue_of(tenant)
+    return queue is not None and can_remove(queue, place.ticket)
 
 
 def assess(
@@ -306,7 +322,7 @@ def assess(
     turns = [s.turn for s in planned if s.due_ms <= 0]
     mine = Turn.of(waiter, place)
     if mine in turns:
-        return Assessment(turns, True, None, planned)
+        return Assessment(None, turns, planned)
     queued = waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
     own = next((s for s in planned if s.turn == mine), None)
     if own is not None:
@@ -318,7 +334,7 @@ def assess(
             eta_ms=own.due_ms,
             retry_at_ms=now_ms + own.due_ms,
         )
-    return Assessment(turns, False, queued, planned)
+    return Assessment(queued, turns, planned)
 
 
 def waiting(
@@ -501,57 +517,54 @@ class ResourceHeadroom:
         return self.rates[0].reason
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """`goes`: the waiter's own turn fits now. Otherwise `reason` names the limit that holds
-    it back, and `ahead` the turns (tenant, costs) the free permits went to first. `dead`:
-    tickets found dead on the way (to drop from the queue)."""
-
-    goes: bool
-    reason: str | None
-    ahead: tuple[tuple[str, Costs], ...]
-    dead: tuple[tuple[str, int], ...]
-    # The turns (tenant, ticket) the free permits went to, in the order of `ahead`.
-    ahead_turns: tuple[tuple[str, int], ...] = ()
-
-
-def resource_verdict(
+def resource_assess(
     state: ResourceState,
     gate: ResourceGate,
+    config: AdmissionConfig,
     now_ms: int,
     tenant: str,
-    ticket: int,
+    place: Place,
     costs: Costs,
     read_cost: ReadCost,
-) -> Verdict:
-    mine = Turn(tenant, ticket=ticket)
+    uniform: Callable[[], float],
+) -> Assessment:
+    """Whether the waiter's turn fits now; the dead tickets found on the way leave the queue."""
+    assert place.ticket is not None
+    mine = Turn(tenant, ticket=place.ticket)
     headroom = ResourceHeadroom(state, gate, now_ms, read_cost, {mine: costs})
-    # The front of the order, up to the waiter's own turn (reserved turns first: their
-    # permits are promised).
-    reserved = [
-        Turn(r.tenant, ticket=r.ticket) for r in live_reservations(state) if r.ticket is not None
-    ]
-    fresh = (Turn(t, ticket=n) for t, n in fair_order(state, headroom.tenant_has_room))
-    turns: list[Turn] = []
-    for turn in chain(reserved, fresh):
-        if turn in turns:
-            continue
-        turns.append(turn)
-        if turn == mine or len(turns) >= LOOKAHEAD:
-            break
-    went = walk(turns, headroom, until=mine)
+    cooling = cooling_ms(state, now_ms)
+    went = Walk([], (REASON_BACKOFF, Hold.ALL), False)
+    if cooling <= 0:
+        # The front of the order up to the waiter's own turn, reserved turns first (their
+        # permits are promised).
+        reserved = (Turn(r.tenant, ticket=r.ticket) for r in live_reservations(state))
+        fresh = (Turn(t, ticket=n) for t, n in fair_order(state, headroom.tenant_has_room))
+        turns: list[Turn] = []
+        for turn in chain(reserved, fresh):
+            if turn.ticket is None or turn in turns:
+                continue
+            turns.append(turn)
+            if turn == mine or len(turns) >= LOOKAHEAD:
+                break
+        went = walk(turns, headroom, until=mine)
     blocked = went.blocked
     if not went.reached and blocked is None:
-        # Not reached: its tenant has no room, or the permits free went to turns ahead
-        # that have not asked yet (or the turn lies beyond the lookahead).
+        # Its tenant has no room, or the free permits went to turns ahead that have not
+        # asked yet (or its turn lies beyond the lookahead).
         blocked = headroom.blocker(mine) or (headroom.first_limit(), Hold.ALL)
-    return Verdict(
-        went.reached and blocked is None,
-        None if blocked is None else blocked[0],
-        tuple((t.tenant, headroom.costs[t]) for t in went.chosen),
-        tuple((t.tenant, t.ticket) for t in headroom.dead if t.ticket is not None),
-        tuple((t.tenant, t.ticket) for t in went.chosen if t.ticket is not None),
+    for turn in headroom.dead:
+        assert turn.ticket is not None
+        drop_ticket(state, turn.tenant, turn.ticket)
+    scheduled = [Scheduled(turn, 0) for turn in went.chosen]
+    dropped = bool(headroom.dead)
+    if went.reached and blocked is None and removable(state, tenant, place):
+        return Assessment(None, went.chosen, scheduled, dropped)
+    ahead = [(turn.tenant, headroom.costs[turn]) for turn in went.chosen]
+    reason = None if blocked is None else blocked[0]
+    queued = resource_waiting(
+        state, gate, config, now_ms, tenant, place, costs, ahead, reason, cooling, uniform
     )
+    return Assessment(queued, went.chosen, scheduled, dropped)
 
 
 def _lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
@@ -570,16 +583,18 @@ def resource_waiting(
     admission: AdmissionConfig,
     now_ms: int,
     tenant: str,
-    ticket: int,
-    since_ms: int,
+    place: Place,
     costs: Costs,
-    verdict: Verdict,
+    ahead: list[tuple[str, Costs]],
+    blocked: str | None,
     cooling_ms: int,
     uniform: Callable[[], float],
 ) -> Queued:
-    """Why the waiter waits, how long it should (`eta_ms`) and when to ask again."""
+    """Why the waiter waits (held back by `blocked`, the free permits gone to the turns
+    `ahead`), how long it should (`eta_ms`) and when to ask again."""
+    assert place.ticket is not None
     headroom = ResourceHeadroom(state, gate, now_ms)
-    at = max(1, fresh_position(state, tenant, ticket, headroom.tenant_has_room))
+    at = max(1, fresh_position(state, tenant, place.ticket, headroom.tenant_has_room))
     cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
     ends = sorted(
         max(0, min(lease.expires_ms, lease.started_ms + cycle) - now_ms) for lease in state.leases
@@ -604,7 +619,7 @@ def resource_waiting(
     for rate in headroom.rates:
         need = costs.get(rate.kind, 0.0) + sum(
             turn_costs.get(rate.kind, 0.0)
-            for turn_tenant, turn_costs in verdict.ahead
+            for turn_tenant, turn_costs in ahead
             if not rate.per_tenant or turn_tenant == tenant
         )
         # The reserve comes back when calls in flight settle, not by refill: an estimate.
@@ -617,12 +632,22 @@ def resource_waiting(
         used = rate.bucket.burst - headroom.level(rate, tenant)
         usage[rate.reason] = (max(0, math.ceil(used - _EPSILON)), math.floor(rate.bucket.burst))
     first = headroom.first_limit()
-    reason = REASON_BACKOFF if cooling_ms > 0 else (verdict.reason or first)
+    reason = REASON_BACKOFF if cooling_ms > 0 else (blocked or first)
     eta = cooling_ms + max(waits.values(), default=0)
     # A bucket's wait is exact: a waiter it holds back comes back right when its tokens are
     # due. Lease ends, and so a reserve, are estimates: poll_min keeps those from spinning.
     exact = reason in {rate.reason for rate in headroom.rates} - reserved and eta > 0
     in_use = usage.get(reason, usage.get(first, (0, 0)))
     return queued_answer(
-        admission, state, now_ms, since_ms, at, in_use, reason, eta, exact, cooling_ms, uniform
+        admission,
+        state,
+        now_ms,
+        place.since_ms,
+        at,
+        in_use,
+        reason,
+        eta,
+        exact,
+        cooling_ms,
+        uniform,
     )
