@@ -83,8 +83,7 @@ def exhausted(attempts: int) -> Rejected:
 
 
 def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | None:
-    """Take the waiter out of the retries and its tenant's queue (in memory); returns the
-    ticket whose liveness key should go, if any."""
+    """Out of the retries and its tenant's queue; returns the ticket whose key should go."""
     state.drop_retry(waiter.tenant, waiter.entity)
     ticket = None if place is None else place.queued_ticket
     if ticket is not None:
@@ -103,8 +102,8 @@ def queued_place(state: QueueHolder, tenant: str, stored: Place | None, now_ms: 
 
 
 class Judging(Asking[Document, Answer]):
-    """One `judge` for both gates; a gate says how its walk goes (`assess`), what a grant
-    takes (`grant`) and how the turns the free permits belong to are promised them."""
+    """One `judge` for both gates: each says how its walk goes, what a grant takes and how
+    the free permits are promised."""
 
     ticket_value: bytes | None = None
 
@@ -147,8 +146,6 @@ class Judging(Asking[Document, Answer]):
 
 class Admission(SandboxLedger, Judging[GateState, Grant]):
     def __init__(self, ports: Ports, config: AdmissionConfig, sandbox_timeout_ms: int) -> None:
-        """`sandbox_timeout_ms`: how long the granted create's sandbox could run unrecorded
-        if the create is never settled."""
         super().__init__(ports, config)
         self.sandbox_timeout_ms = sandbox_timeout_ms
 
@@ -161,13 +158,12 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
         state, stored, now, config = loaded.state, loaded.place, loaded.now_ms, self.config
         if stored is None or stored.stage is Stage.HOLDING:
             if state.reclaims(waiter.tenant, waiter.entity):
-                # Its record expired while its unsettled create still counts: a retry
-                # whose create reclaims that possible sandbox.
+                # Its record expired while its unsettled create counts: a retry reclaims it.
                 state.add_retry(waiter.tenant, waiter.entity)
                 attempt = 1 if stored is None else stored.attempt
                 return Place(Stage.RETRYING, now, attempt + 1)
-            # Holding a sandbox the caller has no record of (a crash after the create): a
-            # create with the same idempotency key finds the same sandbox.
+            # A sandbox the caller has no record of (a crash after the create): the same
+            # idempotency key finds it again.
             return queued_place(state, waiter.tenant, None, now)
         if stored.stage is Stage.QUEUED:
             return queued_place(state, waiter.tenant, stored, now)
@@ -189,8 +185,7 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
                 wait,
                 waited,
             )
-        # The create's holder died mid-call: its outcome is unknown, so it is a retry (its
-        # possible sandbox still counted: `sandbox.prune_expired`).
+        # The create's holder died mid-call: a retry (its possible sandbox still counted).
         attempt = stored.attempt + 1
         if attempt > config.max_create_attempts:
             return exhausted(attempt - 1)
@@ -212,7 +207,8 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
             seen = assess(state, config, now, waiter, place, uniform)
             if seen.goes and removable(state, waiter.tenant, place):
                 return seen
-            if not seen.front or not self._skip_dead(state, seen.front, mine):
+            front = [item.turn for item in seen.scheduled if item.due_ms <= 0]
+            if not front or not self._skip_dead(state, front, mine):
                 break
             dropped = True
         else:

@@ -106,9 +106,8 @@ class Headroom(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Walk:
-    """`chosen`: the turns the headroom went to, in order. `reached`: the walk came to
-    `until`, and `blocked` is what holds that turn back (None: it fits); otherwise
-    `blocked` is the limit that stopped the walk (None: the turns ran out)."""
+    """`reached`: the walk came to `until`, and `blocked` holds that turn back (None: it
+    fits); else `blocked` stopped the walk (None: the turns ran out)."""
 
     chosen: list[Turn]
     blocked: Blocked | None
@@ -269,11 +268,10 @@ def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: El
 @dataclass(frozen=True, slots=True)
 class Assessment:
     """What a walk found at either gate. `queued`: why the waiter waits (None: its turn has
-    come). `front`: the turns that may go now. `scheduled`: the turns to promise the free
-    permits to. `dropped`: dead turns left the queue on the way."""
+    come). `scheduled`: the turns to promise the free permits to (those due now may go).
+    `dropped`: dead turns left the queue on the way."""
 
     queued: Queued | None
-    front: list[Turn]
     scheduled: list[Scheduled]
     dropped: bool = False
 
@@ -300,12 +298,11 @@ def assess(
     permits = Permits.of(state, config, now_ms)
     eligible = eligibility(state, config)
     planned = schedule(state, config, now_ms, permits, eligible)
-    turns = [s.turn for s in planned if s.due_ms <= 0]
     mine = Turn.of(waiter, place)
-    if mine in turns:
-        return Assessment(None, turns, planned)
-    queued = waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
     own = next((s for s in planned if s.turn == mine), None)
+    if own is not None and own.due_ms <= 0:
+        return Assessment(None, planned)
+    queued = waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
     if own is not None:
         # Its permit is promised; only its rate token is not due yet, to the millisecond.
         queued = replace(
@@ -315,7 +312,7 @@ def assess(
             eta_ms=own.due_ms,
             retry_at_ms=now_ms + own.due_ms,
         )
-    return Assessment(queued, turns, planned)
+    return Assessment(queued, planned)
 
 
 def waiting(
@@ -353,24 +350,20 @@ def waiting(
     }
     eta = cooling + max(waits.values())
     blocked = [name for name in waits if frees[name] < at]
+    usage[REASON_BACKOFF] = usage[REASON_CREATE_SLOTS]
     if cooling > 0:
         reason = REASON_BACKOFF
-        in_use = usage[REASON_CREATE_SLOTS]
     elif not reclaims and not tenant_has_room(state, config, waiter.tenant):
         reason = REASON_CAPACITY
         limit = config.max_sandboxes_per_tenant or config.max_sandboxes
-        in_use = (state.tenant_in_use(waiter.tenant), limit)
+        usage[reason] = (state.tenant_in_use(waiter.tenant), limit)
     elif turn.is_retry and retry_tokens(state, config) < 1.0:
         reason = REASON_BACKOFF
-        in_use = usage[REASON_CREATE_SLOTS]
         eta = max(eta, retry_token_wait_ms(state, config, 1))
-    elif blocked:
-        reason = max(blocked, key=lambda name: waits[name])
-        in_use = usage[reason]
     else:
-        # The permits ahead belong to waiters that have not polled yet.
-        reason = REASON_CREATE_SLOTS
-        in_use = usage[reason]
+        # Nothing blocked: the permits ahead belong to waiters that have not polled yet.
+        reason = max(blocked, key=waits.__getitem__) if blocked else REASON_CREATE_SLOTS
+    in_use = usage[reason]
     # Only the rate's estimate is exact (else a fast rate would be throttled to one grant
     # per poll_min); slot and capacity estimates are guesses, and an unused rate token
     # waits on someone else's turn: poll_min keeps those from spinning.
@@ -518,8 +511,7 @@ def resource_assess(
     cooling = cooling_ms(state, now_ms)
     went = Walk([], (REASON_BACKOFF, Hold.ALL), False)
     if cooling <= 0:
-        # The front of the order up to the waiter's own turn, reserved turns first (their
-        # permits are promised).
+        # Up to the waiter's own turn; reserved turns first (their permits are promised).
         reserved = (Turn(r.tenant, ticket=r.ticket) for r in live_reservations(state))
         fresh = (Turn(t, ticket=n) for t, n in fair_order(state, walked.tenant_has_room))
         turns: list[Turn] = []
@@ -532,8 +524,7 @@ def resource_assess(
         went = walk(turns, walked, until=mine)
     blocked = went.blocked
     if not went.reached and blocked is None:
-        # Its tenant has no room, or the free permits went to turns ahead that have not
-        # asked yet (or its turn lies beyond the lookahead).
+        # No room for its tenant, or the permits went to turns ahead (or beyond LOOKAHEAD).
         blocked = walked.blocker(mine) or (walked.first_limit(), Hold.ALL)
     for turn in walked.dead:
         assert turn.ticket is not None
@@ -541,7 +532,7 @@ def resource_assess(
     scheduled = [Scheduled(turn, 0) for turn in went.chosen]
     dropped = bool(walked.dead)
     if went.reached and blocked is None and removable(state, tenant, place):
-        return Assessment(None, went.chosen, scheduled, dropped)
+        return Assessment(None, scheduled, dropped)
     headroom = ResourceHeadroom(state, gate, now_ms)  # as it was before the walk
     at = max(1, fresh_position(state, tenant, place.ticket, headroom.tenant_has_room))
     cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
@@ -580,11 +571,10 @@ def resource_assess(
     first = headroom.first_limit()
     reason = REASON_BACKOFF if cooling > 0 else blocked[0] if blocked else first
     eta = cooling + max(waits.values(), default=0)
-    # A bucket's wait is exact: a waiter it holds back comes back right when its tokens are
-    # due. Lease ends, and so a reserve, are estimates: poll_min keeps those from spinning.
+    # A bucket's wait is exact; lease ends, and so a reserve, are estimates (poll_min).
     exact = reason in {rate.reason for rate in headroom.rates} - estimated and eta > 0
     in_use = usage.get(reason, usage.get(first, (0, 0)))
     queued = queued_answer(
         config, state, now_ms, place.since_ms, at, in_use, reason, eta, exact, cooling, uniform
     )
-    return Assessment(queued, went.chosen, scheduled, dropped)
+    return Assessment(queued, scheduled, dropped)

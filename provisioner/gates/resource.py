@@ -41,24 +41,24 @@ RESOURCE_RELEASED = "ResourceReleased"
 
 RESOURCE_OPERATIONS = ("acquire", "settle")
 _MAX_TOKENS = 1_000_000_000
-# Temper dispatches an outcome by its action name, and one action has one target state:
-# a spec that gates two resources from two states renames the answers of each trigger
-# with the config keys `granted_action`, `queued_action`, `settled_action` and
-# `released_action` (a static on_success cannot: it would also win over SandboxFailed).
+# Temper dispatches an outcome by its action name, one action to one target state: a spec
+# gating two resources from two states renames each trigger's answers (`granted_action`
+# ...; a static on_success cannot: it would also win over SandboxFailed).
 _ACTION_NAME = re.compile(r"[A-Z][A-Za-z0-9_]{0,63}")
 _LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 # A pause longer than a day is a broken header, not advice.
 _MAX_PAUSE_MS = 24 * 3600 * 1000
 
 
-def _epoch_ms(text: str) -> int | None:
+def _epoch_ms(moment: datetime) -> int | None:
+    return None if moment.tzinfo is None else int(moment.timestamp() * 1000)
+
+
+def _reset_ms(text: str) -> int | None:
     try:
-        moment = datetime.fromisoformat(text.strip())
+        return _epoch_ms(datetime.fromisoformat(text.strip()))
     except ValueError:
         return None
-    if moment.tzinfo is None:
-        return None
-    return int(moment.timestamp() * 1000)
 
 
 def _retry_after_ms(text: str, now_ms: int) -> int | None:
@@ -67,15 +67,11 @@ def _retry_after_ms(text: str, now_ms: int) -> int | None:
         seconds = float(text)
     except ValueError:
         try:
-            moment = parsedate_to_datetime(text)
+            at = _epoch_ms(parsedate_to_datetime(text))
         except (TypeError, ValueError, IndexError):
             return None
-        if moment.tzinfo is None:
-            return None
-        return max(0, int(moment.timestamp() * 1000) - now_ms)
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return int(seconds * 1000)
+        return None if at is None else max(0, at - now_ms)
+    return int(seconds * 1000) if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int | None:
@@ -91,17 +87,14 @@ def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int
     ahead: list[int] = []
     for limit in _LIMITS:
         reset = headers.get(f"anthropic-ratelimit-{limit}-reset")
-        at = None if reset is None else _epoch_ms(reset)
+        at = None if reset is None else _reset_ms(reset)
         if at is None or at <= now_ms:
             continue
         ahead.append(at - now_ms)
         if headers.get(f"anthropic-ratelimit-{limit}-remaining", "").strip() == "0":
             exhausted.append(at - now_ms)
-    if exhausted:
-        return min(max(exhausted), _MAX_PAUSE_MS)
-    if ahead:
-        return min(min(ahead), _MAX_PAUSE_MS)
-    return None
+    pause = max(exhausted) if exhausted else min(ahead, default=None)
+    return None if pause is None else min(pause, _MAX_PAUSE_MS)
 
 
 def read_answer(status: int, headers: dict[str, Any], now_ms: int) -> ProviderAnswer:
