@@ -236,14 +236,9 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
     def grant(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant:
         state, now, config = loaded.state, loaded.now_ms, self.config
         lease_id = new_lease_id(self.ports, "c")
+        lease_ms, sandbox_ms = config.create_lease_ms, self.sandbox_timeout_ms
         lease = take_create_lease(
-            state,
-            lease_id,
-            waiter.tenant,
-            waiter.entity,
-            now,
-            config.create_lease_ms,
-            self.sandbox_timeout_ms,
+            state, lease_id, waiter.tenant, waiter.entity, now, lease_ms, sandbox_ms
         )
         take_rate(state, config, now)
         if place.attempt > 1:
@@ -341,10 +336,8 @@ class Acquisition(ResourceLedger, Judging[ResourceState, ResourceGrant]):
         state, now, claim_ms = loaded.state, loaded.now_ms, self.config.reservation_claim_ms
         reserved = False
         for item in scheduled:
-            rid = new_lease_id(self.ports, "v")
-            _, made = reserve(
-                state, item.turn.tenant, item.turn.ticket, None, now, now, claim_ms, rid
-            )
+            turn, rid = item.turn, new_lease_id(self.ports, "v")
+            made = reserve(state, turn.tenant, turn.ticket, None, now, now, claim_ms, rid)[1]
             reserved = reserved or made
         return reserved, reservation_of(state, mine.tenant, mine.ticket, None)
 

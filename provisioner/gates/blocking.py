@@ -441,15 +441,12 @@ class ResourceHeadroom:
         cap = self.gate.permits(TENANT)
         return cap is None or self.held[tenant] < cap
 
-    def _costs(self, turn: Turn) -> Costs | None:
-        if turn not in self.costs and self.read_cost is not None and turn.ticket is not None:
+    def blocker(self, turn: Turn) -> Blocked | None:
+        costs = self.costs.get(turn)
+        if costs is None and self.read_cost is not None and turn.ticket is not None:
             costs = self.read_cost(turn.tenant, turn.ticket)
             if costs is not None:
                 self.costs[turn] = costs
-        return self.costs.get(turn)
-
-    def blocker(self, turn: Turn) -> Blocked | None:
-        costs = self._costs(turn)
         if costs is None:
             self.dead.append(turn)
             return _DEAD, Hold.TURN

@@ -80,7 +80,7 @@ class SandboxSettlement(SandboxLedger):
             self._created(waiter, grant, result, loaded, since)
             return None
         if isinstance(result, CreateFailed):
-            self._drop(waiter, loaded)
+            self.forget(waiter, self._leave(waiter, loaded))
             return Rejected(result.failure)
         if lease is None and stored is not None and stored.stage is not Stage.CREATING:
             # Settled already (or the waiter moved on): report where it stands now.
@@ -99,7 +99,7 @@ class SandboxSettlement(SandboxLedger):
             record_failure(state, config, now, retry_after, self.ports.uniform())
         attempt = grant.attempt + 1
         if attempt > config.max_create_attempts:
-            self._drop(waiter, loaded)
+            self.forget(waiter, self._leave(waiter, loaded))
             return exhausted(grant.attempt)
         state.add_retry(waiter.tenant, waiter.entity)
         place = Place(Stage.RETRYING, since, attempt)
@@ -125,23 +125,19 @@ class SandboxSettlement(SandboxLedger):
         timeout_ms = max(1, result.sandbox_timeout_ms)
         tenant, entity, lease_id = waiter.tenant, waiter.entity, grant.lease_id
         hold_sandbox(state, lease_id, tenant, entity, result.sandbox_id, now, timeout_ms)
-        # A late answer for a waiter that had been queued again must not leave it queued.
-        ticket = leave_queue(state, waiter, loaded.place)
         record_success(state)
         note_created(state, config)
-        # Its create slot is free again: promised to the next turn.
-        self.promise(loaded)
-        self.save_gate(loaded)
-        self.forget_ticket(waiter, ticket)
+        # A late answer for a waiter that had been queued again must not leave it queued.
+        self.forget_ticket(waiter, self._leave(waiter, loaded))
         holding = Place(Stage.HOLDING, since, grant.attempt, lease_id=grant.lease_id)
         self.write_place(waiter, loaded, holding, timeout_ms + config.waiter_ttl_ms)
 
-    def _drop(self, waiter: Waiter, loaded: SandboxLoaded) -> None:
-        """The waiter is rejected: out of the queue, its keys gone, its slot promised on."""
+    def _leave(self, waiter: Waiter, loaded: SandboxLoaded) -> int | None:
+        """Out of the queue, the create slot it held promised on; returns its ticket."""
         ticket = leave_queue(loaded.state, waiter, loaded.place)
         self.promise(loaded)
         self.save_gate(loaded)
-        self.forget(waiter, ticket)
+        return ticket
 
 
 class ResourceSettlement(ResourceLedger):
