@@ -1,28 +1,26 @@
 """Admit and acquire: a waiter asks for a permit; grant it now, or say where it stands.
 
-One decision for both gates (`ledger.Asking`): load the gate and the waiter's place,
-`locate` the waiter (its stored place checked against the gate), refuse it once it has
-waited too long, else `judge` by the walk (`blocking`) whether its turn has come. A grant
-takes its permit in the same compare-and-swap that takes the waiter out of the queue.
-
-The sandbox gate (`Admission`): dead waiters ahead are dropped first; a grant takes a
-create lease and a rate token. A resource gate (`Acquisition`): a grant takes a lease and
-charges every bucket its estimate; an entity holds at most one lease per resource, so
-asking again while holding it renews the lease and answers the same grant.
+One decision for both gates (`ledger.Asking`, `Judging`): `locate` the waiter, refuse it
+once it has waited too long, else walk the fair order (`blocking`) to see whether its turn
+has come. A grant takes its permit in the same compare-and-swap that takes the waiter out
+of the queue.
 """
 
 from __future__ import annotations
 
 import contextlib
+from abc import abstractmethod
+from dataclasses import replace
 
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
 from provisioner.gates.blocking import (
+    Assessment,
+    Scheduled,
     Turn,
-    Verdict,
     assess,
-    resource_verdict,
-    resource_waiting,
+    removable,
+    resource_assess,
     waiting,
 )
 from provisioner.gates.bucket import Charge
@@ -33,16 +31,18 @@ from provisioner.gates.document import (
     OUTPUT,
     Costs,
     GateState,
+    Reservation,
     ResourceLease,
     ResourceState,
     encode_ticket,
     margin_of,
-    ticket_key,
-    waiter_key,
 )
 from provisioner.gates.ledger import (
     ACCOUNT,
+    Answer,
     Asking,
+    Document,
+    LoadedDocument,
     ResourceLedger,
     ResourceLoaded,
     SandboxLedger,
@@ -50,16 +50,9 @@ from provisioner.gates.ledger import (
     set_bucket,
 )
 from provisioner.gates.place import Place, Stage
-from provisioner.gates.policies import (
-    cooling_ms,
-    earn_retry,
-    rate_limits,
-    slots_in_use,
-    spend_retry,
-    take_rate,
-)
+from provisioner.gates.policies import earn_retry, rate_limits, slots_in_use, spend_retry, take_rate
 from provisioner.gates.queue import (
-    can_remove,
+    QueueHolder,
     drop_ticket,
     enqueue,
     remove_ticket,
@@ -67,7 +60,6 @@ from provisioner.gates.queue import (
     reserve,
 )
 from provisioner.gates.results import (
-    REASON_BACKOFF,
     REASON_CREATE_SLOTS,
     Grant,
     Queued,
@@ -91,8 +83,7 @@ def exhausted(attempts: int) -> Rejected:
 
 
 def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | None:
-    """Take the waiter out of the retries and its tenant's queue (in memory); returns the
-    ticket whose liveness key should go, if any."""
+    """Out of the retries and its tenant's queue; returns the ticket whose key should go."""
     state.drop_retry(waiter.tenant, waiter.entity)
     ticket = None if place is None else place.queued_ticket
     if ticket is not None:
@@ -100,10 +91,61 @@ def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | 
     return ticket
 
 
-class Admission(SandboxLedger, Asking[GateState, Grant]):
+def queued_place(state: QueueHolder, tenant: str, stored: Place | None, now_ms: int) -> Place:
+    """The stored place while its ticket is live; else a new ticket (its old one was skipped
+    as dead), keeping when the waiter first asked so that dying cannot dodge the timeout."""
+    ticket = None if stored is None else stored.queued_ticket
+    if stored is not None and ticket is not None and state.holds_ticket(tenant, ticket):
+        return stored
+    since, attempt = (now_ms, 1) if stored is None else (stored.since_ms, stored.attempt)
+    return Place(Stage.QUEUED, since, attempt, ticket=enqueue(state, tenant))
+
+
+class Judging(Asking[Document, Answer]):
+    """One `judge` for both gates: each says how its walk goes, what a grant takes and how
+    the free permits are promised."""
+
+    ticket_value: bytes | None = None
+
+    @property
+    def queue_timeout_ms(self) -> int:
+        return self.config.queue_timeout_ms
+
+    def judge(
+        self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
+    ) -> Answer | Queued:
+        seen = self.assess(waiter, loaded, place)
+        if seen.queued is None:
+            return self.grant(waiter, loaded, place)
+        reserved, own = self.reserve(loaded, seen.scheduled, Turn.of(waiter, place))
+        return self.wait_on(
+            waiter,
+            loaded,
+            place,
+            seen.queued,
+            changed=place is not loaded.place or seen.dropped or reserved,
+            own=own,
+            timeout_ms=self.queue_timeout_ms,
+            ticket_value=self.ticket_value,
+        )
+
+    @abstractmethod
+    def assess(
+        self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
+    ) -> Assessment: ...
+
+    @abstractmethod
+    def grant(self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place) -> Answer: ...
+
+    @abstractmethod
+    def reserve(
+        self, loaded: LoadedDocument[Document], scheduled: list[Scheduled], mine: Turn
+    ) -> tuple[bool, Reservation | None]:
+        """Whether promising the permits changed the document, and the waiter's own."""
+
+
+class Admission(SandboxLedger, Judging[GateState, Grant]):
     def __init__(self, ports: Ports, config: AdmissionConfig, sandbox_timeout_ms: int) -> None:
-        """`sandbox_timeout_ms`: the E2B timeout of the sandbox a granted create makes (how
-        long it could run unrecorded if the create is never settled)."""
         super().__init__(ports, config)
         self.sandbox_timeout_ms = sandbox_timeout_ms
 
@@ -111,47 +153,39 @@ class Admission(SandboxLedger, Asking[GateState, Grant]):
         return until_settled(lambda: self.ask(waiter), self.config.cas_retries)
 
     def locate(self, waiter: Waiter, loaded: SandboxLoaded) -> Place | Queued | Rejected:
-        """Where the waiter stands, its stored place checked against the gate (changing the
-        gate in memory when the place has to move). A waiter whose own create is in flight
-        gets Queued (position 0) rather than a place: no entity has two creates at once."""
+        """A waiter whose own create is in flight gets Queued (position 0), not a place: no
+        entity has two creates at once."""
         state, stored, now, config = loaded.state, loaded.place, loaded.now_ms, self.config
         if stored is None or stored.stage is Stage.HOLDING:
             if state.reclaims(waiter.tenant, waiter.entity):
-                # Its record expired while its unsettled create still counts: a retry
-                # whose create reclaims that possible sandbox.
+                # Its record expired while its unsettled create counts: a retry reclaims it.
                 state.add_retry(waiter.tenant, waiter.entity)
                 attempt = 1 if stored is None else stored.attempt
                 return Place(Stage.RETRYING, now, attempt + 1)
-            # New, or holding a sandbox the caller has no record of (a crash after the
-            # create): a create with the same idempotency key finds the same sandbox.
-            return Place(Stage.QUEUED, now, 1, ticket=enqueue(state, waiter.tenant))
+            # A sandbox the caller has no record of (a crash after the create): the same
+            # idempotency key finds it again.
+            return queued_place(state, waiter.tenant, None, now)
         if stored.stage is Stage.QUEUED:
-            queue = state.queue_of(waiter.tenant)
-            if stored.ticket is not None and queue is not None and queue.holds(stored.ticket):
-                return stored
-            # Its ticket was skipped as dead (it polled too late): queue again, same since.
-            ticket = enqueue(state, waiter.tenant)
-            return Place(Stage.QUEUED, stored.since_ms, stored.attempt, ticket=ticket)
+            return queued_place(state, waiter.tenant, stored, now)
         if stored.stage is Stage.RETRYING:
             # Dropped from the retries while it stopped polling: back where retries wait.
             state.add_retry(waiter.tenant, waiter.entity)
             return stored
-        # CREATING
         lease = state.create_lease(stored.lease_id or "")
         if lease is not None:
             wait = max(config.poll_min_ms, min(lease.expires_ms - now, config.poll_max_ms))
+            in_use, waited = slots_in_use(state), now - stored.since_ms
             return Queued(
                 0,
                 state.waiting(),
-                slots_in_use(state),
+                in_use,
                 config.create_slots,
                 REASON_CREATE_SLOTS,
                 wait,
                 wait,
-                now - stored.since_ms,
+                waited,
             )
-        # The create's holder died mid-call: its outcome is unknown, so it is a retry (an
-        # unsettled create, its possible sandbox still counted: `sandbox.prune_expired`).
+        # The create's holder died mid-call: a retry (its possible sandbox still counted).
         attempt = stored.attempt + 1
         if attempt > config.max_create_attempts:
             return exhausted(attempt - 1)
@@ -159,52 +193,41 @@ class Admission(SandboxLedger, Asking[GateState, Grant]):
         return Place(Stage.RETRYING, stored.since_ms, attempt)
 
     def timed_out(self, loaded: SandboxLoaded, place: Place) -> str | None:
-        waited, timeout = loaded.now_ms - place.since_ms, self.config.queue_timeout_ms
+        waited, timeout = loaded.now_ms - place.since_ms, self.queue_timeout_ms
         if waited < timeout:
             return None
         return f"waited {waited} ms for a sandbox, longer than the queue timeout of {timeout} ms"
 
-    def judge(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant | Queued:
-        state, now, config = loaded.state, loaded.now_ms, self.config
+    def assess(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Assessment:
+        state, now, config, uniform = loaded.state, loaded.now_ms, self.config, self.ports.uniform
         mine = Turn.of(waiter, place)
-        skipped = False
+        dropped = False
         # Each pass drops at least one dead waiter from the front, so it ends.
         for _ in range(config.create_slots + len(state.retries) + 2):
-            verdict = assess(state, config, now, waiter, place, self.ports.uniform)
-            if verdict.goes and self._removable(state, waiter, place):
-                return self._grant(waiter, loaded, place)
-            if not verdict.front or not self._skip_dead(state, verdict.front, mine):
+            seen = assess(state, config, now, waiter, place, uniform)
+            if seen.goes and removable(state, waiter.tenant, place):
+                return seen
+            front = [item.turn for item in seen.scheduled if item.due_ms <= 0]
+            if not front or not self._skip_dead(state, front, mine):
                 break
-            skipped = True
+            dropped = True
         else:
-            verdict = assess(state, config, now, waiter, place, self.ports.uniform)
-        queued = verdict.queued
-        if queued is None:  # it goes, but its ticket cannot leave out of order yet
-            queued = waiting(state, config, now, waiter, place, self.ports.uniform)
-        reserved = self.promise(loaded, verdict.scheduled, caller=mine)
-        own = reservation_of(state, waiter.tenant, mine.ticket, mine.entity)
-        if own is not None and not any(s.turn == mine for s in verdict.scheduled):
+            seen = assess(state, config, now, waiter, place, uniform)
+        # When its turn has come but its ticket cannot leave out of order yet, it waits.
+        queued = seen.queued or waiting(state, config, now, waiter, place, uniform)
+        return replace(seen, queued=queued, dropped=dropped)
+
+    def reserve(
+        self, loaded: SandboxLoaded, scheduled: list[Scheduled], mine: Turn
+    ) -> tuple[bool, Reservation | None]:
+        reserved = self.promise(loaded, scheduled, caller=mine)
+        own = reservation_of(loaded.state, mine.tenant, mine.ticket, mine.entity)
+        if own is not None and not any(item.turn == mine for item in scheduled):
             # No permit is there for it now (a cap-429 took it): withdraw the promise, or
             # the holder, still asking, would be passed over at its deadline as gone.
-            state.reservations.remove(own)
-            own, reserved = None, True
-        stored = loaded.place
-        unchanged = (
-            stored is not None
-            and stored.stage is place.stage
-            and (place.stage is Stage.RETRYING or stored.ticket == place.ticket)
-        )
-        changed = not unchanged or skipped or reserved
-        timeout = config.queue_timeout_ms
-        return self.wait_on(
-            waiter, loaded, place, queued, changed=changed, own=own, timeout_ms=timeout
-        )
-
-    def _removable(self, state: GateState, waiter: Waiter, place: Place) -> bool:
-        if place.stage is Stage.RETRYING or place.ticket is None:
-            return True
-        queue = state.queue_of(waiter.tenant)
-        return queue is not None and can_remove(queue, place.ticket)
+            loaded.state.reservations.remove(own)
+            return True, None
+        return reserved, own
 
     def unplace(
         self, state: GateState, waiter: Waiter, place: Place, *, granted: bool = False
@@ -214,17 +237,12 @@ class Admission(SandboxLedger, Asking[GateState, Grant]):
         elif place.ticket is not None:
             remove_ticket(state, waiter.tenant, place.ticket, granted=granted)
 
-    def _grant(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant:
+    def grant(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant:
         state, now, config = loaded.state, loaded.now_ms, self.config
         lease_id = new_lease_id(self.ports, "c")
+        lease_ms, sandbox_ms = config.create_lease_ms, self.sandbox_timeout_ms
         lease = take_create_lease(
-            state,
-            lease_id,
-            waiter.tenant,
-            waiter.entity,
-            now,
-            config.create_lease_ms,
-            self.sandbox_timeout_ms,
+            state, lease_id, waiter.tenant, waiter.entity, now, lease_ms, sandbox_ms
         )
         take_rate(state, config, now)
         if place.attempt > 1:
@@ -271,113 +289,65 @@ class Admission(SandboxLedger, Asking[GateState, Grant]):
                 continue
             if turn.is_retry:
                 assert turn.entity is not None
-                entry = storage.get(ACCOUNT, waiter_key(turn.tenant, turn.entity))
+                entry = storage.get(ACCOUNT, self.waiter_key(turn.tenant, turn.entity))
                 place = None if entry is None else Place.from_bytes(entry.value)
-                alive = (
+                if not (
                     place is not None
                     and place.stage is Stage.RETRYING
                     and place.alive(self.ports.clock.now_ms())
-                )
-                if not alive:
+                ):
                     state.drop_retry(turn.tenant, turn.entity)
                     skipped = True
             else:
                 assert turn.ticket is not None
-                if storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket)) is None:
+                if storage.get(ACCOUNT, self.ticket_key(turn.tenant, turn.ticket)) is None:
                     skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
         return skipped
 
 
-class Acquisition(ResourceLedger, Asking[ResourceState, ResourceGrant]):
+class Acquisition(ResourceLedger, Judging[ResourceState, ResourceGrant]):
     costs: Costs  # the request's estimates, set by `decide`
 
     def decide(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
         self.costs = costs
+        self.ticket_value = encode_ticket(waiter.entity, costs)
         return until_settled(lambda: self.ask(waiter), self.config.cas_retries)
 
     def locate(self, waiter: Waiter, loaded: ResourceLoaded) -> Place | ResourceGrant:
-        """The waiter's place; asking again while holding the lease renews it instead."""
+        """Asking again while holding the lease renews it and answers the same grant."""
         state, now = loaded.state, loaded.now_ms
         held = state.lease_of(waiter.tenant, waiter.entity)
         if held is not None:
             held.expires_ms = now + self.gate.lease_ms
             self.save_gate(loaded)
             return ResourceGrant(held.lease_id, held.expires_ms, 0, renewed=True)
-        stored = loaded.place
-        queue = state.queue_of(waiter.tenant)
-        if (
-            stored is not None
-            and stored.stage is Stage.QUEUED
-            and stored.ticket is not None
-            and queue is not None
-            and queue.holds(stored.ticket)
-        ):
-            return stored
-        # New, or its ticket was skipped as dead: queue again, keeping when it first asked
-        # so that dying and returning cannot dodge the queue timeout.
-        since = stored.since_ms if stored is not None else now
-        return Place(Stage.QUEUED, since, 1, ticket=enqueue(state, waiter.tenant))
+        return queued_place(state, waiter.tenant, loaded.place, now)
 
     def unplace(self, state: ResourceState, waiter: Waiter, place: Place) -> None:
         assert place.ticket is not None
         remove_ticket(state, waiter.tenant, place.ticket, granted=False)
 
-    def judge(self, waiter: Waiter, loaded: ResourceLoaded, place: Place) -> ResourceGrant | Queued:
-        state, now, costs = loaded.state, loaded.now_ms, self.costs
-        fresh = place is not loaded.place
-        assert place.ticket is not None
-        cooling = cooling_ms(state, now)
-        if cooling > 0:
-            verdict = Verdict(False, REASON_BACKOFF, (), ())
-        else:
-            verdict = resource_verdict(
-                state, self.gate, now, waiter.tenant, place.ticket, costs, self.read_ticket
-            )
-        for tenant, ticket in verdict.dead:
-            drop_ticket(state, tenant, ticket)
-        own_queue = state.queue_of(waiter.tenant)
-        if verdict.goes and own_queue is not None and can_remove(own_queue, place.ticket):
-            return self._grant(waiter, loaded, place, costs)
-        queued = resource_waiting(
-            state,
-            self.gate,
-            self.config,
-            now,
-            waiter.tenant,
-            place.ticket,
-            place.since_ms,
-            costs,
-            verdict,
-            cooling,
-            self.ports.uniform,
-        )
-        reserved = False
-        for tenant, ticket in verdict.ahead_turns:
-            _, made = reserve(
-                state,
-                tenant,
-                ticket,
-                None,
-                now,
-                now,
-                self.config.reservation_claim_ms,
-                new_lease_id(self.ports, "v"),
-            )
-            reserved = reserved or made
-        return self.wait_on(
-            waiter,
-            loaded,
-            place,
-            queued,
-            changed=fresh or bool(verdict.dead) or reserved,
-            own=reservation_of(state, waiter.tenant, place.ticket, None),
-            timeout_ms=self.queue_timeout_ms,
-            ticket_value=encode_ticket(waiter.entity, costs),
+    def assess(self, waiter: Waiter, loaded: ResourceLoaded, place: Place) -> Assessment:
+        state, gate, now, uniform = loaded.state, self.gate, loaded.now_ms, self.ports.uniform
+        costs, read = self.costs, self.read_ticket
+        return resource_assess(
+            state, gate, self.config, now, waiter.tenant, place, costs, read, uniform
         )
 
+    def reserve(
+        self, loaded: ResourceLoaded, scheduled: list[Scheduled], mine: Turn
+    ) -> tuple[bool, Reservation | None]:
+        state, now, claim_ms = loaded.state, loaded.now_ms, self.config.reservation_claim_ms
+        reserved = False
+        for item in scheduled:
+            turn, rid = item.turn, new_lease_id(self.ports, "v")
+            made = reserve(state, turn.tenant, turn.ticket, None, now, now, claim_ms, rid)[1]
+            reserved = reserved or made
+        return reserved, reservation_of(state, mine.tenant, mine.ticket, None)
+
     def timed_out(self, loaded: ResourceLoaded, place: Place) -> str | None:
-        """Longer than the queue timeout, or longer than the stall timeout with no grant
-        made by the gate meanwhile (a stuck gate; a queue that moves keeps its waiters)."""
+        """Longer than the queue timeout, or than the stall timeout with no grant made by
+        the gate meanwhile (a stuck gate; a queue that moves keeps its waiters)."""
         now_ms, since_ms, granted_ms = loaded.now_ms, place.since_ms, loaded.state.granted_ms
         waited = now_ms - since_ms
         if waited >= self.queue_timeout_ms:
@@ -394,10 +364,8 @@ class Acquisition(ResourceLedger, Asking[ResourceState, ResourceGrant]):
             )
         return None
 
-    def _grant(
-        self, waiter: Waiter, loaded: ResourceLoaded, place: Place, costs: Costs
-    ) -> ResourceGrant:
-        state, now = loaded.state, loaded.now_ms
+    def grant(self, waiter: Waiter, loaded: ResourceLoaded, place: Place) -> ResourceGrant:
+        state, now, costs = loaded.state, loaded.now_ms, self.costs
         assert place.ticket is not None
         charges: list[Charge] = []
         for rate in rate_limits(self.gate):
@@ -420,6 +388,6 @@ class Acquisition(ResourceLedger, Asking[ResourceState, ResourceGrant]):
         state.grants += 1
         state.granted_ms = now
         self.save_gate(loaded)
-        # The gate document is the truth about who holds what: the place is no longer needed.
+        # The gate document is the truth about who holds what: the place is not needed.
         self.forget(waiter, place.ticket)
         return ResourceGrant(lease.lease_id, lease.expires_ms, now - place.since_ms)

@@ -1,14 +1,9 @@
 """What blocks a waiter, and when it may go: one walk for both gate kinds.
 
-A headroom of what every limit has free now is handed to the turns at the front of the
-fair order (reserved turns first, then, at the sandbox gate, the retries the budget pays
-for, then fresh tickets round-robin across tenants); the waiter goes when its own turn is
-among those that fit. A limit the account shares stops the walk, so the head of the queue
-is never overtaken; a tenant's own limits skip that tenant's turns. A grant and a "queued"
-answer come from the same walk, so they never disagree. At a resource gate each turn takes
-its own estimated cost, and a bucket keeps a reserve for the margins in flight, so the
-estimation errors reaching the provider unaccounted stay within one request's:
-docs/gates.md gives the argument.
+What every limit has free now is handed to the turns at the front of the fair order; the
+waiter goes when its own turn is among those that fit, so a grant and a "queued" answer
+never disagree. A limit the account shares stops the walk (the head is never overtaken);
+a tenant's own limit skips that tenant's turns. Why the token bounds hold: docs/gates.md.
 """
 
 from __future__ import annotations
@@ -51,7 +46,10 @@ from provisioner.gates.policies import (
 )
 from provisioner.gates.queue import (
     Eligible,
+    QueueHolder,
     ask_again_ms,
+    can_remove,
+    drop_ticket,
     eligible_retries,
     fair_order,
     fresh_position,
@@ -72,8 +70,7 @@ from provisioner.gates.results import (
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One turn in the fair order: a retry (its entity known to the gate) or a fresh ticket
-    (the gate knows its number, the ticket's own key names the entity)."""
+    """A retry (the gate knows its entity) or a fresh ticket (its key names the entity)."""
 
     tenant: str
     entity: str | None = None
@@ -109,9 +106,8 @@ class Headroom(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Walk:
-    """`chosen`: the turns the headroom went to, in order. `reached`: the walk came to
-    `until`, and `blocked` is what holds that turn back (None: it fits); otherwise
-    `blocked` is the limit that stopped the walk (None: the turns ran out)."""
+    """`reached`: the walk came to `until`, and `blocked` holds that turn back (None: it
+    fits); else `blocked` stopped the walk (None: the turns ran out)."""
 
     chosen: list[Turn]
     blocked: Blocked | None
@@ -151,8 +147,7 @@ def queued_answer(
     uniform: Callable[[], float],
     wait: int | None = None,
 ) -> Queued:
-    """The queued answer: when to ask again (`wait` the estimate it rests on, `eta` by
-    default), for a waiter at place `at` held back by `reason`."""
+    """When to ask again, resting on the estimate `wait` (`eta` by default)."""
     retry_after = ask_again_ms(config, eta if wait is None else wait, exact, cooling, uniform)
     retry_at = now_ms + retry_at_wait_ms(config, eta, exact, retry_after, cooling)
     in_use, limit = usage
@@ -165,8 +160,6 @@ def queued_answer(
 
 @dataclass(frozen=True, slots=True)
 class Permits:
-    """What each sandbox gate has free right now, computed once per assessment."""
-
     cooling_ms: int
     slots: int
     capacity: int
@@ -183,9 +176,8 @@ class Permits:
 
 
 class SandboxHeadroom:
-    """Free create slots and capacity, and each tenant's room, as turns take them. A retry
-    that reclaims its own possible sandbox needs a slot but no capacity; a retry held back
-    by capacity is passed over rather than stopping the walk."""
+    """A retry that reclaims its own possible sandbox needs a slot but no capacity; a
+    retry held back by capacity is passed over rather than stopping the walk."""
 
     def __init__(self, state: GateState, config: AdmissionConfig, permits: Permits) -> None:
         self.state = state
@@ -217,7 +209,6 @@ class SandboxHeadroom:
 
 
 def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
-    """Whether a tenant has room under `max_sandboxes_per_tenant`."""
     limit = config.max_sandboxes_per_tenant
     if limit is None:
         return lambda tenant: True
@@ -228,8 +219,7 @@ def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
 def ready_retries(
     state: GateState, config: AdmissionConfig, eligible: Eligible
 ) -> list[RetryEntry]:
-    """Retries the budget pays for whose tenant has room, or that reclaim their own
-    possible sandbox (their create takes no new room)."""
+    """Retries the budget pays for whose tenant has room, or that take no new room."""
     return eligible_retries(
         state,
         lambda entry: eligible(entry.tenant) or state.reclaims(entry.tenant, entry.entity),
@@ -239,8 +229,7 @@ def ready_retries(
 
 @dataclass(frozen=True, slots=True)
 class Scheduled:
-    """A turn the free permits belong to, and how long until its rate token is due
-    (`due_ms`, 0: it may go now)."""
+    """A turn the free permits belong to; `due_ms` until its rate token is due."""
 
     turn: Turn
     due_ms: int
@@ -249,13 +238,11 @@ class Scheduled:
 def schedule(
     state: GateState, config: AdmissionConfig, now_ms: int, permits: Permits, eligible: Eligible
 ) -> list[Scheduled]:
-    """The turns the free slots and capacity belong to, in order; the k-th may go when the
-    rate's k-th token is due (the create rate delays rather than blocks). None during a
-    cooldown: nothing starts, so nothing is promised."""
+    """The k-th turn may go when the rate's k-th token is due (the create rate delays
+    rather than blocks). None during a cooldown: nothing starts, so nothing is promised."""
     if permits.cooling_ms > 0 or permits.slots <= 0:
         return []
-    # Lazily: the walk stops at the first turns the permits run out on, whatever the
-    # number of waiters behind them.
+    # Lazily: the walk stops where the permits run out, whatever the waiters behind.
     turns = chain(
         [Turn(r.tenant, r.entity, r.ticket) for r in live_reservations(state)],
         (Turn(e.tenant, e.entity) for e in ready_retries(state, config, eligible)),
@@ -270,26 +257,34 @@ def schedule(
 
 def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: Eligible) -> int:
     """1-based place in the fair order (0: not found)."""
-    if turn.is_retry:
-        for index, entry in enumerate(state.retries):
-            if (entry.tenant, entry.entity) == (turn.tenant, turn.entity):
-                return index + 1
-        return len(state.retries)
+    if turn.ticket is None:
+        retries = [(entry.tenant, entry.entity) for entry in state.retries]
+        mine = (turn.tenant, turn.entity)
+        return retries.index(mine) + 1 if mine in retries else len(retries)
     ready = ready_retries(state, config, eligible)
-    assert turn.ticket is not None
     return len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible)
 
 
 @dataclass(frozen=True, slots=True)
 class Assessment:
-    """`front`: the turns that may go now. `goes`: the waiter's own turn is among them.
-    `scheduled`: every turn the free permits belong to (to reserve). `queued`: when the
-    waiter does not go, why it waits and when to ask again."""
+    """What a walk found at either gate. `queued`: why the waiter waits (None: its turn has
+    come). `scheduled`: the turns to promise the free permits to (those due now may go).
+    `dropped`: dead turns left the queue on the way."""
 
-    front: list[Turn]
-    goes: bool
     queued: Queued | None
     scheduled: list[Scheduled]
+    dropped: bool = False
+
+    @property
+    def goes(self) -> bool:
+        return self.queued is None
+
+
+def removable(state: QueueHolder, tenant: str, place: Place) -> bool:
+    if place.stage is Stage.RETRYING or place.ticket is None:
+        return True
+    queue = state.queue_of(tenant)
+    return queue is not None and can_remove(queue, place.ticket)
 
 
 def assess(
@@ -303,12 +298,11 @@ def assess(
     permits = Permits.of(state, config, now_ms)
     eligible = eligibility(state, config)
     planned = schedule(state, config, now_ms, permits, eligible)
-    turns = [s.turn for s in planned if s.due_ms <= 0]
     mine = Turn.of(waiter, place)
-    if mine in turns:
-        return Assessment(turns, True, None, planned)
-    queued = waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
     own = next((s for s in planned if s.turn == mine), None)
+    if own is not None and own.due_ms <= 0:
+        return Assessment(None, planned)
+    queued = waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
     if own is not None:
         # Its permit is promised; only its rate token is not due yet, to the millisecond.
         queued = replace(
@@ -318,7 +312,7 @@ def assess(
             eta_ms=own.due_ms,
             retry_at_ms=now_ms + own.due_ms,
         )
-    return Assessment(turns, False, queued, planned)
+    return Assessment(queued, planned)
 
 
 def waiting(
@@ -331,8 +325,6 @@ def waiting(
     permits: Permits | None = None,
     eligible: Eligible | None = None,
 ) -> Queued:
-    """Why the waiter at `place` waits, and when it should ask again. Jitter is drawn from
-    `uniform` only during a cooldown."""
     now = now_ms
     permits = permits or Permits.of(state, config, now)
     eligible = eligible or eligibility(state, config)
@@ -358,34 +350,27 @@ def waiting(
     }
     eta = cooling + max(waits.values())
     blocked = [name for name in waits if frees[name] < at]
+    usage[REASON_BACKOFF] = usage[REASON_CREATE_SLOTS]
     if cooling > 0:
         reason = REASON_BACKOFF
-        in_use = usage[REASON_CREATE_SLOTS]
     elif not reclaims and not tenant_has_room(state, config, waiter.tenant):
         reason = REASON_CAPACITY
         limit = config.max_sandboxes_per_tenant or config.max_sandboxes
-        in_use = (state.tenant_in_use(waiter.tenant), limit)
+        usage[reason] = (state.tenant_in_use(waiter.tenant), limit)
     elif turn.is_retry and retry_tokens(state, config) < 1.0:
         reason = REASON_BACKOFF
-        in_use = usage[REASON_CREATE_SLOTS]
         eta = max(eta, retry_token_wait_ms(state, config, 1))
-    elif blocked:
-        reason = max(blocked, key=lambda name: waits[name])
-        in_use = usage[reason]
     else:
-        # The permits ahead belong to waiters that have not polled yet.
-        reason = REASON_CREATE_SLOTS
-        in_use = usage[reason]
-    # Only the rate gate's estimate is exact, so a waiter held by it comes back right
-    # when its turn is due (else a fast rate would be throttled to one grant per
-    # poll_min). Slot and capacity estimates are guesses from observed times, and an
-    # unused rate token means the permit waits on someone else's turn: poll_min keeps
-    # those from spinning.
+        # Nothing blocked: the permits ahead belong to waiters that have not polled yet.
+        reason = max(blocked, key=waits.__getitem__) if blocked else REASON_CREATE_SLOTS
+    in_use = usage[reason]
+    # Only the rate's estimate is exact (else a fast rate would be throttled to one grant
+    # per poll_min); slot and capacity estimates are guesses, and an unused rate token
+    # waits on someone else's turn: poll_min keeps those from spinning.
     exact = reason == REASON_RATE and eta > 0 and frees[REASON_RATE] == 0
     wait = eta
     if not exact and state.latency_ms is None:
-        # The estimate rests on the assumed create latency: come back by the time the
-        # first create should have answered, when a measured latency is known.
+        # It rests on the assumed create latency: come back once one has been measured.
         wait = min(wait, config.create_latency_ms // 2)
     return queued_answer(
         config, state, now, place.since_ms, at, in_use, reason, eta, exact, cooling, uniform, wait
@@ -404,9 +389,7 @@ ReadCost = Callable[[str, int], Costs | None]
 
 
 class ResourceHeadroom:
-    """What every limit of a resource gate has free right now, as turns take their
-    estimated costs. A turn whose ticket is dead (`read_cost` finds none) is passed over
-    and listed in `dead`."""
+    """Each turn takes its estimated cost; a dead ticket (no cost to read) goes to `dead`."""
 
     def __init__(
         self,
@@ -449,8 +432,7 @@ class ResourceHeadroom:
         return self._exposure[name]
 
     def reserve(self, rate: RateLimit, tenant: str, costs: Costs) -> float:
-        """What the bucket must hold beyond a turn's estimate: every outstanding margin
-        with the turn's own, except the largest one."""
+        """Beyond a turn's estimate: every margin in flight and its own but the largest."""
         total, largest = self.exposure(rate, tenant)
         margin = margin_of(costs, rate.kind)
         return total + margin - max(largest, margin)
@@ -459,15 +441,12 @@ class ResourceHeadroom:
         cap = self.gate.permits(TENANT)
         return cap is None or self.held[tenant] < cap
 
-    def _costs(self, turn: Turn) -> Costs | None:
-        if turn not in self.costs and self.read_cost is not None and turn.ticket is not None:
+    def blocker(self, turn: Turn) -> Blocked | None:
+        costs = self.costs.get(turn)
+        if costs is None and self.read_cost is not None and turn.ticket is not None:
             costs = self.read_cost(turn.tenant, turn.ticket)
             if costs is not None:
                 self.costs[turn] = costs
-        return self.costs.get(turn)
-
-    def blocker(self, turn: Turn) -> Blocked | None:
-        costs = self._costs(turn)
         if costs is None:
             self.dead.append(turn)
             return _DEAD, Hold.TURN
@@ -501,59 +480,6 @@ class ResourceHeadroom:
         return self.rates[0].reason
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """`goes`: the waiter's own turn fits now. Otherwise `reason` names the limit that holds
-    it back, and `ahead` the turns (tenant, costs) the free permits went to first. `dead`:
-    tickets found dead on the way (to drop from the queue)."""
-
-    goes: bool
-    reason: str | None
-    ahead: tuple[tuple[str, Costs], ...]
-    dead: tuple[tuple[str, int], ...]
-    # The turns (tenant, ticket) the free permits went to, in the order of `ahead`.
-    ahead_turns: tuple[tuple[str, int], ...] = ()
-
-
-def resource_verdict(
-    state: ResourceState,
-    gate: ResourceGate,
-    now_ms: int,
-    tenant: str,
-    ticket: int,
-    costs: Costs,
-    read_cost: ReadCost,
-) -> Verdict:
-    mine = Turn(tenant, ticket=ticket)
-    headroom = ResourceHeadroom(state, gate, now_ms, read_cost, {mine: costs})
-    # The front of the order, up to the waiter's own turn (reserved turns first: their
-    # permits are promised).
-    reserved = [
-        Turn(r.tenant, ticket=r.ticket) for r in live_reservations(state) if r.ticket is not None
-    ]
-    fresh = (Turn(t, ticket=n) for t, n in fair_order(state, headroom.tenant_has_room))
-    turns: list[Turn] = []
-    for turn in chain(reserved, fresh):
-        if turn in turns:
-            continue
-        turns.append(turn)
-        if turn == mine or len(turns) >= LOOKAHEAD:
-            break
-    went = walk(turns, headroom, until=mine)
-    blocked = went.blocked
-    if not went.reached and blocked is None:
-        # Not reached: its tenant has no room, or the permits free went to turns ahead
-        # that have not asked yet (or the turn lies beyond the lookahead).
-        blocked = headroom.blocker(mine) or (headroom.first_limit(), Hold.ALL)
-    return Verdict(
-        went.reached and blocked is None,
-        None if blocked is None else blocked[0],
-        tuple((t.tenant, headroom.costs[t]) for t in went.chosen),
-        tuple((t.tenant, t.ticket) for t in headroom.dead if t.ticket is not None),
-        tuple((t.tenant, t.ticket) for t in went.chosen if t.ticket is not None),
-    )
-
-
 def _lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
     """When the `waves`-th permit from now should free up, leases ending at `ends`."""
     if waves <= 0:
@@ -564,65 +490,88 @@ def _lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
     return ends[slot] + wave * cycle_ms
 
 
-def resource_waiting(
+def resource_assess(
     state: ResourceState,
     gate: ResourceGate,
-    admission: AdmissionConfig,
+    config: AdmissionConfig,
     now_ms: int,
     tenant: str,
-    ticket: int,
-    since_ms: int,
+    place: Place,
     costs: Costs,
-    verdict: Verdict,
-    cooling_ms: int,
+    read_cost: ReadCost,
     uniform: Callable[[], float],
-) -> Queued:
-    """Why the waiter waits, how long it should (`eta_ms`) and when to ask again."""
-    headroom = ResourceHeadroom(state, gate, now_ms)
-    at = max(1, fresh_position(state, tenant, ticket, headroom.tenant_has_room))
+) -> Assessment:
+    """Whether the waiter's turn fits now; the dead tickets found on the way leave the queue."""
+    assert place.ticket is not None
+    mine = Turn(tenant, ticket=place.ticket)
+    walked = ResourceHeadroom(state, gate, now_ms, read_cost, {mine: costs})
+    cooling = cooling_ms(state, now_ms)
+    went = Walk([], (REASON_BACKOFF, Hold.ALL), False)
+    if cooling <= 0:
+        # Up to the waiter's own turn; reserved turns first (their permits are promised).
+        reserved = (Turn(r.tenant, ticket=r.ticket) for r in live_reservations(state))
+        fresh = (Turn(t, ticket=n) for t, n in fair_order(state, walked.tenant_has_room))
+        turns: list[Turn] = []
+        for turn in chain(reserved, fresh):
+            if turn.ticket is None or turn in turns:
+                continue
+            turns.append(turn)
+            if turn == mine or len(turns) >= LOOKAHEAD:
+                break
+        went = walk(turns, walked, until=mine)
+    blocked = went.blocked
+    if not went.reached and blocked is None:
+        # No room for its tenant, or the permits went to turns ahead (or beyond LOOKAHEAD).
+        blocked = walked.blocker(mine) or (walked.first_limit(), Hold.ALL)
+    for turn in walked.dead:
+        assert turn.ticket is not None
+        drop_ticket(state, turn.tenant, turn.ticket)
+    scheduled = [Scheduled(turn, 0) for turn in went.chosen]
+    dropped = bool(walked.dead)
+    if went.reached and blocked is None and removable(state, tenant, place):
+        return Assessment(None, scheduled, dropped)
+    headroom = ResourceHeadroom(state, gate, now_ms)  # as it was before the walk
+    at = max(1, fresh_position(state, tenant, place.ticket, headroom.tenant_has_room))
     cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
-    ends = sorted(
-        max(0, min(lease.expires_ms, lease.started_ms + cycle) - now_ms) for lease in state.leases
-    )
+
+    def ends(of: str | None = None) -> list[int]:
+        leases = [lease for lease in state.leases if of in (None, lease.tenant)]
+        return sorted(max(0, min(x.expires_ms, x.started_ms + cycle) - now_ms) for x in leases)
+
     waits: dict[str, int] = {}
     usage: dict[str, tuple[int, int]] = {}
-    reserved: set[str] = set()
+    estimated: set[str] = set()
     permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
     if permits is not None:
         free = permits - len(state.leases)
-        waits[REASON_CONCURRENCY] = _lease_wait_ms(ends, at - max(0, free), cycle)
+        waits[REASON_CONCURRENCY] = _lease_wait_ms(ends(), at - max(0, free), cycle)
         usage[REASON_CONCURRENCY] = (len(state.leases), permits)
     if tenant_permits is not None:
-        own_ends = sorted(
-            max(0, min(lease.expires_ms, lease.started_ms + cycle) - now_ms)
-            for lease in state.leases
-            if lease.tenant == tenant
-        )
         over = headroom.held[tenant] - tenant_permits + 1
-        waits[REASON_TENANT_CONCURRENCY] = _lease_wait_ms(own_ends, over, cycle)
+        waits[REASON_TENANT_CONCURRENCY] = _lease_wait_ms(ends(tenant), over, cycle)
         usage[REASON_TENANT_CONCURRENCY] = (headroom.held[tenant], tenant_permits)
     for rate in headroom.rates:
         need = costs.get(rate.kind, 0.0) + sum(
-            turn_costs.get(rate.kind, 0.0)
-            for turn_tenant, turn_costs in verdict.ahead
-            if not rate.per_tenant or turn_tenant == tenant
+            walked.costs[turn].get(rate.kind, 0.0)
+            for turn in went.chosen
+            if not rate.per_tenant or turn.tenant == tenant
         )
         # The reserve comes back when calls in flight settle, not by refill: an estimate.
         reserve = headroom.reserve(rate, tenant, costs)
         if reserve > 0:
-            reserved.add(rate.reason)
+            estimated.add(rate.reason)
         need += reserve
         tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
         waits[rate.reason] = rate.bucket.wait_ms(tat, now_ms, need)
         used = rate.bucket.burst - headroom.level(rate, tenant)
         usage[rate.reason] = (max(0, math.ceil(used - _EPSILON)), math.floor(rate.bucket.burst))
     first = headroom.first_limit()
-    reason = REASON_BACKOFF if cooling_ms > 0 else (verdict.reason or first)
-    eta = cooling_ms + max(waits.values(), default=0)
-    # A bucket's wait is exact: a waiter it holds back comes back right when its tokens are
-    # due. Lease ends, and so a reserve, are estimates: poll_min keeps those from spinning.
-    exact = reason in {rate.reason for rate in headroom.rates} - reserved and eta > 0
+    reason = REASON_BACKOFF if cooling > 0 else blocked[0] if blocked else first
+    eta = cooling + max(waits.values(), default=0)
+    # A bucket's wait is exact; lease ends, and so a reserve, are estimates (poll_min).
+    exact = reason in {rate.reason for rate in headroom.rates} - estimated and eta > 0
     in_use = usage.get(reason, usage.get(first, (0, 0)))
-    return queued_answer(
-        admission, state, now_ms, since_ms, at, in_use, reason, eta, exact, cooling_ms, uniform
+    queued = queued_answer(
+        config, state, now_ms, place.since_ms, at, in_use, reason, eta, exact, cooling, uniform
     )
+    return Assessment(queued, scheduled, dropped)

@@ -1,10 +1,7 @@
-"""Release: free everything a waiter holds or waits for at a gate (its leases, its queue
-place), and learn from how long it held them (the hold-time estimates).
+"""Release: free everything a waiter holds or waits for at a gate, and learn the hold time.
 
-At a resource gate what the grant charged the buckets stays charged, and the lease's
-margins are charged too: the call may have happened, and may have cost its worst case
-(`ledger.charge_margins`, as for a lease that expires). At the sandbox gate what was
-freed is promised to the next turns.
+At a resource gate the lease's margins are charged too (`ledger.charge_margins`): the call
+may have happened, at its worst case.
 """
 
 from __future__ import annotations
@@ -53,10 +50,8 @@ class ResourceRelease(ResourceLedger):
             observe_hold(state, lease.started_ms, now)
             charge_margins(state, self.gate, lease, now)
         ticket = None if loaded.place is None else loaded.place.queued_ticket
-        queue = state.queue_of(waiter.tenant)
-        waited = ticket is not None and queue is not None and queue.holds(ticket)
-        if waited:
-            assert ticket is not None
+        waited = ticket is not None and state.holds_ticket(waiter.tenant, ticket)
+        if ticket is not None and waited:
             drop_ticket(state, waiter.tenant, ticket)
         if lease is not None or waited:
             self.save_gate(loaded)

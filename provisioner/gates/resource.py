@@ -1,25 +1,15 @@
 """The resource operations: `acquire`, `settle`, and `release` with a `resource` key.
 
-The resource is named by the config key `resource` and must be declared by at least one
-`resource.<name>.<limit>` key. Every result is a success outcome whose action names it
-(`ResourceGranted`, `ResourceQueued`, `ResourceSettled`, `ResourceReleased`); a refusal is
-`SandboxFailed` with a typed code, like every other failure of the component (Temper
-routes a failure by `on_failure` whatever its action). Storage trouble fails closed: an
-acquire answers `ResourceQueued` with reason `storage`, nothing granted.
+A refusal is `SandboxFailed` with a typed code, like every failure of the component
+(Temper routes a failure by `on_failure` whatever its action). Storage trouble fails
+closed: an acquire answers `ResourceQueued` with reason `storage`, nothing granted.
 
-What the provider answered a settled call (`read_answer`), from Anthropic's Messages API
-(https://docs.anthropic.com/en/api/rate-limits): a 429 `rate_limit_error` carries
-`retry-after` (seconds) and the `anthropic-ratelimit-*` headers, whose `-reset` values are
-RFC 3339 times at which that limit is fully replenished (`requests`, `tokens`,
-`input-tokens`, `output-tokens`) and whose `-remaining` values say which limit ran out; a
-529 `overloaded_error` means the API as a whole is overloaded. Either pauses every
-invocation of the account (the gate's shared cooldown), the way E2B's 429s pause creates.
-
-The pause: `retry-after` when sent; else, for a 429, the latest reset among the limits
-whose remaining count is 0 (or the earliest reset still ahead when none says 0); else the
-gate's exponential backoff with full jitter (`backoff_base_ms`, `backoff_cap_ms`).
-Headers that do not parse are ignored: the call has happened, its cost must be settled
-whatever the headers say.
+A 429 or 529 from the provider pauses every invocation of the account (the gate's shared
+cooldown), the way E2B's 429s pause creates. The pause (Anthropic's rate-limit headers,
+https://docs.anthropic.com/en/api/rate-limits): `retry-after` when sent; else, for a 429,
+the latest `anthropic-ratelimit-*-reset` among the limits whose `-remaining` is 0 (or the
+earliest reset ahead when none says 0); else the gate's backoff. Headers that do not parse
+are ignored: the call has happened, and its cost must be settled whatever they say.
 """
 
 from __future__ import annotations
@@ -51,24 +41,24 @@ RESOURCE_RELEASED = "ResourceReleased"
 
 RESOURCE_OPERATIONS = ("acquire", "settle")
 _MAX_TOKENS = 1_000_000_000
-# Temper dispatches an outcome by its action name, and one action has one target state:
-# a spec that gates two resources from two states renames the answers of each trigger
-# with the config keys `granted_action`, `queued_action`, `settled_action` and
-# `released_action` (a static on_success cannot: it would also win over SandboxFailed).
+# Temper dispatches an outcome by its action name, one action to one target state: a spec
+# gating two resources from two states renames each trigger's answers (`granted_action`
+# ...; a static on_success cannot: it would also win over SandboxFailed).
 _ACTION_NAME = re.compile(r"[A-Z][A-Za-z0-9_]{0,63}")
 _LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 # A pause longer than a day is a broken header, not advice.
 _MAX_PAUSE_MS = 24 * 3600 * 1000
 
 
-def _epoch_ms(text: str) -> int | None:
+def _epoch_ms(moment: datetime) -> int | None:
+    return None if moment.tzinfo is None else int(moment.timestamp() * 1000)
+
+
+def _reset_ms(text: str) -> int | None:
     try:
-        moment = datetime.fromisoformat(text.strip())
+        return _epoch_ms(datetime.fromisoformat(text.strip()))
     except ValueError:
         return None
-    if moment.tzinfo is None:
-        return None
-    return int(moment.timestamp() * 1000)
 
 
 def _retry_after_ms(text: str, now_ms: int) -> int | None:
@@ -77,15 +67,11 @@ def _retry_after_ms(text: str, now_ms: int) -> int | None:
         seconds = float(text)
     except ValueError:
         try:
-            moment = parsedate_to_datetime(text)
+            at = _epoch_ms(parsedate_to_datetime(text))
         except (TypeError, ValueError, IndexError):
             return None
-        if moment.tzinfo is None:
-            return None
-        return max(0, int(moment.timestamp() * 1000) - now_ms)
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return int(seconds * 1000)
+        return None if at is None else max(0, at - now_ms)
+    return int(seconds * 1000) if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int | None:
@@ -101,17 +87,14 @@ def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int
     ahead: list[int] = []
     for limit in _LIMITS:
         reset = headers.get(f"anthropic-ratelimit-{limit}-reset")
-        at = None if reset is None else _epoch_ms(reset)
+        at = None if reset is None else _reset_ms(reset)
         if at is None or at <= now_ms:
             continue
         ahead.append(at - now_ms)
         if headers.get(f"anthropic-ratelimit-{limit}-remaining", "").strip() == "0":
             exhausted.append(at - now_ms)
-    if exhausted:
-        return min(max(exhausted), _MAX_PAUSE_MS)
-    if ahead:
-        return min(min(ahead), _MAX_PAUSE_MS)
-    return None
+    pause = max(exhausted) if exhausted else min(ahead, default=None)
+    return None if pause is None else min(pause, _MAX_PAUSE_MS)
 
 
 def read_answer(status: int, headers: dict[str, Any], now_ms: int) -> ProviderAnswer:
@@ -131,26 +114,25 @@ def _refuse(message: str) -> None:
     raise ProvisionerError(FailureCode.INVALID_INVOCATION, message)
 
 
-def _tokens(params: dict[str, Any], name: str) -> int | None:
-    value = params.get(name)
-    if value is None:
-        return None
+def _whole(value: Any, low: int, high: int, refusal: str) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TOKENS:
-        _refuse(f"{name} must be a whole number from 0 to {_MAX_TOKENS}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        _refuse(refusal)
     assert isinstance(value, int)
     return value
+
+
+def _tokens(params: dict[str, Any], name: str) -> int | None:
+    if params.get(name) is None:
+        return None
+    refusal = f"{name} must be a whole number from 0 to {_MAX_TOKENS}"
+    return _whole(params[name], 0, _MAX_TOKENS, refusal)
 
 
 def _status(params: dict[str, Any]) -> int:
-    value = params.get("status", 200)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
-        _refuse("trigger param status must be the provider's HTTP status (100-599)")
-    assert isinstance(value, int)
-    return value
+    refusal = "trigger param status must be the provider's HTTP status (100-599)"
+    return _whole(params.get("status", 200), 100, 599, refusal)
 
 
 def _headers(params: dict[str, Any]) -> dict[str, Any]:
@@ -175,24 +157,11 @@ def _action_name(config: dict[str, str], key: str, default: str) -> str:
     return raw
 
 
-def _estimate(request: Request, name: str) -> int:
+def _declared(request: Request, name: str) -> int | None:
     """From the trigger's params, else from the entity's state field of the same name (a
-    spec keeps its next call's estimate there), else 0."""
+    spec keeps its next call's estimate there)."""
     found = _tokens(request.trigger_params, name)
-    if found is None:
-        found = _tokens(request.entity_state, name)
-    return found or 0
-
-
-def _worst_case(request: Request, name: str, estimate: int) -> int | None:
-    """A request's declared worst case (`max_input_tokens`, `max_output_tokens`), read like
-    its estimate; None when not declared. Never below the estimate."""
-    found = _tokens(request.trigger_params, name)
-    if found is None:
-        found = _tokens(request.entity_state, name)
-    if found is not None and found < estimate:
-        _refuse(f"{name} ({found}) is below its estimate ({estimate}): a worst case bounds it")
-    return found
+    return _tokens(request.entity_state, name) if found is None else found
 
 
 def _gate(gates: dict[str, ResourceGate], raw: str | None) -> ResourceGate:
@@ -225,19 +194,25 @@ class ResourceOperations:
         self.settled_action = _action_name(request.config, "settled_action", RESOURCE_SETTLED)
         self.released_action = _action_name(request.config, "released_action", RESOURCE_RELEASED)
 
-    def _emit(self, event: str, params: dict[str, Any]) -> None:
-        body = {"event": event, "tenant": self.waiter.tenant, "entity": self.waiter.entity}
-        body.update(params)
+    def _answer(self, action: str, event: str, params: dict[str, Any]) -> Outcome:
+        body = {"resource": self.gate.name, **params}
         with contextlib.suppress(Exception):
-            self.ports.telemetry.progress(body)
+            self.ports.telemetry.progress(
+                {"event": event, "tenant": self.waiter.tenant, "entity": self.waiter.entity, **body}
+            )
+        return Outcome(action, body)
 
     def acquire(self) -> Outcome:
         estimates: dict[str, int] = {}
         worst_cases: dict[str, int] = {}
         for kind in (INPUT, OUTPUT):
-            estimates[kind] = _estimate(self.request, f"estimated_{kind}_tokens")
-            worst = _worst_case(self.request, f"max_{kind}_tokens", estimates[kind])
+            estimate = estimates[kind] = _declared(self.request, f"estimated_{kind}_tokens") or 0
+            name = f"max_{kind}_tokens"
+            worst = _declared(self.request, name)
             if worst is not None:
+                if worst < estimate:
+                    bound = "a worst case bounds it"
+                    _refuse(f"{name} ({worst}) is below its estimate ({estimate}): {bound}")
                 worst_cases[kind] = worst
         costs: Costs = request_costs(estimates, worst_cases)
         reason = too_large(self.gate, costs)
@@ -249,23 +224,18 @@ class ResourceOperations:
             with contextlib.suppress(Exception):
                 self.ports.telemetry.log(LogLevel.WARN, f"resource acquire fails closed: {error!r}")
             decision = storage_queued(self.ports, self.admission)
-        resource = {"resource": self.gate.name}
         if isinstance(decision, ResourceGrant):
             granted = {
-                **resource,
                 "lease_id": decision.lease_id,
                 "expires_at_ms": decision.expires_at_ms,
                 "queued_ms": decision.queued_ms,
                 "renewed": decision.renewed,
             }
-            self._emit("resource_granted", granted)
-            return Outcome(self.granted_action, granted)
+            return self._answer(self.granted_action, "resource_granted", granted)
         if isinstance(decision, Rejected):
-            self._emit("resource_rejected", {**resource, "code": decision.failure.code})
+            self._answer("", "resource_rejected", {"code": decision.failure.code})
             return failed(decision.failure)
-        queued = {**resource, **decision.params()}
-        self._emit("resource_queued", queued)
-        return Outcome(self.queued_action, queued)
+        return self._answer(self.queued_action, "resource_queued", decision.params())
 
     def settle(self) -> Outcome:
         params = self.request.trigger_params
@@ -273,8 +243,8 @@ class ResourceOperations:
         if lease_id is not None and (not isinstance(lease_id, str) or len(lease_id) > 64):
             _refuse("trigger param lease_id must be the lease id ResourceGranted gave")
         actual: Costs = {}
-        for kind, name in ((INPUT, "input_tokens"), (OUTPUT, "output_tokens")):
-            tokens = _tokens(params, name)
+        for kind in (INPUT, OUTPUT):
+            tokens = _tokens(params, f"{kind}_tokens")
             if tokens is not None:
                 actual[kind] = float(tokens)
         answer = read_answer(_status(params), _headers(params), self.ports.clock.now_ms())
@@ -282,7 +252,6 @@ class ResourceOperations:
             self.waiter, lease_id or None, actual, answer
         )
         body = {
-            "resource": self.gate.name,
             "lease_id": settled.lease_id,
             "held": settled.held,
             "answer": settled.answer,
@@ -290,19 +259,12 @@ class ResourceOperations:
             "charged": settled.charged,
             "cooling_ms": settled.cooling_ms,
         }
-        self._emit("resource_settled", body)
-        return Outcome(self.settled_action, body)
+        return self._answer(self.settled_action, "resource_settled", body)
 
     def release(self) -> Outcome:
         released = ResourceRelease(self.ports, self.admission, self.gate).decide(self.waiter)
-        body = {
-            "resource": self.gate.name,
-            "released": released.held,
-            "lease_id": released.lease_id,
-            "waited": released.waited,
-        }
-        self._emit("resource_released", body)
-        return Outcome(self.released_action, body)
+        body = {"released": released.held, "lease_id": released.lease_id, "waited": released.waited}
+        return self._answer(self.released_action, "resource_released", body)
 
 
 def dispatch_resource(request: Request, ports: Ports) -> Outcome:

@@ -1,5 +1,4 @@
-"""What a gate answers (a sandbox gate's grant, a resource gate's permit, settle and
-release; a waiting answer is `Queued` for both), and what a granted create came back with."""
+"""What a gate answers (a waiting answer is `Queued` at both), and what a create returned."""
 
 from __future__ import annotations
 
@@ -19,16 +18,12 @@ REASON_TENANT_CONCURRENCY = "tenant_concurrency"
 
 @dataclass(frozen=True, slots=True)
 class Waiter:
-    """One entity asking for a sandbox; `entity` is unique within its tenant."""
-
     tenant: str
     entity: str
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """Permission to send ONE create request now; settle it with its outcome."""
-
     lease_id: str
     attempt: int
     queued_ms: int
@@ -53,21 +48,16 @@ class Queued:
     claim_by_ms: int = 0
 
     def params(self) -> dict[str, object]:
-        """The SandboxQueued outcome params: every field."""
         return fields_of(self)
 
     def expected_back_ms(self, now_ms: int) -> int:
-        """How long until the waiter is expected to ask again: at `retry_at_ms` when a host
-        wakes it there (later than poll_max allows `retry_after_ms` to say)."""
+        """A host may wake the waiter at `retry_at_ms`, later than poll_max allows."""
         return max(self.retry_after_ms, self.retry_at_ms - now_ms)
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
     failure: Failure
-
-
-Decision = Grant | Queued | Rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,15 +68,11 @@ class Created:
 
 @dataclass(frozen=True, slots=True)
 class RateLimited:
-    """A 429 from the route rate limiter; `retry_after_ms` from its headers when sent."""
-
     retry_after_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class CapacityExhausted:
-    """The account's concurrent-sandbox cap: someone else shares the account."""
-
     reported_limit: int | None = None
 
 
@@ -99,8 +85,6 @@ class Unavailable:
 
 @dataclass(frozen=True, slots=True)
 class CreateFailed:
-    """A non-retryable answer (401, 400, ...)."""
-
     failure: Failure
 
 
@@ -109,8 +93,7 @@ CreateResult = Created | RateLimited | CapacityExhausted | Unavailable | CreateF
 
 @dataclass(frozen=True, slots=True)
 class ResourceGrant:
-    """A permit: make the call now, then settle it (or release it unused).
-    `renewed`: the entity already held it, and asking again extended its lease."""
+    """`renewed`: the entity already held it, and asking again extended its lease."""
 
     lease_id: str
     expires_at_ms: int
@@ -120,9 +103,8 @@ class ResourceGrant:
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    """`held`: the lease was still held (else its cost was charged in full, since what the
-    grant charged had expired with it). `charged`: tokens charged by this settle per cost
-    kind (negative: given back). `cooling_ms`: the shared cooldown now in force."""
+    """`held`: the lease was still held (else the actual was charged in full). `charged`:
+    tokens charged per cost kind (negative: given back)."""
 
     lease_id: str | None
     held: bool
@@ -138,28 +120,21 @@ class Released:
     waited: bool
 
 
-# What the provider answered a gated call (`resource.read_answer`).
-SUCCESS = "success"
-RATE_LIMITED = "rate_limited"
-OVERLOADED = "overloaded"
-FAILED = "failed"
-
-
 @dataclass(frozen=True, slots=True)
 class ProviderAnswer:
+    """What the provider answered a gated call (`resource.read_answer`)."""
+
     status: int
     pause_ms: int | None = None
 
     @property
     def kind(self) -> str:
         if 200 <= self.status < 300:
-            return SUCCESS
+            return "success"
         if self.status == 429:
-            return RATE_LIMITED
-        if self.status == 529 or 500 <= self.status < 600:
-            return OVERLOADED
-        return FAILED
+            return "rate_limited"
+        return "overloaded" if 500 <= self.status < 600 else "failed"
 
     @property
     def backs_off(self) -> bool:
-        return self.kind in (RATE_LIMITED, OVERLOADED)
+        return self.kind in ("rate_limited", "overloaded")

@@ -1,21 +1,10 @@
-"""Settle: the call a permit was granted for is over (a create at the sandbox gate, a
-provider call at a resource gate). Record what came back and free the permit.
+"""Settle: the call a permit was granted for is over; record what came back, free the
+permit.
 
-The sandbox gate: Created -> the waiter holds a capacity lease for the sandbox's timeout.
-RateLimited and Unavailable: a shared cooldown, and the waiter waits among the retries
-(ahead of every fresh ticket) until `max_create_attempts`; after Unavailable (a timeout or
-5xx: E2B may have made the sandbox) the create stays counted as unsettled until the retry
-adopts its sandbox. CapacityExhausted: the effective capacity shrinks to what was
-observed. CreateFailed: the waiter is rejected with E2B's failure. An answer that comes
-after its create lease expired settles the unsettled create the expiry left.
-
-A resource gate: each bucket the grant charged is corrected with the actual cost
-(`bucket.settle_charge`: what the estimate missed goes into debt at once; what it
-overcharged comes back only as far as the bucket would really have held it). A settle
-that arrives after its lease expired no longer knows what the grant charged, so it
-charges the actual input and output tokens in full: it errs towards waiting, never
-towards a 429. A 429 or 529 sets the gate's shared cooldown for every invocation of the
-account (`gates.policies`, the same as E2B's 429s).
+After a timeout or 5xx (Unavailable) E2B may have made the sandbox, so the create stays
+counted as unsettled until a retry adopts it. At a resource gate a settle that comes after
+its lease expired no longer knows what the grant charged, so it charges the actual in full:
+it errs towards waiting, never towards a 429.
 """
 
 from __future__ import annotations
@@ -79,12 +68,9 @@ class SandboxSettlement(SandboxLedger):
         lease = drop_create_lease(state, grant.lease_id)
         # Answered after its lease expired: the unsettled create it left is settled now.
         late = None if lease is not None else drop_unsettled(state, grant.lease_id)
-        if isinstance(result, Unavailable):
-            # No answer from E2B: the sandbox may exist, so it stays counted.
-            if lease is not None:
-                state.unsettled.append(unsettled_from(lease))
-            elif late is not None:
-                state.unsettled.append(late)
+        unsettled = late if lease is None else unsettled_from(lease)
+        if isinstance(result, Unavailable) and unsettled is not None:
+            state.unsettled.append(unsettled)
         if lease is not None:
             observed = max(0, now - lease.started_ms)
             state.latency_ms = (
@@ -94,7 +80,7 @@ class SandboxSettlement(SandboxLedger):
             self._created(waiter, grant, result, loaded, since)
             return None
         if isinstance(result, CreateFailed):
-            self._drop(waiter, loaded)
+            self.forget(waiter, self._leave(waiter, loaded))
             return Rejected(result.failure)
         if lease is None and stored is not None and stored.stage is not Stage.CREATING:
             # Settled already (or the waiter moved on): report where it stands now.
@@ -113,7 +99,7 @@ class SandboxSettlement(SandboxLedger):
             record_failure(state, config, now, retry_after, self.ports.uniform())
         attempt = grant.attempt + 1
         if attempt > config.max_create_attempts:
-            self._drop(waiter, loaded)
+            self.forget(waiter, self._leave(waiter, loaded))
             return exhausted(grant.attempt)
         state.add_retry(waiter.tenant, waiter.entity)
         place = Place(Stage.RETRYING, since, attempt)
@@ -136,36 +122,22 @@ class SandboxSettlement(SandboxLedger):
         if any(s.lease_id == grant.lease_id for s in state.sandbox_leases):
             return  # settled already
         # Held even when the create lease had expired: the sandbox exists, so it counts.
-        # (A create lease outlives any invocation, so only a dead holder loses one.)
         timeout_ms = max(1, result.sandbox_timeout_ms)
-        hold_sandbox(
-            state,
-            grant.lease_id,
-            waiter.tenant,
-            waiter.entity,
-            result.sandbox_id,
-            now,
-            timeout_ms,
-        )
-        # A late answer for a waiter that had been queued again must not leave it queued.
-        ticket = leave_queue(state, waiter, loaded.place)
+        tenant, entity, lease_id = waiter.tenant, waiter.entity, grant.lease_id
+        hold_sandbox(state, lease_id, tenant, entity, result.sandbox_id, now, timeout_ms)
         record_success(state)
         note_created(state, config)
-        # Its create slot is free again: promised to the next turn.
-        self.promise(loaded)
-        self.save_gate(loaded)
-        self.forget_ticket(waiter, ticket)
+        # A late answer for a waiter that had been queued again must not leave it queued.
+        self.forget_ticket(waiter, self._leave(waiter, loaded))
         holding = Place(Stage.HOLDING, since, grant.attempt, lease_id=grant.lease_id)
         self.write_place(waiter, loaded, holding, timeout_ms + config.waiter_ttl_ms)
 
-    def _drop(self, waiter: Waiter, loaded: SandboxLoaded) -> None:
-        """The waiter is done waiting (rejected): out of the queue, its keys gone."""
+    def _leave(self, waiter: Waiter, loaded: SandboxLoaded) -> int | None:
+        """Out of the queue, the create slot it held promised on; returns its ticket."""
         ticket = leave_queue(loaded.state, waiter, loaded.place)
-        # The create slot it held is free again: promised to the next turn, as after a
-        # create that succeeded.
         self.promise(loaded)
         self.save_gate(loaded)
-        self.forget(waiter, ticket)
+        return ticket
 
 
 class ResourceSettlement(ResourceLedger):
@@ -181,12 +153,9 @@ class ResourceSettlement(ResourceLedger):
     ) -> Settled:
         loaded = self.load(waiter)
         state, now = loaded.state, loaded.now_ms
-        lease = (
-            state.lease(lease_id)
-            if lease_id is not None
-            else state.lease_of(waiter.tenant, waiter.entity)
-        )
-        if lease is not None and (lease.tenant, lease.entity) != (waiter.tenant, waiter.entity):
+        mine = (waiter.tenant, waiter.entity)
+        lease = state.lease_of(*mine) if lease_id is None else state.lease(lease_id)
+        if lease is not None and (lease.tenant, lease.entity) != mine:
             lease = None  # another entity's lease: not this waiter's to settle
         charged: dict[str, float] = {}
         if lease is not None:
