@@ -237,8 +237,6 @@ def observe_hold(state: GateDocument, started_ms: int, now_ms: int) -> None:
     state.hold_ms = observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
 
 
-# The sandbox gate.
-
 # Bounds a create whose caller named no timeout, and those of documents before version 2.
 DEFAULT_SANDBOX_TIMEOUT_MS = SandboxSettings.sandbox_timeout_s * 1000
 
@@ -363,8 +361,6 @@ class GateState(GateDocument):
         held: list[Owned] = [*self.create_leases, *self.sandbox_leases, *self.possible_sandboxes()]
         return dict(Counter(lease.tenant for lease in held))
 
-
-# A resource gate.
 
 # The cost kinds a request has: one request, its input tokens, its output tokens.
 REQUESTS = "requests"

@@ -78,15 +78,13 @@ class GateLedger(ABC, Generic[Document]):
         return waiter_key(waiter.tenant, waiter.entity, self.prefix)
 
     def load(self, waiter: Waiter) -> LoadedDocument[Document]:
-        place = self.ports.storage.get(ACCOUNT, self.place_key(waiter))
+        stored = self.ports.storage.get(ACCOUNT, self.place_key(waiter))
         state, version = _read(self.ports, gate_key(self.prefix), self.document)
         now = self.ports.clock.now_ms()
         moved = self.catch_up(state, now)
-        if place is None:
-            return LoadedDocument(now, state, version, None, None, moved)
-        return LoadedDocument(
-            now, state, version, Place.from_bytes(place.value), place.version, moved
-        )
+        place = None if stored is None else Place.from_bytes(stored.value)
+        place_version = None if stored is None else stored.version
+        return LoadedDocument(now, state, version, place, place_version, moved)
 
     def save_gate(self, loaded: LoadedDocument[Document]) -> None:
         loaded.gate_version = self.ports.storage.compare_and_swap(
@@ -97,9 +95,8 @@ class GateLedger(ABC, Generic[Document]):
         self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place, ttl_ms: int
     ) -> None:
         """Write the place only if nobody moved it since the load (StorageConflict if so)."""
-        key = self.place_key(waiter)
         self.ports.storage.compare_and_swap(
-            ACCOUNT, key, loaded.place_version, place.to_bytes(), ttl_ms
+            ACCOUNT, self.place_key(waiter), loaded.place_version, place.to_bytes(), ttl_ms
         )
 
     def write_place(
@@ -116,14 +113,6 @@ class GateLedger(ABC, Generic[Document]):
             except StorageConflict:
                 entry = self.ports.storage.get(ACCOUNT, key)
                 version = None if entry is None else entry.version
-
-    def time_out(
-        self, waiter: Waiter, loaded: LoadedDocument[Document], ticket: int | None, why: str
-    ) -> Rejected:
-        """Save the gate the waiter was taken out of, forget it, refuse it (retryable)."""
-        self.save_gate(loaded)
-        self.forget(waiter, ticket)
-        return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
     def wait_on(
         self,
@@ -179,9 +168,8 @@ Answer = TypeVar("Answer")
 
 
 class Asking(GateLedger[Document], Generic[Document, Answer]):
-    """A waiter asks for a permit (`admit`, `acquire`): load, `locate` the waiter (its
-    stored place checked against the gate), refuse it once it has waited too long, else
-    `judge` whether its turn has come."""
+    """A waiter asks for a permit (`admit`, `acquire`): `locate` it (its stored place
+    checked against the gate), refuse it once it has waited too long, else `judge` it."""
 
     def ask(self, waiter: Waiter) -> Answer | Queued | Rejected:
         loaded = self.load(waiter)
@@ -192,10 +180,13 @@ class Asking(GateLedger[Document], Generic[Document, Answer]):
                 self.forget(waiter, None)
             return located
         why = self.timed_out(loaded, located)
-        if why is not None:
-            self.unplace(loaded.state, waiter, located)
-            return self.time_out(waiter, loaded, located.ticket, why)
-        return self.judge(waiter, loaded, located)
+        if why is None:
+            return self.judge(waiter, loaded, located)
+        # Waited too long: out of the queue, and refused (asking again queues it afresh).
+        self.unplace(loaded.state, waiter, located)
+        self.save_gate(loaded)
+        self.forget(waiter, located.ticket)
+        return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
     @abstractmethod
     def locate(
@@ -215,8 +206,6 @@ class Asking(GateLedger[Document], Generic[Document, Answer]):
         self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
     ) -> Answer | Queued | Rejected: ...
 
-
-# The sandbox gate.
 
 SandboxLoaded = LoadedDocument[GateState]
 
@@ -268,8 +257,6 @@ class SandboxLedger(GateLedger[GateState]):
     def catch_up(self, state: GateState, now_ms: int) -> bool:
         return sandbox_catch_up(state, self.config, now_ms)
 
-
-# A resource gate.
 
 ResourceLoaded = LoadedDocument[ResourceState]
 

@@ -159,9 +159,6 @@ def note_created(state: GateState, config: AdmissionConfig) -> None:
             state.capacity = None
 
 
-# Waiting estimates.
-
-
 def latency_ms(state: GateState, config: AdmissionConfig) -> int:
     return state.latency_ms if state.latency_ms is not None else config.create_latency_ms
 

@@ -85,17 +85,13 @@ def fresh_position(state: GateDocument, tenant: str, ticket: int, eligible: Elig
     own = state.queue_of(tenant)
     if own is None or not own.holds(ticket):
         return 0
-    index = own.index_of(ticket)
-    position = index + 1
-    before = True
-    for queue in state.ring:
-        if queue is own:
-            before = False
-            continue
-        if not eligible(queue.tenant):
-            continue
-        position += min(queue.length(), index + 1 if before else index)
-    return position
+    index, ahead = own.index_of(ticket), state.ring.index(own)
+    # A tenant ahead of this one in the ring is served once more in this ticket's round.
+    return (index + 1) + sum(
+        min(queue.length(), index + 1 if n < ahead else index)
+        for n, queue in enumerate(state.ring)
+        if queue is not own and eligible(queue.tenant)
+    )
 
 
 def reservation_of(
@@ -159,9 +155,6 @@ def live_reservations(state: GateDocument) -> list[Reservation]:
         if (r.tenant, r.entity) in retrying
         or (r.ticket is not None and state.holds_ticket(r.tenant, r.ticket))
     ]
-
-
-# When a waiter should ask again: the same for every gate.
 
 
 def retry_at_wait_ms(
