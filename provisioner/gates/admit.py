@@ -30,12 +30,15 @@ from provisioner.gates.document import (
     INPUT,
     OUTPUT,
     Costs,
+    GateDocument,
     GateState,
     Reservation,
     ResourceLease,
     ResourceState,
     encode_ticket,
     margin_of,
+    ticket_key,
+    waiter_key,
 )
 from provisioner.gates.ledger import (
     ACCOUNT,
@@ -52,7 +55,6 @@ from provisioner.gates.ledger import (
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import earn_retry, rate_limits, slots_in_use, spend_retry, take_rate
 from provisioner.gates.queue import (
-    QueueHolder,
     drop_ticket,
     enqueue,
     remove_ticket,
@@ -91,7 +93,7 @@ def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | 
     return ticket
 
 
-def queued_place(state: QueueHolder, tenant: str, stored: Place | None, now_ms: int) -> Place:
+def queued_place(state: GateDocument, tenant: str, stored: Place | None, now_ms: int) -> Place:
     """The stored place while its ticket is live; else a new ticket (its old one was skipped
     as dead), keeping when the waiter first asked so that dying cannot dodge the timeout."""
     ticket = None if stored is None else stored.queued_ticket
@@ -289,7 +291,7 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
                 continue
             if turn.is_retry:
                 assert turn.entity is not None
-                entry = storage.get(ACCOUNT, self.waiter_key(turn.tenant, turn.entity))
+                entry = storage.get(ACCOUNT, waiter_key(turn.tenant, turn.entity, self.prefix))
                 place = None if entry is None else Place.from_bytes(entry.value)
                 if not (
                     place is not None
@@ -300,7 +302,7 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
                     skipped = True
             else:
                 assert turn.ticket is not None
-                if storage.get(ACCOUNT, self.ticket_key(turn.tenant, turn.ticket)) is None:
+                if storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket, self.prefix)) is None:
                     skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
         return skipped
 

@@ -19,7 +19,7 @@ from typing import Protocol
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
 from provisioner.gates.document import (
     Costs,
-    FairQueueState,
+    GateDocument,
     GateState,
     ResourceState,
     RetryEntry,
@@ -46,7 +46,6 @@ from provisioner.gates.policies import (
 )
 from provisioner.gates.queue import (
     Eligible,
-    QueueHolder,
     ask_again_ms,
     can_remove,
     drop_ticket,
@@ -135,7 +134,7 @@ def walk(turns: Iterable[Turn], headroom: Headroom, until: Turn | None = None) -
 
 def queued_answer(
     config: AdmissionConfig,
-    state: FairQueueState,
+    state: GateDocument,
     now_ms: int,
     since_ms: int,
     at: int,
@@ -280,7 +279,7 @@ class Assessment:
         return self.queued is None
 
 
-def removable(state: QueueHolder, tenant: str, place: Place) -> bool:
+def removable(state: GateDocument, tenant: str, place: Place) -> bool:
     if place.stage is Stage.RETRYING or place.ticket is None:
         return True
     queue = state.queue_of(tenant)

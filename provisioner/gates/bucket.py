@@ -1,8 +1,5 @@
 """GCRA with a variable cost settled after the call: one clock per bucket (`tat_ms`, when
-it would be full again). A settle charges what the estimate missed at once (debt) and
-refunds an overcharge only as far as the bucket would really have held it (`slack_ms`), so
-the bucket after a settle is never less conservative than one charged the actual at the
-grant. docs/gates.md gives the bound this buys."""
+it would be full again). docs/gates.md says why the bound holds."""
 
 from __future__ import annotations
 
@@ -14,8 +11,6 @@ _EPSILON = 1e-9
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    """A bucket's parameters: `interval_ms` per token, up to `burst` tokens banked."""
-
     interval_ms: float
     burst: float
 
@@ -28,26 +23,23 @@ class Bucket:
         return 60_000.0 / self.interval_ms
 
     def level(self, tat_ms: float, now_ms: int) -> float:
-        """Tokens available now (negative: in debt)."""
+        # Negative: in debt.
         return self.burst - max(0.0, tat_ms - now_ms) / self.interval_ms
 
     def fits(self, tat_ms: float, now_ms: int, cost: float) -> bool:
         return self.level(tat_ms, now_ms) + _EPSILON >= cost
 
     def charge(self, tat_ms: float, now_ms: int, cost: float) -> float:
-        """The new `tat_ms` after charging `cost` tokens now (also the debt of a settle)."""
         return max(tat_ms, float(now_ms)) + cost * self.interval_ms
 
     def wait_ms(self, tat_ms: float, now_ms: int, cost: float) -> int:
-        """How long until `cost` tokens fit (0: now)."""
         missing = cost - self.level(tat_ms, now_ms)
         return 0 if missing <= _EPSILON else math.ceil(missing * self.interval_ms)
 
 
 @dataclass(slots=True)
 class Charge:
-    """What one grant charged one bucket: `tokens` (the estimate, or 1 for a request) and
-    the least headroom the bucket has had since (`slack_ms`)."""
+    """What one grant charged one bucket, and the least headroom it has had since."""
 
     bucket: str
     tokens: float
@@ -55,8 +47,7 @@ class Charge:
 
 
 def note_change(charges: list[Charge], bucket: str, tat_ms: float, now_ms: int) -> None:
-    """Call before changing `bucket`: every open charge on it learns the headroom the
-    bucket had until now."""
+    """Call before changing `bucket`: its open charges learn the headroom it had."""
     headroom = tat_ms - now_ms
     for charge in charges:
         if charge.bucket == bucket and headroom < charge.slack_ms:
@@ -66,8 +57,9 @@ def note_change(charges: list[Charge], bucket: str, tat_ms: float, now_ms: int) 
 def settle_charge(
     bucket: Bucket, tat_ms: float, now_ms: int, charge: Charge, actual: float
 ) -> float:
-    """The new `tat_ms` once the charge's actual cost is known (the charge itself must
-    already be out of the open charges `note_change` sees)."""
+    """The new `tat_ms` once the charge's actual cost is known: what the estimate missed is
+    charged at once, an overcharge refunded only as far as the bucket would have held it
+    (the charge must be out of the open charges `note_change` sees)."""
     if actual > charge.tokens:
         return bucket.charge(tat_ms, now_ms, actual - charge.tokens)
     overcharge_ms = (charge.tokens - actual) * bucket.interval_ms

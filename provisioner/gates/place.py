@@ -1,12 +1,5 @@
-"""Where a waiter stands: one enum, one dataclass, one stored encoding.
-
-A waiter's `Place` is stored under its own key (`state.waiter_key`). The gate document
-decides every limit, so the place is checked against it (`admit.locate`): a place whose gate
-entry is gone (a ticket skipped as dead, a retry dropped, a create lease expired) is moved
-to where that waiter now belongs. `attempt` lives here and nowhere else: the number of the
-create this waiter is making (CREATING) or will make next (every other stage), 1 for the
-first.
-"""
+"""Where a waiter stands, stored under its own key (`document.waiter_key`) and checked
+against the gate document, which decides every limit (`admit.locate`)."""
 
 from __future__ import annotations
 
@@ -16,8 +9,6 @@ from enum import Enum
 
 
 class Stage(Enum):
-    """The stage a waiter is at; the value is its stored letter."""
-
     QUEUED = "q"  # holds a fresh ticket in its tenant's queue
     RETRYING = "r"  # among the retries, ahead of every fresh ticket
     CREATING = "c"  # its create is in flight under a create lease
@@ -29,11 +20,10 @@ _STAGES = {stage.value: stage for stage in Stage}
 
 @dataclass(frozen=True, slots=True)
 class Place:
-    """A waiter's place. `since_ms` is when it first asked: it outlives a waiter that stops
-    polling by the queue timeout (the key's TTL), so dying and returning cannot dodge the
-    queue timeout. `ticket` is set for QUEUED, `lease_id` for CREATING and HOLDING;
-    `alive_until_ms` is when a QUEUED or RETRYING waiter counts as gone if it has not asked
-    again (0 for the other stages)."""
+    """`since_ms`, when it first asked, outlives a waiter that stops polling by the queue
+    timeout, so dying and returning cannot dodge it. `attempt` is the number of the create
+    it makes (CREATING) or will make next. `ticket` is set for QUEUED, `lease_id` for
+    CREATING and HOLDING; a QUEUED or RETRYING waiter counts as gone from `alive_until_ms`."""
 
     stage: Stage
     since_ms: int

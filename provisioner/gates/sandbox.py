@@ -1,17 +1,5 @@
-"""What only the sandbox gate keeps: its leases, and the promises of its free permits.
-
-Leases: every permit has an id and an expiry, and a dead holder's permit comes back (a
-create whose holder died stays counted as unsettled: `prune_expired`).
-
-Promises (`promise`): any decision that leaves a permit free for turns other than the
-caller's (a grant that left slots, a settled create, a release, a queued answer) promises
-it to the turns the schedule gives it to (`blocking.schedule`): those that may go now, and
-the one the next rate token falls to. Tokens further off are not promised yet, so a
-tenant that starts waiting meanwhile still gets its round-robin turn among them.
-
-A new promise to a waiter that is not the caller comes back as a `WakeUp`: that waiter
-learns of it only when it is invoked next, so the host that runs this decision may wake it
-(`serve`'s push wake-ups) instead of letting the permit wait for its timer.
+"""What only the sandbox gate keeps: its leases (a dead holder's permit comes back), and
+the promises of its free permits (`promise`).
 """
 
 from __future__ import annotations
@@ -34,25 +22,13 @@ from provisioner.gates.queue import reservation_of, reserve
 from provisioner.ports import Ports, Scope
 
 
-def prune_expired(state: GateState, now_ms: int) -> bool:
-    """Drop leases whose expiry has passed; True when anything changed. An expired create
-    lease gives its slot back but stays as an unsettled create: its holder died before
-    hearing E2B's answer, so the sandbox may exist."""
-    creates = [c for c in state.create_leases if c.expires_ms > now_ms]
-    for lease in state.create_leases:
-        if lease.expires_ms <= now_ms:
-            state.unsettled.append(unsettled_from(lease))
-    unsettled = [u for u in state.unsettled if u.until_ms > now_ms]
-    sandboxes = [s for s in state.sandbox_leases if s.expires_ms > now_ms]
-    changed = (
-        len(creates) != len(state.create_leases)
-        or len(sandboxes) != len(state.sandbox_leases)
-        or len(unsettled) != len(state.unsettled)
-    )
-    state.create_leases = creates
-    state.sandbox_leases = sandboxes
-    state.unsettled = unsettled
-    return changed
+def prune_expired(state: GateState, now_ms: int) -> None:
+    """Drop expired leases. An expired create lease gives its slot back but stays as an
+    unsettled create: its holder died before hearing E2B's answer, so the sandbox may exist."""
+    state.unsettled += [unsettled_from(c) for c in state.create_leases if c.expires_ms <= now_ms]
+    state.create_leases = [c for c in state.create_leases if c.expires_ms > now_ms]
+    state.sandbox_leases = [s for s in state.sandbox_leases if s.expires_ms > now_ms]
+    state.unsettled = [u for u in state.unsettled if u.until_ms > now_ms]
 
 
 def unsettled_from(lease: CreateLease) -> UnsettledCreate:
@@ -84,7 +60,6 @@ def drop_create_lease(state: GateState, lease_id: str) -> CreateLease | None:
 
 
 def drop_unsettled(state: GateState, lease_id: str) -> UnsettledCreate | None:
-    """Settle one unsettled create: its own answer came, late."""
     for index, unsettled in enumerate(state.unsettled):
         if unsettled.lease_id == lease_id:
             return state.unsettled.pop(index)
@@ -92,8 +67,7 @@ def drop_unsettled(state: GateState, lease_id: str) -> UnsettledCreate | None:
 
 
 def drop_leases_of(state: GateState, tenant: str, entity: str) -> int:
-    """Drop every lease the entity holds, and its unsettled creates; returns how many
-    counted against a limit."""
+    """Drop the entity's leases and unsettled creates; returns how many counted."""
     counted = state.tenant_in_use(tenant)
     state.create_leases = not_owned_by(state.create_leases, tenant, entity)
     state.sandbox_leases = not_owned_by(state.sandbox_leases, tenant, entity)
@@ -102,7 +76,6 @@ def drop_leases_of(state: GateState, tenant: str, entity: str) -> int:
 
 
 def sandbox_lease_of(state: GateState, tenant: str, entity: str) -> SandboxLease | None:
-    """The entity's capacity lease (`hold_sandbox` keeps at most one per entity)."""
     return owned_by(state.sandbox_leases, tenant, entity)
 
 
@@ -115,9 +88,8 @@ def hold_sandbox(
     now_ms: int,
     ttl_ms: int,
 ) -> None:
-    """Hold one capacity lease per entity: a re-create replaces the entity's old lease, and
-    its unsettled creates (the same idempotency key: this is the sandbox they may have
-    made)."""
+    """One capacity lease per entity: it replaces the entity's old lease and unsettled
+    creates (the same idempotency key: this is the sandbox they may have made)."""
     state.sandbox_leases = not_owned_by(state.sandbox_leases, tenant, entity)
     state.unsettled = not_owned_by(state.unsettled, tenant, entity)
     state.sandbox_leases.append(
@@ -127,7 +99,8 @@ def hold_sandbox(
 
 @dataclass(frozen=True, slots=True)
 class WakeUp:
-    """Wake `entity` of `tenant` at `at_ms`: a permit is promised to it (`reservation`)."""
+    """A permit is promised to `entity` (`reservation`): the host may wake it at `at_ms`
+    instead of letting the permit wait for its timer."""
 
     tenant: str
     entity: str
@@ -144,9 +117,11 @@ def promise(
     scheduled: list[Scheduled] | None = None,
     caller: Turn | None = None,
 ) -> tuple[bool, list[WakeUp]]:
-    """Reserve the permits free for scheduled turns (the schedule of `state` now unless
-    given); returns whether the document changed, and the waiters other than `caller`
-    newly promised a permit."""
+    """Promise the free permits to the turns the schedule (`blocking.schedule`, of now unless
+    given) lets go now and to the one the next rate token falls to: tokens further off
+    stay unpromised, so a tenant that starts waiting still gets its round-robin turn.
+    Returns whether the document changed, and the waiters other than `caller` newly
+    promised a permit."""
     if scheduled is None:
         permits = Permits.of(state, config, now_ms)
         scheduled = schedule(state, config, now_ms, permits, eligibility(state, config))
@@ -175,8 +150,7 @@ def promise(
 
 
 def _ticket_entity(ports: Ports, turn: Turn) -> str | None:
-    """The entity a fresh ticket belongs to, from its liveness key (None: it has expired,
-    and its waiter will be skipped as dead)."""
+    """From the ticket's liveness key (None: expired, its waiter is skipped as dead)."""
     assert turn.ticket is not None
     entry = ports.storage.get(Scope.ACCOUNT, ticket_key(turn.tenant, turn.ticket))
     return None if entry is None else entry.value.decode()
