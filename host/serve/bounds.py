@@ -20,6 +20,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import h11
@@ -34,19 +35,17 @@ BODY_TIMEOUT_S = 10.0
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
+def _ignore_refusal(_scope: Scope, _code: str) -> None:
+    return None
+
+
+@dataclass
 class BodyBounds:
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        max_bytes: int = MAX_CONTEXT_BYTES,
-        body_timeout_s: float = BODY_TIMEOUT_S,
-        on_refusal: Callable[[Scope, str], None] | None = None,
-    ) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.body_timeout_s = body_timeout_s
-        self.on_refusal = on_refusal or (lambda _scope, _code: None)
+    app: ASGIApp
+    _: KW_ONLY
+    max_bytes: int = MAX_CONTEXT_BYTES
+    body_timeout_s: float = BODY_TIMEOUT_S
+    on_refusal: Callable[[Scope, str], None] = _ignore_refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
@@ -169,23 +168,16 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
+@dataclass(kw_only=True)
 class RefusalLimiter:
     """Refusals per remote address: `burst` at once, then one per `interval_s` (GCRA: one
     number per address, the time its bucket is full again)."""
 
-    def __init__(
-        self,
-        *,
-        burst: int = 20,
-        interval_s: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        max_addresses: int = 10_000,
-    ) -> None:
-        self.burst = burst
-        self.interval_s = interval_s
-        self.clock = clock
-        self.max_addresses = max_addresses
-        self._full_at: dict[str, float] = {}
+    burst: int = 20
+    interval_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    max_addresses: int = 10_000
+    _full_at: dict[str, float] = field(default_factory=dict, init=False)
 
     def refuse(self, address: str) -> int | None:
         """Counts one refusal for `address`: None when it is within the bucket (answer the

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import KW_ONLY, asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -140,18 +140,13 @@ def new_wakeup(
     return Wakeup(tenant, entity_type, entity_id, at_ms, reservation, key)
 
 
+@dataclass
 class WakeupStore:
     """Wake-up documents and the index of their due times, in one storage namespace."""
 
-    def __init__(
-        self,
-        storage: StorageBackend,
-        namespace: str = WAKEUP_NAMESPACE,
-        max_pending: int = MAX_PENDING,
-    ) -> None:
-        self.storage = storage
-        self.namespace = namespace
-        self.max_pending = max_pending
+    storage: StorageBackend
+    namespace: str = WAKEUP_NAMESPACE
+    max_pending: int = MAX_PENDING
 
     def now_ms(self) -> int:
         return self.storage.now_ms()
@@ -295,26 +290,22 @@ def retry_after_s(response: httpx.Response) -> float:
     return float(text) if text.isdigit() else 1.0
 
 
+def _ignore_result(_result: str) -> None:
+    return None
+
+
+@dataclass
 class WakeupSender:
     """Sends the due wake-ups of a store (any process's) to Temper."""
 
-    def __init__(
-        self,
-        store: WakeupStore,
-        target: WakeTarget,
-        *,
-        claimer: str,
-        observe: Callable[[str], None] = lambda result: None,
-        lease_ms: int = CLAIM_LEASE_MS,
-        timeout_s: float = SEND_TIMEOUT_S,
-    ) -> None:
-        self.store = store
-        self.target = target
-        self.claimer = claimer
-        self.observe = observe
-        self.lease_ms = lease_ms
-        self.timeout_s = timeout_s
-        self.kick = asyncio.Event()
+    store: WakeupStore
+    target: WakeTarget
+    _: KW_ONLY
+    claimer: str
+    observe: Callable[[str], None] = _ignore_result
+    lease_ms: int = CLAIM_LEASE_MS
+    timeout_s: float = SEND_TIMEOUT_S
+    kick: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     async def send_due(self, client: httpx.AsyncClient) -> list[str]:
         """One pass: claim and send every due wake-up; the results, one per sent."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,7 +19,7 @@ from tests.host.serve.load import (
     status_json,
     status_table,
 )
-from tests.host.serve.serve_process import ServeProcess, serving_a_mock
+from tests.host.serve.serve_process import ServeProcess, ServingAMock
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
@@ -49,18 +48,15 @@ def gauges(serve: ServeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]],
 
 
 def test_status_and_metrics_show_ten_waiters_while_queued_and_nothing_once_drained(
-    tmp_path: Path, component_cache_dir: Path
+    serving_mock: ServingAMock,
 ) -> None:
     with (
         # Poll only: each waiter's queued answer comes back at once (a held answer would
         # ask the component again meanwhile, and count those answers too).
-        serving_a_mock(
-            tmp_path,
-            component_cache_dir,
-            workers=4,
-            extra=["--hold-ms", "0"],
-            create_latency_ms=HOLD_MS,
-        ) as (mock, serve),
+        serving_mock(workers=4, extra=["--hold-ms", "0"], create_latency_ms=HOLD_MS) as (
+            mock,
+            serve,
+        ),
         serve.client() as http,
     ):
         storage = serve.storage

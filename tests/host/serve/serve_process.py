@@ -11,9 +11,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -179,3 +179,12 @@ def serving_a_mock(
         ) as serve,
     ):
         yield mock, serve
+
+
+class ServingAMock(Protocol):
+    """`serving_a_mock` bound to a test's `tmp_path` and the session's compile cache (the
+    `serving_mock` fixture)."""
+
+    def __call__(
+        self, *, workers: int = ..., extra: list[str] | None = ..., **mock_config: Any
+    ) -> AbstractContextManager[tuple[MockE2BServer, ServeProcess]]: ...

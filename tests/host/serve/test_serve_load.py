@@ -10,13 +10,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from harness.mocks.e2b import MockE2BServer
 from tests.host.serve.load import LoadRecord, run_jobs, status_json
-from tests.host.serve.serve_process import ServeProcess, invocation_events, serving_a_mock
+from tests.host.serve.serve_process import ServeProcess, ServingAMock, invocation_events
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
@@ -57,12 +56,10 @@ class LoadRun:
 
 
 @contextmanager
-def load_run(tmp_path: Path, cache_dir: Path, *, create_latency_ms: int) -> Iterator[LoadRun]:
+def load_run(serving_mock: ServingAMock, *, create_latency_ms: int) -> Iterator[LoadRun]:
     """A mock E2B whose creates take `create_latency_ms`, behind a `serve` that tells a
     refused client to come back in a second."""
-    with serving_a_mock(
-        tmp_path,
-        cache_dir,
+    with serving_mock(
         workers=WORKERS,
         extra=["--retry-after", "1"],
         create_latency_ms=create_latency_ms,
@@ -82,9 +79,9 @@ def drain_diagnosis(serve: ServeProcess, signalled: float) -> str:
 
 
 def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
-    tmp_path: Path, component_cache_dir: Path
+    serving_mock: ServingAMock,
 ) -> None:
-    with load_run(tmp_path, component_cache_dir, create_latency_ms=40) as run:
+    with load_run(serving_mock, create_latency_ms=40) as run:
         run.send_jobs()
         record, stats = run.record, run.mock.stats()
         print(
@@ -105,10 +102,10 @@ def test_200_concurrent_jobs_get_only_200_or_503_and_all_end_with_a_sandbox(
 
 
 def test_sigterm_under_load_exits_zero_and_leaves_no_create_slot_held(
-    tmp_path: Path, component_cache_dir: Path
+    serving_mock: ServingAMock,
 ) -> None:
     # Creates take long enough that one is provably in flight when the signal lands.
-    with load_run(tmp_path, component_cache_dir, create_latency_ms=400) as run:
+    with load_run(serving_mock, create_latency_ms=400) as run:
         record, mock, serve = run.record, run.mock, run.serve
         load = threading.Thread(target=run.send_jobs)
         load.start()

@@ -14,14 +14,14 @@ from host.serve.pace_options import TEMPER_TOKEN_ENV
 from host.serve.wakeups import WakeupStore, new_wakeup
 from host.storage import storage_from_uri
 from tests.host.serve.fake_temper import FakeTemper
-from tests.host.serve.serve_process import invocation_events, serve_storage, serving_a_mock
+from tests.host.serve.serve_process import ServingAMock, invocation_events, serve_storage
 from tests.host.serve.test_serve_hold_component import context
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
 
 def test_a_started_serve_sends_a_due_wake_up_left_in_storage(
-    tmp_path: Path, component_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, serving_mock: ServingAMock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Catches: a sender that is not started with the app (lifespan off), or one that only
     # sends the wake-ups its own process stored (a dead process's would be lost).
@@ -32,11 +32,10 @@ def test_a_started_serve_sends_a_due_wake_up_left_in_storage(
     assert store.schedule(wakeup)
     with (
         FakeTemper({}) as temper,
-        serving_a_mock(
-            tmp_path,
-            component_cache_dir,
-            extra=["--push", "--temper-api-url", temper.url, "--wake-action", "Wake"],
-        ) as (_, serve),
+        serving_mock(extra=["--push", "--temper-api-url", temper.url, "--wake-action", "Wake"]) as (
+            _,
+            serve,
+        ),
     ):
         sent = 'sandbox_provisioner_wakeups_total{result="sent"} 1.0'
         deadline = time.monotonic() + 60
@@ -54,13 +53,13 @@ def test_a_started_serve_sends_a_due_wake_up_left_in_storage(
 
 
 def test_a_real_serve_holds_a_queued_request_and_answers_the_grant_after_a_release(
-    tmp_path: Path, component_cache_dir: Path
+    serving_mock: ServingAMock,
 ) -> None:
     # Catches, under uvicorn: a held request answered at once, or one that never asks
     # again after the only sandbox is released.
     held = "sandbox_provisioner_held_requests 1.0"
     with (
-        serving_a_mock(tmp_path, component_cache_dir, extra=["--hold-ms", "60000"]) as (_, serve),
+        serving_mock(extra=["--hold-ms", "60000"]) as (_, serve),
         serve.client() as http,
     ):
         first = http.post("/v1/invocations", json=context("job-1", "provision"))

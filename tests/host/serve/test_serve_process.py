@@ -15,7 +15,7 @@ import pytest
 from harness.mocks.e2b import MockE2BServer
 from tests.conftest import API_KEY
 from tests.harness.mocks.e2b.fixtures import running_mock
-from tests.host.serve.serve_process import serve_process, serving_a_mock
+from tests.host.serve.serve_process import ServingAMock, serve_process
 
 pytestmark = [pytest.mark.component, pytest.mark.slow]
 
@@ -61,17 +61,14 @@ def creates_in_flight(mock: MockE2BServer) -> int:
 
 
 def test_saturated_serve_answers_503_retry_after_and_readyz_is_ready(
-    tmp_path: Path, component_cache_dir: Path
+    serving_mock: ServingAMock,
 ) -> None:
     # The mock holds each create for 4 s, so the one worker is provably busy.
     with (
-        serving_a_mock(
-            tmp_path,
-            component_cache_dir,
-            workers=1,
-            extra=["--retry-after", "2"],
-            create_latency_ms=4000,
-        ) as (mock, serve),
+        serving_mock(workers=1, extra=["--retry-after", "2"], create_latency_ms=4000) as (
+            mock,
+            serve,
+        ),
         serve.client() as http,
     ):
         ready = http.get("/readyz")
@@ -140,13 +137,10 @@ def _children(pid: int) -> set[int]:
 
 
 def test_processes_run_the_invocations_in_worker_processes_and_keep_the_e2b_metrics(
-    tmp_path: Path, component_cache_dir: Path
+    serving_mock: ServingAMock,
 ) -> None:
     with (
-        serving_a_mock(tmp_path, component_cache_dir, workers=4, extra=["--processes", "2"]) as (
-            mock,
-            serve,
-        ),
+        serving_mock(workers=4, extra=["--processes", "2"]) as (mock, serve),
         serve.client() as http,
     ):
         workers = _children(serve.process.pid)

@@ -19,7 +19,7 @@ import pytest
 
 from harness.mocks.e2b import MockE2BServer
 from tests.host.serve.raw_socket import read_until_closed
-from tests.host.serve.serve_process import ServeProcess, serving_a_mock
+from tests.host.serve.serve_process import ServeProcess, ServingAMock
 from tests.host.serve.tenancy_support import (
     OPERATOR_TOKEN,
     T1_TOKEN,
@@ -48,12 +48,13 @@ def context(tenant: str, entity: str, operation: str = "provision") -> dict[str,
 
 @contextmanager
 def serving_tenants(
-    tmp_path: Path, cache_dir: Path, extra: list[str]
+    serving_mock: ServingAMock, tmp_path: Path, extra: list[str]
 ) -> Iterator[tuple[MockE2BServer, ServeProcess]]:
     """The mock E2B and a `serve --tenants` on SQLite (`tmp_path/s.db`) in front of it."""
-    with serving_a_mock(
-        tmp_path, cache_dir, extra=["--tenants", str(tmp_path / "tenants.toml"), *extra]
-    ) as (mock, serve):
+    with serving_mock(extra=["--tenants", str(tmp_path / "tenants.toml"), *extra]) as (
+        mock,
+        serve,
+    ):
         yield mock, serve
 
 
@@ -75,11 +76,11 @@ def metric_text(serve: ServeProcess, token: str) -> str:
 
 
 def test_tenants_act_only_for_themselves_through_a_real_serve(
-    tmp_path: Path, component_cache_dir: Path
+    tmp_path: Path, serving_mock: ServingAMock
 ) -> None:
     db = tmp_path / "s.db"
     write_tenants(tmp_path / "tenants.toml")
-    with serving_tenants(tmp_path, component_cache_dir, []) as (mock, serve):
+    with serving_tenants(serving_mock, tmp_path, []) as (mock, serve):
         ready = invoke(serve, T1_TOKEN, context("t1", "job-t1"))
         assert ready.status_code == 200 and ready.json()["action"] == "SandboxReady"
         queued = invoke(serve, T2_TOKEN, context("t2", "job-t2"))
@@ -134,11 +135,11 @@ def test_tenants_act_only_for_themselves_through_a_real_serve(
 
 
 def test_sighup_reloads_the_clients_and_a_broken_file_keeps_the_old_ones(
-    tmp_path: Path, component_cache_dir: Path
+    tmp_path: Path, serving_mock: ServingAMock
 ) -> None:
     tenants = write_tenants(tmp_path / "tenants.toml")
     newcomer = "newcomer-token-0123456789"
-    with serving_tenants(tmp_path, component_cache_dir, []) as (_, serve):
+    with serving_tenants(serving_mock, tmp_path, []) as (_, serve):
         assert invoke(serve, newcomer, context("t3", "j")).status_code == 401
         tenants.write_text(tenants_toml() + client_toml(newcomer, "t3"))
         serve.process.send_signal(signal.SIGHUP)
@@ -157,11 +158,12 @@ def test_sighup_reloads_the_clients_and_a_broken_file_keeps_the_old_ones(
         assert serve.process.poll() is None
 
 
-def test_slow_and_oversized_senders_are_cut_off(tmp_path: Path, component_cache_dir: Path) -> None:
+def test_slow_and_oversized_senders_are_cut_off(tmp_path: Path, serving_mock: ServingAMock) -> None:
     write_tenants(tmp_path / "tenants.toml")
-    with serving_tenants(
-        tmp_path, component_cache_dir, ["--read-timeout", str(READ_TIMEOUT_S)]
-    ) as (mock, serve):
+    with serving_tenants(serving_mock, tmp_path, ["--read-timeout", str(READ_TIMEOUT_S)]) as (
+        mock,
+        serve,
+    ):
         address = ("127.0.0.1", serve.port)
         head = (
             f"POST /v1/invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {T1_TOKEN}\r\n"
