@@ -1,7 +1,7 @@
 """The integration config: every key once in `KEYS` (type, bounds, aliases, meaning, field),
-read by `read_config`; a key's default is its field's default in the typed object. The rules
-for every key are in docs/contract.md ("The config"): a bad value is `invalid_config` for
-every operation, before any state changes.
+read by `read_config`; a key's default is its field's default in the typed object. A bad
+value is `invalid_config` for every operation, before any state changes; the rules every
+key follows are in docs/gates.md (section outer25).
 """
 
 from __future__ import annotations
