@@ -98,16 +98,6 @@ class WitHttp:
         return HttpResponse(response.status, tuple(response.headers), response.body)
 
 
-class WitClock:
-    def now_ms(self) -> int:
-        return clock.now_ms()
-
-
-class WitRandom:
-    def next_u64(self) -> int:
-        return randomness.next_u64()
-
-
 class WitTelemetry:
     def log(self, level: LogLevel, message: str) -> None:
         telemetry.log(_LEVELS[level], message)
@@ -116,7 +106,8 @@ class WitTelemetry:
         telemetry.progress(json.dumps(event, separators=(",", ":")))
 
 
-_PORTS = Ports(WitStorage(), WitHttp(), WitClock(), WitRandom(), WitTelemetry())
+# The clock and randomness imports already have the ports' shape.
+_PORTS = Ports(WitStorage(), WitHttp(), clock, randomness, WitTelemetry())
 
 
 def _to_wit(outcome: Outcome) -> wit.Outcome:

@@ -112,6 +112,9 @@ class Operations:
     def _e2b(self) -> E2BClient:
         return E2BClient(self.ports.http, self.settings)
 
+    def _idempotency_key(self, record: EntityRecord) -> str:
+        return idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+
     def _progress(self, event: str, **fields: Any) -> None:
         request = self.request
         self.ports.telemetry.progress(
@@ -178,8 +181,7 @@ class Operations:
             self.waiter, self.settings.sandbox_timeout_s * 1000
         )
         if isinstance(decision, Grant):
-            grant, request = decision, self.request
-            key = idempotency_key(request.tenant, request.entity, record.nonce)
+            grant, request, key = decision, self.request, self._idempotency_key(record)
             metadata = {
                 "temper_tenant": request.tenant,
                 "temper_entity_type": request.entity_type,
@@ -269,7 +271,7 @@ class Operations:
         if record.state != READY:
             # A create may have succeeded unrecorded (a crash mid-create): find it by its
             # idempotency key, so no sandbox is orphaned.
-            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+            key = self._idempotency_key(record)
             try:
                 doomed = client.find_by_metadata("temper_idempotency_key", key)
             except Exception as error:  # HttpError: the kill would fail too
