@@ -55,15 +55,12 @@ def _error_message(response: HttpResponse) -> str:
 
 def _retry_after_ms(response: HttpResponse) -> int | None:
     for header in ("retry-after", "ratelimit-reset"):
-        raw = response.header(header)
-        if raw is None:
-            continue
         try:
-            seconds = float(raw.strip())
+            seconds = float((response.header(header) or "").strip())
         except ValueError:
-            continue  # an HTTP date: treat as unknown and let backoff decide
+            continue  # absent, or an HTTP date: unknown, backoff decides
         if seconds >= 0:
-            return min(int(seconds * 1000), 3_600_000)
+            return int(min(seconds * 1000, 3_600_000))  # capped before int: `inf` is a float
     return None
 
 
