@@ -34,8 +34,6 @@ class StorageInvalidKey(StorageError): ...
 
 
 class StorageTooLarge(StorageError):
-    """The value exceeds the host's size limit."""
-
     def __init__(self, limit: int) -> None:
         super().__init__(f"value larger than the storage limit of {limit} bytes")
         self.limit = limit
