@@ -21,17 +21,12 @@ def run(invocation: Invocation, ports: Ports) -> Outcome:
     except ProvisionerError as error:
         return failed(error.failure)
     except (StorageInvalidKey, StorageTooLarge) as error:
-        return failed(
-            Failure(FailureCode.INVALID_INVOCATION, f"storage refused: {error}", retryable=False)
-        )
+        return failed(Failure(FailureCode.INVALID_INVOCATION, f"storage refused: {error}", False))
     except StorageError as error:
         # Fail closed: nothing was granted, the caller may try again later.
-        return failed(
-            Failure(FailureCode.STORAGE_UNAVAILABLE, f"storage failed: {error}", retryable=True)
-        )
+        return failed(Failure(FailureCode.STORAGE_UNAVAILABLE, f"storage failed: {error}", True))
     except Exception as error:
+        message = f"{type(error).__name__}: {error}"
         with contextlib.suppress(Exception):
-            ports.telemetry.log(LogLevel.ERROR, f"internal error: {type(error).__name__}: {error}")
-        return failed(
-            Failure(FailureCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}", retryable=False)
-        )
+            ports.telemetry.log(LogLevel.ERROR, f"internal error: {message}")
+        return failed(Failure(FailureCode.INTERNAL_ERROR, message, retryable=False))

@@ -1,15 +1,12 @@
-"""The component's entry point: binds the guest's ports to the generated WIT imports.
-
-This module only runs inside the component (the `wit_world` bindings exist only there);
-everything it does is translation. Errors from imports arrive as `Err` and become the
-ports' exceptions, and nothing escapes `run`: an escaping exception would trap.
-"""
+"""The component's entry point (only inside the component): binds the ports to the WIT
+imports. Nothing escapes `run`: an escaping exception would trap."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
 from componentize_py_types import Err
 from wit_world import exports
@@ -35,13 +32,9 @@ from provisioner.ports import (
     StorageUnavailable,
 )
 
-_SCOPES = {Scope.TENANT: storage.Scope.TENANT, Scope.ACCOUNT: storage.Scope.ACCOUNT}
-_LEVELS = {
-    LogLevel.DEBUG: telemetry.Level.DEBUG,
-    LogLevel.INFO: telemetry.Level.INFO,
-    LogLevel.WARN: telemetry.Level.WARN,
-    LogLevel.ERROR: telemetry.Level.ERROR,
-}
+_SCOPES = {scope: getattr(storage.Scope, scope.name) for scope in Scope}
+_LEVELS = {level: getattr(telemetry.Level, level.name) for level in LogLevel}
+_T = TypeVar("_T")
 
 
 def _storage_error(error: Err[Any]) -> StorageError:
@@ -57,27 +50,25 @@ def _storage_error(error: Err[Any]) -> StorageError:
     return StorageUnavailable(repr(value))
 
 
+def _stored(call: Callable[..., _T], scope: Scope, *args: Any) -> _T:
+    try:
+        return call(_SCOPES[scope], *args)
+    except Err as error:
+        raise _storage_error(error) from None
+
+
 class WitStorage:
     def get(self, scope: Scope, key: str) -> Entry | None:
-        try:
-            found = storage.get(_SCOPES[scope], key)
-        except Err as error:
-            raise _storage_error(error) from None
+        found = _stored(storage.get, scope, key)
         return None if found is None else Entry(found.value, found.version)
 
     def compare_and_swap(
         self, scope: Scope, key: str, expected_version: int | None, value: bytes, ttl_ms: int | None
     ) -> int:
-        try:
-            return storage.compare_and_swap(_SCOPES[scope], key, expected_version, value, ttl_ms)
-        except Err as error:
-            raise _storage_error(error) from None
+        return _stored(storage.compare_and_swap, scope, key, expected_version, value, ttl_ms)
 
     def delete(self, scope: Scope, key: str, expected_version: int | None) -> bool:
-        try:
-            return storage.delete(_SCOPES[scope], key, expected_version)
-        except Err as error:
-            raise _storage_error(error) from None
+        return _stored(storage.delete, scope, key, expected_version)
 
 
 def _http_error(error: Err[Any]) -> HttpError:
@@ -97,29 +88,14 @@ def _http_error(error: Err[Any]) -> HttpError:
 
 class WitHttp:
     def send(self, request: HttpRequest) -> HttpResponse:
+        wit_request = http.Request(
+            request.method, request.url, list(request.headers), request.body, request.timeout_ms
+        )
         try:
-            response = http.send(
-                http.Request(
-                    request.method,
-                    request.url,
-                    list(request.headers),
-                    request.body,
-                    request.timeout_ms,
-                )
-            )
+            response = http.send(wit_request)
         except Err as error:
             raise _http_error(error) from None
         return HttpResponse(response.status, tuple(response.headers), response.body)
-
-
-class WitClock:
-    def now_ms(self) -> int:
-        return clock.now_ms()
-
-
-class WitRandom:
-    def next_u64(self) -> int:
-        return randomness.next_u64()
 
 
 class WitTelemetry:
@@ -130,22 +106,15 @@ class WitTelemetry:
         telemetry.progress(json.dumps(event, separators=(",", ":")))
 
 
-_PORTS = Ports(
-    storage=WitStorage(),
-    http=WitHttp(),
-    clock=WitClock(),
-    random=WitRandom(),
-    telemetry=WitTelemetry(),
-)
+# The clock and randomness imports already have the ports' shape.
+_PORTS = Ports(WitStorage(), WitHttp(), clock, randomness, WitTelemetry())
 
 
 def _to_wit(outcome: Outcome) -> wit.Outcome:
-    """What the guest decided; its success flag and failure are the host's to read from it."""
     return wit.Outcome(action=outcome.action, params=outcome.params_json())
 
 
 def _from_wit(invocation: wit.Invocation) -> Invocation:
-    """The model's invocation from the WIT record: the same fields, config as a tuple."""
     values = {f.name: getattr(invocation, f.name) for f in fields(Invocation)}
     values["config"] = tuple(invocation.config)
     return Invocation(**values)

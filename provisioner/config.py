@@ -1,21 +1,7 @@
-"""The integration config: every key once in `KEYS`, read by `read_config`.
-
-A row of `KEYS` gives a key's type, bounds, aliases, meaning and the field it fills; its
-default is that field's default in the typed object (`SandboxSettings`, `AdmissionConfig`,
-`ResourceGate`). Keys `resource.<name>.<limit>` declare named resource gates; their rows
-name the `<limit>`. The tests check the tables of docs/contract.md and docs/admission.md
-against `KEYS`. The rules are the same for every key:
-
-- A number is finite and within the row's bounds; an `int` row takes integers only.
-- Times are seconds unless the spelling ends in `_ms`; a `duration` is stored in
-  milliseconds (seconds may be fractional, rounded to at least 1 ms; milliseconds are
-  integers).
-- A blank value means the default, except where the row says `blank_ok=False`.
-- When a key and its aliases are both given, the key wins (then the first alias given in
-  the row's order); every one present is still validated.
-- Unknown keys are refused first, then the sandbox keys, the admission keys and their
-  relations, then the resource gates, each in table order: a bad value is `invalid_config`
-  for every operation, before any state changes.
+"""The integration config: every key once in `KEYS` (type, bounds, aliases, meaning, field),
+read by `read_config`; a key's default is its field's default in the typed object. A bad
+value is `invalid_config` for every operation, before any state changes; the rules every
+key follows are in docs/gates.md (section outer25).
 """
 
 from __future__ import annotations
@@ -31,12 +17,9 @@ from typing import Any, Literal, NoReturn, TypeVar
 from provisioner.failures import FailureCode
 from provisioner.model import UNRESOLVED_SECRET, ProvisionerError
 
-# The old sandbox_provisioner's TemperFS base when `temper_api_url` is unusable
-# (`temper_api_url` in its lib.rs: empty, blank or an unresolved `{secret:...}` template).
+# The old module's TemperFS base when `temper_api_url` is blank or an unresolved template.
 DEFAULT_TEMPER_API_URL = "http://127.0.0.1:3000"
-# Whitespace, query or fragment have no place in an API base URL.
 _URL_FORBIDDEN = re.compile(r"[\s?#]")
-# E2B template ids and aliases: letters, digits and a few separators.
 _TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _DAY_S = 86_400.0
 _NONE_WORDS = ("none", "null", "off", "unlimited")
@@ -44,8 +27,6 @@ _NONE_WORDS = ("none", "null", "off", "unlimited")
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    """What to create, and where; and the old module's static URL and TemperFS setup."""
-
     api_url: str = "https://api.e2b.app"
     template_id: str = "base"
     sandbox_timeout_s: int = 3600
@@ -55,16 +36,12 @@ class SandboxSettings:
     temper_api_url: str = DEFAULT_TEMPER_API_URL
     temperfs: str = "auto"
     api_key_source: str = "host"
-    # Derived (not a key): whether the conversation storage is set up, see `read_config`.
     temperfs_enabled: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> SandboxSettings:
-        """Only the sandbox keys (a bad value raises ProvisionerError("invalid_config"))."""
         values = _read("sandbox", config)
-        # TemperFS: `on`, `off`, or (`auto`) when the config names `temper_api_url` at all
-        # (the old module always did it; a config without the key is a deployment that has
-        # no TemperFS, such as this project's simulations).
+        # `auto`: a config without `temper_api_url` is a deployment without TemperFS.
         mode = values.get("temperfs", cls.temperfs)
         if mode == "on" or (mode == "auto" and "temper_api_url" in config):
             values["temperfs_enabled"] = True
@@ -73,8 +50,6 @@ class SandboxSettings:
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    """Admission control's settings (see `KEYS` for each key's meaning)."""
-
     create_slots: int = 4
     create_rate_per_s: float = 1.0
     create_burst: int = 1
@@ -102,7 +77,6 @@ class AdmissionConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> AdmissionConfig:
-        """Only the admission keys (a bad value raises ProvisionerError("invalid_config"))."""
         values = _read("admission", config)
         built = _sparse(cls, values)
         _check_relations("admission", values, partial(getattr, built))
@@ -118,8 +92,7 @@ _SCOPE_PREFIX = {ACCOUNT: "", TENANT: "tenant_"}
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """Permits held at once (`concurrency`), or units per minute with a burst (None: one
-    minute's worth, the provider's own bucket, see docs/admission.md)."""
+    """Permits held at once, or units per minute with a burst (None: one minute's worth)."""
 
     amount: float
     burst: float | None = None
@@ -127,9 +100,8 @@ class Limit:
 
 @dataclass(frozen=True)
 class ResourceGate:
-    """One named resource gate: a `Limit` per (kind, scope) it declares, for the account
-    and for each tenant. `queue_timeout_ms` None means the admission setting's;
-    `stall_timeout_ms` is the longest a waiter waits while the gate grants no one."""
+    """A named resource gate: a `Limit` per declared (kind, scope); `queue_timeout_ms` None
+    means the admission setting's."""
 
     name: str
     limits: dict[tuple[str, str], Limit] = field(default_factory=dict)
@@ -138,13 +110,11 @@ class ResourceGate:
     stall_timeout_ms: int | None = None
 
     def permits(self, scope: str) -> int | None:
-        """The concurrency limit of `scope` (ACCOUNT or TENANT), if declared."""
         limit = self.limits.get(("concurrency", scope))
         return None if limit is None else int(limit.amount)
 
     def rates(self) -> Iterator[tuple[str, str, Limit]]:
-        """(kind, scope, limit) of every declared rate: the account's first, then each
-        tenant's, each as rpm, itpm, otpm (the order in which waiters are told why)."""
+        """Every declared rate, account first, each as rpm, itpm, otpm (the order of reasons)."""
         for scope in (ACCOUNT, TENANT):
             for kind in RATE_KINDS:
                 limit = self.limits.get((kind, scope))
@@ -152,26 +122,28 @@ class ResourceGate:
                     yield kind, scope, limit
 
     def key(self, kind: str, scope: str) -> str:
-        """The config key of the (kind, scope) limit."""
         return f"{RESOURCE_PREFIX}{self.name}.{_SCOPE_PREFIX[scope]}{kind}"
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Everything the integration config says, read once per invocation."""
-
     sandbox: SandboxSettings
     admission: AdmissionConfig
-    # The named resource gates (`resource.<name>.<limit>`), by name.
     resources: dict[str, ResourceGate] = field(default_factory=dict)
 
 
 def read_config(config: Mapping[str, str]) -> Config:
-    """Read and validate every key present; ProvisionerError("invalid_config") on a bad one
-    (the order is in the module docstring)."""
     check_keys(config)
     sandbox = SandboxSettings.from_config(config)
-    return Config(sandbox, AdmissionConfig.from_config(config), read_resources(config))
+    admission = AdmissionConfig.from_config(config)
+    # A create slot whose lease ends before its request gives up: a late Created answer could
+    # then find the entity granted a second create.
+    if admission.create_lease_ms <= sandbox.create_timeout_ms:
+        _refuse(
+            f"create_lease_s ({admission.create_lease_ms} ms) must be longer than "
+            f"create_timeout_ms ({sandbox.create_timeout_ms} ms)"
+        )
+    return Config(sandbox, admission, read_resources(config))
 
 
 # ---------------------------------------------------------------------------- the table
@@ -190,10 +162,8 @@ def _show(number: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Key:
-    """One config key. Bounds are inclusive and in the key's unit, except `positive`
-    (above 0) and `duration` (above 0, at most `high` seconds). `text` keys are parsed by
-    `parse(key, raw)`. `at_most`: a key this one must not exceed; `requires`: a key that
-    must be set with this one. `nullable`: none, null, off or unlimited mean None."""
+    """One config key. Bounds are inclusive, in the key's unit (a `duration`: above 0, at
+    most `high` seconds). `at_most`/`requires`: a key this one must not exceed/must come with."""
 
     name: str
     section: Section
@@ -202,7 +172,7 @@ class Key:
     low: float = 1
     high: float = _DAY_S
     aliases: tuple[str, ...] = ()
-    field: str = ""  # the typed object's field (set to the name when not given)
+    field: str = ""  # the typed object's field; the name when not given
     parse: Callable[[str, str], Any] | None = None
     blank_ok: bool = True
     nullable: bool = False
@@ -219,13 +189,11 @@ class Key:
 
     @property
     def default(self) -> Any:
-        """The field's default (milliseconds for a `duration`); None when the guest has none."""
         owner = {"sandbox": SandboxSettings, "admission": AdmissionConfig}.get(self.section)
         return getattr(owner or ResourceGate, self.field, None)
 
     def read(self, key: str, raw: str) -> Any:
-        """The value of `raw` spelled as `key` (this row's name or alias, with any prefix).
-        Every invocation reads its config: the checks that pass come first and cheaply."""
+        """`raw` spelled as `key` (a name or alias, with any prefix); the cheap checks first."""
         if self.parse is not None:
             return self.parse(key, raw)
         text = raw.strip()
@@ -272,7 +240,6 @@ def _temper_url(key: str, raw: str) -> str:
 
 
 def _static_url(key: str, raw: str) -> str:
-    # An unresolved template is no URL: the old module would have answered it verbatim.
     return "" if UNRESOLVED_SECRET in raw else raw.strip()
 
 
@@ -327,7 +294,6 @@ KEYS: tuple[Key, ...] = (
     Key("e2b_api_key_source", "sandbox", "text", "written by the host: where the E2B key it "
         "attaches comes from (`config`, `host`), or `none`", field="api_key_source",
         parse=_choice("config", "host", "none")),
-    # Read by the host only (host/runtime/credentials.py): the guest never sees the value.
     Key("e2b_api_key", "host", "text", "the E2B API key: the host takes it out of the config "
         "(the host's `E2B_API_KEY` is the fallback)"),
     Key("create_slots", "admission", "int", "concurrent E2B creates per account", high=1_000),
@@ -340,7 +306,6 @@ KEYS: tuple[Key, ...] = (
     Key("max_sandboxes_per_tenant", "admission", "int",
         "running sandboxes per tenant (none: no per-tenant cap)", high=100_000, nullable=True,
         at_most="max_sandboxes"),
-    # `queue_timeout_seconds`: the Temper [admission] block's spelling.
     Key("queue_timeout_s", "admission", "duration", "longest a waiter may queue",
         aliases=("queue_timeout_ms", "queue_timeout_seconds"), field="queue_timeout_ms"),
     Key("waiter_ttl_s", "admission", "duration", "a waiter that stops asking drops out this "
@@ -380,13 +345,12 @@ KEYS: tuple[Key, ...] = (
         field="stall_timeout_ms"),
 )  # fmt: skip
 
-# Every top-level name (key or alias) the guest knows, to its row.
 KEYS_BY_NAME: dict[str, Key] = {
     name: row for row in KEYS if row.section != "resource" for name in row.names
 }
 _READ_SECTIONS = ("sandbox", "admission", "resource")
-# Per section: each spelling's row, and its place in the table's order (which decides
-# precedence and which bad key is reported); the rows that name another key.
+# Per section: each spelling's row and its place in the table (precedence, which bad key is
+# reported first), and the rows that name another key.
 _ROWS = {
     section: {name: row for row in KEYS if row.section == section for name in row.names}
     for section in _READ_SECTIONS
@@ -402,18 +366,15 @@ _T = TypeVar("_T")
 
 
 def _sparse(cls: type[_T], values: dict[str, Any]) -> _T:
-    """An instance of a frozen settings dataclass holding only `values`; every other field
-    reads its default from the class. This runs on every invocation, and the generated
-    frozen `__init__` (one `object.__setattr__` per field) cost more guest fuel than the
-    parsing itself."""
+    """A frozen settings object holding only `values` (the others read the class defaults):
+    the generated frozen `__init__` costs more guest fuel than the parsing."""
     instance = object.__new__(cls)
     instance.__dict__.update(values)
     return instance
 
 
 def _read(section: str, config: Mapping[str, str], prefix: str = "") -> dict[str, Any]:
-    """The fields `config` sets in `section`, each from the first of its row's spellings
-    present; every spelling present is validated, in table order."""
+    """The fields `config` sets in `section`; every spelling present is validated."""
     rows, places = _ROWS[section], _PLACES[section]
     present = [name for name in config if name in places]
     present.sort(key=places.__getitem__)
@@ -429,8 +390,6 @@ def _read(section: str, config: Mapping[str, str], prefix: str = "") -> dict[str
 def _check_relations(
     section: str, values: dict[str, Any], get: Callable[[str], Any], prefix: str = ""
 ) -> None:
-    """The relations of the rows that name another key, where `values` sets either key
-    (the defaults keep them); `get` reads a field whether set or default."""
     for row in _RELATED[section]:
         if row.field not in values and row.at_most not in values:
             continue
@@ -444,30 +403,24 @@ def _check_relations(
 
 # ------------------------------------------------------------ unknown keys, resource gates
 
-# Keys the guest reads outside the table: the operation, and a resource gate's name and the
-# actions its answers are named by (provisioner/gates/resource.py).
+# Keys read outside the table (provisioner/gates/resource.py).
 OPERATION_KEYS = frozenset(
     {"operation", "resource", "granted_action", "queued_action", "settled_action",
      "released_action"}
 )  # fmt: skip
-# Keys of the integration config that are not the component's, accepted without a word:
-# Temper's per-invocation budgets (crates/temper-server/src/state/dispatch/wasm/
-# dispatch.rs), the shim's own two (shim/temper_shim.wat) and serve's hold window
-# (`hold_ms`); serve drops its and the shim's before the component runs anyway.
+# Not the component's, accepted silently: Temper's budgets, the shim's two, serve's `hold_ms`.
 FOREIGN_KEYS = frozenset(
     {"timeout_secs", "max_fuel", "max_memory", "max_response_bytes", "provisioner_url",
      "provisioner_token", "hold_ms"}
 )  # fmt: skip
 _ACCEPTED = KEYS_BY_NAME.keys() | OPERATION_KEYS | FOREIGN_KEYS
 RESOURCE_PREFIX = "resource."
-# Lower-case, so that `resource.LLM.rpm` and `resource.llm.rpm` cannot name two gates.
+# Lower-case: `resource.LLM.rpm` and `resource.llm.rpm` cannot name two gates.
 RESOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 def check_keys(config: Mapping[str, str]) -> None:
-    """Refuse a key nobody reads (a typo such as `create_slot` would otherwise be ignored
-    and its default used), naming the nearest known key. `resource.*` keys are checked by
-    `read_resources`."""
+    """Refuse a key nobody reads (a typo would silently keep the default), naming the nearest."""
     for key in config:
         if key in _ACCEPTED or key.startswith(RESOURCE_PREFIX):
             continue
@@ -477,9 +430,7 @@ def check_keys(config: Mapping[str, str]) -> None:
 
 
 def read_resources(config: Mapping[str, str]) -> dict[str, ResourceGate]:
-    """Every resource gate the config declares (a non-blank value), by name. A key that
-    names no known limit, or a name outside `RESOURCE_NAME`, is refused: a misspelt limit
-    must not silently leave a gate open."""
+    """The declared resource gates by name; a misspelt limit must not leave a gate open."""
     declared: dict[str, dict[str, str]] = {}
     for key, raw in config.items():
         if not key.startswith(RESOURCE_PREFIX):

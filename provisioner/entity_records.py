@@ -1,10 +1,6 @@
-"""What the tenant's storage remembers about each entity's sandbox.
-
-One small record per entity, under the tenant scope:
-- `pending`: a provisioning cycle has begun; its nonce fixes the E2B idempotency key, so a
-  create retried after a crash adopts the sandbox the first attempt made.
-- `ready`: the sandbox exists; a repeated Provision returns it.
-Release deletes the record, so the next cycle draws a new nonce and a new key.
+"""One record per entity, under the tenant scope: `pending` (a cycle has begun; its nonce
+fixes the E2B idempotency key, so a retried create adopts the first attempt's sandbox) or
+`ready` (a repeated Provision returns it). Release deletes it: the next cycle has a new key.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from provisioner.model import fields_of
-from provisioner.ports import Entry, Scope, Storage
+from provisioner.ports import Scope, Storage
 
 # "type/id" made of characters `quote` leaves alone: its quoting is known without calling it.
 _PLAIN_ENTITY = re.compile(r"[A-Za-z0-9_.~-]+/[A-Za-z0-9_.~-]+")
@@ -40,9 +36,7 @@ class EntityRecord:
     sandbox_url: str = ""
 
     def with_attempt(self, attempt: int) -> EntityRecord:
-        if attempt <= self.attempts:
-            return self
-        return replace(self, attempts=attempt)
+        return self if attempt <= self.attempts else replace(self, attempts=attempt)
 
     def encode(self) -> bytes:
         return json.dumps(fields_of(self), separators=(",", ":")).encode()
@@ -73,10 +67,8 @@ class EntityRecords:
         return "entity/" + quote(entity, safe="")
 
     def load(self, entity: str) -> tuple[EntityRecord, int] | None:
-        entry: Entry | None = self._storage.get(Scope.TENANT, self.key(entity))
-        if entry is None:
-            return None
-        return EntityRecord.decode(entry.value), entry.version
+        entry = self._storage.get(Scope.TENANT, self.key(entity))
+        return None if entry is None else (EntityRecord.decode(entry.value), entry.version)
 
     def put(
         self, entity: str, record: EntityRecord, expected_version: int | None, ttl_ms: int

@@ -1,9 +1,5 @@
-"""Every failure code a `SandboxFailed` outcome can carry: the guest's and the host's.
-
-One definition, so a producer cannot misspell a code and the list in docs/contract.md can be checked
-against it. `FailureCode` is a `StrEnum`: a member is the code string itself, so it
-serialises to JSON and crosses the WIT boundary unchanged, and compares equal to the text.
-"""
+"""Every failure code a `SandboxFailed` outcome can carry (docs/contract.md is checked
+against it); a member is its code string, so it crosses JSON and the WIT boundary as is."""
 
 from __future__ import annotations
 
@@ -34,7 +30,7 @@ class FailureCode(StrEnum):
     RELEASED_DURING_CREATE = "released_during_create"
     # A bug in the guest, caught before it could escape.
     INTERNAL_ERROR = "internal_error"
-    # From the host that runs the component (the guest never produces these).
+    # From the host that runs the component, last (see HOST_CODES).
     FUEL_EXHAUSTED = "fuel_exhausted"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     MEMORY_EXHAUSTED = "memory_exhausted"
@@ -44,17 +40,7 @@ class FailureCode(StrEnum):
     HOST_ERROR = "host_error"
 
 
-# The codes only a host produces (a guest failure never carries them). An outcome carrying
-# one is a genuine invocation failure, reported to Temper as a failure; every other
-# SandboxFailed is a decision of the guest, reported as a success (see `model.failed`).
-HOST_CODES = frozenset(
-    {
-        FailureCode.FUEL_EXHAUSTED,
-        FailureCode.DEADLINE_EXCEEDED,
-        FailureCode.MEMORY_EXHAUSTED,
-        FailureCode.GUEST_TRAP,
-        FailureCode.RESULT_TOO_LARGE,
-        FailureCode.MALFORMED_RESULT,
-        FailureCode.HOST_ERROR,
-    }
-)
+# Only a host produces these: an outcome carrying one is a genuine invocation failure,
+# reported to Temper as a failure (every other SandboxFailed is a guest's decision).
+_ALL = list(FailureCode)
+HOST_CODES = frozenset(_ALL[_ALL.index(FailureCode.FUEL_EXHAUSTED) :])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from provisioner.failures import FailureCode
 from provisioner.model import Invocation, ProvisionerError
@@ -21,15 +21,17 @@ OPERATIONS = ("provision", "release", "status", "acquire", "settle", "inspect")
 _FORBIDDEN_IN_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
 
+def _invalid(message: str, code: str = FailureCode.INVALID_INVOCATION) -> NoReturn:
+    raise ProvisionerError(code, message)
+
+
 def _check_id(field: str, value: str) -> str:
     if not value:
-        raise ProvisionerError(FailureCode.INVALID_INVOCATION, f"{field} is missing")
+        _invalid(f"{field} is missing")
     if len(value) > MAX_ID_CHARS:
-        raise ProvisionerError(
-            FailureCode.INVALID_INVOCATION, f"{field} is longer than {MAX_ID_CHARS} characters"
-        )
+        _invalid(f"{field} is longer than {MAX_ID_CHARS} characters")
     if _FORBIDDEN_IN_ID.search(value):
-        raise ProvisionerError(FailureCode.INVALID_INVOCATION, f"{field} holds control characters")
+        _invalid(f"{field} holds control characters")
     return value
 
 
@@ -37,26 +39,20 @@ def _json_object(field: str, text: str) -> dict[str, Any]:
     if text == "{}":
         return {}
     if len(text.encode("utf-8", "surrogatepass")) > MAX_JSON_BYTES:
-        raise ProvisionerError(
-            FailureCode.INVALID_INVOCATION, f"{field} is larger than {MAX_JSON_BYTES} bytes"
-        )
+        _invalid(f"{field} is larger than {MAX_JSON_BYTES} bytes")
     if not text.strip():
         return {}
     try:
         value = json.loads(text)
     except ValueError as error:
-        raise ProvisionerError(
-            FailureCode.INVALID_INVOCATION, f"{field} is not valid JSON: {error}"
-        ) from None
+        _invalid(f"{field} is not valid JSON: {error}")
     if not isinstance(value, dict):
-        raise ProvisionerError(FailureCode.INVALID_INVOCATION, f"{field} must be a JSON object")
+        _invalid(f"{field} must be a JSON object")
     return value
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A validated invocation."""
-
     tenant: str
     entity_type: str
     entity_id: str
@@ -65,7 +61,6 @@ class Request:
     trigger_params: dict[str, Any]
     session_id: str | None
     trace_id: str
-    # The entity's state fields (the resource gates read a cost estimate from them).
     entity_state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -79,7 +74,6 @@ class Request:
         return fields if isinstance(fields, dict) else {}
 
     def field_text(self, name: str) -> str:
-        """A state variable as text; "" when absent or not a string."""
         value = self.fields.get(name)
         return value if isinstance(value, str) else ""
 
@@ -89,36 +83,21 @@ def validate(invocation: Invocation) -> Request:
     entity_type = _check_id("entity_type", invocation.entity_type)
     entity_id = _check_id("entity_id", invocation.entity_id)
     if len(invocation.config) > MAX_CONFIG_ENTRIES:
-        raise ProvisionerError(
-            FailureCode.INVALID_CONFIG, f"more than {MAX_CONFIG_ENTRIES} config entries"
-        )
+        _invalid(f"more than {MAX_CONFIG_ENTRIES} config entries", FailureCode.INVALID_CONFIG)
     for key, value in invocation.config:
         if len(value) > MAX_CONFIG_VALUE_CHARS:
-            raise ProvisionerError(
-                FailureCode.INVALID_CONFIG, f"config value of {key!r} is too long"
-            )
+            _invalid(f"config value of {key!r} is too long", FailureCode.INVALID_CONFIG)
     config = dict(invocation.config)
     operation = config.get("operation", "provision").strip().lower() or "provision"
     if operation not in OPERATIONS:
-        raise ProvisionerError(
-            FailureCode.UNKNOWN_OPERATION,
-            f"operation {operation!r} is not one of {', '.join(OPERATIONS)}",
-        )
+        message = f"operation {operation!r} is not one of {', '.join(OPERATIONS)}"
+        _invalid(message, FailureCode.UNKNOWN_OPERATION)
     trigger_params = _json_object("trigger_params", invocation.trigger_params)
     entity_state = _json_object("entity_state", invocation.entity_state)
-    session_id = invocation.session_id
-    if session_id is not None:
-        _check_id("session_id", session_id)
+    if invocation.session_id is not None:
+        _check_id("session_id", invocation.session_id)
     if len(invocation.trace_id) > MAX_ID_CHARS:
-        raise ProvisionerError(FailureCode.INVALID_INVOCATION, "trace_id is too long")
-    return Request(
-        tenant=tenant,
-        entity_type=entity_type,
-        entity_id=entity_id,
-        operation=operation,
-        config=config,
-        trigger_params=trigger_params,
-        session_id=session_id,
-        trace_id=invocation.trace_id,
-        entity_state=entity_state,
-    )
+        _invalid("trace_id is too long")
+    session_id, trace_id = invocation.session_id, invocation.trace_id
+    ids = (tenant, entity_type, entity_id)
+    return Request(*ids, operation, config, trigger_params, session_id, trace_id, entity_state)

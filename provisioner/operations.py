@@ -1,25 +1,20 @@
-"""The sandbox operations: provision, release and status (the resource gates' acquire,
-settle and release-with-a-resource are in `provisioner.gates.resource`).
+"""The sandbox operations: provision, release and status (the resource gates' are in
+`provisioner.gates.resource`).
 
-Order matters for "nothing is lost": the entity record (and so the idempotency key) is
-written before any create is sent, and the record is deleted only after E2B confirmed the
-kill, so a crash at any point leaves state from which the next invocation recovers.
+For "nothing is lost": the entity record (and so the idempotency key) is written before any
+create is sent, and deleted only after E2B confirmed the kill, so the next invocation
+recovers from a crash at any point.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any
 
 from provisioner.config import read_config
-from provisioner.e2b import E2BClient, SandboxInfo
-from provisioner.entity_records import (
-    PENDING,
-    READY,
-    EntityRecord,
-    EntityRecords,
-    idempotency_key,
-)
+from provisioner.e2b import E2BClient
+from provisioner.entity_records import PENDING, READY, EntityRecord, EntityRecords, idempotency_key
 from provisioner.failures import FailureCode
 from provisioner.gates.cas import storage_queued
 from provisioner.gates.controller import AdmissionController
@@ -47,6 +42,7 @@ from provisioner.model import (
     Outcome,
     ProvisionerError,
     failed,
+    fields_of,
 )
 from provisioner.ports import (
     LogLevel,
@@ -67,7 +63,8 @@ NO_KEY = (
     "no sandbox_url configured and no e2b_api_key available — "
     "set sandbox_url via Configure or store e2b_api_key secret"
 )
-
+# SandboxReady's params: the record's fields but the cycle's own.
+_CYCLE_FIELDS = ("state", "nonce", "since_ms")
 # A pending record outlives the longest a waiter may queue, then vanishes on its own.
 _PENDING_GRACE_MS = 10 * 60 * 1000
 _RECORD_CAS_TRIES = 4
@@ -75,23 +72,11 @@ _SETTLE_TRIES = 3
 
 
 def _ready(record: EntityRecord) -> Outcome:
-    return Outcome(
-        action=SANDBOX_READY,
-        params={
-            "sandbox_url": record.sandbox_url,
-            "sandbox_id": record.sandbox_id,
-            "template_id": record.template_id,
-            "client_id": record.client_id,
-            "envd_version": record.envd_version,
-            "attempts": record.attempts,
-            "queued_ms": record.queued_ms,
-        },
-    )
+    fields = fields_of(record)
+    return Outcome(SANDBOX_READY, {k: v for k, v in fields.items() if k not in _CYCLE_FIELDS})
 
 
 def with_wake_ups(outcome: Outcome, controller: AdmissionController) -> Outcome:
-    if not controller.wake_ups:
-        return outcome
     wake_ups = []
     for wake in controller.wake_ups:
         entity_type, _, entity_id = wake.entity.partition("/")
@@ -104,17 +89,10 @@ def with_wake_ups(outcome: Outcome, controller: AdmissionController) -> Outcome:
                 "reservation": wake.reservation,
             }
         )
-    return Outcome(
-        outcome.action, {**outcome.params, WAKE_UPS: wake_ups}, outcome.success, outcome.error
-    )
-
-
-def _queued(queued: Queued) -> Outcome:
-    return Outcome(action=SANDBOX_QUEUED, params=queued.params())
-
-
-def _rejected(rejected: Rejected) -> Outcome:
-    return failed(rejected.failure)
+    if not wake_ups:
+        return outcome
+    params = {**outcome.params, WAKE_UPS: wake_ups}
+    return Outcome(outcome.action, params, outcome.success, outcome.error)
 
 
 class Operations:
@@ -128,31 +106,31 @@ class Operations:
         self.records = EntityRecords(ports.storage)
         self.waiter = Waiter(tenant=request.tenant, entity=request.entity)
 
-    def _metadata(self, key: str) -> dict[str, str]:
-        return {
-            "temper_tenant": self.request.tenant,
-            "temper_entity_type": self.request.entity_type,
-            "temper_entity_id": self.request.entity_id,
-            "temper_idempotency_key": key,
-        }
+    def _controller(self) -> AdmissionController:
+        return AdmissionController(self.ports, self.admission_config)
 
-    def _pending_ttl_ms(self) -> int:
-        return self.admission_config.queue_timeout_ms + _PENDING_GRACE_MS
+    def _e2b(self) -> E2BClient:
+        return E2BClient(self.ports.http, self.settings)
+
+    def _idempotency_key(self, record: EntityRecord) -> str:
+        return idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+
+    def _progress(self, event: str, **fields: Any) -> None:
+        request = self.request
+        self.ports.telemetry.progress(
+            {"event": event, "tenant": request.tenant, "entity": request.entity, **fields}
+        )
 
     def _ensure_record(self) -> tuple[EntityRecord, int]:
+        ttl_ms = self.admission_config.queue_timeout_ms + _PENDING_GRACE_MS
         for _ in range(_RECORD_CAS_TRIES):
             loaded = self.records.load(self.request.entity)
             if loaded is not None:
                 return loaded
             nonce = f"{self.ports.random.next_u64():016x}"
             record = EntityRecord(state=PENDING, nonce=nonce, since_ms=self.ports.clock.now_ms())
-            try:
-                version = self.records.put(
-                    self.request.entity, record, None, self._pending_ttl_ms()
-                )
-            except StorageConflict:
-                continue
-            return record, version
+            with contextlib.suppress(StorageConflict):
+                return record, self.records.put(self.request.entity, record, None, ttl_ms)
         raise ProvisionerError(
             FailureCode.STORAGE_CONTENTION,
             "the entity record kept changing; try again",
@@ -160,8 +138,7 @@ class Operations:
         )
 
     def _static_url(self) -> str:
-        """The old module's order: the entity's `sandbox_url` field, the config's, the
-        trigger param's (an empty or non-string value counts as absent)."""
+        """The old module's order: the entity's field, the config's, the trigger param's."""
         param = self.request.trigger_params.get("sandbox_url")
         return (
             self.request.field_text("sandbox_url").strip()
@@ -171,48 +148,31 @@ class Operations:
 
     def _with_conversation(self, ready: Outcome) -> Outcome:
         """SandboxReady with the five TemperFS ids (empty when the setup is off or failed)."""
-        request = self.request
-        params = dict(ready.params)
+        made = NO_CONVERSATION_STORAGE
         if self.settings.temperfs_enabled:
-            agent_id = request.entity_state.get("entity_id")
-            made = conversation_storage(
-                self.ports,
-                base_url=self.settings.temper_api_url,
-                tenant=request.tenant,
-                entity=request.entity,
-                agent_id=agent_id if isinstance(agent_id, str) and agent_id else request.entity_id,
-                user_message=request.field_text("user_message"),
-                timeout_ms=self.settings.request_timeout_ms,
-            )
-            params.update(made.params())
-        else:
-            params.update(NO_CONVERSATION_STORAGE.params())
-        return Outcome(ready.action, params)
+            made = conversation_storage(self.ports, self.settings, self.request)
+        return Outcome(ready.action, {**ready.params, **made.params()})
 
     def provision(self) -> Outcome:
         if self.settings.temperfs_enabled and not self.request.field_text("user_message"):
             raise ProvisionerError(FailureCode.AGENT_NOT_CONFIGURED, NOT_CONFIGURED)
         static_url = self._static_url()
         if static_url:
-            self.ports.telemetry.log(
-                LogLevel.INFO, f"sandbox_provisioner: using static sandbox_url: {static_url}"
-            )
+            message = f"sandbox_provisioner: using static sandbox_url: {static_url}"
+            self.ports.telemetry.log(LogLevel.INFO, message)
             # Described as a ready record (never stored), so SandboxReady reads one way.
             static = EntityRecord(
-                READY, nonce="", since_ms=0, sandbox_id=STATIC_SANDBOX_ID, sandbox_url=static_url
+                READY, "", 0, sandbox_id=STATIC_SANDBOX_ID, sandbox_url=static_url
             )
             return self._with_conversation(_ready(static))
         if self.settings.api_key_source == "none":
             raise ProvisionerError(FailureCode.E2B_API_KEY_MISSING, NO_KEY)
-        outcome = self._provision_e2b()
-        return self._with_conversation(outcome) if outcome.action == SANDBOX_READY else outcome
-
-    def _provision_e2b(self) -> Outcome:
         record, version = self._ensure_record()
         if record.state == READY:
-            return _ready(record)
-        controller = AdmissionController(self.ports, self.admission_config)
-        return with_wake_ups(self._admitted(controller, record, version), controller)
+            return self._with_conversation(_ready(record))
+        controller = self._controller()
+        outcome = with_wake_ups(self._admitted(controller, record, version), controller)
+        return self._with_conversation(outcome) if outcome.action == SANDBOX_READY else outcome
 
     def _admitted(
         self, controller: AdmissionController, record: EntityRecord, version: int
@@ -221,18 +181,18 @@ class Operations:
             self.waiter, self.settings.sandbox_timeout_s * 1000
         )
         if isinstance(decision, Grant):
-            grant = decision
-            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+            grant, request, key = decision, self.request, self._idempotency_key(record)
+            metadata = {
+                "temper_tenant": request.tenant,
+                "temper_entity_type": request.entity_type,
+                "temper_entity_id": request.entity_id,
+                "temper_idempotency_key": key,
+            }
             try:
-                result, info = E2BClient(self.ports.http, self.settings).create(
-                    idempotency_key=key, metadata=self._metadata(key)
-                )
+                result, info = self._e2b().create(idempotency_key=key, metadata=metadata)
             except Exception as error:
-                # The slot goes back now rather than when its lease runs out; the fault is
-                # ours, not E2B's, so no shared backoff.
-                failure = Failure(
-                    FailureCode.INTERNAL_ERROR, f"create failed: {error!r}", retryable=False
-                )
+                # The slot goes back now, not at its lease's end; our fault: no shared backoff.
+                failure = Failure(FailureCode.INTERNAL_ERROR, f"create failed: {error!r}", False)
                 self._settle(controller, grant, CreateFailed(failure))
                 raise
             record = record.with_attempt(grant.attempt)
@@ -240,22 +200,20 @@ class Operations:
             if isinstance(result, Created) and info is not None:
                 return self._record_ready(controller, record, version, info, grant.queued_ms)
         if isinstance(decision, Queued):
-            return _queued(decision)
+            return Outcome(SANDBOX_QUEUED, decision.params())
         if isinstance(decision, Rejected):
             self._forget(version)
-            return _rejected(decision)
+            return failed(decision.failure)
         raise ProvisionerError(FailureCode.INTERNAL_ERROR, "admission gave no decision")
 
     def _settle(
         self, controller: AdmissionController, grant: Grant, result: CreateResult
     ) -> Grant | Queued | Rejected | None:
-        """Settle a grant; a settle that met a storage failure is safe to repeat, and
-        repeating it now returns the create slot sooner than its lease expiry would."""
-        decision = controller.settle(self.waiter, grant, result)
-        for _ in range(_SETTLE_TRIES - 1):
+        """A settle that met a storage failure is safe to repeat, and returns the slot sooner."""
+        for _ in range(_SETTLE_TRIES):
+            decision = controller.settle(self.waiter, grant, result)
             if not (isinstance(decision, Queued) and decision.reason == REASON_STORAGE):
                 break
-            decision = controller.settle(self.waiter, grant, result)
         if isinstance(decision, Grant):
             # Admission never hands out a grant from a settle; if it did, give it back.
             return controller.settle(self.waiter, decision, Unavailable(status=None))
@@ -266,46 +224,33 @@ class Operations:
         controller: AdmissionController,
         record: EntityRecord,
         version: int,
-        info: SandboxInfo,
+        info: EntityRecord,
         queued_ms: int,
     ) -> Outcome:
-        ready = EntityRecord(
-            state=READY,
+        ready = replace(
+            info,
             nonce=record.nonce,
             since_ms=self.ports.clock.now_ms(),
             attempts=record.attempts,
-            sandbox_id=info.sandbox_id,
             template_id=info.template_id or self.settings.template_id,
-            client_id=info.client_id,
-            envd_version=info.envd_version,
             queued_ms=queued_ms,
-            sandbox_url=info.sandbox_url,
         )
+        ttl_ms = self.settings.sandbox_timeout_s * 1000
         try:
-            self.records.put(
-                self.request.entity, ready, version, self.settings.sandbox_timeout_s * 1000
-            )
+            self.records.put(self.request.entity, ready, version, ttl_ms)
         except StorageConflict:
             # Released while the create was in flight: the sandbox belongs to nobody now.
-            kill_failure = E2BClient(self.ports.http, self.settings).kill(info.sandbox_id)
+            kill_failure = self._e2b().kill(info.sandbox_id)
             controller.release(self.waiter)
-            return failed(
-                Failure(
-                    FailureCode.RELEASED_DURING_CREATE,
-                    "the entity was released while its sandbox was being created"
-                    + ("" if kill_failure is None else f"; kill failed: {kill_failure.message}"),
-                    retryable=False,
-                )
-            )
-        self.ports.telemetry.progress(
-            {
-                "event": "sandbox_ready",
-                "tenant": self.request.tenant,
-                "entity": self.request.entity,
-                "sandbox_id": info.sandbox_id,
-                "attempts": record.attempts,
-                "queued_ms": queued_ms,
-            }
+            message = "the entity was released while its sandbox was being created"
+            if kill_failure is not None:
+                message += f"; kill failed: {kill_failure.message}"
+            return failed(Failure(FailureCode.RELEASED_DURING_CREATE, message, retryable=False))
+        self._progress(
+            "sandbox_ready",
+            sandbox_id=info.sandbox_id,
+            attempts=record.attempts,
+            queued_ms=queued_ms,
         )
         return _ready(ready)
 
@@ -315,48 +260,32 @@ class Operations:
 
     def release(self) -> Outcome:
         loaded = self.records.load(self.request.entity)
-        controller = AdmissionController(self.ports, self.admission_config)
+        controller = self._controller()
         if loaded is None:
             held = controller.release(self.waiter)
             released = Outcome(SANDBOX_RELEASED, {"released": False, "held_permit": held})
             return with_wake_ups(released, controller)
         record, version = loaded
-        client = E2BClient(self.ports.http, self.settings)
-        if record.state == READY:
-            doomed = [record.sandbox_id]
-        else:
-            # A create may have succeeded without being recorded (a crash mid-create):
-            # find it by the idempotency key it carries, so no sandbox is orphaned.
-            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+        client = self._e2b()
+        doomed = [record.sandbox_id]
+        if record.state != READY:
+            # A create may have succeeded unrecorded (a crash mid-create): find it by its
+            # idempotency key, so no sandbox is orphaned.
+            key = self._idempotency_key(record)
             try:
                 doomed = client.find_by_metadata("temper_idempotency_key", key)
             except Exception as error:  # HttpError: the kill would fail too
-                return failed(
-                    Failure(
-                        FailureCode.E2B_UNAVAILABLE,
-                        f"could not list sandboxes: {error}",
-                        retryable=True,
-                    )
-                )
+                message = f"could not list sandboxes: {error}"
+                return failed(Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True))
         for sandbox_id in doomed:
             failure = client.kill(sandbox_id)
             if failure is not None:
                 return failed(failure, sandbox_id=sandbox_id)
         controller.release(self.waiter)
         self._forget(version)
-        self.ports.telemetry.progress(
-            {
-                "event": "sandbox_released",
-                "tenant": self.request.tenant,
-                "entity": self.request.entity,
-                "sandbox_ids": doomed,
-            }
-        )
-        released = Outcome(
-            SANDBOX_RELEASED,
-            {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None},
-        )
-        return with_wake_ups(released, controller)
+        self._progress("sandbox_released", sandbox_ids=doomed)
+        params = {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None}
+        return with_wake_ups(Outcome(SANDBOX_RELEASED, params), controller)
 
     def status(self) -> Outcome:
         loaded = self.records.load(self.request.entity)
@@ -369,7 +298,7 @@ class Operations:
                 "attempts": record.attempts,
                 "since_ms": record.since_ms,
             }
-        gates = AdmissionController(self.ports, self.admission_config).status(self.request.tenant)
+        gates = self._controller().status(self.request.tenant)
         params: dict[str, Any] = {"entity": entity, "gates": gates}
         if self.resources:
             params["resources"] = resource_snapshot(self.ports, self.resources, self.request.tenant)
@@ -389,8 +318,6 @@ def dispatch(request: Request, ports: Ports) -> Outcome:
     except (StorageInvalidKey, StorageTooLarge):
         raise  # the request's fault, not an outage: app.run makes it a typed failure
     except StorageError:
-        # Fail closed and keep waiting. Under Temper's rules a SandboxFailed ends the
-        # session (the spec routes it to Failed, and a sandbox a held create made during
-        # the outage is then never adopted); SandboxQueued keeps it polling on the spec's
-        # timer until storage answers again.
-        return _queued(storage_queued(ports, operations.admission_config))
+        # Fail closed and keep waiting: a SandboxFailed would end the session (Temper routes
+        # it to Failed), SandboxQueued keeps it polling until storage answers again.
+        return Outcome(SANDBOX_QUEUED, storage_queued(ports, operations.admission_config).params())

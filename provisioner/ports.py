@@ -1,9 +1,5 @@
-"""The ports: every effect the guest has goes through one of these.
-
-Inside the component they are bound to the WIT imports (`provisioner.component`); in
-native tests and simulations they are bound to in-process fakes. The guest never reads
-the wall clock or OS randomness, never prints, and never touches the network directly.
-"""
+"""The ports: every effect the guest has goes through one of these (bound to the WIT imports
+in `provisioner.component`, to in-process fakes in native tests and simulations)."""
 
 from __future__ import annotations
 
@@ -13,8 +9,6 @@ from typing import Any, Protocol
 
 
 class Scope(Enum):
-    """Which namespace a key lives in; the host decides what each one maps to."""
-
     TENANT = "tenant"
     ACCOUNT = "account"
 
@@ -25,8 +19,7 @@ class Entry:
     version: int
 
 
-class StorageError(Exception):
-    """Base of every storage failure the guest sees."""
+class StorageError(Exception): ...
 
 
 class StorageConflict(StorageError):
@@ -34,42 +27,31 @@ class StorageConflict(StorageError):
 
 
 class StorageUnavailable(StorageError):
-    """The backend failed or could not be reached; nothing was changed."""
+    """Nothing was changed."""
 
 
-class StorageInvalidKey(StorageError):
-    """The key was refused by the host."""
+class StorageInvalidKey(StorageError): ...
 
 
 class StorageTooLarge(StorageError):
-    """The value exceeds the host's size limit."""
-
     def __init__(self, limit: int) -> None:
         super().__init__(f"value larger than the storage limit of {limit} bytes")
         self.limit = limit
 
 
 class StorageReader(Protocol):
-    """The reading half of `Storage`: all that an inspection needs."""
-
     def get(self, scope: Scope, key: str) -> Entry | None: ...
 
 
 class Storage(StorageReader, Protocol):
     def compare_and_swap(
-        self,
-        scope: Scope,
-        key: str,
-        expected_version: int | None,
-        value: bytes,
-        ttl_ms: int | None,
+        self, scope: Scope, key: str, expected_version: int | None, value: bytes, ttl_ms: int | None
     ) -> int:
-        """Write if the version is `expected_version` (None: must be absent); return the
-        new version, or raise StorageConflict."""
+        """The new version; `expected_version` None: the key must be absent."""
         ...
 
     def delete(self, scope: Scope, key: str, expected_version: int | None) -> bool:
-        """Delete if the version matches (None: unconditionally); False when absent."""
+        """`expected_version` None: unconditionally; False when absent."""
         ...
 
 
@@ -90,10 +72,7 @@ class HttpResponse:
 
     def header(self, name: str) -> str | None:
         wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return next((value for key, value in self.headers if key.lower() == wanted), None)
 
 
 class HttpErrorKind(Enum):
@@ -105,8 +84,6 @@ class HttpErrorKind(Enum):
 
 
 class HttpError(Exception):
-    """The request produced no HTTP response."""
-
     def __init__(self, kind: HttpErrorKind, detail: str = "") -> None:
         super().__init__(f"{kind.value}: {detail}" if detail else kind.value)
         self.kind = kind
@@ -115,7 +92,7 @@ class HttpError(Exception):
 
 class Http(Protocol):
     def send(self, request: HttpRequest) -> HttpResponse:
-        """Return the response, whatever its status, or raise HttpError."""
+        """The response, whatever its status; HttpError when there is none."""
         ...
 
 
@@ -149,5 +126,4 @@ class Ports:
     telemetry: Telemetry
 
     def uniform(self) -> float:
-        """A float in [0, 1) from the host's randomness."""
         return (self.random.next_u64() >> 11) / float(1 << 53)

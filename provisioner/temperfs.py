@@ -1,27 +1,6 @@
-"""The conversation storage the old sandbox_provisioner sets up in TemperFS, made idempotent.
-
-After the sandbox is ready, the old module (`create_conversation_storage` and
-`create_session_tree` in `os-apps/temper-agent/wasm/sandbox_provisioner/src/lib.rs`,
-`nerdsane/temper`; its requests are listed in `harness/mocks/temperfs/TEMPERFS.md`) creates through
-`{temper_api_url}/tdata/...`, with the headers `content-type`, `x-tenant-id` and
-`x-temper-principal-kind: admin`:
-
-1. the workspace `agent-{agent_id}`; 2. the conversation file, then 3. its `$value`
-`{"messages": []}`; 4. the manifest file, then 5. its `$value`
-`{"files": {}, "synced_at_turn": 0}`; 6. the session file, then 7. its `$value`: a JSONL
-header and the first user message.
-
-The same bodies are sent, plus `Id`: Temper reads the entity id from `id`/`Id` only
-(`handle_odata_post` in `crates/temper-server/src/odata/write.rs`), so the old module's
-`WorkspaceId`/`FileId` made a new workspace and new files on every repeat. With `Id`, a
-repeat is Temper's get-or-create and answers the existing entity; a `409
-DeclaredKeyConflict` (another file holds the workspace and path) names the holder, which
-is looked up and used. A file whose status is already `Ready` holds content and is not
-overwritten. The ids are stored once all five exist, so a repeated Provision sends nothing.
-
-Failures are not fatal, as in the old module: a failed step 1, 2 or 4 (or a transport
-error in 3 or 5) leaves all five ids empty, a failed step 6 leaves the two session ids
-empty, a failed `$value` write only warns.
+"""The conversation storage the old sandbox_provisioner sets up in TemperFS, made idempotent:
+each entity is posted with its `Id`, so a repeat is Temper's get-or-create, and the ids are
+stored once all five exist. The steps, and which failures are fatal: docs/gates.md (outer25).
 """
 
 from __future__ import annotations
@@ -32,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from provisioner.config import SandboxSettings
+from provisioner.invocation import Request
 from provisioner.model import fields_of
 from provisioner.ports import (
     HttpError,
@@ -43,13 +24,23 @@ from provisioner.ports import (
     StorageError,
 )
 
-_PREFIX = "sandbox_provisioner"
-# `handle_odata_post`'s 409 names the holder: "duplicate declared key 'ws_path' for File:
-# held by <id>" (the Temper test `post_returns_409_naming_the_key_and_the_holder`).
+# `handle_odata_post`'s 409 names the holder: "duplicate declared key ... held by <id>".
 _HOLDER = re.compile(r"held by (\S+)")
 # A workspace quota of 100 MiB, as the old module asks (a string, as it sends it).
 QUOTA_BYTES = "104857600"
 _RECORD_TTL_MS = 24 * 3600 * 1000
+_JSON = "application/json"
+# Steps 2-5: (id prefix, file name, what, label, initial `$value`).
+_JSON_FILES: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
+    ("conv", "conversation.json", "File creation", "conversation", {"messages": []}),
+    (
+        "manifest",
+        "file_manifest.json",
+        "Manifest File creation",
+        "manifest",
+        {"files": {}, "synced_at_turn": 0},
+    ),
+)
 
 
 class _StepFailed(Exception):
@@ -76,8 +67,7 @@ NONE = ConversationStorage()
 
 
 def _compact(value: Any) -> bytes:
-    # serde_json's `to_string`: compact, keys in order (serde_json's map is a BTreeMap),
-    # non-ASCII as UTF-8.
+    # serde_json's `to_string`: compact, keys sorted (a BTreeMap), non-ASCII as UTF-8.
     text = json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
     return text.encode("utf-8", "replace")
 
@@ -92,10 +82,19 @@ def session_jsonl(agent_id: str, user_message: str) -> bytes:
         "type": "message",
         "role": "user",
         "content": user_message,
-        # Rust's `str::len` is the UTF-8 length.
-        "tokens": len(user_message.encode("utf-8", "replace")) // 4,
+        "tokens": len(user_message.encode("utf-8", "replace")) // 4,  # Rust's UTF-8 `len`
     }
     return _compact(header) + b"\n" + _compact(user)
+
+
+def _key(entity_id: str) -> str:
+    """An OData key literal's content: quotes doubled, then percent-encoded for the path."""
+    return quote(entity_id.replace("'", "''"), safe="-_.~")
+
+
+def _text(answer: dict[str, Any], name: str) -> str:
+    value = answer.get(name)
+    return value if isinstance(value, str) else ""
 
 
 class ConversationRecords:
@@ -124,12 +123,9 @@ class ConversationRecords:
     def store(self, entity: str, base_url: str, made: ConversationStorage) -> None:
         value = json.dumps({"base_url": base_url, **made.params()}).encode()
         entry = self._storage.get(Scope.TENANT, self.key(entity))
+        version = None if entry is None else entry.version
         self._storage.compare_and_swap(
-            Scope.TENANT,
-            self.key(entity),
-            None if entry is None else entry.version,
-            value,
-            _RECORD_TTL_MS,
+            Scope.TENANT, self.key(entity), version, value, _RECORD_TTL_MS
         )
 
 
@@ -137,74 +133,45 @@ class TemperFS:
     def __init__(self, ports: Ports, base_url: str, tenant: str, timeout_ms: int) -> None:
         self._ports = ports
         self._base = base_url.rstrip("/") + "/tdata"
-        self._tenant = tenant
+        self._headers = (("x-tenant-id", tenant), ("x-temper-principal-kind", "admin"))
         self._timeout_ms = timeout_ms
 
     def _log(self, level: LogLevel, message: str) -> None:
-        self._ports.telemetry.log(level, f"{_PREFIX}: {message}")
+        self._ports.telemetry.log(level, f"sandbox_provisioner: {message}")
 
     def _send(self, method: str, path: str, body: bytes, content_type: str) -> HttpResponse:
-        return self._ports.http.send(
-            HttpRequest(
-                method=method,
-                url=self._base + path,
-                headers=(
-                    ("content-type", content_type),
-                    ("x-tenant-id", self._tenant),
-                    ("x-temper-principal-kind", "admin"),
-                ),
-                body=body,
-                timeout_ms=self._timeout_ms,
-            )
-        )
+        headers = (("content-type", content_type), *self._headers)
+        request = HttpRequest(method, self._base + path, headers, body, self._timeout_ms)
+        return self._ports.http.send(request)
 
-    @staticmethod
-    def _json(response: HttpResponse, what: str) -> dict[str, Any]:
+    def _call(self, method: str, path: str, body: bytes, what: str) -> dict[str, Any]:
+        """The JSON object answered (a POST's 409 naming the holder: the holder as it is)."""
+        try:
+            response = self._send(method, path, body, _JSON)
+        except HttpError as error:
+            raise _StepFailed(f"{what} failed: {error}") from None
+        if response.status == 409 and method == "POST":
+            holder = _HOLDER.search(response.body.decode("utf-8", "replace"))
+            if holder is not None:
+                holder_id = _key(holder.group(1).rstrip("'\".,}"))
+                found = self._call("GET", f"{path}('{holder_id}')", b"", f"{what} lookup")
+                self._log(LogLevel.INFO, f"{what}: using the existing {found.get('entity_id')}")
+                return found
+        if not 200 <= response.status < 300:
+            excerpt = response.body[:300].decode("utf-8", "replace")
+            raise _StepFailed(f"{what} failed (HTTP {response.status}): {excerpt}")
         try:
             parsed = json.loads(response.body.decode("utf-8", "replace"))
         except ValueError as error:
             raise _StepFailed(f"parse {what} response: {error}") from None
         return parsed if isinstance(parsed, dict) else {}
 
-    @staticmethod
-    def _failed(what: str, response: HttpResponse) -> _StepFailed:
-        excerpt = response.body[:300].decode("utf-8", "replace")
-        return _StepFailed(f"{what} failed (HTTP {response.status}): {excerpt}")
-
-    def _create(self, entity_set: str, body: dict[str, Any], what: str) -> dict[str, Any]:
-        """POST a Workspace or File; on a 409 naming the holder, the holder as it is."""
-        try:
-            response = self._send("POST", f"/{entity_set}", _compact(body), "application/json")
-        except HttpError as error:
-            raise _StepFailed(f"{what} failed: {error}") from None
-        if response.status == 409:
-            holder = _HOLDER.search(response.body.decode("utf-8", "replace"))
-            if holder is None:
-                raise self._failed(what, response)
-            found = self._get(entity_set, holder.group(1).rstrip("'\".,}"), what)
-            self._log(LogLevel.INFO, f"{what}: using the existing {found.get('entity_id')}")
-            return found
-        if not 200 <= response.status < 300:
-            raise self._failed(what, response)
-        return self._json(response, what)
-
-    def _get(self, entity_set: str, entity_id: str, what: str) -> dict[str, Any]:
-        try:
-            response = self._send(
-                "GET", f"/{entity_set}('{_key(entity_id)}')", b"", "application/json"
-            )
-        except HttpError as error:
-            raise _StepFailed(f"{what} lookup failed: {error}") from None
-        if not 200 <= response.status < 300:
-            raise self._failed(f"{what} lookup", response)
-        return self._json(response, what)
-
-    def _write(self, file_id: str, content: bytes, content_type: str, what: str) -> bool:
-        """PUT a file's `$value`; a non-2xx only warns. True when written."""
+    def _write(self, file_id: str, content: bytes, content_type: str, label: str) -> bool:
+        """PUT a file's `$value`; a non-2xx only warns (a transport error is raised)."""
         response = self._send("PUT", f"/Files('{_key(file_id)}')/$value", content, content_type)
         if 200 <= response.status < 300:
             return True
-        self._log(LogLevel.WARN, f"initial {what}$value write failed (HTTP {response.status})")
+        self._log(LogLevel.WARN, f"initial {label} $value write failed (HTTP {response.status})")
         return False
 
     def _file(
@@ -212,20 +179,16 @@ class TemperFS:
     ) -> tuple[str, bool]:
         """(file id, whether it already holds content)."""
         file_id = f"{prefix}-{agent_id}"
-        answer = self._create(
-            "Files",
-            {
-                "Id": file_id,
-                "FileId": file_id,
-                "workspace_id": workspace_id,
-                "name": name,
-                "mime_type": mime,
-                "path": f"/{name}",
-            },
-            what,
-        )
-        made = answer.get("entity_id")
-        return (made if isinstance(made, str) else ""), answer.get("status") == "Ready"
+        body = {
+            "Id": file_id,
+            "FileId": file_id,
+            "workspace_id": workspace_id,
+            "name": name,
+            "mime_type": mime,
+            "path": f"/{name}",
+        }
+        answer = self._call("POST", "/Files", _compact(body), what)
+        return _text(answer, "entity_id"), answer.get("status") == "Ready"
 
     def setup(self, agent_id: str, user_message: str) -> ConversationStorage:
         try:
@@ -235,60 +198,32 @@ class TemperFS:
             return NONE
 
     def _setup(self, agent_id: str, user_message: str) -> ConversationStorage:
-        workspace_key = f"agent-{agent_id}"
-        workspace = self._create(
-            "Workspaces",
-            {
-                "Id": workspace_key,
-                "WorkspaceId": workspace_key,
-                "name": f"Agent {agent_id} Workspace",
-                "owner_id": agent_id,
-                "quota_bytes": QUOTA_BYTES,
-            },
-            "Workspace creation",
-        )
-        made = workspace.get("entity_id")
-        workspace_id = made if isinstance(made, str) else ""
+        key = f"agent-{agent_id}"
+        workspace = {
+            "Id": key,
+            "WorkspaceId": key,
+            "name": f"Agent {agent_id} Workspace",
+            "owner_id": agent_id,
+            "quota_bytes": QUOTA_BYTES,
+        }
+        answer = self._call("POST", "/Workspaces", _compact(workspace), "Workspace creation")
+        workspace_id = _text(answer, "entity_id")
         self._log(LogLevel.INFO, f"created workspace {workspace_id}")
-
-        conversation_id, filled = self._file(
-            agent_id,
-            "conv",
-            workspace_id,
-            "conversation.json",
-            "application/json",
-            "File creation",
-        )
-        self._log(LogLevel.INFO, f"created conversation file {conversation_id}")
-        if not filled:
-            self._write(conversation_id, _compact({"messages": []}), "application/json", "")
-
-        manifest_id, filled = self._file(
-            agent_id,
-            "manifest",
-            workspace_id,
-            "file_manifest.json",
-            "application/json",
-            "Manifest File creation",
-        )
-        self._log(LogLevel.INFO, f"created manifest file {manifest_id}")
-        if not filled:
-            self._write(
-                manifest_id,
-                _compact({"files": {}, "synced_at_turn": 0}),
-                "application/json",
-                "manifest ",
-            )
-
-        session_file_id, session_leaf_id = self._session(agent_id, workspace_id, user_message)
-        return ConversationStorage(
-            workspace_id, conversation_id, manifest_id, session_file_id, session_leaf_id
-        )
+        file_ids = []
+        for prefix, name, what, label, content in _JSON_FILES:
+            file_id, filled = self._file(agent_id, prefix, workspace_id, name, _JSON, what)
+            self._log(LogLevel.INFO, f"created {label} file {file_id}")
+            if not filled:
+                self._write(file_id, _compact(content), _JSON, label)
+            file_ids.append(file_id)
+        session = self._session(agent_id, workspace_id, user_message)
+        conversation_id, manifest_id = file_ids
+        return ConversationStorage(workspace_id, conversation_id, manifest_id, *session)
 
     def _session(self, agent_id: str, workspace_id: str, user_message: str) -> tuple[str, str]:
-        """Step 6 and 7 (`create_session_tree`): never aborts the setup."""
+        """Steps 6 and 7 (`create_session_tree`): never abort the setup."""
         try:
-            session_file_id, filled = self._file(
+            file_id, filled = self._file(
                 agent_id,
                 "session",
                 workspace_id,
@@ -299,47 +234,40 @@ class TemperFS:
         except _StepFailed as error:
             self._log(LogLevel.WARN, f"Failed to create session file: {error}")
             return "", ""
-        if not session_file_id:
+        if not file_id:
             return "", ""
         if not filled:
             try:
-                if self._write(
-                    session_file_id, session_jsonl(agent_id, user_message), "text/plain", "session "
-                ):
+                content = session_jsonl(agent_id, user_message)
+                if self._write(file_id, content, "text/plain", "session"):
                     self._log(LogLevel.INFO, "session tree initialized")
             except HttpError as error:
                 self._log(LogLevel.WARN, f"Failed to write session file: {error}")
-        return session_file_id, f"u-{agent_id}-0"
-
-
-def _key(entity_id: str) -> str:
-    """An OData key literal's content: quotes doubled, then percent-encoded for the path."""
-    return quote(entity_id.replace("'", "''"), safe="-_.~")
+        return file_id, f"u-{agent_id}-0"
 
 
 def conversation_storage(
-    ports: Ports,
-    *,
-    base_url: str,
-    tenant: str,
-    entity: str,
-    agent_id: str,
-    user_message: str,
-    timeout_ms: int,
+    ports: Ports, settings: SandboxSettings, request: Request
 ) -> ConversationStorage:
     """The entity's conversation storage: the stored ids, or a (re)run of the setup."""
-    records = ConversationRecords(ports)
+    records, base_url = ConversationRecords(ports), settings.temper_api_url
     try:
-        known = records.load(entity, base_url)
+        known = records.load(request.entity, base_url)
     except StorageError:
         known = None
     if known is not None:
         return known
-    made = TemperFS(ports, base_url, tenant, timeout_ms).setup(agent_id, user_message)
+    agent_id = request.entity_state.get("entity_id")
+    if not isinstance(agent_id, str) or not agent_id:
+        agent_id = request.entity_id
+    temperfs = TemperFS(ports, base_url, request.tenant, settings.request_timeout_ms)
+    made = temperfs.setup(agent_id, request.field_text("user_message"))
     if made.complete:
         try:
-            records.store(entity, base_url, made)
+            records.store(request.entity, base_url, made)
         except StorageError as error:
             # Not fatal: a repeat finds the same entities through get-or-create.
-            ports.telemetry.log(LogLevel.WARN, f"{_PREFIX}: could not store the ids: {error}")
+            ports.telemetry.log(
+                LogLevel.WARN, f"sandbox_provisioner: could not store the ids: {error}"
+            )
     return made

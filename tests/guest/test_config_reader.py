@@ -42,7 +42,9 @@ def test_a_spelling_that_loses_is_still_validated() -> None:
 
 def test_seconds_may_be_fractional_and_milliseconds_are_integers() -> None:
     # Catches: a `_ms` spelling scaled by 1000, or a seconds value truncated to whole seconds.
-    admission = read_config({"waiter_ttl_s": "1.5", "create_lease_ms": "2500"}).admission
+    admission = read_config(
+        {"waiter_ttl_s": "1.5", "create_lease_ms": "2500", "create_timeout_ms": "1000"}
+    ).admission
     assert (admission.waiter_ttl_ms, admission.create_lease_ms) == (1_500, 2_500)
     assert read_config({"queue_timeout_s": "0.0001"}).admission.queue_timeout_ms == 1
     assert "integer" in refused({"waiter_ttl_ms": "1.5"})
@@ -86,3 +88,22 @@ def test_a_bound_set_below_the_default_it_bounds_is_refused(
     # Catches: relations checked only when the bounded key itself is set, so a cap below
     # the default base (500 ms) would pass and the backoff would exceed its own cap.
     assert fragment in refused(config)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"create_lease_ms": "10000"},
+        {"create_lease_ms": "30000", "create_timeout_ms": "30000"},
+        {"create_timeout_ms": "110000", "create_lease_ms": "100000"},
+    ],
+)
+def test_a_create_lease_no_longer_than_a_create_request_is_refused(config: dict[str, str]) -> None:
+    # Catches: a create slot's lease that can end while its request is still in flight (a late
+    # Created answer could then find the entity granted a second create).
+    with pytest.raises(ProvisionerError) as raised:
+        read_config(config)
+    assert raised.value.failure.code == "invalid_config"
+    message = raised.value.failure.message
+    assert "create_lease_s" in message and "create_timeout_ms" in message, message
+    assert read_config({**config, "create_lease_ms": "120000"}).admission.create_lease_ms == 120_000

@@ -602,7 +602,7 @@ def test_a_create_whose_invocation_died_counts_until_its_sandbox_would_time_out(
         raise HostDied
 
     guest = Guest(ScriptedE2B(on_create=die))
-    config = {"create_lease_ms": "10000", "sandbox_timeout_s": "60"}
+    config = {"create_lease_ms": "10000", "create_timeout_ms": "5000", "sandbox_timeout_s": "60"}
     with pytest.raises(HostDied):
         guest.invoke("provision", **config)
     guest.clock.advance(10_000 + 60_000 - 1)
