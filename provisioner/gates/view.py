@@ -6,10 +6,10 @@ stored documents. `serve` refuses `inspect` from outside: it names every tenant'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate, read_config
 from provisioner.gates import policies
@@ -17,8 +17,13 @@ from provisioner.gates.blocking import assess, waiting
 from provisioner.gates.document import GATE_KEY as GATE_KEY
 from provisioner.gates.document import (
     Costs,
+    CreateLease,
     GateState,
+    Reservation,
+    ResourceLease,
     ResourceState,
+    SandboxLease,
+    UnsettledCreate,
     decode_ticket,
     gate_key,
     owned_by,
@@ -41,45 +46,12 @@ from provisioner.ports import Ports, Scope, Storage, StorageReader
 # at its next poll, so no gate holds it.
 REASON_DUE = "due"
 
-_View = TypeVar("_View")
-
-
-@dataclass(frozen=True, slots=True)
-class CreateLeaseView:
-    lease_id: str
-    tenant: str
-    entity: str
-    started_ms: int
-    expires_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxLeaseView:
-    lease_id: str
-    tenant: str
-    entity: str
-    sandbox_id: str
-    started_ms: int
-    expires_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class UnsettledCreateView:
-    """A create whose outcome is unknown: its sandbox may run unrecorded, so it holds
-    capacity until adopted or released, or until `until_ms` (E2B's timeout)."""
-
-    lease_id: str
-    tenant: str
-    entity: str
-    started_ms: int
-    until_ms: int
-
 
 @dataclass(frozen=True, slots=True)
 class CreateSlots:
     in_use: int
     limit: int
-    leases: tuple[CreateLeaseView, ...]
+    leases: tuple[CreateLease, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +70,8 @@ class Capacity:
     limit: int
     effective_limit: int
     running: int
-    leases: tuple[SandboxLeaseView, ...]
-    unsettled: tuple[UnsettledCreateView, ...] = ()
+    leases: tuple[SandboxLease, ...]
+    unsettled: tuple[UnsettledCreate, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,17 +106,6 @@ class WaiterView:
 
 
 @dataclass(frozen=True, slots=True)
-class ReservationView:
-    """A permit promised to one turn (`ticket`, or `entity` for a retry)."""
-
-    tenant: str
-    ticket: int | None
-    entity: str | None
-    at_ms: int
-    by_ms: int
-
-
-@dataclass(frozen=True, slots=True)
 class GateView:
     """The sandbox gate as of `now_ms`; `version` is None when never written."""
 
@@ -160,7 +121,7 @@ class GateView:
     create_latency_ms: int | None
     hold_ms: int | None
     grants: int
-    reservations: tuple[ReservationView, ...] = ()
+    reservations: tuple[Reservation, ...] = ()
 
     @property
     def permits_held(self) -> int:
@@ -175,7 +136,7 @@ class GateView:
         return tuple(w for w in self.waiters if w.alive)
 
     @property
-    def orphaned_reservations(self) -> tuple[ReservationView, ...]:
+    def orphaned_reservations(self) -> tuple[Reservation, ...]:
         """Reservations whose turn is not waiting: a turn takes its reservation with it
         however it leaves, so none should exist."""
         turns = {
@@ -187,12 +148,6 @@ class GateView:
     def dead_tickets(self) -> tuple[WaiterView, ...]:
         """Turns nobody comes back for: they hold nothing, and decisions drop them."""
         return tuple(w for w in self.waiters if not w.alive)
-
-
-def _views(view: type[_View], items: Iterable[object]) -> tuple[_View, ...]:
-    """Each item as `view`, field by field by name."""
-    names = [field.name for field in fields(view)]  # type: ignore[arg-type]
-    return tuple(view(**{name: getattr(item, name) for name in names}) for item in items)
 
 
 def _backoff(state: GateState | ResourceState, now_ms: int) -> Backoff:
@@ -214,7 +169,7 @@ def gate_view(
         create_slots=CreateSlots(
             policies.slots_in_use(state),
             config.create_slots,
-            _views(CreateLeaseView, state.create_leases),
+            tuple(state.create_leases),
         ),
         rate=Rate(
             config.create_rate_per_s,
@@ -227,8 +182,8 @@ def gate_view(
             config.max_sandboxes,
             policies.capacity_limit(state, config),
             len(state.sandbox_leases),
-            _views(SandboxLeaseView, state.sandbox_leases),
-            _views(UnsettledCreateView, state.unsettled),
+            tuple(state.sandbox_leases),
+            tuple(state.unsettled),
         ),
         backoff=_backoff(state, now_ms),
         retry_budget=RetryBudget(policies.retry_tokens(state, config), config.retry_budget),
@@ -237,7 +192,7 @@ def gate_view(
         create_latency_ms=state.latency_ms,
         hold_ms=state.hold_ms,
         grants=state.grants,
-        reservations=_views(ReservationView, state.reservations),
+        reservations=tuple(state.reservations),
     )
 
 
@@ -252,7 +207,7 @@ def sandbox_snapshot(
         "now_ms": now_ms,
         "account": {
             "create_slots": {"in_use": slots.in_use, "limit": slots.limit},
-            "rate": _plain(view.rate),
+            "rate": plain(view.rate),
             "capacity": {
                 "in_use": capacity.in_use,
                 "limit": capacity.effective_limit,
@@ -344,18 +299,6 @@ def _waiters(
 
 
 @dataclass(frozen=True, slots=True)
-class ResourceLeaseView:
-    """`charged`: what the grant charged each bucket, by bucket name."""
-
-    lease_id: str
-    tenant: str
-    entity: str
-    started_ms: int
-    expires_ms: int
-    charged: tuple[tuple[str, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
 class BucketView:
     """`reason` names the bucket as a queue reason; `tenant` is set for a tenant's own
     bucket; `level` is negative while in debt."""
@@ -388,7 +331,7 @@ class ResourceGateView:
     version: int | None
     concurrency: int | None
     tenant_concurrency: int | None
-    leases: tuple[ResourceLeaseView, ...]
+    leases: tuple[ResourceLease, ...]
     buckets: tuple[BucketView, ...]
     backoff: Backoff
     waiters: tuple[ResourceWaiterView, ...]
@@ -432,17 +375,7 @@ def resource_view(
         version=version,
         concurrency=gate.permits(ACCOUNT),
         tenant_concurrency=gate.permits(TENANT),
-        leases=tuple(
-            ResourceLeaseView(
-                lease.lease_id,
-                lease.tenant,
-                lease.entity,
-                lease.started_ms,
-                lease.expires_ms,
-                tuple((c.bucket, c.tokens) for c in lease.charges),
-            )
-            for lease in state.leases
-        ),
+        leases=tuple(state.leases),
         buckets=buckets,
         backoff=_backoff(state, now_ms),
         waiters=waiters,
@@ -515,17 +448,27 @@ def inspect_resources(
     return views
 
 
-def _plain(value: Any) -> Any:
+# The fields of a stored record that `inspect` shows, in order (default: all of them).
+_SHOWN: dict[type, tuple[str, ...]] = {
+    CreateLease: ("lease_id", "tenant", "entity", "started_ms", "expires_ms"),
+    SandboxLease: ("lease_id", "tenant", "entity", "sandbox_id", "started_ms", "expires_ms"),
+    Reservation: ("tenant", "ticket", "entity", "at_ms", "by_ms"),
+}
+
+
+def plain(value: Any) -> Any:
+    """`value` as the JSON of `inspect` shows it."""
     if isinstance(value, Enum):  # by name: an enum's value may be its stored encoding
         return value.name.lower()
     if isinstance(value, tuple | list):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     if hasattr(value, "__dataclass_fields__"):
-        return {name: _plain(getattr(value, name)) for name in value.__dataclass_fields__}
+        names = _SHOWN.get(type(value), tuple(value.__dataclass_fields__))
+        return {name: plain(getattr(value, name)) for name in names}
     return value
 
 
 def inspect(request: Request, ports: Ports) -> Outcome:
     config = read_config(request.config).admission
     view = inspect_gates(ports.storage, ports.clock.now_ms(), config)
-    return Outcome(GATES_INSPECTED, {**_plain(view), "permits_held": view.permits_held})
+    return Outcome(GATES_INSPECTED, {**plain(view), "permits_held": view.permits_held})

@@ -405,7 +405,7 @@ def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
     storage = gates.ports("acme").storage
     gate = inspect_resources(storage, gates.clock.now_ms(), read_config(config).resources)["llm"]
     assert [(v.lease_id, v.entity) for v in gate.leases] == [(lease, "Agent/a")]
-    assert dict(gate.leases[0].charged)["input"] == 400
+    assert {c.bucket: c.tokens for c in gate.leases[0].charges}["input"] == 400
     assert [(w.tenant, w.entity, w.costs) for w in gate.waiters] == [
         ("globex", "Agent/x", {"requests": 1.0, "input": 300.0, "output": 0.0})
     ]
