@@ -6,7 +6,7 @@ stored documents. `serve` refuses `inspect` from outside: it names every tenant'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -20,24 +20,22 @@ from provisioner.gates.document import (
     CreateLease,
     GateState,
     Reservation,
-    ResourceLease,
     ResourceState,
     SandboxLease,
     UnsettledCreate,
     decode_ticket,
-    gate_key,
     owned_by,
     resource_prefix,
     ticket_key,
     waiter_key,
 )
-from provisioner.gates.ledger import prune, read_state
+from provisioner.gates.ledger import read_state
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.results import REASON_STORAGE, Waiter
 from provisioner.gates.sandbox import prune_expired
 from provisioner.invocation import Request
 from provisioner.model import GATES_INSPECTED, Outcome
-from provisioner.ports import Ports, Scope, Storage, StorageReader
+from provisioner.ports import Ports, Scope, StorageReader
 
 # GATE_KEY is public: every decision writes it with compare-and-swap, so a host may watch
 # its version. Its content is private.
@@ -156,6 +154,11 @@ def _backoff(state: GateState | ResourceState, now_ms: int) -> Backoff:
     )
 
 
+def _cooldown(state: GateState | ResourceState, now_ms: int) -> dict[str, int]:
+    """The cooldown as `status` shows it."""
+    return {"cooling_ms": policies.cooling_ms(state, now_ms), "failures": state.backoff_failures}
+
+
 def gate_view(
     state: GateState,
     config: AdmissionConfig,
@@ -215,7 +218,7 @@ def sandbox_snapshot(
                 "running": capacity.running,
                 "unsettled": len(capacity.unsettled),
             },
-            "backoff": {"cooling_ms": view.backoff.cooling_ms, "failures": view.backoff.failures},
+            "backoff": _cooldown(state, now_ms),
             "retry_budget": {"tokens": round(budget.tokens, 3), "max": budget.limit},
             "queue_length": state.waiting(),
             "waiting_tenants": len(view.waiting_tenants),
@@ -326,39 +329,26 @@ class ResourceWaiterView:
 
 @dataclass(frozen=True, slots=True)
 class ResourceGateView:
+    """A resource gate as of `now_ms`: its document pruned as the next decision will, and
+    its buckets; `version` is None when never written."""
+
     name: str
     now_ms: int
     version: int | None
-    concurrency: int | None
-    tenant_concurrency: int | None
-    leases: tuple[ResourceLease, ...]
+    state: ResourceState
     buckets: tuple[BucketView, ...]
     backoff: Backoff
     waiters: tuple[ResourceWaiterView, ...]
-    hold_ms: int | None
-    grants: int
-
-    @property
-    def in_use(self) -> int:
-        return len(self.leases)
-
-    def held_by(self, tenant: str) -> int:
-        return sum(1 for lease in self.leases if lease.tenant == tenant)
 
     def bucket(self, reason: str, tenant: str | None = None) -> BucketView | None:
         return next((b for b in self.buckets if (b.reason, b.tenant) == (reason, tenant)), None)
 
 
-def resource_view(
-    state: ResourceState,
-    gate: ResourceGate,
-    now_ms: int,
-    version: int | None,
-    tenants: Sequence[str],
-    waiters: tuple[ResourceWaiterView, ...] = (),
-) -> ResourceGateView:
+def _buckets(
+    state: ResourceState, gate: ResourceGate, now_ms: int, tenants: Iterable[str]
+) -> tuple[BucketView, ...]:
     """The account's buckets, and each of `tenants`' own."""
-    buckets = tuple(
+    return tuple(
         BucketView(
             rate.reason,
             tenant,
@@ -369,39 +359,22 @@ def resource_view(
         for rate in policies.rate_limits(gate)
         for tenant in (tenants if rate.per_tenant else [None])
     )
-    return ResourceGateView(
-        name=gate.name,
-        now_ms=now_ms,
-        version=version,
-        concurrency=gate.permits(ACCOUNT),
-        tenant_concurrency=gate.permits(TENANT),
-        leases=tuple(state.leases),
-        buckets=buckets,
-        backoff=_backoff(state, now_ms),
-        waiters=waiters,
-        hold_ms=state.hold_ms,
-        grants=state.grants,
-    )
 
 
 def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str) -> dict[str, Any]:
-    """`status`: each gate's view without waiters, for the tenant; or why it is unreadable."""
+    """`status`: each gate without waiters, for the tenant; or why it is unreadable."""
     now = ports.clock.now_ms()
     found: dict[str, Any] = {}
     for name, gate in gates.items():
         try:
-            state, version = read_state(ports, gate, now)
+            state, _ = read_state(ports, gate, now)
         except Exception as error:
             found[name] = {"error": REASON_STORAGE, "message": str(error)}
             continue
-        view = resource_view(state, gate, now, version, [tenant])
         own = state.queue_of(tenant)
         found[name] = {
-            "concurrency": {"in_use": view.in_use, "limit": view.concurrency},
-            "tenant_concurrency": {
-                "in_use": view.held_by(tenant),
-                "limit": view.tenant_concurrency,
-            },
+            "concurrency": {"in_use": len(state.leases), "limit": gate.permits(ACCOUNT)},
+            "tenant_concurrency": {"in_use": state.held_by(tenant), "limit": gate.permits(TENANT)},
             "rates": {
                 bucket.reason: {
                     "per_minute": bucket.per_minute,
@@ -409,29 +382,25 @@ def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str)
                     "available": round(max(0.0, bucket.level), 3),
                     "debt": round(bucket.debt, 3),
                 }
-                for bucket in view.buckets
+                for bucket in _buckets(state, gate, now, [tenant])
             },
-            "backoff": {"cooling_ms": view.backoff.cooling_ms, "failures": view.backoff.failures},
+            "backoff": _cooldown(state, now),
             "queue_length": state.waiting(),
             "waiting_tenants": len(state.ring),
             "tenant_queued": 0 if own is None else own.length(),
-            "hold_ms": view.hold_ms,
-            "grants": view.grants,
+            "hold_ms": state.hold_ms,
+            "grants": state.grants,
         }
     return found
 
 
-def inspect_resources(
-    storage: Storage, now_ms: int, gates: dict[str, ResourceGate]
-) -> dict[str, ResourceGateView]:
+def inspect_resources(ports: Ports, gates: dict[str, ResourceGate]) -> dict[str, ResourceGateView]:
     """Each gate with every waiter; tenants' buckets are listed for those that hold a
     lease, wait, or whose bucket is not full."""
+    now = ports.clock.now_ms()
     views: dict[str, ResourceGateView] = {}
     for name, gate in gates.items():
-        prefix = resource_prefix(gate.name)
-        entry = storage.get(Scope.ACCOUNT, gate_key(prefix))
-        state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
-        prune(state, gate, now_ms)
+        state, version = read_state(ports, gate, now)
         tenants = sorted(
             {lease.tenant for lease in state.leases}
             | {queue.tenant for queue in state.ring}
@@ -440,11 +409,13 @@ def inspect_resources(
         waiters: list[ResourceWaiterView] = []
         for queue in state.ring:
             for ticket in queue.tickets():
-                found = storage.get(Scope.ACCOUNT, ticket_key(queue.tenant, ticket, prefix))
+                key = ticket_key(queue.tenant, ticket, resource_prefix(gate.name))
+                found = ports.storage.get(Scope.ACCOUNT, key)
                 entity, costs = (None, None) if found is None else decode_ticket(found.value)
                 waiters.append(ResourceWaiterView(queue.tenant, ticket, entity, costs))
-        version = None if entry is None else entry.version
-        views[name] = resource_view(state, gate, now_ms, version, tenants, tuple(waiters))
+        buckets = _buckets(state, gate, now, tenants)
+        backoff = _backoff(state, now)
+        views[name] = ResourceGateView(name, now, version, state, buckets, backoff, tuple(waiters))
     return views
 
 
