@@ -6,10 +6,10 @@ stored documents. `serve` refuses `inspect` from outside: it names every tenant'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate, read_config
 from provisioner.gates import policies
@@ -17,22 +17,25 @@ from provisioner.gates.blocking import assess, waiting
 from provisioner.gates.document import GATE_KEY as GATE_KEY
 from provisioner.gates.document import (
     Costs,
+    CreateLease,
     GateState,
+    Reservation,
     ResourceState,
+    SandboxLease,
+    UnsettledCreate,
     decode_ticket,
-    gate_key,
     owned_by,
     resource_prefix,
     ticket_key,
     waiter_key,
 )
-from provisioner.gates.ledger import prune, read_state
+from provisioner.gates.ledger import read_state
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.results import REASON_STORAGE, Waiter
 from provisioner.gates.sandbox import prune_expired
 from provisioner.invocation import Request
 from provisioner.model import GATES_INSPECTED, Outcome
-from provisioner.ports import Ports, Scope, Storage, StorageReader
+from provisioner.ports import Ports, Scope, StorageReader
 
 # GATE_KEY is public: every decision writes it with compare-and-swap, so a host may watch
 # its version. Its content is private.
@@ -41,45 +44,12 @@ from provisioner.ports import Ports, Scope, Storage, StorageReader
 # at its next poll, so no gate holds it.
 REASON_DUE = "due"
 
-_View = TypeVar("_View")
-
-
-@dataclass(frozen=True, slots=True)
-class CreateLeaseView:
-    lease_id: str
-    tenant: str
-    entity: str
-    started_ms: int
-    expires_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxLeaseView:
-    lease_id: str
-    tenant: str
-    entity: str
-    sandbox_id: str
-    started_ms: int
-    expires_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class UnsettledCreateView:
-    """A create whose outcome is unknown: its sandbox may run unrecorded, so it holds
-    capacity until adopted or released, or until `until_ms` (E2B's timeout)."""
-
-    lease_id: str
-    tenant: str
-    entity: str
-    started_ms: int
-    until_ms: int
-
 
 @dataclass(frozen=True, slots=True)
 class CreateSlots:
     in_use: int
     limit: int
-    leases: tuple[CreateLeaseView, ...]
+    leases: tuple[CreateLease, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +68,8 @@ class Capacity:
     limit: int
     effective_limit: int
     running: int
-    leases: tuple[SandboxLeaseView, ...]
-    unsettled: tuple[UnsettledCreateView, ...] = ()
+    leases: tuple[SandboxLease, ...]
+    unsettled: tuple[UnsettledCreate, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,17 +104,6 @@ class WaiterView:
 
 
 @dataclass(frozen=True, slots=True)
-class ReservationView:
-    """A permit promised to one turn (`ticket`, or `entity` for a retry)."""
-
-    tenant: str
-    ticket: int | None
-    entity: str | None
-    at_ms: int
-    by_ms: int
-
-
-@dataclass(frozen=True, slots=True)
 class GateView:
     """The sandbox gate as of `now_ms`; `version` is None when never written."""
 
@@ -160,7 +119,7 @@ class GateView:
     create_latency_ms: int | None
     hold_ms: int | None
     grants: int
-    reservations: tuple[ReservationView, ...] = ()
+    reservations: tuple[Reservation, ...] = ()
 
     @property
     def permits_held(self) -> int:
@@ -175,7 +134,7 @@ class GateView:
         return tuple(w for w in self.waiters if w.alive)
 
     @property
-    def orphaned_reservations(self) -> tuple[ReservationView, ...]:
+    def orphaned_reservations(self) -> tuple[Reservation, ...]:
         """Reservations whose turn is not waiting: a turn takes its reservation with it
         however it leaves, so none should exist."""
         turns = {
@@ -189,16 +148,15 @@ class GateView:
         return tuple(w for w in self.waiters if not w.alive)
 
 
-def _views(view: type[_View], items: Iterable[object]) -> tuple[_View, ...]:
-    """Each item as `view`, field by field by name."""
-    names = [field.name for field in fields(view)]  # type: ignore[arg-type]
-    return tuple(view(**{name: getattr(item, name) for name in names}) for item in items)
-
-
 def _backoff(state: GateState | ResourceState, now_ms: int) -> Backoff:
     return Backoff(
         state.cooldown_until_ms, policies.cooling_ms(state, now_ms), state.backoff_failures
     )
+
+
+def _cooldown(state: GateState | ResourceState, now_ms: int) -> dict[str, int]:
+    """The cooldown as `status` shows it."""
+    return {"cooling_ms": policies.cooling_ms(state, now_ms), "failures": state.backoff_failures}
 
 
 def gate_view(
@@ -214,7 +172,7 @@ def gate_view(
         create_slots=CreateSlots(
             policies.slots_in_use(state),
             config.create_slots,
-            _views(CreateLeaseView, state.create_leases),
+            tuple(state.create_leases),
         ),
         rate=Rate(
             config.create_rate_per_s,
@@ -227,8 +185,8 @@ def gate_view(
             config.max_sandboxes,
             policies.capacity_limit(state, config),
             len(state.sandbox_leases),
-            _views(SandboxLeaseView, state.sandbox_leases),
-            _views(UnsettledCreateView, state.unsettled),
+            tuple(state.sandbox_leases),
+            tuple(state.unsettled),
         ),
         backoff=_backoff(state, now_ms),
         retry_budget=RetryBudget(policies.retry_tokens(state, config), config.retry_budget),
@@ -237,7 +195,7 @@ def gate_view(
         create_latency_ms=state.latency_ms,
         hold_ms=state.hold_ms,
         grants=state.grants,
-        reservations=_views(ReservationView, state.reservations),
+        reservations=tuple(state.reservations),
     )
 
 
@@ -252,7 +210,7 @@ def sandbox_snapshot(
         "now_ms": now_ms,
         "account": {
             "create_slots": {"in_use": slots.in_use, "limit": slots.limit},
-            "rate": _plain(view.rate),
+            "rate": plain(view.rate),
             "capacity": {
                 "in_use": capacity.in_use,
                 "limit": capacity.effective_limit,
@@ -260,7 +218,7 @@ def sandbox_snapshot(
                 "running": capacity.running,
                 "unsettled": len(capacity.unsettled),
             },
-            "backoff": {"cooling_ms": view.backoff.cooling_ms, "failures": view.backoff.failures},
+            "backoff": _cooldown(state, now_ms),
             "retry_budget": {"tokens": round(budget.tokens, 3), "max": budget.limit},
             "queue_length": state.waiting(),
             "waiting_tenants": len(view.waiting_tenants),
@@ -344,18 +302,6 @@ def _waiters(
 
 
 @dataclass(frozen=True, slots=True)
-class ResourceLeaseView:
-    """`charged`: what the grant charged each bucket, by bucket name."""
-
-    lease_id: str
-    tenant: str
-    entity: str
-    started_ms: int
-    expires_ms: int
-    charged: tuple[tuple[str, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
 class BucketView:
     """`reason` names the bucket as a queue reason; `tenant` is set for a tenant's own
     bucket; `level` is negative while in debt."""
@@ -383,39 +329,26 @@ class ResourceWaiterView:
 
 @dataclass(frozen=True, slots=True)
 class ResourceGateView:
+    """A resource gate as of `now_ms`: its document pruned as the next decision will, and
+    its buckets; `version` is None when never written."""
+
     name: str
     now_ms: int
     version: int | None
-    concurrency: int | None
-    tenant_concurrency: int | None
-    leases: tuple[ResourceLeaseView, ...]
+    state: ResourceState
     buckets: tuple[BucketView, ...]
     backoff: Backoff
     waiters: tuple[ResourceWaiterView, ...]
-    hold_ms: int | None
-    grants: int
-
-    @property
-    def in_use(self) -> int:
-        return len(self.leases)
-
-    def held_by(self, tenant: str) -> int:
-        return sum(1 for lease in self.leases if lease.tenant == tenant)
 
     def bucket(self, reason: str, tenant: str | None = None) -> BucketView | None:
         return next((b for b in self.buckets if (b.reason, b.tenant) == (reason, tenant)), None)
 
 
-def resource_view(
-    state: ResourceState,
-    gate: ResourceGate,
-    now_ms: int,
-    version: int | None,
-    tenants: Sequence[str],
-    waiters: tuple[ResourceWaiterView, ...] = (),
-) -> ResourceGateView:
+def _buckets(
+    state: ResourceState, gate: ResourceGate, now_ms: int, tenants: Iterable[str]
+) -> tuple[BucketView, ...]:
     """The account's buckets, and each of `tenants`' own."""
-    buckets = tuple(
+    return tuple(
         BucketView(
             rate.reason,
             tenant,
@@ -426,49 +359,22 @@ def resource_view(
         for rate in policies.rate_limits(gate)
         for tenant in (tenants if rate.per_tenant else [None])
     )
-    return ResourceGateView(
-        name=gate.name,
-        now_ms=now_ms,
-        version=version,
-        concurrency=gate.permits(ACCOUNT),
-        tenant_concurrency=gate.permits(TENANT),
-        leases=tuple(
-            ResourceLeaseView(
-                lease.lease_id,
-                lease.tenant,
-                lease.entity,
-                lease.started_ms,
-                lease.expires_ms,
-                tuple((c.bucket, c.tokens) for c in lease.charges),
-            )
-            for lease in state.leases
-        ),
-        buckets=buckets,
-        backoff=_backoff(state, now_ms),
-        waiters=waiters,
-        hold_ms=state.hold_ms,
-        grants=state.grants,
-    )
 
 
 def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str) -> dict[str, Any]:
-    """`status`: each gate's view without waiters, for the tenant; or why it is unreadable."""
+    """`status`: each gate without waiters, for the tenant; or why it is unreadable."""
     now = ports.clock.now_ms()
     found: dict[str, Any] = {}
     for name, gate in gates.items():
         try:
-            state, version = read_state(ports, gate, now)
+            state, _ = read_state(ports, gate, now)
         except Exception as error:
             found[name] = {"error": REASON_STORAGE, "message": str(error)}
             continue
-        view = resource_view(state, gate, now, version, [tenant])
         own = state.queue_of(tenant)
         found[name] = {
-            "concurrency": {"in_use": view.in_use, "limit": view.concurrency},
-            "tenant_concurrency": {
-                "in_use": view.held_by(tenant),
-                "limit": view.tenant_concurrency,
-            },
+            "concurrency": {"in_use": len(state.leases), "limit": gate.permits(ACCOUNT)},
+            "tenant_concurrency": {"in_use": state.held_by(tenant), "limit": gate.permits(TENANT)},
             "rates": {
                 bucket.reason: {
                     "per_minute": bucket.per_minute,
@@ -476,29 +382,25 @@ def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str)
                     "available": round(max(0.0, bucket.level), 3),
                     "debt": round(bucket.debt, 3),
                 }
-                for bucket in view.buckets
+                for bucket in _buckets(state, gate, now, [tenant])
             },
-            "backoff": {"cooling_ms": view.backoff.cooling_ms, "failures": view.backoff.failures},
+            "backoff": _cooldown(state, now),
             "queue_length": state.waiting(),
             "waiting_tenants": len(state.ring),
             "tenant_queued": 0 if own is None else own.length(),
-            "hold_ms": view.hold_ms,
-            "grants": view.grants,
+            "hold_ms": state.hold_ms,
+            "grants": state.grants,
         }
     return found
 
 
-def inspect_resources(
-    storage: Storage, now_ms: int, gates: dict[str, ResourceGate]
-) -> dict[str, ResourceGateView]:
+def inspect_resources(ports: Ports, gates: dict[str, ResourceGate]) -> dict[str, ResourceGateView]:
     """Each gate with every waiter; tenants' buckets are listed for those that hold a
     lease, wait, or whose bucket is not full."""
+    now = ports.clock.now_ms()
     views: dict[str, ResourceGateView] = {}
     for name, gate in gates.items():
-        prefix = resource_prefix(gate.name)
-        entry = storage.get(Scope.ACCOUNT, gate_key(prefix))
-        state = ResourceState() if entry is None else ResourceState.from_bytes(entry.value)
-        prune(state, gate, now_ms)
+        state, version = read_state(ports, gate, now)
         tenants = sorted(
             {lease.tenant for lease in state.leases}
             | {queue.tenant for queue in state.ring}
@@ -507,25 +409,37 @@ def inspect_resources(
         waiters: list[ResourceWaiterView] = []
         for queue in state.ring:
             for ticket in queue.tickets():
-                found = storage.get(Scope.ACCOUNT, ticket_key(queue.tenant, ticket, prefix))
+                key = ticket_key(queue.tenant, ticket, resource_prefix(gate.name))
+                found = ports.storage.get(Scope.ACCOUNT, key)
                 entity, costs = (None, None) if found is None else decode_ticket(found.value)
                 waiters.append(ResourceWaiterView(queue.tenant, ticket, entity, costs))
-        version = None if entry is None else entry.version
-        views[name] = resource_view(state, gate, now_ms, version, tenants, tuple(waiters))
+        buckets = _buckets(state, gate, now, tenants)
+        backoff = _backoff(state, now)
+        views[name] = ResourceGateView(name, now, version, state, buckets, backoff, tuple(waiters))
     return views
 
 
-def _plain(value: Any) -> Any:
+# The fields of a stored record that `inspect` shows, in order (default: all of them).
+_SHOWN: dict[type, tuple[str, ...]] = {
+    CreateLease: ("lease_id", "tenant", "entity", "started_ms", "expires_ms"),
+    SandboxLease: ("lease_id", "tenant", "entity", "sandbox_id", "started_ms", "expires_ms"),
+    Reservation: ("tenant", "ticket", "entity", "at_ms", "by_ms"),
+}
+
+
+def plain(value: Any) -> Any:
+    """`value` as the JSON of `inspect` shows it."""
     if isinstance(value, Enum):  # by name: an enum's value may be its stored encoding
         return value.name.lower()
     if isinstance(value, tuple | list):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     if hasattr(value, "__dataclass_fields__"):
-        return {name: _plain(getattr(value, name)) for name in value.__dataclass_fields__}
+        names = _SHOWN.get(type(value), tuple(value.__dataclass_fields__))
+        return {name: plain(getattr(value, name)) for name in names}
     return value
 
 
 def inspect(request: Request, ports: Ports) -> Outcome:
     config = read_config(request.config).admission
     view = inspect_gates(ports.storage, ports.clock.now_ms(), config)
-    return Outcome(GATES_INSPECTED, {**_plain(view), "permits_held": view.permits_held})
+    return Outcome(GATES_INSPECTED, {**plain(view), "permits_held": view.permits_held})

@@ -10,14 +10,7 @@ from provisioner.config import AdmissionConfig
 from provisioner.gates.document import ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.results import CapacityExhausted, Created, RateLimited, Waiter
-from provisioner.gates.view import (
-    CreateLeaseView,
-    GateView,
-    ReservationView,
-    SandboxLeaseView,
-    UnsettledCreateView,
-    inspect_gates,
-)
+from provisioner.gates.view import GateView, inspect_gates, plain
 from provisioner.ports import Entry, Scope
 from tests.guest.harness import (
     ACCOUNT,
@@ -227,17 +220,24 @@ def test_every_lease_and_unsettled_create_is_shown_in_full() -> None:
         ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT), now, config
     )
     assert gates.now_ms == now
-    assert gates.create_slots.leases == (
-        CreateLeaseView(in_flight.lease_id, "tenant-a", "Job/tenant-a", now, now + 5_000),
-    )
+    lease = {"lease_id": in_flight.lease_id, "tenant": "tenant-a", "entity": "Job/tenant-a"}
+    assert plain(gates.create_slots.leases) == [
+        {**lease, "started_ms": now, "expires_ms": now + 5_000}
+    ]
     [sandbox] = gates.capacity.leases
-    assert sandbox == SandboxLeaseView(
-        sandbox.lease_id, "tenant-b", "Job/tenant-b", "sbx-b2", now, now + 600_000
-    )
+    assert plain(sandbox) == {
+        "lease_id": sandbox.lease_id,
+        "tenant": "tenant-b",
+        "entity": "Job/tenant-b",
+        "sandbox_id": "sbx-b2",
+        "started_ms": now,
+        "expires_ms": now + 600_000,
+    }
     assert sandbox.lease_id
-    assert gates.capacity.unsettled == (
-        UnsettledCreateView(lost.lease_id, "tenant-c", "Job/tenant-c", started, started + 65_000),
-    )
+    lease = {"lease_id": lost.lease_id, "tenant": "tenant-c", "entity": "Job/tenant-c"}
+    assert plain(gates.capacity.unsettled) == [
+        {**lease, "started_ms": started, "until_ms": started + 65_000}
+    ]
     assert (gates.rate.per_s, gates.rate.burst) == (50.0, 10)
     assert gates.hold_ms == 1_000
 
@@ -296,14 +296,15 @@ def test_a_waiter_whose_turn_came_since_its_answer_shows_as_due_with_its_reserva
     harness.advance(40)
     assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
     gates = view(harness)
-    shown = gates.waiter(waiter.tenant, waiter.entity)
-    assert shown is not None
-    assert (shown.reason, shown.eta_ms, shown.position) == ("due", 0, 1)
+    due = gates.waiter(waiter.tenant, waiter.entity)
+    assert due is not None
+    assert (due.reason, due.eta_ms, due.position) == ("due", 0, 1)
     now = harness.clock.now_ms()
     claim_ms = harness.config.reservation_claim_ms
-    assert gates.reservations == (
-        ReservationView("tenant-a", shown.ticket, None, now, now + claim_ms),
-    )
+    assert plain(gates.reservations) == [
+        {"tenant": "tenant-a", "ticket": due.ticket, "entity": None, "at_ms": now}
+        | {"by_ms": now + claim_ms}
+    ]
 
 
 def test_a_retry_counts_as_gone_from_the_millisecond_its_liveness_ends() -> None:
@@ -329,9 +330,10 @@ def test_a_retry_whose_cooldown_ended_is_shown_holding_the_reservation_by_entity
     harness, _, _, answer = retry_promised_the_free_slot()
     assert answer.position == 2  # the retry goes first
     now = harness.clock.now_ms()
-    assert view(harness).reservations == (
-        ReservationView("tenant-a", None, "Job/a", now, now + harness.config.reservation_claim_ms),
-    )
+    by = now + harness.config.reservation_claim_ms
+    assert plain(view(harness).reservations) == [
+        {"tenant": "tenant-a", "ticket": None, "entity": "Job/a", "at_ms": now, "by_ms": by}
+    ]
 
 
 def test_the_hold_time_is_the_first_hold_then_a_quarter_weighted_running_mean() -> None:

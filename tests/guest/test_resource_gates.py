@@ -403,23 +403,25 @@ def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
     lease = granted(gates.acquire("acme", "a", estimated_input_tokens=400))
     queued(gates.acquire("globex", "x", estimated_input_tokens=300), "concurrency")
     storage = gates.ports("acme").storage
-    gate = inspect_resources(storage, gates.clock.now_ms(), read_config(config).resources)["llm"]
-    assert [(v.lease_id, v.entity) for v in gate.leases] == [(lease, "Agent/a")]
-    assert dict(gate.leases[0].charged)["input"] == 400
+    gate = inspect_resources(gates.ports("acme"), read_config(config).resources)["llm"]
+    assert [(v.lease_id, v.entity) for v in gate.state.leases] == [(lease, "Agent/a")]
+    assert {c.bucket: c.tokens for c in gate.state.leases[0].charges}["input"] == 400
     assert [(w.tenant, w.entity, w.costs) for w in gate.waiters] == [
         ("globex", "Agent/x", {"requests": 1.0, "input": 300.0, "output": 0.0})
     ]
     gates.settle("acme", "a", input_tokens=6500, status=429, headers={"retry-after": "2"})
-    after = inspect_resources(storage, gates.clock.now_ms(), read_config(config).resources)["llm"]
+    after = inspect_resources(gates.ports("acme"), read_config(config).resources)["llm"]
     account = after.bucket("input_tokens")
     own = after.bucket("tenant_input_tokens", "acme")
     assert account is not None and account.debt == pytest.approx(500)
     assert own is not None and own.debt == pytest.approx(500)
-    assert after.in_use == 0 and after.backoff.cooling_ms == 2_000 and after.backoff.failures == 1
+    assert (
+        not after.state.leases and after.backoff.cooling_ms == 2_000 and after.backoff.failures == 1
+    )
     assert after.version is not None and after.version != gate.version
     # Reading wrote nothing.
     assert storage.get(Scope.ACCOUNT, "res/llm/gate") is not None
-    again = inspect_resources(storage, gates.clock.now_ms(), read_config(config).resources)["llm"]
+    again = inspect_resources(gates.ports("acme"), read_config(config).resources)["llm"]
     assert again.version == after.version
 
 
