@@ -30,6 +30,7 @@ SANDBOX = {
     "retry_budget": "5",
     "retry_refill_per_s": "0.3",
     "create_lease_ms": "5000",
+    "create_timeout_ms": "4000",
     "max_sandboxes": "10",
     "max_sandboxes_per_tenant": "3",
 }
