@@ -1,6 +1,6 @@
 """Admit and acquire: a waiter asks for a permit; grant it now, or say where it stands.
 
-One decision for both gates (`ledger.Asking`, `Judging`): `locate` the waiter, refuse it
+One decision for both gates (`ledger.Asking`): `locate` the waiter, refuse it
 once it has waited too long, else walk the fair order (`blocking`) to see whether its turn
 has come. A grant takes its permit in the same compare-and-swap that takes the waiter out
 of the queue.
@@ -9,7 +9,6 @@ of the queue.
 from __future__ import annotations
 
 import contextlib
-from abc import abstractmethod
 from dataclasses import replace
 
 from provisioner.config import AdmissionConfig
@@ -30,6 +29,7 @@ from provisioner.gates.document import (
     INPUT,
     OUTPUT,
     Costs,
+    CreateLease,
     GateDocument,
     GateState,
     Reservation,
@@ -42,10 +42,7 @@ from provisioner.gates.document import (
 )
 from provisioner.gates.ledger import (
     ACCOUNT,
-    Answer,
     Asking,
-    Document,
-    LoadedDocument,
     ResourceLedger,
     ResourceLoaded,
     SandboxLedger,
@@ -53,7 +50,7 @@ from provisioner.gates.ledger import (
     set_bucket,
 )
 from provisioner.gates.place import Place, Stage
-from provisioner.gates.policies import earn_retry, rate_limits, slots_in_use, spend_retry, take_rate
+from provisioner.gates.policies import create_bucket, rate_limits, retry_tokens, slots_in_use
 from provisioner.gates.queue import (
     drop_ticket,
     enqueue,
@@ -69,7 +66,7 @@ from provisioner.gates.results import (
     ResourceGrant,
     Waiter,
 )
-from provisioner.gates.sandbox import drop_create_lease, take_create_lease
+from provisioner.gates.sandbox import pop_lease
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
 
@@ -103,50 +100,7 @@ def queued_place(state: GateDocument, tenant: str, stored: Place | None, now_ms:
     return Place(Stage.QUEUED, since, attempt, ticket=enqueue(state, tenant))
 
 
-class Judging(Asking[Document, Answer]):
-    """One `judge` for both gates: each says how its walk goes, what a grant takes and how
-    the free permits are promised."""
-
-    ticket_value: bytes | None = None
-
-    @property
-    def queue_timeout_ms(self) -> int:
-        return self.config.queue_timeout_ms
-
-    def judge(
-        self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
-    ) -> Answer | Queued:
-        seen = self.assess(waiter, loaded, place)
-        if seen.queued is None:
-            return self.grant(waiter, loaded, place)
-        reserved, own = self.reserve(loaded, seen.scheduled, Turn.of(waiter, place))
-        return self.wait_on(
-            waiter,
-            loaded,
-            place,
-            seen.queued,
-            changed=place is not loaded.place or seen.dropped or reserved,
-            own=own,
-            timeout_ms=self.queue_timeout_ms,
-            ticket_value=self.ticket_value,
-        )
-
-    @abstractmethod
-    def assess(
-        self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
-    ) -> Assessment: ...
-
-    @abstractmethod
-    def grant(self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place) -> Answer: ...
-
-    @abstractmethod
-    def reserve(
-        self, loaded: LoadedDocument[Document], scheduled: list[Scheduled], mine: Turn
-    ) -> tuple[bool, Reservation | None]:
-        """Whether promising the permits changed the document, and the waiter's own."""
-
-
-class Admission(SandboxLedger, Judging[GateState, Grant]):
+class Admission(SandboxLedger, Asking[GateState, Grant]):
     def __init__(self, ports: Ports, config: AdmissionConfig, sandbox_timeout_ms: int) -> None:
         super().__init__(ports, config)
         self.sandbox_timeout_ms = sandbox_timeout_ms
@@ -242,15 +196,16 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
     def grant(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant:
         state, now, config = loaded.state, loaded.now_ms, self.config
         lease_id = new_lease_id(self.ports, "c")
-        lease_ms, sandbox_ms = config.create_lease_ms, self.sandbox_timeout_ms
-        lease = take_create_lease(
-            state, lease_id, waiter.tenant, waiter.entity, now, lease_ms, sandbox_ms
-        )
-        take_rate(state, config, now)
+        expires = now + config.create_lease_ms
+        until = expires + self.sandbox_timeout_ms
+        lease = CreateLease(lease_id, waiter.tenant, waiter.entity, expires, now, until)
+        state.create_leases.append(lease)
+        state.rate_tat_ms = create_bucket(config).charge(state.rate_tat_ms, now, 1)
+        tokens = retry_tokens(state, config)
         if place.attempt > 1:
-            spend_retry(state, config)
+            state.retry_tokens = tokens - 1.0
         else:
-            earn_retry(state, config)
+            state.retry_tokens = min(config.retry_budget, tokens + config.retry_ratio)
         self.unplace(state, waiter, place, granted=True)
         state.grants += 1
         # What the grant left free (more slots, the next rate token) goes to the next turns.
@@ -274,7 +229,7 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
             if entry is None:
                 return
             state = GateState.from_bytes(entry.value)
-            if drop_create_lease(state, lease_id) is None:
+            if pop_lease(state.create_leases, lease_id) is None:
                 return
             storage.compare_and_swap(ACCOUNT, GATE_KEY, entry.version, state.to_bytes(), None)
 
@@ -307,7 +262,7 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
         return skipped
 
 
-class Acquisition(ResourceLedger, Judging[ResourceState, ResourceGrant]):
+class Acquisition(ResourceLedger, Asking[ResourceState, ResourceGrant]):
     costs: Costs  # the request's estimates, set by `decide`
 
     def decide(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:

@@ -34,26 +34,21 @@ from provisioner.gates.policies import (
     capacity_wait_ms,
     cooling_ms,
     rate_available,
-    rate_in_use,
     rate_limits,
     rate_wait_ms,
     retry_token_wait_ms,
     retry_tokens,
     slot_wait_ms,
-    slots_free,
     slots_in_use,
-    tenant_has_room,
 )
 from provisioner.gates.queue import (
     Eligible,
-    ask_again_ms,
     can_remove,
     drop_ticket,
     eligible_retries,
     fair_order,
     fresh_position,
     live_reservations,
-    retry_at_wait_ms,
 )
 from provisioner.gates.results import (
     REASON_BACKOFF,
@@ -146,11 +141,19 @@ def queued_answer(
     uniform: Callable[[], float],
     wait: int | None = None,
 ) -> Queued:
-    """When to ask again, resting on the estimate `wait` (`eta` by default)."""
-    retry_after = ask_again_ms(config, eta if wait is None else wait, exact, cooling, uniform)
-    retry_at = now_ms + retry_at_wait_ms(config, eta, exact, retry_after, cooling)
+    """Ask again after the estimate `wait` (`eta` by default): no sooner than poll_min unless
+    `exact` (a rate's), never later than poll_max, after a cooldown spread over poll_min.
+    `retry_at_ms` is `eta` unclamped by poll_max (a host that wakes the waiter wakes it
+    then), no sooner than poll_min when a guess (an overdue estimate must not loop)."""
+    floor = 1 if exact else config.poll_min_ms
+    retry_after = max(floor, min(eta if wait is None else wait, config.poll_max_ms))
+    retry_at = eta if exact else max(eta, config.poll_min_ms)
+    if cooling > 0:
+        retry_after = max(cooling, retry_after) + int(uniform() * config.poll_min_ms)
+        retry_at = max(retry_at, retry_after)
     in_use, limit = usage
     waited = now_ms - since_ms
+    retry_at = now_ms + max(1, retry_at)
     return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited, retry_at)
 
 
@@ -168,7 +171,7 @@ class Permits:
     def of(cls, state: GateState, config: AdmissionConfig, now_ms: int) -> Permits:
         return cls(
             cooling_ms(state, now_ms),
-            slots_free(state, config),
+            max(0, config.create_slots - slots_in_use(state)),
             capacity_free(state, config),
             rate_available(state, config, now_ms),
         )
@@ -345,14 +348,14 @@ def waiting(
     usage = {
         REASON_CAPACITY: (capacity_in_use(state), capacity_limit(state, config)),
         REASON_CREATE_SLOTS: (slots_in_use(state), config.create_slots),
-        REASON_RATE: (rate_in_use(state, config, now), config.create_burst),
+        REASON_RATE: (config.create_burst - permits.rate, config.create_burst),
     }
     eta = cooling + max(waits.values())
     blocked = [name for name in waits if frees[name] < at]
     usage[REASON_BACKOFF] = usage[REASON_CREATE_SLOTS]
     if cooling > 0:
         reason = REASON_BACKOFF
-    elif not reclaims and not tenant_has_room(state, config, waiter.tenant):
+    elif not reclaims and not eligible(waiter.tenant):
         reason = REASON_CAPACITY
         limit = config.max_sandboxes_per_tenant or config.max_sandboxes
         usage[reason] = (state.tenant_in_use(waiter.tenant), limit)
