@@ -130,17 +130,9 @@ class Admission(SandboxLedger, Asking[GateState, Grant]):
         lease = state.create_lease(stored.lease_id or "")
         if lease is not None:
             wait = max(config.poll_min_ms, min(lease.expires_ms - now, config.poll_max_ms))
-            in_use, waited = slots_in_use(state), now - stored.since_ms
-            return Queued(
-                0,
-                state.waiting(),
-                in_use,
-                config.create_slots,
-                REASON_CREATE_SLOTS,
-                wait,
-                wait,
-                waited,
-            )
+            in_use, slots, waited = slots_in_use(state), config.create_slots, now - stored.since_ms
+            queue = state.waiting()
+            return Queued(0, queue, in_use, slots, REASON_CREATE_SLOTS, wait, wait, waited)
         # The create's holder died mid-call: a retry (its possible sandbox still counted).
         attempt = stored.attempt + 1
         if attempt > config.max_create_attempts:
@@ -331,15 +323,9 @@ class Acquisition(ResourceLedger, Asking[ResourceState, ResourceGrant]):
             tat = rate.bucket.charge(state.buckets.get(name, 0.0), now, cost)
             set_bucket(state, name, tat, now)
             charges.append(Charge(name, cost, tat - now))
-        lease = ResourceLease(
-            new_lease_id(self.ports, "r"),
-            waiter.tenant,
-            waiter.entity,
-            now + self.gate.lease_ms,
-            now,
-            charges,
-            {kind: margin_of(costs, kind) for kind in (INPUT, OUTPUT) if margin_of(costs, kind)},
-        )
+        margins = {kind: margin for kind in (INPUT, OUTPUT) if (margin := margin_of(costs, kind))}
+        lease_id, until = new_lease_id(self.ports, "r"), now + self.gate.lease_ms
+        lease = ResourceLease(lease_id, waiter.tenant, waiter.entity, until, now, charges, margins)
         state.leases.append(lease)
         remove_ticket(state, waiter.tenant, place.ticket, granted=True)
         state.grants += 1

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
-from itertools import chain
+from itertools import chain, islice
 from typing import Protocol
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
@@ -45,7 +45,6 @@ from provisioner.gates.queue import (
     Eligible,
     can_remove,
     drop_ticket,
-    eligible_retries,
     fair_order,
     fresh_position,
     live_reservations,
@@ -221,12 +220,10 @@ def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
 def ready_retries(
     state: GateState, config: AdmissionConfig, eligible: Eligible
 ) -> list[RetryEntry]:
-    """Retries the budget pays for whose tenant has room, or that take no new room."""
-    return eligible_retries(
-        state,
-        lambda entry: eligible(entry.tenant) or state.reclaims(entry.tenant, entry.entity),
-        retry_tokens(state, config),
-    )
+    """The first retries whose tenant has room, or that take no new room, as many as the
+    budget pays for."""
+    ready = (e for e in state.retries if eligible(e.tenant) or state.reclaims(e.tenant, e.entity))
+    return list(islice(ready, max(0, int(retry_tokens(state, config) + 1e-9))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,16 +252,6 @@ def schedule(
         Scheduled(turn, rate_wait_ms(state, config, now_ms, index + 1))
         for index, turn in enumerate(chosen)
     ]
-
-
-def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: Eligible) -> int:
-    """1-based place in the fair order (0: not found)."""
-    if turn.ticket is None:
-        retries = [(entry.tenant, entry.entity) for entry in state.retries]
-        mine = (turn.tenant, turn.entity)
-        return retries.index(mine) + 1 if mine in retries else len(retries)
-    ready = ready_retries(state, config, eligible)
-    return len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +318,14 @@ def waiting(
     permits = permits or Permits.of(state, config, now)
     eligible = eligible or eligibility(state, config)
     turn = Turn.of(waiter, place)
-    at = max(1, position(state, config, turn, eligible))
+    # Its 1-based place in the fair order.
+    if turn.ticket is None:
+        retries = [(entry.tenant, entry.entity) for entry in state.retries]
+        mine = (turn.tenant, turn.entity)
+        at = max(1, retries.index(mine) + 1 if mine in retries else len(retries))
+    else:
+        ready = ready_retries(state, config, eligible)
+        at = max(1, len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible))
     cooling = permits.cooling_ms
     # A retry reclaiming its own possible sandbox waits for no capacity.
     reclaims = turn.is_retry and state.reclaims(waiter.tenant, waiter.entity)

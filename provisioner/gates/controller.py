@@ -23,6 +23,7 @@ from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queue
 from provisioner.gates.sandbox import WakeUp
 from provisioner.gates.settle import SandboxSettlement
 from provisioner.gates.view import sandbox_snapshot
+from provisioner.model import fields_of
 from provisioner.ports import LogLevel, Ports, StorageError
 
 _T = TypeVar("_T")
@@ -104,20 +105,13 @@ class AdmissionController:
         event: dict[str, Any] = {"tenant": waiter.tenant, "entity": waiter.entity, "step": what}
         event.update(extra or {})
         if isinstance(result, Grant):
-            event.update(
-                event="admission_granted",
-                lease_id=result.lease_id,
-                attempt=result.attempt,
-                queued_ms=result.queued_ms,
-            )
+            event.update(event="admission_granted", **fields_of(result))
+            del event["expires_at_ms"]
         elif isinstance(result, Queued):
             event.update(event="admission_queued", **result.params())
         elif isinstance(result, Rejected):
-            event.update(
-                event="admission_rejected",
-                code=result.failure.code,
-                message=result.failure.message,
-            )
+            failure = result.failure
+            event.update(event="admission_rejected", code=failure.code, message=failure.message)
         elif isinstance(result, bool):
             event.update(event="admission_released", held=result)
         else:

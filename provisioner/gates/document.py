@@ -229,9 +229,14 @@ class GateDocument:
         return len(self.retries) + sum(q.length() for q in self.ring)
 
 
-def observe_hold(state: GateDocument, started_ms: int, now_ms: int) -> None:
+def averaged(average: int | None, started_ms: int, now_ms: int) -> int:
+    """A moving average of how long something took, from `started_ms` to now."""
     observed = max(0, now_ms - started_ms)
-    state.hold_ms = observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
+    return observed if average is None else (average * 3 + observed) // 4
+
+
+def observe_hold(state: GateDocument, started_ms: int, now_ms: int) -> None:
+    state.hold_ms = averaged(state.hold_ms, started_ms, now_ms)
 
 
 # Bounds a create whose caller named no timeout, and those of documents before version 2.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from provisioner.gates.document import GateDocument, Reservation, RetryEntry, TenantQueue
+from provisioner.gates.document import GateDocument, Reservation, TenantQueue
 
 # Out-of-order removals remembered per tenant; beyond this, only the head can leave.
 MAX_REMOVED_OUT_OF_ORDER = 64
@@ -60,13 +60,6 @@ def drop_ticket(state: GateDocument, tenant: str, ticket: int) -> bool:
         return False
     remove_ticket(state, tenant, ticket, granted=False)
     return True
-
-
-def eligible_retries(
-    state: GateDocument, eligible: Callable[[RetryEntry], bool], retry_tokens: float
-) -> list[RetryEntry]:
-    """The first retries `eligible` accepts, as many as the budget pays for."""
-    return list(islice(filter(eligible, state.retries), max(0, int(retry_tokens + 1e-9))))
 
 
 def fair_order(state: GateDocument, eligible: Eligible) -> Iterator[tuple[str, int]]:

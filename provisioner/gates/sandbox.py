@@ -107,16 +107,8 @@ def promise(
     for item in [item for item in scheduled if item.due_ms <= 0] + pending:
         turn = item.turn
         new = reservation_of(state, turn.tenant, turn.ticket, turn.entity) is None
-        held, moved = reserve(
-            state,
-            turn.tenant,
-            turn.ticket,
-            turn.entity,
-            now_ms + item.due_ms,
-            now_ms,
-            config.reservation_claim_ms,
-            new_lease_id(ports, "v"),
-        )
+        at, claim, rid = now_ms + item.due_ms, config.reservation_claim_ms, new_lease_id(ports, "v")
+        held, moved = reserve(state, turn.tenant, turn.ticket, turn.entity, at, now_ms, claim, rid)
         changed = changed or moved
         if new and turn != caller:
             entity = turn.entity or _ticket_entity(ports, turn)

@@ -15,7 +15,7 @@ from provisioner.gates.admit import exhausted, leave_queue
 from provisioner.gates.blocking import waiting
 from provisioner.gates.bucket import settle_charge
 from provisioner.gates.cas import until_settled
-from provisioner.gates.document import REQUESTS, Costs, observe_hold
+from provisioner.gates.document import REQUESTS, Costs, averaged, observe_hold
 from provisioner.gates.ledger import ResourceLedger, SandboxLedger, SandboxLoaded, set_bucket
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import (
@@ -64,10 +64,7 @@ class SandboxSettlement(SandboxLedger):
         if isinstance(result, Unavailable) and unsettled is not None:
             state.unsettled.append(unsettled)
         if lease is not None:
-            observed = max(0, now - lease.started_ms)
-            state.latency_ms = (
-                observed if state.latency_ms is None else (state.latency_ms * 3 + observed) // 4
-            )
+            state.latency_ms = averaged(state.latency_ms, lease.started_ms, now)
         if isinstance(result, Created):
             self._created(waiter, grant, result, loaded, since)
             return None
