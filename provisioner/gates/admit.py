@@ -1,10 +1,5 @@
-"""Admit and acquire: a waiter asks for a permit; grant it now, or say where it stands.
-
-One decision for both gates (`ledger.Asking`): `locate` the waiter, refuse it
-once it has waited too long, else walk the fair order (`blocking`) to see whether its turn
-has come. A grant takes its permit in the same compare-and-swap that takes the waiter out
-of the queue.
-"""
+"""Admit and acquire, the two gates' halves of one decision (`ledger.Asking`): a grant
+takes its permit in the same compare-and-swap that takes the waiter out of the queue."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""The admission controller: one fresh instance per invocation, all state in storage.
-
-A façade over the sandbox gate's decisions (`admit`, `settle`, `release`, `status`). Each
-decides inside one compare-and-swap of the gate document, so no interleaving of
-invocations can exceed a limit. Anything unexpected fails closed: the waiter is told to
-come back (reason `storage`) and nothing is granted.
-"""
+"""The admission controller: a façade over the sandbox gate's decisions, one fresh instance
+per invocation, all state in storage. Anything unexpected fails closed: the waiter is told
+to come back (reason `storage`) and nothing is granted."""
 
 from __future__ import annotations
 
