@@ -122,7 +122,7 @@ class Admission(SandboxLedger, Asking[GateState, Grant]):
             # Dropped from the retries while it stopped polling: back where retries wait.
             state.add_retry(waiter.tenant, waiter.entity)
             return stored
-        lease = state.create_lease(stored.lease_id or "")
+        lease = next((c for c in state.create_leases if c.lease_id == stored.lease_id), None)
         if lease is not None:
             wait = max(config.poll_min_ms, min(lease.expires_ms - now, config.poll_max_ms))
             in_use, slots, waited = slots_in_use(state), config.create_slots, now - stored.since_ms

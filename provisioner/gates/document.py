@@ -335,9 +335,6 @@ class GateState(GateDocument):
         self.retries = not_owned_by(self.retries, tenant, entity)
         self.reservations = [r for r in self.reservations if not r.holds(tenant, None, entity)]
 
-    def create_lease(self, lease_id: str) -> CreateLease | None:
-        return next((lease for lease in self.create_leases if lease.lease_id == lease_id), None)
-
     def possible_sandboxes(self) -> list[UnsettledCreate]:
         """The unsettled creates that count against capacity: one per entity (one
         idempotency key makes at most one sandbox), none for an entity whose create is in
@@ -368,7 +365,6 @@ class GateState(GateDocument):
 REQUESTS = "requests"
 INPUT = "input"
 OUTPUT = "output"
-KINDS = (REQUESTS, INPUT, OUTPUT)
 
 # One request's estimated cost by kind, and under `margin_key(kind)` how far its actual
 # may exceed it (its declared worst case less the estimate; 0 when none is declared).
