@@ -1,15 +1,9 @@
-"""Admit and acquire: a waiter asks for a permit; grant it now, or say where it stands.
-
-One decision for both gates (`ledger.Asking`, `Judging`): `locate` the waiter, refuse it
-once it has waited too long, else walk the fair order (`blocking`) to see whether its turn
-has come. A grant takes its permit in the same compare-and-swap that takes the waiter out
-of the queue.
-"""
+"""Admit and acquire, the two gates' halves of one decision (`ledger.Asking`): a grant
+takes its permit in the same compare-and-swap that takes the waiter out of the queue."""
 
 from __future__ import annotations
 
 import contextlib
-from abc import abstractmethod
 from dataclasses import replace
 
 from provisioner.config import AdmissionConfig
@@ -30,6 +24,7 @@ from provisioner.gates.document import (
     INPUT,
     OUTPUT,
     Costs,
+    CreateLease,
     GateDocument,
     GateState,
     Reservation,
@@ -42,10 +37,7 @@ from provisioner.gates.document import (
 )
 from provisioner.gates.ledger import (
     ACCOUNT,
-    Answer,
     Asking,
-    Document,
-    LoadedDocument,
     ResourceLedger,
     ResourceLoaded,
     SandboxLedger,
@@ -53,7 +45,7 @@ from provisioner.gates.ledger import (
     set_bucket,
 )
 from provisioner.gates.place import Place, Stage
-from provisioner.gates.policies import earn_retry, rate_limits, slots_in_use, spend_retry, take_rate
+from provisioner.gates.policies import create_bucket, rate_limits, retry_tokens, slots_in_use
 from provisioner.gates.queue import (
     drop_ticket,
     enqueue,
@@ -69,7 +61,7 @@ from provisioner.gates.results import (
     ResourceGrant,
     Waiter,
 )
-from provisioner.gates.sandbox import drop_create_lease, take_create_lease
+from provisioner.gates.sandbox import pop_lease
 from provisioner.model import Failure
 from provisioner.ports import Ports, StorageConflict
 
@@ -103,50 +95,7 @@ def queued_place(state: GateDocument, tenant: str, stored: Place | None, now_ms:
     return Place(Stage.QUEUED, since, attempt, ticket=enqueue(state, tenant))
 
 
-class Judging(Asking[Document, Answer]):
-    """One `judge` for both gates: each says how its walk goes, what a grant takes and how
-    the free permits are promised."""
-
-    ticket_value: bytes | None = None
-
-    @property
-    def queue_timeout_ms(self) -> int:
-        return self.config.queue_timeout_ms
-
-    def judge(
-        self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
-    ) -> Answer | Queued:
-        seen = self.assess(waiter, loaded, place)
-        if seen.queued is None:
-            return self.grant(waiter, loaded, place)
-        reserved, own = self.reserve(loaded, seen.scheduled, Turn.of(waiter, place))
-        return self.wait_on(
-            waiter,
-            loaded,
-            place,
-            seen.queued,
-            changed=place is not loaded.place or seen.dropped or reserved,
-            own=own,
-            timeout_ms=self.queue_timeout_ms,
-            ticket_value=self.ticket_value,
-        )
-
-    @abstractmethod
-    def assess(
-        self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
-    ) -> Assessment: ...
-
-    @abstractmethod
-    def grant(self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place) -> Answer: ...
-
-    @abstractmethod
-    def reserve(
-        self, loaded: LoadedDocument[Document], scheduled: list[Scheduled], mine: Turn
-    ) -> tuple[bool, Reservation | None]:
-        """Whether promising the permits changed the document, and the waiter's own."""
-
-
-class Admission(SandboxLedger, Judging[GateState, Grant]):
+class Admission(SandboxLedger, Asking[GateState, Grant]):
     def __init__(self, ports: Ports, config: AdmissionConfig, sandbox_timeout_ms: int) -> None:
         super().__init__(ports, config)
         self.sandbox_timeout_ms = sandbox_timeout_ms
@@ -173,20 +122,12 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
             # Dropped from the retries while it stopped polling: back where retries wait.
             state.add_retry(waiter.tenant, waiter.entity)
             return stored
-        lease = state.create_lease(stored.lease_id or "")
+        lease = next((c for c in state.create_leases if c.lease_id == stored.lease_id), None)
         if lease is not None:
             wait = max(config.poll_min_ms, min(lease.expires_ms - now, config.poll_max_ms))
-            in_use, waited = slots_in_use(state), now - stored.since_ms
-            return Queued(
-                0,
-                state.waiting(),
-                in_use,
-                config.create_slots,
-                REASON_CREATE_SLOTS,
-                wait,
-                wait,
-                waited,
-            )
+            in_use, slots, waited = slots_in_use(state), config.create_slots, now - stored.since_ms
+            queue = state.waiting()
+            return Queued(0, queue, in_use, slots, REASON_CREATE_SLOTS, wait, wait, waited)
         # The create's holder died mid-call: a retry (its possible sandbox still counted).
         attempt = stored.attempt + 1
         if attempt > config.max_create_attempts:
@@ -242,15 +183,16 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
     def grant(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant:
         state, now, config = loaded.state, loaded.now_ms, self.config
         lease_id = new_lease_id(self.ports, "c")
-        lease_ms, sandbox_ms = config.create_lease_ms, self.sandbox_timeout_ms
-        lease = take_create_lease(
-            state, lease_id, waiter.tenant, waiter.entity, now, lease_ms, sandbox_ms
-        )
-        take_rate(state, config, now)
+        expires = now + config.create_lease_ms
+        until = expires + self.sandbox_timeout_ms
+        lease = CreateLease(lease_id, waiter.tenant, waiter.entity, expires, now, until)
+        state.create_leases.append(lease)
+        state.rate_tat_ms = create_bucket(config).charge(state.rate_tat_ms, now, 1)
+        tokens = retry_tokens(state, config)
         if place.attempt > 1:
-            spend_retry(state, config)
+            state.retry_tokens = tokens - 1.0
         else:
-            earn_retry(state, config)
+            state.retry_tokens = min(config.retry_budget, tokens + config.retry_ratio)
         self.unplace(state, waiter, place, granted=True)
         state.grants += 1
         # What the grant left free (more slots, the next rate token) goes to the next turns.
@@ -274,7 +216,7 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
             if entry is None:
                 return
             state = GateState.from_bytes(entry.value)
-            if drop_create_lease(state, lease_id) is None:
+            if pop_lease(state.create_leases, lease_id) is None:
                 return
             storage.compare_and_swap(ACCOUNT, GATE_KEY, entry.version, state.to_bytes(), None)
 
@@ -307,7 +249,7 @@ class Admission(SandboxLedger, Judging[GateState, Grant]):
         return skipped
 
 
-class Acquisition(ResourceLedger, Judging[ResourceState, ResourceGrant]):
+class Acquisition(ResourceLedger, Asking[ResourceState, ResourceGrant]):
     costs: Costs  # the request's estimates, set by `decide`
 
     def decide(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
@@ -376,15 +318,9 @@ class Acquisition(ResourceLedger, Judging[ResourceState, ResourceGrant]):
             tat = rate.bucket.charge(state.buckets.get(name, 0.0), now, cost)
             set_bucket(state, name, tat, now)
             charges.append(Charge(name, cost, tat - now))
-        lease = ResourceLease(
-            new_lease_id(self.ports, "r"),
-            waiter.tenant,
-            waiter.entity,
-            now + self.gate.lease_ms,
-            now,
-            charges,
-            {kind: margin_of(costs, kind) for kind in (INPUT, OUTPUT) if margin_of(costs, kind)},
-        )
+        margins = {kind: margin for kind in (INPUT, OUTPUT) if (margin := margin_of(costs, kind))}
+        lease_id, until = new_lease_id(self.ports, "r"), now + self.gate.lease_ms
+        lease = ResourceLease(lease_id, waiter.tenant, waiter.entity, until, now, charges, margins)
         state.leases.append(lease)
         remove_ticket(state, waiter.tenant, place.ticket, granted=True)
         state.grants += 1

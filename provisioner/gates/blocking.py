@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
-from itertools import chain
+from itertools import chain, islice
 from typing import Protocol
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
@@ -34,26 +34,20 @@ from provisioner.gates.policies import (
     capacity_wait_ms,
     cooling_ms,
     rate_available,
-    rate_in_use,
     rate_limits,
     rate_wait_ms,
     retry_token_wait_ms,
     retry_tokens,
     slot_wait_ms,
-    slots_free,
     slots_in_use,
-    tenant_has_room,
 )
 from provisioner.gates.queue import (
     Eligible,
-    ask_again_ms,
     can_remove,
     drop_ticket,
-    eligible_retries,
     fair_order,
     fresh_position,
     live_reservations,
-    retry_at_wait_ms,
 )
 from provisioner.gates.results import (
     REASON_BACKOFF,
@@ -146,11 +140,19 @@ def queued_answer(
     uniform: Callable[[], float],
     wait: int | None = None,
 ) -> Queued:
-    """When to ask again, resting on the estimate `wait` (`eta` by default)."""
-    retry_after = ask_again_ms(config, eta if wait is None else wait, exact, cooling, uniform)
-    retry_at = now_ms + retry_at_wait_ms(config, eta, exact, retry_after, cooling)
+    """Ask again after the estimate `wait` (`eta` by default): no sooner than poll_min unless
+    `exact` (a rate's), never later than poll_max, after a cooldown spread over poll_min.
+    `retry_at_ms` is `eta` unclamped by poll_max (a host that wakes the waiter wakes it
+    then), no sooner than poll_min when a guess (an overdue estimate must not loop)."""
+    floor = 1 if exact else config.poll_min_ms
+    retry_after = max(floor, min(eta if wait is None else wait, config.poll_max_ms))
+    retry_at = eta if exact else max(eta, config.poll_min_ms)
+    if cooling > 0:
+        retry_after = max(cooling, retry_after) + int(uniform() * config.poll_min_ms)
+        retry_at = max(retry_at, retry_after)
     in_use, limit = usage
     waited = now_ms - since_ms
+    retry_at = now_ms + max(1, retry_at)
     return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited, retry_at)
 
 
@@ -168,7 +170,7 @@ class Permits:
     def of(cls, state: GateState, config: AdmissionConfig, now_ms: int) -> Permits:
         return cls(
             cooling_ms(state, now_ms),
-            slots_free(state, config),
+            max(0, config.create_slots - slots_in_use(state)),
             capacity_free(state, config),
             rate_available(state, config, now_ms),
         )
@@ -218,12 +220,10 @@ def eligibility(state: GateState, config: AdmissionConfig) -> Eligible:
 def ready_retries(
     state: GateState, config: AdmissionConfig, eligible: Eligible
 ) -> list[RetryEntry]:
-    """Retries the budget pays for whose tenant has room, or that take no new room."""
-    return eligible_retries(
-        state,
-        lambda entry: eligible(entry.tenant) or state.reclaims(entry.tenant, entry.entity),
-        retry_tokens(state, config),
-    )
+    """The first retries whose tenant has room, or that take no new room, as many as the
+    budget pays for."""
+    ready = (e for e in state.retries if eligible(e.tenant) or state.reclaims(e.tenant, e.entity))
+    return list(islice(ready, max(0, int(retry_tokens(state, config) + 1e-9))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,16 +252,6 @@ def schedule(
         Scheduled(turn, rate_wait_ms(state, config, now_ms, index + 1))
         for index, turn in enumerate(chosen)
     ]
-
-
-def position(state: GateState, config: AdmissionConfig, turn: Turn, eligible: Eligible) -> int:
-    """1-based place in the fair order (0: not found)."""
-    if turn.ticket is None:
-        retries = [(entry.tenant, entry.entity) for entry in state.retries]
-        mine = (turn.tenant, turn.entity)
-        return retries.index(mine) + 1 if mine in retries else len(retries)
-    ready = ready_retries(state, config, eligible)
-    return len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +318,14 @@ def waiting(
     permits = permits or Permits.of(state, config, now)
     eligible = eligible or eligibility(state, config)
     turn = Turn.of(waiter, place)
-    at = max(1, position(state, config, turn, eligible))
+    # Its 1-based place in the fair order.
+    if turn.ticket is None:
+        retries = [(entry.tenant, entry.entity) for entry in state.retries]
+        mine = (turn.tenant, turn.entity)
+        at = max(1, retries.index(mine) + 1 if mine in retries else len(retries))
+    else:
+        ready = ready_retries(state, config, eligible)
+        at = max(1, len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible))
     cooling = permits.cooling_ms
     # A retry reclaiming its own possible sandbox waits for no capacity.
     reclaims = turn.is_retry and state.reclaims(waiter.tenant, waiter.entity)
@@ -345,14 +342,14 @@ def waiting(
     usage = {
         REASON_CAPACITY: (capacity_in_use(state), capacity_limit(state, config)),
         REASON_CREATE_SLOTS: (slots_in_use(state), config.create_slots),
-        REASON_RATE: (rate_in_use(state, config, now), config.create_burst),
+        REASON_RATE: (config.create_burst - permits.rate, config.create_burst),
     }
     eta = cooling + max(waits.values())
     blocked = [name for name in waits if frees[name] < at]
     usage[REASON_BACKOFF] = usage[REASON_CREATE_SLOTS]
     if cooling > 0:
         reason = REASON_BACKOFF
-    elif not reclaims and not tenant_has_room(state, config, waiter.tenant):
+    elif not reclaims and not eligible(waiter.tenant):
         reason = REASON_CAPACITY
         limit = config.max_sandboxes_per_tenant or config.max_sandboxes
         usage[reason] = (state.tenant_in_use(waiter.tenant), limit)

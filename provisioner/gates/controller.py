@@ -1,10 +1,6 @@
-"""The admission controller: one fresh instance per invocation, all state in storage.
-
-A façade over the sandbox gate's decisions (`admit`, `settle`, `release`, `status`). Each
-decides inside one compare-and-swap of the gate document, so no interleaving of
-invocations can exceed a limit. Anything unexpected fails closed: the waiter is told to
-come back (reason `storage`) and nothing is granted.
-"""
+"""The admission controller: a façade over the sandbox gate's decisions, one fresh instance
+per invocation, all state in storage. Anything unexpected fails closed: the waiter is told
+to come back (reason `storage`) and nothing is granted."""
 
 from __future__ import annotations
 
@@ -23,6 +19,7 @@ from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queue
 from provisioner.gates.sandbox import WakeUp
 from provisioner.gates.settle import SandboxSettlement
 from provisioner.gates.view import sandbox_snapshot
+from provisioner.model import fields_of
 from provisioner.ports import LogLevel, Ports, StorageError
 
 _T = TypeVar("_T")
@@ -104,20 +101,13 @@ class AdmissionController:
         event: dict[str, Any] = {"tenant": waiter.tenant, "entity": waiter.entity, "step": what}
         event.update(extra or {})
         if isinstance(result, Grant):
-            event.update(
-                event="admission_granted",
-                lease_id=result.lease_id,
-                attempt=result.attempt,
-                queued_ms=result.queued_ms,
-            )
+            event.update(event="admission_granted", **fields_of(result))
+            del event["expires_at_ms"]
         elif isinstance(result, Queued):
             event.update(event="admission_queued", **result.params())
         elif isinstance(result, Rejected):
-            event.update(
-                event="admission_rejected",
-                code=result.failure.code,
-                message=result.failure.message,
-            )
+            failure = result.failure
+            event.update(event="admission_rejected", code=failure.code, message=failure.message)
         elif isinstance(result, bool):
             event.update(event="admission_released", held=result)
         else:

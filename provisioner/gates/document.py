@@ -229,9 +229,14 @@ class GateDocument:
         return len(self.retries) + sum(q.length() for q in self.ring)
 
 
-def observe_hold(state: GateDocument, started_ms: int, now_ms: int) -> None:
+def averaged(average: int | None, started_ms: int, now_ms: int) -> int:
+    """A moving average of how long something took, from `started_ms` to now."""
     observed = max(0, now_ms - started_ms)
-    state.hold_ms = observed if state.hold_ms is None else (state.hold_ms * 3 + observed) // 4
+    return observed if average is None else (average * 3 + observed) // 4
+
+
+def observe_hold(state: GateDocument, started_ms: int, now_ms: int) -> None:
+    state.hold_ms = averaged(state.hold_ms, started_ms, now_ms)
 
 
 # Bounds a create whose caller named no timeout, and those of documents before version 2.
@@ -330,9 +335,6 @@ class GateState(GateDocument):
         self.retries = not_owned_by(self.retries, tenant, entity)
         self.reservations = [r for r in self.reservations if not r.holds(tenant, None, entity)]
 
-    def create_lease(self, lease_id: str) -> CreateLease | None:
-        return next((lease for lease in self.create_leases if lease.lease_id == lease_id), None)
-
     def possible_sandboxes(self) -> list[UnsettledCreate]:
         """The unsettled creates that count against capacity: one per entity (one
         idempotency key makes at most one sandbox), none for an entity whose create is in
@@ -363,7 +365,6 @@ class GateState(GateDocument):
 REQUESTS = "requests"
 INPUT = "input"
 OUTPUT = "output"
-KINDS = (REQUESTS, INPUT, OUTPUT)
 
 # One request's estimated cost by kind, and under `margin_key(kind)` how far its actual
 # may exceed it (its declared worst case less the estimate; 0 when none is declared).

@@ -11,7 +11,7 @@ from typing import Generic, TypeVar
 
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.failures import FailureCode
-from provisioner.gates.blocking import Scheduled, Turn
+from provisioner.gates.blocking import Assessment, Scheduled, Turn
 from provisioner.gates.bucket import note_change
 from provisioner.gates.cas import Again
 from provisioner.gates.document import (
@@ -169,7 +169,15 @@ Answer = TypeVar("Answer")
 
 class Asking(GateLedger[Document], Generic[Document, Answer]):
     """A waiter asks for a permit (`admit`, `acquire`): `locate` it (its stored place
-    checked against the gate), refuse it once it has waited too long, else `judge` it."""
+    checked against the gate), refuse it once it has waited too long, else `assess` its
+    turn: `grant` the permit, or `reserve` the free permits for the next turns and answer
+    Queued."""
+
+    ticket_value: bytes | None = None
+
+    @property
+    def queue_timeout_ms(self) -> int:
+        return self.config.queue_timeout_ms
 
     def ask(self, waiter: Waiter) -> Answer | Queued | Rejected:
         loaded = self.load(waiter)
@@ -188,6 +196,24 @@ class Asking(GateLedger[Document], Generic[Document, Answer]):
         self.forget(waiter, located.ticket)
         return Rejected(Failure(FailureCode.QUEUE_TIMEOUT, why, retryable=True))
 
+    def judge(
+        self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
+    ) -> Answer | Queued:
+        seen = self.assess(waiter, loaded, place)
+        if seen.queued is None:
+            return self.grant(waiter, loaded, place)
+        reserved, own = self.reserve(loaded, seen.scheduled, Turn.of(waiter, place))
+        return self.wait_on(
+            waiter,
+            loaded,
+            place,
+            seen.queued,
+            changed=place is not loaded.place or seen.dropped or reserved,
+            own=own,
+            timeout_ms=self.queue_timeout_ms,
+            ticket_value=self.ticket_value,
+        )
+
     @abstractmethod
     def locate(
         self, waiter: Waiter, loaded: LoadedDocument[Document]
@@ -202,9 +228,18 @@ class Asking(GateLedger[Document], Generic[Document, Answer]):
         """Take the waiter out of the queue (in memory)."""
 
     @abstractmethod
-    def judge(
+    def assess(
         self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place
-    ) -> Answer | Queued | Rejected: ...
+    ) -> Assessment: ...
+
+    @abstractmethod
+    def grant(self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place) -> Answer: ...
+
+    @abstractmethod
+    def reserve(
+        self, loaded: LoadedDocument[Document], scheduled: list[Scheduled], mine: Turn
+    ) -> tuple[bool, Reservation | None]:
+        """Whether promising the permits changed the document, and the waiter's own."""
 
 
 SandboxLoaded = LoadedDocument[GateState]

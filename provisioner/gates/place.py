@@ -40,26 +40,12 @@ class Place:
         return self.ticket if self.stage is Stage.QUEUED else None
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            [
-                self.stage.value,
-                self.since_ms,
-                self.attempt,
-                -1 if self.ticket is None else self.ticket,
-                self.lease_id or "",
-                self.alive_until_ms,
-            ],
-            separators=(",", ":"),
-        ).encode()
+        ticket, lease = -1 if self.ticket is None else self.ticket, self.lease_id or ""
+        row = [self.stage.value, self.since_ms, self.attempt, ticket, lease, self.alive_until_ms]
+        return json.dumps(row, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Place:
         stage, since, attempt, ticket, lease, alive = json.loads(raw.decode())
-        return cls(
-            _STAGES[str(stage)],
-            int(since),
-            int(attempt),
-            None if int(ticket) < 0 else int(ticket),
-            str(lease) or None,
-            int(alive),
-        )
+        lease_id, queued = str(lease) or None, None if int(ticket) < 0 else int(ticket)
+        return cls(_STAGES[str(stage)], int(since), int(attempt), queued, lease_id, int(alive))

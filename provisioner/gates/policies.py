@@ -43,10 +43,6 @@ def record_failure(
     state.cooldown_until_ms = max(state.cooldown_until_ms, now_ms + pause)
 
 
-def record_success(state: GateDocument) -> None:
-    state.backoff_failures = 0
-
-
 def cooling_ms(state: GateDocument, now_ms: int) -> int:
     return max(0, state.cooldown_until_ms - now_ms)
 
@@ -70,14 +66,6 @@ def retry_tokens(state: GateState, config: AdmissionConfig) -> float:
     return config.retry_budget if state.retry_tokens is None else state.retry_tokens
 
 
-def earn_retry(state: GateState, config: AdmissionConfig) -> None:
-    state.retry_tokens = min(config.retry_budget, retry_tokens(state, config) + config.retry_ratio)
-
-
-def spend_retry(state: GateState, config: AdmissionConfig) -> None:
-    state.retry_tokens = retry_tokens(state, config) - 1.0
-
-
 def retry_token_wait_ms(state: GateState, config: AdmissionConfig, needed: int) -> int:
     """How long until `needed` whole tokens are banked (poll_max when nothing refills)."""
     missing = needed - retry_tokens(state, config)
@@ -96,10 +84,6 @@ def slots_in_use(state: GateState) -> int:
     return len(state.create_leases)
 
 
-def slots_free(state: GateState, config: AdmissionConfig) -> int:
-    return max(0, config.create_slots - slots_in_use(state))
-
-
 def create_bucket(config: AdmissionConfig) -> Bucket:
     return Bucket(config.rate_interval_ms, config.create_burst)
 
@@ -110,14 +94,6 @@ def rate_available(state: GateState, config: AdmissionConfig, now_ms: int) -> in
 
 def rate_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, nth: int) -> int:
     return create_bucket(config).wait_ms(state.rate_tat_ms, now_ms, nth)
-
-
-def take_rate(state: GateState, config: AdmissionConfig, now_ms: int) -> None:
-    state.rate_tat_ms = create_bucket(config).charge(state.rate_tat_ms, now_ms, 1)
-
-
-def rate_in_use(state: GateState, config: AdmissionConfig, now_ms: int) -> int:
-    return config.create_burst - rate_available(state, config, now_ms)
 
 
 def capacity_limit(state: GateState, config: AdmissionConfig) -> int:
@@ -132,31 +108,6 @@ def capacity_in_use(state: GateState) -> int:
 
 def capacity_free(state: GateState, config: AdmissionConfig) -> int:
     return max(0, capacity_limit(state, config) - capacity_in_use(state))
-
-
-def tenant_has_room(state: GateState, config: AdmissionConfig, tenant: str) -> bool:
-    limit = config.max_sandboxes_per_tenant
-    return limit is None or state.tenant_in_use(tenant) < limit
-
-
-def shrink_capacity(state: GateState, config: AdmissionConfig) -> None:
-    """Multiplicative decrease to our count (someone else holds the rest), never below one;
-    after the failed create's own lease was dropped."""
-    observed = capacity_in_use(state)
-    state.capacity = max(1, min(capacity_limit(state, config), observed))
-    state.success_streak = 0
-
-
-def note_created(state: GateState, config: AdmissionConfig) -> None:
-    """Additive increase: one more after a run of successes, up to the configured."""
-    if state.capacity is None:
-        return
-    state.success_streak += 1
-    if state.success_streak >= config.capacity_grow_after:
-        state.success_streak = 0
-        state.capacity += 1
-        if state.capacity >= config.max_sandboxes:
-            state.capacity = None
 
 
 def latency_ms(state: GateState, config: AdmissionConfig) -> int:

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from provisioner.config import AdmissionConfig
-from provisioner.gates.document import GateDocument, Reservation, RetryEntry, TenantQueue
+from provisioner.gates.document import GateDocument, Reservation, TenantQueue
 
 # Out-of-order removals remembered per tenant; beyond this, only the head can leave.
 MAX_REMOVED_OUT_OF_ORDER = 64
@@ -61,13 +60,6 @@ def drop_ticket(state: GateDocument, tenant: str, ticket: int) -> bool:
         return False
     remove_ticket(state, tenant, ticket, granted=False)
     return True
-
-
-def eligible_retries(
-    state: GateDocument, eligible: Callable[[RetryEntry], bool], retry_tokens: float
-) -> list[RetryEntry]:
-    """The first retries `eligible` accepts, as many as the budget pays for."""
-    return list(islice(filter(eligible, state.retries), max(0, int(retry_tokens + 1e-9))))
 
 
 def fair_order(state: GateDocument, eligible: Eligible) -> Iterator[tuple[str, int]]:
@@ -155,25 +147,3 @@ def live_reservations(state: GateDocument) -> list[Reservation]:
         if (r.tenant, r.entity) in retrying
         or (r.ticket is not None and state.holds_ticket(r.tenant, r.ticket))
     ]
-
-
-def retry_at_wait_ms(
-    config: AdmissionConfig, eta_ms: int, exact: bool, retry_after_ms: int, cooling_ms: int
-) -> int:
-    """How far off `retry_at_ms` lies: the estimate, unclamped by poll_max (a host that
-    wakes the waiter wakes it then), no sooner than poll_min when it is a guess (an overdue
-    estimate must not loop), and after a cooldown its jittered end."""
-    wait = eta_ms if exact else max(eta_ms, config.poll_min_ms)
-    return max(wait, retry_after_ms) if cooling_ms > 0 else max(1, wait)
-
-
-def ask_again_ms(
-    config: AdmissionConfig, wait_ms: int, exact: bool, cooling: int, uniform: Callable[[], float]
-) -> int:
-    """`retry_after_ms` for a wait of `wait_ms`: no sooner than poll_min unless `exact` (a
-    rate's), never later than poll_max, and after a cooldown, spread over poll_min."""
-    floor = 1 if exact else config.poll_min_ms
-    retry_after = max(floor, min(wait_ms, config.poll_max_ms))
-    if cooling > 0:
-        retry_after = max(cooling, retry_after) + int(uniform() * config.poll_min_ms)
-    return retry_after

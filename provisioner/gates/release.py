@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from provisioner.gates.admit import leave_queue
 from provisioner.gates.cas import until_settled
-from provisioner.gates.document import observe_hold
+from provisioner.gates.document import observe_hold, owned_by
 from provisioner.gates.ledger import ResourceLedger, SandboxLedger, charge_margins
 from provisioner.gates.queue import drop_ticket
 from provisioner.gates.results import Released, Waiter
-from provisioner.gates.sandbox import drop_leases_of, sandbox_lease_of
+from provisioner.gates.sandbox import drop_leases_of
 
 
 class SandboxRelease(SandboxLedger):
@@ -23,7 +23,7 @@ class SandboxRelease(SandboxLedger):
     def _decide(self, waiter: Waiter) -> bool:
         loaded = self.load(waiter)
         state, now = loaded.state, loaded.now_ms
-        lease = sandbox_lease_of(state, waiter.tenant, waiter.entity)
+        lease = owned_by(state.sandbox_leases, waiter.tenant, waiter.entity)
         if lease is not None:
             observe_hold(state, lease.started_ms, now)
         held = drop_leases_of(state, waiter.tenant, waiter.entity) > 0

@@ -39,7 +39,6 @@ RESOURCE_QUEUED = "ResourceQueued"
 RESOURCE_SETTLED = "ResourceSettled"
 RESOURCE_RELEASED = "ResourceReleased"
 
-RESOURCE_OPERATIONS = ("acquire", "settle")
 _MAX_TOKENS = 1_000_000_000
 # Temper dispatches an outcome by its action name, one action to one target state: a spec
 # gating two resources from two states renames each trigger's answers (`granted_action`
@@ -97,15 +96,10 @@ def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int
     return None if pause is None else min(pause, _MAX_PAUSE_MS)
 
 
-def read_answer(status: int, headers: dict[str, Any], now_ms: int) -> ProviderAnswer:
-    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
-    return ProviderAnswer(status, pause_from_headers(status, lowered, now_ms))
-
-
 def is_resource_request(request: Request) -> bool:
     """acquire and settle; release only with a `resource` key (without it, release frees
     the entity's sandbox, as it always has)."""
-    if request.operation in RESOURCE_OPERATIONS:
+    if request.operation in ("acquire", "settle"):
         return True
     return request.operation == "release" and bool(request.config.get("resource", "").strip())
 
@@ -128,20 +122,6 @@ def _tokens(params: dict[str, Any], name: str) -> int | None:
         return None
     refusal = f"{name} must be a whole number from 0 to {_MAX_TOKENS}"
     return _whole(params[name], 0, _MAX_TOKENS, refusal)
-
-
-def _status(params: dict[str, Any]) -> int:
-    refusal = "trigger param status must be the provider's HTTP status (100-599)"
-    return _whole(params.get("status", 200), 100, 599, refusal)
-
-
-def _headers(params: dict[str, Any]) -> dict[str, Any]:
-    headers = params.get("headers", {})
-    if headers is None:
-        return {}
-    if not isinstance(headers, dict):
-        _refuse("trigger param headers must be an object of header names to values")
-    return dict(headers)
 
 
 def _action_name(config: dict[str, str], key: str, default: str) -> str:
@@ -247,7 +227,14 @@ class ResourceOperations:
             tokens = _tokens(params, f"{kind}_tokens")
             if tokens is not None:
                 actual[kind] = float(tokens)
-        answer = read_answer(_status(params), _headers(params), self.ports.clock.now_ms())
+        refusal = "trigger param status must be the provider's HTTP status (100-599)"
+        status = _whole(params.get("status", 200), 100, 599, refusal)
+        headers = params.get("headers")
+        if not isinstance(headers, dict | None):
+            _refuse("trigger param headers must be an object of header names to values")
+        lowered = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+        now = self.ports.clock.now_ms()
+        answer = ProviderAnswer(status, pause_from_headers(status, lowered, now))
         settled = ResourceSettlement(self.ports, self.admission, self.gate).decide(
             self.waiter, lease_id or None, actual, answer
         )

@@ -122,7 +122,7 @@ class Released:
 
 @dataclass(frozen=True, slots=True)
 class ProviderAnswer:
-    """What the provider answered a gated call (`resource.read_answer`)."""
+    """What the provider answered a gated call (its status and the pause its headers ask for)."""
 
     status: int
     pause_ms: int | None = None

@@ -5,6 +5,7 @@ the promises of its free permits (`promise`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates.blocking import Permits, Scheduled, Turn, eligibility, schedule
@@ -15,11 +16,12 @@ from provisioner.gates.document import (
     SandboxLease,
     UnsettledCreate,
     not_owned_by,
-    owned_by,
     ticket_key,
 )
 from provisioner.gates.queue import reservation_of, reserve
 from provisioner.ports import Ports, Scope
+
+LeaseT = TypeVar("LeaseT", CreateLease, UnsettledCreate)
 
 
 def prune_expired(state: GateState, now_ms: int) -> None:
@@ -37,32 +39,10 @@ def unsettled_from(lease: CreateLease) -> UnsettledCreate:
     )
 
 
-def take_create_lease(
-    state: GateState,
-    lease_id: str,
-    tenant: str,
-    entity: str,
-    now_ms: int,
-    ttl_ms: int,
-    sandbox_timeout_ms: int,
-) -> CreateLease:
-    expires = now_ms + ttl_ms
-    lease = CreateLease(lease_id, tenant, entity, expires, now_ms, expires + sandbox_timeout_ms)
-    state.create_leases.append(lease)
-    return lease
-
-
-def drop_create_lease(state: GateState, lease_id: str) -> CreateLease | None:
-    for index, lease in enumerate(state.create_leases):
+def pop_lease(leases: list[LeaseT], lease_id: str) -> LeaseT | None:
+    for index, lease in enumerate(leases):
         if lease.lease_id == lease_id:
-            return state.create_leases.pop(index)
-    return None
-
-
-def drop_unsettled(state: GateState, lease_id: str) -> UnsettledCreate | None:
-    for index, unsettled in enumerate(state.unsettled):
-        if unsettled.lease_id == lease_id:
-            return state.unsettled.pop(index)
+            return leases.pop(index)
     return None
 
 
@@ -73,10 +53,6 @@ def drop_leases_of(state: GateState, tenant: str, entity: str) -> int:
     state.sandbox_leases = not_owned_by(state.sandbox_leases, tenant, entity)
     state.unsettled = not_owned_by(state.unsettled, tenant, entity)
     return counted - state.tenant_in_use(tenant)
-
-
-def sandbox_lease_of(state: GateState, tenant: str, entity: str) -> SandboxLease | None:
-    return owned_by(state.sandbox_leases, tenant, entity)
 
 
 def hold_sandbox(
@@ -131,16 +107,8 @@ def promise(
     for item in [item for item in scheduled if item.due_ms <= 0] + pending:
         turn = item.turn
         new = reservation_of(state, turn.tenant, turn.ticket, turn.entity) is None
-        held, moved = reserve(
-            state,
-            turn.tenant,
-            turn.ticket,
-            turn.entity,
-            now_ms + item.due_ms,
-            now_ms,
-            config.reservation_claim_ms,
-            new_lease_id(ports, "v"),
-        )
+        at, claim, rid = now_ms + item.due_ms, config.reservation_claim_ms, new_lease_id(ports, "v")
+        held, moved = reserve(state, turn.tenant, turn.ticket, turn.entity, at, now_ms, claim, rid)
         changed = changed or moved
         if new and turn != caller:
             entity = turn.entity or _ticket_entity(ports, turn)

@@ -15,18 +15,15 @@ from provisioner.gates.admit import exhausted, leave_queue
 from provisioner.gates.blocking import waiting
 from provisioner.gates.bucket import settle_charge
 from provisioner.gates.cas import until_settled
-from provisioner.gates.document import REQUESTS, Costs, observe_hold
+from provisioner.gates.document import REQUESTS, Costs, averaged, observe_hold
 from provisioner.gates.ledger import ResourceLedger, SandboxLedger, SandboxLoaded, set_bucket
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import (
     capacity_in_use,
     capacity_limit,
     cooling_ms,
-    note_created,
     rate_limits,
     record_failure,
-    record_success,
-    shrink_capacity,
 )
 from provisioner.gates.results import (
     REASON_BACKOFF,
@@ -44,12 +41,7 @@ from provisioner.gates.results import (
     Unavailable,
     Waiter,
 )
-from provisioner.gates.sandbox import (
-    drop_create_lease,
-    drop_unsettled,
-    hold_sandbox,
-    unsettled_from,
-)
+from provisioner.gates.sandbox import hold_sandbox, pop_lease, unsettled_from
 
 
 class SandboxSettlement(SandboxLedger):
@@ -65,17 +57,14 @@ class SandboxSettlement(SandboxLedger):
         state, now, config = loaded.state, loaded.now_ms, self.config
         stored = loaded.place
         since = stored.since_ms if stored is not None else now - grant.queued_ms
-        lease = drop_create_lease(state, grant.lease_id)
+        lease = pop_lease(state.create_leases, grant.lease_id)
         # Answered after its lease expired: the unsettled create it left is settled now.
-        late = None if lease is not None else drop_unsettled(state, grant.lease_id)
+        late = None if lease is not None else pop_lease(state.unsettled, grant.lease_id)
         unsettled = late if lease is None else unsettled_from(lease)
         if isinstance(result, Unavailable) and unsettled is not None:
             state.unsettled.append(unsettled)
         if lease is not None:
-            observed = max(0, now - lease.started_ms)
-            state.latency_ms = (
-                observed if state.latency_ms is None else (state.latency_ms * 3 + observed) // 4
-            )
+            state.latency_ms = averaged(state.latency_ms, lease.started_ms, now)
         if isinstance(result, Created):
             self._created(waiter, grant, result, loaded, since)
             return None
@@ -91,8 +80,12 @@ class SandboxSettlement(SandboxLedger):
             view = Place(Stage.RETRYING, since, stored.attempt)
             return waiting(state, config, now, waiter, view, self.ports.uniform)
         if isinstance(result, CapacityExhausted):
-            shrink_capacity(state, config)
-            if capacity_in_use(state) == 0:
+            # Multiplicative decrease to our count (someone else holds the rest), never below
+            # one; the failed create's own lease was dropped above.
+            used = capacity_in_use(state)
+            state.capacity = max(1, min(capacity_limit(state, config), used))
+            state.success_streak = 0
+            if used == 0:
                 record_failure(state, config, now, None, self.ports.uniform())
         elif isinstance(result, RateLimited | Unavailable):
             retry_after = result.retry_after_ms if isinstance(result, RateLimited) else None
@@ -125,8 +118,15 @@ class SandboxSettlement(SandboxLedger):
         timeout_ms = max(1, result.sandbox_timeout_ms)
         tenant, entity, lease_id = waiter.tenant, waiter.entity, grant.lease_id
         hold_sandbox(state, lease_id, tenant, entity, result.sandbox_id, now, timeout_ms)
-        record_success(state)
-        note_created(state, config)
+        state.backoff_failures = 0
+        if state.capacity is not None:
+            # Additive increase: one more after a run of successes, up to the configured.
+            state.success_streak += 1
+            if state.success_streak >= config.capacity_grow_after:
+                state.success_streak = 0
+                state.capacity += 1
+                if state.capacity >= config.max_sandboxes:
+                    state.capacity = None
         # A late answer for a waiter that had been queued again must not leave it queued.
         self.forget_ticket(waiter, self._leave(waiter, loaded))
         holding = Place(Stage.HOLDING, since, grant.attempt, lease_id=grant.lease_id)
@@ -187,7 +187,7 @@ class ResourceSettlement(ResourceLedger):
         if answer.backs_off:
             record_failure(state, self.config, now, answer.pause_ms, self.ports.uniform())
         elif answer.kind == "success":
-            record_success(state)
+            state.backoff_failures = 0
         self.save_gate(loaded)
         return Settled(
             lease_id=lease.lease_id if lease is not None else lease_id,
