@@ -23,19 +23,40 @@ EXIT_USAGE = 2
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes (about a minute): incident scenario only in real "
-                        "time, fewer repetitions, shrunk component not compiled")
-    parser.add_argument("--only", action="append", choices=FIGURES, metavar="FIGURE",
-                        help=f"run only this figure (repeatable): {', '.join(FIGURES)}")
-    parser.add_argument("--calls", type=int, default=None, metavar="N",
-                        help="invocations per series for the overhead figure "
-                        "(default 200; 40 with --quick)")
-    parser.add_argument("--component", type=Path, default=None,
-                        help="the component (default dist/sandbox_provisioner.wasm)")
-    parser.add_argument("--markdown", type=Path, default=None, metavar="PATH",
-                        help="also write the table, the targets and the machine to PATH "
-                        "(e.g. benchmarks/RESULTS.md)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes (about a minute): incident scenario only in real "
+        "time, fewer repetitions, shrunk component not compiled",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=FIGURES,
+        metavar="FIGURE",
+        help=f"run only this figure (repeatable): {', '.join(FIGURES)}",
+    )
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=None,
+        metavar="N",
+        help="invocations per series for the overhead figure (default 200; 40 with --quick)",
+    )
+    parser.add_argument(
+        "--component",
+        type=Path,
+        default=None,
+        help="the component (default dist/sandbox_provisioner.wasm)",
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the table, the targets and the machine to PATH "
+        "(e.g. benchmarks/RESULTS.md)",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:

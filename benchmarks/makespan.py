@@ -83,15 +83,23 @@ def run_virtual(jobs: int) -> VirtualResult:
     done = detsim.run_virtual(
         packaged_spec("temper_agent.ioa.toml"),
         detsim.VirtualScenario(
-            jobs=jobs, turns=10, turn_s=hold_ms / 10_000,
-            admission=AdmissionConfig(create_slots=slots, create_rate_per_s=rate,
-                                      max_sandboxes=cap),
-            e2b=FakeE2BConfig(create_latency_ms=latency_ms, rate_per_s=rate,
-                                     sandbox_cap=cap)),
+            jobs=jobs,
+            turns=10,
+            turn_s=hold_ms / 10_000,
+            admission=AdmissionConfig(
+                create_slots=slots, create_rate_per_s=rate, max_sandboxes=cap
+            ),
+            e2b=FakeE2BConfig(create_latency_ms=latency_ms, rate_per_s=rate, sandbox_cap=cap),
+        ),
     )
     wall = time.perf_counter() - started
-    limits = Limits(create_slots=slots, create_rate_per_s=rate, create_burst=1,
-                    max_sandboxes=cap, create_latency_s=latency_ms / 1000)
+    limits = Limits(
+        create_slots=slots,
+        create_rate_per_s=rate,
+        create_burst=1,
+        max_sandboxes=cap,
+        create_latency_s=latency_ms / 1000,
+    )
     ideal = ideal_makespan_s(jobs, limits, hold_ms / 1000)
     return VirtualResult(jobs, done.run.completed, done.run.makespan_s, ideal, wall)
 
@@ -101,47 +109,57 @@ def rows(results: list[ScenarioResult], virtual: list[VirtualResult]) -> list[Ro
     for result in results:
         prov = result.summaries["provisioner"]
         ratio = prov["makespan_ratio"]
-        out.append(Row(
-            "2",
-            f"makespan, {result.name} (real time)",
-            f"{prov['makespan_s']:.1f} s vs ideal {prov['ideal_makespan_s']:.1f} s",
-            times(ratio),
-            "ideal",
-            f"<= {MAKESPAN_TARGET}x ideal",
-            ratio <= MAKESPAN_TARGET,
-        ))
+        out.append(
+            Row(
+                "2",
+                f"makespan, {result.name} (real time)",
+                f"{prov['makespan_s']:.1f} s vs ideal {prov['ideal_makespan_s']:.1f} s",
+                times(ratio),
+                "ideal",
+                f"<= {MAKESPAN_TARGET}x ideal",
+                ratio <= MAKESPAN_TARGET,
+            )
+        )
         if len(result.summaries) == 1:
             continue
         completion = {mode: s["completed"] / s["jobs"] for mode, s in result.summaries.items()}
         others_fail = any(completion[mode] < 1 for mode in MODES if mode != "provisioner")
-        out.append(Row(
-            "2",
-            f"completion, {result.name}",
-            ", ".join(f"{mode} {s['completed']}/{s['jobs']}"
-                      for mode, s in result.summaries.items()),
-            ", ".join(f"{mode} {completion[mode]:.0%}" for mode in MODES),
-            "same mock settings",
-            "100% where direct fails" if others_fail else "",
-            (completion["provisioner"] == 1.0) if others_fail else None,
-        ))
-        out.append(Row(
-            "2",
-            f"E2B seen, {result.name}",
-            "; ".join(
-                f"{mode}: {s['throttled']} 429s, {s['max_concurrent_creates_seen']} creates at once"
-                for mode, s in result.summaries.items()
-            ),
-        ))
+        out.append(
+            Row(
+                "2",
+                f"completion, {result.name}",
+                ", ".join(
+                    f"{mode} {s['completed']}/{s['jobs']}" for mode, s in result.summaries.items()
+                ),
+                ", ".join(f"{mode} {completion[mode]:.0%}" for mode in MODES),
+                "same mock settings",
+                "100% where direct fails" if others_fail else "",
+                (completion["provisioner"] == 1.0) if others_fail else None,
+            )
+        )
+        out.append(
+            Row(
+                "2",
+                f"E2B seen, {result.name}",
+                "; ".join(
+                    f"{mode}: {s['throttled']} 429s, "
+                    f"{s['max_concurrent_creates_seen']} creates at once"
+                    for mode, s in result.summaries.items()
+                ),
+            )
+        )
     for v in virtual:
         ratio = v.makespan_s / v.ideal_s
-        out.append(Row(
-            "2",
-            f"makespan, {v.jobs} jobs (detsim, virtual time)",
-            f"{v.makespan_s:.1f} s vs ideal {v.ideal_s:.1f} s ({v.completed}/{v.jobs} done, "
-            f"{v.wall_s:.1f} s wall)",
-            times(ratio),
-            "ideal",
-        ))
+        out.append(
+            Row(
+                "2",
+                f"makespan, {v.jobs} jobs (detsim, virtual time)",
+                f"{v.makespan_s:.1f} s vs ideal {v.ideal_s:.1f} s ({v.completed}/{v.jobs} done, "
+                f"{v.wall_s:.1f} s wall)",
+                times(ratio),
+                "ideal",
+            )
+        )
     return out
 
 
@@ -149,8 +167,11 @@ def measure(loaded: LoadedComponent, quick: bool) -> list[Row]:
     results = [run_scenario("incident", INCIDENT, loaded)]
     if not quick:
         results.append(run_scenario("100 jobs, 20-sandbox cap", HUNDRED, loaded))
-        results.append(run_scenario("100 jobs, 100-sandbox cap", HUNDRED_UNCAPPED, loaded,
-                                    modes=("provisioner",)))
+        results.append(
+            run_scenario(
+                "100 jobs, 100-sandbox cap", HUNDRED_UNCAPPED, loaded, modes=("provisioner",)
+            )
+        )
     virtual = [run_virtual(jobs) for jobs in ((10, 100) if quick else (10, 100, 1000))]
     return rows(results, virtual)
 

@@ -108,9 +108,7 @@ def _in_flight(
     lock = threading.Lock()
 
     def provision(index: int) -> None:
-        outcome = hosts.component.invoke(
-            invocation(mock.url, f"{tag}-{index}", config=WIDE_OPEN)
-        )
+        outcome = hosts.component.invoke(invocation(mock.url, f"{tag}-{index}", config=WIDE_OPEN))
         with lock:
             outcomes.append(outcome.action)
 
@@ -146,8 +144,13 @@ def measure_here(component: Path | None = None) -> dict[str, int]:
             peak = hwm_bytes()
         finally:
             hosts.close()
-    return {"idle": idle, "one_in_flight": one, "many_in_flight": many, "peak_hwm": peak,
-            "in_flight": IN_FLIGHT}
+    return {
+        "idle": idle,
+        "one_in_flight": one,
+        "many_in_flight": many,
+        "peak_hwm": peak,
+        "in_flight": IN_FLIGHT,
+    }
 
 
 def measure(component: Path | None = None) -> dict[str, int]:

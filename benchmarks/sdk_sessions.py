@@ -50,15 +50,21 @@ class SdkInvoker:
             sandbox = Sandbox.create(
                 template=config.get("template_id", "base"),
                 timeout=int(config.get("sandbox_timeout_s", "3600")),
-                metadata={"temper_tenant": invocation.tenant,
-                          "temper_entity_id": invocation.entity_id},
+                metadata={
+                    "temper_tenant": invocation.tenant,
+                    "temper_entity_id": invocation.entity_id,
+                },
                 **self._opts,
             )
         except Exception as error:  # every SDK failure is the session's failure
             message = f"{type(error).__name__}: {error}"[:300]
             failure = Failure("e2b_error", message, retryable=False)
-            return Outcome(LEGACY_CREATE_FAILED, {"code": failure.code, "message": message},
-                           success=False, error=failure)
+            return Outcome(
+                LEGACY_CREATE_FAILED,
+                {"code": failure.code, "message": message},
+                success=False,
+                error=failure,
+            )
         return Outcome(SANDBOX_READY, {"sandbox_id": sandbox.sandbox_id, "attempts": 1})
 
     def _release(self, invocation: Invocation) -> Outcome:
@@ -82,8 +88,12 @@ def run_sdk_sessions(scenario: Scenario) -> tuple[RunResult, dict[str, Any]]:
     try:
         # Like `direct`: the upstream TemperAgent flow, the SDK's own retries only.
         settings = scenario.driver_settings("direct", run_id)
-        driver = SessionDriver(mode_spec("direct"), {"sandbox_provisioner": SdkInvoker(
-            mock.url, SDK_API_KEY)}, settings, configure=scenario.configure(mock.url))
+        driver = SessionDriver(
+            mode_spec("direct"),
+            {"sandbox_provisioner": SdkInvoker(mock.url, SDK_API_KEY)},
+            settings,
+            configure=scenario.configure(mock.url),
+        )
         try:
             run = driver.run(jobs)
         finally:

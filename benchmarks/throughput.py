@@ -208,8 +208,13 @@ def _rate(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:
     if problems:
         raise RuntimeError(problems[0])
     completed = sum(counts)
-    return {"rate": completed / elapsed, "calls": completed, "seconds": elapsed,
-            "cpu_seconds": cpu, "parent_cpu_seconds": parent_cpu}
+    return {
+        "rate": completed / elapsed,
+        "calls": completed,
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "parent_cpu_seconds": parent_cpu,
+    }
 
 
 def _latency(task: dict[str, Any], invoker: Invoker) -> dict[str, Any]:
@@ -364,8 +369,9 @@ def measure(component: Path | None = None, quick: bool = False) -> ThroughputFig
                     1000 * result["parent_cpu_seconds"] / max(1, result["calls"])
                 )
             for setup in (BASELINE, POOL, POOLED_RUNTIME):
-                lat = _run(runner.task(setup, "latency", calls=calls // rounds,
-                                       creates=creates // rounds))
+                lat = _run(
+                    runner.task(setup, "latency", calls=calls // rounds, creates=creates // rounds)
+                )
                 held[setup.name] += lat["held"]
                 create[setup.name] += lat["create"]
         queued = _run(runner.task(POOL, "rate", op="queued", seconds=seconds))["rate"]
@@ -376,14 +382,28 @@ def measure(component: Path | None = None, quick: bool = False) -> ThroughputFig
             server.start()
             try:
                 redis_rate = _run(
-                    runner.task(POOL, "rate", op="queued", seconds=seconds,
-                                storage_url=server.url, account="solo")
+                    runner.task(
+                        POOL,
+                        "rate",
+                        op="queued",
+                        seconds=seconds,
+                        storage_url=server.url,
+                        account="solo",
+                    )
                 )["rate"]
                 start_at = time.time() + 20  # after every host has started and set up
                 fleet = [
-                    _spawn(runner.task(POOL, "rate", op="queued", seconds=seconds,
-                                       storage_url=server.url, account="fleet",
-                                       start_at=start_at))
+                    _spawn(
+                        runner.task(
+                            POOL,
+                            "rate",
+                            op="queued",
+                            seconds=seconds,
+                            storage_url=server.url,
+                            account="fleet",
+                            start_at=start_at,
+                        )
+                    )
                     for _ in range(HOSTS)
                 ]
                 fleet_rate = sum(_collect(process)["rate"] for process in fleet)

@@ -97,18 +97,40 @@ def answers_for(trigger: Trigger, operation: str) -> dict[str, tuple[str, ...]]:
         return ANSWERS.get(operation, {})
     named = trigger.config_value
     if operation == "acquire":
-        return {named("granted_action") or "ResourceGranted":
-                ("resource", "lease_id", "expires_at_ms", "queued_ms", "renewed"),
-                named("queued_action") or "ResourceQueued": ("resource", *RESOURCE_QUEUE_PARAMS),
-                "SandboxFailed": FAILED_PARAMS}
+        return {
+            named("granted_action") or "ResourceGranted": (
+                "resource",
+                "lease_id",
+                "expires_at_ms",
+                "queued_ms",
+                "renewed",
+            ),
+            named("queued_action") or "ResourceQueued": ("resource", *RESOURCE_QUEUE_PARAMS),
+            "SandboxFailed": FAILED_PARAMS,
+        }
     if operation == "settle":
-        return {named("settled_action") or "ResourceSettled":
-                ("resource", "lease_id", "held", "answer", "status", "charged", "cooling_ms"),
-                "SandboxFailed": FAILED_PARAMS}
+        return {
+            named("settled_action") or "ResourceSettled": (
+                "resource",
+                "lease_id",
+                "held",
+                "answer",
+                "status",
+                "charged",
+                "cooling_ms",
+            ),
+            "SandboxFailed": FAILED_PARAMS,
+        }
     if operation == "release":
-        return {named("released_action") or "ResourceReleased":
-                ("resource", "released", "lease_id", "waited"),
-                "SandboxFailed": FAILED_PARAMS}
+        return {
+            named("released_action") or "ResourceReleased": (
+                "resource",
+                "released",
+                "lease_id",
+                "waited",
+            ),
+            "SandboxFailed": FAILED_PARAMS,
+        }
     return {}
 
 

@@ -505,10 +505,18 @@ class Executor:
                 entity.unhandled_failures += 1
                 self.emit(entity, "unhandled_failure", trigger=trigger.name, error=error)
                 return
-            self.dispatch(entity, route,
-                          {"failure": {"category": "permanent", "code": "InvocationFailed",
-                                       "diagnostic": error}},
-                          source="callback")
+            self.dispatch(
+                entity,
+                route,
+                {
+                    "failure": {
+                        "category": "permanent",
+                        "code": "InvocationFailed",
+                        "diagnostic": error,
+                    }
+                },
+                source="callback",
+            )
             return
         if trigger.on_failure is None:
             entity.unhandled_failures += 1

@@ -47,8 +47,10 @@ def test_text_table_keeps_every_cell_verbatim_on_one_line() -> None:
     # Catches rich reading a "[...]" in a figure as markup (it would vanish), and a long row
     # wrapped onto two lines in a log file.
     long_what = "a figure whose description is much wider than any terminal " * 4
-    rows = [Row("1", "[probe] guest", "3 ms", "1.6x", "floor", "<= 1.5x floor", False),
-            Row("2", long_what.strip(), "42")]
+    rows = [
+        Row("1", "[probe] guest", "3 ms", "1.6x", "floor", "<= 1.5x floor", False),
+        Row("2", long_what.strip(), "42"),
+    ]
     lines = format_text(rows).splitlines()
     assert lines[0].split() == ["fig", "what", "value", "ratio", "against", "target"]
     assert len(lines) == 2 + len(rows)  # headers, rule, one line per row

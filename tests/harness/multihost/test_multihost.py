@@ -47,7 +47,6 @@ CREATE_LEASE_MS = 3_000
 HELD_CREATE_LEASE_MS = 10_000
 
 
-
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     require_redis_server()
@@ -182,7 +181,11 @@ def test_three_hosts_share_the_limits_and_stay_fair(
         # A waiter that misses a poll (a loaded host is late) must keep its place, or the
         # other tenant moves up for reasons that are not the queue's: no drop-outs here.
         settings = _settings(
-            redis_server, mock, loaded_component, component_cache_dir, held=True,
+            redis_server,
+            mock,
+            loaded_component,
+            component_cache_dir,
+            held=True,
             waiter_ttl_ms="60000",
         )
         with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:

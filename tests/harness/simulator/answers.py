@@ -24,8 +24,16 @@ def queued(**params: Any) -> Outcome:
 
 def queued_for_a_minute() -> Outcome:
     """A queued answer whose next ask is a minute away: nothing in a short test polls."""
-    return queued(position=1, queue_length=1, in_use=4, limit=4, reason="create_slots",
-                  retry_after_ms=60_000, eta_ms=60_000, waited_ms=0)
+    return queued(
+        position=1,
+        queue_length=1,
+        in_use=4,
+        limit=4,
+        reason="create_slots",
+        retry_after_ms=60_000,
+        eta_ms=60_000,
+        waited_ms=0,
+    )
 
 
 def released(sandbox_id: str, *, released: bool = True) -> Outcome:

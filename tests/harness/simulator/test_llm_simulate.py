@@ -55,8 +55,14 @@ def test_simulate_llm_json_reports_each_mode_side_by_side(
     assert set(summary) == {GATED, UNGATED}
     for mode in (GATED, UNGATED):
         assert set(summary[mode]) >= {
-            "completed", "failed", "provider_429", "provider_requests", "input_tokens",
-            "makespan_s", "ideal_s", "throughput_while_waiting",
+            "completed",
+            "failed",
+            "provider_429",
+            "provider_requests",
+            "input_tokens",
+            "makespan_s",
+            "ideal_s",
+            "throughput_while_waiting",
         }
     assert summary[GATED]["provider_429"] == 0
     assert summary[GATED]["completed"] == 4

@@ -26,23 +26,42 @@ def test_forty_eight_threads_invoking_at_once_get_only_well_formed_outcomes(
     variant scratch set, storage errors under compare-and-swap contention), which surface
     as host_error / guest_trap outcomes; and admission letting more than its limits
     through when many invocations decide at once."""
-    config = MockE2BConfig(api_key=KEY, create_latency_ms=30, max_concurrent_creates=4,
-                           max_sandboxes=6)
-    with MockE2BServer(config) as mock, open_runtime(
-        e2b_url=mock.url, api_key=KEY, storage_url="memory://", loaded=loaded_component,
-        allow_private_network=True,
-    ) as runtime:
+    config = MockE2BConfig(
+        api_key=KEY, create_latency_ms=30, max_concurrent_creates=4, max_sandboxes=6
+    )
+    with (
+        MockE2BServer(config) as mock,
+        open_runtime(
+            e2b_url=mock.url,
+            api_key=KEY,
+            storage_url="memory://",
+            loaded=loaded_component,
+            allow_private_network=True,
+        ) as runtime,
+    ):
         invoker = ComponentInvoker(runtime)
-        integration = (("e2b_api_url", mock.url), ("create_slots", "4"),
-                       ("max_sandboxes", "6"), ("create_rate_per_s", "1000"),
-                       ("create_burst", "1000"))
+        integration = (
+            ("e2b_api_url", mock.url),
+            ("create_slots", "4"),
+            ("max_sandboxes", "6"),
+            ("create_rate_per_s", "1000"),
+            ("create_burst", "1000"),
+        )
         jobs = [Job(f"job-{i}", f"tenant-{i % 5}") for i in range(60)]
 
         def one(index: int) -> str:
             job = jobs[index % len(jobs)]
-            outcome = invoker.invoke(job_invocation(
-                job, operation=PROVISION, trigger_action="Provision", trigger_params={},
-                entity_state={}, config=integration, run_id="stress"))
+            outcome = invoker.invoke(
+                job_invocation(
+                    job,
+                    operation=PROVISION,
+                    trigger_action="Provision",
+                    trigger_params={},
+                    entity_state={},
+                    config=integration,
+                    run_id="stress",
+                )
+            )
             if outcome.error is not None:
                 return f"{outcome.error.code}: {outcome.error.message[:80]}"
             return outcome.action

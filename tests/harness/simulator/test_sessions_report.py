@@ -9,8 +9,13 @@ from harness.simulator.report import E2BFigures, build_report, format_table, ten
 
 
 def limits(**changes: object) -> Limits:
-    base: dict[str, object] = dict(create_slots=4, create_rate_per_s=1.0, create_burst=1,
-                                   max_sandboxes=20, create_latency_s=2.0)
+    base: dict[str, object] = dict(
+        create_slots=4,
+        create_rate_per_s=1.0,
+        create_burst=1,
+        max_sandboxes=20,
+        create_latency_s=2.0,
+    )
     base.update(changes)
     return Limits(**base)  # type: ignore[arg-type]
 
@@ -25,8 +30,7 @@ def limits(**changes: object) -> Limits:
         # A burst lets B creates go at once: (10-4)/1 + 2 = 8 > 6.
         (10, {"create_burst": 4}, 5.0, 13.0),
         # The sandbox cap dominates: ceil(200/20)*(0.2+1) = 12.
-        (200, {"create_rate_per_s": 50.0, "create_burst": 10, "create_latency_s": 0.2},
-         1.0, 12.0),
+        (200, {"create_rate_per_s": 50.0, "create_burst": 10, "create_latency_s": 0.2}, 1.0, 12.0),
         # No rate limit, no cap.
         (8, {"create_rate_per_s": None, "max_sandboxes": None}, 1.0, 5.0),
         (0, {}, 5.0, 0.0),
@@ -40,8 +44,15 @@ def test_ideal_makespan_is_the_largest_of_the_lower_bounds(
 
 
 def _result(job: Job, ready_at: float | None) -> SessionResult:
-    return SessionResult(job=job, state="Completed", outcome="completed", ready_at_s=ready_at,
-                         waited_ms=0, turns=3, sandbox_id="sb" if ready_at is not None else None)
+    return SessionResult(
+        job=job,
+        state="Completed",
+        outcome="completed",
+        ready_at_s=ready_at,
+        waited_ms=0,
+        turns=3,
+        sandbox_id="sb" if ready_at is not None else None,
+    )
 
 
 def test_tenant_summary_ranks_tenants_by_when_they_got_sandboxes() -> None:
@@ -61,22 +72,43 @@ def test_tenant_summary_ranks_tenants_by_when_they_got_sandboxes() -> None:
 def test_report_and_table_carry_the_issue_fields() -> None:
     """Bug caught: a renamed or missing field breaks the documented JSON report."""
     job = Job("job-1", "t1", "Neumorphic")
-    results = [SessionResult(job=job, state="Failed", outcome="failed",
-                             reason="TimeoutFail: no heartbeat for 30 minutes",
-                             killed_by_timer=True, waited_ms=3000, invocations=1)]
+    results = [
+        SessionResult(
+            job=job,
+            state="Failed",
+            outcome="failed",
+            reason="TimeoutFail: no heartbeat for 30 minutes",
+            killed_by_timer=True,
+            waited_ms=3000,
+            invocations=1,
+        )
+    ]
     run = RunResult(results=results, makespan_s=3.0)
-    report = build_report(run, mode="direct", ideal_s=11.0,
-                          e2b=E2BFigures(5, 4, 6, 0, 0, 4))
+    report = build_report(run, mode="direct", ideal_s=11.0, e2b=E2BFigures(5, 4, 6, 0, 0, 4))
     assert set(report["summary"]) >= {
-        "jobs", "completed", "failed", "max_concurrent_creates_seen",
-        "max_running_sandboxes_seen", "throttled", "orphaned_sandboxes", "duplicate_sandboxes",
-        "makespan_s", "ideal_makespan_s",
+        "jobs",
+        "completed",
+        "failed",
+        "max_concurrent_creates_seen",
+        "max_running_sandboxes_seen",
+        "throttled",
+        "orphaned_sandboxes",
+        "duplicate_sandboxes",
+        "makespan_s",
+        "ideal_makespan_s",
     }
-    assert report["jobs"] == [{
-        "id": "job-1", "tenant": "t1", "state": "Failed",
-        "reason": "TimeoutFail: no heartbeat for 30 minutes",
-        "sandbox_id": None, "turns": 0, "waited_ms": 3000, "invocations": 1,
-    }]
+    assert report["jobs"] == [
+        {
+            "id": "job-1",
+            "tenant": "t1",
+            "state": "Failed",
+            "reason": "TimeoutFail: no heartbeat for 30 minutes",
+            "sandbox_id": None,
+            "turns": 0,
+            "waited_ms": 3000,
+            "invocations": 1,
+        }
+    ]
     table = format_table(report, results)
     assert "Neumorphic" in table
     assert "Failed (TimeoutFail: no heartbeat for 30 minutes, by a timer)" in table

@@ -47,12 +47,26 @@ def test_ctrl_c_mid_run_exits_cleanly_and_stops_the_mock_e2b(
 ) -> None:
     """Bug caught: Ctrl-C hanging on worker threads blocked in a create, a traceback
     instead of a clean exit, or the mock E2B server left listening."""
-    env = dict(os.environ, SANDBOX_PROVISIONER_CACHE=str(component_cache_dir),
-               PYTHONUNBUFFERED="1")
+    env = dict(os.environ, SANDBOX_PROVISIONER_CACHE=str(component_cache_dir), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "simulate", "--mode", "provisioner",
-         "--jobs", "10", "--component", str(loaded_component.path), "--verbose"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "simulate",
+            "--mode",
+            "provisioner",
+            "--jobs",
+            "10",
+            "--component",
+            str(loaded_component.path),
+            "--verbose",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None and process.stderr is not None
     port = None
@@ -86,8 +100,9 @@ def test_ctrl_c_mid_run_exits_cleanly_and_stops_the_mock_e2b(
     assert process.returncode == 130, err
     assert "interrupted" in err
     assert "Traceback" not in err, err
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(
-        ("127.0.0.1", port), timeout=2
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection(("127.0.0.1", port), timeout=2),
     ):
         pass
     assert not [pid for pid in helpers if alive(pid)]
@@ -116,13 +131,19 @@ def test_keyboard_interrupt_in_process_stops_the_mock_and_joins_every_thread(
 
     before = {t.ident for t in threading.enumerate()}
     with pytest.raises(KeyboardInterrupt):
-        run_mode(Scenario(), "provisioner", loaded=loaded_component,
-                 live=InterruptWhenQueued(sys.stderr), announce=urls.append)
+        run_mode(
+            Scenario(),
+            "provisioner",
+            loaded=loaded_component,
+            live=InterruptWhenQueued(sys.stderr),
+            announce=urls.append,
+        )
     assert len(urls) == 2, "the interrupt never fired"
     leftover = [t.name for t in threading.enumerate() if t.ident not in before]
     assert leftover == []
     port = int(urls[0].rsplit(":", 1)[1])
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(
-        ("127.0.0.1", port), timeout=2
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection(("127.0.0.1", port), timeout=2),
     ):
         pass

@@ -23,7 +23,6 @@ from tests.conftest import require_redis_server
 NS = "account/e2b"
 
 
-
 def _server(persistent: bool) -> Iterator[RedisServer]:
     require_redis_server()
     with RedisServer(persistent=persistent) as server:

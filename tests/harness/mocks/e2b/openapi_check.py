@@ -133,8 +133,7 @@ class SpecChecker:
             return [f"{answer.describe()}: body is not JSON ({exc}): {answer.body[:200]!r}"]
         errors: list[ValidationError] = list(self._validator(schema).iter_errors(document))
         return [
-            f"{answer.describe()}: {'/'.join(map(str, e.absolute_path)) or '<body>'}: "
-            f"{e.message}"
+            f"{answer.describe()}: {'/'.join(map(str, e.absolute_path)) or '<body>'}: {e.message}"
             for e in errors
         ]
 
@@ -188,10 +187,15 @@ class ResponseTap:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False) and "status" in started:
-                    self.receive_answer(Answer(
-                        scope["method"], scope["path"], started["status"],
-                        started["headers"], b"".join(chunks),
-                    ))
+                    self.receive_answer(
+                        Answer(
+                            scope["method"],
+                            scope["path"],
+                            started["status"],
+                            started["headers"],
+                            b"".join(chunks),
+                        )
+                    )
             await send(message)
 
         await self.app(scope, receive, tapped)

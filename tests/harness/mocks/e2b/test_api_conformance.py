@@ -57,12 +57,15 @@ def assert_lives_15_seconds_more(http: httpx.Client, clock: FrozenClock, sandbox
     assert http.get(f"/sandboxes/{sandbox_id}").status_code == 404
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/no/such/route"),
-    ("POST", "/sandboxes/abc/snapshots"),
-    ("GET", "/templates"),
-    ("PUT", "/sandboxes"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/no/such/route"),
+        ("POST", "/sandboxes/abc/snapshots"),
+        ("GET", "/templates"),
+        ("PUT", "/sandboxes"),
+    ],
+)
 def test_unserved_routes_answer_the_error_json_body(
     http: httpx.Client, method: str, path: str
 ) -> None:
@@ -101,9 +104,7 @@ def test_v2_list_reports_x_total_running_before_paging_and_only_for_running(
     assert "X-Total-Running" not in paused_only.headers
 
 
-def test_v2_list_honours_started_after_and_template(
-    http: httpx.Client, clock: FrozenClock
-) -> None:
+def test_v2_list_honours_started_after_and_template(http: httpx.Client, clock: FrozenClock) -> None:
     # Catches startedAfter being ignored.
     older = made(http, clock, 2)
     newer = made(http, clock, 2, templateID="other")
@@ -157,10 +158,18 @@ def test_cursor_order_is_kept_and_a_garbled_token_is_400(
     assert http.get("/v2/sandboxes", params={"nextToken": "%%%"}).status_code == 400
 
 
-@pytest.mark.parametrize("params", [
-    {"limit": 0}, {"limit": 101}, {"limit": "ten"}, {"state": "running,sleeping"},
-    {"order": "newest"}, {"startedAfter": "yesterday"}, {"startedAfter": "2026-01-01T00:00:00"},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 101},
+        {"limit": "ten"},
+        {"state": "running,sleeping"},
+        {"order": "newest"},
+        {"startedAfter": "yesterday"},
+        {"startedAfter": "2026-01-01T00:00:00"},
+    ],
+)
 def test_list_parameters_outside_the_spec_are_400(
     server: MockE2BServer, http: httpx.Client, params: dict[str, Any]
 ) -> None:
@@ -171,17 +180,20 @@ def test_list_parameters_outside_the_spec_are_400(
     assert server.stats().bad_requests == 1
 
 
-@pytest.mark.parametrize("body", [
-    {"templateID": "base", "autoPause": "yes"},
-    {"templateID": "base", "secure": 1},
-    {"templateID": "base", "allow_internet_access": "false"},
-    {"templateID": "base", "timeout": True},
-    {"templateID": "base", "timeout": -5},
-    {"templateID": "base", "envVars": {"A": 1}},
-    {"templateID": "base", "autoResume": {"enabled": "true"}},
-    {"templateID": "base", "volumeMounts": [{"name": "v"}]},
-    {"templateID": 7},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"templateID": "base", "autoPause": "yes"},
+        {"templateID": "base", "secure": 1},
+        {"templateID": "base", "allow_internet_access": "false"},
+        {"templateID": "base", "timeout": True},
+        {"templateID": "base", "timeout": -5},
+        {"templateID": "base", "envVars": {"A": 1}},
+        {"templateID": "base", "autoResume": {"enabled": "true"}},
+        {"templateID": "base", "volumeMounts": [{"name": "v"}]},
+        {"templateID": 7},
+    ],
+)
 def test_wrongly_typed_create_fields_are_400_and_make_nothing(
     server: MockE2BServer, http: httpx.Client, body: dict[str, Any]
 ) -> None:
@@ -214,9 +226,7 @@ def test_v1_create_and_refresh_default_to_15_seconds(
     assert created.status_code == 201
     sandbox_id = created.json()["sandboxID"]
     detail = http.get(f"/sandboxes/{sandbox_id}").json()
-    lifetime = datetime.fromisoformat(detail["endAt"]) - datetime.fromisoformat(
-        detail["startedAt"]
-    )
+    lifetime = datetime.fromisoformat(detail["endAt"]) - datetime.fromisoformat(detail["startedAt"])
     assert lifetime.total_seconds() == 15
     clock.advance(10.0)
     assert http.post(f"/sandboxes/{sandbox_id}/refreshes").status_code == 204

@@ -44,8 +44,12 @@ def test_sdk_creates_lists_inspects_times_out_and_kills(server: MockE2BServer) -
     # Catches any drift between the mock's wire format and what the SDK parses.
     opts = sdk(server)
     sandbox = Sandbox.create(
-        template="base", timeout=120, metadata={"job": "cj-1", "tenant": "t 1"},
-        envs={"A": "1"}, idempotency_key="cj-1-attempt", **opts,
+        template="base",
+        timeout=120,
+        metadata={"job": "cj-1", "tenant": "t 1"},
+        envs={"A": "1"},
+        idempotency_key="cj-1-attempt",
+        **opts,
     )
     running = server.running_sandboxes()
     assert [s["sandbox_id"] for s in running] == [sandbox.sandbox_id]
@@ -61,7 +65,9 @@ def test_sdk_creates_lists_inspects_times_out_and_kills(server: MockE2BServer) -
 
     info = sandbox.get_info()
     assert (info.sandbox_id, info.template_id, info.state) == (
-        sandbox.sandbox_id, "base", SandboxState.RUNNING
+        sandbox.sandbox_id,
+        "base",
+        SandboxState.RUNNING,
     )
     assert Sandbox.get_info(sandbox.sandbox_id, **opts).end_at == info.end_at
 

@@ -20,8 +20,13 @@ from tests.harness.mocks.e2b.openapi_check import Answer, ResponseTap, checker
 
 
 def answer_of(response: httpx.Response) -> Answer:
-    return Answer(response.request.method, response.request.url.path, response.status_code,
-                  {k.lower(): v for k, v in response.headers.items()}, response.content)
+    return Answer(
+        response.request.method,
+        response.request.url.path,
+        response.status_code,
+        {k.lower(): v for k, v in response.headers.items()},
+        response.content,
+    )
 
 
 @pytest.fixture
@@ -33,6 +38,7 @@ def server() -> Iterator[MockE2BServer]:
 def test_every_route_the_mock_serves_answers_as_the_spec_says(server: MockE2BServer) -> None:
     answers: list[httpx.Response] = []
     with client(server) as http:
+
         def call(method: str, path: str, **kwargs: Any) -> httpx.Response:
             response = http.request(method, path, **kwargs)
             answers.append(response)
@@ -40,8 +46,9 @@ def test_every_route_the_mock_serves_answers_as_the_spec_says(server: MockE2BSer
 
         body = {"templateID": "base", "timeout": 600, "metadata": {"k": "v"}}
         first = call("POST", "/sandboxes", json=body).json()["sandboxID"]
-        second = call("POST", "/v2/sandboxes", json=body,
-                      headers={"Idempotency-Key": "k-1"}).json()["sandboxID"]
+        second = call(
+            "POST", "/v2/sandboxes", json=body, headers={"Idempotency-Key": "k-1"}
+        ).json()["sandboxID"]
         call("POST", "/v2/sandboxes", json=body, headers={"Idempotency-Key": "k-1"})
         call("POST", "/v2/sandboxes", json=body)  # the cap's 429
         call("POST", "/sandboxes", json={"templateID": "base", "timeout": 0})  # 400
@@ -82,43 +89,77 @@ def test_every_route_the_mock_serves_answers_as_the_spec_says(server: MockE2BSer
     problems = [p for response in answers for p in checker().check(answer_of(response))]
     assert problems == []
     statuses = {(r.request.method, r.status_code) for r in answers}
-    assert {("POST", 201), ("POST", 200), ("POST", 204), ("POST", 409), ("POST", 429),
-            ("GET", 200), ("GET", 400), ("GET", 404), ("DELETE", 204), ("DELETE", 404),
-            ("GET", 401), ("PATCH", 405)} <= statuses
+    assert {
+        ("POST", 201),
+        ("POST", 200),
+        ("POST", 204),
+        ("POST", 409),
+        ("POST", 429),
+        ("GET", 200),
+        ("GET", 400),
+        ("GET", 404),
+        ("DELETE", 204),
+        ("DELETE", 404),
+        ("GET", 401),
+        ("PATCH", 405),
+    } <= statuses
     assert server.stats().sandboxes_resumed == 2
 
 
 def listed_item(**changes: Any) -> dict[str, Any]:
     item = {
-        "templateID": "base", "alias": "base", "sandboxID": "isbx", "clientID": "c",
-        "startedAt": "2026-01-01T00:00:00Z", "endAt": "2026-01-01T00:05:00Z", "cpuCount": 2,
-        "memoryMB": 512, "diskSizeMB": 1024, "state": "running", "envdVersion": "0.2.0",
+        "templateID": "base",
+        "alias": "base",
+        "sandboxID": "isbx",
+        "clientID": "c",
+        "startedAt": "2026-01-01T00:00:00Z",
+        "endAt": "2026-01-01T00:05:00Z",
+        "cpuCount": 2,
+        "memoryMB": 512,
+        "diskSizeMB": 1024,
+        "state": "running",
+        "envdVersion": "0.2.0",
         "metadata": {},
     }
     item.update(changes)
     return {k: v for k, v in item.items() if v is not None}
 
 
-def json_answer(method: str, path: str, status: int, body: Any,
-                **headers: str) -> Answer:
-    return Answer(method, path, status, {"content-type": "application/json", **headers},
-                  json.dumps(body).encode())
+def json_answer(method: str, path: str, status: int, body: Any, **headers: str) -> Answer:
+    return Answer(
+        method,
+        path,
+        status,
+        {"content-type": "application/json", **headers},
+        json.dumps(body).encode(),
+    )
 
 
-@pytest.mark.parametrize(("answer", "wrong"), [
-    (json_answer("GET", "/v2/sandboxes", 200, [listed_item(cpuCount=None)]), "cpuCount"),
-    (json_answer("GET", "/v2/sandboxes", 200, [listed_item(state="asleep")]), "asleep"),
-    (json_answer("GET", "/v2/sandboxes", 200, [listed_item(startedAt="noon")]), "noon"),
-    (json_answer("GET", "/v2/sandboxes", 200, [], **{"x-total-running": "many"}),
-     "X-Total-Running"),
-    (json_answer("POST", "/v2/sandboxes", 201, {"sandboxID": "i", "templateID": "b",
-                                                "clientID": "c"}), "envdVersion"),
-    (json_answer("POST", "/sandboxes", 200, {}), "not documented"),
-    (json_answer("GET", "/sandboxes/x", 404, {"message": "gone"}), "code"),
-    (Answer("GET", "/no/such", 404, {"content-type": "text/plain"}, b"Not Found"),
-     "text/plain"),
-    (Answer("POST", "/sandboxes/x/pause", 204, {}, b"{}"), "bodiless"),
-])
+@pytest.mark.parametrize(
+    ("answer", "wrong"),
+    [
+        (json_answer("GET", "/v2/sandboxes", 200, [listed_item(cpuCount=None)]), "cpuCount"),
+        (json_answer("GET", "/v2/sandboxes", 200, [listed_item(state="asleep")]), "asleep"),
+        (json_answer("GET", "/v2/sandboxes", 200, [listed_item(startedAt="noon")]), "noon"),
+        (
+            json_answer("GET", "/v2/sandboxes", 200, [], **{"x-total-running": "many"}),
+            "X-Total-Running",
+        ),
+        (
+            json_answer(
+                "POST", "/v2/sandboxes", 201, {"sandboxID": "i", "templateID": "b", "clientID": "c"}
+            ),
+            "envdVersion",
+        ),
+        (json_answer("POST", "/sandboxes", 200, {}), "not documented"),
+        (json_answer("GET", "/sandboxes/x", 404, {"message": "gone"}), "code"),
+        (
+            Answer("GET", "/no/such", 404, {"content-type": "text/plain"}, b"Not Found"),
+            "text/plain",
+        ),
+        (Answer("POST", "/sandboxes/x/pause", 204, {}, b"{}"), "bodiless"),
+    ],
+)
 def test_the_checker_catches_answers_that_break_the_spec(answer: Answer, wrong: str) -> None:
     problems = checker().check(answer)
     assert problems and wrong in " ".join(problems)

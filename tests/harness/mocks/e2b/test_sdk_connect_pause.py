@@ -30,8 +30,7 @@ def sdk(server: MockE2BServer) -> dict[str, Any]:
 
 def test_sdk_pauses_lists_and_resumes_through_connect(server: MockE2BServer) -> None:
     # Catches a mock without pause/connect (the SDK then crashed on a text/plain 404).
-    sandbox = Sandbox.create(template="base", timeout=120, metadata={"job": "j1"},
-                             **sdk(server))
+    sandbox = Sandbox.create(template="base", timeout=120, metadata={"job": "j1"}, **sdk(server))
     assert sandbox.pause() is True
     assert Sandbox.pause(sandbox.sandbox_id, **sdk(server)) is False  # 409: already paused
     stats = server.stats()
@@ -70,7 +69,9 @@ def test_a_paused_sandbox_frees_its_slot_and_resuming_can_draw_the_cap_429(
     assert Sandbox.connect(first.sandbox_id, **sdk(server)).sandbox_id == first.sandbox_id
     stats = server.stats()
     assert (stats.running_sandboxes, stats.capacity_limited, stats.max_running_sandboxes) == (
-        1, 1, 1
+        1,
+        1,
+        1,
     )
 
 

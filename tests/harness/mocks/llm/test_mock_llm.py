@@ -56,7 +56,9 @@ def test_rpm_limit_refuses_past_the_bucket_and_refills_continuously() -> None:
         answers = [send(http) for _ in range(3)]
         assert [r.status_code for r in answers] == [200, 200, 200]
         assert [r.headers["anthropic-ratelimit-requests-remaining"] for r in answers] == [
-            "2", "1", "0"
+            "2",
+            "1",
+            "0",
         ]
         refused = send(http, tokens=5)
         assert refused.status_code == 429
@@ -139,8 +141,10 @@ def test_otpm_charges_actual_output_after_the_answer_and_runs_into_debt() -> Non
 
 def test_headers_report_every_limit_and_the_most_restrictive_token_limit() -> None:
     clock = FrozenClock()
-    with running_mock(clock, rpm=3, itpm=100, otpm=1000, output_tokens=10) as server, \
-            client(server) as http:
+    with (
+        running_mock(clock, rpm=3, itpm=100, otpm=1000, output_tokens=10) as server,
+        client(server) as http,
+    ):
         response = send(http, tokens=60)
         headers = ratelimit_headers(response)
         assert {k: v for k, v in headers.items() if not k.endswith("-reset")} == {
@@ -159,8 +163,9 @@ def test_headers_report_every_limit_and_the_most_restrictive_token_limit() -> No
         assert 19 <= reset_in_s(response, "anthropic-ratelimit-requests-reset") <= 22
         assert 35 <= reset_in_s(response, "anthropic-ratelimit-input-tokens-reset") <= 38
         assert 0 <= reset_in_s(response, "anthropic-ratelimit-output-tokens-reset") <= 3
-        assert headers["anthropic-ratelimit-tokens-reset"] == (
-            headers["anthropic-ratelimit-input-tokens-reset"]
+        assert (
+            headers["anthropic-ratelimit-tokens-reset"]
+            == (headers["anthropic-ratelimit-input-tokens-reset"])
         )
         server.configure(otpm=20)  # new limits start from full buckets
         tighter = send(http, tokens=1)
@@ -176,8 +181,10 @@ def test_headers_report_every_limit_and_the_most_restrictive_token_limit() -> No
 
 
 def test_token_remaining_can_be_rounded_to_the_thousand_like_anthropic() -> None:
-    with running_mock(FrozenClock(), itpm=10_000, token_remaining_rounding=1000) as server, \
-            client(server) as http:
+    with (
+        running_mock(FrozenClock(), itpm=10_000, token_remaining_rounding=1000) as server,
+        client(server) as http,
+    ):
         response = send(http, tokens=600)
     assert response.headers["anthropic-ratelimit-input-tokens-remaining"] == "9000"
     assert response.headers["anthropic-ratelimit-input-tokens-limit"] == "10000"
@@ -199,8 +206,9 @@ def test_wrong_or_missing_key_is_401_authentication_error() -> None:
     with running_mock(rpm=1) as server:
         with client(server, "sk-ant-wrong") as http:
             wrong = send(http)
-        missing = httpx.post(f"{server.url}/v1/messages", json={},
-                             headers={"anthropic-version": "2023-06-01"})
+        missing = httpx.post(
+            f"{server.url}/v1/messages", json={}, headers={"anthropic-version": "2023-06-01"}
+        )
         # The SDK 2.x way of presenting the key is accepted as well.
         bearer = httpx.post(
             f"{server.url}/v1/messages",
@@ -226,18 +234,26 @@ def test_wrong_or_missing_key_is_401_authentication_error() -> None:
         (b"[1, 2]", {}, "JSON object"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}', {}, "max_tokens"),
         (b'{"model": "m", "max_tokens": 5, "messages": []}', {}, "messages"),
-        (b'{"model": "m", "max_tokens": 5, "stream": true, '
-         b'"messages": [{"role": "user", "content": "x"}]}', {}, "does not stream"),
-        (b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}',
-         {"anthropic-version": ""}, "anthropic-version"),
+        (
+            b'{"model": "m", "max_tokens": 5, "stream": true, '
+            b'"messages": [{"role": "user", "content": "x"}]}',
+            {},
+            "does not stream",
+        ),
+        (
+            b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}',
+            {"anthropic-version": ""},
+            "anthropic-version",
+        ),
     ],
 )
 def test_malformed_requests_are_400_invalid_request_error_and_charge_nothing(
     content: bytes, headers: dict[str, str], fragment: str
 ) -> None:
     with running_mock(FrozenClock(), rpm=1) as server, client(server) as http:
-        response = http.post("/v1/messages", content=content,
-                             headers={"content-type": "application/json", **headers})
+        response = http.post(
+            "/v1/messages", content=content, headers={"content-type": "application/json", **headers}
+        )
         assert response.status_code == 400
         body = response.json()
         assert body["type"] == "error"
@@ -250,13 +266,16 @@ def test_malformed_requests_are_400_invalid_request_error_and_charge_nothing(
 
 
 def test_scheduled_overload_answers_529_and_charges_nothing() -> None:
-    with running_mock(FrozenClock(), rpm=10, overload_first=2, overload_last=3) as server, \
-            client(server) as http:
+    with (
+        running_mock(FrozenClock(), rpm=10, overload_first=2, overload_last=3) as server,
+        client(server) as http,
+    ):
         answers = [send(http) for _ in range(4)]
         stats = server.stats()
     assert [r.status_code for r in answers] == [200, 529, 529, 200]
     assert answers[1].json() == {
-        "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"},
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Overloaded"},
     }
     assert "retry-after" not in answers[1].headers
     assert answers[3].headers["anthropic-ratelimit-requests-remaining"] == "8"
@@ -264,8 +283,10 @@ def test_scheduled_overload_answers_529_and_charges_nothing() -> None:
 
 
 def test_overload_mode_answers_every_request_529_with_the_configured_retry_after() -> None:
-    with running_mock(overloaded=True, overload_retry_after_s=2.5) as server, \
-            client(server) as http:
+    with (
+        running_mock(overloaded=True, overload_retry_after_s=2.5) as server,
+        client(server) as http,
+    ):
         answers = [send(http) for _ in range(3)]
         server.configure(overloaded=False)
         after = send(http)
@@ -315,8 +336,7 @@ def test_latency_holds_the_answer_at_least_the_configured_time() -> None:
         started = time.monotonic()
         assert send(http).status_code == 200
         assert time.monotonic() - started >= 0.3
-    with running_mock(latency_ms=200, latency_max_ms=400, seed=1) as server, \
-            client(server) as http:
+    with running_mock(latency_ms=200, latency_max_ms=400, seed=1) as server, client(server) as http:
         started = time.monotonic()
         assert send(http).status_code == 200
         assert time.monotonic() - started >= 0.2
@@ -324,6 +344,7 @@ def test_latency_holds_the_answer_at_least_the_configured_time() -> None:
 
 def test_limits_are_exact_under_concurrent_requests() -> None:
     with running_mock(FrozenClock(), rpm=5, itpm=1000) as server:
+
         def one() -> int:
             with client(server) as http:
                 return send(http, tokens=7).status_code
@@ -374,7 +395,8 @@ def test_control_api_reads_stats_and_requests_reconfigures_and_resets() -> None:
         assert stats["requests_total"] == 2
         log = http.get("/_mock/requests").json()
         assert [(r["status"], r["limit"], r["retry_after_s"]) for r in log] == [
-            (200, None, None), (429, "requests", 60)
+            (200, None, None),
+            (429, "requests", 60),
         ]
         assert log[1]["arrived_at"] == clock.now
         config = http.post("/_mock/config", json={"rpm": 2, "output_tokens": 3}).json()

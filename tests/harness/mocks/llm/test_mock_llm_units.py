@@ -65,27 +65,33 @@ def test_input_tokens_are_four_characters_each_rounded_up() -> None:
     assert estimate_tokens(4) == 1
     assert estimate_tokens(5) == 2
     assert estimate_tokens(400) == 100
-    request = parse_messages_request({
-        "model": "m",
-        "max_tokens": 5,
-        "system": [{"type": "text", "text": "x" * 8}],
-        "messages": [
-            {"role": "user", "content": "y" * 10},
-            {"role": "assistant", "content": [{"type": "text", "text": "z" * 6}]},
-        ],
-    })
+    request = parse_messages_request(
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "system": [{"type": "text", "text": "x" * 8}],
+            "messages": [
+                {"role": "user", "content": "y" * 10},
+                {"role": "assistant", "content": [{"type": "text", "text": "z" * 6}]},
+            ],
+        }
+    )
     assert request.input_tokens == 6  # 24 characters
     assert (request.model, request.max_tokens) == ("m", 5)
 
 
 def test_non_text_blocks_count_by_their_json() -> None:
     block = {"type": "tool_result", "tool_use_id": "t1", "content": "ok"}
-    with_block = parse_messages_request({
-        "model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [block]}],
-    })
-    assert with_block.input_tokens == estimate_tokens(len(
-        '{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}'
-    ))
+    with_block = parse_messages_request(
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": [block]}],
+        }
+    )
+    assert with_block.input_tokens == estimate_tokens(
+        len('{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}')
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,30 +100,66 @@ def test_non_text_blocks_count_by_their_json() -> None:
         ([], "JSON object"),
         ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
-        ({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]},
-         "max_tokens"),
-        ({"model": "m", "max_tokens": True, "messages": [{"role": "user", "content": "x"}]},
-         "max_tokens"),
+        (
+            {"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]},
+            "max_tokens",
+        ),
+        (
+            {"model": "m", "max_tokens": True, "messages": [{"role": "user", "content": "x"}]},
+            "max_tokens",
+        ),
         ({"model": "m", "max_tokens": 5, "messages": []}, "messages"),
-        ({"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]},
-         "messages.0.role"),
-        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 3}]},
-         "messages.0.content"),
-        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{}]}]},
-         "messages.0.content.0"),
-        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
-          "system": [{"type": "image"}]}, "system.0.type"),
-        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
-          "stream": True}, "does not stream"),
-        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
-          "stream": "yes"}, "boolean"),
-        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
-          "temprature": 1}, "temprature: Extra inputs"),
+        (
+            {"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]},
+            "messages.0.role",
+        ),
+        (
+            {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 3}]},
+            "messages.0.content",
+        ),
+        (
+            {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{}]}]},
+            "messages.0.content.0",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+                "system": [{"type": "image"}],
+            },
+            "system.0.type",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+            },
+            "does not stream",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": "yes",
+            },
+            "boolean",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+                "temprature": 1,
+            },
+            "temprature: Extra inputs",
+        ),
     ],
 )
-def test_malformed_requests_are_refused_with_the_field_named(
-    body: Any, fragment: str
-) -> None:
+def test_malformed_requests_are_refused_with_the_field_named(body: Any, fragment: str) -> None:
     with pytest.raises(BadRequest, match=fragment):
         parse_messages_request(body)
 
@@ -149,8 +191,11 @@ def test_bad_config_is_refused(changes: dict[str, Any]) -> None:
 
 def test_config_round_trips_through_json_and_tiers_set_the_limits() -> None:
     config = MockLLMConfig.for_tier("tier1", api_keys=("a", "b"), seed=3, otpm=100)
-    assert (config.rpm, config.itpm, config.otpm) == (TIERS["tier1"]["rpm"],
-                                                      TIERS["tier1"]["itpm"], 100)
+    assert (config.rpm, config.itpm, config.otpm) == (
+        TIERS["tier1"]["rpm"],
+        TIERS["tier1"]["itpm"],
+        100,
+    )
     assert MockLLMConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="unknown tier"):
         MockLLMConfig.for_tier("tier9")
