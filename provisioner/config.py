@@ -1,7 +1,7 @@
 """The integration config: every key once in `KEYS` (type, bounds, aliases, meaning, field),
 read by `read_config`; a key's default is its field's default in the typed object. A bad
 value is `invalid_config` for every operation, before any state changes; the rules every
-key follows are in docs/gates.md (section outer25).
+key follows are in docs/gates.md ("Outside `gates/`").
 """
 
 from __future__ import annotations

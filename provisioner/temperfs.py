@@ -1,6 +1,7 @@
 """The conversation storage the old sandbox_provisioner sets up in TemperFS, made idempotent:
 each entity is posted with its `Id`, so a repeat is Temper's get-or-create, and the ids are
-stored once all five exist. The steps, and which failures are fatal: docs/gates.md (outer25).
+stored once all five exist. The steps, and which failures are fatal: docs/gates.md
+("Outside `gates/`").
 """
 
 from __future__ import annotations

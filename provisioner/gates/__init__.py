@@ -1,2 +1,2 @@
-"""The gate engine: the sandbox admission gate and the named resource gates. docs/gates.md
-maps its modules and says what is still to merge."""
+"""The gate engine: the sandbox admission gate and the named resource gates (docs/gates.md
+maps its modules)."""
