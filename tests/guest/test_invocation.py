@@ -9,18 +9,9 @@ import pytest
 from provisioner.config import SandboxSettings
 from provisioner.invocation import validate
 from provisioner.model import Invocation, ProvisionerError
+from tests.builders import invocation
 
-GOOD = Invocation(
-    tenant="acme",
-    entity_type="CurationJob",
-    entity_id="job-1",
-    trigger_action="Submit",
-    trigger_params="{}",
-    entity_state="{}",
-    config=(),
-    session_id=None,
-    trace_id="t",
-)
+GOOD = invocation(trigger_action="Submit")
 
 
 def code_of(invocation: Invocation) -> str:
