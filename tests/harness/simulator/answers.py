@@ -22,18 +22,25 @@ def queued(**params: Any) -> Outcome:
     return Outcome(SANDBOX_QUEUED, params)
 
 
-def queued_for_a_minute() -> Outcome:
-    """A queued answer whose next ask is a minute away: nothing in a short test polls."""
+def queued_for_a_slot(
+    *, position: int, queue_length: int, retry_after_ms: int, eta_ms: int
+) -> Outcome:
+    """A queued answer for a waiter that has just come, behind all four create slots in use."""
     return queued(
-        position=1,
-        queue_length=1,
+        position=position,
+        queue_length=queue_length,
         in_use=4,
         limit=4,
         reason="create_slots",
-        retry_after_ms=60_000,
-        eta_ms=60_000,
+        retry_after_ms=retry_after_ms,
+        eta_ms=eta_ms,
         waited_ms=0,
     )
+
+
+def queued_for_a_minute() -> Outcome:
+    """A queued answer whose next ask is a minute away: nothing in a short test polls."""
+    return queued_for_a_slot(position=1, queue_length=1, retry_after_ms=60_000, eta_ms=60_000)
 
 
 def released(sandbox_id: str, *, released: bool = True) -> Outcome:

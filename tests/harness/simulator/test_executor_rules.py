@@ -25,16 +25,7 @@ from provisioner.model import Failure, Invocation, Outcome, failed
 from tests.harness.simulator import answers
 
 EXAMPLE = "temper_agent.ioa.toml"
-QUEUED = answers.queued(
-    position=2,
-    queue_length=3,
-    in_use=4,
-    limit=4,
-    reason="create_slots",
-    retry_after_ms=500,
-    eta_ms=900,
-    waited_ms=0,
-)
+QUEUED = answers.queued_for_a_slot(position=2, queue_length=3, retry_after_ms=500, eta_ms=900)
 
 
 def example_text() -> str:
