@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from host.runtime.loader import LoadedComponent
+from tests.harness.simulator.interrupted import interrupt_when_first_queued
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.component, pytest.mark.usefixtures("ctrl_c_raises_keyboard_interrupt")]
@@ -113,34 +114,9 @@ def test_keyboard_interrupt_in_process_stops_the_mock_and_joins_every_thread(
 ) -> None:
     """Bug caught: an interrupted run leaving the mock server, the invocation pool or the
     epoch ticker running inside the process (what a subprocess test cannot see)."""
-    import _thread
-
-    from harness.simulator.live import LiveLog
-    from harness.simulator.model import SessionEvent
-    from harness.simulator.scenario import Scenario
-    from harness.simulator.simulate import run_mode
-
     urls: list[str] = []
-
-    class InterruptWhenQueued(LiveLog):
-        def event(self, event: SessionEvent) -> None:
-            queued = event.kind == "transition" and event.detail.get("action") == "SandboxQueued"
-            if queued and len(urls) == 1:
-                urls.append("interrupted")
-                _thread.interrupt_main()
-
-    before = {t.ident for t in threading.enumerate()}
-    with pytest.raises(KeyboardInterrupt):
-        run_mode(
-            Scenario(),
-            "provisioner",
-            loaded=loaded_component,
-            live=InterruptWhenQueued(sys.stderr),
-            announce=urls.append,
-        )
-    assert len(urls) == 2, "the interrupt never fired"
-    leftover = [t.name for t in threading.enumerate() if t.ident not in before]
-    assert leftover == []
+    interrupt_when_first_queued(loaded_component, announce=urls.append)
+    assert len(urls) == 1, "the run never announced its mock before it was interrupted"
     port = int(urls[0].rsplit(":", 1)[1])
     with (
         pytest.raises(ConnectionRefusedError),

@@ -6,8 +6,6 @@ in benchmarks/)."""
 from __future__ import annotations
 
 import json
-import sys
-import threading
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from harness.simulator.scenario import E2BLimits, Scenario, mode_spec
 from harness.simulator.simulate import ModeRun, run_mode, serve_pace
 from host.runtime.loader import LoadedComponent
 from host.serve.pace import PaceSettings
+from tests.harness.simulator.interrupted import interrupt_when_first_queued
 
 pytestmark = pytest.mark.component
 
@@ -114,29 +113,4 @@ def test_an_interrupted_served_run_leaves_no_thread_running(
 ) -> None:
     """Bug caught: Ctrl-C leaving serve's server, its worker pool, the shim's epoch ticker
     or the Temper API endpoint running in the process."""
-    import _thread
-
-    from harness.simulator.live import LiveLog
-    from harness.simulator.model import SessionEvent
-
-    fired: list[str] = []
-
-    class InterruptWhenQueued(LiveLog):
-        def event(self, event: SessionEvent) -> None:
-            queued = event.kind == "transition" and event.detail.get("action") == "SandboxQueued"
-            if queued and not fired:
-                fired.append("interrupted")
-                _thread.interrupt_main()
-
-    before = {t.ident for t in threading.enumerate()}
-    with pytest.raises(KeyboardInterrupt):
-        run_mode(
-            Scenario(),
-            "provisioner",
-            loaded=loaded_component,
-            live=InterruptWhenQueued(sys.stderr),
-            pace=PaceSettings(hold_ms=1500, push=True),
-        )
-    assert fired, "the interrupt never fired"
-    leftover = [t.name for t in threading.enumerate() if t.ident not in before]
-    assert leftover == []
+    interrupt_when_first_queued(loaded_component, pace=PaceSettings(hold_ms=1500, push=True))
