@@ -3,13 +3,16 @@ waiters, built from storage alone."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from host.services.namespaces import ScopedStorage, account_namespace
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import ticket_key, waiter_key
 from provisioner.gates.place import Place, Stage
-from provisioner.gates.results import CapacityExhausted, Created, RateLimited, Waiter
+from provisioner.gates.results import CapacityExhausted, Created, Grant, RateLimited, Waiter
 from provisioner.gates.view import GateView, inspect_gates, plain
 from provisioner.ports import Entry, Scope
 from tests.guest.harness import (
@@ -395,30 +398,33 @@ def account_entry(harness: Harness, key: str) -> Entry | None:
     return storage.get(Scope.ACCOUNT, key)
 
 
-def test_a_released_waiter_leaves_no_ticket_key_behind() -> None:
+HOLDER = Waiter("holder", "Job/h")
+
+
+def leaves_by_release(harness: Harness, holder: Grant, waiter: Waiter) -> None:
     # Catches: a release of a queued waiter that keeps its ticket's liveness key, so the
     # ticket would count as alive until the key expired.
-    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
-    grant_of(harness.admit(Waiter("holder", "Job/h")))
-    leaving = Waiter("tenant-a", "Job/a")
-    queued_of(harness.admit(leaving))
-    key = only_ticket_key(harness)
-    assert account_entry(harness, key) is not None
-    assert harness.release(leaving) is True
-    assert account_entry(harness, key) is None
+    assert harness.release(waiter) is True
 
 
-def test_a_granted_waiter_leaves_no_ticket_key_behind() -> None:
+def leaves_by_grant(harness: Harness, holder: Grant, waiter: Waiter) -> None:
     # Catches: a grant that keeps the granted ticket's liveness key until its TTL (stale
     # keys pile up in the account's storage, one per waiter that queued).
+    assert harness.settle(HOLDER, holder, Created("sbx-h", 600_000)) is None
+    grant_of(harness.admit(waiter))
+
+
+@pytest.mark.parametrize("leave", [leaves_by_release, leaves_by_grant], ids=["release", "grant"])
+def test_a_waiter_that_leaves_the_queue_leaves_no_ticket_key_behind(
+    leave: Callable[[Harness, Grant, Waiter], None],
+) -> None:
     harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, create_burst=2))
-    holder, waiter = Waiter("holder", "Job/h"), Waiter("tenant-a", "Job/a")
-    grant = grant_of(harness.admit(holder))
+    holder = grant_of(harness.admit(HOLDER))
+    waiter = Waiter("tenant-a", "Job/a")
     queued_of(harness.admit(waiter))
     key = only_ticket_key(harness)
     assert account_entry(harness, key) is not None
-    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
-    grant_of(harness.admit(waiter))
+    leave(harness, holder, waiter)
     assert account_entry(harness, key) is None
 
 
