@@ -332,6 +332,18 @@ def retry_promised_the_free_slot() -> tuple[Harness, Waiter, Waiter, Queued]:
     return harness, retrying, later, queued_of(harness.admit(later))
 
 
+def hold_release_and_hold_again(harness: Harness, holder: Waiter, *, create_ms: int = 0) -> None:
+    """`holder` creates sandbox sbx-b, holds it for a second, releases it and creates sbx-b2
+    (that create taking `create_ms`): a measured hold time, and a sandbox held now."""
+    held = grant_of(harness.admit(holder))
+    assert harness.settle(holder, held, Created("sbx-b", 600_000)) is None
+    harness.advance(1_000)
+    harness.release(holder)
+    held = grant_of(harness.admit(holder))
+    harness.advance(create_ms)
+    assert harness.settle(holder, held, Created("sbx-b2", 600_000)) is None
+
+
 def uniform_sessions(
     count: int, *, tenant: str = "tenant-a", hold_ms: int = 20_000, arrive_ms: int = 0
 ) -> list[SessionSpec]:

@@ -20,6 +20,7 @@ from tests.guest.harness import (
     FAST,
     Harness,
     grant_of,
+    hold_release_and_hold_again,
     queued_of,
     retry_promised_the_free_slot,
 )
@@ -211,12 +212,7 @@ def test_every_lease_and_unsettled_create_is_shown_in_full() -> None:
     lost = grant_of(harness.admit(dead))  # its invocation dies: never settled
     started = harness.clock.now_ms()
     harness.advance(6_000)
-    held = grant_of(harness.admit(holder))
-    assert harness.settle(holder, held, Created("sbx-b", 600_000)) is None
-    harness.advance(1_000)
-    harness.release(holder)
-    held = grant_of(harness.admit(holder))
-    assert harness.settle(holder, held, Created("sbx-b2", 600_000)) is None
+    hold_release_and_hold_again(harness, holder)
     in_flight = grant_of(harness.admit(creating))
     now = harness.clock.now_ms()
     gates = inspect_gates(

@@ -16,9 +16,9 @@ from host.services.namespaces import account_namespace
 from provisioner.app import run
 from provisioner.config import read_config
 from provisioner.gates.document import waiter_key
-from provisioner.gates.results import CapacityExhausted, Created, RateLimited, Waiter
+from provisioner.gates.results import CapacityExhausted, RateLimited, Waiter
 from tests.builders import invocation
-from tests.guest.harness import ACCOUNT, Harness, grant_of, queued_of
+from tests.guest.harness import ACCOUNT, Harness, grant_of, hold_release_and_hold_again, queued_of
 from tests.guest.resource_harness import ResourceHarness
 
 GOLDEN = Path(__file__).with_name("view_json.json")
@@ -71,13 +71,7 @@ def busy() -> dict[str, Any]:
     dead, holder = Waiter("tenant-c", "Job/c"), Waiter("tenant-b", "Job/b")
     grant_of(harness.admit(dead))  # never settled: an unsettled create once its lease ends
     harness.advance(6_000)
-    held = grant_of(harness.admit(holder))
-    assert harness.settle(holder, held, Created("sbx-b", 600_000)) is None
-    harness.advance(1_000)
-    harness.release(holder)
-    held = grant_of(harness.admit(holder))
-    harness.advance(300)
-    assert harness.settle(holder, held, Created("sbx-b2", 600_000)) is None
+    hold_release_and_hold_again(harness, holder, create_ms=300)
     grant_of(harness.admit(Waiter("tenant-a", "Job/a0")))
     full = Waiter("tenant-d", "Job/d")
     queued_of(harness.settle(full, grant_of(harness.admit(full)), CapacityExhausted()))
