@@ -40,6 +40,15 @@ def in_use(harness: Harness) -> int:
     return used
 
 
+def _lease_runs_out(harness: Harness, waiter: Waiter) -> Grant:
+    """`waiter` is granted a create whose answer never comes back before its lease expires:
+    the sandbox E2B may have made for it still counts."""
+    grant = grant_of(harness.admit(waiter))
+    harness.advance(LEASE_MS)
+    assert in_use(harness) == 1
+    return grant
+
+
 def _dead_holder_and_one_holder(harness: Harness) -> tuple[Waiter, Waiter, set[str]]:
     """`dead`'s create reached E2B, which made its sandbox, and its host died before the
     answer; another waiter holds a recorded sandbox; the create lease of `dead` has
@@ -125,9 +134,7 @@ def test_a_late_answer_of_the_dead_holders_create_settles_it() -> None:
     # counted beside the sandbox it recorded, or the refusal it heard still counting.
     harness = Harness(CAP, sandbox_timeout_ms=SANDBOX_TIMEOUT_MS)
     late, other = Waiter("tenant-a", "Job/late"), Waiter("tenant-a", "Job/other")
-    grant = grant_of(harness.admit(late))
-    harness.advance(LEASE_MS)
-    assert in_use(harness) == 1
+    grant = _lease_runs_out(harness, late)
     harness.settle(late, grant, RateLimited(1))  # E2B refused it: it made no sandbox
     assert in_use(harness) == 0
     harness.advance(10)
@@ -142,9 +149,7 @@ def test_a_session_that_never_returns_frees_the_capacity_when_e2b_would_kill_the
     # freed before E2B's own timeout could have killed it.
     harness = Harness(CAP, sandbox_timeout_ms=SANDBOX_TIMEOUT_MS)
     gone, newcomer = Waiter("tenant-a", "Job/gone"), Waiter("tenant-b", "Job/new")
-    granted = grant_of(harness.admit(gone))
-    harness.advance(LEASE_MS)
-    assert in_use(harness) == 1
+    granted = _lease_runs_out(harness, gone)
     # The sandbox was made by the lease's expiry at the latest and lives its timeout.
     harness.clock.set(granted.expires_at_ms + SANDBOX_TIMEOUT_MS - 1)
     assert in_use(harness) == 1
