@@ -30,6 +30,24 @@ def waiters(count: int, tenant: str = "tenant-a") -> list[Waiter]:
     return [Waiter(tenant, f"TemperAgent/{tenant}-{i}") for i in range(count)]
 
 
+def granted_then_two_queued(
+    harness: Harness,
+) -> tuple[tuple[Waiter, Waiter, Waiter], Grant, Queued, Queued]:
+    """tenant-a's first waiter is granted and the next two queue behind it: the waiters, the
+    grant and the two queued answers."""
+    a, b, c = waiters(3)
+    return (
+        (a, b, c),
+        grant_of(harness.admit(a)),
+        queued_of(harness.admit(b)),
+        queued_of(harness.admit(c)),
+    )
+
+
+# One create slot and no rate to wait for: a waiter behind the first grant waits for the slot.
+ONE_SLOT = AdmissionConfig(create_slots=1, create_rate_per_s=1000, create_burst=100)
+
+
 def gate(harness: Harness) -> GateState:
     entry = harness.backend.get(account_namespace(ACCOUNT), GATE_KEY)
     assert entry is not None
@@ -55,10 +73,7 @@ def test_the_next_rate_token_is_reserved_for_the_next_waiter_with_its_exact_time
 def test_nobody_else_can_take_a_reserved_permit() -> None:
     # Catches: a reservation that the first caller after its time can take.
     harness = Harness(PACED)
-    a, b, c = waiters(3)
-    grant_of(harness.admit(a))
-    held = queued_of(harness.admit(b))
-    queued_of(harness.admit(c))
+    (_, b, c), _, held, _ = granted_then_two_queued(harness)
     harness.advance(1_000)
     assert isinstance(harness.admit(c), Queued), "c took b's reserved token"
     granted = grant_of(harness.admit(b))
@@ -69,11 +84,8 @@ def test_nobody_else_can_take_a_reserved_permit() -> None:
 def test_an_unclaimed_reservation_passes_to_the_next_waiter_and_is_not_lost() -> None:
     # Catches: a permit held forever for a waiter that went away.
     harness = Harness(PACED)
-    a, b, c = waiters(3)
     start = harness.clock.now_ms()
-    grant_of(harness.admit(a))
-    held = queued_of(harness.admit(b))
-    queued_of(harness.admit(c))
+    (_, b, c), _, held, _ = granted_then_two_queued(harness)
     harness.advance(held.claim_by_ms - start)
     assert isinstance(harness.admit(c), Queued), "passed on before its claim deadline"
     harness.advance(1)
@@ -86,11 +98,8 @@ def test_an_unclaimed_reservation_passes_to_the_next_waiter_and_is_not_lost() ->
 
 def test_a_slot_freed_by_another_waiters_create_is_reserved_for_the_head() -> None:
     # Catches: a freed slot that the caller (not the head) takes, or nobody is promised.
-    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000, create_burst=100))
-    a, b, c = waiters(3)
-    grant_a = grant_of(harness.admit(a))
-    queued_of(harness.admit(b))
-    queued_of(harness.admit(c))
+    harness = Harness(ONE_SLOT)
+    (a, b, c), grant_a, _, _ = granted_then_two_queued(harness)
     assert harness.settle(a, grant_a, Created("sbx-a", 600_000)) is None
     # c asks first after the slot frees: b is the head, so the slot is b's.
     after = queued_of(harness.admit(c))
@@ -352,11 +361,8 @@ def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes
 
 def test_a_settled_create_promises_its_slot_to_the_head_and_names_it_for_a_wake_up() -> None:
     # Catches: a freed slot nobody is told about (the head sleeps until its own timer).
-    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000, create_burst=100))
-    a, b, c = waiters(3)
-    grant_a = grant_of(harness.admit(a))
-    queued_of(harness.admit(b))
-    queued_of(harness.admit(c))
+    harness = Harness(ONE_SLOT)
+    (a, b, _), grant_a, _, _ = granted_then_two_queued(harness)
     controller = harness.controller(a.tenant)
     assert controller.settle(a, grant_a, Created("sbx-a", 600_000)) is None
     [wake] = controller.wake_ups
