@@ -12,7 +12,10 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,6 +110,36 @@ def _settings(
     )
 
 
+@dataclass(frozen=True)
+class Hosts:
+    """What every cluster of a test shares: the Redis, the component and a work folder."""
+
+    redis_server: RedisServer
+    loaded: LoadedComponent
+    cache_dir: Path
+    workdir: Path
+
+    @contextmanager
+    def start(
+        self, mock: MockE2BServer, **options: Any
+    ) -> Iterator[tuple[WorkerSettings, Cluster]]:
+        """Three host processes against `mock`, started; `options` go to `_settings`."""
+        settings = _settings(self.redis_server, mock, self.loaded, self.cache_dir, **options)
+        with Cluster(settings, hosts=3, workdir=self.workdir) as cluster:
+            cluster.start()
+            yield settings, cluster
+
+
+@pytest.fixture
+def hosts(
+    redis_server: RedisServer,
+    loaded_component: LoadedComponent,
+    component_cache_dir: Path,
+    tmp_path: Path,
+) -> Hosts:
+    return Hosts(redis_server, loaded_component, component_cache_dir, tmp_path)
+
+
 def _mock(**changes: object) -> MockE2BServer:
     config = MockE2BConfig(
         api_key=API_KEY,
@@ -142,6 +175,17 @@ def _assert_limits_held_at_e2b(stats: MockE2BStats) -> None:
     assert stats.max_running_sandboxes <= MAX_SANDBOXES
 
 
+def _what_e2b_saw(stats: MockE2BStats, outcome: ClusterOutcome, jobs: int) -> str:
+    """The run's report line: the most creates and sandboxes at E2B at once against their
+    limits, the sandboxes made and adopted, and how the jobs ended."""
+    return (
+        f"creates in flight at E2B at most {stats.max_concurrent_creates} (limit {CREATE_SLOTS}); "
+        f"sandboxes running at most {stats.max_running_sandboxes} (limit {MAX_SANDBOXES}); "
+        f"sandboxes created {stats.sandboxes_created} for {jobs} jobs, adopted by idempotency "
+        f"key {stats.idempotent_replays}; outcomes {outcome.to_json()['outcomes']}"
+    )
+
+
 def _assert_every_job_completed(outcome: ClusterOutcome, jobs: int) -> None:
     states = {job_id: result["state"] for job_id, result in outcome.results.items()}
     assert len(states) == jobs
@@ -166,9 +210,7 @@ def _assert_nothing_left(
 
 def test_three_hosts_share_the_limits_and_stay_fair(
     redis_server: RedisServer,
-    loaded_component: LoadedComponent,
-    component_cache_dir: Path,
-    tmp_path: Path,
+    hosts: Hosts,
 ) -> None:
     """Bugs caught: hosts enforcing limits each on their own (3 hosts x 4 slots reach E2B
     at once), a queue that serves one tenant's burst before the other's (FIFO across
@@ -180,16 +222,7 @@ def test_three_hosts_share_the_limits_and_stay_fair(
     with _held_mock() as mock:
         # A waiter that misses a poll (a loaded host is late) must keep its place, or the
         # other tenant moves up for reasons that are not the queue's: no drop-outs here.
-        settings = _settings(
-            redis_server,
-            mock,
-            loaded_component,
-            component_cache_dir,
-            held=True,
-            waiter_ttl_ms="60000",
-        )
-        with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
-            cluster.start()
+        with hosts.start(mock, held=True, waiter_ttl_ms="60000") as (settings, cluster):
             # All of tenant-a's sessions ask first (on every host), then tenant-b's.
             first, second = jobs[:12], jobs[12:]
             cluster.assign(first)
@@ -221,11 +254,7 @@ def test_three_hosts_share_the_limits_and_stay_fair(
             _release_held_creates(mock)
             outcome = cluster.finish(timeout=90)
         stats = mock.stats()
-        print(
-            f"\ncreates in flight at E2B at most {stats.max_concurrent_creates} "
-            f"(limit {CREATE_SLOTS}); sandboxes running at most {stats.max_running_sandboxes} "
-            f"(limit {MAX_SANDBOXES}); outcomes {outcome.to_json()['outcomes']}"
-        )
+        print(f"\n{_what_e2b_saw(stats, outcome, len(jobs))}")
         _assert_limits_held_at_e2b(stats)
         assert stats.throttled == 0, "E2B refused a create: a limit was overrun"
         assert stats.max_concurrent_creates == CREATE_SLOTS, "the workload never filled the slots"
@@ -263,9 +292,7 @@ def _letters(order: list[dict[str, object]]) -> str:
 
 def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
     redis_server: RedisServer,
-    loaded_component: LoadedComponent,
-    component_cache_dir: Path,
-    tmp_path: Path,
+    hosts: Hosts,
 ) -> None:
     """kill -9 one host while its creates are in flight (held open at E2B until it has
     died) and its other sessions wait in the queue; the survivors re-drive its jobs.
@@ -276,17 +303,7 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
     a sandbox nobody releases, a limit overrun while the dead host's slots come back."""
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
     with _held_mock() as mock:
-        settings = _settings(
-            redis_server,
-            mock,
-            loaded_component,
-            component_cache_dir,
-            turns=3,
-            turn_s=0.3,
-            held=True,
-        )
-        with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
-            cluster.start()
+        with hosts.start(mock, turns=3, turn_s=0.3, held=True) as (settings, cluster):
             cluster.assign(jobs)
             # Every slot's create has reached E2B and is held there: none can be answered.
             mock.wait_for(lambda s: s.creates_in_flight == CREATE_SLOTS, timeout=30)
@@ -333,10 +350,7 @@ def test_killed_host_mid_create_loses_no_permit_and_no_sandbox(
             f"\nkilled {victim} holding {len(orphaned_leases)} create slot(s) with "
             f"{len(unfinished)} unfinished jobs; its leases expired {lease_expiry_ms} ms and "
             f"were reclaimed {reclaimed_at_ms - killed_at_ms} ms after the kill (create lease "
-            f"{HELD_CREATE_LEASE_MS} ms); creates in flight at E2B at most "
-            f"{stats.max_concurrent_creates} (limit {CREATE_SLOTS}); sandboxes created "
-            f"{stats.sandboxes_created} for {len(jobs)} jobs, adopted by idempotency key "
-            f"{stats.idempotent_replays}; outcomes {outcome.to_json()['outcomes']}"
+            f"{HELD_CREATE_LEASE_MS} ms); {_what_e2b_saw(stats, outcome, len(jobs))}"
         )
         _assert_limits_held_at_e2b(stats)
         assert stats.throttled == 0
@@ -363,9 +377,7 @@ def _storage_trouble(event: Event) -> bool:
 
 def test_redis_killed_and_restarted_mid_run(
     redis_server: RedisServer,
-    loaded_component: LoadedComponent,
-    component_cache_dir: Path,
-    tmp_path: Path,
+    hosts: Hosts,
 ) -> None:
     """kill -9 Redis while three hosts are mid-run, then start it again.
 
@@ -376,9 +388,7 @@ def test_redis_killed_and_restarted_mid_run(
     redis_server.fsync_every_write()
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
     with _held_mock() as mock:
-        settings = _settings(redis_server, mock, loaded_component, component_cache_dir, held=True)
-        with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
-            cluster.start()
+        with hosts.start(mock, held=True) as (settings, cluster):
             cluster.assign(jobs)
             # Every slot's create has reached E2B, which holds them open: Redis dies with
             # creates in flight, on any machine.
@@ -422,13 +432,7 @@ def test_redis_killed_and_restarted_mid_run(
             redis_server.fsync_every_write()
             outcome = cluster.finish(timeout=90)
         stats = mock.stats()
-        counts = outcome.to_json()["outcomes"]
-        print(
-            f"\nRedis down {outage_s:.2f} s; creates in flight at E2B at most "
-            f"{stats.max_concurrent_creates} (limit {CREATE_SLOTS}); sandboxes created "
-            f"{stats.sandboxes_created} for {len(jobs)} jobs, adopted "
-            f"{stats.idempotent_replays}; outcomes {counts}"
-        )
+        print(f"\nRedis down {outage_s:.2f} s; {_what_e2b_saw(stats, outcome, len(jobs))}")
         failures = [e for e in outcome.events if e["event"] == "outcome" and "code" in e]
         assert all(e["retryable"] for e in failures), failures
         assert {e.get("code") for e in failures} <= {"storage_unavailable"}, failures
@@ -520,9 +524,7 @@ def _holding_sandboxes_with_sessions_queued(host: str) -> Callable[[list[Event]]
 
 def test_killed_host_holding_sandboxes_hands_them_to_the_survivors(
     redis_server: RedisServer,
-    loaded_component: LoadedComponent,
-    component_cache_dir: Path,
-    tmp_path: Path,
+    hosts: Hosts,
 ) -> None:
     """kill -9 a host whose sessions hold sandboxes (and others wait). Bugs caught: a
     re-driven provision creating a second sandbox instead of returning the one the entity
@@ -530,11 +532,7 @@ def test_killed_host_holding_sandboxes_hands_them_to_the_survivors(
     jobs = list(iter_jobs(secrets.token_hex(2), ["tenant-a", "tenant-b"], 12))
     victim = "host-2"
     with _mock() as mock:
-        settings = _settings(
-            redis_server, mock, loaded_component, component_cache_dir, turns=4, turn_s=0.3
-        )
-        with Cluster(settings, hosts=3, workdir=tmp_path) as cluster:
-            cluster.start()
+        with hosts.start(mock, turns=4, turn_s=0.3) as (settings, cluster):
             cluster.assign(jobs)
             events = cluster.wait_for(
                 _holding_sandboxes_with_sessions_queued(victim),
