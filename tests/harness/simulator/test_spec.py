@@ -142,102 +142,95 @@ def test_a_minimal_spec_reads() -> None:
     assert spec.initial_fields() == {"n": 0}
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (
-            '[[integration]]\nname = "p"\ntrigger = "p"\n',
-            "[[integration]] is no longer supported: declare the call as an [[action.triggers]]",
-        ),
-        ('[[bogus]]\nname = "x"\n', "unknown section 'bogus'"),
-        ('[[webhook]]\nname = "w"\n', "[webhook] is valid Temper but this executor does not run"),
-    ],
-)
-def test_sections_temper_rejects_or_this_executor_does_not_run(change: str, message: str) -> None:
-    """Bug caught: a section silently ignored, so the spec runs here but not in Temper (or
-    runs here without the part that would change its behaviour)."""
-    with pytest.raises(SpecError, match=re.escape(message)):
-        parse_spec(MINIMAL + change)
-
-
-@pytest.mark.parametrize(
-    ("old", "new", "message"),
-    [
-        (
-            'effect = ["n += 1"]',
-            'effect = [{ type = "increment", var = "n" }]',
-            "effect tables ({ type = ... }) are the old syntax",
-        ),
-        ('to = "B"', 'to = "B"\ncolour = "red"', "unknown key `colour` (Temper rejects it"),
-        ('to = "B"', 'to = "B"\nguard = "n < 3"', "`guard` is valid Temper but this executor"),
-        ("initial = 0", 'initial = "0"', "a counter starts at a value such as `initial = 0`"),
-        (
-            'effect = ["n += 1"]',
-            'effect = ["n = params.y"]',
-            "params.y is not a declared parameter",
-        ),
-        ('from = ["A"]', 'from = ["Z"]', "'Z' is not a declared state"),
-        ('kind = "input"', 'kind = "inbound"', "kind: Input should be 'input', 'internal'"),
-        (
-            'initial = "A"',
-            'initial = "A"\nstrict_action_params = true',
-            "[automaton] strict_action_params: true is not run by this executor",
-        ),
-    ],
-)
-def test_action_and_state_keys_are_checked(old: str, new: str, message: str) -> None:
-    """Bug caught: Temper's deny_unknown_fields and typed initials not mirrored."""
-    with pytest.raises(SpecError, match=re.escape(message)):
-        parse_spec(MINIMAL.replace(old, new, 1))
-
-
 TRIGGER = '\n[[action.triggers]]\nname = "p"\nkind = "wasm"\nmodule = "m"\n'
+TIMER = '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
+
+# Sections Temper rejects, or that this executor does not run (one silently ignored would
+# run here but not in Temper, or here without the part that changes its behaviour).
+SECTIONS: list[tuple[str, str]] = [
+    (
+        MINIMAL + '[[integration]]\nname = "p"\ntrigger = "p"\n',
+        "[[integration]] is no longer supported: declare the call as an [[action.triggers]]",
+    ),
+    (MINIMAL + '[[bogus]]\nname = "x"\n', "unknown section 'bogus'"),
+    (
+        MINIMAL + '[[webhook]]\nname = "w"\n',
+        "[webhook] is valid Temper but this executor does not run",
+    ),
+]
+# Action and state keys: Temper's deny_unknown_fields and typed initials, mirrored.
+ACTION_AND_STATE_KEYS: list[tuple[str, str]] = [
+    (
+        MINIMAL.replace('effect = ["n += 1"]', 'effect = [{ type = "increment", var = "n" }]', 1),
+        "effect tables ({ type = ... }) are the old syntax",
+    ),
+    (
+        MINIMAL.replace('to = "B"', 'to = "B"\ncolour = "red"', 1),
+        "unknown key `colour` (Temper rejects it",
+    ),
+    (
+        MINIMAL.replace('to = "B"', 'to = "B"\nguard = "n < 3"', 1),
+        "`guard` is valid Temper but this executor",
+    ),
+    (
+        MINIMAL.replace("initial = 0", 'initial = "0"', 1),
+        "a counter starts at a value such as `initial = 0`",
+    ),
+    (
+        MINIMAL.replace('effect = ["n += 1"]', 'effect = ["n = params.y"]', 1),
+        "params.y is not a declared parameter",
+    ),
+    (MINIMAL.replace('from = ["A"]', 'from = ["Z"]', 1), "'Z' is not a declared state"),
+    (
+        MINIMAL.replace('kind = "input"', 'kind = "inbound"', 1),
+        "kind: Input should be 'input', 'internal'",
+    ),
+    (
+        MINIMAL.replace('initial = "A"', 'initial = "A"\nstrict_action_params = true', 1),
+        "[automaton] strict_action_params: true is not run by this executor",
+    ),
+]
+# Trigger keys: katagami's `timeout_secs` written on the trigger itself (Temper reads it
+# from config), retired keys, or keys of another trigger kind.
+TRIGGER_KEYS: list[tuple[str, str]] = [
+    (
+        MINIMAL + TRIGGER + 'to_state = "B"\n',
+        "`to_state` is no longer a key; write the status into the guard",
+    ),
+    (MINIMAL + TRIGGER + 'target_action = "X"\n', "target_action do not belong to kind = 'wasm'"),
+    (MINIMAL + TRIGGER + 'timeout_secs = "300"\n', "unknown key `timeout_secs`"),
+    (MINIMAL + TRIGGER + 'on_success = "Nope"\n', "'Nope' is not a declared action"),
+    (
+        MINIMAL + TRIGGER + "config = { timeout_secs = 300 }\n",
+        "config.timeout_secs: Input should be a valid string, found 300",
+    ),
+]
+TIMER_AND_ADMISSION_KEYS: list[tuple[str, str]] = [
+    (
+        MINIMAL + TIMER + 'params = { error_message = "x" }\n',
+        "`params` is no longer a key; write `args`",
+    ),
+    (MINIMAL + TIMER.replace('"B"', '"C"'), "not a declared state"),
+    (MINIMAL + TIMER + 'reset_on = ["Nope"]\n', "reset_on 'Nope' is not a declared action"),
+    (
+        MINIMAL + '[admission]\nmax_concurrent_actions = { "Nope" = 2 }\n',
+        "'Nope' is not a declared",
+    ),
+    (MINIMAL + "[admission]\nqueue_length = 2\n", "unknown key `queue_length`"),
+]
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        ('to_state = "B"\n', "`to_state` is no longer a key; write the status into the guard"),
-        ('target_action = "X"\n', "target_action do not belong to kind = 'wasm'"),
-        ('timeout_secs = "300"\n', "unknown key `timeout_secs`"),
-        ('on_success = "Nope"\n', "'Nope' is not a declared action"),
-        (
-            "config = { timeout_secs = 300 }\n",
-            "config.timeout_secs: Input should be a valid string, found 300",
-        ),
-    ],
+    ("text", "message"),
+    [*SECTIONS, *ACTION_AND_STATE_KEYS, *TRIGGER_KEYS, *TIMER_AND_ADMISSION_KEYS],
 )
-def test_trigger_keys_are_checked(extra: str, message: str) -> None:
-    """Bug caught: katagami's `timeout_secs` written on the trigger itself (Temper reads it
-    from config), retired keys, or keys of another trigger kind accepted."""
+def test_what_temper_rejects_or_this_executor_does_not_run_is_refused(
+    text: str, message: str
+) -> None:
+    """Bug caught: a spec that Temper would reject, or that this executor would not run as
+    written, accepted here (each group above says how)."""
     with pytest.raises(SpecError, match=re.escape(message)):
-        parse_spec(MINIMAL + TRIGGER + extra)
-
-
-@pytest.mark.parametrize(
-    ("block", "message"),
-    [
-        (
-            '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
-            'params = { error_message = "x" }\n',
-            "`params` is no longer a key; write `args`",
-        ),
-        (
-            '[[state_timeout]]\nstate = "C"\nafter_seconds = 5\non_timeout = "Go"\n',
-            "not a declared state",
-        ),
-        (
-            '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
-            'reset_on = ["Nope"]\n',
-            "reset_on 'Nope' is not a declared action",
-        ),
-        ('[admission]\nmax_concurrent_actions = { "Nope" = 2 }\n', "'Nope' is not a declared"),
-        ("[admission]\nqueue_length = 2\n", "unknown key `queue_length`"),
-    ],
-)
-def test_timer_and_admission_keys_are_checked(block: str, message: str) -> None:
-    with pytest.raises(SpecError, match=re.escape(message)):
-        parse_spec(MINIMAL + block)
+        parse_spec(text)
 
 
 ROUTE = '\n[[action.triggers.failure_routes]]\ncategory = "permanent"\naction = "Go"\n'
@@ -255,11 +248,7 @@ ROUTE = '\n[[action.triggers.failure_routes]]\ncategory = "permanent"\naction = 
         ),
         (MINIMAL + TRIGGER + "colour = 1\n", "action 'Go' triggers 'p'"),
         (MINIMAL + TRIGGER + ROUTE + "colour = 1\n", "action 'Go' triggers 'p' failure_routes #1"),
-        (
-            MINIMAL + '[[state_timeout]]\nstate = "B"\nafter_seconds = 5\non_timeout = "Go"\n'
-            "colour = 1\n",
-            "state_timeout 'B'",
-        ),
+        (MINIMAL + TIMER + "colour = 1\n", "state_timeout 'B'"),
         (MINIMAL + "[admission]\ncolour = 1\n", "[admission]"),
     ],
 )
