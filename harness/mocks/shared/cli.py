@@ -1,4 +1,5 @@
-"""What the mocks' command lines share: the listen flags and the run-until-signal loop."""
+"""What the mocks' command lines share: the listen flags, the flags that set one config field
+each, the run-until-signal loop and the command that ties a mock's `cli` module together."""
 
 from __future__ import annotations
 
@@ -7,12 +8,38 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Protocol
 
 from harness.mocks.shared.server import LoopbackServer
 
-ConfigT = TypeVar("ConfigT")
+
+class MockCommandLine(Protocol):
+    """What a mock's `cli` module offers (harness/mocks/*/cli.py)."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser, /) -> None: ...
+
+    def config_from_args(self, ns: argparse.Namespace, /) -> Any: ...
+
+    def serve(self, config: Any, host: str = ..., port: int = ...) -> int: ...
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    """A flag that sets one config field to the value given; left out (None), the field
+    keeps its default or the preset's."""
+
+    name: str
+    type: Callable[[str], Any]
+    help: str
+    # The config field it sets; "": the field named like the flag.
+    field: str = ""
+    choices: Sequence[str] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.removeprefix("--").replace("-", "_")
 
 
 def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,23 +47,39 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
 
 
-def preset_changes(
-    ns: argparse.Namespace,
-    preset: str,
-    presets: Mapping[str, Mapping[str, Any]],
-    fields: Mapping[str, str],
-) -> dict[str, Any]:
-    """Config changes the flags make: the named preset's (``--plan``, ``--tier``) first,
-    then every flag in ``fields`` (flag destination -> config field) that was given."""
-    changes: dict[str, Any] = {}
-    name = getattr(ns, preset, None)
-    if name is not None:
-        changes.update(presets[name])
-    for dest, field in fields.items():
-        value = getattr(ns, dest, None)
-        if value is not None:
-            changes[field] = value
-    return changes
+@dataclass(frozen=True)
+class ConfigFlags:
+    """A mock's flags that make its config: a named preset of limits (``--plan``,
+    ``--tier``) and the flags that set one field each, which win over the preset."""
+
+    preset: str
+    presets: Mapping[str, Mapping[str, Any]]
+    preset_help: str
+    flags: Sequence[ConfigFlag]
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Adds the listen flags, the preset and the field flags to ``parser``."""
+        add_listen_arguments(parser)
+        parser.add_argument(
+            self.preset, choices=sorted(self.presets), default=None, help=self.preset_help
+        )
+        for flag in self.flags:
+            parser.add_argument(
+                flag.name, type=flag.type, choices=flag.choices, default=None, help=flag.help
+            )
+
+    def changes(self, ns: argparse.Namespace) -> dict[str, Any]:
+        """Config changes the flags make: the named preset's first, then every field flag
+        that was given."""
+        changes: dict[str, Any] = {}
+        name = getattr(ns, self.preset.removeprefix("--"), None)
+        if name is not None:
+            changes.update(self.presets[name])
+        for flag in self.flags:
+            value = getattr(ns, flag.dest, None)
+            if value is not None:
+                changes[flag.field or flag.dest] = value
+        return changes
 
 
 def serve_until_signal(
@@ -69,22 +112,14 @@ def serve_until_signal(
             signal.signal(signum, handler)
 
 
-def run_command(
-    argv: Sequence[str] | None,
-    *,
-    prog: str,
-    description: str | None,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    config_from_args: Callable[[argparse.Namespace], ConfigT],
-    serve: Callable[[ConfigT, str, int], int],
-) -> int:
-    """Parses ``argv`` (a bad value: argparse's usage error, exit 2) and serves the config
-    it describes on ``--host``/``--port``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_arguments(parser)
+def run_command(prog: str, mock_cli: MockCommandLine, argv: Sequence[str] | None = None) -> int:
+    """``python -m harness.mocks.NAME``: parses ``argv`` (a bad value: argparse's usage
+    error, exit 2) and serves the config it describes on ``--host``/``--port``."""
+    parser = argparse.ArgumentParser(prog=prog, description=mock_cli.__doc__)
+    mock_cli.add_arguments(parser)
     ns = parser.parse_args(argv)
     try:
-        config = config_from_args(ns)
+        config = mock_cli.config_from_args(ns)
     except ValueError as exc:
         parser.error(str(exc))
-    return serve(config, ns.host, ns.port)
+    return mock_cli.serve(config, ns.host, ns.port)
