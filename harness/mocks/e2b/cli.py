@@ -6,62 +6,40 @@ from __future__ import annotations
 import argparse
 import os
 
-from harness.mocks.e2b.config import OVERLOAD_MODES, PLANS, MockE2BConfig, Storm, parse_fault
+from harness.mocks.e2b.config import PLANS, MockE2BConfig, Storm, parse_fault
 from harness.mocks.e2b.server import MockE2BServer
-from harness.mocks.shared.cli import ConfigFlag, ConfigFlags, serve_until_signal
+from harness.mocks.shared.cli import ConfigFlags, serve_until_signal
 
-_FIELD_FLAGS = (
-    ConfigFlag("--api-key", str, "accepted X-API-Key (default: $E2B_API_KEY, else e2b_mock_key)"),
-    ConfigFlag("--seed", int, "seed of latency, faults, ids"),
-    ConfigFlag("--create-latency-ms", float, "median create latency"),
-    ConfigFlag(
-        "--create-latency-sigma", float, "lognormal spread of the create latency (0: fixed)"
-    ),
-    ConfigFlag("--create-latency-max-ms", float, "ceiling of the create latency"),
-    ConfigFlag(
-        "--create-latency-jitter-ms", float, "uniform jitter added to each create's latency"
-    ),
-    ConfigFlag(
-        "--create-rate",
-        float,
-        "route rate limit, creates per second (GCRA)",
-        field="create_rate_per_s",
-    ),
-    ConfigFlag("--create-burst", int, "creates allowed at once by the rate limiter"),
-    ConfigFlag("--max-concurrent-creates", int, "create requests in flight at once"),
-    ConfigFlag(
-        "--create-overload",
-        str,
-        "past the concurrent-create cap: 429 (reject) or wait (slow)",
-        field="create_overload_mode",
-        choices=OVERLOAD_MODES,
-    ),
-    ConfigFlag(
-        "--create-overload-timeout-ms",
-        float,
-        "in slow mode, answer 504 after waiting this long for a slot",
-    ),
-    ConfigFlag("--max-sandboxes", int, "concurrent sandboxes (the cap's 429 has no Retry-After)"),
-    ConfigFlag(
-        "--kill-capacity-lag-ms",
-        float,
-        "how long a killed sandbox still counts against the cap",
-    ),
-    ConfigFlag(
-        "--foreign-sandboxes",
-        int,
-        "sandboxes other users of the account run (they count against the cap)",
-    ),
-    ConfigFlag("--default-timeout-s", int, "sandbox lifetime when a create names none"),
-    ConfigFlag("--max-timeout-s", int, "longest sandbox lifetime accepted"),
-    ConfigFlag("--hang-s", float, "how long a hang fault holds the request"),
-    ConfigFlag("--slow-body-ms", float, "how long a slow-body fault takes to send its body"),
-)
+_FLAG_HELP = {
+    "--api-key": "accepted X-API-Key (default: $E2B_API_KEY, else e2b_mock_key)",
+    "--seed": "seed of latency, faults, ids",
+    "--create-latency-ms": "median create latency",
+    "--create-latency-sigma": "lognormal spread of the create latency (0: fixed)",
+    "--create-latency-max-ms": "ceiling of the create latency",
+    "--create-latency-jitter-ms": "uniform jitter added to each create's latency",
+    "--create-rate": "route rate limit, creates per second (GCRA)",
+    "--create-burst": "creates allowed at once by the rate limiter",
+    "--max-concurrent-creates": "create requests in flight at once",
+    "--create-overload": "past the concurrent-create cap: 429 (reject) or wait (slow)",
+    "--create-overload-timeout-ms": "in slow mode, answer 504 after waiting this long for a slot",
+    "--max-sandboxes": "concurrent sandboxes (the cap's 429 has no Retry-After)",
+    "--kill-capacity-lag-ms": "how long a killed sandbox still counts against the cap",
+    "--foreign-sandboxes": "sandboxes other users of the account run (they count against the cap)",
+    "--default-timeout-s": "sandbox lifetime when a create names none",
+    "--max-timeout-s": "longest sandbox lifetime accepted",
+    "--hang-s": "how long a hang fault holds the request",
+    "--slow-body-ms": "how long a slow-body fault takes to send its body",
+}
 _CONFIG_FLAGS = ConfigFlags(
+    MockE2BConfig,
     "--plan",
     PLANS,
     "E2B plan limits (hobby: 20 sandboxes, 1 create/s; pro: 100, 5/s); explicit flags win",
-    _FIELD_FLAGS,
+    _FLAG_HELP,
+    renamed={
+        "--create-rate": "create_rate_per_s",
+        "--create-overload": "create_overload_mode",
+    },
 )
 
 

@@ -8,37 +8,30 @@ import os
 
 from harness.mocks.llm.config import TIERS, MockLLMConfig
 from harness.mocks.llm.server import MockLLMServer
-from harness.mocks.shared.cli import ConfigFlag, ConfigFlags, serve_until_signal
+from harness.mocks.shared.cli import ConfigFlags, serve_until_signal
 
-_FIELD_FLAGS = (
-    ConfigFlag("--seed", int, "seed of latency, output tokens, overload and ids"),
-    ConfigFlag("--rpm", int, "requests per minute per key"),
-    ConfigFlag("--itpm", int, "input tokens per minute per key (estimated: 4 chars a token)"),
-    ConfigFlag("--otpm", int, "output tokens per minute per key (charged after the answer)"),
-    ConfigFlag("--rpm-burst", int, "requests the bucket holds (default: the whole RPM)"),
-    ConfigFlag("--itpm-burst", int, "input tokens the bucket holds (default: the whole ITPM)"),
-    ConfigFlag("--otpm-burst", int, "output tokens the bucket holds (default: the whole OTPM)"),
-    ConfigFlag(
-        "--token-remaining-rounding",
-        int,
-        "round token -remaining headers to this (Anthropic: 1000)",
-    ),
-    ConfigFlag("--latency-ms", float, "time to answer (the minimum, with --latency-max-ms)"),
-    ConfigFlag("--latency-max-ms", float, "draw the latency uniformly up to this (seeded)"),
-    ConfigFlag(
-        "--output-tokens",
-        int,
-        "output tokens of an answer (the minimum, with --output-tokens-max)",
-    ),
-    ConfigFlag("--output-tokens-max", int, "draw the output tokens uniformly up to this (seeded)"),
-    ConfigFlag("--overload-probability", float, "answer this fraction of requests 529 (seeded)"),
-    ConfigFlag("--overload-retry-after-s", float, "retry-after header of a 529 (default: none)"),
-)
+_FLAG_HELP = {
+    "--seed": "seed of latency, output tokens, overload and ids",
+    "--rpm": "requests per minute per key",
+    "--itpm": "input tokens per minute per key (estimated: 4 chars a token)",
+    "--otpm": "output tokens per minute per key (charged after the answer)",
+    "--rpm-burst": "requests the bucket holds (default: the whole RPM)",
+    "--itpm-burst": "input tokens the bucket holds (default: the whole ITPM)",
+    "--otpm-burst": "output tokens the bucket holds (default: the whole OTPM)",
+    "--token-remaining-rounding": "round token -remaining headers to this (Anthropic: 1000)",
+    "--latency-ms": "time to answer (the minimum, with --latency-max-ms)",
+    "--latency-max-ms": "draw the latency uniformly up to this (seeded)",
+    "--output-tokens": "output tokens of an answer (the minimum, with --output-tokens-max)",
+    "--output-tokens-max": "draw the output tokens uniformly up to this (seeded)",
+    "--overload-probability": "answer this fraction of requests 529 (seeded)",
+    "--overload-retry-after-s": "retry-after header of a 529 (default: none)",
+}
 _CONFIG_FLAGS = ConfigFlags(
+    MockLLMConfig,
     "--tier",
     TIERS,
     "a usage tier's limits (tier1: 50 RPM, 30k ITPM, 8k OTPM); explicit flags win",
-    _FIELD_FLAGS,
+    _FLAG_HELP,
 )
 
 

@@ -7,11 +7,13 @@ import argparse
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
 
+from harness.mocks.shared.config import MockConfig
 from harness.mocks.shared.server import LoopbackServer
 
 
@@ -25,23 +27,6 @@ class MockCommandLine(Protocol):
     def serve(self, config: Any, host: str = ..., port: int = ...) -> int: ...
 
 
-@dataclass(frozen=True)
-class ConfigFlag:
-    """A flag that sets one config field to the value given; left out (None), the field
-    keeps its default or the preset's."""
-
-    name: str
-    type: Callable[[str], Any]
-    help: str
-    # The config field it sets; "": the field named like the flag.
-    field: str = ""
-    choices: Sequence[str] | None = None
-
-    @property
-    def dest(self) -> str:
-        return self.name.removeprefix("--").replace("-", "_")
-
-
 def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
@@ -50,12 +35,22 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True)
 class ConfigFlags:
     """A mock's flags that make its config: a named preset of limits (``--plan``,
-    ``--tier``) and the flags that set one field each, which win over the preset."""
+    ``--tier``) and flags that each set one field of ``config``, which win over the preset.
 
+    ``helps``: flag -> help, in the order ``--help`` lists them; the flag sets the field of
+    its name (``--create-burst``: ``create_burst``) unless ``renamed`` names another. Its
+    type, and its choices for a ``Literal`` field, are the field's, so the two cannot
+    disagree."""
+
+    config: type[MockConfig]
     preset: str
     presets: Mapping[str, Mapping[str, Any]]
     preset_help: str
-    flags: Sequence[ConfigFlag]
+    helps: Mapping[str, str]
+    renamed: Mapping[str, str] = field(default_factory=dict)
+
+    def field_of(self, flag: str) -> str:
+        return self.renamed.get(flag) or flag.removeprefix("--").replace("-", "_")
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """Adds the listen flags, the preset and the field flags to ``parser``."""
@@ -63,10 +58,10 @@ class ConfigFlags:
         parser.add_argument(
             self.preset, choices=sorted(self.presets), default=None, help=self.preset_help
         )
-        for flag in self.flags:
-            parser.add_argument(
-                flag.name, type=flag.type, choices=flag.choices, default=None, help=flag.help
-            )
+        hints = typing.get_type_hints(self.config)
+        for flag, help_ in self.helps.items():
+            convert, choices = _parsed_as(hints[self.field_of(flag)])
+            parser.add_argument(flag, type=convert, choices=choices, default=None, help=help_)
 
     def changes(self, ns: argparse.Namespace) -> dict[str, Any]:
         """Config changes the flags make: the named preset's first, then every field flag
@@ -75,11 +70,23 @@ class ConfigFlags:
         name = getattr(ns, self.preset.removeprefix("--"), None)
         if name is not None:
             changes.update(self.presets[name])
-        for flag in self.flags:
-            value = getattr(ns, flag.dest, None)
+        for flag in self.helps:
+            value = getattr(ns, flag.removeprefix("--").replace("-", "_"), None)
             if value is not None:
-                changes[flag.field or flag.dest] = value
+                changes[self.field_of(flag)] = value
         return changes
+
+
+def _parsed_as(hint: Any) -> tuple[Callable[[str], Any], tuple[str, ...] | None]:
+    """How a flag for a field of type ``hint`` parses its value: ``float | None`` as a
+    float; a ``Literal`` as one of its values."""
+    if typing.get_origin(hint) is typing.Literal:
+        return str, typing.get_args(hint)
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] or [hint]
+    if len(kinds) != 1 or kinds[0] not in (str, int, float):
+        raise TypeError(f"no flag parses a {hint}")
+    convert: Callable[[str], Any] = kinds[0]
+    return convert, None
 
 
 def serve_until_signal(
