@@ -221,19 +221,15 @@ def rows(figures: InvocationFigures) -> list[Row]:
             vs(create, floor),
             "floor",
         ),
-        Row(
-            "1",
-            "same logic natively: held",
-            p(s["held_native"]),
-            vs(s["held_native"], held),
-            "component, held",
-        ),
-        Row(
-            "1",
-            "same logic natively: full create",
-            p(s["create_native"]),
-            vs(s["create_native"], create),
-            "component, create",
+        *(
+            Row(
+                "1",
+                f"same logic natively: {label}",
+                p(s[f"{kind}_native"]),
+                vs(s[f"{kind}_native"], s[kind]),
+                f"component, {kind}",
+            )
+            for kind, label in (("held", "held"), ("create", "full create"))
         ),
         Row(
             "1",

@@ -23,7 +23,7 @@ from e2b.exceptions import SandboxException
 
 from harness.mocks.e2b import MockE2BServer
 from harness.simulator.driver import SessionDriver
-from harness.simulator.invokers import LEGACY_CREATE_FAILED
+from harness.simulator.invokers import legacy_create_failure
 from harness.simulator.report import E2BFigures, build_report, ideal_makespan_s
 from harness.simulator.runner import RunResult
 from harness.simulator.scenario import Scenario, mode_spec
@@ -57,14 +57,7 @@ class SdkInvoker:
                 **self._opts,
             )
         except Exception as error:  # every SDK failure is the session's failure
-            message = f"{type(error).__name__}: {error}"[:300]
-            failure = Failure("e2b_error", message, retryable=False)
-            return Outcome(
-                LEGACY_CREATE_FAILED,
-                {"code": failure.code, "message": message},
-                success=False,
-                error=failure,
-            )
+            return legacy_create_failure(f"{type(error).__name__}: {error}"[:300])
         return Outcome(SANDBOX_READY, {"sandbox_id": sandbox.sandbox_id, "attempts": 1})
 
     def _release(self, invocation: Invocation) -> Outcome:

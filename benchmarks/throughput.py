@@ -381,31 +381,21 @@ def measure(component: Path | None = None, quick: bool = False) -> ThroughputFig
             server = RedisServer(persistent=False)
             server.start()
             try:
-                redis_rate = _run(
-                    runner.task(
+
+                def queued_on_redis(account: str, **extra: Any) -> dict[str, Any]:
+                    return runner.task(
                         POOL,
                         "rate",
                         op="queued",
                         seconds=seconds,
                         storage_url=server.url,
-                        account="solo",
+                        account=account,
+                        **extra,
                     )
-                )["rate"]
+
+                redis_rate = _run(queued_on_redis("solo"))["rate"]
                 start_at = time.time() + 20  # after every host has started and set up
-                fleet = [
-                    _spawn(
-                        runner.task(
-                            POOL,
-                            "rate",
-                            op="queued",
-                            seconds=seconds,
-                            storage_url=server.url,
-                            account="fleet",
-                            start_at=start_at,
-                        )
-                    )
-                    for _ in range(HOSTS)
-                ]
+                fleet = [_spawn(queued_on_redis("fleet", start_at=start_at)) for _ in range(HOSTS)]
                 fleet_rate = sum(_collect(process)["rate"] for process in fleet)
             finally:
                 server.close()

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
 
 from harness.mocks.e2b import cli as mock_e2b_cli
 from harness.mocks.llm import cli as mock_llm_cli
+from harness.mocks.shared.cli import MockCommandLine
 from harness.mocks.temperfs import cli as mock_temperfs_cli
 from harness.multihost.run import add_multihost_arguments, run_multihost
 from harness.multihost.soak import add_soak_arguments, run_soak
@@ -21,19 +21,7 @@ from host.cli.main import Subcommand
 from host.cli.options import add_component_option, add_storage_option, fail
 
 
-def _cmd_mock_e2b(args: argparse.Namespace) -> int:
-    return mock_e2b_cli.serve(mock_e2b_cli.config_from_args(args), host=args.host, port=args.port)
-
-
-class _MockCommandLine(Protocol):
-    """What a mock's `cli` module offers (harness/mocks/*/cli.py)."""
-
-    def config_from_args(self, ns: argparse.Namespace, /) -> Any: ...
-
-    def serve(self, config: Any, host: str = ..., port: int = ...) -> int: ...
-
-
-def _serving(mock_cli: _MockCommandLine) -> Callable[[argparse.Namespace], int]:
+def _serving(mock_cli: MockCommandLine) -> Callable[[argparse.Namespace], int]:
     """A mock's command: its flags make its config (a bad value: a clear error), then serve."""
 
     def command(args: argparse.Namespace) -> int:
@@ -60,7 +48,7 @@ HARNESS_SUBCOMMANDS = (
         "mock-e2b",
         "run the mock E2B API server on loopback",
         mock_e2b_cli.add_arguments,
-        _cmd_mock_e2b,
+        _serving(mock_e2b_cli),
     ),
     Subcommand(
         "mock-temperfs",

@@ -40,7 +40,7 @@ from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
 from harness.multihost.worker import WorkerSettings
 from harness.simulator.model import Job
-from host.cli.options import add_component_option, fail, positive
+from host.cli.options import add_component_option, fail, load_or_fail, positive
 from host.services.namespaces import ScopedStorage
 from host.storage import storage_from_uri
 from provisioner.config import AdmissionConfig
@@ -708,7 +708,6 @@ def run_multihost(args: argparse.Namespace) -> int:
     could not run."""
     from harness.mocks.e2b import MockE2BConfig, MockE2BServer
     from harness.multihost.redis_server import RedisServer, RedisServerError
-    from host.runtime.loader import load_component
 
     if args.tenants > len(TENANT_NAMES):
         return fail(f"at most {len(TENANT_NAMES)} tenants")
@@ -724,11 +723,10 @@ def run_multihost(args: argparse.Namespace) -> int:
             f"{args.jobs // args.hosts} each, against {args.create_slots} create slots "
             f"(use --jobs {args.hosts * (args.create_slots + 1)} or more)"
         )
-    try:
-        # Compiles once into the cache the hosts then load from.
-        loaded = load_component(args.component, cache_dir=args.cache_dir)
-    except (FileNotFoundError, ValueError) as error:
-        return fail(str(error))
+    # Compiles once into the cache the hosts then load from.
+    loaded = load_or_fail(args.component, args.cache_dir)
+    if isinstance(loaded, int):
+        return loaded
     out = sys.stderr if args.json else sys.stdout
     with ExitStack() as stack:
         storage_url = args.storage

@@ -63,7 +63,7 @@ from harness.multihost.run import (
 )
 from harness.multihost.worker import PLANTED_BUGS, WorkerSettings
 from harness.simulator.model import Job
-from host.cli.options import add_value_option, fail, positive
+from host.cli.options import add_value_option, fail, load_or_fail, positive
 
 if TYPE_CHECKING:
     from harness.mocks.e2b import MockE2BServer
@@ -690,7 +690,6 @@ def soak_with(
     """Runs a soak of `soak_class` over what `open_cluster` opens (given the run's
     settings, the mock and a work directory); prints the report; the exit code."""
     from harness.multihost.redis_server import RedisServer, RedisServerError
-    from host.runtime.loader import load_component
 
     plan = SoakPlan(
         minutes=args.minutes,
@@ -700,10 +699,9 @@ def soak_with(
         max_open_jobs=args.max_open_jobs,
         planted_bug=args.planted_bug,
     )
-    try:
-        loaded = load_component(args.component, cache_dir=args.cache_dir)
-    except (FileNotFoundError, ValueError) as error:
-        return fail(str(error))
+    loaded = load_or_fail(args.component, args.cache_dir)
+    if isinstance(loaded, int):
+        return loaded
     out = sys.stderr if args.json else sys.stdout
     with ExitStack() as stack:
         try:

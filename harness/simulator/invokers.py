@@ -72,9 +72,11 @@ class DirectInvoker:
         try:
             response = self._client.post("/sandboxes", json=body)
         except httpx.HTTPError as error:
-            return _legacy_failure(f"{type(error).__name__}: {error}")
+            return legacy_create_failure(f"{type(error).__name__}: {error}")
         if response.status_code != 201:
-            return _legacy_failure(f"E2B answered {response.status_code}: {_message(response)}")
+            return legacy_create_failure(
+                f"E2B answered {response.status_code}: {_message(response)}"
+            )
         data = response.json()
         return Outcome(
             SANDBOX_READY,
@@ -121,7 +123,8 @@ def _release_failure(message: str) -> Outcome:
     return failed(Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True))
 
 
-def _legacy_failure(message: str) -> Outcome:
+def legacy_create_failure(message: str) -> Outcome:
+    """The old provisioner's answer to a create that failed (`LEGACY_CREATE_FAILED`)."""
     failure = Failure("e2b_error", message, retryable=False)
     return Outcome(
         LEGACY_CREATE_FAILED,

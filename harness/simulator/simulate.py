@@ -53,7 +53,7 @@ from harness.simulator.served import ServedInvoker, ServedProvisioner
 from harness.simulator.spec import Spec, SpecError, load_spec
 from harness.simulator.timeline import write_timeline
 from harness.simulator.timescale import TimeScale
-from host.cli.options import ExitCode, add_component_option, add_value_option
+from host.cli.options import ExitCode, add_component_option, add_value_option, load_or_fail
 from host.runtime.assembly import open_runtime
 from host.runtime.component_runtime import ComponentRuntime
 from host.runtime.loader import LoadedComponent, load_component
@@ -691,13 +691,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (SpecError, ContractError, ValueError) as error:
         print(f"sandbox-provisioner: {error}", file=sys.stderr)
         return EXIT_USAGE
-    loaded = None
+    loaded: LoadedComponent | None = None
     if "provisioner" in modes:
-        try:
-            loaded = load_component(args.component)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"sandbox-provisioner: {error}", file=sys.stderr)
-            return EXIT_USAGE
+        component = load_or_fail(args.component)
+        if isinstance(component, int):
+            return component
+        loaded = component
     runs: list[ModeRun] = []
     for mode in modes:
         spec = mode_spec(mode, override)

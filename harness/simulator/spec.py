@@ -454,14 +454,6 @@ class Spec(_Table):
     def initial(self) -> str:
         return self.automaton.initial
 
-    @property
-    def allow_indefinite_states(self) -> tuple[str, ...]:
-        return self.automaton.allow_indefinite_states
-
-    @property
-    def terminal(self) -> tuple[str, ...]:
-        return self.automaton.terminal
-
     def action(self, name: str) -> Action | None:
         return self._by_name.get(name)
 

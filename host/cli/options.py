@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from host.runtime.assembly import API_KEY_ENV, default_storage_url, open_runtime
 from host.runtime.component_runtime import ComponentRuntime
+from host.runtime.loader import LoadedComponent, load_component
 from host.runtime.paths import CACHE_ENV
 
 
@@ -29,6 +30,15 @@ def fail(message: str, command: str = "sandbox-provisioner") -> int:
     """Say what is wrong on stderr and return the usage exit code."""
     print(f"{command}: {message}", file=sys.stderr)
     return ExitCode.USAGE
+
+
+def load_or_fail(path: Path | None, cache_dir: Path | None = None) -> LoadedComponent | int:
+    """The component at `path` (None: the default one), compiled into `cache_dir` unless
+    cached; when it cannot be loaded, the usage exit code, the reason said on stderr."""
+    try:
+        return load_component(path, cache_dir=cache_dir)
+    except (FileNotFoundError, ValueError) as error:
+        return fail(str(error))
 
 
 _Number = TypeVar("_Number", int, float)

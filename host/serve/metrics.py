@@ -106,26 +106,26 @@ class GateCollector:
         limit.add_metric(["capacity"], report["capacity"]["effective_limit"])
         limit.add_metric(["rate"], report["rate"]["burst"])
         yield limit
-        yield GaugeMetricFamily(
-            f"{PREFIX}_rate_available",
-            "Creates the rate gate would allow now",
-            value=report["rate"]["available"],
+        single = (
+            (
+                "rate_available",
+                "Creates the rate gate would allow now",
+                report["rate"]["available"],
+            ),
+            (
+                "backoff_cooling_seconds",
+                "Time left of the shared E2B cooldown",
+                report["backoff"]["cooling_ms"] / 1000,
+            ),
+            (
+                "retry_budget_tokens",
+                "Retries the retry budget would pay for now",
+                report["retry_budget"]["tokens"],
+            ),
+            ("queue_length", "Waiters in the account's queue", len(report["waiters"])),
         )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_backoff_cooling_seconds",
-            "Time left of the shared E2B cooldown",
-            value=report["backoff"]["cooling_ms"] / 1000,
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_retry_budget_tokens",
-            "Retries the retry budget would pay for now",
-            value=report["retry_budget"]["tokens"],
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_queue_length",
-            "Waiters in the account's queue",
-            value=len(report["waiters"]),
-        )
+        for name, documentation, value in single:
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
         by_reason = GaugeMetricFamily(
             f"{PREFIX}_queue_waiters",
             "Waiters by the gate that holds them back (SandboxQueued reason)",

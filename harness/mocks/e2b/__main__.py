@@ -1,5 +1,6 @@
 import sys
 
-from harness.mocks.e2b.cli import main
+from harness.mocks.e2b import cli
+from harness.mocks.shared.cli import run_command
 
-sys.exit(main())
+sys.exit(run_command("mock-e2b", cli))

@@ -1,5 +1,6 @@
 import sys
 
-from harness.mocks.llm.cli import main
+from harness.mocks.llm import cli
+from harness.mocks.shared.cli import run_command
 
-sys.exit(main())
+sys.exit(run_command("mock-llm", cli))

@@ -5,39 +5,39 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
 
 from harness.mocks.llm.config import TIERS, MockLLMConfig
 from harness.mocks.llm.server import MockLLMServer
-from harness.mocks.shared.cli import (
-    add_listen_arguments,
-    preset_changes,
-    run_command,
-    serve_until_signal,
-)
+from harness.mocks.shared.cli import ConfigFlags, serve_until_signal
 
-# flag destination -> config field, for flags that map one to one.
-_FIELDS = {
-    "seed": "seed",
-    "rpm": "rpm",
-    "itpm": "itpm",
-    "otpm": "otpm",
-    "rpm_burst": "rpm_burst",
-    "itpm_burst": "itpm_burst",
-    "otpm_burst": "otpm_burst",
-    "token_remaining_rounding": "token_remaining_rounding",
-    "latency_ms": "latency_ms",
-    "latency_max_ms": "latency_max_ms",
-    "output_tokens": "output_tokens",
-    "output_tokens_max": "output_tokens_max",
-    "overload_probability": "overload_probability",
-    "overload_retry_after_s": "overload_retry_after_s",
+_FLAG_HELP = {
+    "--seed": "seed of latency, output tokens, overload and ids",
+    "--rpm": "requests per minute per key",
+    "--itpm": "input tokens per minute per key (estimated: 4 chars a token)",
+    "--otpm": "output tokens per minute per key (charged after the answer)",
+    "--rpm-burst": "requests the bucket holds (default: the whole RPM)",
+    "--itpm-burst": "input tokens the bucket holds (default: the whole ITPM)",
+    "--otpm-burst": "output tokens the bucket holds (default: the whole OTPM)",
+    "--token-remaining-rounding": "round token -remaining headers to this (Anthropic: 1000)",
+    "--latency-ms": "time to answer (the minimum, with --latency-max-ms)",
+    "--latency-max-ms": "draw the latency uniformly up to this (seeded)",
+    "--output-tokens": "output tokens of an answer (the minimum, with --output-tokens-max)",
+    "--output-tokens-max": "draw the output tokens uniformly up to this (seeded)",
+    "--overload-probability": "answer this fraction of requests 529 (seeded)",
+    "--overload-retry-after-s": "retry-after header of a 529 (default: none)",
 }
+_CONFIG_FLAGS = ConfigFlags(
+    MockLLMConfig,
+    "--tier",
+    TIERS,
+    "a usage tier's limits (tier1: 50 RPM, 30k ITPM, 8k OTPM); explicit flags win",
+    _FLAG_HELP,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the mock's flags; every flag left out keeps the permissive default."""
-    add_listen_arguments(parser)
+    _CONFIG_FLAGS.add_to(parser)
     parser.add_argument(
         "--api-key",
         action="append",
@@ -47,83 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: $ANTHROPIC_API_KEY, else sk-ant-mock)",
     )
     parser.add_argument(
-        "--seed", type=int, default=None, help="seed of latency, output tokens, overload and ids"
-    )
-    parser.add_argument(
-        "--tier",
-        choices=sorted(TIERS),
-        default=None,
-        help="a usage tier's limits (tier1: 50 RPM, 30k ITPM, 8k OTPM); explicit flags win",
-    )
-    parser.add_argument("--rpm", type=int, default=None, help="requests per minute per key")
-    parser.add_argument(
-        "--itpm",
-        type=int,
-        default=None,
-        help="input tokens per minute per key (estimated: 4 chars a token)",
-    )
-    parser.add_argument(
-        "--otpm",
-        type=int,
-        default=None,
-        help="output tokens per minute per key (charged after the answer)",
-    )
-    parser.add_argument(
-        "--rpm-burst",
-        type=int,
-        default=None,
-        help="requests the bucket holds (default: the whole RPM)",
-    )
-    parser.add_argument(
-        "--itpm-burst",
-        type=int,
-        default=None,
-        help="input tokens the bucket holds (default: the whole ITPM)",
-    )
-    parser.add_argument(
-        "--otpm-burst",
-        type=int,
-        default=None,
-        help="output tokens the bucket holds (default: the whole OTPM)",
-    )
-    parser.add_argument(
-        "--token-remaining-rounding",
-        type=int,
-        default=None,
-        help="round token -remaining headers to this (Anthropic: 1000)",
-    )
-    parser.add_argument(
-        "--latency-ms",
-        type=float,
-        default=None,
-        help="time to answer (the minimum, with --latency-max-ms)",
-    )
-    parser.add_argument(
-        "--latency-max-ms",
-        type=float,
-        default=None,
-        help="draw the latency uniformly up to this (seeded)",
-    )
-    parser.add_argument(
-        "--output-tokens",
-        type=int,
-        default=None,
-        help="output tokens of an answer (the minimum, with --output-tokens-max)",
-    )
-    parser.add_argument(
-        "--output-tokens-max",
-        type=int,
-        default=None,
-        help="draw the output tokens uniformly up to this (seeded)",
-    )
-    parser.add_argument(
         "--overloaded", action="store_true", help="answer every request 529 overloaded_error"
-    )
-    parser.add_argument(
-        "--overload-probability",
-        type=float,
-        default=None,
-        help="answer this fraction of requests 529 (seeded)",
     )
     parser.add_argument(
         "--overload-requests",
@@ -131,17 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N-M",
         help="answer requests N to M 529 (N-: from N on; N: just N)",
     )
-    parser.add_argument(
-        "--overload-retry-after-s",
-        type=float,
-        default=None,
-        help="retry-after header of a 529 (default: none)",
-    )
 
 
 def config_from_args(ns: argparse.Namespace) -> MockLLMConfig:
     """The config the parsed flags describe (raises ValueError on a bad value)."""
-    changes = preset_changes(ns, "tier", TIERS, _FIELDS)
+    changes = _CONFIG_FLAGS.changes(ns)
     keys = list(getattr(ns, "api_key", None) or [])
     if not keys and os.environ.get("ANTHROPIC_API_KEY"):
         keys = [os.environ["ANTHROPIC_API_KEY"]]
@@ -171,14 +89,3 @@ def serve(config: MockLLMConfig, host: str = "127.0.0.1", port: int = 0) -> int:
         ]
 
     return serve_until_signal(MockLLMServer(config, host=host, port=port), banner, "mock LLM API")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(
-        argv,
-        prog="mock-llm",
-        description=__doc__,
-        add_arguments=add_arguments,
-        config_from_args=config_from_args,
-        serve=serve,
-    )

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
+from harness.waiting import wait_until
+
 Clock = Callable[[], float]
 ConfigT = TypeVar("ConfigT")
 StatsT = TypeVar("StatsT")
@@ -59,16 +61,14 @@ class GuardedState(Generic[ConfigT, StatsT]):
 
         Wakes on every change a request makes; changes that only the clock makes are seen
         within a short re-check period."""
-        deadline = time.monotonic() + timeout
         with self._changed:
-            while True:
-                stats = self.stats()
-                if predicate(stats):
-                    return stats
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"{self.name} stats never matched; last: {stats}")
-                self._changed.wait(min(remaining, _RECHECK_S))
+            return wait_until(
+                self.stats,
+                predicate,
+                timeout,
+                lambda left: self._changed.wait(min(left, _RECHECK_S)),
+                lambda stats: TimeoutError(f"{self.name} stats never matched; last: {stats}"),
+            )
 
     def notify_changed(self) -> None:
         """Wakes ``wait_for``: something it may read changed outside ``_mutating``."""

@@ -1,5 +1,6 @@
 import sys
 
-from harness.mocks.temperfs.cli import main
+from harness.mocks.shared.cli import run_command
+from harness.mocks.temperfs import cli
 
-sys.exit(main())
+sys.exit(run_command("mock-temperfs", cli))

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 
 from harness.mocks.e2b.config import parse_fault
-from harness.mocks.shared.cli import add_listen_arguments, run_command, serve_until_signal
+from harness.mocks.shared.cli import add_listen_arguments, serve_until_signal
 from harness.mocks.temperfs.config import TemperFSConfig
 from harness.mocks.temperfs.server import MockTemperFSServer
 
@@ -39,14 +38,3 @@ def serve(config: TemperFSConfig, host: str = "127.0.0.1", port: int = 0) -> int
 
     server = MockTemperFSServer(config, host=host, port=port)
     return serve_until_signal(server, banner, "mock TemperFS")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(
-        argv,
-        prog="mock-temperfs",
-        description=__doc__,
-        add_arguments=add_arguments,
-        config_from_args=config_from_args,
-        serve=serve,
-    )

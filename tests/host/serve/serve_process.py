@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 import httpx
 
 from harness.mocks.e2b import MockE2BServer
+from harness.waiting import wait_until
 from tests.conftest import API_KEY, ROOT
 from tests.harness.mocks.e2b.fixtures import running_mock
 
@@ -68,16 +68,20 @@ class ServeProcess:
         after its answer has gone out, and the pump thread reads it later still, so a test
         that has its answer must wait for the line (a CI run under load once read the log
         one line short)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            events = self.log_events()
-            if holds(events):
-                return events
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"not in the serve's log after {timeout}s: {events[-10:]}")
+
+        def read_a_line(left: float) -> None:
             with suppress(queue.Empty):
                 self.seen.append(self.lines.get(timeout=min(left, 0.5)))
+
+        return wait_until(
+            self.log_events,
+            holds,
+            timeout,
+            read_a_line,
+            lambda events: AssertionError(
+                f"not in the serve's log after {timeout}s: {events[-10:]}"
+            ),
+        )
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
