@@ -33,6 +33,8 @@ from provisioner.gates.policies import (
     capacity_limit,
     capacity_wait_ms,
     cooling_ms,
+    lease_ends,
+    lease_wait_ms,
     rate_available,
     rate_limits,
     rate_wait_ms,
@@ -478,16 +480,6 @@ class ResourceHeadroom:
             self._exposure[name] = (total + margin, max(largest, margin))
 
 
-def _lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
-    """When the `waves`-th permit from now should free up, leases ending at `ends`."""
-    if waves <= 0:
-        return 0
-    if not ends:
-        return cycle_ms
-    wave, slot = divmod(waves - 1, len(ends))
-    return ends[slot] + wave * cycle_ms
-
-
 def resource_limits(
     state: ResourceState,
     gate: ResourceGate,
@@ -501,20 +493,16 @@ def resource_limits(
     """Each limit of a resource gate, in the gate's order, as the tenant's turn at `at` sees
     it once the turns `ahead` (tenant, costs) have gone; `headroom` is before any walk."""
     cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
-
-    def ends(of: str | None = None) -> list[int]:
-        leases = [lease for lease in state.leases if of in (None, lease.tenant)]
-        return sorted(max(0, min(x.expires_ms, x.started_ms + cycle) - now_ms) for x in leases)
-
     limits: list[Estimate] = []
     permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
     if permits is not None:
         free = permits - len(state.leases)
-        wait = _lease_wait_ms(ends(), at - max(0, free), cycle)
+        wait = lease_wait_ms(lease_ends(state.leases, now_ms, cycle), at - max(0, free), cycle)
         limits.append(Estimate(REASON_CONCURRENCY, wait, (len(state.leases), permits)))
     if tenant_permits is not None:
         held = headroom.held[tenant]
-        wait = _lease_wait_ms(ends(tenant), held - tenant_permits + 1, cycle)
+        own = lease_ends([x for x in state.leases if x.tenant == tenant], now_ms, cycle)
+        wait = lease_wait_ms(own, held - tenant_permits + 1, cycle)
         limits.append(Estimate(REASON_TENANT_CONCURRENCY, wait, (held, tenant_permits)))
     for rate in headroom.rates:
         need = costs.get(rate.kind, 0.0) + sum(
