@@ -423,8 +423,7 @@ class ResourceHeadroom:
     def level(self, rate: RateLimit, tenant: str) -> float:
         name = rate.bucket_id(tenant)
         if name not in self._levels:
-            tat = self.state.buckets.get(name, 0.0)
-            self._levels[name] = rate.bucket.level(tat, self.now_ms)
+            self._levels[name] = rate.level(self.state, tenant, self.now_ms)
         return self._levels[name]
 
     def exposure(self, rate: RateLimit, tenant: str) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from provisioner.gates.document import (
     GateDocument,
     GateState,
     ResourceLease,
+    ResourceState,
     SandboxLease,
     bucket_id,
     margin_key,
@@ -183,6 +184,9 @@ class RateLimit:
 
     def bucket_id(self, tenant: str) -> str:
         return bucket_id(self.kind, tenant if self.per_tenant else None)
+
+    def level(self, state: ResourceState, tenant: str, now_ms: int) -> float:
+        return self.bucket.level(state.buckets.get(self.bucket_id(tenant), 0.0), now_ms)
 
 
 def rate_limits(gate: ResourceGate) -> tuple[RateLimit, ...]:
