@@ -478,44 +478,39 @@ class ResourceHeadroom:
             margin = margin_of(costs, rate.kind)
             self._exposure[name] = (total + margin, max(largest, margin))
 
-
-def resource_limits(
-    state: ResourceState,
-    gate: ResourceGate,
-    now_ms: int,
-    headroom: ResourceHeadroom,
-    tenant: str,
-    at: int,
-    costs: Costs,
-    ahead: list[tuple[str, Costs]],
-) -> list[Estimate]:
-    """Each limit of a resource gate, in the gate's order, as the tenant's turn at `at` sees
-    it once the turns `ahead` (tenant, costs) have gone; `headroom` is before any walk."""
-    cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
-    limits: list[Estimate] = []
-    permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
-    if permits is not None:
-        free = permits - len(state.leases)
-        wait = lease_wait_ms(lease_ends(state.leases, now_ms, cycle), at - max(0, free), cycle)
-        limits.append(Estimate(REASON_CONCURRENCY, wait, (len(state.leases), permits)))
-    if tenant_permits is not None:
-        held = headroom.held[tenant]
-        own = lease_ends([x for x in state.leases if x.tenant == tenant], now_ms, cycle)
-        wait = lease_wait_ms(own, held - tenant_permits + 1, cycle)
-        limits.append(Estimate(REASON_TENANT_CONCURRENCY, wait, (held, tenant_permits)))
-    for rate in headroom.rates:
-        need = costs.get(rate.kind, 0.0) + sum(
-            cost.get(rate.kind, 0.0) for of, cost in ahead if not rate.per_tenant or of == tenant
-        )
-        # The reserve comes back when calls in flight settle, not by refill: an estimate,
-        # as lease ends are.
-        reserve = headroom.reserve(rate, tenant, costs)
-        tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
-        wait = rate.bucket.wait_ms(tat, now_ms, need + reserve)
-        used = max(0, math.ceil(rate.bucket.burst - headroom.level(rate, tenant) - _EPSILON))
-        usage = (used, math.floor(rate.bucket.burst))
-        limits.append(Estimate(rate.reason, wait, usage, exact=reserve <= 0))
-    return limits
+    def estimates(
+        self, tenant: str, at: int, costs: Costs, ahead: list[tuple[str, Costs]]
+    ) -> list[Estimate]:
+        """Each limit, in the gate's order, as the tenant's turn at `at` sees it once the
+        turns `ahead` (tenant, costs) have gone (this headroom is before any walk)."""
+        state, gate, now_ms = self.state, self.gate, self.now_ms
+        cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
+        limits: list[Estimate] = []
+        permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
+        if permits is not None:
+            ends = lease_ends(state.leases, now_ms, cycle)
+            wait = lease_wait_ms(ends, at - max(0, permits - len(state.leases)), cycle)
+            limits.append(Estimate(REASON_CONCURRENCY, wait, (len(state.leases), permits)))
+        if tenant_permits is not None:
+            held = self.held[tenant]
+            ends = lease_ends([x for x in state.leases if x.tenant == tenant], now_ms, cycle)
+            wait = lease_wait_ms(ends, held - tenant_permits + 1, cycle)
+            limits.append(Estimate(REASON_TENANT_CONCURRENCY, wait, (held, tenant_permits)))
+        for rate in self.rates:
+            need = costs.get(rate.kind, 0.0) + sum(
+                cost.get(rate.kind, 0.0)
+                for of, cost in ahead
+                if not rate.per_tenant or of == tenant
+            )
+            # The reserve comes back when calls in flight settle, not by refill: an estimate,
+            # as lease ends are.
+            reserve = self.reserve(rate, tenant, costs)
+            tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
+            wait = rate.bucket.wait_ms(tat, now_ms, need + reserve)
+            used = max(0, math.ceil(rate.bucket.burst - self.level(rate, tenant) - _EPSILON))
+            usage = (used, math.floor(rate.bucket.burst))
+            limits.append(Estimate(rate.reason, wait, usage, exact=reserve <= 0))
+        return limits
 
 
 def resource_assess(
@@ -561,7 +556,7 @@ def resource_assess(
     headroom = ResourceHeadroom(state, gate, now_ms)  # as it was before the walk
     at = max(1, fresh_position(state, tenant, place.ticket, headroom.tenant_has_room))
     ahead = [(turn.tenant, walked.costs[turn]) for turn in went.chosen]
-    limits = resource_limits(state, gate, now_ms, headroom, tenant, at, costs, ahead)
+    limits = headroom.estimates(tenant, at, costs, ahead)
     # Nothing blocked: the permits went to turns ahead.
     held = next((limit for limit in limits if blocked and limit.reason == blocked[0]), limits[0])
     queued = queued_answer(config, state, now_ms, place, at, limits, held, uniform)
