@@ -123,18 +123,17 @@ def slot_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, positio
     one waiter per create latency."""
     latency = latency_ms(state, config)
     ends = sorted(max(0, c.started_ms + latency - now_ms) for c in state.create_leases)
-    ends = [0] * max(0, config.create_slots - len(ends)) + ends
-    wave, slot = divmod(position - 1, len(ends))
-    return ends[slot] + wave * latency
+    # A free slot serves its first waiter now.
+    return lease_wait_ms([0] * max(0, config.create_slots - len(ends)) + ends, position, latency)
 
 
 def capacity_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, position: int) -> int:
     """When capacity should be free for the waiter at `position`: from the observed hold
     time, else from the sandbox leases' expiries."""
     free = capacity_free(state, config)
-    ends = lease_ends(state.sandbox_leases, now_ms, state.hold_ms)
     if position <= free:
         return 0
+    ends = lease_ends(state.sandbox_leases, now_ms, state.hold_ms)
     if not ends:
         return latency_ms(state, config)
     cycle = max(state.hold_ms if state.hold_ms is not None else ends[-1], latency_ms(state, config))
@@ -154,8 +153,8 @@ def lease_ends(
 
 
 def lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
-    """When the `waves`-th permit from now should free up, leases ending at `ends` (from
-    `lease_ends`) and each permit serving again every `cycle_ms`."""
+    """When the `waves`-th permit from now should free up: permits freeing at `ends`
+    (soonest first), each serving again every `cycle_ms`."""
     if waves <= 0:
         return 0
     if not ends:
