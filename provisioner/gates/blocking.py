@@ -150,12 +150,12 @@ def queued_answer(
     uniform: Callable[[], float],
     wait_cap_ms: int | None = None,
 ) -> Queued:
-    """The waiter at `at`, held back by `held`, goes once every limit lets it (`eta`), after
-    a cooldown (which holds it instead; it shows the first limit's usage). It asks again
-    after the estimate, capped at `wait_cap_ms` unless exact: no sooner than poll_min unless
-    exact (an overdue guess must not loop), never later than poll_max, after a cooldown
-    spread over poll_min. `retry_at_ms` is `eta` unclamped by poll_max (a host that wakes
-    the waiter wakes it then)."""
+    """The answer to the waiter at `at` that `held` holds back. Its ETA is when every limit
+    (and `held`) should let it go, after a cooldown, which then holds it instead (showing the
+    first limit's usage). It asks again after the ETA, capped by `wait_cap_ms` unless exact,
+    within [poll_min, poll_max] (from 1 ms when exact: an overdue guess must not loop), spread
+    over poll_min after a cooldown; `retry_at_ms` is the ETA unclamped by poll_max (a host
+    that wakes the waiter wakes it then), no sooner than poll_min when a guess."""
     cooling = cooling_ms(state, now_ms)
     eta = cooling + max(limit.wait_ms for limit in [*limits, held])
     if cooling > 0:
