@@ -33,6 +33,8 @@ from provisioner.gates.policies import (
     capacity_limit,
     capacity_wait_ms,
     cooling_ms,
+    lease_ends,
+    lease_wait_ms,
     rate_available,
     rate_limits,
     rate_wait_ms,
@@ -126,34 +128,52 @@ def walk(turns: Iterable[Turn], headroom: Headroom, until: Turn | None = None) -
     return Walk(chosen, None, False)
 
 
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """One limit as a waiter sees it: when it should let the waiter go (`wait_ms`), its
+    (in use, limit), and whether that wait is exact (a bucket's own refill, not a guess)."""
+
+    reason: str
+    wait_ms: int
+    usage: tuple[int, int]
+    exact: bool = False
+
+
 def queued_answer(
     config: AdmissionConfig,
     state: GateDocument,
     now_ms: int,
-    since_ms: int,
+    place: Place,
     at: int,
-    usage: tuple[int, int],
-    reason: str,
-    eta: int,
-    exact: bool,
-    cooling: int,
+    limits: list[Estimate],
+    held: Estimate,
     uniform: Callable[[], float],
-    wait: int | None = None,
+    wait_cap_ms: int | None = None,
 ) -> Queued:
-    """Ask again after the estimate `wait` (`eta` by default): no sooner than poll_min unless
-    `exact` (a rate's), never later than poll_max, after a cooldown spread over poll_min.
-    `retry_at_ms` is `eta` unclamped by poll_max (a host that wakes the waiter wakes it
-    then), no sooner than poll_min when a guess (an overdue estimate must not loop)."""
+    """The answer to the waiter at `at` that `held` holds back. Its ETA is when every limit
+    (and `held`) should let it go, after a cooldown, which then holds it instead (showing the
+    first limit's usage). It asks again after the ETA, capped by `wait_cap_ms` unless exact,
+    within [poll_min, poll_max] (from 1 ms when exact: an overdue guess must not loop), spread
+    over poll_min after a cooldown; `retry_at_ms` is the ETA unclamped by poll_max (a host
+    that wakes the waiter wakes it then), no sooner than poll_min when a guess."""
+    cooling = cooling_ms(state, now_ms)
+    eta = cooling + max(limit.wait_ms for limit in [*limits, held])
+    if cooling > 0:
+        held = Estimate(REASON_BACKOFF, 0, limits[0].usage)
+    exact = held.exact and eta > 0
+    wait = eta if exact or wait_cap_ms is None else min(eta, wait_cap_ms)
     floor = 1 if exact else config.poll_min_ms
-    retry_after = max(floor, min(eta if wait is None else wait, config.poll_max_ms))
+    retry_after = max(floor, min(wait, config.poll_max_ms))
     retry_at = eta if exact else max(eta, config.poll_min_ms)
     if cooling > 0:
         retry_after = max(cooling, retry_after) + int(uniform() * config.poll_min_ms)
         retry_at = max(retry_at, retry_after)
-    in_use, limit = usage
-    waited = now_ms - since_ms
+    in_use, limit = held.usage
+    waited = now_ms - place.since_ms
     retry_at = now_ms + max(1, retry_at)
-    return Queued(at, state.waiting(), in_use, limit, reason, retry_after, eta, waited, retry_at)
+    return Queued(
+        at, state.waiting(), in_use, limit, held.reason, retry_after, eta, waited, retry_at
+    )
 
 
 # The sandbox gate
@@ -314,8 +334,7 @@ def waiting(
     permits: Permits | None = None,
     eligible: Eligible | None = None,
 ) -> Queued:
-    now = now_ms
-    permits = permits or Permits.of(state, config, now)
+    permits = permits or Permits.of(state, config, now_ms)
     eligible = eligible or eligibility(state, config)
     turn = Turn.of(waiter, place)
     # Its 1-based place in the fair order.
@@ -326,51 +345,43 @@ def waiting(
     else:
         ready = ready_retries(state, config, eligible)
         at = max(1, len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible))
-    cooling = permits.cooling_ms
     # A retry reclaiming its own possible sandbox waits for no capacity.
     reclaims = turn.is_retry and state.reclaims(waiter.tenant, waiter.entity)
-    waits = {
-        REASON_CAPACITY: 0 if reclaims else capacity_wait_ms(state, config, now, at),
-        REASON_CREATE_SLOTS: slot_wait_ms(state, config, now, at),
-        REASON_RATE: rate_wait_ms(state, config, now, at),
-    }
-    frees = {
-        REASON_CAPACITY: at if reclaims else permits.capacity,
-        REASON_CREATE_SLOTS: permits.slots,
-        REASON_RATE: permits.rate,
-    }
-    usage = {
-        REASON_CAPACITY: (capacity_in_use(state), capacity_limit(state, config)),
-        REASON_CREATE_SLOTS: (slots_in_use(state), config.create_slots),
-        REASON_RATE: (config.create_burst - permits.rate, config.create_burst),
-    }
-    eta = cooling + max(waits.values())
-    blocked = [name for name in waits if frees[name] < at]
-    usage[REASON_BACKOFF] = usage[REASON_CREATE_SLOTS]
-    if cooling > 0:
-        reason = REASON_BACKOFF
-    elif not reclaims and not eligible(waiter.tenant):
-        reason = REASON_CAPACITY
-        limit = config.max_sandboxes_per_tenant or config.max_sandboxes
-        usage[reason] = (state.tenant_in_use(waiter.tenant), limit)
-    elif turn.is_retry and retry_tokens(state, config) < 1.0:
-        reason = REASON_BACKOFF
-        eta = max(eta, retry_token_wait_ms(state, config, 1))
-    else:
-        # Nothing blocked: the permits ahead belong to waiters that have not polled yet.
-        reason = max(blocked, key=waits.__getitem__) if blocked else REASON_CREATE_SLOTS
-    in_use = usage[reason]
-    # Only the rate's estimate is exact (else a fast rate would be throttled to one grant
-    # per poll_min); slot and capacity estimates are guesses, and an unused rate token
-    # waits on someone else's turn: poll_min keeps those from spinning.
-    exact = reason == REASON_RATE and eta > 0 and frees[REASON_RATE] == 0
-    wait = eta
-    if not exact and state.latency_ms is None:
-        # It rests on the assumed create latency: come back once one has been measured.
-        wait = min(wait, config.create_latency_ms // 2)
-    return queued_answer(
-        config, state, now, place.since_ms, at, in_use, reason, eta, exact, cooling, uniform, wait
+    slots = Estimate(
+        REASON_CREATE_SLOTS,
+        slot_wait_ms(state, config, now_ms, at),
+        (slots_in_use(state), config.create_slots),
     )
+    capacity = Estimate(
+        REASON_CAPACITY,
+        0 if reclaims else capacity_wait_ms(state, config, now_ms, at),
+        (capacity_in_use(state), capacity_limit(state, config)),
+    )
+    # Only the rate's estimate is exact (else a fast rate would be throttled to one grant
+    # per poll_min); an unused rate token waits on someone else's turn.
+    rate = Estimate(
+        REASON_RATE,
+        rate_wait_ms(state, config, now_ms, at),
+        (config.create_burst - permits.rate, config.create_burst),
+        exact=permits.rate == 0,
+    )
+    rooms = [
+        (capacity, at if reclaims else permits.capacity),
+        (slots, permits.slots),
+        (rate, permits.rate),
+    ]
+    blocked = [limit for limit, room in rooms if room < at]
+    # Nothing blocked: the permits ahead belong to waiters that have not polled yet.
+    held = max(blocked, key=lambda limit: limit.wait_ms, default=slots)
+    if not reclaims and not eligible(waiter.tenant):
+        limit = config.max_sandboxes_per_tenant or config.max_sandboxes
+        held = Estimate(REASON_CAPACITY, 0, (state.tenant_in_use(waiter.tenant), limit))
+    elif turn.is_retry and retry_tokens(state, config) < 1.0 and permits.cooling_ms <= 0:
+        held = Estimate(REASON_BACKOFF, retry_token_wait_ms(state, config, 1), slots.usage)
+    # Slot and capacity estimates rest on the assumed create latency until one is measured.
+    cap = config.create_latency_ms // 2 if state.latency_ms is None else None
+    limits = [slots, capacity, rate]  # the first one's usage is shown during a cooldown
+    return queued_answer(config, state, now_ms, place, at, limits, held, uniform, cap)
 
 
 # The resource gates
@@ -412,8 +423,7 @@ class ResourceHeadroom:
     def level(self, rate: RateLimit, tenant: str) -> float:
         name = rate.bucket_id(tenant)
         if name not in self._levels:
-            tat = self.state.buckets.get(name, 0.0)
-            self._levels[name] = rate.bucket.level(tat, self.now_ms)
+            self._levels[name] = rate.level(self.state, tenant, self.now_ms)
         return self._levels[name]
 
     def exposure(self, rate: RateLimit, tenant: str) -> tuple[float, float]:
@@ -468,22 +478,39 @@ class ResourceHeadroom:
             margin = margin_of(costs, rate.kind)
             self._exposure[name] = (total + margin, max(largest, margin))
 
-    def first_limit(self) -> str:
-        if self.gate.permits(ACCOUNT) is not None:
-            return REASON_CONCURRENCY
-        if self.gate.permits(TENANT) is not None:
-            return REASON_TENANT_CONCURRENCY
-        return self.rates[0].reason
-
-
-def _lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
-    """When the `waves`-th permit from now should free up, leases ending at `ends`."""
-    if waves <= 0:
-        return 0
-    if not ends:
-        return cycle_ms
-    wave, slot = divmod(waves - 1, len(ends))
-    return ends[slot] + wave * cycle_ms
+    def estimates(
+        self, tenant: str, at: int, costs: Costs, ahead: list[tuple[str, Costs]]
+    ) -> list[Estimate]:
+        """Each limit, in the gate's order, as the tenant's turn at `at` sees it once the
+        turns `ahead` (tenant, costs) have gone (this headroom is before any walk)."""
+        state, gate, now_ms = self.state, self.gate, self.now_ms
+        cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
+        limits: list[Estimate] = []
+        permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
+        if permits is not None:
+            ends = lease_ends(state.leases, now_ms, cycle)
+            wait = lease_wait_ms(ends, at - max(0, permits - len(state.leases)), cycle)
+            limits.append(Estimate(REASON_CONCURRENCY, wait, (len(state.leases), permits)))
+        if tenant_permits is not None:
+            held = self.held[tenant]
+            ends = lease_ends([x for x in state.leases if x.tenant == tenant], now_ms, cycle)
+            wait = lease_wait_ms(ends, held - tenant_permits + 1, cycle)
+            limits.append(Estimate(REASON_TENANT_CONCURRENCY, wait, (held, tenant_permits)))
+        for rate in self.rates:
+            need = costs.get(rate.kind, 0.0) + sum(
+                cost.get(rate.kind, 0.0)
+                for of, cost in ahead
+                if not rate.per_tenant or of == tenant
+            )
+            # The reserve comes back when calls in flight settle, not by refill: an estimate,
+            # as lease ends are.
+            reserve = self.reserve(rate, tenant, costs)
+            tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
+            wait = rate.bucket.wait_ms(tat, now_ms, need + reserve)
+            used = max(0, math.ceil(rate.bucket.burst - self.level(rate, tenant) - _EPSILON))
+            usage = (used, math.floor(rate.bucket.burst))
+            limits.append(Estimate(rate.reason, wait, usage, exact=reserve <= 0))
+        return limits
 
 
 def resource_assess(
@@ -518,7 +545,7 @@ def resource_assess(
     blocked = went.blocked
     if not went.reached and blocked is None:
         # No room for its tenant, or the permits went to turns ahead (or beyond LOOKAHEAD).
-        blocked = walked.blocker(mine) or (walked.first_limit(), Hold.ALL)
+        blocked = walked.blocker(mine)
     for turn in walked.dead:
         assert turn.ticket is not None
         drop_ticket(state, turn.tenant, turn.ticket)
@@ -528,46 +555,9 @@ def resource_assess(
         return Assessment(None, scheduled, dropped)
     headroom = ResourceHeadroom(state, gate, now_ms)  # as it was before the walk
     at = max(1, fresh_position(state, tenant, place.ticket, headroom.tenant_has_room))
-    cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
-
-    def ends(of: str | None = None) -> list[int]:
-        leases = [lease for lease in state.leases if of in (None, lease.tenant)]
-        return sorted(max(0, min(x.expires_ms, x.started_ms + cycle) - now_ms) for x in leases)
-
-    waits: dict[str, int] = {}
-    usage: dict[str, tuple[int, int]] = {}
-    estimated: set[str] = set()
-    permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
-    if permits is not None:
-        free = permits - len(state.leases)
-        waits[REASON_CONCURRENCY] = _lease_wait_ms(ends(), at - max(0, free), cycle)
-        usage[REASON_CONCURRENCY] = (len(state.leases), permits)
-    if tenant_permits is not None:
-        over = headroom.held[tenant] - tenant_permits + 1
-        waits[REASON_TENANT_CONCURRENCY] = _lease_wait_ms(ends(tenant), over, cycle)
-        usage[REASON_TENANT_CONCURRENCY] = (headroom.held[tenant], tenant_permits)
-    for rate in headroom.rates:
-        need = costs.get(rate.kind, 0.0) + sum(
-            walked.costs[turn].get(rate.kind, 0.0)
-            for turn in went.chosen
-            if not rate.per_tenant or turn.tenant == tenant
-        )
-        # The reserve comes back when calls in flight settle, not by refill: an estimate.
-        reserve = headroom.reserve(rate, tenant, costs)
-        if reserve > 0:
-            estimated.add(rate.reason)
-        need += reserve
-        tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
-        waits[rate.reason] = rate.bucket.wait_ms(tat, now_ms, need)
-        used = rate.bucket.burst - headroom.level(rate, tenant)
-        usage[rate.reason] = (max(0, math.ceil(used - _EPSILON)), math.floor(rate.bucket.burst))
-    first = headroom.first_limit()
-    reason = REASON_BACKOFF if cooling > 0 else blocked[0] if blocked else first
-    eta = cooling + max(waits.values(), default=0)
-    # A bucket's wait is exact; lease ends, and so a reserve, are estimates (poll_min).
-    exact = reason in {rate.reason for rate in headroom.rates} - estimated and eta > 0
-    in_use = usage.get(reason, usage.get(first, (0, 0)))
-    queued = queued_answer(
-        config, state, now_ms, place.since_ms, at, in_use, reason, eta, exact, cooling, uniform
-    )
+    ahead = [(turn.tenant, walked.costs[turn]) for turn in went.chosen]
+    limits = headroom.estimates(tenant, at, costs, ahead)
+    # Nothing blocked: the permits went to turns ahead.
+    held = next((limit for limit in limits if blocked and limit.reason == blocked[0]), limits[0])
+    queued = queued_answer(config, state, now_ms, place, at, limits, held, uniform)
     return Assessment(queued, scheduled, dropped)

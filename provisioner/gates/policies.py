@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from provisioner.config import TENANT, AdmissionConfig, ResourceGate
@@ -14,6 +15,9 @@ from provisioner.gates.document import (
     Costs,
     GateDocument,
     GateState,
+    ResourceLease,
+    ResourceState,
+    SandboxLease,
     bucket_id,
     margin_key,
 )
@@ -119,28 +123,44 @@ def slot_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, positio
     one waiter per create latency."""
     latency = latency_ms(state, config)
     ends = sorted(max(0, c.started_ms + latency - now_ms) for c in state.create_leases)
-    ends = [0] * max(0, config.create_slots - len(ends)) + ends
-    wave, slot = divmod(position - 1, len(ends))
-    return ends[slot] + wave * latency
+    # A free slot serves its first waiter now.
+    return lease_wait_ms([0] * max(0, config.create_slots - len(ends)) + ends, position, latency)
 
 
 def capacity_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, position: int) -> int:
     """When capacity should be free for the waiter at `position`: from the observed hold
     time, else from the sandbox leases' expiries."""
-    limit = capacity_limit(state, config)
     free = capacity_free(state, config)
     if position <= free:
         return 0
-    hold = state.hold_ms
-    ends = sorted(
-        max(0, (s.expires_ms if hold is None else min(s.expires_ms, s.started_ms + hold)) - now_ms)
-        for s in state.sandbox_leases
-    )
+    ends = lease_ends(state.sandbox_leases, now_ms, state.hold_ms)
     if not ends:
         return latency_ms(state, config)
-    wave, slot = divmod(position - free - 1, max(1, min(limit, len(ends))))
-    cycle = hold if hold is not None else ends[-1]
-    return ends[min(slot, len(ends) - 1)] + wave * max(cycle, latency_ms(state, config))
+    cycle = max(state.hold_ms if state.hold_ms is not None else ends[-1], latency_ms(state, config))
+    return lease_wait_ms(ends[: max(1, capacity_limit(state, config))], position - free, cycle)
+
+
+def lease_ends(
+    leases: Iterable[SandboxLease | ResourceLease], now_ms: int, hold_ms: int | None
+) -> list[int]:
+    """In how long each lease should end, soonest first: when it expires, or once held
+    `hold_ms` if that is sooner."""
+    ends = (
+        x.expires_ms if hold_ms is None else min(x.expires_ms, x.started_ms + hold_ms)
+        for x in leases
+    )
+    return sorted(max(0, end - now_ms) for end in ends)
+
+
+def lease_wait_ms(ends: list[int], waves: int, cycle_ms: int) -> int:
+    """When the `waves`-th permit from now should free up: permits freeing at `ends`
+    (soonest first), each serving again every `cycle_ms`."""
+    if waves <= 0:
+        return 0
+    if not ends:
+        return cycle_ms
+    wave, slot = divmod(waves - 1, len(ends))
+    return ends[slot] + wave * cycle_ms
 
 
 # A resource gate's token buckets: each rate of a `config.ResourceGate` is one `RateLimit`.
@@ -163,6 +183,9 @@ class RateLimit:
 
     def bucket_id(self, tenant: str) -> str:
         return bucket_id(self.kind, tenant if self.per_tenant else None)
+
+    def level(self, state: ResourceState, tenant: str, now_ms: int) -> float:
+        return self.bucket.level(state.buckets.get(self.bucket_id(tenant), 0.0), now_ms)
 
 
 def rate_limits(gate: ResourceGate) -> tuple[RateLimit, ...]:

@@ -6,7 +6,6 @@ stored documents. `serve` refuses `inspect` from outside: it names every tenant'
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -16,16 +15,13 @@ from provisioner.gates import policies
 from provisioner.gates.blocking import assess, waiting
 from provisioner.gates.document import GATE_KEY as GATE_KEY
 from provisioner.gates.document import (
-    Costs,
     CreateLease,
     GateState,
     Reservation,
     ResourceState,
     SandboxLease,
     UnsettledCreate,
-    decode_ticket,
     owned_by,
-    resource_prefix,
     ticket_key,
     waiter_key,
 )
@@ -148,12 +144,6 @@ class GateView:
         return tuple(w for w in self.waiters if not w.alive)
 
 
-def _backoff(state: GateState | ResourceState, now_ms: int) -> Backoff:
-    return Backoff(
-        state.cooldown_until_ms, policies.cooling_ms(state, now_ms), state.backoff_failures
-    )
-
-
 def _cooldown(state: GateState | ResourceState, now_ms: int) -> dict[str, int]:
     """The cooldown as `status` shows it."""
     return {"cooling_ms": policies.cooling_ms(state, now_ms), "failures": state.backoff_failures}
@@ -188,7 +178,9 @@ def gate_view(
             tuple(state.sandbox_leases),
             tuple(state.unsettled),
         ),
-        backoff=_backoff(state, now_ms),
+        backoff=Backoff(
+            state.cooldown_until_ms, policies.cooling_ms(state, now_ms), state.backoff_failures
+        ),
         retry_budget=RetryBudget(policies.retry_tokens(state, config), config.retry_budget),
         waiters=waiters,
         waiting_tenants=tuple(queue.tenant for queue in state.ring),
@@ -301,66 +293,6 @@ def _waiters(
     return tuple(views)
 
 
-@dataclass(frozen=True, slots=True)
-class BucketView:
-    """`reason` names the bucket as a queue reason; `tenant` is set for a tenant's own
-    bucket; `level` is negative while in debt."""
-
-    reason: str
-    tenant: str | None
-    per_minute: float
-    burst: float
-    level: float
-
-    @property
-    def debt(self) -> float:
-        return max(0.0, -self.level)
-
-
-@dataclass(frozen=True, slots=True)
-class ResourceWaiterView:
-    """`entity` and `costs` are None once the ticket's key expired."""
-
-    tenant: str
-    ticket: int
-    entity: str | None
-    costs: Costs | None
-
-
-@dataclass(frozen=True, slots=True)
-class ResourceGateView:
-    """A resource gate as of `now_ms`: its document pruned as the next decision will, and
-    its buckets; `version` is None when never written."""
-
-    name: str
-    now_ms: int
-    version: int | None
-    state: ResourceState
-    buckets: tuple[BucketView, ...]
-    backoff: Backoff
-    waiters: tuple[ResourceWaiterView, ...]
-
-    def bucket(self, reason: str, tenant: str | None = None) -> BucketView | None:
-        return next((b for b in self.buckets if (b.reason, b.tenant) == (reason, tenant)), None)
-
-
-def _buckets(
-    state: ResourceState, gate: ResourceGate, now_ms: int, tenants: Iterable[str]
-) -> tuple[BucketView, ...]:
-    """The account's buckets, and each of `tenants`' own."""
-    return tuple(
-        BucketView(
-            rate.reason,
-            tenant,
-            rate.bucket.per_minute_rate,
-            rate.bucket.burst,
-            rate.bucket.level(state.buckets.get(rate.bucket_id(tenant or ""), 0.0), now_ms),
-        )
-        for rate in policies.rate_limits(gate)
-        for tenant in (tenants if rate.per_tenant else [None])
-    )
-
-
 def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str) -> dict[str, Any]:
     """`status`: each gate without waiters, for the tenant; or why it is unreadable."""
     now = ports.clock.now_ms()
@@ -376,13 +308,14 @@ def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str)
             "concurrency": {"in_use": len(state.leases), "limit": gate.permits(ACCOUNT)},
             "tenant_concurrency": {"in_use": state.held_by(tenant), "limit": gate.permits(TENANT)},
             "rates": {
-                bucket.reason: {
-                    "per_minute": bucket.per_minute,
-                    "burst": bucket.burst,
-                    "available": round(max(0.0, bucket.level), 3),
-                    "debt": round(bucket.debt, 3),
+                rate.reason: {
+                    "per_minute": rate.bucket.per_minute_rate,
+                    "burst": rate.bucket.burst,
+                    "available": round(max(0.0, level), 3),
+                    "debt": round(max(0.0, -level), 3),
                 }
-                for bucket in _buckets(state, gate, now, [tenant])
+                for rate in policies.rate_limits(gate)
+                for level in [rate.level(state, tenant, now)]
             },
             "backoff": _cooldown(state, now),
             "queue_length": state.waiting(),
@@ -392,31 +325,6 @@ def resource_snapshot(ports: Ports, gates: dict[str, ResourceGate], tenant: str)
             "grants": state.grants,
         }
     return found
-
-
-def inspect_resources(ports: Ports, gates: dict[str, ResourceGate]) -> dict[str, ResourceGateView]:
-    """Each gate with every waiter; tenants' buckets are listed for those that hold a
-    lease, wait, or whose bucket is not full."""
-    now = ports.clock.now_ms()
-    views: dict[str, ResourceGateView] = {}
-    for name, gate in gates.items():
-        state, version = read_state(ports, gate, now)
-        tenants = sorted(
-            {lease.tenant for lease in state.leases}
-            | {queue.tenant for queue in state.ring}
-            | {bucket.partition("\t")[2] for bucket in state.buckets if "\t" in bucket}
-        )
-        waiters: list[ResourceWaiterView] = []
-        for queue in state.ring:
-            for ticket in queue.tickets():
-                key = ticket_key(queue.tenant, ticket, resource_prefix(gate.name))
-                found = ports.storage.get(Scope.ACCOUNT, key)
-                entity, costs = (None, None) if found is None else decode_ticket(found.value)
-                waiters.append(ResourceWaiterView(queue.tenant, ticket, entity, costs))
-        buckets = _buckets(state, gate, now, tenants)
-        backoff = _backoff(state, now)
-        views[name] = ResourceGateView(name, now, version, state, buckets, backoff, tuple(waiters))
-    return views
 
 
 # The fields of a stored record that `inspect` shows, in order (default: all of them).

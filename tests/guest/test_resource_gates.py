@@ -395,8 +395,8 @@ def test_bad_params_are_typed_failures(
 
 
 def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
-    from provisioner.gates.view import inspect_resources
     from provisioner.ports import Scope
+    from tests.guest.resource_harness import inspect_resources
 
     config = {**LLM, "resource.llm.tenant_itpm": "6000", "resource.llm.concurrency": "1"}
     gates = ResourceHarness(config)
