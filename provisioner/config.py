@@ -11,7 +11,6 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal, NoReturn, TypeVar
 
 from provisioner.failures import FailureCode
@@ -77,10 +76,7 @@ class AdmissionConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> AdmissionConfig:
-        values = _read("admission", config)
-        built = _sparse(cls, values)
-        _check_relations("admission", values, partial(getattr, built))
-        return built
+        return _sparse(cls, _read("admission", config))
 
 
 # Resource gates: a limit per (kind, scope); rates are per minute.
@@ -189,8 +185,7 @@ class Key:
 
     @property
     def default(self) -> Any:
-        owner = {"sandbox": SandboxSettings, "admission": AdmissionConfig}.get(self.section)
-        return getattr(owner or ResourceGate, self.field, None)
+        return getattr(_OWNERS.get(self.section), self.field, None)
 
     def read(self, key: str, raw: str) -> Any:
         """`raw` spelled as `key` (a name or alias, with any prefix); the cheap checks first."""
@@ -203,28 +198,23 @@ class Key:
             value = float(text)
         except ValueError:
             _refuse(f"{key} must be a number, got {raw[:40]!r}")
-        if self.type == "duration":
-            if not key.endswith("_ms"):
-                if 0 < value <= self.high:
-                    return max(1, round(value * 1000))
-            elif 0 < value <= self.high * 1000 and value.is_integer():
-                return int(value)
-        elif (value > 0 if self.type == "positive" else value >= self.low) and value <= self.high:
-            if self.type != "int":
+        millis = self.type == "duration" and key.endswith("_ms")
+        whole = self.type == "int" or millis
+        high = self.high * 1000 if millis else self.high
+        above_zero = self.type in ("positive", "duration")
+        if (value > 0 if above_zero else value >= self.low) and value <= high:
+            if self.type == "duration" and not millis:
+                return max(1, round(value * 1000))  # seconds, kept in milliseconds
+            if not whole:
                 return value
             if value.is_integer():
                 return int(value)
-        self._refuse_value(key, raw, value)
-
-    def _refuse_value(self, key: str, raw: str, value: float) -> NoReturn:
         got = f", got {raw[:40]!r}"
         if not math.isfinite(value):
             _refuse(f"{key} must be a finite number{got}")
-        millis = self.type == "duration" and key.endswith("_ms")
-        if (self.type == "int" or millis) and not value.is_integer():
+        if whole and not value.is_integer():
             _refuse(f"{key} must be an integer{got}")
-        high = self.high * 1000 if millis else self.high
-        low = "above 0" if self.type in ("positive", "duration") else f"at least {_show(self.low)}"
+        low = "above 0" if above_zero else f"at least {_show(self.low)}"
         _refuse(f"{key} must be {low} and at most {_show(high)}{got}")
 
 
@@ -348,17 +338,18 @@ KEYS: tuple[Key, ...] = (
 KEYS_BY_NAME: dict[str, Key] = {
     name: row for row in KEYS if row.section != "resource" for name in row.names
 }
-_READ_SECTIONS = ("sandbox", "admission", "resource")
-# Per section: each spelling's row and its place in the table (precedence, which bad key is
+_OWNERS: dict[str, type] = {
+    "sandbox": SandboxSettings, "admission": AdmissionConfig, "resource": ResourceGate
+}  # fmt: skip
+# Per section: each spelling's row, in the table's order (precedence, which bad key is
 # reported first), and the rows that name another key.
 _ROWS = {
     section: {name: row for row in KEYS if row.section == section for name in row.names}
-    for section in _READ_SECTIONS
+    for section in _OWNERS
 }
-_PLACES = {section: {name: place for place, name in enumerate(_ROWS[section])} for section in _ROWS}
 _RELATED = {
     section: tuple(row for row in KEYS if row.section == section and (row.at_most or row.requires))
-    for section in _READ_SECTIONS
+    for section in _OWNERS
 }
 _LIMITS = _ROWS["resource"]
 
@@ -375,29 +366,27 @@ def _sparse(cls: type[_T], values: dict[str, Any]) -> _T:
 
 def _read(section: str, config: Mapping[str, str], prefix: str = "") -> dict[str, Any]:
     """The fields `config` sets in `section`; every spelling present is validated."""
-    rows, places = _ROWS[section], _PLACES[section]
-    present = [name for name in config if name in places]
-    present.sort(key=places.__getitem__)
     values: dict[str, Any] = {}
-    for name in present:
-        row, raw = rows[name], str(config[name])
-        if row.blank_ok and not raw.strip():
+    for name, row in _ROWS[section].items():
+        raw = config.get(name)
+        if raw is None or (row.blank_ok and not str(raw).strip()):
             continue
-        values.setdefault(row.field, row.read(prefix + name, raw))
+        values.setdefault(row.field, row.read(prefix + name, str(raw)))
+    _check_relations(section, values, prefix)
     return values
 
 
-def _check_relations(
-    section: str, values: dict[str, Any], get: Callable[[str], Any], prefix: str = ""
-) -> None:
+def _check_relations(section: str, values: dict[str, Any], prefix: str) -> None:
+    owner = _OWNERS[section]
     for row in _RELATED[section]:
         if row.field not in values and row.at_most not in values:
             continue
         if row.at_most is not None:
-            value, bound = get(row.field), get(row.at_most)
+            value = values.get(row.field, getattr(owner, row.field, None))
+            bound = values.get(row.at_most, getattr(owner, row.at_most, None))
             if value is not None and bound is not None and value > bound:
                 _refuse(f"{prefix}{row.name} must not exceed {prefix}{row.at_most}")
-        if row.requires is not None and get(row.requires) is None:
+        if row.requires is not None and values.get(row.requires) is None:
             _refuse(f"{prefix}{row.name} is set without {prefix}{row.requires}")
 
 
@@ -449,7 +438,6 @@ def read_resources(config: Mapping[str, str]) -> dict[str, ResourceGate]:
         prefix = f"{RESOURCE_PREFIX}{name}."
         values = _read("resource", limits, prefix)
         if values:
-            _check_relations("resource", values, values.get, prefix)
             gates[name] = _gate(name, values)
     return gates
 
