@@ -77,22 +77,14 @@ def _ready(record: EntityRecord) -> Outcome:
 
 
 def with_wake_ups(outcome: Outcome, controller: AdmissionController) -> Outcome:
+    if not controller.wake_ups:
+        return outcome
     wake_ups = []
     for wake in controller.wake_ups:
         entity_type, _, entity_id = wake.entity.partition("/")
-        wake_ups.append(
-            {
-                "tenant": wake.tenant,
-                "entity_type": entity_type,
-                "entity_id": entity_id,
-                "at_ms": wake.at_ms,
-                "reservation": wake.reservation,
-            }
-        )
-    if not wake_ups:
-        return outcome
-    params = {**outcome.params, WAKE_UPS: wake_ups}
-    return Outcome(outcome.action, params, outcome.success, outcome.error)
+        where = {"tenant": wake.tenant, "entity_type": entity_type, "entity_id": entity_id}
+        wake_ups.append({**where, "at_ms": wake.at_ms, "reservation": wake.reservation})
+    return replace(outcome, params={**outcome.params, WAKE_UPS: wake_ups})
 
 
 class Operations:
