@@ -435,23 +435,19 @@ def read_resources(config: Mapping[str, str]) -> dict[str, ResourceGate]:
         declared.setdefault(name, {})[limit] = raw
     gates: dict[str, ResourceGate] = {}
     for name, limits in sorted(declared.items()):
-        prefix = f"{RESOURCE_PREFIX}{name}."
-        values = _read("resource", limits, prefix)
-        if values:
-            gates[name] = _gate(name, values)
+        values = _read("resource", limits, f"{RESOURCE_PREFIX}{name}.")
+        if not values:
+            continue
+        found: dict[tuple[str, str], Limit] = {}
+        for scope, prefix in _SCOPE_PREFIX.items():
+            for kind in KINDS:
+                amount = values.pop(prefix + kind, None)
+                if amount is not None:
+                    found[kind, scope] = Limit(amount, values.pop(f"{prefix}{kind}_burst", None))
+        if not found:
+            _refuse(
+                f"resource {name!r} declares no limit (set resource.{name}.concurrency, "
+                "rpm, itpm, otpm or a tenant_ one)"
+            )
+        gates[name] = ResourceGate(name, found, **values)
     return gates
-
-
-def _gate(name: str, values: dict[str, Any]) -> ResourceGate:
-    found: dict[tuple[str, str], Limit] = {}
-    for scope, prefix in _SCOPE_PREFIX.items():
-        for kind in KINDS:
-            amount = values.pop(prefix + kind, None)
-            if amount is not None:
-                found[kind, scope] = Limit(amount, values.pop(f"{prefix}{kind}_burst", None))
-    if not found:
-        _refuse(
-            f"resource {name!r} declares no limit (set resource.{name}.concurrency, "
-            "rpm, itpm, otpm or a tenant_ one)"
-        )
-    return ResourceGate(name, found, **values)
