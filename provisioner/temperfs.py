@@ -31,17 +31,11 @@ _HOLDER = re.compile(r"held by (\S+)")
 QUOTA_BYTES = "104857600"
 _RECORD_TTL_MS = 24 * 3600 * 1000
 _JSON = "application/json"
-# Steps 2-5: (id prefix, file name, what, label, initial `$value`).
-_JSON_FILES: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
-    ("conv", "conversation.json", "File creation", "conversation", {"messages": []}),
-    (
-        "manifest",
-        "file_manifest.json",
-        "Manifest File creation",
-        "manifest",
-        {"files": {}, "synced_at_turn": 0},
-    ),
-)
+# Steps 2-7, a file and its `$value` each: (id prefix, file name, MIME type, what, label).
+_File = tuple[str, str, str, str, str]
+_CONVERSATION: _File = ("conv", "conversation.json", _JSON, "File creation", "conversation")
+_MANIFEST: _File = ("manifest", "file_manifest.json", _JSON, "Manifest File creation", "manifest")
+_SESSION: _File = ("session", "session.jsonl", "text/plain", "session file creation", "session")
 
 
 class _StepFailed(Exception):
@@ -167,18 +161,9 @@ class TemperFS:
             raise _StepFailed(f"parse {what} response: {error}") from None
         return parsed if isinstance(parsed, dict) else {}
 
-    def _write(self, file_id: str, content: bytes, content_type: str, label: str) -> bool:
-        """PUT a file's `$value`; a non-2xx only warns (a transport error is raised)."""
-        response = self._send("PUT", f"/Files('{_key(file_id)}')/$value", content, content_type)
-        if 200 <= response.status < 300:
-            return True
-        self._log(LogLevel.WARN, f"initial {label} $value write failed (HTTP {response.status})")
-        return False
-
-    def _file(
-        self, agent_id: str, prefix: str, workspace_id: str, name: str, mime: str, what: str
-    ) -> tuple[str, bool]:
+    def _file(self, agent_id: str, workspace_id: str, row: _File) -> tuple[str, bool]:
         """(file id, whether it already holds content)."""
+        prefix, name, mime, what, _ = row
         file_id = f"{prefix}-{agent_id}"
         body = {
             "Id": file_id,
@@ -190,6 +175,14 @@ class TemperFS:
         }
         answer = self._call("POST", "/Files", _compact(body), what)
         return _text(answer, "entity_id"), answer.get("status") == "Ready"
+
+    def _write(self, file_id: str, row: _File, content: bytes) -> bool:
+        """PUT a file's `$value`; a non-2xx only warns (a transport error is raised)."""
+        response = self._send("PUT", f"/Files('{_key(file_id)}')/$value", content, row[2])
+        if 200 <= response.status < 300:
+            return True
+        self._log(LogLevel.WARN, f"initial {row[4]} $value write failed (HTTP {response.status})")
+        return False
 
     def setup(self, agent_id: str, user_message: str) -> ConversationStorage:
         try:
@@ -211,11 +204,12 @@ class TemperFS:
         workspace_id = _text(answer, "entity_id")
         self._log(LogLevel.INFO, f"created workspace {workspace_id}")
         file_ids = []
-        for prefix, name, what, label, content in _JSON_FILES:
-            file_id, filled = self._file(agent_id, prefix, workspace_id, name, _JSON, what)
-            self._log(LogLevel.INFO, f"created {label} file {file_id}")
+        initial: tuple[Any, ...] = ({"messages": []}, {"files": {}, "synced_at_turn": 0})
+        for row, content in zip((_CONVERSATION, _MANIFEST), initial, strict=True):
+            file_id, filled = self._file(agent_id, workspace_id, row)
+            self._log(LogLevel.INFO, f"created {row[4]} file {file_id}")
             if not filled:
-                self._write(file_id, _compact(content), _JSON, label)
+                self._write(file_id, row, _compact(content))
             file_ids.append(file_id)
         session = self._session(agent_id, workspace_id, user_message)
         conversation_id, manifest_id = file_ids
@@ -224,14 +218,7 @@ class TemperFS:
     def _session(self, agent_id: str, workspace_id: str, user_message: str) -> tuple[str, str]:
         """Steps 6 and 7 (`create_session_tree`): never abort the setup."""
         try:
-            file_id, filled = self._file(
-                agent_id,
-                "session",
-                workspace_id,
-                "session.jsonl",
-                "text/plain",
-                "session file creation",
-            )
+            file_id, filled = self._file(agent_id, workspace_id, _SESSION)
         except _StepFailed as error:
             self._log(LogLevel.WARN, f"Failed to create session file: {error}")
             return "", ""
@@ -239,8 +226,7 @@ class TemperFS:
             return "", ""
         if not filled:
             try:
-                content = session_jsonl(agent_id, user_message)
-                if self._write(file_id, content, "text/plain", "session"):
+                if self._write(file_id, _SESSION, session_jsonl(agent_id, user_message)):
                     self._log(LogLevel.INFO, "session tree initialized")
             except HttpError as error:
                 self._log(LogLevel.WARN, f"Failed to write session file: {error}")
