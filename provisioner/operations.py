@@ -104,9 +104,6 @@ class Operations:
     def _e2b(self) -> E2BClient:
         return E2BClient(self.ports.http, self.settings)
 
-    def _idempotency_key(self, record: EntityRecord) -> str:
-        return idempotency_key(self.request.tenant, self.request.entity, record.nonce)
-
     def _progress(self, event: str, **fields: Any) -> None:
         request = self.request
         self.ports.telemetry.progress(
@@ -123,11 +120,8 @@ class Operations:
             record = EntityRecord(state=PENDING, nonce=nonce, since_ms=self.ports.clock.now_ms())
             with contextlib.suppress(StorageConflict):
                 return record, self.records.put(self.request.entity, record, None, ttl_ms)
-        raise ProvisionerError(
-            FailureCode.STORAGE_CONTENTION,
-            "the entity record kept changing; try again",
-            retryable=True,
-        )
+        message = "the entity record kept changing; try again"
+        raise ProvisionerError(FailureCode.STORAGE_CONTENTION, message, retryable=True)
 
     def _static_url(self) -> str:
         """The old module's order: the entity's field, the config's, the trigger param's."""
@@ -173,7 +167,8 @@ class Operations:
             self.waiter, self.settings.sandbox_timeout_s * 1000
         )
         if isinstance(decision, Grant):
-            grant, request, key = decision, self.request, self._idempotency_key(record)
+            grant, request = decision, self.request
+            key = idempotency_key(request.tenant, request.entity, record.nonce)
             metadata = {
                 "temper_tenant": request.tenant,
                 "temper_entity_type": request.entity_type,
@@ -187,7 +182,7 @@ class Operations:
                 failure = Failure(FailureCode.INTERNAL_ERROR, f"create failed: {error!r}", False)
                 self._settle(controller, grant, CreateFailed(failure))
                 raise
-            record = record.with_attempt(grant.attempt)
+            record = replace(record, attempts=max(record.attempts, grant.attempt))
             decision = self._settle(controller, grant, result)
             if isinstance(result, Created) and info is not None:
                 return self._record_ready(controller, record, version, info, grant.queued_ms)
@@ -263,7 +258,7 @@ class Operations:
         if record.state != READY:
             # A create may have succeeded unrecorded (a crash mid-create): find it by its
             # idempotency key, so no sandbox is orphaned.
-            key = self._idempotency_key(record)
+            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
             try:
                 doomed = client.find_by_metadata("temper_idempotency_key", key)
             except Exception as error:  # HttpError: the kill would fail too
