@@ -1,5 +1,5 @@
-"""The integration config: every key once in `KEYS` (type, bounds, aliases, meaning, field),
-read by `read_config`; a key's default is its field's default in the typed object. A bad
+"""The integration config: every key once in `KEYS` (type, bounds, aliases, field), read by
+`read_config`; a key's default is its field's default in the typed object. A bad
 value is `invalid_config` for every operation, before any state changes; the rules every
 key follows are in docs/gates.md ("Outside `gates/`").
 """
@@ -164,7 +164,6 @@ class Key:
     name: str
     section: Section
     type: Type
-    doc: str
     low: float = 1
     high: float = _DAY_S
     aliases: tuple[str, ...] = ()
@@ -251,87 +250,62 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
 
 
 def _resource_rows() -> Iterator[Key]:
-    what = {"rpm": "requests", "itpm": "input tokens", "otpm": "output tokens"}
-    for scope, prefix in _SCOPE_PREFIX.items():
-        whose = "across the account" if scope == ACCOUNT else "for one tenant"
-        yield Key(f"{prefix}concurrency", "resource", "int", f"permits held at once {whose}",
-                  high=1e6, at_most="concurrency" if prefix else None)  # fmt: skip
-        for kind, unit in what.items():
-            yield Key(f"{prefix}{kind}", "resource", "positive", f"{unit} per minute {whose}",
-                      high=1e9, at_most=kind if prefix else None)  # fmt: skip
-            yield Key(f"{prefix}{kind}_burst", "resource", "real",
-                      f"{unit} that may go back to back {whose} (none: one minute's worth)",
-                      high=1e9, requires=f"{prefix}{kind}")  # fmt: skip
+    for prefix in _SCOPE_PREFIX.values():
+        yield Key(f"{prefix}concurrency", "resource", "int", high=1e6,
+                  at_most="concurrency" if prefix else None)  # fmt: skip
+        for kind in RATE_KINDS:
+            yield Key(prefix + kind, "resource", "positive", high=1e9,
+                      at_most=kind if prefix else None)  # fmt: skip
+            yield Key(f"{prefix}{kind}_burst", "resource", "real", high=1e9,
+                      requires=prefix + kind)  # fmt: skip
 
 
+# What each key means, as users read it: docs/contract.md and docs/admission.md (their
+# tables and this one name the same keys and defaults: tests/guest/test_config_definition.py).
 KEYS: tuple[Key, ...] = (
-    Key("e2b_api_url", "sandbox", "text", "the E2B API base (the host's allow-list must agree)",
-        field="api_url", parse=_url, blank_ok=False),
-    Key("template_id", "sandbox", "text", "the E2B template", aliases=("e2b_template_id",),
-        parse=_template_id, blank_ok=False),
-    Key("sandbox_timeout_s", "sandbox", "int",
-        "the sandbox's E2B timeout; also its capacity lease", high=86_400),
-    Key("create_timeout_ms", "sandbox", "int", "how long one create request may take",
-        low=1_000, high=110_000),
-    Key("request_timeout_ms", "sandbox", "int", "list and kill requests", low=500, high=60_000),
-    Key("sandbox_url", "sandbox", "text", "static mode: answer SandboxReady with this URL, no "
-        "E2B (entity field first, then this, then the trigger param)", field="static_url",
-        parse=_static_url),
-    Key("temper_api_url", "sandbox", "text", "the TemperFS base for the conversation storage "
-        "(blank or an unresolved `{secret:` template: the default)", parse=_temper_url),
-    Key("temperfs", "sandbox", "text", "conversation storage: `auto` (when the config names "
-        "`temper_api_url`), `on`, `off`", parse=_choice("auto", "on", "off")),
-    Key("e2b_api_key_source", "sandbox", "text", "written by the host: where the E2B key it "
-        "attaches comes from (`config`, `host`), or `none`", field="api_key_source",
+    Key("e2b_api_url", "sandbox", "text", field="api_url", parse=_url, blank_ok=False),
+    Key("template_id", "sandbox", "text", aliases=("e2b_template_id",), parse=_template_id,
+        blank_ok=False),
+    Key("sandbox_timeout_s", "sandbox", "int", high=86_400),
+    Key("create_timeout_ms", "sandbox", "int", low=1_000, high=110_000),
+    Key("request_timeout_ms", "sandbox", "int", low=500, high=60_000),
+    Key("sandbox_url", "sandbox", "text", field="static_url", parse=_static_url),
+    Key("temper_api_url", "sandbox", "text", parse=_temper_url),
+    Key("temperfs", "sandbox", "text", parse=_choice("auto", "on", "off")),
+    # Written by the host (where the E2B key it attaches comes from); the key itself, the
+    # host takes out of the config.
+    Key("e2b_api_key_source", "sandbox", "text", field="api_key_source",
         parse=_choice("config", "host", "none")),
-    Key("e2b_api_key", "host", "text", "the E2B API key: the host takes it out of the config "
-        "(the host's `E2B_API_KEY` is the fallback)"),
-    Key("create_slots", "admission", "int", "concurrent E2B creates per account", high=1_000),
-    Key("create_rate_per_s", "admission", "positive",
-        "creates per second per account (E2B Hobby: 1/s, Pro: 5/s)", high=1_000),
-    Key("create_burst", "admission", "int",
-        "creates allowed back to back before the rate applies", high=1_000),
-    Key("max_sandboxes", "admission", "int",
-        "running sandboxes per account (E2B Hobby: 20, Pro: 100)", high=100_000),
-    Key("max_sandboxes_per_tenant", "admission", "int",
-        "running sandboxes per tenant (none: no per-tenant cap)", high=100_000, nullable=True,
+    Key("e2b_api_key", "host", "text"),
+    Key("create_slots", "admission", "int", high=1_000),
+    Key("create_rate_per_s", "admission", "positive", high=1_000),
+    Key("create_burst", "admission", "int", high=1_000),
+    Key("max_sandboxes", "admission", "int", high=100_000),
+    Key("max_sandboxes_per_tenant", "admission", "int", high=100_000, nullable=True,
         at_most="max_sandboxes"),
-    Key("queue_timeout_s", "admission", "duration", "longest a waiter may queue",
+    Key("queue_timeout_s", "admission", "duration",
         aliases=("queue_timeout_ms", "queue_timeout_seconds"), field="queue_timeout_ms"),
-    Key("waiter_ttl_s", "admission", "duration", "a waiter that stops asking drops out this "
-        "long after its last poll is due", aliases=("waiter_ttl_ms",), field="waiter_ttl_ms"),
-    Key("create_lease_s", "admission", "duration", "a create slot's lease: longer than an "
-        "invocation (120 s) can live", aliases=("create_lease_ms",), field="create_lease_ms"),
-    Key("backoff_base_ms", "admission", "duration", "shared exponential backoff (full "
-        "jitter): its base", at_most="backoff_cap_ms"),
-    Key("backoff_cap_ms", "admission", "duration", "shared exponential backoff: its cap"),
-    Key("retry_budget", "admission", "real", "retry tokens the account may bank", low=0,
-        high=1e6),
-    Key("retry_ratio", "admission", "real", "tokens earned by each first-attempt create",
-        low=0, high=100),
-    Key("retry_refill_per_s", "admission", "real", "tokens earned per second regardless",
-        low=0, high=1e4),
-    Key("max_create_attempts", "admission", "int",
-        "creates per waiter before retry_budget_exhausted", high=1_000),
-    Key("capacity_grow_after", "admission", "int",
-        "successes in a row before a shrunk capacity grows by one", high=1e6),
-    Key("poll_min_ms", "admission", "duration", "the shortest retry_after_ms a waiter is given",
-        at_most="poll_max_ms"),
-    Key("poll_max_ms", "admission", "duration", "the longest retry_after_ms a waiter is given"),
-    Key("create_latency_ms", "admission", "duration",
-        "create latency assumed until one has been observed (ETAs)"),
-    Key("reservation_claim_ms", "admission", "duration", "how long a permit reserved for a "
-        "waiter stays its own once claimable; then it passes to the next waiter"),
-    Key("cas_retries", "admission", "int", "compare-and-swap attempts per decision",
-        high=1_000),
+    Key("waiter_ttl_s", "admission", "duration", aliases=("waiter_ttl_ms",),
+        field="waiter_ttl_ms"),
+    Key("create_lease_s", "admission", "duration", aliases=("create_lease_ms",),
+        field="create_lease_ms"),
+    Key("backoff_base_ms", "admission", "duration", at_most="backoff_cap_ms"),
+    Key("backoff_cap_ms", "admission", "duration"),
+    Key("retry_budget", "admission", "real", low=0, high=1e6),
+    Key("retry_ratio", "admission", "real", low=0, high=100),
+    Key("retry_refill_per_s", "admission", "real", low=0, high=1e4),
+    Key("max_create_attempts", "admission", "int", high=1_000),
+    Key("capacity_grow_after", "admission", "int", high=1e6),
+    Key("poll_min_ms", "admission", "duration", at_most="poll_max_ms"),
+    Key("poll_max_ms", "admission", "duration"),
+    Key("create_latency_ms", "admission", "duration"),
+    Key("reservation_claim_ms", "admission", "duration"),
+    Key("cas_retries", "admission", "int", high=1_000),
     *_resource_rows(),
-    Key("lease_s", "resource", "duration", "a permit's lease: a holder that neither settles, "
-        "releases nor asks again loses it after this long", aliases=("lease_ms",),
-        field="lease_ms"),
-    Key("queue_timeout_s", "resource", "duration", "longest a waiter may queue at this gate "
-        "(none: the admission key's)", aliases=("queue_timeout_ms",), field="queue_timeout_ms"),
-    Key("stall_timeout_s", "resource", "duration", "longest a waiter may queue while the gate "
-        "grants no one (a stuck gate)", aliases=("stall_timeout_ms",),
+    Key("lease_s", "resource", "duration", aliases=("lease_ms",), field="lease_ms"),
+    Key("queue_timeout_s", "resource", "duration", aliases=("queue_timeout_ms",),
+        field="queue_timeout_ms"),
+    Key("stall_timeout_s", "resource", "duration", aliases=("stall_timeout_ms",),
         field="stall_timeout_ms"),
 )  # fmt: skip
 
