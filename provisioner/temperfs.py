@@ -22,6 +22,7 @@ from provisioner.ports import (
     LogLevel,
     Ports,
     Scope,
+    Storage,
     StorageError,
 )
 
@@ -92,36 +93,31 @@ def _text(answer: dict[str, Any], name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-class ConversationRecords:
-    """The five ids once made, under the tenant scope, keyed by entity and base."""
+def conversation_key(entity: str) -> str:
+    return "temperfs/" + quote(entity, safe="")
 
-    def __init__(self, ports: Ports) -> None:
-        self._storage = ports.storage
 
-    @staticmethod
-    def key(entity: str) -> str:
-        return "temperfs/" + quote(entity, safe="")
-
-    def load(self, entity: str, base_url: str) -> ConversationStorage | None:
-        entry = self._storage.get(Scope.TENANT, self.key(entity))
-        if entry is None:
+def _stored_ids(storage: Storage, entity: str, base_url: str) -> ConversationStorage | None:
+    """The five ids once made (under the tenant scope), if made at `base_url`."""
+    entry = storage.get(Scope.TENANT, conversation_key(entity))
+    if entry is None:
+        return None
+    try:
+        data = json.loads(entry.value.decode())
+        if data.get("base_url") != base_url:
             return None
-        try:
-            data = json.loads(entry.value.decode())
-            if data.get("base_url") != base_url:
-                return None
-            found = ConversationStorage(**{k: str(data[k]) for k in NONE.params()})
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-        return found if found.complete else None
+        found = ConversationStorage(**{k: str(data[k]) for k in NONE.params()})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return found if found.complete else None
 
-    def store(self, entity: str, base_url: str, made: ConversationStorage) -> None:
-        value = json.dumps({"base_url": base_url, **made.params()}).encode()
-        entry = self._storage.get(Scope.TENANT, self.key(entity))
-        version = None if entry is None else entry.version
-        self._storage.compare_and_swap(
-            Scope.TENANT, self.key(entity), version, value, _RECORD_TTL_MS
-        )
+
+def _store_ids(storage: Storage, entity: str, base_url: str, made: ConversationStorage) -> None:
+    key = conversation_key(entity)
+    entry = storage.get(Scope.TENANT, key)
+    version = None if entry is None else entry.version
+    value = json.dumps({"base_url": base_url, **made.params()}).encode()
+    storage.compare_and_swap(Scope.TENANT, key, version, value, _RECORD_TTL_MS)
 
 
 class TemperFS:
@@ -131,7 +127,7 @@ class TemperFS:
         self._headers = (("x-tenant-id", tenant), ("x-temper-principal-kind", "admin"))
         self._timeout_ms = timeout_ms
 
-    def _log(self, level: LogLevel, message: str) -> None:
+    def log(self, level: LogLevel, message: str) -> None:
         self._ports.telemetry.log(level, f"sandbox_provisioner: {message}")
 
     def _send(self, method: str, path: str, body: bytes, content_type: str) -> HttpResponse:
@@ -150,7 +146,7 @@ class TemperFS:
             if holder is not None:
                 holder_id = _key(holder.group(1).rstrip("'\".,}"))
                 found = self._call("GET", f"{path}('{holder_id}')", b"", f"{what} lookup")
-                self._log(LogLevel.INFO, f"{what}: using the existing {found.get('entity_id')}")
+                self.log(LogLevel.INFO, f"{what}: using the existing {found.get('entity_id')}")
                 return found
         if not 200 <= response.status < 300:
             excerpt = response.body[:300].decode("utf-8", "replace")
@@ -181,14 +177,14 @@ class TemperFS:
         response = self._send("PUT", f"/Files('{_key(file_id)}')/$value", content, row[2])
         if 200 <= response.status < 300:
             return True
-        self._log(LogLevel.WARN, f"initial {row[4]} $value write failed (HTTP {response.status})")
+        self.log(LogLevel.WARN, f"initial {row[4]} $value write failed (HTTP {response.status})")
         return False
 
     def setup(self, agent_id: str, user_message: str) -> ConversationStorage:
         try:
             return self._setup(agent_id, user_message)
         except (_StepFailed, HttpError) as error:
-            self._log(LogLevel.WARN, f"TemperFS setup failed: {error}, falling back to inline")
+            self.log(LogLevel.WARN, f"TemperFS setup failed: {error}, falling back to inline")
             return NONE
 
     def _setup(self, agent_id: str, user_message: str) -> ConversationStorage:
@@ -202,12 +198,12 @@ class TemperFS:
         }
         answer = self._call("POST", "/Workspaces", _compact(workspace), "Workspace creation")
         workspace_id = _text(answer, "entity_id")
-        self._log(LogLevel.INFO, f"created workspace {workspace_id}")
+        self.log(LogLevel.INFO, f"created workspace {workspace_id}")
         file_ids = []
         initial: tuple[Any, ...] = ({"messages": []}, {"files": {}, "synced_at_turn": 0})
         for row, content in zip((_CONVERSATION, _MANIFEST), initial, strict=True):
             file_id, filled = self._file(agent_id, workspace_id, row)
-            self._log(LogLevel.INFO, f"created {row[4]} file {file_id}")
+            self.log(LogLevel.INFO, f"created {row[4]} file {file_id}")
             if not filled:
                 self._write(file_id, row, _compact(content))
             file_ids.append(file_id)
@@ -220,16 +216,16 @@ class TemperFS:
         try:
             file_id, filled = self._file(agent_id, workspace_id, _SESSION)
         except _StepFailed as error:
-            self._log(LogLevel.WARN, f"Failed to create session file: {error}")
+            self.log(LogLevel.WARN, f"Failed to create session file: {error}")
             return "", ""
         if not file_id:
             return "", ""
         if not filled:
             try:
                 if self._write(file_id, _SESSION, session_jsonl(agent_id, user_message)):
-                    self._log(LogLevel.INFO, "session tree initialized")
+                    self.log(LogLevel.INFO, "session tree initialized")
             except HttpError as error:
-                self._log(LogLevel.WARN, f"Failed to write session file: {error}")
+                self.log(LogLevel.WARN, f"Failed to write session file: {error}")
         return file_id, f"u-{agent_id}-0"
 
 
@@ -237,9 +233,9 @@ def conversation_storage(
     ports: Ports, settings: SandboxSettings, request: Request
 ) -> ConversationStorage:
     """The entity's conversation storage: the stored ids, or a (re)run of the setup."""
-    records, base_url = ConversationRecords(ports), settings.temper_api_url
+    base_url = settings.temper_api_url
     try:
-        known = records.load(request.entity, base_url)
+        known = _stored_ids(ports.storage, request.entity, base_url)
     except StorageError:
         known = None
     if known is not None:
@@ -251,10 +247,8 @@ def conversation_storage(
     made = temperfs.setup(agent_id, request.field_text("user_message"))
     if made.complete:
         try:
-            records.store(request.entity, base_url, made)
+            _store_ids(ports.storage, request.entity, base_url, made)
         except StorageError as error:
             # Not fatal: a repeat finds the same entities through get-or-create.
-            ports.telemetry.log(
-                LogLevel.WARN, f"sandbox_provisioner: could not store the ids: {error}"
-            )
+            temperfs.log(LogLevel.WARN, f"could not store the ids: {error}")
     return made
