@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, TypeVar
 
 from provisioner.failures import FailureCode
-from provisioner.model import UNRESOLVED_SECRET, ProvisionerError
+from provisioner.model import ProvisionerError, unresolved
 
 # The old module's TemperFS base when `temper_api_url` is blank or an unresolved template.
 DEFAULT_TEMPER_API_URL = "http://127.0.0.1:3000"
@@ -225,11 +225,11 @@ def _url(key: str, raw: str) -> str:
 
 
 def _temper_url(key: str, raw: str) -> str:
-    return DEFAULT_TEMPER_API_URL if UNRESOLVED_SECRET in raw else _url(key, raw)
+    return DEFAULT_TEMPER_API_URL if unresolved(raw) else _url(key, raw)
 
 
 def _static_url(key: str, raw: str) -> str:
-    return "" if UNRESOLVED_SECRET in raw else raw.strip()
+    return "" if unresolved(raw) else raw.strip()
 
 
 def _template_id(key: str, raw: str) -> str:
