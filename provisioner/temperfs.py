@@ -182,34 +182,31 @@ class TemperFS:
 
     def setup(self, agent_id: str, user_message: str) -> ConversationStorage:
         try:
-            return self._setup(agent_id, user_message)
+            key = f"agent-{agent_id}"
+            workspace = {
+                "Id": key,
+                "WorkspaceId": key,
+                "name": f"Agent {agent_id} Workspace",
+                "owner_id": agent_id,
+                "quota_bytes": QUOTA_BYTES,
+            }
+            answer = self._call("POST", "/Workspaces", _compact(workspace), "Workspace creation")
+            workspace_id = _text(answer, "entity_id")
+            self.log(LogLevel.INFO, f"created workspace {workspace_id}")
+            file_ids = []
+            initial: tuple[Any, ...] = ({"messages": []}, {"files": {}, "synced_at_turn": 0})
+            for row, content in zip((_CONVERSATION, _MANIFEST), initial, strict=True):
+                file_id, filled = self._file(agent_id, workspace_id, row)
+                self.log(LogLevel.INFO, f"created {row[4]} file {file_id}")
+                if not filled:
+                    self._write(file_id, row, _compact(content))
+                file_ids.append(file_id)
+            session = self._session(agent_id, workspace_id, user_message)
+            conversation_id, manifest_id = file_ids
+            return ConversationStorage(workspace_id, conversation_id, manifest_id, *session)
         except (_StepFailed, HttpError) as error:
             self.log(LogLevel.WARN, f"TemperFS setup failed: {error}, falling back to inline")
             return NONE
-
-    def _setup(self, agent_id: str, user_message: str) -> ConversationStorage:
-        key = f"agent-{agent_id}"
-        workspace = {
-            "Id": key,
-            "WorkspaceId": key,
-            "name": f"Agent {agent_id} Workspace",
-            "owner_id": agent_id,
-            "quota_bytes": QUOTA_BYTES,
-        }
-        answer = self._call("POST", "/Workspaces", _compact(workspace), "Workspace creation")
-        workspace_id = _text(answer, "entity_id")
-        self.log(LogLevel.INFO, f"created workspace {workspace_id}")
-        file_ids = []
-        initial: tuple[Any, ...] = ({"messages": []}, {"files": {}, "synced_at_turn": 0})
-        for row, content in zip((_CONVERSATION, _MANIFEST), initial, strict=True):
-            file_id, filled = self._file(agent_id, workspace_id, row)
-            self.log(LogLevel.INFO, f"created {row[4]} file {file_id}")
-            if not filled:
-                self._write(file_id, row, _compact(content))
-            file_ids.append(file_id)
-        session = self._session(agent_id, workspace_id, user_message)
-        conversation_id, manifest_id = file_ids
-        return ConversationStorage(workspace_id, conversation_id, manifest_id, *session)
 
     def _session(self, agent_id: str, workspace_id: str, user_message: str) -> tuple[str, str]:
         """Steps 6 and 7 (`create_session_tree`): never abort the setup."""
