@@ -167,7 +167,7 @@ class Key:
     low: float = 1
     high: float = _DAY_S
     aliases: tuple[str, ...] = ()
-    field: str = ""  # the typed object's field; the name when not given
+    field: str = ""  # the typed object's field; the name (in ms) when not given
     parse: Callable[[str, str], Any] | None = None
     blank_ok: bool = True
     nullable: bool = False
@@ -175,8 +175,12 @@ class Key:
     requires: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.field:
-            object.__setattr__(self, "field", self.name)
+        field = self.field or self.name
+        if self.type == "duration" and self.name.endswith("_s"):
+            # Named in seconds: also spelled, and always held, in milliseconds.
+            field = self.field or self.name[:-2] + "_ms"
+            object.__setattr__(self, "aliases", (field, *self.aliases))
+        object.__setattr__(self, "field", field)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -283,12 +287,9 @@ KEYS: tuple[Key, ...] = (
     Key("max_sandboxes", "admission", "int", high=100_000),
     Key("max_sandboxes_per_tenant", "admission", "int", high=100_000, nullable=True,
         at_most="max_sandboxes"),
-    Key("queue_timeout_s", "admission", "duration",
-        aliases=("queue_timeout_ms", "queue_timeout_seconds"), field="queue_timeout_ms"),
-    Key("waiter_ttl_s", "admission", "duration", aliases=("waiter_ttl_ms",),
-        field="waiter_ttl_ms"),
-    Key("create_lease_s", "admission", "duration", aliases=("create_lease_ms",),
-        field="create_lease_ms"),
+    Key("queue_timeout_s", "admission", "duration", aliases=("queue_timeout_seconds",)),
+    Key("waiter_ttl_s", "admission", "duration"),
+    Key("create_lease_s", "admission", "duration"),
     Key("backoff_base_ms", "admission", "duration", at_most="backoff_cap_ms"),
     Key("backoff_cap_ms", "admission", "duration"),
     Key("retry_budget", "admission", "real", low=0, high=1e6),
@@ -302,11 +303,9 @@ KEYS: tuple[Key, ...] = (
     Key("reservation_claim_ms", "admission", "duration"),
     Key("cas_retries", "admission", "int", high=1_000),
     *_resource_rows(),
-    Key("lease_s", "resource", "duration", aliases=("lease_ms",), field="lease_ms"),
-    Key("queue_timeout_s", "resource", "duration", aliases=("queue_timeout_ms",),
-        field="queue_timeout_ms"),
-    Key("stall_timeout_s", "resource", "duration", aliases=("stall_timeout_ms",),
-        field="stall_timeout_ms"),
+    Key("lease_s", "resource", "duration"),
+    Key("queue_timeout_s", "resource", "duration"),
+    Key("stall_timeout_s", "resource", "duration"),
 )  # fmt: skip
 
 KEYS_BY_NAME: dict[str, Key] = {
