@@ -1,5 +1,5 @@
-"""The integration config: every key once in `KEYS` (type, bounds, aliases, meaning, field),
-read by `read_config`; a key's default is its field's default in the typed object. A bad
+"""The integration config: every key once in `KEYS` (type, bounds, aliases, field), read by
+`read_config`; a key's default is its field's default in the typed object. A bad
 value is `invalid_config` for every operation, before any state changes; the rules every
 key follows are in docs/gates.md ("Outside `gates/`").
 """
@@ -11,11 +11,10 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal, NoReturn, TypeVar
 
 from provisioner.failures import FailureCode
-from provisioner.model import UNRESOLVED_SECRET, ProvisionerError
+from provisioner.model import ProvisionerError, unresolved
 
 # The old module's TemperFS base when `temper_api_url` is blank or an unresolved template.
 DEFAULT_TEMPER_API_URL = "http://127.0.0.1:3000"
@@ -77,10 +76,7 @@ class AdmissionConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> AdmissionConfig:
-        values = _read("admission", config)
-        built = _sparse(cls, values)
-        _check_relations("admission", values, partial(getattr, built))
-        return built
+        return _sparse(cls, _read("admission", config))
 
 
 # Resource gates: a limit per (kind, scope); rates are per minute.
@@ -168,11 +164,10 @@ class Key:
     name: str
     section: Section
     type: Type
-    doc: str
     low: float = 1
     high: float = _DAY_S
     aliases: tuple[str, ...] = ()
-    field: str = ""  # the typed object's field; the name when not given
+    field: str = ""  # the typed object's field; the name (in ms) when not given
     parse: Callable[[str, str], Any] | None = None
     blank_ok: bool = True
     nullable: bool = False
@@ -180,8 +175,12 @@ class Key:
     requires: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.field:
-            object.__setattr__(self, "field", self.name)
+        field = self.field or self.name
+        if self.type == "duration" and self.name.endswith("_s"):
+            # Named in seconds: also spelled, and always held, in milliseconds.
+            field = self.field or self.name[:-2] + "_ms"
+            object.__setattr__(self, "aliases", (field, *self.aliases))
+        object.__setattr__(self, "field", field)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -189,8 +188,7 @@ class Key:
 
     @property
     def default(self) -> Any:
-        owner = {"sandbox": SandboxSettings, "admission": AdmissionConfig}.get(self.section)
-        return getattr(owner or ResourceGate, self.field, None)
+        return getattr(_OWNERS.get(self.section), self.field, None)
 
     def read(self, key: str, raw: str) -> Any:
         """`raw` spelled as `key` (a name or alias, with any prefix); the cheap checks first."""
@@ -203,28 +201,23 @@ class Key:
             value = float(text)
         except ValueError:
             _refuse(f"{key} must be a number, got {raw[:40]!r}")
-        if self.type == "duration":
-            if not key.endswith("_ms"):
-                if 0 < value <= self.high:
-                    return max(1, round(value * 1000))
-            elif 0 < value <= self.high * 1000 and value.is_integer():
-                return int(value)
-        elif (value > 0 if self.type == "positive" else value >= self.low) and value <= self.high:
-            if self.type != "int":
+        millis = self.type == "duration" and key.endswith("_ms")
+        whole = self.type == "int" or millis
+        high = self.high * 1000 if millis else self.high
+        above_zero = self.type in ("positive", "duration")
+        if (value > 0 if above_zero else value >= self.low) and value <= high:
+            if self.type == "duration" and not millis:
+                return max(1, round(value * 1000))  # seconds, kept in milliseconds
+            if not whole:
                 return value
             if value.is_integer():
                 return int(value)
-        self._refuse_value(key, raw, value)
-
-    def _refuse_value(self, key: str, raw: str, value: float) -> NoReturn:
         got = f", got {raw[:40]!r}"
         if not math.isfinite(value):
             _refuse(f"{key} must be a finite number{got}")
-        millis = self.type == "duration" and key.endswith("_ms")
-        if (self.type == "int" or millis) and not value.is_integer():
+        if whole and not value.is_integer():
             _refuse(f"{key} must be an integer{got}")
-        high = self.high * 1000 if millis else self.high
-        low = "above 0" if self.type in ("positive", "duration") else f"at least {_show(self.low)}"
+        low = "above 0" if above_zero else f"at least {_show(self.low)}"
         _refuse(f"{key} must be {low} and at most {_show(high)}{got}")
 
 
@@ -236,11 +229,11 @@ def _url(key: str, raw: str) -> str:
 
 
 def _temper_url(key: str, raw: str) -> str:
-    return DEFAULT_TEMPER_API_URL if UNRESOLVED_SECRET in raw else _url(key, raw)
+    return DEFAULT_TEMPER_API_URL if unresolved(raw) else _url(key, raw)
 
 
 def _static_url(key: str, raw: str) -> str:
-    return "" if UNRESOLVED_SECRET in raw else raw.strip()
+    return "" if unresolved(raw) else raw.strip()
 
 
 def _template_id(key: str, raw: str) -> str:
@@ -261,104 +254,75 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
 
 
 def _resource_rows() -> Iterator[Key]:
-    what = {"rpm": "requests", "itpm": "input tokens", "otpm": "output tokens"}
-    for scope, prefix in _SCOPE_PREFIX.items():
-        whose = "across the account" if scope == ACCOUNT else "for one tenant"
-        yield Key(f"{prefix}concurrency", "resource", "int", f"permits held at once {whose}",
-                  high=1e6, at_most="concurrency" if prefix else None)  # fmt: skip
-        for kind, unit in what.items():
-            yield Key(f"{prefix}{kind}", "resource", "positive", f"{unit} per minute {whose}",
-                      high=1e9, at_most=kind if prefix else None)  # fmt: skip
-            yield Key(f"{prefix}{kind}_burst", "resource", "real",
-                      f"{unit} that may go back to back {whose} (none: one minute's worth)",
-                      high=1e9, requires=f"{prefix}{kind}")  # fmt: skip
+    for prefix in _SCOPE_PREFIX.values():
+        yield Key(f"{prefix}concurrency", "resource", "int", high=1e6,
+                  at_most="concurrency" if prefix else None)  # fmt: skip
+        for kind in RATE_KINDS:
+            yield Key(prefix + kind, "resource", "positive", high=1e9,
+                      at_most=kind if prefix else None)  # fmt: skip
+            yield Key(f"{prefix}{kind}_burst", "resource", "real", high=1e9,
+                      requires=prefix + kind)  # fmt: skip
 
 
+# What each key means, as users read it: docs/contract.md and docs/admission.md (their
+# tables and this one name the same keys and defaults: tests/guest/test_config_definition.py).
 KEYS: tuple[Key, ...] = (
-    Key("e2b_api_url", "sandbox", "text", "the E2B API base (the host's allow-list must agree)",
-        field="api_url", parse=_url, blank_ok=False),
-    Key("template_id", "sandbox", "text", "the E2B template", aliases=("e2b_template_id",),
-        parse=_template_id, blank_ok=False),
-    Key("sandbox_timeout_s", "sandbox", "int",
-        "the sandbox's E2B timeout; also its capacity lease", high=86_400),
-    Key("create_timeout_ms", "sandbox", "int", "how long one create request may take",
-        low=1_000, high=110_000),
-    Key("request_timeout_ms", "sandbox", "int", "list and kill requests", low=500, high=60_000),
-    Key("sandbox_url", "sandbox", "text", "static mode: answer SandboxReady with this URL, no "
-        "E2B (entity field first, then this, then the trigger param)", field="static_url",
-        parse=_static_url),
-    Key("temper_api_url", "sandbox", "text", "the TemperFS base for the conversation storage "
-        "(blank or an unresolved `{secret:` template: the default)", parse=_temper_url),
-    Key("temperfs", "sandbox", "text", "conversation storage: `auto` (when the config names "
-        "`temper_api_url`), `on`, `off`", parse=_choice("auto", "on", "off")),
-    Key("e2b_api_key_source", "sandbox", "text", "written by the host: where the E2B key it "
-        "attaches comes from (`config`, `host`), or `none`", field="api_key_source",
+    Key("e2b_api_url", "sandbox", "text", field="api_url", parse=_url, blank_ok=False),
+    Key("template_id", "sandbox", "text", aliases=("e2b_template_id",), parse=_template_id,
+        blank_ok=False),
+    Key("sandbox_timeout_s", "sandbox", "int", high=86_400),
+    Key("create_timeout_ms", "sandbox", "int", low=1_000, high=110_000),
+    Key("request_timeout_ms", "sandbox", "int", low=500, high=60_000),
+    Key("sandbox_url", "sandbox", "text", field="static_url", parse=_static_url),
+    Key("temper_api_url", "sandbox", "text", parse=_temper_url),
+    Key("temperfs", "sandbox", "text", parse=_choice("auto", "on", "off")),
+    # Written by the host (where the E2B key it attaches comes from); the key itself, the
+    # host takes out of the config.
+    Key("e2b_api_key_source", "sandbox", "text", field="api_key_source",
         parse=_choice("config", "host", "none")),
-    Key("e2b_api_key", "host", "text", "the E2B API key: the host takes it out of the config "
-        "(the host's `E2B_API_KEY` is the fallback)"),
-    Key("create_slots", "admission", "int", "concurrent E2B creates per account", high=1_000),
-    Key("create_rate_per_s", "admission", "positive",
-        "creates per second per account (E2B Hobby: 1/s, Pro: 5/s)", high=1_000),
-    Key("create_burst", "admission", "int",
-        "creates allowed back to back before the rate applies", high=1_000),
-    Key("max_sandboxes", "admission", "int",
-        "running sandboxes per account (E2B Hobby: 20, Pro: 100)", high=100_000),
-    Key("max_sandboxes_per_tenant", "admission", "int",
-        "running sandboxes per tenant (none: no per-tenant cap)", high=100_000, nullable=True,
+    Key("e2b_api_key", "host", "text"),
+    Key("create_slots", "admission", "int", high=1_000),
+    Key("create_rate_per_s", "admission", "positive", high=1_000),
+    Key("create_burst", "admission", "int", high=1_000),
+    Key("max_sandboxes", "admission", "int", high=100_000),
+    Key("max_sandboxes_per_tenant", "admission", "int", high=100_000, nullable=True,
         at_most="max_sandboxes"),
-    Key("queue_timeout_s", "admission", "duration", "longest a waiter may queue",
-        aliases=("queue_timeout_ms", "queue_timeout_seconds"), field="queue_timeout_ms"),
-    Key("waiter_ttl_s", "admission", "duration", "a waiter that stops asking drops out this "
-        "long after its last poll is due", aliases=("waiter_ttl_ms",), field="waiter_ttl_ms"),
-    Key("create_lease_s", "admission", "duration", "a create slot's lease: longer than an "
-        "invocation (120 s) can live", aliases=("create_lease_ms",), field="create_lease_ms"),
-    Key("backoff_base_ms", "admission", "duration", "shared exponential backoff (full "
-        "jitter): its base", at_most="backoff_cap_ms"),
-    Key("backoff_cap_ms", "admission", "duration", "shared exponential backoff: its cap"),
-    Key("retry_budget", "admission", "real", "retry tokens the account may bank", low=0,
-        high=1e6),
-    Key("retry_ratio", "admission", "real", "tokens earned by each first-attempt create",
-        low=0, high=100),
-    Key("retry_refill_per_s", "admission", "real", "tokens earned per second regardless",
-        low=0, high=1e4),
-    Key("max_create_attempts", "admission", "int",
-        "creates per waiter before retry_budget_exhausted", high=1_000),
-    Key("capacity_grow_after", "admission", "int",
-        "successes in a row before a shrunk capacity grows by one", high=1e6),
-    Key("poll_min_ms", "admission", "duration", "the shortest retry_after_ms a waiter is given",
-        at_most="poll_max_ms"),
-    Key("poll_max_ms", "admission", "duration", "the longest retry_after_ms a waiter is given"),
-    Key("create_latency_ms", "admission", "duration",
-        "create latency assumed until one has been observed (ETAs)"),
-    Key("reservation_claim_ms", "admission", "duration", "how long a permit reserved for a "
-        "waiter stays its own once claimable; then it passes to the next waiter"),
-    Key("cas_retries", "admission", "int", "compare-and-swap attempts per decision",
-        high=1_000),
+    Key("queue_timeout_s", "admission", "duration", aliases=("queue_timeout_seconds",)),
+    Key("waiter_ttl_s", "admission", "duration"),
+    Key("create_lease_s", "admission", "duration"),
+    Key("backoff_base_ms", "admission", "duration", at_most="backoff_cap_ms"),
+    Key("backoff_cap_ms", "admission", "duration"),
+    Key("retry_budget", "admission", "real", low=0, high=1e6),
+    Key("retry_ratio", "admission", "real", low=0, high=100),
+    Key("retry_refill_per_s", "admission", "real", low=0, high=1e4),
+    Key("max_create_attempts", "admission", "int", high=1_000),
+    Key("capacity_grow_after", "admission", "int", high=1e6),
+    Key("poll_min_ms", "admission", "duration", at_most="poll_max_ms"),
+    Key("poll_max_ms", "admission", "duration"),
+    Key("create_latency_ms", "admission", "duration"),
+    Key("reservation_claim_ms", "admission", "duration"),
+    Key("cas_retries", "admission", "int", high=1_000),
     *_resource_rows(),
-    Key("lease_s", "resource", "duration", "a permit's lease: a holder that neither settles, "
-        "releases nor asks again loses it after this long", aliases=("lease_ms",),
-        field="lease_ms"),
-    Key("queue_timeout_s", "resource", "duration", "longest a waiter may queue at this gate "
-        "(none: the admission key's)", aliases=("queue_timeout_ms",), field="queue_timeout_ms"),
-    Key("stall_timeout_s", "resource", "duration", "longest a waiter may queue while the gate "
-        "grants no one (a stuck gate)", aliases=("stall_timeout_ms",),
-        field="stall_timeout_ms"),
+    Key("lease_s", "resource", "duration"),
+    Key("queue_timeout_s", "resource", "duration"),
+    Key("stall_timeout_s", "resource", "duration"),
 )  # fmt: skip
 
 KEYS_BY_NAME: dict[str, Key] = {
     name: row for row in KEYS if row.section != "resource" for name in row.names
 }
-_READ_SECTIONS = ("sandbox", "admission", "resource")
-# Per section: each spelling's row and its place in the table (precedence, which bad key is
+_OWNERS: dict[str, type] = {
+    "sandbox": SandboxSettings, "admission": AdmissionConfig, "resource": ResourceGate
+}  # fmt: skip
+# Per section: each spelling's row, in the table's order (precedence, which bad key is
 # reported first), and the rows that name another key.
 _ROWS = {
     section: {name: row for row in KEYS if row.section == section for name in row.names}
-    for section in _READ_SECTIONS
+    for section in _OWNERS
 }
-_PLACES = {section: {name: place for place, name in enumerate(_ROWS[section])} for section in _ROWS}
 _RELATED = {
     section: tuple(row for row in KEYS if row.section == section and (row.at_most or row.requires))
-    for section in _READ_SECTIONS
+    for section in _OWNERS
 }
 _LIMITS = _ROWS["resource"]
 
@@ -375,29 +339,27 @@ def _sparse(cls: type[_T], values: dict[str, Any]) -> _T:
 
 def _read(section: str, config: Mapping[str, str], prefix: str = "") -> dict[str, Any]:
     """The fields `config` sets in `section`; every spelling present is validated."""
-    rows, places = _ROWS[section], _PLACES[section]
-    present = [name for name in config if name in places]
-    present.sort(key=places.__getitem__)
     values: dict[str, Any] = {}
-    for name in present:
-        row, raw = rows[name], str(config[name])
-        if row.blank_ok and not raw.strip():
+    for name, row in _ROWS[section].items():
+        raw = config.get(name)
+        if raw is None or (row.blank_ok and not str(raw).strip()):
             continue
-        values.setdefault(row.field, row.read(prefix + name, raw))
+        values.setdefault(row.field, row.read(prefix + name, str(raw)))
+    _check_relations(section, values, prefix)
     return values
 
 
-def _check_relations(
-    section: str, values: dict[str, Any], get: Callable[[str], Any], prefix: str = ""
-) -> None:
+def _check_relations(section: str, values: dict[str, Any], prefix: str) -> None:
+    owner = _OWNERS[section]
     for row in _RELATED[section]:
         if row.field not in values and row.at_most not in values:
             continue
         if row.at_most is not None:
-            value, bound = get(row.field), get(row.at_most)
+            value = values.get(row.field, getattr(owner, row.field, None))
+            bound = values.get(row.at_most, getattr(owner, row.at_most, None))
             if value is not None and bound is not None and value > bound:
                 _refuse(f"{prefix}{row.name} must not exceed {prefix}{row.at_most}")
-        if row.requires is not None and get(row.requires) is None:
+        if row.requires is not None and values.get(row.requires) is None:
             _refuse(f"{prefix}{row.name} is set without {prefix}{row.requires}")
 
 
@@ -446,24 +408,19 @@ def read_resources(config: Mapping[str, str]) -> dict[str, ResourceGate]:
         declared.setdefault(name, {})[limit] = raw
     gates: dict[str, ResourceGate] = {}
     for name, limits in sorted(declared.items()):
-        prefix = f"{RESOURCE_PREFIX}{name}."
-        values = _read("resource", limits, prefix)
-        if values:
-            _check_relations("resource", values, values.get, prefix)
-            gates[name] = _gate(name, values)
+        values = _read("resource", limits, f"{RESOURCE_PREFIX}{name}.")
+        if not values:
+            continue
+        found: dict[tuple[str, str], Limit] = {}
+        for scope, prefix in _SCOPE_PREFIX.items():
+            for kind in KINDS:
+                amount = values.pop(prefix + kind, None)
+                if amount is not None:
+                    found[kind, scope] = Limit(amount, values.pop(f"{prefix}{kind}_burst", None))
+        if not found:
+            _refuse(
+                f"resource {name!r} declares no limit (set resource.{name}.concurrency, "
+                "rpm, itpm, otpm or a tenant_ one)"
+            )
+        gates[name] = ResourceGate(name, found, **values)
     return gates
-
-
-def _gate(name: str, values: dict[str, Any]) -> ResourceGate:
-    found: dict[tuple[str, str], Limit] = {}
-    for scope, prefix in _SCOPE_PREFIX.items():
-        for kind in KINDS:
-            amount = values.pop(prefix + kind, None)
-            if amount is not None:
-                found[kind, scope] = Limit(amount, values.pop(f"{prefix}{kind}_burst", None))
-    if not found:
-        _refuse(
-            f"resource {name!r} declares no limit (set resource.{name}.concurrency, "
-            "rpm, itpm, otpm or a tenant_ one)"
-        )
-    return ResourceGate(name, found, **values)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -34,9 +34,6 @@ class EntityRecord:
     envd_version: str = ""
     queued_ms: int = 0
     sandbox_url: str = ""
-
-    def with_attempt(self, attempt: int) -> EntityRecord:
-        return self if attempt <= self.attempts else replace(self, attempts=attempt)
 
     def encode(self) -> bytes:
         return json.dumps(fields_of(self), separators=(",", ":")).encode()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from provisioner.failures import FailureCode
@@ -59,22 +59,16 @@ class Request:
     operation: str
     config: dict[str, str]
     trigger_params: dict[str, Any]
-    session_id: str | None
-    trace_id: str
-    entity_state: dict[str, Any] = field(default_factory=dict)
+    entity_state: dict[str, Any]
 
     @property
     def entity(self) -> str:
         return f"{self.entity_type}/{self.entity_id}"
 
-    @property
-    def fields(self) -> dict[str, Any]:
-        """`entity_state.fields`: the entity's state variables, as Temper passes them."""
-        fields = self.entity_state.get("fields")
-        return fields if isinstance(fields, dict) else {}
-
     def field_text(self, name: str) -> str:
-        value = self.fields.get(name)
+        """A state variable (`entity_state.fields`, as Temper passes them) that is text, or ""."""
+        fields = self.entity_state.get("fields")
+        value = fields.get(name) if isinstance(fields, dict) else None
         return value if isinstance(value, str) else ""
 
 
@@ -98,6 +92,4 @@ def validate(invocation: Invocation) -> Request:
         _check_id("session_id", invocation.session_id)
     if len(invocation.trace_id) > MAX_ID_CHARS:
         _invalid("trace_id is too long")
-    session_id, trace_id = invocation.session_id, invocation.trace_id
-    ids = (tenant, entity_type, entity_id)
-    return Request(*ids, operation, config, trigger_params, session_id, trace_id, entity_state)
+    return Request(tenant, entity_type, entity_id, operation, config, trigger_params, entity_state)

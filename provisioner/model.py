@@ -37,13 +37,10 @@ class Invocation:
     trace_id: str
 
 
-# A `{secret:name}` template still in the config named a secret the tenant does not have.
-UNRESOLVED_SECRET = "{secret:"
-
-
 def unresolved(value: str) -> bool:
-    """The old module's test for a missing `e2b_api_key` or `temper_api_url`."""
-    return not value.strip() or UNRESOLVED_SECRET in value
+    """The old module's test for a missing `e2b_api_key` or `temper_api_url`: blank, or a
+    `{secret:name}` template still there (the tenant has no such secret)."""
+    return not value.strip() or "{secret:" in value
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,22 +77,14 @@ def _ready(record: EntityRecord) -> Outcome:
 
 
 def with_wake_ups(outcome: Outcome, controller: AdmissionController) -> Outcome:
+    if not controller.wake_ups:
+        return outcome
     wake_ups = []
     for wake in controller.wake_ups:
         entity_type, _, entity_id = wake.entity.partition("/")
-        wake_ups.append(
-            {
-                "tenant": wake.tenant,
-                "entity_type": entity_type,
-                "entity_id": entity_id,
-                "at_ms": wake.at_ms,
-                "reservation": wake.reservation,
-            }
-        )
-    if not wake_ups:
-        return outcome
-    params = {**outcome.params, WAKE_UPS: wake_ups}
-    return Outcome(outcome.action, params, outcome.success, outcome.error)
+        where = {"tenant": wake.tenant, "entity_type": entity_type, "entity_id": entity_id}
+        wake_ups.append({**where, "at_ms": wake.at_ms, "reservation": wake.reservation})
+    return replace(outcome, params={**outcome.params, WAKE_UPS: wake_ups})
 
 
 class Operations:
@@ -105,15 +97,8 @@ class Operations:
         self.resources = config.resources
         self.records = EntityRecords(ports.storage)
         self.waiter = Waiter(tenant=request.tenant, entity=request.entity)
-
-    def _controller(self) -> AdmissionController:
-        return AdmissionController(self.ports, self.admission_config)
-
-    def _e2b(self) -> E2BClient:
-        return E2BClient(self.ports.http, self.settings)
-
-    def _idempotency_key(self, record: EntityRecord) -> str:
-        return idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+        self.controller = AdmissionController(ports, config.admission)
+        self.e2b = E2BClient(ports.http, config.sandbox)
 
     def _progress(self, event: str, **fields: Any) -> None:
         request = self.request
@@ -131,11 +116,8 @@ class Operations:
             record = EntityRecord(state=PENDING, nonce=nonce, since_ms=self.ports.clock.now_ms())
             with contextlib.suppress(StorageConflict):
                 return record, self.records.put(self.request.entity, record, None, ttl_ms)
-        raise ProvisionerError(
-            FailureCode.STORAGE_CONTENTION,
-            "the entity record kept changing; try again",
-            retryable=True,
-        )
+        message = "the entity record kept changing; try again"
+        raise ProvisionerError(FailureCode.STORAGE_CONTENTION, message, retryable=True)
 
     def _static_url(self) -> str:
         """The old module's order: the entity's field, the config's, the trigger param's."""
@@ -170,18 +152,15 @@ class Operations:
         record, version = self._ensure_record()
         if record.state == READY:
             return self._with_conversation(_ready(record))
-        controller = self._controller()
-        outcome = with_wake_ups(self._admitted(controller, record, version), controller)
+        outcome = with_wake_ups(self._admitted(record, version), self.controller)
         return self._with_conversation(outcome) if outcome.action == SANDBOX_READY else outcome
 
-    def _admitted(
-        self, controller: AdmissionController, record: EntityRecord, version: int
-    ) -> Outcome:
-        decision: Grant | Queued | Rejected | None = controller.admit(
-            self.waiter, self.settings.sandbox_timeout_s * 1000
-        )
+    def _admitted(self, record: EntityRecord, version: int) -> Outcome:
+        timeout_ms = self.settings.sandbox_timeout_s * 1000
+        decision: Grant | Queued | Rejected | None = self.controller.admit(self.waiter, timeout_ms)
         if isinstance(decision, Grant):
-            grant, request, key = decision, self.request, self._idempotency_key(record)
+            grant, request = decision, self.request
+            key = idempotency_key(request.tenant, request.entity, record.nonce)
             metadata = {
                 "temper_tenant": request.tenant,
                 "temper_entity_type": request.entity_type,
@@ -189,16 +168,15 @@ class Operations:
                 "temper_idempotency_key": key,
             }
             try:
-                result, info = self._e2b().create(idempotency_key=key, metadata=metadata)
+                result, info = self.e2b.create(idempotency_key=key, metadata=metadata)
             except Exception as error:
                 # The slot goes back now, not at its lease's end; our fault: no shared backoff.
                 failure = Failure(FailureCode.INTERNAL_ERROR, f"create failed: {error!r}", False)
-                self._settle(controller, grant, CreateFailed(failure))
+                self._settle(grant, CreateFailed(failure))
                 raise
-            record = record.with_attempt(grant.attempt)
-            decision = self._settle(controller, grant, result)
+            decision = self._settle(grant, result)
             if isinstance(result, Created) and info is not None:
-                return self._record_ready(controller, record, version, info, grant.queued_ms)
+                return self._record_ready(record, version, info, grant)
         if isinstance(decision, Queued):
             return Outcome(SANDBOX_QUEUED, decision.params())
         if isinstance(decision, Rejected):
@@ -206,52 +184,41 @@ class Operations:
             return failed(decision.failure)
         raise ProvisionerError(FailureCode.INTERNAL_ERROR, "admission gave no decision")
 
-    def _settle(
-        self, controller: AdmissionController, grant: Grant, result: CreateResult
-    ) -> Grant | Queued | Rejected | None:
+    def _settle(self, grant: Grant, result: CreateResult) -> Grant | Queued | Rejected | None:
         """A settle that met a storage failure is safe to repeat, and returns the slot sooner."""
         for _ in range(_SETTLE_TRIES):
-            decision = controller.settle(self.waiter, grant, result)
+            decision = self.controller.settle(self.waiter, grant, result)
             if not (isinstance(decision, Queued) and decision.reason == REASON_STORAGE):
                 break
         if isinstance(decision, Grant):
             # Admission never hands out a grant from a settle; if it did, give it back.
-            return controller.settle(self.waiter, decision, Unavailable(status=None))
+            return self.controller.settle(self.waiter, decision, Unavailable(status=None))
         return decision
 
     def _record_ready(
-        self,
-        controller: AdmissionController,
-        record: EntityRecord,
-        version: int,
-        info: EntityRecord,
-        queued_ms: int,
+        self, record: EntityRecord, version: int, info: EntityRecord, grant: Grant
     ) -> Outcome:
         ready = replace(
             info,
             nonce=record.nonce,
             since_ms=self.ports.clock.now_ms(),
-            attempts=record.attempts,
+            attempts=max(record.attempts, grant.attempt),
             template_id=info.template_id or self.settings.template_id,
-            queued_ms=queued_ms,
+            queued_ms=grant.queued_ms,
         )
         ttl_ms = self.settings.sandbox_timeout_s * 1000
         try:
             self.records.put(self.request.entity, ready, version, ttl_ms)
         except StorageConflict:
             # Released while the create was in flight: the sandbox belongs to nobody now.
-            kill_failure = self._e2b().kill(info.sandbox_id)
-            controller.release(self.waiter)
+            kill_failure = self.e2b.kill(info.sandbox_id)
+            self.controller.release(self.waiter)
             message = "the entity was released while its sandbox was being created"
             if kill_failure is not None:
                 message += f"; kill failed: {kill_failure.message}"
             return failed(Failure(FailureCode.RELEASED_DURING_CREATE, message, retryable=False))
-        self._progress(
-            "sandbox_ready",
-            sandbox_id=info.sandbox_id,
-            attempts=record.attempts,
-            queued_ms=queued_ms,
-        )
+        progress = {"attempts": ready.attempts, "queued_ms": ready.queued_ms}
+        self._progress("sandbox_ready", sandbox_id=ready.sandbox_id, **progress)
         return _ready(ready)
 
     def _forget(self, version: int) -> None:
@@ -260,32 +227,30 @@ class Operations:
 
     def release(self) -> Outcome:
         loaded = self.records.load(self.request.entity)
-        controller = self._controller()
         if loaded is None:
-            held = controller.release(self.waiter)
+            held = self.controller.release(self.waiter)
             released = Outcome(SANDBOX_RELEASED, {"released": False, "held_permit": held})
-            return with_wake_ups(released, controller)
+            return with_wake_ups(released, self.controller)
         record, version = loaded
-        client = self._e2b()
         doomed = [record.sandbox_id]
         if record.state != READY:
             # A create may have succeeded unrecorded (a crash mid-create): find it by its
             # idempotency key, so no sandbox is orphaned.
-            key = self._idempotency_key(record)
+            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
             try:
-                doomed = client.find_by_metadata("temper_idempotency_key", key)
+                doomed = self.e2b.find_by_metadata("temper_idempotency_key", key)
             except Exception as error:  # HttpError: the kill would fail too
                 message = f"could not list sandboxes: {error}"
                 return failed(Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True))
         for sandbox_id in doomed:
-            failure = client.kill(sandbox_id)
+            failure = self.e2b.kill(sandbox_id)
             if failure is not None:
                 return failed(failure, sandbox_id=sandbox_id)
-        controller.release(self.waiter)
+        self.controller.release(self.waiter)
         self._forget(version)
         self._progress("sandbox_released", sandbox_ids=doomed)
         params = {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None}
-        return with_wake_ups(Outcome(SANDBOX_RELEASED, params), controller)
+        return with_wake_ups(Outcome(SANDBOX_RELEASED, params), self.controller)
 
     def status(self) -> Outcome:
         loaded = self.records.load(self.request.entity)
@@ -298,7 +263,7 @@ class Operations:
                 "attempts": record.attempts,
                 "since_ms": record.since_ms,
             }
-        gates = self._controller().status(self.request.tenant)
+        gates = self.controller.status(self.request.tenant)
         params: dict[str, Any] = {"entity": entity, "gates": gates}
         if self.resources:
             params["resources"] = resource_snapshot(self.ports, self.resources, self.request.tenant)

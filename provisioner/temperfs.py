@@ -22,6 +22,7 @@ from provisioner.ports import (
     LogLevel,
     Ports,
     Scope,
+    Storage,
     StorageError,
 )
 
@@ -31,17 +32,11 @@ _HOLDER = re.compile(r"held by (\S+)")
 QUOTA_BYTES = "104857600"
 _RECORD_TTL_MS = 24 * 3600 * 1000
 _JSON = "application/json"
-# Steps 2-5: (id prefix, file name, what, label, initial `$value`).
-_JSON_FILES: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
-    ("conv", "conversation.json", "File creation", "conversation", {"messages": []}),
-    (
-        "manifest",
-        "file_manifest.json",
-        "Manifest File creation",
-        "manifest",
-        {"files": {}, "synced_at_turn": 0},
-    ),
-)
+# Steps 2-7, a file and its `$value` each: (id prefix, file name, MIME type, what, label).
+_File = tuple[str, str, str, str, str]
+_CONVERSATION: _File = ("conv", "conversation.json", _JSON, "File creation", "conversation")
+_MANIFEST: _File = ("manifest", "file_manifest.json", _JSON, "Manifest File creation", "manifest")
+_SESSION: _File = ("session", "session.jsonl", "text/plain", "session file creation", "session")
 
 
 class _StepFailed(Exception):
@@ -98,36 +93,31 @@ def _text(answer: dict[str, Any], name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-class ConversationRecords:
-    """The five ids once made, under the tenant scope, keyed by entity and base."""
+def conversation_key(entity: str) -> str:
+    return "temperfs/" + quote(entity, safe="")
 
-    def __init__(self, ports: Ports) -> None:
-        self._storage = ports.storage
 
-    @staticmethod
-    def key(entity: str) -> str:
-        return "temperfs/" + quote(entity, safe="")
-
-    def load(self, entity: str, base_url: str) -> ConversationStorage | None:
-        entry = self._storage.get(Scope.TENANT, self.key(entity))
-        if entry is None:
+def _stored_ids(storage: Storage, entity: str, base_url: str) -> ConversationStorage | None:
+    """The five ids once made (under the tenant scope), if made at `base_url`."""
+    entry = storage.get(Scope.TENANT, conversation_key(entity))
+    if entry is None:
+        return None
+    try:
+        data = json.loads(entry.value.decode())
+        if data.get("base_url") != base_url:
             return None
-        try:
-            data = json.loads(entry.value.decode())
-            if data.get("base_url") != base_url:
-                return None
-            found = ConversationStorage(**{k: str(data[k]) for k in NONE.params()})
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-        return found if found.complete else None
+        found = ConversationStorage(**{k: str(data[k]) for k in NONE.params()})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return found if found.complete else None
 
-    def store(self, entity: str, base_url: str, made: ConversationStorage) -> None:
-        value = json.dumps({"base_url": base_url, **made.params()}).encode()
-        entry = self._storage.get(Scope.TENANT, self.key(entity))
-        version = None if entry is None else entry.version
-        self._storage.compare_and_swap(
-            Scope.TENANT, self.key(entity), version, value, _RECORD_TTL_MS
-        )
+
+def _store_ids(storage: Storage, entity: str, base_url: str, made: ConversationStorage) -> None:
+    key = conversation_key(entity)
+    entry = storage.get(Scope.TENANT, key)
+    version = None if entry is None else entry.version
+    value = json.dumps({"base_url": base_url, **made.params()}).encode()
+    storage.compare_and_swap(Scope.TENANT, key, version, value, _RECORD_TTL_MS)
 
 
 class TemperFS:
@@ -137,7 +127,7 @@ class TemperFS:
         self._headers = (("x-tenant-id", tenant), ("x-temper-principal-kind", "admin"))
         self._timeout_ms = timeout_ms
 
-    def _log(self, level: LogLevel, message: str) -> None:
+    def log(self, level: LogLevel, message: str) -> None:
         self._ports.telemetry.log(level, f"sandbox_provisioner: {message}")
 
     def _send(self, method: str, path: str, body: bytes, content_type: str) -> HttpResponse:
@@ -156,7 +146,7 @@ class TemperFS:
             if holder is not None:
                 holder_id = _key(holder.group(1).rstrip("'\".,}"))
                 found = self._call("GET", f"{path}('{holder_id}')", b"", f"{what} lookup")
-                self._log(LogLevel.INFO, f"{what}: using the existing {found.get('entity_id')}")
+                self.log(LogLevel.INFO, f"{what}: using the existing {found.get('entity_id')}")
                 return found
         if not 200 <= response.status < 300:
             excerpt = response.body[:300].decode("utf-8", "replace")
@@ -167,18 +157,9 @@ class TemperFS:
             raise _StepFailed(f"parse {what} response: {error}") from None
         return parsed if isinstance(parsed, dict) else {}
 
-    def _write(self, file_id: str, content: bytes, content_type: str, label: str) -> bool:
-        """PUT a file's `$value`; a non-2xx only warns (a transport error is raised)."""
-        response = self._send("PUT", f"/Files('{_key(file_id)}')/$value", content, content_type)
-        if 200 <= response.status < 300:
-            return True
-        self._log(LogLevel.WARN, f"initial {label} $value write failed (HTTP {response.status})")
-        return False
-
-    def _file(
-        self, agent_id: str, prefix: str, workspace_id: str, name: str, mime: str, what: str
-    ) -> tuple[str, bool]:
+    def _file(self, agent_id: str, workspace_id: str, row: _File) -> tuple[str, bool]:
         """(file id, whether it already holds content)."""
+        prefix, name, mime, what, _ = row
         file_id = f"{prefix}-{agent_id}"
         body = {
             "Id": file_id,
@@ -191,59 +172,57 @@ class TemperFS:
         answer = self._call("POST", "/Files", _compact(body), what)
         return _text(answer, "entity_id"), answer.get("status") == "Ready"
 
+    def _write(self, file_id: str, row: _File, content: bytes) -> bool:
+        """PUT a file's `$value`; a non-2xx only warns (a transport error is raised)."""
+        response = self._send("PUT", f"/Files('{_key(file_id)}')/$value", content, row[2])
+        if 200 <= response.status < 300:
+            return True
+        self.log(LogLevel.WARN, f"initial {row[4]} $value write failed (HTTP {response.status})")
+        return False
+
     def setup(self, agent_id: str, user_message: str) -> ConversationStorage:
         try:
-            return self._setup(agent_id, user_message)
+            key = f"agent-{agent_id}"
+            workspace = {
+                "Id": key,
+                "WorkspaceId": key,
+                "name": f"Agent {agent_id} Workspace",
+                "owner_id": agent_id,
+                "quota_bytes": QUOTA_BYTES,
+            }
+            answer = self._call("POST", "/Workspaces", _compact(workspace), "Workspace creation")
+            workspace_id = _text(answer, "entity_id")
+            self.log(LogLevel.INFO, f"created workspace {workspace_id}")
+            file_ids = []
+            initial: tuple[Any, ...] = ({"messages": []}, {"files": {}, "synced_at_turn": 0})
+            for row, content in zip((_CONVERSATION, _MANIFEST), initial, strict=True):
+                file_id, filled = self._file(agent_id, workspace_id, row)
+                self.log(LogLevel.INFO, f"created {row[4]} file {file_id}")
+                if not filled:
+                    self._write(file_id, row, _compact(content))
+                file_ids.append(file_id)
+            session = self._session(agent_id, workspace_id, user_message)
+            conversation_id, manifest_id = file_ids
+            return ConversationStorage(workspace_id, conversation_id, manifest_id, *session)
         except (_StepFailed, HttpError) as error:
-            self._log(LogLevel.WARN, f"TemperFS setup failed: {error}, falling back to inline")
+            self.log(LogLevel.WARN, f"TemperFS setup failed: {error}, falling back to inline")
             return NONE
-
-    def _setup(self, agent_id: str, user_message: str) -> ConversationStorage:
-        key = f"agent-{agent_id}"
-        workspace = {
-            "Id": key,
-            "WorkspaceId": key,
-            "name": f"Agent {agent_id} Workspace",
-            "owner_id": agent_id,
-            "quota_bytes": QUOTA_BYTES,
-        }
-        answer = self._call("POST", "/Workspaces", _compact(workspace), "Workspace creation")
-        workspace_id = _text(answer, "entity_id")
-        self._log(LogLevel.INFO, f"created workspace {workspace_id}")
-        file_ids = []
-        for prefix, name, what, label, content in _JSON_FILES:
-            file_id, filled = self._file(agent_id, prefix, workspace_id, name, _JSON, what)
-            self._log(LogLevel.INFO, f"created {label} file {file_id}")
-            if not filled:
-                self._write(file_id, _compact(content), _JSON, label)
-            file_ids.append(file_id)
-        session = self._session(agent_id, workspace_id, user_message)
-        conversation_id, manifest_id = file_ids
-        return ConversationStorage(workspace_id, conversation_id, manifest_id, *session)
 
     def _session(self, agent_id: str, workspace_id: str, user_message: str) -> tuple[str, str]:
         """Steps 6 and 7 (`create_session_tree`): never abort the setup."""
         try:
-            file_id, filled = self._file(
-                agent_id,
-                "session",
-                workspace_id,
-                "session.jsonl",
-                "text/plain",
-                "session file creation",
-            )
+            file_id, filled = self._file(agent_id, workspace_id, _SESSION)
         except _StepFailed as error:
-            self._log(LogLevel.WARN, f"Failed to create session file: {error}")
+            self.log(LogLevel.WARN, f"Failed to create session file: {error}")
             return "", ""
         if not file_id:
             return "", ""
         if not filled:
             try:
-                content = session_jsonl(agent_id, user_message)
-                if self._write(file_id, content, "text/plain", "session"):
-                    self._log(LogLevel.INFO, "session tree initialized")
+                if self._write(file_id, _SESSION, session_jsonl(agent_id, user_message)):
+                    self.log(LogLevel.INFO, "session tree initialized")
             except HttpError as error:
-                self._log(LogLevel.WARN, f"Failed to write session file: {error}")
+                self.log(LogLevel.WARN, f"Failed to write session file: {error}")
         return file_id, f"u-{agent_id}-0"
 
 
@@ -251,9 +230,9 @@ def conversation_storage(
     ports: Ports, settings: SandboxSettings, request: Request
 ) -> ConversationStorage:
     """The entity's conversation storage: the stored ids, or a (re)run of the setup."""
-    records, base_url = ConversationRecords(ports), settings.temper_api_url
+    base_url = settings.temper_api_url
     try:
-        known = records.load(request.entity, base_url)
+        known = _stored_ids(ports.storage, request.entity, base_url)
     except StorageError:
         known = None
     if known is not None:
@@ -265,10 +244,8 @@ def conversation_storage(
     made = temperfs.setup(agent_id, request.field_text("user_message"))
     if made.complete:
         try:
-            records.store(request.entity, base_url, made)
+            _store_ids(ports.storage, request.entity, base_url, made)
         except StorageError as error:
             # Not fatal: a repeat finds the same entities through get-or-create.
-            ports.telemetry.log(
-                LogLevel.WARN, f"sandbox_provisioner: could not store the ids: {error}"
-            )
+            temperfs.log(LogLevel.WARN, f"could not store the ids: {error}")
     return made

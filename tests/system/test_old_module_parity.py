@@ -28,7 +28,7 @@ from host.services.namespaces import account_namespace, tenant_namespace
 from host.storage.memory import MemoryBackend
 from provisioner.model import Outcome
 from provisioner.ports import LogLevel
-from provisioner.temperfs import ConversationRecords
+from provisioner.temperfs import conversation_key
 from tests.builders import invocation
 from tests.conftest import API_KEY
 from tests.doubles import RecordingTelemetrySink
@@ -566,7 +566,7 @@ def test_a_provision_retried_after_a_crash_makes_nothing_twice(
     # making a new workspace or files, or overwriting content already uploaded.
     first = host.provision()
     assert host.storage.delete(
-        tenant_namespace(TENANT), ConversationRecords.key(f"TemperAgent/{AGENT}"), None
+        tenant_namespace(TENANT), conversation_key(f"TemperAgent/{AGENT}"), None
     )
     again = host.provision()
     assert again.params == first.params
