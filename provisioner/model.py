@@ -81,20 +81,3 @@ def failed(failure: Failure, **params: Any) -> Outcome:
     body = {"code": failure.code, "message": failure.message, "retryable": failure.retryable}
     body |= {"error_message": failure.message, **params}
     return Outcome(SANDBOX_FAILED, body, failure.code not in HOST_CODES, failure)
-
-
-_FAILURE_PARAMS = (("code", str), ("message", str), ("retryable", bool))
-
-
-def decided(action: str, params: dict[str, Any]) -> Outcome:
-    """The host's reading of a WIT `outcome` (`failed`'s inverse); ValueError when a
-    `SandboxFailed` lacks its typed params or claims a host code."""
-    if action != SANDBOX_FAILED:
-        return Outcome(action, params)
-    for name, kind in _FAILURE_PARAMS:
-        if not isinstance(params.get(name), kind):
-            raise ValueError(f"SandboxFailed's {name} is not a {kind.__name__}")
-    failure = Failure(params["code"], params["message"], params["retryable"])
-    if failure.code in HOST_CODES:
-        raise ValueError(f"SandboxFailed claims the host code {failure.code}")
-    return Outcome(action, params, success=True, error=failure)

@@ -35,8 +35,8 @@ from host.services.http_gateway import HttpGateway
 from host.services.namespaces import ScopedStorage
 from host.services.telemetry import InvocationTag, LoggingTelemetry, TelemetrySink
 from host.storage.base import StorageBackend
-from provisioner.failures import FailureCode
-from provisioner.model import Failure, Invocation, Outcome, decided, failed
+from provisioner.failures import HOST_CODES, FailureCode
+from provisioner.model import SANDBOX_FAILED, Failure, Invocation, Outcome, failed
 from provisioner.ports import (
     HttpError,
     HttpErrorKind,
@@ -438,8 +438,25 @@ def _classify_trap(error: Exception, store: wasmtime.Store, budgets: Budgets) ->
     )
 
 
+_FAILURE_PARAMS = (("code", str), ("message", str), ("retryable", bool))
+
+
+def decided(action: str, params: dict[str, Any]) -> Outcome:
+    """A WIT `outcome` read as an outcome (`model.failed`'s inverse); ValueError when a
+    `SandboxFailed` lacks its typed params or claims a host code."""
+    if action != SANDBOX_FAILED:
+        return Outcome(action, params)
+    for name, kind in _FAILURE_PARAMS:
+        if not isinstance(params.get(name), kind):
+            raise ValueError(f"SandboxFailed's {name} is not a {kind.__name__}")
+    failure = Failure(params["code"], params["message"], params["retryable"])
+    if failure.code in HOST_CODES:
+        raise ValueError(f"SandboxFailed claims the host code {failure.code}")
+    return Outcome(action, params, success=True, error=failure)
+
+
 def _outcome_from_wit(raw: Any, budgets: Budgets) -> Outcome:
-    """The guest's decision, `{action, params}`, read as an outcome (`model.decided`)."""
+    """The guest's decision, `{action, params}`, read as an outcome (`decided`)."""
     try:
         action = str(raw.action)
         params_text = str(raw.params)

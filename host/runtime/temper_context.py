@@ -92,7 +92,7 @@ def stable_code(code: str) -> str:
 
 def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
     """The outcome as the terminal result Temper accepts, exactly: the one mapping from
-    what the component decided (`{action, params}`, read by `model.decided`) or what the
+    what the component decided (`{action, params}`, read by `component_runtime.decided`) or what the
     host reports (a host code) to Temper's result.
 
     `decode_terminal_result` (`crates/temper-wasm/src/engine/result.rs` in `nerdsane/temper`;

@@ -1,5 +1,6 @@
 """The WIT outcome is `{action, params}`: the host reads success and the failure from what a
-component answers (`model.decided`) and maps the result to Temper's shape in one place."""
+component answers (`component_runtime.decided`) and maps the result to Temper's shape in one
+place."""
 
 from __future__ import annotations
 
