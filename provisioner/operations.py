@@ -241,7 +241,10 @@ class Operations:
         except StorageConflict:
             # Released while the create was in flight: the sandbox belongs to nobody now.
             kill_failure = self._e2b().kill(info.sandbox_id)
-            controller.release(self.waiter)
+            with contextlib.suppress(Exception):
+                # Left to the entity's release, where the failure answered below sends
+                # it: that release frees the permit, or fails and is asked again.
+                controller.release(self.waiter)
             message = "the entity was released while its sandbox was being created"
             if kill_failure is not None:
                 message += f"; kill failed: {kill_failure.message}"
@@ -281,6 +284,8 @@ class Operations:
             failure = client.kill(sandbox_id)
             if failure is not None:
                 return failed(failure, sandbox_id=sandbox_id)
+        # Raises when the gate cannot be written: the record stays, so the next release
+        # frees the permit (forgotten, it would stay held until the sandbox timeout).
         controller.release(self.waiter)
         self._forget(version)
         self._progress("sandbox_released", sandbox_ids=doomed)
