@@ -202,7 +202,11 @@ class Operations:
         if isinstance(decision, Queued):
             return Outcome(SANDBOX_QUEUED, decision.params())
         if isinstance(decision, Rejected):
-            self._forget(version)
+            # A create of this cycle may have made a sandbox whose answer was lost: kill
+            # what its key finds before forgetting the key, or keep the record for the
+            # release to find it.
+            if self._kill_cycle(record)[1] is None:
+                self._forget(version)
             return failed(decision.failure)
         raise ProvisionerError(FailureCode.INTERNAL_ERROR, "admission gave no decision")
 
@@ -269,21 +273,9 @@ class Operations:
             released = Outcome(SANDBOX_RELEASED, {"released": False, "held_permit": held})
             return with_wake_ups(released, controller)
         record, version = loaded
-        client = self._e2b()
-        doomed = [record.sandbox_id]
-        if record.state != READY:
-            # A create may have succeeded unrecorded (a crash mid-create): find it by its
-            # idempotency key, so no sandbox is orphaned.
-            key = self._idempotency_key(record)
-            try:
-                doomed = client.find_by_metadata("temper_idempotency_key", key)
-            except Exception as error:  # HttpError: the kill would fail too
-                message = f"could not list sandboxes: {error}"
-                return failed(Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True))
-        for sandbox_id in doomed:
-            failure = client.kill(sandbox_id)
-            if failure is not None:
-                return failed(failure, sandbox_id=sandbox_id)
+        doomed, refused = self._kill_cycle(record)
+        if refused is not None:
+            return refused
         # Raises when the gate cannot be written: the record stays, so the next release
         # frees the permit (forgotten, it would stay held until the sandbox timeout).
         controller.release(self.waiter)
@@ -291,6 +283,25 @@ class Operations:
         self._progress("sandbox_released", sandbox_ids=doomed)
         params = {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None}
         return with_wake_ups(Outcome(SANDBOX_RELEASED, params), controller)
+
+    def _kill_cycle(self, record: EntityRecord) -> tuple[list[str], Outcome | None]:
+        """Kill the cycle's sandbox: the recorded one, or whatever its idempotency key made
+        (a create may have succeeded unrecorded: a crash mid-create, a lost answer). The
+        sandboxes killed, and the failure if one could not be listed or killed."""
+        client = self._e2b()
+        doomed = [record.sandbox_id]
+        if record.state != READY:
+            key = self._idempotency_key(record)
+            try:
+                doomed = client.find_by_metadata("temper_idempotency_key", key)
+            except Exception as error:  # HttpError: the kill would fail too
+                message = f"could not list sandboxes: {error}"
+                return [], failed(Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True))
+        for sandbox_id in doomed:
+            failure = client.kill(sandbox_id)
+            if failure is not None:
+                return doomed, failed(failure, sandbox_id=sandbox_id)
+        return doomed, None
 
     def status(self) -> Outcome:
         loaded = self.records.load(self.request.entity)

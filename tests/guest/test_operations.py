@@ -171,10 +171,12 @@ class Guest:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [event for _, event in self.telemetry.events if event.get("event") == name]
 
-    def provision_until_settled(self, entity_id: str = "job-1", polls: int = 50) -> Outcome:
+    def provision_until_settled(
+        self, entity_id: str = "job-1", *, polls: int = 50, **config: str
+    ) -> Outcome:
         """Provision as a session does: poll again when told, until an answer that ends it."""
         for _ in range(polls):
-            outcome = self.invoke("provision", entity_id)
+            outcome = self.invoke("provision", entity_id, **config)
             if outcome.action != "SandboxQueued":
                 return outcome
             self.clock.advance(max(1, int(outcome.params["retry_after_ms"])))
@@ -471,6 +473,37 @@ def test_a_queue_timeout_forgets_the_cycle_so_the_next_one_starts_afresh() -> No
     rejected = guest.invoke("provision", "job-1", **config)
     assert rejected.error is not None and rejected.error.code == "queue_timeout", rejected
     assert guest.record("job-1") is None
+
+
+def test_a_waiter_refused_after_a_create_e2b_made_leaves_no_sandbox_behind() -> None:
+    # Catches: a waiter refused after its attempts (`retry_budget_exhausted`) that forgets
+    # its record, and so its idempotency key, while a create whose answer was lost made a
+    # sandbox: the release that follows finds no record, and the sandbox runs on with no
+    # owner (the soak's "sandbox alive at E2B whose job has ended").
+    guest = Guest(ScriptedE2B(create_answers=[503] * 10, made_on_failure=True))
+    refused = guest.provision_until_settled("job-1", max_create_attempts="2")
+    assert refused.error is not None, refused
+    assert refused.error.code == "retry_budget_exhausted", refused
+    assert guest.e2b.sandboxes == {}, "killed before the key was forgotten"
+    assert guest.record() is None
+    # The possible sandbox still counts until the release that follows a SandboxFailed.
+    assert guest.account()["capacity"]["in_use"] == 1
+    released = guest.invoke("release", max_create_attempts="2")
+    assert released.params == {"released": False, "held_permit": True}, released
+    assert guest.account()["capacity"]["in_use"] == 0
+
+
+def test_a_refused_waiter_whose_sandbox_cannot_be_killed_keeps_its_record() -> None:
+    # Catches: a refused waiter that forgets its record when the kill of what its key made
+    # failed: no later release could find that sandbox.
+    guest = Guest(ScriptedE2B(create_answers=[503] * 10, made_on_failure=True, kill_answers=[503]))
+    refused = guest.provision_until_settled("job-1", max_create_attempts="2")
+    assert refused.error is not None and refused.error.code == "retry_budget_exhausted"
+    [made] = guest.e2b.sandboxes
+    assert guest.record() is not None
+    released = guest.invoke("release")
+    assert released.params == {"released": True, "sandbox_id": made}, released
+    assert guest.e2b.sandboxes == {} and guest.record() is None
 
 
 def test_a_create_that_raises_is_an_internal_error_that_is_not_retried() -> None:
