@@ -683,7 +683,8 @@ def _leftover_line(item: dict[str, Any]) -> str:
     """One permit left, in one line: whose, what is stored, how its job ended and what its
     releases answered (the rest is in the audit's `leftover_permits`)."""
     result = item["result"] or {}
-    ended = f"{result.get('state')} ({result.get('reason')})" if result else "no result"
+    reason = f" ({result['reason']})" if result.get("reason") else ""
+    ended = f"{result.get('state')}{reason}" if result else "no result"
     releases = [f"{r.get('host')}: {r.get('action')} {r.get('code') or ''}".strip()
                 for r in item["releases"]]  # fmt: skip
     return (
