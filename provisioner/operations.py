@@ -180,7 +180,11 @@ class Operations:
         if isinstance(decision, Queued):
             return Outcome(SANDBOX_QUEUED, decision.params())
         if isinstance(decision, Rejected):
-            self._forget(version)
+            # A create of this cycle may have made a sandbox whose answer was lost: kill
+            # what its key finds before forgetting the key, or keep the record for the
+            # release to find it.
+            if self._kill_cycle(record)[1] is None:
+                self._forget(version)
             return failed(decision.failure)
         raise ProvisionerError(FailureCode.INTERNAL_ERROR, "admission gave no decision")
 
@@ -212,7 +216,10 @@ class Operations:
         except StorageConflict:
             # Released while the create was in flight: the sandbox belongs to nobody now.
             kill_failure = self.e2b.kill(info.sandbox_id)
-            self.controller.release(self.waiter)
+            with contextlib.suppress(Exception):
+                # Left to the entity's release, where the failure answered below sends
+                # it: that release frees the permit, or fails and is asked again.
+                self.controller.release(self.waiter)
             message = "the entity was released while its sandbox was being created"
             if kill_failure is not None:
                 message += f"; kill failed: {kill_failure.message}"
@@ -232,25 +239,34 @@ class Operations:
             released = Outcome(SANDBOX_RELEASED, {"released": False, "held_permit": held})
             return with_wake_ups(released, self.controller)
         record, version = loaded
-        doomed = [record.sandbox_id]
-        if record.state != READY:
-            # A create may have succeeded unrecorded (a crash mid-create): find it by its
-            # idempotency key, so no sandbox is orphaned.
-            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
-            try:
-                doomed = self.e2b.find_by_metadata("temper_idempotency_key", key)
-            except Exception as error:  # HttpError: the kill would fail too
-                message = f"could not list sandboxes: {error}"
-                return failed(Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True))
-        for sandbox_id in doomed:
-            failure = self.e2b.kill(sandbox_id)
-            if failure is not None:
-                return failed(failure, sandbox_id=sandbox_id)
+        doomed, refused = self._kill_cycle(record)
+        if refused is not None:
+            return refused
+        # Raises when the gate cannot be written: the record stays, so the next release
+        # frees the permit (forgotten, it would stay held until the sandbox timeout).
         self.controller.release(self.waiter)
         self._forget(version)
         self._progress("sandbox_released", sandbox_ids=doomed)
         params = {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None}
         return with_wake_ups(Outcome(SANDBOX_RELEASED, params), self.controller)
+
+    def _kill_cycle(self, record: EntityRecord) -> tuple[list[str], Outcome | None]:
+        """Kill the cycle's sandbox: the recorded one, or whatever its idempotency key made
+        (a create may have succeeded unrecorded: a crash mid-create, a lost answer). The
+        sandboxes killed, and the failure if one could not be listed or killed."""
+        doomed = [record.sandbox_id]
+        if record.state != READY:
+            key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
+            try:
+                doomed = self.e2b.find_by_metadata("temper_idempotency_key", key)
+            except Exception as error:  # HttpError: the kill would fail too
+                message = f"could not list sandboxes: {error}"
+                return [], failed(Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True))
+        for sandbox_id in doomed:
+            failure = self.e2b.kill(sandbox_id)
+            if failure is not None:
+                return doomed, failed(failure, sandbox_id=sandbox_id)
+        return doomed, None
 
     def status(self) -> Outcome:
         loaded = self.records.load(self.request.entity)

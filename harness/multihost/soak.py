@@ -64,6 +64,10 @@ from harness.multihost.run import (
 from harness.multihost.worker import PLANTED_BUGS, WorkerSettings
 from harness.simulator.model import Job
 from host.cli.options import add_value_option, fail, load_or_fail, positive
+from host.services.namespaces import ScopedStorage
+from host.storage import storage_from_uri
+from provisioner.entity_records import EntityRecords
+from provisioner.gates.view import GateView, plain
 
 if TYPE_CHECKING:
     from harness.mocks.e2b import MockE2BServer
@@ -125,15 +129,24 @@ class FaultRecord:
 class SoakHost(Protocol):
     name: str
     events: list[Event]
+    stderr_path: Path
 
 
-class SoakCluster(Protocol):
+class RunRecord(Protocol):
+    """What the audit reads of a run: every host started (killed ones too), the events
+    they reported and each finished job's result."""
+
+    @property
+    def hosts(self) -> Sequence[SoakHost]: ...
+    def results(self) -> dict[str, Event]: ...
+    def events(self) -> list[Event]: ...
+
+
+class SoakCluster(RunRecord, Protocol):
     """What the soak drives: the worker hosts (`Cluster`) or the services
     (`serve_path.ServeFleet`)."""
 
     def assign(self, jobs: Sequence[Job]) -> object: ...
-    def results(self) -> dict[str, Event]: ...
-    def events(self) -> list[Event]: ...
     def live_hosts(self) -> Sequence[SoakHost]: ...
     def host(self, name: str) -> SoakHost: ...
     def kill(self, name: str) -> list[Job]: ...
@@ -504,6 +517,7 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
 
     # 5. no permit left once the dead hosts' leases expired
     permits: dict[str, Any] = {}
+    leftovers: list[dict[str, Any]] = []
     if finished and soak.redis.running:
         url, account = soak.settings.storage_url, soak.settings.account
 
@@ -520,7 +534,14 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
             "waiters": len(gate.live_waiters),
         }
         if any(permits.values()):
-            violations.append(f"permits left in the gate: {permits}")
+            leftovers = leftover_permits(soak.cluster, soak.faults, gate)
+            for item in leftovers:
+                owner = (item["stored"].get("tenant"), item["stored"].get("entity"))
+                item["entity_record"] = read_entity_record(url, account, *owner)
+            violations.append(
+                f"permits left in the gate: {permits}; "
+                + "; ".join(_leftover_line(item) for item in leftovers[:5])
+            )
         if gate.orphaned_reservations:
             violations.append(f"reservations for no waiting turn: {gate.orphaned_reservations}")
         # Tickets left by hosts killed mid-decision: reported, not a violation (they hold
@@ -551,7 +572,126 @@ def audit(soak: Soak, finished: bool, error: str | None) -> dict[str, Any]:
             "kill_windows_hit": sum(1 for f in kills if f.detail.get("hit")),
             "kill_windows_tried": len(kills),
         },
+        # Each permit left: its stored fields, its job's result and history.
+        "leftover_permits": leftovers,
     }
+
+
+def leftover_permits(
+    run: RunRecord, faults: Sequence[FaultRecord], gate: GateView
+) -> list[dict[str, Any]]:
+    """Each permit or live waiter left in the gate: what is stored (`kind`, its fields, how
+    long it still holds), and the history of its job (`job_history`)."""
+    stored: list[tuple[str, Any]] = [
+        *(("create_lease", lease) for lease in gate.create_slots.leases),
+        *(("sandbox_lease", lease) for lease in gate.capacity.leases),
+        *(("unsettled_create", create) for create in gate.capacity.unsettled),
+        *(("waiter", waiter) for waiter in gate.live_waiters),
+    ]
+    found = []
+    for kind, item in stored:
+        fields = plain(item) if kind == "waiter" else asdict(item)
+        until = fields.get("expires_ms", fields.get("until_ms"))
+        entity = str(fields.get("entity") or "")
+        found.append(
+            {
+                "kind": kind,
+                "stored": fields,
+                "now_ms": gate.now_ms,
+                "holds_for_ms": None if until is None else until - gate.now_ms,
+                **job_history(run, faults, entity.rpartition("/")[2]),
+            }
+        )
+    return found
+
+
+def job_history(
+    run: RunRecord, faults: Sequence[FaultRecord], job_id: str, limit: int = 80
+) -> dict[str, Any]:
+    """What the run knows of one job: its result, the hosts that ran it, every event about
+    it or its sandboxes (creates by job, kills by sandbox id, lists by idempotency key;
+    the last `limit`), the guest's warnings that name it, and the faults at its hosts."""
+    events = run.events()
+    mine = [e for e in events if job_id in (e.get("job"), e.get("id"))]
+    sandboxes = {e.get("sandbox_id") for e in mine} | {
+        (e.get("detail") or {}).get("sandbox_id") for e in mine
+    }
+    sandboxes.discard(None)
+    keys = {str(e["key"]) for e in mine if e.get("key")}
+
+    def about(event: Event) -> bool:
+        if job_id in (event.get("job"), event.get("id")):
+            return True
+        if event["event"].startswith("kill_"):
+            return event.get("sandbox_id") in sandboxes
+        if event["event"].startswith("list_"):
+            query = unquote(unquote(str(event.get("query", ""))))
+            return any(key in query for key in keys)
+        return False
+
+    history = [e for e in events if about(e)]
+    hosts = sorted({str(e["host"]) for e in history})
+    warnings = []
+    for host in run.hosts:
+        if host.name in hosts:
+            warnings += [
+                f"{host.name}: {line[:300]}" for line in _stderr_lines(host) if job_id in line
+            ]
+    releases = [
+        {k: e.get(k) for k in ("host", "at_ms", "action", "code", "sandbox_id") if e.get(k)}
+        for e in history
+        if e["event"] == "outcome" and e.get("operation") == "release"
+    ]
+    return {
+        "job": job_id,
+        "result": run.results().get(job_id),
+        "hosts": hosts,
+        "releases": releases,
+        "sandboxes": sorted(sandboxes),
+        "guest_warnings": warnings[-20:],
+        "faults_at_its_hosts": [
+            asdict(f) for f in faults if f.detail.get("host") in hosts or job_id in str(f)
+        ],
+        "events": history[-limit:],
+        "events_left_off": max(0, len(history) - limit),
+    }
+
+
+def read_entity_record(
+    storage_url: str, account: str, tenant: str | None, entity: str | None
+) -> dict[str, Any] | None:
+    """The entity's stored record (its cycle's state, nonce and sandbox) with its version;
+    None when there is none: a release forgot it, or it never had one."""
+    if not tenant or not entity:
+        return None
+    backend = storage_from_uri(storage_url)
+    try:
+        loaded = EntityRecords(ScopedStorage(backend, tenant=tenant, account=account)).load(entity)
+    finally:
+        backend.close()
+    return None if loaded is None else {**asdict(loaded[0]), "version": loaded[1]}
+
+
+def _stderr_lines(host: SoakHost) -> list[str]:
+    try:
+        return host.stderr_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _leftover_line(item: dict[str, Any]) -> str:
+    """One permit left, in one line: whose, what is stored, how its job ended and what its
+    releases answered (the rest is in the audit's `leftover_permits`)."""
+    result = item["result"] or {}
+    reason = f" ({result['reason']})" if result.get("reason") else ""
+    ended = f"{result.get('state')}{reason}" if result else "no result"
+    releases = [f"{r.get('host')}: {r.get('action')} {r.get('code') or ''}".strip()
+                for r in item["releases"]]  # fmt: skip
+    return (
+        f"{item['kind']} {item['stored']} holding {item['holds_for_ms']} ms more; "
+        f"job {item['job']} {ended} on {item['hosts']}, releases {releases}, "
+        f"{len(item['guest_warnings'])} guest warnings naming it"
+    )
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:

@@ -20,7 +20,8 @@ storage backend's clock (`at_ms`), which all hosts share:
 - `granted` when the component grants a create slot to one of this host's sessions, with
   `gate_version`, the store's version of the gate write that committed it (a total order
   of every host's grants);
-- `create_sent` / `create_answered` around each create request to E2B (by idempotency key);
+- `create_sent` / `create_answered` around each create request to E2B (by idempotency key,
+  with the `job` its metadata names);
 - `kill_sent` / `kill_answered` around each kill (`sandbox_id`), and `list_sent` /
   `list_answered` around each list of sandboxes (`query`), so a coordinator can kill this
   host in the middle of a release;
@@ -241,7 +242,8 @@ class _ReportingGateway(HttpGateway):
             return super().send(request, deadline_ms=deadline_ms, api_key=api_key)
         if method == "POST" and path.endswith("/sandboxes"):
             key = dict((k.lower(), v) for k, v in request.headers).get("idempotency-key")
-            return self._reported(request, deadline_ms, api_key, writer, "create", key=key)
+            job = _created_for(request.body)
+            return self._reported(request, deadline_ms, api_key, writer, "create", key=key, job=job)
         if method == "DELETE" and "/sandboxes/" in path:
             sandbox_id = path.rsplit("/", 1)[-1]
             return self._reported(
@@ -269,6 +271,16 @@ class _ReportingGateway(HttpGateway):
             raise
         writer.emit(f"{what}_answered", **fields, status=response.status)
         return response
+
+
+def _created_for(body: bytes) -> str | None:
+    """The job a create is for, from its metadata (so a job's history has its creates)."""
+    try:
+        metadata = json.loads(body).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return None
+    job = metadata.get("temper_entity_id")
+    return job if isinstance(job, str) else None
 
 
 class _RecordingInvoker:

@@ -51,12 +51,15 @@ class AdmissionController:
         return self._guard(waiter, "settle", settlement, decide, extra)
 
     def release(self, waiter: Waiter) -> bool:
+        """Free what the waiter holds or waits for: True when it held or waited. Raises
+        when the gate could not be written: the caller must keep what lets it release
+        again (the entity record), or the permit stays held until its lease expires."""
         release = SandboxRelease(self._ports, self._config)
         try:
             held = release.decide(waiter)
-        except Exception as error:  # fail closed: held leases expire on their own
+        except Exception as error:
             self._log(LogLevel.WARN, f"admission release failed: {error!r}")
-            held = False
+            raise
         self.wake_ups.extend(release.wake_ups)
         self._emit(waiter, "release", held)
         return held

@@ -364,7 +364,10 @@ def test_storage_errors_fail_closed_with_a_retryable_queued_answer() -> None:
     assert down.reason == "storage"
     assert down.retry_after_ms > 0
     assert queued_of(harness.settle(a, grant, Created("sbx", 60_000))).reason == "storage"
-    assert harness.release(a) is False
+    # A release says it could not write the gate (its caller keeps the entity record to
+    # release again), rather than answering as if nothing had been held.
+    with pytest.raises(StorageUnavailable):
+        harness.release(a)
     assert "error" in harness.status()
     backend.failing = False
     assert harness.settle(a, grant, Created("sbx", 60_000)) is None, "settling again works"

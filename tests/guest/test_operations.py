@@ -23,7 +23,14 @@ from provisioner.config import AdmissionConfig
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
 from provisioner.gates.document import GATE_KEY
 from provisioner.model import Outcome
-from provisioner.ports import HttpRequest, HttpResponse, LogLevel, StorageUnavailable
+from provisioner.ports import (
+    HttpRequest,
+    HttpResponse,
+    LogLevel,
+    StorageConflict,
+    StorageError,
+    StorageUnavailable,
+)
 from tests.builders import invocation
 from tests.doubles import InterposedBackend, RecordingTelemetrySink
 
@@ -164,10 +171,12 @@ class Guest:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [event for _, event in self.telemetry.events if event.get("event") == name]
 
-    def provision_until_settled(self, entity_id: str = "job-1", polls: int = 50) -> Outcome:
+    def provision_until_settled(
+        self, entity_id: str = "job-1", *, polls: int = 50, **config: str
+    ) -> Outcome:
         """Provision as a session does: poll again when told, until an answer that ends it."""
         for _ in range(polls):
-            outcome = self.invoke("provision", entity_id)
+            outcome = self.invoke("provision", entity_id, **config)
             if outcome.action != "SandboxQueued":
                 return outcome
             self.clock.advance(max(1, int(outcome.params["retry_after_ms"])))
@@ -466,6 +475,37 @@ def test_a_queue_timeout_forgets_the_cycle_so_the_next_one_starts_afresh() -> No
     assert guest.record("job-1") is None
 
 
+def test_a_waiter_refused_after_a_create_e2b_made_leaves_no_sandbox_behind() -> None:
+    # Catches: a waiter refused after its attempts (`retry_budget_exhausted`) that forgets
+    # its record, and so its idempotency key, while a create whose answer was lost made a
+    # sandbox: the release that follows finds no record, and the sandbox runs on with no
+    # owner (the soak's "sandbox alive at E2B whose job has ended").
+    guest = Guest(ScriptedE2B(create_answers=[503] * 10, made_on_failure=True))
+    refused = guest.provision_until_settled("job-1", max_create_attempts="2")
+    assert refused.error is not None, refused
+    assert refused.error.code == "retry_budget_exhausted", refused
+    assert guest.e2b.sandboxes == {}, "killed before the key was forgotten"
+    assert guest.record() is None
+    # The possible sandbox still counts until the release that follows a SandboxFailed.
+    assert guest.account()["capacity"]["in_use"] == 1
+    released = guest.invoke("release", max_create_attempts="2")
+    assert released.params == {"released": False, "held_permit": True}, released
+    assert guest.account()["capacity"]["in_use"] == 0
+
+
+def test_a_refused_waiter_whose_sandbox_cannot_be_killed_keeps_its_record() -> None:
+    # Catches: a refused waiter that forgets its record when the kill of what its key made
+    # failed: no later release could find that sandbox.
+    guest = Guest(ScriptedE2B(create_answers=[503] * 10, made_on_failure=True, kill_answers=[503]))
+    refused = guest.provision_until_settled("job-1", max_create_attempts="2")
+    assert refused.error is not None and refused.error.code == "retry_budget_exhausted"
+    [made] = guest.e2b.sandboxes
+    assert guest.record() is not None
+    released = guest.invoke("release")
+    assert released.params == {"released": True, "sandbox_id": made}, released
+    assert guest.e2b.sandboxes == {} and guest.record() is None
+
+
 def test_a_create_that_raises_is_an_internal_error_that_is_not_retried() -> None:
     guest = Guest(ExplodingE2B())
     broken = guest.invoke("provision")
@@ -518,16 +558,18 @@ def test_a_record_written_by_a_rival_first_is_adopted_with_its_key() -> None:
 
 
 class GateWritesFail(InterposedBackend):
-    """Storage whose writes of the account gate fail `failures` times once armed."""
+    """Storage whose writes of the account gate fail `failures` times once armed, with
+    `error` (an outage, or a rival's write: a conflict)."""
 
     def __init__(self, inner: MemoryBackend) -> None:
         super().__init__(inner)
         self.failures = 0
+        self.error: StorageError = StorageUnavailable("the gate's store is down")
 
     def before(self, operation: str, key: str) -> None:
         if operation == "compare_and_swap" and key == GATE_KEY and self.failures > 0:
             self.failures -= 1
-            raise StorageUnavailable("the gate's store is down")
+            raise self.error
 
 
 def provision_with_failing_settles(failures: int) -> tuple[Guest, Outcome]:
@@ -588,6 +630,69 @@ def test_a_settle_that_met_a_storage_failure_is_repeated_twice_more() -> None:
     assert ready.action == "SandboxReady", ready
     # Three tries failed: the slot waits for its lease to expire.
     assert guest.account()["create_slots"]["in_use"] == 1
+
+
+def guest_whose_gate_writes_fail() -> tuple[Guest, GateWritesFail]:
+    backends: list[GateWritesFail] = []
+
+    def wrap(inner: MemoryBackend) -> GateWritesFail:
+        backends.append(GateWritesFail(inner))
+        return backends[0]
+
+    guest = Guest(ScriptedE2B(), wrap)
+    return guest, backends[0]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [StorageUnavailable("the gate's store is down"), StorageConflict("a rival wrote the gate")],
+    ids=["outage", "contention"],
+)
+def test_a_release_whose_gate_write_fails_keeps_the_record_so_a_later_release_frees_it(
+    error: StorageError,
+) -> None:
+    # Catches: a release that forgets the entity record after the gate could not be
+    # written (an outage, or a conflict on every try): it answers SandboxReleased, the
+    # session ends, and the sandbox's lease stays counted until the sandbox timeout with
+    # no record left for any later release to find (the soak's "sandbox lease left over").
+    guest, backend = guest_whose_gate_writes_fail()
+    ready = guest.invoke("provision")
+    assert ready.action == "SandboxReady", ready
+    sandbox_id = ready.params["sandbox_id"]
+    backend.failures, backend.error = 1_000, error
+
+    refused = guest.invoke("release")
+    assert refused.error is not None and refused.error.retryable, refused
+    assert refused.error.code == "storage_unavailable", refused
+    assert guest.e2b.sandboxes == {}  # killed: only the permit is left to free
+    kept = guest.record()
+    assert kept is not None and kept.sandbox_id == sandbox_id
+    backend.failures = 0
+    assert guest.account()["capacity"]["in_use"] == 1
+
+    released = guest.invoke("release")
+    assert released.action == "SandboxReleased", released
+    assert guest.record() is None
+    assert guest.account()["capacity"]["in_use"] == 0
+
+
+def test_a_release_without_a_record_whose_gate_write_fails_says_so() -> None:
+    # Catches: a release that answers SandboxReleased (held_permit false) when it could not
+    # write the gate, so the caller never asks again and the permit stays held (the
+    # record is already gone: after a release during the create, say).
+    guest, backend = guest_whose_gate_writes_fail()
+    assert guest.invoke("provision").action == "SandboxReady"
+    loaded = guest.records().load("Job/job-1")
+    assert loaded is not None and guest.records().remove("Job/job-1", loaded[1])
+    backend.failures = 1_000
+
+    refused = guest.invoke("release")
+    assert refused.error is not None and refused.error.code == "storage_unavailable", refused
+    assert refused.error.retryable
+    backend.failures = 0
+    released = guest.invoke("release")
+    assert released.params == {"released": False, "held_permit": True}, released
+    assert guest.account()["capacity"]["in_use"] == 0
 
 
 class HostDied(BaseException):
