@@ -158,6 +158,8 @@ class Operations:
     def _admitted(self, record: EntityRecord, version: int) -> Outcome:
         timeout_ms = self.settings.sandbox_timeout_s * 1000
         decision: Grant | Queued | Rejected | None = self.controller.admit(self.waiter, timeout_ms)
+        # The cycle's only create was refused outright: E2B made nothing to look for.
+        made_nothing = False
         if isinstance(decision, Grant):
             grant, request = decision, self.request
             key = idempotency_key(request.tenant, request.entity, record.nonce)
@@ -177,13 +179,14 @@ class Operations:
             decision = self._settle(grant, result)
             if isinstance(result, Created) and info is not None:
                 return self._record_ready(record, version, info, grant)
+            made_nothing = grant.attempt == 1 and not isinstance(result, Unavailable)
         if isinstance(decision, Queued):
             return Outcome(SANDBOX_QUEUED, decision.params())
         if isinstance(decision, Rejected):
             # A create of this cycle may have made a sandbox whose answer was lost: kill
             # what its key finds before forgetting the key, or keep the record for the
             # release to find it.
-            if self._kill_cycle(record)[1] is None:
+            if made_nothing or self._kill_cycle(record)[1] is None:
                 self._forget(version)
             return failed(decision.failure)
         raise ProvisionerError(FailureCode.INTERNAL_ERROR, "admission gave no decision")
