@@ -137,14 +137,10 @@ class Reservation:
         return self.ticket == ticket if ticket is not None else self.entity == entity
 
 
-# A stored field: its key, the attribute, and how its value is encoded (None: as it is)
-# and decoded.
-Codec = tuple[Callable[[Any], Any] | None, Callable[[Any], Any]]
+# A stored field: its key, the attribute, and how its value is encoded and decoded (None:
+# as it is).
+Codec = tuple[Callable[[Any], Any] | None, Callable[[Any], Any] | None]
 Fields = tuple[tuple[str, str, Codec], ...]
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 def _rows_of(cls: type[Any], read: Callable[..., Any] | None = None) -> Codec:
@@ -166,7 +162,7 @@ def _reservation(tenant: str, ticket: int, entity: str, rid: str, at: int, by: i
 
 
 _INT: Codec = (None, int)
-_RAW: Codec = (None, _same)
+_RAW: Codec = (None, None)
 # Documents written before these were stored lack them: the field's default.
 _OPTIONAL = frozenset({"u", "rq", "rv", "g"})
 # The fair queue's fields; older documents carry a third retry field (the attempt).
@@ -208,7 +204,7 @@ class GateDocument:
     def from_doc(cls, doc: dict[str, Any]) -> Self:
         return cls(
             **{
-                name: decode(doc[key])
+                name: doc[key] if decode is None else decode(doc[key])
                 for key, name, (_, decode) in cls.FIELDS
                 if key in doc or key not in _OPTIONAL
             }
@@ -228,15 +224,14 @@ class GateDocument:
     def waiting(self) -> int:
         return len(self.retries) + sum(q.length() for q in self.ring)
 
+    def observe_hold(self, started_ms: int, now_ms: int) -> None:
+        self.hold_ms = averaged(self.hold_ms, started_ms, now_ms)
+
 
 def averaged(average: int | None, started_ms: int, now_ms: int) -> int:
     """A moving average of how long something took, from `started_ms` to now."""
     observed = max(0, now_ms - started_ms)
     return observed if average is None else (average * 3 + observed) // 4
-
-
-def observe_hold(state: GateDocument, started_ms: int, now_ms: int) -> None:
-    state.hold_ms = averaged(state.hold_ms, started_ms, now_ms)
 
 
 # Bounds a create whose caller named no timeout, and those of documents before version 2.
@@ -294,7 +289,7 @@ class GateState(GateDocument):
         ("bf", "backoff_failures", _INT),
         ("cap", "capacity", _RAW),
         ("ok", "success_streak", _INT),
-        ("rb", "retry_tokens", (_retry_tokens, _same)),
+        ("rb", "retry_tokens", (_retry_tokens, None)),
         ("rbt", "retry_refilled_ms", _INT),
         *_QUEUE,
         ("lat", "latency_ms", _RAW),
