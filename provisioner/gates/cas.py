@@ -4,14 +4,13 @@ decided first, so the step runs again from a fresh read, at most `cas_retries` t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Concatenate, ParamSpec, Protocol, TypeVar
+from typing import TypeVar
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates.results import REASON_STORAGE, Queued
 from provisioner.ports import Ports, StorageConflict
 
 _T = TypeVar("_T")
-_Args = ParamSpec("_Args")
 
 
 class Again(Exception):
@@ -30,25 +29,6 @@ def until_settled(step: Callable[[], _T], attempts: int) -> _T:
         except (StorageConflict, Again) as conflict:
             last = conflict
     raise Contended(f"still contended after {attempts} tries: {last}")
-
-
-class Configured(Protocol):
-    @property
-    def config(self) -> AdmissionConfig: ...
-
-
-_Ledger = TypeVar("_Ledger", bound=Configured)
-
-
-def retried(
-    decide: Callable[Concatenate[_Ledger, _Args], _T],
-) -> Callable[Concatenate[_Ledger, _Args], _T]:
-    """A decision method run in `until_settled`, as many times as its config allows."""
-
-    def run(ledger: _Ledger, /, *args: _Args.args, **kwargs: _Args.kwargs) -> _T:
-        return until_settled(lambda: decide(ledger, *args, **kwargs), ledger.config.cas_retries)
-
-    return run
 
 
 def storage_queued(ports: Ports, config: AdmissionConfig) -> Queued:

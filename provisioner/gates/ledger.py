@@ -1,19 +1,20 @@
 """What one gate decision reads and writes: the gate's document and the waiter's place, in
 the account scope. The document is written with compare-and-swap against the version read:
-a decision that lost a race raises `StorageConflict` and runs again (`cas.retried`)."""
+a decision that lost a race raises `StorageConflict` and runs again (`retried`)."""
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.failures import FailureCode
 from provisioner.gates.blocking import Assessment, Scheduled, Turn
 from provisioner.gates.bucket import note_change
-from provisioner.gates.cas import Again, retried
+from provisioner.gates.cas import Again, until_settled
 from provisioner.gates.document import (
     GateDocument,
     Reservation,
@@ -26,7 +27,7 @@ from provisioner.gates.document import (
 )
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import rate_limits
-from provisioner.gates.queue import enqueue
+from provisioner.gates.queue import enqueue, remove_ticket
 from provisioner.gates.results import Queued, Rejected, Waiter
 from provisioner.model import Failure
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
@@ -34,6 +35,9 @@ from provisioner.ports import Ports, Scope, StorageConflict, StorageError
 ACCOUNT = Scope.ACCOUNT
 Document = TypeVar("Document", bound=GateDocument)
 Answer = TypeVar("Answer")
+_T = TypeVar("_T")
+_Args = ParamSpec("_Args")
+_Ledger = TypeVar("_Ledger", bound="GateLedger[Any, Any]")
 
 
 @dataclass(slots=True)
@@ -62,6 +66,17 @@ def queued_place(state: GateDocument, tenant: str, stored: Place | None, now_ms:
         return stored
     since, attempt = (now_ms, 1) if stored is None else (stored.since_ms, stored.attempt)
     return Place(Stage.QUEUED, since, attempt, ticket=enqueue(state, tenant))
+
+
+def retried(
+    decide: Callable[Concatenate[_Ledger, _Args], _T],
+) -> Callable[Concatenate[_Ledger, _Args], _T]:
+    """A decision method run in `cas.until_settled`, as many times as its config allows."""
+
+    def run(ledger: _Ledger, /, *args: _Args.args, **kwargs: _Args.kwargs) -> _T:
+        return until_settled(lambda: decide(ledger, *args, **kwargs), ledger.config.cas_retries)
+
+    return run
 
 
 class GateLedger(ABC, Generic[Document, Answer]):
@@ -165,6 +180,15 @@ class GateLedger(ABC, Generic[Document, Answer]):
         changed = place is not loaded.place or seen.dropped or reserved
         return self.wait_on(waiter, loaded, place, seen.queued, changed=changed, own=own)
 
+    def unplace(
+        self, state: Document, waiter: Waiter, place: Place, *, granted: bool = False
+    ) -> None:
+        """Take the waiter out of the queue (in memory)."""
+        if place.stage is Stage.RETRYING:
+            state.drop_retry(waiter.tenant, waiter.entity)
+        elif place.ticket is not None:
+            remove_ticket(state, waiter.tenant, place.ticket, granted=granted)
+
     def wait_on(
         self,
         waiter: Waiter,
@@ -211,10 +235,6 @@ class GateLedger(ABC, Generic[Document, Answer]):
     @abstractmethod
     def timed_out(self, loaded: LoadedDocument[Document], place: Place) -> str | None:
         """Why the wait is over, if it is."""
-
-    @abstractmethod
-    def unplace(self, state: Document, waiter: Waiter, place: Place) -> None:
-        """Take the waiter out of the queue (in memory)."""
 
     @abstractmethod
     def assess(

@@ -22,7 +22,7 @@ from provisioner.config import AdmissionConfig, ResourceGate, read_config
 from provisioner.failures import FailureCode
 from provisioner.gates.blocking import Assessment, Scheduled, Turn, resource_assess
 from provisioner.gates.bucket import Charge, settle_charge
-from provisioner.gates.cas import new_lease_id, retried, storage_queued
+from provisioner.gates.cas import new_lease_id, storage_queued
 from provisioner.gates.document import (
     INPUT,
     OUTPUT,
@@ -44,6 +44,7 @@ from provisioner.gates.ledger import (
     charge_margins,
     prune,
     queued_place,
+    retried,
     set_bucket,
 )
 from provisioner.gates.place import Place
@@ -57,7 +58,6 @@ from provisioner.gates.policies import (
 from provisioner.gates.queue import (
     drop_ticket,
     pass_over_unclaimed,
-    remove_ticket,
     reservation_of,
     reserve,
 )
@@ -237,10 +237,6 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
             return ResourceGrant(held.lease_id, held.expires_ms, 0, renewed=True)
         return queued_place(state, waiter.tenant, loaded.place, now)
 
-    def unplace(self, state: ResourceState, waiter: Waiter, place: Place) -> None:
-        assert place.ticket is not None
-        remove_ticket(state, waiter.tenant, place.ticket, granted=False)
-
     def assess(self, waiter: Waiter, loaded: ResourceLoaded, place: Place) -> Assessment:
         state, gate, now, uniform = loaded.state, self.gate, loaded.now_ms, self.ports.uniform
         costs, read = self.costs, self.read_ticket
@@ -280,7 +276,6 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
 
     def grant(self, waiter: Waiter, loaded: ResourceLoaded, place: Place) -> ResourceGrant:
         state, now, costs = loaded.state, loaded.now_ms, self.costs
-        assert place.ticket is not None
         charges: list[Charge] = []
         for rate in rate_limits(self.gate):
             name = rate.bucket_id(waiter.tenant)
@@ -292,7 +287,7 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         lease_id, until = new_lease_id(self.ports, "r"), now + self.gate.lease_ms
         lease = ResourceLease(lease_id, waiter.tenant, waiter.entity, until, now, charges, margins)
         state.leases.append(lease)
-        remove_ticket(state, waiter.tenant, place.ticket, granted=True)
+        self.unplace(state, waiter, place, granted=True)
         state.grants += 1
         state.granted_ms = now
         self.save_gate(loaded)

@@ -24,7 +24,7 @@ from provisioner.gates.blocking import (
     schedule,
     waiting,
 )
-from provisioner.gates.cas import Again, new_lease_id, retried, until_settled
+from provisioner.gates.cas import Again, new_lease_id, until_settled
 from provisioner.gates.document import (
     DEFAULT_SANDBOX_TIMEOUT_MS,
     GATE_KEY,
@@ -45,6 +45,7 @@ from provisioner.gates.ledger import (
     GateLedger,
     LoadedDocument,
     queued_place,
+    retried,
 )
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import (
@@ -59,7 +60,6 @@ from provisioner.gates.policies import (
 from provisioner.gates.queue import (
     drop_ticket,
     pass_over_unclaimed,
-    remove_ticket,
     reservation_of,
     reserve,
 )
@@ -88,16 +88,10 @@ SandboxLoaded = LoadedDocument[GateState]
 def prune_expired(state: GateState, now_ms: int) -> None:
     """Drop expired leases. An expired create lease gives its slot back but stays as an
     unsettled create: its holder died before hearing E2B's answer, so the sandbox may exist."""
-    state.unsettled += [unsettled_from(c) for c in state.create_leases if c.expires_ms <= now_ms]
+    state.unsettled += [c.unsettled() for c in state.create_leases if c.expires_ms <= now_ms]
     state.create_leases = [c for c in state.create_leases if c.expires_ms > now_ms]
     state.sandbox_leases = [s for s in state.sandbox_leases if s.expires_ms > now_ms]
     state.unsettled = [u for u in state.unsettled if u.until_ms > now_ms]
-
-
-def unsettled_from(lease: CreateLease) -> UnsettledCreate:
-    return UnsettledCreate(
-        lease.lease_id, lease.tenant, lease.entity, lease.started_ms, lease.sandbox_until_ms
-    )
 
 
 def pop_lease(leases: list[LeaseT], lease_id: str) -> LeaseT | None:
@@ -113,21 +107,11 @@ def drop_sandbox(state: GateState, tenant: str, entity: str) -> None:
     state.unsettled = not_owned_by(state.unsettled, tenant, entity)
 
 
-def hold_sandbox(
-    state: GateState,
-    lease_id: str,
-    tenant: str,
-    entity: str,
-    sandbox_id: str,
-    now_ms: int,
-    ttl_ms: int,
-) -> None:
+def hold_sandbox(state: GateState, lease: SandboxLease) -> None:
     """One capacity lease per entity: it replaces the entity's old lease and unsettled
     creates (the same idempotency key: this is the sandbox they may have made)."""
-    drop_sandbox(state, tenant, entity)
-    state.sandbox_leases.append(
-        SandboxLease(lease_id, tenant, entity, now_ms + ttl_ms, now_ms, sandbox_id)
-    )
+    drop_sandbox(state, lease.tenant, lease.entity)
+    state.sandbox_leases.append(lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,14 +281,6 @@ class SandboxLedger(GateLedger[GateState, Grant]):
             return True, None
         return reserved, own
 
-    def unplace(
-        self, state: GateState, waiter: Waiter, place: Place, *, granted: bool = False
-    ) -> None:
-        if place.stage is Stage.RETRYING:
-            state.drop_retry(waiter.tenant, waiter.entity)
-        elif place.ticket is not None:
-            remove_ticket(state, waiter.tenant, place.ticket, granted=granted)
-
     def grant(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant:
         state, now, config = loaded.state, loaded.now_ms, self.config
         lease_id = new_lease_id(self.ports, "c")
@@ -384,7 +360,7 @@ class SandboxLedger(GateLedger[GateState, Grant]):
         lease = pop_lease(state.create_leases, grant.lease_id)
         # Answered after its lease expired: the unsettled create it left is settled now.
         late = None if lease is not None else pop_lease(state.unsettled, grant.lease_id)
-        unsettled = late if lease is None else unsettled_from(lease)
+        unsettled = late if lease is None else lease.unsettled()
         if isinstance(result, Unavailable) and unsettled is not None:
             state.unsettled.append(unsettled)
         if lease is not None:
@@ -399,7 +375,7 @@ class SandboxLedger(GateLedger[GateState, Grant]):
             # Settled already (or the waiter moved on): report where it stands now.
             if late is not None and not isinstance(result, Unavailable):
                 self.save_gate(loaded)
-            if state.retry_of(waiter.tenant, waiter.entity) is None:
+            if owned_by(state.retries, waiter.tenant, waiter.entity) is None:
                 return None
             view = Place(Stage.RETRYING, since, stored.attempt)
             return waiting(state, config, now, waiter, view, self.ports.uniform)
@@ -440,8 +416,10 @@ class SandboxLedger(GateLedger[GateState, Grant]):
             return  # settled already
         # Held even when the create lease had expired: the sandbox exists, so it counts.
         timeout_ms = max(1, result.sandbox_timeout_ms)
-        tenant, entity, lease_id = waiter.tenant, waiter.entity, grant.lease_id
-        hold_sandbox(state, lease_id, tenant, entity, result.sandbox_id, now, timeout_ms)
+        tenant, entity, until = waiter.tenant, waiter.entity, now + timeout_ms
+        hold_sandbox(
+            state, SandboxLease(grant.lease_id, tenant, entity, until, now, result.sandbox_id)
+        )
         state.backoff_failures = 0
         if state.capacity is not None:
             # Additive increase: one more after a run of successes, up to the configured.
