@@ -24,7 +24,7 @@ from provisioner.gates.blocking import (
     schedule,
     waiting,
 )
-from provisioner.gates.cas import Again, new_lease_id, until_settled
+from provisioner.gates.cas import Again, new_lease_id
 from provisioner.gates.document import (
     DEFAULT_SANDBOX_TIMEOUT_MS,
     GATE_KEY,
@@ -126,13 +126,8 @@ class WakeUp:
 
 
 def exhausted(attempts: int) -> Rejected:
-    return Rejected(
-        Failure(
-            FailureCode.RETRY_BUDGET_EXHAUSTED,
-            f"E2B refused {attempts} create attempts; giving up on this waiter",
-            retryable=True,
-        )
-    )
+    message = f"E2B refused {attempts} create attempts; giving up on this waiter"
+    return Rejected(Failure(FailureCode.RETRY_BUDGET_EXHAUSTED, message, retryable=True))
 
 
 def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | None:
@@ -179,12 +174,11 @@ class SandboxLedger(GateLedger[GateState, Grant]):
             permits = Permits.of(state, config, now_ms)
             scheduled = schedule(state, config, now_ms, permits, eligibility(state, config))
         pending = [item for item in scheduled if item.due_ms > 0][:1]
-        changed = False
+        changed, claim = False, config.reservation_claim_ms
         self._promised = []
         for item in [item for item in scheduled if item.due_ms <= 0] + pending:
-            turn, claim, rid = item.turn, config.reservation_claim_ms, new_lease_id(self.ports, "v")
+            turn, at, rid = item.turn, now_ms + item.due_ms, new_lease_id(self.ports, "v")
             new = reservation_of(state, turn.tenant, turn.ticket, turn.entity) is None
-            at = now_ms + item.due_ms
             held, moved = reserve(
                 state, turn.tenant, turn.ticket, turn.entity, at, now_ms, claim, rid
             )
@@ -303,27 +297,23 @@ class SandboxLedger(GateLedger[GateState, Grant]):
         try:
             self.save_place(waiter, loaded, creating, config.create_lease_ms + config.waiter_ttl_ms)
         except StorageConflict:
-            self._undo_grant(lease_id)
+            # When the slot cannot be given back, the lease expires on its own.
+            with contextlib.suppress(StorageConflict):
+                self._undo_grant(lease_id)
             raise Again("waiter record moved during the grant") from None
         self.forget_ticket(waiter, place.ticket)
         return Grant(lease_id, place.attempt, now - place.since_ms, lease.expires_ms)
 
+    @retried
     def _undo_grant(self, lease_id: str) -> None:
         """Give a just-taken slot back (its rate token stays spent: that errs safe)."""
-        storage = self.ports.storage
-
-        def step() -> None:
-            entry = storage.get(ACCOUNT, GATE_KEY)
-            if entry is None:
-                return
-            state = GateState.from_bytes(entry.value)
-            if pop_lease(state.create_leases, lease_id) is None:
-                return
-            storage.compare_and_swap(ACCOUNT, GATE_KEY, entry.version, state.to_bytes(), None)
-
-        # When it cannot be given back, the lease expires on its own.
-        with contextlib.suppress(StorageConflict):
-            until_settled(step, self.config.cas_retries)
+        entry = self.ports.storage.get(ACCOUNT, GATE_KEY)
+        if entry is None:
+            return
+        state = GateState.from_bytes(entry.value)
+        if pop_lease(state.create_leases, lease_id) is not None:
+            storage, version = self.ports.storage, entry.version
+            storage.compare_and_swap(ACCOUNT, GATE_KEY, version, state.to_bytes(), None)
 
     def _skip_dead(self, state: GateState, turns: list[Turn], mine: Turn) -> bool:
         """Drop waiters ahead that stopped polling (their keys expired); True if any."""
