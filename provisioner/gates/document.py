@@ -338,13 +338,11 @@ class GateState(GateDocument):
         """The unsettled creates that count against capacity: one per entity (one
         idempotency key makes at most one sandbox), none for an entity whose create is in
         flight again (that create counts for it)."""
-        counted: list[UnsettledCreate] = []
-        seen = {(c.tenant, c.entity) for c in self.create_leases}
+        creating = {(c.tenant, c.entity) for c in self.create_leases}
+        first: dict[tuple[str, str], UnsettledCreate] = {}
         for unsettled in self.unsettled:
-            if (unsettled.tenant, unsettled.entity) not in seen:
-                seen.add((unsettled.tenant, unsettled.entity))
-                counted.append(unsettled)
-        return counted
+            first.setdefault((unsettled.tenant, unsettled.entity), unsettled)
+        return [unsettled for owner, unsettled in first.items() if owner not in creating]
 
     def reclaims(self, tenant: str, entity: str) -> bool:
         """A create for this entity takes no new capacity: it counts for (and adopts) the

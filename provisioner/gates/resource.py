@@ -143,8 +143,8 @@ def is_resource_request(request: Request) -> bool:
     return request.operation == "release" and bool(request.config.get("resource", "").strip())
 
 
-def _refuse(message: str) -> NoReturn:
-    raise ProvisionerError(FailureCode.INVALID_INVOCATION, message)
+def _refuse(message: str, code: FailureCode = FailureCode.INVALID_INVOCATION) -> NoReturn:
+    raise ProvisionerError(code, message)
 
 
 def _whole(value: Any, low: int, high: int, refusal: str) -> int:
@@ -167,11 +167,8 @@ def _action_name(config: dict[str, str], key: str, default: str) -> str:
     if not raw:
         return default
     if not _ACTION_NAME.fullmatch(raw):
-        raise ProvisionerError(
-            FailureCode.INVALID_CONFIG,
-            f"{key} must be an action name (a capital letter, then up to 63 letters, digits "
-            f"or _), got {raw[:40]!r}",
-        )
+        rule = "an action name (a capital letter, then up to 63 letters, digits or _)"
+        _refuse(f"{key} must be {rule}, got {raw[:40]!r}", FailureCode.INVALID_CONFIG)
     return raw
 
 
@@ -183,19 +180,13 @@ def _declared(request: Request, name: str) -> int | None:
 
 
 def _gate(gates: dict[str, ResourceGate], raw: str | None) -> ResourceGate:
-    name = (raw or "").strip()
+    name, misconfigured = (raw or "").strip(), FailureCode.INVALID_CONFIG
     if not name:
-        raise ProvisionerError(
-            FailureCode.INVALID_CONFIG, "operation needs the config key resource (a gate name)"
-        )
+        _refuse("operation needs the config key resource (a gate name)", misconfigured)
     gate = gates.get(name)
     if gate is None:
-        declared = ", ".join(gates) or "none"
-        raise ProvisionerError(
-            FailureCode.INVALID_CONFIG,
-            f"resource {name[:40]!r} is not declared by any resource.{name[:40]}.<limit> key "
-            f"(declared: {declared})",
-        )
+        unknown = f"resource {name[:40]!r} is not declared by any resource.{name[:40]}.<limit> key"
+        _refuse(f"{unknown} (declared: {', '.join(gates) or 'none'})", misconfigured)
     return gate
 
 
@@ -369,9 +360,8 @@ class ResourceOperations:
         config = read_config(request.config)
         self.request = request
         self.ports = ports
-        self.admission: AdmissionConfig = config.admission
         self.gate = _gate(config.resources, request.config.get("resource"))
-        self.ledger = ResourceLedger(ports, self.admission, self.gate)
+        self.ledger = ResourceLedger(ports, config.admission, self.gate)
         self.waiter = Waiter(request.tenant, request.entity)
         self.actions = {
             verb: _action_name(request.config, f"{verb}_action", f"Resource{verb.title()}")
@@ -409,7 +399,7 @@ class ResourceOperations:
         except StorageError as error:
             with contextlib.suppress(Exception):
                 self.ports.telemetry.log(LogLevel.WARN, f"resource acquire fails closed: {error!r}")
-            decision = storage_queued(self.ports, self.admission)
+            decision = storage_queued(self.ports, self.ledger.config)
         if isinstance(decision, ResourceGrant):
             return self._answer("granted", fields_of(decision))
         if isinstance(decision, Rejected):
