@@ -10,14 +10,11 @@ from functools import partial
 from typing import Any, TypeVar
 
 from provisioner.config import AdmissionConfig
-from provisioner.gates.admit import Admission
 from provisioner.gates.cas import storage_queued
-from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS
-from provisioner.gates.ledger import SandboxLedger, load_gate
-from provisioner.gates.release import SandboxRelease
+from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS, GATE_KEY, GateState
+from provisioner.gates.ledger import read_document
 from provisioner.gates.results import REASON_STORAGE, CreateResult, Grant, Queued, Rejected, Waiter
-from provisioner.gates.sandbox import WakeUp
-from provisioner.gates.settle import SandboxSettlement
+from provisioner.gates.sandbox import SandboxLedger
 from provisioner.gates.view import sandbox_snapshot
 from provisioner.model import fields_of
 from provisioner.ports import LogLevel, Ports, StorageError
@@ -29,45 +26,44 @@ class AdmissionController:
     def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
         self._ports = ports
         self._config = config
+        self._gate = SandboxLedger(ports, config)
         # Waiters other than the caller promised a permit: the host may wake them.
-        self.wake_ups: list[WakeUp] = []
+        self.wake_ups = self._gate.wake_ups
 
     def admit(
         self, waiter: Waiter, sandbox_timeout_ms: int = DEFAULT_SANDBOX_TIMEOUT_MS
     ) -> Grant | Queued | Rejected:
         """Grant one create now, or say where the waiter stands (idempotent per waiter).
         A create never settled counts against capacity for `sandbox_timeout_ms`."""
-        admission = Admission(self._ports, self._config, sandbox_timeout_ms)
-        return self._guard(waiter, "admit", admission, lambda: admission.decide(waiter))
+        return self._guard(waiter, "admit", partial(self._gate.admit, waiter, sandbox_timeout_ms))
 
     def settle(
         self, waiter: Waiter, grant: Grant, result: CreateResult
     ) -> Grant | Queued | Rejected | None:
         """Record what the granted create came back with: None once Created. Queued with
         reason `storage`: not recorded, settle again with the same arguments."""
-        settlement = SandboxSettlement(self._ports, self._config)
         extra = {"e2b_answer": type(result).__name__, "attempt": grant.attempt}
-        decide = partial(settlement.decide, waiter, grant, result)
-        return self._guard(waiter, "settle", settlement, decide, extra)
+        return self._guard(
+            waiter, "settle", partial(self._gate.settle, waiter, grant, result), extra
+        )
 
     def release(self, waiter: Waiter) -> bool:
         """Free what the waiter holds or waits for: True when it held or waited. Raises
         when the gate could not be written: the caller must keep what lets it release
         again (the entity record), or the permit stays held until its lease expires."""
-        release = SandboxRelease(self._ports, self._config)
         try:
-            held = release.decide(waiter)
+            held = self._gate.release(waiter)
         except Exception as error:
             self._log(LogLevel.WARN, f"admission release failed: {error!r}")
             raise
-        self.wake_ups.extend(release.wake_ups)
         self._emit(waiter, "release", held)
         return held
 
     def status(self, tenant: str) -> dict[str, Any]:
         try:
             now = self._ports.clock.now_ms()
-            state, _ = load_gate(self._ports, self._config, now)
+            state, _ = read_document(self._ports, GATE_KEY, GateState)
+            self._gate.catch_up(state, now)
             return sandbox_snapshot(state, self._config, now, tenant)
         except Exception as error:
             return {"error": REASON_STORAGE, "message": str(error)}
@@ -76,7 +72,6 @@ class AdmissionController:
         self,
         waiter: Waiter,
         what: str,
-        ledger: SandboxLedger,
         decide: Callable[[], _T],
         extra: dict[str, Any] | None = None,
     ) -> _T | Queued:
@@ -89,8 +84,6 @@ class AdmissionController:
             detail = f"{what}: {error!r}"
             self._log(LogLevel.WARN, f"admission for {waiter.entity} fails closed: {detail}")
             result = storage_queued(self._ports, self._config)
-        finally:
-            self.wake_ups.extend(ledger.wake_ups)
         self._emit(waiter, what, result, extra)
         return result
 

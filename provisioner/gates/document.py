@@ -14,7 +14,6 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 from urllib.parse import quote
 
@@ -137,21 +136,19 @@ class Reservation:
         return self.ticket == ticket if ticket is not None else self.entity == entity
 
 
-# A stored field: its key, the attribute, and how its value is encoded (None: as it is)
-# and decoded.
-Codec = tuple[Callable[[Any], Any] | None, Callable[[Any], Any]]
+# A stored field: its key, the attribute, and how its value is encoded and decoded (None:
+# as it is). A dataclass is stored as the list of its fields in order (`_row`).
+Codec = tuple[Callable[[Any], Any] | None, Callable[[Any], Any] | None]
 Fields = tuple[tuple[str, str, Codec], ...]
 
 
-def _same(value: Any) -> Any:
-    return value
+def _row(item: Any) -> list[Any]:
+    return [getattr(item, name) for name in item.__match_args__]
 
 
-def _rows_of(cls: type[Any], read: Callable[..., Any] | None = None) -> Codec:
-    """Dataclasses stored as lists of their fields in order, read back by `read` (else
-    the class)."""
-    fields, make = attrgetter(*cls.__match_args__), read or cls
-    return lambda items: [fields(i) for i in items], lambda rows: [make(*r) for r in rows]
+def _rows_of(make: Callable[..., Any]) -> Codec:
+    """Rows read back by `make` (a dataclass, or what reads an older row)."""
+    return None, lambda rows: [make(*row) for row in rows]
 
 
 def _encode_reservations(reservations: list[Reservation]) -> list[list[Any]]:
@@ -166,15 +163,15 @@ def _reservation(tenant: str, ticket: int, entity: str, rid: str, at: int, by: i
 
 
 _INT: Codec = (None, int)
-_RAW: Codec = (None, _same)
+_RAW: Codec = (None, None)
 # Documents written before these were stored lack them: the field's default.
 _OPTIONAL = frozenset({"u", "rq", "rv", "g"})
 # The fair queue's fields; older documents carry a third retry field (the attempt).
 _QUEUE: Fields = (
     ("q", "ring", _rows_of(TenantQueue)),
-    ("rq", "retries", _rows_of(RetryEntry, lambda tenant, entity, *_: RetryEntry(tenant, entity))),
+    ("rq", "retries", _rows_of(lambda tenant, entity, *_: RetryEntry(tenant, entity))),
     ("ep", "ticket_high_water", _INT),
-    ("rv", "reservations", (_encode_reservations, _rows_of(Reservation, _reservation)[1])),
+    ("rv", "reservations", (_encode_reservations, _rows_of(_reservation)[1])),
 )
 
 
@@ -202,13 +199,13 @@ class GateDocument:
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.fields(), separators=(",", ":")).encode()
+        return json.dumps(self.fields(), separators=(",", ":"), default=_row).encode()
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Self:
         return cls(
             **{
-                name: decode(doc[key])
+                name: doc[key] if decode is None else decode(doc[key])
                 for key, name, (_, decode) in cls.FIELDS
                 if key in doc or key not in _OPTIONAL
             }
@@ -228,15 +225,22 @@ class GateDocument:
     def waiting(self) -> int:
         return len(self.retries) + sum(q.length() for q in self.ring)
 
+    def observe_hold(self, started_ms: int, now_ms: int) -> None:
+        self.hold_ms = averaged(self.hold_ms, started_ms, now_ms)
+
+    def add_retry(self, tenant: str, entity: str) -> None:
+        if owned_by(self.retries, tenant, entity) is None:
+            self.retries.append(RetryEntry(tenant, entity))
+
+    def drop_retry(self, tenant: str, entity: str) -> None:
+        self.retries = not_owned_by(self.retries, tenant, entity)
+        self.reservations = [r for r in self.reservations if not r.holds(tenant, None, entity)]
+
 
 def averaged(average: int | None, started_ms: int, now_ms: int) -> int:
     """A moving average of how long something took, from `started_ms` to now."""
     observed = max(0, now_ms - started_ms)
     return observed if average is None else (average * 3 + observed) // 4
-
-
-def observe_hold(state: GateDocument, started_ms: int, now_ms: int) -> None:
-    state.hold_ms = averaged(state.hold_ms, started_ms, now_ms)
 
 
 # Bounds a create whose caller named no timeout, and those of documents before version 2.
@@ -253,6 +257,12 @@ class CreateLease:
     # Until when a sandbox it makes can run unrecorded: the lease's expiry plus the
     # sandbox's E2B timeout, after which E2B kills it.
     sandbox_until_ms: int
+
+    def unsettled(self) -> UnsettledCreate:
+        """What it leaves when its outcome becomes unknown."""
+        return UnsettledCreate(
+            self.lease_id, self.tenant, self.entity, self.started_ms, self.sandbox_until_ms
+        )
 
 
 @dataclass(slots=True)
@@ -294,7 +304,7 @@ class GateState(GateDocument):
         ("bf", "backoff_failures", _INT),
         ("cap", "capacity", _RAW),
         ("ok", "success_streak", _INT),
-        ("rb", "retry_tokens", (_retry_tokens, _same)),
+        ("rb", "retry_tokens", (_retry_tokens, None)),
         ("rbt", "retry_refilled_ms", _INT),
         *_QUEUE,
         ("lat", "latency_ms", _RAW),
@@ -324,28 +334,15 @@ class GateState(GateDocument):
             doc["c"] = [[*item[:5], item[3] + bound] for item in doc["c"]]
         return super(GateState, cls).from_doc(doc)
 
-    def retry_of(self, tenant: str, entity: str) -> RetryEntry | None:
-        return owned_by(self.retries, tenant, entity)
-
-    def add_retry(self, tenant: str, entity: str) -> None:
-        if self.retry_of(tenant, entity) is None:
-            self.retries.append(RetryEntry(tenant, entity))
-
-    def drop_retry(self, tenant: str, entity: str) -> None:
-        self.retries = not_owned_by(self.retries, tenant, entity)
-        self.reservations = [r for r in self.reservations if not r.holds(tenant, None, entity)]
-
     def possible_sandboxes(self) -> list[UnsettledCreate]:
         """The unsettled creates that count against capacity: one per entity (one
         idempotency key makes at most one sandbox), none for an entity whose create is in
         flight again (that create counts for it)."""
-        counted: list[UnsettledCreate] = []
-        seen = {(c.tenant, c.entity) for c in self.create_leases}
+        creating = {(c.tenant, c.entity) for c in self.create_leases}
+        first: dict[tuple[str, str], UnsettledCreate] = {}
         for unsettled in self.unsettled:
-            if (unsettled.tenant, unsettled.entity) not in seen:
-                seen.add((unsettled.tenant, unsettled.entity))
-                counted.append(unsettled)
-        return counted
+            first.setdefault((unsettled.tenant, unsettled.entity), unsettled)
+        return [unsettled for owner, unsettled in first.items() if owner not in creating]
 
     def reclaims(self, tenant: str, entity: str) -> bool:
         """A create for this entity takes no new capacity: it counts for (and adopts) the
@@ -409,21 +406,7 @@ class ResourceLease:
         return self.margins.get(kind, 0.0)
 
 
-_LEASE_FIELDS = attrgetter("lease_id", "tenant", "entity", "expires_ms", "started_ms")
-
-
-def _lease_rows(leases: list[ResourceLease]) -> list[list[Any]]:
-    return [
-        [
-            *_LEASE_FIELDS(lease),
-            [[c.bucket, c.tokens, c.slack_ms] for c in lease.charges],
-            lease.margins,
-        ]
-        for lease in leases
-    ]
-
-
-def _lease(row: list[Any]) -> ResourceLease:
+def _lease(*row: Any) -> ResourceLease:
     # Margins are absent from documents written before they were stored.
     charges = [Charge(str(b), float(t), float(s)) for b, t, s in row[5]]
     margins = {str(k): float(v) for k, v in (row[6] if len(row) > 6 else {}).items()}
@@ -435,7 +418,7 @@ def _lease(row: list[Any]) -> ResourceLease:
 class ResourceState(GateDocument):
     # Clocks are stored unrounded: a rounded clock could hand out a sliver of a token.
     FIELDS: ClassVar[Fields] = (
-        ("l", "leases", (_lease_rows, lambda rows: [_lease(row) for row in rows])),
+        ("l", "leases", _rows_of(_lease)),
         ("b", "buckets", (dict, lambda clocks: {str(k): float(v) for k, v in clocks.items()})),
         ("cd", "cooldown_until_ms", _INT),
         ("bf", "backoff_failures", _INT),

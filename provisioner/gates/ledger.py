@@ -1,44 +1,43 @@
 """What one gate decision reads and writes: the gate's document and the waiter's place, in
 the account scope. The document is written with compare-and-swap against the version read:
-a decision that lost a race raises `StorageConflict` and runs again (`cas.until_settled`)."""
+a decision that lost a race raises `StorageConflict` and runs again (`retried`)."""
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from provisioner.config import AdmissionConfig, ResourceGate
 from provisioner.failures import FailureCode
 from provisioner.gates.blocking import Assessment, Scheduled, Turn
 from provisioner.gates.bucket import note_change
-from provisioner.gates.cas import Again
+from provisioner.gates.cas import Again, until_settled
 from provisioner.gates.document import (
-    GATE_KEY,
-    SANDBOX_PREFIX,
-    Costs,
     GateDocument,
-    GateState,
     Reservation,
     ResourceLease,
     ResourceState,
-    decode_ticket,
     gate_key,
     resource_prefix,
     ticket_key,
     waiter_key,
 )
-from provisioner.gates.place import Place
-from provisioner.gates.policies import rate_limits, refill_retries
-from provisioner.gates.queue import pass_over_unclaimed
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import rate_limits
+from provisioner.gates.queue import enqueue, remove_ticket
 from provisioner.gates.results import Queued, Rejected, Waiter
-from provisioner.gates.sandbox import WakeUp, promise, prune_expired
 from provisioner.model import Failure
 from provisioner.ports import Ports, Scope, StorageConflict, StorageError
 
 ACCOUNT = Scope.ACCOUNT
 Document = TypeVar("Document", bound=GateDocument)
+Answer = TypeVar("Answer")
+_T = TypeVar("_T")
+_Args = ParamSpec("_Args")
+_Ledger = TypeVar("_Ledger", bound="GateLedger[Any, Any]")
 
 
 @dataclass(slots=True)
@@ -52,15 +51,42 @@ class LoadedDocument(Generic[Document]):
     moved: bool = False
 
 
-def _read(ports: Ports, key: str, document: type[Document]) -> tuple[Document, int | None]:
+def read_document(ports: Ports, key: str, document: type[Document]) -> tuple[Document, int | None]:
     entry = ports.storage.get(ACCOUNT, key)
     if entry is None:
         return document(), None
     return document.from_bytes(entry.value), entry.version
 
 
-class GateLedger(ABC, Generic[Document]):
-    """The base of every decision of one gate, whose keys are under `prefix`."""
+def queued_place(state: GateDocument, tenant: str, stored: Place | None, now_ms: int) -> Place:
+    """The stored place while its ticket is live; else a new ticket (its old one was skipped
+    as dead), keeping when the waiter first asked so that dying cannot dodge the timeout."""
+    ticket = None if stored is None else stored.queued_ticket
+    if stored is not None and ticket is not None and state.holds_ticket(tenant, ticket):
+        return stored
+    since, attempt = (now_ms, 1) if stored is None else (stored.since_ms, stored.attempt)
+    return Place(Stage.QUEUED, since, attempt, ticket=enqueue(state, tenant))
+
+
+def retried(
+    decide: Callable[Concatenate[_Ledger, _Args], _T],
+) -> Callable[Concatenate[_Ledger, _Args], _T]:
+    """A decision method run in `cas.until_settled`, as many times as its config allows."""
+
+    def run(ledger: _Ledger, /, *args: _Args.args, **kwargs: _Args.kwargs) -> _T:
+        return until_settled(lambda: decide(ledger, *args, **kwargs), ledger.config.cas_retries)
+
+    return run
+
+
+class GateLedger(ABC, Generic[Document, Answer]):
+    """Every decision of one gate, whose keys are under `prefix`. A waiter asks for a
+    permit (`ask`): `locate` it (its stored place checked against the gate), refuse it
+    once it has waited too long, else `assess` its turn: `grant` the permit, or `reserve`
+    the free permits for the next turns and answer Queued."""
+
+    # What the ticket's liveness key holds (None: the entity).
+    ticket_value: bytes | None = None
 
     def __init__(
         self, ports: Ports, config: AdmissionConfig, prefix: str, document: type[Document]
@@ -70,16 +96,16 @@ class GateLedger(ABC, Generic[Document]):
         self.prefix = prefix
         self.document = document
 
-    @abstractmethod
-    def catch_up(self, state: Document, now_ms: int) -> bool:
-        """Bring the document up to now; True when that changed it."""
+    @property
+    def queue_timeout_ms(self) -> int:
+        return self.config.queue_timeout_ms
 
     def place_key(self, waiter: Waiter) -> str:
         return waiter_key(waiter.tenant, waiter.entity, self.prefix)
 
     def load(self, waiter: Waiter) -> LoadedDocument[Document]:
         stored = self.ports.storage.get(ACCOUNT, self.place_key(waiter))
-        state, version = _read(self.ports, gate_key(self.prefix), self.document)
+        state, version = read_document(self.ports, gate_key(self.prefix), self.document)
         now = self.ports.clock.now_ms()
         moved = self.catch_up(state, now)
         place = None if stored is None else Place.from_bytes(stored.value)
@@ -114,43 +140,6 @@ class GateLedger(ABC, Generic[Document]):
                 entry = self.ports.storage.get(ACCOUNT, key)
                 version = None if entry is None else entry.version
 
-    def wait_on(
-        self,
-        waiter: Waiter,
-        loaded: LoadedDocument[Document],
-        place: Place,
-        queued: Queued,
-        *,
-        changed: bool,
-        own: Reservation | None,
-        timeout_ms: int,
-        ticket_value: bytes | None = None,
-    ) -> Queued:
-        """Answer Queued, naming the permit promised to the waiter (`own`); keep its place
-        alive until it is back and `timeout_ms` longer (a waiter that dies and returns
-        keeps when it first asked), and its ticket's liveness key (holding `ticket_value`,
-        else the entity)."""
-        if own is not None:
-            queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
-        if changed or loaded.moved:
-            self.save_gate(loaded)
-        ttl = queued.expected_back_ms(loaded.now_ms) + self.config.waiter_ttl_ms
-        renewed = replace(place, lease_id=None, alive_until_ms=loaded.now_ms + ttl)
-        try:
-            self.save_place(waiter, loaded, renewed, ttl + timeout_ms)
-        except StorageConflict:
-            # Another invocation of this waiter moved first; a ticket made here has no
-            # liveness key, so it is skipped as dead.
-            raise Again("waiter record moved") from None
-        if place.ticket is not None:
-            key = ticket_key(waiter.tenant, place.ticket, self.prefix)
-            entry = self.ports.storage.get(ACCOUNT, key)
-            value = waiter.entity.encode() if ticket_value is None else ticket_value
-            self.ports.storage.compare_and_swap(
-                ACCOUNT, key, None if entry is None else entry.version, value, ttl
-            )
-        return queued
-
     def forget(self, waiter: Waiter, ticket: int | None) -> None:
         """The waiter no longer waits: its place and its ticket's liveness key go."""
         self.ports.storage.delete(ACCOUNT, self.place_key(waiter), None)
@@ -163,22 +152,7 @@ class GateLedger(ABC, Generic[Document]):
                 key = ticket_key(waiter.tenant, ticket, self.prefix)
                 self.ports.storage.delete(ACCOUNT, key, None)
 
-
-Answer = TypeVar("Answer")
-
-
-class Asking(GateLedger[Document], Generic[Document, Answer]):
-    """A waiter asks for a permit (`admit`, `acquire`): `locate` it (its stored place
-    checked against the gate), refuse it once it has waited too long, else `assess` its
-    turn: `grant` the permit, or `reserve` the free permits for the next turns and answer
-    Queued."""
-
-    ticket_value: bytes | None = None
-
-    @property
-    def queue_timeout_ms(self) -> int:
-        return self.config.queue_timeout_ms
-
+    @retried
     def ask(self, waiter: Waiter) -> Answer | Queued | Rejected:
         loaded = self.load(waiter)
         located = self.locate(waiter, loaded)
@@ -203,16 +177,55 @@ class Asking(GateLedger[Document], Generic[Document, Answer]):
         if seen.queued is None:
             return self.grant(waiter, loaded, place)
         reserved, own = self.reserve(loaded, seen.scheduled, Turn.of(waiter, place))
-        return self.wait_on(
-            waiter,
-            loaded,
-            place,
-            seen.queued,
-            changed=place is not loaded.place or seen.dropped or reserved,
-            own=own,
-            timeout_ms=self.queue_timeout_ms,
-            ticket_value=self.ticket_value,
-        )
+        changed = place is not loaded.place or seen.dropped or reserved
+        return self.wait_on(waiter, loaded, place, seen.queued, changed=changed, own=own)
+
+    def unplace(
+        self, state: Document, waiter: Waiter, place: Place, *, granted: bool = False
+    ) -> None:
+        """Take the waiter out of the queue (in memory)."""
+        if place.stage is Stage.RETRYING:
+            state.drop_retry(waiter.tenant, waiter.entity)
+        elif place.ticket is not None:
+            remove_ticket(state, waiter.tenant, place.ticket, granted=granted)
+
+    def wait_on(
+        self,
+        waiter: Waiter,
+        loaded: LoadedDocument[Document],
+        place: Place,
+        queued: Queued,
+        *,
+        changed: bool,
+        own: Reservation | None,
+    ) -> Queued:
+        """Answer Queued, naming the permit promised to the waiter (`own`); keep its place
+        alive until it is back and the queue timeout longer (a waiter that dies and
+        returns keeps when it first asked), and its ticket's liveness key."""
+        if own is not None:
+            queued = replace(queued, reservation=own.rid, claim_by_ms=own.by_ms)
+        if changed or loaded.moved:
+            self.save_gate(loaded)
+        ttl = queued.expected_back_ms(loaded.now_ms) + self.config.waiter_ttl_ms
+        renewed = replace(place, lease_id=None, alive_until_ms=loaded.now_ms + ttl)
+        try:
+            self.save_place(waiter, loaded, renewed, ttl + self.queue_timeout_ms)
+        except StorageConflict:
+            # Another invocation of this waiter moved first; a ticket made here has no
+            # liveness key, so it is skipped as dead.
+            raise Again("waiter record moved") from None
+        if place.ticket is not None:
+            key = ticket_key(waiter.tenant, place.ticket, self.prefix)
+            entry = self.ports.storage.get(ACCOUNT, key)
+            value = waiter.entity.encode() if self.ticket_value is None else self.ticket_value
+            self.ports.storage.compare_and_swap(
+                ACCOUNT, key, None if entry is None else entry.version, value, ttl
+            )
+        return queued
+
+    @abstractmethod
+    def catch_up(self, state: Document, now_ms: int) -> bool:
+        """Bring the document up to now; True when that changed it."""
 
     @abstractmethod
     def locate(
@@ -222,10 +235,6 @@ class Asking(GateLedger[Document], Generic[Document, Answer]):
     @abstractmethod
     def timed_out(self, loaded: LoadedDocument[Document], place: Place) -> str | None:
         """Why the wait is over, if it is."""
-
-    @abstractmethod
-    def unplace(self, state: Document, waiter: Waiter, place: Place) -> None:
-        """Take the waiter out of the queue (in memory)."""
 
     @abstractmethod
     def assess(
@@ -240,60 +249,6 @@ class Asking(GateLedger[Document], Generic[Document, Answer]):
         self, loaded: LoadedDocument[Document], scheduled: list[Scheduled], mine: Turn
     ) -> tuple[bool, Reservation | None]:
         """Whether promising the permits changed the document, and the waiter's own."""
-
-
-SandboxLoaded = LoadedDocument[GateState]
-
-
-def load_gate(ports: Ports, config: AdmissionConfig, now_ms: int) -> tuple[GateState, int | None]:
-    """The gate as the next decision sees it."""
-    state, version = _read(ports, GATE_KEY, GateState)
-    sandbox_catch_up(state, config, now_ms)
-    return state, version
-
-
-def sandbox_catch_up(state: GateState, config: AdmissionConfig, now_ms: int) -> bool:
-    """Prune expired leases, refill the retry budget, pass over unclaimed reservations
-    (True when any was)."""
-    prune_expired(state, now_ms)
-    refill_retries(state, config, now_ms)
-    return bool(pass_over_unclaimed(state, now_ms, config.reservation_claim_ms, state.drop_retry))
-
-
-class SandboxLedger(GateLedger[GateState]):
-    def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
-        super().__init__(ports, config, SANDBOX_PREFIX, GateState)
-        # The waiters this decision promised a permit to (`sandbox.promise`), told only
-        # once the gate holding the promise is saved.
-        self.wake_ups: list[WakeUp] = []
-        self._promised: list[WakeUp] = []
-
-    def load(self, waiter: Waiter) -> SandboxLoaded:
-        self._promised = []
-        return super().load(waiter)
-
-    def save_gate(self, loaded: SandboxLoaded) -> None:
-        super().save_gate(loaded)
-        self.wake_ups.extend(self._promised)
-        self._promised = []
-
-    def promise(
-        self,
-        loaded: SandboxLoaded,
-        scheduled: list[Scheduled] | None = None,
-        caller: Turn | None = None,
-    ) -> bool:
-        """Promise the free permits to the next turns; True when the document changed."""
-        changed, self._promised = promise(
-            self.ports, self.config, loaded.state, loaded.now_ms, scheduled=scheduled, caller=caller
-        )
-        return changed
-
-    def catch_up(self, state: GateState, now_ms: int) -> bool:
-        return sandbox_catch_up(state, self.config, now_ms)
-
-
-ResourceLoaded = LoadedDocument[ResourceState]
 
 
 def prune(state: ResourceState, gate: ResourceGate, now_ms: int) -> None:
@@ -324,7 +279,7 @@ def charge_margins(
 
 
 def read_state(ports: Ports, gate: ResourceGate, now_ms: int) -> tuple[ResourceState, int | None]:
-    state, version = _read(ports, gate_key(resource_prefix(gate.name)), ResourceState)
+    state, version = read_document(ports, gate_key(resource_prefix(gate.name)), ResourceState)
     prune(state, gate, now_ms)
     return state, version
 
@@ -333,22 +288,3 @@ def set_bucket(state: ResourceState, name: str, tat_ms: float, now_ms: int) -> N
     """Change a bucket's clock, telling every open charge on it first (`bucket.note_change`)."""
     note_change(state.open_charges(), name, state.buckets.get(name, 0.0), now_ms)
     state.buckets[name] = tat_ms
-
-
-class ResourceLedger(GateLedger[ResourceState]):
-    def __init__(self, ports: Ports, config: AdmissionConfig, gate: ResourceGate) -> None:
-        super().__init__(ports, config, resource_prefix(gate.name), ResourceState)
-        self.gate = gate
-
-    @property
-    def queue_timeout_ms(self) -> int:
-        timeout = self.gate.queue_timeout_ms
-        return self.config.queue_timeout_ms if timeout is None else timeout
-
-    def catch_up(self, state: ResourceState, now_ms: int) -> bool:
-        prune(state, self.gate, now_ms)
-        return bool(pass_over_unclaimed(state, now_ms, self.config.reservation_claim_ms))
-
-    def read_ticket(self, tenant: str, ticket: int) -> Costs | None:
-        entry = self.ports.storage.get(ACCOUNT, ticket_key(tenant, ticket, self.prefix))
-        return None if entry is None else decode_ticket(entry.value)[1]

@@ -1,5 +1,5 @@
 """Where a waiter stands, stored under its own key (`document.waiter_key`) and checked
-against the gate document, which decides every limit (`admit.locate`)."""
+against the gate document, which decides every limit (`SandboxLedger.locate`)."""
 
 from __future__ import annotations
 

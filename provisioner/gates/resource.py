@@ -1,15 +1,12 @@
-"""The resource operations: `acquire`, `settle`, and `release` with a `resource` key.
+"""A resource gate: its decisions (`acquire`, `settle`, `release`) and the component's
+entry for those operations with a `resource` key.
 
-A refusal is `SandboxFailed` with a typed code, like every failure of the component
-(Temper routes a failure by `on_failure` whatever its action). Storage trouble fails
-closed: an acquire answers `ResourceQueued` with reason `storage`, nothing granted.
-
-A 429 or 529 from the provider pauses every invocation of the account (the gate's shared
-cooldown), the way E2B's 429s pause creates. The pause (Anthropic's rate-limit headers,
-https://docs.anthropic.com/en/api/rate-limits): `retry-after` when sent; else, for a 429,
-the latest `anthropic-ratelimit-*-reset` among the limits whose `-remaining` is 0 (or the
-earliest reset ahead when none says 0); else the gate's backoff. Headers that do not parse
-are ignored: the call has happened, and its cost must be settled whatever they say.
+A refusal is `SandboxFailed` with a typed code, like every failure of the component.
+Storage trouble fails closed: an acquire answers `ResourceQueued` with reason `storage`,
+nothing granted. A 429 or 529 from the provider pauses every invocation of the account
+(the gate's shared cooldown), for as long as its headers say (`pause_from_headers`), else
+the gate's backoff. A settle after its lease expired no longer knows what the grant
+charged, so it charges the actual in full: it errs towards waiting, never towards a 429.
 """
 
 from __future__ import annotations
@@ -19,30 +16,69 @@ import math
 import re
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from provisioner.config import AdmissionConfig, ResourceGate, read_config
 from provisioner.failures import FailureCode
-from provisioner.gates.admit import Acquisition
-from provisioner.gates.cas import storage_queued
-from provisioner.gates.document import INPUT, OUTPUT, Costs
-from provisioner.gates.policies import request_costs, too_large
-from provisioner.gates.release import ResourceRelease
-from provisioner.gates.results import ProviderAnswer, Rejected, ResourceGrant, Waiter
-from provisioner.gates.settle import ResourceSettlement
+from provisioner.gates.blocking import Assessment, Scheduled, Turn, resource_assess
+from provisioner.gates.bucket import Charge, settle_charge
+from provisioner.gates.cas import new_lease_id, storage_queued
+from provisioner.gates.document import (
+    INPUT,
+    OUTPUT,
+    REQUESTS,
+    Costs,
+    Reservation,
+    ResourceLease,
+    ResourceState,
+    decode_ticket,
+    encode_ticket,
+    margin_of,
+    resource_prefix,
+    ticket_key,
+)
+from provisioner.gates.ledger import (
+    ACCOUNT,
+    GateLedger,
+    LoadedDocument,
+    charge_margins,
+    prune,
+    queued_place,
+    retried,
+    set_bucket,
+)
+from provisioner.gates.place import Place
+from provisioner.gates.policies import (
+    cooling_ms,
+    rate_limits,
+    record_failure,
+    request_costs,
+    too_large,
+)
+from provisioner.gates.queue import (
+    drop_ticket,
+    pass_over_unclaimed,
+    reservation_of,
+    reserve,
+)
+from provisioner.gates.results import (
+    ProviderAnswer,
+    Queued,
+    Rejected,
+    Released,
+    ResourceGrant,
+    Settled,
+    Waiter,
+)
 from provisioner.invocation import Request
-from provisioner.model import Outcome, ProvisionerError, failed
+from provisioner.model import Outcome, ProvisionerError, failed, fields_of
 from provisioner.ports import LogLevel, Ports, StorageError
-
-RESOURCE_GRANTED = "ResourceGranted"
-RESOURCE_QUEUED = "ResourceQueued"
-RESOURCE_SETTLED = "ResourceSettled"
-RESOURCE_RELEASED = "ResourceReleased"
 
 _MAX_TOKENS = 1_000_000_000
 # Temper dispatches an outcome by its action name, one action to one target state: a spec
-# gating two resources from two states renames each trigger's answers (`granted_action`
-# ...; a static on_success cannot: it would also win over SandboxFailed).
+# gating two resources from two states renames each trigger's answers (`<verb>_action`,
+# default `Resource<Verb>`; a static on_success cannot: it would also win over SandboxFailed).
+_VERBS = ("granted", "queued", "settled", "released")
 _ACTION_NAME = re.compile(r"[A-Z][A-Za-z0-9_]{0,63}")
 _LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 # A pause longer than a day is a broken header, not advice.
@@ -74,7 +110,10 @@ def _retry_after_ms(text: str, now_ms: int) -> int | None:
 
 
 def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int | None:
-    """How long the provider asked every caller to wait (None: it did not say)."""
+    """How long the provider asked every caller to wait (None: it did not say):
+    `retry-after`; else, for a 429, the latest `anthropic-ratelimit-*-reset` among the
+    limits whose `-remaining` is 0, or the earliest reset ahead. Headers that do not parse
+    are ignored: the call has happened, and its cost must be settled whatever they say."""
     retry_after = headers.get("retry-after")
     if retry_after is not None:
         pause = _retry_after_ms(retry_after, now_ms)
@@ -104,8 +143,8 @@ def is_resource_request(request: Request) -> bool:
     return request.operation == "release" and bool(request.config.get("resource", "").strip())
 
 
-def _refuse(message: str) -> None:
-    raise ProvisionerError(FailureCode.INVALID_INVOCATION, message)
+def _refuse(message: str, code: FailureCode = FailureCode.INVALID_INVOCATION) -> NoReturn:
+    raise ProvisionerError(code, message)
 
 
 def _whole(value: Any, low: int, high: int, refusal: str) -> int:
@@ -113,7 +152,6 @@ def _whole(value: Any, low: int, high: int, refusal: str) -> int:
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         _refuse(refusal)
-    assert isinstance(value, int)
     return value
 
 
@@ -129,11 +167,8 @@ def _action_name(config: dict[str, str], key: str, default: str) -> str:
     if not raw:
         return default
     if not _ACTION_NAME.fullmatch(raw):
-        raise ProvisionerError(
-            FailureCode.INVALID_CONFIG,
-            f"{key} must be an action name (a capital letter, then up to 63 letters, digits "
-            f"or _), got {raw[:40]!r}",
-        )
+        rule = "an action name (a capital letter, then up to 63 letters, digits or _)"
+        _refuse(f"{key} must be {rule}, got {raw[:40]!r}", FailureCode.INVALID_CONFIG)
     return raw
 
 
@@ -145,20 +180,179 @@ def _declared(request: Request, name: str) -> int | None:
 
 
 def _gate(gates: dict[str, ResourceGate], raw: str | None) -> ResourceGate:
-    name = (raw or "").strip()
+    name, misconfigured = (raw or "").strip(), FailureCode.INVALID_CONFIG
     if not name:
-        raise ProvisionerError(
-            FailureCode.INVALID_CONFIG, "operation needs the config key resource (a gate name)"
-        )
+        _refuse("operation needs the config key resource (a gate name)", misconfigured)
     gate = gates.get(name)
     if gate is None:
-        declared = ", ".join(gates) or "none"
-        raise ProvisionerError(
-            FailureCode.INVALID_CONFIG,
-            f"resource {name[:40]!r} is not declared by any resource.{name[:40]}.<limit> key "
-            f"(declared: {declared})",
-        )
+        unknown = f"resource {name[:40]!r} is not declared by any resource.{name[:40]}.<limit> key"
+        _refuse(f"{unknown} (declared: {', '.join(gates) or 'none'})", misconfigured)
     return gate
+
+
+ResourceLoaded = LoadedDocument[ResourceState]
+
+
+class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
+    costs: Costs  # the request's estimates, set by `acquire`
+
+    def __init__(self, ports: Ports, config: AdmissionConfig, gate: ResourceGate) -> None:
+        super().__init__(ports, config, resource_prefix(gate.name), ResourceState)
+        self.gate = gate
+
+    @property
+    def queue_timeout_ms(self) -> int:
+        timeout = self.gate.queue_timeout_ms
+        return self.config.queue_timeout_ms if timeout is None else timeout
+
+    def catch_up(self, state: ResourceState, now_ms: int) -> bool:
+        prune(state, self.gate, now_ms)
+        return bool(pass_over_unclaimed(state, now_ms, self.config.reservation_claim_ms))
+
+    def read_ticket(self, tenant: str, ticket: int) -> Costs | None:
+        entry = self.ports.storage.get(ACCOUNT, ticket_key(tenant, ticket, self.prefix))
+        return None if entry is None else decode_ticket(entry.value)[1]
+
+    def acquire(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
+        self.costs = costs
+        self.ticket_value = encode_ticket(waiter.entity, costs)
+        return self.ask(waiter)
+
+    def locate(self, waiter: Waiter, loaded: ResourceLoaded) -> Place | ResourceGrant:
+        """Asking again while holding the lease renews it and answers the same grant."""
+        state, now = loaded.state, loaded.now_ms
+        held = state.lease_of(waiter.tenant, waiter.entity)
+        if held is not None:
+            held.expires_ms = now + self.gate.lease_ms
+            self.save_gate(loaded)
+            return ResourceGrant(held.lease_id, held.expires_ms, 0, renewed=True)
+        return queued_place(state, waiter.tenant, loaded.place, now)
+
+    def assess(self, waiter: Waiter, loaded: ResourceLoaded, place: Place) -> Assessment:
+        state, gate, now, uniform = loaded.state, self.gate, loaded.now_ms, self.ports.uniform
+        costs, read = self.costs, self.read_ticket
+        return resource_assess(
+            state, gate, self.config, now, waiter.tenant, place, costs, read, uniform
+        )
+
+    def reserve(
+        self, loaded: ResourceLoaded, scheduled: list[Scheduled], mine: Turn
+    ) -> tuple[bool, Reservation | None]:
+        state, now, claim_ms = loaded.state, loaded.now_ms, self.config.reservation_claim_ms
+        reserved = False
+        for item in scheduled:
+            turn, rid = item.turn, new_lease_id(self.ports, "v")
+            made = reserve(state, turn.tenant, turn.ticket, None, now, now, claim_ms, rid)[1]
+            reserved = reserved or made
+        return reserved, reservation_of(state, mine.tenant, mine.ticket, None)
+
+    def timed_out(self, loaded: ResourceLoaded, place: Place) -> str | None:
+        """Longer than the queue timeout, or than the stall timeout with no grant made by
+        the gate meanwhile (a stuck gate; a queue that moves keeps its waiters)."""
+        now_ms, since_ms, granted_ms = loaded.now_ms, place.since_ms, loaded.state.granted_ms
+        waited = now_ms - since_ms
+        if waited >= self.queue_timeout_ms:
+            return (
+                f"waited {waited} ms for resource {self.gate.name!r}, longer than its queue "
+                f"timeout of {self.queue_timeout_ms} ms"
+            )
+        stall = self.gate.stall_timeout_ms
+        stalled = now_ms - max(since_ms, granted_ms)
+        if stall is not None and stalled >= stall:
+            return (
+                f"resource {self.gate.name!r} granted no one for {stalled} ms of this wait, "
+                f"longer than its stall timeout of {stall} ms"
+            )
+        return None
+
+    def grant(self, waiter: Waiter, loaded: ResourceLoaded, place: Place) -> ResourceGrant:
+        state, now, costs = loaded.state, loaded.now_ms, self.costs
+        charges: list[Charge] = []
+        for rate in rate_limits(self.gate):
+            name = rate.bucket_id(waiter.tenant)
+            cost = costs.get(rate.kind, 0.0)
+            tat = rate.bucket.charge(state.buckets.get(name, 0.0), now, cost)
+            set_bucket(state, name, tat, now)
+            charges.append(Charge(name, cost, tat - now))
+        margins = {kind: margin for kind in (INPUT, OUTPUT) if (margin := margin_of(costs, kind))}
+        lease_id, until = new_lease_id(self.ports, "r"), now + self.gate.lease_ms
+        lease = ResourceLease(lease_id, waiter.tenant, waiter.entity, until, now, charges, margins)
+        state.leases.append(lease)
+        self.unplace(state, waiter, place, granted=True)
+        state.grants += 1
+        state.granted_ms = now
+        self.save_gate(loaded)
+        # The gate document is the truth about who holds what: the place is not needed.
+        self.forget(waiter, place.ticket)
+        return ResourceGrant(lease.lease_id, lease.expires_ms, now - place.since_ms)
+
+    @retried
+    def settle(
+        self, waiter: Waiter, lease_id: str | None, actual: Costs, answer: ProviderAnswer
+    ) -> Settled:
+        loaded = self.load(waiter)
+        state, now = loaded.state, loaded.now_ms
+        mine = (waiter.tenant, waiter.entity)
+        lease = state.lease_of(*mine) if lease_id is None else state.lease(lease_id)
+        if lease is not None and (lease.tenant, lease.entity) != mine:
+            lease = None  # another entity's lease: not this waiter's to settle
+        charged: dict[str, float] = {}
+        if lease is not None:
+            state.leases.remove(lease)
+            state.observe_hold(lease.started_ms, now)
+            rates = {rate.bucket_id(waiter.tenant): rate for rate in rate_limits(self.gate)}
+            for charge in lease.charges:
+                rate = rates.get(charge.bucket)
+                if rate is None:
+                    continue  # the limit was removed from the config since the grant
+                known = actual.get(rate.kind)
+                if known is None:
+                    continue  # not told: what the grant charged stands
+                tat = state.buckets.get(charge.bucket, 0.0)
+                settled = settle_charge(rate.bucket, tat, now, charge, known)
+                set_bucket(state, charge.bucket, settled, now)
+                if not rate.per_tenant:
+                    charged[rate.kind] = (settled - tat) / rate.bucket.interval_ms
+        else:
+            for rate in rate_limits(self.gate):
+                known = actual.get(rate.kind)
+                if rate.kind == REQUESTS or not known:
+                    continue
+                name = rate.bucket_id(waiter.tenant)
+                tat = state.buckets.get(name, 0.0)
+                set_bucket(state, name, rate.bucket.charge(tat, now, known), now)
+                if not rate.per_tenant:
+                    charged[rate.kind] = known
+        if answer.backs_off:
+            record_failure(state, self.config, now, answer.pause_ms, self.ports.uniform())
+        elif answer.kind == "success":
+            state.backoff_failures = 0
+        self.save_gate(loaded)
+        return Settled(
+            lease_id=lease.lease_id if lease is not None else lease_id,
+            held=lease is not None,
+            answer=answer.kind,
+            charged={kind: round(tokens, 3) for kind, tokens in charged.items()},
+            cooling_ms=cooling_ms(state, now),
+        )
+
+    @retried
+    def release(self, waiter: Waiter) -> Released:
+        loaded = self.load(waiter)
+        state, now = loaded.state, loaded.now_ms
+        lease = state.lease_of(waiter.tenant, waiter.entity)
+        if lease is not None:
+            state.leases.remove(lease)
+            state.observe_hold(lease.started_ms, now)
+            charge_margins(state, self.gate, lease, now)
+        ticket = None if loaded.place is None else loaded.place.queued_ticket
+        waited = ticket is not None and state.holds_ticket(waiter.tenant, ticket)
+        if ticket is not None and waited:
+            drop_ticket(state, waiter.tenant, ticket)
+        if lease is not None or waited:
+            self.save_gate(loaded)
+        self.forget(waiter, ticket)
+        return Released(lease.lease_id if lease is not None else None, lease is not None, waited)
 
 
 class ResourceOperations:
@@ -166,15 +360,17 @@ class ResourceOperations:
         config = read_config(request.config)
         self.request = request
         self.ports = ports
-        self.admission: AdmissionConfig = config.admission
         self.gate = _gate(config.resources, request.config.get("resource"))
+        self.ledger = ResourceLedger(ports, config.admission, self.gate)
         self.waiter = Waiter(request.tenant, request.entity)
-        self.granted_action = _action_name(request.config, "granted_action", RESOURCE_GRANTED)
-        self.queued_action = _action_name(request.config, "queued_action", RESOURCE_QUEUED)
-        self.settled_action = _action_name(request.config, "settled_action", RESOURCE_SETTLED)
-        self.released_action = _action_name(request.config, "released_action", RESOURCE_RELEASED)
+        self.actions = {
+            verb: _action_name(request.config, f"{verb}_action", f"Resource{verb.title()}")
+            for verb in _VERBS
+        }
 
-    def _answer(self, action: str, event: str, params: dict[str, Any]) -> Outcome:
+    def _answer(self, verb: str, params: dict[str, Any]) -> Outcome:
+        """The outcome `verb` names (none for a refusal), told as event `resource_<verb>`."""
+        event, action = f"resource_{verb}", self.actions.get(verb, "")
         body = {"resource": self.gate.name, **params}
         with contextlib.suppress(Exception):
             self.ports.telemetry.progress(
@@ -199,23 +395,17 @@ class ResourceOperations:
         if reason is not None:
             _refuse(reason)
         try:
-            decision = Acquisition(self.ports, self.admission, self.gate).decide(self.waiter, costs)
+            decision = self.ledger.acquire(self.waiter, costs)
         except StorageError as error:
             with contextlib.suppress(Exception):
                 self.ports.telemetry.log(LogLevel.WARN, f"resource acquire fails closed: {error!r}")
-            decision = storage_queued(self.ports, self.admission)
+            decision = storage_queued(self.ports, self.ledger.config)
         if isinstance(decision, ResourceGrant):
-            granted = {
-                "lease_id": decision.lease_id,
-                "expires_at_ms": decision.expires_at_ms,
-                "queued_ms": decision.queued_ms,
-                "renewed": decision.renewed,
-            }
-            return self._answer(self.granted_action, "resource_granted", granted)
+            return self._answer("granted", fields_of(decision))
         if isinstance(decision, Rejected):
-            self._answer("", "resource_rejected", {"code": decision.failure.code})
+            self._answer("rejected", {"code": decision.failure.code})
             return failed(decision.failure)
-        return self._answer(self.queued_action, "resource_queued", decision.params())
+        return self._answer("queued", decision.params())
 
     def settle(self) -> Outcome:
         params = self.request.trigger_params
@@ -235,9 +425,7 @@ class ResourceOperations:
         lowered = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
         now = self.ports.clock.now_ms()
         answer = ProviderAnswer(status, pause_from_headers(status, lowered, now))
-        settled = ResourceSettlement(self.ports, self.admission, self.gate).decide(
-            self.waiter, lease_id or None, actual, answer
-        )
+        settled = self.ledger.settle(self.waiter, lease_id or None, actual, answer)
         body = {
             "lease_id": settled.lease_id,
             "held": settled.held,
@@ -246,18 +434,15 @@ class ResourceOperations:
             "charged": settled.charged,
             "cooling_ms": settled.cooling_ms,
         }
-        return self._answer(self.settled_action, "resource_settled", body)
+        return self._answer("settled", body)
 
     def release(self) -> Outcome:
-        released = ResourceRelease(self.ports, self.admission, self.gate).decide(self.waiter)
+        released = self.ledger.release(self.waiter)
         body = {"released": released.held, "lease_id": released.lease_id, "waited": released.waited}
-        return self._answer(self.released_action, "resource_released", body)
+        return self._answer("released", body)
 
 
 def dispatch_resource(request: Request, ports: Ports) -> Outcome:
     operations = ResourceOperations(request, ports)
-    if request.operation == "acquire":
-        return operations.acquire()
-    if request.operation == "settle":
-        return operations.settle()
-    return operations.release()
+    decisions = {"acquire": operations.acquire, "settle": operations.settle}
+    return decisions.get(request.operation, operations.release)()

@@ -1,42 +1,97 @@
-"""What only the sandbox gate keeps: its leases (a dead holder's permit comes back), and
-the promises of its free permits (`promise`).
+"""The sandbox gate: its leases (a dead holder's permit comes back), the promises of its
+free permits (`promise`), and its decisions, `admit`, `settle` and `release`.
+
+After a timeout or 5xx (Unavailable) E2B may have made the sandbox, so the create stays
+counted as unsettled until a retry adopts it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from provisioner.config import AdmissionConfig
-from provisioner.gates.blocking import Permits, Scheduled, Turn, eligibility, schedule
-from provisioner.gates.cas import new_lease_id
+from provisioner.failures import FailureCode
+from provisioner.gates.blocking import (
+    Assessment,
+    Permits,
+    Scheduled,
+    Turn,
+    assess,
+    eligibility,
+    removable,
+    schedule,
+    waiting,
+)
+from provisioner.gates.cas import Again, new_lease_id
 from provisioner.gates.document import (
+    DEFAULT_SANDBOX_TIMEOUT_MS,
+    GATE_KEY,
+    SANDBOX_PREFIX,
     CreateLease,
     GateState,
+    Reservation,
     SandboxLease,
     UnsettledCreate,
+    averaged,
     not_owned_by,
+    owned_by,
     ticket_key,
+    waiter_key,
 )
-from provisioner.gates.queue import reservation_of, reserve
-from provisioner.ports import Ports, Scope
+from provisioner.gates.ledger import (
+    ACCOUNT,
+    GateLedger,
+    LoadedDocument,
+    queued_place,
+    retried,
+)
+from provisioner.gates.place import Place, Stage
+from provisioner.gates.policies import (
+    capacity_in_use,
+    capacity_limit,
+    create_bucket,
+    record_failure,
+    refill_retries,
+    retry_tokens,
+    slots_in_use,
+)
+from provisioner.gates.queue import (
+    drop_ticket,
+    pass_over_unclaimed,
+    reservation_of,
+    reserve,
+)
+from provisioner.gates.results import (
+    REASON_BACKOFF,
+    REASON_CAPACITY,
+    REASON_CREATE_SLOTS,
+    CapacityExhausted,
+    Created,
+    CreateFailed,
+    CreateResult,
+    Grant,
+    Queued,
+    RateLimited,
+    Rejected,
+    Unavailable,
+    Waiter,
+)
+from provisioner.model import Failure
+from provisioner.ports import Ports, StorageConflict
 
 LeaseT = TypeVar("LeaseT", CreateLease, UnsettledCreate)
+SandboxLoaded = LoadedDocument[GateState]
 
 
 def prune_expired(state: GateState, now_ms: int) -> None:
     """Drop expired leases. An expired create lease gives its slot back but stays as an
     unsettled create: its holder died before hearing E2B's answer, so the sandbox may exist."""
-    state.unsettled += [unsettled_from(c) for c in state.create_leases if c.expires_ms <= now_ms]
+    state.unsettled += [c.unsettled() for c in state.create_leases if c.expires_ms <= now_ms]
     state.create_leases = [c for c in state.create_leases if c.expires_ms > now_ms]
     state.sandbox_leases = [s for s in state.sandbox_leases if s.expires_ms > now_ms]
     state.unsettled = [u for u in state.unsettled if u.until_ms > now_ms]
-
-
-def unsettled_from(lease: CreateLease) -> UnsettledCreate:
-    return UnsettledCreate(
-        lease.lease_id, lease.tenant, lease.entity, lease.started_ms, lease.sandbox_until_ms
-    )
 
 
 def pop_lease(leases: list[LeaseT], lease_id: str) -> LeaseT | None:
@@ -46,31 +101,17 @@ def pop_lease(leases: list[LeaseT], lease_id: str) -> LeaseT | None:
     return None
 
 
-def drop_leases_of(state: GateState, tenant: str, entity: str) -> int:
-    """Drop the entity's leases and unsettled creates; returns how many counted."""
-    counted = state.tenant_in_use(tenant)
-    state.create_leases = not_owned_by(state.create_leases, tenant, entity)
+def drop_sandbox(state: GateState, tenant: str, entity: str) -> None:
+    """Drop the entity's capacity lease and unsettled creates."""
     state.sandbox_leases = not_owned_by(state.sandbox_leases, tenant, entity)
     state.unsettled = not_owned_by(state.unsettled, tenant, entity)
-    return counted - state.tenant_in_use(tenant)
 
 
-def hold_sandbox(
-    state: GateState,
-    lease_id: str,
-    tenant: str,
-    entity: str,
-    sandbox_id: str,
-    now_ms: int,
-    ttl_ms: int,
-) -> None:
+def hold_sandbox(state: GateState, lease: SandboxLease) -> None:
     """One capacity lease per entity: it replaces the entity's old lease and unsettled
     creates (the same idempotency key: this is the sandbox they may have made)."""
-    state.sandbox_leases = not_owned_by(state.sandbox_leases, tenant, entity)
-    state.unsettled = not_owned_by(state.unsettled, tenant, entity)
-    state.sandbox_leases.append(
-        SandboxLease(lease_id, tenant, entity, now_ms + ttl_ms, now_ms, sandbox_id)
-    )
+    drop_sandbox(state, lease.tenant, lease.entity)
+    state.sandbox_leases.append(lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,41 +125,329 @@ class WakeUp:
     reservation: str
 
 
-def promise(
-    ports: Ports,
-    config: AdmissionConfig,
-    state: GateState,
-    now_ms: int,
-    *,
-    scheduled: list[Scheduled] | None = None,
-    caller: Turn | None = None,
-) -> tuple[bool, list[WakeUp]]:
-    """Promise the free permits to the turns the schedule (`blocking.schedule`, of now unless
-    given) lets go now and to the one the next rate token falls to: tokens further off
-    stay unpromised, so a tenant that starts waiting still gets its round-robin turn.
-    Returns whether the document changed, and the waiters other than `caller` newly
-    promised a permit."""
-    if scheduled is None:
-        permits = Permits.of(state, config, now_ms)
-        scheduled = schedule(state, config, now_ms, permits, eligibility(state, config))
-    pending = [item for item in scheduled if item.due_ms > 0][:1]
-    changed = False
-    wake_ups: list[WakeUp] = []
-    for item in [item for item in scheduled if item.due_ms <= 0] + pending:
-        turn = item.turn
-        new = reservation_of(state, turn.tenant, turn.ticket, turn.entity) is None
-        at, claim, rid = now_ms + item.due_ms, config.reservation_claim_ms, new_lease_id(ports, "v")
-        held, moved = reserve(state, turn.tenant, turn.ticket, turn.entity, at, now_ms, claim, rid)
-        changed = changed or moved
-        if new and turn != caller:
-            entity = turn.entity or _ticket_entity(ports, turn)
+def exhausted(attempts: int) -> Rejected:
+    message = f"E2B refused {attempts} create attempts; giving up on this waiter"
+    return Rejected(Failure(FailureCode.RETRY_BUDGET_EXHAUSTED, message, retryable=True))
+
+
+def leave_queue(state: GateState, waiter: Waiter, place: Place | None) -> int | None:
+    """Out of the retries and its tenant's queue; returns the ticket whose key should go."""
+    state.drop_retry(waiter.tenant, waiter.entity)
+    ticket = None if place is None else place.queued_ticket
+    if ticket is not None:
+        drop_ticket(state, waiter.tenant, ticket)
+    return ticket
+
+
+class SandboxLedger(GateLedger[GateState, Grant]):
+    def __init__(self, ports: Ports, config: AdmissionConfig) -> None:
+        super().__init__(ports, config, SANDBOX_PREFIX, GateState)
+        # The waiters this decision promised a permit to (`promise`), told only once the
+        # gate holding the promise is saved.
+        self.wake_ups: list[WakeUp] = []
+        self._promised: list[WakeUp] = []
+        # How long a create never settled counts against capacity (`admit` sets it).
+        self.sandbox_timeout_ms = DEFAULT_SANDBOX_TIMEOUT_MS
+
+    def load(self, waiter: Waiter) -> SandboxLoaded:
+        self._promised = []
+        return super().load(waiter)
+
+    def save_gate(self, loaded: SandboxLoaded) -> None:
+        super().save_gate(loaded)
+        self.wake_ups.extend(self._promised)
+        self._promised = []
+
+    def promise(
+        self,
+        loaded: SandboxLoaded,
+        scheduled: list[Scheduled] | None = None,
+        caller: Turn | None = None,
+    ) -> bool:
+        """Promise the free permits to the turns the schedule (`blocking.schedule`, of now
+        unless given) lets go now and to the one the next rate token falls to: tokens
+        further off stay unpromised, so a tenant that starts waiting still gets its
+        round-robin turn. True when the document changed; the waiters other than `caller`
+        newly promised a permit are told once it is saved."""
+        state, now_ms, config = loaded.state, loaded.now_ms, self.config
+        if scheduled is None:
+            permits = Permits.of(state, config, now_ms)
+            scheduled = schedule(state, config, now_ms, permits, eligibility(state, config))
+        pending = [item for item in scheduled if item.due_ms > 0][:1]
+        changed, claim = False, config.reservation_claim_ms
+        self._promised = []
+        for item in [item for item in scheduled if item.due_ms <= 0] + pending:
+            turn, at, rid = item.turn, now_ms + item.due_ms, new_lease_id(self.ports, "v")
+            new = reservation_of(state, turn.tenant, turn.ticket, turn.entity) is None
+            held, moved = reserve(
+                state, turn.tenant, turn.ticket, turn.entity, at, now_ms, claim, rid
+            )
+            changed = changed or moved
+            entity = (turn.entity or self._ticket_entity(turn)) if new and turn != caller else None
             if entity is not None:
-                wake_ups.append(WakeUp(turn.tenant, entity, held.at_ms, held.rid))
-    return changed, wake_ups
+                self._promised.append(WakeUp(turn.tenant, entity, held.at_ms, held.rid))
+        return changed
 
+    def _ticket_entity(self, turn: Turn) -> str | None:
+        """From the ticket's liveness key (None: expired, its waiter is skipped as dead)."""
+        assert turn.ticket is not None
+        entry = self.ports.storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket, self.prefix))
+        return None if entry is None else entry.value.decode()
 
-def _ticket_entity(ports: Ports, turn: Turn) -> str | None:
-    """From the ticket's liveness key (None: expired, its waiter is skipped as dead)."""
-    assert turn.ticket is not None
-    entry = ports.storage.get(Scope.ACCOUNT, ticket_key(turn.tenant, turn.ticket))
-    return None if entry is None else entry.value.decode()
+    def catch_up(self, state: GateState, now_ms: int) -> bool:
+        """Prune expired leases, refill the retry budget, pass over unclaimed reservations
+        (True when any was)."""
+        prune_expired(state, now_ms)
+        refill_retries(state, self.config, now_ms)
+        claim_ms = self.config.reservation_claim_ms
+        return bool(pass_over_unclaimed(state, now_ms, claim_ms, state.drop_retry))
+
+    def admit(self, waiter: Waiter, sandbox_timeout_ms: int) -> Grant | Queued | Rejected:
+        self.sandbox_timeout_ms = sandbox_timeout_ms
+        return self.ask(waiter)
+
+    def locate(self, waiter: Waiter, loaded: SandboxLoaded) -> Place | Queued | Rejected:
+        """A waiter whose own create is in flight gets Queued (position 0), not a place: no
+        entity has two creates at once."""
+        state, stored, now, config = loaded.state, loaded.place, loaded.now_ms, self.config
+        if stored is None or stored.stage is Stage.HOLDING:
+            if state.reclaims(waiter.tenant, waiter.entity):
+                # Its record expired while its unsettled create counts: a retry reclaims it.
+                state.add_retry(waiter.tenant, waiter.entity)
+                attempt = 1 if stored is None else stored.attempt
+                return Place(Stage.RETRYING, now, attempt + 1)
+            # A sandbox the caller has no record of (a crash after the create): the same
+            # idempotency key finds it again.
+            return queued_place(state, waiter.tenant, None, now)
+        if stored.stage is Stage.QUEUED:
+            return queued_place(state, waiter.tenant, stored, now)
+        if stored.stage is Stage.RETRYING:
+            # Dropped from the retries while it stopped polling: back where retries wait.
+            state.add_retry(waiter.tenant, waiter.entity)
+            return stored
+        lease = next((c for c in state.create_leases if c.lease_id == stored.lease_id), None)
+        if lease is not None:
+            wait = max(config.poll_min_ms, min(lease.expires_ms - now, config.poll_max_ms))
+            in_use, slots, waited = slots_in_use(state), config.create_slots, now - stored.since_ms
+            queue = state.waiting()
+            return Queued(0, queue, in_use, slots, REASON_CREATE_SLOTS, wait, wait, waited)
+        # The create's holder died mid-call: a retry (its possible sandbox still counted).
+        attempt = stored.attempt + 1
+        if attempt > config.max_create_attempts:
+            return exhausted(attempt - 1)
+        state.add_retry(waiter.tenant, waiter.entity)
+        return Place(Stage.RETRYING, stored.since_ms, attempt)
+
+    def timed_out(self, loaded: SandboxLoaded, place: Place) -> str | None:
+        waited, timeout = loaded.now_ms - place.since_ms, self.queue_timeout_ms
+        if waited < timeout:
+            return None
+        return f"waited {waited} ms for a sandbox, longer than the queue timeout of {timeout} ms"
+
+    def assess(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Assessment:
+        state, now, config, uniform = loaded.state, loaded.now_ms, self.config, self.ports.uniform
+        mine = Turn.of(waiter, place)
+        dropped = False
+        # Each pass drops at least one dead waiter from the front, so it ends.
+        for _ in range(config.create_slots + len(state.retries) + 2):
+            seen = assess(state, config, now, waiter, place, uniform)
+            if seen.goes and removable(state, waiter.tenant, place):
+                return seen
+            front = [item.turn for item in seen.scheduled if item.due_ms <= 0]
+            if not front or not self._skip_dead(state, front, mine):
+                break
+            dropped = True
+        else:
+            seen = assess(state, config, now, waiter, place, uniform)
+        # When its turn has come but its ticket cannot leave out of order yet, it waits.
+        queued = seen.queued or waiting(state, config, now, waiter, place, uniform)
+        return replace(seen, queued=queued, dropped=dropped)
+
+    def reserve(
+        self, loaded: SandboxLoaded, scheduled: list[Scheduled], mine: Turn
+    ) -> tuple[bool, Reservation | None]:
+        reserved = self.promise(loaded, scheduled, caller=mine)
+        own = reservation_of(loaded.state, mine.tenant, mine.ticket, mine.entity)
+        if own is not None and not any(item.turn == mine for item in scheduled):
+            # No permit is there for it now (a cap-429 took it): withdraw the promise, or
+            # the holder, still asking, would be passed over at its deadline as gone.
+            loaded.state.reservations.remove(own)
+            return True, None
+        return reserved, own
+
+    def grant(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Grant:
+        state, now, config = loaded.state, loaded.now_ms, self.config
+        lease_id = new_lease_id(self.ports, "c")
+        expires = now + config.create_lease_ms
+        until = expires + self.sandbox_timeout_ms
+        lease = CreateLease(lease_id, waiter.tenant, waiter.entity, expires, now, until)
+        state.create_leases.append(lease)
+        state.rate_tat_ms = create_bucket(config).charge(state.rate_tat_ms, now, 1)
+        tokens = retry_tokens(state, config)
+        if place.attempt > 1:
+            state.retry_tokens = tokens - 1.0
+        else:
+            state.retry_tokens = min(config.retry_budget, tokens + config.retry_ratio)
+        self.unplace(state, waiter, place, granted=True)
+        state.grants += 1
+        # What the grant left free (more slots, the next rate token) goes to the next turns.
+        self.promise(loaded)
+        self.save_gate(loaded)
+        creating = Place(Stage.CREATING, place.since_ms, place.attempt, lease_id=lease_id)
+        try:
+            self.save_place(waiter, loaded, creating, config.create_lease_ms + config.waiter_ttl_ms)
+        except StorageConflict:
+            # When the slot cannot be given back, the lease expires on its own.
+            with contextlib.suppress(StorageConflict):
+                self._undo_grant(lease_id)
+            raise Again("waiter record moved during the grant") from None
+        self.forget_ticket(waiter, place.ticket)
+        return Grant(lease_id, place.attempt, now - place.since_ms, lease.expires_ms)
+
+    @retried
+    def _undo_grant(self, lease_id: str) -> None:
+        """Give a just-taken slot back (its rate token stays spent: that errs safe)."""
+        entry = self.ports.storage.get(ACCOUNT, GATE_KEY)
+        if entry is None:
+            return
+        state = GateState.from_bytes(entry.value)
+        if pop_lease(state.create_leases, lease_id) is not None:
+            storage, version = self.ports.storage, entry.version
+            storage.compare_and_swap(ACCOUNT, GATE_KEY, version, state.to_bytes(), None)
+
+    def _skip_dead(self, state: GateState, turns: list[Turn], mine: Turn) -> bool:
+        """Drop waiters ahead that stopped polling (their keys expired); True if any."""
+        storage = self.ports.storage
+        skipped = False
+        for turn in turns:
+            if turn == mine:
+                continue
+            if turn.is_retry:
+                assert turn.entity is not None
+                entry = storage.get(ACCOUNT, waiter_key(turn.tenant, turn.entity, self.prefix))
+                place = None if entry is None else Place.from_bytes(entry.value)
+                if not (
+                    place is not None
+                    and place.stage is Stage.RETRYING
+                    and place.alive(self.ports.clock.now_ms())
+                ):
+                    state.drop_retry(turn.tenant, turn.entity)
+                    skipped = True
+            else:
+                assert turn.ticket is not None
+                if storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket, self.prefix)) is None:
+                    skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
+        return skipped
+
+    @retried
+    def settle(
+        self, waiter: Waiter, grant: Grant, result: CreateResult
+    ) -> Queued | Rejected | None:
+        loaded = self.load(waiter)
+        state, now, config = loaded.state, loaded.now_ms, self.config
+        stored = loaded.place
+        since = stored.since_ms if stored is not None else now - grant.queued_ms
+        lease = pop_lease(state.create_leases, grant.lease_id)
+        # Answered after its lease expired: the unsettled create it left is settled now.
+        late = None if lease is not None else pop_lease(state.unsettled, grant.lease_id)
+        unsettled = late if lease is None else lease.unsettled()
+        if isinstance(result, Unavailable) and unsettled is not None:
+            state.unsettled.append(unsettled)
+        if lease is not None:
+            state.latency_ms = averaged(state.latency_ms, lease.started_ms, now)
+        if isinstance(result, Created):
+            self._created(waiter, grant, result, loaded, since)
+            return None
+        if isinstance(result, CreateFailed):
+            self.forget(waiter, self._leave(waiter, loaded))
+            return Rejected(result.failure)
+        if lease is None and stored is not None and stored.stage is not Stage.CREATING:
+            # Settled already (or the waiter moved on): report where it stands now.
+            if late is not None and not isinstance(result, Unavailable):
+                self.save_gate(loaded)
+            if owned_by(state.retries, waiter.tenant, waiter.entity) is None:
+                return None
+            view = Place(Stage.RETRYING, since, stored.attempt)
+            return waiting(state, config, now, waiter, view, self.ports.uniform)
+        if isinstance(result, CapacityExhausted):
+            # Multiplicative decrease to our count (someone else holds the rest), never below
+            # one; the failed create's own lease was dropped above.
+            used = capacity_in_use(state)
+            state.capacity = max(1, min(capacity_limit(state, config), used))
+            state.success_streak = 0
+            if used == 0:
+                record_failure(state, config, now, None, self.ports.uniform())
+        elif isinstance(result, RateLimited | Unavailable):
+            retry_after = result.retry_after_ms if isinstance(result, RateLimited) else None
+            record_failure(state, config, now, retry_after, self.ports.uniform())
+        attempt = grant.attempt + 1
+        if attempt > config.max_create_attempts:
+            self.forget(waiter, self._leave(waiter, loaded))
+            return exhausted(grant.attempt)
+        state.add_retry(waiter.tenant, waiter.entity)
+        place = Place(Stage.RETRYING, since, attempt)
+        queued = waiting(state, config, now, waiter, place, self.ports.uniform)
+        if isinstance(result, CapacityExhausted) and queued.reason != REASON_BACKOFF:
+            used, limit = capacity_in_use(state), capacity_limit(state, config)
+            queued = replace(
+                queued, reason=REASON_CAPACITY, in_use=used, limit=limit, retry_at_ms=0
+            )
+        self.save_gate(loaded)
+        ttl = queued.expected_back_ms(now) + config.waiter_ttl_ms
+        renewed = Place(Stage.RETRYING, since, attempt, alive_until_ms=now + ttl)
+        self.write_place(waiter, loaded, renewed, ttl + config.queue_timeout_ms)
+        return queued
+
+    def _created(
+        self, waiter: Waiter, grant: Grant, result: Created, loaded: SandboxLoaded, since: int
+    ) -> None:
+        state, now, config = loaded.state, loaded.now_ms, self.config
+        if any(s.lease_id == grant.lease_id for s in state.sandbox_leases):
+            return  # settled already
+        # Held even when the create lease had expired: the sandbox exists, so it counts.
+        timeout_ms = max(1, result.sandbox_timeout_ms)
+        tenant, entity, until = waiter.tenant, waiter.entity, now + timeout_ms
+        hold_sandbox(
+            state, SandboxLease(grant.lease_id, tenant, entity, until, now, result.sandbox_id)
+        )
+        state.backoff_failures = 0
+        if state.capacity is not None:
+            # Additive increase: one more after a run of successes, up to the configured.
+            state.success_streak += 1
+            if state.success_streak >= config.capacity_grow_after:
+                state.success_streak = 0
+                state.capacity += 1
+                if state.capacity >= config.max_sandboxes:
+                    state.capacity = None
+        # A late answer for a waiter that had been queued again must not leave it queued.
+        self.forget_ticket(waiter, self._leave(waiter, loaded))
+        holding = Place(Stage.HOLDING, since, grant.attempt, lease_id=grant.lease_id)
+        self.write_place(waiter, loaded, holding, timeout_ms + config.waiter_ttl_ms)
+
+    def _leave(self, waiter: Waiter, loaded: SandboxLoaded) -> int | None:
+        """Out of the queue, the create slot it held promised on; returns its ticket."""
+        ticket = leave_queue(loaded.state, waiter, loaded.place)
+        self.promise(loaded)
+        self.save_gate(loaded)
+        return ticket
+
+    @retried
+    def release(self, waiter: Waiter) -> bool:
+        """True when the waiter held a permit or had a place in the queue."""
+        loaded = self.load(waiter)
+        state, now = loaded.state, loaded.now_ms
+        lease = owned_by(state.sandbox_leases, waiter.tenant, waiter.entity)
+        if lease is not None:
+            state.observe_hold(lease.started_ms, now)
+        counted = state.tenant_in_use(waiter.tenant)
+        state.create_leases = not_owned_by(state.create_leases, waiter.tenant, waiter.entity)
+        drop_sandbox(state, waiter.tenant, waiter.entity)
+        held = state.tenant_in_use(waiter.tenant) < counted
+        before = state.waiting()
+        ticket = leave_queue(state, waiter, loaded.place)
+        left = before != state.waiting()
+        promised = self.promise(loaded)
+        if held or left or promised or loaded.moved:
+            self.save_gate(loaded)
+        self.forget(waiter, ticket)
+        return held or left or ticket is not None

@@ -251,8 +251,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         ]
         mine_known = seen.order_known and seen.alive_until_ms > self.now()
         fresh = was in ("idle", "queued") and not seen.is_retry
-        # Dead waiters ahead are dropped a bounded number per poll (admit.py), so a waiter
-        # behind some may be told to come back though the permits would reach it.
+        # Dead waiters ahead are dropped a bounded number per poll (`SandboxLedger.assess`),
+        # so a waiter behind some may be told to come back though the permits would reach it.
         none_dead = all(
             s.alive_until_ms > self.now()
             for w, s in self.seen.items()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from provisioner.config import AdmissionConfig
-from provisioner.gates.document import CreateLease, GateState
+from provisioner.gates.document import CreateLease, GateState, SandboxLease
 from provisioner.gates.policies import capacity_wait_ms, slot_wait_ms
 from provisioner.gates.sandbox import hold_sandbox
 
@@ -20,7 +20,10 @@ def holding(*leases: tuple[int, int], hold_ms: int | None = None) -> GateState:
     """A gate whose sandboxes started `ago` ms before now and last `ttl` ms each."""
     state = GateState(hold_ms=hold_ms)
     for i, (ago, ttl) in enumerate(leases):
-        hold_sandbox(state, f"c{i}", "tenant-a", f"Job/{i}", f"sbx-{i}", NOW - ago, ttl)
+        started = NOW - ago
+        hold_sandbox(
+            state, SandboxLease(f"c{i}", "tenant-a", f"Job/{i}", started + ttl, started, f"sbx-{i}")
+        )
     return state
 
 
