@@ -102,7 +102,7 @@ class Operations:
 
     def _progress(self, event: str, **fields: Any) -> None:
         request = self.request
-        self.ports.telemetry.progress(
+        self.ports.progress(
             {"event": event, "tenant": request.tenant, "entity": request.entity, **fields}
         )
 

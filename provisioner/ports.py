@@ -3,6 +3,7 @@ in `provisioner.component`, to in-process fakes in native tests and simulations)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -124,6 +125,11 @@ class Ports:
     clock: Clock
     random: Random
     telemetry: Telemetry
+
+    def progress(self, event: dict[str, Any]) -> None:
+        # Best effort: an event that cannot be told must not fail the decision it reports.
+        with contextlib.suppress(Exception):
+            self.telemetry.progress(event)
 
     def uniform(self) -> float:
         return (self.random.next_u64() >> 11) / float(1 << 53)

@@ -108,5 +108,4 @@ class AdmissionController:
             event.update(event="admission_released", held=result)
         else:
             event.update(event="admission_settled")
-        with contextlib.suppress(Exception):
-            self._ports.telemetry.progress(event)
+        self._ports.progress(event)

@@ -372,10 +372,9 @@ class ResourceOperations:
         """The outcome `verb` names (none for a refusal), told as event `resource_<verb>`."""
         event, action = f"resource_{verb}", self.actions.get(verb, "")
         body = {"resource": self.gate.name, **params}
-        with contextlib.suppress(Exception):
-            self.ports.telemetry.progress(
-                {"event": event, "tenant": self.waiter.tenant, "entity": self.waiter.entity, **body}
-            )
+        self.ports.progress(
+            {"event": event, "tenant": self.waiter.tenant, "entity": self.waiter.entity, **body}
+        )
         return Outcome(action, body)
 
     def acquire(self) -> Outcome:

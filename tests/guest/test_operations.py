@@ -460,6 +460,21 @@ def test_a_failed_kill_names_the_sandbox_it_could_not_kill() -> None:
     assert refused.params["sandbox_id"] == sandbox_id and refused.params["retryable"] is True
 
 
+def test_a_telemetry_sink_that_fails_does_not_fail_the_provision_or_the_release() -> None:
+    # Catches: a progress event whose sink raises turning the SandboxReady it reports into
+    # internal_error (the sandbox made, recorded, and its caller told it failed).
+    guest = Guest(ScriptedE2B())
+
+    def refuse(tag: object, event: dict[str, Any]) -> None:
+        raise RuntimeError("the telemetry pipe is full")
+
+    guest.telemetry.progress = refuse  # type: ignore[method-assign]
+    ready = guest.invoke("provision")
+    assert ready.action == "SandboxReady", ready
+    assert guest.invoke("release").action == "SandboxReleased"
+    assert guest.e2b.sandboxes == {}
+
+
 def test_a_queue_timeout_forgets_the_cycle_so_the_next_one_starts_afresh() -> None:
     # Catches: a rejected waiter whose pending record (and so its idempotency key) is kept,
     # so a later cycle would reuse a key E2B may hold a sandbox for.
