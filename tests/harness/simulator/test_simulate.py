@@ -237,11 +237,16 @@ def test_live_lines_show_queue_positions_and_turns(
             str(loaded_component.path),
             "--no-tradeoff",
             "--verbose",
-            # Without serve's held answers: with 100 ms creates a held waiter gets its
-            # slot within the hold, and nobody is ever answered queued.
+            # Without serve's held answers: a held waiter gets its slot within the hold,
+            # and nobody is ever answered queued.
             "--hold-ms",
             "0",
-            *FAST_E2B,
+            # Creates held open for a second, so the fifth and sixth sessions find the four
+            # slots in use (the precondition of a queued line) even on a loaded machine;
+            # with 100 ms creates, sessions started late by a busy machine never queued.
+            "--e2b-create-latency-ms",
+            "1000",
+            *FAST_E2B[2:],
         ]
     )
     out = capsys.readouterr().out
