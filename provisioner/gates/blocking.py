@@ -17,6 +17,7 @@ from itertools import chain, islice
 from typing import Protocol
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate
+from provisioner.gates.bucket import EPSILON
 from provisioner.gates.document import (
     Costs,
     GateDocument,
@@ -24,6 +25,7 @@ from provisioner.gates.document import (
     ResourceState,
     RetryEntry,
     margin_of,
+    owned_by,
 )
 from provisioner.gates.place import Place, Stage
 from provisioner.gates.policies import (
@@ -150,12 +152,8 @@ def queued_answer(
     uniform: Callable[[], float],
     wait_cap_ms: int | None = None,
 ) -> Queued:
-    """The answer to the waiter at `at` that `held` holds back. Its ETA is when every limit
-    (and `held`) should let it go, after a cooldown, which then holds it instead (showing the
-    first limit's usage). It asks again after the ETA, capped by `wait_cap_ms` unless exact,
-    within [poll_min, poll_max] (from 1 ms when exact: an overdue guess must not loop), spread
-    over poll_min after a cooldown; `retry_at_ms` is the ETA unclamped by poll_max (a host
-    that wakes the waiter wakes it then), no sooner than poll_min when a guess."""
+    """The answer to the waiter at `at` that `held` holds back (docs/gates.md, walk26). An
+    exact wait polls from 1 ms; a guess no sooner than poll_min, so an overdue one never loops."""
     cooling = cooling_ms(state, now_ms)
     eta = cooling + max(limit.wait_ms for limit in [*limits, held])
     if cooling > 0:
@@ -243,7 +241,7 @@ def ready_retries(
     """The first retries whose tenant has room, or that take no new room, as many as the
     budget pays for."""
     ready = (e for e in state.retries if eligible(e.tenant) or state.reclaims(e.tenant, e.entity))
-    return list(islice(ready, max(0, int(retry_tokens(state, config) + 1e-9))))
+    return list(islice(ready, max(0, int(retry_tokens(state, config) + EPSILON))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,9 +337,8 @@ def waiting(
     turn = Turn.of(waiter, place)
     # Its 1-based place in the fair order.
     if turn.ticket is None:
-        retries = [(entry.tenant, entry.entity) for entry in state.retries]
-        mine = (turn.tenant, turn.entity)
-        at = max(1, retries.index(mine) + 1 if mine in retries else len(retries))
+        entry = owned_by(state.retries, waiter.tenant, waiter.entity)
+        at = max(1, len(state.retries) if entry is None else state.retries.index(entry) + 1)
     else:
         ready = ready_retries(state, config, eligible)
         at = max(1, len(ready) + fresh_position(state, turn.tenant, turn.ticket, eligible))
@@ -388,7 +385,6 @@ def waiting(
 
 # Turns looked at per decision (each costs one read of its ticket key).
 LOOKAHEAD = 32
-_EPSILON = 1e-9
 _DEAD = "dead"
 
 # Reads a queued turn's estimated cost from its ticket key; None when the ticket is dead.
@@ -462,7 +458,7 @@ class ResourceHeadroom:
             return REASON_TENANT_CONCURRENCY, Hold.TENANT
         for rate in self.rates:
             need = costs.get(rate.kind, 0.0) + self.reserve(rate, turn.tenant, costs)
-            if self.level(rate, turn.tenant) + _EPSILON < need:
+            if self.level(rate, turn.tenant) + EPSILON < need:
                 return rate.reason, Hold.TENANT if rate.per_tenant else Hold.ALL
         return None
 
@@ -507,7 +503,7 @@ class ResourceHeadroom:
             reserve = self.reserve(rate, tenant, costs)
             tat = state.buckets.get(rate.bucket_id(tenant), 0.0)
             wait = rate.bucket.wait_ms(tat, now_ms, need + reserve)
-            used = max(0, math.ceil(rate.bucket.burst - self.level(rate, tenant) - _EPSILON))
+            used = max(0, math.ceil(rate.bucket.burst - self.level(rate, tenant) - EPSILON))
             usage = (used, math.floor(rate.bucket.burst))
             limits.append(Estimate(rate.reason, wait, usage, exact=reserve <= 0))
         return limits
@@ -528,9 +524,8 @@ def resource_assess(
     assert place.ticket is not None
     mine = Turn(tenant, ticket=place.ticket)
     walked = ResourceHeadroom(state, gate, now_ms, read_cost, {mine: costs})
-    cooling = cooling_ms(state, now_ms)
     went = Walk([], (REASON_BACKOFF, Hold.ALL), False)
-    if cooling <= 0:
+    if cooling_ms(state, now_ms) <= 0:
         # Up to the waiter's own turn; reserved turns first (their permits are promised).
         reserved = (Turn(r.tenant, ticket=r.ticket) for r in live_reservations(state))
         fresh = (Turn(t, ticket=n) for t, n in fair_order(state, walked.tenant_has_room))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-_EPSILON = 1e-9
+# How far a float sum may miss a whole number of tokens and still count as it.
+EPSILON = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +28,14 @@ class Bucket:
         return self.burst - max(0.0, tat_ms - now_ms) / self.interval_ms
 
     def fits(self, tat_ms: float, now_ms: int, cost: float) -> bool:
-        return self.level(tat_ms, now_ms) + _EPSILON >= cost
+        return self.level(tat_ms, now_ms) + EPSILON >= cost
 
     def charge(self, tat_ms: float, now_ms: int, cost: float) -> float:
         return max(tat_ms, float(now_ms)) + cost * self.interval_ms
 
     def wait_ms(self, tat_ms: float, now_ms: int, cost: float) -> int:
         missing = cost - self.level(tat_ms, now_ms)
-        return 0 if missing <= _EPSILON else math.ceil(missing * self.interval_ms)
+        return 0 if missing <= EPSILON else math.ceil(missing * self.interval_ms)
 
 
 @dataclass(slots=True)

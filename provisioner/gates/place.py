@@ -15,9 +15,6 @@ class Stage(Enum):
     HOLDING = "h"  # holds a sandbox (a capacity lease)
 
 
-_STAGES = {stage.value: stage for stage in Stage}
-
-
 @dataclass(frozen=True, slots=True)
 class Place:
     """`since_ms`, when it first asked, outlives a waiter that stops polling by the queue
@@ -48,4 +45,4 @@ class Place:
     def from_bytes(cls, raw: bytes) -> Place:
         stage, since, attempt, ticket, lease, alive = json.loads(raw.decode())
         lease_id, queued = str(lease) or None, None if int(ticket) < 0 else int(ticket)
-        return cls(_STAGES[str(stage)], int(since), int(attempt), queued, lease_id, int(alive))
+        return cls(Stage(str(stage)), int(since), int(attempt), queued, lease_id, int(alive))

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from provisioner.config import TENANT, AdmissionConfig, ResourceGate
-from provisioner.gates.bucket import Bucket
+from provisioner.gates.bucket import EPSILON, Bucket
 from provisioner.gates.document import (
     INPUT,
     OUTPUT,
@@ -39,10 +39,9 @@ def record_failure(
     uniform: float,
 ) -> None:
     """Extend the cooldown (never shorten it)."""
+    pause = backoff_ms(state.backoff_failures, config, uniform)
     if retry_after_ms is not None and retry_after_ms >= 0:
         pause = retry_after_ms
-    else:
-        pause = backoff_ms(state.backoff_failures, config, uniform)
     state.backoff_failures += 1
     state.cooldown_until_ms = max(state.cooldown_until_ms, now_ms + pause)
 
@@ -93,7 +92,7 @@ def create_bucket(config: AdmissionConfig) -> Bucket:
 
 
 def rate_available(state: GateState, config: AdmissionConfig, now_ms: int) -> int:
-    return max(0, math.floor(create_bucket(config).level(state.rate_tat_ms, now_ms) + 1e-9))
+    return max(0, math.floor(create_bucket(config).level(state.rate_tat_ms, now_ms) + EPSILON))
 
 
 def rate_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, nth: int) -> int:
