@@ -28,7 +28,7 @@ from benchmarks.sdk_sessions import SDK_MODE, run_sdk_sessions
 from benchmarks.support import run_alone
 from benchmarks.table import Row, times
 from harness.simulator import detsim
-from harness.simulator.fake_e2b import FakeE2BConfig
+from harness.simulator.fake_e2b import SIMULATED_E2B
 from harness.simulator.report import Limits, ideal_makespan_s
 from harness.simulator.scenario import E2BLimits, Scenario
 from harness.simulator.simulate import run_mode
@@ -89,7 +89,9 @@ def run_virtual(jobs: int) -> VirtualResult:
             admission=AdmissionConfig(
                 create_slots=slots, create_rate_per_s=rate, max_sandboxes=cap
             ),
-            e2b=FakeE2BConfig(create_latency_ms=latency_ms, rate_per_s=rate, sandbox_cap=cap),
+            e2b=SIMULATED_E2B.replace(
+                create_latency_ms=latency_ms, create_rate_per_s=rate, max_sandboxes=cap
+            ),
         ),
     )
     wall = time.perf_counter() - started

@@ -31,7 +31,7 @@ from benchmarks.machine import load_average
 from benchmarks.support import run_alone
 from benchmarks.table import Row, times
 from harness.simulator import detsim
-from harness.simulator.fake_e2b import FakeE2BConfig
+from harness.simulator.fake_e2b import SIMULATED_E2B
 from harness.simulator.spec import packaged_spec
 from host.serve.pace import PaceSettings
 from provisioner.config import AdmissionConfig
@@ -75,8 +75,11 @@ def scenario(jobs: int, poll_s: int, pace: PaceSettings) -> detsim.VirtualScenar
         turn_s=SESSION_S / (TURNS + 1),
         poll_s=poll_s,
         admission=AdmissionConfig(create_slots=SLOTS, create_rate_per_s=RATE, max_sandboxes=CAP),
-        e2b=FakeE2BConfig(
-            create_latency_ms=CREATE_MS, rate_per_s=RATE, sandbox_cap=CAP, create_slots=SLOTS
+        e2b=SIMULATED_E2B.replace(
+            create_latency_ms=CREATE_MS,
+            create_rate_per_s=RATE,
+            max_sandboxes=CAP,
+            max_concurrent_creates=SLOTS,
         ),
         pace=pace,
     )

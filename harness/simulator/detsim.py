@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from harness.mocks.e2b.config import MockE2BConfig
 from harness.simulator.executor import (
     Executor,
     ExternalAccess,
@@ -25,7 +26,7 @@ from harness.simulator.executor import (
     no_such_module,
     overlay_config,
 )
-from harness.simulator.fake_e2b import START_MS, FakeE2B, FakeE2BConfig
+from harness.simulator.fake_e2b import SIMULATED_E2B, START_MS, FakeE2B
 from harness.simulator.model import Job
 from harness.simulator.report import Limits, ideal_makespan_s
 from harness.simulator.runner import (
@@ -219,7 +220,8 @@ class VirtualScenario:
     turns: int = 10
     turn_s: float = 0.5
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
-    e2b: FakeE2BConfig = field(default_factory=FakeE2BConfig)
+    # The fake's seed is the scenario's (`seed`), whatever this one says.
+    e2b: MockE2BConfig = SIMULATED_E2B
     seed: int = 0
     # Replace the poll timer's after_seconds (the first timer of the queued state).
     poll_s: int | None = None
@@ -241,10 +243,10 @@ class VirtualScenario:
         """E2B's limits as the fake enforces them."""
         e2b = self.e2b
         return Limits(
-            create_slots=e2b.create_slots or self.admission.create_slots,
-            create_rate_per_s=e2b.rate_per_s,
-            create_burst=max(1, e2b.rate_burst),
-            max_sandboxes=e2b.sandbox_cap,
+            create_slots=e2b.max_concurrent_creates or self.admission.create_slots,
+            create_rate_per_s=e2b.create_rate_per_s,
+            create_burst=e2b.create_burst,
+            max_sandboxes=e2b.max_sandboxes,
             create_latency_s=e2b.create_latency_ms / 1000,
         )
 
@@ -339,7 +341,7 @@ def run_virtual(
         spec = with_poll(spec, script, scenario.poll_s)
     clock = VirtualClock(START_MS)
     loop = VirtualLoop(clock)
-    e2b = FakeE2B(scenario.e2b, clock.now_ms, scenario.seed ^ 0x5EED)
+    e2b = FakeE2B(scenario.e2b.replace(seed=scenario.seed ^ 0x5EED), clock.now_ms)
     backend = MemoryBackend(clock.now_ms)
     provisioner: NativeProvisioner | GuestProvisioner
     configure = None

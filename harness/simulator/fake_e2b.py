@@ -5,9 +5,8 @@ the guest's admission tests."""
 from __future__ import annotations
 
 from collections.abc import Callable, Set
-from dataclasses import dataclass
 
-from harness.mocks.e2b.config import FaultRule, MockE2BConfig, Storm
+from harness.mocks.e2b.config import MockE2BConfig, Storm
 from harness.mocks.e2b.team import Admitted, E2BTeam, Refused, SandboxSpec
 from provisioner.gates.results import (
     CapacityExhausted,
@@ -19,51 +18,16 @@ from provisioner.gates.results import (
 
 START_MS = 1_700_000_000_000
 
-__all__ = ["START_MS", "FakeE2B", "FakeE2BConfig", "Storm"]
+# The account a simulation meets unless it says otherwise: creates take 3 s, and sandboxes
+# outlive any simulated session (the mock's own defaults, an idle account with E2B's 15 s
+# sandbox timeout, suit its HTTP tests). Scenarios change it with `.replace(...)`.
+SIMULATED_E2B = MockE2BConfig(create_latency_ms=3_000, default_timeout_s=3_600)
 
+# How long a refusal takes to arrive: the network's round trip, which the mock gets from
+# its real transport; not E2B's decision, so not in its config.
+REFUSAL_LATENCY_MS = 100
 
-@dataclass(frozen=True)
-class FakeE2BConfig:
-    """The limits a simulation sets, in its own words; ``team_config`` says them as the
-    mock's config, which is what the fake runs on."""
-
-    create_latency_ms: int = 3_000
-    latency_jitter_ms: int = 0
-    # How long a refusal takes to arrive: the network's round trip, which the mock gets
-    # from its real transport.
-    error_latency_ms: int = 100
-    # E2B's own route limiter (GCRA per team): a 429 with Retry-After beyond it.
-    rate_per_s: float | None = None
-    # Creates the limiter lets through at once (GCRA burst; 1: none).
-    rate_burst: int = 1
-    # Create requests E2B serves at once: a 429 past it.
-    create_slots: int | None = None
-    # The account's concurrent-sandbox cap, shared with `foreign_sandboxes` of others.
-    sandbox_cap: int | None = None
-    foreign_sandboxes: int = 0
-    # Relative to START_MS.
-    storms: tuple[Storm, ...] = ()
-    # Probability that a create answers 5xx (it then created nothing).
-    error_rate: float = 0.0
-    sandbox_timeout_ms: int = 3_600_000
-
-    def team_config(self, seed: int) -> MockE2BConfig:
-        faults = (FaultRule(status=503, probability=self.error_rate),) if self.error_rate else ()
-        timeout_s = -(-self.sandbox_timeout_ms // 1000)
-        return MockE2BConfig(
-            seed=seed,
-            create_latency_ms=self.create_latency_ms,
-            create_latency_jitter_ms=self.latency_jitter_ms,
-            create_rate_per_s=self.rate_per_s,
-            create_burst=max(1, self.rate_burst),
-            max_concurrent_creates=self.create_slots,
-            max_sandboxes=self.sandbox_cap,
-            foreign_sandboxes=self.foreign_sandboxes,
-            storms=self.storms,
-            faults=faults,
-            default_timeout_s=timeout_s,
-            max_timeout_s=max(timeout_s, MockE2BConfig.max_timeout_s),
-        )
+__all__ = ["REFUSAL_LATENCY_MS", "SIMULATED_E2B", "START_MS", "FakeE2B", "Storm"]
 
 
 _ANSWER_OF_REFUSAL = {
@@ -75,13 +39,14 @@ _ANSWER_OF_REFUSAL = {
 
 
 class FakeE2B:
-    """The team model on ``clock`` (virtual milliseconds): answers creates, counts what
-    admission control must bound (creates in flight, sandboxes)."""
+    """The team model configured by ``config`` (its seed included) on ``clock`` (virtual
+    milliseconds): answers creates, counts what admission control must bound (creates in
+    flight, sandboxes). Only the mock's "reject" overload mode applies: nothing waits."""
 
-    def __init__(self, config: FakeE2BConfig, clock: Callable[[], int], seed: int = 0) -> None:
+    def __init__(self, config: MockE2BConfig, clock: Callable[[], int]) -> None:
         self.config = config
         self._clock = clock
-        self._team = E2BTeam(config.team_config(seed), START_MS)
+        self._team = E2BTeam(config, START_MS)
         self.create_times: list[int] = []
         self.answers: dict[str, int] = {}
         self._asked: dict[str, SandboxSpec] = {}
@@ -107,7 +72,7 @@ class FakeE2B:
         self._count("201")
         self._asked[verdict.sandbox_id] = spec or SandboxSpec()
         latency_ms = round(team.create_latency_ms())
-        return Created(verdict.sandbox_id, self.config.sandbox_timeout_ms), latency_ms
+        return Created(verdict.sandbox_id, self.config.default_timeout_s * 1000), latency_ms
 
     def end_create(self, result: CreateResult) -> None:
         """The answer arrives: a created sandbox exists from now on."""
@@ -118,7 +83,7 @@ class FakeE2B:
 
     def _refused(self, kind: str, result: CreateResult) -> tuple[CreateResult, int]:
         self._count(kind)
-        return result, self.config.error_latency_ms
+        return result, REFUSAL_LATENCY_MS
 
     def _count(self, kind: str) -> None:
         self.answers[kind] = self.answers.get(kind, 0) + 1

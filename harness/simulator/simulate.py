@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from harness.mocks.e2b import MockE2BServer
+from harness.mocks.e2b.config import MockE2BConfig
 from harness.simulator.contract import ContractError, require_clean
 from harness.simulator.detsim import VirtualScenario, poll_tradeoff, run_virtual
 from harness.simulator.driver import DriverSettings, Invoker, SessionDriver
 from harness.simulator.executor import ConfigHook, EventSink
-from harness.simulator.fake_e2b import FakeE2BConfig
+from harness.simulator.fake_e2b import SIMULATED_E2B
 from harness.simulator.invokers import ComponentInvoker, DirectInvoker
 from harness.simulator.live import LiveLog
 from harness.simulator.model import Job
@@ -538,10 +539,10 @@ def tradeoff_scenario(scenario: Scenario) -> VirtualScenario:
     session length, the admission logic natively in front of the fake E2B."""
     e2b = scenario.e2b
     # The fake E2B's limiter has no burst: give it the rate only where E2B's has none.
-    fake = FakeE2BConfig(
+    fake = SIMULATED_E2B.replace(
         create_latency_ms=round(e2b.create_latency_ms),
-        rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
-        sandbox_cap=e2b.max_sandboxes,
+        create_rate_per_s=e2b.create_rate_per_s if e2b.create_burst <= 1 else None,
+        max_sandboxes=e2b.max_sandboxes,
     )
     return _guest_scenario(scenario, fake, PaceSettings(hold_ms=0))
 
@@ -551,17 +552,18 @@ def virtual_scenario(scenario: Scenario, pace: PaceSettings) -> VirtualScenario:
     concurrency, 429 past it; its rate limiter with its burst; its sandbox cap), the guest's
     whole provision path configured as in real time (`virtual_guest.py`)."""
     e2b = scenario.e2b
-    fake = FakeE2BConfig(
+    fake = SIMULATED_E2B.replace(
         create_latency_ms=round(e2b.create_latency_ms),
-        rate_per_s=e2b.create_rate_per_s,
-        rate_burst=e2b.create_burst,
-        sandbox_cap=e2b.max_sandboxes,
-        create_slots=e2b.max_concurrent_creates if e2b.overload == "reject" else None,
+        create_rate_per_s=e2b.create_rate_per_s,
+        create_burst=e2b.create_burst,
+        max_sandboxes=e2b.max_sandboxes,
+        # The fake never waits: "slow" overload is left to the real-time mock.
+        max_concurrent_creates=e2b.max_concurrent_creates if e2b.overload == "reject" else None,
     )
     return _guest_scenario(scenario, fake, pace)
 
 
-def _guest_scenario(scenario: Scenario, fake: FakeE2BConfig, pace: PaceSettings) -> VirtualScenario:
+def _guest_scenario(scenario: Scenario, fake: MockE2BConfig, pace: PaceSettings) -> VirtualScenario:
     """The scenario's jobs, sessions and integration config in virtual time, the guest's
     whole path in front of `fake`."""
     integration = scenario.integration_config(VIRTUAL_E2B_URL)

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.simulator.fake_e2b import START_MS, FakeE2B, FakeE2BConfig, Storm
+from harness.mocks.e2b.config import MockE2BConfig
+from harness.simulator.fake_e2b import SIMULATED_E2B, START_MS, FakeE2B, Storm
 from harness.simulator.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.runtime.native import native_ports
 from host.storage.memory import MemoryBackend
@@ -35,9 +36,9 @@ from provisioner.ports import HttpRequest, HttpResponse, Ports
 
 __all__ = [
     "ACCOUNT",
+    "SIMULATED_E2B",
     "START_MS",
     "FakeE2B",
-    "FakeE2BConfig",
     "Harness",
     "Storm",
     "grant_of",
@@ -147,7 +148,7 @@ class Simulation(VirtualAccount):
         sessions: list[SessionSpec],
         *,
         admission: AdmissionConfig,
-        e2b: FakeE2BConfig | None = None,
+        e2b: MockE2BConfig = SIMULATED_E2B,
         seed: int = 0,
         max_events: int = 2_000_000,
     ) -> None:
@@ -155,7 +156,7 @@ class Simulation(VirtualAccount):
         self.seed = seed
         super().__init__(seed=seed)
         self.admission = admission
-        self.e2b = FakeE2B(e2b or FakeE2BConfig(), self.clock.now_ms, seed ^ 0x5EED)
+        self.e2b = FakeE2B(e2b.replace(seed=seed ^ 0x5EED), self.clock.now_ms)
         self.max_events = max_events
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = 0
@@ -357,7 +358,7 @@ def run(
     sessions: list[SessionSpec],
     *,
     admission: AdmissionConfig,
-    e2b: FakeE2BConfig | None = None,
+    e2b: MockE2BConfig = SIMULATED_E2B,
     seed: int = 0,
 ) -> SimReport:
     return Simulation(sessions, admission=admission, e2b=e2b, seed=seed).run()

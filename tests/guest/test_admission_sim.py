@@ -6,9 +6,10 @@ import math
 
 import pytest
 
+from harness.mocks.e2b.config import FaultRule
 from provisioner.config import AdmissionConfig
 from tests.guest.harness import (
-    FakeE2BConfig,
+    SIMULATED_E2B,
     SessionSpec,
     SimReport,
     Storm,
@@ -41,7 +42,7 @@ def test_ten_sessions_at_once_all_get_sandboxes_near_the_lower_bound(
     report = run(
         uniform_sessions(10, hold_ms=20_000),
         admission=config,
-        e2b=FakeE2BConfig(create_latency_ms=latency, latency_jitter_ms=jitter),
+        e2b=SIMULATED_E2B.replace(create_latency_ms=latency, create_latency_jitter_ms=jitter),
         seed=7,
     )
     assert_everyone_served(report)
@@ -92,7 +93,7 @@ def test_a_429_storm_with_retry_after_silences_creates_during_the_cooldown() -> 
     # Catches: invocations hammering E2B while it asked everyone to wait.
     config = AdmissionConfig(create_slots=4, create_rate_per_s=5.0)
     storm = Storm(start_ms=2_000, end_ms=12_000)
-    e2b = FakeE2BConfig(create_latency_ms=1_000, storms=(storm,))
+    e2b = SIMULATED_E2B.replace(create_latency_ms=1_000, storms=(storm,))
     report = run(uniform_sessions(30, hold_ms=5_000), admission=config, e2b=e2b, seed=11)
     assert_everyone_served(report)
     first_429_recorded = min(
@@ -108,7 +109,7 @@ def test_a_429_storm_with_retry_after_silences_creates_during_the_cooldown() -> 
 def test_e2b_rate_limit_429s_are_rare_when_the_configured_rate_matches() -> None:
     # Catches: a rate gate that does not pace creates to the account's real limit.
     config = AdmissionConfig(create_slots=4, create_rate_per_s=1.0)
-    e2b = FakeE2BConfig(create_latency_ms=2_000, rate_per_s=1.0)
+    e2b = SIMULATED_E2B.replace(create_latency_ms=2_000, create_rate_per_s=1.0)
     report = run(uniform_sessions(15, hold_ms=5_000), admission=config, e2b=e2b, seed=2)
     assert_everyone_served(report)
     assert report.e2b.answers.get("429_rate", 0) == 0
@@ -117,7 +118,7 @@ def test_e2b_rate_limit_429s_are_rare_when_the_configured_rate_matches() -> None
 def test_a_shared_account_shrinks_capacity_instead_of_failing() -> None:
     # Catches: sessions failing on the concurrent-sandbox cap someone else fills.
     config = AdmissionConfig(create_slots=4, create_rate_per_s=5.0, max_sandboxes=20)
-    e2b = FakeE2BConfig(create_latency_ms=1_000, sandbox_cap=20, foreign_sandboxes=15)
+    e2b = SIMULATED_E2B.replace(create_latency_ms=1_000, max_sandboxes=20, foreign_sandboxes=15)
     report = run(uniform_sessions(30, hold_ms=10_000), admission=config, e2b=e2b, seed=4)
     assert_everyone_served(report)
     assert report.e2b.max_sandboxes <= 5
@@ -127,7 +128,9 @@ def test_a_shared_account_shrinks_capacity_instead_of_failing() -> None:
 def test_random_5xx_answers_are_retried_within_the_budget() -> None:
     # Catches: one 503 failing a session, or retries unbounded.
     config = AdmissionConfig(create_slots=4, create_rate_per_s=5.0)
-    e2b = FakeE2BConfig(create_latency_ms=1_000, error_rate=0.2)
+    e2b = SIMULATED_E2B.replace(
+        create_latency_ms=1_000, faults=(FaultRule(status=503, probability=0.2),)
+    )
     report = run(uniform_sessions(40, hold_ms=5_000), admission=config, e2b=e2b, seed=9)
     assert report.failures().keys() <= {"retry_budget_exhausted"}
     assert report.completed >= 38
@@ -164,7 +167,11 @@ def test_the_queue_timeout_ends_waits_with_a_typed_failure() -> None:
 def test_a_run_replays_exactly_from_its_seed() -> None:
     # Catches: hidden nondeterminism (wall clock, OS randomness, dict order).
     config = AdmissionConfig(create_slots=3, create_rate_per_s=2.0)
-    e2b = FakeE2BConfig(create_latency_ms=1_500, latency_jitter_ms=800, error_rate=0.1)
+    e2b = SIMULATED_E2B.replace(
+        create_latency_ms=1_500,
+        create_latency_jitter_ms=800,
+        faults=(FaultRule(status=503, probability=0.1),),
+    )
     sessions = uniform_sessions(25, hold_ms=3_000) + uniform_sessions(5, tenant="tenant-b")
     first = run(sessions, admission=config, e2b=e2b, seed=42)
     again = run(sessions, admission=config, e2b=e2b, seed=42)
@@ -184,7 +191,7 @@ def test_thousands_of_sessions_across_tenants_respect_every_limit() -> None:
         )
         for i in range(2_000)
     ]
-    e2b = FakeE2BConfig(create_latency_ms=2_000, latency_jitter_ms=1_000)
+    e2b = SIMULATED_E2B.replace(create_latency_ms=2_000, create_latency_jitter_ms=1_000)
     report = run(sessions, admission=config, e2b=e2b, seed=12)
     assert_everyone_served(report)
     assert report.e2b.max_in_flight <= 20
@@ -197,7 +204,7 @@ def test_a_fast_rate_is_not_throttled_by_the_polling_interval() -> None:
     # Catches: waiters held only by the rate told to come back after poll_min (200 ms),
     # which caps grants at 5/s whatever the configured rate.
     config = AdmissionConfig(create_slots=20, create_rate_per_s=20.0, max_sandboxes=200)
-    e2b = FakeE2BConfig(create_latency_ms=500)
+    e2b = SIMULATED_E2B.replace(create_latency_ms=500)
     report = run(uniform_sessions(200, hold_ms=1_000), admission=config, e2b=e2b, seed=13)
     assert_everyone_served(report)
     assert report.makespan_ms <= 1.10 * lower_bound_ms(200, 20, 500, 20.0, 1_000)

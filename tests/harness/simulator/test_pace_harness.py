@@ -15,7 +15,7 @@ import pytest
 from harness.simulator import detsim
 from harness.simulator.detsim import VirtualLoop
 from harness.simulator.executor import Entity, Executor, ExternalAccess
-from harness.simulator.fake_e2b import START_MS, FakeE2BConfig
+from harness.simulator.fake_e2b import SIMULATED_E2B, START_MS
 from harness.simulator.model import Job
 from harness.simulator.simulated_ports import VirtualClock
 from harness.simulator.spec import Spec, packaged_spec
@@ -40,8 +40,11 @@ def scenario(
         turn_s=5 / 11,
         poll_s=poll_s,
         admission=AdmissionConfig(create_slots=SLOTS, create_rate_per_s=RATE, max_sandboxes=CAP),
-        e2b=FakeE2BConfig(
-            create_latency_ms=2_000, rate_per_s=RATE, sandbox_cap=CAP, create_slots=SLOTS
+        e2b=SIMULATED_E2B.replace(
+            create_latency_ms=2_000,
+            create_rate_per_s=RATE,
+            max_sandboxes=CAP,
+            max_concurrent_creates=SLOTS,
         ),
         pace=pace,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from harness.mocks.e2b.config import MockE2BConfig, Storm
 from harness.mocks.e2b.team import Admitted, E2BTeam, MustWait, Refused, SandboxSpec
-from harness.simulator.fake_e2b import START_MS, FakeE2B, FakeE2BConfig
+from harness.simulator.fake_e2b import START_MS, FakeE2B
 from provisioner.gates.results import CapacityExhausted, Created, RateLimited
 
 T0 = 5_000.0
@@ -90,14 +90,15 @@ def test_the_fake_answers_from_the_team_model_on_its_virtual_clock() -> None:
     # Catches a fake that decides apart from the model: its storm, cap and timeout are the
     # model's, and its sandbox exists only once the answer has arrived.
     now = [START_MS]
-    config = FakeE2BConfig(
+    config = MockE2BConfig(
+        seed=1,
         create_latency_ms=1_000,
-        sandbox_cap=2,
+        max_sandboxes=2,
         foreign_sandboxes=1,
         storms=(Storm(start_ms=5_000, end_ms=6_000),),
-        sandbox_timeout_ms=60_000,
+        default_timeout_s=60,
     )
-    fake = FakeE2B(config, lambda: now[0], seed=1)
+    fake = FakeE2B(config, lambda: now[0])
     answer, latency = fake.begin_create(now[0], SandboxSpec(metadata=(("job", "a"),)))
     assert isinstance(answer, Created) and latency == 1_000
     assert fake.sandboxes == set()
