@@ -65,6 +65,8 @@ NO_KEY = (
 )
 # SandboxReady's params: the record's fields but the cycle's own.
 _CYCLE_FIELDS = ("state", "nonce", "since_ms")
+# The entity's record as `status` shows it.
+_STATUS_FIELDS = ("state", "sandbox_id", "attempts", "since_ms")
 # A pending record outlives the longest a waiter may queue, then vanishes on its own.
 _PENDING_GRACE_MS = 10 * 60 * 1000
 _RECORD_CAS_TRIES = 4
@@ -253,9 +255,8 @@ class Operations:
         return with_wake_ups(Outcome(SANDBOX_RELEASED, params), self.controller)
 
     def _kill_cycle(self, record: EntityRecord) -> tuple[list[str], Outcome | None]:
-        """Kill the cycle's sandbox: the recorded one, or whatever its idempotency key made
-        (a create may have succeeded unrecorded: a crash mid-create, a lost answer). The
-        sandboxes killed, and the failure if one could not be listed or killed."""
+        """Kill the recorded sandbox, or whatever the cycle's key made (a create may have
+        succeeded unrecorded); the ids killed, and the failure that stopped it if any."""
         doomed = [record.sandbox_id]
         if record.state != READY:
             key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
@@ -274,13 +275,8 @@ class Operations:
         loaded = self.records.load(self.request.entity)
         entity: dict[str, Any] | None = None
         if loaded is not None:
-            record = loaded[0]
-            entity = {
-                "state": record.state,
-                "sandbox_id": record.sandbox_id or None,
-                "attempts": record.attempts,
-                "since_ms": record.since_ms,
-            }
+            entity = {name: getattr(loaded[0], name) for name in _STATUS_FIELDS}
+            entity["sandbox_id"] = entity["sandbox_id"] or None  # none made yet
         gates = self.controller.status(self.request.tenant)
         params: dict[str, Any] = {"entity": entity, "gates": gates}
         if self.resources:
