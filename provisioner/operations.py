@@ -135,7 +135,7 @@ class Operations:
         made = NO_CONVERSATION_STORAGE
         if self.settings.temperfs_enabled:
             made = conversation_storage(self.ports, self.settings, self.request)
-        return Outcome(ready.action, {**ready.params, **made.params()})
+        return Outcome(ready.action, {**ready.params, **fields_of(made)})
 
     def provision(self) -> Outcome:
         if self.settings.temperfs_enabled and not self.request.field_text("user_message"):
