@@ -36,6 +36,11 @@ _CODES = {
     404: FailureCode.E2B_TEMPLATE_NOT_FOUND,
 }
 DEFAULT_DOMAIN = "e2b.app"
+# A create the host would not send: what it fails as (any other transport error: unavailable).
+_REFUSED = {
+    HttpErrorKind.DENIED: (FailureCode.E2B_DENIED, "the host refused the request"),
+    HttpErrorKind.INVALID_REQUEST: (FailureCode.E2B_BAD_REQUEST, "invalid request"),
+}
 
 
 def _printable(text: str, limit: int) -> str:
@@ -141,7 +146,10 @@ class E2BClient:
             key = ("idempotency-key", idempotency_key)
             response = self._send("POST", "/v2/sandboxes", settings.create_timeout_ms, encoded, key)
         except HttpError as error:
-            return _transport_failure(error), None
+            if error.kind not in _REFUSED:
+                return Unavailable(status=None), None
+            code, what = _REFUSED[error.kind]
+            return CreateFailed(Failure(code, f"{what}: {error.detail}", retryable=False)), None
         if response.status not in (200, 201):
             return classify_failure(response), None
         try:
@@ -181,13 +189,3 @@ class E2BClient:
             return Failure(FailureCode.E2B_UNAUTHORIZED, f"kill answered {status}", False)
         message = f"kill answered {status}: {_error_message(response)}"
         return Failure(FailureCode.E2B_UNAVAILABLE, message, retryable=True)
-
-
-def _transport_failure(error: HttpError) -> CreateResult:
-    if error.kind is HttpErrorKind.DENIED:
-        message = f"the host refused the request: {error.detail}"
-        return CreateFailed(Failure(FailureCode.E2B_DENIED, message, retryable=False))
-    if error.kind is HttpErrorKind.INVALID_REQUEST:
-        message = f"invalid request: {error.detail}"
-        return CreateFailed(Failure(FailureCode.E2B_BAD_REQUEST, message, retryable=False))
-    return Unavailable(status=None)

@@ -65,6 +65,8 @@ NO_KEY = (
 )
 # SandboxReady's params: the record's fields but the cycle's own.
 _CYCLE_FIELDS = ("state", "nonce", "since_ms")
+# The entity's record as `status` shows it.
+_STATUS_FIELDS = ("state", "sandbox_id", "attempts", "since_ms")
 # A pending record outlives the longest a waiter may queue, then vanishes on its own.
 _PENDING_GRACE_MS = 10 * 60 * 1000
 _RECORD_CAS_TRIES = 4
@@ -133,27 +135,27 @@ class Operations:
         made = NO_CONVERSATION_STORAGE
         if self.settings.temperfs_enabled:
             made = conversation_storage(self.ports, self.settings, self.request)
-        return Outcome(ready.action, {**ready.params, **made.params()})
+        return Outcome(ready.action, {**ready.params, **fields_of(made)})
 
     def provision(self) -> Outcome:
         if self.settings.temperfs_enabled and not self.request.field_text("user_message"):
             raise ProvisionerError(FailureCode.AGENT_NOT_CONFIGURED, NOT_CONFIGURED)
-        static_url = self._static_url()
-        if static_url:
-            message = f"sandbox_provisioner: using static sandbox_url: {static_url}"
+        url = self._static_url()
+        if url:
+            message = f"sandbox_provisioner: using static sandbox_url: {url}"
             self.ports.telemetry.log(LogLevel.INFO, message)
             # Described as a ready record (never stored), so SandboxReady reads one way.
-            static = EntityRecord(
-                READY, "", 0, sandbox_id=STATIC_SANDBOX_ID, sandbox_url=static_url
-            )
-            return self._with_conversation(_ready(static))
-        if self.settings.api_key_source == "none":
+            record = EntityRecord(READY, "", 0, sandbox_id=STATIC_SANDBOX_ID, sandbox_url=url)
+        elif self.settings.api_key_source == "none":
             raise ProvisionerError(FailureCode.E2B_API_KEY_MISSING, NO_KEY)
-        record, version = self._ensure_record()
-        if record.state == READY:
-            return self._with_conversation(_ready(record))
-        outcome = with_wake_ups(self._admitted(record, version), self.controller)
-        return self._with_conversation(outcome) if outcome.action == SANDBOX_READY else outcome
+        else:
+            record, version = self._ensure_record()
+            if record.state != READY:
+                outcome = with_wake_ups(self._admitted(record, version), self.controller)
+                if outcome.action != SANDBOX_READY:
+                    return outcome
+                return self._with_conversation(outcome)
+        return self._with_conversation(_ready(record))
 
     def _admitted(self, record: EntityRecord, version: int) -> Outcome:
         timeout_ms = self.settings.sandbox_timeout_s * 1000
@@ -237,26 +239,24 @@ class Operations:
 
     def release(self) -> Outcome:
         loaded = self.records.load(self.request.entity)
+        params: dict[str, Any] = {"released": False}
         if loaded is None:
-            held = self.controller.release(self.waiter)
-            released = Outcome(SANDBOX_RELEASED, {"released": False, "held_permit": held})
-            return with_wake_ups(released, self.controller)
-        record, version = loaded
-        doomed, refused = self._kill_cycle(record)
-        if refused is not None:
-            return refused
-        # Raises when the gate cannot be written: the record stays, so the next release
-        # frees the permit (forgotten, it would stay held until the sandbox timeout).
-        self.controller.release(self.waiter)
-        self._forget(version)
-        self._progress("sandbox_released", sandbox_ids=doomed)
-        params = {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None}
+            params["held_permit"] = self.controller.release(self.waiter)
+        else:
+            doomed, refused = self._kill_cycle(loaded[0])
+            if refused is not None:
+                return refused
+            # Raises when the gate cannot be written: the record stays, so the next release
+            # frees the permit (forgotten, it would stay held until the sandbox timeout).
+            self.controller.release(self.waiter)
+            self._forget(loaded[1])
+            self._progress("sandbox_released", sandbox_ids=doomed)
+            params = {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None}
         return with_wake_ups(Outcome(SANDBOX_RELEASED, params), self.controller)
 
     def _kill_cycle(self, record: EntityRecord) -> tuple[list[str], Outcome | None]:
-        """Kill the cycle's sandbox: the recorded one, or whatever its idempotency key made
-        (a create may have succeeded unrecorded: a crash mid-create, a lost answer). The
-        sandboxes killed, and the failure if one could not be listed or killed."""
+        """Kill the recorded sandbox, or whatever the cycle's key made (a create may have
+        succeeded unrecorded); the ids killed, and the failure that stopped it if any."""
         doomed = [record.sandbox_id]
         if record.state != READY:
             key = idempotency_key(self.request.tenant, self.request.entity, record.nonce)
@@ -275,13 +275,8 @@ class Operations:
         loaded = self.records.load(self.request.entity)
         entity: dict[str, Any] | None = None
         if loaded is not None:
-            record = loaded[0]
-            entity = {
-                "state": record.state,
-                "sandbox_id": record.sandbox_id or None,
-                "attempts": record.attempts,
-                "since_ms": record.since_ms,
-            }
+            entity = {name: getattr(loaded[0], name) for name in _STATUS_FIELDS}
+            entity["sandbox_id"] = entity["sandbox_id"] or None  # none made yet
         gates = self.controller.status(self.request.tenant)
         params: dict[str, Any] = {"entity": entity, "gates": gates}
         if self.resources:

@@ -51,12 +51,9 @@ class ConversationStorage:
     session_file_id: str = ""
     session_leaf_id: str = ""
 
-    def params(self) -> dict[str, str]:
-        return fields_of(self)
-
     @property
     def complete(self) -> bool:
-        return all(self.params().values())
+        return all(fields_of(self).values())
 
 
 NONE = ConversationStorage()
@@ -106,7 +103,7 @@ def _stored_ids(storage: Storage, entity: str, base_url: str) -> ConversationSto
         data = json.loads(entry.value.decode())
         if data.get("base_url") != base_url:
             return None
-        found = ConversationStorage(**{k: str(data[k]) for k in NONE.params()})
+        found = ConversationStorage(**{k: str(data[k]) for k in fields_of(NONE)})
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return found if found.complete else None
@@ -116,7 +113,7 @@ def _store_ids(storage: Storage, entity: str, base_url: str, made: ConversationS
     key = conversation_key(entity)
     entry = storage.get(Scope.TENANT, key)
     version = None if entry is None else entry.version
-    value = json.dumps({"base_url": base_url, **made.params()}).encode()
+    value = json.dumps({"base_url": base_url, **fields_of(made)}).encode()
     storage.compare_and_swap(Scope.TENANT, key, version, value, _RECORD_TTL_MS)
 
 
