@@ -433,11 +433,13 @@ class ResourceState(GateDocument):
     # When the gate last granted a permit (0: never): a waiter's stall starts there.
     granted_ms: int = 0
 
-    def lease(self, lease_id: str) -> ResourceLease | None:
-        return next((lease for lease in self.leases if lease.lease_id == lease_id), None)
-
-    def lease_of(self, tenant: str, entity: str) -> ResourceLease | None:
-        return owned_by(self.leases, tenant, entity)
+    def lease_of(
+        self, tenant: str, entity: str, lease_id: str | None = None
+    ) -> ResourceLease | None:
+        """The entity's lease (only if it is `lease_id`, when named: another entity's lease
+        is not its to settle)."""
+        mine = (lease for lease in self.leases if (lease.tenant, lease.entity) == (tenant, entity))
+        return next((lease for lease in mine if lease_id in (None, lease.lease_id)), None)
 
     def held_by(self, tenant: str) -> int:
         return sum(1 for lease in self.leases if lease.tenant == tenant)

@@ -140,6 +140,11 @@ class GateLedger(ABC, Generic[Document, Answer]):
                 entry = self.ports.storage.get(ACCOUNT, key)
                 version = None if entry is None else entry.version
 
+    def ticket_entry(self, tenant: str, ticket: int) -> bytes | None:
+        """What the ticket's liveness key holds (None: expired, its waiter is gone)."""
+        entry = self.ports.storage.get(ACCOUNT, ticket_key(tenant, ticket, self.prefix))
+        return None if entry is None else entry.value
+
     def forget(self, waiter: Waiter, ticket: int | None) -> None:
         """The waiter no longer waits: its place and its ticket's liveness key go."""
         self.ports.storage.delete(ACCOUNT, self.place_key(waiter), None)

@@ -35,10 +35,8 @@ from provisioner.gates.document import (
     encode_ticket,
     margin_of,
     resource_prefix,
-    ticket_key,
 )
 from provisioner.gates.ledger import (
-    ACCOUNT,
     GateLedger,
     LoadedDocument,
     charge_margins,
@@ -65,9 +63,7 @@ from provisioner.gates.results import (
     ProviderAnswer,
     Queued,
     Rejected,
-    Released,
     ResourceGrant,
-    Settled,
     Waiter,
 )
 from provisioner.invocation import Request
@@ -210,8 +206,8 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         return bool(pass_over_unclaimed(state, now_ms, self.config.reservation_claim_ms))
 
     def read_ticket(self, tenant: str, ticket: int) -> Costs | None:
-        entry = self.ports.storage.get(ACCOUNT, ticket_key(tenant, ticket, self.prefix))
-        return None if entry is None else decode_ticket(entry.value)[1]
+        value = self.ticket_entry(tenant, ticket)
+        return None if value is None else decode_ticket(value)[1]
 
     def acquire(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
         self.costs = costs
@@ -289,13 +285,12 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
     @retried
     def settle(
         self, waiter: Waiter, lease_id: str | None, actual: Costs, answer: ProviderAnswer
-    ) -> Settled:
+    ) -> dict[str, Any]:
+        """What `ResourceSettled` says: `held`, the lease was still held (else the actual
+        was charged in full); `charged`, tokens per cost kind (negative: given back)."""
         loaded = self.load(waiter)
         state, now = loaded.state, loaded.now_ms
-        mine = (waiter.tenant, waiter.entity)
-        lease = state.lease_of(*mine) if lease_id is None else state.lease(lease_id)
-        if lease is not None and (lease.tenant, lease.entity) != mine:
-            lease = None  # another entity's lease: not this waiter's to settle
+        lease = state.lease_of(waiter.tenant, waiter.entity, lease_id)
         charged: dict[str, float] = {}
         if lease is not None:
             state.leases.remove(lease)
@@ -328,16 +323,17 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         elif answer.kind == "success":
             state.backoff_failures = 0
         self.save_gate(loaded)
-        return Settled(
-            lease_id=lease.lease_id if lease is not None else lease_id,
-            held=lease is not None,
-            answer=answer.kind,
-            charged={kind: round(tokens, 3) for kind, tokens in charged.items()},
-            cooling_ms=cooling_ms(state, now),
-        )
+        return {
+            "lease_id": lease.lease_id if lease is not None else lease_id,
+            "held": lease is not None,
+            "answer": answer.kind,
+            "status": answer.status,
+            "charged": {kind: round(tokens, 3) for kind, tokens in charged.items()},
+            "cooling_ms": cooling_ms(state, now),
+        }
 
     @retried
-    def release(self, waiter: Waiter) -> Released:
+    def release(self, waiter: Waiter) -> dict[str, Any]:
         loaded = self.load(waiter)
         state, now = loaded.state, loaded.now_ms
         lease = state.lease_of(waiter.tenant, waiter.entity)
@@ -352,7 +348,8 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         if lease is not None or waited:
             self.save_gate(loaded)
         self.forget(waiter, ticket)
-        return Released(lease.lease_id if lease is not None else None, lease is not None, waited)
+        held = None if lease is None else lease.lease_id
+        return {"released": lease is not None, "lease_id": held, "waited": waited}
 
 
 class ResourceOperations:
@@ -425,20 +422,10 @@ class ResourceOperations:
         now = self.ports.clock.now_ms()
         answer = ProviderAnswer(status, pause_from_headers(status, lowered, now))
         settled = self.ledger.settle(self.waiter, lease_id or None, actual, answer)
-        body = {
-            "lease_id": settled.lease_id,
-            "held": settled.held,
-            "answer": settled.answer,
-            "status": answer.status,
-            "charged": settled.charged,
-            "cooling_ms": settled.cooling_ms,
-        }
-        return self._answer("settled", body)
+        return self._answer("settled", settled)
 
     def release(self) -> Outcome:
-        released = self.ledger.release(self.waiter)
-        body = {"released": released.held, "lease_id": released.lease_id, "waited": released.waited}
-        return self._answer("released", body)
+        return self._answer("released", self.ledger.release(self.waiter))
 
 
 def dispatch_resource(request: Request, ports: Ports) -> Outcome:

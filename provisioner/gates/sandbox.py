@@ -37,7 +37,6 @@ from provisioner.gates.document import (
     averaged,
     not_owned_by,
     owned_by,
-    ticket_key,
     waiter_key,
 )
 from provisioner.gates.ledger import (
@@ -189,10 +188,9 @@ class SandboxLedger(GateLedger[GateState, Grant]):
         return changed
 
     def _ticket_entity(self, turn: Turn) -> str | None:
-        """From the ticket's liveness key (None: expired, its waiter is skipped as dead)."""
         assert turn.ticket is not None
-        entry = self.ports.storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket, self.prefix))
-        return None if entry is None else entry.value.decode()
+        value = self.ticket_entry(turn.tenant, turn.ticket)
+        return None if value is None else value.decode()
 
     def catch_up(self, state: GateState, now_ms: int) -> bool:
         """Prune expired leases, refill the retry budget, pass over unclaimed reservations
@@ -317,26 +315,22 @@ class SandboxLedger(GateLedger[GateState, Grant]):
 
     def _skip_dead(self, state: GateState, turns: list[Turn], mine: Turn) -> bool:
         """Drop waiters ahead that stopped polling (their keys expired); True if any."""
-        storage = self.ports.storage
         skipped = False
         for turn in turns:
             if turn == mine:
                 continue
-            if turn.is_retry:
-                assert turn.entity is not None
-                entry = storage.get(ACCOUNT, waiter_key(turn.tenant, turn.entity, self.prefix))
+            if turn.entity is not None and turn.is_retry:
+                entry = self.ports.storage.get(ACCOUNT, waiter_key(turn.tenant, turn.entity))
                 place = None if entry is None else Place.from_bytes(entry.value)
-                if not (
-                    place is not None
-                    and place.stage is Stage.RETRYING
-                    and place.alive(self.ports.clock.now_ms())
+                if (
+                    place is None
+                    or place.stage is not Stage.RETRYING
+                    or not place.alive(self.ports.clock.now_ms())
                 ):
                     state.drop_retry(turn.tenant, turn.entity)
                     skipped = True
-            else:
-                assert turn.ticket is not None
-                if storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket, self.prefix)) is None:
-                    skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
+            elif turn.ticket is not None and self.ticket_entry(turn.tenant, turn.ticket) is None:
+                skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
         return skipped
 
     @retried
