@@ -180,6 +180,8 @@ class GateLedger(ABC, Generic[Document, Answer]):
     ) -> Answer | Queued:
         seen = self.assess(waiter, loaded, place)
         if seen.queued is None:
+            self.unplace(loaded.state, waiter, place, granted=True)
+            loaded.state.grants += 1
             return self.grant(waiter, loaded, place)
         reserved, own = self.reserve(loaded, seen.scheduled, Turn.of(waiter, place))
         changed = place is not loaded.place or seen.dropped or reserved
@@ -247,7 +249,8 @@ class GateLedger(ABC, Generic[Document, Answer]):
     ) -> Assessment: ...
 
     @abstractmethod
-    def grant(self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place) -> Answer: ...
+    def grant(self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place) -> Answer:
+        """The permit, to a waiter already out of the queue and counted in `grants`."""
 
     @abstractmethod
     def reserve(

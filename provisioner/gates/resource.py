@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Callable
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn
@@ -81,26 +82,20 @@ _LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 _MAX_PAUSE_MS = 24 * 3600 * 1000
 
 
-def _epoch_ms(moment: datetime) -> int | None:
+def _epoch_ms(parse: Callable[[str], datetime], text: str) -> int | None:
+    """A moment `parse` reads in `text` (None: unreadable or without a time zone)."""
+    try:
+        moment = parse(text.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
     return None if moment.tzinfo is None else int(moment.timestamp() * 1000)
 
 
-def _reset_ms(text: str) -> int | None:
-    try:
-        return _epoch_ms(datetime.fromisoformat(text.strip()))
-    except ValueError:
-        return None
-
-
 def _retry_after_ms(text: str, now_ms: int) -> int | None:
-    text = text.strip()
     try:
         seconds = float(text)
     except ValueError:
-        try:
-            at = _epoch_ms(parsedate_to_datetime(text))
-        except (TypeError, ValueError, IndexError):
-            return None
+        at = _epoch_ms(parsedate_to_datetime, text)
         return None if at is None else max(0, at - now_ms)
     return int(seconds * 1000) if math.isfinite(seconds) and seconds >= 0 else None
 
@@ -121,7 +116,7 @@ def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int
     ahead: list[int] = []
     for limit in _LIMITS:
         reset = headers.get(f"anthropic-ratelimit-{limit}-reset")
-        at = None if reset is None else _reset_ms(reset)
+        at = None if reset is None else _epoch_ms(datetime.fromisoformat, reset)
         if at is None or at <= now_ms:
             continue
         ahead.append(at - now_ms)
@@ -274,8 +269,6 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         lease_id, until = new_lease_id(self.ports, "r"), now + self.gate.lease_ms
         lease = ResourceLease(lease_id, waiter.tenant, waiter.entity, until, now, charges, margins)
         state.leases.append(lease)
-        self.unplace(state, waiter, place, granted=True)
-        state.grants += 1
         state.granted_ms = now
         self.save_gate(loaded)
         # The gate document is the truth about who holds what: the place is not needed.

@@ -106,13 +106,6 @@ def drop_sandbox(state: GateState, tenant: str, entity: str) -> None:
     state.unsettled = not_owned_by(state.unsettled, tenant, entity)
 
 
-def hold_sandbox(state: GateState, lease: SandboxLease) -> None:
-    """One capacity lease per entity: it replaces the entity's old lease and unsettled
-    creates (the same idempotency key: this is the sandbox they may have made)."""
-    drop_sandbox(state, lease.tenant, lease.entity)
-    state.sandbox_leases.append(lease)
-
-
 @dataclass(frozen=True, slots=True)
 class WakeUp:
     """A permit is promised to `entity` (`reservation`): the host may wake it at `at_ms`
@@ -286,8 +279,6 @@ class SandboxLedger(GateLedger[GateState, Grant]):
             state.retry_tokens = tokens - 1.0
         else:
             state.retry_tokens = min(config.retry_budget, tokens + config.retry_ratio)
-        self.unplace(state, waiter, place, granted=True)
-        state.grants += 1
         # What the grant left free (more slots, the next rate token) goes to the next turns.
         self.promise(loaded)
         self.save_gate(loaded)
@@ -398,12 +389,14 @@ class SandboxLedger(GateLedger[GateState, Grant]):
         state, now, config = loaded.state, loaded.now_ms, self.config
         if any(s.lease_id == grant.lease_id for s in state.sandbox_leases):
             return  # settled already
-        # Held even when the create lease had expired: the sandbox exists, so it counts.
+        # Held even when the create lease had expired: the sandbox exists, so it counts. It
+        # replaces the entity's old lease and unsettled creates (one idempotency key: this is
+        # the sandbox they may have made).
         timeout_ms = max(1, result.sandbox_timeout_ms)
         tenant, entity, until = waiter.tenant, waiter.entity, now + timeout_ms
-        hold_sandbox(
-            state, SandboxLease(grant.lease_id, tenant, entity, until, now, result.sandbox_id)
-        )
+        drop_sandbox(state, tenant, entity)
+        lease = SandboxLease(grant.lease_id, tenant, entity, until, now, result.sandbox_id)
+        state.sandbox_leases.append(lease)
         state.backoff_failures = 0
         if state.capacity is not None:
             # Additive increase: one more after a run of successes, up to the configured.
