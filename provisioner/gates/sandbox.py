@@ -170,20 +170,18 @@ class SandboxLedger(GateLedger[GateState, Grant]):
         self._promised = []
         for item in [item for item in scheduled if item.due_ms <= 0] + pending:
             turn, at, rid = item.turn, now_ms + item.due_ms, new_lease_id(self.ports, "v")
-            new = reservation_of(state, turn.tenant, turn.ticket, turn.entity) is None
             held, moved = reserve(
                 state, turn.tenant, turn.ticket, turn.entity, at, now_ms, claim, rid
             )
             changed = changed or moved
-            entity = (turn.entity or self._ticket_entity(turn)) if new and turn != caller else None
+            if held.rid != rid or turn == caller:
+                continue  # promised before, or to the caller: no one to wake
+            # A ticket's entity is in its liveness key (gone: its waiter is skipped as dead).
+            value = None if turn.ticket is None else self.ticket_entry(turn.tenant, turn.ticket)
+            entity = turn.entity or (None if value is None else value.decode())
             if entity is not None:
                 self._promised.append(WakeUp(turn.tenant, entity, held.at_ms, held.rid))
         return changed
-
-    def _ticket_entity(self, turn: Turn) -> str | None:
-        assert turn.ticket is not None
-        value = self.ticket_entry(turn.tenant, turn.ticket)
-        return None if value is None else value.decode()
 
     def catch_up(self, state: GateState, now_ms: int) -> bool:
         """Prune expired leases, refill the retry budget, pass over unclaimed reservations
