@@ -130,15 +130,12 @@ class GateLedger(ABC, Generic[Document, Answer]):
     ) -> None:
         """Best effort: the gate is decided and the place only guides the waiter's next
         call, so a concurrent writer is overwritten rather than undoing the decision."""
-        key = self.place_key(waiter)
-        version = loaded.place_version
         for _ in range(max(1, self.config.cas_retries)):
             try:
-                self.ports.storage.compare_and_swap(ACCOUNT, key, version, place.to_bytes(), ttl_ms)
-                return
+                return self.save_place(waiter, loaded, place, ttl_ms)
             except StorageConflict:
-                entry = self.ports.storage.get(ACCOUNT, key)
-                version = None if entry is None else entry.version
+                entry = self.ports.storage.get(ACCOUNT, self.place_key(waiter))
+                loaded.place_version = None if entry is None else entry.version
 
     def ticket_entry(self, tenant: str, ticket: int) -> bytes | None:
         """What the ticket's liveness key holds (None: expired, its waiter is gone)."""
