@@ -248,12 +248,18 @@ DEFAULT_SANDBOX_TIMEOUT_MS = SandboxSettings.sandbox_timeout_s * 1000
 
 
 @dataclass(slots=True)
-class CreateLease:
+class Lease:
+    """A permit held by one entity from `started_ms` until it expires."""
+
     lease_id: str
     tenant: str
     entity: str
     expires_ms: int
     started_ms: int
+
+
+@dataclass(slots=True)
+class CreateLease(Lease):
     # Until when a sandbox it makes can run unrecorded: the lease's expiry plus the
     # sandbox's E2B timeout, after which E2B kills it.
     sandbox_until_ms: int
@@ -280,17 +286,8 @@ class UnsettledCreate:
 
 
 @dataclass(slots=True)
-class SandboxLease:
-    lease_id: str
-    tenant: str
-    entity: str
-    expires_ms: int
-    started_ms: int
+class SandboxLease(Lease):
     sandbox_id: str
-
-
-def _retry_tokens(tokens: float | None) -> float | None:
-    return None if tokens is None else round(tokens, 4)
 
 
 @dataclass(slots=True)
@@ -304,7 +301,7 @@ class GateState(GateDocument):
         ("bf", "backoff_failures", _INT),
         ("cap", "capacity", _RAW),
         ("ok", "success_streak", _INT),
-        ("rb", "retry_tokens", (_retry_tokens, None)),
+        ("rb", "retry_tokens", (lambda tokens: None if tokens is None else round(tokens, 4), None)),
         ("rbt", "retry_refilled_ms", _INT),
         *_QUEUE,
         ("lat", "latency_ms", _RAW),
@@ -391,12 +388,7 @@ def decode_ticket(raw: bytes) -> tuple[str, Costs]:
 
 
 @dataclass(slots=True)
-class ResourceLease:
-    lease_id: str
-    tenant: str
-    entity: str
-    expires_ms: int
-    started_ms: int
+class ResourceLease(Lease):
     charges: list[Charge] = field(default_factory=list)
     # How far the actual cost may exceed `charges`, by kind, until it settles
     # (`blocking.ResourceHeadroom.reserve`).
@@ -433,11 +425,13 @@ class ResourceState(GateDocument):
     # When the gate last granted a permit (0: never): a waiter's stall starts there.
     granted_ms: int = 0
 
-    def lease(self, lease_id: str) -> ResourceLease | None:
-        return next((lease for lease in self.leases if lease.lease_id == lease_id), None)
-
-    def lease_of(self, tenant: str, entity: str) -> ResourceLease | None:
-        return owned_by(self.leases, tenant, entity)
+    def lease_of(
+        self, tenant: str, entity: str, lease_id: str | None = None
+    ) -> ResourceLease | None:
+        """The entity's lease (only if it is `lease_id`, when named: another entity's lease
+        is not its to settle)."""
+        mine = (lease for lease in self.leases if (lease.tenant, lease.entity) == (tenant, entity))
+        return next((lease for lease in mine if lease_id in (None, lease.lease_id)), None)
 
     def held_by(self, tenant: str) -> int:
         return sum(1 for lease in self.leases if lease.tenant == tenant)

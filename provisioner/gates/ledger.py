@@ -130,15 +130,17 @@ class GateLedger(ABC, Generic[Document, Answer]):
     ) -> None:
         """Best effort: the gate is decided and the place only guides the waiter's next
         call, so a concurrent writer is overwritten rather than undoing the decision."""
-        key = self.place_key(waiter)
-        version = loaded.place_version
         for _ in range(max(1, self.config.cas_retries)):
             try:
-                self.ports.storage.compare_and_swap(ACCOUNT, key, version, place.to_bytes(), ttl_ms)
-                return
+                return self.save_place(waiter, loaded, place, ttl_ms)
             except StorageConflict:
-                entry = self.ports.storage.get(ACCOUNT, key)
-                version = None if entry is None else entry.version
+                entry = self.ports.storage.get(ACCOUNT, self.place_key(waiter))
+                loaded.place_version = None if entry is None else entry.version
+
+    def ticket_entry(self, tenant: str, ticket: int) -> bytes | None:
+        """What the ticket's liveness key holds (None: expired, its waiter is gone)."""
+        entry = self.ports.storage.get(ACCOUNT, ticket_key(tenant, ticket, self.prefix))
+        return None if entry is None else entry.value
 
     def forget(self, waiter: Waiter, ticket: int | None) -> None:
         """The waiter no longer waits: its place and its ticket's liveness key go."""
@@ -175,6 +177,8 @@ class GateLedger(ABC, Generic[Document, Answer]):
     ) -> Answer | Queued:
         seen = self.assess(waiter, loaded, place)
         if seen.queued is None:
+            self.unplace(loaded.state, waiter, place, granted=True)
+            loaded.state.grants += 1
             return self.grant(waiter, loaded, place)
         reserved, own = self.reserve(loaded, seen.scheduled, Turn.of(waiter, place))
         changed = place is not loaded.place or seen.dropped or reserved
@@ -242,7 +246,8 @@ class GateLedger(ABC, Generic[Document, Answer]):
     ) -> Assessment: ...
 
     @abstractmethod
-    def grant(self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place) -> Answer: ...
+    def grant(self, waiter: Waiter, loaded: LoadedDocument[Document], place: Place) -> Answer:
+        """The permit, to a waiter already out of the queue and counted in `grants`."""
 
     @abstractmethod
     def reserve(

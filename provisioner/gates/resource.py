@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Callable
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn
@@ -35,10 +36,8 @@ from provisioner.gates.document import (
     encode_ticket,
     margin_of,
     resource_prefix,
-    ticket_key,
 )
 from provisioner.gates.ledger import (
-    ACCOUNT,
     GateLedger,
     LoadedDocument,
     charge_margins,
@@ -65,9 +64,7 @@ from provisioner.gates.results import (
     ProviderAnswer,
     Queued,
     Rejected,
-    Released,
     ResourceGrant,
-    Settled,
     Waiter,
 )
 from provisioner.invocation import Request
@@ -85,26 +82,20 @@ _LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 _MAX_PAUSE_MS = 24 * 3600 * 1000
 
 
-def _epoch_ms(moment: datetime) -> int | None:
+def _epoch_ms(parse: Callable[[str], datetime], text: str) -> int | None:
+    """A moment `parse` reads in `text` (None: unreadable or without a time zone)."""
+    try:
+        moment = parse(text.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
     return None if moment.tzinfo is None else int(moment.timestamp() * 1000)
 
 
-def _reset_ms(text: str) -> int | None:
-    try:
-        return _epoch_ms(datetime.fromisoformat(text.strip()))
-    except ValueError:
-        return None
-
-
 def _retry_after_ms(text: str, now_ms: int) -> int | None:
-    text = text.strip()
     try:
         seconds = float(text)
     except ValueError:
-        try:
-            at = _epoch_ms(parsedate_to_datetime(text))
-        except (TypeError, ValueError, IndexError):
-            return None
+        at = _epoch_ms(parsedate_to_datetime, text)
         return None if at is None else max(0, at - now_ms)
     return int(seconds * 1000) if math.isfinite(seconds) and seconds >= 0 else None
 
@@ -125,7 +116,7 @@ def pause_from_headers(status: int, headers: dict[str, str], now_ms: int) -> int
     ahead: list[int] = []
     for limit in _LIMITS:
         reset = headers.get(f"anthropic-ratelimit-{limit}-reset")
-        at = None if reset is None else _reset_ms(reset)
+        at = None if reset is None else _epoch_ms(datetime.fromisoformat, reset)
         if at is None or at <= now_ms:
             continue
         ahead.append(at - now_ms)
@@ -210,8 +201,8 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         return bool(pass_over_unclaimed(state, now_ms, self.config.reservation_claim_ms))
 
     def read_ticket(self, tenant: str, ticket: int) -> Costs | None:
-        entry = self.ports.storage.get(ACCOUNT, ticket_key(tenant, ticket, self.prefix))
-        return None if entry is None else decode_ticket(entry.value)[1]
+        value = self.ticket_entry(tenant, ticket)
+        return None if value is None else decode_ticket(value)[1]
 
     def acquire(self, waiter: Waiter, costs: Costs) -> ResourceGrant | Queued | Rejected:
         self.costs = costs
@@ -278,8 +269,6 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         lease_id, until = new_lease_id(self.ports, "r"), now + self.gate.lease_ms
         lease = ResourceLease(lease_id, waiter.tenant, waiter.entity, until, now, charges, margins)
         state.leases.append(lease)
-        self.unplace(state, waiter, place, granted=True)
-        state.grants += 1
         state.granted_ms = now
         self.save_gate(loaded)
         # The gate document is the truth about who holds what: the place is not needed.
@@ -289,13 +278,12 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
     @retried
     def settle(
         self, waiter: Waiter, lease_id: str | None, actual: Costs, answer: ProviderAnswer
-    ) -> Settled:
+    ) -> dict[str, Any]:
+        """What `ResourceSettled` says: `held`, the lease was still held (else the actual
+        was charged in full); `charged`, tokens per cost kind (negative: given back)."""
         loaded = self.load(waiter)
         state, now = loaded.state, loaded.now_ms
-        mine = (waiter.tenant, waiter.entity)
-        lease = state.lease_of(*mine) if lease_id is None else state.lease(lease_id)
-        if lease is not None and (lease.tenant, lease.entity) != mine:
-            lease = None  # another entity's lease: not this waiter's to settle
+        lease = state.lease_of(waiter.tenant, waiter.entity, lease_id)
         charged: dict[str, float] = {}
         if lease is not None:
             state.leases.remove(lease)
@@ -328,16 +316,17 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         elif answer.kind == "success":
             state.backoff_failures = 0
         self.save_gate(loaded)
-        return Settled(
-            lease_id=lease.lease_id if lease is not None else lease_id,
-            held=lease is not None,
-            answer=answer.kind,
-            charged={kind: round(tokens, 3) for kind, tokens in charged.items()},
-            cooling_ms=cooling_ms(state, now),
-        )
+        return {
+            "lease_id": lease.lease_id if lease is not None else lease_id,
+            "held": lease is not None,
+            "answer": answer.kind,
+            "status": answer.status,
+            "charged": {kind: round(tokens, 3) for kind, tokens in charged.items()},
+            "cooling_ms": cooling_ms(state, now),
+        }
 
     @retried
-    def release(self, waiter: Waiter) -> Released:
+    def release(self, waiter: Waiter) -> dict[str, Any]:
         loaded = self.load(waiter)
         state, now = loaded.state, loaded.now_ms
         lease = state.lease_of(waiter.tenant, waiter.entity)
@@ -352,7 +341,8 @@ class ResourceLedger(GateLedger[ResourceState, ResourceGrant]):
         if lease is not None or waited:
             self.save_gate(loaded)
         self.forget(waiter, ticket)
-        return Released(lease.lease_id if lease is not None else None, lease is not None, waited)
+        held = None if lease is None else lease.lease_id
+        return {"released": lease is not None, "lease_id": held, "waited": waited}
 
 
 class ResourceOperations:
@@ -425,20 +415,10 @@ class ResourceOperations:
         now = self.ports.clock.now_ms()
         answer = ProviderAnswer(status, pause_from_headers(status, lowered, now))
         settled = self.ledger.settle(self.waiter, lease_id or None, actual, answer)
-        body = {
-            "lease_id": settled.lease_id,
-            "held": settled.held,
-            "answer": settled.answer,
-            "status": answer.status,
-            "charged": settled.charged,
-            "cooling_ms": settled.cooling_ms,
-        }
-        return self._answer("settled", body)
+        return self._answer("settled", settled)
 
     def release(self) -> Outcome:
-        released = self.ledger.release(self.waiter)
-        body = {"released": released.held, "lease_id": released.lease_id, "waited": released.waited}
-        return self._answer("released", body)
+        return self._answer("released", self.ledger.release(self.waiter))
 
 
 def dispatch_resource(request: Request, ports: Ports) -> Outcome:

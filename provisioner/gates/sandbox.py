@@ -37,7 +37,6 @@ from provisioner.gates.document import (
     averaged,
     not_owned_by,
     owned_by,
-    ticket_key,
     waiter_key,
 )
 from provisioner.gates.ledger import (
@@ -107,13 +106,6 @@ def drop_sandbox(state: GateState, tenant: str, entity: str) -> None:
     state.unsettled = not_owned_by(state.unsettled, tenant, entity)
 
 
-def hold_sandbox(state: GateState, lease: SandboxLease) -> None:
-    """One capacity lease per entity: it replaces the entity's old lease and unsettled
-    creates (the same idempotency key: this is the sandbox they may have made)."""
-    drop_sandbox(state, lease.tenant, lease.entity)
-    state.sandbox_leases.append(lease)
-
-
 @dataclass(frozen=True, slots=True)
 class WakeUp:
     """A permit is promised to `entity` (`reservation`): the host may wake it at `at_ms`
@@ -178,21 +170,18 @@ class SandboxLedger(GateLedger[GateState, Grant]):
         self._promised = []
         for item in [item for item in scheduled if item.due_ms <= 0] + pending:
             turn, at, rid = item.turn, now_ms + item.due_ms, new_lease_id(self.ports, "v")
-            new = reservation_of(state, turn.tenant, turn.ticket, turn.entity) is None
             held, moved = reserve(
                 state, turn.tenant, turn.ticket, turn.entity, at, now_ms, claim, rid
             )
             changed = changed or moved
-            entity = (turn.entity or self._ticket_entity(turn)) if new and turn != caller else None
+            if held.rid != rid or turn == caller:
+                continue  # promised before, or to the caller: no one to wake
+            # A ticket's entity is in its liveness key (gone: its waiter is skipped as dead).
+            value = None if turn.ticket is None else self.ticket_entry(turn.tenant, turn.ticket)
+            entity = turn.entity or (None if value is None else value.decode())
             if entity is not None:
                 self._promised.append(WakeUp(turn.tenant, entity, held.at_ms, held.rid))
         return changed
-
-    def _ticket_entity(self, turn: Turn) -> str | None:
-        """From the ticket's liveness key (None: expired, its waiter is skipped as dead)."""
-        assert turn.ticket is not None
-        entry = self.ports.storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket, self.prefix))
-        return None if entry is None else entry.value.decode()
 
     def catch_up(self, state: GateState, now_ms: int) -> bool:
         """Prune expired leases, refill the retry budget, pass over unclaimed reservations
@@ -288,8 +277,6 @@ class SandboxLedger(GateLedger[GateState, Grant]):
             state.retry_tokens = tokens - 1.0
         else:
             state.retry_tokens = min(config.retry_budget, tokens + config.retry_ratio)
-        self.unplace(state, waiter, place, granted=True)
-        state.grants += 1
         # What the grant left free (more slots, the next rate token) goes to the next turns.
         self.promise(loaded)
         self.save_gate(loaded)
@@ -317,26 +304,22 @@ class SandboxLedger(GateLedger[GateState, Grant]):
 
     def _skip_dead(self, state: GateState, turns: list[Turn], mine: Turn) -> bool:
         """Drop waiters ahead that stopped polling (their keys expired); True if any."""
-        storage = self.ports.storage
         skipped = False
         for turn in turns:
             if turn == mine:
                 continue
-            if turn.is_retry:
-                assert turn.entity is not None
-                entry = storage.get(ACCOUNT, waiter_key(turn.tenant, turn.entity, self.prefix))
+            if turn.entity is not None and turn.is_retry:
+                entry = self.ports.storage.get(ACCOUNT, waiter_key(turn.tenant, turn.entity))
                 place = None if entry is None else Place.from_bytes(entry.value)
-                if not (
-                    place is not None
-                    and place.stage is Stage.RETRYING
-                    and place.alive(self.ports.clock.now_ms())
+                if (
+                    place is None
+                    or place.stage is not Stage.RETRYING
+                    or not place.alive(self.ports.clock.now_ms())
                 ):
                     state.drop_retry(turn.tenant, turn.entity)
                     skipped = True
-            else:
-                assert turn.ticket is not None
-                if storage.get(ACCOUNT, ticket_key(turn.tenant, turn.ticket, self.prefix)) is None:
-                    skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
+            elif turn.ticket is not None and self.ticket_entry(turn.tenant, turn.ticket) is None:
+                skipped = drop_ticket(state, turn.tenant, turn.ticket) or skipped
         return skipped
 
     @retried
@@ -404,12 +387,14 @@ class SandboxLedger(GateLedger[GateState, Grant]):
         state, now, config = loaded.state, loaded.now_ms, self.config
         if any(s.lease_id == grant.lease_id for s in state.sandbox_leases):
             return  # settled already
-        # Held even when the create lease had expired: the sandbox exists, so it counts.
+        # Held even when the create lease had expired: the sandbox exists, so it counts. It
+        # replaces the entity's old lease and unsettled creates (one idempotency key: this is
+        # the sandbox they may have made).
         timeout_ms = max(1, result.sandbox_timeout_ms)
         tenant, entity, until = waiter.tenant, waiter.entity, now + timeout_ms
-        hold_sandbox(
-            state, SandboxLease(grant.lease_id, tenant, entity, until, now, result.sandbox_id)
-        )
+        drop_sandbox(state, tenant, entity)
+        lease = SandboxLease(grant.lease_id, tenant, entity, until, now, result.sandbox_id)
+        state.sandbox_leases.append(lease)
         state.backoff_failures = 0
         if state.capacity is not None:
             # Additive increase: one more after a run of successes, up to the configured.

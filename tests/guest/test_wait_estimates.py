@@ -10,7 +10,6 @@ import pytest
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import CreateLease, GateState, SandboxLease
 from provisioner.gates.policies import capacity_wait_ms, slot_wait_ms
-from provisioner.gates.sandbox import hold_sandbox
 
 NOW = 1_000_000
 LATENCY_MS = AdmissionConfig().create_latency_ms
@@ -21,9 +20,8 @@ def holding(*leases: tuple[int, int], hold_ms: int | None = None) -> GateState:
     state = GateState(hold_ms=hold_ms)
     for i, (ago, ttl) in enumerate(leases):
         started = NOW - ago
-        hold_sandbox(
-            state, SandboxLease(f"c{i}", "tenant-a", f"Job/{i}", started + ttl, started, f"sbx-{i}")
-        )
+        lease = SandboxLease(f"c{i}", "tenant-a", f"Job/{i}", started + ttl, started, f"sbx-{i}")
+        state.sandbox_leases.append(lease)
     return state
 
 
