@@ -102,25 +102,6 @@ class ResourceGrant:
 
 
 @dataclass(frozen=True, slots=True)
-class Settled:
-    """`held`: the lease was still held (else the actual was charged in full). `charged`:
-    tokens charged per cost kind (negative: given back)."""
-
-    lease_id: str | None
-    held: bool
-    answer: str
-    charged: dict[str, float]
-    cooling_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Released:
-    lease_id: str | None
-    held: bool
-    waited: bool
-
-
-@dataclass(frozen=True, slots=True)
 class ProviderAnswer:
     """What the provider answered a gated call (its status and the pause its headers ask for)."""
 
