@@ -482,16 +482,17 @@ class ResourceHeadroom:
         state, gate, now_ms = self.state, self.gate, self.now_ms
         cycle = state.hold_ms if state.hold_ms is not None else gate.lease_ms
         limits: list[Estimate] = []
-        permits, tenant_permits = gate.permits(ACCOUNT), gate.permits(TENANT)
-        if permits is not None:
-            ends = lease_ends(state.leases, now_ms, cycle)
-            wait = lease_wait_ms(ends, at - max(0, permits - len(state.leases)), cycle)
-            limits.append(Estimate(REASON_CONCURRENCY, wait, (len(state.leases), permits)))
-        if tenant_permits is not None:
-            held = self.held[tenant]
-            ends = lease_ends([x for x in state.leases if x.tenant == tenant], now_ms, cycle)
-            wait = lease_wait_ms(ends, held - tenant_permits + 1, cycle)
-            limits.append(Estimate(REASON_TENANT_CONCURRENCY, wait, (held, tenant_permits)))
+        # The account's turns ahead are the `at - 1` before this one; the tenant's own limit
+        # is asked only by its first turn. Leases held beyond a lowered limit end first.
+        for reason, scope, leases, turn in (
+            (REASON_CONCURRENCY, ACCOUNT, state.leases, at),
+            (REASON_TENANT_CONCURRENCY, TENANT, [x for x in state.leases if x.tenant == tenant], 1),
+        ):
+            permits = gate.permits(scope)
+            if permits is not None:
+                ends = lease_ends(leases, now_ms, cycle)
+                wait = lease_wait_ms(ends, len(leases) - permits + turn, cycle)
+                limits.append(Estimate(reason, wait, (len(leases), permits)))
         for rate in self.rates:
             need = costs.get(rate.kind, 0.0) + sum(
                 cost.get(rate.kind, 0.0)

@@ -248,6 +248,22 @@ def test_a_waiter_that_keeps_asking_keeps_its_place() -> None:
     assert queued(gates.acquire("acme", "w2"), "concurrency")["position"] == 2
 
 
+@pytest.mark.parametrize("scope", ["", "tenant_"])
+def test_a_lowered_limit_waits_for_every_lease_held_beyond_it(scope: str) -> None:
+    # Catches: an ETA that ignores the leases held beyond a lowered limit (the waiter would
+    # be told to come back when the first lease ends, while the gate is still over it).
+    key = f"resource.llm.{scope}concurrency"
+    limits = {"resource.llm.concurrency": "10", key: "3", "resource.llm.lease_s": "60"}
+    gates = ResourceHarness({"resource": "llm", **limits})
+    for entity in ("a", "b", "c"):
+        granted(gates.acquire("acme", entity))
+        gates.advance(10_000)
+    gates.config[key] = "1"
+    wait = queued(gates.acquire("acme", "w"), f"{scope}concurrency")
+    # The leases end at 60, 70 and 80 s and it is 30 s: one of one is free after the third.
+    assert (wait["in_use"], wait["limit"], wait["eta_ms"]) == (3, 1, 50_000)
+
+
 # -- the provider's answers
 
 
