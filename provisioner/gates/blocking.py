@@ -294,22 +294,29 @@ def removable(state: GateDocument, tenant: str, place: Place) -> bool:
     return queue is not None and can_remove(queue, place.ticket)
 
 
-def assess(
-    state: GateState,
-    config: AdmissionConfig,
-    now_ms: int,
-    waiter: Waiter,
-    place: Place,
-    uniform: Callable[[], float],
-) -> Assessment:
+@dataclass(frozen=True, slots=True)
+class Asking:
+    """A waiter asking the sandbox gate now, from `place`: what both `assess` and `waiting`
+    look at. `uniform` jitters the answer's poll time."""
+
+    state: GateState
+    config: AdmissionConfig
+    now_ms: int
+    waiter: Waiter
+    place: Place
+    uniform: Callable[[], float]
+
+
+def assess(asking: Asking) -> Assessment:
+    state, config, now_ms = asking.state, asking.config, asking.now_ms
     permits = Permits.of(state, config, now_ms)
     eligible = eligibility(state, config)
     planned = schedule(state, config, now_ms, permits, eligible)
-    mine = Turn.of(waiter, place)
+    mine = Turn.of(asking.waiter, asking.place)
     own = next((s for s in planned if s.turn == mine), None)
     if own is not None and own.due_ms <= 0:
         return Assessment(None, planned)
-    queued = waiting(state, config, now_ms, waiter, place, uniform, permits, eligible)
+    queued = waiting(asking, permits, eligible)
     if own is not None:
         # Its permit is promised; only its rate token is not due yet, to the millisecond.
         queued = replace(
@@ -323,15 +330,10 @@ def assess(
 
 
 def waiting(
-    state: GateState,
-    config: AdmissionConfig,
-    now_ms: int,
-    waiter: Waiter,
-    place: Place,
-    uniform: Callable[[], float],
-    permits: Permits | None = None,
-    eligible: Eligible | None = None,
+    asking: Asking, permits: Permits | None = None, eligible: Eligible | None = None
 ) -> Queued:
+    state, config, now_ms = asking.state, asking.config, asking.now_ms
+    waiter, place = asking.waiter, asking.place
     permits = permits or Permits.of(state, config, now_ms)
     eligible = eligible or eligibility(state, config)
     turn = Turn.of(waiter, place)
@@ -378,7 +380,7 @@ def waiting(
     # Slot and capacity estimates rest on the assumed create latency until one is measured.
     cap = config.create_latency_ms // 2 if state.latency_ms is None else None
     limits = [slots, capacity, rate]  # the first one's usage is shown during a cooldown
-    return queued_answer(config, state, now_ms, place, at, limits, held, uniform, cap)
+    return queued_answer(config, state, now_ms, place, at, limits, held, asking.uniform, cap)
 
 
 # The resource gates

@@ -14,6 +14,7 @@ from typing import TypeVar
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
 from provisioner.gates.blocking import (
+    Asking,
     Assessment,
     Permits,
     Scheduled,
@@ -234,12 +235,13 @@ class SandboxLedger(GateLedger[GateState, Grant]):
         return f"waited {waited} ms for a sandbox, longer than the queue timeout of {timeout} ms"
 
     def assess(self, waiter: Waiter, loaded: SandboxLoaded, place: Place) -> Assessment:
-        state, now, config, uniform = loaded.state, loaded.now_ms, self.config, self.ports.uniform
+        state, config = loaded.state, self.config
+        asking = Asking(state, config, loaded.now_ms, waiter, place, self.ports.uniform)
         mine = Turn.of(waiter, place)
         dropped = False
         # Each pass drops at least one dead waiter from the front, so it ends.
         for _ in range(config.create_slots + len(state.retries) + 2):
-            seen = assess(state, config, now, waiter, place, uniform)
+            seen = assess(asking)
             if seen.goes and removable(state, waiter.tenant, place):
                 return seen
             front = [item.turn for item in seen.scheduled if item.due_ms <= 0]
@@ -247,9 +249,9 @@ class SandboxLedger(GateLedger[GateState, Grant]):
                 break
             dropped = True
         else:
-            seen = assess(state, config, now, waiter, place, uniform)
+            seen = assess(asking)
         # When its turn has come but its ticket cannot leave out of order yet, it waits.
-        queued = seen.queued or waiting(state, config, now, waiter, place, uniform)
+        queued = seen.queued or waiting(asking)
         return replace(seen, queued=queued, dropped=dropped)
 
     def reserve(
@@ -351,7 +353,7 @@ class SandboxLedger(GateLedger[GateState, Grant]):
             if owned_by(state.retries, waiter.tenant, waiter.entity) is None:
                 return None
             view = Place(Stage.RETRYING, since, stored.attempt)
-            return waiting(state, config, now, waiter, view, self.ports.uniform)
+            return waiting(Asking(state, config, now, waiter, view, self.ports.uniform))
         if isinstance(result, CapacityExhausted):
             # Multiplicative decrease to our count (someone else holds the rest), never below
             # one; the failed create's own lease was dropped above.
@@ -369,7 +371,7 @@ class SandboxLedger(GateLedger[GateState, Grant]):
             return exhausted(grant.attempt)
         state.add_retry(waiter.tenant, waiter.entity)
         place = Place(Stage.RETRYING, since, attempt)
-        queued = waiting(state, config, now, waiter, place, self.ports.uniform)
+        queued = waiting(Asking(state, config, now, waiter, place, self.ports.uniform))
         if isinstance(result, CapacityExhausted) and queued.reason != REASON_BACKOFF:
             used, limit = capacity_in_use(state), capacity_limit(state, config)
             queued = replace(

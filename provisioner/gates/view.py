@@ -12,7 +12,7 @@ from typing import Any
 
 from provisioner.config import ACCOUNT, TENANT, AdmissionConfig, ResourceGate, read_config
 from provisioner.gates import policies
-from provisioner.gates.blocking import assess, waiting
+from provisioner.gates.blocking import Asking, assess, waiting
 from provisioner.gates.document import GATE_KEY as GATE_KEY
 from provisioner.gates.document import (
     CreateLease,
@@ -280,8 +280,9 @@ def _waiters(
         place = Place(stage, since, attempt, ticket=ticket)
         waiter = Waiter(tenant, entity or "")
         # No jitter: reading draws no randomness.
-        due = assess(state, config, now_ms, waiter, place, lambda: 0.0).goes
-        queued = waiting(state, config, now_ms, waiter, place, lambda: 0.0)
+        asking = Asking(state, config, now_ms, waiter, place, lambda: 0.0)
+        due = assess(asking).goes
+        queued = waiting(asking)
         reason, eta = (REASON_DUE, 0) if due else (queued.reason, queued.eta_ms)
         waited, tries = (None, None) if record is None else (queued.waited_ms, record.attempt)
         views.append(
