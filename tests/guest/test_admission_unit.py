@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -716,13 +717,33 @@ def test_a_repeated_settle_of_a_retried_create_reports_the_retry_and_adds_no_sec
     assert gates.backoff.failures == 1  # the repeat is not a second failure
 
 
-def test_a_dead_ticket_dropped_from_the_front_keeps_its_tenants_turn_in_the_ring() -> None:
-    # Catches: a tenant whose front waiter stopped polling sent to the back of the ring
-    # when that dead ticket is dropped, as if it had been granted: its next waiter would
-    # lose the round-robin turn to the other tenant.
-    harness = Harness(
-        AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, waiter_ttl_ms=1_000)
-    )
+def _stops_polling(harness: Harness, gone: Waiter, polling: tuple[Waiter, ...]) -> None:
+    for _ in range(2):  # the others keep polling; `gone` does not
+        harness.advance(2_000)
+        for waiter in polling:
+            queued_of(harness.admit(waiter))
+
+
+def _is_released(harness: Harness, gone: Waiter, polling: tuple[Waiter, ...]) -> None:
+    assert harness.release(gone) is True
+
+
+@pytest.mark.parametrize(
+    ("leaves", "waiter_ttl_ms", "rate_spacing_ms"),
+    [(_stops_polling, 1_000, 0), (_is_released, AdmissionConfig().waiter_ttl_ms, 10)],
+    ids=["dead_ticket_dropped", "released_while_waiting"],
+)
+def test_a_front_waiter_leaving_out_of_order_keeps_its_tenants_turn_in_the_ring(
+    leaves: Callable[[Harness, Waiter, tuple[Waiter, ...]], None],
+    waiter_ttl_ms: int,
+    rate_spacing_ms: int,
+) -> None:
+    # Catches: a tenant whose front waiter leaves the queue out of order (it stopped polling
+    # and its dead ticket is dropped, or it is released while waiting) sent to the back of
+    # the ring, as if it had been granted: its next waiter would lose the round-robin turn
+    # to the other tenant.
+    config = AdmissionConfig(create_slots=1, create_rate_per_s=1000.0, waiter_ttl_ms=waiter_ttl_ms)
+    harness = Harness(config)
     holder = Waiter("holder", "Job/h")
     grant = grant_of(harness.admit(holder))
     gone, other, next_of_a = (
@@ -732,11 +753,9 @@ def test_a_dead_ticket_dropped_from_the_front_keeps_its_tenants_turn_in_the_ring
     )
     for waiter in (gone, other, next_of_a):
         queued_of(harness.admit(waiter))
-    for _ in range(2):  # the two keep polling; the first of tenant-a does not
-        harness.advance(2_000)
-        queued_of(harness.admit(other))
-        queued_of(harness.admit(next_of_a))
+    leaves(harness, gone, (other, next_of_a))
     assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
+    harness.advance(rate_spacing_ms)  # past the rate gate's spacing
     assert isinstance(harness.admit(next_of_a), Grant)
     assert queued_of(harness.admit(other)).position == 1
 
@@ -850,27 +869,6 @@ def test_a_settled_place_lives_until_its_waiter_is_no_longer_expected() -> None:
     assert all(harness.backend.get(namespace, key) is not None for key in keys)
     harness.advance(harness.config.queue_timeout_ms + 3_600_000)
     assert [harness.backend.get(namespace, key) for key in keys] == [None, None]
-
-
-def test_a_waiter_leaving_the_queue_out_of_order_keeps_its_tenants_turn_in_the_ring() -> None:
-    # Catches: a tenant sent to the back of the ring when one of its waiters leaves the
-    # queue (released while waiting), as if it had been granted: its next waiter would lose
-    # the round-robin turn to the other tenant.
-    harness = Harness(AdmissionConfig(create_slots=1, create_rate_per_s=1000.0))
-    holder = Waiter("holder", "Job/h")
-    grant = grant_of(harness.admit(holder))
-    leaving, other, next_of_a = (
-        Waiter("tenant-a", "Job/a1"),
-        Waiter("tenant-b", "Job/b1"),
-        Waiter("tenant-a", "Job/a2"),
-    )
-    for waiter in (leaving, other, next_of_a):
-        queued_of(harness.admit(waiter))
-    assert harness.release(leaving) is True
-    assert harness.settle(holder, grant, Created("sbx-h", 600_000)) is None
-    harness.advance(10)  # past the rate gate's spacing
-    assert isinstance(harness.admit(next_of_a), Grant)
-    assert queued_of(harness.admit(other)).position == 1
 
 
 def test_dropping_a_retry_gives_up_its_reservation() -> None:
