@@ -18,7 +18,7 @@ from provisioner.entity_records import PENDING, READY, EntityRecord, EntityRecor
 from provisioner.failures import FailureCode
 from provisioner.gates.cas import storage_queued
 from provisioner.gates.controller import AdmissionController
-from provisioner.gates.resource import dispatch_resource, is_resource_request
+from provisioner.gates.resource import action_name, dispatch_resource, is_resource_request
 from provisioner.gates.results import (
     REASON_STORAGE,
     Created,
@@ -238,6 +238,9 @@ class Operations:
             self.records.remove(self.request.entity, version)
 
     def release(self) -> Outcome:
+        # A spec releasing from two states names one answer per target state (Releasing ->
+        # Completed, Failing -> Failed), as the resource gates' released_action does.
+        released = action_name(self.request.config, "released_action", SANDBOX_RELEASED)
         loaded = self.records.load(self.request.entity)
         params: dict[str, Any] = {"released": False}
         if loaded is None:
@@ -252,7 +255,7 @@ class Operations:
             self._forget(loaded[1])
             self._progress("sandbox_released", sandbox_ids=doomed)
             params = {"released": bool(doomed), "sandbox_id": doomed[0] if doomed else None}
-        return with_wake_ups(Outcome(SANDBOX_RELEASED, params), self.controller)
+        return with_wake_ups(Outcome(released, params), self.controller)
 
     def _kill_cycle(self, record: EntityRecord) -> tuple[list[str], Outcome | None]:
         """Kill the recorded sandbox, or whatever the cycle's key made (a create may have

@@ -76,7 +76,6 @@ from provisioner.gates.view import GATE_KEY
 from provisioner.model import (
     SANDBOX_FAILED,
     SANDBOX_QUEUED,
-    SANDBOX_RELEASED,
     Invocation,
     Outcome,
 )
@@ -342,9 +341,11 @@ class _SessionEvents:
             kind, fields = "timer", dict(detail)  # the poll is not news: it runs every poll_s
         elif event.kind == "answered" and detail.get("trigger") == RELEASE_TRIGGER:
             params = detail.get("params") or {}
+            # Any answer but SandboxFailed is the release's (SandboxReleased, or the name
+            # the trigger's released_action gives it, such as FailureReleased).
             self.release_error[event.job.id] = (
                 None
-                if detail.get("success") and detail.get("action") == SANDBOX_RELEASED
+                if detail.get("success") and detail.get("action") != SANDBOX_FAILED
                 else _typed_reason(str(detail.get("action")), params)
             )
         elif event.kind == "transition":
@@ -371,7 +372,9 @@ class _SessionEvents:
             return "ready", {"sandbox_id": params.get("sandbox_id")}
         if after in self.script.completed_states:
             return "completed", params
-        if after in self.script.failed_states:
+        if after in self.script.failure_states and before in self.script.failure_states:
+            return None, {}  # the release on the way into Failed: the session failed before
+        if after in self.script.failure_states:
             return "failed", {
                 "action": action,
                 "reason": _typed_reason(action, params),
@@ -422,7 +425,7 @@ def run_assignment(
         entity = entities[result.job.id]
         reason = result.reason
         if result.failed:
-            reason = _typed_reason(entity.last_action or "", entity.fields)
+            reason = _typed_reason(driver.runner.failure_start(entity).action, entity.fields)
         writer.emit(
             "result",
             **{**result.to_json(), "reason": reason},

@@ -6,7 +6,8 @@ run on specs that break each rule. What the component answers (docs/contract.md)
 
 - `operation = provision`: `SandboxReady`, `SandboxQueued`, `SandboxFailed`, each as a
   successful result whose `action` names it, with its params;
-- `operation = release`: `SandboxReleased`, `SandboxFailed`;
+- `operation = release`: `SandboxReleased` (or the trigger's `released_action`),
+  `SandboxFailed`;
 - a trap, an exhausted budget or a malformed result is a failed invocation.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.simulator.spec import Action, Spec, StateTimeout, Trigger
+from provisioner.model import SANDBOX_RELEASED
 
 MODULE = "sandbox_provisioner"
 # The invocation deadline (crates/temper-wasm/src/types.rs: 120 s).
@@ -93,9 +95,13 @@ FAILED_PARAMS = ANSWERS["provision"]["SandboxFailed"]
 
 def answers_for(trigger: Trigger, operation: str) -> dict[str, tuple[str, ...]]:
     """What the component may answer `trigger` (a successful result's action and params)."""
-    if trigger.config_value("resource") is None:
-        return ANSWERS.get(operation, {})
     named = trigger.config_value
+    if trigger.config_value("resource") is None:
+        answers = ANSWERS.get(operation, {})
+        renamed = named("released_action") if operation == "release" else None
+        if renamed:
+            return {renamed if a == SANDBOX_RELEASED else a: p for a, p in answers.items()}
+        return answers
     if operation == "acquire":
         return {
             named("granted_action") or "ResourceGranted": (
@@ -286,6 +292,8 @@ def _trigger_rules(spec: Spec, action: Action, trigger: Trigger, operation: str)
                 )
         if operation == "provision":
             found += _provisioning_timers(spec, state, where)
+        if operation == "release":
+            found += _release_retried(spec, action, state, answers, where)
     if (
         operation == "provision"
         and "SandboxQueued" in answers
@@ -293,6 +301,33 @@ def _trigger_rules(spec: Spec, action: Action, trigger: Trigger, operation: str)
     ):
         found += _poll_rules(spec, trigger, where)
     return found
+
+
+def _release_retried(
+    spec: Spec, action: Action, state: str, answers: dict[str, tuple[str, ...]], where: str
+) -> list[Finding]:
+    """A release lands where its confirmation moves the entity on and a timer asks again
+    (a failed release answers SandboxFailed, dropped there). One that leads straight into a
+    state without a timer is asked once: if it fails, nothing asks again and the permit
+    stays held until its lease expires. The last ask of a state that was itself releasing
+    (a give-up on the way out) is exempt: the asks before it were retried."""
+    released = next((a for a in answers if a != "SandboxFailed"), None)
+    if released is None or _first_timer(spec, state) is not None:
+        return []
+    confirming = spec.action(released)
+    if confirming is not None and all(confirming.enabled_in(s) for s in action.sources):
+        return []
+    return [
+        Finding(
+            "release-retried",
+            where,
+            f"the release leads into '{state}', which has no timer: a release that fails "
+            "(SandboxFailed, storage unavailable or a failed kill) is never asked again and "
+            "the permit stays held until its lease expires; release into a state whose timer "
+            f"asks again and which {released} leaves",
+            ARMING_RS,
+        )
+    ]
 
 
 def _provisioning_timers(spec: Spec, state: str, where: str) -> list[Finding]:

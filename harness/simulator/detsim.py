@@ -47,6 +47,7 @@ from host.storage.memory import MemoryBackend
 from provisioner.config import AdmissionConfig
 from provisioner.failures import FailureCode
 from provisioner.gates.controller import AdmissionController
+from provisioner.gates.resource import action_name
 from provisioner.gates.results import Created, Grant, Queued, Rejected, Waiter
 from provisioner.model import (
     SANDBOX_QUEUED,
@@ -55,6 +56,7 @@ from provisioner.model import (
     Failure,
     Invocation,
     Outcome,
+    ProvisionerError,
     failed,
 )
 from provisioner.operations import with_wake_ups
@@ -185,14 +187,18 @@ class NativeProvisioner:
     def _release(
         self, invocation: Invocation, waiter: Waiter, done: Callable[[Outcome], None]
     ) -> None:
+        try:
+            # The component's name for the answer (`released_action`, e.g. Failing -> Failed).
+            name = action_name(dict(invocation.config), "released_action", SANDBOX_RELEASED)
+        except ProvisionerError as error:
+            done(failed(error.failure))
+            return
         sandbox = self.held.pop(waiter.entity, None)
         if sandbox is not None:
             self.e2b.kill(sandbox)
         controller = self._controller(waiter.tenant)
         controller.release(waiter)
-        released = Outcome(
-            SANDBOX_RELEASED, {"released": sandbox is not None, "sandbox_id": sandbox or ""}
-        )
+        released = Outcome(name, {"released": sandbox is not None, "sandbox_id": sandbox or ""})
         done(with_wake_ups(released, controller))
 
 

@@ -292,7 +292,8 @@ def keep_up_limits(
         (scale(t), f"{t.state}'s {t.on_timeout} timer ({scale(t):.1f}s)")
         for t in spec.timeouts
         if (a := spec.action(t.on_timeout)) is not None
-        and a.target(t.state) in script.failed_states
+        and t.state not in script.failure_states
+        and a.target(t.state) in script.failure_states
     ]
     provisioning = [g for g in guards if not g[1].startswith(script.working_state)]
     invocation = min(

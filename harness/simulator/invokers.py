@@ -10,12 +10,14 @@ import httpx
 
 from host.runtime.component_runtime import ComponentRuntime
 from provisioner.failures import FailureCode
+from provisioner.gates.resource import action_name
 from provisioner.model import (
     SANDBOX_READY,
     SANDBOX_RELEASED,
     Failure,
     Invocation,
     Outcome,
+    ProvisionerError,
     failed,
 )
 
@@ -89,10 +91,15 @@ class DirectInvoker:
         )
 
     def _release(self, invocation: Invocation) -> Outcome:
+        # Named as the component names it, so a spec's Failing -> Failed answer arrives.
+        try:
+            released = action_name(dict(invocation.config), "released_action", SANDBOX_RELEASED)
+        except ProvisionerError as error:
+            return failed(error.failure)
         state: Any = json.loads(invocation.entity_state or "{}")
         sandbox_id = state.get("sandbox_id") if isinstance(state, dict) else None
         if not sandbox_id:
-            return Outcome(SANDBOX_RELEASED, {"released": False})
+            return Outcome(released, {"released": False})
         path = f"/sandboxes/{quote(str(sandbox_id), safe='')}"
         try:
             try:
@@ -106,8 +113,7 @@ class DirectInvoker:
         if response.status_code not in (200, 204, 404):
             return _release_failure(f"E2B answered {response.status_code}: {_message(response)}")
         return Outcome(
-            SANDBOX_RELEASED,
-            {"released": response.status_code != 404, "sandbox_id": sandbox_id},
+            released, {"released": response.status_code != 404, "sandbox_id": sandbox_id}
         )
 
 

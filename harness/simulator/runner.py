@@ -36,6 +36,9 @@ class SessionScript:
     finish_action: str = "RecordResult"
     completed_states: tuple[str, ...] = ("Completed",)
     failed_states: tuple[str, ...] = ("Failed", "Cancelled")
+    # On the way into a failed state, releasing until the release is confirmed: the
+    # session has failed on entering the first of them, and ends in a failed state.
+    failing_states: tuple[str, ...] = ("Failing", "FailingRetried")
     queued_states: tuple[str, ...] = ("Queued",)
     # The actions counted as a queued answer in a result's queued_outcomes.
     queued_actions: tuple[str, ...] = ("SandboxQueued",)
@@ -58,6 +61,20 @@ class SessionScript:
     @property
     def final_states(self) -> tuple[str, ...]:
         return (*self.completed_states, *self.failed_states)
+
+    @property
+    def failure_states(self) -> tuple[str, ...]:
+        """Every state of a session that has failed: failing or failed."""
+        return (*self.failing_states, *self.failed_states)
+
+
+@dataclass(frozen=True)
+class FailureStart:
+    """The transition that failed a session (into its first failing or failed state)."""
+
+    action: str
+    source: str | None
+    before: str
 
 
 # The packaged specs other than the TemperAgent's: both start with a bare Submit.
@@ -145,6 +162,7 @@ class SessionRunner:
         self._finished: dict[str, float] = {}
         self._turns: dict[str, int] = {}
         self._queued: dict[str, int] = {}
+        self._failures: dict[str, FailureStart] = {}
         self.last_finish = 0.0
         # Jobs not yet ended, so `done` costs nothing per event.
         self._pending: set[str] = set()
@@ -198,6 +216,9 @@ class SessionRunner:
             self._ready.setdefault(job_id, now)
             self._turns[job_id] = 0
             self._schedule_turn(entity)
+        failure = self.script.failure_states
+        if after in failure and before not in failure:
+            self._failures[job_id] = FailureStart(action, entity.last_source, before)
         if after in self.script.final_states and before not in self.script.final_states:
             self._finished[job_id] = now
             self.last_finish = max(self.last_finish, now)
@@ -227,6 +248,15 @@ class SessionRunner:
 
     # -- results ---------------------------------------------------------------------
 
+    def failure_start(self, entity: Entity) -> FailureStart:
+        """What failed the session (its last transition, for a spec without failing
+        states or a session that did not fail)."""
+        recorded = self._failures.get(entity.job.id)
+        if recorded is not None:
+            return recorded
+        before = entity.history[-2][1] if len(entity.history) >= 2 else ""
+        return FailureStart(entity.last_action or "?", entity.last_source, before)
+
     def _result(self, entity: Entity, interrupted: bool) -> SessionResult:
         job_id = entity.job.id
         script = self.script
@@ -245,12 +275,12 @@ class SessionRunner:
             if end is not None:
                 waited = round((end - submitted) * 1000)
         reason = None
+        start = self.failure_start(entity)
         if outcome == FAILED:
-            reason = _failure_reason(entity)
+            reason = _failure_reason(entity, start.action)
         elif outcome != COMPLETED:
             reason = f"{outcome} in {entity.status}"
-        before_failure = entity.history[-2][1] if len(entity.history) >= 2 else ""
-        killed_by_timer = outcome == FAILED and entity.last_source == "timer"
+        killed_by_timer = outcome == FAILED and start.source == "timer"
         sandbox = entity.fields.get("sandbox_id") if ready is not None else None
         return SessionResult(
             job=entity.job,
@@ -266,14 +296,13 @@ class SessionRunner:
             ready_at_s=ready,
             finished_at_s=finished,
             killed_by_timer=killed_by_timer,
-            killed_while_queued=killed_by_timer and before_failure in script.queued_states,
+            killed_while_queued=killed_by_timer and start.before in script.queued_states,
             history=list(entity.history),
         )
 
 
-def _failure_reason(entity: Entity) -> str:
+def _failure_reason(entity: Entity, action: str) -> str:
     fields: Mapping[str, Any] = entity.fields
-    action = entity.last_action or "?"
     detail = fields.get("code") or fields.get("error_message") or ""
     if fields.get("code") and fields.get("message"):
         detail = f"{fields['code']}: {fields['message']}"

@@ -44,7 +44,7 @@ def category(status: str, spec: Spec, script: SessionScript) -> str:
         return "done"
     if status in script.failed_states:
         return "failed"
-    if status == "Releasing":
+    if status == "Releasing" or status in script.failing_states:
         return "releasing"
     if status == spec.initial:
         return "waiting"

@@ -47,8 +47,10 @@ MIN_ASK_INTERVAL_MS = 25
 SATURATED_RETRY_MS = 50
 # "May not be held": no turn is at or before it, so `next_step` answers (and may wake).
 NO_HOLD = -1
-# Outcomes after which a permit may be free: a settled create, a release, a failure.
+# Outcomes after which a permit may be free: a settled create, a release, a failure; and a
+# release's answer a spec renamed (`released_action`, e.g. Failing -> Failed).
 FREEING_ACTIONS = frozenset({SANDBOX_READY, SANDBOX_RELEASED, SANDBOX_FAILED})
+RELEASED_ACTION_KEY = "released_action"
 
 
 class InvalidHoldConfig(ValueError):
@@ -229,8 +231,10 @@ async def answer_held(
     )
 
 
-def frees_a_permit(outcome: Outcome) -> bool:
-    return outcome.action in FREEING_ACTIONS
+def frees_a_permit(outcome: Outcome, config: Mapping[str, str]) -> bool:
+    """`config`: the invocation's integration config, which may rename the release's answer."""
+    renamed = config.get(RELEASED_ACTION_KEY, "").strip()
+    return outcome.action in FREEING_ACTIONS or (bool(renamed) and outcome.action == renamed)
 
 
 __all__ = [

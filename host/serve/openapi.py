@@ -70,7 +70,8 @@ OPENAPI: dict[str, Any] = {
                 "type": "object",
                 "description": "A Temper terminal result. Every outcome the component "
                 "produced is a success naming its action: SandboxReady, SandboxQueued, "
-                "SandboxReleased, SandboxStatus, the resource gates' actions, and "
+                "SandboxReleased (or the config's released_action), SandboxStatus, the "
+                "resource gates' actions, and "
                 "SandboxFailed (with code, message, retryable) for the component's refusals.",
                 "required": ["action", "params", "success"],
                 "additionalProperties": False,

@@ -78,6 +78,7 @@ class ServePace:
         Temper sees: a waiter held here is woken to claim its permit, and with push any
         other is woken through Temper."""
         promises: list[Promised] = []
+        config = dict(invocation.config)
 
         def taken(outcome: Outcome) -> Outcome:
             for promise in promised(outcome):
@@ -90,7 +91,7 @@ class ServePace:
             return None if fresh is None else taken(fresh)
 
         first = taken(first)
-        if frees_a_permit(first):
+        if frees_a_permit(first, config):
             self.holds.wake_nearest(self.wake_count)
         answer = await answer_held(
             first,
@@ -102,7 +103,7 @@ class ServePace:
             client_gone=client_gone,
             entity=(invocation.tenant, invocation.entity_id),
         )
-        if answer.calls > 1 and frees_a_permit(answer.outcome):
+        if answer.calls > 1 and frees_a_permit(answer.outcome, config):
             self.holds.wake_nearest(self.wake_count)
         if answer.calls > 1 or answer.held_s > 0:
             self.observe_hold(answer)

@@ -153,7 +153,9 @@ def _tokens(params: dict[str, Any], name: str) -> int | None:
     return _whole(params[name], 0, _MAX_TOKENS, refusal)
 
 
-def _action_name(config: dict[str, str], key: str, default: str) -> str:
+def action_name(config: dict[str, str], key: str, default: str) -> str:
+    """The answer a trigger's `key` renames (`default` when absent); a bad name is
+    invalid_config, refused before anything is read or written."""
     raw = config.get(key, "").strip()
     if not raw:
         return default
@@ -354,7 +356,7 @@ class ResourceOperations:
         self.ledger = ResourceLedger(ports, config.admission, self.gate)
         self.waiter = Waiter(request.tenant, request.entity)
         self.actions = {
-            verb: _action_name(request.config, f"{verb}_action", f"Resource{verb.title()}")
+            verb: action_name(request.config, f"{verb}_action", f"Resource{verb.title()}")
             for verb in _VERBS
         }
 

@@ -17,7 +17,7 @@ from harness.mocks.temperfs.store import TemperFSStore
 from harness.simulator.simulated_ports import EventLog, SeededRandom, VirtualClock
 from host.runtime.component_runtime import HostServices
 from host.runtime.native import NativeRuntime, native_ports
-from host.services.namespaces import tenant_namespace
+from host.services.namespaces import account_namespace, tenant_namespace
 from host.storage.memory import MemoryBackend
 from provisioner.config import AdmissionConfig
 from provisioner.entity_records import PENDING, EntityRecord, EntityRecords, idempotency_key
@@ -207,6 +207,48 @@ def test_a_grant_is_settled_even_when_the_create_blows_up() -> None:
     clock.advance(10)  # past the rate gate's spacing, far inside the slot's lease
     after = provision(runtime, "job-2")
     assert after.action == "SandboxReady", after
+
+
+def stored(guest: Guest) -> dict[tuple[str, str], Any]:
+    """Every stored entry (value and version) of the tenant's and the account's."""
+    namespaces = (tenant_namespace(TENANT), account_namespace("default"))
+    return {
+        (ns, key): guest.backend.get(ns, key) for ns in namespaces for key in guest.backend.keys(ns)
+    }
+
+
+def test_a_release_answers_the_name_its_released_action_gives_with_the_same_params() -> None:
+    # Catches: released_action ignored (a spec's Failing never leaves: its answer is
+    # SandboxReleased, which Failing drops), or the renamed answer losing its params.
+    plain, renamed = Guest(ScriptedE2B()), Guest(ScriptedE2B())
+    for guest in (plain, renamed):
+        assert guest.invoke("provision").action == "SandboxReady"
+    default = plain.invoke("release")
+    named = renamed.invoke("release", released_action="FailureReleased")
+    assert default.action == "SandboxReleased", default  # absent: the old name (parity)
+    assert named.action == "FailureReleased", named
+    assert named.params == default.params and named.params["released"] is True
+    assert renamed.e2b.sandboxes == {} and renamed.record() is None
+    # Nothing held: the same renamed answer, as Temper's retry would get it.
+    again = renamed.invoke("release", released_action="FailureReleased")
+    assert again.action == "FailureReleased" and again.params["released"] is False
+
+
+@pytest.mark.parametrize("bad", ["failureReleased", "Failure Released", "X" * 65, "Fail;ed"])
+def test_a_bad_released_action_is_invalid_config_and_changes_nothing(bad: str) -> None:
+    # Catches: a bad name checked after the kill (the sandbox gone, the permit freed, and
+    # an answer Temper cannot dispatch), or not checked at all.
+    guest = Guest(ScriptedE2B())
+    ready = guest.invoke("provision")
+    before = stored(guest)
+    refused = guest.invoke("release", released_action=bad)
+    assert refused.error is not None and refused.error.code == "invalid_config", refused
+    assert "released_action" in refused.error.message
+    assert ready.params["sandbox_id"] in guest.e2b.sandboxes
+    assert guest.record() is not None
+    assert stored(guest) == before  # versions too: nothing was written
+    status = guest.invoke("status")
+    assert status.params["gates"]["account"]["capacity"]["in_use"] == 1
 
 
 def test_a_kill_answered_503_keeps_the_record_so_a_later_release_kills_the_sandbox() -> None:

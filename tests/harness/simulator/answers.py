@@ -43,5 +43,8 @@ def queued_for_a_minute() -> Outcome:
     return queued_for_a_slot(position=1, queue_length=1, retry_after_ms=60_000, eta_ms=60_000)
 
 
-def released(sandbox_id: str, *, released: bool = True) -> Outcome:
-    return Outcome(SANDBOX_RELEASED, {"released": released, "sandbox_id": sandbox_id})
+def released(invocation: Invocation, sandbox_id: str, *, released: bool = True) -> Outcome:
+    """The release's answer, named as the component names it: the trigger's
+    `released_action` (a spec's Failing -> Failed answer), else SandboxReleased."""
+    action = dict(invocation.config).get("released_action") or SANDBOX_RELEASED
+    return Outcome(action, {"released": released, "sandbox_id": sandbox_id})

@@ -72,7 +72,7 @@ class Scripted:
         self.calls.append((self.loop.now(), invocation.entity_id, operation))
         self.configs.append(dict(invocation.config))
         if operation == "release":
-            done(answers.released("sbx"))
+            done(answers.released(invocation, "sbx"))
             return
         outcome = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         self.in_flight += 1
@@ -296,7 +296,8 @@ def test_a_reset_rearms_only_on_a_self_loop_staying_in_the_state() -> None:
     run_until(loop, lambda: loop.now() >= 600.0)
     assert entity.timer_deadline == 2400.0  # re-armed from the heartbeat
     run_until(loop, lambda: entity.status == "Failed")
-    assert loop.now() == 2400.0 and entity.last_action == "TimeoutFail"
+    # TimeoutFail at the re-armed deadline; its release is answered at once.
+    assert entity.history[-2:] == [(2400.0, "Failing"), (2400.0, "Failed")]
     assert entity.fields["error_message"] == "no heartbeat for 30 minutes"  # the timer's args
 
 
@@ -384,3 +385,26 @@ def test_an_answer_with_no_transition_is_rejected_and_changes_nothing() -> None:
     assert executor.dispatch(entity, "SandboxReady", {"sandbox_id": "x"}) is not None
     assert entity.status == "Created" and entity.fields["sandbox_id"] == ""
     assert [e.kind for e in events] == ["rejected"]
+
+
+def test_a_release_into_a_state_without_a_timer_is_flagged() -> None:
+    """Temper rule (arming.rs): nothing but a timer asks again. Bug caught: a way into
+    Failed whose release is asked once (Failed final, no timer), so a release answered
+    SandboxFailed (storage unavailable, a failed kill) leaves the permit held."""
+    spec = variant(
+        'from = ["Created", "Provisioning", "Queued", "Thinking"]\nto = "Failing"',
+        'from = ["Created", "Provisioning", "Queued", "Thinking"]\nto = "Failed"',
+    )
+    findings = [f for f in check_spec(spec) if f.rule == "release-retried"]
+    assert [f.where for f in findings] == ["action 'Fail' trigger 'release_sandbox'"]
+
+
+def test_a_renamed_release_answer_must_be_declared_where_it_lands() -> None:
+    """Bug caught: the contract reading a sandbox release's answer as SandboxReleased
+    whatever its released_action says (the renamed answer's params never checked)."""
+    spec = variant(
+        'to = "Failed"\nparams = ["released", "sandbox_id"]',
+        'to = "Failed"\nparams = ["released"]',
+    )
+    findings = [f for f in check_spec(spec) if f.rule == "declared-params"]
+    assert findings and all(f.where == "action 'FailureReleased'" for f in findings)

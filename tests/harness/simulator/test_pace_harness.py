@@ -287,7 +287,8 @@ def test_the_entity_timers_keep_running_while_a_request_is_held() -> None:
     assert executor.dispatch(entity, "Provision", {"user_message": "hi"}) is None
     loop.run(lambda: entity.status == "Failed")
     assert serve.figures.holding == 1 and entity.in_flight >= 1  # still held
-    assert entity.last_action == "ProvisionTimeout" and loop.now() == 1.0
+    # ProvisionTimeout into Failing at 1 s; its release confirmed at once.
+    assert entity.history[-2] == (1.0, "Failing") and loop.now() == 1.0
     loop.run(lambda: entity.in_flight == 0)
     assert entity.status == "Failed"  # the held answer, when it came, changed nothing
 

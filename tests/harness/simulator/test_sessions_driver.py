@@ -73,7 +73,7 @@ class FakeAdmission:
             if answers.operation(invocation) == "release":
                 self.holders.discard(entity)
                 self.released[entity] += 1
-                return answers.released(entity)
+                return answers.released(invocation, entity)
             if entity not in self.holders:
                 if entity not in self.queue:
                     self.queue.append(entity)
@@ -142,7 +142,7 @@ def test_a_sandbox_failed_answer_fails_the_job_and_releases() -> None:
         def invoke(self, invocation: Invocation) -> Outcome:
             if answers.operation(invocation) == "release":
                 released.append(invocation.entity_id)
-                return answers.released("", released=False)
+                return answers.released(invocation, "", released=False)
             outcome = failed(Failure("queue_timeout", "waited too long", retryable=False))
             # The component's shape: a success result naming SandboxFailed (issue 12).
             return Outcome(outcome.action, outcome.params, success=True)
@@ -236,7 +236,7 @@ class ChaosInvoker:
             if op == "release":
                 with self.lock:
                     self.released[entity] += 1
-                return answers.released(entity)
+                return answers.released(invocation, entity)
             roll = rng.random()
             if roll < 0.4:
                 return answers.queued(position=rng.randint(1, 9))

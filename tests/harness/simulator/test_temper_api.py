@@ -34,7 +34,7 @@ class Module:
             self.calls.append(invocation.trigger_action)
             first = len(self.calls) == 1
         if answers.operation(invocation) == "release":
-            return answers.released("sbx-1")
+            return answers.released(invocation, "sbx-1")
         return QUEUED if first else answers.ready("sbx-1")
 
 

@@ -215,20 +215,27 @@ def test_past_max_held_a_request_is_answered_at_once_and_drain_answers_the_held(
     assert component.count("job-1") == 1 and http.pace.holds.count == 0
 
 
-def test_a_release_in_this_process_wakes_a_held_request_to_ask_again_early() -> None:
+@pytest.mark.parametrize(
+    ("renamed", "answer"), [({}, SANDBOX_RELEASED), ({"released_action": "Freed"}, "Freed")]
+)
+def test_a_release_in_this_process_wakes_a_held_request_to_ask_again_early(
+    renamed: dict[str, str], answer: str
+) -> None:
     # Catches: a held request that waits for its estimated turn (50 s here) although a
-    # permit was freed by an invocation this service just answered.
+    # permit was freed by an invocation this service just answered; also when the spec
+    # renamed the release's answer (released_action, a Failing -> Failed answer).
     component = ScriptedComponent(
         {
             "job-1": [lambda: queued(50_000), lambda: Outcome(SANDBOX_READY, {"sandbox_id": "s"})],
-            "job-2": [lambda: Outcome(SANDBOX_RELEASED)],
+            "job-2": [lambda: Outcome(answer)],
         }
     )
     http = paced(component)
     thread, answers = post_in_thread(http, context("job-1"))
     wait_for(lambda: http.pace.holds.count == 1, "job-1 to be held")
-    release = http.post("/v1/invocations", json=context("job-2", operation="release"), headers=AUTH)
-    assert release.json()["action"] == SANDBOX_RELEASED
+    job_2 = context("job-2", operation="release", **renamed)
+    release = http.post("/v1/invocations", json=job_2, headers=AUTH)
+    assert release.json()["action"] == answer
     thread.join(20)
     assert not thread.is_alive()
     assert answers[0].json()["action"] == SANDBOX_READY
