@@ -64,6 +64,7 @@ ARMING_RS = "crates/temper-server/src/state/dispatch/state_timeouts/arming.rs, t
 DECLARED_RS = "crates/temper-server/src/entity_actor/declared_params.rs"
 ADMISSION_RS = "crates/temper-server/src/state/admission.rs (ADR-0051)"
 TYPES_RS = "crates/temper-spec/src/automaton/types.rs"
+DURABLE_TIMEOUT_RS = "crates/temper-server/src/trigger/dispatcher/durable/state_timeout.rs"
 
 
 @dataclass(frozen=True)
@@ -383,7 +384,7 @@ def _poll_rules(spec: Spec, trigger: Trigger, where: str) -> list[Finding]:
                     f"max_occurrences {timer.max_occurrences} x {timer.after_seconds}s polls stop "
                     f"before the component's queue_timeout_s ({wait_s}s): a waiting entity is "
                     "left queued with no timer",
-                    TYPES_RS,
+                    DURABLE_TIMEOUT_RS,
                 )
             )
     return found

@@ -23,8 +23,12 @@ else, the rules below, is the same code. Every rule is Temper's, read from `nerd
   leaving it cancels the timer; a self-loop that stays in the state re-arms each declaration
   whose `reset_on` names the action, the last one winning (the tracker replaces the owner);
   any other action leaves the timer alone. A declaration fires at most `max_occurrences`
-  times per entity (as `types.rs` documents it). A fired timer dispatches `on_timeout` with
-  its `args`. Progress events from a module are broadcast only and never reset a timer
+  times per entity, across entries and resets, as Temper's durable timeout delivery counts
+  them (`validate_timeout_clock` in
+  `crates/temper-server/src/trigger/dispatcher/durable/state_timeout.rs`; its volatile
+  timers, used without an event journal, never stop: docs/temper-upstream.md). A fired
+  timer dispatches `on_timeout` with its `args`. Progress events from a module are
+  broadcast only and never reset a timer
   (`crates/temper-server/src/state/dispatch/wasm/callbacks.rs`).
 
 - **External dispatch** (`ExternalDispatch`, Temper's
