@@ -329,6 +329,24 @@ def test_a_timer_fires_at_most_max_occurrences_times() -> None:
     assert any(e.kind == "timer_exhausted" for e in events)
 
 
+def test_a_reset_by_the_answer_gives_no_fires_back() -> None:
+    """Temper's durable timeout delivery counts a timed state's fires per entity; a clock
+    armed by a `reset_on` answer carries the next ordinal and is skipped past the budget
+    (validate_timeout_clock, docs/temper-upstream.md). The poll here stays in Queued and
+    its answer resets the timer, as the LLM spec's waits do. Bug caught: a reset_on re-arm
+    that refills the budget (then the entity polls for ever)."""
+    spec = variant(
+        'on_timeout = "PollSandbox"\nmax_occurrences = 1000',
+        'on_timeout = "WakeProvision"\nreset_on = ["SandboxQueued"]\nmax_occurrences = 3',
+    )
+    executor, loop, module, events = harness(spec, [QUEUED], latency_s=0.0)
+    entity = start(executor)
+    assert loop.run(lambda: False) == "idle"
+    assert entity.status == "Queued" and entity.timer is None
+    assert [op for _, _, op in module.calls].count("provision") == 1 + 3
+    assert [e.kind for e in events].count("timer_exhausted") == 1
+
+
 def test_a_queued_state_without_a_poll_timer_is_flagged_and_never_asks_again() -> None:
     """Temper has no wake-up. Bug caught: a spec whose Queued state has no timer (the
     entity waits for ever) passing the check."""
