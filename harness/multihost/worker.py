@@ -28,8 +28,8 @@ storage backend's clock (`at_ms`), which all hosts share:
 - `outcome` for every invocation (action, and the queue reason or failure code);
 - `session` for each session event: `submitted`; `queued` (each SandboxQueued, with its
   params); `ready` (`sandbox_id`); `turn`; `releasing`; `completed`; `failed` (`reason`,
-  `action`); and `timer` (a timer other than the poll), `rejected`, `unhandled_failure`,
-  `timer_exhausted` as the executor reports them;
+  `action`); and `timer` (a timer other than the poll), `rejected`, `unhandled_failure`
+  as the executor reports them;
 - `result` when a session has ended (`state` is the entity's final status; a Failed one has
   a typed `reason`, `code: message`; `release_error` is the last release's failure, if it
   never succeeded afterwards);
@@ -335,7 +335,7 @@ class _SessionEvents:
         detail = event.detail
         kind: str | None = None
         fields: dict[str, Any] = {}
-        if event.kind in ("submitted", "turn", "rejected", "unhandled_failure", "timer_exhausted"):
+        if event.kind in ("submitted", "turn", "rejected", "unhandled_failure"):
             kind, fields = event.kind, dict(detail)
         elif event.kind == "timer" and detail.get("state") not in self.script.queued_states:
             kind, fields = "timer", dict(detail)  # the poll is not news: it runs every poll_s

@@ -299,7 +299,7 @@ def _trigger_rules(spec: Spec, action: Action, trigger: Trigger, operation: str)
         and "SandboxQueued" in answers
         and trigger.config_value("resource") is None
     ):
-        found += _poll_rules(spec, trigger, where)
+        found += _poll_rules(spec)
     return found
 
 
@@ -351,7 +351,7 @@ def _provisioning_timers(spec: Spec, state: str, where: str) -> list[Finding]:
     ]
 
 
-def _poll_rules(spec: Spec, trigger: Trigger, where: str) -> list[Finding]:
+def _poll_rules(spec: Spec) -> list[Finding]:
     queued = spec.action("SandboxQueued")
     if queued is None:
         return []
@@ -370,20 +370,6 @@ def _poll_rules(spec: Spec, trigger: Trigger, where: str) -> list[Finding]:
                     "has no wake-up and no per-answer delay); the first timer here does not "
                     "trigger the component",
                     ARMING_RS,
-                )
-            )
-            continue
-        assert timer is not None
-        wait_s = int(trigger.config_value("queue_timeout_s") or 1800)
-        if timer.max_occurrences * timer.after_seconds < wait_s:
-            found.append(
-                Finding(
-                    "poll-budget",
-                    f"state_timeout on '{state}'",
-                    f"max_occurrences {timer.max_occurrences} x {timer.after_seconds}s polls stop "
-                    f"before the component's queue_timeout_s ({wait_s}s): a waiting entity is "
-                    "left queued with no timer",
-                    TYPES_RS,
                 )
             )
     return found

@@ -22,9 +22,10 @@ else, the rules below, is the same code. Every rule is Temper's, read from `nerd
   one active timer per entity. Entering a state arms only its first `[[state_timeout]]`;
   leaving it cancels the timer; a self-loop that stays in the state re-arms each declaration
   whose `reset_on` names the action, the last one winning (the tracker replaces the owner);
-  any other action leaves the timer alone. A declaration fires at most `max_occurrences`
-  times per entity (as `types.rs` documents it). A fired timer dispatches `on_timeout` with
-  its `args`. Progress events from a module are broadcast only and never reset a timer
+  any other action leaves the timer alone. Every arm fires once, whatever `max_occurrences`
+  says: Temper's timers never read it (`state_timeouts.rs` of the `args` spec format;
+  docs/temper-upstream.md). A fired timer dispatches `on_timeout` with its `args`.
+  Progress events from a module are broadcast only and never reset a timer
   (`crates/temper-server/src/state/dispatch/wasm/callbacks.rs`).
 
 - **External dispatch** (`ExternalDispatch`, Temper's
@@ -396,15 +397,6 @@ class Executor:
 
     def _arm_one(self, entity: Entity, index: int, timeout: StateTimeout) -> None:
         self._cancel_timer(entity)
-        if entity.fired[index] >= timeout.max_occurrences:
-            self.emit(
-                entity,
-                "timer_exhausted",
-                state=timeout.state,
-                on_timeout=timeout.on_timeout,
-                fired=entity.fired[index],
-            )
-            return
         generation = entity.generation
         deadline = self.loop.now() + self._timer_seconds(timeout)
         entity.timer_declaration = index

@@ -39,8 +39,6 @@ def event_line(event: SessionEvent) -> str | None:
         what = f"{d.get('action')} rejected ({d.get('source')}): {d.get('error')}"
     elif kind == "unhandled_failure":
         what = f"{d.get('trigger')} failed with no on_failure: {d.get('error')}"
-    elif kind == "timer_exhausted":
-        what = f"{d.get('state')}'s {d.get('on_timeout')} timer used its max_occurrences"
     else:
         return None
     return f"{event.at_s:7.2f}s  {event.job.label:<18} {event.job.tenant:<9} {what}"

@@ -525,6 +525,11 @@ def _check_timeout(spec: Spec, timeout: StateTimeout) -> None:
     scope = f"state_timeout on '{timeout.state}'"
     if timeout.state not in spec.states:
         raise ValueError(f"{scope}: not a declared state")
+    # Temper's spec validator refuses both (docs/temper-upstream.md, "max_occurrences").
+    if timeout.after_seconds == 0:
+        raise ValueError(f"{scope}: after_seconds must be > 0")
+    if timeout.max_occurrences == 0:
+        raise ValueError(f"{scope}: max_occurrences must be >= 1")
     if spec.action(timeout.on_timeout) is None:
         raise ValueError(f"{scope}: on_timeout {timeout.on_timeout!r} is not a declared action")
     for name in timeout.reset_on:

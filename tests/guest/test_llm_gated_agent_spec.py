@@ -83,10 +83,11 @@ def test_one_timer_per_state_and_the_waiting_ones_poll_and_are_reset_by_the_queu
 
 
 def test_a_waiting_state_polls_past_its_gate_s_queue_timeout() -> None:
-    # Catches the stranded session: Temper fires a declaration at most max_occurrences
-    # times per entity and reset_on gives no fires back (temper-spec automaton/types.rs,
-    # StateTimeout), so a budget that ends at the queue timeout (720 polls of 5 s against
-    # 3600 s) leaves the last queued answer re-arming nothing: neither completed nor failed.
+    # Catches the stranded session on a Temper that caps fires: upstream's timers never read
+    # max_occurrences, but the durable timeout delivery of the nikstern/temper fork fires a
+    # state's timer at most max_occurrences times per entity, reset_on giving none back
+    # (docs/temper-upstream.md), so there a budget that ends at the queue timeout (720
+    # polls of 5 s against 3600 s) leaves the last queued answer re-arming nothing.
     spec = load()
     named = actions(spec)
     for state, (poll, _, _) in WAITING.items():

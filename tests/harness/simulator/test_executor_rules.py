@@ -312,21 +312,61 @@ def test_a_self_loop_not_in_reset_on_leaves_the_timer_alone() -> None:
     assert loop.now() == 1800.0 and entity.fields["turn_count"] == 1
 
 
-def test_a_timer_fires_at_most_max_occurrences_times() -> None:
-    """Bug caught: a poll budget shorter than the component's queue timeout passing the
-    check, or the executor polling past max_occurrences (then leaving the entity queued
-    with no timer, which is what Temper does)."""
-    spec = variant(
-        'on_timeout = "PollSandbox"\nmax_occurrences = 1000',
+@pytest.mark.parametrize(
+    "poll",
+    [
+        # Re-armed by re-entry: PollSandbox leaves Queued, SandboxQueued enters it again.
         'on_timeout = "PollSandbox"\nmax_occurrences = 3',
-    )
-    assert "poll-budget" in rules(spec)
-    executor, loop, module, events = harness(spec, [QUEUED], latency_s=0.0)
+        # Re-armed by reset_on: the poll stays in Queued and its answer resets the timer.
+        'on_timeout = "WakeProvision"\nreset_on = ["SandboxQueued"]\nmax_occurrences = 3',
+    ],
+)
+def test_a_re_armed_timer_fires_past_max_occurrences(poll: str) -> None:
+    """Temper's timers never read max_occurrences (docs/temper-upstream.md): every entry
+    and every reset_on arms a timer that fires. Bug caught: an executor that stops polling
+    after max_occurrences fires, leaving a waiting entity queued with no timer where
+    Temper would keep asking."""
+    spec = variant('on_timeout = "PollSandbox"\nmax_occurrences = 1000', poll)
+    executor, loop, module, _ = harness(spec, [QUEUED], latency_s=0.0)
     entity = start(executor)
-    assert loop.run(lambda: False) == "idle"
-    assert entity.status == "Queued" and entity.timer is None
-    assert [op for _, _, op in module.calls].count("provision") == 1 + 3
-    assert any(e.kind == "timer_exhausted" for e in events)
+    loop.call_at(21.0, lambda: None)  # look between two polls
+    run_until(loop, lambda: loop.now() >= 21.0)
+    assert entity.status == "Queued" and entity.timer is not None
+    # Asked at 0 s, then every 2 s: ten polls by 21 s, past the budget of 3.
+    assert [op for _, _, op in module.calls].count("provision") == 1 + 10
+
+
+class ReleaseKeepsFailing(Scripted):
+    """Answers every release with a retryable SandboxFailed, which Releasing drops."""
+
+    def start(self, invocation: Invocation, done: Callable[[Outcome], None]) -> None:
+        if answers.operation(invocation) != "release":
+            super().start(invocation, done)
+            return
+        self.calls.append((self.loop.now(), invocation.entity_id, "release"))
+        done(failed(Failure(FailureCode.STORAGE_UNAVAILABLE, "storage unavailable", True)))
+
+
+def test_a_self_loop_retry_with_reset_on_keeps_firing_past_max_occurrences() -> None:
+    """The example's Releasing: RetryRelease stays in Releasing and resets its own timer
+    (reset_on), max_occurrences = 5. Temper re-arms it on every retry whatever the budget.
+    Bug caught: the retry stopping after five fires (the simulator's old cap), which left
+    the entity in Releasing with no timer where Temper keeps asking."""
+    spec = packaged_spec(EXAMPLE)
+    releasing = next(t for t in spec.timeouts if t.state == "Releasing")
+    assert releasing.reset_on == ("RetryRelease",) and releasing.max_occurrences == 5
+    loop = VirtualLoop(VirtualClock(START_MS), max_events=20_000)
+    module = ReleaseKeepsFailing(loop, [ready()], latency_s=0.0)
+    loop.modules = {"sandbox_provisioner": module}
+    executor = Executor(spec, loop)
+    entity = start(executor)
+    run_until(loop, lambda: entity.status == "Thinking")
+    dispatch_at(loop, 5.0, executor, entity, "RecordResult")
+    loop.call_at(250.0, lambda: None)  # look between two retries
+    run_until(loop, lambda: loop.now() >= 250.0)
+    assert entity.status == "Releasing" and entity.timer is not None
+    # Asked on entry at 5 s, then by each of the 8 retries, every 30 s: past 1 + 5.
+    assert [op for _, _, op in module.calls].count("release") == 1 + 8
 
 
 def test_a_queued_state_without_a_poll_timer_is_flagged_and_never_asks_again() -> None:

@@ -214,6 +214,12 @@ TIMER_AND_ADMISSION_KEYS: list[tuple[str, str]] = [
     ),
     (MINIMAL + TIMER.replace('"B"', '"C"'), "not a declared state"),
     (MINIMAL + TIMER + 'reset_on = ["Nope"]\n', "reset_on 'Nope' is not a declared action"),
+    # Temper's validator: a budget of no fires, or a timer due at once, is refused.
+    (MINIMAL + TIMER + "max_occurrences = 0\n", "max_occurrences must be >= 1"),
+    (
+        MINIMAL + TIMER.replace("after_seconds = 5", "after_seconds = 0"),
+        "after_seconds must be > 0",
+    ),
     (
         MINIMAL + '[admission]\nmax_concurrent_actions = { "Nope" = 2 }\n',
         "'Nope' is not a declared",
