@@ -101,19 +101,24 @@ def test_calls_that_declare_no_error_share_the_bucket_to_the_full() -> None:
     granted(gates.acquire("acme", "b", **demand))
 
 
-def test_a_call_that_expires_or_is_released_unsettled_is_charged_its_worst_case() -> None:
-    # Catches: dropping a lease's margin with the lease (its call may still cost it).
+@pytest.mark.parametrize("margin", [300, 1])
+def test_a_call_that_expires_or_is_released_unsettled_is_charged_its_worst_case(
+    margin: int,
+) -> None:
+    # Catches: dropping a lease's margin with the lease (its call may still cost it), also
+    # a margin of a single token.
     config = {**LLM, "resource.llm.itpm_burst": "2000", "resource.llm.lease_s": "10"}
     for ends in ("expiry", "release"):
         gates = ResourceHarness(config)
-        granted(gates.acquire("acme", "a", estimated_input_tokens=500, max_input_tokens=800))
+        demand = {"estimated_input_tokens": 500, "max_input_tokens": 500 + margin}
+        granted(gates.acquire("acme", "a", **demand))
         if ends == "release":
             gates.release("acme", "a")
         else:
             gates.advance(10_000)  # the lease expires; 1000 tokens refilled meanwhile
         rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
-        # 2000 - 500 - 300 charged, plus the refill until the margin was charged.
-        expected = 1200 if ends == "release" else 2000 - 300
+        # 2000 - 500 - the margin charged, plus the refill until the margin was charged.
+        expected = 2000 - 500 - margin if ends == "release" else 2000 - margin
         assert rate["available"] == pytest.approx(expected), (ends, rate)
 
 
@@ -186,6 +191,19 @@ def test_a_settle_after_the_lease_expired_charges_the_whole_cost() -> None:
     assert rate["available"] == pytest.approx(6000 - 1000 - 1000 + 100)
 
 
+def test_a_settle_naming_an_old_lease_leaves_the_entitys_new_lease_held() -> None:
+    # Catches: a settle that ignores the lease id it names and settles whatever lease the
+    # entity holds now (a late settle of a call would end the next call's permit).
+    gates = ResourceHarness({**LLM, "resource.llm.concurrency": "1"})
+    old = granted(gates.acquire("acme", "a", estimated_input_tokens=100))
+    gates.settle("acme", "a", lease_id=old, input_tokens=100)
+    new = granted(gates.acquire("acme", "a", estimated_input_tokens=100))
+    late = gates.settle("acme", "a", lease_id=old, input_tokens=100)
+    assert late.params["held"] is False and late.params["lease_id"] == old
+    queued(gates.acquire("acme", "b"), "concurrency")
+    assert gates.settle("acme", "a", lease_id=new).params["held"] is True
+
+
 # -- permits and per-tenant caps
 
 
@@ -239,6 +257,57 @@ def test_the_head_of_the_queue_is_not_overtaken_by_a_cheaper_request() -> None:
     granted(gates.acquire("acme", "big", estimated_input_tokens=3000))
 
 
+def test_permits_freed_while_the_queue_slept_go_to_the_turns_ahead_first() -> None:
+    # Catches: a walk that counts a turn ahead as taking more than its one permit.
+    gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "3"})
+    holders = ["h1", "h2", "h3"]
+    for holder in holders:
+        granted(gates.acquire("acme", holder))
+    for tenant, waiter in [("t1", "a"), ("t2", "b"), ("t3", "c")]:
+        queued(gates.acquire(tenant, waiter), "concurrency")
+    for holder in holders:
+        gates.release("acme", holder)
+    # a and b have not asked again, but the permits ahead of c are theirs: one each.
+    granted(gates.acquire("t3", "c"))
+
+
+@pytest.mark.parametrize(("cap", "third"), [(2, "ResourceQueued"), (3, "ResourceGranted")])
+def test_a_tenant_cap_counts_each_of_its_turns_ahead_once(cap: int, third: str) -> None:
+    # Catches: a walk that loses count of the permits its tenant's earlier turns take.
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.concurrency": "10",
+            "resource.llm.tenant_concurrency": str(cap),
+        }
+    )
+    holders = [f"h{i}" for i in range(cap)]
+    for holder in holders:
+        granted(gates.acquire("acme", holder))
+    for waiter in ("a", "b", "c"):
+        queued(gates.acquire("acme", waiter), "tenant_concurrency")
+    for holder in holders:
+        gates.release("acme", holder)
+    # a and b go first: c fits only under a cap of three.
+    assert gates.acquire("acme", "c").action == third
+
+
+def test_the_margins_of_turns_ahead_are_reserved_for_the_turns_behind() -> None:
+    # Catches: a walk that gives back, rather than reserves, the margin of a turn ahead.
+    config = {**LLM, "resource.llm.itpm_burst": "2000"}
+    gates = ResourceHarness(config)
+    granted(gates.acquire("acme", "h1", estimated_input_tokens=1400))
+    granted(gates.acquire("acme", "h2"))
+    demand = {"estimated_input_tokens": 100, "max_input_tokens": 700}
+    queued(gates.acquire("t1", "a", **demand), "concurrency")
+    queued(gates.acquire("t2", "c", **demand), "concurrency")
+    gates.release("acme", "h1")
+    gates.release("acme", "h2")
+    # 600 left: a's 100 fits; then c's 100 with a's margin of 600 reserved does not.
+    queued(gates.acquire("t2", "c", **demand), "input_tokens")
+    granted(gates.acquire("t1", "a", **demand))
+
+
 def test_a_waiter_that_keeps_asking_keeps_its_place() -> None:
     gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "1"})
     granted(gates.acquire("acme", "holder"))
@@ -281,6 +350,38 @@ def test_a_429_without_retry_after_waits_for_the_exhausted_limits_reset() -> Non
     assert pause_from_headers(429, headers, now) == 2_000
     assert pause_from_headers(429, {"retry-after": "junk"}, now) is None
     assert pause_from_headers(529, {"retry-after": "3"}, now) == 3_000
+    # A reset due now is not ahead: the exhausted limit no longer holds anyone back.
+    headers["anthropic-ratelimit-requests-reset"] = rfc3339(now)
+    headers["anthropic-ratelimit-requests-remaining"] = "0"
+    assert pause_from_headers(429, headers, now) == 9_000
+    # A reset without a time zone names no moment.
+    naive = {"anthropic-ratelimit-tokens-reset": rfc3339(now + 4_000).removesuffix("Z")}
+    assert (
+        pause_from_headers(429, {**naive, "anthropic-ratelimit-tokens-remaining": "0"}, now) is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "pause_ms"),
+    [
+        ("0", 0),
+        ("0.5", 500),
+        ("-5", None),
+        ("inf", None),
+        ("nan", None),
+        ("Tue, 14 Nov 2023 22:13:25 GMT", 5_000),  # an HTTP date, 5 s after now
+        ("Tue, 14 Nov 2023 22:13:10 GMT", 0),  # a date gone by: no pause
+        ("Tue, 14 Nov 2023 22:13:25 -0000", None),  # no time zone: no moment
+        ("Sat, 01 Jan 2033 00:00:00 GMT", 24 * 3600 * 1000),  # years ahead: capped at a day
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_as_an_http_date(
+    retry_after: str, pause_ms: int | None
+) -> None:
+    # Catches: a negative or infinite number of seconds taken as a pause, a zero or a
+    # fraction of a second ignored, and an HTTP date not read (or read without its zone).
+    now = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+    assert pause_from_headers(503, {"retry-after": retry_after}, now) == pause_ms
 
 
 def test_a_529_overloaded_backs_off_exponentially_when_it_says_nothing() -> None:
@@ -368,22 +469,73 @@ def test_a_bad_resource_key_refuses_every_operation_and_stores_nothing(operation
 
 
 @pytest.mark.parametrize(
-    ("operation", "params", "config", "code"),
+    ("operation", "params", "config", "code", "start"),
     [
-        ("acquire", {}, {"resource": "nope"}, "invalid_config"),
-        ("acquire", {}, {"resource": ""}, "invalid_config"),
-        ("settle", {}, {"resource": " "}, "invalid_config"),
-        ("acquire", {"estimated_input_tokens": -1}, {}, "invalid_invocation"),
-        ("acquire", {"estimated_input_tokens": True}, {}, "invalid_invocation"),
-        ("acquire", {"estimated_output_tokens": "many"}, {}, "invalid_invocation"),
-        ("settle", {"status": 42}, {}, "invalid_invocation"),
-        ("settle", {"headers": ["retry-after", "1"]}, {}, "invalid_invocation"),
-        ("settle", {"lease_id": 7}, {}, "invalid_invocation"),
-        ("settle", {"input_tokens": 1.5}, {}, "invalid_invocation"),
+        ("acquire", {}, {"resource": "nope"}, "invalid_config", "resource 'nope' is not declared"),
+        (
+            "acquire",
+            {},
+            {"resource": ""},
+            "invalid_config",
+            "operation needs the config key resource",
+        ),
+        (
+            "settle",
+            {},
+            {"resource": " "},
+            "invalid_config",
+            "operation needs the config key resource",
+        ),
+        (
+            "acquire",
+            {"estimated_input_tokens": -1},
+            {},
+            "invalid_invocation",
+            "estimated_input_tokens must",
+        ),
+        (
+            "acquire",
+            {"estimated_input_tokens": True},
+            {},
+            "invalid_invocation",
+            "estimated_input_tokens",
+        ),
+        (
+            "acquire",
+            {"estimated_output_tokens": "many"},
+            {},
+            "invalid_invocation",
+            "estimated_output",
+        ),
+        (
+            "settle",
+            {"status": 42},
+            {},
+            "invalid_invocation",
+            "trigger param status must be the provider's HTTP status (100-599)",
+        ),
+        ("settle", {"status": 99}, {}, "invalid_invocation", "trigger param status"),
+        ("settle", {"status": 600}, {}, "invalid_invocation", "trigger param status"),
+        (
+            "settle",
+            {"headers": ["retry-after", "1"]},
+            {},
+            "invalid_invocation",
+            "trigger param headers must be an object",
+        ),
+        (
+            "settle",
+            {"lease_id": 7},
+            {},
+            "invalid_invocation",
+            "trigger param lease_id must be the lease id ResourceGranted gave",
+        ),
+        ("settle", {"lease_id": "r" * 65}, {}, "invalid_invocation", "trigger param lease_id"),
+        ("settle", {"input_tokens": 1.5}, {}, "invalid_invocation", "input_tokens must be"),
     ],
 )
 def test_bad_params_are_typed_failures(
-    operation: str, params: dict[str, object], config: dict[str, str], code: str
+    operation: str, params: dict[str, object], config: dict[str, str], code: str, start: str
 ) -> None:
     gates = ResourceHarness(LLM)
     outcome = gates.call(operation, "acme", "a", params, **config)
@@ -391,7 +543,24 @@ def test_bad_params_are_typed_failures(
     # its params only then); `error` carries the typed failure.
     assert outcome.action == "SandboxFailed" and outcome.error is not None, outcome
     assert outcome.error.code == code, outcome
+    assert outcome.error.message.startswith(start), outcome
     assert gates.status("acme")["resources"]["llm"]["grants"] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [({}, 200), ({"status": 100}, 100), ({"status": "599"}, 599), ({"lease_id": "r" * 64}, 200)],
+)
+def test_a_settle_takes_every_http_status_and_a_lease_id_of_up_to_64_characters(
+    params: dict[str, object], status: int
+) -> None:
+    # Catches: the status range or the lease id's length bound off by one, and a settle
+    # that says nothing reporting another status than 200.
+    gates = ResourceHarness(LLM)
+    granted(gates.acquire("acme", "a"))
+    settled = gates.settle("acme", "a", **params)
+    assert settled.action == "ResourceSettled", settled
+    assert settled.params["status"] == status
 
 
 def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
