@@ -359,6 +359,20 @@ def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes
     assert head["lease_id"]
 
 
+def test_a_resource_permit_promised_by_a_waiter_that_only_polled_again_is_stored() -> None:
+    # Catches: a promise made by a decision that changed nothing else and is not saved
+    # (the head that never comes back then holds the permit until its ticket expires).
+    gates = ResourceHarness(SLOTS)
+    resource_params(gates.acquire("acme", "a"), "ResourceGranted")
+    resource_params(gates.acquire("acme", "b"), "ResourceQueued")
+    resource_params(gates.acquire("acme", "c"), "ResourceQueued")
+    gates.release("acme", "a")
+    # c only asks again: its place is as stored, and the freed permit is promised to b.
+    resource_params(gates.acquire("acme", "c"), "ResourceQueued")
+    gates.advance(3_001)  # b never claims it; its ticket is still alive
+    resource_params(gates.acquire("acme", "c"), "ResourceGranted")
+
+
 def test_a_settled_create_promises_its_slot_to_the_head_and_names_it_for_a_wake_up() -> None:
     # Catches: a freed slot nobody is told about (the head sleeps until its own timer).
     harness = Harness(ONE_SLOT)

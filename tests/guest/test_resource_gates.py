@@ -126,7 +126,9 @@ def test_a_worst_case_below_its_estimate_is_refused() -> None:
     gates = ResourceHarness(LLM)
     outcome = gates.acquire("acme", "a", estimated_input_tokens=500, max_input_tokens=400)
     assert outcome.error is not None and outcome.error.code == "invalid_invocation"
-    assert "max_input_tokens" in outcome.error.message
+    assert outcome.error.message == (
+        "max_input_tokens (400) is below its estimate (500): a worst case bounds it"
+    )
     granted(gates.acquire("acme", "a", estimated_input_tokens=500))
 
 
@@ -176,7 +178,10 @@ def test_an_estimate_above_the_burst_is_refused_as_never_grantable() -> None:
     gates = ResourceHarness(LLM)
     outcome = gates.acquire("acme", "a", estimated_input_tokens=6001)
     assert outcome.error is not None and outcome.error.code == "invalid_invocation"
-    assert "burst" in outcome.error.message
+    assert outcome.error.message == (
+        "an estimated 6001 input exceeds the burst of resource.llm.itpm (6000): "
+        "it could never be granted"
+    )
     assert gates.status("acme")["resources"]["llm"]["queue_length"] == 0
 
 
@@ -213,10 +218,17 @@ def test_concurrency_queues_the_third_and_a_settle_frees_its_permit() -> None:
     granted(gates.acquire("acme", "b"))
     wait = queued(gates.acquire("acme", "c"), "concurrency")
     assert (wait["position"], wait["in_use"], wait["limit"]) == (1, 2, 2)
-    again = gates.acquire("acme", "a")  # the holder asking again keeps its permit
+    gates.advance(1_000)
+    again = gates.acquire("acme", "a")  # the holder asking again keeps its permit, renewed
     assert granted(again) == first and again.params["renewed"] is True
+    lease_ms = read_config(LLM).resources["llm"].lease_ms
+    assert again.params["expires_at_ms"] == gates.clock.now_ms() + lease_ms
+    assert again.params["queued_ms"] == 0
     gates.settle("acme", "a", input_tokens=10, output_tokens=5)
-    granted(gates.acquire("acme", "c"))
+    gates.advance(500)
+    late = gates.acquire("acme", "c")
+    granted(late)
+    assert late.params["queued_ms"] == 1_500
 
 
 def test_a_tenant_cap_lets_another_tenant_overtake() -> None:
@@ -397,6 +409,27 @@ def test_a_529_overloaded_backs_off_exponentially_when_it_says_nothing() -> None
     assert gates.status("acme")["resources"]["llm"]["backoff"]["failures"] == 0
 
 
+def test_each_resource_answer_is_told_as_a_progress_event_naming_its_waiter() -> None:
+    # Catches: an event that loses its name, tenant or entity, and a refusal told under
+    # another name or without its code.
+    config = {**LLM, "resource.llm.concurrency": "1", "resource.llm.queue_timeout_s": "10"}
+    gates = ResourceHarness(config)
+    granted(gates.acquire("acme", "a"))
+    queued(gates.acquire("acme", "b"), "concurrency")
+    gates.advance(10_000)
+    refused = gates.acquire("acme", "b")
+    assert refused.error is not None and refused.error.code == "queue_timeout"
+    gates.release("acme", "a")
+    told = [(e["event"], e["tenant"], e["entity"], e.get("code")) for e in gates.telemetry.events]
+    assert told == [
+        ("resource_granted", "acme", "Agent/a", None),
+        ("resource_queued", "acme", "Agent/b", None),
+        ("resource_rejected", "acme", "Agent/b", "queue_timeout"),
+        ("resource_released", "acme", "Agent/a", None),
+    ]
+    assert all(event["resource"] == "llm" for event in gates.telemetry.events)
+
+
 # -- session slots
 
 
@@ -456,6 +489,42 @@ def test_a_bad_resource_key_is_invalid_config(config: dict[str, str], fragment: 
         read_config(config)
     assert refused.value.failure.code == "invalid_config"
     assert fragment in refused.value.failure.message
+
+
+LONG_NAME = "a" * 50
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"resource.llm.rpm": "60"}, None),
+        ({"resource.llm.rpm": "60", "resource": ""}, None),
+        (
+            {"resource.llm.rpm": "60", "resource.sessions.concurrency": "2", "resource": "nope"},
+            "resource 'nope' is not declared by any resource.nope.<limit> key"
+            " (declared: llm, sessions)",
+        ),
+        (
+            {"resource.llm.rpm": "60", "resource": LONG_NAME},
+            f"resource {LONG_NAME[:40]!r} is not declared by any resource.{LONG_NAME[:40]}"
+            ".<limit> key (declared: llm)",
+        ),
+        (
+            {"resource": "llm"},
+            "resource 'llm' is not declared by any resource.llm.<limit> key (declared: none)",
+        ),
+    ],
+)
+def test_an_acquire_names_the_gate_it_lacks_and_the_gates_there_are(
+    config: dict[str, str], message: str | None
+) -> None:
+    # Catches: a missing `resource` key read as a gate's name, and a refusal that does not
+    # say which gate was asked for or which are declared.
+    gates = ResourceHarness(config)
+    outcome = gates.call("acquire", "acme", "a")
+    assert outcome.error is not None and outcome.error.code == "invalid_config", outcome
+    expected = message or "operation needs the config key resource (a gate name)"
+    assert outcome.error.message == expected
 
 
 @pytest.mark.parametrize("operation", ["acquire", "settle", "release", "status", "provision"])
@@ -619,6 +688,9 @@ def test_a_spec_can_rename_the_answers_and_keep_the_estimate_in_its_state() -> N
     gates.settle("acme", "a")  # no counts: the estimate of 500 stands
     # 100 left of 600: the estimate read from the state is what is waited for.
     assert acquire("b", {"estimated_input_tokens": 200}).params["reason"] == "input_tokens"
-    config["granted_action"] = "not an action"
+    config["granted_action"] = "not an action " * 4  # told as its first 40 characters
     refused = acquire("c", {})
     assert refused.error is not None and refused.error.code == "invalid_config"
+    rule = "an action name (a capital letter, then up to 63 letters, digits or _)"
+    told = repr(("not an action " * 4)[:40])
+    assert refused.error.message == f"granted_action must be {rule}, got {told}"
