@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from host.services.namespaces import account_namespace
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import GATE_KEY, GateState
@@ -338,9 +340,13 @@ def resource_params(outcome: object, action: str) -> dict[str, object]:
     return params
 
 
-def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes_on() -> None:
+@pytest.mark.parametrize("head_comes_back", [True, False])
+def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes_on(
+    head_comes_back: bool,
+) -> None:
     # Catches: a resource gate whose freed permit the first caller takes (not the head),
-    # or that waits forever for a head that went away.
+    # or that waits forever for a head that went away; and a promise made by a decision
+    # that changed nothing else (c only asks again) left unsaved.
     gates = ResourceHarness(SLOTS)
     resource_params(gates.acquire("acme", "a"), "ResourceGranted")
     resource_params(gates.acquire("acme", "b"), "ResourceQueued")
@@ -350,6 +356,10 @@ def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes
     behind = resource_params(gates.acquire("acme", "c"), "ResourceQueued")
     assert behind["reservation"] == ""
     assert int(str(behind["retry_at_ms"])) > gates.clock.now_ms()
+    if not head_comes_back:
+        gates.advance(3_001)  # b never claims it, though its ticket is still alive
+        resource_params(gates.acquire("acme", "c"), "ResourceGranted")
+        return
     head = resource_params(gates.acquire("acme", "b"), "ResourceGranted")
     gates.release("acme", "b")
     # Now c is the head; d behind it asks, and c never comes back.
@@ -357,20 +367,6 @@ def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes
     gates.advance(3_001)
     resource_params(gates.acquire("acme", "d"), "ResourceGranted")
     assert head["lease_id"]
-
-
-def test_a_resource_permit_promised_by_a_waiter_that_only_polled_again_is_stored() -> None:
-    # Catches: a promise made by a decision that changed nothing else and is not saved
-    # (the head that never comes back then holds the permit until its ticket expires).
-    gates = ResourceHarness(SLOTS)
-    resource_params(gates.acquire("acme", "a"), "ResourceGranted")
-    resource_params(gates.acquire("acme", "b"), "ResourceQueued")
-    resource_params(gates.acquire("acme", "c"), "ResourceQueued")
-    gates.release("acme", "a")
-    # c only asks again: its place is as stored, and the freed permit is promised to b.
-    resource_params(gates.acquire("acme", "c"), "ResourceQueued")
-    gates.advance(3_001)  # b never claims it; its ticket is still alive
-    resource_params(gates.acquire("acme", "c"), "ResourceGranted")
 
 
 def test_a_settled_create_promises_its_slot_to_the_head_and_names_it_for_a_wake_up() -> None:
