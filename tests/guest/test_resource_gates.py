@@ -95,10 +95,13 @@ def test_the_declared_errors_of_calls_in_flight_are_reserved_but_one() -> None:
 
 def test_calls_that_declare_no_error_share_the_bucket_to_the_full() -> None:
     # Catches: a reserve taken for calls whose estimate is their worst case (throughput).
-    gates = ResourceHarness({**LLM, "resource.llm.itpm_burst": "2000"})
+    gates = ResourceHarness(
+        {**LLM, "resource.llm.concurrency": "3", "resource.llm.itpm_burst": "2000"}
+    )
     demand = {"estimated_input_tokens": 900, "max_input_tokens": 900}
     granted(gates.acquire("acme", "a", **demand))
     granted(gates.acquire("acme", "b", **demand))
+    granted(gates.acquire("acme", "c", estimated_input_tokens=200))  # exactly what is left
 
 
 @pytest.mark.parametrize("margin", [300, 1])
@@ -327,6 +330,83 @@ def test_a_waiter_that_keeps_asking_keeps_its_place() -> None:
         queued(gates.acquire("acme", entity), "concurrency")
     assert queued(gates.acquire("acme", "w2"), "concurrency")["position"] == 2
     assert queued(gates.acquire("acme", "w2"), "concurrency")["position"] == 2
+
+
+# -- what a queued waiter is told
+
+
+def held_ten_seconds(limit: str) -> ResourceHarness:
+    """A gate of one permit (`limit`, 10-minute leases) whose one observed hold took 10 s."""
+    lease = {"resource.llm.lease_s": "600"}
+    gates = ResourceHarness({"resource": "llm", f"resource.llm.{limit}": "1", **lease})
+    granted(gates.acquire("acme", "a"))
+    gates.advance(10_000)
+    gates.release("acme", "a")
+    return gates
+
+
+def test_a_permit_is_expected_back_after_the_observed_hold_then_every_hold() -> None:
+    # Catches: concurrency waits that ignore the observed hold time (or use it for the
+    # first wave only), or miscount the permits free.
+    gates = held_ten_seconds("concurrency")
+    granted(gates.acquire("acme", "b"))
+    gates.advance(1_000)
+    first = queued(gates.acquire("acme", "c"), "concurrency")
+    second = queued(gates.acquire("acme", "d"), "concurrency")
+    assert (first["eta_ms"], second["eta_ms"]) == (9_000, 19_000)
+
+
+def test_a_tenant_permit_is_expected_back_when_its_own_lease_should_end() -> None:
+    # Catches: a tenant's wait read from other tenants' leases, from their expiry rather
+    # than the observed hold, or for the wrong one of its own permits.
+    gates = held_ten_seconds("tenant_concurrency")
+    granted(gates.acquire("globex", "x"))
+    gates.advance(2_000)
+    granted(gates.acquire("acme", "b"))
+    gates.advance(1_000)
+    wait = queued(gates.acquire("acme", "c"), "tenant_concurrency")
+    assert (wait["eta_ms"], wait["in_use"], wait["limit"]) == (9_000, 1, 1)
+
+
+@pytest.mark.parametrize(("scope", "ahead"), [("", "globex"), ("tenant_", "acme")])
+def test_a_token_wait_counts_the_turns_ahead_that_go_first(scope: str, ahead: str) -> None:
+    # Catches: a token wait that leaves out the cost of the turns ahead (of every tenant
+    # for the account's bucket, of its own for a tenant's), misreads the tokens in use, or
+    # counts the permits free as still to wait for.
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.concurrency": "2",
+            f"resource.llm.{scope}itpm": "6000",  # 0.1 token per ms
+            f"resource.llm.{scope}itpm_burst": "1000",
+        }
+    )
+    granted(gates.acquire("acme", "h1"))
+    granted(gates.acquire("acme", "h2"))
+    queued(gates.acquire(ahead, "a", estimated_input_tokens=700), "concurrency")
+    queued(gates.acquire("acme", "c", estimated_input_tokens=310), "concurrency")
+    gates.advance(1_000)  # a hold of 1 s observed: a permit would take that long to free
+    gates.release("acme", "h1")
+    gates.release("acme", "h2")
+    # Both permits are free and the bucket is full; a's 700 go first, and c's 310 are
+    # 10 tokens short: 100 ms.
+    wait = queued(gates.acquire("acme", "c", estimated_input_tokens=310), f"{scope}input_tokens")
+    assert (wait["eta_ms"], wait["in_use"], wait["limit"]) == (100, 0, 1000)
+    # The bucket's own refill is exact: no poll_min floor.
+    assert wait["retry_after_ms"] == 100
+
+
+def test_a_token_wait_adds_the_margins_in_flight_and_is_then_no_longer_exact() -> None:
+    # Catches: a wait that takes the reserve off rather than adding it, and one told as
+    # exact (polled to the millisecond) while the reserve only returns as calls settle.
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.itpm": "6000", "resource.llm.itpm_burst": "2000"}
+    )
+    granted(gates.acquire("acme", "h1", estimated_input_tokens=100, max_input_tokens=102))
+    granted(gates.acquire("acme", "h2", estimated_input_tokens=100, max_input_tokens=101))
+    # 1800 left; beside c's 1800, the margins in flight but the largest: 1 token, 10 ms.
+    wait = queued(gates.acquire("acme", "c", estimated_input_tokens=1800), "input_tokens")
+    assert (wait["eta_ms"], wait["retry_after_ms"]) == (10, 200)
 
 
 # -- the provider's answers
