@@ -261,8 +261,11 @@ def test_a_tenant_token_cap_holds_only_that_tenant() -> None:
 
 
 def test_the_head_of_the_queue_is_not_overtaken_by_a_cheaper_request() -> None:
-    # Catches: a token gate that lets small requests starve a large one at the head.
-    gates = ResourceHarness({"resource": "llm", "resource.llm.itpm": "6000"})
+    # Catches: a token gate that lets small requests starve a large one at the head, or
+    # that tells the small one it waits for something else than the head's tokens.
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.concurrency": "5", "resource.llm.itpm": "6000"}
+    )
     granted(gates.acquire("acme", "a", estimated_input_tokens=5000))
     queued(gates.acquire("acme", "big", estimated_input_tokens=3000), "input_tokens")
     queued(gates.acquire("globex", "small", estimated_input_tokens=500), "input_tokens")
@@ -272,8 +275,13 @@ def test_the_head_of_the_queue_is_not_overtaken_by_a_cheaper_request() -> None:
     granted(gates.acquire("acme", "big", estimated_input_tokens=3000))
 
 
-def test_permits_freed_while_the_queue_slept_go_to_the_turns_ahead_first() -> None:
-    # Catches: a walk that counts a turn ahead as taking more than its one permit.
+@pytest.mark.parametrize("asked_between", [False, True])
+def test_permits_freed_while_the_queue_slept_go_to_the_turns_ahead_first(
+    asked_between: bool,
+) -> None:
+    # Catches: a walk that counts a turn ahead as taking more than its one permit; and
+    # (c asking between the releases, so the first two permits are promised to a and b)
+    # a walk that stops at the first promised turn met again in fair order.
     gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "3"})
     holders = ["h1", "h2", "h3"]
     for holder in holders:
@@ -281,6 +289,8 @@ def test_permits_freed_while_the_queue_slept_go_to_the_turns_ahead_first() -> No
     for tenant, waiter in [("t1", "a"), ("t2", "b"), ("t3", "c")]:
         queued(gates.acquire(tenant, waiter), "concurrency")
     for holder in holders:
+        if asked_between and holder == "h3":
+            queued(gates.acquire("t3", "c"), "concurrency")
         gates.release("acme", holder)
     # a and b have not asked again, but the permits ahead of c are theirs: one each.
     granted(gates.acquire("t3", "c"))
@@ -330,6 +340,29 @@ def test_a_waiter_that_keeps_asking_keeps_its_place() -> None:
         queued(gates.acquire("acme", entity), "concurrency")
     assert queued(gates.acquire("acme", "w2"), "concurrency")["position"] == 2
     assert queued(gates.acquire("acme", "w2"), "concurrency")["position"] == 2
+
+
+def test_a_permit_promised_to_a_turn_stays_its_own_when_a_turn_before_it_can_go() -> None:
+    # Catches: a walk that forgets the promises and hands the permit to whoever is first
+    # in fair order now (here a turn its tenant's bucket held back when the permit freed).
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.concurrency": "1",
+            "resource.llm.tenant_itpm": "6000",  # 0.1 token per ms
+            "resource.llm.tenant_itpm_burst": "1000",
+        }
+    )
+    granted(gates.acquire("acme", "x", estimated_input_tokens=1000))
+    queued(gates.acquire("acme", "a", estimated_input_tokens=500), "concurrency")
+    queued(gates.acquire("globex", "g"), "concurrency")
+    queued(gates.acquire("initech", "w"), "concurrency")
+    gates.release("acme", "x")
+    # acme's bucket holds a back: the permit is promised to g, next in fair order.
+    queued(gates.acquire("initech", "w"), "concurrency")
+    gates.advance(5_000)  # a fits acme's bucket again, but the permit is g's
+    queued(gates.acquire("acme", "a", estimated_input_tokens=500), "concurrency")
+    granted(gates.acquire("globex", "g"))
 
 
 # -- what a queued waiter is told
@@ -424,7 +457,9 @@ def test_a_429_with_retry_after_pauses_every_tenant_of_the_account() -> None:
     assert settled.params["answer"] == "rate_limited" and settled.params["cooling_ms"] == 12_000
     wait = queued(gates.acquire("globex", "x"), "backoff")
     assert wait["retry_after_ms"] >= 12_000
-    gates.advance(12_000)
+    gates.advance(11_999)
+    queued(gates.acquire("globex", "x"), "backoff")  # its last millisecond still pauses
+    gates.advance(1)
     granted(gates.acquire("globex", "x"))
 
 
