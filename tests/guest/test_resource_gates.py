@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
+from host.services.namespaces import account_namespace
 from provisioner.config import read_config
 from provisioner.gates.bucket import Bucket, Charge, note_change, settle_charge
 from provisioner.gates.resource import pause_from_headers
 from provisioner.model import ProvisionerError
+from tests.guest.harness import ACCOUNT
 from tests.guest.resource_harness import ResourceHarness
 
 LLM = {"resource": "llm", "resource.llm.concurrency": "2", "resource.llm.itpm": "6000"}
@@ -210,6 +212,20 @@ def test_a_settle_naming_an_old_lease_leaves_the_entitys_new_lease_held() -> Non
     assert late.params["held"] is False and late.params["lease_id"] == old
     queued(gates.acquire("acme", "b"), "concurrency")
     assert gates.settle("acme", "a", lease_id=new).params["held"] is True
+
+
+def test_a_waiters_keys_are_under_its_gates_prefix_and_go_with_its_grant() -> None:
+    # Catches: a waiter's place or ticket key written or deleted under the sandbox gate's
+    # prefix (it would leak here, and move or kill a sandbox waiter there).
+    gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "1"})
+    granted(gates.acquire("acme", "a"))
+    queued(gates.acquire("acme", "b"), "concurrency")
+    namespace = account_namespace(ACCOUNT)
+    waiting = ["res/llm/gate", "res/llm/t/acme/1", "res/llm/w/acme/Agent%2Fb"]
+    assert gates.backend.keys(namespace) == waiting
+    gates.release("acme", "a")
+    granted(gates.acquire("acme", "b"))
+    assert gates.backend.keys(namespace) == ["res/llm/gate"]
 
 
 # -- permits and per-tenant caps
