@@ -276,6 +276,29 @@ def test_a_tenant_token_cap_holds_only_that_tenant() -> None:
     granted(gates.acquire("globex", "x", estimated_input_tokens=1200))
 
 
+def test_a_tenant_held_by_its_bucket_does_not_overtake_itself_in_a_walk() -> None:
+    # Catches: a walk that, past a turn its tenant's bucket holds back, still hands a
+    # permit to that tenant's later (cheaper) turn while another tenant asks.
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.concurrency": "2",
+            "resource.llm.tenant_itpm": "6000",
+            "resource.llm.tenant_itpm_burst": "1000",
+        }
+    )
+    granted(gates.acquire("acme", "x", estimated_input_tokens=900))  # acme has 100 left
+    granted(gates.acquire("initech", "y"))
+    queued(gates.acquire("acme", "a1", estimated_input_tokens=500), "concurrency")
+    queued(gates.acquire("acme", "a2", estimated_input_tokens=10), "concurrency")
+    queued(gates.acquire("globex", "g1"), "concurrency")
+    queued(gates.acquire("globex", "g2"), "concurrency")
+    gates.release("acme", "x")
+    gates.release("initech", "y")
+    # In fair order a1 (held by acme's bucket), g1, a2, g2: a2 is passed over with a1.
+    granted(gates.acquire("globex", "g2"))
+
+
 def test_the_head_of_the_queue_is_not_overtaken_by_a_cheaper_request() -> None:
     # Catches: a token gate that lets small requests starve a large one at the head, or
     # that tells the small one it waits for something else than the head's tokens.
@@ -330,7 +353,11 @@ def test_a_tenant_cap_counts_each_of_its_turns_ahead_once(cap: int, third: str) 
     for holder in holders:
         gates.release("acme", holder)
     # a and b go first: c fits only under a cap of three.
-    assert gates.acquire("acme", "c").action == third
+    answer = gates.acquire("acme", "c")
+    assert answer.action == third
+    if third == "ResourceQueued":
+        # No limit holds c back but the permits a and b may still claim: no wait known.
+        assert answer.params["eta_ms"] == 0
 
 
 def test_the_margins_of_turns_ahead_are_reserved_for_the_turns_behind() -> None:
@@ -472,7 +499,7 @@ def test_a_429_with_retry_after_pauses_every_tenant_of_the_account() -> None:
     settled = gates.settle("acme", "a", status=429, headers={"Retry-After": "12"})
     assert settled.params["answer"] == "rate_limited" and settled.params["cooling_ms"] == 12_000
     wait = queued(gates.acquire("globex", "x"), "backoff")
-    assert wait["retry_after_ms"] >= 12_000
+    assert wait["retry_after_ms"] >= 12_000 and wait["eta_ms"] == 12_000
     gates.advance(11_999)
     queued(gates.acquire("globex", "x"), "backoff")  # its last millisecond still pauses
     gates.advance(1)
