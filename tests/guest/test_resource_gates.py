@@ -10,6 +10,7 @@ import pytest
 
 from host.services.namespaces import account_namespace
 from provisioner.config import read_config
+from provisioner.gates.blocking import LOOKAHEAD
 from provisioner.gates.bucket import Bucket, Charge, note_change, settle_charge
 from provisioner.gates.resource import pause_from_headers
 from provisioner.model import ProvisionerError
@@ -406,6 +407,19 @@ def test_a_permit_promised_to_a_turn_stays_its_own_when_a_turn_before_it_can_go(
     gates.advance(5_000)  # a fits acme's bucket again, but the permit is g's
     queued(gates.acquire("acme", "a", estimated_input_tokens=500), "concurrency")
     granted(gates.acquire("globex", "g"))
+
+
+def test_a_waiter_beyond_the_lookahead_waits_and_polls_no_sooner_than_poll_min() -> None:
+    # Catches: a walk that looks further than LOOKAHEAD turns (each costs a read), and a
+    # waiter whose exact wait is 0 told to come back in 1 ms (it would poll in a loop).
+    gates = ResourceHarness({"resource": "llm", "resource.llm.itpm": "6000"})
+    granted(gates.acquire("acme", "holder", estimated_input_tokens=6000))
+    ahead = [f"w{i}" for i in range(LOOKAHEAD)]
+    for waiter in [*ahead, "last"]:
+        queued(gates.acquire("acme", waiter, estimated_input_tokens=1), "input_tokens")
+    gates.advance(1_000)  # 100 tokens back: enough for every one of them
+    wait = queued(gates.acquire("acme", "last", estimated_input_tokens=1), "input_tokens")
+    assert (wait["position"], wait["eta_ms"], wait["retry_after_ms"]) == (LOOKAHEAD + 1, 0, 200)
 
 
 # -- what a queued waiter is told
