@@ -14,6 +14,8 @@ from provisioner.gates.blocking import LOOKAHEAD
 from provisioner.gates.bucket import Bucket, Charge, note_change, settle_charge
 from provisioner.gates.resource import pause_from_headers
 from provisioner.model import ProvisionerError
+from provisioner.ports import StorageUnavailable
+from tests.doubles import InterposedBackend
 from tests.guest.harness import ACCOUNT
 from tests.guest.resource_harness import ResourceHarness
 
@@ -600,6 +602,27 @@ def test_each_resource_answer_is_told_as_a_progress_event_naming_its_waiter() ->
         ("resource_released", "acme", "Agent/a", None),
     ]
     assert all(event["resource"] == "llm" for event in gates.telemetry.events)
+
+
+class GateUnreadable(InterposedBackend):
+    """Storage where the llm gate's document cannot be read."""
+
+    def before(self, operation: str, key: str) -> None:
+        if key == "res/llm/gate":
+            raise StorageUnavailable("the llm gate is unreadable")
+
+
+def test_a_status_shows_why_a_gate_is_unreadable_and_still_shows_the_others() -> None:
+    # Catches: an unreadable gate shown without the storage error, or hiding the gates
+    # listed after it.
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.rpm": "60", "resource.sessions.concurrency": "2"}
+    )
+    gates.backend = GateUnreadable(gates.backend)
+    resources = gates.status("acme")["resources"]
+    assert list(resources) == ["llm", "sessions"]
+    assert resources["llm"] == {"error": "storage", "message": "the llm gate is unreadable"}
+    assert resources["sessions"]["concurrency"] == {"in_use": 0, "limit": 2}
 
 
 # -- session slots
