@@ -521,7 +521,7 @@ def test_a_cycle_refused_at_a_create_kills_what_its_key_may_have_made(
 ) -> None:
     # Catches: a refusal after a lost answer that forgets the key without killing the
     # sandbox that create made, and a lookup at E2B after a refusal that made nothing.
-    guest = Guest(ScriptedE2B(create_answers=answers, made_on_failure=looked))
+    guest = Guest(ScriptedE2B(create_answers=list(answers), made_on_failure=looked))
     refused = guest.provision_until_settled("job-1")
     assert refused.error is not None and refused.action == "SandboxFailed", refused
     listed = ("GET", "/v2/sandboxes") in guest.e2b.requests

@@ -56,6 +56,19 @@ def test_an_underestimate_runs_the_bucket_into_debt_until_it_has_refilled() -> N
     granted(gates.acquire("acme", "b", estimated_input_tokens=100))
 
 
+def test_a_status_shows_tokens_to_three_decimals() -> None:
+    # Catches: a status that shows the refill's last fractions of a token.
+    gates = ResourceHarness({"resource": "llm", "resource.llm.itpm": "7"})  # 8571.4 ms each
+    granted(gates.acquire("acme", "a", estimated_input_tokens=7))
+    gates.advance(1)  # 0.000117 of a token back
+    rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
+    assert (rate["available"], rate["debt"]) == (0.0, 0.0)
+    gates.settle("acme", "a", input_tokens=8)  # one token of debt, less the refill
+    gates.advance(1)
+    rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
+    assert (rate["available"], rate["debt"]) == (0.0, 1.0)
+
+
 def test_an_overestimate_comes_back_only_as_far_as_the_bucket_would_have_held_it() -> None:
     # Catches: a refund that gives back tokens the bucket would have lost to its burst cap
     # meanwhile (here 300 extra tokens would fit in no time, a burst above the provider's).
