@@ -535,6 +535,17 @@ def test_a_429_with_retry_after_pauses_every_tenant_of_the_account() -> None:
     granted(gates.acquire("globex", "x"))
 
 
+def test_the_first_waiter_of_a_new_gate_keeps_ticket_0_through_a_cooldown() -> None:
+    # Catches: a stored place that reads ticket 0 as no ticket: the first waiter of a gate
+    # paused before its first grant would take a new ticket behind later waiters.
+    gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "1"})
+    gates.settle("acme", "z", status=429, headers={"retry-after": "1"})  # no lease held
+    queued(gates.acquire("acme", "a"), "backoff")  # ticket 0
+    queued(gates.acquire("acme", "b"), "backoff")
+    gates.advance(1_000)
+    granted(gates.acquire("acme", "a"))
+
+
 def test_a_429_without_retry_after_waits_for_the_exhausted_limits_reset() -> None:
     now = 1_700_000_000_000
     headers = {
