@@ -776,6 +776,21 @@ def test_a_retry_that_stopped_polling_is_dropped_and_the_next_waiter_granted_at_
     assert inspect_gates(storage, harness.clock.now_ms(), harness.config).waiters == ()
 
 
+def test_a_retry_that_keeps_polling_through_a_longer_cooldown_stays_alive() -> None:
+    # Catches: a poll that does not extend the waiter's liveness: a retry told to come back
+    # later than its settle said would be dropped as dead while still asking.
+    harness = Harness(replace(FAST, create_slots=2, waiter_ttl_ms=1_000))
+    polling, other, fresh = (Waiter(f"tenant-{t}", f"Job/{t}") for t in "abc")
+    grants = [grant_of(harness.admit(w)) for w in (polling, other)]
+    queued_of(harness.settle(polling, grants[0], RateLimited(retry_after_ms=10_000)))
+    queued_of(harness.settle(other, grants[1], RateLimited(retry_after_ms=60_000)))
+    harness.advance(10_500)  # past what its settle said; the cooldown now lasts to 60 s
+    assert queued_of(harness.admit(polling)).reason == "backoff"
+    harness.advance(50_000)
+    # Both retries are alive, and the two free slots are theirs.
+    queued_of(harness.admit(fresh))
+
+
 def gate_view(harness: Harness) -> GateView:
     storage = ScopedStorage(harness.backend, tenant="anyone", account=ACCOUNT)
     return inspect_gates(storage, harness.clock.now_ms(), harness.config)

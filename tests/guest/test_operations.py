@@ -344,6 +344,7 @@ def test_static_mode_answers_ready_without_e2b_or_stored_state() -> None:
     assert ready.action == "SandboxReady", ready
     assert ready.params["sandbox_id"] == "static-sandbox"
     assert ready.params["sandbox_url"] == static
+    assert ready.params["attempts"] == 0
     assert e2b.requests == [] and guest.record() is None
     assert (LogLevel.INFO, f"sandbox_provisioner: using static sandbox_url: {static}") in [
         (level, message) for _, level, message in guest.telemetry.logs
@@ -548,6 +549,38 @@ def test_a_waiter_refused_after_a_create_e2b_made_leaves_no_sandbox_behind() -> 
     released = guest.invoke("release", max_create_attempts="2")
     assert released.params == {"released": False, "held_permit": True}, released
     assert guest.account()["capacity"]["in_use"] == 0
+
+
+@pytest.mark.parametrize(
+    ("answers", "looked"),
+    [
+        ([400], False),  # the cycle's only create, refused outright: E2B made nothing
+        ([503, 400], True),  # the first create's answer was lost: it may have made one
+    ],
+)
+def test_a_cycle_refused_at_a_create_kills_what_its_key_may_have_made(
+    answers: list[int], looked: bool
+) -> None:
+    # Catches: a refusal after a lost answer that forgets the key without killing the
+    # sandbox that create made, and a lookup at E2B after a refusal that made nothing.
+    guest = Guest(ScriptedE2B(create_answers=list(answers), made_on_failure=looked))
+    refused = guest.provision_until_settled("job-1")
+    assert refused.error is not None and refused.action == "SandboxFailed", refused
+    listed = ("GET", "/v2/sandboxes") in guest.e2b.requests
+    assert (listed, guest.e2b.sandboxes, guest.record()) == (looked, {}, None)
+
+
+def test_a_queue_timeout_after_a_lost_create_kills_what_its_key_made() -> None:
+    # Catches: a waiter refused without a create of its own in this invocation that
+    # forgets the key of an earlier create whose answer was lost (its sandbox would run on).
+    guest = Guest(ScriptedE2B(create_answers=[503], made_on_failure=True))
+    config = {"queue_timeout_s": "1"}
+    assert guest.invoke("provision", "job-1", **config).action == "SandboxQueued"
+    assert len(guest.e2b.sandboxes) == 1
+    guest.clock.advance(1_000)
+    refused = guest.invoke("provision", "job-1", **config)
+    assert refused.error is not None and refused.error.code == "queue_timeout", refused
+    assert guest.e2b.sandboxes == {} and guest.record() is None
 
 
 def test_a_refused_waiter_whose_sandbox_cannot_be_killed_keeps_its_record() -> None:

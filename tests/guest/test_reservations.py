@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from host.services.namespaces import account_namespace
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import GATE_KEY, GateState
@@ -338,18 +340,31 @@ def resource_params(outcome: object, action: str) -> dict[str, object]:
     return params
 
 
-def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes_on() -> None:
-    # Catches: a resource gate whose freed permit the first caller takes (not the head),
-    # or that waits forever for a head that went away.
+def promised_to_the_head_as_another_asks() -> tuple[ResourceHarness, dict[str, object]]:
+    """One resource permit: a holds it, b and c queue, a releases it, and c asks first (the
+    permit is promised to b, the head). Returns the gates and c's answer."""
     gates = ResourceHarness(SLOTS)
     resource_params(gates.acquire("acme", "a"), "ResourceGranted")
     resource_params(gates.acquire("acme", "b"), "ResourceQueued")
     resource_params(gates.acquire("acme", "c"), "ResourceQueued")
     gates.release("acme", "a")
-    # c asks first: the permit is b's.
-    behind = resource_params(gates.acquire("acme", "c"), "ResourceQueued")
+    return gates, resource_params(gates.acquire("acme", "c"), "ResourceQueued")
+
+
+@pytest.mark.parametrize("head_comes_back", [True, False])
+def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes_on(
+    head_comes_back: bool,
+) -> None:
+    # Catches: a resource gate whose freed permit the first caller takes (not the head),
+    # or that waits forever for a head that went away; and a promise made by a decision
+    # that changed nothing else (c only asks again) left unsaved.
+    gates, behind = promised_to_the_head_as_another_asks()
     assert behind["reservation"] == ""
     assert int(str(behind["retry_at_ms"])) > gates.clock.now_ms()
+    if not head_comes_back:
+        gates.advance(3_001)  # b never claims it, though its ticket is still alive
+        resource_params(gates.acquire("acme", "c"), "ResourceGranted")
+        return
     head = resource_params(gates.acquire("acme", "b"), "ResourceGranted")
     gates.release("acme", "b")
     # Now c is the head; d behind it asks, and c never comes back.
@@ -357,6 +372,22 @@ def test_a_resource_permit_freed_by_a_release_is_promised_to_the_head_and_passes
     gates.advance(3_001)
     resource_params(gates.acquire("acme", "d"), "ResourceGranted")
     assert head["lease_id"]
+
+
+@pytest.mark.parametrize(
+    ("after_window_ms", "third"), [(0, "ResourceQueued"), (1, "ResourceGranted")]
+)
+def test_a_promise_is_kept_for_a_claim_window_after_a_cooldown_ends(
+    after_window_ms: int, third: str
+) -> None:
+    # Catches: a claim window after a cooldown that ends a millisecond early, or that is
+    # measured back from the cooldown's end (no holder can claim a permit during a
+    # cooldown, so its promise must outlast the cooldown by the claim window).
+    gates, _ = promised_to_the_head_as_another_asks()
+    # A 429 elsewhere pauses the account for a second.
+    gates.settle("acme", "z", status=429, headers={"retry-after": "1"})
+    gates.advance(1_000 + 3_000 + after_window_ms)  # the cooldown, then the claim window
+    resource_params(gates.acquire("acme", "c"), third)
 
 
 def test_a_settled_create_promises_its_slot_to_the_head_and_names_it_for_a_wake_up() -> None:

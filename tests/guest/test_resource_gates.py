@@ -8,10 +8,15 @@ from typing import Any
 
 import pytest
 
+from host.services.namespaces import account_namespace
 from provisioner.config import read_config
+from provisioner.gates.blocking import LOOKAHEAD
 from provisioner.gates.bucket import Bucket, Charge, note_change, settle_charge
 from provisioner.gates.resource import pause_from_headers
 from provisioner.model import ProvisionerError
+from provisioner.ports import StorageUnavailable
+from tests.doubles import InterposedBackend
+from tests.guest.harness import ACCOUNT
 from tests.guest.resource_harness import ResourceHarness
 
 LLM = {"resource": "llm", "resource.llm.concurrency": "2", "resource.llm.itpm": "6000"}
@@ -49,6 +54,19 @@ def test_an_underestimate_runs_the_bucket_into_debt_until_it_has_refilled() -> N
     queued(gates.acquire("acme", "b", estimated_input_tokens=100), "input_tokens")
     gates.advance(1)
     granted(gates.acquire("acme", "b", estimated_input_tokens=100))
+
+
+def test_a_status_shows_tokens_to_three_decimals() -> None:
+    # Catches: a status that shows the refill's last fractions of a token.
+    gates = ResourceHarness({"resource": "llm", "resource.llm.itpm": "7"})  # 8571.4 ms each
+    granted(gates.acquire("acme", "a", estimated_input_tokens=7))
+    gates.advance(1)  # 0.000117 of a token back
+    rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
+    assert (rate["available"], rate["debt"]) == (0.0, 0.0)
+    gates.settle("acme", "a", input_tokens=8)  # one token of debt, less the refill
+    gates.advance(1)
+    rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
+    assert (rate["available"], rate["debt"]) == (0.0, 1.0)
 
 
 def test_an_overestimate_comes_back_only_as_far_as_the_bucket_would_have_held_it() -> None:
@@ -95,25 +113,33 @@ def test_the_declared_errors_of_calls_in_flight_are_reserved_but_one() -> None:
 
 def test_calls_that_declare_no_error_share_the_bucket_to_the_full() -> None:
     # Catches: a reserve taken for calls whose estimate is their worst case (throughput).
-    gates = ResourceHarness({**LLM, "resource.llm.itpm_burst": "2000"})
+    gates = ResourceHarness(
+        {**LLM, "resource.llm.concurrency": "3", "resource.llm.itpm_burst": "2000"}
+    )
     demand = {"estimated_input_tokens": 900, "max_input_tokens": 900}
     granted(gates.acquire("acme", "a", **demand))
     granted(gates.acquire("acme", "b", **demand))
+    granted(gates.acquire("acme", "c", estimated_input_tokens=200))  # exactly what is left
 
 
-def test_a_call_that_expires_or_is_released_unsettled_is_charged_its_worst_case() -> None:
-    # Catches: dropping a lease's margin with the lease (its call may still cost it).
+@pytest.mark.parametrize("margin", [300, 1])
+def test_a_call_that_expires_or_is_released_unsettled_is_charged_its_worst_case(
+    margin: int,
+) -> None:
+    # Catches: dropping a lease's margin with the lease (its call may still cost it), also
+    # a margin of a single token.
     config = {**LLM, "resource.llm.itpm_burst": "2000", "resource.llm.lease_s": "10"}
     for ends in ("expiry", "release"):
         gates = ResourceHarness(config)
-        granted(gates.acquire("acme", "a", estimated_input_tokens=500, max_input_tokens=800))
+        demand = {"estimated_input_tokens": 500, "max_input_tokens": 500 + margin}
+        granted(gates.acquire("acme", "a", **demand))
         if ends == "release":
             gates.release("acme", "a")
         else:
             gates.advance(10_000)  # the lease expires; 1000 tokens refilled meanwhile
         rate = gates.status("acme")["resources"]["llm"]["rates"]["input_tokens"]
-        # 2000 - 500 - 300 charged, plus the refill until the margin was charged.
-        expected = 1200 if ends == "release" else 2000 - 300
+        # 2000 - 500 - the margin charged, plus the refill until the margin was charged.
+        expected = 2000 - 500 - margin if ends == "release" else 2000 - margin
         assert rate["available"] == pytest.approx(expected), (ends, rate)
 
 
@@ -121,7 +147,9 @@ def test_a_worst_case_below_its_estimate_is_refused() -> None:
     gates = ResourceHarness(LLM)
     outcome = gates.acquire("acme", "a", estimated_input_tokens=500, max_input_tokens=400)
     assert outcome.error is not None and outcome.error.code == "invalid_invocation"
-    assert "max_input_tokens" in outcome.error.message
+    assert outcome.error.message == (
+        "max_input_tokens (400) is below its estimate (500): a worst case bounds it"
+    )
     granted(gates.acquire("acme", "a", estimated_input_tokens=500))
 
 
@@ -171,7 +199,10 @@ def test_an_estimate_above_the_burst_is_refused_as_never_grantable() -> None:
     gates = ResourceHarness(LLM)
     outcome = gates.acquire("acme", "a", estimated_input_tokens=6001)
     assert outcome.error is not None and outcome.error.code == "invalid_invocation"
-    assert "burst" in outcome.error.message
+    assert outcome.error.message == (
+        "an estimated 6001 input exceeds the burst of resource.llm.itpm (6000): "
+        "it could never be granted"
+    )
     assert gates.status("acme")["resources"]["llm"]["queue_length"] == 0
 
 
@@ -186,6 +217,33 @@ def test_a_settle_after_the_lease_expired_charges_the_whole_cost() -> None:
     assert rate["available"] == pytest.approx(6000 - 1000 - 1000 + 100)
 
 
+def test_a_settle_naming_an_old_lease_leaves_the_entitys_new_lease_held() -> None:
+    # Catches: a settle that ignores the lease id it names and settles whatever lease the
+    # entity holds now (a late settle of a call would end the next call's permit).
+    gates = ResourceHarness({**LLM, "resource.llm.concurrency": "1"})
+    old = granted(gates.acquire("acme", "a", estimated_input_tokens=100))
+    gates.settle("acme", "a", lease_id=old, input_tokens=100)
+    new = granted(gates.acquire("acme", "a", estimated_input_tokens=100))
+    late = gates.settle("acme", "a", lease_id=old, input_tokens=100)
+    assert late.params["held"] is False and late.params["lease_id"] == old
+    queued(gates.acquire("acme", "b"), "concurrency")
+    assert gates.settle("acme", "a", lease_id=new).params["held"] is True
+
+
+def test_a_waiters_keys_are_under_its_gates_prefix_and_go_with_its_grant() -> None:
+    # Catches: a waiter's place or ticket key written or deleted under the sandbox gate's
+    # prefix (it would leak here, and move or kill a sandbox waiter there).
+    gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "1"})
+    granted(gates.acquire("acme", "a"))
+    queued(gates.acquire("acme", "b"), "concurrency")
+    namespace = account_namespace(ACCOUNT)
+    waiting = ["res/llm/gate", "res/llm/t/acme/1", "res/llm/w/acme/Agent%2Fb"]
+    assert gates.backend.keys(namespace) == waiting
+    gates.release("acme", "a")
+    granted(gates.acquire("acme", "b"))
+    assert gates.backend.keys(namespace) == ["res/llm/gate"]
+
+
 # -- permits and per-tenant caps
 
 
@@ -195,10 +253,17 @@ def test_concurrency_queues_the_third_and_a_settle_frees_its_permit() -> None:
     granted(gates.acquire("acme", "b"))
     wait = queued(gates.acquire("acme", "c"), "concurrency")
     assert (wait["position"], wait["in_use"], wait["limit"]) == (1, 2, 2)
-    again = gates.acquire("acme", "a")  # the holder asking again keeps its permit
+    gates.advance(1_000)
+    again = gates.acquire("acme", "a")  # the holder asking again keeps its permit, renewed
     assert granted(again) == first and again.params["renewed"] is True
+    lease_ms = read_config(LLM).resources["llm"].lease_ms
+    assert again.params["expires_at_ms"] == gates.clock.now_ms() + lease_ms
+    assert again.params["queued_ms"] == 0
     gates.settle("acme", "a", input_tokens=10, output_tokens=5)
-    granted(gates.acquire("acme", "c"))
+    gates.advance(500)
+    late = gates.acquire("acme", "c")
+    granted(late)
+    assert late.params["queued_ms"] == 1_500
 
 
 def test_a_tenant_cap_lets_another_tenant_overtake() -> None:
@@ -227,9 +292,35 @@ def test_a_tenant_token_cap_holds_only_that_tenant() -> None:
     granted(gates.acquire("globex", "x", estimated_input_tokens=1200))
 
 
+def test_a_tenant_held_by_its_bucket_does_not_overtake_itself_in_a_walk() -> None:
+    # Catches: a walk that, past a turn its tenant's bucket holds back, still hands a
+    # permit to that tenant's later (cheaper) turn while another tenant asks.
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.concurrency": "2",
+            "resource.llm.tenant_itpm": "6000",
+            "resource.llm.tenant_itpm_burst": "1000",
+        }
+    )
+    granted(gates.acquire("acme", "x", estimated_input_tokens=900))  # acme has 100 left
+    granted(gates.acquire("initech", "y"))
+    queued(gates.acquire("acme", "a1", estimated_input_tokens=500), "concurrency")
+    queued(gates.acquire("acme", "a2", estimated_input_tokens=10), "concurrency")
+    queued(gates.acquire("globex", "g1"), "concurrency")
+    queued(gates.acquire("globex", "g2"), "concurrency")
+    gates.release("acme", "x")
+    gates.release("initech", "y")
+    # In fair order a1 (held by acme's bucket), g1, a2, g2: a2 is passed over with a1.
+    granted(gates.acquire("globex", "g2"))
+
+
 def test_the_head_of_the_queue_is_not_overtaken_by_a_cheaper_request() -> None:
-    # Catches: a token gate that lets small requests starve a large one at the head.
-    gates = ResourceHarness({"resource": "llm", "resource.llm.itpm": "6000"})
+    # Catches: a token gate that lets small requests starve a large one at the head, or
+    # that tells the small one it waits for something else than the head's tokens.
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.concurrency": "5", "resource.llm.itpm": "6000"}
+    )
     granted(gates.acquire("acme", "a", estimated_input_tokens=5000))
     queued(gates.acquire("acme", "big", estimated_input_tokens=3000), "input_tokens")
     queued(gates.acquire("globex", "small", estimated_input_tokens=500), "input_tokens")
@@ -237,6 +328,68 @@ def test_the_head_of_the_queue_is_not_overtaken_by_a_cheaper_request() -> None:
     queued(gates.acquire("globex", "small", estimated_input_tokens=500), "input_tokens")
     gates.advance(1_000)
     granted(gates.acquire("acme", "big", estimated_input_tokens=3000))
+
+
+@pytest.mark.parametrize("asked_between", [False, True])
+def test_permits_freed_while_the_queue_slept_go_to_the_turns_ahead_first(
+    asked_between: bool,
+) -> None:
+    # Catches: a walk that counts a turn ahead as taking more than its one permit; and
+    # (c asking between the releases, so the first two permits are promised to a and b)
+    # a walk that stops at the first promised turn met again in fair order.
+    gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "3"})
+    holders = ["h1", "h2", "h3"]
+    for holder in holders:
+        granted(gates.acquire("acme", holder))
+    for tenant, waiter in [("t1", "a"), ("t2", "b"), ("t3", "c")]:
+        queued(gates.acquire(tenant, waiter), "concurrency")
+    for holder in holders:
+        if asked_between and holder == "h3":
+            queued(gates.acquire("t3", "c"), "concurrency")
+        gates.release("acme", holder)
+    # a and b have not asked again, but the permits ahead of c are theirs: one each.
+    granted(gates.acquire("t3", "c"))
+
+
+@pytest.mark.parametrize(("cap", "third"), [(2, "ResourceQueued"), (3, "ResourceGranted")])
+def test_a_tenant_cap_counts_each_of_its_turns_ahead_once(cap: int, third: str) -> None:
+    # Catches: a walk that loses count of the permits its tenant's earlier turns take.
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.concurrency": "10",
+            "resource.llm.tenant_concurrency": str(cap),
+        }
+    )
+    holders = [f"h{i}" for i in range(cap)]
+    for holder in holders:
+        granted(gates.acquire("acme", holder))
+    for waiter in ("a", "b", "c"):
+        queued(gates.acquire("acme", waiter), "tenant_concurrency")
+    for holder in holders:
+        gates.release("acme", holder)
+    # a and b go first: c fits only under a cap of three.
+    answer = gates.acquire("acme", "c")
+    assert answer.action == third
+    if third == "ResourceQueued":
+        # No limit holds c back but the permits a and b may still claim: no wait known.
+        assert answer.params["eta_ms"] == 0
+
+
+def test_the_margins_of_turns_ahead_are_reserved_for_the_turns_behind() -> None:
+    # Catches: a walk that gives back, rather than reserves, the margin of a turn ahead.
+    config = {**LLM, "resource.llm.itpm_burst": "2000"}
+    gates = ResourceHarness(config)
+    granted(gates.acquire("acme", "h1", estimated_input_tokens=1400))
+    granted(gates.acquire("acme", "h2"))
+    demand = {"estimated_input_tokens": 100, "max_input_tokens": 700}
+    queued(gates.acquire("t1", "a", **demand), "concurrency")
+    queued(gates.acquire("t2", "c", **demand), "concurrency")
+    gates.release("acme", "h1")
+    gates.release("acme", "h2")
+    # 600 left: a's 100 fits; then c's 100 with a's margin of 600 reserved does not.
+    queued(gates.acquire("t2", "c", **demand), "input_tokens")
+    granted(gates.acquire("t1", "a", **demand))
 
 
 def test_a_waiter_that_keeps_asking_keeps_its_place() -> None:
@@ -264,6 +417,119 @@ def test_a_lowered_limit_waits_for_every_lease_held_beyond_it(scope: str) -> Non
     assert (wait["in_use"], wait["limit"], wait["eta_ms"]) == (3, 1, 50_000)
 
 
+def test_a_permit_promised_to_a_turn_stays_its_own_when_a_turn_before_it_can_go() -> None:
+    # Catches: a walk that forgets the promises and hands the permit to whoever is first
+    # in fair order now (here a turn its tenant's bucket held back when the permit freed).
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.concurrency": "1",
+            "resource.llm.tenant_itpm": "6000",  # 0.1 token per ms
+            "resource.llm.tenant_itpm_burst": "1000",
+        }
+    )
+    granted(gates.acquire("acme", "x", estimated_input_tokens=1000))
+    queued(gates.acquire("acme", "a", estimated_input_tokens=500), "concurrency")
+    queued(gates.acquire("globex", "g"), "concurrency")
+    queued(gates.acquire("initech", "w"), "concurrency")
+    gates.release("acme", "x")
+    # acme's bucket holds a back: the permit is promised to g, next in fair order.
+    queued(gates.acquire("initech", "w"), "concurrency")
+    gates.advance(5_000)  # a fits acme's bucket again, but the permit is g's
+    queued(gates.acquire("acme", "a", estimated_input_tokens=500), "concurrency")
+    granted(gates.acquire("globex", "g"))
+
+
+def test_a_waiter_beyond_the_lookahead_waits_and_polls_no_sooner_than_poll_min() -> None:
+    # Catches: a walk that looks further than LOOKAHEAD turns (each costs a read), and a
+    # waiter whose exact wait is 0 told to come back in 1 ms (it would poll in a loop).
+    gates = ResourceHarness({"resource": "llm", "resource.llm.itpm": "6000"})
+    granted(gates.acquire("acme", "holder", estimated_input_tokens=6000))
+    ahead = [f"w{i}" for i in range(LOOKAHEAD)]
+    for waiter in [*ahead, "last"]:
+        queued(gates.acquire("acme", waiter, estimated_input_tokens=1), "input_tokens")
+    gates.advance(1_000)  # 100 tokens back: enough for every one of them
+    wait = queued(gates.acquire("acme", "last", estimated_input_tokens=1), "input_tokens")
+    assert (wait["position"], wait["eta_ms"], wait["retry_after_ms"]) == (LOOKAHEAD + 1, 0, 200)
+
+
+# -- what a queued waiter is told
+
+
+def held_ten_seconds(limit: str) -> ResourceHarness:
+    """A gate of one permit (`limit`, 10-minute leases) whose one observed hold took 10 s."""
+    lease = {"resource.llm.lease_s": "600"}
+    gates = ResourceHarness({"resource": "llm", f"resource.llm.{limit}": "1", **lease})
+    granted(gates.acquire("acme", "a"))
+    gates.advance(10_000)
+    gates.release("acme", "a")
+    return gates
+
+
+def test_a_permit_is_expected_back_after_the_observed_hold_then_every_hold() -> None:
+    # Catches: concurrency waits that ignore the observed hold time (or use it for the
+    # first wave only), or miscount the permits free.
+    gates = held_ten_seconds("concurrency")
+    granted(gates.acquire("acme", "b"))
+    gates.advance(1_000)
+    first = queued(gates.acquire("acme", "c"), "concurrency")
+    second = queued(gates.acquire("acme", "d"), "concurrency")
+    assert (first["eta_ms"], second["eta_ms"]) == (9_000, 19_000)
+
+
+def test_a_tenant_permit_is_expected_back_when_its_own_lease_should_end() -> None:
+    # Catches: a tenant's wait read from other tenants' leases, from their expiry rather
+    # than the observed hold, or for the wrong one of its own permits.
+    gates = held_ten_seconds("tenant_concurrency")
+    granted(gates.acquire("globex", "x"))
+    gates.advance(2_000)
+    granted(gates.acquire("acme", "b"))
+    gates.advance(1_000)
+    wait = queued(gates.acquire("acme", "c"), "tenant_concurrency")
+    assert (wait["eta_ms"], wait["in_use"], wait["limit"]) == (9_000, 1, 1)
+
+
+@pytest.mark.parametrize(("scope", "ahead"), [("", "globex"), ("tenant_", "acme")])
+def test_a_token_wait_counts_the_turns_ahead_that_go_first(scope: str, ahead: str) -> None:
+    # Catches: a token wait that leaves out the cost of the turns ahead (of every tenant
+    # for the account's bucket, of its own for a tenant's), misreads the tokens in use, or
+    # counts the permits free as still to wait for.
+    gates = ResourceHarness(
+        {
+            "resource": "llm",
+            "resource.llm.concurrency": "2",
+            f"resource.llm.{scope}itpm": "6000",  # 0.1 token per ms
+            f"resource.llm.{scope}itpm_burst": "1000",
+        }
+    )
+    granted(gates.acquire("acme", "h1"))
+    granted(gates.acquire("acme", "h2"))
+    queued(gates.acquire(ahead, "a", estimated_input_tokens=700), "concurrency")
+    queued(gates.acquire("acme", "c", estimated_input_tokens=310), "concurrency")
+    gates.advance(1_000)  # a hold of 1 s observed: a permit would take that long to free
+    gates.release("acme", "h1")
+    gates.release("acme", "h2")
+    # Both permits are free and the bucket is full; a's 700 go first, and c's 310 are
+    # 10 tokens short: 100 ms.
+    wait = queued(gates.acquire("acme", "c", estimated_input_tokens=310), f"{scope}input_tokens")
+    assert (wait["eta_ms"], wait["in_use"], wait["limit"]) == (100, 0, 1000)
+    # The bucket's own refill is exact: no poll_min floor.
+    assert wait["retry_after_ms"] == 100
+
+
+def test_a_token_wait_adds_the_margins_in_flight_and_is_then_no_longer_exact() -> None:
+    # Catches: a wait that takes the reserve off rather than adding it, and one told as
+    # exact (polled to the millisecond) while the reserve only returns as calls settle.
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.itpm": "6000", "resource.llm.itpm_burst": "2000"}
+    )
+    granted(gates.acquire("acme", "h1", estimated_input_tokens=100, max_input_tokens=102))
+    granted(gates.acquire("acme", "h2", estimated_input_tokens=100, max_input_tokens=101))
+    # 1800 left; beside c's 1800, the margins in flight but the largest: 1 token, 10 ms.
+    wait = queued(gates.acquire("acme", "c", estimated_input_tokens=1800), "input_tokens")
+    assert (wait["eta_ms"], wait["retry_after_ms"]) == (10, 200)
+
+
 # -- the provider's answers
 
 
@@ -278,9 +544,22 @@ def test_a_429_with_retry_after_pauses_every_tenant_of_the_account() -> None:
     settled = gates.settle("acme", "a", status=429, headers={"Retry-After": "12"})
     assert settled.params["answer"] == "rate_limited" and settled.params["cooling_ms"] == 12_000
     wait = queued(gates.acquire("globex", "x"), "backoff")
-    assert wait["retry_after_ms"] >= 12_000
-    gates.advance(12_000)
+    assert wait["retry_after_ms"] >= 12_000 and wait["eta_ms"] == 12_000
+    gates.advance(11_999)
+    queued(gates.acquire("globex", "x"), "backoff")  # its last millisecond still pauses
+    gates.advance(1)
     granted(gates.acquire("globex", "x"))
+
+
+def test_the_first_waiter_of_a_new_gate_keeps_ticket_0_through_a_cooldown() -> None:
+    # Catches: a stored place that reads ticket 0 as no ticket: the first waiter of a gate
+    # paused before its first grant would take a new ticket behind later waiters.
+    gates = ResourceHarness({"resource": "llm", "resource.llm.concurrency": "1"})
+    gates.settle("acme", "z", status=429, headers={"retry-after": "1"})  # no lease held
+    queued(gates.acquire("acme", "a"), "backoff")  # ticket 0
+    queued(gates.acquire("acme", "b"), "backoff")
+    gates.advance(1_000)
+    granted(gates.acquire("acme", "a"))
 
 
 def test_a_429_without_retry_after_waits_for_the_exhausted_limits_reset() -> None:
@@ -297,6 +576,38 @@ def test_a_429_without_retry_after_waits_for_the_exhausted_limits_reset() -> Non
     assert pause_from_headers(429, headers, now) == 2_000
     assert pause_from_headers(429, {"retry-after": "junk"}, now) is None
     assert pause_from_headers(529, {"retry-after": "3"}, now) == 3_000
+    # A reset due now is not ahead: the exhausted limit no longer holds anyone back.
+    headers["anthropic-ratelimit-requests-reset"] = rfc3339(now)
+    headers["anthropic-ratelimit-requests-remaining"] = "0"
+    assert pause_from_headers(429, headers, now) == 9_000
+    # A reset without a time zone names no moment.
+    naive = {"anthropic-ratelimit-tokens-reset": rfc3339(now + 4_000).removesuffix("Z")}
+    assert (
+        pause_from_headers(429, {**naive, "anthropic-ratelimit-tokens-remaining": "0"}, now) is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "pause_ms"),
+    [
+        ("0", 0),
+        ("0.5", 500),
+        ("-5", None),
+        ("inf", None),
+        ("nan", None),
+        ("Tue, 14 Nov 2023 22:13:25 GMT", 5_000),  # an HTTP date, 5 s after now
+        ("Tue, 14 Nov 2023 22:13:10 GMT", 0),  # a date gone by: no pause
+        ("Tue, 14 Nov 2023 22:13:25 -0000", None),  # no time zone: no moment
+        ("Sat, 01 Jan 2033 00:00:00 GMT", 24 * 3600 * 1000),  # years ahead: capped at a day
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_as_an_http_date(
+    retry_after: str, pause_ms: int | None
+) -> None:
+    # Catches: a negative or infinite number of seconds taken as a pause, a zero or a
+    # fraction of a second ignored, and an HTTP date not read (or read without its zone).
+    now = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+    assert pause_from_headers(503, {"retry-after": retry_after}, now) == pause_ms
 
 
 def test_a_529_overloaded_backs_off_exponentially_when_it_says_nothing() -> None:
@@ -310,6 +621,48 @@ def test_a_529_overloaded_backs_off_exponentially_when_it_says_nothing() -> None
     assert status["failures"] == 1 and status["cooling_ms"] == cooling
     gates.settle("acme", "a", status=200)  # a success resets the failure count
     assert gates.status("acme")["resources"]["llm"]["backoff"]["failures"] == 0
+
+
+def test_each_resource_answer_is_told_as_a_progress_event_naming_its_waiter() -> None:
+    # Catches: an event that loses its name, tenant or entity, and a refusal told under
+    # another name or without its code.
+    config = {**LLM, "resource.llm.concurrency": "1", "resource.llm.queue_timeout_s": "10"}
+    gates = ResourceHarness(config)
+    granted(gates.acquire("acme", "a"))
+    queued(gates.acquire("acme", "b"), "concurrency")
+    gates.advance(10_000)
+    refused = gates.acquire("acme", "b")
+    assert refused.error is not None and refused.error.code == "queue_timeout"
+    gates.release("acme", "a")
+    told = [(e["event"], e["tenant"], e["entity"], e.get("code")) for e in gates.telemetry.events]
+    assert told == [
+        ("resource_granted", "acme", "Agent/a", None),
+        ("resource_queued", "acme", "Agent/b", None),
+        ("resource_rejected", "acme", "Agent/b", "queue_timeout"),
+        ("resource_released", "acme", "Agent/a", None),
+    ]
+    assert all(event["resource"] == "llm" for event in gates.telemetry.events)
+
+
+class GateUnreadable(InterposedBackend):
+    """Storage where the llm gate's document cannot be read."""
+
+    def before(self, operation: str, key: str) -> None:
+        if key == "res/llm/gate":
+            raise StorageUnavailable("the llm gate is unreadable")
+
+
+def test_a_status_shows_why_a_gate_is_unreadable_and_still_shows_the_others() -> None:
+    # Catches: an unreadable gate shown without the storage error, or hiding the gates
+    # listed after it.
+    gates = ResourceHarness(
+        {"resource": "llm", "resource.llm.rpm": "60", "resource.sessions.concurrency": "2"}
+    )
+    gates.backend = GateUnreadable(gates.backend)
+    resources = gates.status("acme")["resources"]
+    assert list(resources) == ["llm", "sessions"]
+    assert resources["llm"] == {"error": "storage", "message": "the llm gate is unreadable"}
+    assert resources["sessions"]["concurrency"] == {"in_use": 0, "limit": 2}
 
 
 # -- session slots
@@ -373,6 +726,42 @@ def test_a_bad_resource_key_is_invalid_config(config: dict[str, str], fragment: 
     assert fragment in refused.value.failure.message
 
 
+LONG_NAME = "a" * 50
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"resource.llm.rpm": "60"}, None),
+        ({"resource.llm.rpm": "60", "resource": ""}, None),
+        (
+            {"resource.llm.rpm": "60", "resource.sessions.concurrency": "2", "resource": "nope"},
+            "resource 'nope' is not declared by any resource.nope.<limit> key"
+            " (declared: llm, sessions)",
+        ),
+        (
+            {"resource.llm.rpm": "60", "resource": LONG_NAME},
+            f"resource {LONG_NAME[:40]!r} is not declared by any resource.{LONG_NAME[:40]}"
+            ".<limit> key (declared: llm)",
+        ),
+        (
+            {"resource": "llm"},
+            "resource 'llm' is not declared by any resource.llm.<limit> key (declared: none)",
+        ),
+    ],
+)
+def test_an_acquire_names_the_gate_it_lacks_and_the_gates_there_are(
+    config: dict[str, str], message: str | None
+) -> None:
+    # Catches: a missing `resource` key read as a gate's name, and a refusal that does not
+    # say which gate was asked for or which are declared.
+    gates = ResourceHarness(config)
+    outcome = gates.call("acquire", "acme", "a")
+    assert outcome.error is not None and outcome.error.code == "invalid_config", outcome
+    expected = message or "operation needs the config key resource (a gate name)"
+    assert outcome.error.message == expected
+
+
 @pytest.mark.parametrize("operation", ["acquire", "settle", "release", "status", "provision"])
 def test_a_bad_resource_key_refuses_every_operation_and_stores_nothing(operation: str) -> None:
     gates = ResourceHarness({**LLM, "resource.llm.rpm": "zero"})
@@ -384,22 +773,73 @@ def test_a_bad_resource_key_refuses_every_operation_and_stores_nothing(operation
 
 
 @pytest.mark.parametrize(
-    ("operation", "params", "config", "code"),
+    ("operation", "params", "config", "code", "start"),
     [
-        ("acquire", {}, {"resource": "nope"}, "invalid_config"),
-        ("acquire", {}, {"resource": ""}, "invalid_config"),
-        ("settle", {}, {"resource": " "}, "invalid_config"),
-        ("acquire", {"estimated_input_tokens": -1}, {}, "invalid_invocation"),
-        ("acquire", {"estimated_input_tokens": True}, {}, "invalid_invocation"),
-        ("acquire", {"estimated_output_tokens": "many"}, {}, "invalid_invocation"),
-        ("settle", {"status": 42}, {}, "invalid_invocation"),
-        ("settle", {"headers": ["retry-after", "1"]}, {}, "invalid_invocation"),
-        ("settle", {"lease_id": 7}, {}, "invalid_invocation"),
-        ("settle", {"input_tokens": 1.5}, {}, "invalid_invocation"),
+        ("acquire", {}, {"resource": "nope"}, "invalid_config", "resource 'nope' is not declared"),
+        (
+            "acquire",
+            {},
+            {"resource": ""},
+            "invalid_config",
+            "operation needs the config key resource",
+        ),
+        (
+            "settle",
+            {},
+            {"resource": " "},
+            "invalid_config",
+            "operation needs the config key resource",
+        ),
+        (
+            "acquire",
+            {"estimated_input_tokens": -1},
+            {},
+            "invalid_invocation",
+            "estimated_input_tokens must",
+        ),
+        (
+            "acquire",
+            {"estimated_input_tokens": True},
+            {},
+            "invalid_invocation",
+            "estimated_input_tokens",
+        ),
+        (
+            "acquire",
+            {"estimated_output_tokens": "many"},
+            {},
+            "invalid_invocation",
+            "estimated_output",
+        ),
+        (
+            "settle",
+            {"status": 42},
+            {},
+            "invalid_invocation",
+            "trigger param status must be the provider's HTTP status (100-599)",
+        ),
+        ("settle", {"status": 99}, {}, "invalid_invocation", "trigger param status"),
+        ("settle", {"status": 600}, {}, "invalid_invocation", "trigger param status"),
+        (
+            "settle",
+            {"headers": ["retry-after", "1"]},
+            {},
+            "invalid_invocation",
+            "trigger param headers must be an object",
+        ),
+        (
+            "settle",
+            {"lease_id": 7},
+            {},
+            "invalid_invocation",
+            "trigger param lease_id must be the lease id ResourceGranted gave",
+        ),
+        ("settle", {"lease_id": "r" * 65}, {}, "invalid_invocation", "trigger param lease_id"),
+        ("settle", {"input_tokens": 1.5}, {}, "invalid_invocation", "input_tokens must be"),
     ],
 )
 def test_bad_params_are_typed_failures(
-    operation: str, params: dict[str, object], config: dict[str, str], code: str
+    operation: str, params: dict[str, object], config: dict[str, str], code: str, start: str
 ) -> None:
     gates = ResourceHarness(LLM)
     outcome = gates.call(operation, "acme", "a", params, **config)
@@ -407,7 +847,24 @@ def test_bad_params_are_typed_failures(
     # its params only then); `error` carries the typed failure.
     assert outcome.action == "SandboxFailed" and outcome.error is not None, outcome
     assert outcome.error.code == code, outcome
+    assert outcome.error.message.startswith(start), outcome
     assert gates.status("acme")["resources"]["llm"]["grants"] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [({}, 200), ({"status": 100}, 100), ({"status": "599"}, 599), ({"lease_id": "r" * 64}, 200)],
+)
+def test_a_settle_takes_every_http_status_and_a_lease_id_of_up_to_64_characters(
+    params: dict[str, object], status: int
+) -> None:
+    # Catches: the status range or the lease id's length bound off by one, and a settle
+    # that says nothing reporting another status than 200.
+    gates = ResourceHarness(LLM)
+    granted(gates.acquire("acme", "a"))
+    settled = gates.settle("acme", "a", **params)
+    assert settled.action == "ResourceSettled", settled
+    assert settled.params["status"] == status
 
 
 def test_the_inspection_view_shows_leases_debt_cooldown_and_waiters() -> None:
@@ -466,6 +923,9 @@ def test_a_spec_can_rename_the_answers_and_keep_the_estimate_in_its_state() -> N
     gates.settle("acme", "a")  # no counts: the estimate of 500 stands
     # 100 left of 600: the estimate read from the state is what is waited for.
     assert acquire("b", {"estimated_input_tokens": 200}).params["reason"] == "input_tokens"
-    config["granted_action"] = "not an action"
+    config["granted_action"] = "not an action " * 4  # told as its first 40 characters
     refused = acquire("c", {})
     assert refused.error is not None and refused.error.code == "invalid_config"
+    rule = "an action name (a capital letter, then up to 63 letters, digits or _)"
+    told = repr(("not an action " * 4)[:40])
+    assert refused.error.message == f"granted_action must be {rule}, got {told}"

@@ -11,6 +11,7 @@ records would show), on the harness's virtual clock.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from provisioner.config import AdmissionConfig
 from provisioner.gates.document import DEFAULT_SANDBOX_TIMEOUT_MS, GateState
@@ -225,3 +226,22 @@ def test_a_retry_the_full_account_holds_back_lets_a_reclaiming_retry_behind_it_g
     harness.advance(harness.status()["account"]["backoff"]["cooling_ms"] + 1)
     assert queued_of(harness.admit(refused)).reason == "capacity"
     assert grant_of(harness.admit(lost)).attempt == 2
+
+
+def test_a_promised_fresh_turn_the_full_account_holds_back_is_not_overtaken() -> None:
+    # Catches: a fresh turn held back by capacity that passes over only itself, as a retry
+    # does: the retry behind it that reclaims its possible sandbox would take the slot
+    # promised to it (for a fresh turn, capacity is a limit nothing behind may overtake).
+    config = replace(CAP, create_slots=1, max_sandboxes=3)
+    harness = Harness(config, sandbox_timeout_ms=SANDBOX_TIMEOUT_MS)
+    holder, dead, promised, newcomer = (Waiter("tenant-a", f"Job/{name}") for name in "hdpn")
+    holding = grant_of(harness.admit(holder))
+    assert harness.settle(holder, holding, Created("sbx-holder", SANDBOX_TIMEOUT_MS)) is None
+    grant_of(harness.admit(dead))  # its answer never comes back
+    queued_of(harness.admit(promised))
+    harness.advance(LEASE_MS)  # the slot is free; the dead create's possible sandbox counts
+    queued_of(harness.admit(newcomer))  # the slot is promised to `promised`
+    # The integration lowers max_sandboxes to the two sandboxes counted: no room is left.
+    lowered = replace(config, max_sandboxes=2)
+    retry = harness.controller(dead.tenant, lowered).admit(dead, SANDBOX_TIMEOUT_MS)
+    queued_of(retry)
