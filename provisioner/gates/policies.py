@@ -136,7 +136,10 @@ def capacity_wait_ms(state: GateState, config: AdmissionConfig, now_ms: int, pos
     if not ends:
         return latency_ms(state, config)
     cycle = max(state.hold_ms if state.hold_ms is not None else ends[-1], latency_ms(state, config))
-    return lease_wait_ms(ends[: max(1, capacity_limit(state, config))], position - free, cycle)
+    # Sandboxes held beyond a lowered limit free no permit when they end.
+    limit = capacity_limit(state, config)
+    beyond = max(0, capacity_in_use(state) - limit)
+    return lease_wait_ms(ends[beyond:][: max(1, limit)], position - free, cycle)
 
 
 def lease_ends(

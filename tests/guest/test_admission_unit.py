@@ -134,6 +134,20 @@ def test_a_sandbox_lease_expires_with_the_sandbox_timeout() -> None:
     assert harness.release(a) is False, "an expired lease is no longer held"
 
 
+def test_a_lowered_capacity_waits_for_every_sandbox_held_beyond_it() -> None:
+    # Catches: a capacity ETA that ignores the sandboxes held beyond a lowered max_sandboxes
+    # (the waiter would be told to come back when the first sandbox ends, still over it).
+    harness = Harness(AdmissionConfig(max_sandboxes=3, create_rate_per_s=1000, create_burst=10))
+    ws = waiters(4)
+    for w in ws[:3]:
+        harness.settle(w, grant_of(harness.admit(w)), Created(w.entity, 60_000))
+        harness.advance(10_000)
+    harness.config = replace(harness.config, max_sandboxes=1)
+    held = queued_of(harness.admit(ws[3]))
+    # The sandboxes end at 60, 70 and 80 s and it is 30 s: one of one is free after the third.
+    assert (held.reason, held.in_use, held.limit, held.eta_ms) == ("capacity", 3, 1, 50_000)
+
+
 def test_per_tenant_cap_holds_one_tenant_without_blocking_another() -> None:
     # Catches: a full tenant blocking the queue for every other tenant.
     config = AdmissionConfig(
